@@ -1,0 +1,116 @@
+//! The admin HTTP server every service runs: /metrics, /healthz, /readyz, plus any
+//! service-specific routes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::time::wall_now;
+
+/// Shared between a service's processing loop and its admin server.
+pub struct AdminState {
+    pub registry: Registry,
+    ready: AtomicBool,
+    last_heartbeat: AtomicI64,
+}
+
+impl AdminState {
+    pub fn new(registry: Registry) -> Arc<Self> {
+        Arc::new(AdminState {
+            registry,
+            ready: AtomicBool::new(false),
+            last_heartbeat: AtomicI64::new(wall_now()),
+        })
+    }
+
+    /// Ready: partitions assigned and their state open.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The processing loop calls this every iteration; /healthz fails if it stops.
+    pub fn heartbeat(&self) {
+        self.last_heartbeat.store(wall_now(), Ordering::Relaxed);
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// How long the processing loop may be silent before /healthz reports failure.
+const STALL_MILLIS: i64 = 60_000;
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        state.render_metrics(),
+    )
+}
+
+async fn healthz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let silent = wall_now() - state.last_heartbeat.load(Ordering::Relaxed);
+    if silent > STALL_MILLIS {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("processing loop silent for {silent} ms\n"),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".to_string())
+    }
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    if state.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Binds the admin server and serves it until `cancel` fires. Returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    state: Arc<AdminState>,
+    extra: Router,
+    cancel: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(extra);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind admin server on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tracing::info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
+    Ok(addr)
+}

@@ -1,0 +1,556 @@
+//! The event contracts: the Rust side of `schemas/*.avsc`.
+//!
+//! Every type here derives `AvroSchema`; `tests/contracts.rs` proves that the derived
+//! schema equals the file (Parsing Canonical Form) and that sample values round-trip
+//! through the file schema. Enum variants are spelled exactly as the Avro symbols (and
+//! the JSON strings), hence the snake_case variant names.
+//!
+//! Money is carried as `double` in the shop's currency: Kairos measures revenue, it does
+//! not settle payments.
+#![allow(non_camel_case_types)]
+
+use std::collections::BTreeMap;
+
+use apache_avro::AvroSchema;
+use serde::{Deserialize, Serialize};
+
+/// Namespace of every Kairos schema.
+pub const NAMESPACE: &str = "io.kairos";
+
+/// What a customer did. Site and app events share one schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum EventType {
+    page_view,
+    product_view,
+    search,
+    add_to_cart,
+    remove_from_cart,
+    checkout_started,
+    purchase,
+    registration,
+    login,
+    consent_change,
+    profile_update,
+    wishlist_add,
+    wishlist_remove,
+    app_open,
+    push_opened,
+    in_app_interaction,
+    order_status,
+    heartbeat,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::page_view => "page_view",
+            EventType::product_view => "product_view",
+            EventType::search => "search",
+            EventType::add_to_cart => "add_to_cart",
+            EventType::remove_from_cart => "remove_from_cart",
+            EventType::checkout_started => "checkout_started",
+            EventType::purchase => "purchase",
+            EventType::registration => "registration",
+            EventType::login => "login",
+            EventType::consent_change => "consent_change",
+            EventType::profile_update => "profile_update",
+            EventType::wishlist_add => "wishlist_add",
+            EventType::wishlist_remove => "wishlist_remove",
+            EventType::app_open => "app_open",
+            EventType::push_opened => "push_opened",
+            EventType::in_app_interaction => "in_app_interaction",
+            EventType::order_status => "order_status",
+            EventType::heartbeat => "heartbeat",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum Platform {
+    web,
+    ios,
+    android,
+}
+
+/// A delivery channel. `in_app` covers in-app and on-site messages.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, AvroSchema,
+)]
+#[avro(namespace = "io.kairos")]
+pub enum Channel {
+    email,
+    sms,
+    push,
+    messenger,
+    in_app,
+    webhook,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 6] = [
+        Channel::email,
+        Channel::sms,
+        Channel::push,
+        Channel::messenger,
+        Channel::in_app,
+        Channel::webhook,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::email => "email",
+            Channel::sms => "sms",
+            Channel::push => "push",
+            Channel::messenger => "messenger",
+            Channel::in_app => "in_app",
+            Channel::webhook => "webhook",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Channel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Product {
+    pub product_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub price: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct LineItem {
+    pub product_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default = "one")]
+    pub quantity: i32,
+    pub unit_price: f64,
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum OrderStatus {
+    placed,
+    shipped,
+    delivered,
+    returned,
+    cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Order {
+    pub order_id: String,
+    #[serde(default)]
+    pub total: Option<f64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub status: Option<OrderStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct ConsentChange {
+    pub channel: Channel,
+    pub granted: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct ProfileUpdate {
+    #[serde(default)]
+    pub first_name: Option<String>,
+    #[serde(default)]
+    pub last_name: Option<String>,
+    #[serde(default)]
+    pub birthday: Option<String>,
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub push_token: Option<String>,
+    #[serde(default)]
+    pub messenger_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum InteractionAction {
+    opened,
+    clicked,
+    dismissed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct MessageInteraction {
+    #[serde(default)]
+    pub send_id: Option<String>,
+    pub channel: Channel,
+    pub action: InteractionAction,
+}
+
+/// One site or app event (topics `events.site` and `events.app`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct CustomerEvent {
+    pub event_id: String,
+    pub event_type: EventType,
+    #[serde(deserialize_with = "crate::time::deserialize_millis")]
+    pub occurred_at: i64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default)]
+    pub anonymous_id: Option<String>,
+    #[serde(default)]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub loyalty_card: Option<String>,
+    #[serde(default)]
+    pub page_url: Option<String>,
+    #[serde(default)]
+    pub search_query: Option<String>,
+    #[serde(default)]
+    pub product: Option<Product>,
+    #[serde(default)]
+    pub items: Vec<LineItem>,
+    #[serde(default)]
+    pub order: Option<Order>,
+    #[serde(default)]
+    pub consent: Option<ConsentChange>,
+    #[serde(default)]
+    pub profile: Option<ProfileUpdate>,
+    #[serde(default)]
+    pub interaction: Option<MessageInteraction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum ReceiptKind {
+    sale,
+    refund,
+}
+
+/// A till receipt from a physical store (topic `events.offline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct OfflineReceipt {
+    pub event_id: String,
+    #[serde(deserialize_with = "crate::time::deserialize_millis")]
+    pub occurred_at: i64,
+    pub receipt_id: String,
+    pub kind: ReceiptKind,
+    pub store_id: String,
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default)]
+    pub loyalty_card: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    pub items: Vec<LineItem>,
+    pub total: f64,
+    pub currency: String,
+}
+
+/// A change to the product catalog (topic `catalog`, keyed by product id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct CatalogUpdate {
+    pub event_id: String,
+    #[serde(deserialize_with = "crate::time::deserialize_millis")]
+    pub occurred_at: i64,
+    pub product_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub price: Option<f64>,
+    #[serde(default)]
+    pub in_stock: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum SegmentKind {
+    rfm,
+    lifecycle,
+}
+
+/// A customer moved from one segment to another (topic `segment-transitions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct SegmentTransition {
+    pub transition_id: String,
+    pub customer_id: String,
+    pub kind: SegmentKind,
+    pub from_segment: Option<String>,
+    pub to_segment: String,
+    pub reason: String,
+    pub occurred_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum MessageCategory {
+    transactional,
+    trigger,
+    promo,
+}
+
+impl MessageCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageCategory::transactional => "transactional",
+            MessageCategory::trigger => "trigger",
+            MessageCategory::promo => "promo",
+        }
+    }
+}
+
+/// How the customer can be reached, as the profile knew it when the trigger fired.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Contacts {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub push_token: Option<String>,
+    pub messenger_id: Option<String>,
+    pub time_zone: Option<String>,
+    pub consented_channels: Vec<Channel>,
+}
+
+impl Contacts {
+    /// The address a send on `channel` goes to, if the customer has one.
+    pub fn address_for(&self, channel: Channel) -> Option<String> {
+        match channel {
+            Channel::email => self.email.clone(),
+            Channel::sms => self.phone.clone(),
+            Channel::push => self.push_token.clone(),
+            Channel::messenger => self.messenger_id.clone(),
+            // In-app and webhook messages are addressed by customer id.
+            Channel::in_app | Channel::webhook => None,
+        }
+    }
+}
+
+/// An occasion to message a customer (topic `triggers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Trigger {
+    pub trigger_id: String,
+    pub scenario: String,
+    pub customer_id: String,
+    pub category: MessageCategory,
+    pub step: i32,
+    pub template: String,
+    pub channels: Vec<Channel>,
+    pub priority: i32,
+    pub fired_at: i64,
+    pub valid_until: i64,
+    pub cause_event_id: Option<String>,
+    pub cause_occurred_at: i64,
+    pub contacts: Contacts,
+    pub variables: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum DecisionOutcome {
+    sent,
+    deferred,
+    suppressed,
+    held_out,
+    expired,
+    cancelled,
+    duplicate,
+}
+
+impl DecisionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionOutcome::sent => "sent",
+            DecisionOutcome::deferred => "deferred",
+            DecisionOutcome::suppressed => "suppressed",
+            DecisionOutcome::held_out => "held_out",
+            DecisionOutcome::expired => "expired",
+            DecisionOutcome::cancelled => "cancelled",
+            DecisionOutcome::duplicate => "duplicate",
+        }
+    }
+}
+
+/// What the arbiter did with a trigger, and why (topic `decisions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Decision {
+    pub decision_id: String,
+    pub trigger_id: String,
+    pub customer_id: String,
+    pub scenario: String,
+    pub category: MessageCategory,
+    pub outcome: DecisionOutcome,
+    pub channel: Option<Channel>,
+    pub send_id: Option<String>,
+    pub rule: String,
+    pub reason: String,
+    pub decided_at: i64,
+}
+
+/// An order to deliver one message (topics `send.<channel>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct SendCommand {
+    pub send_id: String,
+    pub trigger_id: String,
+    pub customer_id: String,
+    pub scenario: String,
+    pub channel: Channel,
+    pub category: MessageCategory,
+    pub template: String,
+    pub address: Option<String>,
+    pub variables: String,
+    pub created_at: i64,
+    pub valid_until: i64,
+    pub cause_occurred_at: i64,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum OutcomeKind {
+    sent,
+    delivered,
+    failed,
+    bounced_hard,
+    bounced_soft,
+    opened,
+    clicked,
+    unsubscribed,
+    complained,
+}
+
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 9] = [
+        OutcomeKind::sent,
+        OutcomeKind::delivered,
+        OutcomeKind::failed,
+        OutcomeKind::bounced_hard,
+        OutcomeKind::bounced_soft,
+        OutcomeKind::opened,
+        OutcomeKind::clicked,
+        OutcomeKind::unsubscribed,
+        OutcomeKind::complained,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::sent => "sent",
+            OutcomeKind::delivered => "delivered",
+            OutcomeKind::failed => "failed",
+            OutcomeKind::bounced_hard => "bounced_hard",
+            OutcomeKind::bounced_soft => "bounced_soft",
+            OutcomeKind::opened => "opened",
+            OutcomeKind::clicked => "clicked",
+            OutcomeKind::unsubscribed => "unsubscribed",
+            OutcomeKind::complained => "complained",
+        }
+    }
+}
+
+/// What happened to a send (topic `outcomes`, keyed by customer id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct Outcome {
+    pub outcome_id: String,
+    pub send_id: String,
+    pub customer_id: String,
+    pub scenario: String,
+    pub channel: Channel,
+    pub category: MessageCategory,
+    pub kind: OutcomeKind,
+    pub reason: Option<String>,
+    pub occurred_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum DeadLetterReason {
+    not_json,
+    bad_avro,
+    unknown_schema_id,
+    unknown_event_type,
+    missing_field,
+    invalid_field,
+    empty_message,
+    processing_error,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::not_json => "not_json",
+            DeadLetterReason::bad_avro => "bad_avro",
+            DeadLetterReason::unknown_schema_id => "unknown_schema_id",
+            DeadLetterReason::unknown_event_type => "unknown_event_type",
+            DeadLetterReason::missing_field => "missing_field",
+            DeadLetterReason::invalid_field => "invalid_field",
+            DeadLetterReason::empty_message => "empty_message",
+            DeadLetterReason::processing_error => "processing_error",
+        }
+    }
+}
+
+/// A message that could not be processed, kept whole (topic `deadletter`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct DeadLetter {
+    pub dead_letter_id: String,
+    pub service: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub reason_code: DeadLetterReason,
+    pub reason: String,
+    pub key_base64: Option<String>,
+    pub payload_base64: String,
+    pub failed_at: i64,
+}
+
+/// Template variables are carried as a JSON object in a string field, so one schema
+/// serves every template.
+pub type Variables = BTreeMap<String, serde_json::Value>;

@@ -1,0 +1,291 @@
+//! Message encodings.
+//!
+//! Input topics accept either
+//! - JSON: one object per message (what `kcat -P` sends), or
+//! - Avro in the Confluent wire format: magic byte 0, a 4-byte big-endian schema id,
+//!   then the Avro binary datum. The writer schema is fetched once per id from the
+//!   Confluent-compatible registry at `[schema_registry] url` and resolved against the
+//!   Kairos schema (schemas/*.avsc), so producers may evolve compatibly.
+//!
+//! Internal topics (triggers, decisions, send commands, outcomes, dead letters) carry
+//! JSON objects whose fields are exactly the fields of the matching .avsc file.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::Schema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::contracts::DeadLetterReason;
+
+/// Why a message could not be decoded; becomes a dead letter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason:?}: {message}")]
+pub struct Rejection {
+    pub reason: DeadLetterReason,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(reason: DeadLetterReason, message: impl Into<String>) -> Self {
+        Rejection {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Confluent wire-format magic byte.
+pub const CONFLUENT_MAGIC: u8 = 0;
+
+/// Returns the schema id of a Confluent-framed message.
+pub fn confluent_schema_id(payload: &[u8]) -> Option<u32> {
+    if payload.len() >= 5 && payload[0] == CONFLUENT_MAGIC {
+        Some(u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]))
+    } else {
+        None
+    }
+}
+
+/// Frames an Avro datum in the Confluent wire format.
+pub fn confluent_frame(schema_id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + datum.len());
+    v.push(CONFLUENT_MAGIC);
+    v.extend_from_slice(&schema_id.to_be_bytes());
+    v.extend_from_slice(datum);
+    v
+}
+
+/// Writer schemas by registry id. Fetching is async; decoding is sync and only reads
+/// the cache, so the processing loop never waits on HTTP while holding state.
+#[derive(Clone)]
+pub struct SchemaRegistry {
+    url: Option<String>,
+    http: reqwest::Client,
+    cache: Arc<RwLock<HashMap<u32, Arc<Schema>>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("message uses schema id {0} but no [schema_registry] url is configured")]
+    NotConfigured(u32),
+    #[error("schema registry request for id {id} failed: {message}")]
+    Http { id: u32, message: String },
+    #[error("schema registry has no schema with id {0}")]
+    NotFound(u32),
+    #[error("schema id {id} from the registry does not parse: {message}")]
+    BadSchema { id: u32, message: String },
+}
+
+impl SchemaRegistry {
+    pub fn new(url: Option<String>) -> Self {
+        SchemaRegistry {
+            url: url.map(|u| u.trim_end_matches('/').to_string()),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            cache: Arc::default(),
+        }
+    }
+
+    pub fn cached(&self, id: u32) -> Option<Arc<Schema>> {
+        self.cache.read().ok()?.get(&id).cloned()
+    }
+
+    /// Makes sure the writer schema of `payload` (if Confluent-framed) is cached.
+    /// `GET {url}/schemas/ids/{id}` answers `{"schema": "<schema JSON as a string>"}`.
+    pub async fn prefetch(&self, payload: &[u8]) -> Result<(), RegistryError> {
+        let Some(id) = confluent_schema_id(payload) else {
+            return Ok(());
+        };
+        if self.cached(id).is_some() {
+            return Ok(());
+        }
+        let url = self.url.as_ref().ok_or(RegistryError::NotConfigured(id))?;
+        let resp = self
+            .http
+            .get(format!("{url}/schemas/ids/{id}"))
+            .header("Accept", "application/vnd.schemaregistry.v1+json")
+            .send()
+            .await
+            .map_err(|e| RegistryError::Http {
+                id,
+                message: e.to_string(),
+            })?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound(id));
+        }
+        if !resp.status().is_success() {
+            return Err(RegistryError::Http {
+                id,
+                message: format!("status {}", resp.status()),
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct SchemaResponse {
+            schema: String,
+        }
+        let body: SchemaResponse = resp.json().await.map_err(|e| RegistryError::Http {
+            id,
+            message: e.to_string(),
+        })?;
+        let schema = Schema::parse_str(&body.schema).map_err(|e| RegistryError::BadSchema {
+            id,
+            message: e.to_string(),
+        })?;
+        if let Ok(mut cache) = self.cache.write() {
+            cache.insert(id, Arc::new(schema));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes an input message (JSON or Confluent Avro) into `T`.
+///
+/// `reader` is the Kairos schema of `T`; `registry` must already hold the writer
+/// schema (see [`SchemaRegistry::prefetch`]).
+pub fn decode_input<T: DeserializeOwned>(
+    payload: &[u8],
+    reader: &Schema,
+    registry: &SchemaRegistry,
+) -> Result<T, Rejection> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        None => Err(Rejection::new(
+            DeadLetterReason::empty_message,
+            "empty message",
+        )),
+        Some(&CONFLUENT_MAGIC) if payload[0] == CONFLUENT_MAGIC => {
+            decode_confluent_avro(payload, reader, registry)
+        }
+        Some(_) => decode_json(payload),
+    }
+}
+
+/// Parses a JSON object into `T`, classifying failures for the dead-letter topic.
+pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejection> {
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| Rejection::new(DeadLetterReason::not_json, format!("not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Rejection::new(
+            DeadLetterReason::not_json,
+            "expected a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| classify_serde_error(&e.to_string()))
+}
+
+fn classify_serde_error(message: &str) -> Rejection {
+    let reason = if message.starts_with("missing field") {
+        DeadLetterReason::missing_field
+    } else if message.starts_with("unknown variant") && message.contains("page_view") {
+        // Only the event-type enum lists page_view among its symbols.
+        DeadLetterReason::unknown_event_type
+    } else {
+        DeadLetterReason::invalid_field
+    };
+    Rejection::new(reason, message.to_string())
+}
+
+fn decode_confluent_avro<T: DeserializeOwned>(
+    payload: &[u8],
+    reader: &Schema,
+    registry: &SchemaRegistry,
+) -> Result<T, Rejection> {
+    let id = confluent_schema_id(payload).ok_or_else(|| {
+        Rejection::new(
+            DeadLetterReason::bad_avro,
+            "Confluent frame shorter than 5 bytes",
+        )
+    })?;
+    let writer = registry.cached(id).ok_or_else(|| {
+        Rejection::new(
+            DeadLetterReason::unknown_schema_id,
+            format!("schema id {id} is not known to the schema registry"),
+        )
+    })?;
+    let mut datum = &payload[5..];
+    let value = apache_avro::from_avro_datum(&writer, &mut datum, Some(reader)).map_err(|e| {
+        Rejection::new(
+            DeadLetterReason::bad_avro,
+            format!("Avro datum (schema id {id}) does not decode: {e}"),
+        )
+    })?;
+    apache_avro::from_value::<T>(&value).map_err(|e| {
+        Rejection::new(
+            DeadLetterReason::bad_avro,
+            format!("Avro datum (schema id {id}) does not fit the Kairos type: {e}"),
+        )
+    })
+}
+
+/// Encodes an internal-topic value as JSON.
+pub fn encode_internal<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain data types to JSON cannot fail (no maps with non-string
+    // keys, no failing Serialize impls).
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Decodes an internal-topic JSON value.
+pub fn decode_internal<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejection> {
+    decode_json(payload)
+}
+
+/// Encodes `value` as a Confluent-framed Avro datum of `schema` (used by producers,
+/// the generator's Avro mode and the tests).
+pub fn encode_confluent_avro<T: Serialize>(
+    value: &T,
+    schema: &Schema,
+    schema_id: u32,
+) -> Result<Vec<u8>, apache_avro::Error> {
+    let v = apache_avro::to_value(value)?.resolve(schema)?;
+    let datum = apache_avro::to_avro_datum(schema, v)?;
+    Ok(confluent_frame(schema_id, &datum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contracts::{CustomerEvent, EventType};
+    use crate::schemas;
+
+    #[test]
+    fn json_errors_are_classified() {
+        let r = decode_json::<CustomerEvent>(b"not json").unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::not_json);
+        let r = decode_json::<CustomerEvent>(
+            br#"{"event_id":"1","event_type":"teleport","occurred_at":1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::unknown_event_type);
+        let r = decode_json::<CustomerEvent>(br#"{"event_type":"page_view","occurred_at":1}"#)
+            .unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::missing_field);
+        assert!(r.message.contains("event_id"), "{}", r.message);
+    }
+
+    #[test]
+    fn confluent_avro_round_trip_through_registry_cache() {
+        let registry = SchemaRegistry::new(None);
+        let schema = schemas::customer_event().clone();
+        registry
+            .cache
+            .write()
+            .unwrap()
+            .insert(7, Arc::new(schema.clone()));
+        let event: CustomerEvent = decode_json(
+            br#"{"event_id":"e1","event_type":"add_to_cart","occurred_at":5,"customer_id":"c1"}"#,
+        )
+        .unwrap();
+        let bytes = encode_confluent_avro(&event, &schema, 7).unwrap();
+        assert_eq!(confluent_schema_id(&bytes), Some(7));
+        let back: CustomerEvent = decode_input(&bytes, &schema, &registry).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.event_type, EventType::add_to_cart);
+        let unknown = confluent_frame(8, &bytes[5..]);
+        let r = decode_input::<CustomerEvent>(&unknown, &schema, &registry).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::unknown_schema_id);
+    }
+}

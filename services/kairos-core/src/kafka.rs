@@ -1,0 +1,143 @@
+//! Kafka clients: configuration shared by every service, topic creation, producing.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::Config;
+
+/// The bootstrap servers: from config/env, or from the address file that
+/// `kairos dev-broker` writes.
+pub fn bootstrap_servers(config: &Config) -> anyhow::Result<String> {
+    if !config.kafka.bootstrap_servers.trim().is_empty() {
+        return Ok(config.kafka.bootstrap_servers.trim().to_string());
+    }
+    let file = &config.kafka.broker_address_file;
+    let addr = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "[kafka] bootstrap_servers is empty and the broker address file {} cannot be read; \
+             start `kairos dev-broker` or set KAIROS__KAFKA__BOOTSTRAP_SERVERS",
+            file.display()
+        )
+    })?;
+    let addr = addr.trim().to_string();
+    if addr.is_empty() {
+        bail!("broker address file {} is empty", file.display());
+    }
+    Ok(addr)
+}
+
+/// Base client config: bootstrap servers plus `[kafka.client]` extras.
+pub fn client_config(config: &Config) -> anyhow::Result<ClientConfig> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap_servers(config)?);
+    for (k, v) in &config.kafka.client {
+        cc.set(k, v);
+    }
+    Ok(cc)
+}
+
+/// An idempotent producer: retries never duplicate or reorder within a partition.
+pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
+    let mut cc = client_config(config)?;
+    cc.set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000");
+    cc.create().context("cannot create Kafka producer")
+}
+
+/// Creates every Kairos topic that does not exist yet, then checks that all of them
+/// exist with the configured partition count (co-partitioning depends on it).
+pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
+    let topics = config.all_topics();
+    if config.kafka.create_topics {
+        let admin: AdminClient<DefaultClientContext> = client_config(config)?
+            .create()
+            .context("cannot create Kafka admin client")?;
+        let new_topics: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    config.kafka.partitions,
+                    TopicReplication::Fixed(config.kafka.replication_factor),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        match admin.create_topics(new_topics.iter(), &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(_) => {}
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => {
+                            tracing::warn!(%topic, error = %code, "topic creation failed")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "CreateTopics request failed"),
+        }
+    }
+    check_partitions(config, &topics)
+}
+
+fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(config)?
+        .create()
+        .context("cannot create metadata client")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .context("cannot fetch cluster metadata")?;
+        let mut missing = Vec::new();
+        for t in topics {
+            match metadata.topics().iter().find(|m| m.name() == t) {
+                Some(m) if m.error().is_none() && !m.partitions().is_empty() => {
+                    let n = m.partitions().len() as i32;
+                    if n != config.kafka.partitions {
+                        bail!(
+                            "topic {t} has {n} partitions but [kafka] partitions = {}; \
+                             co-partitioned topics must agree",
+                            config.kafka.partitions
+                        );
+                    }
+                }
+                _ => missing.push(t.clone()),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("topics missing on the broker: {}", missing.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Publishes one record and waits for the broker's acknowledgement.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("publish to {topic} failed: {e}"))?;
+    Ok(())
+}

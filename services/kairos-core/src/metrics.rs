@@ -1,0 +1,158 @@
+//! Pipeline metrics every service exposes on /metrics.
+//!
+//! Names follow Prometheus conventions (base units, `_total` counters, `_seconds`
+//! histograms) and labels stay bounded: topic, partition, reason, never customer ids.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Registers a metric, panicking only on a programming error (duplicate name), which
+/// the metrics tests catch.
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
+    if let Err(e) = registry.register(Box::new(m.clone())) {
+        panic!("metric registration failed (duplicate or invalid name): {e}");
+    }
+    m
+}
+
+pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition"),
+    )
+}
+
+pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::with_opts(Opts::new(name, help)).expect("valid counter definition"),
+    )
+}
+
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(
+        registry,
+        IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge definition"),
+    )
+}
+
+pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition"),
+    )
+}
+
+pub fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid histogram definition"),
+    )
+}
+
+/// Latency buckets from 0.5 ms to 2 minutes.
+pub fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        30.0, 60.0, 120.0,
+    ]
+}
+
+/// Metrics of the stream-processing runtime shared by every processor.
+#[derive(Clone)]
+pub struct RuntimeMetrics {
+    pub input_records: IntCounterVec,
+    pub output_records: IntCounterVec,
+    pub duplicate_records: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub batch_duration: Histogram,
+    pub record_processing: Histogram,
+    pub timers_pending: IntGauge,
+    pub timers_fired: IntCounter,
+    pub state_size: IntGauge,
+    pub owned_partitions: IntGauge,
+    pub outbox_pending: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub produce_errors: IntCounter,
+}
+
+impl RuntimeMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        RuntimeMetrics {
+            input_records: counter_vec(
+                registry,
+                "kairos_input_records_total",
+                "Records consumed, by input topic.",
+                &["topic"],
+            ),
+            output_records: counter_vec(
+                registry,
+                "kairos_output_records_total",
+                "Records published, by output topic.",
+                &["topic"],
+            ),
+            duplicate_records: counter_vec(
+                registry,
+                "kairos_duplicate_records_total",
+                "Input records skipped because their effect was already applied (redelivery after a crash or rebalance).",
+                &["topic"],
+            ),
+            dead_letters: counter_vec(
+                registry,
+                "kairos_dead_letters_total",
+                "Input records sent to the dead-letter topic, by reason.",
+                &["reason"],
+            ),
+            batch_duration: histogram(
+                registry,
+                "kairos_batch_duration_seconds",
+                "Time to process and commit one batch of input records.",
+                latency_buckets(),
+            ),
+            record_processing: histogram(
+                registry,
+                "kairos_record_processing_seconds",
+                "Average processing time per record within a batch (state commit included).",
+                latency_buckets(),
+            ),
+            timers_pending: gauge(
+                registry,
+                "kairos_timers_pending",
+                "Persistent timers waiting to fire in the owned partitions.",
+            ),
+            timers_fired: counter(
+                registry,
+                "kairos_timers_fired_total",
+                "Persistent timers that fired.",
+            ),
+            state_size: gauge(
+                registry,
+                "kairos_state_size_bytes",
+                "Size of the RocksDB state of the owned partitions (SST files and memtables).",
+            ),
+            owned_partitions: gauge(
+                registry,
+                "kairos_owned_partitions",
+                "Input partitions this instance owns.",
+            ),
+            outbox_pending: gauge(
+                registry,
+                "kairos_outbox_pending_records",
+                "Committed output records not yet acknowledged by the broker.",
+            ),
+            consumer_lag: gauge_vec(
+                registry,
+                "kairos_consumer_lag_records",
+                "Records between the committed position and the end of the partition.",
+                &["topic", "partition"],
+            ),
+            produce_errors: counter(
+                registry,
+                "kairos_produce_errors_total",
+                "Failed publish attempts (the records stay in the outbox and are retried).",
+            ),
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The stream-processing runtime shared by the profile processor, the arbiter, the
+//! delivery workers and feedback.
+//!
+//! A [`Processor`] sees one input record at a time with a [`Ctx`] onto the state of the
+//! record's partition. The [`Engine`] keeps one RocksDB store per owned partition and
+//! commits, in one atomic write per batch, the state changes, the output records (the
+//! outbox) and the offset of the last applied input. Outputs are published after the
+//! commit and dropped from the outbox once acknowledged. So after a crash at any point:
+//! an input whose effect was committed is skipped by its offset, an input whose effect
+//! was not is processed again from scratch, and committed outputs are re-sent with the
+//! same deterministic ids (consumers deduplicate by id). No Kafka transactions needed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+use crate::config::{topics, Config};
+use crate::contracts::DeadLetter;
+use crate::encoding::{encode_internal, Rejection, SchemaRegistry};
+use crate::ids::deterministic_id;
+use crate::kafka;
+use crate::metrics::RuntimeMetrics;
+use crate::store::{DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
+use crate::time::{wall_now, Clock, ClockMode, Millis};
+
+/// One input record.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// A stateful stream processor.
+pub trait Processor: Send + 'static {
+    type Input;
+
+    /// Service name: state directory, consumer group, dead letters, logs.
+    fn name(&self) -> &str;
+
+    /// Full names of the input topics (co-partitioned).
+    fn inputs(&self) -> Vec<String>;
+
+    /// Parses a record. A rejection sends it to the dead-letter topic.
+    fn decode(&self, record: &Record<'_>) -> Result<Self::Input, Rejection>;
+
+    /// The record's event time; in event-time mode it advances the partition's clock.
+    fn event_time(&self, input: &Self::Input) -> Option<Millis>;
+
+    /// Applies one input. An error is fatal for the batch: nothing of it is committed,
+    /// and the service stops so that a restart retries from the last commit.
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: Self::Input) -> anyhow::Result<()>;
+
+    /// A persistent timer fired.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()>;
+}
+
+/// The processor's view of one partition's state during a batch.
+pub struct Ctx<'a> {
+    pub partition: i32,
+    now: Millis,
+    store: &'a PartitionStore,
+    pending: &'a mut Pending,
+    metrics: &'a RuntimeMetrics,
+}
+
+impl Ctx<'_> {
+    /// The partition's current time (wall clock, or event time in event-time mode).
+    pub fn now(&self) -> Millis {
+        self.now
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
+        match self.store.get(self.pending, key.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("state under {key:?} does not decode")),
+        }
+    }
+
+    pub fn put<T: Serialize>(&mut self, key: &str, value: &T) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(value).with_context(|| format!("encode state {key:?}"))?;
+        self.store.put(self.pending, key.as_bytes(), bytes);
+        Ok(())
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        self.store.delete(self.pending, key.as_bytes());
+    }
+
+    /// Queues an output record (JSON); it is published after the batch commits.
+    pub fn emit<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) {
+        self.metrics.output_records.with_label_values(&[topic]).inc();
+        self.store
+            .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
+    }
+
+    /// Schedules (or moves) a persistent timer.
+    pub fn schedule<T: Serialize>(
+        &mut self,
+        timer_id: &str,
+        fire_at: Millis,
+        payload: &T,
+    ) -> anyhow::Result<()> {
+        self.store
+            .schedule_timer(self.pending, timer_id, fire_at, encode_internal(payload))?;
+        Ok(())
+    }
+
+    /// Cancels a timer; returns whether it existed.
+    pub fn cancel(&mut self, timer_id: &str) -> anyhow::Result<bool> {
+        Ok(self.store.cancel_timer(self.pending, timer_id)?)
+    }
+
+    pub fn timer_fire_at(&self, timer_id: &str) -> anyhow::Result<Option<Millis>> {
+        Ok(self.store.timer_fire_at(self.pending, timer_id)?)
+    }
+}
+
+struct Part {
+    store: PartitionStore,
+    pending: Pending,
+    clock: Clock,
+    /// Earliest committed timer, to avoid scanning when nothing is due.
+    next_due: Option<Millis>,
+}
+
+/// Owns the partition stores of one process and drives a [`Processor`] over them.
+pub struct Engine<P: Processor> {
+    pub processor: P,
+    factory: StoreFactory,
+    parts: BTreeMap<i32, Part>,
+    mode: ClockMode,
+    dead_letter_topic: String,
+    metrics: RuntimeMetrics,
+}
+
+impl<P: Processor> Engine<P> {
+    pub fn new(
+        processor: P,
+        config: &Config,
+        metrics: RuntimeMetrics,
+    ) -> anyhow::Result<Self> {
+        let root = config.state.dir.join(processor.name());
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create state directory {}", root.display()))?;
+        let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?;
+        Ok(Engine {
+            dead_letter_topic: config.topic(topics::DEAD_LETTER),
+            processor,
+            factory,
+            parts: BTreeMap::new(),
+            mode: config.clock.mode,
+            metrics,
+        })
+    }
+
+    pub fn owns(&self, partition: i32) -> bool {
+        self.parts.contains_key(&partition)
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.parts.keys().copied().collect()
+    }
+
+    /// Opens a partition's store; returns its unacknowledged outbox to publish again.
+    pub fn open(&mut self, partition: i32) -> anyhow::Result<Vec<OutboxEntry>> {
+        if self.parts.contains_key(&partition) {
+            return Ok(Vec::new());
+        }
+        let store = self.factory.open(partition)?;
+        let clock = Clock::new(self.mode, store.event_time()?);
+        let next_due = store.next_timer()?;
+        let backlog = store.outbox()?;
+        self.parts.insert(
+            partition,
+            Part {
+                store,
+                pending: Pending::default(),
+                clock,
+                next_due,
+            },
+        );
+        self.metrics.owned_partitions.set(self.parts.len() as i64);
+        tracing::info!(
+            service = self.processor.name(),
+            partition,
+            outbox = backlog.len(),
+            "partition opened"
+        );
+        Ok(backlog)
+    }
+
+    pub fn close(&mut self, partition: i32) {
+        if self.parts.remove(&partition).is_some() {
+            tracing::info!(service = self.processor.name(), partition, "partition closed");
+        }
+        self.metrics.owned_partitions.set(self.parts.len() as i64);
+    }
+
+    /// The offset of the last applied record of each topic, per owned partition.
+    pub fn applied_offsets(&self) -> anyhow::Result<Vec<(String, i32, i64)>> {
+        let mut out = Vec::new();
+        for (p, part) in &self.parts {
+            for (topic, offset) in part.store.applied_offsets()? {
+                out.push((topic, *p, offset));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one record. Returns outputs committed early (event-time timer firing).
+    pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut early = Vec::new();
+        let Some(part) = self.parts.get_mut(&record.partition) else {
+            // Not ours (revoked in the middle of a batch): the owner will process it.
+            return Ok(early);
+        };
+        self.metrics
+            .input_records
+            .with_label_values(&[record.topic])
+            .inc();
+        if let Some(applied) = part.store.applied_offset(&part.pending, record.topic)? {
+            if record.offset <= applied {
+                self.metrics
+                    .duplicate_records
+                    .with_label_values(&[record.topic])
+                    .inc();
+                return Ok(early);
+            }
+        }
+        let input = match self.processor.decode(record) {
+            Ok(input) => input,
+            Err(rejection) => {
+                let now = part.clock.now();
+                dead_letter(
+                    &self.metrics,
+                    self.processor.name(),
+                    &self.dead_letter_topic,
+                    part,
+                    record,
+                    &rejection,
+                    now,
+                );
+                part.store
+                    .set_applied_offset(&mut part.pending, record.topic, record.offset);
+                return Ok(early);
+            }
+        };
+        if self.mode == ClockMode::Event {
+            if let Some(t) = self.processor.event_time(&input) {
+                if t > part.clock.event_time() {
+                    // Timers due before this event fire first, as they would have
+                    // in real time.
+                    let due = [part.next_due, part.pending.min_scheduled]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    if due.is_some_and(|d| d <= t) {
+                        let partition = record.partition;
+                        early.extend(self.commit_partition(partition)?);
+                        early.extend(self.fire_partition(partition, t)?);
+                    }
+                    let Some(part) = self.parts.get_mut(&record.partition) else {
+                        return Ok(early);
+                    };
+                    part.clock.observe(t);
+                    part.store.set_event_time(&mut part.pending, t);
+                }
+            }
+        }
+        let Some(part) = self.parts.get_mut(&record.partition) else {
+            return Ok(early);
+        };
+        let mut ctx = Ctx {
+            partition: record.partition,
+            now: part.clock.now(),
+            store: &part.store,
+            pending: &mut part.pending,
+            metrics: &self.metrics,
+        };
+        self.processor.process(&mut ctx, input)?;
+        part.store
+            .set_applied_offset(&mut part.pending, record.topic, record.offset);
+        Ok(early)
+    }
+
+    fn commit_partition(&mut self, partition: i32) -> anyhow::Result<Vec<OutboxEntry>> {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return Ok(Vec::new());
+        };
+        let pending = std::mem::take(&mut part.pending);
+        if let Some(m) = pending.min_scheduled {
+            part.next_due = Some(part.next_due.map_or(m, |d| d.min(m)));
+        }
+        Ok(part.store.commit(pending)?)
+    }
+
+    /// Commits every partition's pending batch.
+    pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for p in self.owned() {
+            out.extend(self.commit_partition(p)?);
+        }
+        Ok(out)
+    }
+
+    /// Fires due timers of every partition (committing as it goes).
+    pub fn fire_due(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for p in self.owned() {
+            let now = match self.mode {
+                ClockMode::Wall => wall_now(),
+                ClockMode::Event => self.parts[&p].clock.event_time(),
+            };
+            out.extend(self.fire_partition(p, now)?);
+        }
+        Ok(out)
+    }
+
+    fn fire_partition(&mut self, partition: i32, now: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        // Bounded so a handler that keeps scheduling timers in the past cannot spin.
+        for _ in 0..1000 {
+            let Some(part) = self.parts.get_mut(&partition) else {
+                break;
+            };
+            if part.next_due.is_none_or(|d| d > now) {
+                break;
+            }
+            let due = part.store.due_timers(now, 512)?;
+            if due.is_empty() {
+                part.next_due = part.store.next_timer()?;
+                break;
+            }
+            for timer in &due {
+                let timer_now = match self.mode {
+                    ClockMode::Wall => wall_now(),
+                    ClockMode::Event => timer.fire_at,
+                };
+                part.store.complete_timer(&mut part.pending, timer)?;
+                let mut ctx = Ctx {
+                    partition,
+                    now: timer_now,
+                    store: &part.store,
+                    pending: &mut part.pending,
+                    metrics: &self.metrics,
+                };
+                self.processor.on_timer(&mut ctx, timer)?;
+                self.metrics.timers_fired.inc();
+            }
+            let pending = std::mem::take(&mut part.pending);
+            out.extend(part.store.commit(pending)?);
+            part.next_due = part.store.next_timer()?;
+        }
+        Ok(out)
+    }
+
+    /// Drops acknowledged records from the outbox.
+    pub fn acknowledge(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
+        let mut by_part: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
+        for e in entries {
+            by_part
+                .entry(e.partition)
+                .or_default()
+                .push(e.outbox_key.clone());
+        }
+        for (p, keys) in by_part {
+            if let Some(part) = self.parts.get(&p) {
+                part.store.acknowledge(&keys)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every partition's unacknowledged outbox.
+    pub fn outbox(&self) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for part in self.parts.values() {
+            out.extend(part.store.outbox()?);
+        }
+        Ok(out)
+    }
+
+    /// Refreshes the state gauges.
+    pub fn update_gauges(&self) {
+        let timers: i64 = self.parts.values().map(|p| p.store.timers_pending()).sum();
+        let size: u64 = self.parts.values().map(|p| p.store.size_bytes()).sum();
+        self.metrics.timers_pending.set(timers);
+        self.metrics.state_size.set(size as i64);
+    }
+
+    /// Direct access to a partition's committed state (for tools and tests).
+    pub fn store(&self, partition: i32) -> Option<&PartitionStore> {
+        self.parts.get(&partition).map(|p| &p.store)
+    }
+}
+
+fn dead_letter(
+    metrics: &RuntimeMetrics,
+    service: &str,
+    topic: &str,
+    part: &mut Part,
+    record: &Record<'_>,
+    rejection: &Rejection,
+    now: Millis,
+) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let id = deterministic_id(&[
+        service,
+        record.topic,
+        &record.partition.to_string(),
+        &record.offset.to_string(),
+    ]);
+    let letter = DeadLetter {
+        dead_letter_id: id.clone(),
+        service: service.to_string(),
+        source_topic: record.topic.to_string(),
+        source_partition: record.partition,
+        source_offset: record.offset,
+        reason_code: rejection.reason,
+        reason: rejection.message.clone(),
+        key_base64: record.key.map(|k| b64.encode(k)),
+        payload_base64: b64.encode(record.payload),
+        failed_at: now,
+    };
+    tracing::warn!(
+        service,
+        topic = record.topic,
+        partition = record.partition,
+        offset = record.offset,
+        reason = rejection.reason.as_str(),
+        message = %rejection.message,
+        "record sent to the dead-letter topic"
+    );
+    metrics
+        .dead_letters
+        .with_label_values(&[rejection.reason.as_str()])
+        .inc();
+    metrics.output_records.with_label_values(&[topic]).inc();
+    let key = record.key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
+    part.store
+        .emit(&mut part.pending, topic, &key, encode_internal(&letter));
+}
+
+enum RebalanceEvent {
+    Assign(Vec<i32>),
+    Revoke(Vec<i32>),
+}
+
+/// Consumer context: records rebalances for the processing loop, lag from statistics.
+struct KairosContext {
+    rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
+    metrics: RuntimeMetrics,
+}
+
+impl ClientContext for KairosContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic, &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for KairosContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let event = match rebalance {
+            Rebalance::Assign(tpl) => RebalanceEvent::Assign(
+                tpl.elements().iter().map(|e| e.partition()).collect(),
+            ),
+            Rebalance::Revoke(tpl) => RebalanceEvent::Revoke(
+                tpl.elements().iter().map(|e| e.partition()).collect(),
+            ),
+            Rebalance::Error(e) => {
+                tracing::error!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        if let Ok(mut q) = self.rebalances.lock() {
+            q.push(event);
+        }
+    }
+}
+
+/// Publishes outbox entries and waits for the broker; retries failures until they go
+/// through or `cancel` fires (they stay in the outbox either way).
+pub async fn publish(
+    producer: &FutureProducer,
+    entries: Vec<OutboxEntry>,
+    metrics: &RuntimeMetrics,
+    cancel: &CancellationToken,
+) -> Vec<OutboxEntry> {
+    let mut acked = Vec::with_capacity(entries.len());
+    let mut todo = entries;
+    let mut backoff = Duration::from_millis(200);
+    while !todo.is_empty() {
+        let results = join_all(todo.iter().map(|e| {
+            producer.send(
+                FutureRecord::to(&e.topic).key(&e.key).payload(&e.payload),
+                Duration::from_secs(30),
+            )
+        }))
+        .await;
+        let mut failed = Vec::new();
+        for (entry, result) in todo.into_iter().zip(results) {
+            match result {
+                Ok(_) => acked.push(entry),
+                Err((e, _)) => {
+                    metrics.produce_errors.inc();
+                    tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
+                    failed.push(entry);
+                }
+            }
+        }
+        todo = failed;
+        if !todo.is_empty() {
+            if cancel.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    acked
+}
+
+/// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:
+/// the current batch is finished and committed, outputs are flushed, offsets are
+/// committed to the group, and the stores are closed.
+pub async fn run<P: Processor>(
+    config: &Config,
+    processor: P,
+    admin: Arc<AdminState>,
+    registry: SchemaRegistry,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = RuntimeMetrics::new(&admin.registry);
+    let name = processor.name().to_string();
+    let inputs = processor.inputs();
+    let producer = kafka::producer(config)?;
+    let rebalances = Arc::new(Mutex::new(Vec::new()));
+    let context = KairosContext {
+        rebalances: rebalances.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut cc = kafka::client_config(config)?;
+    cc.set("group.id", format!("{}{}", config.kafka.group_prefix, name))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        // Range assignment gives one member the same partition number of every
+        // co-partitioned input topic.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka.client {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer<KairosContext> = cc
+        .create_with_context(context)
+        .context("cannot create Kafka consumer")?;
+    let topic_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .with_context(|| format!("cannot subscribe to {}", inputs.join(", ")))?;
+    let mut engine = Engine::new(processor, config, metrics.clone())?;
+    tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
+
+    let max_batch = config.state.max_batch_records.max(1);
+    let max_wait = config.state.max_batch_wait;
+    let tick = config.state.timer_tick;
+    let mut last_gauges = Instant::now();
+    let mut assigned_once = false;
+
+    loop {
+        admin.heartbeat();
+        // Apply rebalances recorded by the consumer context.
+        let events: Vec<RebalanceEvent> = rebalances
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        for event in events {
+            match event {
+                RebalanceEvent::Assign(parts) => {
+                    let mut backlog = Vec::new();
+                    for p in dedup(parts) {
+                        backlog.extend(engine.open(p)?);
+                    }
+                    let acked = publish(&producer, backlog, &metrics, &cancel).await;
+                    engine.acknowledge(&acked)?;
+                    assigned_once = true;
+                }
+                RebalanceEvent::Revoke(parts) => {
+                    let out = engine.commit()?;
+                    let acked = publish(&producer, out, &metrics, &cancel).await;
+                    engine.acknowledge(&acked)?;
+                    for p in dedup(parts) {
+                        engine.close(p);
+                    }
+                }
+            }
+        }
+        admin.set_ready(assigned_once);
+        if cancel.is_cancelled() {
+            break;
+        }
+
+        // Gather a batch.
+        let mut batch = Vec::new();
+        let first = tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = tokio::time::timeout(tick, consumer.recv()) => Some(r),
+        };
+        match first {
+            None => {}
+            Some(Err(_)) => {}
+            Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
+            Some(Ok(Ok(m))) => {
+                batch.push(m.detach());
+                let deadline = Instant::now() + max_wait;
+                while batch.len() < max_batch {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout(left, consumer.recv()).await {
+                        Ok(Ok(m)) => batch.push(m.detach()),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+        for m in &batch {
+            let payload = m.payload().unwrap_or_default();
+            // Fetch unknown writer schemas before the (sync) decode; registry outages
+            // stall the pipeline instead of dead-lettering good events.
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match registry.prefetch(payload).await {
+                    Ok(()) => break,
+                    Err(crate::encoding::RegistryError::Http { id, message }) => {
+                        tracing::warn!(id, %message, "schema registry unavailable; retrying");
+                        if cancel.is_cancelled() {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                    // Unknown ids and bad schemas are the message's fault: dead letter.
+                    Err(_) => break,
+                }
+            }
+            let record = Record {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                payload,
+            };
+            out.extend(engine.handle(&record)?);
+            if engine.owns(m.partition()) {
+                positions.insert((m.topic().to_string(), m.partition()), m.offset());
+            }
+        }
+        out.extend(engine.commit()?);
+        if !batch.is_empty() {
+            let elapsed = started.elapsed().as_secs_f64();
+            metrics.batch_duration.observe(elapsed);
+            metrics
+                .record_processing
+                .observe(elapsed / batch.len() as f64);
+        }
+        let acked = publish(&producer, out, &metrics, &cancel).await;
+        engine.acknowledge(&acked)?;
+        for ((topic, partition), offset) in positions {
+            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                tracing::debug!(%topic, partition, error = %e, "offset store skipped");
+            }
+        }
+
+        let fired = engine.fire_due()?;
+        if !fired.is_empty() {
+            let acked = publish(&producer, fired, &metrics, &cancel).await;
+            engine.acknowledge(&acked)?;
+        }
+        if last_gauges.elapsed() > Duration::from_secs(2) {
+            engine.update_gauges();
+            let pending = engine.outbox().map(|o| o.len()).unwrap_or(0);
+            metrics.outbox_pending.set(pending as i64);
+            last_gauges = Instant::now();
+        }
+    }
+
+    // Shutdown: everything processed is committed; flush outputs with a bound.
+    admin.set_ready(false);
+    let out = engine.commit()?;
+    let flush_cancel = CancellationToken::new();
+    let flush = publish(&producer, out, &metrics, &flush_cancel);
+    match tokio::time::timeout(Duration::from_secs(10), flush).await {
+        Ok(acked) => engine.acknowledge(&acked)?,
+        Err(_) => tracing::warn!("outputs not flushed in time; they stay in the outbox"),
+    }
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::debug!(error = %e, "final offset commit skipped");
+    }
+    consumer.unsubscribe();
+    drop(engine);
+    tracing::info!(service = %name, "stopped cleanly");
+    Ok(())
+}
+
+fn dedup(mut v: Vec<i32>) -> Vec<i32> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}

@@ -1,0 +1,554 @@
+//! Per-partition state in RocksDB.
+//!
+//! One database per owned input partition (`<state dir>/<service>/p<N>`), all sharing one
+//! block cache. A database holds, under separate key prefixes:
+//! - `s/…` the processor's own state (customer profiles, dedup records, …);
+//! - `o/<topic>` the offset of the last input record applied, written in the same atomic
+//!   batch as the state it produced: this is what makes effects exactly-once;
+//! - `x/<seq>` the outbox: output records committed with the state, deleted once the
+//!   broker acknowledged them, re-sent after a crash (with the same ids);
+//! - `t/<fire_at><timer id>` and `i/<timer id>` the persistent timers and their index.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use rocksdb::{BlockBasedOptions, Cache, Direction, IteratorMode, Options, WriteBatch, DB};
+
+use crate::time::Millis;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB error in {path}: {source}")]
+    Rocks {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("corrupt record under key {key:?} in {path}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+const STATE: &[u8] = b"s/";
+const OFFSET: &[u8] = b"o/";
+const OUTBOX: &[u8] = b"x/";
+const TIMER: &[u8] = b"t/";
+const TIMER_INDEX: &[u8] = b"i/";
+const META_CLOCK: &[u8] = b"m/clock";
+const META_OUTBOX_SEQ: &[u8] = b"m/outbox_seq";
+
+/// Opens partition stores that share one block cache.
+pub struct StoreFactory {
+    root: PathBuf,
+    cache: Cache,
+}
+
+impl StoreFactory {
+    pub fn new(root: &Path, block_cache_bytes: usize) -> StoreResult<Self> {
+        let cache = Cache::new_lru_cache(block_cache_bytes).map_err(|source| StoreError::Rocks {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(StoreFactory {
+            root: root.to_path_buf(),
+            cache,
+        })
+    }
+
+    pub fn open(&self, partition: i32) -> StoreResult<PartitionStore> {
+        let path = self.root.join(format!("p{partition}"));
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&self.cache);
+        block.set_bloom_filter(10.0, false);
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_block_based_table_factory(&block);
+        // Memtables count against memory too: keep them small and few per partition.
+        opts.set_write_buffer_size(8 << 20);
+        opts.set_max_write_buffer_number(2);
+        opts.set_max_open_files(256);
+        let db = DB::open(&opts, &path).map_err(|source| StoreError::Rocks {
+            path: path.clone(),
+            source,
+        })?;
+        let mut store = PartitionStore {
+            partition,
+            path,
+            db,
+            next_outbox_seq: 0,
+            timers_pending: 0,
+        };
+        store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
+        store.timers_pending = store.count_prefix(TIMER_INDEX) as i64;
+        Ok(store)
+    }
+}
+
+/// One output record waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub partition: i32,
+    pub outbox_key: Vec<u8>,
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// A due timer read from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueTimer {
+    pub timer_id: String,
+    pub fire_at: Millis,
+    pub payload: Vec<u8>,
+}
+
+/// Writes of one processing batch, visible to reads before they are committed.
+#[derive(Default)]
+pub struct Pending {
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    outputs: Vec<(String, Vec<u8>, Vec<u8>)>,
+    offsets: HashMap<String, i64>,
+    clock: Option<Millis>,
+    timers_delta: i64,
+    /// Earliest timer scheduled in this batch.
+    pub min_scheduled: Option<Millis>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.outputs.is_empty()
+            && self.offsets.is_empty()
+            && self.clock.is_none()
+    }
+}
+
+pub struct PartitionStore {
+    pub partition: i32,
+    path: PathBuf,
+    db: DB,
+    next_outbox_seq: u64,
+    timers_pending: i64,
+}
+
+impl PartitionStore {
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn raw_get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.db.get(key).map_err(|e| self.rocks(e))
+    }
+
+    fn read_u64(&self, key: &[u8]) -> StoreResult<Option<u64>> {
+        match self.raw_get(key)? {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason: format!("expected 8 bytes, found {}", v.len()),
+                })?;
+                Ok(Some(u64::from_be_bytes(bytes)))
+            }
+        }
+    }
+
+    fn count_prefix(&self, prefix: &[u8]) -> usize {
+        self.db
+            .prefix_iterator(prefix)
+            .map_while(|r| r.ok())
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count()
+    }
+
+    /// State value under an application key, seeing `pending` writes first.
+    pub fn get(&self, pending: &Pending, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let full = prefixed(STATE, key);
+        if let Some(v) = pending.writes.get(&full) {
+            return Ok(v.clone());
+        }
+        self.raw_get(&full)
+    }
+
+    pub fn put(&self, pending: &mut Pending, key: &[u8], value: Vec<u8>) {
+        pending.writes.insert(prefixed(STATE, key), Some(value));
+    }
+
+    pub fn delete(&self, pending: &mut Pending, key: &[u8]) {
+        pending.writes.insert(prefixed(STATE, key), None);
+    }
+
+    /// Committed state values whose application key starts with `prefix` (for tools
+    /// such as `kairos explain`; not used on hot paths).
+    pub fn scan_state(&self, prefix: &[u8]) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let full = prefixed(STATE, prefix);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(&full) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&full) {
+                break;
+            }
+            out.push((k[STATE.len()..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn emit(&self, pending: &mut Pending, topic: &str, key: &[u8], payload: Vec<u8>) {
+        pending.outputs.push((topic.to_string(), key.to_vec(), payload));
+    }
+
+    /// Offset of the last applied record of `topic` in this partition.
+    pub fn applied_offset(&self, pending: &Pending, topic: &str) -> StoreResult<Option<i64>> {
+        if let Some(o) = pending.offsets.get(topic) {
+            return Ok(Some(*o));
+        }
+        Ok(self
+            .read_u64(&prefixed(OFFSET, topic.as_bytes()))?
+            .map(|v| v as i64))
+    }
+
+    pub fn set_applied_offset(&self, pending: &mut Pending, topic: &str, offset: i64) {
+        pending.offsets.insert(topic.to_string(), offset);
+    }
+
+    /// Every applied offset, by topic.
+    pub fn applied_offsets(&self) -> StoreResult<Vec<(String, i64)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(OFFSET) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(OFFSET) {
+                break;
+            }
+            let topic = String::from_utf8_lossy(&k[OFFSET.len()..]).into_owned();
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: topic.clone(),
+                reason: "offset is not 8 bytes".into(),
+            })?;
+            out.push((topic, u64::from_be_bytes(bytes) as i64));
+        }
+        Ok(out)
+    }
+
+    pub fn event_time(&self) -> StoreResult<Millis> {
+        Ok(self.read_u64(META_CLOCK)?.map(|v| v as Millis).unwrap_or(0))
+    }
+
+    pub fn set_event_time(&self, pending: &mut Pending, t: Millis) {
+        pending.clock = Some(t);
+    }
+
+    /// Schedules (or moves) the timer `timer_id`.
+    pub fn schedule_timer(
+        &self,
+        pending: &mut Pending,
+        timer_id: &str,
+        fire_at: Millis,
+        payload: Vec<u8>,
+    ) -> StoreResult<()> {
+        let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
+        match self.timer_index(pending, &index_key)? {
+            Some(old) => {
+                pending.writes.insert(timer_key(old, timer_id), None);
+            }
+            None => pending.timers_delta += 1,
+        }
+        pending
+            .writes
+            .insert(timer_key(fire_at, timer_id), Some(payload));
+        pending
+            .writes
+            .insert(index_key, Some((fire_at as u64).to_be_bytes().to_vec()));
+        pending.min_scheduled = Some(pending.min_scheduled.map_or(fire_at, |m| m.min(fire_at)));
+        Ok(())
+    }
+
+    /// Cancels a timer; a cancelled timer never fires. Returns whether one existed.
+    pub fn cancel_timer(&self, pending: &mut Pending, timer_id: &str) -> StoreResult<bool> {
+        let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
+        match self.timer_index(pending, &index_key)? {
+            Some(old) => {
+                pending.writes.insert(timer_key(old, timer_id), None);
+                pending.writes.insert(index_key, None);
+                pending.timers_delta -= 1;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    pub fn timer_fire_at(&self, pending: &Pending, timer_id: &str) -> StoreResult<Option<Millis>> {
+        self.timer_index(pending, &prefixed(TIMER_INDEX, timer_id.as_bytes()))
+    }
+
+    fn timer_index(&self, pending: &Pending, index_key: &[u8]) -> StoreResult<Option<Millis>> {
+        let raw = match pending.writes.get(index_key) {
+            Some(v) => v.clone(),
+            None => self.raw_get(index_key)?,
+        };
+        Ok(raw.and_then(|v| {
+            let b: [u8; 8] = v.as_slice().try_into().ok()?;
+            Some(u64::from_be_bytes(b) as Millis)
+        }))
+    }
+
+    /// Committed timers due at or before `now`, earliest first.
+    pub fn due_timers(&self, now: Millis, limit: usize) -> StoreResult<Vec<DueTimer>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(TIMER) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(TIMER) || out.len() >= limit {
+                break;
+            }
+            let (fire_at, timer_id) = decode_timer_key(&k).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "malformed timer key".into(),
+            })?;
+            if fire_at > now {
+                break;
+            }
+            out.push(DueTimer {
+                timer_id,
+                fire_at,
+                payload: v.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fire time of the earliest committed timer.
+    pub fn next_timer(&self) -> StoreResult<Option<Millis>> {
+        let mut iter = self
+            .db
+            .iterator(IteratorMode::From(TIMER, Direction::Forward));
+        match iter.next() {
+            Some(item) => {
+                let (k, _) = item.map_err(|e| self.rocks(e))?;
+                Ok(if k.starts_with(TIMER) {
+                    decode_timer_key(&k).map(|(t, _)| t)
+                } else {
+                    None
+                })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a fired timer (it must not fire again).
+    pub fn complete_timer(&self, pending: &mut Pending, timer: &DueTimer) -> StoreResult<()> {
+        let index_key = prefixed(TIMER_INDEX, timer.timer_id.as_bytes());
+        // Only drop the index if it still points at this firing (the handler may have
+        // rescheduled the same timer id).
+        if self.timer_index(pending, &index_key)? == Some(timer.fire_at) {
+            pending.writes.insert(index_key, None);
+            pending.timers_delta -= 1;
+        }
+        pending
+            .writes
+            .insert(timer_key(timer.fire_at, &timer.timer_id), None);
+        Ok(())
+    }
+
+    pub fn timers_pending(&self) -> i64 {
+        self.timers_pending
+    }
+
+    /// Writes `pending` atomically: state, outbox, offsets and clock together. Returns
+    /// the outbox entries to publish.
+    pub fn commit(&mut self, pending: Pending) -> StoreResult<Vec<OutboxEntry>> {
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = WriteBatch::default();
+        for (k, v) in &pending.writes {
+            match v {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            }
+        }
+        let mut entries = Vec::with_capacity(pending.outputs.len());
+        for (topic, key, payload) in pending.outputs {
+            let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
+            self.next_outbox_seq += 1;
+            batch.put(&outbox_key, encode_outbox(&topic, &key, &payload));
+            entries.push(OutboxEntry {
+                partition: self.partition,
+                outbox_key,
+                topic,
+                key,
+                payload,
+            });
+        }
+        batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
+        for (topic, offset) in &pending.offsets {
+            batch.put(prefixed(OFFSET, topic.as_bytes()), (*offset as u64).to_be_bytes());
+        }
+        if let Some(t) = pending.clock {
+            batch.put(META_CLOCK, (t as u64).to_be_bytes());
+        }
+        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.timers_pending += pending.timers_delta;
+        Ok(entries)
+    }
+
+    /// Every record still in the outbox (after a crash: sent or not, it goes again).
+    pub fn outbox(&self) -> StoreResult<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(OUTBOX) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(OUTBOX) {
+                break;
+            }
+            let (topic, key, payload) = decode_outbox(&v).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: format!("{k:?}"),
+                reason: "malformed outbox record".into(),
+            })?;
+            out.push(OutboxEntry {
+                partition: self.partition,
+                outbox_key: k.to_vec(),
+                topic,
+                key,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops outbox records the broker acknowledged.
+    pub fn acknowledge(&self, outbox_keys: &[Vec<u8>]) -> StoreResult<()> {
+        if outbox_keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for k in outbox_keys {
+            batch.delete(k);
+        }
+        self.db.write(batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Bytes on disk plus memtables, for the state size metric.
+    pub fn size_bytes(&self) -> u64 {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        prop("rocksdb.total-sst-files-size") + prop("rocksdb.cur-size-all-mem-tables")
+    }
+}
+
+fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(prefix.len() + key.len());
+    v.extend_from_slice(prefix);
+    v.extend_from_slice(key);
+    v
+}
+
+/// Timer keys sort by fire time: the sign bit is flipped so negative times sort first.
+fn timer_key(fire_at: Millis, timer_id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(TIMER.len() + 8 + timer_id.len());
+    v.extend_from_slice(TIMER);
+    v.extend_from_slice(&((fire_at as u64) ^ (1 << 63)).to_be_bytes());
+    v.extend_from_slice(timer_id.as_bytes());
+    v
+}
+
+fn decode_timer_key(k: &[u8]) -> Option<(Millis, String)> {
+    let rest = k.strip_prefix(TIMER)?;
+    let t: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let fire_at = (u64::from_be_bytes(t) ^ (1 << 63)) as Millis;
+    let id = String::from_utf8(rest[8..].to_vec()).ok()?;
+    Some((fire_at, id))
+}
+
+fn encode_outbox(topic: &str, key: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + topic.len() + key.len() + payload.len());
+    v.extend_from_slice(&(topic.len() as u32).to_be_bytes());
+    v.extend_from_slice(topic.as_bytes());
+    v.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    v.extend_from_slice(key);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn decode_outbox(v: &[u8]) -> Option<(String, Vec<u8>, Vec<u8>)> {
+    let tl = u32::from_be_bytes(v.get(..4)?.try_into().ok()?) as usize;
+    let topic = String::from_utf8(v.get(4..4 + tl)?.to_vec()).ok()?;
+    let rest = &v[4 + tl..];
+    let kl = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let key = rest.get(4..4 + kl)?.to_vec();
+    let payload = rest.get(4 + kl..)?.to_vec();
+    Some((topic, key, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, PartitionStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StoreFactory::new(dir.path(), 1 << 20).unwrap();
+        let s = f.open(3).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn pending_writes_are_visible_before_commit_and_durable_after() {
+        let (dir, mut s) = store();
+        let mut p = Pending::default();
+        s.put(&mut p, b"a", b"1".to_vec());
+        assert_eq!(s.get(&p, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.get(&Pending::default(), b"a").unwrap(), None);
+        s.set_applied_offset(&mut p, "topic", 41);
+        s.emit(&mut p, "out", b"k", b"payload".to_vec());
+        let entries = s.commit(p).unwrap();
+        assert_eq!(entries.len(), 1);
+        drop(s);
+        let s = StoreFactory::new(dir.path(), 1 << 20).unwrap().open(3).unwrap();
+        let p = Pending::default();
+        assert_eq!(s.get(&p, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.applied_offset(&p, "topic").unwrap(), Some(41));
+        let outbox = s.outbox().unwrap();
+        assert_eq!(outbox.len(), 1, "unacknowledged output survives a restart");
+        assert_eq!(outbox[0].payload, b"payload");
+        s.acknowledge(&[outbox[0].outbox_key.clone()]).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+    }
+
+    #[test]
+    fn timers_fire_in_order_and_cancelled_ones_never_fire() {
+        let (_dir, mut s) = store();
+        let mut p = Pending::default();
+        s.schedule_timer(&mut p, "late", 300, b"l".to_vec()).unwrap();
+        s.schedule_timer(&mut p, "early", 100, b"e".to_vec()).unwrap();
+        s.schedule_timer(&mut p, "gone", 50, b"g".to_vec()).unwrap();
+        assert!(s.cancel_timer(&mut p, "gone").unwrap());
+        // Moving a timer replaces it.
+        s.schedule_timer(&mut p, "early", 150, b"e2".to_vec()).unwrap();
+        s.commit(p).unwrap();
+        assert_eq!(s.timers_pending(), 2);
+        assert_eq!(s.next_timer().unwrap(), Some(150));
+        let due = s.due_timers(200, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].timer_id, "early");
+        assert_eq!(due[0].payload, b"e2");
+        let mut p = Pending::default();
+        s.complete_timer(&mut p, &due[0]).unwrap();
+        s.commit(p).unwrap();
+        assert_eq!(s.timers_pending(), 1);
+        assert!(s.due_timers(200, 10).unwrap().is_empty());
+        assert_eq!(s.due_timers(i64::MAX, 10).unwrap()[0].timer_id, "late");
+    }
+
+    #[test]
+    fn negative_times_sort_before_positive() {
+        assert!(timer_key(-5, "a") < timer_key(5, "a"));
+        assert_eq!(decode_timer_key(&timer_key(-5, "x")), Some((-5, "x".into())));
+    }
+}

@@ -1,0 +1,134 @@
+//! Time: epoch milliseconds everywhere, one clock abstraction.
+//!
+//! In wall-clock mode "now" is the system time. In event-time mode "now" is the highest
+//! event timestamp (or heartbeat) seen on a partition, so a 30-day scenario can be
+//! replayed in seconds through the very same code.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+pub const SECOND: Millis = 1_000;
+pub const MINUTE: Millis = 60 * SECOND;
+pub const HOUR: Millis = 60 * MINUTE;
+pub const DAY: Millis = 24 * HOUR;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockMode {
+    /// Production: time is the machine's clock.
+    Wall,
+    /// Time advances with input timestamps and heartbeats.
+    Event,
+}
+
+/// The current time of one partition.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    mode: ClockMode,
+    event_time: Millis,
+}
+
+impl Clock {
+    pub fn new(mode: ClockMode, restored_event_time: Millis) -> Self {
+        Clock {
+            mode,
+            event_time: restored_event_time,
+        }
+    }
+
+    pub fn mode(&self) -> ClockMode {
+        self.mode
+    }
+
+    /// Called for every input record: in event-time mode time only moves forward.
+    pub fn observe(&mut self, event_time: Millis) {
+        if event_time > self.event_time {
+            self.event_time = event_time;
+        }
+    }
+
+    pub fn event_time(&self) -> Millis {
+        self.event_time
+    }
+
+    pub fn now(&self) -> Millis {
+        match self.mode {
+            ClockMode::Wall => wall_now(),
+            ClockMode::Event => self.event_time,
+        }
+    }
+}
+
+pub fn wall_now() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Accepts epoch milliseconds (integer) or an RFC 3339 string such as
+/// `2026-11-22T10:00:00Z`, so hand-written `kcat` events stay readable.
+pub fn deserialize_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Millis, D::Error> {
+    struct MillisVisitor;
+    impl serde::de::Visitor<'_> for MillisVisitor {
+        type Value = Millis;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("epoch milliseconds or an RFC 3339 timestamp")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Millis, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Millis, E> {
+            i64::try_from(v).map_err(|_| E::custom("timestamp out of range"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Millis, E> {
+            Ok(v as Millis)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Millis, E> {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| E::custom(format!("invalid RFC 3339 timestamp {v:?}: {e}")))
+        }
+    }
+    deserializer.deserialize_any(MillisVisitor)
+}
+
+/// Formats epoch milliseconds as RFC 3339 for logs and `kairos explain`.
+pub fn format_millis(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct T {
+        #[serde(deserialize_with = "deserialize_millis")]
+        at: Millis,
+    }
+
+    #[test]
+    fn accepts_millis_and_rfc3339() {
+        let a: T = serde_json::from_str(r#"{"at": 1700000000123}"#).unwrap();
+        assert_eq!(a.at, 1_700_000_000_123);
+        let b: T = serde_json::from_str(r#"{"at": "2023-11-14T22:13:20.123Z"}"#).unwrap();
+        assert_eq!(b.at, 1_700_000_000_123);
+        assert!(serde_json::from_str::<T>(r#"{"at": "yesterday"}"#).is_err());
+    }
+
+    #[test]
+    fn event_clock_only_moves_forward() {
+        let mut c = Clock::new(ClockMode::Event, 100);
+        c.observe(50);
+        assert_eq!(c.now(), 100);
+        c.observe(200);
+        assert_eq!(c.now(), 200);
+    }
+}

@@ -1,0 +1,447 @@
+//! `kairos generate`: realistic shop traffic for demos, load tests and benchmarks.
+//!
+//! Customers browse in sessions on the site or the app: page and product views
+//! (popular products viewed far more than the long tail), searches, carts (about one
+//! session in seven), checkouts and purchases (about 3% of sessions buy), with
+//! log-normally skewed prices. Some visitors register (with contacts and per-channel
+//! consent), some shop in physical stores and show a loyalty card at the till.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kairos_core::config::{topics, Config, GeneratorConfig};
+use kairos_core::contracts::{
+    Channel, ConsentChange, CustomerEvent, EventType, LineItem, OfflineReceipt, Order,
+    OrderStatus, Platform, Product, ProfileUpdate, ReceiptKind,
+};
+use kairos_core::ids::deterministic_id;
+use kairos_core::time::{wall_now, Millis, SECOND};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, LogNormal};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// Where an event goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Site,
+    App,
+    Offline,
+}
+
+/// One generated event, ready to publish.
+#[derive(Debug, Clone)]
+pub struct GeneratedEvent {
+    pub source: Source,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+struct CatalogItem {
+    id: String,
+    name: String,
+    category: &'static str,
+    price: f64,
+}
+
+const CATEGORIES: [&str; 8] = [
+    "shoes",
+    "dresses",
+    "jeans",
+    "bags",
+    "outerwear",
+    "accessories",
+    "sportswear",
+    "kids",
+];
+const TIME_ZONES: [&str; 6] = [
+    "Europe/Berlin",
+    "Europe/London",
+    "Europe/Moscow",
+    "America/New_York",
+    "Asia/Dubai",
+    "Asia/Almaty",
+];
+const FIRST_NAMES: [&str; 10] = [
+    "Anna", "Maria", "Olga", "Elena", "Ivan", "Sergey", "Laura", "James", "Sofia", "Omar",
+];
+
+/// Funnel rates, per session.
+const P_ADD_TO_CART: f64 = 0.15;
+const P_CHECKOUT_GIVEN_CART: f64 = 0.45;
+const P_PURCHASE_GIVEN_CHECKOUT: f64 = 0.50;
+const P_REGISTER: f64 = 0.25;
+const P_SEARCH: f64 = 0.30;
+const P_WISHLIST: f64 = 0.04;
+
+pub struct TrafficModel {
+    rng: StdRng,
+    customers: u64,
+    offline_share: f64,
+    catalog: Vec<CatalogItem>,
+    registered: HashSet<u64>,
+    seq: u64,
+}
+
+impl TrafficModel {
+    pub fn new(cfg: &GeneratorConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let prices = LogNormal::new(3.4, 0.8).unwrap_or_else(|_| unreachable_lognormal());
+        let catalog = (0..500)
+            .map(|i| {
+                let category = CATEGORIES[i % CATEGORIES.len()];
+                CatalogItem {
+                    id: format!("p{i:04}"),
+                    name: format!("{category} #{i}"),
+                    category,
+                    price: (prices.sample(&mut rng) * 100.0_f64).round() / 100.0 + 1.0,
+                }
+            })
+            .collect();
+        TrafficModel {
+            rng,
+            customers: cfg.customers.max(1),
+            offline_share: cfg.offline_share.clamp(0.0, 0.95),
+            catalog,
+            registered: HashSet::new(),
+            seq: 0,
+        }
+    }
+
+    fn event_id(&mut self) -> String {
+        self.seq += 1;
+        deterministic_id(&["generator", &self.seq.to_string()])
+    }
+
+    /// A customer index skewed towards a core of frequent visitors.
+    fn pick_customer(&mut self) -> u64 {
+        let u: f64 = self.rng.gen();
+        ((u * u * u) * self.customers as f64) as u64
+    }
+
+    /// A product index skewed towards bestsellers.
+    fn pick_product(&mut self) -> usize {
+        let u: f64 = self.rng.gen();
+        ((u * u) * self.catalog.len() as f64) as usize % self.catalog.len()
+    }
+
+    fn product(&self, i: usize) -> Product {
+        let c = &self.catalog[i];
+        Product {
+            product_id: c.id.clone(),
+            name: Some(c.name.clone()),
+            category: Some(c.category.to_string()),
+            price: Some(c.price),
+        }
+    }
+
+    fn line_item(&self, i: usize, quantity: i32) -> LineItem {
+        let c = &self.catalog[i];
+        LineItem {
+            product_id: c.id.clone(),
+            name: Some(c.name.clone()),
+            category: Some(c.category.to_string()),
+            quantity,
+            unit_price: c.price,
+        }
+    }
+
+    fn base_event(&mut self, t: EventType, customer: u64, at: Millis, p: Platform) -> CustomerEvent {
+        let known = self.registered.contains(&customer);
+        CustomerEvent {
+            event_id: self.event_id(),
+            event_type: t,
+            occurred_at: at,
+            platform: Some(p),
+            customer_id: known.then(|| customer_id(customer)),
+            anonymous_id: (!known).then(|| format!("anon-{customer:06}")),
+            device_id: None,
+            session_id: None,
+            email: None,
+            phone: None,
+            loyalty_card: None,
+            page_url: None,
+            search_query: None,
+            product: None,
+            items: Vec::new(),
+            order: None,
+            consent: None,
+            profile: None,
+            interaction: None,
+        }
+    }
+
+    /// One visit: a handful to a few dozen events, the last at `now`.
+    pub fn session(&mut self, now: Millis) -> Vec<GeneratedEvent> {
+        let customer = self.pick_customer();
+        let platform = match self.rng.gen_range(0..10) {
+            0..=5 => Platform::web,
+            6..=7 => Platform::ios,
+            _ => Platform::android,
+        };
+        let source = if platform == Platform::web {
+            Source::Site
+        } else {
+            Source::App
+        };
+        if self.rng.gen_bool(self.offline_share * 0.1) && self.registered.contains(&customer) {
+            return vec![self.receipt(customer, now)];
+        }
+        let session_id = self.event_id();
+        let mut events = Vec::new();
+        // Events of a session are spread over the minute before `now`.
+        let clock = std::cell::Cell::new(now - 60 * SECOND);
+        let mut push = |model: &mut Self, mut e: CustomerEvent| {
+            e.session_id = Some(session_id.clone());
+            clock.set(clock.get() + model.rng.gen_range(2..15) * SECOND);
+            e.occurred_at = clock.get().min(now);
+            events.push(e);
+        };
+        let at = 0;
+        if platform != Platform::web {
+            let e = self.base_event(EventType::app_open, customer, at, platform);
+            push(self, e);
+        }
+        if !self.registered.contains(&customer) && self.rng.gen_bool(P_REGISTER) {
+            self.registered.insert(customer);
+            let e = self.registration(customer, at, platform);
+            push(self, e);
+        }
+        for _ in 0..self.rng.gen_range(1..4) {
+            let mut e = self.base_event(EventType::page_view, customer, at, platform);
+            e.page_url = Some(format!("https://shop.example/{}", CATEGORIES[self.rng.gen_range(0..8)]));
+            push(self, e);
+        }
+        if self.rng.gen_bool(P_SEARCH) {
+            let mut e = self.base_event(EventType::search, customer, at, platform);
+            e.search_query = Some(CATEGORIES[self.rng.gen_range(0..8)].to_string());
+            push(self, e);
+        }
+        let mut viewed = Vec::new();
+        for _ in 0..self.rng.gen_range(1..6) {
+            let i = self.pick_product();
+            viewed.push(i);
+            let mut e = self.base_event(EventType::product_view, customer, at, platform);
+            e.product = Some(self.product(i));
+            push(self, e);
+        }
+        if self.rng.gen_bool(P_WISHLIST) {
+            let mut e = self.base_event(EventType::wishlist_add, customer, at, platform);
+            e.product = Some(self.product(viewed[0]));
+            push(self, e);
+        }
+        if self.rng.gen_bool(P_ADD_TO_CART) {
+            let in_cart: Vec<usize> = viewed.iter().take(self.rng.gen_range(1..3)).copied().collect();
+            for &i in &in_cart {
+                let mut e = self.base_event(EventType::add_to_cart, customer, at, platform);
+                e.product = Some(self.product(i));
+                push(self, e);
+            }
+            if self.rng.gen_bool(P_CHECKOUT_GIVEN_CART) {
+                let mut e = self.base_event(EventType::checkout_started, customer, at, platform);
+                e.items = in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
+                push(self, e);
+                if self.rng.gen_bool(P_PURCHASE_GIVEN_CHECKOUT) {
+                    let items: Vec<LineItem> = in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
+                    let total = items.iter().map(|i| i.unit_price).sum::<f64>();
+                    let mut e = self.base_event(EventType::purchase, customer, at, platform);
+                    e.order = Some(Order {
+                        order_id: self.event_id(),
+                        total: Some((total * 100.0).round() / 100.0),
+                        currency: Some("EUR".into()),
+                        status: Some(OrderStatus::placed),
+                    });
+                    e.items = items;
+                    push(self, e);
+                }
+            }
+        }
+        events
+            .into_iter()
+            .map(|e| GeneratedEvent {
+                source,
+                key: e
+                    .customer_id
+                    .clone()
+                    .or_else(|| e.anonymous_id.clone())
+                    .unwrap_or_default(),
+                payload: serde_json::to_vec(&e).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn registration(&mut self, customer: u64, at: Millis, platform: Platform) -> CustomerEvent {
+        let mut e = self.base_event(EventType::registration, customer, at, platform);
+        let tz = TIME_ZONES[self.rng.gen_range(0..TIME_ZONES.len())];
+        e.customer_id = Some(customer_id(customer));
+        e.anonymous_id = Some(format!("anon-{customer:06}"));
+        e.email = Some(format!("{}@example.com", customer_id(customer)));
+        e.phone = Some(format!("+4915{:08}", customer));
+        e.profile = Some(ProfileUpdate {
+            first_name: Some(FIRST_NAMES[(customer % 10) as usize].to_string()),
+            time_zone: Some(tz.to_string()),
+            birthday: Some(format!(
+                "{}-{:02}-{:02}",
+                1960 + customer % 45,
+                1 + customer % 12,
+                1 + customer % 28
+            )),
+            push_token: (platform != Platform::web).then(|| format!("tok-{customer}")),
+            ..Default::default()
+        });
+        // Most shoppers opt in to e-mail at sign-up; fewer to push or SMS.
+        let channel = if self.rng.gen_bool(0.8) {
+            Channel::email
+        } else if platform != Platform::web {
+            Channel::push
+        } else {
+            Channel::sms
+        };
+        e.consent = Some(ConsentChange {
+            channel,
+            granted: true,
+        });
+        e
+    }
+
+    fn receipt(&mut self, customer: u64, now: Millis) -> GeneratedEvent {
+        let n = self.rng.gen_range(1..4);
+        let items: Vec<LineItem> = (0..n)
+            .map(|_| {
+                let i = self.pick_product();
+                self.line_item(i, 1)
+            })
+            .collect();
+        let total = (items.iter().map(|i| i.unit_price).sum::<f64>() * 100.0).round() / 100.0;
+        let r = OfflineReceipt {
+            event_id: self.event_id(),
+            occurred_at: now,
+            receipt_id: self.event_id(),
+            kind: ReceiptKind::sale,
+            store_id: format!("store-{:02}", self.rng.gen_range(1..40)),
+            customer_id: Some(customer_id(customer)),
+            loyalty_card: Some(format!("LC{customer:08}")),
+            phone: None,
+            items,
+            total,
+            currency: "EUR".into(),
+        };
+        GeneratedEvent {
+            source: Source::Offline,
+            key: customer_id(customer),
+            payload: serde_json::to_vec(&r).unwrap_or_default(),
+        }
+    }
+}
+
+fn unreachable_lognormal() -> LogNormal<f64> {
+    // The constant parameters above are valid; this keeps the code free of unwrap.
+    LogNormal::new(0.0, 1.0).unwrap_or_else(|_| panic!("standard log-normal is valid"))
+}
+
+pub fn customer_id(i: u64) -> String {
+    format!("c{i:06}")
+}
+
+/// Publishes generated traffic at `rate` events per second until `limit` events
+/// (if any) or `cancel`.
+pub async fn run(
+    config: Arc<Config>,
+    rate: f64,
+    limit: Option<u64>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<u64> {
+    let producer: FutureProducer = kairos_core::kafka::producer(&config)?;
+    let topic = |s: Source| match s {
+        Source::Site => config.topic(topics::SITE_EVENTS),
+        Source::App => config.topic(topics::APP_EVENTS),
+        Source::Offline => config.topic(topics::OFFLINE_EVENTS),
+    };
+    let mut model = TrafficModel::new(&config.generator);
+    let mut sent: u64 = 0;
+    let tick = Duration::from_millis(50);
+    let per_tick = (rate.max(0.1) * tick.as_secs_f64()).max(0.0);
+    let mut budget = 0.0;
+    let mut queue: std::collections::VecDeque<GeneratedEvent> = Default::default();
+    let mut interval = tokio::time::interval(tick);
+    let started = std::time::Instant::now();
+    tracing::info!(rate, customers = config.generator.customers, "generating traffic");
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        budget += per_tick;
+        let mut sends = Vec::new();
+        while budget >= 1.0 {
+            if limit.is_some_and(|l| sent >= l) {
+                break;
+            }
+            if queue.is_empty() {
+                queue.extend(model.session(wall_now()));
+            }
+            let Some(e) = queue.pop_front() else { break };
+            budget -= 1.0;
+            sent += 1;
+            sends.push(e);
+        }
+        let topics: Vec<String> = sends.iter().map(|e| topic(e.source)).collect();
+        let results = futures::future::join_all(sends.iter().zip(&topics).map(|(e, t)| {
+            producer.send(
+                FutureRecord::to(t).key(&e.key).payload(&e.payload),
+                Duration::from_secs(30),
+            )
+        }))
+        .await;
+        for r in results {
+            r.map_err(|(e, _)| anyhow::anyhow!("{e}"))
+                .context("publishing generated event")?;
+        }
+        if limit.is_some_and(|l| sent >= l) {
+            break;
+        }
+    }
+    tracing::info!(sent, seconds = started.elapsed().as_secs_f64(), "generator stopped");
+    Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn funnel_has_realistic_shape() {
+        let mut m = TrafficModel::new(&GeneratorConfig::default());
+        let (mut sessions, mut carts, mut purchases) = (0, 0, 0);
+        let mut revenue = Vec::new();
+        for _ in 0..20_000 {
+            let events = m.session(1_000_000_000);
+            if events.iter().any(|e| e.source == Source::Offline) {
+                continue;
+            }
+            sessions += 1;
+            let evs: Vec<CustomerEvent> = events
+                .iter()
+                .map(|e| serde_json::from_slice(&e.payload).unwrap())
+                .collect();
+            carts += evs.iter().any(|e| e.event_type == EventType::add_to_cart) as u32;
+            for e in &evs {
+                if e.event_type == EventType::purchase {
+                    purchases += 1;
+                    revenue.push(e.order.as_ref().unwrap().total.unwrap());
+                }
+            }
+        }
+        let cart_rate = carts as f64 / sessions as f64;
+        let buy_rate = purchases as f64 / sessions as f64;
+        assert!((0.12..0.18).contains(&cart_rate), "cart rate {cart_rate}");
+        assert!((0.02..0.05).contains(&buy_rate), "purchase rate {buy_rate}");
+        assert!(carts > 2 * purchases, "most carts are abandoned");
+        revenue.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = revenue[revenue.len() / 2];
+        let mean = revenue.iter().sum::<f64>() / revenue.len() as f64;
+        assert!(mean > median, "spend is right-skewed: mean {mean} median {median}");
+    }
+}

@@ -1,0 +1,208 @@
+//! `kairos`: one binary, one subcommand per service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use kairos_core::admin::{self, AdminState};
+use kairos_core::config::{Config, LogFormat};
+use kairos_core::contracts::Channel;
+use tokio_util::sync::CancellationToken;
+
+mod up;
+
+#[derive(Parser)]
+#[command(
+    name = "kairos",
+    version,
+    about = "Kairos: a real-time CRM marketing engine on Kafka"
+)]
+struct Cli {
+    /// Config file (environment overrides: KAIROS__SECTION__KEY=value).
+    #[arg(long, short, global = true, env = "KAIROS_CONFIG", default_value = "config/kairos.toml")]
+    config: PathBuf,
+    /// Log format (overrides [log] format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Host a Kafka-protocol broker in this process (librdkafka mock cluster).
+    DevBroker,
+    /// The profile processor: customer state, segments, triggers.
+    Profile,
+    /// The arbiter: frequency, conflict and channel policy.
+    Arbiter,
+    /// A delivery worker for one channel.
+    Deliver {
+        #[arg(long)]
+        channel: String,
+    },
+    /// Feedback: outcomes and decisions into metrics.
+    Feedback,
+    /// Publish realistic shop traffic.
+    Generate {
+        /// Events per second (default: [generator] rate).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Run the whole pipeline: broker, every service and the generator, with a live
+    /// summary, until Ctrl-C.
+    Up {
+        /// Generated events per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Validate the config file and exit.
+    CheckConfig,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kairos: invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let format = match cli.log_format {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Plain) => LogFormat::Plain,
+        None => config.log.format,
+    };
+    kairos_core::logging::init(format, &config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kairos: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, Arc::new(config))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kairos: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig => {
+            println!(
+                "{}: ok ({} scenarios, {} delivery channels, {} topics)",
+                config.source_file.display(),
+                config.scenarios.len(),
+                config.delivery.len(),
+                config.all_topics().len()
+            );
+            Ok(())
+        }
+        Command::DevBroker => {
+            let cancel = kairos_core::shutdown_token();
+            kairos_broker::run(config, cancel).await
+        }
+        Command::Profile => {
+            let listen = config.profile.admin_listen;
+            service(config, listen, |c, a, t| async move {
+                kairos_profile::run(c, a, t).await
+            })
+            .await
+        }
+        Command::Arbiter => {
+            let listen = config.arbiter.admin_listen;
+            service(config, listen, |c, a, t| async move {
+                kairos_arbiter::run(c, a, t).await
+            })
+            .await
+        }
+        Command::Feedback => {
+            let listen = config.feedback.admin_listen;
+            service(config, listen, |c, a, t| async move {
+                kairos_feedback::run(c, a, t).await
+            })
+            .await
+        }
+        Command::Deliver { channel } => {
+            let channel = Channel::parse(&channel).with_context(|| {
+                format!(
+                    "unknown channel {channel:?}; one of {}",
+                    Channel::ALL.map(|c| c.as_str()).join(", ")
+                )
+            })?;
+            let settings = config.delivery.get(&channel).with_context(|| {
+                format!(
+                    "{}: no [delivery.{channel}] section",
+                    config.source_file.display()
+                )
+            })?;
+            let listen = settings.admin_listen;
+            service(config, listen, move |c, a, t| async move {
+                kairos_delivery::run(c, channel, a, t).await
+            })
+            .await
+        }
+        Command::Generate { rate, count } => {
+            let cancel = kairos_core::shutdown_token();
+            let rate = rate.unwrap_or(config.generator.rate);
+            let sent = kairos_generator::run(config, rate, count, cancel).await?;
+            println!("published {sent} events");
+            Ok(())
+        }
+        Command::Up { rate } => up::run(cli.config, config, rate).await,
+    }
+}
+
+/// Common service start-up: admin server, topics, then the processing loop, with a
+/// bound on how long a graceful shutdown may take.
+async fn service<F, Fut>(
+    config: Arc<Config>,
+    listen: std::net::SocketAddr,
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<Config>, Arc<AdminState>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cancel = kairos_core::shutdown_token();
+    let state = AdminState::new(prometheus::Registry::new());
+    admin::serve(listen, state.clone(), axum::Router::new(), cancel.clone()).await?;
+    let watchdog = cancel.clone();
+    tokio::spawn(async move {
+        watchdog.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        eprintln!("kairos: graceful shutdown took longer than 30 s; exiting");
+        std::process::exit(1);
+    });
+    let c = config.clone();
+    tokio::task::spawn_blocking(move || futures_lite_block(kairos_core::kafka::ensure_topics(&c)))
+        .await
+        .context("topic check task failed")??;
+    body(config, state, cancel).await
+}
+
+/// Runs a future to completion on the current (blocking) thread.
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}

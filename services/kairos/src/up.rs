@@ -1,0 +1,229 @@
+//! `kairos up` (what `make run` starts): the embedded broker, every service and the
+//! generator as child processes, a live summary every few seconds, and a clean stop on
+//! Ctrl-C: generator first, services next, broker last.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kairos_core::config::Config;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+fn spawn(exe: &PathBuf, config_path: &PathBuf, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--config")
+        .arg(config_path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // Own process group: Ctrl-C reaches only `kairos up`, which then stops the
+        // children in order.
+        .process_group(0);
+    let log_dir = PathBuf::from("var/log");
+    std::fs::create_dir_all(&log_dir)?;
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    cmd.stderr(log);
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child
+    // if `kairos up` dies without stopping it, so no process is left behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+    })
+}
+
+fn stop(p: &mut Proc, grace: Duration) {
+    if let Ok(Some(_)) = p.child.try_wait() {
+        return;
+    }
+    let pid = Pid::from_raw(p.child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = p.child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{} did not stop within {grace:?}; killing it", p.name);
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+}
+
+pub async fn run(config_path: PathBuf, config: Arc<Config>, rate: Option<f64>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the kairos executable")?;
+    // The embedded broker keeps topics in memory, so state from an earlier run would
+    // point at offsets that no longer exist: start clean.
+    if config.state.dir.exists() {
+        std::fs::remove_dir_all(&config.state.dir)
+            .with_context(|| format!("cannot clear {}", config.state.dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&config.kafka.broker_address_file);
+    let cancel = kairos_core::shutdown_token();
+
+    let mut broker = spawn(&exe, &config_path, "dev-broker", &["dev-broker"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !config.kafka.broker_address_file.exists() {
+        if Instant::now() > deadline || matches!(broker.child.try_wait(), Ok(Some(_))) {
+            stop(&mut broker, Duration::from_secs(2));
+            bail!("the embedded broker did not start; see var/log/dev-broker.log");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bootstrap = std::fs::read_to_string(&config.kafka.broker_address_file)?;
+    println!("embedded broker at {}", bootstrap.trim());
+
+    let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
+    let mut services = Vec::new();
+    services.push(spawn(&exe, &config_path, "profile", &["profile"])?);
+    endpoints.insert("profile".into(), config.profile.admin_listen.to_string());
+    services.push(spawn(&exe, &config_path, "arbiter", &["arbiter"])?);
+    endpoints.insert("arbiter".into(), config.arbiter.admin_listen.to_string());
+    for (channel, settings) in &config.delivery {
+        let name = format!("deliver-{channel}");
+        services.push(spawn(
+            &exe,
+            &config_path,
+            &name,
+            &["deliver", "--channel", channel.as_str()],
+        )?);
+        endpoints.insert(name, settings.admin_listen.to_string());
+    }
+    services.push(spawn(&exe, &config_path, "feedback", &["feedback"])?);
+    endpoints.insert("feedback".into(), config.feedback.admin_listen.to_string());
+    let rate_arg = rate.unwrap_or(config.generator.rate).to_string();
+    let mut generator = spawn(&exe, &config_path, "generator", &["generate", "--rate", &rate_arg])?;
+
+    println!("services started; logs in var/log/, metrics at:");
+    for (name, addr) in &endpoints {
+        println!("  {name:<18} http://{addr}/metrics");
+    }
+    println!("generating {rate_arg} events/s; Ctrl-C stops everything\n");
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        for p in services.iter_mut().chain([&mut broker]) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
+            }
+        }
+        let mut scraped: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+        for (name, addr) in &endpoints {
+            if let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await {
+                if let Ok(text) = resp.text().await {
+                    scraped.insert(name.clone(), parse_samples(&text));
+                }
+            }
+        }
+        print_summary(started.elapsed(), &scraped);
+    }
+
+    println!("\nstopping: generator, services, broker");
+    stop(&mut generator, Duration::from_secs(10));
+    for p in services.iter_mut() {
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+    }
+    for p in services.iter_mut() {
+        stop(p, Duration::from_secs(35));
+    }
+    stop(&mut broker, Duration::from_secs(10));
+    println!("all processes stopped");
+    Ok(())
+}
+
+/// `(series, value)` pairs from Prometheus text.
+fn parse_samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the samples of `metric` whose labels contain every `filter` (`key="value"`).
+fn sum(samples: Option<&Vec<(String, f64)>>, metric: &str, filters: &[&str]) -> f64 {
+    samples
+        .map(|s| {
+            s.iter()
+                .filter(|(series, _)| {
+                    let name = series.split('{').next().unwrap_or("");
+                    name == metric && filters.iter().all(|f| series.contains(f))
+                })
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
+    let profile = m.get("profile");
+    let arbiter = m.get("arbiter");
+    let feedback = m.get("feedback");
+    let events_in = sum(profile, "kairos_input_records_total", &[]);
+    let triggers = sum(profile, "kairos_output_records_total", &["triggers\""]);
+    let d = |o: &str| sum(arbiter, "kairos_arbiter_decisions_total", &[&format!("outcome=\"{o}\"")]);
+    let sends: Vec<String> = ["email", "sms", "push", "messenger"]
+        .iter()
+        .map(|c| {
+            format!(
+                "{c} {}",
+                sum(m.get(&format!("deliver-{c}")), "kairos_input_records_total", &[])
+            )
+        })
+        .collect();
+    let o = |k: &str| sum(feedback, "kairos_message_outcomes_total", &[&format!("kind=\"{k}\"")]);
+    let dead: f64 = m
+        .values()
+        .map(|s| sum(Some(s), "kairos_dead_letters_total", &[]))
+        .sum();
+    let delivered = o("delivered");
+    let rate = |x: f64, of: f64| if of > 0.0 { 100.0 * x / of } else { 0.0 };
+    println!(
+        "[{:>4}s] events in {:.0} | triggers {:.0} | decisions: sent {:.0}, held out {:.0}, suppressed {:.0}, expired {:.0} | sends: {} | outcomes: sent {:.0}, delivered {:.0}, opened {:.0} ({:.1}%), clicked {:.0}, bounced {:.0}, unsubscribed {:.0} | dead letters {:.0}",
+        elapsed.as_secs(),
+        events_in,
+        triggers,
+        d("sent"),
+        d("held_out"),
+        d("suppressed"),
+        d("expired"),
+        sends.join(", "),
+        o("sent"),
+        delivered,
+        o("opened"),
+        rate(o("opened"), delivered),
+        o("clicked"),
+        o("bounced_hard") + o("bounced_soft"),
+        o("unsubscribed"),
+        dead
+    );
+}
