@@ -1,1 +1,423 @@
+//! Test harness: starts the embedded broker (or uses `KAIROS_TEST_BOOTSTRAP`) and every
+//! Kairos service as real processes of the `kairos` binary, and talks to them with a
+//! real Kafka client and over HTTP.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The services of a full pipeline, by process name.
+pub const SERVICES: [&str; 7] = [
+    "profile",
+    "arbiter",
+    "deliver-email",
+    "deliver-sms",
+    "deliver-push",
+    "deliver-messenger",
+    "feedback",
+];
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Path of the `kairos` binary built next to the test executable.
+pub fn kairos_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KAIROS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/kairos
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("kairos"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`make test` runs `cargo build`)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Knobs of a test pipeline.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Extra `KAIROS__…` environment for every service.
+    pub env: Vec<(String, String)>,
+    /// Abandoned-cart delay.
+    pub cart_delay: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            env: Vec::new(),
+            cart_delay: "2s",
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub bootstrap: String,
+    pub prefix: String,
+    pub admin: BTreeMap<String, SocketAddr>,
+    env: Vec<(String, String)>,
+    procs: BTreeMap<String, Child>,
+    broker: Option<Child>,
+}
+
+fn test_config(cart_delay: &str) -> String {
+    format!(
+        r#"
+[kafka]
+partitions = 4
+
+[state]
+max_batch_wait = "5ms"
+timer_tick = "100ms"
+
+[arbiter]
+control_group_percent = 0
+
+[delivery.email]
+admin_listen = "127.0.0.1:0"
+[delivery.email.simulator]
+delivery_rate = 1.0
+open_rate = 0.0
+complaint_rate = 0.0
+unsubscribe_rate = 0.0
+[delivery.sms]
+admin_listen = "127.0.0.1:0"
+[delivery.push]
+admin_listen = "127.0.0.1:0"
+[delivery.messenger]
+admin_listen = "127.0.0.1:0"
+
+[[scenarios]]
+name = "abandoned_cart"
+kind = "abandoned_cart"
+channels = ["email", "push", "sms"]
+template = "abandoned_cart"
+delay = "{cart_delay}"
+valid_for = "1h"
+priority = 60
+"#
+    )
+}
+
+impl Pipeline {
+    /// Starts the broker (unless `KAIROS_TEST_BOOTSTRAP` names one) and every service,
+    /// and waits until each reports ready.
+    pub fn start(opts: Options) -> Pipeline {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("kairos.toml");
+        std::fs::write(&config_path, test_config(opts.cart_delay)).expect("write config");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let external = std::env::var("KAIROS_TEST_BOOTSTRAP")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let prefix = match &external {
+            Some(_) => format!("kt{}-{}-{}.", std::process::id(), n, free_port()),
+            None => "kairos.".to_string(),
+        };
+        let addr_file = dir.path().join("broker.addr");
+        let mut env = vec![
+            (
+                "KAIROS__STATE__DIR".to_string(),
+                dir.path().join("state").display().to_string(),
+            ),
+            (
+                "KAIROS__KAFKA__BROKER_ADDRESS_FILE".into(),
+                addr_file.display().to_string(),
+            ),
+            ("KAIROS__KAFKA__TOPIC_PREFIX".into(), prefix.clone()),
+            ("KAIROS__KAFKA__GROUP_PREFIX".into(), prefix.clone()),
+        ];
+        if let Some(b) = &external {
+            env.push(("KAIROS__KAFKA__BOOTSTRAP_SERVERS".into(), b.clone()));
+        }
+        env.extend(opts.env.iter().cloned());
+        let mut admin = BTreeMap::new();
+        for s in SERVICES {
+            let port = free_port();
+            admin.insert(s.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
+            let key = match s.strip_prefix("deliver-") {
+                Some(channel) => {
+                    format!("KAIROS__DELIVERY__{}__ADMIN_LISTEN", channel.to_uppercase())
+                }
+                None => format!("KAIROS__{}__ADMIN_LISTEN", s.to_uppercase()),
+            };
+            env.push((key, format!("127.0.0.1:{port}")));
+        }
+        let mut p = Pipeline {
+            dir,
+            config_path,
+            bootstrap: external.clone().unwrap_or_default(),
+            prefix,
+            admin,
+            env,
+            procs: BTreeMap::new(),
+            broker: None,
+        };
+        if external.is_none() {
+            let broker = p
+                .command(&["dev-broker"], "dev-broker")
+                .spawn()
+                .expect("start dev-broker");
+            p.broker = Some(broker);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !addr_file.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "dev-broker did not write its address"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            p.bootstrap = std::fs::read_to_string(&addr_file)
+                .expect("address")
+                .trim()
+                .to_string();
+        }
+        for s in SERVICES {
+            p.spawn(s);
+        }
+        for s in SERVICES {
+            p.wait_ready(s, Duration::from_secs(90));
+        }
+        p
+    }
+
+    fn command(&self, args: &[&str], log_name: &str) -> Command {
+        let mut cmd = Command::new(kairos_bin());
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.env("RUST_LOG", "info");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{log_name}.log")))
+            .expect("log file");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd
+    }
+
+    /// Starts (or restarts) one service process.
+    pub fn spawn(&mut self, service: &str) {
+        let args: Vec<String> = match service.strip_prefix("deliver-") {
+            Some(channel) => vec!["deliver".into(), "--channel".into(), channel.into()],
+            None => vec![service.to_string()],
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = self.command(&args, service).spawn().expect("start service");
+        self.procs.insert(service.to_string(), child);
+    }
+
+    /// SIGKILLs a service: no shutdown code runs.
+    pub fn kill9(&mut self, service: &str) {
+        if let Some(mut c) = self.procs.remove(service) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs a service and returns its exit status and how long it took.
+    pub fn terminate(&mut self, service: &str) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.procs.remove(service).expect("running service");
+        let started = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal");
+        let status = c.wait().expect("wait");
+        (status, started.elapsed())
+    }
+
+    pub fn log(&self, service: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{service}.log"))).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&self, service: &str, timeout: Duration) {
+        let addr = self.admin[service];
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = http_get(addr, "/readyz") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} not ready after {timeout:?}; log:\n{}",
+                self.log(service)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn metrics(&self, service: &str) -> String {
+        match http_get(self.admin[service], "/metrics") {
+            Some((200, body)) => body,
+            other => panic!("{service} /metrics failed: {other:?}"),
+        }
+    }
+
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}{}", self.prefix, suffix)
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.bootstrap);
+        cc
+    }
+
+    /// Produces records with a real Kafka producer and waits for the broker's acks.
+    pub fn produce(&self, topic_suffix: &str, records: &[(&str, Vec<u8>)]) {
+        let producer: BaseProducer = self.client_config().create().expect("producer");
+        let topic = self.topic(topic_suffix);
+        for (key, payload) in records {
+            producer
+                .send(BaseRecord::to(&topic).key(*key).payload(payload))
+                .map_err(|(e, _)| e)
+                .expect("enqueue");
+        }
+        producer.flush(Duration::from_secs(30)).expect("flush");
+    }
+
+    /// Reads a topic from the beginning until `done(records)` or `timeout`; returns what
+    /// it read as `(key, payload)`.
+    pub fn consume_until(
+        &self,
+        topic_suffix: &str,
+        timeout: Duration,
+        done: impl Fn(&[(String, Vec<u8>)]) -> bool,
+    ) -> Vec<(String, Vec<u8>)> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", format!("test-reader-{}", free_port()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let topic = self.topic(topic_suffix);
+        let mut tpl = TopicPartitionList::new();
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = md.topics()[0].partitions().len() as i32;
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                out.push((key, m.payload().unwrap_or_default().to_vec()));
+            }
+            if done(&out) {
+                break;
+            }
+        }
+        out
+    }
+
+    /// JSON values of a topic's records, read until `done` or `timeout`.
+    pub fn read_json_until(
+        &self,
+        topic_suffix: &str,
+        timeout: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let parse = |recs: &[(String, Vec<u8>)]| -> Vec<serde_json::Value> {
+            recs.iter()
+                .filter_map(|(_, p)| serde_json::from_slice(p).ok())
+                .collect()
+        };
+        let recs = self.consume_until(topic_suffix, timeout, |r| done(&parse(r)));
+        parse(&recs)
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for (_, c) in self.procs.iter_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for (_, c) in self.procs.iter_mut() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut b) = self.broker.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client library needed for loopback admin ports).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    // axum answers with a Content-Length body, so no chunked decoding is needed.
+    Some((status, body.to_string()))
+}
+
+/// The value of one Prometheus sample: `metric` with every `label="value"` in `labels`.
+pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// A JSON event as bytes.
+pub fn json(v: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&v).expect("json")
+}
+
+pub fn now_millis() -> i64 {
+    kairos_core::time::wall_now()
+}

@@ -54,7 +54,9 @@ impl ArbiterProcessor {
                 registry,
                 "kairos_end_to_end_latency_seconds",
                 "From the customer event that caused a trigger to its send command.",
-                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0],
+                vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
+                ],
             ),
             config,
         }
@@ -80,8 +82,7 @@ impl ArbiterProcessor {
                 format!("valid until {} but decided at {now}", t.valid_until),
             );
         }
-        if t.category != MessageCategory::transactional && self.in_control_group(&t.customer_id)
-        {
+        if t.category != MessageCategory::transactional && self.in_control_group(&t.customer_id) {
             return (
                 DecisionOutcome::held_out,
                 None,

@@ -26,8 +26,7 @@ pub async fn run(
     let addr = cluster.bootstrap_servers();
     let file = &config.kafka.broker_address_file;
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     // Write then rename, so readers never see a half-written address.
     let tmp = file.with_extension("tmp");

@@ -365,15 +365,12 @@ impl Config {
         overrides: &[(String, String)],
     ) -> Result<Config, ConfigError> {
         // File errors first, so their line numbers are the file's own.
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| located_error(path, text, &e))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| located_error(path, text, &e))?;
         if !overrides.is_empty() {
             let mut doc: toml_edit::DocumentMut =
                 text.parse().map_err(|e: toml_edit::TomlError| {
-                    let (line, column) = e
-                        .span()
-                        .map(|s| line_col(text, s.start))
-                        .unwrap_or((1, 1));
+                    let (line, column) =
+                        e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
                     ConfigError::Invalid {
                         file: path.to_path_buf(),
                         line,
@@ -435,7 +432,10 @@ impl Config {
             if s.channels.is_empty() {
                 return Err(fail(
                     "channels",
-                    format!("scenarios[{i}] ({}): at least one channel is needed", s.name),
+                    format!(
+                        "scenarios[{i}] ({}): at least one channel is needed",
+                        s.name
+                    ),
                 ));
             }
             if s.template.trim().is_empty() {
@@ -536,10 +536,7 @@ fn apply_override(
 }
 
 fn located_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let (line, column) = e
-        .span()
-        .map(|s| line_col(text, s.start))
-        .unwrap_or((1, 1));
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     ConfigError::Invalid {
         file: path.to_path_buf(),
         line,
@@ -557,13 +554,14 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// First line where `key` is assigned, for errors found after parsing.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let l = l.trim_start();
-        l.strip_prefix(key)
-            .map(|rest| rest.trim_start().starts_with('='))
-            .unwrap_or(false)
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .map(|rest| rest.trim_start().starts_with('='))
+                .unwrap_or(false)
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -639,6 +637,10 @@ mod tests {
         let cfg = Config::from_text(&path, &std::fs::read_to_string(&path).unwrap(), &[])
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(cfg.scenario("abandoned_cart").is_some());
-        assert_eq!(cfg.delivery.len(), 4, "email, sms, push and messenger workers");
+        assert_eq!(
+            cfg.delivery.len(),
+            4,
+            "email, sms, push and messenger workers"
+        );
     }
 }

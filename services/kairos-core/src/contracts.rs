@@ -521,6 +521,17 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 8] = [
+        DeadLetterReason::not_json,
+        DeadLetterReason::bad_avro,
+        DeadLetterReason::unknown_schema_id,
+        DeadLetterReason::unknown_event_type,
+        DeadLetterReason::missing_field,
+        DeadLetterReason::invalid_field,
+        DeadLetterReason::empty_message,
+        DeadLetterReason::processing_error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::not_json => "not_json",

@@ -42,7 +42,9 @@ pub const CONFLUENT_MAGIC: u8 = 0;
 /// Returns the schema id of a Confluent-framed message.
 pub fn confluent_schema_id(payload: &[u8]) -> Option<u32> {
     if payload.len() >= 5 && payload[0] == CONFLUENT_MAGIC {
-        Some(u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]))
+        Some(u32::from_be_bytes([
+            payload[1], payload[2], payload[3], payload[4],
+        ]))
     } else {
         None
     }
@@ -239,7 +241,7 @@ pub fn encode_confluent_avro<T: Serialize>(
     value: &T,
     schema: &Schema,
     schema_id: u32,
-) -> Result<Vec<u8>, apache_avro::Error> {
+) -> Result<Vec<u8>, Box<apache_avro::Error>> {
     let v = apache_avro::to_value(value)?.resolve(schema)?;
     let datum = apache_avro::to_avro_datum(schema, v)?;
     Ok(confluent_frame(schema_id, &datum))

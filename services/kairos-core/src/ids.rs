@@ -33,7 +33,10 @@ mod tests {
     #[test]
     fn ids_are_stable_and_separated() {
         assert_eq!(deterministic_id(&["a", "b"]), deterministic_id(&["a", "b"]));
-        assert_ne!(deterministic_id(&["ab", "c"]), deterministic_id(&["a", "bc"]));
+        assert_ne!(
+            deterministic_id(&["ab", "c"]),
+            deterministic_id(&["a", "bc"])
+        );
         assert_eq!(deterministic_id(&["x"]).len(), 32);
     }
 

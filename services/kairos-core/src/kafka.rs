@@ -57,11 +57,13 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
 /// exist with the configured partition count (co-partitioning depends on it).
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     let topics = config.all_topics();
-    if config.kafka.create_topics {
+    let missing = missing_topics(config, &topics)?;
+    if config.kafka.create_topics && !missing.is_empty() {
+        tracing::info!(topics = %missing.join(","), "creating missing topics");
         let admin: AdminClient<DefaultClientContext> = client_config(config)?
             .create()
             .context("cannot create Kafka admin client")?;
-        let new_topics: Vec<NewTopic> = topics
+        let new_topics: Vec<NewTopic> = missing
             .iter()
             .map(|t| {
                 NewTopic::new(
@@ -71,7 +73,9 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
         match admin.create_topics(new_topics.iter(), &opts).await {
             Ok(results) => {
                 for r in results {
@@ -88,6 +92,24 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         }
     }
     check_partitions(config, &topics)
+}
+
+fn missing_topics(config: &Config, topics: &[String]) -> anyhow::Result<Vec<String>> {
+    let consumer: BaseConsumer = client_config(config)?
+        .create()
+        .context("cannot create metadata client")?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("cannot fetch cluster metadata")?;
+    Ok(topics
+        .iter()
+        .filter(|t| {
+            !metadata.topics().iter().any(|m| {
+                m.name() == t.as_str() && m.error().is_none() && !m.partitions().is_empty()
+            })
+        })
+        .cloned()
+        .collect())
 }
 
 fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {

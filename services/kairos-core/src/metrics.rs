@@ -55,8 +55,8 @@ pub fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>)
 /// Latency buckets from 0.5 ms to 2 minutes.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        30.0, 60.0, 120.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0,
     ]
 }
 

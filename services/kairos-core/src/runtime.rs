@@ -106,7 +106,10 @@ impl Ctx<'_> {
 
     /// Queues an output record (JSON); it is published after the batch commits.
     pub fn emit<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) {
-        self.metrics.output_records.with_label_values(&[topic]).inc();
+        self.metrics
+            .output_records
+            .with_label_values(&[topic])
+            .inc();
         self.store
             .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
     }
@@ -152,11 +155,7 @@ pub struct Engine<P: Processor> {
 }
 
 impl<P: Processor> Engine<P> {
-    pub fn new(
-        processor: P,
-        config: &Config,
-        metrics: RuntimeMetrics,
-    ) -> anyhow::Result<Self> {
+    pub fn new(processor: P, config: &Config, metrics: RuntimeMetrics) -> anyhow::Result<Self> {
         let root = config.state.dir.join(processor.name());
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
@@ -209,7 +208,11 @@ impl<P: Processor> Engine<P> {
 
     pub fn close(&mut self, partition: i32) {
         if self.parts.remove(&partition).is_some() {
-            tracing::info!(service = self.processor.name(), partition, "partition closed");
+            tracing::info!(
+                service = self.processor.name(),
+                partition,
+                "partition closed"
+            );
         }
         self.metrics.owned_partitions.set(self.parts.len() as i64);
     }
@@ -488,12 +491,12 @@ impl ClientContext for KairosContext {
 impl ConsumerContext for KairosContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let event = match rebalance {
-            Rebalance::Assign(tpl) => RebalanceEvent::Assign(
-                tpl.elements().iter().map(|e| e.partition()).collect(),
-            ),
-            Rebalance::Revoke(tpl) => RebalanceEvent::Revoke(
-                tpl.elements().iter().map(|e| e.partition()).collect(),
-            ),
+            Rebalance::Assign(tpl) => {
+                RebalanceEvent::Assign(tpl.elements().iter().map(|e| e.partition()).collect())
+            }
+            Rebalance::Revoke(tpl) => {
+                RebalanceEvent::Revoke(tpl.elements().iter().map(|e| e.partition()).collect())
+            }
             Rebalance::Error(e) => {
                 tracing::error!(error = %e, "rebalance error");
                 return;
@@ -588,6 +591,14 @@ pub async fn run<P: Processor>(
     consumer
         .subscribe(&topic_refs)
         .with_context(|| format!("cannot subscribe to {}", inputs.join(", ")))?;
+    // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
+    for t in &inputs {
+        metrics.input_records.with_label_values(&[t]);
+        metrics.duplicate_records.with_label_values(&[t]);
+    }
+    for r in crate::contracts::DeadLetterReason::ALL {
+        metrics.dead_letters.with_label_values(&[r.as_str()]);
+    }
     let mut engine = Engine::new(processor, config, metrics.clone())?;
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 

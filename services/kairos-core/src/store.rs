@@ -49,10 +49,11 @@ pub struct StoreFactory {
 
 impl StoreFactory {
     pub fn new(root: &Path, block_cache_bytes: usize) -> StoreResult<Self> {
-        let cache = Cache::new_lru_cache(block_cache_bytes).map_err(|source| StoreError::Rocks {
-            path: root.to_path_buf(),
-            source,
-        })?;
+        let cache =
+            Cache::new_lru_cache(block_cache_bytes).map_err(|source| StoreError::Rocks {
+                path: root.to_path_buf(),
+                source,
+            })?;
         Ok(StoreFactory {
             root: root.to_path_buf(),
             cache,
@@ -202,7 +203,9 @@ impl PartitionStore {
     }
 
     pub fn emit(&self, pending: &mut Pending, topic: &str, key: &[u8], payload: Vec<u8>) {
-        pending.outputs.push((topic.to_string(), key.to_vec(), payload));
+        pending
+            .outputs
+            .push((topic.to_string(), key.to_vec(), payload));
     }
 
     /// Offset of the last applied record of `topic` in this partition.
@@ -390,7 +393,10 @@ impl PartitionStore {
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
         for (topic, offset) in &pending.offsets {
-            batch.put(prefixed(OFFSET, topic.as_bytes()), (*offset as u64).to_be_bytes());
+            batch.put(
+                prefixed(OFFSET, topic.as_bytes()),
+                (*offset as u64).to_be_bytes(),
+            );
         }
         if let Some(t) = pending.clock {
             batch.put(META_CLOCK, (t as u64).to_be_bytes());
@@ -510,7 +516,10 @@ mod tests {
         let entries = s.commit(p).unwrap();
         assert_eq!(entries.len(), 1);
         drop(s);
-        let s = StoreFactory::new(dir.path(), 1 << 20).unwrap().open(3).unwrap();
+        let s = StoreFactory::new(dir.path(), 1 << 20)
+            .unwrap()
+            .open(3)
+            .unwrap();
         let p = Pending::default();
         assert_eq!(s.get(&p, b"a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.applied_offset(&p, "topic").unwrap(), Some(41));
@@ -525,12 +534,15 @@ mod tests {
     fn timers_fire_in_order_and_cancelled_ones_never_fire() {
         let (_dir, mut s) = store();
         let mut p = Pending::default();
-        s.schedule_timer(&mut p, "late", 300, b"l".to_vec()).unwrap();
-        s.schedule_timer(&mut p, "early", 100, b"e".to_vec()).unwrap();
+        s.schedule_timer(&mut p, "late", 300, b"l".to_vec())
+            .unwrap();
+        s.schedule_timer(&mut p, "early", 100, b"e".to_vec())
+            .unwrap();
         s.schedule_timer(&mut p, "gone", 50, b"g".to_vec()).unwrap();
         assert!(s.cancel_timer(&mut p, "gone").unwrap());
         // Moving a timer replaces it.
-        s.schedule_timer(&mut p, "early", 150, b"e2".to_vec()).unwrap();
+        s.schedule_timer(&mut p, "early", 150, b"e2".to_vec())
+            .unwrap();
         s.commit(p).unwrap();
         assert_eq!(s.timers_pending(), 2);
         assert_eq!(s.next_timer().unwrap(), Some(150));
@@ -549,6 +561,9 @@ mod tests {
     #[test]
     fn negative_times_sort_before_positive() {
         assert!(timer_key(-5, "a") < timer_key(5, "a"));
-        assert_eq!(decode_timer_key(&timer_key(-5, "x")), Some((-5, "x".into())));
+        assert_eq!(
+            decode_timer_key(&timer_key(-5, "x")),
+            Some((-5, "x".into()))
+        );
     }
 }

@@ -13,8 +13,7 @@ pub fn plan(cfg: &SimulatorConfig, send_id: &str, now: Millis) -> Vec<(OutcomeKi
     let draw = |what: &str| stable_fraction(&[send_id, what]);
     let mut out = Vec::new();
     if draw("deliver") >= cfg.delivery_rate {
-        let kind = if draw("bounce") < cfg.hard_bounce_rate / (1.0 - cfg.delivery_rate).max(1e-9)
-        {
+        let kind = if draw("bounce") < cfg.hard_bounce_rate / (1.0 - cfg.delivery_rate).max(1e-9) {
             OutcomeKind::bounced_hard
         } else {
             OutcomeKind::bounced_soft
@@ -33,7 +32,10 @@ pub fn plan(cfg: &SimulatorConfig, send_id: &str, now: Millis) -> Vec<(OutcomeKi
             out.push((OutcomeKind::clicked, opened_at + delay("click_at") / 10));
         }
         if draw("unsubscribe") < cfg.unsubscribe_rate / cfg.open_rate.max(1e-9) {
-            out.push((OutcomeKind::unsubscribed, opened_at + delay("unsub_at") / 10));
+            out.push((
+                OutcomeKind::unsubscribed,
+                opened_at + delay("unsub_at") / 10,
+            ));
         }
     }
     if draw("complain") < cfg.complaint_rate {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use kairos_core::config::{topics, Config, GeneratorConfig};
 use kairos_core::contracts::{
-    Channel, ConsentChange, CustomerEvent, EventType, LineItem, OfflineReceipt, Order,
-    OrderStatus, Platform, Product, ProfileUpdate, ReceiptKind,
+    Channel, ConsentChange, CustomerEvent, EventType, LineItem, OfflineReceipt, Order, OrderStatus,
+    Platform, Product, ProfileUpdate, ReceiptKind,
 };
 use kairos_core::ids::deterministic_id;
 use kairos_core::time::{wall_now, Millis, SECOND};
@@ -148,7 +148,13 @@ impl TrafficModel {
         }
     }
 
-    fn base_event(&mut self, t: EventType, customer: u64, at: Millis, p: Platform) -> CustomerEvent {
+    fn base_event(
+        &mut self,
+        t: EventType,
+        customer: u64,
+        at: Millis,
+        p: Platform,
+    ) -> CustomerEvent {
         let known = self.registered.contains(&customer);
         CustomerEvent {
             event_id: self.event_id(),
@@ -211,7 +217,10 @@ impl TrafficModel {
         }
         for _ in 0..self.rng.gen_range(1..4) {
             let mut e = self.base_event(EventType::page_view, customer, at, platform);
-            e.page_url = Some(format!("https://shop.example/{}", CATEGORIES[self.rng.gen_range(0..8)]));
+            e.page_url = Some(format!(
+                "https://shop.example/{}",
+                CATEGORIES[self.rng.gen_range(0..8)]
+            ));
             push(self, e);
         }
         if self.rng.gen_bool(P_SEARCH) {
@@ -233,7 +242,11 @@ impl TrafficModel {
             push(self, e);
         }
         if self.rng.gen_bool(P_ADD_TO_CART) {
-            let in_cart: Vec<usize> = viewed.iter().take(self.rng.gen_range(1..3)).copied().collect();
+            let in_cart: Vec<usize> = viewed
+                .iter()
+                .take(self.rng.gen_range(1..3))
+                .copied()
+                .collect();
             for &i in &in_cart {
                 let mut e = self.base_event(EventType::add_to_cart, customer, at, platform);
                 e.product = Some(self.product(i));
@@ -244,7 +257,8 @@ impl TrafficModel {
                 e.items = in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
                 push(self, e);
                 if self.rng.gen_bool(P_PURCHASE_GIVEN_CHECKOUT) {
-                    let items: Vec<LineItem> = in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
+                    let items: Vec<LineItem> =
+                        in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
                     let total = items.iter().map(|i| i.unit_price).sum::<f64>();
                     let mut e = self.base_event(EventType::purchase, customer, at, platform);
                     e.order = Some(Order {
@@ -367,7 +381,11 @@ pub async fn run(
     let mut queue: std::collections::VecDeque<GeneratedEvent> = Default::default();
     let mut interval = tokio::time::interval(tick);
     let started = std::time::Instant::now();
-    tracing::info!(rate, customers = config.generator.customers, "generating traffic");
+    tracing::info!(
+        rate,
+        customers = config.generator.customers,
+        "generating traffic"
+    );
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -403,7 +421,11 @@ pub async fn run(
             break;
         }
     }
-    tracing::info!(sent, seconds = started.elapsed().as_secs_f64(), "generator stopped");
+    tracing::info!(
+        sent,
+        seconds = started.elapsed().as_secs_f64(),
+        "generator stopped"
+    );
     Ok(sent)
 }
 
@@ -442,6 +464,9 @@ mod tests {
         revenue.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let median = revenue[revenue.len() / 2];
         let mean = revenue.iter().sum::<f64>() / revenue.len() as f64;
-        assert!(mean > median, "spend is right-skewed: mean {mean} median {median}");
+        assert!(
+            mean > median,
+            "spend is right-skewed: mean {mean} median {median}"
+        );
     }
 }

@@ -84,6 +84,12 @@ impl ProfileProcessor {
                 }
             }
             EventType::add_to_cart | EventType::remove_from_cart => {
+                // Topics are consumed independently, so a purchase (say, an offline
+                // receipt) may arrive before the cart change it followed. A cart change
+                // older than the last purchase belongs to a cart that was bought.
+                if p.last_purchase_at.is_some_and(|at| at >= e.occurred_at) {
+                    return ctx.put(&key, &p);
+                }
                 p.update_cart(e);
                 for s in self.scenarios(ScenarioKind::AbandonedCart) {
                     if p.cart.is_empty() {
@@ -285,7 +291,10 @@ impl Processor for ProfileProcessor {
         let Some(p) = ctx.get::<CustomerProfile>(&profile_key(&t.customer_id))? else {
             return Ok(());
         };
-        if scenario.kind == ScenarioKind::AbandonedCart && p.cart.is_empty() {
+        let bought_since = p
+            .last_purchase_at
+            .is_some_and(|at| at >= t.cause_occurred_at);
+        if scenario.kind == ScenarioKind::AbandonedCart && (p.cart.is_empty() || bought_since) {
             return Ok(());
         }
         let fired_at = timer.fire_at;

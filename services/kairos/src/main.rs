@@ -21,7 +21,13 @@ mod up;
 )]
 struct Cli {
     /// Config file (environment overrides: KAIROS__SECTION__KEY=value).
-    #[arg(long, short, global = true, env = "KAIROS_CONFIG", default_value = "config/kairos.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "KAIROS_CONFIG",
+        default_value = "config/kairos.toml"
+    )]
     config: PathBuf,
     /// Log format (overrides [log] format).
     #[arg(long, global = true, value_enum)]

@@ -68,7 +68,11 @@ fn stop(p: &mut Proc, grace: Duration) {
     let _ = p.child.wait();
 }
 
-pub async fn run(config_path: PathBuf, config: Arc<Config>, rate: Option<f64>) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: PathBuf,
+    config: Arc<Config>,
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the kairos executable")?;
     // The embedded broker keeps topics in memory, so state from an earlier run would
     // point at offsets that no longer exist: start clean.
@@ -110,7 +114,12 @@ pub async fn run(config_path: PathBuf, config: Arc<Config>, rate: Option<f64>) -
     services.push(spawn(&exe, &config_path, "feedback", &["feedback"])?);
     endpoints.insert("feedback".into(), config.feedback.admin_listen.to_string());
     let rate_arg = rate.unwrap_or(config.generator.rate).to_string();
-    let mut generator = spawn(&exe, &config_path, "generator", &["generate", "--rate", &rate_arg])?;
+    let mut generator = spawn(
+        &exe,
+        &config_path,
+        "generator",
+        &["generate", "--rate", &rate_arg],
+    )?;
 
     println!("services started; logs in var/log/, metrics at:");
     for (name, addr) in &endpoints {
@@ -179,7 +188,8 @@ fn sum(samples: Option<&Vec<(String, f64)>>, metric: &str, filters: &[&str]) -> 
                     name == metric && filters.iter().all(|f| series.contains(f))
                 })
                 .map(|(_, v)| v)
-                .sum()
+                .sum::<f64>()
+                + 0.0 // no "-0" for empty sums
         })
         .unwrap_or(0.0)
 }
@@ -190,17 +200,33 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
     let feedback = m.get("feedback");
     let events_in = sum(profile, "kairos_input_records_total", &[]);
     let triggers = sum(profile, "kairos_output_records_total", &["triggers\""]);
-    let d = |o: &str| sum(arbiter, "kairos_arbiter_decisions_total", &[&format!("outcome=\"{o}\"")]);
+    let d = |o: &str| {
+        sum(
+            arbiter,
+            "kairos_arbiter_decisions_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
     let sends: Vec<String> = ["email", "sms", "push", "messenger"]
         .iter()
         .map(|c| {
             format!(
                 "{c} {}",
-                sum(m.get(&format!("deliver-{c}")), "kairos_input_records_total", &[])
+                sum(
+                    m.get(&format!("deliver-{c}")),
+                    "kairos_input_records_total",
+                    &[]
+                )
             )
         })
         .collect();
-    let o = |k: &str| sum(feedback, "kairos_message_outcomes_total", &[&format!("kind=\"{k}\"")]);
+    let o = |k: &str| {
+        sum(
+            feedback,
+            "kairos_message_outcomes_total",
+            &[&format!("kind=\"{k}\"")],
+        )
+    };
     let dead: f64 = m
         .values()
         .map(|s| sum(Some(s), "kairos_dead_letters_total", &[]))

@@ -1,0 +1,123 @@
+//! Avro input in the Confluent wire format, resolved through a schema registry.
+//!
+//! No real registry runs on these machines, so the test serves the registry's
+//! documented endpoint (`GET /schemas/ids/{id}` -> `{"schema": "..."}`) itself.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use kairos_core::contracts::{ConsentChange, CustomerEvent, EventType, Product};
+use kairos_core::encoding::encode_confluent_avro;
+use kairos_core::schemas;
+use kairos_tests::{now_millis, Options, Pipeline};
+
+/// Serves schema id 7 as the Kairos customer-event schema; every other id is 404.
+fn start_registry() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            let (status, body) = if line.starts_with("GET /schemas/ids/7 ") {
+                (
+                    "200 OK",
+                    serde_json::json!({"schema": schemas::CUSTOMER_EVENT}).to_string(),
+                )
+            } else {
+                (
+                    "404 Not Found",
+                    r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                )
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn event(id: &str, t: EventType, customer: &str, at: i64) -> CustomerEvent {
+    CustomerEvent {
+        event_id: id.into(),
+        event_type: t,
+        occurred_at: at,
+        platform: None,
+        customer_id: Some(customer.into()),
+        anonymous_id: None,
+        device_id: None,
+        session_id: None,
+        email: None,
+        phone: None,
+        loyalty_card: None,
+        page_url: None,
+        search_query: None,
+        product: None,
+        items: vec![],
+        order: None,
+        consent: None,
+        profile: None,
+        interaction: None,
+    }
+}
+
+#[test]
+fn confluent_avro_events_are_decoded_through_the_registry() {
+    let url = start_registry();
+    let p = Pipeline::start(Options {
+        env: vec![("KAIROS__SCHEMA_REGISTRY__URL".into(), url)],
+        ..Options::default()
+    });
+    let schema = schemas::customer_event();
+    let t = now_millis();
+    let mut reg = event("avro-reg", EventType::registration, "c-avro", t);
+    reg.email = Some("c-avro@example.com".into());
+    reg.consent = Some(ConsentChange {
+        channel: kairos_core::contracts::Channel::email,
+        granted: true,
+    });
+    let mut cart = event("avro-cart", EventType::add_to_cart, "c-avro", t + 1);
+    cart.product = Some(Product {
+        product_id: "p7".into(),
+        name: Some("Blue bag".into()),
+        category: None,
+        price: Some(20.0),
+    });
+    let reg_bytes = encode_confluent_avro(&reg, schema, 7).unwrap();
+    let cart_bytes = encode_confluent_avro(&cart, schema, 7).unwrap();
+    // Schema id 9 is unknown to the registry: a dead letter, not a stall.
+    let unknown = kairos_core::encoding::confluent_frame(9, &cart_bytes[5..]);
+    p.produce(
+        "events.app",
+        &[
+            ("c-avro", reg_bytes),
+            ("c-avro", unknown),
+            ("c-avro", cart_bytes),
+        ],
+    );
+    let sends = p.read_json_until("send.email", Duration::from_secs(60), |v| {
+        v.iter().any(|s| s["customer_id"] == "c-avro")
+    });
+    let send = sends
+        .iter()
+        .find(|s| s["customer_id"] == "c-avro")
+        .expect("a send");
+    assert_eq!(send["address"], "c-avro@example.com");
+    let letters = p.read_json_until("deadletter", Duration::from_secs(10), |v| !v.is_empty());
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason_code"], "unknown_schema_id");
+}

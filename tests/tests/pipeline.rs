@@ -1,0 +1,272 @@
+//! The whole pipeline as real processes on a real Kafka-protocol broker.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use kairos_tests::{json, now_millis, sample, Options, Pipeline, SERVICES};
+use serde_json::{json as j, Value};
+
+fn registration(customer: &str, at: i64) -> Vec<u8> {
+    json(j!({
+        "event_id": format!("reg-{customer}"),
+        "event_type": "registration",
+        "occurred_at": at,
+        "customer_id": customer,
+        "email": format!("{customer}@example.com"),
+        "consent": {"channel": "email", "granted": true},
+        "profile": {"first_name": "Anna", "time_zone": "Europe/Berlin"}
+    }))
+}
+
+fn add_to_cart(customer: &str, at: i64) -> Vec<u8> {
+    json(j!({
+        "event_id": format!("cart-{customer}"),
+        "event_type": "add_to_cart",
+        "occurred_at": at,
+        "customer_id": customer,
+        "product": {"product_id": "p42", "name": "Red shoes", "price": 59.9}
+    }))
+}
+
+fn sends_for<'a>(sends: &'a [Value], customer: &str) -> Vec<&'a Value> {
+    sends
+        .iter()
+        .filter(|s| s["customer_id"] == customer)
+        .collect()
+}
+
+#[test]
+fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
+    let mut p = Pipeline::start(Options::default());
+    let t = now_millis();
+    p.produce(
+        "events.site",
+        &[
+            ("c-abandon", registration("c-abandon", t)),
+            ("c-abandon", add_to_cart("c-abandon", t + 1)),
+            ("c-buyer", registration("c-buyer", t)),
+            ("c-buyer", add_to_cart("c-buyer", t + 1)),
+        ],
+    );
+    // The buyer pays in a shop before the 2 s reminder delay is over.
+    p.produce(
+        "events.offline",
+        &[(
+            "c-buyer",
+            json(j!({
+                "event_id": "receipt-1", "occurred_at": t + 2, "receipt_id": "r1",
+                "kind": "sale", "store_id": "s1", "customer_id": "c-buyer",
+                "items": [{"product_id": "p42", "quantity": 1, "unit_price": 59.9}],
+                "total": 59.9, "currency": "EUR"
+            })),
+        )],
+    );
+
+    let sends = p.read_json_until("send.email", Duration::from_secs(60), |v| {
+        !sends_for(v, "c-abandon").is_empty()
+    });
+    let mine = sends_for(&sends, "c-abandon");
+    assert_eq!(mine.len(), 1, "exactly one reminder: {sends:?}");
+    let send = mine[0];
+    assert_eq!(send["scenario"], "abandoned_cart");
+    assert_eq!(send["channel"], "email");
+    assert_eq!(send["address"], "c-abandon@example.com");
+    let vars: Value = serde_json::from_str(send["variables"].as_str().unwrap()).unwrap();
+    assert_eq!(vars["cart_items"][0]["product_id"], "p42");
+    assert_eq!(vars["first_name"], "Anna");
+    let send_id = send["send_id"].as_str().unwrap().to_string();
+
+    let outcomes = p.read_json_until("outcomes", Duration::from_secs(30), |v| {
+        let kinds: Vec<&Value> = v
+            .iter()
+            .filter(|o| o["send_id"] == send_id.as_str())
+            .map(|o| &o["kind"])
+            .collect();
+        kinds.contains(&&j!("sent")) && kinds.contains(&&j!("delivered"))
+    });
+    let kinds: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o["send_id"] == send_id.as_str())
+        .map(|o| o["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(kinds.contains(&"sent".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"delivered".to_string()), "{kinds:?}");
+
+    // Feedback counts them on /metrics.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = p.metrics("feedback");
+        let delivered = sample(
+            &m,
+            "kairos_message_outcomes_total",
+            &[
+                "kind=\"delivered\"",
+                "scenario=\"abandoned_cart\"",
+                "channel=\"email\"",
+            ],
+        );
+        if delivered >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "feedback never counted the delivery:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // The decision is on record with its rule.
+    let decisions = p.read_json_until("decisions", Duration::from_secs(10), |v| {
+        v.iter().any(|d| d["customer_id"] == "c-abandon")
+    });
+    let d = decisions
+        .iter()
+        .find(|d| d["customer_id"] == "c-abandon")
+        .unwrap();
+    assert_eq!(d["outcome"], "sent");
+    assert_eq!(d["send_id"], send_id.as_str());
+
+    // The offline purchase cancelled the buyer's reminder: no trigger, no send, even
+    // well after the delay.
+    std::thread::sleep(Duration::from_secs(4));
+    let triggers = p.read_json_until("triggers", Duration::from_secs(5), |_| false);
+    assert!(
+        triggers.iter().all(|t| t["customer_id"] != "c-buyer"),
+        "purchase must cancel the reminder: {triggers:?}"
+    );
+    assert_eq!(
+        triggers
+            .iter()
+            .filter(|t| t["customer_id"] == "c-abandon")
+            .count(),
+        1
+    );
+
+    // Graceful shutdown: SIGTERM ends every service cleanly and promptly.
+    for s in SERVICES {
+        let (status, took) = p.terminate(s);
+        assert!(status.success(), "{s} exited with {status}:\n{}", p.log(s));
+        assert!(took < Duration::from_secs(30), "{s} took {took:?} to stop");
+        assert!(
+            p.log(s).contains("stopped cleanly"),
+            "{s} log:\n{}",
+            p.log(s)
+        );
+    }
+}
+
+#[test]
+fn malformed_input_goes_to_the_dead_letter_topic_and_the_pipeline_keeps_going() {
+    let p = Pipeline::start(Options::default());
+    let t = now_millis();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("c-dl", b"this is not json".to_vec()),
+        (
+            "c-dl",
+            json(
+                j!({"event_id": "x1", "event_type": "teleport", "occurred_at": t, "customer_id": "c-dl"}),
+            ),
+        ),
+        (
+            "c-dl",
+            json(j!({"event_type": "page_view", "occurred_at": t, "customer_id": "c-dl"})),
+        ),
+    ];
+    p.produce("events.site", &bad);
+    p.produce(
+        "events.site",
+        &[
+            ("c-dl", registration("c-dl", t)),
+            ("c-dl", add_to_cart("c-dl", t + 1)),
+        ],
+    );
+    let letters = p.read_json_until("deadletter", Duration::from_secs(30), |v| v.len() >= 3);
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["reason_code"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["not_json", "unknown_event_type", "missing_field"]);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (letter, (_, raw)) in letters.iter().zip(&bad) {
+        assert_eq!(letter["source_topic"], p.topic("events.site"));
+        assert_eq!(letter["service"], "profile");
+        assert!(letter["source_offset"].as_i64().unwrap() >= 0);
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+        let bytes = b64
+            .decode(letter["payload_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&bytes, raw, "raw bytes are kept");
+    }
+    assert!(letters[2]["reason"].as_str().unwrap().contains("event_id"));
+    // The good events behind the bad ones still made it through.
+    let sends = p.read_json_until("send.email", Duration::from_secs(60), |v| {
+        !sends_for(v, "c-dl").is_empty()
+    });
+    assert_eq!(sends_for(&sends, "c-dl").len(), 1);
+    let m = p.metrics("profile");
+    assert_eq!(
+        sample(&m, "kairos_dead_letters_total", &["reason=\"not_json\""]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kairos_dead_letters_total",
+            &["reason=\"unknown_event_type\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kairos_dead_letters_total",
+            &["reason=\"missing_field\""]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn every_service_exposes_metrics_that_pass_promtool() {
+    let p = Pipeline::start(Options::default());
+    let t = now_millis();
+    // Some traffic first, so labelled series exist.
+    p.produce(
+        "events.site",
+        &[
+            ("c-m", registration("c-m", t)),
+            ("c-m", add_to_cart("c-m", t)),
+        ],
+    );
+    p.read_json_until("outcomes", Duration::from_secs(60), |v| v.len() >= 2);
+    for s in SERVICES {
+        let text = p.metrics(s);
+        assert!(text.contains("kairos_input_records_total"), "{s}:\n{text}");
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed (make test installs Debian's prometheus package)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed for {s}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for path in ["/healthz", "/readyz"] {
+            let (status, _) = kairos_tests::http_get(p.admin[s], path).unwrap();
+            assert_eq!(status, 200, "{s}{path}");
+        }
+    }
+}
