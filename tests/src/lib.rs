@@ -17,8 +17,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 /// The services of a full pipeline, by process name.
-pub const SERVICES: [&str; 7] = [
+pub const SERVICES: [&str; 8] = [
     "profile",
+    "catalog",
     "arbiter",
     "deliver-email",
     "deliver-sms",
@@ -63,6 +64,10 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Abandoned-cart delay.
     pub cart_delay: &'static str,
+    /// Services to start (default: all).
+    pub services: Vec<&'static str>,
+    /// TOML appended to the test config (more scenarios...).
+    pub extra_config: String,
 }
 
 impl Default for Options {
@@ -70,6 +75,8 @@ impl Default for Options {
         Options {
             env: Vec::new(),
             cart_delay: "2s",
+            services: SERVICES.to_vec(),
+            extra_config: String::new(),
         }
     }
 }
@@ -130,7 +137,11 @@ impl Pipeline {
     pub fn start(opts: Options) -> Pipeline {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("kairos.toml");
-        std::fs::write(&config_path, test_config(opts.cart_delay)).expect("write config");
+        std::fs::write(
+            &config_path,
+            format!("{}\n{}", test_config(opts.cart_delay), opts.extra_config),
+        )
+        .expect("write config");
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let external = std::env::var("KAIROS_TEST_BOOTSTRAP")
             .ok()
@@ -197,19 +208,114 @@ impl Pipeline {
                 .trim()
                 .to_string();
         }
-        for s in SERVICES {
+        for s in &opts.services {
             p.spawn(s);
         }
-        for s in SERVICES {
+        for s in &opts.services {
             p.wait_ready(s, Duration::from_secs(90));
         }
         p
+    }
+
+    /// Starts a second instance of `service` under `instance` (its own admin port and
+    /// state directory, the same consumer group).
+    pub fn spawn_instance(&mut self, instance: &str, service: &str) {
+        let port = free_port();
+        self.admin.insert(instance.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
+        let state = self.dir.path().join(format!("state-{instance}"));
+        let key = format!("KAIROS__{}__ADMIN_LISTEN", service.to_uppercase());
+        let mut cmd = self.command(&[service], instance);
+        cmd.env(key, format!("127.0.0.1:{port}"))
+            .env("KAIROS__STATE__DIR", state.display().to_string());
+        let child = cmd.spawn().expect("start instance");
+        self.procs.insert(instance.to_string(), child);
+    }
+
+    /// The state directory of a service (or of an instance started by `spawn_instance`).
+    pub fn state_dir(&self, instance: &str) -> PathBuf {
+        if self.procs.contains_key(instance) && !SERVICES.contains(&instance) {
+            self.dir.path().join(format!("state-{instance}"))
+        } else {
+            self.dir.path().join("state")
+        }
+    }
+
+    /// Runs `kairos inspect-state` and returns its "total" line (record count and digest).
+    pub fn state_digest(&self, service: &str, from_changelog: bool, state_dir: Option<&std::path::Path>) -> String {
+        let mut args = vec!["inspect-state", "--service", service];
+        if from_changelog {
+            args.push("--from-changelog");
+        }
+        let mut cmd = Command::new(kairos_bin());
+        cmd.arg("--config").arg(&self.config_path).args(&args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if !self.bootstrap.is_empty() {
+            cmd.env("KAIROS__KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap);
+        }
+        if let Some(d) = state_dir {
+            cmd.env("KAIROS__STATE__DIR", d.display().to_string());
+        }
+        let out = cmd.output().expect("run inspect-state");
+        assert!(out.status.success(), "inspect-state failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("total "))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the consumer group of `service` has committed every record of
+    /// `topics` (its processing is done), up to `timeout`.
+    pub fn wait_caught_up(&self, service: &str, topics: &[&str], timeout: Duration) {
+        let group = format!("{}{}", self.prefix, service);
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut behind = 0i64;
+            for t in topics {
+                let topic = self.topic(t);
+                let md = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .expect("metadata");
+                let n = md.topics()[0].partitions().len() as i32;
+                let mut tpl = TopicPartitionList::new();
+                for p in 0..n {
+                    tpl.add_partition(&topic, p);
+                }
+                let committed = consumer
+                    .committed_offsets(tpl, Duration::from_secs(10))
+                    .expect("committed offsets");
+                for p in 0..n {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .expect("watermarks");
+                    let done = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => 0,
+                    };
+                    behind += (high - done).max(0);
+                }
+            }
+            if behind == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{service} still {behind} records behind after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 
     fn command(&self, args: &[&str], log_name: &str) -> Command {
         let mut cmd = Command::new(kairos_bin());
         cmd.arg("--config").arg(&self.config_path).args(args);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if !self.bootstrap.is_empty() {
+            cmd.env("KAIROS__KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap);
+        }
         cmd.env("RUST_LOG", "info");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -336,6 +442,45 @@ impl Pipeline {
             }
             if done(&out) {
                 break;
+            }
+        }
+        out
+    }
+
+    /// Every record currently in a topic (read up to the high watermarks).
+    pub fn read_all_json(&self, topic_suffix: &str) -> Vec<serde_json::Value> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", format!("test-reader-{}", free_port()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let topic = self.topic(topic_suffix);
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = md.topics()[0].partitions().len() as i32;
+        let mut out = Vec::new();
+        for p in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            if high <= low {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, p, Offset::Offset(low)).expect("tpl");
+            consumer.assign(&tpl).expect("assign");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut next = low;
+            while next < high {
+                assert!(Instant::now() < deadline, "reading {topic}[{p}] timed out");
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                    next = m.offset() + 1;
+                    if let Some(v) = m.payload().and_then(|b| serde_json::from_slice(b).ok()) {
+                        out.push(v);
+                    }
+                }
             }
         }
         out

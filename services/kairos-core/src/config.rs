@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::contracts::{Channel, MessageCategory};
+use crate::contracts::{Channel, MessageCategory, OrderStatus};
 use crate::time::ClockMode;
 
 pub const ENV_PREFIX: &str = "KAIROS__";
@@ -52,6 +52,8 @@ pub struct Config {
     #[serde(default)]
     pub profile: ProfileConfig,
     #[serde(default)]
+    pub catalog: CatalogConfig,
+    #[serde(default)]
     pub arbiter: ArbiterConfig,
     #[serde(default)]
     pub feedback: FeedbackConfig,
@@ -59,6 +61,8 @@ pub struct Config {
     pub delivery: BTreeMap<Channel, DeliveryChannelConfig>,
     #[serde(default)]
     pub generator: GeneratorConfig,
+    #[serde(default)]
+    pub segments: SegmentsConfig,
     #[serde(default)]
     pub scenarios: Vec<ScenarioConfig>,
     /// Where this config was read from; set by `load`.
@@ -115,6 +119,9 @@ pub struct StateConfig {
     /// How often due timers are looked for (wall-clock mode).
     #[serde(with = "humantime_serde")]
     pub timer_tick: Duration,
+    /// Replicate state to `<prefix><service>-changelog` topics, so partitions can move
+    /// between instances with their state.
+    pub changelog: bool,
 }
 
 impl Default for StateConfig {
@@ -125,6 +132,7 @@ impl Default for StateConfig {
             max_batch_records: 1000,
             max_batch_wait: Duration::from_millis(20),
             timer_tick: Duration::from_millis(250),
+            changelog: true,
         }
     }
 }
@@ -184,6 +192,20 @@ impl Default for ProfileConfig {
     fn default() -> Self {
         ProfileConfig {
             admin_listen: ([127, 0, 0, 1], 9101).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    pub admin_listen: SocketAddr,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        CatalogConfig {
+            admin_listen: ([127, 0, 0, 1], 9104).into(),
         }
     }
 }
@@ -306,8 +328,39 @@ pub enum ScenarioKind {
     /// A cart left without a purchase for `delay`; cart changes restart the wait, a
     /// purchase (online or offline) cancels it.
     AbandonedCart,
-    /// A registration; sent after `delay`.
+    /// Products viewed, nothing carted or bought within `delay`.
+    BrowseAbandonment,
+    /// A registration; first step after `delay`, then `steps`.
     Welcome,
+    /// `delay` after a purchase (review request, care tips); a return cancels it.
+    PostPurchase,
+    /// `delay` without any visit.
+    Reactivation,
+    /// The customer's birthday at `local_time` in their time zone.
+    Birthday,
+    /// The anniversary of the registration at `local_time` in their time zone.
+    RegistrationAnniversary,
+    /// `delay` before the customer's subscription ends.
+    SubscriptionEnding,
+    /// `delay` after an order was delivered (NPS survey).
+    PostDelivery,
+    /// An order status change (shipped, delivered, ...): transactional.
+    OrderUpdate,
+    /// The customer entered `segment` (RFM cell or lifecycle stage).
+    SegmentEntered,
+    /// A viewed or wishlisted product got cheaper by at least `min_drop_percent`.
+    PriceDrop,
+    /// A wishlisted product is back in stock.
+    BackInStock,
+}
+
+/// A later step of a chain, `delay` after the previous one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    pub template: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,17 +372,162 @@ pub struct ScenarioConfig {
     pub category: MessageCategory,
     /// Channels in order of preference (free channels first).
     pub channels: Vec<Channel>,
+    /// Template of the first step.
     pub template: String,
     #[serde(default, with = "humantime_serde")]
     pub delay: Duration,
+    /// Further steps of a chain (a welcome series: now, +2 days, +5 days).
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
     /// How long after firing the message is still worth sending.
     #[serde(default = "default_valid_for", with = "humantime_serde")]
     pub valid_for: Duration,
+    /// How late a trigger may still be emitted; later ones are skipped and counted.
+    /// Default: 12 h for dated occasions, `valid_for` otherwise.
+    #[serde(default, with = "humantime_serde")]
+    pub tolerance: Option<Duration>,
+    /// Local time of day ("HH:MM") for birthday and anniversary scenarios.
+    #[serde(default)]
+    pub local_time: Option<String>,
+    /// Segment or lifecycle stage name, for `segment_entered`.
+    #[serde(default)]
+    pub segment: Option<String>,
+    /// Minimum price drop for `price_drop`, in percent.
+    #[serde(default)]
+    pub min_drop_percent: Option<f64>,
+    /// Order statuses that fire `order_update` (default: all).
+    #[serde(default)]
+    pub statuses: Vec<OrderStatus>,
+    /// Whether a purchase ends the chain. Default: yes for abandoned cart, browse
+    /// abandonment, welcome and reactivation.
+    #[serde(default)]
+    pub exit_on_purchase: Option<bool>,
     /// Higher wins when scenarios compete for a customer.
     #[serde(default = "default_priority")]
     pub priority: i32,
     #[serde(default = "yes")]
     pub enabled: bool,
+}
+
+impl ScenarioConfig {
+    pub fn ends_on_purchase(&self) -> bool {
+        self.exit_on_purchase.unwrap_or(matches!(
+            self.kind,
+            ScenarioKind::AbandonedCart
+                | ScenarioKind::BrowseAbandonment
+                | ScenarioKind::Welcome
+                | ScenarioKind::Reactivation
+        ))
+    }
+
+    pub fn tolerance(&self) -> Duration {
+        self.tolerance.unwrap_or(match self.kind {
+            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
+                Duration::from_secs(12 * 3600)
+            }
+            _ => self.valid_for,
+        })
+    }
+
+    /// Template of step `step` (0 is the first).
+    pub fn template_of(&self, step: usize) -> Option<&str> {
+        if step == 0 {
+            Some(&self.template)
+        } else {
+            self.steps.get(step - 1).map(|s| s.template.as_str())
+        }
+    }
+
+    /// Parsed `local_time`, default 10:00.
+    pub fn local_time_of_day(&self) -> Option<(u32, u32)> {
+        match &self.local_time {
+            None => Some((10, 0)),
+            Some(t) => {
+                let (h, m) = t.split_once(':')?;
+                let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+                (h < 24 && m < 60).then_some((h, m))
+            }
+        }
+    }
+}
+
+/// Segmentation rules.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentsConfig {
+    pub rfm: RfmConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// RFM scoring: each dimension scores 1-5 against four ascending boundaries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RfmConfig {
+    /// Days since the last purchase: under [0] scores 5, under [1] 4, ... else 1.
+    pub recency_days: [u32; 4],
+    /// Orders: under [0] scores 1, under [1] 2, ... else 5.
+    pub frequency_orders: [u32; 4],
+    /// Revenue: under [0] scores 1, ... else 5.
+    pub monetary: [f64; 4],
+    /// Named cells, first match wins.
+    pub cells: Vec<RfmCell>,
+    /// Segment of buyers no cell matches.
+    pub default_segment: String,
+}
+
+impl Default for RfmConfig {
+    fn default() -> Self {
+        let cell = |name: &str, r: [u8; 2], f: [u8; 2], m: [u8; 2]| RfmCell {
+            name: name.into(),
+            r,
+            f,
+            m,
+        };
+        RfmConfig {
+            recency_days: [30, 90, 180, 365],
+            frequency_orders: [2, 3, 5, 10],
+            monetary: [100.0, 250.0, 500.0, 1000.0],
+            cells: vec![
+                cell("Champions", [4, 5], [4, 5], [4, 5]),
+                cell("Loyal", [3, 5], [3, 5], [1, 5]),
+                cell("Big Spenders", [2, 5], [1, 5], [5, 5]),
+                cell("New", [5, 5], [1, 1], [1, 5]),
+                cell("At Risk", [1, 2], [3, 5], [1, 5]),
+                cell("Hibernating", [1, 2], [1, 2], [1, 5]),
+            ],
+            default_segment: "Others".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RfmCell {
+    pub name: String,
+    /// Inclusive score ranges.
+    pub r: [u8; 2],
+    pub f: [u8; 2],
+    pub m: [u8; 2],
+}
+
+/// Lifecycle stages: prospect (never bought), new (one order, recent), regular,
+/// dormant (no purchase for `active_days`), churned (none for `churn_days`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    pub new_days: u32,
+    pub active_days: u32,
+    pub churn_days: u32,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            new_days: 30,
+            active_days: 90,
+            churn_days: 365,
+        }
+    }
 }
 
 fn default_category() -> MessageCategory {
@@ -438,6 +636,25 @@ impl Config {
                     ),
                 ));
             }
+            if matches!(
+                s.kind,
+                ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
+            ) && s.local_time_of_day().is_none()
+            {
+                return Err(fail(
+                    "local_time",
+                    format!("scenarios[{i}] ({}): expected \"HH:MM\"", s.name),
+                ));
+            }
+            if s.kind == ScenarioKind::SegmentEntered && s.segment.is_none() {
+                return Err(fail(
+                    "kind",
+                    format!(
+                        "scenarios[{i}] ({}): segment_entered needs `segment`",
+                        s.name
+                    ),
+                ));
+            }
             if s.template.trim().is_empty() {
                 return Err(fail(
                     "template",
@@ -445,12 +662,45 @@ impl Config {
                 ));
             }
         }
+        let r = &self.segments.rfm;
+        let ascending = |v: &[f64]| v.windows(2).all(|w| w[0] < w[1]);
+        if !ascending(&r.recency_days.map(f64::from))
+            || !ascending(&r.frequency_orders.map(f64::from))
+            || !ascending(&r.monetary)
+        {
+            return Err(fail(
+                "recency_days",
+                "RFM boundaries must be strictly ascending".into(),
+            ));
+        }
+        let l = &self.segments.lifecycle;
+        if !(l.new_days <= l.active_days && l.active_days < l.churn_days) {
+            return Err(fail(
+                "churn_days",
+                "lifecycle needs new_days <= active_days < churn_days".into(),
+            ));
+        }
         Ok(())
     }
 
     /// The full name of a topic, e.g. `topic("events.site")`.
     pub fn topic(&self, suffix: &str) -> String {
         format!("{}{}", self.kafka.topic_prefix, suffix)
+    }
+
+    /// The changelog topic of a processor's state.
+    pub fn changelog_topic(&self, service: &str) -> String {
+        self.topic(&format!("{service}-changelog"))
+    }
+
+    /// Names of every stateful processor (their changelog topics exist up front).
+    pub fn processor_names() -> Vec<String> {
+        let mut names: Vec<String> = ["profile", "catalog", "arbiter", "feedback"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        names.extend(Channel::ALL.iter().map(|c| format!("deliver-{c}")));
+        names
     }
 
     pub fn send_topic(&self, channel: Channel) -> String {
@@ -469,11 +719,18 @@ impl Config {
             topics::DECISIONS,
             topics::OUTCOMES,
             topics::DEAD_LETTER,
+            topics::PRODUCT_INTEREST,
+            topics::PRODUCT_OCCASIONS,
         ]
         .iter()
         .map(|t| self.topic(t))
         .collect();
         topics.extend(Channel::ALL.iter().map(|c| self.send_topic(*c)));
+        topics.extend(
+            Self::processor_names()
+                .iter()
+                .map(|n| self.changelog_topic(n)),
+        );
         topics
     }
 
@@ -493,6 +750,10 @@ pub mod topics {
     pub const DECISIONS: &str = "decisions";
     pub const OUTCOMES: &str = "outcomes";
     pub const DEAD_LETTER: &str = "deadletter";
+    /// Internal: customer interest in products, keyed by product id.
+    pub const PRODUCT_INTEREST: &str = "product-interest";
+    /// Internal: product occasions (price drop, back in stock) keyed by customer id.
+    pub const PRODUCT_OCCASIONS: &str = "product-occasions";
 }
 
 fn apply_override(

@@ -197,6 +197,8 @@ pub struct ProfileUpdate {
     pub push_token: Option<String>,
     #[serde(default)]
     pub messenger_id: Option<String>,
+    #[serde(default)]
+    pub subscription_ends_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
@@ -560,6 +562,50 @@ pub struct DeadLetter {
     pub key_base64: Option<String>,
     pub payload_base64: String,
     pub failed_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum InterestKind {
+    viewed,
+    wishlisted,
+    unwishlisted,
+}
+
+/// A customer's interest in a product (internal topic `product-interest`, keyed by
+/// product id so the catalog join finds a product's audience without a scan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct ProductInterest {
+    pub interest_id: String,
+    pub customer_id: String,
+    pub product_id: String,
+    pub kind: InterestKind,
+    pub price_seen: Option<f64>,
+    pub occurred_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum ProductOccasionKind {
+    price_drop,
+    back_in_stock,
+}
+
+/// A catalog change that matters to one interested customer (internal topic
+/// `product-occasions`, keyed by customer id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct ProductOccasion {
+    pub occasion_id: String,
+    pub customer_id: String,
+    pub product_id: String,
+    pub product_name: Option<String>,
+    pub kind: ProductOccasionKind,
+    pub old_price: Option<f64>,
+    pub new_price: Option<f64>,
+    pub cause_event_id: String,
+    pub occurred_at: i64,
 }
 
 /// Template variables are carried as a JSON object in a string field, so one schema

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;
+pub mod replay;
 pub mod runtime;
 pub mod schemas;
 pub mod store;

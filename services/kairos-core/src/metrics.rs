@@ -76,6 +76,7 @@ pub struct RuntimeMetrics {
     pub outbox_pending: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub produce_errors: IntCounter,
+    pub restored_records: IntCounter,
 }
 
 impl RuntimeMetrics {
@@ -152,6 +153,11 @@ impl RuntimeMetrics {
                 registry,
                 "kairos_produce_errors_total",
                 "Failed publish attempts (the records stay in the outbox and are retried).",
+            ),
+            restored_records: counter(
+                registry,
+                "kairos_changelog_restored_records_total",
+                "State records restored from changelog topics when partitions moved here.",
             ),
         }
     }

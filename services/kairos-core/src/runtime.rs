@@ -34,6 +34,7 @@ use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
 use crate::store::{DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
+
 use crate::time::{wall_now, Clock, ClockMode, Millis};
 
 /// One input record.
@@ -68,6 +69,15 @@ pub trait Processor: Send + 'static {
 
     /// A persistent timer fired.
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()>;
+
+    /// Called before each commit of a partition: a processor with a write-back cache
+    /// writes its dirty entries here, so they commit atomically with the offsets.
+    fn flush(&mut self, _ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// The partition moved away (or the process stops): drop anything cached for it.
+    fn on_partition_closed(&mut self, _partition: i32) {}
 }
 
 /// The processor's view of one partition's state during a batch.
@@ -102,6 +112,20 @@ impl Ctx<'_> {
 
     pub fn delete(&mut self, key: &str) {
         self.store.delete(self.pending, key.as_bytes());
+    }
+
+    /// Entries whose key starts with `prefix` (pending writes included), decoded.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> anyhow::Result<Vec<(String, T)>> {
+        self.store
+            .scan(self.pending, prefix.as_bytes())?
+            .into_iter()
+            .map(|(k, v)| {
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let value = serde_json::from_slice(&v)
+                    .with_context(|| format!("state under {key:?} does not decode"))?;
+                Ok((key, value))
+            })
+            .collect()
     }
 
     /// Queues an output record (JSON); it is published after the batch commits.
@@ -152,6 +176,8 @@ pub struct Engine<P: Processor> {
     mode: ClockMode,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
+    /// Where committed state is replicated, so a partition can move (None in replay).
+    changelog_topic: Option<String>,
 }
 
 impl<P: Processor> Engine<P> {
@@ -167,7 +193,22 @@ impl<P: Processor> Engine<P> {
             parts: BTreeMap::new(),
             mode: config.clock.mode,
             metrics,
+            changelog_topic: None,
         })
+    }
+
+    /// Replicates every committed write to `topic` (one partition per state partition).
+    pub fn with_changelog(mut self, topic: String) -> Self {
+        self.changelog_topic = Some(topic);
+        self
+    }
+
+    pub fn changelog_topic(&self) -> Option<&str> {
+        self.changelog_topic.as_deref()
+    }
+
+    pub fn factory(&self) -> &StoreFactory {
+        &self.factory
     }
 
     pub fn owns(&self, partition: i32) -> bool {
@@ -207,6 +248,7 @@ impl<P: Processor> Engine<P> {
     }
 
     pub fn close(&mut self, partition: i32) {
+        self.processor.on_partition_closed(partition);
         if self.parts.remove(&partition).is_some() {
             tracing::info!(
                 service = self.processor.name(),
@@ -301,6 +343,21 @@ impl<P: Processor> Engine<P> {
         self.processor.process(&mut ctx, input)?;
         part.store
             .set_applied_offset(&mut part.pending, record.topic, record.offset);
+        if self.mode == ClockMode::Event {
+            // A timer set at or before the current event time (a late event, a zero
+            // delay) fires right after the record that set it, not at a batch
+            // boundary, so results do not depend on how input was batched.
+            let clock = part.clock.event_time();
+            let due = [part.next_due, part.pending.min_scheduled]
+                .into_iter()
+                .flatten()
+                .min();
+            if due.is_some_and(|d| d <= clock) {
+                let partition = record.partition;
+                early.extend(self.commit_partition(partition)?);
+                early.extend(self.fire_partition(partition, clock)?);
+            }
+        }
         Ok(early)
     }
 
@@ -308,11 +365,19 @@ impl<P: Processor> Engine<P> {
         let Some(part) = self.parts.get_mut(&partition) else {
             return Ok(Vec::new());
         };
+        let mut ctx = Ctx {
+            partition,
+            now: part.clock.now(),
+            store: &part.store,
+            pending: &mut part.pending,
+            metrics: &self.metrics,
+        };
+        self.processor.flush(&mut ctx)?;
         let pending = std::mem::take(&mut part.pending);
         if let Some(m) = pending.min_scheduled {
             part.next_due = Some(part.next_due.map_or(m, |d| d.min(m)));
         }
-        Ok(part.store.commit(pending)?)
+        Ok(part.store.commit(pending, self.changelog_topic.as_deref())?)
     }
 
     /// Commits every partition's pending batch.
@@ -353,9 +418,11 @@ impl<P: Processor> Engine<P> {
                 break;
             }
             for timer in &due {
+                // In event time a timer fires at its own time, unless the clock had
+                // already passed it (a timer set by a late event): then it is late.
                 let timer_now = match self.mode {
                     ClockMode::Wall => wall_now(),
-                    ClockMode::Event => timer.fire_at,
+                    ClockMode::Event => timer.fire_at.max(part.clock.event_time()),
                 };
                 part.store.complete_timer(&mut part.pending, timer)?;
                 let mut ctx = Ctx {
@@ -368,21 +435,62 @@ impl<P: Processor> Engine<P> {
                 self.processor.on_timer(&mut ctx, timer)?;
                 self.metrics.timers_fired.inc();
             }
-            let pending = std::mem::take(&mut part.pending);
-            out.extend(part.store.commit(pending)?);
-            part.next_due = part.store.next_timer()?;
+            out.extend(self.commit_partition(partition)?);
+            if let Some(part) = self.parts.get_mut(&partition) {
+                part.next_due = part.store.next_timer()?;
+            }
         }
         Ok(out)
     }
 
-    /// Drops acknowledged records from the outbox.
-    pub fn acknowledge(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
+    /// Event-time mode: moves every partition's clock to `t` (a heartbeat), firing
+    /// the timers due by then.
+    pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = self.commit()?;
+        for p in self.owned() {
+            out.extend(self.fire_partition(p, t)?);
+            if let Some(part) = self.parts.get_mut(&p) {
+                if t > part.clock.event_time() {
+                    part.clock.observe(t);
+                    part.store.set_event_time(&mut part.pending, t);
+                }
+            }
+        }
+        out.extend(self.commit()?);
+        Ok(out)
+    }
+
+    pub fn mode(&self) -> ClockMode {
+        self.mode
+    }
+
+    /// Drops acknowledged records from the outbox and records how far the changelog
+    /// reflects this store. `acked` pairs each record with its broker offset.
+    pub fn acknowledge(&self, acked: &[(OutboxEntry, i64)]) -> anyhow::Result<()> {
+        let mut by_part: HashMap<i32, (Vec<Vec<u8>>, Option<i64>)> = HashMap::new();
+        for (e, offset) in acked {
+            let entry = by_part.entry(e.partition).or_default();
+            entry.0.push(e.outbox_key.clone());
+            if e.changelog {
+                entry.1 = Some(entry.1.map_or(*offset, |o: i64| o.max(*offset)));
+            }
+        }
+        for (p, (keys, changelog_max)) in by_part {
+            if let Some(part) = self.parts.get(&p) {
+                part.store.acknowledge(&keys)?;
+                if let Some(max) = changelog_max {
+                    part.store.set_changelog_end(max + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges records that were not published anywhere (replay mode).
+    pub fn acknowledge_local(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
         let mut by_part: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
         for e in entries {
-            by_part
-                .entry(e.partition)
-                .or_default()
-                .push(e.outbox_key.clone());
+            by_part.entry(e.partition).or_default().push(e.outbox_key.clone());
         }
         for (p, keys) in by_part {
             if let Some(part) = self.parts.get(&p) {
@@ -509,28 +617,36 @@ impl ConsumerContext for KairosContext {
 }
 
 /// Publishes outbox entries and waits for the broker; retries failures until they go
-/// through or `cancel` fires (they stay in the outbox either way).
+/// through or `cancel` fires (they stay in the outbox either way). Returns the
+/// acknowledged records with their offsets.
 pub async fn publish(
     producer: &FutureProducer,
     entries: Vec<OutboxEntry>,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
-) -> Vec<OutboxEntry> {
+) -> Vec<(OutboxEntry, i64)> {
     let mut acked = Vec::with_capacity(entries.len());
     let mut todo = entries;
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
         let results = join_all(todo.iter().map(|e| {
-            producer.send(
-                FutureRecord::to(&e.topic).key(&e.key).payload(&e.payload),
-                Duration::from_secs(30),
-            )
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
+            if e.changelog {
+                // Changelog partition = state partition; an empty value is a tombstone.
+                record = record.partition(e.partition);
+                if !e.payload.is_empty() {
+                    record = record.payload(&e.payload[..]);
+                }
+            } else {
+                record = record.payload(&e.payload[..]);
+            }
+            producer.send(record, Duration::from_secs(30))
         }))
         .await;
         let mut failed = Vec::new();
         for (entry, result) in todo.into_iter().zip(results) {
             match result {
-                Ok(_) => acked.push(entry),
+                Ok((_, offset)) => acked.push((entry, offset)),
                 Err((e, _)) => {
                     metrics.produce_errors.inc();
                     tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
@@ -548,6 +664,69 @@ pub async fn publish(
         }
     }
     acked
+}
+
+/// Brings a partition's local store in line with its changelog before it is opened.
+///
+/// The store is current when the changelog ends where the store last saw it end.
+/// Otherwise another instance wrote it meanwhile (or this store is new, or the
+/// store's own last acknowledgements were not recorded): the store is deleted and
+/// rebuilt from the changelog, its outbox included, so stale local writes can never
+/// go out. Inputs whose effects are missing from the changelog are processed again
+/// from the restored offsets, yielding the same outputs with the same ids.
+pub fn restore_partition(
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+) -> anyhow::Result<u64> {
+    let consumer: BaseConsumer = kafka::client_config(config)?
+        .set("group.id", format!("{}restore", config.kafka.group_prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("cannot create changelog reader")?;
+    let (low, high) = consumer
+        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+        .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
+    let local_end = factory.open(partition)?.changelog_end()?;
+    if local_end == Some(high) || (local_end.is_none() && high == 0) {
+        return Ok(0);
+    }
+    tracing::info!(changelog, partition, ?local_end, low, high, "restoring state from the changelog");
+    factory.destroy(partition)?;
+    let mut store = factory.open(partition)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let mut restored = 0u64;
+    let mut chunk = Vec::with_capacity(10_000);
+    let mut next = low;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while next < high {
+        if Instant::now() > deadline {
+            anyhow::bail!("restoring {changelog}[{partition}] timed out at offset {next} of {high}");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                let key = m.key().unwrap_or_default().to_vec();
+                let value = m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec());
+                chunk.push((key, value));
+                if chunk.len() >= 10_000 {
+                    store.apply_changelog(&chunk)?;
+                    restored += chunk.len() as u64;
+                    chunk.clear();
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
+            None => {}
+        }
+    }
+    store.apply_changelog(&chunk)?;
+    restored += chunk.len() as u64;
+    store.set_changelog_end(high)?;
+    tracing::info!(changelog, partition, restored, "state restored");
+    Ok(restored)
 }
 
 /// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:
@@ -600,6 +779,9 @@ pub async fn run<P: Processor>(
         metrics.dead_letters.with_label_values(&[r.as_str()]);
     }
     let mut engine = Engine::new(processor, config, metrics.clone())?;
+    if config.state.changelog {
+        engine = engine.with_changelog(config.changelog_topic(&name));
+    }
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 
     let max_batch = config.state.max_batch_records.max(1);
@@ -620,6 +802,20 @@ pub async fn run<P: Processor>(
                 RebalanceEvent::Assign(parts) => {
                     let mut backlog = Vec::new();
                     for p in dedup(parts) {
+                        if engine.owns(p) {
+                            continue;
+                        }
+                        if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
+                            let c = config.clone();
+                            let factory_root = config.state.dir.join(&name);
+                            let restored = tokio::task::spawn_blocking(move || {
+                                let factory = StoreFactory::new(&factory_root, 8 << 20)?;
+                                restore_partition(&c, &factory, &changelog, p)
+                            })
+                            .await
+                            .context("restore task failed")??;
+                            metrics.restored_records.inc_by(restored);
+                        }
                         backlog.extend(engine.open(p)?);
                     }
                     let acked = publish(&producer, backlog, &metrics, &cancel).await;

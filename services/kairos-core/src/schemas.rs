@@ -43,6 +43,10 @@ schemas! {
     OFFLINE_RECEIPT, offline_receipt, "offline_receipt.avsc";
     /// `CatalogUpdate`: topic `catalog`.
     CATALOG_UPDATE, catalog_update, "catalog_update.avsc";
+    /// `ProductInterest`: internal topic `product-interest`, keyed by product id.
+    PRODUCT_INTEREST, product_interest, "product_interest.avsc";
+    /// `ProductOccasion`: internal topic `product-occasions`, keyed by customer id.
+    PRODUCT_OCCASION, product_occasion, "product_occasion.avsc";
     /// `SegmentTransition`: topic `segment-transitions`.
     SEGMENT_TRANSITION, segment_transition, "segment_transition.avsc";
     /// `Trigger`: topic `triggers`.

@@ -40,6 +40,8 @@ const TIMER: &[u8] = b"t/";
 const TIMER_INDEX: &[u8] = b"i/";
 const META_CLOCK: &[u8] = b"m/clock";
 const META_OUTBOX_SEQ: &[u8] = b"m/outbox_seq";
+/// Changelog offset up to which this store equals the changelog's replay.
+const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 
 /// Opens partition stores that share one block cache.
 pub struct StoreFactory {
@@ -58,6 +60,12 @@ impl StoreFactory {
             root: root.to_path_buf(),
             cache,
         })
+    }
+
+    /// Deletes a partition's store (it is stale: rebuilt from the changelog).
+    pub fn destroy(&self, partition: i32) -> StoreResult<()> {
+        let path = self.root.join(format!("p{partition}"));
+        DB::destroy(&Options::default(), &path).map_err(|source| StoreError::Rocks { path, source })
     }
 
     pub fn open(&self, partition: i32) -> StoreResult<PartitionStore> {
@@ -97,6 +105,9 @@ pub struct OutboxEntry {
     pub topic: String,
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
+    /// A changelog record: it goes to the changelog partition equal to the state
+    /// partition, and an empty payload is a tombstone (deletion).
+    pub changelog: bool,
 }
 
 /// A due timer read from the store.
@@ -185,6 +196,30 @@ impl PartitionStore {
 
     pub fn delete(&self, pending: &mut Pending, key: &[u8]) {
         pending.writes.insert(prefixed(STATE, key), None);
+    }
+
+    /// State entries under `prefix`, committed and pending merged (pending wins;
+    /// pending deletions hide committed entries).
+    pub fn scan(&self, pending: &Pending, prefix: &[u8]) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let full = prefixed(STATE, prefix);
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for item in self.db.prefix_iterator(&full) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&full) {
+                break;
+            }
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in pending.writes.range(full.clone()..) {
+            if !k.starts_with(&full) {
+                break;
+            }
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k[STATE.len()..].to_vec(), v)))
+            .collect())
     }
 
     /// Committed state values whose application key starts with `prefix` (for tools
@@ -366,43 +401,64 @@ impl PartitionStore {
     }
 
     /// Writes `pending` atomically: state, outbox, offsets and clock together. Returns
-    /// the outbox entries to publish.
-    pub fn commit(&mut self, pending: Pending) -> StoreResult<Vec<OutboxEntry>> {
+    /// the outbox entries to publish. With `changelog`, every state, timer, offset and
+    /// clock write is also queued in the outbox for that topic, so the partition's
+    /// state can be rebuilt on another instance.
+    pub fn commit(
+        &mut self,
+        pending: Pending,
+        changelog: Option<&str>,
+    ) -> StoreResult<Vec<OutboxEntry>> {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
+        let timers_delta = pending.timers_delta;
         let mut batch = WriteBatch::default();
-        for (k, v) in &pending.writes {
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = pending.writes.into_iter().collect();
+        for (topic, offset) in &pending.offsets {
+            writes.push((
+                prefixed(OFFSET, topic.as_bytes()),
+                Some((*offset as u64).to_be_bytes().to_vec()),
+            ));
+        }
+        if let Some(t) = pending.clock {
+            writes.push((META_CLOCK.to_vec(), Some((t as u64).to_be_bytes().to_vec())));
+        }
+        for (k, v) in &writes {
             match v {
                 Some(v) => batch.put(k, v),
                 None => batch.delete(k),
             }
         }
-        let mut entries = Vec::with_capacity(pending.outputs.len());
-        for (topic, key, payload) in pending.outputs {
+        let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
+            .outputs
+            .into_iter()
+            .map(|(t, k, p)| (t, k, p, false))
+            .collect();
+        if let Some(topic) = changelog {
+            records.extend(
+                writes
+                    .into_iter()
+                    .map(|(k, v)| (topic.to_string(), k, v.unwrap_or_default(), true)),
+            );
+        }
+        let mut entries = Vec::with_capacity(records.len());
+        for (topic, key, payload, is_changelog) in records {
             let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
             self.next_outbox_seq += 1;
-            batch.put(&outbox_key, encode_outbox(&topic, &key, &payload));
+            batch.put(&outbox_key, encode_outbox(&topic, &key, &payload, is_changelog));
             entries.push(OutboxEntry {
                 partition: self.partition,
                 outbox_key,
                 topic,
                 key,
                 payload,
+                changelog: is_changelog,
             });
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
-        for (topic, offset) in &pending.offsets {
-            batch.put(
-                prefixed(OFFSET, topic.as_bytes()),
-                (*offset as u64).to_be_bytes(),
-            );
-        }
-        if let Some(t) = pending.clock {
-            batch.put(META_CLOCK, (t as u64).to_be_bytes());
-        }
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.timers_pending += pending.timers_delta;
+        self.timers_pending += timers_delta;
         Ok(entries)
     }
 
@@ -414,17 +470,19 @@ impl PartitionStore {
             if !k.starts_with(OUTBOX) {
                 break;
             }
-            let (topic, key, payload) = decode_outbox(&v).ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: format!("{k:?}"),
-                reason: "malformed outbox record".into(),
-            })?;
+            let (topic, key, payload, changelog) =
+                decode_outbox(&v).ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: format!("{k:?}"),
+                    reason: "malformed outbox record".into(),
+                })?;
             out.push(OutboxEntry {
                 partition: self.partition,
                 outbox_key: k.to_vec(),
                 topic,
                 key,
                 payload,
+                changelog,
             });
         }
         Ok(out)
@@ -440,6 +498,31 @@ impl PartitionStore {
             batch.delete(k);
         }
         self.db.write(batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Changelog offset up to which this store equals the changelog's replay.
+    pub fn changelog_end(&self) -> StoreResult<Option<i64>> {
+        Ok(self.read_u64(META_CHANGELOG_END)?.map(|v| v as i64))
+    }
+
+    pub fn set_changelog_end(&self, end: i64) -> StoreResult<()> {
+        self.db
+            .put(META_CHANGELOG_END, (end as u64).to_be_bytes())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Applies changelog records (raw store keys; `None` deletes) during a restore.
+    pub fn apply_changelog(&mut self, records: &[(Vec<u8>, Option<Vec<u8>>)]) -> StoreResult<()> {
+        let mut batch = WriteBatch::default();
+        for (k, v) in records {
+            match v {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            }
+        }
+        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.timers_pending = self.count_prefix(TIMER_INDEX) as i64;
+        Ok(())
     }
 
     /// Bytes on disk plus memtables, for the state size metric.
@@ -473,8 +556,9 @@ fn decode_timer_key(k: &[u8]) -> Option<(Millis, String)> {
     Some((fire_at, id))
 }
 
-fn encode_outbox(topic: &str, key: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + topic.len() + key.len() + payload.len());
+fn encode_outbox(topic: &str, key: &[u8], payload: &[u8], changelog: bool) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + topic.len() + key.len() + payload.len());
+    v.push(u8::from(changelog));
     v.extend_from_slice(&(topic.len() as u32).to_be_bytes());
     v.extend_from_slice(topic.as_bytes());
     v.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -483,14 +567,16 @@ fn encode_outbox(topic: &str, key: &[u8], payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn decode_outbox(v: &[u8]) -> Option<(String, Vec<u8>, Vec<u8>)> {
+fn decode_outbox(v: &[u8]) -> Option<(String, Vec<u8>, Vec<u8>, bool)> {
+    let changelog = *v.first()? == 1;
+    let v = &v[1..];
     let tl = u32::from_be_bytes(v.get(..4)?.try_into().ok()?) as usize;
     let topic = String::from_utf8(v.get(4..4 + tl)?.to_vec()).ok()?;
     let rest = &v[4 + tl..];
     let kl = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     let key = rest.get(4..4 + kl)?.to_vec();
     let payload = rest.get(4 + kl..)?.to_vec();
-    Some((topic, key, payload))
+    Some((topic, key, payload, changelog))
 }
 
 #[cfg(test)]
@@ -513,7 +599,7 @@ mod tests {
         assert_eq!(s.get(&Pending::default(), b"a").unwrap(), None);
         s.set_applied_offset(&mut p, "topic", 41);
         s.emit(&mut p, "out", b"k", b"payload".to_vec());
-        let entries = s.commit(p).unwrap();
+        let entries = s.commit(p, None).unwrap();
         assert_eq!(entries.len(), 1);
         drop(s);
         let s = StoreFactory::new(dir.path(), 1 << 20)
@@ -543,7 +629,7 @@ mod tests {
         // Moving a timer replaces it.
         s.schedule_timer(&mut p, "early", 150, b"e2".to_vec())
             .unwrap();
-        s.commit(p).unwrap();
+        s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 2);
         assert_eq!(s.next_timer().unwrap(), Some(150));
         let due = s.due_timers(200, 10).unwrap();
@@ -552,7 +638,7 @@ mod tests {
         assert_eq!(due[0].payload, b"e2");
         let mut p = Pending::default();
         s.complete_timer(&mut p, &due[0]).unwrap();
-        s.commit(p).unwrap();
+        s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 1);
         assert!(s.due_timers(200, 10).unwrap().is_empty());
         assert_eq!(s.due_timers(i64::MAX, 10).unwrap()[0].timer_id, "late");

@@ -300,8 +300,14 @@ fn check_docs(schema: &Json, path: &str, problems: &mut Vec<String>) {
                         problems.push(format!("{here}: optional field without \"default\": null"));
                     }
                     let timestamp = json!({"type": "long", "logicalType": "timestamp-millis"});
-                    if (fname.ends_with("_at") || fname.ends_with("_until")) && *ty != timestamp {
-                        problems.push(format!("{here}: timestamps are {timestamp}"));
+                    let optional_timestamp = json!(["null", timestamp]);
+                    if (fname.ends_with("_at") || fname.ends_with("_until"))
+                        && *ty != timestamp
+                        && *ty != optional_timestamp
+                    {
+                        problems.push(format!(
+                            "{here}: timestamps are {timestamp} (or {optional_timestamp})"
+                        ));
                     }
                     check_docs(ty, &here, problems);
                 }
@@ -417,6 +423,7 @@ fn customer_event_matches_its_schema() {
             phone: Some("+4915112345678".into()),
             push_token: Some("fcm:APA91bH-example".into()),
             messenger_id: Some("tg:123456789".into()),
+            subscription_ends_at: Some(T0 + 5 * 86_400_000),
         }),
         interaction: Some(MessageInteraction {
             send_id: Some("send-5f2e".into()),
@@ -445,10 +452,22 @@ fn customer_event_matches_its_schema() {
         profile: None,
         interaction: None,
     };
+    // A profile update that carries nothing but the optional timestamp.
+    let sparse_profile = CustomerEvent {
+        event_id: "0b8f6c1e-8a0e-4d55-9b1e-3f3c2a7d9e03".into(),
+        event_type: EventType::profile_update,
+        occurred_at: T0 + 2,
+        customer_id: Some("c-7".into()),
+        profile: Some(ProfileUpdate {
+            subscription_ends_at: Some(T0 + 30 * 86_400_000),
+            ..ProfileUpdate::default()
+        }),
+        ..sparse.clone()
+    };
     check_contract(
         "customer_event.avsc",
         schemas::customer_event(),
-        &[full, sparse],
+        &[full, sparse, sparse_profile],
     );
 }
 
@@ -534,6 +553,62 @@ fn catalog_update_matches_its_schema() {
     check_contract(
         "catalog_update.avsc",
         schemas::catalog_update(),
+        &[full, sparse],
+    );
+}
+
+#[test]
+fn product_interest_matches_its_schema() {
+    let full = ProductInterest {
+        interest_id: "pi-c-1042-sku-10042-1".into(),
+        customer_id: "c-1042".into(),
+        product_id: "sku-10042".into(),
+        kind: InterestKind::wishlisted,
+        price_seen: Some(89.5),
+        occurred_at: T0,
+    };
+    let sparse = ProductInterest {
+        interest_id: "pi-c-7-sku-20007-1".into(),
+        customer_id: "c-7".into(),
+        product_id: "sku-20007".into(),
+        kind: InterestKind::viewed,
+        price_seen: None,
+        occurred_at: T0 + 1,
+    };
+    check_contract(
+        "product_interest.avsc",
+        schemas::product_interest(),
+        &[full, sparse],
+    );
+}
+
+#[test]
+fn product_occasion_matches_its_schema() {
+    let full = ProductOccasion {
+        occasion_id: "po-cat-0001-c-1042".into(),
+        customer_id: "c-1042".into(),
+        product_id: "sku-10042".into(),
+        product_name: Some("Trail Runner 2".into()),
+        kind: ProductOccasionKind::back_in_stock,
+        old_price: Some(89.5),
+        new_price: Some(79.5),
+        cause_event_id: "cat-0001".into(),
+        occurred_at: T0,
+    };
+    let sparse = ProductOccasion {
+        occasion_id: "po-cat-0002-c-7".into(),
+        customer_id: "c-7".into(),
+        product_id: "sku-20007".into(),
+        product_name: None,
+        kind: ProductOccasionKind::price_drop,
+        old_price: None,
+        new_price: None,
+        cause_event_id: "cat-0002".into(),
+        occurred_at: T0 + 1,
+    };
+    check_contract(
+        "product_occasion.avsc",
+        schemas::product_occasion(),
         &[full, sparse],
     );
 }

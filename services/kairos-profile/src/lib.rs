@@ -1,27 +1,36 @@
 //! The profile processor: per-customer state and the sense of occasion.
 //!
-//! Reads site, app and offline events (co-partitioned, keyed by customer id), keeps one
-//! profile per customer in the partition's RocksDB store, and turns occasions declared
-//! in `[[scenarios]]` into triggers. Waits ("30 minutes after the cart was left") are
-//! persistent timers, so they survive restarts and fire without new input.
+//! Reads site, app and offline events and product occasions (co-partitioned, keyed by
+//! customer id), keeps one profile per customer, evaluates RFM and lifecycle segments
+//! and turns the occasions declared in `[[scenarios]]` into triggers. Every wait is a
+//! persistent timer in the partition's RocksDB store; hot profiles live in a
+//! write-back cache flushed atomically with the offsets at each commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use kairos_core::config::{topics, Config, ScenarioConfig, ScenarioKind};
 use kairos_core::contracts::{
-    Channel, Contacts, CustomerEvent, DeadLetterReason, EventType, LineItem, OfflineReceipt,
-    ReceiptKind, Trigger,
+    Channel, Contacts, CustomerEvent, DeadLetterReason, EventType, InterestKind, LineItem,
+    OfflineReceipt, OrderStatus, Product, ProductInterest, ProductOccasion, ProductOccasionKind,
+    ReceiptKind, SegmentKind, SegmentTransition, Trigger,
 };
-use kairos_core::encoding::{decode_input, Rejection, SchemaRegistry};
+use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
+use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::schemas;
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
+use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
 
+pub mod calendar;
+pub mod catalog;
+pub mod pipeline;
 pub mod profile;
+pub mod segments;
 
 use profile::CustomerProfile;
 
@@ -30,16 +39,34 @@ use profile::CustomerProfile;
 pub enum ProfileInput {
     Event(Box<CustomerEvent>),
     Receipt(Box<OfflineReceipt>),
+    Occasion(Box<ProductOccasion>),
 }
 
-/// What a scenario timer remembers about its cause.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a scenario timer remembers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct ScenarioTimer {
     scenario: String,
     customer_id: String,
     cause_event_id: String,
     cause_occurred_at: Millis,
+    step: usize,
+    product: Option<Product>,
+    order_id: Option<String>,
 }
+
+/// Timer id prefix of the segment review (time-driven segment changes).
+const SEGMENT_REVIEW: &str = "~segments";
+
+struct Metrics {
+    triggers: IntCounterVec,
+    skipped: IntCounterVec,
+    transitions: IntCounterVec,
+    duplicates: prometheus::IntCounter,
+}
+
+/// Hot profiles of one partition: (profile, dirty).
+type Cache = HashMap<String, (CustomerProfile, bool)>;
 
 pub struct ProfileProcessor {
     config: Arc<Config>,
@@ -47,56 +74,198 @@ pub struct ProfileProcessor {
     site_topic: String,
     app_topic: String,
     offline_topic: String,
+    occasions_topic: String,
     triggers_topic: String,
+    transitions_topic: String,
+    interest_topic: String,
+    metrics: Metrics,
+    cache: HashMap<i32, Cache>,
+    cache_limit: usize,
 }
 
 impl ProfileProcessor {
-    pub fn new(config: Arc<Config>, registry: SchemaRegistry) -> Self {
+    pub fn new(config: Arc<Config>, registry: SchemaRegistry, prom: &prometheus::Registry) -> Self {
+        let m = Metrics {
+            triggers: metrics::counter_vec(
+                prom,
+                "kairos_triggers_emitted_total",
+                "Triggers emitted, by scenario.",
+                &["scenario"],
+            ),
+            skipped: metrics::counter_vec(
+                prom,
+                "kairos_triggers_skipped_total",
+                "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance).",
+                &["scenario", "reason"],
+            ),
+            transitions: metrics::counter_vec(
+                prom,
+                "kairos_segment_transitions_total",
+                "Segment and lifecycle transitions, by kind and target segment.",
+                &["kind", "to"],
+            ),
+            duplicates: metrics::counter(
+                prom,
+                "kairos_duplicate_events_total",
+                "Input events dropped because their event id was already seen for the customer.",
+            ),
+        };
+        for s in &config.scenarios {
+            m.triggers.with_label_values(&[&s.name]);
+            m.skipped.with_label_values(&[&s.name, "late"]);
+        }
         ProfileProcessor {
             site_topic: config.topic(topics::SITE_EVENTS),
             app_topic: config.topic(topics::APP_EVENTS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
+            occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
             triggers_topic: config.topic(topics::TRIGGERS),
+            transitions_topic: config.topic(topics::SEGMENT_TRANSITIONS),
+            interest_topic: config.topic(topics::PRODUCT_INTEREST),
+            // Bounded by configuration: ~1-2 KiB per cached profile.
+            cache_limit: (config.state.block_cache_bytes / 1024).max(1024),
             config,
             registry,
+            metrics: m,
+            cache: HashMap::new(),
         }
     }
 
-    fn scenarios(&self, kind: ScenarioKind) -> impl Iterator<Item = &ScenarioConfig> {
+    fn scenarios(&self, kind: ScenarioKind) -> Vec<ScenarioConfig> {
         self.config
             .scenarios
             .iter()
-            .filter(move |s| s.enabled && s.kind == kind)
+            .filter(|s| s.enabled && s.kind == kind)
+            .cloned()
+            .collect()
     }
 
-    fn apply_event(&self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
+    /// Takes a profile out of the cache (or the store) for modification.
+    fn take(
+        &mut self,
+        ctx: &Ctx<'_>,
+        customer_id: &str,
+    ) -> anyhow::Result<Option<CustomerProfile>> {
+        if let Some((p, _)) = self
+            .cache
+            .get_mut(&ctx.partition)
+            .and_then(|c| c.remove(customer_id))
+        {
+            return Ok(Some(p));
+        }
+        ctx.get(&profile_key(customer_id))
+    }
+
+    /// Puts a profile back, dirty.
+    fn put(&mut self, partition: i32, p: CustomerProfile) {
+        self.cache
+            .entry(partition)
+            .or_default()
+            .insert(p.customer_id.clone(), (p, true));
+    }
+
+    fn apply_event(&mut self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
         let customer_id = customer_key(e).unwrap_or_default();
-        let key = profile_key(&customer_id);
-        let mut p: CustomerProfile = ctx
-            .get(&key)?
+        let mut p = self
+            .take(ctx, &customer_id)?
             .unwrap_or_else(|| CustomerProfile::new(&customer_id, e.occurred_at));
+        if !p.remember_event(&e.event_id) {
+            self.metrics.duplicates.inc();
+            self.put(ctx.partition, p);
+            return Ok(());
+        }
+        let birthday_before = (p.birthday.clone(), p.time_zone.clone());
+        let subscription_before = p.subscription_ends_at;
         p.touch(e);
+        let mut purchase_changed = false;
         match e.event_type {
-            EventType::registration => {
-                p.registered_at.get_or_insert(e.occurred_at);
+            EventType::registration if p.registered_at.is_none() => {
+                p.registered_at = Some(e.occurred_at);
                 for s in self.scenarios(ScenarioKind::Welcome) {
-                    schedule_scenario(ctx, s, &customer_id, e)?;
+                    schedule_step(
+                        ctx,
+                        &s,
+                        &p,
+                        &e.event_id,
+                        e.occurred_at,
+                        0,
+                        e.occurred_at + ms(s.delay),
+                        None,
+                        None,
+                    )?;
+                }
+                for s in self.scenarios(ScenarioKind::RegistrationAnniversary) {
+                    schedule_yearly(ctx, &s, &p, ctx.now().max(e.occurred_at))?;
                 }
             }
-            EventType::add_to_cart | EventType::remove_from_cart => {
-                // Topics are consumed independently, so a purchase (say, an offline
-                // receipt) may arrive before the cart change it followed. A cart change
-                // older than the last purchase belongs to a cart that was bought.
-                if p.last_purchase_at.is_some_and(|at| at >= e.occurred_at) {
-                    return ctx.put(&key, &p);
-                }
+            // Topics are consumed independently, so a purchase (say, an offline
+            // receipt) may arrive before the cart change it followed. A cart change
+            // older than the last purchase belongs to a cart that was bought.
+            EventType::add_to_cart | EventType::remove_from_cart
+                if !p.bought_since(e.occurred_at) =>
+            {
                 p.update_cart(e);
                 for s in self.scenarios(ScenarioKind::AbandonedCart) {
                     if p.cart.is_empty() {
                         ctx.cancel(&timer_id(&s.name, &customer_id))?;
                     } else {
                         // Every cart change restarts the wait.
-                        schedule_scenario(ctx, s, &customer_id, e)?;
+                        schedule_step(
+                            ctx,
+                            &s,
+                            &p,
+                            &e.event_id,
+                            e.occurred_at,
+                            0,
+                            e.occurred_at + ms(s.delay),
+                            None,
+                            None,
+                        )?;
+                    }
+                }
+                for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
+                    ctx.cancel(&timer_id(&s.name, &customer_id))?;
+                }
+            }
+            EventType::product_view => {
+                if let Some(product) = &e.product {
+                    if p.view(product, e.occurred_at) {
+                        self.emit_interest(ctx, &customer_id, product, InterestKind::viewed, e);
+                    }
+                    if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
+                        for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
+                            schedule_step(
+                                ctx,
+                                &s,
+                                &p,
+                                &e.event_id,
+                                e.occurred_at,
+                                0,
+                                e.occurred_at + ms(s.delay),
+                                Some(product.clone()),
+                                None,
+                            )?;
+                        }
+                    }
+                }
+            }
+            EventType::wishlist_add => {
+                if let Some(product) = &e.product {
+                    if p.wishlist_add(product) {
+                        self.emit_interest(ctx, &customer_id, product, InterestKind::wishlisted, e);
+                    }
+                }
+            }
+            EventType::wishlist_remove => {
+                if let Some(product) = &e.product {
+                    if p.wishlist_remove(&product.product_id) {
+                        self.emit_interest(
+                            ctx,
+                            &customer_id,
+                            product,
+                            InterestKind::unwishlisted,
+                            e,
+                        );
                     }
                 }
             }
@@ -106,41 +275,596 @@ impl ProfileProcessor {
                     .as_ref()
                     .and_then(|o| o.total)
                     .unwrap_or_else(|| items_value(&e.items));
-                p.record_purchase(e.occurred_at, total, false);
-                self.purchase_ends_cart(ctx, &customer_id)?;
+                let order_id = e.order.as_ref().map(|o| o.order_id.clone());
+                p.record_purchase(e.occurred_at, total, false, order_id.clone());
+                self.after_purchase(ctx, &p, &e.event_id, e.occurred_at, order_id)?;
+                purchase_changed = true;
+            }
+            EventType::order_status => {
+                if let Some(order) = &e.order {
+                    match order.status {
+                        Some(OrderStatus::returned) => {
+                            p.record_return(order.total.unwrap_or(0.0));
+                            self.cancel_post_purchase(ctx, &customer_id, Some(&order.order_id))?;
+                            purchase_changed = true;
+                        }
+                        Some(OrderStatus::delivered) => {
+                            for s in self.scenarios(ScenarioKind::PostDelivery) {
+                                schedule_step(
+                                    ctx,
+                                    &s,
+                                    &p,
+                                    &e.event_id,
+                                    e.occurred_at,
+                                    0,
+                                    e.occurred_at + ms(s.delay),
+                                    None,
+                                    Some(order.order_id.clone()),
+                                )?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    for s in self.scenarios(ScenarioKind::OrderUpdate) {
+                        let matches = order
+                            .status
+                            .is_some_and(|st| s.statuses.is_empty() || s.statuses.contains(&st));
+                        if matches {
+                            let mut vars = serde_json::Map::new();
+                            vars.insert("order_id".into(), order.order_id.clone().into());
+                            vars.insert(
+                                "status".into(),
+                                serde_json::to_value(order.status).unwrap_or_default(),
+                            );
+                            self.emit_trigger(
+                                ctx,
+                                &s,
+                                &p,
+                                0,
+                                &e.event_id,
+                                e.occurred_at,
+                                e.occurred_at,
+                                vars,
+                            );
+                        }
+                    }
+                }
             }
             _ => {}
         }
-        ctx.put(&key, &p)
+        if (p.birthday.clone(), p.time_zone.clone()) != birthday_before {
+            for s in self.scenarios(ScenarioKind::Birthday) {
+                schedule_yearly(ctx, &s, &p, ctx.now().max(e.occurred_at))?;
+            }
+        }
+        if p.subscription_ends_at != subscription_before {
+            if let Some(ends) = p.subscription_ends_at {
+                for s in self.scenarios(ScenarioKind::SubscriptionEnding) {
+                    let cause = format!("subscription-{ends}");
+                    schedule_step(
+                        ctx,
+                        &s,
+                        &p,
+                        &cause,
+                        e.occurred_at,
+                        0,
+                        ends - ms(s.delay),
+                        None,
+                        None,
+                    )?;
+                }
+            }
+        }
+        if profile::is_visit(e.event_type) {
+            self.arm_reactivation(ctx, &mut p)?;
+        }
+        if purchase_changed || p.lifecycle.is_none() {
+            self.review_segments(
+                ctx,
+                &mut p,
+                if purchase_changed {
+                    "purchase"
+                } else {
+                    "first event"
+                },
+                e.occurred_at,
+            )?;
+        }
+        self.put(ctx.partition, p);
+        Ok(())
     }
 
-    fn apply_receipt(&self, ctx: &mut Ctx<'_>, r: &OfflineReceipt) -> anyhow::Result<()> {
+    fn apply_receipt(&mut self, ctx: &mut Ctx<'_>, r: &OfflineReceipt) -> anyhow::Result<()> {
         let customer_id = receipt_customer_key(r).unwrap_or_default();
-        let key = profile_key(&customer_id);
-        let mut p: CustomerProfile = ctx
-            .get(&key)?
+        let mut p = self
+            .take(ctx, &customer_id)?
             .unwrap_or_else(|| CustomerProfile::new(&customer_id, r.occurred_at));
-        match r.kind {
-            ReceiptKind::sale => {
-                p.record_purchase(r.occurred_at, r.total, true);
-                // An offline purchase ends the online cart reminder too.
-                self.purchase_ends_cart(ctx, &customer_id)?;
-            }
-            ReceiptKind::refund => p.record_return(r.total),
+        if !p.remember_event(&r.event_id) {
+            self.metrics.duplicates.inc();
+            self.put(ctx.partition, p);
+            return Ok(());
         }
+        p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         if let Some(phone) = &r.phone {
             p.phone.get_or_insert_with(|| phone.clone());
         }
-        ctx.put(&key, &p)
+        match r.kind {
+            ReceiptKind::sale => {
+                p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
+                // An offline purchase ends the online cart reminder too.
+                self.after_purchase(
+                    ctx,
+                    &p,
+                    &r.event_id,
+                    r.occurred_at,
+                    Some(r.receipt_id.clone()),
+                )?;
+                self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+            }
+            ReceiptKind::refund => {
+                p.record_return(r.total);
+                self.cancel_post_purchase(ctx, &customer_id, None)?;
+                self.review_segments(ctx, &mut p, "refund", r.occurred_at)?;
+            }
+        }
+        self.put(ctx.partition, p);
+        Ok(())
     }
 
-    fn purchase_ends_cart(&self, ctx: &mut Ctx<'_>, customer_id: &str) -> anyhow::Result<()> {
-        // The cart itself is cleared by `record_purchase`.
-        for s in self.scenarios(ScenarioKind::AbandonedCart) {
-            ctx.cancel(&timer_id(&s.name, customer_id))?;
+    fn apply_occasion(&mut self, ctx: &mut Ctx<'_>, o: &ProductOccasion) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, &o.customer_id)? else {
+            return Ok(());
+        };
+        if !p.remember_event(&o.occasion_id) {
+            self.metrics.duplicates.inc();
+            self.put(ctx.partition, p);
+            return Ok(());
+        }
+        let kind = match o.kind {
+            ProductOccasionKind::price_drop => ScenarioKind::PriceDrop,
+            ProductOccasionKind::back_in_stock => ScenarioKind::BackInStock,
+        };
+        let wished = p.wishlist.iter().any(|w| w.product_id == o.product_id);
+        let viewed = p
+            .recently_viewed
+            .iter()
+            .any(|v| v.product_id == o.product_id);
+        for s in self.scenarios(kind) {
+            let interested = match kind {
+                ScenarioKind::BackInStock => wished,
+                _ => wished || viewed,
+            };
+            let drop = match (o.old_price, o.new_price) {
+                (Some(old), Some(new)) if old > 0.0 => 100.0 * (old - new) / old,
+                _ => 0.0,
+            };
+            if !interested
+                || (kind == ScenarioKind::PriceDrop && drop < s.min_drop_percent.unwrap_or(0.0))
+            {
+                continue;
+            }
+            let mut vars = serde_json::Map::new();
+            vars.insert("product_id".into(), o.product_id.clone().into());
+            vars.insert("product_name".into(), o.product_name.clone().into());
+            vars.insert("old_price".into(), o.old_price.into());
+            vars.insert("new_price".into(), o.new_price.into());
+            let at = ctx.now().max(o.occurred_at);
+            self.emit_trigger(ctx, &s, &p, 0, &o.occasion_id, o.occurred_at, at, vars);
+        }
+        self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    fn after_purchase(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        event_id: &str,
+        at: Millis,
+        order_id: Option<String>,
+    ) -> anyhow::Result<()> {
+        // A purchase ends the chains that exist to get one.
+        for s in self
+            .config
+            .scenarios
+            .iter()
+            .filter(|s| s.ends_on_purchase())
+        {
+            if s.kind != ScenarioKind::Reactivation {
+                ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+            }
+        }
+        for s in self.scenarios(ScenarioKind::PostPurchase) {
+            schedule_step(
+                ctx,
+                &s,
+                p,
+                event_id,
+                at,
+                0,
+                at + ms(s.delay),
+                None,
+                order_id.clone(),
+            )?;
         }
         Ok(())
     }
+
+    /// A return cancels the follow-up of the purchase (any pending one when the order
+    /// is unknown, as for a till refund).
+    fn cancel_post_purchase(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+        order_id: Option<&str>,
+    ) -> anyhow::Result<()> {
+        for s in self.scenarios(ScenarioKind::PostPurchase) {
+            match order_id {
+                None => {
+                    ctx.cancel(&timer_id(&s.name, customer_id))?;
+                }
+                // The pending follow-up may belong to a later order: mark this order
+                // returned; the timer checks the mark when it fires.
+                Some(order) => ctx.put(&format!("ret/{customer_id}/{order}"), &true)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn emit_interest(
+        &self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+        product: &Product,
+        kind: InterestKind,
+        e: &CustomerEvent,
+    ) {
+        let interest = ProductInterest {
+            interest_id: deterministic_id(&[&e.event_id, "interest"]),
+            customer_id: customer_id.to_string(),
+            product_id: product.product_id.clone(),
+            kind,
+            price_seen: product.price,
+            occurred_at: e.occurred_at,
+        };
+        ctx.emit(&self.interest_topic, &product.product_id, &interest);
+    }
+
+    fn arm_reactivation(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+    ) -> anyhow::Result<()> {
+        let Some(last_visit) = p.last_visit_at else {
+            return Ok(());
+        };
+        for s in self.scenarios(ScenarioKind::Reactivation) {
+            // Lazy: an armed timer is left alone; when it fires it checks the latest
+            // visit and moves itself if the customer came back.
+            if p.armed.contains_key(&s.name) {
+                continue;
+            }
+            let at = last_visit + ms(s.delay);
+            schedule_step(
+                ctx,
+                &s,
+                p,
+                &format!("visit-{last_visit}"),
+                last_visit,
+                0,
+                at,
+                None,
+                None,
+            )?;
+            p.armed.insert(s.name.clone(), at);
+        }
+        Ok(())
+    }
+
+    /// Re-evaluates RFM and lifecycle, emits transitions and segment triggers, and arms
+    /// the review timer for the next time-driven change.
+    fn review_segments(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+        reason: &str,
+        at: Millis,
+    ) -> anyhow::Result<()> {
+        let now = ctx.now().max(at);
+        let cfg = self.config.segments.clone();
+        let stage = segments::lifecycle(&cfg.lifecycle, p, now);
+        if p.lifecycle.as_deref() != Some(stage.as_str()) {
+            let from = p.lifecycle.replace(stage.clone());
+            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, now);
+        }
+        let score = segments::rfm(&cfg.rfm, p, now);
+        let new_segment = score.as_ref().map(|s| s.segment.clone());
+        let old_segment = p.rfm.as_ref().map(|s| s.segment.clone());
+        p.rfm = score;
+        if let (Some(to), true) = (&new_segment, new_segment != old_segment) {
+            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, now);
+        }
+        if let Some(next) = segments::next_boundary(&cfg, p, now) {
+            let armed = p.armed.get(SEGMENT_REVIEW).copied();
+            if armed.is_none_or(|a| a <= now || next < a) {
+                ctx.schedule(
+                    &format!("{SEGMENT_REVIEW}/{}", p.customer_id),
+                    next,
+                    &p.customer_id,
+                )?;
+                p.armed.insert(SEGMENT_REVIEW.into(), next);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn transition(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        kind: SegmentKind,
+        from: Option<String>,
+        to: &str,
+        reason: &str,
+        at: Millis,
+    ) {
+        let kind_name = match kind {
+            SegmentKind::rfm => "rfm",
+            SegmentKind::lifecycle => "lifecycle",
+        };
+        let t = SegmentTransition {
+            transition_id: deterministic_id(&[&p.customer_id, kind_name, to, &at.to_string()]),
+            customer_id: p.customer_id.clone(),
+            kind,
+            from_segment: from,
+            to_segment: to.to_string(),
+            reason: reason.to_string(),
+            occurred_at: at,
+        };
+        // Segment names come from the configuration, so the label stays bounded.
+        self.metrics
+            .transitions
+            .with_label_values(&[kind_name, to])
+            .inc();
+        ctx.emit(&self.transitions_topic, &p.customer_id, &t);
+        for s in self.scenarios(ScenarioKind::SegmentEntered) {
+            if s.segment.as_deref() == Some(to) {
+                let mut vars = serde_json::Map::new();
+                vars.insert("from_segment".into(), t.from_segment.clone().into());
+                vars.insert("to_segment".into(), to.into());
+                self.emit_trigger(ctx, &s, p, 0, &t.transition_id, at, at + ms(s.delay), vars);
+            }
+        }
+    }
+
+    /// Emits a trigger unless its moment passed by more than the tolerance.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_trigger(
+        &self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &CustomerProfile,
+        step: usize,
+        cause_event_id: &str,
+        cause_occurred_at: Millis,
+        due_at: Millis,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let now = ctx.now().max(due_at);
+        if now - due_at > ms(s.tolerance()) {
+            self.metrics
+                .skipped
+                .with_label_values(&[&s.name, "late"])
+                .inc();
+            tracing::debug!(scenario = %s.name, customer = %p.customer_id, late_ms = now - due_at, "trigger skipped: too late");
+            return;
+        }
+        let Some(template) = s.template_of(step) else {
+            return;
+        };
+        let mut vars = p.template_variables();
+        vars.extend(extra);
+        let trigger = Trigger {
+            trigger_id: deterministic_id(&[
+                &s.name,
+                &p.customer_id,
+                cause_event_id,
+                &step.to_string(),
+            ]),
+            scenario: s.name.clone(),
+            customer_id: p.customer_id.clone(),
+            category: s.category,
+            step: step as i32,
+            template: template.to_string(),
+            channels: s.channels.clone(),
+            priority: s.priority,
+            fired_at: now,
+            valid_until: due_at + ms(s.valid_for),
+            cause_event_id: Some(cause_event_id.to_string()),
+            cause_occurred_at,
+            contacts: contacts(p),
+            variables: serde_json::Value::Object(vars).to_string(),
+        };
+        self.metrics.triggers.with_label_values(&[&s.name]).inc();
+        ctx.emit(&self.triggers_topic, &p.customer_id, &trigger);
+    }
+
+    fn on_scenario_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        let t: ScenarioTimer = serde_json::from_slice(&timer.payload)
+            .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+        let Some(s) = self
+            .config
+            .scenario(&t.scenario)
+            .cloned()
+            .filter(|s| s.enabled)
+        else {
+            tracing::warn!(scenario = %t.scenario, "timer for a scenario no longer configured");
+            return Ok(());
+        };
+        let Some(mut p) = self.take(ctx, &t.customer_id)? else {
+            return Ok(());
+        };
+        let result = self.fire_scenario(ctx, &s, &mut p, &t, timer);
+        self.put(ctx.partition, p);
+        result
+    }
+
+    fn fire_scenario(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &mut CustomerProfile,
+        t: &ScenarioTimer,
+        timer: &DueTimer,
+    ) -> anyhow::Result<()> {
+        let mut vars = serde_json::Map::new();
+        let mut cause = t.cause_event_id.clone();
+        match s.kind {
+            ScenarioKind::AbandonedCart => {
+                if p.cart.is_empty() || p.bought_since(t.cause_occurred_at) {
+                    return Ok(());
+                }
+            }
+            ScenarioKind::BrowseAbandonment => {
+                let carted = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at);
+                if carted || p.bought_since(t.cause_occurred_at) {
+                    return Ok(());
+                }
+                if let Some(product) = &t.product {
+                    vars.insert(
+                        "product".into(),
+                        serde_json::to_value(product).unwrap_or_default(),
+                    );
+                }
+            }
+            ScenarioKind::Reactivation => {
+                p.armed.remove(&s.name);
+                let last = p.last_visit_at.unwrap_or(t.cause_occurred_at);
+                let due = last + ms(s.delay);
+                if due > timer.fire_at {
+                    // The customer came back since: wait from the latest visit.
+                    schedule_step(
+                        ctx,
+                        s,
+                        p,
+                        &format!("visit-{last}"),
+                        last,
+                        0,
+                        due,
+                        None,
+                        None,
+                    )?;
+                    p.armed.insert(s.name.clone(), due);
+                    return Ok(());
+                }
+                if t.step == 0 && p.bought_since(last) {
+                    return Ok(());
+                }
+            }
+            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
+                let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
+                    .map(|d| {
+                        chrono::Datelike::year(
+                            &d.with_timezone(&calendar::zone(p.time_zone.as_deref())),
+                        )
+                    })
+                    .unwrap_or(0);
+                cause = format!("{}-{year}", s.name);
+                // Still the customer's date? (birthday or zone may have changed.)
+                let tz = calendar::zone(p.time_zone.as_deref());
+                let date = match s.kind {
+                    ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
+                    _ => p
+                        .registered_at
+                        .and_then(|r| calendar::local_month_day(r, tz)),
+                };
+                let today = calendar::local_month_day(timer.fire_at, tz);
+                let same_day = date.is_some()
+                    && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
+                if t.step == 0 {
+                    schedule_yearly(ctx, s, p, timer.fire_at)?;
+                }
+                if !same_day {
+                    return Ok(());
+                }
+            }
+            ScenarioKind::SubscriptionEnding => {
+                let expected = format!("subscription-{}", p.subscription_ends_at.unwrap_or(0));
+                if t.cause_event_id != expected {
+                    return Ok(());
+                }
+            }
+            ScenarioKind::PostPurchase => {
+                if let Some(order) = &t.order_id {
+                    let key = format!("ret/{}/{order}", p.customer_id);
+                    if ctx.get::<bool>(&key)?.is_some() {
+                        ctx.delete(&key);
+                        return Ok(());
+                    }
+                    vars.insert("order_id".into(), order.clone().into());
+                }
+            }
+            ScenarioKind::PostDelivery => {
+                if let Some(order) = &t.order_id {
+                    vars.insert("order_id".into(), order.clone().into());
+                }
+            }
+            ScenarioKind::Welcome => {}
+            // Fired directly, never through timers.
+            ScenarioKind::OrderUpdate
+            | ScenarioKind::SegmentEntered
+            | ScenarioKind::PriceDrop
+            | ScenarioKind::BackInStock => return Ok(()),
+        }
+        if s.kind == ScenarioKind::Reactivation {
+            if let Some(v) = p.last_visit_at {
+                vars.insert(
+                    "days_since_visit".into(),
+                    ((timer.fire_at - v) / kairos_core::time::DAY).into(),
+                );
+            }
+        }
+        self.emit_trigger(
+            ctx,
+            s,
+            p,
+            t.step,
+            &cause,
+            t.cause_occurred_at,
+            timer.fire_at,
+            vars,
+        );
+        // The next step of a chain.
+        if let Some(next) = s.steps.get(t.step) {
+            schedule_step(
+                ctx,
+                s,
+                p,
+                &t.cause_event_id,
+                t.cause_occurred_at,
+                t.step + 1,
+                timer.fire_at + ms(next.delay),
+                t.product.clone(),
+                t.order_id.clone(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn on_segment_review(&mut self, ctx: &mut Ctx<'_>, customer_id: &str) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, customer_id)? else {
+            return Ok(());
+        };
+        p.armed.remove(SEGMENT_REVIEW);
+        let result = self.review_segments(ctx, &mut p, "time", ctx.now());
+        self.put(ctx.partition, p);
+        result
+    }
+}
+
+fn ms(d: std::time::Duration) -> Millis {
+    d.as_millis() as Millis
 }
 
 fn profile_key(customer_id: &str) -> String {
@@ -151,23 +875,62 @@ fn timer_id(scenario: &str, customer_id: &str) -> String {
     format!("{scenario}/{customer_id}")
 }
 
-fn schedule_scenario(
+#[allow(clippy::too_many_arguments)]
+fn schedule_step(
     ctx: &mut Ctx<'_>,
     s: &ScenarioConfig,
-    customer_id: &str,
-    cause: &CustomerEvent,
+    p: &CustomerProfile,
+    cause_event_id: &str,
+    cause_occurred_at: Millis,
+    step: usize,
+    fire_at: Millis,
+    product: Option<Product>,
+    order_id: Option<String>,
 ) -> anyhow::Result<()> {
-    let fire_at = cause.occurred_at + s.delay.as_millis() as Millis;
     ctx.schedule(
-        &timer_id(&s.name, customer_id),
+        &timer_id(&s.name, &p.customer_id),
         fire_at,
         &ScenarioTimer {
             scenario: s.name.clone(),
-            customer_id: customer_id.to_string(),
-            cause_event_id: cause.event_id.clone(),
-            cause_occurred_at: cause.occurred_at,
+            customer_id: p.customer_id.clone(),
+            cause_event_id: cause_event_id.to_string(),
+            cause_occurred_at,
+            step,
+            product,
+            order_id,
         },
     )
+}
+
+/// Arms the next birthday or registration anniversary after `after`.
+fn schedule_yearly(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &CustomerProfile,
+    after: Millis,
+) -> anyhow::Result<()> {
+    let tz = calendar::zone(p.time_zone.as_deref());
+    let date = match s.kind {
+        ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
+        _ => p
+            .registered_at
+            .and_then(|r| calendar::local_month_day(r, tz)),
+    };
+    let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
+        ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+        return Ok(());
+    };
+    // The registration day itself is no anniversary: the first one is a year later.
+    let after = match (s.kind, p.registered_at) {
+        (ScenarioKind::RegistrationAnniversary, Some(r)) => {
+            calendar::start_of_next_local_day(r, tz).map_or(after, |next_day| after.max(next_day))
+        }
+        _ => after,
+    };
+    if let Some(at) = calendar::next_yearly(month, day, time, tz, after) {
+        schedule_step(ctx, s, p, &s.name, at, 0, at, None, None)?;
+    }
+    Ok(())
 }
 
 /// The key a customer's state lives under: the customer id, or the anonymous id for
@@ -193,6 +956,20 @@ fn items_value(items: &[LineItem]) -> f64 {
         .sum()
 }
 
+fn contacts(p: &CustomerProfile) -> Contacts {
+    Contacts {
+        email: p.email.clone(),
+        phone: p.phone.clone(),
+        push_token: p.push_token.clone(),
+        messenger_id: p.messenger_id.clone(),
+        time_zone: p.time_zone.clone(),
+        consented_channels: Channel::ALL
+            .into_iter()
+            .filter(|c| p.consents.get(c).copied().unwrap_or(false))
+            .collect(),
+    }
+}
+
 /// Checks what the schema cannot express.
 fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
     if e.event_id.trim().is_empty() {
@@ -209,7 +986,10 @@ fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
     }
     let needs_product = matches!(
         e.event_type,
-        EventType::add_to_cart | EventType::remove_from_cart
+        EventType::add_to_cart
+            | EventType::remove_from_cart
+            | EventType::wishlist_add
+            | EventType::wishlist_remove
     );
     if needs_product && e.product.is_none() && e.items.is_empty() {
         return Err(Rejection::new(
@@ -222,6 +1002,30 @@ fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             DeadLetterReason::missing_field,
             "consent_change needs consent",
         ));
+    }
+    if e.event_type == EventType::order_status
+        && e.order.as_ref().is_none_or(|o| o.status.is_none())
+    {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "order_status needs order.status",
+        ));
+    }
+    if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
+        if calendar::month_day(b).is_none() {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("birthday {b:?} is not YYYY-MM-DD"),
+            ));
+        }
+    }
+    if let Some(z) = e.profile.as_ref().and_then(|p| p.time_zone.as_deref()) {
+        if z.parse::<chrono_tz::Tz>().is_err() {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("time_zone {z:?} is not an IANA zone"),
+            ));
+        }
     }
     Ok(())
 }
@@ -238,6 +1042,7 @@ impl Processor for ProfileProcessor {
             self.site_topic.clone(),
             self.app_topic.clone(),
             self.offline_topic.clone(),
+            self.occasions_topic.clone(),
         ]
     }
 
@@ -258,6 +1063,10 @@ impl Processor for ProfileProcessor {
                 ));
             }
             Ok(ProfileInput::Receipt(Box::new(r)))
+        } else if record.topic == self.occasions_topic {
+            Ok(ProfileInput::Occasion(Box::new(decode_internal(
+                record.payload,
+            )?)))
         } else {
             let e: CustomerEvent =
                 decode_input(record.payload, schemas::customer_event(), &self.registry)?;
@@ -270,6 +1079,7 @@ impl Processor for ProfileProcessor {
         Some(match input {
             ProfileInput::Event(e) => e.occurred_at,
             ProfileInput::Receipt(r) => r.occurred_at,
+            ProfileInput::Occasion(o) => o.occurred_at,
         })
     }
 
@@ -278,59 +1088,39 @@ impl Processor for ProfileProcessor {
             ProfileInput::Event(e) if e.event_type == EventType::heartbeat => Ok(()),
             ProfileInput::Event(e) => self.apply_event(ctx, &e),
             ProfileInput::Receipt(r) => self.apply_receipt(ctx, &r),
+            ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
         }
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let t: ScenarioTimer = serde_json::from_slice(&timer.payload)
-            .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
-        let Some(scenario) = self.config.scenario(&t.scenario) else {
-            tracing::warn!(scenario = %t.scenario, "timer for a scenario no longer configured");
-            return Ok(());
-        };
-        let Some(p) = ctx.get::<CustomerProfile>(&profile_key(&t.customer_id))? else {
-            return Ok(());
-        };
-        let bought_since = p
-            .last_purchase_at
-            .is_some_and(|at| at >= t.cause_occurred_at);
-        if scenario.kind == ScenarioKind::AbandonedCart && (p.cart.is_empty() || bought_since) {
-            return Ok(());
+        if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
+            let customer = customer.to_string();
+            self.on_segment_review(ctx, &customer)
+        } else {
+            self.on_scenario_timer(ctx, timer)
         }
-        let fired_at = timer.fire_at;
-        let trigger = Trigger {
-            trigger_id: deterministic_id(&[&scenario.name, &t.customer_id, &t.cause_event_id]),
-            scenario: scenario.name.clone(),
-            customer_id: t.customer_id.clone(),
-            category: scenario.category,
-            step: 0,
-            template: scenario.template.clone(),
-            channels: scenario.channels.clone(),
-            priority: scenario.priority,
-            fired_at,
-            valid_until: fired_at + scenario.valid_for.as_millis() as Millis,
-            cause_event_id: Some(t.cause_event_id.clone()),
-            cause_occurred_at: t.cause_occurred_at,
-            contacts: contacts(&p),
-            variables: p.template_variables().to_string(),
+    }
+
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        let limit = self.cache_limit;
+        let Some(cache) = self.cache.get_mut(&ctx.partition) else {
+            return Ok(());
         };
-        let topic = self.triggers_topic.clone();
-        ctx.emit(&topic, &t.customer_id, &trigger);
+        for (id, (p, dirty)) in cache.iter_mut() {
+            if *dirty {
+                ctx.put(&profile_key(id), p)?;
+                *dirty = false;
+            }
+        }
+        // Everything is clean now: dropping entries loses nothing.
+        if cache.len() > limit {
+            cache.clear();
+        }
         Ok(())
     }
-}
 
-fn contacts(p: &CustomerProfile) -> Contacts {
-    Contacts {
-        email: p.email.clone(),
-        phone: p.phone.clone(),
-        push_token: p.push_token.clone(),
-        messenger_id: p.messenger_id.clone(),
-        time_zone: p.time_zone.clone(),
-        consented_channels: Channel::ALL
-            .into_iter()
-            .filter(|c| p.consents.get(c).copied().unwrap_or(false))
-            .collect(),
+    fn on_partition_closed(&mut self, partition: i32) {
+        self.cache.remove(&partition);
     }
 }
 
@@ -341,6 +1131,6 @@ pub async fn run(
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = SchemaRegistry::new(config.schema_registry.url.clone());
-    let processor = ProfileProcessor::new(config.clone(), registry.clone());
+    let processor = ProfileProcessor::new(config.clone(), registry.clone(), &admin.registry);
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
 }

@@ -1,25 +1,62 @@
 //! The customer profile kept per customer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
-use kairos_core::contracts::{Channel, CustomerEvent, EventType, LineItem};
+use kairos_core::contracts::{Channel, CustomerEvent, EventType, LineItem, Product};
 use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
 
+/// Bounds that keep one profile small whatever the customer does.
+const RECENT_EVENT_IDS: usize = 64;
+const RECENTLY_VIEWED: usize = 20;
+const RECENT_CATEGORIES: usize = 10;
+const WISHLIST: usize = 50;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ViewedProduct {
+    pub product_id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub price: Option<f64>,
+    pub at: Millis,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelEngagement {
+    pub last_delivered_at: Option<Millis>,
+    pub last_opened_at: Option<Millis>,
+    pub last_clicked_at: Option<Millis>,
+    pub ignored_in_row: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RfmScore {
+    pub r: u8,
+    pub f: u8,
+    pub m: u8,
+    pub segment: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CustomerProfile {
     pub customer_id: String,
     pub first_seen_at: Millis,
     pub last_seen_at: Millis,
+    /// Last visit (any site or app activity).
+    pub last_visit_at: Option<Millis>,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub email: Option<String>,
     pub phone: Option<String>,
     pub push_token: Option<String>,
     pub messenger_id: Option<String>,
+    /// IANA time zone name.
     pub time_zone: Option<String>,
+    /// `YYYY-MM-DD`.
     pub birthday: Option<String>,
     pub registered_at: Option<Millis>,
+    pub subscription_ends_at: Option<Millis>,
     /// Marketing consent per channel, as last stated by the customer.
     pub consents: BTreeMap<Channel, bool>,
     pub orders: u32,
@@ -28,8 +65,20 @@ pub struct CustomerProfile {
     pub returns: u32,
     pub first_purchase_at: Option<Millis>,
     pub last_purchase_at: Option<Millis>,
+    pub last_order_id: Option<String>,
     pub cart: Vec<LineItem>,
     pub cart_updated_at: Option<Millis>,
+    pub recently_viewed: Vec<ViewedProduct>,
+    pub recent_categories: Vec<String>,
+    pub wishlist: Vec<Product>,
+    pub engagement: BTreeMap<Channel, ChannelEngagement>,
+    pub lifecycle: Option<String>,
+    pub rfm: Option<RfmScore>,
+    /// Timers this profile knows are armed (scenario or review name -> fire time), so
+    /// frequent events need no timer-index read.
+    pub armed: BTreeMap<String, Millis>,
+    /// Ids of the latest events, to drop duplicates.
+    pub recent_event_ids: VecDeque<String>,
 }
 
 impl CustomerProfile {
@@ -42,9 +91,27 @@ impl CustomerProfile {
         }
     }
 
+    /// Records an event id; false if it was seen already (a duplicate).
+    pub fn remember_event(&mut self, event_id: &str) -> bool {
+        if self.recent_event_ids.iter().any(|e| e == event_id) {
+            return false;
+        }
+        if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
+            self.recent_event_ids.pop_front();
+        }
+        self.recent_event_ids.push_back(event_id.to_string());
+        true
+    }
+
     /// Contacts, consent and recency carried by any event.
     pub fn touch(&mut self, e: &CustomerEvent) {
         self.last_seen_at = self.last_seen_at.max(e.occurred_at);
+        if is_visit(e.event_type) {
+            self.last_visit_at = Some(
+                self.last_visit_at
+                    .map_or(e.occurred_at, |v| v.max(e.occurred_at)),
+            );
+        }
         if let Some(email) = &e.email {
             self.email = Some(email.clone());
         }
@@ -68,6 +135,9 @@ impl CustomerProfile {
             set(&mut self.messenger_id, &u.messenger_id);
             set(&mut self.time_zone, &u.time_zone);
             set(&mut self.birthday, &u.birthday);
+            if u.subscription_ends_at.is_some() {
+                self.subscription_ends_at = u.subscription_ends_at;
+            }
         }
     }
 
@@ -106,20 +176,76 @@ impl CustomerProfile {
         self.cart_updated_at = Some(e.occurred_at);
     }
 
-    pub fn record_purchase(&mut self, at: Millis, total: f64, offline: bool) {
+    /// Returns true if the product was not among the recently viewed ones.
+    pub fn view(&mut self, p: &Product, at: Millis) -> bool {
+        let fresh = !self
+            .recently_viewed
+            .iter()
+            .any(|v| v.product_id == p.product_id);
+        self.recently_viewed
+            .retain(|v| v.product_id != p.product_id);
+        self.recently_viewed.push(ViewedProduct {
+            product_id: p.product_id.clone(),
+            name: p.name.clone(),
+            category: p.category.clone(),
+            price: p.price,
+            at,
+        });
+        if self.recently_viewed.len() > RECENTLY_VIEWED {
+            self.recently_viewed.remove(0);
+        }
+        if let Some(c) = &p.category {
+            self.recent_categories.retain(|x| x != c);
+            self.recent_categories.push(c.clone());
+            if self.recent_categories.len() > RECENT_CATEGORIES {
+                self.recent_categories.remove(0);
+            }
+        }
+        fresh
+    }
+
+    pub fn wishlist_add(&mut self, p: &Product) -> bool {
+        if self.wishlist.iter().any(|w| w.product_id == p.product_id) {
+            return false;
+        }
+        self.wishlist.push(p.clone());
+        if self.wishlist.len() > WISHLIST {
+            self.wishlist.remove(0);
+        }
+        true
+    }
+
+    pub fn wishlist_remove(&mut self, product_id: &str) -> bool {
+        let before = self.wishlist.len();
+        self.wishlist.retain(|w| w.product_id != product_id);
+        before != self.wishlist.len()
+    }
+
+    pub fn record_purchase(
+        &mut self,
+        at: Millis,
+        total: f64,
+        offline: bool,
+        order_id: Option<String>,
+    ) {
         self.orders += 1;
         if offline {
             self.offline_orders += 1;
         }
         self.revenue += total;
-        self.first_purchase_at.get_or_insert(at);
+        self.first_purchase_at = Some(self.first_purchase_at.map_or(at, |f| f.min(at)));
         self.last_purchase_at = Some(self.last_purchase_at.map_or(at, |l| l.max(at)));
+        self.last_order_id = order_id;
         self.cart.clear();
     }
 
     pub fn record_return(&mut self, total: f64) {
         self.returns += 1;
-        self.revenue -= total;
+        self.revenue = (self.revenue - total).max(0.0);
+    }
+
+    pub fn bought_since(&self, at: Millis) -> bool {
+        self.last_purchase_at.is_some_and(|p| p >= at)
     }
 
     pub fn cart_value(&self) -> f64 {
@@ -129,14 +255,33 @@ impl CustomerProfile {
             .sum()
     }
 
-    /// Variables a template may use.
-    pub fn template_variables(&self) -> serde_json::Value {
-        serde_json::json!({
-            "customer_id": self.customer_id,
-            "first_name": self.first_name,
-            "cart_items": self.cart,
-            "cart_value": (self.cart_value() * 100.0).round() / 100.0,
-            "orders": self.orders,
-        })
+    /// Variables every template may use.
+    pub fn template_variables(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("customer_id".into(), self.customer_id.clone().into());
+        m.insert("first_name".into(), self.first_name.clone().into());
+        m.insert(
+            "cart_items".into(),
+            serde_json::to_value(&self.cart).unwrap_or_default(),
+        );
+        m.insert(
+            "cart_value".into(),
+            ((self.cart_value() * 100.0).round() / 100.0).into(),
+        );
+        m.insert("orders".into(), self.orders.into());
+        m.insert(
+            "segment".into(),
+            self.rfm.as_ref().map(|r| r.segment.clone()).into(),
+        );
+        m.insert("lifecycle".into(), self.lifecycle.clone().into());
+        m
     }
+}
+
+/// Events that count as a visit (the customer was on the site or in the app).
+pub fn is_visit(t: EventType) -> bool {
+    !matches!(
+        t,
+        EventType::heartbeat | EventType::order_status | EventType::consent_change
+    )
 }

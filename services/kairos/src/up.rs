@@ -99,6 +99,8 @@ pub async fn run(
     let mut services = Vec::new();
     services.push(spawn(&exe, &config_path, "profile", &["profile"])?);
     endpoints.insert("profile".into(), config.profile.admin_listen.to_string());
+    services.push(spawn(&exe, &config_path, "catalog", &["catalog"])?);
+    endpoints.insert("catalog".into(), config.catalog.admin_listen.to_string());
     services.push(spawn(&exe, &config_path, "arbiter", &["arbiter"])?);
     endpoints.insert("arbiter".into(), config.arbiter.admin_listen.to_string());
     for (channel, settings) in &config.delivery {

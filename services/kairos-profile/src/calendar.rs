@@ -1,0 +1,136 @@
+//! Dated occasions in the customer's own time zone.
+
+use chrono::{Datelike, NaiveDate, NaiveDateTime, TimeZone};
+use chrono_tz::Tz;
+use kairos_core::time::Millis;
+
+/// The first `month`/`day` at `hour:minute` local time in `tz` strictly after `after`.
+/// February 29 falls on February 28 in other years. A local time that does not exist
+/// (the hour skipped when clocks go forward) moves one hour later; one that exists twice
+/// (clocks going back) takes the first.
+pub fn next_yearly(
+    month: u32,
+    day: u32,
+    (hour, minute): (u32, u32),
+    tz: Tz,
+    after: Millis,
+) -> Option<Millis> {
+    let after_local = chrono::DateTime::from_timestamp_millis(after)?.with_timezone(&tz);
+    for year in after_local.year()..after_local.year() + 3 {
+        let date = NaiveDate::from_ymd_opt(year, month, day).or_else(|| {
+            (month == 2 && day == 29).then(|| NaiveDate::from_ymd_opt(year, 2, 28))?
+        })?;
+        let local = date.and_hms_opt(hour, minute, 0)?;
+        let at = to_utc(tz, local)?;
+        if at > after {
+            return Some(at);
+        }
+    }
+    None
+}
+
+fn to_utc(tz: Tz, local: NaiveDateTime) -> Option<Millis> {
+    match tz.from_local_datetime(&local) {
+        chrono::LocalResult::Single(t) => Some(t.timestamp_millis()),
+        chrono::LocalResult::Ambiguous(first, _) => Some(first.timestamp_millis()),
+        chrono::LocalResult::None => {
+            let later = local + chrono::Duration::hours(1);
+            tz.from_local_datetime(&later)
+                .earliest()
+                .map(|t| t.timestamp_millis())
+        }
+    }
+}
+
+/// Parses `YYYY-MM-DD` into (month, day).
+pub fn month_day(date: &str) -> Option<(u32, u32)> {
+    let d = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    Some((d.month(), d.day()))
+}
+
+/// Month and day of an instant in `tz`.
+pub fn local_month_day(at: Millis, tz: Tz) -> Option<(u32, u32)> {
+    let t = chrono::DateTime::from_timestamp_millis(at)?.with_timezone(&tz);
+    Some((t.month(), t.day()))
+}
+
+/// The first instant of the local day after the one `at` falls on in `tz`.
+pub fn start_of_next_local_day(at: Millis, tz: Tz) -> Option<Millis> {
+    let local = chrono::DateTime::from_timestamp_millis(at)?.with_timezone(&tz);
+    let next = local.date_naive().succ_opt()?;
+    to_utc(tz, next.and_hms_opt(0, 0, 0)?)
+}
+
+/// The customer's zone, UTC when unknown or invalid.
+pub fn zone(name: Option<&str>) -> Tz {
+    name.and_then(|n| n.parse().ok()).unwrap_or(chrono_tz::UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> Millis {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn ten_am_local_on_both_sides_of_dst() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // March 20: CET (UTC+1); April 20: CEST (UTC+2).
+        assert_eq!(
+            next_yearly(3, 20, (10, 0), berlin, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-03-20T09:00:00Z"))
+        );
+        assert_eq!(
+            next_yearly(4, 20, (10, 0), berlin, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-04-20T08:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn skipped_and_repeated_local_times() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // 2026-03-29 02:30 does not exist in Berlin: moves to 03:30 CEST = 01:30 UTC.
+        assert_eq!(
+            next_yearly(3, 29, (2, 30), berlin, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-03-29T01:30:00Z"))
+        );
+        // 2026-10-25 02:30 exists twice: the first (CEST) is 00:30 UTC.
+        assert_eq!(
+            next_yearly(10, 25, (2, 30), berlin, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-10-25T00:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn next_local_day_starts_at_local_midnight() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        assert_eq!(
+            start_of_next_local_day(utc("2026-02-10T09:00:00Z"), berlin),
+            Some(utc("2026-02-10T23:00:00Z"))
+        );
+        // 23:30 UTC is already the next day in Berlin.
+        assert_eq!(
+            start_of_next_local_day(utc("2026-02-10T23:30:00Z"), berlin),
+            Some(utc("2026-02-11T23:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn rolls_to_next_year_and_handles_leap_day() {
+        let utc_tz = chrono_tz::UTC;
+        assert_eq!(
+            next_yearly(1, 5, (10, 0), utc_tz, utc("2026-01-05T10:00:00Z")),
+            Some(utc("2027-01-05T10:00:00Z"))
+        );
+        assert_eq!(
+            next_yearly(2, 29, (10, 0), utc_tz, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-02-28T10:00:00Z"))
+        );
+        assert_eq!(month_day("1990-02-29"), None, "not a date");
+        assert_eq!(month_day("1992-02-29"), Some((2, 29)));
+    }
+}

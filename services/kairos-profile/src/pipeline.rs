@@ -1,0 +1,106 @@
+//! The profile processor and the catalog join wired together in one process, as they
+//! are over Kafka: for `kairos replay`, the event-time tests and the benchmarks.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use kairos_core::config::{topics, Config};
+use kairos_core::encoding::SchemaRegistry;
+use kairos_core::replay::Replayer;
+use kairos_core::store::OutboxEntry;
+
+use crate::catalog::CatalogJoin;
+use crate::ProfileProcessor;
+
+/// Profile processor and catalog join wired together as on Kafka.
+pub struct Pipeline {
+    profile: Replayer<ProfileProcessor>,
+    catalog: Replayer<CatalogJoin>,
+    catalog_topic: String,
+    interest_topic: String,
+    occasions_topic: String,
+}
+
+impl Pipeline {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let schema_registry = SchemaRegistry::new(None);
+        let config_arc = Arc::new(config.clone());
+        let profile = Replayer::new(
+            ProfileProcessor::new(config_arc.clone(), schema_registry.clone(), &registry),
+            config,
+            &registry,
+        )?;
+        let catalog_registry = prometheus::Registry::new();
+        let catalog = Replayer::new(
+            CatalogJoin::new(config, schema_registry),
+            config,
+            &catalog_registry,
+        )?;
+        Ok(Pipeline {
+            profile,
+            catalog,
+            catalog_topic: config.topic(topics::CATALOG),
+            interest_topic: config.topic(topics::PRODUCT_INTEREST),
+            occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
+        })
+    }
+
+    /// Feeds one record and everything it causes; `sink` sees every output.
+    pub fn push(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let first = if topic == self.catalog_topic || topic == self.interest_topic {
+            self.catalog.push(topic, key, payload)?
+        } else {
+            self.profile.push(topic, key, payload)?
+        };
+        self.route(first, sink)
+    }
+
+    fn route(
+        &mut self,
+        first: Vec<OutboxEntry>,
+        sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut queue: VecDeque<OutboxEntry> = first.into();
+        while let Some(e) = queue.pop_front() {
+            sink(&e)?;
+            if e.topic == self.interest_topic {
+                queue.extend(self.catalog.push(&e.topic, &e.key, &e.payload)?);
+            } else if e.topic == self.occasions_topic {
+                queue.extend(self.profile.push(&e.topic, &e.key, &e.payload)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits and fires due timers.
+    pub fn commit(
+        &mut self,
+        sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut out = self.catalog.commit()?;
+        out.extend(self.profile.commit()?);
+        self.route(out, sink)?;
+        // Outputs routed above may have left more work pending.
+        let mut out = self.catalog.commit()?;
+        out.extend(self.profile.commit()?);
+        self.route(out, sink)
+    }
+
+    /// Moves event time to `t` on every partition (a heartbeat).
+    pub fn advance_to(
+        &mut self,
+        t: i64,
+        sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut out = self.catalog.advance_to(t)?;
+        out.extend(self.profile.advance_to(t)?);
+        self.route(out, sink)
+    }
+}

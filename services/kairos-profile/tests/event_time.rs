@@ -1,0 +1,1241 @@
+//! The profile processor and the catalog join in event-time mode, in process: every
+//! scenario kind, driven by timestamps and heartbeats instead of the wall clock.
+
+use std::path::Path;
+
+use kairos_core::config::Config;
+use kairos_core::store::OutboxEntry;
+use kairos_core::time::{ClockMode, Millis, DAY, HOUR, MINUTE};
+use kairos_profile::pipeline::Pipeline;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+[kafka]
+partitions = 2
+
+[state]
+max_batch_records = 1
+
+[clock]
+mode = "event"
+
+[arbiter]
+control_group_percent = 0
+
+[[scenarios]]
+name = "abandoned_cart"
+kind = "abandoned_cart"
+channels = ["email"]
+template = "abandoned_cart"
+delay = "1h"
+valid_for = "12h"
+
+[[scenarios]]
+name = "browse_abandonment"
+kind = "browse_abandonment"
+channels = ["email"]
+template = "browse_abandonment"
+delay = "2h"
+
+[[scenarios]]
+name = "welcome"
+kind = "welcome"
+channels = ["email"]
+template = "welcome"
+delay = "0s"
+tolerance = "1d"
+steps = [
+    { delay = "2d", template = "welcome_2" },
+    { delay = "3d", template = "welcome_3" },
+]
+
+[[scenarios]]
+name = "post_purchase"
+kind = "post_purchase"
+channels = ["email"]
+template = "post_purchase"
+delay = "14d"
+
+[[scenarios]]
+name = "reactivation"
+kind = "reactivation"
+channels = ["email"]
+template = "reactivation"
+delay = "30d"
+
+[[scenarios]]
+name = "birthday"
+kind = "birthday"
+channels = ["email"]
+template = "birthday"
+local_time = "10:00"
+
+[[scenarios]]
+name = "registration_anniversary"
+kind = "registration_anniversary"
+channels = ["email"]
+template = "registration_anniversary"
+local_time = "12:00"
+
+[[scenarios]]
+name = "subscription_ending"
+kind = "subscription_ending"
+channels = ["email"]
+template = "subscription_ending"
+delay = "5d"
+
+[[scenarios]]
+name = "post_delivery"
+kind = "post_delivery"
+channels = ["email"]
+template = "post_delivery"
+delay = "2d"
+
+[[scenarios]]
+name = "order_update"
+kind = "order_update"
+category = "transactional"
+channels = ["email"]
+template = "order_update"
+statuses = ["shipped"]
+
+[[scenarios]]
+name = "win_back"
+kind = "segment_entered"
+segment = "At Risk"
+channels = ["email"]
+template = "win_back"
+
+[[scenarios]]
+name = "vip"
+kind = "segment_entered"
+segment = "Champions"
+channels = ["email"]
+template = "vip"
+
+[[scenarios]]
+name = "price_drop"
+kind = "price_drop"
+channels = ["email"]
+template = "price_drop"
+min_drop_percent = 10
+
+[[scenarios]]
+name = "back_in_stock"
+kind = "back_in_stock"
+channels = ["email"]
+template = "back_in_stock"
+"#;
+
+/// Epoch milliseconds of an RFC 3339 timestamp.
+fn at(s: &str) -> Millis {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("bad timestamp {s:?}: {e}"))
+        .timestamp_millis()
+}
+
+/// RFC 3339 of epoch milliseconds, as events carry it.
+fn rfc(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("timestamp in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// One output record: topic without the prefix, key, decoded JSON value.
+#[derive(Debug, Clone)]
+struct Output {
+    topic: String,
+    key: String,
+    value: Value,
+}
+
+struct Harness {
+    pipeline: Pipeline,
+    outputs: Vec<Output>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::from_text(Path::new("test.toml"), CONFIG, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.state.dir = dir.path().to_path_buf();
+        config.clock.mode = ClockMode::Event;
+        assert_eq!(config.kafka.partitions, 2);
+        assert_eq!(config.state.max_batch_records, 1);
+        let pipeline = Pipeline::new(&config).expect("pipeline");
+        Harness {
+            pipeline,
+            outputs: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    fn sink(outputs: &mut Vec<Output>) -> impl FnMut(&OutboxEntry) -> anyhow::Result<()> + '_ {
+        move |e: &OutboxEntry| {
+            let value: Value = serde_json::from_slice(&e.payload)?;
+            outputs.push(Output {
+                topic: e
+                    .topic
+                    .strip_prefix("kairos.")
+                    .unwrap_or(&e.topic)
+                    .to_string(),
+                key: String::from_utf8_lossy(&e.key).into_owned(),
+                value,
+            });
+            Ok(())
+        }
+    }
+
+    /// Feeds one JSON record to `kairos.<topic>` with `key`.
+    fn feed(&mut self, topic: &str, key: &str, value: Value) {
+        let payload = serde_json::to_vec(&value).expect("json");
+        let mut sink = Self::sink(&mut self.outputs);
+        self.pipeline
+            .push(
+                &format!("kairos.{topic}"),
+                key.as_bytes(),
+                &payload,
+                &mut sink,
+            )
+            .expect("push");
+    }
+
+    /// A site event of `customer`; `extra` fields are merged in.
+    fn site(
+        &mut self,
+        event_id: &str,
+        event_type: &str,
+        customer: &str,
+        time: Millis,
+        extra: Value,
+    ) {
+        let mut e = json!({
+            "event_id": event_id,
+            "event_type": event_type,
+            "occurred_at": rfc(time),
+            "customer_id": customer,
+        });
+        if let (Some(obj), Value::Object(more)) = (e.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        self.feed("events.site", customer, e);
+    }
+
+    /// A till receipt of `customer`.
+    fn receipt(&mut self, event_id: &str, kind: &str, customer: &str, time: Millis, total: f64) {
+        let r = json!({
+            "event_id": event_id,
+            "occurred_at": rfc(time),
+            "receipt_id": format!("r-{event_id}"),
+            "kind": kind,
+            "store_id": "store-1",
+            "customer_id": customer,
+            "items": [{"product_id": "p-till", "quantity": 1, "unit_price": total}],
+            "total": total,
+            "currency": "EUR",
+        });
+        self.feed("events.offline", customer, r);
+    }
+
+    /// A catalog update of `product`; `fields` are merged in (price, in_stock, name).
+    fn catalog(&mut self, event_id: &str, product: &str, time: Millis, fields: Value) {
+        let mut u = json!({
+            "event_id": event_id,
+            "occurred_at": rfc(time),
+            "product_id": product,
+        });
+        if let (Some(obj), Value::Object(more)) = (u.as_object_mut(), fields) {
+            obj.extend(more);
+        }
+        self.feed("catalog", product, u);
+    }
+
+    fn advance(&mut self, t: Millis) {
+        let mut sink = Self::sink(&mut self.outputs);
+        self.pipeline.advance_to(t, &mut sink).expect("advance");
+    }
+
+    fn commit(&mut self) {
+        let mut sink = Self::sink(&mut self.outputs);
+        self.pipeline.commit(&mut sink).expect("commit");
+    }
+
+    fn on(&self, topic: &str) -> impl Iterator<Item = &Output> {
+        let topic = topic.to_string();
+        self.outputs.iter().filter(move |o| o.topic == topic)
+    }
+
+    fn triggers(&self, customer: &str, scenario: &str) -> Vec<Value> {
+        self.on("triggers")
+            .filter(|o| o.value["customer_id"] == customer && o.value["scenario"] == scenario)
+            .inspect(|o| assert_eq!(o.key, customer, "triggers are keyed by customer"))
+            .map(|o| o.value.clone())
+            .collect()
+    }
+
+    fn transitions(&self, customer: &str) -> Vec<Value> {
+        self.on("segment-transitions")
+            .filter(|o| o.value["customer_id"] == customer)
+            .map(|o| o.value.clone())
+            .collect()
+    }
+
+    fn trigger_ids(&self) -> Vec<String> {
+        self.on("triggers")
+            .map(|o| {
+                o.value["trigger_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+/// The trigger's template variables (a JSON object carried as a string).
+fn vars(trigger: &Value) -> Value {
+    let s = trigger["variables"]
+        .as_str()
+        .expect("variables is a string");
+    serde_json::from_str(s).expect("variables is JSON")
+}
+
+fn product(id: &str, price: f64) -> Value {
+    json!({"product_id": id, "name": format!("Product {id}"), "category": "kitchen", "price": price})
+}
+
+fn add_to_cart(id: &str, price: f64) -> Value {
+    json!({ "product": product(id, price) })
+}
+
+fn order(order_id: &str, total: f64, status: Option<&str>) -> Value {
+    match status {
+        Some(s) => json!({"order": {"order_id": order_id, "total": total, "status": s}}),
+        None => json!({"order": {"order_id": order_id, "total": total}}),
+    }
+}
+
+const T0: &str = "2026-03-02T10:00:00Z";
+
+// 1. Abandoned cart.
+
+#[test]
+fn abandoned_cart_fires_exactly_after_the_delay_with_the_cart() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site("ac1-add", "add_to_cart", "ac1", t0, add_to_cart("p1", 12.5));
+    h.advance(t0 + 59 * MINUTE);
+    assert!(
+        h.triggers("ac1", "abandoned_cart").is_empty(),
+        "not before the delay"
+    );
+    h.advance(t0 + HOUR);
+    let fired = h.triggers("ac1", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let t = &fired[0];
+    assert_eq!(t["fired_at"], t0 + HOUR);
+    assert_eq!(
+        t["valid_until"],
+        t0 + HOUR + 12 * HOUR,
+        "fired_at + valid_for"
+    );
+    assert_eq!(t["step"], 0);
+    assert_eq!(t["template"], "abandoned_cart");
+    assert_eq!(t["category"], "trigger");
+    assert_eq!(t["channels"], json!(["email"]));
+    assert_eq!(t["cause_event_id"], "ac1-add");
+    assert_eq!(t["cause_occurred_at"], t0);
+    let v = vars(t);
+    let items = v["cart_items"].as_array().expect("cart_items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["product_id"], "p1");
+    assert_eq!(items[0]["quantity"], 1);
+    assert_eq!(items[0]["unit_price"], 12.5);
+    // Nothing more later.
+    h.advance(t0 + 3 * HOUR);
+    assert_eq!(h.triggers("ac1", "abandoned_cart").len(), 1);
+}
+
+#[test]
+fn abandoned_cart_wait_restarts_on_cart_change() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "ac2-add1",
+        "add_to_cart",
+        "ac2",
+        t0,
+        add_to_cart("p1", 10.0),
+    );
+    h.site(
+        "ac2-add2",
+        "add_to_cart",
+        "ac2",
+        t0 + 30 * MINUTE,
+        add_to_cart("p2", 20.0),
+    );
+    h.advance(t0 + HOUR);
+    assert!(
+        h.triggers("ac2", "abandoned_cart").is_empty(),
+        "the first wait was restarted"
+    );
+    h.advance(t0 + HOUR + 29 * MINUTE);
+    assert!(h.triggers("ac2", "abandoned_cart").is_empty());
+    h.advance(t0 + HOUR + 30 * MINUTE);
+    let fired = h.triggers("ac2", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t0 + 90 * MINUTE);
+    assert_eq!(fired[0]["cause_event_id"], "ac2-add2");
+    let items = vars(&fired[0])["cart_items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(2), "{items}");
+    assert_eq!(vars(&fired[0])["cart_value"], 30.0);
+}
+
+#[test]
+fn abandoned_cart_is_cancelled_by_an_online_purchase() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site("ac3-add", "add_to_cart", "ac3", t0, add_to_cart("p1", 10.0));
+    h.site(
+        "ac3-buy",
+        "purchase",
+        "ac3",
+        t0 + 20 * MINUTE,
+        order("o-ac3", 10.0, None),
+    );
+    h.advance(t0 + 3 * HOUR);
+    assert!(h.triggers("ac3", "abandoned_cart").is_empty());
+}
+
+#[test]
+fn abandoned_cart_is_cancelled_by_an_offline_receipt() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site("ac4-add", "add_to_cart", "ac4", t0, add_to_cart("p1", 10.0));
+    h.receipt("ac4-till", "sale", "ac4", t0 + 20 * MINUTE, 10.0);
+    h.advance(t0 + 3 * HOUR);
+    assert!(h.triggers("ac4", "abandoned_cart").is_empty());
+}
+
+#[test]
+fn abandoned_cart_out_of_order_receipt_still_prevents_the_reminder() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    // The receipt (20 minutes after the cart change) is consumed first.
+    h.receipt("ac5-till", "sale", "ac5", t0 + 20 * MINUTE, 10.0);
+    h.site("ac5-add", "add_to_cart", "ac5", t0, add_to_cart("p1", 10.0));
+    h.advance(t0 + 3 * HOUR);
+    assert!(h.triggers("ac5", "abandoned_cart").is_empty());
+}
+
+// 2. Duplicates.
+
+#[test]
+fn duplicate_event_ids_are_applied_once() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    let cart = add_to_cart("p1", 10.0);
+    h.site("dup-add", "add_to_cart", "dup1", t0, cart.clone());
+    h.site("dup-add", "add_to_cart", "dup1", t0, cart);
+    h.advance(t0 + HOUR);
+    let fired = h.triggers("dup1", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let items = vars(&fired[0])["cart_items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(1), "{items}");
+    assert_eq!(items[0]["quantity"], 1, "{items}");
+
+    h.site(
+        "dup-buy",
+        "purchase",
+        "dup2",
+        t0,
+        order("o-dup", 40.0, None),
+    );
+    h.site(
+        "dup-buy",
+        "purchase",
+        "dup2",
+        t0,
+        order("o-dup", 40.0, None),
+    );
+    h.advance(t0 + 14 * DAY);
+    let follow_up = h.triggers("dup2", "post_purchase");
+    assert_eq!(follow_up.len(), 1, "{follow_up:#?}");
+    assert_eq!(
+        vars(&follow_up[0])["orders"],
+        1,
+        "the duplicate purchase was not counted"
+    );
+    let to_new = h
+        .transitions("dup2")
+        .into_iter()
+        .filter(|t| t["kind"] == "lifecycle" && t["to_segment"] == "new")
+        .count();
+    assert_eq!(to_new, 1);
+}
+
+// 3. Browse abandonment.
+
+#[test]
+fn browse_abandonment_fires_two_hours_after_a_view() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "ba1-view",
+        "product_view",
+        "ba1",
+        t0,
+        json!({"product": product("p7", 55.0)}),
+    );
+    h.advance(t0 + 2 * HOUR - MINUTE);
+    assert!(h.triggers("ba1", "browse_abandonment").is_empty());
+    h.advance(t0 + 2 * HOUR);
+    let fired = h.triggers("ba1", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t0 + 2 * HOUR);
+    let v = vars(&fired[0]);
+    assert_eq!(v["product"]["product_id"], "p7", "{v}");
+    assert_eq!(v["product"]["price"], 55.0, "{v}");
+}
+
+#[test]
+fn browse_abandonment_not_after_add_to_cart() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "ba2-view",
+        "product_view",
+        "ba2",
+        t0,
+        json!({"product": product("p7", 55.0)}),
+    );
+    h.site(
+        "ba2-add",
+        "add_to_cart",
+        "ba2",
+        t0 + 10 * MINUTE,
+        add_to_cart("p7", 55.0),
+    );
+    h.advance(t0 + 5 * HOUR);
+    assert!(h.triggers("ba2", "browse_abandonment").is_empty());
+    // The cart reminder took over.
+    assert_eq!(h.triggers("ba2", "abandoned_cart").len(), 1);
+}
+
+// 4. Welcome chain.
+
+#[test]
+fn welcome_chain_runs_its_steps() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "w1-reg",
+        "registration",
+        "w1",
+        t,
+        json!({"email": "w1@example.com"}),
+    );
+    h.commit();
+    let fired = h.triggers("w1", "welcome");
+    assert_eq!(fired.len(), 1, "step 0 right away: {fired:#?}");
+    h.advance(t + 2 * DAY - MINUTE);
+    assert_eq!(h.triggers("w1", "welcome").len(), 1);
+    h.advance(t + 2 * DAY);
+    assert_eq!(h.triggers("w1", "welcome").len(), 2);
+    h.advance(t + 5 * DAY - MINUTE);
+    assert_eq!(h.triggers("w1", "welcome").len(), 2);
+    h.advance(t + 30 * DAY);
+    let fired = h.triggers("w1", "welcome");
+    let got: Vec<(i64, String, i64)> = fired
+        .iter()
+        .map(|t| {
+            (
+                t["step"].as_i64().unwrap_or(-1),
+                t["template"].as_str().unwrap_or_default().to_string(),
+                t["fired_at"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, "welcome".to_string(), t),
+            (1, "welcome_2".to_string(), t + 2 * DAY),
+            (2, "welcome_3".to_string(), t + 5 * DAY),
+        ]
+    );
+    assert_eq!(fired[0]["contacts"]["email"], "w1@example.com");
+    let mut ids: Vec<&str> = fired
+        .iter()
+        .filter_map(|t| t["trigger_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct trigger ids per step");
+}
+
+#[test]
+fn welcome_chain_ends_on_purchase() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site("w2-reg", "registration", "w2", t, json!({}));
+    h.site(
+        "w2-buy",
+        "purchase",
+        "w2",
+        t + DAY,
+        order("o-w2", 30.0, None),
+    );
+    h.advance(t + 10 * DAY);
+    let fired = h.triggers("w2", "welcome");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["step"], 0);
+}
+
+// 5. Post purchase.
+
+#[test]
+fn post_purchase_fires_after_fourteen_days() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("pp1-buy", "purchase", "pp1", t, order("o-pp1", 80.0, None));
+    h.advance(t + 14 * DAY - MINUTE);
+    assert!(h.triggers("pp1", "post_purchase").is_empty());
+    h.advance(t + 14 * DAY);
+    let fired = h.triggers("pp1", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-pp1");
+}
+
+#[test]
+fn post_purchase_is_cancelled_by_a_return() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("pp2-buy", "purchase", "pp2", t, order("o-pp2", 80.0, None));
+    h.site(
+        "pp2-ret",
+        "order_status",
+        "pp2",
+        t + 3 * DAY,
+        order("o-pp2", 80.0, Some("returned")),
+    );
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("pp2", "post_purchase").is_empty());
+}
+
+#[test]
+fn post_purchase_is_cancelled_by_a_till_refund() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("pp3-buy", "purchase", "pp3", t, order("o-pp3", 80.0, None));
+    h.receipt("pp3-refund", "refund", "pp3", t + 3 * DAY, 80.0);
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("pp3", "post_purchase").is_empty());
+}
+
+// 6. Reactivation.
+
+#[test]
+fn reactivation_waits_from_the_latest_visit() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("ra-v1", "page_view", "ra", t, json!({"page_url": "/"}));
+    h.site(
+        "ra-v2",
+        "page_view",
+        "ra",
+        t + 10 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + 30 * DAY);
+    assert!(
+        h.triggers("ra", "reactivation").is_empty(),
+        "the customer came back at T+10d"
+    );
+    h.advance(t + 40 * DAY - MINUTE);
+    assert!(h.triggers("ra", "reactivation").is_empty());
+    h.advance(t + 40 * DAY);
+    let fired = h.triggers("ra", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 40 * DAY);
+    assert_eq!(vars(&fired[0])["days_since_visit"], 30);
+    h.advance(t + 100 * DAY);
+    assert_eq!(
+        h.triggers("ra", "reactivation").len(),
+        1,
+        "once per absence"
+    );
+}
+
+// 7. Birthday.
+
+fn birthday_update(birthday: &str, zone: &str) -> Value {
+    json!({"profile": {"birthday": birthday, "time_zone": zone}})
+}
+
+#[test]
+fn birthday_fires_at_ten_local_across_dst() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "bd1-up",
+        "profile_update",
+        "bd1",
+        t,
+        birthday_update("1990-03-30", "Europe/Berlin"),
+    );
+    h.site(
+        "bd2-up",
+        "profile_update",
+        "bd2",
+        t,
+        birthday_update("1985-03-20", "Europe/Berlin"),
+    );
+    h.site(
+        "bd3-up",
+        "profile_update",
+        "bd3",
+        t,
+        birthday_update("1979-11-02", "America/New_York"),
+    );
+
+    // March 20: CET, 10:00 local is 09:00Z.
+    h.advance(at("2026-03-20T08:59:00Z"));
+    assert!(h.triggers("bd2", "birthday").is_empty());
+    h.advance(at("2026-03-20T09:00:00Z"));
+    let fired = h.triggers("bd2", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-03-20T09:00:00Z"));
+
+    // March 30, after the switch to CEST: 08:00Z.
+    h.advance(at("2026-03-30T07:59:00Z"));
+    assert!(h.triggers("bd1", "birthday").is_empty());
+    h.advance(at("2026-03-30T08:00:00Z"));
+    let fired = h.triggers("bd1", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-03-30T08:00:00Z"));
+    assert_eq!(fired[0]["contacts"]["time_zone"], "Europe/Berlin");
+
+    // November 2 in New York, after the fall back on November 1: EST, 15:00Z.
+    h.advance(at("2026-11-02T14:59:00Z"));
+    assert!(h.triggers("bd3", "birthday").is_empty());
+    h.advance(at("2026-11-02T15:00:00Z"));
+    let fired = h.triggers("bd3", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-11-02T15:00:00Z"));
+
+    // Once a year.
+    assert_eq!(h.triggers("bd1", "birthday").len(), 1);
+    assert_eq!(h.triggers("bd2", "birthday").len(), 1);
+}
+
+#[test]
+fn changing_the_birthday_moves_the_timer() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "bd4-up1",
+        "profile_update",
+        "bd4",
+        t,
+        birthday_update("1990-03-30", "Europe/Berlin"),
+    );
+    h.site(
+        "bd4-up2",
+        "profile_update",
+        "bd4",
+        t + DAY,
+        json!({"profile": {"birthday": "1990-04-10"}}),
+    );
+    h.advance(at("2026-04-01T00:00:00Z"));
+    assert!(
+        h.triggers("bd4", "birthday").is_empty(),
+        "the old date does not fire"
+    );
+    h.advance(at("2026-04-10T07:59:00Z"));
+    assert!(h.triggers("bd4", "birthday").is_empty());
+    h.advance(at("2026-04-10T08:00:00Z"));
+    let fired = h.triggers("bd4", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-04-10T08:00:00Z"));
+}
+
+// 8. Registration anniversary.
+
+#[test]
+fn registration_anniversary_at_noon_local_one_year_later() {
+    // 10:00 in Berlin: the registration day's noon is still ahead, and is no anniversary.
+    let reg = at("2026-02-10T09:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "an1-reg",
+        "registration",
+        "an1",
+        reg,
+        json!({"profile": {"time_zone": "Europe/Berlin"}}),
+    );
+    h.advance(at("2026-02-12T00:00:00Z"));
+    assert!(
+        h.triggers("an1", "registration_anniversary").is_empty(),
+        "no anniversary on the day of registration"
+    );
+    h.advance(at("2027-02-10T10:59:00Z"));
+    assert!(h.triggers("an1", "registration_anniversary").is_empty());
+    h.advance(at("2027-02-10T11:00:00Z"));
+    let fired = h.triggers("an1", "registration_anniversary");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        fired[0]["fired_at"],
+        at("2027-02-10T11:00:00Z"),
+        "12:00 CET"
+    );
+    assert_eq!(fired[0]["template"], "registration_anniversary");
+}
+
+// 9. Subscription ending.
+
+#[test]
+fn subscription_ending_follows_the_end_date() {
+    let t = at("2026-05-01T08:00:00Z");
+    let ends = at("2026-06-01T00:00:00Z");
+    let moved = at("2026-06-15T00:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "se-up1",
+        "profile_update",
+        "se",
+        t,
+        json!({"profile": {"subscription_ends_at": ends}}),
+    );
+    h.site(
+        "se-up2",
+        "profile_update",
+        "se",
+        t + 9 * DAY,
+        json!({"profile": {"subscription_ends_at": moved}}),
+    );
+    h.advance(ends - 5 * DAY + HOUR);
+    assert!(
+        h.triggers("se", "subscription_ending").is_empty(),
+        "the old end date does not fire"
+    );
+    h.advance(moved - 5 * DAY - MINUTE);
+    assert!(h.triggers("se", "subscription_ending").is_empty());
+    h.advance(moved - 5 * DAY);
+    let fired = h.triggers("se", "subscription_ending");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], moved - 5 * DAY);
+    assert_eq!(fired[0]["cause_event_id"], format!("subscription-{moved}"));
+    h.advance(moved + DAY);
+    assert_eq!(h.triggers("se", "subscription_ending").len(), 1);
+}
+
+#[test]
+fn subscription_ending_fires_five_days_before() {
+    let t = at("2026-05-01T08:00:00Z");
+    let ends = at("2026-06-01T00:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "se2-up",
+        "profile_update",
+        "se2",
+        t,
+        json!({"profile": {"subscription_ends_at": ends}}),
+    );
+    h.advance(ends - 5 * DAY - MINUTE);
+    assert!(h.triggers("se2", "subscription_ending").is_empty());
+    h.advance(ends - 5 * DAY);
+    let fired = h.triggers("se2", "subscription_ending");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], ends - 5 * DAY);
+}
+
+// 10. Post delivery and order updates.
+
+#[test]
+fn post_delivery_two_days_after_delivery() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("pd-buy", "purchase", "pd", t, order("o-pd", 60.0, None));
+    h.site(
+        "pd-del",
+        "order_status",
+        "pd",
+        t + 3 * DAY,
+        order("o-pd", 60.0, Some("delivered")),
+    );
+    h.advance(t + 5 * DAY - MINUTE);
+    assert!(h.triggers("pd", "post_delivery").is_empty());
+    h.advance(t + 5 * DAY);
+    let fired = h.triggers("pd", "post_delivery");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 5 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-pd");
+    assert!(
+        h.triggers("pd", "order_update").is_empty(),
+        "only shipped is configured"
+    );
+}
+
+#[test]
+fn order_update_fires_immediately_for_configured_statuses() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "ou-placed",
+        "order_status",
+        "ou",
+        t,
+        order("o-ou", 60.0, Some("placed")),
+    );
+    h.commit();
+    assert!(
+        h.triggers("ou", "order_update").is_empty(),
+        "placed is not configured"
+    );
+    h.site(
+        "ou-shipped",
+        "order_status",
+        "ou",
+        t + HOUR,
+        order("o-ou", 60.0, Some("shipped")),
+    );
+    let fired = h.triggers("ou", "order_update");
+    assert_eq!(fired.len(), 1, "no heartbeat needed: {fired:#?}");
+    assert_eq!(fired[0]["category"], "transactional");
+    assert_eq!(fired[0]["fired_at"], t + HOUR);
+    let v = vars(&fired[0]);
+    assert_eq!(v["order_id"], "o-ou");
+    assert_eq!(v["status"], "shipped");
+}
+
+// 11. Segments.
+
+fn find<'a>(transitions: &'a [Value], kind: &str, to: &str) -> Option<&'a Value> {
+    transitions
+        .iter()
+        .find(|t| t["kind"] == kind && t["to_segment"] == to)
+}
+
+#[test]
+fn purchases_move_segments() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("sg1-view", "page_view", "sg1", t, json!({}));
+    let first = h.transitions("sg1");
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0]["kind"], "lifecycle");
+    assert_eq!(first[0]["from_segment"], Value::Null);
+    assert_eq!(first[0]["to_segment"], "prospect");
+    assert_eq!(first[0]["reason"], "first event");
+
+    h.site(
+        "sg1-buy",
+        "purchase",
+        "sg1",
+        t + HOUR,
+        order("o-sg1", 50.0, None),
+    );
+    let all = h.transitions("sg1");
+    let new = find(&all, "lifecycle", "new").expect("lifecycle new");
+    assert_eq!(new["from_segment"], "prospect");
+    assert_eq!(new["reason"], "purchase");
+    assert_eq!(new["occurred_at"], t + HOUR);
+    let rfm = all
+        .iter()
+        .find(|t| t["kind"] == "rfm")
+        .expect("an RFM segment appears");
+    assert_eq!(rfm["from_segment"], Value::Null);
+    assert_eq!(rfm["to_segment"], "New");
+    assert_eq!(rfm["reason"], "purchase");
+}
+
+#[test]
+fn time_alone_moves_a_customer_to_at_risk() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    // Five orders, 300 in all: F=4, M=3.
+    for i in 0..5 {
+        h.site(
+            &format!("sg2-buy{i}"),
+            "purchase",
+            "sg2",
+            t + i * DAY,
+            order(&format!("o-sg2-{i}"), 60.0, None),
+        );
+    }
+    let last = t + 4 * DAY;
+    assert!(h.triggers("sg2", "win_back").is_empty());
+    // No further input, only time.
+    h.advance(t + 200 * DAY);
+    let all = h.transitions("sg2");
+    let dormant = find(&all, "lifecycle", "dormant").expect("dormant after 90 days");
+    assert_eq!(dormant["reason"], "time");
+    assert_eq!(dormant["occurred_at"], last + 90 * DAY);
+    let at_risk = find(&all, "rfm", "At Risk").unwrap_or_else(|| panic!("At Risk: {all:#?}"));
+    assert_eq!(at_risk["reason"], "time");
+    assert_eq!(at_risk["occurred_at"], last + 180 * DAY);
+    let fired = h.triggers("sg2", "win_back");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], last + 180 * DAY);
+    let v = vars(&fired[0]);
+    assert_eq!(v["to_segment"], "At Risk");
+    assert_eq!(v["segment"], "At Risk");
+}
+
+#[test]
+fn champions_get_the_vip_trigger() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for i in 0..4 {
+        h.site(
+            &format!("sg3-buy{i}"),
+            "purchase",
+            "sg3",
+            t + i * HOUR,
+            order(&format!("o-sg3-{i}"), 200.0, None),
+        );
+    }
+    assert!(
+        h.triggers("sg3", "vip").is_empty(),
+        "four orders are not enough"
+    );
+    h.site(
+        "sg3-buy4",
+        "purchase",
+        "sg3",
+        t + 4 * HOUR,
+        order("o-sg3-4", 200.0, None),
+    );
+    let fired = h.triggers("sg3", "vip");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 4 * HOUR);
+    let all = h.transitions("sg3");
+    let champions = find(&all, "rfm", "Champions").expect("Champions");
+    assert_eq!(champions["reason"], "purchase");
+    assert!(h.triggers("sg3", "win_back").is_empty());
+}
+
+// 12. Price drop and back in stock.
+
+#[test]
+fn price_drop_reaches_viewers_only() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "cat-1",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    h.site(
+        "pr1-view",
+        "product_view",
+        "pr1",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "pr2-view",
+        "product_view",
+        "pr2",
+        t + HOUR,
+        json!({"product": product("p9", 10.0)}),
+    );
+    h.catalog("cat-2", "p1", t + 2 * HOUR, json!({"price": 80.0}));
+    let fired = h.triggers("pr1", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let v = vars(&fired[0]);
+    assert_eq!(v["product_id"], "p1");
+    assert_eq!(v["product_name"], "Kettle");
+    assert_eq!(v["old_price"], 100.0);
+    assert_eq!(v["new_price"], 80.0);
+    assert_eq!(fired[0]["fired_at"], t + 2 * HOUR);
+    assert!(
+        h.triggers("pr2", "price_drop").is_empty(),
+        "did not view p1"
+    );
+
+    // 5% is below the threshold.
+    h.catalog("cat-3", "p1", t + 3 * HOUR, json!({"price": 76.0}));
+    h.advance(t + 4 * HOUR);
+    assert_eq!(h.triggers("pr1", "price_drop").len(), 1);
+}
+
+#[test]
+fn small_price_drop_gives_nothing() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("cat-1", "p3", t, json!({"price": 100.0}));
+    h.site(
+        "pr3-view",
+        "product_view",
+        "pr3",
+        t + HOUR,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.catalog("cat-2", "p3", t + 2 * HOUR, json!({"price": 95.0}));
+    h.advance(t + 3 * HOUR);
+    assert!(h.triggers("pr3", "price_drop").is_empty());
+    assert!(h.on("product-occasions").next().is_none());
+}
+
+#[test]
+fn back_in_stock_reaches_the_wishlister_only() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "cat-1",
+        "p2",
+        t,
+        json!({"name": "Teapot", "price": 30.0, "in_stock": false}),
+    );
+    h.site(
+        "bs1-wish",
+        "wishlist_add",
+        "bs1",
+        t + HOUR,
+        json!({"product": product("p2", 30.0)}),
+    );
+    h.site(
+        "bs2-view",
+        "product_view",
+        "bs2",
+        t + HOUR,
+        json!({"product": product("p2", 30.0)}),
+    );
+    h.catalog("cat-2", "p2", t + 2 * HOUR, json!({"in_stock": true}));
+    let fired = h.triggers("bs1", "back_in_stock");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["product_id"], "p2");
+    assert!(
+        h.triggers("bs2", "back_in_stock").is_empty(),
+        "viewed, not wishlisted"
+    );
+    assert!(h.triggers("bs1", "price_drop").is_empty());
+}
+
+// 13. Late events.
+
+#[test]
+fn late_registration_beyond_tolerance_is_not_welcomed() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.advance(t + 10 * DAY);
+    h.site("late-reg", "registration", "late", t, json!({}));
+    h.commit();
+    h.advance(t + 11 * DAY);
+    let fired = h.triggers("late", "welcome");
+    assert!(
+        fired.iter().all(|t| t["step"] != 0),
+        "step 0 is 10 days late: {fired:#?}"
+    );
+    assert!(
+        fired.is_empty(),
+        "every step is more than a day late: {fired:#?}"
+    );
+}
+
+#[test]
+fn late_registration_within_tolerance_is_welcomed() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.advance(t + 12 * HOUR);
+    h.site("late2-reg", "registration", "late2", t, json!({}));
+    let fired = h.triggers("late2", "welcome");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 12 * HOUR);
+    assert_eq!(fired[0]["step"], 0);
+}
+
+// 14. Determinism.
+
+fn script(h: &mut Harness) {
+    let t = at(T0);
+    h.catalog(
+        "d-cat-1",
+        "p1",
+        t,
+        json!({"price": 100.0, "in_stock": false}),
+    );
+    h.site(
+        "d-reg",
+        "registration",
+        "d1",
+        t,
+        json!({"profile": {"birthday": "1990-03-10", "time_zone": "Europe/Paris"}}),
+    );
+    h.site(
+        "d-view",
+        "product_view",
+        "d1",
+        t + MINUTE,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "d-wish",
+        "wishlist_add",
+        "d2",
+        t + MINUTE,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "d-add",
+        "add_to_cart",
+        "d2",
+        t + 2 * MINUTE,
+        add_to_cart("p5", 15.0),
+    );
+    h.site(
+        "d-buy",
+        "purchase",
+        "d3",
+        t + 3 * MINUTE,
+        order("o-d3", 120.0, None),
+    );
+    h.site(
+        "d-ship",
+        "order_status",
+        "d3",
+        t + DAY,
+        order("o-d3", 120.0, Some("shipped")),
+    );
+    h.site(
+        "d-deliv",
+        "order_status",
+        "d3",
+        t + 2 * DAY,
+        order("o-d3", 120.0, Some("delivered")),
+    );
+    h.receipt("d-till", "sale", "d4", t + HOUR, 45.0);
+    h.catalog(
+        "d-cat-2",
+        "p1",
+        t + 3 * DAY,
+        json!({"price": 70.0, "in_stock": true}),
+    );
+    h.advance(t + 400 * DAY);
+}
+
+#[test]
+fn same_input_same_trigger_ids() {
+    let mut a = Harness::new();
+    let mut b = Harness::new();
+    script(&mut a);
+    script(&mut b);
+    let ids = a.trigger_ids();
+    assert!(
+        ids.len() >= 10,
+        "the script exercises many scenarios: {ids:?}"
+    );
+    assert_eq!(ids, b.trigger_ids());
+    let transitions = |h: &Harness| -> Vec<Value> {
+        h.on("segment-transitions")
+            .map(|o| o.value.clone())
+            .collect()
+    };
+    assert_eq!(transitions(&a), transitions(&b));
+}

@@ -1,0 +1,174 @@
+//! The profile processor under SIGKILL and rebalances: final state and the set of
+//! emitted trigger ids equal those of an undisturbed run over the same input.
+//!
+//! Event-time mode, so results depend on the input alone. All events go to one input
+//! topic: the order of records across topics is the broker's arrival order, which no
+//! two runs share, while the order within a partition is fixed.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kairos_core::config::GeneratorConfig;
+use kairos_generator::{Source, TrafficModel};
+use kairos_tests::{Options, Pipeline};
+
+const EVENTS: usize = 100_000;
+const CHUNKS: usize = 5;
+
+const SCENARIOS: &str = r#"
+[[scenarios]]
+name = "welcome"
+kind = "welcome"
+channels = ["email"]
+template = "welcome"
+steps = [{ delay = "2d", template = "welcome_2" }]
+
+[[scenarios]]
+name = "browse"
+kind = "browse_abandonment"
+channels = ["email"]
+template = "browse"
+delay = "2h"
+
+[[scenarios]]
+name = "come_back"
+kind = "reactivation"
+channels = ["email"]
+template = "come_back"
+delay = "3d"
+"#;
+
+/// ~100k generated events at synthetic times: a session every 20 s of event time.
+fn traffic() -> Vec<(String, Vec<u8>)> {
+    let mut model = TrafficModel::new(&GeneratorConfig {
+        customers: 3_000,
+        seed: 7,
+        ..GeneratorConfig::default()
+    });
+    let mut now = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let mut out = Vec::with_capacity(EVENTS);
+    while out.len() < EVENTS {
+        now += 20_000;
+        for e in model.session(now) {
+            if e.source != Source::Offline && out.len() < EVENTS {
+                out.push((e.key, e.payload));
+            }
+        }
+    }
+    out
+}
+
+fn options() -> Options {
+    Options {
+        env: vec![("KAIROS__CLOCK__MODE".into(), "event".into())],
+        cart_delay: "1h",
+        services: vec![],
+        extra_config: SCENARIOS.into(),
+    }
+}
+
+fn produce_chunk(p: &Pipeline, chunk: &[(String, Vec<u8>)]) {
+    let records: Vec<(&str, Vec<u8>)> = chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    p.produce("events.site", &records);
+}
+
+struct Outcome {
+    trigger_ids: BTreeSet<String>,
+    trigger_records: usize,
+    changelog_digest: String,
+    local_digest: Option<String>,
+}
+
+fn finish(p: &mut Pipeline, instances: &[&str], local: bool) -> Outcome {
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(300));
+    let triggers = p.read_all_json("triggers");
+    for i in instances {
+        let (status, _) = p.terminate(i);
+        assert!(status.success(), "{i} did not stop cleanly:\n{}", p.log(i));
+    }
+    Outcome {
+        trigger_ids: triggers
+            .iter()
+            .map(|t| t["trigger_id"].as_str().unwrap_or_default().to_string())
+            .collect(),
+        trigger_records: triggers.len(),
+        changelog_digest: p.state_digest("profile", true, None),
+        local_digest: local.then(|| p.state_digest("profile", false, None)),
+    }
+}
+
+fn undisturbed(events: &[(String, Vec<u8>)]) -> Outcome {
+    let mut p = Pipeline::start(options());
+    p.spawn("profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    for chunk in events.chunks(events.len() / CHUNKS) {
+        produce_chunk(&p, chunk);
+    }
+    finish(&mut p, &["profile"], true)
+}
+
+#[test]
+fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
+    let events = traffic();
+    assert_eq!(events.len(), EVENTS);
+    let baseline = undisturbed(&events);
+    assert!(
+        baseline.trigger_ids.len() > 1_000,
+        "the traffic must exercise the scenarios: {} triggers",
+        baseline.trigger_ids.len()
+    );
+    assert_eq!(
+        baseline.local_digest.as_deref(),
+        Some(baseline.changelog_digest.as_str()),
+        "the changelog replicates the local state exactly"
+    );
+
+    // SIGKILL while events flow, several times.
+    let mut p = Pipeline::start(options());
+    p.spawn("profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    let mut kills = 0;
+    for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
+        produce_chunk(&p, chunk);
+        std::thread::sleep(Duration::from_millis(200 + 150 * i as u64));
+        p.kill9("profile");
+        kills += 1;
+        p.spawn("profile");
+        p.wait_ready("profile", Duration::from_secs(120));
+    }
+    let crashed = finish(&mut p, &["profile"], true);
+    assert!(kills >= 3);
+    assert_eq!(crashed.trigger_ids, baseline.trigger_ids, "same triggers after {kills} SIGKILLs");
+    assert!(crashed.trigger_records >= baseline.trigger_records, "re-sends may repeat ids, never lose them");
+    assert_eq!(crashed.local_digest, baseline.local_digest, "same final state");
+    assert_eq!(crashed.changelog_digest, baseline.changelog_digest);
+
+    // Two instances share the partitions; one stops and comes back later.
+    let mut p = Pipeline::start(options());
+    p.spawn("profile");
+    p.spawn_instance("profile-b", "profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    p.wait_ready("profile-b", Duration::from_secs(60));
+    let chunks: Vec<_> = events.chunks(events.len() / CHUNKS).collect();
+    produce_chunk(&p, chunks[0]);
+    produce_chunk(&p, chunks[1]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _) = p.terminate("profile-b");
+    assert!(status.success());
+    produce_chunk(&p, chunks[2]);
+    std::thread::sleep(Duration::from_millis(500));
+    p.spawn_instance("profile-b", "profile");
+    p.wait_ready("profile-b", Duration::from_secs(60));
+    for c in &chunks[3..] {
+        produce_chunk(&p, c);
+    }
+    let shared = finish(&mut p, &["profile", "profile-b"], false);
+    let a_log = p.log("profile");
+    let b_log = p.log("profile-b");
+    assert!(
+        a_log.contains("restoring state from the changelog") || b_log.contains("restoring state from the changelog"),
+        "partitions moved with their state:\n{a_log}\n{b_log}"
+    );
+    assert_eq!(shared.trigger_ids, baseline.trigger_ids, "same triggers with a rebalance");
+    assert_eq!(shared.changelog_digest, baseline.changelog_digest, "same final state with a rebalance");
+}
