@@ -135,7 +135,12 @@ impl Pipeline {
     /// Starts the broker (unless `KAIROS_TEST_BOOTSTRAP` names one) and every service,
     /// and waits until each reports ready.
     pub fn start(opts: Options) -> Pipeline {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // KAIROS_TEST_KEEP=1 keeps the directory (config, logs, state) for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("kairos-test-")
+            .disable_cleanup(std::env::var("KAIROS_TEST_KEEP").is_ok())
+            .tempdir()
+            .expect("temp dir");
         let config_path = dir.path().join("kairos.toml");
         std::fs::write(
             &config_path,
@@ -221,7 +226,10 @@ impl Pipeline {
     /// state directory, the same consumer group).
     pub fn spawn_instance(&mut self, instance: &str, service: &str) {
         let port = free_port();
-        self.admin.insert(instance.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
+        self.admin.insert(
+            instance.to_string(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        );
         let state = self.dir.path().join(format!("state-{instance}"));
         let key = format!("KAIROS__{}__ADMIN_LISTEN", service.to_uppercase());
         let mut cmd = self.command(&[service], instance);
@@ -241,7 +249,12 @@ impl Pipeline {
     }
 
     /// Runs `kairos inspect-state` and returns its "total" line (record count and digest).
-    pub fn state_digest(&self, service: &str, from_changelog: bool, state_dir: Option<&std::path::Path>) -> String {
+    pub fn state_digest(
+        &self,
+        service: &str,
+        from_changelog: bool,
+        state_dir: Option<&std::path::Path>,
+    ) -> String {
         let mut args = vec!["inspect-state", "--service", service];
         if from_changelog {
             args.push("--from-changelog");
@@ -256,8 +269,18 @@ impl Pipeline {
             cmd.env("KAIROS__STATE__DIR", d.display().to_string());
         }
         let out = cmd.output().expect("run inspect-state");
-        assert!(out.status.success(), "inspect-state failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inspect-state failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if std::env::var("KAIROS_TEST_VERBOSE").is_ok() {
+            eprintln!(
+                "inspect-state {service} from_changelog={from_changelog}:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         text.lines()
             .find(|l| l.starts_with("total "))
             .unwrap_or_default()
@@ -277,6 +300,7 @@ impl Pipeline {
         let deadline = Instant::now() + timeout;
         loop {
             let mut behind = 0i64;
+            let mut detail = Vec::new();
             for t in topics {
                 let topic = self.topic(t);
                 let md = consumer
@@ -299,12 +323,18 @@ impl Pipeline {
                         _ => 0,
                     };
                     behind += (high - done).max(0);
+                    if high > done {
+                        detail.push(format!("{topic}[{p}] committed {done} of {high}"));
+                    }
                 }
             }
             if behind == 0 {
                 return;
             }
-            assert!(Instant::now() < deadline, "{service} still {behind} records behind after {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{service} still {behind} records behind after {timeout:?}: {detail:?}"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
@@ -469,7 +499,8 @@ impl Pipeline {
                 continue;
             }
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, p, Offset::Offset(low)).expect("tpl");
+            tpl.add_partition_offset(&topic, p, Offset::Offset(low))
+                .expect("tpl");
             consumer.assign(&tpl).expect("assign");
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut next = low;

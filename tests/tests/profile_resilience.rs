@@ -60,7 +60,16 @@ fn traffic() -> Vec<(String, Vec<u8>)> {
 
 fn options() -> Options {
     Options {
-        env: vec![("KAIROS__CLOCK__MODE".into(), "event".into())],
+        env: vec![
+            ("KAIROS__CLOCK__MODE".into(), "event".into()),
+            // The embedded broker keeps at most 5 MB per partition: spread the data.
+            ("KAIROS__KAFKA__PARTITIONS".into(), "32".into()),
+            // A killed member holds its partitions until its session times out.
+            (
+                "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
+                "6000".into(),
+            ),
+        ],
         cart_delay: "1h",
         services: vec![],
         extra_config: SCENARIOS.into(),
@@ -68,7 +77,8 @@ fn options() -> Options {
 }
 
 fn produce_chunk(p: &Pipeline, chunk: &[(String, Vec<u8>)]) {
-    let records: Vec<(&str, Vec<u8>)> = chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let records: Vec<(&str, Vec<u8>)> =
+        chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     p.produce("events.site", &records);
 }
 
@@ -81,6 +91,14 @@ struct Outcome {
 
 fn finish(p: &mut Pipeline, instances: &[&str], local: bool) -> Outcome {
     p.wait_caught_up("profile", &["events.site"], Duration::from_secs(300));
+    for i in instances {
+        assert!(
+            !p.log(i).contains("Offset out of range"),
+            "the embedded broker dropped input before it was read (5 MB per partition); \
+             the test needs more partitions:\n{}",
+            p.log(i)
+        );
+    }
     let triggers = p.read_all_json("triggers");
     for i in instances {
         let (status, _) = p.terminate(i);
@@ -138,9 +156,18 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     }
     let crashed = finish(&mut p, &["profile"], true);
     assert!(kills >= 3);
-    assert_eq!(crashed.trigger_ids, baseline.trigger_ids, "same triggers after {kills} SIGKILLs");
-    assert!(crashed.trigger_records >= baseline.trigger_records, "re-sends may repeat ids, never lose them");
-    assert_eq!(crashed.local_digest, baseline.local_digest, "same final state");
+    assert_eq!(
+        crashed.trigger_ids, baseline.trigger_ids,
+        "same triggers after {kills} SIGKILLs"
+    );
+    assert!(
+        crashed.trigger_records >= baseline.trigger_records,
+        "re-sends may repeat ids, never lose them"
+    );
+    assert_eq!(
+        crashed.local_digest, baseline.local_digest,
+        "same final state"
+    );
     assert_eq!(crashed.changelog_digest, baseline.changelog_digest);
 
     // Two instances share the partitions; one stops and comes back later.
@@ -166,9 +193,16 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     let a_log = p.log("profile");
     let b_log = p.log("profile-b");
     assert!(
-        a_log.contains("restoring state from the changelog") || b_log.contains("restoring state from the changelog"),
+        a_log.contains("restoring state from the changelog")
+            || b_log.contains("restoring state from the changelog"),
         "partitions moved with their state:\n{a_log}\n{b_log}"
     );
-    assert_eq!(shared.trigger_ids, baseline.trigger_ids, "same triggers with a rebalance");
-    assert_eq!(shared.changelog_digest, baseline.changelog_digest, "same final state with a rebalance");
+    assert_eq!(
+        shared.trigger_ids, baseline.trigger_ids,
+        "same triggers with a rebalance"
+    );
+    assert_eq!(
+        shared.changelog_digest, baseline.changelog_digest,
+        "same final state with a rebalance"
+    );
 }

@@ -580,13 +580,27 @@ impl Config {
                 apply_override(&mut doc, var, value)?;
             }
             let merged = doc.to_string();
-            config = toml::from_str(&merged).map_err(|e| ConfigError::Env {
-                var: overrides
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                message: e.message().to_string(),
+            config = toml::from_str(&merged).map_err(|e| {
+                // Name the variable that breaks the config on its own, if one does.
+                let culprit = overrides.iter().find(|(var, value)| {
+                    let mut single: toml_edit::DocumentMut = match text.parse() {
+                        Ok(d) => d,
+                        Err(_) => return false,
+                    };
+                    apply_override(&mut single, var, value).is_err()
+                        || toml::from_str::<Config>(&single.to_string()).is_err()
+                });
+                ConfigError::Env {
+                    var: match culprit {
+                        Some((var, _)) => var.clone(),
+                        None => overrides
+                            .iter()
+                            .map(|(k, _)| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
+                    message: e.message().to_string(),
+                }
             })?;
         }
         config.source_file = path.to_path_buf();
@@ -773,9 +787,15 @@ fn apply_override(
     }
     // A value that parses as TOML (number, bool, array) keeps its type; anything else
     // is a string.
-    let parsed: toml_edit::Value = value
-        .parse()
-        .unwrap_or_else(|_| toml_edit::Value::from(value));
+    // librdkafka properties are always strings.
+    let raw_string = path.len() == 3 && path[0] == "kafka" && path[1] == "client";
+    let parsed: toml_edit::Value = if raw_string {
+        toml_edit::Value::from(value)
+    } else {
+        value
+            .parse()
+            .unwrap_or_else(|_| toml_edit::Value::from(value))
+    };
     let mut table = doc.as_table_mut();
     for segment in &path[..path.len() - 1] {
         let entry = table
@@ -878,11 +898,32 @@ mod tests {
         let err = Config::from_text(
             Path::new("t.toml"),
             "",
-            &[("KAIROS__KAFKA__PARTITIONS".into(), "many".into())],
+            &[
+                ("KAIROS__STATE__DIR".into(), "/tmp/x".into()),
+                ("KAIROS__KAFKA__PARTITIONS".into(), "many".into()),
+            ],
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("KAIROS__KAFKA__PARTITIONS"), "{err}");
+        assert!(
+            !err.contains("KAIROS__STATE__DIR"),
+            "only the culprit: {err}"
+        );
+    }
+
+    #[test]
+    fn librdkafka_properties_from_env_stay_strings() {
+        let cfg = Config::from_text(
+            Path::new("t.toml"),
+            "",
+            &[(
+                "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
+                "6000".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(cfg.kafka.client["session.timeout.ms"], "6000");
     }
 
     #[test]

@@ -17,6 +17,16 @@ pub fn stable_fraction(parts: &[&str]) -> f64 {
     (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A stable 64-bit hash of a string (FNV-1a): cheap, for in-state deduplication.
+pub fn stable_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 fn digest(parts: &[&str]) -> [u8; 32] {
     let mut h = Sha256::new();
     for p in parts {

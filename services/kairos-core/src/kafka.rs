@@ -66,11 +66,17 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         let new_topics: Vec<NewTopic> = missing
             .iter()
             .map(|t| {
-                NewTopic::new(
+                let topic = NewTopic::new(
                     t,
                     config.kafka.partitions,
                     TopicReplication::Fixed(config.kafka.replication_factor),
-                )
+                );
+                // Changelogs keep the latest value per key, not a retention window.
+                if t.ends_with("-changelog") {
+                    topic.set("cleanup.policy", "compact")
+                } else {
+                    topic
+                }
             })
             .collect();
         let opts = AdminOptions::new()

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
@@ -377,7 +377,9 @@ impl<P: Processor> Engine<P> {
         if let Some(m) = pending.min_scheduled {
             part.next_due = Some(part.next_due.map_or(m, |d| d.min(m)));
         }
-        Ok(part.store.commit(pending, self.changelog_topic.as_deref())?)
+        Ok(part
+            .store
+            .commit(pending, self.changelog_topic.as_deref())?)
     }
 
     /// Commits every partition's pending batch.
@@ -490,7 +492,10 @@ impl<P: Processor> Engine<P> {
     pub fn acknowledge_local(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
         let mut by_part: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
         for e in entries {
-            by_part.entry(e.partition).or_default().push(e.outbox_key.clone());
+            by_part
+                .entry(e.partition)
+                .or_default()
+                .push(e.outbox_key.clone());
         }
         for (p, keys) in by_part {
             if let Some(part) = self.parts.get(&p) {
@@ -630,10 +635,16 @@ pub async fn publish(
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
         let results = join_all(todo.iter().map(|e| {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&e.topic).key(&e.key[..]);
             if e.changelog {
                 // Changelog partition = state partition; an empty value is a tombstone.
-                record = record.partition(e.partition);
+                record = record.partition(e.partition).headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: WRITER_HEADER,
+                        value: Some(e.writer.as_bytes()),
+                    }),
+                );
                 if !e.payload.is_empty() {
                     record = record.payload(&e.payload[..]);
                 }
@@ -666,14 +677,19 @@ pub async fn publish(
     acked
 }
 
+/// Header naming the store incarnation that wrote a changelog record.
+const WRITER_HEADER: &str = "kairos-writer";
+
 /// Brings a partition's local store in line with its changelog before it is opened.
 ///
-/// The store is current when the changelog ends where the store last saw it end.
-/// Otherwise another instance wrote it meanwhile (or this store is new, or the
-/// store's own last acknowledgements were not recorded): the store is deleted and
-/// rebuilt from the changelog, its outbox included, so stale local writes can never
-/// go out. Inputs whose effects are missing from the changelog are processed again
-/// from the restored offsets, yielding the same outputs with the same ids.
+/// - The changelog ends where the store last saw it end: the store is current.
+/// - Only this store's own records follow (acknowledged before a crash, not yet noted):
+///   they are applied, then the store's unacknowledged outbox writes again on top, so
+///   the store keeps its newest values. Restarts after a crash read only that tail.
+/// - Anything else (a new store, another instance wrote meanwhile, retention trimmed
+///   the tail): the store is deleted and rebuilt from the whole changelog, its outbox
+///   with it, so stale local writes never go out. Inputs whose effects are missing
+///   are processed again from the restored offsets, with the same output ids.
 pub fn restore_partition(
     config: &Config,
     factory: &StoreFactory,
@@ -688,45 +704,96 @@ pub fn restore_partition(
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
-    let local_end = factory.open(partition)?.changelog_end()?;
+    let (local_end, writer) = {
+        let store = factory.open(partition)?;
+        (store.changelog_end()?, store.writer.clone())
+    };
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
         return Ok(0);
     }
-    tracing::info!(changelog, partition, ?local_end, low, high, "restoring state from the changelog");
-    factory.destroy(partition)?;
-    let mut store = factory.open(partition)?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(low))?;
-    consumer.assign(&tpl)?;
-    let mut restored = 0u64;
-    let mut chunk = Vec::with_capacity(10_000);
-    let mut next = low;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while next < high {
-        if Instant::now() > deadline {
-            anyhow::bail!("restoring {changelog}[{partition}] timed out at offset {next} of {high}");
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                next = m.offset() + 1;
-                let key = m.key().unwrap_or_default().to_vec();
-                let value = m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec());
-                chunk.push((key, value));
-                if chunk.len() >= 10_000 {
-                    store.apply_changelog(&chunk)?;
-                    restored += chunk.len() as u64;
-                    chunk.clear();
-                }
+    let read = |from: i64| -> anyhow::Result<Vec<(Vec<u8>, Option<Vec<u8>>, bool)>> {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
+        consumer.assign(&tpl)?;
+        let mut records = Vec::new();
+        let mut next = from;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while next < high {
+            if Instant::now() > deadline {
+                anyhow::bail!("reading {changelog}[{partition}] timed out at {next} of {high}");
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
-            None => {}
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    next = m.offset() + 1;
+                    let own = m
+                        .headers()
+                        .and_then(|h| {
+                            h.iter()
+                                .find(|x| x.key == WRITER_HEADER)
+                                .and_then(|x| x.value)
+                                .map(|v| v == writer.as_bytes())
+                        })
+                        .unwrap_or(false);
+                    records.push((
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
+                        own,
+                    ));
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
+                None => {}
+            }
+        }
+        Ok(records)
+    };
+    let start = local_end.unwrap_or(low);
+    if start >= low && start <= high {
+        let tail = read(start)?;
+        if tail.iter().all(|(_, _, own)| *own) {
+            let mut store = factory.open(partition)?;
+            let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                tail.into_iter().map(|(k, v, _)| (k, v)).collect();
+            let n = records.len() as u64;
+            records.extend(
+                store
+                    .outbox()?
+                    .into_iter()
+                    .filter(|e| e.changelog)
+                    .map(|e| (e.key, (!e.payload.is_empty()).then_some(e.payload))),
+            );
+            store.apply_changelog(&records)?;
+            store.set_changelog_end(high)?;
+            tracing::info!(
+                changelog,
+                partition,
+                records = n,
+                "caught up with own changelog tail"
+            );
+            return Ok(n);
         }
     }
-    store.apply_changelog(&chunk)?;
-    restored += chunk.len() as u64;
+    tracing::info!(
+        changelog,
+        partition,
+        ?local_end,
+        low,
+        high,
+        "restoring state from the changelog"
+    );
+    factory.destroy(partition)?;
+    let records = read(low)?;
+    let mut store = factory.open(partition)?;
+    let n = records.len() as u64;
+    for chunk in records.chunks(10_000) {
+        let chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = chunk
+            .iter()
+            .map(|(k, v, _)| (k.clone(), v.clone()))
+            .collect();
+        store.apply_changelog(&chunk)?;
+    }
     store.set_changelog_end(high)?;
-    tracing::info!(changelog, partition, restored, "state restored");
-    Ok(restored)
+    tracing::info!(changelog, partition, restored = n, "state restored");
+    Ok(n)
 }
 
 /// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:
@@ -793,45 +860,16 @@ pub async fn run<P: Processor>(
     loop {
         admin.heartbeat();
         // Apply rebalances recorded by the consumer context.
-        let events: Vec<RebalanceEvent> = rebalances
-            .lock()
-            .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default();
-        for event in events {
-            match event {
-                RebalanceEvent::Assign(parts) => {
-                    let mut backlog = Vec::new();
-                    for p in dedup(parts) {
-                        if engine.owns(p) {
-                            continue;
-                        }
-                        if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
-                            let c = config.clone();
-                            let factory_root = config.state.dir.join(&name);
-                            let restored = tokio::task::spawn_blocking(move || {
-                                let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                                restore_partition(&c, &factory, &changelog, p)
-                            })
-                            .await
-                            .context("restore task failed")??;
-                            metrics.restored_records.inc_by(restored);
-                        }
-                        backlog.extend(engine.open(p)?);
-                    }
-                    let acked = publish(&producer, backlog, &metrics, &cancel).await;
-                    engine.acknowledge(&acked)?;
-                    assigned_once = true;
-                }
-                RebalanceEvent::Revoke(parts) => {
-                    let out = engine.commit()?;
-                    let acked = publish(&producer, out, &metrics, &cancel).await;
-                    engine.acknowledge(&acked)?;
-                    for p in dedup(parts) {
-                        engine.close(p);
-                    }
-                }
-            }
-        }
+        assigned_once |= apply_rebalances(
+            &mut engine,
+            &rebalances,
+            config,
+            &name,
+            &producer,
+            &metrics,
+            &cancel,
+        )
+        .await?;
         admin.set_ready(assigned_once);
         if cancel.is_cancelled() {
             break;
@@ -867,6 +905,19 @@ pub async fn run<P: Processor>(
             }
         }
 
+        // Rebalances seen while gathering (the callback runs inside recv) take effect
+        // before any record is handled: revoked partitions are not touched after their
+        // revocation, newly assigned ones are opened (and restored) first.
+        assigned_once |= apply_rebalances(
+            &mut engine,
+            &rebalances,
+            config,
+            &name,
+            &producer,
+            &metrics,
+            &cancel,
+        )
+        .await?;
         let started = Instant::now();
         let mut out = Vec::new();
         let mut positions: HashMap<(String, i32), i64> = HashMap::new();
@@ -947,6 +998,60 @@ pub async fn run<P: Processor>(
     drop(engine);
     tracing::info!(service = %name, "stopped cleanly");
     Ok(())
+}
+
+/// Opens (restoring from the changelog when needed) newly assigned partitions and
+/// closes revoked ones. Returns whether an assignment arrived.
+async fn apply_rebalances<P: Processor>(
+    engine: &mut Engine<P>,
+    rebalances: &Mutex<Vec<RebalanceEvent>>,
+    config: &Config,
+    name: &str,
+    producer: &FutureProducer,
+    metrics: &RuntimeMetrics,
+    cancel: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let events: Vec<RebalanceEvent> = rebalances
+        .lock()
+        .map(|mut q| std::mem::take(&mut *q))
+        .unwrap_or_default();
+    let mut assigned = false;
+    for event in events {
+        match event {
+            RebalanceEvent::Assign(parts) => {
+                let mut backlog = Vec::new();
+                for p in dedup(parts) {
+                    if engine.owns(p) {
+                        continue;
+                    }
+                    if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
+                        let c = config.clone();
+                        let factory_root = config.state.dir.join(name);
+                        let restored = tokio::task::spawn_blocking(move || {
+                            let factory = StoreFactory::new(&factory_root, 8 << 20)?;
+                            restore_partition(&c, &factory, &changelog, p)
+                        })
+                        .await
+                        .context("restore task failed")??;
+                        metrics.restored_records.inc_by(restored);
+                    }
+                    backlog.extend(engine.open(p)?);
+                }
+                let acked = publish(producer, backlog, metrics, cancel).await;
+                engine.acknowledge(&acked)?;
+                assigned = true;
+            }
+            RebalanceEvent::Revoke(parts) => {
+                let out = engine.commit()?;
+                let acked = publish(producer, out, metrics, cancel).await;
+                engine.acknowledge(&acked)?;
+                for p in dedup(parts) {
+                    engine.close(p);
+                }
+            }
+        }
+    }
+    Ok(assigned)
 }
 
 fn dedup(mut v: Vec<i32>) -> Vec<i32> {

@@ -42,6 +42,9 @@ const META_CLOCK: &[u8] = b"m/clock";
 const META_OUTBOX_SEQ: &[u8] = b"m/outbox_seq";
 /// Changelog offset up to which this store equals the changelog's replay.
 const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
+/// Id of this store's incarnation; stamped on its changelog records so a restore can
+/// tell its own records from another instance's.
+const META_WRITER: &[u8] = b"m/writer";
 
 /// Opens partition stores that share one block cache.
 pub struct StoreFactory {
@@ -86,12 +89,28 @@ impl StoreFactory {
         })?;
         let mut store = PartitionStore {
             partition,
+            writer: String::new(),
             path,
             db,
             next_outbox_seq: 0,
             timers_pending: 0,
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
+        store.writer = match store.raw_get(META_WRITER)? {
+            Some(w) => String::from_utf8_lossy(&w).into_owned(),
+            None => {
+                let id = crate::ids::deterministic_id(&[
+                    &crate::time::wall_now().to_string(),
+                    &std::process::id().to_string(),
+                    &store.path.display().to_string(),
+                ]);
+                store
+                    .db
+                    .put(META_WRITER, id.as_bytes())
+                    .map_err(|e| store.rocks(e))?;
+                id
+            }
+        };
         store.timers_pending = store.count_prefix(TIMER_INDEX) as i64;
         Ok(store)
     }
@@ -108,6 +127,8 @@ pub struct OutboxEntry {
     /// A changelog record: it goes to the changelog partition equal to the state
     /// partition, and an empty payload is a tombstone (deletion).
     pub changelog: bool,
+    /// The writing store's incarnation id (changelog records carry it as a header).
+    pub writer: String,
 }
 
 /// A due timer read from the store.
@@ -141,6 +162,8 @@ impl Pending {
 
 pub struct PartitionStore {
     pub partition: i32,
+    /// Incarnation id of this store (see `META_WRITER`).
+    pub writer: String,
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
@@ -446,7 +469,10 @@ impl PartitionStore {
         for (topic, key, payload, is_changelog) in records {
             let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
             self.next_outbox_seq += 1;
-            batch.put(&outbox_key, encode_outbox(&topic, &key, &payload, is_changelog));
+            batch.put(
+                &outbox_key,
+                encode_outbox(&topic, &key, &payload, is_changelog),
+            );
             entries.push(OutboxEntry {
                 partition: self.partition,
                 outbox_key,
@@ -454,6 +480,7 @@ impl PartitionStore {
                 key,
                 payload,
                 changelog: is_changelog,
+                writer: self.writer.clone(),
             });
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
@@ -483,6 +510,7 @@ impl PartitionStore {
                 key,
                 payload,
                 changelog,
+                writer: self.writer.clone(),
             });
         }
         Ok(out)

@@ -7,7 +7,7 @@ use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
 
 /// Bounds that keep one profile small whatever the customer does.
-const RECENT_EVENT_IDS: usize = 64;
+const RECENT_EVENT_IDS: usize = 32;
 const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
@@ -77,8 +77,8 @@ pub struct CustomerProfile {
     /// Timers this profile knows are armed (scenario or review name -> fire time), so
     /// frequent events need no timer-index read.
     pub armed: BTreeMap<String, Millis>,
-    /// Ids of the latest events, to drop duplicates.
-    pub recent_event_ids: VecDeque<String>,
+    /// Hashes of the latest event ids, to drop duplicates.
+    pub recent_event_ids: VecDeque<u64>,
 }
 
 impl CustomerProfile {
@@ -93,13 +93,15 @@ impl CustomerProfile {
 
     /// Records an event id; false if it was seen already (a duplicate).
     pub fn remember_event(&mut self, event_id: &str) -> bool {
-        if self.recent_event_ids.iter().any(|e| e == event_id) {
+        // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
+        let h = kairos_core::ids::stable_hash(event_id);
+        if self.recent_event_ids.contains(&h) {
             return false;
         }
         if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
             self.recent_event_ids.pop_front();
         }
-        self.recent_event_ids.push_back(event_id.to_string());
+        self.recent_event_ids.push_back(h);
         true
     }
 

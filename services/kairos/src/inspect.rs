@@ -32,6 +32,22 @@ pub fn digest_dir(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, String)>
             let keep = [b"s/".as_slice(), b"t/", b"i/", b"o/", b"m/clock"]
                 .iter()
                 .any(|p| k.starts_with(p));
+            if keep && std::env::var("KAIROS_INSPECT_KEYS").is_ok() {
+                let shown = match <[u8; 8]>::try_from(v.as_ref()) {
+                    Ok(b) if k.starts_with(b"o/") || k.starts_with(b"m/") => {
+                        u64::from_be_bytes(b).to_string()
+                    }
+                    _ if std::env::var("KAIROS_INSPECT_VALUES").is_ok() => {
+                        String::from_utf8_lossy(&v).into_owned()
+                    }
+                    _ => hex::encode(Sha256::digest(&v)),
+                };
+                println!(
+                    "{} {} {shown}",
+                    d.file_name().to_string_lossy(),
+                    String::from_utf8_lossy(&k)
+                );
+            }
             if keep {
                 h.update((k.len() as u64).to_be_bytes());
                 h.update(&k);
@@ -50,7 +66,10 @@ pub fn digest_dir(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, String)>
 
 /// Restores every partition of `service` from its changelog into a temporary
 /// directory and digests it.
-pub fn digest_changelog(config: &Config, service: &str) -> anyhow::Result<BTreeMap<String, (u64, String)>> {
+pub fn digest_changelog(
+    config: &Config,
+    service: &str,
+) -> anyhow::Result<BTreeMap<String, (u64, String)>> {
     let tmp = tempfile::tempdir()?;
     let factory = StoreFactory::new(tmp.path(), 8 << 20)?;
     let topic = config.changelog_topic(service);

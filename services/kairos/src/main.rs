@@ -205,9 +205,10 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             let mut cfg = (*config).clone();
             cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
             let started = std::time::Instant::now();
-            let stats = tokio::task::spawn_blocking(move || replay::run(&cfg, &inputs, output, until))
-                .await
-                .context("replay task failed")??;
+            let stats =
+                tokio::task::spawn_blocking(move || replay::run(&cfg, &inputs, output, until))
+                    .await
+                    .context("replay task failed")??;
             let usage = cpu_seconds();
             eprintln!(
                 "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU: {:.0} events/s wall, {:.0} events per CPU-second",

@@ -29,9 +29,18 @@ pub fn parse_line(config: &Config, line: &str) -> anyhow::Result<Input> {
     let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
     if let (Some(topic), Some(value)) = (v.get("topic").and_then(|t| t.as_str()), v.get("value")) {
         let key = v.get("key").and_then(|k| k.as_str()).unwrap_or_default();
-        return Ok((config.topic(topic), key.as_bytes().to_vec(), serde_json::to_vec(value)?));
+        return Ok((
+            config.topic(topic),
+            key.as_bytes().to_vec(),
+            serde_json::to_vec(value)?,
+        ));
     }
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     let (topic, key) = if v.get("receipt_id").is_some() {
         (topics::OFFLINE_EVENTS, s("customer_id"))
     } else if v.get("event_type").is_none() && v.get("product_id").is_some() {
@@ -44,7 +53,11 @@ pub fn parse_line(config: &Config, line: &str) -> anyhow::Result<Input> {
         };
         (topics::SITE_EVENTS, key)
     };
-    Ok((config.topic(topic), key.into_bytes(), line.as_bytes().to_vec()))
+    Ok((
+        config.topic(topic),
+        key.into_bytes(),
+        line.as_bytes().to_vec(),
+    ))
 }
 
 pub fn run(
@@ -57,7 +70,9 @@ pub fn run(
     config.clock.mode = ClockMode::Event;
     let mut pipeline = Pipeline::new(&config)?;
     let out: Box<dyn Write> = match &output {
-        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
         None => Box::new(std::io::stdout().lock()),
     };
     let mut out = BufWriter::with_capacity(1 << 20, out);
@@ -69,7 +84,8 @@ pub fn run(
     let mut outputs = 0u64;
     let mut sink = |e: &OutboxEntry| -> anyhow::Result<()> {
         outputs += 1;
-        let value: serde_json::Value = serde_json::from_slice(&e.payload).unwrap_or(serde_json::Value::Null);
+        let value: serde_json::Value =
+            serde_json::from_slice(&e.payload).unwrap_or(serde_json::Value::Null);
         let line = serde_json::json!({
             "topic": e.topic.strip_prefix(&prefix).unwrap_or(&e.topic),
             "key": String::from_utf8_lossy(&e.key),
@@ -80,17 +96,23 @@ pub fn run(
         Ok(())
     };
     for path in inputs {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
         for (n, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), n + 1))?;
+            let line =
+                line.with_context(|| format!("{}:{}: cannot read", path.display(), n + 1))?;
             if line.trim().is_empty() {
                 continue;
             }
             // An unparsable line still goes in (as a site event) so it is dead-lettered
             // like on Kafka, with its reason.
             let (topic, key, payload) = parse_line(&config, &line).unwrap_or_else(|_| {
-                (config.topic(topics::SITE_EVENTS), Vec::new(), line.as_bytes().to_vec())
+                (
+                    config.topic(topics::SITE_EVENTS),
+                    Vec::new(),
+                    line.as_bytes().to_vec(),
+                )
             });
             pipeline.push(&topic, &key, &payload, &mut sink)?;
             stats.input_records += 1;
