@@ -13,6 +13,8 @@ KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat
 
 .PHONY: all deps build run test lint fmt bench clean
+BENCH_EVENTS ?= 20000000
+BENCH_CUSTOMERS ?= 1000000
 
 all: build
 
@@ -43,6 +45,22 @@ lint: deps
 
 fmt:
 	$(CARGO) fmt --all
+
+# Replay benchmark of the profile processor (with the catalog join) on RocksDB on
+# disk: generated traffic to a file, then `kairos replay` reports events/s, events
+# per CPU-second and peak memory.
+bench: deps
+	$(CARGO) build --release -p kairos
+	mkdir -p var/bench
+	test -s var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
+	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml generate \
+	    --to-file var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
+	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
+	rm -rf var/bench/state
+	KAIROS__STATE__MAX_BATCH_RECORDS=100000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
+	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay \
+	    --state-dir var/bench/state --output /dev/null \
+	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl
 
 clean:
 	rm -rf var

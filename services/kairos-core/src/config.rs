@@ -119,6 +119,8 @@ pub struct StateConfig {
     /// How often due timers are looked for (wall-clock mode).
     #[serde(with = "humantime_serde")]
     pub timer_tick: Duration,
+    /// Hot entries a processor keeps decoded in memory (write-back cache), per process.
+    pub cache_entries: usize,
     /// Replicate state to `<prefix><service>-changelog` topics, so partitions can move
     /// between instances with their state.
     pub changelog: bool,
@@ -132,6 +134,7 @@ impl Default for StateConfig {
             max_batch_records: 1000,
             max_batch_wait: Duration::from_millis(20),
             timer_tick: Duration::from_millis(250),
+            cache_entries: 100_000,
             changelog: true,
         }
     }

@@ -168,6 +168,10 @@ pub fn decode_input<T: DeserializeOwned>(
 
 /// Parses a JSON object into `T`, classifying failures for the dead-letter topic.
 pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejection> {
+    // The fast path parses straight into `T`; only failures pay for a second look.
+    if let Ok(v) = serde_json::from_slice::<T>(payload) {
+        return Ok(v);
+    }
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| Rejection::new(DeadLetterReason::not_json, format!("not JSON: {e}")))?;
     if !value.is_object() {

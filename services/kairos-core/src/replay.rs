@@ -46,7 +46,7 @@ impl<P: Processor> Replayer<P> {
         registry: &prometheus::Registry,
     ) -> anyhow::Result<Self> {
         let metrics = RuntimeMetrics::new(registry);
-        let mut engine = Engine::new(processor, config, metrics)?;
+        let mut engine = Engine::new(processor, config, metrics)?.without_outbox();
         let mut offsets = HashMap::new();
         for p in 0..config.kafka.partitions {
             // A restarted replay continues after what its state already holds.

@@ -178,6 +178,8 @@ pub struct Engine<P: Processor> {
     metrics: RuntimeMetrics,
     /// Where committed state is replicated, so a partition can move (None in replay).
     changelog_topic: Option<String>,
+    /// Persist outputs in the outbox until acknowledged (off in replay).
+    durable_outputs: bool,
 }
 
 impl<P: Processor> Engine<P> {
@@ -194,7 +196,14 @@ impl<P: Processor> Engine<P> {
             mode: config.clock.mode,
             metrics,
             changelog_topic: None,
+            durable_outputs: true,
         })
+    }
+
+    /// Replay mode: outputs go straight to the caller, no outbox.
+    pub fn without_outbox(mut self) -> Self {
+        self.durable_outputs = false;
+        self
     }
 
     /// Replicates every committed write to `topic` (one partition per state partition).
@@ -377,9 +386,11 @@ impl<P: Processor> Engine<P> {
         if let Some(m) = pending.min_scheduled {
             part.next_due = Some(part.next_due.map_or(m, |d| d.min(m)));
         }
-        Ok(part
-            .store
-            .commit(pending, self.changelog_topic.as_deref())?)
+        Ok(part.store.commit_with(
+            pending,
+            self.changelog_topic.as_deref(),
+            self.durable_outputs,
+        )?)
     }
 
     /// Commits every partition's pending batch.

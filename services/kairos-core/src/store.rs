@@ -277,7 +277,12 @@ impl PartitionStore {
     }
 
     pub fn set_applied_offset(&self, pending: &mut Pending, topic: &str, offset: i64) {
-        pending.offsets.insert(topic.to_string(), offset);
+        match pending.offsets.get_mut(topic) {
+            Some(o) => *o = offset,
+            None => {
+                pending.offsets.insert(topic.to_string(), offset);
+            }
+        }
     }
 
     /// Every applied offset, by topic.
@@ -432,6 +437,17 @@ impl PartitionStore {
         pending: Pending,
         changelog: Option<&str>,
     ) -> StoreResult<Vec<OutboxEntry>> {
+        self.commit_with(pending, changelog, true)
+    }
+
+    /// `commit`, optionally without persisting the outputs (replay hands them to its
+    /// caller at once, so an outbox would only be written and deleted again).
+    pub fn commit_with(
+        &mut self,
+        pending: Pending,
+        changelog: Option<&str>,
+        durable_outputs: bool,
+    ) -> StoreResult<Vec<OutboxEntry>> {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
@@ -469,10 +485,12 @@ impl PartitionStore {
         for (topic, key, payload, is_changelog) in records {
             let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
             self.next_outbox_seq += 1;
-            batch.put(
-                &outbox_key,
-                encode_outbox(&topic, &key, &payload, is_changelog),
-            );
+            if durable_outputs {
+                batch.put(
+                    &outbox_key,
+                    encode_outbox(&topic, &key, &payload, is_changelog),
+                );
+            }
             entries.push(OutboxEntry {
                 partition: self.partition,
                 outbox_key,

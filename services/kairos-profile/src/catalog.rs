@@ -109,15 +109,23 @@ impl CatalogJoin {
             return Ok(());
         }
         // Only this product's audience is read.
-        let audience: Vec<(String, Interest)> = ctx.scan(&format!("i/{}/", u.product_id))?;
         let fresh_after = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
-        for (index_key, interest) in audience {
-            let customer = index_key.rsplit('/').next().unwrap_or_default().to_string();
-            let viewed_recently = interest.viewed_at.is_some_and(|v| v >= fresh_after);
-            if !interest.wishlisted && !viewed_recently {
-                ctx.delete(&index_key);
+        let mut audience: std::collections::BTreeMap<String, Interest> = Default::default();
+        let views = format!("v/{}/", u.product_id);
+        for (key, viewed_at) in ctx.scan::<Millis>(&views)? {
+            if viewed_at < fresh_after {
+                ctx.delete(&key);
                 continue;
             }
+            let customer = key.strip_prefix(&views).unwrap_or_default().to_string();
+            audience.entry(customer).or_default().viewed_at = Some(viewed_at);
+        }
+        let wishes = format!("w/{}/", u.product_id);
+        for (key, _) in ctx.scan::<bool>(&wishes)? {
+            let customer = key.strip_prefix(&wishes).unwrap_or_default().to_string();
+            audience.entry(customer).or_default().wishlisted = true;
+        }
+        for (customer, interest) in audience {
             for (kind, old, new) in &occasions {
                 if *kind == ProductOccasionKind::back_in_stock && !interest.wishlisted {
                     continue;
@@ -140,20 +148,17 @@ impl CatalogJoin {
     }
 
     fn apply_interest(&mut self, ctx: &mut Ctx<'_>, i: &ProductInterest) -> anyhow::Result<()> {
-        let key = format!("i/{}/{}", i.product_id, i.customer_id);
-        let mut interest: Interest = ctx.get(&key)?.unwrap_or_default();
+        // Blind writes, no read: views and wishlists live under separate keys, so the
+        // hot path (a customer viewing a product) is a single put.
+        let suffix = format!("{}/{}", i.product_id, i.customer_id);
         match i.kind {
-            InterestKind::viewed => {
-                interest.viewed_at = Some(
-                    interest
-                        .viewed_at
-                        .map_or(i.occurred_at, |v| v.max(i.occurred_at)),
-                )
+            InterestKind::viewed => ctx.put(&format!("v/{suffix}"), &i.occurred_at),
+            InterestKind::wishlisted => ctx.put(&format!("w/{suffix}"), &true),
+            InterestKind::unwishlisted => {
+                ctx.delete(&format!("w/{suffix}"));
+                Ok(())
             }
-            InterestKind::wishlisted => interest.wishlisted = true,
-            InterestKind::unwishlisted => interest.wishlisted = false,
         }
-        ctx.put(&key, &interest)
     }
 }
 

@@ -65,8 +65,12 @@ struct Metrics {
     duplicates: prometheus::IntCounter,
 }
 
-/// Hot profiles of one partition: (profile, dirty).
-type Cache = HashMap<String, (CustomerProfile, bool)>;
+/// Hot profiles of one partition, and which of them changed since the last commit.
+#[derive(Default)]
+struct Cache {
+    profiles: HashMap<String, CustomerProfile>,
+    dirty: Vec<String>,
+}
 
 pub struct ProfileProcessor {
     config: Arc<Config>,
@@ -123,7 +127,8 @@ impl ProfileProcessor {
             transitions_topic: config.topic(topics::SEGMENT_TRANSITIONS),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             // Bounded by configuration: ~1-2 KiB per cached profile.
-            cache_limit: (config.state.block_cache_bytes / 1024).max(1024),
+            cache_limit: (config.state.cache_entries / config.kafka.partitions.max(1) as usize)
+                .max(64),
             config,
             registry,
             metrics: m,
@@ -146,10 +151,10 @@ impl ProfileProcessor {
         ctx: &Ctx<'_>,
         customer_id: &str,
     ) -> anyhow::Result<Option<CustomerProfile>> {
-        if let Some((p, _)) = self
+        if let Some(p) = self
             .cache
             .get_mut(&ctx.partition)
-            .and_then(|c| c.remove(customer_id))
+            .and_then(|c| c.profiles.remove(customer_id))
         {
             return Ok(Some(p));
         }
@@ -158,10 +163,9 @@ impl ProfileProcessor {
 
     /// Puts a profile back, dirty.
     fn put(&mut self, partition: i32, p: CustomerProfile) {
-        self.cache
-            .entry(partition)
-            .or_default()
-            .insert(p.customer_id.clone(), (p, true));
+        let cache = self.cache.entry(partition).or_default();
+        cache.dirty.push(p.customer_id.clone());
+        cache.profiles.insert(p.customer_id.clone(), p);
     }
 
     fn apply_event(&mut self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
@@ -1106,15 +1110,22 @@ impl Processor for ProfileProcessor {
         let Some(cache) = self.cache.get_mut(&ctx.partition) else {
             return Ok(());
         };
-        for (id, (p, dirty)) in cache.iter_mut() {
-            if *dirty {
+        let mut dirty = std::mem::take(&mut cache.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in &dirty {
+            if let Some(p) = cache.profiles.get(id) {
                 ctx.put(&profile_key(id), p)?;
-                *dirty = false;
             }
         }
-        // Everything is clean now: dropping entries loses nothing.
-        if cache.len() > limit {
-            cache.clear();
+        // Everything is clean now: dropping entries loses nothing. Dropping about half
+        // keeps a warm cache without tracking recency.
+        if cache.profiles.len() > limit {
+            let mut keep = false;
+            cache.profiles.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
         }
         Ok(())
     }

@@ -85,6 +85,15 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+        /// Write JSON lines to this file (synthetic event time) instead of Kafka.
+        #[arg(long)]
+        to_file: Option<PathBuf>,
+        /// Customer base size (default: [generator] customers).
+        #[arg(long)]
+        customers: Option<u64>,
+        /// With --to-file: days of event time the traffic spans.
+        #[arg(long, default_value_t = 90.0)]
+        span_days: f64,
     },
     /// Run the whole pipeline: broker, every service and the generator, with a live
     /// summary, until Ctrl-C.
@@ -211,13 +220,14 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                     .context("replay task failed")??;
             let usage = cpu_seconds();
             eprintln!(
-                "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU: {:.0} events/s wall, {:.0} events per CPU-second",
+                "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU: {:.0} events/s wall, {:.0} events per CPU-second, peak RSS {} MiB",
                 stats.input_records,
                 stats.output_records,
                 started.elapsed().as_secs_f64(),
                 usage,
                 stats.input_records as f64 / started.elapsed().as_secs_f64(),
                 stats.input_records as f64 / usage.max(1e-9),
+                peak_rss_kib() / 1024,
             );
             Ok(())
         }
@@ -254,8 +264,39 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Generate { rate, count } => {
+        Command::Generate {
+            to_file: Some(path),
+            count,
+            customers,
+            span_days,
+            ..
+        } => {
+            let mut g = config.generator.clone();
+            if let Some(c) = customers {
+                g.customers = c;
+            }
+            let count = count.unwrap_or(1_000_000);
+            let start = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+            let written = tokio::task::spawn_blocking(move || {
+                kairos_generator::write_file(&g, &path, count, start, span_days)
+            })
+            .await
+            .context("generator task failed")??;
+            println!("wrote {written} events");
+            Ok(())
+        }
+        Command::Generate {
+            rate,
+            count,
+            customers,
+            ..
+        } => {
             let cancel = kairos_core::shutdown_token();
+            let mut config = (*config).clone();
+            if let Some(c) = customers {
+                config.generator.customers = c;
+            }
+            let config = Arc::new(config);
             let rate = rate.unwrap_or(config.generator.rate);
             let sent = kairos_generator::run(config, rate, count, cancel).await?;
             println!("published {sent} events");
@@ -301,6 +342,13 @@ fn cpu_seconds() -> f64 {
             t(u.user_time()) + t(u.system_time())
         })
         .unwrap_or(0.0)
+}
+
+/// Peak resident memory of this process, KiB.
+fn peak_rss_kib() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| u.max_rss())
+        .unwrap_or(0)
 }
 
 /// Runs a future to completion on the current (blocking) thread.

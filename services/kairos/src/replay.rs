@@ -24,38 +24,48 @@ pub struct ReplayStats {
 /// One input record: topic (full name), key, payload.
 pub type Input = (String, Vec<u8>, Vec<u8>);
 
-/// Works out the topic of a bare input line.
+/// The fields that route a line; everything else is skipped without being built.
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    topic: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    key: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    value: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    customer_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    anonymous_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    product_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    receipt_id: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    event_type: Option<serde::de::IgnoredAny>,
+}
+
+/// Works out the topic and key of an input line.
 pub fn parse_line(config: &Config, line: &str) -> anyhow::Result<Input> {
-    let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
-    if let (Some(topic), Some(value)) = (v.get("topic").and_then(|t| t.as_str()), v.get("value")) {
-        let key = v.get("key").and_then(|k| k.as_str()).unwrap_or_default();
+    let p: Probe<'_> = serde_json::from_str(line).context("not JSON")?;
+    if let (Some(topic), Some(value)) = (&p.topic, p.value) {
+        let key = p.key.as_deref().unwrap_or_default();
         return Ok((
             config.topic(topic),
             key.as_bytes().to_vec(),
-            serde_json::to_vec(value)?,
+            value.get().as_bytes().to_vec(),
         ));
     }
-    let s = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (topic, key) = if v.get("receipt_id").is_some() {
-        (topics::OFFLINE_EVENTS, s("customer_id"))
-    } else if v.get("event_type").is_none() && v.get("product_id").is_some() {
-        (topics::CATALOG, s("product_id"))
+    let (topic, key) = if p.receipt_id.is_some() {
+        (topics::OFFLINE_EVENTS, p.customer_id)
+    } else if p.event_type.is_none() && p.product_id.is_some() {
+        (topics::CATALOG, p.product_id)
     } else {
-        let key = if v.get("customer_id").is_some_and(|c| !c.is_null()) {
-            s("customer_id")
-        } else {
-            s("anonymous_id")
-        };
-        (topics::SITE_EVENTS, key)
+        (topics::SITE_EVENTS, p.customer_id.or(p.anonymous_id))
     };
     Ok((
         config.topic(topic),
-        key.into_bytes(),
+        key.unwrap_or_default().as_bytes().to_vec(),
         line.as_bytes().to_vec(),
     ))
 }
