@@ -164,8 +164,6 @@ struct Part {
     store: PartitionStore,
     pending: Pending,
     clock: Clock,
-    /// Earliest committed timer, to avoid scanning when nothing is due.
-    next_due: Option<Millis>,
 }
 
 /// Owns the partition stores of one process and drives a [`Processor`] over them.
@@ -235,7 +233,6 @@ impl<P: Processor> Engine<P> {
         }
         let store = self.factory.open(partition)?;
         let clock = Clock::new(self.mode, store.event_time()?);
-        let next_due = store.next_timer()?;
         let backlog = store.outbox()?;
         self.parts.insert(
             partition,
@@ -243,7 +240,6 @@ impl<P: Processor> Engine<P> {
                 store,
                 pending: Pending::default(),
                 clock,
-                next_due,
             },
         );
         self.metrics.owned_partitions.set(self.parts.len() as i64);
@@ -322,14 +318,10 @@ impl<P: Processor> Engine<P> {
                 if t > part.clock.event_time() {
                     // Timers due before this event fire first, as they would have
                     // in real time.
-                    let due = [part.next_due, part.pending.min_scheduled]
-                        .into_iter()
-                        .flatten()
-                        .min();
+                    let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
                         let partition = record.partition;
-                        early.extend(self.commit_partition(partition)?);
-                        early.extend(self.fire_partition(partition, t)?);
+                        early.extend(self.fire_partition(partition, t, false)?);
                     }
                     let Some(part) = self.parts.get_mut(&record.partition) else {
                         return Ok(early);
@@ -357,14 +349,10 @@ impl<P: Processor> Engine<P> {
             // delay) fires right after the record that set it, not at a batch
             // boundary, so results do not depend on how input was batched.
             let clock = part.clock.event_time();
-            let due = [part.next_due, part.pending.min_scheduled]
-                .into_iter()
-                .flatten()
-                .min();
+            let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
                 let partition = record.partition;
-                early.extend(self.commit_partition(partition)?);
-                early.extend(self.fire_partition(partition, clock)?);
+                early.extend(self.fire_partition(partition, clock, false)?);
             }
         }
         Ok(early)
@@ -383,9 +371,6 @@ impl<P: Processor> Engine<P> {
         };
         self.processor.flush(&mut ctx)?;
         let pending = std::mem::take(&mut part.pending);
-        if let Some(m) = pending.min_scheduled {
-            part.next_due = Some(part.next_due.map_or(m, |d| d.min(m)));
-        }
         Ok(part.store.commit_with(
             pending,
             self.changelog_topic.as_deref(),
@@ -410,24 +395,35 @@ impl<P: Processor> Engine<P> {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
             };
-            out.extend(self.fire_partition(p, now)?);
+            out.extend(self.fire_partition(p, now, true)?);
         }
         Ok(out)
     }
 
-    fn fire_partition(&mut self, partition: i32, now: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
+    /// Fires the timers of `partition` due by `now`. Timers are read from the store
+    /// merged with the batch's pending writes, so no commit is needed first; with
+    /// `commit`, the result is committed (and returned for publishing).
+    fn fire_partition(
+        &mut self,
+        partition: i32,
+        now: Millis,
+        commit: bool,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = Vec::new();
         // Bounded so a handler that keeps scheduling timers in the past cannot spin.
-        for _ in 0..1000 {
+        for _ in 0..10_000 {
             let Some(part) = self.parts.get_mut(&partition) else {
                 break;
             };
-            if part.next_due.is_none_or(|d| d > now) {
+            if part
+                .store
+                .next_timer(&part.pending)?
+                .is_none_or(|d| d > now)
+            {
                 break;
             }
-            let due = part.store.due_timers(now, 512)?;
+            let due = part.store.due_timers(&part.pending, now, 512)?;
             if due.is_empty() {
-                part.next_due = part.store.next_timer()?;
                 break;
             }
             for timer in &due {
@@ -448,9 +444,8 @@ impl<P: Processor> Engine<P> {
                 self.processor.on_timer(&mut ctx, timer)?;
                 self.metrics.timers_fired.inc();
             }
-            out.extend(self.commit_partition(partition)?);
-            if let Some(part) = self.parts.get_mut(&partition) {
-                part.next_due = part.store.next_timer()?;
+            if commit {
+                out.extend(self.commit_partition(partition)?);
             }
         }
         Ok(out)
@@ -461,7 +456,7 @@ impl<P: Processor> Engine<P> {
     pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.commit()?;
         for p in self.owned() {
-            out.extend(self.fire_partition(p, t)?);
+            out.extend(self.fire_partition(p, t, true)?);
             if let Some(part) = self.parts.get_mut(&p) {
                 if t > part.clock.event_time() {
                     part.clock.observe(t);
@@ -688,6 +683,10 @@ pub async fn publish(
     acked
 }
 
+/// A changelog record read back: raw store key, value (`None`: deleted), and whether
+/// this store's incarnation wrote it.
+type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>, bool);
+
 /// Header naming the store incarnation that wrote a changelog record.
 const WRITER_HEADER: &str = "kairos-writer";
 
@@ -722,7 +721,7 @@ pub fn restore_partition(
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
         return Ok(0);
     }
-    let read = |from: i64| -> anyhow::Result<Vec<(Vec<u8>, Option<Vec<u8>>, bool)>> {
+    let read = |from: i64| -> anyhow::Result<Vec<ChangelogRecord>> {
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
         consumer.assign(&tpl)?;

@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use rocksdb::{BlockBasedOptions, Cache, Direction, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB,
+};
 
 use crate::time::Millis;
 
@@ -90,6 +92,7 @@ impl StoreFactory {
         let mut store = PartitionStore {
             partition,
             writer: String::new(),
+            head: std::cell::RefCell::new(TimerHead::default()),
             path,
             db,
             next_outbox_seq: 0,
@@ -139,6 +142,54 @@ pub struct DueTimer {
     pub payload: Vec<u8>,
 }
 
+/// Timers loaded into the in-memory head at a time.
+const HEAD_REFILL: usize = 4096;
+
+/// The earliest timers of a partition in memory, as in Flink's RocksDB timer service.
+/// Invariant: every live timer firing before `horizon` is in `cached` (`exhausted`:
+/// there are none at or after it).
+#[derive(Debug)]
+struct TimerHead {
+    cached: std::collections::BTreeSet<(Millis, String)>,
+    horizon: Millis,
+    exhausted: bool,
+}
+
+impl Default for TimerHead {
+    fn default() -> Self {
+        TimerHead {
+            cached: Default::default(),
+            horizon: Millis::MIN,
+            exhausted: false,
+        }
+    }
+}
+
+impl TimerHead {
+    fn moved(&mut self, old: Option<Millis>, fire_at: Millis, id: &str) {
+        if let Some(old) = old {
+            self.removed(old, id);
+        }
+        if fire_at < self.horizon || self.exhausted {
+            self.cached.insert((fire_at, id.to_string()));
+            // Bounded: the latest entries go back to living only in the store.
+            while self.cached.len() > 2 * HEAD_REFILL {
+                if let Some(last) = self.cached.pop_last() {
+                    self.horizon = last.0;
+                    self.exhausted = false;
+                    while self.cached.last().is_some_and(|(t, _)| *t >= self.horizon) {
+                        self.cached.pop_last();
+                    }
+                }
+            }
+        }
+    }
+
+    fn removed(&mut self, fire_at: Millis, id: &str) {
+        self.cached.remove(&(fire_at, id.to_string()));
+    }
+}
+
 /// Writes of one processing batch, visible to reads before they are committed.
 #[derive(Default)]
 pub struct Pending {
@@ -164,6 +215,8 @@ pub struct PartitionStore {
     pub partition: i32,
     /// Incarnation id of this store (see `META_WRITER`).
     pub writer: String,
+    /// The earliest timers, in memory (see `TimerHead`).
+    head: std::cell::RefCell<TimerHead>,
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
@@ -321,12 +374,14 @@ impl PartitionStore {
         payload: Vec<u8>,
     ) -> StoreResult<()> {
         let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
-        match self.timer_index(pending, &index_key)? {
+        let old = self.timer_index(pending, &index_key)?;
+        match old {
             Some(old) => {
                 pending.writes.insert(timer_key(old, timer_id), None);
             }
             None => pending.timers_delta += 1,
         }
+        self.head.borrow_mut().moved(old, fire_at, timer_id);
         pending
             .writes
             .insert(timer_key(fire_at, timer_id), Some(payload));
@@ -345,6 +400,7 @@ impl PartitionStore {
                 pending.writes.insert(timer_key(old, timer_id), None);
                 pending.writes.insert(index_key, None);
                 pending.timers_delta -= 1;
+                self.head.borrow_mut().removed(old, timer_id);
                 Ok(true)
             }
             None => Ok(false),
@@ -366,47 +422,100 @@ impl PartitionStore {
         }))
     }
 
-    /// Committed timers due at or before `now`, earliest first.
-    pub fn due_timers(&self, now: Millis, limit: usize) -> StoreResult<Vec<DueTimer>> {
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator(TIMER) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(TIMER) || out.len() >= limit {
-                break;
+    /// Timers due at or before `now` (pending reschedules and cancellations
+    /// included), earliest first, at most `limit`.
+    pub fn due_timers(
+        &self,
+        pending: &Pending,
+        now: Millis,
+        limit: usize,
+    ) -> StoreResult<Vec<DueTimer>> {
+        self.fill_head(pending)?;
+        let ids: Vec<(Millis, String)> = self
+            .head
+            .borrow()
+            .cached
+            .range(..(now.saturating_add(1), String::new()))
+            .take(limit)
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (fire_at, timer_id) in ids {
+            let key = timer_key(fire_at, &timer_id);
+            let payload = match pending.writes.get(&key) {
+                Some(Some(v)) => Some(v.clone()),
+                Some(None) => None,
+                None => self.raw_get(&key)?,
+            };
+            match payload {
+                Some(payload) => out.push(DueTimer {
+                    timer_id,
+                    fire_at,
+                    payload,
+                }),
+                // Not there after all: forget it.
+                None => self.head.borrow_mut().removed(fire_at, &timer_id),
             }
-            let (fire_at, timer_id) = decode_timer_key(&k).ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: "malformed timer key".into(),
-            })?;
-            if fire_at > now {
-                break;
-            }
-            out.push(DueTimer {
-                timer_id,
-                fire_at,
-                payload: v.to_vec(),
-            });
         }
         Ok(out)
     }
 
-    /// Fire time of the earliest committed timer.
-    pub fn next_timer(&self) -> StoreResult<Option<Millis>> {
-        let mut iter = self
-            .db
-            .iterator(IteratorMode::From(TIMER, Direction::Forward));
-        match iter.next() {
-            Some(item) => {
-                let (k, _) = item.map_err(|e| self.rocks(e))?;
-                Ok(if k.starts_with(TIMER) {
-                    decode_timer_key(&k).map(|(t, _)| t)
-                } else {
-                    None
-                })
+    /// Fire time of the earliest timer (pending included).
+    pub fn next_timer(&self, pending: &Pending) -> StoreResult<Option<Millis>> {
+        self.fill_head(pending)?;
+        let head = self.head.borrow();
+        Ok(head.cached.first().map(|(t, _)| *t))
+    }
+
+    /// Refills the in-memory head from the store when it ran empty: reads the next
+    /// live timers from the horizon up, once, instead of stepping over the deletion
+    /// markers of fired timers on every look.
+    fn fill_head(&self, pending: &Pending) -> StoreResult<()> {
+        let horizon = {
+            let head = self.head.borrow();
+            if !head.cached.is_empty() || head.exhausted {
+                return Ok(());
             }
-            None => Ok(None),
+            head.horizon
+        };
+        let lower = timer_bound(horizon);
+        let mut found: BTreeMap<Vec<u8>, ()> = BTreeMap::new();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower.clone());
+        opts.set_iterate_upper_bound(prefix_end(TIMER));
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&lower, Direction::Forward), opts)
+        {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            if matches!(pending.writes.get(k.as_ref()), Some(None)) {
+                continue; // cancelled or fired in this batch
+            }
+            found.insert(k.to_vec(), ());
+            if found.len() > HEAD_REFILL {
+                break;
+            }
         }
+        for (k, v) in pending.writes.range(lower..prefix_end(TIMER)) {
+            if v.is_some() {
+                found.insert(k.clone(), ());
+            }
+        }
+        let mut head = self.head.borrow_mut();
+        let keys: Vec<(Millis, String)> =
+            found.keys().filter_map(|k| decode_timer_key(k)).collect();
+        if keys.len() <= HEAD_REFILL {
+            head.cached.extend(keys);
+            head.exhausted = true;
+            head.horizon = Millis::MAX;
+        } else {
+            // Cover whole instants only: the next instant becomes the horizon.
+            let next = keys[HEAD_REFILL].0;
+            head.cached
+                .extend(keys.into_iter().filter(|(t, _)| *t < next));
+            head.horizon = next;
+        }
+        Ok(())
     }
 
     /// Removes a fired timer (it must not fire again).
@@ -421,6 +530,9 @@ impl PartitionStore {
         pending
             .writes
             .insert(timer_key(timer.fire_at, &timer.timer_id), None);
+        self.head
+            .borrow_mut()
+            .removed(timer.fire_at, &timer.timer_id);
         Ok(())
     }
 
@@ -566,9 +678,8 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
-        self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.timers_pending = self.count_prefix(TIMER_INDEX) as i64;
-        Ok(())
+        // The timer count is taken again when the restored store is reopened.
+        self.db.write(batch).map_err(|e| self.rocks(e))
     }
 
     /// Bytes on disk plus memtables, for the state size metric.
@@ -592,6 +703,20 @@ fn timer_key(fire_at: Millis, timer_id: &str) -> Vec<u8> {
     v.extend_from_slice(&((fire_at as u64) ^ (1 << 63)).to_be_bytes());
     v.extend_from_slice(timer_id.as_bytes());
     v
+}
+
+/// The smallest timer key at `fire_at`.
+fn timer_bound(fire_at: Millis) -> Vec<u8> {
+    timer_key(fire_at, "")
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
 }
 
 fn decode_timer_key(k: &[u8]) -> Option<(Millis, String)> {
@@ -677,8 +802,9 @@ mod tests {
             .unwrap();
         s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 2);
-        assert_eq!(s.next_timer().unwrap(), Some(150));
-        let due = s.due_timers(200, 10).unwrap();
+        let p = Pending::default();
+        assert_eq!(s.next_timer(&p).unwrap(), Some(150));
+        let due = s.due_timers(&p, 200, 10).unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].timer_id, "early");
         assert_eq!(due[0].payload, b"e2");
@@ -686,8 +812,16 @@ mod tests {
         s.complete_timer(&mut p, &due[0]).unwrap();
         s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 1);
-        assert!(s.due_timers(200, 10).unwrap().is_empty());
-        assert_eq!(s.due_timers(i64::MAX, 10).unwrap()[0].timer_id, "late");
+        let p = Pending::default();
+        assert!(s.due_timers(&p, 200, 10).unwrap().is_empty());
+        assert_eq!(s.due_timers(&p, i64::MAX, 10).unwrap()[0].timer_id, "late");
+        // A reopened store finds its timers again from disk.
+        drop(s);
+        let s = StoreFactory::new(_dir.path(), 1 << 20)
+            .unwrap()
+            .open(3)
+            .unwrap();
+        assert_eq!(s.next_timer(&p).unwrap(), Some(300));
     }
 
     #[test]

@@ -94,15 +94,14 @@ pub fn run(
     let mut outputs = 0u64;
     let mut sink = |e: &OutboxEntry| -> anyhow::Result<()> {
         outputs += 1;
-        let value: serde_json::Value =
-            serde_json::from_slice(&e.payload).unwrap_or(serde_json::Value::Null);
-        let line = serde_json::json!({
-            "topic": e.topic.strip_prefix(&prefix).unwrap_or(&e.topic),
-            "key": String::from_utf8_lossy(&e.key),
-            "value": value,
-        });
-        serde_json::to_writer(&mut out, &line)?;
-        out.write_all(b"\n")?;
+        // The payload is already JSON: frame it without parsing it again.
+        out.write_all(b"{\"topic\":")?;
+        serde_json::to_writer(&mut out, e.topic.strip_prefix(&prefix).unwrap_or(&e.topic))?;
+        out.write_all(b",\"key\":")?;
+        serde_json::to_writer(&mut out, &String::from_utf8_lossy(&e.key))?;
+        out.write_all(b",\"value\":")?;
+        out.write_all(&e.payload)?;
+        out.write_all(b"}\n")?;
         Ok(())
     };
     for path in inputs {
@@ -132,7 +131,6 @@ pub fn run(
     if let Some(t) = until {
         pipeline.advance_to(t, &mut sink)?;
     }
-    drop(sink);
     out.flush()?;
     stats.output_records = outputs;
     Ok(stats)
