@@ -37,6 +37,7 @@ run: deps
 
 test: build lint
 	$(KAIROS) --config config/kairos.toml check-config
+	promtool check config deploy/prometheus/prometheus.yml
 	$(CARGO) test --workspace --no-fail-fast
 
 lint: deps
