@@ -22,6 +22,8 @@ pub enum FeedbackInput {
 }
 
 pub struct FeedbackProcessor {
+    /// Scenario names from the configuration: the only values a label may take.
+    scenarios: std::collections::HashSet<String>,
     outcomes_topic: String,
     decisions_topic: String,
     outcomes: IntCounterVec,
@@ -50,6 +52,7 @@ impl FeedbackProcessor {
             }
         }
         FeedbackProcessor {
+            scenarios: config.scenarios.iter().map(|s| s.name.clone()).collect(),
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
             outcomes,
@@ -59,6 +62,17 @@ impl FeedbackProcessor {
                 "Arbiter decisions seen by feedback, by scenario, outcome and rule.",
                 &["scenario", "outcome", "rule"],
             ),
+        }
+    }
+}
+
+impl FeedbackProcessor {
+    /// A scenario label that stays bounded whatever arrives on the topics.
+    fn scenario_label<'a>(&self, scenario: &'a str) -> &'a str {
+        if self.scenarios.contains(scenario) {
+            scenario
+        } else {
+            "other"
         }
     }
 }
@@ -104,7 +118,7 @@ impl Processor for FeedbackProcessor {
                 self.outcomes
                     .with_label_values(&[
                         o.channel.as_str(),
-                        &o.scenario,
+                        self.scenario_label(&o.scenario),
                         o.category.as_str(),
                         o.kind.as_str(),
                     ])
@@ -117,7 +131,18 @@ impl Processor for FeedbackProcessor {
                 }
                 ctx.put(&key, &d.decided_at)?;
                 self.decisions
-                    .with_label_values(&[&d.scenario, d.outcome.as_str(), &d.rule])
+                    .with_label_values(&[
+                        self.scenario_label(&d.scenario),
+                        d.outcome.as_str(),
+                        // Rules are a fixed set in the arbiter; anything else is foreign.
+                        if d.rule.len() <= 40
+                            && d.rule.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        {
+                            &d.rule
+                        } else {
+                            "other"
+                        },
+                    ])
                     .inc();
             }
         }
@@ -137,4 +162,24 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let processor = FeedbackProcessor::new(&config, &admin.registry);
     kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn labels_stay_bounded() {
+        let config = Config::from_text(
+            Path::new("t.toml"),
+            "[[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n",
+            &[],
+        )
+        .unwrap();
+        let registry = prometheus::Registry::new();
+        let f = FeedbackProcessor::new(&config, &registry);
+        assert_eq!(f.scenario_label("welcome"), "welcome");
+        assert_eq!(f.scenario_label("customer-42-special"), "other");
+    }
 }
