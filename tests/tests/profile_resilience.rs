@@ -183,7 +183,9 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     let (status, _) = p.terminate("profile-b");
     assert!(status.success());
     produce_chunk(&p, chunks[2]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Everything so far is committed only once the remaining instance has taken over
+    // (and restored) the partitions of the stopped one.
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(180));
     p.spawn_instance("profile-b", "profile");
     p.wait_ready("profile-b", Duration::from_secs(60));
     for c in &chunks[3..] {
