@@ -38,6 +38,8 @@ run: deps
 test: build lint
 	$(KAIROS) --config config/kairos.toml check-config
 	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
 	$(CARGO) test --workspace --no-fail-fast
 
 lint: deps

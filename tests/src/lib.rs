@@ -589,6 +589,19 @@ pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A registration with an e-mail address and e-mail consent, as a site event.
+pub fn registration(customer: &str, at: i64) -> Vec<u8> {
+    json(serde_json::json!({
+        "event_id": format!("reg-{customer}"),
+        "event_type": "registration",
+        "occurred_at": at,
+        "customer_id": customer,
+        "email": format!("{customer}@example.com"),
+        "consent": {"channel": "email", "granted": true},
+        "profile": {"first_name": "Anna", "time_zone": "Europe/Berlin"}
+    }))
+}
+
 /// A JSON event as bytes.
 pub fn json(v: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).expect("json")

@@ -3,20 +3,8 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use kairos_tests::{json, now_millis, sample, Options, Pipeline, SERVICES};
+use kairos_tests::{json, now_millis, registration, sample, Options, Pipeline, SERVICES};
 use serde_json::{json as j, Value};
-
-fn registration(customer: &str, at: i64) -> Vec<u8> {
-    json(j!({
-        "event_id": format!("reg-{customer}"),
-        "event_type": "registration",
-        "occurred_at": at,
-        "customer_id": customer,
-        "email": format!("{customer}@example.com"),
-        "consent": {"channel": "email", "granted": true},
-        "profile": {"first_name": "Anna", "time_zone": "Europe/Berlin"}
-    }))
-}
 
 fn add_to_cart(customer: &str, at: i64) -> Vec<u8> {
     json(j!({

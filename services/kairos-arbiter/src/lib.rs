@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
+use std::collections::BTreeMap;
+
 use kairos_core::contracts::{
-    Channel, Decision, DecisionOutcome, MessageCategory, SendCommand, Trigger,
+    Channel, Decision, DecisionOutcome, MessageCategory, Outcome, OutcomeKind, SendCommand,
+    Trigger, DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
@@ -23,9 +26,53 @@ use serde::{Deserialize, Serialize};
 
 /// Per-customer arbiter state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CustomerLedger {
     /// Recent sends (time, channel, category), newest last; pruned to the cap window.
     pub sends: Vec<(Millis, Channel, MessageCategory)>,
+    /// Channels the customer unsubscribed from (outcome time): suppressed for good.
+    pub unsubscribed: BTreeMap<Channel, Millis>,
+    /// Addresses that bounced hard, per channel: never sent to again.
+    pub hard_bounced: BTreeMap<Channel, String>,
+    /// When the customer marked a message as spam: no promo from then on.
+    pub complained_at: Option<Millis>,
+}
+
+impl CustomerLedger {
+    /// Folds a delivery or engagement outcome into the suppressions.
+    pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) {
+        match o.kind {
+            OutcomeKind::unsubscribed => {
+                self.unsubscribed.entry(o.channel).or_insert(o.occurred_at);
+            }
+            OutcomeKind::bounced_hard => {
+                if let Some(address) = address {
+                    self.hard_bounced.insert(o.channel, address);
+                }
+            }
+            OutcomeKind::complained => {
+                self.complained_at.get_or_insert(o.occurred_at);
+            }
+            _ => {}
+        }
+    }
+
+    /// Why `channel` must not be used for this customer at `address`, if it must not.
+    fn channel_block(&self, channel: Channel, address: Option<&str>) -> Option<&'static str> {
+        if self.unsubscribed.contains_key(&channel) {
+            return Some("unsubscribed");
+        }
+        match (self.hard_bounced.get(&channel), address) {
+            (Some(bounced), Some(address)) if bounced == address => Some("hard_bounce"),
+            _ => None,
+        }
+    }
+}
+
+/// What the arbiter consumes.
+pub enum ArbiterInput {
+    Trigger(Box<Trigger>),
+    Outcome(Box<Outcome>),
 }
 
 /// Marketing messages per rolling day before the frequency cap holds further ones.
@@ -34,6 +81,7 @@ const DAILY_CAP: usize = 2;
 pub struct ArbiterProcessor {
     config: Arc<Config>,
     triggers_topic: String,
+    outcomes_topic: String,
     decisions_topic: String,
     decisions: IntCounterVec,
     end_to_end: Histogram,
@@ -41,8 +89,9 @@ pub struct ArbiterProcessor {
 
 impl ArbiterProcessor {
     pub fn new(config: Arc<Config>, registry: &prometheus::Registry) -> Self {
-        ArbiterProcessor {
+        let processor = ArbiterProcessor {
             triggers_topic: config.topic(topics::TRIGGERS),
+            outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
             decisions: metrics::counter_vec(
                 registry,
@@ -59,12 +108,32 @@ impl ArbiterProcessor {
                 ],
             ),
             config,
+        };
+        for (outcome, rule) in DECISION_RULES {
+            processor
+                .decisions
+                .with_label_values(&[outcome.as_str(), rule]);
         }
+        processor
     }
 
     fn in_control_group(&self, customer_id: &str) -> bool {
         let pct = f64::from(self.config.arbiter.control_group_percent) / 100.0;
         stable_fraction(&[&self.config.arbiter.control_group_salt, customer_id]) < pct
+    }
+
+    /// The scenario's own holdout, drawn independently of the global control group.
+    fn in_scenario_holdout(&self, scenario: &str, customer_id: &str) -> Option<u8> {
+        let pct = self
+            .config
+            .scenarios
+            .iter()
+            .find(|s| s.name == scenario)
+            .map_or(0, |s| s.holdout_percent);
+        let salt = &self.config.arbiter.control_group_salt;
+        (pct > 0
+            && stable_fraction(&[salt, "holdout", scenario, customer_id]) < f64::from(pct) / 100.0)
+            .then_some(pct)
     }
 
     fn decide(
@@ -93,6 +162,26 @@ impl ArbiterProcessor {
                 ),
             );
         }
+        if t.category != MessageCategory::transactional {
+            if let Some(pct) = self.in_scenario_holdout(&t.scenario, &t.customer_id) {
+                return (
+                    DecisionOutcome::held_out,
+                    None,
+                    "scenario_holdout",
+                    format!("customer is in the scenario's {pct}% holdout"),
+                );
+            }
+        }
+        if t.category == MessageCategory::promo {
+            if let Some(at) = ledger.complained_at {
+                return (
+                    DecisionOutcome::suppressed,
+                    None,
+                    "complaint",
+                    format!("the customer marked a message as spam at {at}: no promo"),
+                );
+            }
+        }
         ledger.sends.retain(|(at, _, _)| now - at < DAY);
         let marketing_sends = ledger
             .sends
@@ -111,7 +200,20 @@ impl ArbiterProcessor {
         let reachable = |c: &Channel| {
             matches!(c, Channel::in_app | Channel::webhook) || t.contacts.address_for(*c).is_some()
         };
-        match t.channels.iter().find(|c| consented(c) && reachable(c)) {
+        let mut blocked = None;
+        let usable = |c: &&Channel| {
+            if !(consented(c) && reachable(c)) {
+                return false;
+            }
+            match ledger.channel_block(**c, t.contacts.address_for(**c).as_deref()) {
+                Some(rule) => {
+                    blocked.get_or_insert(rule);
+                    false
+                }
+                None => true,
+            }
+        };
+        match t.channels.iter().find(usable) {
             Some(c) => (
                 DecisionOutcome::sent,
                 Some(*c),
@@ -121,36 +223,43 @@ impl ArbiterProcessor {
                     t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>()
                 ),
             ),
-            None => (
-                DecisionOutcome::suppressed,
-                None,
-                "no_consented_channel",
-                "no channel of the scenario has both consent and an address".to_string(),
-            ),
+            None => match blocked {
+                Some(rule) => (
+                    DecisionOutcome::suppressed,
+                    None,
+                    rule,
+                    format!("every channel with consent and an address is suppressed ({rule})"),
+                ),
+                None => (
+                    DecisionOutcome::suppressed,
+                    None,
+                    "no_consented_channel",
+                    "no channel of the scenario has both consent and an address".to_string(),
+                ),
+            },
         }
     }
 }
 
-impl Processor for ArbiterProcessor {
-    type Input = Trigger;
-
-    fn name(&self) -> &str {
-        "arbiter"
+impl ArbiterProcessor {
+    /// Suppressions from outcomes: an unsubscribe, a hard bounce or a complaint holds
+    /// from the moment the arbiter sees it.
+    fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
+        if !matches!(
+            o.kind,
+            OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
+        ) {
+            return Ok(());
+        }
+        let ledger_key = format!("c/{}", o.customer_id);
+        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        // The bounced address is the one the send went to, which the arbiter recorded.
+        let address = ctx.get::<String>(&format!("a/{}", o.send_id))?;
+        ledger.apply_outcome(o, address);
+        ctx.put(&ledger_key, &ledger)
     }
 
-    fn inputs(&self) -> Vec<String> {
-        vec![self.triggers_topic.clone()]
-    }
-
-    fn decode(&self, record: &Record<'_>) -> Result<Trigger, Rejection> {
-        decode_internal(record.payload)
-    }
-
-    fn event_time(&self, t: &Trigger) -> Option<Millis> {
-        Some(t.fired_at)
-    }
-
-    fn process(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
+    fn decide_trigger(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
         // One trigger id, one decision: a re-delivered trigger is ignored.
         let seen_key = format!("t/{}", t.trigger_id);
         if ctx.get::<Millis>(&seen_key)?.is_some() {
@@ -181,6 +290,9 @@ impl Processor for ArbiterProcessor {
                 cause_occurred_at: t.cause_occurred_at,
                 reasons: vec![format!("{rule}: {reason}")],
             };
+            if let Some(address) = &cmd.address {
+                ctx.put(&format!("a/{send_id}"), address)?;
+            }
             let topic = self.config.send_topic(c);
             ctx.emit(&topic, &t.customer_id, &cmd);
             ledger.sends.push((now, c, t.category));
@@ -206,6 +318,55 @@ impl Processor for ArbiterProcessor {
         let topic = self.decisions_topic.clone();
         ctx.emit(&topic, &t.customer_id, &decision);
         ctx.put(&ledger_key, &ledger)
+    }
+}
+
+impl Processor for ArbiterProcessor {
+    type Input = ArbiterInput;
+
+    fn name(&self) -> &str {
+        "arbiter"
+    }
+
+    fn inputs(&self) -> Vec<String> {
+        vec![self.triggers_topic.clone(), self.outcomes_topic.clone()]
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        let mut topics = vec![self.decisions_topic.clone()];
+        topics.extend(
+            self.config
+                .delivery
+                .keys()
+                .map(|c| self.config.send_topic(*c)),
+        );
+        topics
+    }
+
+    fn decode(&self, record: &Record<'_>) -> Result<ArbiterInput, Rejection> {
+        if record.topic == self.outcomes_topic {
+            Ok(ArbiterInput::Outcome(Box::new(decode_internal(
+                record.payload,
+            )?)))
+        } else {
+            Ok(ArbiterInput::Trigger(Box::new(decode_internal(
+                record.payload,
+            )?)))
+        }
+    }
+
+    fn event_time(&self, input: &ArbiterInput) -> Option<Millis> {
+        Some(match input {
+            ArbiterInput::Trigger(t) => t.fired_at,
+            ArbiterInput::Outcome(o) => o.occurred_at,
+        })
+    }
+
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: ArbiterInput) -> anyhow::Result<()> {
+        match input {
+            ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t),
+            ArbiterInput::Outcome(o) => self.apply_outcome(ctx, &o),
+        }
     }
 
     fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {

@@ -237,12 +237,17 @@ impl Default for ArbiterConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FeedbackConfig {
     pub admin_listen: SocketAddr,
+    /// How long after a message (or a held-out decision) a purchase still counts as
+    /// its conversion; the last touch before the purchase takes it.
+    #[serde(with = "humantime_serde")]
+    pub attribution_window: Duration,
 }
 
 impl Default for FeedbackConfig {
     fn default() -> Self {
         FeedbackConfig {
             admin_listen: ([127, 0, 0, 1], 9103).into(),
+            attribution_window: Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -408,6 +413,10 @@ pub struct ScenarioConfig {
     /// Higher wins when scenarios compete for a customer.
     #[serde(default = "default_priority")]
     pub priority: i32,
+    /// Share of the scenario's customers held out (0-100) on top of the global control
+    /// group: their decisions are recorded, nothing is sent, so lift can be measured.
+    #[serde(default)]
+    pub holdout_percent: u8,
     #[serde(default = "yes")]
     pub enabled: bool,
 }
@@ -670,6 +679,12 @@ impl Config {
                         "scenarios[{i}] ({}): segment_entered needs `segment`",
                         s.name
                     ),
+                ));
+            }
+            if s.holdout_percent > 100 {
+                return Err(fail(
+                    "holdout_percent",
+                    format!("scenarios[{i}] ({}): must be between 0 and 100", s.name),
                 ));
             }
             if s.template.trim().is_empty() {

@@ -416,6 +416,21 @@ impl DecisionOutcome {
     }
 }
 
+/// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
+/// label, and the series metrics start at zero.
+pub const DECISION_RULES: [(DecisionOutcome, &str); 10] = [
+    (DecisionOutcome::sent, "channel_choice"),
+    (DecisionOutcome::held_out, "control_group"),
+    (DecisionOutcome::held_out, "scenario_holdout"),
+    (DecisionOutcome::suppressed, "frequency_cap_daily"),
+    (DecisionOutcome::suppressed, "no_consented_channel"),
+    (DecisionOutcome::suppressed, "unsubscribed"),
+    (DecisionOutcome::suppressed, "hard_bounce"),
+    (DecisionOutcome::suppressed, "complaint"),
+    (DecisionOutcome::expired, "valid_until"),
+    (DecisionOutcome::duplicate, "trigger_id"),
+];
+
 /// What the arbiter did with a trigger, and why (topic `decisions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "io.kairos")]
@@ -611,3 +626,42 @@ pub struct ProductOccasion {
 /// Template variables are carried as a JSON object in a string field, so one schema
 /// serves every template.
 pub type Variables = BTreeMap<String, serde_json::Value>;
+
+impl LineItem {
+    /// The value of a list of items at their unit prices.
+    pub fn total(items: &[LineItem]) -> f64 {
+        items
+            .iter()
+            .map(|i| i.unit_price * f64::from(i.quantity))
+            .sum()
+    }
+}
+
+impl CustomerEvent {
+    /// The key a customer's state lives under: the customer id, or the anonymous id
+    /// for visitors not yet identified.
+    pub fn customer_key(&self) -> Option<String> {
+        self.customer_id
+            .clone()
+            .or_else(|| self.anonymous_id.clone().map(|a| format!("anon:{a}")))
+            .filter(|k| !k.is_empty())
+    }
+
+    /// What a purchase event is worth: the order total, else the sum of its items.
+    pub fn purchase_value(&self) -> f64 {
+        self.order
+            .as_ref()
+            .and_then(|o| o.total)
+            .unwrap_or_else(|| LineItem::total(&self.items))
+    }
+}
+
+impl OfflineReceipt {
+    /// The customer a receipt belongs to: the customer id, else the loyalty card.
+    pub fn customer_key(&self) -> Option<String> {
+        self.customer_id
+            .clone()
+            .or_else(|| self.loyalty_card.clone().map(|c| format!("card:{c}")))
+            .filter(|k| !k.is_empty())
+    }
+}

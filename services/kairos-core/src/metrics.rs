@@ -4,7 +4,8 @@
 //! histograms) and labels stay bounded: topic, partition, reason, never customer ids.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Registers a metric, panicking only on a programming error (duplicate name), which
@@ -48,6 +49,20 @@ pub fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>)
     register(
         registry,
         Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid histogram definition"),
+    )
+}
+
+pub fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    register(
+        registry,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
             .expect("valid histogram definition"),
     )
 }

@@ -57,6 +57,11 @@ pub trait Processor: Send + 'static {
     /// Full names of the input topics (co-partitioned).
     fn inputs(&self) -> Vec<String>;
 
+    /// Full names of the topics it emits to (for metrics that start at zero).
+    fn outputs(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Parses a record. A rejection sends it to the dead-letter topic.
     fn decode(&self, record: &Record<'_>) -> Result<Self::Input, Rejection>;
 
@@ -611,9 +616,23 @@ impl ConsumerContext for KairosContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let event = match rebalance {
             Rebalance::Assign(tpl) => {
+                // Lag exists from the assignment on; statistics fill in the real value.
+                for e in tpl.elements() {
+                    // Creates the series at 0 if missing, keeps a known value otherwise.
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[e.topic(), &e.partition().to_string()]);
+                }
                 RebalanceEvent::Assign(tpl.elements().iter().map(|e| e.partition()).collect())
             }
             Rebalance::Revoke(tpl) => {
+                // A partition that moved away is another instance's lag now.
+                for e in tpl.elements() {
+                    let _ = self
+                        .metrics
+                        .consumer_lag
+                        .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+                }
                 RebalanceEvent::Revoke(tpl.elements().iter().map(|e| e.partition()).collect())
             }
             Rebalance::Error(e) => {
@@ -854,6 +873,13 @@ pub async fn run<P: Processor>(
     }
     for r in crate::contracts::DeadLetterReason::ALL {
         metrics.dead_letters.with_label_values(&[r.as_str()]);
+    }
+    for t in processor
+        .outputs()
+        .iter()
+        .chain([&config.topic(crate::config::topics::DEAD_LETTER)])
+    {
+        metrics.output_records.with_label_values(&[t]);
     }
     let mut engine = Engine::new(processor, config, metrics.clone())?;
     if config.state.changelog {

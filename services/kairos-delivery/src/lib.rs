@@ -15,7 +15,7 @@ use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
-use prometheus::IntCounterVec;
+use prometheus::{HistogramVec, IntCounterVec};
 use serde::{Deserialize, Serialize};
 
 pub mod simulator;
@@ -56,6 +56,7 @@ pub struct DeliveryProcessor {
     send_topic: String,
     outcomes_topic: String,
     provider_requests: IntCounterVec,
+    provider_latency: HistogramVec,
 }
 
 impl DeliveryProcessor {
@@ -65,7 +66,7 @@ impl DeliveryProcessor {
         settings: DeliveryChannelConfig,
         registry: &prometheus::Registry,
     ) -> Self {
-        DeliveryProcessor {
+        let processor = DeliveryProcessor {
             channel,
             name: format!("deliver-{}", channel.as_str()),
             send_topic: config.send_topic(channel),
@@ -76,7 +77,31 @@ impl DeliveryProcessor {
                 "Requests to the delivery provider, by channel, provider and result.",
                 &["channel", "provider", "result"],
             ),
+            provider_latency: metrics::histogram_vec(
+                registry,
+                "kairos_provider_request_duration_seconds",
+                "Time the delivery provider took to answer a send request.",
+                &["channel", "provider"],
+                metrics::latency_buckets(),
+            ),
             settings,
+        };
+        // Every series exists from the start, so rates and alerts see zeros, not gaps.
+        let provider = processor.provider_name();
+        for result in ["accepted", "transient_error", "permanent_error"] {
+            processor
+                .provider_requests
+                .with_label_values(&[channel.as_str(), provider, result]);
+        }
+        processor
+            .provider_latency
+            .with_label_values(&[channel.as_str(), provider]);
+        processor
+    }
+
+    fn provider_name(&self) -> &'static str {
+        match self.settings.provider {
+            ProviderKind::Simulator => "simulator",
         }
     }
 
@@ -115,6 +140,10 @@ impl Processor for DeliveryProcessor {
         vec![self.send_topic.clone()]
     }
 
+    fn outputs(&self) -> Vec<String> {
+        vec![self.outcomes_topic.clone()]
+    }
+
     fn decode(&self, record: &Record<'_>) -> Result<SendCommand, Rejection> {
         let cmd: SendCommand = decode_internal(record.payload)?;
         if cmd.channel != self.channel {
@@ -147,10 +176,14 @@ impl Processor for DeliveryProcessor {
         }
         match self.settings.provider {
             ProviderKind::Simulator => {
+                let started = std::time::Instant::now();
                 let plan = simulator::plan(&self.settings.simulator, &cmd.send_id, now);
                 self.provider_requests
                     .with_label_values(&[self.channel.as_str(), "simulator", "accepted"])
                     .inc();
+                self.provider_latency
+                    .with_label_values(&[self.channel.as_str(), "simulator"])
+                    .observe(started.elapsed().as_secs_f64());
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
                 for (kind, at) in plan {
                     if at <= now {

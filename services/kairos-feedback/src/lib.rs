@@ -1,48 +1,225 @@
-//! Feedback: outcomes and decisions flow back into metrics.
+//! Feedback: outcomes, decisions and purchases flow back into metrics.
 //!
-//! Outcomes are deduplicated by outcome id (a re-sent record counts once), then counted
-//! by channel, scenario, category and kind; decisions by outcome and rule. Labels are
-//! bounded: scenario names come from the configuration, never from customer data.
+//! Outcomes are deduplicated by outcome id (a re-sent record counts once, so "opened"
+//! counts unique opens per send), then counted by channel, scenario, category and kind;
+//! decisions by outcome and rule. Purchases are attributed to the customer's last touch
+//! within the attribution window: a "sent" decision is a treatment touch, a "held_out"
+//! decision a control touch, so conversions with and without a message, and the
+//! incremental lift per scenario, can be compared. Labels are bounded: scenario names
+//! come from the configuration, never from customer data.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
-use kairos_core::contracts::{Decision, Outcome, OutcomeKind};
-use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
+use kairos_core::contracts::{
+    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, OfflineReceipt, Outcome,
+    OutcomeKind, ReceiptKind, DECISION_RULES,
+};
+use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::schemas;
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
-use prometheus::IntCounterVec;
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, Opts};
+
+pub mod attribution;
+
+use attribution::{Group, Touch};
+
+/// Failure reasons a label may take; anything else counts as "other".
+const FAILURE_REASONS: [&str; 7] = [
+    "expired",
+    "template",
+    "permanent",
+    "retries_exhausted",
+    "circuit_open",
+    "invalid_address",
+    "consent",
+];
+
+/// Rates per scenario and channel shown directly on /metrics (process lifetime), so the
+/// demo shows them without a Prometheus server; the recording rules compute the same
+/// over sliding windows.
+const MESSAGE_RATES: [(&str, &[OutcomeKind], &[OutcomeKind]); 7] = [
+    ("delivery", &[OutcomeKind::delivered], &[OutcomeKind::sent]),
+    ("open", &[OutcomeKind::opened], &[OutcomeKind::delivered]),
+    ("click", &[OutcomeKind::clicked], &[OutcomeKind::delivered]),
+    (
+        "click_to_open",
+        &[OutcomeKind::clicked],
+        &[OutcomeKind::opened],
+    ),
+    (
+        "unsubscribe",
+        &[OutcomeKind::unsubscribed],
+        &[OutcomeKind::delivered],
+    ),
+    (
+        "complaint",
+        &[OutcomeKind::complained],
+        &[OutcomeKind::delivered],
+    ),
+    (
+        "bounce",
+        &[OutcomeKind::bounced_hard, OutcomeKind::bounced_soft],
+        &[OutcomeKind::sent],
+    ),
+];
+
+/// A purchase, online or offline, as attribution needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Purchase {
+    pub event_id: String,
+    pub customer_id: String,
+    pub occurred_at: Millis,
+    pub value: f64,
+    pub source: &'static str,
+}
 
 pub enum FeedbackInput {
     Outcome(Box<Outcome>),
     Decision(Box<Decision>),
+    Purchase(Purchase),
+    /// A customer event that is not a purchase (or one the profile processor
+    /// dead-letters: feedback leaves bad input to it).
+    Ignored(Option<Millis>),
+}
+
+/// Per-scenario tallies behind the lifetime conversion and lift gauges.
+#[derive(Debug, Default, Clone, Copy)]
+struct ScenarioTally {
+    touches: [u64; 2],
+    conversions: [u64; 2],
+}
+
+/// Prometheus handles of the feedback service.
+struct FeedbackMetrics {
+    outcomes: IntCounterVec,
+    failures: IntCounterVec,
+    decisions: IntCounterVec,
+    touches: IntCounterVec,
+    conversions: IntCounterVec,
+    conversion_revenue: CounterVec,
+    purchases: IntCounterVec,
+    purchase_revenue: CounterVec,
+    conversion_rate: GaugeVec,
+    lift: GaugeVec,
+    message_rates: GaugeVec,
+}
+
+impl FeedbackMetrics {
+    fn new(registry: &prometheus::Registry) -> Self {
+        let float_counter = |name: &str, help: &str, labels: &[&str]| {
+            metrics::register(
+                registry,
+                CounterVec::new(Opts::new(name, help), labels).expect("valid counter definition"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            metrics::register(
+                registry,
+                GaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition"),
+            )
+        };
+        let attribution_labels = &["scenario", "channel", "group"];
+        FeedbackMetrics {
+            outcomes: metrics::counter_vec(
+                registry,
+                "kairos_message_outcomes_total",
+                "Message outcomes (sent, delivered, opened, clicked, bounced, ...), counted once per send and kind: opened and clicked are unique opens and clicks.",
+                &["channel", "scenario", "category", "kind"],
+            ),
+            failures: metrics::counter_vec(
+                registry,
+                "kairos_message_failures_total",
+                "Failed sends, by channel and reason.",
+                &["channel", "reason"],
+            ),
+            decisions: metrics::counter_vec(
+                registry,
+                "kairos_decisions_total",
+                "Arbiter decisions seen by feedback, by scenario, outcome and rule.",
+                &["scenario", "outcome", "rule"],
+            ),
+            touches: metrics::counter_vec(
+                registry,
+                "kairos_attribution_touches_total",
+                "Touches that can earn a conversion: sent decisions (group treatment) and held-out decisions (group control, channel none).",
+                attribution_labels,
+            ),
+            conversions: metrics::counter_vec(
+                registry,
+                "kairos_conversions_total",
+                "Touches followed by a purchase within the attribution window (last touch), at most one per touch.",
+                attribution_labels,
+            ),
+            conversion_revenue: float_counter(
+                "kairos_conversion_revenue_total",
+                "Revenue of purchases attributed to the last touch within the attribution window.",
+                attribution_labels,
+            ),
+            purchases: metrics::counter_vec(
+                registry,
+                "kairos_purchases_total",
+                "All purchases, attributed or not, by source (online, offline).",
+                &["source"],
+            ),
+            purchase_revenue: float_counter(
+                "kairos_purchase_revenue_total",
+                "Revenue of all purchases, by source (online, offline).",
+                &["source"],
+            ),
+            conversion_rate: gauge(
+                "kairos_scenario_conversion_rate",
+                "Converted touches per touch since this process started, by scenario and group.",
+                &["scenario", "group"],
+            ),
+            lift: gauge(
+                "kairos_scenario_lift_ratio",
+                "Incremental lift since this process started: treatment conversion rate / control conversion rate - 1 (0 until both groups have a conversion rate).",
+                &["scenario"],
+            ),
+            message_rates: gauge(
+                "kairos_scenario_message_rate",
+                "Message rates since this process started, by scenario, channel and rate (delivery, open, click, click_to_open, unsubscribe, complaint, bounce).",
+                &["scenario", "channel", "rate"],
+            ),
+        }
+    }
 }
 
 pub struct FeedbackProcessor {
-    /// Scenario names from the configuration: the only values a label may take.
-    scenarios: std::collections::HashSet<String>,
+    /// Scenario names and channels from the configuration: the only values a label may take.
+    scenarios: HashMap<String, Vec<Channel>>,
+    window: Millis,
     outcomes_topic: String,
     decisions_topic: String,
-    outcomes: IntCounterVec,
-    decisions: IntCounterVec,
+    offline_topic: String,
+    event_topics: HashSet<String>,
+    registry: SchemaRegistry,
+    metrics: FeedbackMetrics,
+    tallies: HashMap<String, ScenarioTally>,
+    /// Outcomes per configured scenario and channel, by kind, since the process started.
+    outcome_counts: HashMap<(String, Channel), [u64; OutcomeKind::ALL.len()]>,
+    changed_outcomes: HashSet<(String, Channel)>,
 }
 
 impl FeedbackProcessor {
-    pub fn new(config: &Config, registry: &prometheus::Registry) -> Self {
-        let outcomes = metrics::counter_vec(
-            registry,
-            "kairos_message_outcomes_total",
-            "Message outcomes (sent, delivered, opened, clicked, bounced, ...), counted once per outcome id.",
-            &["channel", "scenario", "category", "kind"],
-        );
-        // Start every known series at zero so rates exist before the first event.
-        for channel in config.delivery.keys() {
-            for s in &config.scenarios {
+    pub fn new(
+        config: &Config,
+        registry: SchemaRegistry,
+        prometheus: &prometheus::Registry,
+    ) -> Self {
+        let m = FeedbackMetrics::new(prometheus);
+        // Start every known series at zero so rates and dashboards exist before the
+        // first event.
+        for s in &config.scenarios {
+            for channel in config.delivery.keys() {
                 for kind in OutcomeKind::ALL {
-                    outcomes.with_label_values(&[
+                    m.outcomes.with_label_values(&[
                         channel.as_str(),
                         &s.name,
                         s.category.as_str(),
@@ -50,31 +227,286 @@ impl FeedbackProcessor {
                     ]);
                 }
             }
+            for channel in &s.channels {
+                let labels = [s.name.as_str(), channel.as_str(), Group::Treatment.as_str()];
+                m.touches.with_label_values(&labels);
+                m.conversions.with_label_values(&labels);
+                m.conversion_revenue.with_label_values(&labels);
+                for (rate, _, _) in MESSAGE_RATES {
+                    m.message_rates
+                        .with_label_values(&[&s.name, channel.as_str(), rate]);
+                }
+            }
+            let control = [s.name.as_str(), "none", Group::Control.as_str()];
+            m.touches.with_label_values(&control);
+            m.conversions.with_label_values(&control);
+            m.conversion_revenue.with_label_values(&control);
+            for group in [Group::Treatment, Group::Control] {
+                m.conversion_rate
+                    .with_label_values(&[&s.name, group.as_str()]);
+            }
+            m.lift.with_label_values(&[&s.name]);
+            for (outcome, rule) in DECISION_RULES {
+                m.decisions
+                    .with_label_values(&[&s.name, outcome.as_str(), rule]);
+            }
+        }
+        for channel in config.delivery.keys() {
+            for reason in FAILURE_REASONS.iter().chain(&["other"]) {
+                m.failures.with_label_values(&[channel.as_str(), reason]);
+            }
+        }
+        for source in ["online", "offline"] {
+            m.purchases.with_label_values(&[source]);
+            m.purchase_revenue.with_label_values(&[source]);
         }
         FeedbackProcessor {
-            scenarios: config.scenarios.iter().map(|s| s.name.clone()).collect(),
+            scenarios: config
+                .scenarios
+                .iter()
+                .map(|s| (s.name.clone(), s.channels.clone()))
+                .collect(),
+            window: config.feedback.attribution_window.as_millis() as Millis,
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
-            outcomes,
-            decisions: metrics::counter_vec(
-                registry,
-                "kairos_decisions_total",
-                "Arbiter decisions seen by feedback, by scenario, outcome and rule.",
-                &["scenario", "outcome", "rule"],
-            ),
+            offline_topic: config.topic(topics::OFFLINE_EVENTS),
+            event_topics: [
+                config.topic(topics::SITE_EVENTS),
+                config.topic(topics::APP_EVENTS),
+            ]
+            .into_iter()
+            .collect(),
+            registry,
+            metrics: m,
+            tallies: HashMap::new(),
+            outcome_counts: HashMap::new(),
+            changed_outcomes: HashSet::new(),
         }
     }
-}
 
-impl FeedbackProcessor {
     /// A scenario label that stays bounded whatever arrives on the topics.
     fn scenario_label<'a>(&self, scenario: &'a str) -> &'a str {
-        if self.scenarios.contains(scenario) {
+        if self.scenarios.contains_key(scenario) {
             scenario
         } else {
             "other"
         }
     }
+
+    /// Records `key` as seen; false when it was seen before (a redelivered record).
+    fn first_time(ctx: &mut Ctx<'_>, key: &str, at: Millis) -> anyhow::Result<bool> {
+        if ctx.get::<Millis>(key)?.is_some() {
+            return Ok(false);
+        }
+        ctx.put(key, &at)?;
+        Ok(true)
+    }
+
+    fn on_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
+        if !Self::first_time(ctx, &format!("o/{}", o.outcome_id), o.occurred_at)? {
+            return Ok(());
+        }
+        self.metrics
+            .outcomes
+            .with_label_values(&[
+                o.channel.as_str(),
+                self.scenario_label(&o.scenario),
+                o.category.as_str(),
+                o.kind.as_str(),
+            ])
+            .inc();
+        if self.scenarios.contains_key(&o.scenario) {
+            let key = (o.scenario.clone(), o.channel);
+            self.outcome_counts.entry(key.clone()).or_default()[outcome_index(o.kind)] += 1;
+            self.changed_outcomes.insert(key);
+        }
+        if o.kind == OutcomeKind::failed {
+            self.metrics
+                .failures
+                .with_label_values(&[o.channel.as_str(), failure_reason(o.reason.as_deref())])
+                .inc();
+        }
+        Ok(())
+    }
+
+    fn on_decision(&mut self, ctx: &mut Ctx<'_>, d: &Decision) -> anyhow::Result<()> {
+        if !Self::first_time(ctx, &format!("d/{}", d.decision_id), d.decided_at)? {
+            return Ok(());
+        }
+        let scenario = self.scenario_label(&d.scenario).to_string();
+        // Rules are a fixed set in the arbiter; anything else is foreign.
+        let rule = DECISION_RULES
+            .iter()
+            .find(|(_, r)| *r == d.rule)
+            .map_or("other", |(_, r)| *r);
+        self.metrics
+            .decisions
+            .with_label_values(&[&scenario, d.outcome.as_str(), rule])
+            .inc();
+        let touch = match (d.outcome, d.channel) {
+            (DecisionOutcome::sent, Some(channel)) => Touch {
+                scenario,
+                channel: Some(channel),
+                at: d.decided_at,
+                converted: false,
+            },
+            (DecisionOutcome::held_out, _) => Touch {
+                scenario,
+                channel: None,
+                at: d.decided_at,
+                converted: false,
+            },
+            _ => return Ok(()),
+        };
+        let key = touch_key(&d.customer_id);
+        let last: Option<Touch> = ctx.get(&key)?;
+        self.metrics
+            .touches
+            .with_label_values(&touch.labels())
+            .inc();
+        self.tally(&touch.scenario).touches[touch.group().index()] += 1;
+        self.refresh_scenario_gauges(&touch.scenario);
+        // Last touch wins; an older touch arriving late does not replace a newer one.
+        if last.as_ref().is_none_or(|l| l.at <= touch.at) {
+            ctx.put(&key, &touch)?;
+        }
+        Ok(())
+    }
+
+    fn on_purchase(&mut self, ctx: &mut Ctx<'_>, p: &Purchase) -> anyhow::Result<()> {
+        if !Self::first_time(ctx, &format!("p/{}", p.event_id), p.occurred_at)? {
+            return Ok(());
+        }
+        self.metrics.purchases.with_label_values(&[p.source]).inc();
+        self.metrics
+            .purchase_revenue
+            .with_label_values(&[p.source])
+            .inc_by(p.value.max(0.0));
+        let key = touch_key(&p.customer_id);
+        let Some(mut touch) = ctx.get::<Touch>(&key)? else {
+            return Ok(());
+        };
+        let attribution = touch.attribute(p.occurred_at, self.window);
+        if !attribution.attributed {
+            return Ok(());
+        }
+        let labels = touch.labels();
+        self.metrics
+            .conversion_revenue
+            .with_label_values(&labels)
+            .inc_by(p.value.max(0.0));
+        if attribution.first_conversion {
+            self.metrics.conversions.with_label_values(&labels).inc();
+            self.tally(&touch.scenario).conversions[touch.group().index()] += 1;
+            self.refresh_scenario_gauges(&touch.scenario);
+            touch.converted = true;
+            ctx.put(&key, &touch)?;
+        }
+        Ok(())
+    }
+
+    fn tally(&mut self, scenario: &str) -> &mut ScenarioTally {
+        self.tallies.entry(scenario.to_string()).or_default()
+    }
+
+    fn refresh_scenario_gauges(&self, scenario: &str) {
+        let Some(t) = self.tallies.get(scenario) else {
+            return;
+        };
+        let rates = [Group::Treatment, Group::Control].map(|g| {
+            let i = g.index();
+            let rate = attribution::ratio(t.conversions[i], t.touches[i]);
+            self.metrics
+                .conversion_rate
+                .with_label_values(&[scenario, g.as_str()])
+                .set(rate.unwrap_or(0.0));
+            rate
+        });
+        if let Some(lift) = attribution::lift(rates[0], rates[1]) {
+            self.metrics.lift.with_label_values(&[scenario]).set(lift);
+        }
+    }
+
+    /// Recomputes the message-rate gauges of the scenarios and channels that changed.
+    fn refresh_message_rates(&mut self) {
+        for (scenario, channel) in std::mem::take(&mut self.changed_outcomes) {
+            let Some(counts) = self.outcome_counts.get(&(scenario.clone(), channel)) else {
+                continue;
+            };
+            let count = |kinds: &[OutcomeKind]| -> u64 {
+                kinds.iter().map(|k| counts[outcome_index(*k)]).sum()
+            };
+            for (rate, numerator, denominator) in MESSAGE_RATES {
+                if let Some(value) = attribution::ratio(count(numerator), count(denominator)) {
+                    self.metrics
+                        .message_rates
+                        .with_label_values(&[&scenario, channel.as_str(), rate])
+                        .set(value);
+                }
+            }
+        }
+    }
+
+    fn decode_purchase_event(&self, payload: &[u8]) -> FeedbackInput {
+        let Ok(e) =
+            decode_input::<CustomerEvent>(payload, schemas::customer_event(), &self.registry)
+        else {
+            return FeedbackInput::Ignored(None);
+        };
+        match (e.event_type, e.customer_key()) {
+            (EventType::purchase, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
+                value: e.purchase_value(),
+                event_id: e.event_id,
+                customer_id,
+                occurred_at: e.occurred_at,
+                source: "online",
+            }),
+            _ => FeedbackInput::Ignored(Some(e.occurred_at)),
+        }
+    }
+
+    fn decode_receipt(&self, payload: &[u8]) -> FeedbackInput {
+        let Ok(r) =
+            decode_input::<OfflineReceipt>(payload, schemas::offline_receipt(), &self.registry)
+        else {
+            return FeedbackInput::Ignored(None);
+        };
+        match (r.kind, r.customer_key()) {
+            (ReceiptKind::sale, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
+                value: r.total,
+                event_id: r.event_id,
+                customer_id,
+                occurred_at: r.occurred_at,
+                source: "offline",
+            }),
+            _ => FeedbackInput::Ignored(Some(r.occurred_at)),
+        }
+    }
+}
+
+fn outcome_index(kind: OutcomeKind) -> usize {
+    OutcomeKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or_default()
+}
+
+fn touch_key(customer_id: &str) -> String {
+    format!("t/{customer_id}")
+}
+
+/// The bounded label of a failure reason such as "template: missing variable name".
+fn failure_reason(reason: Option<&str>) -> &'static str {
+    let head = reason
+        .unwrap_or("")
+        .split(|c: char| c == ':' || c.is_whitespace())
+        .next()
+        .unwrap_or("");
+    FAILURE_REASONS
+        .iter()
+        .find(|r| **r == head)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl Processor for FeedbackProcessor {
@@ -85,7 +517,14 @@ impl Processor for FeedbackProcessor {
     }
 
     fn inputs(&self) -> Vec<String> {
-        vec![self.outcomes_topic.clone(), self.decisions_topic.clone()]
+        let mut topics = vec![
+            self.outcomes_topic.clone(),
+            self.decisions_topic.clone(),
+            self.offline_topic.clone(),
+        ];
+        topics.extend(self.event_topics.iter().cloned());
+        topics.sort();
+        topics
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<FeedbackInput, Rejection> {
@@ -93,63 +532,41 @@ impl Processor for FeedbackProcessor {
             Ok(FeedbackInput::Outcome(Box::new(decode_internal(
                 record.payload,
             )?)))
-        } else {
+        } else if record.topic == self.decisions_topic {
             Ok(FeedbackInput::Decision(Box::new(decode_internal(
                 record.payload,
             )?)))
+        } else if record.topic == self.offline_topic {
+            Ok(self.decode_receipt(record.payload))
+        } else {
+            Ok(self.decode_purchase_event(record.payload))
         }
     }
 
     fn event_time(&self, input: &FeedbackInput) -> Option<Millis> {
-        Some(match input {
-            FeedbackInput::Outcome(o) => o.occurred_at,
-            FeedbackInput::Decision(d) => d.decided_at,
-        })
+        match input {
+            FeedbackInput::Outcome(o) => Some(o.occurred_at),
+            FeedbackInput::Decision(d) => Some(d.decided_at),
+            FeedbackInput::Purchase(p) => Some(p.occurred_at),
+            FeedbackInput::Ignored(at) => *at,
+        }
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: FeedbackInput) -> anyhow::Result<()> {
         match input {
-            FeedbackInput::Outcome(o) => {
-                let key = format!("o/{}", o.outcome_id);
-                if ctx.get::<Millis>(&key)?.is_some() {
-                    return Ok(());
-                }
-                ctx.put(&key, &o.occurred_at)?;
-                self.outcomes
-                    .with_label_values(&[
-                        o.channel.as_str(),
-                        self.scenario_label(&o.scenario),
-                        o.category.as_str(),
-                        o.kind.as_str(),
-                    ])
-                    .inc();
-            }
-            FeedbackInput::Decision(d) => {
-                let key = format!("d/{}", d.decision_id);
-                if ctx.get::<Millis>(&key)?.is_some() {
-                    return Ok(());
-                }
-                ctx.put(&key, &d.decided_at)?;
-                self.decisions
-                    .with_label_values(&[
-                        self.scenario_label(&d.scenario),
-                        d.outcome.as_str(),
-                        // Rules are a fixed set in the arbiter; anything else is foreign.
-                        if d.rule.len() <= 40
-                            && d.rule.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                        {
-                            &d.rule
-                        } else {
-                            "other"
-                        },
-                    ])
-                    .inc();
-            }
+            FeedbackInput::Outcome(o) => self.on_outcome(ctx, &o),
+            FeedbackInput::Decision(d) => self.on_decision(ctx, &d),
+            FeedbackInput::Purchase(p) => self.on_purchase(ctx, &p),
+            FeedbackInput::Ignored(_) => Ok(()),
         }
-        Ok(())
     }
 
     fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&mut self, _ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        self.refresh_message_rates();
         Ok(())
     }
 }
@@ -160,8 +577,9 @@ pub async fn run(
     admin: Arc<AdminState>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let processor = FeedbackProcessor::new(&config, &admin.registry);
-    kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
+    let registry = SchemaRegistry::new(config.schema_registry.url.clone());
+    let processor = FeedbackProcessor::new(&config, registry.clone(), &admin.registry);
+    kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
 }
 
 #[cfg(test)]
@@ -178,8 +596,16 @@ mod tests {
         )
         .unwrap();
         let registry = prometheus::Registry::new();
-        let f = FeedbackProcessor::new(&config, &registry);
+        let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
         assert_eq!(f.scenario_label("welcome"), "welcome");
         assert_eq!(f.scenario_label("customer-42-special"), "other");
+    }
+
+    #[test]
+    fn failure_reasons_stay_bounded() {
+        assert_eq!(failure_reason(Some("template: missing name")), "template");
+        assert_eq!(failure_reason(Some("expired")), "expired");
+        assert_eq!(failure_reason(Some("customer 42 said no")), "other");
+        assert_eq!(failure_reason(None), "other");
     }
 }

@@ -173,6 +173,10 @@ impl Processor for CatalogJoin {
         vec![self.catalog_topic.clone(), self.interest_topic.clone()]
     }
 
+    fn outputs(&self) -> Vec<String> {
+        vec![self.occasions_topic.clone()]
+    }
+
     fn decode(&self, record: &Record<'_>) -> Result<CatalogInput, Rejection> {
         if record.topic == self.catalog_topic {
             let u: CatalogUpdate =

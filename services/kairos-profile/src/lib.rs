@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kairos_core::config::{topics, Config, ScenarioConfig, ScenarioKind};
 use kairos_core::contracts::{
-    Channel, Contacts, CustomerEvent, DeadLetterReason, EventType, InterestKind, LineItem,
-    OfflineReceipt, OrderStatus, Product, ProductInterest, ProductOccasion, ProductOccasionKind,
+    Channel, Contacts, CustomerEvent, DeadLetterReason, EventType, InterestKind, OfflineReceipt,
+    OrderStatus, Outcome, Product, ProductInterest, ProductOccasion, ProductOccasionKind,
     ReceiptKind, SegmentKind, SegmentTransition, Trigger,
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
@@ -40,6 +40,8 @@ pub enum ProfileInput {
     Event(Box<CustomerEvent>),
     Receipt(Box<OfflineReceipt>),
     Occasion(Box<ProductOccasion>),
+    /// Delivery and engagement outcomes: engagement, unsubscribes, bounces, complaints.
+    Outcome(Box<Outcome>),
 }
 
 /// What a scenario timer remembers.
@@ -79,6 +81,7 @@ pub struct ProfileProcessor {
     app_topic: String,
     offline_topic: String,
     occasions_topic: String,
+    outcomes_topic: String,
     triggers_topic: String,
     transitions_topic: String,
     interest_topic: String,
@@ -114,6 +117,19 @@ impl ProfileProcessor {
                 "Input events dropped because their event id was already seen for the customer.",
             ),
         };
+        // Every transition target exists at zero from the start.
+        let rfm = &config.segments.rfm;
+        for segment in rfm
+            .cells
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain([rfm.default_segment.as_str()])
+        {
+            m.transitions.with_label_values(&["rfm", segment]);
+        }
+        for stage in segments::LIFECYCLE_STAGES {
+            m.transitions.with_label_values(&["lifecycle", stage]);
+        }
         for s in &config.scenarios {
             m.triggers.with_label_values(&[&s.name]);
             m.skipped.with_label_values(&[&s.name, "late"]);
@@ -123,6 +139,7 @@ impl ProfileProcessor {
             app_topic: config.topic(topics::APP_EVENTS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
             occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
+            outcomes_topic: config.topic(topics::OUTCOMES),
             triggers_topic: config.topic(topics::TRIGGERS),
             transitions_topic: config.topic(topics::SEGMENT_TRANSITIONS),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
@@ -169,7 +186,7 @@ impl ProfileProcessor {
     }
 
     fn apply_event(&mut self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
-        let customer_id = customer_key(e).unwrap_or_default();
+        let customer_id = e.customer_key().unwrap_or_default();
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| CustomerProfile::new(&customer_id, e.occurred_at));
@@ -274,11 +291,7 @@ impl ProfileProcessor {
                 }
             }
             EventType::purchase => {
-                let total = e
-                    .order
-                    .as_ref()
-                    .and_then(|o| o.total)
-                    .unwrap_or_else(|| items_value(&e.items));
+                let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 p.record_purchase(e.occurred_at, total, false, order_id.clone());
                 self.after_purchase(ctx, &p, &e.event_id, e.occurred_at, order_id)?;
@@ -378,8 +391,23 @@ impl ProfileProcessor {
         Ok(())
     }
 
+    /// Outcomes only update customers the profile knows; one for an unknown customer
+    /// (state lost, a foreign producer) creates nothing.
+    fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, &o.customer_id)? else {
+            return Ok(());
+        };
+        if p.remember_event(&o.outcome_id) {
+            p.apply_outcome(o);
+        } else {
+            self.metrics.duplicates.inc();
+        }
+        self.put(ctx.partition, p);
+        Ok(())
+    }
+
     fn apply_receipt(&mut self, ctx: &mut Ctx<'_>, r: &OfflineReceipt) -> anyhow::Result<()> {
-        let customer_id = receipt_customer_key(r).unwrap_or_default();
+        let customer_id = r.customer_key().unwrap_or_default();
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| CustomerProfile::new(&customer_id, r.occurred_at));
@@ -937,35 +965,18 @@ fn schedule_yearly(
     Ok(())
 }
 
-/// The key a customer's state lives under: the customer id, or the anonymous id for
-/// visitors not yet identified.
-fn customer_key(e: &CustomerEvent) -> Option<String> {
-    e.customer_id
-        .clone()
-        .or_else(|| e.anonymous_id.clone().map(|a| format!("anon:{a}")))
-        .filter(|k| !k.is_empty())
-}
-
-fn receipt_customer_key(r: &OfflineReceipt) -> Option<String> {
-    r.customer_id
-        .clone()
-        .or_else(|| r.loyalty_card.clone().map(|c| format!("card:{c}")))
-        .filter(|k| !k.is_empty())
-}
-
-fn items_value(items: &[LineItem]) -> f64 {
-    items
-        .iter()
-        .map(|i| i.unit_price * f64::from(i.quantity))
-        .sum()
-}
-
 fn contacts(p: &CustomerProfile) -> Contacts {
+    // An address that bounced hard is as good as none until the customer gives a new one.
+    let usable = |channel: Channel, address: &Option<String>| {
+        address
+            .clone()
+            .filter(|a| p.hard_bounced.get(&channel) != Some(a))
+    };
     Contacts {
-        email: p.email.clone(),
-        phone: p.phone.clone(),
-        push_token: p.push_token.clone(),
-        messenger_id: p.messenger_id.clone(),
+        email: usable(Channel::email, &p.email),
+        phone: usable(Channel::sms, &p.phone),
+        push_token: usable(Channel::push, &p.push_token),
+        messenger_id: usable(Channel::messenger, &p.messenger_id),
         time_zone: p.time_zone.clone(),
         consented_channels: Channel::ALL
             .into_iter()
@@ -982,7 +993,7 @@ fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             "event_id is empty",
         ));
     }
-    if e.event_type != EventType::heartbeat && customer_key(e).is_none() {
+    if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
             "customer_id or anonymous_id is required",
@@ -1047,6 +1058,15 @@ impl Processor for ProfileProcessor {
             self.app_topic.clone(),
             self.offline_topic.clone(),
             self.occasions_topic.clone(),
+            self.outcomes_topic.clone(),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![
+            self.triggers_topic.clone(),
+            self.transitions_topic.clone(),
+            self.interest_topic.clone(),
         ]
     }
 
@@ -1054,7 +1074,7 @@ impl Processor for ProfileProcessor {
         if record.topic == self.offline_topic {
             let r: OfflineReceipt =
                 decode_input(record.payload, schemas::offline_receipt(), &self.registry)?;
-            if receipt_customer_key(&r).is_none() {
+            if r.customer_key().is_none() {
                 return Err(Rejection::new(
                     DeadLetterReason::missing_field,
                     "receipt needs customer_id or loyalty_card",
@@ -1067,6 +1087,10 @@ impl Processor for ProfileProcessor {
                 ));
             }
             Ok(ProfileInput::Receipt(Box::new(r)))
+        } else if record.topic == self.outcomes_topic {
+            Ok(ProfileInput::Outcome(Box::new(decode_internal(
+                record.payload,
+            )?)))
         } else if record.topic == self.occasions_topic {
             Ok(ProfileInput::Occasion(Box::new(decode_internal(
                 record.payload,
@@ -1084,6 +1108,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Event(e) => e.occurred_at,
             ProfileInput::Receipt(r) => r.occurred_at,
             ProfileInput::Occasion(o) => o.occurred_at,
+            ProfileInput::Outcome(o) => o.occurred_at,
         })
     }
 
@@ -1093,6 +1118,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Event(e) => self.apply_event(ctx, &e),
             ProfileInput::Receipt(r) => self.apply_receipt(ctx, &r),
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
+            ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),
         }
     }
 

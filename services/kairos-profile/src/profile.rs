@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use kairos_core::contracts::{Channel, CustomerEvent, EventType, LineItem, Product};
+use kairos_core::contracts::{
+    Channel, CustomerEvent, EventType, LineItem, Outcome, OutcomeKind, Product,
+};
 use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +74,10 @@ pub struct CustomerProfile {
     pub recent_categories: Vec<String>,
     pub wishlist: Vec<Product>,
     pub engagement: BTreeMap<Channel, ChannelEngagement>,
+    /// Addresses that bounced hard, per channel; a new address replaces them.
+    pub hard_bounced: BTreeMap<Channel, String>,
+    /// When the customer marked a message as spam.
+    pub complained_at: Option<Millis>,
     pub lifecycle: Option<String>,
     pub rfm: Option<RfmScore>,
     /// Timers this profile knows are armed (scenario or review name -> fire time), so
@@ -92,6 +98,53 @@ impl CustomerProfile {
     }
 
     /// Records an event id; false if it was seen already (a duplicate).
+    /// The address the customer has for `channel`, if any.
+    pub fn address(&self, channel: Channel) -> Option<&String> {
+        match channel {
+            Channel::email => self.email.as_ref(),
+            Channel::sms => self.phone.as_ref(),
+            Channel::push => self.push_token.as_ref(),
+            Channel::messenger => self.messenger_id.as_ref(),
+            Channel::in_app | Channel::webhook => None,
+        }
+    }
+
+    /// Folds a delivery or engagement outcome into engagement and suppressions.
+    pub fn apply_outcome(&mut self, o: &Outcome) {
+        let at = o.occurred_at;
+        match o.kind {
+            OutcomeKind::unsubscribed => {
+                self.consents.insert(o.channel, false);
+            }
+            OutcomeKind::bounced_hard => {
+                if let Some(address) = self.address(o.channel).cloned() {
+                    self.hard_bounced.insert(o.channel, address);
+                }
+            }
+            OutcomeKind::complained => {
+                self.complained_at.get_or_insert(at);
+            }
+            _ => {}
+        }
+        let e = self.engagement.entry(o.channel).or_default();
+        match o.kind {
+            OutcomeKind::delivered => {
+                e.last_delivered_at = Some(e.last_delivered_at.map_or(at, |l| l.max(at)));
+                // Ignored until an open or click says otherwise.
+                e.ignored_in_row += 1;
+            }
+            OutcomeKind::opened => {
+                e.last_opened_at = Some(e.last_opened_at.map_or(at, |l| l.max(at)));
+                e.ignored_in_row = 0;
+            }
+            OutcomeKind::clicked => {
+                e.last_clicked_at = Some(e.last_clicked_at.map_or(at, |l| l.max(at)));
+                e.ignored_in_row = 0;
+            }
+            _ => {}
+        }
+    }
+
     pub fn remember_event(&mut self, event_id: &str) -> bool {
         // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
         let h = kairos_core::ids::stable_hash(event_id);
@@ -286,4 +339,51 @@ pub fn is_visit(t: EventType) -> bool {
         t,
         EventType::heartbeat | EventType::order_status | EventType::consent_change
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_core::contracts::MessageCategory;
+
+    fn outcome(channel: Channel, kind: OutcomeKind, at: Millis) -> Outcome {
+        Outcome {
+            outcome_id: format!("o-{at}"),
+            send_id: "s1".into(),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            channel,
+            category: MessageCategory::trigger,
+            kind,
+            reason: None,
+            occurred_at: at,
+        }
+    }
+
+    #[test]
+    fn outcomes_update_engagement_and_suppressions() {
+        let mut p = CustomerProfile::new("c1", 0);
+        p.email = Some("c1@example.com".into());
+        p.consents.insert(Channel::email, true);
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, 10));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, 20));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 2);
+        assert_eq!(p.engagement[&Channel::email].last_delivered_at, Some(20));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::opened, 30));
+        let e = &p.engagement[&Channel::email];
+        assert_eq!((e.ignored_in_row, e.last_opened_at), (0, Some(30)));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::clicked, 40));
+        assert_eq!(p.engagement[&Channel::email].last_clicked_at, Some(40));
+
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::bounced_hard, 50));
+        assert_eq!(
+            p.hard_bounced.get(&Channel::email).map(String::as_str),
+            Some("c1@example.com")
+        );
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::complained, 60));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::complained, 70));
+        assert_eq!(p.complained_at, Some(60), "the first complaint counts");
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::unsubscribed, 80));
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
+    }
 }

@@ -31,6 +31,9 @@ pub fn rfm(cfg: &RfmConfig, p: &CustomerProfile, now: Millis) -> Option<RfmScore
     Some(RfmScore { r, f, m, segment })
 }
 
+/// Every lifecycle stage `lifecycle` can return.
+pub const LIFECYCLE_STAGES: [&str; 5] = ["prospect", "new", "regular", "dormant", "churned"];
+
 /// Lifecycle stage: prospect, new, regular, dormant or churned.
 pub fn lifecycle(cfg: &LifecycleConfig, p: &CustomerProfile, now: Millis) -> String {
     let (Some(first), Some(last)) = (p.first_purchase_at, p.last_purchase_at) else {

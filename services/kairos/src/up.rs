@@ -254,4 +254,26 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
         o("unsubscribed"),
         dead
     );
+    let group = |metric: &str, g: &str| sum(feedback, metric, &[&format!("group=\"{g}\"")]);
+    let conversion_rate = |g: &str| {
+        rate(
+            group("kairos_conversions_total", g),
+            group("kairos_attribution_touches_total", g),
+        )
+    };
+    let (treated, control) = (conversion_rate("treatment"), conversion_rate("control"));
+    let lift = if control > 0.0 {
+        format!("{:+.1}%", 100.0 * (treated / control - 1.0))
+    } else {
+        "n/a (no control conversions yet)".to_string()
+    };
+    println!(
+        "        conversions (72 h, last touch): treatment {:.0} of {:.0} touches ({treated:.1}%), control {:.0} of {:.0} ({control:.1}%), lift {lift} | revenue via CRM {:.0} of {:.0}",
+        group("kairos_conversions_total", "treatment"),
+        group("kairos_attribution_touches_total", "treatment"),
+        group("kairos_conversions_total", "control"),
+        group("kairos_attribution_touches_total", "control"),
+        group("kairos_conversion_revenue_total", "treatment"),
+        sum(feedback, "kairos_purchase_revenue_total", &[]),
+    );
 }

@@ -1,0 +1,364 @@
+//! Observability proofs: the metrics the Prometheus rules and Grafana dashboards use
+//! exist on the running services, and conversions and lift on feedback's /metrics equal
+//! hand-computed values.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kairos_tests::{json, registration, sample, Options, Pipeline, SERVICES};
+use serde_json::{json as j, Value};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
+}
+
+/// Every raw `kairos_*` metric name in a rule or dashboard file. Recording-rule names
+/// (`level:metric:operation`) contain colons and are not raw metrics, so they are left out.
+fn metric_names_in(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| token.len() > "kairos_".len() && token.starts_with("kairos_"))
+        .filter(|token| !token.contains(':'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Metric names in a Prometheus text exposition (samples, so histogram series appear
+/// as `_bucket`, `_sum` and `_count`, and the `# TYPE` family names).
+fn exposed_names(exposition: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in exposition.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.split_whitespace().next() {
+                names.insert(name.to_string());
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            if let Some(name) = line.split(['{', ' ']).next() {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+fn files_under(dir: &Path, extension: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == extension) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn every_metric_in_rules_alerts_and_dashboards_is_exposed_by_a_running_service() {
+    let root = repo_root();
+    let mut sources = files_under(&root.join("deploy/prometheus/rules"), "yml");
+    let dashboards = files_under(&root.join("deploy/grafana/dashboards"), "json");
+    assert!(
+        !sources.is_empty(),
+        "no rule files under deploy/prometheus/rules"
+    );
+    assert!(
+        !dashboards.is_empty(),
+        "no dashboards under deploy/grafana/dashboards"
+    );
+    sources.extend(dashboards);
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for file in &sources {
+        let text = std::fs::read_to_string(file).expect("read rule or dashboard file");
+        if file.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str::<Value>(&text)
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", file.display()));
+        }
+        for name in metric_names_in(&text) {
+            wanted.entry(name).or_default().push(
+                file.strip_prefix(&root)
+                    .unwrap_or(file)
+                    .display()
+                    .to_string(),
+            );
+        }
+    }
+    assert!(
+        wanted.len() >= 20,
+        "suspiciously few metric names found in the rules and dashboards: {:?}",
+        wanted.keys()
+    );
+
+    let p = Pipeline::start(Options::default());
+    let mut exposed = BTreeSet::new();
+    let scrapes_dir = p.dir.path().join("scrapes");
+    std::fs::create_dir_all(&scrapes_dir).expect("scrapes dir");
+    for service in SERVICES {
+        let text = p.metrics(service);
+        exposed.extend(exposed_names(&text));
+        // The exposition itself must be valid Prometheus text.
+        let file = scrapes_dir.join(format!("{service}.prom"));
+        std::fs::write(&file, &text).expect("write scrape");
+        let check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).expect("open scrape"))
+            .output()
+            .expect("run promtool (make test installs it)");
+        let report = String::from_utf8_lossy(&check.stderr).to_string()
+            + &String::from_utf8_lossy(&check.stdout);
+        // Exit 1 is a parse error, 3 a lint problem (a counter without `_total`, a
+        // metric without help): both fail.
+        assert!(
+            check.status.success(),
+            "promtool check metrics rejects the /metrics of {service} ({}): {report}",
+            check.status
+        );
+    }
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(name, _)| !exposed.contains(*name))
+        .map(|(name, files)| format!("{name} (used in {})", files.join(", ")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics used by rules or dashboards but exposed by no service:\n{}",
+        missing.join("\n")
+    );
+}
+
+/// 2026-01-05T09:00:00Z: a fixed event time, so the run is the same every time.
+const T0: i64 = 1_767_603_600_000;
+const HOUR: i64 = 3_600_000;
+
+fn online_purchase(event_id: &str, customer: &str, at: i64, total: f64) -> Vec<u8> {
+    json(j!({
+        "event_id": event_id,
+        "event_type": "purchase",
+        "occurred_at": at,
+        "customer_id": customer,
+        "order": {"order_id": format!("o-{event_id}"), "total": total, "currency": "EUR"},
+    }))
+}
+
+fn offline_purchase(event_id: &str, customer: &str, at: i64, total: f64) -> Vec<u8> {
+    json(j!({
+        "event_id": event_id, "occurred_at": at, "receipt_id": format!("r-{event_id}"),
+        "kind": "sale", "store_id": "s1", "customer_id": customer,
+        "items": [{"product_id": "p1", "quantity": 1, "unit_price": total}],
+        "total": total, "currency": "EUR"
+    }))
+}
+
+fn wait_for_metric(p: &Pipeline, metric: &str, labels: &[&str], want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = p.metrics("feedback");
+        let got = sample(&text, metric, labels);
+        if got == want {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{metric}{labels:?} is {got}, expected {want}; feedback log:\n{}",
+            p.log("feedback")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn assert_close(actual: f64, expected: f64, what: &str) {
+    assert!(
+        (actual - expected).abs() < 1e-9,
+        "{what}: /metrics says {actual}, hand-computed {expected}"
+    );
+}
+
+#[test]
+fn conversions_and_lift_of_a_holdout_scenario_equal_the_hand_computed_values() {
+    let p = Pipeline::start(Options {
+        services: vec!["profile", "arbiter", "feedback"],
+        env: vec![("KAIROS__CLOCK__MODE".into(), "event".into())],
+        extra_config: r#"
+[[scenarios]]
+name = "welcome"
+kind = "welcome"
+channels = ["email"]
+template = "welcome"
+valid_for = "1d"
+holdout_percent = 50
+"#
+        .into(),
+        ..Options::default()
+    });
+    let customers: Vec<String> = (0..60).map(|i| format!("lift-{i:02}")).collect();
+    let registrations: Vec<(&str, Vec<u8>)> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), registration(c, T0 + i as i64 * 1000)))
+        .collect();
+    p.produce("events.site", &registrations);
+
+    // Every registration ends in one welcome decision: sent, or held out by the 50%
+    // scenario holdout.
+    let decisions = p.read_json_until("decisions", Duration::from_secs(60), |v| {
+        v.iter().filter(|d| d["scenario"] == "welcome").count() >= customers.len()
+    });
+    let mut treated = BTreeMap::new();
+    let mut held_out = BTreeMap::new();
+    for d in decisions.iter().filter(|d| d["scenario"] == "welcome") {
+        let customer = d["customer_id"].as_str().expect("customer id").to_string();
+        let at = d["decided_at"].as_i64().expect("decided_at");
+        match d["outcome"].as_str() {
+            Some("sent") => treated.insert(customer, at),
+            Some("held_out") => {
+                assert_eq!(d["rule"], "scenario_holdout");
+                held_out.insert(customer, at)
+            }
+            other => panic!("unexpected decision {other:?}: {d}"),
+        };
+    }
+    assert_eq!(treated.len() + held_out.len(), customers.len());
+    assert!(
+        treated.len() >= 15 && held_out.len() >= 15,
+        "a 50% holdout of 60 customers: {} sent, {} held out",
+        treated.len(),
+        held_out.len()
+    );
+    // Purchases must meet the touches: wait until feedback has seen every decision.
+    wait_for_metric(
+        &p,
+        "kairos_attribution_touches_total",
+        &["scenario=\"welcome\""],
+        customers.len() as f64,
+    );
+
+    // The known purchases and what they must count for, computed by hand.
+    let mut site = Vec::new();
+    let mut shop = Vec::new();
+    let (mut conversions, mut revenue) = ([0u64; 2], [0f64; 2]);
+    let mut purchases = 0u64;
+    for (group, members) in [(0, &treated), (1, &held_out)] {
+        for (n, (customer, decided_at)) in members.iter().enumerate() {
+            let id = |k: &str| format!("{customer}-{k}");
+            match n % 4 {
+                // Buys 1 h after the touch: a conversion.
+                0 => {
+                    let total = 100.0 + n as f64;
+                    site.push((
+                        customer.clone(),
+                        online_purchase(&id("a"), customer, decided_at + HOUR, total),
+                    ));
+                    conversions[group] += 1;
+                    revenue[group] += total;
+                    purchases += 1;
+                }
+                // Buys twice in the window, once in a shop: one conversion, both revenues.
+                1 if group == 0 || n % 8 == 1 => {
+                    site.push((
+                        customer.clone(),
+                        online_purchase(&id("b1"), customer, decided_at + 2 * HOUR, 30.0),
+                    ));
+                    shop.push((
+                        customer.clone(),
+                        offline_purchase(&id("b2"), customer, decided_at + 70 * HOUR, 12.5),
+                    ));
+                    conversions[group] += 1;
+                    revenue[group] += 42.5;
+                    purchases += 2;
+                }
+                // Buys after the 72 h window: a purchase, no conversion.
+                2 => {
+                    site.push((
+                        customer.clone(),
+                        online_purchase(&id("c"), customer, decided_at + 73 * HOUR, 80.0),
+                    ));
+                    purchases += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    // A redelivered purchase (same event id) counts once.
+    let duplicate = site[0].clone();
+    site.push(duplicate);
+    let site_refs: Vec<(&str, Vec<u8>)> =
+        site.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let shop_refs: Vec<(&str, Vec<u8>)> =
+        shop.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    p.produce("events.site", &site_refs);
+    p.produce("events.offline", &shop_refs);
+
+    // Every record reached feedback (the duplicate too), and it counted the purchases once.
+    let site_topic = format!("topic=\"{}\"", p.topic("events.site"));
+    let offline_topic = format!("topic=\"{}\"", p.topic("events.offline"));
+    wait_for_metric(
+        &p,
+        "kairos_input_records_total",
+        &[&site_topic],
+        (customers.len() + site.len()) as f64,
+    );
+    wait_for_metric(
+        &p,
+        "kairos_input_records_total",
+        &[&offline_topic],
+        shop.len() as f64,
+    );
+    let text = wait_for_metric(&p, "kairos_purchases_total", &[], purchases as f64);
+    let metric = |name: &str, labels: &[&str]| sample(&text, name, labels);
+    let groups = ["group=\"treatment\"", "group=\"control\""];
+    let sizes = [treated.len() as f64, held_out.len() as f64];
+    for g in 0..2 {
+        let labels = ["scenario=\"welcome\"", groups[g]];
+        assert_eq!(
+            metric("kairos_attribution_touches_total", &labels),
+            sizes[g],
+            "{}",
+            groups[g]
+        );
+        assert_eq!(
+            metric("kairos_conversions_total", &labels),
+            conversions[g] as f64,
+            "conversions of {}",
+            groups[g]
+        );
+        assert_close(
+            metric("kairos_conversion_revenue_total", &labels),
+            revenue[g],
+            &format!("attributed revenue of {}", groups[g]),
+        );
+        assert_close(
+            metric("kairos_scenario_conversion_rate", &labels),
+            conversions[g] as f64 / sizes[g],
+            &format!("conversion rate of {}", groups[g]),
+        );
+    }
+    let rate = |g: usize| conversions[g] as f64 / sizes[g];
+    assert!(
+        rate(1) > 0.0,
+        "the control group needs conversions for a lift"
+    );
+    assert_close(
+        metric("kairos_scenario_lift_ratio", &["scenario=\"welcome\""]),
+        rate(0) / rate(1) - 1.0,
+        "lift",
+    );
+    assert_eq!(
+        metric(
+            "kairos_decisions_total",
+            &[
+                "scenario=\"welcome\"",
+                "outcome=\"held_out\"",
+                "rule=\"scenario_holdout\""
+            ]
+        ),
+        sizes[1]
+    );
+}
