@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -48,6 +48,14 @@ pub fn kairos_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The repository checkout the tests run from.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
 }
 
 pub fn free_port() -> u16 {
@@ -166,6 +174,10 @@ impl Pipeline {
                 addr_file.display().to_string(),
             ),
             ("KAIROS__KAFKA__TOPIC_PREFIX".into(), prefix.clone()),
+            (
+                "KAIROS__TEMPLATES__DIR".into(),
+                repo_root().join("config/templates").display().to_string(),
+            ),
             ("KAIROS__KAFKA__GROUP_PREFIX".into(), prefix.clone()),
         ];
         if let Some(b) = &external {

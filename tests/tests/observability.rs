@@ -6,15 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kairos_tests::{json, registration, sample, Options, Pipeline, SERVICES};
+use kairos_tests::{json, registration, repo_root, sample, Options, Pipeline, SERVICES};
 use serde_json::{json as j, Value};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the repository")
-        .to_path_buf()
-}
 
 /// Every raw `kairos_*` metric name in a rule or dashboard file. Recording-rule names
 /// (`level:metric:operation`) contain colons and are not raw metrics, so they are left out.

@@ -60,6 +60,8 @@ pub struct Config {
     #[serde(default)]
     pub delivery: BTreeMap<Channel, DeliveryChannelConfig>,
     #[serde(default)]
+    pub templates: TemplatesConfig,
+    #[serde(default)]
     pub generator: GeneratorConfig,
     #[serde(default)]
     pub segments: SegmentsConfig,
@@ -252,11 +254,42 @@ impl Default for FeedbackConfig {
     }
 }
 
+/// Where message templates live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplatesConfig {
+    /// Directory of `<template>.toml` files; a relative path is relative to the
+    /// directory of the configuration file.
+    pub dir: PathBuf,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        TemplatesConfig {
+            dir: PathBuf::from("templates"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// Realistic simulated delivery and engagement, for demos and load tests.
     Simulator,
+    /// A real SMTP conversation (e-mail).
+    Smtp,
+    /// JSON POST to an HTTP API (SMS gateways, push services, messenger bots, webhooks).
+    Http,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Simulator => "simulator",
+            ProviderKind::Smtp => "smtp",
+            ProviderKind::Http => "http",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +300,137 @@ pub struct DeliveryChannelConfig {
     pub provider: ProviderKind,
     #[serde(default)]
     pub simulator: SimulatorConfig,
+    #[serde(default)]
+    pub smtp: Option<SmtpConfig>,
+    #[serde(default)]
+    pub http: Option<HttpProviderConfig>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// How to reach an SMTP server and what every message carries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    /// `none` (a local relay), `starttls` or `tls`.
+    #[serde(default)]
+    pub security: SmtpSecurity,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// From header, e.g. `Shop <news@shop.example>`.
+    pub from: String,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    /// List-Unsubscribe URL template; `{customer_id}` and `{send_id}` are replaced.
+    #[serde(default)]
+    pub list_unsubscribe: Option<String>,
+    #[serde(default = "default_provider_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpSecurity {
+    #[default]
+    None,
+    Starttls,
+    Tls,
+}
+
+fn default_smtp_port() -> u16 {
+    25
+}
+
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A JSON-over-HTTP provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProviderConfig {
+    pub url: String,
+    /// Header carrying credentials, e.g. `Authorization`, and its value.
+    #[serde(default)]
+    pub auth_header: Option<String>,
+    #[serde(default)]
+    pub auth_value: Option<String>,
+    /// Header carrying the send id, so the provider drops a repeated request.
+    #[serde(default = "default_idempotency_header")]
+    pub idempotency_header: String,
+    #[serde(default = "default_provider_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+
+/// Retries of transient provider errors: exponential backoff with full jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all (the first included); then the send goes to the dead-letter topic.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Token bucket per provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            per_second: 1000,
+            burst: 100,
+        }
+    }
+}
+
+/// After `failure_threshold` failed requests in a row the provider is left alone for
+/// `open_for`, then one trial request decides whether it is back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    pub failure_threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(5),
+        }
+    }
 }
 
 fn default_provider() -> ProviderKind {
@@ -645,6 +809,56 @@ impl Config {
                 "must be between 0 and 100".into(),
             ));
         }
+        for (channel, d) in &self.delivery {
+            let section = |field: &str| format!("delivery.{channel}.{field}");
+            match d.provider {
+                ProviderKind::Smtp if d.smtp.is_none() => {
+                    return Err(fail(
+                        "provider",
+                        format!(
+                            "{}: provider \"smtp\" needs a [{}] section",
+                            section("provider"),
+                            section("smtp")
+                        ),
+                    ));
+                }
+                ProviderKind::Http if d.http.is_none() => {
+                    return Err(fail(
+                        "provider",
+                        format!(
+                            "{}: provider \"http\" needs a [{}] section",
+                            section("provider"),
+                            section("http")
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if d.retry.max_attempts == 0 {
+                return Err(fail(
+                    "max_attempts",
+                    format!("{}: must be at least 1", section("retry.max_attempts")),
+                ));
+            }
+            if d.rate_limit.per_second == 0 || d.rate_limit.burst == 0 {
+                return Err(fail(
+                    "per_second",
+                    format!(
+                        "{}: per_second and burst must be at least 1",
+                        section("rate_limit")
+                    ),
+                ));
+            }
+            if d.circuit_breaker.failure_threshold == 0 {
+                return Err(fail(
+                    "failure_threshold",
+                    format!(
+                        "{}: must be at least 1",
+                        section("circuit_breaker.failure_threshold")
+                    ),
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.scenarios.iter().enumerate() {
             if !names.insert(s.name.as_str()) {
@@ -716,6 +930,17 @@ impl Config {
     }
 
     /// The full name of a topic, e.g. `topic("events.site")`.
+    /// The templates directory, resolved against the configuration file's directory.
+    pub fn templates_dir(&self) -> PathBuf {
+        if self.templates.dir.is_absolute() {
+            return self.templates.dir.clone();
+        }
+        self.source_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&self.templates.dir)
+    }
+
     pub fn topic(&self, suffix: &str) -> String {
         format!("{}{}", self.kafka.topic_prefix, suffix)
     }

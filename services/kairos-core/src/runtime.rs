@@ -115,6 +115,14 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Writes state at once, before the batch commits: for a record that must be
+    /// durable before an external effect. See [`PartitionStore::put_now`].
+    pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(value).with_context(|| format!("encode state {key:?}"))?;
+        self.store.put_now(key.as_bytes(), &bytes)?;
+        Ok(())
+    }
+
     pub fn delete(&mut self, key: &str) {
         self.store.delete(self.pending, key.as_bytes());
     }

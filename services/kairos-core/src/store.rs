@@ -270,6 +270,15 @@ impl PartitionStore {
         pending.writes.insert(prefixed(STATE, key), Some(value));
     }
 
+    /// Writes a state value at once, outside the batch: a write-ahead record that must
+    /// be durable before an external effect (a provider call). It survives a process
+    /// crash (RocksDB's write-ahead log); it is not replicated to the changelog.
+    pub fn put_now(&self, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        self.db
+            .put(prefixed(STATE, key), value)
+            .map_err(|e| self.rocks(e))
+    }
+
     pub fn delete(&self, pending: &mut Pending, key: &[u8]) {
         pending.writes.insert(prefixed(STATE, key), None);
     }

@@ -1,24 +1,51 @@
 //! Delivery workers: one per channel, each consuming its send topic.
 //!
-//! A worker records every send id it has handled in its partition store, so a send
-//! command delivered twice (a re-sent outbox record, a replay) reaches the provider
-//! once. Outcomes go to the outcomes topic with deterministic ids.
+//! A worker renders the send's template, hands it to the channel's provider (SMTP,
+//! HTTP or the simulator) and reports what happened on the outcomes topic, with
+//! deterministic outcome ids. Exactly once toward the provider:
+//!
+//! - every send id it finished is recorded in the partition store, committed with the
+//!   input offset, so a send command delivered twice reaches the provider once;
+//! - before a provider call a write-ahead record of the send id is made durable. A
+//!   crash between that record and the commit leaves the send "in doubt": an
+//!   idempotent provider (HTTP with an idempotency key) gets it again and drops the
+//!   repeat; SMTP, which cannot drop repeats, does not, and the send is reported as
+//!   failed with reason `in_doubt` (the window is the moment between the server's
+//!   acceptance and the commit, microseconds wide).
+//!
+//! Transient provider errors are retried with exponential backoff and jitter, up to
+//! `retry.max_attempts`, after which the send goes to the dead-letter topic; permanent
+//! errors are not retried. A token bucket holds the provider's rate, and a circuit
+//! breaker leaves a failing provider alone for a while. The worker handles one send at
+//! a time per process, so a slow provider slows consumption (back-pressure) instead of
+//! growing memory.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config, DeliveryChannelConfig, ProviderKind};
-use kairos_core::contracts::{Channel, Outcome, OutcomeKind, SendCommand};
+use kairos_core::contracts::{
+    Channel, DeadLetter, DeadLetterReason, Outcome, OutcomeKind, SendCommand,
+};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
 
+pub mod provider;
+pub mod retry;
 pub mod simulator;
+pub mod templates;
+
+use provider::{Provider, ProviderError};
+use retry::{BreakerState, CircuitBreaker};
+use templates::{RenderedMessage, TemplateSet};
 
 /// An outcome to report later (engagement arrives after delivery).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,14 +76,44 @@ impl From<&SendCommand> for SendSummary {
     }
 }
 
+/// A send command with where it came from (for the dead-letter record).
+pub struct SendInput {
+    pub command: SendCommand,
+    pub topic: String,
+    pub offset: i64,
+}
+
+/// How the provider attempts of one send ended.
+#[derive(Debug, Clone, PartialEq)]
+enum Delivery {
+    Sent,
+    HardBounce(String),
+    Failed(String),
+    Expired,
+    /// Every attempt failed transiently.
+    Exhausted(String),
+}
+
+struct DeliveryMetrics {
+    provider_requests: IntCounterVec,
+    provider_latency: HistogramVec,
+    retries: IntCounterVec,
+    circuit_open: IntGaugeVec,
+    dead_letters: IntCounterVec,
+}
+
 pub struct DeliveryProcessor {
     channel: Channel,
     name: String,
     settings: DeliveryChannelConfig,
     send_topic: String,
     outcomes_topic: String,
-    provider_requests: IntCounterVec,
-    provider_latency: HistogramVec,
+    dead_letter_topic: String,
+    templates: TemplateSet,
+    provider: Option<Provider>,
+    limiter: DefaultDirectRateLimiter,
+    breaker: CircuitBreaker,
+    metrics: DeliveryMetrics,
 }
 
 impl DeliveryProcessor {
@@ -65,12 +122,30 @@ impl DeliveryProcessor {
         channel: Channel,
         settings: DeliveryChannelConfig,
         registry: &prometheus::Registry,
-    ) -> Self {
-        let processor = DeliveryProcessor {
-            channel,
-            name: format!("deliver-{}", channel.as_str()),
-            send_topic: config.send_topic(channel),
-            outcomes_topic: config.topic(topics::OUTCOMES),
+    ) -> anyhow::Result<Self> {
+        let templates = load_templates(config, channel)?;
+        let provider = match settings.provider {
+            ProviderKind::Simulator => None,
+            ProviderKind::Smtp => {
+                let smtp = settings.smtp.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "delivery.{channel}: provider smtp needs [delivery.{channel}.smtp]"
+                    )
+                })?;
+                Some(Provider::Smtp(Box::new(provider::SmtpProvider::new(smtp)?)))
+            }
+            ProviderKind::Http => {
+                let http = settings.http.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "delivery.{channel}: provider http needs [delivery.{channel}.http]"
+                    )
+                })?;
+                Some(Provider::Http(provider::HttpProvider::new(http)?))
+            }
+        };
+        let quota = Quota::per_second(nonzero(settings.rate_limit.per_second))
+            .allow_burst(nonzero(settings.rate_limit.burst));
+        let m = DeliveryMetrics {
             provider_requests: metrics::counter_vec(
                 registry,
                 "kairos_provider_requests_total",
@@ -84,25 +159,61 @@ impl DeliveryProcessor {
                 &["channel", "provider"],
                 metrics::latency_buckets(),
             ),
+            retries: metrics::counter_vec(
+                registry,
+                "kairos_provider_retries_total",
+                "Provider requests repeated after a transient error.",
+                &["channel", "provider"],
+            ),
+            circuit_open: metrics::gauge_vec(
+                registry,
+                "kairos_provider_circuit_open",
+                "1 while the circuit breaker keeps requests away from a failing provider.",
+                &["channel", "provider"],
+            ),
+            dead_letters: metrics::counter_vec(
+                registry,
+                "kairos_delivery_dead_letters_total",
+                "Sends given up after every attempt failed, sent to the dead-letter topic.",
+                &["channel"],
+            ),
+        };
+        let processor = DeliveryProcessor {
+            channel,
+            name: format!("deliver-{}", channel.as_str()),
+            send_topic: config.send_topic(channel),
+            outcomes_topic: config.topic(topics::OUTCOMES),
+            dead_letter_topic: config.topic(topics::DEAD_LETTER),
+            templates,
+            provider,
+            limiter: RateLimiter::direct(quota),
+            breaker: CircuitBreaker::new(settings.circuit_breaker.clone()),
+            metrics: m,
             settings,
         };
         // Every series exists from the start, so rates and alerts see zeros, not gaps.
-        let provider = processor.provider_name();
+        let labels = [channel.as_str(), processor.provider_name()];
         for result in ["accepted", "transient_error", "permanent_error"] {
             processor
+                .metrics
                 .provider_requests
-                .with_label_values(&[channel.as_str(), provider, result]);
+                .with_label_values(&[labels[0], labels[1], result]);
         }
         processor
+            .metrics
             .provider_latency
-            .with_label_values(&[channel.as_str(), provider]);
+            .with_label_values(&labels);
+        processor.metrics.retries.with_label_values(&labels);
+        processor.metrics.circuit_open.with_label_values(&labels);
         processor
+            .metrics
+            .dead_letters
+            .with_label_values(&[labels[0]]);
+        Ok(processor)
     }
 
     fn provider_name(&self) -> &'static str {
-        match self.settings.provider {
-            ProviderKind::Simulator => "simulator",
-        }
+        self.settings.provider.as_str()
     }
 
     fn emit_outcome(
@@ -127,10 +238,241 @@ impl DeliveryProcessor {
         let topic = self.outcomes_topic.clone();
         ctx.emit(&topic, &send.customer_id, &outcome);
     }
+
+    /// The template's variables with what every template may use besides.
+    fn render(&self, cmd: &SendCommand) -> Result<RenderedMessage, String> {
+        let mut vars: serde_json::Value = serde_json::from_str(&cmd.variables)
+            .map_err(|e| format!("template: variables are not JSON: {e}"))?;
+        if let Some(m) = vars.as_object_mut() {
+            m.entry("customer_id")
+                .or_insert(cmd.customer_id.clone().into());
+            m.insert("send_id".into(), cmd.send_id.clone().into());
+            m.insert("scenario".into(), cmd.scenario.clone().into());
+        }
+        self.templates
+            .render(&cmd.template, &vars)
+            .map_err(|e| format!("template: {e}"))
+    }
+
+    fn simulate(&self, ctx: &mut Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<()> {
+        let now = ctx.now();
+        let send = SendSummary::from(cmd);
+        let started = Instant::now();
+        let plan = simulator::plan(&self.settings.simulator, &cmd.send_id, now);
+        self.metrics
+            .provider_requests
+            .with_label_values(&[self.channel.as_str(), "simulator", "accepted"])
+            .inc();
+        self.metrics
+            .provider_latency
+            .with_label_values(&[self.channel.as_str(), "simulator"])
+            .observe(started.elapsed().as_secs_f64());
+        self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
+        for (kind, at) in plan {
+            if at <= now {
+                self.emit_outcome(ctx, &send, kind, None, now);
+            } else {
+                ctx.schedule(
+                    &format!("{}/{}", cmd.send_id, kind.as_str()),
+                    at,
+                    &LaterOutcome {
+                        send: send.clone(),
+                        kind,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attempts the send until it succeeds, fails for good, expires or runs out of
+    /// attempts.
+    async fn attempts(&mut self, cmd: &SendCommand, message: &RenderedMessage) -> Delivery {
+        let Some(provider) = &self.provider else {
+            return Delivery::Failed("no provider".into());
+        };
+        let labels = [self.channel.as_str(), provider.name()];
+        let max = self.settings.retry.max_attempts;
+        let mut last_error = String::new();
+        for attempt in 1..=max {
+            let wait = self.breaker.wait(Instant::now());
+            if !wait.is_zero() {
+                self.metrics.circuit_open.with_label_values(&labels).set(1);
+                tokio::time::sleep(wait).await;
+                self.breaker.wait(Instant::now());
+            }
+            self.metrics
+                .circuit_open
+                .with_label_values(&labels)
+                .set(i64::from(matches!(
+                    self.breaker.state(),
+                    BreakerState::Open(_)
+                )));
+            if cmd.valid_until < kairos_core::time::wall_now() {
+                return Delivery::Expired;
+            }
+            self.limiter.until_ready().await;
+            let started = Instant::now();
+            let result = provider.send(cmd, message).await;
+            self.metrics
+                .provider_latency
+                .with_label_values(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            let result_label = match &result {
+                Ok(()) => "accepted",
+                Err(ProviderError::Transient(_)) => "transient_error",
+                Err(_) => "permanent_error",
+            };
+            self.metrics
+                .provider_requests
+                .with_label_values(&[labels[0], labels[1], result_label])
+                .inc();
+            match result {
+                Ok(()) => {
+                    self.breaker.success();
+                    return Delivery::Sent;
+                }
+                // The provider answered: it is healthy, the message is not.
+                Err(ProviderError::HardBounce(e)) => {
+                    self.breaker.success();
+                    return Delivery::HardBounce(e);
+                }
+                Err(ProviderError::Permanent(e)) => {
+                    self.breaker.success();
+                    return Delivery::Failed(e);
+                }
+                Err(ProviderError::Transient(e)) => {
+                    tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "transient provider error");
+                    self.breaker.failure(Instant::now());
+                    last_error = e;
+                    if attempt < max {
+                        self.metrics.retries.with_label_values(&labels).inc();
+                        let delay =
+                            retry::backoff(&self.settings.retry, attempt, &mut rand::thread_rng());
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+        Delivery::Exhausted(last_error)
+    }
+
+    fn deliver(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        input: &SendInput,
+        message: RenderedMessage,
+    ) -> anyhow::Result<()> {
+        let cmd = &input.command;
+        let send = SendSummary::from(cmd);
+        let intent_key = format!("w/{}", cmd.send_id);
+        let idempotent = self.provider.as_ref().is_some_and(Provider::idempotent);
+        if ctx.get::<Millis>(&intent_key)?.is_some() && !idempotent {
+            // A crash left this send's fate unknown, and the provider cannot drop a
+            // repeat: report it rather than risk a duplicate.
+            tracing::warn!(send_id = %cmd.send_id, "send in doubt after a crash: not repeated");
+            self.emit_outcome(
+                ctx,
+                &send,
+                OutcomeKind::failed,
+                Some("in_doubt: a crash interrupted the provider call; not repeated".into()),
+                ctx.now(),
+            );
+            ctx.delete(&intent_key);
+            return Ok(());
+        }
+        ctx.put_now(&intent_key, &ctx.now())?;
+        let delivery = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(self.attempts(cmd, &message))
+        });
+        let now = ctx.now();
+        match delivery {
+            Delivery::Sent => self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now),
+            Delivery::HardBounce(e) => {
+                self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
+            }
+            Delivery::Failed(e) => self.emit_outcome(
+                ctx,
+                &send,
+                OutcomeKind::failed,
+                Some(if e.starts_with("invalid_address") {
+                    e
+                } else {
+                    format!("permanent: {e}")
+                }),
+                now,
+            ),
+            Delivery::Expired => {
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now)
+            }
+            Delivery::Exhausted(e) => {
+                let reason = format!(
+                    "retries_exhausted: {} attempts, last error: {e}",
+                    self.settings.retry.max_attempts
+                );
+                self.dead_letter(ctx, input, &reason, now);
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
+            }
+        }
+        ctx.delete(&intent_key);
+        Ok(())
+    }
+
+    fn dead_letter(&self, ctx: &mut Ctx<'_>, input: &SendInput, reason: &str, now: Millis) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let cmd = &input.command;
+        let letter = DeadLetter {
+            dead_letter_id: deterministic_id(&[&self.name, &cmd.send_id, "undeliverable"]),
+            service: self.name.clone(),
+            source_topic: input.topic.clone(),
+            source_partition: ctx.partition,
+            source_offset: input.offset,
+            reason_code: DeadLetterReason::processing_error,
+            reason: reason.to_string(),
+            key_base64: Some(b64.encode(cmd.customer_id.as_bytes())),
+            payload_base64: b64.encode(serde_json::to_vec(cmd).unwrap_or_default()),
+            failed_at: now,
+        };
+        self.metrics
+            .dead_letters
+            .with_label_values(&[self.channel.as_str()])
+            .inc();
+        ctx.emit(&self.dead_letter_topic, &cmd.customer_id, &letter);
+    }
+}
+
+fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n.max(1)).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+/// Loads the channel's templates and checks that every scenario sending on the
+/// channel has its templates there, so a missing file stops the worker at start-up,
+/// not at the first send.
+pub fn load_templates(config: &Config, channel: Channel) -> anyhow::Result<TemplateSet> {
+    let dir = config.templates_dir();
+    let templates = TemplateSet::load(&dir, channel)?;
+    for s in config
+        .scenarios
+        .iter()
+        .filter(|s| s.enabled && s.channels.contains(&channel))
+    {
+        for t in std::iter::once(&s.template).chain(s.steps.iter().map(|st| &st.template)) {
+            if !templates.contains(t) {
+                anyhow::bail!(
+                    "{}: scenario {:?} sends template {t:?} on {channel}, but {} has no [{channel}] section (or does not exist)",
+                    config.source_file.display(),
+                    s.name,
+                    dir.join(format!("{t}.toml")).display()
+                );
+            }
+        }
+    }
+    Ok(templates)
 }
 
 impl Processor for DeliveryProcessor {
-    type Input = SendCommand;
+    type Input = SendInput;
 
     fn name(&self) -> &str {
         &self.name
@@ -144,64 +486,54 @@ impl Processor for DeliveryProcessor {
         vec![self.outcomes_topic.clone()]
     }
 
-    fn decode(&self, record: &Record<'_>) -> Result<SendCommand, Rejection> {
+    fn decode(&self, record: &Record<'_>) -> Result<SendInput, Rejection> {
         let cmd: SendCommand = decode_internal(record.payload)?;
         if cmd.channel != self.channel {
             return Err(Rejection::new(
-                kairos_core::contracts::DeadLetterReason::invalid_field,
+                DeadLetterReason::invalid_field,
                 format!(
                     "send command for channel {} on the {} topic",
                     cmd.channel, self.channel
                 ),
             ));
         }
-        Ok(cmd)
+        Ok(SendInput {
+            command: cmd,
+            topic: record.topic.to_string(),
+            offset: record.offset,
+        })
     }
 
-    fn event_time(&self, cmd: &SendCommand) -> Option<Millis> {
-        Some(cmd.created_at)
+    fn event_time(&self, input: &SendInput) -> Option<Millis> {
+        Some(input.command.created_at)
     }
 
-    fn process(&mut self, ctx: &mut Ctx<'_>, cmd: SendCommand) -> anyhow::Result<()> {
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: SendInput) -> anyhow::Result<()> {
+        let cmd = &input.command;
         let key = format!("s/{}", cmd.send_id);
         if ctx.get::<Millis>(&key)?.is_some() {
             return Ok(());
         }
         let now = ctx.now();
         ctx.put(&key, &now)?;
-        let send = SendSummary::from(&cmd);
+        let send = SendSummary::from(cmd);
         if cmd.valid_until < now {
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now);
             return Ok(());
         }
-        match self.settings.provider {
-            ProviderKind::Simulator => {
-                let started = std::time::Instant::now();
-                let plan = simulator::plan(&self.settings.simulator, &cmd.send_id, now);
-                self.provider_requests
-                    .with_label_values(&[self.channel.as_str(), "simulator", "accepted"])
-                    .inc();
-                self.provider_latency
-                    .with_label_values(&[self.channel.as_str(), "simulator"])
-                    .observe(started.elapsed().as_secs_f64());
-                self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
-                for (kind, at) in plan {
-                    if at <= now {
-                        self.emit_outcome(ctx, &send, kind, None, now);
-                    } else {
-                        ctx.schedule(
-                            &format!("{}/{}", cmd.send_id, kind.as_str()),
-                            at,
-                            &LaterOutcome {
-                                send: send.clone(),
-                                kind,
-                            },
-                        )?;
-                    }
-                }
+        // No "Hello, !": a template that cannot render fails the send.
+        let message = match self.render(cmd) {
+            Ok(m) => m,
+            Err(reason) => {
+                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
+                return Ok(());
             }
+        };
+        if self.provider.is_none() {
+            return self.simulate(ctx, cmd);
         }
-        Ok(())
+        self.deliver(ctx, &input, message)
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
@@ -225,6 +557,6 @@ pub async fn run(
             channel
         )
     })?;
-    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry);
+    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?;
     kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
 }

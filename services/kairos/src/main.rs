@@ -155,6 +155,11 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig => {
+            // Templates are part of the configuration: every scenario's template must
+            // exist for each channel it sends on, within the channel's limits.
+            for channel in config.delivery.keys() {
+                kairos_delivery::load_templates(&config, *channel)?;
+            }
             println!(
                 "{}: ok ({} scenarios, {} delivery channels, {} topics)",
                 config.source_file.display(),

@@ -1,0 +1,217 @@
+//! Real providers: SMTP for e-mail, JSON over HTTP for SMS gateways, push services,
+//! messenger bots and webhooks. Each classifies failures as transient (worth a retry)
+//! or permanent (not), so the worker never retries what cannot succeed.
+
+use std::time::Duration;
+
+use kairos_core::config::{HttpProviderConfig, SmtpConfig, SmtpSecurity};
+use kairos_core::contracts::SendCommand;
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::templates::RenderedMessage;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying: a timeout, a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The recipient address does not exist (SMTP 5xx to RCPT TO): a hard bounce.
+    #[error("hard bounce: {0}")]
+    HardBounce(String),
+    /// Will never succeed as is: a rejected request, an invalid address.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+pub enum Provider {
+    Smtp(Box<SmtpProvider>),
+    Http(HttpProvider),
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Smtp(_) => "smtp",
+            Provider::Http(_) => "http",
+        }
+    }
+
+    /// Whether a repeated request is dropped by the provider (an idempotency key): then
+    /// a send whose outcome a crash left unknown may safely go again.
+    pub fn idempotent(&self) -> bool {
+        matches!(self, Provider::Http(_))
+    }
+
+    pub async fn send(
+        &self,
+        cmd: &SendCommand,
+        message: &RenderedMessage,
+    ) -> Result<(), ProviderError> {
+        match self {
+            Provider::Smtp(p) => p.send(cmd, message).await,
+            Provider::Http(p) => p.send(cmd, message).await,
+        }
+    }
+}
+
+pub struct SmtpProvider {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    reply_to: Option<Mailbox>,
+    list_unsubscribe: Option<String>,
+}
+
+impl SmtpProvider {
+    pub fn new(c: &SmtpConfig) -> anyhow::Result<Self> {
+        let builder = match c.security {
+            SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host),
+            SmtpSecurity::Starttls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&c.host)?
+            }
+            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&c.host)?,
+        };
+        let mut builder = builder.port(c.port).timeout(Some(c.timeout));
+        if let (Some(user), Some(password)) = (&c.username, &c.password) {
+            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+        }
+        let parse = |what: &str, v: &str| -> anyhow::Result<Mailbox> {
+            v.parse()
+                .map_err(|e| anyhow::anyhow!("smtp.{what} {v:?} is not a mailbox: {e}"))
+        };
+        Ok(SmtpProvider {
+            transport: builder.build(),
+            from: parse("from", &c.from)?,
+            reply_to: c
+                .reply_to
+                .as_deref()
+                .map(|r| parse("reply_to", r))
+                .transpose()?,
+            list_unsubscribe: c.list_unsubscribe.clone(),
+        })
+    }
+
+    fn build(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<Message, ProviderError> {
+        let to: Mailbox = cmd
+            .address
+            .as_deref()
+            .ok_or_else(|| ProviderError::Permanent("invalid_address: no e-mail address".into()))?
+            .parse()
+            .map_err(|e| ProviderError::Permanent(format!("invalid_address: {e}")))?;
+        let mut b = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(m.subject.clone().unwrap_or_default())
+            // The send id names the message, so any duplicate is recognisable downstream.
+            .message_id(Some(format!("<{}@kairos>", cmd.send_id)))
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("X-Kairos-Send-Id"),
+                cmd.send_id.clone(),
+            ));
+        if let Some(r) = &self.reply_to {
+            b = b.reply_to(r.clone());
+        }
+        if let Some(url) = &self.list_unsubscribe {
+            let url = url
+                .replace("{customer_id}", &cmd.customer_id)
+                .replace("{send_id}", &cmd.send_id);
+            b = b
+                .raw_header(HeaderValue::new(
+                    HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                    format!("<{url}>"),
+                ))
+                .raw_header(HeaderValue::new(
+                    HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                    "List-Unsubscribe=One-Click".into(),
+                ));
+        }
+        if let Some(p) = &m.preheader {
+            b = b.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("X-Preheader"),
+                p.clone(),
+            ));
+        }
+        b.body(m.body.clone())
+            .map_err(|e| ProviderError::Permanent(format!("message: {e}")))
+    }
+
+    async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
+        let message = self.build(cmd, m)?;
+        match self.transport.send(message).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_permanent() => {
+                // 550/551/553: mailbox unavailable or unknown: the address is dead.
+                let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+                if matches!(code.as_str(), "550" | "551" | "553") {
+                    Err(ProviderError::HardBounce(e.to_string()))
+                } else {
+                    Err(ProviderError::Permanent(e.to_string()))
+                }
+            }
+            Err(e) => Err(ProviderError::Transient(e.to_string())),
+        }
+    }
+}
+
+pub struct HttpProvider {
+    client: reqwest::Client,
+    config: HttpProviderConfig,
+}
+
+impl HttpProvider {
+    pub fn new(config: &HttpProviderConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .build()?;
+        Ok(HttpProvider {
+            client,
+            config: config.clone(),
+        })
+    }
+
+    async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
+        let body = serde_json::json!({
+            "send_id": cmd.send_id,
+            "channel": cmd.channel,
+            "to": cmd.address,
+            "customer_id": cmd.customer_id,
+            "scenario": cmd.scenario,
+            "category": cmd.category,
+            "title": m.subject,
+            "text": m.body,
+            "valid_until": cmd.valid_until,
+        });
+        let mut request = self
+            .client
+            .post(&self.config.url)
+            .header(
+                self.config.idempotency_header.as_str(),
+                cmd.send_id.as_str(),
+            )
+            .json(&body);
+        if let (Some(h), Some(v)) = (&self.config.auth_header, &self.config.auth_value) {
+            request = request.header(h.as_str(), v.as_str());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ProviderError::Transient(format!("request failed: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        let detail = format!(
+            "HTTP {status}: {}",
+            text.chars().take(200).collect::<String>()
+        );
+        if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+            Err(ProviderError::Transient(detail))
+        } else {
+            Err(ProviderError::Permanent(detail))
+        }
+    }
+}

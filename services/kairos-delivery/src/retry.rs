@@ -1,0 +1,131 @@
+//! Retry timing and the circuit breaker that leaves a failing provider alone.
+
+use std::time::{Duration, Instant};
+
+use kairos_core::config::{CircuitBreakerConfig, RetryConfig};
+use rand::Rng;
+
+/// Delay before retry number `retry` (1 = the first retry): exponential backoff with
+/// full jitter, so many workers retrying at once spread out instead of hammering the
+/// provider in step.
+pub fn backoff(config: &RetryConfig, retry: u32, rng: &mut impl Rng) -> Duration {
+    let cap = config.max_backoff.as_millis() as u64;
+    let exp = config
+        .initial_backoff
+        .as_millis()
+        .saturating_mul(1u128 << retry.saturating_sub(1).min(30)) as u64;
+    Duration::from_millis(rng.gen_range(0..=exp.min(cap).max(1)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Requests wait until the instant; then one trial goes through.
+    Open(Instant),
+    HalfOpen,
+}
+
+/// Counts failed requests in a row; at the threshold it opens for `open_for`, then lets
+/// one trial request through (half-open): success closes it, failure opens it again.
+pub struct CircuitBreaker {
+    config: CircuitBreakerConfig,
+    failures_in_row: u32,
+    state: BreakerState,
+}
+
+impl CircuitBreaker {
+    pub fn new(config: CircuitBreakerConfig) -> Self {
+        CircuitBreaker {
+            config,
+            failures_in_row: 0,
+            state: BreakerState::Closed,
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// How long to wait before a request may go (zero when it may go now).
+    pub fn wait(&mut self, now: Instant) -> Duration {
+        match self.state {
+            BreakerState::Open(until) if now < until => until - now,
+            BreakerState::Open(_) => {
+                self.state = BreakerState::HalfOpen;
+                Duration::ZERO
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    pub fn success(&mut self) {
+        self.failures_in_row = 0;
+        self.state = BreakerState::Closed;
+    }
+
+    pub fn failure(&mut self, now: Instant) {
+        self.failures_in_row += 1;
+        if self.state == BreakerState::HalfOpen
+            || self.failures_in_row >= self.config.failure_threshold
+        {
+            self.state = BreakerState::Open(now + self.config.open_for);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_exponentially_within_the_cap() {
+        let config = RetryConfig {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for retry in 1..10 {
+            let bound = (100u64 << (retry - 1)).min(1000);
+            for _ in 0..50 {
+                let d = backoff(&config, retry, &mut rng);
+                assert!(d <= Duration::from_millis(bound), "retry {retry}: {d:?}");
+            }
+        }
+        // Jitter: the delays of one retry are not all equal.
+        let delays: std::collections::BTreeSet<_> =
+            (0..20).map(|_| backoff(&config, 3, &mut rng)).collect();
+        assert!(delays.len() > 5);
+    }
+
+    #[test]
+    fn breaker_opens_at_the_threshold_and_recovers_after_a_trial() {
+        let mut b = CircuitBreaker::new(CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(5),
+        });
+        let t0 = Instant::now();
+        b.failure(t0);
+        b.failure(t0);
+        assert_eq!(
+            b.wait(t0),
+            Duration::ZERO,
+            "still closed after two failures"
+        );
+        b.failure(t0);
+        assert_eq!(b.wait(t0), Duration::from_secs(5));
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(b.wait(later), Duration::ZERO, "one trial after open_for");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        b.failure(later);
+        assert_eq!(
+            b.wait(later),
+            Duration::from_secs(5),
+            "a failed trial reopens"
+        );
+        b.wait(later + Duration::from_secs(5));
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+}

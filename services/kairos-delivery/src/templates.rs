@@ -1,0 +1,480 @@
+//! Message templates: one `<template>.toml` per template id under the templates
+//! directory, with a section per channel:
+//!
+//! ```toml
+//! [email]
+//! subject = "{{ first_name }}, your cart is waiting"
+//! preheader = "Still thinking it over?"
+//! body = "..."
+//! [sms]
+//! text = "..."
+//! [push]
+//! title = "..."
+//! text = "..."
+//! [messenger]
+//! text = "..."
+//! ```
+//!
+//! Templates are minijinja with strict undefined behaviour, and variables whose value
+//! is null are removed first, so a missing name fails the render ("failed: template")
+//! instead of sending "Hello, !". Optional parts say so: `{{ first_name | default("there") }}`.
+//! Channel limits are checked on the static text at load and on the result at render.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kairos_core::contracts::Channel;
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Deserialize;
+
+/// Longest e-mail subject, in characters (longer ones are cut off by mail clients).
+pub const SUBJECT_MAX_CHARS: usize = 150;
+/// Longest push title and text, in characters (what iOS and Android show).
+pub const PUSH_TITLE_MAX_CHARS: usize = 65;
+pub const PUSH_TEXT_MAX_CHARS: usize = 178;
+/// Most SMS segments a message may take.
+pub const SMS_MAX_SEGMENTS: usize = 3;
+/// Longest messenger text (Telegram's limit, the strictest of the common bots).
+pub const MESSENGER_MAX_CHARS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{file}: {message}")]
+    Load { file: PathBuf, message: String },
+    #[error("template {template:?} has no [{channel}] section")]
+    MissingChannel { template: String, channel: Channel },
+    #[error("template {template:?} [{channel}] {field}: {message}")]
+    Render {
+        template: String,
+        channel: Channel,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// A rendered message, ready for a provider.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RenderedMessage {
+    /// E-mail subject or push title.
+    pub subject: Option<String>,
+    pub preheader: Option<String>,
+    /// E-mail body or the text of SMS, push and messenger messages.
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateFile {
+    #[serde(default)]
+    email: Option<EmailTemplate>,
+    #[serde(default)]
+    sms: Option<TextTemplate>,
+    #[serde(default)]
+    push: Option<PushTemplate>,
+    #[serde(default)]
+    messenger: Option<TextTemplate>,
+    #[serde(default)]
+    in_app: Option<PushTemplate>,
+    #[serde(default)]
+    webhook: Option<TextTemplate>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailTemplate {
+    subject: String,
+    #[serde(default)]
+    preheader: Option<String>,
+    body: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextTemplate {
+    text: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushTemplate {
+    #[serde(default)]
+    title: Option<String>,
+    text: String,
+}
+
+/// One channel's parts of a template: (field, source, limit check).
+type Parts = Vec<(&'static str, String)>;
+
+/// Every template of one channel, compiled.
+pub struct TemplateSet {
+    channel: Channel,
+    env: Environment<'static>,
+    /// Template id -> fields present.
+    fields: BTreeMap<String, Vec<&'static str>>,
+}
+
+impl TemplateSet {
+    /// Loads every `*.toml` under `dir` that has a section for `channel`.
+    pub fn load(dir: &Path, channel: Channel) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut fields = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| TemplateError::Load {
+            file: dir.to_path_buf(),
+            message: format!("cannot read the templates directory: {e}"),
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let id = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let text = std::fs::read_to_string(&file).map_err(|e| TemplateError::Load {
+                file: file.clone(),
+                message: e.to_string(),
+            })?;
+            let parsed: TemplateFile = toml::from_str(&text).map_err(|e| TemplateError::Load {
+                file: file.clone(),
+                message: e.to_string(),
+            })?;
+            let Some(parts) = parts_for(&parsed, channel) else {
+                continue;
+            };
+            let mut present = Vec::new();
+            for (field, source) in parts {
+                check_static_limit(channel, field, &source).map_err(|message| {
+                    TemplateError::Load {
+                        file: file.clone(),
+                        message: format!("[{channel}] {field}: {message}"),
+                    }
+                })?;
+                env.add_template_owned(format!("{id}/{field}"), source)
+                    .map_err(|e| TemplateError::Load {
+                        file: file.clone(),
+                        message: format!("[{channel}] {field}: {e}"),
+                    })?;
+                present.push(field);
+            }
+            fields.insert(id, present);
+        }
+        Ok(TemplateSet {
+            channel,
+            env,
+            fields,
+        })
+    }
+
+    pub fn contains(&self, template: &str) -> bool {
+        self.fields.contains_key(template)
+    }
+
+    /// Renders `template` with the JSON object `variables`.
+    pub fn render(
+        &self,
+        template: &str,
+        variables: &serde_json::Value,
+    ) -> Result<RenderedMessage, TemplateError> {
+        let Some(fields) = self.fields.get(template) else {
+            return Err(TemplateError::MissingChannel {
+                template: template.to_string(),
+                channel: self.channel,
+            });
+        };
+        // A null is as good as missing: it must not render as "none".
+        let context = match variables {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        let mut message = RenderedMessage::default();
+        for field in fields {
+            let rendered = self
+                .env
+                .get_template(&format!("{template}/{field}"))
+                .and_then(|t| t.render(&context))
+                .map_err(|e| self.render_error(template, field, e.to_string()))?;
+            check_rendered_limit(self.channel, field, &rendered)
+                .map_err(|m| self.render_error(template, field, m))?;
+            match *field {
+                "subject" | "title" => message.subject = Some(rendered),
+                "preheader" => message.preheader = Some(rendered),
+                _ => message.body = rendered,
+            }
+        }
+        Ok(message)
+    }
+
+    fn render_error(&self, template: &str, field: &'static str, message: String) -> TemplateError {
+        TemplateError::Render {
+            template: template.to_string(),
+            channel: self.channel,
+            field,
+            message,
+        }
+    }
+}
+
+fn parts_for(file: &TemplateFile, channel: Channel) -> Option<Parts> {
+    Some(match channel {
+        Channel::email => {
+            let e = file.email.as_ref()?;
+            let mut parts = vec![("subject", e.subject.clone())];
+            if let Some(p) = &e.preheader {
+                parts.push(("preheader", p.clone()));
+            }
+            parts.push(("body", e.body.clone()));
+            parts
+        }
+        Channel::push | Channel::in_app => {
+            let p = if channel == Channel::push {
+                file.push.as_ref()?
+            } else {
+                file.in_app.as_ref()?
+            };
+            let mut parts = Vec::new();
+            if let Some(t) = &p.title {
+                parts.push(("title", t.clone()));
+            }
+            parts.push(("text", p.text.clone()));
+            parts
+        }
+        Channel::sms => vec![("text", file.sms.as_ref()?.text.clone())],
+        Channel::messenger => vec![("text", file.messenger.as_ref()?.text.clone())],
+        Channel::webhook => vec![("text", file.webhook.as_ref()?.text.clone())],
+    })
+}
+
+/// The text of a template outside `{{ }}`, `{% %}` and `{# #}`: what every rendering
+/// contains at least.
+fn static_text(source: &str) -> String {
+    let mut out = String::new();
+    let mut rest = source;
+    while let Some(start) = rest.find(['{']) {
+        let (before, from) = rest.split_at(start);
+        out.push_str(before);
+        let close = match from.get(..2) {
+            Some("{{") => "}}",
+            Some("{%") => "%}",
+            Some("{#") => "#}",
+            _ => {
+                out.push('{');
+                rest = &from[1..];
+                continue;
+            }
+        };
+        match from.find(close) {
+            Some(end) => rest = &from[end + 2..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn limit_of(channel: Channel, field: &str) -> Option<(usize, &'static str)> {
+    match (channel, field) {
+        (Channel::email, "subject") => Some((SUBJECT_MAX_CHARS, "characters")),
+        (Channel::push | Channel::in_app, "title") => Some((PUSH_TITLE_MAX_CHARS, "characters")),
+        (Channel::push | Channel::in_app, "text") => Some((PUSH_TEXT_MAX_CHARS, "characters")),
+        (Channel::sms, "text") => Some((SMS_MAX_SEGMENTS, "SMS segments")),
+        (Channel::messenger, "text") => Some((MESSENGER_MAX_CHARS, "characters")),
+        _ => None,
+    }
+}
+
+fn measure(channel: Channel, text: &str) -> usize {
+    if channel == Channel::sms {
+        sms_segments(text)
+    } else {
+        text.chars().count()
+    }
+}
+
+fn check_static_limit(channel: Channel, field: &str, source: &str) -> Result<(), String> {
+    let Some((limit, unit)) = limit_of(channel, field) else {
+        return Ok(());
+    };
+    let fixed = measure(channel, &static_text(source));
+    if fixed > limit {
+        return Err(format!(
+            "the fixed text alone is {fixed} {unit}, the limit is {limit}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_rendered_limit(channel: Channel, field: &str, text: &str) -> Result<(), String> {
+    if text.trim().is_empty() && matches!(field, "subject" | "text" | "body") {
+        return Err("renders empty".into());
+    }
+    let Some((limit, unit)) = limit_of(channel, field) else {
+        return Ok(());
+    };
+    let n = measure(channel, text);
+    if n > limit {
+        return Err(format!("renders to {n} {unit}, the limit is {limit}"));
+    }
+    Ok(())
+}
+
+/// SMS segments: GSM-7 text takes 160 characters in one segment and 153 per segment
+/// when split; anything outside GSM-7 is UCS-2, 70 and 67.
+pub fn sms_segments(text: &str) -> usize {
+    const GSM7: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+    const GSM7_EXTENDED: &str = "^{}\\[~]|€\u{c}";
+    let mut units = 0usize;
+    let mut gsm = true;
+    for c in text.chars() {
+        if GSM7.contains(c) {
+            units += 1;
+        } else if GSM7_EXTENDED.contains(c) {
+            units += 2;
+        } else {
+            gsm = false;
+            break;
+        }
+    }
+    let (single, multi, len) = if gsm {
+        (160, 153, units)
+    } else {
+        (70, 67, text.encode_utf16().count())
+    };
+    match len {
+        0 => 0,
+        n if n <= single => 1,
+        n => n.div_ceil(multi),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(channel: Channel, files: &[(&str, &str)]) -> Result<TemplateSet, TemplateError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write template");
+        }
+        TemplateSet::load(dir.path(), channel)
+    }
+
+    const CART: &str = r#"
+[email]
+subject = "{{ first_name }}, your cart is waiting"
+preheader = "{{ cart_items | length }} items, {{ cart_value }} EUR"
+body = "Hello {{ first_name }}!{% for i in cart_items %} {{ i.product_id }}{% endfor %}"
+[sms]
+text = "{{ first_name | default('Hi') }}, your cart is waiting"
+"#;
+
+    #[test]
+    fn renders_with_the_trigger_variables() {
+        let t = set(Channel::email, &[("cart.toml", CART)]).unwrap();
+        let m = t
+            .render(
+                "cart",
+                &serde_json::json!({"first_name": "Anna", "cart_items": [{"product_id": "p1"}], "cart_value": 59.9}),
+            )
+            .unwrap();
+        assert_eq!(m.subject.as_deref(), Some("Anna, your cart is waiting"));
+        assert_eq!(m.preheader.as_deref(), Some("1 items, 59.9 EUR"));
+        assert_eq!(m.body, "Hello Anna! p1");
+    }
+
+    #[test]
+    fn a_missing_or_null_variable_fails_instead_of_rendering_blank() {
+        let t = set(Channel::email, &[("cart.toml", CART)]).unwrap();
+        for vars in [
+            serde_json::json!({"cart_items": [], "cart_value": 1}),
+            serde_json::json!({"first_name": null, "cart_items": [], "cart_value": 1}),
+        ] {
+            let err = t.render("cart", &vars).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    TemplateError::Render {
+                        field: "subject",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        // An optional variable with a default renders.
+        let sms = set(Channel::sms, &[("cart.toml", CART)]).unwrap();
+        let m = sms.render("cart", &serde_json::json!({})).unwrap();
+        assert_eq!(m.body, "Hi, your cart is waiting");
+    }
+
+    #[test]
+    fn static_text_over_a_channel_limit_is_a_load_error_naming_file_and_field() {
+        let long = "x".repeat(PUSH_TEXT_MAX_CHARS + 1);
+        let err = set(
+            Channel::push,
+            &[(
+                "promo.toml",
+                &format!("[push]\ntext = \"{{{{ first_name }}}} {long}\"\n"),
+            )],
+        )
+        .err()
+        .expect("too long");
+        let text = err.to_string();
+        assert!(text.contains("promo.toml"), "{text}");
+        assert!(text.contains("[push] text"), "{text}");
+        assert!(text.contains("limit is 178"), "{text}");
+    }
+
+    #[test]
+    fn rendered_text_over_the_limit_fails_the_render() {
+        let t = set(
+            Channel::push,
+            &[("p.toml", "[push]\ntext = \"{{ name }}\"\n")],
+        )
+        .unwrap();
+        let err = t
+            .render("p", &serde_json::json!({"name": "y".repeat(200)}))
+            .unwrap_err();
+        assert!(err.to_string().contains("limit is 178"), "{err}");
+    }
+
+    #[test]
+    fn sms_segments_follow_gsm7_and_ucs2() {
+        assert_eq!(sms_segments(&"a".repeat(160)), 1);
+        assert_eq!(sms_segments(&"a".repeat(161)), 2);
+        assert_eq!(sms_segments(&"a".repeat(306)), 2);
+        assert_eq!(
+            sms_segments(&"€".repeat(80)),
+            1,
+            "extended chars take two units"
+        );
+        assert_eq!(sms_segments(&"я".repeat(70)), 1);
+        assert_eq!(sms_segments(&"я".repeat(71)), 2);
+    }
+
+    #[test]
+    fn a_template_without_the_channel_is_reported() {
+        let t = set(Channel::push, &[("cart.toml", CART)]).unwrap();
+        assert!(!t.contains("cart"));
+        let err = t.render("cart", &serde_json::json!({})).unwrap_err();
+        assert!(matches!(err, TemplateError::MissingChannel { .. }));
+    }
+
+    #[test]
+    fn static_text_drops_expressions_and_tags() {
+        assert_eq!(
+            static_text("Hi {{ a }}!{% if b %} x{% endif %}{# c #}"),
+            "Hi ! x"
+        );
+    }
+}
