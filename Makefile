@@ -9,8 +9,10 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/kairos/target
 KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 # System packages: libclang for RocksDB's bindings, Debian's RocksDB library (linked
 # instead of compiling the bundled copy, see .cargo/config.toml), OpenSSL and zlib for
-# librdkafka, promtool for the metrics checks, kcat for producing events by hand.
-APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat
+# librdkafka, promtool for the metrics checks, kcat for producing events by hand,
+# aiosmtpd as the real SMTP server the delivery tests send to.
+APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
+  python3-aiosmtpd
 
 .PHONY: all deps build run test lint fmt bench clean
 BENCH_EVENTS ?= 20000000

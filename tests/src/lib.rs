@@ -574,11 +574,34 @@ impl Drop for Pipeline {
 
 /// A minimal HTTP/1.1 GET (no client library needed for loopback admin ports).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// POSTs a JSON body; returns the status and the body of the answer.
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, String)> {
+    http_request(addr, "POST", path, Some(body))
+}
+
+fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(35))).ok()?;
+    let content = body
+        .map(|b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        })
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content}\r\n{}",
+        body.unwrap_or("")
     )
     .ok()?;
     let mut buf = Vec::new();

@@ -6,12 +6,13 @@
 //!
 //! - every send id it finished is recorded in the partition store, committed with the
 //!   input offset, so a send command delivered twice reaches the provider once;
-//! - before a provider call a write-ahead record of the send id is made durable. A
-//!   crash between that record and the commit leaves the send "in doubt": an
-//!   idempotent provider (HTTP with an idempotency key) gets it again and drops the
-//!   repeat; SMTP, which cannot drop repeats, does not, and the send is reported as
-//!   failed with reason `in_doubt` (the window is the moment between the server's
-//!   acceptance and the commit, microseconds wide).
+//! - the provider's acceptance is written to RocksDB the moment it arrives, before
+//!   anything else, so a send accepted just before a crash is reported after the
+//!   restart, not repeated. A send whose attempt a crash cut short before acceptance
+//!   goes again. What remains is the instant between the provider's acceptance and
+//!   that write; HTTP providers also get the send id as idempotency key, so even a
+//!   repeat from that instant is dropped on their side, and SMTP messages carry the
+//!   send id as Message-ID.
 //!
 //! Transient provider errors are retried with exponential backoff and jitter, up to
 //! `retry.max_attempts`, after which the send goes to the dead-letter topic; permanent
@@ -42,6 +43,7 @@ pub mod provider;
 pub mod retry;
 pub mod simulator;
 pub mod templates;
+pub mod webhook;
 
 use provider::{Provider, ProviderError};
 use retry::{BreakerState, CircuitBreaker};
@@ -90,6 +92,8 @@ enum Delivery {
     HardBounce(String),
     Failed(String),
     Expired,
+    /// The message was handed over completely, but no answer came back.
+    InDoubt(String),
     /// Every attempt failed transiently.
     Exhausted(String),
 }
@@ -100,6 +104,8 @@ struct DeliveryMetrics {
     retries: IntCounterVec,
     circuit_open: IntGaugeVec,
     dead_letters: IntCounterVec,
+    resumed: IntCounterVec,
+    in_doubt: IntCounterVec,
 }
 
 pub struct DeliveryProcessor {
@@ -177,6 +183,18 @@ impl DeliveryProcessor {
                 "Sends given up after every attempt failed, sent to the dead-letter topic.",
                 &["channel"],
             ),
+            resumed: metrics::counter_vec(
+                registry,
+                "kairos_delivery_resumed_sends_total",
+                "Sends whose provider call a crash interrupted before acceptance, attempted again after the restart.",
+                &["channel"],
+            ),
+            in_doubt: metrics::counter_vec(
+                registry,
+                "kairos_delivery_in_doubt_total",
+                "Sends handed over completely whose answer a crash or timeout cut off: reported sent, not repeated.",
+                &["channel"],
+            ),
         };
         let processor = DeliveryProcessor {
             channel,
@@ -205,10 +223,13 @@ impl DeliveryProcessor {
             .with_label_values(&labels);
         processor.metrics.retries.with_label_values(&labels);
         processor.metrics.circuit_open.with_label_values(&labels);
-        processor
-            .metrics
-            .dead_letters
-            .with_label_values(&[labels[0]]);
+        for per_channel in [
+            &processor.metrics.dead_letters,
+            &processor.metrics.resumed,
+            &processor.metrics.in_doubt,
+        ] {
+            per_channel.with_label_values(&[labels[0]]);
+        }
         Ok(processor)
     }
 
@@ -287,7 +308,17 @@ impl DeliveryProcessor {
 
     /// Attempts the send until it succeeds, fails for good, expires or runs out of
     /// attempts.
-    async fn attempts(&mut self, cmd: &SendCommand, message: &RenderedMessage) -> Delivery {
+    async fn attempts(
+        &mut self,
+        cmd: &SendCommand,
+        message: &RenderedMessage,
+        commit_point: &dyn Fn(),
+    ) -> Delivery {
+        let committed = std::cell::Cell::new(false);
+        let mark = || {
+            committed.set(true);
+            commit_point();
+        };
         let Some(provider) = &self.provider else {
             return Delivery::Failed("no provider".into());
         };
@@ -313,7 +344,7 @@ impl DeliveryProcessor {
             }
             self.limiter.until_ready().await;
             let started = Instant::now();
-            let result = provider.send(cmd, message).await;
+            let result = provider.send(cmd, message, &mark).await;
             self.metrics
                 .provider_latency
                 .with_label_values(&labels)
@@ -341,6 +372,12 @@ impl DeliveryProcessor {
                     self.breaker.success();
                     return Delivery::Failed(e);
                 }
+                // The whole message went out but the answer did not come back: the
+                // provider may well keep it, so it is not sent again.
+                Err(ProviderError::Transient(e)) if committed.get() => {
+                    self.breaker.failure(Instant::now());
+                    return Delivery::InDoubt(e);
+                }
                 Err(ProviderError::Transient(e)) => {
                     tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "transient provider error");
                     self.breaker.failure(Instant::now());
@@ -365,45 +402,83 @@ impl DeliveryProcessor {
     ) -> anyhow::Result<()> {
         let cmd = &input.command;
         let send = SendSummary::from(cmd);
-        let intent_key = format!("w/{}", cmd.send_id);
-        let idempotent = self.provider.as_ref().is_some_and(Provider::idempotent);
-        if ctx.get::<Millis>(&intent_key)?.is_some() && !idempotent {
-            // A crash left this send's fate unknown, and the provider cannot drop a
-            // repeat: report it rather than risk a duplicate.
-            tracing::warn!(send_id = %cmd.send_id, "send in doubt after a crash: not repeated");
+        let accepted_key = format!("a/{}", cmd.send_id);
+        let committed_key = format!("k/{}", cmd.send_id);
+        let attempt_key = format!("w/{}", cmd.send_id);
+        if ctx.get::<Millis>(&accepted_key)?.is_some() {
+            // The provider accepted it before a crash stopped the commit: report, never resend.
+            self.emit_outcome(ctx, &send, OutcomeKind::sent, None, ctx.now());
+            return Ok(());
+        }
+        if ctx.get::<Millis>(&committed_key)?.is_some() {
+            // A crash came after the whole message was handed over: the provider keeps
+            // it, so it is reported sent, and not sent again.
+            self.metrics
+                .in_doubt
+                .with_label_values(&[self.channel.as_str()])
+                .inc();
             self.emit_outcome(
                 ctx,
                 &send,
-                OutcomeKind::failed,
-                Some("in_doubt: a crash interrupted the provider call; not repeated".into()),
+                OutcomeKind::sent,
+                Some("in_doubt: handed over completely before a crash; not repeated".into()),
                 ctx.now(),
             );
-            ctx.delete(&intent_key);
             return Ok(());
         }
-        ctx.put_now(&intent_key, &ctx.now())?;
+        if ctx.get::<Millis>(&attempt_key)?.is_some() {
+            // An attempt was cut short before the provider accepted it: it goes again.
+            self.metrics
+                .resumed
+                .with_label_values(&[self.channel.as_str()])
+                .inc();
+        }
+        ctx.put_now(&attempt_key, &ctx.now())?;
+        let started_at = ctx.now();
+        let commit_point = || {
+            if let Err(e) = ctx.put_now(&committed_key, &started_at) {
+                tracing::error!(send_id = %cmd.send_id, error = %e, "cannot record the commit point");
+            }
+        };
         let delivery = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(self.attempts(cmd, &message))
+            tokio::runtime::Handle::current().block_on(self.attempts(cmd, &message, &commit_point))
         });
         let now = ctx.now();
         match delivery {
-            Delivery::Sent => self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now),
+            Delivery::Sent => {
+                // Durable at once: the moment between the provider's acceptance and
+                // this write is the only one in which a crash can repeat the send.
+                ctx.put_now(&accepted_key, &now)?;
+                self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now)
+            }
             Delivery::HardBounce(e) => {
                 self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
             }
-            Delivery::Failed(e) => self.emit_outcome(
-                ctx,
-                &send,
-                OutcomeKind::failed,
-                Some(if e.starts_with("invalid_address") {
+            Delivery::Failed(e) => {
+                let reason = if e.starts_with("invalid_address") {
                     e
                 } else {
                     format!("permanent: {e}")
-                }),
-                now,
-            ),
+                };
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now)
+            }
             Delivery::Expired => {
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now)
+            }
+            Delivery::InDoubt(e) => {
+                self.metrics
+                    .in_doubt
+                    .with_label_values(&[self.channel.as_str()])
+                    .inc();
+                self.emit_outcome(
+                    ctx,
+                    &send,
+                    OutcomeKind::sent,
+                    Some(format!(
+                        "in_doubt: handed over completely, then {e}; not repeated"
+                    )),
+                    now,
+                )
             }
             Delivery::Exhausted(e) => {
                 let reason = format!(
@@ -414,7 +489,8 @@ impl DeliveryProcessor {
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
             }
         }
-        ctx.delete(&intent_key);
+        ctx.delete(&attempt_key);
+        ctx.delete(&committed_key);
         Ok(())
     }
 

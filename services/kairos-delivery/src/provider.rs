@@ -8,8 +8,11 @@ use kairos_core::config::{HttpProviderConfig, SmtpConfig, SmtpSecurity};
 use kairos_core::contracts::SendCommand;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::Mailbox;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::Message;
 
 use crate::templates::RenderedMessage;
 
@@ -39,50 +42,40 @@ impl Provider {
         }
     }
 
-    /// Whether a repeated request is dropped by the provider (an idempotency key): then
-    /// a send whose outcome a crash left unknown may safely go again.
-    pub fn idempotent(&self) -> bool {
-        matches!(self, Provider::Http(_))
-    }
-
+    /// Sends one message. `commit_point` runs at the last moment the send can still
+    /// be abandoned without the provider keeping it (SMTP: before the final ".").
     pub async fn send(
         &self,
         cmd: &SendCommand,
         message: &RenderedMessage,
+        commit_point: &dyn Fn(),
     ) -> Result<(), ProviderError> {
         match self {
-            Provider::Smtp(p) => p.send(cmd, message).await,
+            Provider::Smtp(p) => p.send(cmd, message, commit_point).await,
             Provider::Http(p) => p.send(cmd, message).await,
         }
     }
 }
 
+/// An SMTP client on one kept-alive connection, driven step by step so the worker
+/// learns the commit point of the conversation: SMTP servers keep a message only once
+/// its final "." arrives, so the worker records "about to commit" right before it.
 pub struct SmtpProvider {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    config: SmtpConfig,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     list_unsubscribe: Option<String>,
+    connection: tokio::sync::Mutex<Option<AsyncSmtpConnection>>,
 }
 
 impl SmtpProvider {
     pub fn new(c: &SmtpConfig) -> anyhow::Result<Self> {
-        let builder = match c.security {
-            SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&c.host),
-            SmtpSecurity::Starttls => {
-                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&c.host)?
-            }
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&c.host)?,
-        };
-        let mut builder = builder.port(c.port).timeout(Some(c.timeout));
-        if let (Some(user), Some(password)) = (&c.username, &c.password) {
-            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
-        }
         let parse = |what: &str, v: &str| -> anyhow::Result<Mailbox> {
             v.parse()
                 .map_err(|e| anyhow::anyhow!("smtp.{what} {v:?} is not a mailbox: {e}"))
         };
         Ok(SmtpProvider {
-            transport: builder.build(),
+            config: c.clone(),
             from: parse("from", &c.from)?,
             reply_to: c
                 .reply_to
@@ -90,6 +83,7 @@ impl SmtpProvider {
                 .map(|r| parse("reply_to", r))
                 .transpose()?,
             list_unsubscribe: c.list_unsubscribe.clone(),
+            connection: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -137,21 +131,103 @@ impl SmtpProvider {
             .map_err(|e| ProviderError::Permanent(format!("message: {e}")))
     }
 
-    async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
-        let message = self.build(cmd, m)?;
-        match self.transport.send(message).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => {
-                // 550/551/553: mailbox unavailable or unknown: the address is dead.
-                let code = e.status().map(|c| c.to_string()).unwrap_or_default();
-                if matches!(code.as_str(), "550" | "551" | "553") {
-                    Err(ProviderError::HardBounce(e.to_string()))
-                } else {
-                    Err(ProviderError::Permanent(e.to_string()))
-                }
-            }
-            Err(e) => Err(ProviderError::Transient(e.to_string())),
+    async fn connect(&self) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+        let c = &self.config;
+        let hello = ClientId::default();
+        let tls = || TlsParameters::new(c.host.clone());
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            (c.host.as_str(), c.port),
+            Some(c.timeout),
+            &hello,
+            match c.security {
+                SmtpSecurity::Tls => Some(tls()?),
+                _ => None,
+            },
+            None,
+        )
+        .await?;
+        if c.security == SmtpSecurity::Starttls {
+            conn.starttls(tls()?, &hello).await?;
         }
+        if let (Some(user), Some(password)) = (&c.username, &c.password) {
+            let credentials = Credentials::new(user.clone(), password.clone());
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], &credentials)
+                .await?;
+        }
+        Ok(conn)
+    }
+
+    async fn send(
+        &self,
+        cmd: &SendCommand,
+        m: &RenderedMessage,
+        commit_point: &dyn Fn(),
+    ) -> Result<(), ProviderError> {
+        let message = self.build(cmd, m)?;
+        let envelope = message.envelope().clone();
+        let bytes = message.formatted();
+        let mut slot = self.connection.lock().await;
+        let mut conn = match slot.take() {
+            Some(conn) if !conn.has_broken() => conn,
+            _ => match tokio::time::timeout(self.config.timeout, self.connect()).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return Err(classify(e)),
+                Err(_) => return Err(ProviderError::Transient("connect timed out".into())),
+            },
+        };
+        let conversation = async {
+            conn.command(Mail::new(envelope.from().cloned(), vec![]))
+                .await?;
+            for to in envelope.to() {
+                conn.command(Rcpt::new(to.clone(), vec![])).await?;
+            }
+            conn.command(Data).await?;
+            // The message goes out in one part; when the iterator runs dry the client
+            // writes the final "." next: the commit point.
+            let mut parts = std::iter::once(bytes.as_slice());
+            let mut committed = false;
+            let with_commit = std::iter::from_fn(|| match parts.next() {
+                Some(p) => Some(p),
+                None => {
+                    if !committed {
+                        committed = true;
+                        commit_point();
+                    }
+                    None
+                }
+            });
+            conn.message_iter(with_commit).await
+        };
+        match tokio::time::timeout(self.config.timeout, conversation).await {
+            Ok(Ok(_)) => {
+                *slot = Some(conn);
+                Ok(())
+            }
+            // A refused step leaves the session in the middle of a transaction:
+            // start the next send on a fresh connection.
+            Ok(Err(e)) => {
+                conn.abort().await;
+                Err(classify(e))
+            }
+            Err(_) => Err(ProviderError::Transient(format!(
+                "no answer within {:?}",
+                self.config.timeout
+            ))),
+        }
+    }
+}
+
+fn classify(e: lettre::transport::smtp::Error) -> ProviderError {
+    if e.is_permanent() {
+        // 550/551/553: mailbox unavailable or unknown: the address is dead.
+        let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+        if matches!(code.as_str(), "550" | "551" | "553") {
+            ProviderError::HardBounce(e.to_string())
+        } else {
+            ProviderError::Permanent(e.to_string())
+        }
+    } else {
+        ProviderError::Transient(e.to_string())
     }
 }
 

@@ -197,11 +197,25 @@ impl TemplateSet {
         };
         let mut message = RenderedMessage::default();
         for field in fields {
-            let rendered = self
+            let compiled = self
                 .env
                 .get_template(&format!("{template}/{field}"))
-                .and_then(|t| t.render(&context))
                 .map_err(|e| self.render_error(template, field, e.to_string()))?;
+            let rendered = compiled.render(&context).map_err(|e| {
+                // Name the variables the message lacks: that is what the fix needs.
+                let mut missing: Vec<String> = compiled
+                    .undeclared_variables(false)
+                    .into_iter()
+                    .filter(|v| context.get(v).is_none())
+                    .collect();
+                missing.sort();
+                let message = if missing.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("missing variable {}: {e}", missing.join(", "))
+                };
+                self.render_error(template, field, message)
+            })?;
             check_rendered_limit(self.channel, field, &rendered)
                 .map_err(|m| self.render_error(template, field, m))?;
             match *field {

@@ -264,9 +264,13 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 )
             })?;
             let listen = settings.admin_listen;
-            service(config, listen, move |c, a, t| async move {
-                kairos_delivery::run(c, channel, a, t).await
-            })
+            let webhooks = config.clone();
+            service_with_routes(
+                config,
+                listen,
+                move |registry| kairos_delivery::webhook::router(&webhooks, channel, registry),
+                move |c, a, t| async move { kairos_delivery::run(c, channel, a, t).await },
+            )
             .await
         }
         Command::Generate {
@@ -322,9 +326,25 @@ where
     F: FnOnce(Arc<Config>, Arc<AdminState>, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    service_with_routes(config, listen, |_| Ok(axum::Router::new()), body).await
+}
+
+/// [`service`] with extra routes on the admin port (a delivery worker's webhooks).
+async fn service_with_routes<R, F, Fut>(
+    config: Arc<Config>,
+    listen: std::net::SocketAddr,
+    routes: R,
+    body: F,
+) -> anyhow::Result<()>
+where
+    R: FnOnce(&prometheus::Registry) -> anyhow::Result<axum::Router>,
+    F: FnOnce(Arc<Config>, Arc<AdminState>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let cancel = kairos_core::shutdown_token();
     let state = AdminState::new(prometheus::Registry::new());
-    admin::serve(listen, state.clone(), axum::Router::new(), cancel.clone()).await?;
+    let extra = routes(&state.registry)?;
+    admin::serve(listen, state.clone(), extra, cancel.clone()).await?;
     let watchdog = cancel.clone();
     tokio::spawn(async move {
         watchdog.cancelled().await;

@@ -1,0 +1,56 @@
+"""The e-mail provider of the delivery tests: a real SMTP server (aiosmtpd) that keeps
+every accepted message as a file and misbehaves on request, by recipient:
+
+- bounce*@...   -> 550 5.1.1 (the address does not exist: a hard bounce)
+- tempfail*@... -> 451 4.3.0 for the first TEMPFAILS attempts, then accepted
+- reject*@...   -> 554 5.7.1 at DATA (a permanent policy rejection)
+- slow*@...     -> answers DATA after SLOW_SECONDS
+
+Run: python3 -m aiosmtpd -n -l 127.0.0.1:PORT -c smtp_sink.Sink OUT_DIR [TEMPFAILS] [SLOW_SECONDS]
+"""
+
+import asyncio
+import itertools
+import os
+
+
+class Sink:
+    def __init__(self, out_dir, tempfails="2", slow_seconds="3"):
+        self.out_dir = out_dir
+        self.tempfails = int(tempfails)
+        self.slow_seconds = float(slow_seconds)
+        self.attempts = {}
+        self.counter = itertools.count()
+        os.makedirs(out_dir, exist_ok=True)
+
+    @classmethod
+    def from_cli(cls, parser, *args):
+        return cls(*args)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0]
+        if local.startswith("bounce"):
+            return "550 5.1.1 No such user"
+        if local.startswith("tempfail"):
+            n = self.attempts.get(address, 0)
+            self.attempts[address] = n + 1
+            if n < self.tempfails:
+                return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        local = envelope.rcpt_tos[0].split("@")[0] if envelope.rcpt_tos else ""
+        if local.startswith("reject"):
+            return "554 5.7.1 Message rejected by policy"
+        if local.startswith("slow"):
+            await asyncio.sleep(self.slow_seconds)
+        name = f"{os.getpid()}-{next(self.counter):08d}.eml"
+        tmp = os.path.join(self.out_dir, "." + name)
+        with open(tmp, "wb") as f:
+            f.write(envelope.original_content or envelope.content)
+            f.flush()
+            os.fsync(f.fileno())
+        # Atomic: a reader never sees half a message.
+        os.rename(tmp, os.path.join(self.out_dir, name))
+        return "250 Message accepted for delivery"

@@ -1,0 +1,613 @@
+//! Delivery workers against real providers: a real SMTP server process (aiosmtpd) and
+//! a real HTTP server, both misbehaving on request (5xx, 4xx, timeouts, slow answers).
+//! The workers run as real processes on the real broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kairos_tests::{free_port, json, now_millis, repo_root, Options, Pipeline};
+use serde_json::{json as j, Value};
+
+/// The aiosmtpd server of `tests/support/smtp_sink.py`, one file per accepted message.
+struct SmtpSink {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl SmtpSink {
+    fn start(dir: &Path) -> SmtpSink {
+        let port = free_port();
+        let out = dir.join("mail");
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "smtp_sink.Sink"])
+            .arg(&out)
+            .args(["2", "3"])
+            .env("PYTHONPATH", repo_root().join("tests/support"))
+            .spawn()
+            .expect("start aiosmtpd (make test installs python3-aiosmtpd)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "SMTP server did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        SmtpSink {
+            child,
+            port,
+            dir: out,
+        }
+    }
+
+    /// Every accepted message as (headers, body).
+    fn messages(&self) -> Vec<(BTreeMap<String, String>, String)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("message file");
+                let text = text.replace("\r\n", "\n");
+                let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+                let mut headers = BTreeMap::new();
+                let mut last = String::new();
+                for line in head.lines() {
+                    if line.starts_with([' ', '\t']) {
+                        if let Some(v) = headers.get_mut(&last) {
+                            *v = format!("{v} {}", line.trim());
+                        }
+                    } else if let Some((k, v)) = line.split_once(':') {
+                        last = k.trim().to_ascii_lowercase();
+                        headers.insert(last.clone(), v.trim().to_string());
+                    }
+                }
+                (headers, body.to_string())
+            })
+            .collect()
+    }
+
+    /// How many messages arrived per send id.
+    fn send_id_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for (headers, _) in self.messages() {
+            let id = headers
+                .get("x-kairos-send-id")
+                .cloned()
+                .expect("every message carries its send id");
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send_command(
+    send_id: &str,
+    channel: &str,
+    address: &str,
+    template: &str,
+    variables: Value,
+) -> Vec<u8> {
+    let now = now_millis();
+    json(j!({
+        "send_id": send_id,
+        "trigger_id": format!("t-{send_id}"),
+        "customer_id": format!("c-{send_id}"),
+        "scenario": "abandoned_cart",
+        "channel": channel,
+        "category": "trigger",
+        "template": template,
+        "address": address,
+        "variables": variables.to_string(),
+        "created_at": now,
+        "valid_until": now + 3_600_000,
+        "cause_occurred_at": now,
+        "reasons": ["test"],
+    }))
+}
+
+fn cart_variables() -> Value {
+    j!({"first_name": "Anna", "cart_items": [{"product_id": "p1", "name": "Red shoes", "quantity": 1, "unit_price": 59.9}], "cart_value": 59.9})
+}
+
+/// The latest outcome kind (and reason) per send id, once `want` send ids have one of
+/// `final_kinds`.
+fn final_outcomes(
+    p: &Pipeline,
+    want: usize,
+    timeout: Duration,
+) -> BTreeMap<String, (String, String)> {
+    let terminal = ["sent", "failed", "bounced_hard"];
+    let records = p.read_json_until("outcomes", timeout, |v| {
+        v.iter()
+            .filter(|o| terminal.contains(&o["kind"].as_str().unwrap_or("")))
+            .map(|o| o["send_id"].as_str().unwrap_or(""))
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= want
+    });
+    records
+        .iter()
+        .filter(|o| terminal.contains(&o["kind"].as_str().unwrap_or("")))
+        .map(|o| {
+            (
+                o["send_id"].as_str().unwrap_or("").to_string(),
+                (
+                    o["kind"].as_str().unwrap_or("").to_string(),
+                    o["reason"].as_str().unwrap_or("").to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn email_worker_env(smtp_port: u16) -> Vec<(String, String)> {
+    [
+        ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp".to_string()),
+        ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1".into()),
+        ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", smtp_port.to_string()),
+        (
+            "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+            "Shop <news@shop.example>".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__EMAIL__SMTP__REPLY_TO",
+            "care@shop.example".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__EMAIL__SMTP__LIST_UNSUBSCRIBE",
+            "https://shop.example/unsubscribe?c={customer_id}&s={send_id}".into(),
+        ),
+        ("KAIROS__DELIVERY__EMAIL__SMTP__TIMEOUT", "1s".into()),
+        ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "4".into()),
+        (
+            "KAIROS__DELIVERY__EMAIL__RETRY__INITIAL_BACKOFF",
+            "50ms".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__EMAIL__RETRY__MAX_BACKOFF",
+            "200ms".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__EMAIL__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
+            "50".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+#[test]
+fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = SmtpSink::start(dir.path());
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-email"],
+        env: email_worker_env(smtp.port),
+        ..Options::default()
+    });
+    let cart = cart_variables();
+    let mut commands = vec![
+        ("ok-1", "anna@example.com", "abandoned_cart", cart.clone()),
+        ("ok-2", "ben@example.com", "abandoned_cart", cart.clone()),
+        // 451 twice, then accepted: two retries.
+        (
+            "temp-1",
+            "tempfail1@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
+        // 550 at RCPT: a hard bounce, not retried.
+        (
+            "bounce-1",
+            "bounce1@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
+        // 554 at DATA: permanent, not retried.
+        (
+            "reject-1",
+            "reject1@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
+        // The template needs cart_items: no send, a failed outcome.
+        (
+            "tpl-1",
+            "carl@example.com",
+            "abandoned_cart",
+            j!({"first_name": "Carl"}),
+        ),
+    ];
+    // The same command twice reaches the provider once.
+    commands.push(commands[0].clone());
+    let records: Vec<(String, Vec<u8>)> = commands
+        .iter()
+        .map(|(id, to, template, vars)| {
+            (
+                format!("c-{id}"),
+                send_command(id, "email", to, template, vars.clone()),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = records
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    p.produce("send.email", &refs);
+
+    let outcomes = final_outcomes(&p, 6, Duration::from_secs(60));
+    let kind = |id: &str| outcomes.get(id).map(|(k, r)| (k.as_str(), r.as_str()));
+    assert_eq!(kind("ok-1").map(|k| k.0), Some("sent"), "{outcomes:?}");
+    assert_eq!(kind("ok-2").map(|k| k.0), Some("sent"));
+    assert_eq!(kind("temp-1").map(|k| k.0), Some("sent"));
+    assert_eq!(kind("bounce-1").map(|k| k.0), Some("bounced_hard"));
+    let (k, reason) = kind("reject-1").expect("reject outcome");
+    assert_eq!(k, "failed");
+    assert!(reason.starts_with("permanent:"), "{reason}");
+    let (k, reason) = kind("tpl-1").expect("template outcome");
+    assert_eq!(k, "failed");
+    assert!(
+        reason.starts_with("template:") && reason.contains("cart_items"),
+        "{reason}"
+    );
+
+    let counts = smtp.send_id_counts();
+    assert_eq!(
+        counts,
+        [("ok-1", 1), ("ok-2", 1), ("temp-1", 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<BTreeMap<_, _>>(),
+        "exactly the deliverable sends, once each"
+    );
+    let (headers, body) = smtp
+        .messages()
+        .into_iter()
+        .find(|(h, _)| h.get("x-kairos-send-id").map(String::as_str) == Some("ok-1"))
+        .expect("ok-1 arrived");
+    assert_eq!(headers["from"], "Shop <news@shop.example>");
+    assert_eq!(headers["reply-to"], "care@shop.example");
+    assert_eq!(headers["to"], "anna@example.com");
+    assert_eq!(headers["subject"], "Anna, your cart is waiting");
+    assert_eq!(
+        headers["list-unsubscribe"],
+        "<https://shop.example/unsubscribe?c=c-ok-1&s=ok-1>"
+    );
+    assert_eq!(headers["message-id"], "<ok-1@kairos>");
+    assert!(body.contains("Red shoes x 1"), "{body}");
+
+    // Retries: exactly the two 451s of temp-1; the 550 and the 554 were not retried.
+    let metrics = p.metrics("deliver-email");
+    let m = |name: &str, labels: &[&str]| kairos_tests::sample(&metrics, name, labels);
+    assert_eq!(m("kairos_provider_retries_total", &[]), 2.0);
+    assert_eq!(
+        m(
+            "kairos_provider_requests_total",
+            &["result=\"transient_error\""]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m(
+            "kairos_provider_requests_total",
+            &["result=\"permanent_error\""]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m("kairos_provider_requests_total", &["result=\"accepted\""]),
+        3.0
+    );
+}
+
+/// What the HTTP provider saw.
+#[derive(Default)]
+struct ProviderLog {
+    /// Requests per idempotency key.
+    requests: BTreeMap<String, usize>,
+    /// Messages handed on (a repeated key is acknowledged, not handed on again).
+    delivered: BTreeMap<String, usize>,
+    missing_auth: usize,
+}
+
+/// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
+/// twice, `down-` always 503, `perm-` 400, `slow-` takes 2 s the first time (longer
+/// than the worker's timeout); anything else 200. Keys it already handed on are
+/// acknowledged without handing them on again, as real gateways do with idempotency
+/// keys.
+fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let log = Arc::new(Mutex::new(ProviderLog::default()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let state = log.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async move {
+            async fn handle(
+                State(log): State<Arc<Mutex<ProviderLog>>>,
+                headers: HeaderMap,
+                axum::Json(body): axum::Json<Value>,
+            ) -> StatusCode {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let attempt = {
+                    let mut l = log.lock().expect("log");
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some("Bearer test-token")
+                    {
+                        l.missing_auth += 1;
+                    }
+                    let n = l.requests.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                assert_eq!(body["send_id"].as_str(), Some(key.as_str()));
+                let status = if key.starts_with("s5xx-") && attempt <= 2 || key.starts_with("down-")
+                {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else if key.starts_with("perm-") {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    if key.starts_with("slow-") && attempt == 1 {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    StatusCode::OK
+                };
+                if status == StatusCode::OK {
+                    let mut l = log.lock().expect("log");
+                    let handed_on = l.delivered.contains_key(&key);
+                    if !handed_on {
+                        l.delivered.insert(key, 1);
+                    }
+                }
+                status
+            }
+            let app = axum::Router::new()
+                .route("/sms", axum::routing::post(handle))
+                .with_state(state);
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    (addr, log)
+}
+
+#[test]
+fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice() {
+    let (addr, log) = start_http_provider();
+    let env = [
+        ("KAIROS__DELIVERY__SMS__PROVIDER", "http".to_string()),
+        (
+            "KAIROS__DELIVERY__SMS__HTTP__URL",
+            format!("http://{addr}/sms"),
+        ),
+        (
+            "KAIROS__DELIVERY__SMS__HTTP__AUTH_HEADER",
+            "Authorization".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__SMS__HTTP__AUTH_VALUE",
+            "Bearer test-token".into(),
+        ),
+        ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", "500ms".into()),
+        ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3".into()),
+        (
+            "KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF",
+            "50ms".into(),
+        ),
+        ("KAIROS__DELIVERY__SMS__RETRY__MAX_BACKOFF", "200ms".into()),
+        (
+            "KAIROS__DELIVERY__SMS__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
+            "50".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-sms"],
+        env,
+        ..Options::default()
+    });
+    let ids = ["ok-1", "ok-2", "s5xx-1", "slow-1", "perm-1", "down-1"];
+    let records: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| {
+            (
+                format!("c-{id}"),
+                send_command(
+                    id,
+                    "sms",
+                    "+491701234567",
+                    "abandoned_cart",
+                    cart_variables(),
+                ),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = records
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    p.produce("send.sms", &refs);
+
+    let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
+    for id in ["ok-1", "ok-2", "s5xx-1", "slow-1"] {
+        assert_eq!(outcomes[id].0, "sent", "{id}: {outcomes:?}");
+    }
+    assert_eq!(outcomes["perm-1"].0, "failed");
+    assert!(
+        outcomes["perm-1"].1.contains("400"),
+        "{:?}",
+        outcomes["perm-1"]
+    );
+    assert_eq!(outcomes["down-1"].0, "failed");
+    assert!(
+        outcomes["down-1"].1.starts_with("retries_exhausted"),
+        "{:?}",
+        outcomes["down-1"]
+    );
+
+    let l = log.lock().expect("log");
+    let requests = |id: &str| l.requests.get(id).copied().unwrap_or(0);
+    assert_eq!(requests("ok-1"), 1);
+    assert_eq!(requests("s5xx-1"), 3, "two 503s, then accepted");
+    assert_eq!(
+        requests("slow-1"),
+        2,
+        "timed out once, then repeated with the same key"
+    );
+    assert_eq!(requests("perm-1"), 1, "a 400 is not retried");
+    assert_eq!(requests("down-1"), 3, "max_attempts, then given up");
+    assert_eq!(l.missing_auth, 0, "every request carries the auth header");
+    let handed_on: BTreeSet<&str> = l.delivered.keys().map(String::as_str).collect();
+    assert_eq!(
+        handed_on,
+        ["ok-1", "ok-2", "s5xx-1", "slow-1"].into_iter().collect(),
+        "each deliverable send handed on once"
+    );
+    drop(l);
+
+    // Engagement arrives through the worker's webhook: a repeated event maps to the
+    // same outcome id, a worker-only kind is refused.
+    let opened = j!({"send_id": "ok-1", "customer_id": "c-ok-1", "scenario": "abandoned_cart",
+        "channel": "sms", "category": "trigger", "event": "clicked", "occurred_at": now_millis()});
+    let admin = p.admin["deliver-sms"];
+    for _ in 0..2 {
+        let (status, body) =
+            kairos_tests::http_post_json(admin, "/webhooks/events", &opened.to_string())
+                .expect("webhook answers");
+        assert_eq!(status, 202, "{body}");
+    }
+    let mut sent = opened.clone();
+    sent["event"] = j!("sent");
+    let (status, body) =
+        kairos_tests::http_post_json(admin, "/webhooks/events", &sent.to_string()).expect("answer");
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = kairos_tests::http_post_json(admin, "/webhooks/events", "{\"send_id\": 1}")
+        .expect("answer");
+    assert_eq!(status, 400);
+    let clicks = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
+        v.iter().filter(|o| o["kind"] == "clicked").count() >= 2
+    });
+    let click_ids: BTreeSet<&str> = clicks
+        .iter()
+        .filter(|o| o["kind"] == "clicked")
+        .map(|o| o["outcome_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        click_ids.len(),
+        1,
+        "a repeated webhook keeps its outcome id: {clicks:?}"
+    );
+    assert!(
+        clicks
+            .iter()
+            .any(|o| o["kind"] == "clicked" && o["customer_id"] == "c-ok-1"),
+        "the click is keyed to the customer"
+    );
+
+    // The send given up is on the dead-letter topic with the command and the reason.
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| !v.is_empty());
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["service"], "deliver-sms");
+    assert!(letters[0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("3 attempts"));
+}
+
+#[test]
+fn sigkilled_email_worker_sends_every_message_exactly_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = SmtpSink::start(dir.path());
+    let mut env = email_worker_env(smtp.port);
+    // A killed member leaves the group after 6 s instead of 45 s.
+    env.push((
+        "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
+        "6000".into(),
+    ));
+    let mut p = Pipeline::start(Options {
+        services: vec!["deliver-email"],
+        env,
+        ..Options::default()
+    });
+    let total = 3000;
+    let records: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|i| {
+            let id = format!("crash-{i:05}");
+            (
+                format!("c-{id}"),
+                send_command(
+                    &id,
+                    "email",
+                    &format!("{id}@example.com"),
+                    "abandoned_cart",
+                    cart_variables(),
+                ),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = records
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    p.produce("send.email", &refs);
+
+    // Kill the worker whenever it has made progress since the last kill.
+    let mut kills = 0;
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while kills < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let arrived = smtp.messages().len();
+        if arrived > last && arrived < total {
+            p.kill9("deliver-email");
+            kills += 1;
+            last = arrived;
+            p.spawn("deliver-email");
+        }
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} kills happened while messages flowed"
+    );
+    p.wait_ready("deliver-email", Duration::from_secs(90));
+    let outcomes = final_outcomes(&p, total, Duration::from_secs(240));
+    let not_sent: Vec<_> = outcomes.iter().filter(|(_, (k, _))| k != "sent").collect();
+    assert!(not_sent.is_empty(), "{not_sent:?}");
+    let counts = smtp.send_id_counts();
+    let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "sent twice after {kills} SIGKILLs: {duplicates:?}"
+    );
+    assert_eq!(counts.len(), total, "every send id reached the SMTP server");
+    let metrics = p.metrics("deliver-email");
+    eprintln!(
+        "{kills} SIGKILLs; in the last incarnation: {} sends resumed after a cut-short attempt, {} in doubt",
+        kairos_tests::sample(&metrics, "kairos_delivery_resumed_sends_total", &[]),
+        kairos_tests::sample(&metrics, "kairos_delivery_in_doubt_total", &[])
+    );
+}
