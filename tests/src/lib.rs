@@ -17,7 +17,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 /// The services of a full pipeline, by process name.
-pub const SERVICES: [&str; 8] = [
+pub const SERVICES: [&str; 9] = [
     "profile",
     "catalog",
     "arbiter",
@@ -25,6 +25,7 @@ pub const SERVICES: [&str; 8] = [
     "deliver-sms",
     "deliver-push",
     "deliver-messenger",
+    "deliver-in_app",
     "feedback",
 ];
 
@@ -126,6 +127,9 @@ admin_listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [delivery.messenger]
 admin_listen = "127.0.0.1:0"
+[delivery.in_app]
+admin_listen = "127.0.0.1:0"
+provider = "in_app"
 
 [[scenarios]]
 name = "abandoned_cart"

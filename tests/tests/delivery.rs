@@ -611,3 +611,58 @@ fn sigkilled_email_worker_sends_every_message_exactly_once() {
         kairos_tests::sample(&metrics, "kairos_delivery_in_doubt_total", &[])
     );
 }
+
+#[test]
+fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-in_app"],
+        ..Options::default()
+    });
+    let mut cmd: Value = serde_json::from_slice(&send_command(
+        "inapp-1",
+        "in_app",
+        "",
+        "welcome",
+        j!({"first_name": "Dana"}),
+    ))
+    .expect("json");
+    cmd["address"] = Value::Null;
+    let mut expired = cmd.clone();
+    expired["send_id"] = j!("inapp-old");
+    expired["valid_until"] = j!(now_millis() + 1500);
+    p.produce(
+        "send.in_app",
+        &[("c-inapp-1", json(cmd)), ("c-inapp-1", json(expired))],
+    );
+    final_outcomes(&p, 2, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1600));
+
+    let admin = p.admin["deliver-in_app"];
+    let (status, body) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("inbox answers");
+    assert_eq!(status, 200, "{body}");
+    let messages: Vec<Value> = serde_json::from_str(&body).expect("JSON list");
+    assert_eq!(
+        messages.len(),
+        1,
+        "the expired message is gone: {messages:?}"
+    );
+    assert_eq!(messages[0]["send_id"], "inapp-1");
+    assert_eq!(messages[0]["title"], "Welcome, Dana!");
+    assert!(messages[0]["seen_at"].is_i64(), "marked seen when fetched");
+    let (_, again) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("inbox answers");
+    let again: Vec<Value> = serde_json::from_str(&again).expect("JSON list");
+    assert_eq!(again[0]["seen_at"], messages[0]["seen_at"], "seen once");
+    let (_, other) = kairos_tests::http_get(admin, "/in-app/c-someone-else").expect("answers");
+    assert_eq!(other, "[]");
+
+    // The first fetch reports the message delivered, once.
+    let outcomes = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
+        v.iter()
+            .any(|o| o["send_id"] == "inapp-1" && o["kind"] == "delivered")
+    });
+    let delivered = outcomes
+        .iter()
+        .filter(|o| o["send_id"] == "inapp-1" && o["kind"] == "delivered")
+        .count();
+    assert_eq!(delivered, 1, "{outcomes:?}");
+}

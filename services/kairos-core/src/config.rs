@@ -280,6 +280,8 @@ pub enum ProviderKind {
     Smtp,
     /// JSON POST to an HTTP API (SMS gateways, push services, messenger bots, webhooks).
     Http,
+    /// An inbox per customer that the site or app polls (in-app and on-site messages).
+    InApp,
 }
 
 impl ProviderKind {
@@ -288,6 +290,7 @@ impl ProviderKind {
             ProviderKind::Simulator => "simulator",
             ProviderKind::Smtp => "smtp",
             ProviderKind::Http => "http",
+            ProviderKind::InApp => "in_app",
         }
     }
 }

@@ -57,6 +57,11 @@ pub trait Processor: Send + 'static {
     /// Full names of the input topics (co-partitioned).
     fn inputs(&self) -> Vec<String>;
 
+    /// Largest batch this processor wants between commits, if smaller than configured.
+    fn max_batch_records(&self) -> Option<usize> {
+        None
+    }
+
     /// Full names of the topics it emits to (for metrics that start at zero).
     fn outputs(&self) -> Vec<String> {
         Vec::new()
@@ -889,13 +894,20 @@ pub async fn run<P: Processor>(
     {
         metrics.output_records.with_label_values(&[t]);
     }
+    // A processor with slow external effects (a delivery worker calling a provider)
+    // asks for small batches, so the consumer polls in time and a crash redoes little.
+    let max_batch = processor
+        .max_batch_records()
+        .map_or(config.state.max_batch_records, |hint| {
+            hint.min(config.state.max_batch_records)
+        })
+        .max(1);
     let mut engine = Engine::new(processor, config, metrics.clone())?;
     if config.state.changelog {
         engine = engine.with_changelog(config.changelog_topic(&name));
     }
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 
-    let max_batch = config.state.max_batch_records.max(1);
     let max_wait = config.state.max_batch_wait;
     let tick = config.state.timer_tick;
     let mut last_gauges = Instant::now();

@@ -39,12 +39,14 @@ use kairos_core::time::Millis;
 use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
 
+pub mod inbox;
 pub mod provider;
 pub mod retry;
 pub mod simulator;
 pub mod templates;
 pub mod webhook;
 
+use inbox::Inbox;
 use provider::{Provider, ProviderError};
 use retry::{BreakerState, CircuitBreaker};
 use templates::{RenderedMessage, TemplateSet};
@@ -123,11 +125,13 @@ pub struct DeliveryProcessor {
 }
 
 impl DeliveryProcessor {
+    /// `inbox` is the in-app inbox, for a worker whose provider is `in_app`.
     pub fn new(
         config: &Config,
         channel: Channel,
         settings: DeliveryChannelConfig,
         registry: &prometheus::Registry,
+        inbox: Option<Inbox>,
     ) -> anyhow::Result<Self> {
         let templates = load_templates(config, channel)?;
         let provider = match settings.provider {
@@ -148,6 +152,9 @@ impl DeliveryProcessor {
                 })?;
                 Some(Provider::Http(provider::HttpProvider::new(http)?))
             }
+            ProviderKind::InApp => Some(Provider::InApp(inbox.ok_or_else(|| {
+                anyhow::anyhow!("delivery.{channel}: provider in_app needs its inbox")
+            })?)),
         };
         let quota = Quota::per_second(nonzero(settings.rate_limit.per_second))
             .allow_burst(nonzero(settings.rate_limit.burst));
@@ -562,6 +569,12 @@ impl Processor for DeliveryProcessor {
         vec![self.outcomes_topic.clone()]
     }
 
+    /// Provider calls take milliseconds to seconds each: small batches keep the
+    /// consumer polling well within its poll interval.
+    fn max_batch_records(&self) -> Option<usize> {
+        self.provider.as_ref().map(|_| 16)
+    }
+
     fn decode(&self, record: &Record<'_>) -> Result<SendInput, Rejection> {
         let cmd: SendCommand = decode_internal(record.payload)?;
         if cmd.channel != self.channel {
@@ -619,12 +632,37 @@ impl Processor for DeliveryProcessor {
     }
 }
 
+/// Opens the in-app inbox of `channel` if its provider is `in_app`.
+pub fn open_inbox(config: &Config, channel: Channel) -> anyhow::Result<Option<Inbox>> {
+    match config.delivery.get(&channel).map(|d| d.provider) {
+        Some(ProviderKind::InApp) => Ok(Some(Inbox::open(
+            &config.state.dir.join(format!("deliver-{channel}-inbox")),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+/// The worker's routes on its admin port: provider webhooks, and the inbox for in-app.
+pub fn routes(
+    config: &Config,
+    channel: Channel,
+    registry: &prometheus::Registry,
+    inbox: Option<Inbox>,
+) -> anyhow::Result<axum::Router> {
+    let mut router = webhook::router(config, channel, registry)?;
+    if let Some(inbox) = inbox {
+        router = router.merge(inbox::router(config, inbox)?);
+    }
+    Ok(router)
+}
+
 /// Runs the delivery worker of `channel` until `cancel` fires.
 pub async fn run(
     config: Arc<Config>,
     channel: Channel,
     admin: Arc<AdminState>,
     cancel: tokio_util::sync::CancellationToken,
+    inbox: Option<Inbox>,
 ) -> anyhow::Result<()> {
     let settings = config.delivery.get(&channel).cloned().ok_or_else(|| {
         anyhow::anyhow!(
@@ -633,6 +671,6 @@ pub async fn run(
             channel
         )
     })?;
-    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?;
+    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry, inbox)?;
     kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
 }

@@ -264,12 +264,15 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 )
             })?;
             let listen = settings.admin_listen;
-            let webhooks = config.clone();
+            let inbox = kairos_delivery::open_inbox(&config, channel)?;
+            let for_routes = (config.clone(), inbox.clone());
             service_with_routes(
                 config,
                 listen,
-                move |registry| kairos_delivery::webhook::router(&webhooks, channel, registry),
-                move |c, a, t| async move { kairos_delivery::run(c, channel, a, t).await },
+                move |registry| {
+                    kairos_delivery::routes(&for_routes.0, channel, registry, for_routes.1)
+                },
+                move |c, a, t| async move { kairos_delivery::run(c, channel, a, t, inbox).await },
             )
             .await
         }

@@ -209,8 +209,9 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
             &[&format!("outcome=\"{o}\"")],
         )
     };
-    let sends: Vec<String> = ["email", "sms", "push", "messenger"]
-        .iter()
+    let sends: Vec<String> = m
+        .keys()
+        .filter_map(|name| name.strip_prefix("deliver-"))
         .map(|c| {
             format!(
                 "{c} {}",
