@@ -14,9 +14,10 @@ KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
   python3-aiosmtpd
 
-.PHONY: all deps build run test lint fmt bench clean
+.PHONY: all deps build run test lint fmt bench bench-delivery clean
 BENCH_EVENTS ?= 20000000
 BENCH_CUSTOMERS ?= 1000000
+BENCH_SENDS ?= 200000
 
 all: build
 
@@ -54,6 +55,11 @@ fmt:
 # Replay benchmark of the profile processor (with the catalog join) on RocksDB on
 # disk: generated traffic to a file, then `kairos replay` reports events/s, events
 # per CPU-second and peak memory.
+bench-delivery: deps
+	$(CARGO) build --release -p kairos
+	$(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml bench-delivery \
+	  --channel email --count $(BENCH_SENDS)
+
 bench: deps
 	$(CARGO) build --release -p kairos
 	mkdir -p var/bench
