@@ -11,6 +11,8 @@ use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use std::collections::BTreeMap;
 
+use anyhow::Context as _;
+use kairos_core::calendar;
 use kairos_core::contracts::{
     Channel, Decision, DecisionOutcome, MessageCategory, Outcome, OutcomeKind, SendCommand,
     Trigger, DECISION_RULES,
@@ -75,11 +77,12 @@ pub enum ArbiterInput {
     Outcome(Box<Outcome>),
 }
 
-/// Marketing messages per rolling day before the frequency cap holds further ones.
-const DAILY_CAP: usize = 2;
+/// How long sends are remembered: the longest cap window.
+const WEEK: Millis = 7 * DAY;
 
 pub struct ArbiterProcessor {
     config: Arc<Config>,
+    default_zone: chrono_tz::Tz,
     triggers_topic: String,
     outcomes_topic: String,
     decisions_topic: String,
@@ -90,6 +93,7 @@ pub struct ArbiterProcessor {
 impl ArbiterProcessor {
     pub fn new(config: Arc<Config>, registry: &prometheus::Registry) -> Self {
         let processor = ArbiterProcessor {
+            default_zone: calendar::zone(Some(&config.arbiter.default_time_zone)),
             triggers_topic: config.topic(topics::TRIGGERS),
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
@@ -136,25 +140,19 @@ impl ArbiterProcessor {
             .then_some(pct)
     }
 
-    fn decide(
-        &self,
-        ctx: &mut Ctx<'_>,
-        t: &Trigger,
-        ledger: &mut CustomerLedger,
-    ) -> (DecisionOutcome, Option<Channel>, &'static str, String) {
+    fn decide(&self, ctx: &mut Ctx<'_>, t: &Trigger, ledger: &mut CustomerLedger) -> Verdict {
         let now = ctx.now();
         if t.valid_until < now {
-            return (
+            return Verdict::no(
                 DecisionOutcome::expired,
-                None,
                 "valid_until",
                 format!("valid until {} but decided at {now}", t.valid_until),
             );
         }
-        if t.category != MessageCategory::transactional && self.in_control_group(&t.customer_id) {
-            return (
+        let marketing = t.category != MessageCategory::transactional;
+        if marketing && self.in_control_group(&t.customer_id) {
+            return Verdict::no(
                 DecisionOutcome::held_out,
-                None,
                 "control_group",
                 format!(
                     "customer is in the {}% global control group",
@@ -162,11 +160,10 @@ impl ArbiterProcessor {
                 ),
             );
         }
-        if t.category != MessageCategory::transactional {
+        if marketing {
             if let Some(pct) = self.in_scenario_holdout(&t.scenario, &t.customer_id) {
-                return (
+                return Verdict::no(
                     DecisionOutcome::held_out,
-                    None,
                     "scenario_holdout",
                     format!("customer is in the scenario's {pct}% holdout"),
                 );
@@ -174,28 +171,89 @@ impl ArbiterProcessor {
         }
         if t.category == MessageCategory::promo {
             if let Some(at) = ledger.complained_at {
-                return (
+                return Verdict::no(
                     DecisionOutcome::suppressed,
-                    None,
                     "complaint",
                     format!("the customer marked a message as spam at {at}: no promo"),
                 );
             }
         }
-        ledger.sends.retain(|(at, _, _)| now - at < DAY);
-        let marketing_sends = ledger
+        ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+        if marketing {
+            if let Some(v) = self.pacing(now, t, ledger) {
+                return v;
+            }
+        }
+        self.choose_channel(t, ledger)
+    }
+
+    /// Quiet hours, the minimum gap and the caps: a message that must wait is deferred
+    /// to the moment the rule allows it (never dropped for that alone).
+    fn pacing(&self, now: Millis, t: &Trigger, ledger: &CustomerLedger) -> Option<Verdict> {
+        let a = &self.config.arbiter;
+        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        if let (Some((start, end)), Some(local)) = (a.quiet_hours(), calendar::local_time(now, tz))
+        {
+            if calendar::within_window(local, start, end) {
+                let until = calendar::next_local_time(now, tz, end)?;
+                return Some(Verdict::defer(
+                    until,
+                    "quiet_hours",
+                    format!("{local} in {tz} is within the quiet hours {start}-{end}"),
+                ));
+            }
+        }
+        let sent: Vec<Millis> = ledger
             .sends
             .iter()
             .filter(|(_, _, c)| *c != MessageCategory::transactional)
-            .count();
-        if t.category != MessageCategory::transactional && marketing_sends >= DAILY_CAP {
-            return (
-                DecisionOutcome::suppressed,
-                None,
-                "frequency_cap_daily",
-                format!("{marketing_sends} messages in the last 24 h (cap {DAILY_CAP})"),
-            );
+            .map(|(at, _, _)| *at)
+            .collect();
+        let gap = a.min_gap.as_millis() as Millis;
+        if let Some(last) = sent
+            .iter()
+            .max()
+            .filter(|last| gap > 0 && now - **last < gap)
+        {
+            return Some(Verdict::defer(
+                last + gap,
+                "min_gap",
+                format!(
+                    "the last message went out at {last}; the minimum gap is {:?}",
+                    a.min_gap
+                ),
+            ));
         }
+        let today = calendar::local_date(now, tz);
+        let today_count = sent
+            .iter()
+            .filter(|at| calendar::local_date(**at, tz) == today)
+            .count();
+        if today_count >= a.daily_cap as usize {
+            let until = calendar::start_of_next_local_day(now, tz)?;
+            return Some(Verdict::defer(
+                until,
+                "frequency_cap_daily",
+                format!("{today_count} messages today in {tz} (cap {})", a.daily_cap),
+            ));
+        }
+        if sent.len() >= a.weekly_cap as usize {
+            // Sends are kept for 7 days: the oldest leaving the window frees a slot.
+            let oldest = sent.iter().min().copied().unwrap_or(now);
+            return Some(Verdict::defer(
+                oldest + WEEK,
+                "frequency_cap_weekly",
+                format!(
+                    "{} messages in the last 7 days (cap {})",
+                    sent.len(),
+                    a.weekly_cap
+                ),
+            ));
+        }
+        None
+    }
+
+    fn choose_channel(&self, t: &Trigger, ledger: &CustomerLedger) -> Verdict {
         let consented = |c: &Channel| t.contacts.consented_channels.contains(c);
         let reachable = |c: &Channel| {
             matches!(c, Channel::in_app | Channel::webhook) || t.contacts.address_for(*c).is_some()
@@ -214,29 +272,60 @@ impl ArbiterProcessor {
             }
         };
         match t.channels.iter().find(usable) {
-            Some(c) => (
-                DecisionOutcome::sent,
-                Some(*c),
-                "channel_choice",
-                format!(
+            Some(c) => Verdict {
+                outcome: DecisionOutcome::sent,
+                channel: Some(*c),
+                rule: "channel_choice",
+                reason: format!(
                     "first channel of {:?} with consent and an address",
                     t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>()
                 ),
-            ),
+                defer_until: None,
+            },
             None => match blocked {
-                Some(rule) => (
+                Some(rule) => Verdict::no(
                     DecisionOutcome::suppressed,
-                    None,
                     rule,
                     format!("every channel with consent and an address is suppressed ({rule})"),
                 ),
-                None => (
+                None => Verdict::no(
                     DecisionOutcome::suppressed,
-                    None,
                     "no_consented_channel",
                     "no channel of the scenario has both consent and an address".to_string(),
                 ),
             },
+        }
+    }
+}
+
+/// What the policy decided for one trigger, and why.
+struct Verdict {
+    outcome: DecisionOutcome,
+    channel: Option<Channel>,
+    rule: &'static str,
+    reason: String,
+    /// For a deferred trigger: when to decide again.
+    defer_until: Option<Millis>,
+}
+
+impl Verdict {
+    fn no(outcome: DecisionOutcome, rule: &'static str, reason: String) -> Self {
+        Verdict {
+            outcome,
+            channel: None,
+            rule,
+            reason,
+            defer_until: None,
+        }
+    }
+
+    fn defer(until: Millis, rule: &'static str, reason: String) -> Self {
+        Verdict {
+            outcome: DecisionOutcome::deferred,
+            channel: None,
+            rule,
+            reason,
+            defer_until: Some(until),
         }
     }
 }
@@ -259,20 +348,59 @@ impl ArbiterProcessor {
         ctx.put(&ledger_key, &ledger)
     }
 
-    fn decide_trigger(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
-        // One trigger id, one decision: a re-delivered trigger is ignored.
+    /// Decides a trigger: one arriving (`queued` false) or one whose deferral ended.
+    fn decide_trigger(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        t: Trigger,
+        queued: bool,
+    ) -> anyhow::Result<()> {
+        // One trigger id, one final decision: a re-delivered trigger is ignored.
         let seen_key = format!("t/{}", t.trigger_id);
-        if ctx.get::<Millis>(&seen_key)?.is_some() {
-            self.decisions
-                .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
-                .inc();
-            return Ok(());
+        if !queued {
+            if ctx.get::<Millis>(&seen_key)?.is_some() {
+                self.decisions
+                    .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
+                    .inc();
+                return Ok(());
+            }
+            ctx.put(&seen_key, &ctx.now())?;
         }
-        ctx.put(&seen_key, &ctx.now())?;
         let ledger_key = format!("c/{}", t.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
-        let (outcome, channel, rule, reason) = self.decide(ctx, &t, &mut ledger);
+        let Verdict {
+            outcome,
+            channel,
+            rule,
+            reason,
+            defer_until,
+        } = self.decide(ctx, &t, &mut ledger);
         let now = ctx.now();
+        if let Some(until) = defer_until {
+            // The queue is the timer index: the trigger waits in state until the rule
+            // allows it, or until its valid-until, when it is decided "expired".
+            let wake = until.min(t.valid_until + 1);
+            ctx.schedule(&format!("defer/{}", t.trigger_id), wake, &t)?;
+            let decision = Decision {
+                decision_id: deterministic_id(&[&t.trigger_id, "deferred", &wake.to_string()]),
+                trigger_id: t.trigger_id.clone(),
+                customer_id: t.customer_id.clone(),
+                scenario: t.scenario.clone(),
+                category: t.category,
+                outcome,
+                channel: None,
+                send_id: None,
+                rule: rule.to_string(),
+                reason: format!("{reason}; decided again at {wake}"),
+                decided_at: now,
+            };
+            self.decisions
+                .with_label_values(&[outcome.as_str(), rule])
+                .inc();
+            let topic = self.decisions_topic.clone();
+            ctx.emit(&topic, &t.customer_id, &decision);
+            return ctx.put(&ledger_key, &ledger);
+        }
         let send_id = channel.map(|c| deterministic_id(&[&t.trigger_id, c.as_str()]));
         if let (Some(c), Some(send_id)) = (channel, &send_id) {
             let cmd = SendCommand {
@@ -364,13 +492,16 @@ impl Processor for ArbiterProcessor {
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: ArbiterInput) -> anyhow::Result<()> {
         match input {
-            ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t),
+            ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t, false),
             ArbiterInput::Outcome(o) => self.apply_outcome(ctx, &o),
         }
     }
 
-    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
-        Ok(())
+    /// A deferred trigger's wait is over: decide it again.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        let t: Trigger = serde_json::from_slice(&timer.payload)
+            .with_context(|| format!("deferred trigger {} does not decode", timer.timer_id))?;
+        self.decide_trigger(ctx, t, true)
     }
 }
 

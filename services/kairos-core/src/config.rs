@@ -223,6 +223,31 @@ pub struct ArbiterConfig {
     pub control_group_percent: u8,
     /// Salt of the control-group hash; changing it reshuffles the group.
     pub control_group_salt: String,
+    /// Marketing messages per calendar day in the customer's time zone.
+    pub daily_cap: u32,
+    /// Marketing messages per rolling 7 days.
+    pub weekly_cap: u32,
+    /// Least time between two marketing messages to one customer.
+    #[serde(with = "humantime_serde")]
+    pub min_gap: Duration,
+    /// Quiet hours in the customer's local time ("HH:MM", the window may span
+    /// midnight): marketing messages wait until the end, they are not dropped for it.
+    pub quiet_hours_start: Option<String>,
+    pub quiet_hours_end: Option<String>,
+    /// Time zone of customers whose zone is unknown.
+    pub default_time_zone: String,
+}
+
+impl ArbiterConfig {
+    /// The quiet window as (start, end) local times, if configured.
+    pub fn quiet_hours(&self) -> Option<(chrono::NaiveTime, chrono::NaiveTime)> {
+        let parse =
+            |s: &Option<String>| chrono::NaiveTime::parse_from_str(s.as_deref()?, "%H:%M").ok();
+        Some((
+            parse(&self.quiet_hours_start)?,
+            parse(&self.quiet_hours_end)?,
+        ))
+    }
 }
 
 impl Default for ArbiterConfig {
@@ -231,6 +256,12 @@ impl Default for ArbiterConfig {
             admin_listen: ([127, 0, 0, 1], 9102).into(),
             control_group_percent: 10,
             control_group_salt: "kairos".into(),
+            daily_cap: 2,
+            weekly_cap: 6,
+            min_gap: Duration::ZERO,
+            quiet_hours_start: None,
+            quiet_hours_end: None,
+            default_time_zone: "UTC".into(),
         }
     }
 }
@@ -862,6 +893,25 @@ impl Config {
                 ));
             }
         }
+        let a = &self.arbiter;
+        if a.quiet_hours_start.is_some() != a.quiet_hours_end.is_some()
+            || (a.quiet_hours_start.is_some() && a.quiet_hours().is_none())
+        {
+            return Err(fail(
+                "quiet_hours_start",
+                "arbiter.quiet_hours_start and quiet_hours_end: both or neither, as \"HH:MM\""
+                    .into(),
+            ));
+        }
+        if a.default_time_zone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(fail(
+                "default_time_zone",
+                format!(
+                    "arbiter.default_time_zone {:?} is not an IANA time zone",
+                    a.default_time_zone
+                ),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.scenarios.iter().enumerate() {
             if !names.insert(s.name.as_str()) {
@@ -1187,8 +1237,8 @@ mod tests {
         assert!(cfg.scenario("abandoned_cart").is_some());
         assert_eq!(
             cfg.delivery.len(),
-            4,
-            "email, sms, push and messenger workers"
+            5,
+            "email, sms, push, messenger and in-app workers"
         );
     }
 }

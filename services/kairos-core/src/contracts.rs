@@ -418,11 +418,14 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 10] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 13] = [
     (DecisionOutcome::sent, "channel_choice"),
     (DecisionOutcome::held_out, "control_group"),
     (DecisionOutcome::held_out, "scenario_holdout"),
-    (DecisionOutcome::suppressed, "frequency_cap_daily"),
+    (DecisionOutcome::deferred, "quiet_hours"),
+    (DecisionOutcome::deferred, "min_gap"),
+    (DecisionOutcome::deferred, "frequency_cap_daily"),
+    (DecisionOutcome::deferred, "frequency_cap_weekly"),
     (DecisionOutcome::suppressed, "no_consented_channel"),
     (DecisionOutcome::suppressed, "unsubscribed"),
     (DecisionOutcome::suppressed, "hard_bounce"),

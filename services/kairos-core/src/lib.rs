@@ -8,6 +8,7 @@
 //! - [`kafka`], [`admin`], [`metrics`], [`logging`], [`time`], [`ids`].
 
 pub mod admin;
+pub mod calendar;
 pub mod config;
 pub mod contracts;
 pub mod encoding;

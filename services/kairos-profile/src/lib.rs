@@ -26,7 +26,7 @@ use kairos_core::time::Millis;
 use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
 
-pub mod calendar;
+pub use kairos_core::calendar;
 pub mod catalog;
 pub mod pipeline;
 pub mod profile;

@@ -1,8 +1,9 @@
 //! Dated occasions in the customer's own time zone.
 
-use chrono::{Datelike, NaiveDate, NaiveDateTime, TimeZone};
+use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeZone};
 use chrono_tz::Tz;
-use kairos_core::time::Millis;
+
+use crate::time::Millis;
 
 /// The first `month`/`day` at `hour:minute` local time in `tz` strictly after `after`.
 /// February 29 falls on February 28 in other years. A local time that does not exist
@@ -63,7 +64,50 @@ pub fn start_of_next_local_day(at: Millis, tz: Tz) -> Option<Millis> {
 
 /// The customer's zone, UTC when unknown or invalid.
 pub fn zone(name: Option<&str>) -> Tz {
-    name.and_then(|n| n.parse().ok()).unwrap_or(chrono_tz::UTC)
+    zone_or(name, chrono_tz::UTC)
+}
+
+/// The customer's zone, `fallback` when unknown or invalid.
+pub fn zone_or(name: Option<&str>, fallback: Tz) -> Tz {
+    name.and_then(|n| n.parse().ok()).unwrap_or(fallback)
+}
+
+/// The local calendar day `at` falls on in `tz`.
+pub fn local_date(at: Millis, tz: Tz) -> Option<NaiveDate> {
+    Some(
+        chrono::DateTime::from_timestamp_millis(at)?
+            .with_timezone(&tz)
+            .date_naive(),
+    )
+}
+
+/// The local time of day of `at` in `tz`.
+pub fn local_time(at: Millis, tz: Tz) -> Option<NaiveTime> {
+    Some(
+        chrono::DateTime::from_timestamp_millis(at)?
+            .with_timezone(&tz)
+            .time(),
+    )
+}
+
+/// The first instant at or after `at` whose local time in `tz` is `time` (a time the
+/// clocks skip moves one hour later).
+pub fn next_local_time(at: Millis, tz: Tz, time: NaiveTime) -> Option<Millis> {
+    let day = local_date(at, tz)?;
+    let today = to_utc(tz, day.and_time(time))?;
+    if today >= at {
+        return Some(today);
+    }
+    to_utc(tz, day.succ_opt()?.and_time(time))
+}
+
+/// Whether local `time` lies in the window [start, end), which may span midnight.
+pub fn within_window(time: NaiveTime, start: NaiveTime, end: NaiveTime) -> bool {
+    if start <= end {
+        time >= start && time < end
+    } else {
+        time >= start || time < end
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,181 @@
+//! An arbiter in process on RocksDB, in event time, fed triggers and outcomes through
+//! the same engine the service runs.
+
+#![allow(dead_code)] // each test file uses part of the harness
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kairos_arbiter::ArbiterProcessor;
+use kairos_core::config::Config;
+use kairos_core::contracts::{
+    Channel, Contacts, Decision, MessageCategory, Outcome, OutcomeKind, SendCommand, Trigger,
+};
+use kairos_core::replay::Replayer;
+use kairos_core::store::OutboxEntry;
+use kairos_core::time::HOUR;
+
+pub const CONFIG: &str = r#"
+[kafka]
+partitions = 2
+
+[state]
+max_batch_records = 1
+
+[clock]
+mode = "event"
+
+[arbiter]
+control_group_percent = 0
+
+[[scenarios]]
+name = "welcome"
+kind = "welcome"
+channels = ["email", "push"]
+template = "welcome"
+
+[[scenarios]]
+name = "weekly_promo"
+kind = "welcome"
+category = "promo"
+channels = ["email"]
+template = "promo"
+"#;
+
+/// 2026-01-05T09:00:00Z, a Monday.
+pub const T0: i64 = 1_767_603_600_000;
+
+pub struct Arbiter {
+    pub time_zone: Option<String>,
+    replayer: Replayer<ArbiterProcessor>,
+    config: Arc<Config>,
+    pub decisions: Vec<Decision>,
+    pub sends: Vec<SendCommand>,
+    _dir: tempfile::TempDir,
+}
+
+impl Arbiter {
+    pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// An arbiter with `extra` appended to the `[arbiter]` section.
+    pub fn with_config(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state_dir = dir.path().display().to_string();
+        let config = Arc::new(
+            Config::from_text(
+                Path::new("test.toml"),
+                &CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{extra}\n")),
+                &[("KAIROS__STATE__DIR".into(), state_dir)],
+            )
+            .expect("test config"),
+        );
+        let registry = prometheus::Registry::new();
+        let processor = ArbiterProcessor::new(config.clone(), &registry);
+        let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
+        Arbiter {
+            time_zone: None,
+            replayer,
+            config,
+            decisions: Vec::new(),
+            sends: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn push<T: serde::Serialize>(&mut self, topic: &str, customer: &str, value: &T) {
+        let topic = self.config.topic(topic);
+        let payload = serde_json::to_vec(value).expect("json");
+        let mut out = self
+            .replayer
+            .push(&topic, customer.as_bytes(), &payload)
+            .expect("push");
+        out.extend(self.replayer.commit().expect("commit"));
+        self.collect(out);
+    }
+
+    /// Moves event time to `t`: deferred triggers whose time came are decided.
+    pub fn advance_to(&mut self, t: i64) {
+        let out = self.replayer.advance_to(t).expect("advance");
+        self.collect(out);
+    }
+
+    fn collect(&mut self, out: Vec<OutboxEntry>) {
+        for entry in out.into_iter().filter(|e| !e.changelog) {
+            if entry.topic == self.config.topic("decisions") {
+                self.decisions
+                    .push(serde_json::from_slice(&entry.payload).expect("decision"));
+            } else if entry.topic.contains("send.") {
+                self.sends
+                    .push(serde_json::from_slice(&entry.payload).expect("send command"));
+            }
+        }
+    }
+
+    /// Feeds a trigger and returns its decision.
+    pub fn trigger(
+        &mut self,
+        id: &str,
+        scenario: &str,
+        category: MessageCategory,
+        at: i64,
+    ) -> Decision {
+        let t = Trigger {
+            trigger_id: id.into(),
+            scenario: scenario.into(),
+            customer_id: "c1".into(),
+            category,
+            step: 0,
+            template: scenario.into(),
+            channels: vec![Channel::email, Channel::push],
+            priority: 50,
+            fired_at: at,
+            valid_until: at + 24 * HOUR,
+            cause_event_id: None,
+            cause_occurred_at: at,
+            contacts: Contacts {
+                email: Some("c1@example.com".into()),
+                push_token: Some("token-1".into()),
+                consented_channels: vec![Channel::email, Channel::push],
+                time_zone: self.time_zone.clone(),
+                ..Contacts::default()
+            },
+            variables: "{}".into(),
+        };
+        self.push("triggers", "c1", &t);
+        self.decisions
+            .iter()
+            .rev()
+            .find(|d| d.trigger_id == id)
+            .cloned()
+            .expect("every trigger gets a decision")
+    }
+
+    /// The decisions of one trigger, in order.
+    pub fn decisions_of(&self, id: &str) -> Vec<&Decision> {
+        self.decisions
+            .iter()
+            .filter(|d| d.trigger_id == id)
+            .collect()
+    }
+
+    pub fn outcome(&mut self, send: &SendCommand, kind: OutcomeKind, at: i64) {
+        let o = Outcome {
+            outcome_id: format!("{}-{}", send.send_id, kind.as_str()),
+            send_id: send.send_id.clone(),
+            customer_id: send.customer_id.clone(),
+            scenario: send.scenario.clone(),
+            channel: send.channel,
+            category: send.category,
+            kind,
+            reason: None,
+            occurred_at: at,
+        };
+        self.push("outcomes", &send.customer_id, &o);
+    }
+
+    pub fn last_send(&self) -> SendCommand {
+        self.sends.last().cloned().expect("a send")
+    }
+}

@@ -1,0 +1,161 @@
+//! Pacing in event time: quiet hours in the customer's zone, the minimum gap, the daily
+//! cap per local calendar day and the rolling weekly cap defer a marketing message to
+//! the moment the rule allows it; a message that cannot wait past its valid-until
+//! expires; transactional messages pass.
+
+mod common;
+
+use common::{Arbiter, T0};
+use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory};
+use kairos_core::time::{DAY, HOUR, MINUTE};
+
+const TRIGGER: MessageCategory = MessageCategory::trigger;
+
+/// Epoch millis of an RFC 3339 instant.
+fn at(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
+#[test]
+fn quiet_hours_defer_to_the_local_morning_and_transactional_messages_pass() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    // 22:30 in Berlin (UTC+1 in January).
+    let night = at("2026-01-05T21:30:00Z");
+    let first = a.trigger("q1", "welcome", TRIGGER, night);
+    assert_eq!(first.outcome, DecisionOutcome::deferred);
+    assert_eq!(first.rule, "quiet_hours");
+    let receipt = a.trigger("r1", "welcome", MessageCategory::transactional, night);
+    assert_eq!(
+        receipt.outcome,
+        DecisionOutcome::sent,
+        "transactional ignores quiet hours"
+    );
+
+    // Nothing before 09:00 Berlin = 08:00 UTC.
+    a.advance_to(at("2026-01-06T07:59:00Z"));
+    assert_eq!(a.decisions_of("q1").len(), 1);
+    a.advance_to(at("2026-01-06T08:00:00Z"));
+    let last = *a.decisions_of("q1").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent);
+    assert_eq!(last.decided_at, at("2026-01-06T08:00:00Z"));
+    assert_eq!(a.sends.len(), 2);
+}
+
+#[test]
+fn quiet_hours_follow_the_customers_zone() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    // 21:30 UTC is 06:30 the next morning in Tokyo: quiet until 09:00 JST = 00:00 UTC.
+    a.time_zone = Some("Asia/Tokyo".into());
+    let d = a.trigger("t1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    a.advance_to(at("2026-01-06T00:00:00Z"));
+    assert_eq!(
+        a.decisions_of("t1").last().map(|d| d.outcome),
+        Some(DecisionOutcome::sent)
+    );
+    // The same instant is midday in London: not quiet.
+    a.time_zone = Some("Europe/London".into());
+    let noon = a.trigger("t2", "welcome", TRIGGER, at("2026-01-06T12:00:00Z"));
+    assert_eq!(noon.outcome, DecisionOutcome::sent);
+}
+
+#[test]
+fn the_daily_cap_counts_the_customers_calendar_day() {
+    let mut a = Arbiter::new();
+    a.time_zone = Some("America/New_York".into());
+    // 10:00, 12:00 and 20:00 New York time on Monday (UTC-5).
+    let d1 = a.trigger("d1", "welcome", TRIGGER, at("2026-01-05T15:00:00Z"));
+    let d2 = a.trigger("d2", "welcome", TRIGGER, at("2026-01-05T17:00:00Z"));
+    let d3 = a.trigger("d3", "welcome", TRIGGER, at("2026-01-06T01:00:00Z"));
+    assert_eq!(d1.outcome, DecisionOutcome::sent);
+    assert_eq!(d2.outcome, DecisionOutcome::sent);
+    // 01:00 UTC is still Monday in New York: the third waits for local midnight.
+    assert_eq!(
+        (d3.outcome, d3.rule.as_str()),
+        (DecisionOutcome::deferred, "frequency_cap_daily")
+    );
+    a.advance_to(at("2026-01-06T04:59:00Z"));
+    assert_eq!(a.decisions_of("d3").len(), 1);
+    a.advance_to(at("2026-01-06T05:00:00Z"));
+    let last = *a.decisions_of("d3").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent);
+    assert_eq!(last.decided_at, at("2026-01-06T05:00:00Z"));
+}
+
+#[test]
+fn the_weekly_cap_holds_until_the_oldest_send_leaves_the_window() {
+    let mut a = Arbiter::with_config("daily_cap = 10\nweekly_cap = 3");
+    for (i, day) in [0, 1, 2].iter().enumerate() {
+        let d = a.trigger(&format!("w{i}"), "welcome", TRIGGER, T0 + day * DAY);
+        assert_eq!(d.outcome, DecisionOutcome::sent);
+    }
+    // Valid for 24 h, so it can wait for day 7, when the day-0 send leaves the window.
+    let t = a.trigger("w3", "welcome", TRIGGER, T0 + 6 * DAY + 12 * HOUR);
+    assert_eq!(
+        (t.outcome, t.rule.as_str()),
+        (DecisionOutcome::deferred, "frequency_cap_weekly")
+    );
+    a.advance_to(T0 + 7 * DAY - 1);
+    assert_eq!(a.decisions_of("w3").len(), 1);
+    a.advance_to(T0 + 7 * DAY);
+    assert_eq!(
+        a.decisions_of("w3").last().map(|d| d.outcome),
+        Some(DecisionOutcome::sent)
+    );
+}
+
+#[test]
+fn the_minimum_gap_spaces_messages() {
+    let mut a = Arbiter::with_config("min_gap = \"4h\"");
+    assert_eq!(
+        a.trigger("g1", "welcome", TRIGGER, T0).outcome,
+        DecisionOutcome::sent
+    );
+    let g2 = a.trigger("g2", "welcome", TRIGGER, T0 + HOUR);
+    assert_eq!(
+        (g2.outcome, g2.rule.as_str()),
+        (DecisionOutcome::deferred, "min_gap")
+    );
+    a.advance_to(T0 + 4 * HOUR - MINUTE);
+    assert_eq!(a.decisions_of("g2").len(), 1);
+    a.advance_to(T0 + 4 * HOUR);
+    let last = *a.decisions_of("g2").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent);
+    assert_eq!(last.channel, Some(Channel::email));
+}
+
+#[test]
+fn a_deferred_message_expires_at_its_valid_until() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    // Valid 24 h (as every trigger of the harness), so it can wait for the morning.
+    let late = at("2026-01-05T23:00:00Z");
+    let d = a.trigger("e1", "welcome", TRIGGER, late);
+    assert_eq!(d.outcome, DecisionOutcome::deferred);
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    assert_eq!(
+        a.decisions_of("e1").last().map(|d| d.outcome),
+        Some(DecisionOutcome::sent)
+    );
+
+    // With a weekly cap that frees a slot only after valid-until, it expires.
+    let mut b = Arbiter::with_config("weekly_cap = 1");
+    assert_eq!(
+        b.trigger("x1", "welcome", TRIGGER, T0).outcome,
+        DecisionOutcome::sent
+    );
+    let x2 = b.trigger("x2", "welcome", TRIGGER, T0 + DAY);
+    assert_eq!(x2.outcome, DecisionOutcome::deferred);
+    b.advance_to(T0 + 3 * DAY);
+    let last = *b.decisions_of("x2").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.rule.as_str()),
+        (DecisionOutcome::expired, "valid_until")
+    );
+    assert_eq!(b.sends.len(), 1, "the expired message was never sent");
+}
