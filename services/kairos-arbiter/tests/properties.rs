@@ -1,0 +1,185 @@
+//! Property tests over random trigger and outcome streams: whatever arrives, no
+//! customer exceeds a cap, nothing non-transactional goes out in quiet hours or closer
+//! than the minimum gap, nothing is sent without consent or after an unsubscribe, no
+//! send id repeats, and every trigger ends in exactly one final decision.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{Arbiter, T0};
+use kairos_core::calendar;
+use kairos_core::contracts::{
+    Channel, Contacts, DecisionOutcome, MessageCategory, Outcome, OutcomeKind, Trigger,
+};
+use kairos_core::time::{DAY, HOUR, MINUTE};
+use proptest::prelude::*;
+
+const ZONES: [&str; 4] = ["UTC", "Europe/Berlin", "Asia/Tokyo", "America/New_York"];
+const CHANNELS: [Channel; 2] = [Channel::email, Channel::push];
+const PACING: &str = "daily_cap = 2\nweekly_cap = 6\nmin_gap = \"1h\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
+
+#[derive(Debug, Clone)]
+enum Event {
+    Trigger {
+        customer: usize,
+        minute: i64,
+        category: MessageCategory,
+        consent: (bool, bool),
+        valid_hours: i64,
+        redeliver: bool,
+    },
+    Unsubscribe {
+        customer: usize,
+        minute: i64,
+        channel: Channel,
+    },
+}
+
+impl Event {
+    fn minute(&self) -> i64 {
+        match self {
+            Event::Trigger { minute, .. } | Event::Unsubscribe { minute, .. } => *minute,
+        }
+    }
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    let category = prop_oneof![
+        1 => Just(MessageCategory::transactional),
+        3 => Just(MessageCategory::trigger),
+        2 => Just(MessageCategory::promo),
+    ];
+    prop_oneof![
+        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15))
+            .prop_map(|(customer, minute, category, consent, valid_hours, redeliver)| Event::Trigger {
+                customer, minute, category, consent, valid_hours, redeliver,
+            }),
+        1 => (0..4usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
+            Event::Unsubscribe { customer, minute, channel: CHANNELS[c] }
+        }),
+    ]
+}
+
+fn customer_id(i: usize) -> String {
+    format!("c{i}")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pacing_consent_and_decision_invariants_hold(mut events in prop::collection::vec(event(), 1..40)) {
+        events.sort_by_key(Event::minute);
+        let mut a = Arbiter::with_config(PACING);
+        let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
+        let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
+        for (n, e) in events.iter().enumerate() {
+            let at = T0 + e.minute() * MINUTE;
+            match e {
+                Event::Trigger { customer, category, consent, valid_hours, redeliver, .. } => {
+                    let id = format!("t{n}");
+                    let consented: Vec<Channel> = CHANNELS
+                        .into_iter()
+                        .zip([consent.0, consent.1])
+                        .filter_map(|(c, yes)| yes.then_some(c))
+                        .collect();
+                    let t = Trigger {
+                        trigger_id: id.clone(),
+                        scenario: "welcome".into(),
+                        customer_id: customer_id(*customer),
+                        category: *category,
+                        step: 0,
+                        template: "welcome".into(),
+                        channels: CHANNELS.to_vec(),
+                        priority: 50,
+                        fired_at: at,
+                        valid_until: at + valid_hours * HOUR,
+                        cause_event_id: None,
+                        cause_occurred_at: at,
+                        contacts: Contacts {
+                            email: Some(format!("c{customer}@example.com")),
+                            push_token: Some(format!("token-{customer}")),
+                            consented_channels: consented,
+                            time_zone: Some(ZONES[*customer].into()),
+                            ..Contacts::default()
+                        },
+                        variables: "{}".into(),
+                    };
+                    a.push("triggers", &t.customer_id.clone(), &t);
+                    if *redeliver {
+                        a.push("triggers", &t.customer_id.clone(), &t);
+                    }
+                    triggers.insert(id, t);
+                }
+                Event::Unsubscribe { customer, channel, .. } => {
+                    let o = Outcome {
+                        outcome_id: format!("u{n}"),
+                        send_id: format!("u{n}"),
+                        customer_id: customer_id(*customer),
+                        scenario: "welcome".into(),
+                        channel: *channel,
+                        category: MessageCategory::trigger,
+                        kind: OutcomeKind::unsubscribed,
+                        reason: None,
+                        occurred_at: at,
+                    };
+                    a.push("outcomes", &o.customer_id.clone(), &o);
+                    unsubscribed.entry((o.customer_id.clone(), *channel)).or_insert(at);
+                }
+            }
+        }
+        // Let every deferred trigger come due or expire.
+        a.advance_to(T0 + 10 * DAY);
+
+        // Every trigger ends in exactly one final decision.
+        for id in triggers.keys() {
+            let finals: Vec<_> = a
+                .decisions_of(id)
+                .into_iter()
+                .filter(|d| !matches!(d.outcome, DecisionOutcome::deferred | DecisionOutcome::duplicate))
+                .collect();
+            prop_assert_eq!(finals.len(), 1, "trigger {} decisions {:?}", id, a.decisions_of(id));
+        }
+        // No send id repeats.
+        let ids: BTreeSet<&str> = a.sends.iter().map(|s| s.send_id.as_str()).collect();
+        prop_assert_eq!(ids.len(), a.sends.len());
+
+        let quiet = (
+            chrono::NaiveTime::from_hms_opt(21, 0, 0).unwrap(),
+            chrono::NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+        );
+        let mut marketing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for s in &a.sends {
+            let t = &triggers[&s.trigger_id];
+            // Consent and unsubscribes.
+            prop_assert!(t.contacts.consented_channels.contains(&s.channel), "no consent: {:?}", s);
+            if let Some(unsub) = unsubscribed.get(&(s.customer_id.clone(), s.channel)) {
+                prop_assert!(s.created_at < *unsub, "sent after the unsubscribe at {}: {:?}", unsub, s);
+            }
+            prop_assert!(s.created_at <= t.valid_until, "sent after valid-until: {:?}", s);
+            if s.category != MessageCategory::transactional {
+                let tz = calendar::zone(t.contacts.time_zone.as_deref());
+                let local = calendar::local_time(s.created_at, tz).unwrap();
+                prop_assert!(!calendar::within_window(local, quiet.0, quiet.1), "sent at {} local in quiet hours", local);
+                marketing.entry(s.customer_id.clone()).or_default().push(s.created_at);
+            }
+        }
+        for (customer, mut times) in marketing {
+            times.sort_unstable();
+            let tz = calendar::zone(Some(ZONES[customer[1..].parse::<usize>().unwrap()]));
+            let mut per_day: BTreeMap<_, usize> = BTreeMap::new();
+            for t in &times {
+                *per_day.entry(calendar::local_date(*t, tz)).or_default() += 1;
+            }
+            prop_assert!(per_day.values().all(|n| *n <= 2), "{} over the daily cap: {:?}", customer, per_day);
+            for (i, t) in times.iter().enumerate() {
+                let in_week = times[..=i].iter().filter(|x| *t - **x < 7 * DAY).count();
+                prop_assert!(in_week <= 6, "{} over the weekly cap", customer);
+                if i > 0 {
+                    prop_assert!(t - times[i - 1] >= HOUR, "{} closer than the minimum gap", customer);
+                }
+            }
+        }
+    }
+}
