@@ -14,10 +14,11 @@ KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
   python3-aiosmtpd
 
-.PHONY: all deps build run test lint fmt bench bench-delivery clean
+.PHONY: all deps build run test lint fmt bench bench-delivery bench-arbiter clean
 BENCH_EVENTS ?= 20000000
 BENCH_CUSTOMERS ?= 1000000
 BENCH_SENDS ?= 200000
+BENCH_TRIGGERS ?= 2000000
 
 all: build
 
@@ -59,6 +60,11 @@ bench-delivery: deps
 	$(CARGO) build --release -p kairos
 	$(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml bench-delivery \
 	  --channel email --count $(BENCH_SENDS)
+
+bench-arbiter: deps
+	$(CARGO) build --release -p kairos
+	KAIROS__STATE__MAX_BATCH_RECORDS=10000 $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
+	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS)
 
 bench: deps
 	$(CARGO) build --release -p kairos

@@ -11,7 +11,7 @@ use kairos_core::config::{Config, LogFormat};
 use kairos_core::contracts::Channel;
 use tokio_util::sync::CancellationToken;
 
-mod bench_delivery;
+mod bench;
 mod inspect;
 mod replay;
 mod up;
@@ -75,6 +75,16 @@ enum Command {
         channel: String,
         #[arg(long, default_value_t = 200_000)]
         count: u64,
+        /// State directory (default: a fresh temporary one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Benchmark the arbiter on generated triggers, in process on RocksDB.
+    BenchArbiter {
+        #[arg(long, default_value_t = 2_000_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        customers: u64,
         /// State directory (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -257,16 +267,40 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
             cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
-            let stats = bench_delivery::run(&cfg, channel, count)?;
-            let usage = cpu_seconds();
+            let stats = bench::run(&cfg, channel, count)?;
+            let usage = stats.cpu_seconds;
             eprintln!(
                 "delivered {} {channel} sends (simulator) into {} outcome and timer records in {:.2} s wall, {:.2} s CPU: {:.0} sends/s wall, {:.0} sends per CPU-second, peak RSS {} MiB",
-                stats.sends,
+                stats.inputs,
                 stats.outputs,
                 stats.wall_seconds,
                 usage,
-                stats.sends as f64 / stats.wall_seconds.max(1e-9),
-                stats.sends as f64 / usage.max(1e-9),
+                stats.inputs as f64 / stats.wall_seconds.max(1e-9),
+                stats.inputs as f64 / usage.max(1e-9),
+                peak_rss_kib() / 1024,
+            );
+            Ok(())
+        }
+        Command::BenchArbiter {
+            count,
+            customers,
+            state_dir,
+        } => {
+            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
+            let mut cfg = (*config).clone();
+            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            // Decisions in event time, from the triggers' own timestamps.
+            cfg.clock.mode = kairos_core::time::ClockMode::Event;
+            let stats = bench::run_arbiter(&cfg, count, customers)?;
+            let usage = stats.cpu_seconds;
+            eprintln!(
+                "decided {} triggers for {customers} customers into {} decisions and send commands in {:.2} s wall, {:.2} s CPU: {:.0} decisions/s wall, {:.0} decisions per CPU-second, peak RSS {} MiB",
+                stats.inputs,
+                stats.outputs,
+                stats.wall_seconds,
+                usage,
+                stats.inputs as f64 / stats.wall_seconds.max(1e-9),
+                stats.inputs as f64 / usage.max(1e-9),
                 peak_rss_kib() / 1024,
             );
             Ok(())
@@ -398,7 +432,7 @@ where
 }
 
 /// User plus system CPU time of this process so far (all threads), in seconds.
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .map(|u| {
             let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
