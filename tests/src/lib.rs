@@ -442,12 +442,12 @@ impl Pipeline {
     }
 
     /// Produces records with a real Kafka producer and waits for the broker's acks.
-    pub fn produce(&self, topic_suffix: &str, records: &[(&str, Vec<u8>)]) {
+    pub fn produce<K: AsRef<str>>(&self, topic_suffix: &str, records: &[(K, Vec<u8>)]) {
         let producer: BaseProducer = self.client_config().create().expect("producer");
         let topic = self.topic(topic_suffix);
         for (key, payload) in records {
             producer
-                .send(BaseRecord::to(&topic).key(*key).payload(payload))
+                .send(BaseRecord::to(&topic).key(key.as_ref()).payload(payload))
                 .map_err(|(e, _)| e)
                 .expect("enqueue");
         }

@@ -244,11 +244,7 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             )
         })
         .collect();
-    let refs: Vec<(&str, Vec<u8>)> = records
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    p.produce("send.email", &refs);
+    p.produce("send.email", &records);
 
     let outcomes = final_outcomes(&p, 6, Duration::from_secs(60));
     let kind = |id: &str| outcomes.get(id).map(|(k, r)| (k.as_str(), r.as_str()));
@@ -446,11 +442,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
             )
         })
         .collect();
-    let refs: Vec<(&str, Vec<u8>)> = records
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    p.produce("send.sms", &refs);
+    p.produce("send.sms", &records);
 
     let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
     for id in ["ok-1", "ok-2", "s5xx-1", "slow-1"] {
@@ -569,11 +561,7 @@ fn sigkilled_email_worker_sends_every_message_exactly_once() {
             )
         })
         .collect();
-    let refs: Vec<(&str, Vec<u8>)> = records
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    p.produce("send.email", &refs);
+    p.produce("send.email", &records);
 
     // Kill the worker whenever it has made progress since the last kill.
     let mut kills = 0;

@@ -282,12 +282,8 @@ holdout_percent = 50
     // A redelivered purchase (same event id) counts once.
     let duplicate = site[0].clone();
     site.push(duplicate);
-    let site_refs: Vec<(&str, Vec<u8>)> =
-        site.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let shop_refs: Vec<(&str, Vec<u8>)> =
-        shop.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    p.produce("events.site", &site_refs);
-    p.produce("events.offline", &shop_refs);
+    p.produce("events.site", &site);
+    p.produce("events.offline", &shop);
 
     // Every record reached feedback (the duplicate too), and it counted the purchases once.
     let site_topic = format!("topic=\"{}\"", p.topic("events.site"));

@@ -203,17 +203,7 @@ impl ProfileProcessor {
             EventType::registration if p.registered_at.is_none() => {
                 p.registered_at = Some(e.occurred_at);
                 for s in self.scenarios(ScenarioKind::Welcome) {
-                    schedule_step(
-                        ctx,
-                        &s,
-                        &p,
-                        &e.event_id,
-                        e.occurred_at,
-                        0,
-                        e.occurred_at + ms(s.delay),
-                        None,
-                        None,
-                    )?;
+                    schedule_after_event(ctx, &s, &p, e, None, None)?;
                 }
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary) {
                     schedule_yearly(ctx, &s, &p, ctx.now().max(e.occurred_at))?;
@@ -231,17 +221,7 @@ impl ProfileProcessor {
                         ctx.cancel(&timer_id(&s.name, &customer_id))?;
                     } else {
                         // Every cart change restarts the wait.
-                        schedule_step(
-                            ctx,
-                            &s,
-                            &p,
-                            &e.event_id,
-                            e.occurred_at,
-                            0,
-                            e.occurred_at + ms(s.delay),
-                            None,
-                            None,
-                        )?;
+                        schedule_after_event(ctx, &s, &p, e, None, None)?;
                     }
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
@@ -255,17 +235,7 @@ impl ProfileProcessor {
                     }
                     if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
                         for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
-                            schedule_step(
-                                ctx,
-                                &s,
-                                &p,
-                                &e.event_id,
-                                e.occurred_at,
-                                0,
-                                e.occurred_at + ms(s.delay),
-                                Some(product.clone()),
-                                None,
-                            )?;
+                            schedule_after_event(ctx, &s, &p, e, Some(product.clone()), None)?;
                         }
                     }
                 }
@@ -307,14 +277,11 @@ impl ProfileProcessor {
                         }
                         Some(OrderStatus::delivered) => {
                             for s in self.scenarios(ScenarioKind::PostDelivery) {
-                                schedule_step(
+                                schedule_after_event(
                                     ctx,
                                     &s,
                                     &p,
-                                    &e.event_id,
-                                    e.occurred_at,
-                                    0,
-                                    e.occurred_at + ms(s.delay),
+                                    e,
                                     None,
                                     Some(order.order_id.clone()),
                                 )?;
@@ -931,6 +898,29 @@ fn schedule_step(
             product,
             order_id,
         },
+    )
+}
+
+/// Arms the first step of `s` its delay after the event `e`.
+fn schedule_after_event(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &CustomerProfile,
+    e: &CustomerEvent,
+    product: Option<Product>,
+    order_id: Option<String>,
+) -> anyhow::Result<()> {
+    let fire_at = e.occurred_at + ms(s.delay);
+    schedule_step(
+        ctx,
+        s,
+        p,
+        &e.event_id,
+        e.occurred_at,
+        0,
+        fire_at,
+        product,
+        order_id,
     )
 }
 

@@ -25,6 +25,22 @@ pub struct BenchStats {
     pub cpu_seconds: f64,
 }
 
+impl BenchStats {
+    /// One line: what went in, how long it took, the rates and the peak memory.
+    pub fn report(&self, inputs: &str, unit: &str, peak_rss_kib: i64) -> String {
+        format!(
+            "processed {} {inputs} into {} output records in {:.2} s wall, {:.2} s CPU: {:.0} {unit}/s wall, {:.0} {unit} per CPU-second, peak RSS {} MiB",
+            self.inputs,
+            self.outputs,
+            self.wall_seconds,
+            self.cpu_seconds,
+            self.inputs as f64 / self.wall_seconds.max(1e-9),
+            self.inputs as f64 / self.cpu_seconds.max(1e-9),
+            peak_rss_kib / 1024,
+        )
+    }
+}
+
 fn command(i: u64, channel: Channel, now: i64) -> SendCommand {
     let items: Vec<serde_json::Value> = (0..(1 + i % 3))
         .map(|n| serde_json::json!({"product_id": format!("p{}", (i * 7 + n) % 5000), "name": "Running shoes", "quantity": 1, "unit_price": 59.9}))

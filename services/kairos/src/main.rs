@@ -268,16 +268,13 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             let mut cfg = (*config).clone();
             cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
             let stats = bench::run(&cfg, channel, count)?;
-            let usage = stats.cpu_seconds;
             eprintln!(
-                "delivered {} {channel} sends (simulator) into {} outcome and timer records in {:.2} s wall, {:.2} s CPU: {:.0} sends/s wall, {:.0} sends per CPU-second, peak RSS {} MiB",
-                stats.inputs,
-                stats.outputs,
-                stats.wall_seconds,
-                usage,
-                stats.inputs as f64 / stats.wall_seconds.max(1e-9),
-                stats.inputs as f64 / usage.max(1e-9),
-                peak_rss_kib() / 1024,
+                "{}",
+                stats.report(
+                    &format!("{channel} sends (simulator)"),
+                    "sends",
+                    peak_rss_kib()
+                )
             );
             Ok(())
         }
@@ -292,16 +289,13 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             // Decisions in event time, from the triggers' own timestamps.
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
             let stats = bench::run_arbiter(&cfg, count, customers)?;
-            let usage = stats.cpu_seconds;
             eprintln!(
-                "decided {} triggers for {customers} customers into {} decisions and send commands in {:.2} s wall, {:.2} s CPU: {:.0} decisions/s wall, {:.0} decisions per CPU-second, peak RSS {} MiB",
-                stats.inputs,
-                stats.outputs,
-                stats.wall_seconds,
-                usage,
-                stats.inputs as f64 / stats.wall_seconds.max(1e-9),
-                stats.inputs as f64 / usage.max(1e-9),
-                peak_rss_kib() / 1024,
+                "{}",
+                stats.report(
+                    &format!("triggers for {customers} customers"),
+                    "decisions",
+                    peak_rss_kib()
+                )
             );
             Ok(())
         }
