@@ -578,12 +578,18 @@ impl Drop for Pipeline {
 
 /// A minimal HTTP/1.1 GET (no client library needed for loopback admin ports).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    http_request(addr, "GET", path, None)
+    http_request(addr, "GET", path, None, None)
 }
 
-/// POSTs a JSON body; returns the status and the body of the answer.
-pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, String)> {
-    http_request(addr, "POST", path, Some(body))
+/// POSTs a JSON body, with a bearer token if given; returns the status and the body of
+/// the answer.
+pub fn http_post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
+    http_request(addr, "POST", path, Some(body), token)
 }
 
 fn http_request(
@@ -591,10 +597,11 @@ fn http_request(
     method: &str,
     path: &str,
     body: Option<&str>,
+    token: Option<&str>,
 ) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(35))).ok()?;
-    let content = body
+    let mut content = body
         .map(|b| {
             format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -602,6 +609,9 @@ fn http_request(
             )
         })
         .unwrap_or_default();
+    if let Some(t) = token {
+        content.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content}\r\n{}",

@@ -319,6 +319,8 @@ struct ProviderLog {
     /// Messages handed on (a repeated key is acknowledged, not handed on again).
     delivered: BTreeMap<String, usize>,
     missing_auth: usize,
+    /// Requests whose body named another send than the idempotency key.
+    body_mismatches: usize,
 }
 
 /// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
@@ -358,7 +360,9 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                     *n += 1;
                     *n
                 };
-                assert_eq!(body["send_id"].as_str(), Some(key.as_str()));
+                if body["send_id"].as_str() != Some(key.as_str()) {
+                    log.lock().expect("log").body_mismatches += 1;
+                }
                 let status = if key.starts_with("s5xx-") && attempt <= 2 || key.starts_with("down-")
                 {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -417,6 +421,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
             "KAIROS__DELIVERY__SMS__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
             "50".into(),
         ),
+        ("KAIROS__DELIVERY__SMS__WEBHOOK_TOKEN", "hook-secret".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -464,6 +469,8 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     let l = log.lock().expect("log");
     let requests = |id: &str| l.requests.get(id).copied().unwrap_or(0);
     assert_eq!(requests("ok-1"), 1);
+    assert_eq!(requests("ok-2"), 1);
+    assert_eq!(l.body_mismatches, 0, "every body carries its send id");
     assert_eq!(requests("s5xx-1"), 3, "two 503s, then accepted");
     assert_eq!(
         requests("slow-1"),
@@ -486,19 +493,23 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     let opened = j!({"send_id": "ok-1", "customer_id": "c-ok-1", "scenario": "abandoned_cart",
         "channel": "sms", "category": "trigger", "event": "clicked", "occurred_at": now_millis()});
     let admin = p.admin["deliver-sms"];
+    let post = |body: &str, token| {
+        kairos_tests::http_post_json(admin, "/webhooks/events", body, token)
+            .expect("webhook answers")
+    };
+    let (status, _) = post(&opened.to_string(), None);
+    assert_eq!(status, 401, "the webhook wants its token");
+    let (status, _) = post(&opened.to_string(), Some("guess"));
+    assert_eq!(status, 401);
     for _ in 0..2 {
-        let (status, body) =
-            kairos_tests::http_post_json(admin, "/webhooks/events", &opened.to_string())
-                .expect("webhook answers");
+        let (status, body) = post(&opened.to_string(), Some("hook-secret"));
         assert_eq!(status, 202, "{body}");
     }
     let mut sent = opened.clone();
     sent["event"] = j!("sent");
-    let (status, body) =
-        kairos_tests::http_post_json(admin, "/webhooks/events", &sent.to_string()).expect("answer");
+    let (status, body) = post(&sent.to_string(), Some("hook-secret"));
     assert_eq!(status, 422, "{body}");
-    let (status, _) = kairos_tests::http_post_json(admin, "/webhooks/events", "{\"send_id\": 1}")
-        .expect("answer");
+    let (status, _) = post("{\"send_id\": 1}", Some("hook-secret"));
     assert_eq!(status, 400);
     let clicks = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
         v.iter().filter(|o| o["kind"] == "clicked").count() >= 2

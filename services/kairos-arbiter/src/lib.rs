@@ -22,7 +22,7 @@ use kairos_core::ids::{deterministic_id, stable_fraction};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
-use kairos_core::time::{Millis, DAY};
+use kairos_core::time::{Millis, DAY, HOUR};
 use prometheus::{Histogram, IntCounterVec};
 use serde::{Deserialize, Serialize};
 
@@ -195,7 +195,8 @@ impl ArbiterProcessor {
         if let (Some((start, end)), Some(local)) = (a.quiet_hours(), calendar::local_time(now, tz))
         {
             if calendar::within_window(local, start, end) {
-                let until = calendar::next_local_time(now, tz, end)?;
+                // Fail closed: a local time the zone cannot map waits an hour.
+                let until = calendar::next_local_time(now, tz, end).unwrap_or(now + HOUR);
                 return Some(Verdict::defer(
                     until,
                     "quiet_hours",
@@ -230,7 +231,7 @@ impl ArbiterProcessor {
             .filter(|at| calendar::local_date(**at, tz) == today)
             .count();
         if today_count >= a.daily_cap as usize {
-            let until = calendar::start_of_next_local_day(now, tz)?;
+            let until = calendar::start_of_next_local_day(now, tz).unwrap_or(now + HOUR);
             return Some(Verdict::defer(
                 until,
                 "frequency_cap_daily",

@@ -70,7 +70,8 @@ proptest! {
 
     #[test]
     fn pacing_consent_and_decision_invariants_hold(mut events in prop::collection::vec(event(), 1..40)) {
-        events.sort_by_key(Event::minute);
+        // Time order; within a minute the unsubscribe first, so "before" is unambiguous.
+        events.sort_by_key(|e| (e.minute(), matches!(e, Event::Trigger { .. })));
         let mut a = Arbiter::with_config(PACING);
         let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();

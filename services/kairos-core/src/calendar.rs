@@ -34,12 +34,13 @@ fn to_utc(tz: Tz, local: NaiveDateTime) -> Option<Millis> {
     match tz.from_local_datetime(&local) {
         chrono::LocalResult::Single(t) => Some(t.timestamp_millis()),
         chrono::LocalResult::Ambiguous(first, _) => Some(first.timestamp_millis()),
-        chrono::LocalResult::None => {
-            let later = local + chrono::Duration::hours(1);
-            tz.from_local_datetime(&later)
+        // A skipped local time moves by whole hours to the first one that exists:
+        // usually one hour, up to a day where a zone jumped over a date.
+        chrono::LocalResult::None => (1..=24).find_map(|hours| {
+            tz.from_local_datetime(&(local + chrono::Duration::hours(hours)))
                 .earliest()
                 .map(|t| t.timestamp_millis())
-        }
+        }),
     }
 }
 

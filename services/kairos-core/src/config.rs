@@ -344,6 +344,10 @@ pub struct DeliveryChannelConfig {
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Token providers must send as `Authorization: Bearer <token>` to the webhook;
+    /// without one the webhook is open (for a trusted network only).
+    #[serde(default)]
+    pub webhook_token: Option<String>,
 }
 
 /// How to reach an SMTP server and what every message carries.
@@ -982,7 +986,6 @@ impl Config {
         Ok(())
     }
 
-    /// The full name of a topic, e.g. `topic("events.site")`.
     /// The templates directory, resolved against the configuration file's directory.
     pub fn templates_dir(&self) -> PathBuf {
         if self.templates.dir.is_absolute() {
@@ -994,6 +997,7 @@ impl Config {
             .join(&self.templates.dir)
     }
 
+    /// The full name of a topic, e.g. `topic("events.site")`.
     pub fn topic(&self, suffix: &str) -> String {
         format!("{}{}", self.kafka.topic_prefix, suffix)
     }

@@ -319,6 +319,7 @@ impl DeliveryProcessor {
         &mut self,
         cmd: &SendCommand,
         message: &RenderedMessage,
+        now: Millis,
         commit_point: &dyn Fn(),
     ) -> Delivery {
         let committed = std::cell::Cell::new(false);
@@ -331,6 +332,9 @@ impl DeliveryProcessor {
         };
         let labels = [self.channel.as_str(), provider.name()];
         let max = self.settings.retry.max_attempts;
+        // The partition's clock at the start, advanced by the time spent retrying (so
+        // event-time replays do not expire on the wall clock).
+        let (now_at_start, started_all) = (now, Instant::now());
         let mut last_error = String::new();
         for attempt in 1..=max {
             let wait = self.breaker.wait(Instant::now());
@@ -346,7 +350,7 @@ impl DeliveryProcessor {
                     self.breaker.state(),
                     BreakerState::Open(_)
                 )));
-            if cmd.valid_until < kairos_core::time::wall_now() {
+            if cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis {
                 return Delivery::Expired;
             }
             self.limiter.until_ready().await;
@@ -358,7 +362,7 @@ impl DeliveryProcessor {
                 .observe(started.elapsed().as_secs_f64());
             let result_label = match &result {
                 Ok(()) => "accepted",
-                Err(ProviderError::Transient(_)) => "transient_error",
+                Err(ProviderError::Transient(_) | ProviderError::NoAnswer(_)) => "transient_error",
                 Err(_) => "permanent_error",
             };
             self.metrics
@@ -381,11 +385,11 @@ impl DeliveryProcessor {
                 }
                 // The whole message went out but the answer did not come back: the
                 // provider may well keep it, so it is not sent again.
-                Err(ProviderError::Transient(e)) if committed.get() => {
+                Err(ProviderError::NoAnswer(e)) if committed.get() => {
                     self.breaker.failure(Instant::now());
                     return Delivery::InDoubt(e);
                 }
-                Err(ProviderError::Transient(e)) => {
+                Err(ProviderError::Transient(e) | ProviderError::NoAnswer(e)) => {
                     tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "transient provider error");
                     self.breaker.failure(Instant::now());
                     last_error = e;
@@ -415,6 +419,7 @@ impl DeliveryProcessor {
         if ctx.get::<Millis>(&accepted_key)?.is_some() {
             // The provider accepted it before a crash stopped the commit: report, never resend.
             self.emit_outcome(ctx, &send, OutcomeKind::sent, None, ctx.now());
+            self.forget_attempt(ctx, &cmd.send_id);
             return Ok(());
         }
         if ctx.get::<Millis>(&committed_key)?.is_some() {
@@ -431,6 +436,7 @@ impl DeliveryProcessor {
                 Some("in_doubt: handed over completely before a crash; not repeated".into()),
                 ctx.now(),
             );
+            self.forget_attempt(ctx, &cmd.send_id);
             return Ok(());
         }
         if ctx.get::<Millis>(&attempt_key)?.is_some() {
@@ -448,7 +454,12 @@ impl DeliveryProcessor {
             }
         };
         let delivery = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(self.attempts(cmd, &message, &commit_point))
+            tokio::runtime::Handle::current().block_on(self.attempts(
+                cmd,
+                &message,
+                started_at,
+                &commit_point,
+            ))
         });
         let now = ctx.now();
         match delivery {
@@ -496,9 +507,16 @@ impl DeliveryProcessor {
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
             }
         }
-        ctx.delete(&attempt_key);
-        ctx.delete(&committed_key);
+        self.forget_attempt(ctx, &cmd.send_id);
         Ok(())
+    }
+
+    /// Drops the write-ahead records of a finished send in the batch that records it
+    /// finished (`s/<send id>`), which is what guards against a repeat from then on.
+    fn forget_attempt(&self, ctx: &mut Ctx<'_>, send_id: &str) {
+        for prefix in ["w", "k", "a"] {
+            ctx.delete(&format!("{prefix}/{send_id}"));
+        }
     }
 
     fn dead_letter(&self, ctx: &mut Ctx<'_>, input: &SendInput, reason: &str, now: Millis) {
@@ -569,10 +587,10 @@ impl Processor for DeliveryProcessor {
         vec![self.outcomes_topic.clone()]
     }
 
-    /// Provider calls take milliseconds to seconds each: small batches keep the
-    /// consumer polling well within its poll interval.
+    /// Provider calls take milliseconds to seconds each: one send per batch keeps the
+    /// consumer polling (and the liveness heartbeat beating) between sends.
     fn max_batch_records(&self) -> Option<usize> {
-        self.provider.as_ref().map(|_| 16)
+        self.provider.as_ref().map(|_| 1)
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<SendInput, Rejection> {

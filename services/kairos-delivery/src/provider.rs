@@ -19,9 +19,13 @@ use crate::templates::RenderedMessage;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
-    /// Worth retrying: a timeout, a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
+    /// Worth retrying: a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
     #[error("transient: {0}")]
     Transient(String),
+    /// No answer came (a timeout, a dropped connection): worth retrying, unless the
+    /// whole message had already been handed over.
+    #[error("no answer: {0}")]
+    NoAnswer(String),
     /// The recipient address does not exist (SMTP 5xx to RCPT TO): a hard bounce.
     #[error("hard bounce: {0}")]
     HardBounce(String),
@@ -216,7 +220,7 @@ impl SmtpProvider {
                 conn.abort().await;
                 Err(classify(e))
             }
-            Err(_) => Err(ProviderError::Transient(format!(
+            Err(_) => Err(ProviderError::NoAnswer(format!(
                 "no answer within {:?}",
                 self.config.timeout
             ))),
@@ -233,8 +237,11 @@ fn classify(e: lettre::transport::smtp::Error) -> ProviderError {
         } else {
             ProviderError::Permanent(e.to_string())
         }
-    } else {
+    } else if e.is_transient() {
+        // A 4xx reply: the server answered and refused for now.
         ProviderError::Transient(e.to_string())
+    } else {
+        ProviderError::NoAnswer(e.to_string())
     }
 }
 

@@ -267,8 +267,9 @@ fn parts_for(file: &TemplateFile, channel: Channel) -> Option<Parts> {
     })
 }
 
-/// The text of a template outside `{{ }}`, `{% %}` and `{# #}`: what every rendering
-/// contains at least.
+/// The text of a template outside `{{ }}`, `{% %}` and `{# #}`. For templates without
+/// branches this is what every rendering contains at least; text in `{% if %}` branches
+/// is all counted, so the load-time check is conservative (the render check is exact).
 fn static_text(source: &str) -> String {
     let mut out = String::new();
     let mut rest = source;

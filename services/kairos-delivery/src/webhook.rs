@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use kairos_core::config::{topics, Config};
@@ -68,6 +68,7 @@ enum Events {
 
 struct WebhookState {
     channel: Channel,
+    token: Option<String>,
     producer: FutureProducer,
     outcomes_topic: String,
     received: IntCounterVec,
@@ -92,6 +93,10 @@ pub fn router(
     }
     let state = Arc::new(WebhookState {
         channel,
+        token: config
+            .delivery
+            .get(&channel)
+            .and_then(|d| d.webhook_token.clone()),
         producer: kairos_core::kafka::producer(config)?,
         outcomes_topic: config.topic(topics::OUTCOMES),
         received,
@@ -119,6 +124,10 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
     if event.send_id.trim().is_empty() || event.customer_id.trim().is_empty() {
         return Err("send_id and customer_id must not be empty".into());
     }
+    // A time from the future would move event-time clocks ahead.
+    if event.occurred_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
+        return Err("occurred_at lies in the future".into());
+    }
     Ok(Outcome {
         outcome_id: deterministic_id(&[&event.send_id, event.event.as_str()]),
         send_id: event.send_id.clone(),
@@ -132,7 +141,26 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
     })
 }
 
-async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (StatusCode, String) {
+/// How far ahead of this machine's clock a provider's timestamp may be.
+const MAX_CLOCK_SKEW: Millis = 5 * 60 * 1000;
+
+async fn receive(
+    State(state): State<Arc<WebhookState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    if let Some(token) = &state.token {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(token.as_str()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong webhook token".into(),
+            );
+        }
+    }
     let events = match serde_json::from_slice::<Events>(&body) {
         Ok(Events::One(e)) => vec![*e],
         Ok(Events::Many(v)) => v,

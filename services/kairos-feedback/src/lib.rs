@@ -14,8 +14,8 @@ use std::sync::Arc;
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
-    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, OfflineReceipt, Outcome,
-    OutcomeKind, ReceiptKind, DECISION_RULES,
+    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, MessageCategory, OfflineReceipt,
+    Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::metrics;
@@ -343,6 +343,11 @@ impl FeedbackProcessor {
             .decisions
             .with_label_values(&[&scenario, d.outcome.as_str(), rule])
             .inc();
+        // Service messages (order status, receipts) are no marketing touch: they would
+        // take conversions from the campaign before them, and have no control group.
+        if d.category == MessageCategory::transactional {
+            return Ok(());
+        }
         let touch = match (d.outcome, d.channel) {
             (DecisionOutcome::sent, Some(channel)) => Touch {
                 scenario,

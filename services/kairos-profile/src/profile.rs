@@ -97,7 +97,6 @@ impl CustomerProfile {
         }
     }
 
-    /// Records an event id; false if it was seen already (a duplicate).
     /// The address the customer has for `channel`, if any.
     pub fn address(&self, channel: Channel) -> Option<&String> {
         match channel {
@@ -145,6 +144,7 @@ impl CustomerProfile {
         }
     }
 
+    /// Records an event id; false if it was seen already (a duplicate).
     pub fn remember_event(&mut self, event_id: &str) -> bool {
         // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
         let h = kairos_core::ids::stable_hash(event_id);

@@ -269,7 +269,7 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
         "n/a (no control conversions yet)".to_string()
     };
     println!(
-        "        conversions (72 h, last touch): treatment {:.0} of {:.0} touches ({treated:.1}%), control {:.0} of {:.0} ({control:.1}%), lift {lift} | revenue via CRM {:.0} of {:.0}",
+        "        conversions (last touch): treatment {:.0} of {:.0} touches ({treated:.1}%), control {:.0} of {:.0} ({control:.1}%), lift {lift} | revenue via CRM {:.0} of {:.0}",
         group("kairos_conversions_total", "treatment"),
         group("kairos_attribution_touches_total", "treatment"),
         group("kairos_conversions_total", "control"),
