@@ -349,6 +349,35 @@ impl ArbiterProcessor {
         ctx.put(&ledger_key, &ledger)
     }
 
+    /// Emits a decision on the decisions topic and counts it.
+    fn record_decision(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: &Trigger,
+        decision_id: String,
+        (outcome, channel, send_id): (DecisionOutcome, Option<Channel>, Option<String>),
+        rule: &str,
+        reason: String,
+    ) {
+        let decision = Decision {
+            decision_id,
+            trigger_id: t.trigger_id.clone(),
+            customer_id: t.customer_id.clone(),
+            scenario: t.scenario.clone(),
+            category: t.category,
+            outcome,
+            channel,
+            send_id,
+            rule: rule.to_string(),
+            reason,
+            decided_at: ctx.now(),
+        };
+        self.decisions
+            .with_label_values(&[outcome.as_str(), rule])
+            .inc();
+        ctx.emit(&self.decisions_topic, &t.customer_id, &decision);
+    }
+
     /// Decides a trigger: one arriving (`queued` false) or one whose deferral ended.
     fn decide_trigger(
         &mut self,
@@ -382,24 +411,14 @@ impl ArbiterProcessor {
             // allows it, or until its valid-until, when it is decided "expired".
             let wake = until.min(t.valid_until + 1);
             ctx.schedule(&format!("defer/{}", t.trigger_id), wake, &t)?;
-            let decision = Decision {
-                decision_id: deterministic_id(&[&t.trigger_id, "deferred", &wake.to_string()]),
-                trigger_id: t.trigger_id.clone(),
-                customer_id: t.customer_id.clone(),
-                scenario: t.scenario.clone(),
-                category: t.category,
-                outcome,
-                channel: None,
-                send_id: None,
-                rule: rule.to_string(),
-                reason: format!("{reason}; decided again at {wake}"),
-                decided_at: now,
-            };
-            self.decisions
-                .with_label_values(&[outcome.as_str(), rule])
-                .inc();
-            let topic = self.decisions_topic.clone();
-            ctx.emit(&topic, &t.customer_id, &decision);
+            self.record_decision(
+                ctx,
+                &t,
+                deterministic_id(&[&t.trigger_id, "deferred", &wake.to_string()]),
+                (outcome, None, None),
+                rule,
+                format!("{reason}; decided again at {wake}"),
+            );
             return ctx.put(&ledger_key, &ledger);
         }
         let send_id = channel.map(|c| deterministic_id(&[&t.trigger_id, c.as_str()]));
@@ -428,24 +447,14 @@ impl ArbiterProcessor {
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
         }
-        let decision = Decision {
-            decision_id: deterministic_id(&[&t.trigger_id, "decision"]),
-            trigger_id: t.trigger_id.clone(),
-            customer_id: t.customer_id.clone(),
-            scenario: t.scenario.clone(),
-            category: t.category,
-            outcome,
-            channel,
-            send_id,
-            rule: rule.to_string(),
+        self.record_decision(
+            ctx,
+            &t,
+            deterministic_id(&[&t.trigger_id, "decision"]),
+            (outcome, channel, send_id),
+            rule,
             reason,
-            decided_at: now,
-        };
-        self.decisions
-            .with_label_values(&[outcome.as_str(), rule])
-            .inc();
-        let topic = self.decisions_topic.clone();
-        ctx.emit(&topic, &t.customer_id, &decision);
+        );
         ctx.put(&ledger_key, &ledger)
     }
 }

@@ -416,26 +416,23 @@ impl DeliveryProcessor {
         let accepted_key = format!("a/{}", cmd.send_id);
         let committed_key = format!("k/{}", cmd.send_id);
         let attempt_key = format!("w/{}", cmd.send_id);
-        if ctx.get::<Millis>(&accepted_key)?.is_some() {
-            // The provider accepted it before a crash stopped the commit: report, never resend.
-            self.emit_outcome(ctx, &send, OutcomeKind::sent, None, ctx.now());
-            self.forget_attempt(ctx, &cmd.send_id);
-            return Ok(());
-        }
-        if ctx.get::<Millis>(&committed_key)?.is_some() {
-            // A crash came after the whole message was handed over: the provider keeps
-            // it, so it is reported sent, and not sent again.
+        // A crash after the provider accepted the send, or after the whole message was
+        // handed over (the provider keeps it then): reported sent, never repeated.
+        let before_crash = if ctx.get::<Millis>(&accepted_key)?.is_some() {
+            Some(None)
+        } else if ctx.get::<Millis>(&committed_key)?.is_some() {
             self.metrics
                 .in_doubt
                 .with_label_values(&[self.channel.as_str()])
                 .inc();
-            self.emit_outcome(
-                ctx,
-                &send,
-                OutcomeKind::sent,
-                Some("in_doubt: handed over completely before a crash; not repeated".into()),
-                ctx.now(),
-            );
+            Some(Some(
+                "in_doubt: handed over completely before a crash; not repeated".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = before_crash {
+            self.emit_outcome(ctx, &send, OutcomeKind::sent, reason, ctx.now());
             self.forget_attempt(ctx, &cmd.send_id);
             return Ok(());
         }
