@@ -623,6 +623,16 @@ pub struct ScenarioConfig {
     pub enabled: bool,
 }
 
+impl ScenarioKind {
+    /// Waits that every new cause restarts (a cart change, a product view).
+    pub fn is_restartable_wait(self) -> bool {
+        matches!(
+            self,
+            ScenarioKind::AbandonedCart | ScenarioKind::BrowseAbandonment
+        )
+    }
+}
+
 impl ScenarioConfig {
     pub fn ends_on_purchase(&self) -> bool {
         self.exit_on_purchase.unwrap_or(matches!(

@@ -218,14 +218,14 @@ impl ProfileProcessor {
                 p.update_cart(e);
                 for s in self.scenarios(ScenarioKind::AbandonedCart) {
                     if p.cart.is_empty() {
-                        ctx.cancel(&timer_id(&s.name, &customer_id))?;
+                        stop_wait(ctx, &s, &mut p)?;
                     } else {
                         // Every cart change restarts the wait.
-                        schedule_after_event(ctx, &s, &p, e, None, None)?;
+                        restart_wait(ctx, &s, &mut p, e, None)?;
                     }
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
-                    ctx.cancel(&timer_id(&s.name, &customer_id))?;
+                    stop_wait(ctx, &s, &mut p)?;
                 }
             }
             EventType::product_view => {
@@ -235,7 +235,7 @@ impl ProfileProcessor {
                     }
                     if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
                         for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
-                            schedule_after_event(ctx, &s, &p, e, Some(product.clone()), None)?;
+                            restart_wait(ctx, &s, &mut p, e, Some(product.clone()))?;
                         }
                     }
                 }
@@ -264,7 +264,7 @@ impl ProfileProcessor {
                 let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 p.record_purchase(e.occurred_at, total, false, order_id.clone());
-                self.after_purchase(ctx, &p, &e.event_id, e.occurred_at, order_id)?;
+                self.after_purchase(ctx, &mut p, &e.event_id, e.occurred_at, order_id)?;
                 purchase_changed = true;
             }
             EventType::order_status => {
@@ -393,7 +393,7 @@ impl ProfileProcessor {
                 // An offline purchase ends the online cart reminder too.
                 self.after_purchase(
                     ctx,
-                    &p,
+                    &mut p,
                     &r.event_id,
                     r.occurred_at,
                     Some(r.receipt_id.clone()),
@@ -457,7 +457,7 @@ impl ProfileProcessor {
     fn after_purchase(
         &mut self,
         ctx: &mut Ctx<'_>,
-        p: &CustomerProfile,
+        p: &mut CustomerProfile,
         event_id: &str,
         at: Millis,
         order_id: Option<String>,
@@ -470,7 +470,7 @@ impl ProfileProcessor {
             .filter(|s| s.ends_on_purchase())
         {
             if s.kind != ScenarioKind::Reactivation {
-                ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+                stop_wait(ctx, s, p)?;
             }
         }
         for s in self.scenarios(ScenarioKind::PostPurchase) {
@@ -718,6 +718,33 @@ impl ProfileProcessor {
         timer: &DueTimer,
     ) -> anyhow::Result<()> {
         let mut vars = serde_json::Map::new();
+        let restarted;
+        let t = if s.kind.is_restartable_wait() {
+            p.armed.remove(&s.name);
+            // The wait ended (cart emptied, purchase) or was restarted since.
+            let Some(w) = p.waits.get(&s.name).cloned() else {
+                return Ok(());
+            };
+            if t.step == 0 || w.cause_event_id != t.cause_event_id {
+                let due = w.cause_occurred_at + ms(s.delay);
+                if due > timer.fire_at {
+                    arm_wait(ctx, s, p, &w, 0, due)?;
+                    return Ok(());
+                }
+                restarted = ScenarioTimer {
+                    cause_event_id: w.cause_event_id,
+                    cause_occurred_at: w.cause_occurred_at,
+                    step: 0,
+                    product: w.product,
+                    ..t.clone()
+                };
+                &restarted
+            } else {
+                t
+            }
+        } else {
+            t
+        };
         let mut cause = t.cause_event_id.clone();
         match s.kind {
             ScenarioKind::AbandonedCart => {
@@ -835,7 +862,16 @@ impl ProfileProcessor {
             vars,
         );
         // The next step of a chain.
-        if let Some(next) = s.steps.get(t.step) {
+        if s.kind.is_restartable_wait() {
+            match (s.steps.get(t.step), p.waits.get(&s.name).cloned()) {
+                (Some(next), Some(w)) => {
+                    arm_wait(ctx, s, p, &w, t.step + 1, timer.fire_at + ms(next.delay))?
+                }
+                _ => {
+                    p.waits.remove(&s.name);
+                }
+            }
+        } else if let Some(next) = s.steps.get(t.step) {
             schedule_step(
                 ctx,
                 s,
@@ -899,6 +935,61 @@ fn schedule_step(
             order_id,
         },
     )
+}
+
+/// Restarts a restartable wait (see [`profile::Wait`]) from the event `e`. Only the
+/// profile changes unless the armed timer would fire too late: a view every few seconds
+/// costs no timer write.
+fn restart_wait(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &mut CustomerProfile,
+    e: &CustomerEvent,
+    product: Option<Product>,
+) -> anyhow::Result<()> {
+    let wait = profile::Wait {
+        cause_event_id: e.event_id.clone(),
+        cause_occurred_at: e.occurred_at,
+        product,
+    };
+    let due = e.occurred_at + ms(s.delay);
+    if p.armed.get(&s.name).is_none_or(|armed| *armed > due) {
+        arm_wait(ctx, s, p, &wait, 0, due)?;
+    }
+    p.waits.insert(s.name.clone(), wait);
+    Ok(())
+}
+
+/// Arms step `step` of a restartable wait at `fire_at`.
+fn arm_wait(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &mut CustomerProfile,
+    w: &profile::Wait,
+    step: usize,
+    fire_at: Millis,
+) -> anyhow::Result<()> {
+    schedule_step(
+        ctx,
+        s,
+        p,
+        &w.cause_event_id,
+        w.cause_occurred_at,
+        step,
+        fire_at,
+        w.product.clone(),
+        None,
+    )?;
+    p.armed.insert(s.name.clone(), fire_at);
+    Ok(())
+}
+
+/// Ends the scenario's pending wait or chain: its timer never fires.
+fn stop_wait(ctx: &mut Ctx<'_>, s: &ScenarioConfig, p: &mut CustomerProfile) -> anyhow::Result<()> {
+    p.waits.remove(&s.name);
+    p.armed.remove(&s.name);
+    ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+    Ok(())
 }
 
 /// Arms the first step of `s` its delay after the event `e`.

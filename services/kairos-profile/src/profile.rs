@@ -23,6 +23,16 @@ pub struct ViewedProduct {
     pub at: Millis,
 }
 
+/// The latest cause of a restartable wait (abandoned cart, browse abandonment): every
+/// cart change or view restarts the wait, but only this record changes; the armed
+/// timer fires at or before the due time and moves itself (see `lib.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Wait {
+    pub cause_event_id: String,
+    pub cause_occurred_at: Millis,
+    pub product: Option<Product>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChannelEngagement {
     pub last_delivered_at: Option<Millis>,
@@ -83,6 +93,8 @@ pub struct CustomerProfile {
     /// Timers this profile knows are armed (scenario or review name -> fire time), so
     /// frequent events need no timer-index read.
     pub armed: BTreeMap<String, Millis>,
+    /// Restartable waits by scenario name (see [`Wait`]).
+    pub waits: BTreeMap<String, Wait>,
     /// Hashes of the latest event ids, to drop duplicates.
     pub recent_event_ids: VecDeque<u64>,
 }

@@ -501,6 +501,35 @@ fn browse_abandonment_fires_two_hours_after_a_view() {
 }
 
 #[test]
+fn browse_abandonment_waits_from_the_latest_view_and_offers_its_product() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    for (i, (id, price)) in [("p7", 55.0), ("p8", 60.0), ("p9", 65.0)]
+        .iter()
+        .enumerate()
+    {
+        h.site(
+            &format!("ba3-view{i}"),
+            "product_view",
+            "ba3",
+            t0 + i as Millis * 20 * MINUTE,
+            json!({"product": product(id, *price)}),
+        );
+    }
+    h.advance(t0 + 2 * HOUR + 39 * MINUTE);
+    assert!(
+        h.triggers("ba3", "browse_abandonment").is_empty(),
+        "every view restarts the wait"
+    );
+    h.advance(t0 + 5 * HOUR);
+    let fired = h.triggers("ba3", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t0 + 2 * HOUR + 40 * MINUTE);
+    assert_eq!(fired[0]["cause_event_id"], "ba3-view2");
+    assert_eq!(vars(&fired[0])["product"]["product_id"], "p9");
+}
+
+#[test]
 fn browse_abandonment_not_after_add_to_cart() {
     let t0 = at(T0);
     let mut h = Harness::new();
