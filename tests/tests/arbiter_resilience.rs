@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use kairos_tests::{Options, Pipeline};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const TRIGGERS: usize = 40_000;
 const CUSTOMERS: usize = 4_000;
@@ -49,10 +49,10 @@ fn triggers() -> Vec<(String, Vec<u8>)> {
                 "contacts": {
                     "email": format!("c{customer}@example.com"),
                     "phone": null,
-                    "push_token": (customer % 2 == 0).then(|| format!("tok-{customer}")),
+                    "push_token": customer.is_multiple_of(2).then(|| format!("tok-{customer}")),
                     "messenger_id": null,
                     "time_zone": zones[customer % zones.len()],
-                    "consented_channels": if customer % 5 == 0 { json!(["push"]) } else { json!(["email", "push"]) },
+                    "consented_channels": if customer.is_multiple_of(5) { json!(["push"]) } else { json!(["email", "push"]) },
                 },
                 "variables": "{}",
             });

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use kairos_core::calendar;
 use kairos_core::contracts::{
-    Channel, Decision, DecisionOutcome, MessageCategory, Outcome, OutcomeKind, SendCommand,
-    Trigger, DECISION_RULES,
+    Channel, CustomerAction, CustomerActionKind, Decision, DecisionOutcome, MessageCategory,
+    Outcome, OutcomeKind, SendCommand, Trigger, DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
@@ -38,12 +38,47 @@ pub struct CustomerLedger {
     pub hard_bounced: BTreeMap<Channel, String>,
     /// When the customer marked a message as spam: no promo from then on.
     pub complained_at: Option<Millis>,
+    /// The customer's latest purchase (from customer actions).
+    pub last_purchase_at: Option<Millis>,
+    /// Deferred triggers waiting in the queue, by trigger id.
+    pub queued: BTreeMap<String, Queued>,
+    /// Offers sent (offer id or promo code -> time), pruned to the repeat window.
+    pub offers: BTreeMap<String, Millis>,
+    /// Marketing messages delivered since the customer last opened or clicked one.
+    pub ignored_in_row: u32,
+    /// Hashes of the latest outcome ids applied, so a redelivered outcome counts once.
+    pub recent_outcomes: Vec<u64>,
 }
 
+/// A deferred trigger as the queue remembers it (the trigger itself is the timer's
+/// payload).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    pub scenario: String,
+    pub category: Option<MessageCategory>,
+    pub cause_occurred_at: Millis,
+}
+
+/// Outcomes remembered per customer for deduplication.
+const RECENT_OUTCOMES: usize = 16;
+
 impl CustomerLedger {
-    /// Folds a delivery or engagement outcome into the suppressions.
-    pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) {
+    /// Folds a delivery or engagement outcome into the suppressions and the sunset
+    /// count. Returns false for an outcome already applied.
+    pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
+        let h = kairos_core::ids::stable_hash(&o.outcome_id);
+        if self.recent_outcomes.contains(&h) {
+            return false;
+        }
+        if self.recent_outcomes.len() >= RECENT_OUTCOMES {
+            self.recent_outcomes.remove(0);
+        }
+        self.recent_outcomes.push(h);
         match o.kind {
+            OutcomeKind::delivered if o.category != MessageCategory::transactional => {
+                self.ignored_in_row += 1;
+            }
+            OutcomeKind::opened | OutcomeKind::clicked => self.ignored_in_row = 0,
             OutcomeKind::unsubscribed => {
                 self.unsubscribed.entry(o.channel).or_insert(o.occurred_at);
             }
@@ -57,6 +92,7 @@ impl CustomerLedger {
             }
             _ => {}
         }
+        true
     }
 
     /// Why `channel` must not be used for this customer at `address`, if it must not.
@@ -75,6 +111,7 @@ impl CustomerLedger {
 pub enum ArbiterInput {
     Trigger(Box<Trigger>),
     Outcome(Box<Outcome>),
+    Action(Box<CustomerAction>),
 }
 
 /// How long sends are remembered: the longest cap window.
@@ -85,6 +122,7 @@ pub struct ArbiterProcessor {
     default_zone: chrono_tz::Tz,
     triggers_topic: String,
     outcomes_topic: String,
+    actions_topic: String,
     decisions_topic: String,
     decisions: IntCounterVec,
     end_to_end: Histogram,
@@ -96,6 +134,7 @@ impl ArbiterProcessor {
             default_zone: calendar::zone(Some(&config.arbiter.default_time_zone)),
             triggers_topic: config.topic(topics::TRIGGERS),
             outcomes_topic: config.topic(topics::OUTCOMES),
+            actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
             decisions_topic: config.topic(topics::DECISIONS),
             decisions: metrics::counter_vec(
                 registry,
@@ -149,6 +188,18 @@ impl ArbiterProcessor {
                 format!("valid until {} but decided at {now}", t.valid_until),
             );
         }
+        // Exclusions come before the control group so that both groups lose the same
+        // triggers and lift stays comparable.
+        if let Some(bought) = ledger
+            .last_purchase_at
+            .filter(|b| *b >= t.cause_occurred_at && self.ends_on_purchase(&t.scenario))
+        {
+            return Verdict::no(
+                DecisionOutcome::cancelled,
+                "purchase_exclusion",
+                format!("the customer bought at {bought}, after the trigger's cause"),
+            );
+        }
         let marketing = t.category != MessageCategory::transactional;
         if marketing && self.in_control_group(&t.customer_id) {
             return Verdict::no(
@@ -169,12 +220,48 @@ impl ArbiterProcessor {
                 );
             }
         }
+        let a = &self.config.arbiter;
         if t.category == MessageCategory::promo {
             if let Some(at) = ledger.complained_at {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
                     "complaint",
                     format!("the customer marked a message as spam at {at}: no promo"),
+                );
+            }
+            let pause = a.pause_after_purchase.as_millis() as Millis;
+            if let Some(bought) = ledger.last_purchase_at.filter(|b| now - b < pause) {
+                return Verdict::no(
+                    DecisionOutcome::suppressed,
+                    "pause_after_purchase",
+                    format!(
+                        "no promo within {:?} of a purchase (bought at {bought})",
+                        a.pause_after_purchase
+                    ),
+                );
+            }
+            if a.sunset_after_ignored > 0 && ledger.ignored_in_row >= a.sunset_after_ignored {
+                return Verdict::no(
+                    DecisionOutcome::suppressed,
+                    "sunset",
+                    format!(
+                        "the customer ignored the last {} messages (sunset after {})",
+                        ledger.ignored_in_row, a.sunset_after_ignored
+                    ),
+                );
+            }
+        }
+        let repeat_window = a.offer_repeat_window.as_millis() as Millis;
+        ledger.offers.retain(|_, at| now - *at < repeat_window);
+        if let Some(offer) = offer_of(t) {
+            if let Some(at) = ledger.offers.get(&offer).filter(|_| marketing) {
+                return Verdict::no(
+                    DecisionOutcome::suppressed,
+                    "offer_repeat",
+                    format!(
+                        "offer {offer:?} went to the customer at {at}, within {:?}",
+                        a.offer_repeat_window
+                    ),
                 );
             }
         }
@@ -184,7 +271,13 @@ impl ArbiterProcessor {
                 return v;
             }
         }
-        self.choose_channel(t, ledger)
+        self.choose_channel(now, t, ledger)
+    }
+
+    fn ends_on_purchase(&self, scenario: &str) -> bool {
+        self.config
+            .scenario(scenario)
+            .is_some_and(|s| s.ends_on_purchase())
     }
 
     /// Quiet hours, the minimum gap and the caps: a message that must wait is deferred
@@ -254,7 +347,7 @@ impl ArbiterProcessor {
         None
     }
 
-    fn choose_channel(&self, t: &Trigger, ledger: &CustomerLedger) -> Verdict {
+    fn choose_channel(&self, now: Millis, t: &Trigger, ledger: &CustomerLedger) -> Verdict {
         let consented = |c: &Channel| t.contacts.consented_channels.contains(c);
         let reachable = |c: &Channel| {
             matches!(c, Channel::in_app | Channel::webhook) || t.contacts.address_for(*c).is_some()
@@ -272,7 +365,43 @@ impl ArbiterProcessor {
                 None => true,
             }
         };
-        match t.channels.iter().find(usable) {
+        let usable: Vec<Channel> = t.channels.iter().filter(usable).copied().collect();
+        // One channel per customer within the conflict window (transactional aside):
+        // stay on the channel of the latest marketing message, or wait for the window.
+        let window = self.config.arbiter.conflict_window.as_millis() as Millis;
+        let latest = ledger
+            .sends
+            .iter()
+            .filter(|(at, _, c)| *c != MessageCategory::transactional && now - at < window)
+            .max_by_key(|(at, _, _)| *at);
+        if let (Some((at, channel, _)), true, false) = (
+            latest,
+            t.category != MessageCategory::transactional,
+            usable.is_empty(),
+        ) {
+            if usable.contains(channel) {
+                return Verdict {
+                    outcome: DecisionOutcome::sent,
+                    channel: Some(*channel),
+                    rule: "channel_choice",
+                    reason: format!(
+                        "stays on {}: a message went out on it at {at}, within the conflict window",
+                        channel.as_str()
+                    ),
+                    defer_until: None,
+                };
+            }
+            return Verdict::defer(
+                at + window,
+                "channel_conflict",
+                format!(
+                    "a message went out on {} at {at}; another channel waits {:?}",
+                    channel.as_str(),
+                    self.config.arbiter.conflict_window
+                ),
+            );
+        }
+        match usable.first() {
             Some(c) => Verdict {
                 outcome: DecisionOutcome::sent,
                 channel: Some(*c),
@@ -297,6 +426,41 @@ impl ArbiterProcessor {
             },
         }
     }
+}
+
+/// The trigger a decision is about.
+struct Subject<'a> {
+    trigger_id: &'a str,
+    customer_id: &'a str,
+    scenario: &'a str,
+    category: MessageCategory,
+}
+
+impl<'a> Subject<'a> {
+    fn of(t: &'a Trigger) -> Self {
+        Subject {
+            trigger_id: &t.trigger_id,
+            customer_id: &t.customer_id,
+            scenario: &t.scenario,
+            category: t.category,
+        }
+    }
+}
+
+/// The offer a trigger carries (`offer_id` or `promo_code` variable), if any.
+fn offer_of(t: &Trigger) -> Option<String> {
+    // Most triggers carry no offer: skip the parse for them.
+    if !(t.variables.contains("offer_id") || t.variables.contains("promo_code")) {
+        return None;
+    }
+    let vars: serde_json::Value = serde_json::from_str(&t.variables).ok()?;
+    ["offer_id", "promo_code"]
+        .iter()
+        .find_map(|k| match &vars[*k] {
+            serde_json::Value::String(s) if !s.is_empty() => Some(format!("{k}:{s}")),
+            serde_json::Value::Number(n) => Some(format!("{k}:{n}")),
+            _ => None,
+        })
 }
 
 /// What the policy decided for one trigger, and why.
@@ -337,15 +501,67 @@ impl ArbiterProcessor {
     fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
         if !matches!(
             o.kind,
-            OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
+            OutcomeKind::unsubscribed
+                | OutcomeKind::bounced_hard
+                | OutcomeKind::complained
+                | OutcomeKind::delivered
+                | OutcomeKind::opened
+                | OutcomeKind::clicked
         ) {
             return Ok(());
         }
         let ledger_key = format!("c/{}", o.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
         // The bounced address is the one the send went to, which the arbiter recorded.
-        let address = ctx.get::<String>(&format!("a/{}", o.send_id))?;
-        ledger.apply_outcome(o, address);
+        let address = match o.kind {
+            OutcomeKind::bounced_hard => ctx.get::<String>(&format!("a/{}", o.send_id))?,
+            _ => None,
+        };
+        if ledger.apply_outcome(o, address) {
+            ctx.put(&ledger_key, &ledger)?;
+        }
+        Ok(())
+    }
+
+    /// A purchase: promo pauses, and queued messages of scenarios that exist to get a
+    /// purchase (cart, browse, welcome, reactivation) are cancelled.
+    fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
+        match a.kind {
+            CustomerActionKind::purchase => {}
+        }
+        let ledger_key = format!("c/{}", a.customer_id);
+        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        ledger.last_purchase_at = Some(
+            ledger
+                .last_purchase_at
+                .map_or(a.occurred_at, |b| b.max(a.occurred_at)),
+        );
+        let ended: Vec<(String, Queued)> = ledger
+            .queued
+            .iter()
+            .filter(|(_, q)| {
+                q.cause_occurred_at <= a.occurred_at && self.ends_on_purchase(&q.scenario)
+            })
+            .map(|(id, q)| (id.clone(), q.clone()))
+            .collect();
+        for (trigger_id, q) in ended {
+            ctx.cancel(&format!("defer/{trigger_id}"))?;
+            ledger.queued.remove(&trigger_id);
+            let subject = Subject {
+                trigger_id: &trigger_id,
+                customer_id: &a.customer_id,
+                scenario: &q.scenario,
+                category: q.category.unwrap_or(MessageCategory::trigger),
+            };
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&trigger_id, "decision"]),
+                (DecisionOutcome::cancelled, None, None),
+                "purchase_exclusion",
+                format!("the customer bought at {} while it waited", a.occurred_at),
+            );
+        }
         ctx.put(&ledger_key, &ledger)
     }
 
@@ -353,7 +569,7 @@ impl ArbiterProcessor {
     fn record_decision(
         &self,
         ctx: &mut Ctx<'_>,
-        t: &Trigger,
+        t: &Subject<'_>,
         decision_id: String,
         (outcome, channel, send_id): (DecisionOutcome, Option<Channel>, Option<String>),
         rule: &str,
@@ -361,9 +577,9 @@ impl ArbiterProcessor {
     ) {
         let decision = Decision {
             decision_id,
-            trigger_id: t.trigger_id.clone(),
-            customer_id: t.customer_id.clone(),
-            scenario: t.scenario.clone(),
+            trigger_id: t.trigger_id.to_string(),
+            customer_id: t.customer_id.to_string(),
+            scenario: t.scenario.to_string(),
             category: t.category,
             outcome,
             channel,
@@ -375,7 +591,7 @@ impl ArbiterProcessor {
         self.decisions
             .with_label_values(&[outcome.as_str(), rule])
             .inc();
-        ctx.emit(&self.decisions_topic, &t.customer_id, &decision);
+        ctx.emit(&self.decisions_topic, t.customer_id, &decision);
     }
 
     /// Decides a trigger: one arriving (`queued` false) or one whose deferral ended.
@@ -406,14 +622,23 @@ impl ArbiterProcessor {
             defer_until,
         } = self.decide(ctx, &t, &mut ledger);
         let now = ctx.now();
+        let subject = Subject::of(&t);
         if let Some(until) = defer_until {
             // The queue is the timer index: the trigger waits in state until the rule
             // allows it, or until its valid-until, when it is decided "expired".
             let wake = until.min(t.valid_until + 1);
             ctx.schedule(&format!("defer/{}", t.trigger_id), wake, &t)?;
+            ledger.queued.insert(
+                t.trigger_id.clone(),
+                Queued {
+                    scenario: t.scenario.clone(),
+                    category: Some(t.category),
+                    cause_occurred_at: t.cause_occurred_at,
+                },
+            );
             self.record_decision(
                 ctx,
-                &t,
+                &subject,
                 deterministic_id(&[&t.trigger_id, "deferred", &wake.to_string()]),
                 (outcome, None, None),
                 rule,
@@ -421,6 +646,7 @@ impl ArbiterProcessor {
             );
             return ctx.put(&ledger_key, &ledger);
         }
+        ledger.queued.remove(&t.trigger_id);
         let send_id = channel.map(|c| deterministic_id(&[&t.trigger_id, c.as_str()]));
         if let (Some(c), Some(send_id)) = (channel, &send_id) {
             let cmd = SendCommand {
@@ -444,12 +670,15 @@ impl ArbiterProcessor {
             let topic = self.config.send_topic(c);
             ctx.emit(&topic, &t.customer_id, &cmd);
             ledger.sends.push((now, c, t.category));
+            if let Some(offer) = offer_of(&t) {
+                ledger.offers.insert(offer, now);
+            }
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
         }
         self.record_decision(
             ctx,
-            &t,
+            &subject,
             deterministic_id(&[&t.trigger_id, "decision"]),
             (outcome, channel, send_id),
             rule,
@@ -467,7 +696,11 @@ impl Processor for ArbiterProcessor {
     }
 
     fn inputs(&self) -> Vec<String> {
-        vec![self.triggers_topic.clone(), self.outcomes_topic.clone()]
+        vec![
+            self.triggers_topic.clone(),
+            self.outcomes_topic.clone(),
+            self.actions_topic.clone(),
+        ]
     }
 
     fn outputs(&self) -> Vec<String> {
@@ -486,6 +719,10 @@ impl Processor for ArbiterProcessor {
             Ok(ArbiterInput::Outcome(Box::new(decode_internal(
                 record.payload,
             )?)))
+        } else if record.topic == self.actions_topic {
+            Ok(ArbiterInput::Action(Box::new(decode_internal(
+                record.payload,
+            )?)))
         } else {
             Ok(ArbiterInput::Trigger(Box::new(decode_internal(
                 record.payload,
@@ -497,6 +734,7 @@ impl Processor for ArbiterProcessor {
         Some(match input {
             ArbiterInput::Trigger(t) => t.fired_at,
             ArbiterInput::Outcome(o) => o.occurred_at,
+            ArbiterInput::Action(a) => a.occurred_at,
         })
     }
 
@@ -504,6 +742,7 @@ impl Processor for ArbiterProcessor {
         match input {
             ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t, false),
             ArbiterInput::Outcome(o) => self.apply_outcome(ctx, &o),
+            ArbiterInput::Action(a) => self.apply_action(ctx, &a),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Property tests over random trigger and outcome streams: whatever arrives, no
 //! customer exceeds a cap, nothing non-transactional goes out in quiet hours or closer
 //! than the minimum gap, nothing is sent without consent or after an unsubscribe, no
-//! send id repeats, and every trigger ends in exactly one final decision; streams
+//! send id repeats, nothing of a scenario that ends on purchase goes out after a
+//! purchase that followed its cause, no promo goes out within two days of a purchase,
+//! and every trigger ends in exactly one final decision; streams
 //! start in January and just before the 2026 clock changes of New York and Berlin.
 
 mod common;
@@ -27,7 +29,7 @@ const STARTS: [i64; 5] = [
     1_793_404_800_000, // 2026-10-31T00:00:00Z
 ];
 const CHANNELS: [Channel; 2] = [Channel::email, Channel::push];
-const PACING: &str = "daily_cap = 2\nweekly_cap = 6\nmin_gap = \"1h\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
+const PACING: &str = "daily_cap = 2\nweekly_cap = 6\nmin_gap = \"30m\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -44,12 +46,18 @@ enum Event {
         minute: i64,
         channel: Channel,
     },
+    Purchase {
+        customer: usize,
+        minute: i64,
+    },
 }
 
 impl Event {
     fn minute(&self) -> i64 {
         match self {
-            Event::Trigger { minute, .. } | Event::Unsubscribe { minute, .. } => *minute,
+            Event::Trigger { minute, .. }
+            | Event::Unsubscribe { minute, .. }
+            | Event::Purchase { minute, .. } => *minute,
         }
     }
 }
@@ -67,6 +75,9 @@ fn event() -> impl Strategy<Value = Event> {
             }),
         1 => (0..4usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
             Event::Unsubscribe { customer, minute, channel: CHANNELS[c] }
+        }),
+        1 => (0..4usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
+            Event::Purchase { customer, minute }
         }),
     ]
 }
@@ -88,6 +99,7 @@ proptest! {
         let mut a = Arbiter::with_config(PACING);
         let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
+        let mut purchases: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         for (n, e) in events.iter().enumerate() {
             let at = start + e.minute() * MINUTE;
             match e {
@@ -98,9 +110,12 @@ proptest! {
                         .zip([consent.0, consent.1])
                         .filter_map(|(c, yes)| yes.then_some(c))
                         .collect();
+                    // Promo from a scenario that does not end on purchase, the rest from
+                    // welcome, which does.
+                    let scenario = if *category == MessageCategory::promo { "weekly_promo" } else { "welcome" };
                     let t = Trigger {
                         trigger_id: id.clone(),
-                        scenario: "welcome".into(),
+                        scenario: scenario.into(),
                         customer_id: customer_id(*customer),
                         category: *category,
                         step: 0,
@@ -141,6 +156,17 @@ proptest! {
                     a.push("outcomes", &o.customer_id.clone(), &o);
                     unsubscribed.entry((o.customer_id.clone(), *channel)).or_insert(at);
                 }
+                Event::Purchase { customer, .. } => {
+                    let action = kairos_core::contracts::CustomerAction {
+                        action_id: format!("b{n}"),
+                        customer_id: customer_id(*customer),
+                        kind: kairos_core::contracts::CustomerActionKind::purchase,
+                        order_id: None,
+                        occurred_at: at,
+                    };
+                    a.push("customer-actions", &action.customer_id.clone(), &action);
+                    purchases.entry(action.customer_id).or_default().push(at);
+                }
             }
         }
         // Let every deferred trigger come due or expire.
@@ -164,6 +190,7 @@ proptest! {
             chrono::NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
         );
         let mut marketing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut channels_used: BTreeMap<String, Vec<(i64, Channel)>> = BTreeMap::new();
         for s in &a.sends {
             let t = &triggers[&s.trigger_id];
             // Consent and unsubscribes.
@@ -174,11 +201,34 @@ proptest! {
                 prop_assert!(s.created_at <= *unsub, "sent after the unsubscribe at {}: {:?}", unsub, s);
             }
             prop_assert!(s.created_at <= t.valid_until, "sent after valid-until: {:?}", s);
+            for bought in purchases.get(&s.customer_id).into_iter().flatten() {
+                if s.scenario == "welcome" {
+                    prop_assert!(
+                        !(t.cause_occurred_at <= *bought && s.created_at > *bought),
+                        "sent after the purchase at {} that ended it: {:?}", bought, s
+                    );
+                }
+                if s.category == MessageCategory::promo {
+                    prop_assert!(
+                        !(s.created_at >= *bought && s.created_at - bought < 2 * DAY),
+                        "promo within two days of the purchase at {}: {:?}", bought, s
+                    );
+                }
+            }
             if s.category != MessageCategory::transactional {
                 let tz = calendar::zone(t.contacts.time_zone.as_deref());
                 let local = calendar::local_time(s.created_at, tz).unwrap();
                 prop_assert!(!calendar::within_window(local, quiet.0, quiet.1), "sent at {} local in quiet hours", local);
                 marketing.entry(s.customer_id.clone()).or_default().push(s.created_at);
+                channels_used.entry(s.customer_id.clone()).or_default().push((s.created_at, s.channel));
+            }
+        }
+        // One channel per customer within the conflict window.
+        for (customer, used) in &channels_used {
+            for (i, (t1, c1)) in used.iter().enumerate() {
+                for (t2, c2) in &used[i + 1..] {
+                    prop_assert!((t2 - t1).abs() >= HOUR || c1 == c2, "{} got {:?} and {:?} within an hour", customer, c1, c2);
+                }
             }
         }
         for (customer, mut times) in marketing {
@@ -193,7 +243,7 @@ proptest! {
                 let in_week = times[..=i].iter().filter(|x| *t - **x < 7 * DAY).count();
                 prop_assert!(in_week <= 6, "{} over the weekly cap", customer);
                 if i > 0 {
-                    prop_assert!(t - times[i - 1] >= HOUR, "{} closer than the minimum gap", customer);
+                    prop_assert!(t - times[i - 1] >= 30 * MINUTE, "{} closer than the minimum gap", customer);
                 }
             }
         }

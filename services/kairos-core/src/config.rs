@@ -236,6 +236,20 @@ pub struct ArbiterConfig {
     pub quiet_hours_end: Option<String>,
     /// Time zone of customers whose zone is unknown.
     pub default_time_zone: String,
+    /// No promo for this long after a purchase (0 turns the pause off).
+    #[serde(with = "humantime_serde")]
+    pub pause_after_purchase: Duration,
+    /// Marketing messages within this window stay on one channel: a message that
+    /// would need another channel waits until the window is over.
+    #[serde(with = "humantime_serde")]
+    pub conflict_window: Duration,
+    /// The same offer (`offer_id` or `promo_code` variable) is not sent again within
+    /// this window.
+    #[serde(with = "humantime_serde")]
+    pub offer_repeat_window: Duration,
+    /// No promo to a customer who ignored this many marketing messages in a row (0
+    /// turns the sunset off); an open or click ends it.
+    pub sunset_after_ignored: u32,
 }
 
 impl ArbiterConfig {
@@ -262,6 +276,10 @@ impl Default for ArbiterConfig {
             quiet_hours_start: None,
             quiet_hours_end: None,
             default_time_zone: "UTC".into(),
+            pause_after_purchase: Duration::from_secs(2 * 86_400),
+            conflict_window: Duration::from_secs(3_600),
+            offer_repeat_window: Duration::from_secs(14 * 86_400),
+            sunset_after_ignored: 10,
         }
     }
 }
@@ -1045,6 +1063,7 @@ impl Config {
             topics::DEAD_LETTER,
             topics::PRODUCT_INTEREST,
             topics::PRODUCT_OCCASIONS,
+            topics::CUSTOMER_ACTIONS,
         ]
         .iter()
         .map(|t| self.topic(t))
@@ -1078,6 +1097,8 @@ pub mod topics {
     pub const PRODUCT_INTEREST: &str = "product-interest";
     /// Internal: product occasions (price drop, back in stock) keyed by customer id.
     pub const PRODUCT_OCCASIONS: &str = "product-occasions";
+    /// Internal: purchases and other key actions, keyed by customer id, for the arbiter.
+    pub const CUSTOMER_ACTIONS: &str = "customer-actions";
 }
 
 fn apply_override(

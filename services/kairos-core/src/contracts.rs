@@ -418,8 +418,13 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 13] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 18] = [
     (DecisionOutcome::sent, "channel_choice"),
+    (DecisionOutcome::cancelled, "purchase_exclusion"),
+    (DecisionOutcome::suppressed, "pause_after_purchase"),
+    (DecisionOutcome::deferred, "channel_conflict"),
+    (DecisionOutcome::suppressed, "offer_repeat"),
+    (DecisionOutcome::suppressed, "sunset"),
     (DecisionOutcome::held_out, "control_group"),
     (DecisionOutcome::held_out, "scenario_holdout"),
     (DecisionOutcome::deferred, "quiet_hours"),
@@ -624,6 +629,27 @@ pub struct ProductOccasion {
     pub new_price: Option<f64>,
     pub cause_event_id: String,
     pub occurred_at: i64,
+}
+
+/// What a customer did that ends or pauses messaging (internal topic
+/// `customer-actions`, keyed by customer id): the profile emits it, the arbiter uses it
+/// to drop queued messages the action made pointless and to pause promo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub struct CustomerAction {
+    pub action_id: String,
+    pub customer_id: String,
+    pub kind: CustomerActionKind,
+    pub order_id: Option<String>,
+    pub occurred_at: i64,
+}
+
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum CustomerActionKind {
+    /// An online order or an offline sale.
+    purchase,
 }
 
 /// Template variables are carried as a JSON object in a string field, so one schema

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kairos_core::config::{topics, Config, ScenarioConfig, ScenarioKind};
 use kairos_core::contracts::{
-    Channel, Contacts, CustomerEvent, DeadLetterReason, EventType, InterestKind, OfflineReceipt,
-    OrderStatus, Outcome, Product, ProductInterest, ProductOccasion, ProductOccasionKind,
-    ReceiptKind, SegmentKind, SegmentTransition, Trigger,
+    Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, DeadLetterReason,
+    EventType, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
+    ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind, SegmentTransition, Trigger,
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
@@ -85,6 +85,7 @@ pub struct ProfileProcessor {
     triggers_topic: String,
     transitions_topic: String,
     interest_topic: String,
+    actions_topic: String,
     metrics: Metrics,
     cache: HashMap<i32, Cache>,
     cache_limit: usize,
@@ -143,6 +144,7 @@ impl ProfileProcessor {
             triggers_topic: config.topic(topics::TRIGGERS),
             transitions_topic: config.topic(topics::SEGMENT_TRANSITIONS),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
+            actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
             // Bounded by configuration: ~1-2 KiB per cached profile.
             cache_limit: (config.state.cache_entries / config.kafka.partitions.max(1) as usize)
                 .max(64),
@@ -462,6 +464,15 @@ impl ProfileProcessor {
         at: Millis,
         order_id: Option<String>,
     ) -> anyhow::Result<()> {
+        // The arbiter drops queued messages the purchase made pointless and pauses promo.
+        let action = CustomerAction {
+            action_id: deterministic_id(&[event_id, "purchase"]),
+            customer_id: p.customer_id.clone(),
+            kind: CustomerActionKind::purchase,
+            order_id: order_id.clone(),
+            occurred_at: at,
+        };
+        ctx.emit(&self.actions_topic, &p.customer_id, &action);
         // A purchase ends the chains that exist to get one.
         for s in self
             .config
@@ -1148,6 +1159,7 @@ impl Processor for ProfileProcessor {
             self.triggers_topic.clone(),
             self.transitions_topic.clone(),
             self.interest_topic.clone(),
+            self.actions_topic.clone(),
         ]
     }
 

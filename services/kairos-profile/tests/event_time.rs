@@ -407,6 +407,17 @@ fn abandoned_cart_is_cancelled_by_an_online_purchase() {
     );
     h.advance(t0 + 3 * HOUR);
     assert!(h.triggers("ac3", "abandoned_cart").is_empty());
+    // The arbiter hears of the purchase too (to drop queued messages, pause promo).
+    let actions: Vec<_> = h
+        .outputs
+        .iter()
+        .filter(|o| o.topic == "customer-actions")
+        .collect();
+    assert_eq!(actions.len(), 1, "{actions:#?}");
+    assert_eq!(actions[0].key, "ac3");
+    assert_eq!(actions[0].value["kind"], "purchase");
+    assert_eq!(actions[0].value["order_id"], "o-ac3");
+    assert_eq!(actions[0].value["occurred_at"], t0 + 20 * MINUTE);
 }
 
 #[test]
@@ -417,6 +428,12 @@ fn abandoned_cart_is_cancelled_by_an_offline_receipt() {
     h.receipt("ac4-till", "sale", "ac4", t0 + 20 * MINUTE, 10.0);
     h.advance(t0 + 3 * HOUR);
     assert!(h.triggers("ac4", "abandoned_cart").is_empty());
+    assert!(
+        h.outputs
+            .iter()
+            .any(|o| o.topic == "customer-actions" && o.key == "ac4"),
+        "an offline sale is a purchase for the arbiter too"
+    );
 }
 
 #[test]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use kairos_arbiter::ArbiterProcessor;
 use kairos_core::config::Config;
 use kairos_core::contracts::{
-    Channel, Contacts, Decision, MessageCategory, Outcome, OutcomeKind, SendCommand, Trigger,
+    Channel, Contacts, CustomerAction, CustomerActionKind, Decision, MessageCategory, Outcome,
+    OutcomeKind, SendCommand, Trigger,
 };
 use kairos_core::replay::Replayer;
 use kairos_core::store::OutboxEntry;
@@ -40,6 +41,7 @@ kind = "welcome"
 category = "promo"
 channels = ["email"]
 template = "promo"
+exit_on_purchase = false
 "#;
 
 /// 2026-01-05T09:00:00Z, a Monday.
@@ -121,7 +123,30 @@ impl Arbiter {
         category: MessageCategory,
         at: i64,
     ) -> Decision {
-        let t = Trigger {
+        let t = self.trigger_of(id, scenario, category, at);
+        self.push_trigger(&t)
+    }
+
+    /// Feeds a trigger built by the test and returns its decision.
+    pub fn push_trigger(&mut self, t: &Trigger) -> Decision {
+        self.push("triggers", &t.customer_id.clone(), t);
+        self.decisions
+            .iter()
+            .rev()
+            .find(|d| d.trigger_id == t.trigger_id)
+            .cloned()
+            .expect("every trigger gets a decision")
+    }
+
+    /// A trigger of customer c1 with e-mail and push, caused at `at`.
+    pub fn trigger_of(
+        &self,
+        id: &str,
+        scenario: &str,
+        category: MessageCategory,
+        at: i64,
+    ) -> Trigger {
+        Trigger {
             trigger_id: id.into(),
             scenario: scenario.into(),
             customer_id: "c1".into(),
@@ -142,14 +167,19 @@ impl Arbiter {
                 ..Contacts::default()
             },
             variables: "{}".into(),
+        }
+    }
+
+    /// Customer c1 bought at `at` (as the profile reports it).
+    pub fn purchase(&mut self, id: &str, at: i64) {
+        let action = CustomerAction {
+            action_id: id.into(),
+            customer_id: "c1".into(),
+            kind: CustomerActionKind::purchase,
+            order_id: Some(format!("order-{id}")),
+            occurred_at: at,
         };
-        self.push("triggers", "c1", &t);
-        self.decisions
-            .iter()
-            .rev()
-            .find(|d| d.trigger_id == id)
-            .cloned()
-            .expect("every trigger gets a decision")
+        self.push("customer-actions", "c1", &action);
     }
 
     /// The decisions of one trigger, in order.

@@ -1,0 +1,165 @@
+//! Policy rules in event time: a purchase cancels queued messages of the scenarios
+//! that exist to get one and pauses promo; the conflict window keeps one channel; an
+//! offer is not repeated; customers who ignore every message leave promo (sunset).
+
+mod common;
+
+use common::{Arbiter, T0};
+use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind};
+use kairos_core::time::{DAY, HOUR, MINUTE};
+
+const TRIGGER: MessageCategory = MessageCategory::trigger;
+const PROMO: MessageCategory = MessageCategory::promo;
+
+fn at(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
+#[test]
+fn a_purchase_cancels_the_queued_reminder_and_a_trigger_caused_before_it() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    // 22:30 in Berlin: the welcome message waits for the morning.
+    let queued = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    assert_eq!(queued.outcome, DecisionOutcome::deferred);
+    a.purchase("buy1", at("2026-01-05T22:00:00Z"));
+    let cancelled = a.decisions_of("w1");
+    assert_eq!(cancelled.len(), 2, "{cancelled:#?}");
+    assert_eq!(
+        (cancelled[1].outcome, cancelled[1].rule.as_str()),
+        (DecisionOutcome::cancelled, "purchase_exclusion")
+    );
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    assert_eq!(
+        a.decisions_of("w1").len(),
+        2,
+        "a cancelled message never wakes"
+    );
+    assert!(a.sends.is_empty());
+
+    // A trigger caused before the purchase that arrives after it is cancelled too.
+    let late = a.trigger("w2", "welcome", TRIGGER, at("2026-01-05T21:50:00Z"));
+    assert_eq!(late.outcome, DecisionOutcome::cancelled);
+    // One caused after the purchase goes out, and so does a scenario that does not end
+    // on purchase (no pause for non-promo messages).
+    let after = a.trigger("w3", "welcome", TRIGGER, at("2026-01-06T12:00:00Z"));
+    assert_eq!(after.outcome, DecisionOutcome::sent);
+}
+
+#[test]
+fn promo_pauses_for_two_days_after_a_purchase() {
+    let mut a = Arbiter::new();
+    a.purchase("buy1", T0);
+    let paused = a.trigger("p1", "weekly_promo", PROMO, T0 + DAY);
+    assert_eq!(
+        (paused.outcome, paused.rule.as_str()),
+        (DecisionOutcome::suppressed, "pause_after_purchase")
+    );
+    let service = a.trigger("t1", "weekly_promo", TRIGGER, T0 + DAY);
+    assert_eq!(
+        service.outcome,
+        DecisionOutcome::sent,
+        "the pause is for promo"
+    );
+    let later = a.trigger("p2", "weekly_promo", PROMO, T0 + 2 * DAY + MINUTE);
+    assert_eq!(later.outcome, DecisionOutcome::sent);
+}
+
+#[test]
+fn the_conflict_window_keeps_one_channel() {
+    let mut a = Arbiter::with_config("daily_cap = 5");
+    let first = a.trigger("c1", "welcome", TRIGGER, T0);
+    assert_eq!(first.channel, Some(Channel::email));
+    // Push comes first in this scenario, but e-mail was used 10 minutes ago.
+    let mut t = a.trigger_of("c2", "welcome", TRIGGER, T0 + 10 * MINUTE);
+    t.channels = vec![Channel::push, Channel::email];
+    let stays = a.push_trigger(&t);
+    assert_eq!(
+        (stays.outcome, stays.channel),
+        (DecisionOutcome::sent, Some(Channel::email)),
+        "{stays:#?}"
+    );
+    // A push-only message waits until an hour after the latest e-mail.
+    let mut t = a.trigger_of("c3", "welcome", TRIGGER, T0 + 20 * MINUTE);
+    t.channels = vec![Channel::push];
+    let waits = a.push_trigger(&t);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "channel_conflict")
+    );
+    a.advance_to(T0 + 70 * MINUTE - 1);
+    assert_eq!(a.decisions_of("c3").len(), 1);
+    a.advance_to(T0 + 70 * MINUTE);
+    let sent = *a.decisions_of("c3").last().expect("decided again");
+    assert_eq!(
+        (sent.outcome, sent.channel),
+        (DecisionOutcome::sent, Some(Channel::push))
+    );
+    // Transactional messages are not held by the window.
+    let mut t = a.trigger_of(
+        "r1",
+        "welcome",
+        MessageCategory::transactional,
+        T0 + 75 * MINUTE,
+    );
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+}
+
+#[test]
+fn the_same_offer_is_not_repeated_within_the_window() {
+    let mut a = Arbiter::new();
+    let offer = |a: &Arbiter, id: &str, at: i64| {
+        let mut t = a.trigger_of(id, "weekly_promo", PROMO, at);
+        t.variables = r#"{"promo_code":"SPRING10","first_name":"Anna"}"#.into();
+        t
+    };
+    let t = offer(&a, "o1", T0);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    let t = offer(&a, "o2", T0 + 3 * DAY);
+    let repeat = a.push_trigger(&t);
+    assert_eq!(
+        (repeat.outcome, repeat.rule.as_str()),
+        (DecisionOutcome::suppressed, "offer_repeat")
+    );
+    // Another offer is fine, and the same one after 14 days.
+    let mut other = a.trigger_of("o3", "weekly_promo", PROMO, T0 + 3 * DAY);
+    other.variables = r#"{"promo_code":"SUMMER5"}"#.into();
+    assert_eq!(a.push_trigger(&other).outcome, DecisionOutcome::sent);
+    let t = offer(&a, "o4", T0 + 14 * DAY + HOUR);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+}
+
+#[test]
+fn customers_who_ignore_every_message_leave_promo_until_they_react() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 3\ndaily_cap = 10\nweekly_cap = 20");
+    for i in 0..3 {
+        let d = a.trigger(&format!("s{i}"), "weekly_promo", PROMO, T0 + i * HOUR);
+        assert_eq!(d.outcome, DecisionOutcome::sent);
+        let send = a.last_send();
+        a.outcome(&send, OutcomeKind::delivered, T0 + i * HOUR + MINUTE);
+        // A redelivered outcome counts once.
+        a.outcome(&send, OutcomeKind::delivered, T0 + i * HOUR + MINUTE);
+    }
+    let sunset = a.trigger("s3", "weekly_promo", PROMO, T0 + 4 * HOUR);
+    assert_eq!(
+        (sunset.outcome, sunset.rule.as_str()),
+        (DecisionOutcome::suppressed, "sunset")
+    );
+    let service = a.trigger("t1", "welcome", TRIGGER, T0 + 4 * HOUR);
+    assert_eq!(
+        service.outcome,
+        DecisionOutcome::sent,
+        "sunset is for promo"
+    );
+    let send = a.last_send();
+    a.outcome(&send, OutcomeKind::opened, T0 + 5 * HOUR);
+    let back = a.trigger("s4", "weekly_promo", PROMO, T0 + 6 * HOUR);
+    assert_eq!(
+        back.outcome,
+        DecisionOutcome::sent,
+        "an open ends the sunset"
+    );
+}
