@@ -5,18 +5,11 @@
 
 mod common;
 
-use common::{Arbiter, T0};
+use common::{at, Arbiter, T0};
 use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory};
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
-
-/// Epoch millis of an RFC 3339 instant.
-fn at(s: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .expect("RFC 3339")
-        .timestamp_millis()
-}
 
 #[test]
 fn quiet_hours_defer_to_the_local_morning_and_transactional_messages_pass() {

@@ -4,18 +4,12 @@
 
 mod common;
 
-use common::{Arbiter, T0};
+use common::{at, Arbiter, T0};
 use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind};
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
 const PROMO: MessageCategory = MessageCategory::promo;
-
-fn at(s: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .expect("RFC 3339")
-        .timestamp_millis()
-}
 
 #[test]
 fn a_purchase_cancels_the_queued_reminder_and_a_trigger_caused_before_it() {

@@ -44,6 +44,13 @@ template = "promo"
 exit_on_purchase = false
 "#;
 
+/// Epoch millis of an RFC 3339 instant.
+pub fn at(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
 /// 2026-01-05T09:00:00Z, a Monday.
 pub const T0: i64 = 1_767_603_600_000;
 
