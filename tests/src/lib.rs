@@ -264,6 +264,20 @@ impl Pipeline {
         }
     }
 
+    /// Runs a `kairos` command against this pipeline (its config, broker and topic
+    /// prefix) with `extra_env`, and returns its output.
+    pub fn run_kairos(&self, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(kairos_bin());
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if !self.bootstrap.is_empty() {
+            cmd.env("KAIROS__KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap);
+        }
+        cmd.envs(extra_env.iter().copied());
+        cmd.output()
+            .unwrap_or_else(|e| panic!("run kairos {args:?}: {e}"))
+    }
+
     /// Runs `kairos inspect-state` and returns its "total" line (record count and digest).
     pub fn state_digest(
         &self,
@@ -275,16 +289,12 @@ impl Pipeline {
         if from_changelog {
             args.push("--from-changelog");
         }
-        let mut cmd = Command::new(kairos_bin());
-        cmd.arg("--config").arg(&self.config_path).args(&args);
-        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        if !self.bootstrap.is_empty() {
-            cmd.env("KAIROS__KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap);
-        }
-        if let Some(d) = state_dir {
-            cmd.env("KAIROS__STATE__DIR", d.display().to_string());
-        }
-        let out = cmd.output().expect("run inspect-state");
+        let state_dir = state_dir.map(|d| d.display().to_string());
+        let env: Vec<(&str, &str)> = state_dir
+            .iter()
+            .map(|d| ("KAIROS__STATE__DIR", d.as_str()))
+            .collect();
+        let out = self.run_kairos(&args, &env);
         assert!(
             out.status.success(),
             "inspect-state failed: {}",

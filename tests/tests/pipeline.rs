@@ -114,6 +114,29 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
     assert_eq!(d["outcome"], "sent");
     assert_eq!(d["send_id"], send_id.as_str());
 
+    // `kairos explain` tells the story from Kafka: the trigger, the decision with its
+    // rule and reason, and the arbiter's ledger with the send.
+    let out = p.run_kairos(&["explain", "c-abandon"], &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trigger_line = format!(
+        "trigger {}: abandoned_cart step 0",
+        d["trigger_id"].as_str().unwrap()
+    );
+    assert!(report.contains(&trigger_line), "{report}");
+    assert!(
+        report.contains(&format!("sent on email send {send_id} by channel_choice: ")),
+        "{report}"
+    );
+    assert!(
+        report.contains("sends in the last 7 days {\"email\": 1}"),
+        "{report}"
+    );
+
     // The offline purchase cancelled the buyer's reminder: no trigger, no send, even
     // well after the delay.
     std::thread::sleep(Duration::from_secs(4));

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod explain;
 mod inspect;
 mod replay;
 mod up;
@@ -140,6 +141,14 @@ enum Command {
         #[arg(long)]
         from_changelog: bool,
     },
+    /// A customer's recent triggers and the arbiter's decisions on them (rule and
+    /// reason), and the arbiter's current view of the customer, read from Kafka.
+    Explain {
+        customer_id: String,
+        /// How many of the latest triggers to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -208,6 +217,15 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 inspect::digest_dir(&config.state.dir.join(&service))?
             };
             inspect::print(&digests);
+            Ok(())
+        }
+        Command::Explain { customer_id, limit } => {
+            let c = config.clone();
+            let report =
+                tokio::task::spawn_blocking(move || explain::explain(&c, &customer_id, limit))
+                    .await
+                    .context("explain task failed")??;
+            print!("{report}");
             Ok(())
         }
         Command::DevBroker => {

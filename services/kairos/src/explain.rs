@@ -1,0 +1,199 @@
+//! `kairos explain <customer-id>`: a customer's recent triggers and every decision the
+//! arbiter took on them, with rule and reason, and the arbiter's current view of the
+//! customer (suppressions, queue, recent sends).
+//!
+//! Everything comes from Kafka, so it works from any machine that reaches the broker:
+//! the triggers and decisions topics (the customer's partition only, as every
+//! per-customer topic is keyed by customer id) and the arbiter's changelog (the latest
+//! value of the customer's ledger).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kairos_arbiter::CustomerLedger;
+use kairos_core::config::{topics, Config};
+use kairos_core::contracts::{Decision, Trigger};
+use kairos_core::replay::partition_for;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Records of one partition, from the low to the high watermark, as (key, payload).
+fn read_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = low;
+    while next < high {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading {topic}[{partition}] timed out at offset {next} of {high}"
+        );
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.with_context(|| format!("reading {topic}[{partition}]"))?;
+            next = m.offset() + 1;
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The report for `customer`: at most `limit` of the latest triggers.
+pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<String> {
+    let partition = partition_for(customer.as_bytes(), config.kafka.partitions);
+    let consumer: BaseConsumer = kairos_core::kafka::client_config(config)?
+        .set("group.id", format!("kairos-explain-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("cannot create Kafka consumer")?;
+    let mine = |topic: &str| -> anyhow::Result<Vec<Vec<u8>>> {
+        Ok(read_partition(&consumer, &config.topic(topic), partition)?
+            .into_iter()
+            .filter(|(k, _)| k == customer.as_bytes())
+            .map(|(_, v)| v)
+            .collect())
+    };
+    let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
+    for payload in mine(topics::TRIGGERS)? {
+        if let Ok(t) = serde_json::from_slice::<Trigger>(&payload) {
+            triggers.insert(t.trigger_id.clone(), t);
+        }
+    }
+    let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
+    for payload in mine(topics::DECISIONS)? {
+        if let Ok(d) = serde_json::from_slice::<Decision>(&payload) {
+            let list = decisions.entry(d.trigger_id.clone()).or_default();
+            // A record re-sent after a crash repeats its decision id: show it once.
+            if !list.iter().any(|x| x.decision_id == d.decision_id) {
+                list.push(d);
+            }
+        }
+    }
+    // The ledger's latest value in the changelog (an empty payload deletes it).
+    let ledger_key = format!("s/c/{customer}");
+    let ledger = read_partition(&consumer, &config.changelog_topic("arbiter"), partition)?
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == ledger_key.as_bytes())
+        .and_then(|(_, v)| serde_json::from_slice::<CustomerLedger>(&v).ok());
+
+    let mut out = String::new();
+    writeln!(out, "customer {customer} (partition {partition})")?;
+    match &ledger {
+        None => writeln!(out, "arbiter state: none")?,
+        Some(l) => {
+            let mut sends: BTreeMap<&str, usize> = BTreeMap::new();
+            for (_, channel, _) in &l.sends {
+                *sends.entry(channel.as_str()).or_default() += 1;
+            }
+            writeln!(
+                out,
+                "arbiter state: sends in the last 7 days {sends:?}; ignored in a row {}",
+                l.ignored_in_row
+            )?;
+            for (channel, at) in &l.unsubscribed {
+                writeln!(
+                    out,
+                    "  unsubscribed from {} at {}",
+                    channel.as_str(),
+                    time(*at)
+                )?;
+            }
+            for (channel, address) in &l.hard_bounced {
+                writeln!(
+                    out,
+                    "  hard bounce on {}: {address} is not used",
+                    channel.as_str()
+                )?;
+            }
+            if let Some(at) = l.complained_at {
+                writeln!(out, "  complained at {}: no promo", time(at))?;
+            }
+            if let Some(at) = l.last_purchase_at {
+                writeln!(out, "  last purchase at {}", time(at))?;
+            }
+            for (id, q) in &l.queued {
+                writeln!(out, "  queued: {id} ({})", q.scenario)?;
+            }
+        }
+    }
+    // Triggers newest first; decisions whose trigger is no longer on the topic too.
+    let mut ids: Vec<(i64, String)> = triggers
+        .values()
+        .map(|t| (t.fired_at, t.trigger_id.clone()))
+        .collect();
+    for (id, list) in &decisions {
+        if !triggers.contains_key(id) {
+            ids.push((list.first().map_or(0, |d| d.decided_at), id.clone()));
+        }
+    }
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    let shown = ids.len().min(limit);
+    writeln!(
+        out,
+        "{} triggers ({shown} latest shown), newest first:",
+        ids.len()
+    )?;
+    for (_, id) in ids.into_iter().take(limit) {
+        match triggers.get(&id) {
+            Some(t) => writeln!(
+                out,
+                "{} trigger {id}: {} step {} ({:?}), channels {:?}, valid until {}",
+                time(t.fired_at),
+                t.scenario,
+                t.step,
+                t.category,
+                t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+                time(t.valid_until)
+            )?,
+            None => writeln!(out, "trigger {id} (no longer on the triggers topic)")?,
+        }
+        let list = decisions.get(&id).map(Vec::as_slice).unwrap_or_default();
+        if list.is_empty() {
+            writeln!(out, "    no decision yet")?;
+        }
+        for d in list {
+            let channel = d
+                .channel
+                .map(|c| format!(" on {}", c.as_str()))
+                .unwrap_or_default();
+            let send = d
+                .send_id
+                .as_ref()
+                .map(|s| format!(" send {s}"))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "    {} {}{channel}{send} by {}: {}",
+                time(d.decided_at),
+                d.outcome.as_str(),
+                d.rule,
+                d.reason
+            )?;
+        }
+    }
+    Ok(out)
+}
