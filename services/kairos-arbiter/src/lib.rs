@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use kairos_core::admin::AdminState;
-use kairos_core::config::{topics, Config};
+use kairos_core::config::{topics, Config, LowerPriority};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use kairos_core::calendar;
@@ -48,6 +49,16 @@ pub struct CustomerLedger {
     pub ignored_in_row: u32,
     /// Hashes of the latest outcome ids applied, so a redelivered outcome counts once.
     pub recent_outcomes: Vec<u64>,
+    /// The chain that holds the customer (the main scenario), if one is running.
+    pub main: Option<MainScenario>,
+}
+
+/// A running chain with the customer's attention until its last step is due.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MainScenario {
+    pub scenario: String,
+    pub priority: i32,
+    pub until: Millis,
 }
 
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
@@ -266,12 +277,56 @@ impl ArbiterProcessor {
             }
         }
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+        if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
+            ledger.main = None;
+        }
+        if let (Some(main), true) = (&ledger.main, marketing) {
+            if main.scenario != t.scenario && t.priority <= main.priority {
+                let reason = format!(
+                    "the {} chain (priority {}) holds the customer until {}; this trigger has priority {}",
+                    main.scenario, main.priority, main.until, t.priority
+                );
+                return match a.lower_priority {
+                    LowerPriority::Wait => Verdict::defer(main.until, "main_scenario", reason),
+                    LowerPriority::Drop => {
+                        Verdict::no(DecisionOutcome::suppressed, "main_scenario", reason)
+                    }
+                };
+            }
+        }
         if marketing {
             if let Some(v) = self.pacing(now, t, ledger) {
                 return v;
             }
         }
         self.choose_channel(now, t, ledger)
+    }
+
+    /// A marketing chain with steps still to come becomes the main scenario (a higher
+    /// priority one took the slot from any other, see `decide`); its last step frees it.
+    fn hold_main_scenario(&self, now: Millis, t: &Trigger, ledger: &mut CustomerLedger) {
+        if t.category == MessageCategory::transactional {
+            return;
+        }
+        let remaining = self
+            .config
+            .scenario(&t.scenario)
+            .map_or(Duration::ZERO, |s| {
+                s.remaining_after(t.step.max(0) as usize)
+            });
+        if remaining > Duration::ZERO {
+            ledger.main = Some(MainScenario {
+                scenario: t.scenario.clone(),
+                priority: t.priority,
+                until: now + remaining.as_millis() as Millis,
+            });
+        } else if ledger
+            .main
+            .as_ref()
+            .is_some_and(|m| m.scenario == t.scenario)
+        {
+            ledger.main = None;
+        }
     }
 
     fn ends_on_purchase(&self, scenario: &str) -> bool {
@@ -531,6 +586,13 @@ impl ArbiterProcessor {
         }
         let ledger_key = format!("c/{}", a.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        if ledger
+            .main
+            .as_ref()
+            .is_some_and(|m| self.ends_on_purchase(&m.scenario))
+        {
+            ledger.main = None;
+        }
         ledger.last_purchase_at = Some(
             ledger
                 .last_purchase_at
@@ -670,6 +732,7 @@ impl ArbiterProcessor {
             let topic = self.config.send_topic(c);
             ctx.emit(&topic, &t.customer_id, &cmd);
             ledger.sends.push((now, c, t.category));
+            self.hold_main_scenario(now, &t, &mut ledger);
             if let Some(offer) = offer_of(&t) {
                 ledger.offers.insert(offer, now);
             }

@@ -1,6 +1,7 @@
 //! Policy rules in event time: a purchase cancels queued messages of the scenarios
 //! that exist to get one and pauses promo; the conflict window keeps one channel; an
-//! offer is not repeated; customers who ignore every message leave promo (sunset).
+//! offer is not repeated; customers who ignore every message leave promo (sunset); a
+//! running chain holds the customer against lower priorities (main scenario).
 
 mod common;
 
@@ -156,4 +157,67 @@ fn customers_who_ignore_every_message_leave_promo_until_they_react() {
         DecisionOutcome::sent,
         "an open ends the sunset"
     );
+}
+
+#[test]
+fn a_running_chain_holds_the_customer_against_lower_priorities() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
+    let step = |a: &Arbiter, id: &str, n: i32, at: i64| {
+        let mut t = a.trigger_of(id, "onboarding", TRIGGER, at);
+        t.step = n;
+        t.priority = 50;
+        t
+    };
+    let t = step(&a, "on0", 0, T0);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    // The chain runs two more days: a lower-priority trigger waits until its end.
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + 3 * HOUR);
+    low.priority = 40;
+    low.valid_until = T0 + 3 * DAY;
+    let waits = a.push_trigger(&low);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario"),
+        "{waits:#?}"
+    );
+    // A higher priority passes; the chain's own steps pass.
+    let mut high = a.trigger_of("high", "welcome", TRIGGER, T0 + 4 * HOUR);
+    high.priority = 60;
+    assert_eq!(a.push_trigger(&high).outcome, DecisionOutcome::sent);
+    // Transactional messages are never held.
+    let mut t = a.trigger_of(
+        "r1",
+        "welcome",
+        MessageCategory::transactional,
+        T0 + 5 * HOUR,
+    );
+    t.priority = 0;
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    let t = step(&a, "on1", 1, T0 + DAY);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    a.advance_to(T0 + 2 * DAY - 1);
+    assert_eq!(a.decisions_of("low").len(), 1, "still held by the chain");
+    // The last step is due at T0 + 2 days: the chain lets go.
+    a.advance_to(T0 + 2 * DAY);
+    let last = *a.decisions_of("low").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent, "{last:#?}");
+}
+
+#[test]
+fn with_lower_priority_drop_a_held_customer_gets_nothing_lower() {
+    let mut a = Arbiter::with_config("lower_priority = \"drop\"");
+    let t = a.trigger_of("on0", "onboarding", TRIGGER, T0);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + HOUR);
+    low.priority = 10;
+    let dropped = a.push_trigger(&low);
+    assert_eq!(
+        (dropped.outcome, dropped.rule.as_str()),
+        (DecisionOutcome::suppressed, "main_scenario")
+    );
+    // A purchase ends the chain (it ends on purchase) and frees the customer.
+    a.purchase("buy", T0 + 2 * HOUR);
+    let mut after = a.trigger_of("after", "welcome", TRIGGER, T0 + 3 * HOUR);
+    after.priority = 10;
+    assert_eq!(a.push_trigger(&after).outcome, DecisionOutcome::sent);
 }

@@ -250,6 +250,18 @@ pub struct ArbiterConfig {
     /// No promo to a customer who ignored this many marketing messages in a row (0
     /// turns the sunset off); an open or click ends it.
     pub sunset_after_ignored: u32,
+    /// What happens to a marketing message of another scenario while a chain with a
+    /// higher or equal priority holds the customer (the main scenario): it waits until
+    /// the chain is over, or it is dropped.
+    pub lower_priority: LowerPriority,
+}
+
+/// See [`ArbiterConfig::lower_priority`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LowerPriority {
+    Wait,
+    Drop,
 }
 
 impl ArbiterConfig {
@@ -280,6 +292,7 @@ impl Default for ArbiterConfig {
             conflict_window: Duration::from_secs(3_600),
             offer_repeat_window: Duration::from_secs(14 * 86_400),
             sunset_after_ignored: 10,
+            lower_priority: LowerPriority::Wait,
         }
     }
 }
@@ -652,6 +665,11 @@ impl ScenarioKind {
 }
 
 impl ScenarioConfig {
+    /// Time from sending step `step` (0 is the first message) to the chain's last one.
+    pub fn remaining_after(&self, step: usize) -> Duration {
+        self.steps.iter().skip(step).map(|s| s.delay).sum()
+    }
+
     pub fn ends_on_purchase(&self) -> bool {
         self.exit_on_purchase.unwrap_or(matches!(
             self.kind,

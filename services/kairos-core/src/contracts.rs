@@ -418,7 +418,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 18] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 20] = [
+    (DecisionOutcome::deferred, "main_scenario"),
+    (DecisionOutcome::suppressed, "main_scenario"),
     (DecisionOutcome::sent, "channel_choice"),
     (DecisionOutcome::cancelled, "purchase_exclusion"),
     (DecisionOutcome::suppressed, "pause_after_purchase"),

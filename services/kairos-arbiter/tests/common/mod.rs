@@ -36,6 +36,13 @@ channels = ["email", "push"]
 template = "welcome"
 
 [[scenarios]]
+name = "onboarding"
+kind = "welcome"
+channels = ["email"]
+template = "onboarding"
+steps = [{ delay = "1d", template = "onboarding_2" }, { delay = "1d", template = "onboarding_3" }]
+
+[[scenarios]]
 name = "weekly_promo"
 kind = "welcome"
 category = "promo"
