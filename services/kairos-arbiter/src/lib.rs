@@ -51,6 +51,18 @@ pub struct CustomerLedger {
     pub recent_outcomes: Vec<u64>,
     /// The chain that holds the customer (the main scenario), if one is running.
     pub main: Option<MainScenario>,
+    /// Cascades waiting for a reaction, by trigger id.
+    pub cascades: BTreeMap<String, Cascade>,
+}
+
+/// A cascade in flight: the trigger went out on `channels` (as `send_ids`) and the next
+/// channel waits for the cascade timer unless the customer reacts first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cascade {
+    pub scenario: String,
+    pub category: Option<MessageCategory>,
+    pub channels: Vec<Channel>,
+    pub send_ids: Vec<String>,
 }
 
 /// A running chain with the customer's attention until its last step is due.
@@ -338,20 +350,11 @@ impl ArbiterProcessor {
     /// Quiet hours, the minimum gap and the caps: a message that must wait is deferred
     /// to the moment the rule allows it (never dropped for that alone).
     fn pacing(&self, now: Millis, t: &Trigger, ledger: &CustomerLedger) -> Option<Verdict> {
+        if let Some(v) = self.quiet_hours(now, t) {
+            return Some(v);
+        }
         let a = &self.config.arbiter;
         let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
-        if let (Some((start, end)), Some(local)) = (a.quiet_hours(), calendar::local_time(now, tz))
-        {
-            if calendar::within_window(local, start, end) {
-                // Fail closed: a local time the zone cannot map waits an hour.
-                let until = calendar::next_local_time(now, tz, end).unwrap_or(now + HOUR);
-                return Some(Verdict::defer(
-                    until,
-                    "quiet_hours",
-                    format!("{local} in {tz} is within the quiet hours {start}-{end}"),
-                ));
-            }
-        }
         let sent: Vec<Millis> = ledger
             .sends
             .iter()
@@ -402,22 +405,32 @@ impl ArbiterProcessor {
         None
     }
 
+    /// Quiet hours in the customer's zone: wait until they end.
+    fn quiet_hours(&self, now: Millis, t: &Trigger) -> Option<Verdict> {
+        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        let (start, end) = self.config.arbiter.quiet_hours()?;
+        let local = calendar::local_time(now, tz)?;
+        if !calendar::within_window(local, start, end) {
+            return None;
+        }
+        // Fail closed: a local time the zone cannot map waits an hour.
+        let until = calendar::next_local_time(now, tz, end).unwrap_or(now + HOUR);
+        Some(Verdict::defer(
+            until,
+            "quiet_hours",
+            format!("{local} in {tz} is within the quiet hours {start}-{end}"),
+        ))
+    }
+
     fn choose_channel(&self, now: Millis, t: &Trigger, ledger: &CustomerLedger) -> Verdict {
-        let consented = |c: &Channel| t.contacts.consented_channels.contains(c);
-        let reachable = |c: &Channel| {
-            matches!(c, Channel::in_app | Channel::webhook) || t.contacts.address_for(*c).is_some()
-        };
         let mut blocked = None;
-        let usable = |c: &&Channel| {
-            if !(consented(c) && reachable(c)) {
-                return false;
-            }
-            match ledger.channel_block(**c, t.contacts.address_for(**c).as_deref()) {
-                Some(rule) => {
+        let usable = |c: &&Channel| match channel_check(t, ledger, **c) {
+            Ok(()) => true,
+            Err(rule) => {
+                if let Some(rule) = rule {
                     blocked.get_or_insert(rule);
-                    false
                 }
-                None => true,
+                false
             }
         };
         let usable: Vec<Channel> = t.channels.iter().filter(usable).copied().collect();
@@ -481,6 +494,29 @@ impl ArbiterProcessor {
             },
         }
     }
+}
+
+/// Whether `channel` may carry `t`: `Err(None)` without consent or an address,
+/// `Err(Some(rule))` when a suppression rule blocks it.
+fn channel_check(
+    t: &Trigger,
+    ledger: &CustomerLedger,
+    channel: Channel,
+) -> Result<(), Option<&'static str>> {
+    let consented = t.contacts.consented_channels.contains(&channel);
+    let address = t.contacts.address_for(channel);
+    let reachable = matches!(channel, Channel::in_app | Channel::webhook) || address.is_some();
+    if !(consented && reachable) {
+        return Err(None);
+    }
+    match ledger.channel_block(channel, address.as_deref()) {
+        Some(rule) => Err(Some(rule)),
+        None => Ok(()),
+    }
+}
+
+fn ms(d: Duration) -> Millis {
+    d.as_millis() as Millis
 }
 
 /// The trigger a decision is about.
@@ -573,8 +609,64 @@ impl ArbiterProcessor {
             _ => None,
         };
         if ledger.apply_outcome(o, address) {
+            if matches!(
+                o.kind,
+                OutcomeKind::opened
+                    | OutcomeKind::clicked
+                    | OutcomeKind::unsubscribed
+                    | OutcomeKind::complained
+            ) {
+                let reacted: Vec<String> = ledger
+                    .cascades
+                    .iter()
+                    .filter(|(_, c)| c.send_ids.contains(&o.send_id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for trigger_id in reacted {
+                    let why = format!(
+                        "the customer reacted ({}) on {} at {}",
+                        o.kind.as_str(),
+                        o.channel.as_str(),
+                        o.occurred_at
+                    );
+                    let subject = Subject {
+                        trigger_id: &trigger_id,
+                        customer_id: &o.customer_id,
+                        scenario: &o.scenario,
+                        category: o.category,
+                    };
+                    self.stop_cascade(ctx, &mut ledger, &subject, why)?;
+                }
+            }
             ctx.put(&ledger_key, &ledger)?;
         }
+        Ok(())
+    }
+
+    /// Ends a cascade: its timer never fires, and the decision trail says why.
+    fn stop_cascade(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        subject: &Subject<'_>,
+        why: String,
+    ) -> anyhow::Result<()> {
+        let trigger_id = subject.trigger_id;
+        let Some(c) = ledger.cascades.remove(trigger_id) else {
+            return Ok(());
+        };
+        ctx.cancel(&format!("cascade/{trigger_id}"))?;
+        self.record_decision(
+            ctx,
+            subject,
+            deterministic_id(&[trigger_id, "cascade-stop"]),
+            (DecisionOutcome::cancelled, None, None),
+            "cascade",
+            format!(
+                "cascade stopped after {} message(s): {why}",
+                c.channels.len()
+            ),
+        );
         Ok(())
     }
 
@@ -606,6 +698,22 @@ impl ArbiterProcessor {
             })
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
+        // A conversion ends every cascade: the customer did what they were for.
+        let cascades: Vec<(String, Cascade)> = ledger
+            .cascades
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        for (trigger_id, c) in cascades {
+            let subject = Subject {
+                trigger_id: &trigger_id,
+                customer_id: &a.customer_id,
+                scenario: &c.scenario,
+                category: c.category.unwrap_or(MessageCategory::trigger),
+            };
+            let why = format!("the customer bought at {}", a.occurred_at);
+            self.stop_cascade(ctx, &mut ledger, &subject, why)?;
+        }
         for (trigger_id, q) in ended {
             ctx.cancel(&format!("defer/{trigger_id}"))?;
             ledger.queued.remove(&trigger_id);
@@ -623,6 +731,112 @@ impl ArbiterProcessor {
                 "purchase_exclusion",
                 format!("the customer bought at {} while it waited", a.occurred_at),
             );
+        }
+        ctx.put(&ledger_key, &ledger)
+    }
+
+    /// Emits the send command of `t` on `channel` and records the send in the ledger;
+    /// returns the send id.
+    fn emit_send(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: &Trigger,
+        channel: Channel,
+        ledger: &mut CustomerLedger,
+        reason: String,
+    ) -> anyhow::Result<String> {
+        let now = ctx.now();
+        let send_id = deterministic_id(&[&t.trigger_id, channel.as_str()]);
+        let cmd = SendCommand {
+            send_id: send_id.clone(),
+            trigger_id: t.trigger_id.clone(),
+            customer_id: t.customer_id.clone(),
+            scenario: t.scenario.clone(),
+            channel,
+            category: t.category,
+            template: t.template.clone(),
+            address: t.contacts.address_for(channel),
+            variables: t.variables.clone(),
+            created_at: now,
+            valid_until: t.valid_until,
+            cause_occurred_at: t.cause_occurred_at,
+            reasons: vec![reason],
+        };
+        if let Some(address) = &cmd.address {
+            ctx.put(&format!("a/{send_id}"), address)?;
+        }
+        ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd);
+        ledger.sends.push((now, channel, t.category));
+        Ok(send_id)
+    }
+
+    fn cascade_wait(&self, scenario: &str, sent: usize) -> Option<Duration> {
+        self.config.scenario(scenario)?.cascade_wait(sent)
+    }
+
+    /// The cascade timer of `t` fired with no reaction: the next usable channel gets
+    /// the message. Cascade steps skip caps and the conflict window (they are one
+    /// message on several channels) but keep consent, suppressions, quiet hours and
+    /// the valid-until.
+    fn cascade_step(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
+        let ledger_key = format!("c/{}", t.customer_id);
+        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        let Some(mut cascade) = ledger.cascades.remove(&t.trigger_id) else {
+            return Ok(()); // stopped meanwhile
+        };
+        let now = ctx.now();
+        let subject = Subject::of(&t);
+        let next = t
+            .channels
+            .iter()
+            .copied()
+            .find(|c| !cascade.channels.contains(c) && channel_check(&t, &ledger, *c).is_ok());
+        let Some(next) = next.filter(|_| now <= t.valid_until) else {
+            let why = if now > t.valid_until {
+                format!("valid until {}", t.valid_until)
+            } else {
+                "no further channel with consent and an address".to_string()
+            };
+            ledger.cascades.insert(t.trigger_id.clone(), cascade);
+            self.stop_cascade(ctx, &mut ledger, &subject, why)?;
+            return ctx.put(&ledger_key, &ledger);
+        };
+        let quiet = (t.category != MessageCategory::transactional)
+            .then(|| self.quiet_hours(now, &t))
+            .flatten();
+        if let Some(v) = quiet {
+            // Wait for the morning, still without a reaction.
+            let until = v.defer_until.unwrap_or(now + HOUR);
+            ctx.schedule(&format!("cascade/{}", t.trigger_id), until, &t)?;
+            ledger.cascades.insert(t.trigger_id.clone(), cascade);
+            return ctx.put(&ledger_key, &ledger);
+        }
+        let reason = format!(
+            "cascade: no reaction to the message on {} within {:?}",
+            cascade
+                .channels
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.cascade_wait(&t.scenario, cascade.channels.len().max(1))
+                .unwrap_or_default()
+        );
+        let send_id = self.emit_send(ctx, &t, next, &mut ledger, reason.clone())?;
+        let step = cascade.channels.len();
+        cascade.channels.push(next);
+        cascade.send_ids.push(send_id.clone());
+        self.record_decision(
+            ctx,
+            &subject,
+            deterministic_id(&[&t.trigger_id, "cascade", &step.to_string()]),
+            (DecisionOutcome::sent, Some(next), Some(send_id)),
+            "cascade",
+            reason,
+        );
+        if let Some(wait) = self.cascade_wait(&t.scenario, cascade.channels.len()) {
+            ledger.cascades.insert(t.trigger_id.clone(), cascade);
+            ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
         }
         ctx.put(&ledger_key, &ledger)
     }
@@ -709,29 +923,22 @@ impl ArbiterProcessor {
             return ctx.put(&ledger_key, &ledger);
         }
         ledger.queued.remove(&t.trigger_id);
-        let send_id = channel.map(|c| deterministic_id(&[&t.trigger_id, c.as_str()]));
-        if let (Some(c), Some(send_id)) = (channel, &send_id) {
-            let cmd = SendCommand {
-                send_id: send_id.clone(),
-                trigger_id: t.trigger_id.clone(),
-                customer_id: t.customer_id.clone(),
-                scenario: t.scenario.clone(),
-                channel: c,
-                category: t.category,
-                template: t.template.clone(),
-                address: t.contacts.address_for(c),
-                variables: t.variables.clone(),
-                created_at: now,
-                valid_until: t.valid_until,
-                cause_occurred_at: t.cause_occurred_at,
-                reasons: vec![format!("{rule}: {reason}")],
-            };
-            if let Some(address) = &cmd.address {
-                ctx.put(&format!("a/{send_id}"), address)?;
+        let mut send_id = None;
+        if let Some(c) = channel {
+            let id = self.emit_send(ctx, &t, c, &mut ledger, format!("{rule}: {reason}"))?;
+            if let Some(wait) = self.cascade_wait(&t.scenario, 1) {
+                ledger.cascades.insert(
+                    t.trigger_id.clone(),
+                    Cascade {
+                        scenario: t.scenario.clone(),
+                        category: Some(t.category),
+                        channels: vec![c],
+                        send_ids: vec![id.clone()],
+                    },
+                );
+                ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
             }
-            let topic = self.config.send_topic(c);
-            ctx.emit(&topic, &t.customer_id, &cmd);
-            ledger.sends.push((now, c, t.category));
+            send_id = Some(id);
             self.hold_main_scenario(now, &t, &mut ledger);
             if let Some(offer) = offer_of(&t) {
                 ledger.offers.insert(offer, now);
@@ -812,8 +1019,12 @@ impl Processor for ArbiterProcessor {
     /// A deferred trigger's wait is over: decide it again.
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         let t: Trigger = serde_json::from_slice(&timer.payload)
-            .with_context(|| format!("deferred trigger {} does not decode", timer.timer_id))?;
-        self.decide_trigger(ctx, t, true)
+            .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+        if timer.timer_id.starts_with("cascade/") {
+            self.cascade_step(ctx, t)
+        } else {
+            self.decide_trigger(ctx, t, true)
+        }
     }
 }
 

@@ -652,6 +652,12 @@ pub struct ScenarioConfig {
     pub holdout_percent: u8,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// A cascade over `channels`: after the first message, wait this long for an open
+    /// or click, then send on the next usable channel, and so on (one wait per further
+    /// channel, e.g. `["1h", "4h"]` for e-mail, push, SMS). A reaction or a purchase
+    /// ends it. Empty: one channel only.
+    #[serde(default)]
+    pub cascade: Vec<humantime_serde::Serde<Duration>>,
 }
 
 impl ScenarioKind {
@@ -665,6 +671,11 @@ impl ScenarioKind {
 }
 
 impl ScenarioConfig {
+    /// How long the cascade waits for a reaction after its `sent`-th message.
+    pub fn cascade_wait(&self, sent: usize) -> Option<Duration> {
+        self.cascade.get(sent.checked_sub(1)?).map(|d| **d)
+    }
+
     /// Time from sending step `step` (0 is the first message) to the chain's last one.
     pub fn remaining_after(&self, step: usize) -> Duration {
         self.steps.iter().skip(step).map(|s| s.delay).sum()

@@ -418,7 +418,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 20] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 22] = [
+    (DecisionOutcome::sent, "cascade"),
+    (DecisionOutcome::cancelled, "cascade"),
     (DecisionOutcome::deferred, "main_scenario"),
     (DecisionOutcome::suppressed, "main_scenario"),
     (DecisionOutcome::sent, "channel_choice"),

@@ -43,6 +43,13 @@ template = "onboarding"
 steps = [{ delay = "1d", template = "onboarding_2" }, { delay = "1d", template = "onboarding_3" }]
 
 [[scenarios]]
+name = "cart_cascade"
+kind = "abandoned_cart"
+channels = ["email", "push", "sms"]
+template = "cart"
+cascade = ["1h", "4h"]
+
+[[scenarios]]
 name = "weekly_promo"
 kind = "welcome"
 category = "promo"

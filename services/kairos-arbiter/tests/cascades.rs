@@ -1,0 +1,100 @@
+//! Cascades in event time: e-mail, then push if there is no reaction within an hour,
+//! then SMS four hours later; an open, a click or a purchase stops the rest.
+
+mod common;
+
+use common::{Arbiter, T0};
+use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
+use kairos_core::time::{DAY, HOUR, MINUTE};
+
+fn cascade_trigger(a: &Arbiter, id: &str, at: i64) -> Trigger {
+    let mut t = a.trigger_of(id, "cart_cascade", MessageCategory::trigger, at);
+    t.channels = vec![Channel::email, Channel::push, Channel::sms];
+    t.contacts.phone = Some("+4915112345678".into());
+    t.contacts.consented_channels = vec![Channel::email, Channel::push, Channel::sms];
+    t.valid_until = at + DAY;
+    t
+}
+
+fn channels(a: &Arbiter) -> Vec<Channel> {
+    a.sends.iter().map(|s| s.channel).collect()
+}
+
+#[test]
+fn without_a_reaction_the_cascade_walks_every_channel() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k1", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.advance_to(T0 + HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email]);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.advance_to(T0 + 5 * HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.advance_to(T0 + 5 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+    let steps: Vec<_> = a
+        .decisions_of("k1")
+        .into_iter()
+        .filter(|d| d.rule == "cascade")
+        .collect();
+    assert_eq!(steps.len(), 2, "{steps:#?}");
+    assert!(steps.iter().all(|d| d.outcome == DecisionOutcome::sent));
+    assert!(
+        steps[0]
+            .reason
+            .contains("no reaction to the message on email"),
+        "{}",
+        steps[0].reason
+    );
+    // Three channels, three distinct send ids; nothing more afterwards.
+    let ids: std::collections::BTreeSet<_> = a.sends.iter().map(|s| &s.send_id).collect();
+    assert_eq!(ids.len(), 3);
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(a.sends.len(), 3);
+}
+
+#[test]
+fn an_open_stops_the_cascade() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k2", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::opened, T0 + 30 * MINUTE);
+    let stop = *a.decisions_of("k2").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str()),
+        (DecisionOutcome::cancelled, "cascade")
+    );
+    assert!(stop.reason.contains("opened"), "{}", stop.reason);
+    a.advance_to(T0 + 6 * HOUR);
+    assert_eq!(channels(&a), [Channel::email], "no push, no SMS");
+}
+
+#[test]
+fn a_purchase_stops_the_cascade_after_the_push() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k3", T0);
+    a.push_trigger(&t);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.purchase("buy", T0 + 2 * HOUR);
+    a.advance_to(T0 + 6 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push], "no SMS");
+}
+
+#[test]
+fn the_cascade_skips_channels_without_consent_and_keeps_quiet_hours() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    // 20:30 UTC: the e-mail goes out; push has no consent; SMS is due at 21:30, in the
+    // quiet hours, so it waits for 09:00.
+    let mut t = cascade_trigger(&a, "k4", T0 + 11 * HOUR + 30 * MINUTE);
+    t.contacts.consented_channels = vec![Channel::email, Channel::sms];
+    a.push_trigger(&t);
+    a.advance_to(T0 + 23 * HOUR);
+    assert_eq!(channels(&a), [Channel::email]);
+    a.advance_to(T0 + DAY);
+    assert_eq!(channels(&a), [Channel::email, Channel::sms]);
+    assert_eq!(a.last_send().created_at, T0 + DAY);
+}
