@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use kairos_core::admin::AdminState;
-use kairos_core::config::{topics, Config, LowerPriority};
+use kairos_core::config::{topics, CapConfig, Config, LowerPriority};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -376,33 +376,82 @@ impl ArbiterProcessor {
                 ),
             ));
         }
-        let today = calendar::local_date(now, tz);
-        let today_count = sent
-            .iter()
-            .filter(|at| calendar::local_date(**at, tz) == today)
-            .count();
-        if today_count >= a.daily_cap as usize {
-            let until = calendar::start_of_next_local_day(now, tz).unwrap_or(now + HOUR);
+        let overall = CapConfig {
+            daily_cap: Some(a.daily_cap),
+            weekly_cap: Some(a.weekly_cap),
+        };
+        if let Some(cap) = cap_reached(now, tz, &sent, &overall) {
+            let rule = if cap.daily {
+                "frequency_cap_daily"
+            } else {
+                "frequency_cap_weekly"
+            };
             return Some(Verdict::defer(
-                until,
-                "frequency_cap_daily",
-                format!("{today_count} messages today in {tz} (cap {})", a.daily_cap),
+                cap.until,
+                rule,
+                cap.describe("messages", tz),
             ));
         }
-        if sent.len() >= a.weekly_cap as usize {
-            // Sends are kept for 7 days: the oldest leaving the window frees a slot.
-            let oldest = sent.iter().min().copied().unwrap_or(now);
-            return Some(Verdict::defer(
-                oldest + WEEK,
-                "frequency_cap_weekly",
-                format!(
-                    "{} messages in the last 7 days (cap {})",
-                    sent.len(),
-                    a.weekly_cap
-                ),
-            ));
+        if let Some(limits) = a.category_caps.get(&t.category) {
+            let same: Vec<Millis> = ledger
+                .sends
+                .iter()
+                .filter(|(_, _, c)| *c == t.category)
+                .map(|(at, _, _)| *at)
+                .collect();
+            if let Some(cap) = cap_reached(now, tz, &same, limits) {
+                let what = format!("{:?} messages", t.category);
+                return Some(Verdict::defer(
+                    cap.until,
+                    "category_cap",
+                    cap.describe(&what, tz),
+                ));
+            }
         }
         None
+    }
+
+    /// Channels of `usable` still under their own caps, or the deferral when caps
+    /// leave none.
+    fn under_channel_caps(
+        &self,
+        now: Millis,
+        t: &Trigger,
+        ledger: &CustomerLedger,
+        usable: Vec<Channel>,
+    ) -> Result<Vec<Channel>, Verdict> {
+        let caps = &self.config.arbiter.channel_caps;
+        if caps.is_empty() || t.category == MessageCategory::transactional || usable.is_empty() {
+            return Ok(usable);
+        }
+        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        let mut earliest: Option<(Millis, String)> = None;
+        let mut open = Vec::new();
+        for c in usable {
+            let Some(limits) = caps.get(&c) else {
+                open.push(c);
+                continue;
+            };
+            let sent: Vec<Millis> = ledger
+                .sends
+                .iter()
+                .filter(|(_, ch, cat)| *ch == c && *cat != MessageCategory::transactional)
+                .map(|(at, _, _)| *at)
+                .collect();
+            match cap_reached(now, tz, &sent, limits) {
+                None => open.push(c),
+                Some(cap) => {
+                    if earliest.as_ref().is_none_or(|(u, _)| cap.until < *u) {
+                        let what = format!("{} messages", c.as_str());
+                        earliest = Some((cap.until, cap.describe(&what, tz)));
+                    }
+                }
+            }
+        }
+        match (open.is_empty(), earliest) {
+            (true, Some((until, reason))) => Err(Verdict::defer(until, "channel_cap", reason)),
+            _ => Ok(open),
+        }
     }
 
     /// Quiet hours in the customer's zone: wait until they end.
@@ -434,6 +483,10 @@ impl ArbiterProcessor {
             }
         };
         let usable: Vec<Channel> = t.channels.iter().filter(usable).copied().collect();
+        let usable = match self.under_channel_caps(now, t, ledger, usable) {
+            Ok(usable) => usable,
+            Err(wait) => return wait,
+        };
         // One channel per customer within the conflict window (transactional aside):
         // stay on the channel of the latest marketing message, or wait for the window.
         let window = self.config.arbiter.conflict_window.as_millis() as Millis;
@@ -494,6 +547,66 @@ impl ArbiterProcessor {
             },
         }
     }
+}
+
+/// A cap that is reached: when a slot frees.
+struct CapReached {
+    until: Millis,
+    daily: bool,
+    count: usize,
+    limit: u32,
+}
+
+impl CapReached {
+    fn describe(&self, what: &str, tz: chrono_tz::Tz) -> String {
+        if self.daily {
+            format!("{} {what} today in {tz} (cap {})", self.count, self.limit)
+        } else {
+            format!(
+                "{} {what} in the last 7 days (cap {})",
+                self.count, self.limit
+            )
+        }
+    }
+}
+
+/// Whether the send times `sent` (all within the last 7 days) reach the daily cap of
+/// the customer's calendar day or the rolling weekly cap.
+fn cap_reached(
+    now: Millis,
+    tz: chrono_tz::Tz,
+    sent: &[Millis],
+    cap: &CapConfig,
+) -> Option<CapReached> {
+    if let Some(limit) = cap.daily_cap {
+        let today = calendar::local_date(now, tz);
+        let count = sent
+            .iter()
+            .filter(|at| calendar::local_date(**at, tz) == today)
+            .count();
+        if count >= limit as usize {
+            let until = calendar::start_of_next_local_day(now, tz).unwrap_or(now + HOUR);
+            return Some(CapReached {
+                until,
+                daily: true,
+                count,
+                limit,
+            });
+        }
+    }
+    if let Some(limit) = cap.weekly_cap {
+        if sent.len() >= limit as usize {
+            // Sends are kept for 7 days: the oldest leaving the window frees a slot.
+            let oldest = sent.iter().min().copied().unwrap_or(now);
+            return Some(CapReached {
+                until: oldest + WEEK,
+                daily: false,
+                count: sent.len(),
+                limit,
+            });
+        }
+    }
+    None
 }
 
 /// Whether `channel` may carry `t`: `Err(None)` without consent or an address,

@@ -152,3 +152,61 @@ fn a_deferred_message_expires_at_its_valid_until() {
     );
     assert_eq!(b.sends.len(), 1, "the expired message was never sent");
 }
+
+#[test]
+fn a_channel_at_its_own_cap_gives_way_to_the_next_or_waits() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nchannel_caps = { email = { daily_cap = 1 } }");
+    let first = a.trigger("e1", "welcome", TRIGGER, T0);
+    assert_eq!(first.channel, Some(Channel::email));
+    // E-mail is at its cap for the day: push takes the message (after the conflict
+    // window of the e-mail).
+    let second = a.trigger("e2", "welcome", TRIGGER, T0 + 2 * HOUR);
+    assert_eq!(
+        (second.outcome, second.channel),
+        (DecisionOutcome::sent, Some(Channel::push)),
+        "{second:#?}"
+    );
+    // An e-mail-only message waits for the next day (UTC customer).
+    let mut t = a.trigger_of("e3", "welcome", TRIGGER, T0 + 4 * HOUR);
+    t.channels = vec![Channel::email];
+    let waits = a.push_trigger(&t);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "channel_cap"),
+        "{waits:#?}"
+    );
+    a.advance_to(at("2026-01-06T00:00:00Z"));
+    let sent = *a.decisions_of("e3").last().expect("decided again");
+    assert_eq!(
+        (sent.outcome, sent.channel),
+        (DecisionOutcome::sent, Some(Channel::email))
+    );
+}
+
+#[test]
+fn a_category_cap_holds_promo_but_not_other_messages() {
+    let mut a = Arbiter::with_config("category_caps = { promo = { weekly_cap = 1 } }");
+    assert_eq!(
+        a.trigger("p1", "weekly_promo", MessageCategory::promo, T0)
+            .outcome,
+        DecisionOutcome::sent
+    );
+    let capped = a.trigger("p2", "weekly_promo", MessageCategory::promo, T0 + 2 * DAY);
+    assert_eq!(
+        (capped.outcome, capped.rule.as_str()),
+        (DecisionOutcome::deferred, "category_cap")
+    );
+    assert!(
+        capped.reason.contains("in the last 7 days (cap 1)"),
+        "{}",
+        capped.reason
+    );
+    let other = a.trigger("t1", "welcome", TRIGGER, T0 + 2 * DAY);
+    assert_eq!(other.outcome, DecisionOutcome::sent);
+    // The promo waited for the week to free a slot, past its valid-until: expired.
+    a.advance_to(T0 + 8 * DAY);
+    assert_eq!(
+        a.decisions_of("p2").last().map(|d| d.outcome),
+        Some(DecisionOutcome::expired)
+    );
+}

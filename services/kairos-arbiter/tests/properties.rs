@@ -1,5 +1,5 @@
 //! Property tests over random trigger and outcome streams: whatever arrives, no
-//! customer exceeds a cap, nothing non-transactional goes out in quiet hours or closer
+//! customer exceeds a cap (overall or the push channel's own), nothing non-transactional goes out in quiet hours or closer
 //! than the minimum gap, nothing is sent without consent or after an unsubscribe, no
 //! send id repeats, nothing of a scenario that ends on purchase goes out after a
 //! purchase that followed its cause, no promo goes out within two days of a purchase,
@@ -29,7 +29,7 @@ const STARTS: [i64; 5] = [
     1_793_404_800_000, // 2026-10-31T00:00:00Z
 ];
 const CHANNELS: [Channel; 2] = [Channel::email, Channel::push];
-const PACING: &str = "daily_cap = 2\nweekly_cap = 6\nmin_gap = \"30m\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
+const PACING: &str = "daily_cap = 2\nweekly_cap = 6\nmin_gap = \"30m\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"\nchannel_caps = { push = { daily_cap = 1 } }";
 
 #[derive(Debug, Clone)]
 enum Event {
@@ -238,6 +238,13 @@ proptest! {
             for t in &times {
                 *per_day.entry(calendar::local_date(*t, tz)).or_default() += 1;
             }
+            let mut push_per_day: BTreeMap<_, usize> = BTreeMap::new();
+            for (t, c) in channels_used.get(&customer).into_iter().flatten() {
+                if *c == Channel::push {
+                    *push_per_day.entry(calendar::local_date(*t, tz)).or_default() += 1;
+                }
+            }
+            prop_assert!(push_per_day.values().all(|n| *n <= 1), "{} over the push cap: {:?}", customer, push_per_day);
             prop_assert!(per_day.values().all(|n| *n <= 2), "{} over the daily cap: {:?}", customer, per_day);
             for (i, t) in times.iter().enumerate() {
                 let in_week = times[..=i].iter().filter(|x| *t - **x < 7 * DAY).count();

@@ -254,6 +254,19 @@ pub struct ArbiterConfig {
     /// higher or equal priority holds the customer (the main scenario): it waits until
     /// the chain is over, or it is dropped.
     pub lower_priority: LowerPriority,
+    /// Caps of one channel (`[arbiter.channel_caps.sms] daily_cap = 1`), on top of the
+    /// overall caps: a channel at its cap is skipped for the next one.
+    pub channel_caps: BTreeMap<Channel, CapConfig>,
+    /// Caps of one category (`[arbiter.category_caps.promo] weekly_cap = 3`).
+    pub category_caps: BTreeMap<MessageCategory, CapConfig>,
+}
+
+/// Marketing messages per calendar day in the customer's zone and per rolling 7 days.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapConfig {
+    pub daily_cap: Option<u32>,
+    pub weekly_cap: Option<u32>,
 }
 
 /// See [`ArbiterConfig::lower_priority`].
@@ -293,6 +306,8 @@ impl Default for ArbiterConfig {
             offer_repeat_window: Duration::from_secs(14 * 86_400),
             sunset_after_ignored: 10,
             lower_priority: LowerPriority::Wait,
+            channel_caps: BTreeMap::new(),
+            category_caps: BTreeMap::new(),
         }
     }
 }

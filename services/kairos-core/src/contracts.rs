@@ -326,7 +326,9 @@ pub struct SegmentTransition {
     pub occurred_at: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, AvroSchema,
+)]
 #[avro(namespace = "io.kairos")]
 pub enum MessageCategory {
     transactional,
@@ -418,7 +420,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 22] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 24] = [
+    (DecisionOutcome::deferred, "channel_cap"),
+    (DecisionOutcome::deferred, "category_cap"),
     (DecisionOutcome::sent, "cascade"),
     (DecisionOutcome::cancelled, "cascade"),
     (DecisionOutcome::deferred, "main_scenario"),
