@@ -33,8 +33,11 @@ use serde::{Deserialize, Serialize};
 pub struct CustomerLedger {
     /// Recent sends (time, channel, category), newest last; pruned to the cap window.
     pub sends: Vec<(Millis, Channel, MessageCategory)>,
-    /// Channels the customer unsubscribed from (outcome time): suppressed for good.
+    /// Channels the customer unsubscribed from (outcome time): suppressed until a
+    /// later opt-in.
     pub unsubscribed: BTreeMap<Channel, Millis>,
+    /// The latest opt-in per channel: an unsubscribe older than it no longer holds.
+    pub opted_in: BTreeMap<Channel, Millis>,
     /// Addresses that bounced hard, per channel: never sent to again.
     pub hard_bounced: BTreeMap<Channel, String>,
     /// When the customer marked a message as spam: no promo from then on.
@@ -102,7 +105,12 @@ impl CustomerLedger {
                 self.ignored_in_row += 1;
             }
             OutcomeKind::opened | OutcomeKind::clicked => self.ignored_in_row = 0,
-            OutcomeKind::unsubscribed => {
+            OutcomeKind::unsubscribed
+                if self
+                    .opted_in
+                    .get(&o.channel)
+                    .is_none_or(|opt_in| o.occurred_at > *opt_in) =>
+            {
                 self.unsubscribed.entry(o.channel).or_insert(o.occurred_at);
             }
             OutcomeKind::bounced_hard => {
@@ -786,11 +794,22 @@ impl ArbiterProcessor {
     /// A purchase: promo pauses, and queued messages of scenarios that exist to get a
     /// purchase (cart, browse, welcome, reactivation) are cancelled.
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
-        match a.kind {
-            CustomerActionKind::purchase => {}
-        }
         let ledger_key = format!("c/{}", a.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        if a.kind == CustomerActionKind::opt_in {
+            if let Some(channel) = a.channel {
+                let latest = ledger.opted_in.entry(channel).or_insert(a.occurred_at);
+                *latest = (*latest).max(a.occurred_at);
+                if ledger
+                    .unsubscribed
+                    .get(&channel)
+                    .is_some_and(|unsub| *unsub < a.occurred_at)
+                {
+                    ledger.unsubscribed.remove(&channel);
+                }
+            }
+            return ctx.put(&ledger_key, &ledger);
+        }
         if ledger
             .main
             .as_ref()

@@ -221,3 +221,34 @@ fn with_lower_priority_drop_a_held_customer_gets_nothing_lower() {
     after.priority = 10;
     assert_eq!(a.push_trigger(&after).outcome, DecisionOutcome::sent);
 }
+
+#[test]
+fn a_later_opt_in_ends_an_unsubscribe_and_an_older_unsubscribe_does_not_undo_it() {
+    let mut a = Arbiter::new();
+    let mut t = a.trigger_of("u1", "welcome", TRIGGER, T0);
+    t.channels = vec![Channel::email];
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::unsubscribed, T0 + HOUR);
+    let mut t = a.trigger_of("u2", "welcome", TRIGGER, T0 + DAY);
+    t.channels = vec![Channel::email];
+    let blocked = a.push_trigger(&t);
+    assert_eq!(
+        (blocked.outcome, blocked.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed")
+    );
+    // An opt-in older than the unsubscribe changes nothing; a newer one ends it.
+    a.opt_in("old", Channel::email, T0 + 30 * MINUTE);
+    let mut t = a.trigger_of("u3", "welcome", TRIGGER, T0 + DAY + HOUR);
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::suppressed);
+    a.opt_in("new", Channel::email, T0 + 2 * DAY);
+    let mut t = a.trigger_of("u4", "welcome", TRIGGER, T0 + 2 * DAY + HOUR);
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    // An unsubscribe from before the opt-in that arrives late does not undo it.
+    a.outcome(&email, OutcomeKind::unsubscribed, T0 + DAY + 12 * HOUR);
+    let mut t = a.trigger_of("u5", "welcome", TRIGGER, T0 + 3 * DAY);
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+}

@@ -162,6 +162,7 @@ proptest! {
                         customer_id: customer_id(*customer),
                         kind: kairos_core::contracts::CustomerActionKind::purchase,
                         order_id: None,
+                        channel: None,
                         occurred_at: at,
                     };
                     a.push("customer-actions", &action.customer_id.clone(), &action);

@@ -649,6 +649,9 @@ pub struct CustomerAction {
     pub customer_id: String,
     pub kind: CustomerActionKind,
     pub order_id: Option<String>,
+    /// The channel of an opt-in.
+    #[serde(default)]
+    pub channel: Option<Channel>,
     pub occurred_at: i64,
 }
 
@@ -658,6 +661,8 @@ pub struct CustomerAction {
 pub enum CustomerActionKind {
     /// An online order or an offline sale.
     purchase,
+    /// The customer gave consent on `channel` again: an earlier unsubscribe ends.
+    opt_in,
 }
 
 /// Template variables are carried as a JSON object in a string field, so one schema

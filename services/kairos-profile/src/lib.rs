@@ -197,6 +197,20 @@ impl ProfileProcessor {
             self.put(ctx.partition, p);
             return Ok(());
         }
+        if let Some(c) = e.consent.as_ref().filter(|c| c.granted) {
+            if p.consents.get(&c.channel) != Some(&true) {
+                // The arbiter lifts an unsubscribe only on a later opt-in.
+                let action = CustomerAction {
+                    action_id: deterministic_id(&[&e.event_id, "opt_in"]),
+                    customer_id: customer_id.clone(),
+                    kind: CustomerActionKind::opt_in,
+                    order_id: None,
+                    channel: Some(c.channel),
+                    occurred_at: e.occurred_at,
+                };
+                ctx.emit(&self.actions_topic, &customer_id, &action);
+            }
+        }
         let birthday_before = (p.birthday.clone(), p.time_zone.clone());
         let subscription_before = p.subscription_ends_at;
         p.touch(e);
@@ -470,6 +484,7 @@ impl ProfileProcessor {
             customer_id: p.customer_id.clone(),
             kind: CustomerActionKind::purchase,
             order_id: order_id.clone(),
+            channel: None,
             occurred_at: at,
         };
         ctx.emit(&self.actions_topic, &p.customer_id, &action);

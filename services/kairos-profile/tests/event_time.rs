@@ -1285,3 +1285,39 @@ fn same_input_same_trigger_ids() {
     };
     assert_eq!(transitions(&a), transitions(&b));
 }
+
+#[test]
+fn a_new_consent_is_reported_to_the_arbiter_as_an_opt_in() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    let consent = |granted: bool| json!({"consent": {"channel": "sms", "granted": granted}});
+    h.site("oi-1", "consent_change", "oi", t0, consent(true));
+    h.site("oi-2", "consent_change", "oi", t0 + MINUTE, consent(true));
+    h.site(
+        "oi-3",
+        "consent_change",
+        "oi",
+        t0 + 2 * MINUTE,
+        consent(false),
+    );
+    h.site(
+        "oi-4",
+        "consent_change",
+        "oi",
+        t0 + 3 * MINUTE,
+        consent(true),
+    );
+    let opt_ins: Vec<_> = h
+        .outputs
+        .iter()
+        .filter(|o| o.topic == "customer-actions" && o.value["kind"] == "opt_in")
+        .collect();
+    assert_eq!(
+        opt_ins.len(),
+        2,
+        "a repeated grant is no new opt-in: {opt_ins:#?}"
+    );
+    assert_eq!(opt_ins[0].value["channel"], "sms");
+    assert_eq!(opt_ins[0].value["occurred_at"], t0);
+    assert_eq!(opt_ins[1].value["occurred_at"], t0 + 3 * MINUTE);
+}

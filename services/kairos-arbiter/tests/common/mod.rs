@@ -198,6 +198,20 @@ impl Arbiter {
             customer_id: "c1".into(),
             kind: CustomerActionKind::purchase,
             order_id: Some(format!("order-{id}")),
+            channel: None,
+            occurred_at: at,
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
+    /// Customer c1 gave consent on `channel` at `at` (as the profile reports it).
+    pub fn opt_in(&mut self, id: &str, channel: Channel, at: i64) {
+        let action = CustomerAction {
+            action_id: id.into(),
+            customer_id: "c1".into(),
+            kind: CustomerActionKind::opt_in,
+            order_id: None,
+            channel: Some(channel),
             occurred_at: at,
         };
         self.push("customer-actions", "c1", &action);
