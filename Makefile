@@ -75,7 +75,7 @@ bench: deps
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
 	rm -rf var/bench/state
 	KAIROS__STATE__MAX_BATCH_RECORDS=100000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
-	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay \
+	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay --no-arbiter \
 	    --state-dir var/bench/state --output /dev/null \
 	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl
 

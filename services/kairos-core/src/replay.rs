@@ -30,8 +30,42 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
+/// A replayed processor as one stage of an in-process pipeline: the stage before it
+/// hands it the records of the topics it consumes.
+pub trait Stage {
+    fn consumes(&self, topic: &str) -> bool;
+    fn push(&mut self, topic: &str, key: &[u8], payload: &[u8])
+        -> anyhow::Result<Vec<OutboxEntry>>;
+    fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>>;
+    fn advance_to(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>>;
+}
+
+impl<P: Processor> Stage for Replayer<P> {
+    fn consumes(&self, topic: &str) -> bool {
+        self.inputs.iter().any(|t| t == topic)
+    }
+
+    fn push(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        Replayer::push(self, topic, key, payload)
+    }
+
+    fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        Replayer::commit(self)
+    }
+
+    fn advance_to(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
+        Replayer::advance_to(self, t)
+    }
+}
+
 pub struct Replayer<P: Processor> {
     pub engine: Engine<P>,
+    inputs: Vec<String>,
     partitions: i32,
     offsets: HashMap<(String, i32), i64>,
     commit_every: usize,
@@ -57,6 +91,7 @@ impl<P: Processor> Replayer<P> {
             offsets.insert((topic, p), o + 1);
         }
         Ok(Replayer {
+            inputs: engine.processor.inputs(),
             engine,
             partitions: config.kafka.partitions,
             offsets,

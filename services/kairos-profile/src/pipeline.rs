@@ -1,12 +1,13 @@
 //! The profile processor and the catalog join wired together in one process, as they
-//! are over Kafka: for `kairos replay`, the event-time tests and the benchmarks.
+//! are over Kafka, optionally with further stages behind them (the arbiter): for
+//! `kairos replay`, the event-time tests and the benchmarks.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use kairos_core::config::{topics, Config};
 use kairos_core::encoding::SchemaRegistry;
-use kairos_core::replay::Replayer;
+use kairos_core::replay::{Replayer, Stage};
 use kairos_core::store::OutboxEntry;
 
 use crate::catalog::CatalogJoin;
@@ -19,6 +20,8 @@ pub struct Pipeline {
     catalog_topic: String,
     interest_topic: String,
     occasions_topic: String,
+    /// Stages fed with the outputs of the profile (and of each other).
+    downstream: Vec<Box<dyn Stage>>,
 }
 
 impl Pipeline {
@@ -43,7 +46,13 @@ impl Pipeline {
             catalog_topic: config.topic(topics::CATALOG),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
+            downstream: Vec::new(),
         })
+    }
+
+    /// Adds a stage that consumes what the profile (or an earlier stage) emits.
+    pub fn add_stage(&mut self, stage: Box<dyn Stage>) {
+        self.downstream.push(stage);
     }
 
     /// Feeds one record and everything it causes; `sink` sees every output.
@@ -70,10 +79,18 @@ impl Pipeline {
         let mut queue: VecDeque<OutboxEntry> = first.into();
         while let Some(e) = queue.pop_front() {
             sink(&e)?;
+            if e.changelog {
+                continue;
+            }
             if e.topic == self.interest_topic {
                 queue.extend(self.catalog.push(&e.topic, &e.key, &e.payload)?);
             } else if e.topic == self.occasions_topic {
                 queue.extend(self.profile.push(&e.topic, &e.key, &e.payload)?);
+            }
+            for stage in &mut self.downstream {
+                if stage.consumes(&e.topic) {
+                    queue.extend(stage.push(&e.topic, &e.key, &e.payload)?);
+                }
             }
         }
         Ok(())
@@ -84,13 +101,16 @@ impl Pipeline {
         &mut self,
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let mut out = self.catalog.commit()?;
-        out.extend(self.profile.commit()?);
-        self.route(out, sink)?;
-        // Outputs routed above may have left more work pending.
-        let mut out = self.catalog.commit()?;
-        out.extend(self.profile.commit()?);
-        self.route(out, sink)
+        // Outputs routed in one round may leave work pending in the next stage.
+        for _ in 0..2 + self.downstream.len() {
+            let mut out = self.catalog.commit()?;
+            out.extend(self.profile.commit()?);
+            for stage in &mut self.downstream {
+                out.extend(stage.commit()?);
+            }
+            self.route(out, sink)?;
+        }
+        Ok(())
     }
 
     /// Moves event time to `t` on every partition (a heartbeat).
@@ -101,6 +121,12 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         let mut out = self.catalog.advance_to(t)?;
         out.extend(self.profile.advance_to(t)?);
-        self.route(out, sink)
+        self.route(out, sink)?;
+        // Later stages see the time move after what the earlier ones emitted on the way.
+        for i in 0..self.downstream.len() {
+            let out = self.downstream[i].advance_to(t)?;
+            self.route(out, sink)?;
+        }
+        Ok(())
     }
 }

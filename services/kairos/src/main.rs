@@ -74,6 +74,10 @@ enum Command {
         /// State directory (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Replay the profile (and catalog join) only, without the arbiter's decisions
+        /// and send commands (the profile benchmark).
+        #[arg(long)]
+        no_arbiter: bool,
     },
     /// Benchmark one delivery worker with the simulator, in process on RocksDB.
     BenchDelivery {
@@ -251,6 +255,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             output,
             until,
             state_dir,
+            no_arbiter,
         } => {
             let until = until
                 .map(|u| {
@@ -263,10 +268,11 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             let mut cfg = (*config).clone();
             cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
             let started = std::time::Instant::now();
-            let stats =
-                tokio::task::spawn_blocking(move || replay::run(&cfg, &inputs, output, until))
-                    .await
-                    .context("replay task failed")??;
+            let stats = tokio::task::spawn_blocking(move || {
+                replay::run(&cfg, &inputs, output, until, !no_arbiter)
+            })
+            .await
+            .context("replay task failed")??;
             let usage = cpu_seconds();
             eprintln!(
                 "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU: {:.0} events/s wall, {:.0} events per CPU-second, peak RSS {} MiB",

@@ -1,5 +1,6 @@
-//! `kairos replay`: the profile processor (with the catalog join) over JSON-lines files,
-//! in event time, without Kafka. Same code as the services, so history can be
+//! `kairos replay`: the profile processor (with the catalog join) and the arbiter over
+//! JSON-lines files, in event time, without Kafka: triggers, decisions and send
+//! commands come out as they would on the topics. Same code as the services, so history can be
 //! backtested and scenarios tried before they go live.
 //!
 //! Input lines are either a bare event (the topic is inferred: receipts carry
@@ -75,10 +76,19 @@ pub fn run(
     inputs: &[PathBuf],
     output: Option<PathBuf>,
     until: Option<i64>,
+    with_arbiter: bool,
 ) -> anyhow::Result<ReplayStats> {
     let mut config = config.clone();
     config.clock.mode = ClockMode::Event;
     let mut pipeline = Pipeline::new(&config)?;
+    if with_arbiter {
+        let registry = prometheus::Registry::new();
+        let config = std::sync::Arc::new(config.clone());
+        let arbiter = kairos_arbiter::ArbiterProcessor::new(config.clone(), &registry);
+        pipeline.add_stage(Box::new(kairos_core::replay::Replayer::new(
+            arbiter, &config, &registry,
+        )?));
+    }
     let out: Box<dyn Write> = match &output {
         Some(p) => Box::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,

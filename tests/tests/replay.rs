@@ -1,0 +1,107 @@
+//! `kairos replay` as a process: profile and arbiter together over a JSON-lines file in
+//! event time, writing triggers, decisions and send commands as topic envelopes.
+
+use std::process::Command;
+
+use kairos_tests::{kairos_bin, registration, repo_root};
+use serde_json::{json, Value};
+
+#[test]
+fn replay_runs_profile_and_arbiter_together() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t0 = 1_767_603_600_000i64; // 2026-01-05T09:00:00Z
+    let cart = |id: &str, customer: &str, at: i64| {
+        json!({
+            "event_id": id, "event_type": "add_to_cart", "occurred_at": at,
+            "customer_id": customer,
+            "product": {"product_id": "p42", "name": "Red shoes", "price": 59.9}
+        })
+    };
+    let buy = json!({
+        "event_id": "buy-2", "event_type": "purchase", "occurred_at": t0 + 10_000,
+        "customer_id": "c-r2",
+        "order": {"order_id": "o-2", "total": 59.9,
+                  "items": [{"product_id": "p42", "quantity": 1, "unit_price": 59.9}]}
+    });
+    let lines = [
+        serde_json::from_slice::<Value>(&registration("c-r1", t0)).expect("json"),
+        cart("cart-1", "c-r1", t0 + 1_000),
+        serde_json::from_slice::<Value>(&registration("c-r2", t0)).expect("json"),
+        cart("cart-2", "c-r2", t0 + 1_000),
+        buy,
+    ];
+    let input = dir.path().join("events.jsonl");
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&input, text.join("\n")).expect("write input");
+    let output = dir.path().join("out.jsonl");
+    let out = Command::new(kairos_bin())
+        .current_dir(repo_root())
+        .args(["--config", "config/kairos.toml", "replay"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(["--until", "2026-01-06T09:00:00Z"])
+        .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0")
+        .output()
+        .expect("run kairos replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = std::fs::read_to_string(&output)
+        .expect("output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("envelope"))
+        .collect();
+    let of = |topic: &str, customer: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["topic"] == topic && r["value"]["customer_id"] == customer)
+            .map(|r| &r["value"])
+            .collect()
+    };
+    // The abandoned cart of c-r1 becomes a trigger, a sent decision and an e-mail.
+    let triggers: Vec<_> = of("triggers", "c-r1")
+        .into_iter()
+        .filter(|t| t["scenario"] == "abandoned_cart")
+        .collect();
+    assert_eq!(triggers.len(), 1, "{records:#?}");
+    let decisions = of("decisions", "c-r1");
+    let sent: Vec<_> = decisions
+        .iter()
+        .filter(|d| d["trigger_id"] == triggers[0]["trigger_id"] && d["outcome"] == "sent")
+        .collect();
+    assert_eq!(sent.len(), 1, "{decisions:#?}");
+    assert_eq!(sent[0]["channel"], "email");
+    let sends = of("send.email", "c-r1");
+    assert!(
+        sends
+            .iter()
+            .any(|s| s["send_id"] == sent[0]["send_id"] && s["address"] == "c-r1@example.com"),
+        "{sends:#?}"
+    );
+    // No push or SMS consent: the cascade stops with its reason on record.
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d["trigger_id"] == triggers[0]["trigger_id"]
+                && d["outcome"] == "cancelled"
+                && d["rule"] == "cascade"),
+        "{decisions:#?}"
+    );
+    // c-r2 bought before the reminder: the purchase reaches the arbiter, no cart send.
+    let actions = of("customer-actions", "c-r2");
+    let kinds: Vec<&Value> = actions.iter().map(|a| &a["kind"]).collect();
+    assert_eq!(
+        kinds,
+        [&json!("opt_in"), &json!("purchase")],
+        "{actions:#?}"
+    );
+    assert!(of("triggers", "c-r2")
+        .iter()
+        .all(|t| t["scenario"] != "abandoned_cart"));
+    assert!(of("send.email", "c-r2")
+        .iter()
+        .all(|s| s["scenario"] != "abandoned_cart"));
+}
