@@ -92,12 +92,8 @@ fn replay_runs_profile_and_arbiter_together() {
     );
     // c-r2 bought before the reminder: the purchase reaches the arbiter, no cart send.
     let actions = of("customer-actions", "c-r2");
-    let kinds: Vec<&Value> = actions.iter().map(|a| &a["kind"]).collect();
-    assert_eq!(
-        kinds,
-        [&json!("opt_in"), &json!("purchase")],
-        "{actions:#?}"
-    );
+    let purchases = actions.iter().filter(|a| a["kind"] == "purchase").count();
+    assert_eq!(purchases, 1, "{actions:#?}");
     assert!(of("triggers", "c-r2")
         .iter()
         .all(|t| t["scenario"] != "abandoned_cart"));

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use kairos_core::admin::AdminState;
-use kairos_core::config::{topics, CapConfig, Config, LowerPriority};
+use kairos_core::config::{topics, CapConfig, Config, LowerPriority, ScenarioKind};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -44,6 +44,8 @@ pub struct CustomerLedger {
     pub complained_at: Option<Millis>,
     /// The customer's latest purchase (from customer actions).
     pub last_purchase_at: Option<Millis>,
+    /// The customer's latest visit day seen (from customer actions).
+    pub last_active_at: Option<Millis>,
     /// Deferred triggers waiting in the queue, by trigger id.
     pub queued: BTreeMap<String, Queued>,
     /// Offers sent (offer id or promo code -> time), pruned to the repeat window.
@@ -231,6 +233,16 @@ impl ArbiterProcessor {
                 format!("the customer bought at {bought}, after the trigger's cause"),
             );
         }
+        if let Some(active) = ledger
+            .last_active_at
+            .filter(|v| *v >= t.cause_occurred_at && self.is_reactivation(&t.scenario))
+        {
+            return Verdict::no(
+                DecisionOutcome::cancelled,
+                "became_active",
+                format!("the customer came back at {active}, after the trigger's cause"),
+            );
+        }
         let marketing = t.category != MessageCategory::transactional;
         if marketing && self.in_control_group(&t.customer_id) {
             return Verdict::no(
@@ -268,6 +280,20 @@ impl ArbiterProcessor {
                     format!(
                         "no promo within {:?} of a purchase (bought at {bought})",
                         a.pause_after_purchase
+                    ),
+                );
+            }
+            let inactive = ms(a.sunset_inactive_after);
+            if let Some(active) = ledger
+                .last_active_at
+                .filter(|v| inactive > 0 && now - v > inactive)
+            {
+                return Verdict::no(
+                    DecisionOutcome::suppressed,
+                    "sunset_inactive",
+                    format!(
+                        "no visit since {active}, longer than {:?}",
+                        a.sunset_inactive_after
                     ),
                 );
             }
@@ -347,6 +373,12 @@ impl ArbiterProcessor {
         {
             ledger.main = None;
         }
+    }
+
+    fn is_reactivation(&self, scenario: &str) -> bool {
+        self.config
+            .scenario(scenario)
+            .is_some_and(|s| s.kind == ScenarioKind::Reactivation)
     }
 
     fn ends_on_purchase(&self, scenario: &str) -> bool {
@@ -796,6 +828,37 @@ impl ArbiterProcessor {
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", a.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        if a.kind == CustomerActionKind::visit {
+            ledger.last_active_at = Some(
+                ledger
+                    .last_active_at
+                    .map_or(a.occurred_at, |v| v.max(a.occurred_at)),
+            );
+            // A customer who came back leaves reactivation.
+            let ended: Vec<(String, Queued)> = ledger
+                .queued
+                .iter()
+                .filter(|(_, q)| {
+                    q.cause_occurred_at <= a.occurred_at && self.is_reactivation(&q.scenario)
+                })
+                .map(|(id, q)| (id.clone(), q.clone()))
+                .collect();
+            for (trigger_id, q) in ended {
+                self.cancel_queued(
+                    ctx,
+                    &mut ledger,
+                    &a.customer_id,
+                    &trigger_id,
+                    &q,
+                    "became_active",
+                    format!(
+                        "the customer came back at {} while it waited",
+                        a.occurred_at
+                    ),
+                )?;
+            }
+            return ctx.put(&ledger_key, &ledger);
+        }
         if a.kind == CustomerActionKind::opt_in {
             if let Some(channel) = a.channel {
                 let latest = ledger.opted_in.entry(channel).or_insert(a.occurred_at);
@@ -847,24 +910,49 @@ impl ArbiterProcessor {
             self.stop_cascade(ctx, &mut ledger, &subject, why)?;
         }
         for (trigger_id, q) in ended {
-            ctx.cancel(&format!("defer/{trigger_id}"))?;
-            ledger.queued.remove(&trigger_id);
-            let subject = Subject {
-                trigger_id: &trigger_id,
-                customer_id: &a.customer_id,
-                scenario: &q.scenario,
-                category: q.category.unwrap_or(MessageCategory::trigger),
-            };
-            self.record_decision(
+            let why = format!("the customer bought at {} while it waited", a.occurred_at);
+            self.cancel_queued(
                 ctx,
-                &subject,
-                deterministic_id(&[&trigger_id, "decision"]),
-                (DecisionOutcome::cancelled, None, None),
+                &mut ledger,
+                &a.customer_id,
+                &trigger_id,
+                &q,
                 "purchase_exclusion",
-                format!("the customer bought at {} while it waited", a.occurred_at),
-            );
+                why,
+            )?;
         }
         ctx.put(&ledger_key, &ledger)
+    }
+
+    /// Takes a deferred trigger out of the queue with a final "cancelled" decision.
+    #[allow(clippy::too_many_arguments)]
+    fn cancel_queued(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        trigger_id: &str,
+        q: &Queued,
+        rule: &str,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        ctx.cancel(&format!("defer/{trigger_id}"))?;
+        ledger.queued.remove(trigger_id);
+        let subject = Subject {
+            trigger_id,
+            customer_id,
+            scenario: &q.scenario,
+            category: q.category.unwrap_or(MessageCategory::trigger),
+        };
+        self.record_decision(
+            ctx,
+            &subject,
+            deterministic_id(&[trigger_id, "decision"]),
+            (DecisionOutcome::cancelled, None, None),
+            rule,
+            reason,
+        );
+        Ok(())
     }
 
     /// Emits the send command of `t` on `channel` and records the send in the ledger;

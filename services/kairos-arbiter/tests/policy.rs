@@ -252,3 +252,44 @@ fn a_later_opt_in_ends_an_unsubscribe_and_an_older_unsubscribe_does_not_undo_it(
     t.channels = vec![Channel::email];
     assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
 }
+
+#[test]
+fn a_visit_ends_queued_and_late_reactivation_messages() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    let night = at("2026-01-05T22:00:00Z");
+    let queued = a.trigger("cb1", "come_back", PROMO, night);
+    assert_eq!(queued.outcome, DecisionOutcome::deferred);
+    a.visit("v1", night + HOUR);
+    let cancelled = *a.decisions_of("cb1").last().expect("cancelled");
+    assert_eq!(
+        (cancelled.outcome, cancelled.rule.as_str()),
+        (DecisionOutcome::cancelled, "became_active")
+    );
+    // One caused before the visit that arrives after it is cancelled as well.
+    let late = a.trigger("cb2", "come_back", PROMO, night + 30 * MINUTE);
+    assert_eq!(
+        (late.outcome, late.rule.as_str()),
+        (DecisionOutcome::cancelled, "became_active")
+    );
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    assert!(a.sends.is_empty());
+}
+
+#[test]
+fn promo_stops_for_customers_inactive_longer_than_the_sunset() {
+    let mut a = Arbiter::with_config("sunset_inactive_after = \"30d\"");
+    a.visit("v1", T0);
+    let early = a.trigger("p1", "weekly_promo", PROMO, T0 + 29 * DAY);
+    assert_eq!(early.outcome, DecisionOutcome::sent);
+    let sunset = a.trigger("p2", "weekly_promo", PROMO, T0 + 31 * DAY);
+    assert_eq!(
+        (sunset.outcome, sunset.rule.as_str()),
+        (DecisionOutcome::suppressed, "sunset_inactive")
+    );
+    let service = a.trigger("t1", "welcome", TRIGGER, T0 + 31 * DAY);
+    assert_eq!(service.outcome, DecisionOutcome::sent, "only promo sunsets");
+    a.visit("v2", T0 + 32 * DAY);
+    let back = a.trigger("p3", "weekly_promo", PROMO, T0 + 32 * DAY + HOUR);
+    assert_eq!(back.outcome, DecisionOutcome::sent);
+}

@@ -250,6 +250,10 @@ pub struct ArbiterConfig {
     /// No promo to a customer who ignored this many marketing messages in a row (0
     /// turns the sunset off); an open or click ends it.
     pub sunset_after_ignored: u32,
+    /// No promo to a customer without a visit for this long (0 turns it off); only
+    /// customers whose activity the arbiter has seen are judged.
+    #[serde(with = "humantime_serde")]
+    pub sunset_inactive_after: Duration,
     /// What happens to a marketing message of another scenario while a chain with a
     /// higher or equal priority holds the customer (the main scenario): it waits until
     /// the chain is over, or it is dropped.
@@ -305,6 +309,7 @@ impl Default for ArbiterConfig {
             conflict_window: Duration::from_secs(3_600),
             offer_repeat_window: Duration::from_secs(14 * 86_400),
             sunset_after_ignored: 10,
+            sunset_inactive_after: Duration::from_secs(180 * 86_400),
             lower_priority: LowerPriority::Wait,
             channel_caps: BTreeMap::new(),
             category_caps: BTreeMap::new(),

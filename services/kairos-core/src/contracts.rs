@@ -420,7 +420,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 24] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 26] = [
+    (DecisionOutcome::cancelled, "became_active"),
+    (DecisionOutcome::suppressed, "sunset_inactive"),
     (DecisionOutcome::deferred, "channel_cap"),
     (DecisionOutcome::deferred, "category_cap"),
     (DecisionOutcome::sent, "cascade"),
@@ -663,6 +665,8 @@ pub enum CustomerActionKind {
     purchase,
     /// The customer gave consent on `channel` again: an earlier unsubscribe ends.
     opt_in,
+    /// The customer's first visit (site or app activity) of a UTC day.
+    visit,
 }
 
 /// Template variables are carried as a JSON object in a string field, so one schema

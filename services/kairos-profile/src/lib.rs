@@ -213,6 +213,7 @@ impl ProfileProcessor {
         }
         let birthday_before = (p.birthday.clone(), p.time_zone.clone());
         let subscription_before = p.subscription_ends_at;
+        let visited_before = p.last_visit_at;
         p.touch(e);
         let mut purchase_changed = false;
         match e.event_type {
@@ -357,6 +358,19 @@ impl ProfileProcessor {
         }
         if profile::is_visit(e.event_type) {
             self.arm_reactivation(ctx, &mut p)?;
+            // Once a day is enough for the arbiter's activity (sunset, reactivation).
+            let day = |t: Millis| t.div_euclid(kairos_core::time::DAY);
+            if visited_before.is_none_or(|v| day(v) < day(e.occurred_at)) {
+                let action = CustomerAction {
+                    action_id: deterministic_id(&[&e.event_id, "visit"]),
+                    customer_id: customer_id.clone(),
+                    kind: CustomerActionKind::visit,
+                    order_id: None,
+                    channel: None,
+                    occurred_at: e.occurred_at,
+                };
+                ctx.emit(&self.actions_topic, &customer_id, &action);
+            }
         }
         if purchase_changed || p.lifecycle.is_none() {
             self.review_segments(

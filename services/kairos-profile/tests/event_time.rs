@@ -411,7 +411,7 @@ fn abandoned_cart_is_cancelled_by_an_online_purchase() {
     let actions: Vec<_> = h
         .outputs
         .iter()
-        .filter(|o| o.topic == "customer-actions")
+        .filter(|o| o.topic == "customer-actions" && o.value["kind"] == "purchase")
         .collect();
     assert_eq!(actions.len(), 1, "{actions:#?}");
     assert_eq!(actions[0].key, "ac3");
@@ -1320,4 +1320,38 @@ fn a_new_consent_is_reported_to_the_arbiter_as_an_opt_in() {
     assert_eq!(opt_ins[0].value["channel"], "sms");
     assert_eq!(opt_ins[0].value["occurred_at"], t0);
     assert_eq!(opt_ins[1].value["occurred_at"], t0 + 3 * MINUTE);
+}
+
+#[test]
+fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "vi-1",
+        "page_view",
+        "vi",
+        t0,
+        json!({"page_url": "https://shop.example/"}),
+    );
+    h.site(
+        "vi-2",
+        "page_view",
+        "vi",
+        t0 + HOUR,
+        json!({"page_url": "https://shop.example/a"}),
+    );
+    h.site(
+        "vi-3",
+        "page_view",
+        "vi",
+        t0 + DAY,
+        json!({"page_url": "https://shop.example/b"}),
+    );
+    let visits: Vec<_> = h
+        .outputs
+        .iter()
+        .filter(|o| o.topic == "customer-actions" && o.value["kind"] == "visit")
+        .map(|o| o.value["occurred_at"].clone())
+        .collect();
+    assert_eq!(visits, [json!(t0), json!(t0 + DAY)]);
 }

@@ -50,6 +50,14 @@ template = "cart"
 cascade = ["1h", "4h"]
 
 [[scenarios]]
+name = "come_back"
+kind = "reactivation"
+category = "promo"
+channels = ["email"]
+template = "come_back"
+delay = "30d"
+
+[[scenarios]]
 name = "weekly_promo"
 kind = "welcome"
 category = "promo"
@@ -198,6 +206,19 @@ impl Arbiter {
             customer_id: "c1".into(),
             kind: CustomerActionKind::purchase,
             order_id: Some(format!("order-{id}")),
+            channel: None,
+            occurred_at: at,
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
+    /// Customer c1's first visit of a day at `at` (as the profile reports it).
+    pub fn visit(&mut self, id: &str, at: i64) {
+        let action = CustomerAction {
+            action_id: id.into(),
+            customer_id: "c1".into(),
+            kind: CustomerActionKind::visit,
+            order_id: None,
             channel: None,
             occurred_at: at,
         };
