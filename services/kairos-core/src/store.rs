@@ -85,6 +85,10 @@ impl StoreFactory {
         opts.set_write_buffer_size(8 << 20);
         opts.set_max_write_buffer_number(2);
         opts.set_max_open_files(256);
+        // Most lookups miss (a new customer, a trigger id not seen yet): a bloom filter
+        // on the memtables answers those without walking the skip list.
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.05);
         let db = DB::open(&opts, &path).map_err(|source| StoreError::Rocks {
             path: path.clone(),
             source,
