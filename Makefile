@@ -19,6 +19,7 @@ BENCH_EVENTS ?= 20000000
 BENCH_CUSTOMERS ?= 1000000
 BENCH_SENDS ?= 200000
 BENCH_TRIGGERS ?= 2000000
+BENCH_SCENARIO ?= abandoned_cart
 
 all: build
 
@@ -64,7 +65,7 @@ bench-delivery: deps
 bench-arbiter: deps
 	$(CARGO) build --release -p kairos
 	KAIROS__STATE__MAX_BATCH_RECORDS=10000 $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
-	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS)
+	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS) --scenario $(BENCH_SCENARIO)
 
 bench: deps
 	$(CARGO) build --release -p kairos

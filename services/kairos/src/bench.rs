@@ -109,13 +109,13 @@ fn drive<P: kairos_core::runtime::Processor>(
 
 /// Trigger `i` of `count`, spread evenly over 30 days so caps, gaps and local day
 /// boundaries all come into play.
-fn trigger(i: u64, count: u64, customers: u64, start: i64) -> Trigger {
+fn trigger(i: u64, count: u64, customers: u64, start: i64, scenario: &str) -> Trigger {
     let customer = (i.wrapping_mul(2_654_435_761)) % customers;
     let step = 30 * 86_400_000 / count.max(1) as i64;
     let at = start + i as i64 * step;
     Trigger {
         trigger_id: format!("bench-t{i:012}"),
-        scenario: "abandoned_cart".into(),
+        scenario: scenario.into(),
         customer_id: format!("c-{customer:08}"),
         category: MessageCategory::trigger,
         step: 0,
@@ -140,7 +140,12 @@ fn trigger(i: u64, count: u64, customers: u64, start: i64) -> Trigger {
     }
 }
 
-pub fn run_arbiter(config: &Config, count: u64, customers: u64) -> anyhow::Result<BenchStats> {
+pub fn run_arbiter(
+    config: &Config,
+    count: u64,
+    customers: u64,
+    scenario: &str,
+) -> anyhow::Result<BenchStats> {
     let config = std::sync::Arc::new(config.clone());
     let registry = prometheus::Registry::new();
     let processor = ArbiterProcessor::new(config.clone(), &registry);
@@ -149,7 +154,7 @@ pub fn run_arbiter(config: &Config, count: u64, customers: u64) -> anyhow::Resul
     let start = 1_767_225_600_000; // 2026-01-01T00:00:00Z
     let payloads: Vec<(String, Vec<u8>)> = (0..count)
         .map(|i| {
-            let t = trigger(i, count, customers.max(1), start);
+            let t = trigger(i, count, customers.max(1), start, scenario);
             let payload = serde_json::to_vec(&t).unwrap_or_default();
             (t.customer_id, payload)
         })

@@ -95,6 +95,9 @@ enum Command {
         count: u64,
         #[arg(long, default_value_t = 1_000_000)]
         customers: u64,
+        /// Scenario of the generated triggers (its cascade, chain and priority apply).
+        #[arg(long, default_value = "abandoned_cart")]
+        scenario: String,
         /// State directory (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -310,14 +313,19 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         Command::BenchArbiter {
             count,
             customers,
+            scenario,
             state_dir,
         } => {
+            anyhow::ensure!(
+                config.scenario(&scenario).is_some(),
+                "--scenario {scenario:?} is not a [[scenarios]] name in the config"
+            );
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
             cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
             // Decisions in event time, from the triggers' own timestamps.
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
-            let stats = bench::run_arbiter(&cfg, count, customers)?;
+            let stats = bench::run_arbiter(&cfg, count, customers, &scenario)?;
             eprintln!(
                 "{}",
                 stats.report(
