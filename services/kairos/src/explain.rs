@@ -135,8 +135,32 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
             if let Some(at) = l.last_purchase_at {
                 writeln!(out, "  last purchase at {}", time(at))?;
             }
+            if let Some(at) = l.last_active_at {
+                writeln!(out, "  last visit at {}", time(at))?;
+            }
+            for (channel, at) in &l.opted_in {
+                writeln!(out, "  opted in on {} at {}", channel.as_str(), time(*at))?;
+            }
+            if let Some(m) = &l.main {
+                writeln!(
+                    out,
+                    "  main scenario: {} (priority {}) until {}",
+                    m.scenario,
+                    m.priority,
+                    time(m.until)
+                )?;
+            }
             for (id, q) in &l.queued {
                 writeln!(out, "  queued: {id} ({})", q.scenario)?;
+            }
+            for (id, c) in &l.cascades {
+                let sent: Vec<&str> = c.channels.iter().map(|c| c.as_str()).collect();
+                writeln!(
+                    out,
+                    "  cascade in flight: {id} ({}), sent on {}",
+                    c.scenario,
+                    sent.join(", ")
+                )?;
             }
         }
     }
