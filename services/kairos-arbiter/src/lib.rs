@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 pub struct CustomerLedger {
     /// Recent sends (time, channel, category), newest last; pruned to the cap window.
     pub sends: Vec<(Millis, Channel, MessageCategory)>,
+    /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
+    /// the address that bounced; pruned with `sends`.
+    pub sent_to: BTreeMap<String, (Millis, String)>,
     /// Channels the customer unsubscribed from (outcome time): suppressed until a
     /// later opt-in.
     pub unsubscribed: BTreeMap<Channel, Millis>,
@@ -323,6 +326,7 @@ impl ArbiterProcessor {
             }
         }
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+        ledger.sent_to.retain(|_, (at, _)| now - *at < WEEK);
         if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
         }
@@ -758,7 +762,7 @@ impl ArbiterProcessor {
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
         // The bounced address is the one the send went to, which the arbiter recorded.
         let address = match o.kind {
-            OutcomeKind::bounced_hard => ctx.get::<String>(&format!("a/{}", o.send_id))?,
+            OutcomeKind::bounced_hard => ledger.sent_to.get(&o.send_id).map(|(_, a)| a.clone()),
             _ => None,
         };
         if ledger.apply_outcome(o, address) {
@@ -983,7 +987,9 @@ impl ArbiterProcessor {
             reasons: vec![reason],
         };
         if let Some(address) = &cmd.address {
-            ctx.put(&format!("a/{send_id}"), address)?;
+            ledger
+                .sent_to
+                .insert(send_id.clone(), (now, address.clone()));
         }
         ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd);
         ledger.sends.push((now, channel, t.category));
