@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kairos_tests::{Options, Pipeline};
+use kairos_tests::{resilience_env, Options, Pipeline};
 use serde_json::json;
 
 const TRIGGERS: usize = 40_000;
@@ -66,19 +66,16 @@ fn triggers() -> Vec<(String, Vec<u8>)> {
 
 fn options() -> Options {
     Options {
-        env: vec![
-            ("KAIROS__CLOCK__MODE".into(), "event".into()),
-            // The embedded broker keeps at most 5 MB per partition: spread the data.
-            ("KAIROS__KAFKA__PARTITIONS".into(), "32".into()),
-            (
-                "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
-                "6000".into(),
-            ),
-            ("KAIROS__ARBITER__QUIET_HOURS_START".into(), "22:00".into()),
-            ("KAIROS__ARBITER__QUIET_HOURS_END".into(), "08:00".into()),
-            ("KAIROS__ARBITER__MIN_GAP".into(), "1h".into()),
-            ("KAIROS__ARBITER__CONTROL_GROUP_PERCENT".into(), "10".into()),
-        ],
+        env: [
+            resilience_env(),
+            vec![
+                ("KAIROS__ARBITER__QUIET_HOURS_START".into(), "22:00".into()),
+                ("KAIROS__ARBITER__QUIET_HOURS_END".into(), "08:00".into()),
+                ("KAIROS__ARBITER__MIN_GAP".into(), "1h".into()),
+                ("KAIROS__ARBITER__CONTROL_GROUP_PERCENT".into(), "10".into()),
+            ],
+        ]
+        .concat(),
         cart_delay: "1h",
         services: vec![],
         extra_config: String::new(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kairos_core::config::GeneratorConfig;
 use kairos_generator::{Source, TrafficModel};
-use kairos_tests::{Options, Pipeline};
+use kairos_tests::{resilience_env, Options, Pipeline};
 
 const EVENTS: usize = 100_000;
 const CHUNKS: usize = 5;
@@ -60,16 +60,7 @@ fn traffic() -> Vec<(String, Vec<u8>)> {
 
 fn options() -> Options {
     Options {
-        env: vec![
-            ("KAIROS__CLOCK__MODE".into(), "event".into()),
-            // The embedded broker keeps at most 5 MB per partition: spread the data.
-            ("KAIROS__KAFKA__PARTITIONS".into(), "32".into()),
-            // A killed member holds its partitions until its session times out.
-            (
-                "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
-                "6000".into(),
-            ),
-        ],
+        env: resilience_env(),
         cart_delay: "1h",
         services: vec![],
         extra_config: SCENARIOS.into(),

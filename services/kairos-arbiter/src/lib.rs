@@ -196,6 +196,11 @@ impl ArbiterProcessor {
         processor
     }
 
+    /// The customer's time zone, or the configured default.
+    fn zone_of(&self, t: &Trigger) -> chrono_tz::Tz {
+        calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone)
+    }
+
     fn in_control_group(&self, customer_id: &str) -> bool {
         let pct = f64::from(self.config.arbiter.control_group_percent) / 100.0;
         stable_fraction(&[&self.config.arbiter.control_group_salt, customer_id]) < pct
@@ -398,7 +403,7 @@ impl ArbiterProcessor {
             return Some(v);
         }
         let a = &self.config.arbiter;
-        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        let tz = self.zone_of(t);
         let sent: Vec<Millis> = ledger
             .sends
             .iter()
@@ -468,7 +473,7 @@ impl ArbiterProcessor {
         if caps.is_empty() || t.category == MessageCategory::transactional || usable.is_empty() {
             return Ok(usable);
         }
-        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        let tz = self.zone_of(t);
         let mut earliest: Option<(Millis, String)> = None;
         let mut open = Vec::new();
         for c in usable {
@@ -500,7 +505,7 @@ impl ArbiterProcessor {
 
     /// Quiet hours in the customer's zone: wait until they end.
     fn quiet_hours(&self, now: Millis, t: &Trigger) -> Option<Verdict> {
-        let tz = calendar::zone_or(t.contacts.time_zone.as_deref(), self.default_zone);
+        let tz = self.zone_of(t);
         let (start, end) = self.config.arbiter.quiet_hours()?;
         let local = calendar::local_time(now, tz)?;
         if !calendar::within_window(local, start, end) {
@@ -672,6 +677,11 @@ fn channel_check(
     }
 }
 
+/// The later of an optional time and `at`.
+fn latest(known: Option<Millis>, at: Millis) -> Millis {
+    known.map_or(at, |k| k.max(at))
+}
+
 fn ms(d: Duration) -> Millis {
     d.as_millis() as Millis
 }
@@ -800,7 +810,8 @@ impl ArbiterProcessor {
         Ok(())
     }
 
-    /// Ends a cascade: its timer never fires, and the decision trail says why.
+    /// Ends a cascade still waiting: its timer never fires, and the decision trail
+    /// says why.
     fn stop_cascade(
         &self,
         ctx: &mut Ctx<'_>,
@@ -808,15 +819,25 @@ impl ArbiterProcessor {
         subject: &Subject<'_>,
         why: String,
     ) -> anyhow::Result<()> {
-        let trigger_id = subject.trigger_id;
-        let Some(c) = ledger.cascades.remove(trigger_id) else {
+        let Some(c) = ledger.cascades.remove(subject.trigger_id) else {
             return Ok(());
         };
-        ctx.cancel(&format!("cascade/{trigger_id}"))?;
+        ctx.cancel(&format!("cascade/{}", subject.trigger_id))?;
+        self.record_cascade_stop(ctx, subject, &c, why);
+        Ok(())
+    }
+
+    fn record_cascade_stop(
+        &self,
+        ctx: &mut Ctx<'_>,
+        subject: &Subject<'_>,
+        c: &Cascade,
+        why: String,
+    ) {
         self.record_decision(
             ctx,
             subject,
-            deterministic_id(&[trigger_id, "cascade-stop"]),
+            deterministic_id(&[subject.trigger_id, "cascade-stop"]),
             (DecisionOutcome::cancelled, None, None),
             "cascade",
             format!(
@@ -824,108 +845,96 @@ impl ArbiterProcessor {
                 c.channels.len()
             ),
         );
-        Ok(())
     }
 
-    /// A purchase: promo pauses, and queued messages of scenarios that exist to get a
-    /// purchase (cart, browse, welcome, reactivation) are cancelled.
+    /// A key action of the customer. A visit ends queued reactivation messages; an
+    /// opt-in ends an older unsubscribe; a purchase pauses promo, ends every cascade,
+    /// the main scenario and the queued messages of scenarios that exist to get a
+    /// purchase (cart, browse, welcome, reactivation).
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", a.customer_id);
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
-        if a.kind == CustomerActionKind::visit {
-            ledger.last_active_at = Some(
-                ledger
-                    .last_active_at
-                    .map_or(a.occurred_at, |v| v.max(a.occurred_at)),
-            );
-            // A customer who came back leaves reactivation.
-            let ended: Vec<(String, Queued)> = ledger
-                .queued
-                .iter()
-                .filter(|(_, q)| {
-                    q.cause_occurred_at <= a.occurred_at && self.is_reactivation(&q.scenario)
-                })
-                .map(|(id, q)| (id.clone(), q.clone()))
-                .collect();
-            for (trigger_id, q) in ended {
-                self.cancel_queued(
-                    ctx,
-                    &mut ledger,
-                    &a.customer_id,
-                    &trigger_id,
-                    &q,
-                    "became_active",
-                    format!(
-                        "the customer came back at {} while it waited",
-                        a.occurred_at
-                    ),
-                )?;
+        let at = a.occurred_at;
+        match a.kind {
+            CustomerActionKind::visit => {
+                ledger.last_active_at = Some(latest(ledger.last_active_at, at));
+                let why = format!("the customer came back at {at} while it waited");
+                self.cancel_queued_where(ctx, &mut ledger, a, "became_active", why, |s| {
+                    self.is_reactivation(s)
+                })?;
             }
-            return ctx.put(&ledger_key, &ledger);
-        }
-        if a.kind == CustomerActionKind::opt_in {
-            if let Some(channel) = a.channel {
-                let latest = ledger.opted_in.entry(channel).or_insert(a.occurred_at);
-                *latest = (*latest).max(a.occurred_at);
-                if ledger
-                    .unsubscribed
-                    .get(&channel)
-                    .is_some_and(|unsub| *unsub < a.occurred_at)
-                {
-                    ledger.unsubscribed.remove(&channel);
+            CustomerActionKind::opt_in => {
+                if let Some(channel) = a.channel {
+                    let opted = ledger.opted_in.get(&channel).copied();
+                    ledger.opted_in.insert(channel, latest(opted, at));
+                    if ledger.unsubscribed.get(&channel).is_some_and(|u| *u < at) {
+                        ledger.unsubscribed.remove(&channel);
+                    }
                 }
             }
-            return ctx.put(&ledger_key, &ledger);
+            CustomerActionKind::purchase => {
+                ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
+                if ledger
+                    .main
+                    .as_ref()
+                    .is_some_and(|m| self.ends_on_purchase(&m.scenario))
+                {
+                    ledger.main = None;
+                }
+                // A conversion ends every cascade: the customer did what they were for.
+                let cascades: Vec<(String, Cascade)> = ledger
+                    .cascades
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.clone()))
+                    .collect();
+                for (trigger_id, c) in cascades {
+                    let subject = Subject {
+                        trigger_id: &trigger_id,
+                        customer_id: &a.customer_id,
+                        scenario: &c.scenario,
+                        category: c.category.unwrap_or(MessageCategory::trigger),
+                    };
+                    let why = format!("the customer bought at {at}");
+                    self.stop_cascade(ctx, &mut ledger, &subject, why)?;
+                }
+                let why = format!("the customer bought at {at} while it waited");
+                self.cancel_queued_where(ctx, &mut ledger, a, "purchase_exclusion", why, |s| {
+                    self.ends_on_purchase(s)
+                })?;
+            }
         }
-        if ledger
-            .main
-            .as_ref()
-            .is_some_and(|m| self.ends_on_purchase(&m.scenario))
-        {
-            ledger.main = None;
-        }
-        ledger.last_purchase_at = Some(
-            ledger
-                .last_purchase_at
-                .map_or(a.occurred_at, |b| b.max(a.occurred_at)),
-        );
+        ctx.put(&ledger_key, &ledger)
+    }
+
+    /// Cancels the queued triggers caused before the action `a` whose scenario
+    /// matches.
+    fn cancel_queued_where(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        a: &CustomerAction,
+        rule: &str,
+        reason: String,
+        scenario_matches: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let ended: Vec<(String, Queued)> = ledger
             .queued
             .iter()
-            .filter(|(_, q)| {
-                q.cause_occurred_at <= a.occurred_at && self.ends_on_purchase(&q.scenario)
-            })
+            .filter(|(_, q)| q.cause_occurred_at <= a.occurred_at && scenario_matches(&q.scenario))
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
-        // A conversion ends every cascade: the customer did what they were for.
-        let cascades: Vec<(String, Cascade)> = ledger
-            .cascades
-            .iter()
-            .map(|(id, c)| (id.clone(), c.clone()))
-            .collect();
-        for (trigger_id, c) in cascades {
-            let subject = Subject {
-                trigger_id: &trigger_id,
-                customer_id: &a.customer_id,
-                scenario: &c.scenario,
-                category: c.category.unwrap_or(MessageCategory::trigger),
-            };
-            let why = format!("the customer bought at {}", a.occurred_at);
-            self.stop_cascade(ctx, &mut ledger, &subject, why)?;
-        }
         for (trigger_id, q) in ended {
-            let why = format!("the customer bought at {} while it waited", a.occurred_at);
             self.cancel_queued(
                 ctx,
-                &mut ledger,
+                ledger,
                 &a.customer_id,
                 &trigger_id,
                 &q,
-                "purchase_exclusion",
-                why,
+                rule,
+                reason.clone(),
             )?;
         }
-        ctx.put(&ledger_key, &ledger)
+        Ok(())
     }
 
     /// Takes a deferred trigger out of the queue with a final "cancelled" decision.
@@ -1023,8 +1032,8 @@ impl ArbiterProcessor {
             } else {
                 "no further channel with consent and an address".to_string()
             };
-            ledger.cascades.insert(t.trigger_id.clone(), cascade);
-            self.stop_cascade(ctx, &mut ledger, &subject, why)?;
+            // Its timer just fired: nothing left to cancel.
+            self.record_cascade_stop(ctx, &subject, &cascade, why);
             return ctx.put(&ledger_key, &ledger);
         };
         let quiet = (t.category != MessageCategory::transactional)
