@@ -61,6 +61,11 @@ pub struct CustomerLedger {
     pub main: Option<MainScenario>,
     /// Cascades waiting for a reaction, by trigger id.
     pub cascades: BTreeMap<String, Cascade>,
+    /// Set once the identity processor merged this customer into another: what still
+    /// arrives for this id (a late trigger, an unsubscribe) goes to that one.
+    pub merged_into: Option<String>,
+    /// Customers whose ledgers were merged into this one (newest last, bounded).
+    pub absorbed: Vec<String>,
 }
 
 /// A cascade in flight: the trigger went out on `channels` (as `send_ids`) and the next
@@ -90,10 +95,52 @@ pub struct Queued {
     pub cause_occurred_at: Millis,
 }
 
+/// How long a trigger of a freshly merged customer waits before it is decided again.
+const MERGE_WAIT: Millis = 60_000;
+
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
 
 impl CustomerLedger {
+    /// Folds in the ledger of a customer merged into this one: its sends count
+    /// against the caps from now on, and every suppression holds (an unsubscribe is
+    /// never lost by a merge, even against an older opt-in of this customer).
+    pub fn absorb(&mut self, other: CustomerLedger) {
+        self.sends.extend(other.sends);
+        self.sends.sort_by_key(|(at, _, _)| *at);
+        self.sent_to.extend(other.sent_to);
+        for (channel, at) in other.unsubscribed {
+            let mine = self.unsubscribed.entry(channel).or_insert(at);
+            *mine = (*mine).min(at);
+        }
+        for (channel, at) in other.opted_in {
+            let mine = self.opted_in.entry(channel).or_insert(at);
+            *mine = (*mine).max(at);
+        }
+        for (channel, address) in other.hard_bounced {
+            self.hard_bounced.entry(channel).or_insert(address);
+        }
+        self.complained_at = match (self.complained_at, other.complained_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_purchase_at = self.last_purchase_at.max(other.last_purchase_at);
+        self.last_active_at = self.last_active_at.max(other.last_active_at);
+        for (offer, at) in other.offers {
+            let mine = self.offers.entry(offer).or_insert(at);
+            *mine = (*mine).max(at);
+        }
+        self.ignored_in_row = self.ignored_in_row.max(other.ignored_in_row);
+        for h in other.recent_outcomes {
+            if !self.recent_outcomes.contains(&h) {
+                if self.recent_outcomes.len() >= RECENT_OUTCOMES {
+                    self.recent_outcomes.remove(0);
+                }
+                self.recent_outcomes.push(h);
+            }
+        }
+    }
+
     /// Folds a delivery or engagement outcome into the suppressions and the sunset
     /// count. Returns false for an outcome already applied.
     pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
@@ -227,6 +274,22 @@ impl ArbiterProcessor {
                 DecisionOutcome::expired,
                 "valid_until",
                 format!("valid until {} but decided at {now}", t.valid_until),
+            );
+        }
+        if let Some(pending) = t.merged_from.iter().find(|m| !ledger.absorbed.contains(m)) {
+            // Decided without the merged customer's sends and suppressions, this could
+            // break a cap or an unsubscribe: wait for its ledger (it is on its way).
+            return Verdict::defer(
+                now + MERGE_WAIT,
+                "merge_pending",
+                format!("waiting for the state of {pending}, merged into this customer"),
+            );
+        }
+        if let Some(into) = &ledger.merged_into {
+            return Verdict::no(
+                DecisionOutcome::cancelled,
+                "merged",
+                format!("the customer was merged into {into}, whose own triggers go on"),
             );
         }
         // Exclusions come before the control group so that both groups lose the same
@@ -775,6 +838,25 @@ impl ArbiterProcessor {
             OutcomeKind::bounced_hard => ledger.sent_to.get(&o.send_id).map(|(_, a)| a.clone()),
             _ => None,
         };
+        if let Some(into) = ledger.merged_into.clone() {
+            // A suppression that arrives for a merged customer holds for the survivor.
+            if matches!(
+                o.kind,
+                OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
+            ) {
+                let mut forwarded = CustomerLedger::default();
+                forwarded.apply_outcome(o, address);
+                self.send_ledger(
+                    ctx,
+                    &o.outcome_id,
+                    &o.customer_id,
+                    &into,
+                    o.occurred_at,
+                    &forwarded,
+                )?;
+            }
+            return Ok(());
+        }
         if ledger.apply_outcome(o, address) {
             if matches!(
                 o.kind,
@@ -806,6 +888,31 @@ impl ArbiterProcessor {
                 }
             }
             ctx.put(&ledger_key, &ledger)?;
+        }
+        Ok(())
+    }
+
+    /// Ends every cascade of the customer still waiting.
+    fn stop_all_cascades(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let cascades: Vec<(String, Cascade)> = ledger
+            .cascades
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        for (trigger_id, c) in cascades {
+            let subject = Subject {
+                trigger_id: &trigger_id,
+                customer_id,
+                scenario: &c.scenario,
+                category: c.category.unwrap_or(MessageCategory::trigger),
+            };
+            self.stop_cascade(ctx, ledger, &subject, why.to_string())?;
         }
         Ok(())
     }
@@ -856,6 +963,59 @@ impl ArbiterProcessor {
         let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
         let at = a.occurred_at;
         match a.kind {
+            CustomerActionKind::merged => {
+                let Some(into) = a.merged_into.clone() else {
+                    return Ok(());
+                };
+                if ledger.merged_into.is_some() {
+                    return Ok(()); // handed over already (a redelivered action)
+                }
+                // What waited for this customer ends here; the survivor's own
+                // triggers carry on, so nothing goes out twice.
+                let why = format!("the customer was merged into {into}");
+                let queued: Vec<(String, Queued)> = ledger
+                    .queued
+                    .iter()
+                    .map(|(id, q)| (id.clone(), q.clone()))
+                    .collect();
+                for (trigger_id, q) in queued {
+                    self.cancel_queued(
+                        ctx,
+                        &mut ledger,
+                        &a.customer_id,
+                        &trigger_id,
+                        &q,
+                        "merged",
+                        why.clone(),
+                    )?;
+                }
+                self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, &why)?;
+                ledger.main = None;
+                self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, &ledger)?;
+                // Only the forwarding note and the addresses (for late bounces) stay.
+                ledger = CustomerLedger {
+                    merged_into: Some(into),
+                    sent_to: std::mem::take(&mut ledger.sent_to),
+                    ..CustomerLedger::default()
+                };
+            }
+            CustomerActionKind::merge_in => {
+                let Some(state) = &a.state else {
+                    return Ok(());
+                };
+                if let Some(from) = &a.merged_from {
+                    if !ledger.absorbed.contains(from) {
+                        if ledger.absorbed.len() >= 16 {
+                            ledger.absorbed.remove(0);
+                        }
+                        ledger.absorbed.push(from.clone());
+                    }
+                }
+                let merged: CustomerLedger = serde_json::from_str(state).with_context(|| {
+                    format!("merged ledger in action {} does not decode", a.action_id)
+                })?;
+                ledger.absorb(merged);
+            }
             CustomerActionKind::visit => {
                 ledger.last_active_at = Some(latest(ledger.last_active_at, at));
                 let why = format!("the customer came back at {at} while it waited");
@@ -882,21 +1042,8 @@ impl ArbiterProcessor {
                     ledger.main = None;
                 }
                 // A conversion ends every cascade: the customer did what they were for.
-                let cascades: Vec<(String, Cascade)> = ledger
-                    .cascades
-                    .iter()
-                    .map(|(id, c)| (id.clone(), c.clone()))
-                    .collect();
-                for (trigger_id, c) in cascades {
-                    let subject = Subject {
-                        trigger_id: &trigger_id,
-                        customer_id: &a.customer_id,
-                        scenario: &c.scenario,
-                        category: c.category.unwrap_or(MessageCategory::trigger),
-                    };
-                    let why = format!("the customer bought at {at}");
-                    self.stop_cascade(ctx, &mut ledger, &subject, why)?;
-                }
+                let why = format!("the customer bought at {at}");
+                self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, &why)?;
                 let why = format!("the customer bought at {at} while it waited");
                 self.cancel_queued_where(ctx, &mut ledger, a, "purchase_exclusion", why, |s| {
                     self.ends_on_purchase(s)
@@ -904,6 +1051,31 @@ impl ArbiterProcessor {
             }
         }
         ctx.put(&ledger_key, &ledger)
+    }
+
+    /// Hands (part of) a merged customer's ledger to the survivor, keyed by it.
+    fn send_ledger(
+        &self,
+        ctx: &mut Ctx<'_>,
+        cause_id: &str,
+        from: &str,
+        into: &str,
+        at: Millis,
+        ledger: &CustomerLedger,
+    ) -> anyhow::Result<()> {
+        let action = CustomerAction {
+            action_id: deterministic_id(&[cause_id, "merge_in"]),
+            customer_id: into.to_string(),
+            kind: CustomerActionKind::merge_in,
+            order_id: None,
+            channel: None,
+            occurred_at: at,
+            merged_into: None,
+            state: Some(serde_json::to_string(ledger).context("encode a merged ledger")?),
+            merged_from: Some(from.to_string()),
+        };
+        ctx.emit(&self.actions_topic, into, &action);
+        Ok(())
     }
 
     /// Cancels the queued triggers caused before the action `a` whose scenario
@@ -1216,6 +1388,7 @@ impl Processor for ArbiterProcessor {
                 .keys()
                 .map(|c| self.config.send_topic(*c)),
         );
+        topics.push(self.actions_topic.clone());
         topics
     }
 

@@ -114,6 +114,7 @@ proptest! {
                     // welcome, which does.
                     let scenario = if *category == MessageCategory::promo { "weekly_promo" } else { "welcome" };
                     let t = Trigger {
+                        merged_from: Vec::new(),
                         trigger_id: id.clone(),
                         scenario: scenario.into(),
                         customer_id: customer_id(*customer),
@@ -164,6 +165,9 @@ proptest! {
                         order_id: None,
                         channel: None,
                         occurred_at: at,
+                        merged_into: None,
+                        state: None,
+                        merged_from: None,
                     };
                     a.push("customer-actions", &action.customer_id.clone(), &action);
                     purchases.entry(action.customer_id).or_default().push(at);

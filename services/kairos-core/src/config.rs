@@ -50,6 +50,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
     pub profile: ProfileConfig,
     #[serde(default)]
     pub catalog: CatalogConfig,
@@ -197,6 +199,48 @@ impl Default for ProfileConfig {
     fn default() -> Self {
         ProfileConfig {
             admin_listen: ([127, 0, 0, 1], 9101).into(),
+        }
+    }
+}
+
+/// Which customer the survivor of a merge is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SurvivorRule {
+    /// The customer whose first event came first (ties: the smaller id).
+    FirstSeen,
+    /// The smaller customer id: the same survivor whatever order events arrive in.
+    SmallestId,
+}
+
+/// `[identity]`: the identity processor in front of the profile processor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Resolve every raw event to one customer before the profile sees it. Off: the
+    /// profile reads the raw topics and keys state by customer id as given.
+    pub enabled: bool,
+    pub admin_listen: SocketAddr,
+    /// Region of phone numbers written without a country code (ISO 3166, e.g. "DE").
+    pub default_country: String,
+    /// Identifiers trusted to prove that two known customers are one person.
+    pub merge_on: Vec<crate::identifiers::IdentifierKind>,
+    /// An identifier presented by more customers than this stops linking (a family
+    /// phone, a shop's test card) and is reported.
+    pub max_customers_per_identifier: usize,
+    pub survivor: SurvivorRule,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        use crate::identifiers::IdentifierKind;
+        IdentityConfig {
+            enabled: false,
+            admin_listen: ([127, 0, 0, 1], 9107).into(),
+            default_country: "US".into(),
+            merge_on: vec![IdentifierKind::email, IdentifierKind::loyalty_card],
+            max_customers_per_identifier: 3,
+            survivor: SurvivorRule::SmallestId,
         }
     }
 }
@@ -974,6 +1018,28 @@ impl Config {
                 ));
             }
         }
+        if let Err(message) = crate::identifiers::parse_country(&self.identity.default_country) {
+            return Err(fail(
+                "default_country",
+                format!("identity.default_country: {message}"),
+            ));
+        }
+        if self.identity.max_customers_per_identifier == 0 {
+            return Err(fail(
+                "max_customers_per_identifier",
+                "identity.max_customers_per_identifier: must be at least 1".into(),
+            ));
+        }
+        if self
+            .identity
+            .merge_on
+            .contains(&crate::identifiers::IdentifierKind::customer_id)
+        {
+            return Err(fail(
+                "merge_on",
+                "identity.merge_on: customer_id names a customer, it cannot merge two".into(),
+            ));
+        }
         let a = &self.arbiter;
         if a.quiet_hours_start.is_some() != a.quiet_hours_end.is_some()
             || (a.quiet_hours_start.is_some() && a.quiet_hours().is_none())
@@ -1086,7 +1152,7 @@ impl Config {
 
     /// Names of every stateful processor (their changelog topics exist up front).
     pub fn processor_names() -> Vec<String> {
-        let mut names: Vec<String> = ["profile", "catalog", "arbiter", "feedback"]
+        let mut names: Vec<String> = ["identity", "profile", "catalog", "arbiter", "feedback"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -1113,6 +1179,8 @@ impl Config {
             topics::PRODUCT_INTEREST,
             topics::PRODUCT_OCCASIONS,
             topics::CUSTOMER_ACTIONS,
+            topics::IDENTIFIED_EVENTS,
+            topics::IDENTITY_CHANGES,
         ]
         .iter()
         .map(|t| self.topic(t))
@@ -1148,6 +1216,11 @@ pub mod topics {
     pub const PRODUCT_OCCASIONS: &str = "product-occasions";
     /// Internal: purchases and other key actions, keyed by customer id, for the arbiter.
     pub const CUSTOMER_ACTIONS: &str = "customer-actions";
+    /// Internal: site, app and offline events resolved to one customer by the identity
+    /// processor (keyed by that customer's id), and merges; read by the profile.
+    pub const IDENTIFIED_EVENTS: &str = "identified-events";
+    /// Merges and shared identifiers found by the identity processor.
+    pub const IDENTITY_CHANGES: &str = "identity-changes";
 }
 
 fn apply_override(

@@ -390,6 +390,10 @@ pub struct Trigger {
     pub cause_occurred_at: i64,
     pub contacts: Contacts,
     pub variables: String,
+    /// Customers merged into this one (identity resolution): the arbiter decides only
+    /// once their ledgers are in, so their sends count and their suppressions hold.
+    #[serde(default)]
+    pub merged_from: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
@@ -420,8 +424,10 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 26] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 28] = [
     (DecisionOutcome::cancelled, "became_active"),
+    (DecisionOutcome::cancelled, "merged"),
+    (DecisionOutcome::deferred, "merge_pending"),
     (DecisionOutcome::suppressed, "sunset_inactive"),
     (DecisionOutcome::deferred, "channel_cap"),
     (DecisionOutcome::deferred, "category_cap"),
@@ -655,6 +661,15 @@ pub struct CustomerAction {
     #[serde(default)]
     pub channel: Option<Channel>,
     pub occurred_at: i64,
+    /// `merged`: the customer this one now is part of.
+    #[serde(default)]
+    pub merged_into: Option<String>,
+    /// `merge_in`: the merged customer's arbiter ledger (JSON), to combine.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// `merge_in`: the customer the ledger comes from.
+    #[serde(default)]
+    pub merged_from: Option<String>,
 }
 
 #[allow(non_camel_case_types)]
@@ -667,6 +682,69 @@ pub enum CustomerActionKind {
     opt_in,
     /// The customer's first visit (site or app activity) of a UTC day.
     visit,
+    /// The identity processor merged this customer into `merged_into`: the arbiter
+    /// hands this customer's ledger over (keyed by the merged customer).
+    merged,
+    /// A merged customer's ledger arrives at the survivor (keyed by the survivor).
+    merge_in,
+}
+
+/// Two customer ids found to be one person: `from` joins `into` for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerMerge {
+    pub merge_id: String,
+    pub from: String,
+    pub into: String,
+    /// The identifier that proved it (`email:ann@example.com`).
+    pub identifier: String,
+    pub occurred_at: i64,
+}
+
+/// A record of the internal topic `identified-events`, keyed by the customer it
+/// belongs to.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "record")]
+pub enum IdentifiedRecord {
+    site(Box<CustomerEvent>),
+    app(Box<CustomerEvent>),
+    offline(Box<OfflineReceipt>),
+    /// Keyed by `from`: its profile moves to `into`.
+    merge(CustomerMerge),
+    /// Keyed by `into`, ahead of the event that caused the merge: the survivor holds its
+    /// triggers until the profile of `from` is in.
+    merge_expected(CustomerMerge),
+    /// Keyed by `into`: the profile of `from`, to combine with the survivor's.
+    merge_in {
+        merge: CustomerMerge,
+        profile: serde_json::Value,
+    },
+}
+
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentityChangeKind {
+    /// `merged_from` joined `customer_id`.
+    merged,
+    /// An identifier shared by more customers than allowed stopped linking.
+    identifier_shared,
+    /// An identifier already linked to another customer, not trusted to merge.
+    conflict,
+}
+
+/// What the identity processor found (topic `identity-changes`, keyed by customer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityChange {
+    pub change_id: String,
+    pub kind: IdentityChangeKind,
+    pub customer_id: String,
+    #[serde(default)]
+    pub merged_from: Option<String>,
+    pub identifier: String,
+    /// Customers that presented the identifier (for `identifier_shared`).
+    #[serde(default)]
+    pub customers: Vec<String>,
+    pub occurred_at: i64,
 }
 
 /// Template variables are carried as a JSON object in a string field, so one schema
@@ -684,12 +762,13 @@ impl LineItem {
 }
 
 impl CustomerEvent {
-    /// The key a customer's state lives under: the customer id, or the anonymous id
-    /// for visitors not yet identified.
+    /// The key a customer's state lives under: the customer id, or the anonymous or
+    /// device id for visitors not yet identified.
     pub fn customer_key(&self) -> Option<String> {
         self.customer_id
             .clone()
             .or_else(|| self.anonymous_id.clone().map(|a| format!("anon:{a}")))
+            .or_else(|| self.device_id.clone().map(|d| format!("device:{d}")))
             .filter(|k| !k.is_empty())
     }
 
@@ -703,11 +782,13 @@ impl CustomerEvent {
 }
 
 impl OfflineReceipt {
-    /// The customer a receipt belongs to: the customer id, else the loyalty card.
+    /// The customer a receipt belongs to: the customer id, else the loyalty card, else
+    /// the phone (as given; the identity processor resolves them properly).
     pub fn customer_key(&self) -> Option<String> {
         self.customer_id
             .clone()
             .or_else(|| self.loyalty_card.clone().map(|c| format!("card:{c}")))
+            .or_else(|| self.phone.clone().map(|p| format!("phone:{p}")))
             .filter(|k| !k.is_empty())
     }
 }

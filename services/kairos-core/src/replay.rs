@@ -82,7 +82,10 @@ impl<P: Processor> Replayer<P> {
         let metrics = RuntimeMetrics::new(registry);
         let mut engine = Engine::new(processor, config, metrics)?.without_outbox();
         let mut offsets = HashMap::new();
-        for p in 0..config.kafka.partitions {
+        let state_partitions: std::collections::BTreeSet<i32> = (0..config.kafka.partitions)
+            .map(|p| engine.state_partition(p))
+            .collect();
+        for p in state_partitions {
             // A restarted replay continues after what its state already holds.
             let backlog = engine.open(p)?;
             engine.acknowledge_local(&backlog)?;

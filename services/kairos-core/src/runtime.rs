@@ -88,6 +88,14 @@ pub trait Processor: Send + 'static {
 
     /// The partition moved away (or the process stops): drop anything cached for it.
     fn on_partition_closed(&mut self, _partition: i32) {}
+
+    /// True for a processor whose state is one whole (the identity graph: any two
+    /// events may link, whatever partitions they came in on). Its state lives in state
+    /// partition 0 and its applied offsets are kept per input partition, so one
+    /// instance must own every input partition.
+    fn single_state_partition(&self) -> bool {
+        false
+    }
 }
 
 /// The processor's view of one partition's state during a batch.
@@ -240,6 +248,24 @@ impl<P: Processor> Engine<P> {
         self.parts.contains_key(&partition)
     }
 
+    /// The state partition that applies records of input partition `partition`.
+    pub fn state_partition(&self, partition: i32) -> i32 {
+        if self.processor.single_state_partition() {
+            0
+        } else {
+            partition
+        }
+    }
+
+    /// Where the applied offset of an input topic-partition is kept in its store.
+    fn offset_key<'t>(&self, topic: &'t str, partition: i32) -> std::borrow::Cow<'t, str> {
+        if self.processor.single_state_partition() {
+            format!("{topic}#{partition}").into()
+        } else {
+            topic.into()
+        }
+    }
+
     pub fn owned(&self) -> Vec<i32> {
         self.parts.keys().copied().collect()
     }
@@ -287,7 +313,15 @@ impl<P: Processor> Engine<P> {
         let mut out = Vec::new();
         for (p, part) in &self.parts {
             for (topic, offset) in part.store.applied_offsets()? {
-                out.push((topic, *p, offset));
+                match topic.rsplit_once('#') {
+                    Some((t, input)) if self.processor.single_state_partition() => {
+                        let input = input.parse().with_context(|| {
+                            format!("bad offset key {topic:?} in partition {p}")
+                        })?;
+                        out.push((t.to_string(), input, offset));
+                    }
+                    _ => out.push((topic, *p, offset)),
+                }
             }
         }
         Ok(out)
@@ -296,7 +330,9 @@ impl<P: Processor> Engine<P> {
     /// Applies one record. Returns outputs committed early (event-time timer firing).
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut early = Vec::new();
-        let Some(part) = self.parts.get_mut(&record.partition) else {
+        let state_partition = self.state_partition(record.partition);
+        let offset_key = self.offset_key(record.topic, record.partition).into_owned();
+        let Some(part) = self.parts.get_mut(&state_partition) else {
             // Not ours (revoked in the middle of a batch): the owner will process it.
             return Ok(early);
         };
@@ -304,7 +340,7 @@ impl<P: Processor> Engine<P> {
             .input_records
             .with_label_values(&[record.topic])
             .inc();
-        if let Some(applied) = part.store.applied_offset(&part.pending, record.topic)? {
+        if let Some(applied) = part.store.applied_offset(&part.pending, &offset_key)? {
             if record.offset <= applied {
                 self.metrics
                     .duplicate_records
@@ -327,7 +363,7 @@ impl<P: Processor> Engine<P> {
                     now,
                 );
                 part.store
-                    .set_applied_offset(&mut part.pending, record.topic, record.offset);
+                    .set_applied_offset(&mut part.pending, &offset_key, record.offset);
                 return Ok(early);
             }
         };
@@ -338,10 +374,9 @@ impl<P: Processor> Engine<P> {
                     // in real time.
                     let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
-                        let partition = record.partition;
-                        early.extend(self.fire_partition(partition, t, false)?);
+                        early.extend(self.fire_partition(state_partition, t, false)?);
                     }
-                    let Some(part) = self.parts.get_mut(&record.partition) else {
+                    let Some(part) = self.parts.get_mut(&state_partition) else {
                         return Ok(early);
                     };
                     part.clock.observe(t);
@@ -349,11 +384,11 @@ impl<P: Processor> Engine<P> {
                 }
             }
         }
-        let Some(part) = self.parts.get_mut(&record.partition) else {
+        let Some(part) = self.parts.get_mut(&state_partition) else {
             return Ok(early);
         };
         let mut ctx = Ctx {
-            partition: record.partition,
+            partition: state_partition,
             now: part.clock.now(),
             store: &part.store,
             pending: &mut part.pending,
@@ -361,7 +396,7 @@ impl<P: Processor> Engine<P> {
         };
         self.processor.process(&mut ctx, input)?;
         part.store
-            .set_applied_offset(&mut part.pending, record.topic, record.offset);
+            .set_applied_offset(&mut part.pending, &offset_key, record.offset);
         if self.mode == ClockMode::Event {
             // A timer set at or before the current event time (a late event, a zero
             // delay) fires right after the record that set it, not at a batch
@@ -369,8 +404,7 @@ impl<P: Processor> Engine<P> {
             let clock = part.clock.event_time();
             let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
-                let partition = record.partition;
-                early.extend(self.fire_partition(partition, clock, false)?);
+                early.extend(self.fire_partition(state_partition, clock, false)?);
             }
         }
         Ok(early)
@@ -1005,7 +1039,7 @@ pub async fn run<P: Processor>(
                 payload,
             };
             out.extend(engine.handle(&record)?);
-            if engine.owns(m.partition()) {
+            if engine.owns(engine.state_partition(m.partition())) {
                 positions.insert((m.topic().to_string(), m.partition()), m.offset());
             }
         }
@@ -1076,6 +1110,10 @@ async fn apply_rebalances<P: Processor>(
         match event {
             RebalanceEvent::Assign(parts) => {
                 let mut backlog = Vec::new();
+                let parts = parts
+                    .into_iter()
+                    .map(|p| engine.state_partition(p))
+                    .collect();
                 for p in dedup(parts) {
                     if engine.owns(p) {
                         continue;
@@ -1101,6 +1139,10 @@ async fn apply_rebalances<P: Processor>(
                 let out = engine.commit()?;
                 let acked = publish(producer, out, metrics, cancel).await;
                 engine.acknowledge(&acked)?;
+                let parts = parts
+                    .into_iter()
+                    .map(|p| engine.state_partition(p))
+                    .collect();
                 for p in dedup(parts) {
                     engine.close(p);
                 }

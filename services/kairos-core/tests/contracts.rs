@@ -643,6 +643,7 @@ fn segment_transition_matches_its_schema() {
 #[test]
 fn trigger_matches_its_schema() {
     let full = Trigger {
+        merged_from: Vec::new(),
         trigger_id: "tr-c-1042-abandoned_cart-1".into(),
         scenario: "abandoned_cart".into(),
         customer_id: "c-1042".into(),
@@ -666,6 +667,7 @@ fn trigger_matches_its_schema() {
         variables: r#"{"first_name":"Ada","cart_total":191.25}"#.into(),
     };
     let sparse = Trigger {
+        merged_from: Vec::new(),
         trigger_id: "tr-c-7-welcome-1".into(),
         scenario: "welcome".into(),
         customer_id: "c-7".into(),

@@ -292,7 +292,7 @@ impl TrafficModel {
         e.customer_id = Some(customer_id(customer));
         e.anonymous_id = Some(format!("anon-{customer:06}"));
         e.email = Some(format!("{}@example.com", customer_id(customer)));
-        e.phone = Some(format!("+4915{:08}", customer));
+        e.phone = Some(format!("+49151{customer:08}"));
         e.profile = Some(ProfileUpdate {
             first_name: Some(FIRST_NAMES[(customer % 10) as usize].to_string()),
             time_zone: Some(tz.to_string()),
@@ -335,16 +335,34 @@ impl TrafficModel {
             receipt_id: self.event_id(),
             kind: ReceiptKind::sale,
             store_id: format!("store-{:02}", self.rng.gen_range(1..40)),
-            customer_id: Some(customer_id(customer)),
-            loyalty_card: Some(format!("LC{customer:08}")),
+            customer_id: None,
+            loyalty_card: None,
             phone: None,
             items,
             total,
             currency: "EUR".into(),
         };
+        // Most tills know the customer; some only scan the loyalty card, a few take the
+        // phone number as the customer says it (the identity processor resolves both).
+        let mut r = r;
+        let key = match self.rng.gen_range(0..10) {
+            0..=5 => {
+                r.customer_id = Some(customer_id(customer));
+                r.loyalty_card = Some(format!("LC{customer:08}"));
+                customer_id(customer)
+            }
+            6..=8 => {
+                r.loyalty_card = Some(format!("LC{customer:08}"));
+                format!("LC{customer:08}")
+            }
+            _ => {
+                r.phone = Some(format!("0151 {customer:08}"));
+                format!("0151 {customer:08}")
+            }
+        };
         GeneratedEvent {
             source: Source::Offline,
-            key: customer_id(customer),
+            key,
             payload: serde_json::to_vec(&r).unwrap_or_default(),
         }
     }

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kairos_core::config::{topics, Config, ScenarioConfig, ScenarioKind};
 use kairos_core::contracts::{
-    Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, DeadLetterReason,
-    EventType, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
+    Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
+    IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
     ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind, SegmentTransition, Trigger,
 };
-use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
+use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
+use kairos_core::input;
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
-use kairos_core::schemas;
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::IntCounterVec;
@@ -42,6 +42,12 @@ pub enum ProfileInput {
     Occasion(Box<ProductOccasion>),
     /// Delivery and engagement outcomes: engagement, unsubscribes, bounces, complaints.
     Outcome(Box<Outcome>),
+    /// The identity processor merged this customer into another: hand the profile over.
+    MergeOut(CustomerMerge),
+    /// A merged customer's profile arrives at the survivor.
+    MergeIn(CustomerMerge, Box<CustomerProfile>),
+    /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
+    MergeExpected(CustomerMerge),
 }
 
 /// What a scenario timer remembers.
@@ -86,6 +92,8 @@ pub struct ProfileProcessor {
     transitions_topic: String,
     interest_topic: String,
     actions_topic: String,
+    /// With identity resolution on, events come resolved from here (else raw).
+    identified_topic: Option<String>,
     metrics: Metrics,
     cache: HashMap<i32, Cache>,
     cache_limit: usize,
@@ -145,6 +153,10 @@ impl ProfileProcessor {
             transitions_topic: config.topic(topics::SEGMENT_TRANSITIONS),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
+            identified_topic: config
+                .identity
+                .enabled
+                .then(|| config.topic(topics::IDENTIFIED_EVENTS)),
             // Bounded by configuration: ~1-2 KiB per cached profile.
             cache_limit: (config.state.cache_entries / config.kafka.partitions.max(1) as usize)
                 .max(64),
@@ -207,6 +219,9 @@ impl ProfileProcessor {
                     order_id: None,
                     channel: Some(c.channel),
                     occurred_at: e.occurred_at,
+                    merged_into: None,
+                    state: None,
+                    merged_from: None,
                 };
                 ctx.emit(&self.actions_topic, &customer_id, &action);
             }
@@ -368,6 +383,9 @@ impl ProfileProcessor {
                     order_id: None,
                     channel: None,
                     occurred_at: e.occurred_at,
+                    merged_into: None,
+                    state: None,
+                    merged_from: None,
                 };
                 ctx.emit(&self.actions_topic, &customer_id, &action);
             }
@@ -398,6 +416,99 @@ impl ProfileProcessor {
             p.apply_outcome(o);
         } else {
             self.metrics.duplicates.inc();
+        }
+        self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    /// This customer joined another: its timers stop, its profile goes to the survivor
+    /// (keyed by it, so it lands in the survivor's partition), and the arbiter is told.
+    fn merge_out(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
+        if let Some(p) = self.take(ctx, &m.from)? {
+            for s in &self.config.scenarios {
+                ctx.cancel(&timer_id(&s.name, &m.from))?;
+            }
+            ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
+            ctx.delete(&profile_key(&m.from));
+            let record = IdentifiedRecord::merge_in {
+                merge: m.clone(),
+                profile: serde_json::to_value(&p).context("encode a merged profile")?,
+            };
+            if let Some(topic) = &self.identified_topic {
+                ctx.emit(topic, &m.into, &record);
+            }
+        }
+        let action = CustomerAction {
+            action_id: deterministic_id(&[&m.merge_id, "merged"]),
+            customer_id: m.from.clone(),
+            kind: CustomerActionKind::merged,
+            order_id: None,
+            channel: None,
+            occurred_at: m.occurred_at,
+            merged_into: Some(m.into.clone()),
+            state: None,
+            merged_from: None,
+        };
+        ctx.emit(&self.actions_topic, &m.from, &action);
+        Ok(())
+    }
+
+    /// A merged customer's profile joins the survivor's: the sums and the most
+    /// restrictive consent (see [`CustomerProfile::absorb`]); a wait the merged one had
+    /// and the survivor lacks (an anonymous cart before the login) carries on.
+    fn merge_in(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        m: &CustomerMerge,
+        merged: CustomerProfile,
+    ) -> anyhow::Result<()> {
+        let mut p = self
+            .take(ctx, &m.into)?
+            .unwrap_or_else(|| CustomerProfile::new(&m.into, merged.first_seen_at));
+        let waits = merged.waits.clone();
+        let armed = merged.armed.clone();
+        p.absorb(merged);
+        p.awaiting_merges.retain(|c| *c != m.from);
+        if !p.merged_from.contains(&m.from) {
+            if p.merged_from.len() >= 16 {
+                p.merged_from.remove(0);
+            }
+            p.merged_from.push(m.from.clone());
+        }
+        for (name, wait) in waits {
+            let Some(s) = self.config.scenario(&name).cloned() else {
+                continue;
+            };
+            let newer = p
+                .waits
+                .get(&name)
+                .is_none_or(|mine| mine.cause_occurred_at < wait.cause_occurred_at);
+            if !newer {
+                continue;
+            }
+            // A cart wait needs the cart it waits for; a purchase since ends it.
+            if p.bought_since(wait.cause_occurred_at)
+                || (s.kind == ScenarioKind::AbandonedCart && p.cart.is_empty())
+            {
+                continue;
+            }
+            let fire_at = armed
+                .get(&name)
+                .copied()
+                .unwrap_or(wait.cause_occurred_at + ms(s.delay));
+            arm_wait(ctx, &s, &mut p, &wait, 0, fire_at)?;
+            p.waits.insert(name, wait);
+        }
+        self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
+        if p.awaiting_merges.is_empty() {
+            // What waited for the merge goes out with the merged contacts and consents.
+            let prefix = held_prefix(&p.customer_id);
+            for (key, mut t) in ctx.scan::<Trigger>(&prefix)? {
+                t.contacts = contacts(&p);
+                t.merged_from = p.merged_from.clone();
+                ctx.delete(&key);
+                ctx.emit(&self.triggers_topic, &p.customer_id, &t);
+            }
         }
         self.put(ctx.partition, p);
         Ok(())
@@ -500,6 +611,9 @@ impl ProfileProcessor {
             order_id: order_id.clone(),
             channel: None,
             occurred_at: at,
+            merged_into: None,
+            state: None,
+            merged_from: None,
         };
         ctx.emit(&self.actions_topic, &p.customer_id, &action);
         // A purchase ends the chains that exist to get one.
@@ -724,9 +838,18 @@ impl ProfileProcessor {
             cause_occurred_at,
             contacts: contacts(p),
             variables: serde_json::Value::Object(vars).to_string(),
+            merged_from: p.merged_from.clone(),
         };
         self.metrics.triggers.with_label_values(&[&s.name]).inc();
-        ctx.emit(&self.triggers_topic, &p.customer_id, &trigger);
+        if p.awaiting_merges.is_empty() {
+            ctx.emit(&self.triggers_topic, &p.customer_id, &trigger);
+        } else {
+            // A merge is under way: the merged profile may hold an unsubscribe.
+            let key = format!("{}{}", held_prefix(&p.customer_id), trigger.trigger_id);
+            if let Err(e) = ctx.put(&key, &trigger) {
+                tracing::error!(error = %e, "cannot hold a trigger during a merge");
+            }
+        }
     }
 
     fn on_scenario_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
@@ -946,6 +1069,11 @@ fn profile_key(customer_id: &str) -> String {
     format!("c/{customer_id}")
 }
 
+/// Where triggers wait while a merge into the customer is under way.
+fn held_prefix(customer_id: &str) -> String {
+    format!("h/{customer_id}/")
+}
+
 fn timer_id(scenario: &str, customer_id: &str) -> String {
     format!("{scenario}/{customer_id}")
 }
@@ -1107,65 +1235,6 @@ fn contacts(p: &CustomerProfile) -> Contacts {
 }
 
 /// Checks what the schema cannot express.
-fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
-    if e.event_id.trim().is_empty() {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "event_id is empty",
-        ));
-    }
-    if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "customer_id or anonymous_id is required",
-        ));
-    }
-    let needs_product = matches!(
-        e.event_type,
-        EventType::add_to_cart
-            | EventType::remove_from_cart
-            | EventType::wishlist_add
-            | EventType::wishlist_remove
-    );
-    if needs_product && e.product.is_none() && e.items.is_empty() {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            format!("{} needs product or items", e.event_type.as_str()),
-        ));
-    }
-    if e.event_type == EventType::consent_change && e.consent.is_none() {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "consent_change needs consent",
-        ));
-    }
-    if e.event_type == EventType::order_status
-        && e.order.as_ref().is_none_or(|o| o.status.is_none())
-    {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "order_status needs order.status",
-        ));
-    }
-    if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
-        if calendar::month_day(b).is_none() {
-            return Err(Rejection::new(
-                DeadLetterReason::invalid_field,
-                format!("birthday {b:?} is not YYYY-MM-DD"),
-            ));
-        }
-    }
-    if let Some(z) = e.profile.as_ref().and_then(|p| p.time_zone.as_deref()) {
-        if z.parse::<chrono_tz::Tz>().is_err() {
-            return Err(Rejection::new(
-                DeadLetterReason::invalid_field,
-                format!("time_zone {z:?} is not an IANA zone"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl Processor for ProfileProcessor {
     type Input = ProfileInput;
 
@@ -1174,13 +1243,16 @@ impl Processor for ProfileProcessor {
     }
 
     fn inputs(&self) -> Vec<String> {
-        vec![
-            self.site_topic.clone(),
-            self.app_topic.clone(),
-            self.offline_topic.clone(),
-            self.occasions_topic.clone(),
-            self.outcomes_topic.clone(),
-        ]
+        let mut inputs = match &self.identified_topic {
+            Some(identified) => vec![identified.clone()],
+            None => vec![
+                self.site_topic.clone(),
+                self.app_topic.clone(),
+                self.offline_topic.clone(),
+            ],
+        };
+        inputs.extend([self.occasions_topic.clone(), self.outcomes_topic.clone()]);
+        inputs
     }
 
     fn outputs(&self) -> Vec<String> {
@@ -1193,22 +1265,29 @@ impl Processor for ProfileProcessor {
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<ProfileInput, Rejection> {
+        if Some(record.topic) == self.identified_topic.as_deref() {
+            // Checked and normalized by the identity processor already.
+            return Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
+                IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => ProfileInput::Event(e),
+                IdentifiedRecord::offline(r) => ProfileInput::Receipt(r),
+                IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
+                IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
+                IdentifiedRecord::merge_in { merge, profile } => {
+                    let profile = serde_json::from_value(profile).map_err(|e| {
+                        Rejection::new(
+                            kairos_core::contracts::DeadLetterReason::invalid_field,
+                            format!("merged profile does not decode: {e}"),
+                        )
+                    })?;
+                    ProfileInput::MergeIn(merge, Box::new(profile))
+                }
+            });
+        }
         if record.topic == self.offline_topic {
-            let r: OfflineReceipt =
-                decode_input(record.payload, schemas::offline_receipt(), &self.registry)?;
-            if r.customer_key().is_none() {
-                return Err(Rejection::new(
-                    DeadLetterReason::missing_field,
-                    "receipt needs customer_id or loyalty_card",
-                ));
-            }
-            if r.event_id.trim().is_empty() {
-                return Err(Rejection::new(
-                    DeadLetterReason::missing_field,
-                    "event_id is empty",
-                ));
-            }
-            Ok(ProfileInput::Receipt(Box::new(r)))
+            Ok(ProfileInput::Receipt(Box::new(input::decode_receipt(
+                record.payload,
+                &self.registry,
+            )?)))
         } else if record.topic == self.outcomes_topic {
             Ok(ProfileInput::Outcome(Box::new(decode_internal(
                 record.payload,
@@ -1218,10 +1297,10 @@ impl Processor for ProfileProcessor {
                 record.payload,
             )?)))
         } else {
-            let e: CustomerEvent =
-                decode_input(record.payload, schemas::customer_event(), &self.registry)?;
-            validate_event(&e)?;
-            Ok(ProfileInput::Event(Box::new(e)))
+            Ok(ProfileInput::Event(Box::new(input::decode_customer_event(
+                record.payload,
+                &self.registry,
+            )?)))
         }
     }
 
@@ -1231,6 +1310,9 @@ impl Processor for ProfileProcessor {
             ProfileInput::Receipt(r) => r.occurred_at,
             ProfileInput::Occasion(o) => o.occurred_at,
             ProfileInput::Outcome(o) => o.occurred_at,
+            ProfileInput::MergeOut(m)
+            | ProfileInput::MergeIn(m, _)
+            | ProfileInput::MergeExpected(m) => m.occurred_at,
         })
     }
 
@@ -1241,6 +1323,18 @@ impl Processor for ProfileProcessor {
             ProfileInput::Receipt(r) => self.apply_receipt(ctx, &r),
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
             ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),
+            ProfileInput::MergeOut(m) => self.merge_out(ctx, &m),
+            ProfileInput::MergeIn(m, p) => self.merge_in(ctx, &m, *p),
+            ProfileInput::MergeExpected(m) => {
+                let mut p = self
+                    .take(ctx, &m.into)?
+                    .unwrap_or_else(|| CustomerProfile::new(&m.into, m.occurred_at));
+                if !p.merged_from.contains(&m.from) && !p.awaiting_merges.contains(&m.from) {
+                    p.awaiting_merges.push(m.from.clone());
+                }
+                self.put(ctx.partition, p);
+                Ok(())
+            }
         }
     }
 

@@ -19,7 +19,8 @@ pub struct Pipeline {
     catalog: Replayer<CatalogJoin>,
     catalog_topic: String,
     interest_topic: String,
-    occasions_topic: String,
+    /// A stage in front of the profile (identity resolution): raw events go to it.
+    upstream: Option<Box<dyn Stage>>,
     /// Stages fed with the outputs of the profile (and of each other).
     downstream: Vec<Box<dyn Stage>>,
 }
@@ -45,9 +46,15 @@ impl Pipeline {
             catalog,
             catalog_topic: config.topic(topics::CATALOG),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
-            occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
+            upstream: None,
             downstream: Vec::new(),
         })
+    }
+
+    /// Puts a stage in front of the profile: the records it consumes go to it first,
+    /// and the profile reads what it emits (the identity processor).
+    pub fn set_upstream(&mut self, stage: Box<dyn Stage>) {
+        self.upstream = Some(stage);
     }
 
     /// Adds a stage that consumes what the profile (or an earlier stage) emits.
@@ -65,10 +72,38 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         let first = if topic == self.catalog_topic || topic == self.interest_topic {
             self.catalog.push(topic, key, payload)?
+        } else if let Some(upstream) = self.upstream.as_mut().filter(|u| u.consumes(topic)) {
+            upstream.push(topic, key, payload)?
         } else {
-            self.profile.push(topic, key, payload)?
+            let mut out = self.profile.push(topic, key, payload)?;
+            // Every consumer of a topic reads it (outcomes: the profile and the arbiter).
+            for stage in &mut self.downstream {
+                if stage.consumes(topic) {
+                    out.extend(stage.push(topic, key, payload)?);
+                }
+            }
+            out
         };
         self.route(first, sink)
+    }
+
+    /// A customer's committed profile (for tests and tools): commit first.
+    pub fn profile(
+        &self,
+        customer_id: &str,
+    ) -> anyhow::Result<Option<crate::profile::CustomerProfile>> {
+        let partition = kairos_core::replay::partition_for(
+            customer_id.as_bytes(),
+            self.profile.engine.owned().len() as i32,
+        );
+        let Some(store) = self.profile.engine.store(partition) else {
+            return Ok(None);
+        };
+        let key = format!("c/{customer_id}");
+        match store.get(&kairos_core::store::Pending::default(), key.as_bytes())? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
     }
 
     fn route(
@@ -84,7 +119,7 @@ impl Pipeline {
             }
             if e.topic == self.interest_topic {
                 queue.extend(self.catalog.push(&e.topic, &e.key, &e.payload)?);
-            } else if e.topic == self.occasions_topic {
+            } else if Stage::consumes(&self.profile, &e.topic) {
                 queue.extend(self.profile.push(&e.topic, &e.key, &e.payload)?);
             }
             for stage in &mut self.downstream {
@@ -102,8 +137,12 @@ impl Pipeline {
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         // Outputs routed in one round may leave work pending in the next stage.
-        for _ in 0..2 + self.downstream.len() {
-            let mut out = self.catalog.commit()?;
+        for _ in 0..3 + self.downstream.len() {
+            let mut out = match self.upstream.as_mut() {
+                Some(u) => u.commit()?,
+                None => Vec::new(),
+            };
+            out.extend(self.catalog.commit()?);
             out.extend(self.profile.commit()?);
             for stage in &mut self.downstream {
                 out.extend(stage.commit()?);
@@ -119,7 +158,11 @@ impl Pipeline {
         t: i64,
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let mut out = self.catalog.advance_to(t)?;
+        let mut out = match self.upstream.as_mut() {
+            Some(u) => u.advance_to(t)?,
+            None => Vec::new(),
+        };
+        out.extend(self.catalog.advance_to(t)?);
         out.extend(self.profile.advance_to(t)?);
         self.route(out, sink)?;
         // Later stages see the time move after what the earlier ones emitted on the way.

@@ -97,6 +97,11 @@ pub struct CustomerProfile {
     pub waits: BTreeMap<String, Wait>,
     /// Hashes of the latest event ids, to drop duplicates.
     pub recent_event_ids: VecDeque<u64>,
+    /// Customers the identity processor merged into this one whose profile has not
+    /// arrived yet: triggers wait in state until it has.
+    pub awaiting_merges: Vec<String>,
+    /// Customers merged into this one (newest last, bounded), for the arbiter.
+    pub merged_from: Vec<String>,
 }
 
 impl CustomerProfile {
@@ -153,6 +158,94 @@ impl CustomerProfile {
                 e.ignored_in_row = 0;
             }
             _ => {}
+        }
+    }
+
+    /// Folds in the profile of a customer found to be the same person (an identity
+    /// merge): purchases add up, the most restrictive consent wins (an unsubscribe is
+    /// never lost), the newer cart and the union of interests stay. Waits and segments
+    /// are the processor's to re-arm and review.
+    pub fn absorb(&mut self, other: CustomerProfile) {
+        fn min_some(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        self.first_seen_at = self.first_seen_at.min(other.first_seen_at);
+        self.last_seen_at = self.last_seen_at.max(other.last_seen_at);
+        self.last_visit_at = self.last_visit_at.max(other.last_visit_at);
+        self.first_name = self.first_name.take().or(other.first_name);
+        self.last_name = self.last_name.take().or(other.last_name);
+        self.email = self.email.take().or(other.email);
+        self.phone = self.phone.take().or(other.phone);
+        self.push_token = self.push_token.take().or(other.push_token);
+        self.messenger_id = self.messenger_id.take().or(other.messenger_id);
+        self.time_zone = self.time_zone.take().or(other.time_zone);
+        self.birthday = self.birthday.take().or(other.birthday);
+        self.registered_at = min_some(self.registered_at, other.registered_at);
+        self.subscription_ends_at = self.subscription_ends_at.max(other.subscription_ends_at);
+        for (channel, granted) in other.consents {
+            let mine = self.consents.entry(channel).or_insert(granted);
+            *mine &= granted;
+        }
+        self.orders += other.orders;
+        self.offline_orders += other.offline_orders;
+        self.revenue += other.revenue;
+        self.returns += other.returns;
+        self.first_purchase_at = min_some(self.first_purchase_at, other.first_purchase_at);
+        if other.last_purchase_at > self.last_purchase_at {
+            self.last_purchase_at = other.last_purchase_at;
+            self.last_order_id = other.last_order_id;
+        }
+        if other.cart_updated_at > self.cart_updated_at {
+            self.cart = other.cart;
+            self.cart_updated_at = other.cart_updated_at;
+        }
+        for v in other.recently_viewed {
+            if !self
+                .recently_viewed
+                .iter()
+                .any(|x| x.product_id == v.product_id)
+            {
+                self.recently_viewed.push(v);
+            }
+        }
+        self.recently_viewed
+            .sort_by_key(|v| std::cmp::Reverse(v.at));
+        self.recently_viewed.truncate(RECENTLY_VIEWED);
+        for c in other.recent_categories {
+            if !self.recent_categories.contains(&c)
+                && self.recent_categories.len() < RECENT_CATEGORIES
+            {
+                self.recent_categories.push(c);
+            }
+        }
+        for w in other.wishlist {
+            if !self.wishlist.iter().any(|x| x.product_id == w.product_id)
+                && self.wishlist.len() < WISHLIST
+            {
+                self.wishlist.push(w);
+            }
+        }
+        for (channel, e) in other.engagement {
+            let mine = self.engagement.entry(channel).or_default();
+            mine.last_delivered_at = mine.last_delivered_at.max(e.last_delivered_at);
+            mine.last_opened_at = mine.last_opened_at.max(e.last_opened_at);
+            mine.last_clicked_at = mine.last_clicked_at.max(e.last_clicked_at);
+            mine.ignored_in_row = mine.ignored_in_row.max(e.ignored_in_row);
+        }
+        for (channel, address) in other.hard_bounced {
+            self.hard_bounced.entry(channel).or_insert(address);
+        }
+        self.complained_at = min_some(self.complained_at, other.complained_at);
+        for h in other.recent_event_ids {
+            if !self.recent_event_ids.contains(&h) {
+                if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
+                    self.recent_event_ids.pop_front();
+                }
+                self.recent_event_ids.push_back(h);
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 //!   engagement timers, as the worker does them);
 //! - `kairos bench-arbiter`: the arbiter fed generated triggers for a customer base
 //!   (dedup, ledger read-modify-write, holdouts, pacing, channel choice, decisions and
-//!   send commands).
+//!   send commands);
+//! - `kairos bench-identity`: the identity processor fed a generated event file
+//!   (decoding, normalization, graph lookups and links, merges, re-keyed output).
 
 use std::time::Instant;
 
@@ -91,11 +93,22 @@ fn drive<P: kairos_core::runtime::Processor>(
     topic: &str,
     records: impl Iterator<Item = (String, Vec<u8>)>,
 ) -> anyhow::Result<BenchStats> {
+    drive_records(
+        replayer,
+        records.map(|(key, payload)| (topic.to_string(), key.into_bytes(), payload)),
+    )
+}
+
+/// Feeds `records` (topic, key, payload) to `replayer`, commits, and measures.
+fn drive_records<P: kairos_core::runtime::Processor>(
+    replayer: &mut Replayer<P>,
+    records: impl Iterator<Item = (String, Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<BenchStats> {
     let started = Instant::now();
     let cpu_before = crate::cpu_seconds();
     let (mut inputs, mut outputs) = (0u64, 0u64);
-    for (key, payload) in records {
-        outputs += replayer.push(topic, key.as_bytes(), &payload)?.len() as u64;
+    for (topic, key, payload) in records {
+        outputs += replayer.push(&topic, &key, &payload)?.len() as u64;
         inputs += 1;
     }
     outputs += replayer.commit()?.len() as u64;
@@ -114,6 +127,7 @@ fn trigger(i: u64, count: u64, customers: u64, start: i64, scenario: &str) -> Tr
     let step = 30 * 86_400_000 / count.max(1) as i64;
     let at = start + i as i64 * step;
     Trigger {
+        merged_from: Vec::new(),
         trigger_id: format!("bench-t{i:012}"),
         scenario: scenario.into(),
         customer_id: format!("c-{customer:08}"),
@@ -161,4 +175,30 @@ pub fn run_arbiter(
         .collect();
     // Encoded beforehand, so the measurement is the arbiter's work alone.
     drive(&mut replayer, &topic, payloads.into_iter())
+}
+
+/// The identity processor over the site, app and offline events of `input`.
+pub fn run_identity(config: &Config, input: &std::path::Path) -> anyhow::Result<BenchStats> {
+    use std::io::BufRead;
+    let registry = prometheus::Registry::new();
+    let processor = kairos_identity::IdentityProcessor::new(
+        std::sync::Arc::new(config.clone()),
+        kairos_core::encoding::SchemaRegistry::new(None),
+        &registry,
+    )?;
+    let mut replayer = Replayer::new(processor, config, &registry)?;
+    let file =
+        std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    // Read and routed before the clock starts: the benchmark is the processor.
+    let mut records = Vec::new();
+    for (n, line) in std::io::BufReader::with_capacity(1 << 20, file)
+        .lines()
+        .enumerate()
+    {
+        let line = line.with_context(|| format!("{}:{}: cannot read", input.display(), n + 1))?;
+        let (topic, key, payload) = crate::replay::parse_line(config, &line)
+            .with_context(|| format!("{}:{}", input.display(), n + 1))?;
+        records.push((topic, key, payload));
+    }
+    drive_records(&mut replayer, records.into_iter())
 }

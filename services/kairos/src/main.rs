@@ -55,6 +55,8 @@ enum LogFormatArg {
 enum Command {
     /// Host a Kafka-protocol broker in this process (librdkafka mock cluster).
     DevBroker,
+    /// The identity processor: resolves every raw event to one customer.
+    Identity,
     /// The profile processor: customer state, segments, triggers.
     Profile,
     /// The catalog join: price drops and back-in-stock for interested customers.
@@ -85,6 +87,15 @@ enum Command {
         channel: String,
         #[arg(long, default_value_t = 200_000)]
         count: u64,
+        /// State directory (default: a fresh temporary one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Benchmark the identity processor on a JSON-lines event file, in process on
+    /// RocksDB (run it under `taskset -c 0` for one core).
+    BenchIdentity {
+        /// Input file (JSON lines, as `kairos generate --to-file` writes).
+        input: PathBuf,
         /// State directory (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -238,6 +249,22 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         Command::DevBroker => {
             let cancel = kairos_core::shutdown_token();
             kairos_broker::run(config, cancel).await
+        }
+        Command::Identity => {
+            let listen = config.identity.admin_listen;
+            service(config, listen, |c, a, t| async move {
+                kairos_identity::run(c, a, t).await
+            })
+            .await
+        }
+        Command::BenchIdentity { input, state_dir } => {
+            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
+            let mut cfg = (*config).clone();
+            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            cfg.clock.mode = kairos_core::time::ClockMode::Event;
+            let stats = bench::run_identity(&cfg, &input)?;
+            eprintln!("{}", stats.report("events", "events", peak_rss_kib()));
+            Ok(())
         }
         Command::Profile => {
             let listen = config.profile.admin_listen;

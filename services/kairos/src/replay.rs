@@ -1,4 +1,5 @@
-//! `kairos replay`: the profile processor (with the catalog join) and the arbiter over
+//! `kairos replay`: the identity processor (when enabled), the profile processor (with
+//! the catalog join) and the arbiter over
 //! JSON-lines files, in event time, without Kafka: triggers, decisions and send
 //! commands come out as they would on the topics. Same code as the services, so history can be
 //! backtested and scenarios tried before they go live.
@@ -81,6 +82,17 @@ pub fn run(
     let mut config = config.clone();
     config.clock.mode = ClockMode::Event;
     let mut pipeline = Pipeline::new(&config)?;
+    if config.identity.enabled {
+        let registry = prometheus::Registry::new();
+        let identity = kairos_identity::IdentityProcessor::new(
+            std::sync::Arc::new(config.clone()),
+            kairos_core::encoding::SchemaRegistry::new(None),
+            &registry,
+        )?;
+        pipeline.set_upstream(Box::new(kairos_core::replay::Replayer::new(
+            identity, &config, &registry,
+        )?));
+    }
     if with_arbiter {
         let registry = prometheus::Registry::new();
         let config = std::sync::Arc::new(config.clone());

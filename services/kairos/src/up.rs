@@ -97,6 +97,10 @@ pub async fn run(
 
     let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
     let mut services = Vec::new();
+    if config.identity.enabled {
+        services.push(spawn(&exe, &config_path, "identity", &["identity"])?);
+        endpoints.insert("identity".into(), config.identity.admin_listen.to_string());
+    }
     services.push(spawn(&exe, &config_path, "profile", &["profile"])?);
     endpoints.insert("profile".into(), config.profile.admin_listen.to_string());
     services.push(spawn(&exe, &config_path, "catalog", &["catalog"])?);

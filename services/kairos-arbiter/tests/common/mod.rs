@@ -176,6 +176,7 @@ impl Arbiter {
         at: i64,
     ) -> Trigger {
         Trigger {
+            merged_from: Vec::new(),
             trigger_id: id.into(),
             scenario: scenario.into(),
             customer_id: "c1".into(),
@@ -208,6 +209,9 @@ impl Arbiter {
             order_id: Some(format!("order-{id}")),
             channel: None,
             occurred_at: at,
+            merged_into: None,
+            state: None,
+            merged_from: None,
         };
         self.push("customer-actions", "c1", &action);
     }
@@ -221,6 +225,9 @@ impl Arbiter {
             order_id: None,
             channel: None,
             occurred_at: at,
+            merged_into: None,
+            state: None,
+            merged_from: None,
         };
         self.push("customer-actions", "c1", &action);
     }
@@ -234,6 +241,9 @@ impl Arbiter {
             order_id: None,
             channel: Some(channel),
             occurred_at: at,
+            merged_into: None,
+            state: None,
+            merged_from: None,
         };
         self.push("customer-actions", "c1", &action);
     }

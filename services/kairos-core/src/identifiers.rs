@@ -1,0 +1,218 @@
+//! Customer identifiers and their normal form, so that `Ann@Example.com ` and
+//! `ann@example.com`, or `8 (916) 123-45-67` and `+79161234567`, are one identifier.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of identifier an event can carry.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum IdentifierKind {
+    customer_id,
+    email,
+    phone,
+    loyalty_card,
+    device_id,
+    anonymous_id,
+}
+
+impl IdentifierKind {
+    pub const ALL: [IdentifierKind; 6] = [
+        IdentifierKind::customer_id,
+        IdentifierKind::email,
+        IdentifierKind::phone,
+        IdentifierKind::loyalty_card,
+        IdentifierKind::device_id,
+        IdentifierKind::anonymous_id,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentifierKind::customer_id => "customer_id",
+            IdentifierKind::email => "email",
+            IdentifierKind::phone => "phone",
+            IdentifierKind::loyalty_card => "loyalty_card",
+            IdentifierKind::device_id => "device_id",
+            IdentifierKind::anonymous_id => "anonymous_id",
+        }
+    }
+}
+
+/// A normalized identifier: `email:ann@example.com`, `phone:+79161234567`, ...
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Identifier {
+    pub kind: IdentifierKind,
+    pub value: String,
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.value)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind}: {value:?} ({reason})")]
+pub struct InvalidIdentifier {
+    pub kind: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Normalizes identifiers; phones without a country code are read as numbers of
+/// `default_country`.
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    default_country: phonenumber::country::Id,
+}
+
+/// Parses an ISO 3166 region code such as `DE` for phone numbers.
+pub fn parse_country(code: &str) -> Result<phonenumber::country::Id, String> {
+    code.trim()
+        .to_ascii_uppercase()
+        .parse::<phonenumber::country::Id>()
+        .map_err(|_| format!("{code:?} is not an ISO 3166 region code such as \"DE\""))
+}
+
+impl Normalizer {
+    pub fn new(default_country: &str) -> Result<Self, String> {
+        Ok(Normalizer {
+            default_country: parse_country(default_country)?,
+        })
+    }
+
+    pub fn normalize(
+        &self,
+        kind: IdentifierKind,
+        raw: &str,
+    ) -> Result<Identifier, InvalidIdentifier> {
+        let invalid = |reason: &str| InvalidIdentifier {
+            kind: kind.as_str(),
+            value: raw.to_string(),
+            reason: reason.to_string(),
+        };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(invalid("empty"));
+        }
+        let value = match kind {
+            IdentifierKind::email => {
+                let lower = trimmed.to_lowercase();
+                if !email_address::EmailAddress::is_valid(&lower) || !lower.contains('.') {
+                    return Err(invalid("not an e-mail address"));
+                }
+                lower
+            }
+            IdentifierKind::phone => {
+                let number = phonenumber::parse(Some(self.default_country), trimmed)
+                    .map_err(|e| invalid(&format!("not a phone number: {e}")))?;
+                if !phonenumber::is_valid(&number) {
+                    return Err(invalid("not a valid number for its country"));
+                }
+                number.format().mode(phonenumber::Mode::E164).to_string()
+            }
+            // Cards are printed with spaces and dashes; the digits and letters count.
+            IdentifierKind::loyalty_card => {
+                let card: String = trimmed
+                    .chars()
+                    .filter(|c| !c.is_whitespace() && *c != '-')
+                    .flat_map(char::to_uppercase)
+                    .collect();
+                if !card.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    return Err(invalid("a loyalty card has letters and digits only"));
+                }
+                card
+            }
+            IdentifierKind::customer_id
+            | IdentifierKind::device_id
+            | IdentifierKind::anonymous_id => {
+                if trimmed.chars().any(char::is_control) || trimmed.len() > 200 {
+                    return Err(invalid("control characters or longer than 200 bytes"));
+                }
+                trimmed.to_string()
+            }
+        };
+        Ok(Identifier { kind, value })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n() -> Normalizer {
+        Normalizer::new("RU").unwrap()
+    }
+
+    #[test]
+    fn emails_are_trimmed_and_lower_cased() {
+        let id = n()
+            .normalize(IdentifierKind::email, "  Ann.Lee@Example.COM ")
+            .unwrap();
+        assert_eq!(id.to_string(), "email:ann.lee@example.com");
+        assert!(n().normalize(IdentifierKind::email, "ann@").is_err());
+        assert!(n()
+            .normalize(IdentifierKind::email, "not an email")
+            .is_err());
+        assert!(n()
+            .normalize(IdentifierKind::email, "ann@localhost")
+            .is_err());
+    }
+
+    #[test]
+    fn phones_become_e164_with_the_default_country() {
+        let n = n();
+        for raw in [
+            "8 (916) 123-45-67",
+            "+7 916 123 45 67",
+            "9161234567",
+            " +79161234567",
+        ] {
+            let id = n.normalize(IdentifierKind::phone, raw).unwrap();
+            assert_eq!(id.value, "+79161234567", "{raw}");
+        }
+        // A number with its own country code keeps it.
+        let de = n.normalize(IdentifierKind::phone, "+49 30 901820").unwrap();
+        assert_eq!(de.value, "+4930901820");
+        let us = Normalizer::new("us").unwrap();
+        assert_eq!(
+            us.normalize(IdentifierKind::phone, "(201) 555-0123")
+                .unwrap()
+                .value,
+            "+12015550123"
+        );
+        for bad in ["12", "call me", "+7 000"] {
+            let e = n.normalize(IdentifierKind::phone, bad).unwrap_err();
+            assert_eq!(e.kind, "phone", "{bad}");
+        }
+    }
+
+    #[test]
+    fn cards_and_ids() {
+        let n = n();
+        assert_eq!(
+            n.normalize(IdentifierKind::loyalty_card, "ab-1234 5678")
+                .unwrap()
+                .value,
+            "AB12345678"
+        );
+        assert!(n.normalize(IdentifierKind::loyalty_card, "12#4").is_err());
+        assert_eq!(
+            n.normalize(IdentifierKind::customer_id, " c-1 ")
+                .unwrap()
+                .value,
+            "c-1"
+        );
+        assert!(n.normalize(IdentifierKind::device_id, "").is_err());
+        assert!(n
+            .normalize(IdentifierKind::anonymous_id, "a\u{0}b")
+            .is_err());
+    }
+
+    #[test]
+    fn unknown_countries_are_refused() {
+        assert!(Normalizer::new("Narnia").is_err());
+        assert!(Normalizer::new("de").is_ok());
+    }
+}

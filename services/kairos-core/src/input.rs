@@ -1,0 +1,99 @@
+//! Decoding and validation of the raw input topics (site, app and offline events),
+//! shared by the processors that read them: a record that fails here goes to the
+//! dead-letter topic with the reason.
+
+use crate::calendar;
+use crate::contracts::{CustomerEvent, DeadLetterReason, EventType, OfflineReceipt};
+use crate::encoding::{decode_input, Rejection, SchemaRegistry};
+use crate::schemas;
+
+/// A site or app event, decoded (JSON or Avro) and checked.
+pub fn decode_customer_event(
+    payload: &[u8],
+    registry: &SchemaRegistry,
+) -> Result<CustomerEvent, Rejection> {
+    let e: CustomerEvent = decode_input(payload, schemas::customer_event(), registry)?;
+    validate_event(&e)?;
+    Ok(e)
+}
+
+/// A till receipt, decoded (JSON or Avro) and checked.
+pub fn decode_receipt(
+    payload: &[u8],
+    registry: &SchemaRegistry,
+) -> Result<OfflineReceipt, Rejection> {
+    let r: OfflineReceipt = decode_input(payload, schemas::offline_receipt(), registry)?;
+    if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "receipt needs customer_id, loyalty_card or phone",
+        ));
+    }
+    if r.event_id.trim().is_empty() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "event_id is empty",
+        ));
+    }
+    Ok(r)
+}
+
+/// The checks every site and app event passes before it is applied.
+pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
+    if e.event_id.trim().is_empty() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "event_id is empty",
+        ));
+    }
+    if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "customer_id, anonymous_id or device_id is required",
+        ));
+    }
+    let needs_product = matches!(
+        e.event_type,
+        EventType::add_to_cart
+            | EventType::remove_from_cart
+            | EventType::wishlist_add
+            | EventType::wishlist_remove
+    );
+    if needs_product && e.product.is_none() && e.items.is_empty() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            format!("{} needs product or items", e.event_type.as_str()),
+        ));
+    }
+    if e.event_type == EventType::consent_change && e.consent.is_none() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "consent_change needs consent",
+        ));
+    }
+    if e.event_type == EventType::order_status
+        && e.order.as_ref().is_none_or(|o| o.status.is_none())
+    {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            "order_status needs order.status",
+        ));
+    }
+    if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
+        if calendar::month_day(b).is_none() {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("birthday {b:?} is not YYYY-MM-DD"),
+            ));
+        }
+    }
+    if let Some(z) = e.profile.as_ref().and_then(|p| p.time_zone.as_deref()) {
+        if z.parse::<chrono_tz::Tz>().is_err() {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("time_zone {z:?} is not an IANA zone"),
+            ));
+        }
+    }
+    Ok(())
+}

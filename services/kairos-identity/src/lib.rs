@@ -1,0 +1,747 @@
+//! The identity processor: one customer from cookies, devices, e-mails, phones and
+//! loyalty cards.
+//!
+//! It reads the raw input topics, whatever identifier they are keyed by, normalizes the
+//! identifiers each event carries (an invalid one sends the event to the dead-letter
+//! topic), resolves the event to one customer id through the identifier graph, links
+//! the identifiers it has not seen to that customer, and re-publishes the event on
+//! `identified-events` keyed by the customer, where the profile processor reads it.
+//!
+//! Two profiles found to be one person merge: an anonymous visitor who logs in joins
+//! the customer (their history counts), and two known customers merge when they share
+//! an identifier trusted to prove it (`merge_on`). The survivor is chosen by rule; a
+//! `merge` record keyed by the merged customer tells the profile (and through it the
+//! arbiter) to hand that customer's state over. An identifier presented by more
+//! customers than allowed (a family phone, a shop's test card) stops linking.
+//!
+//! The graph is one whole: any two events may link, whatever partitions they arrive
+//! on. It lives in state partition 0 (see `Processor::single_state_partition`), with
+//! the same exactly-once commit, changelog and outbox as every processor.
+
+use std::sync::Arc;
+
+use kairos_core::config::{topics, Config, SurvivorRule};
+use kairos_core::contracts::{
+    CustomerEvent, CustomerMerge, DeadLetterReason, EventType, IdentifiedRecord, IdentityChange,
+    IdentityChangeKind, OfflineReceipt,
+};
+use kairos_core::encoding::{Rejection, SchemaRegistry};
+use kairos_core::identifiers::{Identifier, IdentifierKind, Normalizer};
+use kairos_core::ids::deterministic_id;
+use kairos_core::input;
+use kairos_core::metrics;
+use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::store::DueTimer;
+use kairos_core::time::Millis;
+use prometheus::IntCounterVec;
+use serde::{Deserialize, Serialize};
+
+/// Where an event came from; it keeps its kind on `identified-events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Site,
+    App,
+    Offline,
+}
+
+/// A decoded raw event with its identifiers normalized.
+#[derive(Debug, Clone)]
+pub struct IdentityInput {
+    source: Source,
+    event: RawEvent,
+    /// The event's customer id, if it names one.
+    customer_id: Option<Identifier>,
+    /// Its other identifiers, strongest first.
+    identifiers: Vec<Identifier>,
+    /// The record key as produced (heartbeats keep it, to reach the same partition).
+    key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+enum RawEvent {
+    Event(Box<CustomerEvent>),
+    Receipt(Box<OfflineReceipt>),
+}
+
+impl RawEvent {
+    fn occurred_at(&self) -> Millis {
+        match self {
+            RawEvent::Event(e) => e.occurred_at,
+            RawEvent::Receipt(r) => r.occurred_at,
+        }
+    }
+
+    fn event_id(&self) -> &str {
+        match self {
+            RawEvent::Event(e) => &e.event_id,
+            RawEvent::Receipt(r) => &r.event_id,
+        }
+    }
+}
+
+/// An identifier's entry in the graph (`i/<kind>:<value>`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Link {
+    customer: String,
+    /// Known customers that presented it (sorted), up to one past the limit.
+    claimants: Vec<String>,
+    /// Presented by too many customers: it no longer links or resolves.
+    shared: bool,
+}
+
+/// A customer in the graph (`n/<customer id>`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Node {
+    /// Named by a customer id (else an anonymous visitor, a card or a phone alone).
+    known: bool,
+    first_seen: Millis,
+    /// Set once this customer was merged into another.
+    merged_into: Option<String>,
+    /// Customers merged into this one (re-pointed if this one merges on).
+    merged_from: Vec<String>,
+    /// Identifiers linked to it.
+    identifiers: Vec<String>,
+}
+
+struct Metrics {
+    resolved: IntCounterVec,
+    merges: IntCounterVec,
+    shared: IntCounterVec,
+    conflicts: IntCounterVec,
+}
+
+pub struct IdentityProcessor {
+    registry: SchemaRegistry,
+    normalizer: Normalizer,
+    merge_on: Vec<IdentifierKind>,
+    max_claimants: usize,
+    survivor_rule: SurvivorRule,
+    site_topic: String,
+    app_topic: String,
+    offline_topic: String,
+    identified_topic: String,
+    changes_topic: String,
+    metrics: Metrics,
+}
+
+/// Resolution outcomes (metric label).
+const RESOLVED: [&str; 3] = ["customer_id", "linked", "new"];
+
+impl IdentityProcessor {
+    pub fn new(
+        config: Arc<Config>,
+        registry: SchemaRegistry,
+        prom: &prometheus::Registry,
+    ) -> anyhow::Result<Self> {
+        let identity = &config.identity;
+        let normalizer = Normalizer::new(&identity.default_country)
+            .map_err(|e| anyhow::anyhow!("identity.default_country: {e}"))?;
+        let m = Metrics {
+            resolved: metrics::counter_vec(
+                prom,
+                "kairos_identity_events_total",
+                "Events resolved to a customer, by how: a customer id on the event, a linked identifier, or a new profile.",
+                &["resolution"],
+            ),
+            merges: metrics::counter_vec(
+                prom,
+                "kairos_identity_merges_total",
+                "Profiles merged, by kind: an anonymous profile joining a customer (stitch) or two known customers (merge).",
+                &["kind"],
+            ),
+            shared: metrics::counter_vec(
+                prom,
+                "kairos_identity_shared_identifiers_total",
+                "Identifiers that stopped linking because too many customers presented them, by identifier kind.",
+                &["kind"],
+            ),
+            conflicts: metrics::counter_vec(
+                prom,
+                "kairos_identity_conflicts_total",
+                "Identifiers presented by a second known customer without being trusted to merge, by identifier kind.",
+                &["kind"],
+            ),
+        };
+        for r in RESOLVED {
+            m.resolved.with_label_values(&[r]);
+        }
+        for k in ["stitch", "merge"] {
+            m.merges.with_label_values(&[k]);
+        }
+        for k in IdentifierKind::ALL {
+            m.shared.with_label_values(&[k.as_str()]);
+            m.conflicts.with_label_values(&[k.as_str()]);
+        }
+        Ok(IdentityProcessor {
+            registry,
+            normalizer,
+            merge_on: identity.merge_on.clone(),
+            max_claimants: identity.max_customers_per_identifier,
+            survivor_rule: identity.survivor,
+            site_topic: config.topic(topics::SITE_EVENTS),
+            app_topic: config.topic(topics::APP_EVENTS),
+            offline_topic: config.topic(topics::OFFLINE_EVENTS),
+            identified_topic: config.topic(topics::IDENTIFIED_EVENTS),
+            changes_topic: config.topic(topics::IDENTITY_CHANGES),
+            metrics: m,
+        })
+    }
+
+    fn normalize(
+        &self,
+        out: &mut Vec<Identifier>,
+        kind: IdentifierKind,
+        raw: Option<&String>,
+    ) -> Result<(), Rejection> {
+        if let Some(raw) = raw.filter(|r| !r.trim().is_empty()) {
+            let id = self
+                .normalizer
+                .normalize(kind, raw)
+                .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports a merge, a shared identifier or a conflict on `identity-changes`.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        ctx: &mut Ctx<'_>,
+        change_id: String,
+        kind: IdentityChangeKind,
+        customer: &str,
+        merged_from: Option<String>,
+        identifier: &Identifier,
+        customers: Vec<String>,
+        at: Millis,
+    ) {
+        let change = IdentityChange {
+            change_id,
+            kind,
+            customer_id: customer.to_string(),
+            merged_from,
+            identifier: identifier.to_string(),
+            customers,
+            occurred_at: at,
+        };
+        ctx.emit(&self.changes_topic, customer, &change);
+    }
+
+    /// The current customer of `customer` (following merges).
+    fn canonical(&self, ctx: &Ctx<'_>, customer: &str) -> anyhow::Result<String> {
+        let mut current = customer.to_string();
+        // Merges re-point their sources, so chains stay short; the bound only guards
+        // against a corrupt cycle.
+        for _ in 0..32 {
+            match ctx.get::<Node>(&node_key(&current))? {
+                Some(Node {
+                    merged_into: Some(next),
+                    ..
+                }) => current = next,
+                _ => return Ok(current),
+            }
+        }
+        anyhow::bail!("merge chain of {customer} does not end")
+    }
+
+    fn node(&self, ctx: &Ctx<'_>, customer: &str) -> anyhow::Result<Node> {
+        Ok(ctx.get::<Node>(&node_key(customer))?.unwrap_or_default())
+    }
+
+    /// The survivor and the merged one of two customers.
+    fn survivor(&self, a: (&str, &Node), b: (&str, &Node)) -> (String, String) {
+        let a_first = match (a.1.known, b.1.known) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => match self.survivor_rule {
+                SurvivorRule::SmallestId => a.0 < b.0,
+                SurvivorRule::FirstSeen => (a.1.first_seen, a.0) < (b.1.first_seen, b.0),
+            },
+        };
+        if a_first {
+            (a.0.to_string(), b.0.to_string())
+        } else {
+            (b.0.to_string(), a.0.to_string())
+        }
+    }
+
+    /// Merges two customers; returns the survivor.
+    fn merge(
+        &self,
+        ctx: &mut Ctx<'_>,
+        a: &str,
+        b: &str,
+        proof: &Identifier,
+        at: Millis,
+    ) -> anyhow::Result<String> {
+        let (na, nb) = (self.node(ctx, a)?, self.node(ctx, b)?);
+        let (survivor, merged) = self.survivor((a, &na), (b, &nb));
+        let (mut s, mut m) = if survivor == a { (na, nb) } else { (nb, na) };
+        let kind = if s.known && m.known {
+            "merge"
+        } else {
+            "stitch"
+        };
+        for id in &m.identifiers {
+            if let Some(mut link) = ctx.get::<Link>(&link_key_str(id))? {
+                link.customer = survivor.clone();
+                ctx.put(&link_key_str(id), &link)?;
+            }
+        }
+        for from in &m.merged_from {
+            let mut n = self.node(ctx, from)?;
+            n.merged_into = Some(survivor.clone());
+            ctx.put(&node_key(from), &n)?;
+        }
+        s.known |= m.known;
+        s.first_seen = s.first_seen.min(m.first_seen);
+        s.identifiers.append(&mut m.identifiers);
+        s.merged_from.append(&mut m.merged_from);
+        s.merged_from.push(merged.clone());
+        m.merged_into = Some(survivor.clone());
+        ctx.put(&node_key(&survivor), &s)?;
+        ctx.put(&node_key(&merged), &m)?;
+        let merge = CustomerMerge {
+            merge_id: deterministic_id(&["merge", &merged, &survivor]),
+            from: merged.clone(),
+            into: survivor.clone(),
+            identifier: proof.to_string(),
+            occurred_at: at,
+        };
+        // Keyed by the survivor, ahead of the event that caused the merge: its
+        // triggers wait for the merged profile (which may carry an unsubscribe).
+        ctx.emit(
+            &self.identified_topic,
+            &survivor,
+            &IdentifiedRecord::merge_expected(merge.clone()),
+        );
+        // Keyed by the merged customer: it comes after that customer's earlier events.
+        ctx.emit(
+            &self.identified_topic,
+            &merged,
+            &IdentifiedRecord::merge(merge.clone()),
+        );
+        self.report(
+            ctx,
+            merge.merge_id.clone(),
+            IdentityChangeKind::merged,
+            &survivor,
+            Some(merged.clone()),
+            proof,
+            vec![survivor.clone(), merged.clone()],
+            at,
+        );
+        self.metrics.merges.with_label_values(&[kind]).inc();
+        tracing::debug!(%merged, %survivor, identifier = %proof, "customers merged");
+        Ok(survivor)
+    }
+
+    /// Resolves an event's identifiers to one customer, linking and merging on the way.
+    fn resolve(&self, ctx: &mut Ctx<'_>, input: &IdentityInput) -> anyhow::Result<String> {
+        let at = input.event.occurred_at();
+        let mut resolution = "linked";
+        let mut target = match &input.customer_id {
+            Some(c) => {
+                resolution = "customer_id";
+                let key = node_key(&c.value);
+                if ctx.get::<Node>(&key)?.is_none() {
+                    let node = Node {
+                        known: true,
+                        first_seen: at,
+                        ..Node::default()
+                    };
+                    ctx.put(&key, &node)?;
+                }
+                Some(self.canonical(ctx, &c.value)?)
+            }
+            None => None,
+        };
+        let mut links = Vec::with_capacity(input.identifiers.len());
+        for id in &input.identifiers {
+            links.push((id, ctx.get::<Link>(&link_key(id))?));
+        }
+        if target.is_none() {
+            let mut owners = Vec::new();
+            for (_, link) in &links {
+                if let Some(l) = link.as_ref().filter(|l| !l.shared) {
+                    let owner = self.canonical(ctx, &l.customer)?;
+                    let known = self.node(ctx, &owner)?.known;
+                    owners.push((owner, known));
+                }
+            }
+            target = owners
+                .iter()
+                .find(|(_, known)| *known)
+                .or(owners.first())
+                .map(|(o, _)| o.clone());
+        }
+        let mut target = match target {
+            Some(t) => t,
+            None => {
+                // Nobody we know: a new profile named after its strongest identifier.
+                resolution = "new";
+                let name = input
+                    .identifiers
+                    .iter()
+                    .min_by_key(|i| anonymous_rank(i.kind))
+                    .map(anonymous_name)
+                    .ok_or_else(|| anyhow::anyhow!("event without identifiers"))?;
+                let key = node_key(&name);
+                if ctx.get::<Node>(&key)?.is_none() {
+                    ctx.put(
+                        &key,
+                        &Node {
+                            known: false,
+                            first_seen: at,
+                            ..Node::default()
+                        },
+                    )?;
+                }
+                self.canonical(ctx, &name)?
+            }
+        };
+        self.metrics.resolved.with_label_values(&[resolution]).inc();
+        let claimant = input.customer_id.as_ref().map(|c| c.value.clone());
+        for id in &input.identifiers {
+            // Read again: a merge earlier in this loop may have re-pointed it.
+            let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {
+                let mut node = self.node(ctx, &target)?;
+                node.identifiers.push(id.to_string());
+                ctx.put(&node_key(&target), &node)?;
+                let link = Link {
+                    customer: target.clone(),
+                    claimants: claimant.iter().cloned().collect(),
+                    shared: false,
+                };
+                ctx.put(&link_key(id), &link)?;
+                continue;
+            };
+            if link.shared {
+                continue;
+            }
+            let new_claimant = claimant
+                .as_ref()
+                .filter(|c| !link.claimants.contains(c))
+                .cloned();
+            if let Some(c) = &new_claimant {
+                link.claimants.push(c.clone());
+                link.claimants.sort();
+                if link.claimants.len() > self.max_claimants {
+                    // Too many people present it: it stops linking anyone.
+                    link.shared = true;
+                    ctx.put(&link_key(id), &link)?;
+                    self.metrics
+                        .shared
+                        .with_label_values(&[id.kind.as_str()])
+                        .inc();
+                    tracing::warn!(identifier = %id, customers = link.claimants.len(), "shared identifier stops linking");
+                    self.report(
+                        ctx,
+                        deterministic_id(&["shared", &id.to_string()]),
+                        IdentityChangeKind::identifier_shared,
+                        &target,
+                        None,
+                        id,
+                        link.claimants.clone(),
+                        at,
+                    );
+                    continue;
+                }
+                ctx.put(&link_key(id), &link)?;
+            }
+            let owner = self.canonical(ctx, &link.customer)?;
+            if owner == target {
+                continue;
+            }
+            let both_known = self.node(ctx, &owner)?.known && self.node(ctx, &target)?.known;
+            if !both_known || self.merge_on.contains(&id.kind) {
+                target = self.merge(ctx, &owner, &target, id, at)?;
+            } else if new_claimant.is_some() {
+                // Known to belong to someone else and not trusted to merge: it stays.
+                self.metrics
+                    .conflicts
+                    .with_label_values(&[id.kind.as_str()])
+                    .inc();
+                self.report(
+                    ctx,
+                    deterministic_id(&["conflict", &id.to_string(), &target]),
+                    IdentityChangeKind::conflict,
+                    &target,
+                    None,
+                    id,
+                    vec![owner, target.clone()],
+                    at,
+                );
+            }
+        }
+        Ok(target)
+    }
+
+    /// The event as the profile sees it: normalized identifiers, the resolved customer.
+    fn identified(&self, input: IdentityInput, customer: &str) -> IdentifiedRecord {
+        let find = |kind: IdentifierKind| {
+            input
+                .identifiers
+                .iter()
+                .find(|i| i.kind == kind)
+                .map(|i| i.value.clone())
+        };
+        match input.event {
+            RawEvent::Event(mut e) => {
+                e.customer_id = Some(customer.to_string());
+                if e.email.is_some() {
+                    e.email = find(IdentifierKind::email);
+                }
+                if e.phone.is_some() {
+                    e.phone = find(IdentifierKind::phone);
+                }
+                if e.loyalty_card.is_some() {
+                    e.loyalty_card = find(IdentifierKind::loyalty_card);
+                }
+                if let Some(p) = e.profile.as_mut() {
+                    if p.email.is_some() {
+                        p.email = find(IdentifierKind::email);
+                    }
+                    if p.phone.is_some() {
+                        p.phone = find(IdentifierKind::phone);
+                    }
+                }
+                match input.source {
+                    Source::App => IdentifiedRecord::app(e),
+                    _ => IdentifiedRecord::site(e),
+                }
+            }
+            RawEvent::Receipt(mut r) => {
+                r.customer_id = Some(customer.to_string());
+                if r.phone.is_some() {
+                    r.phone = find(IdentifierKind::phone);
+                }
+                if r.loyalty_card.is_some() {
+                    r.loyalty_card = find(IdentifierKind::loyalty_card);
+                }
+                IdentifiedRecord::offline(r)
+            }
+        }
+    }
+}
+
+/// Which identifier names a profile nobody is known for: the session cookie first.
+fn anonymous_rank(kind: IdentifierKind) -> u8 {
+    match kind {
+        IdentifierKind::anonymous_id => 0,
+        IdentifierKind::device_id => 1,
+        IdentifierKind::loyalty_card => 2,
+        IdentifierKind::phone => 3,
+        IdentifierKind::email => 4,
+        IdentifierKind::customer_id => 5,
+    }
+}
+
+/// The customer id of a profile known only by `id` (the names the profile processor
+/// uses without identity resolution: `anon:…`, `device:…`, `card:…`).
+fn anonymous_name(id: &Identifier) -> String {
+    let prefix = match id.kind {
+        IdentifierKind::anonymous_id => "anon",
+        IdentifierKind::device_id => "device",
+        IdentifierKind::loyalty_card => "card",
+        IdentifierKind::phone => "phone",
+        IdentifierKind::email => "email",
+        IdentifierKind::customer_id => "customer",
+    };
+    format!("{prefix}:{}", id.value)
+}
+
+fn node_key(customer: &str) -> String {
+    format!("n/{customer}")
+}
+
+fn link_key(id: &Identifier) -> String {
+    link_key_str(&id.to_string())
+}
+
+fn link_key_str(id: &str) -> String {
+    format!("i/{id}")
+}
+
+impl Processor for IdentityProcessor {
+    type Input = IdentityInput;
+
+    fn name(&self) -> &str {
+        "identity"
+    }
+
+    fn inputs(&self) -> Vec<String> {
+        vec![
+            self.site_topic.clone(),
+            self.app_topic.clone(),
+            self.offline_topic.clone(),
+        ]
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![self.identified_topic.clone(), self.changes_topic.clone()]
+    }
+
+    fn single_state_partition(&self) -> bool {
+        true
+    }
+
+    fn decode(&self, record: &Record<'_>) -> Result<IdentityInput, Rejection> {
+        let mut ids = Vec::new();
+        let mut customer_id = None;
+        let (source, event) = if record.topic == self.offline_topic {
+            let r = input::decode_receipt(record.payload, &self.registry)?;
+            self.normalize(
+                &mut ids,
+                IdentifierKind::loyalty_card,
+                r.loyalty_card.as_ref(),
+            )?;
+            self.normalize(&mut ids, IdentifierKind::phone, r.phone.as_ref())?;
+            if let Some(c) = r.customer_id.as_ref().filter(|c| !c.trim().is_empty()) {
+                customer_id = Some(
+                    self.normalizer
+                        .normalize(IdentifierKind::customer_id, c)
+                        .map_err(|e| {
+                            Rejection::new(DeadLetterReason::invalid_field, e.to_string())
+                        })?,
+                );
+            }
+            (Source::Offline, RawEvent::Receipt(Box::new(r)))
+        } else {
+            let e = input::decode_customer_event(record.payload, &self.registry)?;
+            if let Some(c) = e.customer_id.as_ref().filter(|c| !c.trim().is_empty()) {
+                customer_id = Some(
+                    self.normalizer
+                        .normalize(IdentifierKind::customer_id, c)
+                        .map_err(|e| {
+                            Rejection::new(DeadLetterReason::invalid_field, e.to_string())
+                        })?,
+                );
+            }
+            let profile = e.profile.as_ref();
+            self.normalize(&mut ids, IdentifierKind::email, e.email.as_ref())?;
+            self.normalize(
+                &mut ids,
+                IdentifierKind::email,
+                profile.and_then(|p| p.email.as_ref()),
+            )?;
+            self.normalize(&mut ids, IdentifierKind::phone, e.phone.as_ref())?;
+            self.normalize(
+                &mut ids,
+                IdentifierKind::phone,
+                profile.and_then(|p| p.phone.as_ref()),
+            )?;
+            self.normalize(
+                &mut ids,
+                IdentifierKind::loyalty_card,
+                e.loyalty_card.as_ref(),
+            )?;
+            self.normalize(&mut ids, IdentifierKind::device_id, e.device_id.as_ref())?;
+            self.normalize(
+                &mut ids,
+                IdentifierKind::anonymous_id,
+                e.anonymous_id.as_ref(),
+            )?;
+            let source = if record.topic == self.app_topic {
+                Source::App
+            } else {
+                Source::Site
+            };
+            (source, RawEvent::Event(Box::new(e)))
+        };
+        let heartbeat =
+            matches!(&event, RawEvent::Event(e) if e.event_type == EventType::heartbeat);
+        if customer_id.is_none() && ids.is_empty() && !heartbeat {
+            return Err(Rejection::new(
+                DeadLetterReason::missing_field,
+                "no identifier: customer_id, anonymous_id, device_id, email, phone or loyalty_card",
+            ));
+        }
+        Ok(IdentityInput {
+            source,
+            event,
+            customer_id,
+            identifiers: ids,
+            key: record.key.unwrap_or_default().to_vec(),
+        })
+    }
+
+    fn event_time(&self, input: &IdentityInput) -> Option<Millis> {
+        Some(input.event.occurred_at())
+    }
+
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: IdentityInput) -> anyhow::Result<()> {
+        if matches!(&input.event, RawEvent::Event(e) if e.event_type == EventType::heartbeat)
+            && input.customer_id.is_none()
+            && input.identifiers.is_empty()
+        {
+            // Event time for the profile's partition the heartbeat was produced to.
+            let key = String::from_utf8_lossy(&input.key).into_owned();
+            let record = self.identified(input, "");
+            ctx.emit(&self.identified_topic, &key, &record);
+            return Ok(());
+        }
+        let customer = self.resolve(ctx, &input)?;
+        tracing::trace!(event_id = input.event.event_id(), %customer, "resolved");
+        let record = self.identified(input, &customer);
+        ctx.emit(&self.identified_topic, &customer, &record);
+        Ok(())
+    }
+
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every identifier and known customer id with the customer it resolves to now, read
+/// from a committed identity store (tests and `kairos inspect-state`).
+pub fn resolved_graph(
+    store: &kairos_core::store::PartitionStore,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut nodes = std::collections::BTreeMap::new();
+    for (k, v) in store.scan_state(b"n/")? {
+        let node: Node = serde_json::from_slice(&v)?;
+        nodes.insert(String::from_utf8_lossy(&k[2..]).into_owned(), node);
+    }
+    let canonical = |c: &str| {
+        let mut current = c.to_string();
+        for _ in 0..32 {
+            match nodes.get(&current).and_then(|n| n.merged_into.clone()) {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+        current
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in store.scan_state(b"i/")? {
+        let link: Link = serde_json::from_slice(&v)?;
+        let id = String::from_utf8_lossy(&k[2..]).into_owned();
+        let owner = if link.shared {
+            "(shared)".to_string()
+        } else {
+            canonical(&link.customer)
+        };
+        out.insert(id, owner);
+    }
+    for (c, node) in &nodes {
+        if node.known {
+            out.insert(format!("customer_id:{c}"), canonical(c));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the identity processor until `cancel` fires.
+pub async fn run(
+    config: Arc<Config>,
+    admin: Arc<kairos_core::admin::AdminState>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = SchemaRegistry::new(config.schema_registry.url.clone());
+    let processor = IdentityProcessor::new(config.clone(), registry.clone(), &admin.registry)?;
+    kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
+}

@@ -1,0 +1,652 @@
+//! Identity resolution in event time, in process: the identity processor in front of
+//! the profile processor and the arbiter, wired as on Kafka (the same engine and
+//! stores), fed raw site, app and offline events keyed by whatever the producer had.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kairos_core::config::Config;
+use kairos_core::contracts::{IdentityChange, IdentityChangeKind, SendCommand, Trigger};
+use kairos_core::encoding::SchemaRegistry;
+use kairos_core::replay::Replayer;
+use kairos_core::store::OutboxEntry;
+use kairos_core::time::{ClockMode, Millis, DAY, HOUR, MINUTE};
+use kairos_identity::IdentityProcessor;
+use kairos_profile::pipeline::Pipeline;
+use serde_json::{json, Value};
+
+const CONFIG: &str = r#"
+[kafka]
+partitions = 3
+
+[state]
+max_batch_records = 1
+
+[clock]
+mode = "event"
+
+[identity]
+enabled = true
+default_country = "DE"
+merge_on = ["email", "loyalty_card"]
+max_customers_per_identifier = 2
+
+[arbiter]
+control_group_percent = 0
+daily_cap = 2
+min_gap = "0s"
+conflict_window = "0s"
+
+[[scenarios]]
+name = "abandoned_cart"
+kind = "abandoned_cart"
+channels = ["email"]
+template = "abandoned_cart"
+delay = "1h"
+valid_for = "12h"
+priority = 80
+
+[[scenarios]]
+name = "welcome"
+kind = "welcome"
+channels = ["email", "sms"]
+template = "welcome"
+delay = "0s"
+tolerance = "1d"
+exit_on_purchase = false
+steps = [{ delay = "2d", template = "welcome_2" }]
+"#;
+
+const T0: &str = "2026-03-02T09:00:00Z";
+
+fn at(s: &str) -> Millis {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("bad timestamp {s:?}: {e}"))
+        .timestamp_millis()
+}
+
+fn rfc(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("timestamp in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[derive(Debug, Clone)]
+struct Output {
+    topic: String,
+    key: String,
+    value: Value,
+}
+
+/// A sink that keeps every output record, decoded.
+fn collect(outputs: &mut Vec<Output>) -> impl FnMut(&OutboxEntry) -> anyhow::Result<()> + '_ {
+    move |e: &OutboxEntry| {
+        outputs.push(Output {
+            topic: e
+                .topic
+                .strip_prefix("kairos.")
+                .unwrap_or(&e.topic)
+                .to_string(),
+            key: String::from_utf8_lossy(&e.key).into_owned(),
+            value: serde_json::from_slice(&e.payload)?,
+        });
+        Ok(())
+    }
+}
+
+struct Harness {
+    pipeline: Pipeline,
+    outputs: Vec<Output>,
+    _dir: tempfile::TempDir,
+    next_event: u32,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::from_text(Path::new("identity-test.toml"), CONFIG, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.state.dir = dir.path().to_path_buf();
+        config.clock.mode = ClockMode::Event;
+        let mut pipeline = Pipeline::new(&config).expect("pipeline");
+        let registry = prometheus::Registry::new();
+        let config = Arc::new(config);
+        let identity = IdentityProcessor::new(config.clone(), SchemaRegistry::new(None), &registry)
+            .expect("identity processor");
+        pipeline.set_upstream(Box::new(
+            Replayer::new(identity, &config, &registry).expect("identity replayer"),
+        ));
+        let arbiter_registry = prometheus::Registry::new();
+        let arbiter = kairos_arbiter::ArbiterProcessor::new(config.clone(), &arbiter_registry);
+        pipeline.add_stage(Box::new(
+            Replayer::new(arbiter, &config, &arbiter_registry).expect("arbiter replayer"),
+        ));
+        Harness {
+            pipeline,
+            outputs: Vec::new(),
+            _dir: dir,
+            next_event: 0,
+        }
+    }
+
+    fn feed(&mut self, topic: &str, key: &str, value: Value) {
+        let payload = serde_json::to_vec(&value).expect("json");
+        let mut sink = collect(&mut self.outputs);
+        self.pipeline
+            .push(
+                &format!("kairos.{topic}"),
+                key.as_bytes(),
+                &payload,
+                &mut sink,
+            )
+            .expect("push");
+    }
+
+    /// A site or app event with the given identifiers (`extra` is merged in); keyed by
+    /// the first identifier given, as a producer would.
+    fn event(&mut self, topic: &str, event_type: &str, time: Millis, extra: Value) {
+        self.next_event += 1;
+        let mut e = json!({
+            "event_id": format!("e-{}", self.next_event),
+            "event_type": event_type,
+            "occurred_at": rfc(time),
+        });
+        let key = ["customer_id", "anonymous_id", "device_id", "email"]
+            .iter()
+            .find_map(|k| extra.get(*k).and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        if let (Some(obj), Value::Object(more)) = (e.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        self.feed(topic, &key, e);
+    }
+
+    fn receipt(&mut self, time: Millis, total: f64, ids: Value) {
+        self.next_event += 1;
+        let mut r = json!({
+            "event_id": format!("r-{}", self.next_event),
+            "occurred_at": rfc(time),
+            "receipt_id": format!("receipt-{}", self.next_event),
+            "kind": "sale",
+            "store_id": "store-7",
+            "items": [{"product_id": "p-till", "quantity": 1, "unit_price": total}],
+            "total": total,
+            "currency": "EUR",
+        });
+        let key = ids
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if let (Some(obj), Value::Object(more)) = (r.as_object_mut(), ids) {
+            obj.extend(more);
+        }
+        self.feed("events.offline", &key, r);
+    }
+
+    fn outcome(&mut self, send: &SendCommand, kind: &str, time: Millis) {
+        let o = json!({
+            "outcome_id": format!("{}-{kind}", send.send_id),
+            "send_id": send.send_id,
+            "customer_id": send.customer_id,
+            "scenario": send.scenario,
+            "channel": send.channel,
+            "category": send.category,
+            "kind": kind,
+            "occurred_at": time,
+        });
+        self.feed("outcomes", &send.customer_id, o);
+    }
+
+    fn advance(&mut self, t: Millis) {
+        let mut sink = collect(&mut self.outputs);
+        self.pipeline.advance_to(t, &mut sink).expect("advance");
+        self.pipeline.commit(&mut sink).expect("commit");
+    }
+
+    fn of_topic(&self, topic: &str) -> Vec<&Output> {
+        self.outputs.iter().filter(|o| o.topic == topic).collect()
+    }
+
+    fn sends(&self) -> Vec<SendCommand> {
+        self.outputs
+            .iter()
+            .filter(|o| o.topic.starts_with("send."))
+            .map(|o| serde_json::from_value(o.value.clone()).expect("send command"))
+            .collect()
+    }
+
+    fn triggers(&self) -> Vec<Trigger> {
+        self.of_topic("triggers")
+            .into_iter()
+            .map(|o| serde_json::from_value(o.value.clone()).expect("trigger"))
+            .collect()
+    }
+
+    fn changes(&self) -> Vec<IdentityChange> {
+        self.of_topic("identity-changes")
+            .into_iter()
+            .map(|o| serde_json::from_value(o.value.clone()).expect("identity change"))
+            .collect()
+    }
+
+    /// The customer each identified event was re-keyed to, by event id.
+    fn resolved(&self, event_id: &str) -> Option<String> {
+        self.of_topic("identified-events")
+            .into_iter()
+            .find_map(|o| {
+                let record = o.value.get("record")?;
+                (record.get("event_id")?.as_str()? == event_id).then(|| o.key.clone())
+            })
+    }
+
+    fn profile(&self, customer: &str) -> kairos_profile::profile::CustomerProfile {
+        self.pipeline
+            .profile(customer)
+            .expect("read profile")
+            .unwrap_or_else(|| panic!("no profile for {customer}"))
+    }
+
+    fn dead_letters(&self) -> Vec<&Output> {
+        self.of_topic("deadletter")
+    }
+}
+
+#[test]
+fn an_anonymous_cart_followed_by_a_login_yields_one_reminder_to_the_customers_email() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "product_view",
+        t0,
+        json!({"anonymous_id": "cookie-1",
+        "product": {"product_id": "p-1", "name": "Boots", "price": 120.0}}),
+    );
+    h.event(
+        "events.site",
+        "add_to_cart",
+        t0 + MINUTE,
+        json!({"anonymous_id": "cookie-1",
+        "product": {"product_id": "p-1", "name": "Boots", "price": 120.0}}),
+    );
+    // The visitor logs in ten minutes later, on the same browser, and leaves.
+    h.event(
+        "events.site",
+        "login",
+        t0 + 10 * MINUTE,
+        json!({"anonymous_id": "cookie-1",
+        "customer_id": "c-1", "email": "  Ann.Lee@Example.COM ",
+        "consent": {"channel": "email", "granted": true}}),
+    );
+    h.advance(t0 + 3 * HOUR);
+
+    let carts: Vec<Trigger> = h
+        .triggers()
+        .into_iter()
+        .filter(|t| t.scenario == "abandoned_cart")
+        .collect();
+    assert_eq!(
+        carts.len(),
+        1,
+        "one reminder, not one per profile: {carts:?}"
+    );
+    assert_eq!(carts[0].customer_id, "c-1");
+    let sends: Vec<SendCommand> = h
+        .sends()
+        .into_iter()
+        .filter(|s| s.scenario == "abandoned_cart")
+        .collect();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert_eq!(sends[0].address.as_deref(), Some("ann.lee@example.com"));
+    // The anonymous history now belongs to the customer.
+    let p = h.profile("c-1");
+    assert_eq!(p.cart.len(), 1);
+    assert!(p.recently_viewed.iter().any(|v| v.product_id == "p-1"));
+    assert!(h.pipeline.profile("anon:cookie-1").expect("read").is_none());
+    let stitched = h.changes();
+    assert!(stitched.iter().any(|c| c.kind == IdentityChangeKind::merged
+        && c.customer_id == "c-1"
+        && c.merged_from.as_deref() == Some("anon:cookie-1")));
+    // Later anonymous events of the same cookie resolve to the customer at once.
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 4 * HOUR,
+        json!({"anonymous_id": "cookie-1"}),
+    );
+    let last = format!("e-{}", h.next_event);
+    assert_eq!(h.resolved(&last).as_deref(), Some("c-1"));
+}
+
+#[test]
+fn offline_receipts_resolve_by_loyalty_card_and_by_phone_and_end_the_cart_reminder() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.app",
+        "registration",
+        t0,
+        json!({"customer_id": "c-2",
+        "device_id": "ios-77", "phone": "+49 151 2345 6789",
+        "consent": {"channel": "email", "granted": true},
+        "profile": {"email": "bob@example.com"}}),
+    );
+    // The first till receipt names the customer and the card: the card is linked.
+    h.receipt(
+        t0 + HOUR,
+        30.0,
+        json!({"customer_id": "c-2", "loyalty_card": "LC-0001 77"}),
+    );
+    h.event(
+        "events.app",
+        "add_to_cart",
+        t0 + 2 * HOUR,
+        json!({"device_id": "ios-77",
+        "product": {"product_id": "p-9", "name": "Scarf", "price": 25.0}}),
+    );
+    // The card alone, printed differently, and the phone alone, written nationally.
+    h.receipt(
+        t0 + 2 * HOUR + 20 * MINUTE,
+        25.0,
+        json!({"loyalty_card": "lc0001 77"}),
+    );
+    let by_card = format!("r-{}", h.next_event);
+    h.receipt(t0 + 5 * HOUR, 12.5, json!({"phone": "0151 23456789"}));
+    let by_phone = format!("r-{}", h.next_event);
+    h.advance(t0 + 8 * HOUR);
+
+    assert_eq!(h.resolved(&by_card).as_deref(), Some("c-2"));
+    assert_eq!(h.resolved(&by_phone).as_deref(), Some("c-2"));
+    let p = h.profile("c-2");
+    assert_eq!(
+        p.offline_orders, 3,
+        "every receipt counts in the one profile"
+    );
+    assert!((p.revenue - 67.5).abs() < 1e-9, "revenue {}", p.revenue);
+    assert_eq!(p.phone.as_deref(), Some("+4915123456789"), "phone in E.164");
+    // The card purchase came after the cart change: no cart reminder at all.
+    assert!(
+        h.triggers().iter().all(|t| t.scenario != "abandoned_cart"),
+        "{:?}",
+        h.triggers()
+    );
+}
+
+#[test]
+fn two_known_customers_merge_state_combined_unsubscribe_kept_no_duplicates_caps_shared() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // c-20 signs up in the app with an e-mail, opts in, gets the welcome e-mail and
+    // unsubscribes from it; it also buys once.
+    h.event(
+        "events.app",
+        "registration",
+        t0,
+        json!({"customer_id": "c-20",
+        "email": "Eve@Example.com", "phone": "+4915199990000",
+        "consent": {"channel": "email", "granted": true}}),
+    );
+    h.event(
+        "events.app",
+        "purchase",
+        t0 + MINUTE,
+        json!({"customer_id": "c-20",
+        "order": {"order_id": "o-1", "total": 80.0}}),
+    );
+    let first = h.sends();
+    assert_eq!(first.len(), 1, "welcome to c-20: {first:?}");
+    assert_eq!(first[0].customer_id, "c-20");
+    h.outcome(&first[0], "unsubscribed", t0 + 5 * MINUTE);
+    // c-10 registers on the site with the same e-mail (trusted to merge), buys too, and
+    // consents to SMS; e-mail consent is granted again on this account.
+    h.event(
+        "events.site",
+        "registration",
+        t0 + HOUR,
+        json!({"customer_id": "c-10",
+        "email": "eve@example.com",
+        "consent": {"channel": "email", "granted": true}}),
+    );
+    h.event(
+        "events.site",
+        "consent_change",
+        t0 + HOUR + MINUTE,
+        json!({"customer_id": "c-10",
+        "phone": "+4915199990000", "consent": {"channel": "sms", "granted": true}}),
+    );
+    h.event(
+        "events.site",
+        "purchase",
+        t0 + HOUR + 2 * MINUTE,
+        json!({"customer_id": "c-10",
+        "order": {"order_id": "o-2", "total": 20.0}}),
+    );
+    // Events still keyed by the merged customer's id resolve to the survivor.
+    h.event(
+        "events.app",
+        "page_view",
+        t0 + 2 * HOUR,
+        json!({"customer_id": "c-20"}),
+    );
+    let late = format!("e-{}", h.next_event);
+    h.advance(t0 + 3 * DAY);
+
+    // The survivor is the smaller id; the merge is announced.
+    let merges: Vec<IdentityChange> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::merged)
+        .collect();
+    assert_eq!(merges.len(), 1, "{merges:?}");
+    assert_eq!(merges[0].customer_id, "c-10");
+    assert_eq!(merges[0].merged_from.as_deref(), Some("c-20"));
+    assert_eq!(merges[0].identifier, "email:eve@example.com");
+    assert_eq!(h.resolved(&late).as_deref(), Some("c-10"));
+
+    // State combined: purchases add up; the unsubscribe is not lost.
+    let p = h.profile("c-10");
+    assert_eq!(p.orders, 2);
+    assert!((p.revenue - 100.0).abs() < 1e-9);
+    assert_eq!(
+        p.consents.get(&kairos_core::contracts::Channel::email),
+        Some(&false)
+    );
+    assert!(h.pipeline.profile("c-20").expect("read").is_none());
+
+    // No e-mail after the merge (the unsubscribe holds), no message twice: the merged
+    // customer's welcome series ended at the merge, the survivor's goes on, by SMS
+    // (its first message found no consented channel yet: e-mail was unsubscribed).
+    let after: Vec<SendCommand> = h
+        .sends()
+        .into_iter()
+        .filter(|s| s.created_at > t0 + 5 * MINUTE)
+        .collect();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].customer_id, "c-10");
+    assert_eq!(after[0].template, "welcome_2");
+    assert_eq!(after[0].channel, kairos_core::contracts::Channel::sms);
+    assert_eq!(after[0].address.as_deref(), Some("+4915199990000"));
+    let merged_at = t0 + HOUR;
+    assert!(
+        h.triggers()
+            .iter()
+            .all(|t| t.customer_id != "c-20" || t.fired_at < merged_at),
+        "the merged customer's chain went on: {:?}",
+        h.triggers()
+    );
+    let welcome_for_10 = h
+        .of_topic("decisions")
+        .into_iter()
+        .filter(|d| d.value["customer_id"] == "c-10" && d.value["scenario"] == "welcome")
+        .map(|d| d.value["rule"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        welcome_for_10,
+        ["merge_pending", "no_consented_channel", "channel_choice"],
+        "the survivor's first welcome waited for the merged ledger, then found e-mail unsubscribed"
+    );
+}
+
+#[test]
+fn caps_count_the_merged_customers_sends() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // c-31 gets two welcome messages today (its own, and a loyalty card sign-up of
+    // c-32 that merges into it later).
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-32",
+        "loyalty_card": "CARD-5",
+        "consent": {"channel": "email", "granted": true}, "email": "c32@example.com"}),
+    );
+    h.event(
+        "events.site",
+        "registration",
+        t0 + HOUR,
+        json!({"customer_id": "c-31",
+        "consent": {"channel": "email", "granted": true}, "email": "c31@example.com"}),
+    );
+    assert_eq!(h.sends().len(), 2, "{:?}", h.sends());
+    // A receipt of c-31 with c-32's card merges the two (cards are trusted).
+    h.receipt(
+        t0 + 2 * HOUR,
+        10.0,
+        json!({"customer_id": "c-31", "loyalty_card": "card-5"}),
+    );
+    // c-31 abandons a cart: the reminder would be the third message today.
+    h.event(
+        "events.site",
+        "add_to_cart",
+        t0 + 3 * HOUR,
+        json!({"customer_id": "c-31",
+        "product": {"product_id": "p-3", "name": "Hat", "price": 15.0}}),
+    );
+    h.advance(t0 + 5 * HOUR);
+    let cart: Vec<&Output> = h
+        .of_topic("decisions")
+        .into_iter()
+        .filter(|d| d.value["scenario"] == "abandoned_cart")
+        .collect();
+    assert!(!cart.is_empty(), "the cart reminder was decided");
+    assert_eq!(cart[0].value["customer_id"], "c-31");
+    assert_eq!(
+        cart[0].value["rule"], "frequency_cap_daily",
+        "the merged customer's send counts against the daily cap: {:?}",
+        cart[0].value
+    );
+}
+
+#[test]
+fn an_identifier_shared_by_too_many_customers_stops_linking() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // A shop's test card, scanned for three different customers (limit: two).
+    for (i, c) in ["c-41", "c-42", "c-43"].iter().enumerate() {
+        h.receipt(
+            t0 + i as Millis * HOUR,
+            5.0,
+            json!({"customer_id": c, "loyalty_card": "TEST-1"}),
+        );
+    }
+    // The card alone no longer resolves to any of them.
+    h.receipt(t0 + 5 * HOUR, 7.0, json!({"loyalty_card": "TEST-1"}));
+    let alone = format!("r-{}", h.next_event);
+    h.advance(t0 + 6 * HOUR);
+    let shared: Vec<IdentityChange> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::identifier_shared)
+        .collect();
+    assert_eq!(shared.len(), 1, "{:?}", h.changes());
+    assert_eq!(shared[0].identifier, "loyalty_card:TEST1");
+    assert_eq!(shared[0].customers, ["c-41", "c-42", "c-43"]);
+    let resolved = h.resolved(&alone).expect("resolved");
+    assert!(
+        !["c-41", "c-42", "c-43"].contains(&resolved.as_str()),
+        "{resolved}"
+    );
+    // Two customers shared it before the limit: cards are trusted, so they merged, but
+    // the third was not merged into them.
+    assert_eq!(h.profile("c-43").offline_orders, 1);
+    let p41 = h.profile("c-41");
+    assert_eq!(
+        p41.offline_orders, 2,
+        "c-42 merged into c-41 before the limit"
+    );
+}
+
+#[test]
+fn untrusted_identifiers_do_not_merge_known_customers() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // A family phone: two known customers present it; phones are not in merge_on.
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-51", "phone": "+4915111112222"}),
+    );
+    h.event(
+        "events.site",
+        "registration",
+        t0 + HOUR,
+        json!({"customer_id": "c-52", "phone": "0151 11112222"}),
+    );
+    h.advance(t0 + 2 * HOUR);
+    assert!(h
+        .changes()
+        .iter()
+        .all(|c| c.kind != IdentityChangeKind::merged));
+    let conflicts: Vec<IdentityChange> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::conflict)
+        .collect();
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].identifier, "phone:+4915111112222");
+    assert_eq!(h.profile("c-51").orders + h.profile("c-52").orders, 0);
+}
+
+#[test]
+fn invalid_identifiers_go_to_the_dead_letter_topic_with_the_reason() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "login",
+        t0,
+        json!({"customer_id": "c-60", "email": "not-an-address"}),
+    );
+    h.receipt(t0 + MINUTE, 9.0, json!({"phone": "12"}));
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 2 * MINUTE,
+        json!({"session_id": "s-1"}),
+    );
+    h.advance(t0 + HOUR);
+    let dead = h.dead_letters();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| format!("{} {}", d.value["reason_code"], d.value["reason"]))
+        .collect();
+    assert!(
+        reasons[0].contains("invalid_field") && reasons[0].contains("email"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("invalid_field") && reasons[1].contains("phone"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("missing_field"), "{reasons:?}");
+    assert_eq!(dead[0].value["source_topic"], "kairos.events.site");
+    assert!(
+        h.of_topic("identified-events").is_empty(),
+        "nothing invalid went on"
+    );
+}
