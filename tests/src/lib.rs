@@ -203,7 +203,8 @@ impl Pipeline {
         }
         env.extend(opts.env.iter().cloned());
         let mut admin = BTreeMap::new();
-        for s in SERVICES {
+        // The identity processor runs only where a test enables and starts it.
+        for s in SERVICES.iter().chain(&["identity"]) {
             let port = free_port();
             admin.insert(s.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
             let key = match s.strip_prefix("deliver-") {
@@ -519,6 +520,14 @@ impl Pipeline {
 
     /// Every record currently in a topic (read up to the high watermarks).
     pub fn read_all_json(&self, topic_suffix: &str) -> Vec<serde_json::Value> {
+        self.read_all_records(topic_suffix)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Every JSON record of a topic with its key, partition by partition.
+    pub fn read_all_records(&self, topic_suffix: &str) -> Vec<(String, serde_json::Value)> {
         let consumer: BaseConsumer = self
             .client_config()
             .set("group.id", format!("test-reader-{}", free_port()))
@@ -549,7 +558,8 @@ impl Pipeline {
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                     next = m.offset() + 1;
                     if let Some(v) = m.payload().and_then(|b| serde_json::from_slice(b).ok()) {
-                        out.push(v);
+                        let key = String::from_utf8_lossy(m.key().unwrap_or_default());
+                        out.push((key.into_owned(), v));
                     }
                 }
             }

@@ -696,11 +696,17 @@ impl Processor for IdentityProcessor {
     }
 }
 
-/// Every identifier and known customer id with the customer it resolves to now, read
-/// from a committed identity store (tests and `kairos inspect-state`).
-pub fn resolved_graph(
-    store: &kairos_core::store::PartitionStore,
-) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+/// The identity graph as it resolves now, read from a committed identity store (for
+/// tests and tools). Two maps: every identifier and every known customer id with its
+/// customer (`(shared)` for an identifier that stopped linking), which does not
+/// depend on the order events arrived in; and every profile name, anonymous ones
+/// included, with its customer.
+pub struct ResolvedGraph {
+    pub identifiers: std::collections::BTreeMap<String, String>,
+    pub profiles: std::collections::BTreeMap<String, String>,
+}
+
+pub fn resolved_graph(store: &kairos_core::store::PartitionStore) -> anyhow::Result<ResolvedGraph> {
     let mut nodes = std::collections::BTreeMap::new();
     for (k, v) in store.scan_state(b"n/")? {
         let node: Node = serde_json::from_slice(&v)?;
@@ -716,7 +722,7 @@ pub fn resolved_graph(
         }
         current
     };
-    let mut out = std::collections::BTreeMap::new();
+    let mut identifiers = std::collections::BTreeMap::new();
     for (k, v) in store.scan_state(b"i/")? {
         let link: Link = serde_json::from_slice(&v)?;
         let id = String::from_utf8_lossy(&k[2..]).into_owned();
@@ -725,14 +731,18 @@ pub fn resolved_graph(
         } else {
             canonical(&link.customer)
         };
-        out.insert(id, owner);
+        identifiers.insert(id, owner);
     }
     for (c, node) in &nodes {
         if node.known {
-            out.insert(format!("customer_id:{c}"), canonical(c));
+            identifiers.insert(format!("customer_id:{c}"), canonical(c));
         }
     }
-    Ok(out)
+    let profiles = nodes.keys().map(|c| (c.clone(), canonical(c))).collect();
+    Ok(ResolvedGraph {
+        identifiers,
+        profiles,
+    })
 }
 
 /// Runs the identity processor until `cancel` fires.
