@@ -14,12 +14,13 @@ KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
   python3-aiosmtpd
 
-.PHONY: all deps build run test lint fmt bench bench-delivery bench-arbiter clean
+.PHONY: all deps build run test lint fmt bench bench-delivery bench-arbiter bench-identity clean
 BENCH_EVENTS ?= 20000000
 BENCH_CUSTOMERS ?= 1000000
 BENCH_SENDS ?= 200000
 BENCH_TRIGGERS ?= 2000000
 BENCH_SCENARIO ?= abandoned_cart
+BENCH_IDENTITY_EVENTS ?= 2000000
 
 all: build
 
@@ -62,6 +63,19 @@ bench-delivery: deps
 	$(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml bench-delivery \
 	  --channel email --count $(BENCH_SENDS)
 
+# The identity processor on one core (taskset): generated traffic from a file, read
+# before the clock starts; reports events per second and per CPU-second.
+bench-identity: deps
+	$(CARGO) build --release -p kairos
+	mkdir -p var/bench
+	test -s var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
+	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml generate \
+	    --to-file var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
+	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60
+	KAIROS__STATE__MAX_BATCH_RECORDS=10000 taskset -c 0 $(CARGO_TARGET_DIR)/release/kairos \
+	  --config config/kairos.toml bench-identity \
+	  var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl
+
 bench-arbiter: deps
 	$(CARGO) build --release -p kairos
 	KAIROS__STATE__MAX_BATCH_RECORDS=10000 $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
@@ -75,7 +89,7 @@ bench: deps
 	    --to-file var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
 	rm -rf var/bench/state
-	KAIROS__STATE__MAX_BATCH_RECORDS=100000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
+	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=100000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
 	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay --no-arbiter \
 	    --state-dir var/bench/state --output /dev/null \
 	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl

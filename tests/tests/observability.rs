@@ -90,11 +90,18 @@ fn every_metric_in_rules_alerts_and_dashboards_is_exposed_by_a_running_service()
         wanted.keys()
     );
 
-    let p = Pipeline::start(Options::default());
+    // Every service, the identity processor included.
+    let mut services = SERVICES.to_vec();
+    services.push("identity");
+    let p = Pipeline::start(Options {
+        env: vec![("KAIROS__IDENTITY__ENABLED".into(), "true".into())],
+        services: services.clone(),
+        ..Options::default()
+    });
     let mut exposed = BTreeSet::new();
     let scrapes_dir = p.dir.path().join("scrapes");
     std::fs::create_dir_all(&scrapes_dir).expect("scrapes dir");
-    for service in SERVICES {
+    for service in services {
         let text = p.metrics(service);
         exposed.extend(exposed_names(&text));
         // The exposition itself must be valid Prometheus text.

@@ -281,3 +281,129 @@ fn every_service_exposes_metrics_that_pass_promtool() {
         }
     }
 }
+
+/// Identity resolution with every service as a real process: an anonymous cart, a
+/// login on the same browser, and a loyalty-card-only till receipt of another customer
+/// that ends that customer's cart reminder.
+#[test]
+fn identity_stitches_an_anonymous_cart_to_the_customer_who_logs_in() {
+    let p = Pipeline::start(Options {
+        env: vec![
+            ("KAIROS__IDENTITY__ENABLED".into(), "true".into()),
+            ("KAIROS__IDENTITY__DEFAULT_COUNTRY".into(), "DE".into()),
+        ],
+        services: vec!["identity", "profile", "arbiter", "deliver-email"],
+        ..Options::default()
+    });
+    // c-card's first receipt (yesterday) names the customer and links the card.
+    let receipt = |id: &str, ids: Value, at: i64| {
+        let mut r = j!({
+            "event_id": id, "occurred_at": at, "receipt_id": id, "kind": "sale",
+            "store_id": "s1", "items": [{"product_id": "p1", "quantity": 1, "unit_price": 5.0}],
+            "total": 5.0, "currency": "EUR"
+        });
+        if let (Some(o), Value::Object(more)) = (r.as_object_mut(), ids) {
+            o.extend(more);
+        }
+        json(r)
+    };
+    p.produce(
+        "events.offline",
+        &[(
+            "c-card",
+            receipt(
+                "till-1",
+                j!({"customer_id": "c-card", "loyalty_card": "LC 77"}),
+                now_millis() - 86_400_000,
+            ),
+        )],
+    );
+    p.read_json_until("customer-actions", Duration::from_secs(30), |v| {
+        v.iter().any(|a| a["order_id"] == "till-1")
+    });
+    let cart = |event_id: &str, key: (&str, &str), at: i64| {
+        json(j!({
+            "event_id": event_id, "event_type": "add_to_cart", "occurred_at": at,
+            key.0: key.1,
+            "product": {"product_id": "p42", "name": "Red shoes", "price": 59.9}
+        }))
+    };
+    let t = now_millis();
+    p.produce(
+        "events.site",
+        &[
+            (
+                "cookie-1",
+                cart("anon-cart", ("anonymous_id", "cookie-1"), t),
+            ),
+            (
+                "cookie-1",
+                json(j!({
+                    "event_id": "login-1", "event_type": "login", "occurred_at": t + 1,
+                    "anonymous_id": "cookie-1", "customer_id": "c-stitched",
+                    "email": " Stitched@Example.COM ",
+                    "consent": {"channel": "email", "granted": true}
+                })),
+            ),
+            ("c-card", registration("c-card", t)),
+            (
+                "c-card",
+                cart("card-cart", ("customer_id", "c-card"), t + 1),
+            ),
+        ],
+    );
+    // Before the 2 s reminder, c-card pays in a shop showing only the card.
+    std::thread::sleep(Duration::from_millis(300));
+    p.produce(
+        "events.offline",
+        &[(
+            "LC77",
+            receipt("till-2", j!({"loyalty_card": "lc-77"}), now_millis()),
+        )],
+    );
+    let sends = p.read_json_until("send.email", Duration::from_secs(60), |v| {
+        !sends_for(v, "c-stitched").is_empty()
+    });
+    let mine = sends_for(&sends, "c-stitched");
+    assert_eq!(
+        mine.len(),
+        1,
+        "one reminder for the stitched customer: {sends:?}"
+    );
+    assert_eq!(mine[0]["scenario"], "abandoned_cart");
+    assert_eq!(mine[0]["address"], "stitched@example.com");
+    let vars: Value = serde_json::from_str(mine[0]["variables"].as_str().unwrap()).unwrap();
+    assert_eq!(vars["cart_items"][0]["product_id"], "p42");
+    // Nothing for the anonymous profile, and the card-only purchase ended c-card's.
+    std::thread::sleep(Duration::from_secs(3));
+    let sends = p.read_all_json("send.email");
+    assert!(
+        sends.iter().all(|s| s["customer_id"] != "anon:cookie-1"),
+        "{sends:?}"
+    );
+    assert!(sends_for(&sends, "c-card").is_empty(), "{sends:?}");
+    // The card-only receipt was c-card's purchase.
+    let actions = p.read_all_json("customer-actions");
+    assert!(
+        actions.iter().any(|a| a["kind"] == "purchase"
+            && a["customer_id"] == "c-card"
+            && a["order_id"] == "till-2"),
+        "{actions:?}"
+    );
+    let changes = p.read_all_json("identity-changes");
+    assert!(
+        changes.iter().any(|c| c["kind"] == "merged"
+            && c["customer_id"] == "c-stitched"
+            && c["merged_from"] == "anon:cookie-1"),
+        "{changes:?}"
+    );
+    let metrics = p.metrics("identity");
+    assert_eq!(
+        sample(
+            &metrics,
+            "kairos_identity_merges_total",
+            &["kind=\"stitch\""]
+        ),
+        1.0
+    );
+}

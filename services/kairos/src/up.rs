@@ -266,6 +266,30 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
             group("kairos_attribution_touches_total", g),
         )
     };
+    if let Some(identity) = m.get("identity") {
+        let resolved = |r: &str| {
+            sum(
+                Some(identity),
+                "kairos_identity_events_total",
+                &[&format!("resolution=\"{r}\"")],
+            )
+        };
+        let merges = |k: &str| {
+            sum(
+                Some(identity),
+                "kairos_identity_merges_total",
+                &[&format!("kind=\"{k}\"")],
+            )
+        };
+        println!(
+            "        identity: by customer id {:.0}, by a linked identifier {:.0}, new profiles {:.0} | anonymous profiles joined a customer {:.0}, customers merged {:.0}",
+            resolved("customer_id"),
+            resolved("linked"),
+            resolved("new"),
+            merges("stitch"),
+            merges("merge"),
+        );
+    }
     let (treated, control) = (conversion_rate("treatment"), conversion_rate("control"));
     let lift = if control > 0.0 {
         format!("{:+.1}%", 100.0 * (treated / control - 1.0))
