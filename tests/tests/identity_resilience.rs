@@ -247,4 +247,58 @@ fn identity_graph_and_resolutions_survive_sigkill() {
         crashed.known_merges, baseline.known_merges,
         "the same merges"
     );
+
+    // A second instance: the graph is one partition, so neither instance applies
+    // anything while they share the input; when one stops, the other does it all.
+    let mut p = Pipeline::start(options());
+    p.spawn("identity");
+    p.wait_ready("identity", Duration::from_secs(60));
+    let chunks: Vec<_> = events.chunks(events.len() / CHUNKS).collect();
+    produce_chunk(&p, chunks[0]);
+    p.wait_caught_up("identity", &TOPICS, Duration::from_secs(120));
+    p.spawn_instance("identity-b", "identity");
+    let waiting = "does not own every input partition";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut resent = 0;
+    while !p.log("identity-b").contains(waiting) && !p.log("identity").contains(waiting) {
+        // Records keep coming, so an instance polls and sees the shared assignment.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no instance noticed the shared input:\n{}\n{}",
+            p.log("identity"),
+            p.log("identity-b")
+        );
+        produce_chunk(&p, &chunks[1][resent..resent + 20]);
+        resent += 20;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    produce_chunk(&p, &chunks[1][resent..]);
+    std::thread::sleep(Duration::from_secs(2));
+    let b_dir = p.state_dir("identity-b").join("identity");
+    let (status, _) = p.terminate("identity-b");
+    assert!(
+        status.success(),
+        "identity-b did not stop cleanly:\n{}",
+        p.log("identity-b")
+    );
+    let b_store = StoreFactory::new(&b_dir, 8 << 20)
+        .expect("factory")
+        .open(0)
+        .expect("identity-b store");
+    let b_graph = kairos_identity::resolved_graph(&b_store).expect("graph");
+    assert!(
+        b_graph.identifiers.is_empty(),
+        "the instance without every partition applied {} links",
+        b_graph.identifiers.len()
+    );
+    drop(b_store);
+    for c in &chunks[2..] {
+        produce_chunk(&p, c);
+    }
+    let shared = finish(&mut p);
+    assert_eq!(
+        shared.graph, baseline.graph,
+        "the same graph with a second instance"
+    );
+    assert_eq!(shared.resolved, baseline.resolved);
 }

@@ -946,6 +946,8 @@ pub async fn run<P: Processor>(
     let tick = config.state.timer_tick;
     let mut last_gauges = Instant::now();
     let mut assigned_once = false;
+    let single_state = engine.processor.single_state_partition();
+    let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
 
     loop {
         admin.heartbeat();
@@ -960,7 +962,12 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
-        admin.set_ready(assigned_once);
+        // A single-state processor is ready only with every input partition.
+        admin.set_ready(
+            assigned_once
+                && (!single_state
+                    || owns_every_partition(&consumer, &inputs, config.kafka.partitions)),
+        );
         if cancel.is_cancelled() {
             break;
         }
@@ -1008,6 +1015,20 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        if single_state && !owns_every_partition(&consumer, &inputs, config.kafka.partitions) {
+            // Another instance holds some input partitions: a graph built from part of
+            // the input would be wrong, so nothing is applied and no offset is stored.
+            // The records come again from the committed offsets once one instance
+            // owns them all (eager rebalances reset positions).
+            if !batch.is_empty() && last_incomplete_warning.elapsed() > Duration::from_secs(10) {
+                tracing::error!(
+                    service = %name,
+                    "this instance does not own every input partition, so it waits: run one {name} instance"
+                );
+                last_incomplete_warning = Instant::now();
+            }
+            continue;
+        }
         let started = Instant::now();
         let mut out = Vec::new();
         let mut positions: HashMap<(String, i32), i64> = HashMap::new();
@@ -1088,6 +1109,21 @@ pub async fn run<P: Processor>(
     drop(engine);
     tracing::info!(service = %name, "stopped cleanly");
     Ok(())
+}
+
+/// Whether the consumer is assigned every partition of every input topic (what a
+/// processor with a single state partition needs before it applies anything).
+fn owns_every_partition<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partitions: i32,
+) -> bool {
+    let Ok(assignment) = consumer.assignment() else {
+        return false;
+    };
+    inputs
+        .iter()
+        .all(|topic| (0..partitions).all(|p| assignment.find_partition(topic, p).is_some()))
 }
 
 /// Opens (restoring from the changelog when needed) newly assigned partitions and

@@ -153,6 +153,19 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
             for (id, q) in &l.queued {
                 writeln!(out, "  queued: {id} ({})", q.scenario)?;
             }
+            if let Some(into) = &l.merged_into {
+                writeln!(
+                    out,
+                    "  merged into {into} (identity resolution): its messages go there"
+                )?;
+            }
+            if !l.absorbed.is_empty() {
+                writeln!(
+                    out,
+                    "  merged into this customer: {}",
+                    l.absorbed.join(", ")
+                )?;
+            }
             for (id, c) in &l.cascades {
                 let sent: Vec<&str> = c.channels.iter().map(|c| c.as_str()).collect();
                 writeln!(
