@@ -1003,6 +1003,15 @@ impl ArbiterProcessor {
                 let Some(state) = &a.state else {
                     return Ok(());
                 };
+                // A re-sent record (after a crash) must not count the sends twice.
+                let h = kairos_core::ids::stable_hash(&a.action_id);
+                if ledger.recent_outcomes.contains(&h) {
+                    return Ok(());
+                }
+                if ledger.recent_outcomes.len() >= RECENT_OUTCOMES {
+                    ledger.recent_outcomes.remove(0);
+                }
+                ledger.recent_outcomes.push(h);
                 if let Some(from) = &a.merged_from {
                     if !ledger.absorbed.contains(from) {
                         if ledger.absorbed.len() >= 16 {

@@ -161,6 +161,16 @@ impl Harness {
         self.feed(topic, &key, e);
     }
 
+    /// An online order of `customer` on `topic`.
+    fn purchase(&mut self, topic: &str, customer: &str, order_id: &str, total: f64, time: Millis) {
+        self.event(
+            topic,
+            "purchase",
+            time,
+            json!({"customer_id": customer, "order": {"order_id": order_id, "total": total}}),
+        );
+    }
+
     fn receipt(&mut self, time: Millis, total: f64, ids: Value) {
         self.next_event += 1;
         let mut r = json!({
@@ -388,13 +398,7 @@ fn two_known_customers_merge_state_combined_unsubscribe_kept_no_duplicates_caps_
         "email": "Eve@Example.com", "phone": "+4915199990000",
         "consent": {"channel": "email", "granted": true}}),
     );
-    h.event(
-        "events.app",
-        "purchase",
-        t0 + MINUTE,
-        json!({"customer_id": "c-20",
-        "order": {"order_id": "o-1", "total": 80.0}}),
-    );
+    h.purchase("events.app", "c-20", "o-1", 80.0, t0 + MINUTE);
     let first = h.sends();
     assert_eq!(first.len(), 1, "welcome to c-20: {first:?}");
     assert_eq!(first[0].customer_id, "c-20");
@@ -416,13 +420,7 @@ fn two_known_customers_merge_state_combined_unsubscribe_kept_no_duplicates_caps_
         json!({"customer_id": "c-10",
         "phone": "+4915199990000", "consent": {"channel": "sms", "granted": true}}),
     );
-    h.event(
-        "events.site",
-        "purchase",
-        t0 + HOUR + 2 * MINUTE,
-        json!({"customer_id": "c-10",
-        "order": {"order_id": "o-2", "total": 20.0}}),
-    );
+    h.purchase("events.site", "c-10", "o-2", 20.0, t0 + HOUR + 2 * MINUTE);
     // Events still keyed by the merged customer's id resolve to the survivor.
     h.event(
         "events.app",
@@ -649,4 +647,75 @@ fn invalid_identifiers_go_to_the_dead_letter_topic_with_the_reason() {
         h.of_topic("identified-events").is_empty(),
         "nothing invalid went on"
     );
+}
+
+#[test]
+fn re_sent_merge_records_change_nothing() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // c-72 gets a welcome e-mail; c-71 has no consent, so none. A receipt with c-72's
+    // card merges c-72 into c-71.
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-72",
+        "loyalty_card": "CARD-9", "email": "c72@example.com",
+        "consent": {"channel": "email", "granted": true}}),
+    );
+    h.purchase("events.site", "c-72", "o-72", 40.0, t0 + MINUTE);
+    h.event(
+        "events.site",
+        "registration",
+        t0 + HOUR,
+        json!({"customer_id": "c-71"}),
+    );
+    h.receipt(
+        t0 + 2 * HOUR,
+        10.0,
+        json!({"customer_id": "c-71", "loyalty_card": "card-9"}),
+    );
+    h.advance(t0 + 2 * HOUR + 5 * MINUTE);
+    assert_eq!(h.sends().len(), 1, "{:?}", h.sends());
+    let before = h.profile("c-71");
+    assert_eq!((before.orders, before.offline_orders), (2, 1), "{before:?}");
+    // Every merge record goes again, as an outbox does after a crash.
+    let resent: Vec<Output> = h
+        .outputs
+        .iter()
+        .filter(|o| {
+            (o.topic == "identified-events"
+                && o.value["kind"] != "site"
+                && o.value["kind"] != "offline")
+                || (o.topic == "customer-actions"
+                    && (o.value["kind"] == "merged" || o.value["kind"] == "merge_in"))
+        })
+        .cloned()
+        .collect();
+    assert!(resent.len() >= 4, "{resent:?}");
+    for o in resent {
+        h.feed(&o.topic, &o.key, o.value);
+    }
+    h.advance(t0 + 3 * HOUR);
+    let after = h.profile("c-71");
+    assert_eq!(after.orders, before.orders, "orders counted once");
+    assert_eq!(after.offline_orders, before.offline_orders);
+    assert!((after.revenue - before.revenue).abs() < 1e-9);
+    // The merged welcome counts once against the daily cap of 2: the cart reminder
+    // is the second message of the day and goes out.
+    h.event(
+        "events.site",
+        "add_to_cart",
+        t0 + 3 * HOUR,
+        json!({"customer_id": "c-71",
+        "product": {"product_id": "p-5", "name": "Belt", "price": 30.0}}),
+    );
+    h.advance(t0 + 5 * HOUR);
+    let carts: Vec<SendCommand> = h
+        .sends()
+        .into_iter()
+        .filter(|s| s.scenario == "abandoned_cart")
+        .collect();
+    assert_eq!(carts.len(), 1, "{:?}", h.of_topic("decisions"));
+    assert_eq!(carts[0].address.as_deref(), Some("c72@example.com"));
 }

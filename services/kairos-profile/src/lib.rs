@@ -424,19 +424,24 @@ impl ProfileProcessor {
     /// This customer joined another: its timers stop, its profile goes to the survivor
     /// (keyed by it, so it lands in the survivor's partition), and the arbiter is told.
     fn merge_out(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
-        if let Some(p) = self.take(ctx, &m.from)? {
-            for s in &self.config.scenarios {
-                ctx.cancel(&timer_id(&s.name, &m.from))?;
+        let p = match self.take(ctx, &m.from)? {
+            Some(p) => {
+                for s in &self.config.scenarios {
+                    ctx.cancel(&timer_id(&s.name, &m.from))?;
+                }
+                ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
+                ctx.delete(&profile_key(&m.from));
+                p
             }
-            ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
-            ctx.delete(&profile_key(&m.from));
-            let record = IdentifiedRecord::merge_in {
-                merge: m.clone(),
-                profile: serde_json::to_value(&p).context("encode a merged profile")?,
-            };
-            if let Some(topic) = &self.identified_topic {
-                ctx.emit(topic, &m.into, &record);
-            }
+            // Nothing known here: the survivor still waits for an answer.
+            None => CustomerProfile::new(&m.from, m.occurred_at),
+        };
+        let record = IdentifiedRecord::merge_in {
+            merge: m.clone(),
+            profile: serde_json::to_value(&p).context("encode a merged profile")?,
+        };
+        if let Some(topic) = &self.identified_topic {
+            ctx.emit(topic, &m.into, &record);
         }
         let action = CustomerAction {
             action_id: deterministic_id(&[&m.merge_id, "merged"]),
@@ -465,6 +470,12 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &m.into)?
             .unwrap_or_else(|| CustomerProfile::new(&m.into, merged.first_seen_at));
+        if p.merged_from.contains(&m.from) {
+            // A re-sent merge (after a crash): its purchases are in already.
+            self.metrics.duplicates.inc();
+            self.put(ctx.partition, p);
+            return Ok(());
+        }
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
         p.absorb(merged);
