@@ -1073,15 +1073,14 @@ impl ArbiterProcessor {
         ledger: &CustomerLedger,
     ) -> anyhow::Result<()> {
         let action = CustomerAction {
-            action_id: deterministic_id(&[cause_id, "merge_in"]),
-            customer_id: into.to_string(),
-            kind: CustomerActionKind::merge_in,
-            order_id: None,
-            channel: None,
-            occurred_at: at,
-            merged_into: None,
             state: Some(serde_json::to_string(ledger).context("encode a merged ledger")?),
             merged_from: Some(from.to_string()),
+            ..CustomerAction::new(
+                deterministic_id(&[cause_id, "merge_in"]),
+                into.to_string(),
+                CustomerActionKind::merge_in,
+                at,
+            )
         };
         ctx.emit(&self.actions_topic, into, &action);
         Ok(())

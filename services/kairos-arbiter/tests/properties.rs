@@ -158,17 +158,12 @@ proptest! {
                     unsubscribed.entry((o.customer_id.clone(), *channel)).or_insert(at);
                 }
                 Event::Purchase { customer, .. } => {
-                    let action = kairos_core::contracts::CustomerAction {
-                        action_id: format!("b{n}"),
-                        customer_id: customer_id(*customer),
-                        kind: kairos_core::contracts::CustomerActionKind::purchase,
-                        order_id: None,
-                        channel: None,
-                        occurred_at: at,
-                        merged_into: None,
-                        state: None,
-                        merged_from: None,
-                    };
+                    let action = kairos_core::contracts::CustomerAction::new(
+                        format!("b{n}"),
+                        customer_id(*customer),
+                        kairos_core::contracts::CustomerActionKind::purchase,
+                        at,
+                    );
                     a.push("customer-actions", &action.customer_id.clone(), &action);
                     purchases.entry(action.customer_id).or_default().push(at);
                 }

@@ -689,6 +689,29 @@ pub enum CustomerActionKind {
     merge_in,
 }
 
+impl CustomerAction {
+    /// An action with no order, channel or merge details; set the ones that apply with
+    /// struct update syntax.
+    pub fn new(
+        action_id: String,
+        customer_id: String,
+        kind: CustomerActionKind,
+        occurred_at: i64,
+    ) -> Self {
+        CustomerAction {
+            action_id,
+            customer_id,
+            kind,
+            order_id: None,
+            channel: None,
+            occurred_at,
+            merged_into: None,
+            state: None,
+            merged_from: None,
+        }
+    }
+}
+
 /// Two customer ids found to be one person: `from` joins `into` for good.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerMerge {

@@ -7,6 +7,14 @@ use crate::contracts::{CustomerEvent, DeadLetterReason, EventType, OfflineReceip
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
 
+/// The raw input topic an event belongs to (site, app or offline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Site,
+    App,
+    Offline,
+}
+
 /// A site or app event, decoded (JSON or Avro) and checked.
 pub fn decode_customer_event(
     payload: &[u8],

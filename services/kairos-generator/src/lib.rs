@@ -24,12 +24,7 @@ use rand_distr::{Distribution, LogNormal};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Where an event goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Site,
-    App,
-    Offline,
-}
+pub use kairos_core::input::Source;
 
 /// One generated event, ready to publish.
 #[derive(Debug, Clone)]

@@ -28,21 +28,13 @@ use kairos_core::contracts::{
 use kairos_core::encoding::{Rejection, SchemaRegistry};
 use kairos_core::identifiers::{Identifier, IdentifierKind, Normalizer};
 use kairos_core::ids::deterministic_id;
-use kairos_core::input;
+use kairos_core::input::{self, Source};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
-
-/// Where an event came from; it keeps its kind on `identified-events`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Site,
-    App,
-    Offline,
-}
 
 /// A decoded raw event with its identifiers normalized.
 #[derive(Debug, Clone)]
@@ -187,22 +179,23 @@ impl IdentityProcessor {
         })
     }
 
+    /// Normalizes an identifier field in place (the event goes on with the normal
+    /// form) and returns it; an empty field is no identifier, an invalid one rejects
+    /// the event.
     fn normalize(
         &self,
-        out: &mut Vec<Identifier>,
         kind: IdentifierKind,
-        raw: Option<&String>,
-    ) -> Result<(), Rejection> {
-        if let Some(raw) = raw.filter(|r| !r.trim().is_empty()) {
-            let id = self
-                .normalizer
-                .normalize(kind, raw)
-                .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
-            if !out.contains(&id) {
-                out.push(id);
-            }
-        }
-        Ok(())
+        field: &mut Option<String>,
+    ) -> Result<Option<Identifier>, Rejection> {
+        let Some(raw) = field.as_deref().filter(|r| !r.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let id = self
+            .normalizer
+            .normalize(kind, raw)
+            .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
+        *field = Some(id.value.clone());
+        Ok(Some(id))
     }
 
     /// Reports a merge, a shared identifier or a conflict on `identity-changes`.
@@ -480,35 +473,12 @@ impl IdentityProcessor {
         Ok(target)
     }
 
-    /// The event as the profile sees it: normalized identifiers, the resolved customer.
+    /// The event as the profile sees it: identifiers normalized (in `decode`), the
+    /// resolved customer.
     fn identified(&self, input: IdentityInput, customer: &str) -> IdentifiedRecord {
-        let find = |kind: IdentifierKind| {
-            input
-                .identifiers
-                .iter()
-                .find(|i| i.kind == kind)
-                .map(|i| i.value.clone())
-        };
         match input.event {
             RawEvent::Event(mut e) => {
                 e.customer_id = Some(customer.to_string());
-                if e.email.is_some() {
-                    e.email = find(IdentifierKind::email);
-                }
-                if e.phone.is_some() {
-                    e.phone = find(IdentifierKind::phone);
-                }
-                if e.loyalty_card.is_some() {
-                    e.loyalty_card = find(IdentifierKind::loyalty_card);
-                }
-                if let Some(p) = e.profile.as_mut() {
-                    if p.email.is_some() {
-                        p.email = find(IdentifierKind::email);
-                    }
-                    if p.phone.is_some() {
-                        p.phone = find(IdentifierKind::phone);
-                    }
-                }
                 match input.source {
                     Source::App => IdentifiedRecord::app(e),
                     _ => IdentifiedRecord::site(e),
@@ -516,12 +486,6 @@ impl IdentityProcessor {
             }
             RawEvent::Receipt(mut r) => {
                 r.customer_id = Some(customer.to_string());
-                if r.phone.is_some() {
-                    r.phone = find(IdentifierKind::phone);
-                }
-                if r.loyalty_card.is_some() {
-                    r.loyalty_card = find(IdentifierKind::loyalty_card);
-                }
                 IdentifiedRecord::offline(r)
             }
         }
@@ -590,68 +554,38 @@ impl Processor for IdentityProcessor {
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<IdentityInput, Rejection> {
-        let mut ids = Vec::new();
-        let mut customer_id = None;
-        let (source, event) = if record.topic == self.offline_topic {
-            let r = input::decode_receipt(record.payload, &self.registry)?;
-            self.normalize(
-                &mut ids,
-                IdentifierKind::loyalty_card,
-                r.loyalty_card.as_ref(),
-            )?;
-            self.normalize(&mut ids, IdentifierKind::phone, r.phone.as_ref())?;
-            if let Some(c) = r.customer_id.as_ref().filter(|c| !c.trim().is_empty()) {
-                customer_id = Some(
-                    self.normalizer
-                        .normalize(IdentifierKind::customer_id, c)
-                        .map_err(|e| {
-                            Rejection::new(DeadLetterReason::invalid_field, e.to_string())
-                        })?,
-                );
-            }
-            (Source::Offline, RawEvent::Receipt(Box::new(r)))
+        let mut found = Vec::new();
+        let (source, customer_id, event) = if record.topic == self.offline_topic {
+            let mut r = input::decode_receipt(record.payload, &self.registry)?;
+            found.push(self.normalize(IdentifierKind::loyalty_card, &mut r.loyalty_card)?);
+            found.push(self.normalize(IdentifierKind::phone, &mut r.phone)?);
+            let customer_id = self.normalize(IdentifierKind::customer_id, &mut r.customer_id)?;
+            (Source::Offline, customer_id, RawEvent::Receipt(Box::new(r)))
         } else {
-            let e = input::decode_customer_event(record.payload, &self.registry)?;
-            if let Some(c) = e.customer_id.as_ref().filter(|c| !c.trim().is_empty()) {
-                customer_id = Some(
-                    self.normalizer
-                        .normalize(IdentifierKind::customer_id, c)
-                        .map_err(|e| {
-                            Rejection::new(DeadLetterReason::invalid_field, e.to_string())
-                        })?,
-                );
+            let mut e = input::decode_customer_event(record.payload, &self.registry)?;
+            let customer_id = self.normalize(IdentifierKind::customer_id, &mut e.customer_id)?;
+            found.push(self.normalize(IdentifierKind::email, &mut e.email)?);
+            found.push(self.normalize(IdentifierKind::phone, &mut e.phone)?);
+            if let Some(p) = e.profile.as_mut() {
+                found.push(self.normalize(IdentifierKind::email, &mut p.email)?);
+                found.push(self.normalize(IdentifierKind::phone, &mut p.phone)?);
             }
-            let profile = e.profile.as_ref();
-            self.normalize(&mut ids, IdentifierKind::email, e.email.as_ref())?;
-            self.normalize(
-                &mut ids,
-                IdentifierKind::email,
-                profile.and_then(|p| p.email.as_ref()),
-            )?;
-            self.normalize(&mut ids, IdentifierKind::phone, e.phone.as_ref())?;
-            self.normalize(
-                &mut ids,
-                IdentifierKind::phone,
-                profile.and_then(|p| p.phone.as_ref()),
-            )?;
-            self.normalize(
-                &mut ids,
-                IdentifierKind::loyalty_card,
-                e.loyalty_card.as_ref(),
-            )?;
-            self.normalize(&mut ids, IdentifierKind::device_id, e.device_id.as_ref())?;
-            self.normalize(
-                &mut ids,
-                IdentifierKind::anonymous_id,
-                e.anonymous_id.as_ref(),
-            )?;
+            found.push(self.normalize(IdentifierKind::loyalty_card, &mut e.loyalty_card)?);
+            found.push(self.normalize(IdentifierKind::device_id, &mut e.device_id)?);
+            found.push(self.normalize(IdentifierKind::anonymous_id, &mut e.anonymous_id)?);
             let source = if record.topic == self.app_topic {
                 Source::App
             } else {
                 Source::Site
             };
-            (source, RawEvent::Event(Box::new(e)))
+            (source, customer_id, RawEvent::Event(Box::new(e)))
         };
+        let mut ids: Vec<Identifier> = Vec::with_capacity(found.len());
+        for id in found.into_iter().flatten() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         let heartbeat =
             matches!(&event, RawEvent::Event(e) if e.event_type == EventType::heartbeat);
         if customer_id.is_none() && ids.is_empty() && !heartbeat {

@@ -213,15 +213,13 @@ impl ProfileProcessor {
             if p.consents.get(&c.channel) != Some(&true) {
                 // The arbiter lifts an unsubscribe only on a later opt-in.
                 let action = CustomerAction {
-                    action_id: deterministic_id(&[&e.event_id, "opt_in"]),
-                    customer_id: customer_id.clone(),
-                    kind: CustomerActionKind::opt_in,
-                    order_id: None,
                     channel: Some(c.channel),
-                    occurred_at: e.occurred_at,
-                    merged_into: None,
-                    state: None,
-                    merged_from: None,
+                    ..CustomerAction::new(
+                        deterministic_id(&[&e.event_id, "opt_in"]),
+                        customer_id.clone(),
+                        CustomerActionKind::opt_in,
+                        e.occurred_at,
+                    )
                 };
                 ctx.emit(&self.actions_topic, &customer_id, &action);
             }
@@ -376,17 +374,12 @@ impl ProfileProcessor {
             // Once a day is enough for the arbiter's activity (sunset, reactivation).
             let day = |t: Millis| t.div_euclid(kairos_core::time::DAY);
             if visited_before.is_none_or(|v| day(v) < day(e.occurred_at)) {
-                let action = CustomerAction {
-                    action_id: deterministic_id(&[&e.event_id, "visit"]),
-                    customer_id: customer_id.clone(),
-                    kind: CustomerActionKind::visit,
-                    order_id: None,
-                    channel: None,
-                    occurred_at: e.occurred_at,
-                    merged_into: None,
-                    state: None,
-                    merged_from: None,
-                };
+                let action = CustomerAction::new(
+                    deterministic_id(&[&e.event_id, "visit"]),
+                    customer_id.clone(),
+                    CustomerActionKind::visit,
+                    e.occurred_at,
+                );
                 ctx.emit(&self.actions_topic, &customer_id, &action);
             }
         }
@@ -444,15 +437,13 @@ impl ProfileProcessor {
             ctx.emit(topic, &m.into, &record);
         }
         let action = CustomerAction {
-            action_id: deterministic_id(&[&m.merge_id, "merged"]),
-            customer_id: m.from.clone(),
-            kind: CustomerActionKind::merged,
-            order_id: None,
-            channel: None,
-            occurred_at: m.occurred_at,
             merged_into: Some(m.into.clone()),
-            state: None,
-            merged_from: None,
+            ..CustomerAction::new(
+                deterministic_id(&[&m.merge_id, "merged"]),
+                m.from.clone(),
+                CustomerActionKind::merged,
+                m.occurred_at,
+            )
         };
         ctx.emit(&self.actions_topic, &m.from, &action);
         Ok(())
@@ -616,15 +607,13 @@ impl ProfileProcessor {
     ) -> anyhow::Result<()> {
         // The arbiter drops queued messages the purchase made pointless and pauses promo.
         let action = CustomerAction {
-            action_id: deterministic_id(&[event_id, "purchase"]),
-            customer_id: p.customer_id.clone(),
-            kind: CustomerActionKind::purchase,
             order_id: order_id.clone(),
-            channel: None,
-            occurred_at: at,
-            merged_into: None,
-            state: None,
-            merged_from: None,
+            ..CustomerAction::new(
+                deterministic_id(&[event_id, "purchase"]),
+                p.customer_id.clone(),
+                CustomerActionKind::purchase,
+                at,
+            )
         };
         ctx.emit(&self.actions_topic, &p.customer_id, &action);
         // A purchase ends the chains that exist to get one.

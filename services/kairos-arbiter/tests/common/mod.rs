@@ -203,47 +203,23 @@ impl Arbiter {
     /// Customer c1 bought at `at` (as the profile reports it).
     pub fn purchase(&mut self, id: &str, at: i64) {
         let action = CustomerAction {
-            action_id: id.into(),
-            customer_id: "c1".into(),
-            kind: CustomerActionKind::purchase,
             order_id: Some(format!("order-{id}")),
-            channel: None,
-            occurred_at: at,
-            merged_into: None,
-            state: None,
-            merged_from: None,
+            ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::purchase, at)
         };
         self.push("customer-actions", "c1", &action);
     }
 
     /// Customer c1's first visit of a day at `at` (as the profile reports it).
     pub fn visit(&mut self, id: &str, at: i64) {
-        let action = CustomerAction {
-            action_id: id.into(),
-            customer_id: "c1".into(),
-            kind: CustomerActionKind::visit,
-            order_id: None,
-            channel: None,
-            occurred_at: at,
-            merged_into: None,
-            state: None,
-            merged_from: None,
-        };
+        let action = CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::visit, at);
         self.push("customer-actions", "c1", &action);
     }
 
     /// Customer c1 gave consent on `channel` at `at` (as the profile reports it).
     pub fn opt_in(&mut self, id: &str, channel: Channel, at: i64) {
         let action = CustomerAction {
-            action_id: id.into(),
-            customer_id: "c1".into(),
-            kind: CustomerActionKind::opt_in,
-            order_id: None,
             channel: Some(channel),
-            occurred_at: at,
-            merged_into: None,
-            state: None,
-            merged_from: None,
+            ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::opt_in, at)
         };
         self.push("customer-actions", "c1", &action);
     }
