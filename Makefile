@@ -78,7 +78,8 @@ bench-identity: deps
 
 bench-arbiter: deps
 	$(CARGO) build --release -p kairos
-	KAIROS__STATE__MAX_BATCH_RECORDS=10000 $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
+	KAIROS__STATE__MAX_BATCH_RECORDS=10000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
+	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
 	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS) --scenario $(BENCH_SCENARIO)
 
 bench: deps

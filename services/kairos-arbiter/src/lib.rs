@@ -22,6 +22,7 @@ use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::state_cache::StateCache;
 use kairos_core::store::DueTimer;
 use kairos_core::time::{Millis, DAY, HOUR};
 use prometheus::{Histogram, IntCounterVec};
@@ -57,6 +58,10 @@ pub struct CustomerLedger {
     pub ignored_in_row: u32,
     /// Hashes of the latest outcome ids applied, so a redelivered outcome counts once.
     pub recent_outcomes: Vec<u64>,
+    /// Hashes of the latest trigger ids decided (newest last, bounded), so a
+    /// redelivered trigger is decided once. Kept in the ledger, which is read for the
+    /// decision anyway, instead of one key per trigger that would never expire.
+    pub recent_triggers: Vec<u64>,
     /// The chain that holds the customer (the main scenario), if one is running.
     pub main: Option<MainScenario>,
     /// Cascades waiting for a reaction, by trigger id.
@@ -100,6 +105,9 @@ const MERGE_WAIT: Millis = 60_000;
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
+/// Trigger ids remembered per customer: caps allow a few messages a day, so this
+/// covers months of triggers, far longer than any redelivery after a crash.
+const RECENT_TRIGGERS: usize = 128;
 
 impl CustomerLedger {
     /// Folds in the ledger of a customer merged into this one: its sends count
@@ -209,6 +217,8 @@ pub struct ArbiterProcessor {
     decisions_topic: String,
     decisions: IntCounterVec,
     end_to_end: Histogram,
+    /// Hot ledgers, written back when the batch commits.
+    ledgers: StateCache<CustomerLedger>,
 }
 
 impl ArbiterProcessor {
@@ -233,6 +243,7 @@ impl ArbiterProcessor {
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
                 ],
             ),
+            ledgers: StateCache::new(config.state.cache_entries, config.kafka.partitions),
             config,
         };
         for (outcome, rule) in DECISION_RULES {
@@ -832,7 +843,7 @@ impl ArbiterProcessor {
             return Ok(());
         }
         let ledger_key = format!("c/{}", o.customer_id);
-        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         // The bounced address is the one the send went to, which the arbiter recorded.
         let address = match o.kind {
             OutcomeKind::bounced_hard => ledger.sent_to.get(&o.send_id).map(|(_, a)| a.clone()),
@@ -887,7 +898,7 @@ impl ArbiterProcessor {
                     self.stop_cascade(ctx, &mut ledger, &subject, why)?;
                 }
             }
-            ctx.put(&ledger_key, &ledger)?;
+            self.ledgers.put(ctx.partition, ledger_key, ledger);
         }
         Ok(())
     }
@@ -960,7 +971,7 @@ impl ArbiterProcessor {
     /// purchase (cart, browse, welcome, reactivation).
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", a.customer_id);
-        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         let at = a.occurred_at;
         match a.kind {
             CustomerActionKind::merged => {
@@ -1059,7 +1070,8 @@ impl ArbiterProcessor {
                 })?;
             }
         }
-        ctx.put(&ledger_key, &ledger)
+        self.ledgers.put(ctx.partition, ledger_key, ledger);
+        Ok(())
     }
 
     /// Hands (part of) a merged customer's ledger to the survivor, keyed by it.
@@ -1195,7 +1207,7 @@ impl ArbiterProcessor {
     /// the valid-until.
     fn cascade_step(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", t.customer_id);
-        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
+        let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         let Some(mut cascade) = ledger.cascades.remove(&t.trigger_id) else {
             return Ok(()); // stopped meanwhile
         };
@@ -1214,7 +1226,8 @@ impl ArbiterProcessor {
             };
             // Its timer just fired: nothing left to cancel.
             self.record_cascade_stop(ctx, &subject, &cascade, why);
-            return ctx.put(&ledger_key, &ledger);
+            self.ledgers.put(ctx.partition, ledger_key, ledger);
+            return Ok(());
         };
         let quiet = (t.category != MessageCategory::transactional)
             .then(|| self.quiet_hours(now, &t))
@@ -1224,7 +1237,8 @@ impl ArbiterProcessor {
             let until = v.defer_until.unwrap_or(now + HOUR);
             ctx.schedule(&format!("cascade/{}", t.trigger_id), until, &t)?;
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
-            return ctx.put(&ledger_key, &ledger);
+            self.ledgers.put(ctx.partition, ledger_key, ledger);
+            return Ok(());
         }
         let reason = format!(
             "cascade: no reaction to the message on {} within {:?}",
@@ -1253,7 +1267,8 @@ impl ArbiterProcessor {
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
         }
-        ctx.put(&ledger_key, &ledger)
+        self.ledgers.put(ctx.partition, ledger_key, ledger);
+        Ok(())
     }
 
     /// Emits a decision on the decisions topic and counts it.
@@ -1292,19 +1307,22 @@ impl ArbiterProcessor {
         t: Trigger,
         queued: bool,
     ) -> anyhow::Result<()> {
+        let ledger_key = format!("c/{}", t.customer_id);
+        let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         // One trigger id, one final decision: a re-delivered trigger is ignored.
-        let seen_key = format!("t/{}", t.trigger_id);
         if !queued {
-            if ctx.get::<Millis>(&seen_key)?.is_some() {
+            let h = kairos_core::ids::stable_hash(&t.trigger_id);
+            if ledger.recent_triggers.contains(&h) {
                 self.decisions
                     .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
                     .inc();
                 return Ok(());
             }
-            ctx.put(&seen_key, &ctx.now())?;
+            if ledger.recent_triggers.len() >= RECENT_TRIGGERS {
+                ledger.recent_triggers.remove(0);
+            }
+            ledger.recent_triggers.push(h);
         }
-        let ledger_key = format!("c/{}", t.customer_id);
-        let mut ledger: CustomerLedger = ctx.get(&ledger_key)?.unwrap_or_default();
         let Verdict {
             outcome,
             channel,
@@ -1335,7 +1353,8 @@ impl ArbiterProcessor {
                 rule,
                 format!("{reason}; decided again at {wake}"),
             );
-            return ctx.put(&ledger_key, &ledger);
+            self.ledgers.put(ctx.partition, ledger_key, ledger);
+            return Ok(());
         }
         ledger.queued.remove(&t.trigger_id);
         let mut send_id = None;
@@ -1369,7 +1388,8 @@ impl ArbiterProcessor {
             rule,
             reason,
         );
-        ctx.put(&ledger_key, &ledger)
+        self.ledgers.put(ctx.partition, ledger_key, ledger);
+        Ok(())
     }
 }
 
@@ -1434,13 +1454,22 @@ impl Processor for ArbiterProcessor {
 
     /// A deferred trigger's wait is over: decide it again.
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let t: Trigger = serde_json::from_slice(&timer.payload)
+        let t: Trigger = timer
+            .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
         if timer.timer_id.starts_with("cascade/") {
             self.cascade_step(ctx, t)
         } else {
             self.decide_trigger(ctx, t, true)
         }
+    }
+
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        self.ledgers.flush(ctx)
+    }
+
+    fn on_partition_closed(&mut self, partition: i32) {
+        self.ledgers.close(partition);
     }
 }
 

@@ -239,6 +239,28 @@ pub fn decode_internal<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejecti
     decode_json(payload)
 }
 
+/// Encodes a state value or timer payload: MessagePack with field names. About half the
+/// size of JSON and several times faster to write and read back, and still
+/// self-describing, so a field added later reads as its default like with JSON.
+pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(value)
+}
+
+/// Decodes a state value or timer payload written by [`encode_state`], or as JSON by
+/// Kairos versions before it (a JSON object starts with `{`, which MessagePack never
+/// uses as the first byte of a map).
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateDecodeError> {
+    if bytes.first() == Some(&b'{') {
+        return serde_json::from_slice(bytes).map_err(|e| StateDecodeError(e.to_string()));
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| StateDecodeError(e.to_string()))
+}
+
+/// A state value that is neither MessagePack nor JSON of the expected type.
+#[derive(Debug, thiserror::Error)]
+#[error("state value does not decode: {0}")]
+pub struct StateDecodeError(String);
+
 /// Encodes `value` as a Confluent-framed Avro datum of `schema` (used by producers,
 /// the generator's Avro mode and the tests).
 pub fn encode_confluent_avro<T: Serialize>(
@@ -256,6 +278,7 @@ mod tests {
     use super::*;
     use crate::contracts::{CustomerEvent, EventType};
     use crate::schemas;
+    use serde::Deserialize;
 
     #[test]
     fn json_errors_are_classified() {
@@ -270,6 +293,50 @@ mod tests {
             .unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::missing_field);
         assert!(r.message.contains("event_id"), "{}", r.message);
+    }
+
+    #[test]
+    fn state_values_round_trip_as_messagepack_and_old_json_still_reads() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize, Default)]
+        #[serde(default)]
+        struct Old {
+            id: String,
+            count: u32,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize, Default)]
+        #[serde(default)]
+        struct New {
+            id: String,
+            count: u32,
+            channels: std::collections::BTreeMap<crate::contracts::Channel, bool>,
+            amount: Option<f64>,
+        }
+        let old = Old {
+            id: "c-1".into(),
+            count: 3,
+        };
+        let bytes = encode_state(&old).unwrap();
+        assert_ne!(bytes.first(), Some(&b'{'));
+        assert!(bytes.len() < serde_json::to_vec(&old).unwrap().len());
+        // A field added since reads as its default, as with JSON.
+        let new: New = decode_state(&bytes).unwrap();
+        assert_eq!((new.id.as_str(), new.count, new.amount), ("c-1", 3, None));
+        let mut new = new;
+        new.channels.insert(crate::contracts::Channel::sms, true);
+        new.amount = Some(12.25);
+        assert_eq!(
+            decode_state::<New>(&encode_state(&new).unwrap()).unwrap(),
+            new
+        );
+        // State written as JSON by earlier versions.
+        let json = br#"{"id":"c-2","count":7,"channels":{"email":false}}"#;
+        let back: New = decode_state(json).unwrap();
+        assert_eq!(back.count, 7);
+        assert_eq!(
+            back.channels.get(&crate::contracts::Channel::email),
+            Some(&false)
+        );
+        assert!(decode_state::<New>(b"\xc1 not state").is_err());
     }
 
     #[test]

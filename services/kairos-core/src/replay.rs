@@ -88,7 +88,7 @@ impl<P: Processor> Replayer<P> {
         for p in state_partitions {
             // A restarted replay continues after what its state already holds.
             let backlog = engine.open(p)?;
-            engine.acknowledge_local(&backlog)?;
+            engine.drop_from_outbox(&backlog)?;
         }
         for (topic, p, o) in engine.applied_offsets()? {
             offsets.insert((topic, p), o + 1);

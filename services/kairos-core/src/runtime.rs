@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::AdminState;
 use crate::config::{topics, Config};
 use crate::contracts::DeadLetter;
-use crate::encoding::{encode_internal, Rejection, SchemaRegistry};
+use crate::encoding::{decode_state, encode_internal, encode_state, Rejection, SchemaRegistry};
 use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
@@ -116,14 +116,14 @@ impl Ctx<'_> {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
         match self.store.get(self.pending, key.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
+            Some(bytes) => decode_state(&bytes)
                 .map(Some)
                 .with_context(|| format!("state under {key:?} does not decode")),
         }
     }
 
     pub fn put<T: Serialize>(&mut self, key: &str, value: &T) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(value).with_context(|| format!("encode state {key:?}"))?;
+        let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         self.store.put(self.pending, key.as_bytes(), bytes);
         Ok(())
     }
@@ -131,7 +131,7 @@ impl Ctx<'_> {
     /// Writes state at once, before the batch commits: for a record that must be
     /// durable before an external effect. See [`PartitionStore::put_now`].
     pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(value).with_context(|| format!("encode state {key:?}"))?;
+        let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         self.store.put_now(key.as_bytes(), &bytes)?;
         Ok(())
     }
@@ -147,7 +147,7 @@ impl Ctx<'_> {
             .into_iter()
             .map(|(k, v)| {
                 let key = String::from_utf8_lossy(&k).into_owned();
-                let value = serde_json::from_slice(&v)
+                let value = decode_state(&v)
                     .with_context(|| format!("state under {key:?} does not decode"))?;
                 Ok((key, value))
             })
@@ -171,8 +171,10 @@ impl Ctx<'_> {
         fire_at: Millis,
         payload: &T,
     ) -> anyhow::Result<()> {
+        let payload =
+            encode_state(payload).with_context(|| format!("encode timer {timer_id:?}"))?;
         self.store
-            .schedule_timer(self.pending, timer_id, fire_at, encode_internal(payload))?;
+            .schedule_timer(self.pending, timer_id, fire_at, payload)?;
         Ok(())
     }
 
@@ -548,6 +550,15 @@ impl<P: Processor> Engine<P> {
 
     /// Acknowledges records that were not published anywhere (replay mode).
     pub fn acknowledge_local(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
+        if !self.durable_outputs {
+            // Nothing was written to the outbox: deleting would only add tombstones.
+            return Ok(());
+        }
+        self.drop_from_outbox(entries)
+    }
+
+    /// Deletes outbox records (a backlog found when opening a store for replay).
+    pub fn drop_from_outbox(&self, entries: &[OutboxEntry]) -> anyhow::Result<()> {
         let mut by_part: HashMap<i32, Vec<Vec<u8>>> = HashMap::new();
         for e in entries {
             by_part

@@ -81,9 +81,14 @@ impl StoreFactory {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_block_based_table_factory(&block);
-        // Memtables count against memory too: keep them small and few per partition.
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_write_buffer_number(2);
+        // Memtables count against memory too: a few per partition. Every commit
+        // rewrites the hot values, so larger memtables absorb many rewrites of the same
+        // key before a flush writes it once.
+        opts.set_write_buffer_size(32 << 20);
+        opts.set_max_write_buffer_number(3);
+        // LZ4 costs about half of Snappy's CPU on flush and compaction.
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_level_compaction_dynamic_level_bytes(true);
         opts.set_max_open_files(256);
         // Most lookups miss (a new customer, a trigger id not seen yet): a bloom filter
         // on the memtables answers those without walking the skip list.
@@ -100,7 +105,7 @@ impl StoreFactory {
             path,
             db,
             next_outbox_seq: 0,
-            timers_pending: 0,
+            fire_times: HashMap::new(),
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
@@ -118,7 +123,7 @@ impl StoreFactory {
                 id
             }
         };
-        store.timers_pending = store.count_prefix(TIMER_INDEX) as i64;
+        store.fire_times = store.load_fire_times()?;
         Ok(store)
     }
 }
@@ -144,6 +149,15 @@ pub struct DueTimer {
     pub timer_id: String,
     pub fire_at: Millis,
     pub payload: Vec<u8>,
+}
+
+impl DueTimer {
+    /// The payload the timer was scheduled with (see [`crate::runtime::Ctx::schedule`]).
+    pub fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<T, crate::encoding::StateDecodeError> {
+        crate::encoding::decode_state(&self.payload)
+    }
 }
 
 /// Timers loaded into the in-memory head at a time.
@@ -201,7 +215,6 @@ pub struct Pending {
     outputs: Vec<(String, Vec<u8>, Vec<u8>)>,
     offsets: HashMap<String, i64>,
     clock: Option<Millis>,
-    timers_delta: i64,
     /// Earliest timer scheduled in this batch.
     pub min_scheduled: Option<Millis>,
 }
@@ -224,7 +237,10 @@ pub struct PartitionStore {
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
-    timers_pending: i64,
+    /// Fire time of every committed timer, by timer id: the committed contents of the
+    /// `i/` index, in memory, so scheduling and cancelling never read the store (a
+    /// timer is moved on most events).
+    fire_times: HashMap<Vec<u8>, Millis>,
 }
 
 impl PartitionStore {
@@ -253,12 +269,21 @@ impl PartitionStore {
         }
     }
 
-    fn count_prefix(&self, prefix: &[u8]) -> usize {
-        self.db
-            .prefix_iterator(prefix)
-            .map_while(|r| r.ok())
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .count()
+    fn load_fire_times(&self) -> StoreResult<HashMap<Vec<u8>, Millis>> {
+        let mut out = HashMap::new();
+        for item in self.db.prefix_iterator(TIMER_INDEX) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let Some(id) = k.strip_prefix(TIMER_INDEX) else {
+                break;
+            };
+            let at = decode_fire_time(&v).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "timer index value is not 8 bytes".into(),
+            })?;
+            out.insert(id.to_vec(), at);
+        }
+        Ok(out)
     }
 
     /// State value under an application key, seeing `pending` writes first.
@@ -388,11 +413,8 @@ impl PartitionStore {
     ) -> StoreResult<()> {
         let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
         let old = self.timer_index(pending, &index_key)?;
-        match old {
-            Some(old) => {
-                pending.writes.insert(timer_key(old, timer_id), None);
-            }
-            None => pending.timers_delta += 1,
+        if let Some(old) = old {
+            pending.writes.insert(timer_key(old, timer_id), None);
         }
         self.head.borrow_mut().moved(old, fire_at, timer_id);
         pending
@@ -412,7 +434,6 @@ impl PartitionStore {
             Some(old) => {
                 pending.writes.insert(timer_key(old, timer_id), None);
                 pending.writes.insert(index_key, None);
-                pending.timers_delta -= 1;
                 self.head.borrow_mut().removed(old, timer_id);
                 Ok(true)
             }
@@ -425,14 +446,13 @@ impl PartitionStore {
     }
 
     fn timer_index(&self, pending: &Pending, index_key: &[u8]) -> StoreResult<Option<Millis>> {
-        let raw = match pending.writes.get(index_key) {
-            Some(v) => v.clone(),
-            None => self.raw_get(index_key)?,
-        };
-        Ok(raw.and_then(|v| {
-            let b: [u8; 8] = v.as_slice().try_into().ok()?;
-            Some(u64::from_be_bytes(b) as Millis)
-        }))
+        Ok(match pending.writes.get(index_key) {
+            Some(v) => v.as_deref().and_then(decode_fire_time),
+            None => self
+                .fire_times
+                .get(&index_key[TIMER_INDEX.len()..])
+                .copied(),
+        })
     }
 
     /// Timers due at or before `now` (pending reschedules and cancellations
@@ -538,7 +558,6 @@ impl PartitionStore {
         // rescheduled the same timer id).
         if self.timer_index(pending, &index_key)? == Some(timer.fire_at) {
             pending.writes.insert(index_key, None);
-            pending.timers_delta -= 1;
         }
         pending
             .writes
@@ -550,7 +569,22 @@ impl PartitionStore {
     }
 
     pub fn timers_pending(&self) -> i64 {
-        self.timers_pending
+        self.fire_times.len() as i64
+    }
+
+    /// Keeps the in-memory timer index equal to the committed `i/` keys (timer id and
+    /// its fire time, `None` for a deleted entry).
+    fn note_fire_times(&mut self, writes: Vec<(Vec<u8>, Option<Millis>)>) {
+        for (id, at) in writes {
+            match at {
+                Some(at) => {
+                    self.fire_times.insert(id, at);
+                }
+                None => {
+                    self.fire_times.remove(&id);
+                }
+            }
+        }
     }
 
     /// Writes `pending` atomically: state, outbox, offsets and clock together. Returns
@@ -576,7 +610,6 @@ impl PartitionStore {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
-        let timers_delta = pending.timers_delta;
         let mut batch = WriteBatch::default();
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = pending.writes.into_iter().collect();
         for (topic, offset) in &pending.offsets {
@@ -594,6 +627,13 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
+        let index_writes: Vec<(Vec<u8>, Option<Millis>)> = writes
+            .iter()
+            .filter_map(|(k, v)| {
+                let id = k.strip_prefix(TIMER_INDEX)?;
+                Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
+            })
+            .collect();
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
             .outputs
             .into_iter()
@@ -628,7 +668,7 @@ impl PartitionStore {
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.timers_pending += timers_delta;
+        self.note_fire_times(index_writes);
         Ok(entries)
     }
 
@@ -691,8 +731,17 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
-        // The timer count is taken again when the restored store is reopened.
-        self.db.write(batch).map_err(|e| self.rocks(e))
+        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.note_fire_times(
+            records
+                .iter()
+                .filter_map(|(k, v)| {
+                    let id = k.strip_prefix(TIMER_INDEX)?;
+                    Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
+                })
+                .collect(),
+        );
+        Ok(())
     }
 
     /// Bytes on disk plus memtables, for the state size metric.
@@ -730,6 +779,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         *last += 1;
     }
     end
+}
+
+fn decode_fire_time(v: &[u8]) -> Option<Millis> {
+    let b: [u8; 8] = v.try_into().ok()?;
+    Some(u64::from_be_bytes(b) as Millis)
 }
 
 fn decode_timer_key(k: &[u8]) -> Option<(Millis, String)> {

@@ -641,7 +641,7 @@ impl Processor for DeliveryProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let later: LaterOutcome = serde_json::from_slice(&timer.payload)?;
+        let later: LaterOutcome = timer.decode()?;
         self.emit_outcome(ctx, &later.send, later.kind, None, timer.fire_at);
         Ok(())
     }

@@ -643,7 +643,7 @@ pub struct ResolvedGraph {
 pub fn resolved_graph(store: &kairos_core::store::PartitionStore) -> anyhow::Result<ResolvedGraph> {
     let mut nodes = std::collections::BTreeMap::new();
     for (k, v) in store.scan_state(b"n/")? {
-        let node: Node = serde_json::from_slice(&v)?;
+        let node: Node = kairos_core::encoding::decode_state(&v)?;
         nodes.insert(String::from_utf8_lossy(&k[2..]).into_owned(), node);
     }
     let canonical = |c: &str| {
@@ -658,7 +658,7 @@ pub fn resolved_graph(store: &kairos_core::store::PartitionStore) -> anyhow::Res
     };
     let mut identifiers = std::collections::BTreeMap::new();
     for (k, v) in store.scan_state(b"i/")? {
-        let link: Link = serde_json::from_slice(&v)?;
+        let link: Link = kairos_core::encoding::decode_state(&v)?;
         let id = String::from_utf8_lossy(&k[2..]).into_owned();
         let owner = if link.shared {
             "(shared)".to_string()

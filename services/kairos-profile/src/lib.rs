@@ -6,7 +6,6 @@
 //! persistent timer in the partition's RocksDB store; hot profiles live in a
 //! write-back cache flushed atomically with the offsets at each commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -21,6 +20,7 @@ use kairos_core::ids::deterministic_id;
 use kairos_core::input;
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::state_cache::StateCache;
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::IntCounterVec;
@@ -73,13 +73,6 @@ struct Metrics {
     duplicates: prometheus::IntCounter,
 }
 
-/// Hot profiles of one partition, and which of them changed since the last commit.
-#[derive(Default)]
-struct Cache {
-    profiles: HashMap<String, CustomerProfile>,
-    dirty: Vec<String>,
-}
-
 pub struct ProfileProcessor {
     config: Arc<Config>,
     registry: SchemaRegistry,
@@ -95,8 +88,8 @@ pub struct ProfileProcessor {
     /// With identity resolution on, events come resolved from here (else raw).
     identified_topic: Option<String>,
     metrics: Metrics,
-    cache: HashMap<i32, Cache>,
-    cache_limit: usize,
+    /// Hot profiles, written back when the batch commits.
+    profiles: StateCache<CustomerProfile>,
 }
 
 impl ProfileProcessor {
@@ -158,12 +151,10 @@ impl ProfileProcessor {
                 .enabled
                 .then(|| config.topic(topics::IDENTIFIED_EVENTS)),
             // Bounded by configuration: ~1-2 KiB per cached profile.
-            cache_limit: (config.state.cache_entries / config.kafka.partitions.max(1) as usize)
-                .max(64),
+            profiles: StateCache::new(config.state.cache_entries, config.kafka.partitions),
             config,
             registry,
             metrics: m,
-            cache: HashMap::new(),
         }
     }
 
@@ -176,27 +167,19 @@ impl ProfileProcessor {
             .collect()
     }
 
-    /// Takes a profile out of the cache (or the store) for modification.
+    /// Takes a profile out of the cache (or the store) for modification; every path
+    /// puts it back.
     fn take(
         &mut self,
         ctx: &Ctx<'_>,
         customer_id: &str,
     ) -> anyhow::Result<Option<CustomerProfile>> {
-        if let Some(p) = self
-            .cache
-            .get_mut(&ctx.partition)
-            .and_then(|c| c.profiles.remove(customer_id))
-        {
-            return Ok(Some(p));
-        }
-        ctx.get(&profile_key(customer_id))
+        self.profiles.take(ctx, &profile_key(customer_id))
     }
 
     /// Puts a profile back, dirty.
     fn put(&mut self, partition: i32, p: CustomerProfile) {
-        let cache = self.cache.entry(partition).or_default();
-        cache.dirty.push(p.customer_id.clone());
-        cache.profiles.insert(p.customer_id.clone(), p);
+        self.profiles.put(partition, profile_key(&p.customer_id), p);
     }
 
     fn apply_event(&mut self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
@@ -853,7 +836,8 @@ impl ProfileProcessor {
     }
 
     fn on_scenario_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let t: ScenarioTimer = serde_json::from_slice(&timer.payload)
+        let t: ScenarioTimer = timer
+            .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
         let Some(s) = self
             .config
@@ -1348,32 +1332,11 @@ impl Processor for ProfileProcessor {
     }
 
     fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
-        let limit = self.cache_limit;
-        let Some(cache) = self.cache.get_mut(&ctx.partition) else {
-            return Ok(());
-        };
-        let mut dirty = std::mem::take(&mut cache.dirty);
-        dirty.sort_unstable();
-        dirty.dedup();
-        for id in &dirty {
-            if let Some(p) = cache.profiles.get(id) {
-                ctx.put(&profile_key(id), p)?;
-            }
-        }
-        // Everything is clean now: dropping entries loses nothing. Dropping about half
-        // keeps a warm cache without tracking recency.
-        if cache.profiles.len() > limit {
-            let mut keep = false;
-            cache.profiles.retain(|_, _| {
-                keep = !keep;
-                keep
-            });
-        }
-        Ok(())
+        self.profiles.flush(ctx)
     }
 
     fn on_partition_closed(&mut self, partition: i32) {
-        self.cache.remove(&partition);
+        self.profiles.close(partition);
     }
 }
 

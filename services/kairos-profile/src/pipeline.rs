@@ -101,7 +101,7 @@ impl Pipeline {
         };
         let key = format!("c/{customer_id}");
         match store.get(&kairos_core::store::Pending::default(), key.as_bytes())? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Some(bytes) => Ok(Some(kairos_core::encoding::decode_state(&bytes)?)),
             None => Ok(None),
         }
     }

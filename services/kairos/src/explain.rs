@@ -98,7 +98,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .into_iter()
         .rev()
         .find(|(k, _)| k == ledger_key.as_bytes())
-        .and_then(|(_, v)| serde_json::from_slice::<CustomerLedger>(&v).ok());
+        .and_then(|(_, v)| kairos_core::encoding::decode_state::<CustomerLedger>(&v).ok());
 
     let mut out = String::new();
     writeln!(out, "customer {customer} (partition {partition})")?;
