@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 pub struct CustomerLedger {
     /// Recent sends (time, channel, category), newest last; pruned to the cap window.
     pub sends: Vec<(Millis, Channel, MessageCategory)>,
+    /// The scenario of each recent send (time, scenario), for per-scenario caps;
+    /// pruned with `sends`.
+    pub scenario_sends: Vec<(Millis, String)>,
     /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
     /// the address that bounced; pruned with `sends`.
     pub sent_to: BTreeMap<String, (Millis, String)>,
@@ -116,6 +119,8 @@ impl CustomerLedger {
     pub fn absorb(&mut self, other: CustomerLedger) {
         self.sends.extend(other.sends);
         self.sends.sort_by_key(|(at, _, _)| *at);
+        self.scenario_sends.extend(other.scenario_sends);
+        self.scenario_sends.sort_by_key(|(at, _)| *at);
         self.sent_to.extend(other.sent_to);
         for (channel, at) in other.unsubscribed {
             let mine = self.unsubscribed.entry(channel).or_insert(at);
@@ -405,6 +410,7 @@ impl ArbiterProcessor {
             }
         }
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+        ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
         ledger.sent_to.retain(|_, (at, _)| now - *at < WEEK);
         if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
@@ -527,6 +533,26 @@ impl ArbiterProcessor {
                 return Some(Verdict::defer(
                     cap.until,
                     "category_cap",
+                    cap.describe(&what, tz),
+                ));
+            }
+        }
+        if let Some(limits) = self
+            .config
+            .scenario(&t.scenario)
+            .and_then(|s| s.caps.as_ref())
+        {
+            let same: Vec<Millis> = ledger
+                .scenario_sends
+                .iter()
+                .filter(|(_, s)| *s == t.scenario)
+                .map(|(at, _)| *at)
+                .collect();
+            if let Some(cap) = cap_reached(now, tz, &same, limits) {
+                let what = format!("{} messages", t.scenario);
+                return Some(Verdict::defer(
+                    cap.until,
+                    "scenario_cap",
                     cap.describe(&what, tz),
                 ));
             }
@@ -1194,6 +1220,7 @@ impl ArbiterProcessor {
         }
         ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd);
         ledger.sends.push((now, channel, t.category));
+        ledger.scenario_sends.push((now, t.scenario.clone()));
         Ok(send_id)
     }
 

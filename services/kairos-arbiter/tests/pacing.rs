@@ -210,3 +210,58 @@ fn a_category_cap_holds_promo_but_not_other_messages() {
         Some(DecisionOutcome::expired)
     );
 }
+
+#[test]
+fn a_scenario_cap_holds_that_scenario_but_not_others() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "flash_sale"
+kind = "welcome"
+category = "promo"
+channels = ["email"]
+template = "flash"
+exit_on_purchase = false
+valid_for = "10d"
+caps = { daily_cap = 1, weekly_cap = 2 }
+"#,
+    );
+    let first = a.trigger("f1", "flash_sale", MessageCategory::promo, T0);
+    assert_eq!(first.outcome, DecisionOutcome::sent);
+    // Same local day: the scenario's daily cap (1) holds it until the next day.
+    let same_day = a.trigger("f2", "flash_sale", MessageCategory::promo, T0 + 2 * HOUR);
+    assert_eq!(
+        (same_day.outcome, same_day.rule.as_str()),
+        (DecisionOutcome::deferred, "scenario_cap")
+    );
+    assert!(
+        same_day.reason.contains("flash_sale messages"),
+        "{}",
+        same_day.reason
+    );
+    // Another scenario is not held by it (the overall daily cap is 2).
+    let other = a.trigger("w1", "weekly_promo", MessageCategory::promo, T0 + 2 * HOUR);
+    assert_eq!(other.outcome, DecisionOutcome::sent);
+    // The next day the deferred one goes out: 2 in 7 days, the weekly cap.
+    a.advance_to(T0 + DAY);
+    assert_eq!(
+        a.decisions_of("f2").last().map(|d| d.outcome),
+        Some(DecisionOutcome::sent)
+    );
+    let third = a.trigger("f3", "flash_sale", MessageCategory::promo, T0 + 3 * DAY);
+    assert_eq!(
+        (third.outcome, third.rule.as_str()),
+        (DecisionOutcome::deferred, "scenario_cap")
+    );
+    assert!(
+        third.reason.contains("in the last 7 days (cap 2)"),
+        "{}",
+        third.reason
+    );
+    let sent_flash = a
+        .sends
+        .iter()
+        .filter(|s| s.scenario == "flash_sale")
+        .count();
+    assert_eq!(sent_flash, 2);
+}

@@ -1,5 +1,5 @@
 //! Property tests over random trigger and outcome streams: whatever arrives, no
-//! customer exceeds a cap (overall or the push channel's own), nothing non-transactional goes out in quiet hours or closer
+//! customer exceeds a cap (overall, the push channel's own or the promo scenario's), nothing non-transactional goes out in quiet hours or closer
 //! than the minimum gap, nothing is sent without consent or after an unsubscribe, no
 //! send id repeats, nothing of a scenario that ends on purchase goes out after a
 //! purchase that followed its cause, no promo goes out within two days of a purchase,
@@ -62,6 +62,10 @@ impl Event {
     }
 }
 
+/// The promo scenario of the test configuration, and its own cap added to it.
+const PROMO_SCENARIO: &str = "template = \"promo\"\nexit_on_purchase = false";
+const PROMO_CAPS: &str = "caps = { weekly_cap = 2 }";
+
 fn event() -> impl Strategy<Value = Event> {
     let category = prop_oneof![
         1 => Just(MessageCategory::transactional),
@@ -96,7 +100,11 @@ proptest! {
     ) {
         // Time order; within a minute the unsubscribe first, so "before" is unambiguous.
         events.sort_by_key(|e| (e.minute(), matches!(e, Event::Trigger { .. })));
-        let mut a = Arbiter::with_config(PACING);
+        let mut a = Arbiter::from_text(
+            &common::CONFIG
+                .replace("[arbiter]\n", &format!("[arbiter]\n{PACING}\n"))
+                .replace(PROMO_SCENARIO, &format!("{PROMO_SCENARIO}\n{PROMO_CAPS}")),
+        );
         let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
         let mut purchases: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -190,6 +198,7 @@ proptest! {
             chrono::NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
         );
         let mut marketing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut promo_sends: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let mut channels_used: BTreeMap<String, Vec<(i64, Channel)>> = BTreeMap::new();
         for s in &a.sends {
             let t = &triggers[&s.trigger_id];
@@ -220,7 +229,16 @@ proptest! {
                 let local = calendar::local_time(s.created_at, tz).unwrap();
                 prop_assert!(!calendar::within_window(local, quiet.0, quiet.1), "sent at {} local in quiet hours", local);
                 marketing.entry(s.customer_id.clone()).or_default().push(s.created_at);
+                if s.scenario == "weekly_promo" {
+                    promo_sends.entry(s.customer_id.clone()).or_default().push(s.created_at);
+                }
                 channels_used.entry(s.customer_id.clone()).or_default().push((s.created_at, s.channel));
+            }
+        }
+        for (customer, times) in &promo_sends {
+            for t in times {
+                let in_week = times.iter().filter(|x| *x <= t && *t - **x < 7 * DAY).count();
+                prop_assert!(in_week <= 2, "{} over the promo scenario's weekly cap", customer);
             }
         }
         // One channel per customer within the conflict window.

@@ -722,6 +722,10 @@ pub struct ScenarioConfig {
     /// ends it. Empty: one channel only.
     #[serde(default)]
     pub cascade: Vec<humantime_serde::Serde<Duration>>,
+    /// Caps of this scenario's marketing messages per customer, on top of the overall,
+    /// channel and category caps (`caps = { daily_cap = 1, weekly_cap = 2 }`).
+    #[serde(default)]
+    pub caps: Option<CapConfig>,
 }
 
 impl ScenarioKind {

@@ -424,13 +424,14 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 28] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 29] = [
     (DecisionOutcome::cancelled, "became_active"),
     (DecisionOutcome::cancelled, "merged"),
     (DecisionOutcome::deferred, "merge_pending"),
     (DecisionOutcome::suppressed, "sunset_inactive"),
     (DecisionOutcome::deferred, "channel_cap"),
     (DecisionOutcome::deferred, "category_cap"),
+    (DecisionOutcome::deferred, "scenario_cap"),
     (DecisionOutcome::sent, "cascade"),
     (DecisionOutcome::cancelled, "cascade"),
     (DecisionOutcome::deferred, "main_scenario"),

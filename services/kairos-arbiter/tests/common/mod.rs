@@ -92,12 +92,21 @@ impl Arbiter {
 
     /// An arbiter with `extra` appended to the `[arbiter]` section.
     pub fn with_config(extra: &str) -> Self {
+        Self::from_text(&CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{extra}\n")))
+    }
+
+    /// An arbiter with further `[[scenarios]]` after the test configuration's.
+    pub fn with_scenarios(scenarios: &str) -> Self {
+        Self::from_text(&format!("{CONFIG}\n{scenarios}"))
+    }
+
+    pub fn from_text(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let state_dir = dir.path().display().to_string();
         let config = Arc::new(
             Config::from_text(
                 Path::new("test.toml"),
-                &CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{extra}\n")),
+                text,
                 &[("KAIROS__STATE__DIR".into(), state_dir)],
             )
             .expect("test config"),
