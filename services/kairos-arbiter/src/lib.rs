@@ -521,41 +521,37 @@ impl ArbiterProcessor {
                 cap.describe("messages", tz),
             ));
         }
+        let defer_at_cap = |limits: &CapConfig, times: Vec<Millis>, rule, what: String| {
+            cap_reached(now, tz, &times, limits)
+                .map(|cap| Verdict::defer(cap.until, rule, cap.describe(&what, tz)))
+        };
         if let Some(limits) = a.category_caps.get(&t.category) {
-            let same: Vec<Millis> = ledger
-                .sends
-                .iter()
-                .filter(|(_, _, c)| *c == t.category)
-                .map(|(at, _, _)| *at)
-                .collect();
-            if let Some(cap) = cap_reached(now, tz, &same, limits) {
-                let what = format!("{:?} messages", t.category);
-                return Some(Verdict::defer(
-                    cap.until,
-                    "category_cap",
-                    cap.describe(&what, tz),
-                ));
+            let same = ledger.sends.iter().filter(|(_, _, c)| *c == t.category);
+            let verdict = defer_at_cap(
+                limits,
+                same.map(|(at, _, _)| *at).collect(),
+                "category_cap",
+                format!("{:?} messages", t.category),
+            );
+            if verdict.is_some() {
+                return verdict;
             }
         }
-        if let Some(limits) = self
+        let scenario_caps = self
             .config
             .scenario(&t.scenario)
-            .and_then(|s| s.caps.as_ref())
-        {
-            let same: Vec<Millis> = ledger
+            .and_then(|s| s.caps.as_ref());
+        if let Some(limits) = scenario_caps {
+            let same = ledger
                 .scenario_sends
                 .iter()
-                .filter(|(_, s)| *s == t.scenario)
-                .map(|(at, _)| *at)
-                .collect();
-            if let Some(cap) = cap_reached(now, tz, &same, limits) {
-                let what = format!("{} messages", t.scenario);
-                return Some(Verdict::defer(
-                    cap.until,
-                    "scenario_cap",
-                    cap.describe(&what, tz),
-                ));
-            }
+                .filter(|(_, s)| *s == t.scenario);
+            return defer_at_cap(
+                limits,
+                same.map(|(at, _)| *at).collect(),
+                "scenario_cap",
+                format!("{} messages", t.scenario),
+            );
         }
         None
     }
