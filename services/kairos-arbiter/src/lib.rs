@@ -65,6 +65,10 @@ pub struct CustomerLedger {
     /// redelivered trigger is decided once. Kept in the ledger, which is read for the
     /// decision anyway, instead of one key per trigger that would never expire.
     pub recent_triggers: Vec<u64>,
+    /// Triggers fired up to this time may have been decided by a version that kept
+    /// one `t/<trigger id>` key per trigger instead (set when such a ledger is first
+    /// read; `Millis::MIN` for ledgers begun since).
+    pub legacy_dedup_until: Option<Millis>,
     /// The chain that holds the customer (the main scenario), if one is running.
     pub main: Option<MainScenario>,
     /// Cascades waiting for a reaction, by trigger id.
@@ -1025,10 +1029,13 @@ impl ArbiterProcessor {
                 self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, &why)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, &ledger)?;
-                // Only the forwarding note and the addresses (for late bounces) stay.
+                // Only the forwarding note, the addresses (for late bounces) and the
+                // triggers decided (a redelivered one is still a duplicate) stay.
                 ledger = CustomerLedger {
                     merged_into: Some(into),
                     sent_to: std::mem::take(&mut ledger.sent_to),
+                    recent_triggers: std::mem::take(&mut ledger.recent_triggers),
+                    legacy_dedup_until: ledger.legacy_dedup_until,
                     ..CustomerLedger::default()
                 };
             }
@@ -1331,11 +1338,25 @@ impl ArbiterProcessor {
         queued: bool,
     ) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", t.customer_id);
-        let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
+        let mut ledger = match self.ledgers.get(ctx, &ledger_key)? {
+            Some(mut known) => {
+                known.legacy_dedup_until.get_or_insert(ctx.now());
+                known
+            }
+            None => CustomerLedger {
+                legacy_dedup_until: Some(Millis::MIN),
+                ..CustomerLedger::default()
+            },
+        };
         // One trigger id, one final decision: a re-delivered trigger is ignored.
         if !queued {
             let h = kairos_core::ids::stable_hash(&t.trigger_id);
-            if ledger.recent_triggers.contains(&h) {
+            let legacy = ledger
+                .legacy_dedup_until
+                .is_some_and(|until| t.fired_at <= until);
+            let seen_before_upgrade =
+                legacy && ctx.get::<Millis>(&format!("t/{}", t.trigger_id))?.is_some();
+            if ledger.recent_triggers.contains(&h) || seen_before_upgrade {
                 self.decisions
                     .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
                     .inc();

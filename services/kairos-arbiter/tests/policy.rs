@@ -293,3 +293,34 @@ fn promo_stops_for_customers_inactive_longer_than_the_sunset() {
     let back = a.trigger("p3", "weekly_promo", PROMO, T0 + 32 * DAY + HOUR);
     assert_eq!(back.outcome, DecisionOutcome::sent);
 }
+
+#[test]
+fn a_trigger_decided_by_an_earlier_version_is_not_decided_again() {
+    let mut a = Arbiter::new();
+    // The customer's ledger predates the upgrade (no legacy mark yet), and the earlier
+    // version kept one JSON key per decided trigger id.
+    a.visit("v1", T0);
+    a.put_raw_state("c1", "t/old-1", T0.to_string().as_bytes());
+    let old = a.trigger_of("old-1", "welcome", MessageCategory::trigger, T0);
+    a.push("triggers", "c1", &old);
+    assert!(
+        a.decisions_of("old-1").is_empty(),
+        "redelivered after the upgrade: {:?}",
+        a.decisions_of("old-1")
+    );
+    // A trigger of the same time without such a key, and a later one, are decided.
+    let other = a.trigger("old-2", "welcome", MessageCategory::trigger, T0);
+    assert_eq!(other.outcome, DecisionOutcome::sent);
+    let later = a.trigger(
+        "new-1",
+        "weekly_promo",
+        MessageCategory::promo,
+        T0 + 3 * HOUR,
+    );
+    assert_ne!(later.outcome, DecisionOutcome::duplicate);
+    assert!(a.decisions_of("new-1").len() == 1);
+    // And the redelivery of one decided since is a duplicate by the ledger alone.
+    let again = a.trigger_of("old-2", "welcome", MessageCategory::trigger, T0);
+    a.push("triggers", "c1", &again);
+    assert_eq!(a.decisions_of("old-2").len(), 1);
+}

@@ -239,21 +239,30 @@ pub fn decode_internal<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejecti
     decode_json(payload)
 }
 
-/// Encodes a state value or timer payload: MessagePack with field names. About half the
-/// size of JSON and several times faster to write and read back, and still
-/// self-describing, so a field added later reads as its default like with JSON.
+/// First byte of a state value in MessagePack: 0xC1 is the one byte MessagePack never
+/// uses and no JSON text starts with, so a value written as JSON by earlier versions
+/// (an object, but also a bare `true` or timestamp) is never mistaken for it.
+const STATE_MSGPACK: u8 = 0xC1;
+
+/// Encodes a state value or timer payload: a marker byte, then MessagePack with field
+/// names. About half the size of JSON and several times faster to write and read back,
+/// and still self-describing, so a field added later reads as its default as with JSON.
 pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    rmp_serde::to_vec_named(value)
+    let mut out = Vec::with_capacity(128);
+    out.push(STATE_MSGPACK);
+    rmp_serde::encode::write_named(&mut out, value)?;
+    Ok(out)
 }
 
 /// Decodes a state value or timer payload written by [`encode_state`], or as JSON by
-/// Kairos versions before it (a JSON object starts with `{`, which MessagePack never
-/// uses as the first byte of a map).
+/// Kairos versions before it.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateDecodeError> {
-    if bytes.first() == Some(&b'{') {
-        return serde_json::from_slice(bytes).map_err(|e| StateDecodeError(e.to_string()));
+    match bytes.split_first() {
+        Some((&STATE_MSGPACK, msgpack)) => {
+            rmp_serde::from_slice(msgpack).map_err(|e| StateDecodeError(e.to_string()))
+        }
+        _ => serde_json::from_slice(bytes).map_err(|e| StateDecodeError(e.to_string())),
     }
-    rmp_serde::from_slice(bytes).map_err(|e| StateDecodeError(e.to_string()))
 }
 
 /// A state value that is neither MessagePack nor JSON of the expected type.
@@ -316,7 +325,7 @@ mod tests {
             count: 3,
         };
         let bytes = encode_state(&old).unwrap();
-        assert_ne!(bytes.first(), Some(&b'{'));
+        assert_eq!(bytes.first(), Some(&0xC1), "marked as MessagePack");
         assert!(bytes.len() < serde_json::to_vec(&old).unwrap().len());
         // A field added since reads as its default, as with JSON.
         let new: New = decode_state(&bytes).unwrap();
@@ -328,7 +337,7 @@ mod tests {
             decode_state::<New>(&encode_state(&new).unwrap()).unwrap(),
             new
         );
-        // State written as JSON by earlier versions.
+        // State written as JSON by earlier versions: objects and bare values alike.
         let json = br#"{"id":"c-2","count":7,"channels":{"email":false}}"#;
         let back: New = decode_state(json).unwrap();
         assert_eq!(back.count, 7);
@@ -336,7 +345,19 @@ mod tests {
             back.channels.get(&crate::contracts::Channel::email),
             Some(&false)
         );
+        assert!(decode_state::<bool>(b"true").unwrap());
+        assert_eq!(
+            decode_state::<i64>(b"1767225916248").unwrap(),
+            1_767_225_916_248
+        );
+        assert_eq!(decode_state::<i64>(b"7").unwrap(), 7);
+        // Bare values in the new format, including the bytes JSON would start with.
+        for n in [7u64, 49, 123, 1_767_225_916_248] {
+            assert_eq!(decode_state::<u64>(&encode_state(&n).unwrap()).unwrap(), n);
+        }
+        assert!(decode_state::<bool>(&encode_state(&true).unwrap()).unwrap());
         assert!(decode_state::<New>(b"\xc1 not state").is_err());
+        assert!(decode_state::<New>(b"not state either").is_err());
     }
 
     #[test]

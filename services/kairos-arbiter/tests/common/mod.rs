@@ -135,6 +135,19 @@ impl Arbiter {
         self.collect(out);
     }
 
+    /// Writes a raw state value for `customer`'s partition, as an earlier version of
+    /// Kairos would have left it.
+    pub fn put_raw_state(&self, customer: &str, key: &str, value: &[u8]) {
+        let partition =
+            kairos_core::replay::partition_for(customer.as_bytes(), self.config.kafka.partitions);
+        self.replayer
+            .engine
+            .store(partition)
+            .expect("partition store")
+            .put_now(key.as_bytes(), value)
+            .expect("raw write");
+    }
+
     /// Moves event time to `t`: deferred triggers whose time came are decided.
     pub fn advance_to(&mut self, t: i64) {
         let out = self.replayer.advance_to(t).expect("advance");
