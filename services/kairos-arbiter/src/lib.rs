@@ -116,6 +116,19 @@ const RECENT_OUTCOMES: usize = 16;
 /// covers months of triggers, far longer than any redelivery after a crash.
 const RECENT_TRIGGERS: usize = 128;
 
+/// Adds the hash `h` to a bounded list of recent ids (oldest dropped first). Returns
+/// false if it was there already: a redelivery.
+fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
+    if recent.contains(&h) {
+        return false;
+    }
+    if recent.len() >= limit {
+        recent.remove(0);
+    }
+    recent.push(h);
+    true
+}
+
 impl CustomerLedger {
     /// Folds in the ledger of a customer merged into this one: its sends count
     /// against the caps from now on, and every suppression holds (an unsubscribe is
@@ -149,12 +162,7 @@ impl CustomerLedger {
         }
         self.ignored_in_row = self.ignored_in_row.max(other.ignored_in_row);
         for h in other.recent_outcomes {
-            if !self.recent_outcomes.contains(&h) {
-                if self.recent_outcomes.len() >= RECENT_OUTCOMES {
-                    self.recent_outcomes.remove(0);
-                }
-                self.recent_outcomes.push(h);
-            }
+            remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
         }
     }
 
@@ -162,13 +170,9 @@ impl CustomerLedger {
     /// count. Returns false for an outcome already applied.
     pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
         let h = kairos_core::ids::stable_hash(&o.outcome_id);
-        if self.recent_outcomes.contains(&h) {
+        if !remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES) {
             return false;
         }
-        if self.recent_outcomes.len() >= RECENT_OUTCOMES {
-            self.recent_outcomes.remove(0);
-        }
-        self.recent_outcomes.push(h);
         match o.kind {
             OutcomeKind::delivered if o.category != MessageCategory::transactional => {
                 self.ignored_in_row += 1;
@@ -1045,13 +1049,9 @@ impl ArbiterProcessor {
                 };
                 // A re-sent record (after a crash) must not count the sends twice.
                 let h = kairos_core::ids::stable_hash(&a.action_id);
-                if ledger.recent_outcomes.contains(&h) {
+                if !remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES) {
                     return Ok(());
                 }
-                if ledger.recent_outcomes.len() >= RECENT_OUTCOMES {
-                    ledger.recent_outcomes.remove(0);
-                }
-                ledger.recent_outcomes.push(h);
                 if let Some(from) = &a.merged_from {
                     if !ledger.absorbed.contains(from) {
                         if ledger.absorbed.len() >= 16 {
@@ -1356,16 +1356,12 @@ impl ArbiterProcessor {
                 .is_some_and(|until| t.fired_at <= until);
             let seen_before_upgrade =
                 legacy && ctx.get::<Millis>(&format!("t/{}", t.trigger_id))?.is_some();
-            if ledger.recent_triggers.contains(&h) || seen_before_upgrade {
+            if seen_before_upgrade || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS) {
                 self.decisions
                     .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
                     .inc();
                 return Ok(());
             }
-            if ledger.recent_triggers.len() >= RECENT_TRIGGERS {
-                ledger.recent_triggers.remove(0);
-            }
-            ledger.recent_triggers.push(h);
         }
         let Verdict {
             outcome,

@@ -973,12 +973,6 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
-        // A single-state processor is ready only with every input partition.
-        admin.set_ready(
-            assigned_once
-                && (!single_state
-                    || owns_every_partition(&consumer, &inputs, config.kafka.partitions)),
-        );
         if cancel.is_cancelled() {
             break;
         }
@@ -1026,7 +1020,12 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
-        if single_state && !owns_every_partition(&consumer, &inputs, config.kafka.partitions) {
+        // A single-state processor applies records, and is ready, only with every input
+        // partition.
+        let complete =
+            !single_state || owns_every_partition(&consumer, &inputs, config.kafka.partitions);
+        admin.set_ready(assigned_once && complete);
+        if !complete {
             // Another instance holds some input partitions: a graph built from part of
             // the input would be wrong, so nothing is applied and no offset is stored.
             // The records come again from the committed offsets once one instance

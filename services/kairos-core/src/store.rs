@@ -627,13 +627,7 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
-        let index_writes: Vec<(Vec<u8>, Option<Millis>)> = writes
-            .iter()
-            .filter_map(|(k, v)| {
-                let id = k.strip_prefix(TIMER_INDEX)?;
-                Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
-            })
-            .collect();
+        let index_writes = timer_index_changes(&writes);
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
             .outputs
             .into_iter()
@@ -732,15 +726,7 @@ impl PartitionStore {
             }
         }
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.note_fire_times(
-            records
-                .iter()
-                .filter_map(|(k, v)| {
-                    let id = k.strip_prefix(TIMER_INDEX)?;
-                    Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
-                })
-                .collect(),
-        );
+        self.note_fire_times(timer_index_changes(records));
         Ok(())
     }
 
@@ -779,6 +765,18 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         *last += 1;
     }
     end
+}
+
+/// The timer-index entries among raw store writes: timer id and new fire time (`None`
+/// for a deletion).
+fn timer_index_changes(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(Vec<u8>, Option<Millis>)> {
+    writes
+        .iter()
+        .filter_map(|(k, v)| {
+            let id = k.strip_prefix(TIMER_INDEX)?;
+            Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
+        })
+        .collect()
 }
 
 fn decode_fire_time(v: &[u8]) -> Option<Millis> {
