@@ -7,14 +7,17 @@
 //!   batch as the state it produced: this is what makes effects exactly-once;
 //! - `x/<seq>` the outbox: output records committed with the state, deleted once the
 //!   broker acknowledged them, re-sent after a crash (with the same ids);
-//! - `t/<fire_at><timer id>` and `i/<timer id>` the persistent timers and their index.
+//! - `i/<timer id>` the persistent timers: the fire time (8 bytes, big-endian) then the
+//!   payload. Every timer's id and fire time is also held in memory, ordered by time,
+//!   so scheduling, moving, cancelling and firing a timer is one key write. (Stores
+//!   written before this layout kept the payload under `t/<fire_at><timer id>`; they are
+//!   converted when opened or restored, see `migrate_legacy_timers`.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use rocksdb::{
-    BlockBasedOptions, Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB,
-};
+use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, DB};
 
 use crate::time::Millis;
 
@@ -38,7 +41,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 const STATE: &[u8] = b"s/";
 const OFFSET: &[u8] = b"o/";
 const OUTBOX: &[u8] = b"x/";
-const TIMER: &[u8] = b"t/";
+/// The payloads of timers in the earlier layout (fire time in the key).
+const LEGACY_TIMER: &[u8] = b"t/";
 const TIMER_INDEX: &[u8] = b"i/";
 const META_CLOCK: &[u8] = b"m/clock";
 const META_OUTBOX_SEQ: &[u8] = b"m/outbox_seq";
@@ -101,11 +105,10 @@ impl StoreFactory {
         let mut store = PartitionStore {
             partition,
             writer: String::new(),
-            head: std::cell::RefCell::new(TimerHead::default()),
             path,
             db,
             next_outbox_seq: 0,
-            fire_times: HashMap::new(),
+            timers: Default::default(),
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
@@ -123,7 +126,8 @@ impl StoreFactory {
                 id
             }
         };
-        store.fire_times = store.load_fire_times()?;
+        store.migrate_legacy_timers()?;
+        store.timers = std::cell::RefCell::new(store.load_timers()?);
         Ok(store)
     }
 }
@@ -160,51 +164,67 @@ impl DueTimer {
     }
 }
 
-/// Timers loaded into the in-memory head at a time.
-const HEAD_REFILL: usize = 4096;
-
-/// The earliest timers of a partition in memory, as in Flink's RocksDB timer service.
-/// Invariant: every live timer firing before `horizon` is in `cached` (`exhausted`:
-/// there are none at or after it).
-#[derive(Debug)]
-struct TimerHead {
-    cached: std::collections::BTreeSet<(Millis, String)>,
-    horizon: Millis,
-    exhausted: bool,
+/// Every timer of a partition in memory, as in Flink's heap timer service: its fire
+/// time and payload by id, and the ids ordered by fire time. It changes as soon as a
+/// timer is scheduled, moved, cancelled or fired (a batch's pending writes are always
+/// committed, or the store is dropped and opened again), so timers never need a store
+/// read. It costs the payload plus about 100 bytes a timer.
+#[derive(Debug, Default)]
+struct TimerIndex {
+    timers: HashMap<Arc<str>, (Millis, Box<[u8]>)>,
+    by_time: BTreeSet<(Millis, Arc<str>)>,
 }
 
-impl Default for TimerHead {
-    fn default() -> Self {
-        TimerHead {
-            cached: Default::default(),
-            horizon: Millis::MIN,
-            exhausted: false,
-        }
+impl TimerIndex {
+    fn fire_at(&self, id: &str) -> Option<Millis> {
+        self.timers.get(id).map(|(at, _)| *at)
     }
-}
 
-impl TimerHead {
-    fn moved(&mut self, old: Option<Millis>, fire_at: Millis, id: &str) {
-        if let Some(old) = old {
-            self.removed(old, id);
-        }
-        if fire_at < self.horizon || self.exhausted {
-            self.cached.insert((fire_at, id.to_string()));
-            // Bounded: the latest entries go back to living only in the store.
-            while self.cached.len() > 2 * HEAD_REFILL {
-                if let Some(last) = self.cached.pop_last() {
-                    self.horizon = last.0;
-                    self.exhausted = false;
-                    while self.cached.last().is_some_and(|(t, _)| *t >= self.horizon) {
-                        self.cached.pop_last();
-                    }
-                }
+    /// Sets `id` to fire at `at` with `payload`.
+    fn set(&mut self, id: &str, at: Millis, payload: &[u8]) {
+        let key = match self.timers.get_key_value(id) {
+            Some((key, (old, _))) => {
+                let key = key.clone();
+                self.by_time.remove(&(*old, key.clone()));
+                key
             }
-        }
+            None => Arc::from(id),
+        };
+        self.by_time.insert((at, key.clone()));
+        self.timers.insert(key, (at, payload.into()));
     }
 
-    fn removed(&mut self, fire_at: Millis, id: &str) {
-        self.cached.remove(&(fire_at, id.to_string()));
+    /// Removes `id`; returns the fire time it had.
+    fn remove(&mut self, id: &str) -> Option<Millis> {
+        let (key, (at, _)) = self.timers.remove_entry(id)?;
+        self.by_time.remove(&(at, key));
+        Some(at)
+    }
+
+    fn first(&self) -> Option<Millis> {
+        self.by_time.first().map(|(t, _)| *t)
+    }
+
+    /// The earliest timers due at or before `now`, at most `limit`.
+    fn due(&self, now: Millis, limit: usize) -> Vec<DueTimer> {
+        self.by_time
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .map(|(fire_at, id)| DueTimer {
+                timer_id: id.to_string(),
+                fire_at: *fire_at,
+                payload: self
+                    .timers
+                    .get(id)
+                    .map(|(_, p)| p.to_vec())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.timers.len()
     }
 }
 
@@ -232,15 +252,11 @@ pub struct PartitionStore {
     pub partition: i32,
     /// Incarnation id of this store (see `META_WRITER`).
     pub writer: String,
-    /// The earliest timers, in memory (see `TimerHead`).
-    head: std::cell::RefCell<TimerHead>,
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
-    /// Fire time of every committed timer, by timer id: the committed contents of the
-    /// `i/` index, in memory, so scheduling and cancelling never read the store (a
-    /// timer is moved on most events).
-    fire_times: HashMap<Vec<u8>, Millis>,
+    /// Every timer, in memory (see `TimerIndex`).
+    timers: std::cell::RefCell<TimerIndex>,
 }
 
 impl PartitionStore {
@@ -269,21 +285,58 @@ impl PartitionStore {
         }
     }
 
-    fn load_fire_times(&self) -> StoreResult<HashMap<Vec<u8>, Millis>> {
-        let mut out = HashMap::new();
+    /// Reads every timer (`i/` keys).
+    fn load_timers(&self) -> StoreResult<TimerIndex> {
+        let mut out = TimerIndex::default();
         for item in self.db.prefix_iterator(TIMER_INDEX) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let Some(id) = k.strip_prefix(TIMER_INDEX) else {
                 break;
             };
-            let at = decode_fire_time(&v).ok_or_else(|| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: "timer index value is not 8 bytes".into(),
-            })?;
-            out.insert(id.to_vec(), at);
+            let at = decode_fire_time(&v).ok_or_else(|| self.corrupt_timer(&k))?;
+            out.set(&String::from_utf8_lossy(id), at, &v[8..]);
         }
         Ok(out)
+    }
+
+    fn corrupt_timer(&self, key: &[u8]) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: "timer value is shorter than its 8-byte fire time".into(),
+        }
+    }
+
+    /// Converts timers of the earlier layout (`i/<id>` = fire time, payload under
+    /// `t/<fire_at><id>`) to the current one, in one batch. A `t/` key converts only
+    /// while its `i/` entry is still an earlier-layout index pointing at it: a
+    /// changelog written across the upgrade keeps stale `t/` keys (the upgrade deletes
+    /// them locally, not in the changelog), and those must not revive a timer that was
+    /// moved, fired or cancelled since.
+    fn migrate_legacy_timers(&self) -> StoreResult<()> {
+        let mut batch = WriteBatch::default();
+        for item in self.db.prefix_iterator(LEGACY_TIMER) {
+            let (k, payload) = item.map_err(|e| self.rocks(e))?;
+            let Some((fire_at, id)) = decode_legacy_timer_key(&k) else {
+                break;
+            };
+            let index_key = prefixed(TIMER_INDEX, id.as_bytes());
+            let index = self.raw_get(&index_key)?;
+            if index.as_deref().and_then(decode_fire_time) == Some(fire_at)
+                && index.as_ref().is_some_and(|v| v.len() == 8)
+            {
+                batch.put(&index_key, timer_value(fire_at, &payload));
+            }
+            batch.delete(&k);
+        }
+        if !batch.is_empty() {
+            tracing::info!(
+                path = %self.path.display(),
+                "converting timers to the one-key layout"
+            );
+            self.db.write(batch).map_err(|e| self.rocks(e))?;
+        }
+        Ok(())
     }
 
     /// State value under an application key, seeing `pending` writes first.
@@ -411,180 +464,61 @@ impl PartitionStore {
         fire_at: Millis,
         payload: Vec<u8>,
     ) -> StoreResult<()> {
-        let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
-        let old = self.timer_index(pending, &index_key)?;
-        if let Some(old) = old {
-            pending.writes.insert(timer_key(old, timer_id), None);
-        }
-        self.head.borrow_mut().moved(old, fire_at, timer_id);
-        pending
-            .writes
-            .insert(timer_key(fire_at, timer_id), Some(payload));
-        pending
-            .writes
-            .insert(index_key, Some((fire_at as u64).to_be_bytes().to_vec()));
+        self.timers.borrow_mut().set(timer_id, fire_at, &payload);
+        pending.writes.insert(
+            prefixed(TIMER_INDEX, timer_id.as_bytes()),
+            Some(timer_value(fire_at, &payload)),
+        );
         pending.min_scheduled = Some(pending.min_scheduled.map_or(fire_at, |m| m.min(fire_at)));
         Ok(())
     }
 
     /// Cancels a timer; a cancelled timer never fires. Returns whether one existed.
     pub fn cancel_timer(&self, pending: &mut Pending, timer_id: &str) -> StoreResult<bool> {
-        let index_key = prefixed(TIMER_INDEX, timer_id.as_bytes());
-        match self.timer_index(pending, &index_key)? {
-            Some(old) => {
-                pending.writes.insert(timer_key(old, timer_id), None);
-                pending.writes.insert(index_key, None);
-                self.head.borrow_mut().removed(old, timer_id);
-                Ok(true)
-            }
-            None => Ok(false),
+        if self.timers.borrow_mut().remove(timer_id).is_none() {
+            return Ok(false);
         }
+        pending
+            .writes
+            .insert(prefixed(TIMER_INDEX, timer_id.as_bytes()), None);
+        Ok(true)
     }
 
-    pub fn timer_fire_at(&self, pending: &Pending, timer_id: &str) -> StoreResult<Option<Millis>> {
-        self.timer_index(pending, &prefixed(TIMER_INDEX, timer_id.as_bytes()))
-    }
-
-    fn timer_index(&self, pending: &Pending, index_key: &[u8]) -> StoreResult<Option<Millis>> {
-        Ok(match pending.writes.get(index_key) {
-            Some(v) => v.as_deref().and_then(decode_fire_time),
-            None => self
-                .fire_times
-                .get(&index_key[TIMER_INDEX.len()..])
-                .copied(),
-        })
+    pub fn timer_fire_at(&self, _pending: &Pending, timer_id: &str) -> StoreResult<Option<Millis>> {
+        Ok(self.timers.borrow().fire_at(timer_id))
     }
 
     /// Timers due at or before `now` (pending reschedules and cancellations
     /// included), earliest first, at most `limit`.
     pub fn due_timers(
         &self,
-        pending: &Pending,
+        _pending: &Pending,
         now: Millis,
         limit: usize,
     ) -> StoreResult<Vec<DueTimer>> {
-        self.fill_head(pending)?;
-        let ids: Vec<(Millis, String)> = self
-            .head
-            .borrow()
-            .cached
-            .range(..(now.saturating_add(1), String::new()))
-            .take(limit)
-            .cloned()
-            .collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for (fire_at, timer_id) in ids {
-            let key = timer_key(fire_at, &timer_id);
-            let payload = match pending.writes.get(&key) {
-                Some(Some(v)) => Some(v.clone()),
-                Some(None) => None,
-                None => self.raw_get(&key)?,
-            };
-            match payload {
-                Some(payload) => out.push(DueTimer {
-                    timer_id,
-                    fire_at,
-                    payload,
-                }),
-                // Not there after all: forget it.
-                None => self.head.borrow_mut().removed(fire_at, &timer_id),
-            }
-        }
-        Ok(out)
+        Ok(self.timers.borrow().due(now, limit))
     }
 
     /// Fire time of the earliest timer (pending included).
-    pub fn next_timer(&self, pending: &Pending) -> StoreResult<Option<Millis>> {
-        self.fill_head(pending)?;
-        let head = self.head.borrow();
-        Ok(head.cached.first().map(|(t, _)| *t))
-    }
-
-    /// Refills the in-memory head from the store when it ran empty: reads the next
-    /// live timers from the horizon up, once, instead of stepping over the deletion
-    /// markers of fired timers on every look.
-    fn fill_head(&self, pending: &Pending) -> StoreResult<()> {
-        let horizon = {
-            let head = self.head.borrow();
-            if !head.cached.is_empty() || head.exhausted {
-                return Ok(());
-            }
-            head.horizon
-        };
-        let lower = timer_bound(horizon);
-        let mut found: BTreeMap<Vec<u8>, ()> = BTreeMap::new();
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_lower_bound(lower.clone());
-        opts.set_iterate_upper_bound(prefix_end(TIMER));
-        for item in self
-            .db
-            .iterator_opt(IteratorMode::From(&lower, Direction::Forward), opts)
-        {
-            let (k, _) = item.map_err(|e| self.rocks(e))?;
-            if matches!(pending.writes.get(k.as_ref()), Some(None)) {
-                continue; // cancelled or fired in this batch
-            }
-            found.insert(k.to_vec(), ());
-            if found.len() > HEAD_REFILL {
-                break;
-            }
-        }
-        for (k, v) in pending.writes.range(lower..prefix_end(TIMER)) {
-            if v.is_some() {
-                found.insert(k.clone(), ());
-            }
-        }
-        let mut head = self.head.borrow_mut();
-        let keys: Vec<(Millis, String)> =
-            found.keys().filter_map(|k| decode_timer_key(k)).collect();
-        if keys.len() <= HEAD_REFILL {
-            head.cached.extend(keys);
-            head.exhausted = true;
-            head.horizon = Millis::MAX;
-        } else {
-            // Cover whole instants only: the next instant becomes the horizon.
-            let next = keys[HEAD_REFILL].0;
-            head.cached
-                .extend(keys.into_iter().filter(|(t, _)| *t < next));
-            head.horizon = next;
-        }
-        Ok(())
+    pub fn next_timer(&self, _pending: &Pending) -> StoreResult<Option<Millis>> {
+        Ok(self.timers.borrow().first())
     }
 
     /// Removes a fired timer (it must not fire again).
     pub fn complete_timer(&self, pending: &mut Pending, timer: &DueTimer) -> StoreResult<()> {
-        let index_key = prefixed(TIMER_INDEX, timer.timer_id.as_bytes());
-        // Only drop the index if it still points at this firing (the handler may have
-        // rescheduled the same timer id).
-        if self.timer_index(pending, &index_key)? == Some(timer.fire_at) {
-            pending.writes.insert(index_key, None);
+        let mut timers = self.timers.borrow_mut();
+        // Only if it still fires at this time (the handler may have moved it).
+        if timers.fire_at(&timer.timer_id) == Some(timer.fire_at) {
+            timers.remove(&timer.timer_id);
+            pending
+                .writes
+                .insert(prefixed(TIMER_INDEX, timer.timer_id.as_bytes()), None);
         }
-        pending
-            .writes
-            .insert(timer_key(timer.fire_at, &timer.timer_id), None);
-        self.head
-            .borrow_mut()
-            .removed(timer.fire_at, &timer.timer_id);
         Ok(())
     }
 
     pub fn timers_pending(&self) -> i64 {
-        self.fire_times.len() as i64
-    }
-
-    /// Keeps the in-memory timer index equal to the committed `i/` keys (timer id and
-    /// its fire time, `None` for a deleted entry).
-    fn note_fire_times(&mut self, writes: Vec<(Vec<u8>, Option<Millis>)>) {
-        for (id, at) in writes {
-            match at {
-                Some(at) => {
-                    self.fire_times.insert(id, at);
-                }
-                None => {
-                    self.fire_times.remove(&id);
-                }
-            }
-        }
+        self.timers.borrow().len() as i64
     }
 
     /// Writes `pending` atomically: state, outbox, offsets and clock together. Returns
@@ -627,7 +561,6 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
-        let index_writes = timer_index_changes(&writes);
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
             .outputs
             .into_iter()
@@ -662,7 +595,6 @@ impl PartitionStore {
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.note_fire_times(index_writes);
         Ok(entries)
     }
 
@@ -726,7 +658,27 @@ impl PartitionStore {
             }
         }
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        self.note_fire_times(timer_index_changes(records));
+        if records.iter().any(|(k, _)| k.starts_with(LEGACY_TIMER)) {
+            self.migrate_legacy_timers()?;
+            *self.timers.borrow_mut() = self.load_timers()?;
+            return Ok(());
+        }
+        let mut timers = self.timers.borrow_mut();
+        for (k, v) in records {
+            let Some(id) = k.strip_prefix(TIMER_INDEX) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(id);
+            match v {
+                Some(v) => {
+                    let at = decode_fire_time(v).ok_or_else(|| self.corrupt_timer(k))?;
+                    timers.set(&id, at, &v[8..]);
+                }
+                None => {
+                    timers.remove(&id);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -744,48 +696,23 @@ fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Timer keys sort by fire time: the sign bit is flipped so negative times sort first.
-fn timer_key(fire_at: Millis, timer_id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(TIMER.len() + 8 + timer_id.len());
-    v.extend_from_slice(TIMER);
-    v.extend_from_slice(&((fire_at as u64) ^ (1 << 63)).to_be_bytes());
-    v.extend_from_slice(timer_id.as_bytes());
+/// The stored value of a timer: fire time, then payload.
+fn timer_value(fire_at: Millis, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + payload.len());
+    v.extend_from_slice(&(fire_at as u64).to_be_bytes());
+    v.extend_from_slice(payload);
     v
 }
 
-/// The smallest timer key at `fire_at`.
-fn timer_bound(fire_at: Millis) -> Vec<u8> {
-    timer_key(fire_at, "")
-}
-
-/// The first key after every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    end
-}
-
-/// The timer-index entries among raw store writes: timer id and new fire time (`None`
-/// for a deletion).
-fn timer_index_changes(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(Vec<u8>, Option<Millis>)> {
-    writes
-        .iter()
-        .filter_map(|(k, v)| {
-            let id = k.strip_prefix(TIMER_INDEX)?;
-            Some((id.to_vec(), v.as_deref().and_then(decode_fire_time)))
-        })
-        .collect()
-}
-
+/// The fire time at the head of a timer value (or of an earlier-layout index value).
 fn decode_fire_time(v: &[u8]) -> Option<Millis> {
-    let b: [u8; 8] = v.try_into().ok()?;
+    let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
     Some(u64::from_be_bytes(b) as Millis)
 }
 
-fn decode_timer_key(k: &[u8]) -> Option<(Millis, String)> {
-    let rest = k.strip_prefix(TIMER)?;
+/// A `t/` key of the earlier layout: fire time with the sign bit flipped, then the id.
+fn decode_legacy_timer_key(k: &[u8]) -> Option<(Millis, String)> {
+    let rest = k.strip_prefix(LEGACY_TIMER)?;
     let t: [u8; 8] = rest.get(..8)?.try_into().ok()?;
     let fire_at = (u64::from_be_bytes(t) ^ (1 << 63)) as Millis;
     let id = String::from_utf8(rest[8..].to_vec()).ok()?;
@@ -890,11 +817,88 @@ mod tests {
     }
 
     #[test]
-    fn negative_times_sort_before_positive() {
-        assert!(timer_key(-5, "a") < timer_key(5, "a"));
+    fn negative_times_fire_before_positive() {
+        let (_dir, s) = store();
+        let mut p = Pending::default();
+        s.schedule_timer(&mut p, "after", 5, b"a".to_vec()).unwrap();
+        s.schedule_timer(&mut p, "before", -5, b"b".to_vec())
+            .unwrap();
+        let due = s.due_timers(&p, 10, 10).unwrap();
+        let order: Vec<_> = due.iter().map(|t| t.timer_id.as_str()).collect();
+        assert_eq!(order, ["before", "after"]);
+    }
+
+    /// Writes a timer the way stores before the one-key layout did.
+    fn put_legacy_timer(s: &PartitionStore, id: &str, fire_at: Millis, payload: &[u8]) {
+        let mut key = LEGACY_TIMER.to_vec();
+        key.extend_from_slice(&((fire_at as u64) ^ (1 << 63)).to_be_bytes());
+        key.extend_from_slice(id.as_bytes());
+        s.db.put(&key, payload).unwrap();
+        s.db.put(
+            prefixed(TIMER_INDEX, id.as_bytes()),
+            (fire_at as u64).to_be_bytes(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn timers_of_the_earlier_layout_fire_after_an_upgrade() {
+        let (dir, s) = store();
+        put_legacy_timer(&s, "cart/c1", 100, b"cart");
+        put_legacy_timer(&s, "welcome/c2", 200, b"welcome");
+        drop(s);
+        let s = StoreFactory::new(dir.path(), 1 << 20)
+            .unwrap()
+            .open(3)
+            .unwrap();
+        assert_eq!(s.timers_pending(), 2);
+        let due = s.due_timers(&Pending::default(), 1000, 10).unwrap();
+        let got: Vec<_> = due
+            .iter()
+            .map(|t| (t.timer_id.as_str(), t.fire_at, t.payload.as_slice()))
+            .collect();
         assert_eq!(
-            decode_timer_key(&timer_key(-5, "x")),
-            Some((-5, "x".into()))
+            got,
+            [
+                ("cart/c1", 100, b"cart".as_slice()),
+                ("welcome/c2", 200, b"welcome".as_slice())
+            ]
+        );
+        let legacy_left =
+            s.db.prefix_iterator(LEGACY_TIMER)
+                .filter_map(Result::ok)
+                .filter(|(k, _)| k.starts_with(LEGACY_TIMER))
+                .count();
+        assert_eq!(legacy_left, 0, "the earlier layout's keys are gone");
+    }
+
+    #[test]
+    fn a_stale_legacy_timer_in_a_restored_changelog_does_not_revive() {
+        let (_dir, mut s) = store();
+        // A changelog that spans the upgrade: the timer was armed at 100 by the
+        // earlier version, then moved to 500 by this one.
+        let mut legacy_key = LEGACY_TIMER.to_vec();
+        legacy_key.extend_from_slice(&((100u64) ^ (1 << 63)).to_be_bytes());
+        legacy_key.extend_from_slice(b"cart/c1");
+        let index_key = prefixed(TIMER_INDEX, b"cart/c1");
+        s.apply_changelog(&[
+            (index_key.clone(), Some(100u64.to_be_bytes().to_vec())),
+            (legacy_key.clone(), Some(b"old".to_vec())),
+        ])
+        .unwrap();
+        s.apply_changelog(&[(index_key.clone(), Some(timer_value(500, b"new")))])
+            .unwrap();
+        // A later restore replays the same records again (the stale `t/` key stays in
+        // a compacted changelog).
+        s.apply_changelog(&[(legacy_key, Some(b"old".to_vec()))])
+            .unwrap();
+        let p = Pending::default();
+        assert_eq!(s.next_timer(&p).unwrap(), Some(500));
+        let due = s.due_timers(&p, 1000, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].fire_at, due[0].payload.as_slice()),
+            (500, b"new".as_slice())
         );
     }
 }
