@@ -1338,7 +1338,8 @@ impl ArbiterProcessor {
         queued: bool,
     ) -> anyhow::Result<()> {
         let ledger_key = format!("c/{}", t.customer_id);
-        let mut ledger = match self.ledgers.get(ctx, &ledger_key)? {
+        // Taken out of the cache (no copy) and put back on every path.
+        let mut ledger = match self.ledgers.take(ctx, &ledger_key)? {
             Some(mut known) => {
                 known.legacy_dedup_until.get_or_insert(ctx.now());
                 known
@@ -1348,6 +1349,18 @@ impl ArbiterProcessor {
                 ..CustomerLedger::default()
             },
         };
+        let result = self.decide_with_ledger(ctx, t, queued, &mut ledger);
+        self.ledgers.put(ctx.partition, ledger_key, ledger);
+        result
+    }
+
+    fn decide_with_ledger(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        t: Trigger,
+        queued: bool,
+        ledger: &mut CustomerLedger,
+    ) -> anyhow::Result<()> {
         // One trigger id, one final decision: a re-delivered trigger is ignored.
         if !queued {
             let h = kairos_core::ids::stable_hash(&t.trigger_id);
@@ -1369,7 +1382,7 @@ impl ArbiterProcessor {
             rule,
             reason,
             defer_until,
-        } = self.decide(ctx, &t, &mut ledger);
+        } = self.decide(ctx, &t, ledger);
         let now = ctx.now();
         let subject = Subject::of(&t);
         if let Some(until) = defer_until {
@@ -1393,13 +1406,12 @@ impl ArbiterProcessor {
                 rule,
                 format!("{reason}; decided again at {wake}"),
             );
-            self.ledgers.put(ctx.partition, ledger_key, ledger);
             return Ok(());
         }
         ledger.queued.remove(&t.trigger_id);
         let mut send_id = None;
         if let Some(c) = channel {
-            let id = self.emit_send(ctx, &t, c, &mut ledger, format!("{rule}: {reason}"))?;
+            let id = self.emit_send(ctx, &t, c, ledger, format!("{rule}: {reason}"))?;
             if let Some(wait) = self.cascade_wait(&t.scenario, 1) {
                 ledger.cascades.insert(
                     t.trigger_id.clone(),
@@ -1413,7 +1425,7 @@ impl ArbiterProcessor {
                 ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
             }
             send_id = Some(id);
-            self.hold_main_scenario(now, &t, &mut ledger);
+            self.hold_main_scenario(now, &t, ledger);
             if let Some(offer) = offer_of(&t) {
                 ledger.offers.insert(offer, now);
             }
@@ -1428,7 +1440,6 @@ impl ArbiterProcessor {
             rule,
             reason,
         );
-        self.ledgers.put(ctx.partition, ledger_key, ledger);
         Ok(())
     }
 }

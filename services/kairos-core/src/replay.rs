@@ -15,19 +15,7 @@ use crate::time::Millis;
 /// Partition of a key: CRC32 modulo the partition count, as librdkafka's default
 /// (`consistent_random`) partitioner does for keyed records.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
-    (crc32(key) % partitions.max(1) as u32) as i32
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
+    (crc32fast::hash(key) % partitions.max(1) as u32) as i32
 }
 
 /// A replayed processor as one stage of an in-process pipeline: the stage before it
@@ -67,7 +55,8 @@ pub struct Replayer<P: Processor> {
     pub engine: Engine<P>,
     inputs: Vec<String>,
     partitions: i32,
-    offsets: HashMap<(String, i32), i64>,
+    /// Next offset per topic, then per partition.
+    offsets: HashMap<String, HashMap<i32, i64>>,
     commit_every: usize,
     since_commit: usize,
 }
@@ -91,7 +80,10 @@ impl<P: Processor> Replayer<P> {
             engine.drop_from_outbox(&backlog)?;
         }
         for (topic, p, o) in engine.applied_offsets()? {
-            offsets.insert((topic, p), o + 1);
+            offsets
+                .entry(topic)
+                .or_insert_with(HashMap::new)
+                .insert(p, o + 1);
         }
         Ok(Replayer {
             inputs: engine.processor.inputs(),
@@ -111,10 +103,15 @@ impl<P: Processor> Replayer<P> {
         payload: &[u8],
     ) -> anyhow::Result<Vec<OutboxEntry>> {
         let partition = partition_for(key, self.partitions);
+        // Looked up by `&str` first: no allocation per record.
+        if !self.offsets.contains_key(topic) {
+            self.offsets.insert(topic.to_string(), HashMap::new());
+        }
         let offset = self
             .offsets
-            .entry((topic.to_string(), partition))
-            .or_insert(0);
+            .get_mut(topic)
+            .map(|by_partition| by_partition.entry(partition).or_insert(0))
+            .ok_or_else(|| anyhow::anyhow!("no offsets for topic {topic}"))?;
         let record = Record {
             topic,
             partition,
@@ -153,8 +150,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    fn partitions_match_librdkafkas_crc32_partitioner() {
+        // CRC32 of "123456789" is the standard check value 0xCBF43926.
+        assert_eq!(
+            partition_for(b"123456789", 1000),
+            (0xCBF4_3926u32 % 1000) as i32
+        );
     }
 
     #[test]

@@ -333,7 +333,7 @@ impl<P: Processor> Engine<P> {
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut early = Vec::new();
         let state_partition = self.state_partition(record.partition);
-        let offset_key = self.offset_key(record.topic, record.partition).into_owned();
+        let offset_key = self.offset_key(record.topic, record.partition);
         let Some(part) = self.parts.get_mut(&state_partition) else {
             // Not ours (revoked in the middle of a batch): the owner will process it.
             return Ok(early);

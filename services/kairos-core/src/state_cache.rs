@@ -7,7 +7,8 @@
 //! [`crate::runtime::Processor::flush`], so the values commit in the same atomic write
 //! as the input offsets that produced them, and a crash loses nothing committed.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
+use foldhash::HashMapExt;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -171,7 +171,7 @@ impl DueTimer {
 /// read. It costs the payload plus about 100 bytes a timer.
 #[derive(Debug, Default)]
 struct TimerIndex {
-    timers: HashMap<Arc<str>, (Millis, Box<[u8]>)>,
+    timers: foldhash::HashMap<Arc<str>, (Millis, Box<[u8]>)>,
     by_time: BTreeSet<(Millis, Arc<str>)>,
 }
 

@@ -90,6 +90,8 @@ pub struct ProfileProcessor {
     metrics: Metrics,
     /// Hot profiles, written back when the batch commits.
     profiles: StateCache<CustomerProfile>,
+    /// The enabled scenarios of each kind, shared so events do not copy them.
+    scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
 }
 
 impl ProfileProcessor {
@@ -136,7 +138,20 @@ impl ProfileProcessor {
             m.triggers.with_label_values(&[&s.name]);
             m.skipped.with_label_values(&[&s.name, "late"]);
         }
+        let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
+        for s in config.scenarios.iter().filter(|s| s.enabled) {
+            if !scenarios_by_kind.iter().any(|(k, _)| *k == s.kind) {
+                let of_kind: Vec<ScenarioConfig> = config
+                    .scenarios
+                    .iter()
+                    .filter(|o| o.enabled && o.kind == s.kind)
+                    .cloned()
+                    .collect();
+                scenarios_by_kind.push((s.kind, of_kind.into()));
+            }
+        }
         ProfileProcessor {
+            scenarios_by_kind,
             site_topic: config.topic(topics::SITE_EVENTS),
             app_topic: config.topic(topics::APP_EVENTS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
@@ -158,13 +173,13 @@ impl ProfileProcessor {
         }
     }
 
-    fn scenarios(&self, kind: ScenarioKind) -> Vec<ScenarioConfig> {
-        self.config
-            .scenarios
+    /// The enabled scenarios of `kind`, in configuration order.
+    fn scenarios(&self, kind: ScenarioKind) -> Arc<[ScenarioConfig]> {
+        self.scenarios_by_kind
             .iter()
-            .filter(|s| s.enabled && s.kind == kind)
-            .cloned()
-            .collect()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| Arc::from([]))
     }
 
     /// Takes a profile out of the cache (or the store) for modification; every path
@@ -215,11 +230,11 @@ impl ProfileProcessor {
         match e.event_type {
             EventType::registration if p.registered_at.is_none() => {
                 p.registered_at = Some(e.occurred_at);
-                for s in self.scenarios(ScenarioKind::Welcome) {
-                    schedule_after_event(ctx, &s, &p, e, None, None)?;
+                for s in self.scenarios(ScenarioKind::Welcome).iter() {
+                    schedule_after_event(ctx, s, &p, e, None, None)?;
                 }
-                for s in self.scenarios(ScenarioKind::RegistrationAnniversary) {
-                    schedule_yearly(ctx, &s, &p, ctx.now().max(e.occurred_at))?;
+                for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
+                    schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
                 }
             }
             // Topics are consumed independently, so a purchase (say, an offline
@@ -229,16 +244,16 @@ impl ProfileProcessor {
                 if !p.bought_since(e.occurred_at) =>
             {
                 p.update_cart(e);
-                for s in self.scenarios(ScenarioKind::AbandonedCart) {
+                for s in self.scenarios(ScenarioKind::AbandonedCart).iter() {
                     if p.cart.is_empty() {
-                        stop_wait(ctx, &s, &mut p)?;
+                        stop_wait(ctx, s, &mut p)?;
                     } else {
                         // Every cart change restarts the wait.
-                        restart_wait(ctx, &s, &mut p, e, None)?;
+                        restart_wait(ctx, s, &mut p, e, None)?;
                     }
                 }
-                for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
-                    stop_wait(ctx, &s, &mut p)?;
+                for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
+                    stop_wait(ctx, s, &mut p)?;
                 }
             }
             EventType::product_view => {
@@ -247,8 +262,8 @@ impl ProfileProcessor {
                         self.emit_interest(ctx, &customer_id, product, InterestKind::viewed, e);
                     }
                     if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
-                        for s in self.scenarios(ScenarioKind::BrowseAbandonment) {
-                            restart_wait(ctx, &s, &mut p, e, Some(product.clone()))?;
+                        for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
+                            restart_wait(ctx, s, &mut p, e, Some(product.clone()))?;
                         }
                     }
                 }
@@ -289,10 +304,10 @@ impl ProfileProcessor {
                             purchase_changed = true;
                         }
                         Some(OrderStatus::delivered) => {
-                            for s in self.scenarios(ScenarioKind::PostDelivery) {
+                            for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
                                 schedule_after_event(
                                     ctx,
-                                    &s,
+                                    s,
                                     &p,
                                     e,
                                     None,
@@ -302,7 +317,7 @@ impl ProfileProcessor {
                         }
                         _ => {}
                     }
-                    for s in self.scenarios(ScenarioKind::OrderUpdate) {
+                    for s in self.scenarios(ScenarioKind::OrderUpdate).iter() {
                         let matches = order
                             .status
                             .is_some_and(|st| s.statuses.is_empty() || s.statuses.contains(&st));
@@ -315,7 +330,7 @@ impl ProfileProcessor {
                             );
                             self.emit_trigger(
                                 ctx,
-                                &s,
+                                s,
                                 &p,
                                 0,
                                 &e.event_id,
@@ -330,17 +345,17 @@ impl ProfileProcessor {
             _ => {}
         }
         if (p.birthday.clone(), p.time_zone.clone()) != birthday_before {
-            for s in self.scenarios(ScenarioKind::Birthday) {
-                schedule_yearly(ctx, &s, &p, ctx.now().max(e.occurred_at))?;
+            for s in self.scenarios(ScenarioKind::Birthday).iter() {
+                schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
             }
         }
         if p.subscription_ends_at != subscription_before {
             if let Some(ends) = p.subscription_ends_at {
-                for s in self.scenarios(ScenarioKind::SubscriptionEnding) {
+                for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
                     let cause = format!("subscription-{ends}");
                     schedule_step(
                         ctx,
-                        &s,
+                        s,
                         &p,
                         &cause,
                         e.occurred_at,
@@ -460,8 +475,9 @@ impl ProfileProcessor {
             }
             p.merged_from.push(m.from.clone());
         }
+        let config = self.config.clone();
         for (name, wait) in waits {
-            let Some(s) = self.config.scenario(&name).cloned() else {
+            let Some(s) = config.scenario(&name) else {
                 continue;
             };
             let newer = p
@@ -481,7 +497,7 @@ impl ProfileProcessor {
                 .get(&name)
                 .copied()
                 .unwrap_or(wait.cause_occurred_at + ms(s.delay));
-            arm_wait(ctx, &s, &mut p, &wait, 0, fire_at)?;
+            arm_wait(ctx, s, &mut p, &wait, 0, fire_at)?;
             p.waits.insert(name, wait);
         }
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
@@ -554,7 +570,7 @@ impl ProfileProcessor {
             .recently_viewed
             .iter()
             .any(|v| v.product_id == o.product_id);
-        for s in self.scenarios(kind) {
+        for s in self.scenarios(kind).iter() {
             let interested = match kind {
                 ScenarioKind::BackInStock => wished,
                 _ => wished || viewed,
@@ -574,7 +590,7 @@ impl ProfileProcessor {
             vars.insert("old_price".into(), o.old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
             let at = ctx.now().max(o.occurred_at);
-            self.emit_trigger(ctx, &s, &p, 0, &o.occasion_id, o.occurred_at, at, vars);
+            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, at, vars);
         }
         self.put(ctx.partition, p);
         Ok(())
@@ -610,10 +626,10 @@ impl ProfileProcessor {
                 stop_wait(ctx, s, p)?;
             }
         }
-        for s in self.scenarios(ScenarioKind::PostPurchase) {
+        for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
             schedule_step(
                 ctx,
-                &s,
+                s,
                 p,
                 event_id,
                 at,
@@ -634,7 +650,7 @@ impl ProfileProcessor {
         customer_id: &str,
         order_id: Option<&str>,
     ) -> anyhow::Result<()> {
-        for s in self.scenarios(ScenarioKind::PostPurchase) {
+        for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
             match order_id {
                 None => {
                     ctx.cancel(&timer_id(&s.name, customer_id))?;
@@ -674,7 +690,7 @@ impl ProfileProcessor {
         let Some(last_visit) = p.last_visit_at else {
             return Ok(());
         };
-        for s in self.scenarios(ScenarioKind::Reactivation) {
+        for s in self.scenarios(ScenarioKind::Reactivation).iter() {
             // Lazy: an armed timer is left alone; when it fires it checks the latest
             // visit and moves itself if the customer came back.
             if p.armed.contains_key(&s.name) {
@@ -683,7 +699,7 @@ impl ProfileProcessor {
             let at = last_visit + ms(s.delay);
             schedule_step(
                 ctx,
-                &s,
+                s,
                 p,
                 &format!("visit-{last_visit}"),
                 last_visit,
@@ -764,12 +780,12 @@ impl ProfileProcessor {
             .with_label_values(&[kind_name, to])
             .inc();
         ctx.emit(&self.transitions_topic, &p.customer_id, &t);
-        for s in self.scenarios(ScenarioKind::SegmentEntered) {
+        for s in self.scenarios(ScenarioKind::SegmentEntered).iter() {
             if s.segment.as_deref() == Some(to) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
-                self.emit_trigger(ctx, &s, p, 0, &t.transition_id, at, at + ms(s.delay), vars);
+                self.emit_trigger(ctx, s, p, 0, &t.transition_id, at, at + ms(s.delay), vars);
             }
         }
     }
@@ -839,19 +855,15 @@ impl ProfileProcessor {
         let t: ScenarioTimer = timer
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
-        let Some(s) = self
-            .config
-            .scenario(&t.scenario)
-            .cloned()
-            .filter(|s| s.enabled)
-        else {
+        let config = self.config.clone();
+        let Some(s) = config.scenario(&t.scenario).filter(|s| s.enabled) else {
             tracing::warn!(scenario = %t.scenario, "timer for a scenario no longer configured");
             return Ok(());
         };
         let Some(mut p) = self.take(ctx, &t.customer_id)? else {
             return Ok(());
         };
-        let result = self.fire_scenario(ctx, &s, &mut p, &t, timer);
+        let result = self.fire_scenario(ctx, s, &mut p, &t, timer);
         self.put(ctx.partition, p);
         result
     }
