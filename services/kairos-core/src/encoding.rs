@@ -231,7 +231,35 @@ fn decode_confluent_avro<T: DeserializeOwned>(
 pub fn encode_internal<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain data types to JSON cannot fail (no maps with non-string
     // keys, no failing Serialize impls).
-    serde_json::to_vec(value).unwrap_or_default()
+    with_scratch(|buf| serde_json::to_writer(buf, value)).unwrap_or_default()
+}
+
+thread_local! {
+    /// A reusable encoding buffer: values of a few KiB would otherwise grow a fresh
+    /// buffer several times each (every grow copies).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(8192));
+}
+
+/// Runs `encode` into the thread's scratch buffer and returns an exact-size copy (a
+/// fresh buffer if the scratch one is in use further up the stack).
+fn with_scratch<E>(encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<Vec<u8>, E> {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            encode(&mut buf)?;
+            let out = buf.to_vec();
+            // Do not keep an outsized buffer after a rare huge value.
+            if buf.capacity() > 1 << 20 {
+                *buf = Vec::with_capacity(8192);
+            }
+            Ok(out)
+        }
+        Err(_) => {
+            let mut buf = Vec::with_capacity(256);
+            encode(&mut buf)?;
+            Ok(buf)
+        }
+    })
 }
 
 /// Decodes an internal-topic JSON value.
@@ -248,10 +276,10 @@ const STATE_MSGPACK: u8 = 0xC1;
 /// names. About half the size of JSON and several times faster to write and read back,
 /// and still self-describing, so a field added later reads as its default as with JSON.
 pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    let mut out = Vec::with_capacity(128);
-    out.push(STATE_MSGPACK);
-    rmp_serde::encode::write_named(&mut out, value)?;
-    Ok(out)
+    with_scratch(|buf| {
+        buf.push(STATE_MSGPACK);
+        rmp_serde::encode::write_named(buf, value)
+    })
 }
 
 /// Decodes a state value or timer payload written by [`encode_state`], or as JSON by

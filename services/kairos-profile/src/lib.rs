@@ -836,7 +836,9 @@ impl ProfileProcessor {
             cause_event_id: Some(cause_event_id.to_string()),
             cause_occurred_at,
             contacts: contacts(p),
-            variables: serde_json::Value::Object(vars).to_string(),
+            // `to_string` on the map itself, not `Display` (which goes through the
+            // formatting machinery): the same compact JSON.
+            variables: serde_json::to_string(&vars).unwrap_or_default(),
             merged_from: p.merged_from.clone(),
         };
         self.metrics.triggers.with_label_values(&[&s.name]).inc();
