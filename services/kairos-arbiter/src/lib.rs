@@ -228,6 +228,8 @@ pub struct ArbiterProcessor {
     outcomes_topic: String,
     actions_topic: String,
     decisions_topic: String,
+    /// The send topic of each channel (named once, not per send).
+    send_topics: BTreeMap<Channel, String>,
     decisions: IntCounterVec,
     end_to_end: Histogram,
     /// Hot ledgers, written back when the batch commits.
@@ -242,6 +244,10 @@ impl ArbiterProcessor {
             outcomes_topic: config.topic(topics::OUTCOMES),
             actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
             decisions_topic: config.topic(topics::DECISIONS),
+            send_topics: Channel::ALL
+                .iter()
+                .map(|c| (*c, config.send_topic(*c)))
+                .collect(),
             decisions: metrics::counter_vec(
                 registry,
                 "kairos_arbiter_decisions_total",
@@ -872,7 +878,7 @@ impl ArbiterProcessor {
         ) {
             return Ok(());
         }
-        let ledger_key = format!("c/{}", o.customer_id);
+        let ledger_key = ["c/", o.customer_id.as_str()].concat();
         let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         // The bounced address is the one the send went to, which the arbiter recorded.
         let address = match o.kind {
@@ -970,7 +976,7 @@ impl ArbiterProcessor {
         let Some(c) = ledger.cascades.remove(subject.trigger_id) else {
             return Ok(());
         };
-        ctx.cancel(&format!("cascade/{}", subject.trigger_id))?;
+        ctx.cancel(&["cascade/", subject.trigger_id].concat())?;
         self.record_cascade_stop(ctx, subject, &c, why);
         Ok(())
     }
@@ -1000,7 +1006,7 @@ impl ArbiterProcessor {
     /// the main scenario and the queued messages of scenarios that exist to get a
     /// purchase (cart, browse, welcome, reactivation).
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
-        let ledger_key = format!("c/{}", a.customer_id);
+        let ledger_key = ["c/", a.customer_id.as_str()].concat();
         let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         let at = a.occurred_at;
         match a.kind {
@@ -1170,7 +1176,7 @@ impl ArbiterProcessor {
         rule: &str,
         reason: String,
     ) -> anyhow::Result<()> {
-        ctx.cancel(&format!("defer/{trigger_id}"))?;
+        ctx.cancel(&["defer/", trigger_id].concat())?;
         ledger.queued.remove(trigger_id);
         let subject = Subject {
             trigger_id,
@@ -1221,7 +1227,10 @@ impl ArbiterProcessor {
                 .sent_to
                 .insert(send_id.clone(), (now, address.clone()));
         }
-        ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd);
+        match self.send_topics.get(&channel) {
+            Some(topic) => ctx.emit(topic, &t.customer_id, &cmd),
+            None => ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd),
+        }
         ledger.sends.push((now, channel, t.category));
         ledger.scenario_sends.push((now, t.scenario.clone()));
         Ok(send_id)
@@ -1236,7 +1245,7 @@ impl ArbiterProcessor {
     /// message on several channels) but keep consent, suppressions, quiet hours and
     /// the valid-until.
     fn cascade_step(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
-        let ledger_key = format!("c/{}", t.customer_id);
+        let ledger_key = ["c/", t.customer_id.as_str()].concat();
         let mut ledger = self.ledgers.get(ctx, &ledger_key)?.unwrap_or_default();
         let Some(mut cascade) = ledger.cascades.remove(&t.trigger_id) else {
             return Ok(()); // stopped meanwhile
@@ -1265,7 +1274,7 @@ impl ArbiterProcessor {
         if let Some(v) = quiet {
             // Wait for the morning, still without a reaction.
             let until = v.defer_until.unwrap_or(now + HOUR);
-            ctx.schedule(&format!("cascade/{}", t.trigger_id), until, &t)?;
+            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             self.ledgers.put(ctx.partition, ledger_key, ledger);
             return Ok(());
@@ -1295,7 +1304,11 @@ impl ArbiterProcessor {
         );
         if let Some(wait) = self.cascade_wait(&t.scenario, cascade.channels.len()) {
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
-            ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
+            ctx.schedule(
+                &["cascade/", t.trigger_id.as_str()].concat(),
+                now + ms(wait),
+                &t,
+            )?;
         }
         self.ledgers.put(ctx.partition, ledger_key, ledger);
         Ok(())
@@ -1337,7 +1350,7 @@ impl ArbiterProcessor {
         t: Trigger,
         queued: bool,
     ) -> anyhow::Result<()> {
-        let ledger_key = format!("c/{}", t.customer_id);
+        let ledger_key = ["c/", t.customer_id.as_str()].concat();
         // Taken out of the cache (no copy) and put back on every path.
         let mut ledger = match self.ledgers.take(ctx, &ledger_key)? {
             Some(mut known) => {
@@ -1389,7 +1402,7 @@ impl ArbiterProcessor {
             // The queue is the timer index: the trigger waits in state until the rule
             // allows it, or until its valid-until, when it is decided "expired".
             let wake = until.min(t.valid_until + 1);
-            ctx.schedule(&format!("defer/{}", t.trigger_id), wake, &t)?;
+            ctx.schedule(&["defer/", t.trigger_id.as_str()].concat(), wake, &t)?;
             ledger.queued.insert(
                 t.trigger_id.clone(),
                 Queued {
@@ -1422,7 +1435,11 @@ impl ArbiterProcessor {
                         send_ids: vec![id.clone()],
                     },
                 );
-                ctx.schedule(&format!("cascade/{}", t.trigger_id), now + ms(wait), &t)?;
+                ctx.schedule(
+                    &["cascade/", t.trigger_id.as_str()].concat(),
+                    now + ms(wait),
+                    &t,
+                )?;
             }
             send_id = Some(id);
             self.hold_main_scenario(now, &t, ledger);

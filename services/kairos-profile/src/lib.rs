@@ -1064,7 +1064,7 @@ fn ms(d: std::time::Duration) -> Millis {
 }
 
 fn profile_key(customer_id: &str) -> String {
-    format!("c/{customer_id}")
+    ["c/", customer_id].concat()
 }
 
 /// Where triggers wait while a merge into the customer is under way.
@@ -1073,7 +1073,7 @@ fn held_prefix(customer_id: &str) -> String {
 }
 
 fn timer_id(scenario: &str, customer_id: &str) -> String {
-    format!("{scenario}/{customer_id}")
+    [scenario, "/", customer_id].concat()
 }
 
 #[allow(clippy::too_many_arguments)]
