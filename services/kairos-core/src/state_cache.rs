@@ -15,9 +15,17 @@ use serde::Serialize;
 
 use crate::runtime::Ctx;
 
+/// A cached value and whether it changed since the last flush. `value` is `None`
+/// while a caller has it taken out: the slot stays, so putting it back costs no new
+/// key and no second entry in the dirty list.
+struct Slot<T> {
+    value: Option<T>,
+    dirty: bool,
+}
+
 struct PartitionCache<T> {
-    values: HashMap<String, T>,
-    /// Keys changed since the last flush (may repeat).
+    values: HashMap<String, Slot<T>>,
+    /// Keys changed since the last flush, each once.
     dirty: Vec<String>,
 }
 
@@ -52,7 +60,8 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         if let Some(v) = self
             .partitions
             .get_mut(&ctx.partition)
-            .and_then(|c| c.values.remove(key))
+            .and_then(|c| c.values.get_mut(key))
+            .and_then(|slot| slot.value.take())
         {
             return Ok(Some(v));
         }
@@ -66,12 +75,16 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         T: Clone,
     {
         let cache = self.partitions.entry(ctx.partition).or_default();
-        if let Some(v) = cache.values.get(key) {
+        if let Some(v) = cache.values.get(key).and_then(|slot| slot.value.as_ref()) {
             return Ok(Some(v.clone()));
         }
         let loaded: Option<T> = ctx.get(key)?;
         if let Some(v) = &loaded {
-            cache.values.insert(key.to_string(), v.clone());
+            // A slot without a value is taken out by a caller, who puts it back.
+            cache.values.entry(key.to_string()).or_insert_with(|| Slot {
+                value: Some(v.clone()),
+                dirty: false,
+            });
         }
         Ok(loaded)
     }
@@ -79,8 +92,25 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     /// Stores a changed value; it is written at the next flush.
     pub fn put(&mut self, partition: i32, key: String, value: T) {
         let cache = self.partitions.entry(partition).or_default();
-        cache.dirty.push(key.clone());
-        cache.values.insert(key, value);
+        match cache.values.get_mut(&key) {
+            Some(slot) => {
+                slot.value = Some(value);
+                if !slot.dirty {
+                    slot.dirty = true;
+                    cache.dirty.push(key);
+                }
+            }
+            None => {
+                cache.dirty.push(key.clone());
+                cache.values.insert(
+                    key,
+                    Slot {
+                        value: Some(value),
+                        dirty: true,
+                    },
+                );
+            }
+        }
     }
 
     /// Writes the partition's changed values into the batch about to commit, then
@@ -90,12 +120,12 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         let Some(cache) = self.partitions.get_mut(&ctx.partition) else {
             return Ok(());
         };
-        let mut dirty = std::mem::take(&mut cache.dirty);
-        dirty.sort_unstable();
-        dirty.dedup();
-        for key in &dirty {
-            if let Some(v) = cache.values.get(key) {
-                ctx.put(key, v)?;
+        for key in std::mem::take(&mut cache.dirty) {
+            if let Some(slot) = cache.values.get_mut(&key) {
+                slot.dirty = false;
+                if let Some(v) = &slot.value {
+                    ctx.put(&key, v)?;
+                }
             }
         }
         // Everything is clean now, so dropping entries loses nothing. Dropping about
@@ -117,9 +147,9 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
 
     /// Values cached for `partition` (for tests and gauges).
     pub fn len(&self, partition: i32) -> usize {
-        self.partitions
-            .get(&partition)
-            .map_or(0, |c| c.values.len())
+        self.partitions.get(&partition).map_or(0, |c| {
+            c.values.values().filter(|s| s.value.is_some()).count()
+        })
     }
 }
 
