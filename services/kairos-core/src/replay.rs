@@ -158,6 +158,82 @@ mod tests {
         );
     }
 
+    /// On "arm", schedules "first" and "second" at the same time; "first" cancels or
+    /// moves "second" when it fires; every firing is emitted.
+    struct TwoTimers {
+        second_on_first: &'static str,
+    }
+
+    impl Processor for TwoTimers {
+        type Input = ();
+        fn name(&self) -> &str {
+            "two-timers"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), crate::encoding::Rejection> {
+            Ok(())
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, ctx: &mut crate::runtime::Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            ctx.schedule("first", 10, &"first")?;
+            ctx.schedule("second", 10, &"second")?;
+            Ok(())
+        }
+        fn on_timer(
+            &mut self,
+            ctx: &mut crate::runtime::Ctx<'_>,
+            timer: &crate::store::DueTimer,
+        ) -> anyhow::Result<()> {
+            ctx.emit("fired", "k", &(timer.timer_id.as_str(), timer.fire_at));
+            if timer.timer_id == "first" {
+                match self.second_on_first {
+                    "cancel" => {
+                        ctx.cancel("second")?;
+                    }
+                    _ => ctx.schedule("second", 100, &"second")?,
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn firings(second_on_first: &'static str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let registry = prometheus::Registry::new();
+        let mut r = Replayer::new(TwoTimers { second_on_first }, &config, &registry).unwrap();
+        let mut out = r.push("in", b"k", b"arm").unwrap();
+        out.extend(r.commit().unwrap());
+        out.extend(r.advance_to(50).unwrap());
+        out.extend(r.advance_to(200).unwrap());
+        out.iter()
+            .filter(|e| e.topic == "fired")
+            .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_timer_cancelled_by_one_due_with_it_does_not_fire() {
+        assert_eq!(firings("cancel"), [r#"["first",10]"#]);
+    }
+
+    #[test]
+    fn a_timer_moved_by_one_due_with_it_fires_once_at_its_new_time() {
+        assert_eq!(firings("move"), [r#"["first",10]"#, r#"["second",100]"#]);
+    }
+
     #[test]
     fn partitions_are_stable_and_in_range() {
         for k in ["a", "b", "customer-42"] {

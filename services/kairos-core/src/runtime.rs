@@ -487,7 +487,9 @@ impl<P: Processor> Engine<P> {
                     ClockMode::Wall => wall_now(),
                     ClockMode::Event => timer.fire_at.max(part.clock.event_time()),
                 };
-                part.store.complete_timer(&mut part.pending, timer)?;
+                if !part.store.complete_timer(&mut part.pending, timer)? {
+                    continue; // moved or cancelled by a timer fired just before
+                }
                 let mut ctx = Ctx {
                     partition,
                     now: timer_now,

@@ -504,17 +504,19 @@ impl PartitionStore {
         Ok(self.timers.borrow().first())
     }
 
-    /// Removes a fired timer (it must not fire again).
-    pub fn complete_timer(&self, pending: &mut Pending, timer: &DueTimer) -> StoreResult<()> {
+    /// Removes a due timer that is about to fire (it must not fire again). Returns
+    /// false if it no longer fires at that time: the handler of a timer due in the same
+    /// round moved or cancelled it, so it must not fire now.
+    pub fn complete_timer(&self, pending: &mut Pending, timer: &DueTimer) -> StoreResult<bool> {
         let mut timers = self.timers.borrow_mut();
-        // Only if it still fires at this time (the handler may have moved it).
-        if timers.fire_at(&timer.timer_id) == Some(timer.fire_at) {
-            timers.remove(&timer.timer_id);
-            pending
-                .writes
-                .insert(prefixed(TIMER_INDEX, timer.timer_id.as_bytes()), None);
+        if timers.fire_at(&timer.timer_id) != Some(timer.fire_at) {
+            return Ok(false);
         }
-        Ok(())
+        timers.remove(&timer.timer_id);
+        pending
+            .writes
+            .insert(prefixed(TIMER_INDEX, timer.timer_id.as_bytes()), None);
+        Ok(true)
     }
 
     pub fn timers_pending(&self) -> i64 {
@@ -801,7 +803,7 @@ mod tests {
         assert_eq!(due[0].timer_id, "early");
         assert_eq!(due[0].payload, b"e2");
         let mut p = Pending::default();
-        s.complete_timer(&mut p, &due[0]).unwrap();
+        assert!(s.complete_timer(&mut p, &due[0]).unwrap());
         s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 1);
         let p = Pending::default();
