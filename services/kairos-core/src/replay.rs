@@ -158,8 +158,9 @@ mod tests {
         );
     }
 
-    /// On "arm", schedules "first" and "second" at the same time; "first" cancels or
-    /// moves "second" when it fires; every firing is emitted.
+    /// On "arm", schedules "first" and "second" at the same time; "first" cancels,
+    /// moves or re-sets "second" when it fires; every firing is emitted with its
+    /// payload.
     struct TwoTimers {
         second_on_first: &'static str,
     }
@@ -188,12 +189,18 @@ mod tests {
             ctx: &mut crate::runtime::Ctx<'_>,
             timer: &crate::store::DueTimer,
         ) -> anyhow::Result<()> {
-            ctx.emit("fired", "k", &(timer.timer_id.as_str(), timer.fire_at));
+            let payload: String = timer.decode()?;
+            ctx.emit(
+                "fired",
+                "k",
+                &(timer.timer_id.as_str(), timer.fire_at, payload),
+            );
             if timer.timer_id == "first" {
                 match self.second_on_first {
                     "cancel" => {
                         ctx.cancel("second")?;
                     }
+                    "reset" => ctx.schedule("second", 10, &"second, set again")?,
                     _ => ctx.schedule("second", 100, &"second")?,
                 }
             }
@@ -226,12 +233,26 @@ mod tests {
 
     #[test]
     fn a_timer_cancelled_by_one_due_with_it_does_not_fire() {
-        assert_eq!(firings("cancel"), [r#"["first",10]"#]);
+        assert_eq!(firings("cancel"), [r#"["first",10,"first"]"#]);
     }
 
     #[test]
     fn a_timer_moved_by_one_due_with_it_fires_once_at_its_new_time() {
-        assert_eq!(firings("move"), [r#"["first",10]"#, r#"["second",100]"#]);
+        assert_eq!(
+            firings("move"),
+            [r#"["first",10,"first"]"#, r#"["second",100,"second"]"#]
+        );
+    }
+
+    #[test]
+    fn a_timer_set_again_by_one_due_with_it_fires_once_with_its_new_payload() {
+        assert_eq!(
+            firings("reset"),
+            [
+                r#"["first",10,"first"]"#,
+                r#"["second",10,"second, set again"]"#
+            ]
+        );
     }
 
     #[test]

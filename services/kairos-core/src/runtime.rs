@@ -480,15 +480,17 @@ impl<P: Processor> Engine<P> {
             if due.is_empty() {
                 break;
             }
-            for timer in &due {
+            for mut timer in due {
                 // In event time a timer fires at its own time, unless the clock had
                 // already passed it (a timer set by a late event): then it is late.
                 let timer_now = match self.mode {
                     ClockMode::Wall => wall_now(),
                     ClockMode::Event => timer.fire_at.max(part.clock.event_time()),
                 };
-                if !part.store.complete_timer(&mut part.pending, timer)? {
-                    continue; // moved or cancelled by a timer fired just before
+                // A timer fired just before may have moved, cancelled or re-set it.
+                match part.store.complete_timer(&mut part.pending, &timer)? {
+                    Some(payload) => timer.payload = payload,
+                    None => continue,
                 }
                 let mut ctx = Ctx {
                     partition,
@@ -497,7 +499,7 @@ impl<P: Processor> Engine<P> {
                     pending: &mut part.pending,
                     metrics: &self.metrics,
                 };
-                self.processor.on_timer(&mut ctx, timer)?;
+                self.processor.on_timer(&mut ctx, &timer)?;
                 self.metrics.timers_fired.inc();
             }
             if commit {
@@ -851,6 +853,7 @@ pub fn restore_partition(
                     .map(|e| (e.key, (!e.payload.is_empty()).then_some(e.payload))),
             );
             store.apply_changelog(&records)?;
+            store.finish_restore()?;
             store.set_changelog_end(high)?;
             tracing::info!(
                 changelog,
@@ -880,6 +883,7 @@ pub fn restore_partition(
             .collect();
         store.apply_changelog(&chunk)?;
     }
+    store.finish_restore()?;
     store.set_changelog_end(high)?;
     tracing::info!(changelog, partition, restored = n, "state restored");
     Ok(n)

@@ -194,11 +194,11 @@ impl TimerIndex {
         self.timers.insert(key, (at, payload.into()));
     }
 
-    /// Removes `id`; returns the fire time it had.
-    fn remove(&mut self, id: &str) -> Option<Millis> {
-        let (key, (at, _)) = self.timers.remove_entry(id)?;
+    /// Removes `id`; returns the fire time and payload it had.
+    fn remove(&mut self, id: &str) -> Option<(Millis, Box<[u8]>)> {
+        let (key, (at, payload)) = self.timers.remove_entry(id)?;
         self.by_time.remove(&(at, key));
-        Some(at)
+        Some((at, payload))
     }
 
     fn first(&self) -> Option<Millis> {
@@ -285,16 +285,33 @@ impl PartitionStore {
         }
     }
 
-    /// Reads every timer (`i/` keys).
+    /// Reads every timer (`i/` keys). Run after `migrate_legacy_timers`: an entry that
+    /// is still only a fire time is an earlier-layout index whose payload key is gone,
+    /// so it could never fire; it is deleted, as the earlier layout's reader forgot
+    /// such entries. (A current entry is never only 8 bytes: payloads are encoded
+    /// state, which starts with a marker byte.)
     fn load_timers(&self) -> StoreResult<TimerIndex> {
         let mut out = TimerIndex::default();
+        let mut orphans = WriteBatch::default();
         for item in self.db.prefix_iterator(TIMER_INDEX) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let Some(id) = k.strip_prefix(TIMER_INDEX) else {
                 break;
             };
             let at = decode_fire_time(&v).ok_or_else(|| self.corrupt_timer(&k))?;
+            if v.len() == 8 {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    timer = %String::from_utf8_lossy(id),
+                    "dropping a timer of the earlier layout that has no payload"
+                );
+                orphans.delete(&k);
+                continue;
+            }
             out.set(&String::from_utf8_lossy(id), at, &v[8..]);
+        }
+        if !orphans.is_empty() {
+            self.db.write(orphans).map_err(|e| self.rocks(e))?;
         }
         Ok(out)
     }
@@ -312,7 +329,9 @@ impl PartitionStore {
     /// while its `i/` entry is still an earlier-layout index pointing at it: a
     /// changelog written across the upgrade keeps stale `t/` keys (the upgrade deletes
     /// them locally, not in the changelog), and those must not revive a timer that was
-    /// moved, fired or cancelled since.
+    /// moved, fired or cancelled since. Runs on the final values only (when a store
+    /// opens, and once a restore has applied every record), so the order in which a
+    /// changelog holds the two keys does not matter.
     fn migrate_legacy_timers(&self) -> StoreResult<()> {
         let mut batch = WriteBatch::default();
         for item in self.db.prefix_iterator(LEGACY_TIMER) {
@@ -504,19 +523,25 @@ impl PartitionStore {
         Ok(self.timers.borrow().first())
     }
 
-    /// Removes a due timer that is about to fire (it must not fire again). Returns
-    /// false if it no longer fires at that time: the handler of a timer due in the same
-    /// round moved or cancelled it, so it must not fire now.
-    pub fn complete_timer(&self, pending: &mut Pending, timer: &DueTimer) -> StoreResult<bool> {
+    /// Removes a due timer that is about to fire (it must not fire again) and returns
+    /// its current payload. `None` if it no longer fires at that time: the handler of a
+    /// timer due in the same round moved or cancelled it, so it must not fire now. (A
+    /// handler may also have set it again at the same time with a new payload: the
+    /// payload returned is that one.)
+    pub fn complete_timer(
+        &self,
+        pending: &mut Pending,
+        timer: &DueTimer,
+    ) -> StoreResult<Option<Vec<u8>>> {
         let mut timers = self.timers.borrow_mut();
         if timers.fire_at(&timer.timer_id) != Some(timer.fire_at) {
-            return Ok(false);
+            return Ok(None);
         }
-        timers.remove(&timer.timer_id);
+        let payload = timers.remove(&timer.timer_id).map(|(_, p)| p.into_vec());
         pending
             .writes
             .insert(prefixed(TIMER_INDEX, timer.timer_id.as_bytes()), None);
-        Ok(true)
+        Ok(payload)
     }
 
     pub fn timers_pending(&self) -> i64 {
@@ -660,27 +685,16 @@ impl PartitionStore {
             }
         }
         self.db.write(batch).map_err(|e| self.rocks(e))?;
-        if records.iter().any(|(k, _)| k.starts_with(LEGACY_TIMER)) {
-            self.migrate_legacy_timers()?;
-            *self.timers.borrow_mut() = self.load_timers()?;
-            return Ok(());
-        }
-        let mut timers = self.timers.borrow_mut();
-        for (k, v) in records {
-            let Some(id) = k.strip_prefix(TIMER_INDEX) else {
-                continue;
-            };
-            let id = String::from_utf8_lossy(id);
-            match v {
-                Some(v) => {
-                    let at = decode_fire_time(v).ok_or_else(|| self.corrupt_timer(k))?;
-                    timers.set(&id, at, &v[8..]);
-                }
-                None => {
-                    timers.remove(&id);
-                }
-            }
-        }
+        // The timers in memory are read again in `finish_restore`, once every record
+        // is in (records of the earlier layout convert only then).
+        Ok(())
+    }
+
+    /// Ends a restore: converts earlier-layout timers against the final values and
+    /// reads the timers into memory.
+    pub fn finish_restore(&mut self) -> StoreResult<()> {
+        self.migrate_legacy_timers()?;
+        *self.timers.borrow_mut() = self.load_timers()?;
         Ok(())
     }
 
@@ -803,7 +817,10 @@ mod tests {
         assert_eq!(due[0].timer_id, "early");
         assert_eq!(due[0].payload, b"e2");
         let mut p = Pending::default();
-        assert!(s.complete_timer(&mut p, &due[0]).unwrap());
+        assert_eq!(
+            s.complete_timer(&mut p, &due[0]).unwrap().as_deref(),
+            Some(b"e2".as_slice())
+        );
         s.commit(p, None).unwrap();
         assert_eq!(s.timers_pending(), 1);
         let p = Pending::default();
@@ -874,26 +891,28 @@ mod tests {
         assert_eq!(legacy_left, 0, "the earlier layout's keys are gone");
     }
 
+    fn legacy_key(fire_at: u64, id: &str) -> Vec<u8> {
+        let mut key = LEGACY_TIMER.to_vec();
+        key.extend_from_slice(&(fire_at ^ (1 << 63)).to_be_bytes());
+        key.extend_from_slice(id.as_bytes());
+        key
+    }
+
     #[test]
     fn a_stale_legacy_timer_in_a_restored_changelog_does_not_revive() {
         let (_dir, mut s) = store();
         // A changelog that spans the upgrade: the timer was armed at 100 by the
-        // earlier version, then moved to 500 by this one.
-        let mut legacy_key = LEGACY_TIMER.to_vec();
-        legacy_key.extend_from_slice(&((100u64) ^ (1 << 63)).to_be_bytes());
-        legacy_key.extend_from_slice(b"cart/c1");
+        // earlier version, then moved to 500 by this one; the earlier version's `t/`
+        // key stays in the compacted changelog.
         let index_key = prefixed(TIMER_INDEX, b"cart/c1");
         s.apply_changelog(&[
             (index_key.clone(), Some(100u64.to_be_bytes().to_vec())),
-            (legacy_key.clone(), Some(b"old".to_vec())),
+            (legacy_key(100, "cart/c1"), Some(b"old".to_vec())),
         ])
         .unwrap();
-        s.apply_changelog(&[(index_key.clone(), Some(timer_value(500, b"new")))])
+        s.apply_changelog(&[(index_key, Some(timer_value(500, b"new")))])
             .unwrap();
-        // A later restore replays the same records again (the stale `t/` key stays in
-        // a compacted changelog).
-        s.apply_changelog(&[(legacy_key, Some(b"old".to_vec()))])
-            .unwrap();
+        s.finish_restore().unwrap();
         let p = Pending::default();
         assert_eq!(s.next_timer(&p).unwrap(), Some(500));
         let due = s.due_timers(&p, 1000, 10).unwrap();
@@ -902,5 +921,40 @@ mod tests {
             (due[0].fire_at, due[0].payload.as_slice()),
             (500, b"new".as_slice())
         );
+    }
+
+    #[test]
+    fn a_legacy_timer_restored_in_any_record_order_keeps_its_payload() {
+        let (_dir, mut s) = store();
+        // The payload key arrives before its index (records re-sent out of order),
+        // in another restore chunk.
+        s.apply_changelog(&[(legacy_key(300, "welcome/c2"), Some(b"payload".to_vec()))])
+            .unwrap();
+        s.apply_changelog(&[(
+            prefixed(TIMER_INDEX, b"welcome/c2"),
+            Some(300u64.to_be_bytes().to_vec()),
+        )])
+        .unwrap();
+        s.finish_restore().unwrap();
+        let due = s.due_timers(&Pending::default(), 1000, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].timer_id.as_str(), due[0].payload.as_slice()),
+            ("welcome/c2", b"payload".as_slice())
+        );
+    }
+
+    #[test]
+    fn an_index_of_the_earlier_layout_without_payload_is_dropped() {
+        let (dir, s) = store();
+        s.db.put(prefixed(TIMER_INDEX, b"lost/c3"), 300u64.to_be_bytes())
+            .unwrap();
+        drop(s);
+        let s = StoreFactory::new(dir.path(), 1 << 20)
+            .unwrap()
+            .open(3)
+            .unwrap();
+        assert_eq!(s.timers_pending(), 0);
+        assert_eq!(s.raw_get(&prefixed(TIMER_INDEX, b"lost/c3")).unwrap(), None);
     }
 }
