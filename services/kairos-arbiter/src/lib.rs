@@ -1357,10 +1357,10 @@ impl ArbiterProcessor {
                 known.legacy_dedup_until.get_or_insert(ctx.now());
                 known
             }
-            None => CustomerLedger {
+            None => Box::new(CustomerLedger {
                 legacy_dedup_until: Some(Millis::MIN),
                 ..CustomerLedger::default()
-            },
+            }),
         };
         let result = self.decide_with_ledger(ctx, t, queued, &mut ledger);
         self.ledgers.put(ctx.partition, ledger_key, ledger);

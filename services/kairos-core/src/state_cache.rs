@@ -17,9 +17,11 @@ use crate::runtime::Ctx;
 
 /// A cached value and whether it changed since the last flush. `value` is `None`
 /// while a caller has it taken out: the slot stays, so putting it back costs no new
-/// key and no second entry in the dirty list.
+/// key and no second entry in the dirty list. Values are boxed: profiles and ledgers
+/// are hundreds of bytes, and a table of them inline made every growth of the table
+/// move (and fault in) gigabytes at a million customers.
 struct Slot<T> {
-    value: Option<T>,
+    value: Option<Box<T>>,
     dirty: bool,
 }
 
@@ -29,10 +31,11 @@ struct PartitionCache<T> {
     dirty: Vec<String>,
 }
 
-impl<T> Default for PartitionCache<T> {
-    fn default() -> Self {
+impl<T> PartitionCache<T> {
+    /// Sized for `limit` values up front, so the table does not grow while it fills.
+    fn with_capacity(limit: usize) -> Self {
         PartitionCache {
-            values: HashMap::new(),
+            values: HashMap::with_capacity(limit),
             dirty: Vec::new(),
         }
     }
@@ -56,7 +59,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     /// Takes the value under `key` out of the cache (or reads it from the store) to
     /// change it. The caller must [`put`](Self::put) it back on every path: a taken
     /// value that was changed and not put back is lost.
-    pub fn take(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<T>> {
+    pub fn take(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<Box<T>>> {
         if let Some(v) = self
             .partitions
             .get_mut(&ctx.partition)
@@ -65,7 +68,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         {
             return Ok(Some(v));
         }
-        ctx.get(key)
+        Ok(ctx.get(key)?.map(Box::new))
     }
 
     /// A copy of the value under `key`, which stays cached: for callers with paths
@@ -74,24 +77,32 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     where
         T: Clone,
     {
-        let cache = self.partitions.entry(ctx.partition).or_default();
-        if let Some(v) = cache.values.get(key).and_then(|slot| slot.value.as_ref()) {
+        let cache = self.cache(ctx.partition);
+        if let Some(v) = cache.values.get(key).and_then(|slot| slot.value.as_deref()) {
             return Ok(Some(v.clone()));
         }
         let loaded: Option<T> = ctx.get(key)?;
         if let Some(v) = &loaded {
             // A slot without a value is taken out by a caller, who puts it back.
             cache.values.entry(key.to_string()).or_insert_with(|| Slot {
-                value: Some(v.clone()),
+                value: Some(Box::new(v.clone())),
                 dirty: false,
             });
         }
         Ok(loaded)
     }
 
-    /// Stores a changed value; it is written at the next flush.
-    pub fn put(&mut self, partition: i32, key: String, value: T) {
-        let cache = self.partitions.entry(partition).or_default();
+    fn cache(&mut self, partition: i32) -> &mut PartitionCache<T> {
+        let limit = self.limit;
+        self.partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionCache::with_capacity(limit))
+    }
+
+    /// Stores a changed value (boxed or not); it is written at the next flush.
+    pub fn put(&mut self, partition: i32, key: String, value: impl Into<Box<T>>) {
+        let value = value.into();
+        let cache = self.cache(partition);
         match cache.values.get_mut(&key) {
             Some(slot) => {
                 slot.value = Some(value);
@@ -187,7 +198,7 @@ mod tests {
                 self.counts.get(ctx, key)?;
                 return Ok(());
             }
-            let n = self.counts.take(ctx, &key)?.unwrap_or(0);
+            let n = self.counts.take(ctx, &key)?.map_or(0, |n| *n);
             self.counts.put(ctx.partition, key, n + 1);
             Ok(())
         }

@@ -188,12 +188,12 @@ impl ProfileProcessor {
         &mut self,
         ctx: &Ctx<'_>,
         customer_id: &str,
-    ) -> anyhow::Result<Option<CustomerProfile>> {
+    ) -> anyhow::Result<Option<Box<CustomerProfile>>> {
         self.profiles.take(ctx, &profile_key(customer_id))
     }
 
     /// Puts a profile back, dirty.
-    fn put(&mut self, partition: i32, p: CustomerProfile) {
+    fn put(&mut self, partition: i32, p: Box<CustomerProfile>) {
         self.profiles.put(partition, profile_key(&p.customer_id), p);
     }
 
@@ -201,7 +201,7 @@ impl ProfileProcessor {
         let customer_id = e.customer_key().unwrap_or_default();
         let mut p = self
             .take(ctx, &customer_id)?
-            .unwrap_or_else(|| CustomerProfile::new(&customer_id, e.occurred_at));
+            .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, e.occurred_at)));
         if !p.remember_event(&e.event_id) {
             self.metrics.duplicates.inc();
             self.put(ctx.partition, p);
@@ -425,7 +425,7 @@ impl ProfileProcessor {
                 p
             }
             // Nothing known here: the survivor still waits for an answer.
-            None => CustomerProfile::new(&m.from, m.occurred_at),
+            None => Box::new(CustomerProfile::new(&m.from, m.occurred_at)),
         };
         let record = IdentifiedRecord::merge_in {
             merge: m.clone(),
@@ -458,7 +458,7 @@ impl ProfileProcessor {
     ) -> anyhow::Result<()> {
         let mut p = self
             .take(ctx, &m.into)?
-            .unwrap_or_else(|| CustomerProfile::new(&m.into, merged.first_seen_at));
+            .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, merged.first_seen_at)));
         if p.merged_from.contains(&m.from) {
             // A re-sent merge (after a crash): its purchases are in already.
             self.metrics.duplicates.inc();
@@ -519,7 +519,7 @@ impl ProfileProcessor {
         let customer_id = r.customer_key().unwrap_or_default();
         let mut p = self
             .take(ctx, &customer_id)?
-            .unwrap_or_else(|| CustomerProfile::new(&customer_id, r.occurred_at));
+            .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, r.occurred_at)));
         if !p.remember_event(&r.event_id) {
             self.metrics.duplicates.inc();
             self.put(ctx.partition, p);
@@ -1326,7 +1326,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::MergeExpected(m) => {
                 let mut p = self
                     .take(ctx, &m.into)?
-                    .unwrap_or_else(|| CustomerProfile::new(&m.into, m.occurred_at));
+                    .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, m.occurred_at)));
                 if !p.merged_from.contains(&m.from) && !p.awaiting_merges.contains(&m.from) {
                     p.awaiting_merges.push(m.from.clone());
                 }
