@@ -168,8 +168,9 @@ pub fn decode_input<T: DeserializeOwned>(
 
 /// Parses a JSON object into `T`, classifying failures for the dead-letter topic.
 pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejection> {
-    // The fast path parses straight into `T`; only failures pay for a second look.
-    if let Ok(v) = serde_json::from_slice::<T>(payload) {
+    // The fast path parses straight into `T` with a SIMD parser; only failures pay
+    // for a second look, by serde_json, whose errors name the field.
+    if let Ok(v) = sonic_rs::from_slice::<T>(payload) {
         return Ok(v);
     }
     let value: serde_json::Value = serde_json::from_slice(payload)

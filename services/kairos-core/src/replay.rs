@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use crate::config::Config;
 use crate::metrics::RuntimeMetrics;
 use crate::runtime::{Engine, Processor, Record};
-use crate::store::OutboxEntry;
+use crate::store::{append_outputs, OutboxEntry};
 use crate::time::Millis;
 
 /// Partition of a key: CRC32 modulo the partition count, as librdkafka's default
@@ -123,7 +123,7 @@ impl<P: Processor> Replayer<P> {
         let mut out = self.engine.handle(&record)?;
         self.since_commit += 1;
         if self.since_commit >= self.commit_every {
-            out.extend(self.commit()?);
+            append_outputs(&mut out, self.commit()?);
         }
         Ok(out)
     }
@@ -132,7 +132,7 @@ impl<P: Processor> Replayer<P> {
     pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
         self.since_commit = 0;
         let mut out = self.engine.commit()?;
-        out.extend(self.engine.fire_due()?);
+        append_outputs(&mut out, self.engine.fire_due()?);
         self.engine.acknowledge_local(&out)?;
         Ok(out)
     }

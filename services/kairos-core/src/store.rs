@@ -161,6 +161,16 @@ pub struct OutboxEntry {
     pub writer: Arc<str>,
 }
 
+/// Appends `more` to `out`, moving `more` whole when `out` is empty (the common case
+/// of a batch's outputs after a record that emitted nothing itself).
+pub fn append_outputs(out: &mut Vec<OutboxEntry>, more: Vec<OutboxEntry>) {
+    if out.is_empty() {
+        *out = more;
+    } else {
+        out.extend(more);
+    }
+}
+
 /// A due timer read from the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DueTimer {

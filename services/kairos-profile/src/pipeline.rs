@@ -111,8 +111,12 @@ impl Pipeline {
         first: Vec<OutboxEntry>,
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let mut queue: VecDeque<OutboxEntry> = first.into();
-        while let Some(e) = queue.pop_front() {
+        // Breadth first: all of `first` in order, then what they caused, in order.
+        // `first` (a whole batch's outputs at a commit) is read in place; only what
+        // it causes is queued.
+        let mut first = first.into_iter();
+        let mut queue: VecDeque<OutboxEntry> = VecDeque::new();
+        while let Some(e) = first.next().or_else(|| queue.pop_front()) {
             sink(&e)?;
             if e.changelog {
                 continue;

@@ -14,13 +14,31 @@ const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A recently viewed product. Written as a row (an array of the fields in this
+/// order), not as a map with field names: a profile holds up to 20 of these, and the
+/// names were about half of a profile's bytes, written again at every commit. Reading
+/// takes either form (profiles written earlier hold maps), so a field may only be added
+/// at the end, with `#[serde(default)]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct ViewedProduct {
     pub product_id: String,
     pub name: Option<String>,
     pub category: Option<String>,
     pub price: Option<f64>,
     pub at: Millis,
+}
+
+impl Serialize for ViewedProduct {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.product_id,
+            &self.name,
+            &self.category,
+            &self.price,
+            &self.at,
+        )
+            .serialize(s)
+    }
 }
 
 /// The latest cause of a restartable wait (abandoned cart, browse abandonment): every
@@ -449,6 +467,54 @@ pub fn is_visit(t: EventType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kairos_core::encoding::{decode_state, encode_state};
+
+    #[test]
+    fn viewed_products_are_rows_and_earlier_maps_still_read() {
+        /// The form profiles were written in before rows.
+        #[derive(Serialize)]
+        struct MapForm<'a> {
+            product_id: &'a str,
+            name: Option<&'a str>,
+            category: Option<&'a str>,
+            price: Option<f64>,
+            at: Millis,
+        }
+        let viewed = ViewedProduct {
+            product_id: "p0071".into(),
+            name: Some("kids #71".into()),
+            category: Some("kids".into()),
+            price: Some(35.39),
+            at: 1_767_225_691_416,
+        };
+        let earlier = encode_state(&MapForm {
+            product_id: "p0071",
+            name: Some("kids #71"),
+            category: Some("kids"),
+            price: Some(35.39),
+            at: 1_767_225_691_416,
+        })
+        .unwrap();
+        let row = encode_state(&viewed).unwrap();
+        assert!(
+            row.len() * 3 < earlier.len() * 2,
+            "a row ({} bytes) is much smaller than a map ({} bytes)",
+            row.len(),
+            earlier.len()
+        );
+        assert_eq!(decode_state::<ViewedProduct>(&row).unwrap(), viewed);
+        assert_eq!(decode_state::<ViewedProduct>(&earlier).unwrap(), viewed);
+        // A whole profile round-trips, also through JSON (a merge hands it over so).
+        let mut profile = CustomerProfile::new("c1", 1);
+        profile.recently_viewed = vec![viewed.clone(), viewed];
+        let back: CustomerProfile = decode_state(&encode_state(&profile).unwrap()).unwrap();
+        assert_eq!(back, profile);
+        let json = serde_json::to_value(&profile).unwrap();
+        assert_eq!(
+            serde_json::from_value::<CustomerProfile>(json).unwrap(),
+            profile
+        );
+    }
     use kairos_core::contracts::MessageCategory;
 
     fn outcome(channel: Channel, kind: OutcomeKind, at: Millis) -> Outcome {
