@@ -105,6 +105,9 @@ pub struct Queued {
     pub scenario: String,
     pub category: Option<MessageCategory>,
     pub cause_occurred_at: Millis,
+    /// The rule it waits for.
+    #[serde(default)]
+    pub rule: Option<String>,
 }
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
@@ -1403,14 +1406,26 @@ impl ArbiterProcessor {
             // allows it, or until its valid-until, when it is decided "expired".
             let wake = until.min(t.valid_until + 1);
             ctx.schedule(&["defer/", t.trigger_id.as_str()].concat(), wake, &t)?;
+            // The merge wait polls every minute until the merged ledger is in: a poll
+            // that changes nothing is not a new decision (in a replay, where the
+            // ledger comes with the next commit, it polled thousands of times).
+            let polled_again = rule == "merge_pending"
+                && ledger
+                    .queued
+                    .get(&t.trigger_id)
+                    .is_some_and(|q| q.rule.as_deref() == Some(rule));
             ledger.queued.insert(
                 t.trigger_id.clone(),
                 Queued {
                     scenario: t.scenario.clone(),
                     category: Some(t.category),
                     cause_occurred_at: t.cause_occurred_at,
+                    rule: Some(rule.to_string()),
                 },
             );
+            if polled_again {
+                return Ok(());
+            }
             self.record_decision(
                 ctx,
                 &subject,

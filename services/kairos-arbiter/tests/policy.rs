@@ -324,3 +324,49 @@ fn a_trigger_decided_by_an_earlier_version_is_not_decided_again() {
     a.push("triggers", "c1", &again);
     assert_eq!(a.decisions_of("old-2").len(), 1);
 }
+
+#[test]
+fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arrives() {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let mut a = Arbiter::new();
+    let mut t = a.trigger_of("m1", "welcome", MessageCategory::trigger, T0);
+    t.merged_from = vec!["c0".into()];
+    let first = a.push_trigger(&t);
+    assert_eq!(
+        (first.outcome, first.rule.as_str()),
+        (DecisionOutcome::deferred, "merge_pending")
+    );
+    // Two hours of polling every minute for the merged ledger: no new decisions.
+    a.advance_to(T0 + 2 * HOUR);
+    assert_eq!(a.decisions_of("m1").len(), 1, "{:#?}", a.decisions_of("m1"));
+    assert!(
+        a.sends.is_empty(),
+        "nothing goes out before the merged state is in"
+    );
+    // The merged customer's ledger arrives; the next poll decides the trigger.
+    let merge_in = CustomerAction {
+        state: Some("{}".into()),
+        merged_from: Some("c0".into()),
+        ..CustomerAction::new(
+            "merge-c0".into(),
+            "c1".into(),
+            CustomerActionKind::merge_in,
+            T0 + 2 * HOUR,
+        )
+    };
+    a.push("customer-actions", "c1", &merge_in);
+    a.advance_to(T0 + 2 * HOUR + 2 * MINUTE);
+    let rules: Vec<_> = a
+        .decisions_of("m1")
+        .iter()
+        .map(|d| (d.outcome, d.rule.clone()))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            (DecisionOutcome::deferred, "merge_pending".to_string()),
+            (DecisionOutcome::sent, "channel_choice".to_string())
+        ]
+    );
+    assert_eq!(a.sends.len(), 1);
+}

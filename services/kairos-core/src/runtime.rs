@@ -33,7 +33,7 @@ use crate::encoding::{decode_state, encode_internal, encode_state, Rejection, Sc
 use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
-use crate::store::{DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
+use crate::store::{append_outputs, DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
 
 use crate::time::{wall_now, Clock, ClockMode, Millis};
 
@@ -329,8 +329,23 @@ impl<P: Processor> Engine<P> {
         Ok(out)
     }
 
-    /// Applies one record. Returns outputs committed early (event-time timer firing).
+    /// Applies one record. Returns outputs committed early (event-time timer firing)
+    /// and, without an outbox (replay), every output the record caused at once: a
+    /// stage that feeds itself (the arbiter's merged ledgers) or the next stage sees
+    /// them in event order, not only when the batch commits, so a replay's results do
+    /// not depend on its batch size.
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = self.apply(record)?;
+        if !self.durable_outputs {
+            let state_partition = self.state_partition(record.partition);
+            if let Some(part) = self.parts.get_mut(&state_partition) {
+                append_outputs(&mut out, part.store.take_outputs(&mut part.pending));
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut early = Vec::new();
         let state_partition = self.state_partition(record.partition);
         let offset_key = self.offset_key(record.topic, record.partition);

@@ -635,27 +635,49 @@ impl PartitionStore {
         }
         let mut entries = Vec::with_capacity(records.len());
         for (topic, key, payload, is_changelog) in records {
-            let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
-            self.next_outbox_seq += 1;
+            let entry = self.outbox_entry(topic, key, payload, is_changelog);
             if durable_outputs {
                 batch.put(
-                    &outbox_key,
-                    encode_outbox(&topic, &key, &payload, is_changelog),
+                    &entry.outbox_key,
+                    encode_outbox(&entry.topic, &entry.key, &entry.payload, is_changelog),
                 );
             }
-            entries.push(OutboxEntry {
-                partition: self.partition,
-                outbox_key,
-                topic,
-                key,
-                payload,
-                changelog: is_changelog,
-                writer: self.writer.clone(),
-            });
+            entries.push(entry);
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
         self.db.write(batch).map_err(|e| self.rocks(e))?;
         Ok(entries)
+    }
+
+    /// The next outbox entry of this store (its sequence number is taken).
+    fn outbox_entry(
+        &mut self,
+        topic: String,
+        key: Vec<u8>,
+        payload: Vec<u8>,
+        changelog: bool,
+    ) -> OutboxEntry {
+        let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
+        self.next_outbox_seq += 1;
+        OutboxEntry {
+            partition: self.partition,
+            outbox_key,
+            topic,
+            key,
+            payload,
+            changelog,
+            writer: self.writer.clone(),
+        }
+    }
+
+    /// The outputs emitted so far in this batch, handed over before it commits. Only
+    /// for replay, which keeps no outbox: a replay restarted after a crash emits them
+    /// again, with the same ids.
+    pub fn take_outputs(&mut self, pending: &mut Pending) -> Vec<OutboxEntry> {
+        std::mem::take(&mut pending.outputs)
+            .into_iter()
+            .map(|(topic, key, payload)| self.outbox_entry(topic, key, payload, false))
+            .collect()
     }
 
     /// Every record still in the outbox (after a crash: sent or not, it goes again).
