@@ -21,6 +21,8 @@ BENCH_SENDS ?= 200000
 BENCH_TRIGGERS ?= 2000000
 BENCH_SCENARIO ?= abandoned_cart
 BENCH_IDENTITY_EVENTS ?= 2000000
+# Records per state commit in `make bench` (production commits every 1,000 by default).
+BENCH_BATCH ?= 100000
 
 all: build
 
@@ -90,7 +92,7 @@ bench: deps
 	    --to-file var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
 	rm -rf var/bench/state
-	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=100000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
+	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
 	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay --no-arbiter \
 	    --state-dir var/bench/state --output /dev/null \
 	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl
