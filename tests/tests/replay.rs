@@ -34,20 +34,13 @@ fn replay_runs_profile_and_arbiter_together() {
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();
     std::fs::write(&input, text.join("\n")).expect("write input");
     let output = dir.path().join("out.jsonl");
-    let out = Command::new(kairos_bin())
-        .current_dir(repo_root())
-        .args(["--config", "config/kairos.toml", "replay"])
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .args(["--until", "2026-01-06T09:00:00Z"])
-        .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0")
-        .output()
-        .expect("run kairos replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        kairos(&["replay"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(["--until", "2026-01-06T09:00:00Z"])
+            .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0"),
     );
     let records: Vec<Value> = std::fs::read_to_string(&output)
         .expect("output")
@@ -102,26 +95,39 @@ fn replay_runs_profile_and_arbiter_together() {
         .all(|s| s["scenario"] != "abandoned_cart"));
 }
 
+/// `kairos --config config/kairos.toml <args>`, run from the repository root.
+fn kairos(args: &[&str]) -> Command {
+    let mut command = Command::new(kairos_bin());
+    command
+        .current_dir(repo_root())
+        .args(["--config", "config/kairos.toml"])
+        .args(args);
+    command
+}
+
+/// Runs `command` and asserts that it succeeded.
+fn run_ok(command: &mut Command) {
+    let out = command.output().expect("run kairos");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `kairos replay` over `input` with `batch` records per commit; returns the
 /// output lines, sorted.
 fn replay_sorted(dir: &std::path::Path, input: &std::path::Path, batch: u32) -> Vec<String> {
     let output = dir.join(format!("out-{batch}.jsonl"));
     let state = dir.join(format!("state-{batch}"));
-    let out = Command::new(kairos_bin())
-        .current_dir(repo_root())
-        .args(["--config", "config/kairos.toml", "replay"])
-        .arg(input)
-        .arg("--output")
-        .arg(&output)
-        .arg("--state-dir")
-        .arg(&state)
-        .env("KAIROS__STATE__MAX_BATCH_RECORDS", batch.to_string())
-        .output()
-        .expect("run kairos replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        kairos(&["replay"])
+            .arg(input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("KAIROS__STATE__MAX_BATCH_RECORDS", batch.to_string()),
     );
     let mut lines: Vec<String> = std::fs::read_to_string(&output)
         .expect("output")
@@ -138,25 +144,14 @@ fn replay_results_do_not_depend_on_the_batch_size() {
     let input = dir.path().join("traffic.jsonl");
     // Generated shop traffic with identity resolution on: anonymous sessions that log
     // in merge, so the arbiter waits for merged ledgers it sends to itself.
-    let generated = Command::new(kairos_bin())
-        .current_dir(repo_root())
-        .args(["--config", "config/kairos.toml", "generate", "--to-file"])
-        .arg(&input)
-        .args([
-            "--count",
-            "20000",
-            "--customers",
-            "2000",
-            "--span-days",
-            "20",
-        ])
-        .output()
-        .expect("run kairos generate");
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
-    );
+    run_ok(kairos(&["generate", "--to-file"]).arg(&input).args([
+        "--count",
+        "20000",
+        "--customers",
+        "2000",
+        "--span-days",
+        "20",
+    ]));
     let small = replay_sorted(dir.path(), &input, 7);
     let large = replay_sorted(dir.path(), &input, 5000);
     let decisions = small

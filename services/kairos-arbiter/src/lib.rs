@@ -112,6 +112,8 @@ pub struct Queued {
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
 const MERGE_WAIT: Millis = 60_000;
+/// The rule of that wait.
+const MERGE_PENDING: &str = "merge_pending";
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
@@ -314,7 +316,7 @@ impl ArbiterProcessor {
             // break a cap or an unsubscribe: wait for its ledger (it is on its way).
             return Verdict::defer(
                 now + MERGE_WAIT,
-                "merge_pending",
+                MERGE_PENDING,
                 format!("waiting for the state of {pending}, merged into this customer"),
             );
         }
@@ -1409,7 +1411,7 @@ impl ArbiterProcessor {
             // The merge wait polls every minute until the merged ledger is in: a poll
             // that changes nothing is not a new decision (in a replay, where the
             // ledger comes with the next commit, it polled thousands of times).
-            let polled_again = rule == "merge_pending"
+            let polled_again = rule == MERGE_PENDING
                 && ledger
                     .queued
                     .get(&t.trigger_id)

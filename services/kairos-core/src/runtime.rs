@@ -449,15 +449,9 @@ impl<P: Processor> Engine<P> {
 
     /// Commits every partition's pending batch.
     pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
-        let mut committed = Vec::new();
+        let mut out = Vec::new();
         for p in self.owned() {
-            committed.push(self.commit_partition(p)?);
-        }
-        // One allocation for a batch's outputs (100,000 and more in replay), not one
-        // per doubling.
-        let mut out = Vec::with_capacity(committed.iter().map(Vec::len).sum());
-        for entries in committed {
-            out.extend(entries);
+            append_outputs(&mut out, self.commit_partition(p)?);
         }
         Ok(out)
     }

@@ -112,8 +112,7 @@ impl Pipeline {
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         // Breadth first: all of `first` in order, then what they caused, in order.
-        // `first` (a whole batch's outputs at a commit) is read in place; only what
-        // it causes is queued.
+        // `first` is read in place; only what it causes is queued.
         let mut first = first.into_iter();
         let mut queue: VecDeque<OutboxEntry> = VecDeque::new();
         while let Some(e) = first.next().or_else(|| queue.pop_front()) {
