@@ -21,7 +21,8 @@ BENCH_SENDS ?= 200000
 BENCH_TRIGGERS ?= 2000000
 BENCH_SCENARIO ?= abandoned_cart
 BENCH_IDENTITY_EVENTS ?= 2000000
-# Records per state commit in `make bench` (production commits every 1,000 by default).
+# Records per state commit in `make bench` and `make bench-arbiter` (production commits
+# every 1,000 by default; a replay commits as rarely as its memory allows).
 BENCH_BATCH ?= 100000
 
 all: build
@@ -80,7 +81,7 @@ bench-identity: deps
 
 bench-arbiter: deps
 	$(CARGO) build --release -p kairos
-	KAIROS__STATE__MAX_BATCH_RECORDS=10000 KAIROS__STATE__CACHE_ENTRIES=1200000 \
+	KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
 	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
 	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS) --scenario $(BENCH_SCENARIO)
 

@@ -491,22 +491,29 @@ impl<P: Processor> Engine<P> {
             {
                 break;
             }
-            let due = part.store.due_timers(&part.pending, now, 512)?;
+            let due = part.store.due_timer_ids(now, 512);
             if due.is_empty() {
                 break;
             }
-            for mut timer in due {
+            for (fire_at, timer_id) in due {
                 // In event time a timer fires at its own time, unless the clock had
                 // already passed it (a timer set by a late event): then it is late.
                 let timer_now = match self.mode {
                     ClockMode::Wall => wall_now(),
-                    ClockMode::Event => timer.fire_at.max(part.clock.event_time()),
+                    ClockMode::Event => fire_at.max(part.clock.event_time()),
                 };
                 // A timer fired just before may have moved, cancelled or re-set it.
-                match part.store.complete_timer(&mut part.pending, &timer)? {
-                    Some(payload) => timer.payload = payload,
-                    None => continue,
-                }
+                let Some(payload) =
+                    part.store
+                        .complete_timer(&mut part.pending, &timer_id, fire_at)?
+                else {
+                    continue;
+                };
+                let timer = DueTimer {
+                    timer_id: timer_id.to_string(),
+                    fire_at,
+                    payload,
+                };
                 let mut ctx = Ctx {
                     partition,
                     now: timer_now,

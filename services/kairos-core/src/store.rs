@@ -226,6 +226,17 @@ impl TimerIndex {
         Some((at, payload))
     }
 
+    /// Fire time and id of the earliest timers due at or before `now`, at most
+    /// `limit`, without their payloads (firing takes those out of the index).
+    fn due_ids(&self, now: Millis, limit: usize) -> Vec<(Millis, Arc<str>)> {
+        self.by_time
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     fn first(&self) -> Option<Millis> {
         self.by_time.first().map(|(t, _)| *t)
     }
@@ -548,6 +559,13 @@ impl PartitionStore {
         Ok(self.timers.borrow().due(now, limit))
     }
 
+    /// Fire time and id of the timers due at or before `now`, earliest first, at most
+    /// `limit`: what the runtime fires, each through [`Self::complete_timer`], which
+    /// hands over the payload.
+    pub fn due_timer_ids(&self, now: Millis, limit: usize) -> Vec<(Millis, Arc<str>)> {
+        self.timers.borrow().due_ids(now, limit)
+    }
+
     /// Fire time of the earliest timer (pending included).
     pub fn next_timer(&self, _pending: &Pending) -> StoreResult<Option<Millis>> {
         Ok(self.timers.borrow().first())
@@ -561,16 +579,17 @@ impl PartitionStore {
     pub fn complete_timer(
         &self,
         pending: &mut Pending,
-        timer: &DueTimer,
+        timer_id: &str,
+        fire_at: Millis,
     ) -> StoreResult<Option<Vec<u8>>> {
         let mut timers = self.timers.borrow_mut();
-        if timers.fire_at(&timer.timer_id) != Some(timer.fire_at) {
+        if timers.fire_at(timer_id) != Some(fire_at) {
             return Ok(None);
         }
-        let payload = timers.remove(&timer.timer_id).map(|(_, p)| p.into_vec());
+        let payload = timers.remove(timer_id).map(|(_, p)| p.into_vec());
         pending
             .writes
-            .insert(prefixed(TIMER_INDEX, timer.timer_id.as_bytes()), None);
+            .insert(prefixed(TIMER_INDEX, timer_id.as_bytes()), None);
         Ok(payload)
     }
 
@@ -873,7 +892,9 @@ mod tests {
         assert_eq!(due[0].payload, b"e2");
         let mut p = Pending::default();
         assert_eq!(
-            s.complete_timer(&mut p, &due[0]).unwrap().as_deref(),
+            s.complete_timer(&mut p, &due[0].timer_id, due[0].fire_at)
+                .unwrap()
+                .as_deref(),
             Some(b"e2".as_slice())
         );
         s.commit(p, None).unwrap();

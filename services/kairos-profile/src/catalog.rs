@@ -24,7 +24,7 @@ use kairos_core::time::{Millis, DAY};
 use serde::{Deserialize, Serialize};
 
 /// How long a view keeps a customer in a product's audience.
-const VIEW_INTEREST_DAYS: i64 = 30;
+pub const VIEW_INTEREST_DAYS: i64 = 30;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ProductState {

@@ -14,31 +14,15 @@ const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
 
-/// A recently viewed product. Written as a row (an array of the fields in this
-/// order), not as a map with field names: a profile holds up to 20 of these, and the
-/// names were about half of a profile's bytes, written again at every commit. Reading
-/// takes either form (profiles written earlier hold maps), so a field may only be added
-/// at the end, with `#[serde(default)]`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// A recently viewed product. Stored, like all state, as a row of its fields (see
+/// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ViewedProduct {
     pub product_id: String,
     pub name: Option<String>,
     pub category: Option<String>,
     pub price: Option<f64>,
     pub at: Millis,
-}
-
-impl Serialize for ViewedProduct {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        (
-            &self.product_id,
-            &self.name,
-            &self.category,
-            &self.price,
-            &self.at,
-        )
-            .serialize(s)
-    }
 }
 
 /// The latest cause of a restartable wait (abandoned cart, browse abandonment): every
@@ -354,12 +338,15 @@ impl CustomerProfile {
         self.cart_updated_at = Some(e.occurred_at);
     }
 
-    /// Returns true if the product was not among the recently viewed ones.
+    /// Returns true if the catalog join should hear of this view: the product was not
+    /// among the recently viewed ones, or its last view is old enough that the join's
+    /// audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
     pub fn view(&mut self, p: &Product, at: Millis) -> bool {
+        let renew_before = at - crate::catalog::VIEW_INTEREST_DAYS / 2 * kairos_core::time::DAY;
         let fresh = !self
             .recently_viewed
             .iter()
-            .any(|v| v.product_id == p.product_id);
+            .any(|v| v.product_id == p.product_id && v.at > renew_before);
         self.recently_viewed
             .retain(|v| v.product_id != p.product_id);
         self.recently_viewed.push(ViewedProduct {
@@ -471,15 +458,6 @@ mod tests {
 
     #[test]
     fn viewed_products_are_rows_and_earlier_maps_still_read() {
-        /// The form profiles were written in before rows.
-        #[derive(Serialize)]
-        struct MapForm<'a> {
-            product_id: &'a str,
-            name: Option<&'a str>,
-            category: Option<&'a str>,
-            price: Option<f64>,
-            at: Millis,
-        }
         let viewed = ViewedProduct {
             product_id: "p0071".into(),
             name: Some("kids #71".into()),
@@ -487,14 +465,9 @@ mod tests {
             price: Some(35.39),
             at: 1_767_225_691_416,
         };
-        let earlier = encode_state(&MapForm {
-            product_id: "p0071",
-            name: Some("kids #71"),
-            category: Some("kids"),
-            price: Some(35.39),
-            at: 1_767_225_691_416,
-        })
-        .unwrap();
+        // The form profiles were written in before rows: a map with field names.
+        let mut earlier = vec![0xC1];
+        rmp_serde::encode::write_named(&mut earlier, &viewed).unwrap();
         let row = encode_state(&viewed).unwrap();
         assert!(
             row.len() * 3 < earlier.len() * 2,

@@ -1112,6 +1112,29 @@ fn price_drop_reaches_viewers_only() {
 }
 
 #[test]
+fn a_product_viewed_again_after_the_interest_window_still_hears_of_its_price_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("cat-1", "p4", t, json!({"name": "Lamp", "price": 100.0}));
+    for (n, day) in [0, 40].into_iter().enumerate() {
+        h.site(
+            &format!("pr4-view-{n}"),
+            "product_view",
+            "pr4",
+            t + HOUR + day * DAY,
+            json!({"product": product("p4", 100.0)}),
+        );
+    }
+    // The first view is older than the catalog's 30-day audience window; the second
+    // one, with the product still among the recently viewed, renews it.
+    h.catalog("cat-2", "p4", t + 41 * DAY, json!({"price": 70.0}));
+    let fired = h.triggers("pr4", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["new_price"], 70.0);
+    assert_eq!(h.on("product-interest").count(), 2);
+}
+
+#[test]
 fn small_price_drop_gives_nothing() {
     let t = at(T0);
     let mut h = Harness::new();
