@@ -71,6 +71,25 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         Ok(ctx.get(key)?.map(Box::new))
     }
 
+    /// Puts back a value [`take`](Self::take)n out and left unchanged: it stays cached
+    /// without being written again (unless a change before the take is still to be
+    /// written).
+    pub fn restore(&mut self, partition: i32, key: String, value: Box<T>) {
+        let cache = self.cache(partition);
+        match cache.values.get_mut(&key) {
+            Some(slot) => slot.value = Some(value),
+            None => {
+                cache.values.insert(
+                    key,
+                    Slot {
+                        value: Some(value),
+                        dirty: false,
+                    },
+                );
+            }
+        }
+    }
+
     /// A copy of the value under `key`, which stays cached: for callers with paths
     /// that do not write the value back.
     pub fn get(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<T>>
@@ -198,6 +217,13 @@ mod tests {
                 self.counts.get(ctx, key)?;
                 return Ok(());
             }
+            if let Some(key) = key.strip_prefix("look:") {
+                // Taken out and put back unchanged.
+                if let Some(n) = self.counts.take(ctx, key)? {
+                    self.counts.restore(ctx.partition, key.to_string(), n);
+                }
+                return Ok(());
+            }
             let n = self.counts.take(ctx, &key)?.map_or(0, |n| *n);
             self.counts.put(ctx.partition, key, n + 1);
             Ok(())
@@ -223,18 +249,53 @@ mod tests {
         decode_state(&bytes).ok()
     }
 
+    fn config(dir: &std::path::Path) -> Config {
+        Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n[state]\nmax_batch_records = 1000\n",
+            &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_value_put_back_unchanged_is_not_written_again_but_an_earlier_change_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = Counter {
+            counts: StateCache::new(1000, 1),
+        };
+        let mut r =
+            Replayer::new(counter, &config(dir.path()), &prometheus::Registry::new()).unwrap();
+        let dirty = |r: &Replayer<Counter>| r.engine.processor.counts.partitions[&0].dirty.clone();
+        // Changed, then taken and restored in the same batch: still written.
+        r.push("in", b"k", b"key-a").unwrap();
+        r.push("in", b"k", b"look:key-a").unwrap();
+        assert_eq!(dirty(&r), vec!["key-a".to_string()]);
+        r.commit().unwrap();
+        assert_eq!(stored(&r, "key-a"), Some(1));
+        // Only restored: cached, not dirty, and the next change counts on from it.
+        r.push("in", b"k", b"look:key-a").unwrap();
+        assert!(dirty(&r).is_empty());
+        assert_eq!(r.engine.processor.counts.len(0), 1);
+        r.push("in", b"k", b"key-a").unwrap();
+        r.commit().unwrap();
+        assert_eq!(stored(&r, "key-a"), Some(2));
+        // Not in the cache (a new one over the same store): read, restored, cached.
+        drop(r);
+        let counter = Counter {
+            counts: StateCache::new(1000, 1),
+        };
+        let mut r =
+            Replayer::new(counter, &config(dir.path()), &prometheus::Registry::new()).unwrap();
+        r.push("in", b"k", b"look:key-a").unwrap();
+        assert!(dirty(&r).is_empty());
+        assert_eq!(r.engine.processor.counts.len(0), 1);
+    }
+
     #[test]
     fn values_are_written_at_commit_and_read_back_after_eviction() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_text(
-            std::path::Path::new("test.toml"),
-            "[kafka]\npartitions = 1\n[state]\nmax_batch_records = 1000\n",
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
-        )
-        .unwrap();
+        let config = config(dir.path());
         let registry = prometheus::Registry::new();
         // A limit of 64 entries per partition (the floor): 200 keys overflow it.
         let counter = Counter {
