@@ -920,35 +920,34 @@ impl ArbiterProcessor {
             return Ok(false);
         }
         let changed = ledger.apply_outcome(o, address);
-        if changed {
-            if matches!(
-                o.kind,
-                OutcomeKind::opened
-                    | OutcomeKind::clicked
-                    | OutcomeKind::unsubscribed
-                    | OutcomeKind::complained
-            ) {
-                let reacted: Vec<String> = ledger
-                    .cascades
-                    .iter()
-                    .filter(|(_, c)| c.send_ids.contains(&o.send_id))
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for trigger_id in reacted {
-                    let why = format!(
-                        "the customer reacted ({}) on {} at {}",
-                        o.kind.as_str(),
-                        o.channel.as_str(),
-                        o.occurred_at
-                    );
-                    let subject = Subject {
-                        trigger_id: &trigger_id,
-                        customer_id: &o.customer_id,
-                        scenario: &o.scenario,
-                        category: o.category,
-                    };
-                    self.stop_cascade(ctx, ledger, &subject, why)?;
-                }
+        let reaction = matches!(
+            o.kind,
+            OutcomeKind::opened
+                | OutcomeKind::clicked
+                | OutcomeKind::unsubscribed
+                | OutcomeKind::complained
+        );
+        if changed && reaction {
+            let reacted: Vec<String> = ledger
+                .cascades
+                .iter()
+                .filter(|(_, c)| c.send_ids.contains(&o.send_id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for trigger_id in reacted {
+                let why = format!(
+                    "the customer reacted ({}) on {} at {}",
+                    o.kind.as_str(),
+                    o.channel.as_str(),
+                    o.occurred_at
+                );
+                let subject = Subject {
+                    trigger_id: &trigger_id,
+                    customer_id: &o.customer_id,
+                    scenario: &o.scenario,
+                    category: o.category,
+                };
+                self.stop_cascade(ctx, ledger, &subject, why)?;
             }
         }
         Ok(changed)

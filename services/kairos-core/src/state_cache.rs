@@ -249,23 +249,24 @@ mod tests {
         decode_state(&bytes).ok()
     }
 
-    fn config(dir: &std::path::Path) -> Config {
-        Config::from_text(
+    /// A replay of `Counter` with a cache of `entries` over the store in `dir`.
+    fn counter(dir: &std::path::Path, entries: usize) -> Replayer<Counter> {
+        let config = Config::from_text(
             std::path::Path::new("test.toml"),
             "[kafka]\npartitions = 1\n[state]\nmax_batch_records = 1000\n",
             &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
         )
-        .unwrap()
+        .unwrap();
+        let counter = Counter {
+            counts: StateCache::new(entries, 1),
+        };
+        Replayer::new(counter, &config, &prometheus::Registry::new()).unwrap()
     }
 
     #[test]
     fn a_value_put_back_unchanged_is_not_written_again_but_an_earlier_change_is() {
         let dir = tempfile::tempdir().unwrap();
-        let counter = Counter {
-            counts: StateCache::new(1000, 1),
-        };
-        let mut r =
-            Replayer::new(counter, &config(dir.path()), &prometheus::Registry::new()).unwrap();
+        let mut r = counter(dir.path(), 1000);
         let dirty = |r: &Replayer<Counter>| r.engine.processor.counts.partitions[&0].dirty.clone();
         // Changed, then taken and restored in the same batch: still written.
         r.push("in", b"k", b"key-a").unwrap();
@@ -282,11 +283,7 @@ mod tests {
         assert_eq!(stored(&r, "key-a"), Some(2));
         // Not in the cache (a new one over the same store): read, restored, cached.
         drop(r);
-        let counter = Counter {
-            counts: StateCache::new(1000, 1),
-        };
-        let mut r =
-            Replayer::new(counter, &config(dir.path()), &prometheus::Registry::new()).unwrap();
+        let mut r = counter(dir.path(), 1000);
         r.push("in", b"k", b"look:key-a").unwrap();
         assert!(dirty(&r).is_empty());
         assert_eq!(r.engine.processor.counts.len(0), 1);
@@ -295,13 +292,8 @@ mod tests {
     #[test]
     fn values_are_written_at_commit_and_read_back_after_eviction() {
         let dir = tempfile::tempdir().unwrap();
-        let config = config(dir.path());
-        let registry = prometheus::Registry::new();
         // A limit of 64 entries per partition (the floor): 200 keys overflow it.
-        let counter = Counter {
-            counts: StateCache::new(1, 1),
-        };
-        let mut r = Replayer::new(counter, &config, &registry).unwrap();
+        let mut r = counter(dir.path(), 1);
         for round in 0..3 {
             for k in 0..200 {
                 r.push("in", b"k", format!("key-{k}").as_bytes()).unwrap();
@@ -327,10 +319,7 @@ mod tests {
         assert_eq!(stored(&r, "key-3"), Some(3));
         // After a restart (a new cache, the same store) the counts carry on.
         drop(r);
-        let counter = Counter {
-            counts: StateCache::new(1, 1),
-        };
-        let mut r = Replayer::new(counter, &config, &prometheus::Registry::new()).unwrap();
+        let mut r = counter(dir.path(), 1);
         r.push("in", b"k", b"key-3").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "key-3"), Some(4));
