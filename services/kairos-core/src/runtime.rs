@@ -329,13 +329,14 @@ impl<P: Processor> Engine<P> {
         Ok(out)
     }
 
-    /// Applies one record. Returns outputs committed early (event-time timer firing)
-    /// and, without an outbox (replay), every output the record caused at once: a
-    /// stage that feeds itself (the arbiter's merged ledgers) or the next stage sees
-    /// them in event order, not only when the batch commits, so a replay's results do
-    /// not depend on its batch size.
+    /// Applies one record (and the event-time timers it makes due). With an outbox the
+    /// outputs wait for the commit and nothing is returned; without one (replay) every
+    /// output the record caused is returned at once: a stage that feeds itself (the
+    /// arbiter's merged ledgers) or the next stage sees them in event order, not only
+    /// when the batch commits, so a replay's results do not depend on its batch size.
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
-        let mut out = self.apply(record)?;
+        self.apply(record)?;
+        let mut out = Vec::new();
         if !self.durable_outputs {
             let state_partition = self.state_partition(record.partition);
             if let Some(part) = self.parts.get_mut(&state_partition) {
@@ -345,13 +346,12 @@ impl<P: Processor> Engine<P> {
         Ok(out)
     }
 
-    fn apply(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
-        let mut early = Vec::new();
+    fn apply(&mut self, record: &Record<'_>) -> anyhow::Result<()> {
         let state_partition = self.state_partition(record.partition);
         let offset_key = self.offset_key(record.topic, record.partition);
         let Some(part) = self.parts.get_mut(&state_partition) else {
             // Not ours (revoked in the middle of a batch): the owner will process it.
-            return Ok(early);
+            return Ok(());
         };
         self.metrics
             .input_records
@@ -363,7 +363,7 @@ impl<P: Processor> Engine<P> {
                     .duplicate_records
                     .with_label_values(&[record.topic])
                     .inc();
-                return Ok(early);
+                return Ok(());
             }
         }
         let input = match self.processor.decode(record) {
@@ -381,7 +381,7 @@ impl<P: Processor> Engine<P> {
                 );
                 part.store
                     .set_applied_offset(&mut part.pending, &offset_key, record.offset);
-                return Ok(early);
+                return Ok(());
             }
         };
         if self.mode == ClockMode::Event {
@@ -391,10 +391,10 @@ impl<P: Processor> Engine<P> {
                     // in real time.
                     let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
-                        early.extend(self.fire_partition(state_partition, t, false)?);
+                        self.fire_partition(state_partition, t, false)?;
                     }
                     let Some(part) = self.parts.get_mut(&state_partition) else {
-                        return Ok(early);
+                        return Ok(());
                     };
                     part.clock.observe(t);
                     part.store.set_event_time(&mut part.pending, t);
@@ -402,7 +402,7 @@ impl<P: Processor> Engine<P> {
             }
         }
         let Some(part) = self.parts.get_mut(&state_partition) else {
-            return Ok(early);
+            return Ok(());
         };
         let mut ctx = Ctx {
             partition: state_partition,
@@ -421,10 +421,10 @@ impl<P: Processor> Engine<P> {
             let clock = part.clock.event_time();
             let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
-                early.extend(self.fire_partition(state_partition, clock, false)?);
+                self.fire_partition(state_partition, clock, false)?;
             }
         }
-        Ok(early)
+        Ok(())
     }
 
     fn commit_partition(&mut self, partition: i32) -> anyhow::Result<Vec<OutboxEntry>> {
@@ -471,7 +471,8 @@ impl<P: Processor> Engine<P> {
 
     /// Fires the timers of `partition` due by `now`. Timers are read from the store
     /// merged with the batch's pending writes, so no commit is needed first; with
-    /// `commit`, the result is committed (and returned for publishing).
+    /// `commit`, each round of firing is committed and its records returned for
+    /// publishing (without, nothing is returned: the batch commits later).
     fn fire_partition(
         &mut self,
         partition: i32,
