@@ -883,7 +883,7 @@ impl ArbiterProcessor {
         ) {
             return Ok(());
         }
-        self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger| {
+        self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger, _| {
             this.apply_outcome_to(ctx, o, ledger)
         })
     }
@@ -954,22 +954,22 @@ impl ArbiterProcessor {
     }
 
     /// Runs `change` on the ledger of `customer_id`, taken out of the cache without a
-    /// copy (an empty one if the customer has none), and puts it back on every path:
-    /// to be written at the next commit if `change` says it changed it, as it was
-    /// otherwise. (A copy of the ledger per outcome or cascade step was a tenth of
-    /// the cascading benchmark.)
+    /// copy (an empty one if the customer has none; `change` is told which), and puts
+    /// it back on every path: to be written at the next commit if `change` says it
+    /// changed it, as it was otherwise. (A copy of the ledger per outcome or cascade
+    /// step was a tenth of the cascading benchmark.)
     fn with_ledger(
         &mut self,
         ctx: &mut Ctx<'_>,
         customer_id: &str,
-        change: impl FnOnce(&mut Self, &mut Ctx<'_>, &mut CustomerLedger) -> anyhow::Result<bool>,
+        change: impl FnOnce(&mut Self, &mut Ctx<'_>, &mut CustomerLedger, bool) -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
         let key = ["c/", customer_id].concat();
         let (mut ledger, known) = match self.ledgers.take(ctx, &key)? {
             Some(ledger) => (ledger, true),
             None => (Box::default(), false),
         };
-        let result = change(self, ctx, &mut ledger);
+        let result = change(self, ctx, &mut ledger, known);
         match result {
             Ok(true) => self.ledgers.put(ctx.partition, key, ledger),
             _ if known => self.ledgers.restore(ctx.partition, key, ledger),
@@ -1045,7 +1045,7 @@ impl ArbiterProcessor {
     /// the main scenario and the queued messages of scenarios that exist to get a
     /// purchase (cart, browse, welcome, reactivation).
     fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
-        self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger| {
+        self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, _| {
             this.apply_action_to(ctx, a, ledger)
         })
     }
@@ -1294,7 +1294,7 @@ impl ArbiterProcessor {
     /// the valid-until.
     fn cascade_step(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
         let customer_id = t.customer_id.clone();
-        self.with_ledger(ctx, &customer_id, |this, ctx, ledger| {
+        self.with_ledger(ctx, &customer_id, |this, ctx, ledger, _| {
             this.cascade_step_with(ctx, t, ledger)
         })
     }
@@ -1406,21 +1406,15 @@ impl ArbiterProcessor {
         t: Trigger,
         queued: bool,
     ) -> anyhow::Result<()> {
-        let ledger_key = ["c/", t.customer_id.as_str()].concat();
-        // Taken out of the cache (no copy) and put back on every path.
-        let mut ledger = match self.ledgers.take(ctx, &ledger_key)? {
-            Some(mut known) => {
-                known.legacy_dedup_until.get_or_insert(ctx.now());
-                known
-            }
-            None => Box::new(CustomerLedger {
-                legacy_dedup_until: Some(Millis::MIN),
-                ..CustomerLedger::default()
-            }),
-        };
-        let result = self.decide_with_ledger(ctx, t, queued, &mut ledger);
-        self.ledgers.put(ctx.partition, ledger_key, ledger);
-        result
+        let customer_id = t.customer_id.clone();
+        self.with_ledger(ctx, &customer_id, |this, ctx, ledger, known| {
+            // A ledger begun by a version that kept one key per decided trigger may
+            // have decided the triggers fired before now that way.
+            let legacy_until = if known { ctx.now() } else { Millis::MIN };
+            ledger.legacy_dedup_until.get_or_insert(legacy_until);
+            this.decide_with_ledger(ctx, t, queued, ledger)?;
+            Ok(true)
+        })
     }
 
     fn decide_with_ledger(

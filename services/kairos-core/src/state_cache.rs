@@ -57,8 +57,9 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     }
 
     /// Takes the value under `key` out of the cache (or reads it from the store) to
-    /// change it. The caller must [`put`](Self::put) it back on every path: a taken
-    /// value that was changed and not put back is lost.
+    /// change it. The caller must [`put`](Self::put) it back on every path (or
+    /// [`restore`](Self::restore) it if unchanged): a taken value that was changed and
+    /// not put back is lost.
     pub fn take(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<Box<T>>> {
         if let Some(v) = self
             .partitions
@@ -75,40 +76,14 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     /// without being written again (unless a change before the take is still to be
     /// written).
     pub fn restore(&mut self, partition: i32, key: String, value: Box<T>) {
-        let cache = self.cache(partition);
-        match cache.values.get_mut(&key) {
-            Some(slot) => slot.value = Some(value),
-            None => {
-                cache.values.insert(
-                    key,
-                    Slot {
-                        value: Some(value),
-                        dirty: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// A copy of the value under `key`, which stays cached: for callers with paths
-    /// that do not write the value back.
-    pub fn get(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<T>>
-    where
-        T: Clone,
-    {
-        let cache = self.cache(ctx.partition);
-        if let Some(v) = cache.values.get(key).and_then(|slot| slot.value.as_deref()) {
-            return Ok(Some(v.clone()));
-        }
-        let loaded: Option<T> = ctx.get(key)?;
-        if let Some(v) = &loaded {
-            // A slot without a value is taken out by a caller, who puts it back.
-            cache.values.entry(key.to_string()).or_insert_with(|| Slot {
-                value: Some(Box::new(v.clone())),
+        self.cache(partition)
+            .values
+            .entry(key)
+            .or_insert(Slot {
+                value: None,
                 dirty: false,
-            });
-        }
-        Ok(loaded)
+            })
+            .value = Some(value);
     }
 
     fn cache(&mut self, partition: i32) -> &mut PartitionCache<T> {
@@ -192,7 +167,7 @@ mod tests {
     use crate::runtime::{Processor, Record};
     use crate::store::{DueTimer, Pending};
 
-    /// Counts records per key in a cached value; "peek:<key>" reads without writing.
+    /// Counts records per key in a cached value; "look:<key>" reads without writing.
     struct Counter {
         counts: StateCache<u64>,
     }
@@ -212,13 +187,8 @@ mod tests {
             None
         }
         fn process(&mut self, ctx: &mut Ctx<'_>, key: String) -> anyhow::Result<()> {
-            if let Some(key) = key.strip_prefix("peek:") {
-                // A read that changes nothing must not make the value dirty.
-                self.counts.get(ctx, key)?;
-                return Ok(());
-            }
             if let Some(key) = key.strip_prefix("look:") {
-                // Taken out and put back unchanged.
+                // Taken out and put back unchanged: must not make the value dirty.
                 if let Some(n) = self.counts.take(ctx, key)? {
                     self.counts.restore(ctx.partition, key.to_string(), n);
                 }
@@ -314,7 +284,7 @@ mod tests {
             "trimmed past its limit"
         );
         // A read-only look caches the value without writing it again.
-        r.push("in", b"k", b"peek:key-3").unwrap();
+        r.push("in", b"k", b"look:key-3").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "key-3"), Some(3));
         // After a restart (a new cache, the same store) the counts carry on.
