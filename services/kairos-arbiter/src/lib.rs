@@ -22,10 +22,11 @@ use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::small_map::SmallMap;
 use kairos_core::state_cache::StateCache;
 use kairos_core::store::DueTimer;
 use kairos_core::time::{Millis, DAY, HOUR};
-use prometheus::{Histogram, IntCounterVec};
+use prometheus::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// Per-customer arbiter state.
@@ -39,14 +40,14 @@ pub struct CustomerLedger {
     pub scenario_sends: Vec<(Millis, String)>,
     /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
     /// the address that bounced; pruned with `sends`.
-    pub sent_to: BTreeMap<String, (Millis, String)>,
+    pub sent_to: SmallMap<String, (Millis, String)>,
     /// Channels the customer unsubscribed from (outcome time): suppressed until a
     /// later opt-in.
-    pub unsubscribed: BTreeMap<Channel, Millis>,
+    pub unsubscribed: SmallMap<Channel, Millis>,
     /// The latest opt-in per channel: an unsubscribe older than it no longer holds.
-    pub opted_in: BTreeMap<Channel, Millis>,
+    pub opted_in: SmallMap<Channel, Millis>,
     /// Addresses that bounced hard, per channel: never sent to again.
-    pub hard_bounced: BTreeMap<Channel, String>,
+    pub hard_bounced: SmallMap<Channel, String>,
     /// When the customer marked a message as spam: no promo from then on.
     pub complained_at: Option<Millis>,
     /// The customer's latest purchase (from customer actions).
@@ -54,9 +55,9 @@ pub struct CustomerLedger {
     /// The customer's latest visit day seen (from customer actions).
     pub last_active_at: Option<Millis>,
     /// Deferred triggers waiting in the queue, by trigger id.
-    pub queued: BTreeMap<String, Queued>,
+    pub queued: SmallMap<String, Queued>,
     /// Offers sent (offer id or promo code -> time), pruned to the repeat window.
-    pub offers: BTreeMap<String, Millis>,
+    pub offers: SmallMap<String, Millis>,
     /// Marketing messages delivered since the customer last opened or clicked one.
     pub ignored_in_row: u32,
     /// Hashes of the latest outcome ids applied, so a redelivered outcome counts once.
@@ -72,7 +73,7 @@ pub struct CustomerLedger {
     /// The chain that holds the customer (the main scenario), if one is running.
     pub main: Option<MainScenario>,
     /// Cascades waiting for a reaction, by trigger id.
-    pub cascades: BTreeMap<String, Cascade>,
+    pub cascades: SmallMap<String, Cascade>,
     /// Set once the identity processor merged this customer into another: what still
     /// arrives for this id (a late trigger, an unsubscribe) goes to that one.
     pub merged_into: Option<String>,
@@ -235,7 +236,7 @@ pub struct ArbiterProcessor {
     decisions_topic: String,
     /// The send topic of each channel (named once, not per send).
     send_topics: BTreeMap<Channel, String>,
-    decisions: IntCounterVec,
+    decisions: metrics::CachedCounterVec,
     end_to_end: Histogram,
     /// Hot ledgers, written back when the batch commits.
     ledgers: StateCache<CustomerLedger>,
@@ -253,7 +254,7 @@ impl ArbiterProcessor {
                 .iter()
                 .map(|c| (*c, config.send_topic(*c)))
                 .collect(),
-            decisions: metrics::counter_vec(
+            decisions: metrics::cached_counter_vec(
                 registry,
                 "kairos_arbiter_decisions_total",
                 "Arbiter decisions, by outcome and the rule that made them.",
@@ -271,9 +272,7 @@ impl ArbiterProcessor {
             config,
         };
         for (outcome, rule) in DECISION_RULES {
-            processor
-                .decisions
-                .with_label_values(&[outcome.as_str(), rule]);
+            processor.decisions.touch(&[outcome.as_str(), rule]);
         }
         processor
     }
@@ -1393,9 +1392,7 @@ impl ArbiterProcessor {
             reason,
             decided_at: ctx.now(),
         };
-        self.decisions
-            .with_label_values(&[outcome.as_str(), rule])
-            .inc();
+        self.decisions.inc(&[outcome.as_str(), rule]);
         ctx.emit(&self.decisions_topic, t.customer_id, &decision);
     }
 
@@ -1434,8 +1431,7 @@ impl ArbiterProcessor {
                 legacy && ctx.get::<Millis>(&format!("t/{}", t.trigger_id))?.is_some();
             if seen_before_upgrade || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS) {
                 self.decisions
-                    .with_label_values(&[DecisionOutcome::duplicate.as_str(), "trigger_id"])
-                    .inc();
+                    .inc(&[DecisionOutcome::duplicate.as_str(), "trigger_id"]);
                 return Ok(());
             }
         }

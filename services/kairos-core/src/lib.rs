@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod replay;
 pub mod runtime;
 pub mod schemas;
+pub mod small_map;
 pub mod state_cache;
 pub mod store;
 pub mod time;

@@ -156,10 +156,7 @@ impl Ctx<'_> {
 
     /// Queues an output record (JSON); it is published after the batch commits.
     pub fn emit<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) {
-        self.metrics
-            .output_records
-            .with_label_values(&[topic])
-            .inc();
+        self.metrics.output_records.inc(&[topic]);
         self.store
             .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
     }
@@ -353,10 +350,7 @@ impl<P: Processor> Engine<P> {
             // Not ours (revoked in the middle of a batch): the owner will process it.
             return Ok(());
         };
-        self.metrics
-            .input_records
-            .with_label_values(&[record.topic])
-            .inc();
+        self.metrics.input_records.inc(&[record.topic]);
         if let Some(applied) = part.store.applied_offset(&part.pending, &offset_key)? {
             if record.offset <= applied {
                 self.metrics
@@ -665,7 +659,7 @@ fn dead_letter(
         .dead_letters
         .with_label_values(&[rejection.reason.as_str()])
         .inc();
-    metrics.output_records.with_label_values(&[topic]).inc();
+    metrics.output_records.inc(&[topic]);
     let key = record.key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
     part.store
         .emit(&mut part.pending, topic, &key, encode_internal(&letter));
@@ -955,7 +949,7 @@ pub async fn run<P: Processor>(
         .with_context(|| format!("cannot subscribe to {}", inputs.join(", ")))?;
     // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
     for t in &inputs {
-        metrics.input_records.with_label_values(&[t]);
+        metrics.input_records.touch(&[t]);
         metrics.duplicate_records.with_label_values(&[t]);
     }
     for r in crate::contracts::DeadLetterReason::ALL {
@@ -966,7 +960,7 @@ pub async fn run<P: Processor>(
         .iter()
         .chain([&config.topic(crate::config::topics::DEAD_LETTER)])
     {
-        metrics.output_records.with_label_values(&[t]);
+        metrics.output_records.touch(&[t]);
     }
     // A processor with slow external effects (a delivery worker calling a provider)
     // asks for small batches, so the consumer polls in time and a crash redoes little.

@@ -1,10 +1,11 @@
 //! The customer profile kept per customer.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use kairos_core::contracts::{
     Channel, CustomerEvent, EventType, LineItem, Outcome, OutcomeKind, Product,
 };
+use kairos_core::small_map::SmallMap;
 use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
 
@@ -72,7 +73,7 @@ pub struct CustomerProfile {
     pub registered_at: Option<Millis>,
     pub subscription_ends_at: Option<Millis>,
     /// Marketing consent per channel, as last stated by the customer.
-    pub consents: BTreeMap<Channel, bool>,
+    pub consents: SmallMap<Channel, bool>,
     pub orders: u32,
     pub offline_orders: u32,
     pub revenue: f64,
@@ -85,18 +86,18 @@ pub struct CustomerProfile {
     pub recently_viewed: Vec<ViewedProduct>,
     pub recent_categories: Vec<String>,
     pub wishlist: Vec<Product>,
-    pub engagement: BTreeMap<Channel, ChannelEngagement>,
+    pub engagement: SmallMap<Channel, ChannelEngagement>,
     /// Addresses that bounced hard, per channel; a new address replaces them.
-    pub hard_bounced: BTreeMap<Channel, String>,
+    pub hard_bounced: SmallMap<Channel, String>,
     /// When the customer marked a message as spam.
     pub complained_at: Option<Millis>,
     pub lifecycle: Option<String>,
     pub rfm: Option<RfmScore>,
     /// Timers this profile knows are armed (scenario or review name -> fire time), so
     /// frequent events need no timer-index read.
-    pub armed: BTreeMap<String, Millis>,
+    pub armed: SmallMap<String, Millis>,
     /// Restartable waits by scenario name (see [`Wait`]).
-    pub waits: BTreeMap<String, Wait>,
+    pub waits: SmallMap<String, Wait>,
     /// Hashes of the latest event ids, to drop duplicates.
     pub recent_event_ids: VecDeque<u64>,
     /// Customers the identity processor merged into this one whose profile has not
