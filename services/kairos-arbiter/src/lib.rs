@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use compact_str::CompactString;
 use kairos_core::calendar;
 use kairos_core::contracts::{
     Channel, CustomerAction, CustomerActionKind, Decision, DecisionOutcome, MessageCategory,
@@ -37,7 +38,7 @@ pub struct CustomerLedger {
     pub sends: Vec<(Millis, Channel, MessageCategory)>,
     /// The scenario of each recent send (time, scenario), for per-scenario caps;
     /// pruned with `sends`.
-    pub scenario_sends: Vec<(Millis, String)>,
+    pub scenario_sends: Vec<(Millis, CompactString)>,
     /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
     /// the address that bounced; pruned with `sends`.
     pub sent_to: SmallMap<String, (Millis, String)>,
@@ -1279,7 +1280,9 @@ impl ArbiterProcessor {
             None => ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd),
         }
         ledger.sends.push((now, channel, t.category));
-        ledger.scenario_sends.push((now, t.scenario.clone()));
+        ledger
+            .scenario_sends
+            .push((now, t.scenario.as_str().into()));
         Ok(send_id)
     }
 

@@ -693,7 +693,7 @@ impl ProfileProcessor {
         for s in self.scenarios(ScenarioKind::Reactivation).iter() {
             // Lazy: an armed timer is left alone; when it fires it checks the latest
             // visit and moves itself if the customer came back.
-            if p.armed.contains_key(&s.name) {
+            if p.armed.contains_key(s.name.as_str()) {
                 continue;
             }
             let at = last_visit + ms(s.delay);
@@ -708,7 +708,7 @@ impl ProfileProcessor {
                 None,
                 None,
             )?;
-            p.armed.insert(s.name.clone(), at);
+            p.armed.insert(s.name.as_str().into(), at);
         }
         Ok(())
     }
@@ -881,9 +881,9 @@ impl ProfileProcessor {
         let mut vars = serde_json::Map::new();
         let restarted;
         let t = if s.kind.is_restartable_wait() {
-            p.armed.remove(&s.name);
+            p.armed.remove(s.name.as_str());
             // The wait ended (cart emptied, purchase) or was restarted since.
-            let Some(w) = p.waits.get(&s.name).cloned() else {
+            let Some(w) = p.waits.get(s.name.as_str()).cloned() else {
                 return Ok(());
             };
             if t.step == 0 || w.cause_event_id != t.cause_event_id {
@@ -926,7 +926,7 @@ impl ProfileProcessor {
                 }
             }
             ScenarioKind::Reactivation => {
-                p.armed.remove(&s.name);
+                p.armed.remove(s.name.as_str());
                 let last = p.last_visit_at.unwrap_or(t.cause_occurred_at);
                 let due = last + ms(s.delay);
                 if due > timer.fire_at {
@@ -942,7 +942,7 @@ impl ProfileProcessor {
                         None,
                         None,
                     )?;
-                    p.armed.insert(s.name.clone(), due);
+                    p.armed.insert(s.name.as_str().into(), due);
                     return Ok(());
                 }
                 if t.step == 0 && p.bought_since(last) {
@@ -1024,12 +1024,12 @@ impl ProfileProcessor {
         );
         // The next step of a chain.
         if s.kind.is_restartable_wait() {
-            match (s.steps.get(t.step), p.waits.get(&s.name).cloned()) {
+            match (s.steps.get(t.step), p.waits.get(s.name.as_str()).cloned()) {
                 (Some(next), Some(w)) => {
                     arm_wait(ctx, s, p, &w, t.step + 1, timer.fire_at + ms(next.delay))?
                 }
                 _ => {
-                    p.waits.remove(&s.name);
+                    p.waits.remove(s.name.as_str());
                 }
             }
         } else if let Some(next) = s.steps.get(t.step) {
@@ -1119,10 +1119,13 @@ fn restart_wait(
         product,
     };
     let due = e.occurred_at + ms(s.delay);
-    if p.armed.get(&s.name).is_none_or(|armed| *armed > due) {
+    if p.armed
+        .get(s.name.as_str())
+        .is_none_or(|armed| *armed > due)
+    {
         arm_wait(ctx, s, p, &wait, 0, due)?;
     }
-    p.waits.insert(s.name.clone(), wait);
+    p.waits.insert(s.name.as_str().into(), wait);
     Ok(())
 }
 
@@ -1146,14 +1149,14 @@ fn arm_wait(
         w.product.clone(),
         None,
     )?;
-    p.armed.insert(s.name.clone(), fire_at);
+    p.armed.insert(s.name.as_str().into(), fire_at);
     Ok(())
 }
 
 /// Ends the scenario's pending wait or chain: its timer never fires.
 fn stop_wait(ctx: &mut Ctx<'_>, s: &ScenarioConfig, p: &mut CustomerProfile) -> anyhow::Result<()> {
-    p.waits.remove(&s.name);
-    p.armed.remove(&s.name);
+    p.waits.remove(s.name.as_str());
+    p.armed.remove(s.name.as_str());
     ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
     Ok(())
 }

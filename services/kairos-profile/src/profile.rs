@@ -2,6 +2,8 @@
 
 use std::collections::VecDeque;
 
+use compact_str::CompactString;
+
 use kairos_core::contracts::{
     Channel, CustomerEvent, EventType, LineItem, Outcome, OutcomeKind, Product,
 };
@@ -19,9 +21,9 @@ const WISHLIST: usize = 50;
 /// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ViewedProduct {
-    pub product_id: String,
-    pub name: Option<String>,
-    pub category: Option<String>,
+    pub product_id: CompactString,
+    pub name: Option<CompactString>,
+    pub category: Option<CompactString>,
     pub price: Option<f64>,
     pub at: Millis,
 }
@@ -84,7 +86,7 @@ pub struct CustomerProfile {
     pub cart: Vec<LineItem>,
     pub cart_updated_at: Option<Millis>,
     pub recently_viewed: Vec<ViewedProduct>,
-    pub recent_categories: Vec<String>,
+    pub recent_categories: Vec<CompactString>,
     pub wishlist: Vec<Product>,
     pub engagement: SmallMap<Channel, ChannelEngagement>,
     /// Addresses that bounced hard, per channel; a new address replaces them.
@@ -95,9 +97,9 @@ pub struct CustomerProfile {
     pub rfm: Option<RfmScore>,
     /// Timers this profile knows are armed (scenario or review name -> fire time), so
     /// frequent events need no timer-index read.
-    pub armed: SmallMap<String, Millis>,
+    pub armed: SmallMap<CompactString, Millis>,
     /// Restartable waits by scenario name (see [`Wait`]).
-    pub waits: SmallMap<String, Wait>,
+    pub waits: SmallMap<CompactString, Wait>,
     /// Hashes of the latest event ids, to drop duplicates.
     pub recent_event_ids: VecDeque<u64>,
     /// Customers the identity processor merged into this one whose profile has not
@@ -351,9 +353,9 @@ impl CustomerProfile {
         self.recently_viewed
             .retain(|v| v.product_id != p.product_id);
         self.recently_viewed.push(ViewedProduct {
-            product_id: p.product_id.clone(),
-            name: p.name.clone(),
-            category: p.category.clone(),
+            product_id: p.product_id.as_str().into(),
+            name: p.name.as_deref().map(CompactString::from),
+            category: p.category.as_deref().map(CompactString::from),
             price: p.price,
             at,
         });
@@ -362,7 +364,7 @@ impl CustomerProfile {
         }
         if let Some(c) = &p.category {
             self.recent_categories.retain(|x| x != c);
-            self.recent_categories.push(c.clone());
+            self.recent_categories.push(c.as_str().into());
             if self.recent_categories.len() > RECENT_CATEGORIES {
                 self.recent_categories.remove(0);
             }
