@@ -433,9 +433,8 @@ impl<P: Processor> Engine<P> {
             metrics: &self.metrics,
         };
         self.processor.flush(&mut ctx)?;
-        let pending = std::mem::take(&mut part.pending);
         Ok(part.store.commit_with(
-            pending,
+            &mut part.pending,
             self.changelog_topic.as_deref(),
             self.durable_outputs,
         )?)

@@ -123,6 +123,7 @@ impl StoreFactory {
             db,
             next_outbox_seq: 0,
             timers: Default::default(),
+            sorted_writes: Vec::new(),
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
@@ -304,6 +305,8 @@ pub struct PartitionStore {
     next_outbox_seq: u64,
     /// Every timer, in memory (see `TimerIndex`).
     timers: std::cell::RefCell<TimerIndex>,
+    /// A batch's writes in key order, kept between commits for its memory.
+    sorted_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl PartitionStore {
@@ -605,13 +608,14 @@ impl PartitionStore {
         self.timers.borrow().len() as i64
     }
 
-    /// Writes `pending` atomically: state, outbox, offsets and clock together. Returns
-    /// the outbox entries to publish. With `changelog`, every state, timer, offset and
-    /// clock write is also queued in the outbox for that topic, so the partition's
-    /// state can be rebuilt on another instance.
+    /// Writes `pending` atomically: state, outbox, offsets and clock together, and
+    /// leaves it empty for the next batch. Returns the outbox entries to publish. With
+    /// `changelog`, every state, timer, offset and clock write is also queued in the
+    /// outbox for that topic, so the partition's state can be rebuilt on another
+    /// instance.
     pub fn commit(
         &mut self,
-        pending: Pending,
+        pending: &mut Pending,
         changelog: Option<&str>,
     ) -> StoreResult<Vec<OutboxEntry>> {
         self.commit_with(pending, changelog, true)
@@ -621,25 +625,31 @@ impl PartitionStore {
     /// caller at once, so an outbox would only be written and deleted again).
     pub fn commit_with(
         &mut self,
-        pending: Pending,
+        pending: &mut Pending,
         changelog: Option<&str>,
         durable_outputs: bool,
     ) -> StoreResult<Vec<OutboxEntry>> {
+        // Drained rather than dropped, here and below: the next batch reuses the
+        // memory. Grown afresh for every batch, these maps and lists cost a few per
+        // cent of a replay in page faults alone.
+        pending.min_scheduled = None;
+        pending.new_timers.clear();
         if pending.is_empty() {
             return Ok(Vec::new());
         }
         let mut batch = WriteBatch::default();
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = pending.writes.into_iter().collect();
+        let mut writes = std::mem::take(&mut self.sorted_writes);
+        writes.extend(pending.writes.drain());
         // In key order: RocksDB's memtable inserts a sorted batch much faster (each
         // insert starts where the previous one ended).
         writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (topic, offset) in &pending.offsets {
+        for (topic, offset) in pending.offsets.drain() {
             writes.push((
                 prefixed(OFFSET, topic.as_bytes()),
-                Some((*offset as u64).to_be_bytes().to_vec()),
+                Some((offset as u64).to_be_bytes().to_vec()),
             ));
         }
-        if let Some(t) = pending.clock {
+        if let Some(t) = pending.clock.take() {
             writes.push((META_CLOCK.to_vec(), Some((t as u64).to_be_bytes().to_vec())));
         }
         for (k, v) in &writes {
@@ -650,16 +660,18 @@ impl PartitionStore {
         }
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
             .outputs
-            .into_iter()
+            .drain(..)
             .map(|(t, k, p)| (t, k, p, false))
             .collect();
         if let Some(topic) = changelog {
             records.extend(
                 writes
-                    .into_iter()
+                    .drain(..)
                     .map(|(k, v)| (topic.to_string(), k, v.unwrap_or_default(), true)),
             );
         }
+        writes.clear();
+        self.sorted_writes = writes;
         let mut entries = Vec::with_capacity(records.len());
         for (topic, key, payload, is_changelog) in records {
             let entry = self.outbox_entry(topic, key, payload, is_changelog);
@@ -871,7 +883,7 @@ mod tests {
         assert_eq!(s.get(&Pending::default(), b"a").unwrap(), None);
         s.set_applied_offset(&mut p, "topic", 41);
         s.emit(&mut p, "out", b"k", b"payload".to_vec());
-        let entries = s.commit(p, None).unwrap();
+        let entries = s.commit(&mut p, None).unwrap();
         assert_eq!(entries.len(), 1);
         drop(s);
         let s = StoreFactory::new(dir.path(), 1 << 20)
@@ -901,7 +913,7 @@ mod tests {
         // Moving a timer replaces it.
         s.schedule_timer(&mut p, "early", 150, b"e2".to_vec())
             .unwrap();
-        s.commit(p, None).unwrap();
+        s.commit(&mut p, None).unwrap();
         assert_eq!(s.timers_pending(), 2);
         let p = Pending::default();
         assert_eq!(s.next_timer(&p).unwrap(), Some(150));
@@ -916,7 +928,7 @@ mod tests {
                 .as_deref(),
             Some(b"e2".as_slice())
         );
-        s.commit(p, None).unwrap();
+        s.commit(&mut p, None).unwrap();
         assert_eq!(s.timers_pending(), 1);
         let p = Pending::default();
         assert!(s.due_timers(&p, 200, 10).unwrap().is_empty());
@@ -953,15 +965,19 @@ mod tests {
         s.schedule_timer(&mut p, "fired", 70, b"f2".to_vec())
             .unwrap();
         assert!(s.complete_timer(&mut p, "fired", 70).unwrap().is_some());
-        let written = s.commit(p, Some("changelog")).unwrap();
+        let written = s.commit(&mut p, Some("changelog")).unwrap();
         assert_eq!(timer_keys(&written), vec![(b"i/kept".to_vec(), false)]);
+        assert!(
+            p.is_empty(),
+            "a commit leaves the batch empty for the next one"
+        );
         // A committed timer that is removed later leaves a tombstone, also when it is
-        // moved and then removed in one batch.
-        let mut p = Pending::default();
+        // moved and then removed in one batch. The batch is the same `Pending`, as in
+        // the engine: what was new in the first batch is not new in the second.
         s.schedule_timer(&mut p, "kept", 200, b"k2".to_vec())
             .unwrap();
         assert!(s.cancel_timer(&mut p, "kept").unwrap());
-        let written = s.commit(p, Some("changelog")).unwrap();
+        let written = s.commit(&mut p, Some("changelog")).unwrap();
         assert_eq!(timer_keys(&written), vec![(b"i/kept".to_vec(), true)]);
         drop(s);
         let s = StoreFactory::new(dir.path(), 1 << 20)
