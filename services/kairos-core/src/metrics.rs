@@ -3,6 +3,7 @@
 //! Names follow Prometheus conventions (base units, `_total` counters, `_seconds`
 //! histograms) and labels stay bounded: topic, partition, reason, never customer ids.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use foldhash::{HashMap, HashMapExt};
@@ -38,9 +39,10 @@ pub struct CachedCounterVec {
 }
 
 struct Children {
-    /// Label values joined by a unit separator.
+    /// By the label values: the value itself for a family of one label, else each
+    /// value after its length (so no two label sets share a key).
     by_labels: HashMap<String, IntCounter>,
-    /// Where a lookup key is joined, so a lookup allocates nothing.
+    /// Where a lookup key is built, so a lookup allocates nothing.
     key: String,
 }
 
@@ -64,11 +66,14 @@ impl CachedCounterVec {
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         let Children { by_labels, key } = &mut *children;
         key.clear();
-        for (i, label) in labels.iter().enumerate() {
-            if i > 0 {
-                key.push('\u{1f}');
+        match labels {
+            [one] => key.push_str(one),
+            _ => {
+                for label in labels {
+                    // Writing into a String cannot fail.
+                    let _ = write!(key, "{}:{label}", label.len());
+                }
             }
-            key.push_str(label);
         }
         match by_labels.get(key.as_str()) {
             Some(child) => child.inc_by(n),
@@ -251,5 +256,36 @@ impl RuntimeMetrics {
                 "State records restored from changelog topics when partitions moved here.",
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_counters_count_each_label_set_apart() {
+        let registry = Registry::new();
+        let c = cached_counter_vec(&registry, "t_total", "test", &["a", "b"]);
+        c.inc(&["x", "y"]);
+        c.inc(&["x", "y"]);
+        c.inc_by(&["x:", "y"], 5);
+        // Would share a key if the values were joined with a separator.
+        c.inc(&["x\u{1f}y", "z"]);
+        c.inc_by(&["x", "y\u{1f}z"], 3);
+        c.touch(&["never", "counted"]);
+        let family = c.family();
+        assert_eq!(family.with_label_values(&["x", "y"]).get(), 2);
+        assert_eq!(family.with_label_values(&["x:", "y"]).get(), 5);
+        assert_eq!(family.with_label_values(&["x\u{1f}y", "z"]).get(), 1);
+        assert_eq!(family.with_label_values(&["x", "y\u{1f}z"]).get(), 3);
+        assert_eq!(family.with_label_values(&["never", "counted"]).get(), 0);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap_or_default();
+        assert!(
+            text.contains(r#"t_total{a="never",b="counted"} 0"#),
+            "{text}"
+        );
     }
 }

@@ -67,9 +67,9 @@ struct ScenarioTimer {
 const SEGMENT_REVIEW: &str = "~segments";
 
 struct Metrics {
-    triggers: IntCounterVec,
+    triggers: metrics::CachedCounterVec,
     skipped: IntCounterVec,
-    transitions: IntCounterVec,
+    transitions: metrics::CachedCounterVec,
     duplicates: prometheus::IntCounter,
 }
 
@@ -97,7 +97,7 @@ pub struct ProfileProcessor {
 impl ProfileProcessor {
     pub fn new(config: Arc<Config>, registry: SchemaRegistry, prom: &prometheus::Registry) -> Self {
         let m = Metrics {
-            triggers: metrics::counter_vec(
+            triggers: metrics::cached_counter_vec(
                 prom,
                 "kairos_triggers_emitted_total",
                 "Triggers emitted, by scenario.",
@@ -109,7 +109,7 @@ impl ProfileProcessor {
                 "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance).",
                 &["scenario", "reason"],
             ),
-            transitions: metrics::counter_vec(
+            transitions: metrics::cached_counter_vec(
                 prom,
                 "kairos_segment_transitions_total",
                 "Segment and lifecycle transitions, by kind and target segment.",
@@ -129,13 +129,13 @@ impl ProfileProcessor {
             .map(|c| c.name.as_str())
             .chain([rfm.default_segment.as_str()])
         {
-            m.transitions.with_label_values(&["rfm", segment]);
+            m.transitions.touch(&["rfm", segment]);
         }
         for stage in segments::LIFECYCLE_STAGES {
-            m.transitions.with_label_values(&["lifecycle", stage]);
+            m.transitions.touch(&["lifecycle", stage]);
         }
         for s in &config.scenarios {
-            m.triggers.with_label_values(&[&s.name]);
+            m.triggers.touch(&[&s.name]);
             m.skipped.with_label_values(&[&s.name, "late"]);
         }
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
@@ -775,10 +775,7 @@ impl ProfileProcessor {
             occurred_at: at,
         };
         // Segment names come from the configuration, so the label stays bounded.
-        self.metrics
-            .transitions
-            .with_label_values(&[kind_name, to])
-            .inc();
+        self.metrics.transitions.inc(&[kind_name, to]);
         ctx.emit(&self.transitions_topic, &p.customer_id, &t);
         for s in self.scenarios(ScenarioKind::SegmentEntered).iter() {
             if s.segment.as_deref() == Some(to) {
@@ -841,7 +838,7 @@ impl ProfileProcessor {
             variables: serde_json::to_string(&vars).unwrap_or_default(),
             merged_from: p.merged_from.clone(),
         };
-        self.metrics.triggers.with_label_values(&[&s.name]).inc();
+        self.metrics.triggers.inc(&[&s.name]);
         if p.awaiting_merges.is_empty() {
             ctx.emit(&self.triggers_topic, &p.customer_id, &trigger);
         } else {
