@@ -793,6 +793,20 @@ fn channel_check(
 }
 
 /// The later of an optional time and `at`.
+/// Outcomes the ledger keeps (suppressions and engagement); the rest (sent, failed,
+/// soft bounces...) are not worth reading a ledger for.
+fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
+    matches!(
+        kind,
+        OutcomeKind::unsubscribed
+            | OutcomeKind::bounced_hard
+            | OutcomeKind::complained
+            | OutcomeKind::delivered
+            | OutcomeKind::opened
+            | OutcomeKind::clicked
+    )
+}
+
 fn latest(known: Option<Millis>, at: Millis) -> Millis {
     known.map_or(at, |k| k.max(at))
 }
@@ -869,27 +883,10 @@ impl Verdict {
 }
 
 impl ArbiterProcessor {
-    /// Suppressions from outcomes: an unsubscribe, a hard bounce or a complaint holds
-    /// from the moment the arbiter sees it.
-    fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
-        if !matches!(
-            o.kind,
-            OutcomeKind::unsubscribed
-                | OutcomeKind::bounced_hard
-                | OutcomeKind::complained
-                | OutcomeKind::delivered
-                | OutcomeKind::opened
-                | OutcomeKind::clicked
-        ) {
-            return Ok(());
-        }
-        self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger, _| {
-            this.apply_outcome_to(ctx, o, ledger)
-        })
-    }
-
-    /// [`Self::apply_outcome`] on the customer's ledger; true if it changed.
-    fn apply_outcome_to(
+    /// An outcome on the customer's ledger; true if it changed. Suppressions (an
+    /// unsubscribe, a hard bounce, a complaint) hold from the moment the arbiter sees
+    /// them; a reaction stops the cascade of the message it reacts to.
+    fn apply_outcome(
         &mut self,
         ctx: &mut Ctx<'_>,
         o: &Outcome,
@@ -1043,15 +1040,8 @@ impl ArbiterProcessor {
     /// A key action of the customer. A visit ends queued reactivation messages; an
     /// opt-in ends an older unsubscribe; a purchase pauses promo, ends every cascade,
     /// the main scenario and the queued messages of scenarios that exist to get a
-    /// purchase (cart, browse, welcome, reactivation).
-    fn apply_action(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
-        self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, _| {
-            this.apply_action_to(ctx, a, ledger)
-        })
-    }
-
-    /// [`Self::apply_action`] on the customer's ledger; true if it changed.
-    fn apply_action_to(
+    /// purchase (cart, browse, welcome, reactivation). True if the ledger changed.
+    fn apply_action(
         &mut self,
         ctx: &mut Ctx<'_>,
         a: &CustomerAction,
@@ -1293,16 +1283,8 @@ impl ArbiterProcessor {
     /// The cascade timer of `t` fired with no reaction: the next usable channel gets
     /// the message. Cascade steps skip caps and the conflict window (they are one
     /// message on several channels) but keep consent, suppressions, quiet hours and
-    /// the valid-until.
-    fn cascade_step(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
-        let customer_id = t.customer_id.clone();
-        self.with_ledger(ctx, &customer_id, |this, ctx, ledger, _| {
-            this.cascade_step_with(ctx, t, ledger)
-        })
-    }
-
-    /// [`Self::cascade_step`] on the customer's ledger; true if it changed.
-    fn cascade_step_with(
+    /// the valid-until. True if the ledger changed.
+    fn cascade_step(
         &mut self,
         ctx: &mut Ctx<'_>,
         t: Trigger,
@@ -1576,8 +1558,17 @@ impl Processor for ArbiterProcessor {
     fn process(&mut self, ctx: &mut Ctx<'_>, input: ArbiterInput) -> anyhow::Result<()> {
         match input {
             ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t, false),
-            ArbiterInput::Outcome(o) => self.apply_outcome(ctx, &o),
-            ArbiterInput::Action(a) => self.apply_action(ctx, &a),
+            ArbiterInput::Outcome(o) if outcome_concerns_ledger(o.kind) => {
+                self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger, _| {
+                    this.apply_outcome(ctx, &o, ledger)
+                })
+            }
+            ArbiterInput::Outcome(_) => Ok(()),
+            ArbiterInput::Action(a) => {
+                self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, _| {
+                    this.apply_action(ctx, &a, ledger)
+                })
+            }
         }
     }
 
@@ -1587,7 +1578,10 @@ impl Processor for ArbiterProcessor {
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
         if timer.timer_id.starts_with("cascade/") {
-            self.cascade_step(ctx, t)
+            let customer_id = t.customer_id.clone();
+            self.with_ledger(ctx, &customer_id, |this, ctx, ledger, _| {
+                this.cascade_step(ctx, t, ledger)
+            })
         } else {
             self.decide_trigger(ctx, t, true)
         }

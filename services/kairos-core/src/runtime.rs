@@ -333,14 +333,15 @@ impl<P: Processor> Engine<P> {
     /// when the batch commits, so a replay's results do not depend on its batch size.
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
         self.apply(record)?;
-        let mut out = Vec::new();
-        if !self.durable_outputs {
-            let state_partition = self.state_partition(record.partition);
-            if let Some(part) = self.parts.get_mut(&state_partition) {
-                append_outputs(&mut out, part.store.take_outputs(&mut part.pending));
-            }
+        if self.durable_outputs {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let state_partition = self.state_partition(record.partition);
+        Ok(self
+            .parts
+            .get_mut(&state_partition)
+            .map(|part| part.store.take_outputs(&mut part.pending))
+            .unwrap_or_default())
     }
 
     fn apply(&mut self, record: &Record<'_>) -> anyhow::Result<()> {

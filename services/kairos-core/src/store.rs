@@ -207,17 +207,19 @@ impl TimerIndex {
     }
 
     /// Sets `id` to fire at `at` with `payload`.
-    fn set(&mut self, id: &str, at: Millis, payload: &[u8]) {
-        let key = match self.timers.get_key_value(id) {
+    /// Sets (or moves) `id`; returns false if it was not there before.
+    fn set(&mut self, id: &str, at: Millis, payload: &[u8]) -> bool {
+        let (key, existed) = match self.timers.get_key_value(id) {
             Some((key, (old, _))) => {
                 let key = key.clone();
                 self.by_time.remove(&(*old, key.clone()));
-                key
+                (key, true)
             }
-            None => Arc::from(id),
+            None => (Arc::from(id), false),
         };
         self.by_time.insert((at, key.clone()));
         self.timers.insert(key, (at, payload.into()));
+        existed
     }
 
     /// Removes `id`; returns the fire time and payload it had.
@@ -533,12 +535,11 @@ impl PartitionStore {
         payload: Vec<u8>,
     ) -> StoreResult<()> {
         let key = prefixed(TIMER_INDEX, timer_id.as_bytes());
-        let mut timers = self.timers.borrow_mut();
+        let existed = self.timers.borrow_mut().set(timer_id, fire_at, &payload);
         // Neither in memory nor removed in this batch, so not in the store either.
-        if timers.fire_at(timer_id).is_none() && !pending.writes.contains_key(&key) {
+        if !existed && !pending.writes.contains_key(&key) {
             pending.new_timers.insert(key.clone());
         }
-        timers.set(timer_id, fire_at, &payload);
         pending
             .writes
             .insert(key, Some(timer_value(fire_at, &payload)));
