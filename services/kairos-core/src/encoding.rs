@@ -230,9 +230,12 @@ fn decode_confluent_avro<T: DeserializeOwned>(
 
 /// Encodes an internal-topic value as JSON.
 pub fn encode_internal<T: Serialize>(value: &T) -> Vec<u8> {
+    // sonic-rs writes the same compact JSON as serde_json (its serializer is a fork of
+    // it), escaping strings with SIMD: the embedded template variables of every trigger
+    // and send command made serde_json's byte-wise escaping a twentieth of the arbiter.
     // Serializing our own plain data types to JSON cannot fail (no maps with non-string
     // keys, no failing Serialize impls).
-    with_scratch(|buf| serde_json::to_writer(buf, value)).unwrap_or_default()
+    with_scratch(|buf| sonic_rs::to_writer(buf, value)).unwrap_or_default()
 }
 
 thread_local! {
@@ -322,6 +325,62 @@ mod tests {
     use crate::contracts::{CustomerEvent, EventType};
     use crate::schemas;
     use serde::Deserialize;
+
+    #[test]
+    fn internal_records_are_the_json_serde_json_writes() {
+        // Consumers and stored outputs (and the replay's output files) must not change
+        // when the serializer does: escapes, non-ASCII text, floats and non-finite
+        // numbers come out byte for byte as serde_json writes them.
+        let text =
+            "quote \" backslash \\ tab \t nul \u{0} bell \u{7} del \u{7f} \u{2028} é 日本 🎉";
+        let floats = [
+            0.1,
+            -0.0,
+            1.0,
+            35.39,
+            119.8,
+            1e21,
+            1e-7,
+            123_456_789.125,
+            f64::MAX,
+            5e-324,
+            f64::NAN,
+            f64::INFINITY,
+        ];
+        let value = serde_json::json!({
+            "text": text,
+            "floats": floats,
+            "ints": [0, -1, i64::MIN, u64::MAX],
+            "nested": {"b": [true, null, {"c": text}], "a": ""},
+        });
+        let trigger = crate::contracts::Trigger {
+            trigger_id: "t-1".into(),
+            scenario: "welcome".into(),
+            customer_id: text.into(),
+            category: crate::contracts::MessageCategory::trigger,
+            step: 2,
+            template: "welcome_2".into(),
+            channels: vec![crate::contracts::Channel::email],
+            priority: -5,
+            fired_at: 1_767_225_600_000,
+            valid_until: i64::MAX,
+            cause_event_id: None,
+            cause_occurred_at: -1,
+            contacts: Default::default(),
+            variables: value.to_string(),
+            merged_from: vec![text.into()],
+        };
+        assert_eq!(
+            String::from_utf8(encode_internal(&value)).unwrap(),
+            serde_json::to_string(&value).unwrap()
+        );
+        let floats_only: Vec<u8> = encode_internal(&floats);
+        assert_eq!(floats_only, serde_json::to_vec(&floats).unwrap());
+        assert_eq!(
+            String::from_utf8(encode_internal(&trigger)).unwrap(),
+            serde_json::to_string(&trigger).unwrap()
+        );
+    }
 
     #[test]
     fn json_errors_are_classified() {
