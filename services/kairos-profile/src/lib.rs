@@ -812,8 +812,6 @@ impl ProfileProcessor {
         let Some(template) = s.template_of(step) else {
             return;
         };
-        let mut vars = p.template_variables();
-        vars.extend(extra);
         let trigger = Trigger {
             trigger_id: deterministic_id(&[
                 &s.name,
@@ -833,9 +831,9 @@ impl ProfileProcessor {
             cause_event_id: Some(cause_event_id.to_string()),
             cause_occurred_at,
             contacts: contacts(p),
-            // The same compact JSON as `serde_json`, by the faster SIMD serializer
-            // (as every internal record, see `encode_internal`).
-            variables: sonic_rs::to_string(&vars).unwrap_or_default(),
+            // sonic-rs: the same compact JSON as serde_json, faster (see
+            // `encode_internal`).
+            variables: sonic_rs::to_string(&p.template_variables(&extra)).unwrap_or_default(),
             merged_from: p.merged_from.clone(),
         };
         self.metrics.triggers.inc(&[&s.name]);
