@@ -2,13 +2,28 @@
 //!
 //! The profile processor publishes each customer's interest in a product (viewed,
 //! wishlisted) to `product-interest`, keyed by product id and co-partitioned with
-//! `catalog`. This processor keeps, per product, its last price and stock and an
-//! index `i/<product>/<customer>` of interested customers. A price drop or a return
-//! to stock reads only that product's index (no scan over customers) and publishes a
-//! product occasion per interested customer, keyed by customer id, back to the profile
-//! processor, which applies consent, scenarios and thresholds.
+//! `catalog`. This processor keeps, per product, its last price and stock and an index
+//! of interested customers under the product:
+//! - `vd/<product>/<day>`: who viewed the product that day (customer -> latest view);
+//! - `w/<product>/<customer>`: who wishlisted it.
+//!
+//! A price drop or a return to stock reads only that product's index (no scan over
+//! customers) and publishes a product occasion per interested customer, keyed by
+//! customer id, back to the profile processor, which applies consent, scenarios and
+//! thresholds.
+//!
+//! Views are kept per product and day rather than per product and customer: a view is
+//! about every other event, and one key per view made the catalog join's writes nearly
+//! half of all keys the profile replay wrote (the memtable's cost is per key). A
+//! batch's views are gathered in memory and written once per product and day when it
+//! commits. Views indexed by an earlier version under `v/<product>/<customer>` are
+//! still read, and deleted once older than the audience window, as before.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use compact_str::CompactString;
+use foldhash::{HashMap, HashMapExt};
 
 use kairos_core::config::{topics, Config, ScenarioKind};
 use kairos_core::contracts::{
@@ -33,6 +48,19 @@ struct ProductState {
     in_stock: Option<bool>,
 }
 
+/// The views of one product on one day: customer -> latest view.
+type DayViews = BTreeMap<String, Millis>;
+
+/// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
+/// the days of a product scan in order.
+fn day_views_key(product_id: &str, day: i64) -> String {
+    format!("vd/{product_id}/{:010}", day.max(0))
+}
+
+fn wish_key(i: &ProductInterest) -> String {
+    format!("w/{}/{}", i.product_id, i.customer_id)
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Interest {
     viewed_at: Option<Millis>,
@@ -52,6 +80,9 @@ pub struct CatalogJoin {
     /// Smallest drop any price-drop scenario asks for, in percent.
     min_drop_percent: f64,
     watches_stock: bool,
+    /// Views of the current batch not written yet, per partition, by (product, day):
+    /// customer -> latest view. Written at the commit (see `flush`).
+    batch_views: HashMap<i32, HashMap<(CompactString, i64), HashMap<String, Millis>>>,
 }
 
 impl CatalogJoin {
@@ -71,7 +102,23 @@ impl CatalogJoin {
                 .map(|s| s.min_drop_percent.unwrap_or(0.0))
                 .fold(f64::INFINITY, f64::min),
             watches_stock: enabled(ScenarioKind::BackInStock).next().is_some(),
+            batch_views: HashMap::new(),
         }
+    }
+
+    /// Adds views gathered in the batch to the stored views of `product` on `day`.
+    fn write_day_views(
+        ctx: &mut Ctx<'_>,
+        (product_id, day): (CompactString, i64),
+        views: HashMap<String, Millis>,
+    ) -> anyhow::Result<()> {
+        let key = day_views_key(&product_id, day);
+        let mut stored: DayViews = ctx.get(&key)?.unwrap_or_default();
+        for (customer, at) in views {
+            let latest = stored.entry(customer).or_insert(at);
+            *latest = (*latest).max(at);
+        }
+        ctx.put(&key, &stored)
     }
 
     fn apply_update(&mut self, ctx: &mut Ctx<'_>, u: &CatalogUpdate) -> anyhow::Result<()> {
@@ -111,14 +158,50 @@ impl CatalogJoin {
         // Only this product's audience is read.
         let fresh_after = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
         let mut audience: std::collections::BTreeMap<String, Interest> = Default::default();
-        let views = format!("v/{}/", u.product_id);
-        for (key, viewed_at) in ctx.scan::<Millis>(&views)? {
+        let viewed = |audience: &mut BTreeMap<String, Interest>, customer, at| {
+            let seen = &mut audience.entry(customer).or_default().viewed_at;
+            *seen = (*seen).max(Some(at));
+        };
+        // This batch's views of the product count too: written out first.
+        if let Some(batch) = self.batch_views.get_mut(&ctx.partition) {
+            let days: Vec<(CompactString, i64)> = batch
+                .keys()
+                .filter(|(product, _)| *product == u.product_id)
+                .cloned()
+                .collect();
+            for product_day in days {
+                if let Some(views) = batch.remove(&product_day) {
+                    Self::write_day_views(ctx, product_day, views)?;
+                }
+            }
+        }
+        let by_day = format!("vd/{}/", u.product_id);
+        let first_day = fresh_after.div_euclid(DAY);
+        for (key, views) in ctx.scan::<DayViews>(&by_day)? {
+            // Fixed-width days only (a product id with a slash could share the prefix).
+            let suffix = key.strip_prefix(&by_day).unwrap_or_default();
+            let Some(day) = suffix.parse::<i64>().ok().filter(|_| suffix.len() == 10) else {
+                continue;
+            };
+            if day < first_day {
+                ctx.delete(&key);
+                continue;
+            }
+            for (customer, at) in views {
+                if at >= fresh_after {
+                    viewed(&mut audience, customer, at);
+                }
+            }
+        }
+        // Views indexed one key per customer by earlier versions.
+        let legacy_views = format!("v/{}/", u.product_id);
+        for (key, viewed_at) in ctx.scan::<Millis>(&legacy_views)? {
             if viewed_at < fresh_after {
                 ctx.delete(&key);
                 continue;
             }
-            let customer = key.strip_prefix(&views).unwrap_or_default().to_string();
-            audience.entry(customer).or_default().viewed_at = Some(viewed_at);
+            let customer = key.strip_prefix(&legacy_views).unwrap_or_default();
+            viewed(&mut audience, customer.to_string(), viewed_at);
         }
         let wishes = format!("w/{}/", u.product_id);
         for (key, _) in ctx.scan::<bool>(&wishes)? {
@@ -148,14 +231,25 @@ impl CatalogJoin {
     }
 
     fn apply_interest(&mut self, ctx: &mut Ctx<'_>, i: &ProductInterest) -> anyhow::Result<()> {
-        // Blind writes, no read: views and wishlists live under separate keys, so the
-        // hot path (a customer viewing a product) is a single put.
-        let suffix = format!("{}/{}", i.product_id, i.customer_id);
         match i.kind {
-            InterestKind::viewed => ctx.put(&format!("v/{suffix}"), &i.occurred_at),
-            InterestKind::wishlisted => ctx.put(&format!("w/{suffix}"), &true),
+            // No read: a batch's views gather in memory until it commits (`flush`).
+            InterestKind::viewed => {
+                let day = i.occurred_at.div_euclid(DAY);
+                let latest = self
+                    .batch_views
+                    .entry(ctx.partition)
+                    .or_default()
+                    .entry((CompactString::from(i.product_id.as_str()), day))
+                    .or_default()
+                    .entry(i.customer_id.clone())
+                    .or_insert(i.occurred_at);
+                *latest = (*latest).max(i.occurred_at);
+                Ok(())
+            }
+            // Wishlists are rare: one key per customer, a blind write.
+            InterestKind::wishlisted => ctx.put(&wish_key(i), &true),
             InterestKind::unwishlisted => {
-                ctx.delete(&format!("w/{suffix}"));
+                ctx.delete(&wish_key(i));
                 Ok(())
             }
         }
@@ -212,6 +306,19 @@ impl Processor for CatalogJoin {
     fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
         Ok(())
     }
+
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        if let Some(batch) = self.batch_views.get_mut(&ctx.partition) {
+            for (product_day, views) in batch.drain() {
+                Self::write_day_views(ctx, product_day, views)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_partition_closed(&mut self, partition: i32) {
+        self.batch_views.remove(&partition);
+    }
 }
 
 /// Runs the catalog join until `cancel` fires.
@@ -223,4 +330,154 @@ pub async fn run(
     let registry = SchemaRegistry::new(config.schema_registry.url.clone());
     let processor = CatalogJoin::new(&config, registry.clone());
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_core::encoding::{encode_internal, encode_state};
+    use kairos_core::replay::Replayer;
+    use kairos_core::store::{Pending, StoreFactory};
+    use kairos_core::time::HOUR;
+
+    const T0: Millis = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    fn catalog_join(dir: &std::path::Path) -> (Config, Replayer<CatalogJoin>) {
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            r#"
+[kafka]
+partitions = 1
+[state]
+max_batch_records = 1000
+[[scenarios]]
+name = "price_drop"
+kind = "price_drop"
+category = "trigger"
+channels = ["email"]
+template = "price_drop"
+min_drop_percent = 10.0
+"#,
+            &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
+        )
+        .unwrap();
+        let join = CatalogJoin::new(&config, SchemaRegistry::new(None));
+        let replayer = Replayer::new(join, &config, &prometheus::Registry::new()).unwrap();
+        (config, replayer)
+    }
+
+    fn view(customer: &str, product: &str, at: Millis) -> Vec<u8> {
+        encode_internal(&ProductInterest {
+            interest_id: format!("{customer}-{product}-{at}"),
+            customer_id: customer.into(),
+            product_id: product.into(),
+            kind: InterestKind::viewed,
+            price_seen: Some(100.0),
+            occurred_at: at,
+        })
+    }
+
+    fn price(product: &str, event_id: &str, price: f64, at: Millis) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "event_id": event_id,
+            "product_id": product,
+            "price": price,
+            "occurred_at": at,
+        }))
+        .unwrap()
+    }
+
+    /// Customers told of a price drop of `product`, in order.
+    fn told(outputs: &[kairos_core::store::OutboxEntry], product: &str) -> Vec<String> {
+        let mut customers: Vec<String> = outputs
+            .iter()
+            .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+            .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+            .filter(|o| o.product_id == product && o.kind == ProductOccasionKind::price_drop)
+            .map(|o| o.customer_id)
+            .collect();
+        customers.sort();
+        customers
+    }
+
+    #[test]
+    fn a_price_drop_reaches_the_views_of_the_last_30_days_indexed_per_day_or_per_customer() {
+        let dir = tempfile::tempdir().unwrap();
+        let drop_at = T0 + 12 * DAY;
+        let fresh_after = drop_at - VIEW_INTEREST_DAYS * DAY;
+        // Views indexed one key per customer by an earlier version.
+        {
+            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
+            let mut store = factory.open(0).unwrap();
+            let mut pending = Pending::default();
+            for (customer, at) in [("legacy-fresh", T0), ("legacy-stale", fresh_after - 1)] {
+                let key = format!("v/p1/{customer}");
+                store.put(&mut pending, key.as_bytes(), encode_state(&at).unwrap());
+            }
+            store.commit(&mut pending, None).unwrap();
+        }
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut out = r
+            .push(&catalog, b"p1", &price("p1", "u1", 100.0, T0))
+            .unwrap();
+        for (customer, product, at) in [
+            ("too-old", "p1", fresh_after - HOUR),
+            ("just-in", "p1", fresh_after + HOUR),
+            ("came-back", "p1", fresh_after - 5 * DAY),
+            ("came-back", "p1", T0 + 10 * DAY),
+            ("other-product", "p2", T0 + 10 * DAY),
+        ] {
+            out.extend(
+                r.push(&interest, product.as_bytes(), &view(customer, product, at))
+                    .unwrap(),
+            );
+        }
+        out.extend(r.commit().unwrap());
+        // A view earlier in the same batch as the drop, not committed yet, counts too.
+        out.extend(
+            r.push(&interest, b"p1", &view("same-batch", "p1", drop_at - HOUR))
+                .unwrap(),
+        );
+        out.extend(
+            r.push(&catalog, b"p1", &price("p1", "u2", 80.0, drop_at))
+                .unwrap(),
+        );
+        out.extend(r.commit().unwrap());
+        assert_eq!(
+            told(&out, "p1"),
+            ["came-back", "just-in", "legacy-fresh", "same-batch"]
+        );
+        // One key per product and day; days and legacy keys past the window are gone.
+        let store = r.engine.store(0).unwrap();
+        let stored = |key: &str| {
+            store
+                .get(&Pending::default(), key.as_bytes())
+                .unwrap()
+                .map(|v| kairos_core::encoding::decode_state::<DayViews>(&v).unwrap())
+        };
+        let day = |t: Millis| day_views_key("p1", t.div_euclid(DAY));
+        assert_eq!(
+            stored(&day(fresh_after - HOUR)),
+            None,
+            "an old day is deleted"
+        );
+        assert_eq!(stored(&day(fresh_after - 5 * DAY)), None);
+        let kept = stored(&day(drop_at - HOUR)).expect("the drop's day");
+        assert_eq!(kept.get("same-batch"), Some(&(drop_at - HOUR)));
+        assert!(store
+            .get(&Pending::default(), b"v/p1/legacy-stale")
+            .unwrap()
+            .is_none());
+        assert!(store
+            .get(&Pending::default(), b"v/p1/legacy-fresh")
+            .unwrap()
+            .is_some());
+        // No per-customer view keys are written any more.
+        assert!(store
+            .get(&Pending::default(), b"v/p1/just-in")
+            .unwrap()
+            .is_none());
+    }
 }
