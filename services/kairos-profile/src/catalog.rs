@@ -51,6 +51,9 @@ struct ProductState {
 /// The views of one product on one day: customer -> latest view.
 type DayViews = BTreeMap<String, Millis>;
 
+/// A batch's views not written yet: (product, day) -> customer -> latest view.
+type BatchViews = HashMap<(CompactString, i64), HashMap<String, Millis>>;
+
 /// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
 /// the days of a product scan in order.
 fn day_views_key(product_id: &str, day: i64) -> String {
@@ -82,7 +85,7 @@ pub struct CatalogJoin {
     watches_stock: bool,
     /// Views of the current batch not written yet, per partition, by (product, day):
     /// customer -> latest view. Written at the commit (see `flush`).
-    batch_views: HashMap<i32, HashMap<(CompactString, i64), HashMap<String, Millis>>>,
+    batch_views: HashMap<i32, BatchViews>,
 }
 
 impl CatalogJoin {
