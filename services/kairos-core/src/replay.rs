@@ -69,7 +69,7 @@ impl<P: Processor> Replayer<P> {
         registry: &prometheus::Registry,
     ) -> anyhow::Result<Self> {
         let metrics = RuntimeMetrics::new(registry);
-        let mut engine = Engine::new(processor, config, metrics)?.without_outbox();
+        let mut engine = Engine::new(processor, config, metrics)?.for_replay();
         let mut offsets = HashMap::new();
         let state_partitions: std::collections::BTreeSet<i32> = (0..config.kafka.partitions)
             .map(|p| engine.state_partition(p))

@@ -223,9 +223,11 @@ impl<P: Processor> Engine<P> {
         })
     }
 
-    /// Replay mode: outputs go straight to the caller, no outbox.
-    pub fn without_outbox(mut self) -> Self {
+    /// Replay mode: outputs go straight to the caller, no outbox, and the stores skip
+    /// RocksDB's write-ahead log (see [`StoreFactory::without_write_ahead_log`]).
+    pub fn for_replay(mut self) -> Self {
         self.durable_outputs = false;
+        self.factory = self.factory.without_write_ahead_log();
         self
     }
 

@@ -56,6 +56,9 @@ const META_WRITER: &[u8] = b"m/writer";
 pub struct StoreFactory {
     root: PathBuf,
     cache: Cache,
+    /// Whether the stores write RocksDB's write-ahead log (see
+    /// [`StoreFactory::without_write_ahead_log`]).
+    write_ahead_log: bool,
 }
 
 impl StoreFactory {
@@ -68,7 +71,20 @@ impl StoreFactory {
         Ok(StoreFactory {
             root: root.to_path_buf(),
             cache,
+            write_ahead_log: true,
         })
+    }
+
+    /// Stores for a replay: writes skip RocksDB's write-ahead log. A replay is
+    /// deterministic and has no effects outside its outputs, so what the log would save
+    /// is only time: after a crash a store opens as of its last memtable flush, which
+    /// holds whole batches (offsets and the state they produced together, one column
+    /// family), and the replay redoes the rest with the same ids. Closing a store
+    /// flushes it. Services keep the log: a batch they committed must survive a crash,
+    /// as its outputs may already be published.
+    pub fn without_write_ahead_log(mut self) -> Self {
+        self.write_ahead_log = false;
+        self
     }
 
     /// Deletes a partition's store (it is stale: rebuilt from the changelog).
@@ -124,6 +140,7 @@ impl StoreFactory {
             next_outbox_seq: 0,
             timers: Default::default(),
             sorted_writes: Vec::new(),
+            write_ahead_log: self.write_ahead_log,
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
@@ -309,6 +326,8 @@ pub struct PartitionStore {
     timers: std::cell::RefCell<TimerIndex>,
     /// A batch's writes in key order, kept between commits for its memory.
     sorted_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// See [`StoreFactory::without_write_ahead_log`].
+    write_ahead_log: bool,
 }
 
 impl PartitionStore {
@@ -317,6 +336,16 @@ impl PartitionStore {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Applies `batch` atomically, with or without the write-ahead log as the store
+    /// was opened.
+    fn write(&self, batch: WriteBatch) -> StoreResult<()> {
+        let mut options = rocksdb::WriteOptions::default();
+        options.disable_wal(!self.write_ahead_log);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|e| self.rocks(e))
     }
 
     fn raw_get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
@@ -363,7 +392,7 @@ impl PartitionStore {
             out.set(&String::from_utf8_lossy(id), at, &v[8..]);
         }
         if !orphans.is_empty() {
-            self.db.write(orphans).map_err(|e| self.rocks(e))?;
+            self.write(orphans)?;
         }
         Ok(out)
     }
@@ -405,7 +434,7 @@ impl PartitionStore {
                 path = %self.path.display(),
                 "converting timers to the one-key layout"
             );
-            self.db.write(batch).map_err(|e| self.rocks(e))?;
+            self.write(batch)?;
         }
         Ok(())
     }
@@ -427,9 +456,9 @@ impl PartitionStore {
     /// be durable before an external effect (a provider call). It survives a process
     /// crash (RocksDB's write-ahead log); it is not replicated to the changelog.
     pub fn put_now(&self, key: &[u8], value: &[u8]) -> StoreResult<()> {
-        self.db
-            .put(prefixed(STATE, key), value)
-            .map_err(|e| self.rocks(e))
+        let mut batch = WriteBatch::default();
+        batch.put(prefixed(STATE, key), value);
+        self.write(batch)
     }
 
     pub fn delete(&self, pending: &mut Pending, key: &[u8]) {
@@ -685,7 +714,7 @@ impl PartitionStore {
             entries.push(entry);
         }
         batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
-        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.write(batch)?;
         Ok(entries)
     }
 
@@ -756,7 +785,7 @@ impl PartitionStore {
         for k in outbox_keys {
             batch.delete(k);
         }
-        self.db.write(batch).map_err(|e| self.rocks(e))
+        self.write(batch)
     }
 
     /// Changelog offset up to which this store equals the changelog's replay.
@@ -779,7 +808,7 @@ impl PartitionStore {
                 None => batch.delete(k),
             }
         }
-        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.write(batch)?;
         // The timers in memory are read again in `finish_restore`, once every record
         // is in (records of the earlier layout convert only then).
         Ok(())
@@ -873,6 +902,76 @@ mod tests {
         let f = StoreFactory::new(dir.path(), 1 << 20).unwrap();
         let s = f.open(3).unwrap();
         (dir, s)
+    }
+
+    /// The files of a store directory as they are now, as a `kill -9` would leave them
+    /// (the lock file aside), copied to `to`.
+    fn crash_image(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "LOCK" {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn without_the_write_ahead_log_a_crash_keeps_whole_batches_and_a_close_keeps_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = StoreFactory::new(dir.path(), 1 << 20)
+            .unwrap()
+            .without_write_ahead_log();
+        let mut s = factory.open(0).unwrap();
+        let mut p = Pending::default();
+        s.put(&mut p, b"a", b"1".to_vec());
+        s.set_applied_offset(&mut p, "in", 1);
+        s.commit(&mut p, None).unwrap();
+        s.db.flush().unwrap();
+        s.put(&mut p, b"a", b"2".to_vec());
+        s.put(&mut p, b"b", b"2".to_vec());
+        s.set_applied_offset(&mut p, "in", 2);
+        s.commit(&mut p, None).unwrap();
+        let p = Pending::default();
+        assert_eq!(s.get(&p, b"b").unwrap(), Some(b"2".to_vec()));
+        // A crash now: the second batch was never flushed, so it is gone entirely, and
+        // the offsets say to redo it; the first batch is whole.
+        let crashed = tempfile::tempdir().unwrap();
+        crash_image(&dir.path().join("p0"), &crashed.path().join("p0"));
+        let after_crash = StoreFactory::new(crashed.path(), 1 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        assert_eq!(after_crash.get(&p, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(after_crash.get(&p, b"b").unwrap(), None);
+        assert_eq!(after_crash.applied_offset(&p, "in").unwrap(), Some(1));
+        // A store that logs keeps the second batch through the same crash.
+        let logged_dir = tempfile::tempdir().unwrap();
+        let mut logged = StoreFactory::new(logged_dir.path(), 1 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        let mut q = Pending::default();
+        logged.put(&mut q, b"b", b"2".to_vec());
+        logged.set_applied_offset(&mut q, "in", 2);
+        logged.commit(&mut q, None).unwrap();
+        let logged_crash = tempfile::tempdir().unwrap();
+        crash_image(
+            &logged_dir.path().join("p0"),
+            &logged_crash.path().join("p0"),
+        );
+        let logged_after = StoreFactory::new(logged_crash.path(), 1 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        assert_eq!(logged_after.get(&p, b"b").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(logged_after.applied_offset(&p, "in").unwrap(), Some(2));
+        // Closing flushes: everything committed is there when the store opens again.
+        drop(s);
+        let s = factory.open(0).unwrap();
+        assert_eq!(s.get(&p, b"a").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(s.get(&p, b"b").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(s.applied_offset(&p, "in").unwrap(), Some(2));
     }
 
     #[test]
