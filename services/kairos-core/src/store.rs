@@ -453,8 +453,9 @@ impl PartitionStore {
     }
 
     /// Writes a state value at once, outside the batch: a write-ahead record that must
-    /// be durable before an external effect (a provider call). It survives a process
-    /// crash (RocksDB's write-ahead log); it is not replicated to the changelog.
+    /// be durable before an external effect (a provider call). In a service it survives
+    /// a process crash (RocksDB's write-ahead log; a replay, which writes without the
+    /// log, has no external effects); it is not replicated to the changelog.
     pub fn put_now(&self, key: &[u8], value: &[u8]) -> StoreResult<()> {
         let mut batch = WriteBatch::default();
         batch.put(prefixed(STATE, key), value);
