@@ -140,7 +140,11 @@ impl StoreFactory {
             next_outbox_seq: 0,
             timers: Default::default(),
             sorted_writes: Vec::new(),
-            write_ahead_log: self.write_ahead_log,
+            write_options: {
+                let mut options = rocksdb::WriteOptions::default();
+                options.disable_wal(!self.write_ahead_log);
+                options
+            },
         };
         store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
@@ -326,8 +330,9 @@ pub struct PartitionStore {
     timers: std::cell::RefCell<TimerIndex>,
     /// A batch's writes in key order, kept between commits for its memory.
     sorted_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// See [`StoreFactory::without_write_ahead_log`].
-    write_ahead_log: bool,
+    /// Every write's options: with or without the write-ahead log (see
+    /// [`StoreFactory::without_write_ahead_log`]).
+    write_options: rocksdb::WriteOptions,
 }
 
 impl PartitionStore {
@@ -341,10 +346,8 @@ impl PartitionStore {
     /// Applies `batch` atomically, with or without the write-ahead log as the store
     /// was opened.
     fn write(&self, batch: WriteBatch) -> StoreResult<()> {
-        let mut options = rocksdb::WriteOptions::default();
-        options.disable_wal(!self.write_ahead_log);
         self.db
-            .write_opt(batch, &options)
+            .write_opt(batch, &self.write_options)
             .map_err(|e| self.rocks(e))
     }
 

@@ -446,97 +446,73 @@ pub struct TemplateVariables<'a> {
     extra: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-/// One of the profile's own template variables.
-enum ProfileVariable<'a> {
+/// One template variable: the profile's own, or one the occasion brought.
+enum Variable<'a> {
     Text(Option<&'a str>),
     Cart(&'a [LineItem]),
     Number(f64),
     Count(u32),
+    Extra(&'a serde_json::Value),
 }
 
-impl Serialize for ProfileVariable<'_> {
+/// A cart item with its keys in alphabetical order, as in a JSON map.
+struct CartItem<'a>(&'a LineItem);
+
+impl Serialize for CartItem<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeSeq};
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("category", &self.0.category)?;
+        map.serialize_entry("name", &self.0.name)?;
+        map.serialize_entry("product_id", &self.0.product_id)?;
+        map.serialize_entry("quantity", &self.0.quantity)?;
+        map.serialize_entry("unit_price", &self.0.unit_price)?;
+        map.end()
+    }
+}
+
+impl Serialize for Variable<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
-            ProfileVariable::Text(text) => text.serialize(serializer),
-            ProfileVariable::Number(n) => n.serialize(serializer),
-            ProfileVariable::Count(n) => n.serialize(serializer),
-            ProfileVariable::Cart(items) => {
-                let mut seq = serializer.serialize_seq(Some(items.len()))?;
-                for item in *items {
-                    // Keys in alphabetical order, as in a JSON map.
-                    struct Item<'i>(&'i LineItem);
-                    impl Serialize for Item<'_> {
-                        fn serialize<S: serde::Serializer>(
-                            &self,
-                            serializer: S,
-                        ) -> Result<S::Ok, S::Error> {
-                            let mut map = serializer.serialize_map(Some(5))?;
-                            map.serialize_entry("category", &self.0.category)?;
-                            map.serialize_entry("name", &self.0.name)?;
-                            map.serialize_entry("product_id", &self.0.product_id)?;
-                            map.serialize_entry("quantity", &self.0.quantity)?;
-                            map.serialize_entry("unit_price", &self.0.unit_price)?;
-                            map.end()
-                        }
-                    }
-                    seq.serialize_element(&Item(item))?;
-                }
-                seq.end()
-            }
+            Variable::Text(text) => text.serialize(serializer),
+            Variable::Number(n) => n.serialize(serializer),
+            Variable::Count(n) => n.serialize(serializer),
+            Variable::Cart(items) => serializer.collect_seq(items.iter().map(CartItem)),
+            Variable::Extra(value) => value.serialize(serializer),
         }
     }
 }
 
 impl Serialize for TemplateVariables<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
         let p = self.profile;
-        // In alphabetical order of the names.
         let own = [
-            ("cart_items", ProfileVariable::Cart(&p.cart)),
+            ("cart_items", Variable::Cart(&p.cart)),
             (
                 "cart_value",
-                ProfileVariable::Number((p.cart_value() * 100.0).round() / 100.0),
+                Variable::Number((p.cart_value() * 100.0).round() / 100.0),
             ),
-            ("customer_id", ProfileVariable::Text(Some(&p.customer_id))),
-            ("first_name", ProfileVariable::Text(p.first_name.as_deref())),
-            ("lifecycle", ProfileVariable::Text(p.lifecycle.as_deref())),
-            ("orders", ProfileVariable::Count(p.orders)),
+            ("customer_id", Variable::Text(Some(&p.customer_id))),
+            ("first_name", Variable::Text(p.first_name.as_deref())),
+            ("lifecycle", Variable::Text(p.lifecycle.as_deref())),
+            ("orders", Variable::Count(p.orders)),
             (
                 "segment",
-                ProfileVariable::Text(p.rfm.as_ref().map(|r| r.segment.as_str())),
+                Variable::Text(p.rfm.as_ref().map(|r| r.segment.as_str())),
             ),
         ];
-        let len = own
-            .iter()
+        // The occasion's variables win; all of them in alphabetical order of names.
+        let mut all: Vec<(&str, Variable<'_>)> = own
+            .into_iter()
             .filter(|(name, _)| !self.extra.contains_key(*name))
-            .count()
-            + self.extra.len();
-        let mut map = serializer.serialize_map(Some(len))?;
-        let mut own = own.iter().peekable();
-        let mut extra = self.extra.iter().peekable();
-        loop {
-            match (own.peek(), extra.peek()) {
-                (Some((a, _)), Some((b, _))) if *a == b.as_str() => {
-                    own.next();
-                }
-                (Some((a, v)), Some((b, _))) if *a < b.as_str() => {
-                    map.serialize_entry(a, v)?;
-                    own.next();
-                }
-                (_, Some((b, v))) => {
-                    map.serialize_entry(b.as_str(), v)?;
-                    extra.next();
-                }
-                (Some((a, v)), None) => {
-                    map.serialize_entry(a, v)?;
-                    own.next();
-                }
-                (None, None) => break,
-            }
-        }
-        map.end()
+            .chain(
+                self.extra
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), Variable::Extra(value))),
+            )
+            .collect();
+        all.sort_unstable_by_key(|(name, _)| *name);
+        serializer.collect_map(all)
     }
 }
 
