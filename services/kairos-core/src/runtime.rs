@@ -128,6 +128,11 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Writes a value already encoded by [`encode_state`].
+    pub fn put_encoded(&mut self, key: &str, bytes: Vec<u8>) {
+        self.store.put(self.pending, key.as_bytes(), bytes);
+    }
+
     /// Writes state at once, before the batch commits: for a record that must be
     /// durable before an external effect. See [`PartitionStore::put_now`].
     pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
