@@ -169,3 +169,58 @@ fn replay_results_do_not_depend_on_the_batch_size() {
     assert_eq!(small.len(), large.len());
     assert!(small == large, "the same records whatever the batch size");
 }
+
+#[test]
+fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t0 = 1_767_603_600_000i64; // 2026-01-05T09:00:00Z
+    let mut input = Vec::new();
+    input.extend_from_slice(&registration("c-l1", t0));
+    input.extend_from_slice(b"\r\n\r\n   \n");
+    input.extend_from_slice(b"{\"event_id\": \"broken\n");
+    input.extend_from_slice(b"\xff\xfe not text\n");
+    // The last line has no line ending.
+    input.extend_from_slice(&registration("c-l2", t0 + 1_000));
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, input).expect("write input");
+    let lines = replay_sorted(dir.path(), &path, 100);
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("output line is JSON"))
+        .collect();
+    // Both registrations were read: the one before CRLF and the unterminated last one.
+    let mut registered: Vec<&str> = records
+        .iter()
+        .filter(|r| r["topic"] == "segment-transitions")
+        .filter(|r| r["value"]["reason"] == "first event")
+        .filter_map(|r| r["value"]["customer_id"].as_str())
+        .collect();
+    registered.sort();
+    assert_eq!(registered, ["c-l1", "c-l2"], "{lines:?}");
+    let mut dead: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r["topic"] == "deadletter")
+        .map(|r| {
+            let payload = r["value"]["payload_base64"].as_str().expect("payload");
+            (
+                r["value"]["reason_code"]
+                    .as_str()
+                    .expect("reason")
+                    .to_string(),
+                payload.to_string(),
+            )
+        })
+        .collect();
+    dead.sort();
+    // Both bad lines, as they were (base64), and nothing for the blank ones.
+    let expected = |raw: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    };
+    let mut want = vec![
+        ("not_json".to_string(), expected(b"{\"event_id\": \"broken")),
+        ("not_json".to_string(), expected(b"\xff\xfe not text")),
+    ];
+    want.sort();
+    assert_eq!(dead, want, "{lines:?}");
+}

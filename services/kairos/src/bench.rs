@@ -179,7 +179,6 @@ pub fn run_arbiter(
 
 /// The identity processor over the site, app and offline events of `input`.
 pub fn run_identity(config: &Config, input: &std::path::Path) -> anyhow::Result<BenchStats> {
-    use std::io::BufRead;
     let registry = prometheus::Registry::new();
     let processor = kairos_identity::IdentityProcessor::new(
         std::sync::Arc::new(config.clone()),
@@ -187,18 +186,20 @@ pub fn run_identity(config: &Config, input: &std::path::Path) -> anyhow::Result<
         &registry,
     )?;
     let mut replayer = Replayer::new(processor, config, &registry)?;
-    let file =
-        std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     // Read and routed before the clock starts: the benchmark is the processor.
     let mut records = Vec::new();
-    for (n, line) in std::io::BufReader::with_capacity(1 << 20, file)
-        .lines()
-        .enumerate()
-    {
-        let line = line.with_context(|| format!("{}:{}: cannot read", input.display(), n + 1))?;
-        let (topic, key, payload) = crate::replay::parse_line(config, &line)
-            .with_context(|| format!("{}:{}", input.display(), n + 1))?;
-        records.push((topic, key, payload));
-    }
+    let mut topic_names = crate::replay::TopicNames::default();
+    crate::replay::for_each_line(input, |n, line| {
+        let route = std::str::from_utf8(line)
+            .map_err(anyhow::Error::from)
+            .and_then(crate::replay::route_line)
+            .with_context(|| format!("{}:{n}", input.display()))?;
+        records.push((
+            topic_names.full(config, &route.topic).to_string(),
+            route.key.as_bytes().to_vec(),
+            route.payload.as_bytes().to_vec(),
+        ));
+        Ok(())
+    })?;
     drive_records(&mut replayer, records.into_iter())
 }

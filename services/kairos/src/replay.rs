@@ -9,8 +9,11 @@
 //! site/app event) or an envelope `{"topic": "events.app", "key": "c-1", "value": {...}}`
 //! (topic without the prefix). Every output record is written as such an envelope.
 
-use std::io::{BufRead, BufWriter, Write};
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
@@ -23,24 +26,29 @@ pub struct ReplayStats {
     pub output_records: u64,
 }
 
-/// One input record: topic (full name), key, payload.
-pub type Input = (String, Vec<u8>, Vec<u8>);
+/// Where an input line goes, borrowed from the line where it can be.
+pub struct Route<'a> {
+    /// The topic's name without the configured prefix.
+    pub topic: Cow<'a, str>,
+    pub key: Cow<'a, str>,
+    pub payload: Cow<'a, str>,
+}
 
 /// The fields that route a line; everything else is skipped without being built.
 #[derive(serde::Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
-    topic: Option<std::borrow::Cow<'a, str>>,
+    topic: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    key: Option<std::borrow::Cow<'a, str>>,
+    key: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     value: Option<sonic_rs::LazyValue<'a>>,
     #[serde(borrow, default)]
-    customer_id: Option<std::borrow::Cow<'a, str>>,
+    customer_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    anonymous_id: Option<std::borrow::Cow<'a, str>>,
+    anonymous_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    product_id: Option<std::borrow::Cow<'a, str>>,
+    product_id: Option<Cow<'a, str>>,
     #[serde(default)]
     receipt_id: Option<serde::de::IgnoredAny>,
     #[serde(default)]
@@ -48,17 +56,16 @@ struct Probe<'a> {
 }
 
 /// Works out the topic and key of an input line.
-pub fn parse_line(config: &Config, line: &str) -> anyhow::Result<Input> {
+pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
     // sonic-rs skips the fields it does not need with SIMD; serde_json spent a twentieth
     // of the 20M-event replay here.
     let p: Probe<'_> = sonic_rs::from_str(line).context("not JSON")?;
-    if let (Some(topic), Some(value)) = (&p.topic, &p.value) {
-        let key = p.key.as_deref().unwrap_or_default();
-        return Ok((
-            config.topic(topic),
-            key.as_bytes().to_vec(),
-            value.as_raw_str().as_bytes().to_vec(),
-        ));
+    if let (Some(topic), Some(value)) = (p.topic, &p.value) {
+        return Ok(Route {
+            topic,
+            key: p.key.unwrap_or_default(),
+            payload: value.as_raw_cow(),
+        });
     }
     let (topic, key) = if p.receipt_id.is_some() {
         (topics::OFFLINE_EVENTS, p.customer_id)
@@ -67,11 +74,86 @@ pub fn parse_line(config: &Config, line: &str) -> anyhow::Result<Input> {
     } else {
         (topics::SITE_EVENTS, p.customer_id.or(p.anonymous_id))
     };
-    Ok((
-        config.topic(topic),
-        key.unwrap_or_default().as_bytes().to_vec(),
-        line.as_bytes().to_vec(),
-    ))
+    Ok(Route {
+        topic: Cow::Borrowed(topic),
+        key: key.unwrap_or_default(),
+        payload: Cow::Borrowed(line),
+    })
+}
+
+/// Full topic names by their unprefixed names, built once each.
+#[derive(Default)]
+pub struct TopicNames(HashMap<String, String>);
+
+impl TopicNames {
+    pub fn full(&mut self, config: &Config, name: &str) -> &str {
+        if !self.0.contains_key(name) {
+            self.0.insert(name.to_string(), config.topic(name));
+        }
+        &self.0[name]
+    }
+}
+
+/// Calls `each` with the number (from 1) and the bytes of every line of `path`,
+/// without its line ending.
+///
+/// The file is mapped into memory rather than read: copying the 9 GB input of the
+/// 20M-event benchmark out of the page cache was 6% of its CPU time. A file that cannot
+/// be mapped (a pipe) is read.
+pub fn for_each_line(
+    path: &Path,
+    mut each: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the map is only read, and only while this function runs. A replay's
+    // input is a file of history that nothing rewrites while it is replayed (were it
+    // truncated meanwhile, the process would stop with SIGBUS, not read garbage).
+    if let Ok(map) = unsafe { memmap2::Mmap::map(&file) } {
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let (mut start, mut released, mut n) = (0, 0, 0);
+        while start < map.len() {
+            let end = memchr::memchr(b'\n', &map[start..]).map_or(map.len(), |i| start + i);
+            n += 1;
+            each(n, without_line_ending(&map[start..end]))?;
+            start = end + 1;
+            // Lines behind are not read again: unmapping them keeps the resident size
+            // to the processors' memory (the page cache keeps the file as it would).
+            if start - released >= RELEASE_CHUNK {
+                // SAFETY: DONTNEED on a read-only file mapping only drops the pages
+                // from this process; nothing still borrows them.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        released,
+                        RELEASE_CHUNK,
+                    )
+                };
+                released += RELEASE_CHUNK;
+            }
+        }
+        return Ok(());
+    }
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
+    for n in 1.. {
+        line.clear();
+        let read = reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{}:{n}: cannot read", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        let end = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
+        each(n, without_line_ending(&line[..end]))?;
+    }
+    Ok(())
+}
+
+/// How much of a mapped input is given back at a time (a multiple of the page size).
+const RELEASE_CHUNK: usize = 64 << 20;
+
+fn without_line_ending(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 pub fn run(
@@ -128,28 +210,33 @@ pub fn run(
         out.write_all(b"}\n")?;
         Ok(())
     };
+    let mut topic_names = TopicNames::default();
+    let site_events = config.topic(topics::SITE_EVENTS);
     for path in inputs {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        for (n, line) in reader.lines().enumerate() {
-            let line =
-                line.with_context(|| format!("{}:{}: cannot read", path.display(), n + 1))?;
-            if line.trim().is_empty() {
-                continue;
+        for_each_line(path, |_, line| {
+            if line.trim_ascii().is_empty() {
+                return Ok(());
             }
-            // An unparsable line still goes in (as a site event) so it is dead-lettered
-            // like on Kafka, with its reason.
-            let (topic, key, payload) = parse_line(&config, &line).unwrap_or_else(|_| {
-                (
-                    config.topic(topics::SITE_EVENTS),
-                    Vec::new(),
-                    line.as_bytes().to_vec(),
-                )
-            });
-            pipeline.push(&topic, &key, &payload, &mut sink)?;
+            // An unparsable line (not UTF-8, not JSON) still goes in, as a site event,
+            // so it is dead-lettered like on Kafka, with its reason.
+            match std::str::from_utf8(line)
+                .map_err(anyhow::Error::from)
+                .and_then(route_line)
+            {
+                Ok(route) => {
+                    let topic = topic_names.full(&config, &route.topic);
+                    pipeline.push(
+                        topic,
+                        route.key.as_bytes(),
+                        route.payload.as_bytes(),
+                        &mut sink,
+                    )?;
+                }
+                Err(_) => pipeline.push(&site_events, &[], line, &mut sink)?,
+            }
             stats.input_records += 1;
-        }
+            Ok(())
+        })?;
     }
     pipeline.commit(&mut sink)?;
     if let Some(t) = until {
@@ -158,4 +245,48 @@ pub fn run(
     out.flush()?;
     stats.output_records = outputs;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(path: &Path) -> Vec<(usize, Vec<u8>)> {
+        let mut lines = Vec::new();
+        for_each_line(path, |n, line| {
+            lines.push((n, line.to_vec()));
+            Ok(())
+        })
+        .expect("lines");
+        lines
+    }
+
+    #[test]
+    fn a_mapped_file_and_a_pipe_give_the_same_lines() {
+        let text: &[u8] = b"a\r\nb\n\n{\"c\": 1}";
+        let want: Vec<(usize, Vec<u8>)> = vec![
+            (1, b"a".to_vec()),
+            (2, b"b".to_vec()),
+            (3, b"".to_vec()),
+            (4, b"{\"c\": 1}".to_vec()),
+        ];
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("events.jsonl");
+        std::fs::write(&file, text).expect("write");
+        assert_eq!(lines_of(&file), want);
+        // A pipe cannot be mapped: it is read.
+        let fifo = dir.path().join("events.pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.expect("mkfifo").success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, text).expect("write pipe"))
+        };
+        assert_eq!(lines_of(&fifo), want);
+        writer.join().expect("writer");
+        // An empty file has no lines.
+        let empty = dir.path().join("empty.jsonl");
+        std::fs::write(&empty, b"").expect("write");
+        assert!(lines_of(&empty).is_empty());
+    }
 }
