@@ -269,7 +269,8 @@ impl ArbiterProcessor {
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
                 ],
             ),
-            ledgers: StateCache::new(config.state.cache_entries, config.kafka.partitions),
+            ledgers: StateCache::new(config.state.cache_entries, config.kafka.partitions)
+                .encoding_first_changes(),
             config,
         };
         for (outcome, rule) in DECISION_RULES {

@@ -23,6 +23,8 @@ use crate::runtime::Ctx;
 /// ledgers are hundreds of bytes, and a table of them inline made every growth of the
 /// table move (and fault in) gigabytes at a million customers.
 struct Slot<T> {
+    /// False while the slot is on the free list.
+    in_use: bool,
     key: CompactString,
     value: Option<Box<T>>,
     dirty: bool,
@@ -63,11 +65,14 @@ impl<T> PartitionCache<T> {
                 let key = CompactString::from(key);
                 let n = match self.free.pop() {
                     Some(n) => {
-                        self.slots[n as usize].key = key.clone();
+                        let slot = &mut self.slots[n as usize];
+                        slot.in_use = true;
+                        slot.key = key.clone();
                         n
                     }
                     None => {
                         self.slots.push(Slot {
+                            in_use: true,
                             key: key.clone(),
                             value: None,
                             dirty: false,
@@ -83,16 +88,21 @@ impl<T> PartitionCache<T> {
     }
 
     /// Empties every other slot (all are clean): dropping about half keeps a warm
-    /// cache without tracking recency.
+    /// cache without tracking recency. Both passes go through memory in order, where
+    /// taking each key out of the index by a lookup would jump about a table of a
+    /// million.
     fn trim(&mut self) {
+        self.index.retain(|_, n| *n % 2 == 0);
         for (n, slot) in self.slots.iter_mut().enumerate().skip(1).step_by(2) {
-            let n = n as u32;
-            if self.index.get(&slot.key) == Some(&n) {
-                self.index.remove(&slot.key);
-                slot.value = None;
-                slot.encoded = None;
-                slot.key = CompactString::default();
-                self.free.push(n);
+            if slot.in_use {
+                *slot = Slot {
+                    in_use: false,
+                    key: CompactString::default(),
+                    value: None,
+                    dirty: false,
+                    encoded: None,
+                };
+                self.free.push(n as u32);
             }
         }
     }
@@ -102,6 +112,8 @@ pub struct StateCache<T> {
     partitions: HashMap<i32, PartitionCache<T>>,
     /// Entries kept per partition after a flush.
     limit: usize,
+    /// See [`StateCache::encoding_first_changes`].
+    encode_first_changes: bool,
 }
 
 impl<T: Serialize + DeserializeOwned> StateCache<T> {
@@ -109,8 +121,22 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     pub fn new(entries: usize, partitions: i32) -> Self {
         StateCache {
             partitions: HashMap::new(),
+            encode_first_changes: false,
             limit: (entries / partitions.max(1) as usize).max(64),
         }
+    }
+
+    /// Encodes a value's first change of a batch when it is put, while the value is
+    /// still in the CPU's caches, rather than at the flush, a hundred thousand values
+    /// later, when each of its allocations comes from memory again (a twentieth of the
+    /// arbiter benchmark, whose ledgers change about once per batch). A value changed
+    /// again in the batch is encoded once at the flush, not at every change. Not for
+    /// values changed several times in most batches: a profile is put about six times
+    /// per batch in the 20M-event replay (a session's page views and its timers), so
+    /// its first encoding would mostly be thrown away.
+    pub fn encoding_first_changes(mut self) -> Self {
+        self.encode_first_changes = true;
+        self
     }
 
     /// Takes the value under `key` out of the cache (or reads it from the store) to
@@ -143,22 +169,18 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
             .or_insert_with(|| PartitionCache::with_capacity(limit))
     }
 
-    /// Stores a changed value (boxed or not); it is written at the next flush.
-    ///
-    /// The first change of a batch is encoded at once, while the value is still in the
-    /// CPU's caches: encoding it at the flush, a hundred thousand values later, meant
-    /// fetching each of its allocations from memory again (a twentieth of the arbiter
-    /// benchmark, whose ledgers change about once per batch). A value changed again in
-    /// the same batch (a customer's burst of page views) is encoded once at the flush
-    /// instead of at every change.
+    /// Stores a changed value (boxed or not); it is written at the next flush (with
+    /// [`encoding_first_changes`](Self::encoding_first_changes), the first change of a
+    /// batch is encoded now).
     pub fn put(&mut self, partition: i32, key: String, value: impl Into<Box<T>>) {
+        let encode_first_change = self.encode_first_changes;
         let cache = self.cache(partition);
         let n = cache.slot_of(&key);
         let slot = &mut cache.slots[n as usize];
         let value = value.into();
         slot.encoded = match slot.dirty {
-            false => encode_state(&*value).ok(),
-            true => None,
+            false if encode_first_change => encode_state(&*value).ok(),
+            _ => None,
         };
         slot.value = Some(value);
         if !slot.dirty {
@@ -266,24 +288,39 @@ mod tests {
         decode_state(&bytes).ok()
     }
 
-    /// A replay of `Counter` with a cache of `entries` over the store in `dir`.
-    fn counter(dir: &std::path::Path, entries: usize) -> Replayer<Counter> {
+    /// A replay of `Counter` with a cache of `entries` over the store in `dir`, which
+    /// encodes first changes when they are put if `encoding_first_changes`.
+    fn counter(
+        dir: &std::path::Path,
+        entries: usize,
+        encoding_first_changes: bool,
+    ) -> Replayer<Counter> {
         let config = Config::from_text(
             std::path::Path::new("test.toml"),
             "[kafka]\npartitions = 1\n[state]\nmax_batch_records = 1000\n",
             &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
         )
         .unwrap();
+        let counts = StateCache::new(entries, 1);
         let counter = Counter {
-            counts: StateCache::new(entries, 1),
+            counts: match encoding_first_changes {
+                true => counts.encoding_first_changes(),
+                false => counts,
+            },
         };
         Replayer::new(counter, &config, &prometheus::Registry::new()).unwrap()
     }
 
     #[test]
     fn a_value_put_back_unchanged_is_not_written_again_but_an_earlier_change_is() {
+        for encoding_first_changes in [false, true] {
+            put_back_unchanged(encoding_first_changes);
+        }
+    }
+
+    fn put_back_unchanged(encoding_first_changes: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = counter(dir.path(), 1000);
+        let mut r = counter(dir.path(), 1000, encoding_first_changes);
         let dirty = |r: &Replayer<Counter>| {
             let cache = &r.engine.processor.counts.partitions[&0];
             let keys = cache
@@ -307,7 +344,7 @@ mod tests {
         assert_eq!(stored(&r, "key-a"), Some(2));
         // Not in the cache (a new one over the same store): read, restored, cached.
         drop(r);
-        let mut r = counter(dir.path(), 1000);
+        let mut r = counter(dir.path(), 1000, encoding_first_changes);
         r.push("in", b"k", b"look:key-a").unwrap();
         assert!(dirty(&r).is_empty());
         assert_eq!(r.engine.processor.counts.len(0), 1);
@@ -315,10 +352,17 @@ mod tests {
 
     #[test]
     fn a_value_is_written_as_last_changed_in_the_batch() {
+        for encoding_first_changes in [false, true] {
+            written_as_last_changed(encoding_first_changes);
+        }
+    }
+
+    fn written_as_last_changed(encoding_first_changes: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = counter(dir.path(), 1000);
-        // Changed once (encoded when put), changed three times (the later changes are
-        // encoded at the flush), and changed, looked at and changed again.
+        let mut r = counter(dir.path(), 1000, encoding_first_changes);
+        // Changed once (encoded when put, if so set up), changed three times (the
+        // later changes are encoded at the flush), and changed, looked at and changed
+        // again.
         r.push("in", b"k", b"once").unwrap();
         for _ in 0..3 {
             r.push("in", b"k", b"thrice").unwrap();
@@ -330,7 +374,7 @@ mod tests {
         assert_eq!(stored(&r, "once"), Some(1));
         assert_eq!(stored(&r, "thrice"), Some(3));
         assert_eq!(stored(&r, "again"), Some(2));
-        // The next batch starts afresh: its first change is encoded when put again.
+        // The next batch starts afresh.
         r.push("in", b"k", b"thrice").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "thrice"), Some(4));
@@ -338,9 +382,15 @@ mod tests {
 
     #[test]
     fn values_are_written_at_commit_and_read_back_after_eviction() {
+        for encoding_first_changes in [false, true] {
+            read_back_after_eviction(encoding_first_changes);
+        }
+    }
+
+    fn read_back_after_eviction(encoding_first_changes: bool) {
         let dir = tempfile::tempdir().unwrap();
         // A limit of 64 entries per partition (the floor): 200 keys overflow it.
-        let mut r = counter(dir.path(), 1);
+        let mut r = counter(dir.path(), 1, encoding_first_changes);
         for round in 0..3 {
             for k in 0..200 {
                 r.push("in", b"k", format!("key-{k}").as_bytes()).unwrap();
@@ -366,7 +416,7 @@ mod tests {
         assert_eq!(stored(&r, "key-3"), Some(3));
         // After a restart (a new cache, the same store) the counts carry on.
         drop(r);
-        let mut r = counter(dir.path(), 1);
+        let mut r = counter(dir.path(), 1, encoding_first_changes);
         r.push("in", b"k", b"key-3").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "key-3"), Some(4));

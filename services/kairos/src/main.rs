@@ -19,22 +19,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_purge_delay` (v3 numbering; not among the crate's constants).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Tunes mimalloc for processes whose heap grows to its configured peak and stays there.
-///
-/// - Freed memory stays in mimalloc instead of going back to the kernel after 1 s:
-///   each commit frees and re-allocates batch-sized buffers, and re-faulting them (the
-///   kernel zeroes every page again) cost a fifth of the replay benchmark's CPU time.
-///   Peak memory is what configuration bounds; the resident size stays at that peak.
-/// - Arenas ask for transparent huge pages (2 MiB): filling a heap of gigabytes took a
-///   page fault per 4 KiB, a few per cent of the benchmarks (the kernel's default
-///   "madvise" mode gives huge pages only to memory that asks for them).
-fn tune_allocator() {
-    // SAFETY: sets plain integer options before the first large allocation; mimalloc
-    // reads options atomically.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-        libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_large_os_pages, 1);
-    }
+/// Keeps freed memory in mimalloc instead of handing it back to the kernel after 1 s:
+/// each commit frees and re-allocates batch-sized buffers, and re-faulting them (the
+/// kernel zeroes every page again) cost a fifth of the replay benchmark's CPU time.
+/// Peak memory is what configuration bounds; the resident size stays at that peak.
+/// (Transparent huge pages for mimalloc's arenas were tried: fewer page faults, but the
+/// kernel's compaction to find 2 MiB pages cost more system time than that saved at a
+/// 4 GB heap.)
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option; mimalloc reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
 mod bench;
@@ -191,7 +185,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tune_allocator();
+    keep_freed_memory();
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
