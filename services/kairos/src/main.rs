@@ -23,9 +23,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// each commit frees and re-allocates batch-sized buffers, and re-faulting them (the
 /// kernel zeroes every page again) cost a fifth of the replay benchmark's CPU time.
 /// Peak memory is what configuration bounds; the resident size stays at that peak.
-/// (Transparent huge pages for mimalloc's arenas were tried: fewer page faults, but the
-/// kernel's compaction to find 2 MiB pages cost more system time than that saved at a
-/// 4 GB heap.)
+/// (Transparent huge pages for mimalloc's arenas were tried: a few per cent on the
+/// arbiter benchmark and the 1M-event replay, nothing measurable at the 20M-event
+/// replay's 4 GB heap, where the kernel also compacts memory to find 2 MiB pages.)
 fn keep_freed_memory() {
     // SAFETY: sets a plain integer option; mimalloc reads options atomically.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
