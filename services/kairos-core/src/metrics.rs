@@ -68,8 +68,8 @@ impl CachedCounterVec {
         match labels {
             [one] => key.extend_from_slice(one.as_bytes()),
             _ => {
-                // Bytes, not `write!`: formatting the lengths was most of the cost of a
-                // count (a few per cent of the arbiter, which counts twice per trigger).
+                // Bytes, not `write!`: counts run several times per record, and the
+                // formatting machinery is slow for what it does here.
                 for label in labels {
                     key.extend_from_slice(&(label.len() as u32).to_le_bytes());
                     key.extend_from_slice(label.as_bytes());

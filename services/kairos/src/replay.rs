@@ -95,8 +95,8 @@ impl TopicNames {
 }
 
 /// Calls `each` with the number (from 1) and the bytes of every line of `path`,
-/// without its line ending. One buffer serves every line: routing borrows from it, so
-/// a line is neither decoded into a `String` nor copied before the processors see it.
+/// without its line ending. One buffer serves every line and routing borrows from it:
+/// a line is not made into a `String`, nor copied again for the processors.
 pub fn for_each_line(
     path: &Path,
     mut each: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
