@@ -33,6 +33,19 @@ struct Slot<T> {
     encoded: Option<Vec<u8>>,
 }
 
+impl<T> Slot<T> {
+    /// A slot on the free list: no key, no value.
+    fn free() -> Self {
+        Slot {
+            in_use: false,
+            key: CompactString::default(),
+            value: None,
+            dirty: false,
+            encoded: None,
+        }
+    }
+}
+
 /// A partition's values in slots that do not move, found through an index by key.
 /// The dirty list holds slot numbers, so a flush goes straight to each changed value
 /// instead of looking its key up again in a table of a million (a cache miss or three
@@ -63,24 +76,13 @@ impl<T> PartitionCache<T> {
             Some(&n) => n,
             None => {
                 let key = CompactString::from(key);
-                let n = match self.free.pop() {
-                    Some(n) => {
-                        let slot = &mut self.slots[n as usize];
-                        slot.in_use = true;
-                        slot.key = key.clone();
-                        n
-                    }
-                    None => {
-                        self.slots.push(Slot {
-                            in_use: true,
-                            key: key.clone(),
-                            value: None,
-                            dirty: false,
-                            encoded: None,
-                        });
-                        (self.slots.len() - 1) as u32
-                    }
-                };
+                let n = self.free.pop().unwrap_or_else(|| {
+                    self.slots.push(Slot::free());
+                    (self.slots.len() - 1) as u32
+                });
+                let slot = &mut self.slots[n as usize];
+                slot.in_use = true;
+                slot.key = key.clone();
                 self.index.insert(key, n);
                 n
             }
@@ -95,13 +97,7 @@ impl<T> PartitionCache<T> {
         self.index.retain(|_, n| *n % 2 == 0);
         for (n, slot) in self.slots.iter_mut().enumerate().skip(1).step_by(2) {
             if slot.in_use {
-                *slot = Slot {
-                    in_use: false,
-                    key: CompactString::default(),
-                    value: None,
-                    dirty: false,
-                    encoded: None,
-                };
+                *slot = Slot::free();
                 self.free.push(n as u32);
             }
         }
@@ -311,11 +307,17 @@ mod tests {
         Replayer::new(counter, &config, &prometheus::Registry::new()).unwrap()
     }
 
+    /// Runs `test` with a cache that encodes first changes when put and one that
+    /// does not.
+    fn both_ways(test: fn(bool)) {
+        for encoding_first_changes in [false, true] {
+            test(encoding_first_changes);
+        }
+    }
+
     #[test]
     fn a_value_put_back_unchanged_is_not_written_again_but_an_earlier_change_is() {
-        for encoding_first_changes in [false, true] {
-            put_back_unchanged(encoding_first_changes);
-        }
+        both_ways(put_back_unchanged);
     }
 
     fn put_back_unchanged(encoding_first_changes: bool) {
@@ -352,9 +354,7 @@ mod tests {
 
     #[test]
     fn a_value_is_written_as_last_changed_in_the_batch() {
-        for encoding_first_changes in [false, true] {
-            written_as_last_changed(encoding_first_changes);
-        }
+        both_ways(written_as_last_changed);
     }
 
     fn written_as_last_changed(encoding_first_changes: bool) {
@@ -382,9 +382,7 @@ mod tests {
 
     #[test]
     fn values_are_written_at_commit_and_read_back_after_eviction() {
-        for encoding_first_changes in [false, true] {
-            read_back_after_eviction(encoding_first_changes);
-        }
+        both_ways(read_back_after_eviction);
     }
 
     fn read_back_after_eviction(encoding_first_changes: bool) {
