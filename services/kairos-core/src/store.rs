@@ -28,6 +28,8 @@ pub enum StoreError {
         path: PathBuf,
         source: rocksdb::Error,
     },
+    #[error("a record of {bytes} bytes is too large for a RocksDB write batch in {path}")]
+    TooLarge { path: PathBuf, bytes: usize },
     #[error("corrupt record under key {key:?} in {path}: {reason}")]
     Corrupt {
         path: PathBuf,
@@ -140,6 +142,7 @@ impl StoreFactory {
             next_outbox_seq: 0,
             timers: Default::default(),
             sorted_writes: Vec::new(),
+            batch: BatchBuffer::default(),
             write_options: {
                 let mut options = rocksdb::WriteOptions::default();
                 options.disable_wal(!self.write_ahead_log);
@@ -330,6 +333,8 @@ pub struct PartitionStore {
     timers: std::cell::RefCell<TimerIndex>,
     /// A batch's writes in key order, kept between commits for its memory.
     sorted_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The commit's write batch, built here and kept between commits for its memory.
+    batch: BatchBuffer,
     /// Every write's options: with or without the write-ahead log (see
     /// [`StoreFactory::without_write_ahead_log`]).
     write_options: rocksdb::WriteOptions,
@@ -340,6 +345,13 @@ impl PartitionStore {
         StoreError::Rocks {
             path: self.path.clone(),
             source,
+        }
+    }
+
+    fn too_large(&self, e: RecordTooLarge) -> StoreError {
+        StoreError::TooLarge {
+            path: self.path.clone(),
+            bytes: e.0,
         }
     }
 
@@ -671,7 +683,8 @@ impl PartitionStore {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
-        let mut batch = WriteBatch::default();
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
         let mut writes = std::mem::take(&mut self.sorted_writes);
         writes.extend(pending.writes.drain());
         // In key order: RocksDB's memtable inserts a sorted batch much faster (each
@@ -691,6 +704,7 @@ impl PartitionStore {
                 Some(v) => batch.put(k, v),
                 None => batch.delete(k),
             }
+            .map_err(|e| self.too_large(e))?;
         }
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
             .outputs
@@ -710,15 +724,21 @@ impl PartitionStore {
         for (topic, key, payload, is_changelog) in records {
             let entry = self.outbox_entry(topic, key, payload, is_changelog);
             if durable_outputs {
-                batch.put(
-                    &entry.outbox_key,
-                    encode_outbox(&entry.topic, &entry.key, &entry.payload, is_changelog),
-                );
+                batch
+                    .put(
+                        &entry.outbox_key,
+                        &encode_outbox(&entry.topic, &entry.key, &entry.payload, is_changelog),
+                    )
+                    .map_err(|e| self.too_large(e))?;
             }
             entries.push(entry);
         }
-        batch.put(META_OUTBOX_SEQ, self.next_outbox_seq.to_be_bytes());
-        self.write(batch)?;
+        batch
+            .put(META_OUTBOX_SEQ, &self.next_outbox_seq.to_be_bytes())
+            .map_err(|e| self.too_large(e))?;
+        let written = self.write(batch.finish());
+        self.batch = batch;
+        written?;
         Ok(entries)
     }
 
@@ -897,6 +917,70 @@ fn decode_outbox(v: &[u8]) -> Option<(String, Vec<u8>, Vec<u8>, bool)> {
     Some((topic, key, payload, changelog))
 }
 
+/// A write batch in RocksDB's serialized form (the format of its write-ahead log: a
+/// 12-byte header of sequence number and record count, then per record a type byte and
+/// the length-prefixed key and value), built in a buffer kept between commits and
+/// handed to RocksDB whole. Put through the C API record by record (5% of the
+/// arbiter's time in `perf`), the batch's string grew by doubling from empty at every
+/// commit, copied at each step; built here, the arbiter benchmark gained about 1.5%.
+#[derive(Default)]
+struct BatchBuffer {
+    rep: Vec<u8>,
+    count: u32,
+}
+
+/// A key or value of 4 GiB or more (its size): RocksDB's lengths are 32-bit.
+struct RecordTooLarge(usize);
+
+/// RocksDB's record types (`ValueType` in `db/dbformat.h`) for the default column family.
+const BATCH_DELETION: u8 = 0x0;
+const BATCH_VALUE: u8 = 0x1;
+const BATCH_HEADER: usize = 12;
+
+impl BatchBuffer {
+    fn clear(&mut self) {
+        self.rep.clear();
+        self.rep.resize(BATCH_HEADER, 0);
+        self.count = 0;
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), RecordTooLarge> {
+        self.rep.push(BATCH_VALUE);
+        self.length_prefixed(key)?;
+        self.length_prefixed(value)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<(), RecordTooLarge> {
+        self.rep.push(BATCH_DELETION);
+        self.length_prefixed(key)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// A LEB128 varint32 length, then the bytes.
+    fn length_prefixed(&mut self, bytes: &[u8]) -> Result<(), RecordTooLarge> {
+        let mut n = u32::try_from(bytes.len()).map_err(|_| RecordTooLarge(bytes.len()))?;
+        while n >= 0x80 {
+            self.rep.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        self.rep.push(n as u8);
+        self.rep.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> WriteBatch {
+        if self.rep.len() < BATCH_HEADER {
+            self.clear();
+        }
+        // The sequence number (bytes 0..8) is set by RocksDB when it writes the batch.
+        self.rep[8..BATCH_HEADER].copy_from_slice(&self.count.to_le_bytes());
+        WriteBatch::from_data(&self.rep)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -906,6 +990,56 @@ mod tests {
         let f = StoreFactory::new(dir.path(), 1 << 20).unwrap();
         let s = f.open(3).unwrap();
         (dir, s)
+    }
+
+    /// The batch buffer writes what RocksDB's own `WriteBatch` serializes for the same
+    /// puts and deletes, lengths of one and two varint bytes included, and is the same
+    /// again when reused.
+    #[test]
+    fn batch_buffer_bytes_are_rocksdbs_own() {
+        let long_value = vec![7u8; 300];
+        let ops: Vec<(&[u8], Option<&[u8]>)> = vec![
+            (b"s/a", Some(b"1")),
+            (b"s/b", None),
+            (b"s/long", Some(&long_value)),
+            (b"", Some(b"")),
+        ];
+        let mut buffer = BatchBuffer::default();
+        for _ in 0..2 {
+            buffer.clear();
+            let mut theirs = WriteBatch::default();
+            for (k, v) in &ops {
+                match v {
+                    Some(v) => {
+                        assert!(buffer.put(k, v).is_ok());
+                        theirs.put(k, v);
+                    }
+                    None => {
+                        assert!(buffer.delete(k).is_ok());
+                        theirs.delete(k);
+                    }
+                }
+            }
+            let ours = buffer.finish();
+            assert_eq!(ours.len(), 4);
+            assert_eq!(ours.data(), theirs.data());
+        }
+    }
+
+    /// A batch from the buffer writes what it holds.
+    #[test]
+    fn commit_writes_through_the_batch_buffer() {
+        let (_dir, mut s) = store();
+        let mut p = Pending::default();
+        s.put(&mut p, b"gone", b"x".to_vec());
+        s.commit(&mut p, None).unwrap();
+        s.put(&mut p, b"kept", vec![9u8; 1000]);
+        s.delete(&mut p, b"gone");
+        s.set_applied_offset(&mut p, "in", 5);
+        s.commit(&mut p, None).unwrap();
+        assert_eq!(s.raw_get(b"s/kept").unwrap(), Some(vec![9u8; 1000]));
+        assert_eq!(s.raw_get(b"s/gone").unwrap(), None);
+        assert_eq!(s.applied_offset(&p, "in").unwrap(), Some(5));
     }
 
     /// The files of a store directory as they are now, as a `kill -9` would leave them
