@@ -57,16 +57,23 @@ struct PartitionCache<T> {
     free: Vec<u32>,
     /// Slots changed since the last flush, each once.
     dirty: Vec<u32>,
+    /// Puts since the last flush of values already changed in the batch.
+    repeat_puts: usize,
+    /// Whether this batch encodes first changes when they are put (see
+    /// [`StateCache::encoding_first_changes`]).
+    encode_first_changes: bool,
 }
 
 impl<T> PartitionCache<T> {
     /// Sized for `limit` values up front, so the index does not grow while it fills.
-    fn with_capacity(limit: usize) -> Self {
+    fn with_capacity(limit: usize, encode_first_changes: bool) -> Self {
         PartitionCache {
             index: HashMap::with_capacity(limit),
             slots: Vec::with_capacity(limit),
             free: Vec::new(),
             dirty: Vec::new(),
+            repeat_puts: 0,
+            encode_first_changes,
         }
     }
 
@@ -126,10 +133,12 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     /// still in the CPU's caches, rather than at the flush, a hundred thousand values
     /// later, when each of its allocations comes from memory again (a twentieth of the
     /// arbiter benchmark, whose ledgers change about once per batch). A value changed
-    /// again in the batch is encoded once at the flush, not at every change. Not for
-    /// values changed several times in most batches: a profile is put about six times
-    /// per batch in the 20M-event replay (a session's page views and its timers), so
-    /// its first encoding would mostly be thrown away.
+    /// again in the batch is encoded once at the flush, not at every change, so the
+    /// first encoding was thrown away: a partition whose last batch put values again
+    /// more than half as often as it changed them (a cascade's next step within the
+    /// batch) encodes at the flush only in its next batch. Not for profiles: one is
+    /// put about six times per batch in the 20M-event replay (a session's page views
+    /// and its timers).
     pub fn encoding_first_changes(mut self) -> Self {
         self.encode_first_changes = true;
         self
@@ -159,27 +168,28 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     }
 
     fn cache(&mut self, partition: i32) -> &mut PartitionCache<T> {
-        let limit = self.limit;
+        let (limit, encode_first_changes) = (self.limit, self.encode_first_changes);
         self.partitions
             .entry(partition)
-            .or_insert_with(|| PartitionCache::with_capacity(limit))
+            .or_insert_with(|| PartitionCache::with_capacity(limit, encode_first_changes))
     }
 
     /// Stores a changed value (boxed or not); it is written at the next flush (with
     /// [`encoding_first_changes`](Self::encoding_first_changes), the first change of a
     /// batch is encoded now).
     pub fn put(&mut self, partition: i32, key: String, value: impl Into<Box<T>>) {
-        let encode_first_change = self.encode_first_changes;
         let cache = self.cache(partition);
         let n = cache.slot_of(&key);
         let slot = &mut cache.slots[n as usize];
         let value = value.into();
         slot.encoded = match slot.dirty {
-            false if encode_first_change => encode_state(&*value).ok(),
+            false if cache.encode_first_changes => encode_state(&*value).ok(),
             _ => None,
         };
         slot.value = Some(value);
-        if !slot.dirty {
+        if slot.dirty {
+            cache.repeat_puts += 1;
+        } else {
             slot.dirty = true;
             cache.dirty.push(n);
         }
@@ -192,6 +202,10 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         let Some(cache) = self.partitions.get_mut(&ctx.partition) else {
             return Ok(());
         };
+        if self.encode_first_changes {
+            cache.encode_first_changes = cache.repeat_puts * 2 <= cache.dirty.len();
+        }
+        cache.repeat_puts = 0;
         let mut dirty = std::mem::take(&mut cache.dirty);
         for n in dirty.drain(..) {
             let slot = &mut cache.slots[n as usize];
@@ -378,6 +392,42 @@ mod tests {
         r.push("in", b"k", b"thrice").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "thrice"), Some(4));
+    }
+
+    /// A batch that put its values again more than half as often as it changed them
+    /// turns early encoding off for the next batch; a batch of mostly single changes
+    /// turns it on again. The values are written right either way.
+    #[test]
+    fn first_changes_are_encoded_early_only_after_a_batch_of_mostly_single_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = counter(dir.path(), 1000, true);
+        let cache = |r: &Replayer<Counter>| -> (bool, Vec<bool>) {
+            let c = &r.engine.processor.counts.partitions[&0];
+            let encoded = c
+                .dirty
+                .iter()
+                .map(|&n| c.slots[n as usize].encoded.is_some());
+            (c.encode_first_changes, encoded.collect())
+        };
+        for key in ["a", "b", "c", "d"] {
+            r.push("in", b"k", key.as_bytes()).unwrap();
+        }
+        assert_eq!(cache(&r), (true, vec![true; 4]));
+        r.commit().unwrap();
+        // Two values, each changed three times: four repeats for two changes.
+        for key in ["a", "a", "a", "b", "b", "b"] {
+            r.push("in", b"k", key.as_bytes()).unwrap();
+        }
+        assert_eq!(cache(&r), (true, vec![false, false]));
+        r.commit().unwrap();
+        r.push("in", b"k", b"c").unwrap();
+        assert_eq!(cache(&r), (false, vec![false]));
+        r.commit().unwrap();
+        r.push("in", b"k", b"d").unwrap();
+        assert_eq!(cache(&r), (true, vec![true]));
+        r.commit().unwrap();
+        let stored_now: Vec<_> = ["a", "b", "c", "d"].iter().map(|k| stored(&r, k)).collect();
+        assert_eq!(stored_now, vec![Some(4), Some(4), Some(2), Some(2)]);
     }
 
     #[test]
