@@ -176,7 +176,8 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
 
     /// Stores a changed value (boxed or not); it is written at the next flush (with
     /// [`encoding_first_changes`](Self::encoding_first_changes), the first change of a
-    /// batch is encoded now).
+    /// batch is encoded now, unless the partition's last batch threw most such
+    /// encodings away).
     pub fn put(&mut self, partition: i32, key: String, value: impl Into<Box<T>>) {
         let cache = self.cache(partition);
         let n = cache.slot_of(&key);
