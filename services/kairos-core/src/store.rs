@@ -722,7 +722,7 @@ impl PartitionStore {
         self.sorted_writes = writes;
         let mut entries = Vec::with_capacity(records.len());
         for (topic, key, payload, is_changelog) in records {
-            let entry = self.outbox_entry(topic, key, payload, is_changelog);
+            let entry = self.outbox_entry(topic, key, payload, is_changelog, durable_outputs);
             if durable_outputs {
                 batch
                     .put(
@@ -742,15 +742,21 @@ impl PartitionStore {
         Ok(entries)
     }
 
-    /// The next outbox entry of this store (its sequence number is taken).
+    /// The next outbox entry of this store (its sequence number is taken). Its outbox
+    /// key is left empty unless it goes `in_outbox`: a replay writes no outbox, and
+    /// building a key that is never used cost an allocation per output.
     fn outbox_entry(
         &mut self,
         topic: String,
         key: Vec<u8>,
         payload: Vec<u8>,
         changelog: bool,
+        in_outbox: bool,
     ) -> OutboxEntry {
-        let outbox_key = prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes());
+        let outbox_key = match in_outbox {
+            true => prefixed(OUTBOX, &self.next_outbox_seq.to_be_bytes()),
+            false => Vec::new(),
+        };
         self.next_outbox_seq += 1;
         OutboxEntry {
             partition: self.partition,
@@ -769,7 +775,7 @@ impl PartitionStore {
     pub fn take_outputs(&mut self, pending: &mut Pending) -> Vec<OutboxEntry> {
         std::mem::take(&mut pending.outputs)
             .into_iter()
-            .map(|(topic, key, payload)| self.outbox_entry(topic, key, payload, false))
+            .map(|(topic, key, payload)| self.outbox_entry(topic, key, payload, false, false))
             .collect()
     }
 
