@@ -692,10 +692,7 @@ impl ArbiterProcessor {
                 outcome: DecisionOutcome::sent,
                 channel: Some(*c),
                 rule: "channel_choice",
-                reason: format!(
-                    "first channel of {:?} with consent and an address",
-                    t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>()
-                ),
+                reason: first_channel_reason(&t.channels),
                 defer_until: None,
             },
             None => match blocked {
@@ -712,6 +709,24 @@ impl ArbiterProcessor {
             },
         }
     }
+}
+
+/// The reason of the usual decision: `first channel of ["email", "push"] with consent
+/// and an address`. Built by hand: the same text through `format!` and `Debug` of a
+/// collected list was about 3% of the arbiter benchmark.
+fn first_channel_reason(channels: &[Channel]) -> String {
+    let mut reason = String::with_capacity(64);
+    reason.push_str("first channel of [");
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            reason.push_str(", ");
+        }
+        reason.push('"');
+        reason.push_str(c.as_str());
+        reason.push('"');
+    }
+    reason.push_str("] with consent and an address");
+    reason
 }
 
 /// A cap that is reached: when a slot frees.
@@ -1468,7 +1483,7 @@ impl ArbiterProcessor {
         ledger.queued.remove(&t.trigger_id);
         let mut send_id = None;
         if let Some(c) = channel {
-            let id = self.emit_send(ctx, &t, c, ledger, format!("{rule}: {reason}"))?;
+            let id = self.emit_send(ctx, &t, c, ledger, [rule, ": ", &reason].concat())?;
             if let Some(wait) = self.cascade_wait(&t.scenario, 1) {
                 ledger.cascades.insert(
                     t.trigger_id.clone(),
@@ -1606,4 +1621,27 @@ pub async fn run(
     let processor = ArbiterProcessor::new(config.clone(), &admin.registry);
     let registry = SchemaRegistry::new(None);
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-built reason reads exactly as `Debug` of the channel names wrote it,
+    /// so decisions keep their text.
+    #[test]
+    fn first_channel_reason_reads_as_the_debug_list_did() {
+        let lists: [&[Channel]; 3] = [
+            &[],
+            &[Channel::email],
+            &[Channel::email, Channel::push, Channel::sms],
+        ];
+        for channels in lists {
+            let names: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+            assert_eq!(
+                first_channel_reason(channels),
+                format!("first channel of {names:?} with consent and an address")
+            );
+        }
+    }
 }
