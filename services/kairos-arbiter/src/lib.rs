@@ -16,8 +16,8 @@ use anyhow::Context as _;
 use compact_str::CompactString;
 use kairos_core::calendar;
 use kairos_core::contracts::{
-    Channel, CustomerAction, CustomerActionKind, Decision, DecisionOutcome, MessageCategory,
-    Outcome, OutcomeKind, SendCommand, Trigger, DECISION_RULES,
+    Channel, CustomerAction, CustomerActionKind, DecisionOutcome, DecisionRef, MessageCategory,
+    Outcome, OutcomeKind, SendCommandRef, Trigger, DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
@@ -797,12 +797,12 @@ fn channel_check(
     channel: Channel,
 ) -> Result<(), Option<&'static str>> {
     let consented = t.contacts.consented_channels.contains(&channel);
-    let address = t.contacts.address_for(channel);
+    let address = t.contacts.address(channel);
     let reachable = matches!(channel, Channel::in_app | Channel::webhook) || address.is_some();
     if !(consented && reachable) {
         return Err(None);
     }
-    match ledger.channel_block(channel, address.as_deref()) {
+    match ledger.channel_block(channel, address) {
         Some(rule) => Err(Some(rule)),
         None => Ok(()),
     }
@@ -1261,25 +1261,26 @@ impl ArbiterProcessor {
     ) -> anyhow::Result<String> {
         let now = ctx.now();
         let send_id = deterministic_id(&[&t.trigger_id, channel.as_str()]);
-        let cmd = SendCommand {
-            send_id: send_id.clone(),
-            trigger_id: t.trigger_id.clone(),
-            customer_id: t.customer_id.clone(),
-            scenario: t.scenario.clone(),
+        let address = t.contacts.address(channel);
+        let cmd = SendCommandRef {
+            send_id: &send_id,
+            trigger_id: &t.trigger_id,
+            customer_id: &t.customer_id,
+            scenario: &t.scenario,
             channel,
             category: t.category,
-            template: t.template.clone(),
-            address: t.contacts.address_for(channel),
-            variables: t.variables.clone(),
+            template: &t.template,
+            address,
+            variables: &t.variables,
             created_at: now,
             valid_until: t.valid_until,
             cause_occurred_at: t.cause_occurred_at,
-            reasons: vec![reason],
+            reasons: &[reason.as_str()],
         };
-        if let Some(address) = &cmd.address {
+        if let Some(address) = address {
             ledger
                 .sent_to
-                .insert(send_id.clone(), (now, address.clone()));
+                .insert(send_id.clone(), (now, address.to_string()));
         }
         match self.send_topics.get(&channel) {
             Some(topic) => ctx.emit(topic, &t.customer_id, &cmd),
@@ -1380,17 +1381,17 @@ impl ArbiterProcessor {
         rule: &str,
         reason: String,
     ) {
-        let decision = Decision {
-            decision_id,
-            trigger_id: t.trigger_id.to_string(),
-            customer_id: t.customer_id.to_string(),
-            scenario: t.scenario.to_string(),
+        let decision = DecisionRef {
+            decision_id: &decision_id,
+            trigger_id: t.trigger_id,
+            customer_id: t.customer_id,
+            scenario: t.scenario,
             category: t.category,
             outcome,
             channel,
-            send_id,
-            rule: rule.to_string(),
-            reason,
+            send_id: send_id.as_deref(),
+            rule,
+            reason: &reason,
             decided_at: ctx.now(),
         };
         self.decisions.inc(&[outcome.as_str(), rule]);

@@ -361,11 +361,16 @@ pub struct Contacts {
 impl Contacts {
     /// The address a send on `channel` goes to, if the customer has one.
     pub fn address_for(&self, channel: Channel) -> Option<String> {
+        self.address(channel).map(str::to_string)
+    }
+
+    /// The address for `channel`, borrowed.
+    pub fn address(&self, channel: Channel) -> Option<&str> {
         match channel {
-            Channel::email => self.email.clone(),
-            Channel::sms => self.phone.clone(),
-            Channel::push => self.push_token.clone(),
-            Channel::messenger => self.messenger_id.clone(),
+            Channel::email => self.email.as_deref(),
+            Channel::sms => self.phone.as_deref(),
+            Channel::push => self.push_token.as_deref(),
+            Channel::messenger => self.messenger_id.as_deref(),
             // In-app and webhook messages are addressed by customer id.
             Channel::in_app | Channel::webhook => None,
         }
@@ -471,6 +476,43 @@ pub struct Decision {
     pub rule: String,
     pub reason: String,
     pub decided_at: i64,
+}
+
+/// A [`Decision`] that borrows its text, for the arbiter to write one without copying
+/// what it already holds (the trigger's ids and scenario): the same fields in the same
+/// order, so the same JSON (a test compares the bytes).
+#[derive(Debug, Serialize)]
+pub struct DecisionRef<'a> {
+    pub decision_id: &'a str,
+    pub trigger_id: &'a str,
+    pub customer_id: &'a str,
+    pub scenario: &'a str,
+    pub category: MessageCategory,
+    pub outcome: DecisionOutcome,
+    pub channel: Option<Channel>,
+    pub send_id: Option<&'a str>,
+    pub rule: &'a str,
+    pub reason: &'a str,
+    pub decided_at: i64,
+}
+
+/// A [`SendCommand`] that borrows its text (see [`DecisionRef`]): a send command copied
+/// the trigger's template, variables and ids only to be written out.
+#[derive(Debug, Serialize)]
+pub struct SendCommandRef<'a> {
+    pub send_id: &'a str,
+    pub trigger_id: &'a str,
+    pub customer_id: &'a str,
+    pub scenario: &'a str,
+    pub channel: Channel,
+    pub category: MessageCategory,
+    pub template: &'a str,
+    pub address: Option<&'a str>,
+    pub variables: &'a str,
+    pub created_at: i64,
+    pub valid_until: i64,
+    pub cause_occurred_at: i64,
+    pub reasons: &'a [&'a str],
 }
 
 /// An order to deliver one message (topics `send.<channel>`).

@@ -382,6 +382,79 @@ mod tests {
         );
     }
 
+    /// The borrowed decision and send command write the bytes of the owned ones, with
+    /// and without their optional fields, so a field added to one and not the other
+    /// fails here.
+    #[test]
+    fn borrowed_outputs_write_the_bytes_of_the_owned_ones() {
+        use crate::contracts::{
+            Channel, Decision, DecisionOutcome, DecisionRef, MessageCategory, SendCommand,
+            SendCommandRef,
+        };
+        let text = "quote \" é \u{2028} 🎉";
+        for present in [false, true] {
+            let decision = Decision {
+                decision_id: "d-1".into(),
+                trigger_id: "t-1".into(),
+                customer_id: text.into(),
+                scenario: "welcome".into(),
+                category: MessageCategory::promo,
+                outcome: DecisionOutcome::sent,
+                channel: present.then_some(Channel::sms),
+                send_id: present.then(|| "s-1".to_string()),
+                rule: "channel_choice".into(),
+                reason: text.into(),
+                decided_at: -3,
+            };
+            let borrowed = DecisionRef {
+                decision_id: &decision.decision_id,
+                trigger_id: &decision.trigger_id,
+                customer_id: &decision.customer_id,
+                scenario: &decision.scenario,
+                category: decision.category,
+                outcome: decision.outcome,
+                channel: decision.channel,
+                send_id: decision.send_id.as_deref(),
+                rule: &decision.rule,
+                reason: &decision.reason,
+                decided_at: decision.decided_at,
+            };
+            assert_eq!(encode_internal(&borrowed), encode_internal(&decision));
+            let send = SendCommand {
+                send_id: "s-1".into(),
+                trigger_id: "t-1".into(),
+                customer_id: "c-1".into(),
+                scenario: "welcome".into(),
+                channel: Channel::push,
+                category: MessageCategory::trigger,
+                template: "welcome_1".into(),
+                address: present.then(|| text.to_string()),
+                variables: r#"{"first_name":"Ann\"a"}"#.into(),
+                created_at: 1,
+                valid_until: i64::MAX,
+                cause_occurred_at: 0,
+                reasons: vec![text.into()],
+            };
+            let reasons: Vec<&str> = send.reasons.iter().map(String::as_str).collect();
+            let borrowed = SendCommandRef {
+                send_id: &send.send_id,
+                trigger_id: &send.trigger_id,
+                customer_id: &send.customer_id,
+                scenario: &send.scenario,
+                channel: send.channel,
+                category: send.category,
+                template: &send.template,
+                address: send.address.as_deref(),
+                variables: &send.variables,
+                created_at: send.created_at,
+                valid_until: send.valid_until,
+                cause_occurred_at: send.cause_occurred_at,
+                reasons: &reasons,
+            };
+            assert_eq!(encode_internal(&borrowed), encode_internal(&send));
+        }
+    }
+
     #[test]
     fn json_errors_are_classified() {
         let r = decode_json::<CustomerEvent>(b"not json").unwrap_err();
