@@ -360,11 +360,6 @@ pub struct Contacts {
 
 impl Contacts {
     /// The address a send on `channel` goes to, if the customer has one.
-    pub fn address_for(&self, channel: Channel) -> Option<String> {
-        self.address(channel).map(str::to_string)
-    }
-
-    /// The address for `channel`, borrowed.
     pub fn address(&self, channel: Channel) -> Option<&str> {
         match channel {
             Channel::email => self.email.as_deref(),

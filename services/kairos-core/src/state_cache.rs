@@ -59,21 +59,22 @@ struct PartitionCache<T> {
     dirty: Vec<u32>,
     /// Puts since the last flush of values already changed in the batch.
     repeat_puts: usize,
-    /// Whether this batch encodes first changes when they are put (see
+    /// Whether this batch encodes first changes when they are put: the cache's
+    /// setting, turned off after a batch that threw most such encodings away (see
     /// [`StateCache::encoding_first_changes`]).
-    encode_first_changes: bool,
+    encode_early: bool,
 }
 
 impl<T> PartitionCache<T> {
     /// Sized for `limit` values up front, so the index does not grow while it fills.
-    fn with_capacity(limit: usize, encode_first_changes: bool) -> Self {
+    fn with_capacity(limit: usize, encode_early: bool) -> Self {
         PartitionCache {
             index: HashMap::with_capacity(limit),
             slots: Vec::with_capacity(limit),
             free: Vec::new(),
             dirty: Vec::new(),
             repeat_puts: 0,
-            encode_first_changes,
+            encode_early,
         }
     }
 
@@ -184,7 +185,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         let slot = &mut cache.slots[n as usize];
         let value = value.into();
         slot.encoded = match slot.dirty {
-            false if cache.encode_first_changes => encode_state(&*value).ok(),
+            false if cache.encode_early => encode_state(&*value).ok(),
             _ => None,
         };
         slot.value = Some(value);
@@ -204,7 +205,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
             return Ok(());
         };
         if self.encode_first_changes {
-            cache.encode_first_changes = cache.repeat_puts * 2 <= cache.dirty.len();
+            cache.encode_early = cache.repeat_puts * 2 <= cache.dirty.len();
         }
         cache.repeat_puts = 0;
         let mut dirty = std::mem::take(&mut cache.dirty);
@@ -408,7 +409,7 @@ mod tests {
                 .dirty
                 .iter()
                 .map(|&n| c.slots[n as usize].encoded.is_some());
-            (c.encode_first_changes, encoded.collect())
+            (c.encode_early, encoded.collect())
         };
         for key in ["a", "b", "c", "d"] {
             r.push("in", b"k", key.as_bytes()).unwrap();
