@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, DB};
+use rocksdb::{Cache, Options, WriteBatch, DB};
 
 use crate::time::Millis;
 
@@ -27,6 +27,11 @@ pub enum StoreError {
     Rocks {
         path: PathBuf,
         source: rocksdb::Error,
+    },
+    #[error("cannot write RocksDB's options to {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("a record of {bytes} bytes is too large for a RocksDB write batch in {path}")]
     TooLarge { path: PathBuf, bytes: usize },
@@ -54,6 +59,55 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 /// tell its own records from another instance's.
 const META_WRITER: &[u8] = b"m/writer";
 
+/// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
+const OPTIONS_DIR: &str = "rocksdb-options";
+
+/// The stores' column family options, as a RocksDB options file: the format RocksDB
+/// itself writes and loads. A file rather than setters because one of them, the
+/// memtable insert hint, has no setter in RocksDB's C API. The block cache is the
+/// factory's, shared by all its stores (set when the file is loaded).
+///
+/// - Memtables count against memory too: a few per partition. Every commit rewrites
+///   the hot values, so larger memtables absorb many rewrites of the same key before a
+///   flush writes it once.
+/// - The insert hint: a commit's batch is sorted, but its keys fall between the keys
+///   earlier commits left in the memtable. Without a hint, each insert that does not
+///   land right after the previous one searches the skip list from its top; with it,
+///   the search starts from where the previous key of the same two-byte prefix went
+///   (state keys all start with `s/`). About 6% more decisions per CPU-second in the
+///   arbiter benchmark, measured in turns with the build before.
+/// - LZ4 costs about half of Snappy's CPU on flush and compaction.
+/// - Most lookups miss (a new customer, a trigger id not seen yet): a bloom filter on
+///   the memtables answers those without walking the skip list.
+/// - Every commit rewrites the hot values, so most of what is flushed is soon
+///   overwritten: letting eight level-0 files gather before they are compacted into the
+///   level below halves how often that level is rewritten, and level-0 files, compacted
+///   soon anyway, are not compressed at all (about 9% fewer CPU-seconds in the
+///   20M-event replay benchmark, measured together with 64 MiB memtables, which were
+///   not kept).
+const COLUMN_FAMILY_OPTIONS: &str = r#"[Version]
+  rocksdb_version=7.8.3
+  options_file_version=1.1
+
+[DBOptions]
+
+[CFOptions "default"]
+  write_buffer_size=33554432
+  max_write_buffer_number=3
+  memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2
+  compression=kLZ4Compression
+  compression_per_level=kNoCompression:kLZ4Compression:kLZ4Compression:kLZ4Compression:kLZ4Compression:kLZ4Compression:kLZ4Compression
+  level_compaction_dynamic_level_bytes=true
+  memtable_whole_key_filtering=true
+  memtable_prefix_bloom_size_ratio=0.05
+  level0_file_num_compaction_trigger=8
+  level0_slowdown_writes_trigger=24
+  level0_stop_writes_trigger=40
+
+[TableOptions/BlockBasedTable "default"]
+  filter_policy=bloomfilter:10:false
+"#;
+
 /// Opens partition stores that share one block cache.
 pub struct StoreFactory {
     root: PathBuf,
@@ -70,11 +124,28 @@ impl StoreFactory {
                 path: root.to_path_buf(),
                 source,
             })?;
+        // Written at every start, so an upgrade's options apply to existing stores.
+        let options_dir = root.join(OPTIONS_DIR);
+        std::fs::create_dir_all(&options_dir)
+            .and_then(|()| {
+                std::fs::write(options_dir.join("OPTIONS-000001"), COLUMN_FAMILY_OPTIONS)
+            })
+            .map_err(|source| StoreError::Io {
+                path: options_dir.clone(),
+                source,
+            })?;
         Ok(StoreFactory {
             root: root.to_path_buf(),
             cache,
             write_ahead_log: true,
         })
+    }
+
+    fn rocks_error(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.root.join(OPTIONS_DIR),
+            source,
+        }
     }
 
     /// Stores for a replay: writes skip RocksDB's write-ahead log. A replay is
@@ -97,42 +168,20 @@ impl StoreFactory {
 
     pub fn open(&self, partition: i32) -> StoreResult<PartitionStore> {
         let path = self.root.join(format!("p{partition}"));
-        let mut block = BlockBasedOptions::default();
-        block.set_block_cache(&self.cache);
-        block.set_bloom_filter(10.0, false);
-        let mut opts = Options::default();
+        let (mut opts, column_families) = Options::load_latest(
+            self.root.join(OPTIONS_DIR),
+            rocksdb::Env::new().map_err(|e| self.rocks_error(e))?,
+            false,
+            self.cache.clone(),
+        )
+        .map_err(|e| self.rocks_error(e))?;
         opts.create_if_missing(true);
-        opts.set_block_based_table_factory(&block);
-        // Memtables count against memory too: a few per partition. Every commit
-        // rewrites the hot values, so larger memtables absorb many rewrites of the same
-        // key before a flush writes it once.
-        opts.set_write_buffer_size(32 << 20);
-        opts.set_max_write_buffer_number(3);
-        // LZ4 costs about half of Snappy's CPU on flush and compaction (the levels
-        // below 0 are set below).
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_level_compaction_dynamic_level_bytes(true);
         opts.set_max_open_files(256);
-        // Most lookups miss (a new customer, a trigger id not seen yet): a bloom filter
-        // on the memtables answers those without walking the skip list.
-        opts.set_memtable_whole_key_filtering(true);
-        opts.set_memtable_prefix_bloom_ratio(0.05);
-        // Every commit rewrites the hot values, so most of what is flushed is soon
-        // overwritten: letting eight level-0 files gather before they are compacted
-        // into the level below halves how often that level is rewritten, and level-0
-        // files, compacted soon anyway, are not compressed at all (about 9% fewer
-        // CPU-seconds in the 20M-event replay benchmark, measured together with
-        // 64 MiB memtables, which were not kept).
-        opts.set_level_zero_file_num_compaction_trigger(8);
-        opts.set_level_zero_slowdown_writes_trigger(24);
-        opts.set_level_zero_stop_writes_trigger(40);
-        {
-            use rocksdb::DBCompressionType::{Lz4, None as Plain};
-            opts.set_compression_per_level(&[Plain, Lz4, Lz4, Lz4, Lz4, Lz4, Lz4]);
-        }
-        let db = DB::open(&opts, &path).map_err(|source| StoreError::Rocks {
-            path: path.clone(),
-            source,
+        let db = DB::open_cf_descriptors(&opts, &path, column_families).map_err(|source| {
+            StoreError::Rocks {
+                path: path.clone(),
+                source,
+            }
         })?;
         let mut store = PartitionStore {
             partition,
@@ -996,6 +1045,37 @@ mod tests {
         let f = StoreFactory::new(dir.path(), 1 << 20).unwrap();
         let s = f.open(3).unwrap();
         (dir, s)
+    }
+
+    /// The options file is what RocksDB opens the stores with: the options RocksDB
+    /// writes back for a store carry the insert hint and the rest of the file, and the
+    /// block cache is the factory's (1 MiB here; RocksDB's own default is larger).
+    #[test]
+    fn stores_open_with_the_options_file_and_the_factorys_block_cache() {
+        let (dir, s) = store();
+        let written: String = std::fs::read_dir(dir.path().join("p3"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        for line in [
+            "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.2",
+            "write_buffer_size=33554432",
+            "max_write_buffer_number=3",
+            "level0_file_num_compaction_trigger=8",
+            "compression_per_level=kNoCompression:kLZ4Compression:",
+            "memtable_whole_key_filtering=true",
+            "memtable_prefix_bloom_size_ratio=0.050000",
+            "max_open_files=256",
+        ] {
+            assert!(written.contains(line), "{line} missing from {written}");
+        }
+        assert_eq!(
+            s.db.property_int_value("rocksdb.block-cache-capacity")
+                .unwrap(),
+            Some(1 << 20)
+        );
     }
 
     /// The batch buffer writes what RocksDB's own `WriteBatch` serializes for the same
