@@ -108,6 +108,22 @@ const COLUMN_FAMILY_OPTIONS: &str = r#"[Version]
   filter_policy=bloomfilter:10:false
 "#;
 
+/// Writes [`COLUMN_FAMILY_OPTIONS`] as the options file in `dir`, at every start, so an
+/// upgrade's options apply to existing stores. Written beside it and renamed over it:
+/// another factory on the same root (a restore) may be loading it at that moment.
+fn write_options_file(dir: &Path) -> StoreResult<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staged = dir.join(format!("staged-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&staged, COLUMN_FAMILY_OPTIONS))
+        .and_then(|()| std::fs::rename(&staged, dir.join("OPTIONS-000001")))
+        .map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// Opens partition stores that share one block cache.
 pub struct StoreFactory {
     root: PathBuf,
@@ -124,16 +140,7 @@ impl StoreFactory {
                 path: root.to_path_buf(),
                 source,
             })?;
-        // Written at every start, so an upgrade's options apply to existing stores.
-        let options_dir = root.join(OPTIONS_DIR);
-        std::fs::create_dir_all(&options_dir)
-            .and_then(|()| {
-                std::fs::write(options_dir.join("OPTIONS-000001"), COLUMN_FAMILY_OPTIONS)
-            })
-            .map_err(|source| StoreError::Io {
-                path: options_dir.clone(),
-                source,
-            })?;
+        write_options_file(&root.join(OPTIONS_DIR))?;
         Ok(StoreFactory {
             root: root.to_path_buf(),
             cache,
@@ -1076,6 +1083,22 @@ mod tests {
                 .unwrap(),
             Some(1 << 20)
         );
+        // A second factory on the same root (a restore does that) writes the file again
+        // over the first one's and opens its stores with it.
+        let again = StoreFactory::new(dir.path(), 2 << 20).unwrap();
+        let other = again.open(4).unwrap();
+        assert_eq!(
+            other
+                .db
+                .property_int_value("rocksdb.block-cache-capacity")
+                .unwrap(),
+            Some(2 << 20)
+        );
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(OPTIONS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, ["OPTIONS-000001"]);
     }
 
     /// The batch buffer writes what RocksDB's own `WriteBatch` serializes for the same
