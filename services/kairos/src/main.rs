@@ -33,6 +33,7 @@ fn keep_freed_memory() {
 
 mod bench;
 mod explain;
+mod input_lines;
 mod inspect;
 mod replay;
 mod up;

@@ -11,9 +11,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
@@ -94,33 +93,7 @@ impl TopicNames {
     }
 }
 
-/// Calls `each` with the number (from 1) and the bytes of every line of `path`,
-/// without its line ending. One buffer serves every line and routing borrows from it:
-/// a line is not made into a `String`, nor copied again for the processors.
-pub fn for_each_line(
-    path: &Path,
-    mut each: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut line = Vec::new();
-    for n in 1.. {
-        line.clear();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .with_context(|| format!("{}:{n}: cannot read", path.display()))?;
-        if read == 0 {
-            break;
-        }
-        let end = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
-        each(n, without_line_ending(&line[..end]))?;
-    }
-    Ok(())
-}
-
-fn without_line_ending(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
+pub use crate::input_lines::for_each_line;
 
 pub fn run(
     config: &Config,
@@ -211,47 +184,4 @@ pub fn run(
     out.flush()?;
     stats.output_records = outputs;
     Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lines_of(path: &Path) -> Vec<(usize, Vec<u8>)> {
-        let mut lines = Vec::new();
-        for_each_line(path, |n, line| {
-            lines.push((n, line.to_vec()));
-            Ok(())
-        })
-        .expect("lines");
-        lines
-    }
-
-    #[test]
-    fn a_file_and_a_pipe_give_the_same_lines() {
-        let text: &[u8] = b"a\r\nb\n\n{\"c\": 1}";
-        let want: Vec<(usize, Vec<u8>)> = vec![
-            (1, b"a".to_vec()),
-            (2, b"b".to_vec()),
-            (3, b"".to_vec()),
-            (4, b"{\"c\": 1}".to_vec()),
-        ];
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("events.jsonl");
-        std::fs::write(&file, text).expect("write");
-        assert_eq!(lines_of(&file), want);
-        let fifo = dir.path().join("events.pipe");
-        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-        assert!(made.expect("mkfifo").success());
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || std::fs::write(fifo, text).expect("write pipe"))
-        };
-        assert_eq!(lines_of(&fifo), want);
-        writer.join().expect("writer");
-        // An empty file has no lines.
-        let empty = dir.path().join("empty.jsonl");
-        std::fs::write(&empty, b"").expect("write");
-        assert!(lines_of(&empty).is_empty());
-    }
 }
