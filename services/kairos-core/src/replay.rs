@@ -102,6 +102,18 @@ impl<P: Processor> Replayer<P> {
         key: &[u8],
         payload: &[u8],
     ) -> anyhow::Result<Vec<OutboxEntry>> {
+        self.push_decoded(topic, key, payload, None)
+    }
+
+    /// [`Replayer::push`] for a record the caller has decoded already, with the
+    /// processor's own `decode` (see [`Engine::handle_decoded`]).
+    pub fn push_decoded(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        decoded: Option<P::Input>,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
         let partition = partition_for(key, self.partitions);
         // Looked up by `&str` first: no allocation per record.
         if !self.offsets.contains_key(topic) {
@@ -120,7 +132,7 @@ impl<P: Processor> Replayer<P> {
             payload,
         };
         *offset += 1;
-        let mut out = self.engine.handle(&record)?;
+        let mut out = self.engine.handle_decoded(&record, decoded)?;
         self.since_commit += 1;
         if self.since_commit >= self.commit_every {
             append_outputs(&mut out, self.commit()?);

@@ -339,7 +339,18 @@ impl<P: Processor> Engine<P> {
     /// arbiter's merged ledgers) or the next stage sees them in event order, not only
     /// when the batch commits, so a replay's results do not depend on its batch size.
     pub fn handle(&mut self, record: &Record<'_>) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.apply(record)?;
+        self.handle_decoded(record, None)
+    }
+
+    /// [`Engine::handle`] for a record whose payload the caller has decoded already
+    /// (`decoded`, as the processor's `decode` gives it for this record), so it is not
+    /// decoded twice. `None` decodes it here.
+    pub fn handle_decoded(
+        &mut self,
+        record: &Record<'_>,
+        decoded: Option<P::Input>,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        self.apply(record, decoded)?;
         if self.durable_outputs {
             return Ok(Vec::new());
         }
@@ -351,7 +362,7 @@ impl<P: Processor> Engine<P> {
             .unwrap_or_default())
     }
 
-    fn apply(&mut self, record: &Record<'_>) -> anyhow::Result<()> {
+    fn apply(&mut self, record: &Record<'_>, decoded: Option<P::Input>) -> anyhow::Result<()> {
         let state_partition = self.state_partition(record.partition);
         let offset_key = self.offset_key(record.topic, record.partition);
         let Some(part) = self.parts.get_mut(&state_partition) else {
@@ -368,7 +379,7 @@ impl<P: Processor> Engine<P> {
                 return Ok(());
             }
         }
-        let input = match self.processor.decode(record) {
+        let input = match decoded.map_or_else(|| self.processor.decode(record), Ok) {
             Ok(input) => input,
             Err(rejection) => {
                 let now = part.clock.now();

@@ -11,7 +11,7 @@ use kairos_core::replay::{Replayer, Stage};
 use kairos_core::store::OutboxEntry;
 
 use crate::catalog::CatalogJoin;
-use crate::ProfileProcessor;
+use crate::{ProfileInput, ProfileProcessor};
 
 /// Profile processor and catalog join wired together as on Kafka.
 pub struct Pipeline {
@@ -19,6 +19,8 @@ pub struct Pipeline {
     catalog: Replayer<CatalogJoin>,
     catalog_topic: String,
     interest_topic: String,
+    /// The profile's schema registry, for events decoded before they are pushed.
+    schema_registry: SchemaRegistry,
     /// A stage in front of the profile (identity resolution): raw events go to it.
     upstream: Option<Box<dyn Stage>>,
     /// Stages fed with the outputs of the profile (and of each other).
@@ -37,7 +39,7 @@ impl Pipeline {
         )?;
         let catalog_registry = prometheus::Registry::new();
         let catalog = Replayer::new(
-            CatalogJoin::new(config, schema_registry),
+            CatalogJoin::new(config, schema_registry.clone()),
             config,
             &catalog_registry,
         )?;
@@ -46,6 +48,7 @@ impl Pipeline {
             catalog,
             catalog_topic: config.topic(topics::CATALOG),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
+            schema_registry,
             upstream: None,
             downstream: Vec::new(),
         })
@@ -85,6 +88,50 @@ impl Pipeline {
             out
         };
         self.route(first, sink)
+    }
+
+    /// Feeds a bare JSON line that `kairos replay` would route to `site_topic` (keyed
+    /// by its `customer_id`, else its `anonymous_id`), decoding it once: the replay
+    /// otherwise parses every line to find its topic and key, then the profile parses
+    /// it again. Returns false, having done nothing, for a line this cannot take: one
+    /// that might be an envelope or a receipt (it names `topic` or `receipt_id`
+    /// anywhere), one that is not a valid site event (it goes the usual way, to be
+    /// dead-lettered with its reason), or any line when a stage (identity) comes
+    /// before the profile.
+    pub fn push_site_event_line(
+        &mut self,
+        site_topic: &str,
+        line: &[u8],
+        sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<bool> {
+        let routed_elsewhere = |name: &[u8]| memchr::memmem::find(line, name).is_some();
+        if self.upstream.is_some()
+            || routed_elsewhere(b"\"topic\"")
+            || routed_elsewhere(b"\"receipt_id\"")
+        {
+            return Ok(false);
+        }
+        let Ok(event) = kairos_core::input::decode_customer_event(line, &self.schema_registry)
+        else {
+            return Ok(false);
+        };
+        let key = event
+            .customer_id
+            .as_deref()
+            .or(event.anonymous_id.as_deref())
+            .unwrap_or_default()
+            .to_string();
+        let decoded = Some(ProfileInput::Event(Box::new(event)));
+        let mut out = self
+            .profile
+            .push_decoded(site_topic, key.as_bytes(), line, decoded)?;
+        for stage in &mut self.downstream {
+            if stage.consumes(site_topic) {
+                out.extend(stage.push(site_topic, key.as_bytes(), line)?);
+            }
+        }
+        self.route(out, sink)?;
+        Ok(true)
     }
 
     /// A customer's committed profile (for tests and tools): commit first.

@@ -1378,3 +1378,127 @@ fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
         .collect();
     assert_eq!(visits, [json!(t0), json!(t0 + DAY)]);
 }
+
+/// `push_site_event_line`, the replay's one-parse path for bare site events, gives
+/// the same records as `push` with the topic and key the replay's router picks, and
+/// declines (doing nothing) what it must not take: an invalid event, which `push`
+/// then dead-letters, a receipt and an envelope.
+#[test]
+fn a_site_event_line_decoded_once_gives_what_push_gives() {
+    let t0 = at("2026-03-02T09:00:00Z");
+    let site = "kairos.events.site";
+    let line = |v: Value| serde_json::to_vec(&v).expect("json");
+    let view = |id: &str, who: Value, t: Millis| {
+        let mut e = json!({"event_id": id, "event_type": "product_view", "occurred_at": rfc(t),
+            "product": product("p-1", 40.0)});
+        if let (Some(obj), Value::Object(who)) = (e.as_object_mut(), who) {
+            obj.extend(who);
+        }
+        line(e)
+    };
+    let envelope_value = json!({"event_id": "e-env", "event_type": "registration",
+        "occurred_at": rfc(t0 + 5 * MINUTE), "customer_id": "c-2"});
+    // The line, the topic and key a router gives it, whether the one-parse path takes
+    // it, and the payload a router pushes when it is not the line (an envelope's).
+    type Case<'a> = (Vec<u8>, &'a str, &'a str, bool, Vec<u8>);
+    let lines: Vec<Case<'_>> = vec![
+        (
+            view("e-1", json!({"customer_id": "c-1"}), t0),
+            site,
+            "c-1",
+            true,
+            vec![],
+        ),
+        (
+            view("e-2", json!({"anonymous_id": "a-9"}), t0 + MINUTE),
+            site,
+            "a-9",
+            true,
+            vec![],
+        ),
+        (
+            line(
+                json!({"event_id": "e-3", "event_type": "purchase", "occurred_at": rfc(t0 + 2 * MINUTE),
+                "customer_id": "c-1", "order": order("o-bad", -5.0, None)}),
+            ),
+            site,
+            "c-1",
+            false,
+            vec![],
+        ),
+        (
+            line(
+                json!({"event_id": "e-4", "occurred_at": rfc(t0 + 3 * MINUTE), "receipt_id": "r-4",
+                "kind": "sale", "store_id": "s-1", "customer_id": "c-1", "total": 10.0,
+                "items": [{"product_id": "p-2", "quantity": 1, "unit_price": 10.0}], "currency": "EUR"}),
+            ),
+            "kairos.events.offline",
+            "c-1",
+            false,
+            vec![],
+        ),
+        (
+            line(json!({"topic": "events.site", "key": "c-2", "value": envelope_value})),
+            site,
+            "c-2",
+            false,
+            line(envelope_value.clone()),
+        ),
+        (
+            view("e-5", json!({"customer_id": "c-2"}), t0 + 6 * MINUTE),
+            site,
+            "c-2",
+            true,
+            vec![],
+        ),
+    ];
+    let mut once = Harness::new();
+    let mut routed = Harness::new();
+    for (raw, topic, key, taken, envelope_payload) in &lines {
+        let payload = if envelope_payload.is_empty() {
+            raw
+        } else {
+            envelope_payload
+        };
+        let mut sink = Harness::sink(&mut once.outputs);
+        let took = once
+            .pipeline
+            .push_site_event_line(site, raw, &mut sink)
+            .expect("push line");
+        assert_eq!(took, *taken, "{}", String::from_utf8_lossy(raw));
+        if !took {
+            once.pipeline
+                .push(topic, key.as_bytes(), payload, &mut sink)
+                .expect("push");
+        }
+        let mut sink = Harness::sink(&mut routed.outputs);
+        routed
+            .pipeline
+            .push(topic, key.as_bytes(), payload, &mut sink)
+            .expect("push");
+    }
+    for h in [&mut once, &mut routed] {
+        h.advance(t0 + 3 * HOUR);
+        h.commit();
+    }
+    let records = |h: &Harness| -> Vec<(String, String, Value)> {
+        h.outputs
+            .iter()
+            .map(|o| (o.topic.clone(), o.key.clone(), o.value.clone()))
+            .collect()
+    };
+    assert!(
+        records(&once) == records(&routed),
+        "{:#?}\n{:#?}",
+        records(&once),
+        records(&routed)
+    );
+    // What each line did: the views' interest and activity, the receipt's purchase,
+    // the envelope's registration, and the reminders (the purchase ended c-1's).
+    assert_eq!(once.on("customer-actions").count(), 4);
+    assert_eq!(once.on("product-interest").count(), 3);
+    assert_eq!(once.triggers("c-1", "browse_abandonment").len(), 0);
+    assert_eq!(once.triggers("anon:a-9", "browse_abandonment").len(), 1);
+    assert!(!once.triggers("c-2", "browse_abandonment").is_empty());
+    assert_eq!(once.on("deadletter").count(), 1, "the negative purchase");
+}

@@ -156,6 +156,10 @@ pub fn run(
             if line.trim_ascii().is_empty() {
                 return Ok(());
             }
+            if pipeline.push_site_event_line(&site_events, line, &mut sink)? {
+                stats.input_records += 1;
+                return Ok(());
+            }
             // An unparsable line (not UTF-8, not JSON) still goes in, as a site event,
             // so it is dead-lettered like on Kafka, with its reason.
             match std::str::from_utf8(line)
