@@ -95,7 +95,7 @@ impl Pipeline {
     /// otherwise parses every line to find its topic and key, then the profile parses
     /// it again. Returns false, having done nothing, for a line this cannot take: one
     /// that might be an envelope or a receipt (it names `topic` or `receipt_id`
-    /// anywhere), one that is not a valid site event (it goes the usual way, to be
+    /// anywhere), one that does not name `event_type`, one that is not a valid site event (it goes the usual way, to be
     /// dead-lettered with its reason), or any line when a stage (identity) comes
     /// before the profile.
     pub fn push_site_event_line(
@@ -104,10 +104,13 @@ impl Pipeline {
         line: &[u8],
         sink: &mut dyn FnMut(&OutboxEntry) -> anyhow::Result<()>,
     ) -> anyhow::Result<bool> {
-        let routed_elsewhere = |name: &[u8]| memchr::memmem::find(line, name).is_some();
+        let names = |name: &[u8]| memchr::memmem::find(line, name).is_some();
+        // Without `event_type` it is not a site event (a catalog update, say): not
+        // worth a decode that fails, with its error built for the dead-letter reason.
         if self.upstream.is_some()
-            || routed_elsewhere(b"\"topic\"")
-            || routed_elsewhere(b"\"receipt_id\"")
+            || names(b"\"topic\"")
+            || names(b"\"receipt_id\"")
+            || !names(b"\"event_type\"")
         {
             return Ok(false);
         }

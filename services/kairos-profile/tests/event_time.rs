@@ -1382,7 +1382,7 @@ fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
 /// `push_site_event_line`, the replay's one-parse path for bare site events, gives
 /// the same records as `push` with the topic and key the replay's router picks, and
 /// declines (doing nothing) what it must not take: an invalid event, which `push`
-/// then dead-letters, a receipt and an envelope.
+/// then dead-letters, a receipt, an envelope and a catalog update.
 #[test]
 fn a_site_event_line_decoded_once_gives_what_push_gives() {
     let t0 = at("2026-03-02T09:00:00Z");
@@ -1449,6 +1449,15 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
             site,
             "c-2",
             true,
+            vec![],
+        ),
+        (
+            line(
+                json!({"event_id": "e-6", "occurred_at": rfc(t0 + 7 * MINUTE), "product_id": "p-1", "price": 30.0}),
+            ),
+            "kairos.catalog",
+            "p-1",
+            false,
             vec![],
         ),
     ];
