@@ -95,9 +95,9 @@ impl Pipeline {
     /// otherwise parses every line to find its topic and key, then the profile parses
     /// it again. Returns false, having done nothing, for a line this cannot take: one
     /// that might be an envelope or a receipt (it names `topic` or `receipt_id`
-    /// anywhere), one that does not name `event_type`, one that is not a valid site event (it goes the usual way, to be
-    /// dead-lettered with its reason), or any line when a stage (identity) comes
-    /// before the profile.
+    /// anywhere), one that does not name `event_type`, one that is not a valid site
+    /// event (it goes the usual way, to be dead-lettered with its reason), or any line
+    /// when a stage (identity) comes before the profile.
     pub fn push_site_event_line(
         &mut self,
         site_topic: &str,
