@@ -78,16 +78,28 @@ impl Pipeline {
         } else if let Some(upstream) = self.upstream.as_mut().filter(|u| u.consumes(topic)) {
             upstream.push(topic, key, payload)?
         } else {
-            let mut out = self.profile.push(topic, key, payload)?;
-            // Every consumer of a topic reads it (outcomes: the profile and the arbiter).
-            for stage in &mut self.downstream {
-                if stage.consumes(topic) {
-                    out.extend(stage.push(topic, key, payload)?);
-                }
-            }
-            out
+            self.push_to_profile(topic, key, payload, None)?
         };
         self.route(first, sink)
+    }
+
+    /// A record for the profile (already `decoded` by the profile's decoding, or not)
+    /// and every later stage that reads its topic; returns what they emitted.
+    fn push_to_profile(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        decoded: Option<ProfileInput>,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        let mut out = self.profile.push_decoded(topic, key, payload, decoded)?;
+        // Every consumer of a topic reads it (outcomes: the profile and the arbiter).
+        for stage in &mut self.downstream {
+            if stage.consumes(topic) {
+                out.extend(stage.push(topic, key, payload)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Feeds a bare JSON line that `kairos replay` would route to `site_topic` (keyed
@@ -125,14 +137,7 @@ impl Pipeline {
             .unwrap_or_default()
             .to_string();
         let decoded = Some(ProfileInput::Event(Box::new(event)));
-        let mut out = self
-            .profile
-            .push_decoded(site_topic, key.as_bytes(), line, decoded)?;
-        for stage in &mut self.downstream {
-            if stage.consumes(site_topic) {
-                out.extend(stage.push(site_topic, key.as_bytes(), line)?);
-            }
-        }
+        let out = self.push_to_profile(site_topic, key.as_bytes(), line, decoded)?;
         self.route(out, sink)?;
         Ok(true)
     }

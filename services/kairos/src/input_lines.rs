@@ -50,26 +50,25 @@ fn without_line_ending(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Through the page cache, one reused line buffer.
+/// Through the page cache, split as the direct blocks are.
 fn buffered_lines(
     path: &Path,
     file: File,
     each: &mut impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut line = Vec::new();
-    for n in 1.. {
-        line.clear();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .with_context(|| format!("{}:{n}: cannot read", path.display()))?;
-        if read == 0 {
-            break;
+    let mut lines = LineSplitter::default();
+    loop {
+        let data = reader
+            .fill_buf()
+            .with_context(|| format!("{}:{}: cannot read", path.display(), lines.count + 1))?;
+        if data.is_empty() {
+            return lines.finish(each);
         }
-        let end = line.strip_suffix(b"\n").map_or(line.len(), <[u8]>::len);
-        each(n, without_line_ending(&line[..end]))?;
+        let read = data.len();
+        lines.feed(data, each)?;
+        reader.consume(read);
     }
-    Ok(())
 }
 
 /// The file opened with `O_DIRECT`, or `None` where the system or the file system
@@ -185,8 +184,8 @@ fn direct_lines(
 #[derive(Default)]
 struct LineSplitter {
     carry: Vec<u8>,
-    /// Number of the next line (from 1).
-    next: usize,
+    /// Lines handed out so far: the number of the last one.
+    count: usize,
 }
 
 impl LineSplitter {
@@ -197,12 +196,12 @@ impl LineSplitter {
     ) -> anyhow::Result<()> {
         let mut start = 0;
         for end in memchr::memchr_iter(b'\n', data) {
-            self.next += 1;
+            self.count += 1;
             if self.carry.is_empty() {
-                each(self.next, without_line_ending(&data[start..end]))?;
+                each(self.count, without_line_ending(&data[start..end]))?;
             } else {
                 self.carry.extend_from_slice(&data[start..end]);
-                each(self.next, without_line_ending(&self.carry))?;
+                each(self.count, without_line_ending(&self.carry))?;
                 self.carry.clear();
             }
             start = end + 1;
@@ -219,9 +218,9 @@ impl LineSplitter {
         if self.carry.is_empty() {
             return Ok(());
         }
-        self.next += 1;
+        self.count += 1;
         let line = std::mem::take(&mut self.carry);
-        each(self.next, without_line_ending(&line))
+        each(self.count, without_line_ending(&line))
     }
 }
 

@@ -20,6 +20,8 @@ use kairos_core::store::OutboxEntry;
 use kairos_core::time::ClockMode;
 use kairos_profile::pipeline::Pipeline;
 
+use crate::input_lines::for_each_line;
+
 pub struct ReplayStats {
     pub input_records: u64,
     pub output_records: u64,
@@ -92,8 +94,6 @@ impl TopicNames {
         &self.0[name]
     }
 }
-
-pub use crate::input_lines::for_each_line;
 
 pub fn run(
     config: &Config,
