@@ -220,17 +220,19 @@ mod tests {
         }
     }
 
-    fn firings(second_on_first: &'static str) -> Vec<String> {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_text(
+    /// One partition in event time, with its state in `dir`.
+    fn event_time_config(dir: &std::path::Path) -> Config {
+        Config::from_text(
             std::path::Path::new("test.toml"),
             "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\n",
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
+            &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    fn firings(second_on_first: &'static str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let config = event_time_config(dir.path());
         let registry = prometheus::Registry::new();
         let mut r = Replayer::new(TwoTimers { second_on_first }, &config, &registry).unwrap();
         let mut out = r.push("in", b"k", b"arm").unwrap();
@@ -265,6 +267,62 @@ mod tests {
                 r#"["second",10,"second, set again"]"#
             ]
         );
+    }
+
+    /// "arm" schedules a timer; "fail" fails the batch; firings are emitted.
+    struct ArmThenFail;
+
+    impl Processor for ArmThenFail {
+        type Input = Vec<u8>;
+        fn name(&self) -> &str {
+            "arm-then-fail"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, r: &Record<'_>) -> Result<Vec<u8>, crate::encoding::Rejection> {
+            Ok(r.payload.to_vec())
+        }
+        fn event_time(&self, _: &Vec<u8>) -> Option<Millis> {
+            None
+        }
+        fn process(
+            &mut self,
+            ctx: &mut crate::runtime::Ctx<'_>,
+            input: Vec<u8>,
+        ) -> anyhow::Result<()> {
+            match input.as_slice() {
+                b"fail" => anyhow::bail!("a poisoned record"),
+                _ => ctx.schedule("armed", 10, &"armed"),
+            }
+        }
+        fn on_timer(
+            &mut self,
+            ctx: &mut crate::runtime::Ctx<'_>,
+            timer: &crate::store::DueTimer,
+        ) -> anyhow::Result<()> {
+            ctx.emit("fired", "k", &timer.timer_id);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_timer_scheduled_in_a_failed_batch_never_fires() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = event_time_config(dir.path());
+        let mut r = Replayer::new(ArmThenFail, &config, &prometheus::Registry::new()).unwrap();
+        r.push("in", b"k", b"arm").unwrap();
+        assert!(r.push("in", b"k", b"fail").is_err());
+        let fired = |out: &[OutboxEntry]| out.iter().filter(|e| e.topic == "fired").count();
+        let mut out = r.commit().unwrap();
+        out.extend(r.advance_to(50).unwrap());
+        assert_eq!(fired(&out), 0, "the failed batch's timer fired");
+        // The partition works on after the failed batch: a new timer fires once (at
+        // once, as its time has passed).
+        let mut out = r.push("in", b"k", b"arm").unwrap();
+        out.extend(r.commit().unwrap());
+        out.extend(r.advance_to(100).unwrap());
+        assert_eq!(fired(&out), 1);
     }
 
     #[test]

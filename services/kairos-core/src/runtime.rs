@@ -73,8 +73,9 @@ pub trait Processor: Send + 'static {
     /// The record's event time; in event-time mode it advances the partition's clock.
     fn event_time(&self, input: &Self::Input) -> Option<Millis>;
 
-    /// Applies one input. An error is fatal for the batch: nothing of it is committed,
-    /// and the service stops so that a restart retries from the last commit.
+    /// Applies one input. An error is fatal for the batch: nothing of it is committed
+    /// (the engine drops it and reopens the partition at its last commit), and the
+    /// service stops so that a restart retries from there.
     fn process(&mut self, ctx: &mut Ctx<'_>, input: Self::Input) -> anyhow::Result<()>;
 
     /// A persistent timer fired.
@@ -86,7 +87,8 @@ pub trait Processor: Send + 'static {
         Ok(())
     }
 
-    /// The partition moved away (or the process stops): drop anything cached for it.
+    /// The partition moved away, its batch failed, or the process stops: drop
+    /// anything cached for it.
     fn on_partition_closed(&mut self, _partition: i32) {}
 
     /// True for a processor whose state is one whole (the identity graph: any two
@@ -350,11 +352,14 @@ impl<P: Processor> Engine<P> {
         record: &Record<'_>,
         decoded: Option<P::Input>,
     ) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.apply(record, decoded)?;
+        let state_partition = self.state_partition(record.partition);
+        if let Err(e) = self.apply(record, decoded) {
+            self.abandon_batch(state_partition);
+            return Err(e);
+        }
         if self.durable_outputs {
             return Ok(Vec::new());
         }
-        let state_partition = self.state_partition(record.partition);
         Ok(self
             .parts
             .get_mut(&state_partition)
@@ -463,9 +468,45 @@ impl<P: Processor> Engine<P> {
     pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = Vec::new();
         for p in self.owned() {
-            append_outputs(&mut out, self.commit_partition(p)?);
+            let committed = self.commit_partition(p);
+            append_outputs(&mut out, self.or_abandon(p, committed)?);
         }
         Ok(out)
+    }
+
+    /// `result` of work on `partition`'s batch, abandoning the batch if it failed.
+    fn or_abandon<T>(&mut self, partition: i32, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            self.abandon_batch(partition);
+        }
+        result
+    }
+
+    /// A batch of `partition` failed part-way: none of it may commit, and none of it
+    /// may linger in memory and leak into a later batch. The processor drops what it
+    /// cached for the partition and the store is opened again (its pending writes and
+    /// in-memory timer index go with the old one), so the engine holds exactly the last
+    /// commit, as a restarted process would, whatever its caller does next. Outputs of
+    /// earlier commits still in the outbox were handed out when they committed.
+    fn abandon_batch(&mut self, partition: i32) {
+        self.processor.on_partition_closed(partition);
+        if self.parts.remove(&partition).is_none() {
+            return;
+        }
+        tracing::warn!(
+            service = self.processor.name(),
+            partition,
+            "batch failed: its changes are dropped and the partition reopened at its last commit"
+        );
+        if let Err(e) = self.open(partition) {
+            self.metrics.owned_partitions.set(self.parts.len() as i64);
+            tracing::error!(
+                service = self.processor.name(),
+                partition,
+                error = format!("{e:#}"),
+                "partition does not open again after a failed batch; it stays closed"
+            );
+        }
     }
 
     /// Fires due timers of every partition (committing as it goes).
@@ -476,7 +517,8 @@ impl<P: Processor> Engine<P> {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
             };
-            out.extend(self.fire_partition(p, now, true)?);
+            let fired = self.fire_partition(p, now, true);
+            out.extend(self.or_abandon(p, fired)?);
         }
         Ok(out)
     }
@@ -549,7 +591,8 @@ impl<P: Processor> Engine<P> {
     pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.commit()?;
         for p in self.owned() {
-            out.extend(self.fire_partition(p, t, true)?);
+            let fired = self.fire_partition(p, t, true);
+            out.extend(self.or_abandon(p, fired)?);
             if let Some(part) = self.parts.get_mut(&p) {
                 if t > part.clock.event_time() {
                     part.clock.observe(t);

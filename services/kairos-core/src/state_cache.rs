@@ -248,7 +248,8 @@ mod tests {
     use crate::runtime::{Processor, Record};
     use crate::store::{DueTimer, Pending};
 
-    /// Counts records per key in a cached value; "look:<key>" reads without writing.
+    /// Counts records per key in a cached value; "look:<key>" reads without writing;
+    /// "fail" fails the batch.
     struct Counter {
         counts: StateCache<u64>,
     }
@@ -268,6 +269,9 @@ mod tests {
             None
         }
         fn process(&mut self, ctx: &mut Ctx<'_>, key: String) -> anyhow::Result<()> {
+            if key == "fail" {
+                anyhow::bail!("a poisoned record");
+            }
             if let Some(key) = key.strip_prefix("look:") {
                 // Taken out and put back unchanged: must not make the value dirty.
                 if let Some(n) = self.counts.take(ctx, key)? {
@@ -366,6 +370,28 @@ mod tests {
         r.push("in", b"k", b"look:key-a").unwrap();
         assert!(dirty(&r).is_empty());
         assert_eq!(r.engine.processor.counts.len(0), 1);
+    }
+
+    #[test]
+    fn a_failed_batch_leaves_nothing_cached_for_the_next() {
+        both_ways(failed_batch);
+    }
+
+    fn failed_batch(encoding_first_changes: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = counter(dir.path(), 1000, encoding_first_changes);
+        r.push("in", b"k", b"key-a").unwrap();
+        r.commit().unwrap();
+        // Changed in a batch that then fails: the change must not survive in the
+        // cache, or the next batch would count on from it and commit it.
+        r.push("in", b"k", b"key-a").unwrap();
+        r.push("in", b"k", b"key-b").unwrap();
+        assert!(r.push("in", b"k", b"fail").is_err());
+        assert_eq!(r.engine.processor.counts.len(0), 0);
+        r.push("in", b"k", b"key-a").unwrap();
+        r.commit().unwrap();
+        assert_eq!(stored(&r, "key-a"), Some(2));
+        assert_eq!(stored(&r, "key-b"), None);
     }
 
     #[test]

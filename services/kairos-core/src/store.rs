@@ -114,14 +114,41 @@ const COLUMN_FAMILY_OPTIONS: &str = r#"[Version]
 fn write_options_file(dir: &Path) -> StoreResult<()> {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let staged = dir.join(format!("staged-{}-{n}", std::process::id()));
+    let staged = dir.join(format!("{STAGED_PREFIX}{}-{n}", std::process::id()));
     std::fs::create_dir_all(dir)
+        .map(|()| remove_stale_staged_files(dir))
         .and_then(|()| std::fs::write(&staged, COLUMN_FAMILY_OPTIONS))
         .and_then(|()| std::fs::rename(&staged, dir.join("OPTIONS-000001")))
         .map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
         })
+}
+
+/// Name prefix of an options file being written, before its process id.
+const STAGED_PREFIX: &str = "staged-";
+
+/// Removes the staged options files that processes killed between writing and renaming
+/// them left in `dir` (a staged file of a live process, this one or another on the
+/// same root, is its write in progress). Best effort: a file left costs a kilobyte.
+fn remove_stale_staged_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STAGED_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists() || !Path::new("/proc/self").exists();
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Opens partition stores that share one block cache.
@@ -1096,6 +1123,28 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(files, ["OPTIONS-000001"]);
+    }
+
+    /// A staged options file of a process that died before renaming it is removed by
+    /// the next start; one of a live process (its write in progress) is left alone.
+    #[test]
+    fn staged_options_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = dir.path().join(OPTIONS_DIR);
+        std::fs::create_dir_all(&options).unwrap();
+        // Above Linux's largest process id (2^22), so no process has it.
+        let dead = format!("{STAGED_PREFIX}999999999-0");
+        let live = format!("{STAGED_PREFIX}{}-77", std::process::id());
+        for name in [&dead, &live] {
+            std::fs::write(options.join(name), "half-written").unwrap();
+        }
+        StoreFactory::new(dir.path(), 1 << 20).unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(&options)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["OPTIONS-000001".to_string(), live]);
     }
 
     /// The batch buffer writes what RocksDB's own `WriteBatch` serializes for the same
