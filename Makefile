@@ -14,7 +14,8 @@ KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
   python3-aiosmtpd
 
-.PHONY: all deps build run test lint fmt bench bench-delivery bench-arbiter bench-identity clean
+.PHONY: all deps deps-pgo build release pgo run test lint fmt bench bench-delivery bench-arbiter \
+  bench-identity clean
 BENCH_EVENTS ?= 20000000
 BENCH_CUSTOMERS ?= 1000000
 BENCH_SENDS ?= 200000
@@ -24,6 +25,23 @@ BENCH_IDENTITY_EVENTS ?= 2000000
 # Records per state commit in `make bench` and `make bench-arbiter` (production commits
 # every 1,000 by default; a replay commits as rarely as its memory allows).
 BENCH_BATCH ?= 100000
+
+# The benchmarks measure a profile-guided build (PGO=1, the default): `make pgo` builds
+# kairos instrumented, trains it with deploy/pgo/train.sh on its own smaller generated
+# traffic, and builds it again with the merged profile. PGO=0 measures the plain
+# release build. The profile is named after the instrumented binary's hash, so it is
+# trained again exactly when the code changes (cargo tracks RUSTFLAGS, not the file).
+# llvm-profdata must match rustc's LLVM (22 for rustc 1.95): Debian's llvm-22.
+PGO ?= 1
+PGO_DIR := $(CARGO_TARGET_DIR)/pgo
+LLVM_PROFDATA ?= llvm-profdata-22
+ifeq ($(PGO),1)
+BENCH_BUILD := pgo
+BENCH_KAIROS := $(PGO_DIR)/optimized/release/kairos
+else
+BENCH_BUILD := release
+BENCH_KAIROS := $(CARGO_TARGET_DIR)/release/kairos
+endif
 
 all: build
 
@@ -36,6 +54,13 @@ deps:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+deps-pgo: deps
+	@command -v $(LLVM_PROFDATA) >/dev/null || { \
+	  echo "installing system packages: llvm-22"; \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends llvm-22 >/dev/null; }
 
 build: deps
 	$(CARGO) build --workspace --all-targets
@@ -58,43 +83,56 @@ lint: deps
 fmt:
 	$(CARGO) fmt --all
 
+release: deps
+	$(CARGO) build --release -p kairos
+
+pgo: deps-pgo
+	CARGO_TARGET_DIR=$(PGO_DIR)/instrumented RUSTFLAGS="-Cprofile-generate=$(PGO_DIR)/raw" \
+	  $(CARGO) build --release -p kairos
+	set -e; \
+	profile="$(PGO_DIR)/kairos-$$(sha256sum $(PGO_DIR)/instrumented/release/kairos | cut -c1-16).profdata"; \
+	if [ ! -s "$$profile" ]; then \
+	  rm -rf $(PGO_DIR)/raw; \
+	  bash deploy/pgo/train.sh $(PGO_DIR)/instrumented/release/kairos $(PGO_DIR)/train; \
+	  $(LLVM_PROFDATA) merge -o "$$profile.tmp" $(PGO_DIR)/raw; \
+	  mv "$$profile.tmp" "$$profile"; \
+	fi; \
+	CARGO_TARGET_DIR=$(PGO_DIR)/optimized RUSTFLAGS="-Cprofile-use=$$profile" \
+	  $(CARGO) build --release -p kairos
+
 # Replay benchmark of the profile processor (with the catalog join) on RocksDB on
 # disk: generated traffic to a file, then `kairos replay` reports events/s, events
 # per CPU-second and peak memory.
-bench-delivery: deps
-	$(CARGO) build --release -p kairos
-	$(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml bench-delivery \
+bench-delivery: $(BENCH_BUILD)
+	$(BENCH_KAIROS) --config config/kairos.toml bench-delivery \
 	  --channel email --count $(BENCH_SENDS)
 
 # The identity processor on one core (taskset): generated traffic from a file, read
 # before the clock starts; reports events per second and per CPU-second.
-bench-identity: deps
-	$(CARGO) build --release -p kairos
+bench-identity: $(BENCH_BUILD)
 	mkdir -p var/bench
 	test -s var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
-	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml generate \
+	  $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
 	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60
-	KAIROS__STATE__MAX_BATCH_RECORDS=10000 taskset -c 0 $(CARGO_TARGET_DIR)/release/kairos \
+	KAIROS__STATE__MAX_BATCH_RECORDS=10000 taskset -c 0 $(BENCH_KAIROS) \
 	  --config config/kairos.toml bench-identity \
 	  var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl
 
-bench-arbiter: deps
-	$(CARGO) build --release -p kairos
+bench-arbiter: $(BENCH_BUILD)
 	KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
-	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml \
+	  $(BENCH_KAIROS) --config config/kairos.toml \
 	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS) --scenario $(BENCH_SCENARIO)
 
-bench: deps
-	$(CARGO) build --release -p kairos
+bench: $(BENCH_BUILD)
 	mkdir -p var/bench
 	test -s var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
-	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml generate \
+	  $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
 	rm -rf var/bench/state
 	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
-	  $(CARGO_TARGET_DIR)/release/kairos --config config/kairos.toml replay --no-arbiter \
+	  $(BENCH_KAIROS) --config config/kairos.toml replay --no-arbiter \
 	    --state-dir var/bench/state --output /dev/null \
 	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl
 
