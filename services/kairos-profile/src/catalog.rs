@@ -51,8 +51,10 @@ struct ProductState {
 /// The views of one product on one day: customer -> latest view.
 type DayViews = BTreeMap<String, Millis>;
 
-/// A batch's views not written yet: (product, day) -> customer -> latest view.
-type BatchViews = HashMap<(CompactString, i64), HashMap<String, Millis>>;
+/// A batch's views not written yet: product -> day -> customer -> latest view. By
+/// product first, so a price change takes its product's views without looking at the
+/// batch's other products.
+type BatchViews = HashMap<CompactString, HashMap<i64, HashMap<String, Millis>>>;
 
 /// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
 /// the days of a product scan in order.
@@ -112,10 +114,11 @@ impl CatalogJoin {
     /// Adds views gathered in the batch to the stored views of `product` on `day`.
     fn write_day_views(
         ctx: &mut Ctx<'_>,
-        (product_id, day): (CompactString, i64),
+        product_id: &str,
+        day: i64,
         views: HashMap<String, Millis>,
     ) -> anyhow::Result<()> {
-        let key = day_views_key(&product_id, day);
+        let key = day_views_key(product_id, day);
         let mut stored: DayViews = ctx.get(&key)?.unwrap_or_default();
         for (customer, at) in views {
             let latest = stored.entry(customer).or_insert(at);
@@ -166,17 +169,12 @@ impl CatalogJoin {
             *seen = (*seen).max(Some(at));
         };
         // This batch's views of the product count too: written out first.
-        if let Some(batch) = self.batch_views.get_mut(&ctx.partition) {
-            let days: Vec<(CompactString, i64)> = batch
-                .keys()
-                .filter(|(product, _)| *product == u.product_id)
-                .cloned()
-                .collect();
-            for product_day in days {
-                if let Some(views) = batch.remove(&product_day) {
-                    Self::write_day_views(ctx, product_day, views)?;
-                }
-            }
+        let batch_days = self
+            .batch_views
+            .get_mut(&ctx.partition)
+            .and_then(|batch| batch.remove(u.product_id.as_str()));
+        for (day, views) in batch_days.into_iter().flatten() {
+            Self::write_day_views(ctx, &u.product_id, day, views)?;
         }
         let by_day = format!("vd/{}/", u.product_id);
         let first_day = fresh_after.div_euclid(DAY);
@@ -242,7 +240,9 @@ impl CatalogJoin {
                     .batch_views
                     .entry(ctx.partition)
                     .or_default()
-                    .entry((CompactString::from(i.product_id.as_str()), day))
+                    .entry(CompactString::from(i.product_id.as_str()))
+                    .or_default()
+                    .entry(day)
                     .or_default()
                     .entry(i.customer_id.clone())
                     .or_insert(i.occurred_at);
@@ -312,8 +312,10 @@ impl Processor for CatalogJoin {
 
     fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
         if let Some(batch) = self.batch_views.get_mut(&ctx.partition) {
-            for (product_day, views) in batch.drain() {
-                Self::write_day_views(ctx, product_day, views)?;
+            for (product_id, days) in batch.drain() {
+                for (day, views) in days {
+                    Self::write_day_views(ctx, &product_id, day, views)?;
+                }
             }
         }
         Ok(())
