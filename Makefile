@@ -34,7 +34,8 @@ BENCH_BATCH ?= 100000
 # llvm-profdata must match rustc's LLVM (22 for rustc 1.95): Debian's llvm-22.
 PGO ?= 1
 PGO_DIR := $(CARGO_TARGET_DIR)/pgo
-LLVM_PROFDATA ?= llvm-profdata-22
+PGO_INSTRUMENTED := $(PGO_DIR)/instrumented/release/kairos
+LLVM_PROFDATA := llvm-profdata-22
 ifeq ($(PGO),1)
 BENCH_BUILD := pgo
 BENCH_KAIROS := $(PGO_DIR)/optimized/release/kairos
@@ -45,22 +46,23 @@ endif
 
 all: build
 
+# Installs those of the Debian packages $(1) that are missing.
+define install_missing
+@missing=""; \
+for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  echo "installing system packages:$$missing"; \
+  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+  $$SUDO apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+fi
+endef
+
 deps:
-	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing system packages:$$missing"; \
-	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call install_missing,$(APT_PACKAGES))
 
 deps-pgo: deps
-	@command -v $(LLVM_PROFDATA) >/dev/null || { \
-	  echo "installing system packages: llvm-22"; \
-	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends llvm-22 >/dev/null; }
+	$(call install_missing,llvm-22)
 
 build: deps
 	$(CARGO) build --workspace --all-targets
@@ -90,19 +92,17 @@ pgo: deps-pgo
 	CARGO_TARGET_DIR=$(PGO_DIR)/instrumented RUSTFLAGS="-Cprofile-generate=$(PGO_DIR)/raw" \
 	  $(CARGO) build --release -p kairos
 	set -e; \
-	profile="$(PGO_DIR)/kairos-$$(sha256sum $(PGO_DIR)/instrumented/release/kairos | cut -c1-16).profdata"; \
+	profile="$(PGO_DIR)/kairos-$$(sha256sum $(PGO_INSTRUMENTED) | cut -c1-16).profdata"; \
 	if [ ! -s "$$profile" ]; then \
 	  rm -rf $(PGO_DIR)/raw; \
-	  bash deploy/pgo/train.sh $(PGO_DIR)/instrumented/release/kairos $(PGO_DIR)/train; \
+	  bash deploy/pgo/train.sh $(PGO_INSTRUMENTED) $(PGO_DIR)/train; \
 	  $(LLVM_PROFDATA) merge -o "$$profile.tmp" $(PGO_DIR)/raw; \
 	  mv "$$profile.tmp" "$$profile"; \
 	fi; \
 	CARGO_TARGET_DIR=$(PGO_DIR)/optimized RUSTFLAGS="-Cprofile-use=$$profile" \
 	  $(CARGO) build --release -p kairos
 
-# Replay benchmark of the profile processor (with the catalog join) on RocksDB on
-# disk: generated traffic to a file, then `kairos replay` reports events/s, events
-# per CPU-second and peak memory.
+# One delivery worker with the simulator, in process on RocksDB.
 bench-delivery: $(BENCH_BUILD)
 	$(BENCH_KAIROS) --config config/kairos.toml bench-delivery \
 	  --channel email --count $(BENCH_SENDS)
@@ -124,6 +124,9 @@ bench-arbiter: $(BENCH_BUILD)
 	  $(BENCH_KAIROS) --config config/kairos.toml \
 	  bench-arbiter --count $(BENCH_TRIGGERS) --customers $(BENCH_CUSTOMERS) --scenario $(BENCH_SCENARIO)
 
+# Replay benchmark of the profile processor (with the catalog join) on RocksDB on
+# disk: generated traffic to a file, then `kairos replay` reports events/s, events
+# per CPU-second and peak memory.
 bench: $(BENCH_BUILD)
 	mkdir -p var/bench
 	test -s var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \

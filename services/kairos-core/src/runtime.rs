@@ -353,10 +353,8 @@ impl<P: Processor> Engine<P> {
         decoded: Option<P::Input>,
     ) -> anyhow::Result<Vec<OutboxEntry>> {
         let state_partition = self.state_partition(record.partition);
-        if let Err(e) = self.apply(record, decoded) {
-            self.abandon_batch(state_partition);
-            return Err(e);
-        }
+        let applied = self.apply(record, decoded);
+        self.or_abandon(state_partition, applied)?;
         if self.durable_outputs {
             return Ok(Vec::new());
         }
@@ -489,8 +487,9 @@ impl<P: Processor> Engine<P> {
     /// commit, as a restarted process would, whatever its caller does next. Outputs of
     /// earlier commits still in the outbox were handed out when they committed.
     fn abandon_batch(&mut self, partition: i32) {
-        self.processor.on_partition_closed(partition);
-        if self.parts.remove(&partition).is_none() {
+        let owned = self.parts.contains_key(&partition);
+        self.close(partition);
+        if !owned {
             return;
         }
         tracing::warn!(
@@ -499,7 +498,6 @@ impl<P: Processor> Engine<P> {
             "batch failed: its changes are dropped and the partition reopened at its last commit"
         );
         if let Err(e) = self.open(partition) {
-            self.metrics.owned_partitions.set(self.parts.len() as i64);
             tracing::error!(
                 service = self.processor.name(),
                 partition,

@@ -132,7 +132,12 @@ const STAGED_PREFIX: &str = "staged-";
 /// them left in `dir` (a staged file of a live process, this one or another on the
 /// same root, is its write in progress). Best effort: a file left costs a kilobyte.
 fn remove_stale_staged_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    // Without /proc no process can be told dead: leave every file.
+    let Some(entries) = Path::new("/proc/self")
+        .exists()
+        .then(|| std::fs::read_dir(dir).ok())
+        .flatten()
+    else {
         return;
     };
     for entry in entries.flatten() {
@@ -141,11 +146,11 @@ fn remove_stale_staged_files(dir: &Path) {
             .to_str()
             .and_then(|n| n.strip_prefix(STAGED_PREFIX))
             .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
         else {
             continue;
         };
-        let alive = Path::new("/proc").join(pid).exists() || !Path::new("/proc/self").exists();
-        if !alive {
+        if !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = std::fs::remove_file(entry.path());
         }
     }
