@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (v3 numbering; not among the crate's constants).
+/// mimalloc's `mi_option_purge_delay` (not among the crate's constants; the same
+/// number in mimalloc v2, which the workspace builds, and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps freed memory in mimalloc instead of handing it back to the kernel after 1 s:
