@@ -285,10 +285,16 @@ const STATE_MSGPACK: u8 = 0xC1;
 /// Values written with names by earlier versions still read (a struct reads from a
 /// map as well as from an array), as does JSON from before MessagePack.
 pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    with_scratch(|buf| {
-        buf.push(STATE_MSGPACK);
-        rmp_serde::encode::write(buf, value)
-    })
+    with_scratch(|buf| encode_state_into(buf, value))
+}
+
+/// [`encode_state`], appended to `buf`.
+pub fn encode_state_into<T: Serialize>(
+    buf: &mut Vec<u8>,
+    value: &T,
+) -> Result<(), rmp_serde::encode::Error> {
+    buf.push(STATE_MSGPACK);
+    rmp_serde::encode::write(buf, value)
 }
 
 /// Decodes a state value or timer payload written by [`encode_state`], or as JSON by

@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::AdminState;
 use crate::config::{topics, Config};
 use crate::contracts::DeadLetter;
-use crate::encoding::{decode_state, encode_internal, encode_state, Rejection, SchemaRegistry};
+use crate::encoding::{
+    decode_state, encode_internal, encode_state, encode_state_into, Rejection, SchemaRegistry,
+};
 use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
@@ -130,9 +132,25 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Writes a value already encoded by [`encode_state`].
-    pub fn put_encoded(&mut self, key: &str, bytes: Vec<u8>) {
-        self.store.put(self.pending, key.as_bytes(), bytes);
+    /// Writes a state value back at the end of the batch, encoded straight into the
+    /// batch's buffer: for a write-back cache's flush, which writes many values with no
+    /// reads between them (reads after it look through them one by one). See
+    /// [`PartitionStore::write_back`].
+    pub fn write_back<T: Serialize>(&mut self, key: &str, value: &T) -> anyhow::Result<()> {
+        self.store
+            .write_back(self.pending, key.as_bytes(), |buf| {
+                encode_state_into(buf, value)
+            })
+            .with_context(|| format!("encode state {key:?}"))
+    }
+
+    /// [`Self::write_back`] of a value already encoded by [`encode_state`].
+    pub fn write_back_encoded(&mut self, key: &str, bytes: &[u8]) {
+        let copied = self.store.write_back(self.pending, key.as_bytes(), |buf| {
+            buf.extend_from_slice(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let Ok(()) = copied;
     }
 
     /// Writes state at once, before the batch commits: for a record that must be

@@ -213,8 +213,8 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
             let slot = &mut cache.slots[n as usize];
             slot.dirty = false;
             match (slot.encoded.take(), &slot.value) {
-                (Some(bytes), _) => ctx.put_encoded(&slot.key, bytes),
-                (None, Some(v)) => ctx.put(&slot.key, v)?,
+                (Some(bytes), _) => ctx.write_back_encoded(&slot.key, &bytes),
+                (None, Some(v)) => ctx.write_back(&slot.key, v)?,
                 (None, None) => {}
             }
         }
