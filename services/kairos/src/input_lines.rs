@@ -285,17 +285,24 @@ mod tests {
         (text, want)
     }
 
+    /// A temp dir beside the test binary: on the build's disk, which takes `O_DIRECT`
+    /// where the system temp dir may be a tmpfs, which does not.
+    fn disk_temp_dir() -> tempfile::TempDir {
+        let exe = std::env::current_exe().expect("test binary path");
+        let beside = exe.parent().expect("test binary dir");
+        tempfile::tempdir_in(beside).expect("temp dir beside the test binary")
+    }
+
     /// A file large enough to be read directly (where the file system allows it)
     /// gives the same lines as reading it through the page cache, line for line.
     #[test]
     fn a_large_file_read_directly_gives_every_line_once() {
         let (text, want) = sample_lines(DIRECT_MIN_BYTES as usize + 3 * BLOCK_BYTES + 12345);
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = disk_temp_dir();
         let file = dir.path().join("large.jsonl");
         std::fs::write(&file, &text).expect("write");
-        // Read directly for sure (Linux with the temp dir on a disk file system, as on
-        // the project's machines), then as `for_each_line` picks.
-        let direct = open_direct(&file).expect("the temp dir's file system takes O_DIRECT");
+        // Read directly for sure, then as `for_each_line` picks.
+        let direct = open_direct(&file).expect("the build's file system takes O_DIRECT");
         let mut got = Vec::new();
         direct_lines(&file, direct, &mut |n, line| {
             got.push((n, line.to_vec()));
@@ -339,7 +346,7 @@ mod tests {
     #[test]
     fn a_handler_error_stops_a_direct_read() {
         let (text, _) = sample_lines(DIRECT_MIN_BYTES as usize + 2 * BLOCK_BYTES);
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = disk_temp_dir();
         let file = dir.path().join("large.jsonl");
         std::fs::write(&file, &text).expect("write");
         let mut seen = 0;
