@@ -63,6 +63,19 @@ struct ScenarioTimer {
     order_id: Option<String>,
 }
 
+/// A [`ScenarioTimer`] as written: the same fields in the same order, so the same
+/// bytes, borrowed instead of copied into a value that lives only to be encoded.
+#[derive(Serialize)]
+struct ScenarioTimerRef<'a> {
+    scenario: &'a str,
+    customer_id: &'a str,
+    cause_event_id: &'a str,
+    cause_occurred_at: Millis,
+    step: usize,
+    product: Option<&'a Product>,
+    order_id: Option<&'a str>,
+}
+
 /// Timer id prefix of the segment review (time-driven segment changes).
 const SEGMENT_REVIEW: &str = "~segments";
 
@@ -305,14 +318,7 @@ impl ProfileProcessor {
                         }
                         Some(OrderStatus::delivered) => {
                             for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
-                                schedule_after_event(
-                                    ctx,
-                                    s,
-                                    &p,
-                                    e,
-                                    None,
-                                    Some(order.order_id.clone()),
-                                )?;
+                                schedule_after_event(ctx, s, &p, e, None, Some(&order.order_id))?;
                             }
                         }
                         _ => {}
@@ -636,7 +642,7 @@ impl ProfileProcessor {
                 0,
                 at + ms(s.delay),
                 None,
-                order_id.clone(),
+                order_id.as_deref(),
             )?;
         }
         Ok(())
@@ -1036,8 +1042,8 @@ impl ProfileProcessor {
                 t.cause_occurred_at,
                 t.step + 1,
                 timer.fire_at + ms(next.delay),
-                t.product.clone(),
-                t.order_id.clone(),
+                t.product.as_ref(),
+                t.order_id.as_deref(),
             )?;
         }
         Ok(())
@@ -1080,16 +1086,16 @@ fn schedule_step(
     cause_occurred_at: Millis,
     step: usize,
     fire_at: Millis,
-    product: Option<Product>,
-    order_id: Option<String>,
+    product: Option<&Product>,
+    order_id: Option<&str>,
 ) -> anyhow::Result<()> {
     ctx.schedule(
         &timer_id(&s.name, &p.customer_id),
         fire_at,
-        &ScenarioTimer {
-            scenario: s.name.clone(),
-            customer_id: p.customer_id.clone(),
-            cause_event_id: cause_event_id.to_string(),
+        &ScenarioTimerRef {
+            scenario: &s.name,
+            customer_id: &p.customer_id,
+            cause_event_id,
             cause_occurred_at,
             step,
             product,
@@ -1141,7 +1147,7 @@ fn arm_wait(
         w.cause_occurred_at,
         step,
         fire_at,
-        w.product.clone(),
+        w.product.as_ref(),
         None,
     )?;
     p.armed.insert(s.name.as_str().into(), fire_at);
@@ -1162,8 +1168,8 @@ fn schedule_after_event(
     s: &ScenarioConfig,
     p: &CustomerProfile,
     e: &CustomerEvent,
-    product: Option<Product>,
-    order_id: Option<String>,
+    product: Option<&Product>,
+    order_id: Option<&str>,
 ) -> anyhow::Result<()> {
     let fire_at = e.occurred_at + ms(s.delay);
     schedule_step(
@@ -1361,4 +1367,42 @@ pub async fn run(
     let registry = SchemaRegistry::new(config.schema_registry.url.clone());
     let processor = ProfileProcessor::new(config.clone(), registry.clone(), &admin.registry);
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Timers are written from the borrowed form and read back as the owned one: the
+    /// two must give the same bytes, with and without the optional fields.
+    #[test]
+    fn a_borrowed_scenario_timer_encodes_as_the_owned_one() {
+        let product = Product {
+            product_id: "p-1".into(),
+            name: Some("Boots".into()),
+            category: None,
+            price: Some(79.9),
+        };
+        for (product, order_id) in [(Some(&product), Some("o-7")), (None, None)] {
+            let borrowed = ScenarioTimerRef {
+                scenario: "post_purchase",
+                customer_id: "c-1",
+                cause_event_id: "e-9",
+                cause_occurred_at: 1_767_225_600_000,
+                step: 2,
+                product,
+                order_id,
+            };
+            let bytes = kairos_core::encoding::encode_state(&borrowed).unwrap();
+            let owned: ScenarioTimer = kairos_core::encoding::decode_state(&bytes).unwrap();
+            assert_eq!(owned.scenario, "post_purchase");
+            assert_eq!(owned.customer_id, "c-1");
+            assert_eq!(owned.cause_event_id, "e-9");
+            assert_eq!(owned.cause_occurred_at, 1_767_225_600_000);
+            assert_eq!(owned.step, 2);
+            assert_eq!(owned.product.as_ref(), product);
+            assert_eq!(owned.order_id.as_deref(), order_id);
+            assert_eq!(kairos_core::encoding::encode_state(&owned).unwrap(), bytes);
+        }
+    }
 }
