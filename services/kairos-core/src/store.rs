@@ -86,8 +86,8 @@ const OPTIONS_DIR: &str = "rocksdb-options";
 ///   about 9% fewer CPU-seconds in the 20M-event replay benchmark (measured together
 ///   with 64 MiB memtables, which were not kept); sixteen instead of eight 4.6% and
 ///   7.3% more events per CPU-second there, in turns. Lookups that miss the memtables
-///   check up to that many files' bloom filters more; universal compaction was tried
-///   too and was 6% slower.
+///   check up to that many files' bloom filters more; universal compaction, tried in
+///   one run, was 6% slower.
 const COLUMN_FAMILY_OPTIONS: &str = r#"[Version]
   rocksdb_version=7.8.3
   options_file_version=1.1
