@@ -416,6 +416,15 @@ impl Pipeline {
         }
     }
 
+    /// Lets `service` run for `after`, SIGKILLs it mid-work and starts it again, waiting
+    /// until it reports ready: one crash of a crash test.
+    pub fn crash_and_restart(&mut self, service: &str, after: Duration) {
+        std::thread::sleep(after);
+        self.kill9(service);
+        self.spawn(service);
+        self.wait_ready(service, Duration::from_secs(120));
+    }
+
     /// SIGTERMs a service and returns its exit status and how long it took.
     pub fn terminate(&mut self, service: &str) -> (std::process::ExitStatus, Duration) {
         let mut c = self.procs.remove(service).expect("running service");

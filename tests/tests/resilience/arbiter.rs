@@ -180,11 +180,8 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
     let mut kills = 0;
     for (i, c) in chunks.iter().enumerate() {
         produce_chunk(&p, c);
-        std::thread::sleep(Duration::from_millis(150 + 150 * i as u64));
-        p.kill9("arbiter");
+        p.crash_and_restart("arbiter", Duration::from_millis(150 + 150 * i as u64));
         kills += 1;
-        p.spawn("arbiter");
-        p.wait_ready("arbiter", Duration::from_secs(120));
     }
     let crashed = finish(&mut p);
     assert!(kills >= 3);

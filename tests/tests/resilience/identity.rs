@@ -214,11 +214,8 @@ fn identity_graph_and_resolutions_survive_sigkill() {
     let mut kills = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
-        std::thread::sleep(Duration::from_millis(150 + 100 * i as u64));
-        p.kill9("identity");
+        p.crash_and_restart("identity", Duration::from_millis(150 + 100 * i as u64));
         kills += 1;
-        p.spawn("identity");
-        p.wait_ready("identity", Duration::from_secs(120));
     }
     let crashed = finish(&mut p);
     assert!(kills >= 5);

@@ -139,11 +139,8 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     let mut kills = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
-        std::thread::sleep(Duration::from_millis(200 + 150 * i as u64));
-        p.kill9("profile");
+        p.crash_and_restart("profile", Duration::from_millis(200 + 150 * i as u64));
         kills += 1;
-        p.spawn("profile");
-        p.wait_ready("profile", Duration::from_secs(120));
     }
     let crashed = finish(&mut p, &["profile"], true);
     assert!(kills >= 3);
