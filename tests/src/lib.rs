@@ -397,6 +397,15 @@ impl Pipeline {
         cmd
     }
 
+    /// [`Pipeline::start`] with `service` spawned on top and ready: how a crash test
+    /// begins each of its runs.
+    pub fn start_with(opts: Options, service: &str) -> Pipeline {
+        let mut p = Pipeline::start(opts);
+        p.spawn(service);
+        p.wait_ready(service, Duration::from_secs(60));
+        p
+    }
+
     /// Starts (or restarts) one service process.
     pub fn spawn(&mut self, service: &str) {
         let args: Vec<String> = match service.strip_prefix("deliver-") {

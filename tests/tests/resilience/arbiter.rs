@@ -153,9 +153,7 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
     let input = triggers();
     let chunks: Vec<_> = input.chunks(TRIGGERS / CHUNKS).collect();
 
-    let mut p = Pipeline::start(options());
-    p.spawn("arbiter");
-    p.wait_ready("arbiter", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "arbiter");
     for c in &chunks {
         produce_chunk(&p, c);
     }
@@ -174,9 +172,7 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
         );
     }
 
-    let mut p = Pipeline::start(options());
-    p.spawn("arbiter");
-    p.wait_ready("arbiter", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "arbiter");
     let mut kills = 0;
     for (i, c) in chunks.iter().enumerate() {
         produce_chunk(&p, c);

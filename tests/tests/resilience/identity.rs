@@ -156,9 +156,7 @@ fn finish(p: &mut Pipeline) -> Outcome {
 }
 
 fn undisturbed(events: &[(&'static str, String, Vec<u8>)]) -> Outcome {
-    let mut p = Pipeline::start(options());
-    p.spawn("identity");
-    p.wait_ready("identity", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "identity");
     for chunk in events.chunks(events.len() / CHUNKS) {
         produce_chunk(&p, chunk);
     }
@@ -208,9 +206,7 @@ fn identity_graph_and_resolutions_survive_sigkill() {
         "every event went on, once"
     );
 
-    let mut p = Pipeline::start(options());
-    p.spawn("identity");
-    p.wait_ready("identity", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "identity");
     let mut kills = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
@@ -247,9 +243,7 @@ fn identity_graph_and_resolutions_survive_sigkill() {
 
     // A second instance: the graph is one partition, so neither instance applies
     // anything while they share the input; when one stops, the other does it all.
-    let mut p = Pipeline::start(options());
-    p.spawn("identity");
-    p.wait_ready("identity", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "identity");
     let chunks: Vec<_> = events.chunks(events.len() / CHUNKS).collect();
     produce_chunk(&p, chunks[0]);
     p.wait_caught_up("identity", &TOPICS, Duration::from_secs(120));

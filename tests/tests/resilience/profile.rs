@@ -107,9 +107,7 @@ fn finish(p: &mut Pipeline, instances: &[&str], local: bool) -> Outcome {
 }
 
 fn undisturbed(events: &[(String, Vec<u8>)]) -> Outcome {
-    let mut p = Pipeline::start(options());
-    p.spawn("profile");
-    p.wait_ready("profile", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "profile");
     for chunk in events.chunks(events.len() / CHUNKS) {
         produce_chunk(&p, chunk);
     }
@@ -133,9 +131,7 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     );
 
     // SIGKILL while events flow, several times.
-    let mut p = Pipeline::start(options());
-    p.spawn("profile");
-    p.wait_ready("profile", Duration::from_secs(60));
+    let mut p = Pipeline::start_with(options(), "profile");
     let mut kills = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
