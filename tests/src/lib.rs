@@ -16,6 +16,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+pub mod delivery;
+
 /// The services of a full pipeline, by process name.
 pub const SERVICES: [&str; 9] = [
     "profile",
