@@ -83,16 +83,21 @@ pub struct Options {
 
 /// Environment of the crash and rebalance tests: event time (results depend on the
 /// input alone), partitions enough for the embedded broker's 5 MB per partition, and a
-/// short session timeout, as a killed member holds its partitions until it expires.
+/// [`short_session_timeout`].
 pub fn resilience_env() -> Vec<(String, String)> {
     vec![
         ("KAIROS__CLOCK__MODE".into(), "event".into()),
         ("KAIROS__KAFKA__PARTITIONS".into(), "32".into()),
-        (
-            "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
-            "6000".into(),
-        ),
+        short_session_timeout(),
     ]
+}
+
+/// A killed member holds its partitions until its session expires: 6 s instead of 45 s.
+pub fn short_session_timeout() -> (String, String) {
+    (
+        "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
+        "6000".into(),
+    )
 }
 
 impl Default for Options {

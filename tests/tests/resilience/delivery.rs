@@ -5,18 +5,14 @@ use std::time::{Duration, Instant};
 use kairos_tests::delivery::{
     cart_variables, email_worker_env, final_outcomes, send_command, SmtpSink,
 };
-use kairos_tests::{Options, Pipeline};
+use kairos_tests::{short_session_timeout, Options, Pipeline};
 
 #[test]
 fn sigkilled_email_worker_sends_every_message_exactly_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let smtp = SmtpSink::start(dir.path());
     let mut env = email_worker_env(smtp.port);
-    // A killed member leaves the group after 6 s instead of 45 s.
-    env.push((
-        "KAIROS__KAFKA__CLIENT__session.timeout.ms".into(),
-        "6000".into(),
-    ));
+    env.push(short_session_timeout());
     let mut p = Pipeline::start(Options {
         services: vec!["deliver-email"],
         env,
