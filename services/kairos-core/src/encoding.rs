@@ -215,9 +215,14 @@ fn decode_confluent_avro<T: DeserializeOwned>(
     })?;
     let mut datum = &payload[5..];
     let value = apache_avro::from_avro_datum(&writer, &mut datum, Some(reader)).map_err(|e| {
+        // Say whether the producer's schema is the cause (checked only on failure).
+        let schema = match crate::schemas::check_readable(&writer, reader) {
+            Ok(()) => String::new(),
+            Err(why) => format!("; Kairos cannot read schema id {id}: {why}"),
+        };
         Rejection::new(
             DeadLetterReason::bad_avro,
-            format!("Avro datum (schema id {id}) does not decode: {e}"),
+            format!("Avro datum (schema id {id}) does not decode: {e}{schema}"),
         )
     })?;
     apache_avro::from_value::<T>(&value).map_err(|e| {
@@ -558,5 +563,42 @@ mod tests {
         let unknown = confluent_frame(8, &bytes[5..]);
         let r = decode_input::<CustomerEvent>(&unknown, &schema, &registry).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::unknown_schema_id);
+    }
+
+    #[test]
+    fn a_datum_of_a_schema_kairos_cannot_read_says_which_field() {
+        let registry = SchemaRegistry::new(None);
+        // A producer's schema without the event id (and type) Kairos requires.
+        let writer = Schema::parse_str(
+            r#"{"type":"record","name":"CustomerEvent","namespace":"io.kairos",
+                "fields":[{"name":"occurred_at","type":"long"}]}"#,
+        )
+        .unwrap();
+        registry
+            .cache
+            .write()
+            .unwrap()
+            .insert(9, Arc::new(writer.clone()));
+        let datum = apache_avro::to_avro_datum(
+            &writer,
+            apache_avro::types::Value::Record(vec![(
+                "occurred_at".into(),
+                apache_avro::types::Value::Long(5),
+            )]),
+        )
+        .unwrap();
+        let r = decode_input::<CustomerEvent>(
+            &confluent_frame(9, &datum),
+            schemas::customer_event(),
+            &registry,
+        )
+        .unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::bad_avro);
+        assert!(
+            r.message.contains("Kairos cannot read schema id 9")
+                && r.message.contains("'event_id'"),
+            "{}",
+            r.message
+        );
     }
 }

@@ -37,6 +37,7 @@ mod explain;
 mod input_lines;
 mod inspect;
 mod replay;
+mod schemas_cli;
 mod up;
 
 #[derive(Parser)]
@@ -166,6 +167,11 @@ enum Command {
     },
     /// Validate the config file and exit.
     CheckConfig,
+    /// The Avro contract of the input topics, for producers.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
     /// Digest of a processor's state (per partition and in total), from its local
     /// state directory or rebuilt from its changelog topic.
     InspectState {
@@ -186,6 +192,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum SchemasAction {
+    /// Print the Kairos schema of an input topic: what producers write.
+    Show {
+        /// Input topic, with or without the topic prefix (events.site, events.app,
+        /// events.offline, catalog).
+        topic: String,
+    },
+    /// Check that Kairos can read records written with a producer's Avro schema on an
+    /// input topic (Avro's schema resolution rules); exit status 1 if it cannot.
+    Check {
+        /// Input topic, with or without the topic prefix.
+        topic: String,
+        /// The producer's schema file (.avsc).
+        schema: PathBuf,
+    },
+}
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
@@ -202,6 +226,9 @@ fn main() -> std::process::ExitCode {
         None => config.log.format,
     };
     kairos_core::logging::init(format, &config.log.level);
+    if let Command::Schemas { action } = &cli.command {
+        return schemas(&config, action);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -223,8 +250,39 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `kairos schemas`: exit status 0 when shown or readable, 1 when Kairos cannot read
+/// the producer's schema, 2 when the input is wrong (unknown topic, unreadable file).
+fn schemas(config: &Config, action: &SchemasAction) -> std::process::ExitCode {
+    let outcome = match action {
+        SchemasAction::Show { topic } => schemas_cli::contract(config, topic).map(|c| {
+            println!("{}", c.text.trim_end());
+            true
+        }),
+        SchemasAction::Check { topic, schema } => {
+            schemas_cli::check(config, topic, schema).map(|(readable, verdict)| {
+                match readable {
+                    true => println!("{verdict}"),
+                    false => eprintln!("{verdict}"),
+                }
+                readable
+            })
+        }
+    };
+    match outcome {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("kairos: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
     match cli.command {
+        Command::Schemas { .. } => {
+            anyhow::bail!("`kairos schemas` is answered before the async runtime starts")
+        }
         Command::CheckConfig => {
             // Templates are part of the configuration: every scenario's template must
             // exist for each channel it sends on, within the channel's limits.
