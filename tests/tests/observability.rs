@@ -54,6 +54,50 @@ fn files_under(dir: &Path, extension: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Every recording-rule name (`level:metric:operation`) a rule or dashboard file uses.
+fn recording_rule_names_in(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| token.matches(':').count() == 2 && token.contains(":kairos_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A dashboard panel or an alert that names a recording rule nobody records stays
+/// empty without an error anywhere, so every name used must be recorded.
+#[test]
+fn every_recording_rule_the_alerts_and_dashboards_use_is_recorded() {
+    let root = repo_root();
+    let recording =
+        std::fs::read_to_string(root.join("deploy/prometheus/rules/kairos-recording.yml"))
+            .expect("read the recording rules");
+    let recorded: BTreeSet<String> = recording
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record:"))
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(
+        recorded.len() >= 20,
+        "too few recording rules found: {recorded:?}"
+    );
+    let mut users = files_under(&root.join("deploy/grafana/dashboards"), "json");
+    users.push(root.join("deploy/prometheus/rules/kairos-alerts.yml"));
+    users.push(root.join("deploy/prometheus/rules/kairos-recording.yml"));
+    let mut used = BTreeSet::new();
+    for file in &users {
+        let text = std::fs::read_to_string(file).expect("read a rule or dashboard file");
+        used.extend(recording_rule_names_in(&text));
+    }
+    assert!(
+        used.contains("scenario_channel:kairos_open_rate:ratio_1d"),
+        "the parser missed a name the alerts use: {used:?}"
+    );
+    let missing: Vec<&String> = used.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "recording rules used but never recorded: {missing:?}"
+    );
+}
+
 #[test]
 fn every_metric_in_rules_alerts_and_dashboards_is_exposed_by_a_running_service() {
     let root = repo_root();
