@@ -152,6 +152,16 @@ fn confluent_avro_events_are_decoded_through_the_registry() {
     );
 }
 
+/// `kairos --config config/kairos.toml schemas <args>`, run from the repository root.
+fn kairos_schemas(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(kairos_tests::kairos_bin())
+        .current_dir(kairos_tests::repo_root())
+        .args(["--config", "config/kairos.toml", "schemas"])
+        .args(args)
+        .output()
+        .expect("run kairos schemas")
+}
+
 /// `kairos schemas check`, as a producer runs it before registering a schema: a
 /// schema that evolved compatibly passes, one Kairos cannot read fails with the
 /// field, and a broken file or a topic that is not an input is a usage error.
@@ -172,12 +182,7 @@ fn producers_check_their_schema_against_the_contract() {
     let no_id = dir.path().join("no_id.avsc");
     std::fs::write(&no_id, NO_EVENT_ID).unwrap();
     let check = |topic: &str, file: &std::path::Path| {
-        let out = std::process::Command::new(kairos_tests::kairos_bin())
-            .current_dir(kairos_tests::repo_root())
-            .args(["--config", "config/kairos.toml", "schemas", "check", topic])
-            .arg(file)
-            .output()
-            .unwrap();
+        let out = kairos_schemas(&["check", topic, &file.display().to_string()]);
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status.code(), text(&out.stdout), text(&out.stderr))
     };
@@ -201,17 +206,7 @@ fn producers_check_their_schema_against_the_contract() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("kairos.events.offline"), "{stderr}");
 
-    let shown = std::process::Command::new(kairos_tests::kairos_bin())
-        .current_dir(kairos_tests::repo_root())
-        .args([
-            "--config",
-            "config/kairos.toml",
-            "schemas",
-            "show",
-            "events.offline",
-        ])
-        .output()
-        .unwrap();
+    let shown = kairos_schemas(&["show", "events.offline"]);
     assert!(shown.status.success());
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["name"], "OfflineReceipt");

@@ -107,8 +107,10 @@ pub fn input_contract(topic: &str, prefix: &str) -> Option<&'static InputContrac
 
 /// Whether records written with `writer` can be read as `reader` under Avro's schema
 /// resolution rules (a field the reader has and the writer lacks needs a default, a
-/// type may only be promoted, enum symbols the writer uses must exist in the reader,
-/// ...). The error is the first incompatibility found, with its causes.
+/// type may only be promoted, every enum symbol of the writer must exist in the
+/// reader, ...). A check of the schemas, not of records: it fails on an enum symbol the
+/// reader lacks even if no record carries it. The error is the first incompatibility
+/// found, with its causes.
 pub fn check_readable(writer: &Schema, reader: &Schema) -> Result<(), String> {
     apache_avro::schema_compatibility::SchemaCompatibility::can_read(writer, reader).map_err(|e| {
         let mut reason = e.to_string();

@@ -1,7 +1,8 @@
 //! `kairos schemas`: the contract for producers. `show` prints the Kairos schema of an
 //! input topic; `check` tells a producer, before they register or produce, whether
-//! Kairos can read records written with their schema (Avro's resolution rules, the
-//! same the processors apply to every Avro message).
+//! Kairos can read records written with their schema, by the resolution rules the
+//! processors apply to every Avro message (checked on the schemas, so stricter in one
+//! way: an enum symbol Kairos lacks fails it even if no record would carry it).
 
 use std::path::Path;
 
