@@ -9,10 +9,16 @@ use std::time::{Duration, Instant};
 use kairos_tests::{json, registration, repo_root, sample, Options, Pipeline, SERVICES};
 use serde_json::{json as j, Value};
 
+/// The words of a rule or dashboard file that could name a metric: runs of letters,
+/// digits, `_` and `:` (recording-rule names are `level:metric:operation`).
+fn name_tokens(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+}
+
 /// Every raw `kairos_*` metric name in a rule or dashboard file. Recording-rule names
 /// (`level:metric:operation`) contain colons and are not raw metrics, so they are left out.
 fn metric_names_in(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+    name_tokens(text)
         .filter(|token| token.len() > "kairos_".len() && token.starts_with("kairos_"))
         .filter(|token| !token.contains(':'))
         .map(str::to_string)
@@ -56,7 +62,7 @@ fn files_under(dir: &Path, extension: &str) -> Vec<PathBuf> {
 
 /// Every recording-rule name (`level:metric:operation`) a rule or dashboard file uses.
 fn recording_rule_names_in(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+    name_tokens(text)
         .filter(|token| token.matches(':').count() == 2 && token.contains(":kairos_"))
         .map(str::to_string)
         .collect()
