@@ -110,10 +110,17 @@ pub struct Queued {
     /// The rule it waits for.
     #[serde(default)]
     pub rule: Option<String>,
+    /// The trigger itself, kept for one waiting for the main-scenario slot only: when
+    /// the slot frees early its timer is moved to now, which needs the payload.
+    /// (Queued by an earlier version without it, such a trigger keeps its timer.)
+    #[serde(default)]
+    pub trigger: Option<Box<Trigger>>,
 }
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
 const MERGE_WAIT: Millis = 60_000;
+/// The rule of a trigger held by a running chain of higher priority.
+const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
 
@@ -340,9 +347,11 @@ impl ArbiterProcessor {
                 format!("the customer bought at {bought}, after the trigger's cause"),
             );
         }
+        // Strictly later: a visit at the cause time is the last visit that caused the
+        // trigger (the profile reports one per day), not a return.
         if let Some(active) = ledger
             .last_active_at
-            .filter(|v| *v >= t.cause_occurred_at && self.is_reactivation(&t.scenario))
+            .filter(|v| *v > t.cause_occurred_at && self.is_reactivation(&t.scenario))
         {
             return Verdict::no(
                 DecisionOutcome::cancelled,
@@ -376,7 +385,7 @@ impl ArbiterProcessor {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
                     "complaint",
-                    format!("the customer marked a message as spam at {at}: no promo"),
+                    complaint_reason(at),
                 );
             }
             let pause = a.pause_after_purchase.as_millis() as Millis;
@@ -442,9 +451,9 @@ impl ArbiterProcessor {
                     main.scenario, main.priority, main.until, t.priority
                 );
                 return match a.lower_priority {
-                    LowerPriority::Wait => Verdict::defer(main.until, "main_scenario", reason),
+                    LowerPriority::Wait => Verdict::defer(main.until, MAIN_SCENARIO, reason),
                     LowerPriority::Drop => {
-                        Verdict::no(DecisionOutcome::suppressed, "main_scenario", reason)
+                        Verdict::no(DecisionOutcome::suppressed, MAIN_SCENARIO, reason)
                     }
                 };
             }
@@ -459,10 +468,14 @@ impl ArbiterProcessor {
 
     /// A marketing chain with steps still to come becomes the main scenario (a higher
     /// priority one took the slot from any other, see `decide`); its last step frees it.
-    fn hold_main_scenario(&self, now: Millis, t: &Trigger, ledger: &mut CustomerLedger) {
+    /// True if the slot now frees sooner than it did (a last step sent before the end
+    /// its first send promised, a chain that ends sooner taking it): the triggers
+    /// waiting for it wake at that older end and must be woken.
+    fn hold_main_scenario(&self, now: Millis, t: &Trigger, ledger: &mut CustomerLedger) -> bool {
         if t.category == MessageCategory::transactional {
-            return;
+            return false;
         }
+        let held_until = ledger.main.as_ref().map(|m| m.until);
         let remaining = self
             .config
             .scenario(&t.scenario)
@@ -482,6 +495,8 @@ impl ArbiterProcessor {
         {
             ledger.main = None;
         }
+        let frees_at = ledger.main.as_ref().map_or(now, |m| m.until);
+        held_until.is_some_and(|held| frees_at < held)
     }
 
     fn is_reactivation(&self, scenario: &str) -> bool {
@@ -823,6 +838,11 @@ fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
     )
 }
 
+/// Why promo is suppressed after a spam complaint at `at`.
+fn complaint_reason(at: Millis) -> String {
+    format!("the customer marked a message as spam at {at}: no promo")
+}
+
 fn latest(known: Option<Millis>, at: Millis) -> Millis {
     known.map_or(at, |k| k.max(at))
 }
@@ -1129,8 +1149,10 @@ impl ArbiterProcessor {
             CustomerActionKind::visit => {
                 ledger.last_active_at = Some(latest(ledger.last_active_at, at));
                 let why = format!("the customer came back at {at} while it waited");
-                self.cancel_queued_where(ctx, ledger, a, "became_active", why, |s| {
-                    self.is_reactivation(s)
+                // Strictly before, as in `decide`: a visit at the cause time (such as a
+                // redelivery of the visit that caused it) is not a return.
+                self.cancel_queued_where(ctx, ledger, a, "became_active", why, |q| {
+                    q.cause_occurred_at < at && self.is_reactivation(&q.scenario)
                 })?;
             }
             CustomerActionKind::opt_in => {
@@ -1142,22 +1164,41 @@ impl ArbiterProcessor {
                     }
                 }
             }
+            // A withdrawal stated on the site or app counts like an unsubscribe from a
+            // message: from now on, queued and cascading messages included, until an
+            // opt-in later than it.
+            CustomerActionKind::opt_out => {
+                if let Some(channel) = a.channel {
+                    if ledger
+                        .opted_in
+                        .get(&channel)
+                        .is_none_or(|opt_in| at > *opt_in)
+                    {
+                        let known = ledger.unsubscribed.get(&channel).copied();
+                        ledger.unsubscribed.insert(channel, latest(known, at));
+                    }
+                }
+            }
             CustomerActionKind::purchase => {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
-                if ledger
+                let slot_freed = ledger
                     .main
                     .as_ref()
-                    .is_some_and(|m| self.ends_on_purchase(&m.scenario))
-                {
+                    .is_some_and(|m| self.ends_on_purchase(&m.scenario));
+                if slot_freed {
                     ledger.main = None;
                 }
                 // A conversion ends every cascade: the customer did what they were for.
                 let why = format!("the customer bought at {at}");
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why)?;
                 let why = format!("the customer bought at {at} while it waited");
-                self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |s| {
-                    self.ends_on_purchase(s)
+                self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
+                    q.cause_occurred_at <= at && self.ends_on_purchase(&q.scenario)
                 })?;
+                // After the exclusions, so only what survived them is decided again.
+                if slot_freed {
+                    self.wake_main_waiters(ctx, ledger)?;
+                }
             }
         }
         Ok(true)
@@ -1187,8 +1228,8 @@ impl ArbiterProcessor {
         Ok(())
     }
 
-    /// Cancels the queued triggers caused before the action `a` whose scenario
-    /// matches.
+    /// Cancels the queued triggers that the action `a` ends (`ends` says which: by
+    /// scenario and cause time).
     fn cancel_queued_where(
         &self,
         ctx: &mut Ctx<'_>,
@@ -1196,12 +1237,12 @@ impl ArbiterProcessor {
         a: &CustomerAction,
         rule: &str,
         reason: String,
-        scenario_matches: impl Fn(&str) -> bool,
+        ends: impl Fn(&Queued) -> bool,
     ) -> anyhow::Result<()> {
         let ended: Vec<(String, Queued)> = ledger
             .queued
             .iter()
-            .filter(|(_, q)| q.cause_occurred_at <= a.occurred_at && scenario_matches(&q.scenario))
+            .filter(|(_, q)| ends(q))
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
         for (trigger_id, q) in ended {
@@ -1214,6 +1255,22 @@ impl ArbiterProcessor {
                 rule,
                 reason.clone(),
             )?;
+        }
+        Ok(())
+    }
+
+    /// The main-scenario slot freed earlier than the triggers waiting for it were
+    /// told: their wake-up moves to now, so each is decided again through every rule
+    /// (and still ends in one final decision, by its own timer).
+    fn wake_main_waiters(&self, ctx: &mut Ctx<'_>, ledger: &CustomerLedger) -> anyhow::Result<()> {
+        let now = ctx.now();
+        for (trigger_id, q) in ledger.queued.iter() {
+            if q.rule.as_deref() != Some(MAIN_SCENARIO) {
+                continue;
+            }
+            if let Some(t) = &q.trigger {
+                ctx.schedule(&["defer/", trigger_id].concat(), now, t.as_ref())?;
+            }
         }
         Ok(())
     }
@@ -1312,6 +1369,25 @@ impl ArbiterProcessor {
         };
         let now = ctx.now();
         let subject = Subject::of(&t);
+        // A complaint about any message ends all promo, the rest of a cascade too.
+        if let Some(at) = ledger
+            .complained_at
+            .filter(|_| t.category == MessageCategory::promo)
+        {
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&t.trigger_id, "cascade-stop"]),
+                (DecisionOutcome::suppressed, None, None),
+                "complaint",
+                format!(
+                    "cascade stopped after {} message(s): {}",
+                    cascade.channels.len(),
+                    complaint_reason(at)
+                ),
+            );
+            return Ok(true);
+        }
         let next = t
             .channels
             .iter()
@@ -1466,6 +1542,7 @@ impl ArbiterProcessor {
                     category: Some(t.category),
                     cause_occurred_at: t.cause_occurred_at,
                     rule: Some(rule.to_string()),
+                    trigger: (rule == MAIN_SCENARIO).then(|| Box::new(t.clone())),
                 },
             );
             if polled_again {
@@ -1502,7 +1579,9 @@ impl ArbiterProcessor {
                 )?;
             }
             send_id = Some(id);
-            self.hold_main_scenario(now, &t, ledger);
+            if self.hold_main_scenario(now, &t, ledger) {
+                self.wake_main_waiters(ctx, ledger)?;
+            }
             if let Some(offer) = offer_of(&t) {
                 ledger.offers.insert(offer, now);
             }

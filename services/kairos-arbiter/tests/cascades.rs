@@ -98,3 +98,44 @@ fn the_cascade_skips_channels_without_consent_and_keeps_quiet_hours() {
     assert_eq!(channels(&a), [Channel::email, Channel::sms]);
     assert_eq!(a.last_send().created_at, T0 + DAY);
 }
+
+#[test]
+fn a_complaint_about_another_message_stops_a_promo_cascade_in_flight() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "promo_cascade"
+kind = "welcome"
+category = "promo"
+channels = ["email", "push", "sms"]
+template = "promo"
+exit_on_purchase = false
+cascade = ["1h"]
+"#,
+    );
+    let mut t = a.trigger_of("w1", "welcome", MessageCategory::trigger, T0);
+    t.channels = vec![Channel::email];
+    a.push_trigger(&t);
+    let welcome = a.last_send();
+    let mut t = cascade_trigger(&a, "k5", T0 + 2 * HOUR);
+    t.scenario = "promo_cascade".into();
+    t.category = MessageCategory::promo;
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // The spam complaint is about the welcome message, not the promo's e-mail.
+    a.outcome(
+        &welcome,
+        OutcomeKind::complained,
+        T0 + 2 * HOUR + 30 * MINUTE,
+    );
+    a.advance_to(T0 + 3 * HOUR);
+    let stop = *a.decisions_of("k5").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str(), stop.channel),
+        (DecisionOutcome::suppressed, "complaint", None),
+        "{stop:#?}"
+    );
+    assert_eq!(channels(&a), [Channel::email, Channel::email], "no push");
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(a.sends.len(), 2);
+    assert_eq!(a.decisions_of("k5").len(), 2);
+}

@@ -4,9 +4,11 @@
 
 mod common;
 
-use common::{Arbiter, T0};
-use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind};
-use kairos_core::time::HOUR;
+use common::{at, Arbiter, T0};
+use kairos_core::contracts::{
+    Channel, CustomerAction, CustomerActionKind, DecisionOutcome, MessageCategory, OutcomeKind,
+};
+use kairos_core::time::{HOUR, MINUTE};
 
 #[test]
 fn an_unsubscribe_moves_later_messages_to_the_next_channel_and_then_suppresses() {
@@ -68,4 +70,45 @@ fn engagement_outcomes_do_not_suppress() {
     }
     let next = a.trigger("t2", "welcome", MessageCategory::trigger, T0 + 30 * HOUR);
     assert_eq!(next.channel, Some(Channel::email));
+}
+
+/// Customer c1 withdrew consent on `channel` at `at` (as the profile reports a
+/// `consent_change` of the site or app).
+fn opt_out(a: &mut Arbiter, id: &str, channel: Channel, at: i64) {
+    let action = CustomerAction {
+        channel: Some(channel),
+        ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::opt_out, at)
+    };
+    a.push("customer-actions", "c1", &action);
+}
+
+#[test]
+fn a_consent_withdrawn_on_the_site_stops_a_message_already_waiting() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    let night = at("2026-01-05T22:00:00Z");
+    let mut t = a.trigger_of("w1", "welcome", MessageCategory::trigger, night);
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::deferred);
+    // The trigger carries the consent the profile knew when it fired; the withdrawal
+    // comes after it, while the message waits for the morning.
+    opt_out(&mut a, "out-1", Channel::email, night + HOUR);
+    a.advance_to(at("2026-01-06T10:00:00Z"));
+    let last = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed"),
+        "{last:#?}"
+    );
+    assert!(a.sends.is_empty());
+
+    // A later opt-in lifts it, and a withdrawal older than that opt-in, arriving
+    // late, does not undo it.
+    let morning = at("2026-01-06T11:00:00Z");
+    a.opt_in("in-1", Channel::email, morning);
+    opt_out(&mut a, "out-0", Channel::email, morning - 30 * MINUTE);
+    let mut t = a.trigger_of("w2", "welcome", MessageCategory::trigger, morning + HOUR);
+    t.channels = vec![Channel::email];
+    let d = a.push_trigger(&t);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }

@@ -265,3 +265,25 @@ caps = { daily_cap = 1, weekly_cap = 2 }
         .count();
     assert_eq!(sent_flash, 2);
 }
+
+#[test]
+fn quiet_hours_ending_in_the_repeated_dst_hour_end_at_its_second_pass() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"02:30\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    // 2026-10-25 01:10 UTC is the second 02:10 in Berlin (CET): the first 02:30
+    // (00:30 UTC) has passed, the second (01:30 UTC) ends the quiet hours.
+    let d = a.trigger("dst", "welcome", TRIGGER, at("2026-10-25T01:10:00Z"));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    a.advance_to(at("2026-10-25T01:29:00Z"));
+    assert_eq!(a.decisions_of("dst").len(), 1);
+    a.advance_to(at("2026-10-25T01:30:00Z"));
+    let last = *a.decisions_of("dst").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.decided_at),
+        (DecisionOutcome::sent, at("2026-10-25T01:30:00Z")),
+        "{last:#?}"
+    );
+}

@@ -223,6 +223,121 @@ fn with_lower_priority_drop_a_held_customer_gets_nothing_lower() {
 }
 
 #[test]
+fn a_purchase_that_ends_the_chain_decides_the_triggers_waiting_for_it_at_once() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
+    let t = a.trigger_of("on0", "onboarding", TRIGGER, T0);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    // Two lower priorities wait for the chain (two days), each valid for a day: one
+    // of a scenario that goes on after a purchase, one that ends on it.
+    let mut news = a.trigger_of("news", "weekly_promo", TRIGGER, T0 + HOUR);
+    news.priority = 40;
+    let mut cart = a.trigger_of("cart", "welcome", TRIGGER, T0 + HOUR);
+    cart.priority = 40;
+    for t in [&news, &cart] {
+        let waits = a.push_trigger(t);
+        assert_eq!(
+            (waits.outcome, waits.rule.as_str()),
+            (DecisionOutcome::deferred, "main_scenario")
+        );
+    }
+    // The purchase ends the chain: the first goes out now, the second is excluded.
+    a.purchase("buy", T0 + 2 * HOUR);
+    let outcomes = |a: &Arbiter, id: &str| -> Vec<_> {
+        a.decisions_of(id)
+            .iter()
+            .map(|d| (d.outcome, d.rule.clone(), d.decided_at))
+            .collect()
+    };
+    let deferred = (
+        DecisionOutcome::deferred,
+        "main_scenario".to_string(),
+        T0 + HOUR,
+    );
+    assert_eq!(
+        outcomes(&a, "news"),
+        [
+            deferred.clone(),
+            (
+                DecisionOutcome::sent,
+                "channel_choice".to_string(),
+                T0 + 2 * HOUR
+            )
+        ]
+    );
+    assert_eq!(
+        outcomes(&a, "cart"),
+        [
+            deferred,
+            (
+                DecisionOutcome::cancelled,
+                "purchase_exclusion".to_string(),
+                T0 + 2 * HOUR
+            )
+        ]
+    );
+    // Nothing wakes later: one final decision each.
+    a.advance_to(T0 + 3 * DAY);
+    assert_eq!(a.decisions_of("news").len(), 2);
+    assert_eq!(a.decisions_of("cart").len(), 2);
+    assert_eq!(a.sends.len(), 2);
+}
+
+#[test]
+fn a_chain_that_ends_before_its_expected_end_frees_the_triggers_waiting_for_it() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "duo"
+kind = "welcome"
+channels = ["push"]
+template = "duo"
+steps = [{ delay = "1d", template = "duo_2" }]
+"#,
+    );
+    let mut t = a.trigger_of("e0", "welcome", TRIGGER, T0);
+    t.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    // The chain's first push waits for the e-mail's conflict window: it goes out at
+    // T0 + 1 h, so the chain is expected to hold the customer until T0 + 1 d + 1 h.
+    let duo = |a: &Arbiter, id: &str, step: i32, at: i64| {
+        let mut t = a.trigger_of(id, "duo", TRIGGER, at);
+        t.channels = vec![Channel::push];
+        t.step = step;
+        t
+    };
+    let t = duo(&a, "d0", 0, T0 + 10 * MINUTE);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::deferred);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(a.sends.len(), 2);
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + 2 * HOUR);
+    low.priority = 10;
+    low.valid_until = T0 + DAY + 30 * MINUTE;
+    let waits = a.push_trigger(&low);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario")
+    );
+    // The last step is due a day after the chain's cause, 50 minutes before that end:
+    // its send frees the customer, and the waiting trigger goes out before it expires.
+    let t = duo(&a, "d1", 1, T0 + DAY + 10 * MINUTE);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    a.advance_to(T0 + 2 * DAY);
+    let last = *a.decisions_of("low").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.decided_at),
+        (DecisionOutcome::sent, T0 + DAY + 10 * MINUTE),
+        "{last:#?}"
+    );
+    assert_eq!(
+        a.decisions_of("low")
+            .iter()
+            .filter(|d| d.outcome != DecisionOutcome::deferred)
+            .count(),
+        1
+    );
+}
+
+#[test]
 fn a_later_opt_in_ends_an_unsubscribe_and_an_older_unsubscribe_does_not_undo_it() {
     let mut a = Arbiter::new();
     let mut t = a.trigger_of("u1", "welcome", TRIGGER, T0);
@@ -274,6 +389,47 @@ fn a_visit_ends_queued_and_late_reactivation_messages() {
     );
     a.advance_to(at("2026-01-06T12:00:00Z"));
     assert!(a.sends.is_empty());
+}
+
+#[test]
+fn a_single_visit_that_caused_the_reactivation_is_not_a_return() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    // The customer's last active day had one visit, at T0: the profile reports it, and
+    // 30 days later the reactivation trigger carries that visit as its cause.
+    a.visit("v1", T0);
+    let mut t = a.trigger_of("cb1", "come_back", PROMO, T0 + 30 * DAY);
+    t.cause_occurred_at = T0;
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::sent, "channel_choice"),
+        "{d:#?}"
+    );
+    // One waiting for the morning is not cancelled by that visit arriving again.
+    let night = at("2026-02-05T22:00:00Z");
+    let mut t = a.trigger_of("cb2", "come_back", PROMO, night);
+    t.cause_occurred_at = T0;
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::deferred);
+    a.visit("v1", T0);
+    assert_eq!(
+        a.decisions_of("cb2").len(),
+        1,
+        "{:#?}",
+        a.decisions_of("cb2")
+    );
+    a.advance_to(at("2026-02-06T09:00:00Z"));
+    let last = *a.decisions_of("cb2").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent, "{last:#?}");
+    // A visit after the cause still ends it.
+    a.visit("v2", at("2026-02-06T10:00:00Z"));
+    let mut t = a.trigger_of("cb3", "come_back", PROMO, at("2026-02-06T11:00:00Z"));
+    t.cause_occurred_at = T0;
+    let back = a.push_trigger(&t);
+    assert_eq!(
+        (back.outcome, back.rule.as_str()),
+        (DecisionOutcome::cancelled, "became_active")
+    );
 }
 
 #[test]

@@ -92,14 +92,32 @@ pub fn local_time(at: Millis, tz: Tz) -> Option<NaiveTime> {
 }
 
 /// The first instant at or after `at` whose local time in `tz` is `time` (a time the
-/// clocks skip moves one hour later).
+/// clocks skip moves one hour later; of a time that exists twice, the first pass not
+/// yet over).
 pub fn next_local_time(at: Millis, tz: Tz, time: NaiveTime) -> Option<Millis> {
     let day = local_date(at, tz)?;
-    let today = to_utc(tz, day.and_time(time))?;
+    let today = to_utc_not_before(tz, day.and_time(time), at)?;
     if today >= at {
         return Some(today);
     }
-    to_utc(tz, day.succ_opt()?.and_time(time))
+    to_utc_not_before(tz, day.succ_opt()?.and_time(time), at)
+}
+
+/// [`to_utc`], except that a local time that exists twice maps to its later instant
+/// when the earlier one is before `not_before`: at the second 02:10 of a night the
+/// clocks go back, the next 02:30 is the second one, not the one an hour ago.
+fn to_utc_not_before(tz: Tz, local: NaiveDateTime, not_before: Millis) -> Option<Millis> {
+    match tz.from_local_datetime(&local) {
+        chrono::LocalResult::Ambiguous(first, second) => {
+            let first = first.timestamp_millis();
+            Some(if first >= not_before {
+                first
+            } else {
+                second.timestamp_millis()
+            })
+        }
+        _ => to_utc(tz, local),
+    }
 }
 
 /// Whether local `time` lies in the window [start, end), which may span midnight.
@@ -146,6 +164,34 @@ mod tests {
         // 2026-10-25 02:30 exists twice: the first (CEST) is 00:30 UTC.
         assert_eq!(
             next_yearly(10, 25, (2, 30), berlin, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-10-25T00:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_repeated_local_time_is_the_first_pass_not_yet_over() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let half_past_two = NaiveTime::from_hms_opt(2, 30, 0).unwrap();
+        // 2026-10-25 02:30 exists twice in Berlin: 00:30 UTC (CEST), 01:30 UTC (CET).
+        // From the first 02:10 the first 02:30 is next; from the second 02:10 (or
+        // between the two 02:30s) the second is.
+        for (at, next) in [
+            ("2026-10-25T00:10:00Z", "2026-10-25T00:30:00Z"),
+            ("2026-10-25T00:30:00Z", "2026-10-25T00:30:00Z"),
+            ("2026-10-25T00:45:00Z", "2026-10-25T01:30:00Z"),
+            ("2026-10-25T01:10:00Z", "2026-10-25T01:30:00Z"),
+            ("2026-10-25T01:30:00Z", "2026-10-25T01:30:00Z"),
+            ("2026-10-25T01:31:00Z", "2026-10-26T01:30:00Z"),
+        ] {
+            assert_eq!(
+                next_local_time(utc(at), berlin, half_past_two),
+                Some(utc(next)),
+                "from {at}"
+            );
+        }
+        // The day before, 02:30 on the 25th is the first pass.
+        assert_eq!(
+            next_local_time(utc("2026-10-24T12:00:00Z"), berlin, half_past_two),
             Some(utc("2026-10-25T00:30:00Z"))
         );
     }

@@ -148,12 +148,19 @@ impl Default for StateConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClockConfig {
     pub mode: ClockMode,
+    /// Wall-clock mode: an input record whose event time is further than this ahead
+    /// of the machine's clock goes to the dead-letter topic (a device clock set years
+    /// ahead would otherwise hold a customer's "latest" times there for good).
+    /// Event-time mode has no such check: there the input's times are the clock.
+    #[serde(with = "humantime_serde")]
+    pub max_event_lead: Duration,
 }
 
 impl Default for ClockConfig {
     fn default() -> Self {
         ClockConfig {
             mode: ClockMode::Wall,
+            max_event_lead: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -725,6 +725,9 @@ pub enum CustomerActionKind {
     merged,
     /// A merged customer's ledger arrives at the survivor (keyed by the survivor).
     merge_in,
+    /// The customer withdrew consent on `channel`: nothing more goes out on it until
+    /// a later opt-in, queued and cascading messages included.
+    opt_out,
 }
 
 impl CustomerAction {

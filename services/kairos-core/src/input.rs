@@ -3,7 +3,7 @@
 //! dead-letter topic with the reason.
 
 use crate::calendar;
-use crate::contracts::{CustomerEvent, DeadLetterReason, EventType, OfflineReceipt};
+use crate::contracts::{CustomerEvent, DeadLetterReason, EventType, LineItem, OfflineReceipt};
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
 
@@ -43,7 +43,35 @@ pub fn decode_receipt(
             "event_id is empty",
         ));
     }
+    // Positive for refunds too: `kind` gives the direction.
+    check_amount("total", Some(r.total))?;
+    check_items(&r.items)?;
     Ok(r)
+}
+
+/// An amount must be a number and not negative: a negative total would add to the
+/// revenue a refund takes away, and NaN would poison every sum it joins.
+fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
+    match amount {
+        Some(a) if !a.is_finite() || a < 0.0 => Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} {a} is not a non-negative amount"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
+    for (i, item) in items.iter().enumerate() {
+        if item.quantity < 1 {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("items[{i}].quantity {} is below 1", item.quantity),
+            ));
+        }
+        check_amount(&format!("items[{i}].unit_price"), Some(item.unit_price))?;
+    }
+    Ok(())
 }
 
 /// The checks every site and app event passes before it is applied.
@@ -87,6 +115,9 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             "order_status needs order.status",
         ));
     }
+    check_amount("order.total", e.order.as_ref().and_then(|o| o.total))?;
+    check_amount("product.price", e.product.as_ref().and_then(|p| p.price))?;
+    check_items(&e.items)?;
     if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
         if calendar::month_day(b).is_none() {
             return Err(Rejection::new(

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminState;
 use crate::config::{topics, Config};
-use crate::contracts::DeadLetter;
+use crate::contracts::{DeadLetter, DeadLetterReason};
 use crate::encoding::{
     decode_state, encode_internal, encode_state, encode_state_into, Rejection, SchemaRegistry,
 };
@@ -222,6 +222,8 @@ pub struct Engine<P: Processor> {
     factory: StoreFactory,
     parts: BTreeMap<i32, Part>,
     mode: ClockMode,
+    /// Wall-clock mode: how far ahead of the machine's clock an input may be.
+    max_event_lead: Millis,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
     /// Where committed state is replicated, so a partition can move (None in replay).
@@ -237,6 +239,7 @@ impl<P: Processor> Engine<P> {
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
         let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?;
         Ok(Engine {
+            max_event_lead: config.clock.max_event_lead.as_millis() as Millis,
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -400,7 +403,12 @@ impl<P: Processor> Engine<P> {
                 return Ok(());
             }
         }
-        let input = match decoded.map_or_else(|| self.processor.decode(record), Ok) {
+        let decoded = decoded
+            .map_or_else(|| self.processor.decode(record), Ok)
+            .and_then(|input| {
+                check_event_lead(&self.processor, self.mode, self.max_event_lead, input)
+            });
+        let input = match decoded {
             Ok(input) => input,
             Err(rejection) => {
                 let now = part.clock.now();
@@ -692,6 +700,38 @@ impl<P: Processor> Engine<P> {
     /// Direct access to a partition's committed state (for tools and tests).
     pub fn store(&self, partition: i32) -> Option<&PartitionStore> {
         self.parts.get(&partition).map(|p| &p.store)
+    }
+}
+
+/// Wall-clock mode: rejects an input whose event time is more than
+/// `clock.max_event_lead` ahead of this machine's clock.
+fn check_event_lead<P: Processor>(
+    processor: &P,
+    mode: ClockMode,
+    max_event_lead: Millis,
+    input: P::Input,
+) -> Result<P::Input, Rejection> {
+    if mode != ClockMode::Wall {
+        return Ok(input);
+    }
+    let now = wall_now();
+    match processor.event_time(&input) {
+        Some(t) if t > now.saturating_add(max_event_lead) => Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!(
+                "event time {} is {} ahead of this machine's clock ({}); at most \
+                 clock.max_event_lead = {} is accepted",
+                crate::time::format_millis(t),
+                humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
+                    ((t - now) / 1000) as u64
+                )),
+                crate::time::format_millis(now),
+                humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(
+                    max_event_lead as u64
+                )),
+            ),
+        )),
+        _ => Ok(input),
     }
 }
 

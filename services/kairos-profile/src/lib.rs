@@ -32,7 +32,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod segments;
 
-use profile::CustomerProfile;
+use profile::{CustomerProfile, Reversal};
 
 /// A decoded input of the profile processor.
 #[derive(Debug, Clone)]
@@ -220,20 +220,26 @@ impl ProfileProcessor {
             self.put(ctx.partition, p);
             return Ok(());
         }
-        if let Some(c) = e.consent.as_ref().filter(|c| c.granted) {
-            if p.consents.get(&c.channel) != Some(&true) {
-                // The arbiter lifts an unsubscribe only on a later opt-in.
-                let action = CustomerAction {
-                    channel: Some(c.channel),
-                    ..CustomerAction::new(
-                        deterministic_id(&[&e.event_id, "opt_in"]),
-                        customer_id.clone(),
-                        CustomerActionKind::opt_in,
-                        e.occurred_at,
-                    )
-                };
-                ctx.emit(&self.actions_topic, &customer_id, &action);
-            }
+        if let Some(c) = &e.consent {
+            // Every stated consent goes to the arbiter, whatever the profile holds: an
+            // unsubscribe outcome still on its way must not win over a later opt-in,
+            // and a withdrawal must stop what is queued or cascading there at once.
+            // The arbiter orders them by time.
+            let (kind, name) = if c.granted {
+                (CustomerActionKind::opt_in, "opt_in")
+            } else {
+                (CustomerActionKind::opt_out, "opt_out")
+            };
+            let action = CustomerAction {
+                channel: Some(c.channel),
+                ..CustomerAction::new(
+                    deterministic_id(&[&e.event_id, name]),
+                    customer_id.clone(),
+                    kind,
+                    e.occurred_at,
+                )
+            };
+            ctx.emit(&self.actions_topic, &customer_id, &action);
         }
         let birthday_before = (p.birthday.clone(), p.time_zone.clone());
         let subscription_before = p.subscription_ends_at;
@@ -304,17 +310,28 @@ impl ProfileProcessor {
             EventType::purchase => {
                 let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
-                p.record_purchase(e.occurred_at, total, false, order_id.clone());
-                self.after_purchase(ctx, &mut p, &e.event_id, e.occurred_at, order_id)?;
-                purchase_changed = true;
+                let latest = p.last_purchase_at;
+                if p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
+                    self.after_purchase(ctx, &mut p, &e.event_id, e.occurred_at, latest, order_id)?;
+                    purchase_changed = true;
+                } else {
+                    self.metrics.duplicates.inc();
+                }
             }
             EventType::order_status => {
                 if let Some(order) = &e.order {
                     match order.status {
-                        Some(OrderStatus::returned) => {
-                            p.record_return(order.total.unwrap_or(0.0));
-                            self.cancel_post_purchase(ctx, &customer_id, Some(&order.order_id))?;
-                            purchase_changed = true;
+                        // A cancelled order is undone like a returned one.
+                        Some(OrderStatus::returned | OrderStatus::cancelled) => {
+                            let reversal = p.record_return(Some(&order.order_id), order.total);
+                            if reversal == Reversal::Applied {
+                                self.cancel_post_purchase(
+                                    ctx,
+                                    &customer_id,
+                                    Some(&order.order_id),
+                                )?;
+                                purchase_changed = true;
+                            }
                         }
                         Some(OrderStatus::delivered) => {
                             for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
@@ -353,6 +370,12 @@ impl ProfileProcessor {
         if (p.birthday.clone(), p.time_zone.clone()) != birthday_before {
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
                 schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
+            }
+            // The anniversary is a local date and time too: a new zone moves it.
+            if p.time_zone != birthday_before.1 && p.registered_at.is_some() {
+                for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
+                    schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
+                }
             }
         }
         if p.subscription_ends_at != subscription_before {
@@ -473,6 +496,8 @@ impl ProfileProcessor {
         }
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
+        let yearly_before = (p.birthday.clone(), p.time_zone.clone(), p.registered_at);
+        let subscription_before = p.subscription_ends_at;
         p.absorb(merged);
         p.awaiting_merges.retain(|c| *c != m.from);
         if !p.merged_from.contains(&m.from) {
@@ -506,6 +531,30 @@ impl ProfileProcessor {
             arm_wait(ctx, s, &mut p, &wait, 0, fire_at)?;
             p.waits.insert(name, wait);
         }
+        // The merged customer's timers were cancelled with it: what its profile
+        // brought (a birthday, a registration date, a zone, a subscription, visits)
+        // is armed again for the survivor.
+        let now = ctx.now().max(m.occurred_at);
+        if (p.birthday.clone(), p.time_zone.clone(), p.registered_at) != yearly_before {
+            for s in config.scenarios.iter().filter(|s| s.enabled) {
+                if matches!(
+                    s.kind,
+                    ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
+                ) {
+                    schedule_yearly(ctx, s, &p, now)?;
+                }
+            }
+        }
+        if p.subscription_ends_at != subscription_before {
+            if let Some(ends) = p.subscription_ends_at {
+                for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
+                    let cause = format!("subscription-{ends}");
+                    let due = ends - ms(s.delay);
+                    schedule_step(ctx, s, &p, &cause, m.occurred_at, 0, due, None, None)?;
+                }
+            }
+        }
+        self.arm_reactivation(ctx, &mut p)?;
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
         if p.awaiting_merges.is_empty() {
             // What waited for the merge goes out with the merged contacts and consents.
@@ -537,19 +586,25 @@ impl ProfileProcessor {
         }
         match r.kind {
             ReceiptKind::sale => {
-                p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
-                // An offline purchase ends the online cart reminder too.
-                self.after_purchase(
-                    ctx,
-                    &mut p,
-                    &r.event_id,
-                    r.occurred_at,
-                    Some(r.receipt_id.clone()),
-                )?;
-                self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+                let latest = p.last_purchase_at;
+                if p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
+                    // An offline purchase ends the online cart reminder too.
+                    self.after_purchase(
+                        ctx,
+                        &mut p,
+                        &r.event_id,
+                        r.occurred_at,
+                        latest,
+                        Some(r.receipt_id.clone()),
+                    )?;
+                    self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+                } else {
+                    self.metrics.duplicates.inc();
+                }
             }
             ReceiptKind::refund => {
-                p.record_return(r.total);
+                // A till refund names no original receipt: its own total is the amount.
+                p.record_return(None, Some(r.total));
                 self.cancel_post_purchase(ctx, &customer_id, None)?;
                 self.review_segments(ctx, &mut p, "refund", r.occurred_at)?;
             }
@@ -602,12 +657,17 @@ impl ProfileProcessor {
         Ok(())
     }
 
+    /// What a purchase at `at` ends and starts. `latest_before` is the last purchase
+    /// known before it: a purchase that arrives late (a till receipt uploaded hours
+    /// later) ends only the waits it came after, and does not take the follow-up
+    /// slot of a newer order.
     fn after_purchase(
         &mut self,
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
         event_id: &str,
         at: Millis,
+        latest_before: Option<Millis>,
         order_id: Option<String>,
     ) -> anyhow::Result<()> {
         // The arbiter drops queued messages the purchase made pointless and pauses promo.
@@ -628,9 +688,16 @@ impl ProfileProcessor {
             .iter()
             .filter(|s| s.ends_on_purchase())
         {
-            if s.kind != ScenarioKind::Reactivation {
+            let caused_later = p
+                .waits
+                .get(s.name.as_str())
+                .is_some_and(|w| w.cause_occurred_at > at);
+            if s.kind != ScenarioKind::Reactivation && !caused_later {
                 stop_wait(ctx, s, p)?;
             }
+        }
+        if latest_before.is_some_and(|latest| latest > at) {
+            return Ok(());
         }
         for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
             schedule_step(
@@ -731,16 +798,19 @@ impl ProfileProcessor {
         let now = ctx.now().max(at);
         let cfg = self.config.segments.clone();
         let stage = segments::lifecycle(&cfg.lifecycle, p, now);
+        // Transition ids come from the cause's time (the event's, or the review
+        // timer's), which a replay reproduces; `now` is the wall clock in production.
+        let cause = Cause { at, now };
         if p.lifecycle.as_deref() != Some(stage.as_str()) {
             let from = p.lifecycle.replace(stage.clone());
-            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, now);
+            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, cause);
         }
         let score = segments::rfm(&cfg.rfm, p, now);
         let new_segment = score.as_ref().map(|s| s.segment.clone());
         let old_segment = p.rfm.as_ref().map(|s| s.segment.clone());
         p.rfm = score;
         if let (Some(to), true) = (&new_segment, new_segment != old_segment) {
-            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, now);
+            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, cause);
         }
         if let Some(next) = segments::next_boundary(&cfg, p, now) {
             let armed = p.armed.get(SEGMENT_REVIEW).copied();
@@ -765,14 +835,20 @@ impl ProfileProcessor {
         from: Option<String>,
         to: &str,
         reason: &str,
-        at: Millis,
+        cause: Cause,
     ) {
         let kind_name = match kind {
             SegmentKind::rfm => "rfm",
             SegmentKind::lifecycle => "lifecycle",
         };
+        let at = cause.now;
         let t = SegmentTransition {
-            transition_id: deterministic_id(&[&p.customer_id, kind_name, to, &at.to_string()]),
+            transition_id: deterministic_id(&[
+                &p.customer_id,
+                kind_name,
+                to,
+                &cause.at.to_string(),
+            ]),
             customer_id: p.customer_id.clone(),
             kind,
             from_segment: from,
@@ -928,7 +1004,11 @@ impl ProfileProcessor {
             }
             ScenarioKind::Reactivation => {
                 p.armed.remove(s.name.as_str());
-                let last = p.last_visit_at.unwrap_or(t.cause_occurred_at);
+                // A purchase (a till receipt too) is activity as much as a visit.
+                let last = p
+                    .last_visit_at
+                    .max(p.last_purchase_at)
+                    .unwrap_or(t.cause_occurred_at);
                 let due = last + ms(s.delay);
                 if due > timer.fire_at {
                     // The customer came back since: wait from the latest visit.
@@ -944,9 +1024,6 @@ impl ProfileProcessor {
                         None,
                     )?;
                     p.armed.insert(s.name.as_str().into(), due);
-                    return Ok(());
-                }
-                if t.step == 0 && p.bought_since(last) {
                     return Ok(());
                 }
             }
@@ -1049,15 +1126,28 @@ impl ProfileProcessor {
         Ok(())
     }
 
-    fn on_segment_review(&mut self, ctx: &mut Ctx<'_>, customer_id: &str) -> anyhow::Result<()> {
+    fn on_segment_review(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+        fire_at: Millis,
+    ) -> anyhow::Result<()> {
         let Some(mut p) = self.take(ctx, customer_id)? else {
             return Ok(());
         };
         p.armed.remove(SEGMENT_REVIEW);
-        let result = self.review_segments(ctx, &mut p, "time", ctx.now());
+        let result = self.review_segments(ctx, &mut p, "time", fire_at);
         self.put(ctx.partition, p);
         result
     }
+}
+
+/// When a segment review's cause happened (`at`: the event's time, or the review
+/// timer's) and the processor's time then (`now`: the later of it and the clock).
+#[derive(Debug, Clone, Copy)]
+struct Cause {
+    at: Millis,
+    now: Millis,
 }
 
 fn ms(d: std::time::Duration) -> Millis {
@@ -1343,7 +1433,7 @@ impl Processor for ProfileProcessor {
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
-            self.on_segment_review(ctx, &customer)
+            self.on_segment_review(ctx, &customer, timer.fire_at)
         } else {
             self.on_scenario_timer(ctx, timer)
         }

@@ -16,6 +16,7 @@ const RECENT_EVENT_IDS: usize = 32;
 const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
+const RECENT_ORDERS: usize = 20;
 
 /// A recently viewed product. Stored, like all state, as a row of its fields (see
 /// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
@@ -107,6 +108,31 @@ pub struct CustomerProfile {
     pub awaiting_merges: Vec<String>,
     /// Customers merged into this one (newest last, bounded), for the arbiter.
     pub merged_from: Vec<String>,
+    /// When each channel's consent in `consents` was stated: a statement older than
+    /// it (an unsubscribe outcome arriving after a newer opt-in) changes nothing.
+    pub consent_at: SmallMap<Channel, Millis>,
+    /// The latest orders (online and offline), newest last, bounded: a re-sent order
+    /// counts once, and a return or cancellation without an amount reverses its own.
+    pub recent_orders: Vec<OrderRecord>,
+}
+
+/// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub order_id: String,
+    pub total: f64,
+    pub at: Millis,
+    /// Returned, refunded or cancelled: its amount is out of the revenue already.
+    pub reversed: bool,
+}
+
+/// What a return, refund or cancellation did to the purchase aggregates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reversal {
+    /// The amount left the revenue.
+    Applied,
+    /// The order was reversed before: nothing changed.
+    AlreadyReversed,
 }
 
 impl CustomerProfile {
@@ -135,7 +161,7 @@ impl CustomerProfile {
         let at = o.occurred_at;
         match o.kind {
             OutcomeKind::unsubscribed => {
-                self.consents.insert(o.channel, false);
+                self.state_consent(o.channel, false, at);
             }
             OutcomeKind::bounced_hard => {
                 if let Some(address) = self.address(o.channel).cloned() {
@@ -194,6 +220,22 @@ impl CustomerProfile {
             let mine = self.consents.entry(channel).or_insert(granted);
             *mine &= granted;
         }
+        for (channel, at) in other.consent_at {
+            let mine = self.consent_at.entry(channel).or_insert(at);
+            *mine = (*mine).max(at);
+        }
+        for order in other.recent_orders {
+            if !self
+                .recent_orders
+                .iter()
+                .any(|o| o.order_id == order.order_id)
+            {
+                self.recent_orders.push(order);
+            }
+        }
+        self.recent_orders.sort_by_key(|o| o.at);
+        let excess = self.recent_orders.len().saturating_sub(RECENT_ORDERS);
+        self.recent_orders.drain(..excess);
         self.orders += other.orders;
         self.offline_orders += other.offline_orders;
         self.revenue += other.revenue;
@@ -284,7 +326,7 @@ impl CustomerProfile {
             self.phone = Some(phone.clone());
         }
         if let Some(c) = &e.consent {
-            self.consents.insert(c.channel, c.granted);
+            self.state_consent(c.channel, c.granted, e.occurred_at);
         }
         if let Some(u) = &e.profile {
             let set = |field: &mut Option<String>, v: &Option<String>| {
@@ -389,27 +431,85 @@ impl CustomerProfile {
         before != self.wishlist.len()
     }
 
+    /// Sets `channel`'s consent as stated at `at`, unless a later statement is known
+    /// (topics are consumed independently, so statements arrive out of order). Returns
+    /// whether it was applied.
+    pub fn state_consent(&mut self, channel: Channel, granted: bool, at: Millis) -> bool {
+        if self
+            .consent_at
+            .get(&channel)
+            .is_some_and(|known| *known > at)
+        {
+            return false;
+        }
+        self.consents.insert(channel, granted);
+        self.consent_at.insert(channel, at);
+        true
+    }
+
+    /// Counts a purchase; false (and nothing counted) for an order counted already (a
+    /// producer's retry under a new event id, a till receipt uploaded twice). A
+    /// purchase older than the cart's last change leaves the cart alone: the items were
+    /// added after it.
     pub fn record_purchase(
         &mut self,
         at: Millis,
         total: f64,
         offline: bool,
         order_id: Option<String>,
-    ) {
+    ) -> bool {
+        if let Some(id) = &order_id {
+            if self.recent_orders.iter().any(|o| o.order_id == *id) {
+                return false;
+            }
+            if self.recent_orders.len() >= RECENT_ORDERS {
+                self.recent_orders.remove(0);
+            }
+            self.recent_orders.push(OrderRecord {
+                order_id: id.clone(),
+                total,
+                at,
+                reversed: false,
+            });
+        }
         self.orders += 1;
         if offline {
             self.offline_orders += 1;
         }
         self.revenue += total;
         self.first_purchase_at = Some(self.first_purchase_at.map_or(at, |f| f.min(at)));
-        self.last_purchase_at = Some(self.last_purchase_at.map_or(at, |l| l.max(at)));
-        self.last_order_id = order_id;
-        self.cart.clear();
+        if self.last_purchase_at.is_none_or(|last| at >= last) {
+            self.last_purchase_at = Some(at);
+            self.last_order_id = order_id;
+        }
+        if self.cart_updated_at.is_none_or(|changed| changed <= at) {
+            self.cart.clear();
+        }
+        true
     }
 
-    pub fn record_return(&mut self, total: f64) {
+    /// Takes a returned, refunded or cancelled order out of the revenue: `total` when
+    /// the event says it, else the amount the order was counted with. An order
+    /// reversed before is not reversed again.
+    pub fn record_return(&mut self, order_id: Option<&str>, total: Option<f64>) -> Reversal {
+        let known =
+            order_id.and_then(|id| self.recent_orders.iter_mut().find(|o| o.order_id == id));
+        let amount = match known {
+            Some(order) if order.reversed => return Reversal::AlreadyReversed,
+            Some(order) => {
+                order.reversed = true;
+                total.unwrap_or(order.total)
+            }
+            None => total.unwrap_or(0.0),
+        };
         self.returns += 1;
-        self.revenue = (self.revenue - total).max(0.0);
+        self.revenue = (self.revenue - amount).max(0.0);
+        Reversal::Applied
+    }
+
+    /// Average order value: revenue (net of returns) over orders.
+    pub fn average_order_value(&self) -> Option<f64> {
+        (self.orders > 0).then(|| self.revenue / f64::from(self.orders))
     }
 
     pub fn bought_since(&self, at: Millis) -> bool {
@@ -680,5 +780,68 @@ mod tests {
         assert_eq!(p.complained_at, Some(60), "the first complaint counts");
         p.apply_outcome(&outcome(Channel::email, OutcomeKind::unsubscribed, 80));
         assert_eq!(p.consents.get(&Channel::email), Some(&false));
+    }
+
+    #[test]
+    fn an_unsubscribe_older_than_the_stated_consent_changes_nothing() {
+        let mut p = CustomerProfile::new("c1", 0);
+        assert!(p.state_consent(Channel::email, true, 100));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::unsubscribed, 90));
+        assert_eq!(
+            p.consents.get(&Channel::email),
+            Some(&true),
+            "older: ignored"
+        );
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::unsubscribed, 110));
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
+        assert!(
+            !p.state_consent(Channel::email, true, 105),
+            "older than the unsubscribe"
+        );
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
+    }
+
+    #[test]
+    fn returns_and_cancellations_take_out_what_the_order_counted_once() {
+        let mut p = CustomerProfile::new("c1", 0);
+        assert!(p.record_purchase(10, 80.0, false, Some("o-1".into())));
+        assert!(p.record_purchase(20, 20.0, true, Some("r-2".into())));
+        assert!(
+            !p.record_purchase(30, 80.0, false, Some("o-1".into())),
+            "re-sent"
+        );
+        assert_eq!((p.orders, p.offline_orders, p.revenue), (2, 1, 100.0));
+        assert_eq!(p.average_order_value(), Some(50.0));
+        // No amount given: the order's own.
+        assert_eq!(p.record_return(Some("o-1"), None), Reversal::Applied);
+        assert_eq!((p.returns, p.revenue), (1, 20.0));
+        assert_eq!(
+            p.record_return(Some("o-1"), Some(80.0)),
+            Reversal::AlreadyReversed
+        );
+        assert_eq!((p.returns, p.revenue), (1, 20.0));
+        // A till refund names no order: its own amount.
+        assert_eq!(p.record_return(None, Some(5.0)), Reversal::Applied);
+        assert_eq!((p.returns, p.revenue), (2, 15.0));
+    }
+
+    #[test]
+    fn a_purchase_older_than_the_last_cart_change_leaves_the_cart() {
+        let mut p = CustomerProfile::new("c1", 0);
+        p.cart.push(LineItem {
+            product_id: "p-1".into(),
+            name: None,
+            category: None,
+            quantity: 1,
+            unit_price: 5.0,
+        });
+        p.cart_updated_at = Some(100);
+        assert!(p.record_purchase(90, 40.0, true, Some("r-1".into())));
+        assert_eq!(p.cart.len(), 1);
+        assert!(p.record_purchase(120, 5.0, false, Some("o-2".into())));
+        assert!(p.cart.is_empty());
+        assert_eq!(p.last_order_id.as_deref(), Some("o-2"));
+        assert!(p.record_purchase(95, 5.0, false, Some("o-3".into())));
+        assert_eq!(p.last_order_id.as_deref(), Some("o-2"), "the latest stays");
     }
 }

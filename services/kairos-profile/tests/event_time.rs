@@ -157,11 +157,16 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with(CONFIG, ClockMode::Event)
+    }
+
+    /// A harness on `config_text` (the test configuration, edited) with `mode`.
+    fn with(config_text: &str, mode: ClockMode) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::from_text(Path::new("test.toml"), CONFIG, &[])
+        let mut config = Config::from_text(Path::new("test.toml"), config_text, &[])
             .unwrap_or_else(|e| panic!("{e}"));
         config.state.dir = dir.path().to_path_buf();
-        config.clock.mode = ClockMode::Event;
+        config.clock.mode = mode;
         assert_eq!(config.kafka.partitions, 2);
         assert_eq!(config.state.max_batch_records, 1);
         let pipeline = Pipeline::new(&config).expect("pipeline");
@@ -1310,42 +1315,6 @@ fn same_input_same_trigger_ids() {
 }
 
 #[test]
-fn a_new_consent_is_reported_to_the_arbiter_as_an_opt_in() {
-    let t0 = at(T0);
-    let mut h = Harness::new();
-    let consent = |granted: bool| json!({"consent": {"channel": "sms", "granted": granted}});
-    h.site("oi-1", "consent_change", "oi", t0, consent(true));
-    h.site("oi-2", "consent_change", "oi", t0 + MINUTE, consent(true));
-    h.site(
-        "oi-3",
-        "consent_change",
-        "oi",
-        t0 + 2 * MINUTE,
-        consent(false),
-    );
-    h.site(
-        "oi-4",
-        "consent_change",
-        "oi",
-        t0 + 3 * MINUTE,
-        consent(true),
-    );
-    let opt_ins: Vec<_> = h
-        .outputs
-        .iter()
-        .filter(|o| o.topic == "customer-actions" && o.value["kind"] == "opt_in")
-        .collect();
-    assert_eq!(
-        opt_ins.len(),
-        2,
-        "a repeated grant is no new opt-in: {opt_ins:#?}"
-    );
-    assert_eq!(opt_ins[0].value["channel"], "sms");
-    assert_eq!(opt_ins[0].value["occurred_at"], t0);
-    assert_eq!(opt_ins[1].value["occurred_at"], t0 + 3 * MINUTE);
-}
-
-#[test]
 fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
     let t0 = at(T0);
     let mut h = Harness::new();
@@ -1510,4 +1479,312 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
     assert_eq!(once.triggers("anon:a-9", "browse_abandonment").len(), 1);
     assert!(!once.triggers("c-2", "browse_abandonment").is_empty());
     assert_eq!(once.on("deadletter").count(), 1, "the negative purchase");
+}
+
+// Review fixes: orders undone, late purchases, activity, zones, consent, ids, bad input.
+
+fn order_status(order_id: &str, status: &str) -> Value {
+    json!({"order": {"order_id": order_id, "status": status}})
+}
+
+#[test]
+fn a_cancelled_order_is_undone_and_its_review_request_never_fires() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("cx-buy", "purchase", "cx", t, order("o-cx", 80.0, None));
+    // The status names no total: the profile reverses what it counted for the order.
+    h.site(
+        "cx-cancel",
+        "order_status",
+        "cx",
+        t + DAY,
+        order_status("o-cx", "cancelled"),
+    );
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("cx", "post_purchase").is_empty());
+}
+
+#[test]
+fn an_order_sent_again_under_a_new_event_id_counts_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rs-buy-1", "purchase", "rs", t, order("o-rs", 80.0, None));
+    // More events than the profile remembers ids of, then the producer's retry.
+    for i in 0..40 {
+        h.site(
+            &format!("rs-view-{i}"),
+            "page_view",
+            "rs",
+            t + MINUTE,
+            json!({"page_url": "/"}),
+        );
+    }
+    h.site(
+        "rs-buy-2",
+        "purchase",
+        "rs",
+        t + 2 * MINUTE,
+        order("o-rs", 80.0, None),
+    );
+    h.advance(t + 20 * DAY);
+    let purchases = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "rs" && a.value["kind"] == "purchase")
+        .count();
+    assert_eq!(purchases, 1, "one purchase action for one order");
+    let fired = h.triggers("rs", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        fired[0]["fired_at"],
+        t + 14 * DAY,
+        "from the first purchase"
+    );
+}
+
+#[test]
+fn a_till_receipt_uploaded_late_keeps_the_cart_filled_after_the_sale() {
+    let sale = at("2026-03-02T18:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lr-new",
+        "purchase",
+        "lr",
+        sale - DAY,
+        order("o-lr-online", 30.0, None),
+    );
+    h.site(
+        "lr-cart",
+        "add_to_cart",
+        "lr",
+        sale + 10 * MINUTE,
+        add_to_cart("p-1", 25.0),
+    );
+    // The receipt of 18:00 arrives at 18:30, after the 18:10 cart change.
+    h.receipt("lr-till", "sale", "lr", sale, 40.0);
+    h.advance(sale + 10 * MINUTE + HOUR);
+    let fired = h.triggers("lr", "abandoned_cart");
+    assert_eq!(
+        fired.len(),
+        1,
+        "the cart added after the sale is still waiting: {fired:#?}"
+    );
+    assert_eq!(fired[0]["fired_at"], sale + 10 * MINUTE + HOUR);
+
+    // An older purchase that arrives late does not take the newer order's follow-up.
+    let mut h = Harness::new();
+    let t = at(T0);
+    h.site(
+        "lp-new",
+        "purchase",
+        "lp",
+        t + 5 * DAY,
+        order("o-new", 30.0, None),
+    );
+    h.receipt("lp-old", "sale", "lp", t, 40.0);
+    h.advance(t + 30 * DAY);
+    let fired = h.triggers("lp", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-new");
+    assert_eq!(fired[0]["fired_at"], t + 19 * DAY);
+}
+
+#[test]
+fn reactivation_waits_from_a_store_purchase_after_the_last_visit() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rp-v1", "page_view", "rp", t, json!({"page_url": "/"}));
+    h.receipt("rp-till", "sale", "rp", t + 5 * DAY, 40.0);
+    h.advance(t + 35 * DAY - MINUTE);
+    assert!(
+        h.triggers("rp", "reactivation").is_empty(),
+        "the customer bought in a store at T+5d"
+    );
+    h.advance(t + 35 * DAY);
+    let fired = h.triggers("rp", "reactivation");
+    assert_eq!(
+        fired.len(),
+        1,
+        "30 days after the store purchase: {fired:#?}"
+    );
+    assert_eq!(fired[0]["fired_at"], t + 35 * DAY);
+}
+
+#[test]
+fn the_registration_anniversary_moves_with_a_new_time_zone() {
+    // 00:30 UTC on 2 March is still 1 March in Los Angeles.
+    let reg = at("2026-03-02T00:30:00Z");
+    let mut h = Harness::new();
+    h.site("tz-reg", "registration", "tz", reg, json!({}));
+    h.site(
+        "tz-zone",
+        "profile_update",
+        "tz",
+        reg + HOUR,
+        json!({"profile": {"time_zone": "America/Los_Angeles"}}),
+    );
+    h.advance(at("2027-03-01T19:59:00Z"));
+    assert!(h.triggers("tz", "registration_anniversary").is_empty());
+    h.advance(at("2027-03-01T20:00:00Z"));
+    let fired = h.triggers("tz", "registration_anniversary");
+    assert_eq!(fired.len(), 1, "12:00 PST on 1 March 2027: {fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2027-03-01T20:00:00Z"));
+}
+
+#[test]
+fn every_stated_consent_reaches_the_arbiter_as_an_opt_in_or_an_opt_out() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let consent = |granted: bool| json!({"consent": {"channel": "email", "granted": granted}});
+    h.site("cs-1", "consent_change", "cs", t, consent(true));
+    // Granted again while the profile holds it granted: an unsubscribe outcome may
+    // still be on its way, so the arbiter hears it anyway.
+    h.site("cs-2", "consent_change", "cs", t + HOUR, consent(true));
+    h.site("cs-3", "consent_change", "cs", t + 2 * HOUR, consent(false));
+    let kinds: Vec<(String, Value)> = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "cs" && a.value["channel"] == "email")
+        .map(|a| {
+            (
+                a.value["kind"].as_str().unwrap_or_default().to_string(),
+                a.value["occurred_at"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("opt_in".to_string(), json!(t)),
+            ("opt_in".to_string(), json!(t + HOUR)),
+            ("opt_out".to_string(), json!(t + 2 * HOUR)),
+        ]
+    );
+}
+
+#[test]
+fn a_transition_id_comes_from_its_cause_not_from_the_clock() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("ti-v", "page_view", "ti", t, json!({"page_url": "/"}));
+    h.advance(t + 3 * HOUR);
+    // A purchase made at T+1h, seen two hours later.
+    h.site(
+        "ti-buy",
+        "purchase",
+        "ti",
+        t + HOUR,
+        order("o-ti", 80.0, None),
+    );
+    let bought = h
+        .transitions("ti")
+        .into_iter()
+        .find(|tr| tr["reason"] == "purchase")
+        .expect("the purchase moved a segment");
+    let to = bought["to_segment"].as_str().expect("to_segment");
+    let kind = bought["kind"].as_str().expect("kind");
+    let cause = (t + HOUR).to_string();
+    assert_eq!(
+        bought["transition_id"],
+        kairos_core::ids::deterministic_id(&["ti", kind, to, &cause]),
+        "{bought:#?}"
+    );
+}
+
+#[test]
+fn amounts_that_are_negative_or_quantities_below_one_are_dead_lettered() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("am-1", "purchase", "am", t, order("o-am1", -5.0, None));
+    h.site(
+        "am-2",
+        "add_to_cart",
+        "am",
+        t,
+        json!({"items": [{"product_id": "p-1", "quantity": 0, "unit_price": 5.0}]}),
+    );
+    h.receipt("am-3", "refund", "am", t, -20.0);
+    let reasons: Vec<String> = h
+        .on("deadletter")
+        .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:#?}");
+    assert!(reasons[0].contains("order.total -5"), "{reasons:#?}");
+    assert!(reasons[1].contains("items[0].quantity 0"), "{reasons:#?}");
+    assert!(reasons[2].contains("total -20"), "{reasons:#?}");
+    assert!(h.on("customer-actions").next().is_none(), "nothing applied");
+}
+
+#[test]
+fn in_wall_clock_mode_an_event_days_ahead_of_the_clock_is_dead_lettered() {
+    let mut h = Harness::with(CONFIG, ClockMode::Wall);
+    let now = kairos_core::time::wall_now();
+    h.site(
+        "fu-1",
+        "page_view",
+        "fu",
+        now + 3 * DAY,
+        json!({"page_url": "/"}),
+    );
+    // A device clock a few minutes fast is within the lead.
+    h.site(
+        "fu-2",
+        "page_view",
+        "fu",
+        now + 5 * MINUTE,
+        json!({"page_url": "/"}),
+    );
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ahead of this machine's clock")
+            && reason.contains("clock.max_event_lead = 1day"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].value["source_offset"], 0, "{:#?}", dead[0].value);
+    let visits = h
+        .on("customer-actions")
+        .filter(|a| a.value["kind"] == "visit")
+        .count();
+    assert_eq!(visits, 1, "the second event is applied");
+}
+
+#[test]
+fn a_merge_arms_the_birthday_the_merged_profile_brought() {
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at(T0);
+    let identified = |kind: &str, record: Value| json!({"kind": kind, "record": record});
+    h.feed(
+        "identified-events",
+        "c-2",
+        identified(
+            "site",
+            json!({"event_id": "mg-1", "event_type": "profile_update", "occurred_at": rfc(t),
+                "customer_id": "c-2", "profile": {"birthday": "1990-03-10", "time_zone": "UTC"}}),
+        ),
+    );
+    h.feed(
+        "identified-events",
+        "c-1",
+        identified(
+            "site",
+            json!({"event_id": "mg-2", "event_type": "page_view", "occurred_at": rfc(t + HOUR),
+                "customer_id": "c-1", "page_url": "/"}),
+        ),
+    );
+    let merge = json!({"merge_id": "m-1", "from": "c-2", "into": "c-1",
+        "identifier": "email:ann@example.com", "occurred_at": t + 2 * HOUR});
+    h.feed("identified-events", "c-2", identified("merge", merge));
+    // The merged profile travels to the survivor on the same topic.
+    let merge_in = h
+        .on("identified-events")
+        .find(|r| r.value["kind"] == "merge_in")
+        .map(|r| (r.key.clone(), r.value.clone()))
+        .expect("the merged profile is sent to the survivor");
+    h.feed("identified-events", &merge_in.0, merge_in.1);
+    h.advance(at("2026-03-10T10:00:00Z"));
+    let fired = h.triggers("c-1", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-03-10T10:00:00Z"));
+    assert!(h.triggers("c-2", "birthday").is_empty());
 }
