@@ -498,7 +498,45 @@ impl ProfileProcessor {
         let armed = merged.armed.clone();
         let yearly_before = (p.birthday.clone(), p.time_zone.clone(), p.registered_at);
         let subscription_before = p.subscription_ends_at;
+        let merged_views: Vec<(String, Option<f64>, Millis)> = merged
+            .recently_viewed
+            .iter()
+            .map(|v| (v.product_id.to_string(), v.price, v.at))
+            .collect();
+        let merged_wishes: Vec<Product> = merged.wishlist.clone();
         p.absorb(merged);
+        // The catalog join knows these interests under the merged id, whose occasions
+        // find no profile any more: the survivor takes them over (a view keeps its own
+        // time, so it leaves the audience when it would have).
+        for (product_id, price_seen, viewed_at) in merged_views {
+            let kept = p
+                .recently_viewed
+                .iter()
+                .any(|v| v.product_id == product_id && v.at == viewed_at);
+            if kept {
+                self.hand_over_interest(
+                    ctx,
+                    m,
+                    &product_id,
+                    price_seen,
+                    InterestKind::viewed,
+                    viewed_at,
+                );
+            }
+        }
+        for wish in merged_wishes {
+            if p.wishlist.iter().any(|w| w.product_id == wish.product_id) {
+                let at = m.occurred_at;
+                self.hand_over_interest(
+                    ctx,
+                    m,
+                    &wish.product_id,
+                    wish.price,
+                    InterestKind::wishlisted,
+                    at,
+                );
+            }
+        }
         p.awaiting_merges.retain(|c| *c != m.from);
         if !p.merged_from.contains(&m.from) {
             if p.merged_from.len() >= 16 {
@@ -753,6 +791,32 @@ impl ProfileProcessor {
             occurred_at: e.occurred_at,
         };
         ctx.emit(&self.interest_topic, &product.product_id, &interest);
+    }
+
+    /// An interest of a merged customer, sent to the catalog join for the survivor.
+    fn hand_over_interest(
+        &self,
+        ctx: &mut Ctx<'_>,
+        m: &CustomerMerge,
+        product_id: &str,
+        price_seen: Option<f64>,
+        kind: InterestKind,
+        at: Millis,
+    ) {
+        let kind_name = match kind {
+            InterestKind::viewed => "viewed",
+            InterestKind::wishlisted => "wishlisted",
+            InterestKind::unwishlisted => "unwishlisted",
+        };
+        let interest = ProductInterest {
+            interest_id: deterministic_id(&[&m.merge_id, product_id, kind_name]),
+            customer_id: m.into.clone(),
+            product_id: product_id.to_string(),
+            kind,
+            price_seen,
+            occurred_at: at,
+        };
+        ctx.emit(&self.interest_topic, product_id, &interest);
     }
 
     fn arm_reactivation(

@@ -1788,3 +1788,57 @@ fn a_merge_arms_the_birthday_the_merged_profile_brought() {
     assert_eq!(fired[0]["fired_at"], at("2026-03-10T10:00:00Z"));
     assert!(h.triggers("c-2", "birthday").is_empty());
 }
+
+#[test]
+fn a_price_drop_reaches_an_anonymous_viewer_who_logged_in() {
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at(T0);
+    let identified = |kind: &str, record: Value| json!({"kind": kind, "record": record});
+    h.catalog(
+        "pd-cat-1",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    h.feed(
+        "identified-events",
+        "anon:a-7",
+        identified(
+            "site",
+            json!({"event_id": "pd-view", "event_type": "product_view", "occurred_at": rfc(t + HOUR),
+                "customer_id": "anon:a-7", "product": product("p1", 100.0)}),
+        ),
+    );
+    h.feed(
+        "identified-events",
+        "anon:a-7",
+        identified(
+            "site",
+            json!({"event_id": "pd-wish", "event_type": "wishlist_add", "occurred_at": rfc(t + HOUR),
+                "customer_id": "anon:a-7", "product": product("p2", 50.0)}),
+        ),
+    );
+    let merge = json!({"merge_id": "m-pd", "from": "anon:a-7", "into": "c-7",
+        "identifier": "email:ann@example.com", "occurred_at": t + 2 * HOUR});
+    h.feed("identified-events", "anon:a-7", identified("merge", merge));
+    let merge_in = h
+        .on("identified-events")
+        .find(|r| r.value["kind"] == "merge_in")
+        .map(|r| (r.key.clone(), r.value.clone()))
+        .expect("the merged profile is sent to the survivor");
+    h.feed("identified-events", &merge_in.0, merge_in.1);
+    h.catalog("pd-cat-2", "p1", t + 3 * HOUR, json!({"price": 80.0}));
+    let fired = h.triggers("c-7", "price_drop");
+    assert_eq!(fired.len(), 1, "the view came with the merge: {fired:#?}");
+    assert_eq!(vars(&fired[0])["new_price"], 80.0);
+    h.catalog(
+        "pd-cat-3",
+        "p2",
+        t + 4 * HOUR,
+        json!({"name": "Mug", "in_stock": false}),
+    );
+    h.catalog("pd-cat-4", "p2", t + 5 * HOUR, json!({"in_stock": true}));
+    let back = h.triggers("c-7", "back_in_stock");
+    assert_eq!(back.len(), 1, "the wish came with the merge: {back:#?}");
+}
