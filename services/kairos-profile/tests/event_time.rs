@@ -1748,40 +1748,58 @@ fn in_wall_clock_mode_an_event_days_ahead_of_the_clock_is_dead_lettered() {
     assert_eq!(visits, 1, "the second event is applied");
 }
 
+/// A harness whose profile reads `identified-events`, as behind the identity processor.
+fn identified_harness() -> Harness {
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
+    Harness::with(&config, ClockMode::Event)
+}
+
+impl Harness {
+    /// A site event as the identity processor forwards it, keyed by its customer.
+    fn identified_site(&mut self, event: Value) {
+        let customer = event["customer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.feed(
+            "identified-events",
+            &customer,
+            json!({"kind": "site", "record": event}),
+        );
+    }
+
+    /// `from` merged into `into` at `time`: the merge record, then the merged profile
+    /// the profile sends itself for the survivor.
+    fn merge(&mut self, merge_id: &str, from: &str, into: &str, time: Millis) {
+        let merge = json!({"merge_id": merge_id, "from": from, "into": into,
+            "identifier": "email:ann@example.com", "occurred_at": time});
+        self.feed(
+            "identified-events",
+            from,
+            json!({"kind": "merge", "record": merge}),
+        );
+        let (key, value) = self
+            .on("identified-events")
+            .find(|r| {
+                r.value["kind"] == "merge_in" && r.value["record"]["merge"]["merge_id"] == merge_id
+            })
+            .map(|r| (r.key.clone(), r.value.clone()))
+            .expect("the merged profile is sent to the survivor");
+        assert_eq!(key, into);
+        self.feed("identified-events", &key, value);
+    }
+}
+
 #[test]
 fn a_merge_arms_the_birthday_the_merged_profile_brought() {
-    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
-    let mut h = Harness::with(&config, ClockMode::Event);
+    let mut h = identified_harness();
     let t = at(T0);
-    let identified = |kind: &str, record: Value| json!({"kind": kind, "record": record});
-    h.feed(
-        "identified-events",
-        "c-2",
-        identified(
-            "site",
-            json!({"event_id": "mg-1", "event_type": "profile_update", "occurred_at": rfc(t),
-                "customer_id": "c-2", "profile": {"birthday": "1990-03-10", "time_zone": "UTC"}}),
-        ),
-    );
-    h.feed(
-        "identified-events",
-        "c-1",
-        identified(
-            "site",
-            json!({"event_id": "mg-2", "event_type": "page_view", "occurred_at": rfc(t + HOUR),
-                "customer_id": "c-1", "page_url": "/"}),
-        ),
-    );
-    let merge = json!({"merge_id": "m-1", "from": "c-2", "into": "c-1",
-        "identifier": "email:ann@example.com", "occurred_at": t + 2 * HOUR});
-    h.feed("identified-events", "c-2", identified("merge", merge));
-    // The merged profile travels to the survivor on the same topic.
-    let merge_in = h
-        .on("identified-events")
-        .find(|r| r.value["kind"] == "merge_in")
-        .map(|r| (r.key.clone(), r.value.clone()))
-        .expect("the merged profile is sent to the survivor");
-    h.feed("identified-events", &merge_in.0, merge_in.1);
+    h.identified_site(json!({"event_id": "mg-1", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "c-2",
+        "profile": {"birthday": "1990-03-10", "time_zone": "UTC"}}));
+    h.identified_site(json!({"event_id": "mg-2", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
+    h.merge("m-1", "c-2", "c-1", t + 2 * HOUR);
     h.advance(at("2026-03-10T10:00:00Z"));
     let fired = h.triggers("c-1", "birthday");
     assert_eq!(fired.len(), 1, "{fired:#?}");
@@ -1791,43 +1809,19 @@ fn a_merge_arms_the_birthday_the_merged_profile_brought() {
 
 #[test]
 fn a_price_drop_reaches_an_anonymous_viewer_who_logged_in() {
-    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
-    let mut h = Harness::with(&config, ClockMode::Event);
+    let mut h = identified_harness();
     let t = at(T0);
-    let identified = |kind: &str, record: Value| json!({"kind": kind, "record": record});
     h.catalog(
         "pd-cat-1",
         "p1",
         t,
         json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
     );
-    h.feed(
-        "identified-events",
-        "anon:a-7",
-        identified(
-            "site",
-            json!({"event_id": "pd-view", "event_type": "product_view", "occurred_at": rfc(t + HOUR),
-                "customer_id": "anon:a-7", "product": product("p1", 100.0)}),
-        ),
-    );
-    h.feed(
-        "identified-events",
-        "anon:a-7",
-        identified(
-            "site",
-            json!({"event_id": "pd-wish", "event_type": "wishlist_add", "occurred_at": rfc(t + HOUR),
-                "customer_id": "anon:a-7", "product": product("p2", 50.0)}),
-        ),
-    );
-    let merge = json!({"merge_id": "m-pd", "from": "anon:a-7", "into": "c-7",
-        "identifier": "email:ann@example.com", "occurred_at": t + 2 * HOUR});
-    h.feed("identified-events", "anon:a-7", identified("merge", merge));
-    let merge_in = h
-        .on("identified-events")
-        .find(|r| r.value["kind"] == "merge_in")
-        .map(|r| (r.key.clone(), r.value.clone()))
-        .expect("the merged profile is sent to the survivor");
-    h.feed("identified-events", &merge_in.0, merge_in.1);
+    h.identified_site(json!({"event_id": "pd-view", "event_type": "product_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "anon:a-7", "product": product("p1", 100.0)}));
+    h.identified_site(json!({"event_id": "pd-wish", "event_type": "wishlist_add",
+        "occurred_at": rfc(t + HOUR), "customer_id": "anon:a-7", "product": product("p2", 50.0)}));
+    h.merge("m-pd", "anon:a-7", "c-7", t + 2 * HOUR);
     h.catalog("pd-cat-2", "p1", t + 3 * HOUR, json!({"price": 80.0}));
     let fired = h.triggers("c-7", "price_drop");
     assert_eq!(fired.len(), 1, "the view came with the merge: {fired:#?}");
