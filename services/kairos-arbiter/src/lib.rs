@@ -90,6 +90,11 @@ pub struct Cascade {
     pub category: Option<MessageCategory>,
     pub channels: Vec<Channel>,
     pub send_ids: Vec<String>,
+    /// When the trigger's cause happened: a purchase older than it (a till receipt
+    /// uploaded late) does not stop it. Unknown for cascades started by earlier
+    /// versions, which any purchase stops.
+    #[serde(default)]
+    pub cause_occurred_at: Option<Millis>,
 }
 
 /// A running chain with the customer's attention until its last step is due.
@@ -339,7 +344,7 @@ impl ArbiterProcessor {
         // triggers and lift stays comparable.
         if let Some(bought) = ledger
             .last_purchase_at
-            .filter(|b| *b >= t.cause_occurred_at && self.ends_on_purchase(&t.scenario))
+            .filter(|b| self.purchase_ends(&t.scenario, t.cause_occurred_at, *b))
         {
             return Verdict::no(
                 DecisionOutcome::cancelled,
@@ -503,6 +508,14 @@ impl ArbiterProcessor {
         self.config
             .scenario(scenario)
             .is_some_and(|s| s.kind == ScenarioKind::Reactivation)
+    }
+
+    /// Whether a purchase at `bought` ends a trigger of `scenario` caused at `cause`:
+    /// one at or after the cause, or strictly after it for reactivation, whose cause is
+    /// the customer's last activity, possibly that very purchase.
+    fn purchase_ends(&self, scenario: &str, cause: Millis, bought: Millis) -> bool {
+        self.ends_on_purchase(scenario)
+            && (bought > cause || (bought == cause && !self.is_reactivation(scenario)))
     }
 
     fn ends_on_purchase(&self, scenario: &str) -> bool {
@@ -1011,17 +1024,23 @@ impl ArbiterProcessor {
         result.map(|_| ())
     }
 
-    /// Ends every cascade of the customer still waiting.
+    /// Ends every cascade of the customer still waiting whose cause happened at or
+    /// before `caused_by` (all of them for `None`).
     fn stop_all_cascades(
         &self,
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
         customer_id: &str,
         why: &str,
+        caused_by: Option<Millis>,
     ) -> anyhow::Result<()> {
         let cascades: Vec<(String, Cascade)> = ledger
             .cascades
             .iter()
+            .filter(|(_, c)| match (caused_by, c.cause_occurred_at) {
+                (Some(limit), Some(cause)) => cause <= limit,
+                _ => true,
+            })
             .map(|(id, c)| (id.clone(), c.clone()))
             .collect();
         for (trigger_id, c) in cascades {
@@ -1111,7 +1130,7 @@ impl ArbiterProcessor {
                         why.clone(),
                     )?;
                 }
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why)?;
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
                 // Only the forwarding note, the addresses (for late bounces) and the
@@ -1172,7 +1191,9 @@ impl ArbiterProcessor {
                     if ledger
                         .opted_in
                         .get(&channel)
-                        .is_none_or(|opt_in| at > *opt_in)
+                        // A withdrawal at the same time as an opt-in wins, as in the
+                        // profile.
+                        .is_none_or(|opt_in| at >= *opt_in)
                     {
                         let known = ledger.unsubscribed.get(&channel).copied();
                         ledger.unsubscribed.insert(channel, latest(known, at));
@@ -1190,10 +1211,10 @@ impl ArbiterProcessor {
                 }
                 // A conversion ends every cascade: the customer did what they were for.
                 let why = format!("the customer bought at {at}");
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why)?;
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, Some(at))?;
                 let why = format!("the customer bought at {at} while it waited");
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
-                    q.cause_occurred_at <= at && self.ends_on_purchase(&q.scenario)
+                    self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
                 })?;
                 // After the exclusions, so only what survived them is decided again.
                 if slot_freed {
@@ -1570,6 +1591,7 @@ impl ArbiterProcessor {
                         category: Some(t.category),
                         channels: vec![c],
                         send_ids: vec![id.clone()],
+                        cause_occurred_at: Some(t.cause_occurred_at),
                     },
                 );
                 ctx.schedule(

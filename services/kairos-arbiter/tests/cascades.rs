@@ -139,3 +139,19 @@ cascade = ["1h"]
     assert_eq!(a.sends.len(), 2);
     assert_eq!(a.decisions_of("k5").len(), 2);
 }
+
+#[test]
+fn a_till_sale_older_than_the_cascade_cause_does_not_stop_it() {
+    let mut a = Arbiter::new();
+    let mut t = cascade_trigger(&a, "k9", T0);
+    t.cause_occurred_at = T0 - 10 * MINUTE;
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // A receipt of a sale before the cart change, uploaded after the e-mail.
+    a.purchase("till-late", T0 - 30 * MINUTE);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    // One after the cause stops the rest.
+    a.purchase("online", T0 + 2 * HOUR);
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+}

@@ -526,3 +526,25 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
     );
     assert_eq!(a.sends.len(), 1);
 }
+
+#[test]
+fn a_store_purchase_that_caused_the_reactivation_does_not_cancel_it() {
+    let mut a = Arbiter::new();
+    a.time_zone = Some("UTC".into());
+    // The profile waits 30 days from the last activity, here a till sale at T0, and
+    // the sale's purchase action reached the arbiter long before.
+    a.purchase("till", T0);
+    let mut t = a.trigger_of("cb1", "come_back", PROMO, T0 + 30 * DAY);
+    t.cause_occurred_at = T0;
+    let d = a.push_trigger(&t);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    // One caused before the purchase is still ended by it.
+    let mut t = a.trigger_of("cb2", "come_back", PROMO, T0 + 30 * DAY);
+    t.cause_occurred_at = T0 - DAY;
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::cancelled, "purchase_exclusion"),
+        "{d:#?}"
+    );
+}

@@ -75,6 +75,14 @@ pub trait Processor: Send + 'static {
     /// The record's event time; in event-time mode it advances the partition's clock.
     fn event_time(&self, input: &Self::Input) -> Option<Millis>;
 
+    /// True for a topic producers outside Kairos write (site, app and offline events),
+    /// whose event times come from their clocks: in wall-clock mode one too far ahead
+    /// of this machine's is dead-lettered (see `clock.max_event_lead`). Kairos' own
+    /// topics carry times it accepted already.
+    fn is_raw_input(&self, _topic: &str) -> bool {
+        false
+    }
+
     /// Applies one input. An error is fatal for the batch: nothing of it is committed
     /// (the engine drops it and reopens the partition at its last commit), and the
     /// service stops so that a restart retries from there.
@@ -406,7 +414,11 @@ impl<P: Processor> Engine<P> {
         let decoded = decoded
             .map_or_else(|| self.processor.decode(record), Ok)
             .and_then(|input| {
-                check_event_lead(&self.processor, self.mode, self.max_event_lead, input)
+                if self.processor.is_raw_input(record.topic) {
+                    check_event_lead(&self.processor, self.mode, self.max_event_lead, input)
+                } else {
+                    Ok(input)
+                }
             });
         let input = match decoded {
             Ok(input) => input,
@@ -703,7 +715,7 @@ impl<P: Processor> Engine<P> {
     }
 }
 
-/// Wall-clock mode: rejects an input whose event time is more than
+/// Wall-clock mode: rejects a raw input whose event time is more than
 /// `clock.max_event_lead` ahead of this machine's clock.
 fn check_event_lead<P: Processor>(
     processor: &P,

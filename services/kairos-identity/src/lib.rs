@@ -549,6 +549,10 @@ impl Processor for IdentityProcessor {
         vec![self.identified_topic.clone(), self.changes_topic.clone()]
     }
 
+    fn is_raw_input(&self, topic: &str) -> bool {
+        topic == self.site_topic || topic == self.app_topic || topic == self.offline_topic
+    }
+
     fn single_state_partition(&self) -> bool {
         true
     }

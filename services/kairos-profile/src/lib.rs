@@ -32,7 +32,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod segments;
 
-use profile::{CustomerProfile, Reversal};
+use profile::{CustomerProfile, Reversal, ReversalKind};
 
 /// A decoded input of the profile processor.
 #[derive(Debug, Clone)]
@@ -312,7 +312,14 @@ impl ProfileProcessor {
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 let latest = p.last_purchase_at;
                 if p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
-                    self.after_purchase(ctx, &mut p, &e.event_id, e.occurred_at, latest, order_id)?;
+                    let purchase = Purchase {
+                        event_id: &e.event_id,
+                        at: e.occurred_at,
+                        latest_before: latest,
+                        order_id,
+                        offline: false,
+                    };
+                    self.after_purchase(ctx, &mut p, purchase)?;
                     purchase_changed = true;
                 } else {
                     self.metrics.duplicates.inc();
@@ -321,15 +328,25 @@ impl ProfileProcessor {
             EventType::order_status => {
                 if let Some(order) = &e.order {
                     match order.status {
-                        // A cancelled order is undone like a returned one.
-                        Some(OrderStatus::returned | OrderStatus::cancelled) => {
-                            let reversal = p.record_return(Some(&order.order_id), order.total);
-                            if reversal == Reversal::Applied {
-                                self.cancel_post_purchase(
-                                    ctx,
-                                    &customer_id,
-                                    Some(&order.order_id),
-                                )?;
+                        // A cancelled order is undone like a returned one, and stops
+                        // counting as an order.
+                        Some(status @ (OrderStatus::returned | OrderStatus::cancelled)) => {
+                            let kind = if status == OrderStatus::cancelled {
+                                ReversalKind::Cancellation
+                            } else {
+                                ReversalKind::Return
+                            };
+                            let reversal = p.record_return(&order.order_id, order.total, kind);
+                            if let Reversal::Applied { known } = reversal {
+                                // A recent order's follow-up checks its mark in the
+                                // profile; an older one's needs a mark of its own.
+                                if !known {
+                                    self.cancel_post_purchase(
+                                        ctx,
+                                        &customer_id,
+                                        Some(&order.order_id),
+                                    )?;
+                                }
                                 purchase_changed = true;
                             }
                         }
@@ -627,14 +644,14 @@ impl ProfileProcessor {
                 let latest = p.last_purchase_at;
                 if p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
                     // An offline purchase ends the online cart reminder too.
-                    self.after_purchase(
-                        ctx,
-                        &mut p,
-                        &r.event_id,
-                        r.occurred_at,
-                        latest,
-                        Some(r.receipt_id.clone()),
-                    )?;
+                    let purchase = Purchase {
+                        event_id: &r.event_id,
+                        at: r.occurred_at,
+                        latest_before: latest,
+                        order_id: Some(r.receipt_id.clone()),
+                        offline: true,
+                    };
+                    self.after_purchase(ctx, &mut p, purchase)?;
                     self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
                 } else {
                     self.metrics.duplicates.inc();
@@ -642,9 +659,12 @@ impl ProfileProcessor {
             }
             ReceiptKind::refund => {
                 // A till refund names no original receipt: its own total is the amount.
-                p.record_return(None, Some(r.total));
-                self.cancel_post_purchase(ctx, &customer_id, None)?;
-                self.review_segments(ctx, &mut p, "refund", r.occurred_at)?;
+                if p.record_refund(&r.receipt_id, r.total) == Reversal::AlreadyReversed {
+                    self.metrics.duplicates.inc();
+                } else {
+                    self.cancel_post_purchase(ctx, &customer_id, None)?;
+                    self.review_segments(ctx, &mut p, "refund", r.occurred_at)?;
+                }
             }
         }
         self.put(ctx.partition, p);
@@ -695,19 +715,20 @@ impl ProfileProcessor {
         Ok(())
     }
 
-    /// What a purchase at `at` ends and starts. `latest_before` is the last purchase
-    /// known before it: a purchase that arrives late (a till receipt uploaded hours
-    /// later) ends only the waits it came after, and does not take the follow-up
-    /// slot of a newer order.
+    /// What a purchase ends and starts (see [`Purchase`]).
     fn after_purchase(
         &mut self,
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
-        event_id: &str,
-        at: Millis,
-        latest_before: Option<Millis>,
-        order_id: Option<String>,
+        purchase: Purchase<'_>,
     ) -> anyhow::Result<()> {
+        let Purchase {
+            event_id,
+            at,
+            latest_before,
+            order_id,
+            offline,
+        } = purchase;
         // The arbiter drops queued messages the purchase made pointless and pauses promo.
         let action = CustomerAction {
             order_id: order_id.clone(),
@@ -726,10 +747,12 @@ impl ProfileProcessor {
             .iter()
             .filter(|s| s.ends_on_purchase())
         {
-            let caused_later = p
-                .waits
-                .get(s.name.as_str())
-                .is_some_and(|w| w.cause_occurred_at > at);
+            // An online purchase ends them whatever the device's clock said; a till
+            // sale uploaded late only those it came after.
+            let caused_later = offline
+                && p.waits
+                    .get(s.name.as_str())
+                    .is_some_and(|w| w.cause_occurred_at > at);
             if s.kind != ScenarioKind::Reactivation && !caused_later {
                 stop_wait(ctx, s, p)?;
             }
@@ -1127,8 +1150,13 @@ impl ProfileProcessor {
             ScenarioKind::PostPurchase => {
                 if let Some(order) = &t.order_id {
                     let key = format!("ret/{}/{order}", p.customer_id);
-                    if ctx.get::<bool>(&key)?.is_some() {
+                    // Marks of orders the profile does not hold among its recent ones
+                    // (and of every order, before it held them).
+                    let marked = ctx.get::<bool>(&key)?.is_some();
+                    if marked {
                         ctx.delete(&key);
+                    }
+                    if marked || p.order_reversed(order) {
                         return Ok(());
                     }
                     vars.insert("order_id".into(), order.clone().into());
@@ -1204,6 +1232,19 @@ impl ProfileProcessor {
         self.put(ctx.partition, p);
         result
     }
+}
+
+/// A purchase just counted, for [`ProfileProcessor::after_purchase`].
+struct Purchase<'a> {
+    /// The event (or receipt event) that reported it.
+    event_id: &'a str,
+    at: Millis,
+    /// The last purchase known before it: one older than that does not take the
+    /// follow-up slot of a newer order.
+    latest_before: Option<Millis>,
+    order_id: Option<String>,
+    /// A till sale: uploaded late, it ends only the waits it came after.
+    offline: bool,
 }
 
 /// When a segment review's cause happened (`at`: the event's time, or the review
@@ -1409,6 +1450,12 @@ impl Processor for ProfileProcessor {
         };
         inputs.extend([self.occasions_topic.clone(), self.outcomes_topic.clone()]);
         inputs
+    }
+
+    /// The raw event topics, read directly when no identity processor runs in front.
+    fn is_raw_input(&self, topic: &str) -> bool {
+        self.identified_topic.is_none()
+            && (topic == self.site_topic || topic == self.app_topic || topic == self.offline_topic)
     }
 
     fn outputs(&self) -> Vec<String> {

@@ -114,6 +114,9 @@ pub struct CustomerProfile {
     /// The latest orders (online and offline), newest last, bounded: a re-sent order
     /// counts once, and a return or cancellation without an amount reverses its own.
     pub recent_orders: Vec<OrderRecord>,
+    /// Receipt ids of the latest till refunds, bounded: a refund uploaded again counts
+    /// once.
+    pub recent_refunds: Vec<String>,
 }
 
 /// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
@@ -124,15 +127,27 @@ pub struct OrderRecord {
     pub at: Millis,
     /// Returned, refunded or cancelled: its amount is out of the revenue already.
     pub reversed: bool,
+    /// A till sale (counted in `offline_orders` as well).
+    pub offline: bool,
 }
 
 /// What a return, refund or cancellation did to the purchase aggregates.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reversal {
-    /// The amount left the revenue.
-    Applied,
-    /// The order was reversed before: nothing changed.
+    /// The amount left the revenue; `known` says whether the order is among the
+    /// recent ones (whose follow-up checks the mark when it fires).
+    Applied { known: bool },
+    /// The order was reversed before, or the refund counted before: nothing changed.
     AlreadyReversed,
+}
+
+/// Why an order is reversed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReversalKind {
+    /// Returned: still an order, its amount out of the revenue.
+    Return,
+    /// Cancelled before it was fulfilled: no order at all.
+    Cancellation,
 }
 
 impl CustomerProfile {
@@ -233,6 +248,13 @@ impl CustomerProfile {
                 self.recent_orders.push(order);
             }
         }
+        for refund in other.recent_refunds {
+            if !self.recent_refunds.contains(&refund) {
+                self.recent_refunds.push(refund);
+            }
+        }
+        let excess = self.recent_refunds.len().saturating_sub(RECENT_ORDERS);
+        self.recent_refunds.drain(..excess);
         self.recent_orders.sort_by_key(|o| o.at);
         let excess = self.recent_orders.len().saturating_sub(RECENT_ORDERS);
         self.recent_orders.drain(..excess);
@@ -435,11 +457,10 @@ impl CustomerProfile {
     /// (topics are consumed independently, so statements arrive out of order). Returns
     /// whether it was applied.
     pub fn state_consent(&mut self, channel: Channel, granted: bool, at: Millis) -> bool {
-        if self
-            .consent_at
-            .get(&channel)
-            .is_some_and(|known| *known > at)
-        {
+        let known = self.consent_at.get(&channel).copied();
+        let withdrawn = self.consents.get(&channel) == Some(&false);
+        // At the same time, a withdrawal wins (as in the arbiter).
+        if known.is_some_and(|k| k > at || (k == at && granted && withdrawn)) {
             return false;
         }
         self.consents.insert(channel, granted);
@@ -448,9 +469,10 @@ impl CustomerProfile {
     }
 
     /// Counts a purchase; false (and nothing counted) for an order counted already (a
-    /// producer's retry under a new event id, a till receipt uploaded twice). A
-    /// purchase older than the cart's last change leaves the cart alone: the items were
-    /// added after it.
+    /// producer's retry under a new event id, a till receipt uploaded twice). An online
+    /// purchase empties the cart (the cart is what was bought, whatever the device's
+    /// clock says); a till sale older than the cart's last change leaves it alone: the
+    /// items were added after it.
     pub fn record_purchase(
         &mut self,
         at: Millis,
@@ -470,6 +492,7 @@ impl CustomerProfile {
                 total,
                 at,
                 reversed: false,
+                offline,
             });
         }
         self.orders += 1;
@@ -482,29 +505,68 @@ impl CustomerProfile {
             self.last_purchase_at = Some(at);
             self.last_order_id = order_id;
         }
-        if self.cart_updated_at.is_none_or(|changed| changed <= at) {
+        if !offline || self.cart_updated_at.is_none_or(|changed| changed <= at) {
             self.cart.clear();
         }
         true
     }
 
-    /// Takes a returned, refunded or cancelled order out of the revenue: `total` when
-    /// the event says it, else the amount the order was counted with. An order
-    /// reversed before is not reversed again.
-    pub fn record_return(&mut self, order_id: Option<&str>, total: Option<f64>) -> Reversal {
-        let known =
-            order_id.and_then(|id| self.recent_orders.iter_mut().find(|o| o.order_id == id));
-        let amount = match known {
+    /// Takes a returned or cancelled order out of the revenue: `total` when the event
+    /// says it, else the amount the order was counted with; a cancelled order stops
+    /// counting as an order too. An order reversed before is not reversed again.
+    pub fn record_return(
+        &mut self,
+        order_id: &str,
+        total: Option<f64>,
+        kind: ReversalKind,
+    ) -> Reversal {
+        let known = self
+            .recent_orders
+            .iter_mut()
+            .find(|o| o.order_id == order_id);
+        let (amount, known, offline) = match known {
             Some(order) if order.reversed => return Reversal::AlreadyReversed,
             Some(order) => {
                 order.reversed = true;
-                total.unwrap_or(order.total)
+                (total.unwrap_or(order.total), true, order.offline)
             }
-            None => total.unwrap_or(0.0),
+            None => (total.unwrap_or(0.0), false, false),
         };
-        self.returns += 1;
+        match kind {
+            ReversalKind::Return => self.returns += 1,
+            ReversalKind::Cancellation if known => {
+                self.orders = self.orders.saturating_sub(1);
+                if offline {
+                    self.offline_orders = self.offline_orders.saturating_sub(1);
+                }
+            }
+            // An order not among the recent ones may never have been counted here.
+            ReversalKind::Cancellation => {}
+        }
         self.revenue = (self.revenue - amount).max(0.0);
-        Reversal::Applied
+        Reversal::Applied { known }
+    }
+
+    /// A till refund (it names no original receipt): its own amount leaves the
+    /// revenue, once per refund receipt.
+    pub fn record_refund(&mut self, refund_receipt_id: &str, total: f64) -> Reversal {
+        if self.recent_refunds.iter().any(|r| r == refund_receipt_id) {
+            return Reversal::AlreadyReversed;
+        }
+        if self.recent_refunds.len() >= RECENT_ORDERS {
+            self.recent_refunds.remove(0);
+        }
+        self.recent_refunds.push(refund_receipt_id.to_string());
+        self.returns += 1;
+        self.revenue = (self.revenue - total).max(0.0);
+        Reversal::Applied { known: false }
+    }
+
+    /// Whether the order is known to be returned or cancelled.
+    pub fn order_reversed(&self, order_id: &str) -> bool {
+        self.recent_orders
+            .iter()
+            .any(|o| o.order_id == order_id && o.reversed)
     }
 
     /// Average order value: revenue (net of returns) over orders.
@@ -587,6 +649,12 @@ impl Serialize for TemplateVariables<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let p = self.profile;
         let own = [
+            (
+                "average_order_value",
+                p.average_order_value().map_or(Variable::Text(None), |v| {
+                    Variable::Number((v * 100.0).round() / 100.0)
+                }),
+            ),
             ("cart_items", Variable::Cart(&p.cart)),
             (
                 "cart_value",
@@ -644,6 +712,12 @@ mod tests {
             ((p.cart_value() * 100.0).round() / 100.0).into(),
         );
         m.insert("orders".into(), p.orders.into());
+        m.insert(
+            "average_order_value".into(),
+            p.average_order_value()
+                .map(|v| (v * 100.0).round() / 100.0)
+                .into(),
+        );
         m.insert(
             "segment".into(),
             p.rfm.as_ref().map(|r| r.segment.clone()).into(),
@@ -802,31 +876,57 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawal_and_an_opt_in_stated_at_the_same_time_leave_it_withdrawn() {
+        let mut p = CustomerProfile::new("c1", 0);
+        assert!(p.state_consent(Channel::email, false, 100));
+        assert!(!p.state_consent(Channel::email, true, 100));
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
+        let mut q = CustomerProfile::new("c2", 0);
+        assert!(q.state_consent(Channel::email, true, 100));
+        assert!(q.state_consent(Channel::email, false, 100));
+        assert_eq!(q.consents.get(&Channel::email), Some(&false));
+    }
+
+    #[test]
     fn returns_and_cancellations_take_out_what_the_order_counted_once() {
         let mut p = CustomerProfile::new("c1", 0);
         assert!(p.record_purchase(10, 80.0, false, Some("o-1".into())));
         assert!(p.record_purchase(20, 20.0, true, Some("r-2".into())));
+        assert!(p.record_purchase(25, 40.0, false, Some("o-3".into())));
         assert!(
             !p.record_purchase(30, 80.0, false, Some("o-1".into())),
             "re-sent"
         );
-        assert_eq!((p.orders, p.offline_orders, p.revenue), (2, 1, 100.0));
-        assert_eq!(p.average_order_value(), Some(50.0));
-        // No amount given: the order's own.
-        assert_eq!(p.record_return(Some("o-1"), None), Reversal::Applied);
-        assert_eq!((p.returns, p.revenue), (1, 20.0));
+        assert_eq!((p.orders, p.offline_orders, p.revenue), (3, 1, 140.0));
+        // A return without an amount: the order's own; still an order.
+        let returned = p.record_return("o-1", None, ReversalKind::Return);
+        assert_eq!(returned, Reversal::Applied { known: true });
+        assert_eq!((p.orders, p.returns, p.revenue), (3, 1, 60.0));
+        assert!(p.order_reversed("o-1"));
+        let again = p.record_return("o-1", Some(80.0), ReversalKind::Return);
+        assert_eq!(again, Reversal::AlreadyReversed);
+        assert_eq!((p.returns, p.revenue), (1, 60.0));
+        // A cancelled till sale is no order at all.
+        let cancelled = p.record_return("r-2", None, ReversalKind::Cancellation);
+        assert_eq!(cancelled, Reversal::Applied { known: true });
+        assert_eq!((p.orders, p.offline_orders, p.returns), (2, 0, 1));
+        assert_eq!(p.revenue, 40.0);
+        assert_eq!(p.average_order_value(), Some(20.0));
+        // An order older than the recent ones: the given amount, no order uncounted.
+        let old = p.record_return("o-old", Some(10.0), ReversalKind::Cancellation);
+        assert_eq!(old, Reversal::Applied { known: false });
+        assert_eq!((p.orders, p.revenue), (2, 30.0));
+        // A till refund names no order: its own amount, once per refund receipt.
         assert_eq!(
-            p.record_return(Some("o-1"), Some(80.0)),
-            Reversal::AlreadyReversed
+            p.record_refund("rf-1", 5.0),
+            Reversal::Applied { known: false }
         );
-        assert_eq!((p.returns, p.revenue), (1, 20.0));
-        // A till refund names no order: its own amount.
-        assert_eq!(p.record_return(None, Some(5.0)), Reversal::Applied);
-        assert_eq!((p.returns, p.revenue), (2, 15.0));
+        assert_eq!(p.record_refund("rf-1", 5.0), Reversal::AlreadyReversed);
+        assert_eq!((p.returns, p.revenue), (2, 25.0));
     }
 
     #[test]
-    fn a_purchase_older_than_the_last_cart_change_leaves_the_cart() {
+    fn a_till_sale_older_than_the_last_cart_change_leaves_the_cart() {
         let mut p = CustomerProfile::new("c1", 0);
         p.cart.push(LineItem {
             product_id: "p-1".into(),
@@ -838,10 +938,11 @@ mod tests {
         p.cart_updated_at = Some(100);
         assert!(p.record_purchase(90, 40.0, true, Some("r-1".into())));
         assert_eq!(p.cart.len(), 1);
-        assert!(p.record_purchase(120, 5.0, false, Some("o-2".into())));
+        // Online, the cart is what was bought, whatever the device's clock said.
+        assert!(p.record_purchase(95, 5.0, false, Some("o-2".into())));
         assert!(p.cart.is_empty());
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"));
-        assert!(p.record_purchase(95, 5.0, false, Some("o-3".into())));
+        assert!(p.record_purchase(93, 5.0, false, Some("o-3".into())));
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"), "the latest stays");
     }
 }

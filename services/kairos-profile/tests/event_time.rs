@@ -1746,6 +1746,14 @@ fn in_wall_clock_mode_an_event_days_ahead_of_the_clock_is_dead_lettered() {
         .filter(|a| a.value["kind"] == "visit")
         .count();
     assert_eq!(visits, 1, "the second event is applied");
+
+    // Kairos' own topics carry times a raw-input processor accepted already.
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
+    let mut h = Harness::with(&config, ClockMode::Wall);
+    h.identified_site(json!({"event_id": "fu-3", "event_type": "page_view",
+        "occurred_at": rfc(now + 3 * DAY), "customer_id": "fu", "page_url": "/"}));
+    assert_eq!(h.on("deadletter").count(), 0);
+    assert_eq!(h.on("customer-actions").count(), 1, "applied");
 }
 
 /// A harness whose profile reads `identified-events`, as behind the identity processor.
