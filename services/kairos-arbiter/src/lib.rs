@@ -1210,8 +1210,11 @@ impl ArbiterProcessor {
                     ledger.main = None;
                 }
                 // A conversion ends every cascade: the customer did what they were for.
+                // A till sale uploaded late does not end what was caused after it; an
+                // online purchase ends every cascade, whatever the device's clock said.
                 let why = format!("the customer bought at {at}");
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, Some(at))?;
+                let caused_by = a.till_sale.then_some(at);
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, caused_by)?;
                 let why = format!("the customer bought at {at} while it waited");
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)

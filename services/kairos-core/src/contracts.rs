@@ -708,6 +708,10 @@ pub struct CustomerAction {
     /// `merge_in`: the customer the ledger comes from.
     #[serde(default)]
     pub merged_from: Option<String>,
+    /// `purchase`: a till sale, whose receipt may be uploaded hours late (so it does
+    /// not end what was caused after it). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub till_sale: bool,
 }
 
 #[allow(non_camel_case_types)]
@@ -749,6 +753,7 @@ impl CustomerAction {
             merged_into: None,
             state: None,
             merged_from: None,
+            till_sale: false,
         }
     }
 }

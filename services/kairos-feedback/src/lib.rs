@@ -548,6 +548,12 @@ impl Processor for FeedbackProcessor {
         }
     }
 
+    /// The site, app and offline events it reads for conversions: one too far ahead
+    /// of the clock is dead-lettered here as in the profile, not counted as revenue.
+    fn is_raw_input(&self, topic: &str) -> bool {
+        topic == self.offline_topic || self.event_topics.contains(topic)
+    }
+
     fn event_time(&self, input: &FeedbackInput) -> Option<Millis> {
         match input {
             FeedbackInput::Outcome(o) => Some(o.occurred_at),
@@ -604,6 +610,57 @@ mod tests {
         let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
         assert_eq!(f.scenario_label("welcome"), "welcome");
         assert_eq!(f.scenario_label("customer-42-special"), "other");
+    }
+
+    /// In wall-clock mode a site event days ahead of the clock is dead-lettered, not
+    /// counted as a conversion; one a few minutes ahead is applied.
+    #[test]
+    fn a_site_event_days_ahead_of_the_clock_is_dead_lettered() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::from_text(
+            Path::new("t.toml"),
+            "[clock]\nmode = \"wall\"\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .expect("config");
+        let registry = prometheus::Registry::new();
+        let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
+        let mut replayer =
+            kairos_core::replay::Replayer::new(f, &config, &registry).expect("replayer");
+        let now = kairos_core::time::wall_now();
+        let purchase = |id: &str, at: Millis| {
+            serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
+                "customer_id": "c1", "order": {"order_id": id, "total": 10.0}})
+            .to_string()
+        };
+        let site = config.topic(topics::SITE_EVENTS);
+        let mut out = replayer
+            .push(
+                &site,
+                b"c1",
+                purchase("far", now + 3 * kairos_core::time::DAY).as_bytes(),
+            )
+            .expect("push");
+        out.extend(
+            replayer
+                .push(&site, b"c1", purchase("near", now + 5 * 60_000).as_bytes())
+                .expect("push"),
+        );
+        out.extend(replayer.commit().expect("commit"));
+        let dead: Vec<String> = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::DEAD_LETTER))
+            .map(|o| String::from_utf8_lossy(&o.payload).into_owned())
+            .collect();
+        assert_eq!(dead.len(), 1, "{dead:#?}");
+        assert!(
+            dead[0].contains("ahead of this machine's clock"),
+            "{}",
+            dead[0]
+        );
     }
 
     #[test]

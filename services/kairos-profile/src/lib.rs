@@ -732,6 +732,7 @@ impl ProfileProcessor {
         // The arbiter drops queued messages the purchase made pointless and pauses promo.
         let action = CustomerAction {
             order_id: order_id.clone(),
+            till_sale: offline,
             ..CustomerAction::new(
                 deterministic_id(&[event_id, "purchase"]),
                 p.customer_id.clone(),

@@ -120,7 +120,9 @@ pub struct CustomerProfile {
 }
 
 /// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
+/// Fields may only be appended, and read as their defaults from rows written before.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OrderRecord {
     pub order_id: String,
     pub total: f64,
@@ -873,6 +875,23 @@ mod tests {
             "older than the unsubscribe"
         );
         assert_eq!(p.consents.get(&Channel::email), Some(&false));
+    }
+
+    #[test]
+    fn orders_stored_before_a_field_was_appended_still_read() {
+        // A row of the four fields `OrderRecord` had when it was first stored.
+        let row = rmp_serde::to_vec(&("o-1", 80.0, 10i64, true)).expect("encode");
+        let read: OrderRecord = rmp_serde::from_slice(&row).expect("an older row reads");
+        assert_eq!(
+            read,
+            OrderRecord {
+                order_id: "o-1".into(),
+                total: 80.0,
+                at: 10,
+                reversed: true,
+                offline: false,
+            }
+        );
     }
 
     #[test]

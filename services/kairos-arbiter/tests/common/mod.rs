@@ -231,6 +231,17 @@ impl Arbiter {
         self.push("customer-actions", "c1", &action);
     }
 
+    /// Customer c1's till sale at `at`, as the profile reports a receipt (which may
+    /// arrive hours after the sale).
+    pub fn till_sale(&mut self, id: &str, at: i64) {
+        let action = CustomerAction {
+            order_id: Some(format!("receipt-{id}")),
+            till_sale: true,
+            ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::purchase, at)
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
     /// Customer c1's first visit of a day at `at` (as the profile reports it).
     pub fn visit(&mut self, id: &str, at: i64) {
         let action = CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::visit, at);
