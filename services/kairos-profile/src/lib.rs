@@ -278,7 +278,13 @@ impl ProfileProcessor {
             EventType::product_view => {
                 if let Some(product) = &e.product {
                     if p.view(product, e.occurred_at) {
-                        self.emit_interest(ctx, &customer_id, product, InterestKind::viewed, e);
+                        self.emit_event_interest(
+                            ctx,
+                            &customer_id,
+                            product,
+                            InterestKind::viewed,
+                            e,
+                        );
                     }
                     if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
                         for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
@@ -290,14 +296,20 @@ impl ProfileProcessor {
             EventType::wishlist_add => {
                 if let Some(product) = &e.product {
                     if p.wishlist_add(product) {
-                        self.emit_interest(ctx, &customer_id, product, InterestKind::wishlisted, e);
+                        self.emit_event_interest(
+                            ctx,
+                            &customer_id,
+                            product,
+                            InterestKind::wishlisted,
+                            e,
+                        );
                     }
                 }
             }
             EventType::wishlist_remove => {
                 if let Some(product) = &e.product {
                     if p.wishlist_remove(&product.product_id) {
-                        self.emit_interest(
+                        self.emit_event_interest(
                             ctx,
                             &customer_id,
                             product,
@@ -396,22 +408,7 @@ impl ProfileProcessor {
             }
         }
         if p.subscription_ends_at != subscription_before {
-            if let Some(ends) = p.subscription_ends_at {
-                for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
-                    let cause = format!("subscription-{ends}");
-                    schedule_step(
-                        ctx,
-                        s,
-                        &p,
-                        &cause,
-                        e.occurred_at,
-                        0,
-                        ends - ms(s.delay),
-                        None,
-                        None,
-                    )?;
-                }
-            }
+            self.schedule_subscription_ending(ctx, &p, e.occurred_at)?;
         }
         if profile::is_visit(e.event_type) {
             self.arm_reactivation(ctx, &mut p)?;
@@ -601,13 +598,7 @@ impl ProfileProcessor {
             }
         }
         if p.subscription_ends_at != subscription_before {
-            if let Some(ends) = p.subscription_ends_at {
-                for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
-                    let cause = format!("subscription-{ends}");
-                    let due = ends - ms(s.delay);
-                    schedule_step(ctx, s, &p, &cause, m.occurred_at, 0, due, None, None)?;
-                }
-            }
+            self.schedule_subscription_ending(ctx, &p, m.occurred_at)?;
         }
         self.arm_reactivation(ctx, &mut p)?;
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
@@ -798,7 +789,31 @@ impl ProfileProcessor {
         Ok(())
     }
 
+    /// Tells the catalog join, keyed by product, of a customer's interest in it.
+    #[allow(clippy::too_many_arguments)]
     fn emit_interest(
+        &self,
+        ctx: &mut Ctx<'_>,
+        interest_id: String,
+        customer_id: &str,
+        product_id: &str,
+        price_seen: Option<f64>,
+        kind: InterestKind,
+        at: Millis,
+    ) {
+        let interest = ProductInterest {
+            interest_id,
+            customer_id: customer_id.to_string(),
+            product_id: product_id.to_string(),
+            kind,
+            price_seen,
+            occurred_at: at,
+        };
+        ctx.emit(&self.interest_topic, product_id, &interest);
+    }
+
+    /// An event's interest in its product.
+    fn emit_event_interest(
         &self,
         ctx: &mut Ctx<'_>,
         customer_id: &str,
@@ -806,15 +821,9 @@ impl ProfileProcessor {
         kind: InterestKind,
         e: &CustomerEvent,
     ) {
-        let interest = ProductInterest {
-            interest_id: deterministic_id(&[&e.event_id, "interest"]),
-            customer_id: customer_id.to_string(),
-            product_id: product.product_id.clone(),
-            kind,
-            price_seen: product.price,
-            occurred_at: e.occurred_at,
-        };
-        ctx.emit(&self.interest_topic, &product.product_id, &interest);
+        let id = deterministic_id(&[&e.event_id, "interest"]);
+        let (product_id, price) = (&product.product_id, product.price);
+        self.emit_interest(ctx, id, customer_id, product_id, price, kind, e.occurred_at);
     }
 
     /// An interest of a merged customer, sent to the catalog join for the survivor.
@@ -827,20 +836,27 @@ impl ProfileProcessor {
         kind: InterestKind,
         at: Millis,
     ) {
-        let kind_name = match kind {
-            InterestKind::viewed => "viewed",
-            InterestKind::wishlisted => "wishlisted",
-            InterestKind::unwishlisted => "unwishlisted",
+        let id = deterministic_id(&[&m.merge_id, product_id, &format!("{kind:?}")]);
+        self.emit_interest(ctx, id, &m.into, product_id, price_seen, kind, at);
+    }
+
+    /// Arms the subscription-ending scenarios for the profile's subscription end
+    /// (its cause: the end date, so a moved end re-arms and the old timer is moot).
+    fn schedule_subscription_ending(
+        &self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        cause_at: Millis,
+    ) -> anyhow::Result<()> {
+        let Some(ends) = p.subscription_ends_at else {
+            return Ok(());
         };
-        let interest = ProductInterest {
-            interest_id: deterministic_id(&[&m.merge_id, product_id, kind_name]),
-            customer_id: m.into.clone(),
-            product_id: product_id.to_string(),
-            kind,
-            price_seen,
-            occurred_at: at,
-        };
-        ctx.emit(&self.interest_topic, product_id, &interest);
+        let cause = format!("subscription-{ends}");
+        for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
+            let due = ends - ms(s.delay);
+            schedule_step(ctx, s, p, &cause, cause_at, 0, due, None, None)?;
+        }
+        Ok(())
     }
 
     fn arm_reactivation(
