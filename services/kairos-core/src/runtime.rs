@@ -35,7 +35,10 @@ use crate::encoding::{
 use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
-use crate::store::{append_outputs, DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
+use crate::store::{
+    append_outputs, DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory, META_COMMIT_END,
+    OUTBOX,
+};
 
 use crate::time::{wall_now, Clock, ClockMode, Millis};
 
@@ -646,19 +649,28 @@ impl<P: Processor> Engine<P> {
 
     /// Drops acknowledged records from the outbox and records how far the changelog
     /// reflects this store. `acked` pairs each record with its broker offset.
-    pub fn acknowledge(&self, acked: &[(OutboxEntry, i64)]) -> anyhow::Result<()> {
-        let mut by_part: HashMap<i32, (Vec<Vec<u8>>, Option<i64>)> = HashMap::new();
+    pub fn acknowledge(&mut self, acked: &[(OutboxEntry, i64)]) -> anyhow::Result<()> {
+        let mut by_part: HashMap<i32, Acknowledged> = HashMap::new();
         for (e, offset) in acked {
             let entry = by_part.entry(e.partition).or_default();
-            entry.0.push(e.outbox_key.clone());
             if e.changelog {
-                entry.1 = Some(entry.1.map_or(*offset, |o: i64| o.max(*offset)));
+                entry.changelog.push(e.outbox_key.clone());
+                entry.changelog_max = Some(entry.changelog_max.map_or(*offset, |o| o.max(*offset)));
+            } else {
+                entry.outputs.push(e.outbox_key.clone());
             }
         }
-        for (p, (keys, changelog_max)) in by_part {
-            if let Some(part) = self.parts.get(&p) {
-                part.store.acknowledge(&keys)?;
-                if let Some(max) = changelog_max {
+        let replicated = self.changelog_topic.is_some();
+        for (p, acked) in by_part {
+            if let Some(part) = self.parts.get_mut(&p) {
+                part.store.acknowledge(&acked.changelog)?;
+                if replicated {
+                    part.store
+                        .acknowledge_outputs(&mut part.pending, acked.outputs)?;
+                } else {
+                    part.store.acknowledge(&acked.outputs)?;
+                }
+                if let Some(max) = acked.changelog_max {
                     part.store.set_changelog_end(max + 1)?;
                 }
             }
@@ -854,10 +866,115 @@ impl ConsumerContext for KairosContext {
     }
 }
 
+/// What the broker acknowledged of one partition's outbox.
+#[derive(Default)]
+struct Acknowledged {
+    changelog: Vec<Vec<u8>>,
+    changelog_max: Option<i64>,
+    outputs: Vec<Vec<u8>>,
+}
+
 /// Publishes outbox entries and waits for the broker; retries failures until they go
 /// through or `cancel` fires (they stay in the outbox either way). Returns the
 /// acknowledged records with their offsets.
+///
+/// Changelog records go first, and outputs only once every changelog record is
+/// acknowledged. An instance that restores the partition from the changelog counts the
+/// commit's inputs as applied, so its outputs must be there for it to publish (the
+/// outbox is in the changelog); an output published before its commit reached the
+/// changelog could be decided again differently by that instance (another clock, so
+/// another channel or send id).
 pub async fn publish(
+    producer: &FutureProducer,
+    entries: Vec<OutboxEntry>,
+    metrics: &RuntimeMetrics,
+    cancel: &CancellationToken,
+) -> Vec<(OutboxEntry, i64)> {
+    let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
+    let mut acked = publish_in_order(producer, changelog, metrics, cancel).await;
+    if acked.iter().all(|(_, offset)| *offset >= 0) {
+        acked.extend(publish_any_order(producer, outputs, metrics, cancel).await);
+    }
+    acked.retain(|(_, offset)| *offset >= 0);
+    acked
+}
+
+/// Sends `entries` as one concurrent wave and pairs each with its broker offset, or
+/// the error that stopped it.
+async fn send_all(
+    producer: &FutureProducer,
+    entries: &[OutboxEntry],
+) -> Vec<Result<i64, rdkafka::error::KafkaError>> {
+    join_all(entries.iter().map(|e| {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
+        if e.changelog {
+            // Changelog partition = state partition; an empty value is a tombstone.
+            record = record.partition(e.partition).headers(
+                rdkafka::message::OwnedHeaders::new()
+                    .insert(rdkafka::message::Header {
+                        key: WRITER_HEADER,
+                        value: Some(e.writer.as_bytes()),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: COMMIT_HEADER,
+                        value: Some(&b"1"[..]),
+                    }),
+            );
+            if !e.payload.is_empty() {
+                record = record.payload(&e.payload[..]);
+            }
+        } else {
+            record = record.payload(&e.payload[..]);
+        }
+        producer.send(record, Duration::from_secs(30))
+    }))
+    .await
+    .into_iter()
+    .map(|r| r.map(|(_, offset)| offset).map_err(|(e, _)| e))
+    .collect()
+}
+
+/// Changelog records, keeping their order in each partition: after a failure, the
+/// failed record and every record sent after it go again (a record written twice in a
+/// row changes nothing), so a commit's end marker never lands before one of its
+/// records. Entries not acknowledged when `cancel` fires are returned with offset -1.
+async fn publish_in_order(
+    producer: &FutureProducer,
+    entries: Vec<OutboxEntry>,
+    metrics: &RuntimeMetrics,
+    cancel: &CancellationToken,
+) -> Vec<(OutboxEntry, i64)> {
+    let mut offsets = vec![-1_i64; entries.len()];
+    let mut backoff = Duration::from_millis(200);
+    let mut from = 0;
+    while from < entries.len() {
+        let results = send_all(producer, &entries[from..]).await;
+        let mut first_failed = None;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(offset) => offsets[from + i] = offset,
+                Err(e) => {
+                    metrics.produce_errors.inc();
+                    tracing::warn!(topic = %entries[from + i].topic, error = %e, "changelog publish failed; will retry");
+                    first_failed.get_or_insert(from + i);
+                }
+            }
+        }
+        let Some(failed) = first_failed else { break };
+        if cancel.is_cancelled() {
+            // What was sent after the failure may be out of order: not acknowledged.
+            offsets[failed..].fill(-1);
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        from = failed;
+    }
+    entries.into_iter().zip(offsets).collect()
+}
+
+/// Output records, in any order (each carries its own id downstream).
+async fn publish_any_order(
     producer: &FutureProducer,
     entries: Vec<OutboxEntry>,
     metrics: &RuntimeMetrics,
@@ -867,31 +984,12 @@ pub async fn publish(
     let mut todo = entries;
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
-        let results = join_all(todo.iter().map(|e| {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&e.topic).key(&e.key[..]);
-            if e.changelog {
-                // Changelog partition = state partition; an empty value is a tombstone.
-                record = record.partition(e.partition).headers(
-                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                        key: WRITER_HEADER,
-                        value: Some(e.writer.as_bytes()),
-                    }),
-                );
-                if !e.payload.is_empty() {
-                    record = record.payload(&e.payload[..]);
-                }
-            } else {
-                record = record.payload(&e.payload[..]);
-            }
-            producer.send(record, Duration::from_secs(30))
-        }))
-        .await;
+        let results = send_all(producer, &todo).await;
         let mut failed = Vec::new();
         for (entry, result) in todo.into_iter().zip(results) {
             match result {
-                Ok((_, offset)) => acked.push((entry, offset)),
-                Err((e, _)) => {
+                Ok(offset) => acked.push((entry, offset)),
+                Err(e) => {
                     metrics.produce_errors.inc();
                     tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
                     failed.push(entry);
@@ -910,12 +1008,35 @@ pub async fn publish(
     acked
 }
 
-/// A changelog record read back: raw store key, value (`None`: deleted), and whether
-/// this store's incarnation wrote it.
-type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>, bool);
+/// What a restore does about a commit torn by a crash at the changelog's end (it never
+/// applies one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TornCommit {
+    /// Write what undoes it, as the partition's new owner must before it writes.
+    Undo,
+    /// Leave the changelog alone (a read-only look, such as `kairos inspect`).
+    Leave,
+}
+
+/// A changelog record read back.
+struct ChangelogRecord {
+    /// Raw store key.
+    key: Vec<u8>,
+    /// `None`: deleted.
+    value: Option<Vec<u8>>,
+    /// Written by this store's incarnation.
+    own: bool,
+    /// Written by a version that ends each commit with an end marker.
+    in_commit: bool,
+}
 
 /// Header naming the store incarnation that wrote a changelog record.
 const WRITER_HEADER: &str = "kairos-writer";
+
+/// Header of changelog records written by versions that end every commit with a
+/// [`META_COMMIT_END`] record: such records after the last end marker are a commit
+/// torn by a crash while it was being published.
+const COMMIT_HEADER: &str = "kairos-commit";
 
 /// Brings a partition's local store in line with its changelog before it is opened.
 ///
@@ -926,12 +1047,18 @@ const WRITER_HEADER: &str = "kairos-writer";
 /// - Anything else (a new store, another instance wrote meanwhile, retention trimmed
 ///   the tail): the store is deleted and rebuilt from the whole changelog, its outbox
 ///   with it, so stale local writes never go out. Inputs whose effects are missing
-///   are processed again from the restored offsets, with the same output ids.
+///   are processed again from the restored offsets, with the same output ids. The
+///   outbox restored from the changelog (outputs of commits whose writer may have died
+///   before publishing them) goes out when the store opens.
+/// - A commit that lacks its end marker at the changelog's end (its writer died while
+///   publishing it) is not applied: its inputs are processed again. With
+///   [`TornCommit::Undo`], values undoing its records follow them in the changelog.
 pub fn restore_partition(
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
     partition: i32,
+    torn: TornCommit,
 ) -> anyhow::Result<u64> {
     let consumer: BaseConsumer = kafka::client_config(config)?
         .set("group.id", format!("{}restore", config.kafka.group_prefix))
@@ -962,20 +1089,19 @@ pub fn restore_partition(
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
-                    let own = m
-                        .headers()
-                        .and_then(|h| {
+                    let header = |name: &str| {
+                        m.headers().and_then(|h| {
                             h.iter()
-                                .find(|x| x.key == WRITER_HEADER)
-                                .and_then(|x| x.value)
-                                .map(|v| v == writer.as_bytes())
+                                .find(|x| x.key == name)
+                                .map(|x| x.value.map(<[u8]>::to_vec))
                         })
-                        .unwrap_or(false);
-                    records.push((
-                        m.key().unwrap_or_default().to_vec(),
-                        m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
-                        own,
-                    ));
+                    };
+                    records.push(ChangelogRecord {
+                        key: m.key().unwrap_or_default().to_vec(),
+                        value: m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
+                        own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
+                        in_commit: header(COMMIT_HEADER).is_some(),
+                    });
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
                 None => {}
@@ -986,16 +1112,21 @@ pub fn restore_partition(
     let start = local_end.unwrap_or(low);
     if start >= low && start <= high {
         let tail = read(start)?;
-        if tail.iter().all(|(_, _, own)| *own) {
+        if tail.iter().all(|r| r.own) {
             let mut store = factory.open(partition)?;
-            let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-                tail.into_iter().map(|(k, v, _)| (k, v)).collect();
-            let n = records.len() as u64;
+            let n = tail.len() as u64;
+            // The store's own outbox is the truth about what it still has to publish:
+            // an output's replica in the tail may have been published since.
+            let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = tail
+                .into_iter()
+                .filter(|r| !r.key.starts_with(OUTBOX))
+                .map(|r| (r.key, r.value))
+                .collect();
             records.extend(
                 store
                     .outbox()?
                     .into_iter()
-                    .filter(|e| e.changelog)
+                    .filter(|e| e.changelog && !e.key.starts_with(OUTBOX))
                     .map(|e| (e.key, (!e.payload.is_empty()).then_some(e.payload))),
             );
             store.apply_changelog(&records)?;
@@ -1019,20 +1150,77 @@ pub fn restore_partition(
         "restoring state from the changelog"
     );
     factory.destroy(partition)?;
-    let records = read(low)?;
+    let mut records = read(low)?;
     let mut store = factory.open(partition)?;
+    // A commit whose end never reached the changelog (its writer died publishing it)
+    // is not applied: its inputs count as not applied, so they are processed again.
+    let complete = records
+        .iter()
+        .rposition(|r| r.key == META_COMMIT_END)
+        .map_or(0, |end| end + 1);
+    let torn_keys: Vec<Vec<u8>> = records[complete..]
+        .iter()
+        .filter(|r| r.in_commit)
+        .map(|r| r.key.clone())
+        .collect();
+    let mut index = 0;
+    records.retain(|r| {
+        index += 1;
+        index <= complete || !r.in_commit
+    });
     let n = records.len() as u64;
     for chunk in records.chunks(10_000) {
         let chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = chunk
             .iter()
-            .map(|(k, v, _)| (k.clone(), v.clone()))
+            .map(|r| (r.key.clone(), r.value.clone()))
             .collect();
         store.apply_changelog(&chunk)?;
     }
     store.finish_restore()?;
-    store.set_changelog_end(high)?;
+    let end = match (torn_keys.is_empty(), torn) {
+        (false, TornCommit::Undo) => {
+            repair_torn_commit(config, &store, changelog, partition, torn_keys)?
+        }
+        _ => high,
+    };
+    store.set_changelog_end(end)?;
     tracing::info!(changelog, partition, restored = n, "state restored");
     Ok(n)
+}
+
+/// Writes, after a torn commit's records, the values the restored store holds for
+/// their keys (a tombstone where it holds none) and an end marker, before this store
+/// writes anything else: a later restore that reads the torn records then reads what
+/// undoes them. Returns the changelog's end after them.
+fn repair_torn_commit(
+    config: &Config,
+    store: &PartitionStore,
+    changelog: &str,
+    partition: i32,
+    mut torn: Vec<Vec<u8>>,
+) -> anyhow::Result<i64> {
+    torn.sort();
+    torn.dedup();
+    tracing::warn!(
+        changelog,
+        partition,
+        keys = torn.len(),
+        "the changelog ends in a commit torn by a crash: it is not applied, and undone"
+    );
+    let mut entries = Vec::with_capacity(torn.len() + 1);
+    for key in torn {
+        let payload = store.raw_get(&key)?.unwrap_or_default();
+        entries.push(store.changelog_entry(changelog, key, payload));
+    }
+    entries.push(store.changelog_entry(changelog, META_COMMIT_END.to_vec(), b"repair".to_vec()));
+    let producer = kafka::producer(config)?;
+    let mut end = -1;
+    for result in futures::executor::block_on(send_all(&producer, &entries)) {
+        let offset = result
+            .with_context(|| format!("cannot undo a torn commit in {changelog}[{partition}]"))?;
+        end = end.max(offset + 1);
+    }
+    Ok(end)
 }
 
 /// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:
@@ -1194,7 +1382,7 @@ pub async fn run<P: Processor>(
         let started = Instant::now();
         let mut out = Vec::new();
         let mut positions: HashMap<(String, i32), i64> = HashMap::new();
-        for m in &batch {
+        'records: for m in &batch {
             let payload = m.payload().unwrap_or_default();
             // Fetch unknown writer schemas before the (sync) decode; registry outages
             // stall the pipeline instead of dead-lettering good events.
@@ -1205,7 +1393,10 @@ pub async fn run<P: Processor>(
                     Err(crate::encoding::RegistryError::Http { id, message }) => {
                         tracing::warn!(id, %message, "schema registry unavailable; retrying");
                         if cancel.is_cancelled() {
-                            break;
+                            // Shutting down: this record and the rest of the batch wait
+                            // for the next start (their offsets are not stored), rather
+                            // than being dead-lettered for want of their schema.
+                            break 'records;
                         }
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(10));
@@ -1234,8 +1425,15 @@ pub async fn run<P: Processor>(
                 .record_processing
                 .observe(elapsed / batch.len() as f64);
         }
+        let produced = out.len();
         let acked = publish(&producer, out, &metrics, &cancel).await;
         engine.acknowledge(&acked)?;
+        if acked.len() < produced {
+            // Stopped before the broker took the whole commit: the consumer's position
+            // stays before it, so that whoever owns the partition next reads its inputs
+            // again (the store's own offsets skip what its state already holds).
+            continue;
+        }
         for ((topic, partition), offset) in positions {
             if let Err(e) = consumer.store_offset(&topic, partition, offset) {
                 tracing::debug!(%topic, partition, error = %e, "offset store skipped");
@@ -1321,7 +1519,7 @@ async fn apply_rebalances<P: Processor>(
                         let factory_root = config.state.dir.join(name);
                         let restored = tokio::task::spawn_blocking(move || {
                             let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                            restore_partition(&c, &factory, &changelog, p)
+                            restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
                         })
                         .await
                         .context("restore task failed")??;

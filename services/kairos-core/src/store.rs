@@ -47,7 +47,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 const STATE: &[u8] = b"s/";
 const OFFSET: &[u8] = b"o/";
-const OUTBOX: &[u8] = b"x/";
+pub(crate) const OUTBOX: &[u8] = b"x/";
 /// The payloads of timers in the earlier layout (fire time in the key).
 const LEGACY_TIMER: &[u8] = b"t/";
 const TIMER_INDEX: &[u8] = b"i/";
@@ -58,6 +58,8 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 /// Id of this store's incarnation; stamped on its changelog records so a restore can
 /// tell its own records from another instance's.
 const META_WRITER: &[u8] = b"m/writer";
+/// The last changelog record of every commit (see [`CHANGELOG_COMMIT_HEADER`]).
+pub const META_COMMIT_END: &[u8] = b"m/commit_end";
 
 /// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
 const OPTIONS_DIR: &str = "rocksdb-options";
@@ -238,7 +240,12 @@ impl StoreFactory {
                 options
             },
         };
-        store.next_outbox_seq = store.read_u64(META_OUTBOX_SEQ)?.unwrap_or(0);
+        // Outbox entries restored from another instance's changelog carry its numbers.
+        let after_last_entry = store.last_outbox_seq()?.map_or(0, |seq| seq + 1);
+        store.next_outbox_seq = store
+            .read_u64(META_OUTBOX_SEQ)?
+            .unwrap_or(0)
+            .max(after_last_entry);
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
             None => {
@@ -402,6 +409,10 @@ pub struct Pending {
     new_timers: foldhash::HashSet<Vec<u8>>,
     /// State values written back by a cache's flush (see [`PartitionStore::write_back`]).
     written_back: WrittenBack,
+    /// Outbox keys of outputs the broker acknowledged since the last commit: their
+    /// deletion goes to the changelog with the next commit, so an instance restoring
+    /// the partition does not publish them again.
+    acknowledged_outbox: Vec<Vec<u8>>,
 }
 
 /// State values a write-back cache flushes at the end of a batch, keys and values
@@ -506,7 +517,7 @@ impl PartitionStore {
             .map_err(|e| self.rocks(e))
     }
 
-    fn raw_get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+    pub(crate) fn raw_get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         self.db.get(key).map_err(|e| self.rocks(e))
     }
 
@@ -922,22 +933,52 @@ impl PartitionStore {
             self.sorted_writes = writes;
             return Err(self.too_large(RecordTooLarge(bytes)));
         }
-        let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = pending
-            .outputs
-            .drain(..)
-            .map(|(t, k, p)| (t, k, p, false))
-            .collect();
+        let mut entries = Vec::with_capacity(pending.outputs.len() + changelog_records.len());
+        for (topic, key, payload) in pending.outputs.drain(..) {
+            entries.push(self.outbox_entry(topic, key, payload, false, durable_outputs));
+        }
+        let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = Vec::new();
         if let Some(topic) = changelog {
             records.extend(changelog_records);
+            if durable_outputs {
+                // The outbox goes to the changelog too: an instance that restores this
+                // commit (its inputs then count as applied) publishes what this one
+                // may not have, and forgets what this one did publish.
+                for e in &entries {
+                    let replica = encode_outbox(&e.topic, &e.key, &e.payload, false);
+                    records.push((topic.to_string(), e.outbox_key.clone(), replica, true));
+                }
+                for k in pending.acknowledged_outbox.drain(..) {
+                    records.push((topic.to_string(), k, Vec::new(), true));
+                }
+            }
             records.extend(
                 writes
                     .drain(..)
                     .map(|(k, v)| (topic.to_string(), k, v.unwrap_or_default(), true)),
             );
+            // Last: a restore applies a commit only when it sees its end.
+            records.push((
+                topic.to_string(),
+                META_COMMIT_END.to_vec(),
+                self.next_outbox_seq.to_be_bytes().to_vec(),
+                true,
+            ));
+        } else {
+            pending.acknowledged_outbox.clear();
         }
         writes.clear();
         self.sorted_writes = writes;
-        let mut entries = Vec::with_capacity(records.len());
+        for e in &entries {
+            if durable_outputs {
+                batch
+                    .put(
+                        &e.outbox_key,
+                        &encode_outbox(&e.topic, &e.key, &e.payload, false),
+                    )
+                    .map_err(|e| self.too_large(e))?;
+            }
+        }
         for (topic, key, payload, is_changelog) in records {
             let entry = self.outbox_entry(topic, key, payload, is_changelog, durable_outputs);
             if durable_outputs {
@@ -986,6 +1027,19 @@ impl PartitionStore {
         }
     }
 
+    /// A changelog record of this store written outside a commit (not in the outbox).
+    pub fn changelog_entry(&self, topic: &str, key: Vec<u8>, payload: Vec<u8>) -> OutboxEntry {
+        OutboxEntry {
+            partition: self.partition,
+            outbox_key: Vec::new(),
+            topic: topic.to_string(),
+            key,
+            payload,
+            changelog: true,
+            writer: self.writer.clone(),
+        }
+    }
+
     /// The outputs emitted so far in this batch, handed over before it commits. Only
     /// for replay, which keeps no outbox: a replay restarted after a crash emits them
     /// again, with the same ids.
@@ -1021,6 +1075,33 @@ impl PartitionStore {
             });
         }
         Ok(out)
+    }
+
+    /// Sequence number of the last entry in the outbox.
+    fn last_outbox_seq(&self) -> StoreResult<Option<u64>> {
+        let end = prefixed(OUTBOX, &u64::MAX.to_be_bytes());
+        let mut it = self.db.raw_iterator();
+        it.seek_for_prev(&end);
+        if let Err(e) = it.status() {
+            return Err(self.rocks(e));
+        }
+        Ok(it
+            .key()
+            .filter(|k| k.starts_with(OUTBOX))
+            .and_then(|k| k[OUTBOX.len()..].try_into().ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Drops outbox records the broker acknowledged; with a changelog, the outputs'
+    /// deletions follow in the next commit's changelog records.
+    pub fn acknowledge_outputs(
+        &self,
+        pending: &mut Pending,
+        outbox_keys: Vec<Vec<u8>>,
+    ) -> StoreResult<()> {
+        self.acknowledge(&outbox_keys)?;
+        pending.acknowledged_outbox.extend(outbox_keys);
+        Ok(())
     }
 
     /// Drops outbox records the broker acknowledged.

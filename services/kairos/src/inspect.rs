@@ -74,7 +74,13 @@ pub fn digest_changelog(
     let factory = StoreFactory::new(tmp.path(), 8 << 20)?;
     let topic = config.changelog_topic(service);
     for p in 0..config.kafka.partitions {
-        kairos_core::runtime::restore_partition(config, &factory, &topic, p)?;
+        kairos_core::runtime::restore_partition(
+            config,
+            &factory,
+            &topic,
+            p,
+            kairos_core::runtime::TornCommit::Leave,
+        )?;
     }
     digest_dir(tmp.path())
 }
