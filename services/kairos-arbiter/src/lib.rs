@@ -40,14 +40,16 @@ pub struct CustomerLedger {
     /// pruned with `sends`.
     pub scenario_sends: Vec<(Millis, CompactString)>,
     /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
-    /// the address that bounced; pruned with `sends`.
+    /// the address that bounced; pruned to `BOUNCE_WINDOW` (longer than `sends`: a
+    /// provider may report a bounce days late).
     pub sent_to: SmallMap<String, (Millis, String)>,
     /// Channels the customer unsubscribed from (outcome time): suppressed until a
     /// later opt-in.
     pub unsubscribed: SmallMap<Channel, Millis>,
     /// The latest opt-in per channel: an unsubscribe older than it no longer holds.
     pub opted_in: SmallMap<Channel, Millis>,
-    /// Addresses that bounced hard, per channel: never sent to again.
+    /// The latest address that bounced hard, per channel (earlier ones are in
+    /// `bounced`): never sent to again.
     pub hard_bounced: SmallMap<Channel, String>,
     /// When the customer marked a message as spam: no promo from then on.
     pub complained_at: Option<Millis>,
@@ -80,6 +82,10 @@ pub struct CustomerLedger {
     pub merged_into: Option<String>,
     /// Customers whose ledgers were merged into this one (newest last, bounded).
     pub absorbed: Vec<String>,
+    /// Every address that bounced hard, per channel (newest last, bounded by
+    /// `BOUNCED_PER_CHANNEL`): a customer may have had several, and a trigger fired
+    /// before the profile learnt of a bounce still carries the old one.
+    pub bounced: SmallMap<Channel, Vec<String>>,
 }
 
 /// A cascade in flight: the trigger went out on `channels` (as `send_ids`) and the next
@@ -99,10 +105,15 @@ pub struct Cascade {
 
 /// A running chain with the customer's attention until its last step is due.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MainScenario {
     pub scenario: String,
     pub priority: i32,
     pub until: Millis,
+    /// When the cause of the step that took the slot happened: a till sale older than
+    /// it (a receipt uploaded late) does not end the chain. Unknown for slots taken by
+    /// earlier versions, which any purchase frees.
+    pub cause_occurred_at: Option<Millis>,
 }
 
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
@@ -128,6 +139,12 @@ const MERGE_WAIT: Millis = 60_000;
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
+
+/// Bounced addresses remembered per channel.
+const BOUNCED_PER_CHANNEL: usize = 8;
+/// How long the address of a send is kept for a hard bounce to find it: providers
+/// report most bounces at once, some days later (the outcome carries no address).
+const BOUNCE_WINDOW: Millis = 30 * DAY;
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
@@ -158,16 +175,22 @@ impl CustomerLedger {
         self.scenario_sends.extend(other.scenario_sends);
         self.scenario_sends.sort_by_key(|(at, _)| *at);
         self.sent_to.extend(other.sent_to);
+        // The later unsubscribe holds longer against an opt-in between the two.
         for (channel, at) in other.unsubscribed {
             let mine = self.unsubscribed.entry(channel).or_insert(at);
-            *mine = (*mine).min(at);
+            *mine = (*mine).max(at);
         }
         for (channel, at) in other.opted_in {
             let mine = self.opted_in.entry(channel).or_insert(at);
             *mine = (*mine).max(at);
         }
         for (channel, address) in other.hard_bounced {
-            self.hard_bounced.entry(channel).or_insert(address);
+            self.add_bounced(channel, address);
+        }
+        for (channel, addresses) in other.bounced {
+            for address in addresses {
+                self.add_bounced(channel, address);
+            }
         }
         self.complained_at = match (self.complained_at, other.complained_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -197,17 +220,22 @@ impl CustomerLedger {
                 self.ignored_in_row += 1;
             }
             OutcomeKind::opened | OutcomeKind::clicked => self.ignored_in_row = 0,
+            // An unsubscribe at the same time as an opt-in wins (as a withdrawal does);
+            // the latest one is kept, so an opt-in between two, arriving last, ends
+            // only the first.
             OutcomeKind::unsubscribed
                 if self
                     .opted_in
                     .get(&o.channel)
-                    .is_none_or(|opt_in| o.occurred_at > *opt_in) =>
+                    .is_none_or(|opt_in| o.occurred_at >= *opt_in) =>
             {
-                self.unsubscribed.entry(o.channel).or_insert(o.occurred_at);
+                let known = self.unsubscribed.get(&o.channel).copied();
+                self.unsubscribed
+                    .insert(o.channel, latest(known, o.occurred_at));
             }
             OutcomeKind::bounced_hard => {
                 if let Some(address) = address {
-                    self.hard_bounced.insert(o.channel, address);
+                    self.add_bounced(o.channel, address);
                 }
             }
             OutcomeKind::complained => {
@@ -218,15 +246,39 @@ impl CustomerLedger {
         true
     }
 
+    /// Records a hard bounce of `address` on `channel`: `hard_bounced` keeps the
+    /// latest (as earlier versions read it), `bounced` all of them (bounded).
+    fn add_bounced(&mut self, channel: Channel, address: String) {
+        let set = self.bounced.entry(channel).or_default();
+        // One bounced before `bounced` existed is only in `hard_bounced`.
+        if let Some(older) = self.hard_bounced.get(&channel) {
+            if !set.contains(older) {
+                set.push(older.clone());
+            }
+        }
+        set.retain(|a| *a != address);
+        set.push(address.clone());
+        if set.len() > BOUNCED_PER_CHANNEL {
+            set.remove(0);
+        }
+        self.hard_bounced.insert(channel, address);
+    }
+
     /// Why `channel` must not be used for this customer at `address`, if it must not.
     fn channel_block(&self, channel: Channel, address: Option<&str>) -> Option<&'static str> {
         if self.unsubscribed.contains_key(&channel) {
             return Some("unsubscribed");
         }
-        match (self.hard_bounced.get(&channel), address) {
-            (Some(bounced), Some(address)) if bounced == address => Some("hard_bounce"),
-            _ => None,
-        }
+        let address = address?;
+        let bounced = self
+            .hard_bounced
+            .get(&channel)
+            .is_some_and(|b| b == address)
+            || self
+                .bounced
+                .get(&channel)
+                .is_some_and(|set| set.iter().any(|b| b == address));
+        bounced.then_some("hard_bounce")
     }
 }
 
@@ -445,7 +497,9 @@ impl ArbiterProcessor {
         }
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
         ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
-        ledger.sent_to.retain(|_, (at, _)| now - *at < WEEK);
+        ledger
+            .sent_to
+            .retain(|_, (at, _)| now - *at < BOUNCE_WINDOW);
         if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
         }
@@ -492,6 +546,7 @@ impl ArbiterProcessor {
                 scenario: t.scenario.clone(),
                 priority: t.priority,
                 until: now + remaining.as_millis() as Millis,
+                cause_occurred_at: Some(t.cause_occurred_at),
             });
         } else if ledger
             .main
@@ -993,7 +1048,7 @@ impl ArbiterProcessor {
                     scenario: &o.scenario,
                     category: o.category,
                 };
-                self.stop_cascade(ctx, ledger, &subject, why)?;
+                self.stop_cascade(ctx, ledger, &subject, "cascade", why)?;
             }
         }
         Ok(changed)
@@ -1050,7 +1105,7 @@ impl ArbiterProcessor {
                 scenario: &c.scenario,
                 category: c.category.unwrap_or(MessageCategory::trigger),
             };
-            self.stop_cascade(ctx, ledger, &subject, why.to_string())?;
+            self.stop_cascade(ctx, ledger, &subject, "cascade", why.to_string())?;
         }
         Ok(())
     }
@@ -1062,13 +1117,14 @@ impl ArbiterProcessor {
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
         subject: &Subject<'_>,
+        rule: &str,
         why: String,
     ) -> anyhow::Result<()> {
         let Some(c) = ledger.cascades.remove(subject.trigger_id) else {
             return Ok(());
         };
         ctx.cancel(&["cascade/", subject.trigger_id].concat())?;
-        self.record_cascade_stop(ctx, subject, &c, why);
+        self.record_cascade_stop(ctx, subject, &c, rule, why);
         Ok(())
     }
 
@@ -1077,6 +1133,7 @@ impl ArbiterProcessor {
         ctx: &mut Ctx<'_>,
         subject: &Subject<'_>,
         c: &Cascade,
+        rule: &str,
         why: String,
     ) {
         self.record_decision(
@@ -1084,7 +1141,7 @@ impl ArbiterProcessor {
             subject,
             deterministic_id(&[subject.trigger_id, "cascade-stop"]),
             (DecisionOutcome::cancelled, None, None),
-            "cascade",
+            rule,
             format!(
                 "cascade stopped after {} message(s): {why}",
                 c.channels.len()
@@ -1173,6 +1230,35 @@ impl ArbiterProcessor {
                 self.cancel_queued_where(ctx, ledger, a, "became_active", why, |q| {
                     q.cause_occurred_at < at && self.is_reactivation(&q.scenario)
                 })?;
+                // A returning customer leaves reactivation: the rest of its cascades
+                // and the chain's hold on the customer end too.
+                let returned = |scenario: &str, cause: Option<Millis>| {
+                    self.is_reactivation(scenario) && cause.is_none_or(|c| c < at)
+                };
+                let stopped: Vec<(String, Cascade)> = ledger
+                    .cascades
+                    .iter()
+                    .filter(|(_, c)| returned(&c.scenario, c.cause_occurred_at))
+                    .map(|(id, c)| (id.clone(), c.clone()))
+                    .collect();
+                for (trigger_id, c) in stopped {
+                    let subject = Subject {
+                        trigger_id: &trigger_id,
+                        customer_id: &a.customer_id,
+                        scenario: &c.scenario,
+                        category: c.category.unwrap_or(MessageCategory::promo),
+                    };
+                    let why = format!("the customer came back at {at}");
+                    self.stop_cascade(ctx, ledger, &subject, "became_active", why)?;
+                }
+                let slot_freed = ledger
+                    .main
+                    .as_ref()
+                    .is_some_and(|m| returned(&m.scenario, m.cause_occurred_at));
+                if slot_freed {
+                    ledger.main = None;
+                    self.wake_main_waiters(ctx, ledger)?;
+                }
             }
             CustomerActionKind::opt_in => {
                 if let Some(channel) = a.channel {
@@ -1202,10 +1288,16 @@ impl ArbiterProcessor {
             }
             CustomerActionKind::purchase => {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
-                let slot_freed = ledger
-                    .main
-                    .as_ref()
-                    .is_some_and(|m| self.ends_on_purchase(&m.scenario));
+                // As for cascades: a till sale older than the chain's cause (uploaded
+                // late) leaves it running; an online purchase ends it whatever the
+                // device's clock said.
+                let slot_freed = ledger.main.as_ref().is_some_and(|m| {
+                    self.ends_on_purchase(&m.scenario)
+                        && match (a.till_sale, m.cause_occurred_at) {
+                            (true, Some(cause)) => self.purchase_ends(&m.scenario, cause, at),
+                            _ => true,
+                        }
+                });
                 if slot_freed {
                     ledger.main = None;
                 }
@@ -1424,7 +1516,7 @@ impl ArbiterProcessor {
                 "no further channel with consent and an address".to_string()
             };
             // Its timer just fired: nothing left to cancel.
-            self.record_cascade_stop(ctx, &subject, &cascade, why);
+            self.record_cascade_stop(ctx, &subject, &cascade, "cascade", why);
             return Ok(true);
         };
         let quiet = (t.category != MessageCategory::transactional)
@@ -1531,7 +1623,14 @@ impl ArbiterProcessor {
                 .is_some_and(|until| t.fired_at <= until);
             let seen_before_upgrade =
                 legacy && ctx.get::<Millis>(&format!("t/{}", t.trigger_id))?.is_some();
-            if seen_before_upgrade || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS) {
+            // One still waiting in the queue or cascading was seen, however many
+            // triggers came since (the recent ids are bounded): its own timer decides it.
+            let in_flight = ledger.queued.contains_key(&t.trigger_id)
+                || ledger.cascades.contains_key(&t.trigger_id);
+            if seen_before_upgrade
+                || in_flight
+                || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS)
+            {
                 self.decisions
                     .inc(&[DecisionOutcome::duplicate.as_str(), "trigger_id"]);
                 return Ok(());
