@@ -86,6 +86,18 @@ pub struct CustomerLedger {
     /// `BOUNCED_PER_CHANNEL`): a customer may have had several, and a trigger fired
     /// before the profile learnt of a bounce still carries the old one.
     pub bounced: SmallMap<Channel, Vec<String>>,
+    /// How the customer engages with each channel, for the channel choice.
+    pub engagement: SmallMap<Channel, ChannelEngagement>,
+}
+
+/// The customer's engagement with one channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChannelEngagement {
+    /// The latest open or click of a message on the channel.
+    pub engaged_at: Option<Millis>,
+    /// Marketing messages delivered on the channel since the latest open or click.
+    pub ignored_in_row: u32,
 }
 
 /// A cascade in flight: the trigger went out on `channels` (as `send_ids`) and the next
@@ -203,6 +215,11 @@ impl CustomerLedger {
             *mine = (*mine).max(at);
         }
         self.ignored_in_row = self.ignored_in_row.max(other.ignored_in_row);
+        for (channel, e) in other.engagement {
+            let mine = self.engagement.entry(channel).or_default();
+            mine.engaged_at = mine.engaged_at.max(e.engaged_at);
+            mine.ignored_in_row = mine.ignored_in_row.max(e.ignored_in_row);
+        }
         for h in other.recent_outcomes {
             remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
         }
@@ -218,8 +235,14 @@ impl CustomerLedger {
         match o.kind {
             OutcomeKind::delivered if o.category != MessageCategory::transactional => {
                 self.ignored_in_row += 1;
+                self.engagement.entry(o.channel).or_default().ignored_in_row += 1;
             }
-            OutcomeKind::opened | OutcomeKind::clicked => self.ignored_in_row = 0,
+            OutcomeKind::opened | OutcomeKind::clicked => {
+                self.ignored_in_row = 0;
+                let e = self.engagement.entry(o.channel).or_default();
+                e.engaged_at = Some(latest(e.engaged_at, o.occurred_at));
+                e.ignored_in_row = 0;
+            }
             // An unsubscribe at the same time as an opt-in wins (as a withdrawal does);
             // the latest one is kept, so an opt-in between two, arriving last, ends
             // only the first.
@@ -586,7 +609,6 @@ impl ArbiterProcessor {
             return Some(v);
         }
         let a = &self.config.arbiter;
-        let tz = self.zone_of(t);
         let sent: Vec<Millis> = ledger
             .sends
             .iter()
@@ -608,11 +630,26 @@ impl ArbiterProcessor {
                 ),
             ));
         }
+        self.caps(now, t, ledger, &sent)
+    }
+
+    /// The overall, category and scenario caps (the channel caps are part of the
+    /// channel choice), given the times of the marketing messages `sent`: the deferral
+    /// until a slot frees, if one is reached.
+    fn caps(
+        &self,
+        now: Millis,
+        t: &Trigger,
+        ledger: &CustomerLedger,
+        sent: &[Millis],
+    ) -> Option<Verdict> {
+        let a = &self.config.arbiter;
+        let tz = self.zone_of(t);
         let overall = CapConfig {
             daily_cap: Some(a.daily_cap),
             weekly_cap: Some(a.weekly_cap),
         };
-        if let Some(cap) = cap_reached(now, tz, &sent, &overall) {
+        if let Some(cap) = cap_reached(now, tz, sent, &overall) {
             let rule = if cap.daily {
                 "frequency_cap_daily"
             } else {
@@ -770,15 +807,22 @@ impl ArbiterProcessor {
                 ),
             );
         }
-        match usable.first() {
-            Some(c) => Verdict {
+        let first = usable.first().copied();
+        let mut ranked = usable;
+        self.rank_channels(ledger, &mut ranked);
+        match (ranked.first().copied(), first) {
+            (Some(c), Some(first)) => Verdict {
                 outcome: DecisionOutcome::sent,
-                channel: Some(*c),
+                channel: Some(c),
                 rule: "channel_choice",
-                reason: first_channel_reason(&t.channels),
+                reason: if c == first {
+                    first_channel_reason(&t.channels)
+                } else {
+                    self.ranked_reason(ledger, c, first, &t.channels)
+                },
                 defer_until: None,
             },
-            None => match blocked {
+            _ => match blocked {
                 Some(rule) => Verdict::no(
                     DecisionOutcome::suppressed,
                     rule,
@@ -791,6 +835,74 @@ impl ArbiterProcessor {
                 ),
             },
         }
+    }
+}
+
+impl ArbiterProcessor {
+    /// Orders usable channels (given in the scenario's order) for the choice: free
+    /// before paid, then the channel the customer opened or clicked on most recently,
+    /// then the one with fewer messages ignored in a row, then the scenario's order
+    /// (the sort is stable, so the choice is deterministic).
+    fn rank_channels(&self, ledger: &CustomerLedger, channels: &mut [Channel]) {
+        if channels.len() < 2 {
+            return;
+        }
+        let a = &self.config.arbiter;
+        channels.sort_by_key(|c| {
+            let e = ledger.engagement.get(c).copied().unwrap_or_default();
+            (
+                a.cost_of(*c),
+                std::cmp::Reverse(e.engaged_at),
+                e.ignored_in_row,
+            )
+        });
+    }
+
+    /// Why `chosen` goes before `first`, the scenario's first usable channel.
+    fn ranked_reason(
+        &self,
+        ledger: &CustomerLedger,
+        chosen: Channel,
+        first: Channel,
+        list: &[Channel],
+    ) -> String {
+        let a = &self.config.arbiter;
+        let (cost, first_cost) = (a.cost_of(chosen), a.cost_of(first));
+        let engagement = |c: Channel| ledger.engagement.get(&c).copied().unwrap_or_default();
+        let (e, first_e) = (engagement(chosen), engagement(first));
+        let why = if cost != first_cost {
+            format!(
+                "{} is {} and {} {}: free channels first",
+                chosen.as_str(),
+                cost.as_str(),
+                first.as_str(),
+                first_cost.as_str()
+            )
+        } else if e.engaged_at != first_e.engaged_at {
+            let on_first = match first_e.engaged_at {
+                Some(at) => format!("on {} at {at}", first.as_str()),
+                None => format!("never on {}", first.as_str()),
+            };
+            format!(
+                "the customer last opened or clicked a message on {} at {}, {on_first}",
+                chosen.as_str(),
+                e.engaged_at.unwrap_or_default()
+            )
+        } else {
+            format!(
+                "the customer ignored the last {} message(s) on {} and {} on {}",
+                first_e.ignored_in_row,
+                first.as_str(),
+                e.ignored_in_row,
+                chosen.as_str()
+            )
+        };
+        let names: Vec<&str> = list.iter().map(|c| c.as_str()).collect();
+        format!(
+            "{} rather than {}, of {names:?} with consent and an address: {why}",
+            chosen.as_str(),
+            first.as_str()
+        )
     }
 }
 
@@ -1471,9 +1583,10 @@ impl ArbiterProcessor {
     }
 
     /// The cascade timer of `t` fired with no reaction: the next usable channel gets
-    /// the message. Cascade steps skip caps and the conflict window (they are one
-    /// message on several channels) but keep consent, suppressions, quiet hours and
-    /// the valid-until. True if the ledger changed.
+    /// the message. Cascade steps skip the conflict window and the minimum gap (they
+    /// are one message on several channels, and the cascade's wait is their gap) but
+    /// keep consent, suppressions, quiet hours, the valid-until and every cap: a step
+    /// that would break one ends the cascade. True if the ledger changed.
     fn cascade_step(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1504,11 +1617,15 @@ impl ArbiterProcessor {
             );
             return Ok(true);
         }
-        let next = t
+        let mut rest: Vec<Channel> = t
             .channels
             .iter()
             .copied()
-            .find(|c| !cascade.channels.contains(c) && channel_check(&t, ledger, *c).is_ok());
+            .filter(|c| !cascade.channels.contains(c) && channel_check(&t, ledger, *c).is_ok())
+            .collect();
+        // Free channels before paid ones, then by engagement, as for the first message.
+        self.rank_channels(ledger, &mut rest);
+        let next = rest.first().copied();
         let Some(next) = next.filter(|_| now <= t.valid_until) else {
             let why = if now > t.valid_until {
                 format!("valid until {}", t.valid_until)
@@ -1528,6 +1645,36 @@ impl ArbiterProcessor {
             ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             return Ok(true);
+        }
+        if t.category != MessageCategory::transactional {
+            ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+            ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
+            let sent: Vec<Millis> = ledger
+                .sends
+                .iter()
+                .filter(|(_, _, c)| *c != MessageCategory::transactional)
+                .map(|(at, _, _)| *at)
+                .collect();
+            let capped = self
+                .caps(now, &t, ledger, &sent)
+                .or_else(|| self.under_channel_caps(now, &t, ledger, vec![next]).err());
+            if let Some(cap) = capped {
+                // Its timer just fired: nothing left to cancel.
+                self.record_decision(
+                    ctx,
+                    &subject,
+                    deterministic_id(&[&t.trigger_id, "cascade-stop"]),
+                    (DecisionOutcome::suppressed, None, None),
+                    cap.rule,
+                    format!(
+                        "cascade stopped after {} message(s): the next, on {}, would break a cap: {}",
+                        cascade.channels.len(),
+                        next.as_str(),
+                        cap.reason
+                    ),
+                );
+                return Ok(true);
+            }
         }
         let reason = format!(
             "cascade: no reaction to the message on {} within {:?}",
@@ -1604,6 +1751,45 @@ impl ArbiterProcessor {
             let legacy_until = if known { ctx.now() } else { Millis::MIN };
             ledger.legacy_dedup_until.get_or_insert(legacy_until);
             this.decide_with_ledger(ctx, t, queued, ledger)?;
+            Ok(true)
+        })
+    }
+
+    /// A deferred trigger's wait is over. The customer's other queued triggers due by
+    /// now (all deferred to the same end of the quiet hours or the same midnight) are
+    /// decided with it, highest priority first, then in the order they fired, then by
+    /// id: their timers would otherwise fire in the order of their ids, and the first
+    /// would take the caps whatever its priority.
+    fn decide_released(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
+        let customer_id = t.customer_id.clone();
+        self.with_ledger(ctx, &customer_id, |this, ctx, ledger, known| {
+            let legacy_until = if known { ctx.now() } else { Millis::MIN };
+            ledger.legacy_dedup_until.get_or_insert(legacy_until);
+            let now = ctx.now();
+            let mut due = vec![t];
+            for trigger_id in ledger.queued.keys() {
+                if *trigger_id == due[0].trigger_id {
+                    continue;
+                }
+                let timer = ["defer/", trigger_id.as_str()].concat();
+                // One that does not decode is left to fail on its own timer.
+                if let Ok(Some((at, other))) = ctx.timer_payload::<Trigger>(&timer) {
+                    if at <= now {
+                        due.push(other);
+                    }
+                }
+            }
+            due.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(a.fired_at.cmp(&b.fired_at))
+                    .then_with(|| a.trigger_id.cmp(&b.trigger_id))
+            });
+            for t in due {
+                // Decided here, so its own timer must not decide it again.
+                ctx.cancel(&["defer/", t.trigger_id.as_str()].concat())?;
+                this.decide_with_ledger(ctx, t, true, ledger)?;
+            }
             Ok(true)
         })
     }
@@ -1803,7 +1989,7 @@ impl Processor for ArbiterProcessor {
                 this.cascade_step(ctx, t, ledger)
             })
         } else {
-            self.decide_trigger(ctx, t, true)
+            self.decide_released(ctx, t)
         }
     }
 

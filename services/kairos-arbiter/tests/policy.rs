@@ -645,3 +645,40 @@ fn a_trigger_still_in_the_queue_is_a_duplicate_however_many_came_since() {
     assert_eq!(finals, 1, "{:#?}", a.decisions_of("x"));
     assert_eq!(a.sends.iter().filter(|s| s.trigger_id == "x").count(), 1);
 }
+
+#[test]
+fn the_channel_the_customer_engages_with_comes_first() {
+    let mut a = Arbiter::new();
+    assert_eq!(
+        a.trigger("e1", "welcome", TRIGGER, T0).channel,
+        Some(Channel::email)
+    );
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
+    let mut t = a.trigger_of("p1", "welcome", TRIGGER, T0 + 2 * HOUR);
+    t.channels = vec![Channel::push];
+    a.push_trigger(&t);
+    let push = a.last_send();
+    a.outcome(&push, OutcomeKind::delivered, T0 + 2 * HOUR + MINUTE);
+    a.outcome(&push, OutcomeKind::opened, T0 + 2 * HOUR + 5 * MINUTE);
+    // E-mail first in the scenario's list, but the customer reads pushes.
+    let d = a.trigger("x", "welcome", TRIGGER, T0 + DAY);
+    assert_eq!(d.channel, Some(Channel::push), "{d:#?}");
+    assert!(d.reason.contains("push"), "{}", d.reason);
+}
+
+#[test]
+fn free_channels_come_before_paid_ones() {
+    let mut a = Arbiter::new();
+    let mut t = a.trigger_of("s1", "welcome", TRIGGER, T0);
+    t.channels = vec![Channel::sms, Channel::email];
+    t.contacts.phone = Some("+4915112345678".into());
+    t.contacts.consented_channels = vec![Channel::sms, Channel::email];
+    let d = a.push_trigger(&t);
+    assert_eq!(d.channel, Some(Channel::email), "{d:#?}");
+    assert!(d.reason.contains("paid"), "{}", d.reason);
+    // With e-mail declared paid as well, the scenario's order decides.
+    let mut b = Arbiter::with_config("channel_costs = { email = \"paid\" }");
+    t.trigger_id = "s2".into();
+    assert_eq!(b.push_trigger(&t).channel, Some(Channel::sms));
+}
