@@ -1772,11 +1772,12 @@ impl ArbiterProcessor {
                     continue;
                 }
                 let timer = ["defer/", trigger_id.as_str()].concat();
+                if ctx.timer_fire_at(&timer)?.is_none_or(|at| at > now) {
+                    continue;
+                }
                 // One that does not decode is left to fail on its own timer.
-                if let Ok(Some((at, other))) = ctx.timer_payload::<Trigger>(&timer) {
-                    if at <= now {
-                        due.push(other);
-                    }
+                if let Ok(Some((_, other))) = ctx.timer_payload::<Trigger>(&timer) {
+                    due.push(other);
                 }
             }
             due.sort_by(|a, b| {
