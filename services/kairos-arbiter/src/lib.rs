@@ -40,14 +40,16 @@ pub struct CustomerLedger {
     /// pruned with `sends`.
     pub scenario_sends: Vec<(Millis, CompactString)>,
     /// Where recent sends went (send id -> time, address), so a hard bounce suppresses
-    /// the address that bounced; pruned with `sends`.
+    /// the address that bounced; pruned to `BOUNCE_WINDOW` (longer than `sends`: a
+    /// provider may report a bounce days late).
     pub sent_to: SmallMap<String, (Millis, String)>,
     /// Channels the customer unsubscribed from (outcome time): suppressed until a
     /// later opt-in.
     pub unsubscribed: SmallMap<Channel, Millis>,
     /// The latest opt-in per channel: an unsubscribe older than it no longer holds.
     pub opted_in: SmallMap<Channel, Millis>,
-    /// Addresses that bounced hard, per channel: never sent to again.
+    /// The latest address that bounced hard, per channel (earlier ones are in
+    /// `bounced`): never sent to again.
     pub hard_bounced: SmallMap<Channel, String>,
     /// When the customer marked a message as spam: no promo from then on.
     pub complained_at: Option<Millis>,
@@ -80,6 +82,22 @@ pub struct CustomerLedger {
     pub merged_into: Option<String>,
     /// Customers whose ledgers were merged into this one (newest last, bounded).
     pub absorbed: Vec<String>,
+    /// Every address that bounced hard, per channel (newest last, bounded by
+    /// `BOUNCED_PER_CHANNEL`): a customer may have had several, and a trigger fired
+    /// before the profile learnt of a bounce still carries the old one.
+    pub bounced: SmallMap<Channel, Vec<String>>,
+    /// How the customer engages with each channel, for the channel choice.
+    pub engagement: SmallMap<Channel, ChannelEngagement>,
+}
+
+/// The customer's engagement with one channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChannelEngagement {
+    /// The latest open or click of a message on the channel.
+    pub engaged_at: Option<Millis>,
+    /// Marketing messages delivered on the channel since the latest open or click.
+    pub ignored_in_row: u32,
 }
 
 /// A cascade in flight: the trigger went out on `channels` (as `send_ids`) and the next
@@ -99,10 +117,15 @@ pub struct Cascade {
 
 /// A running chain with the customer's attention until its last step is due.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MainScenario {
     pub scenario: String,
     pub priority: i32,
     pub until: Millis,
+    /// When the cause of the step that took the slot happened: a till sale older than
+    /// it (a receipt uploaded late) does not end the chain. Unknown for slots taken by
+    /// earlier versions, which any purchase frees.
+    pub cause_occurred_at: Option<Millis>,
 }
 
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
@@ -128,6 +151,12 @@ const MERGE_WAIT: Millis = 60_000;
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
+
+/// Bounced addresses remembered per channel.
+const BOUNCED_PER_CHANNEL: usize = 8;
+/// How long the address of a send is kept for a hard bounce to find it: providers
+/// report most bounces at once, some days later (the outcome carries no address).
+const BOUNCE_WINDOW: Millis = 30 * DAY;
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
@@ -158,16 +187,22 @@ impl CustomerLedger {
         self.scenario_sends.extend(other.scenario_sends);
         self.scenario_sends.sort_by_key(|(at, _)| *at);
         self.sent_to.extend(other.sent_to);
+        // The later unsubscribe holds longer against an opt-in between the two.
         for (channel, at) in other.unsubscribed {
             let mine = self.unsubscribed.entry(channel).or_insert(at);
-            *mine = (*mine).min(at);
+            *mine = (*mine).max(at);
         }
         for (channel, at) in other.opted_in {
             let mine = self.opted_in.entry(channel).or_insert(at);
             *mine = (*mine).max(at);
         }
         for (channel, address) in other.hard_bounced {
-            self.hard_bounced.entry(channel).or_insert(address);
+            self.add_bounced(channel, address);
+        }
+        for (channel, addresses) in other.bounced {
+            for address in addresses {
+                self.add_bounced(channel, address);
+            }
         }
         self.complained_at = match (self.complained_at, other.complained_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -180,6 +215,11 @@ impl CustomerLedger {
             *mine = (*mine).max(at);
         }
         self.ignored_in_row = self.ignored_in_row.max(other.ignored_in_row);
+        for (channel, e) in other.engagement {
+            let mine = self.engagement.entry(channel).or_default();
+            mine.engaged_at = mine.engaged_at.max(e.engaged_at);
+            mine.ignored_in_row = mine.ignored_in_row.max(e.ignored_in_row);
+        }
         for h in other.recent_outcomes {
             remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
         }
@@ -195,19 +235,30 @@ impl CustomerLedger {
         match o.kind {
             OutcomeKind::delivered if o.category != MessageCategory::transactional => {
                 self.ignored_in_row += 1;
+                self.engagement.entry(o.channel).or_default().ignored_in_row += 1;
             }
-            OutcomeKind::opened | OutcomeKind::clicked => self.ignored_in_row = 0,
+            OutcomeKind::opened | OutcomeKind::clicked => {
+                self.ignored_in_row = 0;
+                let e = self.engagement.entry(o.channel).or_default();
+                e.engaged_at = Some(latest(e.engaged_at, o.occurred_at));
+                e.ignored_in_row = 0;
+            }
+            // An unsubscribe at the same time as an opt-in wins (as a withdrawal does);
+            // the latest one is kept, so an opt-in between two, arriving last, ends
+            // only the first.
             OutcomeKind::unsubscribed
                 if self
                     .opted_in
                     .get(&o.channel)
-                    .is_none_or(|opt_in| o.occurred_at > *opt_in) =>
+                    .is_none_or(|opt_in| o.occurred_at >= *opt_in) =>
             {
-                self.unsubscribed.entry(o.channel).or_insert(o.occurred_at);
+                let known = self.unsubscribed.get(&o.channel).copied();
+                self.unsubscribed
+                    .insert(o.channel, latest(known, o.occurred_at));
             }
             OutcomeKind::bounced_hard => {
                 if let Some(address) = address {
-                    self.hard_bounced.insert(o.channel, address);
+                    self.add_bounced(o.channel, address);
                 }
             }
             OutcomeKind::complained => {
@@ -218,15 +269,39 @@ impl CustomerLedger {
         true
     }
 
+    /// Records a hard bounce of `address` on `channel`: `hard_bounced` keeps the
+    /// latest (as earlier versions read it), `bounced` all of them (bounded).
+    fn add_bounced(&mut self, channel: Channel, address: String) {
+        let set = self.bounced.entry(channel).or_default();
+        // One bounced before `bounced` existed is only in `hard_bounced`.
+        if let Some(older) = self.hard_bounced.get(&channel) {
+            if !set.contains(older) {
+                set.push(older.clone());
+            }
+        }
+        set.retain(|a| *a != address);
+        set.push(address.clone());
+        if set.len() > BOUNCED_PER_CHANNEL {
+            set.remove(0);
+        }
+        self.hard_bounced.insert(channel, address);
+    }
+
     /// Why `channel` must not be used for this customer at `address`, if it must not.
     fn channel_block(&self, channel: Channel, address: Option<&str>) -> Option<&'static str> {
         if self.unsubscribed.contains_key(&channel) {
             return Some("unsubscribed");
         }
-        match (self.hard_bounced.get(&channel), address) {
-            (Some(bounced), Some(address)) if bounced == address => Some("hard_bounce"),
-            _ => None,
-        }
+        let address = address?;
+        let bounced = self
+            .hard_bounced
+            .get(&channel)
+            .is_some_and(|b| b == address)
+            || self
+                .bounced
+                .get(&channel)
+                .is_some_and(|set| set.iter().any(|b| b == address));
+        bounced.then_some("hard_bounce")
     }
 }
 
@@ -445,7 +520,9 @@ impl ArbiterProcessor {
         }
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
         ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
-        ledger.sent_to.retain(|_, (at, _)| now - *at < WEEK);
+        ledger
+            .sent_to
+            .retain(|_, (at, _)| now - *at < BOUNCE_WINDOW);
         if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
         }
@@ -492,6 +569,7 @@ impl ArbiterProcessor {
                 scenario: t.scenario.clone(),
                 priority: t.priority,
                 until: now + remaining.as_millis() as Millis,
+                cause_occurred_at: Some(t.cause_occurred_at),
             });
         } else if ledger
             .main
@@ -531,7 +609,6 @@ impl ArbiterProcessor {
             return Some(v);
         }
         let a = &self.config.arbiter;
-        let tz = self.zone_of(t);
         let sent: Vec<Millis> = ledger
             .sends
             .iter()
@@ -553,11 +630,26 @@ impl ArbiterProcessor {
                 ),
             ));
         }
+        self.caps(now, t, ledger, &sent)
+    }
+
+    /// The overall, category and scenario caps (the channel caps are part of the
+    /// channel choice), given the times of the marketing messages `sent`: the deferral
+    /// until a slot frees, if one is reached.
+    fn caps(
+        &self,
+        now: Millis,
+        t: &Trigger,
+        ledger: &CustomerLedger,
+        sent: &[Millis],
+    ) -> Option<Verdict> {
+        let a = &self.config.arbiter;
+        let tz = self.zone_of(t);
         let overall = CapConfig {
             daily_cap: Some(a.daily_cap),
             weekly_cap: Some(a.weekly_cap),
         };
-        if let Some(cap) = cap_reached(now, tz, &sent, &overall) {
+        if let Some(cap) = cap_reached(now, tz, sent, &overall) {
             let rule = if cap.daily {
                 "frequency_cap_daily"
             } else {
@@ -715,15 +807,22 @@ impl ArbiterProcessor {
                 ),
             );
         }
-        match usable.first() {
-            Some(c) => Verdict {
+        let first = usable.first().copied();
+        let mut ranked = usable;
+        self.rank_channels(ledger, &mut ranked);
+        match (ranked.first().copied(), first) {
+            (Some(c), Some(first)) => Verdict {
                 outcome: DecisionOutcome::sent,
-                channel: Some(*c),
+                channel: Some(c),
                 rule: "channel_choice",
-                reason: first_channel_reason(&t.channels),
+                reason: if c == first {
+                    first_channel_reason(&t.channels)
+                } else {
+                    self.ranked_reason(ledger, c, first, &t.channels)
+                },
                 defer_until: None,
             },
-            None => match blocked {
+            _ => match blocked {
                 Some(rule) => Verdict::no(
                     DecisionOutcome::suppressed,
                     rule,
@@ -736,6 +835,74 @@ impl ArbiterProcessor {
                 ),
             },
         }
+    }
+}
+
+impl ArbiterProcessor {
+    /// Orders usable channels (given in the scenario's order) for the choice: free
+    /// before paid, then the channel the customer opened or clicked on most recently,
+    /// then the one with fewer messages ignored in a row, then the scenario's order
+    /// (the sort is stable, so the choice is deterministic).
+    fn rank_channels(&self, ledger: &CustomerLedger, channels: &mut [Channel]) {
+        if channels.len() < 2 {
+            return;
+        }
+        let a = &self.config.arbiter;
+        channels.sort_by_key(|c| {
+            let e = ledger.engagement.get(c).copied().unwrap_or_default();
+            (
+                a.cost_of(*c),
+                std::cmp::Reverse(e.engaged_at),
+                e.ignored_in_row,
+            )
+        });
+    }
+
+    /// Why `chosen` goes before `first`, the scenario's first usable channel.
+    fn ranked_reason(
+        &self,
+        ledger: &CustomerLedger,
+        chosen: Channel,
+        first: Channel,
+        list: &[Channel],
+    ) -> String {
+        let a = &self.config.arbiter;
+        let (cost, first_cost) = (a.cost_of(chosen), a.cost_of(first));
+        let engagement = |c: Channel| ledger.engagement.get(&c).copied().unwrap_or_default();
+        let (e, first_e) = (engagement(chosen), engagement(first));
+        let why = if cost != first_cost {
+            format!(
+                "{} is {} and {} {}: free channels first",
+                chosen.as_str(),
+                cost.as_str(),
+                first.as_str(),
+                first_cost.as_str()
+            )
+        } else if e.engaged_at != first_e.engaged_at {
+            let on_first = match first_e.engaged_at {
+                Some(at) => format!("on {} at {at}", first.as_str()),
+                None => format!("never on {}", first.as_str()),
+            };
+            format!(
+                "the customer last opened or clicked a message on {} at {}, {on_first}",
+                chosen.as_str(),
+                e.engaged_at.unwrap_or_default()
+            )
+        } else {
+            format!(
+                "the customer ignored the last {} message(s) on {} and {} on {}",
+                first_e.ignored_in_row,
+                first.as_str(),
+                e.ignored_in_row,
+                chosen.as_str()
+            )
+        };
+        let names: Vec<&str> = list.iter().map(|c| c.as_str()).collect();
+        format!(
+            "{} rather than {}, of {names:?} with consent and an address: {why}",
+            chosen.as_str(),
+            first.as_str()
+        )
     }
 }
 
@@ -993,7 +1160,7 @@ impl ArbiterProcessor {
                     scenario: &o.scenario,
                     category: o.category,
                 };
-                self.stop_cascade(ctx, ledger, &subject, why)?;
+                self.stop_cascade(ctx, ledger, &subject, "cascade", why)?;
             }
         }
         Ok(changed)
@@ -1050,7 +1217,7 @@ impl ArbiterProcessor {
                 scenario: &c.scenario,
                 category: c.category.unwrap_or(MessageCategory::trigger),
             };
-            self.stop_cascade(ctx, ledger, &subject, why.to_string())?;
+            self.stop_cascade(ctx, ledger, &subject, "cascade", why.to_string())?;
         }
         Ok(())
     }
@@ -1062,13 +1229,14 @@ impl ArbiterProcessor {
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
         subject: &Subject<'_>,
+        rule: &str,
         why: String,
     ) -> anyhow::Result<()> {
         let Some(c) = ledger.cascades.remove(subject.trigger_id) else {
             return Ok(());
         };
         ctx.cancel(&["cascade/", subject.trigger_id].concat())?;
-        self.record_cascade_stop(ctx, subject, &c, why);
+        self.record_cascade_stop(ctx, subject, &c, rule, why);
         Ok(())
     }
 
@@ -1077,6 +1245,7 @@ impl ArbiterProcessor {
         ctx: &mut Ctx<'_>,
         subject: &Subject<'_>,
         c: &Cascade,
+        rule: &str,
         why: String,
     ) {
         self.record_decision(
@@ -1084,7 +1253,7 @@ impl ArbiterProcessor {
             subject,
             deterministic_id(&[subject.trigger_id, "cascade-stop"]),
             (DecisionOutcome::cancelled, None, None),
-            "cascade",
+            rule,
             format!(
                 "cascade stopped after {} message(s): {why}",
                 c.channels.len()
@@ -1173,6 +1342,35 @@ impl ArbiterProcessor {
                 self.cancel_queued_where(ctx, ledger, a, "became_active", why, |q| {
                     q.cause_occurred_at < at && self.is_reactivation(&q.scenario)
                 })?;
+                // A returning customer leaves reactivation: the rest of its cascades
+                // and the chain's hold on the customer end too.
+                let returned = |scenario: &str, cause: Option<Millis>| {
+                    self.is_reactivation(scenario) && cause.is_none_or(|c| c < at)
+                };
+                let stopped: Vec<(String, Cascade)> = ledger
+                    .cascades
+                    .iter()
+                    .filter(|(_, c)| returned(&c.scenario, c.cause_occurred_at))
+                    .map(|(id, c)| (id.clone(), c.clone()))
+                    .collect();
+                for (trigger_id, c) in stopped {
+                    let subject = Subject {
+                        trigger_id: &trigger_id,
+                        customer_id: &a.customer_id,
+                        scenario: &c.scenario,
+                        category: c.category.unwrap_or(MessageCategory::promo),
+                    };
+                    let why = format!("the customer came back at {at}");
+                    self.stop_cascade(ctx, ledger, &subject, "became_active", why)?;
+                }
+                let slot_freed = ledger
+                    .main
+                    .as_ref()
+                    .is_some_and(|m| returned(&m.scenario, m.cause_occurred_at));
+                if slot_freed {
+                    ledger.main = None;
+                    self.wake_main_waiters(ctx, ledger)?;
+                }
             }
             CustomerActionKind::opt_in => {
                 if let Some(channel) = a.channel {
@@ -1202,10 +1400,16 @@ impl ArbiterProcessor {
             }
             CustomerActionKind::purchase => {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
-                let slot_freed = ledger
-                    .main
-                    .as_ref()
-                    .is_some_and(|m| self.ends_on_purchase(&m.scenario));
+                // As for cascades: a till sale older than the chain's cause (uploaded
+                // late) leaves it running; an online purchase ends it whatever the
+                // device's clock said.
+                let slot_freed = ledger.main.as_ref().is_some_and(|m| {
+                    self.ends_on_purchase(&m.scenario)
+                        && match (a.till_sale, m.cause_occurred_at) {
+                            (true, Some(cause)) => self.purchase_ends(&m.scenario, cause, at),
+                            _ => true,
+                        }
+                });
                 if slot_freed {
                     ledger.main = None;
                 }
@@ -1379,9 +1583,10 @@ impl ArbiterProcessor {
     }
 
     /// The cascade timer of `t` fired with no reaction: the next usable channel gets
-    /// the message. Cascade steps skip caps and the conflict window (they are one
-    /// message on several channels) but keep consent, suppressions, quiet hours and
-    /// the valid-until. True if the ledger changed.
+    /// the message. Cascade steps skip the conflict window and the minimum gap (they
+    /// are one message on several channels, and the cascade's wait is their gap) but
+    /// keep consent, suppressions, quiet hours, the valid-until and every cap: a step
+    /// that would break one ends the cascade. True if the ledger changed.
     fn cascade_step(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1412,11 +1617,15 @@ impl ArbiterProcessor {
             );
             return Ok(true);
         }
-        let next = t
+        let mut rest: Vec<Channel> = t
             .channels
             .iter()
             .copied()
-            .find(|c| !cascade.channels.contains(c) && channel_check(&t, ledger, *c).is_ok());
+            .filter(|c| !cascade.channels.contains(c) && channel_check(&t, ledger, *c).is_ok())
+            .collect();
+        // Free channels before paid ones, then by engagement, as for the first message.
+        self.rank_channels(ledger, &mut rest);
+        let next = rest.first().copied();
         let Some(next) = next.filter(|_| now <= t.valid_until) else {
             let why = if now > t.valid_until {
                 format!("valid until {}", t.valid_until)
@@ -1424,7 +1633,7 @@ impl ArbiterProcessor {
                 "no further channel with consent and an address".to_string()
             };
             // Its timer just fired: nothing left to cancel.
-            self.record_cascade_stop(ctx, &subject, &cascade, why);
+            self.record_cascade_stop(ctx, &subject, &cascade, "cascade", why);
             return Ok(true);
         };
         let quiet = (t.category != MessageCategory::transactional)
@@ -1436,6 +1645,36 @@ impl ArbiterProcessor {
             ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             return Ok(true);
+        }
+        if t.category != MessageCategory::transactional {
+            ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+            ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
+            let sent: Vec<Millis> = ledger
+                .sends
+                .iter()
+                .filter(|(_, _, c)| *c != MessageCategory::transactional)
+                .map(|(at, _, _)| *at)
+                .collect();
+            let capped = self
+                .caps(now, &t, ledger, &sent)
+                .or_else(|| self.under_channel_caps(now, &t, ledger, vec![next]).err());
+            if let Some(cap) = capped {
+                // Its timer just fired: nothing left to cancel.
+                self.record_decision(
+                    ctx,
+                    &subject,
+                    deterministic_id(&[&t.trigger_id, "cascade-stop"]),
+                    (DecisionOutcome::suppressed, None, None),
+                    cap.rule,
+                    format!(
+                        "cascade stopped after {} message(s): the next, on {}, would break a cap: {}",
+                        cascade.channels.len(),
+                        next.as_str(),
+                        cap.reason
+                    ),
+                );
+                return Ok(true);
+            }
         }
         let reason = format!(
             "cascade: no reaction to the message on {} within {:?}",
@@ -1516,6 +1755,46 @@ impl ArbiterProcessor {
         })
     }
 
+    /// A deferred trigger's wait is over. The customer's other queued triggers due by
+    /// now (all deferred to the same end of the quiet hours or the same midnight) are
+    /// decided with it, highest priority first, then in the order they fired, then by
+    /// id: their timers would otherwise fire in the order of their ids, and the first
+    /// would take the caps whatever its priority.
+    fn decide_released(&mut self, ctx: &mut Ctx<'_>, t: Trigger) -> anyhow::Result<()> {
+        let customer_id = t.customer_id.clone();
+        self.with_ledger(ctx, &customer_id, |this, ctx, ledger, known| {
+            let legacy_until = if known { ctx.now() } else { Millis::MIN };
+            ledger.legacy_dedup_until.get_or_insert(legacy_until);
+            let now = ctx.now();
+            let mut due = vec![t];
+            for trigger_id in ledger.queued.keys() {
+                if *trigger_id == due[0].trigger_id {
+                    continue;
+                }
+                let timer = ["defer/", trigger_id.as_str()].concat();
+                if ctx.timer_fire_at(&timer)?.is_none_or(|at| at > now) {
+                    continue;
+                }
+                // One that does not decode is left to fail on its own timer.
+                if let Ok(Some((_, other))) = ctx.timer_payload::<Trigger>(&timer) {
+                    due.push(other);
+                }
+            }
+            due.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(a.fired_at.cmp(&b.fired_at))
+                    .then_with(|| a.trigger_id.cmp(&b.trigger_id))
+            });
+            for t in due {
+                // Decided here, so its own timer must not decide it again.
+                ctx.cancel(&["defer/", t.trigger_id.as_str()].concat())?;
+                this.decide_with_ledger(ctx, t, true, ledger)?;
+            }
+            Ok(true)
+        })
+    }
+
     fn decide_with_ledger(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1531,7 +1810,14 @@ impl ArbiterProcessor {
                 .is_some_and(|until| t.fired_at <= until);
             let seen_before_upgrade =
                 legacy && ctx.get::<Millis>(&format!("t/{}", t.trigger_id))?.is_some();
-            if seen_before_upgrade || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS) {
+            // One still waiting in the queue or cascading was seen, however many
+            // triggers came since (the recent ids are bounded): its own timer decides it.
+            let in_flight = ledger.queued.contains_key(&t.trigger_id)
+                || ledger.cascades.contains_key(&t.trigger_id);
+            if seen_before_upgrade
+                || in_flight
+                || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS)
+            {
                 self.decisions
                     .inc(&[DecisionOutcome::duplicate.as_str(), "trigger_id"]);
                 return Ok(());
@@ -1704,7 +1990,7 @@ impl Processor for ArbiterProcessor {
                 this.cascade_step(ctx, t, ledger)
             })
         } else {
-            self.decide_trigger(ctx, t, true)
+            self.decide_released(ctx, t)
         }
     }
 

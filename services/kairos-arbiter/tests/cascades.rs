@@ -22,7 +22,8 @@ fn channels(a: &Arbiter) -> Vec<Channel> {
 
 #[test]
 fn without_a_reaction_the_cascade_walks_every_channel() {
-    let mut a = Arbiter::new();
+    // Three messages in a day: the steps count against the caps.
+    let mut a = Arbiter::with_config("daily_cap = 3");
     let t = cascade_trigger(&a, "k1", T0);
     assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
     a.advance_to(T0 + HOUR - 1);
@@ -155,4 +156,66 @@ fn a_till_sale_older_than_the_cascade_cause_does_not_stop_it() {
     a.purchase("online", T0 - 20 * MINUTE);
     a.advance_to(T0 + 2 * DAY);
     assert_eq!(channels(&a), [Channel::email, Channel::push]);
+}
+
+/// A marketing SMS of another scenario at `at`.
+fn sms_message(a: &mut Arbiter, id: &str, at: i64) {
+    let mut t = cascade_trigger(a, id, at);
+    t.scenario = "welcome".into();
+    t.channels = vec![Channel::sms];
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::sms));
+}
+
+#[test]
+fn a_cascade_step_that_would_break_the_daily_cap_ends_the_cascade() {
+    let mut a = Arbiter::with_config("daily_cap = 2\nchannel_caps = { sms = { daily_cap = 1 } }");
+    a.time_zone = Some("UTC".into());
+    sms_message(&mut a, "s1", T0);
+    let t = cascade_trigger(&a, "k6", T0 + HOUR + 5 * MINUTE);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(channels(&a), [Channel::sms, Channel::email], "two a day");
+    let stop = *a.decisions_of("k6").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str(), stop.decided_at),
+        (
+            DecisionOutcome::suppressed,
+            "frequency_cap_daily",
+            T0 + 2 * HOUR + 5 * MINUTE
+        ),
+        "{stop:#?}"
+    );
+    assert!(
+        stop.reason.starts_with("cascade stopped"),
+        "{}",
+        stop.reason
+    );
+    assert_eq!(a.decisions_of("k6").len(), 2);
+}
+
+#[test]
+fn a_cascade_step_at_its_channel_cap_ends_the_cascade_and_the_gap_does_not_hold_it() {
+    let mut a = Arbiter::with_config(
+        "daily_cap = 5\nmin_gap = \"2h\"\nchannel_caps = { sms = { daily_cap = 1 } }",
+    );
+    a.time_zone = Some("UTC".into());
+    sms_message(&mut a, "s1", T0);
+    let t = cascade_trigger(&a, "k7", T0 + 2 * HOUR + 5 * MINUTE);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // The push an hour later is closer than the minimum gap: the cascade's own wait
+    // is its gap.
+    a.advance_to(T0 + 3 * HOUR + 5 * MINUTE);
+    assert_eq!(channels(&a), [Channel::sms, Channel::email, Channel::push]);
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(
+        channels(&a),
+        [Channel::sms, Channel::email, Channel::push],
+        "one SMS a day"
+    );
+    let stop = *a.decisions_of("k7").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str()),
+        (DecisionOutcome::suppressed, "channel_cap"),
+        "{stop:#?}"
+    );
 }

@@ -6,9 +6,10 @@ mod common;
 
 use common::{at, Arbiter, T0};
 use kairos_core::contracts::{
-    Channel, CustomerAction, CustomerActionKind, DecisionOutcome, MessageCategory, OutcomeKind,
+    Channel, CustomerAction, CustomerActionKind, DecisionOutcome, MessageCategory, Outcome,
+    OutcomeKind, SendCommand,
 };
-use kairos_core::time::{HOUR, MINUTE};
+use kairos_core::time::{DAY, HOUR, MINUTE};
 
 #[test]
 fn an_unsubscribe_moves_later_messages_to_the_next_channel_and_then_suppresses() {
@@ -111,4 +112,99 @@ fn a_consent_withdrawn_on_the_site_stops_a_message_already_waiting() {
     t.channels = vec![Channel::email];
     let d = a.push_trigger(&t);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}
+
+/// An unsubscribe outcome of its own id (the harness names outcomes by send and kind).
+fn unsubscribe(a: &mut Arbiter, id: &str, send: &SendCommand, at: i64) {
+    let o = Outcome {
+        outcome_id: id.into(),
+        send_id: send.send_id.clone(),
+        customer_id: send.customer_id.clone(),
+        scenario: send.scenario.clone(),
+        channel: send.channel,
+        category: send.category,
+        kind: OutcomeKind::unsubscribed,
+        reason: None,
+        occurred_at: at,
+    };
+    a.push("outcomes", "c1", &o);
+}
+
+fn email_only(a: &Arbiter, id: &str, at: i64) -> kairos_core::contracts::Trigger {
+    let mut t = a.trigger_of(id, "welcome", MessageCategory::trigger, at);
+    t.channels = vec![Channel::email];
+    t
+}
+
+#[test]
+fn the_latest_unsubscribe_holds_against_an_earlier_opt_in_arriving_last() {
+    let mut a = Arbiter::new();
+    let t = email_only(&a, "u1", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    unsubscribe(&mut a, "unsub-1", &email, T0 + HOUR);
+    unsubscribe(&mut a, "unsub-2", &email, T0 + 5 * HOUR);
+    // The opt-in between the two arrives last: it ends the first, not the second.
+    a.opt_in("in", Channel::email, T0 + 3 * HOUR);
+    let t = email_only(&a, "u2", T0 + 6 * HOUR);
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed"),
+        "{d:#?}"
+    );
+    assert_eq!(a.sends.len(), 1);
+}
+
+#[test]
+fn an_unsubscribe_at_the_instant_of_an_opt_in_wins() {
+    let mut a = Arbiter::new();
+    let t = email_only(&a, "u1", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.opt_in("in", Channel::email, T0 + HOUR);
+    unsubscribe(&mut a, "unsub", &email, T0 + HOUR);
+    let t = email_only(&a, "u2", T0 + 2 * HOUR);
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed"),
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn every_address_that_bounced_stays_suppressed() {
+    let mut a = Arbiter::with_config("daily_cap = 10");
+    let with_address = |a: &Arbiter, id: &str, address: &str, at: i64| {
+        let mut t = a.trigger_of(id, "welcome", MessageCategory::trigger, at);
+        t.contacts.email = Some(address.into());
+        t
+    };
+    let t = with_address(&a, "b1", "a@example.com", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    let first = a.last_send();
+    a.outcome(&first, OutcomeKind::bounced_hard, T0 + 1);
+    let t = with_address(&a, "b2", "b@example.com", T0 + 2 * HOUR);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    let second = a.last_send();
+    assert_eq!(second.address.as_deref(), Some("b@example.com"));
+    a.outcome(&second, OutcomeKind::bounced_hard, T0 + 2 * HOUR + 1);
+    // A trigger that still carries the first address: it bounced too.
+    let t = with_address(&a, "b3", "a@example.com", T0 + 4 * HOUR);
+    let d = a.push_trigger(&t);
+    assert_eq!(d.channel, Some(Channel::push), "{d:#?}");
+}
+
+#[test]
+fn a_bounce_reported_weeks_after_the_send_still_suppresses_the_address() {
+    let mut a = Arbiter::new();
+    a.trigger("b1", "welcome", MessageCategory::trigger, T0);
+    let first = a.last_send();
+    // A decision eight days later prunes what is only kept for the weekly cap.
+    let later = a.trigger("b2", "welcome", MessageCategory::trigger, T0 + 8 * DAY);
+    assert_eq!(later.channel, Some(Channel::email));
+    a.outcome(&first, OutcomeKind::bounced_hard, T0 + 9 * DAY);
+    let d = a.trigger("b3", "welcome", MessageCategory::trigger, T0 + 10 * DAY);
+    assert_eq!(d.channel, Some(Channel::push), "{d:#?}");
 }

@@ -287,3 +287,39 @@ fn quiet_hours_ending_in_the_repeated_dst_hour_end_at_its_second_pass() {
         "{last:#?}"
     );
 }
+
+#[test]
+fn triggers_released_together_are_decided_by_priority() {
+    let mut a = Arbiter::with_config(
+        "daily_cap = 2\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+    );
+    a.time_zone = Some("UTC".into());
+    // Ids in the opposite order of the priorities, so the order of the timers' ids
+    // would pick the wrong two.
+    for (id, scenario, priority, at_) in [
+        (
+            "a-browse",
+            "browse_abandonment",
+            40,
+            at("2026-01-05T22:00:00Z"),
+        ),
+        ("b-price", "price_drop", 45, at("2026-01-05T22:30:00Z")),
+        ("c-cart", "abandoned_cart", 60, at("2026-01-05T23:00:00Z")),
+    ] {
+        let mut t = a.trigger_of(id, scenario, TRIGGER, at_);
+        t.priority = priority;
+        let d = a.push_trigger(&t);
+        assert_eq!(
+            (d.outcome, d.rule.as_str()),
+            (DecisionOutcome::deferred, "quiet_hours")
+        );
+    }
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let sent: Vec<_> = a.sends.iter().map(|s| s.trigger_id.as_str()).collect();
+    assert_eq!(sent, ["c-cart", "b-price"]);
+    let last = *a.decisions_of("a-browse").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.rule.as_str()),
+        (DecisionOutcome::deferred, "frequency_cap_daily")
+    );
+}

@@ -548,3 +548,137 @@ fn a_store_purchase_that_caused_the_reactivation_does_not_cancel_it() {
         "{d:#?}"
     );
 }
+
+#[test]
+fn a_till_sale_from_before_the_chain_began_does_not_free_its_slot() {
+    let mut a = Arbiter::new();
+    let t = a.trigger_of("on0", "onboarding", TRIGGER, T0);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    let waits = a.trigger("w1", "welcome", TRIGGER, T0 + 3 * HOUR);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario")
+    );
+    // A receipt of a sale an hour before the chain began, uploaded late: the chain
+    // was started after it and goes on.
+    a.till_sale("old", T0 - HOUR);
+    a.advance_to(T0 + 3 * HOUR + MINUTE);
+    assert_eq!(a.decisions_of("w1").len(), 1, "{:#?}", a.decisions_of("w1"));
+    assert_eq!(a.sends.len(), 1);
+    // A sale after the chain began ends it and frees the slot.
+    a.till_sale("new", T0 + HOUR);
+    a.advance_to(T0 + 3 * HOUR + 2 * MINUTE);
+    let last = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent, "{last:#?}");
+}
+
+#[test]
+fn a_visit_stops_a_reactivation_cascade_and_frees_its_slot() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "win_back"
+kind = "reactivation"
+category = "promo"
+channels = ["email", "push"]
+template = "win_back"
+cascade = ["1d"]
+steps = [{ delay = "3d", template = "win_back_2" }]
+"#,
+    );
+    let mut t = a.trigger_of("wb", "win_back", PROMO, T0);
+    t.cause_occurred_at = T0 - 30 * DAY;
+    t.valid_until = T0 + 3 * DAY;
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    let waits = a.trigger("w1", "welcome", TRIGGER, T0 + 2 * HOUR);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario")
+    );
+    // The customer comes back: the rest of the win-back ends, and the slot frees.
+    a.visit("v1", T0 + 3 * HOUR);
+    let stop = *a.decisions_of("wb").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str()),
+        (DecisionOutcome::cancelled, "became_active"),
+        "{stop:#?}"
+    );
+    let freed = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(
+        (freed.outcome, freed.decided_at),
+        (DecisionOutcome::sent, T0 + 3 * HOUR),
+        "{freed:#?}"
+    );
+    a.advance_to(T0 + 2 * DAY);
+    let channels: Vec<_> = a.sends.iter().map(|s| s.channel).collect();
+    assert_eq!(
+        channels,
+        [Channel::email, Channel::email],
+        "no win-back push"
+    );
+}
+
+#[test]
+fn a_trigger_still_in_the_queue_is_a_duplicate_however_many_came_since() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    let night = at("2026-01-05T22:00:00Z");
+    let x = a.trigger_of("x", "welcome", TRIGGER, night);
+    assert_eq!(a.push_trigger(&x).outcome, DecisionOutcome::deferred);
+    // More triggers than the ledger remembers ids of (receipts pass quiet hours).
+    for i in 0..140 {
+        a.trigger(
+            &format!("r{i}"),
+            "welcome",
+            MessageCategory::transactional,
+            night + (i + 1) * 1000,
+        );
+    }
+    a.push("triggers", "c1", &x);
+    assert_eq!(a.decisions_of("x").len(), 1, "{:#?}", a.decisions_of("x"));
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    let finals = a
+        .decisions_of("x")
+        .iter()
+        .filter(|d| d.outcome != DecisionOutcome::deferred)
+        .count();
+    assert_eq!(finals, 1, "{:#?}", a.decisions_of("x"));
+    assert_eq!(a.sends.iter().filter(|s| s.trigger_id == "x").count(), 1);
+}
+
+#[test]
+fn the_channel_the_customer_engages_with_comes_first() {
+    let mut a = Arbiter::new();
+    assert_eq!(
+        a.trigger("e1", "welcome", TRIGGER, T0).channel,
+        Some(Channel::email)
+    );
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
+    let mut t = a.trigger_of("p1", "welcome", TRIGGER, T0 + 2 * HOUR);
+    t.channels = vec![Channel::push];
+    a.push_trigger(&t);
+    let push = a.last_send();
+    a.outcome(&push, OutcomeKind::delivered, T0 + 2 * HOUR + MINUTE);
+    a.outcome(&push, OutcomeKind::opened, T0 + 2 * HOUR + 5 * MINUTE);
+    // E-mail first in the scenario's list, but the customer reads pushes.
+    let d = a.trigger("x", "welcome", TRIGGER, T0 + DAY);
+    assert_eq!(d.channel, Some(Channel::push), "{d:#?}");
+    assert!(d.reason.contains("push"), "{}", d.reason);
+}
+
+#[test]
+fn free_channels_come_before_paid_ones() {
+    let mut a = Arbiter::new();
+    let mut t = a.trigger_of("s1", "welcome", TRIGGER, T0);
+    t.channels = vec![Channel::sms, Channel::email];
+    t.contacts.phone = Some("+4915112345678".into());
+    t.contacts.consented_channels = vec![Channel::sms, Channel::email];
+    let d = a.push_trigger(&t);
+    assert_eq!(d.channel, Some(Channel::email), "{d:#?}");
+    assert!(d.reason.contains("paid"), "{}", d.reason);
+    // With e-mail declared paid as well, the scenario's order decides.
+    let mut b = Arbiter::with_config("channel_costs = { email = \"paid\" }");
+    t.trigger_id = "s2".into();
+    assert_eq!(b.push_trigger(&t).channel, Some(Channel::sms));
+}

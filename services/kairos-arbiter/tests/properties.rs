@@ -1,6 +1,8 @@
 //! Property tests over random trigger and outcome streams: whatever arrives, no
-//! customer exceeds a cap (overall, the push channel's own or the promo scenario's), nothing non-transactional goes out in quiet hours or closer
-//! than the minimum gap, nothing is sent without consent or after an unsubscribe, no
+//! customer exceeds a cap (overall, the push channel's own or the promo scenario's),
+//! cascade steps included, nothing non-transactional goes out in quiet hours or closer
+//! than the minimum gap (a cascade step aside: its wait is its gap), nothing is sent
+//! without consent or after an unsubscribe, no
 //! send id repeats, nothing of a scenario that ends on purchase goes out after a
 //! purchase that followed its cause, no promo goes out within two days of a purchase,
 //! and every trigger ends in exactly one final decision; streams
@@ -15,6 +17,7 @@ use kairos_core::calendar;
 use kairos_core::contracts::{
     Channel, Contacts, DecisionOutcome, MessageCategory, Outcome, OutcomeKind, Trigger,
 };
+use kairos_core::ids::deterministic_id;
 use kairos_core::time::{DAY, HOUR, MINUTE};
 use proptest::prelude::*;
 
@@ -40,6 +43,8 @@ enum Event {
         consent: (bool, bool),
         valid_hours: i64,
         redeliver: bool,
+        /// A trigger message of the cascading scenario (e-mail, then push after 1 h).
+        cascade: bool,
     },
     Unsubscribe {
         customer: usize,
@@ -73,9 +78,10 @@ fn event() -> impl Strategy<Value = Event> {
         2 => Just(MessageCategory::promo),
     ];
     prop_oneof![
-        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15))
-            .prop_map(|(customer, minute, category, consent, valid_hours, redeliver)| Event::Trigger {
+        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15), prop::bool::weighted(0.3))
+            .prop_map(|(customer, minute, category, consent, valid_hours, redeliver, cascade)| Event::Trigger {
                 customer, minute, category, consent, valid_hours, redeliver,
+                cascade: cascade && category == MessageCategory::trigger,
             }),
         1 => (0..4usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
             Event::Unsubscribe { customer, minute, channel: CHANNELS[c] }
@@ -111,7 +117,7 @@ proptest! {
         for (n, e) in events.iter().enumerate() {
             let at = start + e.minute() * MINUTE;
             match e {
-                Event::Trigger { customer, category, consent, valid_hours, redeliver, .. } => {
+                Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, .. } => {
                     let id = format!("t{n}");
                     let consented: Vec<Channel> = CHANNELS
                         .into_iter()
@@ -120,7 +126,13 @@ proptest! {
                         .collect();
                     // Promo from a scenario that does not end on purchase, the rest from
                     // welcome, which does.
-                    let scenario = if *category == MessageCategory::promo { "weekly_promo" } else { "welcome" };
+                    let scenario = if *category == MessageCategory::promo {
+                        "weekly_promo"
+                    } else if *cascade {
+                        "cart_cascade"
+                    } else {
+                        "welcome"
+                    };
                     let t = Trigger {
                         merged_from: Vec::new(),
                         trigger_id: id.clone(),
@@ -180,14 +192,28 @@ proptest! {
         // Let every deferred trigger come due or expire.
         a.advance_to(start + 10 * DAY);
 
-        // Every trigger ends in exactly one final decision.
+        // Every trigger ends in exactly one final decision (a cascade's steps and its
+        // end are decisions of their own, with ids of their own).
+        let mut steps: BTreeSet<String> = BTreeSet::new();
         for id in triggers.keys() {
-            let finals: Vec<_> = a
-                .decisions_of(id)
-                .into_iter()
+            let stop = deterministic_id(&[id, "cascade-stop"]);
+            let step_ids: Vec<String> =
+                (1..4).map(|n| deterministic_id(&[id, "cascade", &n.to_string()])).collect();
+            let decisions = a.decisions_of(id);
+            let finals: Vec<_> = decisions
+                .iter()
                 .filter(|d| !matches!(d.outcome, DecisionOutcome::deferred | DecisionOutcome::duplicate))
+                .filter(|d| d.decision_id != stop && !step_ids.contains(&d.decision_id))
                 .collect();
-            prop_assert_eq!(finals.len(), 1, "trigger {} decisions {:?}", id, a.decisions_of(id));
+            prop_assert_eq!(finals.len(), 1, "trigger {} decisions {:?}", id, decisions);
+            let stops = decisions.iter().filter(|d| d.decision_id == stop).count();
+            prop_assert!(stops <= 1, "trigger {} stopped twice: {:?}", id, decisions);
+            steps.extend(
+                decisions
+                    .iter()
+                    .filter(|d| step_ids.contains(&d.decision_id))
+                    .filter_map(|d| d.send_id.clone()),
+            );
         }
         // No send id repeats.
         let ids: BTreeSet<&str> = a.sends.iter().map(|s| s.send_id.as_str()).collect();
@@ -197,15 +223,16 @@ proptest! {
             chrono::NaiveTime::from_hms_opt(21, 0, 0).unwrap(),
             chrono::NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
         );
-        let mut marketing: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut marketing: BTreeMap<String, Vec<(i64, bool)>> = BTreeMap::new();
         let mut promo_sends: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut channels_used: BTreeMap<String, Vec<(i64, Channel)>> = BTreeMap::new();
+        let mut channels_used: BTreeMap<String, Vec<(i64, Channel, bool)>> = BTreeMap::new();
         for s in &a.sends {
             let t = &triggers[&s.trigger_id];
             // Consent and unsubscribes.
             prop_assert!(t.contacts.consented_channels.contains(&s.channel), "no consent: {:?}", s);
             // At the same instant a due deferral is decided before the unsubscribe (timers
             // due at t fire before the input at t), so only a later send is a violation.
+            let step = steps.contains(&s.send_id);
             if let Some(unsub) = unsubscribed.get(&(s.customer_id.clone(), s.channel)) {
                 prop_assert!(s.created_at <= *unsub, "sent after the unsubscribe at {}: {:?}", unsub, s);
             }
@@ -218,7 +245,7 @@ proptest! {
                 .iter()
                 .any(|d| d.outcome == DecisionOutcome::deferred);
             for bought in purchases.get(&s.customer_id).into_iter().flatten() {
-                if s.scenario == "welcome" {
+                if s.scenario == "welcome" || s.scenario == "cart_cascade" {
                     prop_assert!(
                         !(t.cause_occurred_at <= *bought && s.created_at > *bought),
                         "sent after the purchase at {} that ended it: {:?}", bought, s
@@ -236,11 +263,11 @@ proptest! {
                 let tz = calendar::zone(t.contacts.time_zone.as_deref());
                 let local = calendar::local_time(s.created_at, tz).unwrap();
                 prop_assert!(!calendar::within_window(local, quiet.0, quiet.1), "sent at {} local in quiet hours", local);
-                marketing.entry(s.customer_id.clone()).or_default().push(s.created_at);
+                marketing.entry(s.customer_id.clone()).or_default().push((s.created_at, step));
                 if s.scenario == "weekly_promo" {
                     promo_sends.entry(s.customer_id.clone()).or_default().push(s.created_at);
                 }
-                channels_used.entry(s.customer_id.clone()).or_default().push((s.created_at, s.channel));
+                channels_used.entry(s.customer_id.clone()).or_default().push((s.created_at, s.channel, step));
             }
         }
         for (customer, times) in &promo_sends {
@@ -249,23 +276,26 @@ proptest! {
                 prop_assert!(in_week <= 2, "{} over the promo scenario's weekly cap", customer);
             }
         }
-        // One channel per customer within the conflict window.
+        // One channel per customer within the conflict window, a cascade step aside
+        // (one message on several channels).
         for (customer, used) in &channels_used {
-            for (i, (t1, c1)) in used.iter().enumerate() {
-                for (t2, c2) in &used[i + 1..] {
-                    prop_assert!((t2 - t1).abs() >= HOUR || c1 == c2, "{} got {:?} and {:?} within an hour", customer, c1, c2);
+            for (i, (t1, c1, _)) in used.iter().enumerate() {
+                for (t2, c2, step) in &used[i + 1..] {
+                    prop_assert!(*step || (t2 - t1).abs() >= HOUR || c1 == c2, "{} got {:?} and {:?} within an hour", customer, c1, c2);
                 }
             }
         }
-        for (customer, mut times) in marketing {
-            times.sort_unstable();
+        for (customer, mut sent) in marketing {
+            // At one instant a message that kept the gap goes before a cascade step.
+            sent.sort_unstable();
+            let times: Vec<i64> = sent.iter().map(|(t, _)| *t).collect();
             let tz = calendar::zone(Some(ZONES[customer[1..].parse::<usize>().unwrap()]));
             let mut per_day: BTreeMap<_, usize> = BTreeMap::new();
             for t in &times {
                 *per_day.entry(calendar::local_date(*t, tz)).or_default() += 1;
             }
             let mut push_per_day: BTreeMap<_, usize> = BTreeMap::new();
-            for (t, c) in channels_used.get(&customer).into_iter().flatten() {
+            for (t, c, _) in channels_used.get(&customer).into_iter().flatten() {
                 if *c == Channel::push {
                     *push_per_day.entry(calendar::local_date(*t, tz)).or_default() += 1;
                 }
@@ -275,7 +305,7 @@ proptest! {
             for (i, t) in times.iter().enumerate() {
                 let in_week = times[..=i].iter().filter(|x| *t - **x < 7 * DAY).count();
                 prop_assert!(in_week <= 6, "{} over the weekly cap", customer);
-                if i > 0 {
+                if i > 0 && !sent[i].1 {
                     prop_assert!(t - times[i - 1] >= 30 * MINUTE, "{} closer than the minimum gap", customer);
                 }
             }

@@ -314,6 +314,26 @@ pub struct ArbiterConfig {
     pub channel_caps: BTreeMap<Channel, CapConfig>,
     /// Caps of one category (`[arbiter.category_caps.promo] weekly_cap = 3`).
     pub category_caps: BTreeMap<MessageCategory, CapConfig>,
+    /// Cost class of a channel (`channel_costs = { messenger = "paid" }`): free
+    /// channels are chosen before paid ones. Unlisted: SMS paid, the rest free.
+    pub channel_costs: BTreeMap<Channel, ChannelCost>,
+}
+
+/// What a message on a channel costs, for the channel choice: free first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelCost {
+    Free,
+    Paid,
+}
+
+impl ChannelCost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelCost::Free => "free",
+            ChannelCost::Paid => "paid",
+        }
+    }
 }
 
 /// Marketing messages per calendar day in the customer's zone and per rolling 7 days.
@@ -333,6 +353,15 @@ pub enum LowerPriority {
 }
 
 impl ArbiterConfig {
+    /// The cost class of `channel`: configured, or SMS paid and the rest free.
+    pub fn cost_of(&self, channel: Channel) -> ChannelCost {
+        match self.channel_costs.get(&channel) {
+            Some(cost) => *cost,
+            None if channel == Channel::sms => ChannelCost::Paid,
+            None => ChannelCost::Free,
+        }
+    }
+
     /// The quiet window as (start, end) local times, if configured.
     pub fn quiet_hours(&self) -> Option<(chrono::NaiveTime, chrono::NaiveTime)> {
         let parse =
@@ -364,6 +393,7 @@ impl Default for ArbiterConfig {
             lower_priority: LowerPriority::Wait,
             channel_caps: BTreeMap::new(),
             category_caps: BTreeMap::new(),
+            channel_costs: BTreeMap::new(),
         }
     }
 }

@@ -424,8 +424,14 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 29] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 34] = [
     (DecisionOutcome::cancelled, "became_active"),
+    // A cascade step that would break a cap ends the cascade.
+    (DecisionOutcome::suppressed, "frequency_cap_daily"),
+    (DecisionOutcome::suppressed, "frequency_cap_weekly"),
+    (DecisionOutcome::suppressed, "channel_cap"),
+    (DecisionOutcome::suppressed, "category_cap"),
+    (DecisionOutcome::suppressed, "scenario_cap"),
     (DecisionOutcome::cancelled, "merged"),
     (DecisionOutcome::deferred, "merge_pending"),
     (DecisionOutcome::suppressed, "sunset_inactive"),

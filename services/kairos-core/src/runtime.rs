@@ -219,6 +219,22 @@ impl Ctx<'_> {
     pub fn timer_fire_at(&self, timer_id: &str) -> anyhow::Result<Option<Millis>> {
         Ok(self.store.timer_fire_at(self.pending, timer_id)?)
     }
+
+    /// Fire time and payload of a timer still to fire, without firing it: for a
+    /// handler that decides timers due together in an order of its own.
+    pub fn timer_payload<T: DeserializeOwned>(
+        &self,
+        timer_id: &str,
+    ) -> anyhow::Result<Option<(Millis, T)>> {
+        match self.store.timer_payload(self.pending, timer_id)? {
+            None => Ok(None),
+            Some((at, bytes)) => {
+                let payload = decode_state(&bytes)
+                    .with_context(|| format!("timer {timer_id:?} payload does not decode"))?;
+                Ok(Some((at, payload)))
+            }
+        }
+    }
 }
 
 struct Part {

@@ -797,6 +797,20 @@ impl PartitionStore {
         Ok(self.timers.borrow().fire_at(timer_id))
     }
 
+    /// Fire time and a copy of the payload of a timer still to fire.
+    pub fn timer_payload(
+        &self,
+        _pending: &Pending,
+        timer_id: &str,
+    ) -> StoreResult<Option<(Millis, Vec<u8>)>> {
+        Ok(self
+            .timers
+            .borrow()
+            .timers
+            .get(timer_id)
+            .map(|(at, payload)| (*at, payload.to_vec())))
+    }
+
     /// Timers due at or before `now` (pending reschedules and cancellations
     /// included), earliest first, at most `limit`, with their payloads: for tests,
     /// which look at timers without firing them.
