@@ -21,12 +21,18 @@ const RECENT_ORDERS: usize = 20;
 /// A recently viewed product. Stored, like all state, as a row of its fields (see
 /// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ViewedProduct {
     pub product_id: CompactString,
     pub name: Option<CompactString>,
     pub category: Option<CompactString>,
     pub price: Option<f64>,
     pub at: Millis,
+    /// When the catalog join last heard of a view of it (None in rows written before:
+    /// the next view reports it again). Renewal counts from this, not from the latest
+    /// view: views every few days must not keep postponing it.
+    #[serde(default)]
+    pub reported_at: Option<Millis>,
 }
 
 /// The latest cause of a restartable wait (abandoned cart, browse abandonment): every
@@ -408,14 +414,16 @@ impl CustomerProfile {
     }
 
     /// Returns true if the catalog join should hear of this view: the product was not
-    /// among the recently viewed ones, or its last view is old enough that the join's
-    /// audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
+    /// among the recently viewed ones, or it was last reported long enough ago that the
+    /// join's audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
     pub fn view(&mut self, p: &Product, at: Millis) -> bool {
         let renew_before = at - crate::catalog::VIEW_INTEREST_DAYS / 2 * kairos_core::time::DAY;
-        let fresh = !self
+        let reported = self
             .recently_viewed
             .iter()
-            .any(|v| v.product_id == p.product_id && v.at > renew_before);
+            .find(|v| v.product_id == p.product_id)
+            .and_then(|v| v.reported_at)
+            .filter(|r| *r > renew_before);
         self.recently_viewed
             .retain(|v| v.product_id != p.product_id);
         self.recently_viewed.push(ViewedProduct {
@@ -424,6 +432,7 @@ impl CustomerProfile {
             category: p.category.as_deref().map(CompactString::from),
             price: p.price,
             at,
+            reported_at: Some(reported.unwrap_or(at)),
         });
         if self.recently_viewed.len() > RECENTLY_VIEWED {
             self.recently_viewed.remove(0);
@@ -435,7 +444,7 @@ impl CustomerProfile {
                 self.recent_categories.remove(0);
             }
         }
-        fresh
+        reported.is_none()
     }
 
     pub fn wishlist_add(&mut self, p: &Product) -> bool {
@@ -791,6 +800,7 @@ mod tests {
             category: Some("kids".into()),
             price: Some(35.39),
             at: 1_767_225_691_416,
+            reported_at: None,
         };
         // The form profiles were written in before rows: a map with field names.
         let mut earlier = vec![0xC1];
@@ -804,6 +814,13 @@ mod tests {
         );
         assert_eq!(decode_state::<ViewedProduct>(&row).unwrap(), viewed);
         assert_eq!(decode_state::<ViewedProduct>(&earlier).unwrap(), viewed);
+        // A row of the five fields it had before `reported_at`.
+        let five = rmp_serde::to_vec(&("p0071", "kids #71", "kids", 35.39, 1_767_225_691_416i64))
+            .expect("encode");
+        assert_eq!(
+            rmp_serde::from_slice::<ViewedProduct>(&five).ok(),
+            Some(viewed.clone())
+        );
         // A whole profile round-trips, also through JSON (a merge hands it over so).
         let mut profile = CustomerProfile::new("c1", 1);
         profile.recently_viewed = vec![viewed.clone(), viewed];

@@ -1844,3 +1844,31 @@ fn a_price_drop_reaches_an_anonymous_viewer_who_logged_in() {
     let back = h.triggers("c-7", "back_in_stock");
     assert_eq!(back.len(), 1, "the wish came with the merge: {back:#?}");
 }
+
+// Review fixes: event time over arrival order, price seen, chains, merges, dedupe.
+
+#[test]
+fn a_product_viewed_every_ten_days_stays_in_the_price_drop_audience() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "vr-cat-1",
+        "p1",
+        t - HOUR,
+        json!({"name": "Kettle", "price": 100.0}),
+    );
+    for day in [0, 10, 20, 29] {
+        h.site(
+            &format!("vr-view-{day}"),
+            "product_view",
+            "vr",
+            t + day * DAY,
+            json!({"product": product("p1", 100.0)}),
+        );
+    }
+    // The view of day 0 left the 30-day audience; the one reported on day 20 did not.
+    h.catalog("vr-cat-2", "p1", t + 35 * DAY, json!({"price": 70.0}));
+    let fired = h.triggers("vr", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["new_price"], 70.0);
+}
