@@ -699,8 +699,10 @@ impl ProfileProcessor {
             vars.insert("product_name".into(), o.product_name.clone().into());
             vars.insert("old_price".into(), o.old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
-            let at = ctx.now().max(o.occurred_at);
-            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, at, vars);
+            // Due when the catalog changed: an occasion processed after an outage is
+            // late like any other trigger, and valid for `valid_for` from the change.
+            let due = o.occurred_at;
+            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
         }
         self.put(ctx.partition, p);
         Ok(())

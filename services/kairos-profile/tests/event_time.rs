@@ -1872,3 +1872,50 @@ fn a_product_viewed_every_ten_days_stays_in_the_price_drop_audience() {
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["new_price"], 70.0);
 }
+
+/// `kairos_triggers_skipped_total` of `scenario` for `reason`.
+fn skipped(h: &Harness, scenario: &str, reason: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&h.pipeline.profile_metrics().gather())
+        .expect("metrics encode");
+    let scenario = format!("scenario=\"{scenario}\"");
+    let reason = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("kairos_triggers_skipped_total{"))
+        .filter(|l| l.contains(&scenario) && l.contains(&reason))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_price_drop_processed_days_after_the_update_is_late() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("lt-cat-1", "p5", t, json!({"price": 100.0}));
+    h.site(
+        "lt-view",
+        "product_view",
+        "lt",
+        t + HOUR,
+        json!({"product": product("p5", 100.0)}),
+    );
+    // The update of day 7 is processed on day 10 (an outage): three days late.
+    h.advance(t + 10 * DAY);
+    h.catalog("lt-cat-2", "p5", t + 7 * DAY, json!({"price": 70.0}));
+    h.commit();
+    assert!(h.triggers("lt", "price_drop").is_empty());
+    assert_eq!(skipped(&h, "price_drop", "late"), 1.0);
+    // Two hours late is within the tolerance; valid until a day after the update.
+    h.catalog("lt-cat-3", "p5", t + 10 * DAY, json!({"price": 100.0}));
+    h.advance(t + 12 * DAY);
+    h.catalog(
+        "lt-cat-4",
+        "p5",
+        t + 12 * DAY - 2 * HOUR,
+        json!({"price": 60.0}),
+    );
+    let fired = h.triggers("lt", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 12 * DAY);
+    assert_eq!(fired[0]["valid_until"], t + 12 * DAY - 2 * HOUR + DAY);
+}
