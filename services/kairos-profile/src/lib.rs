@@ -676,28 +676,36 @@ impl ProfileProcessor {
             ProductOccasionKind::back_in_stock => ScenarioKind::BackInStock,
         };
         let wished = p.wishlist.iter().any(|w| w.product_id == o.product_id);
-        let viewed = p
+        let view = p
             .recently_viewed
             .iter()
-            .any(|v| v.product_id == o.product_id);
+            .find(|v| v.product_id == o.product_id);
+        let viewed = view.is_some();
+        // A drop is one to the customer only below the price they saw (the catalog
+        // compares with its own earlier price, which they may never have seen).
+        let old_price = match kind {
+            ScenarioKind::PriceDrop => view.and_then(|v| v.price).or(o.old_price),
+            _ => o.old_price,
+        };
         for s in self.scenarios(kind).iter() {
             let interested = match kind {
                 ScenarioKind::BackInStock => wished,
                 _ => wished || viewed,
             };
-            let drop = match (o.old_price, o.new_price) {
-                (Some(old), Some(new)) if old > 0.0 => 100.0 * (old - new) / old,
+            let drop = match (old_price, o.new_price) {
+                (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
                 _ => 0.0,
             };
             if !interested
-                || (kind == ScenarioKind::PriceDrop && drop < s.min_drop_percent.unwrap_or(0.0))
+                || (kind == ScenarioKind::PriceDrop
+                    && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0)))
             {
                 continue;
             }
             let mut vars = serde_json::Map::new();
             vars.insert("product_id".into(), o.product_id.clone().into());
             vars.insert("product_name".into(), o.product_name.clone().into());
-            vars.insert("old_price".into(), o.old_price.into());
+            vars.insert("old_price".into(), old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
             // Due when the catalog changed: an occasion processed after an outage is
             // late like any other trigger, and valid for `valid_for` from the change.

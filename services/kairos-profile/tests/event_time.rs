@@ -1919,3 +1919,79 @@ fn a_price_drop_processed_days_after_the_update_is_late() {
     assert_eq!(fired[0]["fired_at"], t + 12 * DAY);
     assert_eq!(fired[0]["valid_until"], t + 12 * DAY - 2 * HOUR + DAY);
 }
+
+#[test]
+fn a_drop_to_more_than_the_customer_saw_is_no_price_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ps-cat-1", "p6", t, json!({"price": 100.0}));
+    h.site(
+        "ps-view",
+        "product_view",
+        "ps",
+        t + HOUR,
+        json!({"product": product("p6", 100.0)}),
+    );
+    h.catalog("ps-cat-2", "p6", t + 2 * HOUR, json!({"price": 120.0}));
+    // 12.5% below the last price, 5% above what the customer saw.
+    h.catalog("ps-cat-3", "p6", t + 3 * HOUR, json!({"price": 105.0}));
+    h.advance(t + 4 * HOUR);
+    let fired = h.triggers("ps", "price_drop");
+    assert!(fired.is_empty(), "{fired:#?}");
+}
+
+#[test]
+fn small_steps_down_add_up_to_one_announced_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ss-cat-0", "p7", t, json!({"price": 100.0}));
+    h.site(
+        "ss-view",
+        "product_view",
+        "ss",
+        t + HOUR,
+        json!({"product": product("p7", 100.0)}),
+    );
+    for (i, price) in [95.0, 90.0, 85.0].into_iter().enumerate() {
+        let i = i as Millis;
+        h.catalog(
+            &format!("ss-cat-{}", i + 1),
+            "p7",
+            t + (2 + i) * HOUR,
+            json!({"price": price}),
+        );
+    }
+    h.advance(t + 6 * HOUR);
+    let fired = h.triggers("ss", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let v = vars(&fired[0]);
+    assert_eq!(
+        (v["old_price"].clone(), v["new_price"].clone()),
+        (json!(100.0), json!(90.0))
+    );
+    assert_eq!(fired[0]["fired_at"], t + 3 * HOUR);
+}
+
+#[test]
+fn a_view_at_the_new_price_after_the_update_hears_of_no_drop() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.catalog("pv-cat-1", "p8", t, json!({"price": 100.0}));
+    h.site(
+        "pv-view",
+        "product_view",
+        "pv",
+        at("2026-03-02T12:30:00Z"),
+        json!({"product": product("p8", 80.0)}),
+    );
+    // The update of 12:00 is processed after the view of 12:30 at the new price.
+    h.catalog(
+        "pv-cat-2",
+        "p8",
+        at("2026-03-02T12:00:00Z"),
+        json!({"price": 80.0}),
+    );
+    h.advance(at("2026-03-02T14:00:00Z"));
+    let fired = h.triggers("pv", "price_drop");
+    assert!(fired.is_empty(), "{fired:#?}");
+}
