@@ -750,12 +750,18 @@ impl ProfileProcessor {
             .filter(|s| s.ends_on_purchase())
         {
             // An online purchase ends them whatever the device's clock said; a till
-            // sale uploaded late only those it came after.
-            let caused_later = offline
-                && p.waits
-                    .get(s.name.as_str())
-                    .is_some_and(|w| w.cause_occurred_at > at);
-            if s.kind != ScenarioKind::Reactivation && !caused_later {
+            // sale uploaded late only those it came after. A chain's cause time is in
+            // its timer, not here: a till sale leaves it to the check when the next
+            // step fires (see `fire_scenario`).
+            if s.kind == ScenarioKind::Reactivation {
+                continue;
+            }
+            let leave = offline
+                && (!s.kind.is_restartable_wait()
+                    || p.waits
+                        .get(s.name.as_str())
+                        .is_some_and(|w| w.cause_occurred_at > at));
+            if !leave {
                 stop_wait(ctx, s, p)?;
             }
         }
@@ -1200,6 +1206,18 @@ impl ProfileProcessor {
             | ScenarioKind::SegmentEntered
             | ScenarioKind::PriceDrop
             | ScenarioKind::BackInStock => return Ok(()),
+        }
+        // A purchase after the chain's cause ends it, whichever arrived first (a
+        // purchase processed before the registration, a till sale uploaded late). A
+        // step due at the cause itself (a welcome at registration) came before it.
+        if !s.kind.is_restartable_wait()
+            && s.kind != ScenarioKind::Reactivation
+            && s.ends_on_purchase()
+            && timer.fire_at > t.cause_occurred_at
+            && p.last_purchase_at
+                .is_some_and(|bought| bought > t.cause_occurred_at)
+        {
+            return Ok(());
         }
         if s.kind == ScenarioKind::Reactivation {
             if let Some(v) = p.last_visit_at {

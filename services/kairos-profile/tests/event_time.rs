@@ -1995,3 +1995,50 @@ fn a_view_at_the_new_price_after_the_update_hears_of_no_drop() {
     let fired = h.triggers("pv", "price_drop");
     assert!(fired.is_empty(), "{fired:#?}");
 }
+
+/// (step, fired_at) of the triggers of `customer` in `scenario`.
+fn steps(h: &Harness, customer: &str, scenario: &str) -> Vec<(i64, i64)> {
+    h.triggers(customer, scenario)
+        .iter()
+        .map(|t| {
+            (
+                t["step"].as_i64().unwrap_or(-1),
+                t["fired_at"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_purchase_processed_before_the_registration_ends_the_welcome_series() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "wp-buy",
+        "purchase",
+        "wp",
+        t + HOUR,
+        order("o-wp", 30.0, None),
+    );
+    h.site("wp-reg", "registration", "wp", t, json!({}));
+    h.advance(t + 10 * DAY);
+    let got = steps(&h, "wp", "welcome");
+    assert!(
+        got.iter().all(|(step, _)| *step == 0),
+        "no step after the purchase: {got:?}"
+    );
+}
+
+#[test]
+fn a_till_sale_older_than_the_registration_leaves_the_welcome_series() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site("wt-reg", "registration", "wt", t, json!({}));
+    // Bought in a store three days before registering, uploaded after.
+    h.receipt("wt-till", "sale", "wt", t - 3 * DAY, 40.0);
+    h.advance(t + 10 * DAY);
+    assert_eq!(
+        steps(&h, "wt", "welcome"),
+        [(0, t), (1, t + 2 * DAY), (2, t + 5 * DAY)]
+    );
+}
