@@ -1354,6 +1354,14 @@ fn restart_wait(
     e: &CustomerEvent,
     product: Option<Product>,
 ) -> anyhow::Result<()> {
+    // An older event arriving late (another device's topic) does not move the wait
+    // back or replace its product: the wait runs from the latest change.
+    if p.waits
+        .get(s.name.as_str())
+        .is_some_and(|w| w.cause_occurred_at > e.occurred_at)
+    {
+        return Ok(());
+    }
     let wait = profile::Wait {
         cause_event_id: e.event_id.clone(),
         cause_occurred_at: e.occurred_at,

@@ -410,7 +410,11 @@ impl CustomerProfile {
                 _ => {}
             }
         }
-        self.cart_updated_at = Some(e.occurred_at);
+        // The latest change, whatever order the devices' topics arrived in.
+        self.cart_updated_at = Some(
+            self.cart_updated_at
+                .map_or(e.occurred_at, |c| c.max(e.occurred_at)),
+        );
     }
 
     /// Returns true if the catalog join should hear of this view: the product was not

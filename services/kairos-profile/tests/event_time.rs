@@ -2042,3 +2042,59 @@ fn a_till_sale_older_than_the_registration_leaves_the_welcome_series() {
         [(0, t), (1, t + 2 * DAY), (2, t + 5 * DAY)]
     );
 }
+
+#[test]
+fn an_older_cart_change_arriving_late_keeps_the_newer_wait() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lc-site",
+        "add_to_cart",
+        "lc",
+        t + 40 * MINUTE,
+        add_to_cart("p1", 10.0),
+    );
+    // The app's change of 10:00 arrives after the site's of 10:40.
+    h.feed(
+        "events.app",
+        "lc",
+        json!({"event_id": "lc-app", "event_type": "add_to_cart", "occurred_at": rfc(t),
+            "customer_id": "lc", "product": product("p2", 20.0)}),
+    );
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("lc", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        fired[0]["fired_at"],
+        t + 100 * MINUTE,
+        "an hour after 10:40"
+    );
+    assert_eq!(fired[0]["cause_event_id"], "lc-site");
+    let items = vars(&fired[0])["cart_items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(2), "{items}");
+}
+
+#[test]
+fn an_older_view_arriving_late_keeps_the_newer_browse_wait() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lb-view2",
+        "product_view",
+        "lb",
+        t + 40 * MINUTE,
+        json!({"product": product("p8", 60.0)}),
+    );
+    h.site(
+        "lb-view1",
+        "product_view",
+        "lb",
+        t,
+        json!({"product": product("p7", 55.0)}),
+    );
+    h.advance(t + 5 * HOUR);
+    let fired = h.triggers("lb", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 2 * HOUR + 40 * MINUTE);
+    assert_eq!(vars(&fired[0])["product"]["product_id"], "p8");
+}
