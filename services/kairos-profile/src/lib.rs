@@ -989,7 +989,8 @@ impl ProfileProcessor {
         }
     }
 
-    /// Emits a trigger unless its moment passed by more than the tolerance.
+    /// Emits a trigger unless its moment passed by more than the tolerance; returns
+    /// whether it was emitted (or held for a merge).
     #[allow(clippy::too_many_arguments)]
     fn emit_trigger(
         &self,
@@ -1001,7 +1002,7 @@ impl ProfileProcessor {
         cause_occurred_at: Millis,
         due_at: Millis,
         extra: serde_json::Map<String, serde_json::Value>,
-    ) {
+    ) -> bool {
         let now = ctx.now().max(due_at);
         if now - due_at > ms(s.tolerance()) {
             self.metrics
@@ -1009,10 +1010,10 @@ impl ProfileProcessor {
                 .with_label_values(&[&s.name, "late"])
                 .inc();
             tracing::debug!(scenario = %s.name, customer = %p.customer_id, late_ms = now - due_at, "trigger skipped: too late");
-            return;
+            return false;
         }
         let Some(template) = s.template_of(step) else {
-            return;
+            return false;
         };
         let trigger = Trigger {
             trigger_id: deterministic_id(&[
@@ -1048,6 +1049,7 @@ impl ProfileProcessor {
                 tracing::error!(error = %e, "cannot hold a trigger during a merge");
             }
         }
+        true
     }
 
     fn on_scenario_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
@@ -1227,7 +1229,7 @@ impl ProfileProcessor {
                 );
             }
         }
-        self.emit_trigger(
+        let emitted = self.emit_trigger(
             ctx,
             s,
             p,
@@ -1237,6 +1239,14 @@ impl ProfileProcessor {
             timer.fire_at,
             vars,
         );
+        if !emitted {
+            // A step skipped as late ends the chain: no welcome_2 without welcome.
+            // (A yearly scenario armed next year's date already.)
+            if s.kind.is_restartable_wait() {
+                p.waits.remove(s.name.as_str());
+            }
+            return Ok(());
+        }
         // The next step of a chain.
         if s.kind.is_restartable_wait() {
             match (s.steps.get(t.step), p.waits.get(s.name.as_str()).cloned()) {

@@ -2098,3 +2098,16 @@ fn an_older_view_arriving_late_keeps_the_newer_browse_wait() {
     assert_eq!(fired[0]["fired_at"], t + 2 * HOUR + 40 * MINUTE);
     assert_eq!(vars(&fired[0])["product"]["product_id"], "p8");
 }
+
+#[test]
+fn a_welcome_series_whose_first_step_was_late_stops() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    // 36 hours late, the tolerance is a day: no welcome_2 or welcome_3 without welcome.
+    h.advance(t + 36 * HOUR);
+    h.site("l36-reg", "registration", "l36", t, json!({}));
+    h.advance(t + 10 * DAY);
+    let got = steps(&h, "l36", "welcome");
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(skipped(&h, "welcome", "late"), 1.0);
+}
