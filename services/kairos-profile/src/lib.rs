@@ -462,6 +462,9 @@ impl ProfileProcessor {
             Some(p) => {
                 for s in &self.config.scenarios {
                     ctx.cancel(&timer_id(&s.name, &m.from))?;
+                    if is_yearly(s.kind) {
+                        ctx.cancel(&follow_up_timer_id(&s.name, &m.from))?;
+                    }
                 }
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
                 ctx.delete(&profile_key(&m.from));
@@ -1149,6 +1152,9 @@ impl ProfileProcessor {
                     return Ok(());
                 }
             }
+            // Follow-up steps carry the date's cause ("birthday-2026") and fire on
+            // their own day.
+            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary if t.step > 0 => {}
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
                 let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
                     .map(|d| {
@@ -1169,9 +1175,7 @@ impl ProfileProcessor {
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
-                if t.step == 0 {
-                    schedule_yearly(ctx, s, p, timer.fire_at)?;
-                }
+                schedule_yearly(ctx, s, p, timer.fire_at)?;
                 if !same_day {
                     return Ok(());
                 }
@@ -1262,7 +1266,7 @@ impl ProfileProcessor {
                 ctx,
                 s,
                 p,
-                &t.cause_event_id,
+                &cause,
                 t.cause_occurred_at,
                 t.step + 1,
                 timer.fire_at + ms(next.delay),
@@ -1327,6 +1331,29 @@ fn timer_id(scenario: &str, customer_id: &str) -> String {
     [scenario, "/", customer_id].concat()
 }
 
+/// Birthday and anniversary: armed a year ahead, step after step.
+fn is_yearly(kind: ScenarioKind) -> bool {
+    matches!(
+        kind,
+        ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
+    )
+}
+
+/// The timer of a yearly scenario's follow-up steps: its own, so it does not replace
+/// next year's date, which step 0 armed under [`timer_id`].
+fn follow_up_timer_id(scenario: &str, customer_id: &str) -> String {
+    [scenario, "+steps/", customer_id].concat()
+}
+
+/// The timer id of step `step` of `s`.
+fn step_timer_id(s: &ScenarioConfig, step: usize, customer_id: &str) -> String {
+    if step > 0 && is_yearly(s.kind) {
+        follow_up_timer_id(&s.name, customer_id)
+    } else {
+        timer_id(&s.name, customer_id)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn schedule_step(
     ctx: &mut Ctx<'_>,
@@ -1340,7 +1367,7 @@ fn schedule_step(
     order_id: Option<&str>,
 ) -> anyhow::Result<()> {
     ctx.schedule(
-        &timer_id(&s.name, &p.customer_id),
+        &step_timer_id(s, step, &p.customer_id),
         fire_at,
         &ScenarioTimerRef {
             scenario: &s.name,
@@ -1416,7 +1443,12 @@ fn arm_wait(
 fn stop_wait(ctx: &mut Ctx<'_>, s: &ScenarioConfig, p: &mut CustomerProfile) -> anyhow::Result<()> {
     p.waits.remove(s.name.as_str());
     p.armed.remove(s.name.as_str());
-    ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+    if is_yearly(s.kind) {
+        // Only the pending follow-up steps: next year's date stays.
+        ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
+    } else {
+        ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+    }
     Ok(())
 }
 
@@ -1459,6 +1491,7 @@ fn schedule_yearly(
     };
     let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
         ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+        ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
         return Ok(());
     };
     // The registration day itself is no anniversary: the first one is a year later.

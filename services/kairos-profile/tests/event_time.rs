@@ -2111,3 +2111,34 @@ fn a_welcome_series_whose_first_step_was_late_stops() {
     assert!(got.is_empty(), "{got:?}");
     assert_eq!(skipped(&h, "welcome", "late"), 1.0);
 }
+
+#[test]
+fn a_birthday_follow_up_step_fires_and_next_years_birthday_too() {
+    let config = CONFIG.replace(
+        "template = \"birthday\"\n",
+        "template = \"birthday\"\nsteps = [{ delay = \"6d\", template = \"birthday_2\" }]\n",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site(
+        "by-up",
+        "profile_update",
+        "by",
+        at("2026-03-01T12:00:00Z"),
+        birthday_update("1990-03-10", "UTC"),
+    );
+    for day in ["2026-03-10", "2026-03-16", "2026-03-20", "2027-03-10"] {
+        h.advance(at(&format!("{day}T10:00:00Z")));
+    }
+    assert_eq!(
+        steps(&h, "by", "birthday"),
+        [
+            (0, at("2026-03-10T10:00:00Z")),
+            (1, at("2026-03-16T10:00:00Z")),
+            (0, at("2027-03-10T10:00:00Z")),
+        ]
+    );
+    let fired = h.triggers("by", "birthday");
+    assert_eq!(fired[1]["cause_event_id"], "birthday-2026");
+    assert_eq!(fired[1]["template"], "birthday_2");
+    assert_eq!(fired[2]["cause_event_id"], "birthday-2027");
+}
