@@ -338,7 +338,16 @@ impl ProfileProcessor {
                 }
             }
             EventType::order_status => {
-                if let Some(order) = &e.order {
+                // A status re-sent for a recent order (under a new event id) applies
+                // once; for an older order the profile cannot tell.
+                let repeated = e.order.as_ref().is_some_and(|o| {
+                    o.status
+                        .is_some_and(|st| p.note_status(&o.order_id, st) == Some(false))
+                });
+                if repeated {
+                    self.metrics.duplicates.inc();
+                }
+                if let Some(order) = e.order.as_ref().filter(|_| !repeated) {
                     match order.status {
                         // A cancelled order is undone like a returned one, and stops
                         // counting as an order.
@@ -380,11 +389,14 @@ impl ProfileProcessor {
                                 "status".into(),
                                 serde_json::to_value(order.status).unwrap_or_default(),
                             );
-                            self.emit_trigger(
+                            // One update per order and status, whatever event said it.
+                            let key = format!("order:{}:{:?}", order.order_id, order.status);
+                            self.emit_keyed_trigger(
                                 ctx,
                                 s,
                                 &p,
                                 0,
+                                &key,
                                 &e.event_id,
                                 e.occurred_at,
                                 e.occurred_at,
@@ -1006,6 +1018,34 @@ impl ProfileProcessor {
         due_at: Millis,
         extra: serde_json::Map<String, serde_json::Value>,
     ) -> bool {
+        self.emit_keyed_trigger(
+            ctx,
+            s,
+            p,
+            step,
+            cause_event_id,
+            cause_event_id,
+            cause_occurred_at,
+            due_at,
+            extra,
+        )
+    }
+
+    /// [`Self::emit_trigger`] with the trigger id derived from `key` instead of the
+    /// cause's event id.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_keyed_trigger(
+        &self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &CustomerProfile,
+        step: usize,
+        key: &str,
+        cause_event_id: &str,
+        cause_occurred_at: Millis,
+        due_at: Millis,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
         let now = ctx.now().max(due_at);
         if now - due_at > ms(s.tolerance()) {
             self.metrics
@@ -1019,12 +1059,7 @@ impl ProfileProcessor {
             return false;
         };
         let trigger = Trigger {
-            trigger_id: deterministic_id(&[
-                &s.name,
-                &p.customer_id,
-                cause_event_id,
-                &step.to_string(),
-            ]),
+            trigger_id: deterministic_id(&[&s.name, &p.customer_id, key, &step.to_string()]),
             scenario: s.name.clone(),
             customer_id: p.customer_id.clone(),
             category: s.category,

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use compact_str::CompactString;
 
 use kairos_core::contracts::{
-    Channel, CustomerEvent, EventType, LineItem, Outcome, OutcomeKind, Product,
+    Channel, CustomerEvent, EventType, LineItem, OrderStatus, Outcome, OutcomeKind, Product,
 };
 use kairos_core::small_map::SmallMap;
 use kairos_core::time::Millis;
@@ -137,6 +137,21 @@ pub struct OrderRecord {
     pub reversed: bool,
     /// A till sale (counted in `offline_orders` as well).
     pub offline: bool,
+    /// The statuses seen for it, one bit each (see [`status_bit`]): a status re-sent
+    /// under a new event id applies once.
+    #[serde(default)]
+    pub statuses: u8,
+}
+
+/// The bit of `status` in [`OrderRecord::statuses`]: fixed here, stored in state.
+fn status_bit(status: OrderStatus) -> u8 {
+    match status {
+        OrderStatus::placed => 1,
+        OrderStatus::shipped => 2,
+        OrderStatus::delivered => 4,
+        OrderStatus::returned => 8,
+        OrderStatus::cancelled => 16,
+    }
 }
 
 /// What a return, refund or cancellation did to the purchase aggregates.
@@ -508,6 +523,7 @@ impl CustomerProfile {
                 at,
                 reversed: false,
                 offline,
+                ..Default::default()
             });
         }
         self.orders += 1;
@@ -575,6 +591,19 @@ impl CustomerProfile {
         self.returns += 1;
         self.revenue = (self.revenue - total).max(0.0);
         Reversal::Applied { known: false }
+    }
+
+    /// Notes that the order reached `status`: whether for the first time, or None when
+    /// the order is not among the recent ones.
+    pub fn note_status(&mut self, order_id: &str, status: OrderStatus) -> Option<bool> {
+        let order = self
+            .recent_orders
+            .iter_mut()
+            .find(|o| o.order_id == order_id)?;
+        let bit = status_bit(status);
+        let first = order.statuses & bit == 0;
+        order.statuses |= bit;
+        Some(first)
     }
 
     /// Whether the order is known to be returned or cancelled.
@@ -911,6 +940,7 @@ mod tests {
                 at: 10,
                 reversed: true,
                 offline: false,
+                statuses: 0,
             }
         );
     }

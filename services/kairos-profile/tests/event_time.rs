@@ -2142,3 +2142,57 @@ fn a_birthday_follow_up_step_fires_and_next_years_birthday_too() {
     assert_eq!(fired[1]["template"], "birthday_2");
     assert_eq!(fired[2]["cause_event_id"], "birthday-2027");
 }
+
+#[test]
+fn an_order_status_sent_again_sends_one_message() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("os-buy", "purchase", "os", t, order("o-os", 60.0, None));
+    h.site(
+        "os-ship-1",
+        "order_status",
+        "os",
+        t + DAY,
+        order_status("o-os", "shipped"),
+    );
+    h.site(
+        "os-ship-2",
+        "order_status",
+        "os",
+        t + DAY + HOUR,
+        order_status("o-os", "shipped"),
+    );
+    h.site(
+        "os-del-1",
+        "order_status",
+        "os",
+        t + 2 * DAY,
+        order_status("o-os", "delivered"),
+    );
+    h.advance(t + 5 * DAY);
+    // Re-sent after the survey went out.
+    h.site(
+        "os-del-2",
+        "order_status",
+        "os",
+        t + 5 * DAY,
+        order_status("o-os", "delivered"),
+    );
+    h.advance(t + 10 * DAY);
+    let updates = h.triggers("os", "order_update");
+    assert_eq!(updates.len(), 1, "{updates:#?}");
+    assert_eq!(steps(&h, "os", "post_delivery"), [(0, t + 4 * DAY)]);
+    // The update's id comes from the order and its status, not from the event.
+    let mut other = Harness::new();
+    other.site("os-buy", "purchase", "os", t, order("o-os", 60.0, None));
+    other.site(
+        "os-ship-2",
+        "order_status",
+        "os",
+        t + DAY + HOUR,
+        order_status("o-os", "shipped"),
+    );
+    let again = other.triggers("os", "order_update");
+    assert_eq!(again.len(), 1, "{again:#?}");
+    assert_eq!(again[0]["trigger_id"], updates[0]["trigger_id"]);
+}
