@@ -2196,3 +2196,30 @@ fn an_order_status_sent_again_sends_one_message() {
     assert_eq!(again.len(), 1, "{again:#?}");
     assert_eq!(again[0]["trigger_id"], updates[0]["trigger_id"]);
 }
+
+#[test]
+fn a_customer_whose_only_order_was_cancelled_is_a_prospect() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("cn-buy", "purchase", "cn", t, order("o-cn", 50.0, None));
+    h.site(
+        "cn-cancel",
+        "order_status",
+        "cn",
+        t + HOUR,
+        order_status("o-cn", "cancelled"),
+    );
+    h.advance(t + 400 * DAY);
+    let to = |kind: &str| -> Vec<String> {
+        h.transitions("cn")
+            .iter()
+            .filter(|t| t["kind"] == kind)
+            .map(|t| t["to_segment"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(to("lifecycle"), ["new", "prospect"]);
+    assert_eq!(to("rfm"), ["New"], "no RFM cell once no order remains");
+    let p = h.pipeline.profile("cn").expect("read").expect("stored");
+    assert_eq!((p.orders, p.rfm), (0, None));
+    assert_eq!(p.lifecycle.as_deref(), Some("prospect"));
+}
