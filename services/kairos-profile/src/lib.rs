@@ -458,7 +458,7 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if p.remember_event(&o.outcome_id) {
+        if p.remember_outcome(&o.outcome_id) {
             p.apply_outcome(o);
         } else {
             self.metrics.duplicates.inc();

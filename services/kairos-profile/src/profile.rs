@@ -123,6 +123,10 @@ pub struct CustomerProfile {
     /// Receipt ids of the latest till refunds, bounded: a refund uploaded again counts
     /// once.
     pub recent_refunds: Vec<String>,
+    /// Hashes of the latest outcome ids, apart from `recent_event_ids`: a burst of
+    /// delivery outcomes must not push out the event ids a producer may retry.
+    #[serde(default)]
+    pub recent_outcome_ids: VecDeque<u64>,
 }
 
 /// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
@@ -152,6 +156,18 @@ fn status_bit(status: OrderStatus) -> u8 {
         OrderStatus::returned => 8,
         OrderStatus::cancelled => 16,
     }
+}
+
+/// Adds `h` to a bounded ring of recent id hashes; false if it was there already.
+fn remember_hash(ring: &mut VecDeque<u64>, h: u64) -> bool {
+    if ring.contains(&h) {
+        return false;
+    }
+    if ring.len() >= RECENT_EVENT_IDS {
+        ring.pop_front();
+    }
+    ring.push_back(h);
+    true
 }
 
 /// What a return, refund or cancellation did to the purchase aggregates.
@@ -332,27 +348,27 @@ impl CustomerProfile {
         }
         self.complained_at = min_some(self.complained_at, other.complained_at);
         for h in other.recent_event_ids {
-            if !self.recent_event_ids.contains(&h) {
-                if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
-                    self.recent_event_ids.pop_front();
-                }
-                self.recent_event_ids.push_back(h);
-            }
+            remember_hash(&mut self.recent_event_ids, h);
+        }
+        for h in other.recent_outcome_ids {
+            remember_hash(&mut self.recent_outcome_ids, h);
         }
     }
 
     /// Records an event id; false if it was seen already (a duplicate).
     pub fn remember_event(&mut self, event_id: &str) -> bool {
         // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
-        let h = kairos_core::ids::stable_hash(event_id);
-        if self.recent_event_ids.contains(&h) {
-            return false;
-        }
-        if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
-            self.recent_event_ids.pop_front();
-        }
-        self.recent_event_ids.push_back(h);
-        true
+        remember_hash(
+            &mut self.recent_event_ids,
+            kairos_core::ids::stable_hash(event_id),
+        )
+    }
+
+    /// Records an outcome id; false if it was seen already (a duplicate).
+    pub fn remember_outcome(&mut self, outcome_id: &str) -> bool {
+        let h = kairos_core::ids::stable_hash(outcome_id);
+        // Earlier versions kept outcome ids among the event ids.
+        !self.recent_event_ids.contains(&h) && remember_hash(&mut self.recent_outcome_ids, h)
     }
 
     /// Contacts, consent and recency carried by any event.

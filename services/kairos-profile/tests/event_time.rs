@@ -2223,3 +2223,26 @@ fn a_customer_whose_only_order_was_cancelled_is_a_prospect() {
     assert_eq!((p.orders, p.rfm), (0, None));
     assert_eq!(p.lifecycle.as_deref(), Some("prospect"));
 }
+
+#[test]
+fn outcomes_do_not_push_event_ids_out_of_the_duplicate_check() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("oc-add", "add_to_cart", "oc", t, add_to_cart("p1", 10.0));
+    for i in 0..40 {
+        h.feed(
+            "outcomes",
+            "oc",
+            json!({"outcome_id": format!("oc-out-{i}"), "send_id": format!("s-{i}"),
+                "customer_id": "oc", "scenario": "welcome", "channel": "email",
+                "category": "trigger", "kind": "delivered", "reason": null,
+                "occurred_at": t + MINUTE}),
+        );
+    }
+    // The producer's retry of the cart change.
+    h.site("oc-add", "add_to_cart", "oc", t, add_to_cart("p1", 10.0));
+    h.advance(t + 2 * HOUR);
+    let fired = h.triggers("oc", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
+}
