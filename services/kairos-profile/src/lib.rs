@@ -341,8 +341,9 @@ impl ProfileProcessor {
                 // A status re-sent for a recent order (under a new event id) applies
                 // once; for an older order the profile cannot tell.
                 let repeated = e.order.as_ref().is_some_and(|o| {
-                    o.status
-                        .is_some_and(|st| p.note_status(&o.order_id, st) == Some(false))
+                    o.status.is_some_and(|st| {
+                        p.note_status(&o.order_id, st, e.occurred_at) == Some(false)
+                    })
                 });
                 if repeated {
                     self.metrics.duplicates.inc();
@@ -533,6 +534,17 @@ impl ProfileProcessor {
             .map(|v| (v.product_id.to_string(), v.price, v.at))
             .collect();
         let merged_wishes: Vec<Product> = merged.wishlist.clone();
+        let chains = MergedChains {
+            order: merged
+                .latest_order()
+                .filter(|o| p.last_purchase_at.is_none_or(|mine| mine < o.at))
+                .map(|o| (o.order_id.clone(), o.at)),
+            registered_at: merged.registered_at.filter(|_| p.registered_at.is_none()),
+            delivery: merged
+                .latest_delivery()
+                .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
+                .map(|(o, at)| (o.order_id.clone(), at)),
+        };
         p.absorb(merged);
         // The catalog join knows these interests under the merged id, whose occasions
         // find no profile any more: the survivor takes them over (a view keeps its own
@@ -615,6 +627,7 @@ impl ProfileProcessor {
         if p.subscription_ends_at != subscription_before {
             self.schedule_subscription_ending(ctx, &p, m.occurred_at)?;
         }
+        self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
         if p.awaiting_merges.is_empty() {
@@ -628,6 +641,60 @@ impl ProfileProcessor {
             }
         }
         self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    /// Re-arms, for the survivor, the chains the merged customer's cancelled timers
+    /// carried and its profile can rebuild (see [`MergedChains`]); only what is still
+    /// ahead. Their cause is the merge, so their ids are deterministic.
+    fn rearm_merged_chains(
+        &self,
+        ctx: &mut Ctx<'_>,
+        m: &CustomerMerge,
+        p: &CustomerProfile,
+        chains: MergedChains,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        if let Some((order_id, at)) = chains.order {
+            // Reversed since (a return in the survivor's history): no follow-up.
+            if !p.order_reversed(&order_id) {
+                for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
+                    let due = at + ms(s.delay);
+                    if due > now {
+                        schedule_step(ctx, s, p, &m.merge_id, at, 0, due, None, Some(&order_id))?;
+                    }
+                }
+            }
+        }
+        if let Some((order_id, at)) = chains.delivery {
+            for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
+                let due = at + ms(s.delay);
+                if due > now {
+                    schedule_step(ctx, s, p, &m.merge_id, at, 0, due, None, Some(&order_id))?;
+                }
+            }
+        }
+        if let Some(registered) = chains.registered_at {
+            for s in self.scenarios(ScenarioKind::Welcome).iter() {
+                if s.ends_on_purchase() && p.last_purchase_at.is_some_and(|b| b > registered) {
+                    continue;
+                }
+                // The first step still ahead: the earlier ones went out (or were late)
+                // for the merged customer.
+                let mut due = registered + ms(s.delay);
+                let mut step = 0;
+                while due <= now {
+                    let Some(next) = s.steps.get(step) else {
+                        break;
+                    };
+                    due += ms(next.delay);
+                    step += 1;
+                }
+                if due > now {
+                    schedule_step(ctx, s, p, &m.merge_id, registered, step, due, None, None)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1339,6 +1406,19 @@ struct Purchase<'a> {
     order_id: Option<String>,
     /// A till sale: uploaded late, it ends only the waits it came after.
     offline: bool,
+}
+
+/// What of a merged customer's chains its profile can rebuild for the survivor
+/// ([`ProfileProcessor::rearm_merged_chains`]), each only when the survivor has no
+/// newer one of its own.
+struct MergedChains {
+    /// Its latest order that counts (post-purchase follow-up), if later than the
+    /// survivor's last purchase (whose follow-up holds the slot otherwise).
+    order: Option<(String, Millis)>,
+    /// Its registration (welcome series), if the survivor never registered.
+    registered_at: Option<Millis>,
+    /// Its latest delivered order (NPS survey), if delivered after the survivor's.
+    delivery: Option<(String, Millis)>,
 }
 
 /// When a segment review's cause happened (`at`: the event's time, or the review

@@ -145,6 +145,9 @@ pub struct OrderRecord {
     /// under a new event id applies once.
     #[serde(default)]
     pub statuses: u8,
+    /// When it was delivered: a merge re-arms the merged customer's NPS survey from it.
+    #[serde(default)]
+    pub delivered_at: Option<Millis>,
 }
 
 /// The bit of `status` in [`OrderRecord::statuses`]: fixed here, stored in state.
@@ -611,7 +614,7 @@ impl CustomerProfile {
 
     /// Notes that the order reached `status`: whether for the first time, or None when
     /// the order is not among the recent ones.
-    pub fn note_status(&mut self, order_id: &str, status: OrderStatus) -> Option<bool> {
+    pub fn note_status(&mut self, order_id: &str, status: OrderStatus, at: Millis) -> Option<bool> {
         let order = self
             .recent_orders
             .iter_mut()
@@ -619,7 +622,27 @@ impl CustomerProfile {
         let bit = status_bit(status);
         let first = order.statuses & bit == 0;
         order.statuses |= bit;
+        if first && status == OrderStatus::delivered {
+            order.delivered_at = Some(at);
+        }
         Some(first)
+    }
+
+    /// The latest order that still counts (not returned or cancelled).
+    pub fn latest_order(&self) -> Option<&OrderRecord> {
+        self.recent_orders
+            .iter()
+            .filter(|o| !o.reversed)
+            .max_by_key(|o| o.at)
+    }
+
+    /// The order delivered last, with its delivery time, if it still counts.
+    pub fn latest_delivery(&self) -> Option<(&OrderRecord, Millis)> {
+        self.recent_orders
+            .iter()
+            .filter(|o| !o.reversed)
+            .filter_map(|o| Some((o, o.delivered_at?)))
+            .max_by_key(|(_, at)| *at)
     }
 
     /// Whether the order is known to be returned or cancelled.
@@ -957,6 +980,7 @@ mod tests {
                 reversed: true,
                 offline: false,
                 statuses: 0,
+                delivered_at: None,
             }
         );
     }

@@ -2246,3 +2246,58 @@ fn outcomes_do_not_push_event_ids_out_of_the_duplicate_check() {
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
 }
+
+#[test]
+fn a_merge_keeps_the_merged_customers_review_request() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "mp-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-2",
+        "order": {"order_id": "o-2", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "mp-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
+    h.merge("m-pp", "c-2", "c-1", t + 2 * HOUR);
+    h.advance(t + 20 * DAY);
+    let fired = h.triggers("c-1", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-2");
+    assert!(h.triggers("c-2", "post_purchase").is_empty());
+}
+
+#[test]
+fn a_merge_keeps_the_merged_customers_welcome_series() {
+    let mut h = identified_harness();
+    let t = at("2026-04-01T09:00:00Z");
+    h.identified_site(json!({"event_id": "mw-reg", "event_type": "registration",
+        "occurred_at": rfc(t), "customer_id": "c-4"}));
+    h.identified_site(json!({"event_id": "mw-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-3", "page_url": "/"}));
+    h.merge("m-w", "c-4", "c-3", t + 2 * HOUR);
+    h.advance(t + 10 * DAY);
+    assert_eq!(steps(&h, "c-4", "welcome"), [(0, t)]);
+    assert_eq!(
+        steps(&h, "c-3", "welcome"),
+        [(1, t + 2 * DAY), (2, t + 5 * DAY)]
+    );
+}
+
+#[test]
+fn a_merge_keeps_the_merged_customers_nps_survey() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "md-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-6",
+        "order": {"order_id": "o-6", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "md-del", "event_type": "order_status",
+        "occurred_at": rfc(t + DAY), "customer_id": "c-6",
+        "order": {"order_id": "o-6", "status": "delivered"}}));
+    h.identified_site(json!({"event_id": "md-v", "event_type": "page_view",
+        "occurred_at": rfc(t + DAY), "customer_id": "c-5", "page_url": "/"}));
+    h.merge("m-d", "c-6", "c-5", t + DAY + HOUR);
+    h.advance(t + 10 * DAY);
+    let fired = h.triggers("c-5", "post_delivery");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 3 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-6");
+}
