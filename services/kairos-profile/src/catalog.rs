@@ -2,7 +2,8 @@
 //!
 //! The profile processor publishes each customer's interest in a product (viewed,
 //! wishlisted) to `product-interest`, keyed by product id and co-partitioned with
-//! `catalog`. This processor keeps, per product, its last price and stock and an index
+//! `catalog`. This processor keeps, per product, its last price and stock, the highest
+//! price since the last announced drop (what a drop is measured against), and an index
 //! of interested customers under the product:
 //! - `vd/<product>/<day>`: who viewed the product that day (customer -> latest view);
 //! - `w/<product>/<customer>`: who wishlisted it.
@@ -42,10 +43,15 @@ use serde::{Deserialize, Serialize};
 pub const VIEW_INTEREST_DAYS: i64 = 30;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct ProductState {
     name: Option<String>,
     price: Option<f64>,
     in_stock: Option<bool>,
+    /// The highest price since the last announced drop (None in older rows: the last
+    /// price): small steps down add up to a drop worth announcing.
+    #[serde(default)]
+    reference_price: Option<f64>,
 }
 
 /// The views of one product on one day: customer -> latest view.
@@ -131,7 +137,9 @@ impl CatalogJoin {
         let key = format!("p/{}", u.product_id);
         let mut product: ProductState = ctx.get(&key)?.unwrap_or_default();
         let mut occasions = Vec::new();
-        if let (Some(old), Some(new)) = (product.price, u.price) {
+        let reference = product.reference_price.or(product.price);
+        let mut announced = false;
+        if let (Some(old), Some(new)) = (reference, u.price) {
             let drop = if old > 0.0 {
                 100.0 * (old - new) / old
             } else {
@@ -139,6 +147,7 @@ impl CatalogJoin {
             };
             if new < old && drop >= self.min_drop_percent {
                 occasions.push((ProductOccasionKind::price_drop, Some(old), Some(new)));
+                announced = true;
             }
         }
         if self.watches_stock && product.in_stock == Some(false) && u.in_stock == Some(true) {
@@ -151,8 +160,13 @@ impl CatalogJoin {
         if u.name.is_some() {
             product.name = u.name.clone();
         }
-        if u.price.is_some() {
-            product.price = u.price;
+        if let Some(new) = u.price {
+            product.price = Some(new);
+            // An announced drop starts a new reference; a rise raises it.
+            product.reference_price = Some(match reference {
+                Some(r) if !announced => r.max(new),
+                _ => new,
+            });
         }
         if u.in_stock.is_some() {
             product.in_stock = u.in_stock;
@@ -403,6 +417,13 @@ min_drop_percent = 10.0
             .collect();
         customers.sort();
         customers
+    }
+
+    #[test]
+    fn product_rows_written_before_the_reference_price_still_read() {
+        let row = rmp_serde::to_vec(&(Some("Kettle"), Some(100.0), Some(true))).expect("encode");
+        let read: ProductState = rmp_serde::from_slice(&row).expect("an older row reads");
+        assert_eq!((read.price, read.reference_price), (Some(100.0), None));
     }
 
     #[test]

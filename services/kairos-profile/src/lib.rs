@@ -338,7 +338,17 @@ impl ProfileProcessor {
                 }
             }
             EventType::order_status => {
-                if let Some(order) = &e.order {
+                // A status re-sent for a recent order (under a new event id) applies
+                // once; for an older order the profile cannot tell.
+                let repeated = e.order.as_ref().is_some_and(|o| {
+                    o.status.is_some_and(|st| {
+                        p.note_status(&o.order_id, st, e.occurred_at) == Some(false)
+                    })
+                });
+                if repeated {
+                    self.metrics.duplicates.inc();
+                }
+                if let Some(order) = e.order.as_ref().filter(|_| !repeated) {
                     match order.status {
                         // A cancelled order is undone like a returned one, and stops
                         // counting as an order.
@@ -380,11 +390,14 @@ impl ProfileProcessor {
                                 "status".into(),
                                 serde_json::to_value(order.status).unwrap_or_default(),
                             );
-                            self.emit_trigger(
+                            // One update per order and status, whatever event said it.
+                            let key = format!("order:{}:{:?}", order.order_id, order.status);
+                            self.emit_keyed_trigger(
                                 ctx,
                                 s,
                                 &p,
                                 0,
+                                &key,
                                 &e.event_id,
                                 e.occurred_at,
                                 e.occurred_at,
@@ -446,7 +459,7 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if p.remember_event(&o.outcome_id) {
+        if p.remember_outcome(&o.outcome_id) {
             p.apply_outcome(o);
         } else {
             self.metrics.duplicates.inc();
@@ -462,6 +475,9 @@ impl ProfileProcessor {
             Some(p) => {
                 for s in &self.config.scenarios {
                     ctx.cancel(&timer_id(&s.name, &m.from))?;
+                    if is_yearly(s.kind) {
+                        ctx.cancel(&follow_up_timer_id(&s.name, &m.from))?;
+                    }
                 }
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
                 ctx.delete(&profile_key(&m.from));
@@ -518,6 +534,17 @@ impl ProfileProcessor {
             .map(|v| (v.product_id.to_string(), v.price, v.at))
             .collect();
         let merged_wishes: Vec<Product> = merged.wishlist.clone();
+        let chains = MergedChains {
+            order: merged
+                .latest_order()
+                .filter(|o| p.last_purchase_at.is_none_or(|mine| mine < o.at))
+                .map(|o| (o.order_id.clone(), o.at)),
+            registered_at: merged.registered_at.filter(|_| p.registered_at.is_none()),
+            delivery: merged
+                .latest_delivery()
+                .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
+                .map(|(o, at)| (o.order_id.clone(), at)),
+        };
         p.absorb(merged);
         // The catalog join knows these interests under the merged id, whose occasions
         // find no profile any more: the survivor takes them over (a view keeps its own
@@ -600,6 +627,7 @@ impl ProfileProcessor {
         if p.subscription_ends_at != subscription_before {
             self.schedule_subscription_ending(ctx, &p, m.occurred_at)?;
         }
+        self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
         if p.awaiting_merges.is_empty() {
@@ -613,6 +641,60 @@ impl ProfileProcessor {
             }
         }
         self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    /// Re-arms, for the survivor, the chains the merged customer's cancelled timers
+    /// carried and its profile can rebuild (see [`MergedChains`]); only what is still
+    /// ahead. Their cause is the merge, so their ids are deterministic.
+    fn rearm_merged_chains(
+        &self,
+        ctx: &mut Ctx<'_>,
+        m: &CustomerMerge,
+        p: &CustomerProfile,
+        chains: MergedChains,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        if let Some((order_id, at)) = chains.order {
+            // Reversed since (a return in the survivor's history): no follow-up.
+            if !p.order_reversed(&order_id) {
+                for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
+                    let due = at + ms(s.delay);
+                    if due > now {
+                        schedule_step(ctx, s, p, &m.merge_id, at, 0, due, None, Some(&order_id))?;
+                    }
+                }
+            }
+        }
+        if let Some((order_id, at)) = chains.delivery {
+            for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
+                let due = at + ms(s.delay);
+                if due > now {
+                    schedule_step(ctx, s, p, &m.merge_id, at, 0, due, None, Some(&order_id))?;
+                }
+            }
+        }
+        if let Some(registered) = chains.registered_at {
+            for s in self.scenarios(ScenarioKind::Welcome).iter() {
+                if s.ends_on_purchase() && p.last_purchase_at.is_some_and(|b| b > registered) {
+                    continue;
+                }
+                // The first step still ahead: the earlier ones went out (or were late)
+                // for the merged customer.
+                let mut due = registered + ms(s.delay);
+                let mut step = 0;
+                while due <= now {
+                    let Some(next) = s.steps.get(step) else {
+                        break;
+                    };
+                    due += ms(next.delay);
+                    step += 1;
+                }
+                if due > now {
+                    schedule_step(ctx, s, p, &m.merge_id, registered, step, due, None, None)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -676,31 +758,41 @@ impl ProfileProcessor {
             ProductOccasionKind::back_in_stock => ScenarioKind::BackInStock,
         };
         let wished = p.wishlist.iter().any(|w| w.product_id == o.product_id);
-        let viewed = p
+        let view = p
             .recently_viewed
             .iter()
-            .any(|v| v.product_id == o.product_id);
+            .find(|v| v.product_id == o.product_id);
+        let viewed = view.is_some();
+        // A drop is one to the customer only below the price they saw (the catalog
+        // compares with its own earlier price, which they may never have seen).
+        let old_price = match kind {
+            ScenarioKind::PriceDrop => view.and_then(|v| v.price).or(o.old_price),
+            _ => o.old_price,
+        };
         for s in self.scenarios(kind).iter() {
             let interested = match kind {
                 ScenarioKind::BackInStock => wished,
                 _ => wished || viewed,
             };
-            let drop = match (o.old_price, o.new_price) {
-                (Some(old), Some(new)) if old > 0.0 => 100.0 * (old - new) / old,
+            let drop = match (old_price, o.new_price) {
+                (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
                 _ => 0.0,
             };
             if !interested
-                || (kind == ScenarioKind::PriceDrop && drop < s.min_drop_percent.unwrap_or(0.0))
+                || (kind == ScenarioKind::PriceDrop
+                    && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0)))
             {
                 continue;
             }
             let mut vars = serde_json::Map::new();
             vars.insert("product_id".into(), o.product_id.clone().into());
             vars.insert("product_name".into(), o.product_name.clone().into());
-            vars.insert("old_price".into(), o.old_price.into());
+            vars.insert("old_price".into(), old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
-            let at = ctx.now().max(o.occurred_at);
-            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, at, vars);
+            // Due when the catalog changed: an occasion processed after an outage is
+            // late like any other trigger, and valid for `valid_for` from the change.
+            let due = o.occurred_at;
+            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
         }
         self.put(ctx.partition, p);
         Ok(())
@@ -740,12 +832,18 @@ impl ProfileProcessor {
             .filter(|s| s.ends_on_purchase())
         {
             // An online purchase ends them whatever the device's clock said; a till
-            // sale uploaded late only those it came after.
-            let caused_later = offline
-                && p.waits
-                    .get(s.name.as_str())
-                    .is_some_and(|w| w.cause_occurred_at > at);
-            if s.kind != ScenarioKind::Reactivation && !caused_later {
+            // sale uploaded late only those it came after. A chain's cause time is in
+            // its timer, not here: a till sale leaves it to the check when the next
+            // step fires (see `fire_scenario`).
+            if s.kind == ScenarioKind::Reactivation {
+                continue;
+            }
+            let leave = offline
+                && (!s.kind.is_restartable_wait()
+                    || p.waits
+                        .get(s.name.as_str())
+                        .is_some_and(|w| w.cause_occurred_at > at));
+            if !leave {
                 stop_wait(ctx, s, p)?;
             }
         }
@@ -973,7 +1071,8 @@ impl ProfileProcessor {
         }
     }
 
-    /// Emits a trigger unless its moment passed by more than the tolerance.
+    /// Emits a trigger unless its moment passed by more than the tolerance; returns
+    /// whether it was emitted (or held for a merge).
     #[allow(clippy::too_many_arguments)]
     fn emit_trigger(
         &self,
@@ -985,7 +1084,35 @@ impl ProfileProcessor {
         cause_occurred_at: Millis,
         due_at: Millis,
         extra: serde_json::Map<String, serde_json::Value>,
-    ) {
+    ) -> bool {
+        self.emit_keyed_trigger(
+            ctx,
+            s,
+            p,
+            step,
+            cause_event_id,
+            cause_event_id,
+            cause_occurred_at,
+            due_at,
+            extra,
+        )
+    }
+
+    /// [`Self::emit_trigger`] with the trigger id derived from `key` instead of the
+    /// cause's event id.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_keyed_trigger(
+        &self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &CustomerProfile,
+        step: usize,
+        key: &str,
+        cause_event_id: &str,
+        cause_occurred_at: Millis,
+        due_at: Millis,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
         let now = ctx.now().max(due_at);
         if now - due_at > ms(s.tolerance()) {
             self.metrics
@@ -993,18 +1120,13 @@ impl ProfileProcessor {
                 .with_label_values(&[&s.name, "late"])
                 .inc();
             tracing::debug!(scenario = %s.name, customer = %p.customer_id, late_ms = now - due_at, "trigger skipped: too late");
-            return;
+            return false;
         }
         let Some(template) = s.template_of(step) else {
-            return;
+            return false;
         };
         let trigger = Trigger {
-            trigger_id: deterministic_id(&[
-                &s.name,
-                &p.customer_id,
-                cause_event_id,
-                &step.to_string(),
-            ]),
+            trigger_id: deterministic_id(&[&s.name, &p.customer_id, key, &step.to_string()]),
             scenario: s.name.clone(),
             customer_id: p.customer_id.clone(),
             category: s.category,
@@ -1032,6 +1154,7 @@ impl ProfileProcessor {
                 tracing::error!(error = %e, "cannot hold a trigger during a merge");
             }
         }
+        true
     }
 
     fn on_scenario_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
@@ -1131,6 +1254,9 @@ impl ProfileProcessor {
                     return Ok(());
                 }
             }
+            // Follow-up steps carry the date's cause ("birthday-2026") and fire on
+            // their own day.
+            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary if t.step > 0 => {}
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
                 let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
                     .map(|d| {
@@ -1151,9 +1277,7 @@ impl ProfileProcessor {
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
-                if t.step == 0 {
-                    schedule_yearly(ctx, s, p, timer.fire_at)?;
-                }
+                schedule_yearly(ctx, s, p, timer.fire_at)?;
                 if !same_day {
                     return Ok(());
                 }
@@ -1191,6 +1315,18 @@ impl ProfileProcessor {
             | ScenarioKind::PriceDrop
             | ScenarioKind::BackInStock => return Ok(()),
         }
+        // A purchase after the chain's cause ends it, whichever arrived first (a
+        // purchase processed before the registration, a till sale uploaded late). A
+        // step due at the cause itself (a welcome at registration) came before it.
+        if !s.kind.is_restartable_wait()
+            && s.kind != ScenarioKind::Reactivation
+            && s.ends_on_purchase()
+            && timer.fire_at > t.cause_occurred_at
+            && p.last_purchase_at
+                .is_some_and(|bought| bought > t.cause_occurred_at)
+        {
+            return Ok(());
+        }
         if s.kind == ScenarioKind::Reactivation {
             if let Some(v) = p.last_visit_at {
                 vars.insert(
@@ -1199,7 +1335,7 @@ impl ProfileProcessor {
                 );
             }
         }
-        self.emit_trigger(
+        let emitted = self.emit_trigger(
             ctx,
             s,
             p,
@@ -1209,6 +1345,14 @@ impl ProfileProcessor {
             timer.fire_at,
             vars,
         );
+        if !emitted {
+            // A step skipped as late ends the chain: no welcome_2 without welcome.
+            // (A yearly scenario armed next year's date already.)
+            if s.kind.is_restartable_wait() {
+                p.waits.remove(s.name.as_str());
+            }
+            return Ok(());
+        }
         // The next step of a chain.
         if s.kind.is_restartable_wait() {
             match (s.steps.get(t.step), p.waits.get(s.name.as_str()).cloned()) {
@@ -1224,7 +1368,7 @@ impl ProfileProcessor {
                 ctx,
                 s,
                 p,
-                &t.cause_event_id,
+                &cause,
                 t.cause_occurred_at,
                 t.step + 1,
                 timer.fire_at + ms(next.delay),
@@ -1264,6 +1408,19 @@ struct Purchase<'a> {
     offline: bool,
 }
 
+/// What of a merged customer's chains its profile can rebuild for the survivor
+/// ([`ProfileProcessor::rearm_merged_chains`]), each only when the survivor has no
+/// newer one of its own.
+struct MergedChains {
+    /// Its latest order that counts (post-purchase follow-up), if later than the
+    /// survivor's last purchase (whose follow-up holds the slot otherwise).
+    order: Option<(String, Millis)>,
+    /// Its registration (welcome series), if the survivor never registered.
+    registered_at: Option<Millis>,
+    /// Its latest delivered order (NPS survey), if delivered after the survivor's.
+    delivery: Option<(String, Millis)>,
+}
+
 /// When a segment review's cause happened (`at`: the event's time, or the review
 /// timer's) and the processor's time then (`now`: the later of it and the clock).
 #[derive(Debug, Clone, Copy)]
@@ -1289,6 +1446,29 @@ fn timer_id(scenario: &str, customer_id: &str) -> String {
     [scenario, "/", customer_id].concat()
 }
 
+/// Birthday and anniversary: armed a year ahead, step after step.
+fn is_yearly(kind: ScenarioKind) -> bool {
+    matches!(
+        kind,
+        ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
+    )
+}
+
+/// The timer of a yearly scenario's follow-up steps: its own, so it does not replace
+/// next year's date, which step 0 armed under [`timer_id`].
+fn follow_up_timer_id(scenario: &str, customer_id: &str) -> String {
+    [scenario, "+steps/", customer_id].concat()
+}
+
+/// The timer id of step `step` of `s`.
+fn step_timer_id(s: &ScenarioConfig, step: usize, customer_id: &str) -> String {
+    if step > 0 && is_yearly(s.kind) {
+        follow_up_timer_id(&s.name, customer_id)
+    } else {
+        timer_id(&s.name, customer_id)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn schedule_step(
     ctx: &mut Ctx<'_>,
@@ -1302,7 +1482,7 @@ fn schedule_step(
     order_id: Option<&str>,
 ) -> anyhow::Result<()> {
     ctx.schedule(
-        &timer_id(&s.name, &p.customer_id),
+        &step_timer_id(s, step, &p.customer_id),
         fire_at,
         &ScenarioTimerRef {
             scenario: &s.name,
@@ -1326,6 +1506,14 @@ fn restart_wait(
     e: &CustomerEvent,
     product: Option<Product>,
 ) -> anyhow::Result<()> {
+    // An older event arriving late (another device's topic) does not move the wait
+    // back or replace its product: the wait runs from the latest change.
+    if p.waits
+        .get(s.name.as_str())
+        .is_some_and(|w| w.cause_occurred_at > e.occurred_at)
+    {
+        return Ok(());
+    }
     let wait = profile::Wait {
         cause_event_id: e.event_id.clone(),
         cause_occurred_at: e.occurred_at,
@@ -1370,7 +1558,12 @@ fn arm_wait(
 fn stop_wait(ctx: &mut Ctx<'_>, s: &ScenarioConfig, p: &mut CustomerProfile) -> anyhow::Result<()> {
     p.waits.remove(s.name.as_str());
     p.armed.remove(s.name.as_str());
-    ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+    if is_yearly(s.kind) {
+        // Only the pending follow-up steps: next year's date stays.
+        ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
+    } else {
+        ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+    }
     Ok(())
 }
 
@@ -1413,6 +1606,7 @@ fn schedule_yearly(
     };
     let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
         ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+        ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
         return Ok(());
     };
     // The registration day itself is no anniversary: the first one is a year later.

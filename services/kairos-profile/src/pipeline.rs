@@ -25,6 +25,8 @@ pub struct Pipeline {
     upstream: Option<Box<dyn Stage>>,
     /// Stages fed with the outputs of the profile (and of each other).
     downstream: Vec<Box<dyn Stage>>,
+    /// The profile processor's metrics (triggers, skips, duplicates...).
+    registry: prometheus::Registry,
 }
 
 impl Pipeline {
@@ -51,6 +53,7 @@ impl Pipeline {
             schema_registry,
             upstream: None,
             downstream: Vec::new(),
+            registry,
         })
     }
 
@@ -140,6 +143,11 @@ impl Pipeline {
         let out = self.push_to_profile(site_topic, key.as_bytes(), line, decoded)?;
         self.route(out, sink)?;
         Ok(true)
+    }
+
+    /// The profile processor's metrics (for tests and tools).
+    pub fn profile_metrics(&self) -> &prometheus::Registry {
+        &self.registry
     }
 
     /// A customer's committed profile (for tests and tools): commit first.

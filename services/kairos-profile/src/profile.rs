@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use compact_str::CompactString;
 
 use kairos_core::contracts::{
-    Channel, CustomerEvent, EventType, LineItem, Outcome, OutcomeKind, Product,
+    Channel, CustomerEvent, EventType, LineItem, OrderStatus, Outcome, OutcomeKind, Product,
 };
 use kairos_core::small_map::SmallMap;
 use kairos_core::time::Millis;
@@ -21,12 +21,18 @@ const RECENT_ORDERS: usize = 20;
 /// A recently viewed product. Stored, like all state, as a row of its fields (see
 /// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ViewedProduct {
     pub product_id: CompactString,
     pub name: Option<CompactString>,
     pub category: Option<CompactString>,
     pub price: Option<f64>,
     pub at: Millis,
+    /// When the catalog join last heard of a view of it (None in rows written before:
+    /// the next view reports it again). Renewal counts from this, not from the latest
+    /// view: views every few days must not keep postponing it.
+    #[serde(default)]
+    pub reported_at: Option<Millis>,
 }
 
 /// The latest cause of a restartable wait (abandoned cart, browse abandonment): every
@@ -117,6 +123,10 @@ pub struct CustomerProfile {
     /// Receipt ids of the latest till refunds, bounded: a refund uploaded again counts
     /// once.
     pub recent_refunds: Vec<String>,
+    /// Hashes of the latest outcome ids, apart from `recent_event_ids`: a burst of
+    /// delivery outcomes must not push out the event ids a producer may retry.
+    #[serde(default)]
+    pub recent_outcome_ids: VecDeque<u64>,
 }
 
 /// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
@@ -131,6 +141,36 @@ pub struct OrderRecord {
     pub reversed: bool,
     /// A till sale (counted in `offline_orders` as well).
     pub offline: bool,
+    /// The statuses seen for it, one bit each (see [`status_bit`]): a status re-sent
+    /// under a new event id applies once.
+    #[serde(default)]
+    pub statuses: u8,
+    /// When it was delivered: a merge re-arms the merged customer's NPS survey from it.
+    #[serde(default)]
+    pub delivered_at: Option<Millis>,
+}
+
+/// The bit of `status` in [`OrderRecord::statuses`]: fixed here, stored in state.
+fn status_bit(status: OrderStatus) -> u8 {
+    match status {
+        OrderStatus::placed => 1,
+        OrderStatus::shipped => 2,
+        OrderStatus::delivered => 4,
+        OrderStatus::returned => 8,
+        OrderStatus::cancelled => 16,
+    }
+}
+
+/// Adds `h` to a bounded ring of recent id hashes; false if it was there already.
+fn remember_hash(ring: &mut VecDeque<u64>, h: u64) -> bool {
+    if ring.contains(&h) {
+        return false;
+    }
+    if ring.len() >= RECENT_EVENT_IDS {
+        ring.pop_front();
+    }
+    ring.push_back(h);
+    true
 }
 
 /// What a return, refund or cancellation did to the purchase aggregates.
@@ -311,27 +351,27 @@ impl CustomerProfile {
         }
         self.complained_at = min_some(self.complained_at, other.complained_at);
         for h in other.recent_event_ids {
-            if !self.recent_event_ids.contains(&h) {
-                if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
-                    self.recent_event_ids.pop_front();
-                }
-                self.recent_event_ids.push_back(h);
-            }
+            remember_hash(&mut self.recent_event_ids, h);
+        }
+        for h in other.recent_outcome_ids {
+            remember_hash(&mut self.recent_outcome_ids, h);
         }
     }
 
     /// Records an event id; false if it was seen already (a duplicate).
     pub fn remember_event(&mut self, event_id: &str) -> bool {
         // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
-        let h = kairos_core::ids::stable_hash(event_id);
-        if self.recent_event_ids.contains(&h) {
-            return false;
-        }
-        if self.recent_event_ids.len() >= RECENT_EVENT_IDS {
-            self.recent_event_ids.pop_front();
-        }
-        self.recent_event_ids.push_back(h);
-        true
+        remember_hash(
+            &mut self.recent_event_ids,
+            kairos_core::ids::stable_hash(event_id),
+        )
+    }
+
+    /// Records an outcome id; false if it was seen already (a duplicate).
+    pub fn remember_outcome(&mut self, outcome_id: &str) -> bool {
+        let h = kairos_core::ids::stable_hash(outcome_id);
+        // Earlier versions kept outcome ids among the event ids.
+        !self.recent_event_ids.contains(&h) && remember_hash(&mut self.recent_outcome_ids, h)
     }
 
     /// Contacts, consent and recency carried by any event.
@@ -404,18 +444,24 @@ impl CustomerProfile {
                 _ => {}
             }
         }
-        self.cart_updated_at = Some(e.occurred_at);
+        // The latest change, whatever order the devices' topics arrived in.
+        self.cart_updated_at = Some(
+            self.cart_updated_at
+                .map_or(e.occurred_at, |c| c.max(e.occurred_at)),
+        );
     }
 
     /// Returns true if the catalog join should hear of this view: the product was not
-    /// among the recently viewed ones, or its last view is old enough that the join's
-    /// audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
+    /// among the recently viewed ones, or it was last reported long enough ago that the
+    /// join's audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
     pub fn view(&mut self, p: &Product, at: Millis) -> bool {
         let renew_before = at - crate::catalog::VIEW_INTEREST_DAYS / 2 * kairos_core::time::DAY;
-        let fresh = !self
+        let reported = self
             .recently_viewed
             .iter()
-            .any(|v| v.product_id == p.product_id && v.at > renew_before);
+            .find(|v| v.product_id == p.product_id)
+            .and_then(|v| v.reported_at)
+            .filter(|r| *r > renew_before);
         self.recently_viewed
             .retain(|v| v.product_id != p.product_id);
         self.recently_viewed.push(ViewedProduct {
@@ -424,6 +470,7 @@ impl CustomerProfile {
             category: p.category.as_deref().map(CompactString::from),
             price: p.price,
             at,
+            reported_at: Some(reported.unwrap_or(at)),
         });
         if self.recently_viewed.len() > RECENTLY_VIEWED {
             self.recently_viewed.remove(0);
@@ -435,7 +482,7 @@ impl CustomerProfile {
                 self.recent_categories.remove(0);
             }
         }
-        fresh
+        reported.is_none()
     }
 
     pub fn wishlist_add(&mut self, p: &Product) -> bool {
@@ -495,6 +542,7 @@ impl CustomerProfile {
                 at,
                 reversed: false,
                 offline,
+                ..Default::default()
             });
         }
         self.orders += 1;
@@ -562,6 +610,39 @@ impl CustomerProfile {
         self.returns += 1;
         self.revenue = (self.revenue - total).max(0.0);
         Reversal::Applied { known: false }
+    }
+
+    /// Notes that the order reached `status`: whether for the first time, or None when
+    /// the order is not among the recent ones.
+    pub fn note_status(&mut self, order_id: &str, status: OrderStatus, at: Millis) -> Option<bool> {
+        let order = self
+            .recent_orders
+            .iter_mut()
+            .find(|o| o.order_id == order_id)?;
+        let bit = status_bit(status);
+        let first = order.statuses & bit == 0;
+        order.statuses |= bit;
+        if first && status == OrderStatus::delivered {
+            order.delivered_at = Some(at);
+        }
+        Some(first)
+    }
+
+    /// The latest order that still counts (not returned or cancelled).
+    pub fn latest_order(&self) -> Option<&OrderRecord> {
+        self.recent_orders
+            .iter()
+            .filter(|o| !o.reversed)
+            .max_by_key(|o| o.at)
+    }
+
+    /// The order delivered last, with its delivery time, if it still counts.
+    pub fn latest_delivery(&self) -> Option<(&OrderRecord, Millis)> {
+        self.recent_orders
+            .iter()
+            .filter(|o| !o.reversed)
+            .filter_map(|o| Some((o, o.delivered_at?)))
+            .max_by_key(|(_, at)| *at)
     }
 
     /// Whether the order is known to be returned or cancelled.
@@ -791,6 +872,7 @@ mod tests {
             category: Some("kids".into()),
             price: Some(35.39),
             at: 1_767_225_691_416,
+            reported_at: None,
         };
         // The form profiles were written in before rows: a map with field names.
         let mut earlier = vec![0xC1];
@@ -804,6 +886,13 @@ mod tests {
         );
         assert_eq!(decode_state::<ViewedProduct>(&row).unwrap(), viewed);
         assert_eq!(decode_state::<ViewedProduct>(&earlier).unwrap(), viewed);
+        // A row of the five fields it had before `reported_at`.
+        let five = rmp_serde::to_vec(&("p0071", "kids #71", "kids", 35.39, 1_767_225_691_416i64))
+            .expect("encode");
+        assert_eq!(
+            rmp_serde::from_slice::<ViewedProduct>(&five).ok(),
+            Some(viewed.clone())
+        );
         // A whole profile round-trips, also through JSON (a merge hands it over so).
         let mut profile = CustomerProfile::new("c1", 1);
         profile.recently_viewed = vec![viewed.clone(), viewed];
@@ -890,6 +979,8 @@ mod tests {
                 at: 10,
                 reversed: true,
                 offline: false,
+                statuses: 0,
+                delivered_at: None,
             }
         );
     }

@@ -6,9 +6,17 @@ use kairos_core::time::{Millis, DAY};
 
 use crate::profile::{CustomerProfile, RfmScore};
 
-/// RFM scores and cell; `None` for customers who never bought.
+/// Whether the customer has an order that counts: a cancellation uncounts its order
+/// but leaves the purchase times, so a customer whose only order was cancelled is
+/// no buyer.
+fn bought(p: &CustomerProfile) -> bool {
+    p.orders > 0
+}
+
+/// RFM scores and cell; `None` for customers who never bought (or whose every order
+/// was cancelled).
 pub fn rfm(cfg: &RfmConfig, p: &CustomerProfile, now: Millis) -> Option<RfmScore> {
-    let last = p.last_purchase_at?;
+    let last = p.last_purchase_at.filter(|_| bought(p))?;
     let days = (now - last).max(0) / DAY;
     let r = 5 - cfg
         .recency_days
@@ -36,7 +44,8 @@ pub const LIFECYCLE_STAGES: [&str; 5] = ["prospect", "new", "regular", "dormant"
 
 /// Lifecycle stage: prospect, new, regular, dormant or churned.
 pub fn lifecycle(cfg: &LifecycleConfig, p: &CustomerProfile, now: Millis) -> String {
-    let (Some(first), Some(last)) = (p.first_purchase_at, p.last_purchase_at) else {
+    let (Some(first), Some(last), true) = (p.first_purchase_at, p.last_purchase_at, bought(p))
+    else {
         return "prospect".into();
     };
     let since_last = now - last;
@@ -54,7 +63,7 @@ pub fn lifecycle(cfg: &LifecycleConfig, p: &CustomerProfile, now: Millis) -> Str
 /// The earliest moment after `now` at which time alone changes the RFM score or the
 /// lifecycle stage.
 pub fn next_boundary(cfg: &SegmentsConfig, p: &CustomerProfile, now: Millis) -> Option<Millis> {
-    let last = p.last_purchase_at?;
+    let last = p.last_purchase_at.filter(|_| bought(p))?;
     let mut candidates: Vec<Millis> = cfg
         .rfm
         .recency_days

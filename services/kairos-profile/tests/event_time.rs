@@ -1844,3 +1844,460 @@ fn a_price_drop_reaches_an_anonymous_viewer_who_logged_in() {
     let back = h.triggers("c-7", "back_in_stock");
     assert_eq!(back.len(), 1, "the wish came with the merge: {back:#?}");
 }
+
+// Review fixes: event time over arrival order, price seen, chains, merges, dedupe.
+
+#[test]
+fn a_product_viewed_every_ten_days_stays_in_the_price_drop_audience() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "vr-cat-1",
+        "p1",
+        t - HOUR,
+        json!({"name": "Kettle", "price": 100.0}),
+    );
+    for day in [0, 10, 20, 29] {
+        h.site(
+            &format!("vr-view-{day}"),
+            "product_view",
+            "vr",
+            t + day * DAY,
+            json!({"product": product("p1", 100.0)}),
+        );
+    }
+    // The view of day 0 left the 30-day audience; the one reported on day 20 did not.
+    h.catalog("vr-cat-2", "p1", t + 35 * DAY, json!({"price": 70.0}));
+    let fired = h.triggers("vr", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["new_price"], 70.0);
+}
+
+/// `kairos_triggers_skipped_total` of `scenario` for `reason`.
+fn skipped(h: &Harness, scenario: &str, reason: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&h.pipeline.profile_metrics().gather())
+        .expect("metrics encode");
+    let scenario = format!("scenario=\"{scenario}\"");
+    let reason = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("kairos_triggers_skipped_total{"))
+        .filter(|l| l.contains(&scenario) && l.contains(&reason))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_price_drop_processed_days_after_the_update_is_late() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("lt-cat-1", "p5", t, json!({"price": 100.0}));
+    h.site(
+        "lt-view",
+        "product_view",
+        "lt",
+        t + HOUR,
+        json!({"product": product("p5", 100.0)}),
+    );
+    // The update of day 7 is processed on day 10 (an outage): three days late.
+    h.advance(t + 10 * DAY);
+    h.catalog("lt-cat-2", "p5", t + 7 * DAY, json!({"price": 70.0}));
+    h.commit();
+    assert!(h.triggers("lt", "price_drop").is_empty());
+    assert_eq!(skipped(&h, "price_drop", "late"), 1.0);
+    // Two hours late is within the tolerance; valid until a day after the update.
+    h.catalog("lt-cat-3", "p5", t + 10 * DAY, json!({"price": 100.0}));
+    h.advance(t + 12 * DAY);
+    h.catalog(
+        "lt-cat-4",
+        "p5",
+        t + 12 * DAY - 2 * HOUR,
+        json!({"price": 60.0}),
+    );
+    let fired = h.triggers("lt", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 12 * DAY);
+    assert_eq!(fired[0]["valid_until"], t + 12 * DAY - 2 * HOUR + DAY);
+}
+
+#[test]
+fn a_drop_to_more_than_the_customer_saw_is_no_price_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ps-cat-1", "p6", t, json!({"price": 100.0}));
+    h.site(
+        "ps-view",
+        "product_view",
+        "ps",
+        t + HOUR,
+        json!({"product": product("p6", 100.0)}),
+    );
+    h.catalog("ps-cat-2", "p6", t + 2 * HOUR, json!({"price": 120.0}));
+    // 12.5% below the last price, 5% above what the customer saw.
+    h.catalog("ps-cat-3", "p6", t + 3 * HOUR, json!({"price": 105.0}));
+    h.advance(t + 4 * HOUR);
+    let fired = h.triggers("ps", "price_drop");
+    assert!(fired.is_empty(), "{fired:#?}");
+}
+
+#[test]
+fn small_steps_down_add_up_to_one_announced_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ss-cat-0", "p7", t, json!({"price": 100.0}));
+    h.site(
+        "ss-view",
+        "product_view",
+        "ss",
+        t + HOUR,
+        json!({"product": product("p7", 100.0)}),
+    );
+    for (i, price) in [95.0, 90.0, 85.0].into_iter().enumerate() {
+        let i = i as Millis;
+        h.catalog(
+            &format!("ss-cat-{}", i + 1),
+            "p7",
+            t + (2 + i) * HOUR,
+            json!({"price": price}),
+        );
+    }
+    h.advance(t + 6 * HOUR);
+    let fired = h.triggers("ss", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let v = vars(&fired[0]);
+    assert_eq!(
+        (v["old_price"].clone(), v["new_price"].clone()),
+        (json!(100.0), json!(90.0))
+    );
+    assert_eq!(fired[0]["fired_at"], t + 3 * HOUR);
+}
+
+#[test]
+fn a_view_at_the_new_price_after_the_update_hears_of_no_drop() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.catalog("pv-cat-1", "p8", t, json!({"price": 100.0}));
+    h.site(
+        "pv-view",
+        "product_view",
+        "pv",
+        at("2026-03-02T12:30:00Z"),
+        json!({"product": product("p8", 80.0)}),
+    );
+    // The update of 12:00 is processed after the view of 12:30 at the new price.
+    h.catalog(
+        "pv-cat-2",
+        "p8",
+        at("2026-03-02T12:00:00Z"),
+        json!({"price": 80.0}),
+    );
+    h.advance(at("2026-03-02T14:00:00Z"));
+    let fired = h.triggers("pv", "price_drop");
+    assert!(fired.is_empty(), "{fired:#?}");
+}
+
+/// (step, fired_at) of the triggers of `customer` in `scenario`.
+fn steps(h: &Harness, customer: &str, scenario: &str) -> Vec<(i64, i64)> {
+    h.triggers(customer, scenario)
+        .iter()
+        .map(|t| {
+            (
+                t["step"].as_i64().unwrap_or(-1),
+                t["fired_at"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_purchase_processed_before_the_registration_ends_the_welcome_series() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "wp-buy",
+        "purchase",
+        "wp",
+        t + HOUR,
+        order("o-wp", 30.0, None),
+    );
+    h.site("wp-reg", "registration", "wp", t, json!({}));
+    h.advance(t + 10 * DAY);
+    let got = steps(&h, "wp", "welcome");
+    assert!(
+        got.iter().all(|(step, _)| *step == 0),
+        "no step after the purchase: {got:?}"
+    );
+}
+
+#[test]
+fn a_till_sale_older_than_the_registration_leaves_the_welcome_series() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    h.site("wt-reg", "registration", "wt", t, json!({}));
+    // Bought in a store three days before registering, uploaded after.
+    h.receipt("wt-till", "sale", "wt", t - 3 * DAY, 40.0);
+    h.advance(t + 10 * DAY);
+    assert_eq!(
+        steps(&h, "wt", "welcome"),
+        [(0, t), (1, t + 2 * DAY), (2, t + 5 * DAY)]
+    );
+}
+
+#[test]
+fn an_older_cart_change_arriving_late_keeps_the_newer_wait() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lc-site",
+        "add_to_cart",
+        "lc",
+        t + 40 * MINUTE,
+        add_to_cart("p1", 10.0),
+    );
+    // The app's change of 10:00 arrives after the site's of 10:40.
+    h.feed(
+        "events.app",
+        "lc",
+        json!({"event_id": "lc-app", "event_type": "add_to_cart", "occurred_at": rfc(t),
+            "customer_id": "lc", "product": product("p2", 20.0)}),
+    );
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("lc", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        fired[0]["fired_at"],
+        t + 100 * MINUTE,
+        "an hour after 10:40"
+    );
+    assert_eq!(fired[0]["cause_event_id"], "lc-site");
+    let items = vars(&fired[0])["cart_items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(2), "{items}");
+}
+
+#[test]
+fn an_older_view_arriving_late_keeps_the_newer_browse_wait() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lb-view2",
+        "product_view",
+        "lb",
+        t + 40 * MINUTE,
+        json!({"product": product("p8", 60.0)}),
+    );
+    h.site(
+        "lb-view1",
+        "product_view",
+        "lb",
+        t,
+        json!({"product": product("p7", 55.0)}),
+    );
+    h.advance(t + 5 * HOUR);
+    let fired = h.triggers("lb", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 2 * HOUR + 40 * MINUTE);
+    assert_eq!(vars(&fired[0])["product"]["product_id"], "p8");
+}
+
+#[test]
+fn a_welcome_series_whose_first_step_was_late_stops() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    // 36 hours late, the tolerance is a day: no welcome_2 or welcome_3 without welcome.
+    h.advance(t + 36 * HOUR);
+    h.site("l36-reg", "registration", "l36", t, json!({}));
+    h.advance(t + 10 * DAY);
+    let got = steps(&h, "l36", "welcome");
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(skipped(&h, "welcome", "late"), 1.0);
+}
+
+#[test]
+fn a_birthday_follow_up_step_fires_and_next_years_birthday_too() {
+    let config = CONFIG.replace(
+        "template = \"birthday\"\n",
+        "template = \"birthday\"\nsteps = [{ delay = \"6d\", template = \"birthday_2\" }]\n",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site(
+        "by-up",
+        "profile_update",
+        "by",
+        at("2026-03-01T12:00:00Z"),
+        birthday_update("1990-03-10", "UTC"),
+    );
+    for day in ["2026-03-10", "2026-03-16", "2026-03-20", "2027-03-10"] {
+        h.advance(at(&format!("{day}T10:00:00Z")));
+    }
+    assert_eq!(
+        steps(&h, "by", "birthday"),
+        [
+            (0, at("2026-03-10T10:00:00Z")),
+            (1, at("2026-03-16T10:00:00Z")),
+            (0, at("2027-03-10T10:00:00Z")),
+        ]
+    );
+    let fired = h.triggers("by", "birthday");
+    assert_eq!(fired[1]["cause_event_id"], "birthday-2026");
+    assert_eq!(fired[1]["template"], "birthday_2");
+    assert_eq!(fired[2]["cause_event_id"], "birthday-2027");
+}
+
+#[test]
+fn an_order_status_sent_again_sends_one_message() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("os-buy", "purchase", "os", t, order("o-os", 60.0, None));
+    h.site(
+        "os-ship-1",
+        "order_status",
+        "os",
+        t + DAY,
+        order_status("o-os", "shipped"),
+    );
+    h.site(
+        "os-ship-2",
+        "order_status",
+        "os",
+        t + DAY + HOUR,
+        order_status("o-os", "shipped"),
+    );
+    h.site(
+        "os-del-1",
+        "order_status",
+        "os",
+        t + 2 * DAY,
+        order_status("o-os", "delivered"),
+    );
+    h.advance(t + 5 * DAY);
+    // Re-sent after the survey went out.
+    h.site(
+        "os-del-2",
+        "order_status",
+        "os",
+        t + 5 * DAY,
+        order_status("o-os", "delivered"),
+    );
+    h.advance(t + 10 * DAY);
+    let updates = h.triggers("os", "order_update");
+    assert_eq!(updates.len(), 1, "{updates:#?}");
+    assert_eq!(steps(&h, "os", "post_delivery"), [(0, t + 4 * DAY)]);
+    // The update's id comes from the order and its status, not from the event.
+    let mut other = Harness::new();
+    other.site("os-buy", "purchase", "os", t, order("o-os", 60.0, None));
+    other.site(
+        "os-ship-2",
+        "order_status",
+        "os",
+        t + DAY + HOUR,
+        order_status("o-os", "shipped"),
+    );
+    let again = other.triggers("os", "order_update");
+    assert_eq!(again.len(), 1, "{again:#?}");
+    assert_eq!(again[0]["trigger_id"], updates[0]["trigger_id"]);
+}
+
+#[test]
+fn a_customer_whose_only_order_was_cancelled_is_a_prospect() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("cn-buy", "purchase", "cn", t, order("o-cn", 50.0, None));
+    h.site(
+        "cn-cancel",
+        "order_status",
+        "cn",
+        t + HOUR,
+        order_status("o-cn", "cancelled"),
+    );
+    h.advance(t + 400 * DAY);
+    let to = |kind: &str| -> Vec<String> {
+        h.transitions("cn")
+            .iter()
+            .filter(|t| t["kind"] == kind)
+            .map(|t| t["to_segment"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(to("lifecycle"), ["new", "prospect"]);
+    assert_eq!(to("rfm"), ["New"], "no RFM cell once no order remains");
+    let p = h.pipeline.profile("cn").expect("read").expect("stored");
+    assert_eq!((p.orders, p.rfm), (0, None));
+    assert_eq!(p.lifecycle.as_deref(), Some("prospect"));
+}
+
+#[test]
+fn outcomes_do_not_push_event_ids_out_of_the_duplicate_check() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("oc-add", "add_to_cart", "oc", t, add_to_cart("p1", 10.0));
+    for i in 0..40 {
+        h.feed(
+            "outcomes",
+            "oc",
+            json!({"outcome_id": format!("oc-out-{i}"), "send_id": format!("s-{i}"),
+                "customer_id": "oc", "scenario": "welcome", "channel": "email",
+                "category": "trigger", "kind": "delivered", "reason": null,
+                "occurred_at": t + MINUTE}),
+        );
+    }
+    // The producer's retry of the cart change.
+    h.site("oc-add", "add_to_cart", "oc", t, add_to_cart("p1", 10.0));
+    h.advance(t + 2 * HOUR);
+    let fired = h.triggers("oc", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
+}
+
+#[test]
+fn a_merge_keeps_the_merged_customers_review_request() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "mp-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-2",
+        "order": {"order_id": "o-2", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "mp-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
+    h.merge("m-pp", "c-2", "c-1", t + 2 * HOUR);
+    h.advance(t + 20 * DAY);
+    let fired = h.triggers("c-1", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-2");
+    assert!(h.triggers("c-2", "post_purchase").is_empty());
+}
+
+#[test]
+fn a_merge_keeps_the_merged_customers_welcome_series() {
+    let mut h = identified_harness();
+    let t = at("2026-04-01T09:00:00Z");
+    h.identified_site(json!({"event_id": "mw-reg", "event_type": "registration",
+        "occurred_at": rfc(t), "customer_id": "c-4"}));
+    h.identified_site(json!({"event_id": "mw-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-3", "page_url": "/"}));
+    h.merge("m-w", "c-4", "c-3", t + 2 * HOUR);
+    h.advance(t + 10 * DAY);
+    assert_eq!(steps(&h, "c-4", "welcome"), [(0, t)]);
+    assert_eq!(
+        steps(&h, "c-3", "welcome"),
+        [(1, t + 2 * DAY), (2, t + 5 * DAY)]
+    );
+}
+
+#[test]
+fn a_merge_keeps_the_merged_customers_nps_survey() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "md-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-6",
+        "order": {"order_id": "o-6", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "md-del", "event_type": "order_status",
+        "occurred_at": rfc(t + DAY), "customer_id": "c-6",
+        "order": {"order_id": "o-6", "status": "delivered"}}));
+    h.identified_site(json!({"event_id": "md-v", "event_type": "page_view",
+        "occurred_at": rfc(t + DAY), "customer_id": "c-5", "page_url": "/"}));
+    h.merge("m-d", "c-6", "c-5", t + DAY + HOUR);
+    h.advance(t + 10 * DAY);
+    let fired = h.triggers("c-5", "post_delivery");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 3 * DAY);
+    assert_eq!(vars(&fired[0])["order_id"], "o-6");
+}
