@@ -1625,6 +1625,13 @@ impl ArbiterProcessor {
             .collect();
         // Free channels before paid ones, then by engagement, as for the first message.
         self.rank_channels(ledger, &mut rest);
+        if t.category != MessageCategory::transactional {
+            // A channel at its own cap passes the step to the next one; with every
+            // channel capped, the first one's cap ends the cascade below.
+            if let Ok(open) = self.under_channel_caps(now, &t, ledger, rest.clone()) {
+                rest = open;
+            }
+        }
         let next = rest.first().copied();
         let Some(next) = next.filter(|_| now <= t.valid_until) else {
             let why = if now > t.valid_until {

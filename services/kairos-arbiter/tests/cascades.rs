@@ -219,3 +219,18 @@ fn a_cascade_step_at_its_channel_cap_ends_the_cascade_and_the_gap_does_not_hold_
         "{stop:#?}"
     );
 }
+
+#[test]
+fn a_cascade_step_passes_over_a_channel_at_its_cap_to_the_next() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nchannel_caps = { push = { daily_cap = 1 } }");
+    a.time_zone = Some("UTC".into());
+    let mut push = cascade_trigger(&a, "p1", T0);
+    push.scenario = "welcome".into();
+    push.channels = vec![Channel::push];
+    assert_eq!(a.push_trigger(&push).channel, Some(Channel::push));
+    let t = cascade_trigger(&a, "k8", T0 + 2 * HOUR);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // Push had its one message today: the step goes on to SMS instead of ending.
+    a.advance_to(T0 + 3 * HOUR);
+    assert_eq!(channels(&a), [Channel::push, Channel::email, Channel::sms]);
+}

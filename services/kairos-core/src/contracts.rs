@@ -159,6 +159,19 @@ pub enum OrderStatus {
     cancelled,
 }
 
+impl OrderStatus {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::placed => "placed",
+            OrderStatus::shipped => "shipped",
+            OrderStatus::delivered => "delivered",
+            OrderStatus::returned => "returned",
+            OrderStatus::cancelled => "cancelled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "io.kairos")]
 pub struct Order {

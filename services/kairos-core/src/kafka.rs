@@ -72,8 +72,13 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
                     TopicReplication::Fixed(config.kafka.replication_factor),
                 );
                 // Changelogs keep the latest value per key, not a retention window.
+                // Not before a day has passed: the records of a commit torn by a crash
+                // at the end must not have replaced a key's last good value by the time
+                // the partition's next owner restores and undoes them.
                 if t.ends_with("-changelog") {
-                    topic.set("cleanup.policy", "compact")
+                    topic
+                        .set("cleanup.policy", "compact")
+                        .set("min.compaction.lag.ms", "86400000")
                 } else {
                     topic
                 }

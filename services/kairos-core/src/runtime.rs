@@ -907,12 +907,78 @@ pub async fn publish(
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
     let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
-    let mut acked = publish_in_order(producer, changelog, metrics, cancel).await;
-    if acked.iter().all(|(_, offset)| *offset >= 0) {
+    let mut acked = Vec::new();
+    let mut complete = true;
+    for wave in changelog_waves(changelog) {
+        let sent = publish_in_order(producer, wave.entries, wave.in_commit, metrics, cancel).await;
+        complete = sent.iter().all(|(_, offset)| *offset >= 0);
+        acked.extend(sent);
+        if !complete {
+            // The rest stays in the outbox, unsent: a marker must not overtake.
+            break;
+        }
+    }
+    if complete {
         acked.extend(publish_any_order(producer, outputs, metrics, cancel).await);
     }
     acked.retain(|(_, offset)| *offset >= 0);
     acked
+}
+
+/// Changelog records to send together (see [`changelog_waves`]).
+struct Wave {
+    entries: Vec<OutboxEntry>,
+    /// Stamped with [`COMMIT_HEADER`]: the records of a commit that has an end marker.
+    in_commit: bool,
+}
+
+/// Changelog records in the order they may go: every commit's records before its end
+/// marker, which is sent only once they are all acknowledged (a marker that overtook
+/// one of its records would make a torn commit look whole). Each partition's next
+/// commit goes in the next pair of waves. Records followed by no marker were left in
+/// the outbox by a version that wrote none: they go unstamped, as that version sent
+/// them.
+fn changelog_waves(entries: Vec<OutboxEntry>) -> Vec<Wave> {
+    let mut by_partition: BTreeMap<i32, Vec<Vec<OutboxEntry>>> = BTreeMap::new();
+    for e in entries {
+        let commits = by_partition.entry(e.partition).or_default();
+        match commits.last_mut() {
+            Some(open) if open.last().is_some_and(|last| last.key != META_COMMIT_END) => {
+                open.push(e)
+            }
+            _ => commits.push(vec![e]),
+        }
+    }
+    let mut waves = Vec::new();
+    let mut round = 0;
+    loop {
+        let mut records = Vec::new();
+        let mut markers = Vec::new();
+        let mut unmarked = Vec::new();
+        for commits in by_partition.values_mut() {
+            let Some(commit) = commits.get_mut(round) else {
+                continue;
+            };
+            let mut commit = std::mem::take(commit);
+            match commit.last().is_some_and(|e| e.key == META_COMMIT_END) {
+                true => {
+                    markers.extend(commit.pop());
+                    records.extend(commit);
+                }
+                false => unmarked.extend(commit),
+            }
+        }
+        if records.is_empty() && markers.is_empty() && unmarked.is_empty() {
+            break;
+        }
+        for (entries, in_commit) in [(records, true), (markers, true), (unmarked, false)] {
+            if !entries.is_empty() {
+                waves.push(Wave { entries, in_commit });
+            }
+        }
+        round += 1;
+    }
+    waves
 }
 
 /// Sends `entries` as one concurrent wave and pairs each with its broker offset, or
@@ -920,22 +986,24 @@ pub async fn publish(
 async fn send_all(
     producer: &FutureProducer,
     entries: &[OutboxEntry],
+    in_commit: bool,
 ) -> Vec<Result<i64, rdkafka::error::KafkaError>> {
     join_all(entries.iter().map(|e| {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
         if e.changelog {
             // Changelog partition = state partition; an empty value is a tombstone.
-            record = record.partition(e.partition).headers(
-                rdkafka::message::OwnedHeaders::new()
-                    .insert(rdkafka::message::Header {
-                        key: WRITER_HEADER,
-                        value: Some(e.writer.as_bytes()),
-                    })
-                    .insert(rdkafka::message::Header {
-                        key: COMMIT_HEADER,
-                        value: Some(&b"1"[..]),
-                    }),
-            );
+            let mut headers =
+                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: WRITER_HEADER,
+                    value: Some(e.writer.as_bytes()),
+                });
+            if in_commit {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: COMMIT_HEADER,
+                    value: Some(&b"1"[..]),
+                });
+            }
+            record = record.partition(e.partition).headers(headers);
             if !e.payload.is_empty() {
                 record = record.payload(&e.payload[..]);
             }
@@ -957,6 +1025,7 @@ async fn send_all(
 async fn publish_in_order(
     producer: &FutureProducer,
     entries: Vec<OutboxEntry>,
+    in_commit: bool,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
@@ -964,7 +1033,7 @@ async fn publish_in_order(
     let mut backoff = Duration::from_millis(200);
     let mut from = 0;
     while from < entries.len() {
-        let results = send_all(producer, &entries[from..]).await;
+        let results = send_all(producer, &entries[from..], in_commit).await;
         let mut first_failed = None;
         for (i, result) in results.into_iter().enumerate() {
             match result {
@@ -1000,7 +1069,7 @@ async fn publish_any_order(
     let mut todo = entries;
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
-        let results = send_all(producer, &todo).await;
+        let results = send_all(producer, &todo, false).await;
         let mut failed = Vec::new();
         for (entry, result) in todo.into_iter().zip(results) {
             match result {
@@ -1044,6 +1113,7 @@ struct ChangelogRecord {
     own: bool,
     /// Written by a version that ends each commit with an end marker.
     in_commit: bool,
+    offset: i64,
 }
 
 /// Header naming the store incarnation that wrote a changelog record.
@@ -1091,20 +1161,22 @@ pub fn restore_partition(
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
         return Ok(0);
     }
-    let read = |from: i64| -> anyhow::Result<Vec<ChangelogRecord>> {
+    // Hands every record from `from` to the changelog's end to `each`, as it arrives:
+    // a partition's changelog may not fit in memory.
+    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<()>| {
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
         consumer.assign(&tpl)?;
-        let mut records = Vec::new();
         let mut next = from;
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut last_progress = Instant::now();
         while next < high {
-            if Instant::now() > deadline {
-                anyhow::bail!("reading {changelog}[{partition}] timed out at {next} of {high}");
+            if last_progress.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!("reading {changelog}[{partition}] stalled at {next} of {high}");
             }
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
+                    last_progress = Instant::now();
                     let header = |name: &str| {
                         m.headers().and_then(|h| {
                             h.iter()
@@ -1112,22 +1184,27 @@ pub fn restore_partition(
                                 .map(|x| x.value.map(<[u8]>::to_vec))
                         })
                     };
-                    records.push(ChangelogRecord {
+                    each(ChangelogRecord {
                         key: m.key().unwrap_or_default().to_vec(),
                         value: m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
                         own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
                         in_commit: header(COMMIT_HEADER).is_some(),
-                    });
+                        offset: m.offset(),
+                    })?;
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
                 None => {}
             }
         }
-        Ok(records)
+        anyhow::Ok(())
     };
     let start = local_end.unwrap_or(low);
     if start >= low && start <= high {
-        let tail = read(start)?;
+        let mut tail = Vec::new();
+        read(start, &mut |r| {
+            tail.push(r);
+            Ok(())
+        })?;
         if tail.iter().all(|r| r.own) {
             let mut store = factory.open(partition)?;
             let n = tail.len() as u64;
@@ -1166,32 +1243,44 @@ pub fn restore_partition(
         "restoring state from the changelog"
     );
     factory.destroy(partition)?;
-    let mut records = read(low)?;
     let mut store = factory.open(partition)?;
-    // A commit whose end never reached the changelog (its writer died publishing it)
-    // is not applied: its inputs count as not applied, so they are processed again.
-    let complete = records
-        .iter()
-        .rposition(|r| r.key == META_COMMIT_END)
-        .map_or(0, |end| end + 1);
-    let torn_keys: Vec<Vec<u8>> = records[complete..]
-        .iter()
-        .filter(|r| r.in_commit)
-        .map(|r| r.key.clone())
-        .collect();
-    let mut index = 0;
-    records.retain(|r| {
-        index += 1;
-        index <= complete || !r.in_commit
-    });
-    let n = records.len() as u64;
-    for chunk in records.chunks(10_000) {
-        let chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = chunk
-            .iter()
-            .map(|r| (r.key.clone(), r.value.clone()))
-            .collect();
-        store.apply_changelog(&chunk)?;
+    // Records after the last end marker are a commit whose writer died while
+    // publishing it: not applied, so its inputs count as not applied and are processed
+    // again. The marker is nearly always among the last records: look there first.
+    let mut last_marker = None;
+    let mut window = 1_000;
+    while last_marker.is_none() {
+        let from = (high - window).max(low);
+        read(from, &mut |r| {
+            if r.in_commit && r.key == META_COMMIT_END {
+                last_marker = Some(r.offset);
+            }
+            Ok(())
+        })?;
+        if from == low {
+            break;
+        }
+        window *= 10;
     }
+    let mut ready: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut torn_keys = Vec::new();
+    let mut n = 0_u64;
+    read(low, &mut |r| {
+        let torn = r.in_commit && last_marker.is_none_or(|end| r.offset > end);
+        match torn {
+            true => torn_keys.push(r.key),
+            // Records of earlier versions, which wrote no markers, apply as they come.
+            false => ready.push((r.key, r.value)),
+        }
+        if ready.len() >= 10_000 {
+            store.apply_changelog(&ready)?;
+            n += ready.len() as u64;
+            ready.clear();
+        }
+        Ok(())
+    })?;
+    store.apply_changelog(&ready)?;
+    n += ready.len() as u64;
     store.finish_restore()?;
     let end = match (torn_keys.is_empty(), torn) {
         (false, TornCommit::Undo) => {
@@ -1223,18 +1312,26 @@ fn repair_torn_commit(
         keys = torn.len(),
         "the changelog ends in a commit torn by a crash: it is not applied, and undone"
     );
-    let mut entries = Vec::with_capacity(torn.len() + 1);
+    let mut undo = Vec::with_capacity(torn.len());
     for key in torn {
         let payload = store.raw_get(&key)?.unwrap_or_default();
-        entries.push(store.changelog_entry(changelog, key, payload));
+        undo.push(store.changelog_entry(changelog, key, payload));
     }
-    entries.push(store.changelog_entry(changelog, META_COMMIT_END.to_vec(), b"repair".to_vec()));
+    let marker = store.changelog_entry(
+        changelog,
+        META_COMMIT_END.to_vec(),
+        store.next_outbox_seq().to_be_bytes().to_vec(),
+    );
     let producer = kafka::producer(config)?;
     let mut end = -1;
-    for result in futures::executor::block_on(send_all(&producer, &entries)) {
-        let offset = result
-            .with_context(|| format!("cannot undo a torn commit in {changelog}[{partition}]"))?;
-        end = end.max(offset + 1);
+    // The marker only once every undoing record is in, as for any commit.
+    for wave in [undo, vec![marker]] {
+        for result in futures::executor::block_on(send_all(&producer, &wave, true)) {
+            let offset = result.with_context(|| {
+                format!("cannot undo a torn commit in {changelog}[{partition}]")
+            })?;
+            end = end.max(offset + 1);
+        }
     }
     Ok(end)
 }
@@ -1471,12 +1568,19 @@ pub async fn run<P: Processor>(
 
     // Shutdown: everything processed is committed; flush outputs with a bound.
     admin.set_ready(false);
-    let out = engine.commit()?;
+    // Twice: the second commit carries the deletions of the outputs the first one's
+    // publish got acknowledged, to the changelog.
     let flush_cancel = CancellationToken::new();
-    let flush = publish(&producer, out, &metrics, &flush_cancel);
-    match tokio::time::timeout(Duration::from_secs(10), flush).await {
-        Ok(acked) => engine.acknowledge(&acked)?,
-        Err(_) => tracing::warn!("outputs not flushed in time; they stay in the outbox"),
+    for _ in 0..2 {
+        let out = engine.commit()?;
+        let flush = publish(&producer, out, &metrics, &flush_cancel);
+        match tokio::time::timeout(Duration::from_secs(10), flush).await {
+            Ok(acked) => engine.acknowledge(&acked)?,
+            Err(_) => {
+                tracing::warn!("outputs not flushed in time; they stay in the outbox");
+                break;
+            }
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit skipped");
@@ -1548,9 +1652,13 @@ async fn apply_rebalances<P: Processor>(
                 assigned = true;
             }
             RebalanceEvent::Revoke(parts) => {
-                let out = engine.commit()?;
-                let acked = publish(producer, out, metrics, cancel).await;
-                engine.acknowledge(&acked)?;
+                // Twice: the second commit carries the deletions of the outputs the
+                // first one's publish got acknowledged, to the changelog.
+                for _ in 0..2 {
+                    let out = engine.commit()?;
+                    let acked = publish(producer, out, metrics, cancel).await;
+                    engine.acknowledge(&acked)?;
+                }
                 let parts = parts
                     .into_iter()
                     .map(|p| engine.state_partition(p))
@@ -1568,4 +1676,59 @@ fn dedup(mut v: Vec<i32>) -> Vec<i32> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(partition: i32, key: &[u8]) -> OutboxEntry {
+        OutboxEntry {
+            partition,
+            outbox_key: Vec::new(),
+            topic: "changelog".into(),
+            key: key.to_vec(),
+            payload: b"v".to_vec(),
+            changelog: true,
+            writer: Arc::from("w"),
+        }
+    }
+
+    fn keys(wave: &Wave) -> Vec<(i32, String)> {
+        wave.entries
+            .iter()
+            .map(|e| (e.partition, String::from_utf8_lossy(&e.key).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_commit_end_marker_goes_after_all_its_records_and_before_the_next_commit() {
+        let waves = changelog_waves(vec![
+            entry(0, b"s/a"),
+            entry(0, b"s/b"),
+            entry(0, META_COMMIT_END),
+            entry(1, b"s/c"),
+            entry(1, META_COMMIT_END),
+            entry(0, b"s/d"),
+            entry(0, META_COMMIT_END),
+            // Left by a version that wrote no markers.
+            entry(1, b"s/old"),
+        ]);
+        let end = String::from_utf8_lossy(META_COMMIT_END).into_owned();
+        let got: Vec<(Vec<(i32, String)>, bool)> =
+            waves.iter().map(|w| (keys(w), w.in_commit)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    vec![(0, "s/a".into()), (0, "s/b".into()), (1, "s/c".into())],
+                    true
+                ),
+                (vec![(0, end.clone()), (1, end.clone())], true),
+                (vec![(0, "s/d".into())], true),
+                (vec![(0, end)], true),
+                (vec![(1, "s/old".into())], false),
+            ]
+        );
+    }
 }

@@ -240,12 +240,18 @@ impl StoreFactory {
                 options
             },
         };
-        // Outbox entries restored from another instance's changelog carry its numbers.
+        // Outbox entries restored from another instance's changelog carry its numbers,
+        // and its last commit's end marker the number it had reached.
         let after_last_entry = store.last_outbox_seq()?.map_or(0, |seq| seq + 1);
-        store.next_outbox_seq = store
-            .read_u64(META_OUTBOX_SEQ)?
-            .unwrap_or(0)
-            .max(after_last_entry);
+        store.next_outbox_seq = [
+            store.read_u64(META_OUTBOX_SEQ)?,
+            store.read_u64(META_COMMIT_END)?,
+            Some(after_last_entry),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
             None => {
@@ -466,7 +472,10 @@ impl Pending {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.written_back.entries.is_empty()
+        // Acknowledged outputs too: their deletion must reach the changelog even when
+        // nothing else is committed after them.
+        self.acknowledged_outbox.is_empty()
+            && self.written_back.entries.is_empty()
             && self.writes.is_empty()
             && self.outputs.is_empty()
             && self.offsets.is_empty()
@@ -951,6 +960,18 @@ impl PartitionStore {
         for (topic, key, payload) in pending.outputs.drain(..) {
             entries.push(self.outbox_entry(topic, key, payload, false, durable_outputs));
         }
+        let mut replicas = Vec::new();
+        for e in &entries {
+            if durable_outputs {
+                let encoded = encode_outbox(&e.topic, &e.key, &e.payload, false);
+                batch
+                    .put(&e.outbox_key, &encoded)
+                    .map_err(|e| self.too_large(e))?;
+                if changelog.is_some() {
+                    replicas.push(encoded);
+                }
+            }
+        }
         let mut records: Vec<(String, Vec<u8>, Vec<u8>, bool)> = Vec::new();
         if let Some(topic) = changelog {
             records.extend(changelog_records);
@@ -958,8 +979,7 @@ impl PartitionStore {
                 // The outbox goes to the changelog too: an instance that restores this
                 // commit (its inputs then count as applied) publishes what this one
                 // may not have, and forgets what this one did publish.
-                for e in &entries {
-                    let replica = encode_outbox(&e.topic, &e.key, &e.payload, false);
+                for (e, replica) in entries.iter().zip(replicas) {
                     records.push((topic.to_string(), e.outbox_key.clone(), replica, true));
                 }
                 for k in pending.acknowledged_outbox.drain(..) {
@@ -983,16 +1003,6 @@ impl PartitionStore {
         }
         writes.clear();
         self.sorted_writes = writes;
-        for e in &entries {
-            if durable_outputs {
-                batch
-                    .put(
-                        &e.outbox_key,
-                        &encode_outbox(&e.topic, &e.key, &e.payload, false),
-                    )
-                    .map_err(|e| self.too_large(e))?;
-            }
-        }
         for (topic, key, payload, is_changelog) in records {
             let entry = self.outbox_entry(topic, key, payload, is_changelog, durable_outputs);
             if durable_outputs {
@@ -1039,6 +1049,11 @@ impl PartitionStore {
             changelog,
             writer: self.writer.clone(),
         }
+    }
+
+    /// The sequence number the next outbox entry takes.
+    pub fn next_outbox_seq(&self) -> u64 {
+        self.next_outbox_seq
     }
 
     /// A changelog record of this store written outside a commit (not in the outbox).

@@ -272,7 +272,15 @@ impl ProfileProcessor {
                     }
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
-                    stop_wait(ctx, s, &mut p)?;
+                    // A cart change older than the browsing (from another device's
+                    // topic, arriving late) does not end it.
+                    let older = p
+                        .waits
+                        .get(s.name.as_str())
+                        .is_some_and(|w| w.cause_occurred_at > e.occurred_at);
+                    if !older {
+                        stop_wait(ctx, s, &mut p)?;
+                    }
                 }
             }
             EventType::product_view => {
@@ -391,7 +399,8 @@ impl ProfileProcessor {
                                 serde_json::to_value(order.status).unwrap_or_default(),
                             );
                             // One update per order and status, whatever event said it.
-                            let key = format!("order:{}:{:?}", order.order_id, order.status);
+                            let status = order.status.map_or("none", OrderStatus::as_str);
+                            let key = format!("order:{}:{status}", order.order_id);
                             self.emit_keyed_trigger(
                                 ctx,
                                 s,
@@ -1256,7 +1265,13 @@ impl ProfileProcessor {
             }
             // Follow-up steps carry the date's cause ("birthday-2026") and fire on
             // their own day.
-            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary if t.step > 0 => {}
+            ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary if t.step > 0 => {
+                // A follow-up armed by an earlier version under the yearly timer's own
+                // id took its place: next year's date is armed again.
+                if *timer.timer_id == *timer_id(&s.name, &p.customer_id) {
+                    schedule_yearly(ctx, s, p, timer.fire_at)?;
+                }
+            }
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
                 let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
                     .map(|d| {

@@ -2100,6 +2100,25 @@ fn an_older_view_arriving_late_keeps_the_newer_browse_wait() {
 }
 
 #[test]
+fn an_older_cart_change_arriving_late_leaves_the_newer_browse_wait() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "lc-view",
+        "product_view",
+        "lc",
+        t + 40 * MINUTE,
+        json!({"product": product("p9", 60.0)}),
+    );
+    // A cart change from before the browsing, from the app's topic, arriving late.
+    h.site("lc-cart", "add_to_cart", "lc", t, add_to_cart("p1", 10.0));
+    h.advance(t + 5 * HOUR);
+    let fired = h.triggers("lc", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["product"]["product_id"], "p9");
+}
+
+#[test]
 fn a_welcome_series_whose_first_step_was_late_stops() {
     let t = at("2026-04-01T09:00:00Z");
     let mut h = Harness::new();
