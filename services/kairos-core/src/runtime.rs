@@ -545,6 +545,13 @@ impl<P: Processor> Engine<P> {
     /// earlier commits still in the outbox were handed out when they committed.
     fn abandon_batch(&mut self, partition: i32) {
         let owned = self.parts.contains_key(&partition);
+        // Outputs acknowledged before the batch stay acknowledged: their deletion
+        // still has to reach the changelog.
+        let acknowledged = self
+            .parts
+            .get_mut(&partition)
+            .map(|part| part.pending.take_acknowledged_outputs())
+            .unwrap_or_default();
         self.close(partition);
         if !owned {
             return;
@@ -554,13 +561,18 @@ impl<P: Processor> Engine<P> {
             partition,
             "batch failed: its changes are dropped and the partition reopened at its last commit"
         );
-        if let Err(e) = self.open(partition) {
-            tracing::error!(
+        match self.open(partition) {
+            Ok(_) => {
+                if let Some(part) = self.parts.get_mut(&partition) {
+                    part.pending.keep_acknowledged_outputs(acknowledged);
+                }
+            }
+            Err(e) => tracing::error!(
                 service = self.processor.name(),
                 partition,
                 error = format!("{e:#}"),
                 "partition does not open again after a failed batch; it stays closed"
-            );
+            ),
         }
     }
 
@@ -932,53 +944,38 @@ struct Wave {
     in_commit: bool,
 }
 
-/// Changelog records in the order they may go: every commit's records before its end
-/// marker, which is sent only once they are all acknowledged (a marker that overtook
-/// one of its records would make a torn commit look whole). Each partition's next
-/// commit goes in the next pair of waves. Records followed by no marker were left in
-/// the outbox by a version that wrote none: they go unstamped, as that version sent
-/// them.
+/// Changelog records in the order they may go: every partition's records first, then
+/// its end markers, sent only once all the records are acknowledged (a marker that
+/// overtook one of its commit's records would make a torn commit look whole; a marker
+/// after records of later commits vouches for them too, as they are all in). Records
+/// after a partition's last marker were left in the outbox by a version that wrote no
+/// markers: they go unstamped, as that version sent them.
 fn changelog_waves(entries: Vec<OutboxEntry>) -> Vec<Wave> {
-    let mut by_partition: BTreeMap<i32, Vec<Vec<OutboxEntry>>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<i32, Vec<OutboxEntry>> = BTreeMap::new();
     for e in entries {
-        let commits = by_partition.entry(e.partition).or_default();
-        match commits.last_mut() {
-            Some(open) if open.last().is_some_and(|last| last.key != META_COMMIT_END) => {
-                open.push(e)
+        by_partition.entry(e.partition).or_default().push(e);
+    }
+    let mut records = Vec::new();
+    let mut markers = Vec::new();
+    let mut unmarked = Vec::new();
+    for (_, entries) in by_partition {
+        let marked = entries
+            .iter()
+            .rposition(|e| e.key == META_COMMIT_END)
+            .map_or(0, |last| last + 1);
+        for (i, e) in entries.into_iter().enumerate() {
+            match (i < marked, e.key == META_COMMIT_END) {
+                (true, true) => markers.push(e),
+                (true, false) => records.push(e),
+                (false, _) => unmarked.push(e),
             }
-            _ => commits.push(vec![e]),
         }
     }
-    let mut waves = Vec::new();
-    let mut round = 0;
-    loop {
-        let mut records = Vec::new();
-        let mut markers = Vec::new();
-        let mut unmarked = Vec::new();
-        for commits in by_partition.values_mut() {
-            let Some(commit) = commits.get_mut(round) else {
-                continue;
-            };
-            let mut commit = std::mem::take(commit);
-            match commit.last().is_some_and(|e| e.key == META_COMMIT_END) {
-                true => {
-                    markers.extend(commit.pop());
-                    records.extend(commit);
-                }
-                false => unmarked.extend(commit),
-            }
-        }
-        if records.is_empty() && markers.is_empty() && unmarked.is_empty() {
-            break;
-        }
-        for (entries, in_commit) in [(records, true), (markers, true), (unmarked, false)] {
-            if !entries.is_empty() {
-                waves.push(Wave { entries, in_commit });
-            }
-        }
-        round += 1;
-    }
-    waves
+    [(records, true), (markers, true), (unmarked, false)]
+        .into_iter()
+        .filter(|(entries, _)| !entries.is_empty())
+        .map(|(entries, in_commit)| Wave { entries, in_commit })
+        .collect()
 }
 
 /// Sends `entries` as one concurrent wave and pairs each with its broker offset, or
@@ -1320,7 +1317,7 @@ fn repair_torn_commit(
     let marker = store.changelog_entry(
         changelog,
         META_COMMIT_END.to_vec(),
-        store.next_outbox_seq().to_be_bytes().to_vec(),
+        store.outbox_seq_floor()?.to_be_bytes().to_vec(),
     );
     let producer = kafka::producer(config)?;
     let mut end = -1;
@@ -1473,6 +1470,11 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        if cancel.is_cancelled() {
+            // A backlog may have gone out only in part: no new commit may follow it
+            // into the changelog (its end marker would vouch for the backlog's gaps).
+            break;
+        }
         // A single-state processor applies records, and is ready, only with every input
         // partition.
         let complete =
@@ -1572,7 +1574,9 @@ pub async fn run<P: Processor>(
     // publish got acknowledged, to the changelog.
     let flush_cancel = CancellationToken::new();
     for _ in 0..2 {
-        let out = engine.commit()?;
+        engine.commit()?;
+        // The whole outbox: whatever an earlier publish left goes first.
+        let out = engine.outbox()?;
         let flush = publish(&producer, out, &metrics, &flush_cancel);
         match tokio::time::timeout(Duration::from_secs(10), flush).await {
             Ok(acked) => engine.acknowledge(&acked)?,
@@ -1655,7 +1659,9 @@ async fn apply_rebalances<P: Processor>(
                 // Twice: the second commit carries the deletions of the outputs the
                 // first one's publish got acknowledged, to the changelog.
                 for _ in 0..2 {
-                    let out = engine.commit()?;
+                    engine.commit()?;
+                    // The whole outbox: whatever an earlier publish left goes first.
+                    let out = engine.outbox()?;
                     let acked = publish(producer, out, metrics, cancel).await;
                     engine.acknowledge(&acked)?;
                 }
@@ -1702,7 +1708,7 @@ mod tests {
     }
 
     #[test]
-    fn every_commit_end_marker_goes_after_all_its_records_and_before_the_next_commit() {
+    fn end_markers_go_only_after_every_record_and_unmarked_backlog_goes_unstamped() {
         let waves = changelog_waves(vec![
             entry(0, b"s/a"),
             entry(0, b"s/b"),
@@ -1712,7 +1718,7 @@ mod tests {
             entry(0, b"s/d"),
             entry(0, META_COMMIT_END),
             // Left by a version that wrote no markers.
-            entry(1, b"s/old"),
+            entry(2, b"s/old"),
         ]);
         let end = String::from_utf8_lossy(META_COMMIT_END).into_owned();
         let got: Vec<(Vec<(i32, String)>, bool)> =
@@ -1721,13 +1727,16 @@ mod tests {
             got,
             vec![
                 (
-                    vec![(0, "s/a".into()), (0, "s/b".into()), (1, "s/c".into())],
+                    vec![
+                        (0, "s/a".into()),
+                        (0, "s/b".into()),
+                        (0, "s/d".into()),
+                        (1, "s/c".into())
+                    ],
                     true
                 ),
-                (vec![(0, end.clone()), (1, end.clone())], true),
-                (vec![(0, "s/d".into())], true),
-                (vec![(0, end)], true),
-                (vec![(1, "s/old".into())], false),
+                (vec![(0, end.clone()), (0, end.clone()), (1, end)], true),
+                (vec![(2, "s/old".into())], false),
             ]
         );
     }

@@ -240,18 +240,7 @@ impl StoreFactory {
                 options
             },
         };
-        // Outbox entries restored from another instance's changelog carry its numbers,
-        // and its last commit's end marker the number it had reached.
-        let after_last_entry = store.last_outbox_seq()?.map_or(0, |seq| seq + 1);
-        store.next_outbox_seq = [
-            store.read_u64(META_OUTBOX_SEQ)?,
-            store.read_u64(META_COMMIT_END)?,
-            Some(after_last_entry),
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0);
+        store.next_outbox_seq = store.outbox_seq_floor()?;
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
             None => {
@@ -469,6 +458,16 @@ impl Pending {
         for (key, value) in written_back.iter() {
             self.writes.insert(key.to_vec(), Some(value.to_vec()));
         }
+    }
+
+    /// Takes the acknowledged outputs whose deletion has not reached the changelog.
+    pub fn take_acknowledged_outputs(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.acknowledged_outbox)
+    }
+
+    /// Puts back what [`Pending::take_acknowledged_outputs`] took.
+    pub fn keep_acknowledged_outputs(&mut self, outbox_keys: Vec<Vec<u8>>) {
+        self.acknowledged_outbox.extend(outbox_keys);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1104,6 +1103,27 @@ impl PartitionStore {
             });
         }
         Ok(out)
+    }
+
+    /// The lowest number the next outbox entry may take. Outbox entries restored from
+    /// another instance's changelog carry its numbers, and its last commit's end
+    /// marker the number it had reached.
+    pub fn outbox_seq_floor(&self) -> StoreResult<u64> {
+        let after_last_entry = self.last_outbox_seq()?.map_or(0, |seq| seq + 1);
+        // A marker value that is not a number (none is written so) only goes unused.
+        let marked = self
+            .raw_get(META_COMMIT_END)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        Ok([
+            self.read_u64(META_OUTBOX_SEQ)?,
+            marked,
+            Some(after_last_entry),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0))
     }
 
     /// Sequence number of the last entry in the outbox.

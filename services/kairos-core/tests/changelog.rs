@@ -158,12 +158,22 @@ fn a_commit_torn_by_a_crash_while_publishing_is_neither_applied_nor_revived_late
     let mut a_store = a.open(0).expect("open");
     let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
     assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
-    // The second commit changes c/1 and adds c/2; instance A dies after its first two
-    // changelog records (c/1 and c/2, in key order) reached the broker.
+    // The second commit changes c/1, adds c/2, replicates its output and moves the
+    // input offset; instance A dies after every record but the end marker reached the
+    // broker.
     let second = commit(&mut a_store, &[("c/1", "v2"), ("c/2", "new")], 1, "second");
-    let torn: Vec<OutboxEntry> = second.into_iter().filter(|e| e.changelog).take(2).collect();
+    let mut torn: Vec<OutboxEntry> = second.into_iter().filter(|e| e.changelog).collect();
+    assert_eq!(torn.pop().map(|e| e.key), Some(b"m/commit_end".to_vec()));
     assert_eq!(torn[0].key, b"s/c/1");
     assert_eq!(torn[1].key, b"s/c/2");
+    assert!(
+        torn.iter().any(|e| e.key.starts_with(b"o/")),
+        "the offset is torn too"
+    );
+    assert!(
+        torn.iter().any(|e| e.key.starts_with(b"x/")),
+        "the output's replica too"
+    );
     broker.send_torn(&torn);
 
     // Instance B takes the partition over: it holds the first commit only, so it
@@ -293,4 +303,37 @@ fn a_changelog_written_before_commit_markers_restores_every_record() {
     let store = restored(&broker, dir.path());
     assert_eq!(value(&store, "c/1").as_deref(), Some("v3"));
     assert_eq!(value(&store, "c/2").as_deref(), Some("v2"));
+}
+
+#[test]
+fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let a_dir = tempfile::tempdir().expect("dir");
+    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
+    let mut a_store = a.open(0).expect("open");
+    let first = commit(&mut a_store, &[("c/first", "kept")], 0, "first");
+    assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
+    // 1,500 records after the last end marker: more than the restore's first look at
+    // the changelog's end.
+    let keys: Vec<String> = (0..1_500).map(|i| format!("c/{i:05}")).collect();
+    let puts: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "torn")).collect();
+    let mut torn: Vec<OutboxEntry> = commit(&mut a_store, &puts, 1, "second")
+        .into_iter()
+        .filter(|e| e.changelog)
+        .collect();
+    torn.pop();
+    broker.send_torn(&torn);
+
+    let b_dir = tempfile::tempdir().expect("dir");
+    let b_store = restored(&broker, b_dir.path());
+    assert_eq!(value(&b_store, "c/first").as_deref(), Some("kept"));
+    assert_eq!(value(&b_store, "c/00000"), None);
+    assert_eq!(value(&b_store, "c/01499"), None);
+    assert_eq!(
+        b_store
+            .applied_offset(&Pending::default(), INPUT)
+            .expect("offset"),
+        Some(0)
+    );
 }

@@ -273,12 +273,14 @@ impl ProfileProcessor {
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
                     // A cart change older than the browsing (from another device's
-                    // topic, arriving late) does not end it.
+                    // topic, arriving late) ends it only if the cart held something
+                    // then: browsing with a cart is no browse abandonment, whichever
+                    // event arrived first.
                     let older = p
                         .waits
                         .get(s.name.as_str())
                         .is_some_and(|w| w.cause_occurred_at > e.occurred_at);
-                    if !older {
+                    if !older || !p.cart.is_empty() {
                         stop_wait(ctx, s, &mut p)?;
                     }
                 }
