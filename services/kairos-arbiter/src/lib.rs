@@ -178,6 +178,15 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// Times of the sends that count against caps and the gap (all but transactional).
+    fn capped_send_times(&self) -> Vec<Millis> {
+        self.sends
+            .iter()
+            .filter(|(_, _, c)| *c != MessageCategory::transactional)
+            .map(|(at, _, _)| *at)
+            .collect()
+    }
+
     /// Folds in the ledger of a customer merged into this one: its sends count
     /// against the caps from now on, and every suppression holds (an unsubscribe is
     /// never lost by a merge, even against an older opt-in of this customer).
@@ -609,12 +618,7 @@ impl ArbiterProcessor {
             return Some(v);
         }
         let a = &self.config.arbiter;
-        let sent: Vec<Millis> = ledger
-            .sends
-            .iter()
-            .filter(|(_, _, c)| *c != MessageCategory::transactional)
-            .map(|(at, _, _)| *at)
-            .collect();
+        let sent = ledger.capped_send_times();
         let gap = a.min_gap.as_millis() as Millis;
         if let Some(last) = sent
             .iter()
@@ -1625,11 +1629,17 @@ impl ArbiterProcessor {
             .collect();
         // Free channels before paid ones, then by engagement, as for the first message.
         self.rank_channels(ledger, &mut rest);
+        // A channel at its own cap passes the step to the next one; with every channel
+        // capped, the first one's cap ends the cascade below.
+        let mut channel_capped = None;
         if t.category != MessageCategory::transactional {
-            // A channel at its own cap passes the step to the next one; with every
-            // channel capped, the first one's cap ends the cascade below.
-            if let Ok(open) = self.under_channel_caps(now, &t, ledger, rest.clone()) {
-                rest = open;
+            match self.under_channel_caps(now, &t, ledger, rest.clone()) {
+                Ok(open) => rest = open,
+                Err(_) => {
+                    channel_capped = rest.first().and_then(|first| {
+                        self.under_channel_caps(now, &t, ledger, vec![*first]).err()
+                    })
+                }
             }
         }
         let next = rest.first().copied();
@@ -1656,15 +1666,8 @@ impl ArbiterProcessor {
         if t.category != MessageCategory::transactional {
             ledger.sends.retain(|(at, _, _)| now - at < WEEK);
             ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
-            let sent: Vec<Millis> = ledger
-                .sends
-                .iter()
-                .filter(|(_, _, c)| *c != MessageCategory::transactional)
-                .map(|(at, _, _)| *at)
-                .collect();
-            let capped = self
-                .caps(now, &t, ledger, &sent)
-                .or_else(|| self.under_channel_caps(now, &t, ledger, vec![next]).err());
+            let sent = ledger.capped_send_times();
+            let capped = self.caps(now, &t, ledger, &sent).or(channel_capped);
             if let Some(cap) = capped {
                 // Its timer just fired: nothing left to cancel.
                 self.record_decision(

@@ -51,11 +51,7 @@ fn broker() -> Broker {
 
 impl Broker {
     fn publish(&self, entries: Vec<OutboxEntry>, cancel: &CancellationToken) -> Vec<i64> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(publish(&self.producer, entries, &self.metrics, cancel))
+        block_on(publish(&self.producer, entries, &self.metrics, cancel))
             .into_iter()
             .map(|(_, offset)| offset)
             .collect()
@@ -64,10 +60,6 @@ impl Broker {
     /// Sends changelog records the way a writer that died before its commit's end
     /// marker left them: stamped as part of a commit, in order.
     fn send_torn(&self, entries: &[OutboxEntry]) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         for e in entries {
             let headers = rdkafka::message::OwnedHeaders::new()
                 .insert(rdkafka::message::Header {
@@ -83,8 +75,7 @@ impl Broker {
                 .key(&e.key[..])
                 .payload(&e.payload[..])
                 .headers(headers);
-            rt.block_on(self.producer.send(record, Duration::from_secs(10)))
-                .expect("produce");
+            block_on(self.producer.send(record, Duration::from_secs(10))).expect("produce");
         }
     }
 
@@ -100,6 +91,14 @@ impl Broker {
             .expect("watermarks");
         high - low
     }
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
 }
 
 /// One commit of `store`: `puts` as state, the input offset, one output.
@@ -142,20 +141,31 @@ fn outbox_outputs(store: &PartitionStore) -> Vec<String> {
         .collect()
 }
 
-/// Restores partition 0 into a new state directory.
-fn restored(broker: &Broker, dir: &Path) -> PartitionStore {
-    let factory = StoreFactory::new(dir, 8 << 20).expect("factory");
+/// An instance's store of partition 0, in a state directory of its own.
+fn fresh_store() -> (tempfile::TempDir, PartitionStore) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = StoreFactory::new(dir.path(), 8 << 20)
+        .expect("factory")
+        .open(0)
+        .expect("open");
+    (dir, store)
+}
+
+/// The store of an instance that takes partition 0 over: restored from the changelog
+/// into a new state directory.
+fn restored(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
+    let dir = tempfile::tempdir().expect("dir");
+    let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
     restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo).expect("restore");
-    factory.open(0).expect("open")
+    let store = factory.open(0).expect("open");
+    (dir, store)
 }
 
 #[test]
 fn a_commit_torn_by_a_crash_while_publishing_is_neither_applied_nor_revived_later() {
     let broker = broker();
     let never = CancellationToken::new();
-    let a_dir = tempfile::tempdir().expect("dir");
-    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
-    let mut a_store = a.open(0).expect("open");
+    let (_a_dir, mut a_store) = fresh_store();
     let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
     assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
     // The second commit changes c/1, adds c/2, replicates its output and moves the
@@ -178,8 +188,7 @@ fn a_commit_torn_by_a_crash_while_publishing_is_neither_applied_nor_revived_late
 
     // Instance B takes the partition over: it holds the first commit only, so it
     // processes the second commit's input again.
-    let b_dir = tempfile::tempdir().expect("dir");
-    let mut b_store = restored(&broker, b_dir.path());
+    let (_b_dir, mut b_store) = restored(&broker);
     assert_eq!(value(&b_store, "c/1").as_deref(), Some("v1"));
     assert_eq!(value(&b_store, "c/2"), None);
     assert_eq!(
@@ -194,8 +203,7 @@ fn a_commit_torn_by_a_crash_while_publishing_is_neither_applied_nor_revived_late
     // torn records revived by B's commits coming after them.
     let third = commit(&mut b_store, &[("c/3", "b")], 1, "third");
     assert!(broker.publish(third, &never).iter().all(|o| *o >= 0));
-    let c_dir = tempfile::tempdir().expect("dir");
-    let c_store = restored(&broker, c_dir.path());
+    let (_c_dir, c_store) = restored(&broker);
     assert_eq!(value(&c_store, "c/1").as_deref(), Some("v1"));
     assert_eq!(value(&c_store, "c/2"), None);
     assert_eq!(value(&c_store, "c/3").as_deref(), Some("b"));
@@ -205,17 +213,14 @@ fn a_commit_torn_by_a_crash_while_publishing_is_neither_applied_nor_revived_late
 fn outputs_of_a_commit_in_the_changelog_are_published_by_the_instance_that_restores_it() {
     let broker = broker();
     let never = CancellationToken::new();
-    let a_dir = tempfile::tempdir().expect("dir");
-    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
-    let mut a_store = a.open(0).expect("open");
+    let (_a_dir, mut a_store) = fresh_store();
     // The whole commit reached the changelog, then A died before its output went out.
     let entries = commit(&mut a_store, &[("c/1", "v1")], 0, "the trigger");
     let changelog: Vec<OutboxEntry> = entries.into_iter().filter(|e| e.changelog).collect();
     assert!(broker.publish(changelog, &never).iter().all(|o| *o >= 0));
     assert_eq!(broker.count(OUTPUT), 0);
 
-    let b_dir = tempfile::tempdir().expect("dir");
-    let b_store = restored(&broker, b_dir.path());
+    let (_b_dir, b_store) = restored(&broker);
     // B counts the input as applied, so it must publish the output itself.
     assert_eq!(
         b_store
@@ -230,9 +235,7 @@ fn outputs_of_a_commit_in_the_changelog_are_published_by_the_instance_that_resto
 fn an_output_acknowledged_before_the_next_commit_is_not_published_again_after_a_move() {
     let broker = broker();
     let never = CancellationToken::new();
-    let a_dir = tempfile::tempdir().expect("dir");
-    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
-    let mut a_store = a.open(0).expect("open");
+    let (_a_dir, mut a_store) = fresh_store();
     let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
     let outputs: Vec<Vec<u8>> = first
         .iter()
@@ -253,8 +256,7 @@ fn an_output_acknowledged_before_the_next_commit_is_not_published_again_after_a_
         .expect("commit");
     assert!(broker.publish(second, &never).iter().all(|o| *o >= 0));
 
-    let b_dir = tempfile::tempdir().expect("dir");
-    let b_store = restored(&broker, b_dir.path());
+    let (_b_dir, b_store) = restored(&broker);
     assert_eq!(value(&b_store, "c/2").as_deref(), Some("v2"));
     assert!(outbox_outputs(&b_store).is_empty());
 }
@@ -262,9 +264,7 @@ fn an_output_acknowledged_before_the_next_commit_is_not_published_again_after_a_
 #[test]
 fn outputs_wait_until_their_commit_is_in_the_changelog() {
     let broker = broker();
-    let a_dir = tempfile::tempdir().expect("dir");
-    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
-    let mut a_store = a.open(0).expect("open");
+    let (_a_dir, mut a_store) = fresh_store();
     let mut entries = commit(&mut a_store, &[("c/1", "v1")], 0, "the trigger");
     // The changelog's partition cannot take writes (here: it does not exist), as when
     // its leader is down; the service is stopped a second later.
@@ -287,20 +287,14 @@ fn outputs_wait_until_their_commit_is_in_the_changelog() {
 fn a_changelog_written_before_commit_markers_restores_every_record() {
     let broker = broker();
     // An earlier version's records: no commit header, no end markers.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     for (key, value) in [("s/c/1", "v1"), ("s/c/2", "v2"), ("s/c/1", "v3")] {
         let record = rdkafka::producer::FutureRecord::to(CHANGELOG)
             .partition(0)
             .key(key)
             .payload(value);
-        rt.block_on(broker.producer.send(record, Duration::from_secs(10)))
-            .expect("produce");
+        block_on(broker.producer.send(record, Duration::from_secs(10))).expect("produce");
     }
-    let dir = tempfile::tempdir().expect("dir");
-    let store = restored(&broker, dir.path());
+    let (_dir, store) = restored(&broker);
     assert_eq!(value(&store, "c/1").as_deref(), Some("v3"));
     assert_eq!(value(&store, "c/2").as_deref(), Some("v2"));
 }
@@ -309,9 +303,7 @@ fn a_changelog_written_before_commit_markers_restores_every_record() {
 fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
     let broker = broker();
     let never = CancellationToken::new();
-    let a_dir = tempfile::tempdir().expect("dir");
-    let a = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
-    let mut a_store = a.open(0).expect("open");
+    let (_a_dir, mut a_store) = fresh_store();
     let first = commit(&mut a_store, &[("c/first", "kept")], 0, "first");
     assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
     // 1,500 records after the last end marker: more than the restore's first look at
@@ -325,8 +317,7 @@ fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
     torn.pop();
     broker.send_torn(&torn);
 
-    let b_dir = tempfile::tempdir().expect("dir");
-    let b_store = restored(&broker, b_dir.path());
+    let (_b_dir, b_store) = restored(&broker);
     assert_eq!(value(&b_store, "c/first").as_deref(), Some("kept"));
     assert_eq!(value(&b_store, "c/00000"), None);
     assert_eq!(value(&b_store, "c/01499"), None);

@@ -626,13 +626,12 @@ impl ProfileProcessor {
         // is armed again for the survivor.
         let now = ctx.now().max(m.occurred_at);
         if (p.birthday.clone(), p.time_zone.clone(), p.registered_at) != yearly_before {
-            for s in config.scenarios.iter().filter(|s| s.enabled) {
-                if matches!(
-                    s.kind,
-                    ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
-                ) {
-                    schedule_yearly(ctx, s, &p, now)?;
-                }
+            for s in config
+                .scenarios
+                .iter()
+                .filter(|s| s.enabled && is_yearly(s.kind))
+            {
+                schedule_yearly(ctx, s, &p, now)?;
             }
         }
         if p.subscription_ends_at != subscription_before {
