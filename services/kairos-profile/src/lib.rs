@@ -272,15 +272,16 @@ impl ProfileProcessor {
                     }
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
-                    // A cart change older than the browsing (from another device's
-                    // topic, arriving late) ends it only if the cart held something
-                    // then: browsing with a cart is no browse abandonment, whichever
-                    // event arrived first.
+                    // A cart change after the browsing ends it. One older than the
+                    // browsing (another device's topic, arriving late) leaves the
+                    // wait to its timer, which looks at the cart as it then stands:
+                    // with no change after the view, that is the cart the customer
+                    // browsed with, whatever order the changes arrived in.
                     let older = p
                         .waits
                         .get(s.name.as_str())
                         .is_some_and(|w| w.cause_occurred_at > e.occurred_at);
-                    if !older || !p.cart.is_empty() {
+                    if !older {
                         stop_wait(ctx, s, &mut p)?;
                     }
                 }
@@ -296,7 +297,10 @@ impl ProfileProcessor {
                             e,
                         );
                     }
-                    if p.cart.is_empty() && !p.bought_since(e.occurred_at) {
+                    // Armed whatever the cart holds now: an older change arriving
+                    // later may yet empty it (the timer decides, see
+                    // `fire_scenario`).
+                    if !p.bought_since(e.occurred_at) {
                         for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
                             restart_wait(ctx, s, &mut p, e, Some(product.clone()))?;
                         }
@@ -1228,7 +1232,11 @@ impl ProfileProcessor {
                 }
             }
             ScenarioKind::BrowseAbandonment => {
-                let carted = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at);
+                // A cart change after the view, or a cart that held something when
+                // the customer viewed: with no change since, the cart now is the cart
+                // then.
+                let carted = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at)
+                    || !p.cart.is_empty();
                 if carted || p.bought_since(t.cause_occurred_at) {
                     return Ok(());
                 }

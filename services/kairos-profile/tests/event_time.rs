@@ -2136,6 +2136,49 @@ fn a_browse_wait_does_not_depend_on_whether_an_older_cart_change_arrives_first()
 }
 
 #[test]
+fn browse_abandonment_judges_the_cart_at_the_views_time_whatever_order_changes_arrive_in() {
+    let t = at("2026-03-02T10:00:00Z");
+    // Cart changes from the app's topic, a view from the site's, arriving in any order
+    // that keeps the app's own order (an addition before its removal).
+    let run = |events: &[(&str, &str, Millis)]| {
+        let mut h = Harness::new();
+        for (id, kind, when) in events {
+            let payload = if *kind == "product_view" {
+                json!({"product": product("p9", 60.0)})
+            } else {
+                add_to_cart("p1", 10.0)
+            };
+            h.site(id, kind, "lo", *when, payload);
+        }
+        h.advance(t + 5 * HOUR);
+        h.triggers("lo", "browse_abandonment")
+            .iter()
+            .map(|f| f["cause_event_id"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    let add = ("lo-add", "add_to_cart", t);
+    let remove = ("lo-remove", "remove_from_cart", t + 10 * MINUTE);
+    let view = ("lo-view", "product_view", t + 20 * MINUTE);
+    // Added, removed, then browsed with an empty cart: abandoned in every order.
+    for order in [
+        [add, remove, view],
+        [add, view, remove],
+        [view, add, remove],
+    ] {
+        assert_eq!(run(&order), vec!["lo-view".to_string()], "{order:?}");
+    }
+    // Browsed with p1 in the cart, removed after: no browse abandonment in any order.
+    let view_early = ("lo-view", "product_view", t + 5 * MINUTE);
+    for order in [
+        [add, view_early, remove],
+        [add, remove, view_early],
+        [view_early, add, remove],
+    ] {
+        assert!(run(&order).is_empty(), "{order:?}");
+    }
+}
+
+#[test]
 fn a_welcome_series_whose_first_step_was_late_stops() {
     let t = at("2026-04-01T09:00:00Z");
     let mut h = Harness::new();
