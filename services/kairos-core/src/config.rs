@@ -696,6 +696,23 @@ pub enum ScenarioKind {
     BackInStock,
 }
 
+/// What starts a welcome series (`on` of a `welcome` scenario).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WelcomeCause {
+    /// The customer registered.
+    Registration,
+    /// The customer's first marketing opt-in (a consent granted on any channel).
+    Subscription,
+}
+
+/// Every lifecycle stage the profile processor assigns.
+pub const LIFECYCLE_STAGES: [&str; 5] = ["prospect", "new", "regular", "dormant", "churned"];
+
+/// The RFM "segment" of a customer with no order that counts: a transition to it says
+/// the customer left RFM (every order cancelled).
+pub const NO_RFM_SEGMENT: &str = "none";
+
 /// A later step of a chain, `delay` after the previous one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -763,9 +780,42 @@ pub struct ScenarioConfig {
     /// channel and category caps (`caps = { daily_cap = 1, weekly_cap = 2 }`).
     #[serde(default)]
     pub caps: Option<CapConfig>,
+    /// What starts a `welcome` series: a registration, a subscription (the first
+    /// marketing opt-in) or, by default (empty), whichever of both comes first: one
+    /// series either way.
+    #[serde(default)]
+    pub on: Vec<WelcomeCause>,
 }
 
 impl ScenarioKind {
+    /// The name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScenarioKind::AbandonedCart => "abandoned_cart",
+            ScenarioKind::BrowseAbandonment => "browse_abandonment",
+            ScenarioKind::Welcome => "welcome",
+            ScenarioKind::PostPurchase => "post_purchase",
+            ScenarioKind::Reactivation => "reactivation",
+            ScenarioKind::Birthday => "birthday",
+            ScenarioKind::RegistrationAnniversary => "registration_anniversary",
+            ScenarioKind::SubscriptionEnding => "subscription_ending",
+            ScenarioKind::PostDelivery => "post_delivery",
+            ScenarioKind::OrderUpdate => "order_update",
+            ScenarioKind::SegmentEntered => "segment_entered",
+            ScenarioKind::PriceDrop => "price_drop",
+            ScenarioKind::BackInStock => "back_in_stock",
+        }
+    }
+
+    /// Occasions told the moment they happen (an order status, a catalog change): no
+    /// `delay`, no `steps`.
+    pub fn fires_at_once(self) -> bool {
+        matches!(
+            self,
+            ScenarioKind::OrderUpdate | ScenarioKind::PriceDrop | ScenarioKind::BackInStock
+        )
+    }
+
     /// Waits that every new cause restarts (a cart change, a product view).
     pub fn is_restartable_wait(self) -> bool {
         matches!(
@@ -776,6 +826,11 @@ impl ScenarioKind {
 }
 
 impl ScenarioConfig {
+    /// Whether `cause` starts this welcome series (see [`ScenarioConfig::on`]).
+    pub fn welcomes_on(&self, cause: WelcomeCause) -> bool {
+        self.on.is_empty() || self.on.contains(&cause)
+    }
+
     /// How long the cascade waits for a reaction after its `sent`-th message.
     pub fn cascade_wait(&self, sent: usize) -> Option<Duration> {
         self.cascade.get(sent.checked_sub(1)?).map(|d| **d)
@@ -985,21 +1040,19 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
-        let fail = |key: &str, message: String| {
-            let line = find_key_line(text, key);
-            match line {
-                Some(line) => ConfigError::Invalid {
-                    file: self.source_file.clone(),
-                    line,
-                    column: 1,
-                    message: format!("{key}: {message}"),
-                },
-                None => ConfigError::Semantic {
-                    file: self.source_file.clone(),
-                    message: format!("{key}: {message}"),
-                },
-            }
+        let fail_at = |line: Option<usize>, key: &str, message: String| match line {
+            Some(line) => ConfigError::Invalid {
+                file: self.source_file.clone(),
+                line,
+                column: 1,
+                message: format!("{key}: {message}"),
+            },
+            None => ConfigError::Semantic {
+                file: self.source_file.clone(),
+                message: format!("{key}: {message}"),
+            },
         };
+        let fail = |key: &str, message: String| fail_at(find_key_line(text, key), key, message);
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
         }
@@ -1100,8 +1153,78 @@ impl Config {
                 ),
             ));
         }
+        let rfm = &self.segments.rfm;
+        for (i, cell) in rfm.cells.iter().enumerate() {
+            for (dim, [low, high]) in [("r", cell.r), ("f", cell.f), ("m", cell.m)] {
+                if !(1 <= low && low <= high && high <= 5) {
+                    return Err(fail_at(
+                        cell_key_line(text, &cell.name, dim),
+                        dim,
+                        format!(
+                            "segments.rfm.cells[{i}] ({}).{dim} = {low}..{high}: scores run \
+                             from 1 to 5, low first",
+                            cell.name
+                        ),
+                    ));
+                }
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.scenarios.iter().enumerate() {
+            // The scenario's own line of `key`, else the first in the file.
+            let line_of =
+                |key: &str| scenario_key_line(text, i, key).or_else(|| find_key_line(text, key));
+            if let Some(segment) = s
+                .segment
+                .as_deref()
+                .filter(|_| s.kind == ScenarioKind::SegmentEntered)
+            {
+                let known = rfm
+                    .cells
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .chain([rfm.default_segment.as_str(), NO_RFM_SEGMENT])
+                    .chain(LIFECYCLE_STAGES);
+                if !known.clone().any(|k| k == segment) {
+                    return Err(fail_at(
+                        line_of("segment"),
+                        "segment",
+                        format!(
+                            "scenarios[{i}] ({}): {segment:?} is no RFM cell, RFM default \
+                             segment or lifecycle stage (known: {})",
+                            s.name,
+                            known.collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+            if s.kind.fires_at_once() {
+                let told = |field: &str| {
+                    format!(
+                        "scenarios[{i}] ({}): {} is told when it happens and takes no {field}",
+                        s.name,
+                        s.kind.as_str()
+                    )
+                };
+                if !s.delay.is_zero() {
+                    return Err(fail_at(line_of("delay"), "delay", told("delay")));
+                }
+                if !s.steps.is_empty() {
+                    return Err(fail_at(line_of("steps"), "steps", told("steps")));
+                }
+            }
+            if !s.on.is_empty() && s.kind != ScenarioKind::Welcome {
+                return Err(fail_at(
+                    line_of("on"),
+                    "on",
+                    format!(
+                        "scenarios[{i}] ({}): `on` names what starts a welcome series; \
+                         {} scenarios take none",
+                        s.name,
+                        s.kind.as_str()
+                    ),
+                ));
+            }
             if !names.insert(s.name.as_str()) {
                 return Err(fail(
                     "name",
@@ -1327,6 +1450,45 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Whether `line` assigns `key` (`key = ...`).
+fn assigns(line: &str, key: &str) -> bool {
+    line.trim_start()
+        .strip_prefix(key)
+        .is_some_and(|rest| rest.trim_start().starts_with('='))
+}
+
+/// The line where `key` is assigned in the `index`-th `[[scenarios]]` table (before
+/// any sub-table of it).
+fn scenario_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (start, _) = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[scenarios]]")
+        .nth(index)?;
+    lines
+        .iter()
+        .enumerate()
+        .skip(start + 1)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| assigns(l, key))
+        .map(|(i, _)| i + 1)
+}
+
+/// The line of `key` in the RFM cell named `name` (the line naming the cell when the
+/// cell is written on one line).
+fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let cells = lines.iter().position(|l| l.contains("cells"))?;
+    let quoted = format!("\"{name}\"");
+    let named = cells + lines[cells..].iter().position(|l| l.contains(&quoted))?;
+    let own = lines[named + 1..]
+        .iter()
+        .take_while(|l| !l.trim_start().starts_with('[') && !assigns(l, "name"))
+        .position(|l| assigns(l, key));
+    Some(own.map_or(named, |i| named + 1 + i) + 1)
+}
+
 /// First line where `key` is assigned, for errors found after parsing.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
@@ -1425,6 +1587,85 @@ mod tests {
         let text = "[[scenarios]]\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n[[scenarios]]\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n";
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("duplicate scenario name"), "{err}");
+    }
+
+    /// A scenario of `kind` with `more` lines, after a scenario that names a segment
+    /// of its own (so an error must point at the second one's line).
+    fn two_scenarios(kind: &str, more: &str) -> String {
+        format!(
+            "[[scenarios]]\nname = \"vip\"\nkind = \"segment_entered\"\nsegment = \"Champions\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n\n\
+             [[scenarios]]\nname = \"b\"\nkind = \"{kind}\"\nchannels = [\"email\"]\n\
+             template = \"t\"\n{more}"
+        )
+    }
+
+    #[test]
+    fn a_segment_trigger_for_a_segment_that_does_not_exist_is_rejected_at_its_line() {
+        let err = parse(&two_scenarios("segment_entered", "segment = \"At Rsik\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:13:"), "{err}");
+        assert!(err.contains("segment") && err.contains("At Rsik"), "{err}");
+        for known in ["At Risk", "Others", "dormant", "prospect", "none"] {
+            let text = two_scenarios("segment_entered", &format!("segment = \"{known}\"\n"));
+            parse(&text).unwrap_or_else(|e| panic!("{known}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rfm_cell_ranges_must_be_scores_from_low_to_high() {
+        for (range, bad) in [("[5, 4]", "5..4"), ("[0, 9]", "0..9")] {
+            let text = format!(
+                "[segments.rfm]\ndefault_segment = \"Others\"\n\n\
+                 [[segments.rfm.cells]]\nname = \"Fine\"\nr = [1, 5]\nf = [1, 5]\nm = [1, 5]\n\n\
+                 [[segments.rfm.cells]]\nname = \"Odd\"\nr = {range}\nf = [1, 5]\nm = [1, 5]\n"
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml:12:"), "{err}");
+            assert!(err.contains("Odd") && err.contains(".r"), "{err}");
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_delay_or_steps_on_an_occasion_that_fires_at_once_are_rejected_at_their_line() {
+        for kind in ["price_drop", "back_in_stock", "order_update"] {
+            let err = parse(&two_scenarios(kind, "delay = \"1d\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("test.toml:13:"), "{kind}: {err}");
+            assert!(err.contains("delay") && err.contains(kind), "{err}");
+            let steps = "steps = [{ delay = \"1d\", template = \"t2\" }]\n";
+            let err = parse(&two_scenarios(kind, steps)).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml:13:"), "{kind}: {err}");
+            assert!(err.contains("steps"), "{err}");
+        }
+        // A segment trigger takes both.
+        let more = "segment = \"At Risk\"\ndelay = \"3d\"\nsteps = [{ delay = \"1d\", template = \"t2\" }]\n";
+        parse(&two_scenarios("segment_entered", more)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn welcome_causes_are_registration_or_subscription_and_only_for_welcome() {
+        let cfg = parse(&two_scenarios("welcome", "on = [\"subscription\"]\n")).unwrap();
+        let s = cfg.scenario("b").unwrap();
+        assert!(s.welcomes_on(WelcomeCause::Subscription));
+        assert!(!s.welcomes_on(WelcomeCause::Registration));
+        let cfg = parse(&two_scenarios("welcome", "")).unwrap();
+        let s = cfg.scenario("b").unwrap();
+        assert!(
+            s.welcomes_on(WelcomeCause::Subscription) && s.welcomes_on(WelcomeCause::Registration)
+        );
+        let err = parse(&two_scenarios("welcome", "on = [\"login\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:13:"), "{err}");
+        let err = parse(&two_scenarios("post_purchase", "on = [\"registration\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:13:"), "{err}");
+        assert!(err.contains("on") && err.contains("welcome"), "{err}");
     }
 
     #[test]

@@ -50,8 +50,9 @@ pub fn decode_receipt(
 }
 
 /// An amount must be a number and not negative: a negative total would add to the
-/// revenue a refund takes away, and NaN would poison every sum it joins.
-fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
+/// revenue a refund takes away, a negative price would be a drop of over 100%, and NaN
+/// would poison every sum it joins.
+pub fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
     match amount {
         Some(a) if !a.is_finite() || a < 0.0 => Err(Rejection::new(
             DeadLetterReason::invalid_field,

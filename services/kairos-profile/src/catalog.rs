@@ -284,6 +284,12 @@ impl Processor for CatalogJoin {
         vec![self.catalog_topic.clone(), self.interest_topic.clone()]
     }
 
+    /// The catalog comes from the shop's systems, whose clocks may be wrong: an update
+    /// too far ahead would become the product's latest state for good.
+    fn is_raw_input(&self, topic: &str) -> bool {
+        topic == self.catalog_topic
+    }
+
     fn outputs(&self) -> Vec<String> {
         vec![self.occasions_topic.clone()]
     }
@@ -298,6 +304,7 @@ impl Processor for CatalogJoin {
                     "catalog update needs event_id and product_id",
                 ));
             }
+            kairos_core::input::check_amount("price", u.price)?;
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
             Ok(CatalogInput::Interest(Box::new(decode_internal(

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use kairos_core::config::{topics, Config, ScenarioConfig, ScenarioKind};
+use kairos_core::config::{
+    topics, Config, ScenarioConfig, ScenarioKind, WelcomeCause, NO_RFM_SEGMENT,
+};
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
     IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
@@ -61,6 +63,9 @@ struct ScenarioTimer {
     step: usize,
     product: Option<Product>,
     order_id: Option<String>,
+    /// The occasion's template variables as a JSON object (a segment trigger's from
+    /// and to), for steps that fire later.
+    variables: Option<String>,
 }
 
 /// A [`ScenarioTimer`] as written: the same fields in the same order, so the same
@@ -74,6 +79,7 @@ struct ScenarioTimerRef<'a> {
     step: usize,
     product: Option<&'a Product>,
     order_id: Option<&'a str>,
+    variables: Option<&'a str>,
 }
 
 /// Timer id prefix of the segment review (time-driven segment changes).
@@ -125,8 +131,8 @@ impl ProfileProcessor {
             transitions: metrics::cached_counter_vec(
                 prom,
                 "kairos_segment_transitions_total",
-                "Segment and lifecycle transitions, by kind and target segment.",
-                &["kind", "to"],
+                "Segment and lifecycle transitions, by kind, segment left (\"none\": none yet) and segment entered (\"none\" for RFM: no order counts any more).",
+                &["kind", "from", "to"],
             ),
             duplicates: metrics::counter(
                 prom,
@@ -134,18 +140,30 @@ impl ProfileProcessor {
                 "Input events dropped because their event id was already seen for the customer.",
             ),
         };
-        // Every transition target exists at zero from the start.
+        // Every transition exists at zero from the start.
         let rfm = &config.segments.rfm;
-        for segment in rfm
+        let rfm_segments: Vec<&str> = rfm
             .cells
             .iter()
             .map(|c| c.name.as_str())
-            .chain([rfm.default_segment.as_str()])
-        {
-            m.transitions.touch(&["rfm", segment]);
+            .chain([rfm.default_segment.as_str(), NO_RFM_SEGMENT])
+            .collect();
+        let lifecycle_stages: Vec<&str> = [NO_RFM_SEGMENT]
+            .into_iter()
+            .chain(segments::LIFECYCLE_STAGES)
+            .collect();
+        for (kind, names) in [("rfm", &rfm_segments), ("lifecycle", &lifecycle_stages)] {
+            for from in names.iter() {
+                for to in names
+                    .iter()
+                    .filter(|to| *to != from && **to != NO_RFM_SEGMENT)
+                {
+                    m.transitions.touch(&[kind, from, to]);
+                }
+            }
         }
-        for stage in segments::LIFECYCLE_STAGES {
-            m.transitions.touch(&["lifecycle", stage]);
+        for from in rfm_segments.iter().filter(|s| **s != NO_RFM_SEGMENT) {
+            m.transitions.touch(&["rfm", from, NO_RFM_SEGMENT]);
         }
         for s in &config.scenarios {
             m.triggers.touch(&[&s.name]);
@@ -244,13 +262,31 @@ impl ProfileProcessor {
         let birthday_before = (p.birthday.clone(), p.time_zone.clone());
         let subscription_before = p.subscription_ends_at;
         let visited_before = p.last_visit_at;
+        // A subscription welcome may have started (rows from before `subscribed_at`
+        // know none: their registration was the welcome).
+        let subscribed_before = p.subscribed_at.is_some();
+        let opted_in_before = subscribed_before || p.consents.values().any(|granted| *granted);
         p.touch(e);
+        let first_opt_in = !opted_in_before
+            && e.consent
+                .as_ref()
+                .is_some_and(|c| c.granted && p.consents.get(&c.channel) == Some(&true));
+        if first_opt_in {
+            p.subscribed_at = Some(e.occurred_at);
+        }
         let mut purchase_changed = false;
+        // Why the purchase aggregates changed, for the segment transitions.
+        let mut purchase_reason = "purchase";
         match e.event_type {
             EventType::registration if p.registered_at.is_none() => {
                 p.registered_at = Some(e.occurred_at);
                 for s in self.scenarios(ScenarioKind::Welcome).iter() {
-                    schedule_after_event(ctx, s, &p, e, None, None)?;
+                    // One series for a registration and a subscription, whichever
+                    // came first.
+                    let started = s.welcomes_on(WelcomeCause::Subscription) && subscribed_before;
+                    if s.welcomes_on(WelcomeCause::Registration) && !started {
+                        schedule_after_event(ctx, s, &p, e, None, None)?;
+                    }
                 }
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
                     schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
@@ -353,10 +389,14 @@ impl ProfileProcessor {
             }
             EventType::order_status => {
                 // A status re-sent for a recent order (under a new event id) applies
-                // once; for an older order the profile cannot tell.
+                // once; for an older order the profile cannot tell. A return of an
+                // order partly returned is another part (or the rest) of it.
                 let repeated = e.order.as_ref().is_some_and(|o| {
                     o.status.is_some_and(|st| {
+                        let partly_returned =
+                            st == OrderStatus::returned && p.partly_returned(&o.order_id);
                         p.note_status(&o.order_id, st, e.occurred_at) == Some(false)
+                            && !partly_returned
                     })
                 });
                 if repeated {
@@ -368,8 +408,10 @@ impl ProfileProcessor {
                         // counting as an order.
                         Some(status @ (OrderStatus::returned | OrderStatus::cancelled)) => {
                             let kind = if status == OrderStatus::cancelled {
+                                purchase_reason = "cancellation";
                                 ReversalKind::Cancellation
                             } else {
+                                purchase_reason = "return";
                                 ReversalKind::Return
                             };
                             let reversal = p.record_return(&order.order_id, order.total, kind);
@@ -424,6 +466,15 @@ impl ProfileProcessor {
             }
             _ => {}
         }
+        if first_opt_in {
+            for s in self.scenarios(ScenarioKind::Welcome).iter() {
+                let started =
+                    s.welcomes_on(WelcomeCause::Registration) && p.registered_at.is_some();
+                if s.welcomes_on(WelcomeCause::Subscription) && !started {
+                    schedule_after_event(ctx, s, &p, e, None, None)?;
+                }
+            }
+        }
         if (p.birthday.clone(), p.time_zone.clone()) != birthday_before {
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
                 schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
@@ -457,7 +508,7 @@ impl ProfileProcessor {
                 ctx,
                 &mut p,
                 if purchase_changed {
-                    "purchase"
+                    purchase_reason
                 } else {
                     "first event"
                 },
@@ -554,7 +605,9 @@ impl ProfileProcessor {
                 .latest_order()
                 .filter(|o| p.last_purchase_at.is_none_or(|mine| mine < o.at))
                 .map(|o| (o.order_id.clone(), o.at)),
-            registered_at: merged.registered_at.filter(|_| p.registered_at.is_none()),
+            registered_at: merged
+                .registered_at
+                .filter(|_| p.registered_at.is_none() && p.subscribed_at.is_none()),
             delivery: merged
                 .latest_delivery()
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
@@ -670,8 +723,8 @@ impl ProfileProcessor {
         now: Millis,
     ) -> anyhow::Result<()> {
         if let Some((order_id, at)) = chains.order {
-            // Reversed since (a return in the survivor's history): no follow-up.
-            if !p.order_reversed(&order_id) {
+            // Returned since (in the survivor's history): no follow-up.
+            if !p.order_returned(&order_id) {
                 for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
                     let due = at + ms(s.delay);
                     if due > now {
@@ -1019,14 +1072,16 @@ impl ProfileProcessor {
         let cause = Cause { at, now };
         if p.lifecycle.as_deref() != Some(stage.as_str()) {
             let from = p.lifecycle.replace(stage.clone());
-            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, cause);
+            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, cause)?;
         }
         let score = segments::rfm(&cfg.rfm, p, now);
         let new_segment = score.as_ref().map(|s| s.segment.clone());
         let old_segment = p.rfm.as_ref().map(|s| s.segment.clone());
         p.rfm = score;
-        if let (Some(to), true) = (&new_segment, new_segment != old_segment) {
-            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, cause);
+        if new_segment != old_segment {
+            // No order counts any more (all cancelled): the customer leaves RFM.
+            let to = new_segment.as_deref().unwrap_or(NO_RFM_SEGMENT);
+            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, cause)?;
         }
         if let Some(next) = segments::next_boundary(&cfg, p, now) {
             let armed = p.armed.get(SEGMENT_REVIEW).copied();
@@ -1052,7 +1107,7 @@ impl ProfileProcessor {
         to: &str,
         reason: &str,
         cause: Cause,
-    ) {
+    ) -> anyhow::Result<()> {
         let kind_name = match kind {
             SegmentKind::rfm => "rfm",
             SegmentKind::lifecycle => "lifecycle",
@@ -1072,17 +1127,29 @@ impl ProfileProcessor {
             reason: reason.to_string(),
             occurred_at: at,
         };
-        // Segment names come from the configuration, so the label stays bounded.
-        self.metrics.transitions.inc(&[kind_name, to]);
+        // Segment names come from the configuration, so the labels stay bounded.
+        let from_label = t.from_segment.as_deref().unwrap_or(NO_RFM_SEGMENT);
+        self.metrics.transitions.inc(&[kind_name, from_label, to]);
         ctx.emit(&self.transitions_topic, &p.customer_id, &t);
         for s in self.scenarios(ScenarioKind::SegmentEntered).iter() {
             if s.segment.as_deref() == Some(to) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
-                self.emit_trigger(ctx, s, p, 0, &t.transition_id, at, at + ms(s.delay), vars);
+                if s.delay.is_zero() && s.steps.is_empty() {
+                    self.emit_trigger(ctx, s, p, 0, &t.transition_id, at, at, vars);
+                } else {
+                    // A wait or a chain: on a timer like every other scenario's, so
+                    // it fires when due and a purchase can end it
+                    // (`exit_on_purchase`).
+                    let vars = serde_json::Value::Object(vars).to_string();
+                    let due = at + ms(s.delay);
+                    let timer = StepTimer::new(&t.transition_id, at, 0, due);
+                    schedule_step_with(ctx, s, p, timer, None, None, Some(&vars))?;
+                }
             }
         }
+        Ok(())
     }
 
     /// Emits a trigger unless its moment passed by more than the tolerance; returns
@@ -1321,7 +1388,7 @@ impl ProfileProcessor {
                     if marked {
                         ctx.delete(&key);
                     }
-                    if marked || p.order_reversed(order) {
+                    if marked || p.order_returned(order) {
                         return Ok(());
                     }
                     vars.insert("order_id".into(), order.clone().into());
@@ -1329,15 +1396,26 @@ impl ProfileProcessor {
             }
             ScenarioKind::PostDelivery => {
                 if let Some(order) = &t.order_id {
+                    // No survey about an order sent back or cancelled.
+                    if p.order_returned(order) {
+                        return Ok(());
+                    }
                     vars.insert("order_id".into(), order.clone().into());
                 }
             }
             ScenarioKind::Welcome => {}
-            // Fired directly, never through timers.
-            ScenarioKind::OrderUpdate
-            | ScenarioKind::SegmentEntered
-            | ScenarioKind::PriceDrop
-            | ScenarioKind::BackInStock => return Ok(()),
+            // A segment trigger with a delay or steps: the transition's variables.
+            ScenarioKind::SegmentEntered => {
+                if let Some(Ok(serde_json::Value::Object(stored))) =
+                    t.variables.as_deref().map(serde_json::from_str)
+                {
+                    vars = stored;
+                }
+            }
+            // Fired directly, never through timers (configuration rejects a delay).
+            ScenarioKind::OrderUpdate | ScenarioKind::PriceDrop | ScenarioKind::BackInStock => {
+                return Ok(())
+            }
         }
         // A purchase after the chain's cause ends it, whichever arrived first (a
         // purchase processed before the registration, a till sale uploaded late). A
@@ -1388,16 +1466,16 @@ impl ProfileProcessor {
                 }
             }
         } else if let Some(next) = s.steps.get(t.step) {
-            schedule_step(
+            let due = timer.fire_at + ms(next.delay);
+            let next_step = StepTimer::new(&cause, t.cause_occurred_at, t.step + 1, due);
+            schedule_step_with(
                 ctx,
                 s,
                 p,
-                &cause,
-                t.cause_occurred_at,
-                t.step + 1,
-                timer.fire_at + ms(next.delay),
+                next_step,
                 t.product.as_ref(),
                 t.order_id.as_deref(),
+                t.variables.as_deref(),
             )?;
         }
         Ok(())
@@ -1505,17 +1583,56 @@ fn schedule_step(
     product: Option<&Product>,
     order_id: Option<&str>,
 ) -> anyhow::Result<()> {
-    ctx.schedule(
-        &step_timer_id(s, step, &p.customer_id),
-        fire_at,
-        &ScenarioTimerRef {
-            scenario: &s.name,
-            customer_id: &p.customer_id,
+    let timer = StepTimer::new(cause_event_id, cause_occurred_at, step, fire_at);
+    schedule_step_with(ctx, s, p, timer, product, order_id, None)
+}
+
+/// A step to arm: its cause, number and fire time.
+struct StepTimer<'a> {
+    cause_event_id: &'a str,
+    cause_occurred_at: Millis,
+    step: usize,
+    fire_at: Millis,
+}
+
+impl<'a> StepTimer<'a> {
+    fn new(
+        cause_event_id: &'a str,
+        cause_occurred_at: Millis,
+        step: usize,
+        fire_at: Millis,
+    ) -> Self {
+        StepTimer {
             cause_event_id,
             cause_occurred_at,
             step,
+            fire_at,
+        }
+    }
+}
+
+/// [`schedule_step`] with the occasion's template `variables` (a JSON object).
+fn schedule_step_with(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &CustomerProfile,
+    timer: StepTimer<'_>,
+    product: Option<&Product>,
+    order_id: Option<&str>,
+    variables: Option<&str>,
+) -> anyhow::Result<()> {
+    ctx.schedule(
+        &step_timer_id(s, timer.step, &p.customer_id),
+        timer.fire_at,
+        &ScenarioTimerRef {
+            scenario: &s.name,
+            customer_id: &p.customer_id,
+            cause_event_id: timer.cause_event_id,
+            cause_occurred_at: timer.cause_occurred_at,
+            step: timer.step,
             product,
             order_id,
+            variables,
         },
     )
 }
@@ -1819,7 +1936,10 @@ mod tests {
             category: None,
             price: Some(79.9),
         };
-        for (product, order_id) in [(Some(&product), Some("o-7")), (None, None)] {
+        let variables = Some(r#"{"to_segment":"At Risk"}"#);
+        for (product, order_id, variables) in
+            [(Some(&product), Some("o-7"), variables), (None, None, None)]
+        {
             let borrowed = ScenarioTimerRef {
                 scenario: "post_purchase",
                 customer_id: "c-1",
@@ -1828,6 +1948,7 @@ mod tests {
                 step: 2,
                 product,
                 order_id,
+                variables,
             };
             let bytes = kairos_core::encoding::encode_state(&borrowed).unwrap();
             let owned: ScenarioTimer = kairos_core::encoding::decode_state(&bytes).unwrap();
@@ -1838,6 +1959,7 @@ mod tests {
             assert_eq!(owned.step, 2);
             assert_eq!(owned.product.as_ref(), product);
             assert_eq!(owned.order_id.as_deref(), order_id);
+            assert_eq!(owned.variables.as_deref(), variables);
             assert_eq!(kairos_core::encoding::encode_state(&owned).unwrap(), bytes);
         }
     }

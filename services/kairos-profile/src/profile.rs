@@ -127,6 +127,39 @@ pub struct CustomerProfile {
     /// delivery outcomes must not push out the event ids a producer may retry.
     #[serde(default)]
     pub recent_outcome_ids: VecDeque<u64>,
+    /// The customer's first marketing opt-in (a subscription): it starts a welcome
+    /// series as a registration does, one series for both. None in rows written before
+    /// (their registration stands for the welcome).
+    #[serde(default)]
+    pub subscribed_at: Option<Millis>,
+    /// When each contact and profile field was last stated ([`field`] codes): topics
+    /// are consumed independently, so an older statement arriving later changes
+    /// nothing.
+    #[serde(default)]
+    pub stated_at: SmallMap<u8, Millis>,
+}
+
+/// Codes of the fields in [`CustomerProfile::stated_at`]: stored, never reused.
+pub mod field {
+    pub const EMAIL: u8 = 1;
+    pub const PHONE: u8 = 2;
+    pub const TIME_ZONE: u8 = 3;
+    pub const BIRTHDAY: u8 = 4;
+    pub const SUBSCRIPTION_ENDS_AT: u8 = 5;
+    pub const FIRST_NAME: u8 = 6;
+    pub const LAST_NAME: u8 = 7;
+    pub const PUSH_TOKEN: u8 = 8;
+    pub const MESSENGER_ID: u8 = 9;
+}
+
+/// Records that `field` was stated at `at`; false (and nothing recorded) when a later
+/// statement of it is known. At the same time, the later arrival wins.
+fn newer_statement(stated_at: &mut SmallMap<u8, Millis>, field: u8, at: Millis) -> bool {
+    if stated_at.get(&field).is_some_and(|known| *known > at) {
+        return false;
+    }
+    stated_at.insert(field, at);
+    true
 }
 
 /// One order as the profile remembers it (see [`CustomerProfile::recent_orders`]).
@@ -148,6 +181,12 @@ pub struct OrderRecord {
     /// When it was delivered: a merge re-arms the merged customer's NPS survey from it.
     #[serde(default)]
     pub delivered_at: Option<Millis>,
+    /// Cancelled (not merely returned): its time no longer counts as a purchase.
+    #[serde(default)]
+    pub cancelled: bool,
+    /// What partial returns took out of it so far; `reversed` once it is all back.
+    #[serde(default)]
+    pub returned_amount: f64,
 }
 
 /// The bit of `status` in [`OrderRecord::statuses`]: fixed here, stored in state.
@@ -272,6 +311,10 @@ impl CustomerProfile {
         self.time_zone = self.time_zone.take().or(other.time_zone);
         self.birthday = self.birthday.take().or(other.birthday);
         self.registered_at = min_some(self.registered_at, other.registered_at);
+        self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
+        for (code, at) in other.stated_at {
+            self.stated_at.entry(code).or_insert(at);
+        }
         self.subscription_ends_at = self.subscription_ends_at.max(other.subscription_ends_at);
         for (channel, granted) in other.consents {
             let mine = self.consents.entry(channel).or_insert(granted);
@@ -383,31 +426,49 @@ impl CustomerProfile {
                     .map_or(e.occurred_at, |v| v.max(e.occurred_at)),
             );
         }
-        if let Some(email) = &e.email {
-            self.email = Some(email.clone());
-        }
-        if let Some(phone) = &e.phone {
-            self.phone = Some(phone.clone());
-        }
         if let Some(c) = &e.consent {
             self.state_consent(c.channel, c.granted, e.occurred_at);
         }
-        if let Some(u) = &e.profile {
-            let set = |field: &mut Option<String>, v: &Option<String>| {
-                if let Some(v) = v {
+        // Each field keeps the latest statement by event time, whatever order the
+        // topics delivered them in.
+        let at = e.occurred_at;
+        let stated = &mut self.stated_at;
+        let mut set = |code: u8, field: &mut Option<String>, v: Option<&String>| {
+            if let Some(v) = v {
+                if newer_statement(stated, code, at) {
                     *field = Some(v.clone());
                 }
-            };
-            set(&mut self.first_name, &u.first_name);
-            set(&mut self.last_name, &u.last_name);
-            set(&mut self.email, &u.email);
-            set(&mut self.phone, &u.phone);
-            set(&mut self.push_token, &u.push_token);
-            set(&mut self.messenger_id, &u.messenger_id);
-            set(&mut self.time_zone, &u.time_zone);
-            set(&mut self.birthday, &u.birthday);
-            if u.subscription_ends_at.is_some() {
-                self.subscription_ends_at = u.subscription_ends_at;
+            }
+        };
+        set(field::EMAIL, &mut self.email, e.email.as_ref());
+        set(field::PHONE, &mut self.phone, e.phone.as_ref());
+        if let Some(u) = &e.profile {
+            set(
+                field::FIRST_NAME,
+                &mut self.first_name,
+                u.first_name.as_ref(),
+            );
+            set(field::LAST_NAME, &mut self.last_name, u.last_name.as_ref());
+            set(field::EMAIL, &mut self.email, u.email.as_ref());
+            set(field::PHONE, &mut self.phone, u.phone.as_ref());
+            set(
+                field::PUSH_TOKEN,
+                &mut self.push_token,
+                u.push_token.as_ref(),
+            );
+            set(
+                field::MESSENGER_ID,
+                &mut self.messenger_id,
+                u.messenger_id.as_ref(),
+            );
+            set(field::TIME_ZONE, &mut self.time_zone, u.time_zone.as_ref());
+            set(field::BIRTHDAY, &mut self.birthday, u.birthday.as_ref());
+            // Absent and null read the same in the contract (an optional field), so
+            // a statement can move the end but not clear it.
+            if let Some(ends) = u.subscription_ends_at {
+                if newer_statement(&mut self.stated_at, field::SUBSCRIPTION_ENDS_AT, at) {
+                    self.subscription_ends_at = Some(ends);
+                }
             }
         }
     }
@@ -574,13 +635,23 @@ impl CustomerProfile {
             .recent_orders
             .iter_mut()
             .find(|o| o.order_id == order_id);
-        let (amount, known, offline) = match known {
+        let (amount, known, offline, cancelled_at) = match known {
             Some(order) if order.reversed => return Reversal::AlreadyReversed,
             Some(order) => {
-                order.reversed = true;
-                (total.unwrap_or(order.total), true, order.offline)
+                // Never more than what still counts of the order.
+                let left = (order.total - order.returned_amount).max(0.0);
+                let amount = total.map_or(left, |t| t.min(left));
+                order.returned_amount += amount;
+                // A return of part of the order leaves the rest counted; another
+                // part may follow.
+                let whole = kind == ReversalKind::Cancellation
+                    || order.returned_amount >= order.total - 1e-9;
+                order.reversed = whole;
+                order.cancelled = kind == ReversalKind::Cancellation;
+                let cancelled_at = order.cancelled.then_some(order.at);
+                (amount, true, order.offline, cancelled_at)
             }
-            None => (total.unwrap_or(0.0), false, false),
+            None => (total.unwrap_or(0.0), false, false, None),
         };
         match kind {
             ReversalKind::Return => self.returns += 1,
@@ -594,7 +665,55 @@ impl CustomerProfile {
             ReversalKind::Cancellation => {}
         }
         self.revenue = (self.revenue - amount).max(0.0);
+        if let Some(at) = cancelled_at {
+            self.forget_purchase_time(at);
+        }
         Reversal::Applied { known }
+    }
+
+    /// A cancelled order bought nothing: when it was the last (or first) purchase, the
+    /// recency (and the first purchase) come from the orders that still count. Left
+    /// alone when those are not known (older orders than the recent ones counted).
+    fn forget_purchase_time(&mut self, at: Millis) {
+        let counted = || self.recent_orders.iter().filter(|o| !o.cancelled);
+        if self.last_purchase_at == Some(at) {
+            let latest = counted()
+                .max_by_key(|o| o.at)
+                .map(|o| (o.at, o.order_id.clone()));
+            match latest {
+                Some((latest_at, order_id)) => {
+                    self.last_purchase_at = Some(latest_at);
+                    self.last_order_id = Some(order_id);
+                }
+                None if self.orders == 0 => {
+                    self.last_purchase_at = None;
+                    self.last_order_id = None;
+                }
+                None => {}
+            }
+        }
+        if self.first_purchase_at == Some(at) {
+            if self.orders == 0 {
+                self.first_purchase_at = None;
+            } else if counted().count() >= self.orders as usize {
+                self.first_purchase_at = counted().map(|o| o.at).min();
+            }
+        }
+    }
+
+    /// Whether the order is known to be partly returned (and not all of it).
+    pub fn partly_returned(&self, order_id: &str) -> bool {
+        self.recent_orders
+            .iter()
+            .any(|o| o.order_id == order_id && !o.reversed && o.returned_amount > 0.0)
+    }
+
+    /// Whether the order is known to be returned (all or part of it) or cancelled: no
+    /// review request, no NPS survey for it.
+    pub fn order_returned(&self, order_id: &str) -> bool {
+        self.recent_orders
+            .iter()
+            .any(|o| o.order_id == order_id && (o.reversed || o.returned_amount > 0.0))
     }
 
     /// A till refund (it names no original receipt): its own amount leaves the
@@ -981,6 +1100,8 @@ mod tests {
                 offline: false,
                 statuses: 0,
                 delivered_at: None,
+                cancelled: false,
+                returned_amount: 0.0,
             }
         );
     }

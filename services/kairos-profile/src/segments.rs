@@ -39,8 +39,9 @@ pub fn rfm(cfg: &RfmConfig, p: &CustomerProfile, now: Millis) -> Option<RfmScore
     Some(RfmScore { r, f, m, segment })
 }
 
-/// Every lifecycle stage `lifecycle` can return.
-pub const LIFECYCLE_STAGES: [&str; 5] = ["prospect", "new", "regular", "dormant", "churned"];
+/// Every lifecycle stage `lifecycle` can return (in the configuration crate, which
+/// checks the stages `segment_entered` scenarios name).
+pub use kairos_core::config::LIFECYCLE_STAGES;
 
 /// Lifecycle stage: prospect, new, regular, dormant or churned.
 pub fn lifecycle(cfg: &LifecycleConfig, p: &CustomerProfile, now: Millis) -> String {

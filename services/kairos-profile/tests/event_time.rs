@@ -2297,7 +2297,16 @@ fn a_customer_whose_only_order_was_cancelled_is_a_prospect() {
             .collect()
     };
     assert_eq!(to("lifecycle"), ["new", "prospect"]);
-    assert_eq!(to("rfm"), ["New"], "no RFM cell once no order remains");
+    assert_eq!(
+        to("rfm"),
+        ["New", "none"],
+        "no RFM cell once no order remains"
+    );
+    let left = find(&h.transitions("cn"), "rfm", "none")
+        .cloned()
+        .expect("left RFM");
+    assert_eq!(left["from_segment"], "New");
+    assert_eq!(left["reason"], "cancellation");
     let p = h.pipeline.profile("cn").expect("read").expect("stored");
     assert_eq!((p.orders, p.rfm), (0, None));
     assert_eq!(p.lifecycle.as_deref(), Some("prospect"));
@@ -2379,4 +2388,360 @@ fn a_merge_keeps_the_merged_customers_nps_survey() {
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(fired[0]["fired_at"], t + 3 * DAY);
     assert_eq!(vars(&fired[0])["order_id"], "o-6");
+}
+
+// Review fixes (2026-12-02, second round).
+
+#[test]
+fn a_negative_catalog_price_is_dead_lettered_and_announces_no_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("np-cat-1", "p-np", t, json!({"price": 100.0}));
+    h.site(
+        "np-view",
+        "product_view",
+        "np",
+        t + HOUR,
+        json!({"product": product("p-np", 100.0)}),
+    );
+    h.catalog("np-cat-2", "p-np", t + 2 * HOUR, json!({"price": -5.0}));
+    h.advance(t + 3 * HOUR);
+    assert!(h.triggers("np", "price_drop").is_empty());
+    assert!(
+        h.on("product-occasions").next().is_none(),
+        "no audience told"
+    );
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("price -5"), "{reason}");
+    // The last good price stands: a real drop from it is still announced.
+    h.catalog("np-cat-3", "p-np", t + 4 * HOUR, json!({"price": 80.0}));
+    assert_eq!(h.triggers("np", "price_drop").len(), 1);
+}
+
+#[test]
+fn in_wall_clock_mode_a_catalog_update_days_ahead_is_dead_lettered() {
+    let mut h = Harness::with(CONFIG, ClockMode::Wall);
+    let now = kairos_core::time::wall_now();
+    h.catalog("fc-1", "p-fc", now, json!({"price": 100.0}));
+    h.catalog("fc-2", "p-fc", now + 3 * DAY, json!({"price": 50.0}));
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ahead of this machine's clock"), "{reason}");
+}
+
+fn consent(channel: &str, granted: bool) -> Value {
+    json!({"consent": {"channel": channel, "granted": granted}})
+}
+
+#[test]
+fn a_first_opt_in_starts_the_welcome_series_once_with_or_without_registration() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    // An opt-in alone, then one for another channel.
+    h.site("ws-a1", "consent_change", "ws-a", t, consent("email", true));
+    h.site(
+        "ws-a2",
+        "consent_change",
+        "ws-a",
+        t + HOUR,
+        consent("sms", true),
+    );
+    // An opt-in, then the registration an hour later.
+    h.site("ws-b1", "consent_change", "ws-b", t, consent("email", true));
+    h.site("ws-b2", "registration", "ws-b", t + HOUR, json!({}));
+    // A registration, then the opt-in.
+    h.site("ws-c1", "registration", "ws-c", t, json!({}));
+    h.site(
+        "ws-c2",
+        "consent_change",
+        "ws-c",
+        t + HOUR,
+        consent("email", true),
+    );
+    // An opt-in processed after the registration it came after... and before.
+    h.site("ws-d2", "registration", "ws-d", t + HOUR, json!({}));
+    h.site("ws-d1", "consent_change", "ws-d", t, consent("email", true));
+    // A withdrawal is no subscription.
+    h.site(
+        "ws-e1",
+        "consent_change",
+        "ws-e",
+        t,
+        consent("email", false),
+    );
+    h.advance(t + 10 * DAY);
+    // Each series once, from its cause (a step fires when its partition's clock,
+    // moved by the other customers' events, gets there).
+    let series = |customer: &str| -> Vec<(i64, String, i64)> {
+        h.triggers(customer, "welcome")
+            .iter()
+            .map(|t| {
+                (
+                    t["step"].as_i64().unwrap_or(-1),
+                    t["cause_event_id"].as_str().unwrap_or_default().to_string(),
+                    t["cause_occurred_at"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let expected = |cause: &str, at: Millis| -> Vec<(i64, String, i64)> {
+        (0..3).map(|step| (step, cause.to_string(), at)).collect()
+    };
+    assert_eq!(series("ws-a"), expected("ws-a1", t));
+    assert_eq!(series("ws-b"), expected("ws-b1", t));
+    assert_eq!(series("ws-c"), expected("ws-c1", t));
+    assert_eq!(series("ws-d"), expected("ws-d2", t + HOUR));
+    assert!(series("ws-e").is_empty());
+}
+
+#[test]
+fn a_welcome_series_started_only_by_registration_ignores_opt_ins() {
+    let config = CONFIG.replace(
+        "template = \"welcome\"\n",
+        "template = \"welcome\"\non = [\"registration\"]\n",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at("2026-04-01T09:00:00Z");
+    h.site("wo-1", "consent_change", "wo", t, consent("email", true));
+    h.advance(t + DAY);
+    assert!(steps(&h, "wo", "welcome").is_empty());
+    h.site("wo-2", "registration", "wo", t + DAY, json!({}));
+    h.advance(t + 10 * DAY);
+    assert_eq!(steps(&h, "wo", "welcome").len(), 3);
+}
+
+/// The test configuration with a win-back 3 days after entering At Risk, a second
+/// step 4 days later, and a purchase ending it.
+fn delayed_win_back() -> String {
+    let plain = "template = \"win_back\"\n";
+    assert!(CONFIG.contains(plain));
+    CONFIG.replace(
+        plain,
+        "template = \"win_back\"\ndelay = \"3d\"\nexit_on_purchase = true\n\
+         steps = [{ delay = \"4d\", template = \"win_back_2\" }]\n",
+    )
+}
+
+/// Five orders of 60, one a day from `t`: At Risk 180 days after the last.
+fn five_orders(h: &mut Harness, customer: &str, t: Millis) -> Millis {
+    for i in 0..5 {
+        h.site(
+            &format!("{customer}-buy{i}"),
+            "purchase",
+            customer,
+            t + i * DAY,
+            order(&format!("o-{customer}-{i}"), 60.0, None),
+        );
+    }
+    t + 4 * DAY
+}
+
+#[test]
+fn a_segment_trigger_with_a_delay_fires_after_it_and_runs_its_steps() {
+    let t = at(T0);
+    let mut h = Harness::with(&delayed_win_back(), ClockMode::Event);
+    let last = five_orders(&mut h, "dw", t);
+    h.advance(last + 180 * DAY);
+    let all = h.transitions("dw");
+    let at_risk = find(&all, "rfm", "At Risk").expect("At Risk");
+    assert_eq!(at_risk["occurred_at"], last + 180 * DAY);
+    h.advance(last + 183 * DAY - MINUTE);
+    assert!(
+        h.triggers("dw", "win_back").is_empty(),
+        "not before the delay"
+    );
+    h.advance(last + 200 * DAY);
+    assert_eq!(
+        steps(&h, "dw", "win_back"),
+        [(0, last + 183 * DAY), (1, last + 187 * DAY)]
+    );
+    let fired = h.triggers("dw", "win_back");
+    assert_eq!(fired[1]["template"], "win_back_2");
+    let v = vars(&fired[0]);
+    assert_eq!(v["to_segment"], "At Risk");
+    assert_eq!(v["from_segment"], "Loyal");
+    assert_eq!(vars(&fired[1])["to_segment"], "At Risk");
+}
+
+#[test]
+fn a_purchase_during_a_segment_triggers_delay_ends_it() {
+    let t = at(T0);
+    let mut h = Harness::with(&delayed_win_back(), ClockMode::Event);
+    let last = five_orders(&mut h, "dp", t);
+    h.advance(last + 181 * DAY);
+    h.site(
+        "dp-buy",
+        "purchase",
+        "dp",
+        last + 181 * DAY,
+        order("o-dp-back", 20.0, None),
+    );
+    h.advance(last + 200 * DAY);
+    assert!(h.triggers("dp", "win_back").is_empty());
+}
+
+#[test]
+fn a_cancelled_latest_order_leaves_recency_to_the_order_before() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rc-1", "purchase", "rc", t, order("o-rc1", 50.0, None));
+    h.site(
+        "rc-2",
+        "purchase",
+        "rc",
+        t + 20 * DAY,
+        order("o-rc2", 50.0, None),
+    );
+    h.site(
+        "rc-3",
+        "order_status",
+        "rc",
+        t + 21 * DAY,
+        order_status("o-rc2", "cancelled"),
+    );
+    let p = h.pipeline.profile("rc").expect("read").expect("stored");
+    assert_eq!(p.last_purchase_at, Some(t));
+    assert_eq!(p.last_order_id.as_deref(), Some("o-rc1"));
+    h.advance(t + 120 * DAY);
+    let all = h.transitions("rc");
+    let dormant = find(&all, "lifecycle", "dormant").expect("dormant");
+    assert_eq!(dormant["occurred_at"], t + 90 * DAY);
+    // The cancellation made the customer new again (one order, 21 days old).
+    let renewed = all
+        .iter()
+        .find(|x| x["occurred_at"] == t + 21 * DAY && x["kind"] == "lifecycle")
+        .expect("a transition at the cancellation");
+    assert_eq!(renewed["to_segment"], "new");
+    assert_eq!(renewed["reason"], "cancellation");
+}
+
+#[test]
+fn a_return_that_moves_a_segment_says_return() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rr-1", "purchase", "rr", t, order("o-rr", 1000.0, None));
+    h.site(
+        "rr-2",
+        "order_status",
+        "rr",
+        t + DAY,
+        order_status("o-rr", "returned"),
+    );
+    let all = h.transitions("rr");
+    let big = find(&all, "rfm", "Big Spenders").expect("Big Spenders");
+    assert_eq!(big["reason"], "purchase");
+    let back = find(&all, "rfm", "New").expect("New after the return");
+    assert_eq!(back["from_segment"], "Big Spenders");
+    assert_eq!(back["reason"], "return");
+}
+
+#[test]
+fn no_nps_survey_for_a_returned_or_cancelled_order() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for (customer, status) in [("nr", "returned"), ("nc", "cancelled")] {
+        let id = format!("o-{customer}");
+        h.site(
+            &format!("{customer}-buy"),
+            "purchase",
+            customer,
+            t,
+            order(&id, 60.0, None),
+        );
+        h.site(
+            &format!("{customer}-del"),
+            "order_status",
+            customer,
+            t + DAY,
+            order_status(&id, "delivered"),
+        );
+        h.site(
+            &format!("{customer}-back"),
+            "order_status",
+            customer,
+            t + DAY + HOUR,
+            order_status(&id, status),
+        );
+    }
+    h.advance(t + 10 * DAY);
+    assert!(h.triggers("nr", "post_delivery").is_empty());
+    assert!(h.triggers("nc", "post_delivery").is_empty());
+}
+
+#[test]
+fn an_older_profile_statement_arriving_later_changes_nothing() {
+    let t = at("2026-05-01T08:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "so-new",
+        "profile_update",
+        "so",
+        t + 5 * MINUTE,
+        json!({"email": "new@example.com", "profile": {"subscription_ends_at": t + 60 * DAY,
+            "time_zone": "Europe/Berlin", "phone": "+4915100000002"}}),
+    );
+    h.site(
+        "so-old",
+        "profile_update",
+        "so",
+        t,
+        json!({"email": "old@example.com", "profile": {"subscription_ends_at": t + 30 * DAY,
+            "time_zone": "UTC", "phone": "+4915100000001", "first_name": "Ann"}}),
+    );
+    h.advance(t + 70 * DAY);
+    assert_eq!(steps(&h, "so", "subscription_ending"), [(0, t + 55 * DAY)]);
+    let p = h.pipeline.profile("so").expect("read").expect("stored");
+    assert_eq!(p.email.as_deref(), Some("new@example.com"));
+    assert_eq!(p.phone.as_deref(), Some("+4915100000002"));
+    assert_eq!(p.time_zone.as_deref(), Some("Europe/Berlin"));
+    assert_eq!(
+        p.first_name.as_deref(),
+        Some("Ann"),
+        "stated only by the older"
+    );
+}
+
+#[test]
+fn partial_returns_add_up_until_the_order_is_returned() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("pr-buy", "purchase", "pr", t, order("o-pr", 100.0, None));
+    h.site(
+        "pr-r1",
+        "order_status",
+        "pr",
+        t + DAY,
+        order("o-pr", 30.0, Some("returned")),
+    );
+    h.site(
+        "pr-r2",
+        "order_status",
+        "pr",
+        t + 2 * DAY,
+        order("o-pr", 20.0, Some("returned")),
+    );
+    let p = h.pipeline.profile("pr").expect("read").expect("stored");
+    assert_eq!((p.revenue, p.returns, p.orders), (50.0, 2, 1));
+    // The rest (no amount: what is left of the order), then a status sent again.
+    h.site(
+        "pr-r3",
+        "order_status",
+        "pr",
+        t + 3 * DAY,
+        order_status("o-pr", "returned"),
+    );
+    h.site(
+        "pr-r4",
+        "order_status",
+        "pr",
+        t + 3 * DAY,
+        order_status("o-pr", "returned"),
+    );
+    let p = h.pipeline.profile("pr").expect("read").expect("stored");
+    assert_eq!((p.revenue, p.returns, p.orders), (0.0, 3, 1));
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("pr", "post_purchase").is_empty());
 }
