@@ -42,6 +42,28 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every event type, for metrics that start at zero.
+    pub const ALL: [EventType; 18] = [
+        EventType::page_view,
+        EventType::product_view,
+        EventType::search,
+        EventType::add_to_cart,
+        EventType::remove_from_cart,
+        EventType::checkout_started,
+        EventType::purchase,
+        EventType::registration,
+        EventType::login,
+        EventType::consent_change,
+        EventType::profile_update,
+        EventType::wishlist_add,
+        EventType::wishlist_remove,
+        EventType::app_open,
+        EventType::push_opened,
+        EventType::in_app_interaction,
+        EventType::order_status,
+        EventType::heartbeat,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::page_view => "page_view",

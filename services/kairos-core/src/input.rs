@@ -15,6 +15,17 @@ pub enum Source {
     Offline,
 }
 
+impl Source {
+    /// The name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Site => "site",
+            Source::App => "app",
+            Source::Offline => "offline",
+        }
+    }
+}
+
 /// A site or app event, decoded (JSON or Avro) and checked.
 pub fn decode_customer_event(
     payload: &[u8],

@@ -39,7 +39,8 @@ use profile::{CustomerProfile, Reversal, ReversalKind};
 /// A decoded input of the profile processor.
 #[derive(Debug, Clone)]
 pub enum ProfileInput {
-    Event(Box<CustomerEvent>),
+    /// A site or app event, and which of the two.
+    Event(Box<CustomerEvent>, input::Source),
     Receipt(Box<OfflineReceipt>),
     Occasion(Box<ProductOccasion>),
     /// Delivery and engagement outcomes: engagement, unsubscribes, bounces, complaints.
@@ -90,6 +91,8 @@ struct Metrics {
     skipped: IntCounterVec,
     transitions: metrics::CachedCounterVec,
     duplicates: prometheus::IntCounter,
+    /// Customer events by source and type (receipts: offline, sale or refund).
+    events: metrics::CachedCounterVec,
 }
 
 pub struct ProfileProcessor {
@@ -139,7 +142,21 @@ impl ProfileProcessor {
                 "kairos_duplicate_events_total",
                 "Input events dropped because their event id was already seen for the customer.",
             ),
+            events: metrics::cached_counter_vec(
+                prom,
+                "kairos_profile_events_total",
+                "Customer events the profile processor read, by source (site, app, offline) and type (event type; sale or refund for till receipts).",
+                &["source", "type"],
+            ),
         };
+        for source in [input::Source::Site, input::Source::App] {
+            for t in EventType::ALL {
+                m.events.touch(&[source.as_str(), t.as_str()]);
+            }
+        }
+        for kind in ["sale", "refund"] {
+            m.events.touch(&[input::Source::Offline.as_str(), kind]);
+        }
         // Every transition exists at zero from the start.
         let rfm = &config.segments.rfm;
         let rfm_segments: Vec<&str> = rfm
@@ -1823,7 +1840,8 @@ impl Processor for ProfileProcessor {
         if Some(record.topic) == self.identified_topic.as_deref() {
             // Checked and normalized by the identity processor already.
             return Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
-                IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => ProfileInput::Event(e),
+                IdentifiedRecord::site(e) => ProfileInput::Event(e, input::Source::Site),
+                IdentifiedRecord::app(e) => ProfileInput::Event(e, input::Source::App),
                 IdentifiedRecord::offline(r) => ProfileInput::Receipt(r),
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
@@ -1852,16 +1870,19 @@ impl Processor for ProfileProcessor {
                 record.payload,
             )?)))
         } else {
-            Ok(ProfileInput::Event(Box::new(input::decode_customer_event(
-                record.payload,
-                &self.registry,
-            )?)))
+            let source = if record.topic == self.app_topic {
+                input::Source::App
+            } else {
+                input::Source::Site
+            };
+            let event = input::decode_customer_event(record.payload, &self.registry)?;
+            Ok(ProfileInput::Event(Box::new(event), source))
         }
     }
 
     fn event_time(&self, input: &ProfileInput) -> Option<Millis> {
         Some(match input {
-            ProfileInput::Event(e) => e.occurred_at,
+            ProfileInput::Event(e, _) => e.occurred_at,
             ProfileInput::Receipt(r) => r.occurred_at,
             ProfileInput::Occasion(o) => o.occurred_at,
             ProfileInput::Outcome(o) => o.occurred_at,
@@ -1872,9 +1893,26 @@ impl Processor for ProfileProcessor {
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: ProfileInput) -> anyhow::Result<()> {
+        match &input {
+            ProfileInput::Event(e, source) => {
+                self.metrics
+                    .events
+                    .inc(&[source.as_str(), e.event_type.as_str()]);
+            }
+            ProfileInput::Receipt(r) => {
+                let kind = match r.kind {
+                    ReceiptKind::sale => "sale",
+                    ReceiptKind::refund => "refund",
+                };
+                self.metrics
+                    .events
+                    .inc(&[input::Source::Offline.as_str(), kind]);
+            }
+            _ => {}
+        }
         match input {
-            ProfileInput::Event(e) if e.event_type == EventType::heartbeat => Ok(()),
-            ProfileInput::Event(e) => self.apply_event(ctx, &e),
+            ProfileInput::Event(e, _) if e.event_type == EventType::heartbeat => Ok(()),
+            ProfileInput::Event(e, _) => self.apply_event(ctx, &e),
             ProfileInput::Receipt(r) => self.apply_receipt(ctx, &r),
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
             ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),

@@ -139,7 +139,10 @@ impl Pipeline {
             .or(event.anonymous_id.as_deref())
             .unwrap_or_default()
             .to_string();
-        let decoded = Some(ProfileInput::Event(Box::new(event)));
+        let decoded = Some(ProfileInput::Event(
+            Box::new(event),
+            kairos_core::input::Source::Site,
+        ));
         let out = self.push_to_profile(site_topic, key.as_bytes(), line, decoded)?;
         self.route(out, sink)?;
         Ok(true)

@@ -2745,3 +2745,53 @@ fn partial_returns_add_up_until_the_order_is_returned() {
     h.advance(t + 20 * DAY);
     assert!(h.triggers("pr", "post_purchase").is_empty());
 }
+
+/// The value of the sample of `metric` with every label of `labels`.
+fn metric(h: &Harness, metric: &str, labels: &[&str]) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&h.pipeline.profile_metrics().gather())
+        .expect("metrics encode");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn events_are_counted_by_source_and_type_and_transitions_by_from_and_to() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("mt-1", "page_view", "mt", t, json!({"page_url": "/"}));
+    h.feed(
+        "events.app",
+        "mt",
+        json!({"event_id": "mt-2", "event_type": "app_open", "occurred_at": rfc(t + MINUTE),
+            "customer_id": "mt"}),
+    );
+    h.receipt("mt-3", "sale", "mt", t + HOUR, 40.0);
+    let events = "kairos_profile_events_total";
+    assert_eq!(
+        metric(&h, events, &[r#"source="site""#, r#"type="page_view""#]),
+        1.0
+    );
+    assert_eq!(
+        metric(&h, events, &[r#"source="app""#, r#"type="app_open""#]),
+        1.0
+    );
+    assert_eq!(
+        metric(&h, events, &[r#"source="offline""#, r#"type="sale""#]),
+        1.0
+    );
+    assert_eq!(
+        metric(&h, events, &[r#"source="app""#, r#"type="purchase""#]),
+        0.0
+    );
+    let transitions = "kairos_segment_transitions_total";
+    let from_prospect = [r#"kind="lifecycle""#, r#"from="prospect""#, r#"to="new""#];
+    assert_eq!(metric(&h, transitions, &from_prospect), 1.0);
+    let first = [r#"kind="lifecycle""#, r#"from="none""#, r#"to="prospect""#];
+    assert_eq!(metric(&h, transitions, &first), 1.0);
+    let rfm = [r#"kind="rfm""#, r#"from="none""#, r#"to="New""#];
+    assert_eq!(metric(&h, transitions, &rfm), 1.0);
+}
