@@ -576,6 +576,9 @@ impl ProfileProcessor {
         if let Some(topic) = &self.identified_topic {
             ctx.emit(topic, &m.into, &record);
         }
+        // A merge into `from` still on its way (its profile sent before this merge was
+        // known to the sender) must find the customer `from` became.
+        ctx.put(&forward_key(&m.from), &m.into)?;
         let action = CustomerAction {
             merged_into: Some(m.into.clone()),
             ..CustomerAction::new(
@@ -598,6 +601,22 @@ impl ProfileProcessor {
         m: &CustomerMerge,
         merged: CustomerProfile,
     ) -> anyhow::Result<()> {
+        if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
+            // `into` joined another customer before this profile arrived (Y into X,
+            // then X into Z): the profile goes on to that one rather than bringing
+            // `into` back to life.
+            let record = IdentifiedRecord::merge_in {
+                merge: CustomerMerge {
+                    into: survivor.clone(),
+                    ..m.clone()
+                },
+                profile: serde_json::to_value(&merged).context("encode a merged profile")?,
+            };
+            if let Some(topic) = &self.identified_topic {
+                ctx.emit(topic, &survivor, &record);
+            }
+            return Ok(());
+        }
         let mut p = self
             .take(ctx, &m.into)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, merged.first_seen_at)));
@@ -1556,6 +1575,11 @@ fn profile_key(customer_id: &str) -> String {
     ["c/", customer_id].concat()
 }
 
+/// Where a customer merged into another points: to the survivor's id.
+fn forward_key(customer_id: &str) -> String {
+    ["fwd/", customer_id].concat()
+}
+
 /// Where triggers wait while a merge into the customer is under way.
 fn held_prefix(customer_id: &str) -> String {
     format!("h/{customer_id}/")
@@ -1919,6 +1943,17 @@ impl Processor for ProfileProcessor {
             ProfileInput::MergeOut(m) => self.merge_out(ctx, &m),
             ProfileInput::MergeIn(m, p) => self.merge_in(ctx, &m, *p),
             ProfileInput::MergeExpected(m) => {
+                if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
+                    // Merged away since: the customer it became waits instead.
+                    let record = IdentifiedRecord::merge_expected(CustomerMerge {
+                        into: survivor.clone(),
+                        ..m
+                    });
+                    if let Some(topic) = &self.identified_topic {
+                        ctx.emit(topic, &survivor, &record);
+                    }
+                    return Ok(());
+                }
                 let mut p = self
                     .take(ctx, &m.into)?
                     .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, m.occurred_at)));

@@ -312,6 +312,15 @@ impl CustomerProfile {
         self.birthday = self.birthday.take().or(other.birthday);
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
+        // Merges the other one still waited for are the survivor's to wait for now.
+        for awaited in other.awaiting_merges {
+            let known = self.awaiting_merges.contains(&awaited)
+                || self.merged_from.contains(&awaited)
+                || awaited == self.customer_id;
+            if !known {
+                self.awaiting_merges.push(awaited);
+            }
+        }
         for (code, at) in other.stated_at {
             self.stated_at.entry(code).or_insert(at);
         }

@@ -2795,3 +2795,69 @@ fn events_are_counted_by_source_and_type_and_transitions_by_from_and_to() {
     let rfm = [r#"kind="rfm""#, r#"from="none""#, r#"to="New""#];
     assert_eq!(metric(&h, transitions, &rfm), 1.0);
 }
+
+#[test]
+fn a_profile_merged_into_a_customer_merged_away_since_reaches_the_last_survivor() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let merge = |id: &str, from: &str, into: &str, time: Millis| {
+        json!({"merge_id": id, "from": from, "into": into,
+            "identifier": "email:ann@example.com", "occurred_at": time})
+    };
+    // Y bought; X and Z visited.
+    h.identified_site(json!({"event_id": "ch-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-y",
+        "order": {"order_id": "o-y", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "ch-vx", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-x", "page_url": "/"}));
+    h.identified_site(json!({"event_id": "ch-vz", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-z", "page_url": "/"}));
+    // Y joins X, then X joins Z; each survivor hears of its merge first.
+    let yx = merge("m-yx", "c-y", "c-x", t + 2 * HOUR);
+    let xz = merge("m-xz", "c-x", "c-z", t + 3 * HOUR);
+    h.feed(
+        "identified-events",
+        "c-x",
+        json!({"kind": "merge_expected", "record": yx}),
+    );
+    h.feed(
+        "identified-events",
+        "c-z",
+        json!({"kind": "merge_expected", "record": xz}),
+    );
+    // The merges are keyed by the merged customers, whose partitions are read
+    // independently: X's is applied first, so X's profile leaves for Z before Y's
+    // profile is on its way to X.
+    h.feed(
+        "identified-events",
+        "c-x",
+        json!({"kind": "merge", "record": xz}),
+    );
+    let z = h.pipeline.profile("c-z").expect("read").expect("Z");
+    assert_eq!(z.awaiting_merges, ["c-y"], "Z waits for what X waited for");
+    h.feed(
+        "identified-events",
+        "c-y",
+        json!({"kind": "merge", "record": yx}),
+    );
+    assert!(
+        h.pipeline.profile("c-x").expect("read").is_none(),
+        "X is not brought back"
+    );
+    let forwarded: Vec<Value> = h
+        .on("identified-events")
+        .filter(|r| r.value["kind"] == "merge_in" && r.key == "c-z")
+        .map(|r| r.value["record"]["merge"].clone())
+        .collect();
+    assert_eq!(forwarded.len(), 2, "{forwarded:#?}");
+    assert_eq!(forwarded[1]["from"], "c-y");
+    assert_eq!(forwarded[1]["into"], "c-z");
+    let z = h.pipeline.profile("c-z").expect("read").expect("Z");
+    assert_eq!((z.orders, z.revenue), (1, 80.0));
+    assert!(z.awaiting_merges.is_empty(), "{:?}", z.awaiting_merges);
+    assert_eq!(z.merged_from, ["c-x", "c-y"]);
+    h.advance(t + 20 * DAY);
+    let fired = h.triggers("c-z", "post_purchase");
+    assert_eq!(fired.len(), 1, "Y's review request, for Z: {fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-y");
+}
