@@ -408,14 +408,15 @@ impl ProfileProcessor {
                 // A status re-sent for a recent order (under a new event id) applies
                 // once; for an older order the profile cannot tell. A return of an
                 // order partly returned is another part (or the rest) of it.
-                let repeated = e.order.as_ref().is_some_and(|o| {
-                    o.status.is_some_and(|st| {
-                        let partly_returned =
-                            st == OrderStatus::returned && p.partly_returned(&o.order_id);
-                        p.note_status(&o.order_id, st, e.occurred_at) == Some(false)
-                            && !partly_returned
-                    })
+                let noted = e.order.as_ref().and_then(|o| {
+                    let st = o.status?;
+                    let partly_returned =
+                        st == OrderStatus::returned && p.partly_returned(&o.order_id);
+                    let seen_before = p.note_status(&o.order_id, st, e.occurred_at) == Some(false);
+                    Some((seen_before, partly_returned))
                 });
+                let status_seen_before = noted.is_some_and(|(seen, _)| seen);
+                let repeated = noted.is_some_and(|(seen, partly)| seen && !partly);
                 if repeated {
                     self.metrics.duplicates.inc();
                 }
@@ -456,7 +457,9 @@ impl ProfileProcessor {
                         let matches = order
                             .status
                             .is_some_and(|st| s.statuses.is_empty() || s.statuses.contains(&st));
-                        if matches {
+                        // One update per order and status (a further partial return
+                        // tells nothing new).
+                        if matches && !status_seen_before {
                             let mut vars = serde_json::Map::new();
                             vars.insert("order_id".into(), order.order_id.clone().into());
                             vars.insert(
