@@ -2861,3 +2861,26 @@ fn a_profile_merged_into_a_customer_merged_away_since_reaches_the_last_survivor(
     assert_eq!(fired.len(), 1, "Y's review request, for Z: {fired:#?}");
     assert_eq!(vars(&fired[0])["order_id"], "o-y");
 }
+
+#[test]
+fn a_second_partial_return_sends_no_second_order_update() {
+    let config = CONFIG.replace(
+        "statuses = [\"shipped\"]",
+        "statuses = [\"shipped\", \"returned\"]",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at(T0);
+    h.site("pu-buy", "purchase", "pu", t, order("o-pu", 100.0, None));
+    for (i, amount) in [30.0, 20.0].into_iter().enumerate() {
+        h.site(
+            &format!("pu-r{i}"),
+            "order_status",
+            "pu",
+            t + (i as i64 + 1) * DAY,
+            order("o-pu", amount, Some("returned")),
+        );
+    }
+    let p = h.pipeline.profile("pu").expect("read").expect("stored");
+    assert_eq!((p.revenue, p.returns), (50.0, 2));
+    assert_eq!(h.triggers("pu", "order_update").len(), 1);
+}
