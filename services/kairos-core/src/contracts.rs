@@ -828,6 +828,10 @@ pub enum IdentifiedRecord {
     merge_in {
         merge: CustomerMerge,
         profile: serde_json::Value,
+        /// Triggers the merged customer held while a merge into it was under way:
+        /// the survivor holds them on, or sends them.
+        #[serde(default)]
+        held: Vec<Trigger>,
     },
 }
 

@@ -47,8 +47,8 @@ pub enum ProfileInput {
     Outcome(Box<Outcome>),
     /// The identity processor merged this customer into another: hand the profile over.
     MergeOut(CustomerMerge),
-    /// A merged customer's profile arrives at the survivor.
-    MergeIn(CustomerMerge, Box<CustomerProfile>),
+    /// A merged customer's profile arrives at the survivor, with the triggers it held.
+    MergeIn(CustomerMerge, Box<CustomerProfile>, Vec<Trigger>),
     /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
     MergeExpected(CustomerMerge),
 }
@@ -572,9 +572,16 @@ impl ProfileProcessor {
             // Nothing known here: the survivor still waits for an answer.
             None => Box::new(CustomerProfile::new(&m.from, m.occurred_at)),
         };
+        // Triggers held for a merge into `from` still under way go with the profile.
+        let mut held = Vec::new();
+        for (key, t) in ctx.scan::<Trigger>(&held_prefix(&m.from))? {
+            ctx.delete(&key);
+            held.push(t);
+        }
         let record = IdentifiedRecord::merge_in {
             merge: m.clone(),
             profile: serde_json::to_value(&p).context("encode a merged profile")?,
+            held,
         };
         if let Some(topic) = &self.identified_topic {
             ctx.emit(topic, &m.into, &record);
@@ -603,6 +610,7 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         m: &CustomerMerge,
         merged: CustomerProfile,
+        held: Vec<Trigger>,
     ) -> anyhow::Result<()> {
         if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
             // `into` joined another customer before this profile arrived (Y into X,
@@ -614,6 +622,7 @@ impl ProfileProcessor {
                     ..m.clone()
                 },
                 profile: serde_json::to_value(&merged).context("encode a merged profile")?,
+                held,
             };
             if let Some(topic) = &self.identified_topic {
                 ctx.emit(topic, &survivor, &record);
@@ -736,6 +745,19 @@ impl ProfileProcessor {
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
         self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
+        // The merged customer's held triggers are the survivor's now: held on while
+        // it waits for other merges, sent with its contacts otherwise.
+        for mut t in held {
+            t.customer_id = p.customer_id.clone();
+            if p.awaiting_merges.is_empty() {
+                t.contacts = contacts(&p);
+                t.merged_from = p.merged_from.clone();
+                ctx.emit(&self.triggers_topic, &p.customer_id, &t);
+            } else {
+                let key = format!("{}{}", held_prefix(&p.customer_id), t.trigger_id);
+                ctx.put(&key, &t)?;
+            }
+        }
         if p.awaiting_merges.is_empty() {
             // What waited for the merge goes out with the merged contacts and consents.
             let prefix = held_prefix(&p.customer_id);
@@ -1872,14 +1894,18 @@ impl Processor for ProfileProcessor {
                 IdentifiedRecord::offline(r) => ProfileInput::Receipt(r),
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
-                IdentifiedRecord::merge_in { merge, profile } => {
+                IdentifiedRecord::merge_in {
+                    merge,
+                    profile,
+                    held,
+                } => {
                     let profile = serde_json::from_value(profile).map_err(|e| {
                         Rejection::new(
                             kairos_core::contracts::DeadLetterReason::invalid_field,
                             format!("merged profile does not decode: {e}"),
                         )
                     })?;
-                    ProfileInput::MergeIn(merge, Box::new(profile))
+                    ProfileInput::MergeIn(merge, Box::new(profile), held)
                 }
             });
         }
@@ -1914,7 +1940,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Occasion(o) => o.occurred_at,
             ProfileInput::Outcome(o) => o.occurred_at,
             ProfileInput::MergeOut(m)
-            | ProfileInput::MergeIn(m, _)
+            | ProfileInput::MergeIn(m, _, _)
             | ProfileInput::MergeExpected(m) => m.occurred_at,
         })
     }
@@ -1944,7 +1970,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
             ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),
             ProfileInput::MergeOut(m) => self.merge_out(ctx, &m),
-            ProfileInput::MergeIn(m, p) => self.merge_in(ctx, &m, *p),
+            ProfileInput::MergeIn(m, p, held) => self.merge_in(ctx, &m, *p, held),
             ProfileInput::MergeExpected(m) => {
                 if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
                     // Merged away since: the customer it became waits instead.

@@ -2884,3 +2884,56 @@ fn a_second_partial_return_sends_no_second_order_update() {
     assert_eq!((p.revenue, p.returns), (50.0, 2));
     assert_eq!(h.triggers("pu", "order_update").len(), 1);
 }
+
+#[test]
+fn triggers_held_by_a_customer_merged_away_go_to_the_survivor() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let merge = |id: &str, from: &str, into: &str, time: Millis| {
+        json!({"merge_id": id, "from": from, "into": into,
+            "identifier": "email:ann@example.com", "occurred_at": time})
+    };
+    h.identified_site(json!({"event_id": "hd-vy", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-y", "page_url": "/"}));
+    h.identified_site(json!({"event_id": "hd-cart", "event_type": "add_to_cart",
+        "occurred_at": rfc(t + 90 * MINUTE), "customer_id": "c-x",
+        "product": product("p1", 10.0)}));
+    h.identified_site(json!({"event_id": "hd-vz", "event_type": "page_view",
+        "occurred_at": rfc(t + 90 * MINUTE), "customer_id": "c-z", "page_url": "/"}));
+    let yx = merge("m-yx", "c-y", "c-x", t + 2 * HOUR);
+    let xz = merge("m-xz", "c-x", "c-z", t + 3 * HOUR);
+    h.feed(
+        "identified-events",
+        "c-x",
+        json!({"kind": "merge_expected", "record": yx}),
+    );
+    // X's cart reminder comes due while X waits for Y's profile: held.
+    h.advance(t + 2 * HOUR + 45 * MINUTE);
+    assert!(h.on("triggers").next().is_none(), "held");
+    h.feed(
+        "identified-events",
+        "c-z",
+        json!({"kind": "merge_expected", "record": xz}),
+    );
+    h.feed(
+        "identified-events",
+        "c-x",
+        json!({"kind": "merge", "record": xz}),
+    );
+    assert!(h.on("triggers").next().is_none(), "Z waits for Y too");
+    h.feed(
+        "identified-events",
+        "c-y",
+        json!({"kind": "merge", "record": yx}),
+    );
+    let fired = h.triggers("c-z", "abandoned_cart");
+    assert_eq!(
+        fired.len(),
+        1,
+        "{:#?}",
+        h.on("triggers").collect::<Vec<_>>()
+    );
+    assert_eq!(fired[0]["cause_event_id"], "hd-cart");
+    assert_eq!(fired[0]["merged_from"], json!(["c-x", "c-y"]));
+    assert_eq!(h.on("triggers").count(), 1);
+}
