@@ -437,7 +437,11 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 34] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 38] = [
+    (DecisionOutcome::cancelled, "chain_broken"),
+    (DecisionOutcome::deferred, "chain_order"),
+    (DecisionOutcome::deferred, "chain_spacing"),
+    (DecisionOutcome::suppressed, "in_personal_chain"),
     (DecisionOutcome::cancelled, "became_active"),
     // A cascade step that would break a cap ends the cascade.
     (DecisionOutcome::suppressed, "frequency_cap_daily"),
