@@ -1274,9 +1274,14 @@ impl ArbiterProcessor {
         o: &Outcome,
         ledger: &mut CustomerLedger,
     ) -> anyhow::Result<bool> {
-        // The bounced address is the one the send went to, which the arbiter recorded.
+        // The bounced address is the one the send went to, which the arbiter recorded
+        // (or, for a send older than that record, the outcome names).
         let address = match o.kind {
-            OutcomeKind::bounced_hard => ledger.sent_to.get(&o.send_id).map(|(_, a)| a.clone()),
+            OutcomeKind::bounced_hard => ledger
+                .sent_to
+                .get(&o.send_id)
+                .map(|(_, a)| a.clone())
+                .or_else(|| o.address.clone()),
             _ => None,
         };
         if let Some(into) = ledger.merged_into.clone() {

@@ -607,6 +607,10 @@ pub struct Outcome {
     pub kind: OutcomeKind,
     pub reason: Option<String>,
     pub occurred_at: i64,
+    /// The address the send went to, when the reporter knows it (delivery does, from
+    /// the send command): a late hard bounce suppresses that one, not a newer one.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]

@@ -66,6 +66,10 @@ struct SendSummary {
     scenario: String,
     channel: Channel,
     category: kairos_core::contracts::MessageCategory,
+    /// Where the send went, so a hard bounce names the address (absent in summaries
+    /// stored by earlier versions).
+    #[serde(default)]
+    address: Option<String>,
 }
 
 impl From<&SendCommand> for SendSummary {
@@ -76,6 +80,7 @@ impl From<&SendCommand> for SendSummary {
             scenario: c.scenario.clone(),
             channel: c.channel,
             category: c.category,
+            address: c.address.clone(),
         }
     }
 }
@@ -262,6 +267,7 @@ impl DeliveryProcessor {
             kind,
             reason,
             occurred_at: at,
+            address: send.address.clone(),
         };
         let topic = self.outcomes_topic.clone();
         ctx.emit(&topic, &send.customer_id, &outcome);
