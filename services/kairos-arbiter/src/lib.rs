@@ -685,9 +685,11 @@ impl ArbiterProcessor {
             .map(|(_, q)| (q.step, q.wake_at.unwrap_or(now)))
             .min_by_key(|(step, _)| *step);
         if let Some((step, wake)) = earlier {
-            // Just after it, so that the earlier step is decided first.
+            // Just after it, so that the earlier step is decided first; a wake-up
+            // already past (its timer about to fire) is waited for a second at a time.
+            let until = if wake >= now { wake + 1 } else { now + 1_000 };
             return Some(Verdict::defer(
-                wake.max(now) + 1,
+                until,
                 CHAIN_ORDER,
                 format!("step {step} of this chain is still waiting (until {wake})"),
             ));
@@ -2112,6 +2114,16 @@ impl ArbiterProcessor {
             }
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
+        }
+        if outcome == DecisionOutcome::held_out {
+            // A hold-out stands for the send it replaces: it holds the chain's slot and
+            // uses up the offer, so the other triggers of both groups fare alike.
+            if self.hold_main_scenario(now, &t, ledger) {
+                self.wake_main_waiters(ctx, ledger)?;
+            }
+            for offer in offers_of(&t) {
+                ledger.offers.insert(offer, now);
+            }
         }
         self.record_decision(
             ctx,

@@ -713,6 +713,18 @@ fn the_control_group_is_drawn_where_a_message_would_go_out() {
         "{d:#?}"
     );
     assert!(a.sends.is_empty(), "{:#?}", a.sends);
+    // A held-out chain holds the customer as the sent one would: a lower priority
+    // waits for it in both groups.
+    let t = a.trigger_of("on0", "onboarding", TRIGGER, T0 + 4 * HOUR);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::held_out);
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + 5 * HOUR);
+    low.priority = 40;
+    let d = a.push_trigger(&low);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario"),
+        "{d:#?}"
+    );
 }
 
 #[test]
