@@ -152,6 +152,7 @@ pub struct MainScenario {
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
 /// payload).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Queued {
     pub scenario: String,
     pub category: Option<MessageCategory>,
@@ -2300,6 +2301,38 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queue entry stored before the wake-up, chain and reasons were appended.
+    #[test]
+    fn queue_entries_stored_before_the_chain_fields_still_read() {
+        #[derive(Serialize)]
+        struct OldQueued {
+            scenario: String,
+            category: Option<MessageCategory>,
+            cause_occurred_at: Millis,
+            rule: Option<String>,
+            trigger: Option<Box<Trigger>>,
+        }
+        let old = OldQueued {
+            scenario: "welcome".into(),
+            category: Some(MessageCategory::trigger),
+            cause_occurred_at: 42,
+            rule: Some("quiet_hours".into()),
+            trigger: None,
+        };
+        let bytes = kairos_core::encoding::encode_state(&old).expect("encode");
+        let q: Queued = kairos_core::encoding::decode_state(&bytes).expect("decode");
+        assert_eq!(
+            q,
+            Queued {
+                scenario: "welcome".into(),
+                category: Some(MessageCategory::trigger),
+                cause_occurred_at: 42,
+                rule: Some("quiet_hours".into()),
+                ..Queued::default()
+            }
+        );
+    }
 
     /// The hand-built reason reads exactly as `Debug` of the channel names wrote it,
     /// so decisions keep their text.

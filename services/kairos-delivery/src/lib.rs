@@ -695,3 +695,42 @@ pub async fn run(
     let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry, inbox)?;
     kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_core::contracts::MessageCategory;
+
+    /// A later outcome stored before the send's address was appended still reads.
+    #[test]
+    fn later_outcomes_stored_without_the_address_still_read() {
+        #[derive(Serialize)]
+        struct OldSummary {
+            send_id: String,
+            customer_id: String,
+            scenario: String,
+            channel: Channel,
+            category: MessageCategory,
+        }
+        #[derive(Serialize)]
+        struct OldLater {
+            send: OldSummary,
+            kind: OutcomeKind,
+        }
+        let old = OldLater {
+            send: OldSummary {
+                send_id: "s1".into(),
+                customer_id: "c1".into(),
+                scenario: "welcome".into(),
+                channel: Channel::email,
+                category: MessageCategory::trigger,
+            },
+            kind: OutcomeKind::delivered,
+        };
+        let bytes = kairos_core::encoding::encode_state(&old).expect("encode");
+        let later: LaterOutcome = kairos_core::encoding::decode_state(&bytes).expect("decode");
+        assert_eq!(later.send.send_id, "s1");
+        assert_eq!(later.send.address, None);
+        assert_eq!(later.kind, OutcomeKind::delivered);
+    }
+}
