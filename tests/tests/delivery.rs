@@ -147,7 +147,8 @@ struct ProviderLog {
 }
 
 /// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
-/// twice, `down-` always 503, `perm-` 400, `slow-` takes 2 s the first time (longer
+/// twice, `down-` always 503, `perm-` 400, `gone-` 410 and `unknown-` 404 (the number
+/// is dead), `slow-` takes 2 s the first time (longer
 /// than the worker's timeout); anything else 200. Keys it already handed on are
 /// acknowledged without handing them on again, as real gateways do with idempotency
 /// keys.
@@ -191,6 +192,10 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else if key.starts_with("perm-") {
                     StatusCode::BAD_REQUEST
+                } else if key.starts_with("gone-") {
+                    StatusCode::GONE
+                } else if key.starts_with("unknown-") {
+                    StatusCode::NOT_FOUND
                 } else {
                     if key.starts_with("slow-") && attempt == 1 {
                         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -254,7 +259,16 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         env,
         ..Options::default()
     });
-    let ids = ["ok-1", "ok-2", "s5xx-1", "slow-1", "perm-1", "down-1"];
+    let ids = [
+        "ok-1",
+        "ok-2",
+        "s5xx-1",
+        "slow-1",
+        "perm-1",
+        "down-1",
+        "gone-1",
+        "unknown-1",
+    ];
     let records: Vec<(String, Vec<u8>)> = ids
         .iter()
         .map(|id| {
@@ -282,6 +296,11 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "{:?}",
         outcomes["perm-1"]
     );
+    // A dead number is a hard bounce (the arbiter suppresses it), other 4xx a failure.
+    for (id, status) in [("gone-1", "410"), ("unknown-1", "404")] {
+        assert_eq!(outcomes[id].0, "bounced_hard", "{id}: {outcomes:?}");
+        assert!(outcomes[id].1.contains(status), "{:?}", outcomes[id]);
+    }
     assert_eq!(outcomes["down-1"].0, "failed");
     assert!(
         outcomes["down-1"].1.starts_with("retries_exhausted"),
@@ -301,6 +320,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "timed out once, then repeated with the same key"
     );
     assert_eq!(requests("perm-1"), 1, "a 400 is not retried");
+    assert_eq!(requests("gone-1"), 1, "a 410 is not retried");
     assert_eq!(requests("down-1"), 3, "max_attempts, then given up");
     assert_eq!(l.missing_auth, 0, "every request carries the auth header");
     let handed_on: BTreeSet<&str> = l.delivered.keys().map(String::as_str).collect();
@@ -347,6 +367,12 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         1,
         "a repeated webhook keeps its outcome id: {clicks:?}"
     );
+    // The bounce names the address the send went to.
+    let bounce = clicks
+        .iter()
+        .find(|o| o["send_id"] == "gone-1" && o["kind"] == "bounced_hard")
+        .expect("the bounce of gone-1");
+    assert_eq!(bounce["address"], "+491701234567", "{bounce}");
     assert!(
         clicks
             .iter()

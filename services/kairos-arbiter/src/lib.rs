@@ -88,6 +88,27 @@ pub struct CustomerLedger {
     pub bounced: SmallMap<Channel, Vec<String>>,
     /// How the customer engages with each channel, for the channel choice.
     pub engagement: SmallMap<Channel, ChannelEngagement>,
+    /// The progress of each chain instance with later steps (scenario and cause ->
+    /// the latest step decided), so steps go out in order, spaced, and not at all
+    /// once an earlier one ended without a send. Bounded by `CHAINS_KEPT`.
+    pub chains: SmallMap<String, ChainProgress>,
+    /// Hashes of the send ids of recent cascade steps after the first (newest last,
+    /// bounded by `RECENT_OUTCOMES`): one trigger counts once towards the sunset, so
+    /// their deliveries are not counted again.
+    pub cascade_followups: Vec<u64>,
+}
+
+/// How far one instance of a chain got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChainProgress {
+    /// The latest step with a final decision.
+    pub step: i32,
+    /// When that step went out (or was held out); `None` if it ended without a send,
+    /// which ends the chain.
+    pub sent_at: Option<Millis>,
+    /// When this entry last changed (the oldest entries go first).
+    pub updated_at: Millis,
 }
 
 /// The customer's engagement with one channel.
@@ -131,6 +152,7 @@ pub struct MainScenario {
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
 /// payload).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Queued {
     pub scenario: String,
     pub category: Option<MessageCategory>,
@@ -143,6 +165,19 @@ pub struct Queued {
     /// (Queued by an earlier version without it, such a trigger keeps its timer.)
     #[serde(default)]
     pub trigger: Option<Box<Trigger>>,
+    /// When it is decided again (unknown for entries queued by earlier versions).
+    #[serde(default)]
+    pub wake_at: Option<Millis>,
+    /// The chain instance it is a step of (see `CustomerLedger::chains`), if any.
+    #[serde(default)]
+    pub chain: Option<String>,
+    /// Its step in that chain.
+    #[serde(default)]
+    pub step: i32,
+    /// The deferrals so far ("rule: reason", oldest first, bounded by
+    /// `REASONS_KEPT`), for the send command's reason trail.
+    #[serde(default)]
+    pub reasons: Vec<String>,
 }
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
@@ -151,6 +186,17 @@ const MERGE_WAIT: Millis = 60_000;
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
+
+/// The rule of a later chain step waiting for an earlier one still in the queue.
+const CHAIN_ORDER: &str = "chain_order";
+/// The rule of a mass send to a customer in a personal chain.
+const IN_PERSONAL_CHAIN: &str = "in_personal_chain";
+/// The rule of a chain step whose earlier step ended without a send.
+const CHAIN_BROKEN: &str = "chain_broken";
+/// Chain instances remembered per customer.
+const CHAINS_KEPT: usize = 32;
+/// Deferral reasons kept per queued trigger.
+const REASONS_KEPT: usize = 8;
 
 /// Bounced addresses remembered per channel.
 const BOUNCED_PER_CHANNEL: usize = 8;
@@ -243,7 +289,12 @@ impl CustomerLedger {
         }
         match o.kind {
             OutcomeKind::delivered if o.category != MessageCategory::transactional => {
-                self.ignored_in_row += 1;
+                let followup = self
+                    .cascade_followups
+                    .contains(&kairos_core::ids::stable_hash(&o.send_id));
+                if !followup {
+                    self.ignored_in_row += 1;
+                }
                 self.engagement.entry(o.channel).or_default().ignored_in_row += 1;
             }
             OutcomeKind::opened | OutcomeKind::clicked => {
@@ -424,8 +475,21 @@ impl ArbiterProcessor {
                 format!("the customer was merged into {into}, whose own triggers go on"),
             );
         }
-        // Exclusions come before the control group so that both groups lose the same
-        // triggers and lift stays comparable.
+        let chain = self.chain_of(t);
+        let progress = chain
+            .as_ref()
+            .and_then(|c| ledger.chains.get(c).copied())
+            .filter(|p| t.step > 0 && p.step < t.step);
+        if let Some(p) = progress.filter(|p| p.sent_at.is_none()) {
+            return Verdict::no(
+                DecisionOutcome::cancelled,
+                CHAIN_BROKEN,
+                format!(
+                    "step {} of this {} chain ended without a send: no later step goes out",
+                    p.step, t.scenario
+                ),
+            );
+        }
         if let Some(bought) = ledger
             .last_purchase_at
             .filter(|b| self.purchase_ends(&t.scenario, t.cause_occurred_at, *b))
@@ -449,25 +513,6 @@ impl ArbiterProcessor {
             );
         }
         let marketing = t.category != MessageCategory::transactional;
-        if marketing && self.in_control_group(&t.customer_id) {
-            return Verdict::no(
-                DecisionOutcome::held_out,
-                "control_group",
-                format!(
-                    "customer is in the {}% global control group",
-                    self.config.arbiter.control_group_percent
-                ),
-            );
-        }
-        if marketing {
-            if let Some(pct) = self.in_scenario_holdout(&t.scenario, &t.customer_id) {
-                return Verdict::no(
-                    DecisionOutcome::held_out,
-                    "scenario_holdout",
-                    format!("customer is in the scenario's {pct}% holdout"),
-                );
-            }
-        }
         let a = &self.config.arbiter;
         if t.category == MessageCategory::promo {
             if let Some(at) = ledger.complained_at {
@@ -489,15 +534,17 @@ impl ArbiterProcessor {
                 );
             }
             let inactive = ms(a.sunset_inactive_after);
+            // A purchase (a till receipt too) is activity as much as a visit.
             if let Some(active) = ledger
                 .last_active_at
+                .map(|visit| visit.max(ledger.last_purchase_at.unwrap_or(visit)))
                 .filter(|v| inactive > 0 && now - v > inactive)
             {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
                     "sunset_inactive",
                     format!(
-                        "no visit since {active}, longer than {:?}",
+                        "no visit or purchase since {active}, longer than {:?}",
                         a.sunset_inactive_after
                     ),
                 );
@@ -515,7 +562,7 @@ impl ArbiterProcessor {
         }
         let repeat_window = a.offer_repeat_window.as_millis() as Millis;
         ledger.offers.retain(|_, at| now - *at < repeat_window);
-        if let Some(offer) = offer_of(t) {
+        for offer in offers_of(t) {
             if let Some(at) = ledger.offers.get(&offer).filter(|_| marketing) {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
@@ -535,6 +582,18 @@ impl ArbiterProcessor {
         if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
         }
+        if let (Some(main), true) = (&ledger.main, marketing && self.is_mass(&t.scenario)) {
+            if main.scenario != t.scenario && !self.is_mass(&main.scenario) {
+                return Verdict::no(
+                    DecisionOutcome::suppressed,
+                    IN_PERSONAL_CHAIN,
+                    format!(
+                        "the customer is in the personal {} chain until {}: no mass send",
+                        main.scenario, main.until
+                    ),
+                );
+            }
+        }
         if let (Some(main), true) = (&ledger.main, marketing) {
             if main.scenario != t.scenario && t.priority <= main.priority {
                 let reason = format!(
@@ -549,12 +608,110 @@ impl ArbiterProcessor {
                 };
             }
         }
+        if let Some(chain) = chain.as_deref().filter(|_| t.step > 0) {
+            if let Some(v) = self.chain_pacing(now, t, chain, progress, ledger) {
+                return v;
+            }
+        }
         if marketing {
             if let Some(v) = self.pacing(now, t, ledger) {
                 return v;
             }
         }
-        self.choose_channel(now, t, ledger)
+        let verdict = self.choose_channel(now, t, ledger);
+        // The control group and the holdouts are drawn at the point of sending, after
+        // every suppression and deferral: both groups lose the same triggers and wait
+        // alike, so lift stays comparable.
+        if marketing && verdict.outcome == DecisionOutcome::sent {
+            if let Some(held) = self.held_out(t) {
+                return held;
+            }
+        }
+        verdict
+    }
+
+    /// The hold-out of a marketing message that would go out: the global control
+    /// group, then the scenario's own holdout.
+    fn held_out(&self, t: &Trigger) -> Option<Verdict> {
+        if self.in_control_group(&t.customer_id) {
+            return Some(Verdict::no(
+                DecisionOutcome::held_out,
+                "control_group",
+                format!(
+                    "customer is in the {}% global control group",
+                    self.config.arbiter.control_group_percent
+                ),
+            ));
+        }
+        self.in_scenario_holdout(&t.scenario, &t.customer_id)
+            .map(|pct| {
+                Verdict::no(
+                    DecisionOutcome::held_out,
+                    "scenario_holdout",
+                    format!("customer is in the scenario's {pct}% holdout"),
+                )
+            })
+    }
+
+    /// The chain instance a trigger is a step of: its scenario and cause, for a
+    /// scenario with later steps.
+    fn chain_of(&self, t: &Trigger) -> Option<String> {
+        self.config
+            .scenario(&t.scenario)
+            .filter(|s| !s.steps.is_empty())?;
+        Some(match &t.cause_event_id {
+            Some(cause) => [t.scenario.as_str(), "/", cause].concat(),
+            None => format!("{}/{}", t.scenario, t.cause_occurred_at),
+        })
+    }
+
+    /// A later step of a chain waits behind an earlier step still in the queue, and
+    /// goes out no sooner than the chain's spacing after the step before it: steps
+    /// held back together (behind a chain of higher priority, by an outage) do not
+    /// pile up.
+    fn chain_pacing(
+        &self,
+        now: Millis,
+        t: &Trigger,
+        chain: &str,
+        progress: Option<ChainProgress>,
+        ledger: &CustomerLedger,
+    ) -> Option<Verdict> {
+        let earlier = ledger
+            .queued
+            .iter()
+            .filter(|(id, q)| {
+                **id != t.trigger_id && q.chain.as_deref() == Some(chain) && q.step < t.step
+            })
+            .map(|(_, q)| (q.step, q.wake_at.unwrap_or(now)))
+            .min_by_key(|(step, _)| *step);
+        if let Some((step, wake)) = earlier {
+            // Just after it, so that the earlier step is decided first; a wake-up
+            // already past (its timer about to fire) is waited for a second at a time.
+            let until = if wake >= now { wake + 1 } else { now + 1_000 };
+            return Some(Verdict::defer(
+                until,
+                CHAIN_ORDER,
+                format!("step {step} of this chain is still waiting (until {wake})"),
+            ));
+        }
+        let (step, sent_at) = progress.and_then(|p| Some((p.step, p.sent_at?)))?;
+        let spacing = self
+            .config
+            .scenario(&t.scenario)
+            .and_then(|s| s.steps.get(t.step as usize - 1))
+            .map_or(Duration::ZERO, |s| s.delay)
+            .max(self.config.arbiter.min_gap);
+        let due = sent_at + ms(spacing);
+        (now < due).then(|| {
+            Verdict::defer(
+                due,
+                "chain_spacing",
+                format!(
+                    "step {step} of this chain went out at {sent_at}; steps are {spacing:?} apart"
+                ),
+            )
+        })
     }
 
     /// A marketing chain with steps still to come becomes the main scenario (a higher
@@ -589,6 +746,10 @@ impl ArbiterProcessor {
         }
         let frees_at = ledger.main.as_ref().map_or(now, |m| m.until);
         held_until.is_some_and(|held| frees_at < held)
+    }
+
+    fn is_mass(&self, scenario: &str) -> bool {
+        self.config.scenario(scenario).is_some_and(|s| s.mass)
     }
 
     fn is_reactivation(&self, scenario: &str) -> bool {
@@ -1054,20 +1215,24 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The offer a trigger carries (`offer_id` or `promo_code` variable), if any.
-fn offer_of(t: &Trigger) -> Option<String> {
+/// The offers a trigger carries (its `offer_id` and `promo_code` variables): each is
+/// checked and recorded, so neither repeats under another's cover.
+fn offers_of(t: &Trigger) -> Vec<String> {
     // Most triggers carry no offer: skip the parse for them.
     if !(t.variables.contains("offer_id") || t.variables.contains("promo_code")) {
-        return None;
+        return Vec::new();
     }
-    let vars: serde_json::Value = serde_json::from_str(&t.variables).ok()?;
+    let Ok(vars) = serde_json::from_str::<serde_json::Value>(&t.variables) else {
+        return Vec::new();
+    };
     ["offer_id", "promo_code"]
         .iter()
-        .find_map(|k| match &vars[*k] {
+        .filter_map(|k| match &vars[*k] {
             serde_json::Value::String(s) if !s.is_empty() => Some(format!("{k}:{s}")),
             serde_json::Value::Number(n) => Some(format!("{k}:{n}")),
             _ => None,
         })
+        .collect()
 }
 
 /// What the policy decided for one trigger, and why.
@@ -1112,9 +1277,14 @@ impl ArbiterProcessor {
         o: &Outcome,
         ledger: &mut CustomerLedger,
     ) -> anyhow::Result<bool> {
-        // The bounced address is the one the send went to, which the arbiter recorded.
+        // The bounced address is the one the send went to, which the arbiter recorded
+        // (or, for a send older than that record, the outcome names).
         let address = match o.kind {
-            OutcomeKind::bounced_hard => ledger.sent_to.get(&o.send_id).map(|(_, a)| a.clone()),
+            OutcomeKind::bounced_hard => ledger
+                .sent_to
+                .get(&o.send_id)
+                .map(|(_, a)| a.clone())
+                .or_else(|| o.address.clone()),
             _ => None,
         };
         if let Some(into) = ledger.merged_into.clone() {
@@ -1494,14 +1664,19 @@ impl ArbiterProcessor {
     /// The main-scenario slot freed earlier than the triggers waiting for it were
     /// told: their wake-up moves to now, so each is decided again through every rule
     /// (and still ends in one final decision, by its own timer).
-    fn wake_main_waiters(&self, ctx: &mut Ctx<'_>, ledger: &CustomerLedger) -> anyhow::Result<()> {
+    fn wake_main_waiters(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+    ) -> anyhow::Result<()> {
         let now = ctx.now();
-        for (trigger_id, q) in ledger.queued.iter() {
+        for (trigger_id, q) in ledger.queued.iter_mut() {
             if q.rule.as_deref() != Some(MAIN_SCENARIO) {
                 continue;
             }
             if let Some(t) = &q.trigger {
                 ctx.schedule(&["defer/", trigger_id].concat(), now, t.as_ref())?;
+                q.wake_at = Some(now);
             }
         }
         Ok(())
@@ -1519,8 +1694,11 @@ impl ArbiterProcessor {
         rule: &str,
         reason: String,
     ) -> anyhow::Result<()> {
+        // Ended meanwhile (with an earlier step of its chain): decided once.
+        if ledger.queued.remove(trigger_id).is_none() {
+            return Ok(());
+        }
         ctx.cancel(&["defer/", trigger_id].concat())?;
-        ledger.queued.remove(trigger_id);
         let subject = Subject {
             trigger_id,
             customer_id,
@@ -1535,6 +1713,9 @@ impl ArbiterProcessor {
             rule,
             reason,
         );
+        if let Some(chain) = q.chain.clone() {
+            self.chain_step_ended(ctx, ledger, customer_id, chain, q.step, false)?;
+        }
         Ok(())
     }
 
@@ -1546,9 +1727,10 @@ impl ArbiterProcessor {
         t: &Trigger,
         channel: Channel,
         ledger: &mut CustomerLedger,
-        reason: String,
+        reasons: &[String],
     ) -> anyhow::Result<String> {
         let now = ctx.now();
+        let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
         let send_id = deterministic_id(&[&t.trigger_id, channel.as_str()]);
         let address = t.contacts.address(channel);
         let cmd = SendCommandRef {
@@ -1564,7 +1746,7 @@ impl ArbiterProcessor {
             created_at: now,
             valid_until: t.valid_until,
             cause_occurred_at: t.cause_occurred_at,
-            reasons: &[reason.as_str()],
+            reasons: &reasons,
         };
         if let Some(address) = address {
             ledger
@@ -1602,6 +1784,9 @@ impl ArbiterProcessor {
         };
         let now = ctx.now();
         let subject = Subject::of(&t);
+        // Before any cap is read: only the last 7 days count.
+        ledger.sends.retain(|(at, _, _)| now - at < WEEK);
+        ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
         // A complaint about any message ends all promo, the rest of a cascade too.
         if let Some(at) = ledger
             .complained_at
@@ -1664,8 +1849,6 @@ impl ArbiterProcessor {
             return Ok(true);
         }
         if t.category != MessageCategory::transactional {
-            ledger.sends.retain(|(at, _, _)| now - at < WEEK);
-            ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
             let sent = ledger.capped_send_times();
             let capped = self.caps(now, &t, ledger, &sent).or(channel_capped);
             if let Some(cap) = capped {
@@ -1697,8 +1880,10 @@ impl ArbiterProcessor {
             self.cascade_wait(&t.scenario, cascade.channels.len().max(1))
                 .unwrap_or_default()
         );
-        let send_id = self.emit_send(ctx, &t, next, ledger, reason.clone())?;
+        let send_id = self.emit_send(ctx, &t, next, ledger, std::slice::from_ref(&reason))?;
         let step = cascade.channels.len();
+        let h = kairos_core::ids::stable_hash(&send_id);
+        remember(&mut ledger.cascade_followups, h, RECENT_OUTCOMES);
         cascade.channels.push(next);
         cascade.send_ids.push(send_id.clone());
         self.record_decision(
@@ -1796,7 +1981,15 @@ impl ArbiterProcessor {
                     .then(a.fired_at.cmp(&b.fired_at))
                     .then_with(|| a.trigger_id.cmp(&b.trigger_id))
             });
-            for t in due {
+            let was_queued: Vec<bool> = due
+                .iter()
+                .map(|t| ledger.queued.contains_key(&t.trigger_id))
+                .collect();
+            for (t, was_queued) in due.into_iter().zip(was_queued) {
+                // Ended by an earlier one of the batch (a step of its chain): decided.
+                if was_queued && !ledger.queued.contains_key(&t.trigger_id) {
+                    continue;
+                }
                 // Decided here, so its own timer must not decide it again.
                 ctx.cancel(&["defer/", t.trigger_id.as_str()].concat())?;
                 this.decide_with_ledger(ctx, t, true, ledger)?;
@@ -1850,11 +2043,16 @@ impl ArbiterProcessor {
             // The merge wait polls every minute until the merged ledger is in: a poll
             // that changes nothing is not a new decision (in a replay, where the
             // ledger comes with the next commit, it polled thousands of times).
-            let polled_again = rule == MERGE_PENDING
-                && ledger
-                    .queued
-                    .get(&t.trigger_id)
-                    .is_some_and(|q| q.rule.as_deref() == Some(rule));
+            let earlier = ledger.queued.get(&t.trigger_id);
+            let polled_again =
+                rule == MERGE_PENDING && earlier.is_some_and(|q| q.rule.as_deref() == Some(rule));
+            let mut reasons = earlier.map(|q| q.reasons.clone()).unwrap_or_default();
+            if !polled_again {
+                if reasons.len() >= REASONS_KEPT {
+                    reasons.remove(0);
+                }
+                reasons.push([rule, ": ", &reason].concat());
+            }
             ledger.queued.insert(
                 t.trigger_id.clone(),
                 Queued {
@@ -1863,6 +2061,10 @@ impl ArbiterProcessor {
                     cause_occurred_at: t.cause_occurred_at,
                     rule: Some(rule.to_string()),
                     trigger: (rule == MAIN_SCENARIO).then(|| Box::new(t.clone())),
+                    wake_at: Some(wake),
+                    chain: self.chain_of(&t),
+                    step: t.step,
+                    reasons,
                 },
             );
             if polled_again {
@@ -1878,10 +2080,15 @@ impl ArbiterProcessor {
             );
             return Ok(());
         }
-        ledger.queued.remove(&t.trigger_id);
+        let mut reasons = ledger
+            .queued
+            .remove(&t.trigger_id)
+            .map(|q| q.reasons)
+            .unwrap_or_default();
         let mut send_id = None;
         if let Some(c) = channel {
-            let id = self.emit_send(ctx, &t, c, ledger, [rule, ": ", &reason].concat())?;
+            reasons.push([rule, ": ", &reason].concat());
+            let id = self.emit_send(ctx, &t, c, ledger, &reasons)?;
             if let Some(wait) = self.cascade_wait(&t.scenario, 1) {
                 ledger.cascades.insert(
                     t.trigger_id.clone(),
@@ -1903,11 +2110,21 @@ impl ArbiterProcessor {
             if self.hold_main_scenario(now, &t, ledger) {
                 self.wake_main_waiters(ctx, ledger)?;
             }
-            if let Some(offer) = offer_of(&t) {
+            for offer in offers_of(&t) {
                 ledger.offers.insert(offer, now);
             }
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
+        }
+        if outcome == DecisionOutcome::held_out {
+            // A hold-out stands for the send it replaces: it holds the chain's slot and
+            // uses up the offer, so the other triggers of both groups fare alike.
+            if self.hold_main_scenario(now, &t, ledger) {
+                self.wake_main_waiters(ctx, ledger)?;
+            }
+            for offer in offers_of(&t) {
+                ledger.offers.insert(offer, now);
+            }
         }
         self.record_decision(
             ctx,
@@ -1917,6 +2134,63 @@ impl ArbiterProcessor {
             rule,
             reason,
         );
+        if let Some(chain) = self.chain_of(&t) {
+            let went_out = matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out);
+            self.chain_step_ended(ctx, ledger, &t.customer_id, chain, t.step, went_out)?;
+        }
+        Ok(())
+    }
+
+    /// Notes the final decision of step `step` of a chain instance. One that ended
+    /// without a send ends the chain: its later steps still in the queue are
+    /// cancelled now, those yet to come when they arrive.
+    fn chain_step_ended(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        chain: String,
+        step: i32,
+        went_out: bool,
+    ) -> anyhow::Result<()> {
+        let now = ctx.now();
+        let broken_before = ledger
+            .chains
+            .get(&chain)
+            .is_some_and(|p| p.sent_at.is_none() && p.step < step);
+        if !broken_before {
+            ledger.chains.insert(
+                chain.clone(),
+                ChainProgress {
+                    step,
+                    sent_at: went_out.then_some(now),
+                    updated_at: now,
+                },
+            );
+        }
+        if ledger.chains.len() > CHAINS_KEPT {
+            let oldest = ledger
+                .chains
+                .iter()
+                .min_by_key(|(_, p)| p.updated_at)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                ledger.chains.remove(&oldest);
+            }
+        }
+        if went_out {
+            return Ok(());
+        }
+        let later: Vec<(String, Queued)> = ledger
+            .queued
+            .iter()
+            .filter(|(_, q)| q.chain.as_deref() == Some(chain.as_str()) && q.step > step)
+            .map(|(id, q)| (id.clone(), q.clone()))
+            .collect();
+        for (trigger_id, q) in later {
+            let why = format!("step {step} of this chain ended without a send");
+            self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, CHAIN_BROKEN, why)?;
+        }
         Ok(())
     }
 }
@@ -2027,6 +2301,38 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queue entry stored before the wake-up, chain and reasons were appended.
+    #[test]
+    fn queue_entries_stored_before_the_chain_fields_still_read() {
+        #[derive(Serialize)]
+        struct OldQueued {
+            scenario: String,
+            category: Option<MessageCategory>,
+            cause_occurred_at: Millis,
+            rule: Option<String>,
+            trigger: Option<Box<Trigger>>,
+        }
+        let old = OldQueued {
+            scenario: "welcome".into(),
+            category: Some(MessageCategory::trigger),
+            cause_occurred_at: 42,
+            rule: Some("quiet_hours".into()),
+            trigger: None,
+        };
+        let bytes = kairos_core::encoding::encode_state(&old).expect("encode");
+        let q: Queued = kairos_core::encoding::decode_state(&bytes).expect("decode");
+        assert_eq!(
+            q,
+            Queued {
+                scenario: "welcome".into(),
+                category: Some(MessageCategory::trigger),
+                cause_occurred_at: 42,
+                rule: Some("quiet_hours".into()),
+                ..Queued::default()
+            }
+        );
+    }
 
     /// The hand-built reason reads exactly as `Debug` of the channel names wrote it,
     /// so decisions keep their text.

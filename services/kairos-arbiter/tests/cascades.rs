@@ -234,3 +234,19 @@ fn a_cascade_step_passes_over_a_channel_at_its_cap_to_the_next() {
     a.advance_to(T0 + 3 * HOUR);
     assert_eq!(channels(&a), [Channel::push, Channel::email, Channel::sms]);
 }
+
+#[test]
+fn a_cascade_step_counts_only_the_last_seven_days_against_its_channel_cap() {
+    let mut a = Arbiter::with_config("channel_caps = { push = { weekly_cap = 1 } }");
+    a.time_zone = Some("UTC".into());
+    let mut push = cascade_trigger(&a, "p1", T0);
+    push.scenario = "welcome".into();
+    push.channels = vec![Channel::push];
+    assert_eq!(a.push_trigger(&push).channel, Some(Channel::push));
+    let start = T0 + 7 * DAY - 30 * MINUTE;
+    let t = cascade_trigger(&a, "k9", start);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // An hour later the push of T0 is more than 7 days old: the step takes push.
+    a.advance_to(start + HOUR);
+    assert_eq!(channels(&a), [Channel::push, Channel::email, Channel::push]);
+}

@@ -126,6 +126,7 @@ fn unsubscribe(a: &mut Arbiter, id: &str, send: &SendCommand, at: i64) {
         kind: OutcomeKind::unsubscribed,
         reason: None,
         occurred_at: at,
+        address: None,
     };
     a.push("outcomes", "c1", &o);
 }
@@ -207,4 +208,21 @@ fn a_bounce_reported_weeks_after_the_send_still_suppresses_the_address() {
     a.outcome(&first, OutcomeKind::bounced_hard, T0 + 9 * DAY);
     let d = a.trigger("b3", "welcome", MessageCategory::trigger, T0 + 10 * DAY);
     assert_eq!(d.channel, Some(Channel::push), "{d:#?}");
+}
+
+#[test]
+fn a_push_token_that_bounced_hard_gives_way_to_email() {
+    let mut a = Arbiter::new();
+    let push_first = |a: &Arbiter, id: &str, at: i64| {
+        let mut t = a.trigger_of(id, "welcome", MessageCategory::trigger, at);
+        t.channels = vec![Channel::push, Channel::email];
+        t
+    };
+    let t = push_first(&a, "t1", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::push));
+    let send = a.last_send();
+    a.outcome(&send, OutcomeKind::bounced_hard, T0 + MINUTE);
+    let t = push_first(&a, "t2", T0 + DAY);
+    let d = a.push_trigger(&t);
+    assert_eq!(d.channel, Some(Channel::email), "{d:#?}");
 }

@@ -323,3 +323,27 @@ fn triggers_released_together_are_decided_by_priority() {
         (DecisionOutcome::deferred, "frequency_cap_daily")
     );
 }
+
+#[test]
+fn the_send_command_carries_every_deferral_in_its_reason_trail() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    let night = at("2026-01-05T22:00:00Z");
+    assert_eq!(
+        a.trigger("q1", "welcome", TRIGGER, night).rule,
+        "quiet_hours"
+    );
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let send = a.last_send();
+    assert_eq!(send.reasons.len(), 2, "{:#?}", send.reasons);
+    assert!(
+        send.reasons[0].starts_with("quiet_hours: "),
+        "{:#?}",
+        send.reasons
+    );
+    assert!(
+        send.reasons[1].starts_with("channel_choice: "),
+        "{:#?}",
+        send.reasons
+    );
+}

@@ -682,3 +682,104 @@ fn free_channels_come_before_paid_ones() {
     t.trigger_id = "s2".into();
     assert_eq!(b.push_trigger(&t).channel, Some(Channel::sms));
 }
+
+#[test]
+fn the_control_group_is_drawn_where_a_message_would_go_out() {
+    let mut a = Arbiter::from_text(
+        &common::CONFIG.replace("control_group_percent = 0", "control_group_percent = 100"),
+    );
+    // Unreachable: suppressed as its treatment twin would be, not a control touch.
+    let mut t = a.trigger_of("c1", "welcome", TRIGGER, T0);
+    t.contacts.consented_channels = Vec::new();
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "no_consented_channel"),
+        "{d:#?}"
+    );
+    // Just bought: promo pauses for both groups alike.
+    a.purchase("buy", T0 + HOUR);
+    let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 2 * HOUR);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "pause_after_purchase"),
+        "{d:#?}"
+    );
+    // Reachable: held out, and nothing goes out.
+    let d = a.trigger("c2", "welcome", TRIGGER, T0 + 3 * HOUR);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::held_out, "control_group"),
+        "{d:#?}"
+    );
+    assert!(a.sends.is_empty(), "{:#?}", a.sends);
+    // A held-out chain holds the customer as the sent one would: a lower priority
+    // waits for it in both groups.
+    let t = a.trigger_of("on0", "onboarding", TRIGGER, T0 + 4 * HOUR);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::held_out);
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + 5 * HOUR);
+    low.priority = 40;
+    let d = a.push_trigger(&low);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario"),
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn a_purchase_is_activity_for_the_inactivity_sunset() {
+    let mut a = Arbiter::new();
+    a.visit("v1", T0);
+    a.till_sale("s1", T0 + 200 * DAY);
+    let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 203 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}
+
+#[test]
+fn an_offer_id_and_its_promo_code_are_each_not_repeated() {
+    let mut a = Arbiter::new();
+    let offer = |a: &Arbiter, id: &str, at: i64, vars: &str| {
+        let mut t = a.trigger_of(id, "weekly_promo", PROMO, at);
+        t.variables = vars.into();
+        t
+    };
+    let t = offer(&a, "o1", T0, r#"{"offer_id":"A","promo_code":"X"}"#);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    for (id, vars) in [
+        ("o2", r#"{"promo_code":"X"}"#),
+        ("o3", r#"{"offer_id":"B","promo_code":"X"}"#),
+    ] {
+        let t = offer(&a, id, T0 + 3 * DAY, vars);
+        let d = a.push_trigger(&t);
+        assert_eq!(
+            (d.outcome, d.rule.as_str()),
+            (DecisionOutcome::suppressed, "offer_repeat"),
+            "{vars}"
+        );
+    }
+}
+
+#[test]
+fn a_cascade_counts_once_towards_the_sunset() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 10\ndaily_cap = 10\nweekly_cap = 30");
+    for i in 0..4 {
+        let start = T0 + i * DAY;
+        let mut t = a.trigger_of(&format!("k{i}"), "cart_cascade", TRIGGER, start);
+        t.channels = vec![Channel::email, Channel::push, Channel::sms];
+        t.contacts.phone = Some("+4915112345678".into());
+        t.contacts.consented_channels = vec![Channel::email, Channel::push, Channel::sms];
+        assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+        let send = a.last_send();
+        a.outcome(&send, OutcomeKind::delivered, start + MINUTE);
+        for wait in [HOUR, 5 * HOUR] {
+            a.advance_to(start + wait);
+            let send = a.last_send();
+            assert_eq!(send.trigger_id, format!("k{i}"));
+            a.outcome(&send, OutcomeKind::delivered, start + wait + MINUTE);
+        }
+    }
+    assert_eq!(a.sends.len(), 12);
+    let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 4 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}

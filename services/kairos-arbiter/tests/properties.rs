@@ -173,6 +173,7 @@ proptest! {
                         kind: OutcomeKind::unsubscribed,
                         reason: None,
                         occurred_at: at,
+                        address: None,
                     };
                     a.push("outcomes", &o.customer_id.clone(), &o);
                     unsubscribed.entry((o.customer_id.clone(), *channel)).or_insert(at);

@@ -785,6 +785,11 @@ pub struct ScenarioConfig {
     /// series either way.
     #[serde(default)]
     pub on: Vec<WelcomeCause>,
+    /// A mass send (a campaign to many customers, not a personal occasion): a
+    /// customer whom a personal chain holds (the main scenario) gets none of it,
+    /// whatever the priorities.
+    #[serde(default)]
+    pub mass: bool,
 }
 
 impl ScenarioKind {
@@ -1259,6 +1264,15 @@ impl Config {
                     ),
                 ));
             }
+            if s.mass && s.category == MessageCategory::transactional {
+                return Err(fail(
+                    "mass",
+                    format!(
+                        "scenarios[{i}] ({}): a mass send is marketing, not transactional",
+                        s.name
+                    ),
+                ));
+            }
             if s.holdout_percent > 100 {
                 return Err(fail(
                     "holdout_percent",
@@ -1580,6 +1594,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.kafka.client["session.timeout.ms"], "6000");
+    }
+
+    #[test]
+    fn a_transactional_mass_send_is_rejected_with_line() {
+        let text = "[[scenarios]]\nname = \"a\"\nkind = \"order_update\"\ncategory = \"transactional\"\nchannels = [\"email\"]\ntemplate = \"t\"\nmass = true\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:7:"), "{err}");
+        assert!(err.contains("mass send"), "{err}");
     }
 
     #[test]

@@ -459,7 +459,11 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 34] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 38] = [
+    (DecisionOutcome::cancelled, "chain_broken"),
+    (DecisionOutcome::deferred, "chain_order"),
+    (DecisionOutcome::deferred, "chain_spacing"),
+    (DecisionOutcome::suppressed, "in_personal_chain"),
     (DecisionOutcome::cancelled, "became_active"),
     // A cascade step that would break a cap ends the cascade.
     (DecisionOutcome::suppressed, "frequency_cap_daily"),
@@ -625,6 +629,10 @@ pub struct Outcome {
     pub kind: OutcomeKind,
     pub reason: Option<String>,
     pub occurred_at: i64,
+    /// The address the send went to, when the reporter knows it (delivery does, from
+    /// the send command): a late hard bounce suppresses that one, not a newer one.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]

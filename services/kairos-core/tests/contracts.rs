@@ -771,6 +771,7 @@ fn outcome_matches_its_schema() {
         kind: OutcomeKind::bounced_hard,
         reason: Some("550 5.1.1 user unknown".into()),
         occurred_at: T0,
+        address: Some("anna@example.com".into()),
     };
     let sparse = Outcome {
         outcome_id: "oc-send-0001-clicked".into(),
@@ -782,6 +783,7 @@ fn outcome_matches_its_schema() {
         kind: OutcomeKind::clicked,
         reason: None,
         occurred_at: T0 + 1,
+        address: None,
     };
     check_contract("outcome.avsc", schemas::outcome(), &[full, sparse]);
 }

@@ -161,6 +161,7 @@ async fn fetch(
             kind: OutcomeKind::delivered,
             reason: None,
             occurred_at: now,
+            address: None,
         };
         // Seen is already recorded; a lost report only loses a metric, so it is logged.
         if let Err(e) = kairos_core::kafka::send(

@@ -66,6 +66,10 @@ struct SendSummary {
     scenario: String,
     channel: Channel,
     category: kairos_core::contracts::MessageCategory,
+    /// Where the send went, so a hard bounce names the address (absent in summaries
+    /// stored by earlier versions).
+    #[serde(default)]
+    address: Option<String>,
 }
 
 impl From<&SendCommand> for SendSummary {
@@ -76,6 +80,7 @@ impl From<&SendCommand> for SendSummary {
             scenario: c.scenario.clone(),
             channel: c.channel,
             category: c.category,
+            address: c.address.clone(),
         }
     }
 }
@@ -262,6 +267,7 @@ impl DeliveryProcessor {
             kind,
             reason,
             occurred_at: at,
+            address: send.address.clone(),
         };
         let topic = self.outcomes_topic.clone();
         ctx.emit(&topic, &send.customer_id, &outcome);
@@ -688,4 +694,43 @@ pub async fn run(
     })?;
     let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry, inbox)?;
     kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_core::contracts::MessageCategory;
+
+    /// A later outcome stored before the send's address was appended still reads.
+    #[test]
+    fn later_outcomes_stored_without_the_address_still_read() {
+        #[derive(Serialize)]
+        struct OldSummary {
+            send_id: String,
+            customer_id: String,
+            scenario: String,
+            channel: Channel,
+            category: MessageCategory,
+        }
+        #[derive(Serialize)]
+        struct OldLater {
+            send: OldSummary,
+            kind: OutcomeKind,
+        }
+        let old = OldLater {
+            send: OldSummary {
+                send_id: "s1".into(),
+                customer_id: "c1".into(),
+                scenario: "welcome".into(),
+                channel: Channel::email,
+                category: MessageCategory::trigger,
+            },
+            kind: OutcomeKind::delivered,
+        };
+        let bytes = kairos_core::encoding::encode_state(&old).expect("encode");
+        let later: LaterOutcome = kairos_core::encoding::decode_state(&bytes).expect("decode");
+        assert_eq!(later.send.send_id, "s1");
+        assert_eq!(later.send.address, None);
+        assert_eq!(later.kind, OutcomeKind::delivered);
+    }
 }

@@ -26,10 +26,11 @@ pub enum ProviderError {
     /// whole message had already been handed over.
     #[error("no answer: {0}")]
     NoAnswer(String),
-    /// The recipient address does not exist (SMTP 5xx to RCPT TO): a hard bounce.
+    /// The recipient address does not exist or cannot be one (SMTP 5xx to RCPT TO,
+    /// HTTP 404 or 410, an address that does not parse): a hard bounce.
     #[error("hard bounce: {0}")]
     HardBounce(String),
-    /// Will never succeed as is: a rejected request, an invalid address.
+    /// Will never succeed as is: a rejected request, no address at all.
     #[error("permanent: {0}")]
     Permanent(String),
 }
@@ -104,7 +105,8 @@ impl SmtpProvider {
             .as_deref()
             .ok_or_else(|| ProviderError::Permanent("invalid_address: no e-mail address".into()))?
             .parse()
-            .map_err(|e| ProviderError::Permanent(format!("invalid_address: {e}")))?;
+            // An address that cannot be one is as dead as one that bounced.
+            .map_err(|e| ProviderError::HardBounce(format!("invalid_address: {e}")))?;
         let mut b = Message::builder()
             .from(self.from.clone())
             .to(to)
@@ -298,10 +300,13 @@ impl HttpProvider {
             "HTTP {status}: {}",
             text.chars().take(200).collect::<String>()
         );
-        if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
-            Err(ProviderError::Transient(detail))
-        } else {
-            Err(ProviderError::Permanent(detail))
+        match status.as_u16() {
+            408 | 429 => Err(ProviderError::Transient(detail)),
+            _ if status.is_server_error() => Err(ProviderError::Transient(detail)),
+            // The recipient (token, number, chat) is unknown or gone for good: the
+            // address is dead, as for an SMTP 5xx to RCPT TO.
+            404 | 410 => Err(ProviderError::HardBounce(detail)),
+            _ => Err(ProviderError::Permanent(detail)),
         }
     }
 }

@@ -138,6 +138,8 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
         kind: event.event,
         reason: event.reason.clone(),
         occurred_at: event.occurred_at.unwrap_or(now),
+        // The provider's report does not say; the arbiter knows it by the send id.
+        address: None,
     })
 }
 

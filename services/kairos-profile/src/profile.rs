@@ -260,7 +260,13 @@ impl CustomerProfile {
                 self.state_consent(o.channel, false, at);
             }
             OutcomeKind::bounced_hard => {
-                if let Some(address) = self.address(o.channel).cloned() {
+                // The address the send went to: a bounce reported after the customer
+                // changed it must not block the new one.
+                let bounced = o
+                    .address
+                    .clone()
+                    .or_else(|| self.address(o.channel).cloned());
+                if let Some(address) = bounced {
                     self.hard_bounced.insert(o.channel, address);
                 }
             }
@@ -1045,6 +1051,7 @@ mod tests {
             kind,
             reason: None,
             occurred_at: at,
+            address: None,
         }
     }
 
@@ -1073,6 +1080,27 @@ mod tests {
         assert_eq!(p.complained_at, Some(60), "the first complaint counts");
         p.apply_outcome(&outcome(Channel::email, OutcomeKind::unsubscribed, 80));
         assert_eq!(p.consents.get(&Channel::email), Some(&false));
+    }
+
+    #[test]
+    fn a_late_hard_bounce_marks_the_address_the_send_went_to() {
+        let mut p = CustomerProfile::new("c1", 0);
+        p.email = Some("old@x".into());
+        p.email = Some("new@x".into());
+        let bounce = Outcome {
+            address: Some("old@x".into()),
+            ..outcome(Channel::email, OutcomeKind::bounced_hard, 50)
+        };
+        p.apply_outcome(&bounce);
+        assert_eq!(
+            p.hard_bounced.get(&Channel::email).map(String::as_str),
+            Some("old@x")
+        );
+        assert_eq!(
+            crate::contacts(&p).email.as_deref(),
+            Some("new@x"),
+            "the new address stays usable"
+        );
     }
 
     #[test]

@@ -16,11 +16,17 @@ use kairos_arbiter::CustomerLedger;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{Decision, Trigger};
 use kairos_core::replay::partition_for;
+use kairos_core::time::{Millis, DAY};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Records of one partition, from the low to the high watermark, as (key, payload).
+/// How many of a partition's latest records are read: on a long retention the whole
+/// partition would take too long, and the story of one customer is recent.
+const RECORDS_PER_PARTITION: i64 = 200_000;
+
+/// The latest records of one partition (at most `RECORDS_PER_PARTITION`, up to the
+/// high watermark), as (key, payload).
 fn read_partition(
     consumer: &BaseConsumer,
     topic: &str,
@@ -29,6 +35,7 @@ fn read_partition(
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    let low = first_offset(low, high, RECORDS_PER_PARTITION);
     let mut out = Vec::new();
     if high <= low {
         return Ok(out);
@@ -53,6 +60,11 @@ fn read_partition(
         }
     }
     Ok(out)
+}
+
+/// Where to start reading a partition from `low` to `high` for its latest `n` records.
+fn first_offset(low: i64, high: i64, n: i64) -> i64 {
+    low.max(high - n)
 }
 
 fn time(ms: i64) -> String {
@@ -104,78 +116,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     writeln!(out, "customer {customer} (partition {partition})")?;
     match &ledger {
         None => writeln!(out, "arbiter state: none")?,
-        Some(l) => {
-            let mut sends: BTreeMap<&str, usize> = BTreeMap::new();
-            for (_, channel, _) in &l.sends {
-                *sends.entry(channel.as_str()).or_default() += 1;
-            }
-            writeln!(
-                out,
-                "arbiter state: sends in the last 7 days {sends:?}; ignored in a row {}",
-                l.ignored_in_row
-            )?;
-            for (channel, at) in &l.unsubscribed {
-                writeln!(
-                    out,
-                    "  unsubscribed from {} at {}",
-                    channel.as_str(),
-                    time(*at)
-                )?;
-            }
-            for (channel, address) in &l.hard_bounced {
-                writeln!(
-                    out,
-                    "  hard bounce on {}: {address} is not used",
-                    channel.as_str()
-                )?;
-            }
-            if let Some(at) = l.complained_at {
-                writeln!(out, "  complained at {}: no promo", time(at))?;
-            }
-            if let Some(at) = l.last_purchase_at {
-                writeln!(out, "  last purchase at {}", time(at))?;
-            }
-            if let Some(at) = l.last_active_at {
-                writeln!(out, "  last visit at {}", time(at))?;
-            }
-            for (channel, at) in &l.opted_in {
-                writeln!(out, "  opted in on {} at {}", channel.as_str(), time(*at))?;
-            }
-            if let Some(m) = &l.main {
-                writeln!(
-                    out,
-                    "  main scenario: {} (priority {}) until {}",
-                    m.scenario,
-                    m.priority,
-                    time(m.until)
-                )?;
-            }
-            for (id, q) in &l.queued {
-                writeln!(out, "  queued: {id} ({})", q.scenario)?;
-            }
-            if let Some(into) = &l.merged_into {
-                writeln!(
-                    out,
-                    "  merged into {into} (identity resolution): its messages go there"
-                )?;
-            }
-            if !l.absorbed.is_empty() {
-                writeln!(
-                    out,
-                    "  merged into this customer: {}",
-                    l.absorbed.join(", ")
-                )?;
-            }
-            for (id, c) in &l.cascades {
-                let sent: Vec<&str> = c.channels.iter().map(|c| c.as_str()).collect();
-                writeln!(
-                    out,
-                    "  cascade in flight: {id} ({}), sent on {}",
-                    c.scenario,
-                    sent.join(", ")
-                )?;
-            }
-        }
+        Some(l) => out.push_str(&describe_ledger(l, kairos_core::time::wall_now())?),
     }
     // Triggers newest first; decisions whose trigger is no longer on the topic too.
     let mut ids: Vec<(i64, String)> = triggers
@@ -233,4 +174,161 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         }
     }
     Ok(out)
+}
+
+/// The arbiter's view of the customer at `now`: sends in the 7 days before it, every
+/// suppression, the queue with each entry's rule and wake-up, the chain and cascades.
+fn describe_ledger(l: &CustomerLedger, now: Millis) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut sends: BTreeMap<&str, usize> = BTreeMap::new();
+    // The ledger drops older sends only when it next decides: count the last 7 days.
+    for (_, channel, _) in l.sends.iter().filter(|(at, _, _)| now - at < 7 * DAY) {
+        *sends.entry(channel.as_str()).or_default() += 1;
+    }
+    writeln!(
+        out,
+        "arbiter state: sends in the last 7 days {sends:?}; ignored in a row {}",
+        l.ignored_in_row
+    )?;
+    for (channel, at) in &l.unsubscribed {
+        writeln!(
+            out,
+            "  unsubscribed from {} at {}",
+            channel.as_str(),
+            time(*at)
+        )?;
+    }
+    // Every address that bounced: the latest is in `hard_bounced`, all in `bounced`.
+    let mut bounced: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (channel, addresses) in &l.bounced {
+        bounced
+            .entry(channel.as_str())
+            .or_default()
+            .extend(addresses.iter().map(String::as_str));
+    }
+    for (channel, address) in &l.hard_bounced {
+        let list = bounced.entry(channel.as_str()).or_default();
+        if !list.contains(&address.as_str()) {
+            list.push(address);
+        }
+    }
+    for (channel, addresses) in &bounced {
+        writeln!(
+            out,
+            "  hard bounce on {channel}: {} not used",
+            addresses.join(", ")
+        )?;
+    }
+    if let Some(at) = l.complained_at {
+        writeln!(out, "  complained at {}: no promo", time(at))?;
+    }
+    if let Some(at) = l.last_purchase_at {
+        writeln!(out, "  last purchase at {}", time(at))?;
+    }
+    if let Some(at) = l.last_active_at {
+        writeln!(out, "  last visit at {}", time(at))?;
+    }
+    for (channel, at) in &l.opted_in {
+        writeln!(out, "  opted in on {} at {}", channel.as_str(), time(*at))?;
+    }
+    if let Some(m) = &l.main {
+        writeln!(
+            out,
+            "  main scenario: {} (priority {}) until {}",
+            m.scenario,
+            m.priority,
+            time(m.until)
+        )?;
+    }
+    for (id, q) in &l.queued {
+        let wake = q.wake_at.map_or("an unknown time".to_string(), time);
+        writeln!(
+            out,
+            "  queued: {id} ({}) waits for {} until {wake}",
+            q.scenario,
+            q.rule.as_deref().unwrap_or("an unrecorded rule")
+        )?;
+    }
+    if let Some(into) = &l.merged_into {
+        writeln!(
+            out,
+            "  merged into {into} (identity resolution): its messages go there"
+        )?;
+    }
+    if !l.absorbed.is_empty() {
+        writeln!(
+            out,
+            "  merged into this customer: {}",
+            l.absorbed.join(", ")
+        )?;
+    }
+    for (id, c) in &l.cascades {
+        let sent: Vec<&str> = c.channels.iter().map(|c| c.as_str()).collect();
+        writeln!(
+            out,
+            "  cascade in flight: {id} ({}), sent on {}",
+            c.scenario,
+            sent.join(", ")
+        )?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_arbiter::Queued;
+    use kairos_core::contracts::{Channel, MessageCategory};
+    use kairos_core::time::HOUR;
+
+    const T0: Millis = 1_767_603_600_000; // 2026-01-05T09:00:00Z
+
+    #[test]
+    fn the_ledger_shows_recent_sends_every_bounce_and_the_queue() {
+        let mut l = CustomerLedger {
+            sends: vec![
+                (T0 - 8 * DAY, Channel::email, MessageCategory::trigger),
+                (T0 - DAY, Channel::email, MessageCategory::trigger),
+                (T0 - HOUR, Channel::push, MessageCategory::promo),
+            ],
+            ..CustomerLedger::default()
+        };
+        l.bounced
+            .insert(Channel::email, vec!["old@x".into(), "older@x".into()]);
+        l.hard_bounced.insert(Channel::email, "older@x".into());
+        l.hard_bounced.insert(Channel::push, "token-1".into());
+        l.queued.insert(
+            "t1".into(),
+            Queued {
+                scenario: "welcome".into(),
+                rule: Some("quiet_hours".into()),
+                wake_at: Some(T0 + HOUR),
+                ..Queued::default()
+            },
+        );
+        let out = describe_ledger(&l, T0).expect("format");
+        assert!(
+            out.contains(r#"sends in the last 7 days {"email": 1, "push": 1}"#),
+            "{out}"
+        );
+        assert!(
+            out.contains("hard bounce on email: old@x, older@x not used"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hard bounce on push: token-1 not used"),
+            "{out}"
+        );
+        assert!(
+            out.contains("queued: t1 (welcome) waits for quiet_hours until 2026-01-05T10:00:00Z"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn only_the_latest_records_of_a_partition_are_read() {
+        assert_eq!(first_offset(0, 10, 100), 0);
+        assert_eq!(first_offset(5, 1_000, 100), 900);
+        assert_eq!(first_offset(950, 1_000, 100), 950);
+    }
 }

@@ -276,6 +276,7 @@ impl Arbiter {
             kind,
             reason: None,
             occurred_at: at,
+            address: None,
         };
         self.push("outcomes", &send.customer_id, &o);
     }

@@ -1,0 +1,165 @@
+//! Chains in event time: the steps of one chain instance (scenario and cause) go out
+//! in order and spaced, even when they were held back together, and none goes out
+//! once an earlier step ended without a send; a mass send leaves out a customer
+//! whom a personal chain holds.
+
+mod common;
+
+use common::{Arbiter, T0};
+use kairos_core::contracts::{Decision, DecisionOutcome, MessageCategory, Trigger};
+use kairos_core::time::{DAY, HOUR};
+
+const CHAINS: &str = r#"
+[[scenarios]]
+name = "vip"
+kind = "segment_entered"
+segment = "vip"
+channels = ["email"]
+template = "vip"
+priority = 90
+steps = [{ delay = "3d", template = "vip_2" }]
+
+[[scenarios]]
+name = "tips"
+kind = "post_purchase"
+channels = ["email"]
+template = "tips"
+priority = 50
+steps = [{ delay = "1d", template = "tips_2" }, { delay = "1d", template = "tips_3" }]
+
+[[scenarios]]
+name = "flash_sale"
+kind = "segment_entered"
+segment = "all"
+category = "promo"
+channels = ["email"]
+template = "flash_sale"
+priority = 100
+mass = true
+"#;
+
+fn arbiter() -> Arbiter {
+    Arbiter::from_text(
+        &format!("{}\n{CHAINS}", common::CONFIG)
+            .replace("[arbiter]\n", "[arbiter]\ndaily_cap = 5\nweekly_cap = 20\n"),
+    )
+}
+
+/// Step `step` of the tips chain caused by order-1, fired at `at`, valid `valid` long.
+fn tips(a: &Arbiter, step: i32, at: i64, valid: i64) -> Trigger {
+    let mut t = a.trigger_of(&format!("tips{step}"), "tips", MessageCategory::trigger, at);
+    t.step = step;
+    t.template = ["tips", "tips_2", "tips_3"][step as usize].into();
+    t.cause_event_id = Some("order-1".into());
+    t.cause_occurred_at = T0;
+    t.valid_until = at + valid;
+    t
+}
+
+fn vip(a: &mut Arbiter) {
+    let mut t = a.trigger_of("vip0", "vip", MessageCategory::trigger, T0);
+    t.priority = 90;
+    t.cause_event_id = Some("vip-entered".into());
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+}
+
+/// The decisions of a trigger other than deferrals: exactly one is expected.
+fn finals<'a>(a: &'a Arbiter, id: &str) -> Vec<&'a Decision> {
+    a.decisions_of(id)
+        .into_iter()
+        .filter(|d| d.outcome != DecisionOutcome::deferred)
+        .collect()
+}
+
+#[test]
+fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
+    let mut a = arbiter();
+    vip(&mut a);
+    for step in 0..3 {
+        let t = tips(&a, step, T0 + i64::from(step) * DAY + HOUR, 10 * DAY);
+        let d = a.push_trigger(&t);
+        assert_eq!(
+            (d.outcome, d.rule.as_str()),
+            (DecisionOutcome::deferred, "main_scenario"),
+            "{d:#?}"
+        );
+    }
+    // The vip chain lets go at T0 + 3 days: one tips message, not three.
+    a.advance_to(T0 + 3 * DAY + HOUR);
+    let tips_sent = |a: &Arbiter| -> Vec<(String, i64)> {
+        a.sends
+            .iter()
+            .filter(|s| s.scenario == "tips")
+            .map(|s| (s.template.clone(), s.created_at))
+            .collect()
+    };
+    assert_eq!(tips_sent(&a), [("tips".to_string(), T0 + 3 * DAY)]);
+    // Then a day apart, in order.
+    a.advance_to(T0 + 8 * DAY);
+    assert_eq!(
+        tips_sent(&a),
+        [
+            ("tips".to_string(), T0 + 3 * DAY),
+            ("tips_2".to_string(), T0 + 4 * DAY),
+            ("tips_3".to_string(), T0 + 5 * DAY),
+        ]
+    );
+    for step in 0..3 {
+        let id = format!("tips{step}");
+        let f = finals(&a, &id);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!(f[0].outcome, DecisionOutcome::sent);
+    }
+}
+
+#[test]
+fn an_expired_step_cancels_the_later_steps_of_its_chain() {
+    let mut a = arbiter();
+    vip(&mut a);
+    for step in 0..3 {
+        let t = tips(&a, step, T0 + i64::from(step) * DAY + HOUR, DAY);
+        a.push_trigger(&t);
+    }
+    a.advance_to(T0 + 8 * DAY);
+    assert!(
+        a.sends.iter().all(|s| s.scenario != "tips"),
+        "no tips_2 or tips_3 without tips: {:#?}",
+        a.sends
+    );
+    let f = finals(&a, "tips0");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].outcome, DecisionOutcome::expired);
+    for id in ["tips1", "tips2"] {
+        let f = finals(&a, id);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!(
+            (f[0].outcome, f[0].rule.as_str()),
+            (DecisionOutcome::cancelled, "chain_broken"),
+            "{f:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_mass_send_leaves_out_a_customer_in_a_personal_chain() {
+    let mut a = arbiter();
+    let mut sale = a.trigger_of("sale0", "flash_sale", MessageCategory::promo, T0);
+    sale.priority = 100;
+    assert_eq!(a.push_trigger(&sale).outcome, DecisionOutcome::sent);
+    // The tips chain (priority 50) holds the customer for two days.
+    let t = tips(&a, 0, T0 + DAY, DAY);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    let mut sale = a.trigger_of(
+        "sale1",
+        "flash_sale",
+        MessageCategory::promo,
+        T0 + DAY + HOUR,
+    );
+    sale.priority = 100;
+    let d = a.push_trigger(&sale);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "in_personal_chain"),
+        "{d:#?}"
+    );
+}
