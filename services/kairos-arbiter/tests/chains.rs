@@ -13,7 +13,7 @@ const CHAINS: &str = r#"
 [[scenarios]]
 name = "vip"
 kind = "segment_entered"
-segment = "vip"
+segment = "Champions"
 channels = ["email"]
 template = "vip"
 priority = 90
@@ -30,7 +30,7 @@ steps = [{ delay = "1d", template = "tips_2" }, { delay = "1d", template = "tips
 [[scenarios]]
 name = "flash_sale"
 kind = "segment_entered"
-segment = "all"
+segment = "Loyal"
 category = "promo"
 channels = ["email"]
 template = "flash_sale"
