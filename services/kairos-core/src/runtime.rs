@@ -578,8 +578,17 @@ impl<P: Processor> Engine<P> {
 
     /// Fires due timers of every partition (committing as it goes).
     pub fn fire_due(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        self.fire_due_where(|_| true)
+    }
+
+    /// [`Engine::fire_due`] for the partitions `ready` accepts: the others' timers
+    /// wait (for the input backlog found at their assignment, see [`BacklogGates`]).
+    pub fn fire_due_where(
+        &mut self,
+        ready: impl Fn(i32) -> bool,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = Vec::new();
-        for p in self.owned() {
+        for p in self.owned().into_iter().filter(|p| ready(*p)) {
             let now = match self.mode {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
@@ -1409,11 +1418,12 @@ pub async fn run<P: Processor>(
     let mut assigned_once = false;
     let single_state = engine.processor.single_state_partition();
     let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
+    let mut gates = BacklogGates::default();
 
     loop {
         admin.heartbeat();
         // Apply rebalances recorded by the consumer context.
-        assigned_once |= apply_rebalances(
+        let applied = apply_rebalances(
             &mut engine,
             &rebalances,
             config,
@@ -1423,6 +1433,8 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        assigned_once |= applied.assigned;
+        gates.follow(&engine, &consumer, &inputs, &applied);
         if cancel.is_cancelled() {
             break;
         }
@@ -1460,7 +1472,7 @@ pub async fn run<P: Processor>(
         // Rebalances seen while gathering (the callback runs inside recv) take effect
         // before any record is handled: revoked partitions are not touched after their
         // revocation, newly assigned ones are opened (and restored) first.
-        assigned_once |= apply_rebalances(
+        let applied = apply_rebalances(
             &mut engine,
             &rebalances,
             config,
@@ -1470,6 +1482,8 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        assigned_once |= applied.assigned;
+        gates.follow(&engine, &consumer, &inputs, &applied);
         if cancel.is_cancelled() {
             // A backlog may have gone out only in part: no new commit may follow it
             // into the changelog (its end marker would vouch for the backlog's gaps).
@@ -1549,13 +1563,17 @@ pub async fn run<P: Processor>(
             // again (the store's own offsets skip what its state already holds).
             continue;
         }
-        for ((topic, partition), offset) in positions {
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+        for ((topic, partition), offset) in &positions {
+            if let Err(e) = consumer.store_offset(topic, *partition, *offset) {
                 tracing::debug!(%topic, partition, error = %e, "offset store skipped");
             }
         }
 
-        let fired = engine.fire_due()?;
+        for ((topic, partition), offset) in &positions {
+            gates.consumed(topic, *partition, offset + 1);
+        }
+        gates.check_positions(&consumer);
+        let fired = engine.fire_due_where(|p| !gates.holds(p))?;
         if !fired.is_empty() {
             let acked = publish(&producer, fired, &metrics, &cancel).await;
             engine.acknowledge(&acked)?;
@@ -1610,8 +1628,18 @@ fn owns_every_partition<C: ConsumerContext>(
         .all(|topic| (0..partitions).all(|p| assignment.find_partition(topic, p).is_some()))
 }
 
+/// What [`apply_rebalances`] did.
+#[derive(Default)]
+struct AppliedRebalances {
+    /// An assignment arrived.
+    assigned: bool,
+    /// The input partitions of each event, in order: (assigned, partitions), with
+    /// `false` for a revocation.
+    events: Vec<(bool, Vec<i32>)>,
+}
+
 /// Opens (restoring from the changelog when needed) newly assigned partitions and
-/// closes revoked ones. Returns whether an assignment arrived.
+/// closes revoked ones.
 async fn apply_rebalances<P: Processor>(
     engine: &mut Engine<P>,
     rebalances: &Mutex<Vec<RebalanceEvent>>,
@@ -1620,15 +1648,16 @@ async fn apply_rebalances<P: Processor>(
     producer: &FutureProducer,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<AppliedRebalances> {
     let events: Vec<RebalanceEvent> = rebalances
         .lock()
         .map(|mut q| std::mem::take(&mut *q))
         .unwrap_or_default();
-    let mut assigned = false;
+    let mut applied = AppliedRebalances::default();
     for event in events {
         match event {
             RebalanceEvent::Assign(parts) => {
+                applied.events.push((true, parts.clone()));
                 let mut backlog = Vec::new();
                 let parts = parts
                     .into_iter()
@@ -1653,9 +1682,10 @@ async fn apply_rebalances<P: Processor>(
                 }
                 let acked = publish(producer, backlog, metrics, cancel).await;
                 engine.acknowledge(&acked)?;
-                assigned = true;
+                applied.assigned = true;
             }
             RebalanceEvent::Revoke(parts) => {
+                applied.events.push((false, parts.clone()));
                 // Twice: the second commit carries the deletions of the outputs the
                 // first one's publish got acknowledged, to the changelog.
                 for _ in 0..2 {
@@ -1675,7 +1705,138 @@ async fn apply_rebalances<P: Processor>(
             }
         }
     }
-    Ok(assigned)
+    Ok(applied)
+}
+
+/// Holds back the timers of a newly assigned partition until the consumer has read
+/// the input backlog that was there at the assignment (as Kafka Streams punctuates on
+/// stream time): a timer overdue after a restart or a move must not fire against
+/// state that has not yet seen the purchase, the unsubscribe or the cancel waiting
+/// in the backlog. The ends are fixed at the assignment, so a busy input does not
+/// hold the timers back for longer than the backlog takes.
+#[derive(Default)]
+struct BacklogGates {
+    /// Per state partition, the input topic-partitions not yet read to their end.
+    waiting: HashMap<i32, Vec<InputEnd>>,
+}
+
+/// An input topic-partition's end at the assignment and the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InputEnd {
+    topic: String,
+    partition: i32,
+    end: i64,
+    next: i64,
+}
+
+impl BacklogGates {
+    /// Whether `state_partition`'s timers wait for backlog.
+    fn holds(&self, state_partition: i32) -> bool {
+        self.waiting.contains_key(&state_partition)
+    }
+
+    /// `state_partition` waits for `ends` too (those not read to their end already).
+    fn wait_for(&mut self, state_partition: i32, ends: Vec<InputEnd>) {
+        let ends: Vec<InputEnd> = ends.into_iter().filter(|e| e.next < e.end).collect();
+        if !ends.is_empty() {
+            self.waiting
+                .entry(state_partition)
+                .or_default()
+                .extend(ends);
+        }
+    }
+
+    fn release(&mut self, state_partition: i32) {
+        self.waiting.remove(&state_partition);
+    }
+
+    /// The consumer is at `next` in `topic`/`partition`.
+    fn consumed(&mut self, topic: &str, partition: i32, next: i64) {
+        self.waiting.retain(|_, ends| {
+            for e in ends.iter_mut() {
+                if e.topic == topic && e.partition == partition {
+                    e.next = e.next.max(next);
+                }
+            }
+            ends.retain(|e| e.next < e.end);
+            !ends.is_empty()
+        });
+    }
+
+    /// Moves on by the consumer's positions (which also pass records never handed
+    /// out, such as transaction markers).
+    fn check_positions<C: ConsumerContext>(&mut self, consumer: &StreamConsumer<C>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            if let rdkafka::Offset::Offset(next) = e.offset() {
+                self.consumed(e.topic(), e.partition(), next);
+            }
+        }
+    }
+
+    /// Follows the rebalances just applied: revoked partitions wait no more, newly
+    /// assigned ones wait for their inputs' ends as of now.
+    fn follow<P: Processor, C: ConsumerContext>(
+        &mut self,
+        engine: &Engine<P>,
+        consumer: &StreamConsumer<C>,
+        inputs: &[String],
+        applied: &AppliedRebalances,
+    ) {
+        for (assigned, parts) in &applied.events {
+            for &p in parts {
+                let state_partition = engine.state_partition(p);
+                if *assigned {
+                    self.wait_for(state_partition, input_ends(consumer, inputs, p));
+                } else {
+                    self.release(state_partition);
+                }
+            }
+        }
+    }
+}
+
+/// Each input topic's end in `partition` and the offset the consumer starts at (its
+/// group's committed offset, or the earliest one).
+fn input_ends<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partition: i32,
+) -> Vec<InputEnd> {
+    let timeout = Duration::from_secs(10);
+    let mut ends = Vec::new();
+    for topic in inputs {
+        let (low, high) = match consumer.fetch_watermarks(topic, partition, timeout) {
+            Ok(w) => w,
+            Err(e) => {
+                // Not knowing the backlog must not keep timers from ever firing.
+                tracing::warn!(%topic, partition, error = %e, "cannot read the input's end; its timers do not wait for the backlog");
+                continue;
+            }
+        };
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = consumer
+            .committed_offsets(tpl, timeout)
+            .ok()
+            .and_then(|c| c.find_partition(topic, partition).map(|e| e.offset()));
+        let next = match committed {
+            Some(rdkafka::Offset::Offset(o)) => o.max(low),
+            _ => low,
+        };
+        ends.push(InputEnd {
+            topic: topic.clone(),
+            partition,
+            end: high,
+            next,
+        });
+    }
+    ends
 }
 
 fn dedup(mut v: Vec<i32>) -> Vec<i32> {
@@ -1705,6 +1866,35 @@ mod tests {
             .iter()
             .map(|e| (e.partition, String::from_utf8_lossy(&e.key).into_owned()))
             .collect()
+    }
+
+    fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {
+        InputEnd {
+            topic: topic.into(),
+            partition,
+            end,
+            next,
+        }
+    }
+
+    #[test]
+    fn timers_wait_until_every_input_is_read_to_its_end_at_the_assignment() {
+        let mut gates = BacklogGates::default();
+        gates.wait_for(3, vec![input_end("a", 3, 5, 10), input_end("b", 3, 7, 7)]);
+        // Nothing to read: no wait at all.
+        gates.wait_for(4, vec![input_end("a", 4, 2, 2)]);
+        assert!(gates.holds(3));
+        assert!(!gates.holds(4));
+        gates.consumed("a", 4, 9);
+        gates.consumed("a", 3, 9);
+        assert!(gates.holds(3), "offset 9 of a[3] is not read yet");
+        // Records arriving after the assignment do not move the end.
+        gates.consumed("a", 3, 10);
+        assert!(!gates.holds(3));
+        // A revocation drops the wait.
+        gates.wait_for(5, vec![input_end("a", 5, 0, 1)]);
+        gates.release(5);
+        assert!(!gates.holds(5));
     }
 
     #[test]
