@@ -237,6 +237,14 @@ impl Ctx<'_> {
     }
 }
 
+/// Rounds of firing (of up to 512 timers each) in one go, bounded so a handler that
+/// keeps scheduling timers in the past cannot spin.
+const MAX_FIRING_ROUNDS: usize = 10_000;
+
+/// Rounds of firing the processing loop commits before it publishes their outputs, so
+/// a flood of due timers does not pile up its outputs in memory.
+const FIRING_ROUNDS_PER_PUBLISH: usize = 8;
+
 struct Part {
     store: PartitionStore,
     pending: Pending,
@@ -464,7 +472,7 @@ impl<P: Processor> Engine<P> {
                     // in real time.
                     let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
-                        self.fire_partition(state_partition, t, false)?;
+                        self.fire_partition(state_partition, t, false, MAX_FIRING_ROUNDS)?;
                     }
                     let Some(part) = self.parts.get_mut(&state_partition) else {
                         return Ok(());
@@ -494,7 +502,7 @@ impl<P: Processor> Engine<P> {
             let clock = part.clock.event_time();
             let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
-                self.fire_partition(state_partition, clock, false)?;
+                self.fire_partition(state_partition, clock, false, MAX_FIRING_ROUNDS)?;
             }
         }
         Ok(())
@@ -578,40 +586,49 @@ impl<P: Processor> Engine<P> {
 
     /// Fires due timers of every partition (committing as it goes).
     pub fn fire_due(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.fire_due_where(|_| true)
+        Ok(self.fire_due_where(|_| true, MAX_FIRING_ROUNDS)?.0)
     }
 
-    /// [`Engine::fire_due`] for the partitions `ready` accepts: the others' timers
-    /// wait (for the input backlog found at their assignment, see [`BacklogGates`]).
+    /// [`Engine::fire_due`] for the partitions `ready` accepts (the others' timers
+    /// wait for the input backlog found at their assignment, see [`BacklogGates`]),
+    /// at most `max_rounds` committed rounds of firing per partition, so the outputs
+    /// to publish stay bounded. Returns them, and whether due timers are left: the
+    /// caller publishes, then calls again.
     pub fn fire_due_where(
         &mut self,
         ready: impl Fn(i32) -> bool,
-    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        max_rounds: usize,
+    ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
+        let mut more = false;
         for p in self.owned().into_iter().filter(|p| ready(*p)) {
             let now = match self.mode {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
             };
-            let fired = self.fire_partition(p, now, true);
-            out.extend(self.or_abandon(p, fired)?);
+            let fired = self.fire_partition(p, now, true, max_rounds);
+            let (fired, left) = self.or_abandon(p, fired)?;
+            out.extend(fired);
+            more |= left;
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Fires the timers of `partition` due by `now`. Timers are read from the store
     /// merged with the batch's pending writes, so no commit is needed first; with
     /// `commit`, each round of firing is committed and its records returned for
     /// publishing (without, nothing is returned: the batch commits later).
+    /// At most `max_rounds` rounds of up to 512 timers; returns whether due timers
+    /// are left after them.
     fn fire_partition(
         &mut self,
         partition: i32,
         now: Millis,
         commit: bool,
-    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        max_rounds: usize,
+    ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
-        // Bounded so a handler that keeps scheduling timers in the past cannot spin.
-        for _ in 0..10_000 {
+        for round in 0..=max_rounds {
             let Some(part) = self.parts.get_mut(&partition) else {
                 break;
             };
@@ -621,6 +638,9 @@ impl<P: Processor> Engine<P> {
                 .is_none_or(|d| d > now)
             {
                 break;
+            }
+            if round == max_rounds {
+                return Ok((out, true));
             }
             let due = part.store.due_timer_ids(now, 512);
             if due.is_empty() {
@@ -659,7 +679,7 @@ impl<P: Processor> Engine<P> {
                 out.extend(self.commit_partition(partition)?);
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Event-time mode: moves every partition's clock to `t` (a heartbeat), firing
@@ -667,8 +687,8 @@ impl<P: Processor> Engine<P> {
     pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.commit()?;
         for p in self.owned() {
-            let fired = self.fire_partition(p, t, true);
-            out.extend(self.or_abandon(p, fired)?);
+            let fired = self.fire_partition(p, t, true, MAX_FIRING_ROUNDS);
+            out.extend(self.or_abandon(p, fired)?.0);
             if let Some(part) = self.parts.get_mut(&p) {
                 if t > part.clock.event_time() {
                     part.clock.observe(t);
@@ -987,14 +1007,21 @@ fn changelog_waves(entries: Vec<OutboxEntry>) -> Vec<Wave> {
         .collect()
 }
 
-/// Sends `entries` as one concurrent wave and pairs each with its broker offset, or
-/// the error that stopped it.
+/// Sends `entries` as one wave and pairs each with its broker offset, or the error
+/// that stopped it. Records are handed to the producer strictly in order, each only
+/// once the one before it is queued (a full queue is waited out on the same record),
+/// so two records of one key reach the log in the order given; the deliveries are
+/// awaited together. A record that cannot be queued fails with every record after it.
 async fn send_all(
     producer: &FutureProducer,
     entries: &[OutboxEntry],
     in_commit: bool,
 ) -> Vec<Result<i64, rdkafka::error::KafkaError>> {
-    join_all(entries.iter().map(|e| {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let mut deliveries = Vec::with_capacity(entries.len());
+    let mut refused = None;
+    for e in entries {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
         if e.changelog {
             // Changelog partition = state partition; an empty value is a tombstone.
@@ -1016,12 +1043,40 @@ async fn send_all(
         } else {
             record = record.payload(&e.payload[..]);
         }
-        producer.send(record, Duration::from_secs(30))
-    }))
-    .await
-    .into_iter()
-    .map(|r| r.map(|(_, offset)| offset).map_err(|(e, _)| e))
-    .collect()
+        let queued_by = Instant::now() + Duration::from_secs(30);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((error, back)) if error == queue_full && Instant::now() < queued_by => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        if refused.is_some() {
+            break;
+        }
+    }
+    let mut results: Vec<Result<i64, KafkaError>> = join_all(deliveries)
+        .await
+        .into_iter()
+        .map(|delivery| match delivery {
+            Ok(Ok((_, offset))) => Ok(offset),
+            Ok(Err((error, _))) => Err(error),
+            Err(_) => Err(KafkaError::Canceled),
+        })
+        .collect();
+    if let Some(error) = refused {
+        results.resize(entries.len(), Err(error));
+    }
+    results
 }
 
 /// Changelog records, keeping their order in each partition: after a failure, the
@@ -1573,10 +1628,22 @@ pub async fn run<P: Processor>(
             gates.consumed(topic, *partition, offset + 1);
         }
         gates.check_positions(&consumer);
-        let fired = engine.fire_due_where(|p| !gates.holds(p))?;
-        if !fired.is_empty() {
-            let acked = publish(&producer, fired, &metrics, &cancel).await;
-            engine.acknowledge(&acked)?;
+        // Published in bounded chunks; as many rounds in all as one call used to do.
+        for _ in 0..MAX_FIRING_ROUNDS / FIRING_ROUNDS_PER_PUBLISH {
+            let (fired, more) =
+                engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
+            let produced = fired.len();
+            if produced > 0 {
+                let acked = publish(&producer, fired, &metrics, &cancel).await;
+                engine.acknowledge(&acked)?;
+                if acked.len() < produced {
+                    break;
+                }
+            }
+            if !more || cancel.is_cancelled() {
+                break;
+            }
+            admin.heartbeat();
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
             engine.update_gauges();
@@ -1866,6 +1933,78 @@ mod tests {
             .iter()
             .map(|e| (e.partition, String::from_utf8_lossy(&e.key).into_owned()))
             .collect()
+    }
+
+    /// Any input schedules 3,000 timers, due at once; each firing emits a record.
+    struct ManyTimers;
+
+    impl Processor for ManyTimers {
+        type Input = ();
+        fn name(&self) -> &str {
+            "many-timers"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
+            Ok(())
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, ctx: &mut Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            for i in 0..3_000 {
+                ctx.schedule(&format!("t{i:04}"), ctx.now() - 1, &i)?;
+            }
+            Ok(())
+        }
+        fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+            ctx.emit("fired", "k", &timer.timer_id);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut engine = Engine::new(ManyTimers, &config, metrics).unwrap();
+        engine.open(0).unwrap();
+        let record = Record {
+            topic: "in",
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: b"",
+        };
+        engine.handle(&record).unwrap();
+        engine.commit().unwrap();
+        let fired = |out: &[OutboxEntry]| out.iter().filter(|e| e.topic == "fired").count();
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (1_024, true));
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (1_024, true));
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (952, false));
+        // A partition held back fires nothing.
+        engine
+            .handle(&Record {
+                offset: 1,
+                ..record
+            })
+            .unwrap();
+        engine.commit().unwrap();
+        let (out, more) = engine.fire_due_where(|p| p != 0, 2).unwrap();
+        assert_eq!((fired(&out), more), (0, false));
     }
 
     fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {

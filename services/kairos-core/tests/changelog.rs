@@ -328,3 +328,30 @@ fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
         Some(0)
     );
 }
+
+#[test]
+fn a_full_producer_queue_does_not_reorder_a_keys_changelog_records() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    // A producer whose queue holds 10 records: most sends of a wave find it full.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.config.kafka.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "10")
+        .create()
+        .expect("producer");
+    let (_a_dir, mut a_store) = fresh_store();
+    let fillers: Vec<String> = (0..20).map(|i| format!("filler/{i:02}")).collect();
+    let mut entries = Vec::new();
+    for i in 0..30 {
+        let value = format!("v{i}");
+        let mut puts: Vec<(&str, &str)> = vec![("c/k", value.as_str())];
+        puts.extend(fillers.iter().map(|k| (k.as_str(), value.as_str())));
+        entries.extend(commit(&mut a_store, &puts, i, "out"));
+    }
+    let acked = block_on(publish(&producer, entries, &broker.metrics, &never));
+    assert!(acked.iter().all(|(_, o)| *o >= 0));
+    let (_b_dir, b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "c/k").as_deref(), Some("v29"));
+    assert_eq!(value(&b_store, "filler/19").as_deref(), Some("v29"));
+}
