@@ -1174,7 +1174,6 @@ struct ChangelogRecord {
     own: bool,
     /// Written by a version that ends each commit with an end marker.
     in_commit: bool,
-    offset: i64,
 }
 
 /// Header naming the store incarnation that wrote a changelog record.
@@ -1200,13 +1199,27 @@ const COMMIT_HEADER: &str = "kairos-commit";
 /// - A commit that lacks its end marker at the changelog's end (its writer died while
 ///   publishing it) is not applied: its inputs are processed again. With
 ///   [`TornCommit::Undo`], values undoing its records follow them in the changelog.
+///   Records of a version that writes no markers after it mean that version adopted
+///   it: then it is applied.
+///
+/// A new store reads the changelog once; a store with a local end reads its tail and
+/// stops at the first record it did not write itself.
+/// What a restore did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog records read from the broker, over every pass.
+    pub records_read: u64,
+    /// Records applied to the store.
+    pub applied: u64,
+}
+
 pub fn restore_partition(
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
     partition: i32,
     torn: TornCommit,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<RestoreStats> {
     let consumer: BaseConsumer = kafka::client_config(config)?
         .set("group.id", format!("{}restore", config.kafka.group_prefix))
         .set("enable.auto.commit", "false")
@@ -1219,16 +1232,19 @@ pub fn restore_partition(
         let store = factory.open(partition)?;
         (store.changelog_end()?, store.writer.clone())
     };
+    let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
-        return Ok(0);
+        return Ok(stats);
     }
-    // Hands every record from `from` to the changelog's end to `each`, as it arrives:
-    // a partition's changelog may not fit in memory.
-    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<()>| {
+    // Hands every record from `from` to the changelog's end to `each`, as it arrives
+    // (a partition's changelog may not fit in memory), until `each` answers false.
+    // Returns how many records it read.
+    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<bool>| {
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
         consumer.assign(&tpl)?;
         let mut next = from;
+        let mut read = 0_u64;
         let mut last_progress = Instant::now();
         while next < high {
             if last_progress.elapsed() > Duration::from_secs(120) {
@@ -1237,6 +1253,7 @@ pub fn restore_partition(
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
+                    read += 1;
                     last_progress = Instant::now();
                     let header = |name: &str| {
                         m.headers().and_then(|h| {
@@ -1245,54 +1262,67 @@ pub fn restore_partition(
                                 .map(|x| x.value.map(<[u8]>::to_vec))
                         })
                     };
-                    each(ChangelogRecord {
+                    let go_on = each(ChangelogRecord {
                         key: m.key().unwrap_or_default().to_vec(),
                         value: m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
                         own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
                         in_commit: header(COMMIT_HEADER).is_some(),
-                        offset: m.offset(),
                     })?;
+                    if !go_on {
+                        break;
+                    }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
                 None => {}
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(read)
     };
-    let start = local_end.unwrap_or(low);
-    if start >= low && start <= high {
-        let mut tail = Vec::new();
-        read(start, &mut |r| {
-            tail.push(r);
-            Ok(())
+    // A store that has seen the changelog before: if only its own records follow, it
+    // applies them (as they come) and is current. A new store has no own records.
+    if let Some(start) = local_end.filter(|end| (low..=high).contains(end)) {
+        let mut store = factory.open(partition)?;
+        let mut all_own = true;
+        let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut n = 0_u64;
+        stats.records_read += read(start, &mut |r| {
+            if !r.own {
+                // Applied so far or not, the store is rebuilt below.
+                all_own = false;
+                return Ok(false);
+            }
+            n += 1;
+            // The store's own outbox is the truth about what it still has to
+            // publish: an output's replica in the tail may have been published since.
+            if !r.key.starts_with(OUTBOX) {
+                chunk.push((r.key, r.value));
+            }
+            if chunk.len() >= RESTORE_CHUNK {
+                store.apply_changelog(&chunk)?;
+                chunk.clear();
+            }
+            Ok(true)
         })?;
-        if tail.iter().all(|r| r.own) {
-            let mut store = factory.open(partition)?;
-            let n = tail.len() as u64;
-            // The store's own outbox is the truth about what it still has to publish:
-            // an output's replica in the tail may have been published since.
-            let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = tail
-                .into_iter()
-                .filter(|r| !r.key.starts_with(OUTBOX))
-                .map(|r| (r.key, r.value))
-                .collect();
-            records.extend(
+        if all_own {
+            // The unacknowledged outbox writes again on top: the newest values.
+            chunk.extend(
                 store
                     .outbox()?
                     .into_iter()
                     .filter(|e| e.changelog && !e.key.starts_with(OUTBOX))
                     .map(|e| (e.key, (!e.payload.is_empty()).then_some(e.payload))),
             );
-            store.apply_changelog(&records)?;
+            store.apply_changelog(&chunk)?;
             store.finish_restore()?;
             store.set_changelog_end(high)?;
+            stats.applied = n;
             tracing::info!(
                 changelog,
                 partition,
                 records = n,
                 "caught up with own changelog tail"
             );
-            return Ok(n);
+            return Ok(stats);
         }
     }
     tracing::info!(
@@ -1305,44 +1335,36 @@ pub fn restore_partition(
     );
     factory.destroy(partition)?;
     let mut store = factory.open(partition)?;
-    // Records after the last end marker are a commit whose writer died while
-    // publishing it: not applied, so its inputs count as not applied and are processed
-    // again. The marker is nearly always among the last records: look there first.
-    let mut last_marker = None;
-    let mut window = 1_000;
-    while last_marker.is_none() {
-        let from = (high - window).max(low);
-        read(from, &mut |r| {
-            if r.in_commit && r.key == META_COMMIT_END {
-                last_marker = Some(r.offset);
-            }
-            Ok(())
-        })?;
-        if from == low {
-            break;
-        }
-        window *= 10;
-    }
+    // Records stamped as part of a commit wait for its end marker. Those still waiting
+    // at the end are a commit whose writer died while publishing it: not applied, so
+    // its inputs count as not applied and are processed again. A record of an earlier
+    // version, which wrote no markers, applies as it comes, and with it every record
+    // waiting before it: that version restored them (it knew no markers) and wrote on.
+    let mut waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut ready: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut torn_keys = Vec::new();
-    let mut n = 0_u64;
-    read(low, &mut |r| {
-        let torn = r.in_commit && last_marker.is_none_or(|end| r.offset > end);
-        match torn {
-            true => torn_keys.push(r.key),
-            // Records of earlier versions, which wrote no markers, apply as they come.
-            false => ready.push((r.key, r.value)),
+    stats.records_read += read(low, &mut |r| {
+        let is_marker = r.in_commit && r.key == META_COMMIT_END;
+        match r.in_commit {
+            true => waiting.push((r.key, r.value)),
+            false => {
+                ready.append(&mut waiting);
+                ready.push((r.key, r.value));
+            }
         }
-        if ready.len() >= 10_000 {
+        if is_marker {
+            ready.append(&mut waiting);
+        }
+        if ready.len() >= RESTORE_CHUNK {
             store.apply_changelog(&ready)?;
-            n += ready.len() as u64;
+            stats.applied += ready.len() as u64;
             ready.clear();
         }
-        Ok(())
+        Ok(true)
     })?;
     store.apply_changelog(&ready)?;
-    n += ready.len() as u64;
+    stats.applied += ready.len() as u64;
     store.finish_restore()?;
+    let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
     let end = match (torn_keys.is_empty(), torn) {
         (false, TornCommit::Undo) => {
             repair_torn_commit(config, &store, changelog, partition, torn_keys)?
@@ -1350,9 +1372,17 @@ pub fn restore_partition(
         _ => high,
     };
     store.set_changelog_end(end)?;
-    tracing::info!(changelog, partition, restored = n, "state restored");
-    Ok(n)
+    tracing::info!(
+        changelog,
+        partition,
+        restored = stats.applied,
+        "state restored"
+    );
+    Ok(stats)
 }
+
+/// Records a restore applies in one write.
+const RESTORE_CHUNK: usize = 10_000;
 
 /// Writes, after a torn commit's records, the values the restored store holds for
 /// their keys (a tombstone where it holds none) and an end marker, before this store
@@ -1743,7 +1773,7 @@ async fn apply_rebalances<P: Processor>(
                         })
                         .await
                         .context("restore task failed")??;
-                        metrics.restored_records.inc_by(restored);
+                        metrics.restored_records.inc_by(restored.applied);
                     }
                     backlog.extend(engine.open(p)?);
                 }
