@@ -1220,6 +1220,37 @@ pub fn restore_partition(
     partition: i32,
     torn: TornCommit,
 ) -> anyhow::Result<RestoreStats> {
+    let mut read_before = 0;
+    for _ in 0..3 {
+        match restore_once(config, factory, changelog, partition, torn)? {
+            Restore::Done(mut stats) => {
+                stats.records_read += read_before;
+                return Ok(stats);
+            }
+            Restore::ChangelogMoved(stats) => read_before += stats.records_read,
+        }
+    }
+    anyhow::bail!(
+        "{changelog}[{partition}] kept growing while this instance restored it: another \
+         instance is writing it, so this one neither undoes its torn commit nor opens it"
+    )
+}
+
+/// How one attempt at a restore ended.
+enum Restore {
+    Done(RestoreStats),
+    /// Someone wrote to the changelog after it was read, before a torn commit's undo
+    /// went out: the partition is not this instance's alone, the undo was not written.
+    ChangelogMoved(RestoreStats),
+}
+
+fn restore_once(
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+) -> anyhow::Result<Restore> {
     let consumer: BaseConsumer = kafka::client_config(config)?
         .set("group.id", format!("{}restore", config.kafka.group_prefix))
         .set("enable.auto.commit", "false")
@@ -1234,7 +1265,7 @@ pub fn restore_partition(
     };
     let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
-        return Ok(stats);
+        return Ok(Restore::Done(stats));
     }
     // Hands every record from `from` to the changelog's end to `each`, as it arrives
     // (a partition's changelog may not fit in memory), until `each` answers false.
@@ -1322,7 +1353,7 @@ pub fn restore_partition(
                 records = n,
                 "caught up with own changelog tail"
             );
-            return Ok(stats);
+            return Ok(Restore::Done(stats));
         }
     }
     tracing::info!(
@@ -1367,6 +1398,21 @@ pub fn restore_partition(
     let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
     let end = match (torn_keys.is_empty(), torn) {
         (false, TornCommit::Undo) => {
+            // Only while nobody else writes: an instance that lost the partition
+            // meanwhile must not write after the new owner's records.
+            let (_, now_high) = consumer
+                .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+                .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
+            if now_high != high {
+                tracing::warn!(
+                    changelog,
+                    partition,
+                    high,
+                    now_high,
+                    "the changelog grew during the restore: its torn commit is not undone, the partition is restored again"
+                );
+                return Ok(Restore::ChangelogMoved(stats));
+            }
             repair_torn_commit(config, &store, changelog, partition, torn_keys)?
         }
         _ => high,
@@ -1378,7 +1424,7 @@ pub fn restore_partition(
         restored = stats.applied,
         "state restored"
     );
-    Ok(stats)
+    Ok(Restore::Done(stats))
 }
 
 /// Records a restore applies in one write.
@@ -1511,6 +1557,7 @@ pub async fn run<P: Processor>(
         let applied = apply_rebalances(
             &mut engine,
             &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
             &producer,
@@ -1560,6 +1607,7 @@ pub async fn run<P: Processor>(
         let applied = apply_rebalances(
             &mut engine,
             &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
             &producer,
@@ -1710,6 +1758,19 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
+/// Whether the consumer is assigned partition `partition` of an input topic now.
+fn holds_input_partition<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partition: i32,
+) -> bool {
+    consumer.assignment().is_ok_and(|assignment| {
+        inputs
+            .iter()
+            .any(|topic| assignment.find_partition(topic, partition).is_some())
+    })
+}
+
 /// Whether the consumer is assigned every partition of every input topic (what a
 /// processor with a single state partition needs before it applies anything).
 fn owns_every_partition<C: ConsumerContext>(
@@ -1730,16 +1791,61 @@ fn owns_every_partition<C: ConsumerContext>(
 struct AppliedRebalances {
     /// An assignment arrived.
     assigned: bool,
-    /// The input partitions of each event, in order: (assigned, partitions), with
-    /// `false` for a revocation.
-    events: Vec<(bool, Vec<i32>)>,
+    /// Input partitions revoked (handled first).
+    revoked: Vec<i32>,
+    /// Input partitions assigned and still held once their state was open.
+    opened: Vec<i32>,
+}
+
+/// The net effect of rebalance events drained together.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetRebalance {
+    /// Every input partition revoked on the way, closed first: even one assigned again
+    /// since, as another instance may have written its changelog in between.
+    revoked: Vec<i32>,
+    /// Input partitions assigned and not revoked after: opened after the closing. One
+    /// revoked later is never restored (nor its torn commit undone), as it is no
+    /// longer this instance's to write.
+    assigned: Vec<i32>,
+    /// An assignment arrived, whatever followed it.
+    any_assignment: bool,
+}
+
+fn net_rebalance(events: Vec<RebalanceEvent>) -> NetRebalance {
+    let mut assigned = std::collections::BTreeSet::new();
+    let mut revoked = std::collections::BTreeSet::new();
+    let mut any_assignment = false;
+    for event in events {
+        match event {
+            RebalanceEvent::Assign(parts) => {
+                any_assignment = true;
+                assigned.extend(parts);
+            }
+            RebalanceEvent::Revoke(parts) => {
+                for p in parts {
+                    assigned.remove(&p);
+                    revoked.insert(p);
+                }
+            }
+        }
+    }
+    NetRebalance {
+        revoked: revoked.into_iter().collect(),
+        assigned: assigned.into_iter().collect(),
+        any_assignment,
+    }
 }
 
 /// Opens (restoring from the changelog when needed) newly assigned partitions and
-/// closes revoked ones.
+/// closes revoked ones, by the net effect of the events recorded since the last call.
+/// `still_assigned` tells whether the consumer holds an input partition now: one lost
+/// before its restore is not restored, one lost during it is closed again without
+/// publishing its backlog.
+#[allow(clippy::too_many_arguments)]
 async fn apply_rebalances<P: Processor>(
     engine: &mut Engine<P>,
     rebalances: &Mutex<Vec<RebalanceEvent>>,
+    still_assigned: &(dyn Fn(i32) -> bool + Sync),
     config: &Config,
     name: &str,
     producer: &FutureProducer,
@@ -1750,58 +1856,82 @@ async fn apply_rebalances<P: Processor>(
         .lock()
         .map(|mut q| std::mem::take(&mut *q))
         .unwrap_or_default();
-    let mut applied = AppliedRebalances::default();
-    for event in events {
-        match event {
-            RebalanceEvent::Assign(parts) => {
-                applied.events.push((true, parts.clone()));
-                let mut backlog = Vec::new();
-                let parts = parts
-                    .into_iter()
-                    .map(|p| engine.state_partition(p))
-                    .collect();
-                for p in dedup(parts) {
-                    if engine.owns(p) {
-                        continue;
-                    }
-                    if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
-                        let c = config.clone();
-                        let factory_root = config.state.dir.join(name);
-                        let restored = tokio::task::spawn_blocking(move || {
-                            let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                            restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
-                        })
-                        .await
-                        .context("restore task failed")??;
-                        metrics.restored_records.inc_by(restored.applied);
-                    }
-                    backlog.extend(engine.open(p)?);
-                }
-                let acked = publish(producer, backlog, metrics, cancel).await;
-                engine.acknowledge(&acked)?;
-                applied.assigned = true;
-            }
-            RebalanceEvent::Revoke(parts) => {
-                applied.events.push((false, parts.clone()));
-                // Twice: the second commit carries the deletions of the outputs the
-                // first one's publish got acknowledged, to the changelog.
-                for _ in 0..2 {
-                    engine.commit()?;
-                    // The whole outbox: whatever an earlier publish left goes first.
-                    let out = engine.outbox()?;
-                    let acked = publish(producer, out, metrics, cancel).await;
-                    engine.acknowledge(&acked)?;
-                }
-                let parts = parts
-                    .into_iter()
-                    .map(|p| engine.state_partition(p))
-                    .collect();
-                for p in dedup(parts) {
-                    engine.close(p);
-                }
-            }
+    if events.is_empty() {
+        return Ok(AppliedRebalances::default());
+    }
+    let net = net_rebalance(events);
+    let mut applied = AppliedRebalances {
+        assigned: net.any_assignment,
+        revoked: net.revoked.clone(),
+        opened: Vec::new(),
+    };
+    if !net.revoked.is_empty() {
+        // Twice: the second commit carries the deletions of the outputs the first
+        // one's publish got acknowledged, to the changelog.
+        for _ in 0..2 {
+            engine.commit()?;
+            // The whole outbox: whatever an earlier publish left goes first.
+            let out = engine.outbox()?;
+            let acked = publish(producer, out, metrics, cancel).await;
+            engine.acknowledge(&acked)?;
+        }
+        let parts = net
+            .revoked
+            .iter()
+            .map(|p| engine.state_partition(*p))
+            .collect();
+        for p in dedup(parts) {
+            engine.close(p);
         }
     }
+    let mut backlog = Vec::new();
+    // Each state partition with the input partitions it applies.
+    let mut by_state: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for &input in &net.assigned {
+        by_state
+            .entry(engine.state_partition(input))
+            .or_default()
+            .push(input);
+    }
+    for (p, inputs) in by_state {
+        let held = || inputs.iter().copied().any(still_assigned);
+        if !held() {
+            tracing::info!(
+                service = name,
+                partition = p,
+                "partition lost before it was opened"
+            );
+            continue;
+        }
+        if !engine.owns(p) {
+            if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
+                let c = config.clone();
+                let factory_root = config.state.dir.join(name);
+                let restored = tokio::task::spawn_blocking(move || {
+                    let factory = StoreFactory::new(&factory_root, 8 << 20)?;
+                    restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
+                })
+                .await
+                .context("restore task failed")??;
+                metrics.restored_records.inc_by(restored.applied);
+            }
+            let opened = engine.open(p)?;
+            if !held() {
+                // Its backlog is the new owner's to publish now.
+                tracing::info!(
+                    service = name,
+                    partition = p,
+                    "partition lost while it was restored"
+                );
+                engine.close(p);
+                continue;
+            }
+            backlog.extend(opened);
+        }
+        applied.opened.extend(inputs);
+    }
+    let acked = publish(producer, backlog, metrics, cancel).await;
+    engine.acknowledge(&acked)?;
     Ok(applied)
 }
 
@@ -1885,15 +2015,11 @@ impl BacklogGates {
         inputs: &[String],
         applied: &AppliedRebalances,
     ) {
-        for (assigned, parts) in &applied.events {
-            for &p in parts {
-                let state_partition = engine.state_partition(p);
-                if *assigned {
-                    self.wait_for(state_partition, input_ends(consumer, inputs, p));
-                } else {
-                    self.release(state_partition);
-                }
-            }
+        for &p in &applied.revoked {
+            self.release(engine.state_partition(p));
+        }
+        for &p in &applied.opened {
+            self.wait_for(engine.state_partition(p), input_ends(consumer, inputs, p));
         }
     }
 }
@@ -2035,6 +2161,42 @@ mod tests {
         engine.commit().unwrap();
         let (out, more) = engine.fire_due_where(|p| p != 0, 2).unwrap();
         assert_eq!((fired(&out), more), (0, false));
+    }
+
+    #[test]
+    fn rebalances_drained_together_act_by_their_net_effect() {
+        use RebalanceEvent::{Assign, Revoke};
+        // Assigned, then taken away before this instance got to it: never opened.
+        assert_eq!(
+            net_rebalance(vec![
+                Assign(vec![1, 2]),
+                Revoke(vec![1, 2]),
+                Assign(vec![3])
+            ]),
+            NetRebalance {
+                revoked: vec![1, 2],
+                assigned: vec![3],
+                any_assignment: true,
+            }
+        );
+        // Revoked and assigned again: closed and restored anew (another instance may
+        // have written in between).
+        assert_eq!(
+            net_rebalance(vec![Revoke(vec![0, 1]), Assign(vec![1])]),
+            NetRebalance {
+                revoked: vec![0, 1],
+                assigned: vec![1],
+                any_assignment: true,
+            }
+        );
+        assert_eq!(
+            net_rebalance(vec![Revoke(vec![4])]),
+            NetRebalance {
+                revoked: vec![4],
+                assigned: vec![],
+                any_assignment: false,
+            }
+        );
     }
 
     fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {
