@@ -257,7 +257,8 @@ pub struct Engine<P: Processor> {
     factory: StoreFactory,
     parts: BTreeMap<i32, Part>,
     mode: ClockMode,
-    /// Wall-clock mode: how far ahead of the machine's clock an input may be.
+    /// How far ahead of the machine's clock (wall-clock mode) or of its partition's
+    /// event time (event-time mode) a raw input may be.
     max_event_lead: Millis,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
@@ -274,7 +275,11 @@ impl<P: Processor> Engine<P> {
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
         let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?;
         Ok(Engine {
-            max_event_lead: config.clock.max_event_lead.as_millis() as Millis,
+            max_event_lead: match config.clock.mode {
+                ClockMode::Wall => config.clock.max_event_lead,
+                ClockMode::Event => config.clock.max_event_gap,
+            }
+            .as_millis() as Millis,
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -442,7 +447,14 @@ impl<P: Processor> Engine<P> {
             .map_or_else(|| self.processor.decode(record), Ok)
             .and_then(|input| {
                 if self.processor.is_raw_input(record.topic) {
-                    check_event_lead(&self.processor, self.mode, self.max_event_lead, input)
+                    let clock = part.clock.event_time();
+                    check_event_lead(
+                        &self.processor,
+                        self.mode,
+                        self.max_event_lead,
+                        clock,
+                        input,
+                    )
                 } else {
                     Ok(input)
                 }
@@ -784,32 +796,42 @@ impl<P: Processor> Engine<P> {
     }
 }
 
-/// Wall-clock mode: rejects a raw input whose event time is more than
-/// `clock.max_event_lead` ahead of this machine's clock.
+/// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
+/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
+/// partition's event time, once it has one (event-time mode: there the input's times
+/// move the clock, and one event dated years ahead would make every later timer late).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
     max_event_lead: Millis,
+    partition_event_time: Millis,
     input: P::Input,
 ) -> Result<P::Input, Rejection> {
-    if mode != ClockMode::Wall {
-        return Ok(input);
-    }
-    let now = wall_now();
+    let (now, clock_name, setting) = match mode {
+        ClockMode::Wall => (wall_now(), "this machine's clock", "clock.max_event_lead"),
+        // A partition that has seen no event yet has no time to compare with.
+        ClockMode::Event if partition_event_time <= 0 => return Ok(input),
+        ClockMode::Event => (
+            partition_event_time,
+            "the partition's event time",
+            "clock.max_event_gap",
+        ),
+    };
+    let duration = |ms: Millis| {
+        humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
+            (ms / 1000) as u64,
+        ))
+    };
     match processor.event_time(&input) {
         Some(t) if t > now.saturating_add(max_event_lead) => Err(Rejection::new(
             DeadLetterReason::invalid_field,
             format!(
-                "event time {} is {} ahead of this machine's clock ({}); at most \
-                 clock.max_event_lead = {} is accepted",
+                "event time {} is {} ahead of {clock_name} ({}); at most \
+                 {setting} = {} is accepted",
                 crate::time::format_millis(t),
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
-                    ((t - now) / 1000) as u64
-                )),
+                duration(t - now),
                 crate::time::format_millis(now),
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(
-                    max_event_lead as u64
-                )),
+                duration(max_event_lead),
             ),
         )),
         _ => Ok(input),
