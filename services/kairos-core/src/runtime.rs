@@ -1074,7 +1074,13 @@ async fn send_all(
                 }
                 Err((error, back)) if error == queue_full && Instant::now() < queued_by => {
                     record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let wait = Duration::from_millis(5);
+                    // Also called outside a Tokio runtime (a torn commit's undo).
+                    if tokio::runtime::Handle::try_current().is_ok() {
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        std::thread::sleep(wait);
+                    }
                 }
                 Err((error, _)) => {
                     refused = Some(error);
@@ -2040,18 +2046,48 @@ impl BacklogGates {
         for &p in &applied.revoked {
             self.release(engine.state_partition(p));
         }
+        if applied.opened.is_empty() {
+            return;
+        }
+        let Some(committed) = committed_offsets(consumer, inputs, &applied.opened) else {
+            // Not knowing where reading starts must not keep timers from ever firing.
+            return;
+        };
         for &p in &applied.opened {
-            self.wait_for(engine.state_partition(p), input_ends(consumer, inputs, p));
+            let ends = input_ends(consumer, inputs, p, &committed);
+            self.wait_for(engine.state_partition(p), ends);
+        }
+    }
+}
+
+/// The group's committed offsets of every input topic in `partitions` (one request).
+fn committed_offsets<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partitions: &[i32],
+) -> Option<rdkafka::TopicPartitionList> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in inputs {
+        for &p in partitions {
+            tpl.add_partition(topic, p);
+        }
+    }
+    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(committed) => Some(committed),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read committed offsets; timers do not wait for the backlog");
+            None
         }
     }
 }
 
 /// Each input topic's end in `partition` and the offset the consumer starts at (its
-/// group's committed offset, or the earliest one).
+/// group's committed offset in `committed`, or the earliest one).
 fn input_ends<C: ConsumerContext>(
     consumer: &StreamConsumer<C>,
     inputs: &[String],
     partition: i32,
+    committed: &rdkafka::TopicPartitionList,
 ) -> Vec<InputEnd> {
     let timeout = Duration::from_secs(10);
     let mut ends = Vec::new();
@@ -2064,12 +2100,9 @@ fn input_ends<C: ConsumerContext>(
                 continue;
             }
         };
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        let committed = consumer
-            .committed_offsets(tpl, timeout)
-            .ok()
-            .and_then(|c| c.find_partition(topic, partition).map(|e| e.offset()));
+        let committed = committed
+            .find_partition(topic, partition)
+            .map(|e| e.offset());
         let next = match committed {
             Some(rdkafka::Offset::Offset(o)) => o.max(low),
             _ => low,
