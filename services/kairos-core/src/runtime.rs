@@ -1250,7 +1250,7 @@ pub fn restore_partition(
 ) -> anyhow::Result<RestoreStats> {
     let mut read_before = 0;
     for _ in 0..3 {
-        match restore_once(config, factory, changelog, partition, torn)? {
+        match restore_once(config, factory, changelog, partition, torn, &|| ())? {
             Restore::Done(mut stats) => {
                 stats.records_read += read_before;
                 return Ok(stats);
@@ -1272,12 +1272,15 @@ enum Restore {
     ChangelogMoved(RestoreStats),
 }
 
+/// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
+/// precedes a torn commit's undo (a test writes there as another instance would).
 fn restore_once(
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
     partition: i32,
     torn: TornCommit,
+    before_undo: &dyn Fn(),
 ) -> anyhow::Result<Restore> {
     let consumer: BaseConsumer = kafka::client_config(config)?
         .set("group.id", format!("{}restore", config.kafka.group_prefix))
@@ -1428,6 +1431,7 @@ fn restore_once(
         (false, TornCommit::Undo) => {
             // Only while nobody else writes: an instance that lost the partition
             // meanwhile must not write after the new owner's records.
+            before_undo();
             let (_, now_high) = consumer
                 .fetch_watermarks(changelog, partition, Duration::from_secs(10))
                 .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
@@ -2252,6 +2256,79 @@ mod tests {
                 any_assignment: false,
             }
         );
+    }
+
+    #[test]
+    fn a_torn_commit_is_not_undone_when_the_changelog_grew_during_the_restore() {
+        fn block_on<F: std::future::Future>(future: F) -> F::Output {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(future)
+        }
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            &format!(
+                "[kafka]\nbootstrap_servers = \"{}\"\n",
+                cluster.bootstrap_servers()
+            ),
+            &[],
+        )
+        .unwrap();
+        let producer = kafka::producer(&config).unwrap();
+        let high = || {
+            let consumer: BaseConsumer = kafka::client_config(&config).unwrap().create().unwrap();
+            consumer
+                .fetch_watermarks("changelog", 0, Duration::from_secs(10))
+                .unwrap()
+                .1
+        };
+        // A commit torn before its end marker ends the changelog.
+        let mut writer = StoreFactory::new(&dir.path().join("a"), 8 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        let mut pending = Pending::default();
+        writer.put(&mut pending, b"c/1", b"torn".to_vec());
+        let mut torn: Vec<OutboxEntry> = writer
+            .commit_with(&mut pending, Some("changelog"), true)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.changelog)
+            .collect();
+        torn.pop();
+        for sent in block_on(send_all(&producer, &torn, true)) {
+            sent.unwrap();
+        }
+        let torn_end = high();
+        // Another instance writes while this one restores: no undo from this one.
+        let factory = StoreFactory::new(&dir.path().join("b"), 8 << 20).unwrap();
+        let other_writes = || {
+            // The first record of the other instance's commit (this version's).
+            let mut record = entry(0, b"s/c/2");
+            record.writer = Arc::from("other");
+            for sent in block_on(send_all(&producer, &[record], true)) {
+                sent.unwrap();
+            }
+        };
+        let attempt = restore_once(
+            &config,
+            &factory,
+            "changelog",
+            0,
+            TornCommit::Undo,
+            &other_writes,
+        )
+        .unwrap();
+        assert!(matches!(attempt, Restore::ChangelogMoved(_)));
+        assert_eq!(high(), torn_end + 1, "only the other instance's record");
+        // Once nobody else writes, the restore undoes it.
+        restore_partition(&config, &factory, "changelog", 0, TornCommit::Undo).unwrap();
+        assert!(high() > torn_end + 1, "the undo follows");
     }
 
     fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {
