@@ -128,7 +128,7 @@ impl ProfileProcessor {
             skipped: metrics::counter_vec(
                 prom,
                 "kairos_triggers_skipped_total",
-                "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance).",
+                "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance; left_segment: a delayed segment trigger's customer left the segment before it was due).",
                 &["scenario", "reason"],
             ),
             transitions: metrics::cached_counter_vec(
@@ -185,6 +185,9 @@ impl ProfileProcessor {
         for s in &config.scenarios {
             m.triggers.touch(&[&s.name]);
             m.skipped.with_label_values(&[&s.name, "late"]);
+            if s.kind == ScenarioKind::SegmentEntered {
+                m.skipped.with_label_values(&[&s.name, "left_segment"]);
+            }
         }
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
         for s in config.scenarios.iter().filter(|s| s.enabled) {
@@ -282,7 +285,12 @@ impl ProfileProcessor {
         // A subscription welcome may have started (rows from before `subscribed_at`
         // know none: their registration was the welcome).
         let subscribed_before = p.subscribed_at.is_some();
-        let opted_in_before = subscribed_before || p.consents.values().any(|granted| *granted);
+        // A consent stated before, granted or not, on a row from before
+        // `subscribed_at`: whether it opted in then is unknown, so no welcome now.
+        let opted_in_before = subscribed_before
+            || p.consents.values().any(|granted| *granted)
+            || !p.consent_at.is_empty()
+            || !p.consents.is_empty();
         p.touch(e);
         let first_opt_in = !opted_in_before
             && e.consent
@@ -432,7 +440,8 @@ impl ProfileProcessor {
                                 purchase_reason = "return";
                                 ReversalKind::Return
                             };
-                            let reversal = p.record_return(&order.order_id, order.total, kind);
+                            let reversal =
+                                p.record_return(&order.order_id, order.total, e.occurred_at, kind);
                             if let Reversal::Applied { known } = reversal {
                                 // A recent order's follow-up checks its mark in the
                                 // profile; an older one's needs a mark of its own.
@@ -653,9 +662,10 @@ impl ProfileProcessor {
                 .latest_order()
                 .filter(|o| p.last_purchase_at.is_none_or(|mine| mine < o.at))
                 .map(|o| (o.order_id.clone(), o.at)),
-            registered_at: merged
-                .registered_at
-                .filter(|_| p.registered_at.is_none() && p.subscribed_at.is_none()),
+            welcome: WelcomeStarts {
+                survivor: (p.registered_at, p.subscribed_at),
+                merged: (merged.registered_at, merged.subscribed_at),
+            },
             delivery: merged
                 .latest_delivery()
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
@@ -802,8 +812,17 @@ impl ProfileProcessor {
                 }
             }
         }
-        if let Some(registered) = chains.registered_at {
-            for s in self.scenarios(ScenarioKind::Welcome).iter() {
+        for s in self.scenarios(ScenarioKind::Welcome).iter() {
+            // The survivor's own series (if its causes start one) holds the slot.
+            if chains.welcome.start(s, chains.welcome.survivor).is_some() {
+                continue;
+            }
+            // From the merged customer's first cause this series starts on: steps it
+            // was sent since are not sent again.
+            let Some(registered) = chains.welcome.start(s, chains.welcome.merged) else {
+                continue;
+            };
+            {
                 if s.ends_on_purchase() && p.last_purchase_at.is_some_and(|b| b > registered) {
                     continue;
                 }
@@ -1472,6 +1491,25 @@ impl ProfileProcessor {
                 {
                     vars = stored;
                 }
+                // A step due after the customer left the segment is about a place
+                // they are no longer in. The transition's kind is not stored: segment
+                // and stage names both come from the configuration, so either holding
+                // the name means still there.
+                let entered = vars
+                    .get("to_segment")
+                    .and_then(|v| v.as_str())
+                    .or(s.segment.as_deref());
+                if let Some(entered) = entered {
+                    let still_there = p.lifecycle.as_deref() == Some(entered)
+                        || p.rfm.as_ref().is_some_and(|r| r.segment == entered);
+                    if !still_there {
+                        self.metrics
+                            .skipped
+                            .with_label_values(&[&s.name, "left_segment"])
+                            .inc();
+                        return Ok(());
+                    }
+                }
             }
             // Fired directly, never through timers (configuration rejects a delay).
             ScenarioKind::OrderUpdate | ScenarioKind::PriceDrop | ScenarioKind::BackInStock => {
@@ -1578,10 +1616,34 @@ struct MergedChains {
     /// Its latest order that counts (post-purchase follow-up), if later than the
     /// survivor's last purchase (whose follow-up holds the slot otherwise).
     order: Option<(String, Millis)>,
-    /// Its registration (welcome series), if the survivor never registered.
-    registered_at: Option<Millis>,
+    /// The welcome series' causes on both sides.
+    welcome: WelcomeStarts,
     /// Its latest delivered order (NPS survey), if delivered after the survivor's.
     delivery: Option<(String, Millis)>,
+}
+
+/// The registration and first opt-in (`(registered_at, subscribed_at)`) of the
+/// survivor and of the merged customer, before the merge.
+struct WelcomeStarts {
+    survivor: (Option<Millis>, Option<Millis>),
+    merged: (Option<Millis>, Option<Millis>),
+}
+
+impl WelcomeStarts {
+    /// When the welcome series `s` started for a customer with these causes: the
+    /// earliest one it starts on.
+    fn start(
+        &self,
+        s: &ScenarioConfig,
+        (registered, subscribed): (Option<Millis>, Option<Millis>),
+    ) -> Option<Millis> {
+        let registered = registered.filter(|_| s.welcomes_on(WelcomeCause::Registration));
+        let subscribed = subscribed.filter(|_| s.welcomes_on(WelcomeCause::Subscription));
+        match (registered, subscribed) {
+            (Some(r), Some(x)) => Some(r.min(x)),
+            (r, x) => r.or(x),
+        }
+    }
 }
 
 /// When a segment review's cause happened (`at`: the event's time, or the review
@@ -1832,9 +1894,7 @@ fn schedule_yearly(
 fn contacts(p: &CustomerProfile) -> Contacts {
     // An address that bounced hard is as good as none until the customer gives a new one.
     let usable = |channel: Channel, address: &Option<String>| {
-        address
-            .clone()
-            .filter(|a| p.hard_bounced.get(&channel) != Some(a))
+        address.clone().filter(|a| !p.is_bounced(channel, a))
     };
     Contacts {
         email: usable(Channel::email, &p.email),
@@ -2027,6 +2087,32 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A late bounce of an old address leaves a bounced newer one unusable.
+    #[test]
+    fn a_late_bounce_of_an_old_address_keeps_the_newer_bounced_one_out() {
+        let bounce = |address: &str, at: Millis| Outcome {
+            outcome_id: format!("b-{at}"),
+            send_id: format!("s-{at}"),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: kairos_core::contracts::MessageCategory::trigger,
+            kind: kairos_core::contracts::OutcomeKind::bounced_hard,
+            reason: None,
+            occurred_at: at,
+            address: Some(address.into()),
+        };
+        let mut p = CustomerProfile::new("c1", 0);
+        p.email = Some("new@x".into());
+        p.apply_outcome(&bounce("new@x", 10));
+        assert_eq!(contacts(&p).email, None);
+        p.apply_outcome(&bounce("old@x", 5));
+        assert_eq!(contacts(&p).email, None, "new@x bounced too");
+        // A third address nobody bounced is usable.
+        p.email = Some("third@x".into());
+        assert_eq!(contacts(&p).email.as_deref(), Some("third@x"));
+    }
 
     /// Timers are written from the borrowed form and read back as the owned one: the
     /// two must give the same bytes, with and without the optional fields.

@@ -137,7 +137,15 @@ pub struct CustomerProfile {
     /// nothing.
     #[serde(default)]
     pub stated_at: SmallMap<u8, Millis>,
+    /// Every address that bounced hard per channel, the latest few (`hard_bounced`
+    /// holds only the latest, so a late bounce of an old address would free a bounced
+    /// newer one).
+    #[serde(default)]
+    pub bounced_addresses: SmallMap<Channel, Vec<String>>,
 }
+
+/// Hard-bounced addresses remembered per channel (as many as the arbiter keeps).
+const MAX_BOUNCED_ADDRESSES: usize = 8;
 
 /// Codes of the fields in [`CustomerProfile::stated_at`]: stored, never reused.
 pub mod field {
@@ -187,6 +195,19 @@ pub struct OrderRecord {
     /// What partial returns took out of it so far; `reversed` once it is all back.
     #[serde(default)]
     pub returned_amount: f64,
+    /// The partial returns applied to it (see [`return_part_key`]), the latest few: a
+    /// part re-sent under a new event id applies once.
+    #[serde(default)]
+    pub returned_parts: Vec<u64>,
+}
+
+/// Partial returns remembered per order; an order is seldom sent back in more parts.
+const MAX_RETURNED_PARTS: usize = 8;
+
+/// A partial return by its time and amount (`None`: the rest of the order). Stored in
+/// state, so fixed here rather than left to a hasher that may change.
+fn return_part_key(at: Millis, total: Option<f64>) -> u64 {
+    (at as u64).rotate_left(21) ^ total.map_or(u64::MAX, f64::to_bits)
 }
 
 /// The bit of `status` in [`OrderRecord::statuses`]: fixed here, stored in state.
@@ -267,7 +288,7 @@ impl CustomerProfile {
                     .clone()
                     .or_else(|| self.address(o.channel).cloned());
                 if let Some(address) = bounced {
-                    self.hard_bounced.insert(o.channel, address);
+                    self.note_bounced(o.channel, address);
                 }
             }
             OutcomeKind::complained => {
@@ -405,7 +426,12 @@ impl CustomerProfile {
             mine.ignored_in_row = mine.ignored_in_row.max(e.ignored_in_row);
         }
         for (channel, address) in other.hard_bounced {
-            self.hard_bounced.entry(channel).or_insert(address);
+            self.note_bounced(channel, address);
+        }
+        for (channel, addresses) in other.bounced_addresses {
+            for address in addresses {
+                self.note_bounced(channel, address);
+            }
         }
         self.complained_at = min_some(self.complained_at, other.complained_at);
         for h in other.recent_event_ids {
@@ -640,10 +666,42 @@ impl CustomerProfile {
     /// Takes a returned or cancelled order out of the revenue: `total` when the event
     /// says it, else the amount the order was counted with; a cancelled order stops
     /// counting as an order too. An order reversed before is not reversed again.
+    /// Whether `address` bounced hard on `channel` (rows from before the list hold
+    /// only the latest bounce).
+    pub fn is_bounced(&self, channel: Channel, address: &str) -> bool {
+        self.hard_bounced
+            .get(&channel)
+            .is_some_and(|a| a == address)
+            || self
+                .bounced_addresses
+                .get(&channel)
+                .is_some_and(|list| list.iter().any(|a| a == address))
+    }
+
+    /// Remembers a hard bounce of `address`, keeping the earlier bounced ones.
+    fn note_bounced(&mut self, channel: Channel, address: String) {
+        let list = self.bounced_addresses.entry(channel).or_default();
+        if list.contains(&address) {
+            return;
+        }
+        // A row from before the list: its one bounced address joins it.
+        if let Some(earlier) = self.hard_bounced.get(&channel) {
+            if !list.contains(earlier) {
+                list.push(earlier.clone());
+            }
+        }
+        list.push(address.clone());
+        while list.len() > MAX_BOUNCED_ADDRESSES {
+            list.remove(0);
+        }
+        self.hard_bounced.insert(channel, address);
+    }
+
     pub fn record_return(
         &mut self,
         order_id: &str,
         total: Option<f64>,
+        at: Millis,
         kind: ReversalKind,
     ) -> Reversal {
         let known = self
@@ -653,6 +711,17 @@ impl CustomerProfile {
         let (amount, known, offline, cancelled_at) = match known {
             Some(order) if order.reversed => return Reversal::AlreadyReversed,
             Some(order) => {
+                if kind == ReversalKind::Return {
+                    // The same part at the same time, re-sent: applied already.
+                    let part = return_part_key(at, total);
+                    if order.returned_parts.contains(&part) {
+                        return Reversal::AlreadyReversed;
+                    }
+                    if order.returned_parts.len() >= MAX_RETURNED_PARTS {
+                        order.returned_parts.remove(0);
+                    }
+                    order.returned_parts.push(part);
+                }
                 // Never more than what still counts of the order.
                 let left = (order.total - order.returned_amount).max(0.0);
                 let amount = total.map_or(left, |t| t.min(left));
@@ -1139,6 +1208,7 @@ mod tests {
                 delivered_at: None,
                 cancelled: false,
                 returned_amount: 0.0,
+                returned_parts: Vec::new(),
             }
         );
     }
@@ -1167,21 +1237,21 @@ mod tests {
         );
         assert_eq!((p.orders, p.offline_orders, p.revenue), (3, 1, 140.0));
         // A return without an amount: the order's own; still an order.
-        let returned = p.record_return("o-1", None, ReversalKind::Return);
+        let returned = p.record_return("o-1", None, 0, ReversalKind::Return);
         assert_eq!(returned, Reversal::Applied { known: true });
         assert_eq!((p.orders, p.returns, p.revenue), (3, 1, 60.0));
         assert!(p.order_reversed("o-1"));
-        let again = p.record_return("o-1", Some(80.0), ReversalKind::Return);
+        let again = p.record_return("o-1", Some(80.0), 0, ReversalKind::Return);
         assert_eq!(again, Reversal::AlreadyReversed);
         assert_eq!((p.returns, p.revenue), (1, 60.0));
         // A cancelled till sale is no order at all.
-        let cancelled = p.record_return("r-2", None, ReversalKind::Cancellation);
+        let cancelled = p.record_return("r-2", None, 0, ReversalKind::Cancellation);
         assert_eq!(cancelled, Reversal::Applied { known: true });
         assert_eq!((p.orders, p.offline_orders, p.returns), (2, 0, 1));
         assert_eq!(p.revenue, 40.0);
         assert_eq!(p.average_order_value(), Some(20.0));
         // An order older than the recent ones: the given amount, no order uncounted.
-        let old = p.record_return("o-old", Some(10.0), ReversalKind::Cancellation);
+        let old = p.record_return("o-old", Some(10.0), 0, ReversalKind::Cancellation);
         assert_eq!(old, Reversal::Applied { known: false });
         assert_eq!((p.orders, p.revenue), (2, 30.0));
         // A till refund names no order: its own amount, once per refund receipt.

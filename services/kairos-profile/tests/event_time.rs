@@ -2971,3 +2971,159 @@ fn triggers_held_by_a_customer_merged_away_go_to_the_survivor() {
     assert_eq!(fired[0]["merged_from"], json!(["c-x", "c-y"]));
     assert_eq!(h.on("triggers").count(), 1);
 }
+
+// Review fixes (2026-12-02, third round).
+
+/// The test configuration with a win-back 2 days after entering At Risk.
+fn win_back_after_two_days() -> String {
+    let plain = "template = \"win_back\"\n";
+    assert!(CONFIG.contains(plain));
+    CONFIG.replace(plain, "template = \"win_back\"\ndelay = \"2d\"\n")
+}
+
+#[test]
+fn a_delayed_segment_trigger_does_not_fire_after_the_customer_left_the_segment() {
+    let t = at(T0);
+    let mut h = Harness::with(&win_back_after_two_days(), ClockMode::Event);
+    let last = five_orders(&mut h, "ls", t);
+    let entered = last + 180 * DAY;
+    h.advance(entered);
+    assert!(find(&h.transitions("ls"), "rfm", "At Risk").is_some());
+    // A purchase a day later moves the customer out (win-back does not end on one).
+    h.site(
+        "ls-back",
+        "purchase",
+        "ls",
+        entered + DAY,
+        order("o-ls-back", 60.0, None),
+    );
+    let p = h.pipeline.profile("ls").expect("read").expect("stored");
+    assert_ne!(p.rfm.as_ref().map(|r| r.segment.as_str()), Some("At Risk"));
+    h.advance(entered + 3 * DAY);
+    assert!(h.triggers("ls", "win_back").is_empty());
+    assert_eq!(
+        metric(
+            &h,
+            "kairos_triggers_skipped_total",
+            &["win_back", "left_segment"]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_delayed_segment_trigger_fires_while_the_customer_stays_in_the_segment() {
+    let t = at(T0);
+    let mut h = Harness::with(&win_back_after_two_days(), ClockMode::Event);
+    let last = five_orders(&mut h, "st", t);
+    let entered = last + 180 * DAY;
+    h.advance(entered);
+    h.site(
+        "st-v",
+        "page_view",
+        "st",
+        entered + DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(entered + 3 * DAY);
+    assert_eq!(steps(&h, "st", "win_back"), [(0, entered + 2 * DAY)]);
+}
+
+/// The test configuration with a welcome of three messages a day apart.
+fn daily_welcome() -> String {
+    let steps = "    { delay = \"2d\", template = \"welcome_2\" },\n    { delay = \"3d\", template = \"welcome_3\" },";
+    assert!(CONFIG.contains(steps));
+    CONFIG
+        .replace(steps, "    { delay = \"1d\", template = \"welcome_2\" },\n    { delay = \"1d\", template = \"welcome_3\" },")
+        .replace("[clock]", "[identity]\nenabled = true\n\n[clock]")
+}
+
+#[test]
+fn a_merge_keeps_the_welcome_series_of_an_anonymous_subscriber() {
+    let mut h = Harness::with(&daily_welcome(), ClockMode::Event);
+    let t = at("2026-04-01T09:00:00Z");
+    h.identified_site(json!({"event_id": "as-opt", "event_type": "consent_change",
+        "occurred_at": rfc(t), "customer_id": "c-a1",
+        "consent": {"channel": "email", "granted": true}}));
+    h.identified_site(json!({"event_id": "as-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-b1", "page_url": "/"}));
+    h.merge("m-as", "c-a1", "c-b1", t + 2 * HOUR);
+    h.advance(t + 10 * DAY);
+    assert_eq!(steps(&h, "c-a1", "welcome"), [(0, t)]);
+    assert_eq!(
+        steps(&h, "c-b1", "welcome"),
+        [(1, t + DAY), (2, t + 2 * DAY)]
+    );
+}
+
+#[test]
+fn a_merge_re_arms_the_welcome_series_from_its_first_cause() {
+    let mut h = Harness::with(&daily_welcome(), ClockMode::Event);
+    let t = at("2026-04-01T09:00:00Z");
+    h.identified_site(json!({"event_id": "sr-opt", "event_type": "consent_change",
+        "occurred_at": rfc(t), "customer_id": "c-a2",
+        "consent": {"channel": "email", "granted": true}}));
+    h.identified_site(json!({"event_id": "sr-reg", "event_type": "registration",
+        "occurred_at": rfc(t + DAY / 2), "customer_id": "c-a2"}));
+    h.identified_site(json!({"event_id": "sr-v", "event_type": "page_view",
+        "occurred_at": rfc(t + DAY + HOUR), "customer_id": "c-b2", "page_url": "/"}));
+    h.advance(t + DAY + HOUR);
+    h.merge("m-sr", "c-a2", "c-b2", t + DAY + DAY / 5);
+    h.advance(t + 10 * DAY);
+    let mut all = steps(&h, "c-a2", "welcome");
+    all.extend(steps(&h, "c-b2", "welcome"));
+    all.sort();
+    assert_eq!(all, [(0, t), (1, t + DAY), (2, t + 2 * DAY)]);
+}
+
+#[test]
+fn the_same_partial_return_sent_again_takes_revenue_off_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("sp-buy", "purchase", "sp", t, order("o-sp", 100.0, None));
+    for id in ["sp-r1", "sp-r1-again"] {
+        h.site(
+            id,
+            "order_status",
+            "sp",
+            t + DAY,
+            order("o-sp", 30.0, Some("returned")),
+        );
+    }
+    let p = h.pipeline.profile("sp").expect("read").expect("stored");
+    assert_eq!((p.revenue, p.returns), (70.0, 1));
+    // Another part (another time) is a further return.
+    h.site(
+        "sp-r2",
+        "order_status",
+        "sp",
+        t + 2 * DAY,
+        order("o-sp", 30.0, Some("returned")),
+    );
+    let p = h.pipeline.profile("sp").expect("read").expect("stored");
+    assert_eq!((p.revenue, p.returns), (40.0, 2));
+}
+
+#[test]
+fn an_opt_in_after_a_stated_consent_without_a_subscription_time_starts_no_welcome() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::new();
+    // As a row from before `subscribed_at` reads: a consent stated, no opt-in time.
+    h.site("lo-1", "consent_change", "lo", t, consent("email", false));
+    let p = h.pipeline.profile("lo").expect("read").expect("stored");
+    assert_eq!(
+        p.consents.get(&kairos_core::contracts::Channel::email),
+        Some(&false)
+    );
+    assert!(!p.consent_at.is_empty());
+    assert_eq!(p.subscribed_at, None);
+    h.site(
+        "lo-2",
+        "consent_change",
+        "lo",
+        t + DAY,
+        consent("email", true),
+    );
+    h.advance(t + 10 * DAY);
+    assert!(h.triggers("lo", "welcome").is_empty());
+}
