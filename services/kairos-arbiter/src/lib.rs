@@ -210,6 +210,20 @@ const RECENT_OUTCOMES: usize = 16;
 /// covers months of triggers, far longer than any redelivery after a crash.
 const RECENT_TRIGGERS: usize = 128;
 
+/// How many absorbed customer ids a ledger keeps.
+const ABSORBED_KEPT: usize = 16;
+
+/// Adds `id` to the absorbed customers (newest last, bounded by `ABSORBED_KEPT`).
+fn note_absorbed(absorbed: &mut Vec<String>, id: String) {
+    if absorbed.contains(&id) {
+        return;
+    }
+    if absorbed.len() >= ABSORBED_KEPT {
+        absorbed.remove(0);
+    }
+    absorbed.push(id);
+}
+
 /// Adds the hash `h` to a bounded list of recent ids (oldest dropped first). Returns
 /// false if it was there already: a redelivery.
 fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
@@ -277,6 +291,11 @@ impl CustomerLedger {
         }
         for h in other.recent_outcomes {
             remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
+        }
+        // Whom the merged customer had absorbed is in this ledger now too: a trigger
+        // of this customer naming them (after a chain of merges) need not wait.
+        for id in other.absorbed {
+            note_absorbed(&mut self.absorbed, id);
         }
     }
 
@@ -1495,17 +1514,20 @@ impl ArbiterProcessor {
                 if !remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES) {
                     return Ok(false);
                 }
-                if let Some(from) = &a.merged_from {
-                    if !ledger.absorbed.contains(from) {
-                        if ledger.absorbed.len() >= 16 {
-                            ledger.absorbed.remove(0);
-                        }
-                        ledger.absorbed.push(from.clone());
-                    }
-                }
                 let merged: CustomerLedger = serde_json::from_str(state).with_context(|| {
                     format!("merged ledger in action {} does not decode", a.action_id)
                 })?;
+                if let Some(into) = ledger.merged_into.clone() {
+                    // This customer was merged on in turn (Y into X, then X into Z):
+                    // the survivor's triggers wait for Y's state, so it goes on there,
+                    // still named as Y's, with what Y had absorbed.
+                    let from = a.merged_from.as_deref().unwrap_or(&a.customer_id);
+                    self.send_ledger(ctx, &a.action_id, from, &into, at, &merged)?;
+                    return Ok(true);
+                }
+                if let Some(from) = &a.merged_from {
+                    note_absorbed(&mut ledger.absorbed, from.clone());
+                }
                 ledger.absorb(merged);
             }
             CustomerActionKind::visit => {
