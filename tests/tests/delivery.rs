@@ -296,11 +296,20 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "{:?}",
         outcomes["perm-1"]
     );
-    // A dead number is a hard bounce (the arbiter suppresses it), other 4xx a failure.
-    for (id, status) in [("gone-1", "410"), ("unknown-1", "404")] {
-        assert_eq!(outcomes[id].0, "bounced_hard", "{id}: {outcomes:?}");
-        assert!(outcomes[id].1.contains(status), "{:?}", outcomes[id]);
-    }
+    // A dead number (410) is a hard bounce (the arbiter suppresses it); a 404 fails
+    // the send only, as it more likely means the gateway's route is missing.
+    assert_eq!(outcomes["gone-1"].0, "bounced_hard", "{outcomes:?}");
+    assert!(
+        outcomes["gone-1"].1.contains("410"),
+        "{:?}",
+        outcomes["gone-1"]
+    );
+    assert_eq!(outcomes["unknown-1"].0, "failed", "{outcomes:?}");
+    assert!(
+        outcomes["unknown-1"].1.contains("404"),
+        "{:?}",
+        outcomes["unknown-1"]
+    );
     assert_eq!(outcomes["down-1"].0, "failed");
     assert!(
         outcomes["down-1"].1.starts_with("retries_exhausted"),
@@ -321,6 +330,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     );
     assert_eq!(requests("perm-1"), 1, "a 400 is not retried");
     assert_eq!(requests("gone-1"), 1, "a 410 is not retried");
+    assert_eq!(requests("unknown-1"), 1, "a 404 is not retried");
     assert_eq!(requests("down-1"), 3, "max_attempts, then given up");
     assert_eq!(l.missing_auth, 0, "every request carries the auth header");
     let handed_on: BTreeSet<&str> = l.delivered.keys().map(String::as_str).collect();

@@ -210,6 +210,20 @@ const RECENT_OUTCOMES: usize = 16;
 /// covers months of triggers, far longer than any redelivery after a crash.
 const RECENT_TRIGGERS: usize = 128;
 
+/// How many absorbed customer ids a ledger keeps.
+const ABSORBED_KEPT: usize = 16;
+
+/// Adds `id` to the absorbed customers (newest last, bounded by `ABSORBED_KEPT`).
+fn note_absorbed(absorbed: &mut Vec<String>, id: String) {
+    if absorbed.contains(&id) {
+        return;
+    }
+    if absorbed.len() >= ABSORBED_KEPT {
+        absorbed.remove(0);
+    }
+    absorbed.push(id);
+}
+
 /// Adds the hash `h` to a bounded list of recent ids (oldest dropped first). Returns
 /// false if it was there already: a redelivery.
 fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
@@ -277,6 +291,11 @@ impl CustomerLedger {
         }
         for h in other.recent_outcomes {
             remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
+        }
+        // Whom the merged customer had absorbed is in this ledger now too: a trigger
+        // of this customer naming them (after a chain of merges) need not wait.
+        for id in other.absorbed {
+            note_absorbed(&mut self.absorbed, id);
         }
     }
 
@@ -450,7 +469,16 @@ impl ArbiterProcessor {
             .then_some(pct)
     }
 
-    fn decide(&self, ctx: &mut Ctx<'_>, t: &Trigger, ledger: &mut CustomerLedger) -> Verdict {
+    /// `chain` is `chain_of(t)` and `offers` is `offers_of(t)`, worked out once per
+    /// decision by the caller.
+    fn decide(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: &Trigger,
+        ledger: &mut CustomerLedger,
+        chain: Option<&str>,
+        offers: &[String],
+    ) -> Verdict {
         let now = ctx.now();
         if t.valid_until < now {
             return Verdict::no(
@@ -475,9 +503,7 @@ impl ArbiterProcessor {
                 format!("the customer was merged into {into}, whose own triggers go on"),
             );
         }
-        let chain = self.chain_of(t);
         let progress = chain
-            .as_ref()
             .and_then(|c| ledger.chains.get(c).copied())
             .filter(|p| t.step > 0 && p.step < t.step);
         if let Some(p) = progress.filter(|p| p.sent_at.is_none()) {
@@ -562,8 +588,8 @@ impl ArbiterProcessor {
         }
         let repeat_window = a.offer_repeat_window.as_millis() as Millis;
         ledger.offers.retain(|_, at| now - *at < repeat_window);
-        for offer in offers_of(t) {
-            if let Some(at) = ledger.offers.get(&offer).filter(|_| marketing) {
+        for offer in offers {
+            if let Some(at) = ledger.offers.get(offer).filter(|_| marketing) {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
                     "offer_repeat",
@@ -608,7 +634,7 @@ impl ArbiterProcessor {
                 };
             }
         }
-        if let Some(chain) = chain.as_deref().filter(|_| t.step > 0) {
+        if let Some(chain) = chain.filter(|_| t.step > 0) {
             if let Some(v) = self.chain_pacing(now, t, chain, progress, ledger) {
                 return v;
             }
@@ -1495,17 +1521,20 @@ impl ArbiterProcessor {
                 if !remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES) {
                     return Ok(false);
                 }
-                if let Some(from) = &a.merged_from {
-                    if !ledger.absorbed.contains(from) {
-                        if ledger.absorbed.len() >= 16 {
-                            ledger.absorbed.remove(0);
-                        }
-                        ledger.absorbed.push(from.clone());
-                    }
-                }
                 let merged: CustomerLedger = serde_json::from_str(state).with_context(|| {
                     format!("merged ledger in action {} does not decode", a.action_id)
                 })?;
+                if let Some(into) = ledger.merged_into.clone() {
+                    // This customer was merged on in turn (Y into X, then X into Z):
+                    // the survivor's triggers wait for Y's state, so it goes on there,
+                    // still named as Y's, with what Y had absorbed.
+                    let from = a.merged_from.as_deref().unwrap_or(&a.customer_id);
+                    self.send_ledger(ctx, &a.action_id, from, &into, at, &merged)?;
+                    return Ok(true);
+                }
+                if let Some(from) = &a.merged_from {
+                    note_absorbed(&mut ledger.absorbed, from.clone());
+                }
                 ledger.absorb(merged);
             }
             CustomerActionKind::visit => {
@@ -1727,10 +1756,22 @@ impl ArbiterProcessor {
         t: &Trigger,
         channel: Channel,
         ledger: &mut CustomerLedger,
-        reasons: &[String],
+        earlier_reasons: &[String],
+        last_reason: &str,
     ) -> anyhow::Result<String> {
         let now = ctx.now();
-        let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
+        // Most sends were never deferred: their one reason needs no list built.
+        let joined: Vec<&str>;
+        let reasons: &[&str] = if earlier_reasons.is_empty() {
+            std::slice::from_ref(&last_reason)
+        } else {
+            joined = earlier_reasons
+                .iter()
+                .map(String::as_str)
+                .chain([last_reason])
+                .collect();
+            &joined
+        };
         let send_id = deterministic_id(&[&t.trigger_id, channel.as_str()]);
         let address = t.contacts.address(channel);
         let cmd = SendCommandRef {
@@ -1746,7 +1787,7 @@ impl ArbiterProcessor {
             created_at: now,
             valid_until: t.valid_until,
             cause_occurred_at: t.cause_occurred_at,
-            reasons: &reasons,
+            reasons,
         };
         if let Some(address) = address {
             ledger
@@ -1880,7 +1921,7 @@ impl ArbiterProcessor {
             self.cascade_wait(&t.scenario, cascade.channels.len().max(1))
                 .unwrap_or_default()
         );
-        let send_id = self.emit_send(ctx, &t, next, ledger, std::slice::from_ref(&reason))?;
+        let send_id = self.emit_send(ctx, &t, next, ledger, &[], &reason)?;
         let step = cascade.channels.len();
         let h = kairos_core::ids::stable_hash(&send_id);
         remember(&mut ledger.cascade_followups, h, RECENT_OUTCOMES);
@@ -2026,13 +2067,16 @@ impl ArbiterProcessor {
                 return Ok(());
             }
         }
+        // Both are needed more than once below: work them out once per decision.
+        let chain = self.chain_of(&t);
+        let offers = offers_of(&t);
         let Verdict {
             outcome,
             channel,
             rule,
             reason,
             defer_until,
-        } = self.decide(ctx, &t, ledger);
+        } = self.decide(ctx, &t, ledger, chain.as_deref(), &offers);
         let now = ctx.now();
         let subject = Subject::of(&t);
         if let Some(until) = defer_until {
@@ -2062,7 +2106,7 @@ impl ArbiterProcessor {
                     rule: Some(rule.to_string()),
                     trigger: (rule == MAIN_SCENARIO).then(|| Box::new(t.clone())),
                     wake_at: Some(wake),
-                    chain: self.chain_of(&t),
+                    chain,
                     step: t.step,
                     reasons,
                 },
@@ -2080,15 +2124,15 @@ impl ArbiterProcessor {
             );
             return Ok(());
         }
-        let mut reasons = ledger
+        let earlier_reasons = ledger
             .queued
             .remove(&t.trigger_id)
             .map(|q| q.reasons)
             .unwrap_or_default();
         let mut send_id = None;
         if let Some(c) = channel {
-            reasons.push([rule, ": ", &reason].concat());
-            let id = self.emit_send(ctx, &t, c, ledger, &reasons)?;
+            let last_reason = [rule, ": ", &reason].concat();
+            let id = self.emit_send(ctx, &t, c, ledger, &earlier_reasons, &last_reason)?;
             if let Some(wait) = self.cascade_wait(&t.scenario, 1) {
                 ledger.cascades.insert(
                     t.trigger_id.clone(),
@@ -2110,8 +2154,8 @@ impl ArbiterProcessor {
             if self.hold_main_scenario(now, &t, ledger) {
                 self.wake_main_waiters(ctx, ledger)?;
             }
-            for offer in offers_of(&t) {
-                ledger.offers.insert(offer, now);
+            for offer in &offers {
+                ledger.offers.insert(offer.clone(), now);
             }
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
@@ -2122,8 +2166,8 @@ impl ArbiterProcessor {
             if self.hold_main_scenario(now, &t, ledger) {
                 self.wake_main_waiters(ctx, ledger)?;
             }
-            for offer in offers_of(&t) {
-                ledger.offers.insert(offer, now);
+            for offer in &offers {
+                ledger.offers.insert(offer.clone(), now);
             }
         }
         self.record_decision(
@@ -2134,7 +2178,7 @@ impl ArbiterProcessor {
             rule,
             reason,
         );
-        if let Some(chain) = self.chain_of(&t) {
+        if let Some(chain) = chain {
             let went_out = matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out);
             self.chain_step_ended(ctx, ledger, &t.customer_id, chain, t.step, went_out)?;
         }

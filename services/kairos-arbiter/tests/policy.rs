@@ -783,3 +783,67 @@ fn a_cascade_counts_once_towards_the_sunset() {
     let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 4 * DAY);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }
+
+/// Customer y was merged into x, and x into z (the identity processor's order). The
+/// profile names both in z's triggers; the arbiter must bring y's state to z whichever
+/// of x's two actions it meets first.
+fn a_chain_of_merges_brings_every_ledger_to_the_survivor(merged_first: bool) {
+    use kairos_arbiter::CustomerLedger;
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let mut a = Arbiter::new();
+    // y had unsubscribed from e-mail before the merges.
+    let mut y_ledger = CustomerLedger::default();
+    y_ledger.unsubscribed.insert(Channel::email, T0 - DAY);
+    let y_into_x = CustomerAction {
+        state: Some(serde_json::to_string(&y_ledger).expect("ledger json")),
+        merged_from: Some("y".into()),
+        ..CustomerAction::new(
+            "merge-y".into(),
+            "x".into(),
+            CustomerActionKind::merge_in,
+            T0,
+        )
+    };
+    let x_into_z = CustomerAction {
+        merged_into: Some("z".into()),
+        ..CustomerAction::new(
+            "merged-x".into(),
+            "x".into(),
+            CustomerActionKind::merged,
+            T0 + MINUTE,
+        )
+    };
+    if merged_first {
+        a.push("customer-actions", "x", &x_into_z);
+        a.push("customer-actions", "x", &y_into_x);
+    } else {
+        a.push("customer-actions", "x", &y_into_x);
+        a.push("customer-actions", "x", &x_into_z);
+    }
+    // What x handed on reaches z.
+    let handed_on: Vec<CustomerAction> = std::mem::take(&mut a.actions);
+    assert!(
+        handed_on.iter().all(|h| h.customer_id == "z"),
+        "{handed_on:#?}"
+    );
+    for action in &handed_on {
+        a.push("customer-actions", "z", action);
+    }
+    let mut t = a.trigger_of("z1", "welcome", MessageCategory::trigger, T0 + 2 * MINUTE);
+    t.customer_id = "z".into();
+    t.merged_from = vec!["x".into(), "y".into()];
+    let d = a.push_trigger(&t);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    // y's unsubscribe holds for z: the message goes by push, not e-mail.
+    assert_eq!(a.last_send().channel, Channel::push);
+}
+
+#[test]
+fn a_chain_of_merges_reaches_the_survivor_when_the_merge_comes_first() {
+    a_chain_of_merges_brings_every_ledger_to_the_survivor(true);
+}
+
+#[test]
+fn a_chain_of_merges_reaches_the_survivor_when_the_absorbed_ledger_comes_first() {
+    a_chain_of_merges_brings_every_ledger_to_the_survivor(false);
+}

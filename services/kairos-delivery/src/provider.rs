@@ -27,7 +27,7 @@ pub enum ProviderError {
     #[error("no answer: {0}")]
     NoAnswer(String),
     /// The recipient address does not exist or cannot be one (SMTP 5xx to RCPT TO,
-    /// HTTP 404 or 410, an address that does not parse): a hard bounce.
+    /// HTTP 410, an address that does not parse): a hard bounce.
     #[error("hard bounce: {0}")]
     HardBounce(String),
     /// Will never succeed as is: a rejected request, no address at all.
@@ -300,13 +300,41 @@ impl HttpProvider {
             "HTTP {status}: {}",
             text.chars().take(200).collect::<String>()
         );
-        match status.as_u16() {
-            408 | 429 => Err(ProviderError::Transient(detail)),
-            _ if status.is_server_error() => Err(ProviderError::Transient(detail)),
-            // The recipient (token, number, chat) is unknown or gone for good: the
-            // address is dead, as for an SMTP 5xx to RCPT TO.
-            404 | 410 => Err(ProviderError::HardBounce(detail)),
-            _ => Err(ProviderError::Permanent(detail)),
-        }
+        Err(http_error(status.as_u16(), detail))
+    }
+}
+
+/// What a non-success HTTP status from the gateway means for the send.
+fn http_error(status: u16, detail: String) -> ProviderError {
+    match status {
+        408 | 429 | 500..=599 => ProviderError::Transient(detail),
+        // The recipient (token, number, chat) is gone for good: the address is dead,
+        // as for an SMTP 5xx to RCPT TO.
+        410 => ProviderError::HardBounce(detail),
+        // Not 404: every send goes to one URL, so a 404 is far more likely a missing
+        // route (a misconfiguration, a gateway deploy) than an unknown recipient, and
+        // as a hard bounce it would suppress every customer's address for good.
+        _ => ProviderError::Permanent(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_410_from_the_gateway_is_a_hard_bounce() {
+        let kind = |status| match http_error(status, String::new()) {
+            ProviderError::Transient(_) => "transient",
+            ProviderError::NoAnswer(_) => "no_answer",
+            ProviderError::HardBounce(_) => "hard_bounce",
+            ProviderError::Permanent(_) => "permanent",
+        };
+        assert_eq!(kind(410), "hard_bounce");
+        assert_eq!(kind(404), "permanent", "a missing route is no dead address");
+        assert_eq!(kind(400), "permanent");
+        assert_eq!(kind(408), "transient");
+        assert_eq!(kind(429), "transient");
+        assert_eq!(kind(503), "transient");
     }
 }

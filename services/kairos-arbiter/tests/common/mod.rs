@@ -82,6 +82,8 @@ pub struct Arbiter {
     config: Arc<Config>,
     pub decisions: Vec<Decision>,
     pub sends: Vec<SendCommand>,
+    /// Customer actions the arbiter emitted (merged ledgers on their way).
+    pub actions: Vec<CustomerAction>,
     _dir: tempfile::TempDir,
 }
 
@@ -120,6 +122,7 @@ impl Arbiter {
             config,
             decisions: Vec::new(),
             sends: Vec::new(),
+            actions: Vec::new(),
             _dir: dir,
         }
     }
@@ -159,6 +162,9 @@ impl Arbiter {
             if entry.topic == self.config.topic("decisions") {
                 self.decisions
                     .push(serde_json::from_slice(&entry.payload).expect("decision"));
+            } else if entry.topic == self.config.topic("customer-actions") {
+                self.actions
+                    .push(serde_json::from_slice(&entry.payload).expect("customer action"));
             } else if entry.topic.contains("send.") {
                 self.sends
                     .push(serde_json::from_slice(&entry.payload).expect("send command"));
