@@ -90,12 +90,23 @@ pub struct CustomerLedger {
     pub engagement: SmallMap<Channel, ChannelEngagement>,
     /// The progress of each chain instance with later steps (scenario and cause ->
     /// the latest step decided), so steps go out in order, spaced, and not at all
-    /// once an earlier one ended without a send. Bounded by `CHAINS_KEPT`.
+    /// once an earlier one expired or was cancelled. Bounded by `CHAINS_KEPT`.
     pub chains: SmallMap<String, ChainProgress>,
     /// Hashes of the send ids of recent cascade steps after the first (newest last,
     /// bounded by `RECENT_OUTCOMES`): one trigger counts once towards the sunset, so
     /// their deliveries are not counted again.
     pub cascade_followups: Vec<u64>,
+}
+
+/// How a chain step's final decision ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepEnd {
+    /// Sent or held out.
+    WentOut,
+    /// Suppressed for the customer's state: the next step is decided on its own.
+    Unsent,
+    /// Expired or cancelled: the chain ends.
+    Broke,
 }
 
 /// How far one instance of a chain got.
@@ -104,11 +115,15 @@ pub struct CustomerLedger {
 pub struct ChainProgress {
     /// The latest step with a final decision.
     pub step: i32,
-    /// When that step went out (or was held out); `None` if it ended without a send,
-    /// which ends the chain.
+    /// When that step went out (or was held out); `None` if it ended without a send.
     pub sent_at: Option<Millis>,
     /// When this entry last changed (the oldest entries go first).
     pub updated_at: Millis,
+    /// That step expired or was cancelled (its moment passed, or an exclusion ended
+    /// it): the chain ends there. A step suppressed for the customer's state (no
+    /// consented channel, an unsubscribe, the sunset) does not end it: the next
+    /// step is decided on its own, as the customer may be reachable by then.
+    pub broken: bool,
 }
 
 /// The customer's engagement with one channel.
@@ -191,7 +206,7 @@ const MERGE_PENDING: &str = "merge_pending";
 const CHAIN_ORDER: &str = "chain_order";
 /// The rule of a mass send to a customer in a personal chain.
 const IN_PERSONAL_CHAIN: &str = "in_personal_chain";
-/// The rule of a chain step whose earlier step ended without a send.
+/// The rule of a chain step whose earlier step expired or was cancelled.
 const CHAIN_BROKEN: &str = "chain_broken";
 /// Chain instances remembered per customer.
 const CHAINS_KEPT: usize = 32;
@@ -506,12 +521,12 @@ impl ArbiterProcessor {
         let progress = chain
             .and_then(|c| ledger.chains.get(c).copied())
             .filter(|p| t.step > 0 && p.step < t.step);
-        if let Some(p) = progress.filter(|p| p.sent_at.is_none()) {
+        if let Some(p) = progress.filter(|p| p.broken) {
             return Verdict::no(
                 DecisionOutcome::cancelled,
                 CHAIN_BROKEN,
                 format!(
-                    "step {} of this {} chain ended without a send: no later step goes out",
+                    "step {} of this {} chain expired or was cancelled: no later step goes out",
                     p.step, t.scenario
                 ),
             );
@@ -1743,7 +1758,7 @@ impl ArbiterProcessor {
             reason,
         );
         if let Some(chain) = q.chain.clone() {
-            self.chain_step_ended(ctx, ledger, customer_id, chain, q.step, false)?;
+            self.chain_step_ended(ctx, ledger, customer_id, chain, q.step, StepEnd::Broke)?;
         }
         Ok(())
     }
@@ -2179,15 +2194,19 @@ impl ArbiterProcessor {
             reason,
         );
         if let Some(chain) = chain {
-            let went_out = matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out);
-            self.chain_step_ended(ctx, ledger, &t.customer_id, chain, t.step, went_out)?;
+            let end = match outcome {
+                DecisionOutcome::sent | DecisionOutcome::held_out => StepEnd::WentOut,
+                DecisionOutcome::expired | DecisionOutcome::cancelled => StepEnd::Broke,
+                _ => StepEnd::Unsent,
+            };
+            self.chain_step_ended(ctx, ledger, &t.customer_id, chain, t.step, end)?;
         }
         Ok(())
     }
 
-    /// Notes the final decision of step `step` of a chain instance. One that ended
-    /// without a send ends the chain: its later steps still in the queue are
-    /// cancelled now, those yet to come when they arrive.
+    /// Notes the final decision of step `step` of a chain instance. One that `breaks`
+    /// it (expired or cancelled) ends the chain: its later steps still in the queue
+    /// are cancelled now, those yet to come when they arrive.
     fn chain_step_ended(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2195,20 +2214,21 @@ impl ArbiterProcessor {
         customer_id: &str,
         chain: String,
         step: i32,
-        went_out: bool,
+        end: StepEnd,
     ) -> anyhow::Result<()> {
         let now = ctx.now();
         let broken_before = ledger
             .chains
             .get(&chain)
-            .is_some_and(|p| p.sent_at.is_none() && p.step < step);
+            .is_some_and(|p| p.broken && p.step < step);
         if !broken_before {
             ledger.chains.insert(
                 chain.clone(),
                 ChainProgress {
                     step,
-                    sent_at: went_out.then_some(now),
+                    sent_at: (end == StepEnd::WentOut).then_some(now),
                     updated_at: now,
+                    broken: end == StepEnd::Broke,
                 },
             );
         }
@@ -2222,7 +2242,7 @@ impl ArbiterProcessor {
                 ledger.chains.remove(&oldest);
             }
         }
-        if went_out {
+        if end != StepEnd::Broke {
             return Ok(());
         }
         let later: Vec<(String, Queued)> = ledger
@@ -2232,7 +2252,7 @@ impl ArbiterProcessor {
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
         for (trigger_id, q) in later {
-            let why = format!("step {step} of this chain ended without a send");
+            let why = format!("step {step} of this chain expired or was cancelled");
             self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, CHAIN_BROKEN, why)?;
         }
         Ok(())

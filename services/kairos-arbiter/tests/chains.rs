@@ -163,3 +163,18 @@ fn a_mass_send_leaves_out_a_customer_in_a_personal_chain() {
         "{d:#?}"
     );
 }
+
+#[test]
+fn a_step_suppressed_for_want_of_consent_lets_the_next_step_be_decided_on_its_own() {
+    let mut a = arbiter();
+    // No consented channel when the first step comes: suppressed, not sent.
+    let mut first = tips(&a, 0, T0, DAY);
+    first.contacts.consented_channels.clear();
+    let d = a.push_trigger(&first);
+    assert_eq!(d.outcome, DecisionOutcome::suppressed, "{d:#?}");
+    // By the second step the customer consented: it goes out (the chain did not
+    // expire or get cancelled, it only found the customer unreachable).
+    let second = tips(&a, 1, T0 + DAY, DAY);
+    let d = a.push_trigger(&second);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}
