@@ -2166,18 +2166,12 @@ impl ArbiterProcessor {
                 )?;
             }
             send_id = Some(id);
-            if self.hold_main_scenario(now, &t, ledger) {
-                self.wake_main_waiters(ctx, ledger)?;
-            }
-            for offer in &offers {
-                ledger.offers.insert(offer.clone(), now);
-            }
             self.end_to_end
                 .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
         }
-        if outcome == DecisionOutcome::held_out {
-            // A hold-out stands for the send it replaces: it holds the chain's slot and
-            // uses up the offer, so the other triggers of both groups fare alike.
+        // A hold-out stands for the send it replaces: it holds the chain's slot and
+        // uses up the offer, so the other triggers of both groups fare alike.
+        if matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out) {
             if self.hold_main_scenario(now, &t, ledger) {
                 self.wake_main_waiters(ctx, ledger)?;
             }

@@ -285,12 +285,7 @@ impl ProfileProcessor {
         // A subscription welcome may have started (rows from before `subscribed_at`
         // know none: their registration was the welcome).
         let subscribed_before = p.subscribed_at.is_some();
-        // A consent stated before, granted or not, on a row from before
-        // `subscribed_at`: whether it opted in then is unknown, so no welcome now.
-        let opted_in_before = subscribed_before
-            || p.consents.values().any(|granted| *granted)
-            || !p.consent_at.is_empty()
-            || !p.consents.is_empty();
+        let opted_in_before = p.opted_in_before();
         p.touch(e);
         let first_opt_in = !opted_in_before
             && e.consent

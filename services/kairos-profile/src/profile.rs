@@ -96,7 +96,9 @@ pub struct CustomerProfile {
     pub recent_categories: Vec<CompactString>,
     pub wishlist: Vec<Product>,
     pub engagement: SmallMap<Channel, ChannelEngagement>,
-    /// Addresses that bounced hard, per channel; a new address replaces them.
+    /// The latest address that bounced hard, per channel; all of them are in
+    /// `bounced_addresses`. Still written so that an earlier version reading this row
+    /// (a rollback during an upgrade) keeps suppressing the latest bounce.
     pub hard_bounced: SmallMap<Channel, String>,
     /// When the customer marked a message as spam.
     pub complained_at: Option<Millis>,
@@ -142,6 +144,12 @@ pub struct CustomerProfile {
     /// newer one).
     #[serde(default)]
     pub bounced_addresses: SmallMap<Channel, Vec<String>>,
+    /// Set on rows created by a version that records every first opt-in in
+    /// `subscribed_at`: on such a row a stated consent without `subscribed_at` was a
+    /// withdrawal, so a later grant is the first opt-in. Older rows (false) cannot
+    /// tell, and a stated consent counts as an earlier opt-in there.
+    #[serde(default)]
+    pub opt_ins_tracked: bool,
 }
 
 /// Hard-bounced addresses remembered per channel (as many as the arbiter keeps).
@@ -258,8 +266,19 @@ impl CustomerProfile {
             customer_id: customer_id.to_string(),
             first_seen_at: at,
             last_seen_at: at,
+            opt_ins_tracked: true,
             ..Default::default()
         }
+    }
+
+    /// Whether the customer opted in to marketing before: a later grant is then no
+    /// first opt-in and starts no subscription welcome.
+    pub fn opted_in_before(&self) -> bool {
+        self.subscribed_at.is_some()
+            || (!self.opt_ins_tracked
+                && (self.consents.values().any(|granted| *granted)
+                    || !self.consent_at.is_empty()
+                    || !self.consents.is_empty()))
     }
 
     /// The address the customer has for `channel`, if any.
@@ -339,6 +358,8 @@ impl CustomerProfile {
         self.birthday = self.birthday.take().or(other.birthday);
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
+        // An older row's consents may hide an opt-in it never timed.
+        self.opt_ins_tracked &= other.opt_ins_tracked;
         // Merges the other one still waited for are the survivor's to wait for now.
         for awaited in other.awaiting_merges {
             let known = self.awaiting_merges.contains(&awaited)
@@ -1122,6 +1143,24 @@ mod tests {
             occurred_at: at,
             address: None,
         }
+    }
+
+    #[test]
+    fn only_a_row_that_cannot_time_its_opt_ins_counts_a_stated_withdrawal_as_an_opt_in() {
+        let mut withdrew = CustomerProfile::new("c1", 0);
+        withdrew.consents.insert(Channel::email, false);
+        withdrew.consent_at.insert(Channel::email, 10);
+        assert!(!withdrew.opted_in_before(), "a withdrawal is no opt-in");
+        // The same row as a version before `opt_ins_tracked` wrote it.
+        let mut legacy = withdrew.clone();
+        legacy.opt_ins_tracked = false;
+        assert!(legacy.opted_in_before(), "whether it opted in is unknown");
+        let mut subscribed = withdrew.clone();
+        subscribed.subscribed_at = Some(5);
+        assert!(subscribed.opted_in_before());
+        // A merge with an older row inherits its doubt.
+        withdrew.absorb(legacy);
+        assert!(withdrew.opted_in_before());
     }
 
     #[test]

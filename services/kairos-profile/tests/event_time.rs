@@ -3071,10 +3071,10 @@ fn the_same_partial_return_sent_again_takes_revenue_off_once() {
 }
 
 #[test]
-fn an_opt_in_after_a_stated_consent_without_a_subscription_time_starts_no_welcome() {
+fn an_opt_in_after_a_first_consent_that_was_a_withdrawal_starts_the_welcome() {
     let t = at("2026-04-01T09:00:00Z");
     let mut h = Harness::new();
-    // As a row from before `subscribed_at` reads: a consent stated, no opt-in time.
+    // The first consent ever stated is a withdrawal: no subscription yet.
     h.site("lo-1", "consent_change", "lo", t, consent("email", false));
     let p = h.pipeline.profile("lo").expect("read").expect("stored");
     assert_eq!(
@@ -3091,5 +3091,20 @@ fn an_opt_in_after_a_stated_consent_without_a_subscription_time_starts_no_welcom
         consent("email", true),
     );
     h.advance(t + 10 * DAY);
-    assert!(h.triggers("lo", "welcome").is_empty());
+    let steps: Vec<(i64, String)> = h
+        .triggers("lo", "welcome")
+        .iter()
+        .map(|w| {
+            (
+                w["step"].as_i64().unwrap_or(-1),
+                w["cause_event_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (0..3)
+            .map(|step| (step, "lo-2".to_string()))
+            .collect::<Vec<_>>()
+    );
 }
