@@ -1290,9 +1290,13 @@ fn restore_once(
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
-    let (local_end, writer) = {
+    let (local_end, writer, holds_records) = {
         let store = factory.open(partition)?;
-        (store.changelog_end()?, store.writer.clone())
+        (
+            store.changelog_end()?,
+            store.writer.clone(),
+            store.holds_records()?,
+        )
     };
     let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
@@ -1341,8 +1345,14 @@ fn restore_once(
         anyhow::Ok(read)
     };
     // A store that has seen the changelog before: if only its own records follow, it
-    // applies them (as they come) and is current. A new store has no own records.
-    if let Some(start) = local_end.filter(|end| (low..=high).contains(end)) {
+    // applies them (as they come) and is current. So does a store none of whose
+    // commits was acknowledged yet (killed between publishing its first commit and
+    // the acknowledgement) but which holds records: its tail starts at the log's
+    // start, and it keeps its write-ahead records (a delivery worker's provider-call
+    // markers, which the changelog never carries). Only a blank store is rebuilt at
+    // once, reading the log a single time.
+    let tail_start = local_end.or(holds_records.then_some(low));
+    if let Some(start) = tail_start.filter(|end| (low..=high).contains(end)) {
         let mut store = factory.open(partition)?;
         let mut all_own = true;
         let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();

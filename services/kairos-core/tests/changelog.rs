@@ -416,3 +416,24 @@ fn a_torn_commit_an_earlier_version_wrote_on_after_is_kept() {
         Some(2)
     );
 }
+
+#[test]
+fn a_store_killed_before_its_first_commit_was_acknowledged_keeps_its_write_ahead_records() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
+    {
+        let mut store = factory.open(0).expect("open");
+        let entries = commit(&mut store, &[("c/1", "v1")], 0, "first");
+        // Published, but the process dies before the acknowledgement records the
+        // changelog's end in the store; the next batch's provider call had begun.
+        assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+        store.put_now(b"a/send-1", b"accepted").expect("put_now");
+        assert_eq!(store.changelog_end().expect("end"), None);
+    }
+    restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo).expect("restore");
+    let store = factory.open(0).expect("open");
+    assert_eq!(value(&store, "a/send-1").as_deref(), Some("accepted"));
+    assert_eq!(value(&store, "c/1").as_deref(), Some("v1"));
+}
