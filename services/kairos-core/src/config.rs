@@ -151,9 +151,17 @@ pub struct ClockConfig {
     /// Wall-clock mode: an input record whose event time is further than this ahead
     /// of the machine's clock goes to the dead-letter topic (a device clock set years
     /// ahead would otherwise hold a customer's "latest" times there for good).
-    /// Event-time mode has no such check: there the input's times are the clock.
+    /// Event-time mode checks against the partition's event time instead, with
+    /// `max_event_gap`.
     #[serde(with = "humantime_serde")]
     pub max_event_lead: Duration,
+    /// Event-time mode: an input record whose event time is further than this ahead of
+    /// its partition's event time (once the partition has one) goes to the dead-letter
+    /// topic: one event dated years ahead would move the partition's clock there and
+    /// make every later timer late. Larger than `max_event_lead`, as input replayed
+    /// from history may pause for weeks on a partition.
+    #[serde(with = "humantime_serde")]
+    pub max_event_gap: Duration,
 }
 
 impl Default for ClockConfig {
@@ -161,6 +169,8 @@ impl Default for ClockConfig {
         ClockConfig {
             mode: ClockMode::Wall,
             max_event_lead: Duration::from_secs(24 * 3600),
+            // A year as humantime counts it (365.25 days), so it reads "1year".
+            max_event_gap: Duration::from_secs(31_557_600),
         }
     }
 }

@@ -237,6 +237,14 @@ impl Ctx<'_> {
     }
 }
 
+/// Rounds of firing (of up to 512 timers each) in one go, bounded so a handler that
+/// keeps scheduling timers in the past cannot spin.
+const MAX_FIRING_ROUNDS: usize = 10_000;
+
+/// Rounds of firing the processing loop commits before it publishes their outputs, so
+/// a flood of due timers does not pile up its outputs in memory.
+const FIRING_ROUNDS_PER_PUBLISH: usize = 8;
+
 struct Part {
     store: PartitionStore,
     pending: Pending,
@@ -249,7 +257,8 @@ pub struct Engine<P: Processor> {
     factory: StoreFactory,
     parts: BTreeMap<i32, Part>,
     mode: ClockMode,
-    /// Wall-clock mode: how far ahead of the machine's clock an input may be.
+    /// How far ahead of the machine's clock (wall-clock mode) or of its partition's
+    /// event time (event-time mode) a raw input may be.
     max_event_lead: Millis,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
@@ -266,7 +275,11 @@ impl<P: Processor> Engine<P> {
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
         let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?;
         Ok(Engine {
-            max_event_lead: config.clock.max_event_lead.as_millis() as Millis,
+            max_event_lead: match config.clock.mode {
+                ClockMode::Wall => config.clock.max_event_lead,
+                ClockMode::Event => config.clock.max_event_gap,
+            }
+            .as_millis() as Millis,
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -434,7 +447,14 @@ impl<P: Processor> Engine<P> {
             .map_or_else(|| self.processor.decode(record), Ok)
             .and_then(|input| {
                 if self.processor.is_raw_input(record.topic) {
-                    check_event_lead(&self.processor, self.mode, self.max_event_lead, input)
+                    let clock = part.clock.event_time();
+                    check_event_lead(
+                        &self.processor,
+                        self.mode,
+                        self.max_event_lead,
+                        clock,
+                        input,
+                    )
                 } else {
                     Ok(input)
                 }
@@ -464,7 +484,7 @@ impl<P: Processor> Engine<P> {
                     // in real time.
                     let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
-                        self.fire_partition(state_partition, t, false)?;
+                        self.fire_partition(state_partition, t, false, MAX_FIRING_ROUNDS)?;
                     }
                     let Some(part) = self.parts.get_mut(&state_partition) else {
                         return Ok(());
@@ -494,7 +514,7 @@ impl<P: Processor> Engine<P> {
             let clock = part.clock.event_time();
             let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
-                self.fire_partition(state_partition, clock, false)?;
+                self.fire_partition(state_partition, clock, false, MAX_FIRING_ROUNDS)?;
             }
         }
         Ok(())
@@ -578,31 +598,49 @@ impl<P: Processor> Engine<P> {
 
     /// Fires due timers of every partition (committing as it goes).
     pub fn fire_due(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        Ok(self.fire_due_where(|_| true, MAX_FIRING_ROUNDS)?.0)
+    }
+
+    /// [`Engine::fire_due`] for the partitions `ready` accepts (the others' timers
+    /// wait for the input backlog found at their assignment, see [`BacklogGates`]),
+    /// at most `max_rounds` committed rounds of firing per partition, so the outputs
+    /// to publish stay bounded. Returns them, and whether due timers are left: the
+    /// caller publishes, then calls again.
+    pub fn fire_due_where(
+        &mut self,
+        ready: impl Fn(i32) -> bool,
+        max_rounds: usize,
+    ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
-        for p in self.owned() {
+        let mut more = false;
+        for p in self.owned().into_iter().filter(|p| ready(*p)) {
             let now = match self.mode {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
             };
-            let fired = self.fire_partition(p, now, true);
-            out.extend(self.or_abandon(p, fired)?);
+            let fired = self.fire_partition(p, now, true, max_rounds);
+            let (fired, left) = self.or_abandon(p, fired)?;
+            out.extend(fired);
+            more |= left;
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Fires the timers of `partition` due by `now`. Timers are read from the store
     /// merged with the batch's pending writes, so no commit is needed first; with
     /// `commit`, each round of firing is committed and its records returned for
     /// publishing (without, nothing is returned: the batch commits later).
+    /// At most `max_rounds` rounds of up to 512 timers; returns whether due timers
+    /// are left after them.
     fn fire_partition(
         &mut self,
         partition: i32,
         now: Millis,
         commit: bool,
-    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        max_rounds: usize,
+    ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
-        // Bounded so a handler that keeps scheduling timers in the past cannot spin.
-        for _ in 0..10_000 {
+        for round in 0..=max_rounds {
             let Some(part) = self.parts.get_mut(&partition) else {
                 break;
             };
@@ -612,6 +650,9 @@ impl<P: Processor> Engine<P> {
                 .is_none_or(|d| d > now)
             {
                 break;
+            }
+            if round == max_rounds {
+                return Ok((out, true));
             }
             let due = part.store.due_timer_ids(now, 512);
             if due.is_empty() {
@@ -650,7 +691,7 @@ impl<P: Processor> Engine<P> {
                 out.extend(self.commit_partition(partition)?);
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Event-time mode: moves every partition's clock to `t` (a heartbeat), firing
@@ -658,8 +699,8 @@ impl<P: Processor> Engine<P> {
     pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.commit()?;
         for p in self.owned() {
-            let fired = self.fire_partition(p, t, true);
-            out.extend(self.or_abandon(p, fired)?);
+            let fired = self.fire_partition(p, t, true, MAX_FIRING_ROUNDS);
+            out.extend(self.or_abandon(p, fired)?.0);
             if let Some(part) = self.parts.get_mut(&p) {
                 if t > part.clock.event_time() {
                     part.clock.observe(t);
@@ -755,32 +796,42 @@ impl<P: Processor> Engine<P> {
     }
 }
 
-/// Wall-clock mode: rejects a raw input whose event time is more than
-/// `clock.max_event_lead` ahead of this machine's clock.
+/// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
+/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
+/// partition's event time, once it has one (event-time mode: there the input's times
+/// move the clock, and one event dated years ahead would make every later timer late).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
     max_event_lead: Millis,
+    partition_event_time: Millis,
     input: P::Input,
 ) -> Result<P::Input, Rejection> {
-    if mode != ClockMode::Wall {
-        return Ok(input);
-    }
-    let now = wall_now();
+    let (now, clock_name, setting) = match mode {
+        ClockMode::Wall => (wall_now(), "this machine's clock", "clock.max_event_lead"),
+        // A partition that has seen no event yet has no time to compare with.
+        ClockMode::Event if partition_event_time <= 0 => return Ok(input),
+        ClockMode::Event => (
+            partition_event_time,
+            "the partition's event time",
+            "clock.max_event_gap",
+        ),
+    };
+    let duration = |ms: Millis| {
+        humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
+            (ms / 1000) as u64,
+        ))
+    };
     match processor.event_time(&input) {
         Some(t) if t > now.saturating_add(max_event_lead) => Err(Rejection::new(
             DeadLetterReason::invalid_field,
             format!(
-                "event time {} is {} ahead of this machine's clock ({}); at most \
-                 clock.max_event_lead = {} is accepted",
+                "event time {} is {} ahead of {clock_name} ({}); at most \
+                 {setting} = {} is accepted",
                 crate::time::format_millis(t),
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
-                    ((t - now) / 1000) as u64
-                )),
+                duration(t - now),
                 crate::time::format_millis(now),
-                humantime_serde::re::humantime::format_duration(std::time::Duration::from_millis(
-                    max_event_lead as u64
-                )),
+                duration(max_event_lead),
             ),
         )),
         _ => Ok(input),
@@ -978,14 +1029,21 @@ fn changelog_waves(entries: Vec<OutboxEntry>) -> Vec<Wave> {
         .collect()
 }
 
-/// Sends `entries` as one concurrent wave and pairs each with its broker offset, or
-/// the error that stopped it.
+/// Sends `entries` as one wave and pairs each with its broker offset, or the error
+/// that stopped it. Records are handed to the producer strictly in order, each only
+/// once the one before it is queued (a full queue is waited out on the same record),
+/// so two records of one key reach the log in the order given; the deliveries are
+/// awaited together. A record that cannot be queued fails with every record after it.
 async fn send_all(
     producer: &FutureProducer,
     entries: &[OutboxEntry],
     in_commit: bool,
 ) -> Vec<Result<i64, rdkafka::error::KafkaError>> {
-    join_all(entries.iter().map(|e| {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let mut deliveries = Vec::with_capacity(entries.len());
+    let mut refused = None;
+    for e in entries {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
         if e.changelog {
             // Changelog partition = state partition; an empty value is a tombstone.
@@ -1007,12 +1065,46 @@ async fn send_all(
         } else {
             record = record.payload(&e.payload[..]);
         }
-        producer.send(record, Duration::from_secs(30))
-    }))
-    .await
-    .into_iter()
-    .map(|r| r.map(|(_, offset)| offset).map_err(|(e, _)| e))
-    .collect()
+        let queued_by = Instant::now() + Duration::from_secs(30);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((error, back)) if error == queue_full && Instant::now() < queued_by => {
+                    record = back;
+                    let wait = Duration::from_millis(5);
+                    // Also called outside a Tokio runtime (a torn commit's undo).
+                    if tokio::runtime::Handle::try_current().is_ok() {
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        std::thread::sleep(wait);
+                    }
+                }
+                Err((error, _)) => {
+                    refused = Some(error);
+                    break;
+                }
+            }
+        }
+        if refused.is_some() {
+            break;
+        }
+    }
+    let mut results: Vec<Result<i64, KafkaError>> = join_all(deliveries)
+        .await
+        .into_iter()
+        .map(|delivery| match delivery {
+            Ok(Ok((_, offset))) => Ok(offset),
+            Ok(Err((error, _))) => Err(error),
+            Err(_) => Err(KafkaError::Canceled),
+        })
+        .collect();
+    if let Some(error) = refused {
+        results.resize(entries.len(), Err(error));
+    }
+    results
 }
 
 /// Changelog records, keeping their order in each partition: after a failure, the
@@ -1110,7 +1202,6 @@ struct ChangelogRecord {
     own: bool,
     /// Written by a version that ends each commit with an end marker.
     in_commit: bool,
-    offset: i64,
 }
 
 /// Header naming the store incarnation that wrote a changelog record.
@@ -1136,13 +1227,61 @@ const COMMIT_HEADER: &str = "kairos-commit";
 /// - A commit that lacks its end marker at the changelog's end (its writer died while
 ///   publishing it) is not applied: its inputs are processed again. With
 ///   [`TornCommit::Undo`], values undoing its records follow them in the changelog.
+///   Records of a version that writes no markers after it mean that version adopted
+///   it: then it is applied.
+///
+/// A new store reads the changelog once; a store with a local end reads its tail and
+/// stops at the first record it did not write itself.
+/// What a restore did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog records read from the broker, over every pass.
+    pub records_read: u64,
+    /// Records applied to the store.
+    pub applied: u64,
+}
+
 pub fn restore_partition(
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
     partition: i32,
     torn: TornCommit,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<RestoreStats> {
+    let mut read_before = 0;
+    for _ in 0..3 {
+        match restore_once(config, factory, changelog, partition, torn, &|| ())? {
+            Restore::Done(mut stats) => {
+                stats.records_read += read_before;
+                return Ok(stats);
+            }
+            Restore::ChangelogMoved(stats) => read_before += stats.records_read,
+        }
+    }
+    anyhow::bail!(
+        "{changelog}[{partition}] kept growing while this instance restored it: another \
+         instance is writing it, so this one neither undoes its torn commit nor opens it"
+    )
+}
+
+/// How one attempt at a restore ended.
+enum Restore {
+    Done(RestoreStats),
+    /// Someone wrote to the changelog after it was read, before a torn commit's undo
+    /// went out: the partition is not this instance's alone, the undo was not written.
+    ChangelogMoved(RestoreStats),
+}
+
+/// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
+/// precedes a torn commit's undo (a test writes there as another instance would).
+fn restore_once(
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+    before_undo: &dyn Fn(),
+) -> anyhow::Result<Restore> {
     let consumer: BaseConsumer = kafka::client_config(config)?
         .set("group.id", format!("{}restore", config.kafka.group_prefix))
         .set("enable.auto.commit", "false")
@@ -1151,20 +1290,27 @@ pub fn restore_partition(
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
-    let (local_end, writer) = {
+    let (local_end, writer, holds_records) = {
         let store = factory.open(partition)?;
-        (store.changelog_end()?, store.writer.clone())
+        (
+            store.changelog_end()?,
+            store.writer.clone(),
+            store.holds_records()?,
+        )
     };
+    let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
-        return Ok(0);
+        return Ok(Restore::Done(stats));
     }
-    // Hands every record from `from` to the changelog's end to `each`, as it arrives:
-    // a partition's changelog may not fit in memory.
-    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<()>| {
+    // Hands every record from `from` to the changelog's end to `each`, as it arrives
+    // (a partition's changelog may not fit in memory), until `each` answers false.
+    // Returns how many records it read.
+    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<bool>| {
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
         consumer.assign(&tpl)?;
         let mut next = from;
+        let mut read = 0_u64;
         let mut last_progress = Instant::now();
         while next < high {
             if last_progress.elapsed() > Duration::from_secs(120) {
@@ -1173,6 +1319,7 @@ pub fn restore_partition(
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
+                    read += 1;
                     last_progress = Instant::now();
                     let header = |name: &str| {
                         m.headers().and_then(|h| {
@@ -1181,54 +1328,73 @@ pub fn restore_partition(
                                 .map(|x| x.value.map(<[u8]>::to_vec))
                         })
                     };
-                    each(ChangelogRecord {
+                    let go_on = each(ChangelogRecord {
                         key: m.key().unwrap_or_default().to_vec(),
                         value: m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
                         own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
                         in_commit: header(COMMIT_HEADER).is_some(),
-                        offset: m.offset(),
                     })?;
+                    if !go_on {
+                        break;
+                    }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "changelog read error"),
                 None => {}
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(read)
     };
-    let start = local_end.unwrap_or(low);
-    if start >= low && start <= high {
-        let mut tail = Vec::new();
-        read(start, &mut |r| {
-            tail.push(r);
-            Ok(())
+    // A store that has seen the changelog before: if only its own records follow, it
+    // applies them (as they come) and is current. So does a store none of whose
+    // commits was acknowledged yet (killed between publishing its first commit and
+    // the acknowledgement) but which holds records: its tail starts at the log's
+    // start, and it keeps its write-ahead records (a delivery worker's provider-call
+    // markers, which the changelog never carries). Only a blank store is rebuilt at
+    // once, reading the log a single time.
+    let tail_start = local_end.or(holds_records.then_some(low));
+    if let Some(start) = tail_start.filter(|end| (low..=high).contains(end)) {
+        let mut store = factory.open(partition)?;
+        let mut all_own = true;
+        let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut n = 0_u64;
+        stats.records_read += read(start, &mut |r| {
+            if !r.own {
+                // Applied so far or not, the store is rebuilt below.
+                all_own = false;
+                return Ok(false);
+            }
+            n += 1;
+            // The store's own outbox is the truth about what it still has to
+            // publish: an output's replica in the tail may have been published since.
+            if !r.key.starts_with(OUTBOX) {
+                chunk.push((r.key, r.value));
+            }
+            if chunk.len() >= RESTORE_CHUNK {
+                store.apply_changelog(&chunk)?;
+                chunk.clear();
+            }
+            Ok(true)
         })?;
-        if tail.iter().all(|r| r.own) {
-            let mut store = factory.open(partition)?;
-            let n = tail.len() as u64;
-            // The store's own outbox is the truth about what it still has to publish:
-            // an output's replica in the tail may have been published since.
-            let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = tail
-                .into_iter()
-                .filter(|r| !r.key.starts_with(OUTBOX))
-                .map(|r| (r.key, r.value))
-                .collect();
-            records.extend(
+        if all_own {
+            // The unacknowledged outbox writes again on top: the newest values.
+            chunk.extend(
                 store
                     .outbox()?
                     .into_iter()
                     .filter(|e| e.changelog && !e.key.starts_with(OUTBOX))
                     .map(|e| (e.key, (!e.payload.is_empty()).then_some(e.payload))),
             );
-            store.apply_changelog(&records)?;
+            store.apply_changelog(&chunk)?;
             store.finish_restore()?;
             store.set_changelog_end(high)?;
+            stats.applied = n;
             tracing::info!(
                 changelog,
                 partition,
                 records = n,
                 "caught up with own changelog tail"
             );
-            return Ok(n);
+            return Ok(Restore::Done(stats));
         }
     }
     tracing::info!(
@@ -1241,54 +1407,70 @@ pub fn restore_partition(
     );
     factory.destroy(partition)?;
     let mut store = factory.open(partition)?;
-    // Records after the last end marker are a commit whose writer died while
-    // publishing it: not applied, so its inputs count as not applied and are processed
-    // again. The marker is nearly always among the last records: look there first.
-    let mut last_marker = None;
-    let mut window = 1_000;
-    while last_marker.is_none() {
-        let from = (high - window).max(low);
-        read(from, &mut |r| {
-            if r.in_commit && r.key == META_COMMIT_END {
-                last_marker = Some(r.offset);
-            }
-            Ok(())
-        })?;
-        if from == low {
-            break;
-        }
-        window *= 10;
-    }
+    // Records stamped as part of a commit wait for its end marker. Those still waiting
+    // at the end are a commit whose writer died while publishing it: not applied, so
+    // its inputs count as not applied and are processed again. A record of an earlier
+    // version, which wrote no markers, applies as it comes, and with it every record
+    // waiting before it: that version restored them (it knew no markers) and wrote on.
+    let mut waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut ready: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut torn_keys = Vec::new();
-    let mut n = 0_u64;
-    read(low, &mut |r| {
-        let torn = r.in_commit && last_marker.is_none_or(|end| r.offset > end);
-        match torn {
-            true => torn_keys.push(r.key),
-            // Records of earlier versions, which wrote no markers, apply as they come.
-            false => ready.push((r.key, r.value)),
+    stats.records_read += read(low, &mut |r| {
+        let is_marker = r.in_commit && r.key == META_COMMIT_END;
+        match r.in_commit {
+            true => waiting.push((r.key, r.value)),
+            false => {
+                ready.append(&mut waiting);
+                ready.push((r.key, r.value));
+            }
         }
-        if ready.len() >= 10_000 {
+        if is_marker {
+            ready.append(&mut waiting);
+        }
+        if ready.len() >= RESTORE_CHUNK {
             store.apply_changelog(&ready)?;
-            n += ready.len() as u64;
+            stats.applied += ready.len() as u64;
             ready.clear();
         }
-        Ok(())
+        Ok(true)
     })?;
     store.apply_changelog(&ready)?;
-    n += ready.len() as u64;
+    stats.applied += ready.len() as u64;
     store.finish_restore()?;
+    let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
     let end = match (torn_keys.is_empty(), torn) {
         (false, TornCommit::Undo) => {
+            // Only while nobody else writes: an instance that lost the partition
+            // meanwhile must not write after the new owner's records.
+            before_undo();
+            let (_, now_high) = consumer
+                .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+                .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
+            if now_high != high {
+                tracing::warn!(
+                    changelog,
+                    partition,
+                    high,
+                    now_high,
+                    "the changelog grew during the restore: its torn commit is not undone, the partition is restored again"
+                );
+                return Ok(Restore::ChangelogMoved(stats));
+            }
             repair_torn_commit(config, &store, changelog, partition, torn_keys)?
         }
         _ => high,
     };
     store.set_changelog_end(end)?;
-    tracing::info!(changelog, partition, restored = n, "state restored");
-    Ok(n)
+    tracing::info!(
+        changelog,
+        partition,
+        restored = stats.applied,
+        "state restored"
+    );
+    Ok(Restore::Done(stats))
 }
+
+/// Records a restore applies in one write.
+const RESTORE_CHUNK: usize = 10_000;
 
 /// Writes, after a torn commit's records, the values the restored store holds for
 /// their keys (a tombstone where it holds none) and an end marker, before this store
@@ -1409,13 +1591,15 @@ pub async fn run<P: Processor>(
     let mut assigned_once = false;
     let single_state = engine.processor.single_state_partition();
     let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
+    let mut gates = BacklogGates::default();
 
     loop {
         admin.heartbeat();
         // Apply rebalances recorded by the consumer context.
-        assigned_once |= apply_rebalances(
+        let applied = apply_rebalances(
             &mut engine,
             &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
             &producer,
@@ -1423,6 +1607,8 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        assigned_once |= applied.assigned;
+        gates.follow(&engine, &consumer, &inputs, &applied);
         if cancel.is_cancelled() {
             break;
         }
@@ -1460,9 +1646,10 @@ pub async fn run<P: Processor>(
         // Rebalances seen while gathering (the callback runs inside recv) take effect
         // before any record is handled: revoked partitions are not touched after their
         // revocation, newly assigned ones are opened (and restored) first.
-        assigned_once |= apply_rebalances(
+        let applied = apply_rebalances(
             &mut engine,
             &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
             &producer,
@@ -1470,6 +1657,8 @@ pub async fn run<P: Processor>(
             &cancel,
         )
         .await?;
+        assigned_once |= applied.assigned;
+        gates.follow(&engine, &consumer, &inputs, &applied);
         if cancel.is_cancelled() {
             // A backlog may have gone out only in part: no new commit may follow it
             // into the changelog (its end marker would vouch for the backlog's gaps).
@@ -1549,16 +1738,32 @@ pub async fn run<P: Processor>(
             // again (the store's own offsets skip what its state already holds).
             continue;
         }
-        for ((topic, partition), offset) in positions {
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+        for ((topic, partition), offset) in &positions {
+            if let Err(e) = consumer.store_offset(topic, *partition, *offset) {
                 tracing::debug!(%topic, partition, error = %e, "offset store skipped");
             }
         }
 
-        let fired = engine.fire_due()?;
-        if !fired.is_empty() {
-            let acked = publish(&producer, fired, &metrics, &cancel).await;
-            engine.acknowledge(&acked)?;
+        for ((topic, partition), offset) in &positions {
+            gates.consumed(topic, *partition, offset + 1);
+        }
+        gates.check_positions(&consumer);
+        // Published in bounded chunks; as many rounds in all as one call used to do.
+        for _ in 0..MAX_FIRING_ROUNDS / FIRING_ROUNDS_PER_PUBLISH {
+            let (fired, more) =
+                engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
+            let produced = fired.len();
+            if produced > 0 {
+                let acked = publish(&producer, fired, &metrics, &cancel).await;
+                engine.acknowledge(&acked)?;
+                if acked.len() < produced {
+                    break;
+                }
+            }
+            if !more || cancel.is_cancelled() {
+                break;
+            }
+            admin.heartbeat();
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
             engine.update_gauges();
@@ -1595,6 +1800,19 @@ pub async fn run<P: Processor>(
     Ok(())
 }
 
+/// Whether the consumer is assigned partition `partition` of an input topic now.
+fn holds_input_partition<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partition: i32,
+) -> bool {
+    consumer.assignment().is_ok_and(|assignment| {
+        inputs
+            .iter()
+            .any(|topic| assignment.find_partition(topic, partition).is_some())
+    })
+}
+
 /// Whether the consumer is assigned every partition of every input topic (what a
 /// processor with a single state partition needs before it applies anything).
 fn owns_every_partition<C: ConsumerContext>(
@@ -1610,72 +1828,307 @@ fn owns_every_partition<C: ConsumerContext>(
         .all(|topic| (0..partitions).all(|p| assignment.find_partition(topic, p).is_some()))
 }
 
+/// What [`apply_rebalances`] did.
+#[derive(Default)]
+struct AppliedRebalances {
+    /// An assignment arrived.
+    assigned: bool,
+    /// Input partitions revoked (handled first).
+    revoked: Vec<i32>,
+    /// Input partitions assigned and still held once their state was open.
+    opened: Vec<i32>,
+}
+
+/// The net effect of rebalance events drained together.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetRebalance {
+    /// Every input partition revoked on the way, closed first: even one assigned again
+    /// since, as another instance may have written its changelog in between.
+    revoked: Vec<i32>,
+    /// Input partitions assigned and not revoked after: opened after the closing. One
+    /// revoked later is never restored (nor its torn commit undone), as it is no
+    /// longer this instance's to write.
+    assigned: Vec<i32>,
+    /// An assignment arrived, whatever followed it.
+    any_assignment: bool,
+}
+
+fn net_rebalance(events: Vec<RebalanceEvent>) -> NetRebalance {
+    let mut assigned = std::collections::BTreeSet::new();
+    let mut revoked = std::collections::BTreeSet::new();
+    let mut any_assignment = false;
+    for event in events {
+        match event {
+            RebalanceEvent::Assign(parts) => {
+                any_assignment = true;
+                assigned.extend(parts);
+            }
+            RebalanceEvent::Revoke(parts) => {
+                for p in parts {
+                    assigned.remove(&p);
+                    revoked.insert(p);
+                }
+            }
+        }
+    }
+    NetRebalance {
+        revoked: revoked.into_iter().collect(),
+        assigned: assigned.into_iter().collect(),
+        any_assignment,
+    }
+}
+
 /// Opens (restoring from the changelog when needed) newly assigned partitions and
-/// closes revoked ones. Returns whether an assignment arrived.
+/// closes revoked ones, by the net effect of the events recorded since the last call.
+/// `still_assigned` tells whether the consumer holds an input partition now: one lost
+/// before its restore is not restored, one lost during it is closed again without
+/// publishing its backlog.
+#[allow(clippy::too_many_arguments)]
 async fn apply_rebalances<P: Processor>(
     engine: &mut Engine<P>,
     rebalances: &Mutex<Vec<RebalanceEvent>>,
+    still_assigned: &(dyn Fn(i32) -> bool + Sync),
     config: &Config,
     name: &str,
     producer: &FutureProducer,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<AppliedRebalances> {
     let events: Vec<RebalanceEvent> = rebalances
         .lock()
         .map(|mut q| std::mem::take(&mut *q))
         .unwrap_or_default();
-    let mut assigned = false;
-    for event in events {
-        match event {
-            RebalanceEvent::Assign(parts) => {
-                let mut backlog = Vec::new();
-                let parts = parts
-                    .into_iter()
-                    .map(|p| engine.state_partition(p))
-                    .collect();
-                for p in dedup(parts) {
-                    if engine.owns(p) {
-                        continue;
-                    }
-                    if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
-                        let c = config.clone();
-                        let factory_root = config.state.dir.join(name);
-                        let restored = tokio::task::spawn_blocking(move || {
-                            let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                            restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
-                        })
-                        .await
-                        .context("restore task failed")??;
-                        metrics.restored_records.inc_by(restored);
-                    }
-                    backlog.extend(engine.open(p)?);
-                }
-                let acked = publish(producer, backlog, metrics, cancel).await;
-                engine.acknowledge(&acked)?;
-                assigned = true;
+    if events.is_empty() {
+        return Ok(AppliedRebalances::default());
+    }
+    let net = net_rebalance(events);
+    let mut applied = AppliedRebalances {
+        assigned: net.any_assignment,
+        revoked: net.revoked.clone(),
+        opened: Vec::new(),
+    };
+    if !net.revoked.is_empty() {
+        // Twice: the second commit carries the deletions of the outputs the first
+        // one's publish got acknowledged, to the changelog.
+        for _ in 0..2 {
+            engine.commit()?;
+            // The whole outbox: whatever an earlier publish left goes first.
+            let out = engine.outbox()?;
+            let acked = publish(producer, out, metrics, cancel).await;
+            engine.acknowledge(&acked)?;
+        }
+        let parts = net
+            .revoked
+            .iter()
+            .map(|p| engine.state_partition(*p))
+            .collect();
+        for p in dedup(parts) {
+            engine.close(p);
+        }
+    }
+    let mut backlog = Vec::new();
+    // Each state partition with the input partitions it applies.
+    let mut by_state: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for &input in &net.assigned {
+        by_state
+            .entry(engine.state_partition(input))
+            .or_default()
+            .push(input);
+    }
+    for (p, inputs) in by_state {
+        let held = || inputs.iter().copied().any(still_assigned);
+        if !held() {
+            tracing::info!(
+                service = name,
+                partition = p,
+                "partition lost before it was opened"
+            );
+            continue;
+        }
+        if !engine.owns(p) {
+            if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
+                let c = config.clone();
+                let factory_root = config.state.dir.join(name);
+                let restored = tokio::task::spawn_blocking(move || {
+                    let factory = StoreFactory::new(&factory_root, 8 << 20)?;
+                    restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
+                })
+                .await
+                .context("restore task failed")??;
+                metrics.restored_records.inc_by(restored.applied);
             }
-            RebalanceEvent::Revoke(parts) => {
-                // Twice: the second commit carries the deletions of the outputs the
-                // first one's publish got acknowledged, to the changelog.
-                for _ in 0..2 {
-                    engine.commit()?;
-                    // The whole outbox: whatever an earlier publish left goes first.
-                    let out = engine.outbox()?;
-                    let acked = publish(producer, out, metrics, cancel).await;
-                    engine.acknowledge(&acked)?;
+            let opened = engine.open(p)?;
+            if !held() {
+                // Its backlog is the new owner's to publish now.
+                tracing::info!(
+                    service = name,
+                    partition = p,
+                    "partition lost while it was restored"
+                );
+                engine.close(p);
+                continue;
+            }
+            backlog.extend(opened);
+        }
+        applied.opened.extend(inputs);
+    }
+    let acked = publish(producer, backlog, metrics, cancel).await;
+    engine.acknowledge(&acked)?;
+    Ok(applied)
+}
+
+/// Holds back the timers of a newly assigned partition until the consumer has read
+/// the input backlog that was there at the assignment (as Kafka Streams punctuates on
+/// stream time): a timer overdue after a restart or a move must not fire against
+/// state that has not yet seen the purchase, the unsubscribe or the cancel waiting
+/// in the backlog. The ends are fixed at the assignment, so a busy input does not
+/// hold the timers back for longer than the backlog takes.
+#[derive(Default)]
+struct BacklogGates {
+    /// Per state partition, the input topic-partitions not yet read to their end.
+    waiting: HashMap<i32, Vec<InputEnd>>,
+}
+
+/// An input topic-partition's end at the assignment and the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InputEnd {
+    topic: String,
+    partition: i32,
+    end: i64,
+    next: i64,
+}
+
+impl BacklogGates {
+    /// Whether `state_partition`'s timers wait for backlog.
+    fn holds(&self, state_partition: i32) -> bool {
+        self.waiting.contains_key(&state_partition)
+    }
+
+    /// `state_partition` waits for `ends` too (those not read to their end already).
+    fn wait_for(&mut self, state_partition: i32, ends: Vec<InputEnd>) {
+        let ends: Vec<InputEnd> = ends.into_iter().filter(|e| e.next < e.end).collect();
+        if !ends.is_empty() {
+            self.waiting
+                .entry(state_partition)
+                .or_default()
+                .extend(ends);
+        }
+    }
+
+    fn release(&mut self, state_partition: i32) {
+        self.waiting.remove(&state_partition);
+    }
+
+    /// The consumer is at `next` in `topic`/`partition`.
+    fn consumed(&mut self, topic: &str, partition: i32, next: i64) {
+        self.waiting.retain(|_, ends| {
+            for e in ends.iter_mut() {
+                if e.topic == topic && e.partition == partition {
+                    e.next = e.next.max(next);
                 }
-                let parts = parts
-                    .into_iter()
-                    .map(|p| engine.state_partition(p))
-                    .collect();
-                for p in dedup(parts) {
-                    engine.close(p);
-                }
+            }
+            ends.retain(|e| e.next < e.end);
+            !ends.is_empty()
+        });
+    }
+
+    /// Moves on by the consumer's positions (which also pass records never handed
+    /// out, such as transaction markers).
+    fn check_positions<C: ConsumerContext>(&mut self, consumer: &StreamConsumer<C>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            if let rdkafka::Offset::Offset(next) = e.offset() {
+                self.consumed(e.topic(), e.partition(), next);
             }
         }
     }
-    Ok(assigned)
+
+    /// Follows the rebalances just applied: revoked partitions wait no more, newly
+    /// assigned ones wait for their inputs' ends as of now.
+    fn follow<P: Processor, C: ConsumerContext>(
+        &mut self,
+        engine: &Engine<P>,
+        consumer: &StreamConsumer<C>,
+        inputs: &[String],
+        applied: &AppliedRebalances,
+    ) {
+        for &p in &applied.revoked {
+            self.release(engine.state_partition(p));
+        }
+        if applied.opened.is_empty() {
+            return;
+        }
+        let Some(committed) = committed_offsets(consumer, inputs, &applied.opened) else {
+            // Not knowing where reading starts must not keep timers from ever firing.
+            return;
+        };
+        for &p in &applied.opened {
+            let ends = input_ends(consumer, inputs, p, &committed);
+            self.wait_for(engine.state_partition(p), ends);
+        }
+    }
+}
+
+/// The group's committed offsets of every input topic in `partitions` (one request).
+fn committed_offsets<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partitions: &[i32],
+) -> Option<rdkafka::TopicPartitionList> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in inputs {
+        for &p in partitions {
+            tpl.add_partition(topic, p);
+        }
+    }
+    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(committed) => Some(committed),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read committed offsets; timers do not wait for the backlog");
+            None
+        }
+    }
+}
+
+/// Each input topic's end in `partition` and the offset the consumer starts at (its
+/// group's committed offset in `committed`, or the earliest one).
+fn input_ends<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partition: i32,
+    committed: &rdkafka::TopicPartitionList,
+) -> Vec<InputEnd> {
+    let timeout = Duration::from_secs(10);
+    let mut ends = Vec::new();
+    for topic in inputs {
+        let (low, high) = match consumer.fetch_watermarks(topic, partition, timeout) {
+            Ok(w) => w,
+            Err(e) => {
+                // Not knowing the backlog must not keep timers from ever firing.
+                tracing::warn!(%topic, partition, error = %e, "cannot read the input's end; its timers do not wait for the backlog");
+                continue;
+            }
+        };
+        let committed = committed
+            .find_partition(topic, partition)
+            .map(|e| e.offset());
+        let next = match committed {
+            Some(rdkafka::Offset::Offset(o)) => o.max(low),
+            _ => low,
+        };
+        ends.push(InputEnd {
+            topic: topic.clone(),
+            partition,
+            end: high,
+            next,
+        });
+    }
+    ends
 }
 
 fn dedup(mut v: Vec<i32>) -> Vec<i32> {
@@ -1705,6 +2158,216 @@ mod tests {
             .iter()
             .map(|e| (e.partition, String::from_utf8_lossy(&e.key).into_owned()))
             .collect()
+    }
+
+    /// Any input schedules 3,000 timers, due at once; each firing emits a record.
+    struct ManyTimers;
+
+    impl Processor for ManyTimers {
+        type Input = ();
+        fn name(&self) -> &str {
+            "many-timers"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
+            Ok(())
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, ctx: &mut Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            for i in 0..3_000 {
+                ctx.schedule(&format!("t{i:04}"), ctx.now() - 1, &i)?;
+            }
+            Ok(())
+        }
+        fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+            ctx.emit("fired", "k", &timer.timer_id);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut engine = Engine::new(ManyTimers, &config, metrics).unwrap();
+        engine.open(0).unwrap();
+        let record = Record {
+            topic: "in",
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: b"",
+        };
+        engine.handle(&record).unwrap();
+        engine.commit().unwrap();
+        let fired = |out: &[OutboxEntry]| out.iter().filter(|e| e.topic == "fired").count();
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (1_024, true));
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (1_024, true));
+        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        assert_eq!((fired(&out), more), (952, false));
+        // A partition held back fires nothing.
+        engine
+            .handle(&Record {
+                offset: 1,
+                ..record
+            })
+            .unwrap();
+        engine.commit().unwrap();
+        let (out, more) = engine.fire_due_where(|p| p != 0, 2).unwrap();
+        assert_eq!((fired(&out), more), (0, false));
+    }
+
+    #[test]
+    fn rebalances_drained_together_act_by_their_net_effect() {
+        use RebalanceEvent::{Assign, Revoke};
+        // Assigned, then taken away before this instance got to it: never opened.
+        assert_eq!(
+            net_rebalance(vec![
+                Assign(vec![1, 2]),
+                Revoke(vec![1, 2]),
+                Assign(vec![3])
+            ]),
+            NetRebalance {
+                revoked: vec![1, 2],
+                assigned: vec![3],
+                any_assignment: true,
+            }
+        );
+        // Revoked and assigned again: closed and restored anew (another instance may
+        // have written in between).
+        assert_eq!(
+            net_rebalance(vec![Revoke(vec![0, 1]), Assign(vec![1])]),
+            NetRebalance {
+                revoked: vec![0, 1],
+                assigned: vec![1],
+                any_assignment: true,
+            }
+        );
+        assert_eq!(
+            net_rebalance(vec![Revoke(vec![4])]),
+            NetRebalance {
+                revoked: vec![4],
+                assigned: vec![],
+                any_assignment: false,
+            }
+        );
+    }
+
+    #[test]
+    fn a_torn_commit_is_not_undone_when_the_changelog_grew_during_the_restore() {
+        fn block_on<F: std::future::Future>(future: F) -> F::Output {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(future)
+        }
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            &format!(
+                "[kafka]\nbootstrap_servers = \"{}\"\n",
+                cluster.bootstrap_servers()
+            ),
+            &[],
+        )
+        .unwrap();
+        let producer = kafka::producer(&config).unwrap();
+        let high = || {
+            let consumer: BaseConsumer = kafka::client_config(&config).unwrap().create().unwrap();
+            consumer
+                .fetch_watermarks("changelog", 0, Duration::from_secs(10))
+                .unwrap()
+                .1
+        };
+        // A commit torn before its end marker ends the changelog.
+        let mut writer = StoreFactory::new(&dir.path().join("a"), 8 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        let mut pending = Pending::default();
+        writer.put(&mut pending, b"c/1", b"torn".to_vec());
+        let mut torn: Vec<OutboxEntry> = writer
+            .commit_with(&mut pending, Some("changelog"), true)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.changelog)
+            .collect();
+        torn.pop();
+        for sent in block_on(send_all(&producer, &torn, true)) {
+            sent.unwrap();
+        }
+        let torn_end = high();
+        // Another instance writes while this one restores: no undo from this one.
+        let factory = StoreFactory::new(&dir.path().join("b"), 8 << 20).unwrap();
+        let other_writes = || {
+            // The first record of the other instance's commit (this version's).
+            let mut record = entry(0, b"s/c/2");
+            record.writer = Arc::from("other");
+            for sent in block_on(send_all(&producer, &[record], true)) {
+                sent.unwrap();
+            }
+        };
+        let attempt = restore_once(
+            &config,
+            &factory,
+            "changelog",
+            0,
+            TornCommit::Undo,
+            &other_writes,
+        )
+        .unwrap();
+        assert!(matches!(attempt, Restore::ChangelogMoved(_)));
+        assert_eq!(high(), torn_end + 1, "only the other instance's record");
+        // Once nobody else writes, the restore undoes it.
+        restore_partition(&config, &factory, "changelog", 0, TornCommit::Undo).unwrap();
+        assert!(high() > torn_end + 1, "the undo follows");
+    }
+
+    fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {
+        InputEnd {
+            topic: topic.into(),
+            partition,
+            end,
+            next,
+        }
+    }
+
+    #[test]
+    fn timers_wait_until_every_input_is_read_to_its_end_at_the_assignment() {
+        let mut gates = BacklogGates::default();
+        gates.wait_for(3, vec![input_end("a", 3, 5, 10), input_end("b", 3, 7, 7)]);
+        // Nothing to read: no wait at all.
+        gates.wait_for(4, vec![input_end("a", 4, 2, 2)]);
+        assert!(gates.holds(3));
+        assert!(!gates.holds(4));
+        gates.consumed("a", 4, 9);
+        gates.consumed("a", 3, 9);
+        assert!(gates.holds(3), "offset 9 of a[3] is not read yet");
+        // Records arriving after the assignment do not move the end.
+        gates.consumed("a", 3, 10);
+        assert!(!gates.holds(3));
+        // A revocation drops the wait.
+        gates.wait_for(5, vec![input_end("a", 5, 0, 1)]);
+        gates.release(5);
+        assert!(!gates.holds(5));
     }
 
     #[test]

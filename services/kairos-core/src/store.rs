@@ -1165,6 +1165,19 @@ impl PartitionStore {
         self.write(batch)
     }
 
+    /// Whether the store holds anything besides its bookkeeping (`m/` keys): a store
+    /// that has committed, or written a write-ahead record, even if no commit of it
+    /// was ever acknowledged by the changelog.
+    pub fn holds_records(&self) -> StoreResult<bool> {
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, _) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(b"m/") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Changelog offset up to which this store equals the changelog's replay.
     pub fn changelog_end(&self) -> StoreResult<Option<i64>> {
         Ok(self.read_u64(META_CHANGELOG_END)?.map(|v| v as i64))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
-use kairos_core::runtime::{publish, restore_partition, TornCommit};
+use kairos_core::runtime::{publish, restore_partition, RestoreStats, TornCommit};
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -154,11 +154,18 @@ fn fresh_store() -> (tempfile::TempDir, PartitionStore) {
 /// The store of an instance that takes partition 0 over: restored from the changelog
 /// into a new state directory.
 fn restored(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
+    let (dir, store, _) = restored_with_stats(broker);
+    (dir, store)
+}
+
+/// [`restored`], with what the restore did.
+fn restored_with_stats(broker: &Broker) -> (tempfile::TempDir, PartitionStore, RestoreStats) {
     let dir = tempfile::tempdir().expect("dir");
     let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
-    restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo).expect("restore");
+    let stats = restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo)
+        .expect("restore");
     let store = factory.open(0).expect("open");
-    (dir, store)
+    (dir, store, stats)
 }
 
 #[test]
@@ -327,4 +334,106 @@ fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
             .expect("offset"),
         Some(0)
     );
+}
+
+#[test]
+fn a_full_producer_queue_does_not_reorder_a_keys_changelog_records() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    // A producer whose queue holds 10 records: most sends of a wave find it full.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.config.kafka.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "10")
+        .create()
+        .expect("producer");
+    let (_a_dir, mut a_store) = fresh_store();
+    let fillers: Vec<String> = (0..20).map(|i| format!("filler/{i:02}")).collect();
+    let mut entries = Vec::new();
+    for i in 0..30 {
+        let value = format!("v{i}");
+        let mut puts: Vec<(&str, &str)> = vec![("c/k", value.as_str())];
+        puts.extend(fillers.iter().map(|k| (k.as_str(), value.as_str())));
+        entries.extend(commit(&mut a_store, &puts, i, "out"));
+    }
+    let acked = block_on(publish(&producer, entries, &broker.metrics, &never));
+    assert!(acked.iter().all(|(_, o)| *o >= 0));
+    let (_b_dir, b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "c/k").as_deref(), Some("v29"));
+    assert_eq!(value(&b_store, "filler/19").as_deref(), Some("v29"));
+}
+
+#[test]
+fn a_new_instance_reads_the_changelog_once_to_restore_it() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (_a_dir, mut a_store) = fresh_store();
+    for i in 0..50 {
+        let value = format!("v{i}");
+        let entries = commit(&mut a_store, &[("c/k", value.as_str())], i, "out");
+        assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+    }
+    let in_log = broker.count(CHANGELOG) as u64;
+    let (_b_dir, b_store, stats) = restored_with_stats(&broker);
+    assert_eq!(value(&b_store, "c/k").as_deref(), Some("v49"));
+    assert_eq!(stats.records_read, in_log, "{stats:?}");
+    assert_eq!(stats.applied, in_log, "{stats:?}");
+}
+
+#[test]
+fn a_torn_commit_an_earlier_version_wrote_on_after_is_kept() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (_a_dir, mut a_store) = fresh_store();
+    let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
+    assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
+    // A commit torn before its end marker...
+    let mut torn: Vec<OutboxEntry> = commit(&mut a_store, &[("c/2", "t")], 1, "second")
+        .into_iter()
+        .filter(|e| e.changelog)
+        .collect();
+    torn.pop();
+    broker.send_torn(&torn);
+    // ...then records of a version that writes no markers: it restored the torn
+    // commit (as it knew no markers), counted its input as applied and wrote on.
+    for (key, value) in [
+        ("s/c/1", &b"legacy"[..]),
+        ("o/kairos-test-input", &2_i64.to_be_bytes()[..]),
+    ] {
+        let record = rdkafka::producer::FutureRecord::to(CHANGELOG)
+            .partition(0)
+            .key(key)
+            .payload(value);
+        block_on(broker.producer.send(record, Duration::from_secs(10))).expect("produce");
+    }
+    let (_b_dir, b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "c/1").as_deref(), Some("legacy"));
+    assert_eq!(value(&b_store, "c/2").as_deref(), Some("t"));
+    assert_eq!(
+        b_store
+            .applied_offset(&Pending::default(), INPUT)
+            .expect("offset"),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_store_killed_before_its_first_commit_was_acknowledged_keeps_its_write_ahead_records() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
+    {
+        let mut store = factory.open(0).expect("open");
+        let entries = commit(&mut store, &[("c/1", "v1")], 0, "first");
+        // Published, but the process dies before the acknowledgement records the
+        // changelog's end in the store; the next batch's provider call had begun.
+        assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+        store.put_now(b"a/send-1", b"accepted").expect("put_now");
+        assert_eq!(store.changelog_end().expect("end"), None);
+    }
+    restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo).expect("restore");
+    let store = factory.open(0).expect("open");
+    assert_eq!(value(&store, "a/send-1").as_deref(), Some("accepted"));
+    assert_eq!(value(&store, "c/1").as_deref(), Some("v1"));
 }

@@ -1756,6 +1756,40 @@ fn in_wall_clock_mode_an_event_days_ahead_of_the_clock_is_dead_lettered() {
     assert_eq!(h.on("customer-actions").count(), 1, "applied");
 }
 
+#[test]
+fn in_event_time_mode_an_event_far_ahead_of_the_partitions_time_is_dead_lettered() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    h.site("ff-1", "page_view", "ff", t0, json!({"page_url": "/"}));
+    // A device clock set to the year 2999 must not move the partition's time there.
+    h.site(
+        "ff-2",
+        "page_view",
+        "ff",
+        at("2999-01-01T00:00:00Z"),
+        json!({"page_url": "/"}),
+    );
+    h.site(
+        "ff-3",
+        "add_to_cart",
+        "ff",
+        t0 + 2 * HOUR,
+        add_to_cart("p1", 10.0),
+    );
+    h.advance(t0 + 4 * HOUR);
+    let fired = h.triggers("ff", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t0 + 3 * HOUR);
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ahead of the partition's event time")
+            && reason.contains("clock.max_event_gap = 1year"),
+        "{reason}"
+    );
+}
+
 /// A harness whose profile reads `identified-events`, as behind the identity processor.
 fn identified_harness() -> Harness {
     let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");

@@ -1,0 +1,192 @@
+//! The processing loop (`runtime::run`) against librdkafka's mock cluster, with a small
+//! test processor: what happens around (re)starts and assignments.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kairos_core::admin::AdminState;
+use kairos_core::config::Config;
+use kairos_core::encoding::{Rejection, SchemaRegistry};
+use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::store::DueTimer;
+use kairos_core::time::Millis;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+const INPUT: &str = "kairos.gate-input";
+const OUTPUT: &str = "kairos.gate-output";
+const DELAY_MS: Millis = 4_000;
+
+/// "arm" schedules timer "t" `DELAY_MS` ahead; "cancel" cancels it and says so on the
+/// output topic; anything else is filler. The timer's firing is emitted.
+struct ArmCancel;
+
+impl Processor for ArmCancel {
+    type Input = Vec<u8>;
+    fn name(&self) -> &str {
+        "gate"
+    }
+    fn inputs(&self) -> Vec<String> {
+        vec![INPUT.into()]
+    }
+    fn max_batch_records(&self) -> Option<usize> {
+        Some(5)
+    }
+    fn decode(&self, record: &Record<'_>) -> Result<Vec<u8>, Rejection> {
+        Ok(record.payload.to_vec())
+    }
+    fn event_time(&self, _: &Vec<u8>) -> Option<Millis> {
+        None
+    }
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: Vec<u8>) -> anyhow::Result<()> {
+        match input.as_slice() {
+            b"arm" => {
+                ctx.schedule("t", ctx.now() + DELAY_MS, &"armed")?;
+                ctx.emit(OUTPUT, "k", &"armed");
+            }
+            b"cancel" => {
+                ctx.cancel("t")?;
+                ctx.emit(OUTPUT, "k", &"cancelled");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+        ctx.emit(OUTPUT, "k", &"fired");
+        Ok(())
+    }
+}
+
+fn config(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    dir: &Path,
+) -> Config {
+    let text = format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\npartitions = 1\n\
+         [state]\ntimer_tick = \"50ms\"\nmax_batch_wait = \"200ms\"\n",
+        cluster.bootstrap_servers()
+    );
+    Config::from_text(
+        Path::new("test.toml"),
+        &text,
+        &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
+    )
+    .expect("config")
+}
+
+fn produce(config: &Config, payloads: &[&str]) {
+    let producer = kairos_core::kafka::producer(config).expect("producer");
+    block_on(async {
+        for p in payloads {
+            let record = FutureRecord::to(INPUT).partition(0).key("k").payload(*p);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .expect("produce");
+        }
+    });
+}
+
+/// Every record of the output topic, as the JSON strings the processor emitted.
+fn outputs(config: &Config) -> Vec<String> {
+    let consumer: BaseConsumer = kairos_core::kafka::client_config(config)
+        .expect("client config")
+        .set("group.id", "outputs-reader")
+        .create()
+        .expect("consumer");
+    let (low, high) = consumer
+        .fetch_watermarks(OUTPUT, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(OUTPUT, 0, rdkafka::Offset::Offset(low))
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (out.len() as i64) < high - low && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+        }
+    }
+    out
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// Runs the processor until `done` holds (checked every 200 ms) or 30 s pass.
+fn run_until(config: &Config, done: impl Fn() -> bool) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cancel = CancellationToken::new();
+    let admin: Arc<AdminState> = AdminState::new(prometheus::Registry::new());
+    let service = {
+        let (config, cancel) = (config.clone(), cancel.clone());
+        runtime.spawn(async move {
+            kairos_core::runtime::run(&config, ArmCancel, admin, SchemaRegistry::new(None), cancel)
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cancel.cancel();
+    runtime
+        .block_on(service)
+        .expect("service task")
+        .expect("service");
+}
+
+fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for topic in [INPUT, OUTPUT, "kairos.gate-changelog", "kairos.deadletter"] {
+        cluster.create_topic(topic, 1, 1).expect("topic");
+    }
+    cluster
+}
+
+#[test]
+fn timers_overdue_at_a_restart_wait_until_the_backlog_is_read() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = config(&cluster, dir.path());
+    // First run: the timer is armed and committed, and the service stops before it
+    // is due.
+    produce(&config, &["arm"]);
+    run_until(&config, || {
+        outputs(&config).iter().any(|o| o.contains("armed"))
+    });
+    // While the service is down, the customer's cancel arrives behind more records
+    // than one batch holds, and the timer falls due.
+    produce(
+        &config,
+        &["f1", "f2", "f3", "f4", "f5", "f6", "f7", "cancel"],
+    );
+    std::thread::sleep(Duration::from_millis(DELAY_MS as u64 + 500));
+    run_until(&config, || {
+        outputs(&config).iter().any(|o| o.contains("cancelled"))
+    });
+    let outs = outputs(&config);
+    assert!(
+        outs.iter().any(|o| o.contains("cancelled")),
+        "the backlog was not processed: {outs:?}"
+    );
+    assert!(
+        !outs.iter().any(|o| o.contains("fired")),
+        "the timer fired before the backlog that cancels it was read: {outs:?}"
+    );
+}
