@@ -214,13 +214,7 @@ impl Pipeline {
         for s in SERVICES.iter().chain(&["identity"]) {
             let port = free_port();
             admin.insert(s.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
-            let key = match s.strip_prefix("deliver-") {
-                Some(channel) => {
-                    format!("KAIROS__DELIVERY__{}__ADMIN_LISTEN", channel.to_uppercase())
-                }
-                None => format!("KAIROS__{}__ADMIN_LISTEN", s.to_uppercase()),
-            };
-            env.push((key, format!("127.0.0.1:{port}")));
+            env.push((admin_listen_key(s), format!("127.0.0.1:{port}")));
         }
         let mut p = Pipeline {
             dir,
@@ -269,9 +263,10 @@ impl Pipeline {
             SocketAddr::from(([127, 0, 0, 1], port)),
         );
         let state = self.dir.path().join(format!("state-{instance}"));
-        let key = format!("KAIROS__{}__ADMIN_LISTEN", service.to_uppercase());
-        let mut cmd = self.command(&[service], instance);
-        cmd.env(key, format!("127.0.0.1:{port}"))
+        let args = service_args(service);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = self.command(&args, instance);
+        cmd.env(admin_listen_key(service), format!("127.0.0.1:{port}"))
             .env("KAIROS__STATE__DIR", state.display().to_string());
         let child = cmd.spawn().expect("start instance");
         self.procs.insert(instance.to_string(), child);
@@ -415,10 +410,7 @@ impl Pipeline {
 
     /// Starts (or restarts) one service process.
     pub fn spawn(&mut self, service: &str) {
-        let args: Vec<String> = match service.strip_prefix("deliver-") {
-            Some(channel) => vec!["deliver".into(), "--channel".into(), channel.into()],
-            None => vec![service.to_string()],
-        };
+        let args = service_args(service);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = self.command(&args, service).spawn().expect("start service");
         self.procs.insert(service.to_string(), child);
@@ -717,4 +709,20 @@ pub fn json(v: serde_json::Value) -> Vec<u8> {
 
 pub fn now_millis() -> i64 {
     kairos_core::time::wall_now()
+}
+
+/// The `kairos` arguments that run `service` (`deliver-<channel>` for a worker).
+fn service_args(service: &str) -> Vec<String> {
+    match service.strip_prefix("deliver-") {
+        Some(channel) => vec!["deliver".into(), "--channel".into(), channel.into()],
+        None => vec![service.to_string()],
+    }
+}
+
+/// The environment variable that sets `service`'s admin address.
+fn admin_listen_key(service: &str) -> String {
+    match service.strip_prefix("deliver-") {
+        Some(channel) => format!("KAIROS__DELIVERY__{}__ADMIN_LISTEN", channel.to_uppercase()),
+        None => format!("KAIROS__{}__ADMIN_LISTEN", service.to_uppercase()),
+    }
 }

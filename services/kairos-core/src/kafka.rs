@@ -53,6 +53,17 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
     cc.create().context("cannot create Kafka producer")
 }
 
+/// A producer for write-ahead records, each awaited alone before an external effect:
+/// no lingering for a batch to fill.
+pub fn write_ahead_producer(config: &Config) -> anyhow::Result<FutureProducer> {
+    let mut cc = client_config(config)?;
+    cc.set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "60000");
+    cc.create()
+        .context("cannot create the Kafka producer for write-ahead records")
+}
+
 /// Creates every Kairos topic that does not exist yet, then checks that all of them
 /// exist with the configured partition count (co-partitioning depends on it).
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {

@@ -113,6 +113,116 @@ pub trait Processor: Send + 'static {
     }
 }
 
+/// Publishes a write-ahead record to the changelog and returns once the broker holds
+/// it, so that an instance the partition moves to after a crash knows it too.
+pub trait WriteAhead: Send + Sync {
+    fn replicate(
+        &self,
+        changelog: &str,
+        partition: i32,
+        key: &[u8],
+        value: &[u8],
+        writer: &str,
+    ) -> anyhow::Result<()>;
+}
+
+/// [`WriteAhead`] through a producer of its own that does not linger, made when the
+/// first record comes (most processors write none).
+pub struct ProducerWriteAhead {
+    config: Option<Config>,
+    producer: Mutex<Option<FutureProducer>>,
+}
+
+impl ProducerWriteAhead {
+    pub fn new(config: &Config) -> Self {
+        ProducerWriteAhead {
+            config: Some(config.clone()),
+            producer: Mutex::new(None),
+        }
+    }
+
+    /// Through `producer`, as it is.
+    pub fn with_producer(producer: FutureProducer) -> Self {
+        ProducerWriteAhead {
+            config: None,
+            producer: Mutex::new(Some(producer)),
+        }
+    }
+
+    fn producer(&self) -> anyhow::Result<FutureProducer> {
+        let mut slot = self
+            .producer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the write-ahead producer's lock is poisoned"))?;
+        if let Some(producer) = slot.as_ref() {
+            return Ok(producer.clone());
+        }
+        let config = self
+            .config
+            .as_ref()
+            .context("no configuration to make a write-ahead producer from")?;
+        let producer = kafka::write_ahead_producer(config)?;
+        *slot = Some(producer.clone());
+        Ok(producer)
+    }
+}
+
+impl WriteAhead for ProducerWriteAhead {
+    fn replicate(
+        &self,
+        changelog: &str,
+        partition: i32,
+        key: &[u8],
+        value: &[u8],
+        writer: &str,
+    ) -> anyhow::Result<()> {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: WRITER_HEADER,
+                value: Some(writer.as_bytes()),
+            })
+            .insert(rdkafka::message::Header {
+                key: WRITE_AHEAD_HEADER,
+                value: Some(&b"1"[..]),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
+            .partition(partition)
+            .key(key)
+            .payload(value)
+            .headers(headers);
+        let producer = self.producer()?;
+        let queued_by = Instant::now() + Duration::from_secs(30);
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < queued_by =>
+                {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot queue a write-ahead record to {changelog}[{partition}]")
+                    })
+                }
+            }
+        };
+        // The delivery future is completed by the producer's own thread: waiting on it
+        // needs no runtime (the caller may be inside one, blocking already).
+        match futures::executor::block_on(delivery) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e).with_context(|| {
+                format!("the broker refused a write-ahead record to {changelog}[{partition}]")
+            }),
+            Err(_) => anyhow::bail!(
+                "the producer dropped a write-ahead record to {changelog}[{partition}]"
+            ),
+        }
+    }
+}
+
 /// The processor's view of one partition's state during a batch.
 pub struct Ctx<'a> {
     pub partition: i32,
@@ -120,6 +230,9 @@ pub struct Ctx<'a> {
     store: &'a PartitionStore,
     pending: &'a mut Pending,
     metrics: &'a RuntimeMetrics,
+    /// Where [`Ctx::put_now`] replicates its records, and the changelog topic (a
+    /// service with a changelog; None in replay).
+    write_ahead: Option<(&'a dyn WriteAhead, &'a str)>,
 }
 
 impl Ctx<'_> {
@@ -165,10 +278,21 @@ impl Ctx<'_> {
     }
 
     /// Writes state at once, before the batch commits: for a record that must be
-    /// durable before an external effect. See [`PartitionStore::put_now`].
+    /// durable before an external effect. See [`PartitionStore::put_now`]. With a
+    /// changelog it is also in the changelog when this returns, so an instance the
+    /// partition moves to after a crash knows it, as a restart on this one does.
     pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
         let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         self.store.put_now(key.as_bytes(), &bytes)?;
+        if let Some((write_ahead, changelog)) = self.write_ahead {
+            write_ahead.replicate(
+                changelog,
+                self.partition,
+                &PartitionStore::state_key(key.as_bytes()),
+                &bytes,
+                &self.store.writer,
+            )?;
+        }
         Ok(())
     }
 
@@ -266,6 +390,8 @@ pub struct Engine<P: Processor> {
     changelog_topic: Option<String>,
     /// Persist outputs in the outbox until acknowledged (off in replay).
     durable_outputs: bool,
+    /// Replicates write-ahead records to the changelog (a service with one).
+    write_ahead: Option<Arc<dyn WriteAhead>>,
 }
 
 impl<P: Processor> Engine<P> {
@@ -288,6 +414,7 @@ impl<P: Processor> Engine<P> {
             metrics,
             changelog_topic: None,
             durable_outputs: true,
+            write_ahead: None,
         })
     }
 
@@ -302,6 +429,13 @@ impl<P: Processor> Engine<P> {
     /// Replicates every committed write to `topic` (one partition per state partition).
     pub fn with_changelog(mut self, topic: String) -> Self {
         self.changelog_topic = Some(topic);
+        self
+    }
+
+    /// Replicates write-ahead records ([`Ctx::put_now`]) through `write_ahead` to the
+    /// changelog, if the engine has one.
+    pub fn with_write_ahead(mut self, write_ahead: Arc<dyn WriteAhead>) -> Self {
+        self.write_ahead = Some(write_ahead);
         self
     }
 
@@ -503,6 +637,10 @@ impl<P: Processor> Engine<P> {
             store: &part.store,
             pending: &mut part.pending,
             metrics: &self.metrics,
+            write_ahead: self
+                .write_ahead
+                .as_deref()
+                .zip(self.changelog_topic.as_deref()),
         };
         self.processor.process(&mut ctx, input)?;
         part.store
@@ -530,6 +668,10 @@ impl<P: Processor> Engine<P> {
             store: &part.store,
             pending: &mut part.pending,
             metrics: &self.metrics,
+            write_ahead: self
+                .write_ahead
+                .as_deref()
+                .zip(self.changelog_topic.as_deref()),
         };
         self.processor.flush(&mut ctx)?;
         Ok(part.store.commit_with(
@@ -683,6 +825,10 @@ impl<P: Processor> Engine<P> {
                     store: &part.store,
                     pending: &mut part.pending,
                     metrics: &self.metrics,
+                    write_ahead: self
+                        .write_ahead
+                        .as_deref()
+                        .zip(self.changelog_topic.as_deref()),
                 };
                 self.processor.on_timer(&mut ctx, &timer)?;
                 self.metrics.timers_fired.inc();
@@ -1202,6 +1348,8 @@ struct ChangelogRecord {
     own: bool,
     /// Written by a version that ends each commit with an end marker.
     in_commit: bool,
+    /// A write-ahead record, outside any commit.
+    write_ahead: bool,
 }
 
 /// Header naming the store incarnation that wrote a changelog record.
@@ -1211,6 +1359,10 @@ const WRITER_HEADER: &str = "kairos-writer";
 /// [`META_COMMIT_END`] record: such records after the last end marker are a commit
 /// torn by a crash while it was being published.
 const COMMIT_HEADER: &str = "kairos-commit";
+
+/// Header of a write-ahead record ([`Ctx::put_now`]): written at once, outside any
+/// commit, so it neither waits for an end marker nor ends a torn commit's wait.
+const WRITE_AHEAD_HEADER: &str = "kairos-write-ahead";
 
 /// Brings a partition's local store in line with its changelog before it is opened.
 ///
@@ -1333,6 +1485,7 @@ fn restore_once(
                         value: m.payload().filter(|p| !p.is_empty()).map(|p| p.to_vec()),
                         own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
                         in_commit: header(COMMIT_HEADER).is_some(),
+                        write_ahead: header(WRITE_AHEAD_HEADER).is_some(),
                     })?;
                     if !go_on {
                         break;
@@ -1414,17 +1567,27 @@ fn restore_once(
     // waiting before it: that version restored them (it knew no markers) and wrote on.
     let mut waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut ready: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    // A write-ahead record applies at once, whatever commit is waiting: it is not
+    // part of one. Those that came after a waiting commit's records apply again after
+    // them if the commit completes, so the later value stays.
+    let mut write_ahead_after_waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     stats.records_read += read(low, &mut |r| {
         let is_marker = r.in_commit && r.key == META_COMMIT_END;
-        match r.in_commit {
-            true => waiting.push((r.key, r.value)),
-            false => {
-                ready.append(&mut waiting);
-                ready.push((r.key, r.value));
+        if r.write_ahead {
+            if !waiting.is_empty() {
+                write_ahead_after_waiting.push((r.key.clone(), r.value.clone()));
             }
+            ready.push((r.key, r.value));
+        } else if r.in_commit {
+            waiting.push((r.key, r.value));
+        } else {
+            ready.append(&mut waiting);
+            ready.append(&mut write_ahead_after_waiting);
+            ready.push((r.key, r.value));
         }
         if is_marker {
             ready.append(&mut waiting);
+            ready.append(&mut write_ahead_after_waiting);
         }
         if ready.len() >= RESTORE_CHUNK {
             store.apply_changelog(&ready)?;
@@ -1581,7 +1744,9 @@ pub async fn run<P: Processor>(
         .max(1);
     let mut engine = Engine::new(processor, config, metrics.clone())?;
     if config.state.changelog {
-        engine = engine.with_changelog(config.changelog_topic(&name));
+        engine = engine
+            .with_changelog(config.changelog_topic(&name))
+            .with_write_ahead(Arc::new(ProducerWriteAhead::new(config)));
     }
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 

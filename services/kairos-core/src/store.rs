@@ -668,6 +668,11 @@ impl PartitionStore {
         self.write(batch)
     }
 
+    /// The raw store key (as the changelog carries it) of state key `key`.
+    pub fn state_key(key: &[u8]) -> Vec<u8> {
+        prefixed(STATE, key)
+    }
+
     pub fn delete(&self, pending: &mut Pending, key: &[u8]) {
         pending.settle_written_back();
         pending.writes.insert(prefixed(STATE, key), None);

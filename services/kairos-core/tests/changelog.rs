@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
-use kairos_core::runtime::{publish, restore_partition, RestoreStats, TornCommit};
+use kairos_core::runtime::{
+    publish, restore_partition, ProducerWriteAhead, RestoreStats, TornCommit, WriteAhead,
+};
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -436,4 +438,53 @@ fn a_store_killed_before_its_first_commit_was_acknowledged_keeps_its_write_ahead
     let store = factory.open(0).expect("open");
     assert_eq!(value(&store, "a/send-1").as_deref(), Some("accepted"));
     assert_eq!(value(&store, "c/1").as_deref(), Some("v1"));
+}
+
+#[test]
+fn a_write_ahead_record_reaches_the_next_owner_whatever_torn_commit_surrounds_it() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (_a_dir, mut a_store) = fresh_store();
+    let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
+    assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
+    let write_ahead = ProducerWriteAhead::with_producer(broker.producer.clone());
+    let writer = a_store.writer.clone();
+    let replicate = |key: &str, value: &str| {
+        write_ahead
+            .replicate(
+                CHANGELOG,
+                0,
+                &PartitionStore::state_key(key.as_bytes()),
+                value.as_bytes(),
+                &writer,
+            )
+            .expect("replicate");
+    };
+    // A provider call's marker, then the commit that drops it once the send is
+    // recorded, torn by a crash before its end marker.
+    replicate("a/send-1", "accepted");
+    let mut pending = Pending::default();
+    a_store.delete(&mut pending, b"a/send-1");
+    a_store.put(&mut pending, b"c/2", b"torn".to_vec());
+    a_store.set_applied_offset(&mut pending, INPUT, 1);
+    let mut torn: Vec<OutboxEntry> = a_store
+        .commit_with(&mut pending, Some(CHANGELOG), true)
+        .expect("commit")
+        .into_iter()
+        .filter(|e| e.changelog)
+        .collect();
+    torn.pop();
+    broker.send_torn(&torn);
+    // A marker written after the torn records (by the same store, restarted on its
+    // own tail) does not make them count as adopted.
+    replicate("a/send-2", "accepted");
+    let (_b_dir, b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "a/send-1").as_deref(), Some("accepted"));
+    assert_eq!(value(&b_store, "a/send-2").as_deref(), Some("accepted"));
+    assert_eq!(
+        value(&b_store, "c/2"),
+        None,
+        "the torn commit is not applied"
+    );
+    assert_eq!(value(&b_store, "c/1").as_deref(), Some("v1"));
 }

@@ -1,4 +1,5 @@
-//! The e-mail worker killed with SIGKILL while it sends to a real SMTP server.
+//! The e-mail worker killed with SIGKILL while it sends to a real SMTP server, restarted
+//! on its own state or replaced by an instance that restores it from the changelog.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,28 @@ use kairos_tests::{short_session_timeout, Options, Pipeline};
 
 #[test]
 fn sigkilled_email_worker_sends_every_message_exactly_once() {
+    sends_every_message_once_through_kills(|p, _| {
+        p.spawn("deliver-email");
+        "deliver-email".to_string()
+    });
+}
+
+/// Each kill moves the partitions to an instance with a state directory of its own,
+/// which restores them from the changelog: the provider-call markers of the sends cut
+/// short must reach it there.
+#[test]
+fn an_email_worker_killed_mid_send_and_replaced_by_a_new_instance_sends_every_message_once() {
+    sends_every_message_once_through_kills(|p, kills| {
+        let instance = format!("deliver-email-{kills}");
+        p.spawn_instance(&instance, "deliver-email");
+        instance
+    });
+}
+
+/// Sends 3,000 e-mails through the worker, SIGKILLing it whenever it made progress
+/// since the last kill; `restart` starts the next worker after a kill and names it.
+/// Every send id must reach the SMTP server exactly once.
+fn sends_every_message_once_through_kills(restart: fn(&mut Pipeline, u32) -> String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let smtp = SmtpSink::start(dir.path());
     let mut env = email_worker_env(smtp.port);
@@ -37,6 +60,7 @@ fn sigkilled_email_worker_sends_every_message_exactly_once() {
     p.produce("send.email", &records);
 
     // Kill the worker whenever it has made progress since the last kill.
+    let mut worker = "deliver-email".to_string();
     let mut kills = 0;
     let mut last = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -44,17 +68,17 @@ fn sigkilled_email_worker_sends_every_message_exactly_once() {
         std::thread::sleep(Duration::from_millis(300));
         let arrived = smtp.messages().len();
         if arrived > last && arrived < total {
-            p.kill9("deliver-email");
+            p.kill9(&worker);
             kills += 1;
             last = arrived;
-            p.spawn("deliver-email");
+            worker = restart(&mut p, kills);
         }
     }
     assert!(
         kills >= 3,
         "only {kills} kills happened while messages flowed"
     );
-    p.wait_ready("deliver-email", Duration::from_secs(90));
+    p.wait_ready(&worker, Duration::from_secs(90));
     let outcomes = final_outcomes(&p, total, Duration::from_secs(240));
     let not_sent: Vec<_> = outcomes.iter().filter(|(_, (k, _))| k != "sent").collect();
     assert!(not_sent.is_empty(), "{not_sent:?}");
@@ -65,9 +89,9 @@ fn sigkilled_email_worker_sends_every_message_exactly_once() {
         "sent twice after {kills} SIGKILLs: {duplicates:?}"
     );
     assert_eq!(counts.len(), total, "every send id reached the SMTP server");
-    let metrics = p.metrics("deliver-email");
+    let metrics = p.metrics(&worker);
     eprintln!(
-        "{kills} SIGKILLs; in the last incarnation: {} sends resumed after a cut-short attempt, {} in doubt",
+        "{kills} SIGKILLs; in the last incarnation ({worker}): {} sends resumed after a cut-short attempt, {} in doubt",
         kairos_tests::sample(&metrics, "kairos_delivery_resumed_sends_total", &[]),
         kairos_tests::sample(&metrics, "kairos_delivery_in_doubt_total", &[])
     );

@@ -4,7 +4,7 @@
 //! on the CPU. Each test starts its own embedded broker, ports and directories.
 //!
 //! libtest starts them in name order, two at a time on two cores: the arbiter's and the
-//! e-mail worker's first, then the identity and profile tests as those finish.
+//! e-mail worker's first, then the identity and profile tests as slots free up.
 
 mod arbiter;
 mod delivery;
