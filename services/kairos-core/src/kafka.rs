@@ -57,9 +57,11 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
 /// no lingering for a batch to fill.
 pub fn write_ahead_producer(config: &Config) -> anyhow::Result<FutureProducer> {
     let mut cc = client_config(config)?;
+    // Bounded well below the shutdown watchdog and a provider's timeout: the send
+    // waits on it.
     cc.set("enable.idempotence", "true")
         .set("linger.ms", "0")
-        .set("message.timeout.ms", "60000");
+        .set("message.timeout.ms", "10000");
     cc.create()
         .context("cannot create the Kafka producer for write-ahead records")
 }

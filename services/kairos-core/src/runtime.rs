@@ -113,8 +113,8 @@ pub trait Processor: Send + 'static {
     }
 }
 
-/// Publishes a write-ahead record to the changelog and returns once the broker holds
-/// it, so that an instance the partition moves to after a crash knows it too.
+/// Publishes a write-ahead record to the changelog, so that an instance the partition
+/// moves to after a crash knows it too; with `wait`, returns once the broker holds it.
 pub trait WriteAhead: Send + Sync {
     fn replicate(
         &self,
@@ -123,6 +123,7 @@ pub trait WriteAhead: Send + Sync {
         key: &[u8],
         value: &[u8],
         writer: &str,
+        wait: bool,
     ) -> anyhow::Result<()>;
 }
 
@@ -175,6 +176,7 @@ impl WriteAhead for ProducerWriteAhead {
         key: &[u8],
         value: &[u8],
         writer: &str,
+        wait: bool,
     ) -> anyhow::Result<()> {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
         let headers = rdkafka::message::OwnedHeaders::new()
@@ -192,7 +194,7 @@ impl WriteAhead for ProducerWriteAhead {
             .payload(value)
             .headers(headers);
         let producer = self.producer()?;
-        let queued_by = Instant::now() + Duration::from_secs(30);
+        let queued_by = Instant::now() + Duration::from_secs(5);
         let delivery = loop {
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,
@@ -209,6 +211,10 @@ impl WriteAhead for ProducerWriteAhead {
                 }
             }
         };
+        if !wait {
+            // Queued: the producer delivers it in order with the records after it.
+            return Ok(());
+        }
         // The delivery future is completed by the producer's own thread: waiting on it
         // needs no runtime (the caller may be inside one, blocking already).
         match futures::executor::block_on(delivery) {
@@ -281,7 +287,22 @@ impl Ctx<'_> {
     /// durable before an external effect. See [`PartitionStore::put_now`]. With a
     /// changelog it is also in the changelog when this returns, so an instance the
     /// partition moves to after a crash knows it, as a restart on this one does.
+    /// Not for timers: a firing round's commit reaches the changelog only after
+    /// later rounds, so a record written at once could land before an older value.
     pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
+        self.put_now_with(key, value, true)
+    }
+
+    /// [`Self::put_now`] that only queues the changelog's copy and returns at once: for
+    /// a record whose external effect follows within moments (the SMTP "." after the
+    /// commit point), where waiting for the broker would leave a crash a wider moment
+    /// in which the record is durable and the effect never happened. The producer
+    /// keeps it in order with the records after it.
+    pub fn put_now_unawaited<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
+        self.put_now_with(key, value, false)
+    }
+
+    fn put_now_with<T: Serialize>(&self, key: &str, value: &T, wait: bool) -> anyhow::Result<()> {
         let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         self.store.put_now(key.as_bytes(), &bytes)?;
         if let Some((write_ahead, changelog)) = self.write_ahead {
@@ -291,6 +312,7 @@ impl Ctx<'_> {
                 &PartitionStore::state_key(key.as_bytes()),
                 &bytes,
                 &self.store.writer,
+                wait,
             )?;
         }
         Ok(())

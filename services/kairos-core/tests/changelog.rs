@@ -457,6 +457,7 @@ fn a_write_ahead_record_reaches_the_next_owner_whatever_torn_commit_surrounds_it
                 &PartitionStore::state_key(key.as_bytes()),
                 value.as_bytes(),
                 &writer,
+                true,
             )
             .expect("replicate");
     };

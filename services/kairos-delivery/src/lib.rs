@@ -452,7 +452,9 @@ impl DeliveryProcessor {
         ctx.put_now(&attempt_key, &ctx.now())?;
         let started_at = ctx.now();
         let commit_point = || {
-            if let Err(e) = ctx.put_now(&committed_key, &started_at) {
+            // Not awaited: the "." follows at once, and a kill while the broker is
+            // asked would leave a send recorded as handed over that never was.
+            if let Err(e) = ctx.put_now_unawaited(&committed_key, &started_at) {
                 tracing::error!(send_id = %cmd.send_id, error = %e, "cannot record the commit point");
             }
         };
@@ -469,7 +471,12 @@ impl DeliveryProcessor {
             Delivery::Sent => {
                 // Durable at once: the moment between the provider's acceptance and
                 // this write is the only one in which a crash can repeat the send.
-                ctx.put_now(&accepted_key, &now)?;
+                // Should the changelog not take it, the local record and the batch's
+                // `s/` record still guard; failing the batch here would stop the
+                // process and hand the partition to an instance that knows neither.
+                if let Err(e) = ctx.put_now(&accepted_key, &now) {
+                    tracing::error!(send_id = %cmd.send_id, error = %e, "cannot record the provider's acceptance");
+                }
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now)
             }
             Delivery::HardBounce(e) => {
