@@ -229,6 +229,15 @@ impl WriteAhead for ProducerWriteAhead {
     }
 }
 
+/// Where a [`Ctx`] replicates its write-ahead records: both or neither. Takes the
+/// engine's fields, not the engine, as its partitions are borrowed at the same time.
+fn write_ahead_target<'a>(
+    write_ahead: &'a Option<Arc<dyn WriteAhead>>,
+    changelog: &'a Option<String>,
+) -> Option<(&'a dyn WriteAhead, &'a str)> {
+    write_ahead.as_deref().zip(changelog.as_deref())
+}
+
 /// The processor's view of one partition's state during a batch.
 pub struct Ctx<'a> {
     pub partition: i32,
@@ -659,10 +668,7 @@ impl<P: Processor> Engine<P> {
             store: &part.store,
             pending: &mut part.pending,
             metrics: &self.metrics,
-            write_ahead: self
-                .write_ahead
-                .as_deref()
-                .zip(self.changelog_topic.as_deref()),
+            write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
         };
         self.processor.process(&mut ctx, input)?;
         part.store
@@ -690,10 +696,7 @@ impl<P: Processor> Engine<P> {
             store: &part.store,
             pending: &mut part.pending,
             metrics: &self.metrics,
-            write_ahead: self
-                .write_ahead
-                .as_deref()
-                .zip(self.changelog_topic.as_deref()),
+            write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
         };
         self.processor.flush(&mut ctx)?;
         Ok(part.store.commit_with(
@@ -847,10 +850,7 @@ impl<P: Processor> Engine<P> {
                     store: &part.store,
                     pending: &mut part.pending,
                     metrics: &self.metrics,
-                    write_ahead: self
-                        .write_ahead
-                        .as_deref()
-                        .zip(self.changelog_topic.as_deref()),
+                    write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
                 };
                 self.processor.on_timer(&mut ctx, &timer)?;
                 self.metrics.timers_fired.inc();
@@ -1524,8 +1524,8 @@ fn restore_once(
     // commits was acknowledged yet (killed between publishing its first commit and
     // the acknowledgement) but which holds records: its tail starts at the log's
     // start, and it keeps its write-ahead records (a delivery worker's provider-call
-    // markers, which the changelog never carries). Only a blank store is rebuilt at
-    // once, reading the log a single time.
+    // markers; the one being written when it died may not have reached the changelog).
+    // Only a blank store is rebuilt at once, reading the log a single time.
     let tail_start = local_end.or(holds_records.then_some(low));
     if let Some(start) = tail_start.filter(|end| (low..=high).contains(end)) {
         let mut store = factory.open(partition)?;
