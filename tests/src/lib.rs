@@ -556,32 +556,45 @@ impl Pipeline {
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .expect("metadata");
         let partitions = md.topics()[0].partitions().len() as i32;
-        let mut out = Vec::new();
+        // Every partition at once: assigned one by one, each waited out a fetch of
+        // its own (about a second each, half a minute for a topic of 32 partitions).
+        let mut tpl = TopicPartitionList::new();
+        let mut next = BTreeMap::new();
         for p in 0..partitions {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .expect("watermarks");
-            if high <= low {
-                continue;
+            if high > low {
+                tpl.add_partition_offset(&topic, p, Offset::Offset(low))
+                    .expect("tpl");
+                next.insert(p, (low, high));
             }
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, p, Offset::Offset(low))
-                .expect("tpl");
-            consumer.assign(&tpl).expect("assign");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut next = low;
-            while next < high {
-                assert!(Instant::now() < deadline, "reading {topic}[{p}] timed out");
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                    next = m.offset() + 1;
-                    if let Some(v) = m.payload().and_then(|b| serde_json::from_slice(b).ok()) {
-                        let key = String::from_utf8_lossy(m.key().unwrap_or_default());
-                        out.push((key.into_owned(), v));
-                    }
+        }
+        let mut by_partition: BTreeMap<i32, Vec<(String, serde_json::Value)>> = BTreeMap::new();
+        if next.is_empty() {
+            return Vec::new();
+        }
+        consumer.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while next.values().any(|(at, high)| at < high) {
+            assert!(
+                Instant::now() < deadline,
+                "reading {topic} timed out: {next:?} (partition: next offset, end)"
+            );
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                if let Some((at, _)) = next.get_mut(&m.partition()) {
+                    *at = m.offset() + 1;
+                }
+                if let Some(v) = m.payload().and_then(|b| serde_json::from_slice(b).ok()) {
+                    let key = String::from_utf8_lossy(m.key().unwrap_or_default());
+                    by_partition
+                        .entry(m.partition())
+                        .or_default()
+                        .push((key.into_owned(), v));
                 }
             }
         }
-        out
+        by_partition.into_values().flatten().collect()
     }
 
     /// JSON values of a topic's records, read until `done` or `timeout`.

@@ -179,15 +179,7 @@ impl WriteAhead for ProducerWriteAhead {
         wait: bool,
     ) -> anyhow::Result<()> {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        let headers = rdkafka::message::OwnedHeaders::new()
-            .insert(rdkafka::message::Header {
-                key: WRITER_HEADER,
-                value: Some(writer.as_bytes()),
-            })
-            .insert(rdkafka::message::Header {
-                key: WRITE_AHEAD_HEADER,
-                value: Some(&b"1"[..]),
-            });
+        let headers = changelog_headers(writer, Some(WRITE_AHEAD_HEADER));
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
             .partition(partition)
             .key(key)
@@ -226,6 +218,22 @@ impl WriteAhead for ProducerWriteAhead {
                 "the producer dropped a write-ahead record to {changelog}[{partition}]"
             ),
         }
+    }
+}
+
+/// A changelog record's headers: the instance that wrote it and, when given, the flag
+/// header (`COMMIT_HEADER` or `WRITE_AHEAD_HEADER`) that tells a restore how to apply it.
+fn changelog_headers(writer: &str, flag: Option<&str>) -> rdkafka::message::OwnedHeaders {
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: WRITER_HEADER,
+        value: Some(writer.as_bytes()),
+    });
+    match flag {
+        Some(flag) => headers.insert(rdkafka::message::Header {
+            key: flag,
+            value: Some(&b"1"[..]),
+        }),
+        None => headers,
     }
 }
 
@@ -1215,17 +1223,7 @@ async fn send_all(
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
         if e.changelog {
             // Changelog partition = state partition; an empty value is a tombstone.
-            let mut headers =
-                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                    key: WRITER_HEADER,
-                    value: Some(e.writer.as_bytes()),
-                });
-            if in_commit {
-                headers = headers.insert(rdkafka::message::Header {
-                    key: COMMIT_HEADER,
-                    value: Some(&b"1"[..]),
-                });
-            }
+            let headers = changelog_headers(&e.writer, in_commit.then_some(COMMIT_HEADER));
             record = record.partition(e.partition).headers(headers);
             if !e.payload.is_empty() {
                 record = record.payload(&e.payload[..]);
@@ -2254,8 +2252,19 @@ impl BacklogGates {
             // Not knowing where reading starts must not keep timers from ever firing.
             return;
         };
+        let (Some(lows), Some(highs)) = (
+            input_offsets_at(
+                consumer,
+                inputs,
+                &applied.opened,
+                rdkafka::Offset::Beginning,
+            ),
+            input_offsets_at(consumer, inputs, &applied.opened, rdkafka::Offset::End),
+        ) else {
+            return;
+        };
         for &p in &applied.opened {
-            let ends = input_ends(consumer, inputs, p, &committed);
+            let ends = input_ends(inputs, p, &committed, &lows, &highs);
             self.wait_for(engine.state_partition(p), ends);
         }
     }
@@ -2267,13 +2276,10 @@ fn committed_offsets<C: ConsumerContext>(
     inputs: &[String],
     partitions: &[i32],
 ) -> Option<rdkafka::TopicPartitionList> {
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for topic in inputs {
-        for &p in partitions {
-            tpl.add_partition(topic, p);
-        }
-    }
-    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+    match consumer.committed_offsets(
+        input_partitions(inputs, partitions),
+        Duration::from_secs(10),
+    ) {
         Ok(committed) => Some(committed),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read committed offsets; timers do not wait for the backlog");
@@ -2282,24 +2288,72 @@ fn committed_offsets<C: ConsumerContext>(
     }
 }
 
-/// Each input topic's end in `partition` and the offset the consumer starts at (its
-/// group's committed offset in `committed`, or the earliest one).
-fn input_ends<C: ConsumerContext>(
+fn input_partitions(inputs: &[String], partitions: &[i32]) -> rdkafka::TopicPartitionList {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in inputs {
+        for &p in partitions {
+            tpl.add_partition(topic, p);
+        }
+    }
+    tpl
+}
+
+/// The first (`Offset::Beginning`) or next-to-be-written (`Offset::End`) offset of
+/// every input topic in `partitions`, in one request. Asked one topic-partition at a
+/// time, each request waited behind the fetch the broker was holding on the same
+/// connection (up to `fetch.wait.max.ms`): a rebalance of 32 partitions of five inputs
+/// took some 40 s before its first record.
+fn input_offsets_at<C: ConsumerContext>(
     consumer: &StreamConsumer<C>,
+    inputs: &[String],
+    partitions: &[i32],
+    at: rdkafka::Offset,
+) -> Option<rdkafka::TopicPartitionList> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in inputs {
+        for &p in partitions {
+            // A list-offsets request reads the offset as a timestamp, where
+            // Beginning (-2) means the earliest and End (-1) the latest.
+            if let Err(e) = tpl.add_partition_offset(topic, p, at) {
+                tracing::warn!(%topic, partition = p, error = %e, "cannot ask for an input's offsets");
+            }
+        }
+    }
+    match consumer.offsets_for_times(tpl, Duration::from_secs(10)) {
+        Ok(offsets) => Some(offsets),
+        Err(e) => {
+            // Not knowing the backlog must not keep timers from ever firing.
+            tracing::warn!(error = %e, "cannot read the inputs' ends; timers do not wait for the backlog");
+            None
+        }
+    }
+}
+
+/// Each input topic's end in `partition` and the offset the consumer starts at (its
+/// group's committed offset in `committed`, or the earliest one), from the watermarks
+/// `lows` and `highs`.
+fn input_ends(
     inputs: &[String],
     partition: i32,
     committed: &rdkafka::TopicPartitionList,
+    lows: &rdkafka::TopicPartitionList,
+    highs: &rdkafka::TopicPartitionList,
 ) -> Vec<InputEnd> {
-    let timeout = Duration::from_secs(10);
+    let offset = |tpl: &rdkafka::TopicPartitionList, topic: &str| {
+        let e = tpl.find_partition(topic, partition)?;
+        if let Err(error) = e.error() {
+            tracing::warn!(%topic, partition, %error, "cannot read the input's end; its timers do not wait for the backlog");
+            return None;
+        }
+        match e.offset() {
+            rdkafka::Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    };
     let mut ends = Vec::new();
     for topic in inputs {
-        let (low, high) = match consumer.fetch_watermarks(topic, partition, timeout) {
-            Ok(w) => w,
-            Err(e) => {
-                // Not knowing the backlog must not keep timers from ever firing.
-                tracing::warn!(%topic, partition, error = %e, "cannot read the input's end; its timers do not wait for the backlog");
-                continue;
-            }
+        let (Some(low), Some(high)) = (offset(lows, topic), offset(highs, topic)) else {
+            continue;
         };
         let committed = committed
             .find_partition(topic, partition)

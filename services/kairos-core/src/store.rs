@@ -51,6 +51,9 @@ pub(crate) const OUTBOX: &[u8] = b"x/";
 /// The payloads of timers in the earlier layout (fire time in the key).
 const LEGACY_TIMER: &[u8] = b"t/";
 const TIMER_INDEX: &[u8] = b"i/";
+/// The store's own bookkeeping (clock, sequence, changelog position, writer): every
+/// `META_*` key below starts with it.
+const META: &[u8] = b"m/";
 const META_CLOCK: &[u8] = b"m/clock";
 const META_OUTBOX_SEQ: &[u8] = b"m/outbox_seq";
 /// Changelog offset up to which this store equals the changelog's replay.
@@ -1176,7 +1179,7 @@ impl PartitionStore {
     pub fn holds_records(&self) -> StoreResult<bool> {
         for item in self.db.iterator(rocksdb::IteratorMode::Start) {
             let (key, _) = item.map_err(|e| self.rocks(e))?;
-            if !key.starts_with(b"m/") {
+            if !key.starts_with(META) {
                 return Ok(true);
             }
         }

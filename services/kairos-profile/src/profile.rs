@@ -150,7 +150,32 @@ pub struct CustomerProfile {
     /// tell, and a stated consent counts as an earlier opt-in there.
     #[serde(default)]
     pub opt_ins_tracked: bool,
+    /// Removals from the cart that found less of their product than they took away
+    /// (see [`PendingCartRemoval`]), oldest first, bounded.
+    #[serde(default)]
+    pub pending_cart_removals: Vec<PendingCartRemoval>,
 }
+
+/// A removal from the cart that found less of its product than it took away: the
+/// addition it undoes was made earlier on a device whose topic has not delivered it
+/// yet (the site's and the app's topics are consumed independently). An addition made
+/// before the removal that arrives later is cancelled against it, so the cart ends the
+/// same in any arrival order. Fields may only be appended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PendingCartRemoval {
+    pub product_id: CompactString,
+    /// How many the removal took away beyond what the cart held.
+    pub quantity: i32,
+    /// When the removal was made: only additions made no later are cancelled.
+    pub at: Millis,
+}
+
+/// How long a removal waits for the late addition it undoes: topics lag one another by
+/// seconds or minutes, and an addition later than this (after an outage) stays.
+const PENDING_CART_REMOVAL_WINDOW: Millis = kairos_core::time::DAY;
+/// Pending removals kept per customer.
+const MAX_PENDING_CART_REMOVALS: usize = 8;
 
 /// Hard-bounced addresses remembered per channel (as many as the arbiter keeps).
 const MAX_BOUNCED_ADDRESSES: usize = 8;
@@ -412,6 +437,7 @@ impl CustomerProfile {
         if other.cart_updated_at > self.cart_updated_at {
             self.cart = other.cart;
             self.cart_updated_at = other.cart_updated_at;
+            self.pending_cart_removals = other.pending_cart_removals;
         }
         for v in other.recently_viewed {
             if !self
@@ -550,28 +576,65 @@ impl CustomerProfile {
         } else {
             e.items.clone()
         };
-        for item in items {
+        let at = e.occurred_at;
+        for mut item in items {
             let existing = self
                 .cart
                 .iter()
                 .position(|c| c.product_id == item.product_id);
-            match (e.event_type, existing) {
-                (EventType::add_to_cart, Some(i)) => self.cart[i].quantity += item.quantity,
-                (EventType::add_to_cart, None) => self.cart.push(item),
-                (EventType::remove_from_cart, Some(i)) => {
-                    self.cart[i].quantity -= item.quantity;
-                    if self.cart[i].quantity <= 0 {
-                        self.cart.remove(i);
+            match e.event_type {
+                EventType::add_to_cart => {
+                    item.quantity -= self.cancel_against_pending_removals(&item, at);
+                    match existing {
+                        _ if item.quantity <= 0 => {}
+                        Some(i) => self.cart[i].quantity += item.quantity,
+                        None => self.cart.push(item),
+                    }
+                }
+                EventType::remove_from_cart => {
+                    let held = existing.map_or(0, |i| self.cart[i].quantity);
+                    if let Some(i) = existing {
+                        self.cart[i].quantity -= item.quantity;
+                        if self.cart[i].quantity <= 0 {
+                            self.cart.remove(i);
+                        }
+                    }
+                    if item.quantity > held {
+                        self.pending_cart_removals.push(PendingCartRemoval {
+                            product_id: item.product_id.as_str().into(),
+                            quantity: item.quantity - held.max(0),
+                            at,
+                        });
                     }
                 }
                 _ => {}
             }
         }
         // The latest change, whatever order the devices' topics arrived in.
-        self.cart_updated_at = Some(
-            self.cart_updated_at
-                .map_or(e.occurred_at, |c| c.max(e.occurred_at)),
-        );
+        let latest = self.cart_updated_at.map_or(at, |c| c.max(at));
+        self.cart_updated_at = Some(latest);
+        self.pending_cart_removals
+            .retain(|r| r.at + PENDING_CART_REMOVAL_WINDOW >= latest);
+        let excess = self
+            .pending_cart_removals
+            .len()
+            .saturating_sub(MAX_PENDING_CART_REMOVALS);
+        self.pending_cart_removals.drain(..excess);
+    }
+
+    /// Takes an addition made at `at` out of the removals of its product made after it
+    /// that arrived first; returns how many of it they cancel.
+    fn cancel_against_pending_removals(&mut self, item: &LineItem, at: Millis) -> i32 {
+        let mut cancelled = 0;
+        for removal in self.pending_cart_removals.iter_mut() {
+            if removal.product_id == item.product_id && removal.at >= at {
+                let take = removal.quantity.min(item.quantity - cancelled);
+                removal.quantity -= take;
+                cancelled += take;
+            }
+        }
+        self.pending_cart_removals.retain(|r| r.quantity > 0);
+        cancelled
     }
 
     /// Returns true if the catalog join should hear of this view: the product was not
@@ -1321,5 +1384,52 @@ mod tests {
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"));
         assert!(p.record_purchase(93, 5.0, false, Some("o-3".into())));
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"), "the latest stays");
+    }
+
+    fn cart_change(kind: &str, product: &str, quantity: i32, at: Millis) -> CustomerEvent {
+        serde_json::from_value(serde_json::json!({
+            "event_id": format!("{kind}-{product}-{at}"),
+            "event_type": kind,
+            "occurred_at": at,
+            "items": [{"product_id": product, "quantity": quantity, "unit_price": 5.0}],
+        }))
+        .expect("a cart change")
+    }
+
+    fn quantities(p: &CustomerProfile) -> Vec<(&str, i32)> {
+        p.cart
+            .iter()
+            .map(|i| (i.product_id.as_str(), i.quantity))
+            .collect()
+    }
+
+    #[test]
+    fn a_removal_arriving_before_the_addition_it_undoes_cancels_it() {
+        let day = kairos_core::time::DAY;
+        let mut p = CustomerProfile::new("c1", 0);
+        // Two taken out at 200 of the three put in at 100, arriving the other way round.
+        p.update_cart(&cart_change("remove_from_cart", "p-1", 2, 200));
+        assert!(p.cart.is_empty());
+        p.update_cart(&cart_change("add_to_cart", "p-1", 3, 100));
+        assert_eq!(quantities(&p), [("p-1", 1)]);
+        p.update_cart(&cart_change("add_to_cart", "p-1", 1, 150));
+        assert_eq!(quantities(&p), [("p-1", 2)], "the removal was used up");
+        // An addition made after the removal is a new one.
+        p.update_cart(&cart_change("remove_from_cart", "p-2", 1, 300));
+        p.update_cart(&cart_change("add_to_cart", "p-2", 1, 400));
+        assert_eq!(quantities(&p), [("p-1", 2), ("p-2", 1)]);
+        // A removal waits a day for its addition, then is forgotten.
+        p.update_cart(&cart_change("remove_from_cart", "p-3", 1, 500));
+        p.update_cart(&cart_change("add_to_cart", "p-4", 1, 500 + day + 1));
+        p.update_cart(&cart_change("add_to_cart", "p-3", 1, 450));
+        assert_eq!(
+            quantities(&p),
+            [("p-1", 2), ("p-2", 1), ("p-4", 1), ("p-3", 1)]
+        );
+        assert!(p.pending_cart_removals.is_empty());
+        // A removal that found part of what it took away keeps only the rest.
+        p.update_cart(&cart_change("remove_from_cart", "p-4", 3, 600 + day));
+        assert_eq!(p.pending_cart_removals.len(), 1);
+        assert_eq!(p.pending_cart_removals[0].quantity, 2);
     }
 }

@@ -2109,6 +2109,59 @@ fn an_older_cart_change_arriving_late_keeps_the_newer_wait() {
 }
 
 #[test]
+fn a_removal_arriving_before_the_addition_it_undoes_leaves_no_cart_to_remind_of() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    // Added on the app at 10:00, removed on the site at 10:10; the site's topic is
+    // read first.
+    h.site(
+        "rb-remove",
+        "remove_from_cart",
+        "rb",
+        t + 10 * MINUTE,
+        add_to_cart("p1", 10.0),
+    );
+    h.feed(
+        "events.app",
+        "rb",
+        json!({"event_id": "rb-add", "event_type": "add_to_cart", "occurred_at": rfc(t),
+            "customer_id": "rb", "product": product("p1", 10.0)}),
+    );
+    // An addition after the removal is a cart of its own: reminded of, with p2 alone.
+    h.site(
+        "rb-add2",
+        "add_to_cart",
+        "rb",
+        t + 20 * MINUTE,
+        add_to_cart("p2", 20.0),
+    );
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("rb", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["cause_event_id"], "rb-add2");
+    let items = vars(&fired[0])["cart_items"].clone();
+    let ids: Vec<_> = items
+        .as_array()
+        .map(|a| a.iter().map(|i| i["product_id"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [json!("p2")], "{items}");
+
+    // Only the removal and its addition: no reminder at all.
+    let mut h = Harness::new();
+    h.site(
+        "rc-remove",
+        "remove_from_cart",
+        "rc",
+        t + 10 * MINUTE,
+        add_to_cart("p1", 10.0),
+    );
+    h.site("rc-add", "add_to_cart", "rc", t, add_to_cart("p1", 10.0));
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("rc", "abandoned_cart");
+    assert!(fired.is_empty(), "{fired:#?}");
+}
+
+#[test]
 fn an_older_view_arriving_late_keeps_the_newer_browse_wait() {
     let t = at("2026-03-02T10:00:00Z");
     let mut h = Harness::new();
@@ -2172,8 +2225,8 @@ fn a_browse_wait_does_not_depend_on_whether_an_older_cart_change_arrives_first()
 #[test]
 fn browse_abandonment_judges_the_cart_at_the_views_time_whatever_order_changes_arrive_in() {
     let t = at("2026-03-02T10:00:00Z");
-    // Cart changes from the app's topic, a view from the site's, arriving in any order
-    // that keeps the app's own order (an addition before its removal).
+    // Cart changes and a view, arriving in any order (the site's and the app's topics
+    // are consumed independently: a removal may come before the addition it undoes).
     let run = |events: &[(&str, &str, Millis)]| {
         let mut h = Harness::new();
         for (id, kind, when) in events {
@@ -2198,6 +2251,9 @@ fn browse_abandonment_judges_the_cart_at_the_views_time_whatever_order_changes_a
         [add, remove, view],
         [add, view, remove],
         [view, add, remove],
+        [remove, add, view],
+        [remove, view, add],
+        [view, remove, add],
     ] {
         assert_eq!(run(&order), vec!["lo-view".to_string()], "{order:?}");
     }
@@ -2207,6 +2263,9 @@ fn browse_abandonment_judges_the_cart_at_the_views_time_whatever_order_changes_a
         [add, view_early, remove],
         [add, remove, view_early],
         [view_early, add, remove],
+        [remove, add, view_early],
+        [remove, view_early, add],
+        [view_early, remove, add],
     ] {
         assert!(run(&order).is_empty(), "{order:?}");
     }
