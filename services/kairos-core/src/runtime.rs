@@ -1384,6 +1384,33 @@ const COMMIT_HEADER: &str = "kairos-commit";
 /// commit, so it neither waits for an end marker nor ends a torn commit's wait.
 const WRITE_AHEAD_HEADER: &str = "kairos-write-ahead";
 
+/// What a restore did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog records read from the broker, over every pass.
+    pub records_read: u64,
+    /// Records applied to the store.
+    pub applied: u64,
+}
+
+/// A consumer that reads changelog partitions for restores, one partition at a time,
+/// kept for every partition of an assignment: made anew for each, it connected and
+/// fetched metadata again (about a tenth of a second per partition).
+pub struct ChangelogReader {
+    consumer: BaseConsumer,
+}
+
+impl ChangelogReader {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let consumer = kafka::client_config(config)?
+            .set("group.id", format!("{}restore", config.kafka.group_prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("cannot create changelog reader")?;
+        Ok(ChangelogReader { consumer })
+    }
+}
+
 /// Brings a partition's local store in line with its changelog before it is opened.
 ///
 /// - The changelog ends where the store last saw it end: the store is current.
@@ -1404,16 +1431,20 @@ const WRITE_AHEAD_HEADER: &str = "kairos-write-ahead";
 ///
 /// A new store reads the changelog once; a store with a local end reads its tail and
 /// stops at the first record it did not write itself.
-/// What a restore did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RestoreStats {
-    /// Changelog records read from the broker, over every pass.
-    pub records_read: u64,
-    /// Records applied to the store.
-    pub applied: u64,
+pub fn restore_partition(
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+) -> anyhow::Result<RestoreStats> {
+    let reader = ChangelogReader::new(config)?;
+    restore_partition_with(&reader, config, factory, changelog, partition, torn)
 }
 
-pub fn restore_partition(
+/// [`restore_partition`] through `reader`, which restores of other partitions share.
+pub fn restore_partition_with(
+    reader: &ChangelogReader,
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
@@ -1422,7 +1453,7 @@ pub fn restore_partition(
 ) -> anyhow::Result<RestoreStats> {
     let mut read_before = 0;
     for _ in 0..3 {
-        match restore_once(config, factory, changelog, partition, torn, &|| ())? {
+        match restore_once(reader, config, factory, changelog, partition, torn, &|| ())? {
             Restore::Done(mut stats) => {
                 stats.records_read += read_before;
                 return Ok(stats);
@@ -1447,6 +1478,7 @@ enum Restore {
 /// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
 /// precedes a torn commit's undo (a test writes there as another instance would).
 fn restore_once(
+    reader: &ChangelogReader,
     config: &Config,
     factory: &StoreFactory,
     changelog: &str,
@@ -1454,11 +1486,7 @@ fn restore_once(
     torn: TornCommit,
     before_undo: &dyn Fn(),
 ) -> anyhow::Result<Restore> {
-    let consumer: BaseConsumer = kafka::client_config(config)?
-        .set("group.id", format!("{}restore", config.kafka.group_prefix))
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("cannot create changelog reader")?;
+    let consumer = &reader.consumer;
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
@@ -1489,6 +1517,9 @@ fn restore_once(
                 anyhow::bail!("reading {changelog}[{partition}] stalled at {next} of {high}");
             }
             match consumer.poll(Duration::from_millis(500)) {
+                // The reader read another partition before: a record of it still
+                // queued is not this partition's.
+                Some(Ok(m)) if m.partition() != partition || m.topic() != changelog => {}
                 Some(Ok(m)) => {
                     next = m.offset() + 1;
                     read += 1;
@@ -2120,6 +2151,8 @@ async fn apply_rebalances<P: Processor>(
             .or_default()
             .push(input);
     }
+    // One changelog reader for every partition this rebalance restores.
+    let mut reader: Option<Arc<ChangelogReader>> = None;
     for (p, inputs) in by_state {
         let held = || inputs.iter().copied().any(still_assigned);
         if !held() {
@@ -2132,11 +2165,17 @@ async fn apply_rebalances<P: Processor>(
         }
         if !engine.owns(p) {
             if let Some(changelog) = engine.changelog_topic().map(str::to_string) {
+                let reader = match &reader {
+                    Some(reader) => reader.clone(),
+                    None => reader
+                        .insert(Arc::new(ChangelogReader::new(config)?))
+                        .clone(),
+                };
                 let c = config.clone();
                 let factory_root = config.state.dir.join(name);
                 let restored = tokio::task::spawn_blocking(move || {
                     let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                    restore_partition(&c, &factory, &changelog, p, TornCommit::Undo)
+                    restore_partition_with(&reader, &c, &factory, &changelog, p, TornCommit::Undo)
                 })
                 .await
                 .context("restore task failed")??;
@@ -2567,6 +2606,7 @@ mod tests {
             }
         };
         let attempt = restore_once(
+            &ChangelogReader::new(&config).unwrap(),
             &config,
             &factory,
             "changelog",

@@ -73,8 +73,10 @@ pub fn digest_changelog(
     let tmp = tempfile::tempdir()?;
     let factory = StoreFactory::new(tmp.path(), 8 << 20)?;
     let topic = config.changelog_topic(service);
+    let reader = kairos_core::runtime::ChangelogReader::new(config)?;
     for p in 0..config.kafka.partitions {
-        kairos_core::runtime::restore_partition(
+        kairos_core::runtime::restore_partition_with(
+            &reader,
             config,
             &factory,
             &topic,
