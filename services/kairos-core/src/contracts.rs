@@ -646,10 +646,13 @@ pub enum DeadLetterReason {
     invalid_field,
     empty_message,
     processing_error,
+    /// An output record the broker refused for good (too large, invalid, a topic the
+    /// service may not write): the letter holds the output, not an input.
+    output_refused,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 8] = [
+    pub const ALL: [DeadLetterReason; 9] = [
         DeadLetterReason::not_json,
         DeadLetterReason::bad_avro,
         DeadLetterReason::unknown_schema_id,
@@ -658,6 +661,7 @@ impl DeadLetterReason {
         DeadLetterReason::invalid_field,
         DeadLetterReason::empty_message,
         DeadLetterReason::processing_error,
+        DeadLetterReason::output_refused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -670,6 +674,7 @@ impl DeadLetterReason {
             DeadLetterReason::invalid_field => "invalid_field",
             DeadLetterReason::empty_message => "empty_message",
             DeadLetterReason::processing_error => "processing_error",
+            DeadLetterReason::output_refused => "output_refused",
         }
     }
 }

@@ -1142,6 +1142,7 @@ struct Acknowledged {
 pub async fn publish(
     producer: &FutureProducer,
     entries: Vec<OutboxEntry>,
+    dead_letters: &OutputDeadLetters,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
@@ -1158,7 +1159,7 @@ pub async fn publish(
         }
     }
     if complete {
-        acked.extend(publish_any_order(producer, outputs, metrics, cancel).await);
+        acked.extend(publish_any_order(producer, outputs, dead_letters, metrics, cancel).await);
     }
     acked.retain(|(_, offset)| *offset >= 0);
     acked
@@ -1209,7 +1210,8 @@ fn changelog_waves(entries: Vec<OutboxEntry>) -> Vec<Wave> {
 /// that stopped it. Records are handed to the producer strictly in order, each only
 /// once the one before it is queued (a full queue is waited out on the same record),
 /// so two records of one key reach the log in the order given; the deliveries are
-/// awaited together. A record that cannot be queued fails with every record after it.
+/// awaited together. A record that cannot be queued fails with its error, and every
+/// record after it with `Canceled`, untried.
 async fn send_all(
     producer: &FutureProducer,
     entries: &[OutboxEntry],
@@ -1268,7 +1270,9 @@ async fn send_all(
         })
         .collect();
     if let Some(error) = refused {
-        results.resize(entries.len(), Err(error));
+        // The refused record carries the refusal; those after it were never tried.
+        results.push(Err(error));
+        results.resize(entries.len(), Err(KafkaError::Canceled));
     }
     results
 }
@@ -1313,26 +1317,138 @@ async fn publish_in_order(
     entries.into_iter().zip(offsets).collect()
 }
 
-/// Output records, in any order (each carries its own id downstream).
+/// Where a service's output records go when the broker refuses them for good.
+pub struct OutputDeadLetters {
+    service: String,
+    topic: String,
+}
+
+impl OutputDeadLetters {
+    pub fn new(config: &Config, service: &str) -> Self {
+        OutputDeadLetters {
+            service: service.to_string(),
+            topic: config.topic(topics::DEAD_LETTER),
+        }
+    }
+
+    /// The dead letter of `entry`, refused with `error`. A record refused for its size
+    /// keeps the first [`REFUSED_PAYLOAD_SAMPLE`] bytes, so that the letter fits.
+    fn letter(&self, entry: &OutboxEntry, error: &rdkafka::error::KafkaError) -> OutboxEntry {
+        use rdkafka::error::RDKafkaErrorCode;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let too_large = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+        );
+        let mut reason = format!(
+            "the broker refused this output to {} for good: {error}",
+            entry.topic
+        );
+        let payload = if too_large && entry.payload.len() > REFUSED_PAYLOAD_SAMPLE {
+            reason.push_str(&format!(
+                "; the payload's first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
+                entry.payload.len()
+            ));
+            &entry.payload[..REFUSED_PAYLOAD_SAMPLE]
+        } else {
+            &entry.payload[..]
+        };
+        let id = deterministic_id(&[
+            &self.service,
+            "output",
+            &entry.topic,
+            &String::from_utf8_lossy(&entry.outbox_key),
+            &String::from_utf8_lossy(&entry.key),
+        ]);
+        let letter = DeadLetter {
+            dead_letter_id: id,
+            service: self.service.clone(),
+            source_topic: entry.topic.clone(),
+            source_partition: -1,
+            source_offset: -1,
+            reason_code: DeadLetterReason::output_refused,
+            reason,
+            key_base64: Some(b64.encode(&entry.key)),
+            payload_base64: b64.encode(payload),
+            failed_at: wall_now(),
+        };
+        OutboxEntry {
+            partition: entry.partition,
+            outbox_key: entry.outbox_key.clone(),
+            topic: self.topic.clone(),
+            key: entry.key.clone(),
+            payload: encode_internal(&letter),
+            changelog: false,
+            writer: entry.writer.clone(),
+        }
+    }
+}
+
+/// Bytes of a refused output's payload its dead letter keeps when the payload was too
+/// large for the broker.
+pub const REFUSED_PAYLOAD_SAMPLE: usize = 64 * 1024;
+
+/// Whether the broker will refuse the record whatever the retries: too large, invalid,
+/// or a topic this service may not write. Anything else (a broker away, a leader
+/// moving, a full queue) passes.
+fn refused_for_good(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::MessageBatchTooLarge
+                | Code::InvalidMessage
+                | Code::InvalidMessageSize
+                | Code::InvalidRecord
+                | Code::InvalidTopic
+                | Code::TopicAuthorizationFailed
+        )
+    )
+}
+
+/// Output records, in any order (each carries its own id downstream). One the broker
+/// refuses for good goes to the dead-letter topic instead, with the refusal as its
+/// reason, and leaves the outbox once that letter is acknowledged: it would otherwise
+/// be retried forever and hold back every later publish of the service.
 async fn publish_any_order(
     producer: &FutureProducer,
     entries: Vec<OutboxEntry>,
+    dead_letters: &OutputDeadLetters,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
     let mut acked = Vec::with_capacity(entries.len());
-    let mut todo = entries;
+    // Each entry with the dead letter that stands for it, once it was refused.
+    let mut todo: Vec<(OutboxEntry, Option<OutboxEntry>)> =
+        entries.into_iter().map(|e| (e, None)).collect();
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
-        let results = send_all(producer, &todo, false).await;
+        let sending: Vec<OutboxEntry> = todo
+            .iter()
+            .map(|(entry, letter)| letter.as_ref().unwrap_or(entry).clone())
+            .collect();
+        let results = send_all(producer, &sending, false).await;
         let mut failed = Vec::new();
-        for (entry, result) in todo.into_iter().zip(results) {
+        for ((entry, letter), result) in todo.into_iter().zip(results) {
             match result {
                 Ok(offset) => acked.push((entry, offset)),
-                Err(e) => {
+                Err(e) if letter.is_none() && refused_for_good(&e) => {
                     metrics.produce_errors.inc();
-                    tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
-                    failed.push(entry);
+                    metrics
+                        .dead_letters
+                        .with_label_values(&[DeadLetterReason::output_refused.as_str()])
+                        .inc();
+                    tracing::error!(topic = %entry.topic, error = %e, "the broker refused an output for good; it goes to the dead-letter topic");
+                    let letter = dead_letters.letter(&entry, &e);
+                    failed.push((entry, Some(letter)));
+                }
+                Err(e) => {
+                    if !matches!(e, rdkafka::error::KafkaError::Canceled) {
+                        metrics.produce_errors.inc();
+                        tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
+                    }
+                    failed.push((entry, letter));
                 }
             }
         }
@@ -1799,6 +1915,7 @@ pub async fn run<P: Processor>(
             .with_changelog(config.changelog_topic(&name))
             .with_write_ahead(Arc::new(ProducerWriteAhead::new(config)));
     }
+    let dead_letters = OutputDeadLetters::new(config, &name);
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 
     let max_wait = config.state.max_batch_wait;
@@ -1946,7 +2063,7 @@ pub async fn run<P: Processor>(
                 .observe(elapsed / batch.len() as f64);
         }
         let produced = out.len();
-        let acked = publish(&producer, out, &metrics, &cancel).await;
+        let acked = publish(&producer, out, &dead_letters, &metrics, &cancel).await;
         engine.acknowledge(&acked)?;
         if acked.len() < produced {
             // Stopped before the broker took the whole commit: the consumer's position
@@ -1970,7 +2087,7 @@ pub async fn run<P: Processor>(
                 engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
             let produced = fired.len();
             if produced > 0 {
-                let acked = publish(&producer, fired, &metrics, &cancel).await;
+                let acked = publish(&producer, fired, &dead_letters, &metrics, &cancel).await;
                 engine.acknowledge(&acked)?;
                 if acked.len() < produced {
                     break;
@@ -1998,7 +2115,7 @@ pub async fn run<P: Processor>(
         engine.commit()?;
         // The whole outbox: whatever an earlier publish left goes first.
         let out = engine.outbox()?;
-        let flush = publish(&producer, out, &metrics, &flush_cancel);
+        let flush = publish(&producer, out, &dead_letters, &metrics, &flush_cancel);
         match tokio::time::timeout(Duration::from_secs(10), flush).await {
             Ok(acked) => engine.acknowledge(&acked)?,
             Err(_) => {
@@ -2110,6 +2227,7 @@ async fn apply_rebalances<P: Processor>(
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<AppliedRebalances> {
+    let dead_letters = OutputDeadLetters::new(config, name);
     let events: Vec<RebalanceEvent> = rebalances
         .lock()
         .map(|mut q| std::mem::take(&mut *q))
@@ -2130,7 +2248,7 @@ async fn apply_rebalances<P: Processor>(
             engine.commit()?;
             // The whole outbox: whatever an earlier publish left goes first.
             let out = engine.outbox()?;
-            let acked = publish(producer, out, metrics, cancel).await;
+            let acked = publish(producer, out, &dead_letters, metrics, cancel).await;
             engine.acknowledge(&acked)?;
         }
         let parts = net
@@ -2196,7 +2314,7 @@ async fn apply_rebalances<P: Processor>(
         }
         applied.opened.extend(inputs);
     }
-    let acked = publish(producer, backlog, metrics, cancel).await;
+    let acked = publish(producer, backlog, &dead_letters, metrics, cancel).await;
     engine.acknowledge(&acked)?;
     Ok(applied)
 }

@@ -11,10 +11,12 @@ use std::time::Duration;
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
-    publish, restore_partition, ProducerWriteAhead, RestoreStats, TornCommit, WriteAhead,
+    publish, restore_partition, OutputDeadLetters, ProducerWriteAhead, RestoreStats, TornCommit,
+    WriteAhead, REFUSED_PAYLOAD_SAMPLE,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
@@ -30,11 +32,15 @@ struct Broker {
     config: Config,
     producer: FutureProducer,
     metrics: RuntimeMetrics,
+    dead_letters: OutputDeadLetters,
 }
+
+/// The dead-letter topic under the test config's default prefix.
+const DEAD_LETTER: &str = "kairos.deadletter";
 
 fn broker() -> Broker {
     let cluster = MockCluster::new(1).expect("mock cluster");
-    for topic in [CHANGELOG, OUTPUT] {
+    for topic in [CHANGELOG, OUTPUT, DEAD_LETTER] {
         cluster.create_topic(topic, 1, 1).expect("topic");
     }
     let text = format!(
@@ -43,8 +49,13 @@ fn broker() -> Broker {
     );
     let config = Config::from_text(Path::new("test.toml"), &text, &[]).expect("config");
     let producer = kairos_core::kafka::producer(&config).expect("producer");
+    assert_eq!(
+        config.topic(kairos_core::config::topics::DEAD_LETTER),
+        DEAD_LETTER
+    );
     Broker {
         _cluster: cluster,
+        dead_letters: OutputDeadLetters::new(&config, "test"),
         config,
         producer,
         metrics: RuntimeMetrics::new(&prometheus::Registry::new()),
@@ -53,10 +64,25 @@ fn broker() -> Broker {
 
 impl Broker {
     fn publish(&self, entries: Vec<OutboxEntry>, cancel: &CancellationToken) -> Vec<i64> {
-        block_on(publish(&self.producer, entries, &self.metrics, cancel))
+        self.publish_through(&self.producer, entries, cancel)
             .into_iter()
             .map(|(_, offset)| offset)
             .collect()
+    }
+
+    fn publish_through(
+        &self,
+        producer: &FutureProducer,
+        entries: Vec<OutboxEntry>,
+        cancel: &CancellationToken,
+    ) -> Vec<(OutboxEntry, i64)> {
+        block_on(publish(
+            producer,
+            entries,
+            &self.dead_letters,
+            &self.metrics,
+            cancel,
+        ))
     }
 
     /// Sends changelog records the way a writer that died before its commit's end
@@ -81,17 +107,48 @@ impl Broker {
         }
     }
 
-    /// Records in `topic` partition 0.
-    fn count(&self, topic: &str) -> i64 {
+    /// A producer of this broker with `settings` of its own.
+    fn producer_with(&self, settings: &[(&str, &str)]) -> FutureProducer {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.config.kafka.bootstrap_servers);
+        for (key, value) in settings {
+            config.set(*key, *value);
+        }
+        config.create().expect("producer")
+    }
+
+    /// Payloads of `topic` partition 0, in order.
+    fn payloads(&self, topic: &str) -> Vec<Vec<u8>> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.kafka.bootstrap_servers)
-            .set("group.id", "count")
+            .set("group.id", "read")
+            .set("fetch.message.max.bytes", "10000000")
             .create()
             .expect("consumer");
         let (low, high) = consumer
             .fetch_watermarks(topic, 0, Duration::from_secs(10))
             .expect("watermarks");
-        high - low
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(low))
+            .expect("tpl");
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while (out.len() as i64) < high - low {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reading {topic} timed out"
+            );
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m.payload().unwrap_or_default().to_vec());
+            }
+        }
+        out
+    }
+
+    /// Records in `topic` partition 0.
+    fn count(&self, topic: &str) -> i64 {
+        self.payloads(topic).len() as i64
     }
 }
 
@@ -343,12 +400,10 @@ fn a_full_producer_queue_does_not_reorder_a_keys_changelog_records() {
     let broker = broker();
     let never = CancellationToken::new();
     // A producer whose queue holds 10 records: most sends of a wave find it full.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.config.kafka.bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("queue.buffering.max.messages", "10")
-        .create()
-        .expect("producer");
+    let producer = broker.producer_with(&[
+        ("enable.idempotence", "true"),
+        ("queue.buffering.max.messages", "10"),
+    ]);
     let (_a_dir, mut a_store) = fresh_store();
     let fillers: Vec<String> = (0..20).map(|i| format!("filler/{i:02}")).collect();
     let mut entries = Vec::new();
@@ -358,7 +413,7 @@ fn a_full_producer_queue_does_not_reorder_a_keys_changelog_records() {
         puts.extend(fillers.iter().map(|k| (k.as_str(), value.as_str())));
         entries.extend(commit(&mut a_store, &puts, i, "out"));
     }
-    let acked = block_on(publish(&producer, entries, &broker.metrics, &never));
+    let acked = broker.publish_through(&producer, entries, &never);
     assert!(acked.iter().all(|(_, o)| *o >= 0));
     let (_b_dir, b_store) = restored(&broker);
     assert_eq!(value(&b_store, "c/k").as_deref(), Some("v29"));
@@ -488,4 +543,65 @@ fn a_write_ahead_record_reaches_the_next_owner_whatever_torn_commit_surrounds_it
         "the torn commit is not applied"
     );
     assert_eq!(value(&b_store, "c/1").as_deref(), Some("v1"));
+}
+
+#[test]
+fn an_output_the_broker_refuses_for_good_goes_to_the_dead_letter_topic_and_the_rest_go_out() {
+    use base64::Engine as _;
+    let broker = broker();
+    let never = CancellationToken::new();
+    // A producer that may send at most 150,000 bytes a record: the middle output is
+    // refused whatever the retries.
+    let producer = broker.producer_with(&[("message.max.bytes", "150000")]);
+    let output = |n: u8, payload: Vec<u8>| OutboxEntry {
+        partition: 0,
+        outbox_key: vec![b'x', b'/', n],
+        topic: OUTPUT.into(),
+        key: vec![b'k', n],
+        payload,
+        changelog: false,
+        writer: std::sync::Arc::from("w"),
+    };
+    let entries = vec![
+        output(1, b"first".to_vec()),
+        output(2, vec![b'a'; 200_000]),
+        output(3, b"third".to_vec()),
+    ];
+    let acked = broker.publish_through(&producer, entries, &never);
+    assert_eq!(acked.len(), 3, "every output leaves the outbox");
+    assert!(acked.iter().all(|(_, offset)| *offset >= 0));
+    assert_eq!(
+        broker.payloads(OUTPUT),
+        vec![b"first".to_vec(), b"third".to_vec()]
+    );
+    let letters = broker.payloads(DEAD_LETTER);
+    assert_eq!(letters.len(), 1);
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0]).expect("json");
+    assert_eq!(letter["reason_code"], "output_refused");
+    assert_eq!(letter["source_topic"], OUTPUT);
+    assert_eq!(letter["source_partition"], -1);
+    assert_eq!(letter["service"], "test");
+    let reason = letter["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("refused") && reason.contains("of 200000 bytes"),
+        "{reason}"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sample = b64
+        .decode(letter["payload_base64"].as_str().unwrap_or_default())
+        .expect("base64");
+    assert_eq!(sample, vec![b'a'; REFUSED_PAYLOAD_SAMPLE]);
+    assert_eq!(
+        b64.decode(letter["key_base64"].as_str().unwrap_or_default())
+            .expect("base64"),
+        b"k\x02"
+    );
+    assert_eq!(
+        broker
+            .metrics
+            .dead_letters
+            .with_label_values(&["output_refused"])
+            .get(),
+        1
+    );
 }
