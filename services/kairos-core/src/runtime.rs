@@ -1521,6 +1521,9 @@ impl ChangelogReader {
         let consumer = kafka::client_config(config)?
             .set("group.id", format!("{}restore", config.kafka.group_prefix))
             .set("enable.auto.commit", "false")
+            // The next partition's watermark request queues behind a fetch the broker
+            // holds on this connection: keep that wait short.
+            .set("fetch.wait.max.ms", "10")
             .create()
             .context("cannot create changelog reader")?;
         Ok(ChangelogReader { consumer })
@@ -1662,6 +1665,8 @@ fn restore_once(
                 None => {}
             }
         }
+        // Fetch nothing more for this partition while the next one is looked at.
+        consumer.unassign()?;
         anyhow::Ok(read)
     };
     // A store that has seen the changelog before: if only its own records follow, it
