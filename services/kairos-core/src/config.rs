@@ -246,6 +246,12 @@ pub struct IdentityConfig {
     /// phone, a shop's test card) and is reported.
     pub max_customers_per_identifier: usize,
     pub survivor: SurvivorRule,
+    /// How long the profile processor keeps a merged customer's forwarding record
+    /// (where a late merge into that customer goes on to), from the merge: merges
+    /// travel between partitions in seconds, so the record is kept well past that,
+    /// then deleted, so that merged customers leave no state for good.
+    #[serde(with = "humantime_serde")]
+    pub forward_retention: Duration,
 }
 
 impl Default for IdentityConfig {
@@ -258,6 +264,7 @@ impl Default for IdentityConfig {
             merge_on: vec![IdentifierKind::email, IdentifierKind::loyalty_card],
             max_customers_per_identifier: 3,
             survivor: SurvivorRule::SmallestId,
+            forward_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

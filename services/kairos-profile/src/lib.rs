@@ -85,6 +85,8 @@ struct ScenarioTimerRef<'a> {
 
 /// Timer id prefix of the segment review (time-driven segment changes).
 const SEGMENT_REVIEW: &str = "~segments";
+/// Timers that delete a merged customer's forwarding record (`~forward/<customer>`).
+const FORWARD_EXPIRY: &str = "~forward";
 
 struct Metrics {
     triggers: metrics::CachedCounterVec,
@@ -593,6 +595,8 @@ impl ProfileProcessor {
         // A merge into `from` still on its way (its profile sent before this merge was
         // known to the sender) must find the customer `from` became.
         ctx.put(&forward_key(&m.from), &m.into)?;
+        let expires = m.occurred_at.max(ctx.now()) + ms(self.config.identity.forward_retention);
+        ctx.schedule(&format!("{FORWARD_EXPIRY}/{}", m.from), expires, &m.from)?;
         let action = CustomerAction {
             merged_into: Some(m.into.clone()),
             ..CustomerAction::new(
@@ -2054,6 +2058,9 @@ impl Processor for ProfileProcessor {
         if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
             self.on_segment_review(ctx, &customer, timer.fire_at)
+        } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{FORWARD_EXPIRY}/")) {
+            ctx.delete(&forward_key(customer));
+            Ok(())
         } else {
             self.on_scenario_timer(ctx, timer)
         }

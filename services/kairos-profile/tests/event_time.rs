@@ -1792,7 +1792,15 @@ fn in_event_time_mode_an_event_far_ahead_of_the_partitions_time_is_dead_lettered
 
 /// A harness whose profile reads `identified-events`, as behind the identity processor.
 fn identified_harness() -> Harness {
-    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n\n[clock]");
+    identified_harness_with("")
+}
+
+/// The identity processor in front of the profile, with more `[identity]` settings.
+fn identified_harness_with(identity: &str) -> Harness {
+    let config = CONFIG.replace(
+        "[clock]",
+        &format!("[identity]\nenabled = true\n{identity}\n[clock]"),
+    );
     Harness::with(&config, ClockMode::Event)
 }
 
@@ -2953,6 +2961,50 @@ fn a_profile_merged_into_a_customer_merged_away_since_reaches_the_last_survivor(
     let fired = h.triggers("c-z", "post_purchase");
     assert_eq!(fired.len(), 1, "Y's review request, for Z: {fired:#?}");
     assert_eq!(vars(&fired[0])["order_id"], "o-y");
+}
+
+#[test]
+fn a_merged_customers_forwarding_record_lasts_the_forward_retention() {
+    // A profile merged into X arrives `late` after X joined Z: whether it reaches Z.
+    let reaches_z = |late: Millis| {
+        let mut h = identified_harness_with("forward_retention = \"10d\"");
+        let t = at(T0);
+        let merge = |id: &str, from: &str, into: &str, time: Millis| {
+            json!({"merge_id": id, "from": from, "into": into,
+                "identifier": "email:ann@example.com", "occurred_at": time})
+        };
+        for customer in ["c-x", "c-y", "c-z"] {
+            h.identified_site(json!({"event_id": format!("fr-{customer}"),
+                "event_type": "page_view", "occurred_at": rfc(t), "customer_id": customer,
+                "page_url": "/"}));
+        }
+        let xz = merge("m-xz", "c-x", "c-z", t + HOUR);
+        h.feed(
+            "identified-events",
+            "c-x",
+            json!({"kind": "merge", "record": xz}),
+        );
+        h.advance(t + HOUR + late);
+        let yx = merge("m-yx", "c-y", "c-x", t + HOUR + late);
+        h.feed(
+            "identified-events",
+            "c-y",
+            json!({"kind": "merge", "record": yx}),
+        );
+        let forwarded = h.on("identified-events").any(|r| {
+            r.value["kind"] == "merge_in"
+                && r.key == "c-z"
+                && r.value["record"]["merge"]["from"] == "c-y"
+        });
+        let x_back = h.pipeline.profile("c-x").expect("read").is_some();
+        assert_ne!(forwarded, x_back, "forwarded to Z, or X brought back");
+        forwarded
+    };
+    assert!(reaches_z(9 * DAY), "within the retention: on to Z");
+    assert!(
+        !reaches_z(11 * DAY),
+        "past it the record is gone: the late merge finds X as a new customer"
+    );
 }
 
 #[test]
