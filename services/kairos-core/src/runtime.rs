@@ -1419,39 +1419,39 @@ async fn publish_any_order(
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
     let mut acked = Vec::with_capacity(entries.len());
-    // Each entry with the dead letter that stands for it, once it was refused.
-    let mut todo: Vec<(OutboxEntry, Option<OutboxEntry>)> =
-        entries.into_iter().map(|e| (e, None)).collect();
+    // What goes out, and beside it the refused output a dead letter stands for.
+    let mut todo = entries;
+    let mut refused: Vec<Option<OutboxEntry>> = Vec::new();
     let mut backoff = Duration::from_millis(200);
     while !todo.is_empty() {
-        let sending: Vec<OutboxEntry> = todo
-            .iter()
-            .map(|(entry, letter)| letter.as_ref().unwrap_or(entry).clone())
-            .collect();
-        let results = send_all(producer, &sending, false).await;
+        refused.resize_with(todo.len(), || None);
+        let results = send_all(producer, &todo, false).await;
         let mut failed = Vec::new();
-        for ((entry, letter), result) in todo.into_iter().zip(results) {
+        let mut failed_refused = Vec::new();
+        for ((entry, original), result) in todo.into_iter().zip(refused).zip(results) {
             match result {
-                Ok(offset) => acked.push((entry, offset)),
-                Err(e) if letter.is_none() && refused_for_good(&e) => {
+                Ok(offset) => acked.push((original.unwrap_or(entry), offset)),
+                Err(e) if original.is_none() && refused_for_good(&e) => {
                     metrics.produce_errors.inc();
                     metrics
                         .dead_letters
                         .with_label_values(&[DeadLetterReason::output_refused.as_str()])
                         .inc();
                     tracing::error!(topic = %entry.topic, error = %e, "the broker refused an output for good; it goes to the dead-letter topic");
-                    let letter = dead_letters.letter(&entry, &e);
-                    failed.push((entry, Some(letter)));
+                    failed.push(dead_letters.letter(&entry, &e));
+                    failed_refused.push(Some(entry));
                 }
                 Err(e) => {
                     if !matches!(e, rdkafka::error::KafkaError::Canceled) {
                         metrics.produce_errors.inc();
                         tracing::warn!(topic = %entry.topic, error = %e, "publish failed; will retry");
                     }
-                    failed.push((entry, letter));
+                    failed.push(entry);
+                    failed_refused.push(original);
                 }
             }
         }
+        refused = failed_refused;
         todo = failed;
         if !todo.is_empty() {
             if cancel.is_cancelled() {
@@ -1550,19 +1550,8 @@ impl ChangelogReader {
 ///
 /// A new store reads the changelog once; a store with a local end reads its tail and
 /// stops at the first record it did not write itself.
+/// `reader` may serve the restores of other partitions before and after this one.
 pub fn restore_partition(
-    config: &Config,
-    factory: &StoreFactory,
-    changelog: &str,
-    partition: i32,
-    torn: TornCommit,
-) -> anyhow::Result<RestoreStats> {
-    let reader = ChangelogReader::new(config)?;
-    restore_partition_with(&reader, config, factory, changelog, partition, torn)
-}
-
-/// [`restore_partition`] through `reader`, which restores of other partitions share.
-pub fn restore_partition_with(
     reader: &ChangelogReader,
     config: &Config,
     factory: &StoreFactory,
@@ -1941,6 +1930,7 @@ pub async fn run<P: Processor>(
             config,
             &name,
             &producer,
+            &dead_letters,
             &metrics,
             &cancel,
         )
@@ -1991,6 +1981,7 @@ pub async fn run<P: Processor>(
             config,
             &name,
             &producer,
+            &dead_letters,
             &metrics,
             &cancel,
         )
@@ -2229,10 +2220,10 @@ async fn apply_rebalances<P: Processor>(
     config: &Config,
     name: &str,
     producer: &FutureProducer,
+    dead_letters: &OutputDeadLetters,
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<AppliedRebalances> {
-    let dead_letters = OutputDeadLetters::new(config, name);
     let events: Vec<RebalanceEvent> = rebalances
         .lock()
         .map(|mut q| std::mem::take(&mut *q))
@@ -2253,7 +2244,7 @@ async fn apply_rebalances<P: Processor>(
             engine.commit()?;
             // The whole outbox: whatever an earlier publish left goes first.
             let out = engine.outbox()?;
-            let acked = publish(producer, out, &dead_letters, metrics, cancel).await;
+            let acked = publish(producer, out, dead_letters, metrics, cancel).await;
             engine.acknowledge(&acked)?;
         }
         let parts = net
@@ -2298,7 +2289,7 @@ async fn apply_rebalances<P: Processor>(
                 let factory_root = config.state.dir.join(name);
                 let restored = tokio::task::spawn_blocking(move || {
                     let factory = StoreFactory::new(&factory_root, 8 << 20)?;
-                    restore_partition_with(&reader, &c, &factory, &changelog, p, TornCommit::Undo)
+                    restore_partition(&reader, &c, &factory, &changelog, p, TornCommit::Undo)
                 })
                 .await
                 .context("restore task failed")??;
@@ -2319,7 +2310,7 @@ async fn apply_rebalances<P: Processor>(
         }
         applied.opened.extend(inputs);
     }
-    let acked = publish(producer, backlog, &dead_letters, metrics, cancel).await;
+    let acked = publish(producer, backlog, dead_letters, metrics, cancel).await;
     engine.acknowledge(&acked)?;
     Ok(applied)
 }
@@ -2471,15 +2462,12 @@ fn input_offsets_at<C: ConsumerContext>(
     partitions: &[i32],
     at: rdkafka::Offset,
 ) -> Option<rdkafka::TopicPartitionList> {
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for topic in inputs {
-        for &p in partitions {
-            // A list-offsets request reads the offset as a timestamp, where
-            // Beginning (-2) means the earliest and End (-1) the latest.
-            if let Err(e) = tpl.add_partition_offset(topic, p, at) {
-                tracing::warn!(%topic, partition = p, error = %e, "cannot ask for an input's offsets");
-            }
-        }
+    let mut tpl = input_partitions(inputs, partitions);
+    // A list-offsets request reads the offset as a timestamp, where Beginning (-2)
+    // means the earliest and End (-1) the latest.
+    if let Err(e) = tpl.set_all_offsets(at) {
+        tracing::warn!(error = %e, "cannot ask for the inputs' offsets; timers do not wait for the backlog");
+        return None;
     }
     match consumer.offsets_for_times(tpl, Duration::from_secs(10)) {
         Ok(offsets) => Some(offsets),
@@ -2741,7 +2729,8 @@ mod tests {
         assert!(matches!(attempt, Restore::ChangelogMoved(_)));
         assert_eq!(high(), torn_end + 1, "only the other instance's record");
         // Once nobody else writes, the restore undoes it.
-        restore_partition(&config, &factory, "changelog", 0, TornCommit::Undo).unwrap();
+        let reader = ChangelogReader::new(&config).unwrap();
+        restore_partition(&reader, &config, &factory, "changelog", 0, TornCommit::Undo).unwrap();
         assert!(high() > torn_end + 1, "the undo follows");
     }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
-    publish, restore_partition, OutputDeadLetters, ProducerWriteAhead, RestoreStats, TornCommit,
-    WriteAhead, REFUSED_PAYLOAD_SAMPLE,
+    publish, restore_partition, ChangelogReader, OutputDeadLetters, ProducerWriteAhead,
+    RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -105,6 +105,20 @@ impl Broker {
                 .headers(headers);
             block_on(self.producer.send(record, Duration::from_secs(10))).expect("produce");
         }
+    }
+
+    /// Restores changelog partition 0 into `factory`'s store, as a new owner does.
+    fn restore(&self, factory: &StoreFactory) -> RestoreStats {
+        let reader = ChangelogReader::new(&self.config).expect("changelog reader");
+        restore_partition(
+            &reader,
+            &self.config,
+            factory,
+            CHANGELOG,
+            0,
+            TornCommit::Undo,
+        )
+        .expect("restore")
     }
 
     /// A producer of this broker with `settings` of its own.
@@ -221,8 +235,7 @@ fn restored(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
 fn restored_with_stats(broker: &Broker) -> (tempfile::TempDir, PartitionStore, RestoreStats) {
     let dir = tempfile::tempdir().expect("dir");
     let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
-    let stats = restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo)
-        .expect("restore");
+    let stats = broker.restore(&factory);
     let store = factory.open(0).expect("open");
     (dir, store, stats)
 }
@@ -489,7 +502,7 @@ fn a_store_killed_before_its_first_commit_was_acknowledged_keeps_its_write_ahead
         store.put_now(b"a/send-1", b"accepted").expect("put_now");
         assert_eq!(store.changelog_end().expect("end"), None);
     }
-    restore_partition(&broker.config, &factory, CHANGELOG, 0, TornCommit::Undo).expect("restore");
+    broker.restore(&factory);
     let store = factory.open(0).expect("open");
     assert_eq!(value(&store, "a/send-1").as_deref(), Some("accepted"));
     assert_eq!(value(&store, "c/1").as_deref(), Some("v1"));

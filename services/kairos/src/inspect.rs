@@ -75,7 +75,7 @@ pub fn digest_changelog(
     let topic = config.changelog_topic(service);
     let reader = kairos_core::runtime::ChangelogReader::new(config)?;
     for p in 0..config.kafka.partitions {
-        kairos_core::runtime::restore_partition_with(
+        kairos_core::runtime::restore_partition(
             &reader,
             config,
             &factory,
