@@ -66,6 +66,13 @@ pub fn write_ahead_producer(config: &Config) -> anyhow::Result<FutureProducer> {
         .context("cannot create the Kafka producer for write-ahead records")
 }
 
+/// How long a changelog record stays uncompacted (`min.compaction.lag.ms` of the
+/// changelog topics Kairos creates): the records of a commit torn by a crash must not
+/// have replaced a key's last good value when the next owner restores and undoes them,
+/// and a store closed cleanly less than this ago can catch up from where it closed
+/// (no deletion written since can have been compacted away).
+pub const CHANGELOG_MIN_COMPACTION_LAG: Duration = Duration::from_secs(86_400);
+
 /// Creates every Kairos topic that does not exist yet, then checks that all of them
 /// exist with the configured partition count (co-partitioning depends on it).
 pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
@@ -76,6 +83,7 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = client_config(config)?
             .create()
             .context("cannot create Kafka admin client")?;
+        let compaction_lag_ms = CHANGELOG_MIN_COMPACTION_LAG.as_millis().to_string();
         let new_topics: Vec<NewTopic> = missing
             .iter()
             .map(|t| {
@@ -84,14 +92,12 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
                     config.kafka.partitions,
                     TopicReplication::Fixed(config.kafka.replication_factor),
                 );
-                // Changelogs keep the latest value per key, not a retention window.
-                // Not before a day has passed: the records of a commit torn by a crash
-                // at the end must not have replaced a key's last good value by the time
-                // the partition's next owner restores and undoes them.
+                // Changelogs keep the latest value per key, not a retention window,
+                // and not before `CHANGELOG_MIN_COMPACTION_LAG` has passed.
                 if t.ends_with("-changelog") {
                     topic
                         .set("cleanup.policy", "compact")
-                        .set("min.compaction.lag.ms", "86400000")
+                        .set("min.compaction.lag.ms", &compaction_lag_ms)
                 } else {
                     topic
                 }

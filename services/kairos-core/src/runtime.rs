@@ -125,6 +125,10 @@ pub trait WriteAhead: Send + Sync {
         writer: &str,
         wait: bool,
     ) -> anyhow::Result<()>;
+
+    /// Waits up to `timeout` for the records queued without waiting to reach the
+    /// broker; false if some are still on their way.
+    fn flush(&self, timeout: Duration) -> bool;
 }
 
 /// [`WriteAhead`] through a producer of its own that does not linger, made when the
@@ -169,6 +173,15 @@ impl ProducerWriteAhead {
 }
 
 impl WriteAhead for ProducerWriteAhead {
+    fn flush(&self, timeout: Duration) -> bool {
+        let producer = match self.producer.lock() {
+            Ok(slot) => slot.clone(),
+            Err(_) => return false,
+        };
+        // None: no record was ever written through it.
+        producer.is_none_or(|p| rdkafka::producer::Producer::flush(&p, timeout).is_ok())
+    }
+
     fn replicate(
         &self,
         changelog: &str,
@@ -538,16 +551,46 @@ impl<P: Processor> Engine<P> {
         Ok(backlog)
     }
 
+    /// Drops `partition`. Its store is marked clean if the changelog holds all of it
+    /// (see [`PartitionStore::mark_closed_clean`]), so that when the partition comes
+    /// back, only what others wrote meanwhile is read.
     pub fn close(&mut self, partition: i32) {
         self.processor.on_partition_closed(partition);
-        if self.parts.remove(&partition).is_some() {
+        if let Some(part) = self.parts.remove(&partition) {
+            let clean_end = match &self.changelog_topic {
+                // Write-ahead records queued without waiting must be in the changelog
+                // too before the store can pass for equal to it.
+                Some(_) if self.write_ahead_flushed() => part
+                    .store
+                    .mark_closed_clean(wall_now())
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(partition, error = %e, "cannot mark the store clean");
+                        None
+                    }),
+                _ => None,
+            };
             tracing::info!(
                 service = self.processor.name(),
                 partition,
+                ?clean_end,
                 "partition closed"
             );
         }
         self.metrics.owned_partitions.set(self.parts.len() as i64);
+    }
+
+    /// Closes every partition (the process stops).
+    pub fn close_all(&mut self) {
+        let owned: Vec<i32> = self.parts.keys().copied().collect();
+        for p in owned {
+            self.close(p);
+        }
+    }
+
+    fn write_ahead_flushed(&self) -> bool {
+        self.write_ahead
+            .as_ref()
+            .is_none_or(|w| w.flush(Duration::from_secs(10)))
     }
 
     /// The offset of the last applied record of each topic, per owned partition.
@@ -1507,6 +1550,9 @@ pub struct RestoreStats {
     pub records_read: u64,
     /// Records applied to the store.
     pub applied: u64,
+    /// The store had been closed cleanly, so only the records written after it were
+    /// read and applied on top of it, not the whole changelog.
+    pub from_clean_close: bool,
 }
 
 /// A consumer that reads changelog partitions for restores, one partition at a time,
@@ -1536,8 +1582,14 @@ impl ChangelogReader {
 /// - Only this store's own records follow (acknowledged before a crash, not yet noted):
 ///   they are applied, then the store's unacknowledged outbox writes again on top, so
 ///   the store keeps its newest values. Restarts after a crash read only that tail.
-/// - Anything else (a new store, another instance wrote meanwhile, retention trimmed
-///   the tail): the store is deleted and rebuilt from the whole changelog, its outbox
+/// - The store was closed cleanly (every record of it acknowledged, see
+///   [`PartitionStore::mark_closed_clean`]) less than half the changelog's compaction
+///   lag ago, and others wrote after it: only what they wrote is read and applied on
+///   top, as a rebuild applies it (a rolling restart, a partition that comes back
+///   after a rebalance).
+/// - Anything else (a new store, another instance wrote after a crash of this one,
+///   retention trimmed the tail): the store is deleted and rebuilt from the whole
+///   changelog, its outbox
 ///   with it, so stale local writes never go out. Inputs whose effects are missing
 ///   are processed again from the restored offsets, with the same output ids. The
 ///   outbox restored from the changelog (outputs of commits whose writer may have died
@@ -1548,8 +1600,8 @@ impl ChangelogReader {
 ///   Records of a version that writes no markers after it mean that version adopted
 ///   it: then it is applied.
 ///
-/// A new store reads the changelog once; a store with a local end reads its tail and
-/// stops at the first record it did not write itself.
+/// A new store reads the changelog once; a store with a local end and no clean close
+/// reads its tail and stops at the first record it did not write itself.
 /// `reader` may serve the restores of other partitions before and after this one.
 pub fn restore_partition(
     reader: &ChangelogReader,
@@ -1598,18 +1650,32 @@ fn restore_once(
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
-    let (local_end, writer, holds_records) = {
+    let (local_end, writer, holds_records, clean_close) = {
         let store = factory.open(partition)?;
         (
             store.changelog_end()?,
             store.writer.clone(),
             store.holds_records()?,
+            store.take_clean_close()?,
         )
     };
     let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
         return Ok(Restore::Done(stats));
     }
+    // A store closed cleanly equals the changelog up to where it closed: it reads only
+    // what was written after, as a rebuild would read it there. Not once compaction may
+    // have dropped a deletion written since (it would leave the store a stale key); the
+    // margin covers clocks that differ between instances.
+    let clean_end = clean_close
+        .filter(|(end, closed_at)| {
+            local_end == Some(*end)
+                && (low..=high).contains(end)
+                && wall_now().saturating_sub(*closed_at)
+                    < (kafka::CHANGELOG_MIN_COMPACTION_LAG / 2).as_millis() as Millis
+        })
+        .map(|(end, _)| end);
+    stats.from_clean_close = clean_end.is_some();
     // Hands every record from `from` to the changelog's end to `each`, as it arrives
     // (a partition's changelog may not fit in memory), until `each` answers false.
     // Returns how many records it read.
@@ -1666,7 +1732,8 @@ fn restore_once(
     // markers; the one being written when it died may not have reached the changelog).
     // Only a blank store is rebuilt at once, reading the log a single time.
     let tail_start = local_end.or(holds_records.then_some(low));
-    if let Some(start) = tail_start.filter(|end| (low..=high).contains(end)) {
+    if let Some(start) = tail_start.filter(|end| clean_end.is_none() && (low..=high).contains(end))
+    {
         let mut store = factory.open(partition)?;
         let mut all_own = true;
         let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
@@ -1711,15 +1778,30 @@ fn restore_once(
             return Ok(Restore::Done(stats));
         }
     }
-    tracing::info!(
-        changelog,
-        partition,
-        ?local_end,
-        low,
-        high,
-        "restoring state from the changelog"
-    );
-    factory.destroy(partition)?;
+    let from = match clean_end {
+        Some(end) => {
+            tracing::info!(
+                changelog,
+                partition,
+                from = end,
+                high,
+                "catching up with what the changelog gained since the store was closed"
+            );
+            end
+        }
+        None => {
+            tracing::info!(
+                changelog,
+                partition,
+                ?local_end,
+                low,
+                high,
+                "restoring state from the changelog"
+            );
+            factory.destroy(partition)?;
+            low
+        }
+    };
     let mut store = factory.open(partition)?;
     // Records stamped as part of a commit wait for its end marker. Those still waiting
     // at the end are a commit whose writer died while publishing it: not applied, so
@@ -1732,7 +1814,8 @@ fn restore_once(
     // part of one. Those that came after a waiting commit's records apply again after
     // them if the commit completes, so the later value stays.
     let mut write_ahead_after_waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    stats.records_read += read(low, &mut |r| {
+    // A clean close ended on a whole commit, so nothing waits at its end either.
+    stats.records_read += read(from, &mut |r| {
         let is_marker = r.in_commit && r.key == META_COMMIT_END;
         if r.write_ahead {
             if !waiting.is_empty() {
@@ -2124,7 +2207,7 @@ pub async fn run<P: Processor>(
         tracing::debug!(error = %e, "final offset commit skipped");
     }
     consumer.unsubscribe();
-    drop(engine);
+    engine.close_all();
     tracing::info!(service = %name, "stopped cleanly");
     Ok(())
 }

@@ -63,6 +63,11 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 const META_WRITER: &[u8] = b"m/writer";
 /// The last changelog record of every commit (see [`CHANGELOG_COMMIT_HEADER`]).
 pub const META_COMMIT_END: &[u8] = b"m/commit_end";
+/// Written when the store's partition is closed with every changelog record of it
+/// acknowledged (the changelog end, then the wall time of the close): the store then
+/// equals the changelog up to that end, so when the partition comes back it only needs
+/// what others wrote after it. Never replicated; taken (deleted) by the next restore.
+const META_CLEAN_END: &[u8] = b"m/clean_end";
 
 /// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
 const OPTIONS_DIR: &str = "rocksdb-options";
@@ -1195,6 +1200,48 @@ impl PartitionStore {
         self.db
             .put(META_CHANGELOG_END, (end as u64).to_be_bytes())
             .map_err(|e| self.rocks(e))
+    }
+
+    /// Notes that the store equals the changelog up to its end, if it does: called when
+    /// its partition is closed. It does when every changelog record of it was
+    /// acknowledged (none left in the outbox) and it has a changelog end. Returns that
+    /// end, or `None` when the store stays unmarked. `now` is the wall clock.
+    pub fn mark_closed_clean(&self, now: Millis) -> StoreResult<Option<i64>> {
+        let Some(end) = self.changelog_end()? else {
+            return Ok(None);
+        };
+        if self.outbox()?.iter().any(|e| e.changelog) {
+            return Ok(None);
+        }
+        let mut mark = [0_u8; 16];
+        mark[..8].copy_from_slice(&(end as u64).to_be_bytes());
+        mark[8..].copy_from_slice(&now.to_be_bytes());
+        self.db
+            .put(META_CLEAN_END, mark)
+            .map_err(|e| self.rocks(e))?;
+        Ok(Some(end))
+    }
+
+    /// Takes the mark [`Self::mark_closed_clean`] left, if any: the changelog end and
+    /// when the partition was closed. Deleted as it is read, so a store written after
+    /// a restore never passes for clean.
+    pub fn take_clean_close(&self) -> StoreResult<Option<(i64, Millis)>> {
+        let Some(mark) = self.raw_get(META_CLEAN_END)? else {
+            return Ok(None);
+        };
+        self.db.delete(META_CLEAN_END).map_err(|e| self.rocks(e))?;
+        // A mark of another length (none is written so) only goes unused.
+        Ok(<[u8; 16]>::try_from(mark.as_slice()).ok().map(|m| {
+            let half = |from: usize| {
+                let mut bytes = [0_u8; 8];
+                bytes.copy_from_slice(&m[from..from + 8]);
+                bytes
+            };
+            (
+                u64::from_be_bytes(half(0)) as i64,
+                Millis::from_be_bytes(half(8)),
+            )
+        }))
     }
 
     /// Applies changelog records (raw store keys; `None` deletes) during a restore.

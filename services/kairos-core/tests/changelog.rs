@@ -618,3 +618,184 @@ fn an_output_the_broker_refuses_for_good_goes_to_the_dead_letter_topic_and_the_r
         1
     );
 }
+
+/// Publishes `entries` and acknowledges them in `store` as the engine does: the
+/// outbox is emptied and the store notes how far the changelog holds it.
+fn publish_acknowledged(broker: &Broker, store: &PartitionStore, entries: Vec<OutboxEntry>) {
+    let acked = broker.publish_through(&broker.producer, entries, &CancellationToken::new());
+    let keys: Vec<Vec<u8>> = acked.iter().map(|(e, _)| e.outbox_key.clone()).collect();
+    store.acknowledge(&keys).expect("acknowledge");
+    let last = acked
+        .iter()
+        .filter(|(e, _)| e.changelog)
+        .map(|(_, offset)| *offset)
+        .max()
+        .expect("changelog records acknowledged");
+    store.set_changelog_end(last + 1).expect("changelog end");
+}
+
+/// The state keys `c/0`..`c/9` of `store`, for comparing two stores.
+fn state_of(store: &PartitionStore) -> Vec<Option<String>> {
+    (0..10).map(|i| value(store, &format!("c/{i}"))).collect()
+}
+
+/// Restores partition 0 into the state directory `dir` as it is (the instance that
+/// owned the partition before takes it back).
+fn restore_in_place(broker: &Broker, dir: &Path) -> (PartitionStore, RestoreStats) {
+    let factory = StoreFactory::new(dir, 8 << 20).expect("factory");
+    let stats = broker.restore(&factory);
+    (factory.open(0).expect("open"), stats)
+}
+
+/// Another instance takes partition 0 over and publishes one commit of `puts`.
+fn another_instance_commits(broker: &Broker, puts: &[(&str, &str)], input_offset: i64) {
+    let (_dir, mut store) = restored(broker);
+    let entries = commit(&mut store, puts, input_offset, "out");
+    let never = CancellationToken::new();
+    assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+}
+
+#[test]
+fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_others_wrote() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (a_dir, mut a_store) = fresh_store();
+    for (i, puts) in [
+        [("c/1", "a1"), ("c/2", "a2")],
+        [("c/3", "a3"), ("c/1", "a1'")],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let entries = commit(&mut a_store, puts, i as i64, "a's output");
+        publish_acknowledged(&broker, &a_store, entries);
+    }
+    let closed_at = broker.count(CHANGELOG);
+    assert_eq!(
+        a_store
+            .mark_closed_clean(kairos_core::time::wall_now())
+            .expect("mark"),
+        Some(closed_at)
+    );
+    drop(a_store);
+
+    // B takes the partition over: changes a key, deletes one, adds one, then dies
+    // while publishing a second commit.
+    let (_b_dir, mut b_store) = restored(&broker);
+    let mut pending = Pending::default();
+    b_store.put(&mut pending, b"c/1", b"b1".to_vec());
+    b_store.delete(&mut pending, b"c/2");
+    b_store.put(&mut pending, b"c/4", b"b4".to_vec());
+    b_store.set_applied_offset(&mut pending, INPUT, 2);
+    b_store.emit(&mut pending, OUTPUT, b"customer", b"b's output".to_vec());
+    let b_commit = b_store
+        .commit_with(&mut pending, Some(CHANGELOG), true)
+        .expect("commit");
+    assert!(broker.publish(b_commit, &never).iter().all(|o| *o >= 0));
+    let mut torn: Vec<OutboxEntry> = commit(&mut b_store, &[("c/3", "torn")], 3, "torn")
+        .into_iter()
+        .filter(|e| e.changelog)
+        .collect();
+    torn.pop();
+    broker.send_torn(&torn);
+    let written_by_b = broker.count(CHANGELOG) - closed_at;
+
+    // A gets the partition back: it reads B's records alone, applies the whole commit,
+    // leaves the torn one out and undoes it as any new owner does.
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert!(stats.from_clean_close, "{stats:?}");
+    assert_eq!(stats.records_read as i64, written_by_b, "{stats:?}");
+    let expected = [None, Some("b1"), None, Some("a3"), Some("b4")];
+    assert_eq!(
+        state_of(&a_store)[..5],
+        expected.map(|v| v.map(str::to_string))
+    );
+    assert_eq!(
+        a_store
+            .applied_offset(&Pending::default(), INPUT)
+            .expect("offset"),
+        Some(2)
+    );
+    assert!(outbox_outputs(&a_store).contains(&"b's output".to_string()));
+    assert!(!outbox_outputs(&a_store).contains(&"a's output".to_string()));
+    assert!(!outbox_outputs(&a_store).contains(&"torn".to_string()));
+
+    // The same state as a rebuild from the whole changelog, undo included.
+    let (_c_dir, c_store) = restored(&broker);
+    assert_eq!(state_of(&c_store), state_of(&a_store));
+    assert_eq!(
+        c_store
+            .applied_offset(&Pending::default(), INPUT)
+            .expect("offset"),
+        Some(2)
+    );
+
+    // The mark was taken: once A writes again and others write after it (with no
+    // clean close between), A is rebuilt whole.
+    let mut a_store = a_store;
+    let entries = commit(&mut a_store, &[("c/5", "a5")], 4, "a's next output");
+    publish_acknowledged(&broker, &a_store, entries);
+    drop(a_store);
+    another_instance_commits(&broker, &[("c/6", "d6")], 5);
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(
+        state_of(&a_store)[5..7],
+        [Some("a5".to_string()), Some("d6".to_string())]
+    );
+}
+
+#[test]
+fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (a_dir, mut a_store) = fresh_store();
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
+    publish_acknowledged(&broker, &a_store, entries);
+    // A commit the broker never got: the store holds what the changelog does not.
+    let lost = commit(&mut a_store, &[("c/2", "never published")], 1, "out");
+    assert!(lost.iter().any(|e| e.changelog));
+    assert_eq!(
+        a_store
+            .mark_closed_clean(kairos_core::time::wall_now())
+            .expect("mark"),
+        None,
+        "a store ahead of its changelog is not clean"
+    );
+    drop(a_store);
+    another_instance_commits(&broker, &[("c/3", "b3")], 1);
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(
+        state_of(&a_store)[1..4],
+        [Some("a1".to_string()), None, Some("b3".to_string())]
+    );
+
+    // Closed cleanly, but two days ago: deletions written since may have been
+    // compacted away, so the whole changelog is read.
+    let two_days_ago = kairos_core::time::wall_now() - 2 * 86_400_000;
+    assert!(a_store
+        .mark_closed_clean(two_days_ago)
+        .expect("mark")
+        .is_some());
+    drop(a_store);
+    let (_c_dir, mut c_store) = restored(&broker);
+    let mut pending = Pending::default();
+    c_store.delete(&mut pending, b"c/1");
+    c_store.set_applied_offset(&mut pending, INPUT, 2);
+    let entries = c_store
+        .commit_with(&mut pending, Some(CHANGELOG), true)
+        .expect("commit");
+    assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(
+        stats.records_read as i64,
+        broker.count(CHANGELOG) + 1,
+        "{stats:?}"
+    );
+    assert_eq!(
+        state_of(&a_store)[1..4],
+        [None, None, Some("b3".to_string())]
+    );
+}

@@ -170,9 +170,18 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     // Everything so far is committed only once the remaining instance has taken over
     // (and restored) the partitions of the stopped one.
     p.wait_caught_up("profile", &["events.site"], Duration::from_secs(180));
+    // The other way round: B alone takes its partitions back, which A wrote to
+    // meanwhile, and A's.
+    let (status, _) = p.terminate("profile");
+    assert!(status.success());
     p.spawn_instance("profile-b", "profile");
     p.wait_ready("profile-b", Duration::from_secs(60));
-    for c in &chunks[3..] {
+    produce_chunk(&p, chunks[3]);
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(180));
+    // Then A comes back beside B, to partitions B wrote to after A closed them.
+    p.spawn("profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    for c in &chunks[4..] {
         produce_chunk(&p, c);
     }
     let shared = finish(&mut p, &["profile", "profile-b"], false);
@@ -182,6 +191,14 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
         a_log.contains("restoring state from the changelog")
             || b_log.contains("restoring state from the changelog"),
         "partitions moved with their state:\n{a_log}\n{b_log}"
+    );
+    // A partition back on an instance that had closed it cleanly is caught up with
+    // what the other instance wrote, not rebuilt: B's own partitions when B came back
+    // alone, and whichever half A got when it came back.
+    const CAUGHT_UP: &str = "catching up with what the changelog gained since the store was closed";
+    assert!(
+        b_log.contains(CAUGHT_UP) && a_log.contains(CAUGHT_UP),
+        "partitions back on their earlier instance were rebuilt whole:\n{a_log}\n{b_log}"
     );
     assert_eq!(
         shared.trigger_ids, baseline.trigger_ids,
