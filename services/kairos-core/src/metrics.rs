@@ -174,6 +174,7 @@ pub struct RuntimeMetrics {
     pub consumer_lag: IntGaugeVec,
     pub produce_errors: IntCounter,
     pub restored_records: IntCounter,
+    pub partition_restores: IntCounterVec,
 }
 
 impl RuntimeMetrics {
@@ -255,6 +256,12 @@ impl RuntimeMetrics {
                 registry,
                 "kairos_changelog_restored_records_total",
                 "State records restored from changelog topics when partitions moved here.",
+            ),
+            partition_restores: counter_vec(
+                registry,
+                "kairos_partition_restores_total",
+                "Partitions brought in line with their changelog when assigned, by how: current (nothing to read), own_tail (a restart after a crash), since_clean_close (only what others wrote since this instance closed it), rebuilt (the whole changelog).",
+                &["from"],
             ),
         }
     }

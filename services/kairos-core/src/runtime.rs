@@ -1550,9 +1550,40 @@ pub struct RestoreStats {
     pub records_read: u64,
     /// Records applied to the store.
     pub applied: u64,
-    /// The store had been closed cleanly, so only the records written after it were
-    /// read and applied on top of it, not the whole changelog.
-    pub from_clean_close: bool,
+    pub kind: RestoreKind,
+}
+
+/// How a restore brought a store in line with its changelog.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreKind {
+    /// The store was current: nothing to read.
+    #[default]
+    Current,
+    /// Only its own records followed (a restart after a crash): those were applied.
+    OwnTail,
+    /// It had been closed cleanly: what other instances wrote since was applied.
+    SinceCleanClose,
+    /// Deleted and rebuilt from the whole changelog.
+    Rebuilt,
+}
+
+impl RestoreKind {
+    pub const ALL: [RestoreKind; 4] = [
+        RestoreKind::Current,
+        RestoreKind::OwnTail,
+        RestoreKind::SinceCleanClose,
+        RestoreKind::Rebuilt,
+    ];
+
+    /// The label of `kairos_partition_restores_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreKind::Current => "current",
+            RestoreKind::OwnTail => "own_tail",
+            RestoreKind::SinceCleanClose => "since_clean_close",
+            RestoreKind::Rebuilt => "rebuilt",
+        }
+    }
 }
 
 /// A consumer that reads changelog partitions for restores, one partition at a time,
@@ -1675,7 +1706,6 @@ fn restore_once(
                     < (kafka::CHANGELOG_MIN_COMPACTION_LAG / 2).as_millis() as Millis
         })
         .map(|(end, _)| end);
-    stats.from_clean_close = clean_end.is_some();
     // Hands every record from `from` to the changelog's end to `each`, as it arrives
     // (a partition's changelog may not fit in memory), until `each` answers false.
     // Returns how many records it read.
@@ -1769,6 +1799,7 @@ fn restore_once(
             store.finish_restore()?;
             store.set_changelog_end(high)?;
             stats.applied = n;
+            stats.kind = RestoreKind::OwnTail;
             tracing::info!(
                 changelog,
                 partition,
@@ -1778,6 +1809,11 @@ fn restore_once(
             return Ok(Restore::Done(stats));
         }
     }
+    stats.kind = if clean_end.is_some() {
+        RestoreKind::SinceCleanClose
+    } else {
+        RestoreKind::Rebuilt
+    };
     let from = match clean_end {
         Some(end) => {
             tracing::info!(
@@ -1970,6 +2006,13 @@ pub async fn run<P: Processor>(
     }
     for r in crate::contracts::DeadLetterReason::ALL {
         metrics.dead_letters.with_label_values(&[r.as_str()]);
+    }
+    if config.state.changelog {
+        for kind in RestoreKind::ALL {
+            metrics
+                .partition_restores
+                .with_label_values(&[kind.as_str()]);
+        }
     }
     for t in processor
         .outputs()
@@ -2377,6 +2420,10 @@ async fn apply_rebalances<P: Processor>(
                 .await
                 .context("restore task failed")??;
                 metrics.restored_records.inc_by(restored.applied);
+                metrics
+                    .partition_restores
+                    .with_label_values(&[restored.kind.as_str()])
+                    .inc();
             }
             let opened = engine.open(p)?;
             if !held() {

@@ -12,7 +12,7 @@ use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
     publish, restore_partition, ChangelogReader, OutputDeadLetters, ProducerWriteAhead,
-    RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
+    RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -703,7 +703,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     // A gets the partition back: it reads B's records alone, applies the whole commit,
     // leaves the torn one out and undoes it as any new owner does.
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
-    assert!(stats.from_clean_close, "{stats:?}");
+    assert_eq!(stats.kind, RestoreKind::SinceCleanClose, "{stats:?}");
     assert_eq!(stats.records_read as i64, written_by_b, "{stats:?}");
     let expected = [None, Some("b1"), None, Some("a3"), Some("b4")];
     assert_eq!(
@@ -738,7 +738,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     drop(a_store);
     another_instance_commits(&broker, &[("c/6", "d6")], 5);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
-    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
     assert_eq!(
         state_of(&a_store)[5..7],
         [Some("a5".to_string()), Some("d6".to_string())]
@@ -765,7 +765,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
     drop(a_store);
     another_instance_commits(&broker, &[("c/3", "b3")], 1);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
-    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
     assert_eq!(
         state_of(&a_store)[1..4],
         [Some("a1".to_string()), None, Some("b3".to_string())]
@@ -788,7 +788,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
         .expect("commit");
     assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
-    assert!(!stats.from_clean_close, "{stats:?}");
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
     assert_eq!(
         stats.records_read as i64,
         broker.count(CHANGELOG) + 1,
