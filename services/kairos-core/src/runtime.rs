@@ -125,10 +125,6 @@ pub trait WriteAhead: Send + Sync {
         writer: &str,
         wait: bool,
     ) -> anyhow::Result<()>;
-
-    /// Waits up to `timeout` for the records queued without waiting to reach the
-    /// broker; false if some are still on their way.
-    fn flush(&self, timeout: Duration) -> bool;
 }
 
 /// [`WriteAhead`] through a producer of its own that does not linger, made when the
@@ -173,15 +169,6 @@ impl ProducerWriteAhead {
 }
 
 impl WriteAhead for ProducerWriteAhead {
-    fn flush(&self, timeout: Duration) -> bool {
-        let producer = match self.producer.lock() {
-            Ok(slot) => slot.clone(),
-            Err(_) => return false,
-        };
-        // None: no record was ever written through it.
-        producer.is_none_or(|p| rdkafka::producer::Producer::flush(&p, timeout).is_ok())
-    }
-
     fn replicate(
         &self,
         changelog: &str,
@@ -558,16 +545,14 @@ impl<P: Processor> Engine<P> {
         self.processor.on_partition_closed(partition);
         if let Some(part) = self.parts.remove(&partition) {
             let clean_end = match &self.changelog_topic {
-                // Write-ahead records queued without waiting must be in the changelog
-                // too before the store can pass for equal to it.
-                Some(_) if self.write_ahead_flushed() => part
+                Some(_) => part
                     .store
                     .mark_closed_clean(wall_now())
                     .unwrap_or_else(|e| {
                         tracing::warn!(partition, error = %e, "cannot mark the store clean");
                         None
                     }),
-                _ => None,
+                None => None,
             };
             tracing::info!(
                 service = self.processor.name(),
@@ -585,12 +570,6 @@ impl<P: Processor> Engine<P> {
         for p in owned {
             self.close(p);
         }
-    }
-
-    fn write_ahead_flushed(&self) -> bool {
-        self.write_ahead
-            .as_ref()
-            .is_none_or(|w| w.flush(Duration::from_secs(10)))
     }
 
     /// The offset of the last applied record of each topic, per owned partition.
@@ -959,7 +938,8 @@ impl<P: Processor> Engine<P> {
                     part.store.acknowledge(&acked.outputs)?;
                 }
                 if let Some(max) = acked.changelog_max {
-                    part.store.set_changelog_end(max + 1)?;
+                    part.store
+                        .changelog_acknowledged(acked.changelog.len() as u64, max)?;
                 }
             }
         }

@@ -247,7 +247,11 @@ impl StoreFactory {
                 options.disable_wal(!self.write_ahead_log);
                 options
             },
+            opened_at_changelog_end: None,
+            own_changelog_records: 0,
+            wrote_ahead: std::cell::Cell::new(false),
         };
+        store.opened_at_changelog_end = store.changelog_end()?;
         store.next_outbox_seq = store.outbox_seq_floor()?;
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
@@ -508,6 +512,14 @@ pub struct PartitionStore {
     /// Every write's options: with or without the write-ahead log (see
     /// [`StoreFactory::without_write_ahead_log`]).
     write_options: rocksdb::WriteOptions,
+    /// Since the store was opened: where the changelog ended then, how many of this
+    /// store's changelog records the broker acknowledged, and whether a write-ahead
+    /// record was written (whose acknowledgement is not counted). If the records
+    /// acknowledged fill the changelog from that end to the store's, no other writer's
+    /// record lies between them (see [`Self::mark_closed_clean`]).
+    opened_at_changelog_end: Option<i64>,
+    own_changelog_records: u64,
+    wrote_ahead: std::cell::Cell<bool>,
 }
 
 impl PartitionStore {
@@ -671,6 +683,7 @@ impl PartitionStore {
     /// a process crash (RocksDB's write-ahead log; a replay, which writes without the
     /// log, has no external effects); it is not replicated to the changelog.
     pub fn put_now(&self, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        self.wrote_ahead.set(true);
         let mut batch = WriteBatch::default();
         batch.put(prefixed(STATE, key), value);
         self.write(batch)
@@ -1196,6 +1209,13 @@ impl PartitionStore {
         Ok(self.read_u64(META_CHANGELOG_END)?.map(|v| v as i64))
     }
 
+    /// Notes that the broker acknowledged `records` changelog records of this store,
+    /// the last of them at offset `last`: the changelog holds the store up to there.
+    pub fn changelog_acknowledged(&mut self, records: u64, last: i64) -> StoreResult<()> {
+        self.own_changelog_records += records;
+        self.set_changelog_end(last + 1)
+    }
+
     pub fn set_changelog_end(&self, end: i64) -> StoreResult<()> {
         self.db
             .put(META_CHANGELOG_END, (end as u64).to_be_bytes())
@@ -1204,13 +1224,21 @@ impl PartitionStore {
 
     /// Notes that the store equals the changelog up to its end, if it does: called when
     /// its partition is closed. It does when every changelog record of it was
-    /// acknowledged (none left in the outbox) and it has a changelog end. Returns that
-    /// end, or `None` when the store stays unmarked. `now` is the wall clock.
+    /// acknowledged (none left in the outbox) and the records it had acknowledged since
+    /// it was opened fill the changelog from where it ended then: no other instance
+    /// wrote between them (a former owner still publishing, or one that ran on after
+    /// its session expired). A store that wrote a write-ahead record since it was
+    /// opened is not marked (their acknowledgements are not counted). Returns the end
+    /// marked, or `None`. `now` is the wall clock.
     pub fn mark_closed_clean(&self, now: Millis) -> StoreResult<Option<i64>> {
         let Some(end) = self.changelog_end()? else {
             return Ok(None);
         };
-        if self.outbox()?.iter().any(|e| e.changelog) {
+        let opened_at = self.opened_at_changelog_end.unwrap_or(0);
+        if self.wrote_ahead.get()
+            || end - opened_at != self.own_changelog_records as i64
+            || self.outbox()?.iter().any(|e| e.changelog)
+        {
             return Ok(None);
         }
         let mut mark = [0_u8; 16];

@@ -621,17 +621,19 @@ fn an_output_the_broker_refuses_for_good_goes_to_the_dead_letter_topic_and_the_r
 
 /// Publishes `entries` and acknowledges them in `store` as the engine does: the
 /// outbox is emptied and the store notes how far the changelog holds it.
-fn publish_acknowledged(broker: &Broker, store: &PartitionStore, entries: Vec<OutboxEntry>) {
+fn publish_acknowledged(broker: &Broker, store: &mut PartitionStore, entries: Vec<OutboxEntry>) {
     let acked = broker.publish_through(&broker.producer, entries, &CancellationToken::new());
     let keys: Vec<Vec<u8>> = acked.iter().map(|(e, _)| e.outbox_key.clone()).collect();
     store.acknowledge(&keys).expect("acknowledge");
-    let last = acked
+    let changelog: Vec<i64> = acked
         .iter()
         .filter(|(e, _)| e.changelog)
         .map(|(_, offset)| *offset)
-        .max()
-        .expect("changelog records acknowledged");
-    store.set_changelog_end(last + 1).expect("changelog end");
+        .collect();
+    let last = changelog.iter().copied().max().expect("changelog records");
+    store
+        .changelog_acknowledged(changelog.len() as u64, last)
+        .expect("changelog end");
 }
 
 /// The state keys `c/0`..`c/9` of `store`, for comparing two stores.
@@ -668,7 +670,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     .enumerate()
     {
         let entries = commit(&mut a_store, puts, i as i64, "a's output");
-        publish_acknowledged(&broker, &a_store, entries);
+        publish_acknowledged(&broker, &mut a_store, entries);
     }
     let closed_at = broker.count(CHANGELOG);
     assert_eq!(
@@ -734,7 +736,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     // clean close between), A is rebuilt whole.
     let mut a_store = a_store;
     let entries = commit(&mut a_store, &[("c/5", "a5")], 4, "a's next output");
-    publish_acknowledged(&broker, &a_store, entries);
+    publish_acknowledged(&broker, &mut a_store, entries);
     drop(a_store);
     another_instance_commits(&broker, &[("c/6", "d6")], 5);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
@@ -751,7 +753,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
     let never = CancellationToken::new();
     let (a_dir, mut a_store) = fresh_store();
     let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
-    publish_acknowledged(&broker, &a_store, entries);
+    publish_acknowledged(&broker, &mut a_store, entries);
     // A commit the broker never got: the store holds what the changelog does not.
     let lost = commit(&mut a_store, &[("c/2", "never published")], 1, "out");
     assert!(lost.iter().any(|e| e.changelog));
@@ -797,5 +799,34 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
     assert_eq!(
         state_of(&a_store)[1..4],
         [None, None, Some("b3".to_string())]
+    );
+}
+
+#[test]
+fn a_store_whose_records_another_instance_wrote_between_is_not_marked_clean() {
+    let broker = broker();
+    let (a_dir, mut a_store) = fresh_store();
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    // Another instance took the partition over while A ran on (its session expired
+    // while it was paused, say) and wrote; then A published one more commit.
+    another_instance_commits(&broker, &[("c/2", "b2")], 1);
+    let entries = commit(&mut a_store, &[("c/3", "a3")], 1, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    assert_eq!(
+        a_store
+            .mark_closed_clean(kairos_core::time::wall_now())
+            .expect("mark"),
+        None,
+        "A lacks a record that lies before its changelog end"
+    );
+    drop(a_store);
+    another_instance_commits(&broker, &[("c/4", "c4")], 2);
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
+    let expected = [Some("a1"), Some("b2"), Some("a3"), Some("c4")];
+    assert_eq!(
+        state_of(&a_store)[1..5],
+        expected.map(|v| v.map(str::to_string))
     );
 }
