@@ -96,6 +96,10 @@ pub struct CustomerLedger {
     /// bounded by `RECENT_OUTCOMES`): one trigger counts once towards the sunset, so
     /// their deliveries are not counted again.
     pub cascade_followups: Vec<u64>,
+    /// When the customer last left each segment or stage a `segment_entered` scenario
+    /// targets: a trigger of that scenario caused before it, arriving late, is
+    /// cancelled.
+    pub left_segments: SmallMap<CompactString, Millis>,
 }
 
 /// How a chain step's final decision ended it.
@@ -294,6 +298,11 @@ impl CustomerLedger {
         };
         self.last_purchase_at = self.last_purchase_at.max(other.last_purchase_at);
         self.last_active_at = self.last_active_at.max(other.last_active_at);
+        for (segment, left) in other.left_segments.iter() {
+            let known = self.left_segments.get(segment).copied();
+            self.left_segments
+                .insert(segment.clone(), latest(known, *left));
+        }
         for (offer, at) in other.offers {
             let mine = self.offers.entry(offer).or_insert(at);
             *mine = (*mine).max(at);
@@ -553,6 +562,13 @@ impl ArbiterProcessor {
                 format!("the customer came back at {active}, after the trigger's cause"),
             );
         }
+        if let Some((segment, left)) = self.segment_left_since(ledger, t) {
+            return Verdict::no(
+                DecisionOutcome::cancelled,
+                "left_segment",
+                format!("the customer left {segment} at {left}, after the trigger's cause"),
+            );
+        }
         let marketing = t.category != MessageCategory::transactional;
         let a = &self.config.arbiter;
         if t.category == MessageCategory::promo {
@@ -791,6 +807,25 @@ impl ArbiterProcessor {
 
     fn is_mass(&self, scenario: &str) -> bool {
         self.config.scenario(scenario).is_some_and(|s| s.mass)
+    }
+
+    /// The segment a `segment_entered` trigger was for, with when the customer left
+    /// it, if that was after the trigger's cause.
+    fn segment_left_since<'l>(
+        &self,
+        ledger: &'l CustomerLedger,
+        t: &Trigger,
+    ) -> Option<(&'l str, Millis)> {
+        let scenario = self.config.scenario(&t.scenario)?;
+        if scenario.kind != ScenarioKind::SegmentEntered {
+            return None;
+        }
+        let target = scenario.segment.as_deref()?;
+        ledger
+            .left_segments
+            .iter()
+            .find(|(segment, left)| segment.as_str() == target && **left > t.cause_occurred_at)
+            .map(|(segment, left)| (segment.as_str(), *left))
     }
 
     fn is_reactivation(&self, scenario: &str) -> bool {
@@ -1554,41 +1589,31 @@ impl ArbiterProcessor {
             }
             CustomerActionKind::visit => {
                 ledger.last_active_at = Some(latest(ledger.last_active_at, at));
-                let why = format!("the customer came back at {at} while it waited");
-                // Strictly before, as in `decide`: a visit at the cause time (such as a
-                // redelivery of the visit that caused it) is not a return.
-                self.cancel_queued_where(ctx, ledger, a, "became_active", why, |q| {
-                    q.cause_occurred_at < at && self.is_reactivation(&q.scenario)
+                // A returning customer leaves reactivation. Strictly before, as in
+                // `decide`: a visit at the cause time (such as a redelivery of the
+                // visit that caused it) is not a return.
+                let why = format!("the customer came back at {at}");
+                self.end_scenarios(ctx, ledger, a, "became_active", &why, |scenario| {
+                    self.is_reactivation(scenario)
                 })?;
-                // A returning customer leaves reactivation: the rest of its cascades
-                // and the chain's hold on the customer end too.
-                let returned = |scenario: &str, cause: Option<Millis>| {
-                    self.is_reactivation(scenario) && cause.is_none_or(|c| c < at)
+            }
+            CustomerActionKind::left_segment => {
+                let Some(segment) = a.segment.as_deref() else {
+                    return Ok(false);
                 };
-                let stopped: Vec<(String, Cascade)> = ledger
-                    .cascades
-                    .iter()
-                    .filter(|(_, c)| returned(&c.scenario, c.cause_occurred_at))
-                    .map(|(id, c)| (id.clone(), c.clone()))
-                    .collect();
-                for (trigger_id, c) in stopped {
-                    let subject = Subject {
-                        trigger_id: &trigger_id,
-                        customer_id: &a.customer_id,
-                        scenario: &c.scenario,
-                        category: c.category.unwrap_or(MessageCategory::promo),
-                    };
-                    let why = format!("the customer came back at {at}");
-                    self.stop_cascade(ctx, ledger, &subject, "became_active", why)?;
-                }
-                let slot_freed = ledger
-                    .main
-                    .as_ref()
-                    .is_some_and(|m| returned(&m.scenario, m.cause_occurred_at));
-                if slot_freed {
-                    ledger.main = None;
-                    self.wake_main_waiters(ctx, ledger)?;
-                }
+                let known = ledger.left_segments.get(segment).copied();
+                ledger
+                    .left_segments
+                    .insert(segment.into(), latest(known, at));
+                // Caused before the customer left: a trigger of a later return to the
+                // segment is caused at or after it.
+                let why = format!("the customer left {segment} at {at}");
+                self.end_scenarios(ctx, ledger, a, "left_segment", &why, |scenario| {
+                    self.config.scenario(scenario).is_some_and(|s| {
+                        s.kind == ScenarioKind::SegmentEntered
+                            && s.segment.as_deref() == Some(segment)
+                    })
+                })?;
             }
             CustomerActionKind::opt_in => {
                 if let Some(channel) = a.channel {
@@ -1671,6 +1696,52 @@ impl ArbiterProcessor {
             )
         };
         ctx.emit(&self.actions_topic, into, &action);
+        Ok(())
+    }
+
+    /// Ends, for the scenarios `ends` names, what action `a` makes pointless if it was
+    /// caused before it: the queued triggers, the rest of their cascades and a chain's
+    /// hold on the customer (the main-scenario slot, whose waiters are then woken).
+    #[allow(clippy::too_many_arguments)]
+    fn end_scenarios(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        a: &CustomerAction,
+        rule: &str,
+        why: &str,
+        ends: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let at = a.occurred_at;
+        let ended =
+            |scenario: &str, cause: Option<Millis>| ends(scenario) && cause.is_none_or(|c| c < at);
+        let waited = format!("{why} while it waited");
+        self.cancel_queued_where(ctx, ledger, a, rule, waited, |q| {
+            ended(&q.scenario, Some(q.cause_occurred_at))
+        })?;
+        let stopped: Vec<(String, Cascade)> = ledger
+            .cascades
+            .iter()
+            .filter(|(_, c)| ended(&c.scenario, c.cause_occurred_at))
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        for (trigger_id, c) in stopped {
+            let subject = Subject {
+                trigger_id: &trigger_id,
+                customer_id: &a.customer_id,
+                scenario: &c.scenario,
+                category: c.category.unwrap_or(MessageCategory::promo),
+            };
+            self.stop_cascade(ctx, ledger, &subject, rule, why.to_string())?;
+        }
+        let slot_freed = ledger
+            .main
+            .as_ref()
+            .is_some_and(|m| ended(&m.scenario, m.cause_occurred_at));
+        if slot_freed {
+            ledger.main = None;
+            self.wake_main_waiters(ctx, ledger)?;
+        }
         Ok(())
     }
 

@@ -392,6 +392,80 @@ fn a_visit_ends_queued_and_late_reactivation_messages() {
 }
 
 #[test]
+fn leaving_a_segment_ends_its_queued_late_and_cascading_messages() {
+    let mut a = Arbiter::from_text(&format!(
+        "{}\n{}{}",
+        common::CONFIG.replace(
+            "[arbiter]\n",
+            "[arbiter]\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"\n"
+        ),
+        common::WIN_BACK,
+        r#"
+[[scenarios]]
+name = "vip"
+kind = "segment_entered"
+segment = "Champions"
+channels = ["email"]
+template = "vip"
+"#
+    ));
+    a.time_zone = Some("UTC".into());
+    // The customer entered At Risk at night: the win-back waits for the morning, and
+    // a VIP greeting of another segment waits too.
+    let night = at("2026-01-05T22:00:00Z");
+    assert_eq!(
+        a.trigger("wb1", "win_back", PROMO, night).outcome,
+        DecisionOutcome::deferred
+    );
+    assert_eq!(
+        a.trigger("vip1", "vip", TRIGGER, night).outcome,
+        DecisionOutcome::deferred
+    );
+    // A purchase moves the customer out of At Risk before the morning.
+    a.left_segment("l1", "At Risk", night + HOUR);
+    let cancelled = *a.decisions_of("wb1").last().expect("cancelled");
+    assert_eq!(
+        (cancelled.outcome, cancelled.rule.as_str()),
+        (DecisionOutcome::cancelled, "left_segment"),
+        "{cancelled:#?}"
+    );
+    // A win-back caused before the customer left that arrives after it is cancelled.
+    let late = a.trigger("wb2", "win_back", PROMO, night + 30 * MINUTE);
+    assert_eq!(
+        (late.outcome, late.rule.as_str()),
+        (DecisionOutcome::cancelled, "left_segment")
+    );
+    a.advance_to(at("2026-01-06T09:30:00Z"));
+    let vip = *a.decisions_of("vip1").last().expect("decided again");
+    assert_eq!(
+        vip.outcome,
+        DecisionOutcome::sent,
+        "another segment's message"
+    );
+    assert!(a.sends.iter().all(|s| s.scenario != "win_back"));
+
+    // Back in At Risk later: a new win-back goes out, and leaving again stops its
+    // cascade before the push.
+    let back = at("2026-01-20T10:00:00Z");
+    let sent = a.trigger("wb3", "win_back", PROMO, back);
+    assert_eq!(sent.outcome, DecisionOutcome::sent, "{sent:#?}");
+    a.left_segment("l2", "At Risk", back + 30 * MINUTE);
+    let stopped = *a.decisions_of("wb3").last().expect("stopped");
+    assert_eq!(
+        (stopped.outcome, stopped.rule.as_str()),
+        (DecisionOutcome::cancelled, "left_segment"),
+        "{stopped:#?}"
+    );
+    a.advance_to(back + 3 * HOUR);
+    let win_backs: Vec<_> = a
+        .sends
+        .iter()
+        .filter(|s| s.scenario == "win_back")
+        .collect();
+    assert_eq!(win_backs.len(), 1, "the e-mail only: {win_backs:#?}");
+}
+
+#[test]
 fn a_single_visit_that_caused_the_reactivation_is_not_a_return() {
     let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
     a.time_zone = Some("UTC".into());

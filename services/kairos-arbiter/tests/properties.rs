@@ -4,8 +4,9 @@
 //! than the minimum gap (a cascade step aside: its wait is its gap), nothing is sent
 //! without consent or after an unsubscribe, no
 //! send id repeats, nothing of a scenario that ends on purchase goes out after a
-//! purchase that followed its cause, no promo goes out within two days of a purchase,
-//! and every trigger ends in exactly one final decision; streams
+//! purchase that followed its cause, nothing of a segment's scenario goes out after
+//! the customer left the segment after its cause, no promo goes out within two days of
+//! a purchase, and every trigger ends in exactly one final decision; streams
 //! start in January and just before the 2026 clock changes of New York and Berlin.
 
 mod common;
@@ -45,6 +46,13 @@ enum Event {
         redeliver: bool,
         /// A trigger message of the cascading scenario (e-mail, then push after 1 h).
         cascade: bool,
+        /// A trigger message of the segment's scenario (cascading too).
+        segment: bool,
+    },
+    /// The customer left the segment (as the profile reports it).
+    LeftSegment {
+        customer: usize,
+        minute: i64,
     },
     Unsubscribe {
         customer: usize,
@@ -62,7 +70,8 @@ impl Event {
         match self {
             Event::Trigger { minute, .. }
             | Event::Unsubscribe { minute, .. }
-            | Event::Purchase { minute, .. } => *minute,
+            | Event::Purchase { minute, .. }
+            | Event::LeftSegment { minute, .. } => *minute,
         }
     }
 }
@@ -78,16 +87,20 @@ fn event() -> impl Strategy<Value = Event> {
         2 => Just(MessageCategory::promo),
     ];
     prop_oneof![
-        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15), prop::bool::weighted(0.3))
-            .prop_map(|(customer, minute, category, consent, valid_hours, redeliver, cascade)| Event::Trigger {
+        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15), prop::sample::select(vec![0u8, 0, 0, 0, 1, 1, 2]))
+            .prop_map(|(customer, minute, category, consent, valid_hours, redeliver, kind)| Event::Trigger {
                 customer, minute, category, consent, valid_hours, redeliver,
-                cascade: cascade && category == MessageCategory::trigger,
+                cascade: kind == 1 && category == MessageCategory::trigger,
+                segment: kind == 2 && category == MessageCategory::trigger,
             }),
         1 => (0..4usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
             Event::Unsubscribe { customer, minute, channel: CHANNELS[c] }
         }),
         1 => (0..4usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
             Event::Purchase { customer, minute }
+        }),
+        1 => (0..4usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
+            Event::LeftSegment { customer, minute }
         }),
     ]
 }
@@ -107,17 +120,22 @@ proptest! {
         // Time order; within a minute the unsubscribe first, so "before" is unambiguous.
         events.sort_by_key(|e| (e.minute(), matches!(e, Event::Trigger { .. })));
         let mut a = Arbiter::from_text(
-            &common::CONFIG
-                .replace("[arbiter]\n", &format!("[arbiter]\n{PACING}\n"))
-                .replace(PROMO_SCENARIO, &format!("{PROMO_SCENARIO}\n{PROMO_CAPS}")),
+            &format!(
+                "{}\n{}",
+                common::CONFIG
+                    .replace("[arbiter]\n", &format!("[arbiter]\n{PACING}\n"))
+                    .replace(PROMO_SCENARIO, &format!("{PROMO_SCENARIO}\n{PROMO_CAPS}")),
+                common::WIN_BACK,
+            ),
         );
         let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
         let mut purchases: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut left_segment: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         for (n, e) in events.iter().enumerate() {
             let at = start + e.minute() * MINUTE;
             match e {
-                Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, .. } => {
+                Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, segment, .. } => {
                     let id = format!("t{n}");
                     let consented: Vec<Channel> = CHANNELS
                         .into_iter()
@@ -130,6 +148,8 @@ proptest! {
                         "weekly_promo"
                     } else if *cascade {
                         "cart_cascade"
+                    } else if *segment {
+                        "win_back"
                     } else {
                         "welcome"
                     };
@@ -187,6 +207,19 @@ proptest! {
                     );
                     a.push("customer-actions", &action.customer_id.clone(), &action);
                     purchases.entry(action.customer_id).or_default().push(at);
+                }
+                Event::LeftSegment { customer, .. } => {
+                    let action = kairos_core::contracts::CustomerAction {
+                        segment: Some("At Risk".into()),
+                        ..kairos_core::contracts::CustomerAction::new(
+                            format!("l{n}"),
+                            customer_id(*customer),
+                            kairos_core::contracts::CustomerActionKind::left_segment,
+                            at,
+                        )
+                    };
+                    a.push("customer-actions", &action.customer_id.clone(), &action);
+                    left_segment.entry(action.customer_id).or_default().push(at);
                 }
             }
         }
@@ -257,6 +290,16 @@ proptest! {
                         !(s.created_at - bought < 2 * DAY
                             && (s.created_at > *bought || (s.created_at == *bought && !released_by_timer))),
                         "promo within two days of the purchase at {}: {:?}", bought, s
+                    );
+                }
+            }
+            // As for purchases: a send released at the instant the customer left was
+            // decided before it (timers first).
+            if s.scenario == "win_back" {
+                for left in left_segment.get(&s.customer_id).into_iter().flatten() {
+                    prop_assert!(
+                        !(t.cause_occurred_at < *left && s.created_at > *left),
+                        "sent after the customer left the segment at {}: {:?}", left, s
                     );
                 }
             }

@@ -459,8 +459,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 38] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 39] = [
     (DecisionOutcome::cancelled, "chain_broken"),
+    (DecisionOutcome::cancelled, "left_segment"),
     (DecisionOutcome::deferred, "chain_order"),
     (DecisionOutcome::deferred, "chain_spacing"),
     (DecisionOutcome::suppressed, "in_personal_chain"),
@@ -766,6 +767,9 @@ pub struct CustomerAction {
     /// not end what was caused after it). Left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub till_sale: bool,
+    /// `left_segment`: the RFM segment or lifecycle stage the customer left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
 }
 
 #[allow(non_camel_case_types)]
@@ -786,6 +790,10 @@ pub enum CustomerActionKind {
     /// The customer withdrew consent on `channel`: nothing more goes out on it until
     /// a later opt-in, queued and cascading messages included.
     opt_out,
+    /// The customer left `segment` (an RFM segment or a lifecycle stage a
+    /// `segment_entered` scenario targets): what that scenario still has queued or
+    /// cascading for them ends.
+    left_segment,
 }
 
 impl CustomerAction {
@@ -808,6 +816,7 @@ impl CustomerAction {
             state: None,
             merged_from: None,
             till_sale: false,
+            segment: None,
         }
     }
 }

@@ -1210,6 +1210,24 @@ impl ProfileProcessor {
         let from_label = t.from_segment.as_deref().unwrap_or(NO_RFM_SEGMENT);
         self.metrics.transitions.inc(&[kind_name, from_label, to]);
         ctx.emit(&self.transitions_topic, &p.customer_id, &t);
+        // What a scenario for the segment left still has queued or cascading in the
+        // arbiter (held by quiet hours or a cap) is no longer for this customer.
+        if let Some(left) = t.from_segment.as_deref().filter(|left| {
+            self.scenarios(ScenarioKind::SegmentEntered)
+                .iter()
+                .any(|s| s.segment.as_deref() == Some(*left))
+        }) {
+            let action = CustomerAction {
+                segment: Some(left.to_string()),
+                ..CustomerAction::new(
+                    deterministic_id(&[&t.transition_id, "left_segment"]),
+                    p.customer_id.clone(),
+                    CustomerActionKind::left_segment,
+                    at,
+                )
+            };
+            ctx.emit(&self.actions_topic, &p.customer_id, &action);
+        }
         for s in self.scenarios(ScenarioKind::SegmentEntered).iter() {
             if s.segment.as_deref() == Some(to) {
                 let mut vars = serde_json::Map::new();

@@ -3123,6 +3123,45 @@ fn a_delayed_segment_trigger_does_not_fire_after_the_customer_left_the_segment()
 }
 
 #[test]
+fn leaving_a_segment_a_scenario_targets_tells_the_arbiter() {
+    let t = at(T0);
+    let mut h = Harness::with(CONFIG, ClockMode::Event);
+    let last = five_orders(&mut h, "lv", t);
+    let entered = last + 180 * DAY;
+    h.advance(entered);
+    assert!(find(&h.transitions("lv"), "rfm", "At Risk").is_some());
+    let back = entered + DAY;
+    h.site(
+        "lv-back",
+        "purchase",
+        "lv",
+        back,
+        order("o-lv-back", 60.0, None),
+    );
+    // Only segments a `segment_entered` scenario targets are reported, one action per
+    // transition out of one.
+    let targeted = ["At Risk", "Champions"];
+    let left: Vec<&Value> = h
+        .on("customer-actions")
+        .filter(|a| a.value["kind"] == "left_segment")
+        .map(|a| &a.value)
+        .collect();
+    let transitions_out = h
+        .transitions("lv")
+        .iter()
+        .filter(|t| targeted.contains(&t["from_segment"].as_str().unwrap_or_default()))
+        .count();
+    assert!(transitions_out >= 1);
+    assert_eq!(left.len(), transitions_out, "{left:#?}");
+    let out_of_risk = left
+        .iter()
+        .find(|a| a["segment"] == "At Risk")
+        .expect("leaving At Risk is reported");
+    assert_eq!(out_of_risk["occurred_at"], json!(back));
+    assert_eq!(out_of_risk["customer_id"], "lv");
+}
+
+#[test]
 fn a_delayed_segment_trigger_fires_while_the_customer_stays_in_the_segment() {
     let t = at(T0);
     let mut h = Harness::with(&win_back_after_two_days(), ClockMode::Event);

@@ -66,6 +66,18 @@ template = "promo"
 exit_on_purchase = false
 "#;
 
+/// A scenario for customers who entered At Risk, cascading from e-mail to push an
+/// hour later; it ends when they leave the segment.
+pub const WIN_BACK: &str = r#"
+[[scenarios]]
+name = "win_back"
+kind = "segment_entered"
+segment = "At Risk"
+channels = ["email", "push"]
+template = "win_back"
+cascade = ["1h"]
+"#;
+
 /// Epoch millis of an RFC 3339 instant.
 pub fn at(s: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(s)
@@ -251,6 +263,16 @@ impl Arbiter {
     /// Customer c1's first visit of a day at `at` (as the profile reports it).
     pub fn visit(&mut self, id: &str, at: i64) {
         let action = CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::visit, at);
+        self.push("customer-actions", "c1", &action);
+    }
+
+    /// Customer c1 left `segment` at `at` (as the profile reports a transition out of
+    /// a segment a `segment_entered` scenario targets).
+    pub fn left_segment(&mut self, id: &str, segment: &str, at: i64) {
+        let action = CustomerAction {
+            segment: Some(segment.into()),
+            ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::left_segment, at)
+        };
         self.push("customer-actions", "c1", &action);
     }
 
