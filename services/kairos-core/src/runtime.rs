@@ -1658,9 +1658,7 @@ fn restore_once(
     before_undo: &dyn Fn(),
 ) -> anyhow::Result<Restore> {
     let consumer = &reader.consumer;
-    let (low, high) = consumer
-        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
-        .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
+    let (low, high) = changelog_watermarks(consumer, changelog, partition)?;
     let (local_end, writer, holds_records, clean_close) = {
         let store = factory.open(partition)?;
         (
@@ -1865,9 +1863,7 @@ fn restore_once(
             // Only while nobody else writes: an instance that lost the partition
             // meanwhile must not write after the new owner's records.
             before_undo();
-            let (_, now_high) = consumer
-                .fetch_watermarks(changelog, partition, Duration::from_secs(10))
-                .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))?;
+            let (_, now_high) = changelog_watermarks(consumer, changelog, partition)?;
             if now_high != high {
                 tracing::warn!(
                     changelog,
@@ -1890,6 +1886,33 @@ fn restore_once(
         "state restored"
     );
     Ok(Restore::Done(stats))
+}
+
+/// The first and next offsets of a changelog partition. A broker that fails to say
+/// is asked again, three times in all over about 3 s, before the restore (and with it
+/// the service) gives up: a leader moving should not stop the service.
+fn changelog_watermarks(
+    consumer: &BaseConsumer,
+    changelog: &str,
+    partition: i32,
+) -> anyhow::Result<(i64, i64)> {
+    let mut wait = Duration::from_secs(1);
+    let mut attempts = 1;
+    loop {
+        match consumer.fetch_watermarks(changelog, partition, Duration::from_secs(10)) {
+            Ok(watermarks) => return Ok(watermarks),
+            Err(e) if attempts < 3 => {
+                tracing::warn!(changelog, partition, error = %e, "cannot read the changelog's watermarks; asking again");
+                std::thread::sleep(wait);
+                wait *= 2;
+                attempts += 1;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read watermarks of {changelog}[{partition}]"))
+            }
+        }
+    }
 }
 
 /// Records a restore applies in one write.
@@ -2183,6 +2206,7 @@ pub async fn run<P: Processor>(
             gates.consumed(topic, *partition, offset + 1);
         }
         gates.check_positions(&consumer);
+        gates.retry_unknown(&engine, &consumer, &inputs);
         // Published in bounded chunks; as many rounds in all as one call used to do.
         for _ in 0..MAX_FIRING_ROUNDS / FIRING_ROUNDS_PER_PUBLISH {
             let (fired, more) =
@@ -2435,6 +2459,13 @@ async fn apply_rebalances<P: Processor>(
 struct BacklogGates {
     /// Per state partition, the input topic-partitions not yet read to their end.
     waiting: HashMap<i32, Vec<InputEnd>>,
+    /// Per state partition, the input partitions assigned whose backlog's end the
+    /// broker could not tell yet: their timers wait too (a timer fired before the
+    /// purchase in the backlog cannot be taken back), and the ends are asked for again.
+    unknown: HashMap<i32, Vec<i32>>,
+    /// When the unknown ends are asked for again, and the wait after that.
+    next_try: Option<Instant>,
+    retry_wait: Duration,
 }
 
 /// An input topic-partition's end at the assignment and the next offset to read.
@@ -2449,7 +2480,7 @@ struct InputEnd {
 impl BacklogGates {
     /// Whether `state_partition`'s timers wait for backlog.
     fn holds(&self, state_partition: i32) -> bool {
-        self.waiting.contains_key(&state_partition)
+        self.waiting.contains_key(&state_partition) || self.unknown.contains_key(&state_partition)
     }
 
     /// `state_partition` waits for `ends` too (those not read to their end already).
@@ -2465,6 +2496,7 @@ impl BacklogGates {
 
     fn release(&mut self, state_partition: i32) {
         self.waiting.remove(&state_partition);
+        self.unknown.remove(&state_partition);
     }
 
     /// The consumer is at `next` in `topic`/`partition`.
@@ -2511,25 +2543,66 @@ impl BacklogGates {
         if applied.opened.is_empty() {
             return;
         }
-        let Some(committed) = committed_offsets(consumer, inputs, &applied.opened) else {
-            // Not knowing where reading starts must not keep timers from ever firing.
-            return;
-        };
-        let (Some(lows), Some(highs)) = (
-            input_offsets_at(
-                consumer,
-                inputs,
-                &applied.opened,
-                rdkafka::Offset::Beginning,
-            ),
-            input_offsets_at(consumer, inputs, &applied.opened, rdkafka::Offset::End),
-        ) else {
-            return;
-        };
-        for &p in &applied.opened {
-            let ends = input_ends(inputs, p, &committed, &lows, &highs);
-            self.wait_for(engine.state_partition(p), ends);
+        self.retry_wait = Duration::ZERO;
+        self.learn_ends(engine, consumer, inputs, &applied.opened);
+    }
+
+    /// Asks where reading starts and where the backlog ends for the input `partitions`
+    /// (three requests whatever their number); those the broker cannot tell go on
+    /// waiting, and are asked for again later.
+    fn learn_ends<P: Processor, C: ConsumerContext>(
+        &mut self,
+        engine: &Engine<P>,
+        consumer: &StreamConsumer<C>,
+        inputs: &[String],
+        partitions: &[i32],
+    ) {
+        let answers = committed_offsets(consumer, inputs, partitions).and_then(|committed| {
+            let lows = input_offsets_at(consumer, inputs, partitions, rdkafka::Offset::Beginning)?;
+            let highs = input_offsets_at(consumer, inputs, partitions, rdkafka::Offset::End)?;
+            Some((committed, lows, highs))
+        });
+        for &p in partitions {
+            let state_partition = engine.state_partition(p);
+            match answers
+                .as_ref()
+                .and_then(|(committed, lows, highs)| input_ends(inputs, p, committed, lows, highs))
+            {
+                Some(ends) => self.wait_for(state_partition, ends),
+                None => {
+                    let unknown = self.unknown.entry(state_partition).or_default();
+                    if !unknown.contains(&p) {
+                        unknown.push(p);
+                    }
+                }
+            }
         }
+        if !self.unknown.is_empty() {
+            self.retry_wait =
+                (self.retry_wait * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            self.next_try = Some(Instant::now() + self.retry_wait);
+            tracing::warn!(
+                retry_in = ?self.retry_wait,
+                "the broker cannot tell where some inputs' backlog ends; their partitions' timers wait until it can"
+            );
+        }
+    }
+
+    /// Asks again for the backlog ends the broker could not tell, when due.
+    fn retry_unknown<P: Processor, C: ConsumerContext>(
+        &mut self,
+        engine: &Engine<P>,
+        consumer: &StreamConsumer<C>,
+        inputs: &[String],
+    ) {
+        if self.unknown.is_empty() || self.next_try.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let partitions: Vec<i32> = std::mem::take(&mut self.unknown)
+            .into_values()
+            .flatten()
+            .collect();
+        self.learn_ends(engine, consumer, inputs, &partitions);
     }
 }
 
@@ -2545,7 +2618,7 @@ fn committed_offsets<C: ConsumerContext>(
     ) {
         Ok(committed) => Some(committed),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read committed offsets; timers do not wait for the backlog");
+            tracing::warn!(error = %e, "cannot read committed offsets");
             None
         }
     }
@@ -2576,14 +2649,13 @@ fn input_offsets_at<C: ConsumerContext>(
     // A list-offsets request reads the offset as a timestamp, where Beginning (-2)
     // means the earliest and End (-1) the latest.
     if let Err(e) = tpl.set_all_offsets(at) {
-        tracing::warn!(error = %e, "cannot ask for the inputs' offsets; timers do not wait for the backlog");
+        tracing::warn!(error = %e, "cannot ask for the inputs' offsets");
         return None;
     }
     match consumer.offsets_for_times(tpl, Duration::from_secs(10)) {
         Ok(offsets) => Some(offsets),
         Err(e) => {
-            // Not knowing the backlog must not keep timers from ever firing.
-            tracing::warn!(error = %e, "cannot read the inputs' ends; timers do not wait for the backlog");
+            tracing::warn!(error = %e, "cannot read the inputs' ends");
             None
         }
     }
@@ -2591,18 +2663,18 @@ fn input_offsets_at<C: ConsumerContext>(
 
 /// Each input topic's end in `partition` and the offset the consumer starts at (its
 /// group's committed offset in `committed`, or the earliest one), from the watermarks
-/// `lows` and `highs`.
+/// `lows` and `highs`; `None` if the broker did not tell one of them.
 fn input_ends(
     inputs: &[String],
     partition: i32,
     committed: &rdkafka::TopicPartitionList,
     lows: &rdkafka::TopicPartitionList,
     highs: &rdkafka::TopicPartitionList,
-) -> Vec<InputEnd> {
+) -> Option<Vec<InputEnd>> {
     let offset = |tpl: &rdkafka::TopicPartitionList, topic: &str| {
         let e = tpl.find_partition(topic, partition)?;
         if let Err(error) = e.error() {
-            tracing::warn!(%topic, partition, %error, "cannot read the input's end; its timers do not wait for the backlog");
+            tracing::warn!(%topic, partition, %error, "cannot read the input's end");
             return None;
         }
         match e.offset() {
@@ -2612,9 +2684,7 @@ fn input_ends(
     };
     let mut ends = Vec::new();
     for topic in inputs {
-        let (Some(low), Some(high)) = (offset(lows, topic), offset(highs, topic)) else {
-            continue;
-        };
+        let (low, high) = (offset(lows, topic)?, offset(highs, topic)?);
         let committed = committed
             .find_partition(topic, partition)
             .map(|e| e.offset());
@@ -2629,7 +2699,7 @@ fn input_ends(
             next,
         });
     }
-    ends
+    Some(ends)
 }
 
 fn dedup(mut v: Vec<i32>) -> Vec<i32> {

@@ -28,7 +28,7 @@ const INPUT: &str = "kairos-test-input";
 
 struct Broker {
     // Kept alive for the test's length.
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     config: Config,
     producer: FutureProducer,
     metrics: RuntimeMetrics,
@@ -54,7 +54,7 @@ fn broker() -> Broker {
         DEAD_LETTER
     );
     Broker {
-        _cluster: cluster,
+        cluster,
         dead_letters: OutputDeadLetters::new(&config, "test"),
         config,
         producer,
@@ -829,4 +829,21 @@ fn a_store_whose_records_another_instance_wrote_between_is_not_marked_clean() {
         state_of(&a_store)[1..5],
         expected.map(|v| v.map(str::to_string))
     );
+}
+
+#[test]
+fn a_restore_asks_again_when_the_broker_fails_to_list_the_changelogs_offsets() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let broker = broker();
+    let (_a_dir, mut a_store) = fresh_store();
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    // A leader moving: the next offset listings fail.
+    broker.cluster.request_errors(
+        RDKafkaApiKey::ListOffsets,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 2],
+    );
+    let (_b_dir, b_store, stats) = restored_with_stats(&broker);
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
+    assert_eq!(value(&b_store, "c/1").as_deref(), Some("a1"));
 }
