@@ -156,8 +156,8 @@ pub struct ClockConfig {
     #[serde(with = "humantime_serde")]
     pub max_event_lead: Duration,
     /// Event-time mode: an input record whose event time is further than this ahead of
-    /// its partition's event time (once the partition has one) goes to the dead-letter
-    /// topic: one event dated years ahead would move the partition's clock there and
+    /// its partition's event time (of this machine's clock for the partition's first
+    /// event) goes to the dead-letter topic: one event dated years ahead would move the partition's clock there and
     /// make every later timer late. Larger than `max_event_lead`, as input replayed
     /// from history may pause for weeks on a partition.
     #[serde(with = "humantime_serde")]

@@ -997,8 +997,11 @@ impl<P: Processor> Engine<P> {
 
 /// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
 /// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
-/// partition's event time, once it has one (event-time mode: there the input's times
-/// move the clock, and one event dated years ahead would make every later timer late).
+/// partition's event time (event-time mode: there the input's times move the clock,
+/// and one event dated years ahead would make every later timer late). A partition's
+/// first event in event-time mode has no event time to compare with: it is held to
+/// `clock.max_event_gap` ahead of this machine's clock (history replayed is never
+/// ahead of it).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
@@ -1008,8 +1011,9 @@ fn check_event_lead<P: Processor>(
 ) -> Result<P::Input, Rejection> {
     let (now, clock_name, setting) = match mode {
         ClockMode::Wall => (wall_now(), "this machine's clock", "clock.max_event_lead"),
-        // A partition that has seen no event yet has no time to compare with.
-        ClockMode::Event if partition_event_time <= 0 => return Ok(input),
+        ClockMode::Event if partition_event_time <= 0 => {
+            (wall_now(), "this machine's clock", "clock.max_event_gap")
+        }
         ClockMode::Event => (
             partition_event_time,
             "the partition's event time",

@@ -1790,6 +1790,36 @@ fn in_event_time_mode_an_event_far_ahead_of_the_partitions_time_is_dead_lettered
     );
 }
 
+#[test]
+fn in_event_time_mode_a_partitions_first_event_far_ahead_of_the_machines_clock_is_dead_lettered() {
+    let mut h = Harness::new();
+    // The partition's very first event has no event time to compare with.
+    h.site(
+        "fa-1",
+        "page_view",
+        "fa",
+        at("2999-01-01T00:00:00Z"),
+        json!({"page_url": "/"}),
+    );
+    let t0 = at(T0);
+    h.site("fa-2", "add_to_cart", "fa", t0, add_to_cart("p1", 10.0));
+    h.advance(t0 + 2 * HOUR);
+    let fired = h.triggers("fa", "abandoned_cart");
+    assert_eq!(
+        fired.len(),
+        1,
+        "the partition's time stayed in its year: {fired:#?}"
+    );
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ahead of this machine's clock")
+            && reason.contains("clock.max_event_gap = 1year"),
+        "{reason}"
+    );
+}
+
 /// A harness whose profile reads `identified-events`, as behind the identity processor.
 fn identified_harness() -> Harness {
     identified_harness_with("")
