@@ -234,6 +234,26 @@ pub struct ProfileUpdate {
     pub messenger_id: Option<String>,
     #[serde(default)]
     pub subscription_ends_at: Option<i64>,
+    /// Attributes the customer no longer has (a phone number removed, a plan without
+    /// an end): an absent field and a null read the same, so clearing is named here.
+    #[serde(default)]
+    pub cleared: Vec<ProfileField>,
+}
+
+/// A profile attribute a `profile_update` can clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+#[allow(non_camel_case_types)]
+pub enum ProfileField {
+    first_name,
+    last_name,
+    birthday,
+    time_zone,
+    email,
+    phone,
+    push_token,
+    messenger_id,
+    subscription_ends_at,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]

@@ -424,6 +424,7 @@ fn customer_event_matches_its_schema() {
             push_token: Some("fcm:APA91bH-example".into()),
             messenger_id: Some("tg:123456789".into()),
             subscription_ends_at: Some(T0 + 5 * 86_400_000),
+            cleared: vec![ProfileField::last_name, ProfileField::messenger_id],
         }),
         interaction: Some(MessageInteraction {
             send_id: Some("send-5f2e".into()),

@@ -6,6 +6,7 @@ use compact_str::CompactString;
 
 use kairos_core::contracts::{
     Channel, CustomerEvent, EventType, LineItem, OrderStatus, Outcome, OutcomeKind, Product,
+    ProfileField,
 };
 use kairos_core::small_map::SmallMap;
 use kairos_core::time::Millis;
@@ -551,13 +552,39 @@ impl CustomerProfile {
             );
             set(field::TIME_ZONE, &mut self.time_zone, u.time_zone.as_ref());
             set(field::BIRTHDAY, &mut self.birthday, u.birthday.as_ref());
-            // Absent and null read the same in the contract (an optional field), so
-            // a statement can move the end but not clear it.
             if let Some(ends) = u.subscription_ends_at {
                 if newer_statement(&mut self.stated_at, field::SUBSCRIPTION_ENDS_AT, at) {
                     self.subscription_ends_at = Some(ends);
                 }
             }
+            // Absent and null read the same in the contract, so a clearing is named;
+            // it is a statement like any other (after a value in the same update).
+            for cleared in &u.cleared {
+                self.clear(*cleared, at);
+            }
+        }
+    }
+
+    /// Clears `attribute` as stated at `at`, unless a later statement of it is known.
+    fn clear(&mut self, attribute: ProfileField, at: Millis) {
+        let (code, slot) = match attribute {
+            ProfileField::first_name => (field::FIRST_NAME, &mut self.first_name),
+            ProfileField::last_name => (field::LAST_NAME, &mut self.last_name),
+            ProfileField::birthday => (field::BIRTHDAY, &mut self.birthday),
+            ProfileField::time_zone => (field::TIME_ZONE, &mut self.time_zone),
+            ProfileField::email => (field::EMAIL, &mut self.email),
+            ProfileField::phone => (field::PHONE, &mut self.phone),
+            ProfileField::push_token => (field::PUSH_TOKEN, &mut self.push_token),
+            ProfileField::messenger_id => (field::MESSENGER_ID, &mut self.messenger_id),
+            ProfileField::subscription_ends_at => {
+                if newer_statement(&mut self.stated_at, field::SUBSCRIPTION_ENDS_AT, at) {
+                    self.subscription_ends_at = None;
+                }
+                return;
+            }
+        };
+        if newer_statement(&mut self.stated_at, code, at) {
+            *slot = None;
         }
     }
 

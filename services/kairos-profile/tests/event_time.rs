@@ -885,6 +885,63 @@ fn subscription_ending_follows_the_end_date() {
 }
 
 #[test]
+fn a_cleared_subscription_end_fires_nothing_and_an_older_statement_does_not_bring_it_back() {
+    let t = at("2026-05-01T08:00:00Z");
+    let ends = at("2026-06-01T00:00:00Z");
+    let mut h = Harness::new();
+    let update = |h: &mut Harness, id: &str, at: Millis, profile: Value| {
+        h.site(
+            id,
+            "profile_update",
+            "sc",
+            at,
+            json!({ "profile": profile }),
+        );
+    };
+    update(
+        &mut h,
+        "sc-set",
+        t,
+        json!({"subscription_ends_at": ends, "phone": "+4915100000001"}),
+    );
+    // The customer moved to a plan without an end and removed the phone number.
+    update(
+        &mut h,
+        "sc-clear",
+        t + DAY,
+        json!({"cleared": ["subscription_ends_at", "phone"]}),
+    );
+    // A statement made before the clearing, delivered after it, changes nothing.
+    update(
+        &mut h,
+        "sc-old",
+        t + HOUR,
+        json!({"subscription_ends_at": ends + DAY, "phone": "+4915100000002"}),
+    );
+    h.advance(ends + 2 * DAY);
+    assert!(h.triggers("sc", "subscription_ending").is_empty());
+    let p = h.pipeline.profile("sc").expect("read").expect("stored");
+    assert_eq!((p.subscription_ends_at, p.phone), (None, None));
+    // A later end is a new plan with an end: it fires.
+    let renewed = ends + 60 * DAY;
+    update(
+        &mut h,
+        "sc-new",
+        ends + 3 * DAY,
+        json!({"subscription_ends_at": renewed}),
+    );
+    h.advance(renewed);
+    assert_eq!(
+        steps(&h, "sc", "subscription_ending"),
+        [(0, renewed - 5 * DAY)]
+    );
+    // Only the attributes the contract names can be cleared.
+    update(&mut h, "sc-bad", renewed, json!({"cleared": ["revenue"]}));
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+}
+
+#[test]
 fn subscription_ending_fires_five_days_before() {
     let t = at("2026-05-01T08:00:00Z");
     let ends = at("2026-06-01T00:00:00Z");
