@@ -518,6 +518,9 @@ impl<P: Processor> Engine<P> {
             return Ok(Vec::new());
         }
         let store = self.factory.open(partition)?;
+        // A restore took the clean-close mark already; without a changelog none ran,
+        // and a mark left from a run with one would outlive the writes that follow.
+        store.take_clean_close()?;
         let clock = Clock::new(self.mode, store.event_time()?);
         let backlog = store.outbox()?;
         self.parts.insert(

@@ -63,10 +63,11 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 const META_WRITER: &[u8] = b"m/writer";
 /// The last changelog record of every commit (see [`CHANGELOG_COMMIT_HEADER`]).
 pub const META_COMMIT_END: &[u8] = b"m/commit_end";
-/// Written when the store's partition is closed with every changelog record of it
-/// acknowledged (the changelog end, then the wall time of the close): the store then
-/// equals the changelog up to that end, so when the partition comes back it only needs
-/// what others wrote after it. Never replicated; taken (deleted) by the next restore.
+/// Written when the store's partition is closed equal to the changelog up to its end
+/// (see [`PartitionStore::mark_closed_clean`]; the changelog end, then the wall time of
+/// the close), so when the partition comes back it only needs what others wrote after
+/// it. Never replicated; taken (deleted) by the next restore, and when the partition
+/// is opened.
 const META_CLEAN_END: &[u8] = b"m/clean_end";
 
 /// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
