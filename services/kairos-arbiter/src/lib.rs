@@ -257,6 +257,12 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// Notes that the customer left `segment` at `at` (the latest time is kept).
+    fn note_left_segment(&mut self, segment: &str, at: Millis) {
+        let known = self.left_segments.get(segment).copied();
+        self.left_segments.insert(segment.into(), latest(known, at));
+    }
+
     /// Times of the sends that count against caps and the gap (all but transactional).
     fn capped_send_times(&self) -> Vec<Millis> {
         self.sends
@@ -299,9 +305,7 @@ impl CustomerLedger {
         self.last_purchase_at = self.last_purchase_at.max(other.last_purchase_at);
         self.last_active_at = self.last_active_at.max(other.last_active_at);
         for (segment, left) in other.left_segments.iter() {
-            let known = self.left_segments.get(segment).copied();
-            self.left_segments
-                .insert(segment.clone(), latest(known, *left));
+            self.note_left_segment(segment, *left);
         }
         for (offer, at) in other.offers {
             let mine = self.offers.entry(offer).or_insert(at);
@@ -811,21 +815,14 @@ impl ArbiterProcessor {
 
     /// The segment a `segment_entered` trigger was for, with when the customer left
     /// it, if that was after the trigger's cause.
-    fn segment_left_since<'l>(
-        &self,
-        ledger: &'l CustomerLedger,
-        t: &Trigger,
-    ) -> Option<(&'l str, Millis)> {
+    fn segment_left_since(&self, ledger: &CustomerLedger, t: &Trigger) -> Option<(&str, Millis)> {
         let scenario = self.config.scenario(&t.scenario)?;
         if scenario.kind != ScenarioKind::SegmentEntered {
             return None;
         }
         let target = scenario.segment.as_deref()?;
-        ledger
-            .left_segments
-            .iter()
-            .find(|(segment, left)| segment.as_str() == target && **left > t.cause_occurred_at)
-            .map(|(segment, left)| (segment.as_str(), *left))
+        let left = *ledger.left_segments.get(target)?;
+        (left > t.cause_occurred_at).then_some((target, left))
     }
 
     fn is_reactivation(&self, scenario: &str) -> bool {
@@ -1601,18 +1598,14 @@ impl ArbiterProcessor {
                 let Some(segment) = a.segment.as_deref() else {
                     return Ok(false);
                 };
-                let known = ledger.left_segments.get(segment).copied();
-                ledger
-                    .left_segments
-                    .insert(segment.into(), latest(known, at));
+                ledger.note_left_segment(segment, at);
                 // Caused before the customer left: a trigger of a later return to the
                 // segment is caused at or after it.
                 let why = format!("the customer left {segment} at {at}");
                 self.end_scenarios(ctx, ledger, a, "left_segment", &why, |scenario| {
-                    self.config.scenario(scenario).is_some_and(|s| {
-                        s.kind == ScenarioKind::SegmentEntered
-                            && s.segment.as_deref() == Some(segment)
-                    })
+                    self.config
+                        .scenario(scenario)
+                        .is_some_and(|s| s.targets_segment(segment))
                 })?;
             }
             CustomerActionKind::opt_in => {

@@ -393,14 +393,12 @@ fn a_visit_ends_queued_and_late_reactivation_messages() {
 
 #[test]
 fn leaving_a_segment_ends_its_queued_late_and_cascading_messages() {
-    let mut a = Arbiter::from_text(&format!(
-        "{}\n{}{}",
-        common::CONFIG.replace(
-            "[arbiter]\n",
-            "[arbiter]\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"\n"
-        ),
-        common::WIN_BACK,
-        r#"
+    let mut a = Arbiter::with_config_and_scenarios(
+        "quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+        &format!(
+            "{}{}",
+            common::WIN_BACK,
+            r#"
 [[scenarios]]
 name = "vip"
 kind = "segment_entered"
@@ -408,7 +406,8 @@ segment = "Champions"
 channels = ["email"]
 template = "vip"
 "#
-    ));
+        ),
+    );
     a.time_zone = Some("UTC".into());
     // The customer entered At Risk at night: the win-back waits for the morning, and
     // a VIP greeting of another segment waits too.

@@ -863,6 +863,12 @@ impl ScenarioConfig {
         self.steps.iter().skip(step).map(|s| s.delay).sum()
     }
 
+    /// Whether this is a `segment_entered` scenario for `segment` (an RFM segment or a
+    /// lifecycle stage).
+    pub fn targets_segment(&self, segment: &str) -> bool {
+        self.kind == ScenarioKind::SegmentEntered && self.segment.as_deref() == Some(segment)
+    }
+
     pub fn ends_on_purchase(&self) -> bool {
         self.exit_on_purchase.unwrap_or(matches!(
             self.kind,

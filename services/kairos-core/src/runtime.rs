@@ -1794,13 +1794,9 @@ fn restore_once(
             return Ok(Restore::Done(stats));
         }
     }
-    stats.kind = if clean_end.is_some() {
-        RestoreKind::SinceCleanClose
-    } else {
-        RestoreKind::Rebuilt
-    };
     let from = match clean_end {
         Some(end) => {
+            stats.kind = RestoreKind::SinceCleanClose;
             tracing::info!(
                 changelog,
                 partition,
@@ -1811,6 +1807,7 @@ fn restore_once(
             end
         }
         None => {
+            stats.kind = RestoreKind::Rebuilt;
             tracing::info!(
                 changelog,
                 partition,

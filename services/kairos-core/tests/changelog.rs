@@ -636,6 +636,18 @@ fn publish_acknowledged(broker: &Broker, store: &mut PartitionStore, entries: Ve
         .expect("changelog end");
 }
 
+/// Closes `store` as the engine does: marked clean now, if it is.
+fn mark_clean_now(store: &PartitionStore) -> Option<i64> {
+    store
+        .mark_closed_clean(kairos_core::time::wall_now())
+        .expect("mark")
+}
+
+/// Expected values of [`state_of`].
+fn owned(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(str::to_string)).collect()
+}
+
 /// The state keys `c/0`..`c/9` of `store`, for comparing two stores.
 fn state_of(store: &PartitionStore) -> Vec<Option<String>> {
     (0..10).map(|i| value(store, &format!("c/{i}"))).collect()
@@ -673,12 +685,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
         publish_acknowledged(&broker, &mut a_store, entries);
     }
     let closed_at = broker.count(CHANGELOG);
-    assert_eq!(
-        a_store
-            .mark_closed_clean(kairos_core::time::wall_now())
-            .expect("mark"),
-        Some(closed_at)
-    );
+    assert_eq!(mark_clean_now(&a_store), Some(closed_at));
     drop(a_store);
 
     // B takes the partition over: changes a key, deletes one, adds one, then dies
@@ -707,10 +714,9 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::SinceCleanClose, "{stats:?}");
     assert_eq!(stats.records_read as i64, written_by_b, "{stats:?}");
-    let expected = [None, Some("b1"), None, Some("a3"), Some("b4")];
     assert_eq!(
         state_of(&a_store)[..5],
-        expected.map(|v| v.map(str::to_string))
+        owned(&[None, Some("b1"), None, Some("a3"), Some("b4")])
     );
     assert_eq!(
         a_store
@@ -741,10 +747,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     another_instance_commits(&broker, &[("c/6", "d6")], 5);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
-    assert_eq!(
-        state_of(&a_store)[5..7],
-        [Some("a5".to_string()), Some("d6".to_string())]
-    );
+    assert_eq!(state_of(&a_store)[5..7], owned(&[Some("a5"), Some("d6")]));
 }
 
 #[test]
@@ -758,9 +761,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
     let lost = commit(&mut a_store, &[("c/2", "never published")], 1, "out");
     assert!(lost.iter().any(|e| e.changelog));
     assert_eq!(
-        a_store
-            .mark_closed_clean(kairos_core::time::wall_now())
-            .expect("mark"),
+        mark_clean_now(&a_store),
         None,
         "a store ahead of its changelog is not clean"
     );
@@ -770,7 +771,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
     assert_eq!(
         state_of(&a_store)[1..4],
-        [Some("a1".to_string()), None, Some("b3".to_string())]
+        owned(&[Some("a1"), None, Some("b3")])
     );
 
     // Closed cleanly, but two days ago: deletions written since may have been
@@ -796,10 +797,7 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
         broker.count(CHANGELOG) + 1,
         "{stats:?}"
     );
-    assert_eq!(
-        state_of(&a_store)[1..4],
-        [None, None, Some("b3".to_string())]
-    );
+    assert_eq!(state_of(&a_store)[1..4], owned(&[None, None, Some("b3")]));
 }
 
 #[test]
@@ -814,9 +812,7 @@ fn a_store_whose_records_another_instance_wrote_between_is_not_marked_clean() {
     let entries = commit(&mut a_store, &[("c/3", "a3")], 1, "out");
     publish_acknowledged(&broker, &mut a_store, entries);
     assert_eq!(
-        a_store
-            .mark_closed_clean(kairos_core::time::wall_now())
-            .expect("mark"),
+        mark_clean_now(&a_store),
         None,
         "A lacks a record that lies before its changelog end"
     );
@@ -824,10 +820,9 @@ fn a_store_whose_records_another_instance_wrote_between_is_not_marked_clean() {
     another_instance_commits(&broker, &[("c/4", "c4")], 2);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
-    let expected = [Some("a1"), Some("b2"), Some("a3"), Some("c4")];
     assert_eq!(
         state_of(&a_store)[1..5],
-        expected.map(|v| v.map(str::to_string))
+        owned(&[Some("a1"), Some("b2"), Some("a3"), Some("c4")])
     );
 }
 

@@ -1212,11 +1212,12 @@ impl ProfileProcessor {
         ctx.emit(&self.transitions_topic, &p.customer_id, &t);
         // What a scenario for the segment left still has queued or cascading in the
         // arbiter (held by quiet hours or a cap) is no longer for this customer.
-        if let Some(left) = t.from_segment.as_deref().filter(|left| {
-            self.scenarios(ScenarioKind::SegmentEntered)
-                .iter()
-                .any(|s| s.segment.as_deref() == Some(*left))
-        }) {
+        let segment_scenarios = self.scenarios(ScenarioKind::SegmentEntered);
+        if let Some(left) = t
+            .from_segment
+            .as_deref()
+            .filter(|left| segment_scenarios.iter().any(|s| s.targets_segment(left)))
+        {
             let action = CustomerAction {
                 segment: Some(left.to_string()),
                 ..CustomerAction::new(
@@ -1228,8 +1229,8 @@ impl ProfileProcessor {
             };
             ctx.emit(&self.actions_topic, &p.customer_id, &action);
         }
-        for s in self.scenarios(ScenarioKind::SegmentEntered).iter() {
-            if s.segment.as_deref() == Some(to) {
+        for s in segment_scenarios.iter() {
+            if s.targets_segment(to) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());

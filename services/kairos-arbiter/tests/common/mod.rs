@@ -106,12 +106,18 @@ impl Arbiter {
 
     /// An arbiter with `extra` appended to the `[arbiter]` section.
     pub fn with_config(extra: &str) -> Self {
-        Self::from_text(&CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{extra}\n")))
+        Self::with_config_and_scenarios(extra, "")
     }
 
     /// An arbiter with further `[[scenarios]]` after the test configuration's.
     pub fn with_scenarios(scenarios: &str) -> Self {
-        Self::from_text(&format!("{CONFIG}\n{scenarios}"))
+        Self::with_config_and_scenarios("", scenarios)
+    }
+
+    /// Both of the above.
+    pub fn with_config_and_scenarios(extra: &str, scenarios: &str) -> Self {
+        let config = CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{extra}\n"));
+        Self::from_text(&format!("{config}\n{scenarios}"))
     }
 
     pub fn from_text(text: &str) -> Self {
