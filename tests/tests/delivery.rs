@@ -364,8 +364,12 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     assert_eq!(status, 422, "{body}");
     let (status, _) = post("{\"send_id\": 1}", Some("hook-secret"));
     assert_eq!(status, 400);
+    // Until the clicks and the bounce are all read: the read stops as soon as what
+    // it waits for is in, and the outcomes' partitions are read side by side.
     let clicks = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
         v.iter().filter(|o| o["kind"] == "clicked").count() >= 2
+            && v.iter()
+                .any(|o| o["send_id"] == "gone-1" && o["kind"] == "bounced_hard")
     });
     let click_ids: BTreeSet<&str> = clicks
         .iter()

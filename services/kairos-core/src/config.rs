@@ -128,6 +128,14 @@ pub struct StateConfig {
     /// Replicate state to `<prefix><service>-changelog` topics, so partitions can move
     /// between instances with their state.
     pub changelog: bool,
+    /// How long ids that records are deduplicated by (feedback's outcomes, decisions
+    /// and purchases, a delivery worker's send ids) are kept after they were first
+    /// seen, then deleted so that state does not grow for ever. A redelivered copy
+    /// (after a crash, a producer retry) comes minutes later; a record whose own time
+    /// is older than this is not counted (feedback) or not sent (delivery), as a copy
+    /// of it may have been forgotten. Must be longer than any message's validity.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 impl Default for StateConfig {
@@ -140,6 +148,7 @@ impl Default for StateConfig {
             timer_tick: Duration::from_millis(250),
             cache_entries: 100_000,
             changelog: true,
+            dedup_window: Duration::from_secs(60 * 24 * 3600),
         }
     }
 }
@@ -1084,6 +1093,23 @@ impl Config {
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
         }
+        if self.state.dedup_window < Duration::from_secs(24 * 3600) {
+            return Err(fail("dedup_window", "must be at least 1 day".into()));
+        }
+        if let Some(s) = self
+            .scenarios
+            .iter()
+            .find(|s| s.valid_for >= self.state.dedup_window)
+        {
+            return Err(fail(
+                "dedup_window",
+                format!(
+                    "must be longer than every scenario's valid_for (scenario {:?} is valid for {})",
+                    s.name,
+                    humantime_serde::re::humantime::format_duration(s.valid_for)
+                ),
+            ));
+        }
         if self.arbiter.control_group_percent > 100 {
             return Err(fail(
                 "control_group_percent",
@@ -1625,6 +1651,22 @@ mod tests {
         let err = parse(text).unwrap_err().to_string();
         assert!(err.starts_with("test.toml:7:"), "{err}");
         assert!(err.contains("mass send"), "{err}");
+    }
+
+    #[test]
+    fn a_dedup_window_not_longer_than_a_scenarios_validity_is_rejected_with_line() {
+        let text = "[state]\ndedup_window = \"3days\"\n[[scenarios]]\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\nvalid_for = \"3days\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(
+            err.contains("dedup_window") && err.contains("\"a\""),
+            "{err}"
+        );
+        let shorter = text.replace("valid_for = \"3days\"", "valid_for = \"2days\"");
+        assert_eq!(
+            parse(&shorter).expect("valid").state.dedup_window.as_secs(),
+            3 * 86_400
+        );
     }
 
     #[test]

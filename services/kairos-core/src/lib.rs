@@ -11,6 +11,7 @@ pub mod admin;
 pub mod calendar;
 pub mod config;
 pub mod contracts;
+pub mod dedup;
 pub mod encoding;
 pub mod identifiers;
 pub mod ids;

@@ -353,6 +353,27 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// The first `limit` entries under `prefix` after the key `after`, in key order,
+    /// values still encoded: see [`PartitionStore::scan_from`].
+    pub fn scan_from(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .store
+            .scan_from(
+                self.pending,
+                prefix.as_bytes(),
+                after.map(str::as_bytes),
+                limit,
+            )?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
+    }
+
     /// Queues an output record (JSON); it is published after the batch commits.
     pub fn emit<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) {
         self.metrics.output_records.inc(&[topic]);

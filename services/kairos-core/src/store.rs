@@ -728,6 +728,62 @@ impl PartitionStore {
             .collect())
     }
 
+    /// The first `limit` state entries (the batch's writes included) whose application
+    /// key starts with `prefix` and sorts after `after` (from the prefix's first key
+    /// when None), in key order: for sweeps that walk a large prefix a bounded piece
+    /// at a time.
+    pub fn scan_from(
+        &self,
+        pending: &Pending,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let full = prefixed(STATE, prefix);
+        let start = match after {
+            Some(after) => {
+                // The smallest key after `after`: `after` followed by a zero byte.
+                let mut start = prefixed(STATE, after);
+                start.push(0);
+                start
+            }
+            None => full.clone(),
+        };
+        let in_range = |k: &[u8]| k.starts_with(&full) && k >= start.as_slice();
+        // The batch's writes in range (they are few next to the store), then the
+        // first `limit` committed entries the batch neither deletes nor rewrites:
+        // the first `limit` of both together are the answer.
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for (k, v) in pending.writes.iter().filter(|(k, _)| in_range(k)) {
+            if let Some(v) = v {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in pending.written_back.iter() {
+            if in_range(k) {
+                merged.insert(k.to_vec(), v.to_vec());
+            }
+        }
+        let mut committed = 0;
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for item in self.db.iterator(mode) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&full) || committed >= limit {
+                break;
+            }
+            if pending.writes.contains_key(k.as_ref()) || pending.written_back.get(&k).is_some() {
+                continue;
+            }
+            merged.insert(k.to_vec(), v.to_vec());
+            committed += 1;
+        }
+        Ok(merged
+            .into_iter()
+            .take(limit)
+            .map(|(k, v)| (k[STATE.len()..].to_vec(), v))
+            .collect())
+    }
+
     /// Committed state values whose application key starts with `prefix` (for tools
     /// such as `kairos explain`; not used on hot paths).
     pub fn scan_state(&self, prefix: &[u8]) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {

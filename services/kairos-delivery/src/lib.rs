@@ -30,6 +30,7 @@ use kairos_core::config::{topics, Config, DeliveryChannelConfig, ProviderKind};
 use kairos_core::contracts::{
     Channel, DeadLetter, DeadLetterReason, Outcome, OutcomeKind, SendCommand,
 };
+use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
@@ -127,6 +128,9 @@ pub struct DeliveryProcessor {
     limiter: DefaultDirectRateLimiter,
     breaker: CircuitBreaker,
     metrics: DeliveryMetrics,
+    /// Send ids taken, kept for `state.dedup_window` (the key `s/<send id>` as before
+    /// ids expired).
+    sends_seen: SeenIds,
 }
 
 impl DeliveryProcessor {
@@ -219,6 +223,7 @@ impl DeliveryProcessor {
             limiter: RateLimiter::direct(quota),
             breaker: CircuitBreaker::new(settings.circuit_breaker.clone()),
             metrics: m,
+            sends_seen: SeenIds::new("s/", "sx", config.state.dedup_window),
             settings,
         };
         // Every series exists from the start, so rates and alerts see zeros, not gaps.
@@ -627,13 +632,19 @@ impl Processor for DeliveryProcessor {
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: SendInput) -> anyhow::Result<()> {
         let cmd = &input.command;
-        let key = format!("s/{}", cmd.send_id);
-        if ctx.get::<Millis>(&key)?.is_some() {
-            return Ok(());
-        }
         let now = ctx.now();
-        ctx.put(&key, &now)?;
         let send = SendSummary::from(cmd);
+        match self.sends_seen.check(ctx, &cmd.send_id, cmd.created_at)? {
+            Seen::First => {}
+            Seen::Again => return Ok(()),
+            Seen::BeforeWindow => {
+                // Its id may have been taken and forgotten: never sent, whatever its
+                // valid-until says (the configuration keeps validities shorter).
+                let reason = "expired: created before state.dedup_window".to_string();
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
+                return Ok(());
+            }
+        }
         if cmd.valid_until < now {
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now);
             return Ok(());
@@ -654,6 +665,9 @@ impl Processor for DeliveryProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        if timer.timer_id == self.sends_seen.timer_id() {
+            return self.sends_seen.sweep(ctx, timer);
+        }
         let later: LaterOutcome = timer.decode()?;
         self.emit_outcome(ctx, &later.send, later.kind, None, timer.fire_at);
         Ok(())
@@ -707,6 +721,88 @@ pub async fn run(
 mod tests {
     use super::*;
     use kairos_core::contracts::MessageCategory;
+
+    /// A send id is taken once within `state.dedup_window`; once the window has passed
+    /// and the id is swept, a copy of the command (created before the window) is
+    /// failed, never sent again, whatever valid-until it carries.
+    #[test]
+    fn a_send_id_is_taken_once_and_a_copy_older_than_the_window_is_never_sent() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let config = Config::from_text(
+            &path,
+            &text,
+            &[
+                (
+                    "KAIROS__STATE__DIR".into(),
+                    dir.path().display().to_string(),
+                ),
+                ("KAIROS__CLOCK__MODE".into(), "event".into()),
+            ],
+        )
+        .expect("config");
+        let mut settings = config.delivery[&Channel::email].clone();
+        settings.provider = ProviderKind::Simulator;
+        let registry = prometheus::Registry::new();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry, None)
+            .expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let topic = config.send_topic(Channel::email);
+        let outcomes_topic = config.topic(topics::OUTCOMES);
+        let t0 = 20_000 * DAY;
+        let mut push = |send_id: &str, created_at: Millis| -> Vec<Outcome> {
+            let cmd = SendCommand {
+                send_id: send_id.into(),
+                trigger_id: format!("t-{send_id}"),
+                customer_id: "c1".into(),
+                scenario: "abandoned_cart".into(),
+                channel: Channel::email,
+                category: MessageCategory::trigger,
+                template: "abandoned_cart".into(),
+                address: Some("c1@example.com".into()),
+                variables: r#"{"first_name":"Ann","cart_items":[],"cart_value":1.0}"#.into(),
+                created_at,
+                // Far ahead: only the window keeps an old copy from going out again.
+                valid_until: created_at + 1_000 * DAY,
+                cause_occurred_at: created_at,
+                reasons: vec![],
+            };
+            let payload = serde_json::to_vec(&cmd).expect("encode");
+            let mut out = replayer.push(&topic, b"c1", &payload).expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            out.iter()
+                .filter(|o| o.topic == outcomes_topic)
+                .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+                .filter(|o| o.send_id == send_id)
+                .collect()
+        };
+        let sent = |outcomes: &[Outcome]| {
+            outcomes
+                .iter()
+                .filter(|o| o.kind == OutcomeKind::sent)
+                .count()
+        };
+        assert_eq!(sent(&push("a", t0)), 1);
+        assert_eq!(
+            push("a", t0).len(),
+            0,
+            "a copy within the window does nothing"
+        );
+        // Past the window (60 days by default) the sweep forgets "a".
+        assert_eq!(sent(&push("b", t0 + 62 * DAY)), 1);
+        let again = push("a", t0);
+        assert_eq!(sent(&again), 0, "{again:?}");
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].kind, OutcomeKind::failed);
+        assert_eq!(
+            again[0].reason.as_deref(),
+            Some("expired: created before state.dedup_window")
+        );
+    }
 
     /// A later outcome stored before the send's address was appended still reads.
     #[test]

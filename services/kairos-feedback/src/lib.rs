@@ -17,6 +17,7 @@ use kairos_core::contracts::{
     Channel, CustomerEvent, Decision, DecisionOutcome, EventType, MessageCategory, OfflineReceipt,
     Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
 };
+use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
@@ -108,6 +109,7 @@ struct FeedbackMetrics {
     conversion_rate: GaugeVec,
     lift: GaugeVec,
     message_rates: GaugeVec,
+    before_window: IntCounterVec,
 }
 
 impl FeedbackMetrics {
@@ -187,6 +189,12 @@ impl FeedbackMetrics {
                 "Message rates since this process started, by scenario, channel and rate (delivery, open, click, click_to_open, unsubscribe, complaint, bounce).",
                 &["scenario", "channel", "rate"],
             ),
+            before_window: metrics::counter_vec(
+                registry,
+                "kairos_feedback_records_before_window_total",
+                "Outcomes, decisions and purchases not counted because they are older than state.dedup_window (a copy of them may have been counted and its id forgotten), by kind.",
+                &["kind"],
+            ),
         }
     }
 }
@@ -205,6 +213,32 @@ pub struct FeedbackProcessor {
     /// Outcomes per configured scenario and channel, by kind, since the process started.
     outcome_counts: HashMap<(String, Channel), [u64; OutcomeKind::ALL.len()]>,
     changed_outcomes: HashSet<(String, Channel)>,
+    /// Ids seen, by [`RecordKind`], kept for `state.dedup_window`.
+    seen: [SeenIds; 3],
+}
+
+/// The records feedback deduplicates by id.
+#[derive(Debug, Clone, Copy)]
+enum RecordKind {
+    Outcome = 0,
+    Decision = 1,
+    Purchase = 2,
+}
+
+impl RecordKind {
+    const ALL: [RecordKind; 3] = [
+        RecordKind::Outcome,
+        RecordKind::Decision,
+        RecordKind::Purchase,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Outcome => "outcome",
+            RecordKind::Decision => "decision",
+            RecordKind::Purchase => "purchase",
+        }
+    }
 }
 
 impl FeedbackProcessor {
@@ -256,6 +290,9 @@ impl FeedbackProcessor {
                 m.failures.with_label_values(&[channel.as_str(), reason]);
             }
         }
+        for kind in RecordKind::ALL {
+            m.before_window.with_label_values(&[kind.as_str()]);
+        }
         for source in ["online", "offline"] {
             m.purchases.with_label_values(&[source]);
             m.purchase_revenue.with_label_values(&[source]);
@@ -281,6 +318,13 @@ impl FeedbackProcessor {
             tallies: HashMap::new(),
             outcome_counts: HashMap::new(),
             changed_outcomes: HashSet::new(),
+            // The same keys as before ids expired (`o/`, `d/`, `p/`), so a store
+            // written then still knows what it counted.
+            seen: [
+                SeenIds::new("o/", "ox", config.state.dedup_window),
+                SeenIds::new("d/", "dx", config.state.dedup_window),
+                SeenIds::new("p/", "px", config.state.dedup_window),
+            ],
         }
     }
 
@@ -293,17 +337,31 @@ impl FeedbackProcessor {
         }
     }
 
-    /// Records `key` as seen; false when it was seen before (a redelivered record).
-    fn first_time(ctx: &mut Ctx<'_>, key: &str, at: Millis) -> anyhow::Result<bool> {
-        if ctx.get::<Millis>(key)?.is_some() {
-            return Ok(false);
+    /// Records the id as seen; false when it was seen before (a redelivered record)
+    /// or when the record is older than the deduplication window (counted apart: a
+    /// copy of it may have been counted and forgotten).
+    fn first_time(
+        &self,
+        ctx: &mut Ctx<'_>,
+        kind: RecordKind,
+        id: &str,
+        at: Millis,
+    ) -> anyhow::Result<bool> {
+        match self.seen[kind as usize].check(ctx, id, at)? {
+            Seen::First => Ok(true),
+            Seen::Again => Ok(false),
+            Seen::BeforeWindow => {
+                self.metrics
+                    .before_window
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+                Ok(false)
+            }
         }
-        ctx.put(key, &at)?;
-        Ok(true)
     }
 
     fn on_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
-        if !Self::first_time(ctx, &format!("o/{}", o.outcome_id), o.occurred_at)? {
+        if !self.first_time(ctx, RecordKind::Outcome, &o.outcome_id, o.occurred_at)? {
             return Ok(());
         }
         self.metrics
@@ -330,7 +388,7 @@ impl FeedbackProcessor {
     }
 
     fn on_decision(&mut self, ctx: &mut Ctx<'_>, d: &Decision) -> anyhow::Result<()> {
-        if !Self::first_time(ctx, &format!("d/{}", d.decision_id), d.decided_at)? {
+        if !self.first_time(ctx, RecordKind::Decision, &d.decision_id, d.decided_at)? {
             return Ok(());
         }
         let scenario = self.scenario_label(&d.scenario).to_string();
@@ -379,7 +437,7 @@ impl FeedbackProcessor {
     }
 
     fn on_purchase(&mut self, ctx: &mut Ctx<'_>, p: &Purchase) -> anyhow::Result<()> {
-        if !Self::first_time(ctx, &format!("p/{}", p.event_id), p.occurred_at)? {
+        if !self.first_time(ctx, RecordKind::Purchase, &p.event_id, p.occurred_at)? {
             return Ok(());
         }
         self.metrics.purchases.with_label_values(&[p.source]).inc();
@@ -572,8 +630,12 @@ impl Processor for FeedbackProcessor {
         }
     }
 
-    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
-        Ok(())
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        // The only timers are the sweeps of the ids seen.
+        match self.seen.iter().find(|s| s.timer_id() == timer.timer_id) {
+            Some(seen) => seen.sweep(ctx, timer),
+            None => anyhow::bail!("unknown feedback timer {:?}", timer.timer_id),
+        }
     }
 
     fn flush(&mut self, _ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
@@ -612,24 +674,33 @@ mod tests {
         assert_eq!(f.scenario_label("customer-42-special"), "other");
     }
 
+    /// Feedback over `config_text`, its state in `dir`, fed by a replayer.
+    fn replayer(
+        dir: &Path,
+        config_text: &str,
+    ) -> (
+        Config,
+        prometheus::Registry,
+        kairos_core::replay::Replayer<FeedbackProcessor>,
+    ) {
+        let config = Config::from_text(
+            Path::new("t.toml"),
+            config_text,
+            &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
+        )
+        .expect("config");
+        let registry = prometheus::Registry::new();
+        let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
+        let replayer = kairos_core::replay::Replayer::new(f, &config, &registry).expect("replayer");
+        (config, registry, replayer)
+    }
+
     /// In wall-clock mode a site event days ahead of the clock is dead-lettered, not
     /// counted as a conversion; one a few minutes ahead is applied.
     #[test]
     fn a_site_event_days_ahead_of_the_clock_is_dead_lettered() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = Config::from_text(
-            Path::new("t.toml"),
-            "[clock]\nmode = \"wall\"\n",
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
-        )
-        .expect("config");
-        let registry = prometheus::Registry::new();
-        let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
-        let mut replayer =
-            kairos_core::replay::Replayer::new(f, &config, &registry).expect("replayer");
+        let (config, _registry, mut replayer) = replayer(dir.path(), "[clock]\nmode = \"wall\"\n");
         let now = kairos_core::time::wall_now();
         let purchase = |id: &str, at: Millis| {
             serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
@@ -661,6 +732,61 @@ mod tests {
             "{}",
             dead[0]
         );
+    }
+
+    /// An outcome counts once however often it comes within `state.dedup_window`; its
+    /// id is deleted after the window, and a copy older than the window is counted
+    /// apart, not as a new outcome.
+    #[test]
+    fn outcomes_count_once_and_their_ids_expire_with_the_window() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[state]\ndedup_window = \"2days\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
+             template = \"t\"\nvalid_for = \"1day\"\n",
+        );
+        let topic = config.topic(topics::OUTCOMES);
+        let t0 = 1_000 * DAY;
+        let mut push = |id: &str, at: Millis| {
+            let outcome = Outcome {
+                outcome_id: id.into(),
+                send_id: format!("send-{id}"),
+                customer_id: "c1".into(),
+                scenario: "welcome".into(),
+                channel: Channel::email,
+                category: MessageCategory::trigger,
+                kind: OutcomeKind::delivered,
+                reason: None,
+                occurred_at: at,
+                address: None,
+            };
+            let payload = serde_json::to_vec(&outcome).expect("encode");
+            replayer.push(&topic, b"c1", &payload).expect("push");
+            replayer.commit().expect("commit");
+        };
+        // The sum of a counter's series, those with a label of value `label` only.
+        let total = |name: &str, label: Option<&str>| {
+            registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric().iter())
+                .filter(|m| label.is_none_or(|v| m.get_label().iter().any(|l| l.value() == v)))
+                .map(|m| m.get_counter().get_value())
+                .sum::<f64>()
+        };
+        let delivered = || total("kairos_message_outcomes_total", Some("delivered"));
+        let before_window = || total("kairos_feedback_records_before_window_total", None);
+        push("o1", t0);
+        push("o1", t0 + DAY);
+        assert_eq!(delivered(), 1.0, "a copy within the window counts once");
+        // Four days on, the sweep has deleted o1's id (its timer is feedback's to fire).
+        push("o2", t0 + 4 * DAY);
+        push("o1", t0);
+        assert_eq!(delivered(), 2.0, "o2 counts, the old copy of o1 does not");
+        assert_eq!(before_window(), 1.0);
     }
 
     #[test]
