@@ -65,9 +65,8 @@ pub struct CustomerLedger {
     pub ignored_in_row: u32,
     /// Hashes of the latest outcome ids applied, so a redelivered outcome counts once.
     pub recent_outcomes: Vec<u64>,
-    /// Hashes of the latest trigger ids decided (newest last, bounded), so a
-    /// redelivered trigger is decided once. Kept in the ledger, which is read for the
-    /// decision anyway, instead of one key per trigger that would never expire.
+    /// Hashes of trigger ids decided by versions before `decided_triggers` (newest
+    /// last); moved there when the ledger is next decided on, then empty.
     pub recent_triggers: Vec<u64>,
     /// Triggers fired up to this time may have been decided by a version that kept
     /// one `t/<trigger id>` key per trigger instead (set when such a ledger is first
@@ -100,6 +99,13 @@ pub struct CustomerLedger {
     /// targets: a trigger of that scenario caused before it, arriving late, is
     /// cancelled.
     pub left_segments: SmallMap<CompactString, Millis>,
+    /// Hashes of the trigger ids decided, with each trigger's valid-until (oldest
+    /// first), so a redelivered trigger is decided once: the newest `RECENT_TRIGGERS`,
+    /// and beyond them every one still valid (up to `TRIGGERS_KEPT`). A copy of one
+    /// forgotten here was past its valid-until, so it is decided "expired" and sends
+    /// nothing. Kept in the ledger, which is read for the decision anyway, instead of
+    /// one key per trigger.
+    pub decided_triggers: Vec<(u64, Millis)>,
 }
 
 /// How a chain step's final decision ended it.
@@ -225,12 +231,48 @@ const BOUNCE_WINDOW: Millis = 30 * DAY;
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
-/// Trigger ids remembered per customer: caps allow a few messages a day, so this
-/// covers months of triggers, far longer than any redelivery after a crash.
+/// Trigger ids remembered per customer whatever their valid-until: far more than any
+/// redelivery after a crash brings back.
 const RECENT_TRIGGERS: usize = 128;
+/// Trigger ids remembered per customer at most, still valid ones included: a bound on
+/// the ledger against a flood of long-valid triggers for one customer.
+const TRIGGERS_KEPT: usize = 4_096;
 
 /// How many absorbed customer ids a ledger keeps.
 const ABSORBED_KEPT: usize = 16;
+
+/// Records the trigger `h` (valid until `valid_until`) as decided; false when it was
+/// decided before. Beyond the newest `RECENT_TRIGGERS`, ids of triggers past their
+/// valid-until at `now` are let go (see `CustomerLedger::decided_triggers`).
+fn remember_trigger(ledger: &mut CustomerLedger, h: u64, valid_until: Millis, now: Millis) -> bool {
+    if !ledger.recent_triggers.is_empty() {
+        // Decided by an earlier version: its valid-until is not known, so it is kept
+        // as the newest `RECENT_TRIGGERS` only.
+        let earlier = std::mem::take(&mut ledger.recent_triggers);
+        let mut decided: Vec<(u64, Millis)> =
+            earlier.into_iter().map(|h| (h, Millis::MIN)).collect();
+        decided.append(&mut ledger.decided_triggers);
+        ledger.decided_triggers = decided;
+    }
+    let decided = &mut ledger.decided_triggers;
+    if decided.iter().any(|(seen, _)| *seen == h) {
+        return false;
+    }
+    decided.push((h, valid_until));
+    if decided.len() > RECENT_TRIGGERS {
+        let older = decided.len() - RECENT_TRIGGERS;
+        let mut index = 0;
+        decided.retain(|(_, until)| {
+            index += 1;
+            index > older || *until >= now
+        });
+        if decided.len() > TRIGGERS_KEPT {
+            let excess = decided.len() - TRIGGERS_KEPT;
+            decided.drain(..excess);
+        }
+    }
+    true
+}
 
 /// Adds `id` to the absorbed customers (newest last, bounded by `ABSORBED_KEPT`).
 fn note_absorbed(absorbed: &mut Vec<String>, id: String) {
@@ -1555,6 +1597,7 @@ impl ArbiterProcessor {
                     merged_into: Some(into),
                     sent_to: std::mem::take(&mut ledger.sent_to),
                     recent_triggers: std::mem::take(&mut ledger.recent_triggers),
+                    decided_triggers: std::mem::take(&mut ledger.decided_triggers),
                     legacy_dedup_until: ledger.legacy_dedup_until,
                     ..CustomerLedger::default()
                 };
@@ -2139,7 +2182,7 @@ impl ArbiterProcessor {
                 || ledger.cascades.contains_key(&t.trigger_id);
             if seen_before_upgrade
                 || in_flight
-                || !remember(&mut ledger.recent_triggers, h, RECENT_TRIGGERS)
+                || !remember_trigger(ledger, h, t.valid_until, ctx.now())
             {
                 self.decisions
                     .inc(&[DecisionOutcome::duplicate.as_str(), "trigger_id"]);
@@ -2423,6 +2466,37 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Trigger ids an earlier version remembered (without valid-until) still make a
+    /// copy a duplicate, and then age out as the newest `RECENT_TRIGGERS` would.
+    #[test]
+    fn trigger_ids_remembered_by_an_earlier_version_carry_over() {
+        let mut ledger = CustomerLedger {
+            recent_triggers: vec![1, 2],
+            ..CustomerLedger::default()
+        };
+        assert!(!remember_trigger(&mut ledger, 2, 100, 0), "a duplicate");
+        assert!(ledger.recent_triggers.is_empty());
+        assert_eq!(
+            ledger.decided_triggers,
+            [(1, Millis::MIN), (2, Millis::MIN)]
+        );
+        for h in 3..3 + RECENT_TRIGGERS as u64 {
+            assert!(remember_trigger(&mut ledger, h, 1_000, 500));
+        }
+        // Older than the newest kept and of unknown validity: let go; the rest stay.
+        assert!(!ledger.decided_triggers.iter().any(|(h, _)| *h <= 2));
+        assert_eq!(ledger.decided_triggers.len(), RECENT_TRIGGERS);
+        // Past the newest kept, still-valid ids stay, up to `TRIGGERS_KEPT`.
+        for h in 1_000..1_000 + TRIGGERS_KEPT as u64 {
+            assert!(remember_trigger(&mut ledger, h, 1_000, 500));
+        }
+        assert_eq!(ledger.decided_triggers.len(), TRIGGERS_KEPT);
+        assert_eq!(
+            ledger.decided_triggers.last(),
+            Some(&(1_000 + TRIGGERS_KEPT as u64 - 1, 1_000))
+        );
+    }
 
     /// A queue entry stored before the wake-up, chain and reasons were appended.
     #[test]

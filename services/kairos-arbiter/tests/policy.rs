@@ -720,6 +720,42 @@ fn a_trigger_still_in_the_queue_is_a_duplicate_however_many_came_since() {
 }
 
 #[test]
+fn a_trigger_still_valid_is_a_duplicate_however_many_came_since() {
+    let mut a = Arbiter::new();
+    let mut x = a.trigger_of("x", "welcome", TRIGGER, T0);
+    x.valid_until = T0 + 10 * DAY;
+    assert_eq!(a.push_trigger(&x).outcome, DecisionOutcome::sent);
+    // More triggers than the ledger keeps whatever their validity (receipts, which
+    // pass every cap), each valid for a day.
+    let receipts = |a: &mut Arbiter, prefix: &str, from: i64| {
+        for i in 0..200 {
+            a.trigger(
+                &format!("{prefix}{i}"),
+                "welcome",
+                MessageCategory::transactional,
+                from + (i + 1) * 1000,
+            );
+        }
+    };
+    receipts(&mut a, "r", T0);
+    // Redelivered while still valid (a profile's outbox sent again after a crash):
+    // decided once, sent once.
+    a.push("triggers", "c1", &x);
+    assert_eq!(a.decisions_of("x").len(), 1, "{:#?}", a.decisions_of("x"));
+    // Once it expired, newer triggers let its id go: a copy now is decided expired,
+    // and still nothing more goes out.
+    receipts(&mut a, "s", T0 + 11 * DAY);
+    a.push("triggers", "c1", &x);
+    let decided = a.decisions_of("x");
+    assert_eq!(decided.len(), 2, "{decided:#?}");
+    assert_eq!(
+        (decided[1].outcome, decided[1].rule.as_str()),
+        (DecisionOutcome::expired, "valid_until")
+    );
+    assert_eq!(a.sends.iter().filter(|s| s.trigger_id == "x").count(), 1);
+}
+
+#[test]
 fn the_channel_the_customer_engages_with_comes_first() {
     let mut a = Arbiter::new();
     assert_eq!(
