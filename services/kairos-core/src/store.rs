@@ -63,12 +63,19 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 const META_WRITER: &[u8] = b"m/writer";
 /// The last changelog record of every commit (see [`CHANGELOG_COMMIT_HEADER`]).
 pub const META_COMMIT_END: &[u8] = b"m/commit_end";
-/// Written when the store's partition is closed equal to the changelog up to its end
-/// (see [`PartitionStore::mark_closed_clean`]; the changelog end, then the wall time of
-/// the close), so when the partition comes back it only needs what others wrote after
-/// it. Never replicated; taken (deleted) by the next restore, and when the partition
-/// is opened.
+/// Written whenever the store equals the changelog up to its end: when the broker has
+/// acknowledged every changelog record of it (see
+/// [`PartitionStore::changelog_acknowledged`]) and when its partition is closed (see
+/// [`PartitionStore::mark_closed_clean`]); the changelog end, then the wall time. So
+/// when the partition comes back, after a close or a crash, it only needs what others
+/// wrote after it. Deleted by the commit that adds changelog records to the outbox
+/// (atomically with it), never replicated; taken (deleted) by the next restore, and
+/// when the partition is opened.
 const META_CLEAN_END: &[u8] = b"m/clean_end";
+/// Set by the first write-ahead record ([`PartitionStore::put_now`]) a store writes,
+/// and kept: such a record may be in the store and not in the changelog (a crash while
+/// it was replicated), so the store is never taken to equal the changelog.
+const META_WROTE_AHEAD: &[u8] = b"m/wrote_ahead";
 
 /// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
 const OPTIONS_DIR: &str = "rocksdb-options";
@@ -251,8 +258,15 @@ impl StoreFactory {
             opened_at_changelog_end: None,
             own_changelog_records: 0,
             wrote_ahead: std::cell::Cell::new(false),
+            unacknowledged_changelog: 0,
+            clean_mark_written: false,
         };
         store.opened_at_changelog_end = store.changelog_end()?;
+        store
+            .wrote_ahead
+            .set(store.raw_get(META_WROTE_AHEAD)?.is_some());
+        store.unacknowledged_changelog =
+            store.outbox()?.iter().filter(|e| e.changelog).count() as u64;
         store.next_outbox_seq = store.outbox_seq_floor()?;
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
@@ -273,6 +287,14 @@ impl StoreFactory {
         store.timers = std::cell::RefCell::new(store.load_timers()?);
         Ok(store)
     }
+}
+
+/// The value of [`META_CLEAN_END`]: the changelog end, then the wall time.
+fn clean_mark(end: i64, now: Millis) -> [u8; 16] {
+    let mut mark = [0_u8; 16];
+    mark[..8].copy_from_slice(&(end as u64).to_be_bytes());
+    mark[8..].copy_from_slice(&now.to_be_bytes());
+    mark
 }
 
 /// One output record waiting in the outbox.
@@ -521,6 +543,11 @@ pub struct PartitionStore {
     opened_at_changelog_end: Option<i64>,
     own_changelog_records: u64,
     wrote_ahead: std::cell::Cell<bool>,
+    /// Changelog records in the outbox the broker has not acknowledged yet.
+    unacknowledged_changelog: u64,
+    /// Whether this store wrote [`META_CLEAN_END`] since its last commit of changelog
+    /// records (that commit deletes it).
+    clean_mark_written: bool,
 }
 
 impl PartitionStore {
@@ -684,8 +711,10 @@ impl PartitionStore {
     /// a process crash (RocksDB's write-ahead log; a replay, which writes without the
     /// log, has no external effects); it is not replicated to the changelog.
     pub fn put_now(&self, key: &[u8], value: &[u8]) -> StoreResult<()> {
-        self.wrote_ahead.set(true);
         let mut batch = WriteBatch::default();
+        if !self.wrote_ahead.replace(true) {
+            batch.put(META_WROTE_AHEAD, []);
+        }
         batch.put(prefixed(STATE, key), value);
         self.write(batch)
     }
@@ -1100,9 +1129,22 @@ impl PartitionStore {
         batch
             .put(META_OUTBOX_SEQ, &self.next_outbox_seq.to_be_bytes())
             .map_err(|e| self.too_large(e))?;
+        let new_changelog = entries.iter().filter(|e| e.changelog).count() as u64;
+        let unmark = new_changelog > 0 && self.clean_mark_written;
+        if unmark {
+            // The store is ahead of the changelog from here until these are
+            // acknowledged.
+            batch
+                .delete(META_CLEAN_END)
+                .map_err(|e| self.too_large(e))?;
+        }
         let written = self.write(batch.finish());
         self.batch = batch;
         written?;
+        self.unacknowledged_changelog += new_changelog;
+        if unmark {
+            self.clean_mark_written = false;
+        }
         Ok(entries)
     }
 
@@ -1268,9 +1310,30 @@ impl PartitionStore {
 
     /// Notes that the broker acknowledged `records` changelog records of this store,
     /// the last of them at offset `last`: the changelog holds the store up to there.
+    /// When no changelog record of the store is left unacknowledged, it equals the
+    /// changelog up to there, and marks itself clean (see [`META_CLEAN_END`]) if no
+    /// other writer's record lies between (see [`Self::mark_closed_clean`]): a crash
+    /// from then until its next commit leaves a store that catches up from its end.
     pub fn changelog_acknowledged(&mut self, records: u64, last: i64) -> StoreResult<()> {
         self.own_changelog_records += records;
-        self.set_changelog_end(last + 1)
+        self.unacknowledged_changelog = self.unacknowledged_changelog.saturating_sub(records);
+        let end = last + 1;
+        let mut batch = WriteBatch::default();
+        batch.put(META_CHANGELOG_END, (end as u64).to_be_bytes());
+        let clean = self.unacknowledged_changelog == 0 && self.fills_changelog_since_open(end);
+        if clean {
+            batch.put(META_CLEAN_END, clean_mark(end, crate::time::wall_now()));
+        }
+        self.write(batch)?;
+        self.clean_mark_written |= clean;
+        Ok(())
+    }
+
+    /// Whether the records this store had acknowledged since it was opened fill the
+    /// changelog from where it ended then to `end`, and it wrote no write-ahead record.
+    fn fills_changelog_since_open(&self, end: i64) -> bool {
+        let opened_at = self.opened_at_changelog_end.unwrap_or(0);
+        !self.wrote_ahead.get() && end - opened_at == self.own_changelog_records as i64
     }
 
     pub fn set_changelog_end(&self, end: i64) -> StoreResult<()> {
@@ -1291,18 +1354,11 @@ impl PartitionStore {
         let Some(end) = self.changelog_end()? else {
             return Ok(None);
         };
-        let opened_at = self.opened_at_changelog_end.unwrap_or(0);
-        if self.wrote_ahead.get()
-            || end - opened_at != self.own_changelog_records as i64
-            || self.outbox()?.iter().any(|e| e.changelog)
-        {
+        if !self.fills_changelog_since_open(end) || self.outbox()?.iter().any(|e| e.changelog) {
             return Ok(None);
         }
-        let mut mark = [0_u8; 16];
-        mark[..8].copy_from_slice(&(end as u64).to_be_bytes());
-        mark[8..].copy_from_slice(&now.to_be_bytes());
         self.db
-            .put(META_CLEAN_END, mark)
+            .put(META_CLEAN_END, clean_mark(end, now))
             .map_err(|e| self.rocks(e))?;
         Ok(Some(end))
     }

@@ -738,16 +738,87 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
         Some(2)
     );
 
-    // The mark was taken: once A writes again and others write after it (with no
-    // clean close between), A is rebuilt whole.
+    // The mark was taken. A writes again (marked once acknowledged), then commits
+    // once more, and dies before that commit reaches the broker: the commit took the
+    // mark away with it, so once others write A is rebuilt whole, without it.
     let mut a_store = a_store;
     let entries = commit(&mut a_store, &[("c/5", "a5")], 4, "a's next output");
     publish_acknowledged(&broker, &mut a_store, entries);
+    let lost = commit(&mut a_store, &[("c/6", "never published")], 5, "lost");
+    assert!(lost.iter().any(|e| e.changelog));
     drop(a_store);
-    another_instance_commits(&broker, &[("c/6", "d6")], 5);
+    another_instance_commits(&broker, &[("c/7", "d7")], 5);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
-    assert_eq!(state_of(&a_store)[5..7], owned(&[Some("a5"), Some("d6")]));
+    assert_eq!(
+        state_of(&a_store)[5..8],
+        owned(&[Some("a5"), None, Some("d7")])
+    );
+}
+
+#[test]
+fn a_store_killed_with_every_changelog_record_acknowledged_reads_only_what_others_wrote() {
+    let broker = broker();
+    let (a_dir, mut a_store) = fresh_store();
+    for (i, puts) in [[("c/1", "a1")], [("c/2", "a2")]].iter().enumerate() {
+        let entries = commit(&mut a_store, puts, i as i64, "a's output");
+        publish_acknowledged(&broker, &mut a_store, entries);
+    }
+    // Killed: no close, no clean mark written at a close.
+    drop(a_store);
+    let before_b = broker.count(CHANGELOG);
+    another_instance_commits(&broker, &[("c/1", "b1"), ("c/3", "b3")], 2);
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert_eq!(stats.kind, RestoreKind::SinceCleanClose, "{stats:?}");
+    assert_eq!(
+        stats.records_read as i64,
+        broker.count(CHANGELOG) - before_b,
+        "{stats:?}"
+    );
+    let expected = owned(&[None, Some("b1"), Some("a2"), Some("b3")]);
+    assert_eq!(state_of(&a_store)[..4], expected);
+    let (_c_dir, c_store) = restored(&broker);
+    assert_eq!(state_of(&c_store), state_of(&a_store), "as a rebuild");
+}
+
+#[test]
+fn a_store_that_ever_wrote_a_write_ahead_record_is_never_taken_for_the_changelog() {
+    let broker = broker();
+    let (a_dir, mut a_store) = fresh_store();
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    // A provider-call record that never reached the changelog (a crash while it was
+    // replicated; here it is not replicated at all).
+    a_store.put_now(b"c/9", b"attempt").expect("write ahead");
+    drop(a_store);
+    // Restarted on its own: a commit, acknowledged, in a run that wrote no record
+    // ahead itself.
+    let factory = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
+    let mut a_store = factory.open(0).expect("open");
+    let entries = commit(&mut a_store, &[("c/2", "a2")], 1, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    assert_eq!(mark_clean_now(&a_store), None);
+    drop(a_store);
+    drop(factory);
+    another_instance_commits(&broker, &[("c/3", "b3")], 2);
+    let (a_store, stats) = restore_in_place(&broker, a_dir.path());
+    assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
+    assert_eq!(
+        state_of(&a_store),
+        owned(&[
+            None,
+            Some("a1"),
+            Some("a2"),
+            Some("b3"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None
+        ]),
+        "the record the changelog never had is gone"
+    );
 }
 
 #[test]
