@@ -87,6 +87,9 @@ struct ScenarioTimerRef<'a> {
 const SEGMENT_REVIEW: &str = "~segments";
 /// Timers that delete a merged customer's forwarding record (`~forward/<customer>`).
 const FORWARD_EXPIRY: &str = "~forward";
+/// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
+/// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
+const RETURN_MARK_EXPIRY: &str = "~returned";
 
 struct Metrics {
     triggers: metrics::CachedCounterVec,
@@ -1025,12 +1028,39 @@ impl ProfileProcessor {
                 None => {
                     ctx.cancel(&timer_id(&s.name, customer_id))?;
                 }
-                // The pending follow-up may belong to a later order: mark this order
-                // returned; the timer checks the mark when it fires.
+                // The pending follow-up may belong to a later order, or the purchase
+                // may come after its return: mark this order returned; the timer
+                // checks the mark when it fires.
                 Some(order) => ctx.put(&format!("ret/{customer_id}/{order}"), &true)?,
             }
         }
+        if let (Some(order), Some(keep_for)) = (order_id, self.return_mark_lifetime()) {
+            // Kept until every follow-up of the order has fired or been skipped as too
+            // late (its purchase came before the return), not for ever.
+            ctx.schedule(
+                &format!("{RETURN_MARK_EXPIRY}/{customer_id}/{order}"),
+                ctx.now().saturating_add(keep_for),
+                &(),
+            )?;
+        }
         Ok(())
+    }
+
+    /// How long after a return its mark may still be needed: the longest post-purchase
+    /// chain (its delays) plus its tolerance, and a day more. None without such a
+    /// scenario.
+    fn return_mark_lifetime(&self) -> Option<Millis> {
+        self.scenarios(ScenarioKind::PostPurchase)
+            .iter()
+            .map(|s| {
+                let chain = s.delay
+                    + s.steps
+                        .iter()
+                        .map(|step| step.delay)
+                        .sum::<std::time::Duration>();
+                ms(chain + s.tolerance()) + kairos_core::time::DAY
+            })
+            .max()
     }
 
     /// Tells the catalog join, keyed by product, of a customer's interest in it.
@@ -2079,6 +2109,12 @@ impl Processor for ProfileProcessor {
             self.on_segment_review(ctx, &customer, timer.fire_at)
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{FORWARD_EXPIRY}/")) {
             ctx.delete(&forward_key(customer));
+            Ok(())
+        } else if let Some(mark) = timer
+            .timer_id
+            .strip_prefix(&format!("{RETURN_MARK_EXPIRY}/"))
+        {
+            ctx.delete(&format!("ret/{mark}"));
             Ok(())
         } else {
             self.on_scenario_timer(ctx, timer)

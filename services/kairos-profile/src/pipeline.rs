@@ -172,6 +172,21 @@ impl Pipeline {
         }
     }
 
+    /// Keys of the profile's committed state under `prefix`, every partition (for tests
+    /// and tools): commit first.
+    pub fn profile_state_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        for partition in self.profile.engine.owned() {
+            if let Some(store) = self.profile.engine.store(partition) {
+                for (key, _) in store.scan_state(prefix.as_bytes())? {
+                    keys.push(String::from_utf8_lossy(&key).into_owned());
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     fn route(
         &mut self,
         first: Vec<OutboxEntry>,

@@ -678,6 +678,51 @@ fn post_purchase_is_cancelled_by_a_return() {
 }
 
 #[test]
+fn a_return_mark_holds_off_a_late_purchases_follow_up_and_then_expires() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    // The return comes before its purchase, and another one whose purchase never
+    // comes: both orders are marked returned.
+    for (id, order_id) in [("rm-ret1", "o-rm1"), ("rm-ret2", "o-rm2")] {
+        h.site(
+            id,
+            "order_status",
+            "rm",
+            t,
+            order(order_id, 80.0, Some("returned")),
+        );
+    }
+    h.site(
+        "rm-buy1",
+        "purchase",
+        "rm",
+        t - DAY,
+        order("o-rm1", 80.0, None),
+    );
+    h.commit();
+    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
+    assert_eq!(marks, ["ret/rm/o-rm1", "ret/rm/o-rm2"]);
+    // No review request for the order sent back; its mark goes when it is read.
+    h.advance(t + 14 * DAY);
+    assert!(h.triggers("rm", "post_purchase").is_empty());
+    h.commit();
+    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
+    assert_eq!(marks, ["ret/rm/o-rm2"]);
+    // The other goes once no follow-up of its order could fire any more (14 days of
+    // delay, a day of tolerance and a day more).
+    h.advance(t + 16 * DAY - MINUTE);
+    h.commit();
+    assert_eq!(
+        h.pipeline.profile_state_keys("ret/").expect("keys").len(),
+        1
+    );
+    h.advance(t + 16 * DAY);
+    h.commit();
+    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
+    assert!(marks.is_empty(), "{marks:?}");
+}
+
+#[test]
 fn post_purchase_is_cancelled_by_a_till_refund() {
     let t = at(T0);
     let mut h = Harness::new();
