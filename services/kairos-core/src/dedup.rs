@@ -91,18 +91,12 @@ impl SeenIds {
         ctx.put(&self.index_key(day_of(now), id), &())?;
         let timer = self.timer_id();
         if ctx.timer_fire_at(&timer)?.is_none() {
-            let state = if self.legacy_indexed(ctx)? {
-                SweepState::default()
+            let (fire_at, state) = if self.legacy_indexed(ctx)? {
+                (self.deletable_at(day_of(now)), SweepState::default())
             } else {
                 // Keys written before the index: the first firing starts indexing them.
-                SweepState {
-                    legacy_after: Some(String::new()),
-                }
-            };
-            let fire_at = if state.legacy_after.is_some() {
-                now
-            } else {
-                self.deletable_at(day_of(now))
+                let legacy_after = Some(String::new());
+                (now, SweepState { legacy_after })
             };
             ctx.schedule(&timer, fire_at, &state)?;
         }
@@ -144,14 +138,12 @@ impl SeenIds {
                 let first_seen: Millis = decode_state(value).map_err(|e| {
                     anyhow::anyhow!("deduplication key {key:?} does not decode: {e}")
                 })?;
-                let id = &key[self.prefix.len()..];
-                if day_of(first_seen) < horizon_day {
+                let day = day_of(first_seen);
+                if day < horizon_day {
                     ctx.delete(key);
                 } else {
-                    ctx.put(&self.index_key(day_of(first_seen), id), &())?;
-                    oldest_left = Some(
-                        oldest_left.map_or(day_of(first_seen), |d: i64| d.min(day_of(first_seen))),
-                    );
+                    ctx.put(&self.index_key(day, &key[self.prefix.len()..]), &())?;
+                    oldest_left = Some(oldest_left.map_or(day, |d: i64| d.min(day)));
                 }
             }
             if done {

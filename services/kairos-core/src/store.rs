@@ -730,31 +730,10 @@ impl PartitionStore {
     }
 
     /// State entries under `prefix`, committed and pending merged (pending wins;
-    /// pending deletions hide committed entries).
+    /// pending deletions hide committed entries). Scans are rare (a price change, a
+    /// merge) and a batch is bounded by `state.max_batch_records`.
     pub fn scan(&self, pending: &Pending, prefix: &[u8]) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        let full = prefixed(STATE, prefix);
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for item in self.db.prefix_iterator(&full) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(&full) {
-                break;
-            }
-            merged.insert(k.to_vec(), Some(v.to_vec()));
-        }
-        // Every pending write is looked at: scans are rare (a price change, a merge)
-        // and a batch is bounded by `state.max_batch_records`.
-        for (k, v) in pending.writes.iter().filter(|(k, _)| k.starts_with(&full)) {
-            merged.insert(k.clone(), v.clone());
-        }
-        for (key, value) in pending.written_back.iter() {
-            if key.starts_with(&full) {
-                merged.insert(key.to_vec(), Some(value.to_vec()));
-            }
-        }
-        Ok(merged
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k[STATE.len()..].to_vec(), v)))
-            .collect())
+        self.scan_from(pending, prefix, None, usize::MAX)
     }
 
     /// The first `limit` state entries (the batch's writes included) whose application
@@ -1114,6 +1093,8 @@ impl PartitionStore {
         }
         writes.clear();
         self.sorted_writes = writes;
+        // Every record for the changelog (none without one).
+        let new_changelog = records.len() as u64;
         for (topic, key, payload, is_changelog) in records {
             let entry = self.outbox_entry(topic, key, payload, is_changelog, durable_outputs);
             if durable_outputs {
@@ -1129,7 +1110,6 @@ impl PartitionStore {
         batch
             .put(META_OUTBOX_SEQ, &self.next_outbox_seq.to_be_bytes())
             .map_err(|e| self.too_large(e))?;
-        let new_changelog = entries.iter().filter(|e| e.changelog).count() as u64;
         let unmark = new_changelog > 0 && self.clean_mark_written;
         if unmark {
             // The store is ahead of the changelog from here until these are
@@ -1347,14 +1327,14 @@ impl PartitionStore {
     /// acknowledged (none left in the outbox) and the records it had acknowledged since
     /// it was opened fill the changelog from where it ended then: no other instance
     /// wrote between them (a former owner still publishing, or one that ran on after
-    /// its session expired). A store that wrote a write-ahead record since it was
-    /// opened is not marked (their acknowledgements are not counted). Returns the end
-    /// marked, or `None`. `now` is the wall clock.
+    /// its session expired). A store that ever wrote a write-ahead record is not
+    /// marked (see [`META_WROTE_AHEAD`]). Returns the end marked, or `None`. `now` is
+    /// the wall clock.
     pub fn mark_closed_clean(&self, now: Millis) -> StoreResult<Option<i64>> {
         let Some(end) = self.changelog_end()? else {
             return Ok(None);
         };
-        if !self.fills_changelog_since_open(end) || self.outbox()?.iter().any(|e| e.changelog) {
+        if !self.fills_changelog_since_open(end) || self.unacknowledged_changelog > 0 {
             return Ok(None);
         }
         self.db
