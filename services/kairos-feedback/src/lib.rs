@@ -27,8 +27,10 @@ use kairos_core::time::Millis;
 use prometheus::{CounterVec, GaugeVec, IntCounterVec, Opts};
 
 pub mod attribution;
+pub mod expiry;
 
 use attribution::{Group, Touch};
+use expiry::{TouchExpiry, SWEEP_TIMER, TOUCH_PREFIX};
 
 /// Failure reasons a label may take; anything else counts as "other".
 const FAILURE_REASONS: [&str; 7] = [
@@ -215,6 +217,7 @@ pub struct FeedbackProcessor {
     changed_outcomes: HashSet<(String, Channel)>,
     /// Ids seen, by [`RecordKind`], kept for `state.dedup_window`.
     seen: [SeenIds; 3],
+    touch_expiry: TouchExpiry,
 }
 
 /// The records feedback deduplicates by id.
@@ -325,6 +328,10 @@ impl FeedbackProcessor {
                 SeenIds::new("d/", "dx", config.state.dedup_window),
                 SeenIds::new("p/", "px", config.state.dedup_window),
             ],
+            touch_expiry: TouchExpiry::new(
+                config.feedback.attribution_window.as_millis() as Millis,
+                Millis::try_from(config.state.dedup_window.as_millis()).unwrap_or(Millis::MAX),
+            ),
         }
     }
 
@@ -433,6 +440,7 @@ impl FeedbackProcessor {
         if last.as_ref().is_none_or(|l| l.at <= touch.at) {
             ctx.put(&key, &touch)?;
         }
+        self.touch_expiry.arm(ctx, touch.at)?;
         Ok(())
     }
 
@@ -449,6 +457,8 @@ impl FeedbackProcessor {
         let Some(mut touch) = ctx.get::<Touch>(&key)? else {
             return Ok(());
         };
+        // Also arms the sweep of a store whose touches were written before they expired.
+        self.touch_expiry.arm(ctx, touch.at)?;
         let attribution = touch.attribute(p.occurred_at, self.window);
         if !attribution.attributed {
             return Ok(());
@@ -555,7 +565,7 @@ fn outcome_index(kind: OutcomeKind) -> usize {
 }
 
 fn touch_key(customer_id: &str) -> String {
-    format!("t/{customer_id}")
+    format!("{TOUCH_PREFIX}{customer_id}")
 }
 
 /// The bounded label of a failure reason such as "template: missing variable name".
@@ -631,7 +641,10 @@ impl Processor for FeedbackProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        // The only timers are the sweeps of the ids seen.
+        // The only timers are the sweeps of the touches and of the ids seen.
+        if timer.timer_id == SWEEP_TIMER {
+            return self.touch_expiry.sweep(ctx, timer);
+        }
         match self.seen.iter().find(|s| s.timer_id() == timer.timer_id) {
             Some(seen) => seen.sweep(ctx, timer),
             None => anyhow::bail!("unknown feedback timer {:?}", timer.timer_id),
@@ -787,6 +800,92 @@ mod tests {
         push("o1", t0);
         assert_eq!(delivered(), 2.0, "o2 counts, the old copy of o1 does not");
         assert_eq!(before_window(), 1.0);
+    }
+
+    /// A touch is kept while a purchase could still be attributed to it (a late one
+    /// within `state.dedup_window` included) and deleted by the sweep after that,
+    /// without any further input for the customer.
+    #[test]
+    fn touches_expire_once_no_purchase_can_reach_them() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[state]\ndedup_window = \"2days\"\n\
+             [feedback]\nattribution_window = \"3days\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
+             template = \"t\"\nvalid_for = \"1day\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let site = config.topic(topics::SITE_EVENTS);
+        let t0 = 1_000 * DAY;
+        let decision = |customer: &str, at: Millis| Decision {
+            decision_id: format!("d-{customer}-{at}"),
+            trigger_id: format!("t-{customer}-{at}"),
+            customer_id: customer.into(),
+            scenario: "welcome".into(),
+            category: MessageCategory::trigger,
+            outcome: DecisionOutcome::sent,
+            channel: Some(Channel::email),
+            send_id: Some(format!("s-{customer}-{at}")),
+            rule: "sent".into(),
+            reason: "test".into(),
+            decided_at: at,
+        };
+        let purchase = |id: &str, customer: &str, at: Millis| {
+            serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
+                "customer_id": customer, "order": {"order_id": id, "total": 10.0}})
+            .to_string()
+        };
+        let touches = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>| {
+            let mut keys = Vec::new();
+            for p in replayer.engine.owned() {
+                let store = replayer.engine.store(p).expect("open partition");
+                for (key, _) in store.scan_state(TOUCH_PREFIX.as_bytes()).expect("scan") {
+                    keys.push(String::from_utf8_lossy(&key).into_owned());
+                }
+            }
+            keys.sort();
+            keys
+        };
+        let conversions = || {
+            registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == "kairos_conversions_total")
+                .flat_map(|f| f.get_metric().iter())
+                .map(|m| m.get_counter().get_value())
+                .sum::<f64>()
+        };
+        for customer in ["c1", "c2"] {
+            let payload = serde_json::to_vec(&decision(customer, t0)).expect("encode");
+            replayer
+                .push(&decisions, customer.as_bytes(), &payload)
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        // Four days on, c2's touch is touched again; a purchase of c1's from the
+        // attribution window arrives late but within the deduplication window.
+        let payload = serde_json::to_vec(&decision("c2", t0 + 4 * DAY)).expect("encode");
+        replayer.push(&decisions, b"c2", &payload).expect("push");
+        replayer
+            .push(
+                &site,
+                b"c1",
+                purchase("late", "c1", t0 + 2 * DAY).as_bytes(),
+            )
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(conversions(), 1.0, "the late purchase reached c1's touch");
+        assert_eq!(touches(&replayer), ["t/c1", "t/c2"]);
+        // Past c1's touch plus both windows (five days), with no input for c1.
+        replayer.advance_to(t0 + 6 * DAY).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(touches(&replayer), ["t/c2"], "c1's touch expired");
+        // c2's touch goes too once its own five days have passed.
+        replayer.advance_to(t0 + 11 * DAY).expect("advance");
+        replayer.commit().expect("commit");
+        assert!(touches(&replayer).is_empty(), "{:?}", touches(&replayer));
     }
 
     #[test]
