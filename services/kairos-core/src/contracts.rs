@@ -874,6 +874,11 @@ pub enum IdentifiedRecord {
         /// the survivor holds them on, or sends them.
         #[serde(default)]
         held: Vec<Trigger>,
+        /// Chain steps of the merged customer still to fire that its profile cannot
+        /// rebuild (a segment trigger's next step, a birthday's follow-up): the
+        /// profile processor's own timer records, carried on for the survivor.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        steps: Vec<serde_json::Value>,
     },
 }
 

@@ -47,10 +47,27 @@ pub enum ProfileInput {
     Outcome(Box<Outcome>),
     /// The identity processor merged this customer into another: hand the profile over.
     MergeOut(CustomerMerge),
-    /// A merged customer's profile arrives at the survivor, with the triggers it held.
-    MergeIn(CustomerMerge, Box<CustomerProfile>, Vec<Trigger>),
+    /// A merged customer's profile arrives at the survivor, with the triggers it held
+    /// and the chain steps it had still to fire.
+    MergeIn(Box<MergeIn>),
     /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
     MergeExpected(CustomerMerge),
+}
+
+/// A merged customer's profile and what goes with it to the survivor.
+#[derive(Debug, Clone)]
+pub struct MergeIn {
+    merge: CustomerMerge,
+    profile: CustomerProfile,
+    held: Vec<Trigger>,
+    steps: Vec<CarriedStep>,
+}
+
+/// A chain step of a merged customer still to fire (see `IdentifiedRecord::merge_in`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedStep {
+    fire_at: Millis,
+    timer: ScenarioTimer,
 }
 
 /// What a scenario timer remembers.
@@ -119,6 +136,10 @@ pub struct ProfileProcessor {
     profiles: StateCache<CustomerProfile>,
     /// The enabled scenarios of each kind, shared so events do not copy them.
     scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
+    /// While a merge is applied: the segments and stages the merged customer was in
+    /// already. Entering one of them through the merge starts no `segment_entered`
+    /// scenario again: the person had it (its steps still ahead come with the merge).
+    segments_held_before_merge: Vec<String>,
 }
 
 impl ProfileProcessor {
@@ -226,6 +247,7 @@ impl ProfileProcessor {
             config,
             registry,
             metrics: m,
+            segments_held_before_merge: Vec::new(),
         }
     }
 
@@ -566,12 +588,21 @@ impl ProfileProcessor {
     /// This customer joined another: its timers stop, its profile goes to the survivor
     /// (keyed by it, so it lands in the survivor's partition), and the arbiter is told.
     fn merge_out(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
+        let mut steps = Vec::new();
         let p = match self.take(ctx, &m.from)? {
             Some(p) => {
                 for s in &self.config.scenarios {
-                    ctx.cancel(&timer_id(&s.name, &m.from))?;
+                    let main = timer_id(&s.name, &m.from);
+                    // Chains the survivor's profile cannot rebuild go with the merge
+                    // (see `rearm_merged_chains` for those it can).
+                    if s.kind == ScenarioKind::SegmentEntered {
+                        steps.extend(carried_step(ctx, &main)?);
+                    }
+                    ctx.cancel(&main)?;
                     if is_yearly(s.kind) {
-                        ctx.cancel(&follow_up_timer_id(&s.name, &m.from))?;
+                        let follow_up = follow_up_timer_id(&s.name, &m.from);
+                        steps.extend(carried_step(ctx, &follow_up)?);
+                        ctx.cancel(&follow_up)?;
                     }
                 }
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
@@ -591,6 +622,7 @@ impl ProfileProcessor {
             merge: m.clone(),
             profile: serde_json::to_value(&p).context("encode a merged profile")?,
             held,
+            steps: encode_carried_steps(&steps)?,
         };
         if let Some(topic) = &self.identified_topic {
             ctx.emit(topic, &m.into, &record);
@@ -616,13 +648,13 @@ impl ProfileProcessor {
     /// A merged customer's profile joins the survivor's: the sums and the most
     /// restrictive consent (see [`CustomerProfile::absorb`]); a wait the merged one had
     /// and the survivor lacks (an anonymous cart before the login) carries on.
-    fn merge_in(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        m: &CustomerMerge,
-        merged: CustomerProfile,
-        held: Vec<Trigger>,
-    ) -> anyhow::Result<()> {
+    fn merge_in(&mut self, ctx: &mut Ctx<'_>, input: MergeIn) -> anyhow::Result<()> {
+        let MergeIn {
+            merge: ref m,
+            profile: merged,
+            held,
+            steps,
+        } = input;
         if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
             // `into` joined another customer before this profile arrived (Y into X,
             // then X into Z): the profile goes on to that one rather than bringing
@@ -634,6 +666,7 @@ impl ProfileProcessor {
                 },
                 profile: serde_json::to_value(&merged).context("encode a merged profile")?,
                 held,
+                steps: encode_carried_steps(&steps)?,
             };
             if let Some(topic) = &self.identified_topic {
                 ctx.emit(topic, &survivor, &record);
@@ -659,6 +692,17 @@ impl ProfileProcessor {
             .map(|v| (v.product_id.to_string(), v.price, v.at))
             .collect();
         let merged_wishes: Vec<Product> = merged.wishlist.clone();
+        let held_segments: Vec<String> = merged
+            .rfm
+            .iter()
+            .map(|r| r.segment.clone())
+            .chain(merged.lifecycle.clone())
+            .collect();
+        // Whether the survivor runs each carried chain itself (then its own goes on).
+        let survivor_runs: Vec<bool> = steps
+            .iter()
+            .map(|c| self.survivor_runs_chain(ctx, &m.into, c))
+            .collect::<anyhow::Result<_>>()?;
         let chains = MergedChains {
             order: merged
                 .latest_order()
@@ -756,7 +800,17 @@ impl ProfileProcessor {
         }
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
-        self.review_segments(ctx, &mut p, "merge", m.occurred_at)?;
+        self.segments_held_before_merge = held_segments;
+        let reviewed = self.review_segments(ctx, &mut p, "merge", m.occurred_at);
+        self.segments_held_before_merge.clear();
+        reviewed?;
+        // After the review: a carried step takes the place of a chain the merge's own
+        // transition would have started (the person was in that segment already).
+        for (carried, survivor_runs) in steps.into_iter().zip(survivor_runs) {
+            if !survivor_runs {
+                self.rearm_carried_step(ctx, &p, carried)?;
+            }
+        }
         // The merged customer's held triggers are the survivor's now: held on while
         // it waits for other merges, sent with its contacts otherwise.
         for mut t in held {
@@ -782,6 +836,52 @@ impl ProfileProcessor {
         }
         self.put(ctx.partition, p);
         Ok(())
+    }
+
+    /// Whether the survivor has a timer of its own where the carried step would go.
+    fn survivor_runs_chain(
+        &self,
+        ctx: &Ctx<'_>,
+        survivor: &str,
+        carried: &CarriedStep,
+    ) -> anyhow::Result<bool> {
+        let Some(s) = self.config.scenario(&carried.timer.scenario) else {
+            return Ok(false);
+        };
+        let id = step_timer_id(s, carried.timer.step, survivor);
+        Ok(ctx.timer_fire_at(&id)?.is_some())
+    }
+
+    /// Arms a merged customer's chain step for the survivor, at the time it had.
+    fn rearm_carried_step(
+        &self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        carried: CarriedStep,
+    ) -> anyhow::Result<()> {
+        let config = self.config.clone();
+        let Some(s) = config
+            .scenario(&carried.timer.scenario)
+            .filter(|s| s.enabled)
+        else {
+            return Ok(());
+        };
+        let t = carried.timer;
+        let timer = StepTimer::new(
+            &t.cause_event_id,
+            t.cause_occurred_at,
+            t.step,
+            carried.fire_at,
+        );
+        schedule_step_with(
+            ctx,
+            s,
+            p,
+            timer,
+            t.product.as_ref(),
+            t.order_id.as_deref(),
+            t.variables.as_deref(),
+        )
     }
 
     /// Re-arms, for the survivor, the chains the merged customer's cancelled timers
@@ -1260,7 +1360,7 @@ impl ProfileProcessor {
             ctx.emit(&self.actions_topic, &p.customer_id, &action);
         }
         for s in segment_scenarios.iter() {
-            if s.targets_segment(to) {
+            if s.targets_segment(to) && !self.segments_held_before_merge.iter().any(|h| h == to) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
@@ -1657,6 +1757,22 @@ struct Purchase<'a> {
     offline: bool,
 }
 
+/// Carried steps as `merge_in` records hold them.
+fn encode_carried_steps(steps: &[CarriedStep]) -> anyhow::Result<Vec<serde_json::Value>> {
+    steps
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .context("encode a merged customer's chain steps")
+}
+
+/// The merged customer's step due on the timer `timer_id`, if one is armed.
+fn carried_step(ctx: &Ctx<'_>, timer_id: &str) -> anyhow::Result<Option<CarriedStep>> {
+    Ok(ctx
+        .timer_payload::<ScenarioTimer>(timer_id)?
+        .map(|(fire_at, timer)| CarriedStep { fire_at, timer }))
+}
+
 /// What of a merged customer's chains its profile can rebuild for the survivor
 /// ([`ProfileProcessor::rearm_merged_chains`]), each only when the survivor has no
 /// newer one of its own.
@@ -2006,14 +2122,27 @@ impl Processor for ProfileProcessor {
                     merge,
                     profile,
                     held,
+                    steps,
                 } => {
-                    let profile = serde_json::from_value(profile).map_err(|e| {
+                    let invalid = |what: &str, e: serde_json::Error| {
                         Rejection::new(
                             kairos_core::contracts::DeadLetterReason::invalid_field,
-                            format!("merged profile does not decode: {e}"),
+                            format!("{what} does not decode: {e}"),
                         )
-                    })?;
-                    ProfileInput::MergeIn(merge, Box::new(profile), held)
+                    };
+                    let profile = serde_json::from_value(profile)
+                        .map_err(|e| invalid("merged profile", e))?;
+                    let steps = steps
+                        .into_iter()
+                        .map(serde_json::from_value)
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| invalid("a merged customer's chain step", e))?;
+                    ProfileInput::MergeIn(Box::new(MergeIn {
+                        merge,
+                        profile,
+                        held,
+                        steps,
+                    }))
                 }
             });
         }
@@ -2047,9 +2176,8 @@ impl Processor for ProfileProcessor {
             ProfileInput::Receipt(r) => r.occurred_at,
             ProfileInput::Occasion(o) => o.occurred_at,
             ProfileInput::Outcome(o) => o.occurred_at,
-            ProfileInput::MergeOut(m)
-            | ProfileInput::MergeIn(m, _, _)
-            | ProfileInput::MergeExpected(m) => m.occurred_at,
+            ProfileInput::MergeOut(m) | ProfileInput::MergeExpected(m) => m.occurred_at,
+            ProfileInput::MergeIn(m) => m.merge.occurred_at,
         })
     }
 
@@ -2078,7 +2206,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
             ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),
             ProfileInput::MergeOut(m) => self.merge_out(ctx, &m),
-            ProfileInput::MergeIn(m, p, held) => self.merge_in(ctx, &m, *p, held),
+            ProfileInput::MergeIn(m) => self.merge_in(ctx, *m),
             ProfileInput::MergeExpected(m) => {
                 if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
                     // Merged away since: the customer it became waits instead.

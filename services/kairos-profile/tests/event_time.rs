@@ -3424,3 +3424,90 @@ fn an_opt_in_after_a_first_consent_that_was_a_withdrawal_starts_the_welcome() {
             .collect::<Vec<_>>()
     );
 }
+
+// Merges carry the chains a profile cannot rebuild (2026-12-03).
+
+/// `config` with identity resolution on: events come from `identified-events`.
+fn identified(config: &str) -> Harness {
+    let config = config.replace("[clock]", "[identity]\nenabled = true\n[clock]");
+    Harness::with(&config, ClockMode::Event)
+}
+
+/// [`five_orders`] through `identified-events`.
+fn identified_five_orders(h: &mut Harness, customer: &str, t: Millis) -> Millis {
+    for i in 0..5 {
+        h.identified_site(json!({"event_id": format!("{customer}-buy{i}"),
+            "event_type": "purchase", "occurred_at": rfc(t + i * DAY), "customer_id": customer,
+            "order": {"order_id": format!("o-{customer}-{i}"), "total": 60.0}}));
+    }
+    t + 4 * DAY
+}
+
+#[test]
+fn a_merge_carries_the_merged_customers_segment_chain_on_without_starting_it_again() {
+    let mut h = identified(&delayed_win_back());
+    let t = at(T0);
+    let last = identified_five_orders(&mut h, "c-8", t);
+    // At Risk at +180 days, the win-back's first step at +183, its second due at +187.
+    h.advance(last + 183 * DAY);
+    assert_eq!(steps(&h, "c-8", "win_back"), [(0, last + 183 * DAY)]);
+    h.identified_site(json!({"event_id": "sc-v", "event_type": "page_view",
+        "occurred_at": rfc(last + 183 * DAY + HOUR), "customer_id": "c-7", "page_url": "/"}));
+    h.merge("m-sc", "c-8", "c-7", last + 184 * DAY);
+    let p = h.pipeline.profile("c-7").expect("read").expect("stored");
+    assert_eq!(p.rfm.as_ref().map(|r| r.segment.as_str()), Some("At Risk"));
+    h.advance(last + 200 * DAY);
+    // The person gets the second step when it was due, and not the first again.
+    assert_eq!(steps(&h, "c-7", "win_back"), [(1, last + 187 * DAY)]);
+    assert_eq!(h.triggers("c-7", "win_back")[0]["template"], "win_back_2");
+    assert_eq!(steps(&h, "c-8", "win_back"), [(0, last + 183 * DAY)]);
+}
+
+#[test]
+fn a_merge_carries_the_merged_customers_birthday_follow_up() {
+    let config = CONFIG.replace(
+        "template = \"birthday\"\n",
+        "template = \"birthday\"\nsteps = [{ delay = \"6d\", template = \"birthday_2\" }]\n",
+    );
+    let mut h = identified(&config);
+    h.identified_site(json!({"event_id": "bf-up", "event_type": "profile_update",
+        "occurred_at": "2026-03-01T12:00:00Z", "customer_id": "c-10",
+        "profile": {"birthday": "1990-03-10", "time_zone": "UTC"}}));
+    h.advance(at("2026-03-10T10:00:00Z"));
+    h.identified_site(json!({"event_id": "bf-v", "event_type": "page_view",
+        "occurred_at": "2026-03-11T09:00:00Z", "customer_id": "c-9", "page_url": "/"}));
+    h.merge("m-bf", "c-10", "c-9", at("2026-03-12T09:00:00Z"));
+    h.advance(at("2026-03-20T10:00:00Z"));
+    assert_eq!(
+        steps(&h, "c-10", "birthday"),
+        [(0, at("2026-03-10T10:00:00Z"))]
+    );
+    assert_eq!(
+        steps(&h, "c-9", "birthday"),
+        [(1, at("2026-03-16T10:00:00Z"))]
+    );
+    let fired = h.triggers("c-9", "birthday");
+    assert_eq!(fired[0]["cause_event_id"], "birthday-2026");
+    assert_eq!(fired[0]["template"], "birthday_2");
+}
+
+#[test]
+fn a_merge_into_a_segment_the_merged_customer_was_in_sends_its_trigger_no_second_time() {
+    let mut h = identified(CONFIG);
+    let t = at(T0);
+    let last = identified_five_orders(&mut h, "c-12", t);
+    h.advance(last + 181 * DAY);
+    assert_eq!(
+        h.triggers("c-12", "win_back").len(),
+        1,
+        "At Risk at +180 days"
+    );
+    h.identified_site(json!({"event_id": "sn-v", "event_type": "page_view",
+        "occurred_at": rfc(last + 181 * DAY), "customer_id": "c-11", "page_url": "/"}));
+    h.merge("m-sn", "c-12", "c-11", last + 182 * DAY);
+    h.advance(last + 190 * DAY);
+    let transitions = h.transitions("c-11");
+    let into_at_risk = find(&transitions, "rfm", "At Risk").expect("transition");
+    assert_eq!(into_at_risk["reason"], "merge");
+    assert!(h.triggers("c-11", "win_back").is_empty());
+}
