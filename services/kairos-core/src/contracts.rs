@@ -879,6 +879,12 @@ pub enum IdentifiedRecord {
         /// profile processor's own timer records, carried on for the survivor.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         steps: Vec<serde_json::Value>,
+        /// The sender carried every welcome, segment and yearly follow-up step it had
+        /// still to fire in `steps`, so a welcome series not among them is not running
+        /// (finished, ended, or stopped by a late step). Records of earlier versions
+        /// lack it: the survivor rebuilds the series from the merged profile then.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chains_carried: bool,
     },
 }
 

@@ -61,6 +61,8 @@ pub struct MergeIn {
     profile: CustomerProfile,
     held: Vec<Trigger>,
     steps: Vec<CarriedStep>,
+    /// See `IdentifiedRecord::merge_in`.
+    chains_carried: bool,
 }
 
 /// A chain step of a merged customer still to fire (see `IdentifiedRecord::merge_in`).
@@ -595,7 +597,7 @@ impl ProfileProcessor {
                     let main = timer_id(&s.name, &m.from);
                     // Chains the survivor's profile cannot rebuild go with the merge
                     // (see `rearm_merged_chains` for those it can).
-                    if s.kind == ScenarioKind::SegmentEntered {
+                    if matches!(s.kind, ScenarioKind::SegmentEntered | ScenarioKind::Welcome) {
                         steps.extend(carried_step(ctx, &main)?);
                     }
                     ctx.cancel(&main)?;
@@ -623,6 +625,7 @@ impl ProfileProcessor {
             profile: serde_json::to_value(&p).context("encode a merged profile")?,
             held,
             steps: encode_carried_steps(&steps)?,
+            chains_carried: true,
         };
         if let Some(topic) = &self.identified_topic {
             ctx.emit(topic, &m.into, &record);
@@ -654,6 +657,7 @@ impl ProfileProcessor {
             profile: merged,
             held,
             steps,
+            chains_carried,
         } = input;
         if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
             // `into` joined another customer before this profile arrived (Y into X,
@@ -667,6 +671,7 @@ impl ProfileProcessor {
                 profile: serde_json::to_value(&merged).context("encode a merged profile")?,
                 held,
                 steps: encode_carried_steps(&steps)?,
+                chains_carried,
             };
             if let Some(topic) = &self.identified_topic {
                 ctx.emit(topic, &survivor, &record);
@@ -698,6 +703,13 @@ impl ProfileProcessor {
             .map(|r| r.segment.clone())
             .chain(merged.lifecycle.clone())
             .collect();
+        // Welcome steps go with the series' own rules (`rearm_merged_chains`).
+        let (welcome_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
+            steps.into_iter().partition(|c| {
+                self.config
+                    .scenario(&c.timer.scenario)
+                    .is_some_and(|s| s.kind == ScenarioKind::Welcome)
+            });
         // Whether the survivor runs each carried chain itself (then its own goes on).
         let survivor_runs: Vec<bool> = steps
             .iter()
@@ -712,6 +724,7 @@ impl ProfileProcessor {
                 survivor: (p.registered_at, p.subscribed_at),
                 merged: (merged.registered_at, merged.subscribed_at),
             },
+            welcome_steps: chains_carried.then_some(welcome_steps),
             delivery: merged
                 .latest_delivery()
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
@@ -917,6 +930,14 @@ impl ProfileProcessor {
         for s in self.scenarios(ScenarioKind::Welcome).iter() {
             // The survivor's own series (if its causes start one) holds the slot.
             if chains.welcome.start(s, chains.welcome.survivor).is_some() {
+                continue;
+            }
+            if let Some(carried) = &chains.welcome_steps {
+                // The merged customer's series goes on where it was, or not at all
+                // when it was not running any more.
+                if let Some(c) = carried.iter().find(|c| c.timer.scenario == s.name) {
+                    self.rearm_carried_step(ctx, p, c.clone())?;
+                }
                 continue;
             }
             // From the merged customer's first cause this series starts on: steps it
@@ -1784,6 +1805,9 @@ struct MergedChains {
     welcome: WelcomeStarts,
     /// Its latest delivered order (NPS survey), if delivered after the survivor's.
     delivery: Option<(String, Millis)>,
+    /// Its welcome steps still to fire, when the merge carried them (else the series
+    /// is rebuilt from `welcome`).
+    welcome_steps: Option<Vec<CarriedStep>>,
 }
 
 /// The registration and first opt-in (`(registered_at, subscribed_at)`) of the
@@ -2123,6 +2147,7 @@ impl Processor for ProfileProcessor {
                     profile,
                     held,
                     steps,
+                    chains_carried,
                 } => {
                     let invalid = |what: &str, e: serde_json::Error| {
                         Rejection::new(
@@ -2142,6 +2167,7 @@ impl Processor for ProfileProcessor {
                         profile,
                         held,
                         steps,
+                        chains_carried,
                     }))
                 }
             });

@@ -3511,3 +3511,62 @@ fn a_merge_into_a_segment_the_merged_customer_was_in_sends_its_trigger_no_second
     assert_eq!(into_at_risk["reason"], "merge");
     assert!(h.triggers("c-11", "win_back").is_empty());
 }
+
+/// A merge record as the profile sends it, made to look like an earlier version's:
+/// no carried steps, so the survivor rebuilds the chains from the merged profile.
+fn without_carried_chains(mut record: Value) -> Value {
+    let inner = record["record"].as_object_mut().expect("merge_in record");
+    inner.remove("steps");
+    inner.remove("chains_carried");
+    record
+}
+
+/// The registration of `customer` at `t`, 36 hours late (the welcome's tolerance is a
+/// day): its series stops, then `customer` merges into `survivor`.
+fn merge_after_a_stopped_welcome(h: &mut Harness, customer: &str, survivor: &str, t: Millis) {
+    h.advance(t + 36 * HOUR);
+    h.identified_site(
+        json!({"event_id": format!("{customer}-reg"), "event_type": "registration",
+        "occurred_at": rfc(t), "customer_id": customer}),
+    );
+    h.identified_site(
+        json!({"event_id": format!("{survivor}-v"), "event_type": "page_view",
+        "occurred_at": rfc(t + 37 * HOUR), "customer_id": survivor, "page_url": "/"}),
+    );
+    let merge = json!({"merge_id": format!("m-{customer}"), "from": customer, "into": survivor,
+        "identifier": "email:ann@example.com", "occurred_at": t + 38 * HOUR});
+    h.feed(
+        "identified-events",
+        customer,
+        json!({"kind": "merge", "record": merge}),
+    );
+}
+
+#[test]
+fn a_merge_does_not_resume_a_welcome_series_that_had_stopped() {
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = identified(CONFIG);
+    merge_after_a_stopped_welcome(&mut h, "c-14", "c-13", t);
+    let record = h
+        .on("identified-events")
+        .find(|r| r.value["kind"] == "merge_in")
+        .map(|r| r.value.clone())
+        .expect("merge_in");
+    h.feed("identified-events", "c-13", record.clone());
+    // The same profile in an earlier version's record, which carries no steps (for a
+    // customer c-17 into c-18, so that it is no re-sent merge): the series is rebuilt
+    // from the merged profile, from its first step due after the merge.
+    let mut legacy = without_carried_chains(record);
+    legacy["record"]["merge"]["from"] = json!("c-17");
+    legacy["record"]["merge"]["into"] = json!("c-18");
+    legacy["record"]["merge"]["merge_id"] = json!("m-c-17");
+    h.feed("identified-events", "c-18", legacy);
+    h.advance(t + 10 * DAY);
+    assert!(steps(&h, "c-14", "welcome").is_empty());
+    assert!(steps(&h, "c-13", "welcome").is_empty());
+    assert_eq!(skipped(&h, "welcome", "late"), 1.0);
+    assert_eq!(
+        steps(&h, "c-18", "welcome"),
+        [(1, t + 2 * DAY), (2, t + 5 * DAY)]
+    );
+}
