@@ -265,8 +265,7 @@ impl StoreFactory {
         store
             .wrote_ahead
             .set(store.raw_get(META_WROTE_AHEAD)?.is_some());
-        store.unacknowledged_changelog =
-            store.outbox()?.iter().filter(|e| e.changelog).count() as u64;
+        store.unacknowledged_changelog = store.count_outbox_changelog()?;
         store.next_outbox_seq = store.outbox_seq_floor()?;
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
@@ -1184,6 +1183,21 @@ impl PartitionStore {
     }
 
     /// Every record still in the outbox (after a crash: sent or not, it goes again).
+    /// Changelog records in the outbox, told by each entry's flag byte (see
+    /// [`encode_outbox`]) without decoding and copying the entry: opening a store reads
+    /// the outbox whole once more for its backlog.
+    fn count_outbox_changelog(&self) -> StoreResult<u64> {
+        let mut count = 0;
+        for item in self.db.prefix_iterator(OUTBOX) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(OUTBOX) {
+                break;
+            }
+            count += u64::from(v.first() == Some(&1));
+        }
+        Ok(count)
+    }
+
     pub fn outbox(&self) -> StoreResult<Vec<OutboxEntry>> {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(OUTBOX) {

@@ -913,3 +913,28 @@ fn a_restore_asks_again_when_the_broker_fails_to_list_the_changelogs_offsets() {
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
     assert_eq!(value(&b_store, "c/1").as_deref(), Some("a1"));
 }
+
+#[test]
+fn a_store_reopened_with_changelog_records_unacknowledged_is_clean_only_once_they_are() {
+    let broker = broker();
+    let (a_dir, mut a_store) = fresh_store();
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "out");
+    publish_acknowledged(&broker, &mut a_store, entries);
+    let unpublished = commit(&mut a_store, &[("c/2", "a2")], 1, "out");
+    assert!(unpublished.iter().any(|e| e.changelog));
+    // Killed before publishing; restarted, its outbox holds the commit's records.
+    drop(a_store);
+    let factory = StoreFactory::new(a_dir.path(), 8 << 20).expect("factory");
+    let mut a_store = factory.open(0).expect("open");
+    assert_eq!(
+        mark_clean_now(&a_store),
+        None,
+        "the changelog lacks a commit the store holds"
+    );
+    let backlog = a_store.outbox().expect("outbox");
+    publish_acknowledged(&broker, &mut a_store, backlog);
+    assert!(
+        mark_clean_now(&a_store).is_some(),
+        "the changelog holds it all"
+    );
+}

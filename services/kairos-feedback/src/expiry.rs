@@ -73,6 +73,7 @@ impl TouchExpiry {
         let state: SweepState = timer.decode()?;
         let now = ctx.now();
         let keys = ctx.scan_from(TOUCH_PREFIX, state.after.as_deref(), SWEEP_LIMIT)?;
+        // A pass that went on from a cursor may have kept touches before it.
         let mut kept = state.after.is_some();
         for (key, value) in &keys {
             let touch: Touch = decode_state(value)
