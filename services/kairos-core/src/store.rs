@@ -1182,7 +1182,6 @@ impl PartitionStore {
             .collect()
     }
 
-    /// Every record still in the outbox (after a crash: sent or not, it goes again).
     /// Changelog records in the outbox, told by each entry's flag byte (see
     /// [`encode_outbox`]) without decoding and copying the entry: opening a store reads
     /// the outbox whole once more for its backlog.
@@ -1198,6 +1197,7 @@ impl PartitionStore {
         Ok(count)
     }
 
+    /// Every record still in the outbox (after a crash: sent or not, it goes again).
     pub fn outbox(&self) -> StoreResult<Vec<OutboxEntry>> {
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(OUTBOX) {

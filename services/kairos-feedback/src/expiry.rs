@@ -13,6 +13,8 @@
 //! microsecond a key), which is cheaper than a timer per customer held in memory, and
 //! it also reaches touches written before touches expired.
 
+use std::time::Duration;
+
 use kairos_core::encoding::decode_state;
 use kairos_core::runtime::Ctx;
 use kairos_core::store::DueTimer;
@@ -45,9 +47,11 @@ pub struct TouchExpiry {
 }
 
 impl TouchExpiry {
-    pub fn new(attribution_window: Millis, dedup_window: Millis) -> Self {
+    pub fn new(attribution_window: Duration, dedup_window: Duration) -> Self {
+        // Converted as `SeenIds` converts the deduplication window, so the two agree.
+        let millis = |d: Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
         TouchExpiry {
-            lifetime: attribution_window.saturating_add(dedup_window),
+            lifetime: millis(attribution_window).saturating_add(millis(dedup_window)),
         }
     }
 

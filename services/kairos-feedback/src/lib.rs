@@ -329,8 +329,8 @@ impl FeedbackProcessor {
                 SeenIds::new("p/", "px", config.state.dedup_window),
             ],
             touch_expiry: TouchExpiry::new(
-                config.feedback.attribution_window.as_millis() as Millis,
-                Millis::try_from(config.state.dedup_window.as_millis()).unwrap_or(Millis::MAX),
+                config.feedback.attribution_window,
+                config.state.dedup_window,
             ),
         }
     }
@@ -809,9 +809,11 @@ mod tests {
     fn touches_expire_once_no_purchase_can_reach_them() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
+        // One partition: its event time is the clock every customer's record sees.
         let (config, registry, mut replayer) = replayer(
             dir.path(),
-            "[clock]\nmode = \"event\"\n[state]\ndedup_window = \"2days\"\n\
+            "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\n\
+             [state]\ndedup_window = \"2days\"\n\
              [feedback]\nattribution_window = \"3days\"\n\
              [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
              template = \"t\"\nvalid_for = \"1day\"\n",
@@ -832,10 +834,22 @@ mod tests {
             reason: "test".into(),
             decided_at: at,
         };
-        let purchase = |id: &str, customer: &str, at: Millis| {
-            serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
-                "customer_id": customer, "order": {"order_id": id, "total": 10.0}})
-            .to_string()
+        let push_decision =
+            |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str, at| {
+                let payload = serde_json::to_vec(&decision(customer, at)).expect("encode");
+                replayer
+                    .push(&decisions, customer.as_bytes(), &payload)
+                    .expect("push");
+                replayer.commit().expect("commit");
+            };
+        let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, at| {
+            let purchase = serde_json::json!({"event_id": id, "event_type": "purchase",
+                "occurred_at": at, "customer_id": "c1",
+                "order": {"order_id": id, "total": 10.0}});
+            replayer
+                .push(&site, b"c1", purchase.to_string().as_bytes())
+                .expect("push");
+            replayer.commit().expect("commit");
         };
         let touches = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>| {
             let mut keys = Vec::new();
@@ -848,42 +862,33 @@ mod tests {
             keys.sort();
             keys
         };
-        let conversions = || {
+        let counter_sum = |name: &str| {
             registry
                 .gather()
                 .iter()
-                .filter(|f| f.name() == "kairos_conversions_total")
+                .filter(|f| f.name() == name)
                 .flat_map(|f| f.get_metric().iter())
                 .map(|m| m.get_counter().get_value())
                 .sum::<f64>()
         };
-        for customer in ["c1", "c2"] {
-            let payload = serde_json::to_vec(&decision(customer, t0)).expect("encode");
-            replayer
-                .push(&decisions, customer.as_bytes(), &payload)
-                .expect("push");
-        }
-        replayer.commit().expect("commit");
-        // Four days on, c2's touch is touched again; a purchase of c1's from the
-        // attribution window arrives late but within the deduplication window.
-        let payload = serde_json::to_vec(&decision("c2", t0 + 4 * DAY)).expect("encode");
-        replayer.push(&decisions, b"c2", &payload).expect("push");
-        replayer
-            .push(
-                &site,
-                b"c1",
-                purchase("late", "c1", t0 + 2 * DAY).as_bytes(),
-            )
-            .expect("push");
-        replayer.commit().expect("commit");
-        assert_eq!(conversions(), 1.0, "the late purchase reached c1's touch");
+        push_decision(&mut replayer, "c1", t0);
+        // Four days on (c2's touch moves the clock), a purchase c1 made two days after
+        // its touch arrives, as late as the deduplication window allows.
+        push_decision(&mut replayer, "c2", t0 + 4 * DAY);
+        push_purchase(&mut replayer, "late", t0 + 2 * DAY);
+        assert_eq!(counter_sum("kairos_conversions_total"), 1.0);
+        // Five days on, one at the very end of the attribution window still adds its
+        // revenue: the touch is there until both windows have passed.
+        replayer.advance_to(t0 + 5 * DAY).expect("advance");
+        push_purchase(&mut replayer, "edge", t0 + 3 * DAY);
+        assert_eq!(counter_sum("kairos_conversion_revenue_total"), 20.0);
         assert_eq!(touches(&replayer), ["t/c1", "t/c2"]);
-        // Past c1's touch plus both windows (five days), with no input for c1.
-        replayer.advance_to(t0 + 6 * DAY).expect("advance");
+        // Past c1's touch plus both windows, with no input for c1.
+        replayer.advance_to(t0 + 5 * DAY + 1).expect("advance");
         replayer.commit().expect("commit");
         assert_eq!(touches(&replayer), ["t/c2"], "c1's touch expired");
         // c2's touch goes too once its own five days have passed.
-        replayer.advance_to(t0 + 11 * DAY).expect("advance");
+        replayer.advance_to(t0 + 10 * DAY).expect("advance");
         replayer.commit().expect("commit");
         assert!(touches(&replayer).is_empty(), "{:?}", touches(&replayer));
     }

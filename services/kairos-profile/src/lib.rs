@@ -138,10 +138,10 @@ pub struct ProfileProcessor {
     profiles: StateCache<CustomerProfile>,
     /// The enabled scenarios of each kind, shared so events do not copy them.
     scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
-    /// While a merge is applied: the segments and stages the merged customer was in
-    /// already. Entering one of them through the merge starts no `segment_entered`
-    /// scenario again: the person had it (its steps still ahead come with the merge).
-    segments_held_before_merge: Vec<String>,
+    /// While a merge is applied: the `segment_entered` scenarios whose chain the merged
+    /// customer was running in a segment it was still in. The merge moving the
+    /// survivor into that segment does not start them again: the carried step goes on.
+    chains_going_on: Vec<String>,
 }
 
 impl ProfileProcessor {
@@ -249,7 +249,7 @@ impl ProfileProcessor {
             config,
             registry,
             metrics: m,
-            segments_held_before_merge: Vec::new(),
+            chains_going_on: Vec::new(),
         }
     }
 
@@ -710,11 +710,18 @@ impl ProfileProcessor {
                     .scenario(&c.timer.scenario)
                     .is_some_and(|s| s.kind == ScenarioKind::Welcome)
             });
-        // Whether the survivor runs each carried chain itself (then its own goes on).
-        let survivor_runs: Vec<bool> = steps
+        // A chain whose trigger may still wait in the arbiter (which cancels what the
+        // merged customer had queued) is started again rather than lost: only a chain
+        // carried on stops the survivor's own start.
+        let chains_going_on: Vec<String> = steps
             .iter()
-            .map(|c| self.survivor_runs_chain(ctx, &m.into, c))
-            .collect::<anyhow::Result<_>>()?;
+            .filter_map(|c| self.config.scenario(&c.timer.scenario))
+            .filter(|s| {
+                s.kind == ScenarioKind::SegmentEntered
+                    && held_segments.iter().any(|h| s.targets_segment(h))
+            })
+            .map(|s| s.name.clone())
+            .collect();
         let chains = MergedChains {
             order: merged
                 .latest_order()
@@ -813,14 +820,14 @@ impl ProfileProcessor {
         }
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
-        self.segments_held_before_merge = held_segments;
+        self.chains_going_on = chains_going_on;
         let reviewed = self.review_segments(ctx, &mut p, "merge", m.occurred_at);
-        self.segments_held_before_merge.clear();
+        self.chains_going_on.clear();
         reviewed?;
-        // After the review: a carried step takes the place of a chain the merge's own
-        // transition would have started (the person was in that segment already).
-        for (carried, survivor_runs) in steps.into_iter().zip(survivor_runs) {
-            if !survivor_runs {
+        // After the review, so that a chain the merge's own transition started (for a
+        // segment the merged customer had left) holds its place.
+        for carried in steps {
+            if !self.survivor_runs_chain(ctx, &m.into, &carried)? {
                 self.rearm_carried_step(ctx, &p, carried)?;
             }
         }
@@ -1381,7 +1388,7 @@ impl ProfileProcessor {
             ctx.emit(&self.actions_topic, &p.customer_id, &action);
         }
         for s in segment_scenarios.iter() {
-            if s.targets_segment(to) && !self.segments_held_before_merge.iter().any(|h| h == to) {
+            if s.targets_segment(to) && !self.chains_going_on.contains(&s.name) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
@@ -2157,11 +2164,18 @@ impl Processor for ProfileProcessor {
                     };
                     let profile = serde_json::from_value(profile)
                         .map_err(|e| invalid("merged profile", e))?;
+                    // A step that does not decode costs that step, not the merge (the
+                    // profile's sums and consents).
                     let steps = steps
                         .into_iter()
-                        .map(serde_json::from_value)
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| invalid("a merged customer's chain step", e))?;
+                        .filter_map(|step| match serde_json::from_value(step) {
+                            Ok(step) => Some(step),
+                            Err(e) => {
+                                tracing::warn!(merge = %merge.merge_id, error = %e, "a merged customer's chain step does not decode; it is dropped");
+                                None
+                            }
+                        })
+                        .collect();
                     ProfileInput::MergeIn(Box::new(MergeIn {
                         merge,
                         profile,
