@@ -879,10 +879,11 @@ pub enum IdentifiedRecord {
         /// profile processor's own timer records, carried on for the survivor.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         steps: Vec<serde_json::Value>,
-        /// The sender carried every welcome, segment and yearly follow-up step it had
-        /// still to fire in `steps`, so a welcome series not among them is not running
-        /// (finished, ended, or stopped by a late step). Records of earlier versions
-        /// lack it: the survivor rebuilds the series from the merged profile then.
+        /// The sender carried every welcome, post-purchase, post-delivery, segment and
+        /// yearly follow-up step it had still to fire in `steps`, so a chain not among
+        /// them is not running (finished, ended, or stopped by a late step). Records
+        /// of earlier versions lack it: the survivor rebuilds the welcome series, the
+        /// review request and the NPS survey from the merged profile then.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         chains_carried: bool,
     },

@@ -597,7 +597,13 @@ impl ProfileProcessor {
                     let main = timer_id(&s.name, &m.from);
                     // Chains the survivor's profile cannot rebuild go with the merge
                     // (see `rearm_merged_chains` for those it can).
-                    if matches!(s.kind, ScenarioKind::SegmentEntered | ScenarioKind::Welcome) {
+                    if matches!(
+                        s.kind,
+                        ScenarioKind::SegmentEntered
+                            | ScenarioKind::Welcome
+                            | ScenarioKind::PostPurchase
+                            | ScenarioKind::PostDelivery
+                    ) {
                         steps.extend(carried_step(ctx, &main)?);
                     }
                     ctx.cancel(&main)?;
@@ -703,12 +709,17 @@ impl ProfileProcessor {
             .map(|r| r.segment.clone())
             .chain(merged.lifecycle.clone())
             .collect();
-        // Welcome steps go with the series' own rules (`rearm_merged_chains`).
-        let (welcome_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
+        // Welcome and order steps go with their own slot rules (`rearm_merged_chains`).
+        let (slot_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
             steps.into_iter().partition(|c| {
-                self.config
-                    .scenario(&c.timer.scenario)
-                    .is_some_and(|s| s.kind == ScenarioKind::Welcome)
+                self.config.scenario(&c.timer.scenario).is_some_and(|s| {
+                    matches!(
+                        s.kind,
+                        ScenarioKind::Welcome
+                            | ScenarioKind::PostPurchase
+                            | ScenarioKind::PostDelivery
+                    )
+                })
             });
         // A chain whose trigger may still wait in the arbiter (which cancels what the
         // merged customer had queued) is started again rather than lost: only a chain
@@ -731,7 +742,9 @@ impl ProfileProcessor {
                 survivor: (p.registered_at, p.subscribed_at),
                 merged: (merged.registered_at, merged.subscribed_at),
             },
-            welcome_steps: chains_carried.then_some(welcome_steps),
+            carried: chains_carried.then_some(slot_steps),
+            survivor_last_purchase: p.last_purchase_at,
+            survivor_last_delivery: p.latest_delivery().map(|(_, at)| at),
             delivery: merged
                 .latest_delivery()
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
@@ -915,6 +928,37 @@ impl ProfileProcessor {
         chains: MergedChains,
         now: Millis,
     ) -> anyhow::Result<()> {
+        if let Some(carried) = &chains.carried {
+            for c in carried {
+                let Some(s) = self.config.scenario(&c.timer.scenario) else {
+                    continue;
+                };
+                let at = c.timer.cause_occurred_at;
+                // The survivor's later purchase or delivery, or its own welcome
+                // series, holds the scenario's slot, as one customer's would.
+                let goes_on = match s.kind {
+                    ScenarioKind::PostPurchase => {
+                        chains.survivor_last_purchase.is_none_or(|mine| mine < at)
+                            && c.timer
+                                .order_id
+                                .as_deref()
+                                .is_none_or(|o| !p.order_returned(o))
+                    }
+                    ScenarioKind::PostDelivery => {
+                        chains.survivor_last_delivery.is_none_or(|mine| mine < at)
+                    }
+                    ScenarioKind::Welcome => {
+                        chains.welcome.start(s, chains.welcome.survivor).is_none()
+                    }
+                    _ => false,
+                };
+                if goes_on {
+                    self.rearm_carried_step(ctx, p, c.clone())?;
+                }
+            }
+            return Ok(());
+        }
+        // A record of an earlier version: rebuilt from the merged profile.
         if let Some((order_id, at)) = chains.order {
             // Returned since (in the survivor's history): no follow-up.
             if !p.order_returned(&order_id) {
@@ -937,14 +981,6 @@ impl ProfileProcessor {
         for s in self.scenarios(ScenarioKind::Welcome).iter() {
             // The survivor's own series (if its causes start one) holds the slot.
             if chains.welcome.start(s, chains.welcome.survivor).is_some() {
-                continue;
-            }
-            if let Some(carried) = &chains.welcome_steps {
-                // The merged customer's series goes on where it was, or not at all
-                // when it was not running any more.
-                if let Some(c) = carried.iter().find(|c| c.timer.scenario == s.name) {
-                    self.rearm_carried_step(ctx, p, c.clone())?;
-                }
                 continue;
             }
             // From the merged customer's first cause this series starts on: steps it
@@ -1812,9 +1848,12 @@ struct MergedChains {
     welcome: WelcomeStarts,
     /// Its latest delivered order (NPS survey), if delivered after the survivor's.
     delivery: Option<(String, Millis)>,
-    /// Its welcome steps still to fire, when the merge carried them (else the series
-    /// is rebuilt from `welcome`).
-    welcome_steps: Option<Vec<CarriedStep>>,
+    /// Its welcome, post-purchase and post-delivery steps still to fire, when the merge
+    /// carried them (else those chains are rebuilt from the fields above).
+    carried: Option<Vec<CarriedStep>>,
+    /// The survivor's last purchase and last delivery before the merge.
+    survivor_last_purchase: Option<Millis>,
+    survivor_last_delivery: Option<Millis>,
 }
 
 /// The registration and first opt-in (`(registered_at, subscribed_at)`) of the

@@ -3573,3 +3573,54 @@ fn a_merge_does_not_resume_a_welcome_series_that_had_stopped() {
         [(1, t + 2 * DAY), (2, t + 5 * DAY)]
     );
 }
+
+#[test]
+fn a_merge_carries_a_post_purchase_chain_on_at_its_next_step() {
+    let plain = "template = \"post_purchase\"\ndelay = \"14d\"\n";
+    assert!(CONFIG.contains(plain));
+    let config = CONFIG.replace(
+        plain,
+        "template = \"post_purchase\"\ndelay = \"14d\"\nsteps = [{ delay = \"7d\", template = \"care\" }]\n",
+    );
+    let mut h = identified(&config);
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "pc-buy", "event_type": "purchase",
+        "occurred_at": rfc(t), "customer_id": "c-22",
+        "order": {"order_id": "o-22", "total": 80.0}}));
+    // The review request went out at +14 days; the care step is due at +21.
+    h.advance(t + 15 * DAY);
+    h.identified_site(json!({"event_id": "pc-v", "event_type": "page_view",
+        "occurred_at": rfc(t + 15 * DAY), "customer_id": "c-21", "page_url": "/"}));
+    h.merge("m-pc", "c-22", "c-21", t + 15 * DAY + HOUR);
+    h.advance(t + 30 * DAY);
+    assert_eq!(steps(&h, "c-22", "post_purchase"), [(0, t + 14 * DAY)]);
+    assert_eq!(steps(&h, "c-21", "post_purchase"), [(1, t + 21 * DAY)]);
+    let fired = h.triggers("c-21", "post_purchase");
+    assert_eq!(fired[0]["template"], "care");
+    assert_eq!(vars(&fired[0])["order_id"], "o-22");
+}
+
+#[test]
+fn a_merge_keeps_the_survivors_later_order_follow_ups_in_their_slots() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    for (customer, after) in [("c-24", 0), ("c-23", HOUR)] {
+        h.identified_site(json!({"event_id": format!("{customer}-buy"),
+            "event_type": "purchase", "occurred_at": rfc(t + after), "customer_id": customer,
+            "order": {"order_id": format!("o-{customer}"), "total": 80.0}}));
+        h.identified_site(json!({"event_id": format!("{customer}-del"),
+            "event_type": "order_status", "occurred_at": rfc(t + DAY + after),
+            "customer_id": customer,
+            "order": {"order_id": format!("o-{customer}"), "status": "delivered"}}));
+    }
+    h.merge("m-slot", "c-24", "c-23", t + DAY + 2 * HOUR);
+    h.advance(t + 20 * DAY);
+    // The survivor bought and got its order later: its own follow-ups hold the slots,
+    // as one customer's later order would have.
+    for scenario in ["post_purchase", "post_delivery"] {
+        let fired = h.triggers("c-23", scenario);
+        assert_eq!(fired.len(), 1, "{scenario}: {fired:#?}");
+        assert_eq!(vars(&fired[0])["order_id"], "o-c-23", "{scenario}");
+        assert!(h.triggers("c-24", scenario).is_empty(), "{scenario}");
+    }
+}
