@@ -886,6 +886,10 @@ pub enum IdentifiedRecord {
         /// review request and the NPS survey from the merged profile then.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         chains_carried: bool,
+        /// Orders of the merged customer marked returned (a return that came before
+        /// its purchase): the survivor keeps the marks, so no follow-up of them fires.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        returned: Vec<String>,
     },
 }
 

@@ -63,6 +63,7 @@ pub struct MergeIn {
     steps: Vec<CarriedStep>,
     /// See `IdentifiedRecord::merge_in`.
     chains_carried: bool,
+    returned: Vec<String>,
 }
 
 /// A chain step of a merged customer still to fire (see `IdentifiedRecord::merge_in`).
@@ -620,6 +621,15 @@ impl ProfileProcessor {
             // Nothing known here: the survivor still waits for an answer.
             None => Box::new(CustomerProfile::new(&m.from, m.occurred_at)),
         };
+        // Return marks go with it: the carried follow-ups check them when they fire.
+        let mark_prefix = format!("ret/{}/", m.from);
+        let mut returned = Vec::new();
+        for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
+            let order = key[mark_prefix.len()..].to_string();
+            ctx.delete(&key);
+            ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{}/{order}", m.from))?;
+            returned.push(order);
+        }
         // Triggers held for a merge into `from` still under way go with the profile.
         let mut held = Vec::new();
         for (key, t) in ctx.scan::<Trigger>(&held_prefix(&m.from))? {
@@ -632,6 +642,7 @@ impl ProfileProcessor {
             held,
             steps: encode_carried_steps(&steps)?,
             chains_carried: true,
+            returned,
         };
         if let Some(topic) = &self.identified_topic {
             ctx.emit(topic, &m.into, &record);
@@ -664,6 +675,7 @@ impl ProfileProcessor {
             held,
             steps,
             chains_carried,
+            returned,
         } = input;
         if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
             // `into` joined another customer before this profile arrived (Y into X,
@@ -678,6 +690,7 @@ impl ProfileProcessor {
                 held,
                 steps: encode_carried_steps(&steps)?,
                 chains_carried,
+                returned,
             };
             if let Some(topic) = &self.identified_topic {
                 ctx.emit(topic, &survivor, &record);
@@ -703,6 +716,9 @@ impl ProfileProcessor {
             .map(|v| (v.product_id.to_string(), v.price, v.at))
             .collect();
         let merged_wishes: Vec<Product> = merged.wishlist.clone();
+        for order in &returned {
+            self.cancel_post_purchase(ctx, &m.into, Some(order))?;
+        }
         let held_segments: Vec<String> = merged
             .rfm
             .iter()
@@ -2194,6 +2210,7 @@ impl Processor for ProfileProcessor {
                     held,
                     steps,
                     chains_carried,
+                    returned,
                 } => {
                     let invalid = |what: &str, e: serde_json::Error| {
                         Rejection::new(
@@ -2221,6 +2238,7 @@ impl Processor for ProfileProcessor {
                         held,
                         steps,
                         chains_carried,
+                        returned,
                     }))
                 }
             });

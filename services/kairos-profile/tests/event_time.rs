@@ -3624,3 +3624,27 @@ fn a_merge_keeps_the_survivors_later_order_follow_ups_in_their_slots() {
         assert!(h.triggers("c-24", scenario).is_empty(), "{scenario}");
     }
 }
+
+#[test]
+fn a_merge_keeps_the_mark_of_an_order_returned_before_its_purchase_came() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    // The return arrives first, then the purchase it undoes: only the mark knows.
+    h.identified_site(json!({"event_id": "rb-ret", "event_type": "order_status",
+        "occurred_at": rfc(t), "customer_id": "c-26",
+        "order": {"order_id": "o-26", "total": 80.0, "status": "returned"}}));
+    h.identified_site(json!({"event_id": "rb-buy", "event_type": "purchase",
+        "occurred_at": rfc(t - DAY), "customer_id": "c-26",
+        "order": {"order_id": "o-26", "total": 80.0}}));
+    h.identified_site(json!({"event_id": "rb-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-25", "page_url": "/"}));
+    h.merge("m-rb", "c-26", "c-25", t + 2 * HOUR);
+    h.commit();
+    assert_eq!(
+        h.pipeline.profile_state_keys("ret/").expect("keys"),
+        ["ret/c-25/o-26"]
+    );
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("c-25", "post_purchase").is_empty());
+    assert!(h.triggers("c-26", "post_purchase").is_empty());
+}
