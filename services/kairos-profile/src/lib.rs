@@ -598,13 +598,7 @@ impl ProfileProcessor {
                     let main = timer_id(&s.name, &m.from);
                     // Chains the survivor's profile cannot rebuild go with the merge
                     // (see `rearm_merged_chains` for those it can).
-                    if matches!(
-                        s.kind,
-                        ScenarioKind::SegmentEntered
-                            | ScenarioKind::Welcome
-                            | ScenarioKind::PostPurchase
-                            | ScenarioKind::PostDelivery
-                    ) {
+                    if s.kind == ScenarioKind::SegmentEntered || carried_by_slot(s.kind) {
                         steps.extend(carried_step(ctx, &main)?);
                     }
                     ctx.cancel(&main)?;
@@ -728,14 +722,9 @@ impl ProfileProcessor {
         // Welcome and order steps go with their own slot rules (`rearm_merged_chains`).
         let (slot_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
             steps.into_iter().partition(|c| {
-                self.config.scenario(&c.timer.scenario).is_some_and(|s| {
-                    matches!(
-                        s.kind,
-                        ScenarioKind::Welcome
-                            | ScenarioKind::PostPurchase
-                            | ScenarioKind::PostDelivery
-                    )
-                })
+                self.config
+                    .scenario(&c.timer.scenario)
+                    .is_some_and(|s| carried_by_slot(s.kind))
             });
         // A chain whose trigger may still wait in the arbiter (which cancels what the
         // merged customer had queued) is started again rather than lost: only a chain
@@ -857,7 +846,7 @@ impl ProfileProcessor {
         // segment the merged customer had left) holds its place.
         for carried in steps {
             if !self.survivor_runs_chain(ctx, &m.into, &carried)? {
-                self.rearm_carried_step(ctx, &p, carried)?;
+                self.rearm_carried_step(ctx, &p, &carried)?;
             }
         }
         // The merged customer's held triggers are the survivor's now: held on while
@@ -906,31 +895,23 @@ impl ProfileProcessor {
         &self,
         ctx: &mut Ctx<'_>,
         p: &CustomerProfile,
-        carried: CarriedStep,
+        carried: &CarriedStep,
     ) -> anyhow::Result<()> {
-        let config = self.config.clone();
-        let Some(s) = config
+        let Some(s) = self
+            .config
             .scenario(&carried.timer.scenario)
             .filter(|s| s.enabled)
         else {
             return Ok(());
         };
-        let t = carried.timer;
-        let timer = StepTimer::new(
+        let t = &carried.timer;
+        let step = StepTimer::new(
             &t.cause_event_id,
             t.cause_occurred_at,
             t.step,
             carried.fire_at,
         );
-        schedule_step_with(
-            ctx,
-            s,
-            p,
-            timer,
-            t.product.as_ref(),
-            t.order_id.as_deref(),
-            t.variables.as_deref(),
-        )
+        schedule_timer_step(ctx, s, p, t, step)
     }
 
     /// Re-arms, for the survivor, the chains the merged customer's cancelled timers
@@ -969,7 +950,7 @@ impl ProfileProcessor {
                     _ => false,
                 };
                 if goes_on {
-                    self.rearm_carried_step(ctx, p, c.clone())?;
+                    self.rearm_carried_step(ctx, p, c)?;
                 }
             }
             return Ok(());
@@ -1795,15 +1776,7 @@ impl ProfileProcessor {
         } else if let Some(next) = s.steps.get(t.step) {
             let due = timer.fire_at + ms(next.delay);
             let next_step = StepTimer::new(&cause, t.cause_occurred_at, t.step + 1, due);
-            schedule_step_with(
-                ctx,
-                s,
-                p,
-                next_step,
-                t.product.as_ref(),
-                t.order_id.as_deref(),
-                t.variables.as_deref(),
-            )?;
+            schedule_timer_step(ctx, s, p, t, next_step)?;
         }
         Ok(())
     }
@@ -1835,6 +1808,35 @@ struct Purchase<'a> {
     order_id: Option<String>,
     /// A till sale: uploaded late, it ends only the waits it came after.
     offline: bool,
+}
+
+/// Arms `step` of the chain a scenario timer `t` belongs to, with the occasion `t`
+/// carries (product, order, template variables).
+fn schedule_timer_step(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &CustomerProfile,
+    t: &ScenarioTimer,
+    step: StepTimer<'_>,
+) -> anyhow::Result<()> {
+    schedule_step_with(
+        ctx,
+        s,
+        p,
+        step,
+        t.product.as_ref(),
+        t.order_id.as_deref(),
+        t.variables.as_deref(),
+    )
+}
+
+/// Chains a merge hands over by the scenario's slot rules (a later purchase, delivery
+/// or the survivor's own series holds the slot) rather than by the survivor's timers.
+fn carried_by_slot(kind: ScenarioKind) -> bool {
+    matches!(
+        kind,
+        ScenarioKind::Welcome | ScenarioKind::PostPurchase | ScenarioKind::PostDelivery
+    )
 }
 
 /// Carried steps as `merge_in` records hold them.
