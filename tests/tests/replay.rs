@@ -115,11 +115,16 @@ fn run_ok(command: &mut Command) {
     );
 }
 
-/// Runs `kairos replay` over `input` with `batch` records per commit; returns the
-/// output lines, sorted.
-fn replay_sorted(dir: &std::path::Path, input: &std::path::Path, batch: u32) -> Vec<String> {
-    let output = dir.join(format!("out-{batch}.jsonl"));
-    let state = dir.join(format!("state-{batch}"));
+/// Runs `kairos replay` over `input` with the settings `env` (environment overrides);
+/// returns the output lines, sorted. `label` names its output and state directory.
+fn replay_sorted(
+    dir: &std::path::Path,
+    input: &std::path::Path,
+    label: &str,
+    env: &[(&str, &str)],
+) -> Vec<String> {
+    let output = dir.join(format!("out-{label}.jsonl"));
+    let state = dir.join(format!("state-{label}"));
     run_ok(
         kairos(&["replay"])
             .arg(input)
@@ -127,7 +132,7 @@ fn replay_sorted(dir: &std::path::Path, input: &std::path::Path, batch: u32) -> 
             .arg(&output)
             .arg("--state-dir")
             .arg(&state)
-            .env("KAIROS__STATE__MAX_BATCH_RECORDS", batch.to_string()),
+            .envs(env.iter().copied()),
     );
     let mut lines: Vec<String> = std::fs::read_to_string(&output)
         .expect("output")
@@ -138,12 +143,9 @@ fn replay_sorted(dir: &std::path::Path, input: &std::path::Path, batch: u32) -> 
     lines
 }
 
-#[test]
-fn replay_results_do_not_depend_on_the_batch_size() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let input = dir.path().join("traffic.jsonl");
-    // Generated shop traffic with identity resolution on: anonymous sessions that log
-    // in merge, so the arbiter waits for merged ledgers it sends to itself.
+/// Generated shop traffic (20,000 events, 2,000 customers, 20 days) in `dir`.
+fn generated_traffic(dir: &std::path::Path) -> std::path::PathBuf {
+    let input = dir.join("traffic.jsonl");
     run_ok(kairos(&["generate", "--to-file"]).arg(&input).args([
         "--count",
         "20000",
@@ -152,8 +154,18 @@ fn replay_results_do_not_depend_on_the_batch_size() {
         "--span-days",
         "20",
     ]));
-    let small = replay_sorted(dir.path(), &input, 7);
-    let large = replay_sorted(dir.path(), &input, 5000);
+    input
+}
+
+#[test]
+fn replay_results_do_not_depend_on_the_batch_size() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Generated shop traffic with identity resolution on: anonymous sessions that log
+    // in merge, so the arbiter waits for merged ledgers it sends to itself.
+    let input = generated_traffic(dir.path());
+    let batch = "KAIROS__STATE__MAX_BATCH_RECORDS";
+    let small = replay_sorted(dir.path(), &input, "batch-7", &[(batch, "7")]);
+    let large = replay_sorted(dir.path(), &input, "batch-5000", &[(batch, "5000")]);
     let decisions = small
         .iter()
         .filter(|l| l.contains(r#""topic":"decisions""#));
@@ -170,6 +182,31 @@ fn replay_results_do_not_depend_on_the_batch_size() {
     assert!(small == large, "the same records whatever the batch size");
 }
 
+/// A replay whose processors hold 12 timers in memory per partition (48 per process
+/// over the config's four partitions, against thousands per partition here) reads the
+/// rest back from RocksDB as it goes, and gives exactly the records of one that holds
+/// them all.
+#[test]
+fn replay_results_do_not_depend_on_how_many_timers_are_held_in_memory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = generated_traffic(dir.path());
+    let timers = "KAIROS__STATE__TIMERS_IN_MEMORY";
+    let all = replay_sorted(dir.path(), &input, "all-timers", &[(timers, "100000000")]);
+    let few = replay_sorted(dir.path(), &input, "few-timers", &[(timers, "48")]);
+    let count = |topic: &str| {
+        let tag = format!(r#""topic":"{topic}""#);
+        all.iter().filter(|l| l.contains(&tag)).count()
+    };
+    // Timers of every kind fired: chains, waits, cascades.
+    assert!(count("triggers") > 500, "{}", count("triggers"));
+    assert!(count("decisions") > 500, "{}", count("decisions"));
+    assert_eq!(few.len(), all.len());
+    assert!(
+        few == all,
+        "the same records whatever the timers held in memory"
+    );
+}
+
 #[test]
 fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -183,7 +220,12 @@ fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() 
     input.extend_from_slice(&registration("c-l2", t0 + 1_000));
     let path = dir.path().join("events.jsonl");
     std::fs::write(&path, input).expect("write input");
-    let lines = replay_sorted(dir.path(), &path, 100);
+    let lines = replay_sorted(
+        dir.path(),
+        &path,
+        "lines",
+        &[("KAIROS__STATE__MAX_BATCH_RECORDS", "100")],
+    );
     let records: Vec<Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).expect("output line is JSON"))

@@ -125,6 +125,11 @@ pub struct StateConfig {
     pub timer_tick: Duration,
     /// Hot entries a processor keeps decoded in memory (write-back cache), per process.
     pub cache_entries: usize,
+    /// Persistent timers a processor holds in memory, per process, shared out evenly
+    /// over `kafka.partitions`: each partition holds its earliest ones (firing never
+    /// reads the store) and reads the next ones back from RocksDB once it has fired
+    /// those. Each costs its payload plus about 100 bytes.
+    pub timers_in_memory: usize,
     /// Replicate state to `<prefix><service>-changelog` topics, so partitions can move
     /// between instances with their state.
     pub changelog: bool,
@@ -147,6 +152,7 @@ impl Default for StateConfig {
             max_batch_wait: Duration::from_millis(20),
             timer_tick: Duration::from_millis(250),
             cache_entries: 100_000,
+            timers_in_memory: 1_000_000,
             changelog: true,
             dedup_window: Duration::from_secs(60 * 24 * 3600),
         }
@@ -1093,6 +1099,15 @@ impl Config {
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
         }
+        if self.state.timers_in_memory < self.kafka.partitions as usize {
+            return Err(fail(
+                "timers_in_memory",
+                format!(
+                    "must be at least kafka.partitions ({}): each partition holds at least one",
+                    self.kafka.partitions
+                ),
+            ));
+        }
         if self.state.dedup_window < Duration::from_secs(24 * 3600) {
             return Err(fail("dedup_window", "must be at least 1 day".into()));
         }
@@ -1667,6 +1682,16 @@ mod tests {
             parse(&shorter).expect("valid").state.dedup_window.as_secs(),
             3 * 86_400
         );
+    }
+
+    #[test]
+    fn fewer_timers_in_memory_than_partitions_is_rejected_with_line() {
+        let text = "[kafka]\npartitions = 8\n[state]\ntimers_in_memory = 7\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:4:"), "{err}");
+        assert!(err.contains("timers_in_memory"), "{err}");
+        let enough = text.replace("= 7", "= 8");
+        assert_eq!(parse(&enough).expect("valid").state.timers_in_memory, 8);
     }
 
     #[test]

@@ -459,7 +459,13 @@ impl<P: Processor> Engine<P> {
         let root = config.state.dir.join(processor.name());
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
-        let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?;
+        let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?
+            .with_timers_in_memory(
+                config
+                    .state
+                    .timers_in_memory
+                    .div_ceil(config.kafka.partitions.max(1) as usize),
+            );
         Ok(Engine {
             max_event_lead: match config.clock.mode {
                 ClockMode::Wall => config.clock.max_event_lead,
@@ -880,6 +886,12 @@ impl<P: Processor> Engine<P> {
                 break;
             }
             for (fire_at, timer_id) in due {
+                // A handler just before set a timer due earlier than this one: it
+                // fires first, in a new round, so timers fire in order of time (then
+                // id) whatever the round's size or the timers held in memory.
+                if part.store.earlier_timer_than(fire_at, &timer_id) {
+                    break;
+                }
                 // In event time a timer fires at its own time, unless the clock had
                 // already passed it (a timer set by a late event): then it is late.
                 let timer_now = match self.mode {

@@ -8,12 +8,13 @@
 //! - `x/<seq>` the outbox: output records committed with the state, deleted once the
 //!   broker acknowledged them, re-sent after a crash (with the same ids);
 //! - `i/<timer id>` the persistent timers: the fire time (8 bytes, big-endian) then the
-//!   payload. Every timer's id and fire time is also held in memory, ordered by time,
-//!   so scheduling, moving, cancelling and firing a timer is one key write. (Stores
+//!   payload. The earliest timers (up to `state.timers_in_memory`) are also held in
+//!   memory, ordered by time, so scheduling, moving, cancelling and firing one of them
+//!   is one key write and firing never reads the store (see `TimerIndex`). (Stores
 //!   written before this layout kept the payload under `t/<fire_at><timer id>`; they are
 //!   converted when opened or restored, see `migrate_legacy_timers`.)
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -184,6 +185,8 @@ pub struct StoreFactory {
     /// Whether the stores write RocksDB's write-ahead log (see
     /// [`StoreFactory::without_write_ahead_log`]).
     write_ahead_log: bool,
+    /// Most timers a store holds in memory (see `TimerIndex`).
+    timers_in_memory: usize,
 }
 
 impl StoreFactory {
@@ -198,7 +201,15 @@ impl StoreFactory {
             root: root.to_path_buf(),
             cache,
             write_ahead_log: true,
+            timers_in_memory: usize::MAX,
         })
+    }
+
+    /// Bounds the timers each store holds in memory; the rest wait in the store only
+    /// (see `TimerIndex`). Unbounded unless set.
+    pub fn with_timers_in_memory(mut self, per_store: usize) -> Self {
+        self.timers_in_memory = per_store;
+        self
     }
 
     /// The options in the factory's options file, loaded for a store about to open
@@ -246,7 +257,7 @@ impl StoreFactory {
             path,
             db,
             next_outbox_seq: 0,
-            timers: Default::default(),
+            timers: std::cell::RefCell::new(TimerIndex::new(self.timers_in_memory)),
             sorted_writes: Vec::new(),
             batch: BatchBuffer::default(),
             written_back_order: Vec::new(),
@@ -283,7 +294,7 @@ impl StoreFactory {
             }
         };
         store.migrate_legacy_timers()?;
-        store.timers = std::cell::RefCell::new(store.load_timers()?);
+        store.refill_timers(None)?;
         Ok(store)
     }
 }
@@ -339,26 +350,60 @@ impl DueTimer {
     }
 }
 
-/// Every timer of a partition in memory, as in Flink's heap timer service: its fire
+/// The timers of a partition held in memory, as in Flink's heap timer service: fire
 /// time and payload by id, and the ids ordered by fire time. It changes as soon as a
 /// timer is scheduled, moved, cancelled or fired (a batch's pending writes are always
-/// committed, or the store is dropped and opened again), so timers never need a store
-/// read. It costs the payload plus about 100 bytes a timer.
-#[derive(Debug, Default)]
+/// committed, or the store is dropped and opened again), so firing never reads the
+/// store. A timer costs its payload plus about 100 bytes here.
+///
+/// At most `capacity` timers (`state.timers_in_memory`, shared out over the
+/// partitions): a partition with more holds its earliest ones, by fire time then id,
+/// and the rest stay in the store only, past `horizon`. Once memory has fired or
+/// cancelled everything it held, the next ones are read back from the store
+/// ([`PartitionStore::refill_timers`], one pass over the partition's timers). A
+/// timer past the horizon is read from the store when it is looked up, moved or
+/// cancelled; a partition within capacity never reads one.
+#[derive(Debug)]
 struct TimerIndex {
     timers: foldhash::HashMap<Arc<str>, (Millis, Box<[u8]>)>,
     by_time: BTreeSet<(Millis, Arc<str>)>,
+    /// `None`: memory holds every timer of the partition. `Some(h)`: it holds exactly
+    /// those ordered before `h` (fire time, then id); `h` and the later ones are in
+    /// the store only.
+    horizon: Option<(Millis, Arc<str>)>,
+    capacity: usize,
+    /// Every timer of the partition, held here or not (the pending-timers gauge).
+    total: usize,
 }
 
 impl TimerIndex {
+    fn new(capacity: usize) -> Self {
+        TimerIndex {
+            timers: Default::default(),
+            by_time: BTreeSet::new(),
+            horizon: None,
+            capacity: capacity.max(1),
+            total: 0,
+        }
+    }
+
+    /// Whether a timer at `at` belongs in memory (it is ordered before the horizon).
+    fn holds(&self, at: Millis, id: &str) -> bool {
+        match &self.horizon {
+            None => true,
+            Some((h_at, h_id)) => (at, id) < (*h_at, &**h_id),
+        }
+    }
+
     fn fire_at(&self, id: &str) -> Option<Millis> {
         self.timers.get(id).map(|(at, _)| *at)
     }
 
-    /// Sets (or moves) `id` to fire at `at` with `payload`; returns false if it was not
-    /// there before.
+    /// Sets (or moves) `id` to fire at `at` with `payload`; returns whether memory
+    /// held it before. Past the horizon it is not held (the store keeps it); over
+    /// capacity, the latest timer held leaves memory and becomes the horizon.
     fn set(&mut self, id: &str, at: Millis, payload: Box<[u8]>) -> bool {
-        let (key, existed) = match self.timers.get_key_value(id) {
+        let (key, held) = match self.timers.get_key_value(id) {
             Some((key, (old, _))) => {
                 let key = key.clone();
                 self.by_time.remove(&(*old, key.clone()));
@@ -366,12 +411,22 @@ impl TimerIndex {
             }
             None => (Arc::from(id), false),
         };
-        self.by_time.insert((at, key.clone()));
-        self.timers.insert(key, (at, payload));
-        existed
+        if self.holds(at, &key) {
+            self.by_time.insert((at, key.clone()));
+            self.timers.insert(key, (at, payload));
+            if self.timers.len() > self.capacity {
+                if let Some((latest_at, latest)) = self.by_time.pop_last() {
+                    self.timers.remove(&latest);
+                    self.horizon = Some((latest_at, latest));
+                }
+            }
+        } else if held {
+            self.timers.remove(&key);
+        }
+        held
     }
 
-    /// Removes `id`; returns the fire time and payload it had.
+    /// Removes `id` from memory; returns the fire time and payload it had.
     fn remove(&mut self, id: &str) -> Option<(Millis, Box<[u8]>)> {
         let (key, (at, payload)) = self.timers.remove_entry(id)?;
         self.by_time.remove(&(at, key));
@@ -393,6 +448,11 @@ impl TimerIndex {
         self.by_time.first().map(|(t, _)| *t)
     }
 
+    /// Whether memory has run out of timers while the store has more.
+    fn needs_refill(&self) -> bool {
+        self.by_time.is_empty() && self.horizon.is_some()
+    }
+
     /// The earliest timers due at or before `now`, at most `limit`, with a copy of
     /// their payloads (for tests; firing goes through `due_ids`).
     #[cfg(test)]
@@ -409,10 +469,6 @@ impl TimerIndex {
                     .unwrap_or_default(),
             })
             .collect()
-    }
-
-    fn len(&self) -> usize {
-        self.timers.len()
     }
 }
 
@@ -523,7 +579,7 @@ pub struct PartitionStore {
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
-    /// Every timer, in memory (see `TimerIndex`).
+    /// The earliest timers, in memory (see `TimerIndex`).
     timers: std::cell::RefCell<TimerIndex>,
     /// A batch's writes in key order, kept between commits for its memory.
     sorted_writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -590,19 +646,44 @@ impl PartitionStore {
         }
     }
 
-    /// Reads every timer (`i/` keys). Run after `migrate_legacy_timers`: an entry that
-    /// is still only a fire time is an earlier-layout index whose payload key is gone,
-    /// so it could never fire; it is deleted, as the earlier layout's reader forgot
-    /// such entries. (A current entry is never only 8 bytes: payloads are encoded
-    /// state, which starts with a marker byte.)
-    fn load_timers(&self) -> StoreResult<TimerIndex> {
-        let mut out = TimerIndex::default();
+    /// Reads the earliest timers (`i/` keys merged with `pending`'s writes) into
+    /// memory, up to its capacity, in place of what it held: when the store opens,
+    /// and when memory has run out of timers while the store has more. One pass over
+    /// the partition's timers, keeping the earliest in a heap of capacity + 1, whose
+    /// top becomes the horizon.
+    ///
+    /// Run after `migrate_legacy_timers`: an entry that is still only a fire time is
+    /// an earlier-layout index whose payload key is gone, so it could never fire; it
+    /// is deleted, as the earlier layout's reader forgot such entries. (A current
+    /// entry is never only 8 bytes: payloads are encoded state, which starts with a
+    /// marker byte.)
+    fn refill_timers(&self, pending: Option<&Pending>) -> StoreResult<()> {
+        let capacity = self.timers.borrow().capacity;
+        let mut earliest: BinaryHeap<(Millis, Arc<str>, Box<[u8]>)> = BinaryHeap::new();
+        let mut total = 0_usize;
+        let mut offer = |at: Millis, id: &[u8], payload: &[u8]| {
+            total += 1;
+            let id = String::from_utf8_lossy(id);
+            if earliest.len() > capacity {
+                match earliest.peek() {
+                    Some((top_at, top_id, _)) if (at, &*id) < (*top_at, &**top_id) => {
+                        earliest.pop();
+                    }
+                    _ => return,
+                }
+            }
+            earliest.push((at, Arc::from(id.as_ref()), payload.into()));
+        };
         let mut orphans = WriteBatch::default();
         for item in self.db.prefix_iterator(TIMER_INDEX) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let Some(id) = k.strip_prefix(TIMER_INDEX) else {
                 break;
             };
+            // The batch's write of the key is newer (added below).
+            if pending.is_some_and(|p| p.writes.contains_key(&*k)) {
+                continue;
+            }
             let at = decode_fire_time(&v).ok_or_else(|| self.corrupt_timer(&k))?;
             if v.len() == 8 {
                 tracing::warn!(
@@ -613,12 +694,41 @@ impl PartitionStore {
                 orphans.delete(&k);
                 continue;
             }
-            out.set(&String::from_utf8_lossy(id), at, v[8..].into());
+            offer(at, id, &v[8..]);
+        }
+        for (k, v) in pending.iter().flat_map(|p| p.writes.iter()) {
+            if let (Some(id), Some(v)) = (k.strip_prefix(TIMER_INDEX), v) {
+                let at = decode_fire_time(v).ok_or_else(|| self.corrupt_timer(k))?;
+                offer(at, id, &v[8..]);
+            }
         }
         if !orphans.is_empty() {
             self.write(orphans)?;
         }
-        Ok(out)
+        let mut index = TimerIndex::new(capacity);
+        index.total = total;
+        if earliest.len() > capacity {
+            index.horizon = earliest.pop().map(|(at, id, _)| (at, id));
+        }
+        for (at, id, payload) in earliest {
+            index.by_time.insert((at, id.clone()));
+            index.timers.insert(id, (at, payload));
+        }
+        *self.timers.borrow_mut() = index;
+        Ok(())
+    }
+
+    /// The stored value (fire time, then payload) of a timer memory does not hold:
+    /// one past the horizon, or none at all.
+    fn stored_timer(&self, pending: &Pending, timer_id: &str) -> StoreResult<Option<Vec<u8>>> {
+        if self.timers.borrow().horizon.is_none() {
+            return Ok(None);
+        }
+        let key = prefixed(TIMER_INDEX, timer_id.as_bytes());
+        match pending.writes.get(&key) {
+            Some(value) => Ok(value.clone()),
+            None => self.raw_get(&key),
+        }
     }
 
     fn corrupt_timer(&self, key: &[u8]) -> StoreError {
@@ -869,13 +979,18 @@ impl PartitionStore {
         let key = prefixed(TIMER_INDEX, timer_id.as_bytes());
         let value = timer_value(fire_at, &payload);
         // `encode_state` returns its bytes to size: the box takes them over, no copy.
-        let existed = self
+        let held = self
             .timers
             .borrow_mut()
             .set(timer_id, fire_at, payload.into_boxed_slice());
-        // Neither in memory nor removed in this batch, so not in the store either.
-        if !existed && !pending.writes.contains_key(&key) {
-            pending.new_timers.insert(key.clone());
+        // Read before the write below: whether it was there before this one.
+        let existed = held || self.stored_timer(pending, timer_id)?.is_some();
+        if !existed {
+            self.timers.borrow_mut().total += 1;
+            // Not removed in this batch either, so not in the store.
+            if !pending.writes.contains_key(&key) {
+                pending.new_timers.insert(key.clone());
+            }
         }
         pending.writes.insert(key, Some(value));
         pending.min_scheduled = Some(pending.min_scheduled.map_or(fire_at, |m| m.min(fire_at)));
@@ -884,53 +999,80 @@ impl PartitionStore {
 
     /// Cancels a timer; a cancelled timer never fires. Returns whether one existed.
     pub fn cancel_timer(&self, pending: &mut Pending, timer_id: &str) -> StoreResult<bool> {
-        if self.timers.borrow_mut().remove(timer_id).is_none() {
+        let held = self.timers.borrow_mut().remove(timer_id).is_some();
+        if !held && self.stored_timer(pending, timer_id)?.is_none() {
             return Ok(false);
         }
+        let mut timers = self.timers.borrow_mut();
+        timers.total = timers.total.saturating_sub(1);
+        drop(timers);
         remove_timer_key(pending, timer_id);
         Ok(true)
     }
 
-    pub fn timer_fire_at(&self, _pending: &Pending, timer_id: &str) -> StoreResult<Option<Millis>> {
-        Ok(self.timers.borrow().fire_at(timer_id))
+    pub fn timer_fire_at(&self, pending: &Pending, timer_id: &str) -> StoreResult<Option<Millis>> {
+        if let Some(at) = self.timers.borrow().fire_at(timer_id) {
+            return Ok(Some(at));
+        }
+        Ok(self
+            .stored_timer(pending, timer_id)?
+            .and_then(|v| decode_fire_time(&v)))
     }
 
     /// Fire time and a copy of the payload of a timer still to fire.
     pub fn timer_payload(
         &self,
-        _pending: &Pending,
+        pending: &Pending,
         timer_id: &str,
     ) -> StoreResult<Option<(Millis, Vec<u8>)>> {
-        Ok(self
-            .timers
-            .borrow()
-            .timers
-            .get(timer_id)
-            .map(|(at, payload)| (*at, payload.to_vec())))
+        if let Some((at, payload)) = self.timers.borrow().timers.get(timer_id) {
+            return Ok(Some((*at, payload.to_vec())));
+        }
+        Ok(self.stored_timer(pending, timer_id)?.and_then(|v| {
+            let at = decode_fire_time(&v)?;
+            Some((at, v[8..].to_vec()))
+        }))
     }
 
-    /// Timers due at or before `now` (pending reschedules and cancellations
-    /// included), earliest first, at most `limit`, with their payloads: for tests,
-    /// which look at timers without firing them.
+    /// Timers due at or before `now` that memory holds (pending reschedules and
+    /// cancellations included), earliest first, at most `limit`, with their
+    /// payloads: for tests, which look at timers without firing them.
     #[cfg(test)]
     pub fn due_timers(
         &self,
-        _pending: &Pending,
+        pending: &Pending,
         now: Millis,
         limit: usize,
     ) -> StoreResult<Vec<DueTimer>> {
+        if self.timers.borrow().needs_refill() {
+            self.refill_timers(Some(pending))?;
+        }
         Ok(self.timers.borrow().due(now, limit))
     }
 
     /// Fire time and id of the timers due at or before `now`, earliest first, at most
     /// `limit`: what the runtime fires, each through [`Self::complete_timer`], which
-    /// hands over the payload.
+    /// hands over the payload. Only timers memory holds: call [`Self::next_timer`]
+    /// first, which reads the next ones back from the store when memory has none.
     pub fn due_timer_ids(&self, now: Millis, limit: usize) -> Vec<(Millis, Arc<str>)> {
         self.timers.borrow().due_ids(now, limit)
     }
 
+    /// Whether memory holds a timer ordered before (`fire_at`, `timer_id`): one a
+    /// handler set while a round of due timers was firing.
+    pub fn earlier_timer_than(&self, fire_at: Millis, timer_id: &str) -> bool {
+        self.timers
+            .borrow()
+            .by_time
+            .first()
+            .is_some_and(|(at, id)| (*at, &**id) < (fire_at, timer_id))
+    }
+
     /// Fire time of the earliest timer (pending included).
-    pub fn next_timer(&self, _pending: &Pending) -> StoreResult<Option<Millis>> {
+    pub fn next_timer(&self, pending: &Pending) -> StoreResult<Option<Millis>> {
+        if self.timers.borrow().needs_refill() {
+            self.refill_timers(Some(pending))?;
+        }
         Ok(self.timers.borrow().first())
     }
 
@@ -950,12 +1092,14 @@ impl PartitionStore {
             return Ok(None);
         }
         let payload = timers.remove(timer_id).map(|(_, p)| p.into_vec());
+        timers.total = timers.total.saturating_sub(1);
         remove_timer_key(pending, timer_id);
         Ok(payload)
     }
 
+    /// Every timer of the partition, in memory or not.
     pub fn timers_pending(&self) -> i64 {
-        self.timers.borrow().len() as i64
+        self.timers.borrow().total as i64
     }
 
     /// Writes `pending` atomically: state, outbox, offsets and clock together, and
@@ -1398,8 +1542,7 @@ impl PartitionStore {
     /// reads the timers into memory.
     pub fn finish_restore(&mut self) -> StoreResult<()> {
         self.migrate_legacy_timers()?;
-        *self.timers.borrow_mut() = self.load_timers()?;
-        Ok(())
+        self.refill_timers(None)
     }
 
     /// Bytes on disk plus memtables, for the state size metric.
@@ -1916,6 +2059,121 @@ mod tests {
             .open(3)
             .unwrap();
         assert_eq!(s.next_timer(&p).unwrap(), Some(300));
+    }
+
+    /// What a partition's timers do, for the model below.
+    #[derive(Debug, Clone)]
+    enum TimerOp {
+        Schedule {
+            id: u8,
+            at: Millis,
+        },
+        Cancel {
+            id: u8,
+        },
+        /// Moves the clock on by this much and fires what is due, a few per round.
+        Advance(Millis),
+        LookUp {
+            id: u8,
+        },
+        Commit,
+        /// Commits, closes the store and opens it again.
+        Reopen,
+    }
+
+    fn timer_op() -> impl proptest::strategy::Strategy<Value = TimerOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0_u8..12, 0_i64..120).prop_map(|(id, at)| TimerOp::Schedule { id, at }),
+            1 => (0_u8..12).prop_map(|id| TimerOp::Cancel { id }),
+            2 => (0_i64..25).prop_map(TimerOp::Advance),
+            1 => (0_u8..12).prop_map(|id| TimerOp::LookUp { id }),
+            1 => Just(TimerOp::Commit),
+            1 => Just(TimerOp::Reopen),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// A store that holds only a few timers in memory schedules, moves, cancels,
+        /// looks up and fires them exactly as a map of every timer would: the same
+        /// timers fire in the same order (fire time, then id) with their latest
+        /// payloads, none after its cancellation, across commits and reopenings;
+        /// memory never holds more than its capacity and the count covers them all.
+        #[test]
+        fn timers_past_the_memory_bound_fire_as_if_all_were_held(
+            capacity in 1_usize..5,
+            ops in proptest::collection::vec(timer_op(), 1..60),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let factory = StoreFactory::new(dir.path(), 1 << 20)
+                .unwrap()
+                .with_timers_in_memory(capacity);
+            let mut s = factory.open(0).unwrap();
+            let mut p = Pending::default();
+            let mut model: BTreeMap<String, (Millis, Vec<u8>)> = BTreeMap::new();
+            let mut now: Millis = 0;
+            for (seq, op) in ops.into_iter().enumerate() {
+                match op {
+                    TimerOp::Schedule { id, at } => {
+                        let id = format!("t{id}");
+                        let payload = format!("{id}@{at}#{seq}").into_bytes();
+                        s.schedule_timer(&mut p, &id, at, payload.clone()).unwrap();
+                        model.insert(id, (at, payload));
+                    }
+                    TimerOp::Cancel { id } => {
+                        let id = format!("t{id}");
+                        let existed = s.cancel_timer(&mut p, &id).unwrap();
+                        proptest::prop_assert_eq!(existed, model.remove(&id).is_some());
+                    }
+                    TimerOp::Advance(by) => {
+                        now += by;
+                        let mut want: Vec<(Millis, String, Vec<u8>)> = model
+                            .iter()
+                            .filter(|(_, (at, _))| *at <= now)
+                            .map(|(id, (at, payload))| (*at, id.clone(), payload.clone()))
+                            .collect();
+                        want.sort();
+                        for (_, id, _) in &want {
+                            model.remove(id);
+                        }
+                        let mut fired = Vec::new();
+                        while s.next_timer(&p).unwrap().is_some_and(|t| t <= now) {
+                            for (at, id) in s.due_timer_ids(now, 2) {
+                                if let Some(payload) = s.complete_timer(&mut p, &id, at).unwrap() {
+                                    fired.push((at, id.to_string(), payload));
+                                }
+                            }
+                        }
+                        proptest::prop_assert_eq!(fired, want);
+                    }
+                    TimerOp::LookUp { id } => {
+                        let id = format!("t{id}");
+                        let want = model.get(&id).cloned();
+                        proptest::prop_assert_eq!(
+                            s.timer_fire_at(&p, &id).unwrap(),
+                            want.as_ref().map(|(at, _)| *at)
+                        );
+                        proptest::prop_assert_eq!(s.timer_payload(&p, &id).unwrap(), want);
+                    }
+                    TimerOp::Commit => {
+                        s.commit(&mut p, None).unwrap();
+                    }
+                    TimerOp::Reopen => {
+                        s.commit(&mut p, None).unwrap();
+                        drop(s);
+                        s = factory.open(0).unwrap();
+                    }
+                }
+                proptest::prop_assert_eq!(s.timers_pending(), model.len() as i64);
+                proptest::prop_assert!(s.timers.borrow().timers.len() <= capacity);
+                proptest::prop_assert_eq!(
+                    s.timers.borrow().by_time.len(),
+                    s.timers.borrow().timers.len()
+                );
+            }
+        }
     }
 
     #[test]
