@@ -1387,6 +1387,14 @@ impl Config {
         format!("{}{}", self.kafka.topic_prefix, suffix)
     }
 
+    /// Timers each partition's store holds in memory: its share of
+    /// `state.timers_in_memory`.
+    pub fn timers_in_memory_per_store(&self) -> usize {
+        self.state
+            .timers_in_memory
+            .div_ceil(self.kafka.partitions.max(1) as usize)
+    }
+
     /// The changelog topic of a processor's state.
     pub fn changelog_topic(&self, service: &str) -> String {
         self.topic(&format!("{service}-changelog"))

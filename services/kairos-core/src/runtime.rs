@@ -460,12 +460,7 @@ impl<P: Processor> Engine<P> {
         std::fs::create_dir_all(&root)
             .with_context(|| format!("cannot create state directory {}", root.display()))?;
         let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?
-            .with_timers_in_memory(
-                config
-                    .state
-                    .timers_in_memory
-                    .div_ceil(config.kafka.partitions.max(1) as usize),
-            );
+            .with_timers_in_memory(config.timers_in_memory_per_store());
         Ok(Engine {
             max_event_lead: match config.clock.mode {
                 ClockMode::Wall => config.clock.max_event_lead,
@@ -881,17 +876,16 @@ impl<P: Processor> Engine<P> {
             if round == max_rounds {
                 return Ok((out, true));
             }
-            let due = part.store.due_timer_ids(now, 512);
-            if due.is_empty() {
-                break;
-            }
-            for (fire_at, timer_id) in due {
-                // A handler just before set a timer due earlier than this one: it
-                // fires first, in a new round, so timers fire in order of time (then
-                // id) whatever the round's size or the timers held in memory.
-                if part.store.earlier_timer_than(fire_at, &timer_id) {
+            // Always the earliest due timer next, read afresh each time: one a
+            // handler just set, due before the others, fires first, so timers fire
+            // in order of time then id whatever the round's size or the timers held
+            // in memory.
+            let mut fired = 0;
+            while fired < 512 {
+                let Some((fire_at, timer_id)) = part.store.next_due(&part.pending, now)? else {
                     break;
-                }
+                };
+                fired += 1;
                 // In event time a timer fires at its own time, unless the clock had
                 // already passed it (a timer set by a late event): then it is late.
                 let timer_now = match self.mode {
@@ -2455,7 +2449,10 @@ async fn apply_rebalances<P: Processor>(
                 let c = config.clone();
                 let factory_root = config.state.dir.join(name);
                 let restored = tokio::task::spawn_blocking(move || {
-                    let factory = StoreFactory::new(&factory_root, 8 << 20)?;
+                    // Bounded like the engine's own stores: a restore opens the
+                    // store, which reads its timers.
+                    let factory = StoreFactory::new(&factory_root, 8 << 20)?
+                        .with_timers_in_memory(c.timers_in_memory_per_store());
                     restore_partition(&reader, &c, &factory, &changelog, p, TornCommit::Undo)
                 })
                 .await

@@ -399,10 +399,10 @@ impl TimerIndex {
         self.timers.get(id).map(|(at, _)| *at)
     }
 
-    /// Sets (or moves) `id` to fire at `at` with `payload`; returns whether memory
-    /// held it before. Past the horizon it is not held (the store keeps it); over
-    /// capacity, the latest timer held leaves memory and becomes the horizon.
-    fn set(&mut self, id: &str, at: Millis, payload: Box<[u8]>) -> bool {
+    /// Sets (or moves) `id` to fire at `at` with `payload`. Past the horizon it is
+    /// not held (the store keeps it); over capacity, the latest timer held leaves
+    /// memory and becomes the horizon.
+    fn set(&mut self, id: &str, at: Millis, payload: Box<[u8]>) {
         let (key, held) = match self.timers.get_key_value(id) {
             Some((key, (old, _))) => {
                 let key = key.clone();
@@ -423,7 +423,6 @@ impl TimerIndex {
         } else if held {
             self.timers.remove(&key);
         }
-        held
     }
 
     /// Removes `id` from memory; returns the fire time and payload it had.
@@ -434,7 +433,8 @@ impl TimerIndex {
     }
 
     /// Fire time and id of the earliest timers due at or before `now`, at most
-    /// `limit`, without their payloads (firing takes those out of the index).
+    /// `limit`, without their payloads.
+    #[cfg(test)]
     fn due_ids(&self, now: Millis, limit: usize) -> Vec<(Millis, Arc<str>)> {
         self.by_time
             .iter()
@@ -979,12 +979,13 @@ impl PartitionStore {
         let key = prefixed(TIMER_INDEX, timer_id.as_bytes());
         let value = timer_value(fire_at, &payload);
         // `encode_state` returns its bytes to size: the box takes them over, no copy.
-        let held = self
-            .timers
+        // Whether it was there before, read before anything changes (a failed read
+        // leaves memory as it was).
+        let held = self.timers.borrow().timers.contains_key(timer_id);
+        let existed = held || self.stored_timer(pending, timer_id)?.is_some();
+        self.timers
             .borrow_mut()
             .set(timer_id, fire_at, payload.into_boxed_slice());
-        // Read before the write below: whether it was there before this one.
-        let existed = held || self.stored_timer(pending, timer_id)?.is_some();
         if !existed {
             self.timers.borrow_mut().total += 1;
             // Not removed in this batch either, so not in the store.
@@ -1050,22 +1051,25 @@ impl PartitionStore {
         Ok(self.timers.borrow().due(now, limit))
     }
 
-    /// Fire time and id of the timers due at or before `now`, earliest first, at most
-    /// `limit`: what the runtime fires, each through [`Self::complete_timer`], which
-    /// hands over the payload. Only timers memory holds: call [`Self::next_timer`]
-    /// first, which reads the next ones back from the store when memory has none.
-    pub fn due_timer_ids(&self, now: Millis, limit: usize) -> Vec<(Millis, Arc<str>)> {
-        self.timers.borrow().due_ids(now, limit)
-    }
-
-    /// Whether memory holds a timer ordered before (`fire_at`, `timer_id`): one a
-    /// handler set while a round of due timers was firing.
-    pub fn earlier_timer_than(&self, fire_at: Millis, timer_id: &str) -> bool {
-        self.timers
+    /// Fire time and id of the earliest timer if it is due at or before `now`
+    /// (pending included; read back from the store when memory has run out): what the
+    /// runtime fires next, through [`Self::complete_timer`], which hands over the
+    /// payload.
+    pub fn next_due(
+        &self,
+        pending: &Pending,
+        now: Millis,
+    ) -> StoreResult<Option<(Millis, Arc<str>)>> {
+        if self.timers.borrow().needs_refill() {
+            self.refill_timers(Some(pending))?;
+        }
+        Ok(self
+            .timers
             .borrow()
             .by_time
             .first()
-            .is_some_and(|(at, id)| (*at, &**id) < (fire_at, timer_id))
+            .filter(|(at, _)| *at <= now)
+            .cloned())
     }
 
     /// Fire time of the earliest timer (pending included).
@@ -2139,12 +2143,10 @@ mod tests {
                             model.remove(id);
                         }
                         let mut fired = Vec::new();
-                        while s.next_timer(&p).unwrap().is_some_and(|t| t <= now) {
-                            for (at, id) in s.due_timer_ids(now, 2) {
-                                if let Some(payload) = s.complete_timer(&mut p, &id, at).unwrap() {
-                                    fired.push((at, id.to_string(), payload));
-                                }
-                            }
+                        while let Some((at, id)) = s.next_due(&p, now).unwrap() {
+                            let payload = s.complete_timer(&mut p, &id, at).unwrap();
+                            proptest::prop_assert!(payload.is_some(), "the earliest timer fires");
+                            fired.push((at, id.to_string(), payload.unwrap_or_default()));
                         }
                         proptest::prop_assert_eq!(fired, want);
                     }

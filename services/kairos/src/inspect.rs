@@ -71,7 +71,8 @@ pub fn digest_changelog(
     service: &str,
 ) -> anyhow::Result<BTreeMap<String, (u64, String)>> {
     let tmp = tempfile::tempdir()?;
-    let factory = StoreFactory::new(tmp.path(), 8 << 20)?;
+    let factory = StoreFactory::new(tmp.path(), 8 << 20)?
+        .with_timers_in_memory(config.timers_in_memory_per_store());
     let topic = config.changelog_topic(service);
     let reader = kairos_core::runtime::ChangelogReader::new(config)?;
     for p in 0..config.kafka.partitions {
