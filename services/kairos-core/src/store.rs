@@ -448,6 +448,11 @@ impl TimerIndex {
         self.by_time.first().map(|(t, _)| *t)
     }
 
+    /// Counts a timer gone for good (cancelled or fired), held or not.
+    fn count_removed(&mut self) {
+        self.total = self.total.saturating_sub(1);
+    }
+
     /// Whether memory has run out of timers while the store has more.
     fn needs_refill(&self) -> bool {
         self.by_time.is_empty() && self.horizon.is_some()
@@ -716,6 +721,15 @@ impl PartitionStore {
         }
         *self.timers.borrow_mut() = index;
         Ok(())
+    }
+
+    /// The timers in memory, read back from the store first if memory has run out
+    /// while the store has more.
+    fn timers_refilled(&self, pending: &Pending) -> StoreResult<std::cell::Ref<'_, TimerIndex>> {
+        if self.timers.borrow().needs_refill() {
+            self.refill_timers(Some(pending))?;
+        }
+        Ok(self.timers.borrow())
     }
 
     /// The stored value (fire time, then payload) of a timer memory does not hold:
@@ -1004,9 +1018,7 @@ impl PartitionStore {
         if !held && self.stored_timer(pending, timer_id)?.is_none() {
             return Ok(false);
         }
-        let mut timers = self.timers.borrow_mut();
-        timers.total = timers.total.saturating_sub(1);
-        drop(timers);
+        self.timers.borrow_mut().count_removed();
         remove_timer_key(pending, timer_id);
         Ok(true)
     }
@@ -1045,10 +1057,7 @@ impl PartitionStore {
         now: Millis,
         limit: usize,
     ) -> StoreResult<Vec<DueTimer>> {
-        if self.timers.borrow().needs_refill() {
-            self.refill_timers(Some(pending))?;
-        }
-        Ok(self.timers.borrow().due(now, limit))
+        Ok(self.timers_refilled(pending)?.due(now, limit))
     }
 
     /// Fire time and id of the earliest timer if it is due at or before `now`
@@ -1060,12 +1069,8 @@ impl PartitionStore {
         pending: &Pending,
         now: Millis,
     ) -> StoreResult<Option<(Millis, Arc<str>)>> {
-        if self.timers.borrow().needs_refill() {
-            self.refill_timers(Some(pending))?;
-        }
         Ok(self
-            .timers
-            .borrow()
+            .timers_refilled(pending)?
             .by_time
             .first()
             .filter(|(at, _)| *at <= now)
@@ -1074,10 +1079,7 @@ impl PartitionStore {
 
     /// Fire time of the earliest timer (pending included).
     pub fn next_timer(&self, pending: &Pending) -> StoreResult<Option<Millis>> {
-        if self.timers.borrow().needs_refill() {
-            self.refill_timers(Some(pending))?;
-        }
-        Ok(self.timers.borrow().first())
+        Ok(self.timers_refilled(pending)?.first())
     }
 
     /// Removes a due timer that is about to fire (it must not fire again) and returns
@@ -1096,7 +1098,7 @@ impl PartitionStore {
             return Ok(None);
         }
         let payload = timers.remove(timer_id).map(|(_, p)| p.into_vec());
-        timers.total = timers.total.saturating_sub(1);
+        timers.count_removed();
         remove_timer_key(pending, timer_id);
         Ok(payload)
     }
