@@ -367,6 +367,30 @@ impl CustomerLedger {
         for id in other.absorbed {
             note_absorbed(&mut self.absorbed, id);
         }
+        // The merged customer's chains go on here (their queued steps are handed over
+        // and the profile carries the later ones): the further one of each counts.
+        for (chain, theirs) in other.chains {
+            let mine = self.chains.entry(chain).or_insert(theirs);
+            if theirs.step > mine.step {
+                *mine = theirs;
+            }
+        }
+        self.forget_oldest_chains();
+    }
+
+    /// Keeps the `CHAINS_KEPT` chains changed last.
+    fn forget_oldest_chains(&mut self) {
+        while self.chains.len() > CHAINS_KEPT {
+            let oldest = self
+                .chains
+                .iter()
+                .min_by_key(|(_, p)| p.updated_at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(oldest) => self.chains.remove(&oldest),
+                None => break,
+            };
+        }
     }
 
     /// Folds a delivery or engagement outcome into the suppressions and the sunset
@@ -1569,25 +1593,13 @@ impl ArbiterProcessor {
                 if ledger.merged_into.is_some() {
                     return Ok(false); // handed over already (a redelivered action)
                 }
-                // What waited for this customer ends here; the survivor's own
-                // triggers carry on, so nothing goes out twice.
                 let why = format!("the customer was merged into {into}");
-                let queued: Vec<(String, Queued)> = ledger
-                    .queued
-                    .iter()
-                    .map(|(id, q)| (id.clone(), q.clone()))
-                    .collect();
-                for (trigger_id, q) in queued {
-                    self.cancel_queued(
-                        ctx,
-                        ledger,
-                        &a.customer_id,
-                        &trigger_id,
-                        &q,
-                        "merged",
-                        why.clone(),
-                    )?;
-                }
+                // What waited in the queue goes to the survivor with the ledger and is
+                // decided there, against the person's caps and suppressions: the
+                // profile does not start these again (the person had them), so
+                // cancelling them here would lose them.
+                self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
+                // A cascade's first message went out; its follow-ups stop here.
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
@@ -1625,7 +1637,11 @@ impl ArbiterProcessor {
                 if let Some(from) = &a.merged_from {
                     note_absorbed(&mut ledger.absorbed, from.clone());
                 }
+                let mut merged = merged;
+                let handed_over = std::mem::take(&mut merged.queued);
                 ledger.absorb(merged);
+                let from = a.merged_from.as_deref().unwrap_or("a merged customer");
+                self.take_over_queue(ctx, ledger, &a.customer_id, from, handed_over)?;
             }
             CustomerActionKind::visit => {
                 ledger.last_active_at = Some(latest(ledger.last_active_at, at));
@@ -1732,6 +1748,100 @@ impl ArbiterProcessor {
             )
         };
         ctx.emit(&self.actions_topic, into, &action);
+        Ok(())
+    }
+
+    /// Moves the queue of a customer merged into `into` out of its ledger, each entry
+    /// with its trigger (read from its timer), for `send_ledger` to carry. An entry
+    /// whose trigger cannot be read (it would fail on its own timer too) is cancelled.
+    fn hand_over_queue(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        into: &str,
+    ) -> anyhow::Result<()> {
+        let queued: Vec<(String, Queued)> = ledger
+            .queued
+            .iter()
+            .map(|(id, q)| (id.clone(), q.clone()))
+            .collect();
+        for (trigger_id, mut q) in queued {
+            let timer = ["defer/", trigger_id.as_str()].concat();
+            let trigger = match q.trigger.take() {
+                Some(t) => Some(t),
+                None => ctx
+                    .timer_payload::<Trigger>(&timer)
+                    .ok()
+                    .flatten()
+                    .map(|(_, t)| Box::new(t)),
+            };
+            let Some(trigger) = trigger else {
+                let why = format!(
+                    "the customer was merged into {into}; the queued trigger does not decode"
+                );
+                self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, "merged", why)?;
+                continue;
+            };
+            ctx.cancel(&timer)?;
+            let subject = Subject::of(&trigger);
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&trigger_id, "handed_over", into]),
+                (DecisionOutcome::deferred, None, None),
+                "merged",
+                format!("the customer was merged into {into}, whose arbiter decides it"),
+            );
+            q.trigger = Some(trigger);
+            ledger.queued.insert(trigger_id, q);
+        }
+        Ok(())
+    }
+
+    /// The queue a merged customer's ledger brought (see `hand_over_queue`) joins this
+    /// customer's: each trigger is now this customer's, waits until it would have
+    /// woken (or a later step of its chain behind it) and is decided then through
+    /// every rule, against this ledger. One this ledger knows already is left out.
+    fn take_over_queue(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        from: &str,
+        handed_over: SmallMap<String, Queued>,
+    ) -> anyhow::Result<()> {
+        let now = ctx.now();
+        for (trigger_id, mut q) in handed_over {
+            // Queued by a version that cancelled instead: nothing to decide.
+            let Some(mut t) = q.trigger.take() else {
+                continue;
+            };
+            let known = ledger.queued.contains_key(&trigger_id)
+                || ledger.cascades.contains_key(&trigger_id);
+            if known {
+                continue;
+            }
+            t.customer_id = customer_id.to_string();
+            let wake = q.wake_at.unwrap_or(now).max(now);
+            ctx.schedule(&["defer/", trigger_id.as_str()].concat(), wake, t.as_ref())?;
+            let reason = format!("taken over from {from}, merged into this customer");
+            self.record_decision(
+                ctx,
+                &Subject::of(&t),
+                deterministic_id(&[&trigger_id, "taken_over", customer_id]),
+                (DecisionOutcome::deferred, None, None),
+                "merged",
+                format!("{reason}; decided again at {wake}"),
+            );
+            if q.reasons.len() >= REASONS_KEPT {
+                q.reasons.remove(0);
+            }
+            q.reasons.push(["merged: ", &reason].concat());
+            q.wake_at = Some(wake);
+            q.trigger = (q.rule.as_deref() == Some(MAIN_SCENARIO)).then_some(t);
+            ledger.queued.insert(trigger_id, q);
+        }
         Ok(())
     }
 
@@ -2333,16 +2443,7 @@ impl ArbiterProcessor {
                 },
             );
         }
-        if ledger.chains.len() > CHAINS_KEPT {
-            let oldest = ledger
-                .chains
-                .iter()
-                .min_by_key(|(_, p)| p.updated_at)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                ledger.chains.remove(&oldest);
-            }
-        }
+        ledger.forget_oldest_chains();
         if end != StepEnd::Broke {
             return Ok(());
         }

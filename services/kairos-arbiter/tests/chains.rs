@@ -178,3 +178,71 @@ fn a_step_suppressed_for_want_of_consent_lets_the_next_step_be_decided_on_its_ow
     let d = a.push_trigger(&second);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }
+
+/// c1 is merged into z at `at`: the arbiter hands c1's ledger over, and it reaches z.
+fn merge_c1_into_z(a: &mut Arbiter, at: i64) {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let merged = CustomerAction {
+        merged_into: Some("z".into()),
+        ..CustomerAction::new(
+            "merged-c1".into(),
+            "c1".into(),
+            CustomerActionKind::merged,
+            at,
+        )
+    };
+    a.push("customer-actions", "c1", &merged);
+    for action in std::mem::take(&mut a.actions) {
+        assert_eq!(action.customer_id, "z");
+        a.push("customer-actions", "z", &action);
+    }
+}
+
+/// Step `step` of c1's tips chain, carried to the survivor z by the profile.
+fn survivors_tips(a: &Arbiter, step: i32, at: i64) -> Trigger {
+    let mut t = tips(a, step, at, 10 * DAY);
+    t.trigger_id = format!("z-tips{step}");
+    t.customer_id = "z".into();
+    t
+}
+
+#[test]
+fn a_chain_that_broke_before_a_merge_stays_broken_for_the_survivor() {
+    let mut a = arbiter();
+    // The first step's moment had passed when it came: the chain ends there.
+    let first = tips(&a, 0, T0, -1);
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::expired);
+    merge_c1_into_z(&mut a, T0 + HOUR);
+    let next = survivors_tips(&a, 1, T0 + DAY);
+    let d = a.push_trigger(&next);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::cancelled, "chain_broken"),
+        "{d:#?}"
+    );
+    assert!(a.sends.is_empty(), "{:#?}", a.sends);
+}
+
+#[test]
+fn a_chain_step_sent_before_a_merge_spaces_the_survivors_next_step() {
+    let mut a = arbiter();
+    let first = tips(&a, 0, T0, 10 * DAY);
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::sent);
+    merge_c1_into_z(&mut a, T0 + HOUR);
+    // The next step comes early (a merge re-arms it at once when it was overdue): it
+    // keeps the chain's day after the first step, sent to c1.
+    let next = survivors_tips(&a, 1, T0 + 2 * HOUR);
+    let d = a.push_trigger(&next);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "chain_spacing"),
+        "{d:#?}"
+    );
+    a.advance_to(T0 + 2 * DAY);
+    let f = finals(&a, "z-tips1");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].outcome, f[0].decided_at),
+        (DecisionOutcome::sent, T0 + DAY)
+    );
+}

@@ -956,3 +956,102 @@ fn a_chain_of_merges_reaches_the_survivor_when_the_merge_comes_first() {
 fn a_chain_of_merges_reaches_the_survivor_when_the_absorbed_ledger_comes_first() {
     a_chain_of_merges_brings_every_ledger_to_the_survivor(false);
 }
+
+/// The merge of `from` into `into` at `at`, as the identity processor reports it.
+fn merged_into(from: &str, into: &str, at: i64) -> kairos_core::contracts::CustomerAction {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    CustomerAction {
+        merged_into: Some(into.into()),
+        ..CustomerAction::new(
+            format!("merged-{from}"),
+            from.into(),
+            CustomerActionKind::merged,
+            at,
+        )
+    }
+}
+
+#[test]
+fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
+    use kairos_core::contracts::{CustomerAction, Outcome};
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    // 22:30 in Berlin: c1's welcome waits for the morning.
+    let queued = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    assert_eq!(
+        (queued.outcome, queued.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    // The survivor z had unsubscribed from e-mail.
+    let unsubscribe = Outcome {
+        outcome_id: "z-unsub".into(),
+        send_id: "s-z".into(),
+        customer_id: "z".into(),
+        scenario: "welcome".into(),
+        channel: Channel::email,
+        category: TRIGGER,
+        kind: OutcomeKind::unsubscribed,
+        reason: None,
+        occurred_at: at("2026-01-05T21:40:00Z"),
+        address: None,
+    };
+    a.push("outcomes", "z", &unsubscribe);
+    let merge = merged_into("c1", "z", at("2026-01-05T22:00:00Z"));
+    a.push("customer-actions", "c1", &merge);
+    let handed = a.decisions_of("w1");
+    assert_eq!(handed.len(), 2, "{handed:#?}");
+    assert_eq!(
+        (
+            handed[1].outcome,
+            handed[1].rule.as_str(),
+            handed[1].customer_id.as_str()
+        ),
+        (DecisionOutcome::deferred, "merged", "c1"),
+        "handed over, not cancelled"
+    );
+    let handed_on: Vec<CustomerAction> = std::mem::take(&mut a.actions);
+    assert_eq!(handed_on.len(), 1, "{handed_on:#?}");
+    // The ledger reaches z twice (a redelivery after a crash): taken over once.
+    for _ in 0..2 {
+        a.push("customer-actions", "z", &handed_on[0]);
+    }
+    // c1's own timer is gone: nothing wakes for c1 in the morning.
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    let decisions: Vec<_> = a
+        .decisions_of("w1")
+        .iter()
+        .map(|d| (d.outcome, d.rule.clone(), d.customer_id.clone()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            (DecisionOutcome::deferred, "quiet_hours".into(), "c1".into()),
+            (DecisionOutcome::deferred, "merged".into(), "c1".into()),
+            (DecisionOutcome::deferred, "merged".into(), "z".into()),
+            (DecisionOutcome::sent, "channel_choice".into(), "z".into()),
+        ]
+    );
+    // Sent once, at the end of the quiet hours, by push: z's unsubscribe holds.
+    assert_eq!(a.sends.len(), 1, "{:#?}", a.sends);
+    let send = a.last_send();
+    assert_eq!(
+        (send.customer_id.as_str(), send.channel),
+        ("z", Channel::push)
+    );
+    assert_eq!(
+        a.decisions_of("w1")[3].decided_at,
+        at("2026-01-06T08:00:00Z")
+    );
+    assert!(
+        send.reasons.iter().any(|r| r.starts_with("merged: ")),
+        "the reason trail says where it came from: {:?}",
+        send.reasons
+    );
+    // A late copy of the trigger for c1, and the merge again: nothing more.
+    let copy = a.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    a.push("triggers", "c1", &copy);
+    a.push("customer-actions", "c1", &merge);
+    a.advance_to(at("2026-01-07T12:00:00Z"));
+    assert_eq!(a.decisions_of("w1").len(), 4);
+    assert_eq!(a.sends.len(), 1);
+}

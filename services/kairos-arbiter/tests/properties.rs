@@ -8,6 +8,9 @@
 //! the customer left the segment after its cause, no promo goes out within two days of
 //! a purchase, and every trigger ends in exactly one final decision; streams
 //! start in January and just before the 2026 clock changes of New York and Berlin.
+//! A stream may merge two customers (as the identity processor does): what the
+//! merged one had queued is decided once, for the survivor, and its unsubscribes,
+//! purchases and segment exits hold there.
 
 mod common;
 
@@ -22,7 +25,17 @@ use kairos_core::ids::deterministic_id;
 use kairos_core::time::{DAY, HOUR, MINUTE};
 use proptest::prelude::*;
 
-const ZONES: [&str; 4] = ["UTC", "Europe/Berlin", "Asia/Tokyo", "America/New_York"];
+/// Each customer's time zone. Customers 1 and 4 share one, so that merging them keeps
+/// each of the person's days one calendar day (caps count per local day).
+const ZONES: [&str; 5] = [
+    "UTC",
+    "Europe/Berlin",
+    "Asia/Tokyo",
+    "America/New_York",
+    "Europe/Berlin",
+];
+/// The two customers a stream may merge.
+const MERGEABLE: (usize, usize) = (1, 4);
 /// Starts of the 4-day streams: a plain January week, and the days before the clock
 /// changes of New York (8 March, 1 November) and Berlin (29 March, 25 October) 2026.
 const STARTS: [i64; 5] = [
@@ -63,6 +76,12 @@ enum Event {
         customer: usize,
         minute: i64,
     },
+    /// One of the `MERGEABLE` customers is merged into the other (the first such
+    /// event of a stream; later ones change nothing).
+    Merge {
+        minute: i64,
+        first_into_second: bool,
+    },
 }
 
 impl Event {
@@ -71,7 +90,8 @@ impl Event {
             Event::Trigger { minute, .. }
             | Event::Unsubscribe { minute, .. }
             | Event::Purchase { minute, .. }
-            | Event::LeftSegment { minute, .. } => *minute,
+            | Event::LeftSegment { minute, .. }
+            | Event::Merge { minute, .. } => *minute,
         }
     }
 }
@@ -87,26 +107,58 @@ fn event() -> impl Strategy<Value = Event> {
         2 => Just(MessageCategory::promo),
     ];
     prop_oneof![
-        8 => (0..4usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15), prop::sample::select(vec![0u8, 0, 0, 0, 1, 1, 2]))
+        8 => (0..5usize, 0..(4 * 24 * 60i64), category, any::<(bool, bool)>(), 1..72i64, prop::bool::weighted(0.15), prop::sample::select(vec![0u8, 0, 0, 0, 1, 1, 2]))
             .prop_map(|(customer, minute, category, consent, valid_hours, redeliver, kind)| Event::Trigger {
                 customer, minute, category, consent, valid_hours, redeliver,
                 cascade: kind == 1 && category == MessageCategory::trigger,
                 segment: kind == 2 && category == MessageCategory::trigger,
             }),
-        1 => (0..4usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
+        1 => (0..5usize, 0..(4 * 24 * 60i64), 0..2usize).prop_map(|(customer, minute, c)| {
             Event::Unsubscribe { customer, minute, channel: CHANNELS[c] }
         }),
-        1 => (0..4usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
+        1 => (0..5usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
             Event::Purchase { customer, minute }
         }),
-        1 => (0..4usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
+        1 => (0..5usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
             Event::LeftSegment { customer, minute }
+        }),
+        1 => (0..(4 * 24 * 60i64), any::<bool>()).prop_map(|(minute, first_into_second)| {
+            Event::Merge { minute, first_into_second }
         }),
     ]
 }
 
 fn customer_id(i: usize) -> String {
     format!("c{i}")
+}
+
+/// Hands what the arbiter emitted for other customers (a merged ledger) to them, as
+/// the customer-actions topic would.
+fn deliver_actions(a: &mut Arbiter) {
+    loop {
+        let actions = std::mem::take(&mut a.actions);
+        if actions.is_empty() {
+            return;
+        }
+        for action in actions {
+            a.push("customer-actions", &action.customer_id.clone(), &action);
+        }
+    }
+}
+
+/// What a customer did at `at` (an unsubscribe, a purchase, leaving the segment), and
+/// from when it holds for that customer id: at once, or from the merge that brought
+/// it from the merged customer.
+#[derive(Debug, Clone, Copy)]
+struct Fact {
+    at: i64,
+    holds_from: i64,
+}
+
+impl Fact {
+    fn new(at: i64) -> Self {
+        Fact { at, holds_from: at }
+    }
 }
 
 proptest! {
@@ -130,12 +182,20 @@ proptest! {
         );
         let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
-        let mut purchases: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut left_segment: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut purchases: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
+        let mut left_segment: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
+        // (merged, survivor) once merged: the merged customer's later events are the
+        // survivor's, as the identity processor resolves them.
+        let mut merge: Option<(usize, usize)> = None;
         for (n, e) in events.iter().enumerate() {
             let at = start + e.minute() * MINUTE;
+            let person = |c: &usize| match merge {
+                Some((from, into)) if *c == from => into,
+                _ => *c,
+            };
             match e {
                 Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, segment, .. } => {
+                    let customer = &person(customer);
                     let id = format!("t{n}");
                     let consented: Vec<Channel> = CHANNELS
                         .into_iter()
@@ -183,6 +243,7 @@ proptest! {
                     triggers.insert(id, t);
                 }
                 Event::Unsubscribe { customer, channel, .. } => {
+                    let customer = &person(customer);
                     let o = Outcome {
                         outcome_id: format!("u{n}"),
                         send_id: format!("u{n}"),
@@ -199,6 +260,7 @@ proptest! {
                     unsubscribed.entry((o.customer_id.clone(), *channel)).or_insert(at);
                 }
                 Event::Purchase { customer, .. } => {
+                    let customer = &person(customer);
                     let action = kairos_core::contracts::CustomerAction::new(
                         format!("b{n}"),
                         customer_id(*customer),
@@ -206,9 +268,10 @@ proptest! {
                         at,
                     );
                     a.push("customer-actions", &action.customer_id.clone(), &action);
-                    purchases.entry(action.customer_id).or_default().push(at);
+                    purchases.entry(action.customer_id).or_default().push(Fact::new(at));
                 }
                 Event::LeftSegment { customer, .. } => {
+                    let customer = &person(customer);
                     let action = kairos_core::contracts::CustomerAction {
                         segment: Some("At Risk".into()),
                         ..kairos_core::contracts::CustomerAction::new(
@@ -219,12 +282,52 @@ proptest! {
                         )
                     };
                     a.push("customer-actions", &action.customer_id.clone(), &action);
-                    left_segment.entry(action.customer_id).or_default().push(at);
+                    left_segment.entry(action.customer_id).or_default().push(Fact::new(at));
+                }
+                Event::Merge { first_into_second, .. } => {
+                    if merge.is_some() {
+                        continue;
+                    }
+                    let (from, into) = if *first_into_second {
+                        MERGEABLE
+                    } else {
+                        (MERGEABLE.1, MERGEABLE.0)
+                    };
+                    merge = Some((from, into));
+                    let action = kairos_core::contracts::CustomerAction {
+                        merged_into: Some(customer_id(into)),
+                        ..kairos_core::contracts::CustomerAction::new(
+                            format!("m{n}"),
+                            customer_id(from),
+                            kairos_core::contracts::CustomerActionKind::merged,
+                            at,
+                        )
+                    };
+                    a.push("customer-actions", &customer_id(from), &action);
+                    // What the merged customer did holds for the survivor from now on.
+                    let (from, into) = (customer_id(from), customer_id(into));
+                    for channel in CHANNELS {
+                        if let Some(u) = unsubscribed.get(&(from.clone(), channel)).copied() {
+                            let mine = unsubscribed.entry((into.clone(), channel)).or_insert(i64::MAX);
+                            *mine = (*mine).min(u.max(at));
+                        }
+                    }
+                    for facts in [&mut purchases, &mut left_segment] {
+                        let carried: Vec<Fact> = facts
+                            .get(&from)
+                            .into_iter()
+                            .flatten()
+                            .map(|f| Fact { at: f.at, holds_from: f.holds_from.max(at) })
+                            .collect();
+                        facts.entry(into.clone()).or_default().extend(carried);
+                    }
                 }
             }
+            deliver_actions(&mut a);
         }
         // Let every deferred trigger come due or expire.
         a.advance_to(start + 10 * DAY);
+        deliver_actions(&mut a);
 
         // Every trigger ends in exactly one final decision (a cascade's steps and its
         // end are decisions of their own, with ids of their own).
@@ -278,17 +381,17 @@ proptest! {
                 .decisions_of(&s.trigger_id)
                 .iter()
                 .any(|d| d.outcome == DecisionOutcome::deferred);
-            for bought in purchases.get(&s.customer_id).into_iter().flatten() {
+            for Fact { at: bought, holds_from } in purchases.get(&s.customer_id).into_iter().flatten() {
                 if s.scenario == "welcome" || s.scenario == "cart_cascade" {
                     prop_assert!(
-                        !(t.cause_occurred_at <= *bought && s.created_at > *bought),
+                        !(t.cause_occurred_at <= *bought && s.created_at > *holds_from),
                         "sent after the purchase at {} that ended it: {:?}", bought, s
                     );
                 }
                 if s.category == MessageCategory::promo {
                     prop_assert!(
                         !(s.created_at - bought < 2 * DAY
-                            && (s.created_at > *bought || (s.created_at == *bought && !released_by_timer))),
+                            && (s.created_at > *holds_from || (s.created_at == *holds_from && !released_by_timer))),
                         "promo within two days of the purchase at {}: {:?}", bought, s
                     );
                 }
@@ -296,9 +399,9 @@ proptest! {
             // As for purchases: a send released at the instant the customer left was
             // decided before it (timers first).
             if s.scenario == "win_back" {
-                for left in left_segment.get(&s.customer_id).into_iter().flatten() {
+                for Fact { at: left, holds_from } in left_segment.get(&s.customer_id).into_iter().flatten() {
                     prop_assert!(
-                        !(t.cause_occurred_at < *left && s.created_at > *left),
+                        !(t.cause_occurred_at < *left && s.created_at > *holds_from),
                         "sent after the customer left the segment at {}: {:?}", left, s
                     );
                 }

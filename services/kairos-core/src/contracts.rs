@@ -479,7 +479,7 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 39] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 40] = [
     (DecisionOutcome::cancelled, "chain_broken"),
     (DecisionOutcome::cancelled, "left_segment"),
     (DecisionOutcome::deferred, "chain_order"),
@@ -493,6 +493,8 @@ pub const DECISION_RULES: [(DecisionOutcome, &str); 39] = [
     (DecisionOutcome::suppressed, "category_cap"),
     (DecisionOutcome::suppressed, "scenario_cap"),
     (DecisionOutcome::cancelled, "merged"),
+    // Handed over to the survivor of a merge, and taken over there.
+    (DecisionOutcome::deferred, "merged"),
     (DecisionOutcome::deferred, "merge_pending"),
     (DecisionOutcome::suppressed, "sunset_inactive"),
     (DecisionOutcome::deferred, "channel_cap"),

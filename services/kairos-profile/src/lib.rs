@@ -726,14 +726,18 @@ impl ProfileProcessor {
                     .scenario(&c.timer.scenario)
                     .is_some_and(|s| carried_by_slot(s.kind))
             });
-        // A chain whose trigger may still wait in the arbiter (which cancels what the
-        // merged customer had queued) is started again rather than lost: only a chain
-        // carried on stops the survivor's own start.
-        let chains_going_on: Vec<String> = steps
+        // The person was in these segments already: the merge moving the survivor
+        // into one is no entry, so its `segment_entered` chain does not start again.
+        // What the merged customer's chain still had to send goes on: later steps
+        // are carried below, and a step waiting in the arbiter's queue is handed
+        // to the survivor there.
+        let chains_going_on: Vec<String> = self
+            .config
+            .scenarios
             .iter()
-            .filter_map(|c| self.config.scenario(&c.timer.scenario))
             .filter(|s| {
-                s.kind == ScenarioKind::SegmentEntered
+                s.enabled
+                    && s.kind == ScenarioKind::SegmentEntered
                     && held_segments.iter().any(|h| s.targets_segment(h))
             })
             .map(|s| s.name.clone())

@@ -3492,10 +3492,11 @@ fn a_merge_carries_the_merged_customers_birthday_follow_up() {
 }
 
 #[test]
-/// The merged customer's win-back went to the arbiter, which cancels what it still
-/// had queued when the merge comes (quiet hours, a cap): with no chain carried on, the
-/// survivor's own entry into the segment sends it, so the person gets it at least once.
-fn a_merge_into_a_segment_whose_trigger_the_merged_customer_had_sends_it_for_the_survivor() {
+/// The merged customer's win-back went to the arbiter, which decided it or, if it
+/// still waited there (quiet hours, a cap), hands it to the survivor with the merge:
+/// the merge moving the survivor into At Risk is no new entry for the person, so the
+/// win-back does not start again.
+fn a_merge_into_a_segment_the_merged_customer_was_in_does_not_start_its_trigger_again() {
     let mut h = identified(CONFIG);
     let t = at(T0);
     let last = identified_five_orders(&mut h, "c-12", t);
@@ -3512,7 +3513,34 @@ fn a_merge_into_a_segment_whose_trigger_the_merged_customer_had_sends_it_for_the
     let transitions = h.transitions("c-11");
     let into_at_risk = find(&transitions, "rfm", "At Risk").expect("transition");
     assert_eq!(into_at_risk["reason"], "merge");
-    assert_eq!(h.triggers("c-11", "win_back").len(), 1);
+    assert_eq!(h.triggers("c-11", "win_back").len(), 0);
+    assert_eq!(h.triggers("c-12", "win_back").len(), 1);
+}
+
+/// Neither customer was a Champion; together they are: the merge is the person's
+/// entry into the segment, and its trigger goes to the survivor.
+#[test]
+fn a_merge_into_a_segment_neither_customer_was_in_starts_its_trigger_for_the_survivor() {
+    let mut h = identified(CONFIG);
+    let t = at(T0);
+    for (customer, orders) in [("c-21", 0..3), ("c-22", 3..5)] {
+        for i in orders {
+            h.identified_site(json!({"event_id": format!("{customer}-buy{i}"),
+                "event_type": "purchase", "occurred_at": rfc(t + i * DAY),
+                "customer_id": customer,
+                "order": {"order_id": format!("o-{customer}-{i}"), "total": 200.0}}));
+        }
+    }
+    for customer in ["c-21", "c-22"] {
+        assert!(find(&h.transitions(customer), "rfm", "Champions").is_none());
+    }
+    h.merge("m-ch", "c-21", "c-22", t + 5 * DAY);
+    h.advance(t + 6 * DAY);
+    let transitions = h.transitions("c-22");
+    let champions = find(&transitions, "rfm", "Champions").expect("transition");
+    assert_eq!(champions["reason"], "merge");
+    assert_eq!(h.triggers("c-22", "vip").len(), 1);
+    assert_eq!(h.triggers("c-21", "vip").len(), 0);
 }
 
 /// A merge record as the profile sends it, made to look like an earlier version's:
