@@ -188,6 +188,7 @@ pub struct Queued {
     /// The trigger itself, kept for one waiting for the main-scenario slot only: when
     /// the slot frees early its timer is moved to now, which needs the payload.
     /// (Queued by an earlier version without it, such a trigger keeps its timer.)
+    /// Filled for every entry of a ledger handed to the survivor of a merge.
     #[serde(default)]
     pub trigger: Option<Box<Trigger>>,
     /// When it is decided again (unknown for entries queued by earlier versions).
@@ -588,13 +589,6 @@ impl ArbiterProcessor {
                 now + MERGE_WAIT,
                 MERGE_PENDING,
                 format!("waiting for the state of {pending}, merged into this customer"),
-            );
-        }
-        if let Some(into) = &ledger.merged_into {
-            return Verdict::no(
-                DecisionOutcome::cancelled,
-                "merged",
-                format!("the customer was merged into {into}, whose own triggers go on"),
             );
         }
         let progress = chain
@@ -1603,11 +1597,14 @@ impl ArbiterProcessor {
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
-                // Only the forwarding note, the addresses (for late bounces) and the
-                // triggers decided (a redelivered one is still a duplicate) stay.
+                // Only the forwarding note, the addresses (for late bounces), the
+                // triggers decided (a redelivered one is still a duplicate) and the
+                // actions applied (a re-sent merge of another customer into this one
+                // is forwarded once) stay.
                 *ledger = CustomerLedger {
                     merged_into: Some(into),
                     sent_to: std::mem::take(&mut ledger.sent_to),
+                    recent_outcomes: std::mem::take(&mut ledger.recent_outcomes),
                     recent_triggers: std::mem::take(&mut ledger.recent_triggers),
                     decided_triggers: std::mem::take(&mut ledger.decided_triggers),
                     legacy_dedup_until: ledger.legacy_dedup_until,
@@ -1767,19 +1764,21 @@ impl ArbiterProcessor {
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
         for (trigger_id, mut q) in queued {
+            // Ended meanwhile with a step before it that could not go (below).
+            if !ledger.queued.contains_key(&trigger_id) {
+                continue;
+            }
             let timer = ["defer/", trigger_id.as_str()].concat();
             let trigger = match q.trigger.take() {
                 Some(t) => Some(t),
                 None => ctx
-                    .timer_payload::<Trigger>(&timer)
-                    .ok()
-                    .flatten()
+                    .timer_payload::<Trigger>(&timer)?
                     .map(|(_, t)| Box::new(t)),
             };
             let Some(trigger) = trigger else {
-                let why = format!(
-                    "the customer was merged into {into}; the queued trigger does not decode"
-                );
+                // An entry without a timer has nothing left to decide it anywhere.
+                let why =
+                    format!("the customer was merged into {into}; the queued trigger had no timer");
                 self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, "merged", why)?;
                 continue;
             };
@@ -1813,17 +1812,32 @@ impl ArbiterProcessor {
     ) -> anyhow::Result<()> {
         let now = ctx.now();
         for (trigger_id, mut q) in handed_over {
-            // Queued by a version that cancelled instead: nothing to decide.
             let Some(mut t) = q.trigger.take() else {
+                // `hand_over_queue` fills every entry it hands over.
+                tracing::warn!(
+                    trigger = %trigger_id,
+                    from,
+                    "a handed-over queue entry carries no trigger; it is dropped"
+                );
                 continue;
             };
+            // Taken over before (the merge record sent again, by another path): one
+            // trigger id, one final decision, here as everywhere.
+            let h = kairos_core::ids::stable_hash(&trigger_id);
             let known = ledger.queued.contains_key(&trigger_id)
-                || ledger.cascades.contains_key(&trigger_id);
+                || ledger.cascades.contains_key(&trigger_id)
+                || !remember_trigger(ledger, h, t.valid_until, now);
             if known {
                 continue;
             }
             t.customer_id = customer_id.to_string();
-            let wake = q.wake_at.unwrap_or(now).max(now);
+            // One waiting for the merged customer's main-scenario slot, which is gone,
+            // is decided at once: this customer's own slot holds it again if need be.
+            let wake = if q.rule.as_deref() == Some(MAIN_SCENARIO) {
+                now
+            } else {
+                q.wake_at.unwrap_or(now).max(now)
+            };
             ctx.schedule(&["defer/", trigger_id.as_str()].concat(), wake, t.as_ref())?;
             let reason = format!("taken over from {from}, merged into this customer");
             self.record_decision(
@@ -1843,6 +1857,48 @@ impl ArbiterProcessor {
             ledger.queued.insert(trigger_id, q);
         }
         Ok(())
+    }
+
+    /// A trigger of a customer merged into `into`, arriving after the merge: it goes
+    /// to the survivor as a one-entry queue in a ledger of its own, due now, and is
+    /// decided there (see `take_over_queue`).
+    fn forward_trigger(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: Trigger,
+        chain: Option<String>,
+        into: &str,
+    ) -> anyhow::Result<()> {
+        let now = ctx.now();
+        self.record_decision(
+            ctx,
+            &Subject::of(&t),
+            deterministic_id(&[&t.trigger_id, "handed_over", into]),
+            (DecisionOutcome::deferred, None, None),
+            "merged",
+            format!("the customer was merged into {into}, whose arbiter decides it"),
+        );
+        let (trigger_id, from) = (t.trigger_id.clone(), t.customer_id.clone());
+        let mut queued = SmallMap::default();
+        queued.insert(
+            trigger_id.clone(),
+            Queued {
+                scenario: t.scenario.clone(),
+                category: Some(t.category),
+                cause_occurred_at: t.cause_occurred_at,
+                rule: None,
+                wake_at: Some(now),
+                chain,
+                step: t.step,
+                reasons: Vec::new(),
+                trigger: Some(Box::new(t)),
+            },
+        );
+        let carrier = CustomerLedger {
+            queued,
+            ..CustomerLedger::default()
+        };
+        self.send_ledger(ctx, &trigger_id, &from, into, now, &carrier)
     }
 
     /// Ends, for the scenarios `ends` names, what action `a` makes pointless if it was
@@ -2301,6 +2357,12 @@ impl ArbiterProcessor {
         }
         // Both are needed more than once below: work them out once per decision.
         let chain = self.chain_of(&t);
+        if let Some(into) = ledger.merged_into.clone() {
+            // Fired before the merge and arriving after it (triggers and the merge
+            // travel on different topics): the survivor decides it, as it decides
+            // what this customer had queued.
+            return self.forward_trigger(ctx, t, chain, &into);
+        }
         let offers = offers_of(&t);
         let Verdict {
             outcome,

@@ -1047,11 +1047,51 @@ fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
         "the reason trail says where it came from: {:?}",
         send.reasons
     );
-    // A late copy of the trigger for c1, and the merge again: nothing more.
+    // A late copy of the trigger for c1, the merge again, and the merged ledger again
+    // under another id (forwarded along a chain of merges after a crash, once z had
+    // applied many other records): nothing more.
     let copy = a.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
     a.push("triggers", "c1", &copy);
     a.push("customer-actions", "c1", &merge);
+    let mut again = handed_on[0].clone();
+    again.action_id = "forwarded-again".into();
+    a.push("customer-actions", "z", &again);
     a.advance_to(at("2026-01-07T12:00:00Z"));
-    assert_eq!(a.decisions_of("w1").len(), 4);
+    assert_eq!(a.decisions_of("w1").len(), 4, "{:#?}", a.decisions_of("w1"));
     assert_eq!(a.sends.len(), 1);
+}
+
+#[test]
+fn a_trigger_of_a_merged_customer_arriving_after_the_merge_is_decided_for_the_survivor() {
+    let mut a = Arbiter::new();
+    a.push("customer-actions", "c1", &merged_into("c1", "z", T0 - HOUR));
+    for action in std::mem::take(&mut a.actions) {
+        a.push("customer-actions", "z", &action);
+    }
+    // Fired for c1 before the merge; the merge came first on its own topic.
+    let late = a.trigger("w1", "welcome", TRIGGER, T0);
+    assert_eq!(
+        (late.outcome, late.rule.as_str(), late.customer_id.as_str()),
+        (DecisionOutcome::deferred, "merged", "c1")
+    );
+    let forwarded: Vec<_> = std::mem::take(&mut a.actions);
+    assert_eq!(forwarded.len(), 1, "{forwarded:#?}");
+    assert_eq!(forwarded[0].customer_id, "z");
+    // Delivered twice (an outbox after a crash): decided once, for z.
+    for _ in 0..2 {
+        a.push("customer-actions", "z", &forwarded[0]);
+    }
+    a.advance_to(T0 + MINUTE);
+    let finals: Vec<_> = a
+        .decisions_of("w1")
+        .into_iter()
+        .filter(|d| d.outcome != DecisionOutcome::deferred)
+        .collect();
+    assert_eq!(finals.len(), 1, "{:#?}", a.decisions_of("w1"));
+    assert_eq!(
+        (finals[0].outcome, finals[0].customer_id.as_str()),
+        (DecisionOutcome::sent, "z")
+    );
+    assert_eq!(a.sends.len(), 1);
+    assert_eq!(a.last_send().customer_id, "z");
 }

@@ -9,8 +9,10 @@
 //! a purchase, and every trigger ends in exactly one final decision; streams
 //! start in January and just before the 2026 clock changes of New York and Berlin.
 //! A stream may merge two customers (as the identity processor does): what the
-//! merged one had queued is decided once, for the survivor, and its unsubscribes,
-//! purchases and segment exits hold there.
+//! merged one had queued, and a trigger of it arriving after the merge, is decided
+//! once, for the survivor; its unsubscribes, purchases, segment exits and sends hold
+//! there (the caps count the person's messages from the merge on), however late or
+//! often the merged ledger arrives.
 
 mod common;
 
@@ -81,6 +83,10 @@ enum Event {
     Merge {
         minute: i64,
         first_into_second: bool,
+        /// The merged ledger reaches the survivor only after the next event.
+        late: bool,
+        /// Every record the merge sends is delivered twice (an outbox after a crash).
+        twice: bool,
     },
 }
 
@@ -122,9 +128,11 @@ fn event() -> impl Strategy<Value = Event> {
         1 => (0..5usize, 0..(4 * 24 * 60i64)).prop_map(|(customer, minute)| {
             Event::LeftSegment { customer, minute }
         }),
-        1 => (0..(4 * 24 * 60i64), any::<bool>()).prop_map(|(minute, first_into_second)| {
-            Event::Merge { minute, first_into_second }
-        }),
+        1 => (0..(4 * 24 * 60i64), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(minute, first_into_second, late, twice)| {
+                Event::Merge { minute, first_into_second, late, twice }
+            }
+        ),
     ]
 }
 
@@ -133,16 +141,52 @@ fn customer_id(i: usize) -> String {
 }
 
 /// Hands what the arbiter emitted for other customers (a merged ledger) to them, as
-/// the customer-actions topic would.
-fn deliver_actions(a: &mut Arbiter) {
+/// the customer-actions topic would; each twice if `twice`.
+fn deliver_actions(a: &mut Arbiter, twice: bool) {
     loop {
         let actions = std::mem::take(&mut a.actions);
         if actions.is_empty() {
             return;
         }
         for action in actions {
-            a.push("customer-actions", &action.customer_id.clone(), &action);
+            for _ in 0..(1 + usize::from(twice)) {
+                a.push("customer-actions", &action.customer_id.clone(), &action);
+            }
         }
+    }
+}
+
+/// From `since`, what the merged customer `from` did holds for the survivor `into`:
+/// the survivor's arbiter has its ledger. Until then the survivor's own cascade steps
+/// (fired before the merge, so not waiting for it) cannot know of it.
+fn carry_facts(
+    unsubscribed: &mut BTreeMap<(String, Channel), i64>,
+    purchases: &mut BTreeMap<String, Vec<Fact>>,
+    left_segment: &mut BTreeMap<String, Vec<Fact>>,
+    from: usize,
+    into: usize,
+    since: i64,
+) {
+    let (from, into) = (customer_id(from), customer_id(into));
+    for channel in CHANNELS {
+        if let Some(u) = unsubscribed.get(&(from.clone(), channel)).copied() {
+            let mine = unsubscribed
+                .entry((into.clone(), channel))
+                .or_insert(i64::MAX);
+            *mine = (*mine).min(u.max(since));
+        }
+    }
+    for facts in [purchases, left_segment] {
+        let carried: Vec<Fact> = facts
+            .get(&from)
+            .into_iter()
+            .flatten()
+            .map(|f| Fact {
+                at: f.at,
+                holds_from: f.holds_from.max(since),
+            })
+            .collect();
+        facts.entry(into.clone()).or_default().extend(carried);
     }
 }
 
@@ -184,18 +228,32 @@ proptest! {
         let mut unsubscribed: BTreeMap<(String, Channel), i64> = BTreeMap::new();
         let mut purchases: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
         let mut left_segment: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
-        // (merged, survivor) once merged: the merged customer's later events are the
-        // survivor's, as the identity processor resolves them.
-        let mut merge: Option<(usize, usize)> = None;
+        // (merged, survivor, when its ledger got in) once merged: the merged customer's
+        // later events are
+        // the survivor's, as the identity processor resolves them, except triggers at
+        // odd minutes: fired for the merged customer before the merge, they arrive
+        // after it.
+        let mut merge: Option<(usize, usize, i64)> = None;
+        // Records the merge sent, held back for one event, and whether each goes twice.
+        let mut held: Option<(Vec<kairos_core::contracts::CustomerAction>, bool)> = None;
+        let mut twice = false;
         for (n, e) in events.iter().enumerate() {
             let at = start + e.minute() * MINUTE;
             let person = |c: &usize| match merge {
-                Some((from, into)) if *c == from => into,
+                Some((from, into, _)) if *c == from => into,
                 _ => *c,
             };
+            let held_before = held.take();
             match e {
-                Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, segment, .. } => {
-                    let customer = &person(customer);
+                Event::Trigger { customer, category, consent, valid_hours, redeliver, cascade, segment, minute } => {
+                    let late_for_merged = merge.is_some_and(|(from, _, _)| *customer == from) && minute % 2 == 1;
+                    let customer = &if late_for_merged { *customer } else { person(customer) };
+                    // The survivor's triggers name the merged customer: decided once its
+                    // ledger is in, as the profile marks them.
+                    let merged_from = match merge {
+                        Some((from, into, _)) if *customer == into => vec![customer_id(from)],
+                        _ => Vec::new(),
+                    };
                     let id = format!("t{n}");
                     let consented: Vec<Channel> = CHANNELS
                         .into_iter()
@@ -214,7 +272,7 @@ proptest! {
                         "welcome"
                     };
                     let t = Trigger {
-                        merged_from: Vec::new(),
+                        merged_from,
                         trigger_id: id.clone(),
                         scenario: scenario.into(),
                         customer_id: customer_id(*customer),
@@ -284,8 +342,11 @@ proptest! {
                     a.push("customer-actions", &action.customer_id.clone(), &action);
                     left_segment.entry(action.customer_id).or_default().push(Fact::new(at));
                 }
-                Event::Merge { first_into_second, .. } => {
+                Event::Merge { first_into_second, late, twice: again, .. } => {
                     if merge.is_some() {
+                        if let Some(h) = held_before {
+                            held = Some(h);
+                        }
                         continue;
                     }
                     let (from, into) = if *first_into_second {
@@ -293,7 +354,8 @@ proptest! {
                     } else {
                         (MERGEABLE.1, MERGEABLE.0)
                     };
-                    merge = Some((from, into));
+                    merge = Some((from, into, at));
+                    twice = *again;
                     let action = kairos_core::contracts::CustomerAction {
                         merged_into: Some(customer_id(into)),
                         ..kairos_core::contracts::CustomerAction::new(
@@ -303,31 +365,42 @@ proptest! {
                             at,
                         )
                     };
-                    a.push("customer-actions", &customer_id(from), &action);
-                    // What the merged customer did holds for the survivor from now on.
-                    let (from, into) = (customer_id(from), customer_id(into));
-                    for channel in CHANNELS {
-                        if let Some(u) = unsubscribed.get(&(from.clone(), channel)).copied() {
-                            let mine = unsubscribed.entry((into.clone(), channel)).or_insert(i64::MAX);
-                            *mine = (*mine).min(u.max(at));
-                        }
+                    for _ in 0..(1 + usize::from(twice)) {
+                        a.push("customer-actions", &customer_id(from), &action);
                     }
-                    for facts in [&mut purchases, &mut left_segment] {
-                        let carried: Vec<Fact> = facts
-                            .get(&from)
-                            .into_iter()
-                            .flatten()
-                            .map(|f| Fact { at: f.at, holds_from: f.holds_from.max(at) })
-                            .collect();
-                        facts.entry(into.clone()).or_default().extend(carried);
+                    if *late {
+                        held = Some((std::mem::take(&mut a.actions), twice));
+                    } else {
+                        carry_facts(&mut unsubscribed, &mut purchases, &mut left_segment, from, into, at);
                     }
                 }
             }
-            deliver_actions(&mut a);
+            if let Some((mut actions, again)) = held_before {
+                // The merged ledger first: what the merged customer forwarded since
+                // went on the same topic after it.
+                actions.append(&mut a.actions);
+                a.actions = actions;
+                deliver_actions(&mut a, again);
+                if let Some((from, into, ledger_in)) = merge.as_mut() {
+                    *ledger_in = at;
+                    carry_facts(&mut unsubscribed, &mut purchases, &mut left_segment, *from, *into, at);
+                }
+            }
+            deliver_actions(&mut a, twice);
+        }
+        if let Some((mut actions, again)) = held.take() {
+            actions.append(&mut a.actions);
+            a.actions = actions;
+            deliver_actions(&mut a, again);
+            let last = start + events.last().map_or(0, Event::minute) * MINUTE;
+            if let Some((from, into, ledger_in)) = merge.as_mut() {
+                *ledger_in = last;
+                carry_facts(&mut unsubscribed, &mut purchases, &mut left_segment, *from, *into, last);
+            }
         }
         // Let every deferred trigger come due or expire.
         a.advance_to(start + 10 * DAY);
-        deliver_actions(&mut a);
+        deliver_actions(&mut a, twice);
 
         // Every trigger ends in exactly one final decision (a cascade's steps and its
         // end are decisions of their own, with ids of their own).
@@ -343,6 +416,22 @@ proptest! {
                 .filter(|d| d.decision_id != stop && !step_ids.contains(&d.decision_id))
                 .collect();
             prop_assert_eq!(finals.len(), 1, "trigger {} decisions {:?}", id, decisions);
+            // Nothing is lost to a merge: what the merged customer had queued, or got
+            // after the merge, is decided for the survivor.
+            prop_assert!(
+                finals[0].rule != "merged",
+                "trigger {} ended by the merge: {:?}", id, decisions
+            );
+            if let Some((from, into, _)) = merge {
+                let handed_over = decisions.iter().any(|d| {
+                    d.outcome == DecisionOutcome::deferred
+                        && d.rule == "merged"
+                        && d.customer_id == customer_id(from)
+                });
+                if handed_over {
+                    prop_assert_eq!(&finals[0].customer_id, &customer_id(into), "{:?}", decisions);
+                }
+            }
             let stops = decisions.iter().filter(|d| d.decision_id == stop).count();
             prop_assert!(stops <= 1, "trigger {} stopped twice: {:?}", id, decisions);
             steps.extend(
@@ -430,6 +519,34 @@ proptest! {
                 for (t2, c2, step) in &used[i + 1..] {
                     prop_assert!(*step || (t2 - t1).abs() >= HOUR || c1 == c2, "{} got {:?} and {:?} within an hour", customer, c1, c2);
                 }
+            }
+        }
+        // Once the merged ledger is in, the caps count the person's messages under both
+        // ids: the survivor's ledger holds the merged customer's sends. (Before, the
+        // survivor's own cascade steps, fired before the merge, do not wait for it.)
+        if let Some((from, into, merged_at)) = merge {
+            let tz = calendar::zone(Some(ZONES[into]));
+            let mut person: Vec<i64> = [customer_id(from), customer_id(into)]
+                .iter()
+                .flat_map(|c| marketing.get(c).into_iter().flatten().map(|(t, _)| *t))
+                .collect();
+            person.sort_unstable();
+            for s in a.sends.iter().filter(|s| {
+                s.customer_id == customer_id(into)
+                    && s.category != MessageCategory::transactional
+                    && s.created_at > merged_at
+            }) {
+                let day = calendar::local_date(s.created_at, tz);
+                let same_day = person
+                    .iter()
+                    .filter(|t| **t <= s.created_at && calendar::local_date(**t, tz) == day)
+                    .count();
+                prop_assert!(same_day <= 2, "the merged person over the daily cap: {:?}", person);
+                let week = person
+                    .iter()
+                    .filter(|t| **t <= s.created_at && s.created_at - **t < 7 * DAY)
+                    .count();
+                prop_assert!(week <= 6, "the merged person over the weekly cap: {:?}", person);
             }
         }
         for (customer, mut sent) in marketing {

@@ -139,9 +139,9 @@ pub struct ProfileProcessor {
     profiles: StateCache<CustomerProfile>,
     /// The enabled scenarios of each kind, shared so events do not copy them.
     scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
-    /// While a merge is applied: the `segment_entered` scenarios whose chain the merged
-    /// customer was running in a segment it was still in. The merge moving the
-    /// survivor into that segment does not start them again: the carried step goes on.
+    /// While a merge is applied: the enabled `segment_entered` scenarios that target a
+    /// segment the merged customer was in. The merge moving the survivor into that
+    /// segment is no entry for the person, so they do not start again.
     chains_going_on: Vec<String>,
 }
 
