@@ -106,6 +106,9 @@ pub struct CustomerLedger {
     /// nothing. Kept in the ledger, which is read for the decision anyway, instead of
     /// one key per trigger.
     pub decided_triggers: Vec<(u64, Millis)>,
+    /// Hashes of the merged-ledger records applied (`merge_in` action ids, newest
+    /// last, bounded by `MERGES_KEPT`), so one sent again is applied once.
+    pub merges_applied: Vec<u64>,
 }
 
 /// How a chain step's final decision ended it.
@@ -238,6 +241,10 @@ const RECENT_TRIGGERS: usize = 128;
 /// Trigger ids remembered per customer at most, still valid ones included: a bound on
 /// the ledger against a flood of long-valid triggers for one customer.
 const TRIGGERS_KEPT: usize = 4_096;
+
+/// Merged-ledger records remembered per customer (a merge and each trigger it handed
+/// over are one each).
+const MERGES_KEPT: usize = 256;
 
 /// How many absorbed customer ids a ledger keeps.
 const ABSORBED_KEPT: usize = 16;
@@ -1592,11 +1599,14 @@ impl ArbiterProcessor {
                 // decided there, against the person's caps and suppressions: the
                 // profile does not start these again (the person had them), so
                 // cancelling them here would lose them.
-                self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
+                let handed_over = self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
                 // A cascade's first message went out; its follow-ups stop here.
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
+                for (trigger_id, q) in handed_over {
+                    self.send_carrier(ctx, &a.customer_id, &into, at, trigger_id, q)?;
+                }
                 // Only the forwarding note, the addresses (for late bounces), the
                 // triggers decided (a redelivered one is still a duplicate) and the
                 // actions applied (a re-sent merge of another customer into this one
@@ -1605,6 +1615,7 @@ impl ArbiterProcessor {
                     merged_into: Some(into),
                     sent_to: std::mem::take(&mut ledger.sent_to),
                     recent_outcomes: std::mem::take(&mut ledger.recent_outcomes),
+                    merges_applied: std::mem::take(&mut ledger.merges_applied),
                     recent_triggers: std::mem::take(&mut ledger.recent_triggers),
                     decided_triggers: std::mem::take(&mut ledger.decided_triggers),
                     legacy_dedup_until: ledger.legacy_dedup_until,
@@ -1615,18 +1626,28 @@ impl ArbiterProcessor {
                 let Some(state) = &a.state else {
                     return Ok(false);
                 };
-                // A re-sent record (after a crash) must not count the sends twice.
+                // A re-sent record (after a crash) must not count the sends twice. Kept
+                // apart from the outcomes (a merged ledger brings its own), so no burst
+                // of them pushes it out; versions before kept it with the outcomes.
                 let h = kairos_core::ids::stable_hash(&a.action_id);
-                if !remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES) {
+                if ledger.recent_outcomes.contains(&h)
+                    || !remember(&mut ledger.merges_applied, h, MERGES_KEPT)
+                {
                     return Ok(false);
                 }
-                let merged: CustomerLedger = serde_json::from_str(state).with_context(|| {
-                    format!("merged ledger in action {} does not decode", a.action_id)
-                })?;
+                let mut merged: CustomerLedger =
+                    serde_json::from_str(state).with_context(|| {
+                        format!("merged ledger in action {} does not decode", a.action_id)
+                    })?;
                 if let Some(into) = ledger.merged_into.clone() {
                     // This customer was merged on in turn (Y into X, then X into Z):
                     // the survivor's triggers wait for Y's state, so it goes on there,
-                    // still named as Y's, with what Y had absorbed.
+                    // still named as Y's, with what Y had absorbed. A queued trigger
+                    // this customer took over or decided before is not sent on again.
+                    merged.queued.retain(|trigger_id, _| {
+                        let h = kairos_core::ids::stable_hash(trigger_id);
+                        !ledger.decided_triggers.iter().any(|(seen, _)| *seen == h)
+                    });
                     let from = a.merged_from.as_deref().unwrap_or(&a.customer_id);
                     self.send_ledger(ctx, &a.action_id, from, &into, at, &merged)?;
                     return Ok(true);
@@ -1634,7 +1655,6 @@ impl ArbiterProcessor {
                 if let Some(from) = &a.merged_from {
                     note_absorbed(&mut ledger.absorbed, from.clone());
                 }
-                let mut merged = merged;
                 let handed_over = std::mem::take(&mut merged.queued);
                 ledger.absorb(merged);
                 let from = a.merged_from.as_deref().unwrap_or("a merged customer");
@@ -1748,21 +1768,23 @@ impl ArbiterProcessor {
         Ok(())
     }
 
-    /// Moves the queue of a customer merged into `into` out of its ledger, each entry
-    /// with its trigger (read from its timer), for `send_ledger` to carry. An entry
-    /// whose trigger cannot be read (it would fail on its own timer too) is cancelled.
+    /// Takes the queue of a customer merged into `into` out of its ledger, each entry
+    /// with its trigger (read from its timer), for `send_carrier` to take to the
+    /// survivor. An entry without a timer is cancelled; a payload that does not decode
+    /// too (it would fail on its own timer as well).
     fn hand_over_queue(
         &self,
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
         customer_id: &str,
         into: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<(String, Queued)>> {
         let queued: Vec<(String, Queued)> = ledger
             .queued
             .iter()
             .map(|(id, q)| (id.clone(), q.clone()))
             .collect();
+        let mut handed_over = Vec::with_capacity(queued.len());
         for (trigger_id, mut q) in queued {
             // Ended meanwhile with a step before it that could not go (below).
             if !ledger.queued.contains_key(&trigger_id) {
@@ -1770,32 +1792,69 @@ impl ArbiterProcessor {
             }
             let timer = ["defer/", trigger_id.as_str()].concat();
             let trigger = match q.trigger.take() {
-                Some(t) => Some(t),
-                None => ctx
-                    .timer_payload::<Trigger>(&timer)?
-                    .map(|(_, t)| Box::new(t)),
+                Some(t) => Ok(Some(t)),
+                None => match ctx.timer_payload::<Trigger>(&timer) {
+                    Ok(found) => Ok(found.map(|(_, t)| Box::new(t))),
+                    // The store failing is no answer about the trigger: stop here.
+                    Err(e) if e.downcast_ref::<kairos_core::store::StoreError>().is_some() => {
+                        return Err(e)
+                    }
+                    Err(e) => Err(e),
+                },
             };
-            let Some(trigger) = trigger else {
-                // An entry without a timer has nothing left to decide it anywhere.
-                let why =
-                    format!("the customer was merged into {into}; the queued trigger had no timer");
-                self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, "merged", why)?;
-                continue;
+            let trigger = match trigger {
+                Ok(Some(t)) => t,
+                unusable => {
+                    let why = match unusable {
+                        Err(e) => format!(
+                            "the customer was merged into {into}; the queued trigger does not \
+                             decode: {e:#}"
+                        ),
+                        _ => format!(
+                            "the customer was merged into {into}; the queued trigger had no \
+                             timer"
+                        ),
+                    };
+                    self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, "merged", why)?;
+                    continue;
+                }
             };
             ctx.cancel(&timer)?;
-            let subject = Subject::of(&trigger);
+            ledger.queued.remove(&trigger_id);
             self.record_decision(
                 ctx,
-                &subject,
+                &Subject::of(&trigger),
                 deterministic_id(&[&trigger_id, "handed_over", into]),
                 (DecisionOutcome::deferred, None, None),
                 "merged",
                 format!("the customer was merged into {into}, whose arbiter decides it"),
             );
             q.trigger = Some(trigger);
-            ledger.queued.insert(trigger_id, q);
+            handed_over.push((trigger_id, q));
         }
-        Ok(())
+        Ok(handed_over)
+    }
+
+    /// Sends one queued trigger of customer `from` to `into` in a ledger of its own
+    /// (each its own record, so a long queue never makes one record too large), after
+    /// the merged ledger on the same topic and key, so it arrives after it.
+    fn send_carrier(
+        &self,
+        ctx: &mut Ctx<'_>,
+        from: &str,
+        into: &str,
+        at: Millis,
+        trigger_id: String,
+        q: Queued,
+    ) -> anyhow::Result<()> {
+        let cause = trigger_id.clone();
+        let mut queued = SmallMap::default();
+        queued.insert(trigger_id, q);
+        let carrier = CustomerLedger {
+            queued,
+            ..CustomerLedger::default()
+        };
+        self.send_ledger(ctx, &cause, from, into, at, &carrier)
     }
 
     /// The queue a merged customer's ledger brought (see `hand_over_queue`) joins this
@@ -1860,8 +1919,8 @@ impl ArbiterProcessor {
     }
 
     /// A trigger of a customer merged into `into`, arriving after the merge: it goes
-    /// to the survivor as a one-entry queue in a ledger of its own, due now, and is
-    /// decided there (see `take_over_queue`).
+    /// to the survivor as a handed-over queue entry due now (see `send_carrier`) and
+    /// is decided there (see `take_over_queue`).
     fn forward_trigger(
         &self,
         ctx: &mut Ctx<'_>,
@@ -1879,26 +1938,18 @@ impl ArbiterProcessor {
             format!("the customer was merged into {into}, whose arbiter decides it"),
         );
         let (trigger_id, from) = (t.trigger_id.clone(), t.customer_id.clone());
-        let mut queued = SmallMap::default();
-        queued.insert(
-            trigger_id.clone(),
-            Queued {
-                scenario: t.scenario.clone(),
-                category: Some(t.category),
-                cause_occurred_at: t.cause_occurred_at,
-                rule: None,
-                wake_at: Some(now),
-                chain,
-                step: t.step,
-                reasons: Vec::new(),
-                trigger: Some(Box::new(t)),
-            },
-        );
-        let carrier = CustomerLedger {
-            queued,
-            ..CustomerLedger::default()
+        let q = Queued {
+            scenario: t.scenario.clone(),
+            category: Some(t.category),
+            cause_occurred_at: t.cause_occurred_at,
+            rule: None,
+            wake_at: Some(now),
+            chain,
+            step: t.step,
+            reasons: Vec::new(),
+            trigger: Some(Box::new(t)),
         };
-        self.send_ledger(ctx, &trigger_id, &from, into, now, &carrier)
+        self.send_carrier(ctx, &from, into, now, trigger_id, q)
     }
 
     /// Ends, for the scenarios `ends` names, what action `a` makes pointless if it was

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Arbiter, T0};
-use kairos_core::contracts::{Decision, DecisionOutcome, MessageCategory, Trigger};
+use kairos_core::contracts::{DecisionOutcome, MessageCategory, Trigger};
 use kairos_core::time::{DAY, HOUR};
 
 const CHAINS: &str = r#"
@@ -63,14 +63,6 @@ fn vip(a: &mut Arbiter) {
     assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
 }
 
-/// The decisions of a trigger other than deferrals: exactly one is expected.
-fn finals<'a>(a: &'a Arbiter, id: &str) -> Vec<&'a Decision> {
-    a.decisions_of(id)
-        .into_iter()
-        .filter(|d| d.outcome != DecisionOutcome::deferred)
-        .collect()
-}
-
 #[test]
 fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
     let mut a = arbiter();
@@ -106,7 +98,7 @@ fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
     );
     for step in 0..3 {
         let id = format!("tips{step}");
-        let f = finals(&a, &id);
+        let f = a.finals_of(&id);
         assert_eq!(f.len(), 1, "{f:#?}");
         assert_eq!(f[0].outcome, DecisionOutcome::sent);
     }
@@ -126,11 +118,11 @@ fn an_expired_step_cancels_the_later_steps_of_its_chain() {
         "no tips_2 or tips_3 without tips: {:#?}",
         a.sends
     );
-    let f = finals(&a, "tips0");
+    let f = a.finals_of("tips0");
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0].outcome, DecisionOutcome::expired);
     for id in ["tips1", "tips2"] {
-        let f = finals(&a, id);
+        let f = a.finals_of(id);
         assert_eq!(f.len(), 1, "{f:#?}");
         assert_eq!(
             (f[0].outcome, f[0].rule.as_str()),
@@ -239,7 +231,7 @@ fn a_chain_step_sent_before_a_merge_spaces_the_survivors_next_step() {
         "{d:#?}"
     );
     a.advance_to(T0 + 2 * DAY);
-    let f = finals(&a, "z-tips1");
+    let f = a.finals_of("z-tips1");
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(
         (f[0].outcome, f[0].decided_at),

@@ -1010,10 +1010,16 @@ fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
         "handed over, not cancelled"
     );
     let handed_on: Vec<CustomerAction> = std::mem::take(&mut a.actions);
-    assert_eq!(handed_on.len(), 1, "{handed_on:#?}");
-    // The ledger reaches z twice (a redelivery after a crash): taken over once.
+    assert_eq!(
+        handed_on.len(),
+        2,
+        "the ledger, then the queued trigger: {handed_on:#?}"
+    );
+    // Both reach z twice (a redelivery after a crash): taken over once.
     for _ in 0..2 {
-        a.push("customer-actions", "z", &handed_on[0]);
+        for record in &handed_on {
+            a.push("customer-actions", "z", record);
+        }
     }
     // c1's own timer is gone: nothing wakes for c1 in the morning.
     a.advance_to(at("2026-01-06T12:00:00Z"));
@@ -1053,7 +1059,7 @@ fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
     let copy = a.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
     a.push("triggers", "c1", &copy);
     a.push("customer-actions", "c1", &merge);
-    let mut again = handed_on[0].clone();
+    let mut again = handed_on[1].clone();
     again.action_id = "forwarded-again".into();
     a.push("customer-actions", "z", &again);
     a.advance_to(at("2026-01-07T12:00:00Z"));
@@ -1082,11 +1088,7 @@ fn a_trigger_of_a_merged_customer_arriving_after_the_merge_is_decided_for_the_su
         a.push("customer-actions", "z", &forwarded[0]);
     }
     a.advance_to(T0 + MINUTE);
-    let finals: Vec<_> = a
-        .decisions_of("w1")
-        .into_iter()
-        .filter(|d| d.outcome != DecisionOutcome::deferred)
-        .collect();
+    let finals = a.finals_of("w1");
     assert_eq!(finals.len(), 1, "{:#?}", a.decisions_of("w1"));
     assert_eq!(
         (finals[0].outcome, finals[0].customer_id.as_str()),
@@ -1094,4 +1096,80 @@ fn a_trigger_of_a_merged_customer_arriving_after_the_merge_is_decided_for_the_su
     );
     assert_eq!(a.sends.len(), 1);
     assert_eq!(a.last_send().customer_id, "z");
+}
+
+/// Delivers every record the arbiter emitted for other customers (merged ledgers and
+/// the triggers handed over with them), in order, and returns them.
+fn deliver_merge_records(a: &mut Arbiter) -> Vec<kairos_core::contracts::CustomerAction> {
+    let records = std::mem::take(&mut a.actions);
+    for r in &records {
+        a.push("customer-actions", &r.customer_id.clone(), r);
+    }
+    records
+}
+
+/// y, with a welcome queued and more outcomes than a ledger remembers, merges into x,
+/// where the welcome goes out; then x merges into z, and y's records reach x again
+/// (an outbox after a crash): x must not send the welcome on to z.
+#[test]
+fn a_merge_sent_again_along_a_chain_of_merges_sends_nothing_twice() {
+    use kairos_core::contracts::Outcome;
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    let mut t = a.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    t.customer_id = "y".into();
+    assert_eq!(a.push_trigger(&t).rule, "quiet_hours");
+    for i in 0..20 {
+        let delivered = Outcome {
+            outcome_id: format!("y-out-{i}"),
+            send_id: format!("y-send-{i}"),
+            customer_id: "y".into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: TRIGGER,
+            kind: OutcomeKind::opened,
+            reason: None,
+            occurred_at: at("2026-01-05T21:35:00Z"),
+            address: None,
+        };
+        a.push("outcomes", "y", &delivered);
+    }
+    a.push(
+        "customer-actions",
+        "y",
+        &merged_into("y", "x", at("2026-01-05T22:00:00Z")),
+    );
+    let y_records = deliver_merge_records(&mut a);
+    assert_eq!(
+        y_records.len(),
+        2,
+        "the ledger, then the queued welcome: {y_records:#?}"
+    );
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    assert_eq!(a.sends.len(), 1);
+    assert_eq!(a.last_send().customer_id, "x");
+    a.push(
+        "customer-actions",
+        "x",
+        &merged_into("x", "z", at("2026-01-06T13:00:00Z")),
+    );
+    deliver_merge_records(&mut a);
+    // y's records again, as they were: x knows them, and sends nothing on.
+    for r in &y_records {
+        a.push("customer-actions", "x", r);
+    }
+    assert!(a.actions.is_empty(), "{:#?}", a.actions);
+    // The welcome's under another id: x sends on no trigger it decided.
+    let mut renamed = y_records[1].clone();
+    renamed.action_id = "sent-again".into();
+    a.push("customer-actions", "x", &renamed);
+    for forwarded in deliver_merge_records(&mut a) {
+        let ledger: kairos_arbiter::CustomerLedger =
+            serde_json::from_str(forwarded.state.as_deref().unwrap_or("{}")).expect("ledger");
+        assert!(ledger.queued.is_empty(), "{forwarded:#?}");
+    }
+    a.advance_to(at("2026-01-08T12:00:00Z"));
+    assert_eq!(a.sends.len(), 1, "{:#?}", a.sends);
+    let finals = a.finals_of("w1");
+    assert_eq!(finals.len(), 1, "{:#?}", a.decisions_of("w1"));
 }

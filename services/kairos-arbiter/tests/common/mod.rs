@@ -299,6 +299,16 @@ impl Arbiter {
             .collect()
     }
 
+    /// The decisions of one trigger other than deferrals: exactly one is expected.
+    pub fn finals_of(&self, id: &str) -> Vec<&Decision> {
+        self.decisions
+            .iter()
+            .filter(|d| {
+                d.trigger_id == id && d.outcome != kairos_core::contracts::DecisionOutcome::deferred
+            })
+            .collect()
+    }
+
     pub fn outcome(&mut self, send: &SendCommand, kind: OutcomeKind, at: i64) {
         let o = Outcome {
             outcome_id: format!("{}-{}", send.send_id, kind.as_str()),
