@@ -16,8 +16,8 @@ use anyhow::Context as _;
 use compact_str::CompactString;
 use kairos_core::calendar;
 use kairos_core::contracts::{
-    Channel, CustomerAction, CustomerActionKind, DecisionOutcome, DecisionRef, MessageCategory,
-    Outcome, OutcomeKind, SendCommandRef, Trigger, DECISION_RULES,
+    Channel, CustomerAction, CustomerActionKind, DeadLetterReason, DecisionOutcome, DecisionRef,
+    MessageCategory, Outcome, OutcomeKind, SendCommandRef, Trigger, DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
@@ -2607,9 +2607,18 @@ impl Processor for ArbiterProcessor {
                 record.payload,
             )?)))
         } else if record.topic == self.actions_topic {
-            Ok(ArbiterInput::Action(Box::new(decode_internal(
-                record.payload,
-            )?)))
+            let action: CustomerAction = decode_internal(record.payload)?;
+            // A merged ledger that does not decode goes to the dead-letter topic with
+            // the reason, instead of failing the partition on every read.
+            if let (CustomerActionKind::merge_in, Some(state)) = (action.kind, &action.state) {
+                if let Err(e) = serde_json::from_str::<CustomerLedger>(state) {
+                    return Err(Rejection::new(
+                        DeadLetterReason::invalid_field,
+                        format!("state: the merged ledger does not decode: {e}"),
+                    ));
+                }
+            }
+            Ok(ArbiterInput::Action(Box::new(action)))
         } else {
             Ok(ArbiterInput::Trigger(Box::new(decode_internal(
                 record.payload,

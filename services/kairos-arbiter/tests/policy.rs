@@ -1173,3 +1173,31 @@ fn a_merge_sent_again_along_a_chain_of_merges_sends_nothing_twice() {
     let finals = a.finals_of("w1");
     assert_eq!(finals.len(), 1, "{:#?}", a.decisions_of("w1"));
 }
+
+#[test]
+fn a_merged_ledger_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on() {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let mut a = Arbiter::new();
+    let broken = CustomerAction {
+        state: Some("{\"sends\": 7}".into()),
+        merged_from: Some("c0".into()),
+        ..CustomerAction::new(
+            "merge-c0".into(),
+            "c1".into(),
+            CustomerActionKind::merge_in,
+            T0,
+        )
+    };
+    a.push("customer-actions", "c1", &broken);
+    assert_eq!(a.dead_letters.len(), 1, "{:#?}", a.dead_letters);
+    let letter = &a.dead_letters[0];
+    assert_eq!(letter["reason_code"], "invalid_field", "{letter:#}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("merged ledger does not decode")),
+        "{letter:#}"
+    );
+    let d = a.trigger("w1", "welcome", TRIGGER, T0 + MINUTE);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}

@@ -96,6 +96,8 @@ pub struct Arbiter {
     pub sends: Vec<SendCommand>,
     /// Customer actions the arbiter emitted (merged ledgers on their way).
     pub actions: Vec<CustomerAction>,
+    /// Dead letters, as JSON.
+    pub dead_letters: Vec<serde_json::Value>,
     _dir: tempfile::TempDir,
 }
 
@@ -141,6 +143,7 @@ impl Arbiter {
             decisions: Vec::new(),
             sends: Vec::new(),
             actions: Vec::new(),
+            dead_letters: Vec::new(),
             _dir: dir,
         }
     }
@@ -183,6 +186,9 @@ impl Arbiter {
             } else if entry.topic == self.config.topic("customer-actions") {
                 self.actions
                     .push(serde_json::from_slice(&entry.payload).expect("customer action"));
+            } else if entry.topic == self.config.topic("deadletter") {
+                self.dead_letters
+                    .push(serde_json::from_slice(&entry.payload).expect("dead letter"));
             } else if entry.topic.contains("send.") {
                 self.sends
                     .push(serde_json::from_slice(&entry.payload).expect("send command"));
