@@ -262,10 +262,10 @@ fn remember_trigger(ledger: &mut CustomerLedger, h: u64, valid_until: Millis, no
         decided.append(&mut ledger.decided_triggers);
         ledger.decided_triggers = decided;
     }
-    let decided = &mut ledger.decided_triggers;
-    if decided.iter().any(|(seen, _)| *seen == h) {
+    if ledger.has_decided(h) {
         return false;
     }
+    let decided = &mut ledger.decided_triggers;
     decided.push((h, valid_until));
     if decided.len() > RECENT_TRIGGERS {
         let older = decided.len() - RECENT_TRIGGERS;
@@ -280,6 +280,15 @@ fn remember_trigger(ledger: &mut CustomerLedger, h: u64, valid_until: Millis, no
         }
     }
     true
+}
+
+/// Adds "rule: reason" to a queued trigger's deferrals (oldest first, bounded by
+/// `REASONS_KEPT`).
+fn note_reason(reasons: &mut Vec<String>, rule: &str, reason: &str) {
+    if reasons.len() >= REASONS_KEPT {
+        reasons.remove(0);
+    }
+    reasons.push([rule, ": ", reason].concat());
 }
 
 /// Adds `id` to the absorbed customers (newest last, bounded by `ABSORBED_KEPT`).
@@ -384,6 +393,13 @@ impl CustomerLedger {
             }
         }
         self.forget_oldest_chains();
+    }
+
+    /// Whether the trigger with id hash `h` was decided (see `decided_triggers`), by
+    /// this version or an earlier one.
+    fn has_decided(&self, h: u64) -> bool {
+        self.decided_triggers.iter().any(|(seen, _)| *seen == h)
+            || self.recent_triggers.contains(&h)
     }
 
     /// Keeps the `CHAINS_KEPT` chains changed last.
@@ -1644,10 +1660,9 @@ impl ArbiterProcessor {
                     // the survivor's triggers wait for Y's state, so it goes on there,
                     // still named as Y's, with what Y had absorbed. A queued trigger
                     // this customer took over or decided before is not sent on again.
-                    merged.queued.retain(|trigger_id, _| {
-                        let h = kairos_core::ids::stable_hash(trigger_id);
-                        !ledger.decided_triggers.iter().any(|(seen, _)| *seen == h)
-                    });
+                    merged
+                        .queued
+                        .retain(|id, _| !ledger.has_decided(kairos_core::ids::stable_hash(id)));
                     let from = a.merged_from.as_deref().unwrap_or(&a.customer_id);
                     self.send_ledger(ctx, &a.action_id, from, &into, at, &merged)?;
                     return Ok(true);
@@ -1791,48 +1806,46 @@ impl ArbiterProcessor {
                 continue;
             }
             let timer = ["defer/", trigger_id.as_str()].concat();
-            let trigger = match q.trigger.take() {
-                Some(t) => Ok(Some(t)),
+            let unusable = match q.trigger.take() {
+                Some(t) => Ok(t),
                 None => match ctx.timer_payload::<Trigger>(&timer) {
-                    Ok(found) => Ok(found.map(|(_, t)| Box::new(t))),
+                    Ok(Some((_, t))) => Ok(Box::new(t)),
+                    Ok(None) => Err("had no timer".to_string()),
                     // The store failing is no answer about the trigger: stop here.
                     Err(e) if e.downcast_ref::<kairos_core::store::StoreError>().is_some() => {
                         return Err(e)
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(format!("does not decode: {e:#}")),
                 },
             };
-            let trigger = match trigger {
-                Ok(Some(t)) => t,
-                unusable => {
-                    let why = match unusable {
-                        Err(e) => format!(
-                            "the customer was merged into {into}; the queued trigger does not \
-                             decode: {e:#}"
-                        ),
-                        _ => format!(
-                            "the customer was merged into {into}; the queued trigger had no \
-                             timer"
-                        ),
-                    };
+            let trigger = match unusable {
+                Ok(t) => t,
+                Err(what) => {
+                    let why =
+                        format!("the customer was merged into {into}; the queued trigger {what}");
                     self.cancel_queued(ctx, ledger, customer_id, &trigger_id, &q, "merged", why)?;
                     continue;
                 }
             };
             ctx.cancel(&timer)?;
             ledger.queued.remove(&trigger_id);
-            self.record_decision(
-                ctx,
-                &Subject::of(&trigger),
-                deterministic_id(&[&trigger_id, "handed_over", into]),
-                (DecisionOutcome::deferred, None, None),
-                "merged",
-                format!("the customer was merged into {into}, whose arbiter decides it"),
-            );
+            self.record_handed_over(ctx, &trigger, into);
             q.trigger = Some(trigger);
             handed_over.push((trigger_id, q));
         }
         Ok(handed_over)
+    }
+
+    /// Records that the merged customer's trigger `t` went to `into` to be decided.
+    fn record_handed_over(&self, ctx: &mut Ctx<'_>, t: &Trigger, into: &str) {
+        self.record_decision(
+            ctx,
+            &Subject::of(t),
+            deterministic_id(&[&t.trigger_id, "handed_over", into]),
+            (DecisionOutcome::deferred, None, None),
+            "merged",
+            format!("the customer was merged into {into}, whose arbiter decides it"),
+        );
     }
 
     /// Sends one queued trigger of customer `from` to `into` in a ledger of its own
@@ -1907,10 +1920,7 @@ impl ArbiterProcessor {
                 "merged",
                 format!("{reason}; decided again at {wake}"),
             );
-            if q.reasons.len() >= REASONS_KEPT {
-                q.reasons.remove(0);
-            }
-            q.reasons.push(["merged: ", &reason].concat());
+            note_reason(&mut q.reasons, "merged", &reason);
             q.wake_at = Some(wake);
             q.trigger = (q.rule.as_deref() == Some(MAIN_SCENARIO)).then_some(t);
             ledger.queued.insert(trigger_id, q);
@@ -1929,14 +1939,7 @@ impl ArbiterProcessor {
         into: &str,
     ) -> anyhow::Result<()> {
         let now = ctx.now();
-        self.record_decision(
-            ctx,
-            &Subject::of(&t),
-            deterministic_id(&[&t.trigger_id, "handed_over", into]),
-            (DecisionOutcome::deferred, None, None),
-            "merged",
-            format!("the customer was merged into {into}, whose arbiter decides it"),
-        );
+        self.record_handed_over(ctx, &t, into);
         let (trigger_id, from) = (t.trigger_id.clone(), t.customer_id.clone());
         let q = Queued {
             scenario: t.scenario.clone(),
@@ -2437,10 +2440,7 @@ impl ArbiterProcessor {
                 rule == MERGE_PENDING && earlier.is_some_and(|q| q.rule.as_deref() == Some(rule));
             let mut reasons = earlier.map(|q| q.reasons.clone()).unwrap_or_default();
             if !polled_again {
-                if reasons.len() >= REASONS_KEPT {
-                    reasons.remove(0);
-                }
-                reasons.push([rule, ": ", &reason].concat());
+                note_reason(&mut reasons, rule, &reason);
             }
             ledger.queued.insert(
                 t.trigger_id.clone(),

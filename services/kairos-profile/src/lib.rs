@@ -732,14 +732,9 @@ impl ProfileProcessor {
         // are carried below, and a step waiting in the arbiter's queue is handed
         // to the survivor there.
         let chains_going_on: Vec<String> = self
-            .config
-            .scenarios
+            .scenarios(ScenarioKind::SegmentEntered)
             .iter()
-            .filter(|s| {
-                s.enabled
-                    && s.kind == ScenarioKind::SegmentEntered
-                    && held_segments.iter().any(|h| s.targets_segment(h))
-            })
+            .filter(|s| held_segments.iter().any(|h| s.targets_segment(h)))
             .map(|s| s.name.clone())
             .collect();
         let chains = MergedChains {
