@@ -433,6 +433,21 @@ impl Pipeline {
         self.wait_ready(service, Duration::from_secs(120));
     }
 
+    /// Sends `signal` to a running service (SIGSTOP pauses it as a frozen VM or a long
+    /// stall would; SIGCONT wakes it).
+    pub fn signal(&self, service: &str, signal: nix::sys::signal::Signal) {
+        let child = self.procs.get(service).expect("running service");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("signal");
+    }
+
+    /// The exit status of a service that has stopped on its own, if it has.
+    pub fn exited(&mut self, service: &str) -> Option<std::process::ExitStatus> {
+        let status = self.procs.get_mut(service)?.try_wait().expect("try_wait")?;
+        self.procs.remove(service);
+        Some(status)
+    }
+
     /// SIGTERMs a service and returns its exit status and how long it took.
     pub fn terminate(&mut self, service: &str) -> (std::process::ExitStatus, Duration) {
         let mut c = self.procs.remove(service).expect("running service");

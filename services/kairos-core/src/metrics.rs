@@ -175,6 +175,7 @@ pub struct RuntimeMetrics {
     pub produce_errors: IntCounter,
     pub restored_records: IntCounter,
     pub partition_restores: IntCounterVec,
+    pub partitions_fenced: IntCounter,
 }
 
 impl RuntimeMetrics {
@@ -256,6 +257,12 @@ impl RuntimeMetrics {
                 registry,
                 "kairos_changelog_restored_records_total",
                 "State records restored from changelog topics when partitions moved here.",
+            ),
+            partitions_fenced: counter(
+                registry,
+                "kairos_partitions_fenced_total",
+                "Partitions let go because another instance had claimed them since this one \
+                 did (their outputs were not published).",
             ),
             partition_restores: counter_vec(
                 registry,

@@ -36,8 +36,8 @@ use crate::ids::deterministic_id;
 use crate::kafka;
 use crate::metrics::RuntimeMetrics;
 use crate::store::{
-    append_outputs, DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory, META_COMMIT_END,
-    OUTBOX,
+    append_outputs, claim_expected, claim_key, DueTimer, OutboxEntry, PartitionStore, Pending,
+    StoreFactory, CLAIM_PREFIX, META_COMMIT_END, OUTBOX,
 };
 
 use crate::time::{wall_now, Clock, ClockMode, Millis};
@@ -111,6 +111,14 @@ pub trait Processor: Send + 'static {
     fn single_state_partition(&self) -> bool {
         false
     }
+
+    /// True for a processor that writes records ahead of its commits
+    /// ([`Ctx::put_now`], a delivery worker before a provider call). Those go through a
+    /// producer of their own, so such a processor's instances do not claim their
+    /// partitions and are not fenced (see [`publish_fenced`]).
+    fn writes_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// Publishes a write-ahead record to the changelog, so that an instance the partition
@@ -179,7 +187,8 @@ impl WriteAhead for ProducerWriteAhead {
         wait: bool,
     ) -> anyhow::Result<()> {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        let headers = changelog_headers(writer, Some(WRITE_AHEAD_HEADER));
+        // A store that writes ahead never claims its partition: no epoch.
+        let headers = changelog_headers(writer, None, Some(WRITE_AHEAD_HEADER));
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
             .partition(partition)
             .key(key)
@@ -221,13 +230,24 @@ impl WriteAhead for ProducerWriteAhead {
     }
 }
 
-/// A changelog record's headers: the instance that wrote it and, when given, the flag
+/// A changelog record's headers: the instance that wrote it, its epoch when it has
+/// claimed the partition (see [`crate::store::claim_key`]) and, when given, the flag
 /// header (`COMMIT_HEADER` or `WRITE_AHEAD_HEADER`) that tells a restore how to apply it.
-fn changelog_headers(writer: &str, flag: Option<&str>) -> rdkafka::message::OwnedHeaders {
-    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+fn changelog_headers(
+    writer: &str,
+    epoch: Option<i64>,
+    flag: Option<&str>,
+) -> rdkafka::message::OwnedHeaders {
+    let mut headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
         key: WRITER_HEADER,
         value: Some(writer.as_bytes()),
     });
+    if let Some(epoch) = epoch {
+        headers = headers.insert(rdkafka::message::Header {
+            key: EPOCH_HEADER,
+            value: Some(epoch.to_string().as_bytes()),
+        });
+    }
     match flag {
         Some(flag) => headers.insert(rdkafka::message::Header {
             key: flag,
@@ -320,6 +340,14 @@ impl Ctx<'_> {
     }
 
     fn put_now_with<T: Serialize>(&self, key: &str, value: &T, wait: bool) -> anyhow::Result<()> {
+        // A store that claimed its partition is checked for gaps between its changelog
+        // records, which a record written through another producer would open.
+        anyhow::ensure!(
+            self.store.epoch.is_none(),
+            "partition {} claimed by a processor that writes ahead of its commits: its \
+             `writes_ahead` must say so",
+            self.partition
+        );
         let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         self.store.put_now(key.as_bytes(), &bytes)?;
         if let Some((write_ahead, changelog)) = self.write_ahead {
@@ -498,6 +526,12 @@ impl<P: Processor> Engine<P> {
     pub fn with_write_ahead(mut self, write_ahead: Arc<dyn WriteAhead>) -> Self {
         self.write_ahead = Some(write_ahead);
         self
+    }
+
+    /// Whether this engine's processor writes records ahead of its commits (see
+    /// [`Ctx::put_now`]).
+    pub fn writes_ahead(&self) -> bool {
+        self.processor.writes_ahead()
     }
 
     pub fn changelog_topic(&self) -> Option<&str> {
@@ -944,6 +978,128 @@ impl<P: Processor> Engine<P> {
         self.mode
     }
 
+    /// Per owned partition whose store can tell (see
+    /// [`PartitionStore::next_own_changelog_offset`]), where its next changelog record
+    /// must land if no other instance wrote there since: what [`publish_fenced`]
+    /// checks.
+    fn own_spans(&self) -> anyhow::Result<HashMap<i32, OwnSpan>> {
+        let mut spans = HashMap::new();
+        if self.changelog_topic.is_none() {
+            return Ok(spans);
+        }
+        for (p, part) in &self.parts {
+            let store = &part.store;
+            if let (Some(next), Some(epoch)) = (store.next_own_changelog_offset(), store.epoch) {
+                let writer = store.writer.clone();
+                spans.insert(
+                    *p,
+                    OwnSpan {
+                        next,
+                        writer,
+                        epoch,
+                    },
+                );
+            }
+        }
+        Ok(spans)
+    }
+
+    /// Publishes `out` through [`publish_fenced`] and settles what came back: the
+    /// acknowledged records leave the outbox, records between this instance's own that
+    /// a restore leaves out are counted as the store's, and partitions another
+    /// instance has claimed are let go without acknowledging anything of theirs (the
+    /// store no longer equals the changelog: if the partition comes back, it is
+    /// rebuilt).
+    pub async fn publish(
+        &mut self,
+        out: Vec<OutboxEntry>,
+        to: &Publisher<'_>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Published> {
+        let own = self.own_spans()?;
+        let Publisher {
+            producer,
+            gap_reader,
+            dead_letters,
+            metrics,
+        } = *to;
+        let mut published = publish_fenced(
+            producer,
+            out,
+            &own,
+            gap_reader,
+            dead_letters,
+            metrics,
+            cancel,
+        )
+        .await?;
+        let fenced = std::mem::take(&mut published.fenced);
+        let (lost, acked): (Vec<_>, Vec<_>) = std::mem::take(&mut published.acked)
+            .into_iter()
+            .partition(|(e, _)| fenced.contains(&e.partition));
+        published.acked = acked;
+        // Noted first, so that the acknowledgement finds the store filling the log.
+        for gap in published.gaps.iter().filter(|g| !g.claimed && !g.applied) {
+            if let Some(part) = self.parts.get_mut(&gap.partition) {
+                part.store.note_skipped_changelog_records(gap.others);
+            }
+        }
+        self.acknowledge(&published.acked)?;
+        for gap in published
+            .gaps
+            .iter()
+            .filter(|g| !g.claimed && !g.left_out.is_empty())
+        {
+            if let Some(part) = self.parts.get_mut(&gap.partition) {
+                write_again(producer, &mut part.store, gap).await?;
+            }
+        }
+        for p in &fenced {
+            tracing::error!(
+                service = self.processor.name(),
+                partition = p,
+                unacknowledged = lost.iter().filter(|(e, _)| e.partition == *p).count(),
+                "another instance claimed this partition since this one did (this one was \
+                 paused or cut off past its session, or still publishing when the partition \
+                 moved): its outputs are not published and it is let go"
+            );
+            self.metrics.partitions_fenced.inc();
+            self.close(*p);
+        }
+        published.fenced = fenced;
+        Ok(published)
+    }
+
+    /// Runs [`check_changelog_tail`] for every owned partition and lets go of those
+    /// another instance has claimed (as [`Engine::publish`] does); returns them.
+    pub async fn check_changelog_tails(
+        &mut self,
+        reader: &ChangelogReader,
+        producer: &FutureProducer,
+    ) -> anyhow::Result<Vec<i32>> {
+        let Some(changelog) = self.changelog_topic.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut fenced = Vec::new();
+        for (p, part) in self.parts.iter_mut() {
+            let gap = check_changelog_tail(reader, producer, &mut part.store, &changelog).await?;
+            if gap.is_some_and(|g| g.claimed) {
+                fenced.push(*p);
+            }
+        }
+        for p in &fenced {
+            tracing::error!(
+                service = self.processor.name(),
+                partition = p,
+                "another instance claimed this partition since this one did (found in its \
+                 changelog while it had nothing to publish): it is let go"
+            );
+            self.metrics.partitions_fenced.inc();
+            self.close(*p);
+        }
+        Ok(fenced)
+    }
+
     /// Drops acknowledged records from the outbox and records how far the changelog
     /// reflects this store. `acked` pairs each record with its broker offset.
     pub fn acknowledge(&mut self, acked: &[(OutboxEntry, i64)]) -> anyhow::Result<()> {
@@ -1222,6 +1378,269 @@ pub async fn publish(
     acked
 }
 
+/// Where a service publishes, and what reads what lies between its own changelog
+/// records (see [`Engine::publish`]).
+#[derive(Clone, Copy)]
+pub struct Publisher<'a> {
+    pub producer: &'a FutureProducer,
+    pub gap_reader: &'a ChangelogReader,
+    pub dead_letters: &'a OutputDeadLetters,
+    pub metrics: &'a RuntimeMetrics,
+}
+
+/// Where an instance's next changelog record of a partition must land if it is still
+/// the partition's only writer, and what it writes under (see
+/// [`PartitionStore::next_own_changelog_offset`]).
+#[derive(Debug, Clone)]
+pub struct OwnSpan {
+    pub next: i64,
+    pub writer: Arc<str>,
+    pub epoch: i64,
+}
+
+/// What [`publish_fenced`] got acknowledged, and what it found between an instance's
+/// own changelog records.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub acked: Vec<(OutboxEntry, i64)>,
+    /// Partitions another instance claimed since this one did: their outputs were
+    /// not published, and this instance must let them go.
+    pub fenced: Vec<i32>,
+    /// What lay between this instance's own changelog records, where anything did.
+    pub gaps: Vec<Gap>,
+}
+
+/// [`publish`] that checks, for each changelog partition in `own`, that this
+/// publish's changelog records filled the changelog from where the last ones ended.
+/// When other records lie between, it reads them (`reader`): a valid claim by another
+/// instance (see [`claim`]) means this one lost the partition (it ran on after its
+/// session expired, was paused past it, or was still publishing when the partition
+/// moved) and is fenced: the partition's outputs are not published, as its new owner
+/// decides them from its own state, and a restore leaves out the records this
+/// instance wrote under its older epoch.
+pub async fn publish_fenced(
+    producer: &FutureProducer,
+    entries: Vec<OutboxEntry>,
+    own: &HashMap<i32, OwnSpan>,
+    reader: &ChangelogReader,
+    dead_letters: &OutputDeadLetters,
+    metrics: &RuntimeMetrics,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Published> {
+    let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
+    let mut published = Published::default();
+    let mut complete = true;
+    for wave in changelog_waves(changelog) {
+        let sent = publish_in_order(producer, wave.entries, wave.in_commit, metrics, cancel).await;
+        complete = sent.iter().all(|(_, offset)| *offset >= 0);
+        published.acked.extend(sent);
+        if !complete {
+            // The rest stays in the outbox, unsent: a marker must not overtake.
+            break;
+        }
+    }
+    // Checked whether the publish completed or not: what was acknowledged counts.
+    for (partition, topic, between, others) in gaps(&published.acked, own) {
+        let gap = inspect_gap(reader, &topic, partition, &own[&partition], between, others)?;
+        if gap.claimed {
+            published.fenced.push(partition);
+        } else if gap.applied {
+            tracing::warn!(
+                changelog = %topic,
+                partition,
+                "records of another instance that claimed nothing lie between this \
+                 instance's own (one of a version before claims, or a new owner's undo \
+                 before its claim): the store is no longer taken to equal the changelog"
+            );
+        }
+        published.gaps.push(gap);
+    }
+    if complete {
+        let outputs = outputs
+            .into_iter()
+            .filter(|e| !published.fenced.contains(&e.partition))
+            .collect();
+        let sent = publish_any_order(producer, outputs, dead_letters, metrics, cancel).await;
+        published.acked.extend(sent);
+    }
+    published.acked.retain(|(_, offset)| *offset >= 0);
+    Ok(published)
+}
+
+/// Per partition of `own` whose changelog records in `acked` do not lie one after
+/// another from its `next` offset: the changelog topic, the offsets from `next` to the
+/// last of them, and how many of those other records took (which ones is found by
+/// reading them).
+fn gaps(
+    acked: &[(OutboxEntry, i64)],
+    own: &HashMap<i32, OwnSpan>,
+) -> Vec<(i32, String, std::ops::Range<i64>, u64)> {
+    let mut spans: BTreeMap<i32, (&str, i64, i64)> = BTreeMap::new();
+    for (e, offset) in acked.iter().filter(|(e, o)| e.changelog && *o >= 0) {
+        let (_, count, last) = spans.entry(e.partition).or_insert((&e.topic, 0, -1));
+        *count += 1;
+        *last = (*last).max(*offset);
+    }
+    spans
+        .into_iter()
+        .filter_map(|(p, (topic, count, last))| {
+            let next = own.get(&p)?.next;
+            let others = last + 1 - next - count;
+            (others > 0).then(|| (p, topic.to_string(), next..last + 1, others as u64))
+        })
+        .collect()
+}
+
+/// What lay between an instance's own changelog records of a partition.
+#[derive(Debug, Default)]
+pub struct Gap {
+    pub partition: i32,
+    pub topic: String,
+    /// How many records of others (or its own, sent twice) lay between.
+    pub others: u64,
+    /// A valid claim by another instance among them: the partition is no longer this
+    /// one's.
+    pub claimed: bool,
+    /// Keys of records of a former owner under an older epoch, which a restore leaves
+    /// out.
+    pub left_out: Vec<Vec<u8>>,
+    /// Records of another instance that claimed nothing, which a restore applies (a
+    /// version before claims, or a new owner's undo of a torn commit before its claim).
+    pub applied: bool,
+}
+
+/// Writes again, after a former owner's records found between `store`'s own (`gap`),
+/// the values `store` holds for their keys (a tombstone where it holds none) and an
+/// end marker: a restore leaves the former owner's records out, but compaction keeps
+/// a key's last record whatever its epoch, so without this one of them could become
+/// all that is left of its key.
+pub async fn write_again(
+    producer: &FutureProducer,
+    store: &mut PartitionStore,
+    gap: &Gap,
+) -> anyhow::Result<()> {
+    let mut keys = gap.left_out.clone();
+    keys.sort();
+    keys.dedup();
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = store.raw_get(&key)?.unwrap_or_default();
+        records.push(store.changelog_entry(&gap.topic, key, value));
+    }
+    let floor = store.outbox_seq_floor()?.to_be_bytes().to_vec();
+    let marker = store.changelog_entry(&gap.topic, META_COMMIT_END.to_vec(), floor);
+    let (mut count, mut last) = (0, -1);
+    // The marker only once every record is in, as for any commit.
+    for wave in [records, vec![marker]] {
+        for result in send_all(producer, &wave, true).await {
+            let offset = result.with_context(|| {
+                format!(
+                    "cannot write again over a former owner's records in {}[{}]",
+                    gap.topic, gap.partition
+                )
+            })?;
+            count += 1;
+            last = last.max(offset);
+        }
+    }
+    store.changelog_acknowledged(count, last)?;
+    tracing::warn!(
+        changelog = %gap.topic,
+        partition = gap.partition,
+        keys = count - 1,
+        "a former owner wrote to this partition after this instance claimed it: its \
+         records are left out of the state, and this instance's values written again"
+    );
+    Ok(())
+}
+
+/// Looks at what others wrote to `store`'s changelog partition after its last own
+/// record, when no publish of its own would (a partition with no traffic): a claim
+/// means the partition moved (returned, `claimed`: the caller lets it go); a former
+/// owner's records get this store's values written again after them (see
+/// [`write_again`]). Returns what it found, if anything lay there.
+pub async fn check_changelog_tail(
+    reader: &ChangelogReader,
+    producer: &FutureProducer,
+    store: &mut PartitionStore,
+    changelog: &str,
+) -> anyhow::Result<Option<Gap>> {
+    let (Some(next), Some(epoch)) = (store.next_own_changelog_offset(), store.epoch) else {
+        return Ok(None);
+    };
+    let partition = store.partition;
+    let (_, high) = changelog_watermarks(&reader.consumer, changelog, partition)?;
+    if high <= next {
+        return Ok(None);
+    }
+    let own = OwnSpan {
+        next,
+        writer: store.writer.clone(),
+        epoch,
+    };
+    let gap = inspect_gap(
+        reader,
+        changelog,
+        partition,
+        &own,
+        next..high,
+        (high - next) as u64,
+    )?;
+    if gap.claimed {
+        return Ok(Some(gap));
+    }
+    if !gap.applied {
+        store.note_skipped_changelog_records(gap.others);
+    }
+    store.skip_changelog_to(high);
+    if !gap.left_out.is_empty() {
+        write_again(producer, store, &gap).await?;
+    }
+    Ok(Some(gap))
+}
+
+/// Reads `changelog[partition]` over `range` (which holds this instance's own records
+/// too, and `others` records of others) and says what the others are (see [`Gap`]).
+fn inspect_gap(
+    reader: &ChangelogReader,
+    changelog: &str,
+    partition: i32,
+    own: &OwnSpan,
+    range: std::ops::Range<i64>,
+    others: u64,
+) -> anyhow::Result<Gap> {
+    let mut gap = Gap {
+        partition,
+        topic: changelog.to_string(),
+        others,
+        ..Gap::default()
+    };
+    reader.read(
+        changelog,
+        partition,
+        range.start,
+        range.end,
+        &own.writer,
+        &mut |r| {
+            if r.own {
+                return Ok(true);
+            }
+            if r.key.starts_with(CLAIM_PREFIX) {
+                if claim_expected(&r.key, r.value.as_deref()) == Some(r.offset) {
+                    gap.claimed = true;
+                    return Ok(false);
+                }
+            } else if r.epoch.is_some_and(|epoch| epoch < own.epoch) {
+                gap.left_out.push(r.key);
+            } else {
+                gap.applied = true;
+            }
+            Ok(true)
+        },
+    )?;
+    Ok(gap)
+}
+
 /// Changelog records to send together (see [`changelog_waves`]).
 struct Wave {
     entries: Vec<OutboxEntry>,
@@ -1282,7 +1701,7 @@ async fn send_all(
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&e.topic).key(&e.key[..]);
         if e.changelog {
             // Changelog partition = state partition; an empty value is a tombstone.
-            let headers = changelog_headers(&e.writer, in_commit.then_some(COMMIT_HEADER));
+            let headers = changelog_headers(&e.writer, e.epoch, in_commit.then_some(COMMIT_HEADER));
             record = record.partition(e.partition).headers(headers);
             if !e.payload.is_empty() {
                 record = record.payload(&e.payload[..]);
@@ -1437,6 +1856,7 @@ impl OutputDeadLetters {
             payload: encode_internal(&letter),
             changelog: false,
             writer: entry.writer.clone(),
+            epoch: entry.epoch,
         }
     }
 }
@@ -1543,10 +1963,19 @@ struct ChangelogRecord {
     in_commit: bool,
     /// A write-ahead record, outside any commit.
     write_ahead: bool,
+    /// Where it lies in the changelog partition.
+    offset: i64,
+    /// The epoch it was written under, if its writer had claimed the partition.
+    epoch: Option<i64>,
 }
 
 /// Header naming the store incarnation that wrote a changelog record.
 const WRITER_HEADER: &str = "kairos-writer";
+
+/// Header of the epoch a changelog record was written under (see
+/// [`crate::store::claim_key`]), in decimal. Versions before claims write none, and
+/// their records apply as they come.
+const EPOCH_HEADER: &str = "kairos-epoch";
 
 /// Header of changelog records written by versions that end every commit with a
 /// [`META_COMMIT_END`] record: such records after the last end marker are a commit
@@ -1564,6 +1993,9 @@ pub struct RestoreStats {
     pub records_read: u64,
     /// Records applied to the store.
     pub applied: u64,
+    /// Records left out as written by an owner after another had claimed the
+    /// partition (see [`crate::store::claim_key`]).
+    pub fenced_out: u64,
     pub kind: RestoreKind,
 }
 
@@ -1605,6 +2037,9 @@ impl RestoreKind {
 /// fetched metadata again (about a tenth of a second per partition).
 pub struct ChangelogReader {
     consumer: BaseConsumer,
+    /// Writes the claims of the partitions restored (see [`claim`]), made with the
+    /// first.
+    claims: Mutex<Option<FutureProducer>>,
 }
 
 impl ChangelogReader {
@@ -1617,111 +2052,26 @@ impl ChangelogReader {
             .set("fetch.wait.max.ms", "10")
             .create()
             .context("cannot create changelog reader")?;
-        Ok(ChangelogReader { consumer })
-    }
-}
-
-/// Brings a partition's local store in line with its changelog before it is opened.
-///
-/// - The changelog ends where the store last saw it end: the store is current.
-/// - Only this store's own records follow (acknowledged before a crash, not yet noted):
-///   they are applied, then the store's unacknowledged outbox writes again on top, so
-///   the store keeps its newest values. Restarts after a crash read only that tail.
-/// - The store was closed cleanly (every record of it acknowledged, see
-///   [`PartitionStore::mark_closed_clean`]) less than half the changelog's compaction
-///   lag ago, and others wrote after it: only what they wrote is read and applied on
-///   top, as a rebuild applies it (a rolling restart, a partition that comes back
-///   after a rebalance).
-/// - Anything else (a new store, another instance wrote after a crash of this one,
-///   retention trimmed the tail): the store is deleted and rebuilt from the whole
-///   changelog, its outbox
-///   with it, so stale local writes never go out. Inputs whose effects are missing
-///   are processed again from the restored offsets, with the same output ids. The
-///   outbox restored from the changelog (outputs of commits whose writer may have died
-///   before publishing them) goes out when the store opens.
-/// - A commit that lacks its end marker at the changelog's end (its writer died while
-///   publishing it) is not applied: its inputs are processed again. With
-///   [`TornCommit::Undo`], values undoing its records follow them in the changelog.
-///   Records of a version that writes no markers after it mean that version adopted
-///   it: then it is applied.
-///
-/// A new store reads the changelog once; a store with a local end and no clean close
-/// reads its tail and stops at the first record it did not write itself.
-/// `reader` may serve the restores of other partitions before and after this one.
-pub fn restore_partition(
-    reader: &ChangelogReader,
-    config: &Config,
-    factory: &StoreFactory,
-    changelog: &str,
-    partition: i32,
-    torn: TornCommit,
-) -> anyhow::Result<RestoreStats> {
-    let mut read_before = 0;
-    for _ in 0..3 {
-        match restore_once(reader, config, factory, changelog, partition, torn, &|| ())? {
-            Restore::Done(mut stats) => {
-                stats.records_read += read_before;
-                return Ok(stats);
-            }
-            Restore::ChangelogMoved(stats) => read_before += stats.records_read,
-        }
-    }
-    anyhow::bail!(
-        "{changelog}[{partition}] kept growing while this instance restored it: another \
-         instance is writing it, so this one neither undoes its torn commit nor opens it"
-    )
-}
-
-/// How one attempt at a restore ended.
-enum Restore {
-    Done(RestoreStats),
-    /// Someone wrote to the changelog after it was read, before a torn commit's undo
-    /// went out: the partition is not this instance's alone, the undo was not written.
-    ChangelogMoved(RestoreStats),
-}
-
-/// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
-/// precedes a torn commit's undo (a test writes there as another instance would).
-fn restore_once(
-    reader: &ChangelogReader,
-    config: &Config,
-    factory: &StoreFactory,
-    changelog: &str,
-    partition: i32,
-    torn: TornCommit,
-    before_undo: &dyn Fn(),
-) -> anyhow::Result<Restore> {
-    let consumer = &reader.consumer;
-    let (low, high) = changelog_watermarks(consumer, changelog, partition)?;
-    let (local_end, writer, holds_records, clean_close) = {
-        let store = factory.open(partition)?;
-        (
-            store.changelog_end()?,
-            store.writer.clone(),
-            store.holds_records()?,
-            store.take_clean_close()?,
-        )
-    };
-    let mut stats = RestoreStats::default();
-    if local_end == Some(high) || (local_end.is_none() && high == 0) {
-        return Ok(Restore::Done(stats));
-    }
-    // A store closed cleanly equals the changelog up to where it closed: it reads only
-    // what was written after, as a rebuild would read it there. Not once compaction may
-    // have dropped a deletion written since (it would leave the store a stale key); the
-    // margin covers clocks that differ between instances.
-    let clean_end = clean_close
-        .filter(|(end, closed_at)| {
-            local_end == Some(*end)
-                && (low..=high).contains(end)
-                && wall_now().saturating_sub(*closed_at)
-                    < (kafka::CHANGELOG_MIN_COMPACTION_LAG / 2).as_millis() as Millis
+        Ok(ChangelogReader {
+            consumer,
+            claims: Mutex::new(None),
         })
-        .map(|(end, _)| end);
-    // Hands every record from `from` to the changelog's end to `each`, as it arrives
-    // (a partition's changelog may not fit in memory), until `each` answers false.
-    // Returns how many records it read.
-    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<bool>| {
+    }
+
+    /// Hands every record of `changelog[partition]` from `from` to `high` (exclusive)
+    /// to `each`, as it arrives (a partition's changelog may not fit in memory), until
+    /// `each` answers false; `writer` tells which records are the reader's own.
+    /// Returns how many records it read.
+    fn read(
+        &self,
+        changelog: &str,
+        partition: i32,
+        from: i64,
+        high: i64,
+        writer: &str,
+        each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<u64> {
+        let consumer = &self.consumer;
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(changelog, partition, rdkafka::Offset::Offset(from))?;
         consumer.assign(&tpl)?;
@@ -1753,6 +2103,10 @@ fn restore_once(
                         own: header(WRITER_HEADER).flatten().as_deref() == Some(writer.as_bytes()),
                         in_commit: header(COMMIT_HEADER).is_some(),
                         write_ahead: header(WRITE_AHEAD_HEADER).is_some(),
+                        offset: m.offset(),
+                        epoch: header(EPOCH_HEADER)
+                            .flatten()
+                            .and_then(|e| std::str::from_utf8(&e).ok()?.parse().ok()),
                     })?;
                     if !go_on {
                         break;
@@ -1764,7 +2118,203 @@ fn restore_once(
         }
         // Fetch nothing more for this partition while the next one is looked at.
         consumer.unassign()?;
-        anyhow::Ok(read)
+        Ok(read)
+    }
+
+    fn claim_producer(&self, config: &Config) -> anyhow::Result<FutureProducer> {
+        let mut slot = self
+            .claims
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the claim producer's lock is poisoned"))?;
+        if let Some(producer) = slot.as_ref() {
+            return Ok(producer.clone());
+        }
+        let producer = kafka::producer(config)?;
+        *slot = Some(producer.clone());
+        Ok(producer)
+    }
+}
+
+/// Claims `partition` for `store`, restored up to the changelog's end: writes a claim
+/// record (see [`crate::store::claim_key`]) and, if it landed at that very end (nobody
+/// wrote in between), takes its offset as the store's epoch. From then on a restore
+/// leaves out what an earlier owner writes under its older epoch, and that owner's
+/// next publish finds the claim between its records and stops (see [`publish`]).
+/// Returns false if another instance wrote first: the partition is restored again.
+fn claim(
+    reader: &ChangelogReader,
+    config: &Config,
+    store: &mut PartitionStore,
+    changelog: &str,
+    partition: i32,
+) -> anyhow::Result<bool> {
+    let expected = store.changelog_end()?.unwrap_or(0);
+    let record = store.changelog_entry(
+        changelog,
+        claim_key(expected, &store.writer),
+        (expected as u64).to_be_bytes().to_vec(),
+    );
+    let producer = reader.claim_producer(config)?;
+    let offset = futures::executor::block_on(send_all(&producer, &[record], false))
+        .pop()
+        .context("the producer reported nothing for the claim")?
+        .with_context(|| format!("cannot claim {changelog}[{partition}]"))?;
+    if offset != expected {
+        tracing::warn!(
+            changelog,
+            partition,
+            expected,
+            offset,
+            "another instance wrote to the changelog while this one restored it: restoring again"
+        );
+        return Ok(false);
+    }
+    store.set_epoch(offset)?;
+    tracing::debug!(changelog, partition, epoch = offset, "partition claimed");
+    Ok(true)
+}
+
+/// How a restore ends once the store is in line with the changelog: a new owner
+/// (`TornCommit::Undo`) claims the partition when asked to; a read-only look does not.
+#[allow(clippy::too_many_arguments)]
+fn finish_restore(
+    reader: &ChangelogReader,
+    config: &Config,
+    store: &mut PartitionStore,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+    claims: bool,
+    stats: RestoreStats,
+) -> anyhow::Result<Restore> {
+    if torn == TornCommit::Leave || !claims || claim(reader, config, store, changelog, partition)? {
+        Ok(Restore::Done(stats))
+    } else {
+        Ok(Restore::ChangelogMoved(stats))
+    }
+}
+
+/// Brings a partition's local store in line with its changelog before it is opened.
+///
+/// - The changelog ends where the store last saw it end: the store is current.
+/// - Only this store's own records follow (acknowledged before a crash, not yet noted):
+///   they are applied, then the store's unacknowledged outbox writes again on top, so
+///   the store keeps its newest values. Restarts after a crash read only that tail.
+/// - The store was closed cleanly (every record of it acknowledged, see
+///   [`PartitionStore::mark_closed_clean`]) less than half the changelog's compaction
+///   lag ago, and others wrote after it: only what they wrote is read and applied on
+///   top, as a rebuild applies it (a rolling restart, a partition that comes back
+///   after a rebalance).
+/// - Anything else (a new store, another instance wrote after a crash of this one,
+///   retention trimmed the tail): the store is deleted and rebuilt from the whole
+///   changelog, its outbox
+///   with it, so stale local writes never go out. Inputs whose effects are missing
+///   are processed again from the restored offsets, with the same output ids. The
+///   outbox restored from the changelog (outputs of commits whose writer may have died
+///   before publishing them) goes out when the store opens.
+/// - A commit that lacks its end marker at the changelog's end (its writer died while
+///   publishing it) is not applied: its inputs are processed again. With
+///   [`TornCommit::Undo`], values undoing its records follow them in the changelog.
+///   Records of a version that writes no markers after it mean that version adopted
+///   it: then it is applied.
+///
+/// - Records of an older epoch that follow a valid claim are left out: a former owner
+///   wrote them after the partition moved (see [`crate::store::claim_key`]).
+/// - With `claim`, a new owner (`TornCommit::Undo`) then claims the partition at the
+///   changelog's end (see [`claim`]); if another instance wrote first, it restores
+///   again.
+///
+/// A new store reads the changelog once; a store with a local end and no clean close
+/// reads its tail and stops at the first record it did not write itself.
+/// `reader` may serve the restores of other partitions before and after this one.
+pub fn restore_partition(
+    reader: &ChangelogReader,
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+    claim: bool,
+) -> anyhow::Result<RestoreStats> {
+    let mut read_before = 0;
+    for _ in 0..3 {
+        match restore_once(
+            reader,
+            config,
+            factory,
+            changelog,
+            partition,
+            torn,
+            claim,
+            &|| (),
+        )? {
+            Restore::Done(mut stats) => {
+                stats.records_read += read_before;
+                return Ok(stats);
+            }
+            Restore::ChangelogMoved(stats) => read_before += stats.records_read,
+        }
+    }
+    anyhow::bail!(
+        "{changelog}[{partition}] kept growing while this instance restored it: another \
+         instance is writing it, so this one neither undoes its torn commit, nor claims \
+         it, nor opens it"
+    )
+}
+
+/// How one attempt at a restore ended.
+enum Restore {
+    Done(RestoreStats),
+    /// Someone wrote to the changelog after it was read, before a torn commit's undo
+    /// or the claim went out: the partition is not this instance's alone (the undo was
+    /// not written; a claim that came after their records is not valid).
+    ChangelogMoved(RestoreStats),
+}
+
+/// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
+/// precedes a torn commit's undo (a test writes there as another instance would).
+#[allow(clippy::too_many_arguments)]
+fn restore_once(
+    reader: &ChangelogReader,
+    config: &Config,
+    factory: &StoreFactory,
+    changelog: &str,
+    partition: i32,
+    torn: TornCommit,
+    claim: bool,
+    before_undo: &dyn Fn(),
+) -> anyhow::Result<Restore> {
+    let consumer = &reader.consumer;
+    let (low, high) = changelog_watermarks(consumer, changelog, partition)?;
+    let mut first = factory.open(partition)?;
+    let (local_end, writer, epoch, holds_records, clean_close) = (
+        first.changelog_end()?,
+        first.writer.clone(),
+        first.epoch,
+        first.holds_records()?,
+        first.take_clean_close()?,
+    );
+    let mut stats = RestoreStats::default();
+    if local_end == Some(high) || (local_end.is_none() && high == 0) {
+        return finish_restore(
+            reader, config, &mut first, changelog, partition, torn, claim, stats,
+        );
+    }
+    drop(first);
+    // A store closed cleanly equals the changelog up to where it closed: it reads only
+    // what was written after, as a rebuild would read it there. Not once compaction may
+    // have dropped a deletion written since (it would leave the store a stale key); the
+    // margin covers clocks that differ between instances.
+    let clean_end = clean_close
+        .filter(|(end, closed_at)| {
+            local_end == Some(*end)
+                && (low..=high).contains(end)
+                && wall_now().saturating_sub(*closed_at)
+                    < (kafka::CHANGELOG_MIN_COMPACTION_LAG / 2).as_millis() as Millis
+        })
+        .map(|(end, _)| end);
+    let read = |from: i64, each: &mut dyn FnMut(ChangelogRecord) -> anyhow::Result<bool>| {
+        reader.read(changelog, partition, from, high, &writer, each)
     };
     // A store that has seen the changelog before: if only its own records follow, it
     // applies them (as they come) and is current. So does a store none of whose
@@ -1789,7 +2339,8 @@ fn restore_once(
             n += 1;
             // The store's own outbox is the truth about what it still has to
             // publish: an output's replica in the tail may have been published since.
-            if !r.key.starts_with(OUTBOX) {
+            // A claim is the changelog's alone.
+            if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) {
                 chunk.push((r.key, r.value));
             }
             if chunk.len() >= RESTORE_CHUNK {
@@ -1818,7 +2369,9 @@ fn restore_once(
                 records = n,
                 "caught up with own changelog tail"
             );
-            return Ok(Restore::Done(stats));
+            return finish_restore(
+                reader, config, &mut store, changelog, partition, torn, claim, stats,
+            );
         }
     }
     let from = match clean_end {
@@ -1859,8 +2412,34 @@ fn restore_once(
     // part of one. Those that came after a waiting commit's records apply again after
     // them if the commit completes, so the later value stays.
     let mut write_ahead_after_waiting: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    // The epoch of the partition's owner as far as read: from a valid claim on, what
+    // an earlier owner wrote under an older epoch is left out (it ran on after the
+    // partition moved; its new owner never saw it). A rebuild starts with none; a
+    // store closed cleanly was the owner where it closed.
+    let mut owner_epoch = match clean_end {
+        Some(_) => epoch,
+        None => None,
+    };
+    // Keys of the records left out: compaction keeps a key's last record whatever its
+    // epoch, so a left-out record that is a key's last would one day be all that is
+    // left of it. A new owner writes the key's value again after it (see below).
+    let mut fenced_keys: Vec<Vec<u8>> = Vec::new();
     // A clean close ended on a whole commit, so nothing waits at its end either.
     stats.records_read += read(from, &mut |r| {
+        if r.key.starts_with(CLAIM_PREFIX) {
+            if claim_expected(&r.key, r.value.as_deref()) == Some(r.offset) {
+                owner_epoch = Some(r.offset);
+            }
+            return Ok(true);
+        }
+        if r.epoch
+            .zip(owner_epoch)
+            .is_some_and(|(written, owner)| written < owner)
+        {
+            stats.fenced_out += 1;
+            fenced_keys.push(r.key);
+            return Ok(true);
+        }
         let is_marker = r.in_commit && r.key == META_COMMIT_END;
         if r.write_ahead {
             if !waiting.is_empty() {
@@ -1889,7 +2468,7 @@ fn restore_once(
     stats.applied += ready.len() as u64;
     store.finish_restore()?;
     let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
-    let end = match (torn_keys.is_empty(), torn) {
+    let end = match (torn_keys.is_empty() && fenced_keys.is_empty(), torn) {
         (false, TornCommit::Undo) => {
             // Only while nobody else writes: an instance that lost the partition
             // meanwhile must not write after the new owner's records.
@@ -1905,7 +2484,9 @@ fn restore_once(
                 );
                 return Ok(Restore::ChangelogMoved(stats));
             }
-            repair_torn_commit(config, &store, changelog, partition, torn_keys)?
+            let mut keys = torn_keys;
+            keys.extend(fenced_keys);
+            repair_torn_commit(config, &store, changelog, partition, keys)?
         }
         _ => high,
     };
@@ -1914,9 +2495,12 @@ fn restore_once(
         changelog,
         partition,
         restored = stats.applied,
+        fenced_out = stats.fenced_out,
         "state restored"
     );
-    Ok(Restore::Done(stats))
+    finish_restore(
+        reader, config, &mut store, changelog, partition, torn, claim, stats,
+    )
 }
 
 /// The first and next offsets of a changelog partition. A broker that fails to say
@@ -1949,10 +2533,12 @@ fn changelog_watermarks(
 /// Records a restore applies in one write.
 const RESTORE_CHUNK: usize = 10_000;
 
-/// Writes, after a torn commit's records, the values the restored store holds for
-/// their keys (a tombstone where it holds none) and an end marker, before this store
-/// writes anything else: a later restore that reads the torn records then reads what
-/// undoes them. Returns the changelog's end after them.
+/// Writes, after a torn commit's records (and records a restore left out as a former
+/// owner's), the values the restored store holds for their keys (a tombstone where it
+/// holds none) and an end marker, before this store writes anything else: a later
+/// restore that reads the torn records then reads what undoes them, and compaction
+/// keeps these values rather than the left-out ones. Returns the changelog's end after
+/// them.
 fn repair_torn_commit(
     config: &Config,
     store: &PartitionStore,
@@ -1966,15 +2552,21 @@ fn repair_torn_commit(
         changelog,
         partition,
         keys = torn.len(),
-        "the changelog ends in a commit torn by a crash: it is not applied, and undone"
+        "records not applied (a commit torn by a crash at the changelog's end, or a former owner's after the partition moved) are undone"
     );
+    // Written before this store claims the partition, they carry no epoch: a restore
+    // applies them wherever they fall (an epoch this store had before, older than the
+    // claim they follow, would have them left out and the torn records applied).
+    let entry = |key: Vec<u8>, payload: Vec<u8>| OutboxEntry {
+        epoch: None,
+        ..store.changelog_entry(changelog, key, payload)
+    };
     let mut undo = Vec::with_capacity(torn.len());
     for key in torn {
         let payload = store.raw_get(&key)?.unwrap_or_default();
-        undo.push(store.changelog_entry(changelog, key, payload));
+        undo.push(entry(key, payload));
     }
-    let marker = store.changelog_entry(
-        changelog,
+    let marker = entry(
         META_COMMIT_END.to_vec(),
         store.outbox_seq_floor()?.to_be_bytes().to_vec(),
     );
@@ -2006,6 +2598,8 @@ pub async fn run<P: Processor>(
     let name = processor.name().to_string();
     let inputs = processor.inputs();
     let producer = kafka::producer(config)?;
+    // Reads what lies between this instance's own changelog records, if anything does.
+    let gap_reader = ChangelogReader::new(config)?;
     let rebalances = Arc::new(Mutex::new(Vec::new()));
     let context = KairosContext {
         rebalances: rebalances.clone(),
@@ -2029,6 +2623,12 @@ pub async fn run<P: Processor>(
     let consumer: StreamConsumer<KairosContext> = cc
         .create_with_context(context)
         .context("cannot create Kafka consumer")?;
+    // Whether the consumer holds an input partition that state partition `p` applies.
+    let single_state = processor.single_state_partition();
+    let held_state = |p: i32| match single_state {
+        true => consumer.assignment().is_ok_and(|a| a.count() > 0),
+        false => holds_input_partition(&consumer, &inputs, p),
+    };
     let topic_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
@@ -2070,13 +2670,19 @@ pub async fn run<P: Processor>(
             .with_write_ahead(Arc::new(ProducerWriteAhead::new(config)));
     }
     let dead_letters = OutputDeadLetters::new(config, &name);
+    let publisher = Publisher {
+        producer: &producer,
+        gap_reader: &gap_reader,
+        dead_letters: &dead_letters,
+        metrics: &metrics,
+    };
     tracing::info!(service = %name, inputs = %inputs.join(","), "processing started");
 
     let max_wait = config.state.max_batch_wait;
     let tick = config.state.timer_tick;
     let mut last_gauges = Instant::now();
+    let mut last_tail_check = Instant::now();
     let mut assigned_once = false;
-    let single_state = engine.processor.single_state_partition();
     let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
     let mut gates = BacklogGates::default();
 
@@ -2089,9 +2695,7 @@ pub async fn run<P: Processor>(
             &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
-            &producer,
-            &dead_letters,
-            &metrics,
+            &publisher,
             &cancel,
         )
         .await?;
@@ -2140,9 +2744,7 @@ pub async fn run<P: Processor>(
             &|p| holds_input_partition(&consumer, &inputs, p),
             config,
             &name,
-            &producer,
-            &dead_letters,
-            &metrics,
+            &publisher,
             &cancel,
         )
         .await?;
@@ -2219,9 +2821,9 @@ pub async fn run<P: Processor>(
                 .observe(elapsed / batch.len() as f64);
         }
         let produced = out.len();
-        let acked = publish(&producer, out, &dead_letters, &metrics, &cancel).await;
-        engine.acknowledge(&acked)?;
-        if acked.len() < produced {
+        let published = engine.publish(out, &publisher, &cancel).await?;
+        stop_if_fenced_and_held(&published, &held_state)?;
+        if published.acked.len() < produced {
             // Stopped before the broker took the whole commit: the consumer's position
             // stays before it, so that whoever owns the partition next reads its inputs
             // again (the store's own offsets skip what its state already holds).
@@ -2244,9 +2846,9 @@ pub async fn run<P: Processor>(
                 engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
             let produced = fired.len();
             if produced > 0 {
-                let acked = publish(&producer, fired, &dead_letters, &metrics, &cancel).await;
-                engine.acknowledge(&acked)?;
-                if acked.len() < produced {
+                let published = engine.publish(fired, &publisher, &cancel).await?;
+                stop_if_fenced_and_held(&published, &held_state)?;
+                if published.acked.len() < produced {
                     break;
                 }
             }
@@ -2254,6 +2856,17 @@ pub async fn run<P: Processor>(
                 break;
             }
             admin.heartbeat();
+        }
+        if last_tail_check.elapsed() > CHANGELOG_TAIL_CHECK {
+            let fenced = engine.check_changelog_tails(&gap_reader, &producer).await?;
+            stop_if_fenced_and_held(
+                &Published {
+                    fenced,
+                    ..Published::default()
+                },
+                &held_state,
+            )?;
+            last_tail_check = Instant::now();
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
             engine.update_gauges();
@@ -2272,9 +2885,11 @@ pub async fn run<P: Processor>(
         engine.commit()?;
         // The whole outbox: whatever an earlier publish left goes first.
         let out = engine.outbox()?;
-        let flush = publish(&producer, out, &dead_letters, &metrics, &flush_cancel);
+        let flush = engine.publish(out, &publisher, &flush_cancel);
         match tokio::time::timeout(Duration::from_secs(10), flush).await {
-            Ok(acked) => engine.acknowledge(&acked)?,
+            Ok(published) => {
+                published?;
+            }
             Err(_) => {
                 tracing::warn!("outputs not flushed in time; they stay in the outbox");
                 break;
@@ -2287,6 +2902,33 @@ pub async fn run<P: Processor>(
     consumer.unsubscribe();
     engine.close_all();
     tracing::info!(service = %name, "stopped cleanly");
+    Ok(())
+}
+
+/// How often each owned partition's changelog is checked for what others wrote after
+/// this instance's last record (see [`check_changelog_tail`]): well within the
+/// changelog's compaction lag, and one watermark request per partition.
+const CHANGELOG_TAIL_CHECK: Duration = Duration::from_secs(30);
+
+/// Stops the service when a publish let go of a partition (see [`Engine::publish`])
+/// that the consumer still holds: nobody would process it until the next rebalance.
+/// A restart restores it and claims it anew (or finds it has moved on).
+fn stop_if_fenced_and_held(
+    published: &Published,
+    held: &(dyn Fn(i32) -> bool + Sync),
+) -> anyhow::Result<()> {
+    let held: Vec<i32> = published
+        .fenced
+        .iter()
+        .copied()
+        .filter(|p| held(*p))
+        .collect();
+    anyhow::ensure!(
+        held.is_empty(),
+        "partitions {held:?} were claimed by another instance while this one still holds \
+         them (it was paused or cut off past its session, or the partition moved and \
+         came back during a restore): stopping, so that a restart restores them"
+    );
     Ok(())
 }
 
@@ -2380,9 +3022,7 @@ async fn apply_rebalances<P: Processor>(
     still_assigned: &(dyn Fn(i32) -> bool + Sync),
     config: &Config,
     name: &str,
-    producer: &FutureProducer,
-    dead_letters: &OutputDeadLetters,
-    metrics: &RuntimeMetrics,
+    publisher: &Publisher<'_>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<AppliedRebalances> {
     let events: Vec<RebalanceEvent> = rebalances
@@ -2405,8 +3045,8 @@ async fn apply_rebalances<P: Processor>(
             engine.commit()?;
             // The whole outbox: whatever an earlier publish left goes first.
             let out = engine.outbox()?;
-            let acked = publish(producer, out, dead_letters, metrics, cancel).await;
-            engine.acknowledge(&acked)?;
+            let published = engine.publish(out, publisher, cancel).await?;
+            stop_if_fenced_and_held(&published, still_assigned)?;
         }
         let parts = net
             .revoked
@@ -2448,17 +3088,29 @@ async fn apply_rebalances<P: Processor>(
                 };
                 let c = config.clone();
                 let factory_root = config.state.dir.join(name);
+                // A service that writes ahead of its commits does not claim (see
+                // `restore_partition`).
+                let claim = !engine.writes_ahead();
                 let restored = tokio::task::spawn_blocking(move || {
                     // Bounded like the engine's own stores: a restore opens the
                     // store, which reads its timers.
                     let factory = StoreFactory::new(&factory_root, 8 << 20)?
                         .with_timers_in_memory(c.timers_in_memory_per_store());
-                    restore_partition(&reader, &c, &factory, &changelog, p, TornCommit::Undo)
+                    restore_partition(
+                        &reader,
+                        &c,
+                        &factory,
+                        &changelog,
+                        p,
+                        TornCommit::Undo,
+                        claim,
+                    )
                 })
                 .await
                 .context("restore task failed")??;
-                metrics.restored_records.inc_by(restored.applied);
-                metrics
+                publisher.metrics.restored_records.inc_by(restored.applied);
+                publisher
+                    .metrics
                     .partition_restores
                     .with_label_values(&[restored.kind.as_str()])
                     .inc();
@@ -2478,8 +3130,8 @@ async fn apply_rebalances<P: Processor>(
         }
         applied.opened.extend(inputs);
     }
-    let acked = publish(producer, backlog, dead_letters, metrics, cancel).await;
-    engine.acknowledge(&acked)?;
+    let published = engine.publish(backlog, publisher, cancel).await?;
+    stop_if_fenced_and_held(&published, still_assigned)?;
     Ok(applied)
 }
 
@@ -2755,6 +3407,7 @@ mod tests {
             payload: b"v".to_vec(),
             changelog: true,
             writer: Arc::from("w"),
+            epoch: None,
         }
     }
 
@@ -2937,6 +3590,7 @@ mod tests {
             "changelog",
             0,
             TornCommit::Undo,
+            true,
             &other_writes,
         )
         .unwrap();
@@ -2944,7 +3598,16 @@ mod tests {
         assert_eq!(high(), torn_end + 1, "only the other instance's record");
         // Once nobody else writes, the restore undoes it.
         let reader = ChangelogReader::new(&config).unwrap();
-        restore_partition(&reader, &config, &factory, "changelog", 0, TornCommit::Undo).unwrap();
+        restore_partition(
+            &reader,
+            &config,
+            &factory,
+            "changelog",
+            0,
+            TornCommit::Undo,
+            true,
+        )
+        .unwrap();
         assert!(high() > torn_end + 1, "the undo follows");
     }
 

@@ -62,6 +62,9 @@ const META_CHANGELOG_END: &[u8] = b"m/changelog_end";
 /// Id of this store's incarnation; stamped on its changelog records so a restore can
 /// tell its own records from another instance's.
 const META_WRITER: &[u8] = b"m/writer";
+/// The epoch this store writes under: the changelog offset of its latest valid claim
+/// (see [`claim_key`]). Never replicated.
+const META_EPOCH: &[u8] = b"m/epoch";
 /// The last changelog record of every commit (see [`CHANGELOG_COMMIT_HEADER`]).
 pub const META_COMMIT_END: &[u8] = b"m/commit_end";
 /// Written whenever the store equals the changelog up to its end: when the broker has
@@ -254,6 +257,7 @@ impl StoreFactory {
         let mut store = PartitionStore {
             partition,
             writer: Arc::from(""),
+            epoch: None,
             path,
             db,
             next_outbox_seq: 0,
@@ -268,11 +272,15 @@ impl StoreFactory {
             },
             opened_at_changelog_end: None,
             own_changelog_records: 0,
+            skipped_changelog_records: 0,
+            next_own_offset: None,
             wrote_ahead: std::cell::Cell::new(false),
             unacknowledged_changelog: 0,
             clean_mark_written: false,
         };
         store.opened_at_changelog_end = store.changelog_end()?;
+        store.epoch = store.read_u64(META_EPOCH)?.map(|e| e as i64);
+        store.next_own_offset = store.opened_at_changelog_end;
         store
             .wrote_ahead
             .set(store.raw_get(META_WROTE_AHEAD)?.is_some());
@@ -299,6 +307,34 @@ impl StoreFactory {
     }
 }
 
+/// Prefix of the changelog records by which an instance claims a partition it has
+/// just restored (see [`claim_key`]).
+pub const CLAIM_PREFIX: &[u8] = b"m/claim/";
+
+/// The key of a claim of a partition by the store incarnation `writer`, which
+/// restored its changelog up to `expected`. The claim's value is `expected` (eight
+/// bytes, big-endian) and it is valid only if it landed at that very offset: nothing
+/// came between the restore and the claim. From a valid claim on, changelog records of
+/// an older epoch are an earlier owner's that ran on after its partition moved, and a
+/// restore leaves them out. One key per claim, never overwritten, so compaction keeps
+/// every claim (a claim is a few dozen bytes per partition move).
+pub fn claim_key(expected: i64, writer: &str) -> Vec<u8> {
+    let mut key = CLAIM_PREFIX.to_vec();
+    key.extend_from_slice(&(expected as u64).to_be_bytes());
+    key.extend_from_slice(writer.as_bytes());
+    key
+}
+
+/// The offset a claim record (key `key`, value `value`) is valid at, if it is one:
+/// where its writer found the changelog's end.
+pub fn claim_expected(key: &[u8], value: Option<&[u8]>) -> Option<i64> {
+    if !key.starts_with(CLAIM_PREFIX) {
+        return None;
+    }
+    let bytes = <[u8; 8]>::try_from(value?).ok()?;
+    Some(u64::from_be_bytes(bytes) as i64)
+}
+
 /// The value of [`META_CLEAN_END`]: the changelog end, then the wall time.
 fn clean_mark(end: i64, now: Millis) -> [u8; 16] {
     let mut mark = [0_u8; 16];
@@ -321,6 +357,9 @@ pub struct OutboxEntry {
     /// The writing store's incarnation id (changelog records carry it as a header);
     /// shared, as every entry of a store carries the same one.
     pub writer: Arc<str>,
+    /// The writing store's epoch (see [`PartitionStore::epoch`]); changelog records
+    /// carry it as a header, so a restore can leave out what a fenced owner wrote.
+    pub epoch: Option<i64>,
 }
 
 /// Appends `more` to `out`, moving `more` whole when `out` is empty (the common case
@@ -581,6 +620,11 @@ pub struct PartitionStore {
     pub partition: i32,
     /// Incarnation id of this store (see `META_WRITER`).
     pub writer: Arc<str>,
+    /// The changelog offset of this store's latest valid claim of its partition (see
+    /// [`claim_key`]), `None` before its first: its changelog records carry it, and a
+    /// restore leaves out records of an older epoch written after a newer claim (an
+    /// owner that ran on after its partition moved).
+    pub epoch: Option<i64>,
     path: PathBuf,
     db: DB,
     next_outbox_seq: u64,
@@ -602,6 +646,12 @@ pub struct PartitionStore {
     /// record lies between them (see [`Self::mark_closed_clean`]).
     opened_at_changelog_end: Option<i64>,
     own_changelog_records: u64,
+    /// Records between this store's own, since it was opened, that a restore leaves
+    /// out or applies to the same effect (see [`Self::note_skipped_changelog_records`]).
+    skipped_changelog_records: u64,
+    /// Where this store's next changelog record lands if nobody else writes to its
+    /// changelog partition (see [`Self::next_own_changelog_offset`]).
+    next_own_offset: Option<i64>,
     wrote_ahead: std::cell::Cell<bool>,
     /// Changelog records in the outbox the broker has not acknowledged yet.
     unacknowledged_changelog: u64,
@@ -1301,6 +1351,7 @@ impl PartitionStore {
             payload,
             changelog,
             writer: self.writer.clone(),
+            epoch: self.epoch,
         }
     }
 
@@ -1319,6 +1370,7 @@ impl PartitionStore {
             payload,
             changelog: true,
             writer: self.writer.clone(),
+            epoch: self.epoch,
         }
     }
 
@@ -1369,6 +1421,7 @@ impl PartitionStore {
                 payload,
                 changelog,
                 writer: self.writer.clone(),
+                epoch: self.epoch,
             });
         }
         Ok(out)
@@ -1462,6 +1515,7 @@ impl PartitionStore {
         self.own_changelog_records += records;
         self.unacknowledged_changelog = self.unacknowledged_changelog.saturating_sub(records);
         let end = last + 1;
+        self.next_own_offset = Some(end);
         let mut batch = WriteBatch::default();
         batch.put(META_CHANGELOG_END, (end as u64).to_be_bytes());
         let clean = self.unacknowledged_changelog == 0 && self.fills_changelog_since_open(end);
@@ -1474,10 +1528,51 @@ impl PartitionStore {
     }
 
     /// Whether the records this store had acknowledged since it was opened fill the
-    /// changelog from where it ended then to `end`, and it wrote no write-ahead record.
+    /// changelog from where it ended then to `end` (with the records between them found
+    /// to change nothing a restore applies), and it wrote no write-ahead record.
     fn fills_changelog_since_open(&self, end: i64) -> bool {
         let opened_at = self.opened_at_changelog_end.unwrap_or(0);
-        !self.wrote_ahead.get() && end - opened_at == self.own_changelog_records as i64
+        let filled = self.own_changelog_records + self.skipped_changelog_records;
+        !self.wrote_ahead.get() && end - opened_at == filled as i64
+    }
+
+    /// Takes `end` as where this store's next changelog record lands: what lies before
+    /// it was looked at (see `kairos_core::runtime::check_changelog_tail`).
+    pub fn skip_changelog_to(&mut self, end: i64) {
+        self.next_own_offset = Some(end);
+    }
+
+    /// Notes `records` found between this store's own in the changelog that change
+    /// nothing a restore applies: an earlier owner's, written under an older epoch
+    /// after this store's claim (a restore leaves them out), or this store's own sent
+    /// twice. The store still equals the changelog.
+    pub fn note_skipped_changelog_records(&mut self, records: u64) {
+        self.skipped_changelog_records += records;
+    }
+
+    /// Where this store's next changelog record must land if no other instance wrote
+    /// to its changelog partition since it last did: right after its last record
+    /// acknowledged (its claim, when it was opened after a restore). `None` when that
+    /// cannot be told: no claim, or a write-ahead record (written through another
+    /// producer, whose offsets are not counted).
+    pub fn next_own_changelog_offset(&self) -> Option<i64> {
+        match self.epoch.is_some() && !self.wrote_ahead.get() {
+            true => self.next_own_offset,
+            false => None,
+        }
+    }
+
+    /// Takes `epoch`, the offset of this store's claim just acknowledged at the
+    /// changelog's end, as the epoch its changelog records carry from now on; the
+    /// changelog holds the store up to the claim.
+    pub fn set_epoch(&mut self, epoch: i64) -> StoreResult<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(META_EPOCH, (epoch as u64).to_be_bytes());
+        batch.put(META_CHANGELOG_END, ((epoch + 1) as u64).to_be_bytes());
+        self.write(batch)?;
+        self.epoch = Some(epoch);
+        self.next_own_offset = Some(epoch + 1);
+        Ok(())
     }
 
     pub fn set_changelog_end(&self, end: i64) -> StoreResult<()> {

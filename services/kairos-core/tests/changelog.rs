@@ -5,14 +5,16 @@
 //! process, what `kairos dev-broker` serves) with real producers and consumers, and
 //! plays the crash by publishing only part of a commit.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
-    publish, restore_partition, ChangelogReader, OutputDeadLetters, ProducerWriteAhead,
-    RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
+    check_changelog_tail, publish, publish_fenced, restore_partition, write_again, ChangelogReader,
+    OutputDeadLetters, OwnSpan, ProducerWriteAhead, Published, RestoreKind, RestoreStats,
+    TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -117,6 +119,7 @@ impl Broker {
             CHANGELOG,
             0,
             TornCommit::Undo,
+            true,
         )
         .expect("restore")
     }
@@ -133,6 +136,17 @@ impl Broker {
 
     /// Payloads of `topic` partition 0, in order.
     fn payloads(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.records(topic).into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The last payload of each key in `topic` partition 0: what compaction keeps
+    /// (empty for a tombstone).
+    fn compacted(&self, topic: &str) -> HashMap<Vec<u8>, Vec<u8>> {
+        self.records(topic).into_iter().collect()
+    }
+
+    /// Keys and payloads of `topic` partition 0, in order.
+    fn records(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.kafka.bootstrap_servers)
             .set("group.id", "read")
@@ -154,7 +168,10 @@ impl Broker {
                 "reading {topic} timed out"
             );
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                out.push(m.payload().unwrap_or_default().to_vec());
+                out.push((
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
             }
         }
         out
@@ -228,6 +245,26 @@ fn fresh_store() -> (tempfile::TempDir, PartitionStore) {
 /// into a new state directory.
 fn restored(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
     let (dir, store, _) = restored_with_stats(broker);
+    (dir, store)
+}
+
+/// The state a rebuild from the changelog gives, as `kairos inspect` restores it: the
+/// changelog left alone (no claim), so the partition's owner goes on as before.
+fn looked_at(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
+    let dir = tempfile::tempdir().expect("dir");
+    let factory = StoreFactory::new(dir.path(), 8 << 20).expect("factory");
+    let reader = ChangelogReader::new(&broker.config).expect("changelog reader");
+    restore_partition(
+        &reader,
+        &broker.config,
+        &factory,
+        CHANGELOG,
+        0,
+        TornCommit::Leave,
+        false,
+    )
+    .expect("restore");
+    let store = factory.open(0).expect("open");
     (dir, store)
 }
 
@@ -574,6 +611,7 @@ fn an_output_the_broker_refuses_for_good_goes_to_the_dead_letter_topic_and_the_r
         payload,
         changelog: false,
         writer: std::sync::Arc::from("w"),
+        epoch: None,
     };
     let entries = vec![
         output(1, b"first".to_vec()),
@@ -673,7 +711,8 @@ fn another_instance_commits(broker: &Broker, puts: &[(&str, &str)], input_offset
 fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_others_wrote() {
     let broker = broker();
     let never = CancellationToken::new();
-    let (a_dir, mut a_store) = fresh_store();
+    // A claimed the partition when it took it: its epoch is older than B's below.
+    let (a_dir, mut a_store) = restored(&broker);
     for (i, puts) in [
         [("c/1", "a1"), ("c/2", "a2")],
         [("c/3", "a3"), ("c/1", "a1'")],
@@ -729,7 +768,7 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
     assert!(!outbox_outputs(&a_store).contains(&"torn".to_string()));
 
     // The same state as a rebuild from the whole changelog, undo included.
-    let (_c_dir, c_store) = restored(&broker);
+    let (_c_dir, c_store) = looked_at(&broker);
     assert_eq!(state_of(&c_store), state_of(&a_store));
     assert_eq!(
         c_store
@@ -754,6 +793,9 @@ fn a_partition_back_on_the_instance_that_closed_it_cleanly_reads_only_what_other
         state_of(&a_store)[5..8],
         owned(&[Some("a5"), None, Some("d7")])
     );
+    // B's torn commit stays undone: A's undo, written before A claimed the partition
+    // again, is not left out with A's older epoch.
+    assert_eq!(value(&a_store, "c/3").as_deref(), Some("a3"));
 }
 
 #[test]
@@ -768,16 +810,13 @@ fn a_store_killed_with_every_changelog_record_acknowledged_reads_only_what_other
     drop(a_store);
     let before_b = broker.count(CHANGELOG);
     another_instance_commits(&broker, &[("c/1", "b1"), ("c/3", "b3")], 2);
+    let written_by_b = broker.count(CHANGELOG) - before_b;
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::SinceCleanClose, "{stats:?}");
-    assert_eq!(
-        stats.records_read as i64,
-        broker.count(CHANGELOG) - before_b,
-        "{stats:?}"
-    );
+    assert_eq!(stats.records_read as i64, written_by_b, "{stats:?}");
     let expected = owned(&[None, Some("b1"), Some("a2"), Some("b3")]);
     assert_eq!(state_of(&a_store)[..4], expected);
-    let (_c_dir, c_store) = restored(&broker);
+    let (_c_dir, c_store) = looked_at(&broker);
     assert_eq!(state_of(&c_store), state_of(&a_store), "as a rebuild");
 }
 
@@ -861,13 +900,10 @@ fn a_store_with_unacknowledged_commits_or_closed_long_ago_is_rebuilt_whole() {
         .commit_with(&mut pending, Some(CHANGELOG), true)
         .expect("commit");
     assert!(broker.publish(entries, &never).iter().all(|o| *o >= 0));
+    let in_log = broker.count(CHANGELOG);
     let (a_store, stats) = restore_in_place(&broker, a_dir.path());
     assert_eq!(stats.kind, RestoreKind::Rebuilt, "{stats:?}");
-    assert_eq!(
-        stats.records_read as i64,
-        broker.count(CHANGELOG) + 1,
-        "{stats:?}"
-    );
+    assert_eq!(stats.records_read as i64, in_log + 1, "{stats:?}");
     assert_eq!(state_of(&a_store)[1..4], owned(&[None, None, Some("b3")]));
 }
 
@@ -937,4 +973,260 @@ fn a_store_reopened_with_changelog_records_unacknowledged_is_clean_only_once_the
         mark_clean_now(&a_store).is_some(),
         "the changelog holds it all"
     );
+}
+
+/// Publishes `entries` of `store` as the engine does, checking what lies between its
+/// own changelog records (see `publish_fenced`), and acknowledges to `store` what the
+/// engine would. Returns what the publish found.
+fn publish_checked(
+    broker: &Broker,
+    store: &mut PartitionStore,
+    entries: Vec<OutboxEntry>,
+) -> Published {
+    let own: HashMap<i32, OwnSpan> = store
+        .next_own_changelog_offset()
+        .zip(store.epoch)
+        .map(|(next, epoch)| {
+            let writer = store.writer.clone();
+            (
+                0,
+                OwnSpan {
+                    next,
+                    writer,
+                    epoch,
+                },
+            )
+        })
+        .into_iter()
+        .collect();
+    assert!(
+        !own.is_empty(),
+        "a store that claimed its partition can tell"
+    );
+    let reader = ChangelogReader::new(&broker.config).expect("reader");
+    let published = block_on(publish_fenced(
+        &broker.producer,
+        entries,
+        &own,
+        &reader,
+        &broker.dead_letters,
+        &broker.metrics,
+        &CancellationToken::new(),
+    ))
+    .expect("publish");
+    if published.fenced.is_empty() {
+        for gap in published.gaps.iter().filter(|g| !g.applied) {
+            store.note_skipped_changelog_records(gap.others);
+        }
+        let keys: Vec<Vec<u8>> = published
+            .acked
+            .iter()
+            .map(|(e, _)| e.outbox_key.clone())
+            .collect();
+        store.acknowledge(&keys).expect("acknowledge");
+        let changelog: Vec<i64> = published
+            .acked
+            .iter()
+            .filter(|(e, _)| e.changelog)
+            .map(|(_, offset)| *offset)
+            .collect();
+        if let Some(last) = changelog.iter().copied().max() {
+            store
+                .changelog_acknowledged(changelog.len() as u64, last)
+                .expect("changelog end");
+        }
+        for gap in published.gaps.iter().filter(|g| !g.left_out.is_empty()) {
+            block_on(write_again(&broker.producer, store, gap)).expect("write again");
+        }
+    }
+    published
+}
+
+#[test]
+fn an_owner_that_runs_on_after_its_partition_was_claimed_is_fenced_and_left_out() {
+    let broker = broker();
+    // A owns the partition and publishes a commit; the check passes commit after commit.
+    let (_a_dir, mut a_store) = restored(&broker);
+    for (i, value) in ["a1", "a1'"].iter().enumerate() {
+        let entries = commit(&mut a_store, &[("c/1", value)], i as i64, "a's output");
+        assert_eq!(
+            publish_checked(&broker, &mut a_store, entries).fenced,
+            Vec::<i32>::new()
+        );
+    }
+    // A's session expires while it is paused; B restores the partition and claims it.
+    let (_b_dir, mut b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "c/1").as_deref(), Some("a1'"));
+    // A wakes up and publishes what it had processed meanwhile: its records land
+    // after B's claim, so it finds itself fenced and its output does not go out.
+    former_owner_publishes_late(&broker, &mut a_store, 2);
+    let outputs: Vec<String> = broker
+        .payloads(OUTPUT)
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(!outputs.contains(&LATE.to_string()), "{outputs:?}");
+    assert_eq!(outputs.iter().filter(|o| *o == "a's output").count(), 2);
+    // B goes on: A's records lie between its claim and its own, and it finds they are
+    // an earlier owner's, left out by a restore: not fenced, and still taken to equal
+    // the changelog.
+    let entries = commit(&mut b_store, &[("c/3", "b3")], 2, "b's output");
+    let published = publish_checked(&broker, &mut b_store, entries);
+    assert_eq!(published.fenced, Vec::<i32>::new());
+    assert_eq!(published.gaps.len(), 1, "{:?}", published.gaps);
+    assert!(!published.gaps[0].applied, "{:?}", published.gaps);
+    assert!(mark_clean_now(&b_store).is_some());
+    assert!(broker.payloads(OUTPUT).contains(&b"b's output".to_vec()));
+    // B wrote its values of A's keys again after them, so compaction, which keeps a
+    // key's last record whatever its epoch, keeps B's: c/1 as B has it, c/2 deleted.
+    let compacted = broker.compacted(CHANGELOG);
+    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1'".to_vec());
+    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    // And B's next publish finds nothing between its records.
+    let entries = commit(&mut b_store, &[("c/4", "b4")], 3, "b's next output");
+    assert!(publish_checked(&broker, &mut b_store, entries)
+        .gaps
+        .is_empty());
+    // Whoever restores the partition next leaves A's late records out: the state is
+    // B's, as B saw it.
+    let (_c_dir, c_store) = looked_at(&broker);
+    assert_eq!(
+        state_of(&c_store)[..4],
+        owned(&[None, Some("a1'"), None, Some("b3")])
+    );
+    let (_d_dir, _d_store, stats) = restored_with_stats(&broker);
+    assert!(
+        stats.fenced_out >= 3,
+        "A's two values and its output's replica: {stats:?}"
+    );
+}
+
+#[test]
+fn a_claim_that_did_not_land_at_the_end_it_restored_fences_no_one() {
+    let broker = broker();
+    let (_a_dir, mut a_store) = restored(&broker);
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(&broker, &mut a_store, entries)
+        .fenced
+        .is_empty());
+    // Another instance claims as if the changelog had ended at 0: someone (A) wrote
+    // between its restore and its claim, so the claim is not valid, and it would
+    // restore again before writing anything.
+    let ghost = OutboxEntry {
+        partition: 0,
+        outbox_key: Vec::new(),
+        topic: CHANGELOG.into(),
+        key: kairos_core::store::claim_key(0, "ghost"),
+        payload: 0_u64.to_be_bytes().to_vec(),
+        changelog: true,
+        writer: std::sync::Arc::from("ghost"),
+        epoch: None,
+    };
+    assert!(broker.publish(vec![ghost], &CancellationToken::new())[0] > 0);
+    // A goes on: it reads the claim between its records, finds it not valid, and is
+    // not fenced; a restore still applies what A writes.
+    let entries = commit(&mut a_store, &[("c/1", "a2")], 1, "a's next output");
+    let published = publish_checked(&broker, &mut a_store, entries);
+    assert!(published.fenced.is_empty(), "{published:?}");
+    assert_eq!(published.gaps.len(), 1, "{:?}", published.gaps);
+    assert_eq!(published.gaps[0].others, 1);
+    assert!(published.gaps[0].left_out.is_empty() && !published.gaps[0].applied);
+    assert!(broker
+        .payloads(OUTPUT)
+        .contains(&b"a's next output".to_vec()));
+    let (_c_dir, c_store) = looked_at(&broker);
+    assert_eq!(value(&c_store, "c/1").as_deref(), Some("a2"));
+}
+
+#[test]
+fn a_restore_that_leaves_a_former_owners_records_out_writes_its_values_again_after_them() {
+    let broker = broker();
+    let (_a_dir, mut a_store) = restored(&broker);
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(&broker, &mut a_store, entries)
+        .fenced
+        .is_empty());
+    // B claims the partition and writes nothing; A, paused meanwhile, publishes late.
+    let (_b_dir, _b_store) = restored(&broker);
+    former_owner_publishes_late(&broker, &mut a_store, 1);
+    // C restores the partition (B died before it published again): it leaves A's
+    // records out, and writes its values of their keys again before it claims, so
+    // compaction keeps those and not A's.
+    let (_c_dir, c_store, stats) = restored_with_stats(&broker);
+    assert!(stats.fenced_out >= 3, "{stats:?}");
+    assert_eq!(value(&c_store, "c/1").as_deref(), Some("a1"));
+    let compacted = broker.compacted(CHANGELOG);
+    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1".to_vec());
+    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    // A rebuild reads the same.
+    let (_d_dir, d_store) = looked_at(&broker);
+    assert_eq!(state_of(&d_store), state_of(&c_store));
+}
+
+#[test]
+fn an_owner_with_nothing_to_publish_finds_a_former_owners_records_in_its_changelog() {
+    let broker = broker();
+    let reader = ChangelogReader::new(&broker.config).expect("reader");
+    let (_a_dir, mut a_store) = restored(&broker);
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(&broker, &mut a_store, entries)
+        .fenced
+        .is_empty());
+    let (_b_dir, mut b_store) = restored(&broker);
+    // Nothing lies after B's claim yet.
+    let found = block_on(check_changelog_tail(
+        &reader,
+        &broker.producer,
+        &mut b_store,
+        CHANGELOG,
+    ));
+    assert!(found.expect("check").is_none());
+    former_owner_publishes_late(&broker, &mut a_store, 1);
+    // B has no traffic, so no publish of its own finds A's records; its periodic look
+    // at the changelog does, and writes its values again after them.
+    let gap = block_on(check_changelog_tail(
+        &reader,
+        &broker.producer,
+        &mut b_store,
+        CHANGELOG,
+    ))
+    .expect("check")
+    .expect("A's records");
+    assert!(
+        !gap.claimed && !gap.applied && !gap.left_out.is_empty(),
+        "{gap:?}"
+    );
+    let compacted = broker.compacted(CHANGELOG);
+    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1".to_vec());
+    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    // B's next publish finds nothing between its records; A's look finds B's claim.
+    let entries = commit(&mut b_store, &[("c/3", "b3")], 2, "b's output");
+    assert!(publish_checked(&broker, &mut b_store, entries)
+        .gaps
+        .is_empty());
+    let gap = block_on(check_changelog_tail(
+        &reader,
+        &broker.producer,
+        &mut a_store,
+        CHANGELOG,
+    ))
+    .expect("check")
+    .expect("B's claim");
+    assert!(gap.claimed, "{gap:?}");
+}
+
+/// The output of [`former_owner_publishes_late`].
+const LATE: &str = "the former owner's late output";
+
+/// A former owner (`store`, whose partition another instance has claimed since) wakes
+/// up and publishes a commit of `c/1` and `c/2` at `input_offset`: it finds the claim
+/// and is fenced.
+fn former_owner_publishes_late(broker: &Broker, store: &mut PartitionStore, input_offset: i64) {
+    let late = commit(
+        store,
+        &[("c/1", "zombie"), ("c/2", "zombie")],
+        input_offset,
+        LATE,
+    );
+    assert_eq!(publish_checked(broker, store, late).fenced, vec![0]);
 }

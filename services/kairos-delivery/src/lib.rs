@@ -594,6 +594,11 @@ impl Processor for DeliveryProcessor {
         &self.name
     }
 
+    /// Provider-call records go to the changelog before each call.
+    fn writes_ahead(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> Vec<String> {
         vec![self.send_topic.clone()]
     }

@@ -83,6 +83,7 @@ pub fn digest_changelog(
             &topic,
             p,
             kairos_core::runtime::TornCommit::Leave,
+            false,
         )?;
     }
     digest_dir(tmp.path())

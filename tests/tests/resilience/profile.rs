@@ -6,11 +6,13 @@
 //! two runs share, while the order within a partition is fixed.
 
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use kairos_core::config::GeneratorConfig;
 use kairos_generator::{Source, TrafficModel};
-use kairos_tests::{resilience_env, Options, Pipeline};
+use kairos_tests::{resilience_env, sample, Options, Pipeline};
+use nix::sys::signal::Signal;
 
 const EVENTS: usize = 100_000;
 const CHUNKS: usize = 5;
@@ -114,11 +116,17 @@ fn undisturbed(events: &[(String, Vec<u8>)]) -> Outcome {
     finish(&mut p, &["profile"], true)
 }
 
+/// The undisturbed run over [`traffic`], made once for the tests of this file.
+fn baseline() -> &'static Outcome {
+    static BASELINE: OnceLock<Outcome> = OnceLock::new();
+    BASELINE.get_or_init(|| undisturbed(&traffic()))
+}
+
 #[test]
 fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     let events = traffic();
     assert_eq!(events.len(), EVENTS);
-    let baseline = undisturbed(&events);
+    let baseline = baseline();
     assert!(
         baseline.trigger_ids.len() > 1_000,
         "the traffic must exercise the scenarios: {} triggers",
@@ -208,4 +216,90 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
         shared.changelog_digest, baseline.changelog_digest,
         "same final state with a rebalance"
     );
+}
+
+/// An instance paused past its session (SIGSTOP, as a frozen VM or a long stall would
+/// pause it) while it works through a backlog wakes up to partitions the other instance
+/// has claimed meanwhile. What it had processed is not published and the records it
+/// wrote under its old epoch are left out of the state (the other instance writes its
+/// values again after them); as its consumer still holds the partitions when it finds
+/// out, it stops and is started again. Paused until that has happened twice (at most
+/// six times): the triggers and the state equal the undisturbed run's.
+#[test]
+fn profile_instance_paused_past_its_session_is_fenced_when_it_wakes() {
+    const FENCED: &str = "another instance claimed this partition since this one did";
+    let events = traffic();
+    let baseline = baseline();
+    let mut p = Pipeline::start(options());
+    p.spawn("profile");
+    p.spawn_instance("profile-b", "profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    p.wait_ready("profile-b", Duration::from_secs(60));
+    // Smaller chunks than the crash test's: one per pause.
+    let chunks: Vec<_> = events.chunks(events.len() / 10).collect();
+    produce_chunk(&p, chunks[0]);
+    let metric = |p: &Pipeline, name: &str| sample(&p.metrics("profile"), name, &[]);
+    let mut pauses = 0;
+    let mut rest = chunks[1..].iter();
+    for chunk in rest.by_ref() {
+        // A holds partitions, and is paused as soon as it works on the new chunk.
+        wait_for(Duration::from_secs(90), "A to hold partitions", || {
+            metric(&p, "kairos_owned_partitions") > 0.0
+        });
+        let before = metric(&p, "kairos_input_records_total");
+        produce_chunk(&p, chunk);
+        wait_for(Duration::from_secs(60), "A to work on the chunk", || {
+            metric(&p, "kairos_input_records_total") > before
+        });
+        p.signal("profile", Signal::SIGSTOP);
+        pauses += 1;
+        // Once A's session has expired, B takes its partitions over (restoring and
+        // claiming them) and processes everything.
+        p.wait_caught_up("profile", &["events.site"], Duration::from_secs(180));
+        p.signal("profile", Signal::SIGCONT);
+        // A finishes the batch it was in and publishes it, finds B's claims and
+        // stops (its consumer still holds the partitions when it finds out), or it
+        // learns of the revocation first and lets them go; then it rejoins.
+        std::thread::sleep(Duration::from_secs(2));
+        if let Some(status) = p.exited("profile") {
+            assert!(!status.success(), "A stopped with an error");
+            p.spawn("profile");
+            p.wait_ready("profile", Duration::from_secs(60));
+        }
+        if p.log("profile").matches(FENCED).count() >= 2 || pauses == 6 {
+            break;
+        }
+    }
+    for c in rest {
+        produce_chunk(&p, c);
+    }
+    let paused = finish(&mut p, &["profile", "profile-b"], false);
+    let fenced = p.log("profile").matches(FENCED).count();
+    eprintln!("{pauses} pauses, {fenced} partitions fenced");
+    assert!(
+        fenced >= 1,
+        "the paused instance woke in the middle of a batch in {pauses} pauses and was never \
+         fenced:\n{}",
+        p.log("profile")
+    );
+    assert_eq!(
+        paused.trigger_ids, baseline.trigger_ids,
+        "same triggers with an instance paused past its session ({pauses} pauses)"
+    );
+    assert_eq!(
+        paused.changelog_digest, baseline.changelog_digest,
+        "same final state with an instance paused past its session ({pauses} pauses)"
+    );
+}
+
+/// Waits until `ready` holds, up to `timeout`, polling every 20 ms.
+fn wait_for(timeout: Duration, what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {timeout:?} for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
