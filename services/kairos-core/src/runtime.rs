@@ -3089,8 +3089,11 @@ async fn apply_rebalances<P: Processor>(
                 let c = config.clone();
                 let factory_root = config.state.dir.join(name);
                 // A service that writes ahead of its commits does not claim (see
-                // `restore_partition`).
-                let claim = !engine.writes_ahead();
+                // `restore_partition`), nor does one whose state is one whole: every
+                // instance opens its single partition, but only one that holds every
+                // input applies anything, and it restores (and would claim) again each
+                // time its share of the input changes.
+                let claim = !engine.writes_ahead() && !engine.processor.single_state_partition();
                 let restored = tokio::task::spawn_blocking(move || {
                     // Bounded like the engine's own stores: a restore opens the
                     // store, which reads its timers.
