@@ -1010,11 +1010,16 @@ impl<P: Processor> Engine<P> {
     /// instance has claimed are let go without acknowledging anything of theirs (the
     /// store no longer equals the changelog: if the partition comes back, it is
     /// rebuilt).
+    ///
+    /// `leaving`: partitions being revoked. One of them found claimed is the usual
+    /// race of a rebalance (this instance publishes its last commit after the consumer
+    /// rejoined): noted, not counted as fenced.
     pub async fn publish(
         &mut self,
         out: Vec<OutboxEntry>,
         to: &Publisher<'_>,
         cancel: &CancellationToken,
+        leaving: &[i32],
     ) -> anyhow::Result<Published> {
         let own = self.own_spans()?;
         let Publisher {
@@ -1045,16 +1050,28 @@ impl<P: Processor> Engine<P> {
             }
         }
         self.acknowledge(&published.acked)?;
-        for gap in published
+        // Not after a publish cut short: a marker after its acknowledged part would make
+        // that part look whole. Whoever restores the partition next writes them again.
+        let repairs = published
             .gaps
             .iter()
-            .filter(|g| !g.claimed && !g.left_out.is_empty())
-        {
+            .filter(|g| published.complete && !g.claimed && !g.left_out.is_empty());
+        for gap in repairs {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
                 write_again(producer, &mut part.store, gap).await?;
             }
         }
         for p in &fenced {
+            if leaving.contains(p) {
+                tracing::info!(
+                    service = self.processor.name(),
+                    partition = p,
+                    "the partition's new owner claimed it before this instance's last \
+                     commit reached the changelog: that commit is left to the new owner"
+                );
+                self.close(*p);
+                continue;
+            }
             tracing::error!(
                 service = self.processor.name(),
                 partition = p,
@@ -1408,6 +1425,8 @@ pub struct Published {
     pub fenced: Vec<i32>,
     /// What lay between this instance's own changelog records, where anything did.
     pub gaps: Vec<Gap>,
+    /// Every changelog record was acknowledged (the publish was not cut short).
+    pub complete: bool,
 }
 
 /// [`publish`] that checks, for each changelog partition in `own`, that this
@@ -1464,6 +1483,7 @@ pub async fn publish_fenced(
         published.acked.extend(sent);
     }
     published.acked.retain(|(_, offset)| *offset >= 0);
+    published.complete = complete;
     Ok(published)
 }
 
@@ -1529,6 +1549,7 @@ pub async fn write_again(
     }
     let floor = store.outbox_seq_floor()?.to_be_bytes().to_vec();
     let marker = store.changelog_entry(&gap.topic, META_COMMIT_END.to_vec(), floor);
+    let start = store.next_own_changelog_offset();
     let (mut count, mut last) = (0, -1);
     // The marker only once every record is in, as for any commit.
     for wave in [records, vec![marker]] {
@@ -1543,7 +1564,12 @@ pub async fn write_again(
             last = last.max(offset);
         }
     }
-    store.changelog_acknowledged(count, last)?;
+    store.note_own_records(count, last)?;
+    if start != Some(last + 1 - count as i64) {
+        // Others wrote between these records too (the rest of the former owner's
+        // commit, still arriving): the next look reads from where this one began.
+        store.skip_changelog_to(start);
+    }
     tracing::warn!(
         changelog = %gap.topic,
         partition = gap.partition,
@@ -1592,7 +1618,7 @@ pub async fn check_changelog_tail(
     if !gap.applied {
         store.note_skipped_changelog_records(gap.others);
     }
-    store.skip_changelog_to(high);
+    store.skip_changelog_to(Some(high));
     if !gap.left_out.is_empty() {
         write_again(producer, store, &gap).await?;
     }
@@ -2187,6 +2213,9 @@ fn finish_restore(
     claims: bool,
     stats: RestoreStats,
 ) -> anyhow::Result<Restore> {
+    if torn == TornCommit::Undo && !claims {
+        store.clear_epoch()?;
+    }
     if torn == TornCommit::Leave || !claims || claim(reader, config, store, changelog, partition)? {
         Ok(Restore::Done(stats))
     } else {
@@ -2281,7 +2310,7 @@ fn restore_once(
     changelog: &str,
     partition: i32,
     torn: TornCommit,
-    claim: bool,
+    claims: bool,
     before_undo: &dyn Fn(),
 ) -> anyhow::Result<Restore> {
     let consumer = &reader.consumer;
@@ -2297,7 +2326,7 @@ fn restore_once(
     let mut stats = RestoreStats::default();
     if local_end == Some(high) || (local_end.is_none() && high == 0) {
         return finish_restore(
-            reader, config, &mut first, changelog, partition, torn, claim, stats,
+            reader, config, &mut first, changelog, partition, torn, claims, stats,
         );
     }
     drop(first);
@@ -2370,7 +2399,7 @@ fn restore_once(
                 "caught up with own changelog tail"
             );
             return finish_restore(
-                reader, config, &mut store, changelog, partition, torn, claim, stats,
+                reader, config, &mut store, changelog, partition, torn, claims, stats,
             );
         }
     }
@@ -2468,11 +2497,21 @@ fn restore_once(
     stats.applied += ready.len() as u64;
     store.finish_restore()?;
     let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
-    let end = match (torn_keys.is_empty() && fenced_keys.is_empty(), torn) {
-        (false, TornCommit::Undo) => {
+    let repair = torn == TornCommit::Undo && !(torn_keys.is_empty() && fenced_keys.is_empty());
+    let end = if repair {
+        before_undo();
+        if claims {
+            // Claimed first, so that the undo carries the new epoch: if another
+            // instance claims after this one, a restore leaves this undo out with the
+            // rest of this instance's records; if another wrote first, the claim is not
+            // valid and nothing is written.
+            store.set_changelog_end(high)?;
+            if !claim(reader, config, &mut store, changelog, partition)? {
+                return Ok(Restore::ChangelogMoved(stats));
+            }
+        } else {
             // Only while nobody else writes: an instance that lost the partition
             // meanwhile must not write after the new owner's records.
-            before_undo();
             let (_, now_high) = changelog_watermarks(consumer, changelog, partition)?;
             if now_high != high {
                 tracing::warn!(
@@ -2484,11 +2523,12 @@ fn restore_once(
                 );
                 return Ok(Restore::ChangelogMoved(stats));
             }
-            let mut keys = torn_keys;
-            keys.extend(fenced_keys);
-            repair_torn_commit(config, &store, changelog, partition, keys)?
         }
-        _ => high,
+        let mut keys = torn_keys;
+        keys.extend(fenced_keys);
+        repair_torn_commit(config, &store, changelog, partition, keys)?
+    } else {
+        high
     };
     store.set_changelog_end(end)?;
     tracing::info!(
@@ -2498,8 +2538,12 @@ fn restore_once(
         fenced_out = stats.fenced_out,
         "state restored"
     );
+    if repair && claims {
+        // Claimed above.
+        return Ok(Restore::Done(stats));
+    }
     finish_restore(
-        reader, config, &mut store, changelog, partition, torn, claim, stats,
+        reader, config, &mut store, changelog, partition, torn, claims, stats,
     )
 }
 
@@ -2554,13 +2598,10 @@ fn repair_torn_commit(
         keys = torn.len(),
         "records not applied (a commit torn by a crash at the changelog's end, or a former owner's after the partition moved) are undone"
     );
-    // Written before this store claims the partition, they carry no epoch: a restore
-    // applies them wherever they fall (an epoch this store had before, older than the
-    // claim they follow, would have them left out and the torn records applied).
-    let entry = |key: Vec<u8>, payload: Vec<u8>| OutboxEntry {
-        epoch: None,
-        ..store.changelog_entry(changelog, key, payload)
-    };
+    // Under the epoch of the claim just made (none for a store that does not claim):
+    // an epoch this store had before, older than a claim they follow, would have them
+    // left out and the torn records applied.
+    let entry = |key: Vec<u8>, payload: Vec<u8>| store.changelog_entry(changelog, key, payload);
     let mut undo = Vec::with_capacity(torn.len());
     for key in torn {
         let payload = store.raw_get(&key)?.unwrap_or_default();
@@ -2821,7 +2862,7 @@ pub async fn run<P: Processor>(
                 .observe(elapsed / batch.len() as f64);
         }
         let produced = out.len();
-        let published = engine.publish(out, &publisher, &cancel).await?;
+        let published = engine.publish(out, &publisher, &cancel, &[]).await?;
         stop_if_fenced_and_held(&published, &held_state)?;
         if published.acked.len() < produced {
             // Stopped before the broker took the whole commit: the consumer's position
@@ -2846,7 +2887,7 @@ pub async fn run<P: Processor>(
                 engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
             let produced = fired.len();
             if produced > 0 {
-                let published = engine.publish(fired, &publisher, &cancel).await?;
+                let published = engine.publish(fired, &publisher, &cancel, &[]).await?;
                 stop_if_fenced_and_held(&published, &held_state)?;
                 if published.acked.len() < produced {
                     break;
@@ -2858,14 +2899,17 @@ pub async fn run<P: Processor>(
             admin.heartbeat();
         }
         if last_tail_check.elapsed() > CHANGELOG_TAIL_CHECK {
-            let fenced = engine.check_changelog_tails(&gap_reader, &producer).await?;
-            stop_if_fenced_and_held(
-                &Published {
-                    fenced,
-                    ..Published::default()
-                },
-                &held_state,
-            )?;
+            // A broker that does not answer now is asked again at the next look.
+            match engine.check_changelog_tails(&gap_reader, &producer).await {
+                Ok(fenced) => stop_if_fenced_and_held(
+                    &Published {
+                        fenced,
+                        ..Published::default()
+                    },
+                    &held_state,
+                )?,
+                Err(e) => tracing::warn!(error = %e, "cannot look at the changelog's end"),
+            }
             last_tail_check = Instant::now();
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
@@ -2885,7 +2929,7 @@ pub async fn run<P: Processor>(
         engine.commit()?;
         // The whole outbox: whatever an earlier publish left goes first.
         let out = engine.outbox()?;
-        let flush = engine.publish(out, &publisher, &flush_cancel);
+        let flush = engine.publish(out, &publisher, &flush_cancel, &[]);
         match tokio::time::timeout(Duration::from_secs(10), flush).await {
             Ok(published) => {
                 published?;
@@ -3038,6 +3082,12 @@ async fn apply_rebalances<P: Processor>(
         revoked: net.revoked.clone(),
         opened: Vec::new(),
     };
+    let revoked_state = dedup(
+        net.revoked
+            .iter()
+            .map(|p| engine.state_partition(*p))
+            .collect(),
+    );
     if !net.revoked.is_empty() {
         // Twice: the second commit carries the deletions of the outputs the first
         // one's publish got acknowledged, to the changelog.
@@ -3045,8 +3095,14 @@ async fn apply_rebalances<P: Processor>(
             engine.commit()?;
             // The whole outbox: whatever an earlier publish left goes first.
             let out = engine.outbox()?;
-            let published = engine.publish(out, publisher, cancel).await?;
-            stop_if_fenced_and_held(&published, still_assigned)?;
+            let published = engine
+                .publish(out, publisher, cancel, &revoked_state)
+                .await?;
+            // A partition revoked (and let go) or assigned again (restored below) is
+            // not left unprocessed.
+            stop_if_fenced_and_held(&published, &|p| {
+                still_assigned(p) && !revoked_state.contains(&p) && !net.assigned.contains(&p)
+            })?;
         }
         let parts = net
             .revoked
@@ -3133,7 +3189,7 @@ async fn apply_rebalances<P: Processor>(
         }
         applied.opened.extend(inputs);
     }
-    let published = engine.publish(backlog, publisher, cancel).await?;
+    let published = engine.publish(backlog, publisher, cancel, &[]).await?;
     stop_if_fenced_and_held(&published, still_assigned)?;
     Ok(applied)
 }
@@ -3598,7 +3654,11 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(attempt, Restore::ChangelogMoved(_)));
-        assert_eq!(high(), torn_end + 1, "only the other instance's record");
+        assert_eq!(
+            high(),
+            torn_end + 2,
+            "the other instance's record and this one's claim, not valid: no undo"
+        );
         // Once nobody else writes, the restore undoes it.
         let reader = ChangelogReader::new(&config).unwrap();
         restore_partition(

@@ -1536,10 +1536,27 @@ impl PartitionStore {
         !self.wrote_ahead.get() && end - opened_at == filled as i64
     }
 
+    /// Notes `records` changelog records of this store written outside its outbox (a
+    /// repair, see `kairos_core::runtime::write_again`), the last at `last`: like
+    /// [`Self::changelog_acknowledged`], without counting them off the outbox's.
+    pub fn note_own_records(&mut self, records: u64, last: i64) -> StoreResult<()> {
+        self.own_changelog_records += records;
+        self.next_own_offset = Some(last + 1);
+        self.set_changelog_end(last + 1)
+    }
+
+    /// Forgets this store's epoch: it restored its partition without claiming it (a
+    /// processor that does not claim), so its records must carry none.
+    pub fn clear_epoch(&mut self) -> StoreResult<()> {
+        self.db.delete(META_EPOCH).map_err(|e| self.rocks(e))?;
+        self.epoch = None;
+        Ok(())
+    }
+
     /// Takes `end` as where this store's next changelog record lands: what lies before
     /// it was looked at (see `kairos_core::runtime::check_changelog_tail`).
-    pub fn skip_changelog_to(&mut self, end: i64) {
-        self.next_own_offset = Some(end);
+    pub fn skip_changelog_to(&mut self, end: Option<i64>) {
+        self.next_own_offset = end;
     }
 
     /// Notes `records` found between this store's own in the changelog that change

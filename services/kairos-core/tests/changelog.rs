@@ -1035,7 +1035,11 @@ fn publish_checked(
                 .changelog_acknowledged(changelog.len() as u64, last)
                 .expect("changelog end");
         }
-        for gap in published.gaps.iter().filter(|g| !g.left_out.is_empty()) {
+        for gap in published
+            .gaps
+            .iter()
+            .filter(|g| published.complete && !g.left_out.is_empty())
+        {
             block_on(write_again(&broker.producer, store, gap)).expect("write again");
         }
     }

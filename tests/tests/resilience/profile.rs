@@ -238,18 +238,17 @@ fn profile_instance_paused_past_its_session_is_fenced_when_it_wakes() {
     // Smaller chunks than the crash test's: one per pause.
     let chunks: Vec<_> = events.chunks(events.len() / 10).collect();
     produce_chunk(&p, chunks[0]);
-    let metric = |p: &Pipeline, name: &str| sample(&p.metrics("profile"), name, &[]);
     let mut pauses = 0;
     let mut rest = chunks[1..].iter();
     for chunk in rest.by_ref() {
         // A holds partitions, and is paused as soon as it works on the new chunk.
         wait_for(Duration::from_secs(90), "A to hold partitions", || {
-            metric(&p, "kairos_owned_partitions") > 0.0
+            metric(&p, "kairos_owned_partitions").is_some_and(|n| n > 0.0)
         });
-        let before = metric(&p, "kairos_input_records_total");
+        let before = metric(&p, "kairos_input_records_total").unwrap_or_default();
         produce_chunk(&p, chunk);
         wait_for(Duration::from_secs(60), "A to work on the chunk", || {
-            metric(&p, "kairos_input_records_total") > before
+            metric(&p, "kairos_input_records_total").is_some_and(|n| n > before)
         });
         p.signal("profile", Signal::SIGSTOP);
         pauses += 1;
@@ -260,11 +259,20 @@ fn profile_instance_paused_past_its_session_is_fenced_when_it_wakes() {
         // A finishes the batch it was in and publishes it, finds B's claims and
         // stops (its consumer still holds the partitions when it finds out), or it
         // learns of the revocation first and lets them go; then it rejoins.
-        std::thread::sleep(Duration::from_secs(2));
-        if let Some(status) = p.exited("profile") {
-            assert!(!status.success(), "A stopped with an error");
-            p.spawn("profile");
-            p.wait_ready("profile", Duration::from_secs(60));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = p.exited("profile") {
+                assert!(!status.success(), "A stopped with an error");
+                p.spawn("profile");
+                p.wait_ready("profile", Duration::from_secs(60));
+                break;
+            }
+            if std::time::Instant::now() > deadline
+                || metric(&p, "kairos_owned_partitions").is_some_and(|n| n > 0.0)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         if p.log("profile").matches(FENCED).count() >= 2 || pauses == 6 {
             break;
@@ -290,6 +298,12 @@ fn profile_instance_paused_past_its_session_is_fenced_when_it_wakes() {
         paused.changelog_digest, baseline.changelog_digest,
         "same final state with an instance paused past its session ({pauses} pauses)"
     );
+}
+
+/// A sample of `name` from A's metrics, if A answers.
+fn metric(p: &Pipeline, name: &str) -> Option<f64> {
+    let (status, body) = kairos_tests::http_get(p.admin["profile"], "/metrics")?;
+    (status == 200).then(|| sample(&body, name, &[]))
 }
 
 /// Waits until `ready` holds, up to `timeout`, polling every 20 ms.
