@@ -441,6 +441,18 @@ impl Pipeline {
             .expect("signal");
     }
 
+    /// Whether a service has stopped on its own (it stays listed until [`Self::exited`]).
+    pub fn has_exited(&self, service: &str) -> bool {
+        self.procs.get(service).is_some_and(|c| {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            // A child that exited is a zombie until reaped: signal 0 still reaches it,
+            // so look at its state instead.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| stat.split(' ').nth(2) == Some("Z"))
+                .unwrap_or(true)
+        })
+    }
+
     /// The exit status of a service that has stopped on its own, if it has.
     pub fn exited(&mut self, service: &str) -> Option<std::process::ExitStatus> {
         let status = self.procs.get_mut(service)?.try_wait().expect("try_wait")?;
