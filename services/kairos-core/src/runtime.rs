@@ -988,17 +988,8 @@ impl<P: Processor> Engine<P> {
             return Ok(spans);
         }
         for (p, part) in &self.parts {
-            let store = &part.store;
-            if let (Some(next), Some(epoch)) = (store.next_own_changelog_offset(), store.epoch) {
-                let writer = store.writer.clone();
-                spans.insert(
-                    *p,
-                    OwnSpan {
-                        next,
-                        writer,
-                        epoch,
-                    },
-                );
+            if let Some(span) = OwnSpan::of(&part.store) {
+                spans.insert(*p, span);
             }
         }
         Ok(spans)
@@ -1062,29 +1053,37 @@ impl<P: Processor> Engine<P> {
             }
         }
         for p in &fenced {
-            if leaving.contains(p) {
-                tracing::info!(
-                    service = self.processor.name(),
-                    partition = p,
-                    "the partition's new owner claimed it before this instance's last \
-                     commit reached the changelog: that commit is left to the new owner"
-                );
-                self.close(*p);
-                continue;
-            }
+            let unacknowledged = lost.iter().filter(|(e, _)| e.partition == *p).count();
+            self.let_go_claimed(*p, leaving.contains(p), unacknowledged);
+        }
+        published.fenced = fenced;
+        Ok(published)
+    }
+
+    /// Lets go of partition `p`, which another instance has claimed since this one did:
+    /// the usual race of a rebalance when it is `leaving` (this instance published its
+    /// last commit after the consumer rejoined), otherwise counted as fenced.
+    /// `unacknowledged`: its records this instance will not acknowledge.
+    fn let_go_claimed(&mut self, p: i32, leaving: bool, unacknowledged: usize) {
+        if leaving {
+            tracing::info!(
+                service = self.processor.name(),
+                partition = p,
+                "the partition's new owner claimed it before this instance's last \
+                 commit reached the changelog: that commit is left to the new owner"
+            );
+        } else {
             tracing::error!(
                 service = self.processor.name(),
                 partition = p,
-                unacknowledged = lost.iter().filter(|(e, _)| e.partition == *p).count(),
+                unacknowledged,
                 "another instance claimed this partition since this one did (this one was \
                  paused or cut off past its session, or still publishing when the partition \
                  moved): its outputs are not published and it is let go"
             );
             self.metrics.partitions_fenced.inc();
-            self.close(*p);
         }
-        published.fenced = fenced;
-        Ok(published)
+        self.close(p);
     }
 
     /// Runs [`check_changelog_tail`] for every owned partition and lets go of those
@@ -1105,14 +1104,7 @@ impl<P: Processor> Engine<P> {
             }
         }
         for p in &fenced {
-            tracing::error!(
-                service = self.processor.name(),
-                partition = p,
-                "another instance claimed this partition since this one did (found in its \
-                 changelog while it had nothing to publish): it is let go"
-            );
-            self.metrics.partitions_fenced.inc();
-            self.close(*p);
+            self.let_go_claimed(*p, false, 0);
         }
         Ok(fenced)
     }
@@ -1415,6 +1407,18 @@ pub struct OwnSpan {
     pub epoch: i64,
 }
 
+impl OwnSpan {
+    /// `store`'s span, if it can tell one (it claimed its partition and writes only
+    /// through commits).
+    fn of(store: &PartitionStore) -> Option<OwnSpan> {
+        Some(OwnSpan {
+            next: store.next_own_changelog_offset()?,
+            writer: store.writer.clone(),
+            epoch: store.epoch?,
+        })
+    }
+}
+
 /// What [`publish_fenced`] got acknowledged, and what it found between an instance's
 /// own changelog records.
 #[derive(Debug, Default)]
@@ -1539,31 +1543,9 @@ pub async fn write_again(
     store: &mut PartitionStore,
     gap: &Gap,
 ) -> anyhow::Result<()> {
-    let mut keys = gap.left_out.clone();
-    keys.sort();
-    keys.dedup();
-    let mut records = Vec::with_capacity(keys.len());
-    for key in keys {
-        let value = store.raw_get(&key)?.unwrap_or_default();
-        records.push(store.changelog_entry(&gap.topic, key, value));
-    }
-    let floor = store.outbox_seq_floor()?.to_be_bytes().to_vec();
-    let marker = store.changelog_entry(&gap.topic, META_COMMIT_END.to_vec(), floor);
     let start = store.next_own_changelog_offset();
-    let (mut count, mut last) = (0, -1);
-    // The marker only once every record is in, as for any commit.
-    for wave in [records, vec![marker]] {
-        for result in send_all(producer, &wave, true).await {
-            let offset = result.with_context(|| {
-                format!(
-                    "cannot write again over a former owner's records in {}[{}]",
-                    gap.topic, gap.partition
-                )
-            })?;
-            count += 1;
-            last = last.max(offset);
-        }
-    }
+    let waves = values_again(store, &gap.topic, gap.left_out.clone())?;
+    let (count, last) = send_values_again(producer, waves).await?;
     store.note_own_records(count, last)?;
     if start != Some(last + 1 - count as i64) {
         // Others wrote between these records too (the rest of the former owner's
@@ -1591,19 +1573,14 @@ pub async fn check_changelog_tail(
     store: &mut PartitionStore,
     changelog: &str,
 ) -> anyhow::Result<Option<Gap>> {
-    let (Some(next), Some(epoch)) = (store.next_own_changelog_offset(), store.epoch) else {
+    let Some(own) = OwnSpan::of(store) else {
         return Ok(None);
     };
-    let partition = store.partition;
+    let (next, partition) = (own.next, store.partition);
     let (_, high) = changelog_watermarks(&reader.consumer, changelog, partition)?;
     if high <= next {
         return Ok(None);
     }
-    let own = OwnSpan {
-        next,
-        writer: store.writer.clone(),
-        epoch,
-    };
     let gap = inspect_gap(
         reader,
         changelog,
@@ -2063,9 +2040,9 @@ impl RestoreKind {
 /// fetched metadata again (about a tenth of a second per partition).
 pub struct ChangelogReader {
     consumer: BaseConsumer,
-    /// Writes the claims of the partitions restored (see [`claim`]), made with the
-    /// first.
-    claims: Mutex<Option<FutureProducer>>,
+    /// Writes the claims and repairs of the partitions restored (see [`claim`]),
+    /// made with the first.
+    producer: Mutex<Option<FutureProducer>>,
 }
 
 impl ChangelogReader {
@@ -2080,7 +2057,7 @@ impl ChangelogReader {
             .context("cannot create changelog reader")?;
         Ok(ChangelogReader {
             consumer,
-            claims: Mutex::new(None),
+            producer: Mutex::new(None),
         })
     }
 
@@ -2147,11 +2124,11 @@ impl ChangelogReader {
         Ok(read)
     }
 
-    fn claim_producer(&self, config: &Config) -> anyhow::Result<FutureProducer> {
+    fn producer(&self, config: &Config) -> anyhow::Result<FutureProducer> {
         let mut slot = self
-            .claims
+            .producer
             .lock()
-            .map_err(|_| anyhow::anyhow!("the claim producer's lock is poisoned"))?;
+            .map_err(|_| anyhow::anyhow!("the restore producer's lock is poisoned"))?;
         if let Some(producer) = slot.as_ref() {
             return Ok(producer.clone());
         }
@@ -2165,7 +2142,7 @@ impl ChangelogReader {
 /// record (see [`crate::store::claim_key`]) and, if it landed at that very end (nobody
 /// wrote in between), takes its offset as the store's epoch. From then on a restore
 /// leaves out what an earlier owner writes under its older epoch, and that owner's
-/// next publish finds the claim between its records and stops (see [`publish`]).
+/// next publish finds the claim between its records and stops (see [`publish_fenced`]).
 /// Returns false if another instance wrote first: the partition is restored again.
 fn claim(
     reader: &ChangelogReader,
@@ -2180,7 +2157,7 @@ fn claim(
         claim_key(expected, &store.writer),
         (expected as u64).to_be_bytes().to_vec(),
     );
-    let producer = reader.claim_producer(config)?;
+    let producer = reader.producer(config)?;
     let offset = futures::executor::block_on(send_all(&producer, &[record], false))
         .pop()
         .context("the producer reported nothing for the claim")?
@@ -2526,7 +2503,8 @@ fn restore_once(
         }
         let mut keys = torn_keys;
         keys.extend(fenced_keys);
-        repair_torn_commit(config, &store, changelog, partition, keys)?
+        let producer = reader.producer(config)?;
+        repair_torn_commit(&producer, &store, changelog, partition, keys)?
     } else {
         high
     };
@@ -2584,45 +2562,62 @@ const RESTORE_CHUNK: usize = 10_000;
 /// keeps these values rather than the left-out ones. Returns the changelog's end after
 /// them.
 fn repair_torn_commit(
-    config: &Config,
+    producer: &FutureProducer,
     store: &PartitionStore,
     changelog: &str,
     partition: i32,
-    mut torn: Vec<Vec<u8>>,
+    keys: Vec<Vec<u8>>,
 ) -> anyhow::Result<i64> {
-    torn.sort();
-    torn.dedup();
     tracing::warn!(
         changelog,
         partition,
-        keys = torn.len(),
+        keys = keys.len(),
         "records not applied (a commit torn by a crash at the changelog's end, or a former owner's after the partition moved) are undone"
     );
-    // Under the epoch of the claim just made (none for a store that does not claim):
-    // an epoch this store had before, older than a claim they follow, would have them
-    // left out and the torn records applied.
-    let entry = |key: Vec<u8>, payload: Vec<u8>| store.changelog_entry(changelog, key, payload);
-    let mut undo = Vec::with_capacity(torn.len());
-    for key in torn {
-        let payload = store.raw_get(&key)?.unwrap_or_default();
-        undo.push(entry(key, payload));
+    let waves = values_again(store, changelog, keys)?;
+    let (_, last) = futures::executor::block_on(send_values_again(producer, waves))?;
+    Ok(last + 1)
+}
+
+/// `store`'s values of `keys` as changelog records (a tombstone where it holds none),
+/// and the end marker to follow them, under the store's epoch (that of a claim just
+/// made; none for a store that does not claim: an epoch it had before, older than a
+/// claim they follow, would have them left out).
+fn values_again(
+    store: &PartitionStore,
+    changelog: &str,
+    mut keys: Vec<Vec<u8>>,
+) -> anyhow::Result<[Vec<OutboxEntry>; 2]> {
+    keys.sort();
+    keys.dedup();
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = store.raw_get(&key)?.unwrap_or_default();
+        records.push(store.changelog_entry(changelog, key, value));
     }
-    let marker = entry(
-        META_COMMIT_END.to_vec(),
-        store.outbox_seq_floor()?.to_be_bytes().to_vec(),
-    );
-    let producer = kafka::producer(config)?;
-    let mut end = -1;
-    // The marker only once every undoing record is in, as for any commit.
-    for wave in [undo, vec![marker]] {
-        for result in futures::executor::block_on(send_all(&producer, &wave, true)) {
-            let offset = result.with_context(|| {
-                format!("cannot undo a torn commit in {changelog}[{partition}]")
-            })?;
-            end = end.max(offset + 1);
+    let floor = store.outbox_seq_floor()?.to_be_bytes().to_vec();
+    let marker = store.changelog_entry(changelog, META_COMMIT_END.to_vec(), floor);
+    Ok([records, vec![marker]])
+}
+
+/// Sends `waves` ([`values_again`]'s records, then its marker once they are all in,
+/// as for any commit). Returns how many records it wrote and the offset of the last.
+async fn send_values_again(
+    producer: &FutureProducer,
+    waves: [Vec<OutboxEntry>; 2],
+) -> anyhow::Result<(u64, i64)> {
+    let (mut count, mut last) = (0, -1);
+    for wave in waves {
+        let Some(first) = wave.first() else { continue };
+        let (topic, partition) = (first.topic.clone(), first.partition);
+        for result in send_all(producer, &wave, true).await {
+            let offset = result
+                .with_context(|| format!("cannot write values again in {topic}[{partition}]"))?;
+            count += 1;
+            last = last.max(offset);
         }
     }
-    Ok(end)
+    Ok((count, last))
 }
 
 /// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:

@@ -1083,9 +1083,7 @@ fn an_owner_that_runs_on_after_its_partition_was_claimed_is_fenced_and_left_out(
     assert!(broker.payloads(OUTPUT).contains(&b"b's output".to_vec()));
     // B wrote its values of A's keys again after them, so compaction, which keeps a
     // key's last record whatever its epoch, keeps B's: c/1 as B has it, c/2 deleted.
-    let compacted = broker.compacted(CHANGELOG);
-    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1'".to_vec());
-    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    assert_rewritten_after_the_former_owner(&broker, "a1'");
     // And B's next publish finds nothing between its records.
     let entries = commit(&mut b_store, &[("c/4", "b4")], 3, "b's next output");
     assert!(publish_checked(&broker, &mut b_store, entries)
@@ -1159,9 +1157,7 @@ fn a_restore_that_leaves_a_former_owners_records_out_writes_its_values_again_aft
     let (_c_dir, c_store, stats) = restored_with_stats(&broker);
     assert!(stats.fenced_out >= 3, "{stats:?}");
     assert_eq!(value(&c_store, "c/1").as_deref(), Some("a1"));
-    let compacted = broker.compacted(CHANGELOG);
-    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1".to_vec());
-    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    assert_rewritten_after_the_former_owner(&broker, "a1");
     // A rebuild reads the same.
     let (_d_dir, d_store) = looked_at(&broker);
     assert_eq!(state_of(&d_store), state_of(&c_store));
@@ -1200,9 +1196,7 @@ fn an_owner_with_nothing_to_publish_finds_a_former_owners_records_in_its_changel
         !gap.claimed && !gap.applied && !gap.left_out.is_empty(),
         "{gap:?}"
     );
-    let compacted = broker.compacted(CHANGELOG);
-    assert_eq!(compacted[&b"s/c/1".to_vec()], b"a1".to_vec());
-    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+    assert_rewritten_after_the_former_owner(&broker, "a1");
     // B's next publish finds nothing between its records; A's look finds B's claim.
     let entries = commit(&mut b_store, &[("c/3", "b3")], 2, "b's output");
     assert!(publish_checked(&broker, &mut b_store, entries)
@@ -1233,4 +1227,12 @@ fn former_owner_publishes_late(broker: &Broker, store: &mut PartitionStore, inpu
         LATE,
     );
     assert_eq!(publish_checked(broker, store, late).fenced, vec![0]);
+}
+
+/// After [`former_owner_publishes_late`], the last record of each key it wrote is the
+/// owner's (what compaction keeps): `c/1` as `c1`, `c/2` deleted.
+fn assert_rewritten_after_the_former_owner(broker: &Broker, c1: &str) {
+    let compacted = broker.compacted(CHANGELOG);
+    assert_eq!(compacted[&b"s/c/1".to_vec()], c1.as_bytes().to_vec());
+    assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
 }
