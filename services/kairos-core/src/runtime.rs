@@ -114,8 +114,11 @@ pub trait Processor: Send + 'static {
 
     /// True for a processor that writes records ahead of its commits
     /// ([`Ctx::put_now`], a delivery worker before a provider call). Those go through a
-    /// producer of their own, so such a processor's instances do not claim their
-    /// partitions and are not fenced (see [`publish_fenced`]).
+    /// producer of their own, so the offsets of its changelog records interleave: its
+    /// publishes are not checked for gaps (see [`publish_fenced`]); instead each
+    /// write-ahead record the broker acknowledges is checked for another instance's
+    /// claim before it (see [`Ctx::put_now`]), with the offsets of its commits noted
+    /// as its own so that the changelog is read only where something else lies.
     fn writes_ahead(&self) -> bool {
         false
     }
@@ -124,6 +127,9 @@ pub trait Processor: Send + 'static {
 /// Publishes a write-ahead record to the changelog, so that an instance the partition
 /// moves to after a crash knows it too; with `wait`, returns once the broker holds it.
 pub trait WriteAhead: Send + Sync {
+    /// Sends the record, stamped with `writer` and `epoch` (see [`changelog_headers`]):
+    /// with `wait`, returns where the broker placed it; without, at once.
+    #[allow(clippy::too_many_arguments)]
     fn replicate(
         &self,
         changelog: &str,
@@ -131,15 +137,37 @@ pub trait WriteAhead: Send + Sync {
         key: &[u8],
         value: &[u8],
         writer: &str,
+        epoch: Option<i64>,
         wait: bool,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<Placement>;
+
+    /// Whether a valid claim by another instance than `own`'s lies in
+    /// `changelog[partition]` over `range` (see [`claim`]).
+    fn claimed_in(
+        &self,
+        changelog: &str,
+        partition: i32,
+        range: std::ops::Range<i64>,
+        own: &OwnSpan,
+    ) -> anyhow::Result<bool>;
+}
+
+/// Where a write-ahead record went.
+pub enum Placement {
+    /// Acknowledged at this offset.
+    At(i64),
+    /// Queued; its delivery report tells where it landed.
+    Queued(rdkafka::producer::DeliveryFuture),
 }
 
 /// [`WriteAhead`] through a producer of its own that does not linger, made when the
-/// first record comes (most processors write none).
+/// first record comes (most processors write none), and a changelog reader for the
+/// claim checks, made when the first is needed.
 pub struct ProducerWriteAhead {
     config: Option<Config>,
     producer: Mutex<Option<FutureProducer>>,
+    reader: Mutex<Option<ChangelogReader>>,
+    claim_reads: std::sync::atomic::AtomicU64,
 }
 
 impl ProducerWriteAhead {
@@ -147,15 +175,26 @@ impl ProducerWriteAhead {
         ProducerWriteAhead {
             config: Some(config.clone()),
             producer: Mutex::new(None),
+            reader: Mutex::new(None),
+            claim_reads: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Through `producer`, as it is.
-    pub fn with_producer(producer: FutureProducer) -> Self {
+    /// Through `producer`, as it is, with claims checked through a reader made from
+    /// `config`.
+    pub fn with_producer(producer: FutureProducer, config: &Config) -> Self {
         ProducerWriteAhead {
-            config: None,
+            config: Some(config.clone()),
             producer: Mutex::new(Some(producer)),
+            reader: Mutex::new(None),
+            claim_reads: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times a claim check had to read the changelog (see
+    /// [`WriteAhead::claimed_in`]).
+    pub fn claim_reads(&self) -> u64 {
+        self.claim_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn producer(&self) -> anyhow::Result<FutureProducer> {
@@ -184,11 +223,11 @@ impl WriteAhead for ProducerWriteAhead {
         key: &[u8],
         value: &[u8],
         writer: &str,
+        epoch: Option<i64>,
         wait: bool,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Placement> {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        // A store that writes ahead never claims its partition: no epoch.
-        let headers = changelog_headers(writer, None, Some(WRITE_AHEAD_HEADER));
+        let headers = changelog_headers(writer, epoch, Some(WRITE_AHEAD_HEADER));
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(changelog)
             .partition(partition)
             .key(key)
@@ -214,12 +253,12 @@ impl WriteAhead for ProducerWriteAhead {
         };
         if !wait {
             // Queued: the producer delivers it in order with the records after it.
-            return Ok(());
+            return Ok(Placement::Queued(delivery));
         }
         // The delivery future is completed by the producer's own thread: waiting on it
         // needs no runtime (the caller may be inside one, blocking already).
         match futures::executor::block_on(delivery) {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok((_, offset))) => Ok(Placement::At(offset)),
             Ok(Err((e, _))) => Err(e).with_context(|| {
                 format!("the broker refused a write-ahead record to {changelog}[{partition}]")
             }),
@@ -227,6 +266,31 @@ impl WriteAhead for ProducerWriteAhead {
                 "the producer dropped a write-ahead record to {changelog}[{partition}]"
             ),
         }
+    }
+
+    fn claimed_in(
+        &self,
+        changelog: &str,
+        partition: i32,
+        range: std::ops::Range<i64>,
+        own: &OwnSpan,
+    ) -> anyhow::Result<bool> {
+        let mut slot = self
+            .reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the claim check reader's lock is poisoned"))?;
+        if slot.is_none() {
+            let config = self
+                .config
+                .as_ref()
+                .context("no configuration to make a changelog reader from")?;
+            *slot = Some(ChangelogReader::new(config)?);
+        }
+        let reader = slot.as_ref().context("no changelog reader")?;
+        self.claim_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let others = (range.end - range.start) as u64;
+        Ok(inspect_gap(reader, changelog, partition, own, range, others)?.claimed)
     }
 }
 
@@ -255,6 +319,89 @@ fn changelog_headers(
         }),
         None => headers,
     }
+}
+
+/// Another instance claimed the partition after this one did: found before an
+/// external effect (see [`Ctx::put_now`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "partition {partition} was claimed by another instance since this one claimed it (this \
+     one was paused or cut off past its session): no further external effect is made for \
+     it; stopping, so that a restart restores what the partition holds"
+)]
+pub struct PartitionClaimed {
+    pub partition: i32,
+}
+
+/// [`Ctx::put_now`] of state `key` (encoded `value`) in `store`, replicated through
+/// `target` (the write-ahead producer and the changelog topic) when there is one; with
+/// `wait`, checked for another instance's claim before it (see [`check_not_claimed`]).
+pub fn put_ahead(
+    store: &PartitionStore,
+    target: Option<(&dyn WriteAhead, &str)>,
+    metrics: &RuntimeMetrics,
+    key: &[u8],
+    value: &[u8],
+    wait: bool,
+) -> anyhow::Result<()> {
+    store.put_now(key, value)?;
+    let Some((write_ahead, changelog)) = target else {
+        return Ok(());
+    };
+    let placed = write_ahead.replicate(
+        changelog,
+        store.partition,
+        &PartitionStore::state_key(key),
+        value,
+        &store.writer,
+        store.epoch,
+        wait,
+    )?;
+    match placed {
+        Placement::Queued(delivery) => store.claim_watch().note_unplaced(delivery),
+        Placement::At(offset) => check_not_claimed(store, write_ahead, changelog, metrics, offset)?,
+    }
+    Ok(())
+}
+
+/// Checks that no other instance claimed `store`'s partition before `offset`, where the
+/// broker just placed a write-ahead record of it: an instance that was paused or cut
+/// off past its session must not go on to the external effect (a provider call) its
+/// new owner makes too. Only where records not known to be the store's own lie between
+/// is the changelog read. A claim that lands after the check still leaves one effect
+/// that may happen twice: the one this instance was about to make.
+fn check_not_claimed(
+    store: &PartitionStore,
+    write_ahead: &dyn WriteAhead,
+    changelog: &str,
+    metrics: &RuntimeMetrics,
+    offset: i64,
+) -> anyhow::Result<()> {
+    let Some(epoch) = store.epoch else {
+        return Ok(());
+    };
+    let unknown = {
+        let mut watch = store.claim_watch();
+        watch.settle();
+        watch.unknown_before(offset)
+    };
+    let Some(range) = unknown else {
+        return Ok(());
+    };
+    let own = OwnSpan {
+        next: range.start,
+        writer: store.writer.clone(),
+        epoch,
+    };
+    if write_ahead.claimed_in(changelog, store.partition, range, &own)? {
+        metrics.partitions_fenced.inc();
+        return Err(PartitionClaimed {
+            partition: store.partition,
+        }
+        .into());
+    }
+    store.claim_watch().checked_to(offset);
+    Ok(())
 }
 
 /// Where a [`Ctx`] replicates its write-ahead records: both or neither. Takes the
@@ -340,27 +487,15 @@ impl Ctx<'_> {
     }
 
     fn put_now_with<T: Serialize>(&self, key: &str, value: &T, wait: bool) -> anyhow::Result<()> {
-        // A store that claimed its partition is checked for gaps between its changelog
-        // records, which a record written through another producer would open.
-        anyhow::ensure!(
-            self.store.epoch.is_none(),
-            "partition {} claimed by a processor that writes ahead of its commits: its \
-             `writes_ahead` must say so",
-            self.partition
-        );
         let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
-        self.store.put_now(key.as_bytes(), &bytes)?;
-        if let Some((write_ahead, changelog)) = self.write_ahead {
-            write_ahead.replicate(
-                changelog,
-                self.partition,
-                &PartitionStore::state_key(key.as_bytes()),
-                &bytes,
-                &self.store.writer,
-                wait,
-            )?;
-        }
-        Ok(())
+        put_ahead(
+            self.store,
+            self.write_ahead,
+            self.metrics,
+            key.as_bytes(),
+            &bytes,
+            wait,
+        )
     }
 
     pub fn delete(&mut self, key: &str) {
@@ -526,12 +661,6 @@ impl<P: Processor> Engine<P> {
     pub fn with_write_ahead(mut self, write_ahead: Arc<dyn WriteAhead>) -> Self {
         self.write_ahead = Some(write_ahead);
         self
-    }
-
-    /// Whether this engine's processor writes records ahead of its commits (see
-    /// [`Ctx::put_now`]).
-    pub fn writes_ahead(&self) -> bool {
-        self.processor.writes_ahead()
     }
 
     pub fn changelog_topic(&self) -> Option<&str> {
@@ -1112,10 +1241,14 @@ impl<P: Processor> Engine<P> {
     /// Drops acknowledged records from the outbox and records how far the changelog
     /// reflects this store. `acked` pairs each record with its broker offset.
     pub fn acknowledge(&mut self, acked: &[(OutboxEntry, i64)]) -> anyhow::Result<()> {
+        let writes_ahead = self.processor.writes_ahead();
         let mut by_part: HashMap<i32, Acknowledged> = HashMap::new();
         for (e, offset) in acked {
             let entry = by_part.entry(e.partition).or_default();
             if e.changelog {
+                if writes_ahead {
+                    entry.offsets.push(*offset);
+                }
                 entry.changelog.push(e.outbox_key.clone());
                 entry.changelog_max = Some(entry.changelog_max.map_or(*offset, |o| o.max(*offset)));
             } else {
@@ -1135,6 +1268,9 @@ impl<P: Processor> Engine<P> {
                 if let Some(max) = acked.changelog_max {
                     part.store
                         .changelog_acknowledged(acked.changelog.len() as u64, max)?;
+                }
+                if writes_ahead {
+                    part.store.note_own_changelog_offsets(&acked.offsets);
                 }
             }
         }
@@ -1348,6 +1484,9 @@ impl ConsumerContext for KairosContext {
 struct Acknowledged {
     changelog: Vec<Vec<u8>>,
     changelog_max: Option<i64>,
+    /// The changelog records' offsets, for a processor that writes ahead (see
+    /// [`crate::store::ClaimWatch`]).
+    offsets: Vec<i64>,
     outputs: Vec<Vec<u8>>,
 }
 
@@ -3144,7 +3283,7 @@ async fn apply_rebalances<P: Processor>(
                 // instance opens its single partition, but only one that holds every
                 // input applies anything, and it restores (and would claim) again each
                 // time its share of the input changes.
-                let claim = !engine.writes_ahead() && !engine.processor.single_state_partition();
+                let claim = !engine.processor.single_state_partition();
                 let restored = tokio::task::spawn_blocking(move || {
                     // Bounded like the engine's own stores: a restore opens the
                     // store, which reads its timers.

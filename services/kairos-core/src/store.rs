@@ -275,11 +275,13 @@ impl StoreFactory {
             skipped_changelog_records: 0,
             next_own_offset: None,
             wrote_ahead: std::cell::Cell::new(false),
+            claim_watch: std::cell::RefCell::new(ClaimWatch::default()),
             unacknowledged_changelog: 0,
             clean_mark_written: false,
         };
         store.opened_at_changelog_end = store.changelog_end()?;
         store.epoch = store.read_u64(META_EPOCH)?.map(|e| e as i64);
+        store.claim_watch = std::cell::RefCell::new(ClaimWatch::since(store.epoch));
         store.next_own_offset = store.opened_at_changelog_end;
         store
             .wrote_ahead
@@ -616,6 +618,103 @@ impl Pending {
     }
 }
 
+/// What a store that writes records ahead of its commits (through a producer of their
+/// own, so its changelog offsets interleave and cannot be counted) knows of its
+/// changelog partition since it claimed it: up to where no other instance's claim can
+/// lie, and the offsets of its own records beyond. Before an external effect, the
+/// offset of the write-ahead record that precedes it tells whether anything else lies
+/// between (see `kairos_core::runtime::Ctx::put_now`); only then is the changelog read.
+#[derive(Default)]
+pub struct ClaimWatch {
+    /// Every changelog record up to this offset is this store's own, or was read and
+    /// held no claim of another instance. `None`: the store has not claimed.
+    checked_through: Option<i64>,
+    /// Offsets of this store's own records after `checked_through`, beyond a record
+    /// not known to be its own (bounded by [`ClaimWatch::MAX_OWN`]).
+    own: BTreeSet<i64>,
+    /// Write-ahead records sent without waiting, whose offsets come with their
+    /// delivery reports.
+    unplaced: Vec<rdkafka::producer::DeliveryFuture>,
+}
+
+impl ClaimWatch {
+    /// Own offsets kept beyond a record not known to be the store's; past that they are
+    /// dropped and the next check reads them.
+    const MAX_OWN: usize = 4096;
+
+    /// From the store's claim (its epoch: the claim's offset), if it made one.
+    pub fn since(claim: Option<i64>) -> Self {
+        ClaimWatch {
+            checked_through: claim,
+            ..ClaimWatch::default()
+        }
+    }
+
+    /// Notes one of the store's own changelog records, acknowledged at `offset`.
+    pub fn note_own(&mut self, offset: i64) {
+        if self.checked_through.is_none_or(|checked| offset <= checked) {
+            return;
+        }
+        self.own.insert(offset);
+        self.advance();
+        if self.own.len() > Self::MAX_OWN {
+            self.own.clear();
+        }
+    }
+
+    /// Moves `checked_through` over the own records that follow it.
+    fn advance(&mut self) {
+        let Some(mut checked) = self.checked_through else {
+            return;
+        };
+        while self.own.first() == Some(&(checked + 1)) {
+            self.own.pop_first();
+            checked += 1;
+        }
+        self.checked_through = Some(checked);
+    }
+
+    /// Notes a write-ahead record sent without waiting (see [`Self::settle`]).
+    pub fn note_unplaced(&mut self, delivery: rdkafka::producer::DeliveryFuture) {
+        if self.checked_through.is_some() {
+            self.unplaced.push(delivery);
+        }
+    }
+
+    /// Takes the offsets of the records sent without waiting. Called once a record the
+    /// same producer sent after them is acknowledged, so their delivery reports are in
+    /// (a record the broker refused lies nowhere).
+    pub fn settle(&mut self) {
+        for delivery in std::mem::take(&mut self.unplaced) {
+            if let Ok(Ok((_, offset))) = futures::executor::block_on(delivery) {
+                self.note_own(offset);
+            }
+        }
+    }
+
+    /// The offsets before `offset` (an own record just acknowledged) that are neither
+    /// the store's own nor read since its claim: the changelog must be read there
+    /// before an external effect. `None` when nothing is unknown, or the store has
+    /// not claimed.
+    pub fn unknown_before(&mut self, offset: i64) -> Option<std::ops::Range<i64>> {
+        self.note_own(offset);
+        let checked = self.checked_through?;
+        (checked < offset).then_some(checked + 1..offset)
+    }
+
+    /// Notes that the records up to `offset` were read and hold no other instance's
+    /// claim.
+    pub fn checked_to(&mut self, offset: i64) {
+        let Some(checked) = self.checked_through else {
+            return;
+        };
+        let checked = checked.max(offset);
+        self.checked_through = Some(checked);
+        self.own = self.own.split_off(&(checked + 1));
+        self.advance();
+    }
+}
+
 pub struct PartitionStore {
     pub partition: i32,
     /// Incarnation id of this store (see `META_WRITER`).
@@ -653,6 +752,9 @@ pub struct PartitionStore {
     /// changelog partition (see [`Self::next_own_changelog_offset`]).
     next_own_offset: Option<i64>,
     wrote_ahead: std::cell::Cell<bool>,
+    /// What is known of the changelog since this store's claim, for write-ahead
+    /// records (see [`ClaimWatch`]).
+    claim_watch: std::cell::RefCell<ClaimWatch>,
     /// Changelog records in the outbox the broker has not acknowledged yet.
     unacknowledged_changelog: u64,
     /// Whether this store wrote [`META_CLEAN_END`] since its last commit of changelog
@@ -890,6 +992,20 @@ impl PartitionStore {
         }
         batch.put(prefixed(STATE, key), value);
         self.write(batch)
+    }
+
+    /// What is known of this store's changelog partition since its claim, for
+    /// write-ahead records (see [`ClaimWatch`]).
+    pub fn claim_watch(&self) -> std::cell::RefMut<'_, ClaimWatch> {
+        self.claim_watch.borrow_mut()
+    }
+
+    /// Notes where the broker placed changelog records of this store's commits: for a
+    /// store that writes ahead, so that its claim checks read only where something
+    /// else lies (see [`ClaimWatch`]).
+    pub fn note_own_changelog_offsets(&self, offsets: &[i64]) {
+        let mut watch = self.claim_watch();
+        offsets.iter().for_each(|offset| watch.note_own(*offset));
     }
 
     /// The raw store key (as the changelog carries it) of state key `key`.
@@ -1550,6 +1666,7 @@ impl PartitionStore {
     pub fn clear_epoch(&mut self) -> StoreResult<()> {
         self.db.delete(META_EPOCH).map_err(|e| self.rocks(e))?;
         self.epoch = None;
+        *self.claim_watch.get_mut() = ClaimWatch::since(None);
         Ok(())
     }
 
@@ -1589,6 +1706,7 @@ impl PartitionStore {
         self.write(batch)?;
         self.epoch = Some(epoch);
         self.next_own_offset = Some(epoch + 1);
+        *self.claim_watch.get_mut() = ClaimWatch::since(Some(epoch));
         Ok(())
     }
 
@@ -1843,6 +1961,38 @@ impl BatchBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only offsets that are neither the store's own nor read since its claim are
+    /// left to read, and the offsets kept beyond one such record are bounded.
+    #[test]
+    fn a_claim_watch_leaves_to_read_only_what_it_cannot_place() {
+        let mut watch = ClaimWatch::since(Some(10));
+        watch.note_own(11);
+        watch.note_own(13);
+        assert_eq!(watch.unknown_before(14), Some(12..14));
+        watch.checked_to(14);
+        watch.note_own(16);
+        watch.note_own(15);
+        assert_eq!(watch.unknown_before(17), None);
+        watch.note_own(16);
+        assert_eq!(watch.unknown_before(18), None, "an offset noted twice");
+        let mut unclaimed = ClaimWatch::since(None);
+        unclaimed.note_own(3);
+        assert_eq!(
+            unclaimed.unknown_before(5),
+            None,
+            "nothing to check against"
+        );
+        let mut holed = ClaimWatch::since(Some(0));
+        let end = ClaimWatch::MAX_OWN as i64 + 10;
+        for offset in 2..end {
+            holed.note_own(offset);
+        }
+        assert!(holed.own.len() <= ClaimWatch::MAX_OWN);
+        assert_eq!(holed.unknown_before(end), Some(1..end));
+        holed.checked_to(end);
+        assert_eq!(holed.unknown_before(end + 1), None);
+    }
 
     fn store() -> (tempfile::TempDir, PartitionStore) {
         let dir = tempfile::tempdir().unwrap();

@@ -12,9 +12,9 @@ use std::time::Duration;
 use kairos_core::config::Config;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
-    check_changelog_tail, publish, publish_fenced, restore_partition, write_again, ChangelogReader,
-    OutputDeadLetters, OwnSpan, ProducerWriteAhead, Published, RestoreKind, RestoreStats,
-    TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
+    check_changelog_tail, publish, publish_fenced, put_ahead, restore_partition, write_again,
+    ChangelogReader, OutputDeadLetters, OwnSpan, PartitionClaimed, ProducerWriteAhead, Published,
+    RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -552,7 +552,7 @@ fn a_write_ahead_record_reaches_the_next_owner_whatever_torn_commit_surrounds_it
     let (_a_dir, mut a_store) = fresh_store();
     let first = commit(&mut a_store, &[("c/1", "v1")], 0, "first");
     assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
-    let write_ahead = ProducerWriteAhead::with_producer(broker.producer.clone());
+    let write_ahead = ProducerWriteAhead::with_producer(broker.producer.clone(), &broker.config);
     let writer = a_store.writer.clone();
     let replicate = |key: &str, value: &str| {
         write_ahead
@@ -562,6 +562,7 @@ fn a_write_ahead_record_reaches_the_next_owner_whatever_torn_commit_surrounds_it
                 &PartitionStore::state_key(key.as_bytes()),
                 value.as_bytes(),
                 &writer,
+                None,
                 true,
             )
             .expect("replicate");
@@ -1235,4 +1236,122 @@ fn assert_rewritten_after_the_former_owner(broker: &Broker, c1: &str) {
     let compacted = broker.compacted(CHANGELOG);
     assert_eq!(compacted[&b"s/c/1".to_vec()], c1.as_bytes().to_vec());
     assert_eq!(compacted[&b"s/c/2".to_vec()], Vec::<u8>::new());
+}
+
+/// A write-ahead record of `store`, as a delivery worker writes them around a provider
+/// call (`Ctx::put_now`): with `wait`, checked for another instance's claim before it.
+fn write_ahead(
+    broker: &Broker,
+    through: &ProducerWriteAhead,
+    store: &PartitionStore,
+    (key, value): (&str, &str),
+    wait: bool,
+) -> anyhow::Result<()> {
+    put_ahead(
+        store,
+        Some((through, CHANGELOG)),
+        &broker.metrics,
+        key.as_bytes(),
+        value.as_bytes(),
+        wait,
+    )
+}
+
+/// One send the way a delivery worker makes it: its record before the provider call,
+/// the commit point queued without waiting, the acceptance, then the commit that
+/// records the send and drops the three, published through the main producer with its
+/// offsets noted as the store's own (as the engine does for a processor that writes
+/// ahead).
+fn one_send(broker: &Broker, through: &ProducerWriteAhead, store: &mut PartitionStore, n: i64) {
+    let id = format!("send-{n}");
+    let at = |prefix: &str| (format!("{prefix}/{id}"), "at");
+    let (w, k, a) = (at("w"), at("k"), at("a"));
+    write_ahead(broker, through, store, (&w.0, w.1), true).expect("before the call");
+    write_ahead(broker, through, store, (&k.0, k.1), false).expect("commit point");
+    write_ahead(broker, through, store, (&a.0, a.1), true).expect("accepted");
+    let mut pending = Pending::default();
+    for prefix in ["w", "k", "a"] {
+        store.delete(&mut pending, format!("{prefix}/{id}").as_bytes());
+    }
+    store.put(&mut pending, format!("s/{id}").as_bytes(), b"sent".to_vec());
+    store.set_applied_offset(&mut pending, INPUT, n);
+    let entries = store
+        .commit_with(&mut pending, Some(CHANGELOG), true)
+        .expect("commit");
+    let published = broker.publish_through(&broker.producer, entries, &CancellationToken::new());
+    let offsets: Vec<i64> = published
+        .iter()
+        .filter(|(e, _)| e.changelog)
+        .map(|(_, offset)| *offset)
+        .collect();
+    assert!(offsets.iter().all(|o| *o >= 0), "{offsets:?}");
+    store.note_own_changelog_offsets(&offsets);
+}
+
+#[test]
+fn a_worker_whose_partition_was_claimed_finds_it_before_its_next_provider_call() {
+    let broker = broker();
+    let a_through = ProducerWriteAhead::new(&broker.config);
+    let (_a_dir, mut a_store) = restored(&broker);
+    // A's sends: its write-ahead records and commits go through two producers, and
+    // every offset between them is known to be A's, so no check reads the changelog.
+    for n in 0..3 {
+        one_send(&broker, &a_through, &mut a_store, n);
+    }
+    assert_eq!(a_through.claim_reads(), 0);
+    // A is paused past its session; B restores the partition and claims it.
+    let (_b_dir, b_store) = restored(&broker);
+    assert_eq!(value(&b_store, "s/send-2").as_deref(), Some("sent"));
+    // A wakes with its next send: the record before the provider call finds B's claim,
+    // so the call is never made.
+    let fenced = broker.metrics.partitions_fenced.get();
+    let error = write_ahead(&broker, &a_through, &a_store, ("w/send-3", "A's"), true)
+        .expect_err("A's partition was claimed");
+    assert!(
+        error.downcast_ref::<PartitionClaimed>().is_some(),
+        "{error:#}"
+    );
+    assert_eq!(broker.metrics.partitions_fenced.get(), fenced + 1);
+    // B makes the send itself: A's late record lies between B's claim and B's own, but
+    // it is a former owner's, not a claim.
+    let b_through = ProducerWriteAhead::new(&broker.config);
+    write_ahead(&broker, &b_through, &b_store, ("w/send-3", "B's"), true).expect("B's partition");
+    assert_eq!(b_through.claim_reads(), 1);
+    // Whoever restores next leaves A's late record out: the record is B's.
+    let late = broker
+        .records(CHANGELOG)
+        .iter()
+        .filter(|(k, _)| k == b"s/w/send-3")
+        .count();
+    assert_eq!(late, 2, "A's and B's records of send 3");
+    let (_c_dir, c_store, stats) = restored_with_stats(&broker);
+    assert!(stats.fenced_out >= 1, "{stats:?}");
+    assert_eq!(value(&c_store, "w/send-3").as_deref(), Some("B's"));
+    assert_eq!(value(&c_store, "s/send-2").as_deref(), Some("sent"));
+}
+
+#[test]
+fn a_worker_reads_what_it_cannot_place_and_goes_on_when_no_one_claimed() {
+    let broker = broker();
+    let through = ProducerWriteAhead::new(&broker.config);
+    let (_dir, mut store) = restored(&broker);
+    one_send(&broker, &through, &mut store, 0);
+    // Records of an instance that claimed nothing (`kairos inspect` writes none; a
+    // version before claims does) lie after the worker's: the next check reads them,
+    // finds no claim, and the worker goes on; the check after that reads nothing.
+    let other = commit(
+        &mut fresh_store().1,
+        &[("c/x", "other")],
+        0,
+        "other's output",
+    );
+    assert!(broker
+        .publish(other, &CancellationToken::new())
+        .iter()
+        .all(|o| *o >= 0));
+    write_ahead(&broker, &through, &store, ("w/send-1", "at"), true)
+        .expect("no claim lies between");
+    assert_eq!(through.claim_reads(), 1);
+    one_send(&broker, &through, &mut store, 2);
+    assert_eq!(through.claim_reads(), 1);
 }
