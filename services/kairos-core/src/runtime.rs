@@ -3278,11 +3278,11 @@ async fn apply_rebalances<P: Processor>(
                 };
                 let c = config.clone();
                 let factory_root = config.state.dir.join(name);
-                // A service that writes ahead of its commits does not claim (see
-                // `restore_partition`), nor does one whose state is one whole: every
-                // instance opens its single partition, but only one that holds every
-                // input applies anything, and it restores (and would claim) again each
-                // time its share of the input changes.
+                // A service whose state is one whole does not claim: every instance
+                // opens its single partition, but only one that holds every input
+                // applies anything, and it restores (and would claim) again each time
+                // its share of the input changes. One that writes ahead of its commits
+                // claims like the rest (see `Ctx::put_now` for how it is checked).
                 let claim = !engine.processor.single_state_partition();
                 let restored = tokio::task::spawn_blocking(move || {
                     // Bounded like the engine's own stores: a restore opens the

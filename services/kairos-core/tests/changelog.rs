@@ -1335,6 +1335,7 @@ fn a_worker_reads_what_it_cannot_place_and_goes_on_when_no_one_claimed() {
     let broker = broker();
     let through = ProducerWriteAhead::new(&broker.config);
     let (_dir, mut store) = restored(&broker);
+    let fenced = broker.metrics.partitions_fenced.get();
     one_send(&broker, &through, &mut store, 0);
     // Records of an instance that claimed nothing (`kairos inspect` writes none; a
     // version before claims does) lie after the worker's: the next check reads them,
@@ -1354,4 +1355,5 @@ fn a_worker_reads_what_it_cannot_place_and_goes_on_when_no_one_claimed() {
     assert_eq!(through.claim_reads(), 1);
     one_send(&broker, &through, &mut store, 2);
     assert_eq!(through.claim_reads(), 1);
+    assert_eq!(broker.metrics.partitions_fenced.get(), fenced);
 }

@@ -34,7 +34,7 @@ use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
-use kairos_core::runtime::{Ctx, Processor, Record};
+use kairos_core::runtime::{Ctx, PartitionClaimed, Processor, Record};
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
@@ -480,6 +480,12 @@ impl DeliveryProcessor {
                 // `s/` record still guard; failing the batch here would stop the
                 // process and hand the partition to an instance that knows neither.
                 if let Err(e) = ctx.put_now(&accepted_key, &now) {
+                    if e.downcast_ref::<PartitionClaimed>().is_some() {
+                        // The record is written, but the partition has a new owner,
+                        // which reports this send from what it restored: this instance
+                        // makes no further call and stops (see `Ctx::put_now`).
+                        return Err(e);
+                    }
                     tracing::error!(send_id = %cmd.send_id, error = %e, "cannot record the provider's acceptance");
                 }
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now)
