@@ -144,12 +144,15 @@ struct ProviderLog {
     missing_auth: usize,
     /// Requests whose body named another send than the idempotency key.
     body_mismatches: usize,
+    /// Set by a test to let the first request of a `hold-` key be answered.
+    released: bool,
 }
 
 /// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
 /// twice, `down-` always 503, `perm-` 400, `gone-` 410 and `unknown-` 404 (the number
 /// is dead), `slow-` takes 2 s the first time (longer
-/// than the worker's timeout); anything else 200. Keys it already handed on are
+/// than the worker's timeout), `hold-` answers its first request (200) only once the
+/// test sets `released`; anything else 200. Keys it already handed on are
 /// acknowledged without handing them on again, as real gateways do with idempotency
 /// keys.
 fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
@@ -200,6 +203,11 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                     if key.starts_with("slow-") && attempt == 1 {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
+                    if key.starts_with("hold-") && attempt == 1 {
+                        while !log.lock().expect("log").released {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                     StatusCode::OK
                 };
                 if status == StatusCode::OK {
@@ -221,10 +229,9 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
     (addr, log)
 }
 
-#[test]
-fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice() {
-    let (addr, log) = start_http_provider();
-    let env = [
+/// The SMS worker against the HTTP gateway at `addr`, with `timeout` per request.
+fn sms_worker_env(addr: SocketAddr, timeout: &str) -> Vec<(String, String)> {
+    [
         ("KAIROS__DELIVERY__SMS__PROVIDER", "http".to_string()),
         (
             "KAIROS__DELIVERY__SMS__HTTP__URL",
@@ -238,7 +245,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
             "KAIROS__DELIVERY__SMS__HTTP__AUTH_VALUE",
             "Bearer test-token".into(),
         ),
-        ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", "500ms".into()),
+        ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", timeout.into()),
         ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3".into()),
         (
             "KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF",
@@ -253,7 +260,13 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    .collect()
+}
+
+#[test]
+fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice() {
+    let (addr, log) = start_http_provider();
+    let env = sms_worker_env(addr, "500ms");
     let p = Pipeline::start(Options {
         services: vec!["deliver-sms"],
         env,
@@ -457,4 +470,93 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
         .filter(|o| o["send_id"] == "inapp-1" && o["kind"] == "delivered")
         .count();
     assert_eq!(delivered, 1, "{outcomes:?}");
+}
+
+/// An SMS worker paused (SIGSTOP) past its session while the gateway holds its call:
+/// a second instance takes the partitions over, claims them, finds that send cut short
+/// and makes it again (the one call per pause no check can stop; the gateway hands it
+/// on once, by its idempotency key), then sends the rest. Woken, the first worker gets
+/// the gateway's answer, and its record of the acceptance finds the second one's claim
+/// before it: it stops with an error instead of going on as the partitions' owner.
+#[test]
+fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes() {
+    use nix::sys::signal::Signal;
+    let (addr, log) = start_http_provider();
+    let mut env = sms_worker_env(addr, "60s");
+    env.push(kairos_tests::short_session_timeout());
+    let mut p = Pipeline::start(Options {
+        services: vec!["deliver-sms"],
+        env,
+        ..Options::default()
+    });
+    let ids: Vec<String> = (0..10)
+        .map(|i| format!("ok-{i}"))
+        .chain(["hold-1".to_string()])
+        .chain((10..20).map(|i| format!("ok-{i}")))
+        .collect();
+    let records: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| {
+            let command = send_command(
+                id,
+                "sms",
+                "+491701234567",
+                "abandoned_cart",
+                cart_variables(),
+            );
+            (format!("c-{id}"), command)
+        })
+        .collect();
+    p.produce("send.sms", &records);
+    let wait_for = |what: &str, timeout: Duration, done: &dyn Fn(&ProviderLog) -> bool| {
+        let deadline = std::time::Instant::now() + timeout;
+        while !done(&log.lock().expect("log")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("the held call", Duration::from_secs(60), &|l| {
+        l.requests.get("hold-1") == Some(&1)
+    });
+    p.signal("deliver-sms", Signal::SIGSTOP);
+    p.spawn_instance("deliver-sms-b", "deliver-sms");
+    wait_for("every send handed on", Duration::from_secs(120), &|l| {
+        l.delivered.len() == ids.len()
+    });
+    log.lock().expect("log").released = true;
+    p.signal("deliver-sms", Signal::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.has_exited("deliver-sms") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the woken worker went on; log:\n{}",
+            p.log("deliver-sms")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = p.exited("deliver-sms").expect("exit status");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        p.log("deliver-sms")
+            .contains("was claimed by another instance since this one claimed it"),
+        "{}",
+        p.log("deliver-sms")
+    );
+    let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
+    let not_sent: Vec<_> = outcomes.iter().filter(|(_, (k, _))| k != "sent").collect();
+    assert!(not_sent.is_empty(), "{not_sent:?}");
+    let l = log.lock().expect("log");
+    assert!(l.delivered.values().all(|n| *n == 1), "{:?}", l.delivered);
+    let repeated: Vec<_> = l.requests.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(repeated, vec![(&"hold-1".to_string(), &2)]);
+    drop(l);
+    let metrics = p.metrics("deliver-sms-b");
+    assert_eq!(
+        kairos_tests::sample(&metrics, "kairos_partitions_fenced_total", &[]),
+        0.0,
+        "the new owner is not fenced"
+    );
 }
