@@ -2,7 +2,7 @@
 //! Kairos service as real processes of the `kairos` binary, and talks to them with a
 //! real Kafka client and over HTTP.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -61,11 +61,21 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A port free now, never handed out before in this process: the kernel may give
+/// the same ephemeral port to two binds in a row, and two services of a pipeline
+/// given one admin port answer each other's scrapes (one of them fails to bind).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Knobs of a test pipeline.

@@ -423,6 +423,9 @@ pub struct Ctx<'a> {
     /// Where [`Ctx::put_now`] replicates its records, and the changelog topic (a
     /// service with a changelog; None in replay).
     write_ahead: Option<(&'a dyn WriteAhead, &'a str)>,
+    /// The processor says it writes ahead ([`Processor::writes_ahead`]): only then
+    /// are its commits' offsets noted for the claim checks of [`Ctx::put_now`].
+    writes_ahead: bool,
 }
 
 impl Ctx<'_> {
@@ -471,6 +474,9 @@ impl Ctx<'_> {
     /// durable before an external effect. See [`PartitionStore::put_now`]. With a
     /// changelog it is also in the changelog when this returns, so an instance the
     /// partition moves to after a crash knows it, as a restart on this one does.
+    /// And nothing before it in the changelog is another instance's claim of the
+    /// partition: if something is, it fails with [`PartitionClaimed`], and the effect
+    /// must not be made (see [`put_ahead`]).
     /// Not for timers: a firing round's commit reaches the changelog only after
     /// later rounds, so a record written at once could land before an older value.
     pub fn put_now<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
@@ -487,6 +493,11 @@ impl Ctx<'_> {
     }
 
     fn put_now_with<T: Serialize>(&self, key: &str, value: &T, wait: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.writes_ahead,
+            "a processor that writes ahead of its commits must say so (`writes_ahead`), \
+             so that its claim checks know its own changelog records"
+        );
         let bytes = encode_state(value).with_context(|| format!("encode state {key:?}"))?;
         put_ahead(
             self.store,
@@ -887,6 +898,7 @@ impl<P: Processor> Engine<P> {
             pending: &mut part.pending,
             metrics: &self.metrics,
             write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
+            writes_ahead: self.processor.writes_ahead(),
         };
         self.processor.process(&mut ctx, input)?;
         part.store
@@ -915,6 +927,7 @@ impl<P: Processor> Engine<P> {
             pending: &mut part.pending,
             metrics: &self.metrics,
             write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
+            writes_ahead: self.processor.writes_ahead(),
         };
         self.processor.flush(&mut ctx)?;
         Ok(part.store.commit_with(
@@ -1074,6 +1087,7 @@ impl<P: Processor> Engine<P> {
                     pending: &mut part.pending,
                     metrics: &self.metrics,
                     write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
+                    writes_ahead: self.processor.writes_ahead(),
                 };
                 self.processor.on_timer(&mut ctx, &timer)?;
                 self.metrics.timers_fired.inc();

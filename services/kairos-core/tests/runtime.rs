@@ -224,3 +224,54 @@ fn timers_wait_while_the_broker_cannot_tell_where_the_backlog_ends() {
         "the timer fired while the backlog's end was unknown: {outs:?}"
     );
 }
+
+/// Writes a record ahead of its commit for every input, without saying it does.
+struct WritesAheadSilently;
+
+impl Processor for WritesAheadSilently {
+    type Input = Vec<u8>;
+    fn name(&self) -> &str {
+        "silent"
+    }
+    fn inputs(&self) -> Vec<String> {
+        vec![INPUT.into()]
+    }
+    fn decode(&self, record: &Record<'_>) -> Result<Vec<u8>, Rejection> {
+        Ok(record.payload.to_vec())
+    }
+    fn event_time(&self, _: &Vec<u8>) -> Option<Millis> {
+        None
+    }
+    fn process(&mut self, ctx: &mut Ctx<'_>, _: Vec<u8>) -> anyhow::Result<()> {
+        ctx.put_now("w/1", &"before the effect")
+    }
+    fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The claim checks of records written ahead rely on the engine knowing which
+/// processors write them: one that does so without saying it fails at once.
+#[test]
+fn a_processor_that_writes_ahead_without_saying_so_fails_loudly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = Config::from_text(
+        Path::new("test.toml"),
+        "[kafka]\npartitions = 1\n",
+        &[(
+            "KAIROS__STATE__DIR".into(),
+            dir.path().display().to_string(),
+        )],
+    )
+    .expect("config");
+    let registry = prometheus::Registry::new();
+    let mut replayer =
+        kairos_core::replay::Replayer::new(WritesAheadSilently, &config, &registry).expect("open");
+    let error = replayer
+        .push(INPUT, b"k", b"x")
+        .expect_err("put_now without writes_ahead");
+    assert!(
+        format!("{error:#}").contains("must say so (`writes_ahead`)"),
+        "{error:#}"
+    );
+}
