@@ -152,7 +152,8 @@ struct ProviderLog {
 /// twice, `down-` always 503, `perm-` 400, `gone-` 410 and `unknown-` 404 (the number
 /// is dead), `slow-` takes 2 s the first time (longer
 /// than the worker's timeout), `hold-` answers its first request (200) only once the
-/// test sets `released`; anything else 200. Keys it already handed on are
+/// test sets `released`, `holdperm-` likewise but 400 (to every request); anything
+/// else 200. Keys it already handed on are
 /// acknowledged without handing them on again, as real gateways do with idempotency
 /// keys.
 fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
@@ -193,6 +194,13 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                 let status = if key.starts_with("s5xx-") && attempt <= 2 || key.starts_with("down-")
                 {
                     StatusCode::SERVICE_UNAVAILABLE
+                } else if key.starts_with("holdperm-") {
+                    if attempt == 1 {
+                        while !log.lock().expect("log").released {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    StatusCode::BAD_REQUEST
                 } else if key.starts_with("perm-") {
                     StatusCode::BAD_REQUEST
                 } else if key.starts_with("gone-") {
@@ -480,6 +488,36 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
 /// before it: it stops with an error instead of going on as the partitions' owner.
 #[test]
 fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes() {
+    let p = paused_worker_wakes_after_a_takeover("hold-1");
+    assert!(
+        p.log("deliver-sms")
+            .contains("was claimed by another instance since this one claimed it"),
+        "{}",
+        p.log("deliver-sms")
+    );
+}
+
+/// As above, but the gateway refuses the held send (400): the woken worker writes no
+/// record after the call, and it is its commit (the send's outcome) that finds the
+/// claim before it: the outcome is not published (the new owner's is), and the worker
+/// stops, as its consumer still holds the partition.
+#[test]
+fn a_paused_worker_whose_held_call_failed_publishes_nothing_after_the_takeover() {
+    let p = paused_worker_wakes_after_a_takeover("holdperm-1");
+    assert!(
+        p.log("deliver-sms")
+            .contains("another instance claimed this partition since this one did"),
+        "{}",
+        p.log("deliver-sms")
+    );
+}
+
+/// The run both tests share: twenty sends and `held`, the first worker paused while
+/// the gateway holds `held`, a second instance that takes over and sends everything,
+/// then the first woken: it must stop with an error. Every send's single final outcome
+/// is the gateway's answer, each send is handed on at most once, and only `held` was
+/// requested twice.
+fn paused_worker_wakes_after_a_takeover(held: &str) -> Pipeline {
     use nix::sys::signal::Signal;
     let (addr, log) = start_http_provider();
     let mut env = sms_worker_env(addr, "60s");
@@ -491,7 +529,7 @@ fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes()
     });
     let ids: Vec<String> = (0..10)
         .map(|i| format!("ok-{i}"))
-        .chain(["hold-1".to_string()])
+        .chain([held.to_string()])
         .chain((10..20).map(|i| format!("ok-{i}")))
         .collect();
     let records: Vec<(String, Vec<u8>)> = ids
@@ -519,13 +557,17 @@ fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes()
         }
     };
     wait_for("the held call", Duration::from_secs(60), &|l| {
-        l.requests.get("hold-1") == Some(&1)
+        l.requests.get(held) == Some(&1)
     });
     p.signal("deliver-sms", Signal::SIGSTOP);
     p.spawn_instance("deliver-sms-b", "deliver-sms");
-    wait_for("every send handed on", Duration::from_secs(120), &|l| {
-        l.delivered.len() == ids.len()
+    // Every send handed on (the held one too, unless the gateway refuses it), the held
+    // one asked for again by the new owner.
+    let handed_on = ids.len() - usize::from(held.starts_with("holdperm-"));
+    wait_for("the new owner's sends", Duration::from_secs(120), &|l| {
+        l.delivered.len() == handed_on && l.requests.get(held) == Some(&2)
     });
+    let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
     log.lock().expect("log").released = true;
     p.signal("deliver-sms", Signal::SIGCONT);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -539,19 +581,30 @@ fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes()
     }
     let status = p.exited("deliver-sms").expect("exit status");
     assert!(!status.success(), "{status:?}");
-    assert!(
-        p.log("deliver-sms")
-            .contains("was claimed by another instance since this one claimed it"),
-        "{}",
-        p.log("deliver-sms")
-    );
-    let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
-    let not_sent: Vec<_> = outcomes.iter().filter(|(_, (k, _))| k != "sent").collect();
-    assert!(not_sent.is_empty(), "{not_sent:?}");
+    let want = if held.starts_with("holdperm-") {
+        "failed"
+    } else {
+        "sent"
+    };
+    assert_eq!(outcomes[held].0, want, "{outcomes:?}");
+    let others: Vec<_> = outcomes
+        .iter()
+        .filter(|(id, (kind, _))| *id != held && kind != "sent")
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+    // Give a late outcome of the woken worker time to arrive, then count them all.
+    std::thread::sleep(Duration::from_secs(2));
+    let terminal = ["sent", "failed", "bounced_hard"];
+    let of_held = p
+        .read_all_json("outcomes")
+        .iter()
+        .filter(|o| o["send_id"] == held && terminal.contains(&o["kind"].as_str().unwrap_or("")))
+        .count();
+    assert_eq!(of_held, 1, "one final outcome of {held}: the new owner's");
     let l = log.lock().expect("log");
     assert!(l.delivered.values().all(|n| *n == 1), "{:?}", l.delivered);
     let repeated: Vec<_> = l.requests.iter().filter(|(_, n)| **n > 1).collect();
-    assert_eq!(repeated, vec![(&"hold-1".to_string(), &2)]);
+    assert_eq!(repeated, vec![(&held.to_string(), &2)]);
     drop(l);
     let metrics = p.metrics("deliver-sms-b");
     assert_eq!(
@@ -559,4 +612,5 @@ fn a_worker_paused_past_its_session_finds_its_partitions_claimed_when_it_wakes()
         0.0,
         "the new owner is not fenced"
     );
+    p
 }

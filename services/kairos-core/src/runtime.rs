@@ -114,8 +114,9 @@ pub trait Processor: Send + 'static {
 
     /// True for a processor that writes records ahead of its commits
     /// ([`Ctx::put_now`], a delivery worker before a provider call). Those go through a
-    /// producer of their own, so the offsets of its changelog records interleave: its
-    /// publishes are not checked for gaps (see [`publish_fenced`]); instead each
+    /// producer of their own, so the offsets of its changelog records interleave: once
+    /// its store has written ahead, its publishes are not checked for gaps (see
+    /// [`publish_fenced`]); instead each
     /// write-ahead record the broker acknowledges is checked for another instance's
     /// claim before it (see [`Ctx::put_now`]), with the offsets of its commits noted
     /// as its own so that the changelog is read only where something else lies.
@@ -1162,6 +1163,18 @@ impl<P: Processor> Engine<P> {
             dead_letters,
             metrics,
         } = *to;
+        // The outputs of stores that wrote ahead wait until their changelog records
+        // are checked through the claim watch (their offsets interleave with the
+        // write-ahead producer's, so `publish_fenced` cannot count them).
+        let watched: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, part)| part.store.watches_claims())
+            .map(|(p, _)| *p)
+            .collect();
+        let (held, out): (Vec<_>, Vec<_>) = out
+            .into_iter()
+            .partition(|e| !e.changelog && watched.contains(&e.partition));
         let mut published = publish_fenced(
             producer,
             out,
@@ -1172,6 +1185,21 @@ impl<P: Processor> Engine<P> {
             cancel,
         )
         .await?;
+        for p in watched {
+            if self.claimed_since_watched(p, &published.acked, gap_reader)? {
+                published.fenced.push(p);
+            }
+        }
+        if published.complete && !held.is_empty() {
+            let held = held
+                .into_iter()
+                .filter(|e| !published.fenced.contains(&e.partition))
+                .collect();
+            let sent = publish_any_order(producer, held, dead_letters, metrics, cancel).await;
+            published
+                .acked
+                .extend(sent.into_iter().filter(|(_, offset)| *offset >= 0));
+        }
         let fenced = std::mem::take(&mut published.fenced);
         let (lost, acked): (Vec<_>, Vec<_>) = std::mem::take(&mut published.acked)
             .into_iter()
@@ -1201,6 +1229,50 @@ impl<P: Processor> Engine<P> {
         }
         published.fenced = fenced;
         Ok(published)
+    }
+
+    /// Whether another instance claimed partition `p`, whose store wrote ahead, before
+    /// the last of its changelog records in `acked`: read only where records not known
+    /// to be the store's own lie between its claim and them (see
+    /// [`crate::store::ClaimWatch`]).
+    fn claimed_since_watched(
+        &self,
+        p: i32,
+        acked: &[(OutboxEntry, i64)],
+        reader: &ChangelogReader,
+    ) -> anyhow::Result<bool> {
+        let (Some(part), Some(topic)) = (self.parts.get(&p), self.changelog_topic.as_deref())
+        else {
+            return Ok(false);
+        };
+        let offsets: Vec<i64> = acked
+            .iter()
+            .filter(|(e, offset)| e.changelog && e.partition == p && *offset >= 0)
+            .map(|(_, offset)| *offset)
+            .collect();
+        let (Some(&last), Some(epoch)) = (offsets.iter().max(), part.store.epoch) else {
+            return Ok(false);
+        };
+        let unknown = {
+            let mut watch = part.store.claim_watch();
+            offsets.iter().for_each(|offset| watch.note_own(*offset));
+            watch.settle();
+            watch.unknown_before(last)
+        };
+        let Some(range) = unknown else {
+            return Ok(false);
+        };
+        let own = OwnSpan {
+            next: range.start,
+            writer: part.store.writer.clone(),
+            epoch,
+        };
+        let others = (range.end - range.start) as u64;
+        let claimed = inspect_gap(reader, topic, p, &own, range, others)?.claimed;
+        if !claimed {
+            part.store.claim_watch().checked_to(last);
+        }
+        Ok(claimed)
     }
 
     /// Lets go of partition `p`, which another instance has claimed since this one did:

@@ -1000,6 +1000,13 @@ impl PartitionStore {
         self.claim_watch.borrow_mut()
     }
 
+    /// Whether this store's publishes are checked for another instance's claim through
+    /// its [`ClaimWatch`] rather than by counting offsets: it claimed its partition and
+    /// wrote ahead (see [`Self::next_own_changelog_offset`]).
+    pub fn watches_claims(&self) -> bool {
+        self.epoch.is_some() && self.wrote_ahead.get()
+    }
+
     /// Notes where the broker placed changelog records of this store's commits: for a
     /// store that writes ahead, so that its claim checks read only where something
     /// else lies (see [`ClaimWatch`]).
