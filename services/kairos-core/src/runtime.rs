@@ -115,11 +115,12 @@ pub trait Processor: Send + 'static {
     /// True for a processor that writes records ahead of its commits
     /// ([`Ctx::put_now`], a delivery worker before a provider call). Those go through a
     /// producer of their own, so the offsets of its changelog records interleave: once
-    /// its store has written ahead, its publishes are not checked for gaps (see
-    /// [`publish_fenced`]); instead each
-    /// write-ahead record the broker acknowledges is checked for another instance's
-    /// claim before it (see [`Ctx::put_now`]), with the offsets of its commits noted
-    /// as its own so that the changelog is read only where something else lies.
+    /// its store has written ahead, its publishes are not checked by counting them (see
+    /// [`publish_fenced`]); instead each write-ahead record the broker acknowledges
+    /// (see [`Ctx::put_now`]), and each commit before its outputs go out (see
+    /// [`Engine::publish`]), is checked for another instance's claim before it, with
+    /// the offsets of its own records noted so that the changelog is read only where
+    /// something else lies.
     fn writes_ahead(&self) -> bool {
         false
     }
@@ -378,31 +379,52 @@ fn check_not_claimed(
     metrics: &RuntimeMetrics,
     offset: i64,
 ) -> anyhow::Result<()> {
-    let Some(epoch) = store.epoch else {
-        return Ok(());
-    };
-    let unknown = {
-        let mut watch = store.claim_watch();
-        watch.settle();
-        watch.unknown_before(offset)
-    };
-    let Some(range) = unknown else {
-        return Ok(());
-    };
-    let own = OwnSpan {
-        next: range.start,
-        writer: store.writer.clone(),
-        epoch,
-    };
-    if write_ahead.claimed_in(changelog, store.partition, range, &own)? {
+    let claimed = claimed_before(store, &[], offset, |range, own| {
+        write_ahead.claimed_in(changelog, store.partition, range, own)
+    })?;
+    if claimed {
         metrics.partitions_fenced.inc();
         return Err(PartitionClaimed {
             partition: store.partition,
         }
         .into());
     }
-    store.claim_watch().checked_to(offset);
     Ok(())
+}
+
+/// Whether another instance claimed `store`'s partition before `last`, where the
+/// broker placed one of the store's own records (`own`: others of its records just
+/// acknowledged): the offsets between its claim and `last` not known to be its own
+/// are handed to `read`, which says whether a valid claim by another lies there (see
+/// [`crate::store::ClaimWatch`]). Nothing is read when every one is known.
+fn claimed_before(
+    store: &PartitionStore,
+    own: &[i64],
+    last: i64,
+    read: impl FnOnce(std::ops::Range<i64>, &OwnSpan) -> anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
+    let Some(epoch) = store.epoch else {
+        return Ok(false);
+    };
+    let unknown = {
+        let mut watch = store.claim_watch();
+        own.iter().for_each(|offset| watch.note_own(*offset));
+        watch.settle();
+        watch.unknown_before(last)
+    };
+    let Some(range) = unknown else {
+        return Ok(false);
+    };
+    let span = OwnSpan {
+        next: range.start,
+        writer: store.writer.clone(),
+        epoch,
+    };
+    let claimed = read(range, &span)?;
+    if !claimed {
+        store.claim_watch().checked_to(last);
+    }
+    Ok(claimed)
 }
 
 /// Where a [`Ctx`] replicates its write-ahead records: both or neither. Takes the
@@ -1250,29 +1272,13 @@ impl<P: Processor> Engine<P> {
             .filter(|(e, offset)| e.changelog && e.partition == p && *offset >= 0)
             .map(|(_, offset)| *offset)
             .collect();
-        let (Some(&last), Some(epoch)) = (offsets.iter().max(), part.store.epoch) else {
+        let Some(&last) = offsets.iter().max() else {
             return Ok(false);
         };
-        let unknown = {
-            let mut watch = part.store.claim_watch();
-            offsets.iter().for_each(|offset| watch.note_own(*offset));
-            watch.settle();
-            watch.unknown_before(last)
-        };
-        let Some(range) = unknown else {
-            return Ok(false);
-        };
-        let own = OwnSpan {
-            next: range.start,
-            writer: part.store.writer.clone(),
-            epoch,
-        };
-        let others = (range.end - range.start) as u64;
-        let claimed = inspect_gap(reader, topic, p, &own, range, others)?.claimed;
-        if !claimed {
-            part.store.claim_watch().checked_to(last);
-        }
-        Ok(claimed)
+        claimed_before(&part.store, &offsets, last, |range, own| {
+            let others = (range.end - range.start) as u64;
+            Ok(inspect_gap(reader, topic, p, own, range, others)?.claimed)
+        })
     }
 
     /// Lets go of partition `p`, which another instance has claimed since this one did:
