@@ -61,9 +61,10 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A port free now, never handed out before in this process: the kernel may give
-/// the same ephemeral port to two binds in a row, and two services of a pipeline
-/// given one admin port answer each other's scrapes (one of them fails to bind).
+/// A port free now, never handed out before in this process (the kernel may give the
+/// same ephemeral port to two binds in a row): unique names, and the port of a test's
+/// own server. Not for the services' admin ports: a port chosen here can be taken by
+/// another socket before the service binds it, so services bind port 0 instead.
 pub fn free_port() -> u16 {
     static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,7 +127,6 @@ pub struct Pipeline {
     pub config_path: PathBuf,
     pub bootstrap: String,
     pub prefix: String,
-    pub admin: BTreeMap<String, SocketAddr>,
     env: Vec<(String, String)>,
     procs: BTreeMap<String, Child>,
     broker: Option<Child>,
@@ -219,19 +219,18 @@ impl Pipeline {
             env.push(("KAIROS__KAFKA__BOOTSTRAP_SERVERS".into(), b.clone()));
         }
         env.extend(opts.env.iter().cloned());
-        let mut admin = BTreeMap::new();
-        // The identity processor runs only where a test enables and starts it.
+        // Every service binds a port the kernel picks and writes it to its address file
+        // (see `Pipeline::admin`): a port chosen here and bound later can be taken in
+        // between by any socket of a test running beside this one. The identity
+        // processor runs only where a test enables and starts it.
         for s in SERVICES.iter().chain(&["identity"]) {
-            let port = free_port();
-            admin.insert(s.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
-            env.push((admin_listen_key(s), format!("127.0.0.1:{port}")));
+            env.push((admin_listen_key(s), "127.0.0.1:0".into()));
         }
         let mut p = Pipeline {
             dir,
             config_path,
             bootstrap: external.clone().unwrap_or_default(),
             prefix,
-            admin,
             env,
             procs: BTreeMap::new(),
             broker: None,
@@ -267,17 +266,11 @@ impl Pipeline {
     /// Starts a second instance of `service` under `instance` (its own admin port and
     /// state directory, the same consumer group).
     pub fn spawn_instance(&mut self, instance: &str, service: &str) {
-        let port = free_port();
-        self.admin.insert(
-            instance.to_string(),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        );
         let state = self.dir.path().join(format!("state-{instance}"));
         let args = service_args(service);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd = self.command(&args, instance);
-        cmd.env(admin_listen_key(service), format!("127.0.0.1:{port}"))
-            .env("KAIROS__STATE__DIR", state.display().to_string());
+        cmd.env("KAIROS__STATE__DIR", state.display().to_string());
         let child = cmd.spawn().expect("start instance");
         self.procs.insert(instance.to_string(), child);
     }
@@ -400,6 +393,14 @@ impl Pipeline {
             cmd.env("KAIROS__KAFKA__BOOTSTRAP_SERVERS", &self.bootstrap);
         }
         cmd.env("RUST_LOG", "info");
+        // A restarted process writes its new address; the old one must not be read.
+        let address_file = self.admin_address_file(log_name);
+        match std::fs::remove_file(&address_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove {}: {e}", address_file.display()),
+        }
+        cmd.env("KAIROS__ADMIN__ADDRESS_FILE", &address_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -487,11 +488,45 @@ impl Pipeline {
         std::fs::read_to_string(self.dir.path().join(format!("{service}.log"))).unwrap_or_default()
     }
 
+    /// Where `instance` writes the admin address it bound.
+    fn admin_address_file(&self, instance: &str) -> PathBuf {
+        self.dir.path().join(format!("{instance}.admin-addr"))
+    }
+
+    /// The admin address `instance` bound, once it has written it.
+    fn try_admin(&self, instance: &str) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(self.admin_address_file(instance)).ok()?;
+        Some(
+            text.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{instance} wrote a bad admin address {text:?}: {e}")),
+        )
+    }
+
+    /// The admin address of a running service (or instance), waiting up to 90 s for it
+    /// to bind one.
+    pub fn admin(&self, instance: &str) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(addr) = self.try_admin(instance) {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{instance} wrote no admin address; log:\n{}",
+                self.log(instance)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn wait_ready(&self, service: &str, timeout: Duration) {
-        let addr = self.admin[service];
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((200, _)) = http_get(addr, "/readyz") {
+            let ready = self
+                .try_admin(service)
+                .and_then(|addr| http_get(addr, "/readyz"));
+            if let Some((200, _)) = ready {
                 return;
             }
             assert!(
@@ -504,7 +539,7 @@ impl Pipeline {
     }
 
     pub fn metrics(&self, service: &str) -> String {
-        match http_get(self.admin[service], "/metrics") {
+        match http_get(self.admin(service), "/metrics") {
             Some((200, body)) => body,
             other => panic!("{service} /metrics failed: {other:?}"),
         }

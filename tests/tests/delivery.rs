@@ -366,7 +366,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     // same outcome id, a worker-only kind is refused.
     let opened = j!({"send_id": "ok-1", "customer_id": "c-ok-1", "scenario": "abandoned_cart",
         "channel": "sms", "category": "trigger", "event": "clicked", "occurred_at": now_millis()});
-    let admin = p.admin["deliver-sms"];
+    let admin = p.admin("deliver-sms");
     let post = |body: &str, token| {
         kairos_tests::http_post_json(admin, "/webhooks/events", body, token)
             .expect("webhook answers")
@@ -450,7 +450,7 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     final_outcomes(&p, 2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(1600));
 
-    let admin = p.admin["deliver-in_app"];
+    let admin = p.admin("deliver-in_app");
     let (status, body) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("inbox answers");
     assert_eq!(status, 200, "{body}");
     let messages: Vec<Value> = serde_json::from_str(&body).expect("JSON list");

@@ -276,7 +276,7 @@ fn every_service_exposes_metrics_that_pass_promtool() {
             String::from_utf8_lossy(&out.stderr)
         );
         for path in ["/healthz", "/readyz"] {
-            let (status, _) = kairos_tests::http_get(p.admin[s], path).unwrap();
+            let (status, _) = kairos_tests::http_get(p.admin(s), path).unwrap();
             assert_eq!(status, 200, "{s}{path}");
         }
     }

@@ -114,3 +114,12 @@ pub async fn serve(
     tracing::info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
     Ok(addr)
 }
+
+/// Writes `addr` to `file` whole or not at all (a temporary file renamed into place), so
+/// a reader polling for the file never sees half an address.
+pub fn write_address_file(file: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let partial = file.with_extension("partial");
+    std::fs::write(&partial, addr.to_string())
+        .and_then(|()| std::fs::rename(&partial, file))
+        .map_err(|e| anyhow::anyhow!("cannot write the admin address to {}: {e}", file.display()))
+}

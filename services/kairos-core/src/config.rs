@@ -50,6 +50,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub identity: IdentityConfig,
     #[serde(default)]
     pub profile: ProfileConfig,
@@ -202,6 +204,17 @@ pub struct SchemaRegistryConfig {
 pub enum LogFormat {
     Plain,
     Json,
+}
+
+/// Settings every service's admin server shares (each service has its own
+/// `admin_listen`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where a service writes the admin address it bound, once it listens. With an
+    /// `admin_listen` port of 0 the kernel picks a free port and this file says which:
+    /// no port is chosen before the service binds it, so none can be taken meanwhile.
+    pub address_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -550,7 +550,10 @@ where
     let cancel = kairos_core::shutdown_token();
     let state = AdminState::new(prometheus::Registry::new());
     let extra = routes(&state.registry)?;
-    admin::serve(listen, state.clone(), extra, cancel.clone()).await?;
+    let bound = admin::serve(listen, state.clone(), extra, cancel.clone()).await?;
+    if let Some(file) = &config.admin.address_file {
+        admin::write_address_file(file, bound)?;
+    }
     let watchdog = cancel.clone();
     tokio::spawn(async move {
         watchdog.cancelled().await;

@@ -298,7 +298,7 @@ fn profile_instance_paused_past_its_session_is_fenced_when_it_wakes() {
 
 /// A sample of `name` from A's metrics, if A answers.
 fn metric(p: &Pipeline, name: &str) -> Option<f64> {
-    let (status, body) = kairos_tests::http_get(p.admin["profile"], "/metrics")?;
+    let (status, body) = kairos_tests::http_get(p.admin("profile"), "/metrics")?;
     (status == 200).then(|| sample(&body, name, &[]))
 }
 
