@@ -168,7 +168,7 @@ pub enum Placement {
 pub struct ProducerWriteAhead {
     config: Option<Config>,
     producer: Mutex<Option<FutureProducer>>,
-    reader: Mutex<Option<ChangelogReader>>,
+    reader: Mutex<Option<Arc<ChangelogReader>>>,
     claim_reads: std::sync::atomic::AtomicU64,
 }
 
@@ -200,21 +200,34 @@ impl ProducerWriteAhead {
     }
 
     fn producer(&self) -> anyhow::Result<FutureProducer> {
-        let mut slot = self
-            .producer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the write-ahead producer's lock is poisoned"))?;
-        if let Some(producer) = slot.as_ref() {
-            return Ok(producer.clone());
-        }
-        let config = self
-            .config
-            .as_ref()
-            .context("no configuration to make a write-ahead producer from")?;
-        let producer = kafka::write_ahead_producer(config)?;
-        *slot = Some(producer.clone());
-        Ok(producer)
+        made_once(&self.producer, "write-ahead producer", || {
+            kafka::write_ahead_producer(self.config()?)
+        })
     }
+
+    fn config(&self) -> anyhow::Result<&Config> {
+        self.config
+            .as_ref()
+            .context("no configuration to make a Kafka client from")
+    }
+}
+
+/// What `slot` holds, made by `make` the first time it is asked for (a Kafka client
+/// that most processes never need).
+fn made_once<T: Clone>(
+    slot: &Mutex<Option<T>>,
+    what: &str,
+    make: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut slot = slot
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the {what}'s lock is poisoned"))?;
+    if let Some(made) = slot.as_ref() {
+        return Ok(made.clone());
+    }
+    let made = make()?;
+    *slot = Some(made.clone());
+    Ok(made)
 }
 
 impl WriteAhead for ProducerWriteAhead {
@@ -277,22 +290,13 @@ impl WriteAhead for ProducerWriteAhead {
         range: std::ops::Range<i64>,
         own: &OwnSpan,
     ) -> anyhow::Result<bool> {
-        let mut slot = self
-            .reader
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the claim check reader's lock is poisoned"))?;
-        if slot.is_none() {
-            let config = self
-                .config
-                .as_ref()
-                .context("no configuration to make a changelog reader from")?;
-            *slot = Some(ChangelogReader::new(config)?);
-        }
-        let reader = slot.as_ref().context("no changelog reader")?;
+        let reader = made_once(&self.reader, "claim check reader", || {
+            Ok(Arc::new(ChangelogReader::new(self.config()?)?))
+        })?;
         self.claim_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let others = (range.end - range.start) as u64;
-        Ok(inspect_gap(reader, changelog, partition, own, range, others)?.claimed)
+        Ok(inspect_gap(&reader, changelog, partition, own, range, others)?.claimed)
     }
 }
 
@@ -2356,16 +2360,9 @@ impl ChangelogReader {
     }
 
     fn producer(&self, config: &Config) -> anyhow::Result<FutureProducer> {
-        let mut slot = self
-            .producer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the restore producer's lock is poisoned"))?;
-        if let Some(producer) = slot.as_ref() {
-            return Ok(producer.clone());
-        }
-        let producer = kafka::producer(config)?;
-        *slot = Some(producer.clone());
-        Ok(producer)
+        made_once(&self.producer, "restore producer", || {
+            kafka::producer(config)
+        })
     }
 }
 
