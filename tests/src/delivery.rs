@@ -21,27 +21,37 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub fn start(dir: &Path) -> SmtpSink {
-        let port = free_port();
         let out = dir.join("mail");
-        let child = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "smtp_sink.Sink"])
-            .arg(&out)
-            .args(["2", "3"])
-            .env("PYTHONPATH", repo_root().join("tests/support"))
-            .spawn()
-            .expect("start aiosmtpd (make test installs python3-aiosmtpd)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "SMTP server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
+        // The port is chosen before the server binds it, and another socket can take
+        // it in between: a server that exits instead of listening gets another port.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("/usr/bin/python3")
+                .args(["-m", "aiosmtpd", "-n", "-l"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-c", "smtp_sink.Sink"])
+                .arg(&out)
+                .args(["2", "3"])
+                .env("PYTHONPATH", repo_root().join("tests/support"))
+                .spawn()
+                .expect("start aiosmtpd (make test installs python3-aiosmtpd)");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return SmtpSink {
+                        child,
+                        port,
+                        dir: out,
+                    };
+                }
+                if child.try_wait().expect("aiosmtpd status").is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "SMTP server did not listen");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        SmtpSink {
-            child,
-            port,
-            dir: out,
-        }
+        panic!("SMTP server exited five times without listening");
     }
 
     /// Every accepted message as (headers, body).
