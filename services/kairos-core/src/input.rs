@@ -60,14 +60,26 @@ pub fn decode_receipt(
     Ok(r)
 }
 
-/// An amount must be a number and not negative: a negative total would add to the
-/// revenue a refund takes away, a negative price would be a drop of over 100%, and NaN
-/// would poison every sum it joins.
+/// The largest amount (a total, a price) an input may carry: no order is worth a
+/// trillion, and below it sums of amounts and quantities stay finite.
+pub const MAX_AMOUNT: f64 = 1e12;
+
+/// The largest quantity of one line item.
+pub const MAX_QUANTITY: i32 = 1_000_000;
+
+/// An amount must be a number, not negative and at most [`MAX_AMOUNT`]: a negative
+/// total would add to the revenue a refund takes away, a negative price would be a drop
+/// of over 100%, NaN would poison every sum it joins, and a huge one would make the
+/// revenue infinite for good.
 pub fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
     match amount {
         Some(a) if !a.is_finite() || a < 0.0 => Err(Rejection::new(
             DeadLetterReason::invalid_field,
             format!("{field} {a} is not a non-negative amount"),
+        )),
+        Some(a) if a > MAX_AMOUNT => Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} {a:e} is above the largest amount accepted ({MAX_AMOUNT:e})"),
         )),
         _ => Ok(()),
     }
@@ -79,6 +91,15 @@ fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
                 format!("items[{i}].quantity {} is below 1", item.quantity),
+            ));
+        }
+        if item.quantity > MAX_QUANTITY {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!(
+                    "items[{i}].quantity {} is above the largest accepted ({MAX_QUANTITY})",
+                    item.quantity
+                ),
             ));
         }
         check_amount(&format!("items[{i}].unit_price"), Some(item.unit_price))?;
@@ -130,6 +151,14 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
     check_amount("order.total", e.order.as_ref().and_then(|o| o.total))?;
     check_amount("product.price", e.product.as_ref().and_then(|p| p.price))?;
     check_items(&e.items)?;
+    if let Some(ends) = e.profile.as_ref().and_then(|p| p.subscription_ends_at) {
+        crate::time::check_input_time(ends).map_err(|reason| {
+            Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!("profile.subscription_ends_at: {reason}"),
+            )
+        })?;
+    }
     if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
         if calendar::month_day(b).is_none() {
             return Err(Rejection::new(

@@ -70,8 +70,25 @@ pub fn wall_now() -> Millis {
         .unwrap_or(0)
 }
 
+/// The times an input may carry: from 1970-01-01 to the end of 9999. Anything outside
+/// is a broken clock or a bad field, and the durations added to an event's time (a
+/// 30-day wait, a year to the next birthday) stay far from `i64`'s limits.
+pub const INPUT_TIMES: std::ops::RangeInclusive<Millis> = 0..=253_402_300_799_999;
+
+/// `at` if it lies in [`INPUT_TIMES`], else why not (for the dead-letter reason).
+pub fn check_input_time(at: Millis) -> Result<Millis, String> {
+    if INPUT_TIMES.contains(&at) {
+        Ok(at)
+    } else {
+        Err(format!(
+            "timestamp {at} is outside 1970-01-01T00:00:00Z..9999-12-31T23:59:59.999Z"
+        ))
+    }
+}
+
 /// Accepts epoch milliseconds (integer) or an RFC 3339 string such as
-/// `2026-11-22T10:00:00Z`, so hand-written `kcat` events stay readable.
+/// `2026-11-22T10:00:00Z`, so hand-written `kcat` events stay readable; either must lie
+/// in [`INPUT_TIMES`].
 pub fn deserialize_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Millis, D::Error> {
     struct MillisVisitor;
     impl serde::de::Visitor<'_> for MillisVisitor {
@@ -80,18 +97,26 @@ pub fn deserialize_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<
             f.write_str("epoch milliseconds or an RFC 3339 timestamp")
         }
         fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Millis, E> {
-            Ok(v)
+            check_input_time(v).map_err(E::custom)
         }
         fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Millis, E> {
-            i64::try_from(v).map_err(|_| E::custom("timestamp out of range"))
+            let v = i64::try_from(v).unwrap_or(i64::MAX);
+            check_input_time(v).map_err(E::custom)
         }
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Millis, E> {
-            Ok(v as Millis)
+            // Saturates (NaN to 0), and a saturated value is out of range.
+            if !v.is_finite() {
+                return Err(E::custom(format!(
+                    "timestamp {v} is not a number of milliseconds"
+                )));
+            }
+            check_input_time(v as Millis).map_err(E::custom)
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Millis, E> {
-            chrono::DateTime::parse_from_rfc3339(v)
+            let at = chrono::DateTime::parse_from_rfc3339(v)
                 .map(|t| t.timestamp_millis())
-                .map_err(|e| E::custom(format!("invalid RFC 3339 timestamp {v:?}: {e}")))
+                .map_err(|e| E::custom(format!("invalid RFC 3339 timestamp {v:?}: {e}")))?;
+            check_input_time(at).map_err(E::custom)
         }
     }
     deserializer.deserialize_any(MillisVisitor)

@@ -18,6 +18,8 @@ const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
 const RECENT_ORDERS: usize = 20;
+/// Distinct products a cart holds (the earliest added leave first).
+const MAX_CART_ITEMS: usize = 100;
 
 /// A recently viewed product. Stored, like all state, as a row of its fields (see
 /// `kairos_core::encoding::encode_state`): a profile holds up to 20 of these.
@@ -614,8 +616,19 @@ impl CustomerProfile {
                     item.quantity -= self.cancel_against_pending_removals(&item, at);
                     match existing {
                         _ if item.quantity <= 0 => {}
-                        Some(i) => self.cart[i].quantity += item.quantity,
-                        None => self.cart.push(item),
+                        Some(i) => {
+                            let held = &mut self.cart[i].quantity;
+                            *held = held.saturating_add(item.quantity);
+                        }
+                        None => {
+                            // A bot adding thousands of products must not grow the
+                            // profile and every cart trigger without bound: the
+                            // earliest additions go first.
+                            if self.cart.len() >= MAX_CART_ITEMS {
+                                self.cart.remove(0);
+                            }
+                            self.cart.push(item);
+                        }
                     }
                 }
                 EventType::remove_from_cart => {
@@ -1428,6 +1441,33 @@ mod tests {
             .iter()
             .map(|i| (i.product_id.as_str(), i.quantity))
             .collect()
+    }
+
+    #[test]
+    fn a_cart_keeps_its_latest_products_and_a_quantity_saturates() {
+        let mut p = CustomerProfile::new("c1", 0);
+        for i in 0..(MAX_CART_ITEMS as i64 + 50) {
+            p.update_cart(&cart_change("add_to_cart", &format!("p-{i}"), 1, 100 + i));
+        }
+        assert_eq!(p.cart.len(), MAX_CART_ITEMS);
+        assert_eq!(
+            p.cart[0].product_id, "p-50",
+            "the earliest additions left first"
+        );
+        assert_eq!(
+            p.cart.last().map(|i| i.product_id.as_str()),
+            Some(format!("p-{}", MAX_CART_ITEMS + 49).as_str())
+        );
+        // Validation bounds one event's quantity; many events must not wrap around.
+        p.update_cart(&cart_change("add_to_cart", "p-60", i32::MAX, 1_000));
+        p.update_cart(&cart_change("add_to_cart", "p-60", i32::MAX, 1_001));
+        let held = p
+            .cart
+            .iter()
+            .find(|i| i.product_id == "p-60")
+            .map(|i| i.quantity);
+        assert_eq!(held, Some(i32::MAX));
+        assert!(p.cart_value() > 0.0, "{}", p.cart_value());
     }
 
     #[test]

@@ -1816,6 +1816,74 @@ fn amounts_that_are_negative_or_quantities_below_one_are_dead_lettered() {
 }
 
 #[test]
+fn times_outside_the_calendar_and_huge_amounts_or_quantities_are_dead_lettered() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let view = json!({"page_url": "/", "occurred_at": i64::MIN});
+    h.site("ex-1", "page_view", "ex", t, view);
+    let early = json!({"page_url": "/", "occurred_at": "0001-01-01T00:00:00Z"});
+    h.site("ex-2", "page_view", "ex", t, early);
+    h.site("ex-3", "purchase", "ex", t, order("o-ex3", 1e300, None));
+    h.site(
+        "ex-4",
+        "add_to_cart",
+        "ex",
+        t,
+        json!({"items": [{"product_id": "p-1", "quantity": 2_000_000, "unit_price": 5.0}]}),
+    );
+    h.site(
+        "ex-5",
+        "profile_update",
+        "ex",
+        t,
+        json!({"profile": {"subscription_ends_at": i64::MIN}}),
+    );
+    h.site("ex-6", "page_view", "ex", t, json!({"occurred_at": 1e300}));
+    let reasons: Vec<String> = h
+        .on("deadletter")
+        .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(reasons.len(), 6, "{reasons:#?}");
+    assert!(reasons[0].contains("outside 1970-01-01"), "{reasons:#?}");
+    assert!(reasons[1].contains("outside 1970-01-01"), "{reasons:#?}");
+    assert!(
+        reasons[2].contains("order.total 1e300 is above"),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons[3].contains("items[0].quantity 2000000 is above"),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons[4].contains("profile.subscription_ends_at: timestamp"),
+        "{reasons:#?}"
+    );
+    assert!(reasons[5].contains("outside 1970-01-01"), "{reasons:#?}");
+    assert!(h.on("customer-actions").next().is_none(), "nothing applied");
+    assert!(h.on("triggers").next().is_none(), "nothing scheduled");
+
+    // The bounds themselves are accepted.
+    let last = json!({"page_url": "/", "occurred_at": "9999-12-31T23:59:59.999Z"});
+    let mut h = Harness::new();
+    h.site(
+        "ex-7",
+        "page_view",
+        "ex",
+        t,
+        json!({"page_url": "/", "occurred_at": 0}),
+    );
+    h.site("ex-8", "page_view", "ex", t, last);
+    let dead: Vec<String> = h
+        .on("deadletter")
+        .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        dead.iter().all(|r| !r.contains("outside 1970")),
+        "{dead:#?}"
+    );
+}
+
+#[test]
 fn in_wall_clock_mode_an_event_days_ahead_of_the_clock_is_dead_lettered() {
     let mut h = Harness::with(CONFIG, ClockMode::Wall);
     let now = kairos_core::time::wall_now();
