@@ -207,10 +207,20 @@ pub struct Queued {
     /// `REASONS_KEPT`), for the send command's reason trail.
     #[serde(default)]
     pub reasons: Vec<String>,
+    /// When it began waiting for a merged customer's ledger (`MERGE_PENDING`), so the
+    /// wait is bounded by `MERGE_WAIT_LIMIT`.
+    #[serde(default)]
+    pub merge_wait_since: Option<Millis>,
 }
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
 const MERGE_WAIT: Millis = 60_000;
+/// How long a trigger waits for a merged customer's ledger in all. Merges cross
+/// partitions in seconds; one that has not come within an hour is not coming (it went
+/// to the dead-letter topic, or it came so long ago that the ledger no longer lists
+/// it among those it absorbed), and waiting on would let even an order confirmation
+/// expire.
+const MERGE_WAIT_LIMIT: Millis = 60 * 60_000;
 /// The rule of a trigger held by a running chain of higher priority.
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
@@ -246,8 +256,10 @@ const TRIGGERS_KEPT: usize = 4_096;
 /// over are one each).
 const MERGES_KEPT: usize = 256;
 
-/// How many absorbed customer ids a ledger keeps.
-const ABSORBED_KEPT: usize = 16;
+/// How many absorbed customer ids a ledger keeps: well beyond the 16 direct merges the
+/// profile names in a trigger's `merged_from`, as the ids a merged customer had
+/// absorbed come along too.
+const ABSORBED_KEPT: usize = 64;
 
 /// Records the trigger `h` (valid until `valid_until`) as decided; false when it was
 /// decided before. Beyond the newest `RECENT_TRIGGERS`, ids of triggers past their
@@ -608,10 +620,23 @@ impl ArbiterProcessor {
         if let Some(pending) = t.merged_from.iter().find(|m| !ledger.absorbed.contains(m)) {
             // Decided without the merged customer's sends and suppressions, this could
             // break a cap or an unsubscribe: wait for its ledger (it is on its way).
-            return Verdict::defer(
-                now + MERGE_WAIT,
-                MERGE_PENDING,
-                format!("waiting for the state of {pending}, merged into this customer"),
+            let since = ledger
+                .queued
+                .get(&t.trigger_id)
+                .and_then(|q| q.merge_wait_since);
+            if since.is_none_or(|since| now - since < MERGE_WAIT_LIMIT) {
+                return Verdict::defer(
+                    now + MERGE_WAIT,
+                    MERGE_PENDING,
+                    format!("waiting for the state of {pending}, merged into this customer"),
+                );
+            }
+            tracing::warn!(
+                customer = %t.customer_id,
+                trigger = %t.trigger_id,
+                merged = %pending,
+                "the merged customer's ledger did not come within an hour: the trigger is \
+                 decided without it"
             );
         }
         let progress = chain
@@ -1667,11 +1692,13 @@ impl ArbiterProcessor {
                     self.send_ledger(ctx, &a.action_id, from, &into, at, &merged)?;
                     return Ok(true);
                 }
+                let handed_over = std::mem::take(&mut merged.queued);
+                ledger.absorb(merged);
+                // After the ids it brings along: the direct merge, which the
+                // profile names in this customer's triggers, is the newest.
                 if let Some(from) = &a.merged_from {
                     note_absorbed(&mut ledger.absorbed, from.clone());
                 }
-                let handed_over = std::mem::take(&mut merged.queued);
-                ledger.absorb(merged);
                 let from = a.merged_from.as_deref().unwrap_or("a merged customer");
                 self.take_over_queue(ctx, ledger, &a.customer_id, from, handed_over)?;
             }
@@ -1951,6 +1978,7 @@ impl ArbiterProcessor {
             step: t.step,
             reasons: Vec::new(),
             trigger: Some(Box::new(t)),
+            merge_wait_since: None,
         };
         self.send_carrier(ctx, &from, into, now, trigger_id, q)
     }
@@ -2442,6 +2470,8 @@ impl ArbiterProcessor {
             if !polled_again {
                 note_reason(&mut reasons, rule, &reason);
             }
+            let merge_wait_since = (rule == MERGE_PENDING)
+                .then(|| earlier.and_then(|q| q.merge_wait_since).unwrap_or(now));
             ledger.queued.insert(
                 t.trigger_id.clone(),
                 Queued {
@@ -2454,6 +2484,7 @@ impl ArbiterProcessor {
                     chain,
                     step: t.step,
                     reasons,
+                    merge_wait_since,
                 },
             );
             if polled_again {

@@ -565,8 +565,8 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
         (first.outcome, first.rule.as_str()),
         (DecisionOutcome::deferred, "merge_pending")
     );
-    // Two hours of polling every minute for the merged ledger: no new decisions.
-    a.advance_to(T0 + 2 * HOUR);
+    // Fifty minutes of polling every minute for the merged ledger: no new decisions.
+    a.advance_to(T0 + 50 * MINUTE);
     assert_eq!(a.decisions_of("m1").len(), 1, "{:#?}", a.decisions_of("m1"));
     assert!(
         a.sends.is_empty(),
@@ -580,11 +580,11 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
             "merge-c0".into(),
             "c1".into(),
             CustomerActionKind::merge_in,
-            T0 + 2 * HOUR,
+            T0 + 50 * MINUTE,
         )
     };
     a.push("customer-actions", "c1", &merge_in);
-    a.advance_to(T0 + 2 * HOUR + 2 * MINUTE);
+    a.advance_to(T0 + 52 * MINUTE);
     let rules: Vec<_> = a
         .decisions_of("m1")
         .iter()
@@ -598,6 +598,51 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
         ]
     );
     assert_eq!(a.sends.len(), 1);
+}
+
+#[test]
+fn a_merged_ledger_that_never_comes_is_waited_for_an_hour_only() {
+    let mut a = Arbiter::new();
+    // An order confirmation of a customer whose merged ledger was lost (dead-lettered).
+    let mut t = a.trigger_of("lost1", "order_status", MessageCategory::transactional, T0);
+    t.valid_until = T0 + DAY;
+    t.merged_from = vec!["c-lost".into()];
+    assert_eq!(a.push_trigger(&t).rule, "merge_pending");
+    a.advance_to(T0 + 59 * MINUTE);
+    assert!(a.sends.is_empty(), "still waiting within the hour");
+    a.advance_to(T0 + HOUR + 2 * MINUTE);
+    let decided: Vec<_> = a.decisions_of("lost1").iter().map(|d| d.outcome).collect();
+    assert_eq!(
+        decided,
+        [DecisionOutcome::deferred, DecisionOutcome::sent],
+        "{:#?}",
+        a.decisions_of("lost1")
+    );
+    assert_eq!(a.sends.len(), 1);
+}
+
+#[test]
+fn a_direct_merge_stays_known_however_many_ids_the_merged_ledger_brings_along() {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let mut a = Arbiter::new();
+    // c0 had absorbed 80 anonymous visitors before it merged into c1.
+    let brought: Vec<String> = (0..80).map(|i| format!("anon:{i}")).collect();
+    let merge_in = CustomerAction {
+        state: Some(serde_json::json!({ "absorbed": brought }).to_string()),
+        merged_from: Some("c0".into()),
+        ..CustomerAction::new(
+            "merge-c0".into(),
+            "c1".into(),
+            CustomerActionKind::merge_in,
+            T0,
+        )
+    };
+    a.push("customer-actions", "c1", &merge_in);
+    // The profile names c0 (its direct merge) in every later trigger of c1.
+    let mut t = a.trigger_of("after1", "order_status", MessageCategory::transactional, T0);
+    t.merged_from = vec!["c0".into()];
+    let d = a.push_trigger(&t);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }
 
 #[test]
