@@ -34,7 +34,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod segments;
 
-use profile::{CustomerProfile, Reversal, ReversalKind};
+use profile::{CustomerProfile, PurchaseApplied, Reversal, ReversalKind};
 
 /// A decoded input of the profile processor.
 #[derive(Debug, Clone)]
@@ -423,18 +423,22 @@ impl ProfileProcessor {
                 let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 let latest = p.last_purchase_at;
-                if p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
-                    let purchase = Purchase {
-                        event_id: &e.event_id,
-                        at: e.occurred_at,
-                        latest_before: latest,
-                        order_id,
-                        offline: false,
-                    };
-                    self.after_purchase(ctx, &mut p, purchase)?;
-                    purchase_changed = true;
-                } else {
-                    self.metrics.duplicates.inc();
+                match p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
+                    PurchaseApplied::Counted => {
+                        let purchase = Purchase {
+                            event_id: &e.event_id,
+                            at: e.occurred_at,
+                            latest_before: latest,
+                            order_id,
+                            offline: false,
+                        };
+                        self.after_purchase(ctx, &mut p, purchase)?;
+                        purchase_changed = true;
+                    }
+                    PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
+                    // Cancelled before it came: no purchase, but the revenue the
+                    // cancellation took comes back.
+                    PurchaseApplied::CancelledBefore => purchase_changed = true,
                 }
             }
             EventType::order_status => {
@@ -1024,19 +1028,23 @@ impl ProfileProcessor {
         match r.kind {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
-                if p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
-                    // An offline purchase ends the online cart reminder too.
-                    let purchase = Purchase {
-                        event_id: &r.event_id,
-                        at: r.occurred_at,
-                        latest_before: latest,
-                        order_id: Some(r.receipt_id.clone()),
-                        offline: true,
-                    };
-                    self.after_purchase(ctx, &mut p, purchase)?;
-                    self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
-                } else {
-                    self.metrics.duplicates.inc();
+                match p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
+                    PurchaseApplied::Counted => {
+                        // An offline purchase ends the online cart reminder too.
+                        let purchase = Purchase {
+                            event_id: &r.event_id,
+                            at: r.occurred_at,
+                            latest_before: latest,
+                            order_id: Some(r.receipt_id.clone()),
+                            offline: true,
+                        };
+                        self.after_purchase(ctx, &mut p, purchase)?;
+                        self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+                    }
+                    PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
+                    PurchaseApplied::CancelledBefore => {
+                        self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+                    }
                 }
             }
             ReceiptKind::refund => {
@@ -1672,10 +1680,9 @@ impl ProfileProcessor {
                     let key = format!("ret/{}/{order}", p.customer_id);
                     // Marks of orders the profile does not hold among its recent ones
                     // (and of every order, before it held them).
+                    // Kept for every post-purchase scenario of the order: its expiry
+                    // timer deletes it once none can fire any more.
                     let marked = ctx.get::<bool>(&key)?.is_some();
-                    if marked {
-                        ctx.delete(&key);
-                    }
                     if marked || p.order_returned(order) {
                         return Ok(());
                     }

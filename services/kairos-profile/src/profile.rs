@@ -157,6 +157,42 @@ pub struct CustomerProfile {
     /// (see [`PendingCartRemoval`]), oldest first, bounded.
     #[serde(default)]
     pub pending_cart_removals: Vec<PendingCartRemoval>,
+    /// Returns and cancellations of orders not among `recent_orders` when they came
+    /// (see [`EarlyReversal`]), oldest first, bounded.
+    #[serde(default)]
+    pub early_reversals: Vec<EarlyReversal>,
+}
+
+/// A return or cancellation of an order the profile did not hold when it came: the
+/// order was counted long ago, or its purchase is still on its way (the site's and the
+/// app's topics are consumed independently). Its amount leaves the revenue at once, as
+/// for an old order; if the purchase comes after all, it is applied as already
+/// returned or cancelled, with what was taken out counted. Fields may only be appended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EarlyReversal {
+    pub order_id: String,
+    /// A cancellation (else a return).
+    pub cancelled: bool,
+    /// The amount it named; `None`: the whole order.
+    pub amount: Option<f64>,
+    /// What it took out of the revenue when it came.
+    pub revenue_taken: f64,
+    pub at: Millis,
+}
+
+/// Early reversals kept per customer.
+const MAX_EARLY_REVERSALS: usize = 8;
+
+/// What a purchase did to the profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurchaseApplied {
+    /// A new purchase, counted (a return that came before it applied too).
+    Counted,
+    /// The order was counted before (a re-sent purchase).
+    AlreadyCounted,
+    /// Its cancellation came first: it counts for nothing.
+    CancelledBefore,
 }
 
 /// A removal from the cart that found less of its product than it took away: the
@@ -418,6 +454,17 @@ impl CustomerProfile {
                 self.recent_orders.push(order);
             }
         }
+        for reversal in other.early_reversals {
+            if !self.early_reversals.contains(&reversal) {
+                self.early_reversals.push(reversal);
+            }
+        }
+        self.early_reversals.sort_by_key(|r| r.at);
+        let excess = self
+            .early_reversals
+            .len()
+            .saturating_sub(MAX_EARLY_REVERSALS);
+        self.early_reversals.drain(..excess);
         for refund in other.recent_refunds {
             if !self.recent_refunds.contains(&refund) {
                 self.recent_refunds.push(refund);
@@ -754,11 +801,16 @@ impl CustomerProfile {
         total: f64,
         offline: bool,
         order_id: Option<String>,
-    ) -> bool {
+    ) -> PurchaseApplied {
+        let mut came_first = Vec::new();
         if let Some(id) = &order_id {
             if self.recent_orders.iter().any(|o| o.order_id == *id) {
-                return false;
+                return PurchaseApplied::AlreadyCounted;
             }
+            let (theirs, rest) = std::mem::take(&mut self.early_reversals)
+                .into_iter()
+                .partition(|r| r.order_id == *id);
+            (came_first, self.early_reversals) = (theirs, rest);
             if self.recent_orders.len() >= RECENT_ORDERS {
                 self.recent_orders.remove(0);
             }
@@ -770,6 +822,17 @@ impl CustomerProfile {
                 offline,
                 ..Default::default()
             });
+        }
+        let taken: f64 = came_first.iter().map(|r| r.revenue_taken).sum();
+        if came_first.iter().any(|r| r.cancelled) {
+            // Nothing of it counts: what the cancellation took from the revenue
+            // (taken for an old order) comes back.
+            self.revenue += taken;
+            if let Some(order) = self.recent_orders.last_mut() {
+                order.reversed = true;
+                order.cancelled = true;
+            }
+            return PurchaseApplied::CancelledBefore;
         }
         self.orders += 1;
         if offline {
@@ -784,7 +847,21 @@ impl CustomerProfile {
         if !offline || self.cart_updated_at.is_none_or(|changed| changed <= at) {
             self.cart.clear();
         }
-        true
+        if !came_first.is_empty() {
+            // Returns that came first: the order counts, their amounts (the whole
+            // order for one naming none) do not; what they took out already stays out.
+            let returned = came_first
+                .iter()
+                .map(|r| r.amount.unwrap_or(total))
+                .sum::<f64>()
+                .min(total);
+            self.revenue = (self.revenue - (returned - taken)).max(0.0);
+            if let Some(order) = self.recent_orders.last_mut() {
+                order.returned_amount = returned;
+                order.reversed = returned >= total - 1e-9;
+            }
+        }
+        PurchaseApplied::Counted
     }
 
     /// Takes a returned or cancelled order out of the revenue: `total` when the event
@@ -859,7 +936,19 @@ impl CustomerProfile {
                 let cancelled_at = order.cancelled.then_some(order.at);
                 (amount, true, order.offline, cancelled_at)
             }
-            None => (total.unwrap_or(0.0), false, false, None),
+            None => {
+                // The same reversal re-sent (a new event id, the same time and amount).
+                let cancelled = kind == ReversalKind::Cancellation;
+                if self.early_reversals.iter().any(|r| {
+                    r.order_id == order_id
+                        && r.cancelled == cancelled
+                        && r.at == at
+                        && r.amount == total
+                }) {
+                    return Reversal::AlreadyReversed;
+                }
+                (total.unwrap_or(0.0), false, false, None)
+            }
         };
         match kind {
             ReversalKind::Return => self.returns += 1,
@@ -872,7 +961,20 @@ impl CustomerProfile {
             // An order not among the recent ones may never have been counted here.
             ReversalKind::Cancellation => {}
         }
+        let before = self.revenue;
         self.revenue = (self.revenue - amount).max(0.0);
+        if !known {
+            if self.early_reversals.len() >= MAX_EARLY_REVERSALS {
+                self.early_reversals.remove(0);
+            }
+            self.early_reversals.push(EarlyReversal {
+                order_id: order_id.to_string(),
+                cancelled: kind == ReversalKind::Cancellation,
+                amount: total,
+                revenue_taken: before - self.revenue,
+                at,
+            });
+        }
         if let Some(at) = cancelled_at {
             self.forget_purchase_time(at);
         }
@@ -922,6 +1024,7 @@ impl CustomerProfile {
         self.recent_orders
             .iter()
             .any(|o| o.order_id == order_id && (o.reversed || o.returned_amount > 0.0))
+            || self.early_reversals.iter().any(|r| r.order_id == order_id)
     }
 
     /// A till refund (it names no original receipt): its own amount leaves the
@@ -1370,11 +1473,21 @@ mod tests {
     #[test]
     fn returns_and_cancellations_take_out_what_the_order_counted_once() {
         let mut p = CustomerProfile::new("c1", 0);
-        assert!(p.record_purchase(10, 80.0, false, Some("o-1".into())));
-        assert!(p.record_purchase(20, 20.0, true, Some("r-2".into())));
-        assert!(p.record_purchase(25, 40.0, false, Some("o-3".into())));
+        assert_eq!(
+            p.record_purchase(10, 80.0, false, Some("o-1".into())),
+            PurchaseApplied::Counted
+        );
+        assert_eq!(
+            p.record_purchase(20, 20.0, true, Some("r-2".into())),
+            PurchaseApplied::Counted
+        );
+        assert_eq!(
+            p.record_purchase(25, 40.0, false, Some("o-3".into())),
+            PurchaseApplied::Counted
+        );
         assert!(
-            !p.record_purchase(30, 80.0, false, Some("o-1".into())),
+            p.record_purchase(30, 80.0, false, Some("o-1".into()))
+                == PurchaseApplied::AlreadyCounted,
             "re-sent"
         );
         assert_eq!((p.orders, p.offline_orders, p.revenue), (3, 1, 140.0));
@@ -1416,13 +1529,22 @@ mod tests {
             unit_price: 5.0,
         });
         p.cart_updated_at = Some(100);
-        assert!(p.record_purchase(90, 40.0, true, Some("r-1".into())));
+        assert_eq!(
+            p.record_purchase(90, 40.0, true, Some("r-1".into())),
+            PurchaseApplied::Counted
+        );
         assert_eq!(p.cart.len(), 1);
         // Online, the cart is what was bought, whatever the device's clock said.
-        assert!(p.record_purchase(95, 5.0, false, Some("o-2".into())));
+        assert_eq!(
+            p.record_purchase(95, 5.0, false, Some("o-2".into())),
+            PurchaseApplied::Counted
+        );
         assert!(p.cart.is_empty());
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"));
-        assert!(p.record_purchase(93, 5.0, false, Some("o-3".into())));
+        assert_eq!(
+            p.record_purchase(93, 5.0, false, Some("o-3".into())),
+            PurchaseApplied::Counted
+        );
         assert_eq!(p.last_order_id.as_deref(), Some("o-2"), "the latest stays");
     }
 

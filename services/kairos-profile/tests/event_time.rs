@@ -702,24 +702,76 @@ fn a_return_mark_holds_off_a_late_purchases_follow_up_and_then_expires() {
     h.commit();
     let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
     assert_eq!(marks, ["ret/rm/o-rm1", "ret/rm/o-rm2"]);
-    // No review request for the order sent back; its mark goes when it is read.
+    // No review request for the order sent back. Its mark stays after it is read (a
+    // second post-purchase scenario of the order reads it too).
     h.advance(t + 14 * DAY);
     assert!(h.triggers("rm", "post_purchase").is_empty());
     h.commit();
     let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
-    assert_eq!(marks, ["ret/rm/o-rm2"]);
-    // The other goes once no follow-up of its order could fire any more (14 days of
+    assert_eq!(marks, ["ret/rm/o-rm1", "ret/rm/o-rm2"]);
+    // Both go once no follow-up of their orders could fire any more (14 days of
     // delay, a day of tolerance and a day more).
     h.advance(t + 16 * DAY - MINUTE);
     h.commit();
     assert_eq!(
         h.pipeline.profile_state_keys("ret/").expect("keys").len(),
-        1
+        2
     );
     h.advance(t + 16 * DAY);
     h.commit();
     let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
     assert!(marks.is_empty(), "{marks:?}");
+}
+
+#[test]
+fn a_return_or_cancellation_that_comes_before_its_purchase_is_applied_to_it() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    // Cancelled: the app's status read before the site's purchase.
+    let cancelled = order("o-rb", 80.0, Some("cancelled"));
+    h.site("rb-cancel", "order_status", "rb", t + HOUR, cancelled);
+    h.site("rb-buy", "purchase", "rb", t, order("o-rb", 80.0, None));
+    // Delivered and returned (no amount: the whole order) before the purchase.
+    let delivered = order_status("o-rr", "delivered");
+    h.site("rr-del", "order_status", "rr", t + DAY, delivered);
+    let returned = order_status("o-rr", "returned");
+    h.site("rr-back", "order_status", "rr", t + DAY + HOUR, returned);
+    h.site("rr-buy", "purchase", "rr", t, order("o-rr", 80.0, None));
+    // A customer with an earlier order: 30 of 80 returned before the purchase came.
+    h.site(
+        "rp-old",
+        "purchase",
+        "rp",
+        t - 10 * DAY,
+        order("o-rp0", 50.0, None),
+    );
+    let part = order("o-rp", 30.0, Some("returned"));
+    h.site("rp-back", "order_status", "rp", t + DAY, part);
+    h.site("rp-buy", "purchase", "rp", t, order("o-rp", 80.0, None));
+    h.advance(t + 30 * DAY);
+    let profile = |c: &str| h.pipeline.profile(c).expect("read").expect("stored");
+    let rb = profile("rb");
+    assert_eq!(
+        (rb.orders, rb.revenue),
+        (0, 0.0),
+        "a cancelled order counts for nothing"
+    );
+    let rr = profile("rr");
+    assert_eq!((rr.orders, rr.revenue, rr.returns), (1, 0.0, 1));
+    let rp = profile("rp");
+    assert_eq!((rp.orders, rp.revenue, rp.returns), (2, 100.0, 1));
+    for c in ["rb", "rr", "rp"] {
+        assert!(h.triggers(c, "post_purchase").is_empty(), "{c}");
+    }
+    assert!(
+        h.triggers("rr", "post_delivery").is_empty(),
+        "no NPS for a returned order"
+    );
+    let purchases_of_rb = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "rb" && a.value["kind"] == "purchase")
+        .count();
+    assert_eq!(purchases_of_rb, 0, "no purchase reaches the arbiter");
 }
 
 #[test]
