@@ -793,6 +793,15 @@ impl ArbiterProcessor {
         // alike, so lift stays comparable.
         if marketing && verdict.outcome == DecisionOutcome::sent {
             if let Some(held) = self.held_out(t) {
+                // Counted against the caps, the gap and the conflict window as the send
+                // it stands for: a control customer is held out of as many triggers as
+                // a treated one gets sends, not of every one a cap would have stopped.
+                if let Some(channel) = verdict.channel {
+                    ledger.sends.push((now, channel, t.category));
+                    ledger
+                        .scenario_sends
+                        .push((now, t.scenario.as_str().into()));
+                }
                 return held;
             }
         }

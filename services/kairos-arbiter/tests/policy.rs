@@ -882,6 +882,35 @@ fn the_control_group_is_drawn_where_a_message_would_go_out() {
 }
 
 #[test]
+fn a_control_customer_meets_the_caps_as_a_treated_one_does() {
+    let control =
+        common::CONFIG.replace("control_group_percent = 0", "control_group_percent = 100");
+    let mut treated = Arbiter::new();
+    let mut held = Arbiter::from_text(&control);
+    let day = |a: &mut Arbiter| -> Vec<(DecisionOutcome, String)> {
+        (0..4)
+            .map(|i| {
+                let d = a.trigger(&format!("p{i}"), "weekly_promo", PROMO, T0 + i * 2 * HOUR);
+                (d.outcome, d.rule)
+            })
+            .collect()
+    };
+    let (treated_day, held_day) = (day(&mut treated), day(&mut held));
+    let sent = treated_day
+        .iter()
+        .filter(|(o, _)| *o == DecisionOutcome::sent)
+        .count();
+    assert!((1..4).contains(&sent), "a cap stops some: {treated_day:#?}");
+    for (t, h) in treated_day.iter().zip(&held_day) {
+        match t.0 {
+            DecisionOutcome::sent => assert_eq!(h.0, DecisionOutcome::held_out, "{held_day:#?}"),
+            _ => assert_eq!(t, h, "the same rule stops both: {held_day:#?}"),
+        }
+    }
+    assert!(held.sends.is_empty(), "nothing goes out: {:#?}", held.sends);
+}
+
+#[test]
 fn a_purchase_is_activity_for_the_inactivity_sunset() {
     let mut a = Arbiter::new();
     a.visit("v1", T0);

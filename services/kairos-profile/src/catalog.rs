@@ -52,6 +52,14 @@ struct ProductState {
     /// price): small steps down add up to a drop worth announcing.
     #[serde(default)]
     reference_price: Option<f64>,
+    /// The time of the update that set `price` (None in older rows): an older one
+    /// arriving later (a feed re-sent, two feeders) neither moves the price back nor
+    /// announces a drop.
+    #[serde(default)]
+    price_at: Option<Millis>,
+    /// The time of the update that set `in_stock`, likewise.
+    #[serde(default)]
+    stock_at: Option<Millis>,
 }
 
 /// The views of one product on one day: customer -> latest view.
@@ -136,10 +144,14 @@ impl CatalogJoin {
     fn apply_update(&mut self, ctx: &mut Ctx<'_>, u: &CatalogUpdate) -> anyhow::Result<()> {
         let key = format!("p/{}", u.product_id);
         let mut product: ProductState = ctx.get(&key)?.unwrap_or_default();
+        // Per field, only what is newer than what the product holds applies.
+        let newer = |set_at: Option<Millis>| set_at.is_none_or(|at| at <= u.occurred_at);
+        let price = u.price.filter(|_| newer(product.price_at));
+        let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
         let reference = product.reference_price.or(product.price);
         let mut announced = false;
-        if let (Some(old), Some(new)) = (reference, u.price) {
+        if let (Some(old), Some(new)) = (reference, price) {
             let drop = if old > 0.0 {
                 100.0 * (old - new) / old
             } else {
@@ -150,26 +162,28 @@ impl CatalogJoin {
                 announced = true;
             }
         }
-        if self.watches_stock && product.in_stock == Some(false) && u.in_stock == Some(true) {
+        if self.watches_stock && product.in_stock == Some(false) && in_stock == Some(true) {
             occasions.push((
                 ProductOccasionKind::back_in_stock,
                 product.price,
-                u.price.or(product.price),
+                price.or(product.price),
             ));
         }
         if u.name.is_some() {
             product.name = u.name.clone();
         }
-        if let Some(new) = u.price {
+        if let Some(new) = price {
             product.price = Some(new);
+            product.price_at = Some(u.occurred_at);
             // An announced drop starts a new reference; a rise raises it.
             product.reference_price = Some(match reference {
                 Some(r) if !announced => r.max(new),
                 _ => new,
             });
         }
-        if u.in_stock.is_some() {
-            product.in_stock = u.in_stock;
+        if in_stock.is_some() {
+            product.in_stock = in_stock;
+            product.stock_at = Some(u.occurred_at);
         }
         ctx.put(&key, &product)?;
         if occasions.is_empty() {

@@ -2774,6 +2774,52 @@ fn a_negative_catalog_price_is_dead_lettered_and_announces_no_drop() {
 }
 
 #[test]
+fn an_older_catalog_update_arriving_later_neither_moves_the_price_back_nor_announces() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "oc-1",
+        "p-oc",
+        t + HOUR,
+        json!({"price": 100.0, "in_stock": false}),
+    );
+    for (customer, kind) in [("oc1", "product_view"), ("oc2", "wishlist_add")] {
+        let seen = json!({"product": product("p-oc", 100.0)});
+        h.site(
+            &format!("{customer}-see"),
+            kind,
+            customer,
+            t + 2 * HOUR,
+            seen,
+        );
+    }
+    // A feed re-sends an update from before the current one: a lower price and the
+    // product in stock, both older than what the catalog holds.
+    let stale = json!({"price": 70.0, "in_stock": true});
+    h.catalog("oc-0", "p-oc", t, stale);
+    h.advance(t + 3 * HOUR);
+    assert!(
+        h.triggers("oc1", "price_drop").is_empty(),
+        "no drop from the past"
+    );
+    assert!(
+        h.triggers("oc2", "back_in_stock").is_empty(),
+        "still out of stock"
+    );
+    // Newer updates apply against the price and stock that stood: 100, out of stock.
+    h.catalog(
+        "oc-2",
+        "p-oc",
+        t + 4 * HOUR,
+        json!({"price": 80.0, "in_stock": true}),
+    );
+    let drops = h.triggers("oc1", "price_drop");
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    assert_eq!(vars(&drops[0])["old_price"], 100.0, "{drops:#?}");
+    assert_eq!(h.triggers("oc2", "back_in_stock").len(), 1);
+}
+
+#[test]
 fn in_wall_clock_mode_a_catalog_update_days_ahead_is_dead_lettered() {
     let mut h = Harness::with(CONFIG, ClockMode::Wall);
     let now = kairos_core::time::wall_now();
