@@ -1325,11 +1325,19 @@ fn cap_reached(
         }
     }
     if let Some(limit) = cap.weekly_cap {
-        if sent.len() >= limit as usize {
-            // Sends are kept for 7 days: the oldest leaving the window frees a slot.
-            let oldest = sent.iter().min().copied().unwrap_or(now);
+        let allowed = limit as usize;
+        if sent.len() >= allowed {
+            // Sends are kept for 7 days: a slot is free once enough of the oldest have
+            // left the window for the count to fall below the cap (more than one when
+            // a merge or a lowered cap put the count above it). A cap of 0 frees none.
+            let mut times = sent.to_vec();
+            times.sort_unstable();
+            let until = match allowed {
+                0 => now + WEEK,
+                _ => times[sent.len() - allowed] + WEEK,
+            };
             return Some(CapReached {
-                until: oldest + WEEK,
+                until,
                 daily: false,
                 count: sent.len(),
                 limit,

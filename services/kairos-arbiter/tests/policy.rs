@@ -911,6 +911,41 @@ fn a_control_customer_meets_the_caps_as_a_treated_one_does() {
 }
 
 #[test]
+fn a_trigger_over_the_weekly_cap_by_several_waits_until_the_count_falls_below_it() {
+    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+    let mut a = Arbiter::with_config("weekly_cap = 2");
+    // A merged ledger brings four sends of the last week: two over the cap.
+    let sends: Vec<_> = (3..=6)
+        .rev()
+        .map(|days| serde_json::json!([T0 - days * DAY, "email", "promo"]))
+        .collect();
+    let merge_in = CustomerAction {
+        state: Some(serde_json::json!({ "sends": sends }).to_string()),
+        merged_from: Some("c0".into()),
+        ..CustomerAction::new(
+            "merge-c0".into(),
+            "c1".into(),
+            CustomerActionKind::merge_in,
+            T0,
+        )
+    };
+    a.push("customer-actions", "c1", &merge_in);
+    let mut t = a.trigger_of("wk1", "weekly_promo", PROMO, T0);
+    t.valid_until = T0 + 10 * DAY;
+    let d = a.push_trigger(&t);
+    assert_eq!(d.outcome, DecisionOutcome::deferred, "{d:#?}");
+    // Three of the four must leave the window: the one sent 4 days ago leaves last.
+    let wake = T0 - 4 * DAY + 7 * DAY;
+    assert!(
+        d.reason.ends_with(&format!("decided again at {wake}")),
+        "{d:#?}"
+    );
+    a.advance_to(wake + MINUTE);
+    let decided: Vec<_> = a.decisions_of("wk1").iter().map(|d| d.outcome).collect();
+    assert_eq!(decided, [DecisionOutcome::deferred, DecisionOutcome::sent]);
+}
+
+#[test]
 fn a_purchase_is_activity_for_the_inactivity_sunset() {
     let mut a = Arbiter::new();
     a.visit("v1", T0);
