@@ -37,7 +37,9 @@ impl SmtpSink {
                 .expect("start aiosmtpd (make test installs python3-aiosmtpd)");
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Its greeting, not a bare connection: another process's listener may
+                // hold the port while this server exits.
+                if smtp_greets(port) {
                     return SmtpSink {
                         child,
                         port,
@@ -95,6 +97,17 @@ impl SmtpSink {
         }
         counts
     }
+}
+
+/// Whether an SMTP server answers on `port` with its `220` greeting.
+fn smtp_greets(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut greeting = [0u8; 3];
+    stream.read_exact(&mut greeting).is_ok() && &greeting == b"220"
 }
 
 impl Drop for SmtpSink {

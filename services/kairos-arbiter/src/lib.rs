@@ -303,11 +303,10 @@ fn note_reason(reasons: &mut Vec<String>, rule: &str, reason: &str) {
     reasons.push([rule, ": ", reason].concat());
 }
 
-/// Adds `id` to the absorbed customers (newest last, bounded by `ABSORBED_KEPT`).
+/// Adds `id` to the absorbed customers as the newest (moved there if listed already;
+/// bounded by `ABSORBED_KEPT`, the oldest leaving first).
 fn note_absorbed(absorbed: &mut Vec<String>, id: String) {
-    if absorbed.contains(&id) {
-        return;
-    }
+    absorbed.retain(|known| *known != id);
     if absorbed.len() >= ABSORBED_KEPT {
         absorbed.remove(0);
     }
@@ -2487,8 +2486,10 @@ impl ArbiterProcessor {
             if !polled_again {
                 note_reason(&mut reasons, rule, &reason);
             }
-            let merge_wait_since = (rule == MERGE_PENDING)
-                .then(|| earlier.and_then(|q| q.merge_wait_since).unwrap_or(now));
+            // Kept through other deferrals: the hour is counted once.
+            let merge_wait_since = earlier
+                .and_then(|q| q.merge_wait_since)
+                .or((rule == MERGE_PENDING).then_some(now));
             ledger.queued.insert(
                 t.trigger_id.clone(),
                 Queued {

@@ -622,6 +622,40 @@ fn a_merged_ledger_that_never_comes_is_waited_for_an_hour_only() {
 }
 
 #[test]
+fn the_hour_of_waiting_for_a_merged_ledger_is_counted_once_across_other_deferrals() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"10:00\"\nquiet_hours_end = \"11:00\"");
+    a.time_zone = Some("UTC".into());
+    // 09:00 UTC: waits for a ledger that never comes; at 10:00 the hour is over, and
+    // quiet hours (10:00 to 11:00) defer it again.
+    let mut t = a.trigger_of("mq1", "welcome", TRIGGER, T0);
+    t.merged_from = vec!["c-lost".into()];
+    assert_eq!(a.push_trigger(&t).rule, "merge_pending");
+    a.advance_to(T0 + 3 * HOUR);
+    let decided: Vec<_> = a
+        .decisions_of("mq1")
+        .iter()
+        .map(|d| (d.outcome, d.rule.clone(), d.decided_at))
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            (DecisionOutcome::deferred, "merge_pending".to_string(), T0),
+            (
+                DecisionOutcome::deferred,
+                "quiet_hours".to_string(),
+                T0 + HOUR
+            ),
+            // Not another hour of waiting for the ledger after the quiet hours.
+            (
+                DecisionOutcome::sent,
+                "channel_choice".to_string(),
+                T0 + 2 * HOUR
+            ),
+        ]
+    );
+}
+
+#[test]
 fn a_direct_merge_stays_known_however_many_ids_the_merged_ledger_brings_along() {
     use kairos_core::contracts::{CustomerAction, CustomerActionKind};
     let mut a = Arbiter::new();

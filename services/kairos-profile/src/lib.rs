@@ -424,7 +424,10 @@ impl ProfileProcessor {
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 let latest = p.last_purchase_at;
                 match p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
-                    PurchaseApplied::Counted => {
+                    // A purchase whose cancellation came first ends what a checkout
+                    // ends, as it would have read first; its follow-ups find the order
+                    // cancelled when they fire.
+                    PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         let purchase = Purchase {
                             event_id: &e.event_id,
                             at: e.occurred_at,
@@ -436,9 +439,6 @@ impl ProfileProcessor {
                         purchase_changed = true;
                     }
                     PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
-                    // Cancelled before it came: no purchase, but the revenue the
-                    // cancellation took comes back.
-                    PurchaseApplied::CancelledBefore => purchase_changed = true,
                 }
             }
             EventType::order_status => {
@@ -1029,7 +1029,7 @@ impl ProfileProcessor {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
                 match p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
-                    PurchaseApplied::Counted => {
+                    PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         // An offline purchase ends the online cart reminder too.
                         let purchase = Purchase {
                             event_id: &r.event_id,
@@ -1042,9 +1042,6 @@ impl ProfileProcessor {
                         self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
                     }
                     PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
-                    PurchaseApplied::CancelledBefore => {
-                        self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
-                    }
                 }
             }
             ReceiptKind::refund => {

@@ -191,7 +191,9 @@ pub enum PurchaseApplied {
     Counted,
     /// The order was counted before (a re-sent purchase).
     AlreadyCounted,
-    /// Its cancellation came first: it counts for nothing.
+    /// Its cancellation came first: it counts for nothing, but what follows a
+    /// checkout (the cart reminder ended, the arbiter told) happens as it would have
+    /// with the purchase read first.
     CancelledBefore,
 }
 
@@ -824,13 +826,36 @@ impl CustomerProfile {
             });
         }
         let taken: f64 = came_first.iter().map(|r| r.revenue_taken).sum();
+        if let Some(order) = self
+            .recent_orders
+            .last_mut()
+            .filter(|_| !came_first.is_empty())
+        {
+            // The statuses and parts seen, so that one re-sent now applies once.
+            for r in &came_first {
+                let status = if r.cancelled {
+                    OrderStatus::cancelled
+                } else {
+                    OrderStatus::returned
+                };
+                order.statuses |= status_bit(status);
+                if !r.cancelled && order.returned_parts.len() < MAX_RETURNED_PARTS {
+                    order.returned_parts.push(return_part_key(r.at, r.amount));
+                }
+            }
+        }
+        let empties_cart = !offline || self.cart_updated_at.is_none_or(|changed| changed <= at);
         if came_first.iter().any(|r| r.cancelled) {
             // Nothing of it counts: what the cancellation took from the revenue
-            // (taken for an old order) comes back.
+            // (taken for an old order) comes back. The checkout still happened: the
+            // cart empties as it would have with the purchase read first.
             self.revenue += taken;
             if let Some(order) = self.recent_orders.last_mut() {
                 order.reversed = true;
                 order.cancelled = true;
+            }
+            if empties_cart {
+                self.cart.clear();
             }
             return PurchaseApplied::CancelledBefore;
         }
@@ -844,7 +869,7 @@ impl CustomerProfile {
             self.last_purchase_at = Some(at);
             self.last_order_id = order_id;
         }
-        if !offline || self.cart_updated_at.is_none_or(|changed| changed <= at) {
+        if empties_cart {
             self.cart.clear();
         }
         if !came_first.is_empty() {
