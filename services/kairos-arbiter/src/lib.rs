@@ -327,6 +327,13 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// Counts a send of `t` on `channel` at `now` towards the caps, the gap, the
+    /// conflict window and the per-scenario caps.
+    fn count_send(&mut self, now: Millis, channel: Channel, t: &Trigger) {
+        self.sends.push((now, channel, t.category));
+        self.scenario_sends.push((now, t.scenario.as_str().into()));
+    }
+
     /// Notes that the customer left `segment` at `at` (the latest time is kept).
     fn note_left_segment(&mut self, segment: &str, at: Millis) {
         let known = self.left_segments.get(segment).copied();
@@ -796,10 +803,7 @@ impl ArbiterProcessor {
                 // it stands for: a control customer is held out of as many triggers as
                 // a treated one gets sends, not of every one a cap would have stopped.
                 if let Some(channel) = verdict.channel {
-                    ledger.sends.push((now, channel, t.category));
-                    ledger
-                        .scenario_sends
-                        .push((now, t.scenario.as_str().into()));
+                    ledger.count_send(now, channel, t);
                 }
                 return held;
             }
@@ -2184,10 +2188,7 @@ impl ArbiterProcessor {
             Some(topic) => ctx.emit(topic, &t.customer_id, &cmd),
             None => ctx.emit(&self.config.send_topic(channel), &t.customer_id, &cmd),
         }
-        ledger.sends.push((now, channel, t.category));
-        ledger
-            .scenario_sends
-            .push((now, t.scenario.as_str().into()));
+        ledger.count_send(now, channel, t);
         Ok(send_id)
     }
 

@@ -556,7 +556,6 @@ fn a_trigger_decided_by_an_earlier_version_is_not_decided_again() {
 
 #[test]
 fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arrives() {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
     let mut a = Arbiter::new();
     let mut t = a.trigger_of("m1", "welcome", MessageCategory::trigger, T0);
     t.merged_from = vec!["c0".into()];
@@ -573,17 +572,7 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
         "nothing goes out before the merged state is in"
     );
     // The merged customer's ledger arrives; the next poll decides the trigger.
-    let merge_in = CustomerAction {
-        state: Some("{}".into()),
-        merged_from: Some("c0".into()),
-        ..CustomerAction::new(
-            "merge-c0".into(),
-            "c1".into(),
-            CustomerActionKind::merge_in,
-            T0 + 50 * MINUTE,
-        )
-    };
-    a.push("customer-actions", "c1", &merge_in);
+    a.merge_in("c0", "{}", T0 + 50 * MINUTE);
     a.advance_to(T0 + 52 * MINUTE);
     let rules: Vec<_> = a
         .decisions_of("m1")
@@ -657,21 +646,14 @@ fn the_hour_of_waiting_for_a_merged_ledger_is_counted_once_across_other_deferral
 
 #[test]
 fn a_direct_merge_stays_known_however_many_ids_the_merged_ledger_brings_along() {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
     let mut a = Arbiter::new();
     // c0 had absorbed 80 anonymous visitors before it merged into c1.
     let brought: Vec<String> = (0..80).map(|i| format!("anon:{i}")).collect();
-    let merge_in = CustomerAction {
-        state: Some(serde_json::json!({ "absorbed": brought }).to_string()),
-        merged_from: Some("c0".into()),
-        ..CustomerAction::new(
-            "merge-c0".into(),
-            "c1".into(),
-            CustomerActionKind::merge_in,
-            T0,
-        )
-    };
-    a.push("customer-actions", "c1", &merge_in);
+    a.merge_in(
+        "c0",
+        &serde_json::json!({ "absorbed": brought }).to_string(),
+        T0,
+    );
     // The profile names c0 (its direct merge) in every later trigger of c1.
     let mut t = a.trigger_of("after1", "order_status", MessageCategory::transactional, T0);
     t.merged_from = vec!["c0".into()];
@@ -946,24 +928,13 @@ fn a_control_customer_meets_the_caps_as_a_treated_one_does() {
 
 #[test]
 fn a_trigger_over_the_weekly_cap_by_several_waits_until_the_count_falls_below_it() {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
     let mut a = Arbiter::with_config("weekly_cap = 2");
     // A merged ledger brings four sends of the last week: two over the cap.
     let sends: Vec<_> = (3..=6)
         .rev()
         .map(|days| serde_json::json!([T0 - days * DAY, "email", "promo"]))
         .collect();
-    let merge_in = CustomerAction {
-        state: Some(serde_json::json!({ "sends": sends }).to_string()),
-        merged_from: Some("c0".into()),
-        ..CustomerAction::new(
-            "merge-c0".into(),
-            "c1".into(),
-            CustomerActionKind::merge_in,
-            T0,
-        )
-    };
-    a.push("customer-actions", "c1", &merge_in);
+    a.merge_in("c0", &serde_json::json!({ "sends": sends }).to_string(), T0);
     let mut t = a.trigger_of("wk1", "weekly_promo", PROMO, T0);
     t.valid_until = T0 + 10 * DAY;
     let d = a.push_trigger(&t);
@@ -1319,19 +1290,8 @@ fn a_merge_sent_again_along_a_chain_of_merges_sends_nothing_twice() {
 
 #[test]
 fn a_merged_ledger_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on() {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
     let mut a = Arbiter::new();
-    let broken = CustomerAction {
-        state: Some("{\"sends\": 7}".into()),
-        merged_from: Some("c0".into()),
-        ..CustomerAction::new(
-            "merge-c0".into(),
-            "c1".into(),
-            CustomerActionKind::merge_in,
-            T0,
-        )
-    };
-    a.push("customer-actions", "c1", &broken);
+    a.merge_in("c0", "{\"sends\": 7}", T0);
     assert_eq!(a.dead_letters.len(), 1, "{:#?}", a.dead_letters);
     let letter = &a.dead_letters[0];
     assert_eq!(letter["reason_code"], "invalid_field", "{letter:#}");

@@ -148,6 +148,23 @@ impl Arbiter {
         }
     }
 
+    /// The merged ledger of `from` (its JSON `state`) arriving for c1, as the arbiter
+    /// sends it to itself after a merge.
+    pub fn merge_in(&mut self, from: &str, state: &str, at: i64) {
+        use kairos_core::contracts::{CustomerAction, CustomerActionKind};
+        let action = CustomerAction {
+            state: Some(state.into()),
+            merged_from: Some(from.into()),
+            ..CustomerAction::new(
+                format!("merge-{from}"),
+                "c1".into(),
+                CustomerActionKind::merge_in,
+                at,
+            )
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
     pub fn push<T: serde::Serialize>(&mut self, topic: &str, customer: &str, value: &T) {
         let topic = self.config.topic(topic);
         let payload = serde_json::to_vec(value).expect("json");
