@@ -697,16 +697,8 @@ impl ArbiterProcessor {
                     complaint_reason(at),
                 );
             }
-            let pause = a.pause_after_purchase.as_millis() as Millis;
-            if let Some(bought) = ledger.last_purchase_at.filter(|b| now - b < pause) {
-                return Verdict::no(
-                    DecisionOutcome::suppressed,
-                    "pause_after_purchase",
-                    format!(
-                        "no promo within {:?} of a purchase (bought at {bought})",
-                        a.pause_after_purchase
-                    ),
-                );
+            if let Some(reason) = self.purchase_pause(now, ledger) {
+                return Verdict::no(DecisionOutcome::suppressed, "pause_after_purchase", reason);
             }
             let inactive = ms(a.sunset_inactive_after);
             // A purchase (a till receipt too) is activity as much as a visit.
@@ -813,6 +805,15 @@ impl ArbiterProcessor {
 
     /// The hold-out of a marketing message that would go out: the global control
     /// group, then the scenario's own holdout.
+    /// Why no promo may go out now, if the customer bought within the pause.
+    fn purchase_pause(&self, now: Millis, ledger: &CustomerLedger) -> Option<String> {
+        let pause = &self.config.arbiter.pause_after_purchase;
+        let bought = ledger.last_purchase_at.filter(|b| now - b < ms(*pause))?;
+        Some(format!(
+            "no promo within {pause:?} of a purchase (bought at {bought})"
+        ))
+    }
+
     fn held_out(&self, t: &Trigger) -> Option<Verdict> {
         if self.in_control_group(&t.customer_id) {
             return Some(Verdict::no(
@@ -2230,6 +2231,25 @@ impl ArbiterProcessor {
                     "cascade stopped after {} message(s): {}",
                     cascade.channels.len(),
                     complaint_reason(at)
+                ),
+            );
+            return Ok(true);
+        }
+        // A till sale uploaded late, dated before the cascade's cause, leaves the
+        // cascade running; its promo steps still keep the pause after that purchase.
+        if let Some(pause) = (t.category == MessageCategory::promo)
+            .then(|| self.purchase_pause(now, ledger))
+            .flatten()
+        {
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&t.trigger_id, "cascade-stop"]),
+                (DecisionOutcome::suppressed, None, None),
+                "pause_after_purchase",
+                format!(
+                    "cascade stopped after {} message(s): {pause}",
+                    cascade.channels.len()
                 ),
             );
             return Ok(true);

@@ -159,6 +159,43 @@ fn a_till_sale_older_than_the_cascade_cause_does_not_stop_it() {
 }
 
 /// A marketing SMS of another scenario at `at`.
+#[test]
+fn a_promo_cascade_left_running_by_a_late_till_sale_keeps_the_pause_after_it() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "promo_cascade"
+kind = "welcome"
+category = "promo"
+channels = ["email", "push", "sms"]
+template = "promo"
+exit_on_purchase = false
+cascade = ["1h"]
+"#,
+    );
+    let mut t = cascade_trigger(&a, "k10", T0);
+    t.scenario = "promo_cascade".into();
+    t.category = MessageCategory::promo;
+    t.cause_occurred_at = T0 - 10 * MINUTE;
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // A receipt dated before the cause, uploaded after the e-mail: the cascade runs
+    // on, but its push would be a promo within two days of a purchase.
+    a.till_sale("till-late", T0 - 30 * MINUTE);
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(channels(&a), [Channel::email], "no push, no SMS");
+    let stop = *a.decisions_of("k10").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str(), stop.channel),
+        (DecisionOutcome::suppressed, "pause_after_purchase", None),
+        "{stop:#?}"
+    );
+    assert!(
+        stop.reason.contains("after 1 message(s)"),
+        "{}",
+        stop.reason
+    );
+}
+
 fn sms_message(a: &mut Arbiter, id: &str, at: i64) {
     let mut t = cascade_trigger(a, id, at);
     t.scenario = "welcome".into();
