@@ -122,6 +122,10 @@ impl Normalizer {
                 if !card.chars().all(|c| c.is_ascii_alphanumeric()) {
                     return Err(invalid("a loyalty card has letters and digits only"));
                 }
+                // "-" would otherwise become the card "" that every such receipt shares.
+                if card.is_empty() {
+                    return Err(invalid("a loyalty card needs at least one letter or digit"));
+                }
                 card
             }
             IdentifierKind::customer_id
@@ -198,6 +202,13 @@ mod tests {
             "AB12345678"
         );
         assert!(n.normalize(IdentifierKind::loyalty_card, "12#4").is_err());
+        // Nothing left to identify anyone by: not one card shared by every such receipt.
+        for blank in ["-", "- -", " - "] {
+            let e = n
+                .normalize(IdentifierKind::loyalty_card, blank)
+                .unwrap_err();
+            assert!(e.reason.contains("at least one"), "{blank:?}: {e:?}");
+        }
         assert_eq!(
             n.normalize(IdentifierKind::customer_id, " c-1 ")
                 .unwrap()

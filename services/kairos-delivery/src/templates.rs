@@ -185,14 +185,10 @@ impl TemplateSet {
                 channel: self.channel,
             });
         };
-        // A null is as good as missing: it must not render as "none".
+        // A null is as good as missing, at any depth (a cart item without a name): it
+        // must not render as "none".
         let context = match variables {
-            serde_json::Value::Object(m) => serde_json::Value::Object(
-                m.iter()
-                    .filter(|(_, v)| !v.is_null())
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            ),
+            serde_json::Value::Object(_) => without_nulls(variables),
             _ => serde_json::Value::Object(serde_json::Map::new()),
         };
         let mut message = RenderedMessage::default();
@@ -372,6 +368,23 @@ pub fn sms_segments(text: &str) -> usize {
     }
 }
 
+/// `value` with every object field that is null left out, in nested objects and in
+/// the objects of arrays too.
+fn without_nulls(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(without_nulls).collect())
+        }
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +439,23 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
                 "{err}"
             );
         }
+        // A null inside a cart item is missing too: the item's default applies.
+        let shipped = set(
+            Channel::email,
+            &[(
+                "abandoned_cart.toml",
+                include_str!("../../../config/templates/abandoned_cart.toml"),
+            )],
+        )
+        .unwrap();
+        let m = shipped
+            .render(
+                "abandoned_cart",
+                &serde_json::json!({"cart_items": [{"product_id": "p1", "name": null, "quantity": 1}], "cart_value": 5}),
+            )
+            .unwrap();
+        assert!(m.body.contains("- p1 x 1"), "{}", m.body);
+        assert!(!m.body.contains("none"), "{}", m.body);
         // An optional variable with a default renders.
         let sms = set(Channel::sms, &[("cart.toml", CART)]).unwrap();
         let m = sms.render("cart", &serde_json::json!({})).unwrap();

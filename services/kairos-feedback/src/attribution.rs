@@ -74,7 +74,9 @@ impl Touch {
 
     /// Whether a purchase at `purchased_at` belongs to this touch.
     pub fn attribute(&self, purchased_at: Millis, window: Millis) -> Attribution {
-        let attributed = purchased_at >= self.at && purchased_at - self.at <= window;
+        // Strictly after: a purchase at the touch's own time is the one that caused it
+        // (a segment entered by buying), not its conversion.
+        let attributed = purchased_at > self.at && purchased_at - self.at <= window;
         Attribution {
             attributed,
             first_conversion: attributed && !self.converted,
@@ -140,6 +142,9 @@ mod tests {
         );
         assert!(!t.attribute(99 * HOUR, 72 * HOUR).attributed);
         assert!(!t.attribute(99 * HOUR, 72 * HOUR).first_conversion);
+        // At the touch's own time: the purchase that caused it, not its conversion.
+        assert!(!t.attribute(100 * HOUR, 72 * HOUR).attributed);
+        assert!(t.attribute(100 * HOUR + 1, 72 * HOUR).attributed);
     }
 
     #[test]

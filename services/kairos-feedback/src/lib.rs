@@ -14,14 +14,13 @@ use std::sync::Arc;
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
-    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, MessageCategory, OfflineReceipt,
-    Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
+    Channel, Decision, DecisionOutcome, EventType, MessageCategory, Outcome, OutcomeKind,
+    ReceiptKind, DECISION_RULES,
 };
 use kairos_core::dedup::{Seen, SeenIds};
-use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
+use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
-use kairos_core::schemas;
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::{CounterVec, GaugeVec, IntCounterVec, Opts};
@@ -521,9 +520,9 @@ impl FeedbackProcessor {
     }
 
     fn decode_purchase_event(&self, payload: &[u8]) -> FeedbackInput {
-        let Ok(e) =
-            decode_input::<CustomerEvent>(payload, schemas::customer_event(), &self.registry)
-        else {
+        // The profile's checks: what it dead-letters (an infinite total, an empty event
+        // id) counts nowhere, revenue included.
+        let Ok(e) = kairos_core::input::decode_customer_event(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
         match (e.event_type, e.customer_key()) {
@@ -539,9 +538,7 @@ impl FeedbackProcessor {
     }
 
     fn decode_receipt(&self, payload: &[u8]) -> FeedbackInput {
-        let Ok(r) =
-            decode_input::<OfflineReceipt>(payload, schemas::offline_receipt(), &self.registry)
-        else {
+        let Ok(r) = kairos_core::input::decode_receipt(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
         match (r.kind, r.customer_key()) {
@@ -745,6 +742,55 @@ mod tests {
             "{}",
             dead[0]
         );
+    }
+
+    /// Revenue of `source` as `registry` exposes it.
+    fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "kairos_purchase_revenue_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == source))
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    /// A purchase the profile dead-letters (an amount no order has, an empty event id)
+    /// adds no revenue here either: a total of 1e308 made the counter infinite for good.
+    #[test]
+    fn purchases_the_profile_rejects_add_no_revenue() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(dir.path(), "[clock]\nmode = \"event\"\n");
+        let site = config.topic(topics::SITE_EVENTS);
+        let offline = config.topic(topics::OFFLINE_EVENTS);
+        let purchase = |id: &str, total: &str| {
+            format!(
+                r#"{{"event_id":"{id}","event_type":"purchase","occurred_at":1000,"customer_id":"c1","order":{{"order_id":"{id}","total":{total}}}}}"#
+            )
+        };
+        for line in [
+            purchase("ok", "10.0"),
+            purchase("huge-1", "1e308"),
+            purchase("huge-2", "1e308"),
+            purchase("", "5.0"),
+            purchase("negative", "-3.0"),
+        ] {
+            replayer.push(&site, b"c1", line.as_bytes()).expect("push");
+        }
+        let receipt = |id: &str, total: &str| {
+            format!(
+                r#"{{"event_id":"{id}","receipt_id":"{id}","kind":"sale","occurred_at":1000,"customer_id":"c1","store_id":"s1","total":{total},"items":[],"currency":"EUR"}}"#
+            )
+        };
+        for line in [receipt("r-ok", "7.0"), receipt("r-huge", "1e300")] {
+            replayer
+                .push(&offline, b"c1", line.as_bytes())
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        assert_eq!(revenue(&registry, "online"), 10.0);
+        assert_eq!(revenue(&registry, "offline"), 7.0);
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
