@@ -5,6 +5,9 @@ every accepted message as a file and misbehaves on request, by recipient:
 - tempfail*@... -> 451 4.3.0 for the first TEMPFAILS attempts, then accepted
 - reject*@...   -> 554 5.7.1 at DATA (a permanent policy rejection)
 - slow*@...     -> answers DATA after SLOW_SECONDS
+- spam*@...     -> 550 5.7.1 at DATA (the message refused, not the mailbox)
+- datadrop*@... -> 451 4.7.1 at DATA on the first attempt, the connection dropped
+                   without an answer at RCPT on the second, accepted on the third
 
 Run: python3 -m aiosmtpd -n -l 127.0.0.1:PORT -c smtp_sink.Sink OUT_DIR [TEMPFAILS] [SLOW_SECONDS]
 """
@@ -36,6 +39,13 @@ class Sink:
             self.attempts[address] = n + 1
             if n < self.tempfails:
                 return "451 4.3.0 Try again later"
+        if local.startswith("datadrop"):
+            n = self.attempts.get(address, 0)
+            self.attempts[address] = n + 1
+            if n == 1:
+                # No answer at all: the client sees the connection go.
+                server.transport.abort()
+                return "421 closing"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -43,6 +53,10 @@ class Sink:
         local = envelope.rcpt_tos[0].split("@")[0] if envelope.rcpt_tos else ""
         if local.startswith("reject"):
             return "554 5.7.1 Message rejected by policy"
+        if local.startswith("spam"):
+            return "550 5.7.1 Message rejected as spam"
+        if local.startswith("datadrop") and self.attempts.get(envelope.rcpt_tos[0], 0) == 1:
+            return "451 4.7.1 Try again later"
         if local.startswith("slow"):
             await asyncio.sleep(self.slow_seconds)
         name = f"{os.getpid()}-{next(self.counter):08d}.eml"

@@ -48,6 +48,22 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             "abandoned_cart",
             cart.clone(),
         ),
+        // 550 after the ".": the message is refused, the address is not dead.
+        (
+            "spam-1",
+            "spam1@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
+        // 451 after the ".", then no answer at all, then accepted: the refusal
+        // withdrew the first attempt's commit point, so the lost answer of the
+        // second is not taken for a message handed over.
+        (
+            "drop-1",
+            "datadrop1@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
         // The template needs cart_items: no send, a failed outcome.
         (
             "tpl-1",
@@ -69,7 +85,7 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .collect();
     p.produce("send.email", &records);
 
-    let outcomes = final_outcomes(&p, 6, Duration::from_secs(60));
+    let outcomes = final_outcomes(&p, 8, Duration::from_secs(60));
     let kind = |id: &str| outcomes.get(id).map(|(k, r)| (k.as_str(), r.as_str()));
     assert_eq!(kind("ok-1").map(|k| k.0), Some("sent"), "{outcomes:?}");
     assert_eq!(kind("ok-2").map(|k| k.0), Some("sent"));
@@ -78,6 +94,12 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let (k, reason) = kind("reject-1").expect("reject outcome");
     assert_eq!(k, "failed");
     assert!(reason.starts_with("permanent:"), "{reason}");
+    let (k, reason) = kind("spam-1").expect("spam outcome");
+    assert_eq!(k, "failed", "{reason}");
+    assert!(reason.contains("550"), "{reason}");
+    let (k, reason) = kind("drop-1").expect("drop outcome");
+    assert_eq!(k, "sent");
+    assert!(!reason.contains("in_doubt"), "{reason}");
     let (k, reason) = kind("tpl-1").expect("template outcome");
     assert_eq!(k, "failed");
     assert!(
@@ -88,7 +110,7 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let counts = smtp.send_id_counts();
     assert_eq!(
         counts,
-        [("ok-1", 1), ("ok-2", 1), ("temp-1", 1)]
+        [("drop-1", 1), ("ok-1", 1), ("ok-2", 1), ("temp-1", 1)]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect::<BTreeMap<_, _>>(),
@@ -110,27 +132,28 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     assert_eq!(headers["message-id"], "<ok-1@kairos>");
     assert!(body.contains("Red shoes x 1"), "{body}");
 
-    // Retries: exactly the two 451s of temp-1; the 550 and the 554 were not retried.
+    // Retries: exactly the two 451s of temp-1 and drop-1's 451 and lost answer; the
+    // 550s and the 554 were not retried.
     let metrics = p.metrics("deliver-email");
     let m = |name: &str, labels: &[&str]| kairos_tests::sample(&metrics, name, labels);
-    assert_eq!(m("kairos_provider_retries_total", &[]), 2.0);
+    assert_eq!(m("kairos_provider_retries_total", &[]), 4.0);
     assert_eq!(
         m(
             "kairos_provider_requests_total",
             &["result=\"transient_error\""]
         ),
-        2.0
+        4.0
     );
     assert_eq!(
         m(
             "kairos_provider_requests_total",
             &["result=\"permanent_error\""]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         m("kairos_provider_requests_total", &["result=\"accepted\""]),
-        3.0
+        4.0
     );
 }
 

@@ -52,6 +52,12 @@ use provider::{Provider, ProviderError};
 use retry::{BreakerState, CircuitBreaker};
 use templates::{RenderedMessage, TemplateSet};
 
+/// The value of a send's commit-point record (`k/<send id>`) once the server refused
+/// the message after its "." (a 4xx or 5xx answer to the data): the message was not
+/// kept, so the record no longer means "handed over". Real values are times, never
+/// negative.
+const COMMIT_POINT_WITHDRAWN: Millis = -1;
+
 /// An outcome to report later (engagement arrives after delivery).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LaterOutcome {
@@ -332,6 +338,7 @@ impl DeliveryProcessor {
         message: &RenderedMessage,
         now: Millis,
         commit_point: &dyn Fn(),
+        withdraw_commit_point: &dyn Fn(),
     ) -> Delivery {
         let committed = std::cell::Cell::new(false);
         let mark = || {
@@ -366,7 +373,23 @@ impl DeliveryProcessor {
             }
             self.limiter.until_ready().await;
             let started = Instant::now();
+            // Only this attempt's "." can leave the message in doubt.
+            committed.set(false);
             let result = provider.send(cmd, message, &mark).await;
+            // The server answered after the "." and refused: it does not keep the
+            // message, so neither a later attempt's lost answer nor a crash may take it
+            // as handed over.
+            let refused = matches!(
+                result,
+                Err(ProviderError::Transient(_)
+                    | ProviderError::Permanent(_)
+                    | ProviderError::HardBounce(_))
+            );
+            let refused_after_dot = refused && committed.get();
+            if refused_after_dot {
+                withdraw_commit_point();
+                committed.set(false);
+            }
             self.metrics
                 .provider_latency
                 .with_label_values(&labels)
@@ -386,9 +409,15 @@ impl DeliveryProcessor {
                     return Delivery::Sent;
                 }
                 // The provider answered: it is healthy, the message is not.
-                Err(ProviderError::HardBounce(e)) => {
+                // A 550 to the message itself (refused as spam after the ".") says
+                // nothing of the mailbox: only one before it is a dead address.
+                Err(ProviderError::HardBounce(e)) if !refused_after_dot => {
                     self.breaker.success();
                     return Delivery::HardBounce(e);
+                }
+                Err(ProviderError::HardBounce(e)) => {
+                    self.breaker.success();
+                    return Delivery::Failed(e);
                 }
                 Err(ProviderError::Permanent(e)) => {
                     self.breaker.success();
@@ -431,7 +460,10 @@ impl DeliveryProcessor {
         // handed over (the provider keeps it then): reported sent, never repeated.
         let before_crash = if ctx.get::<Millis>(&accepted_key)?.is_some() {
             Some(None)
-        } else if ctx.get::<Millis>(&committed_key)?.is_some() {
+        } else if ctx
+            .get::<Millis>(&committed_key)?
+            .is_some_and(|at| at != COMMIT_POINT_WITHDRAWN)
+        {
             self.metrics
                 .in_doubt
                 .with_label_values(&[self.channel.as_str()])
@@ -463,12 +495,18 @@ impl DeliveryProcessor {
                 tracing::error!(send_id = %cmd.send_id, error = %e, "cannot record the commit point");
             }
         };
+        let withdraw_commit_point = || {
+            if let Err(e) = ctx.put_now_unawaited(&committed_key, &COMMIT_POINT_WITHDRAWN) {
+                tracing::error!(send_id = %cmd.send_id, error = %e, "cannot withdraw the commit point");
+            }
+        };
         let delivery = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(self.attempts(
                 cmd,
                 &message,
                 started_at,
                 &commit_point,
+                &withdraw_commit_point,
             ))
         });
         let now = ctx.now();
