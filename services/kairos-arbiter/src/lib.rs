@@ -566,7 +566,7 @@ impl ArbiterProcessor {
             end_to_end: metrics::histogram(
                 registry,
                 "kairos_end_to_end_latency_seconds",
-                "From the customer event that caused a trigger to its send command.",
+                "From the customer event that caused a trigger (or when a waiting scenario was due) to its send command, for sends not held back by the policy.",
                 vec![
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
                 ],
@@ -805,6 +805,29 @@ impl ArbiterProcessor {
 
     /// The hold-out of a marketing message that would go out: the global control
     /// group, then the scenario's own holdout.
+    /// When `t` was due to go out: at its cause for a scenario that answers an event
+    /// at once (a welcome, an order update, a price drop), when the profile fired it
+    /// for one that waits (a delay, a chain's later step, a date).
+    fn due_at(&self, t: &Trigger) -> Millis {
+        use kairos_core::config::ScenarioKind as Kind;
+        let waits = self.config.scenario(&t.scenario).is_none_or(|s| {
+            t.step > 0
+                || !s.delay.is_zero()
+                || matches!(
+                    s.kind,
+                    Kind::Birthday
+                        | Kind::RegistrationAnniversary
+                        | Kind::SubscriptionEnding
+                        | Kind::Reactivation
+                )
+        });
+        if waits {
+            t.fired_at
+        } else {
+            t.cause_occurred_at
+        }
+    }
+
     /// Why no promo may go out now, if the customer bought within the pause.
     fn purchase_pause(&self, now: Millis, ledger: &CustomerLedger) -> Option<String> {
         let pause = &self.config.arbiter.pause_after_purchase;
@@ -2566,8 +2589,14 @@ impl ArbiterProcessor {
                 )?;
             }
             send_id = Some(id);
-            self.end_to_end
-                .observe(((now - t.cause_occurred_at).max(0) as f64) / 1000.0);
+            // The pipeline's latency, not the scenario's: a send held back on purpose
+            // (quiet hours, a cap, a merge) is not observed, and one whose scenario
+            // waits (a cart reminder an hour on) counts from when it was due.
+            if !queued {
+                let due = self.due_at(&t);
+                self.end_to_end
+                    .observe(((now - due).max(0) as f64) / 1000.0);
+            }
         }
         // A hold-out stands for the send it replaces: it holds the chain's slot and
         // uses up the offer, so the other triggers of both groups fare alike.

@@ -7,7 +7,7 @@ mod common;
 
 use common::{at, Arbiter, T0};
 use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind};
-use kairos_core::time::{DAY, HOUR, MINUTE};
+use kairos_core::time::{DAY, HOUR, MINUTE, SECOND};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
 const PROMO: MessageCategory = MessageCategory::promo;
@@ -1303,4 +1303,46 @@ fn a_merged_ledger_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on
     );
     let d = a.trigger("w1", "welcome", TRIGGER, T0 + MINUTE);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}
+
+/// The end-to-end latency is the pipeline's: a reminder an hour after the cart counts
+/// from when it was due, not from the cart, and a send held back by quiet hours is
+/// not observed; an immediate answer to an event counts from the event.
+#[test]
+fn the_end_to_end_latency_leaves_out_the_scenario_s_own_waits() {
+    let mut a = Arbiter::with_config_and_scenarios(
+        "quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+        r#"
+[[scenarios]]
+name = "cart_in_an_hour"
+kind = "abandoned_cart"
+channels = ["email"]
+template = "cart"
+delay = "1h"
+"#,
+    );
+    a.time_zone = Some("UTC".into());
+    let at = T0 - 8 * HOUR; // 01:00 UTC: quiet
+    let mut quiet = a.trigger_of("quiet", "welcome", MessageCategory::trigger, at);
+    quiet.cause_occurred_at = at - 5 * SECOND;
+    assert_eq!(a.push_trigger(&quiet).outcome, DecisionOutcome::deferred);
+    a.advance_to(T0);
+    let mut cart = a.trigger_of("cart", "cart_in_an_hour", MessageCategory::trigger, T0);
+    cart.customer_id = "c2".into();
+    cart.cause_occurred_at = T0 - HOUR;
+    let mut welcome = a.trigger_of("hello", "welcome", MessageCategory::trigger, T0);
+    welcome.customer_id = "c3".into();
+    welcome.cause_occurred_at = T0 - 30 * SECOND;
+    assert_eq!(a.push_trigger(&cart).outcome, DecisionOutcome::sent);
+    assert_eq!(a.push_trigger(&welcome).outcome, DecisionOutcome::sent);
+    assert_eq!(a.sends.len(), 3, "the quiet one went out at 09:00 too");
+    let histogram = a
+        .registry
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == "kairos_end_to_end_latency_seconds")
+        .expect("the histogram");
+    let h = histogram.get_metric()[0].get_histogram();
+    assert_eq!(h.get_sample_count(), 2);
+    assert_eq!(h.get_sample_sum(), 30.0);
 }

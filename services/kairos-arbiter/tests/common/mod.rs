@@ -89,6 +89,8 @@ pub fn at(s: &str) -> i64 {
 pub const T0: i64 = 1_767_603_600_000;
 
 pub struct Arbiter {
+    /// The arbiter's metrics.
+    pub registry: prometheus::Registry,
     pub time_zone: Option<String>,
     replayer: Replayer<ArbiterProcessor>,
     config: Arc<Config>,
@@ -137,6 +139,7 @@ impl Arbiter {
         let processor = ArbiterProcessor::new(config.clone(), &registry);
         let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
         Arbiter {
+            registry,
             time_zone: None,
             replayer,
             config,
