@@ -445,23 +445,19 @@ impl DeliveryProcessor {
         Delivery::Exhausted(last_error)
     }
 
-    fn deliver(
+    /// A crash after the provider accepted the send, or after the whole message was
+    /// handed over (the provider keeps it then): reported sent, never repeated, before
+    /// anything else is checked (it may have expired or its template changed since,
+    /// but it went out). True if the send was finished so.
+    fn finish_handed_over_before_crash(
         &mut self,
         ctx: &mut Ctx<'_>,
-        input: &SendInput,
-        message: RenderedMessage,
-    ) -> anyhow::Result<()> {
-        let cmd = &input.command;
-        let send = SendSummary::from(cmd);
-        let accepted_key = format!("a/{}", cmd.send_id);
-        let committed_key = format!("k/{}", cmd.send_id);
-        let attempt_key = format!("w/{}", cmd.send_id);
-        // A crash after the provider accepted the send, or after the whole message was
-        // handed over (the provider keeps it then): reported sent, never repeated.
-        let before_crash = if ctx.get::<Millis>(&accepted_key)?.is_some() {
+        cmd: &SendCommand,
+    ) -> anyhow::Result<bool> {
+        let before_crash = if ctx.get::<Millis>(&format!("a/{}", cmd.send_id))?.is_some() {
             Some(None)
         } else if ctx
-            .get::<Millis>(&committed_key)?
+            .get::<Millis>(&format!("k/{}", cmd.send_id))?
             .is_some_and(|at| at != COMMIT_POINT_WITHDRAWN)
         {
             self.metrics
@@ -474,11 +470,30 @@ impl DeliveryProcessor {
         } else {
             None
         };
-        if let Some(reason) = before_crash {
-            self.emit_outcome(ctx, &send, OutcomeKind::sent, reason, ctx.now());
-            self.forget_attempt(ctx, &cmd.send_id);
-            return Ok(());
-        }
+        let Some(reason) = before_crash else {
+            return Ok(false);
+        };
+        self.emit_outcome(
+            ctx,
+            &SendSummary::from(cmd),
+            OutcomeKind::sent,
+            reason,
+            ctx.now(),
+        );
+        self.forget_attempt(ctx, &cmd.send_id);
+        Ok(true)
+    }
+
+    fn deliver(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        input: &SendInput,
+        message: RenderedMessage,
+    ) -> anyhow::Result<()> {
+        let cmd = &input.command;
+        let send = SendSummary::from(cmd);
+        let committed_key = format!("k/{}", cmd.send_id);
+        let attempt_key = format!("w/{}", cmd.send_id);
         if ctx.get::<Millis>(&attempt_key)?.is_some() {
             // An attempt was cut short before the provider accepted it: it goes again.
             self.metrics
@@ -517,7 +532,7 @@ impl DeliveryProcessor {
                 // Should the changelog not take it, the local record and the batch's
                 // `s/` record still guard; failing the batch here would stop the
                 // process and hand the partition to an instance that knows neither.
-                if let Err(e) = ctx.put_now(&accepted_key, &now) {
+                if let Err(e) = ctx.put_now(&format!("a/{}", cmd.send_id), &now) {
                     if e.downcast_ref::<PartitionClaimed>().is_some() {
                         // The record is written, but the partition has a new owner,
                         // which reports this send from what it restored: this instance
@@ -694,6 +709,10 @@ impl Processor for DeliveryProcessor {
                 return Ok(());
             }
         }
+        // Only real providers write ahead of their calls.
+        if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
+            return Ok(());
+        }
         if cmd.valid_until < now {
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now);
             return Ok(());
@@ -770,6 +789,95 @@ pub async fn run(
 mod tests {
     use super::*;
     use kairos_core::contracts::MessageCategory;
+
+    /// After a crash that came between the provider's acceptance and the batch's
+    /// commit, the send is reported sent when it comes again, even past its valid-until
+    /// (the restart came late): it went out, and no key of its attempt stays behind.
+    #[test]
+    fn a_send_accepted_before_a_crash_is_reported_sent_even_once_expired() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let env = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let config = Config::from_text(
+            &path,
+            &text,
+            &[
+                env("KAIROS__STATE__DIR", &dir.path().display().to_string()),
+                env("KAIROS__CLOCK__MODE", "event"),
+                // Never called: the send was accepted before the crash.
+                env("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+                env("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+                env("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+                env(
+                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+                    "Shop <news@shop.example>",
+                ),
+            ],
+        )
+        .expect("config");
+        let t0 = 20_000 * DAY;
+        let cmd = SendCommand {
+            send_id: "s-1".into(),
+            trigger_id: "t-1".into(),
+            customer_id: "c1".into(),
+            scenario: "abandoned_cart".into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            template: "abandoned_cart".into(),
+            address: Some("c1@example.com".into()),
+            // The template needs cart_items: rendering it now would fail too.
+            variables: r#"{"first_name":"Ann"}"#.into(),
+            created_at: t0,
+            valid_until: t0 + 1_000,
+            cause_occurred_at: t0,
+            reasons: vec![],
+        };
+        let topic = config.send_topic(Channel::email);
+        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
+        // What the crashed worker left: the attempt and the provider's acceptance.
+        {
+            let stores = kairos_core::store::StoreFactory::new(
+                &config.state.dir.join("deliver-email"),
+                config.state.block_cache_bytes,
+            )
+            .expect("stores");
+            let store = stores.open(partition).expect("store");
+            let at = kairos_core::encoding::encode_state(&t0).expect("encode");
+            store.put_now(b"w/s-1", &at).expect("attempt");
+            store.put_now(b"a/s-1", &at).expect("acceptance");
+        }
+        let settings = config.delivery[&Channel::email].clone();
+        let registry = prometheus::Registry::new();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry, None)
+            .expect("processor");
+        assert_eq!(processor.name(), "deliver-email");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        // The partition's clock is a day past the send's valid-until.
+        let late = serde_json::to_vec(&SendCommand {
+            send_id: "s-0".into(),
+            created_at: t0 + DAY,
+            valid_until: t0 + DAY,
+            ..cmd.clone()
+        })
+        .expect("encode");
+        replayer.push(&topic, b"c1", &late).expect("push");
+        let mut out = replayer
+            .push(&topic, b"c1", &serde_json::to_vec(&cmd).expect("encode"))
+            .expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        let outcomes: Vec<Outcome> = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+            .filter(|o| o.send_id == "s-1")
+            .collect();
+        assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
+        assert_eq!(outcomes[0].kind, OutcomeKind::sent, "{outcomes:#?}");
+    }
 
     /// A send id is taken once within `state.dedup_window`; once the window has passed
     /// and the id is swept, a copy of the command (created before the window) is
