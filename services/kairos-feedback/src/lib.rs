@@ -413,6 +413,10 @@ impl FeedbackProcessor {
             return Ok(());
         }
         let touch = match (d.outcome, d.channel) {
+            // A cascade's next channel is the same message again, not another touch: a
+            // held-out customer has one decision for the trigger, so counting each
+            // step would divide the treated customers' conversions by up to three.
+            (DecisionOutcome::sent, _) if d.rule == CASCADE_RULE => return Ok(()),
             (DecisionOutcome::sent, Some(channel)) => Touch {
                 scenario,
                 channel: Some(channel),
@@ -553,6 +557,9 @@ impl FeedbackProcessor {
         }
     }
 }
+
+/// The arbiter's rule of a cascade's later steps (and of their stops).
+const CASCADE_RULE: &str = "cascade";
 
 fn outcome_index(kind: OutcomeKind) -> usize {
     OutcomeKind::ALL
@@ -791,6 +798,110 @@ mod tests {
         replayer.commit().expect("commit");
         assert_eq!(revenue(&registry, "online"), 10.0);
         assert_eq!(revenue(&registry, "offline"), 7.0);
+    }
+
+    /// A cascade's e-mail, push and SMS are one touch, as the held-out customer's one
+    /// decision is: with the same share buying in both groups the lift is zero.
+    #[test]
+    fn a_cascade_is_one_touch_however_many_channels_it_walks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\", \"push\", \"sms\"]\ntemplate = \"t\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let site = config.topic(topics::SITE_EVENTS);
+        let decision = |customer: &str, step: &str, outcome, channel, rule: &str, at| Decision {
+            decision_id: format!("d-{customer}-{step}"),
+            trigger_id: format!("t-{customer}"),
+            customer_id: customer.into(),
+            scenario: "cart".into(),
+            category: MessageCategory::trigger,
+            outcome,
+            channel,
+            send_id: channel.map(|_| format!("s-{customer}-{step}")),
+            rule: rule.into(),
+            reason: "test".into(),
+            decided_at: at,
+        };
+        let hour = 3_600_000;
+        for d in [
+            decision(
+                "c1",
+                "0",
+                DecisionOutcome::sent,
+                Some(Channel::email),
+                "sent",
+                hour,
+            ),
+            decision(
+                "c1",
+                "1",
+                DecisionOutcome::sent,
+                Some(Channel::push),
+                "cascade",
+                2 * hour,
+            ),
+            decision(
+                "c1",
+                "2",
+                DecisionOutcome::sent,
+                Some(Channel::sms),
+                "cascade",
+                3 * hour,
+            ),
+            decision(
+                "c2",
+                "0",
+                DecisionOutcome::held_out,
+                None,
+                "control_group",
+                hour,
+            ),
+        ] {
+            let payload = serde_json::to_vec(&d).expect("encode");
+            replayer
+                .push(&decisions, d.customer_id.as_bytes(), &payload)
+                .expect("push");
+        }
+        for customer in ["c1", "c2"] {
+            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
+                "event_type": "purchase", "occurred_at": 4 * hour, "customer_id": customer,
+                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            replayer
+                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        let families = registry.gather();
+        let by_group = |name: &str, group: &str| -> f64 {
+            families
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .filter(|m| m.get_label().iter().any(|l| l.value() == group))
+                .map(|m| m.get_counter().get_value())
+                .sum()
+        };
+        assert_eq!(
+            by_group("kairos_attribution_touches_total", "treatment"),
+            1.0
+        );
+        assert_eq!(by_group("kairos_attribution_touches_total", "control"), 1.0);
+        assert_eq!(by_group("kairos_conversions_total", "treatment"), 1.0);
+        assert_eq!(by_group("kairos_conversions_total", "control"), 1.0);
+        let lift = families
+            .iter()
+            .find(|f| f.name() == "kairos_scenario_lift_ratio")
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| m.get_label().iter().any(|l| l.value() == "cart"))
+            })
+            .map(|m| m.get_gauge().get_value());
+        assert_eq!(lift, Some(0.0));
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
