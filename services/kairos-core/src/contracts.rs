@@ -935,15 +935,21 @@ impl LineItem {
     }
 }
 
+/// An optional id field's value, none if absent or blank.
+fn given(field: &Option<String>) -> Option<&str> {
+    field.as_deref().filter(|v| !v.trim().is_empty())
+}
+
 impl CustomerEvent {
     /// The key a customer's state lives under: the customer id, or the anonymous or
     /// device id for visitors not yet identified.
     pub fn customer_key(&self) -> Option<String> {
-        self.customer_id
-            .clone()
-            .or_else(|| self.anonymous_id.clone().map(|a| format!("anon:{a}")))
-            .or_else(|| self.device_id.clone().map(|d| format!("device:{d}")))
-            .filter(|k| !k.is_empty())
+        // An empty field is an absent one: `"customer_id": ""` must not hide the
+        // anonymous id beside it.
+        given(&self.customer_id)
+            .map(str::to_string)
+            .or_else(|| given(&self.anonymous_id).map(|a| format!("anon:{a}")))
+            .or_else(|| given(&self.device_id).map(|d| format!("device:{d}")))
     }
 
     /// What a purchase event is worth: the order total, else the sum of its items.
@@ -959,10 +965,53 @@ impl OfflineReceipt {
     /// The customer a receipt belongs to: the customer id, else the loyalty card, else
     /// the phone (as given; the identity processor resolves them properly).
     pub fn customer_key(&self) -> Option<String> {
-        self.customer_id
-            .clone()
-            .or_else(|| self.loyalty_card.clone().map(|c| format!("card:{c}")))
-            .or_else(|| self.phone.clone().map(|p| format!("phone:{p}")))
-            .filter(|k| !k.is_empty())
+        given(&self.customer_id)
+            .map(str::to_string)
+            .or_else(|| given(&self.loyalty_card).map(|c| format!("card:{c}")))
+            .or_else(|| given(&self.phone).map(|p| format!("phone:{p}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blank_id_field_is_absent_and_does_not_hide_the_next_one() {
+        let event = |ids: &str| -> CustomerEvent {
+            serde_json::from_str(&format!(
+                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1{ids}}}"#
+            ))
+            .expect("event")
+        };
+        let key = |ids: &str| event(ids).customer_key();
+        assert_eq!(key(r#","customer_id":"c1""#).as_deref(), Some("c1"));
+        assert_eq!(
+            key(r#","customer_id":"","anonymous_id":"a1""#).as_deref(),
+            Some("anon:a1")
+        );
+        assert_eq!(
+            key(r#","customer_id":" ","anonymous_id":"","device_id":"d1""#).as_deref(),
+            Some("device:d1")
+        );
+        assert_eq!(key(r#","customer_id":"","anonymous_id":"""#), None);
+        let receipt = |ids: &str| -> OfflineReceipt {
+            serde_json::from_str(&format!(
+                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","occurred_at":1,"store_id":"s1","total":1.0,"currency":"EUR","items":[]{ids}}}"#
+            ))
+            .expect("receipt")
+        };
+        assert_eq!(
+            receipt(r#","customer_id":"","loyalty_card":"123""#)
+                .customer_key()
+                .as_deref(),
+            Some("card:123")
+        );
+        assert_eq!(
+            receipt(r#","customer_id":"","loyalty_card":"","phone":"+4930901820""#)
+                .customer_key()
+                .as_deref(),
+            Some("phone:+4930901820")
+        );
     }
 }
