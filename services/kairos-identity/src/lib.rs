@@ -382,6 +382,14 @@ impl IdentityProcessor {
                     .min_by_key(|i| anonymous_rank(i.kind))
                     .map(anonymous_name)
                     .ok_or_else(|| anyhow::anyhow!("event without identifiers"))?;
+                // Its anonymous profile may have been stitched to a customer since,
+                // and the identifier then found shared (else it would have linked):
+                // following that profile would hand the event to one of the people
+                // who share it, so it goes to a profile of the shared identifier.
+                let name = match ctx.get::<Node>(&node_key(&name))? {
+                    Some(node) if node.merged_into.is_some() => format!("{name}#shared"),
+                    _ => name,
+                };
                 let key = node_key(&name);
                 if ctx.get::<Node>(&key)?.is_none() {
                     ctx.put(
@@ -397,7 +405,14 @@ impl IdentityProcessor {
             }
         };
         self.metrics.resolved.with_label_values(&[resolution]).inc();
-        let claimant = input.customer_id.as_ref().map(|c| c.value.clone());
+        // Who presents the identifiers: the event's customer, else the known customer
+        // its other identifiers resolved to (an e-mail and a card on a form without a
+        // login still make that customer one more holder of the card).
+        let claimant = match &input.customer_id {
+            Some(c) => Some(c.value.clone()),
+            None if self.node(ctx, &target)?.known => Some(target.clone()),
+            None => None,
+        };
         for id in &input.identifiers {
             // Read again: a merge earlier in this loop may have re-pointed it.
             let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {

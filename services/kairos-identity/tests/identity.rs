@@ -577,6 +577,81 @@ fn an_identifier_shared_by_too_many_customers_stops_linking() {
     );
 }
 
+/// The card was first seen alone (a receipt without a customer), so it had an
+/// anonymous profile, stitched to the first customer who presented it; once shared, a
+/// receipt with the card alone must not reach that customer through the old profile.
+#[test]
+fn a_shared_identifier_first_seen_alone_reaches_none_of_its_holders() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.receipt(t0, 3.0, json!({"loyalty_card": "TEST-1"}));
+    for (i, c) in ["c-41", "c-42", "c-43"].iter().enumerate() {
+        h.receipt(
+            t0 + (i as Millis + 1) * HOUR,
+            5.0,
+            json!({"customer_id": c, "loyalty_card": "TEST-1"}),
+        );
+    }
+    h.receipt(t0 + 5 * HOUR, 7.0, json!({"loyalty_card": "TEST-1"}));
+    let alone = format!("r-{}", h.next_event);
+    h.advance(t0 + 6 * HOUR);
+    let shared = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::identifier_shared)
+        .count();
+    assert_eq!(shared, 1, "{:?}", h.changes());
+    let resolved = h.resolved(&alone).expect("resolved");
+    assert!(
+        !["c-41", "c-42", "c-43"].contains(&resolved.as_str()),
+        "{resolved}"
+    );
+    // The first anonymous receipt and c-41's and c-42's: not the one after the limit.
+    assert_eq!(h.profile("c-41").offline_orders, 3);
+}
+
+/// Events without a login that carry one customer's e-mail and another's card make
+/// the e-mail's customer a holder of the card: the limit on holders counts them as it
+/// counts logged-in ones, so a card on many sign-up forms stops merging.
+#[test]
+fn holders_of_an_identifier_count_when_the_event_names_no_customer() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.receipt(
+        t0,
+        5.0,
+        json!({"customer_id": "c-71", "loyalty_card": "K-1"}),
+    );
+    for (i, c) in ["c-72", "c-73", "c-74"].iter().enumerate() {
+        let t = t0 + (i as Millis + 1) * HOUR;
+        h.event(
+            "events.site",
+            "registration",
+            t,
+            json!({"customer_id": c, "email": format!("{c}@example.com")}),
+        );
+        h.event(
+            "events.site",
+            "page_view",
+            t + MINUTE,
+            json!({"anonymous_id": format!("a-{c}"), "email": format!("{c}@example.com"),
+                   "loyalty_card": "K-1"}),
+        );
+    }
+    h.advance(t0 + 6 * HOUR);
+    let changes = h.changes();
+    let of = |kind: IdentityChangeKind| changes.iter().filter(|c| c.kind == kind).count();
+    // c-72 is the second holder (limit two): merged; c-73 the third: the card is shared.
+    assert_eq!(of(IdentityChangeKind::identifier_shared), 1, "{changes:?}");
+    let merged_known: Vec<_> = changes
+        .iter()
+        .filter(|c| c.kind == IdentityChangeKind::merged)
+        .filter_map(|c| c.merged_from.clone())
+        .filter(|m| m.starts_with("c-"))
+        .collect();
+    assert_eq!(merged_known, ["c-72"], "{changes:?}");
+}
+
 #[test]
 fn untrusted_identifiers_do_not_merge_known_customers() {
     let mut h = Harness::new();
