@@ -121,9 +121,7 @@ impl SmtpProvider {
             b = b.reply_to(r.clone());
         }
         if let Some(url) = &self.list_unsubscribe {
-            let url = url
-                .replace("{customer_id}", &cmd.customer_id)
-                .replace("{send_id}", &cmd.send_id);
+            let url = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
             b = b
                 .raw_header(HeaderValue::new(
                     HeaderName::new_from_ascii_str("List-Unsubscribe"),
@@ -230,6 +228,23 @@ impl SmtpProvider {
     }
 }
 
+/// What a URL may carry of an id as it is (RFC 3986's unreserved characters); the
+/// rest is percent-encoded, so an id with "&", "#" or ">" neither changes the link
+/// nor ends the header's "<...>".
+const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `template` with `{customer_id}` and `{send_id}` filled in, percent-encoded.
+fn unsubscribe_url(template: &str, customer_id: &str, send_id: &str) -> String {
+    let encode = |v: &str| percent_encoding::utf8_percent_encode(v, URL_VALUE).to_string();
+    template
+        .replace("{customer_id}", &encode(customer_id))
+        .replace("{send_id}", &encode(send_id))
+}
+
 fn classify(e: lettre::transport::smtp::Error) -> ProviderError {
     if e.is_permanent() {
         // 550/551/553: mailbox unavailable or unknown: the address is dead.
@@ -321,6 +336,19 @@ fn http_error(status: u16, detail: String) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_in_the_unsubscribe_url_are_percent_encoded() {
+        let template = "https://shop.example/unsubscribe?c={customer_id}&s={send_id}";
+        assert_eq!(
+            unsubscribe_url(template, "c-1_a.b~", "s-1"),
+            "https://shop.example/unsubscribe?c=c-1_a.b~&s=s-1"
+        );
+        assert_eq!(
+            unsubscribe_url(template, "a>, <mailto:x@evil>&x=1#f", "s 1"),
+            "https://shop.example/unsubscribe?c=a%3E%2C%20%3Cmailto%3Ax%40evil%3E%26x%3D1%23f&s=s%201"
+        );
+    }
 
     #[test]
     fn only_410_from_the_gateway_is_a_hard_bounce() {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
-    Channel, Decision, DecisionOutcome, EventType, MessageCategory, Outcome, OutcomeKind,
-    ReceiptKind, DECISION_RULES,
+    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, IdentifiedRecord,
+    MessageCategory, OfflineReceipt, Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
 };
 use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -207,6 +207,9 @@ pub struct FeedbackProcessor {
     outcomes_topic: String,
     decisions_topic: String,
     offline_topic: String,
+    /// Events with their customer resolved, read instead of the raw event topics when
+    /// identity resolution is on.
+    identified_topic: Option<String>,
     event_topics: HashSet<String>,
     registry: SchemaRegistry,
     metrics: FeedbackMetrics,
@@ -309,6 +312,10 @@ impl FeedbackProcessor {
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
+            identified_topic: config
+                .identity
+                .enabled
+                .then(|| config.topic(topics::IDENTIFIED_EVENTS)),
             event_topics: [
                 config.topic(topics::SITE_EVENTS),
                 config.topic(topics::APP_EVENTS),
@@ -529,6 +536,10 @@ impl FeedbackProcessor {
         let Ok(e) = kairos_core::input::decode_customer_event(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
+        self.purchase_of_event(e)
+    }
+
+    fn purchase_of_event(&self, e: CustomerEvent) -> FeedbackInput {
         match (e.event_type, e.customer_key()) {
             (EventType::purchase, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
                 value: e.purchase_value(),
@@ -545,6 +556,10 @@ impl FeedbackProcessor {
         let Ok(r) = kairos_core::input::decode_receipt(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
+        self.purchase_of_receipt(r)
+    }
+
+    fn purchase_of_receipt(&self, r: OfflineReceipt) -> FeedbackInput {
         match (r.kind, r.customer_key()) {
             (ReceiptKind::sale, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
                 value: r.total,
@@ -594,12 +609,17 @@ impl Processor for FeedbackProcessor {
     }
 
     fn inputs(&self) -> Vec<String> {
-        let mut topics = vec![
-            self.outcomes_topic.clone(),
-            self.decisions_topic.clone(),
-            self.offline_topic.clone(),
-        ];
-        topics.extend(self.event_topics.iter().cloned());
+        let mut topics = vec![self.outcomes_topic.clone(), self.decisions_topic.clone()];
+        // With identity resolution on, raw events are keyed by whatever identifier
+        // their producer had (a cookie, a card): only the resolved ones are keyed by
+        // the customer the touches are kept under.
+        match &self.identified_topic {
+            Some(identified) => topics.push(identified.clone()),
+            None => {
+                topics.push(self.offline_topic.clone());
+                topics.extend(self.event_topics.iter().cloned());
+            }
+        }
         topics.sort();
         topics
     }
@@ -613,6 +633,13 @@ impl Processor for FeedbackProcessor {
             Ok(FeedbackInput::Decision(Box::new(decode_internal(
                 record.payload,
             )?)))
+        } else if Some(record.topic) == self.identified_topic.as_deref() {
+            // Checked and normalized by the identity processor already.
+            Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
+                IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => self.purchase_of_event(*e),
+                IdentifiedRecord::offline(r) => self.purchase_of_receipt(*r),
+                _ => FeedbackInput::Ignored(None),
+            })
         } else if record.topic == self.offline_topic {
             Ok(self.decode_receipt(record.payload))
         } else {
@@ -902,6 +929,73 @@ mod tests {
             })
             .map(|m| m.get_gauge().get_value());
         assert_eq!(lift, Some(0.0));
+    }
+
+    /// With identity resolution on, purchases come resolved from `identified-events`:
+    /// a card-only receipt, resolved to the customer the touch is kept under, converts
+    /// it; the raw topics (keyed by any identifier) are not read.
+    #[test]
+    fn with_identity_on_resolved_purchases_convert_the_customer_s_touch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
+             template = \"t\"\n",
+        );
+        let identified = config.topic(topics::IDENTIFIED_EVENTS);
+        let inputs = replayer.engine.processor.inputs();
+        assert!(inputs.contains(&identified), "{inputs:?}");
+        assert!(!inputs.contains(&config.topic(topics::OFFLINE_EVENTS)));
+        assert!(!inputs.contains(&config.topic(topics::SITE_EVENTS)));
+        let hour = 3_600_000;
+        let decision = Decision {
+            decision_id: "d-1".into(),
+            trigger_id: "t-1".into(),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            category: MessageCategory::trigger,
+            outcome: DecisionOutcome::sent,
+            channel: Some(Channel::email),
+            send_id: Some("s-1".into()),
+            rule: "sent".into(),
+            reason: "test".into(),
+            decided_at: hour,
+        };
+        replayer
+            .push(
+                &config.topic(topics::DECISIONS),
+                b"c1",
+                &serde_json::to_vec(&decision).expect("encode"),
+            )
+            .expect("push");
+        // The till only had the card; the identity processor named the customer.
+        let receipt: OfflineReceipt = serde_json::from_value(serde_json::json!({
+            "event_id": "r-1", "receipt_id": "r-1", "kind": "sale", "occurred_at": 2 * hour,
+            "store_id": "s1", "customer_id": "c1", "loyalty_card": "K1", "total": 12.5,
+            "currency": "EUR", "items": []}))
+        .expect("receipt");
+        let record = IdentifiedRecord::offline(Box::new(receipt));
+        replayer
+            .push(
+                &identified,
+                b"c1",
+                &serde_json::to_vec(&record).expect("encode"),
+            )
+            .expect("push");
+        replayer.commit().expect("commit");
+        let sum = |name: &str| -> f64 {
+            registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .map(|m| m.get_counter().get_value())
+                .sum()
+        };
+        assert_eq!(sum("kairos_conversions_total"), 1.0);
+        assert_eq!(sum("kairos_conversion_revenue_total"), 12.5);
+        assert_eq!(revenue(&registry, "offline"), 12.5);
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
