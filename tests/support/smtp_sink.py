@@ -9,6 +9,8 @@ every accepted message as a file and misbehaves on request, by recipient:
 - datadrop*@... -> 451 4.7.1 at DATA on the first attempt, the connection dropped
                    without an answer at RCPT on the second, accepted on the third
 
+and by sender: blocked*@... -> 553 5.7.1 to MAIL FROM (the relay refuses the sender).
+
 Run: python3 -m aiosmtpd -n -l 127.0.0.1:PORT -c smtp_sink.Sink OUT_DIR [TEMPFAILS] [SLOW_SECONDS]
 """
 
@@ -29,6 +31,13 @@ class Sink:
     @classmethod
     def from_cli(cls, parser, *args):
         return cls(*args)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if address.split("@")[0].startswith("blocked"):
+            return "553 5.7.1 Sender address rejected: not owned by user"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@")[0]

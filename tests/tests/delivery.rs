@@ -172,8 +172,8 @@ struct ProviderLog {
 }
 
 /// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
-/// twice, `down-` always 503, `perm-` 400, `gone-` 410 and `unknown-` 404 (the number
-/// is dead), `slow-` takes 2 s the first time (longer
+/// twice, `down-` always 503, `perm-` 400, `gone-` 410 (the number is dead) and
+/// `unknown-` 404 (as a gateway without the route answers), `slow-` takes 2 s the first time (longer
 /// than the worker's timeout), `hold-` answers its first request (200) only once the
 /// test sets `released`, `holdperm-` likewise but 400 (to every request); anything
 /// else 200. Keys it already handed on are
@@ -340,8 +340,9 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "{:?}",
         outcomes["perm-1"]
     );
-    // A dead number (410) is a hard bounce (the arbiter suppresses it); a 404 fails
-    // the send only, as it more likely means the gateway's route is missing.
+    // A dead number (410) is a hard bounce (the arbiter suppresses it); a 404 more
+    // likely means the gateway's route is missing: the provider refuses the worker,
+    // so the send is retried, then given up to the dead-letter topic.
     assert_eq!(outcomes["gone-1"].0, "bounced_hard", "{outcomes:?}");
     assert!(
         outcomes["gone-1"].1.contains("410"),
@@ -350,7 +351,10 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     );
     assert_eq!(outcomes["unknown-1"].0, "failed", "{outcomes:?}");
     assert!(
-        outcomes["unknown-1"].1.contains("404"),
+        outcomes["unknown-1"].1.starts_with("retries_exhausted")
+            && outcomes["unknown-1"]
+                .1
+                .contains("provider refused: HTTP 404"),
         "{:?}",
         outcomes["unknown-1"]
     );
@@ -374,7 +378,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     );
     assert_eq!(requests("perm-1"), 1, "a 400 is not retried");
     assert_eq!(requests("gone-1"), 1, "a 410 is not retried");
-    assert_eq!(requests("unknown-1"), 1, "a 404 is not retried");
+    assert_eq!(requests("unknown-1"), 3, "a 404 is retried like an outage");
     assert_eq!(requests("down-1"), 3, "max_attempts, then given up");
     assert_eq!(l.missing_auth, 0, "every request carries the auth header");
     let handed_on: BTreeSet<&str> = l.delivered.keys().map(String::as_str).collect();
@@ -438,14 +442,90 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "the click is keyed to the customer"
     );
 
-    // The send given up is on the dead-letter topic with the command and the reason.
-    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| !v.is_empty());
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0]["service"], "deliver-sms");
-    assert!(letters[0]["reason"]
-        .as_str()
-        .unwrap_or("")
-        .contains("3 attempts"));
+    // The sends given up are on the dead-letter topic with the command and the reason.
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 2);
+    let given_up: BTreeSet<String> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l["service"], "deliver-sms");
+            assert!(
+                l["reason"].as_str().unwrap_or("").contains("3 attempts"),
+                "{l}"
+            );
+            dead_lettered_send_id(l)
+        })
+        .collect();
+    assert_eq!(
+        given_up,
+        ["down-1", "unknown-1"].map(String::from).into(),
+        "{letters:?}"
+    );
+}
+
+/// The send id of the command a dead letter carries.
+fn dead_lettered_send_id(letter: &Value) -> String {
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(letter["payload_base64"].as_str().unwrap_or(""))
+        .expect("payload is base64");
+    let command: Value = serde_json::from_slice(&payload).expect("payload is the command");
+    command["send_id"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn a_sender_the_relay_refuses_marks_no_address_dead_and_gives_the_sends_up_to_the_dead_letters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let smtp = SmtpSink::start(dir.path());
+    let mut env = email_worker_env(smtp.port);
+    for (key, value) in &mut env {
+        if key == "KAIROS__DELIVERY__EMAIL__SMTP__FROM" {
+            *value = "Shop <blocked@shop.example>".into();
+        }
+    }
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-email"],
+        env,
+        ..Options::default()
+    });
+    // Each would be sent (ok-1) or bounce (bounce-1) with a sender the relay takes.
+    let records: Vec<(String, Vec<u8>)> = [
+        ("ok-1", "anna@example.com"),
+        ("bounce-1", "bounce1@example.com"),
+    ]
+    .iter()
+    .map(|(id, to)| {
+        (
+            format!("c-{id}"),
+            send_command(id, "email", to, "abandoned_cart", cart_variables()),
+        )
+    })
+    .collect();
+    p.produce("send.email", &records);
+
+    let outcomes = final_outcomes(&p, 2, Duration::from_secs(60));
+    for id in ["ok-1", "bounce-1"] {
+        let (kind, reason) = &outcomes[id];
+        // Not bounced_hard: the arbiter would suppress the address for good.
+        assert_eq!(kind, "failed", "{id}: {outcomes:?}");
+        assert!(
+            reason.starts_with("retries_exhausted: 4 attempts") && reason.contains("553"),
+            "{id}: {reason}"
+        );
+    }
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 2);
+    let given_up: BTreeSet<String> = letters.iter().map(dead_lettered_send_id).collect();
+    assert_eq!(given_up, ["bounce-1", "ok-1"].map(String::from).into());
+    assert!(smtp.send_id_counts().is_empty(), "nothing was delivered");
+    let metrics = p.metrics("deliver-email");
+    assert_eq!(
+        kairos_tests::sample(
+            &metrics,
+            "kairos_provider_requests_total",
+            &["result=\"refused\""]
+        ),
+        8.0,
+        "four attempts per send"
+    );
 }
 
 #[test]

@@ -383,7 +383,8 @@ impl DeliveryProcessor {
                 result,
                 Err(ProviderError::Transient(_)
                     | ProviderError::Permanent(_)
-                    | ProviderError::HardBounce(_))
+                    | ProviderError::HardBounce(_)
+                    | ProviderError::Refused(_))
             );
             let refused_after_dot = refused && committed.get();
             if refused_after_dot {
@@ -397,6 +398,7 @@ impl DeliveryProcessor {
             let result_label = match &result {
                 Ok(()) => "accepted",
                 Err(ProviderError::Transient(_) | ProviderError::NoAnswer(_)) => "transient_error",
+                Err(ProviderError::Refused(_)) => "refused",
                 Err(_) => "permanent_error",
             };
             self.metrics
@@ -409,15 +411,9 @@ impl DeliveryProcessor {
                     return Delivery::Sent;
                 }
                 // The provider answered: it is healthy, the message is not.
-                // A 550 to the message itself (refused as spam after the ".") says
-                // nothing of the mailbox: only one before it is a dead address.
-                Err(ProviderError::HardBounce(e)) if !refused_after_dot => {
-                    self.breaker.success();
-                    return Delivery::HardBounce(e);
-                }
                 Err(ProviderError::HardBounce(e)) => {
                     self.breaker.success();
-                    return Delivery::Failed(e);
+                    return Delivery::HardBounce(e);
                 }
                 Err(ProviderError::Permanent(e)) => {
                     self.breaker.success();
@@ -429,10 +425,17 @@ impl DeliveryProcessor {
                     self.breaker.failure(Instant::now());
                     return Delivery::InDoubt(e);
                 }
-                Err(ProviderError::Transient(e) | ProviderError::NoAnswer(e)) => {
-                    tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "transient provider error");
+                // A refusal of the worker itself counts against the breaker like an
+                // outage, so a misconfigured provider is left alone instead of
+                // failing the backlog at full speed.
+                Err(
+                    e @ (ProviderError::Transient(_)
+                    | ProviderError::NoAnswer(_)
+                    | ProviderError::Refused(_)),
+                ) => {
+                    tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "provider error");
                     self.breaker.failure(Instant::now());
-                    last_error = e;
+                    last_error = e.to_string();
                     if attempt < max {
                         self.metrics.retries.with_label_values(&labels).inc();
                         let delay =

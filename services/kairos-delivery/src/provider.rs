@@ -33,6 +33,13 @@ pub enum ProviderError {
     /// Will never succeed as is: a rejected request, no address at all.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The provider refuses the worker, not this message: its credentials (SMTP
+    /// 530/535, HTTP 401/403), its sender (a 5xx to MAIL FROM) or its route (HTTP 404).
+    /// No send can succeed until the configuration is fixed, and none of them is at
+    /// fault: each is retried against the breaker and then dead-lettered with its
+    /// payload, never failed for good nor its address marked dead.
+    #[error("provider refused: {0}")]
+    Refused(String),
 }
 
 pub enum Provider {
@@ -182,17 +189,22 @@ impl SmtpProvider {
             Some(conn) if !conn.has_broken() => conn,
             _ => match tokio::time::timeout(self.config.timeout, self.connect()).await {
                 Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return Err(classify(e)),
+                Ok(Err(e)) => return Err(classify(e, SmtpStep::Connect)),
                 Err(_) => return Err(ProviderError::Transient("connect timed out".into())),
             },
         };
+        // Which command an error answers says whose fault it is (see `classify`).
+        let step = std::cell::Cell::new(SmtpStep::MailFrom);
         let conversation = async {
             conn.command(Mail::new(envelope.from().cloned(), vec![]))
                 .await?;
+            step.set(SmtpStep::RcptTo);
             for to in envelope.to() {
                 conn.command(Rcpt::new(to.clone(), vec![])).await?;
             }
+            step.set(SmtpStep::Data);
             conn.command(Data).await?;
+            step.set(SmtpStep::Message);
             // The message goes out in one part; when the iterator runs dry the client
             // writes the final "." next: the commit point.
             let mut parts = std::iter::once(bytes.as_slice());
@@ -218,7 +230,7 @@ impl SmtpProvider {
             // start the next send on a fresh connection.
             Ok(Err(e)) => {
                 conn.abort().await;
-                Err(classify(e))
+                Err(classify(e, step.get()))
             }
             Err(_) => Err(ProviderError::NoAnswer(format!(
                 "no answer within {:?}",
@@ -245,14 +257,33 @@ fn unsubscribe_url(template: &str, customer_id: &str, send_id: &str) -> String {
         .replace("{send_id}", &encode(send_id))
 }
 
-fn classify(e: lettre::transport::smtp::Error) -> ProviderError {
+/// The step of an SMTP conversation an answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SmtpStep {
+    /// Greeting, EHLO, STARTTLS and login.
+    Connect,
+    MailFrom,
+    RcptTo,
+    /// The DATA command, before any of the message.
+    Data,
+    /// The message and its final ".".
+    Message,
+}
+
+fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError {
     if e.is_permanent() {
-        // 550/551/553: mailbox unavailable or unknown: the address is dead.
         let code = e.status().map(|c| c.to_string()).unwrap_or_default();
-        if matches!(code.as_str(), "550" | "551" | "553") {
-            ProviderError::HardBounce(e.to_string())
-        } else {
-            ProviderError::Permanent(e.to_string())
+        match step {
+            // A refused login or sender refuses every message alike: marking each
+            // recipient dead would suppress the whole base for a configuration error.
+            SmtpStep::Connect | SmtpStep::MailFrom => ProviderError::Refused(e.to_string()),
+            // 550/551/553 to RCPT TO: the mailbox is unavailable or unknown: dead.
+            SmtpStep::RcptTo if matches!(code.as_str(), "550" | "551" | "553") => {
+                ProviderError::HardBounce(e.to_string())
+            }
+            // Any other 5xx, and any 5xx to the message itself (a 550 "refused as
+            // spam" says nothing of the mailbox): this message fails.
+            _ => ProviderError::Permanent(e.to_string()),
         }
     } else if e.is_transient() {
         // A 4xx reply: the server answered and refused for now.
@@ -326,9 +357,10 @@ fn http_error(status: u16, detail: String) -> ProviderError {
         // The recipient (token, number, chat) is gone for good: the address is dead,
         // as for an SMTP 5xx to RCPT TO.
         410 => ProviderError::HardBounce(detail),
-        // Not 404: every send goes to one URL, so a 404 is far more likely a missing
-        // route (a misconfiguration, a gateway deploy) than an unknown recipient, and
-        // as a hard bounce it would suppress every customer's address for good.
+        // Credentials refused, or no such route: every send goes to one URL, so a 404
+        // is far more likely a missing route (a misconfiguration, a gateway deploy)
+        // than an unknown recipient. Every send would fail alike.
+        401 | 403 | 404 | 407 => ProviderError::Refused(detail),
         _ => ProviderError::Permanent(detail),
     }
 }
@@ -357,9 +389,12 @@ mod tests {
             ProviderError::NoAnswer(_) => "no_answer",
             ProviderError::HardBounce(_) => "hard_bounce",
             ProviderError::Permanent(_) => "permanent",
+            ProviderError::Refused(_) => "refused",
         };
         assert_eq!(kind(410), "hard_bounce");
-        assert_eq!(kind(404), "permanent", "a missing route is no dead address");
+        assert_eq!(kind(404), "refused", "a missing route is no dead address");
+        assert_eq!(kind(401), "refused", "nor are refused credentials");
+        assert_eq!(kind(403), "refused");
         assert_eq!(kind(400), "permanent");
         assert_eq!(kind(408), "transient");
         assert_eq!(kind(429), "transient");
