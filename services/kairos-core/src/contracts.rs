@@ -935,6 +935,25 @@ impl LineItem {
     }
 }
 
+/// Prefixes of the customer ids Kairos names itself: profiles known only by a cookie,
+/// device, card, phone or e-mail (`anon:…`), and the profile of a shared identifier
+/// (`…#shared`). A producer's customer id of that form would join such a profile (a
+/// `customer_id` of `anon:<cookie>` takes over that visitor's history), so input
+/// with one is refused.
+pub const RESERVED_CUSTOMER_ID_PREFIXES: [&str; 6] =
+    ["anon:", "device:", "card:", "phone:", "email:", "customer:"];
+
+/// See [`RESERVED_CUSTOMER_ID_PREFIXES`].
+pub const SHARED_IDENTIFIER_SUFFIX: &str = "#shared";
+
+/// Whether a producer may name a customer `id` (see [`RESERVED_CUSTOMER_ID_PREFIXES`]).
+pub fn is_reserved_customer_id(id: &str) -> bool {
+    RESERVED_CUSTOMER_ID_PREFIXES
+        .iter()
+        .any(|p| id.starts_with(p))
+        || id.ends_with(SHARED_IDENTIFIER_SUFFIX)
+}
+
 /// An optional id field's value, none if absent or blank.
 fn given(field: &Option<String>) -> Option<&str> {
     field.as_deref().filter(|v| !v.trim().is_empty())

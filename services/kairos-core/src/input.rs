@@ -3,7 +3,9 @@
 //! dead-letter topic with the reason.
 
 use crate::calendar;
-use crate::contracts::{CustomerEvent, DeadLetterReason, EventType, LineItem, OfflineReceipt};
+use crate::contracts::{
+    is_reserved_customer_id, CustomerEvent, DeadLetterReason, EventType, LineItem, OfflineReceipt,
+};
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
 
@@ -54,6 +56,7 @@ pub fn decode_receipt(
             "event_id is empty",
         ));
     }
+    check_customer_id(r.customer_id.as_deref())?;
     // Positive for refunds too: `kind` gives the direction.
     check_amount("total", Some(r.total))?;
     check_items(&r.items)?;
@@ -80,6 +83,20 @@ pub fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
         Some(a) if a > MAX_AMOUNT => Err(Rejection::new(
             DeadLetterReason::invalid_field,
             format!("{field} {a:e} is above the largest amount accepted ({MAX_AMOUNT:e})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A customer id of the form Kairos gives profiles it names itself is refused.
+fn check_customer_id(id: Option<&str>) -> Result<(), Rejection> {
+    match id {
+        Some(id) if is_reserved_customer_id(id) => Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!(
+                "customer_id {id:?} has the form of an id Kairos gives anonymous profiles \
+                 (anon:, device:, card:, phone:, email:, customer: or #shared)"
+            ),
         )),
         _ => Ok(()),
     }
@@ -121,6 +138,7 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             "customer_id, anonymous_id or device_id is required",
         ));
     }
+    check_customer_id(e.customer_id.as_deref())?;
     let needs_product = matches!(
         e.event_type,
         EventType::add_to_cart
@@ -176,4 +194,55 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_customer_id_of_the_form_kairos_names_profiles_is_refused() {
+        let registry = SchemaRegistry::new(None);
+        let event = |customer: &str| {
+            format!(
+                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1,"customer_id":"{customer}"}}"#
+            )
+        };
+        let receipt = |customer: &str| {
+            format!(
+                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","store_id":"s1","occurred_at":1,"customer_id":"{customer}","total":10.0,"currency":"EUR","items":[]}}"#
+            )
+        };
+        for id in ["c-1", "anonymous:x", "card", "a#shared-not"] {
+            assert!(
+                decode_customer_event(event(id).as_bytes(), &registry).is_ok(),
+                "{id}"
+            );
+            assert!(
+                decode_receipt(receipt(id).as_bytes(), &registry).is_ok(),
+                "{id}"
+            );
+        }
+        for id in [
+            "anon:a-7",
+            "device:d1",
+            "card:123",
+            "phone:+49",
+            "email:a@b.c",
+            "customer:1",
+            "card:1#shared",
+        ] {
+            let rejection = decode_customer_event(event(id).as_bytes(), &registry).expect_err(id);
+            assert_eq!(rejection.reason, DeadLetterReason::invalid_field, "{id}");
+            assert!(
+                rejection.message.contains("customer_id"),
+                "{id}: {}",
+                rejection.message
+            );
+            assert!(
+                decode_receipt(receipt(id).as_bytes(), &registry).is_err(),
+                "{id}"
+            );
+        }
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use kairos_core::config::{topics, Config, SurvivorRule};
 use kairos_core::contracts::{
     CustomerEvent, CustomerMerge, DeadLetterReason, EventType, IdentifiedRecord, IdentityChange,
-    IdentityChangeKind, OfflineReceipt,
+    IdentityChangeKind, OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
 };
 use kairos_core::encoding::{Rejection, SchemaRegistry};
 use kairos_core::identifiers::{Identifier, IdentifierKind, Normalizer};
@@ -387,7 +387,9 @@ impl IdentityProcessor {
                 // following that profile would hand the event to one of the people
                 // who share it, so it goes to a profile of the shared identifier.
                 let name = match ctx.get::<Node>(&node_key(&name))? {
-                    Some(node) if node.merged_into.is_some() => format!("{name}#shared"),
+                    Some(node) if node.merged_into.is_some() => {
+                        format!("{name}{SHARED_IDENTIFIER_SUFFIX}")
+                    }
                     _ => name,
                 };
                 let key = node_key(&name);
@@ -707,4 +709,23 @@ pub async fn run(
     let registry = SchemaRegistry::new(config.schema_registry.url.clone());
     let processor = IdentityProcessor::new(config.clone(), registry.clone(), &admin.registry)?;
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_core::contracts::is_reserved_customer_id;
+
+    #[test]
+    fn every_name_identity_gives_a_profile_is_one_producers_may_not_use() {
+        for kind in IdentifierKind::ALL {
+            let name = anonymous_name(&Identifier {
+                kind,
+                value: "x".into(),
+            });
+            assert!(is_reserved_customer_id(&name), "{name}");
+            let shared = format!("{name}{SHARED_IDENTIFIER_SUFFIX}");
+            assert!(is_reserved_customer_id(&shared), "{shared}");
+        }
+    }
 }
