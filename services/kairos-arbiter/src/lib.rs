@@ -175,6 +175,11 @@ pub struct MainScenario {
     /// it (a receipt uploaded late) does not end the chain. Unknown for slots taken by
     /// earlier versions, which any purchase frees.
     pub cause_occurred_at: Option<Millis>,
+    /// The chain instance holding it (see `Arbiter::chain_of`): only that instance's
+    /// last step frees it, not the last step of an older instance of the same
+    /// scenario still running beside it. Unknown for slots taken by earlier versions,
+    /// which any last step of the scenario frees.
+    pub chain: Option<String>,
 }
 
 /// A deferred trigger as the queue remembers it (the trigger itself is the timer's
@@ -924,7 +929,17 @@ impl ArbiterProcessor {
     /// True if the slot now frees sooner than it did (a last step sent before the end
     /// its first send promised, a chain that ends sooner taking it): the triggers
     /// waiting for it wake at that older end and must be woken.
-    fn hold_main_scenario(&self, now: Millis, t: &Trigger, ledger: &mut CustomerLedger) -> bool {
+    ///
+    /// Two instances of one chain may run side by side (a second order starts the
+    /// post-purchase series while the first one's last step waits): the slot stays
+    /// with whichever ends later, and only its own last step frees it.
+    fn hold_main_scenario(
+        &self,
+        now: Millis,
+        t: &Trigger,
+        chain: Option<&str>,
+        ledger: &mut CustomerLedger,
+    ) -> bool {
         if t.category == MessageCategory::transactional {
             return false;
         }
@@ -935,17 +950,28 @@ impl ArbiterProcessor {
             .map_or(Duration::ZERO, |s| {
                 s.remaining_after(t.step.max(0) as usize)
             });
+        let other_instance = |m: &MainScenario| {
+            m.scenario == t.scenario && m.chain.is_some() && m.chain.as_deref() != chain
+        };
         if remaining > Duration::ZERO {
-            ledger.main = Some(MainScenario {
-                scenario: t.scenario.clone(),
-                priority: t.priority,
-                until: now + remaining.as_millis() as Millis,
-                cause_occurred_at: Some(t.cause_occurred_at),
-            });
+            let until = now + remaining.as_millis() as Millis;
+            let kept_by_a_later_instance = ledger
+                .main
+                .as_ref()
+                .is_some_and(|m| other_instance(m) && m.until >= until);
+            if !kept_by_a_later_instance {
+                ledger.main = Some(MainScenario {
+                    scenario: t.scenario.clone(),
+                    priority: t.priority,
+                    until,
+                    cause_occurred_at: Some(t.cause_occurred_at),
+                    chain: chain.map(str::to_string),
+                });
+            }
         } else if ledger
             .main
             .as_ref()
-            .is_some_and(|m| m.scenario == t.scenario)
+            .is_some_and(|m| m.scenario == t.scenario && !other_instance(m))
         {
             ledger.main = None;
         }
@@ -2601,7 +2627,7 @@ impl ArbiterProcessor {
         // A hold-out stands for the send it replaces: it holds the chain's slot and
         // uses up the offer, so the other triggers of both groups fare alike.
         if matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out) {
-            if self.hold_main_scenario(now, &t, ledger) {
+            if self.hold_main_scenario(now, &t, chain.as_deref(), ledger) {
                 self.wake_main_waiters(ctx, ledger)?;
             }
             for offer in &offers {

@@ -238,3 +238,54 @@ fn a_chain_step_sent_before_a_merge_spaces_the_survivors_next_step() {
         (DecisionOutcome::sent, T0 + DAY)
     );
 }
+
+#[test]
+fn two_instances_of_one_chain_hold_the_slot_until_the_later_one_s_last_step() {
+    let mut a = arbiter();
+    let step_of = |a: &Arbiter, order: &str, step: i32, at: i64| {
+        let mut t = tips(a, step, at, DAY);
+        t.trigger_id = format!("{order}-tips{step}");
+        t.cause_event_id = Some(order.into());
+        t.cause_occurred_at = at - i64::from(step) * DAY;
+        t
+    };
+    // order-1's series runs from T0 to T0 + 2 days; order-2's, a day later, to T0 + 3
+    // days: its first message goes out beside the first series (same scenario).
+    for (order, step, at) in [
+        ("order-1", 0, T0),
+        ("order-1", 1, T0 + DAY),
+        ("order-2", 0, T0 + DAY + 2 * HOUR),
+        ("order-1", 2, T0 + 2 * DAY),
+    ] {
+        let d = a.push_trigger(&step_of(&a, order, step, at));
+        assert_eq!(
+            d.outcome,
+            DecisionOutcome::sent,
+            "{order} step {step}: {d:#?}"
+        );
+    }
+    // order-1's last step does not free the slot order-2's series holds.
+    let mut lower = a.trigger_of(
+        "come_back0",
+        "come_back",
+        MessageCategory::trigger,
+        T0 + 2 * DAY + HOUR,
+    );
+    lower.priority = 40;
+    lower.valid_until = T0 + 5 * DAY;
+    let d = a.push_trigger(&lower);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario"),
+        "{d:#?}"
+    );
+    assert!(d.reason.contains("tips"), "{d:#?}");
+    // order-2's last step frees it, and the waiting trigger goes out.
+    a.push_trigger(&step_of(&a, "order-2", 1, T0 + 2 * DAY + 2 * HOUR));
+    let d = a.push_trigger(&step_of(&a, "order-2", 2, T0 + 3 * DAY + 2 * HOUR));
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    a.advance_to(T0 + 3 * DAY + 3 * HOUR);
+    let f = a.finals_of("come_back0");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].outcome, DecisionOutcome::sent, "{f:#?}");
+}

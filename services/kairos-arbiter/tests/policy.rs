@@ -284,7 +284,8 @@ fn a_purchase_that_ends_the_chain_decides_the_triggers_waiting_for_it_at_once() 
 
 #[test]
 fn a_chain_that_ends_before_its_expected_end_frees_the_triggers_waiting_for_it() {
-    let mut a = Arbiter::with_scenarios(
+    let mut a = Arbiter::with_config_and_scenarios(
+        "daily_cap = 5",
         r#"
 [[scenarios]]
 name = "duo"
@@ -292,40 +293,56 @@ kind = "welcome"
 channels = ["push"]
 template = "duo"
 steps = [{ delay = "1d", template = "duo_2" }]
+
+[[scenarios]]
+name = "quick"
+kind = "welcome"
+channels = ["push"]
+template = "quick"
+steps = [{ delay = "2h", template = "quick_2" }]
 "#,
     );
-    let mut t = a.trigger_of("e0", "welcome", TRIGGER, T0);
-    t.channels = vec![Channel::email];
-    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
-    // The chain's first push waits for the e-mail's conflict window: it goes out at
-    // T0 + 1 h, so the chain is expected to hold the customer until T0 + 1 d + 1 h.
-    let duo = |a: &Arbiter, id: &str, step: i32, at: i64| {
-        let mut t = a.trigger_of(id, "duo", TRIGGER, at);
+    // Every step carries its chain's cause, as the profile fires them.
+    let step = |a: &Arbiter, scenario: &str, step: i32, priority: i32, cause: i64| {
+        let at = cause + i64::from(step) * if scenario == "duo" { DAY } else { 2 * HOUR };
+        let mut t = a.trigger_of(&format!("{scenario}{step}"), scenario, TRIGGER, at);
         t.channels = vec![Channel::push];
         t.step = step;
+        t.priority = priority;
+        t.cause_occurred_at = cause;
         t
     };
-    let t = duo(&a, "d0", 0, T0 + 10 * MINUTE);
-    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::deferred);
-    a.advance_to(T0 + HOUR);
-    assert_eq!(a.sends.len(), 2);
+    // duo holds the customer until T0 + 1 d.
+    assert_eq!(
+        a.push_trigger(&step(&a, "duo", 0, 50, T0)).outcome,
+        DecisionOutcome::sent
+    );
     let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + 2 * HOUR);
+    low.channels = vec![Channel::push];
     low.priority = 10;
-    low.valid_until = T0 + DAY + 30 * MINUTE;
+    low.valid_until = T0 + 12 * HOUR;
     let waits = a.push_trigger(&low);
     assert_eq!(
         (waits.outcome, waits.rule.as_str()),
         (DecisionOutcome::deferred, "main_scenario")
     );
-    // The last step is due a day after the chain's cause, 50 minutes before that end:
-    // its send frees the customer, and the waiting trigger goes out before it expires.
-    let t = duo(&a, "d1", 1, T0 + DAY + 10 * MINUTE);
-    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
-    a.advance_to(T0 + 2 * DAY);
+    assert!(waits.reason.contains("duo"), "{waits:#?}");
+    // quick, of higher priority, takes the slot until T0 + 5 h: the waiting trigger
+    // now waits for that end, not duo's, and goes out before it expires.
+    let cause = T0 + 3 * HOUR;
+    assert_eq!(
+        a.push_trigger(&step(&a, "quick", 0, 60, cause)).outcome,
+        DecisionOutcome::sent
+    );
+    assert_eq!(
+        a.push_trigger(&step(&a, "quick", 1, 60, cause)).outcome,
+        DecisionOutcome::sent
+    );
+    a.advance_to(T0 + DAY);
     let last = *a.decisions_of("low").last().expect("decided again");
     assert_eq!(
         (last.outcome, last.decided_at),
-        (DecisionOutcome::sent, T0 + DAY + 10 * MINUTE),
+        (DecisionOutcome::sent, T0 + 5 * HOUR),
         "{last:#?}"
     );
     assert_eq!(
