@@ -280,6 +280,13 @@ pub struct IdentityConfig {
     /// then deleted, so that merged customers leave no state for good.
     #[serde(with = "humantime_serde")]
     pub forward_retention: Duration,
+    /// How long the identity processor keeps a profile known only by anonymous
+    /// identifiers (a cookie, a device, an e-mail left without a login) after its last
+    /// event: then the profile's graph entries are deleted, so the graph does not grow
+    /// with every visitor who never comes back. A profile stitched to a customer, or
+    /// one that absorbed another, is kept. 0 keeps them all.
+    #[serde(with = "humantime_serde")]
+    pub anonymous_retention: Duration,
 }
 
 impl Default for IdentityConfig {
@@ -293,6 +300,7 @@ impl Default for IdentityConfig {
             max_customers_per_identifier: 3,
             survivor: SurvivorRule::SmallestId,
             forward_retention: Duration::from_secs(30 * 24 * 3600),
+            anonymous_retention: Duration::from_secs(400 * 24 * 3600),
         }
     }
 }

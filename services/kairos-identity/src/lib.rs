@@ -32,7 +32,7 @@ use kairos_core::input::{self, Source};
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
-use kairos_core::time::Millis;
+use kairos_core::time::{Millis, DAY};
 use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,9 @@ struct Node {
     merged_from: Vec<String>,
     /// Identifiers linked to it.
     identifiers: Vec<String>,
+    /// The latest event it was resolved to, to the day (0: none since it was created
+    /// by a version that did not keep it); an anonymous profile expires from it.
+    last_seen: Millis,
 }
 
 struct Metrics {
@@ -100,7 +103,12 @@ struct Metrics {
     merges: IntCounterVec,
     shared: IntCounterVec,
     conflicts: IntCounterVec,
+    expired: prometheus::IntCounter,
 }
+
+/// Timers that forget an anonymous profile (`~anonymous/<profile>`), see
+/// `IdentityConfig::anonymous_retention`.
+const ANONYMOUS_EXPIRY: &str = "~anonymous";
 
 pub struct IdentityProcessor {
     registry: SchemaRegistry,
@@ -108,6 +116,8 @@ pub struct IdentityProcessor {
     merge_on: Vec<IdentifierKind>,
     max_claimants: usize,
     survivor_rule: SurvivorRule,
+    /// 0: anonymous profiles are kept for good.
+    anonymous_retention: Millis,
     site_topic: String,
     app_topic: String,
     offline_topic: String,
@@ -153,6 +163,11 @@ impl IdentityProcessor {
                 "Identifiers presented by a second known customer without being trusted to merge, by identifier kind.",
                 &["kind"],
             ),
+            expired: metrics::counter(
+                prom,
+                "kairos_identity_anonymous_profiles_expired_total",
+                "Anonymous profiles forgotten after identity.anonymous_retention without an event.",
+            ),
         };
         for r in RESOLVED {
             m.resolved.with_label_values(&[r]);
@@ -170,6 +185,8 @@ impl IdentityProcessor {
             merge_on: identity.merge_on.clone(),
             max_claimants: identity.max_customers_per_identifier,
             survivor_rule: identity.survivor,
+            anonymous_retention: Millis::try_from(identity.anonymous_retention.as_millis())
+                .unwrap_or(Millis::MAX),
             site_topic: config.topic(topics::SITE_EVENTS),
             app_topic: config.topic(topics::APP_EVENTS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
@@ -487,7 +504,67 @@ impl IdentityProcessor {
                 );
             }
         }
+        self.seen_anonymous(ctx, &target, at)?;
         Ok(target)
+    }
+
+    /// Notes an event of an anonymous profile, to the day, and moves its expiry to
+    /// `anonymous_retention` after it. A day's resolution keeps this to one write of
+    /// the node and its timer per visitor and day.
+    fn seen_anonymous(&self, ctx: &mut Ctx<'_>, profile: &str, at: Millis) -> anyhow::Result<()> {
+        if self.anonymous_retention == 0 {
+            return Ok(());
+        }
+        let key = node_key(profile);
+        let Some(mut node) = ctx.get::<Node>(&key)? else {
+            return Ok(());
+        };
+        if node.known || node.merged_into.is_some() || at < node.last_seen.saturating_add(DAY) {
+            return Ok(());
+        }
+        node.last_seen = at;
+        ctx.put(&key, &node)?;
+        ctx.schedule(
+            &format!("{ANONYMOUS_EXPIRY}/{profile}"),
+            at.saturating_add(self.anonymous_retention),
+            &(),
+        )
+    }
+
+    /// Forgets an anonymous profile no event came for in `anonymous_retention`: its
+    /// node and the links that only it holds (a shared or claimed identifier keeps its
+    /// link, so what it learnt stays). One that became known, was stitched or merged
+    /// into, or was seen since (a timer of an older version), stays.
+    fn expire_anonymous(
+        &self,
+        ctx: &mut Ctx<'_>,
+        profile: &str,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        let key = node_key(profile);
+        let Some(node) = ctx.get::<Node>(&key)? else {
+            return Ok(());
+        };
+        if node.known
+            || node.merged_into.is_some()
+            || !node.merged_from.is_empty()
+            || now < node.last_seen.saturating_add(self.anonymous_retention)
+        {
+            return Ok(());
+        }
+        for id in &node.identifiers {
+            let link_key = link_key_str(id);
+            if ctx
+                .get::<Link>(&link_key)?
+                .is_some_and(|l| l.customer == profile && !l.shared && l.claimants.is_empty())
+            {
+                ctx.delete(&link_key);
+            }
+        }
+        ctx.delete(&key);
+        self.metrics.expired.inc();
+        tracing::debug!(%profile, "anonymous profile expired");
+        Ok(())
     }
 
     /// The event as the profile sees it: identifiers normalized (in `decode`), the
@@ -646,8 +723,15 @@ impl Processor for IdentityProcessor {
         Ok(())
     }
 
-    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
-        Ok(())
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        match timer
+            .timer_id
+            .strip_prefix(ANONYMOUS_EXPIRY)
+            .and_then(|rest| rest.strip_prefix('/'))
+        {
+            Some(profile) => self.expire_anonymous(ctx, profile, timer.fire_at),
+            None => Ok(()),
+        }
     }
 }
 

@@ -103,8 +103,14 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_identity("")
+    }
+
+    /// A harness with `extra` added to the `[identity]` section.
+    fn with_identity(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::from_text(Path::new("identity-test.toml"), CONFIG, &[])
+        let text = CONFIG.replace("[identity]\n", &format!("[identity]\n{extra}\n"));
+        let mut config = Config::from_text(Path::new("identity-test.toml"), &text, &[])
             .unwrap_or_else(|e| panic!("{e}"));
         config.state.dir = dir.path().to_path_buf();
         config.clock.mode = ClockMode::Event;
@@ -793,4 +799,75 @@ fn re_sent_merge_records_change_nothing() {
         .collect();
     assert_eq!(carts.len(), 1, "{:?}", h.of_topic("decisions"));
     assert_eq!(carts[0].address.as_deref(), Some("c72@example.com"));
+}
+
+/// A visitor who never logs in is forgotten `anonymous_retention` after their last
+/// event: their cookie and the e-mail they left no longer resolve to their profile.
+/// One who keeps coming back, and one who logged in, are kept.
+#[test]
+fn an_anonymous_profile_is_forgotten_after_its_retention_without_an_event() {
+    let mut h = Harness::with_identity("anonymous_retention = \"30d\"");
+    let t0 = at(T0);
+    // Each leaves an e-mail without logging in; a-3 then logs in as c-3.
+    for a in ["a-1", "a-2", "a-3"] {
+        h.event(
+            "events.site",
+            "page_view",
+            t0,
+            json!({"anonymous_id": a, "email": format!("{a}@example.com")}),
+        );
+    }
+    h.event(
+        "events.site",
+        "login",
+        t0 + HOUR,
+        json!({"customer_id": "c-3", "anonymous_id": "a-3"}),
+    );
+    // a-2 comes back every 20 days; a-1 never does.
+    let a2_visits = |h: &mut Harness, days: &[Millis]| {
+        for day in days {
+            h.event(
+                "events.site",
+                "page_view",
+                t0 + day * DAY,
+                json!({"anonymous_id": "a-2"}),
+            );
+        }
+    };
+    a2_visits(&mut h, &[20]);
+    // A new cookie with a visitor's e-mail: the profile the e-mail leads to.
+    let by_email = |h: &mut Harness, a: &str, time: Millis| {
+        let probe = format!("probe-{}", h.next_event + 1);
+        h.event(
+            "events.site",
+            "page_view",
+            time,
+            json!({"anonymous_id": probe, "email": format!("{a}@example.com")}),
+        );
+        let id = format!("e-{}", h.next_event);
+        h.advance(time);
+        (h.resolved(&id).expect("resolved"), format!("anon:{probe}"))
+    };
+    // Within the 30 days, the e-mail still finds a-1's profile.
+    assert_eq!(by_email(&mut h, "a-1", t0 + 29 * DAY).0, "anon:a-1");
+    a2_visits(&mut h, &[40, 60]);
+    h.advance(t0 + 61 * DAY);
+    // 30 days after a-1's last event (the look-up at day 29) a-1 is forgotten: the
+    // e-mail no longer leads anywhere, and the new cookie starts a profile of its own.
+    let (resolved, probe) = by_email(&mut h, "a-1", t0 + 61 * DAY);
+    assert_eq!(resolved, probe);
+    assert_eq!(by_email(&mut h, "a-2", t0 + 61 * DAY).0, "anon:a-2");
+    assert_eq!(by_email(&mut h, "a-3", t0 + 61 * DAY).0, "c-3");
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 61 * DAY,
+        json!({"anonymous_id": "a-3"}),
+    );
+    let id = format!("e-{}", h.next_event);
+    assert_eq!(
+        h.resolved(&id).as_deref(),
+        Some("c-3"),
+        "a stitched cookie stays"
+    );
 }
