@@ -1120,6 +1120,23 @@ impl Config {
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
         }
+        if let Some(key) = self
+            .kafka
+            .client
+            .keys()
+            .find(|k| KAFKA_PROPERTIES_KAIROS_SETS.contains(&k.as_str()))
+        {
+            // A TOML key with dots is quoted.
+            let line = find_key_line(text, &format!("\"{key}\"")).or(find_key_line(text, key));
+            return Err(fail_at(
+                line,
+                &format!("kafka.client.{key}"),
+                "Kairos sets it itself, its exactly-once commit depends on it (offsets stored \
+                 only with the state they produced, eager range assignment, idempotent \
+                 producers): remove it"
+                    .into(),
+            ));
+        }
         if self.state.timers_in_memory < self.kafka.partitions as usize {
             return Err(fail(
                 "timers_in_memory",
@@ -1597,6 +1614,18 @@ fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
 }
 
 /// First line where `key` is assigned, for errors found after parsing.
+/// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
+/// not override.
+const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "partition.assignment.strategy",
+    "group.protocol",
+    "enable.idempotence",
+];
+
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
@@ -1687,6 +1716,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.kafka.client["session.timeout.ms"], "6000");
+    }
+
+    #[test]
+    fn kafka_properties_the_commit_depends_on_cannot_be_overridden() {
+        let text = "[kafka]\npartitions = 2\n\n[kafka.client]\n\"security.protocol\" = \"ssl\"\n\"enable.auto.offset.store\" = \"true\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("test.toml")
+                && err.contains(":6")
+                && err.contains("kafka.client.enable.auto.offset.store"),
+            "{err}"
+        );
+        let cfg = parse("[kafka.client]\n\"security.protocol\" = \"ssl\"\n").unwrap();
+        assert_eq!(cfg.kafka.client["security.protocol"], "ssl");
     }
 
     #[test]

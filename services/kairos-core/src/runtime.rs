@@ -1246,7 +1246,14 @@ impl<P: Processor> Engine<P> {
             .filter(|g| published.complete && !g.claimed && !g.left_out.is_empty());
         for gap in repairs {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
-                write_again(producer, &mut part.store, gap).await?;
+                if let Err(e) = write_again(producer, &mut part.store, gap).await {
+                    // The acknowledgement noted the changelog's end past the former
+                    // owner's records: forgotten, the restart after this error rebuilds
+                    // the partition, leaves those records out and writes the values
+                    // again (see `restore_once`) instead of taking the store as current.
+                    part.store.forget_changelog_end()?;
+                    return Err(e);
+                }
             }
         }
         for p in &fenced {
@@ -1832,7 +1839,13 @@ pub async fn check_changelog_tail(
     }
     store.skip_changelog_to(Some(high));
     if !gap.left_out.is_empty() {
-        write_again(producer, store, &gap).await?;
+        if let Err(e) = write_again(producer, store, &gap).await {
+            // The next check looks at the gap again and writes the values again then:
+            // left as the last records of their keys, the former owner's would be all
+            // a rebuild finds of them once compaction drops the values before.
+            store.skip_changelog_to(Some(next));
+            return Err(e);
+        }
     }
     Ok(Some(gap))
 }
@@ -2372,14 +2385,20 @@ impl ChangelogReader {
 /// leaves out what an earlier owner writes under its older epoch, and that owner's
 /// next publish finds the claim between its records and stops (see [`publish_fenced`]).
 /// Returns false if another instance wrote first: the partition is restored again.
+///
+/// `expected` is the changelog's end as restored. With `note_end` the store notes the
+/// end after the claim as the one it has seen, which makes it current; a restore that
+/// still has records to write after the claim (the undo of a torn commit) notes the
+/// end only once they are in, so that a crash between the two restores again and
+/// finds the torn commit again instead of taking the store for current.
 fn claim(
     reader: &ChangelogReader,
     config: &Config,
     store: &mut PartitionStore,
-    changelog: &str,
-    partition: i32,
+    (changelog, partition): (&str, i32),
+    expected: i64,
+    note_end: bool,
 ) -> anyhow::Result<bool> {
-    let expected = store.changelog_end()?.unwrap_or(0);
     let record = store.changelog_entry(
         changelog,
         claim_key(expected, &store.writer),
@@ -2400,7 +2419,7 @@ fn claim(
         );
         return Ok(false);
     }
-    store.set_epoch(offset)?;
+    store.set_epoch(offset, note_end)?;
     tracing::debug!(changelog, partition, epoch = offset, "partition claimed");
     Ok(true)
 }
@@ -2421,7 +2440,17 @@ fn finish_restore(
     if torn == TornCommit::Undo && !claims {
         store.clear_epoch()?;
     }
-    if torn == TornCommit::Leave || !claims || claim(reader, config, store, changelog, partition)? {
+    if torn == TornCommit::Leave
+        || !claims
+        || claim(
+            reader,
+            config,
+            store,
+            (changelog, partition),
+            store.changelog_end()?.unwrap_or(0),
+            true,
+        )?
+    {
         Ok(Restore::Done(stats))
     } else {
         Ok(Restore::ChangelogMoved(stats))
@@ -2481,6 +2510,7 @@ pub fn restore_partition(
             torn,
             claim,
             &|| (),
+            &|| Ok(()),
         )? {
             Restore::Done(mut stats) => {
                 stats.records_read += read_before;
@@ -2506,7 +2536,9 @@ enum Restore {
 }
 
 /// One attempt of [`restore_partition`]; `before_undo` runs just before the check that
-/// precedes a torn commit's undo (a test writes there as another instance would).
+/// precedes a torn commit's undo (a test writes there as another instance would), and
+/// `after_claim` between the claim that precedes an undo and the undo (a test fails
+/// there as a crash would).
 #[allow(clippy::too_many_arguments)]
 fn restore_once(
     reader: &ChangelogReader,
@@ -2517,6 +2549,7 @@ fn restore_once(
     torn: TornCommit,
     claims: bool,
     before_undo: &dyn Fn(),
+    after_claim: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<Restore> {
     let consumer = &reader.consumer;
     let (low, high) = changelog_watermarks(consumer, changelog, partition)?;
@@ -2710,10 +2743,17 @@ fn restore_once(
             // instance claims after this one, a restore leaves this undo out with the
             // rest of this instance's records; if another wrote first, the claim is not
             // valid and nothing is written.
-            store.set_changelog_end(high)?;
-            if !claim(reader, config, &mut store, changelog, partition)? {
+            if !claim(
+                reader,
+                config,
+                &mut store,
+                (changelog, partition),
+                high,
+                false,
+            )? {
                 return Ok(Restore::ChangelogMoved(stats));
             }
+            after_claim()?;
         } else {
             // Only while nobody else writes: an instance that lost the partition
             // meanwhile must not write after the new owner's records.
@@ -3808,18 +3848,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_torn_commit_is_not_undone_when_the_changelog_grew_during_the_restore() {
-        fn block_on<F: std::future::Future>(future: F) -> F::Output {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(future)
-        }
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    /// A one-broker mock cluster with a one-partition topic "changelog", a directory
+    /// for stores, and a config that points at the cluster.
+    fn changelog_on_a_mock_cluster() -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        tempfile::TempDir,
+        Config,
+    ) {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("changelog", 1, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let config = Config::from_text(
             std::path::Path::new("test.toml"),
             &format!(
@@ -3829,6 +3874,12 @@ mod tests {
             &[],
         )
         .unwrap();
+        (cluster, tempfile::tempdir().unwrap(), config)
+    }
+
+    #[test]
+    fn a_torn_commit_is_not_undone_when_the_changelog_grew_during_the_restore() {
+        let (_cluster, dir, config) = changelog_on_a_mock_cluster();
         let producer = kafka::producer(&config).unwrap();
         let high = || {
             let consumer: BaseConsumer = kafka::client_config(&config).unwrap().create().unwrap();
@@ -3874,6 +3925,7 @@ mod tests {
             TornCommit::Undo,
             true,
             &other_writes,
+            &|| Ok(()),
         )
         .unwrap();
         assert!(matches!(attempt, Restore::ChangelogMoved(_)));
@@ -3895,6 +3947,90 @@ mod tests {
         )
         .unwrap();
         assert!(high() > torn_end + 1, "the undo follows");
+    }
+
+    /// A new owner killed between its claim and the undo of a torn commit restores
+    /// again on restart and undoes it then: the commit it writes next must not be
+    /// the end marker a later rebuild applies the torn records with.
+    #[test]
+    fn a_restore_cut_short_between_its_claim_and_the_undo_undoes_the_torn_commit_on_restart() {
+        let (_cluster, dir, config) = changelog_on_a_mock_cluster();
+        let producer = kafka::producer(&config).unwrap();
+        let publish = |store: &mut PartitionStore, key: &[u8], value: &[u8], whole: bool| {
+            let mut pending = Pending::default();
+            store.put(&mut pending, key, value.to_vec());
+            let mut records: Vec<OutboxEntry> = store
+                .commit_with(&mut pending, Some("changelog"), true)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.changelog)
+                .collect();
+            if !whole {
+                records.pop(); // the end marker
+            }
+            for sent in block_on(send_all(&producer, &records, true)) {
+                sent.unwrap();
+            }
+        };
+        // The former owner's commit, torn before its end marker.
+        let mut former = StoreFactory::new(&dir.path().join("former"), 8 << 20)
+            .unwrap()
+            .open(0)
+            .unwrap();
+        publish(&mut former, b"c/1", b"torn", false);
+        // The new owner claims, then dies before the undo goes out.
+        let factory = StoreFactory::new(&dir.path().join("new"), 8 << 20).unwrap();
+        let reader = ChangelogReader::new(&config).unwrap();
+        let killed = restore_once(
+            &reader,
+            &config,
+            &factory,
+            "changelog",
+            0,
+            TornCommit::Undo,
+            true,
+            &|| (),
+            &|| anyhow::bail!("killed"),
+        );
+        assert!(killed.is_err());
+        // It restarts, restores, and commits on.
+        restore_partition(
+            &reader,
+            &config,
+            &factory,
+            "changelog",
+            0,
+            TornCommit::Undo,
+            true,
+        )
+        .unwrap();
+        let mut owner = factory.open(0).unwrap();
+        publish(&mut owner, b"c/2", b"next", true);
+        drop(owner);
+        // A rebuild elsewhere (the partition moves on) has the new owner's commit and
+        // not the torn one.
+        let elsewhere = StoreFactory::new(&dir.path().join("elsewhere"), 8 << 20).unwrap();
+        restore_partition(
+            &reader,
+            &config,
+            &elsewhere,
+            "changelog",
+            0,
+            TornCommit::Leave,
+            false,
+        )
+        .unwrap();
+        let rebuilt = elsewhere.open(0).unwrap();
+        let pending = Pending::default();
+        assert_eq!(
+            rebuilt.get(&pending, b"c/2").unwrap().as_deref(),
+            Some(&b"next"[..])
+        );
+        assert_eq!(
+            rebuilt.get(&pending, b"c/1").unwrap(),
+            None,
+            "the torn commit stays undone"
+        );
     }
 
     fn input_end(topic: &str, partition: i32, next: i64, end: i64) -> InputEnd {

@@ -989,6 +989,10 @@ impl PartitionStore {
         let mut batch = WriteBatch::default();
         if !self.wrote_ahead.replace(true) {
             batch.put(META_WROTE_AHEAD, []);
+            // A store that writes ahead is never clean (see `fills_changelog_since_open`):
+            // a mark its last commit left must not survive this record, or a restart
+            // would catch up from the mark instead of rebuilding.
+            batch.delete(META_CLEAN_END);
         }
         batch.put(prefixed(STATE, key), value);
         self.write(batch)
@@ -1705,16 +1709,27 @@ impl PartitionStore {
 
     /// Takes `epoch`, the offset of this store's claim just acknowledged at the
     /// changelog's end, as the epoch its changelog records carry from now on; the
-    /// changelog holds the store up to the claim.
-    pub fn set_epoch(&mut self, epoch: i64) -> StoreResult<()> {
+    /// changelog holds the store up to the claim. With `note_end` the store also notes
+    /// the end after the claim as the changelog's end it has seen.
+    pub fn set_epoch(&mut self, epoch: i64, note_end: bool) -> StoreResult<()> {
         let mut batch = WriteBatch::default();
         batch.put(META_EPOCH, (epoch as u64).to_be_bytes());
-        batch.put(META_CHANGELOG_END, ((epoch + 1) as u64).to_be_bytes());
+        if note_end {
+            batch.put(META_CHANGELOG_END, ((epoch + 1) as u64).to_be_bytes());
+        }
         self.write(batch)?;
         self.epoch = Some(epoch);
         self.next_own_offset = Some(epoch + 1);
         *self.claim_watch.get_mut() = ClaimWatch::since(Some(epoch));
         Ok(())
+    }
+
+    /// Forgets how far the store has seen the changelog: its next restore reads the
+    /// whole changelog partition again.
+    pub fn forget_changelog_end(&self) -> StoreResult<()> {
+        self.db
+            .delete(META_CHANGELOG_END)
+            .map_err(|e| self.rocks(e))
     }
 
     pub fn set_changelog_end(&self, end: i64) -> StoreResult<()> {
@@ -1968,6 +1983,21 @@ impl BatchBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_ahead_record_removes_the_clean_mark_of_the_commit_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = StoreFactory::new(dir.path(), 1 << 20).unwrap();
+        let mut store = factory.open(0).unwrap();
+        // Its three records fill the changelog: the acknowledgement marks it clean.
+        store.changelog_acknowledged(3, 2).unwrap();
+        assert!(store.raw_get(META_CLEAN_END).unwrap().is_some());
+        store.put_now(b"w/1", b"attempt").unwrap();
+        drop(store);
+        // Killed here: the restart must not take it for clean.
+        let store = factory.open(0).unwrap();
+        assert_eq!(store.take_clean_close().unwrap(), None);
+    }
 
     /// Only offsets that are neither the store's own nor read since its claim are
     /// left to read, and the offsets kept beyond one such record are bounded.
