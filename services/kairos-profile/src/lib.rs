@@ -1308,8 +1308,12 @@ impl ProfileProcessor {
         };
         for s in self.scenarios(ScenarioKind::Reactivation).iter() {
             // Lazy: an armed timer is left alone; when it fires it checks the latest
-            // visit and moves itself if the customer came back.
-            if p.armed.contains_key(s.name.as_str()) {
+            // visit and moves itself if the customer came back. (An entry before now
+            // is stale: its timer fired while the scenario was off.)
+            if p.armed
+                .get(s.name.as_str())
+                .is_some_and(|armed| *armed >= ctx.now())
+            {
                 continue;
             }
             let at = last_visit + ms(s.delay);
@@ -1538,6 +1542,16 @@ impl ProfileProcessor {
         let config = self.config.clone();
         let Some(s) = config.scenario(&t.scenario).filter(|s| s.enabled) else {
             tracing::warn!(scenario = %t.scenario, "timer for a scenario no longer configured");
+            // The profile no longer takes it for armed: were the scenario enabled again,
+            // an entry left behind would keep it from ever being armed (reactivation
+            // arms only what is not armed).
+            if let Some(mut p) = self.take(ctx, &t.customer_id)? {
+                if p.armed.get(t.scenario.as_str()) == Some(&timer.fire_at) {
+                    p.armed.remove(t.scenario.as_str());
+                    p.waits.remove(t.scenario.as_str());
+                }
+                self.put(ctx.partition, p);
+            }
             return Ok(());
         };
         let Some(mut p) = self.take(ctx, &t.customer_id)? else {
@@ -1758,6 +1772,10 @@ impl ProfileProcessor {
             timer.fire_at,
             vars,
         );
+        if s.kind.is_restartable_wait() {
+            p.wait_step_fired_at
+                .insert(s.name.as_str().into(), timer.fire_at);
+        }
         if !emitted {
             // A step skipped as late ends the chain: no welcome_2 without welcome.
             // (A yearly scenario armed next year's date already.)
@@ -2031,10 +2049,14 @@ fn restart_wait(
     product: Option<Product>,
 ) -> anyhow::Result<()> {
     // An older event arriving late (another device's topic) does not move the wait
-    // back or replace its product: the wait runs from the latest change.
+    // back or replace its product: the wait runs from the latest change. Nor does one
+    // from before the wait's last step went out (see `wait_step_fired_at`).
     if p.waits
         .get(s.name.as_str())
         .is_some_and(|w| w.cause_occurred_at > e.occurred_at)
+        || p.wait_step_fired_at
+            .get(s.name.as_str())
+            .is_some_and(|fired| *fired > e.occurred_at)
     {
         return Ok(());
     }
@@ -2044,9 +2066,10 @@ fn restart_wait(
         product,
     };
     let due = e.occurred_at + ms(s.delay);
+    // An entry not after now is stale (its timer fired while the scenario was off).
     if p.armed
         .get(s.name.as_str())
-        .is_none_or(|armed| *armed > due)
+        .is_none_or(|armed| *armed > due || *armed < ctx.now())
     {
         arm_wait(ctx, s, p, &wait, 0, due)?;
     }

@@ -161,6 +161,12 @@ pub struct CustomerProfile {
     /// (see [`EarlyReversal`]), oldest first, bounded.
     #[serde(default)]
     pub early_reversals: Vec<EarlyReversal>,
+    /// When each restartable wait last fired a step (or skipped one as late), by
+    /// scenario: a cart change or view dated before it, arriving late from another
+    /// device's topic, would have restarted the wait before that step in time order,
+    /// so it restarts nothing now (it would send the step a second time).
+    #[serde(default)]
+    pub wait_step_fired_at: SmallMap<CompactString, Millis>,
 }
 
 /// A return or cancellation of an order the profile did not hold when it came: the
@@ -492,17 +498,24 @@ impl CustomerProfile {
             self.pending_cart_removals = other.pending_cart_removals;
         }
         for v in other.recently_viewed {
-            if !self
+            match self
                 .recently_viewed
-                .iter()
-                .any(|x| x.product_id == v.product_id)
+                .iter_mut()
+                .find(|x| x.product_id == v.product_id)
             {
-                self.recently_viewed.push(v);
+                Some(mine) if mine.at < v.at => *mine = v,
+                Some(_) => {}
+                None => self.recently_viewed.push(v),
             }
         }
-        self.recently_viewed
-            .sort_by_key(|v| std::cmp::Reverse(v.at));
-        self.recently_viewed.truncate(RECENTLY_VIEWED);
+        // Oldest first, as `view` keeps them (it drops the first when full).
+        self.recently_viewed.sort_by_key(|v| v.at);
+        let excess = self.recently_viewed.len().saturating_sub(RECENTLY_VIEWED);
+        self.recently_viewed.drain(..excess);
+        for (scenario, fired) in other.wait_step_fired_at {
+            let mine = self.wait_step_fired_at.entry(scenario).or_insert(fired);
+            *mine = (*mine).max(fired);
+        }
         for c in other.recent_categories {
             if !self.recent_categories.contains(&c)
                 && self.recent_categories.len() < RECENT_CATEGORIES
@@ -1234,6 +1247,38 @@ pub fn is_visit(t: EventType) -> bool {
 mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
+
+    #[test]
+    fn after_a_merge_a_new_view_pushes_out_the_oldest_one() {
+        let product = |id: &str| Product {
+            product_id: id.into(),
+            name: None,
+            category: None,
+            price: Some(1.0),
+        };
+        let mut mine = CustomerProfile::default();
+        let mut theirs = CustomerProfile::default();
+        for i in 1..=15 {
+            mine.view(&product(&format!("m{i}")), i);
+        }
+        for i in 16..=25 {
+            theirs.view(&product(&format!("t{i}")), i);
+        }
+        mine.absorb(theirs);
+        let ids = |p: &CustomerProfile| -> Vec<String> {
+            p.recently_viewed
+                .iter()
+                .map(|v| v.product_id.to_string())
+                .collect()
+        };
+        assert_eq!(ids(&mine).len(), 20);
+        assert_eq!(ids(&mine)[0], "m6", "the five oldest went");
+        mine.view(&product("new"), 30);
+        let after = ids(&mine);
+        assert_eq!(after.first().map(String::as_str), Some("m7"), "{after:?}");
+        assert_eq!(after.last().map(String::as_str), Some("new"));
+        assert!(after.contains(&"t25".to_string()), "{after:?}");
+    }
 
     /// What the variables were before they were serialized straight from the profile:
     /// a JSON map built from the profile, extended by the occasion's variables.

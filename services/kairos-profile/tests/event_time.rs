@@ -177,6 +177,24 @@ impl Harness {
         }
     }
 
+    /// Stops the pipeline and starts it again on the same state with `config_text`
+    /// (a deployment with a changed configuration).
+    fn restart_with(&mut self, config_text: &str) {
+        self.commit();
+        let config_on = |dir: &Path| {
+            let mut config = Config::from_text(Path::new("test.toml"), config_text, &[])
+                .unwrap_or_else(|e| panic!("{e}"));
+            config.state.dir = dir.to_path_buf();
+            config.clock.mode = ClockMode::Event;
+            config
+        };
+        // The stores are closed before they open again.
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        let stand_in = Pipeline::new(&config_on(elsewhere.path())).expect("pipeline");
+        drop(std::mem::replace(&mut self.pipeline, stand_in));
+        self.pipeline = Pipeline::new(&config_on(self._dir.path())).expect("pipeline");
+    }
+
     fn sink(outputs: &mut Vec<Output>) -> impl FnMut(&OutboxEntry) -> anyhow::Result<()> + '_ {
         move |e: &OutboxEntry| {
             let value: Value = serde_json::from_slice(&e.payload)?;
@@ -2381,6 +2399,67 @@ fn an_older_cart_change_arriving_late_keeps_the_newer_wait() {
     assert_eq!(fired[0]["cause_event_id"], "lc-site");
     let items = vars(&fired[0])["cart_items"].clone();
     assert_eq!(items.as_array().map(Vec::len), Some(2), "{items}");
+}
+
+/// A cart change dated before the reminder went out, arriving after it (the app's
+/// topic lagging), would have restarted the wait before the reminder in time order:
+/// it sends no second reminder. A change after the reminder starts a new wait.
+#[test]
+fn an_older_cart_change_arriving_after_the_reminder_sends_no_second_one() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site("lr-add", "add_to_cart", "lr", t, add_to_cart("p1", 10.0));
+    h.advance(t + 90 * MINUTE);
+    assert_eq!(h.triggers("lr", "abandoned_cart").len(), 1);
+    h.feed(
+        "events.app",
+        "lr",
+        json!({"event_id": "lr-app", "event_type": "add_to_cart", "occurred_at": rfc(t + 5 * MINUTE),
+            "customer_id": "lr", "product": product("p2", 20.0)}),
+    );
+    h.advance(t + 4 * HOUR);
+    let fired = h.triggers("lr", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    h.site(
+        "lr-add-later",
+        "add_to_cart",
+        "lr",
+        t + 5 * HOUR,
+        add_to_cart("p3", 5.0),
+    );
+    h.advance(t + 7 * HOUR);
+    let fired = h.triggers("lr", "abandoned_cart");
+    assert_eq!(fired.len(), 2, "{fired:#?}");
+    assert_eq!(fired[1]["cause_event_id"], "lr-add-later");
+}
+
+/// Reactivation switched off for a while, then on again: customers whose timer fired
+/// meanwhile are armed again at their next visit.
+#[test]
+fn a_scenario_switched_off_and_on_again_arms_the_customers_whose_timer_fired_meanwhile() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("so-v1", "page_view", "so", t, json!({"page_url": "/"}));
+    let off = CONFIG.replace(
+        "template = \"reactivation\"\n",
+        "template = \"reactivation\"\nenabled = false\n",
+    );
+    assert_ne!(off, CONFIG);
+    h.restart_with(&off);
+    h.advance(t + 31 * DAY);
+    assert!(h.triggers("so", "reactivation").is_empty(), "switched off");
+    h.restart_with(CONFIG);
+    h.site(
+        "so-v2",
+        "page_view",
+        "so",
+        t + 32 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + 63 * DAY);
+    let fired = h.triggers("so", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 62 * DAY);
 }
 
 #[test]
