@@ -1076,7 +1076,6 @@ impl ProfileProcessor {
             .recently_viewed
             .iter()
             .find(|v| v.product_id == o.product_id);
-        let viewed = view.is_some();
         // A drop is one to the customer only below the price they saw (the catalog
         // compares with its own earlier price, which they may never have seen).
         let old_price = match kind {
@@ -1084,9 +1083,12 @@ impl ProfileProcessor {
             _ => o.old_price,
         };
         for s in self.scenarios(kind).iter() {
+            // The join sends a price drop to whoever viewed the product within its
+            // window: the profile keeps only the latest views, and a customer who
+            // looked at twenty other products since is interested all the same.
             let interested = match kind {
                 ScenarioKind::BackInStock => wished,
-                _ => wished || viewed,
+                _ => true,
             };
             let drop = match (old_price, o.new_price) {
                 (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
@@ -1145,18 +1147,21 @@ impl ProfileProcessor {
             .iter()
             .filter(|s| s.ends_on_purchase())
         {
-            // An online purchase ends them whatever the device's clock said; a till
-            // sale uploaded late only those it came after. A chain's cause time is in
-            // its timer, not here: a till sale leaves it to the check when the next
-            // step fires (see `fire_scenario`).
+            // An online purchase ends a cart or browse wait whatever the device's clock
+            // said (the cart is what was bought); a till sale uploaded late only one it
+            // came after. A chain's cause time is in its timer, not here: a purchase
+            // leaves it to the check when the next step fires (see `fire_scenario`),
+            // which ends it if the purchase came after its cause, whichever arrived
+            // first (a guest checkout processed after the registration that followed
+            // it leaves the welcome series alone, as it does in time order).
             if s.kind == ScenarioKind::Reactivation {
                 continue;
             }
-            let leave = offline
-                && (!s.kind.is_restartable_wait()
-                    || p.waits
+            let leave = !s.kind.is_restartable_wait()
+                || offline
+                    && p.waits
                         .get(s.name.as_str())
-                        .is_some_and(|w| w.cause_occurred_at > at));
+                        .is_some_and(|w| w.cause_occurred_at > at);
             if !leave {
                 stop_wait(ctx, s, p)?;
             }

@@ -663,6 +663,39 @@ fn welcome_chain_ends_on_purchase() {
     assert_eq!(fired[0]["step"], 0);
 }
 
+/// A guest checkout, then an account: the welcome series runs in full however the
+/// two arrive (the site's purchase processed after the app's registration).
+#[test]
+fn a_purchase_before_the_registration_leaves_the_welcome_series_alone_whichever_arrives_first() {
+    let t = at("2026-04-01T09:00:00Z");
+    let steps_sent = |first_purchase: bool| {
+        let mut h = Harness::new();
+        let buy = |h: &mut Harness| {
+            h.site("gc-buy", "purchase", "gc", t, order("o-gc", 30.0, None));
+        };
+        if first_purchase {
+            buy(&mut h);
+        }
+        h.feed(
+            "events.app",
+            "gc",
+            json!({"event_id": "gc-reg", "event_type": "registration",
+                "occurred_at": rfc(t + 5 * MINUTE), "customer_id": "gc"}),
+        );
+        if !first_purchase {
+            buy(&mut h);
+        }
+        h.advance(t + 10 * DAY);
+        h.triggers("gc", "welcome").len()
+    };
+    assert_eq!(steps_sent(true), 3, "in time order");
+    assert_eq!(
+        steps_sent(false),
+        3,
+        "the purchase processed after the registration"
+    );
+}
+
 // 5. Post purchase.
 
 #[test]
@@ -1324,6 +1357,39 @@ fn a_product_viewed_again_after_the_interest_window_still_hears_of_its_price_dro
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["new_price"], 70.0);
     assert_eq!(h.on("product-interest").count(), 2);
+}
+
+/// The profile keeps the latest twenty views; the join keeps thirty days of them.
+#[test]
+fn a_price_drop_reaches_a_viewer_who_viewed_twenty_other_products_since() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "many-cat-1",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    h.site(
+        "many-view",
+        "product_view",
+        "many",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    for i in 0..20 {
+        h.site(
+            &format!("many-view-{i}"),
+            "product_view",
+            "many",
+            t + HOUR + (i + 1) * MINUTE,
+            json!({"product": product(&format!("q{i}"), 10.0)}),
+        );
+    }
+    h.catalog("many-cat-2", "p1", t + DAY, json!({"price": 80.0}));
+    let fired = h.triggers("many", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["old_price"], 100.0);
 }
 
 #[test]
