@@ -107,6 +107,14 @@ struct ScenarioTimerRef<'a> {
 const SEGMENT_REVIEW: &str = "~segments";
 /// Timers that delete a merged customer's forwarding record (`~forward/<customer>`).
 const FORWARD_EXPIRY: &str = "~forward";
+/// Timers that end a survivor's wait for a merged profile
+/// (`~merge_wait/<survivor>/<merged>`, payload: both ids).
+const MERGE_WAIT_EXPIRY: &str = "~merge_wait";
+/// How long a survivor holds its triggers for a merged profile. Merges cross
+/// partitions in seconds; one that has not come within an hour is not coming (its
+/// record went to the dead-letter topic), and holding on would keep every trigger of
+/// the customer, an order confirmation included, for good. As in the arbiter.
+const MERGE_WAIT_LIMIT: Millis = 60 * 60_000;
 /// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
 /// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
 const RETURN_MARK_EXPIRY: &str = "~returned";
@@ -116,6 +124,8 @@ struct Metrics {
     skipped: IntCounterVec,
     transitions: metrics::CachedCounterVec,
     duplicates: prometheus::IntCounter,
+    /// Merged profiles a survivor stopped waiting for (see `MERGE_WAIT_LIMIT`).
+    merge_waits_given_up: prometheus::IntCounter,
     /// Customer events by source and type (receipts: offline, sale or refund).
     events: metrics::CachedCounterVec,
 }
@@ -165,6 +175,11 @@ impl ProfileProcessor {
                 "kairos_segment_transitions_total",
                 "Segment and lifecycle transitions, by kind, segment left (\"none\": none yet) and segment entered (\"none\" for RFM: no order counts any more).",
                 &["kind", "from", "to"],
+            ),
+            merge_waits_given_up: metrics::counter(
+                prom,
+                "kairos_profile_merge_waits_given_up_total",
+                "Merged profiles that did not reach their survivor within an hour: the survivor's held triggers went out without them.",
             ),
             duplicates: metrics::counter(
                 prom,
@@ -706,6 +721,7 @@ impl ProfileProcessor {
         }
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
+        let awaited_before = p.awaiting_merges.clone();
         let yearly_before = (p.birthday.clone(), p.time_zone.clone(), p.registered_at);
         let subscription_before = p.subscription_ends_at;
         let merged_views: Vec<(String, Option<f64>, Millis)> = merged
@@ -792,6 +808,19 @@ impl ProfileProcessor {
             }
         }
         p.awaiting_merges.retain(|c| *c != m.from);
+        // What the merged customer still waited for, the survivor waits for now, as
+        // long as for a merge of its own.
+        for awaited in p.awaiting_merges.clone() {
+            if !awaited_before.contains(&awaited) {
+                ctx.schedule(
+                    &format!("{MERGE_WAIT_EXPIRY}/{}/{awaited}", p.customer_id),
+                    m.occurred_at
+                        .max(ctx.now())
+                        .saturating_add(MERGE_WAIT_LIMIT),
+                    &(p.customer_id.clone(), awaited),
+                )?;
+            }
+        }
         if !p.merged_from.contains(&m.from) {
             if p.merged_from.len() >= 16 {
                 p.merged_from.remove(0);
@@ -866,13 +895,42 @@ impl ProfileProcessor {
             }
         }
         if p.awaiting_merges.is_empty() {
-            // What waited for the merge goes out with the merged contacts and consents.
-            let prefix = held_prefix(&p.customer_id);
-            for (key, mut t) in ctx.scan::<Trigger>(&prefix)? {
-                t.contacts = contacts(&p);
-                t.merged_from = p.merged_from.clone();
-                ctx.delete(&key);
-                ctx.emit(&self.triggers_topic, &p.customer_id, &t);
+            self.release_held_triggers(ctx, &p)?;
+        }
+        self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    /// What waited for merges goes out with the survivor's contacts and consents (the
+    /// merged ones' included).
+    fn release_held_triggers(&self, ctx: &mut Ctx<'_>, p: &CustomerProfile) -> anyhow::Result<()> {
+        let prefix = held_prefix(&p.customer_id);
+        for (key, mut t) in ctx.scan::<Trigger>(&prefix)? {
+            t.contacts = contacts(p);
+            t.merged_from = p.merged_from.clone();
+            ctx.delete(&key);
+            ctx.emit(&self.triggers_topic, &p.customer_id, &t);
+        }
+        Ok(())
+    }
+
+    /// A merged profile that has not come within `MERGE_WAIT_LIMIT`: the survivor no
+    /// longer waits for it, and what it held goes out once it waits for nothing else.
+    fn give_up_merge_wait(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        into: &str,
+        from: &str,
+    ) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, into)? else {
+            return Ok(());
+        };
+        if p.awaiting_merges.iter().any(|c| c == from) {
+            tracing::warn!(survivor = into, merged = from, "the merged profile did not come within an hour: its survivor's triggers wait no longer");
+            self.metrics.merge_waits_given_up.inc();
+            p.awaiting_merges.retain(|c| c != from);
+            if p.awaiting_merges.is_empty() {
+                self.release_held_triggers(ctx, &p)?;
             }
         }
         self.put(ctx.partition, p);
@@ -2354,6 +2412,13 @@ impl Processor for ProfileProcessor {
                     .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, m.occurred_at)));
                 if !p.merged_from.contains(&m.from) && !p.awaiting_merges.contains(&m.from) {
                     p.awaiting_merges.push(m.from.clone());
+                    ctx.schedule(
+                        &format!("{MERGE_WAIT_EXPIRY}/{}/{}", m.into, m.from),
+                        m.occurred_at
+                            .max(ctx.now())
+                            .saturating_add(MERGE_WAIT_LIMIT),
+                        &(m.into.clone(), m.from.clone()),
+                    )?;
                 }
                 self.put(ctx.partition, p);
                 Ok(())
@@ -2368,6 +2433,11 @@ impl Processor for ProfileProcessor {
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{FORWARD_EXPIRY}/")) {
             ctx.delete(&forward_key(customer));
             Ok(())
+        } else if timer.timer_id.starts_with(&format!("{MERGE_WAIT_EXPIRY}/")) {
+            let (into, from): (String, String) = timer
+                .decode()
+                .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+            self.give_up_merge_wait(ctx, &into, &from)
         } else if let Some(mark) = timer
             .timer_id
             .strip_prefix(&format!("{RETURN_MARK_EXPIRY}/"))

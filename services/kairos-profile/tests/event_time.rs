@@ -2142,6 +2142,12 @@ fn in_event_time_mode_a_partitions_first_event_far_ahead_of_the_machines_clock_i
 }
 
 /// A harness whose profile reads `identified-events`, as behind the identity processor.
+/// A merge record: `from` merged into `into` at `time`.
+fn merge_record(id: &str, from: &str, into: &str, time: Millis) -> Value {
+    json!({"merge_id": id, "from": from, "into": into,
+        "identifier": "email:ann@example.com", "occurred_at": time})
+}
+
 fn identified_harness() -> Harness {
     identified_harness_with("")
 }
@@ -2169,16 +2175,30 @@ impl Harness {
         );
     }
 
+    /// The identity processor's notice to the survivor that `merge` is under way.
+    fn merge_expected(&mut self, merge: &Value) {
+        let into = merge["into"].as_str().unwrap_or_default().to_string();
+        self.feed(
+            "identified-events",
+            &into,
+            json!({"kind": "merge_expected", "record": merge}),
+        );
+    }
+
+    /// The merge record, keyed by the merged customer (its profile then leaves).
+    fn merge_out(&mut self, merge: &Value) {
+        let from = merge["from"].as_str().unwrap_or_default().to_string();
+        self.feed(
+            "identified-events",
+            &from,
+            json!({"kind": "merge", "record": merge}),
+        );
+    }
+
     /// `from` merged into `into` at `time`: the merge record, then the merged profile
     /// the profile sends itself for the survivor.
     fn merge(&mut self, merge_id: &str, from: &str, into: &str, time: Millis) {
-        let merge = json!({"merge_id": merge_id, "from": from, "into": into,
-            "identifier": "email:ann@example.com", "occurred_at": time});
-        self.feed(
-            "identified-events",
-            from,
-            json!({"kind": "merge", "record": merge}),
-        );
+        self.merge_out(&merge_record(merge_id, from, into, time));
         let (key, value) = self
             .on("identified-events")
             .find(|r| {
@@ -2189,6 +2209,54 @@ impl Harness {
         assert_eq!(key, into);
         self.feed("identified-events", &key, value);
     }
+}
+
+/// A merge announced whose merged profile never comes (its record dead-lettered):
+/// the survivor holds its triggers an hour, then lets them go.
+#[test]
+fn a_merged_profile_that_never_comes_holds_the_survivor_s_triggers_an_hour_only() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "ml-add", "event_type": "add_to_cart",
+        "occurred_at": rfc(t), "customer_id": "c-1", "product": product("p1", 10.0)}));
+    let merge = json!({"merge_id": "m-lost", "from": "c-lost", "into": "c-1",
+        "identifier": "email:ann@example.com", "occurred_at": t + 10 * MINUTE});
+    h.merge_expected(&merge);
+    // The reminder is due at t + 1 h, inside the wait (until t + 1 h 10 min).
+    h.advance(t + 65 * MINUTE);
+    assert!(
+        h.triggers("c-1", "abandoned_cart").is_empty(),
+        "held while the merge may still come"
+    );
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("c-1", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+}
+
+/// X waits for Y's profile and joins Z meanwhile: Z waits for Y in X's place, an hour
+/// from then, not for good.
+#[test]
+fn a_wait_for_a_merged_profile_the_survivor_inherits_is_bounded_too() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "iw-vx", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-x", "page_url": "/"}));
+    h.identified_site(json!({"event_id": "iw-add", "event_type": "add_to_cart",
+        "occurred_at": rfc(t + 5 * MINUTE), "customer_id": "c-z", "product": product("p1", 10.0)}));
+    let yx = merge_record("m-yx", "c-y", "c-x", t);
+    let xz = merge_record("m-xz", "c-x", "c-z", t + 10 * MINUTE);
+    h.merge_expected(&yx);
+    h.merge_expected(&xz);
+    h.merge_out(&xz);
+    let z = h.pipeline.profile("c-z").expect("read").expect("Z");
+    assert_eq!(z.awaiting_merges, ["c-y"]);
+    // Z's reminder is due at t + 1 h 5 min; Z waits for Y until t + 1 h 10 min.
+    h.advance(t + 67 * MINUTE);
+    assert!(h.triggers("c-z", "abandoned_cart").is_empty(), "held");
+    h.advance(t + 2 * HOUR);
+    assert_eq!(h.triggers("c-z", "abandoned_cart").len(), 1);
+    let z = h.pipeline.profile("c-z").expect("read").expect("Z");
+    assert!(z.awaiting_merges.is_empty(), "{:?}", z.awaiting_merges);
 }
 
 #[test]
@@ -3359,10 +3427,6 @@ fn events_are_counted_by_source_and_type_and_transitions_by_from_and_to() {
 fn a_profile_merged_into_a_customer_merged_away_since_reaches_the_last_survivor() {
     let mut h = identified_harness();
     let t = at(T0);
-    let merge = |id: &str, from: &str, into: &str, time: Millis| {
-        json!({"merge_id": id, "from": from, "into": into,
-            "identifier": "email:ann@example.com", "occurred_at": time})
-    };
     // Y bought; X and Z visited.
     h.identified_site(json!({"event_id": "ch-buy", "event_type": "purchase",
         "occurred_at": rfc(t), "customer_id": "c-y",
@@ -3372,33 +3436,18 @@ fn a_profile_merged_into_a_customer_merged_away_since_reaches_the_last_survivor(
     h.identified_site(json!({"event_id": "ch-vz", "event_type": "page_view",
         "occurred_at": rfc(t + HOUR), "customer_id": "c-z", "page_url": "/"}));
     // Y joins X, then X joins Z; each survivor hears of its merge first.
-    let yx = merge("m-yx", "c-y", "c-x", t + 2 * HOUR);
-    let xz = merge("m-xz", "c-x", "c-z", t + 3 * HOUR);
-    h.feed(
-        "identified-events",
-        "c-x",
-        json!({"kind": "merge_expected", "record": yx}),
-    );
-    h.feed(
-        "identified-events",
-        "c-z",
-        json!({"kind": "merge_expected", "record": xz}),
-    );
+    // Within the hour a survivor waits for a merged profile.
+    let yx = merge_record("m-yx", "c-y", "c-x", t + 2 * HOUR);
+    let xz = merge_record("m-xz", "c-x", "c-z", t + 2 * HOUR + 50 * MINUTE);
+    h.merge_expected(&yx);
+    h.merge_expected(&xz);
     // The merges are keyed by the merged customers, whose partitions are read
     // independently: X's is applied first, so X's profile leaves for Z before Y's
     // profile is on its way to X.
-    h.feed(
-        "identified-events",
-        "c-x",
-        json!({"kind": "merge", "record": xz}),
-    );
+    h.merge_out(&xz);
     let z = h.pipeline.profile("c-z").expect("read").expect("Z");
     assert_eq!(z.awaiting_merges, ["c-y"], "Z waits for what X waited for");
-    h.feed(
-        "identified-events",
-        "c-y",
-        json!({"kind": "merge", "record": yx}),
-    );
+    h.merge_out(&yx);
     assert!(
         h.pipeline.profile("c-x").expect("read").is_none(),
         "X is not brought back"
@@ -3427,28 +3476,16 @@ fn a_merged_customers_forwarding_record_lasts_the_forward_retention() {
     let reaches_z = |late: Millis| {
         let mut h = identified_harness_with("forward_retention = \"10d\"");
         let t = at(T0);
-        let merge = |id: &str, from: &str, into: &str, time: Millis| {
-            json!({"merge_id": id, "from": from, "into": into,
-                "identifier": "email:ann@example.com", "occurred_at": time})
-        };
         for customer in ["c-x", "c-y", "c-z"] {
             h.identified_site(json!({"event_id": format!("fr-{customer}"),
                 "event_type": "page_view", "occurred_at": rfc(t), "customer_id": customer,
                 "page_url": "/"}));
         }
-        let xz = merge("m-xz", "c-x", "c-z", t + HOUR);
-        h.feed(
-            "identified-events",
-            "c-x",
-            json!({"kind": "merge", "record": xz}),
-        );
+        let xz = merge_record("m-xz", "c-x", "c-z", t + HOUR);
+        h.merge_out(&xz);
         h.advance(t + HOUR + late);
-        let yx = merge("m-yx", "c-y", "c-x", t + HOUR + late);
-        h.feed(
-            "identified-events",
-            "c-y",
-            json!({"kind": "merge", "record": yx}),
-        );
+        let yx = merge_record("m-yx", "c-y", "c-x", t + HOUR + late);
+        h.merge_out(&yx);
         let forwarded = h.on("identified-events").any(|r| {
             r.value["kind"] == "merge_in"
                 && r.key == "c-z"
@@ -3492,10 +3529,6 @@ fn a_second_partial_return_sends_no_second_order_update() {
 fn triggers_held_by_a_customer_merged_away_go_to_the_survivor() {
     let mut h = identified_harness();
     let t = at(T0);
-    let merge = |id: &str, from: &str, into: &str, time: Millis| {
-        json!({"merge_id": id, "from": from, "into": into,
-            "identifier": "email:ann@example.com", "occurred_at": time})
-    };
     h.identified_site(json!({"event_id": "hd-vy", "event_type": "page_view",
         "occurred_at": rfc(t), "customer_id": "c-y", "page_url": "/"}));
     h.identified_site(json!({"event_id": "hd-cart", "event_type": "add_to_cart",
@@ -3503,32 +3536,17 @@ fn triggers_held_by_a_customer_merged_away_go_to_the_survivor() {
         "product": product("p1", 10.0)}));
     h.identified_site(json!({"event_id": "hd-vz", "event_type": "page_view",
         "occurred_at": rfc(t + 90 * MINUTE), "customer_id": "c-z", "page_url": "/"}));
-    let yx = merge("m-yx", "c-y", "c-x", t + 2 * HOUR);
-    let xz = merge("m-xz", "c-x", "c-z", t + 3 * HOUR);
-    h.feed(
-        "identified-events",
-        "c-x",
-        json!({"kind": "merge_expected", "record": yx}),
-    );
+    // Within the hour a survivor waits for a merged profile.
+    let yx = merge_record("m-yx", "c-y", "c-x", t + 2 * HOUR);
+    let xz = merge_record("m-xz", "c-x", "c-z", t + 2 * HOUR + 50 * MINUTE);
+    h.merge_expected(&yx);
     // X's cart reminder comes due while X waits for Y's profile: held.
     h.advance(t + 2 * HOUR + 45 * MINUTE);
     assert!(h.on("triggers").next().is_none(), "held");
-    h.feed(
-        "identified-events",
-        "c-z",
-        json!({"kind": "merge_expected", "record": xz}),
-    );
-    h.feed(
-        "identified-events",
-        "c-x",
-        json!({"kind": "merge", "record": xz}),
-    );
+    h.merge_expected(&xz);
+    h.merge_out(&xz);
     assert!(h.on("triggers").next().is_none(), "Z waits for Y too");
-    h.feed(
-        "identified-events",
-        "c-y",
-        json!({"kind": "merge", "record": yx}),
-    );
+    h.merge_out(&yx);
     let fired = h.triggers("c-z", "abandoned_cart");
     assert_eq!(
         fired.len(),
