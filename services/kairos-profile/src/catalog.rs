@@ -5,7 +5,8 @@
 //! `catalog`. This processor keeps, per product, its last price and stock, the highest
 //! price since the last announced drop (what a drop is measured against), and an index
 //! of interested customers under the product:
-//! - `vd/<product>/<day>`: who viewed the product that day (customer -> latest view);
+//! - `vd/<product>/<day>`: who viewed the product that day (customer -> latest view),
+//!   deleted on a timer once past the interest window;
 //! - `w/<product>/<customer>`: who wishlisted it.
 //!
 //! A price drop or a return to stock reads only that product's index (no scan over
@@ -20,6 +21,7 @@
 //! commits. Views indexed by an earlier version under `v/<product>/<customer>` are
 //! still read, and deleted once older than the audience window, as before.
 
+use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -75,6 +77,11 @@ type BatchViews = HashMap<CompactString, HashMap<i64, HashMap<String, Millis>>>;
 fn day_views_key(product_id: &str, day: i64) -> String {
     format!("vd/{product_id}/{:010}", day.max(0))
 }
+
+/// Timers that delete a product's views of a day once no drop can read them any more
+/// (`~vd/<product>/<day>`, payload: the key): a product viewed every day that never
+/// drops would otherwise keep a key per day for good.
+const DAY_VIEWS_EXPIRY: &str = "~vd";
 
 fn wish_key(i: &ProductInterest) -> String {
     format!("w/{}/{}", i.product_id, i.customer_id)
@@ -133,7 +140,17 @@ impl CatalogJoin {
         views: HashMap<String, Millis>,
     ) -> anyhow::Result<()> {
         let key = day_views_key(product_id, day);
-        let mut stored: DayViews = ctx.get(&key)?.unwrap_or_default();
+        let stored = ctx.get::<DayViews>(&key)?;
+        if stored.is_none() {
+            // The day's last view is read by drops until VIEW_INTEREST_DAYS after it.
+            let expires = (day + 1 + VIEW_INTEREST_DAYS) * DAY;
+            ctx.schedule(
+                &format!("{DAY_VIEWS_EXPIRY}/{product_id}/{day}"),
+                expires,
+                &key,
+            )?;
+        }
+        let mut stored = stored.unwrap_or_default();
         for (customer, at) in views {
             let latest = stored.entry(customer).or_insert(at);
             *latest = (*latest).max(at);
@@ -341,7 +358,15 @@ impl Processor for CatalogJoin {
         }
     }
 
-    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        if timer.timer_id.starts_with(&format!("{DAY_VIEWS_EXPIRY}/")) {
+            let key: String = timer
+                .decode()
+                .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+            // Views of the day written since (late ones) move no timer: the day is
+            // past the window all the same.
+            ctx.delete(&key);
+        }
         Ok(())
     }
 
@@ -390,6 +415,8 @@ mod tests {
 partitions = 1
 [state]
 max_batch_records = 1000
+[clock]
+mode = "event"
 [[scenarios]]
 name = "price_drop"
 kind = "price_drop"
@@ -438,6 +465,37 @@ min_drop_percent = 10.0
             .collect();
         customers.sort();
         customers
+    }
+
+    #[test]
+    fn a_day_of_views_is_deleted_once_past_the_interest_window_without_a_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        for (customer, at) in [("a", T0 + HOUR), ("b", T0 + 2 * HOUR), ("c", T0 + DAY)] {
+            r.push(&interest, b"p3", &view(customer, "p3", at)).unwrap();
+        }
+        r.commit().unwrap();
+        let stored = |r: &Replayer<CatalogJoin>, t: Millis| {
+            r.engine
+                .store(0)
+                .unwrap()
+                .get(
+                    &Pending::default(),
+                    day_views_key("p3", t.div_euclid(DAY)).as_bytes(),
+                )
+                .unwrap()
+                .is_some()
+        };
+        assert!(stored(&r, T0) && stored(&r, T0 + DAY));
+        // Day 0 is read by drops until 30 days after its end; day 1 a day longer.
+        r.advance_to(T0 + (VIEW_INTEREST_DAYS + 1) * DAY - 1)
+            .unwrap();
+        assert!(stored(&r, T0), "still within the window");
+        r.advance_to(T0 + (VIEW_INTEREST_DAYS + 1) * DAY).unwrap();
+        r.commit().unwrap();
+        assert!(!stored(&r, T0), "past the window");
+        assert!(stored(&r, T0 + DAY));
     }
 
     #[test]
