@@ -549,13 +549,19 @@ impl ProfileProcessor {
             }
         }
         if (p.birthday.clone(), p.time_zone.clone()) != birthday_before {
+            // From a tolerance ago: a zone that puts today's moment in the past (New
+            // York to Berlin on the birthday morning) still greets, late within the
+            // tolerance; a greeting sent already has the same id (one per year), which
+            // the arbiter drops.
+            let now = ctx.now().max(e.occurred_at);
+            let since = |s: &ScenarioConfig| now.saturating_sub(ms(s.tolerance()));
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
-                schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
+                schedule_yearly(ctx, s, &p, since(s))?;
             }
             // The anniversary is a local date and time too: a new zone moves it.
             if p.time_zone != birthday_before.1 && p.registered_at.is_some() {
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
+                    schedule_yearly(ctx, s, &p, since(s))?;
                 }
             }
         }

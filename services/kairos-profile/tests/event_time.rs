@@ -890,6 +890,50 @@ fn birthday_update(birthday: &str, zone: &str) -> Value {
     json!({"profile": {"birthday": birthday, "time_zone": zone}})
 }
 
+/// New York to Berlin on the birthday morning: Berlin's 10:00 has passed, within the
+/// 12 h tolerance, so the greeting goes out late rather than a year later; back to
+/// New York the same day, its 10:00 greeting is the same trigger (one per year).
+#[test]
+fn a_zone_change_that_puts_the_birthday_moment_behind_still_greets_once() {
+    let mut h = Harness::new();
+    let t = at("2026-03-01T12:00:00Z");
+    h.site(
+        "bz-up",
+        "profile_update",
+        "bz",
+        t,
+        birthday_update("1990-03-20", "America/New_York"),
+    );
+    // 08:00 in New York (12:00Z), 13:00 in Berlin.
+    let moved = at("2026-03-20T12:00:00Z");
+    h.advance(moved - MINUTE);
+    h.site(
+        "bz-move",
+        "profile_update",
+        "bz",
+        moved,
+        json!({"profile": {"time_zone": "Europe/Berlin"}}),
+    );
+    h.advance(moved + MINUTE);
+    let fired = h.triggers("bz", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["contacts"]["time_zone"], "Europe/Berlin");
+    h.site(
+        "bz-back",
+        "profile_update",
+        "bz",
+        moved + HOUR,
+        json!({"profile": {"time_zone": "America/New_York"}}),
+    );
+    h.advance(at("2026-03-21T12:00:00Z"));
+    let ids: std::collections::BTreeSet<String> = h
+        .triggers("bz", "birthday")
+        .iter()
+        .map(|t| t["trigger_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "one greeting a year: {ids:?}");
+}
+
 #[test]
 fn birthday_fires_at_ten_local_across_dst() {
     let t = at("2026-03-01T12:00:00Z");
