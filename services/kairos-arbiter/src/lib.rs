@@ -220,12 +220,10 @@ pub struct Queued {
 
 /// How long a trigger of a freshly merged customer waits before it is decided again.
 const MERGE_WAIT: Millis = 60_000;
-/// How long a trigger waits for a merged customer's ledger in all. Merges cross
-/// partitions in seconds; one that has not come within an hour is not coming (it went
-/// to the dead-letter topic, or it came so long ago that the ledger no longer lists
-/// it among those it absorbed), and waiting on would let even an order confirmation
-/// expire.
-const MERGE_WAIT_LIMIT: Millis = 60 * 60_000;
+/// How long a trigger waits for a merged customer's ledger in all (one that came so
+/// long ago that the ledger no longer lists it among those it absorbed is not coming
+/// either).
+const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
 /// The rule of a trigger held by a running chain of higher priority.
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.

@@ -843,6 +843,12 @@ impl CustomerAction {
     }
 }
 
+/// How long the state of a merged customer (its profile, its ledger) is waited for by
+/// the survivor's processors before they go on without it. Merges cross partitions in
+/// seconds; one that has not come within an hour is not coming (its record went to the
+/// dead-letter topic), and waiting on would hold even an order confirmation for good.
+pub const MERGE_WAIT_LIMIT_MS: i64 = 60 * 60_000;
+
 /// Two customer ids found to be one person: `from` joins `into` for good.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerMerge {

@@ -110,11 +110,9 @@ const FORWARD_EXPIRY: &str = "~forward";
 /// Timers that end a survivor's wait for a merged profile
 /// (`~merge_wait/<survivor>/<merged>`, payload: both ids).
 const MERGE_WAIT_EXPIRY: &str = "~merge_wait";
-/// How long a survivor holds its triggers for a merged profile. Merges cross
-/// partitions in seconds; one that has not come within an hour is not coming (its
-/// record went to the dead-letter topic), and holding on would keep every trigger of
-/// the customer, an order confirmation included, for good. As in the arbiter.
-const MERGE_WAIT_LIMIT: Millis = 60 * 60_000;
+/// How long a survivor holds its triggers for a merged profile, as the arbiter waits
+/// for a merged ledger.
+const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
 /// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
 /// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
 const RETURN_MARK_EXPIRY: &str = "~returned";
@@ -818,13 +816,7 @@ impl ProfileProcessor {
         // long as for a merge of its own.
         for awaited in p.awaiting_merges.clone() {
             if !awaited_before.contains(&awaited) {
-                ctx.schedule(
-                    &format!("{MERGE_WAIT_EXPIRY}/{}/{awaited}", p.customer_id),
-                    m.occurred_at
-                        .max(ctx.now())
-                        .saturating_add(MERGE_WAIT_LIMIT),
-                    &(p.customer_id.clone(), awaited),
-                )?;
+                schedule_merge_wait(ctx, &p.customer_id, &awaited, m.occurred_at)?;
             }
         }
         if !p.merged_from.contains(&m.from) {
@@ -2107,6 +2099,21 @@ fn schedule_step_with(
     )
 }
 
+/// Bounds `survivor`'s wait for `merged`'s profile: `MERGE_WAIT_LIMIT` after the merge
+/// (or now, if later), the survivor goes on without it (see `give_up_merge_wait`).
+fn schedule_merge_wait(
+    ctx: &mut Ctx<'_>,
+    survivor: &str,
+    merged: &str,
+    merged_at: Millis,
+) -> anyhow::Result<()> {
+    ctx.schedule(
+        &format!("{MERGE_WAIT_EXPIRY}/{survivor}/{merged}"),
+        merged_at.max(ctx.now()).saturating_add(MERGE_WAIT_LIMIT),
+        &(survivor, merged),
+    )
+}
+
 /// Restarts a restartable wait (see [`profile::Wait`]) from the event `e`. Only the
 /// profile changes unless the armed timer would fire too late: a view every few seconds
 /// costs no timer write.
@@ -2418,13 +2425,7 @@ impl Processor for ProfileProcessor {
                     .unwrap_or_else(|| Box::new(CustomerProfile::new(&m.into, m.occurred_at)));
                 if !p.merged_from.contains(&m.from) && !p.awaiting_merges.contains(&m.from) {
                     p.awaiting_merges.push(m.from.clone());
-                    ctx.schedule(
-                        &format!("{MERGE_WAIT_EXPIRY}/{}/{}", m.into, m.from),
-                        m.occurred_at
-                            .max(ctx.now())
-                            .saturating_add(MERGE_WAIT_LIMIT),
-                        &(m.into.clone(), m.from.clone()),
-                    )?;
+                    schedule_merge_wait(ctx, &m.into, &m.from, m.occurred_at)?;
                 }
                 self.put(ctx.partition, p);
                 Ok(())
