@@ -284,7 +284,9 @@ pub struct IdentityConfig {
     /// identifiers (a cookie, a device, an e-mail left without a login) after its last
     /// event: then the profile's graph entries are deleted, so the graph does not grow
     /// with every visitor who never comes back. A profile stitched to a customer, or
-    /// one that absorbed another, is kept. 0 keeps them all.
+    /// one that absorbed another, is kept. The profile processor forgets the state of
+    /// a profile it knows by such a name (`anon:`, `device:`...) after the same time
+    /// without an event, with identity resolution on or off. 0 keeps them all.
     #[serde(with = "humantime_serde")]
     pub anonymous_retention: Duration,
 }

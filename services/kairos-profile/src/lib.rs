@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use kairos_core::config::{
     topics, Config, ScenarioConfig, ScenarioKind, WelcomeCause, NO_RFM_SEGMENT,
 };
+use kairos_core::contracts::is_reserved_customer_id;
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
     IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
@@ -113,6 +114,9 @@ const MERGE_WAIT_EXPIRY: &str = "~merge_wait";
 /// How long a survivor holds its triggers for a merged profile, as the arbiter waits
 /// for a merged ledger.
 const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
+/// Timers that forget an anonymous profile no event came for within
+/// `identity.anonymous_retention` (`~anonymous/<customer>`).
+const ANONYMOUS_EXPIRY: &str = "~anonymous";
 /// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
 /// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
 const RETURN_MARK_EXPIRY: &str = "~returned";
@@ -124,6 +128,8 @@ struct Metrics {
     duplicates: prometheus::IntCounter,
     /// Merged profiles a survivor stopped waiting for (see `MERGE_WAIT_LIMIT`).
     merge_waits_given_up: prometheus::IntCounter,
+    /// Anonymous profiles forgotten after `identity.anonymous_retention`.
+    anonymous_expired: prometheus::IntCounter,
     /// Customer events by source and type (receipts: offline, sale or refund).
     events: metrics::CachedCounterVec,
 }
@@ -178,6 +184,11 @@ impl ProfileProcessor {
                 prom,
                 "kairos_profile_merge_waits_given_up_total",
                 "Merged profiles that did not reach their survivor within an hour: the survivor's held triggers went out without them.",
+            ),
+            anonymous_expired: metrics::counter(
+                prom,
+                "kairos_profile_anonymous_profiles_expired_total",
+                "Anonymous profiles (named by Kairos after a cookie, device, card or phone) forgotten after identity.anonymous_retention without an event.",
             ),
             duplicates: metrics::counter(
                 prom,
@@ -301,6 +312,7 @@ impl ProfileProcessor {
             self.put(ctx.partition, p);
             return Ok(());
         }
+        self.arm_anonymous_expiry(ctx, &mut p, e.occurred_at)?;
         if let Some(c) = &e.consent {
             // Every stated consent goes to the arbiter, whatever the profile holds: an
             // unsubscribe outcome still on its way must not win over a later opt-in,
@@ -408,7 +420,7 @@ impl ProfileProcessor {
             }
             EventType::wishlist_add => {
                 if let Some(product) = &e.product {
-                    if p.wishlist_add(product) {
+                    if let Some(added) = p.wishlist_add(product) {
                         self.emit_event_interest(
                             ctx,
                             &customer_id,
@@ -416,6 +428,19 @@ impl ProfileProcessor {
                             InterestKind::wishlisted,
                             e,
                         );
+                        if let Some(out) = added.pushed_out {
+                            // Its own id: the event already made one interest record.
+                            let id = deterministic_id(&[&e.event_id, "interest", "pushed_out"]);
+                            self.emit_interest(
+                                ctx,
+                                id,
+                                &customer_id,
+                                &out.product_id,
+                                out.price,
+                                InterestKind::unwishlisted,
+                                e.occurred_at,
+                            );
+                        }
                     }
                 }
             }
@@ -608,6 +633,95 @@ impl ProfileProcessor {
             self.metrics.duplicates.inc();
         }
         self.put(ctx.partition, p);
+        Ok(())
+    }
+
+    /// The retention in milliseconds; 0: anonymous profiles are kept for good.
+    fn anonymous_retention(&self) -> Millis {
+        Millis::try_from(self.config.identity.anonymous_retention.as_millis())
+            .unwrap_or(Millis::MAX)
+    }
+
+    /// Arms the retention timer of a profile Kairos named after an anonymous
+    /// identifier, once: it moves when it fires (see `expire_anonymous`).
+    fn arm_anonymous_expiry(
+        &self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+        at: Millis,
+    ) -> anyhow::Result<()> {
+        let retention = self.anonymous_retention();
+        if retention == 0
+            || p.anonymous_expiry_at.is_some()
+            || !is_reserved_customer_id(&p.customer_id)
+        {
+            return Ok(());
+        }
+        let due = p.last_seen_at.max(at).saturating_add(retention);
+        ctx.schedule(&format!("{ANONYMOUS_EXPIRY}/{}", p.customer_id), due, &())?;
+        p.anonymous_expiry_at = Some(due);
+        Ok(())
+    }
+
+    /// Forgets an anonymous profile no event came for within the retention, as the
+    /// identity processor forgets its node: the profile, its timers, return marks and
+    /// held triggers go, and the catalog join drops its wishes (its views age out
+    /// there on their own). One seen since waits again from its last event.
+    fn expire_anonymous(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer: &str,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, customer)? else {
+            return Ok(());
+        };
+        let retention = self.anonymous_retention();
+        if retention == 0 {
+            p.anonymous_expiry_at = None;
+            self.put(ctx.partition, p);
+            return Ok(());
+        }
+        let due = p.last_seen_at.saturating_add(retention);
+        if due > now {
+            ctx.schedule(&format!("{ANONYMOUS_EXPIRY}/{customer}"), due, &())?;
+            p.anonymous_expiry_at = Some(due);
+            self.put(ctx.partition, p);
+            return Ok(());
+        }
+        for s in &self.config.scenarios {
+            ctx.cancel(&timer_id(&s.name, customer))?;
+            if is_yearly(s.kind) {
+                ctx.cancel(&follow_up_timer_id(&s.name, customer))?;
+            }
+        }
+        ctx.cancel(&format!("{SEGMENT_REVIEW}/{customer}"))?;
+        for awaited in &p.awaiting_merges {
+            ctx.cancel(&format!("{MERGE_WAIT_EXPIRY}/{customer}/{awaited}"))?;
+        }
+        let mark_prefix = format!("ret/{customer}/");
+        for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
+            let order = key[mark_prefix.len()..].to_string();
+            ctx.delete(&key);
+            ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{customer}/{order}"))?;
+        }
+        for (key, _) in ctx.scan::<Trigger>(&held_prefix(customer))? {
+            ctx.delete(&key);
+        }
+        for wish in &p.wishlist {
+            let id = deterministic_id(&[customer, &wish.product_id, "expired", &now.to_string()]);
+            self.emit_interest(
+                ctx,
+                id,
+                customer,
+                &wish.product_id,
+                wish.price,
+                InterestKind::unwishlisted,
+                now,
+            );
+        }
+        ctx.delete(&profile_key(customer));
+        self.metrics.anonymous_expired.inc();
         Ok(())
     }
 
@@ -1077,6 +1191,7 @@ impl ProfileProcessor {
             self.put(ctx.partition, p);
             return Ok(());
         }
+        self.arm_anonymous_expiry(ctx, &mut p, r.occurred_at)?;
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         if let Some(phone) = &r.phone {
             p.phone.get_or_insert_with(|| phone.clone());
@@ -2445,6 +2560,10 @@ impl Processor for ProfileProcessor {
                 .decode()
                 .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
             self.give_up_merge_wait(ctx, &into, &from)
+        } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{ANONYMOUS_EXPIRY}/"))
+        {
+            let customer = customer.to_string();
+            self.expire_anonymous(ctx, &customer, timer.fire_at)
         } else if let Some(mark) = timer
             .timer_id
             .strip_prefix(&format!("{RETURN_MARK_EXPIRY}/"))

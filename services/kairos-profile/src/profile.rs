@@ -17,6 +17,12 @@ const RECENT_EVENT_IDS: usize = 32;
 const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
+
+/// A wish added to a profile, with the oldest one the cap pushed out.
+#[derive(Debug, PartialEq)]
+pub struct WishlistAdded {
+    pub pushed_out: Option<Product>,
+}
 const RECENT_ORDERS: usize = 20;
 /// Distinct products a cart holds (the earliest added leave first).
 const MAX_CART_ITEMS: usize = 100;
@@ -167,6 +173,12 @@ pub struct CustomerProfile {
     /// so it restarts nothing now (it would send the step a second time).
     #[serde(default)]
     pub wait_step_fired_at: SmallMap<CompactString, Millis>,
+    /// When the anonymous-retention timer of a profile Kairos named itself (`anon:`,
+    /// `device:`, `card:`...) is due; `None`: not armed (a known customer, or
+    /// retention off). The timer moves only when it fires, to the last event plus the
+    /// retention, so a visitor's events cost no timer write.
+    #[serde(default)]
+    pub anonymous_expiry_at: Option<Millis>,
 }
 
 /// A return or cancellation of an order the profile did not hold when it came: the
@@ -773,15 +785,16 @@ impl CustomerProfile {
         reported.is_none()
     }
 
-    pub fn wishlist_add(&mut self, p: &Product) -> bool {
+    /// Adds a wish; `None` when it was there already. A full wishlist pushes its
+    /// oldest wish out, which the caller must tell the catalog join about, or the
+    /// join would keep sending that product's price drops.
+    pub fn wishlist_add(&mut self, p: &Product) -> Option<WishlistAdded> {
         if self.wishlist.iter().any(|w| w.product_id == p.product_id) {
-            return false;
+            return None;
         }
         self.wishlist.push(p.clone());
-        if self.wishlist.len() > WISHLIST {
-            self.wishlist.remove(0);
-        }
-        true
+        let pushed_out = (self.wishlist.len() > WISHLIST).then(|| self.wishlist.remove(0));
+        Some(WishlistAdded { pushed_out })
     }
 
     pub fn wishlist_remove(&mut self, product_id: &str) -> bool {

@@ -1489,6 +1489,32 @@ fn back_in_stock_reaches_the_wishlister_only() {
     assert!(h.triggers("bs1", "price_drop").is_empty());
 }
 
+#[test]
+fn a_wish_the_full_wishlist_pushed_out_gets_no_more_price_drops() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for n in 0..=50 {
+        let id = format!("wp{n}");
+        h.catalog(&format!("wl-cat-{n}"), &id, t, json!({"price": 100.0}));
+        h.site(
+            &format!("wl-wish-{n}"),
+            "wishlist_add",
+            "wl1",
+            t + HOUR + n * MINUTE,
+            json!({"product": product(&id, 100.0)}),
+        );
+    }
+    // The 51st wish pushed `wp0` out; `wp1` is still wished.
+    h.catalog("wl-drop-0", "wp0", t + 3 * HOUR, json!({"price": 50.0}));
+    h.catalog("wl-drop-1", "wp1", t + 3 * HOUR, json!({"price": 50.0}));
+    let fired = h.triggers("wl1", "price_drop");
+    let products: Vec<Value> = fired
+        .iter()
+        .map(|t| vars(t)["product_id"].clone())
+        .collect();
+    assert_eq!(products, [json!("wp1")], "{fired:#?}");
+}
+
 // 13. Late events.
 
 #[test]
@@ -4063,4 +4089,64 @@ fn a_merge_keeps_the_mark_of_an_order_returned_before_its_purchase_came() {
     h.advance(t + 20 * DAY);
     assert!(h.triggers("c-25", "post_purchase").is_empty());
     assert!(h.triggers("c-26", "post_purchase").is_empty());
+}
+
+#[test]
+fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ax-cat-1", "p1", t, json!({"price": 100.0}));
+    let visit = |h: &mut Harness, event_id: &str, kind: &str, visitor: &str, time: Millis| {
+        h.feed(
+            "events.site",
+            visitor,
+            json!({"event_id": event_id, "event_type": kind, "occurred_at": rfc(time),
+                "anonymous_id": visitor, "product": product("p1", 100.0)}),
+        );
+    };
+    // Two visitors and a known customer wish the same product; one visitor comes back
+    // within the retention (400 days).
+    visit(&mut h, "ax-1", "wishlist_add", "v-1", t + HOUR);
+    visit(&mut h, "ax-2", "wishlist_add", "v-2", t + HOUR);
+    visit(&mut h, "ax-3", "product_view", "v-2", t + 300 * DAY);
+    h.site(
+        "ax-4",
+        "wishlist_add",
+        "ax-c1",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.advance(t + 401 * DAY);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&h.pipeline.profile_metrics().gather())
+        .expect("metrics encode");
+    assert!(
+        text.lines()
+            .any(|l| l == "kairos_profile_anonymous_profiles_expired_total 1"),
+        "one profile forgotten"
+    );
+    h.catalog("ax-cat-2", "p1", t + 402 * DAY, json!({"price": 50.0}));
+    assert!(
+        h.triggers("anon:v-1", "price_drop").is_empty(),
+        "the join forgot the wish of the forgotten visitor"
+    );
+    let occasions_for = |h: &Harness, customer: &str| {
+        h.on("product-occasions")
+            .filter(|o| o.value["customer_id"] == customer)
+            .count()
+    };
+    assert_eq!(occasions_for(&h, "anon:v-1"), 0, "its wish left the join");
+    assert_eq!(occasions_for(&h, "anon:v-2"), 1);
+    assert_eq!(h.triggers("anon:v-2", "price_drop").len(), 1);
+    assert_eq!(h.triggers("ax-c1", "price_drop").len(), 1, "known: kept");
+    // The visitor comes back: a new profile, whose first event it is again.
+    visit(&mut h, "ax-5", "page_view", "v-1", t + 403 * DAY);
+    let firsts = |h: &Harness, customer: &str| {
+        h.transitions(customer)
+            .iter()
+            .filter(|x| x["reason"] == "first event")
+            .count()
+    };
+    assert_eq!(firsts(&h, "anon:v-1"), 2);
+    assert_eq!(firsts(&h, "anon:v-2"), 1);
 }
