@@ -663,8 +663,8 @@ impl ProfileProcessor {
         Ok(())
     }
 
-    /// Forgets an anonymous profile no event came for within the retention, as the
-    /// identity processor forgets its node: the profile, its timers, return marks and
+    /// Forgets an anonymous profile no event (nor an opened or clicked message) came
+    /// for within the retention, as the identity processor forgets its node: the profile, its timers, return marks and
     /// held triggers go, and the catalog join drops its wishes (its views age out
     /// there on their own). One seen since waits again from its last event.
     fn expire_anonymous(
@@ -682,7 +682,18 @@ impl ProfileProcessor {
             self.put(ctx.partition, p);
             return Ok(());
         }
-        let due = p.last_seen_at.saturating_add(retention);
+        // Opening or clicking a message is the customer's doing too: a subscriber
+        // known by an e-mail alone who reads the newsletter is no stale visitor.
+        let engaged = p
+            .engagement
+            .iter()
+            .flat_map(|(_, e)| [e.last_opened_at, e.last_clicked_at])
+            .flatten()
+            .max();
+        let due = p
+            .last_seen_at
+            .max(engaged.unwrap_or(Millis::MIN))
+            .saturating_add(retention);
         if due > now {
             ctx.schedule(&format!("{ANONYMOUS_EXPIRY}/{customer}"), due, &())?;
             p.anonymous_expiry_at = Some(due);

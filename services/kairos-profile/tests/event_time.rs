@@ -4097,9 +4097,10 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
     let mut h = Harness::new();
     h.catalog("ax-cat-1", "p1", t, json!({"price": 100.0}));
     let visit = |h: &mut Harness, event_id: &str, kind: &str, visitor: &str, time: Millis| {
+        // Keyed as the profile is, so `Pipeline::profile` finds its partition.
         h.feed(
             "events.site",
-            visitor,
+            &format!("anon:{visitor}"),
             json!({"event_id": event_id, "event_type": kind, "occurred_at": rfc(time),
                 "anonymous_id": visitor, "product": product("p1", 100.0)}),
         );
@@ -4109,6 +4110,15 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
     visit(&mut h, "ax-1", "wishlist_add", "v-1", t + HOUR);
     visit(&mut h, "ax-2", "wishlist_add", "v-2", t + HOUR);
     visit(&mut h, "ax-3", "product_view", "v-2", t + 300 * DAY);
+    // A third one only opens a message, at day 300.
+    visit(&mut h, "ax-6", "page_view", "v-3", t + HOUR);
+    h.feed(
+        "outcomes",
+        "anon:v-3",
+        json!({"outcome_id": "ax-open", "send_id": "ax-s", "customer_id": "anon:v-3",
+            "scenario": "welcome", "channel": "email", "category": "trigger",
+            "kind": "opened", "reason": null, "occurred_at": t + 300 * DAY}),
+    );
     h.site(
         "ax-4",
         "wishlist_add",
@@ -4124,6 +4134,14 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
         text.lines()
             .any(|l| l == "kairos_profile_anonymous_profiles_expired_total 1"),
         "one profile forgotten"
+    );
+    h.commit();
+    let stored = |h: &Harness, customer: &str| h.pipeline.profile(customer).expect("read");
+    assert!(stored(&h, "anon:v-1").is_none());
+    assert!(stored(&h, "anon:v-2").is_some(), "visited on day 300");
+    assert!(
+        stored(&h, "anon:v-3").is_some(),
+        "opened a message on day 300"
     );
     h.catalog("ax-cat-2", "p1", t + 402 * DAY, json!({"price": 50.0}));
     assert!(
