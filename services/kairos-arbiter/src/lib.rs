@@ -228,6 +228,8 @@ const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
 const MAIN_SCENARIO: &str = "main_scenario";
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
+/// The rule of what a forgotten (anonymous, expired) customer still had waiting.
+const FORGOTTEN: &str = "forgotten";
 
 /// The rule of a later chain step waiting for an earlier one still in the queue.
 const CHAIN_ORDER: &str = "chain_order";
@@ -1684,6 +1686,26 @@ impl ArbiterProcessor {
         );
     }
 
+    /// The profile forgot an anonymous customer after the retention: what still waits
+    /// for them is cancelled (each with its decision) and the ledger is deleted, so
+    /// ledgers do not pile up with every visitor who once got a trigger. A ledger
+    /// merged away keeps its forwarding note (the profile forgets no merged customer).
+    fn forget(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
+        let key = ["c/", a.customer_id.as_str()].concat();
+        let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
+            return Ok(());
+        };
+        if ledger.merged_into.is_some() {
+            self.ledgers.restore(ctx.partition, key, ledger);
+            return Ok(());
+        }
+        let why = "the customer was forgotten (anonymous, no event within the retention)";
+        self.cancel_queued_where(ctx, &mut ledger, a, FORGOTTEN, why.to_string(), |_| true)?;
+        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, None)?;
+        ctx.delete(&key);
+        Ok(())
+    }
+
     /// A key action of the customer. A visit ends queued reactivation messages; an
     /// opt-in ends an older unsubscribe; a purchase pauses promo, ends every cascade,
     /// the main scenario and the queued messages of scenarios that exist to get a
@@ -1780,6 +1802,8 @@ impl ArbiterProcessor {
                     self.is_reactivation(scenario)
                 })?;
             }
+            // Handled before a ledger is taken (see `forget`).
+            CustomerActionKind::forgotten => return Ok(false),
             CustomerActionKind::left_segment => {
                 let Some(segment) = a.segment.as_deref() else {
                     return Ok(false);
@@ -2766,6 +2790,9 @@ impl Processor for ArbiterProcessor {
                 })
             }
             ArbiterInput::Outcome(_) => Ok(()),
+            ArbiterInput::Action(a) if a.kind == CustomerActionKind::forgotten => {
+                self.forget(ctx, &a)
+            }
             ArbiterInput::Action(a) => {
                 self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, _| {
                     this.apply_action(ctx, &a, ledger)

@@ -1363,3 +1363,26 @@ delay = "1h"
     assert_eq!(h.get_sample_count(), 2);
     assert_eq!(h.get_sample_sum(), 30.0);
 }
+
+#[test]
+fn a_forgotten_customer_s_waiting_message_is_cancelled_and_the_ledger_goes() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    let night = at("2026-01-05T22:00:00Z");
+    assert_eq!(
+        a.trigger("fg1", "welcome", TRIGGER, night).outcome,
+        DecisionOutcome::deferred,
+        "quiet hours"
+    );
+    assert!(a.ledger_stored("c1"));
+    a.forgotten("fg-x", night + HOUR);
+    let last = *a.decisions_of("fg1").last().expect("decided");
+    assert_eq!(
+        (last.outcome, last.rule.as_str()),
+        (DecisionOutcome::cancelled, "forgotten"),
+        "{last:#?}"
+    );
+    assert!(!a.ledger_stored("c1"));
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    assert_eq!(a.decisions_of("fg1").len(), 2, "its wake-up went too");
+}

@@ -816,6 +816,9 @@ pub enum CustomerActionKind {
     /// `segment_entered` scenario targets): what that scenario still has queued or
     /// cascading for them ends.
     left_segment,
+    /// The profile forgot this anonymous customer (`identity.anonymous_retention`
+    /// without an event): what waits for them ends and their ledger goes.
+    forgotten,
 }
 
 impl CustomerAction {

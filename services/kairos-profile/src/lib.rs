@@ -732,6 +732,14 @@ impl ProfileProcessor {
             );
         }
         ctx.delete(&profile_key(customer));
+        // The arbiter forgets the customer's ledger too.
+        let action = CustomerAction::new(
+            deterministic_id(&[customer, "forgotten", &now.to_string()]),
+            customer.to_string(),
+            CustomerActionKind::forgotten,
+            now,
+        );
+        ctx.emit(&self.actions_topic, customer, &action);
         self.metrics.anonymous_expired.inc();
         Ok(())
     }

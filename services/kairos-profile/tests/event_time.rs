@@ -4143,6 +4143,12 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
         stored(&h, "anon:v-3").is_some(),
         "opened a message on day 300"
     );
+    let forgotten: Vec<Value> = h
+        .on("customer-actions")
+        .filter(|o| o.value["kind"] == "forgotten")
+        .map(|o| o.value["customer_id"].clone())
+        .collect();
+    assert_eq!(forgotten, [json!("anon:v-1")], "the arbiter is told");
     h.catalog("ax-cat-2", "p1", t + 402 * DAY, json!({"price": 50.0}));
     assert!(
         h.triggers("anon:v-1", "price_drop").is_empty(),

@@ -308,6 +308,28 @@ impl Arbiter {
         self.push("customer-actions", "c1", &action);
     }
 
+    /// The profile forgot customer c1 (anonymous, no event within the retention).
+    pub fn forgotten(&mut self, id: &str, at: i64) {
+        let action = CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::forgotten, at);
+        self.push("customer-actions", "c1", &action);
+    }
+
+    /// Whether `customer`'s ledger is in the committed state.
+    pub fn ledger_stored(&self, customer: &str) -> bool {
+        let partition =
+            kairos_core::replay::partition_for(customer.as_bytes(), self.config.kafka.partitions);
+        self.replayer
+            .engine
+            .store(partition)
+            .expect("partition store")
+            .get(
+                &kairos_core::store::Pending::default(),
+                format!("c/{customer}").as_bytes(),
+            )
+            .expect("read")
+            .is_some()
+    }
+
     /// Customer c1 gave consent on `channel` at `at` (as the profile reports it).
     pub fn opt_in(&mut self, id: &str, channel: Channel, at: i64) {
         let action = CustomerAction {
