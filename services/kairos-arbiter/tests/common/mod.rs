@@ -182,14 +182,19 @@ impl Arbiter {
     /// Writes a raw state value for `customer`'s partition, as an earlier version of
     /// Kairos would have left it.
     pub fn put_raw_state(&self, customer: &str, key: &str, value: &[u8]) {
+        self.store_of(customer)
+            .put_now(key.as_bytes(), value)
+            .expect("raw write");
+    }
+
+    /// The store of `customer`'s partition.
+    fn store_of(&self, customer: &str) -> &kairos_core::store::PartitionStore {
         let partition =
             kairos_core::replay::partition_for(customer.as_bytes(), self.config.kafka.partitions);
         self.replayer
             .engine
             .store(partition)
             .expect("partition store")
-            .put_now(key.as_bytes(), value)
-            .expect("raw write");
     }
 
     /// Moves event time to `t`: deferred triggers whose time came are decided.
@@ -316,12 +321,7 @@ impl Arbiter {
 
     /// Whether `customer`'s ledger is in the committed state.
     pub fn ledger_stored(&self, customer: &str) -> bool {
-        let partition =
-            kairos_core::replay::partition_for(customer.as_bytes(), self.config.kafka.partitions);
-        self.replayer
-            .engine
-            .store(partition)
-            .expect("partition store")
+        self.store_of(customer)
             .get(
                 &kairos_core::store::Pending::default(),
                 format!("c/{customer}").as_bytes(),
