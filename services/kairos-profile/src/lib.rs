@@ -307,7 +307,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, e.occurred_at)));
-        if !p.remember_event(&e.event_id) {
+        if !p.remember_event(&e.event_id, e.occurred_at) {
             self.metrics.duplicates.inc();
             self.put(ctx.partition, p);
             return Ok(());
@@ -1205,7 +1205,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, r.occurred_at)));
-        if !p.remember_event(&r.event_id) {
+        if !p.remember_event(&r.event_id, r.occurred_at) {
             self.metrics.duplicates.inc();
             self.put(ctx.partition, p);
             return Ok(());
@@ -1252,7 +1252,7 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if !p.remember_event(&o.occasion_id) {
+        if !p.remember_event(&o.occasion_id, o.occurred_at) {
             self.metrics.duplicates.inc();
             self.put(ctx.partition, p);
             return Ok(());
@@ -1623,20 +1623,26 @@ impl ProfileProcessor {
             };
             ctx.emit(&self.actions_topic, &p.customer_id, &action);
         }
+        // The entry's moment is its cause's (the event's, or the review timer's due
+        // time), not when it was processed: after a backlog (an outage, a lagging
+        // topic) a greeting past its tolerance is skipped as late, as every
+        // occasion is.
+        let entered_at = cause.at;
         for s in segment_scenarios.iter() {
             if s.targets_segment(to) && !self.chains_going_on.contains(&s.name) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
                 if s.delay.is_zero() && s.steps.is_empty() {
-                    self.emit_trigger(ctx, s, p, 0, &t.transition_id, at, at, vars);
+                    let id = &t.transition_id;
+                    self.emit_trigger(ctx, s, p, 0, id, entered_at, entered_at, vars);
                 } else {
                     // A wait or a chain: on a timer like every other scenario's, so
                     // it fires when due and a purchase can end it
                     // (`exit_on_purchase`).
                     let vars = serde_json::Value::Object(vars).to_string();
-                    let due = at + ms(s.delay);
-                    let timer = StepTimer::new(&t.transition_id, at, 0, due);
+                    let due = entered_at + ms(s.delay);
+                    let timer = StepTimer::new(&t.transition_id, entered_at, 0, due);
                     schedule_step_with(ctx, s, p, timer, None, None, Some(&vars))?;
                 }
             }

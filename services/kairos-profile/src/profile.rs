@@ -118,7 +118,8 @@ pub struct CustomerProfile {
     pub armed: SmallMap<CompactString, Millis>,
     /// Restartable waits by scenario name (see [`Wait`]).
     pub waits: SmallMap<CompactString, Wait>,
-    /// Hashes of the latest event ids, to drop duplicates.
+    /// The latest event ids (hash and hour, see `event_entry`), to drop duplicates:
+    /// those of the last day, and at least the last 32.
     pub recent_event_ids: VecDeque<u64>,
     /// Customers the identity processor merged into this one whose profile has not
     /// arrived yet: triggers wait in state until it has.
@@ -322,6 +323,58 @@ fn remember_hash(ring: &mut VecDeque<u64>, h: u64) -> bool {
         ring.pop_front();
     }
     ring.push_back(h);
+    true
+}
+
+/// How long an event id is remembered to drop a producer's retry, whatever number of
+/// events the customer sent since (at least the last `RECENT_EVENT_IDS` are kept).
+pub const EVENT_DEDUP_WINDOW_HOURS: i64 = 24;
+/// At most this many event ids per customer (a bot's burst of events).
+const MAX_EVENT_IDS: usize = 512;
+/// An event id entry: the id's hash in the low 48 bits, the event's hour (since the
+/// epoch, modulo 2^16) in the high 16, so the ring keeps its stored form (one `u64`
+/// per id) and can still tell how old each entry is. Entries written before the hour
+/// was packed carry a full hash; only the low 48 bits are compared, so they match as
+/// before, and their top bits read as an arbitrary hour (at worst an old entry beyond
+/// the last 32 goes early or stays within the bound).
+const EVENT_HASH_BITS: u32 = 48;
+const EVENT_HASH_MASK: u64 = (1 << EVENT_HASH_BITS) - 1;
+
+fn event_entry(hash: u64, at: Millis) -> u64 {
+    let hour = at.div_euclid(3_600_000) as u64 & 0xFFFF;
+    (hour << EVENT_HASH_BITS) | (hash & EVENT_HASH_MASK)
+}
+
+/// Whether two event id entries (or a hash and an entry) name the same id.
+fn same_event_id(a: u64, b: u64) -> bool {
+    a & EVENT_HASH_MASK == b & EVENT_HASH_MASK
+}
+
+/// Hours from the entry's event to `at` (negative for a later event).
+fn entry_age_hours(entry: u64, at: Millis) -> i64 {
+    let hour = (at.div_euclid(3_600_000) as u64 & 0xFFFF) as u16;
+    let entry_hour = (entry >> EVENT_HASH_BITS) as u16;
+    i64::from(hour.wrapping_sub(entry_hour) as i16)
+}
+
+/// Adds an event id's `hash`, of an event at `at`, to the customer's event ids: false
+/// if it was there already. Ids of the last day are kept however many came since
+/// (bounded by `MAX_EVENT_IDS`), older ones once `RECENT_EVENT_IDS` newer ones came.
+fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, at: Millis) -> bool {
+    if ring.iter().any(|e| same_event_id(*e, hash)) {
+        return false;
+    }
+    while ring.len() >= RECENT_EVENT_IDS
+        && ring
+            .front()
+            .is_some_and(|e| entry_age_hours(*e, at) >= EVENT_DEDUP_WINDOW_HOURS)
+    {
+        ring.pop_front();
+    }
+    if ring.len() >= MAX_EVENT_IDS {
+        ring.pop_front();
+    }
+    ring.push_back(event_entry(hash, at));
     true
 }
 
@@ -558,20 +611,30 @@ impl CustomerProfile {
             }
         }
         self.complained_at = min_some(self.complained_at, other.complained_at);
-        for h in other.recent_event_ids {
-            remember_hash(&mut self.recent_event_ids, h);
+        for entry in other.recent_event_ids {
+            let known = self
+                .recent_event_ids
+                .iter()
+                .any(|e| same_event_id(*e, entry));
+            if !known {
+                if self.recent_event_ids.len() >= MAX_EVENT_IDS {
+                    self.recent_event_ids.pop_front();
+                }
+                self.recent_event_ids.push_back(entry);
+            }
         }
         for h in other.recent_outcome_ids {
             remember_hash(&mut self.recent_outcome_ids, h);
         }
     }
 
-    /// Records an event id; false if it was seen already (a duplicate).
-    pub fn remember_event(&mut self, event_id: &str) -> bool {
-        // 64-bit hashes: a false duplicate needs a collision among 32 recent ids.
-        remember_hash(
+    /// Records the id of an event at `at`; false if it was seen already (a duplicate).
+    pub fn remember_event(&mut self, event_id: &str, at: Millis) -> bool {
+        // 48-bit hashes: a false duplicate needs a collision among at most 512 ids.
+        remember_event_hash(
             &mut self.recent_event_ids,
             kairos_core::ids::stable_hash(event_id),
+            at,
         )
     }
 
@@ -579,7 +642,8 @@ impl CustomerProfile {
     pub fn remember_outcome(&mut self, outcome_id: &str) -> bool {
         let h = kairos_core::ids::stable_hash(outcome_id);
         // Earlier versions kept outcome ids among the event ids.
-        !self.recent_event_ids.contains(&h) && remember_hash(&mut self.recent_outcome_ids, h)
+        let among_events = self.recent_event_ids.iter().any(|e| same_event_id(*e, h));
+        !among_events && remember_hash(&mut self.recent_outcome_ids, h)
     }
 
     /// Contacts, consent and recency carried by any event.
@@ -1260,6 +1324,32 @@ pub fn is_visit(t: EventType) -> bool {
 mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
+
+    #[test]
+    fn event_ids_of_the_last_day_are_kept_beyond_the_last_32() {
+        const MINUTE: Millis = 60_000;
+        const DAY: Millis = 24 * 60 * MINUTE;
+        let mut p = CustomerProfile::new("c", 0);
+        for i in 0..40 {
+            assert!(p.remember_event(&format!("e{i}"), i * MINUTE));
+        }
+        assert_eq!(p.recent_event_ids.len(), 40);
+        assert!(!p.remember_event("e0", 0), "40 events later, the same day");
+        // Two days on, what is older than a day goes down to the last 32.
+        assert!(p.remember_event("next", 2 * DAY));
+        assert_eq!(p.recent_event_ids.len(), 32);
+        assert!(!p.remember_event("e39", 39 * MINUTE));
+        assert!(p.remember_event("e0", 0), "forgotten");
+        // An entry stored before the hour was packed (a full hash) still matches.
+        p.recent_event_ids
+            .push_back(kairos_core::ids::stable_hash("stored-before"));
+        assert!(!p.remember_event("stored-before", 2 * DAY));
+        // A burst is bounded.
+        for i in 0..600 {
+            p.remember_event(&format!("burst{i}"), 2 * DAY + i);
+        }
+        assert_eq!(p.recent_event_ids.len(), MAX_EVENT_IDS);
+    }
 
     #[test]
     fn after_a_merge_a_new_view_pushes_out_the_oldest_one() {

@@ -1334,6 +1334,51 @@ fn champions_get_the_vip_trigger() {
     assert!(h.triggers("sg3", "win_back").is_empty());
 }
 
+#[test]
+fn a_vip_entry_processed_after_a_backlog_past_the_tolerance_is_skipped_as_late() {
+    let t = at(T0);
+    let vip_after = |backlog: Millis| {
+        let mut h = Harness::new();
+        for i in 0..4 {
+            h.site(
+                &format!("bl-buy{i}"),
+                "purchase",
+                "bl",
+                t + i * HOUR,
+                order(&format!("o-bl-{i}"), 200.0, None),
+            );
+        }
+        // The fifth order, placed at t + 4 h, reaches the profile `backlog` later.
+        h.advance(t + 4 * HOUR + backlog);
+        h.site(
+            "bl-buy4",
+            "purchase",
+            "bl",
+            t + 4 * HOUR,
+            order("o-bl-4", 200.0, None),
+        );
+        assert!(
+            find(&h.transitions("bl"), "rfm", "Champions").is_some(),
+            "a Champion either way"
+        );
+        let late = metric(
+            &h,
+            "kairos_triggers_skipped_total",
+            &[r#"scenario="vip""#, r#"reason="late""#],
+        );
+        (h.triggers("bl", "vip"), late)
+    };
+    // Within the tolerance (the scenario's valid_for, 24 h): greeted, caused by the order.
+    let (fired, late) = vip_after(6 * HOUR);
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["cause_occurred_at"], t + 4 * HOUR);
+    assert_eq!(late, 0.0);
+    // Three days late (an outage): skipped and counted.
+    let (fired, late) = vip_after(3 * DAY);
+    assert!(fired.is_empty(), "{fired:#?}");
+    assert_eq!(late, 1.0);
+}
+
 // 12. Price drop and back in stock.
 
 #[test]
@@ -4173,4 +4218,26 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
     };
     assert_eq!(firsts(&h, "anon:v-1"), 2);
     assert_eq!(firsts(&h, "anon:v-2"), 1);
+}
+
+#[test]
+fn a_producer_retry_after_forty_other_events_of_the_day_is_applied_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rt-add", "add_to_cart", "rt", t, add_to_cart("p1", 10.0));
+    for i in 0..40 {
+        h.site(
+            &format!("rt-view-{i}"),
+            "page_view",
+            "rt",
+            t + (i + 1) * MINUTE,
+            json!({}),
+        );
+    }
+    // The producer's retry of the cart change, after 40 other events.
+    h.site("rt-add", "add_to_cart", "rt", t, add_to_cart("p1", 10.0));
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("rt", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
 }
