@@ -1687,9 +1687,12 @@ impl ArbiterProcessor {
     }
 
     /// The profile forgot an anonymous customer after the retention: what still waits
-    /// for them is cancelled (each with its decision) and the ledger is deleted, so
-    /// ledgers do not pile up with every visitor who once got a trigger. A ledger
-    /// merged away keeps its forwarding note (the profile forgets no merged customer).
+    /// for them from before is cancelled (queued messages with rule `forgotten`,
+    /// cascades stopped) and the ledger is deleted, so ledgers do not pile up with
+    /// every visitor who once got a trigger. Triggers and actions are read from
+    /// separate topics, so the visitor may be back already (a new profile under the
+    /// same name, whose trigger came first): what is newer than the forgetting stays,
+    /// and so does the ledger. A ledger merged away keeps its forwarding note.
     fn forget(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let key = ["c/", a.customer_id.as_str()].concat();
         let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
@@ -1699,10 +1702,35 @@ impl ArbiterProcessor {
             self.ledgers.restore(ctx.partition, key, ledger);
             return Ok(());
         }
+        let at = a.occurred_at;
         let why = "the customer was forgotten (anonymous, no event within the retention)";
-        self.cancel_queued_where(ctx, &mut ledger, a, FORGOTTEN, why.to_string(), |_| true)?;
-        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, None)?;
-        ctx.delete(&key);
+        self.cancel_queued_where(ctx, &mut ledger, a, FORGOTTEN, why.to_string(), |q| {
+            q.cause_occurred_at <= at
+        })?;
+        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, Some(at))?;
+        let slot_of_before = ledger
+            .main
+            .as_ref()
+            .is_some_and(|m| m.cause_occurred_at.is_none_or(|c| c <= at));
+        if slot_of_before {
+            ledger.main = None;
+            self.wake_main_waiters(ctx, &mut ledger)?;
+        }
+        let after = |t: Option<Millis>| t.is_some_and(|t| t > at);
+        let newer = !ledger.queued.is_empty()
+            || !ledger.cascades.is_empty()
+            || ledger.main.is_some()
+            || after(ledger.sends.last().map(|(t, ..)| *t))
+            || after(ledger.last_active_at)
+            || after(ledger.last_purchase_at);
+        if newer {
+            self.ledgers.put(ctx.partition, key, ledger);
+        } else {
+            // Nothing of the ledger may be written back: it may hold a change of this
+            // batch, encoded when it was put.
+            self.ledgers.remove(ctx.partition, &key);
+            ctx.delete(&key);
+        }
         Ok(())
     }
 

@@ -1386,3 +1386,20 @@ fn a_forgotten_customer_s_waiting_message_is_cancelled_and_the_ledger_goes() {
     a.advance_to(at("2026-01-06T12:00:00Z"));
     assert_eq!(a.decisions_of("fg1").len(), 2, "its wake-up went too");
 }
+
+#[test]
+fn forgetting_leaves_what_came_after_it_and_then_the_ledger() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    // The visitor came back after the profile forgot them, and the new profile's
+    // trigger was read before the older `forgotten` action.
+    let forgotten_at = at("2026-01-05T21:30:00Z");
+    let newer = a.trigger("fa1", "welcome", TRIGGER, forgotten_at + HOUR);
+    assert_eq!(newer.outcome, DecisionOutcome::deferred, "quiet hours");
+    a.forgotten("fa-x", forgotten_at);
+    assert_eq!(a.decisions_of("fa1").len(), 1, "still queued");
+    assert!(a.ledger_stored("c1"));
+    a.advance_to(at("2026-01-06T09:30:00Z"));
+    let last = *a.decisions_of("fa1").last().expect("decided");
+    assert_eq!(last.outcome, DecisionOutcome::sent);
+}

@@ -197,6 +197,21 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         }
     }
 
+    /// Forgets the value under `key`, taken or not, so that nothing of it is written
+    /// back at the flush (not even a change encoded when it was put): the caller
+    /// deletes the key from the store. A value put under the key later in the batch
+    /// is written as usual.
+    pub fn remove(&mut self, partition: i32, key: &str) {
+        let Some(cache) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        if let Some(&n) = cache.index.get(key) {
+            let slot = &mut cache.slots[n as usize];
+            slot.value = None;
+            slot.encoded = None;
+        }
+    }
+
     /// Writes the partition's changed values into the batch about to commit, then
     /// trims the cache to its limit.
     pub fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
@@ -271,6 +286,12 @@ mod tests {
         fn process(&mut self, ctx: &mut Ctx<'_>, key: String) -> anyhow::Result<()> {
             if key == "fail" {
                 anyhow::bail!("a poisoned record");
+            }
+            if let Some(key) = key.strip_prefix("drop:") {
+                self.counts.take(ctx, key)?;
+                self.counts.remove(ctx.partition, key);
+                ctx.delete(key);
+                return Ok(());
             }
             if let Some(key) = key.strip_prefix("look:") {
                 // Taken out and put back unchanged: must not make the value dirty.
@@ -370,6 +391,29 @@ mod tests {
         r.push("in", b"k", b"look:key-a").unwrap();
         assert!(dirty(&r).is_empty());
         assert_eq!(r.engine.processor.counts.len(0), 1);
+    }
+
+    #[test]
+    fn a_value_removed_after_a_change_in_the_batch_is_not_written_back() {
+        both_ways(removed_after_a_change);
+    }
+
+    fn removed_after_a_change(encoding_first_changes: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = counter(dir.path(), 1000, encoding_first_changes);
+        r.push("in", b"k", b"key-a").unwrap();
+        r.push("in", b"k", b"key-b").unwrap();
+        r.commit().unwrap();
+        // Changed (and, if so set up, encoded when put), then removed and deleted.
+        r.push("in", b"k", b"key-a").unwrap();
+        r.push("in", b"k", b"drop:key-a").unwrap();
+        // Removed, then counted again from nothing in the same batch.
+        r.push("in", b"k", b"key-b").unwrap();
+        r.push("in", b"k", b"drop:key-b").unwrap();
+        r.push("in", b"k", b"key-b").unwrap();
+        r.commit().unwrap();
+        assert_eq!(stored(&r, "key-a"), None);
+        assert_eq!(stored(&r, "key-b"), Some(1));
     }
 
     #[test]

@@ -297,9 +297,14 @@ impl ProfileProcessor {
         self.profiles.take(ctx, &profile_key(customer_id))
     }
 
-    /// Puts a profile back, dirty.
-    fn put(&mut self, partition: i32, p: Box<CustomerProfile>) {
-        self.profiles.put(partition, profile_key(&p.customer_id), p);
+    /// Puts a profile back, dirty; arms its anonymous retention if it needs one (on
+    /// any path, so a profile stored before the retention existed is armed as soon as
+    /// anything touches it).
+    fn put(&mut self, ctx: &mut Ctx<'_>, mut p: Box<CustomerProfile>) -> anyhow::Result<()> {
+        self.arm_anonymous_expiry(ctx, &mut p)?;
+        self.profiles
+            .put(ctx.partition, profile_key(&p.customer_id), p);
+        Ok(())
     }
 
     fn apply_event(&mut self, ctx: &mut Ctx<'_>, e: &CustomerEvent) -> anyhow::Result<()> {
@@ -307,12 +312,11 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, e.occurred_at)));
-        if !p.remember_event(&e.event_id, e.occurred_at) {
+        if !p.remember_event(&e.event_id, e.occurred_at.min(ctx.now())) {
             self.metrics.duplicates.inc();
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
             return Ok(());
         }
-        self.arm_anonymous_expiry(ctx, &mut p, e.occurred_at)?;
         if let Some(c) = &e.consent {
             // Every stated consent goes to the arbiter, whatever the profile holds: an
             // unsubscribe outcome still on its way must not win over a later opt-in,
@@ -617,7 +621,7 @@ impl ProfileProcessor {
                 e.occurred_at,
             )?;
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -632,7 +636,7 @@ impl ProfileProcessor {
         } else {
             self.metrics.duplicates.inc();
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -643,12 +647,13 @@ impl ProfileProcessor {
     }
 
     /// Arms the retention timer of a profile Kairos named after an anonymous
-    /// identifier, once: it moves when it fires (see `expire_anonymous`).
+    /// identifier, once: it moves when it fires (see `expire_anonymous`). Due at the
+    /// last event plus the retention, which for a profile stored before the retention
+    /// existed may be past already: the timer then fires at once and checks.
     fn arm_anonymous_expiry(
         &self,
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
-        at: Millis,
     ) -> anyhow::Result<()> {
         let retention = self.anonymous_retention();
         if retention == 0
@@ -657,7 +662,7 @@ impl ProfileProcessor {
         {
             return Ok(());
         }
-        let due = p.last_seen_at.max(at).saturating_add(retention);
+        let due = p.last_seen_at.saturating_add(retention);
         ctx.schedule(&format!("{ANONYMOUS_EXPIRY}/{}", p.customer_id), due, &())?;
         p.anonymous_expiry_at = Some(due);
         Ok(())
@@ -679,7 +684,14 @@ impl ProfileProcessor {
         let retention = self.anonymous_retention();
         if retention == 0 {
             p.anonymous_expiry_at = None;
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
+            return Ok(());
+        }
+        // One that absorbed another profile stays, as its node stays in the identity
+        // graph (it forwards the merged identifiers): never armed again.
+        if !p.merged_from.is_empty() {
+            p.anonymous_expiry_at = Some(Millis::MAX);
+            self.put(ctx, p)?;
             return Ok(());
         }
         // Opening or clicking a message is the customer's doing too: a subscriber
@@ -697,7 +709,7 @@ impl ProfileProcessor {
         if due > now {
             ctx.schedule(&format!("{ANONYMOUS_EXPIRY}/{customer}"), due, &())?;
             p.anonymous_expiry_at = Some(due);
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
             return Ok(());
         }
         for s in &self.config.scenarios {
@@ -765,6 +777,7 @@ impl ProfileProcessor {
                     }
                 }
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
+                ctx.cancel(&format!("{ANONYMOUS_EXPIRY}/{}", m.from))?;
                 ctx.delete(&profile_key(&m.from));
                 p
             }
@@ -853,7 +866,7 @@ impl ProfileProcessor {
         if p.merged_from.contains(&m.from) {
             // A re-sent merge (after a crash): its purchases are in already.
             self.metrics.duplicates.inc();
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
             return Ok(());
         }
         let waits = merged.waits.clone();
@@ -1028,7 +1041,7 @@ impl ProfileProcessor {
         if p.awaiting_merges.is_empty() {
             self.release_held_triggers(ctx, &p)?;
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -1064,7 +1077,7 @@ impl ProfileProcessor {
                 self.release_held_triggers(ctx, &p)?;
             }
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -1205,12 +1218,11 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, r.occurred_at)));
-        if !p.remember_event(&r.event_id, r.occurred_at) {
+        if !p.remember_event(&r.event_id, r.occurred_at.min(ctx.now())) {
             self.metrics.duplicates.inc();
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
             return Ok(());
         }
-        self.arm_anonymous_expiry(ctx, &mut p, r.occurred_at)?;
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         if let Some(phone) = &r.phone {
             p.phone.get_or_insert_with(|| phone.clone());
@@ -1244,7 +1256,7 @@ impl ProfileProcessor {
                 }
             }
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -1252,9 +1264,9 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if !p.remember_event(&o.occasion_id, o.occurred_at) {
+        if !p.remember_event(&o.occasion_id, o.occurred_at.min(ctx.now())) {
             self.metrics.duplicates.inc();
-            self.put(ctx.partition, p);
+            self.put(ctx, p)?;
             return Ok(());
         }
         let kind = match o.kind {
@@ -1300,7 +1312,7 @@ impl ProfileProcessor {
             let due = o.occurred_at;
             self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
         }
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         Ok(())
     }
 
@@ -1623,26 +1635,26 @@ impl ProfileProcessor {
             };
             ctx.emit(&self.actions_topic, &p.customer_id, &action);
         }
-        // The entry's moment is its cause's (the event's, or the review timer's due
-        // time), not when it was processed: after a backlog (an outage, a lagging
-        // topic) a greeting past its tolerance is skipped as late, as every
-        // occasion is.
-        let entered_at = cause.at;
+        // The entry is due at its cause (the event's time, or the review timer's),
+        // not when it was processed: after a backlog (an outage, a lagging topic) a
+        // greeting past its tolerance is skipped as late, as every occasion is. Its
+        // cause time stays the transition's, as for the `left_segment` action above:
+        // the arbiter compares the two, and a purchase ends only a chain it follows.
+        let due_at = cause.at;
         for s in segment_scenarios.iter() {
             if s.targets_segment(to) && !self.chains_going_on.contains(&s.name) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
                 vars.insert("to_segment".into(), to.into());
                 if s.delay.is_zero() && s.steps.is_empty() {
-                    let id = &t.transition_id;
-                    self.emit_trigger(ctx, s, p, 0, id, entered_at, entered_at, vars);
+                    self.emit_trigger(ctx, s, p, 0, &t.transition_id, at, due_at, vars);
                 } else {
                     // A wait or a chain: on a timer like every other scenario's, so
                     // it fires when due and a purchase can end it
                     // (`exit_on_purchase`).
                     let vars = serde_json::Value::Object(vars).to_string();
-                    let due = entered_at + ms(s.delay);
-                    let timer = StepTimer::new(&t.transition_id, entered_at, 0, due);
+                    let due = due_at + ms(s.delay);
+                    let timer = StepTimer::new(&t.transition_id, at, 0, due);
                     schedule_step_with(ctx, s, p, timer, None, None, Some(&vars))?;
                 }
             }
@@ -1751,7 +1763,7 @@ impl ProfileProcessor {
                     p.armed.remove(t.scenario.as_str());
                     p.waits.remove(t.scenario.as_str());
                 }
-                self.put(ctx.partition, p);
+                self.put(ctx, p)?;
             }
             return Ok(());
         };
@@ -1759,7 +1771,7 @@ impl ProfileProcessor {
             return Ok(());
         };
         let result = self.fire_scenario(ctx, s, &mut p, &t, timer);
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         result
     }
 
@@ -2014,7 +2026,7 @@ impl ProfileProcessor {
         };
         p.armed.remove(SEGMENT_REVIEW);
         let result = self.review_segments(ctx, &mut p, "time", fire_at);
-        self.put(ctx.partition, p);
+        self.put(ctx, p)?;
         result
     }
 }
@@ -2567,7 +2579,7 @@ impl Processor for ProfileProcessor {
                     p.awaiting_merges.push(m.from.clone());
                     schedule_merge_wait(ctx, &m.into, &m.from, m.occurred_at)?;
                 }
-                self.put(ctx.partition, p);
+                self.put(ctx, p)?;
                 Ok(())
             }
         }

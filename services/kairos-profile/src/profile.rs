@@ -327,7 +327,8 @@ fn remember_hash(ring: &mut VecDeque<u64>, h: u64) -> bool {
 }
 
 /// How long an event id is remembered to drop a producer's retry, whatever number of
-/// events the customer sent since (at least the last `RECENT_EVENT_IDS` are kept).
+/// events the customer sent since (at least the last `RECENT_EVENT_IDS` are kept). In
+/// hours as stamped: an entry 24 hour-numbers back is 23 to 25 hours old, kept.
 pub const EVENT_DEDUP_WINDOW_HOURS: i64 = 24;
 /// At most this many event ids per customer (a bot's burst of events).
 const MAX_EVENT_IDS: usize = 512;
@@ -357,19 +358,23 @@ fn entry_age_hours(entry: u64, at: Millis) -> i64 {
     i64::from(hour.wrapping_sub(entry_hour) as i16)
 }
 
-/// Adds an event id's `hash`, of an event at `at`, to the customer's event ids: false
-/// if it was there already. Ids of the last day are kept however many came since
-/// (bounded by `MAX_EVENT_IDS`), older ones once `RECENT_EVENT_IDS` newer ones came.
+/// Adds an event id's `hash`, stamped `at`, to the customer's event ids: false if it
+/// was there already. The last `RECENT_EVENT_IDS` stay whatever their age; beyond
+/// them, those of the last day (up to `MAX_EVENT_IDS`). An entry whose stamp reads as
+/// later than `at` (only one written before stamps were packed can) counts as old.
 fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, at: Millis) -> bool {
     if ring.iter().any(|e| same_event_id(*e, hash)) {
         return false;
     }
-    while ring.len() >= RECENT_EVENT_IDS
-        && ring
-            .front()
-            .is_some_and(|e| entry_age_hours(*e, at) >= EVENT_DEDUP_WINDOW_HOURS)
-    {
-        ring.pop_front();
+    if ring.len() >= RECENT_EVENT_IDS {
+        // With this one, the newest of these make the last `RECENT_EVENT_IDS`.
+        let recent_from = ring.len() + 1 - RECENT_EVENT_IDS;
+        let mut n = 0;
+        ring.retain(|e| {
+            let recent = n >= recent_from;
+            n += 1;
+            recent || (0..=EVENT_DEDUP_WINDOW_HOURS).contains(&entry_age_hours(*e, at))
+        });
     }
     if ring.len() >= MAX_EVENT_IDS {
         ring.pop_front();
@@ -628,7 +633,8 @@ impl CustomerProfile {
         }
     }
 
-    /// Records the id of an event at `at`; false if it was seen already (a duplicate).
+    /// Records the id of an event, stamped `at` (the event's time, but never later than
+    /// the processor's clock); false if it was seen already (a duplicate).
     pub fn remember_event(&mut self, event_id: &str, at: Millis) -> bool {
         // 48-bit hashes: a false duplicate needs a collision among at most 512 ids.
         remember_event_hash(
@@ -1344,6 +1350,16 @@ mod tests {
         p.recent_event_ids
             .push_back(kairos_core::ids::stable_hash("stored-before"));
         assert!(!p.remember_event("stored-before", 2 * DAY));
+        // An id 23 hours old is kept beyond the last 32, though its hour number is 24
+        // back (00:59 on one day, 00:00 the next).
+        const HOUR: Millis = 60 * MINUTE;
+        let mut q = CustomerProfile::new("q", 0);
+        assert!(q.remember_event("edge", 59 * MINUTE));
+        for i in 0..40 {
+            assert!(q.remember_event(&format!("f{i}"), HOUR + i * MINUTE));
+        }
+        assert!(q.remember_event("next-day", 24 * HOUR));
+        assert!(!q.remember_event("edge", 59 * MINUTE));
         // A burst is bounded.
         for i in 0..600 {
             p.remember_event(&format!("burst{i}"), 2 * DAY + i);

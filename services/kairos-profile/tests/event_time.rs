@@ -1368,10 +1368,11 @@ fn a_vip_entry_processed_after_a_backlog_past_the_tolerance_is_skipped_as_late()
         );
         (h.triggers("bl", "vip"), late)
     };
-    // Within the tolerance (the scenario's valid_for, 24 h): greeted, caused by the order.
+    // Within the tolerance (the scenario's valid_for, 24 h): greeted. Its cause time
+    // is the transition's, when the profile learnt of the order.
     let (fired, late) = vip_after(6 * HOUR);
     assert_eq!(fired.len(), 1, "{fired:#?}");
-    assert_eq!(fired[0]["cause_occurred_at"], t + 4 * HOUR);
+    assert_eq!(fired[0]["cause_occurred_at"], t + 10 * HOUR);
     assert_eq!(late, 0.0);
     // Three days late (an outage): skipped and counted.
     let (fired, late) = vip_after(3 * DAY);
@@ -4240,4 +4241,47 @@ fn a_producer_retry_after_forty_other_events_of_the_day_is_applied_once() {
     let fired = h.triggers("rt", "abandoned_cart");
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
+}
+
+#[test]
+fn an_anonymous_profile_stored_before_the_retention_is_armed_when_next_touched() {
+    let t = at(T0);
+    let kept_for_good = CONFIG.replace(
+        "[clock]",
+        "[identity]\nanonymous_retention = \"0s\"\n[clock]",
+    );
+    let mut h = Harness::with(&kept_for_good, ClockMode::Event);
+    h.feed(
+        "events.site",
+        "anon:v-9",
+        json!({"event_id": "ar-1", "event_type": "page_view", "occurred_at": rfc(t),
+            "anonymous_id": "v-9"}),
+    );
+    // The upgrade: retention on. The visit's reactivation timer (30 days) touches the
+    // profile, which then waits out the retention from its last event.
+    h.restart_with(CONFIG);
+    h.advance(t + 399 * DAY);
+    h.commit();
+    assert!(h.pipeline.profile("anon:v-9").expect("read").is_some());
+    h.advance(t + 401 * DAY);
+    h.commit();
+    assert!(h.pipeline.profile("anon:v-9").expect("read").is_none());
+}
+
+#[test]
+fn an_anonymous_profile_that_absorbed_another_is_kept_as_its_identity_node_is() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    for (event_id, visitor) in [("ak-1", "anon:a-1"), ("ak-2", "anon:a-2")] {
+        h.identified_site(json!({"event_id": event_id, "event_type": "page_view",
+            "occurred_at": rfc(t), "customer_id": visitor}));
+    }
+    h.merge("m-ak", "anon:a-2", "anon:a-1", t + HOUR);
+    h.advance(t + 500 * DAY);
+    h.commit();
+    assert!(h.pipeline.profile("anon:a-1").expect("read").is_some());
+    assert!(
+        h.pipeline.profile("anon:a-2").expect("read").is_none(),
+        "merged"
+    );
 }
