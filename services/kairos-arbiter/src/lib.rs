@@ -1720,6 +1720,7 @@ impl ArbiterProcessor {
         let newer = !ledger.queued.is_empty()
             || !ledger.cascades.is_empty()
             || ledger.main.is_some()
+            || ledger.chains.iter().any(|(_, c)| c.updated_at > at)
             || after(ledger.sends.last().map(|(t, ..)| *t))
             || after(ledger.last_active_at)
             || after(ledger.last_purchase_at);

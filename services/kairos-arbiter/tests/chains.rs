@@ -289,3 +289,24 @@ fn two_instances_of_one_chain_hold_the_slot_until_the_later_one_s_last_step() {
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0].outcome, DecisionOutcome::sent, "{f:#?}");
 }
+
+#[test]
+fn forgetting_keeps_a_ledger_whose_chain_moved_on_after_it() {
+    let mut a = arbiter();
+    vip(&mut a);
+    // A chain step decided after the forgetting (it expired waiting for the vip
+    // chain's slot) is newer than it: the ledger, and the broken chain, stay.
+    let t = tips(&a, 0, T0 + HOUR, DAY);
+    a.push_trigger(&t);
+    a.advance_to(T0 + 2 * DAY);
+    assert_eq!(a.finals_of("tips0")[0].outcome, DecisionOutcome::expired);
+    a.forgotten("fk", T0);
+    assert!(a.ledger_stored("c1"));
+    let next = tips(&a, 1, T0 + 2 * DAY + HOUR, DAY);
+    let d = a.push_trigger(&next);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::cancelled, "chain_broken"),
+        "{d:#?}"
+    );
+}

@@ -312,7 +312,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, e.occurred_at)));
-        if !p.remember_event(&e.event_id, e.occurred_at.min(ctx.now())) {
+        if !p.remember_event(&e.event_id, e.occurred_at, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());
@@ -678,6 +678,9 @@ impl ProfileProcessor {
         customer: &str,
         now: Millis,
     ) -> anyhow::Result<()> {
+        // A timer armed past due (a profile stored before the retention existed) fires
+        // at once: the forgetting happens now, and is dated so for the arbiter.
+        let now = now.max(ctx.now());
         let Some(mut p) = self.take(ctx, customer)? else {
             return Ok(());
         };
@@ -743,6 +746,7 @@ impl ProfileProcessor {
                 now,
             );
         }
+        self.profiles.remove(ctx.partition, &profile_key(customer));
         ctx.delete(&profile_key(customer));
         // The arbiter forgets the customer's ledger too.
         let action = CustomerAction::new(
@@ -778,6 +782,7 @@ impl ProfileProcessor {
                 }
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", m.from))?;
                 ctx.cancel(&format!("{ANONYMOUS_EXPIRY}/{}", m.from))?;
+                self.profiles.remove(ctx.partition, &profile_key(&m.from));
                 ctx.delete(&profile_key(&m.from));
                 p
             }
@@ -1218,7 +1223,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, r.occurred_at)));
-        if !p.remember_event(&r.event_id, r.occurred_at.min(ctx.now())) {
+        if !p.remember_event(&r.event_id, r.occurred_at, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());
@@ -1264,7 +1269,7 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if !p.remember_event(&o.occasion_id, o.occurred_at.min(ctx.now())) {
+        if !p.remember_event(&o.occasion_id, o.occurred_at, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());

@@ -4243,14 +4243,19 @@ fn a_producer_retry_after_forty_other_events_of_the_day_is_applied_once() {
     assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
 }
 
+/// The test configuration with anonymous profiles kept for good (as before the
+/// retention existed).
+fn retention_off() -> String {
+    CONFIG.replace(
+        "[clock]",
+        "[identity]\nanonymous_retention = \"0s\"\n[clock]",
+    )
+}
+
 #[test]
 fn an_anonymous_profile_stored_before_the_retention_is_armed_when_next_touched() {
     let t = at(T0);
-    let kept_for_good = CONFIG.replace(
-        "[clock]",
-        "[identity]\nanonymous_retention = \"0s\"\n[clock]",
-    );
-    let mut h = Harness::with(&kept_for_good, ClockMode::Event);
+    let mut h = Harness::with(&retention_off(), ClockMode::Event);
     h.feed(
         "events.site",
         "anon:v-9",
@@ -4283,5 +4288,36 @@ fn an_anonymous_profile_that_absorbed_another_is_kept_as_its_identity_node_is() 
     assert!(
         h.pipeline.profile("anon:a-2").expect("read").is_none(),
         "merged"
+    );
+}
+
+#[test]
+fn an_anonymous_profile_found_past_its_retention_is_forgotten_as_of_then() {
+    let t = at(T0);
+    let mut h = Harness::with(&retention_off(), ClockMode::Event);
+    h.catalog("ap-cat-1", "p1", t, json!({"price": 100.0}));
+    h.feed(
+        "events.site",
+        "anon:v-8",
+        json!({"event_id": "ap-1", "event_type": "wishlist_add", "occurred_at": rfc(t),
+            "anonymous_id": "v-8", "product": product("p1", 100.0)}),
+    );
+    // Its timers fire while retention is off; on again, the first thing to touch it
+    // (a price drop of its wish, on day 450) finds it 50 days past the retention.
+    h.advance(t + 100 * DAY);
+    h.restart_with(CONFIG);
+    h.catalog("ap-cat-2", "p1", t + 450 * DAY, json!({"price": 50.0}));
+    h.advance(t + 451 * DAY);
+    h.commit();
+    assert!(h.pipeline.profile("anon:v-8").expect("read").is_none());
+    let forgotten: Vec<Value> = h
+        .on("customer-actions")
+        .filter(|o| o.value["kind"] == "forgotten")
+        .map(|o| o.value["occurred_at"].clone())
+        .collect();
+    assert_eq!(
+        forgotten,
+        [json!(t + 450 * DAY)],
+        "dated when it was forgotten"
     );
 }
