@@ -784,6 +784,21 @@ impl ProfileProcessor {
                 ctx.cancel(&format!("{ANONYMOUS_EXPIRY}/{}", m.from))?;
                 self.profiles.remove(ctx.partition, &profile_key(&m.from));
                 ctx.delete(&profile_key(&m.from));
+                // The catalog join knows these wishes under this id, whose occasions
+                // find no profile any more: they go (the survivor takes over the ones
+                // it keeps, see `merge_in`).
+                for wish in &p.wishlist {
+                    let id = deterministic_id(&[&m.merge_id, &wish.product_id, "unwished"]);
+                    self.emit_interest(
+                        ctx,
+                        id,
+                        &m.from,
+                        &wish.product_id,
+                        wish.price,
+                        InterestKind::unwishlisted,
+                        m.occurred_at,
+                    );
+                }
                 p
             }
             // Nothing known here: the survivor still waits for an answer.

@@ -4321,3 +4321,26 @@ fn an_anonymous_profile_found_past_its_retention_is_forgotten_as_of_then() {
         "dated when it was forgotten"
     );
 }
+
+#[test]
+fn a_merged_customer_s_wishes_leave_the_catalog_join_under_its_old_id() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.catalog(
+        "mw-cat-1",
+        "p2",
+        t,
+        json!({"name": "Mug", "in_stock": false}),
+    );
+    h.identified_site(json!({"event_id": "mw-wish", "event_type": "wishlist_add",
+        "occurred_at": rfc(t + HOUR), "customer_id": "anon:a-9", "product": product("p2", 50.0)}));
+    h.merge("m-mw", "anon:a-9", "c-9", t + 2 * HOUR);
+    h.catalog("mw-cat-2", "p2", t + 3 * HOUR, json!({"in_stock": true}));
+    let occasions_for = |customer: &str| {
+        h.on("product-occasions")
+            .filter(|o| o.value["customer_id"] == customer)
+            .count()
+    };
+    assert_eq!(occasions_for("c-9"), 1, "the survivor took the wish over");
+    assert_eq!(occasions_for("anon:a-9"), 0, "none for the old id");
+}
