@@ -231,6 +231,11 @@ const MERGE_PENDING: &str = "merge_pending";
 /// The rule of what a forgotten (anonymous, expired) customer still had waiting.
 const FORGOTTEN: &str = "forgotten";
 
+/// The state key of a customer's ledger.
+fn ledger_key(customer_id: &str) -> String {
+    ["c/", customer_id].concat()
+}
+
 /// The rule of a later chain step waiting for an earlier one still in the queue.
 const CHAIN_ORDER: &str = "chain_order";
 /// The rule of a mass send to a customer in a personal chain.
@@ -1602,7 +1607,7 @@ impl ArbiterProcessor {
         customer_id: &str,
         change: impl FnOnce(&mut Self, &mut Ctx<'_>, &mut CustomerLedger, bool) -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
-        let key = ["c/", customer_id].concat();
+        let key = ledger_key(customer_id);
         let (mut ledger, known) = match self.ledgers.take(ctx, &key)? {
             Some(ledger) => (ledger, true),
             None => (Box::default(), false),
@@ -1694,7 +1699,7 @@ impl ArbiterProcessor {
     /// same name, whose trigger came first): what is newer than the forgetting stays,
     /// and so does the ledger. A ledger merged away keeps its forwarding note.
     fn forget(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
-        let key = ["c/", a.customer_id.as_str()].concat();
+        let key = ledger_key(&a.customer_id);
         let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
             return Ok(());
         };

@@ -151,6 +151,9 @@ pub struct ProfileProcessor {
     metrics: Metrics,
     /// Hot profiles, written back when the batch commits.
     profiles: StateCache<CustomerProfile>,
+    /// `identity.anonymous_retention` in milliseconds; 0: anonymous profiles are kept
+    /// for good.
+    anonymous_retention: Millis,
     /// The enabled scenarios of each kind, shared so events do not copy them.
     scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
     /// While a merge is applied: the enabled `segment_entered` scenarios that target a
@@ -256,6 +259,8 @@ impl ProfileProcessor {
         }
         ProfileProcessor {
             scenarios_by_kind,
+            anonymous_retention: Millis::try_from(config.identity.anonymous_retention.as_millis())
+                .unwrap_or(Millis::MAX),
             site_topic: config.topic(topics::SITE_EVENTS),
             app_topic: config.topic(topics::APP_EVENTS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
@@ -434,16 +439,8 @@ impl ProfileProcessor {
                         );
                         if let Some(out) = added.pushed_out {
                             // Its own id: the event already made one interest record.
-                            let id = deterministic_id(&[&e.event_id, "interest", "pushed_out"]);
-                            self.emit_interest(
-                                ctx,
-                                id,
-                                &customer_id,
-                                &out.product_id,
-                                out.price,
-                                InterestKind::unwishlisted,
-                                e.occurred_at,
-                            );
+                            let key = [e.event_id.as_str(), "/interest"].concat();
+                            self.drop_wishes(ctx, &customer_id, &[out], &key, e.occurred_at);
                         }
                     }
                 }
@@ -640,12 +637,6 @@ impl ProfileProcessor {
         Ok(())
     }
 
-    /// The retention in milliseconds; 0: anonymous profiles are kept for good.
-    fn anonymous_retention(&self) -> Millis {
-        Millis::try_from(self.config.identity.anonymous_retention.as_millis())
-            .unwrap_or(Millis::MAX)
-    }
-
     /// Arms the retention timer of a profile Kairos named after an anonymous
     /// identifier, once: it moves when it fires (see `expire_anonymous`). Due at the
     /// last event plus the retention, which for a profile stored before the retention
@@ -655,9 +646,12 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
     ) -> anyhow::Result<()> {
-        let retention = self.anonymous_retention();
+        let retention = self.anonymous_retention;
+        // One that absorbed another profile stays, as its node stays in the identity
+        // graph (it forwards the merged identifiers).
         if retention == 0
             || p.anonymous_expiry_at.is_some()
+            || !p.merged_from.is_empty()
             || !is_reserved_customer_id(&p.customer_id)
         {
             return Ok(());
@@ -669,9 +663,10 @@ impl ProfileProcessor {
     }
 
     /// Forgets an anonymous profile no event (nor an opened or clicked message) came
-    /// for within the retention, as the identity processor forgets its node: the profile, its timers, return marks and
-    /// held triggers go, and the catalog join drops its wishes (its views age out
-    /// there on their own). One seen since waits again from its last event.
+    /// for within the retention, as the identity processor forgets its node: the
+    /// profile, its timers, return marks and held triggers go, and the catalog join
+    /// drops its wishes (its views age out there on their own). One seen since waits
+    /// again from its last event.
     fn expire_anonymous(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -684,16 +679,11 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, customer)? else {
             return Ok(());
         };
-        let retention = self.anonymous_retention();
-        if retention == 0 {
+        let retention = self.anonymous_retention;
+        // Retention switched off, or the profile absorbed another since it was armed:
+        // kept, and not armed again (see `arm_anonymous_expiry`).
+        if retention == 0 || !p.merged_from.is_empty() {
             p.anonymous_expiry_at = None;
-            self.put(ctx, p)?;
-            return Ok(());
-        }
-        // One that absorbed another profile stays, as its node stays in the identity
-        // graph (it forwards the merged identifiers): never armed again.
-        if !p.merged_from.is_empty() {
-            p.anonymous_expiry_at = Some(Millis::MAX);
             self.put(ctx, p)?;
             return Ok(());
         }
@@ -725,27 +715,12 @@ impl ProfileProcessor {
         for awaited in &p.awaiting_merges {
             ctx.cancel(&format!("{MERGE_WAIT_EXPIRY}/{customer}/{awaited}"))?;
         }
-        let mark_prefix = format!("ret/{customer}/");
-        for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
-            let order = key[mark_prefix.len()..].to_string();
-            ctx.delete(&key);
-            ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{customer}/{order}"))?;
-        }
+        take_return_marks(ctx, customer)?;
         for (key, _) in ctx.scan::<Trigger>(&held_prefix(customer))? {
             ctx.delete(&key);
         }
-        for wish in &p.wishlist {
-            let id = deterministic_id(&[customer, &wish.product_id, "expired", &now.to_string()]);
-            self.emit_interest(
-                ctx,
-                id,
-                customer,
-                &wish.product_id,
-                wish.price,
-                InterestKind::unwishlisted,
-                now,
-            );
-        }
+        let id_key = format!("{customer}/expired/{now}");
+        self.drop_wishes(ctx, customer, &p.wishlist, &id_key, now);
         self.profiles.remove(ctx.partition, &profile_key(customer));
         ctx.delete(&profile_key(customer));
         // The arbiter forgets the customer's ledger too.
@@ -787,32 +762,14 @@ impl ProfileProcessor {
                 // The catalog join knows these wishes under this id, whose occasions
                 // find no profile any more: they go (the survivor takes over the ones
                 // it keeps, see `merge_in`).
-                for wish in &p.wishlist {
-                    let id = deterministic_id(&[&m.merge_id, &wish.product_id, "unwished"]);
-                    self.emit_interest(
-                        ctx,
-                        id,
-                        &m.from,
-                        &wish.product_id,
-                        wish.price,
-                        InterestKind::unwishlisted,
-                        m.occurred_at,
-                    );
-                }
+                self.drop_wishes(ctx, &m.from, &p.wishlist, &m.merge_id, m.occurred_at);
                 p
             }
             // Nothing known here: the survivor still waits for an answer.
             None => Box::new(CustomerProfile::new(&m.from, m.occurred_at)),
         };
         // Return marks go with it: the carried follow-ups check them when they fire.
-        let mark_prefix = format!("ret/{}/", m.from);
-        let mut returned = Vec::new();
-        for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
-            let order = key[mark_prefix.len()..].to_string();
-            ctx.delete(&key);
-            ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{}/{order}", m.from))?;
-            returned.push(order);
-        }
+        let returned = take_return_marks(ctx, &m.from)?;
         // Triggers held for a merge into `from` still under way go with the profile.
         let mut held = Vec::new();
         for (key, t) in ctx.scan::<Trigger>(&held_prefix(&m.from))? {
@@ -1476,6 +1433,24 @@ impl ProfileProcessor {
             occurred_at: at,
         };
         ctx.emit(&self.interest_topic, product_id, &interest);
+    }
+
+    /// Tells the catalog join that `customer` no longer wishes for `wishes` (ids from
+    /// `id_key`, which names what caused it), so their occasions stop.
+    fn drop_wishes(
+        &self,
+        ctx: &mut Ctx<'_>,
+        customer: &str,
+        wishes: &[Product],
+        id_key: &str,
+        at: Millis,
+    ) {
+        for wish in wishes {
+            let id = deterministic_id(&[id_key, &wish.product_id, "unwished"]);
+            let (product_id, price) = (&wish.product_id, wish.price);
+            let kind = InterestKind::unwishlisted;
+            self.emit_interest(ctx, id, customer, product_id, price, kind, at);
+        }
     }
 
     /// An event's interest in its product.
@@ -2273,6 +2248,19 @@ fn schedule_step_with(
 
 /// Bounds `survivor`'s wait for `merged`'s profile: `MERGE_WAIT_LIMIT` after the merge
 /// (or now, if later), the survivor goes on without it (see `give_up_merge_wait`).
+/// Deletes `customer`'s return marks and their expiry timers; returns the orders.
+fn take_return_marks(ctx: &mut Ctx<'_>, customer: &str) -> anyhow::Result<Vec<String>> {
+    let mark_prefix = format!("ret/{customer}/");
+    let mut returned = Vec::new();
+    for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
+        let order = key[mark_prefix.len()..].to_string();
+        ctx.delete(&key);
+        ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{customer}/{order}"))?;
+        returned.push(order);
+    }
+    Ok(returned)
+}
+
 fn schedule_merge_wait(
     ctx: &mut Ctx<'_>,
     survivor: &str,

@@ -17,12 +17,6 @@ const RECENT_EVENT_IDS: usize = 32;
 const RECENTLY_VIEWED: usize = 20;
 const RECENT_CATEGORIES: usize = 10;
 const WISHLIST: usize = 50;
-
-/// A wish added to a profile, with the oldest one the cap pushed out.
-#[derive(Debug, PartialEq)]
-pub struct WishlistAdded {
-    pub pushed_out: Option<Product>,
-}
 const RECENT_ORDERS: usize = 20;
 /// Distinct products a cart holds (the earliest added leave first).
 const MAX_CART_ITEMS: usize = 100;
@@ -341,9 +335,21 @@ const MAX_EVENT_IDS: usize = 512;
 const EVENT_HASH_BITS: u32 = 48;
 const EVENT_HASH_MASK: u64 = (1 << EVENT_HASH_BITS) - 1;
 
+/// The hour of `at` as an entry keeps it (since the epoch, modulo 2^16).
+fn stamp_hour(at: Millis) -> u16 {
+    (at.div_euclid(3_600_000) as u64 & 0xFFFF) as u16
+}
+
 fn event_entry(hash: u64, at: Millis) -> u64 {
-    let hour = at.div_euclid(3_600_000) as u64 & 0xFFFF;
-    (hour << EVENT_HASH_BITS) | (hash & EVENT_HASH_MASK)
+    (u64::from(stamp_hour(at)) << EVENT_HASH_BITS) | (hash & EVENT_HASH_MASK)
+}
+
+/// Appends an entry, the oldest going first once the ring holds `MAX_EVENT_IDS`.
+fn push_event_entry(ring: &mut VecDeque<u64>, entry: u64) {
+    if ring.len() >= MAX_EVENT_IDS {
+        ring.pop_front();
+    }
+    ring.push_back(entry);
 }
 
 /// Whether two event id entries (or a hash and an entry) name the same id.
@@ -353,9 +359,8 @@ fn same_event_id(a: u64, b: u64) -> bool {
 
 /// Hours from the entry's event to `at` (negative for a later event).
 fn entry_age_hours(entry: u64, at: Millis) -> i64 {
-    let hour = (at.div_euclid(3_600_000) as u64 & 0xFFFF) as u16;
     let entry_hour = (entry >> EVENT_HASH_BITS) as u16;
-    i64::from(hour.wrapping_sub(entry_hour) as i16)
+    i64::from(stamp_hour(at).wrapping_sub(entry_hour) as i16)
 }
 
 /// Adds an event id's `hash`, stamped `at`, to the customer's event ids: false if it
@@ -379,11 +384,14 @@ fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, at: Millis, now: Mil
             recent || (0..=EVENT_DEDUP_WINDOW_HOURS).contains(&entry_age_hours(*e, now))
         });
     }
-    if ring.len() >= MAX_EVENT_IDS {
-        ring.pop_front();
-    }
-    ring.push_back(event_entry(hash, at));
+    push_event_entry(ring, event_entry(hash, at));
     true
+}
+
+/// A wish added to a profile, with the oldest one the cap pushed out.
+#[derive(Debug, PartialEq)]
+pub struct WishlistAdded {
+    pub pushed_out: Option<Product>,
 }
 
 /// What a return, refund or cancellation did to the purchase aggregates.
@@ -625,10 +633,7 @@ impl CustomerProfile {
                 .iter()
                 .any(|e| same_event_id(*e, entry));
             if !known {
-                if self.recent_event_ids.len() >= MAX_EVENT_IDS {
-                    self.recent_event_ids.pop_front();
-                }
-                self.recent_event_ids.push_back(entry);
+                push_event_entry(&mut self.recent_event_ids, entry);
             }
         }
         for h in other.recent_outcome_ids {
