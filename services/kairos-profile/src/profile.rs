@@ -288,6 +288,24 @@ pub struct OrderRecord {
     pub returned_parts: Vec<u64>,
 }
 
+impl OrderRecord {
+    /// Notes the statuses and parts of reversals that came before the order, so that
+    /// one re-sent now applies once.
+    fn note_reversals<'a>(&mut self, came_first: impl Iterator<Item = &'a EarlyReversal>) {
+        for r in came_first {
+            let status = if r.cancelled {
+                OrderStatus::cancelled
+            } else {
+                OrderStatus::returned
+            };
+            self.statuses |= status_bit(status);
+            if !r.cancelled && self.returned_parts.len() < MAX_RETURNED_PARTS {
+                self.returned_parts.push(return_part_key(r.at, r.amount));
+            }
+        }
+    }
+}
+
 /// Partial returns remembered per order; an order is seldom sent back in more parts.
 const MAX_RETURNED_PARTS: usize = 8;
 
@@ -639,6 +657,64 @@ impl CustomerProfile {
         for h in other.recent_outcome_ids {
             remember_hash(&mut self.recent_outcome_ids, h);
         }
+        self.settle_early_reversals();
+    }
+
+    /// Applies the early reversals whose order a merge brought in (the return reached
+    /// one id, the purchase the other, before the identity processor joined them) as
+    /// a purchase arriving after its return applies them (see `record_purchase`):
+    /// the order takes the reversal, and the revenue ends as if both had come to one
+    /// profile. A reversal of an order already reversed on its own side was the same
+    /// one seen twice: what it took is given back.
+    fn settle_early_reversals(&mut self) {
+        let (settled, waiting): (Vec<EarlyReversal>, Vec<EarlyReversal>) =
+            std::mem::take(&mut self.early_reversals)
+                .into_iter()
+                .partition(|r| self.recent_orders.iter().any(|o| o.order_id == r.order_id));
+        self.early_reversals = waiting;
+        let mut cancelled_at = Vec::new();
+        for order in self.recent_orders.iter_mut() {
+            let came_first: Vec<&EarlyReversal> = settled
+                .iter()
+                .filter(|r| r.order_id == order.order_id)
+                .collect();
+            if came_first.is_empty() {
+                continue;
+            }
+            let taken: f64 = came_first.iter().map(|r| r.revenue_taken).sum();
+            let returns = came_first.iter().filter(|r| !r.cancelled).count() as u32;
+            if order.reversed {
+                self.revenue += taken;
+                self.returns = self.returns.saturating_sub(returns);
+                continue;
+            }
+            order.note_reversals(came_first.iter().copied());
+            let left = (order.total - order.returned_amount).max(0.0);
+            if came_first.iter().any(|r| r.cancelled) {
+                // Nothing of the order counts any more, and what the cancellation
+                // took when it came is back in.
+                self.revenue = (self.revenue + taken - left).max(0.0);
+                self.orders = self.orders.saturating_sub(1);
+                if order.offline {
+                    self.offline_orders = self.offline_orders.saturating_sub(1);
+                }
+                order.reversed = true;
+                order.cancelled = true;
+                cancelled_at.push(order.at);
+                continue;
+            }
+            let returned = came_first
+                .iter()
+                .map(|r| r.amount.unwrap_or(left))
+                .sum::<f64>()
+                .min(left);
+            self.revenue = (self.revenue - (returned - taken)).max(0.0);
+            order.returned_amount += returned;
+            order.reversed = order.returned_amount >= order.total - 1e-9;
+        }
+        for at in cancelled_at {
+            self.forget_purchase_time(at);
+        }
     }
 
     /// Records the id of an event at `at`, when the processor's clock reads `now`;
@@ -936,18 +1012,7 @@ impl CustomerProfile {
             .last_mut()
             .filter(|_| !came_first.is_empty())
         {
-            // The statuses and parts seen, so that one re-sent now applies once.
-            for r in &came_first {
-                let status = if r.cancelled {
-                    OrderStatus::cancelled
-                } else {
-                    OrderStatus::returned
-                };
-                order.statuses |= status_bit(status);
-                if !r.cancelled && order.returned_parts.len() < MAX_RETURNED_PARTS {
-                    order.returned_parts.push(return_part_key(r.at, r.amount));
-                }
-            }
+            order.note_reversals(came_first.iter());
         }
         let empties_cart = !offline || self.cart_updated_at.is_none_or(|changed| changed <= at);
         if came_first.iter().any(|r| r.cancelled) {

@@ -4138,6 +4138,78 @@ fn a_merge_keeps_the_mark_of_an_order_returned_before_its_purchase_came() {
 }
 
 #[test]
+fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let event = |h: &mut Harness, id: &str, kind: &str, customer: &str, time, order: Value| {
+        h.identified_site(json!({"event_id": id, "event_type": kind,
+            "occurred_at": rfc(time), "customer_id": customer, "order": order}));
+    };
+    // The survivor's own order, then three orders of the customer merged into it.
+    event(
+        &mut h,
+        "er-32",
+        "purchase",
+        "c-32",
+        t,
+        json!({"order_id": "o-32", "total": 20.0}),
+    );
+    for (order, total) in [("o-31", 80.0), ("o-33", 100.0), ("o-34", 50.0)] {
+        event(
+            &mut h,
+            &format!("er-{order}"),
+            "purchase",
+            "c-31",
+            t,
+            json!({"order_id": order, "total": total}),
+        );
+    }
+    // Their reversals reach the survivor's id before the merge: orders it never saw.
+    let reversals = [
+        (
+            "er-r31",
+            json!({"order_id": "o-31", "total": 80.0, "status": "returned"}),
+        ),
+        (
+            "er-r33",
+            json!({"order_id": "o-33", "total": 30.0, "status": "returned"}),
+        ),
+        (
+            "er-c34",
+            json!({"order_id": "o-34", "total": 50.0, "status": "cancelled"}),
+        ),
+    ];
+    for (id, order) in &reversals {
+        event(&mut h, id, "order_status", "c-32", t + DAY, order.clone());
+    }
+    h.merge("m-er", "c-31", "c-32", t + 2 * DAY);
+    // The part returned again under a new event id, after the merge: applied once.
+    event(
+        &mut h,
+        "er-r33-again",
+        "order_status",
+        "c-32",
+        t + DAY,
+        reversals[1].1.clone(),
+    );
+    h.commit();
+    let p = h.pipeline.profile("c-32").expect("read").expect("stored");
+    // As if everything had come to one profile: 20 + (100 - 30); o-34 no order.
+    assert!((p.revenue - 90.0).abs() < 1e-9, "revenue {}", p.revenue);
+    assert_eq!(p.orders, 3);
+    assert_eq!(p.returns, 2);
+    let order = |id: &str| {
+        let o = p.recent_orders.iter().find(|o| o.order_id == id);
+        o.cloned().expect("order kept")
+    };
+    assert!(order("o-31").reversed);
+    assert!(!order("o-33").reversed);
+    assert!((order("o-33").returned_amount - 30.0).abs() < 1e-9);
+    assert!(order("o-34").cancelled);
+    assert!(p.early_reversals.is_empty(), "{:?}", p.early_reversals);
+}
+
+#[test]
 fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
     let t = at(T0);
     let mut h = Harness::new();
