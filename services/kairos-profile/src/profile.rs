@@ -299,7 +299,10 @@ impl OrderRecord {
                 OrderStatus::returned
             };
             self.statuses |= status_bit(status);
-            if !r.cancelled && self.returned_parts.len() < MAX_RETURNED_PARTS {
+            if !r.cancelled {
+                if self.returned_parts.len() >= MAX_RETURNED_PARTS {
+                    self.returned_parts.remove(0);
+                }
                 self.returned_parts.push(return_part_key(r.at, r.amount));
             }
         }
@@ -566,6 +569,18 @@ impl CustomerProfile {
                 self.early_reversals.push(reversal);
             }
         }
+        self.orders += other.orders;
+        self.offline_orders += other.offline_orders;
+        self.revenue += other.revenue;
+        self.returns += other.returns;
+        self.first_purchase_at = min_some(self.first_purchase_at, other.first_purchase_at);
+        if other.last_purchase_at > self.last_purchase_at {
+            self.last_purchase_at = other.last_purchase_at;
+            self.last_order_id = other.last_order_id;
+        }
+        // Before either list is cut to its bound, so that no reversal whose order is
+        // here now is dropped unsettled.
+        self.settle_early_reversals();
         self.early_reversals.sort_by_key(|r| r.at);
         let excess = self
             .early_reversals
@@ -582,15 +597,6 @@ impl CustomerProfile {
         self.recent_orders.sort_by_key(|o| o.at);
         let excess = self.recent_orders.len().saturating_sub(RECENT_ORDERS);
         self.recent_orders.drain(..excess);
-        self.orders += other.orders;
-        self.offline_orders += other.offline_orders;
-        self.revenue += other.revenue;
-        self.returns += other.returns;
-        self.first_purchase_at = min_some(self.first_purchase_at, other.first_purchase_at);
-        if other.last_purchase_at > self.last_purchase_at {
-            self.last_purchase_at = other.last_purchase_at;
-            self.last_order_id = other.last_order_id;
-        }
         if other.cart_updated_at > self.cart_updated_at {
             self.cart = other.cart;
             self.cart_updated_at = other.cart_updated_at;
@@ -657,43 +663,45 @@ impl CustomerProfile {
         for h in other.recent_outcome_ids {
             remember_hash(&mut self.recent_outcome_ids, h);
         }
-        self.settle_early_reversals();
     }
 
     /// Applies the early reversals whose order a merge brought in (the return reached
-    /// one id, the purchase the other, before the identity processor joined them) as
-    /// a purchase arriving after its return applies them (see `record_purchase`):
-    /// the order takes the reversal, and the revenue ends as if both had come to one
-    /// profile. A reversal of an order already reversed on its own side was the same
-    /// one seen twice: what it took is given back.
+    /// one id, the purchase the other, before the identity processor joined them),
+    /// oldest first, as `record_return` would have applied each to the order: the
+    /// revenue, the orders and the order's marks end as if both had come to one
+    /// profile. One the order had taken already (the same reversal sent to both ids:
+    /// the order reversed whole, or the same part returned) is a repeat, and what it
+    /// took when it came is given back.
     fn settle_early_reversals(&mut self) {
-        let (settled, waiting): (Vec<EarlyReversal>, Vec<EarlyReversal>) =
+        let (mut settled, waiting): (Vec<EarlyReversal>, Vec<EarlyReversal>) =
             std::mem::take(&mut self.early_reversals)
                 .into_iter()
                 .partition(|r| self.recent_orders.iter().any(|o| o.order_id == r.order_id));
         self.early_reversals = waiting;
+        settled.sort_by_key(|r| r.at);
         let mut cancelled_at = Vec::new();
-        for order in self.recent_orders.iter_mut() {
-            let came_first: Vec<&EarlyReversal> = settled
-                .iter()
-                .filter(|r| r.order_id == order.order_id)
-                .collect();
-            if came_first.is_empty() {
+        for r in settled {
+            let Some(order) = self
+                .recent_orders
+                .iter_mut()
+                .find(|o| o.order_id == r.order_id)
+            else {
+                continue;
+            };
+            let part = return_part_key(r.at, r.amount);
+            if order.reversed || (!r.cancelled && order.returned_parts.contains(&part)) {
+                self.revenue += r.revenue_taken;
+                if !r.cancelled {
+                    self.returns = self.returns.saturating_sub(1);
+                }
                 continue;
             }
-            let taken: f64 = came_first.iter().map(|r| r.revenue_taken).sum();
-            let returns = came_first.iter().filter(|r| !r.cancelled).count() as u32;
-            if order.reversed {
-                self.revenue += taken;
-                self.returns = self.returns.saturating_sub(returns);
-                continue;
-            }
-            order.note_reversals(came_first.iter().copied());
+            order.note_reversals(std::iter::once(&r));
             let left = (order.total - order.returned_amount).max(0.0);
-            if came_first.iter().any(|r| r.cancelled) {
-                // Nothing of the order counts any more, and what the cancellation
-                // took when it came is back in.
-                self.revenue = (self.revenue + taken - left).max(0.0);
+            if r.cancelled {
+                // Nothing of the order counts any more, and what the cancellation took
+                // when it came is back in.
+                self.revenue = (self.revenue + r.revenue_taken - left).max(0.0);
                 self.orders = self.orders.saturating_sub(1);
                 if order.offline {
                     self.offline_orders = self.offline_orders.saturating_sub(1);
@@ -703,12 +711,8 @@ impl CustomerProfile {
                 cancelled_at.push(order.at);
                 continue;
             }
-            let returned = came_first
-                .iter()
-                .map(|r| r.amount.unwrap_or(left))
-                .sum::<f64>()
-                .min(left);
-            self.revenue = (self.revenue - (returned - taken)).max(0.0);
+            let returned = r.amount.unwrap_or(left).min(left);
+            self.revenue = (self.revenue - (returned - r.revenue_taken)).max(0.0);
             order.returned_amount += returned;
             order.reversed = order.returned_amount >= order.total - 1e-9;
         }
@@ -1404,6 +1408,28 @@ pub fn is_visit(t: EventType) -> bool {
 mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
+
+    #[test]
+    fn a_part_noted_on_an_order_with_its_parts_full_replaces_the_oldest() {
+        let mut order = OrderRecord {
+            returned_parts: (0..MAX_RETURNED_PARTS as u64).collect(),
+            ..OrderRecord::default()
+        };
+        let r = EarlyReversal {
+            order_id: "o".into(),
+            amount: Some(5.0),
+            at: 42,
+            ..EarlyReversal::default()
+        };
+        order.note_reversals(std::iter::once(&r));
+        assert_eq!(order.returned_parts.len(), MAX_RETURNED_PARTS);
+        assert_eq!(order.returned_parts.first(), Some(&1));
+        assert_eq!(
+            order.returned_parts.last(),
+            Some(&return_part_key(42, Some(5.0)))
+        );
+        assert_eq!(order.statuses, status_bit(OrderStatus::returned));
+    }
 
     #[test]
     fn event_ids_of_the_last_day_are_kept_beyond_the_last_32() {

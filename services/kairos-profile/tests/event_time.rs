@@ -4210,6 +4210,95 @@ fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
 }
 
 #[test]
+fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let event = |h: &mut Harness, id: &str, kind: &str, customer: &str, time, order: Value| {
+        h.identified_site(json!({"event_id": id, "event_type": kind,
+            "occurred_at": rfc(time), "customer_id": customer, "order": order}));
+    };
+    // The survivor's two orders, the later one its latest purchase.
+    event(
+        &mut h,
+        "es-44a",
+        "purchase",
+        "c-44",
+        t - 2 * DAY,
+        json!({"order_id": "o-44a", "total": 40.0}),
+    );
+    event(
+        &mut h,
+        "es-44b",
+        "purchase",
+        "c-44",
+        t + HOUR,
+        json!({"order_id": "o-44b", "total": 60.0}),
+    );
+    // A part of the merged customer's order is returned, and the survivor's id hears
+    // of the same return first; then of seven orders neither holds, which fill its
+    // list of early reversals (8) with the shared one the oldest.
+    let part = json!({"order_id": "o-43", "total": 30.0, "status": "returned"});
+    event(
+        &mut h,
+        "es-r43-b",
+        "order_status",
+        "c-44",
+        t + DAY,
+        part.clone(),
+    );
+    for n in 1..=7 {
+        event(
+            &mut h,
+            &format!("es-u{n}"),
+            "order_status",
+            "c-44",
+            t + 2 * DAY + n * HOUR,
+            json!({"order_id": format!("u-{n}"), "total": 5.0, "status": "returned"}),
+        );
+    }
+    event(
+        &mut h,
+        "es-43",
+        "purchase",
+        "c-43",
+        t,
+        json!({"order_id": "o-43", "total": 100.0}),
+    );
+    event(&mut h, "es-r43", "order_status", "c-43", t + DAY, part);
+    // The other way round: the merged id hears the survivor's order cancelled.
+    event(
+        &mut h,
+        "es-c44b",
+        "order_status",
+        "c-43",
+        t + 3 * DAY,
+        json!({"order_id": "o-44b", "total": 60.0, "status": "cancelled"}),
+    );
+    h.merge("m-es", "c-43", "c-44", t + 4 * DAY);
+    h.commit();
+    let p = h.pipeline.profile("c-44").expect("read").expect("stored");
+    // One profile would hold o-44a (40) and what is left of o-43 (70), less the seven
+    // returns of orders counted long ago (35); o-43's part returned once.
+    assert!((p.revenue - 75.0).abs() < 1e-9, "revenue {}", p.revenue);
+    assert_eq!((p.orders, p.returns), (2, 8));
+    let order = |id: &str| {
+        let o = p.recent_orders.iter().find(|o| o.order_id == id);
+        o.cloned().expect("order kept")
+    };
+    assert!((order("o-43").returned_amount - 30.0).abs() < 1e-9);
+    assert!(order("o-44b").cancelled);
+    // The cancelled order no longer counts as the latest purchase.
+    assert_eq!(p.last_purchase_at, Some(t));
+    assert_eq!(p.last_order_id.as_deref(), Some("o-43"));
+    let waiting: Vec<&str> = p
+        .early_reversals
+        .iter()
+        .map(|r| r.order_id.as_str())
+        .collect();
+    assert_eq!(waiting, ["u-1", "u-2", "u-3", "u-4", "u-5", "u-6", "u-7"]);
+}
+
+#[test]
 fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
     let t = at(T0);
     let mut h = Harness::new();
