@@ -4137,16 +4137,27 @@ fn a_merge_keeps_the_mark_of_an_order_returned_before_its_purchase_came() {
     assert!(h.triggers("c-26", "post_purchase").is_empty());
 }
 
+/// An identified site event about an order.
+fn order_event(h: &mut Harness, id: &str, kind: &str, customer: &str, time: Millis, order: Value) {
+    h.identified_site(json!({"event_id": id, "event_type": kind,
+        "occurred_at": rfc(time), "customer_id": customer, "order": order}));
+}
+
+/// The profile's record of a recent order.
+fn recent_order(
+    p: &kairos_profile::profile::CustomerProfile,
+    id: &str,
+) -> kairos_profile::profile::OrderRecord {
+    let o = p.recent_orders.iter().find(|o| o.order_id == id);
+    o.cloned().expect("order kept")
+}
+
 #[test]
 fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
     let mut h = identified_harness();
     let t = at(T0);
-    let event = |h: &mut Harness, id: &str, kind: &str, customer: &str, time, order: Value| {
-        h.identified_site(json!({"event_id": id, "event_type": kind,
-            "occurred_at": rfc(time), "customer_id": customer, "order": order}));
-    };
     // The survivor's own order, then three orders of the customer merged into it.
-    event(
+    order_event(
         &mut h,
         "er-32",
         "purchase",
@@ -4155,7 +4166,7 @@ fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
         json!({"order_id": "o-32", "total": 20.0}),
     );
     for (order, total) in [("o-31", 80.0), ("o-33", 100.0), ("o-34", 50.0)] {
-        event(
+        order_event(
             &mut h,
             &format!("er-{order}"),
             "purchase",
@@ -4180,11 +4191,11 @@ fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
         ),
     ];
     for (id, order) in &reversals {
-        event(&mut h, id, "order_status", "c-32", t + DAY, order.clone());
+        order_event(&mut h, id, "order_status", "c-32", t + DAY, order.clone());
     }
     h.merge("m-er", "c-31", "c-32", t + 2 * DAY);
     // The part returned again under a new event id, after the merge: applied once.
-    event(
+    order_event(
         &mut h,
         "er-r33-again",
         "order_status",
@@ -4198,10 +4209,7 @@ fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
     assert!((p.revenue - 90.0).abs() < 1e-9, "revenue {}", p.revenue);
     assert_eq!(p.orders, 3);
     assert_eq!(p.returns, 2);
-    let order = |id: &str| {
-        let o = p.recent_orders.iter().find(|o| o.order_id == id);
-        o.cloned().expect("order kept")
-    };
+    let order = |id: &str| recent_order(&p, id);
     assert!(order("o-31").reversed);
     assert!(!order("o-33").reversed);
     assert!((order("o-33").returned_amount - 30.0).abs() < 1e-9);
@@ -4213,12 +4221,8 @@ fn a_merge_applies_a_reversal_that_reached_one_id_to_the_order_of_the_other() {
 fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
     let mut h = identified_harness();
     let t = at(T0);
-    let event = |h: &mut Harness, id: &str, kind: &str, customer: &str, time, order: Value| {
-        h.identified_site(json!({"event_id": id, "event_type": kind,
-            "occurred_at": rfc(time), "customer_id": customer, "order": order}));
-    };
     // The survivor's two orders, the later one its latest purchase.
-    event(
+    order_event(
         &mut h,
         "es-44a",
         "purchase",
@@ -4226,7 +4230,7 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
         t - 2 * DAY,
         json!({"order_id": "o-44a", "total": 40.0}),
     );
-    event(
+    order_event(
         &mut h,
         "es-44b",
         "purchase",
@@ -4238,7 +4242,7 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
     // of the same return first; then of seven orders neither holds, which fill its
     // list of early reversals (8) with the shared one the oldest.
     let part = json!({"order_id": "o-43", "total": 30.0, "status": "returned"});
-    event(
+    order_event(
         &mut h,
         "es-r43-b",
         "order_status",
@@ -4247,7 +4251,7 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
         part.clone(),
     );
     for n in 1..=7 {
-        event(
+        order_event(
             &mut h,
             &format!("es-u{n}"),
             "order_status",
@@ -4256,7 +4260,7 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
             json!({"order_id": format!("u-{n}"), "total": 5.0, "status": "returned"}),
         );
     }
-    event(
+    order_event(
         &mut h,
         "es-43",
         "purchase",
@@ -4264,9 +4268,9 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
         t,
         json!({"order_id": "o-43", "total": 100.0}),
     );
-    event(&mut h, "es-r43", "order_status", "c-43", t + DAY, part);
+    order_event(&mut h, "es-r43", "order_status", "c-43", t + DAY, part);
     // The other way round: the merged id hears the survivor's order cancelled.
-    event(
+    order_event(
         &mut h,
         "es-c44b",
         "order_status",
@@ -4281,10 +4285,7 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
     // returns of orders counted long ago (35); o-43's part returned once.
     assert!((p.revenue - 75.0).abs() < 1e-9, "revenue {}", p.revenue);
     assert_eq!((p.orders, p.returns), (2, 8));
-    let order = |id: &str| {
-        let o = p.recent_orders.iter().find(|o| o.order_id == id);
-        o.cloned().expect("order kept")
-    };
+    let order = |id: &str| recent_order(&p, id);
     assert!((order("o-43").returned_amount - 30.0).abs() < 1e-9);
     assert!(order("o-44b").cancelled);
     // The cancelled order no longer counts as the latest purchase.
