@@ -667,57 +667,37 @@ impl CustomerProfile {
 
     /// Applies the early reversals whose order a merge brought in (the return reached
     /// one id, the purchase the other, before the identity processor joined them),
-    /// oldest first, as `record_return` would have applied each to the order: the
-    /// revenue, the orders and the order's marks end as if both had come to one
-    /// profile. One the order had taken already (the same reversal sent to both ids:
-    /// the order reversed whole, or the same part returned) is a repeat, and what it
-    /// took when it came is given back.
+    /// oldest first: what each did when it came is undone, and it is applied again as
+    /// the return or cancellation of an order the profile holds (`record_return`), so
+    /// the revenue, the orders and the order's marks end as if both had come to one
+    /// profile. One the order had taken already (the same reversal sent to both ids)
+    /// is a repeat there, and only the undoing stays.
     fn settle_early_reversals(&mut self) {
-        let (mut settled, waiting): (Vec<EarlyReversal>, Vec<EarlyReversal>) =
-            std::mem::take(&mut self.early_reversals)
-                .into_iter()
-                .partition(|r| self.recent_orders.iter().any(|o| o.order_id == r.order_id));
-        self.early_reversals = waiting;
-        settled.sort_by_key(|r| r.at);
-        let mut cancelled_at = Vec::new();
-        for r in settled {
-            let Some(order) = self
+        let mut reversals = std::mem::take(&mut self.early_reversals);
+        reversals.sort_by_key(|r| r.at);
+        for r in reversals {
+            if !self.recent_orders.iter().any(|o| o.order_id == r.order_id) {
+                self.early_reversals.push(r);
+                continue;
+            }
+            self.revenue += r.revenue_taken;
+            let (kind, status) = if r.cancelled {
+                (ReversalKind::Cancellation, OrderStatus::cancelled)
+            } else {
+                self.returns = self.returns.saturating_sub(1);
+                (ReversalKind::Return, OrderStatus::returned)
+            };
+            if self.record_return(&r.order_id, r.amount, r.at, kind) == Reversal::AlreadyReversed {
+                continue;
+            }
+            // The status seen, so that one re-sent now applies once.
+            if let Some(order) = self
                 .recent_orders
                 .iter_mut()
                 .find(|o| o.order_id == r.order_id)
-            else {
-                continue;
-            };
-            let part = return_part_key(r.at, r.amount);
-            if order.reversed || (!r.cancelled && order.returned_parts.contains(&part)) {
-                self.revenue += r.revenue_taken;
-                if !r.cancelled {
-                    self.returns = self.returns.saturating_sub(1);
-                }
-                continue;
+            {
+                order.statuses |= status_bit(status);
             }
-            order.note_reversals(std::iter::once(&r));
-            let left = (order.total - order.returned_amount).max(0.0);
-            if r.cancelled {
-                // Nothing of the order counts any more, and what the cancellation took
-                // when it came is back in.
-                self.revenue = (self.revenue + r.revenue_taken - left).max(0.0);
-                self.orders = self.orders.saturating_sub(1);
-                if order.offline {
-                    self.offline_orders = self.offline_orders.saturating_sub(1);
-                }
-                order.reversed = true;
-                order.cancelled = true;
-                cancelled_at.push(order.at);
-                continue;
-            }
-            let returned = r.amount.unwrap_or(left).min(left);
-            self.revenue = (self.revenue - (returned - r.revenue_taken)).max(0.0);
-            order.returned_amount += returned;
-            order.reversed = order.returned_amount >= order.total - 1e-9;
-        }
-        for at in cancelled_at {
-            self.forget_purchase_time(at);
         }
     }
 
