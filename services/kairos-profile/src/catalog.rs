@@ -83,6 +83,13 @@ fn day_views_key(product_id: &str, day: i64) -> String {
 /// drops would otherwise keep a key per day for good.
 const DAY_VIEWS_EXPIRY: &str = "~vd";
 
+/// The id of the occasion a catalog update makes for one customer: the same for the
+/// same update and customer, whoever sends it (the join, or the profile processor
+/// sending it on to the customer a merged one became).
+pub fn occasion_id(update_event_id: &str, customer_id: &str, kind: ProductOccasionKind) -> String {
+    deterministic_id(&[update_event_id, customer_id, &format!("{kind:?}")])
+}
+
 fn wish_key(i: &ProductInterest) -> String {
     format!("w/{}/{}", i.product_id, i.customer_id)
 }
@@ -260,7 +267,7 @@ impl CatalogJoin {
                     continue;
                 }
                 let occasion = ProductOccasion {
-                    occasion_id: deterministic_id(&[&u.event_id, &customer, &format!("{kind:?}")]),
+                    occasion_id: occasion_id(&u.event_id, &customer, *kind),
                     customer_id: customer.clone(),
                     product_id: u.product_id.clone(),
                     product_name: product.name.clone(),

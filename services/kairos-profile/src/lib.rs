@@ -35,7 +35,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod segments;
 
-use profile::{CustomerProfile, PurchaseApplied, Reversal, ReversalKind};
+use profile::{CustomerProfile, ProductAppeal, PurchaseApplied, Reversal, ReversalKind};
 
 /// A decoded input of the profile processor.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ impl ProfileProcessor {
             skipped: metrics::counter_vec(
                 prom,
                 "kairos_triggers_skipped_total",
-                "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance; left_segment: a delayed segment trigger's customer left the segment before it was due).",
+                "Triggers not emitted, by scenario and reason (late: the moment passed by more than the tolerance; left_segment: a delayed segment trigger's customer left the segment before it was due; already_bought, unwished, seen_since, not_wished: a price drop or return to stock the customer no longer needs to hear of).",
                 &["scenario", "reason"],
             ),
             transitions: metrics::cached_counter_vec(
@@ -241,6 +241,11 @@ impl ProfileProcessor {
         for s in &config.scenarios {
             m.triggers.touch(&[&s.name]);
             m.skipped.with_label_values(&[&s.name, "late"]);
+            if matches!(s.kind, ScenarioKind::PriceDrop | ScenarioKind::BackInStock) {
+                for reason in ProductAppeal::SKIP_REASONS {
+                    m.skipped.with_label_values(&[&s.name, reason]);
+                }
+            }
             if s.kind == ScenarioKind::SegmentEntered {
                 m.skipped.with_label_values(&[&s.name, "left_segment"]);
             }
@@ -429,7 +434,7 @@ impl ProfileProcessor {
             }
             EventType::wishlist_add => {
                 if let Some(product) = &e.product {
-                    if let Some(added) = p.wishlist_add(product) {
+                    if let Some(added) = p.wishlist_add(product, e.occurred_at) {
                         self.emit_event_interest(
                             ctx,
                             &customer_id,
@@ -447,7 +452,7 @@ impl ProfileProcessor {
             }
             EventType::wishlist_remove => {
                 if let Some(product) = &e.product {
-                    if p.wishlist_remove(&product.product_id) {
+                    if p.wishlist_remove(&product.product_id, e.occurred_at) {
                         self.emit_event_interest(
                             ctx,
                             &customer_id,
@@ -462,7 +467,18 @@ impl ProfileProcessor {
                 let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 let latest = p.last_purchase_at;
-                match p.record_purchase(e.occurred_at, total, false, order_id.clone()) {
+                // What was bought: the event's items, else the cart it checks out.
+                let items = if e.items.is_empty() {
+                    &p.cart
+                } else {
+                    &e.items
+                };
+                let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
+                let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
+                if applied == PurchaseApplied::Counted {
+                    p.note_bought(bought.iter().map(String::as_str), e.occurred_at);
+                }
+                match applied {
                     // A purchase whose cancellation came first ends what a checkout
                     // ends, as it would have read first; its follow-ups find the order
                     // cancelled when they fire.
@@ -901,7 +917,15 @@ impl ProfileProcessor {
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
                 .map(|(o, at)| (o.order_id.clone(), at)),
         };
+        let wishes_before = p.wishlist.clone();
         p.absorb(merged);
+        // A wish of the survivor's that the merged customer took off later is off.
+        let taken_off: Vec<Product> = wishes_before
+            .into_iter()
+            .filter(|w| !p.wishlist.iter().any(|x| x.product_id == w.product_id))
+            .collect();
+        let id_key = [m.merge_id.as_str(), "/survivor"].concat();
+        self.drop_wishes(ctx, &m.into, &taken_off, &id_key, m.occurred_at);
         // The catalog join knows these interests under the merged id, whose occasions
         // find no profile any more: the survivor takes them over (a view keeps its own
         // time, so it leaves the audience when it would have).
@@ -1207,7 +1231,13 @@ impl ProfileProcessor {
         match r.kind {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
-                match p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone())) {
+                let applied =
+                    p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
+                if applied == PurchaseApplied::Counted {
+                    let bought = r.items.iter().map(|i| i.product_id.as_str());
+                    p.note_bought(bought, r.occurred_at);
+                }
+                match applied {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         // An offline purchase ends the online cart reminder too.
                         let purchase = Purchase {
@@ -1239,6 +1269,18 @@ impl ProfileProcessor {
 
     fn apply_occasion(&mut self, ctx: &mut Ctx<'_>, o: &ProductOccasion) -> anyhow::Result<()> {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
+            // The join indexes interest under the id it was shown with; a customer
+            // merged away since is the survivor now. Sent on under the id the join
+            // would give the survivor's own occasion, so one the survivor gets both
+            // ways counts once.
+            if let Some(survivor) = ctx.get::<String>(&forward_key(&o.customer_id))? {
+                let occasion = ProductOccasion {
+                    occasion_id: catalog::occasion_id(&o.cause_event_id, &survivor, o.kind),
+                    customer_id: survivor.clone(),
+                    ..o.clone()
+                };
+                ctx.emit(&self.occasions_topic, &survivor, &occasion);
+            }
             return Ok(());
         };
         if !p.remember_event(&o.occasion_id, o.occurred_at, ctx.now()) {
@@ -1250,32 +1292,34 @@ impl ProfileProcessor {
             ProductOccasionKind::price_drop => ScenarioKind::PriceDrop,
             ProductOccasionKind::back_in_stock => ScenarioKind::BackInStock,
         };
-        let wished = p.wishlist.iter().any(|w| w.product_id == o.product_id);
-        let view = p
-            .recently_viewed
-            .iter()
-            .find(|v| v.product_id == o.product_id);
+        let wishes_only = kind == ScenarioKind::BackInStock;
+        let price_seen = match p.product_appeal(&o.product_id, wishes_only, o.occurred_at) {
+            ProductAppeal::Wanted { price_seen } => price_seen,
+            appeal => {
+                let reason = appeal.skip_reason().unwrap_or("not_wanted");
+                for s in self.scenarios(kind).iter() {
+                    self.metrics
+                        .skipped
+                        .with_label_values(&[&s.name, reason])
+                        .inc();
+                }
+                self.put(ctx, p)?;
+                return Ok(());
+            }
+        };
         // A drop is one to the customer only below the price they saw (the catalog
         // compares with its own earlier price, which they may never have seen).
         let old_price = match kind {
-            ScenarioKind::PriceDrop => view.and_then(|v| v.price).or(o.old_price),
+            ScenarioKind::PriceDrop => price_seen.or(o.old_price),
             _ => o.old_price,
         };
+        let drop = match (old_price, o.new_price) {
+            (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
+            _ => 0.0,
+        };
         for s in self.scenarios(kind).iter() {
-            // The join sends a price drop to whoever viewed the product within its
-            // window: the profile keeps only the latest views, and a customer who
-            // looked at twenty other products since is interested all the same.
-            let interested = match kind {
-                ScenarioKind::BackInStock => wished,
-                _ => true,
-            };
-            let drop = match (old_price, o.new_price) {
-                (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
-                _ => 0.0,
-            };
-            if !interested
-                || (kind == ScenarioKind::PriceDrop
-                    && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0)))
+            if kind == ScenarioKind::PriceDrop
+                && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0))
             {
                 continue;
             }

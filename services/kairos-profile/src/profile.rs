@@ -174,6 +174,72 @@ pub struct CustomerProfile {
     /// retention, so a visitor's events cost no timer write.
     #[serde(default)]
     pub anonymous_expiry_at: Option<Millis>,
+    /// What the customer last did with a product besides viewing it (bought it, put
+    /// it on the wishlist, took it off), the latest few: see [`ProductMark`].
+    #[serde(default)]
+    pub product_marks: Vec<ProductMark>,
+}
+
+/// When the customer last bought a product, put it on the wishlist and took it off.
+/// A price drop or a return to stock is news only for a product still wanted, and
+/// wishlist changes read out of order (the site's and the app's topics are consumed
+/// independently) must end as in time order: a removal read before its addition keeps
+/// the wish away. Fields may only be appended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProductMark {
+    pub product_id: CompactString,
+    pub bought_at: Option<Millis>,
+    pub wished_at: Option<Millis>,
+    pub unwished_at: Option<Millis>,
+}
+
+impl ProductMark {
+    fn latest(&self) -> Option<Millis> {
+        self.bought_at.max(self.wished_at).max(self.unwished_at)
+    }
+
+    fn absorb(&mut self, other: &ProductMark) {
+        self.bought_at = self.bought_at.max(other.bought_at);
+        self.wished_at = self.wished_at.max(other.wished_at);
+        self.unwished_at = self.unwished_at.max(other.unwished_at);
+    }
+}
+
+/// Product marks kept per customer (the least recent leave first).
+const PRODUCT_MARKS: usize = 32;
+
+/// Whether a product occasion (a price drop, a return to stock) is news to the
+/// customer, from what the profile knows of them and the product.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ProductAppeal {
+    /// Still wanted; the price they last saw on it, if known.
+    Wanted { price_seen: Option<f64> },
+    /// Bought since they last showed interest.
+    Bought,
+    /// Taken off the wishlist, and not viewed since.
+    Unwished,
+    /// Viewed after the change: they have seen the new price.
+    SeenSince,
+    /// Not on the wishlist (a return to stock is for wishes only).
+    NotWished,
+}
+
+impl ProductAppeal {
+    /// Every label [`Self::skip_reason`] gives.
+    pub const SKIP_REASONS: [&'static str; 4] =
+        ["already_bought", "unwished", "seen_since", "not_wished"];
+
+    /// The label of the skip it causes (`kairos_triggers_skipped_total`).
+    pub fn skip_reason(self) -> Option<&'static str> {
+        match self {
+            ProductAppeal::Wanted { .. } => None,
+            ProductAppeal::Bought => Some("already_bought"),
+            ProductAppeal::Unwished => Some("unwished"),
+            ProductAppeal::SeenSince => Some("seen_since"),
+            ProductAppeal::NotWished => Some("not_wished"),
+        }
+    }
 }
 
 /// A return or cancellation of an order the profile did not hold when it came: the
@@ -635,6 +701,26 @@ impl CustomerProfile {
                 self.wishlist.push(w);
             }
         }
+        for mark in &other.product_marks {
+            match self
+                .product_marks
+                .iter_mut()
+                .find(|m| m.product_id == mark.product_id)
+            {
+                Some(mine) => mine.absorb(mark),
+                None => self.product_marks.push(mark.clone()),
+            }
+        }
+        // A wish one id took off after it was last made (on either id) stays off.
+        let marks = &self.product_marks;
+        self.wishlist.retain(|w| {
+            !marks.iter().any(|m| {
+                m.product_id == w.product_id
+                    && m.unwished_at
+                        .is_some_and(|off| m.wished_at.is_none_or(|on| off >= on))
+            })
+        });
+        self.trim_product_marks();
         for (channel, e) in other.engagement {
             let mine = self.engagement.entry(channel).or_default();
             mine.last_delivered_at = mine.last_delivered_at.max(e.last_delivered_at);
@@ -893,12 +979,18 @@ impl CustomerProfile {
     /// Returns true if the catalog join should hear of this view: the product was not
     /// among the recently viewed ones, or it was last reported long enough ago that the
     /// join's audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
+    /// A view older than the one held (read late from another device's topic) changes
+    /// nothing: the entry keeps the latest view and the price seen then.
     pub fn view(&mut self, p: &Product, at: Millis) -> bool {
         let renew_before = at - crate::catalog::VIEW_INTEREST_DAYS / 2 * kairos_core::time::DAY;
-        let reported = self
+        let held = self
             .recently_viewed
             .iter()
-            .find(|v| v.product_id == p.product_id)
+            .find(|v| v.product_id == p.product_id);
+        if held.is_some_and(|v| v.at > at) {
+            return false;
+        }
+        let reported = held
             .and_then(|v| v.reported_at)
             .filter(|r| *r > renew_before);
         self.recently_viewed
@@ -924,10 +1016,51 @@ impl CustomerProfile {
         reported.is_none()
     }
 
-    /// Adds a wish; `None` when it was there already. A full wishlist pushes its
-    /// oldest wish out, which the caller must tell the catalog join about, or the
-    /// join would keep sending that product's price drops.
-    pub fn wishlist_add(&mut self, p: &Product) -> Option<WishlistAdded> {
+    /// The mark of `product_id`, added if missing (the caller sets a time on it, then
+    /// calls [`Self::trim_product_marks`]).
+    fn product_mark(&mut self, product_id: &str) -> &mut ProductMark {
+        let at = match self
+            .product_marks
+            .iter()
+            .position(|m| m.product_id == product_id)
+        {
+            Some(at) => at,
+            None => {
+                self.product_marks.push(ProductMark {
+                    product_id: product_id.into(),
+                    ..Default::default()
+                });
+                self.product_marks.len() - 1
+            }
+        };
+        &mut self.product_marks[at]
+    }
+
+    /// Drops the least recent marks beyond the bound.
+    fn trim_product_marks(&mut self) {
+        while self.product_marks.len() > PRODUCT_MARKS {
+            let oldest = self
+                .product_marks
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, m)| m.latest())
+                .map_or(0, |(i, _)| i);
+            self.product_marks.remove(oldest);
+        }
+    }
+
+    /// Adds a wish made at `at`; `None` when it was there already, or taken off at
+    /// or after `at` (a removal read first). A full wishlist pushes its oldest wish
+    /// out, which the caller must tell the catalog join about, or the join would keep
+    /// sending that product's price drops.
+    pub fn wishlist_add(&mut self, p: &Product, at: Millis) -> Option<WishlistAdded> {
+        let mark = self.product_mark(&p.product_id);
+        if mark.unwished_at.is_some_and(|removed| removed >= at) {
+            self.trim_product_marks();
+            return None;
+        }
+        mark.wished_at = mark.wished_at.max(Some(at));
+        self.trim_product_marks();
         if self.wishlist.iter().any(|w| w.product_id == p.product_id) {
             return None;
         }
@@ -936,10 +1069,86 @@ impl CustomerProfile {
         Some(WishlistAdded { pushed_out })
     }
 
-    pub fn wishlist_remove(&mut self, product_id: &str) -> bool {
+    /// Takes a wish off, as of `at`; true if it was on the list. The removal is
+    /// remembered even for a product not on it (its addition may be read later), and
+    /// changes nothing when the product was wished again after `at`.
+    pub fn wishlist_remove(&mut self, product_id: &str, at: Millis) -> bool {
+        let mark = self.product_mark(product_id);
+        if mark.wished_at.is_some_and(|wished| wished > at) {
+            self.trim_product_marks();
+            return false;
+        }
+        mark.unwished_at = mark.unwished_at.max(Some(at));
+        self.trim_product_marks();
         let before = self.wishlist.len();
         self.wishlist.retain(|w| w.product_id != product_id);
         before != self.wishlist.len()
+    }
+
+    /// Notes that the customer bought these products at `at`.
+    pub fn note_bought<'a>(&mut self, product_ids: impl IntoIterator<Item = &'a str>, at: Millis) {
+        for product_id in product_ids {
+            let mark = self.product_mark(product_id);
+            mark.bought_at = mark.bought_at.max(Some(at));
+        }
+        self.trim_product_marks();
+    }
+
+    /// Whether a price drop (`wishes_only` false) or a return to stock (true) of
+    /// `product_id` at `changed_at` is news to the customer. The catalog join sends it
+    /// to whoever viewed the product within its window or wished it; the profile knows
+    /// more: what they bought, took off the wishlist or saw after the change. A
+    /// purchase counts when it is later than their latest view or wish of the product;
+    /// when neither time is known any more (the view left the latest twenty), when it
+    /// falls within the join's window.
+    pub fn product_appeal(
+        &self,
+        product_id: &str,
+        wishes_only: bool,
+        changed_at: Millis,
+    ) -> ProductAppeal {
+        let mark = self
+            .product_marks
+            .iter()
+            .find(|m| m.product_id == product_id);
+        let wish = self.wishlist.iter().find(|w| w.product_id == product_id);
+        let wished_at = wish.and(mark.and_then(|m| m.wished_at));
+        let view = self
+            .recently_viewed
+            .iter()
+            .find(|v| v.product_id == product_id);
+        if wishes_only && wish.is_none() {
+            return ProductAppeal::NotWished;
+        }
+        if !wishes_only {
+            if view.is_some_and(|v| v.at > changed_at) {
+                return ProductAppeal::SeenSince;
+            }
+            let unwished_at = mark.and_then(|m| m.unwished_at);
+            let removed_after_view =
+                unwished_at.is_some_and(|removed| view.is_none_or(|v| removed >= v.at));
+            if wish.is_none() && removed_after_view {
+                return ProductAppeal::Unwished;
+            }
+        }
+        let viewed_at = view.map(|v| v.at).filter(|_| !wishes_only);
+        // A purchase before a later view or wish leaves them wanting it (another one).
+        let interest_since = viewed_at.max(wished_at);
+        // The join's window, when the start of the interest is not known.
+        let window_start = changed_at - crate::catalog::VIEW_INTEREST_DAYS * kairos_core::time::DAY;
+        let bought_at = mark.and_then(|m| m.bought_at);
+        if bought_at.is_some_and(|b| b >= interest_since.unwrap_or(window_start)) {
+            return ProductAppeal::Bought;
+        }
+        // The later of the view and the wish is the price last seen.
+        let view_price = view.filter(|_| !wishes_only).and_then(|v| v.price);
+        let wish_price = wish.and_then(|w| w.price);
+        let price_seen = match (viewed_at, wished_at) {
+            (Some(v), Some(w)) if w > v => wish_price.or(view_price),
+            (None, _) => wish_price,
+            _ => view_price.or(wish_price),
+        };
+        ProductAppeal::Wanted { price_seen }
     }
 
     /// Sets `channel`'s consent as stated at `at`, unless a later statement is known

@@ -1561,6 +1561,302 @@ fn a_wish_the_full_wishlist_pushed_out_gets_no_more_price_drops() {
     assert_eq!(products, [json!("wp1")], "{fired:#?}");
 }
 
+/// "Never after the customer already did the thing": a purchase of the product (online,
+/// with its items or by checking out the cart, or at the till) ends the interest a
+/// price drop or a return to stock would speak to; a later view starts it again.
+#[test]
+fn a_price_drop_or_return_to_stock_skips_a_customer_who_bought_the_product_since() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for (id, in_stock) in [("p1", true), ("p2", false), ("p3", true), ("p-till", true)] {
+        h.catalog(
+            &format!("bb-cat-{id}"),
+            id,
+            t,
+            json!({"price": 100.0, "in_stock": in_stock}),
+        );
+    }
+    h.site(
+        "bb-view-1",
+        "product_view",
+        "bb",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "bb-wish-2",
+        "wishlist_add",
+        "bb",
+        t + HOUR,
+        json!({"product": product("p2", 100.0)}),
+    );
+    h.site(
+        "bb-view-3",
+        "product_view",
+        "bb",
+        t + HOUR,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.site(
+        "bb-view-t",
+        "product_view",
+        "bb",
+        t + HOUR,
+        json!({"product": product("p-till", 100.0)}),
+    );
+    // p1 and p2 bought with the order's items, p3 by checking out the cart, p-till at
+    // the till.
+    let mut items = order("o-bb", 200.0, None);
+    items["items"] = json!([
+        {"product_id": "p1", "quantity": 1, "unit_price": 100.0},
+        {"product_id": "p2", "quantity": 1, "unit_price": 100.0},
+    ]);
+    h.site("bb-buy", "purchase", "bb", t + 2 * HOUR, items);
+    h.site(
+        "bb-add-3",
+        "add_to_cart",
+        "bb",
+        t + 2 * HOUR + 30 * MINUTE,
+        add_to_cart("p3", 100.0),
+    );
+    h.site(
+        "bb-buy-3",
+        "purchase",
+        "bb",
+        t + 3 * HOUR,
+        order("o-bb-3", 100.0, None),
+    );
+    h.receipt("bb-till", "sale", "bb", t + 3 * HOUR, 100.0);
+    for id in ["p1", "p3", "p-till"] {
+        h.catalog(
+            &format!("bb-drop-{id}"),
+            id,
+            t + 4 * HOUR,
+            json!({"price": 50.0}),
+        );
+    }
+    h.catalog("bb-back-2", "p2", t + 4 * HOUR, json!({"in_stock": true}));
+    h.advance(t + 5 * HOUR);
+    assert_eq!(
+        h.on("product-occasions").count(),
+        4,
+        "the join knows no purchases"
+    );
+    assert!(
+        h.triggers("bb", "price_drop").is_empty(),
+        "{:#?}",
+        h.triggers("bb", "price_drop")
+    );
+    assert!(h.triggers("bb", "back_in_stock").is_empty());
+    assert_eq!(
+        metric(
+            &h,
+            "kairos_triggers_skipped_total",
+            &["already_bought", "\"price_drop\""]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &h,
+            "kairos_triggers_skipped_total",
+            &["already_bought", "\"back_in_stock\""]
+        ),
+        1.0
+    );
+
+    // Viewed again after buying it: wanted again (another one, a present).
+    h.site(
+        "bb-view-1b",
+        "product_view",
+        "bb",
+        t + 6 * HOUR,
+        json!({"product": product("p1", 50.0)}),
+    );
+    h.catalog("bb-drop-1b", "p1", t + 7 * HOUR, json!({"price": 30.0}));
+    let fired = h.triggers("bb", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["old_price"], 50.0);
+}
+
+/// A wish taken off is an answer: the price drops a view would bring stop too, until
+/// the customer views the product again.
+#[test]
+fn a_wish_taken_off_stops_price_drops_though_the_product_was_viewed_within_the_window() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("uw-cat", "p1", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "uw-view",
+        "product_view",
+        "uw",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "uw-wish",
+        "wishlist_add",
+        "uw",
+        t + 2 * HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.site(
+        "uw-unwish",
+        "wishlist_remove",
+        "uw",
+        t + 3 * HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.catalog("uw-drop", "p1", t + 4 * HOUR, json!({"price": 50.0}));
+    assert_eq!(
+        h.on("product-occasions").count(),
+        1,
+        "the view is within the join's window"
+    );
+    assert!(h.triggers("uw", "price_drop").is_empty());
+    assert_eq!(
+        metric(&h, "kairos_triggers_skipped_total", &["unwished"]),
+        1.0
+    );
+
+    h.site(
+        "uw-view-2",
+        "product_view",
+        "uw",
+        t + 5 * HOUR,
+        json!({"product": product("p1", 50.0)}),
+    );
+    h.catalog("uw-drop-2", "p1", t + 6 * HOUR, json!({"price": 40.0}));
+    let fired = h.triggers("uw", "price_drop");
+    assert_eq!(fired.len(), 1, "viewed again after the removal: {fired:#?}");
+}
+
+/// The site's and the app's topics are read independently: a removal read before the
+/// addition it undoes (made earlier) keeps the wish off; a wish made after it stands.
+#[test]
+fn a_wish_removal_read_before_its_addition_keeps_the_wish_off() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "ro-cat",
+        "p2",
+        t,
+        json!({"price": 100.0, "in_stock": false}),
+    );
+    let wish = json!({"product": product("p2", 100.0)});
+    h.site(
+        "ro-unwish",
+        "wishlist_remove",
+        "ro",
+        t + 2 * HOUR,
+        wish.clone(),
+    );
+    h.site("ro-wish", "wishlist_add", "ro", t + HOUR, wish.clone());
+    let profile = h.pipeline.profile("ro").expect("read").expect("stored");
+    assert!(profile.wishlist.is_empty(), "{:?}", profile.wishlist);
+    h.catalog("ro-back", "p2", t + 3 * HOUR, json!({"in_stock": true}));
+    assert!(
+        h.on("product-occasions").next().is_none(),
+        "the join holds no wish"
+    );
+    assert!(h.triggers("ro", "back_in_stock").is_empty());
+
+    // A removal older than the wish it finds changes nothing.
+    h.catalog("ro-out", "p2", t + 4 * HOUR, json!({"in_stock": false}));
+    h.site(
+        "ro-wish-2",
+        "wishlist_add",
+        "ro",
+        t + 6 * HOUR,
+        wish.clone(),
+    );
+    h.site("ro-unwish-old", "wishlist_remove", "ro", t + 5 * HOUR, wish);
+    h.catalog("ro-back-2", "p2", t + 7 * HOUR, json!({"in_stock": true}));
+    let fired = h.triggers("ro", "back_in_stock");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+}
+
+/// The price a drop is measured from is the one the customer last saw: a view read
+/// late does not move it back, and a wish made after the view carries its own.
+#[test]
+fn a_price_drop_is_measured_from_the_price_the_customer_saw_last() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("ps-cat", "p1", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "ps-view-new",
+        "product_view",
+        "ps",
+        t + 2 * HOUR,
+        json!({"product": product("p1", 80.0)}),
+    );
+    h.site(
+        "ps-view-old",
+        "product_view",
+        "ps",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    let profile = h.pipeline.profile("ps").expect("read").expect("stored");
+    assert_eq!(profile.recently_viewed[0].price, Some(80.0));
+    assert_eq!(profile.recently_viewed[0].at, t + 2 * HOUR);
+    h.catalog("ps-drop", "p1", t + 3 * HOUR, json!({"price": 70.0}));
+    let fired = h.triggers("ps", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        vars(&fired[0])["old_price"],
+        80.0,
+        "the latest view's price"
+    );
+
+    h.catalog("pw-cat", "p5", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "pw-view",
+        "product_view",
+        "pw",
+        t + HOUR,
+        json!({"product": product("p5", 100.0)}),
+    );
+    h.site(
+        "pw-wish",
+        "wishlist_add",
+        "pw",
+        t + 2 * HOUR,
+        json!({"product": product("p5", 60.0)}),
+    );
+    h.catalog("pw-drop", "p5", t + 3 * HOUR, json!({"price": 50.0}));
+    let fired = h.triggers("pw", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(
+        vars(&fired[0])["old_price"],
+        60.0,
+        "the wish came after the view"
+    );
+}
+
+/// A view dated after the change showed the new price already.
+#[test]
+fn a_customer_who_viewed_the_product_after_its_price_fell_hears_no_price_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("vs-cat", "p1", t, json!({"price": 100.0, "in_stock": true}));
+    // The view carries no price; the catalog's update is read after it.
+    h.site(
+        "vs-view",
+        "product_view",
+        "vs",
+        t + 3 * HOUR,
+        json!({"product": {"product_id": "p1"}}),
+    );
+    h.catalog("vs-drop", "p1", t + 2 * HOUR, json!({"price": 50.0}));
+    assert_eq!(h.on("product-occasions").count(), 1);
+    assert!(h.triggers("vs", "price_drop").is_empty());
+    assert_eq!(
+        metric(&h, "kairos_triggers_skipped_total", &["seen_since"]),
+        1.0
+    );
+}
+
 // 13. Late events.
 
 #[test]
@@ -2420,6 +2716,79 @@ fn a_price_drop_reaches_an_anonymous_viewer_who_logged_in() {
     h.catalog("pd-cat-4", "p2", t + 5 * HOUR, json!({"in_stock": true}));
     let back = h.triggers("c-7", "back_in_stock");
     assert_eq!(back.len(), 1, "the wish came with the merge: {back:#?}");
+}
+
+/// The join indexes a view under the id it came with. When the profile under that id
+/// was merged away, and the view was not among the twenty handed over, its occasion
+/// goes on to the survivor, under the id the survivor's own would have: a survivor
+/// who viewed the product too hears of the drop once.
+#[test]
+fn a_price_drop_for_a_merged_away_viewer_reaches_the_survivor_once() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.catalog(
+        "mo-cat",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    for (anon, survivor) in [("anon:mo-1", "c-mo-1"), ("anon:mo-2", "c-mo-2")] {
+        h.identified_site(
+            json!({"event_id": format!("{anon}-view"), "event_type": "product_view",
+            "occurred_at": rfc(t + HOUR), "customer_id": anon, "product": product("p1", 100.0)}),
+        );
+        for i in 0..20 {
+            h.identified_site(json!({"event_id": format!("{anon}-view-{i}"),
+                "event_type": "product_view", "occurred_at": rfc(t + HOUR + (i + 1) * MINUTE),
+                "customer_id": anon, "product": product(&format!("q{i}"), 10.0)}));
+        }
+        h.identified_site(
+            json!({"event_id": format!("{survivor}-login"), "event_type": "page_view",
+            "occurred_at": rfc(t + HOUR), "customer_id": survivor}),
+        );
+    }
+    // The second survivor viewed the product under its own id as well.
+    h.identified_site(
+        json!({"event_id": "c-mo-2-view", "event_type": "product_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-mo-2", "product": product("p1", 100.0)}),
+    );
+    h.merge("m-mo-1", "anon:mo-1", "c-mo-1", t + 2 * HOUR);
+    h.merge("m-mo-2", "anon:mo-2", "c-mo-2", t + 2 * HOUR);
+    h.catalog("mo-drop", "p1", t + 3 * HOUR, json!({"price": 80.0}));
+    h.commit();
+    for survivor in ["c-mo-1", "c-mo-2"] {
+        let fired = h.triggers(survivor, "price_drop");
+        assert_eq!(fired.len(), 1, "{survivor}: {fired:#?}");
+        assert_eq!(vars(&fired[0])["old_price"], 100.0);
+        assert_eq!(vars(&fired[0])["new_price"], 80.0);
+    }
+    let forwarded = h
+        .on("product-occasions")
+        .filter(|o| o.value["customer_id"] == "c-mo-1")
+        .count();
+    assert_eq!(forwarded, 1, "sent on from the merged id");
+}
+
+/// One person on two devices: the wish made on one id and taken off later on the
+/// other is off once the ids are joined, in the profile and in the join's index.
+#[test]
+fn a_wish_taken_off_under_the_merged_id_is_off_for_the_survivor() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.catalog("mw-cat", "p2", t, json!({"price": 30.0, "in_stock": false}));
+    h.identified_site(json!({"event_id": "mw-wish", "event_type": "wishlist_add",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-mw", "product": product("p2", 30.0)}));
+    h.identified_site(json!({"event_id": "mw-unwish", "event_type": "wishlist_remove",
+        "occurred_at": rfc(t + 2 * HOUR), "customer_id": "anon:mw", "product": product("p2", 30.0)}));
+    h.merge("m-mw", "anon:mw", "c-mw", t + 3 * HOUR);
+    let profile = h.pipeline.profile("c-mw").expect("read").expect("stored");
+    assert!(profile.wishlist.is_empty(), "{:?}", profile.wishlist);
+    h.catalog("mw-back", "p2", t + 4 * HOUR, json!({"in_stock": true}));
+    assert!(
+        h.on("product-occasions").next().is_none(),
+        "the join dropped the wish"
+    );
+    assert!(h.triggers("c-mw", "back_in_stock").is_empty());
 }
 
 // Review fixes: event time over arrival order, price seen, chains, merges, dedupe.
