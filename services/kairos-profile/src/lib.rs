@@ -136,6 +136,8 @@ struct Metrics {
 
 pub struct ProfileProcessor {
     config: Arc<Config>,
+    /// The zone of customers without one (`arbiter.default_time_zone`).
+    default_zone: chrono_tz::Tz,
     registry: SchemaRegistry,
     site_topic: String,
     app_topic: String,
@@ -264,6 +266,7 @@ impl ProfileProcessor {
         }
         ProfileProcessor {
             scenarios_by_kind,
+            default_zone: calendar::zone(Some(&config.arbiter.default_time_zone)),
             anonymous_retention: Millis::try_from(config.identity.anonymous_retention.as_millis())
                 .unwrap_or(Millis::MAX),
             site_topic: config.topic(topics::SITE_EVENTS),
@@ -299,6 +302,13 @@ impl ProfileProcessor {
 
     /// Takes a profile out of the cache (or the store) for modification; every path
     /// puts it back.
+    /// The customer's time zone; `arbiter.default_time_zone` when unknown, as the
+    /// arbiter has it (a birthday at ten must not be ten in UTC here and ten in the
+    /// default zone for the arbiter's quiet hours and days).
+    fn zone_of(&self, p: &CustomerProfile) -> chrono_tz::Tz {
+        calendar::zone_or(p.time_zone.as_deref(), self.default_zone)
+    }
+
     fn take(
         &mut self,
         ctx: &Ctx<'_>,
@@ -378,7 +388,7 @@ impl ProfileProcessor {
                     }
                 }
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
+                    schedule_yearly(ctx, s, &p, self.zone_of(&p), ctx.now().max(e.occurred_at))?;
                 }
             }
             // Topics are consumed independently, so a purchase (say, an offline
@@ -596,12 +606,12 @@ impl ProfileProcessor {
             let now = ctx.now().max(e.occurred_at);
             let since = |s: &ScenarioConfig| now.saturating_sub(ms(s.tolerance()));
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
-                schedule_yearly(ctx, s, &p, since(s))?;
+                schedule_yearly(ctx, s, &p, self.zone_of(&p), since(s))?;
             }
             // The anniversary is a local date and time too: a new zone moves it.
             if p.time_zone != birthday_before.1 && p.registered_at.is_some() {
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    schedule_yearly(ctx, s, &p, since(s))?;
+                    schedule_yearly(ctx, s, &p, self.zone_of(&p), since(s))?;
                 }
             }
         }
@@ -1007,7 +1017,7 @@ impl ProfileProcessor {
                 .iter()
                 .filter(|s| s.enabled && is_yearly(s.kind))
             {
-                schedule_yearly(ctx, s, &p, now)?;
+                schedule_yearly(ctx, s, &p, self.zone_of(&p), now)?;
             }
         }
         if p.subscription_ends_at != subscription_before {
@@ -1904,20 +1914,16 @@ impl ProfileProcessor {
                 // A follow-up armed by an earlier version under the yearly timer's own
                 // id took its place: next year's date is armed again.
                 if *timer.timer_id == *timer_id(&s.name, &p.customer_id) {
-                    schedule_yearly(ctx, s, p, timer.fire_at)?;
+                    schedule_yearly(ctx, s, p, self.zone_of(p), timer.fire_at)?;
                 }
             }
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
                 let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
-                    .map(|d| {
-                        chrono::Datelike::year(
-                            &d.with_timezone(&calendar::zone(p.time_zone.as_deref())),
-                        )
-                    })
+                    .map(|d| chrono::Datelike::year(&d.with_timezone(&self.zone_of(p))))
                     .unwrap_or(0);
                 cause = format!("{}-{year}", s.name);
                 // Still the customer's date? (birthday or zone may have changed.)
-                let tz = calendar::zone(p.time_zone.as_deref());
+                let tz = self.zone_of(p);
                 let date = match s.kind {
                     ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
                     _ => p
@@ -1927,7 +1933,7 @@ impl ProfileProcessor {
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
-                schedule_yearly(ctx, s, p, timer.fire_at)?;
+                schedule_yearly(ctx, s, p, self.zone_of(p), timer.fire_at)?;
                 if !same_day {
                     return Ok(());
                 }
@@ -2417,14 +2423,15 @@ fn schedule_after_event(
     )
 }
 
-/// Arms the next birthday or registration anniversary after `after`.
+/// Arms the next birthday or registration anniversary after `after`, in `tz` (the
+/// customer's zone, see [`ProfileProcessor::zone_of`]).
 fn schedule_yearly(
     ctx: &mut Ctx<'_>,
     s: &ScenarioConfig,
     p: &CustomerProfile,
+    tz: chrono_tz::Tz,
     after: Millis,
 ) -> anyhow::Result<()> {
-    let tz = calendar::zone(p.time_zone.as_deref());
     let date = match s.kind {
         ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
         _ => p

@@ -890,6 +890,32 @@ fn birthday_update(birthday: &str, zone: &str) -> Value {
     json!({"profile": {"birthday": birthday, "time_zone": zone}})
 }
 
+/// A customer without a zone is in `arbiter.default_time_zone` for the profile too,
+/// as for the arbiter's quiet hours and days: ten in Berlin, not ten in UTC.
+#[test]
+fn a_birthday_without_a_time_zone_is_at_ten_in_the_default_zone() {
+    let config = CONFIG.replace(
+        "[arbiter]",
+        "[arbiter]\ndefault_time_zone = \"Europe/Berlin\"",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at("2026-03-01T12:00:00Z");
+    h.site(
+        "bz-up",
+        "profile_update",
+        "bz",
+        t,
+        json!({"profile": {"birthday": "1990-03-20"}}),
+    );
+    // CET: 10:00 local is 09:00Z.
+    h.advance(at("2026-03-20T08:59:00Z"));
+    assert!(h.triggers("bz", "birthday").is_empty());
+    h.advance(at("2026-03-20T09:00:00Z"));
+    let fired = h.triggers("bz", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-03-20T09:00:00Z"));
+}
+
 /// New York to Berlin on the birthday morning: Berlin's 10:00 has passed, within the
 /// 12 h tolerance, so the greeting goes out late rather than a year later; back to
 /// New York the same day, its 10:00 greeting is the same trigger (one per year).
