@@ -2600,6 +2600,16 @@ impl ArbiterProcessor {
         if let Some(until) = defer_until {
             // The queue is the timer index: the trigger waits in state until the rule
             // allows it, or until its valid-until, when it is decided "expired".
+            // A marketing message waking within the quiet hours (a gap or a cap ending
+            // at night) would only wait again: it wakes when they end. Not a merge
+            // poll: the survivor's zone may differ.
+            let until = match (t.category, rule) {
+                (MessageCategory::transactional, _) | (_, MERGE_PENDING) => until,
+                _ => self
+                    .quiet_hours(until, &t)
+                    .and_then(|quiet| quiet.defer_until)
+                    .unwrap_or(until),
+            };
             let wake = until.min(t.valid_until + 1);
             ctx.schedule(&["defer/", t.trigger_id.as_str()].concat(), wake, &t)?;
             // The merge wait polls every minute until the merged ledger is in: a poll

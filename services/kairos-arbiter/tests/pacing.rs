@@ -123,6 +123,41 @@ fn the_minimum_gap_spaces_messages() {
     assert_eq!(last.channel, Some(Channel::email));
 }
 
+/// A wait for the minimum gap that would end within the quiet hours is a wait for
+/// their end: one deferral, one wake, not a second one at night.
+#[test]
+fn a_gap_that_ends_in_the_quiet_hours_waits_for_their_end_at_once() {
+    let mut a = Arbiter::with_config(
+        "min_gap = \"4h\"\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+    );
+    a.time_zone = Some("UTC".into());
+    let evening = at("2026-01-05T19:00:00Z");
+    assert_eq!(
+        a.trigger("qg1", "welcome", TRIGGER, evening).outcome,
+        DecisionOutcome::sent
+    );
+    // The gap would end at 23:00, within the quiet hours.
+    let qg2 = a.trigger("qg2", "welcome", TRIGGER, evening + HOUR);
+    assert_eq!(
+        (qg2.outcome, qg2.rule.as_str()),
+        (DecisionOutcome::deferred, "min_gap")
+    );
+    a.advance_to(at("2026-01-06T08:59:00Z"));
+    assert_eq!(
+        a.decisions_of("qg2").len(),
+        1,
+        "{:#?}",
+        a.decisions_of("qg2")
+    );
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let decided = a.decisions_of("qg2");
+    assert_eq!(decided.len(), 2, "{decided:#?}");
+    assert_eq!(
+        (decided[1].outcome, decided[1].decided_at),
+        (DecisionOutcome::sent, at("2026-01-06T09:00:00Z"))
+    );
+}
+
 #[test]
 fn a_deferred_message_expires_at_its_valid_until() {
     let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
@@ -284,6 +319,29 @@ fn quiet_hours_ending_in_the_repeated_dst_hour_end_at_its_second_pass() {
     assert_eq!(
         (last.outcome, last.decided_at),
         (DecisionOutcome::sent, at("2026-10-25T01:30:00Z")),
+        "{last:#?}"
+    );
+}
+
+/// On the night summer time starts, 02:30 never shows on a Berlin clock: quiet hours
+/// ending then end when the clocks jump from 02:00 to 03:00, not half an hour later.
+#[test]
+fn quiet_hours_ending_in_the_skipped_dst_hour_end_when_the_clocks_jump() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"02:30\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    // 2026-03-29 00:10 UTC is 01:10 CET; at 01:00 UTC the clocks go to 03:00 CEST.
+    let d = a.trigger("dst-spring", "welcome", TRIGGER, at("2026-03-29T00:10:00Z"));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    a.advance_to(at("2026-03-29T00:59:00Z"));
+    assert_eq!(a.decisions_of("dst-spring").len(), 1);
+    a.advance_to(at("2026-03-29T01:00:00Z"));
+    let last = *a.decisions_of("dst-spring").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.decided_at),
+        (DecisionOutcome::sent, at("2026-03-29T01:00:00Z")),
         "{last:#?}"
     );
 }

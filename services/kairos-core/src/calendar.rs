@@ -34,14 +34,37 @@ fn to_utc(tz: Tz, local: NaiveDateTime) -> Option<Millis> {
     match tz.from_local_datetime(&local) {
         chrono::LocalResult::Single(t) => Some(t.timestamp_millis()),
         chrono::LocalResult::Ambiguous(first, _) => Some(first.timestamp_millis()),
-        // A skipped local time moves by whole hours to the first one that exists:
-        // usually one hour, up to a day where a zone jumped over a date.
-        chrono::LocalResult::None => (1..=24).find_map(|hours| {
-            tz.from_local_datetime(&(local + chrono::Duration::hours(hours)))
-                .earliest()
-                .map(|t| t.timestamp_millis())
-        }),
+        chrono::LocalResult::None => end_of_gap(tz, local),
     }
+}
+
+/// The instant the clocks jump over `skipped` (a local time in a gap, as 02:30 on the
+/// night summer time starts): the first whose local time is later. A quiet window
+/// ending at 02:30 ends at 03:00 then, not at 03:30 as moving by the gap's length
+/// would have it.
+fn end_of_gap(tz: Tz, skipped: NaiveDateTime) -> Option<Millis> {
+    let local = |at: Millis| {
+        chrono::DateTime::from_timestamp_millis(at).map(|t| t.with_timezone(&tz).naive_local())
+    };
+    // A local time the gap's length later exists: usually an hour, up to a day where
+    // a zone jumped over a date.
+    let (hours, after) = (1..=24).find_map(|hours| {
+        tz.from_local_datetime(&(skipped + chrono::Duration::hours(hours)))
+            .earliest()
+            .map(|t| (hours, t.timestamp_millis()))
+    })?;
+    // Local time is before `skipped` at `before` and after it at `after`: the jump is
+    // between, found by halving.
+    let (mut before, mut after) = (after - hours * 3_600_000, after);
+    while after - before > 1 {
+        let mid = before + (after - before) / 2;
+        if local(mid)? >= skipped {
+            after = mid;
+        } else {
+            before = mid;
+        }
+    }
+    Some(after)
 }
 
 /// Parses `YYYY-MM-DD` into (month, day).
@@ -156,10 +179,24 @@ mod tests {
     #[test]
     fn skipped_and_repeated_local_times() {
         let berlin: Tz = "Europe/Berlin".parse().unwrap();
-        // 2026-03-29 02:30 does not exist in Berlin: moves to 03:30 CEST = 01:30 UTC.
+        // 2026-03-29 02:30 does not exist in Berlin: the clocks jump over it at 02:00
+        // CET (01:00 UTC) to 03:00 CEST.
         assert_eq!(
             next_yearly(3, 29, (2, 30), berlin, utc("2026-01-01T00:00:00Z")),
-            Some(utc("2026-03-29T01:30:00Z"))
+            Some(utc("2026-03-29T01:00:00Z"))
+        );
+        let half_past_two = NaiveTime::from_hms_opt(2, 30, 0).unwrap();
+        assert_eq!(
+            next_local_time(utc("2026-03-28T23:00:00Z"), berlin, half_past_two),
+            Some(utc("2026-03-29T01:00:00Z"))
+        );
+        // Lord Howe moves by half an hour: 02:15 on 2026-10-04 is skipped (02:00
+        // +10:30 is 15:30 UTC the day before, then 02:30 +11:00).
+        let lord_howe: Tz = "Australia/Lord_Howe".parse().unwrap();
+        let quarter_past_two = NaiveTime::from_hms_opt(2, 15, 0).unwrap();
+        assert_eq!(
+            next_local_time(utc("2026-10-03T13:00:00Z"), lord_howe, quarter_past_two),
+            Some(utc("2026-10-03T15:30:00Z"))
         );
         // 2026-10-25 02:30 exists twice: the first (CEST) is 00:30 UTC.
         assert_eq!(

@@ -1253,6 +1253,16 @@ impl Config {
                     .into(),
             ));
         }
+        if a.quiet_hours().is_some_and(|(start, end)| start == end) {
+            // An empty window would be read as no quiet hours at all; a whole day of
+            // them would send no marketing message ever. Neither is what was meant.
+            return Err(fail(
+                "quiet_hours_end",
+                "arbiter.quiet_hours_start and quiet_hours_end are the same time: the \
+                 quiet window would be empty (leave both out for no quiet hours)"
+                    .into(),
+            ));
+        }
         if a.default_time_zone.parse::<chrono_tz::Tz>().is_err() {
             return Err(fail(
                 "default_time_zone",
@@ -1653,6 +1663,18 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("test.toml:3:"), "{msg}");
         assert!(msg.contains("bootstrap"), "{msg}");
+    }
+
+    #[test]
+    fn quiet_hours_that_start_when_they_end_are_rejected_with_line() {
+        let text = "[arbiter]\nquiet_hours_start = \"22:00\"\nquiet_hours_end = \"22:00\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("the same time"), "{err}");
+        assert!(
+            parse("[arbiter]\nquiet_hours_start = \"22:00\"\nquiet_hours_end = \"08:00\"\n")
+                .is_ok()
+        );
     }
 
     #[test]
