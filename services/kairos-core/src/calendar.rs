@@ -7,8 +7,8 @@ use crate::time::Millis;
 
 /// The first `month`/`day` at `hour:minute` local time in `tz` strictly after `after`.
 /// February 29 falls on February 28 in other years. A local time that does not exist
-/// (the hour skipped when clocks go forward) moves one hour later; one that exists twice
-/// (clocks going back) takes the first.
+/// (the hour skipped when clocks go forward) is the instant the clocks jump over it;
+/// one that exists twice (clocks going back) takes the first.
 pub fn next_yearly(
     month: u32,
     day: u32,
@@ -114,9 +114,9 @@ pub fn local_time(at: Millis, tz: Tz) -> Option<NaiveTime> {
     )
 }
 
-/// The first instant at or after `at` whose local time in `tz` is `time` (a time the
-/// clocks skip moves one hour later; of a time that exists twice, the first pass not
-/// yet over).
+/// The first instant at or after `at` whose local time in `tz` is `time` (of a time
+/// the clocks skip, the instant they jump over it; of a time that exists twice, the
+/// first pass not yet over).
 pub fn next_local_time(at: Millis, tz: Tz, time: NaiveTime) -> Option<Millis> {
     let day = local_date(at, tz)?;
     let today = to_utc_not_before(tz, day.and_time(time), at)?;

@@ -486,7 +486,8 @@ impl ProfileProcessor {
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
                 let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
                 if applied == PurchaseApplied::Counted {
-                    p.note_bought(bought.iter().map(String::as_str), e.occurred_at);
+                    let order = order_id.as_deref();
+                    p.note_bought(bought.iter().map(String::as_str), e.occurred_at, order);
                 }
                 match applied {
                     // A purchase whose cancellation came first ends what a checkout
@@ -1245,7 +1246,7 @@ impl ProfileProcessor {
                     p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
                 if applied == PurchaseApplied::Counted {
                     let bought = r.items.iter().map(|i| i.product_id.as_str());
-                    p.note_bought(bought, r.occurred_at);
+                    p.note_bought(bought, r.occurred_at, Some(&r.receipt_id));
                 }
                 match applied {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
@@ -1933,10 +1934,16 @@ impl ProfileProcessor {
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
-                schedule_yearly(ctx, s, p, self.zone_of(p), timer.fire_at)?;
                 if !same_day {
+                    // Armed in another zone (the default zone changed, or armed by a
+                    // version that took UTC for a customer without one): this year's
+                    // moment in the customer's zone may be a tolerance ago at most, as
+                    // for a zone change; a greeting sent already has the same id.
+                    let since = timer.fire_at.saturating_sub(ms(s.tolerance()));
+                    schedule_yearly(ctx, s, p, tz, since)?;
                     return Ok(());
                 }
+                schedule_yearly(ctx, s, p, tz, timer.fire_at)?;
             }
             ScenarioKind::SubscriptionEnding => {
                 let expected = format!("subscription-{}", p.subscription_ends_at.unwrap_or(0));

@@ -192,21 +192,41 @@ pub struct ProductMark {
     pub bought_at: Option<Millis>,
     pub wished_at: Option<Millis>,
     pub unwished_at: Option<Millis>,
+    /// The order (or till receipt) of `bought_at`: its cancellation undoes the mark.
+    pub bought_in: Option<String>,
+    /// The latest view of the product once it has a mark: a view after a purchase or
+    /// a removal wants it again, also when it has left the latest twenty views.
+    pub viewed_at: Option<Millis>,
 }
 
 impl ProductMark {
     fn latest(&self) -> Option<Millis> {
-        self.bought_at.max(self.wished_at).max(self.unwished_at)
+        self.bought_at
+            .max(self.wished_at)
+            .max(self.unwished_at)
+            .max(self.viewed_at)
+    }
+
+    /// A wish taken off later than it was (last) made.
+    fn unwished(&self) -> bool {
+        self.unwished_at
+            .is_some_and(|off| self.wished_at.is_none_or(|on| off >= on))
     }
 
     fn absorb(&mut self, other: &ProductMark) {
-        self.bought_at = self.bought_at.max(other.bought_at);
+        if other.bought_at > self.bought_at {
+            self.bought_at = other.bought_at;
+            self.bought_in.clone_from(&other.bought_in);
+        }
         self.wished_at = self.wished_at.max(other.wished_at);
         self.unwished_at = self.unwished_at.max(other.unwished_at);
+        self.viewed_at = self.viewed_at.max(other.viewed_at);
     }
 }
 
-/// Product marks kept per customer (the least recent leave first).
+/// Product marks kept per customer besides those of the wishes on the wishlist (which
+/// stay while the wish does): marks of purchases alone leave first, then removals,
+/// the least recent first.
 const PRODUCT_MARKS: usize = 32;
 
 /// Whether a product occasion (a price drop, a return to stock) is news to the
@@ -711,14 +731,13 @@ impl CustomerProfile {
                 None => self.product_marks.push(mark.clone()),
             }
         }
-        // A wish one id took off after it was last made (on either id) stays off.
+        // A wish one id took off after it was last made (on either id) stays off; one
+        // whose time neither id knows any more (a row from before the marks) stays.
         let marks = &self.product_marks;
         self.wishlist.retain(|w| {
-            !marks.iter().any(|m| {
-                m.product_id == w.product_id
-                    && m.unwished_at
-                        .is_some_and(|off| m.wished_at.is_none_or(|on| off >= on))
-            })
+            !marks
+                .iter()
+                .any(|m| m.product_id == w.product_id && m.wished_at.is_some() && m.unwished())
         });
         self.trim_product_marks();
         for (channel, e) in other.engagement {
@@ -993,6 +1012,13 @@ impl CustomerProfile {
         let reported = held
             .and_then(|v| v.reported_at)
             .filter(|r| *r > renew_before);
+        if let Some(mark) = self
+            .product_marks
+            .iter_mut()
+            .find(|m| m.product_id == p.product_id)
+        {
+            mark.viewed_at = mark.viewed_at.max(Some(at));
+        }
         self.recently_viewed
             .retain(|v| v.product_id != p.product_id);
         self.recently_viewed.push(ViewedProduct {
@@ -1036,16 +1062,27 @@ impl CustomerProfile {
         &mut self.product_marks[at]
     }
 
-    /// Drops the least recent marks beyond the bound.
+    /// Drops marks beyond the bound (see [`PRODUCT_MARKS`]): a wish's mark stays with
+    /// the wish, so that a removal older than it cannot take it off; a removal's
+    /// outlasts the purchases', so that a 40-line order does not let a wish taken off
+    /// come back when its addition is read late.
     fn trim_product_marks(&mut self) {
-        while self.product_marks.len() > PRODUCT_MARKS {
-            let oldest = self
-                .product_marks
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, m)| m.latest())
-                .map_or(0, |(i, _)| i);
-            self.product_marks.remove(oldest);
+        let wished = |m: &ProductMark| self.wishlist.iter().any(|w| w.product_id == m.product_id);
+        let mut loose: Vec<usize> = (0..self.product_marks.len())
+            .filter(|i| !wished(&self.product_marks[*i]))
+            .collect();
+        let excess = loose.len().saturating_sub(PRODUCT_MARKS);
+        if excess == 0 {
+            return;
+        }
+        loose.sort_by_key(|i| {
+            let m = &self.product_marks[*i];
+            (m.unwished_at.is_some(), m.latest())
+        });
+        let mut leaving = loose[..excess].to_vec();
+        leaving.sort_unstable();
+        for i in leaving.into_iter().rev() {
+            self.product_marks.remove(i);
         }
     }
 
@@ -1055,18 +1092,19 @@ impl CustomerProfile {
     /// sending that product's price drops.
     pub fn wishlist_add(&mut self, p: &Product, at: Millis) -> Option<WishlistAdded> {
         let mark = self.product_mark(&p.product_id);
-        if mark.unwished_at.is_some_and(|removed| removed >= at) {
-            self.trim_product_marks();
-            return None;
+        let taken_off_since = mark.unwished_at.is_some_and(|removed| removed >= at);
+        if !taken_off_since {
+            mark.wished_at = mark.wished_at.max(Some(at));
         }
-        mark.wished_at = mark.wished_at.max(Some(at));
+        let listed = self.wishlist.iter().any(|w| w.product_id == p.product_id);
+        let added = (!taken_off_since && !listed).then(|| {
+            self.wishlist.push(p.clone());
+            let pushed_out = (self.wishlist.len() > WISHLIST).then(|| self.wishlist.remove(0));
+            WishlistAdded { pushed_out }
+        });
+        // After the list changed: a listed wish's mark is kept.
         self.trim_product_marks();
-        if self.wishlist.iter().any(|w| w.product_id == p.product_id) {
-            return None;
-        }
-        self.wishlist.push(p.clone());
-        let pushed_out = (self.wishlist.len() > WISHLIST).then(|| self.wishlist.remove(0));
-        Some(WishlistAdded { pushed_out })
+        added
     }
 
     /// Takes a wish off, as of `at`; true if it was on the list. The removal is
@@ -1074,24 +1112,43 @@ impl CustomerProfile {
     /// changes nothing when the product was wished again after `at`.
     pub fn wishlist_remove(&mut self, product_id: &str, at: Millis) -> bool {
         let mark = self.product_mark(product_id);
-        if mark.wished_at.is_some_and(|wished| wished > at) {
-            self.trim_product_marks();
-            return false;
+        let wished_since = mark.wished_at.is_some_and(|wished| wished > at);
+        if !wished_since {
+            mark.unwished_at = mark.unwished_at.max(Some(at));
         }
-        mark.unwished_at = mark.unwished_at.max(Some(at));
-        self.trim_product_marks();
         let before = self.wishlist.len();
-        self.wishlist.retain(|w| w.product_id != product_id);
+        if !wished_since {
+            self.wishlist.retain(|w| w.product_id != product_id);
+        }
+        self.trim_product_marks();
         before != self.wishlist.len()
     }
 
-    /// Notes that the customer bought these products at `at`.
-    pub fn note_bought<'a>(&mut self, product_ids: impl IntoIterator<Item = &'a str>, at: Millis) {
+    /// Notes that the customer bought these products at `at`, in `order_id`.
+    pub fn note_bought<'a>(
+        &mut self,
+        product_ids: impl IntoIterator<Item = &'a str>,
+        at: Millis,
+        order_id: Option<&str>,
+    ) {
         for product_id in product_ids {
             let mark = self.product_mark(product_id);
-            mark.bought_at = mark.bought_at.max(Some(at));
+            if mark.bought_at.is_none_or(|bought| bought <= at) {
+                mark.bought_at = Some(at);
+                mark.bought_in = order_id.map(str::to_string);
+            }
         }
         self.trim_product_marks();
+    }
+
+    /// A cancelled order bought nothing: its products are wanted as before.
+    fn forget_bought_in(&mut self, order_id: &str) {
+        for mark in self.product_marks.iter_mut() {
+            if mark.bought_in.as_deref() == Some(order_id) {
+                mark.bought_at = None;
+                mark.bought_in = None;
+            }
+        }
     }
 
     /// Whether a price drop (`wishes_only` false) or a return to stock (true) of
@@ -1113,25 +1170,29 @@ impl CustomerProfile {
             .find(|m| m.product_id == product_id);
         let wish = self.wishlist.iter().find(|w| w.product_id == product_id);
         let wished_at = wish.and(mark.and_then(|m| m.wished_at));
-        let view = self
-            .recently_viewed
-            .iter()
-            .find(|v| v.product_id == product_id);
         if wishes_only && wish.is_none() {
             return ProductAppeal::NotWished;
         }
+        let view = self
+            .recently_viewed
+            .iter()
+            .find(|v| v.product_id == product_id)
+            .filter(|_| !wishes_only);
+        let viewed_at = match wishes_only {
+            true => None,
+            false => view.map(|v| v.at).max(mark.and_then(|m| m.viewed_at)),
+        };
         if !wishes_only {
-            if view.is_some_and(|v| v.at > changed_at) {
+            if viewed_at.is_some_and(|v| v > changed_at) {
                 return ProductAppeal::SeenSince;
             }
             let unwished_at = mark.and_then(|m| m.unwished_at);
             let removed_after_view =
-                unwished_at.is_some_and(|removed| view.is_none_or(|v| removed >= v.at));
+                unwished_at.is_some_and(|removed| viewed_at.is_none_or(|v| removed >= v));
             if wish.is_none() && removed_after_view {
                 return ProductAppeal::Unwished;
             }
         }
-        let viewed_at = view.map(|v| v.at).filter(|_| !wishes_only);
         // A purchase before a later view or wish leaves them wanting it (another one).
         let interest_since = viewed_at.max(wished_at);
         // The join's window, when the start of the interest is not known.
@@ -1140,8 +1201,11 @@ impl CustomerProfile {
         if bought_at.is_some_and(|b| b >= interest_since.unwrap_or(window_start)) {
             return ProductAppeal::Bought;
         }
-        // The later of the view and the wish is the price last seen.
-        let view_price = view.filter(|_| !wishes_only).and_then(|v| v.price);
+        // The later of the view and the wish is the price last seen (a view's price
+        // only while its entry is the latest view).
+        let view_price = view
+            .filter(|v| Some(v.at) == viewed_at)
+            .and_then(|v| v.price);
         let wish_price = wish.and_then(|w| w.price);
         let price_seen = match (viewed_at, wished_at) {
             (Some(v), Some(w)) if w > v => wish_price.or(view_price),
@@ -1365,6 +1429,9 @@ impl CustomerProfile {
         }
         if let Some(at) = cancelled_at {
             self.forget_purchase_time(at);
+        }
+        if kind == ReversalKind::Cancellation {
+            self.forget_bought_in(order_id);
         }
         Reversal::Applied { known }
     }

@@ -916,6 +916,37 @@ fn a_birthday_without_a_time_zone_is_at_ten_in_the_default_zone() {
     assert_eq!(fired[0]["fired_at"], at("2026-03-20T09:00:00Z"));
 }
 
+/// A birthday timer armed while customers without a zone were in another one (the
+/// default zone changed, or an earlier version took UTC) fires on the wrong local day:
+/// this year's moment in the new zone is greeted within its tolerance, not skipped
+/// for a year.
+#[test]
+fn a_birthday_armed_in_another_default_zone_is_still_greeted_this_year() {
+    let tolerant = CONFIG.replace(
+        "local_time = \"10:00\"",
+        "local_time = \"10:00\"\ntolerance = \"1d\"",
+    );
+    let mut h = Harness::with(&tolerant, ClockMode::Event);
+    let t = at("2026-03-01T12:00:00Z");
+    h.site(
+        "dz-up",
+        "profile_update",
+        "dz",
+        t,
+        json!({"profile": {"birthday": "1990-03-20"}}),
+    );
+    h.advance(at("2026-03-19T00:00:00Z"));
+    // Armed at 10:00 UTC on March 20, which is 00:00 on March 21 in Kiritimati (+14).
+    h.restart_with(&tolerant.replace(
+        "[arbiter]",
+        "[arbiter]\ndefault_time_zone = \"Pacific/Kiritimati\"",
+    ));
+    h.advance(at("2026-03-20T10:00:00Z"));
+    let fired = h.triggers("dz", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["cause_event_id"], "birthday-2026", "{fired:#?}");
+}
+
 /// New York to Berlin on the birthday morning: Berlin's 10:00 has passed, within the
 /// 12 h tolerance, so the greeting goes out late rather than a year later; back to
 /// New York the same day, its 10:00 greeting is the same trigger (one per year).
@@ -1858,6 +1889,165 @@ fn a_price_drop_is_measured_from_the_price_the_customer_saw_last() {
         60.0,
         "the wish came after the view"
     );
+}
+
+/// A cancelled order bought nothing: the wish it held is wanted again, in whichever
+/// order the purchase and its cancellation are read.
+#[test]
+fn a_cancelled_order_leaves_its_products_wanted_whichever_is_read_first() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("co-cat", "p2", t, json!({"price": 30.0, "in_stock": false}));
+    let mut bought = order("o-co", 30.0, None);
+    bought["items"] = json!([{"product_id": "p2", "quantity": 1, "unit_price": 30.0}]);
+    for (customer, cancel_first) in [("co-1", false), ("co-2", true)] {
+        h.site(
+            &format!("{customer}-wish"),
+            "wishlist_add",
+            customer,
+            t + HOUR,
+            json!({"product": product("p2", 30.0)}),
+        );
+        let mut purchase = bought.clone();
+        purchase["order"]["order_id"] = json!(format!("o-{customer}"));
+        let cancel = order_status(&format!("o-{customer}"), "cancelled");
+        let buy_id = format!("{customer}-buy");
+        let cancel_id = format!("{customer}-cancel");
+        if cancel_first {
+            h.site(&cancel_id, "order_status", customer, t + 3 * HOUR, cancel);
+            h.site(&buy_id, "purchase", customer, t + 2 * HOUR, purchase);
+        } else {
+            h.site(&buy_id, "purchase", customer, t + 2 * HOUR, purchase);
+            h.site(&cancel_id, "order_status", customer, t + 3 * HOUR, cancel);
+        }
+    }
+    h.catalog("co-back", "p2", t + 4 * HOUR, json!({"in_stock": true}));
+    for customer in ["co-1", "co-2"] {
+        let fired = h.triggers(customer, "back_in_stock");
+        assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
+    }
+}
+
+/// A view after a removal or a purchase wants the product again, also once it has
+/// left the latest twenty views the profile keeps.
+#[test]
+fn a_view_after_a_removal_or_purchase_counts_though_twenty_views_came_since() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("vr-cat", "p1", t, json!({"price": 100.0, "in_stock": true}));
+    let p1 = json!({"product": product("p1", 100.0)});
+    h.site("vr-wish", "wishlist_add", "vr", t + HOUR, p1.clone());
+    h.site(
+        "vr-unwish",
+        "wishlist_remove",
+        "vr",
+        t + HOUR + 5 * MINUTE,
+        p1.clone(),
+    );
+    h.site(
+        "vr-view",
+        "product_view",
+        "vr",
+        t + HOUR + 10 * MINUTE,
+        p1.clone(),
+    );
+    let mut bought = order("o-vb", 100.0, None);
+    bought["items"] = json!([{"product_id": "p1", "quantity": 1, "unit_price": 100.0}]);
+    h.site("vb-buy", "purchase", "vb", t + HOUR, bought);
+    h.site("vb-view", "product_view", "vb", t + 2 * HOUR, p1);
+    for customer in ["vr", "vb"] {
+        for i in 0..20 {
+            h.site(
+                &format!("{customer}-other-{i}"),
+                "product_view",
+                customer,
+                t + 3 * HOUR + i * MINUTE,
+                json!({"product": product(&format!("q{i}"), 10.0)}),
+            );
+        }
+    }
+    h.catalog("vr-drop", "p1", t + DAY, json!({"price": 50.0}));
+    for customer in ["vr", "vb"] {
+        let fired = h.triggers(customer, "price_drop");
+        assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
+    }
+}
+
+/// The profile keeps a bounded number of marks: a large order must not push out the
+/// removal that keeps a wish off, nor the time that keeps a wish on.
+#[test]
+fn a_large_order_keeps_the_marks_that_hold_wishes_on_and_off() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "lo-cat-x",
+        "px",
+        t,
+        json!({"price": 30.0, "in_stock": false}),
+    );
+    h.catalog(
+        "lo-cat-y",
+        "py",
+        t,
+        json!({"price": 30.0, "in_stock": false}),
+    );
+    let items: Vec<Value> = (0..40)
+        .map(|i| json!({"product_id": format!("bulk-{i}"), "quantity": 1, "unit_price": 1.0}))
+        .collect();
+    let mut bulk = order("o-lo", 40.0, None);
+    bulk["items"] = json!(items);
+    // px taken off (the addition it undoes still on its way); py wished.
+    h.site(
+        "lo-unwish-x",
+        "wishlist_remove",
+        "lo",
+        t + 2 * HOUR,
+        json!({"product": product("px", 30.0)}),
+    );
+    h.site(
+        "lo-wish-y",
+        "wishlist_add",
+        "lo",
+        t + 2 * HOUR,
+        json!({"product": product("py", 30.0)}),
+    );
+    h.site("lo-bulk", "purchase", "lo", t + 3 * HOUR, bulk);
+    // Read late: px's addition, older than its removal; a removal of py older than
+    // its wish.
+    h.site(
+        "lo-wish-x",
+        "wishlist_add",
+        "lo",
+        t + HOUR,
+        json!({"product": product("px", 30.0)}),
+    );
+    h.site(
+        "lo-unwish-y",
+        "wishlist_remove",
+        "lo",
+        t + HOUR,
+        json!({"product": product("py", 30.0)}),
+    );
+    let profile = h.pipeline.profile("lo").expect("read").expect("stored");
+    let wishes: Vec<&str> = profile
+        .wishlist
+        .iter()
+        .map(|w| w.product_id.as_str())
+        .collect();
+    assert_eq!(wishes, ["py"]);
+    assert!(
+        profile.product_marks.len() <= 34,
+        "{}",
+        profile.product_marks.len()
+    );
+    h.catalog("lo-back-x", "px", t + 4 * HOUR, json!({"in_stock": true}));
+    h.catalog("lo-back-y", "py", t + 4 * HOUR, json!({"in_stock": true}));
+    let fired: Vec<Value> = h
+        .triggers("lo", "back_in_stock")
+        .iter()
+        .map(|t| vars(t)["product_id"].clone())
+        .collect();
+    assert_eq!(fired, [json!("py")]);
 }
 
 /// A view dated after the change showed the new price already.
