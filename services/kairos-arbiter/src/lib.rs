@@ -1152,6 +1152,17 @@ impl ArbiterProcessor {
         }
     }
 
+    /// `at`, or the end of the quiet hours it falls in for a marketing message: what
+    /// wakes then would only wait again.
+    fn outside_quiet_hours(&self, at: Millis, t: &Trigger) -> Millis {
+        if t.category == MessageCategory::transactional {
+            return at;
+        }
+        self.quiet_hours(at, t)
+            .and_then(|quiet| quiet.defer_until)
+            .unwrap_or(at)
+    }
+
     /// Quiet hours in the customer's zone: wait until they end.
     fn quiet_hours(&self, now: Millis, t: &Trigger) -> Option<Verdict> {
         let tz = self.zone_of(t);
@@ -2449,11 +2460,10 @@ impl ArbiterProcessor {
         );
         if let Some(wait) = self.cascade_wait(&t.scenario, cascade.channels.len()) {
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
-            ctx.schedule(
-                &["cascade/", t.trigger_id.as_str()].concat(),
-                now + ms(wait),
-                &t,
-            )?;
+            // The next step could not go out in the quiet hours: a reaction until
+            // their end still stops it.
+            let check_at = self.outside_quiet_hours(now + ms(wait), &t);
+            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), check_at, &t)?;
         }
         Ok(true)
     }
@@ -2603,12 +2613,9 @@ impl ArbiterProcessor {
             // A marketing message waking within the quiet hours (a gap or a cap ending
             // at night) would only wait again: it wakes when they end. Not a merge
             // poll: the survivor's zone may differ.
-            let until = match (t.category, rule) {
-                (MessageCategory::transactional, _) | (_, MERGE_PENDING) => until,
-                _ => self
-                    .quiet_hours(until, &t)
-                    .and_then(|quiet| quiet.defer_until)
-                    .unwrap_or(until),
+            let until = match rule {
+                MERGE_PENDING => until,
+                _ => self.outside_quiet_hours(until, &t),
             };
             let wake = until.min(t.valid_until + 1);
             ctx.schedule(&["defer/", t.trigger_id.as_str()].concat(), wake, &t)?;
@@ -2674,11 +2681,8 @@ impl ArbiterProcessor {
                         cause_occurred_at: Some(t.cause_occurred_at),
                     },
                 );
-                ctx.schedule(
-                    &["cascade/", t.trigger_id.as_str()].concat(),
-                    now + ms(wait),
-                    &t,
-                )?;
+                let check_at = self.outside_quiet_hours(now + ms(wait), &t);
+                ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), check_at, &t)?;
             }
             send_id = Some(id);
             // The pipeline's latency, not the scenario's: a send held back on purpose

@@ -93,6 +93,9 @@ fn the_cascade_skips_channels_without_consent_and_keeps_quiet_hours() {
     let mut t = cascade_trigger(&a, "k4", T0 + 11 * HOUR + 30 * MINUTE);
     t.contacts.consented_channels = vec![Channel::email, Channel::sms];
     a.push_trigger(&t);
+    // The check for a reaction waits for the morning at once (a reaction at night
+    // still stops the cascade), not for 21:30 and then again.
+    assert_eq!(a.timer_due("c1", "cascade/k4"), Some(T0 + DAY));
     a.advance_to(T0 + 23 * HOUR);
     assert_eq!(channels(&a), [Channel::email]);
     a.advance_to(T0 + DAY);

@@ -90,6 +90,16 @@ pub fn occasion_id(update_event_id: &str, customer_id: &str, kind: ProductOccasi
     deterministic_id(&[update_event_id, customer_id, &format!("{kind:?}")])
 }
 
+/// What a wish key holds: the customer (so a scan of `w/<product>/` can tell a wish of
+/// product `a` by customer `b/c` from one of product `a/b` by `c`), or `true` in rows
+/// written before.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum WishEntry {
+    Customer(String),
+    Legacy(bool),
+}
+
 fn wish_key(i: &ProductInterest) -> String {
     format!("w/{}/{}", i.product_id, i.customer_id)
 }
@@ -257,8 +267,12 @@ impl CatalogJoin {
             viewed(&mut audience, customer.to_string(), viewed_at);
         }
         let wishes = format!("w/{}/", u.product_id);
-        for (key, _) in ctx.scan::<bool>(&wishes)? {
+        for (key, entry) in ctx.scan::<WishEntry>(&wishes)? {
             let customer = key.strip_prefix(&wishes).unwrap_or_default().to_string();
+            if matches!(&entry, WishEntry::Customer(c) if *c != customer) {
+                // Another product's wish, whose id starts with this one and a slash.
+                continue;
+            }
             audience.entry(customer).or_default().wishlisted = true;
         }
         for (customer, interest) in audience {
@@ -302,7 +316,9 @@ impl CatalogJoin {
                 Ok(())
             }
             // Wishlists are rare: one key per customer, a blind write.
-            InterestKind::wishlisted => ctx.put(&wish_key(i), &true),
+            InterestKind::wishlisted => {
+                ctx.put(&wish_key(i), &WishEntry::Customer(i.customer_id.clone()))
+            }
             InterestKind::unwishlisted => {
                 ctx.delete(&wish_key(i));
                 Ok(())
@@ -440,15 +456,19 @@ min_drop_percent = 10.0
         (config, replayer)
     }
 
-    fn view(customer: &str, product: &str, at: Millis) -> Vec<u8> {
+    fn interest(customer: &str, product: &str, at: Millis, kind: InterestKind) -> Vec<u8> {
         encode_internal(&ProductInterest {
-            interest_id: format!("{customer}-{product}-{at}"),
+            interest_id: format!("{customer}-{product}-{at}-{kind:?}"),
             customer_id: customer.into(),
             product_id: product.into(),
-            kind: InterestKind::viewed,
+            kind,
             price_seen: Some(100.0),
             occurred_at: at,
         })
+    }
+
+    fn view(customer: &str, product: &str, at: Millis) -> Vec<u8> {
+        interest(customer, product, at, InterestKind::viewed)
     }
 
     fn price(product: &str, event_id: &str, price: f64, at: Millis) -> Vec<u8> {
@@ -503,6 +523,38 @@ min_drop_percent = 10.0
         r.commit().unwrap();
         assert!(!stored(&r, T0), "past the window");
         assert!(stored(&r, T0 + DAY));
+    }
+
+    fn wish(customer: &str, product: &str, at: Millis) -> Vec<u8> {
+        interest(customer, product, at, InterestKind::wishlisted)
+    }
+
+    /// Product `a/b`'s wishes share the key prefix `w/a/` with product `a`'s: its
+    /// customers are not product `a`'s audience. A wish row written before (`true`)
+    /// still counts.
+    #[test]
+    fn a_product_id_with_a_slash_keeps_its_wishes_to_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
+            let mut store = factory.open(0).unwrap();
+            let mut pending = Pending::default();
+            store.put(&mut pending, b"w/a/old", encode_state(&true).unwrap());
+            store.commit(&mut pending, None).unwrap();
+        }
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        r.push(&interest, b"a/b", &wish("c", "a/b", T0)).unwrap();
+        r.push(&interest, b"a", &wish("d", "a", T0)).unwrap();
+        r.push(&catalog, b"a", &price("a", "u1", 100.0, T0 + HOUR))
+            .unwrap();
+        r.commit().unwrap();
+        let mut out = r
+            .push(&catalog, b"a", &price("a", "u2", 50.0, T0 + 2 * HOUR))
+            .unwrap();
+        out.extend(r.commit().unwrap());
+        assert_eq!(told(&out, "a"), ["d", "old"]);
     }
 
     #[test]

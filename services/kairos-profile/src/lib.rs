@@ -540,7 +540,9 @@ impl ProfileProcessor {
                             if let Reversal::Applied { known } = reversal {
                                 // A recent order's follow-up checks its mark in the
                                 // profile; an older one's needs a mark of its own.
-                                if !known {
+                                if known {
+                                    self.rearm_post_purchase(ctx, &p, &order.order_id)?;
+                                } else {
                                     self.cancel_post_purchase(
                                         ctx,
                                         &customer_id,
@@ -551,8 +553,17 @@ impl ProfileProcessor {
                             }
                         }
                         Some(OrderStatus::delivered) => {
+                            // Caused by the order's delivery, whatever event said it: a
+                            // status re-sent for an order older than the recent ones
+                            // (which cannot tell it is a repeat) gives the same survey.
+                            let cause = ["delivered:", order.order_id.as_str()].concat();
                             for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
-                                schedule_after_event(ctx, s, &p, e, None, Some(&order.order_id))?;
+                                let fire_at = e.occurred_at + ms(s.delay);
+                                let order_id = Some(order.order_id.as_str());
+                                let (at, step) = (e.occurred_at, 0);
+                                schedule_step(
+                                    ctx, s, &p, &cause, at, step, fire_at, None, order_id,
+                                )?;
                             }
                         }
                         _ => {}
@@ -771,8 +782,12 @@ impl ProfileProcessor {
                 for s in &self.config.scenarios {
                     let main = timer_id(&s.name, &m.from);
                     // Chains the survivor's profile cannot rebuild go with the merge
-                    // (see `rearm_merged_chains` for those it can).
-                    if s.kind == ScenarioKind::SegmentEntered || carried_by_slot(s.kind) {
+                    // (see `rearm_merged_chains` for those it can); a cart or browse
+                    // wait's timer says which step is next.
+                    if s.kind == ScenarioKind::SegmentEntered
+                        || carried_by_slot(s.kind)
+                        || s.kind.is_restartable_wait()
+                    {
                         steps.extend(carried_step(ctx, &main)?);
                     }
                     ctx.cancel(&main)?;
@@ -875,6 +890,14 @@ impl ProfileProcessor {
         }
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
+        // A wait's carried timer: its next step (a reminder sent already is not sent
+        // again). Merge records of earlier versions carry none: step 0 then.
+        let (wait_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
+            steps.into_iter().partition(|c| {
+                self.config
+                    .scenario(&c.timer.scenario)
+                    .is_some_and(|s| s.kind.is_restartable_wait())
+            });
         let awaited_before = p.awaiting_merges.clone();
         let yearly_before = (p.birthday.clone(), p.time_zone.clone(), p.registered_at);
         let subscription_before = p.subscription_ends_at;
@@ -1001,11 +1024,20 @@ impl ProfileProcessor {
             {
                 continue;
             }
-            let fire_at = armed
-                .get(&name)
-                .copied()
-                .unwrap_or(wait.cause_occurred_at + ms(s.delay));
-            arm_wait(ctx, s, &mut p, &wait, 0, fire_at)?;
+            let carried = wait_steps.iter().find(|c| {
+                c.timer.scenario == name.as_str() && c.timer.cause_event_id == wait.cause_event_id
+            });
+            let (step, fire_at) = match carried {
+                Some(c) => (c.timer.step, c.fire_at),
+                None => (
+                    0,
+                    armed
+                        .get(&name)
+                        .copied()
+                        .unwrap_or(wait.cause_occurred_at + ms(s.delay)),
+                ),
+            };
+            arm_wait(ctx, s, &mut p, &wait, step, fire_at)?;
             p.waits.insert(name, wait);
         }
         // The merged customer's timers were cancelled with it: what its profile
@@ -1403,6 +1435,11 @@ impl ProfileProcessor {
         if latest_before.is_some_and(|latest| latest > at) {
             return Ok(());
         }
+        // Returned or cancelled before it came: no follow-up, and the pending one of
+        // an earlier order keeps its place.
+        if order_id.as_deref().is_some_and(|o| p.order_returned(o)) {
+            return Ok(());
+        }
         for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
             schedule_step(
                 ctx,
@@ -1415,6 +1452,40 @@ impl ProfileProcessor {
                 None,
                 order_id.as_deref(),
             )?;
+        }
+        Ok(())
+    }
+
+    /// `reversed` (an order the profile holds) was returned or cancelled: if the
+    /// pending follow-up is its own, the latest order that still counts takes it back
+    /// (a later order took the one follow-up from it), when its time is still ahead.
+    fn rearm_post_purchase(
+        &self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        reversed: &str,
+    ) -> anyhow::Result<()> {
+        for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
+            let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
+            if pending.is_none_or(|c| c.timer.order_id.as_deref() != Some(reversed)) {
+                continue;
+            }
+            // Not one returned in part either: its follow-up would be skipped.
+            let Some(order) = p
+                .recent_orders
+                .iter()
+                .filter(|o| !p.order_returned(&o.order_id))
+                .max_by_key(|o| o.at)
+            else {
+                continue;
+            };
+            let due = order.at + ms(s.delay);
+            if due > ctx.now() {
+                // Its purchase event is not kept: the order names the cause.
+                let cause = ["order:", order.order_id.as_str()].concat();
+                let order_id = Some(order.order_id.as_str());
+                schedule_step(ctx, s, p, &cause, order.at, 0, due, None, order_id)?;
+            }
         }
         Ok(())
     }

@@ -823,9 +823,15 @@ fn a_return_or_cancellation_that_comes_before_its_purchase_is_applied_to_it() {
     assert_eq!((rr.orders, rr.revenue, rr.returns), (1, 0.0, 1));
     let rp = profile("rp");
     assert_eq!((rp.orders, rp.revenue, rp.returns), (2, 100.0, 1));
-    for c in ["rb", "rr", "rp"] {
+    for c in ["rb", "rr"] {
         assert!(h.triggers(c, "post_purchase").is_empty(), "{c}");
     }
+    // The returned order never took the follow-up from the earlier one, as in time
+    // order, where its return would have given it back.
+    let rp_follow_up = h.triggers("rp", "post_purchase");
+    assert_eq!(rp_follow_up.len(), 1, "{rp_follow_up:#?}");
+    assert_eq!(vars(&rp_follow_up[0])["order_id"], "o-rp0");
+    assert_eq!(rp_follow_up[0]["fired_at"], t + 4 * DAY);
     assert!(
         h.triggers("rr", "post_delivery").is_empty(),
         "no NPS for a returned order"
@@ -851,6 +857,80 @@ fn post_purchase_is_cancelled_by_a_till_refund() {
 }
 
 // 6. Reactivation.
+
+/// One follow-up per customer, for the latest order: when that order is cancelled
+/// or returned, the earlier one takes it back; one cancelled before its purchase came
+/// never takes it.
+#[test]
+fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rv-a", "purchase", "rv", t, order("o-rv-a", 50.0, None));
+    h.site(
+        "rv-b",
+        "purchase",
+        "rv",
+        t + DAY,
+        order("o-rv-b", 50.0, None),
+    );
+    h.site(
+        "rv-b-cancel",
+        "order_status",
+        "rv",
+        t + 2 * DAY,
+        order_status("o-rv-b", "cancelled"),
+    );
+    h.site("cb-a", "purchase", "cb", t, order("o-cb-a", 50.0, None));
+    h.site(
+        "cb-c-cancel",
+        "order_status",
+        "cb",
+        t + 2 * DAY,
+        order_status("o-cb-c", "cancelled"),
+    );
+    h.site(
+        "cb-c",
+        "purchase",
+        "cb",
+        t + DAY,
+        order("o-cb-c", 50.0, None),
+    );
+    h.advance(t + 20 * DAY);
+    for (customer, earlier) in [("rv", "o-rv-a"), ("cb", "o-cb-a")] {
+        let fired = h.triggers(customer, "post_purchase");
+        assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
+        assert_eq!(vars(&fired[0])["order_id"], earlier);
+        assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
+    }
+}
+
+/// A delivery status re-sent under a new event id for an order the profile does not
+/// hold among its recent ones asks for the same survey, not a second one.
+#[test]
+fn a_delivery_re_sent_for_an_old_order_gives_the_same_survey() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "nd-1",
+        "order_status",
+        "nd",
+        t,
+        order_status("o-nd-old", "delivered"),
+    );
+    h.site(
+        "nd-2",
+        "order_status",
+        "nd",
+        t + 3 * DAY,
+        order_status("o-nd-old", "delivered"),
+    );
+    h.advance(t + 6 * DAY);
+    let fired = h.triggers("nd", "post_delivery");
+    let ids: std::collections::BTreeSet<String> =
+        fired.iter().map(|f| f["trigger_id"].to_string()).collect();
+    assert!(!fired.is_empty());
+    assert_eq!(ids.len(), 1, "{fired:#?}");
+}
 
 #[test]
 fn reactivation_waits_from_the_latest_visit() {
@@ -2837,6 +2917,32 @@ impl Harness {
         assert_eq!(key, into);
         self.feed("identified-events", &key, value);
     }
+}
+
+/// A cart reminder chain under way goes on for the survivor of a merge from the step
+/// it was at: the reminder sent to the guest is not sent again.
+#[test]
+fn a_merge_continues_a_cart_reminder_chain_from_its_next_step() {
+    let config = CONFIG
+        .replace("[clock]", "[identity]\nenabled = true\n[clock]")
+        .replace(
+            "valid_for = \"12h\"",
+            "valid_for = \"12h\"\nsteps = [{ delay = \"1d\", template = \"abandoned_cart_2\" }]",
+        );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "mc-add", "event_type": "add_to_cart",
+        "occurred_at": rfc(t), "customer_id": "anon:mc", "product": product("p1", 20.0)}));
+    h.advance(t + HOUR);
+    let first = h.triggers("anon:mc", "abandoned_cart");
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0]["step"], 0);
+    h.merge("m-mc", "anon:mc", "c-mc", t + 2 * HOUR);
+    h.advance(t + HOUR + DAY + MINUTE);
+    let fired = h.triggers("c-mc", "abandoned_cart");
+    let steps: Vec<&Value> = fired.iter().map(|f| &f["step"]).collect();
+    assert_eq!(steps, [&json!(1)], "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + HOUR + DAY);
 }
 
 /// A merge announced whose merged profile never comes (its record dead-lettered):

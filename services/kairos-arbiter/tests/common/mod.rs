@@ -187,6 +187,13 @@ impl Arbiter {
             .expect("raw write");
     }
 
+    /// When the timer `timer_id` in `customer`'s partition is due, if one is armed.
+    pub fn timer_due(&self, customer: &str, timer_id: &str) -> Option<i64> {
+        self.store_of(customer)
+            .timer_fire_at(&Default::default(), timer_id)
+            .expect("timer read")
+    }
+
     /// The store of `customer`'s partition.
     fn store_of(&self, customer: &str) -> &kairos_core::store::PartitionStore {
         let partition =
