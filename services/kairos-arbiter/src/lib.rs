@@ -253,6 +253,9 @@ const BOUNCED_PER_CHANNEL: usize = 8;
 /// report most bounces at once, some days later (the outcome carries no address).
 const BOUNCE_WINDOW: Millis = 30 * DAY;
 
+/// Timers that delete a merged customer's forwarding ledger (`merged-expiry/<customer>`).
+const MERGED_LEDGER_EXPIRY: &str = "merged-expiry/";
+
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
 /// Trigger ids remembered per customer whatever their valid-until: far more than any
@@ -1014,6 +1017,13 @@ impl ArbiterProcessor {
             && (bought > cause || (bought == cause && !self.is_reactivation(scenario)))
     }
 
+    /// A cart or browse reminder (see `ScenarioKind::is_restartable_wait`).
+    fn is_restartable_wait(&self, scenario: &str) -> bool {
+        self.config
+            .scenario(scenario)
+            .is_some_and(|s| s.kind.is_restartable_wait())
+    }
+
     fn ends_on_purchase(&self, scenario: &str) -> bool {
         self.config
             .scenario(scenario)
@@ -1709,6 +1719,26 @@ impl ArbiterProcessor {
     /// separate topics, so the visitor may be back already (a new profile under the
     /// same name, whose trigger came first): what is newer than the forgetting stays,
     /// and so does the ledger. A ledger merged away keeps its forwarding note.
+    /// Deletes the ledger a merged customer left (only the forwarding note), once its
+    /// retention is over.
+    fn drop_forwarding_ledger(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+    ) -> anyhow::Result<()> {
+        let key = ledger_key(customer_id);
+        let Some(ledger) = self.ledgers.take(ctx, &key)? else {
+            return Ok(());
+        };
+        if ledger.merged_into.is_none() {
+            self.ledgers.restore(ctx.partition, key, ledger);
+            return Ok(());
+        }
+        self.ledgers.remove(ctx.partition, &key);
+        ctx.delete(&key);
+        Ok(())
+    }
+
     fn forget(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let key = ledger_key(&a.customer_id);
         let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
@@ -1787,6 +1817,13 @@ impl ArbiterProcessor {
                 // triggers decided (a redelivered one is still a duplicate) and the
                 // actions applied (a re-sent merge of another customer into this one
                 // is forwarded once) stay.
+                // Kept as long as the profile forwards to the survivor, and as late
+                // bounces of the addresses are matched: then deleted, or every merge
+                // would leave a ledger (and its addresses) for good.
+                let keep = ms(self.config.identity.forward_retention).max(BOUNCE_WINDOW);
+                let expires = at.max(ctx.now()).saturating_add(keep);
+                let timer = [MERGED_LEDGER_EXPIRY, a.customer_id.as_str()].concat();
+                ctx.schedule(&timer, expires, &a.customer_id)?;
                 *ledger = CustomerLedger {
                     merged_into: Some(into),
                     sent_to: std::mem::take(&mut ledger.sent_to),
@@ -1911,8 +1948,12 @@ impl ArbiterProcessor {
                 let caused_by = a.till_sale.then_some(at);
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, caused_by)?;
                 let why = format!("the customer bought at {at} while it waited");
+                // An online purchase checks out the cart that caused a cart or browse
+                // reminder whatever the device's clock said, as the profile has it.
+                let online = !a.till_sale;
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
+                        || (online && self.is_restartable_wait(&q.scenario))
                 })?;
                 // After the exclusions, so only what survived them is decided again.
                 if slot_freed {
@@ -2851,6 +2892,9 @@ impl Processor for ArbiterProcessor {
 
     /// A deferred trigger's wait is over: decide it again.
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        if let Some(customer) = timer.timer_id.strip_prefix(MERGED_LEDGER_EXPIRY) {
+            return self.drop_forwarding_ledger(ctx, customer);
+        }
         let t: Trigger = timer
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;

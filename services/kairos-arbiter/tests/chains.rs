@@ -173,17 +173,7 @@ fn a_step_suppressed_for_want_of_consent_lets_the_next_step_be_decided_on_its_ow
 
 /// c1 is merged into z at `at`: the arbiter hands c1's ledger over, and it reaches z.
 fn merge_c1_into_z(a: &mut Arbiter, at: i64) {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
-    let merged = CustomerAction {
-        merged_into: Some("z".into()),
-        ..CustomerAction::new(
-            "merged-c1".into(),
-            "c1".into(),
-            CustomerActionKind::merged,
-            at,
-        )
-    };
-    a.push("customer-actions", "c1", &merged);
+    a.merged_into("merged-c1", "z", at);
     for action in std::mem::take(&mut a.actions) {
         assert_eq!(action.customer_id, "z");
         a.push("customer-actions", "z", &action);

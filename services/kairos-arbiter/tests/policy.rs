@@ -1403,3 +1403,56 @@ fn forgetting_leaves_what_came_after_it_and_then_the_ledger() {
     let last = *a.decisions_of("fa1").last().expect("decided");
     assert_eq!(last.outcome, DecisionOutcome::sent);
 }
+
+/// An online purchase checks out the cart whatever the device's clock says: a cart
+/// reminder waiting for the morning whose cause is dated a minute after the purchase
+/// is cancelled. A till sale uploaded late, dated before the cart change, is another
+/// visit and leaves it.
+#[test]
+fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder() {
+    for (till, expected) in [
+        (false, DecisionOutcome::cancelled),
+        (true, DecisionOutcome::sent),
+    ] {
+        let mut a =
+            Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+        a.time_zone = Some("UTC".into());
+        let mut t = a.trigger_of(
+            "qc",
+            "cart_cascade",
+            MessageCategory::trigger,
+            at("2026-01-05T22:50:00Z"),
+        );
+        t.cause_occurred_at = at("2026-01-05T21:50:00Z");
+        let d = a.push_trigger(&t);
+        assert_eq!(d.rule, "quiet_hours");
+        if till {
+            a.till_sale("qc-buy", at("2026-01-05T21:49:00Z"));
+        } else {
+            a.purchase("qc-buy", at("2026-01-05T21:49:00Z"));
+        }
+        a.advance_to(at("2026-01-06T09:00:00Z"));
+        let finals = a.finals_of("qc");
+        assert_eq!(finals.len(), 1, "till sale {till}: {finals:#?}");
+        assert_eq!(finals[0].outcome, expected, "till sale {till}: {finals:#?}");
+    }
+}
+
+/// A merged customer leaves a forwarding ledger (for late triggers and bounces); it
+/// is deleted once the retention is over, not kept for good.
+#[test]
+fn a_merged_customer_s_forwarding_ledger_is_deleted_after_the_retention() {
+    let mut a = Arbiter::new();
+    assert_eq!(
+        a.trigger("fl", "welcome", MessageCategory::trigger, T0)
+            .outcome,
+        DecisionOutcome::sent
+    );
+    a.merged_into("merged-fl", "z", T0 + HOUR);
+    a.advance_to(T0 + 2 * HOUR);
+    assert!(a.ledger_stored("c1"), "the forwarding note is kept");
+    a.advance_to(T0 + HOUR + 30 * DAY - MINUTE);
+    assert!(a.ledger_stored("c1"));
+    a.advance_to(T0 + HOUR + 30 * DAY);
+    assert!(!a.ledger_stored("c1"), "deleted after 30 days");
+}

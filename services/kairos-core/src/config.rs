@@ -1253,6 +1253,19 @@ impl Config {
                     .into(),
             ));
         }
+        for (field, cap) in [("daily_cap", a.daily_cap), ("weekly_cap", a.weekly_cap)] {
+            if cap == 0 {
+                // Every marketing message would wait until it expired: a silent way of
+                // sending none, which disabling the scenarios says plainly.
+                return Err(fail(
+                    field,
+                    format!(
+                        "arbiter.{field} = 0 would hold every marketing message until it \
+                         expires; disable the scenarios (enabled = false) to send none"
+                    ),
+                ));
+            }
+        }
         if a.quiet_hours().is_some_and(|(start, end)| start == end) {
             // An empty window would be read as no quiet hours at all; a whole day of
             // them would send no marketing message ever. Neither is what was meant.
@@ -1675,6 +1688,17 @@ mod tests {
             parse("[arbiter]\nquiet_hours_start = \"22:00\"\nquiet_hours_end = \"08:00\"\n")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn an_overall_cap_of_zero_is_rejected_with_line() {
+        let err = parse("[arbiter]\ndaily_cap = 0\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(err.contains("daily_cap = 0"), "{err}");
+        let err = parse("[arbiter]\nweekly_cap = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weekly_cap = 0"), "{err}");
     }
 
     #[test]

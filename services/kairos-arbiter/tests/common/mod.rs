@@ -320,6 +320,15 @@ impl Arbiter {
         self.push("customer-actions", "c1", &action);
     }
 
+    /// Customer c1 was merged into `into` (as the profile reports it).
+    pub fn merged_into(&mut self, id: &str, into: &str, at: i64) {
+        let action = CustomerAction {
+            merged_into: Some(into.into()),
+            ..CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::merged, at)
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
     /// The profile forgot customer c1 (anonymous, no event within the retention).
     pub fn forgotten(&mut self, id: &str, at: i64) {
         let action = CustomerAction::new(id.into(), "c1".into(), CustomerActionKind::forgotten, at);
