@@ -26,7 +26,7 @@ use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::small_map::SmallMap;
 use kairos_core::state_cache::StateCache;
 use kairos_core::store::DueTimer;
-use kairos_core::time::{Millis, DAY, HOUR};
+use kairos_core::time::{Millis, DAY, HOUR, MINUTE};
 use prometheus::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -253,7 +253,12 @@ const BOUNCED_PER_CHANNEL: usize = 8;
 /// report most bounces at once, some days later (the outcome carries no address).
 const BOUNCE_WINDOW: Millis = 30 * DAY;
 
-/// Timers that delete a merged customer's forwarding ledger (`merged-expiry/<customer>`).
+/// How far a device's clock may put an online purchase before the cart change it
+/// checked out.
+const PURCHASE_CLOCK_SKEW: Millis = 10 * MINUTE;
+
+/// Timers that shrink a merged customer's forwarding ledger to its note
+/// (`merged-expiry/<customer>`).
 const MERGED_LEDGER_EXPIRY: &str = "merged-expiry/";
 
 /// Outcomes remembered per customer for deduplication.
@@ -1712,6 +1717,32 @@ impl ArbiterProcessor {
         );
     }
 
+    /// Shrinks the ledger a merged customer left to its forwarding note once the
+    /// retention is over: the addresses (kept for late bounces), the triggers it
+    /// decided and the outcomes it applied go. The note stays: an unsubscribe or a
+    /// complaint about an old message must still reach the survivor, and an outcome
+    /// finding no ledger would start one for good.
+    fn shrink_forwarding_ledger(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+    ) -> anyhow::Result<()> {
+        let key = ledger_key(customer_id);
+        let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
+            return Ok(());
+        };
+        if ledger.merged_into.is_none() {
+            self.ledgers.restore(ctx.partition, key, ledger);
+            return Ok(());
+        }
+        *ledger = CustomerLedger {
+            merged_into: ledger.merged_into.take(),
+            ..CustomerLedger::default()
+        };
+        self.ledgers.put(ctx.partition, key, ledger);
+        Ok(())
+    }
+
     /// The profile forgot an anonymous customer after the retention: what still waits
     /// for them from before is cancelled (queued messages with rule `forgotten`,
     /// cascades stopped) and the ledger is deleted, so ledgers do not pile up with
@@ -1719,26 +1750,6 @@ impl ArbiterProcessor {
     /// separate topics, so the visitor may be back already (a new profile under the
     /// same name, whose trigger came first): what is newer than the forgetting stays,
     /// and so does the ledger. A ledger merged away keeps its forwarding note.
-    /// Deletes the ledger a merged customer left (only the forwarding note), once its
-    /// retention is over.
-    fn drop_forwarding_ledger(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        customer_id: &str,
-    ) -> anyhow::Result<()> {
-        let key = ledger_key(customer_id);
-        let Some(ledger) = self.ledgers.take(ctx, &key)? else {
-            return Ok(());
-        };
-        if ledger.merged_into.is_none() {
-            self.ledgers.restore(ctx.partition, key, ledger);
-            return Ok(());
-        }
-        self.ledgers.remove(ctx.partition, &key);
-        ctx.delete(&key);
-        Ok(())
-    }
-
     fn forget(&mut self, ctx: &mut Ctx<'_>, a: &CustomerAction) -> anyhow::Result<()> {
         let key = ledger_key(&a.customer_id);
         let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
@@ -1817,9 +1828,9 @@ impl ArbiterProcessor {
                 // triggers decided (a redelivered one is still a duplicate) and the
                 // actions applied (a re-sent merge of another customer into this one
                 // is forwarded once) stay.
-                // Kept as long as the profile forwards to the survivor, and as late
-                // bounces of the addresses are matched: then deleted, or every merge
-                // would leave a ledger (and its addresses) for good.
+                // Kept whole as long as the profile forwards to the survivor, and as
+                // late bounces of the addresses are matched: then only the note stays,
+                // or every merge would keep its addresses for good.
                 let keep = ms(self.config.identity.forward_retention).max(BOUNCE_WINDOW);
                 let expires = at.max(ctx.now()).saturating_add(keep);
                 let timer = [MERGED_LEDGER_EXPIRY, a.customer_id.as_str()].concat();
@@ -1949,11 +1960,15 @@ impl ArbiterProcessor {
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, caused_by)?;
                 let why = format!("the customer bought at {at} while it waited");
                 // An online purchase checks out the cart that caused a cart or browse
-                // reminder whatever the device's clock said, as the profile has it.
+                // reminder, also when the device's clock puts it a little before the
+                // cart change; a cart changed well after it (read first, from the
+                // other topic) is a new one.
                 let online = !a.till_sale;
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
-                        || (online && self.is_restartable_wait(&q.scenario))
+                        || (online
+                            && self.is_restartable_wait(&q.scenario)
+                            && q.cause_occurred_at <= at.saturating_add(PURCHASE_CLOCK_SKEW))
                 })?;
                 // After the exclusions, so only what survived them is decided again.
                 if slot_freed {
@@ -2893,7 +2908,7 @@ impl Processor for ArbiterProcessor {
     /// A deferred trigger's wait is over: decide it again.
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         if let Some(customer) = timer.timer_id.strip_prefix(MERGED_LEDGER_EXPIRY) {
-            return self.drop_forwarding_ledger(ctx, customer);
+            return self.shrink_forwarding_ledger(ctx, customer);
         }
         let t: Trigger = timer
             .decode()

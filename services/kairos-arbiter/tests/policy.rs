@@ -1410,9 +1410,11 @@ fn forgetting_leaves_what_came_after_it_and_then_the_ledger() {
 /// visit and leaves it.
 #[test]
 fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder() {
-    for (till, expected) in [
-        (false, DecisionOutcome::cancelled),
-        (true, DecisionOutcome::sent),
+    for (till, bought_at, expected) in [
+        (false, "2026-01-05T21:49:00Z", DecisionOutcome::cancelled),
+        (true, "2026-01-05T21:49:00Z", DecisionOutcome::sent),
+        // A cart changed half an hour after the purchase is another cart.
+        (false, "2026-01-05T21:20:00Z", DecisionOutcome::sent),
     ] {
         let mut a =
             Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
@@ -1427,32 +1429,47 @@ fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder()
         let d = a.push_trigger(&t);
         assert_eq!(d.rule, "quiet_hours");
         if till {
-            a.till_sale("qc-buy", at("2026-01-05T21:49:00Z"));
+            a.till_sale("qc-buy", at(bought_at));
         } else {
-            a.purchase("qc-buy", at("2026-01-05T21:49:00Z"));
+            a.purchase("qc-buy", at(bought_at));
         }
         a.advance_to(at("2026-01-06T09:00:00Z"));
         let finals = a.finals_of("qc");
-        assert_eq!(finals.len(), 1, "till sale {till}: {finals:#?}");
-        assert_eq!(finals[0].outcome, expected, "till sale {till}: {finals:#?}");
+        assert_eq!(
+            finals.len(),
+            1,
+            "till sale {till} at {bought_at}: {finals:#?}"
+        );
+        assert_eq!(
+            finals[0].outcome, expected,
+            "till sale {till} at {bought_at}: {finals:#?}"
+        );
     }
 }
 
-/// A merged customer leaves a forwarding ledger (for late triggers and bounces); it
-/// is deleted once the retention is over, not kept for good.
+/// A merged customer leaves a forwarding ledger (for late triggers, bounces and
+/// unsubscribes). After the retention only the note stays: the addresses and the
+/// triggers decided go, and an unsubscribe from an old message still reaches the
+/// survivor.
 #[test]
-fn a_merged_customer_s_forwarding_ledger_is_deleted_after_the_retention() {
+fn a_merged_customer_s_forwarding_ledger_shrinks_to_its_note_after_the_retention() {
     let mut a = Arbiter::new();
     assert_eq!(
         a.trigger("fl", "welcome", MessageCategory::trigger, T0)
             .outcome,
         DecisionOutcome::sent
     );
+    let old_mail = a.last_send();
     a.merged_into("merged-fl", "z", T0 + HOUR);
-    a.advance_to(T0 + 2 * HOUR);
-    assert!(a.ledger_stored("c1"), "the forwarding note is kept");
+    a.actions.clear();
     a.advance_to(T0 + HOUR + 30 * DAY - MINUTE);
-    assert!(a.ledger_stored("c1"));
+    let kept = a.stored_ledger("c1").expect("the forwarding ledger");
+    assert!(!kept.sent_to.is_empty(), "addresses kept for late bounces");
     a.advance_to(T0 + HOUR + 30 * DAY);
-    assert!(!a.ledger_stored("c1"), "deleted after 30 days");
+    let note = a.stored_ledger("c1").expect("the note stays");
+    assert_eq!(note.merged_into.as_deref(), Some("z"));
+    assert!(note.sent_to.is_empty() && note.decided_triggers.is_empty());
+    a.outcome(&old_mail, OutcomeKind::unsubscribed, T0 + 60 * DAY);
+    let forwarded: Vec<_> = a.actions.iter().map(|x| x.customer_id.as_str()).collect();
+    assert_eq!(forwarded, ["z"], "the unsubscribe goes on to the survivor");
 }

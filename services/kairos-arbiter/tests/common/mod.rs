@@ -346,6 +346,18 @@ impl Arbiter {
             .is_some()
     }
 
+    /// `customer`'s ledger as committed.
+    pub fn stored_ledger(&self, customer: &str) -> Option<kairos_arbiter::CustomerLedger> {
+        let bytes = self
+            .store_of(customer)
+            .get(
+                &kairos_core::store::Pending::default(),
+                format!("c/{customer}").as_bytes(),
+            )
+            .expect("read")?;
+        Some(kairos_core::encoding::decode_state(&bytes).expect("ledger decodes"))
+    }
+
     /// Customer c1 gave consent on `channel` at `at` (as the profile reports it).
     pub fn opt_in(&mut self, id: &str, channel: Channel, at: i64) {
         let action = CustomerAction {
