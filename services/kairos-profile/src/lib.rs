@@ -1671,6 +1671,21 @@ impl ProfileProcessor {
         at: Millis,
     ) -> anyhow::Result<()> {
         let now = ctx.now().max(at);
+        self.review_segments_as_of(ctx, p, reason, at, now)
+    }
+
+    /// [`Self::review_segments`] as of `now`: a time-driven review is judged at its
+    /// boundary, not when its timer got to fire (after an outage, or a replay's clock
+    /// jumping ahead), so a customer passes through every segment on the way, each
+    /// transition at its own time and with its own id, as in an uninterrupted run.
+    fn review_segments_as_of(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+        reason: &str,
+        at: Millis,
+        now: Millis,
+    ) -> anyhow::Result<()> {
         let cfg = self.config.segments.clone();
         let stage = segments::lifecycle(&cfg.lifecycle, p, now);
         // Transition ids come from the cause's time (the event's, or the review
@@ -2148,7 +2163,7 @@ impl ProfileProcessor {
             return Ok(());
         };
         p.armed.remove(SEGMENT_REVIEW);
-        let result = self.review_segments(ctx, &mut p, "time", fire_at);
+        let result = self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at);
         self.put(ctx, p)?;
         result
     }

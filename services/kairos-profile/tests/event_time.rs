@@ -180,12 +180,17 @@ impl Harness {
     /// Stops the pipeline and starts it again on the same state with `config_text`
     /// (a deployment with a changed configuration).
     fn restart_with(&mut self, config_text: &str) {
+        self.restart_in(config_text, ClockMode::Event);
+    }
+
+    /// [`Self::restart_with`] in clock `mode`.
+    fn restart_in(&mut self, config_text: &str, mode: ClockMode) {
         self.commit();
         let config_on = |dir: &Path| {
             let mut config = Config::from_text(Path::new("test.toml"), config_text, &[])
                 .unwrap_or_else(|e| panic!("{e}"));
             config.state.dir = dir.to_path_buf();
-            config.clock.mode = ClockMode::Event;
+            config.clock.mode = mode;
             config
         };
         // The stores are closed before they open again.
@@ -1438,6 +1443,37 @@ fn time_alone_moves_a_customer_to_at_risk() {
     assert_eq!(v["segment"], "At Risk");
 }
 
+/// A review timer that fires late (the service was down past its boundary) is judged
+/// at its boundary: the customer passes through each segment on the way, each
+/// transition at its own time and with its own id, as in a run that kept up.
+#[test]
+fn a_late_segment_review_passes_through_every_segment_on_the_way() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for i in 0..5 {
+        h.site(
+            &format!("sg3-buy{i}"),
+            "purchase",
+            "sg3",
+            t + i * DAY,
+            order(&format!("o-sg3-{i}"), 60.0, None),
+        );
+    }
+    let last = t + 4 * DAY;
+    h.advance(last + DAY);
+    assert!(h.transitions("sg3").iter().all(|x| x["reason"] != "time"));
+    // The service comes back months later (a wall clock long past every boundary):
+    // the review timers fire late.
+    assert!(kairos_core::time::wall_now() > last + 200 * DAY);
+    h.restart_in(CONFIG, ClockMode::Wall);
+    h.advance(kairos_core::time::wall_now());
+    let all = h.transitions("sg3");
+    let dormant = find(&all, "lifecycle", "dormant").unwrap_or_else(|| panic!("{all:#?}"));
+    assert_eq!(dormant["occurred_at"], last + 90 * DAY, "{all:#?}");
+    let at_risk = find(&all, "rfm", "At Risk").unwrap_or_else(|| panic!("{all:#?}"));
+    assert_eq!(at_risk["occurred_at"], last + 180 * DAY, "{all:#?}");
+}
+
 #[test]
 fn champions_get_the_vip_trigger() {
     let t = at(T0);
@@ -2671,6 +2707,53 @@ fn amounts_that_are_negative_or_quantities_below_one_are_dead_lettered() {
     assert!(reasons[0].contains("order.total -5"), "{reasons:#?}");
     assert!(reasons[1].contains("items[0].quantity 0"), "{reasons:#?}");
     assert!(reasons[2].contains("total -20"), "{reasons:#?}");
+    assert!(h.on("customer-actions").next().is_none(), "nothing applied");
+}
+
+/// Blank order, receipt and product ids are missing fields: a second order with a
+/// blank id would otherwise be taken for a repeat of the first and lost.
+#[test]
+fn blank_order_receipt_and_product_ids_are_dead_lettered() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("bl-1", "purchase", "bl", t, order(" ", 20.0, None));
+    h.site("bl-2", "add_to_cart", "bl", t, add_to_cart("", 5.0));
+    h.site(
+        "bl-3",
+        "purchase",
+        "bl",
+        t,
+        json!({"order": {"order_id": "o-bl3", "total": 5.0},
+               "items": [{"product_id": "", "quantity": 1, "unit_price": 5.0}]}),
+    );
+    h.feed(
+        "events.offline",
+        "bl",
+        json!({"event_id": "bl-4", "occurred_at": rfc(t), "receipt_id": "", "kind": "sale",
+               "store_id": "s-1", "customer_id": "bl", "items": [], "total": 10.0,
+               "currency": "EUR"}),
+    );
+    let dead: Vec<(String, String)> = h
+        .on("deadletter")
+        .map(|d| {
+            let field = |f: &str| d.value[f].as_str().unwrap_or_default().to_string();
+            (field("reason_code"), field("reason"))
+        })
+        .collect();
+    assert_eq!(dead.len(), 4, "{dead:#?}");
+    for (code, _) in &dead {
+        assert_eq!(code, "missing_field", "{dead:#?}");
+    }
+    assert!(dead[0].1.contains("order.order_id is empty"), "{dead:#?}");
+    assert!(
+        dead[1].1.contains("product.product_id is empty"),
+        "{dead:#?}"
+    );
+    assert!(
+        dead[2].1.contains("items[0].product_id is empty"),
+        "{dead:#?}"
+    );
+    assert!(dead[3].1.contains("receipt_id is empty"), "{dead:#?}");
     assert!(h.on("customer-actions").next().is_none(), "nothing applied");
 }
 
