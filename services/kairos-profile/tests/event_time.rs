@@ -1410,20 +1410,24 @@ fn purchases_move_segments() {
     assert_eq!(rfm["reason"], "purchase");
 }
 
+/// Five orders of 60, a day apart from `t` (300 in all: F=4, M=3).
+fn five_orders_of_60(h: &mut Harness, customer: &str, t: Millis) {
+    for i in 0..5 {
+        h.site(
+            &format!("{customer}-buy{i}"),
+            "purchase",
+            customer,
+            t + i * DAY,
+            order(&format!("o-{customer}-{i}"), 60.0, None),
+        );
+    }
+}
+
 #[test]
 fn time_alone_moves_a_customer_to_at_risk() {
     let t = at(T0);
     let mut h = Harness::new();
-    // Five orders, 300 in all: F=4, M=3.
-    for i in 0..5 {
-        h.site(
-            &format!("sg2-buy{i}"),
-            "purchase",
-            "sg2",
-            t + i * DAY,
-            order(&format!("o-sg2-{i}"), 60.0, None),
-        );
-    }
+    five_orders_of_60(&mut h, "sg2", t);
     let last = t + 4 * DAY;
     assert!(h.triggers("sg2", "win_back").is_empty());
     // No further input, only time.
@@ -1450,15 +1454,7 @@ fn time_alone_moves_a_customer_to_at_risk() {
 fn a_late_segment_review_passes_through_every_segment_on_the_way() {
     let t = at(T0);
     let mut h = Harness::new();
-    for i in 0..5 {
-        h.site(
-            &format!("sg3-buy{i}"),
-            "purchase",
-            "sg3",
-            t + i * DAY,
-            order(&format!("o-sg3-{i}"), 60.0, None),
-        );
-    }
+    five_orders_of_60(&mut h, "sg3", t);
     let last = t + 4 * DAY;
     h.advance(last + DAY);
     assert!(h.transitions("sg3").iter().all(|x| x["reason"] != "time"));
