@@ -1719,7 +1719,7 @@ impl ArbiterProcessor {
 
     /// Shrinks the ledger a merged customer left to its forwarding note once the
     /// retention is over: the addresses (kept for late bounces), the triggers it
-    /// decided and the outcomes it applied go. The note stays: an unsubscribe or a
+    /// decided, the outcomes and merges it applied go. The note stays: an unsubscribe or a
     /// complaint about an old message must still reach the survivor, and an outcome
     /// finding no ledger would start one for good.
     fn shrink_forwarding_ledger(
@@ -1827,10 +1827,9 @@ impl ArbiterProcessor {
                 // Only the forwarding note, the addresses (for late bounces), the
                 // triggers decided (a redelivered one is still a duplicate) and the
                 // actions applied (a re-sent merge of another customer into this one
-                // is forwarded once) stay.
-                // Kept whole as long as the profile forwards to the survivor, and as
-                // late bounces of the addresses are matched: then only the note stays,
-                // or every merge would keep its addresses for good.
+                // is forwarded once) stay, until `forward_retention` (at least the
+                // bounce window) is over; then only the note, or every merge would
+                // keep its addresses for good.
                 let keep = ms(self.config.identity.forward_retention).max(BOUNCE_WINDOW);
                 let expires = at.max(ctx.now()).saturating_add(keep);
                 let timer = [MERGED_LEDGER_EXPIRY, a.customer_id.as_str()].concat();
@@ -1962,7 +1961,10 @@ impl ArbiterProcessor {
                 // An online purchase checks out the cart that caused a cart or browse
                 // reminder, also when the device's clock puts it a little before the
                 // cart change; a cart changed well after it (read first, from the
-                // other topic) is a new one.
+                // other topic) is a new one, whose reminder stays queued. The slot and
+                // the cascades above end whatever the clock said: what a new cart's
+                // reminder loses is only its priority and its later channels, never
+                // the message itself.
                 let online = !a.till_sale;
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)

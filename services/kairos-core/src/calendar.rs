@@ -55,7 +55,7 @@ fn end_of_gap(tz: Tz, skipped: NaiveDateTime) -> Option<Millis> {
     })?;
     // Local time is before `skipped` at `before` and after it at `after`: the jump is
     // between, found by halving.
-    let (mut before, mut after) = (after - hours * 3_600_000, after);
+    let (mut before, mut after) = (after - hours * crate::time::HOUR, after);
     while after - before > 1 {
         let mid = before + (after - before) / 2;
         if local(mid)? >= skipped {

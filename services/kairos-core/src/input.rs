@@ -50,9 +50,9 @@ pub fn decode_receipt(
             "receipt needs customer_id, loyalty_card or phone",
         ));
     }
-    check_given("event_id", &r.event_id)?;
+    check_given(format_args!("event_id"), &r.event_id)?;
     // Receipts are counted once per receipt id: blank ones would all be one receipt.
-    check_given("receipt_id", &r.receipt_id)?;
+    check_given(format_args!("receipt_id"), &r.receipt_id)?;
     check_customer_id(r.customer_id.as_deref())?;
     // Positive for refunds too: `kind` gives the direction.
     check_amount("total", Some(r.total))?;
@@ -101,7 +101,7 @@ fn check_customer_id(id: Option<&str>) -> Result<(), Rejection> {
 
 /// An id that must be given: blank is missing (blank order or receipt ids would make
 /// every such order a repeat of the first).
-fn check_given(field: &str, value: &str) -> Result<(), Rejection> {
+fn check_given(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Rejection> {
     if value.trim().is_empty() {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
@@ -113,7 +113,7 @@ fn check_given(field: &str, value: &str) -> Result<(), Rejection> {
 
 fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
     for (i, item) in items.iter().enumerate() {
-        check_given(&format!("items[{i}].product_id"), &item.product_id)?;
+        check_given(format_args!("items[{i}].product_id"), &item.product_id)?;
         if item.quantity < 1 {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -136,12 +136,12 @@ fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
 
 /// The checks every site and app event passes before it is applied.
 pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
-    check_given("event_id", &e.event_id)?;
+    check_given(format_args!("event_id"), &e.event_id)?;
     if let Some(order) = &e.order {
-        check_given("order.order_id", &order.order_id)?;
+        check_given(format_args!("order.order_id"), &order.order_id)?;
     }
     if let Some(product) = &e.product {
-        check_given("product.product_id", &product.product_id)?;
+        check_given(format_args!("product.product_id"), &product.product_id)?;
     }
     if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
         return Err(Rejection::new(

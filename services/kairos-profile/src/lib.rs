@@ -300,8 +300,6 @@ impl ProfileProcessor {
             .unwrap_or_else(|| Arc::from([]))
     }
 
-    /// Takes a profile out of the cache (or the store) for modification; every path
-    /// puts it back.
     /// The customer's time zone; `arbiter.default_time_zone` when unknown, as the
     /// arbiter has it (a birthday at ten must not be ten in UTC here and ten in the
     /// default zone for the arbiter's quiet hours and days).
@@ -309,6 +307,8 @@ impl ProfileProcessor {
         calendar::zone_or(p.time_zone.as_deref(), self.default_zone)
     }
 
+    /// Takes a profile out of the cache (or the store) for modification; every path
+    /// puts it back.
     fn take(
         &mut self,
         ctx: &Ctx<'_>,
@@ -558,12 +558,9 @@ impl ProfileProcessor {
                             // (which cannot tell it is a repeat) gives the same survey.
                             let cause = ["delivered:", order.order_id.as_str()].concat();
                             for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
-                                let fire_at = e.occurred_at + ms(s.delay);
                                 let order_id = Some(order.order_id.as_str());
-                                let (at, step) = (e.occurred_at, 0);
-                                schedule_step(
-                                    ctx, s, &p, &cause, at, step, fire_at, None, order_id,
-                                )?;
+                                let at = e.occurred_at;
+                                schedule_after(ctx, s, &p, &cause, at, None, order_id)?;
                             }
                         }
                         _ => {}
@@ -1339,7 +1336,7 @@ impl ProfileProcessor {
         let price_seen = match p.product_appeal(&o.product_id, wishes_only, o.occurred_at) {
             ProductAppeal::Wanted { price_seen } => price_seen,
             appeal => {
-                let reason = appeal.skip_reason().unwrap_or("not_wanted");
+                let reason = appeal.skip_reason();
                 for s in self.scenarios(kind).iter() {
                     self.metrics
                         .skipped
@@ -1689,7 +1686,8 @@ impl ProfileProcessor {
         let cfg = self.config.segments.clone();
         let stage = segments::lifecycle(&cfg.lifecycle, p, now);
         // Transition ids come from the cause's time (the event's, or the review
-        // timer's), which a replay reproduces; `now` is the wall clock in production.
+        // timer's), which a replay reproduces; `now` is the clock's time for an
+        // event, and the boundary itself for a time-driven review.
         let cause = Cause { at, now };
         if p.lifecycle.as_deref() != Some(stage.as_str()) {
             let from = p.lifecycle.replace(stage.clone());
@@ -2271,7 +2269,8 @@ impl WelcomeStarts {
 }
 
 /// When a segment review's cause happened (`at`: the event's time, or the review
-/// timer's) and the processor's time then (`now`: the later of it and the clock).
+/// timer's) and the time it is judged as of (`now`: for an event the later of its time
+/// and the clock, for a time-driven review its boundary).
 #[derive(Debug, Clone, Copy)]
 struct Cause {
     at: Millis,
@@ -2502,18 +2501,22 @@ fn schedule_after_event(
     product: Option<&Product>,
     order_id: Option<&str>,
 ) -> anyhow::Result<()> {
-    let fire_at = e.occurred_at + ms(s.delay);
-    schedule_step(
-        ctx,
-        s,
-        p,
-        &e.event_id,
-        e.occurred_at,
-        0,
-        fire_at,
-        product,
-        order_id,
-    )
+    schedule_after(ctx, s, p, &e.event_id, e.occurred_at, product, order_id)
+}
+
+/// Arms the scenario's first step `delay` after a cause named `cause_event_id` (an
+/// event's id, or a key such as the order's delivery) that happened at `at`.
+fn schedule_after(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &CustomerProfile,
+    cause_event_id: &str,
+    at: Millis,
+    product: Option<&Product>,
+    order_id: Option<&str>,
+) -> anyhow::Result<()> {
+    let fire_at = at + ms(s.delay);
+    schedule_step(ctx, s, p, cause_event_id, at, 0, fire_at, product, order_id)
 }
 
 /// Arms the next birthday or registration anniversary after `after`, in `tz` (the

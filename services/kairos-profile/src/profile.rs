@@ -250,14 +250,15 @@ impl ProductAppeal {
     pub const SKIP_REASONS: [&'static str; 4] =
         ["already_bought", "unwished", "seen_since", "not_wished"];
 
-    /// The label of the skip it causes (`kairos_triggers_skipped_total`).
-    pub fn skip_reason(self) -> Option<&'static str> {
+    /// The label of the skip it causes (`kairos_triggers_skipped_total`); `Wanted`
+    /// causes none and is never counted.
+    pub fn skip_reason(self) -> &'static str {
         match self {
-            ProductAppeal::Wanted { .. } => None,
-            ProductAppeal::Bought => Some("already_bought"),
-            ProductAppeal::Unwished => Some("unwished"),
-            ProductAppeal::SeenSince => Some("seen_since"),
-            ProductAppeal::NotWished => Some("not_wished"),
+            ProductAppeal::Wanted { .. } => "wanted",
+            ProductAppeal::Bought => "already_bought",
+            ProductAppeal::Unwished => "unwished",
+            ProductAppeal::SeenSince => "seen_since",
+            ProductAppeal::NotWished => "not_wished",
         }
     }
 }
@@ -1045,12 +1046,12 @@ impl CustomerProfile {
     /// The mark of `product_id`, added if missing (the caller sets a time on it, then
     /// calls [`Self::trim_product_marks`]).
     fn product_mark(&mut self, product_id: &str) -> &mut ProductMark {
-        let at = match self
+        let index = match self
             .product_marks
             .iter()
             .position(|m| m.product_id == product_id)
         {
-            Some(at) => at,
+            Some(index) => index,
             None => {
                 self.product_marks.push(ProductMark {
                     product_id: product_id.into(),
@@ -1059,7 +1060,7 @@ impl CustomerProfile {
                 self.product_marks.len() - 1
             }
         };
-        &mut self.product_marks[at]
+        &mut self.product_marks[index]
     }
 
     /// Drops marks beyond the bound (see [`PRODUCT_MARKS`]): a wish's mark stays with
@@ -1155,7 +1156,7 @@ impl CustomerProfile {
     /// `product_id` at `changed_at` is news to the customer. The catalog join sends it
     /// to whoever viewed the product within its window or wished it; the profile knows
     /// more: what they bought, took off the wishlist or saw after the change. A
-    /// purchase counts when it is later than their latest view or wish of the product;
+    /// purchase counts when it is at or after their latest view or wish of the product;
     /// when neither time is known any more (the view left the latest twenty), when it
     /// falls within the join's window.
     pub fn product_appeal(
