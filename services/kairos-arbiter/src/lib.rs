@@ -253,6 +253,12 @@ const BOUNCED_PER_CHANNEL: usize = 8;
 /// report most bounces at once, some days later (the outcome carries no address).
 const BOUNCE_WINDOW: Millis = 30 * DAY;
 
+/// A moment within the quiet hours: when they end, and the customer's zone.
+struct Quiet {
+    until: Millis,
+    tz: chrono_tz::Tz,
+}
+
 /// How far a device's clock may put an online purchase before the cart change it
 /// checked out.
 const PURCHASE_CLOCK_SKEW: Millis = 10 * MINUTE;
@@ -1173,13 +1179,12 @@ impl ArbiterProcessor {
         if t.category == MessageCategory::transactional {
             return at;
         }
-        self.quiet_hours(at, t)
-            .and_then(|quiet| quiet.defer_until)
-            .unwrap_or(at)
+        self.quiet_until(at, t).map_or(at, |quiet| quiet.until)
     }
 
-    /// Quiet hours in the customer's zone: wait until they end.
-    fn quiet_hours(&self, now: Millis, t: &Trigger) -> Option<Verdict> {
+    /// When the quiet hours `now` falls in end in the customer's zone; `None` outside
+    /// them.
+    fn quiet_until(&self, now: Millis, t: &Trigger) -> Option<Quiet> {
         let tz = self.zone_of(t);
         let (start, end) = self.config.arbiter.quiet_hours()?;
         let local = calendar::local_time(now, tz)?;
@@ -1188,6 +1193,15 @@ impl ArbiterProcessor {
         }
         // Fail closed: a local time the zone cannot map waits an hour.
         let until = calendar::next_local_time(now, tz, end).unwrap_or(now + HOUR);
+        Some(Quiet { until, tz })
+    }
+
+    /// Quiet hours in the customer's zone: wait until they end.
+    fn quiet_hours(&self, now: Millis, t: &Trigger) -> Option<Verdict> {
+        let Quiet { until, tz } = self.quiet_until(now, t)?;
+        let (start, end) = self.config.arbiter.quiet_hours()?;
+        // Only for the reason: the check itself formats nothing.
+        let local = calendar::local_time(now, tz)?;
         Some(Verdict::defer(
             until,
             "quiet_hours",

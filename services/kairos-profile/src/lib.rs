@@ -307,6 +307,41 @@ impl ProfileProcessor {
         calendar::zone_or(p.time_zone.as_deref(), self.default_zone)
     }
 
+    /// Arms the next birthday or registration anniversary after `after`, in the
+    /// customer's zone.
+    fn schedule_yearly(
+        &self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &CustomerProfile,
+        after: Millis,
+    ) -> anyhow::Result<()> {
+        let tz = self.zone_of(p);
+        let date = match s.kind {
+            ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
+            _ => p
+                .registered_at
+                .and_then(|r| calendar::local_month_day(r, tz)),
+        };
+        let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
+            ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
+            ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
+            return Ok(());
+        };
+        // The registration day itself is no anniversary: the first one is a year later.
+        let after = match (s.kind, p.registered_at) {
+            (ScenarioKind::RegistrationAnniversary, Some(r)) => {
+                calendar::start_of_next_local_day(r, tz)
+                    .map_or(after, |next_day| after.max(next_day))
+            }
+            _ => after,
+        };
+        if let Some(at) = calendar::next_yearly(month, day, time, tz, after) {
+            schedule_step(ctx, s, p, &s.name, at, 0, at, None, None)?;
+        }
+        Ok(())
+    }
+
     /// Takes a profile out of the cache (or the store) for modification; every path
     /// puts it back.
     fn take(
@@ -388,7 +423,7 @@ impl ProfileProcessor {
                     }
                 }
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    schedule_yearly(ctx, s, &p, self.zone_of(&p), ctx.now().max(e.occurred_at))?;
+                    self.schedule_yearly(ctx, s, &p, ctx.now().max(e.occurred_at))?;
                 }
             }
             // Topics are consumed independently, so a purchase (say, an offline
@@ -615,12 +650,12 @@ impl ProfileProcessor {
             let now = ctx.now().max(e.occurred_at);
             let since = |s: &ScenarioConfig| now.saturating_sub(ms(s.tolerance()));
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
-                schedule_yearly(ctx, s, &p, self.zone_of(&p), since(s))?;
+                self.schedule_yearly(ctx, s, &p, since(s))?;
             }
             // The anniversary is a local date and time too: a new zone moves it.
             if p.time_zone != birthday_before.1 && p.registered_at.is_some() {
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    schedule_yearly(ctx, s, &p, self.zone_of(&p), since(s))?;
+                    self.schedule_yearly(ctx, s, &p, since(s))?;
                 }
             }
         }
@@ -1047,7 +1082,7 @@ impl ProfileProcessor {
                 .iter()
                 .filter(|s| s.enabled && is_yearly(s.kind))
             {
-                schedule_yearly(ctx, s, &p, self.zone_of(&p), now)?;
+                self.schedule_yearly(ctx, s, &p, now)?;
             }
         }
         if p.subscription_ends_at != subscription_before {
@@ -1999,16 +2034,16 @@ impl ProfileProcessor {
                 // A follow-up armed by an earlier version under the yearly timer's own
                 // id took its place: next year's date is armed again.
                 if *timer.timer_id == *timer_id(&s.name, &p.customer_id) {
-                    schedule_yearly(ctx, s, p, self.zone_of(p), timer.fire_at)?;
+                    self.schedule_yearly(ctx, s, p, timer.fire_at)?;
                 }
             }
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
+                let tz = self.zone_of(p);
                 let year = chrono::DateTime::from_timestamp_millis(timer.fire_at)
-                    .map(|d| chrono::Datelike::year(&d.with_timezone(&self.zone_of(p))))
+                    .map(|d| chrono::Datelike::year(&d.with_timezone(&tz)))
                     .unwrap_or(0);
                 cause = format!("{}-{year}", s.name);
                 // Still the customer's date? (birthday or zone may have changed.)
-                let tz = self.zone_of(p);
                 let date = match s.kind {
                     ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
                     _ => p
@@ -2024,10 +2059,10 @@ impl ProfileProcessor {
                     // moment in the customer's zone may be a tolerance ago at most, as
                     // for a zone change; a greeting sent already has the same id.
                     let since = timer.fire_at.saturating_sub(ms(s.tolerance()));
-                    schedule_yearly(ctx, s, p, tz, since)?;
+                    self.schedule_yearly(ctx, s, p, since)?;
                     return Ok(());
                 }
-                schedule_yearly(ctx, s, p, tz, timer.fire_at)?;
+                self.schedule_yearly(ctx, s, p, timer.fire_at)?;
             }
             ScenarioKind::SubscriptionEnding => {
                 let expected = format!("subscription-{}", p.subscription_ends_at.unwrap_or(0));
@@ -2517,39 +2552,6 @@ fn schedule_after(
 ) -> anyhow::Result<()> {
     let fire_at = at + ms(s.delay);
     schedule_step(ctx, s, p, cause_event_id, at, 0, fire_at, product, order_id)
-}
-
-/// Arms the next birthday or registration anniversary after `after`, in `tz` (the
-/// customer's zone, see [`ProfileProcessor::zone_of`]).
-fn schedule_yearly(
-    ctx: &mut Ctx<'_>,
-    s: &ScenarioConfig,
-    p: &CustomerProfile,
-    tz: chrono_tz::Tz,
-    after: Millis,
-) -> anyhow::Result<()> {
-    let date = match s.kind {
-        ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
-        _ => p
-            .registered_at
-            .and_then(|r| calendar::local_month_day(r, tz)),
-    };
-    let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
-        ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
-        ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
-        return Ok(());
-    };
-    // The registration day itself is no anniversary: the first one is a year later.
-    let after = match (s.kind, p.registered_at) {
-        (ScenarioKind::RegistrationAnniversary, Some(r)) => {
-            calendar::start_of_next_local_day(r, tz).map_or(after, |next_day| after.max(next_day))
-        }
-        _ => after,
-    };
-    if let Some(at) = calendar::next_yearly(month, day, time, tz, after) {
-        schedule_step(ctx, s, p, &s.name, at, 0, at, None, None)?;
-    }
-    Ok(())
 }
 
 fn contacts(p: &CustomerProfile) -> Contacts {
