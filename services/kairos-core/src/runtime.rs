@@ -2606,8 +2606,10 @@ fn restore_once(
             n += 1;
             // The store's own outbox is the truth about what it still has to
             // publish: an output's replica in the tail may have been published since.
-            // A claim is the changelog's alone.
-            if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) {
+            // A claim is the changelog's alone. A write-ahead record was written here
+            // before its copy was sent, so the local value is as new or newer (a
+            // withdrawn commit point whose copy died with the process).
+            if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) && !r.write_ahead {
                 chunk.push((r.key, r.value));
             }
             if chunk.len() >= RESTORE_CHUNK {

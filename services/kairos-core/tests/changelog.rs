@@ -1288,6 +1288,29 @@ fn one_send(broker: &Broker, through: &ProducerWriteAhead, store: &mut Partition
     store.note_own_changelog_offsets(&offsets);
 }
 
+/// A delivery worker killed after withdrawing a commit point locally, before the
+/// withdrawal's copy reached the changelog: back on its own tail, the store keeps the
+/// withdrawal (the send is tried again) instead of the older copy (which would report
+/// it handed over, and lose it).
+#[test]
+fn a_store_back_on_its_own_tail_keeps_a_write_ahead_value_newer_than_its_copy() {
+    let broker = broker();
+    let through = ProducerWriteAhead::new(&broker.config);
+    let (dir, mut store) = restored(&broker);
+    one_send(&broker, &through, &mut store, 0);
+    write_ahead(&broker, &through, &store, ("w/send-1", "at"), true).expect("before the call");
+    write_ahead(&broker, &through, &store, ("k/send-1", "at"), true).expect("commit point");
+    store
+        .put_now(b"k/send-1", b"withdrawn")
+        .expect("written locally only");
+    drop(store);
+    let (store, stats) = restore_in_place(&broker, dir.path());
+    assert_eq!(stats.kind, RestoreKind::OwnTail, "{stats:?}");
+    assert_eq!(value(&store, "k/send-1").as_deref(), Some("withdrawn"));
+    assert_eq!(value(&store, "w/send-1").as_deref(), Some("at"));
+    assert_eq!(value(&store, "s/send-0").as_deref(), Some("sent"));
+}
+
 #[test]
 fn a_worker_whose_partition_was_claimed_finds_it_before_its_next_provider_call() {
     let broker = broker();
