@@ -217,6 +217,11 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                 let status = if key.starts_with("s5xx-") && attempt <= 2 || key.starts_with("down-")
                 {
                     StatusCode::SERVICE_UNAVAILABLE
+                } else if key.starts_with("holdretry-") && attempt == 1 {
+                    while !log.lock().expect("log").released {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE
                 } else if key.starts_with("holdperm-") {
                     if attempt == 1 {
                         while !log.lock().expect("log").released {
@@ -615,7 +620,21 @@ fn a_paused_worker_whose_held_call_failed_publishes_nothing_after_the_takeover()
     );
 }
 
-/// The run both tests share: twenty sends and `held`, the first worker paused while
+/// As above, but the gateway answers the held call with 503 (try again): the woken
+/// worker's retry would be a second call of its own. Its record of the retry finds the
+/// claim first, and it stops without calling.
+#[test]
+fn a_paused_worker_makes_no_retry_after_the_takeover() {
+    let p = paused_worker_wakes_after_a_takeover("holdretry-1");
+    assert!(
+        p.log("deliver-sms")
+            .contains("was claimed by another instance since this one claimed it"),
+        "{}",
+        p.log("deliver-sms")
+    );
+}
+
+/// The run the three tests share: twenty sends and `held`, the first worker paused while
 /// the gateway holds `held`, a second instance that takes over and sends everything,
 /// then the first woken: it must stop with an error. Every send's single final outcome
 /// is the gateway's answer, each send is handed on at most once, and only `held` was

@@ -100,7 +100,7 @@ pub struct SendInput {
 }
 
 /// How the provider attempts of one send ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 enum Delivery {
     Sent,
     HardBounce(String),
@@ -110,6 +110,9 @@ enum Delivery {
     InDoubt(String),
     /// Every attempt failed transiently.
     Exhausted(String),
+    /// No retry: the partition was claimed by another instance, or the attempt record
+    /// could not be written.
+    Stopped(anyhow::Error),
 }
 
 struct DeliveryMetrics {
@@ -339,6 +342,7 @@ impl DeliveryProcessor {
         now: Millis,
         commit_point: &dyn Fn(),
         withdraw_commit_point: &dyn Fn(),
+        before_retry: &dyn Fn() -> anyhow::Result<()>,
     ) -> Delivery {
         let committed = std::cell::Cell::new(false);
         let mark = || {
@@ -372,6 +376,14 @@ impl DeliveryProcessor {
                 return Delivery::Expired;
             }
             self.limiter.until_ready().await;
+            // Every call, not only the first, must find the partition still this
+            // instance's: a worker paused or cut off during a backoff would otherwise
+            // retry a send its new owner makes too.
+            if attempt > 1 {
+                if let Err(e) = before_retry() {
+                    return Delivery::Stopped(e);
+                }
+            }
             let started = Instant::now();
             // Only this attempt's "." can leave the message in doubt.
             committed.set(false);
@@ -518,6 +530,8 @@ impl DeliveryProcessor {
                 tracing::error!(send_id = %cmd.send_id, error = %e, "cannot withdraw the commit point");
             }
         };
+        // The attempt record written again, acknowledged, checks the claim.
+        let before_retry = || ctx.put_now(&attempt_key, &started_at);
         let delivery = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(self.attempts(
                 cmd,
@@ -525,10 +539,14 @@ impl DeliveryProcessor {
                 started_at,
                 &commit_point,
                 &withdraw_commit_point,
+                &before_retry,
             ))
         });
         let now = ctx.now();
         match delivery {
+            // No further call: the partition's new owner makes it, or the broker does
+            // not take the attempt record (the batch fails, and the send is resumed).
+            Delivery::Stopped(e) => return Err(e),
             Delivery::Sent => {
                 // Durable at once: the moment between the provider's acceptance and
                 // this write is the only one in which a crash can repeat the send.

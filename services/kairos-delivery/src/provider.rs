@@ -277,8 +277,9 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
             // A refused login or sender refuses every message alike: marking each
             // recipient dead would suppress the whole base for a configuration error.
             SmtpStep::Connect | SmtpStep::MailFrom => ProviderError::Refused(e.to_string()),
-            // 550/551/553 to RCPT TO: the mailbox is unavailable or unknown: dead.
-            SmtpStep::RcptTo if matches!(code.as_str(), "550" | "551" | "553") => {
+            // 550/551/553 to RCPT TO: the mailbox is unavailable or unknown: dead,
+            // unless the enhanced status says otherwise.
+            SmtpStep::RcptTo if recipient_is_dead(&code, &e.to_string()) => {
                 ProviderError::HardBounce(e.to_string())
             }
             // Any other 5xx, and any 5xx to the message itself (a 550 "refused as
@@ -293,6 +294,28 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
     }
 }
 
+/// Whether a permanent refusal of RCPT TO (reply `code`, whole `reply` text) says the
+/// mailbox is dead. The enhanced status code (RFC 3463), when the server gives one,
+/// decides: only `5.1.x` (a bad address) is; a policy refusal at RCPT (`5.7.1` for a
+/// blocklisted sender, SPF or DMARC) refuses the sender, and `5.2.2` (mailbox full) is
+/// a soft bounce. Without one, 550, 551 and 553 are.
+fn recipient_is_dead(code: &str, reply: &str) -> bool {
+    let enhanced = reply
+        .split(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '(' | ')'))
+        .find(|token| {
+            let parts: Vec<&str> = token.split('.').collect();
+            parts.len() == 3
+                && matches!(parts[0], "4" | "5")
+                && parts[1..]
+                    .iter()
+                    .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        });
+    match enhanced {
+        Some(status) => status.starts_with("5.1."),
+        None => matches!(code, "550" | "551" | "553"),
+    }
+}
+
 pub struct HttpProvider {
     client: reqwest::Client,
     config: HttpProviderConfig,
@@ -303,6 +326,9 @@ impl HttpProvider {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            // A redirect followed would turn the POST into a GET, and its 200 would
+            // count a message nobody received as sent.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(HttpProvider {
             client,
@@ -353,14 +379,18 @@ impl HttpProvider {
 /// What a non-success HTTP status from the gateway means for the send.
 fn http_error(status: u16, detail: String) -> ProviderError {
     match status {
-        408 | 429 | 500..=599 => ProviderError::Transient(detail),
+        // 409: a request with this idempotency key is still in progress (an earlier
+        // attempt whose answer was lost); asked again later, the gateway answers with
+        // that request's result.
+        408 | 409 | 429 | 500..=599 => ProviderError::Transient(detail),
         // The recipient (token, number, chat) is gone for good: the address is dead,
         // as for an SMTP 5xx to RCPT TO.
         410 => ProviderError::HardBounce(detail),
         // Credentials refused, or no such route: every send goes to one URL, so a 404
         // is far more likely a missing route (a misconfiguration, a gateway deploy)
         // than an unknown recipient. Every send would fail alike.
-        401 | 403 | 404 | 407 => ProviderError::Refused(detail),
+        // A redirect (not followed) says the URL is not the gateway's.
+        300..=399 | 401 | 403 | 404 | 407 => ProviderError::Refused(detail),
         _ => ProviderError::Permanent(detail),
     }
 }
@@ -382,8 +412,76 @@ mod tests {
         );
     }
 
+    /// A gateway URL that redirects is refused, not followed: the POST would become a
+    /// GET, and the target's 200 would report a message sent that nobody received.
+    #[tokio::test]
+    async fn a_redirect_from_the_gateway_is_not_followed() {
+        let app = axum::Router::new()
+            .route(
+                "/sms",
+                axum::routing::post(|| async { axum::response::Redirect::to("/elsewhere") }),
+            )
+            .route("/elsewhere", axum::routing::any(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let provider = HttpProvider::new(&HttpProviderConfig {
+            url: format!("http://{addr}/sms"),
+            auth_header: None,
+            auth_value: None,
+            idempotency_header: "Idempotency-Key".into(),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let cmd: SendCommand = serde_json::from_value(serde_json::json!({
+            "send_id": "s1", "trigger_id": "t1", "customer_id": "c1",
+            "scenario": "abandoned_cart", "channel": "sms", "category": "trigger",
+            "template": "abandoned_cart", "address": "+491701234567", "variables": "{}",
+            "created_at": 0, "valid_until": 1, "cause_occurred_at": 0, "reasons": []
+        }))
+        .unwrap();
+        let message = RenderedMessage {
+            subject: None,
+            preheader: None,
+            body: "hi".into(),
+        };
+        let result = provider.send(&cmd, &message).await;
+        assert!(
+            matches!(&result, Err(ProviderError::Refused(e)) if e.contains("303")),
+            "{result:?}"
+        );
+    }
+
     #[test]
-    fn only_410_from_the_gateway_is_a_hard_bounce() {
+    fn only_a_bad_address_refused_at_rcpt_is_a_hard_bounce() {
+        assert!(recipient_is_dead(
+            "550",
+            "permanent error (550): 5.1.1 <x@example.com>: user unknown"
+        ));
+        assert!(!recipient_is_dead(
+            "550",
+            "permanent error (550): 5.7.1 client host blocked using zen.spamhaus.org"
+        ));
+        assert!(!recipient_is_dead(
+            "552",
+            "permanent error (552): 5.2.2 mailbox full"
+        ));
+        assert!(recipient_is_dead(
+            "550",
+            "permanent error (550): no such user here"
+        ));
+        assert!(recipient_is_dead(
+            "553",
+            "permanent error (553): mailbox name not allowed"
+        ));
+        assert!(!recipient_is_dead(
+            "554",
+            "permanent error (554): transaction failed"
+        ));
+    }
+
+    #[test]
+    fn only_410_from_the_gateway_is_a_hard_bounce_and_409_is_asked_again() {
         let kind = |status| match http_error(status, String::new()) {
             ProviderError::Transient(_) => "transient",
             ProviderError::NoAnswer(_) => "no_answer",
@@ -397,6 +495,12 @@ mod tests {
         assert_eq!(kind(403), "refused");
         assert_eq!(kind(400), "permanent");
         assert_eq!(kind(408), "transient");
+        assert_eq!(
+            kind(409),
+            "transient",
+            "the key's first request is in progress"
+        );
+        assert_eq!(kind(302), "refused", "a redirect is a wrong URL");
         assert_eq!(kind(429), "transient");
         assert_eq!(kind(503), "transient");
     }
