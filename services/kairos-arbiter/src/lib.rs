@@ -374,8 +374,9 @@ impl CustomerLedger {
     }
 
     /// Folds in the ledger of a customer merged into this one: its sends count
-    /// against the caps from now on, and every suppression holds (an unsubscribe is
-    /// never lost by a merge, even against an older opt-in of this customer).
+    /// against the caps from now on, and every suppression holds, except an
+    /// unsubscribe that an opt-in of either id came after: both ids are one person,
+    /// whose latest word on a channel counts, as it does without a merge.
     pub fn absorb(&mut self, other: CustomerLedger) {
         self.sends.extend(other.sends);
         self.sends.sort_by_key(|(at, _, _)| *at);
@@ -391,6 +392,10 @@ impl CustomerLedger {
             let mine = self.opted_in.entry(channel).or_insert(at);
             *mine = (*mine).max(at);
         }
+        // An unsubscribe at the instant of an opt-in wins, as in `apply_outcome`.
+        let opted_in = &self.opted_in;
+        self.unsubscribed
+            .retain(|channel, at| opted_in.get(channel).is_none_or(|opt_in| *opt_in <= *at));
         for (channel, address) in other.hard_bounced {
             self.add_bounced(channel, address);
         }
@@ -463,10 +468,26 @@ impl CustomerLedger {
     /// count. Returns false for an outcome already applied.
     pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
         let h = kairos_core::ids::stable_hash(&o.outcome_id);
-        if !remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES) {
+        let first = remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
+        // A suppression applies however often it comes: once more changes nothing,
+        // and an outcome id names the send and the kind only, so a second unsubscribe
+        // from the same message, after a new opt-in, carries the first one's id.
+        let suppression = matches!(
+            o.kind,
+            OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
+        );
+        if !first && !suppression {
             return false;
         }
         match o.kind {
+            // A delivery reported after an open or click of the channel at or after it
+            // (webhooks come in any order) is not a message ignored.
+            OutcomeKind::delivered
+                if self
+                    .engagement
+                    .get(&o.channel)
+                    .and_then(|e| e.engaged_at)
+                    .is_some_and(|engaged| engaged >= o.occurred_at) => {}
             OutcomeKind::delivered if o.category != MessageCategory::transactional => {
                 let followup = self
                     .cascade_followups

@@ -226,3 +226,88 @@ fn a_push_token_that_bounced_hard_gives_way_to_email() {
     let d = a.push_trigger(&t);
     assert_eq!(d.channel, Some(Channel::email), "{d:#?}");
 }
+
+#[test]
+fn a_second_unsubscribe_from_the_same_message_after_an_opt_in_suppresses_again() {
+    let mut a = Arbiter::with_config("daily_cap = 10");
+    a.push_trigger(&email_only(&a, "u1", T0));
+    let email = a.last_send();
+    // The webhook names an outcome by its send and kind: both clicks share an id.
+    unsubscribe(&mut a, "same-id", &email, T0 + HOUR);
+    a.opt_in("in", Channel::email, T0 + 2 * HOUR);
+    assert_eq!(
+        a.push_trigger(&email_only(&a, "u2", T0 + 3 * HOUR)).outcome,
+        DecisionOutcome::sent,
+        "the opt-in lifts the first unsubscribe"
+    );
+    unsubscribe(&mut a, "same-id", &email, T0 + 4 * HOUR);
+    let d = a.push_trigger(&email_only(&a, "u3", T0 + 5 * HOUR));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed"),
+        "{d:#?}"
+    );
+    assert_eq!(a.sends.len(), 2);
+}
+
+#[test]
+fn a_delivery_reported_after_the_open_is_not_a_message_ignored() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 2\ndaily_cap = 10\nweekly_cap = 30");
+    for i in 0..3 {
+        let d = a.trigger(
+            &format!("w{i}"),
+            "welcome",
+            MessageCategory::trigger,
+            T0 + i * DAY,
+        );
+        assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    }
+    // The provider's webhooks come late and out of order: every open before any
+    // delivery report.
+    let sends = a.sends.clone();
+    for (i, send) in (0..).zip(&sends) {
+        a.outcome(send, OutcomeKind::opened, T0 + i * DAY + 2 * MINUTE);
+    }
+    for (i, send) in (0..).zip(&sends) {
+        a.outcome(send, OutcomeKind::delivered, T0 + i * DAY + MINUTE);
+    }
+    let d = a.trigger("p1", "weekly_promo", MessageCategory::promo, T0 + 4 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}
+
+/// A merged customer's unsubscribe that the survivor's opt-in came after is over: both
+/// ids are one person, whose latest word counts. One that came after the opt-in holds.
+#[test]
+fn a_merged_unsubscribe_holds_only_against_an_older_opt_in() {
+    use kairos_arbiter::CustomerLedger;
+    for (unsubscribed_at, opted_in_at, sent) in [
+        (T0 + 3 * HOUR, T0 + 5 * HOUR, true),
+        (T0 + 5 * HOUR, T0 + 3 * HOUR, false),
+    ] {
+        let mut a = Arbiter::new();
+        a.opt_in("in", Channel::email, opted_in_at);
+        let mut merged = CustomerLedger::default();
+        merged.unsubscribed.insert(Channel::email, unsubscribed_at);
+        let merge_in = CustomerAction {
+            state: Some(serde_json::to_string(&merged).expect("ledger json")),
+            merged_from: Some("c9".into()),
+            ..CustomerAction::new(
+                "merge-c9".into(),
+                "c1".into(),
+                CustomerActionKind::merge_in,
+                T0 + 4 * HOUR,
+            )
+        };
+        a.push("customer-actions", "c1", &merge_in);
+        let d = a.push_trigger(&email_only(&a, "u1", T0 + 6 * HOUR));
+        let expected = if sent {
+            DecisionOutcome::sent
+        } else {
+            DecisionOutcome::suppressed
+        };
+        assert_eq!(
+            d.outcome, expected,
+            "unsubscribed at {unsubscribed_at}: {d:#?}"
+        );
+    }
+}

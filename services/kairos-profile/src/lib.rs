@@ -698,7 +698,15 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        if p.remember_outcome(&o.outcome_id) {
+        // A suppression applies however often it comes (see the arbiter's ledger): a
+        // second unsubscribe from one message, after a new opt-in, has the same id.
+        let suppression = matches!(
+            o.kind,
+            kairos_core::contracts::OutcomeKind::unsubscribed
+                | kairos_core::contracts::OutcomeKind::bounced_hard
+                | kairos_core::contracts::OutcomeKind::complained
+        );
+        if p.remember_outcome(&o.outcome_id) || suppression {
             p.apply_outcome(o);
         } else {
             self.metrics.duplicates.inc();

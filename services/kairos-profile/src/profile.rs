@@ -580,8 +580,12 @@ impl CustomerProfile {
         match o.kind {
             OutcomeKind::delivered => {
                 e.last_delivered_at = Some(e.last_delivered_at.map_or(at, |l| l.max(at)));
-                // Ignored until an open or click says otherwise.
-                e.ignored_in_row += 1;
+                // Ignored until an open or click says otherwise; one reported after an
+                // open or click at or after it (webhooks come in any order) is not.
+                let engaged = e.last_opened_at.max(e.last_clicked_at);
+                if engaged.is_none_or(|engaged| engaged < at) {
+                    e.ignored_in_row += 1;
+                }
             }
             OutcomeKind::opened => {
                 e.last_opened_at = Some(e.last_opened_at.map_or(at, |l| l.max(at)));
@@ -596,9 +600,9 @@ impl CustomerProfile {
     }
 
     /// Folds in the profile of a customer found to be the same person (an identity
-    /// merge): purchases add up, the most restrictive consent wins (an unsubscribe is
-    /// never lost), the newer cart and the union of interests stay. Waits and segments
-    /// are the processor's to re-arm and review.
+    /// merge): purchases add up, the later consent of a channel wins (a withdrawal at
+    /// the same time, or without times to compare), the newer cart and the union of
+    /// interests stay. Waits and segments are the processor's to re-arm and review.
     pub fn absorb(&mut self, other: CustomerProfile) {
         fn min_some(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
             match (a, b) {
@@ -635,8 +639,17 @@ impl CustomerProfile {
         }
         self.subscription_ends_at = self.subscription_ends_at.max(other.subscription_ends_at);
         for (channel, granted) in other.consents {
+            let theirs_at = other.consent_at.get(&channel);
+            let mine_at = self.consent_at.get(&channel);
             let mine = self.consents.entry(channel).or_insert(granted);
-            *mine &= granted;
+            // Both ids are one person: the later word on the channel counts. At the
+            // same time, or without both times (rows from before they were kept), a
+            // withdrawal wins.
+            *mine = match (mine_at, theirs_at) {
+                (Some(m), Some(t)) if m > t => *mine,
+                (Some(m), Some(t)) if t > m => granted,
+                _ => *mine && granted,
+            };
         }
         for (channel, at) in other.consent_at {
             let mine = self.consent_at.entry(channel).or_insert(at);
@@ -1919,6 +1932,56 @@ mod tests {
         // A merge with an older row inherits its doubt.
         withdrew.absorb(legacy);
         assert!(withdrew.opted_in_before());
+    }
+
+    #[test]
+    fn a_merge_keeps_the_later_word_on_each_channel() {
+        let said = |channel: Channel, granted: bool, at: Millis, p: &mut CustomerProfile| {
+            p.consents.insert(channel, granted);
+            p.consent_at.insert(channel, at);
+        };
+        let mut survivor = CustomerProfile::new("c1", 0);
+        let mut merged = CustomerProfile::new("c2", 0);
+        // E-mail: unsubscribed on the merged id, opted in later on the survivor.
+        said(Channel::email, false, 30, &mut merged);
+        said(Channel::email, true, 50, &mut survivor);
+        // SMS: opted in on the survivor, withdrawn later on the merged id.
+        said(Channel::sms, true, 10, &mut survivor);
+        said(Channel::sms, false, 20, &mut merged);
+        // Push: both at one instant, a withdrawal and an opt-in.
+        said(Channel::push, true, 40, &mut survivor);
+        said(Channel::push, false, 40, &mut merged);
+        // Messenger: only the merged id said anything.
+        said(Channel::messenger, true, 5, &mut merged);
+        // In-app: withdrawn on the survivor, opted in later on the merged id.
+        said(Channel::in_app, false, 30, &mut survivor);
+        said(Channel::in_app, true, 50, &mut merged);
+        survivor.absorb(merged);
+        let consent = |c| survivor.consents.get(&c).copied();
+        assert_eq!(consent(Channel::email), Some(true), "the later opt-in");
+        assert_eq!(consent(Channel::sms), Some(false), "the later withdrawal");
+        assert_eq!(
+            consent(Channel::push),
+            Some(false),
+            "a withdrawal wins a tie"
+        );
+        assert_eq!(consent(Channel::messenger), Some(true));
+        assert_eq!(
+            consent(Channel::in_app),
+            Some(true),
+            "the merged id's later opt-in"
+        );
+        assert_eq!(survivor.consent_at.get(&Channel::email), Some(&50));
+    }
+
+    #[test]
+    fn a_delivery_reported_after_its_open_is_not_ignored() {
+        let mut p = CustomerProfile::new("c1", 0);
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::opened, 20));
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, 10));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 0);
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, 30));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 1);
     }
 
     #[test]

@@ -2654,6 +2654,42 @@ fn every_stated_consent_reaches_the_arbiter_as_an_opt_in_or_an_opt_out() {
 }
 
 #[test]
+fn a_second_unsubscribe_from_one_message_after_an_opt_in_withdraws_consent_again() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let consent = |granted: bool| json!({"consent": {"channel": "email", "granted": granted}});
+    h.site("su-1", "consent_change", "su", t, consent(true));
+    // The webhook names an outcome by its send and kind: both clicks share an id.
+    let unsubscribe = |h: &mut Harness, at: Millis| {
+        h.feed(
+            "outcomes",
+            "su",
+            json!({"outcome_id": "su-s1-unsubscribed", "send_id": "su-s1",
+                "customer_id": "su", "scenario": "welcome", "channel": "email",
+                "category": "trigger", "kind": "unsubscribed", "reason": null,
+                "occurred_at": at}),
+        );
+    };
+    let email_consent = |h: &mut Harness| {
+        h.commit();
+        let p = h.pipeline.profile("su").expect("read").expect("stored");
+        p.consents
+            .get(&kairos_core::contracts::Channel::email)
+            .copied()
+    };
+    unsubscribe(&mut h, t + HOUR);
+    assert_eq!(email_consent(&mut h), Some(false));
+    h.site("su-2", "consent_change", "su", t + 2 * HOUR, consent(true));
+    assert_eq!(email_consent(&mut h), Some(true));
+    unsubscribe(&mut h, t + 3 * HOUR);
+    assert_eq!(
+        email_consent(&mut h),
+        Some(false),
+        "the second click counts"
+    );
+}
+
+#[test]
 fn a_transition_id_comes_from_its_cause_not_from_the_clock() {
     let t = at(T0);
     let mut h = Harness::new();
