@@ -266,3 +266,60 @@ fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() 
     want.sort();
     assert_eq!(dead, want, "{lines:?}");
 }
+
+/// A scenario that sends on a channel without a `[delivery.<channel>]` section would
+/// publish send commands no worker reads: `check-config` and the arbiter service stop
+/// and name the scenario's line; the shipped config passes.
+#[test]
+fn a_scenario_channel_without_a_delivery_worker_is_a_configuration_error() {
+    run_ok(&mut kairos(&["check-config"]));
+    let shipped = std::fs::read_to_string(repo_root().join("config/kairos.toml")).unwrap();
+    let start = shipped.find("[delivery.sms]\n").expect("an sms section");
+    let end = start
+        + shipped[start..]
+            .find("[delivery.push]\n")
+            .expect("push after sms");
+    let without_sms = format!("{}{}", &shipped[..start], &shipped[end..]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kairos.toml");
+    std::fs::write(&config, &without_sms).unwrap();
+    std::os::unix::fs::symlink(
+        repo_root().join("config/templates"),
+        dir.path().join("templates"),
+    )
+    .unwrap();
+    // The first scenario sending on sms, as the error must name it.
+    let line = without_sms
+        .lines()
+        .position(|l| l.starts_with("channels = ") && l.contains("\"sms\""))
+        .expect("a scenario on sms")
+        + 1;
+    for command in ["check-config", "arbiter"] {
+        let mut child = Command::new(kairos_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg(command)
+            .env("KAIROS__ARBITER__ADMIN_LISTEN", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run kairos");
+        // Without the check the arbiter would wait for a broker: stop it, and fail.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().expect("poll kairos").is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().expect("stop kairos");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().expect("kairos output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}:{line}:", config.display()))
+                && stderr.contains("no [delivery.sms] section"),
+            "{command}: {stderr}"
+        );
+    }
+}

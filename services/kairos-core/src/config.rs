@@ -1061,6 +1061,12 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         // File errors first, so their line numbers are the file's own.
         let mut config: Config = toml::from_str(text).map_err(|e| located_error(path, text, &e))?;
+        check_durations(text).map_err(|(line, column, message)| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message,
+        })?;
         if !overrides.is_empty() {
             let mut doc: toml_edit::DocumentMut =
                 text.parse().map_err(|e: toml_edit::TomlError| {
@@ -1077,6 +1083,17 @@ impl Config {
                 apply_override(&mut doc, var, value)?;
             }
             let merged = doc.to_string();
+            if let Err((_, _, message)) = check_durations(&merged) {
+                let too_long = |value: &str| {
+                    humantime_serde::re::humantime::parse_duration(value.trim_matches('"'))
+                        .is_ok_and(|d| d > MAX_DURATION)
+                };
+                let culprit = overrides.iter().find(|(_, value)| too_long(value));
+                return Err(ConfigError::Env {
+                    var: culprit_or_all(culprit, overrides),
+                    message,
+                });
+            }
             config = toml::from_str(&merged).map_err(|e| {
                 // Name the variable that breaks the config on its own, if one does.
                 let culprit = overrides.iter().find(|(var, value)| {
@@ -1088,14 +1105,7 @@ impl Config {
                         || toml::from_str::<Config>(&single.to_string()).is_err()
                 });
                 ConfigError::Env {
-                    var: match culprit {
-                        Some((var, _)) => var.clone(),
-                        None => overrides
-                            .iter()
-                            .map(|(k, _)| k.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    },
+                    var: culprit_or_all(culprit, overrides),
                     message: e.message().to_string(),
                 }
             })?;
@@ -1434,6 +1444,39 @@ impl Config {
         Ok(())
     }
 
+    /// Every enabled scenario's channels have a `[delivery.<channel>]` section: a send
+    /// command for a channel without one goes to a topic no worker reads, and the
+    /// message would be lost without a trace. Checked where sends are published (the
+    /// arbiter service, `kairos up`) and by `check-config`, not on every load: a
+    /// replay that backtests scenarios needs no delivery workers.
+    pub fn check_deliverable(&self) -> Result<(), ConfigError> {
+        let Some((i, s, channel)) = self.scenarios.iter().enumerate().find_map(|(i, s)| {
+            let missing = s.channels.iter().find(|c| !self.delivery.contains_key(c))?;
+            s.enabled.then_some((i, s, *missing))
+        }) else {
+            return Ok(());
+        };
+        let message = format!(
+            "channels: scenarios[{i}] ({}) sends on {channel}, but there is no \
+             [delivery.{channel}] section: its messages would go to a topic no delivery \
+             worker reads (add the section, or take {channel} off the scenario)",
+            s.name
+        );
+        let text = std::fs::read_to_string(&self.source_file).unwrap_or_default();
+        Err(match scenario_key_line(&text, i, "channels") {
+            Some(line) => ConfigError::Invalid {
+                file: self.source_file.clone(),
+                line,
+                column: 1,
+                message,
+            },
+            None => ConfigError::Semantic {
+                file: self.source_file.clone(),
+                message,
+            },
+        })
+    }
+
     /// The templates directory, resolved against the configuration file's directory.
     pub fn templates_dir(&self) -> PathBuf {
         if self.templates.dir.is_absolute() {
@@ -1599,6 +1642,92 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The longest duration any setting may take. Longer ones are typos ("100000d"), and
+/// beyond some 290 million years a time plus the duration no longer fits in
+/// milliseconds (it would wrap into the past and fire at once).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// The variable to blame for an override error: the one found, or else all of them.
+fn culprit_or_all(culprit: Option<&(String, String)>, overrides: &[(String, String)]) -> String {
+    match culprit {
+        Some((var, _)) => var.clone(),
+        None => overrides
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Every duration in `text` (a string humantime reads, at any depth) is at most
+/// [`MAX_DURATION`]; otherwise the line, column and message of the first that is not.
+fn check_durations(text: &str) -> Result<(), (usize, usize, String)> {
+    // A document that does not parse was reported by the typed parse already.
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return Ok(());
+    };
+    let too_long = |key: &str, value: &toml_edit::Value| {
+        let toml_edit::Value::String(s) = value else {
+            return None;
+        };
+        let d = humantime_serde::re::humantime::parse_duration(s.value()).ok()?;
+        (d > MAX_DURATION).then(|| {
+            let (line, column) = value
+                .span()
+                .map(|span| line_col(text, span.start))
+                .unwrap_or((1, 1));
+            (
+                line,
+                column,
+                format!(
+                    "{key}: {:?} is longer than the 10 years any duration may take",
+                    s.value()
+                ),
+            )
+        })
+    };
+    let mut stack: Vec<(String, &toml_edit::Item)> = vec![(String::new(), doc.as_item())];
+    let join = |prefix: &str, key: &str| match prefix {
+        "" => key.to_string(),
+        _ => format!("{prefix}.{key}"),
+    };
+    while let Some((key, item)) = stack.pop() {
+        match item {
+            toml_edit::Item::Table(t) => {
+                stack.extend(t.iter().map(|(k, v)| (join(&key, k), v)));
+            }
+            toml_edit::Item::ArrayOfTables(tables) => {
+                for (i, t) in tables.iter().enumerate() {
+                    let at = format!("{key}[{i}]");
+                    stack.extend(t.iter().map(|(k, v)| (join(&at, k), v)));
+                }
+            }
+            toml_edit::Item::Value(v) => {
+                let mut values = vec![(key, v)];
+                while let Some((key, v)) = values.pop() {
+                    match v {
+                        toml_edit::Value::Array(a) => values.extend(
+                            a.iter()
+                                .enumerate()
+                                .map(|(i, v)| (format!("{key}[{i}]"), v)),
+                        ),
+                        toml_edit::Value::InlineTable(t) => {
+                            values.extend(t.iter().map(|(k, v)| (join(&key, k), v)))
+                        }
+                        v => {
+                            if let Some(error) = too_long(&key, v) {
+                                return Err(error);
+                            }
+                        }
+                    }
+                }
+            }
+            toml_edit::Item::None => {}
+        }
+    }
+    Ok(())
+}
+
 /// Whether `line` assigns `key` (`key = ...`).
 fn assigns(line: &str, key: &str) -> bool {
     line.trim_start()
@@ -1638,7 +1767,6 @@ fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
     Some(own.map_or(named, |i| named + 1 + i) + 1)
 }
 
-/// First line where `key` is assigned, for errors found after parsing.
 /// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
 /// not override.
 const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
@@ -1651,6 +1779,7 @@ const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
     "enable.idempotence",
 ];
 
+/// First line where `key` is assigned, for errors found after parsing.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
@@ -1668,6 +1797,58 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_text(Path::new("test.toml"), text, &[])
+    }
+
+    #[test]
+    fn a_scenario_channel_needs_a_delivery_section_unless_the_scenario_is_off() {
+        let scenario = |enabled: bool| {
+            format!(
+                "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"simulator\"\n[[scenarios]]\nname = \"a\"\n\
+                 kind = \"abandoned_cart\"\nchannels = [\"email\", \"sms\"]\n\
+                 template = \"t\"\nenabled = {enabled}\n"
+            )
+        };
+        let err = parse(&scenario(true))
+            .expect("a replay needs no delivery section")
+            .check_deliverable()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("scenarios[0] (a) sends on sms")
+                && err.contains("no [delivery.sms] section"),
+            "{err}"
+        );
+        parse(&scenario(false))
+            .unwrap()
+            .check_deliverable()
+            .expect("a disabled scenario sends nothing");
+    }
+
+    #[test]
+    fn a_duration_beyond_ten_years_is_rejected_with_its_line() {
+        let err = parse("[arbiter]\nmin_gap = \"1h\"\nconflict_window = \"20years\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("arbiter.conflict_window"), "{err}");
+        let text = "[[scenarios]]\nname = \"a\"\nkind = \"abandoned_cart\"\n\
+                    channels = [\"email\", \"push\"]\ntemplate = \"t\"\n\
+                    cascade = [\"1h\", \"9999999999d\"]\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:6:"), "{err}");
+        assert!(err.contains("scenarios[0].cascade[1]"), "{err}");
+        parse("[arbiter]\nconflict_window = \"3650days\"\n").expect("ten years is allowed");
+        let err = Config::from_text(
+            Path::new("t.toml"),
+            "",
+            &[("KAIROS__ARBITER__MIN_GAP".into(), "100years".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("KAIROS__ARBITER__MIN_GAP") && err.contains("10 years"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -215,6 +215,12 @@ fn decode_confluent_avro<T: DeserializeOwned>(
     })?;
     let mut datum = &payload[5..];
     let value = apache_avro::from_avro_datum(&writer, &mut datum, Some(reader)).map_err(|e| {
+        if let Some(symbol) = unknown_event_type(&writer, reader, &payload[5..]) {
+            return Rejection::new(
+                DeadLetterReason::unknown_event_type,
+                format!("event_type {symbol:?} is not a known EventType symbol (schema id {id})"),
+            );
+        }
         // Say whether the producer's schema is the cause (checked only on failure).
         let schema = match crate::schemas::check_readable(&writer, reader) {
             Ok(()) => String::new(),
@@ -231,6 +237,29 @@ fn decode_confluent_avro<T: DeserializeOwned>(
             format!("Avro datum (schema id {id}) does not fit the Kairos type: {e}"),
         )
     })
+}
+
+/// The `event_type` of a datum that failed to decode, when that is the reason: read
+/// with the producer's schema alone, it is a symbol (or string) the reader's
+/// `EventType` does not list. The same reason a JSON event with that type gets.
+fn unknown_event_type(writer: &Schema, reader: &Schema, mut datum: &[u8]) -> Option<String> {
+    use apache_avro::schema::{EnumSchema, RecordSchema};
+    use apache_avro::types::Value;
+    let Schema::Record(RecordSchema { fields, .. }) = reader else {
+        return None;
+    };
+    let field = fields.iter().find(|f| f.name == "event_type")?;
+    let Schema::Enum(EnumSchema { symbols, .. }) = &field.schema else {
+        return None;
+    };
+    let Ok(Value::Record(values)) = apache_avro::from_avro_datum(writer, &mut datum, None) else {
+        return None;
+    };
+    let symbol = match values.into_iter().find(|(name, _)| name == "event_type")?.1 {
+        Value::Enum(_, s) | Value::String(s) => s,
+        _ => return None,
+    };
+    (!symbols.contains(&symbol)).then_some(symbol)
 }
 
 /// Encodes an internal-topic value as JSON.
@@ -563,6 +592,56 @@ mod tests {
         let unknown = confluent_frame(8, &bytes[5..]);
         let r = decode_input::<CustomerEvent>(&unknown, &schema, &registry).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::unknown_schema_id);
+    }
+
+    #[test]
+    fn an_avro_event_of_an_unknown_type_is_dead_lettered_as_such() {
+        let registry = SchemaRegistry::new(None);
+        // The producer's schema has a symbol Kairos does not know.
+        let mut contract: serde_json::Value =
+            serde_json::from_str(schemas::CUSTOMER_EVENT).unwrap();
+        let symbols = contract["fields"][1]["type"]["symbols"]
+            .as_array_mut()
+            .unwrap();
+        symbols.push("video_view".into());
+        let writer = Schema::parse_str(&contract.to_string()).unwrap();
+        registry
+            .cache
+            .write()
+            .unwrap()
+            .insert(10, Arc::new(writer.clone()));
+        let event: CustomerEvent = decode_json(
+            br#"{"event_id":"e1","event_type":"page_view","occurred_at":5,"customer_id":"c1"}"#,
+        )
+        .unwrap();
+        let frame = |event_type: &str| {
+            let mut value = apache_avro::to_value(&event).unwrap();
+            if let apache_avro::types::Value::Record(fields) = &mut value {
+                fields[1].1 = apache_avro::types::Value::String(event_type.into());
+            }
+            let value = value.resolve(&writer).unwrap();
+            confluent_frame(10, &apache_avro::to_avro_datum(&writer, value).unwrap())
+        };
+        let known = decode_input::<CustomerEvent>(
+            &frame("page_view"),
+            schemas::customer_event(),
+            &registry,
+        )
+        .expect("a known type reads through the evolved schema");
+        assert_eq!(known.event_type, EventType::page_view);
+        let r = decode_input::<CustomerEvent>(
+            &frame("video_view"),
+            schemas::customer_event(),
+            &registry,
+        )
+        .unwrap_err();
+        assert_eq!(
+            r.reason,
+            DeadLetterReason::unknown_event_type,
+            "{}",
+            r.message
+        );
+        assert!(r.message.contains("\"video_view\""), "{}", r.message);
     }
 
     #[test]

@@ -286,6 +286,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         Command::CheckConfig => {
             // Templates are part of the configuration: every scenario's template must
             // exist for each channel it sends on, within the channel's limits.
+            config.check_deliverable()?;
             for channel in config.delivery.keys() {
                 kairos_delivery::load_templates(&config, *channel)?;
             }
@@ -440,6 +441,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Arbiter => {
+            config.check_deliverable()?;
             let listen = config.arbiter.admin_listen;
             service(config, listen, |c, a, t| async move {
                 kairos_arbiter::run(c, a, t).await
@@ -517,7 +519,10 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             println!("published {sent} events");
             Ok(())
         }
-        Command::Up { rate } => up::run(cli.config, config, rate).await,
+        Command::Up { rate } => {
+            config.check_deliverable()?;
+            up::run(cli.config, config, rate).await
+        }
     }
 }
 
