@@ -1491,6 +1491,19 @@ fn dead_letter(
         &record.partition.to_string(),
         &record.offset.to_string(),
     ]);
+    // In base64 a record near the broker's size limit would no longer fit it, and its
+    // letter (and the letter's changelog copy) would be refused for ever: a sample of
+    // it goes, the whole stays at its source offset.
+    let mut reason = rejection.message.clone();
+    let payload = if record.payload.len() > DEAD_LETTER_WHOLE_PAYLOAD {
+        reason.push_str(&format!(
+            "; the payload's first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
+            record.payload.len()
+        ));
+        &record.payload[..REFUSED_PAYLOAD_SAMPLE]
+    } else {
+        record.payload
+    };
     let letter = DeadLetter {
         dead_letter_id: id.clone(),
         service: service.to_string(),
@@ -1498,9 +1511,9 @@ fn dead_letter(
         source_partition: record.partition,
         source_offset: record.offset,
         reason_code: rejection.reason,
-        reason: rejection.message.clone(),
+        reason,
         key_base64: record.key.map(|k| b64.encode(k)),
-        payload_base64: b64.encode(record.payload),
+        payload_base64: b64.encode(payload),
         failed_at: now,
     };
     tracing::warn!(
@@ -2026,7 +2039,13 @@ async fn publish_in_order(
                 Ok(offset) => offsets[from + i] = offset,
                 Err(e) => {
                     metrics.produce_errors.inc();
-                    tracing::warn!(topic = %entries[from + i].topic, error = %e, "changelog publish failed; will retry");
+                    if refused_for_good(&e) {
+                        // Retried in vain until the broker's limits change: every later
+                        // publish of the service waits behind it.
+                        tracing::error!(topic = %entries[from + i].topic, bytes = entries[from + i].payload.len(), error = %e, "the broker refuses a changelog record for good (raise its topic's max.message.bytes and the client's message.max.bytes); retrying");
+                    } else {
+                        tracing::warn!(topic = %entries[from + i].topic, error = %e, "changelog publish failed; will retry");
+                    }
                     first_failed.get_or_insert(from + i);
                 }
             }
@@ -2115,6 +2134,10 @@ impl OutputDeadLetters {
 /// Bytes of a refused output's payload its dead letter keeps when the payload was too
 /// large for the broker.
 pub const REFUSED_PAYLOAD_SAMPLE: usize = 64 * 1024;
+
+/// The largest rejected input a dead letter carries whole: in base64, with the
+/// letter's fields, it stays below the broker's default limit of 1,000,000 bytes.
+pub const DEAD_LETTER_WHOLE_PAYLOAD: usize = 700_000;
 
 /// Whether the broker will refuse the record whatever the retries: too large, invalid,
 /// or a topic this service may not write. Anything else (a broker away, a leader
@@ -3769,6 +3792,83 @@ mod tests {
             ctx.emit("fired", "k", &timer.timer_id);
             Ok(())
         }
+    }
+
+    /// Rejects every input.
+    struct RejectsAll;
+
+    impl Processor for RejectsAll {
+        type Input = ();
+        fn name(&self) -> &str {
+            "rejects-all"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
+            Err(Rejection::new(DeadLetterReason::not_json, "not JSON"))
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, _: &mut Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_dead_letter_of_a_huge_input_keeps_a_sample_that_fits_the_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut engine = Engine::new(RejectsAll, &config, metrics).unwrap();
+        engine.open(0).unwrap();
+        let huge = vec![b'x'; 900_000];
+        let small = b"{not json".to_vec();
+        for (offset, payload) in [(0, &huge), (1, &small)] {
+            let record = Record {
+                topic: "in",
+                partition: 0,
+                offset,
+                key: None,
+                payload,
+            };
+            engine.handle(&record).unwrap();
+        }
+        let letters: Vec<(usize, DeadLetter)> = engine
+            .commit()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.topic == config.topic(topics::DEAD_LETTER))
+            .map(|e| (e.payload.len(), serde_json::from_slice(&e.payload).unwrap()))
+            .collect();
+        assert_eq!(letters.len(), 2);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (size, letter) = &letters[0];
+        assert!(*size < 1_000_000, "{size}");
+        assert_eq!(
+            b64.decode(&letter.payload_base64).unwrap(),
+            huge[..REFUSED_PAYLOAD_SAMPLE]
+        );
+        assert!(
+            letter.reason.contains("of 900000 bytes are kept"),
+            "{}",
+            letter.reason
+        );
+        let (_, letter) = &letters[1];
+        assert_eq!(b64.decode(&letter.payload_base64).unwrap(), small);
+        assert_eq!(letter.reason, "not JSON");
     }
 
     #[test]

@@ -930,6 +930,7 @@ impl ProfileProcessor {
         }
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
+        let merged_earlier = merged.merged_from.clone();
         // A wait's carried timer: its next step (a reminder sent already is not sent
         // again). Merge records of earlier versions carry none: step 0 then.
         let (wait_steps, steps): (Vec<CarriedStep>, Vec<CarriedStep>) =
@@ -1040,11 +1041,16 @@ impl ProfileProcessor {
                 schedule_merge_wait(ctx, &p.customer_id, &awaited, m.occurred_at)?;
             }
         }
-        if !p.merged_from.contains(&m.from) {
-            if p.merged_from.len() >= 16 {
-                p.merged_from.remove(0);
+        // Whom the merged customer had absorbed counts as merged here too: the
+        // arbiter may get their ledger after the merged customer's (the two come from
+        // different partitions), and the survivor's triggers must wait for it.
+        for from in merged_earlier.iter().chain([&m.from]) {
+            if !p.merged_from.contains(from) && *from != p.customer_id {
+                if p.merged_from.len() >= 16 {
+                    p.merged_from.remove(0);
+                }
+                p.merged_from.push(from.clone());
             }
-            p.merged_from.push(m.from.clone());
         }
         let config = self.config.clone();
         for (name, wait) in waits {

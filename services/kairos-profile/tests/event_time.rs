@@ -3034,6 +3034,32 @@ impl Harness {
     }
 }
 
+/// Y merged into X, then X into Z: Z's triggers name Y too. The arbiter may get Y's
+/// ledger after X's (they come from different partitions), and must wait for it
+/// before it decides for Z.
+#[test]
+fn a_merge_of_a_merge_names_both_merged_customers_in_the_survivor_s_triggers() {
+    let t = at(T0);
+    let mut h = identified_harness();
+    for c in ["c-y", "c-x", "c-z"] {
+        h.identified_site(
+            json!({"event_id": format!("mm-{c}"), "event_type": "page_view",
+            "occurred_at": rfc(t), "customer_id": c, "page_url": "/"}),
+        );
+    }
+    h.merge("mm-yx", "c-y", "c-x", t + HOUR);
+    h.merge("mm-xz", "c-x", "c-z", t + 2 * HOUR);
+    let z = h.pipeline.profile("c-z").expect("read").expect("Z");
+    assert_eq!(z.merged_from, ["c-y", "c-x"]);
+    h.identified_site(json!({"event_id": "mm-cart", "event_type": "add_to_cart",
+        "occurred_at": rfc(t + 3 * HOUR), "customer_id": "c-z",
+        "product": {"product_id": "p1", "name": "Shoe", "price": 50.0}}));
+    h.advance(t + 6 * HOUR);
+    let fired = h.triggers("c-z", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["merged_from"], json!(["c-y", "c-x"]));
+}
+
 /// A cart reminder chain under way goes on for the survivor of a merge from the step
 /// it was at: the reminder sent to the guest is not sent again.
 #[test]
