@@ -291,10 +291,15 @@ impl StoreFactory {
         store.writer = match store.raw_get(META_WRITER)? {
             Some(w) => String::from_utf8_lossy(&w).into(),
             None => {
+                // Random as well: in containers the pid is often 1 and the path the
+                // same everywhere, and a store reopened within one millisecond would
+                // repeat it. Another instance's records taken for this one's own would
+                // skip a rebuild or miss a fence.
                 let id = crate::ids::deterministic_id(&[
                     &crate::time::wall_now().to_string(),
                     &std::process::id().to_string(),
                     &store.path.display().to_string(),
+                    &rand::random::<u128>().to_string(),
                 ]);
                 store
                     .db

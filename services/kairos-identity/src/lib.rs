@@ -391,12 +391,23 @@ impl IdentityProcessor {
         let mut target = match target {
             Some(t) => t,
             None => {
-                // Nobody we know: a new profile named after its strongest identifier.
+                // Nobody we know: a new profile named after its strongest identifier
+                // that is not shared. Named after a shared one, the profile would
+                // take the event's other identifiers, and whoever presented one of
+                // them later would absorb it with every receipt of the shared card.
                 resolution = "new";
-                let name = input
-                    .identifiers
+                let unshared = links
                     .iter()
-                    .min_by_key(|i| anonymous_rank(i.kind))
+                    .filter(|(_, link)| !link.as_ref().is_some_and(|l| l.shared))
+                    .map(|(id, _)| *id)
+                    .min_by_key(|i| anonymous_rank(i.kind));
+                let name = unshared
+                    .or_else(|| {
+                        input
+                            .identifiers
+                            .iter()
+                            .min_by_key(|i| anonymous_rank(i.kind))
+                    })
                     .map(anonymous_name)
                     .ok_or_else(|| anyhow::anyhow!("event without identifiers"))?;
                 // Its anonymous profile may have been stitched to a customer since,

@@ -583,6 +583,48 @@ fn an_identifier_shared_by_too_many_customers_stops_linking() {
     );
 }
 
+/// A receipt with a shared card and a phone nobody has yet: its profile is named after
+/// the phone, not the card, so the customer who later registers with the phone gets
+/// that receipt and none of the card's others.
+#[test]
+fn a_profile_is_never_named_after_a_shared_identifier_when_another_is_at_hand() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    for (i, c) in ["c-41", "c-42", "c-43"].iter().enumerate() {
+        h.receipt(
+            t0 + i as Millis * HOUR,
+            5.0,
+            json!({"customer_id": c, "loyalty_card": "TEST-1"}),
+        );
+    }
+    h.receipt(t0 + 4 * HOUR, 7.0, json!({"loyalty_card": "TEST-1"}));
+    h.receipt(
+        t0 + 5 * HOUR,
+        9.0,
+        json!({"loyalty_card": "TEST-1", "phone": "+4915100000060"}),
+    );
+    h.event(
+        "events.site",
+        "registration",
+        t0 + 6 * HOUR,
+        json!({"customer_id": "c-60", "phone": "+4915100000060"}),
+    );
+    h.receipt(t0 + 7 * HOUR, 11.0, json!({"loyalty_card": "TEST-1"}));
+    let later_alone = format!("r-{}", h.next_event);
+    h.advance(t0 + 8 * HOUR);
+    let p60 = h.profile("c-60");
+    assert_eq!(
+        (p60.offline_orders, p60.revenue),
+        (1, 9.0),
+        "the receipt with its phone, and no other of the card"
+    );
+    let resolved = h.resolved(&later_alone).expect("resolved");
+    assert!(
+        !["c-41", "c-42", "c-43", "c-60"].contains(&resolved.as_str()),
+        "{resolved}"
+    );
+}
+
 /// The card was first seen alone (a receipt without a customer), so it had an
 /// anonymous profile, stitched to the first customer who presented it; once shared, a
 /// receipt with the card alone must not reach that customer through the old profile.
