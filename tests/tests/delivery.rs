@@ -416,11 +416,24 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     let (status, body) = post(&sent.to_string(), Some("hook-secret"));
     assert_eq!(status, 422, "{body}");
     let (status, _) = post("{\"send_id\": 1}", Some("hook-secret"));
+    assert_eq!(status, 422, "an event that does not parse is taken by none");
+    let (status, _) = post("not json", Some("hook-secret"));
     assert_eq!(status, 400);
+    // A batch with a bad event: the good one counts, the bad one is dead-lettered.
+    let mut delivered = opened.clone();
+    delivered["event"] = j!("delivered");
+    let batch = j!([sent.clone(), delivered]);
+    let (status, body) = post(&batch.to_string(), Some("hook-secret"));
+    assert_eq!(status, 202, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json answer");
+    assert_eq!(answer["accepted"], 1, "{body}");
+    assert_eq!(answer["rejected"][0]["event"], 0, "{body}");
     // Until the clicks and the bounce are all read: the read stops as soon as what
     // it waits for is in, and the outcomes' partitions are read side by side.
     let clicks = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
         v.iter().filter(|o| o["kind"] == "clicked").count() >= 2
+            && v.iter()
+                .any(|o| o["send_id"] == "ok-1" && o["kind"] == "delivered")
             && v.iter()
                 .any(|o| o["send_id"] == "gone-1" && o["kind"] == "bounced_hard")
     });
@@ -447,8 +460,23 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "the click is keyed to the customer"
     );
 
-    // The sends given up are on the dead-letter topic with the command and the reason.
-    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 2);
+    // The sends given up are on the dead-letter topic with the command and the reason;
+    // so are the webhook's rejected events (the lone "sent" twice: once alone, once in
+    // the batch; the event that did not parse; the body that was no JSON).
+    let webhook = "webhook:/webhooks/events";
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 6);
+    let (from_webhook, letters): (Vec<&Value>, Vec<&Value>) =
+        letters.iter().partition(|l| l["source_topic"] == webhook);
+    let reasons: BTreeSet<&str> = from_webhook
+        .iter()
+        .map(|l| l["reason_code"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(from_webhook.len(), 4, "{from_webhook:?}");
+    assert_eq!(
+        reasons,
+        ["invalid_field", "not_json"].into(),
+        "{from_webhook:?}"
+    );
     let given_up: BTreeSet<String> = letters
         .iter()
         .map(|l| {

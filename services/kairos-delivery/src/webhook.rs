@@ -13,7 +13,10 @@
 //! outcome on the outcomes topic, keyed by customer, with the id `hash(send id, kind)`:
 //! a provider repeating a webhook yields the same outcome id, which every consumer
 //! deduplicates. The answer is 202 only once the broker has the outcomes, so a provider
-//! retries what did not make it; bad events get 400 or 422 with the reason.
+//! retries what did not make it. An event the worker cannot take goes to the
+//! dead-letter topic with its bytes and the reason, and the answer lists it (`{"accepted":
+//! n, "rejected": [{"event": i, "reason": ...}]}`); the others count. 422 when none
+//! could be taken, 400 for a body that is no event at all.
 
 use std::sync::Arc;
 
@@ -23,7 +26,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use kairos_core::config::{topics, Config};
-use kairos_core::contracts::{Channel, MessageCategory, Outcome, OutcomeKind};
+use kairos_core::contracts::{
+    Channel, DeadLetter, DeadLetterReason, MessageCategory, Outcome, OutcomeKind,
+};
 use kairos_core::encoding::encode_internal;
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
@@ -59,18 +64,14 @@ pub struct ProviderEvent {
     pub reason: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Events {
-    One(Box<ProviderEvent>),
-    Many(Vec<ProviderEvent>),
-}
-
 struct WebhookState {
     channel: Channel,
+    /// The worker's name, for its dead letters.
+    service: String,
     token: Option<String>,
     producer: FutureProducer,
     outcomes_topic: String,
+    dead_letter_topic: String,
     received: IntCounterVec,
 }
 
@@ -87,10 +88,12 @@ pub fn router(
         &["channel", "event", "result"],
     );
     for kind in WEBHOOK_KINDS {
-        for result in ["accepted", "rejected", "failed"] {
+        for result in ["accepted", "rejected"] {
             received.with_label_values(&[channel.as_str(), kind.as_str(), result]);
         }
     }
+    received.with_label_values(&[channel.as_str(), "unparsed", "rejected"]);
+    received.with_label_values(&[channel.as_str(), "any", "failed"]);
     let state = Arc::new(WebhookState {
         channel,
         token: config
@@ -99,6 +102,8 @@ pub fn router(
             .and_then(|d| d.webhook_token.clone()),
         producer: kairos_core::kafka::producer(config)?,
         outcomes_topic: config.topic(topics::OUTCOMES),
+        dead_letter_topic: config.topic(topics::DEAD_LETTER),
+        service: format!("deliver-{channel}"),
         received,
     });
     Ok(Router::new()
@@ -163,60 +168,126 @@ async fn receive(
             );
         }
     }
-    let events = match serde_json::from_slice::<Events>(&body) {
-        Ok(Events::One(e)) => vec![*e],
-        Ok(Events::Many(v)) => v,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("not a provider event: {e}"),
-            )
+    let now = wall_now();
+    // Each event stands alone: one the worker cannot take is dead-lettered with its
+    // bytes and reason, and the others still count (a provider that drops a refused
+    // batch would lose them, one that retries it would retry for ever).
+    let events: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(serde_json::Value::Array(events)) => events,
+        Ok(event @ serde_json::Value::Object(_)) => vec![event],
+        Ok(_) | Err(_) => {
+            let reason = "not a provider event: expected a JSON object or an array of them";
+            let letter = state.letter(&body, DeadLetterReason::not_json, reason, now);
+            let stored = publish(&state, &[(&state.dead_letter_topic, letter)]).await;
+            return match stored {
+                Ok(()) => (StatusCode::BAD_REQUEST, reason.into()),
+                Err(answer) => answer,
+            };
         }
     };
-    let now = wall_now();
-    let mut outcomes = Vec::with_capacity(events.len());
-    for (i, event) in events.iter().enumerate() {
-        match outcome_of(event, state.channel, now) {
-            Ok(o) => outcomes.push(o),
-            Err(reason) => {
+    let mut records = Vec::with_capacity(events.len());
+    let mut rejected = Vec::new();
+    for (i, value) in events.into_iter().enumerate() {
+        let event = serde_json::from_value::<ProviderEvent>(value.clone()).map_err(|e| {
+            (
+                DeadLetterReason::invalid_field,
+                format!("not a provider event: {e}"),
+            )
+        });
+        let kind = event.as_ref().map_or("unparsed", |e| e.event.as_str());
+        match event.and_then(|e| {
+            outcome_of(&e, state.channel, now).map_err(|r| (DeadLetterReason::invalid_field, r))
+        }) {
+            Ok(o) => {
                 state
                     .received
-                    .with_label_values(&[state.channel.as_str(), event.event.as_str(), "rejected"])
+                    .with_label_values(&[state.channel.as_str(), o.kind.as_str(), "accepted"])
                     .inc();
-                return (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("event {i}: {reason}"),
-                );
+                records.push((
+                    &state.outcomes_topic,
+                    (o.customer_id.clone(), encode_internal(&o)),
+                ));
+            }
+            Err((code, reason)) => {
+                state
+                    .received
+                    .with_label_values(&[state.channel.as_str(), kind, "rejected"])
+                    .inc();
+                let raw = serde_json::to_vec(&value).unwrap_or_default();
+                let letter = state.letter(&raw, code, &format!("event {i}: {reason}"), now);
+                records.push((&state.dead_letter_topic, letter));
+                rejected.push(serde_json::json!({"event": i, "reason": reason}));
             }
         }
     }
-    for o in &outcomes {
-        let payload = encode_internal(o);
-        let result = kairos_core::kafka::send(
-            &state.producer,
-            &state.outcomes_topic,
-            o.customer_id.as_bytes(),
-            &payload,
-        )
-        .await;
-        let label = if result.is_ok() { "accepted" } else { "failed" };
-        state
-            .received
-            .with_label_values(&[state.channel.as_str(), o.kind.as_str(), label])
-            .inc();
+    let accepted = records.len() - rejected.len();
+    if let Err(answer) = publish(&state, &records).await {
+        return answer;
+    }
+    let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
+    if accepted == 0 {
+        // Nothing taken: the provider is told plainly (its events are dead-lettered).
+        return (StatusCode::UNPROCESSABLE_ENTITY, answer);
+    }
+    (StatusCode::ACCEPTED, answer)
+}
+
+/// Publishes `(topic, (key, payload))` records; a failure is the answer to give (503:
+/// the provider retries, and every record's id makes its repeat harmless).
+async fn publish(
+    state: &WebhookState,
+    records: &[(&String, (String, Vec<u8>))],
+) -> Result<(), (StatusCode, String)> {
+    for (topic, (key, payload)) in records {
+        let result =
+            kairos_core::kafka::send(&state.producer, topic, key.as_bytes(), payload).await;
         if let Err(e) = result {
-            tracing::error!(error = %e, "webhook outcome not published");
-            return (
+            state
+                .received
+                .with_label_values(&[state.channel.as_str(), "any", "failed"])
+                .inc();
+            tracing::error!(error = %e, topic = %topic, "webhook record not published");
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "outcomes not stored; retry later".into(),
-            );
+            ));
         }
     }
-    (
-        StatusCode::ACCEPTED,
-        format!("{{\"accepted\":{}}}", outcomes.len()),
-    )
+    Ok(())
 }
+
+impl WebhookState {
+    /// The dead letter of a webhook event the worker cannot take, keyed by its id: the
+    /// same bytes (a provider's retry) give the same letter.
+    fn letter(
+        &self,
+        raw: &[u8],
+        code: DeadLetterReason,
+        reason: &str,
+        now: Millis,
+    ) -> (String, Vec<u8>) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let kept = &raw[..raw.len().min(kairos_core::runtime::REFUSED_PAYLOAD_SAMPLE)];
+        let id = deterministic_id(&[&self.service, "webhook", &b64.encode(raw)]);
+        let letter = DeadLetter {
+            dead_letter_id: id.clone(),
+            service: self.service.clone(),
+            source_topic: WEBHOOK_SOURCE.into(),
+            source_partition: -1,
+            source_offset: -1,
+            reason_code: code,
+            reason: reason.to_string(),
+            key_base64: None,
+            payload_base64: b64.encode(kept),
+            failed_at: now,
+        };
+        (id, encode_internal(&letter))
+    }
+}
+
+/// The `source_topic` of a dead-lettered webhook event: it came over HTTP.
+pub const WEBHOOK_SOURCE: &str = "webhook:/webhooks/events";
 
 #[cfg(test)]
 mod tests {
