@@ -419,6 +419,8 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     assert_eq!(status, 422, "an event that does not parse is taken by none");
     let (status, _) = post("not json", Some("hook-secret"));
     assert_eq!(status, 400);
+    let (status, body) = post("[]", Some("hook-secret"));
+    assert_eq!(status, 202, "an empty batch is no bad one: {body}");
     // A batch with a bad event: the good one counts, the bad one is dead-lettered.
     let mut delivered = opened.clone();
     delivered["event"] = j!("delivered");

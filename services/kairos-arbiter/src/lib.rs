@@ -465,17 +465,16 @@ impl CustomerLedger {
     }
 
     /// Folds a delivery or engagement outcome into the suppressions and the sunset
-    /// count. Returns false for an outcome already applied.
+    /// count. Returns false for an outcome already applied (an unsubscribe or a
+    /// complaint is applied again, see below).
     pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
         let h = kairos_core::ids::stable_hash(&o.outcome_id);
         let first = remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
-        // A suppression applies however often it comes: once more changes nothing,
-        // and an outcome id names the send and the kind only, so a second unsubscribe
-        // from the same message, after a new opt-in, carries the first one's id.
-        let suppression = matches!(
-            o.kind,
-            OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
-        );
+        // An unsubscribe or complaint applies however often it comes: once more
+        // changes nothing, and an outcome id names the send and the kind only, so a
+        // second unsubscribe from one message, after a new opt-in, carries the first
+        // one's id.
+        let suppression = matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained);
         if !first && !suppression {
             return false;
         }
@@ -1612,9 +1611,13 @@ impl ArbiterProcessor {
             ) {
                 let mut forwarded = CustomerLedger::default();
                 forwarded.apply_outcome(o, address);
+                // Its time in the id: a second unsubscribe from one message (after an
+                // opt-in) shares the first one's outcome id, and must not be taken
+                // for its repeat.
+                let cause = format!("{}@{}", o.outcome_id, o.occurred_at);
                 self.send_ledger(
                     ctx,
-                    &o.outcome_id,
+                    &cause,
                     &o.customer_id,
                     &into,
                     o.occurred_at,

@@ -311,3 +311,44 @@ fn a_merged_unsubscribe_holds_only_against_an_older_opt_in() {
         );
     }
 }
+
+/// As above for a message sent before a merge: the merged id's unsubscribes reach the
+/// survivor, and the second click (after the survivor's opt-in) is not taken for the
+/// first one's repeat.
+#[test]
+fn a_second_unsubscribe_from_a_message_of_a_merged_id_reaches_the_survivor() {
+    let mut a = Arbiter::with_config("daily_cap = 10");
+    a.push_trigger(&email_only(&a, "u1", T0));
+    let email = a.last_send();
+    let hand_on = |a: &mut Arbiter| {
+        for action in std::mem::take(&mut a.actions) {
+            assert_eq!(action.customer_id, "c2", "{action:?}");
+            a.push("customer-actions", "c2", &action);
+        }
+    };
+    a.merged_into("m1", "c2", T0 + MINUTE);
+    hand_on(&mut a);
+    unsubscribe(&mut a, "same-id", &email, T0 + HOUR);
+    hand_on(&mut a);
+    let opt_in = CustomerAction {
+        channel: Some(Channel::email),
+        ..CustomerAction::new(
+            "in".into(),
+            "c2".into(),
+            CustomerActionKind::opt_in,
+            T0 + 2 * HOUR,
+        )
+    };
+    a.push("customer-actions", "c2", &opt_in);
+    unsubscribe(&mut a, "same-id", &email, T0 + 3 * HOUR);
+    hand_on(&mut a);
+    let mut t = email_only(&a, "u2", T0 + 4 * HOUR);
+    t.customer_id = "c2".into();
+    t.merged_from = vec!["c1".into()];
+    let d = a.push_trigger(&t);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "unsubscribed"),
+        "{d:#?}"
+    );
+}

@@ -1494,16 +1494,21 @@ fn dead_letter(
     // In base64 a record near the broker's size limit would no longer fit it, and its
     // letter (and the letter's changelog copy) would be refused for ever: a sample of
     // it goes, the whole stays at its source offset.
+    // The key counts too: it goes into the letter and is the letter's own key.
     let mut reason = rejection.message.clone();
-    let payload = if record.payload.len() > DEAD_LETTER_WHOLE_PAYLOAD {
+    let whole = record.payload.len() + record.key.map_or(0, <[u8]>::len);
+    let mut sampled = |bytes: &'static str, of: &[u8]| -> usize {
+        if whole <= DEAD_LETTER_WHOLE_PAYLOAD || of.len() <= REFUSED_PAYLOAD_SAMPLE {
+            return of.len();
+        }
         reason.push_str(&format!(
-            "; the payload's first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
-            record.payload.len()
+            "; the {bytes}'s first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
+            of.len()
         ));
-        &record.payload[..REFUSED_PAYLOAD_SAMPLE]
-    } else {
-        record.payload
+        REFUSED_PAYLOAD_SAMPLE
     };
+    let payload = &record.payload[..sampled("payload", record.payload)];
+    let record_key = record.key.map(|k| &k[..sampled("key", k)]);
     let letter = DeadLetter {
         dead_letter_id: id.clone(),
         service: service.to_string(),
@@ -1512,7 +1517,7 @@ fn dead_letter(
         source_offset: record.offset,
         reason_code: rejection.reason,
         reason,
-        key_base64: record.key.map(|k| b64.encode(k)),
+        key_base64: record_key.map(|k| b64.encode(k)),
         payload_base64: b64.encode(payload),
         failed_at: now,
     };
@@ -1530,7 +1535,7 @@ fn dead_letter(
         .with_label_values(&[rejection.reason.as_str()])
         .inc();
     metrics.output_records.inc(&[topic]);
-    let key = record.key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
+    let key = record_key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
     part.store
         .emit(&mut part.pending, topic, &key, encode_internal(&letter));
 }
@@ -2631,7 +2636,11 @@ fn restore_once(
             // publish: an output's replica in the tail may have been published since.
             // A claim is the changelog's alone. A write-ahead record was written here
             // before its copy was sent, so the local value is as new or newer (a
-            // withdrawn commit point whose copy died with the process).
+            // withdrawn commit point whose copy died with the process). This holds as
+            // long as a commit only ever deletes write-ahead keys (the delivery
+            // worker's `w/`, `k/`, `a/`), never writes one that a later write-ahead
+            // record of the tail would then have to win over. The newer local value
+            // reaches the changelog with the commit that finishes the send.
             if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) && !r.write_ahead {
                 chunk.push((r.key, r.value));
             }

@@ -279,9 +279,11 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
             SmtpStep::Connect | SmtpStep::MailFrom => ProviderError::Refused(e.to_string()),
             // 550/551/553 to RCPT TO: the mailbox is unavailable or unknown: dead,
             // unless the enhanced status says otherwise.
-            SmtpStep::RcptTo if recipient_is_dead(&code, &e.to_string()) => {
-                ProviderError::HardBounce(e.to_string())
-            }
+            SmtpStep::RcptTo => match rcpt_refusal(&code, &e.to_string()) {
+                RcptRefusal::DeadMailbox => ProviderError::HardBounce(e.to_string()),
+                RcptRefusal::Sender => ProviderError::Refused(e.to_string()),
+                RcptRefusal::Message => ProviderError::Permanent(e.to_string()),
+            },
             // Any other 5xx, and any 5xx to the message itself (a 550 "refused as
             // spam" says nothing of the mailbox): this message fails.
             _ => ProviderError::Permanent(e.to_string()),
@@ -294,12 +296,25 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
     }
 }
 
-/// Whether a permanent refusal of RCPT TO (reply `code`, whole `reply` text) says the
-/// mailbox is dead. The enhanced status code (RFC 3463), when the server gives one,
-/// decides: only `5.1.x` (a bad address) is; a policy refusal at RCPT (`5.7.1` for a
-/// blocklisted sender, SPF or DMARC) refuses the sender, and `5.2.2` (mailbox full) is
-/// a soft bounce. Without one, 550, 551 and 553 are.
-fn recipient_is_dead(code: &str, reply: &str) -> bool {
+/// What a permanent refusal of RCPT TO says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RcptRefusal {
+    /// The mailbox does not exist or cannot: a hard bounce.
+    DeadMailbox,
+    /// The sender is refused (a bad sender address, `5.1.7`/`5.1.8`): every message
+    /// would be, so it refuses the worker and marks no recipient dead.
+    Sender,
+    /// This message fails (a policy refusal such as `5.7.1`, a full mailbox `5.2.2`).
+    Message,
+}
+
+/// Reads a permanent refusal of RCPT TO (reply `code`, whole `reply` text). The
+/// enhanced status code (RFC 3463), when the server gives one, decides: the `5.1.x`
+/// codes of a bad destination address are a dead mailbox, and so is Microsoft's `5.4.1`
+/// "Recipient address rejected" (its directory says the mailbox does not exist);
+/// `5.1.7` and `5.1.8` name the sender. Without one, 550, 551 and 553 are a dead
+/// mailbox.
+fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
     let enhanced = reply
         .split(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '(' | ')'))
         .find(|token| {
@@ -311,8 +326,20 @@ fn recipient_is_dead(code: &str, reply: &str) -> bool {
                     .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         });
     match enhanced {
-        Some(status) => status.starts_with("5.1."),
-        None => matches!(code, "550" | "551" | "553"),
+        Some("5.1.0" | "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10") => {
+            RcptRefusal::DeadMailbox
+        }
+        Some("5.4.1")
+            if reply
+                .to_ascii_lowercase()
+                .contains("recipient address rejected") =>
+        {
+            RcptRefusal::DeadMailbox
+        }
+        Some("5.1.7" | "5.1.8") => RcptRefusal::Sender,
+        Some(_) => RcptRefusal::Message,
+        None if matches!(code, "550" | "551" | "553") => RcptRefusal::DeadMailbox,
+        None => RcptRefusal::Message,
     }
 }
 
@@ -454,30 +481,38 @@ mod tests {
 
     #[test]
     fn only_a_bad_address_refused_at_rcpt_is_a_hard_bounce() {
-        assert!(recipient_is_dead(
-            "550",
-            "permanent error (550): 5.1.1 <x@example.com>: user unknown"
-        ));
-        assert!(!recipient_is_dead(
-            "550",
-            "permanent error (550): 5.7.1 client host blocked using zen.spamhaus.org"
-        ));
-        assert!(!recipient_is_dead(
-            "552",
-            "permanent error (552): 5.2.2 mailbox full"
-        ));
-        assert!(recipient_is_dead(
-            "550",
-            "permanent error (550): no such user here"
-        ));
-        assert!(recipient_is_dead(
-            "553",
-            "permanent error (553): mailbox name not allowed"
-        ));
-        assert!(!recipient_is_dead(
-            "554",
-            "permanent error (554): transaction failed"
-        ));
+        use RcptRefusal::*;
+        let cases = [
+            (
+                "550",
+                "550 5.1.1 <x@example.com>: user unknown",
+                DeadMailbox,
+            ),
+            ("554", "554 5.1.1 no such mailbox", DeadMailbox),
+            (
+                "550",
+                "550 5.4.1 Recipient address rejected: Access denied",
+                DeadMailbox,
+            ),
+            (
+                "550",
+                "550 5.7.1 client host blocked using zen.spamhaus.org",
+                Message,
+            ),
+            ("552", "552 5.2.2 mailbox full", Message),
+            (
+                "550",
+                "550 5.1.8 Access denied, bad outbound sender",
+                Sender,
+            ),
+            ("553", "553 5.1.7 sender address invalid", Sender),
+            ("550", "550 no such user here", DeadMailbox),
+            ("553", "553 mailbox name not allowed", DeadMailbox),
+            ("554", "554 transaction failed", Message),
+        ];
+        for (code, reply, expected) in cases {
+            assert_eq!(rcpt_refusal(code, reply), expected, "{reply}");
+        }
     }
 
     #[test]

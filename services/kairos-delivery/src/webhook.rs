@@ -84,7 +84,7 @@ pub fn router(
     let received = metrics::counter_vec(
         registry,
         "kairos_webhook_events_total",
-        "Provider webhook events, by channel, event and result (accepted, rejected, failed).",
+        "Provider webhook events, by channel, event and result: accepted, or rejected (dead-lettered; event \"unparsed\" when it names none); a request whose records the broker did not take counts once as event \"any\", result \"failed\".",
         &["channel", "event", "result"],
     );
     for kind in WEBHOOK_KINDS {
@@ -172,10 +172,9 @@ async fn receive(
     // Each event stands alone: one the worker cannot take is dead-lettered with its
     // bytes and reason, and the others still count (a provider that drops a refused
     // batch would lose them, one that retries it would retry for ever).
-    let events: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
-        Ok(serde_json::Value::Array(events)) => events,
-        Ok(event @ serde_json::Value::Object(_)) => vec![event],
-        Ok(_) | Err(_) => {
+    let events: Vec<Box<serde_json::value::RawValue>> = match parse_events(&body) {
+        Some(events) => events,
+        None => {
             let reason = "not a provider event: expected a JSON object or an array of them";
             let letter = state.letter(&body, DeadLetterReason::not_json, reason, now);
             let stored = publish(&state, &[(&state.dead_letter_topic, letter)]).await;
@@ -186,35 +185,29 @@ async fn receive(
         }
     };
     let mut records = Vec::with_capacity(events.len());
+    let mut counts = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
-    for (i, value) in events.into_iter().enumerate() {
-        let event = serde_json::from_value::<ProviderEvent>(value.clone()).map_err(|e| {
-            (
-                DeadLetterReason::invalid_field,
-                format!("not a provider event: {e}"),
-            )
-        });
+    for (i, raw) in events.iter().enumerate() {
+        let event = serde_json::from_str::<ProviderEvent>(raw.get())
+            .map_err(|e| format!("not a provider event: {e}"));
         let kind = event.as_ref().map_or("unparsed", |e| e.event.as_str());
-        match event.and_then(|e| {
-            outcome_of(&e, state.channel, now).map_err(|r| (DeadLetterReason::invalid_field, r))
-        }) {
+        match event.and_then(|e| outcome_of(&e, state.channel, now)) {
             Ok(o) => {
-                state
-                    .received
-                    .with_label_values(&[state.channel.as_str(), o.kind.as_str(), "accepted"])
-                    .inc();
+                counts.push((o.kind.as_str(), "accepted"));
                 records.push((
                     &state.outcomes_topic,
                     (o.customer_id.clone(), encode_internal(&o)),
                 ));
             }
-            Err((code, reason)) => {
-                state
-                    .received
-                    .with_label_values(&[state.channel.as_str(), kind, "rejected"])
-                    .inc();
-                let raw = serde_json::to_vec(&value).unwrap_or_default();
-                let letter = state.letter(&raw, code, &format!("event {i}: {reason}"), now);
+            Err(reason) => {
+                counts.push((kind, "rejected"));
+                // The provider's own bytes, as they came.
+                let letter = state.letter(
+                    raw.get().as_bytes(),
+                    DeadLetterReason::invalid_field,
+                    &format!("event {i}: {reason}"),
+                    now,
+                );
                 records.push((&state.dead_letter_topic, letter));
                 rejected.push(serde_json::json!({"event": i, "reason": reason}));
             }
@@ -224,12 +217,30 @@ async fn receive(
     if let Err(answer) = publish(&state, &records).await {
         return answer;
     }
+    // Counted once stored: a provider's retry after a failure is not counted twice.
+    for (kind, result) in counts {
+        state
+            .received
+            .with_label_values(&[state.channel.as_str(), kind, result])
+            .inc();
+    }
     let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
-    if accepted == 0 {
+    if accepted == 0 && !rejected.is_empty() {
         // Nothing taken: the provider is told plainly (its events are dead-lettered).
         return (StatusCode::UNPROCESSABLE_ENTITY, answer);
     }
     (StatusCode::ACCEPTED, answer)
+}
+
+/// The events of a webhook body, each as its own bytes: one JSON object, or an array
+/// of them (anything in the array is an event, to be checked one by one). None for a
+/// body that is neither.
+fn parse_events(body: &[u8]) -> Option<Vec<Box<serde_json::value::RawValue>>> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(body).ok(),
+        Some(b'{') => serde_json::from_slice(body).ok().map(|one| vec![one]),
+        _ => None,
+    }
 }
 
 /// Publishes `(topic, (key, payload))` records; a failure is the answer to give (503:

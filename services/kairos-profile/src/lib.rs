@@ -698,12 +698,13 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
             return Ok(());
         };
-        // A suppression applies however often it comes (see the arbiter's ledger): a
-        // second unsubscribe from one message, after a new opt-in, has the same id.
+        // An unsubscribe or complaint applies however often it comes (see the
+        // arbiter's ledger): a second unsubscribe from one message, after a new
+        // opt-in, has the same id. Not a hard bounce: a webhook's names no address,
+        // and repeated after the customer changed theirs it would mark the new one.
         let suppression = matches!(
             o.kind,
             kairos_core::contracts::OutcomeKind::unsubscribed
-                | kairos_core::contracts::OutcomeKind::bounced_hard
                 | kairos_core::contracts::OutcomeKind::complained
         );
         if p.remember_outcome(&o.outcome_id) || suppression {
@@ -1046,7 +1047,7 @@ impl ProfileProcessor {
         // different partitions), and the survivor's triggers must wait for it.
         for from in merged_earlier.iter().chain([&m.from]) {
             if !p.merged_from.contains(from) && *from != p.customer_id {
-                if p.merged_from.len() >= 16 {
+                if p.merged_from.len() >= MERGED_FROM_KEPT {
                     p.merged_from.remove(0);
                 }
                 p.merged_from.push(from.clone());
@@ -2335,6 +2336,11 @@ fn profile_key(customer_id: &str) -> String {
 }
 
 /// Where a customer merged into another points: to the survivor's id.
+/// Customers merged into one that its profile names (directly or through a merged
+/// one): the arbiter waits for their ledgers, and a merge re-sent after a crash is
+/// known by them. Room for chains of merges, which add the merged one's too.
+const MERGED_FROM_KEPT: usize = 32;
+
 fn forward_key(customer_id: &str) -> String {
     ["fwd/", customer_id].concat()
 }

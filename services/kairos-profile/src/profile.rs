@@ -180,6 +180,17 @@ pub struct CustomerProfile {
     pub product_marks: Vec<ProductMark>,
 }
 
+/// Whose statement decides a channel's consent when two profiles merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsentSpeaker {
+    /// The survivor keeps its own address for the channel.
+    Survivor,
+    /// The survivor had none and takes the merged profile's.
+    Merged,
+    /// The same address (or none): the later statement.
+    Later,
+}
+
 /// When the customer last bought a product, put it on the wishlist and took it off.
 /// A price drop or a return to stock is news only for a product still wanted, and
 /// wishlist changes read out of order (the site's and the app's topics are consumed
@@ -600,9 +611,10 @@ impl CustomerProfile {
     }
 
     /// Folds in the profile of a customer found to be the same person (an identity
-    /// merge): purchases add up, the later consent of a channel wins (a withdrawal at
-    /// the same time, or without times to compare), the newer cart and the union of
-    /// interests stay. Waits and segments are the processor's to re-arm and review.
+    /// merge): purchases add up, a channel's consent follows the address kept (the
+    /// survivor's own if it has one; for one same address, the later statement, a
+    /// withdrawal winning a tie), the newer cart and the union of interests stay.
+    /// Waits and segments are the processor's to re-arm and review.
     pub fn absorb(&mut self, other: CustomerProfile) {
         fn min_some(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
             match (a, b) {
@@ -610,6 +622,25 @@ impl CustomerProfile {
                 (a, b) => a.or(b),
             }
         }
+        // Whose word on a channel's consent counts: the one whose address the
+        // survivor keeps (below, its own if it has one).
+        let speaks_for = |channel: Channel| -> ConsentSpeaker {
+            let same = |a: &String, b: &String| a.trim().eq_ignore_ascii_case(b.trim());
+            match (self.address(channel), other.address(channel)) {
+                (Some(mine), Some(theirs)) if !same(mine, theirs) => ConsentSpeaker::Survivor,
+                (Some(_), None) => ConsentSpeaker::Survivor,
+                (None, Some(_)) => ConsentSpeaker::Merged,
+                _ => ConsentSpeaker::Later,
+            }
+        };
+        let speakers: Vec<(Channel, ConsentSpeaker)> =
+            Channel::ALL.iter().map(|c| (*c, speaks_for(*c))).collect();
+        let speaker_of = |channel: Channel| {
+            speakers
+                .iter()
+                .find(|(c, _)| *c == channel)
+                .map_or(ConsentSpeaker::Later, |(_, s)| *s)
+        };
         self.first_seen_at = self.first_seen_at.min(other.first_seen_at);
         self.last_seen_at = self.last_seen_at.max(other.last_seen_at);
         self.last_visit_at = self.last_visit_at.max(other.last_visit_at);
@@ -641,17 +672,29 @@ impl CustomerProfile {
         for (channel, granted) in other.consents {
             let theirs_at = other.consent_at.get(&channel);
             let mine_at = self.consent_at.get(&channel);
+            let speaker = speaker_of(channel);
+            if speaker == ConsentSpeaker::Survivor && !self.consents.contains_key(&channel) {
+                // Said of another address: the survivor's own has no consent yet.
+                continue;
+            }
             let mine = self.consents.entry(channel).or_insert(granted);
-            // Both ids are one person: the later word on the channel counts. At the
-            // same time, or without both times (rows from before they were kept), a
-            // withdrawal wins.
-            *mine = match (mine_at, theirs_at) {
-                (Some(m), Some(t)) if m > t => *mine,
-                (Some(m), Some(t)) if t > m => granted,
-                _ => *mine && granted,
+            // The consent follows the address kept: a word said for another address
+            // (a wrong merge of two people, or one person's second address) does not
+            // lift or withdraw it. For one address (or none), both ids are one person
+            // speaking of it: the later word counts. At the same time, or without both
+            // times (rows from before they were kept), a withdrawal wins.
+            *mine = match (speaker, mine_at, theirs_at) {
+                (ConsentSpeaker::Survivor, _, _) => *mine,
+                (ConsentSpeaker::Merged, _, _) => granted,
+                (ConsentSpeaker::Later, Some(m), Some(t)) if m > t => *mine,
+                (ConsentSpeaker::Later, Some(m), Some(t)) if t > m => granted,
+                (ConsentSpeaker::Later, _, _) => *mine && granted,
             };
         }
         for (channel, at) in other.consent_at {
+            if speaker_of(channel) == ConsentSpeaker::Survivor {
+                continue;
+            }
             let mine = self.consent_at.entry(channel).or_insert(at);
             *mine = (*mine).max(at);
         }
@@ -1934,12 +1977,14 @@ mod tests {
         assert!(withdrew.opted_in_before());
     }
 
+    /// `p` stated `granted` for `channel` at `at`.
+    fn said(channel: Channel, granted: bool, at: Millis, p: &mut CustomerProfile) {
+        p.consents.insert(channel, granted);
+        p.consent_at.insert(channel, at);
+    }
+
     #[test]
     fn a_merge_keeps_the_later_word_on_each_channel() {
-        let said = |channel: Channel, granted: bool, at: Millis, p: &mut CustomerProfile| {
-            p.consents.insert(channel, granted);
-            p.consent_at.insert(channel, at);
-        };
         let mut survivor = CustomerProfile::new("c1", 0);
         let mut merged = CustomerProfile::new("c2", 0);
         // E-mail: unsubscribed on the merged id, opted in later on the survivor.
@@ -1972,6 +2017,40 @@ mod tests {
             "the merged id's later opt-in"
         );
         assert_eq!(survivor.consent_at.get(&Channel::email), Some(&50));
+    }
+
+    #[test]
+    fn a_merge_s_consent_follows_the_address_kept() {
+        let mut survivor = CustomerProfile::new("c1", 0);
+        let mut merged = CustomerProfile::new("c2", 0);
+        // E-mail: two addresses; the survivor keeps its own, and its opt-in, whatever
+        // the other address's owner said later.
+        survivor.email = Some("a@example.com".into());
+        merged.email = Some("b@example.com".into());
+        said(Channel::email, true, 50, &mut survivor);
+        said(Channel::email, false, 60, &mut merged);
+        // SMS: only the merged profile has a phone, and it unsubscribed it; the
+        // survivor's later opt-in was said of no phone.
+        merged.phone = Some("+4915100000001".into());
+        said(Channel::sms, false, 10, &mut merged);
+        said(Channel::sms, true, 50, &mut survivor);
+        // Push: one token on both (written differently); the later word counts.
+        survivor.push_token = Some("TOKEN-1".into());
+        merged.push_token = Some(" token-1".into());
+        said(Channel::push, false, 10, &mut survivor);
+        said(Channel::push, true, 20, &mut merged);
+        // Messenger: the survivor's own id, of which it said nothing.
+        survivor.messenger_id = Some("m-1".into());
+        merged.messenger_id = Some("m-2".into());
+        said(Channel::messenger, true, 5, &mut merged);
+        survivor.absorb(merged);
+        let consent = |c| survivor.consents.get(&c).copied();
+        assert_eq!(consent(Channel::email), Some(true));
+        assert_eq!(survivor.consent_at.get(&Channel::email), Some(&50));
+        assert_eq!(survivor.email.as_deref(), Some("a@example.com"));
+        assert_eq!(consent(Channel::sms), Some(false));
+        assert_eq!(consent(Channel::push), Some(true));
+        assert_eq!(consent(Channel::messenger), None);
     }
 
     #[test]

@@ -2661,14 +2661,7 @@ fn a_second_unsubscribe_from_one_message_after_an_opt_in_withdraws_consent_again
     h.site("su-1", "consent_change", "su", t, consent(true));
     // The webhook names an outcome by its send and kind: both clicks share an id.
     let unsubscribe = |h: &mut Harness, at: Millis| {
-        h.feed(
-            "outcomes",
-            "su",
-            json!({"outcome_id": "su-s1-unsubscribed", "send_id": "su-s1",
-                "customer_id": "su", "scenario": "welcome", "channel": "email",
-                "category": "trigger", "kind": "unsubscribed", "reason": null,
-                "occurred_at": at}),
-        );
+        h.outcome("su", "su-s1", "unsubscribed", at);
     };
     let email_consent = |h: &mut Harness| {
         h.commit();
@@ -2687,6 +2680,42 @@ fn a_second_unsubscribe_from_one_message_after_an_opt_in_withdraws_consent_again
         Some(false),
         "the second click counts"
     );
+}
+
+/// A provider's bounce webhook names no address (the profile takes the customer's
+/// current one): repeated after the customer changed their address, it is a duplicate
+/// and marks nothing.
+#[test]
+fn a_repeated_bounce_webhook_does_not_mark_a_new_address() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "rb-1",
+        "registration",
+        "rb",
+        t,
+        json!({"email": "old@example.com"}),
+    );
+    let bounce = |h: &mut Harness, at: Millis| {
+        h.outcome("rb", "rb-s1", "bounced_hard", at);
+    };
+    bounce(&mut h, t + MINUTE);
+    h.site(
+        "rb-2",
+        "profile_update",
+        "rb",
+        t + HOUR,
+        json!({"email": "new@example.com"}),
+    );
+    bounce(&mut h, t + MINUTE);
+    h.commit();
+    let p = h.pipeline.profile("rb").expect("read").expect("stored");
+    let bounced = p
+        .bounced_addresses
+        .get(&kairos_core::contracts::Channel::email)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(bounced, ["old@example.com"]);
 }
 
 #[test]
@@ -2995,6 +3024,18 @@ impl Harness {
             "identified-events",
             &customer,
             json!({"kind": "site", "record": event}),
+        );
+    }
+
+    /// A delivery worker's outcome `kind` of e-mail `send` to `customer`, with the id
+    /// the webhook gives it (send and kind).
+    fn outcome(&mut self, customer: &str, send: &str, kind: &str, at: Millis) {
+        self.feed(
+            "outcomes",
+            customer,
+            json!({"outcome_id": format!("{send}-{kind}"), "send_id": send,
+                "customer_id": customer, "scenario": "welcome", "channel": "email",
+                "category": "trigger", "kind": kind, "reason": null, "occurred_at": at}),
         );
     }
 
