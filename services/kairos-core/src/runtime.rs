@@ -2625,6 +2625,8 @@ fn restore_once(
         let mut all_own = true;
         let mut chunk: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut n = 0_u64;
+        // The tail's last value of each key a write-ahead record wrote.
+        let mut written_ahead: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         stats.records_read += read(start, &mut |r| {
             if !r.own {
                 // Applied so far or not, the store is rebuilt below.
@@ -2632,6 +2634,9 @@ fn restore_once(
                 return Ok(false);
             }
             n += 1;
+            if r.write_ahead || written_ahead.contains_key(&r.key) {
+                written_ahead.insert(r.key.clone(), r.value.clone());
+            }
             // The store's own outbox is the truth about what it still has to
             // publish: an output's replica in the tail may have been published since.
             // A claim is the changelog's alone. A write-ahead record was written here
@@ -2639,8 +2644,8 @@ fn restore_once(
             // withdrawn commit point whose copy died with the process). This holds as
             // long as a commit only ever deletes write-ahead keys (the delivery
             // worker's `w/`, `k/`, `a/`), never writes one that a later write-ahead
-            // record of the tail would then have to win over. The newer local value
-            // reaches the changelog with the commit that finishes the send.
+            // record of the tail would then have to win over. A local value newer
+            // than the tail's is written to the changelog again below.
             if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) && !r.write_ahead {
                 chunk.push((r.key, r.value));
             }
@@ -2662,6 +2667,16 @@ fn restore_once(
             store.apply_changelog(&chunk)?;
             store.finish_restore()?;
             store.set_changelog_end(high)?;
+            let mut behind = Vec::new();
+            for (key, in_tail) in written_ahead {
+                if store.raw_get(&key)? != in_tail {
+                    behind.push(key);
+                }
+            }
+            if !behind.is_empty() {
+                // Published with the outbox when the partition opens, after the claim.
+                store.republish(&behind, changelog)?;
+            }
             stats.applied = n;
             stats.kind = RestoreKind::OwnTail;
             tracing::info!(

@@ -790,6 +790,19 @@ impl PartitionStore {
             .map_err(|e| self.rocks(e))
     }
 
+    /// Writes the current values of `raw_keys` (full store keys) again, in a commit of
+    /// their own to `changelog`: their copies there are older than the store's (see
+    /// the own-tail restore), and a rebuild elsewhere must find these values.
+    pub(crate) fn republish(&mut self, raw_keys: &[Vec<u8>], changelog: &str) -> StoreResult<()> {
+        let mut pending = Pending::default();
+        for key in raw_keys {
+            let value = self.raw_get(key)?;
+            pending.writes.insert(key.clone(), value);
+        }
+        self.commit(&mut pending, Some(changelog))?;
+        Ok(())
+    }
+
     pub(crate) fn raw_get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         self.db.get(key).map_err(|e| self.rocks(e))
     }

@@ -1309,6 +1309,13 @@ fn a_store_back_on_its_own_tail_keeps_a_write_ahead_value_newer_than_its_copy() 
     assert_eq!(value(&store, "k/send-1").as_deref(), Some("withdrawn"));
     assert_eq!(value(&store, "w/send-1").as_deref(), Some("at"));
     assert_eq!(value(&store, "s/send-0").as_deref(), Some("sent"));
+    // The withdrawal reaches the changelog: a rebuild elsewhere finds it too.
+    let mut store = store;
+    let backlog = store.outbox().expect("outbox");
+    publish_acknowledged(&broker, &mut store, backlog);
+    let (_elsewhere, rebuilt) = looked_at(&broker);
+    assert_eq!(value(&rebuilt, "k/send-1").as_deref(), Some("withdrawn"));
+    assert_eq!(value(&rebuilt, "w/send-1").as_deref(), Some("at"));
 }
 
 #[test]
