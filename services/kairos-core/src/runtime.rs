@@ -1494,9 +1494,10 @@ fn dead_letter(
     // In base64 a record near the broker's size limit would no longer fit it, and its
     // letter (and the letter's changelog copy) would be refused for ever: a sample of
     // it goes, the whole stays at its source offset.
-    // The key counts too: it goes into the letter and is the letter's own key.
+    // The key counts three times: in the letter, as the letter's own key, and again
+    // as the key of the letter's changelog copy.
     let mut reason = rejection.message.clone();
-    let whole = record.payload.len() + record.key.map_or(0, <[u8]>::len);
+    let whole = record.payload.len() + 3 * record.key.map_or(0, <[u8]>::len);
     let mut sampled = |bytes: &'static str, of: &[u8]| -> usize {
         if whole <= DEAD_LETTER_WHOLE_PAYLOAD || of.len() <= REFUSED_PAYLOAD_SAMPLE {
             return of.len();

@@ -312,8 +312,8 @@ enum RcptRefusal {
 /// enhanced status code (RFC 3463), when the server gives one, decides: the `5.1.x`
 /// codes of a bad destination address are a dead mailbox, and so is Microsoft's `5.4.1`
 /// "Recipient address rejected" (its directory says the mailbox does not exist);
-/// `5.1.7` and `5.1.8` name the sender. Without one, 550, 551 and 553 are a dead
-/// mailbox.
+/// `5.1.7` and `5.1.8` name the sender, as does any "Sender address rejected" text.
+/// Without a code, 550, 551 and 553 are a dead mailbox.
 fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
     let enhanced = reply
         .split(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '(' | ')'))
@@ -325,6 +325,14 @@ fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
                     .iter()
                     .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         });
+    // Postfix checks the sender at RCPT TO too, and says so in the text (with codes
+    // such as 5.1.0 or 5.7.1): marking the recipient dead would suppress the base.
+    if reply
+        .to_ascii_lowercase()
+        .contains("sender address rejected")
+    {
+        return RcptRefusal::Sender;
+    }
     match enhanced {
         Some("5.1.0" | "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10") => {
             RcptRefusal::DeadMailbox
@@ -506,6 +514,16 @@ mod tests {
                 Sender,
             ),
             ("553", "553 5.1.7 sender address invalid", Sender),
+            (
+                "550",
+                "550 5.1.0 <noreply@brand.example>: Sender address rejected: User unknown",
+                Sender,
+            ),
+            (
+                "553",
+                "553 5.7.1 <a@b.example>: Sender address rejected: not owned by user",
+                Sender,
+            ),
             ("550", "550 no such user here", DeadMailbox),
             ("553", "553 mailbox name not allowed", DeadMailbox),
             ("554", "554 transaction failed", Message),

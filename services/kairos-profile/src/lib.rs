@@ -2335,12 +2335,12 @@ fn profile_key(customer_id: &str) -> String {
     ["c/", customer_id].concat()
 }
 
-/// Where a customer merged into another points: to the survivor's id.
 /// Customers merged into one that its profile names (directly or through a merged
 /// one): the arbiter waits for their ledgers, and a merge re-sent after a crash is
 /// known by them. Room for chains of merges, which add the merged one's too.
 const MERGED_FROM_KEPT: usize = 32;
 
+/// Where a customer merged into another points: to the survivor's id.
 fn forward_key(customer_id: &str) -> String {
     ["fwd/", customer_id].concat()
 }

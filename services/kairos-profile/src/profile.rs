@@ -183,12 +183,65 @@ pub struct CustomerProfile {
 /// Whose statement decides a channel's consent when two profiles merge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConsentSpeaker {
-    /// The survivor keeps its own address for the channel.
+    /// Two different addresses: the survivor keeps its own, and its own statement.
     Survivor,
-    /// The survivor had none and takes the merged profile's.
-    Merged,
-    /// The same address (or none): the later statement.
+    /// Only this side has an address: its statement, which the other side's (said of
+    /// no address) can withdraw when later but never grant.
+    AddressOf(Side),
+    /// The same address, or none: the later statement.
     Later,
+}
+
+/// One of the two profiles of a merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Survivor,
+    Merged,
+}
+
+/// A statement of consent: granted or not, and when (unknown on rows from before
+/// times were kept).
+type Statement = (bool, Option<Millis>);
+
+/// A channel's consent after a merge, from the survivor's statement `mine` and the
+/// merged profile's `theirs` (see [`ConsentSpeaker`]); none: no consent stated.
+fn merged_consent(
+    speaker: ConsentSpeaker,
+    mine: Option<Statement>,
+    theirs: Option<Statement>,
+) -> Option<Statement> {
+    // The later one; at the same time, or without both times, a withdrawal wins.
+    let later = |a: Statement, b: Statement| match (a.1, b.1) {
+        (Some(x), Some(y)) if x > y => a,
+        (Some(x), Some(y)) if y > x => b,
+        (x, y) => (a.0 && b.0, x.max(y)),
+    };
+    match speaker {
+        ConsentSpeaker::Survivor => mine,
+        ConsentSpeaker::AddressOf(side) => {
+            let (holder, other) = match side {
+                Side::Survivor => (mine, theirs),
+                Side::Merged => (theirs, mine),
+            };
+            match (holder, other) {
+                (holder, None) => holder,
+                // Said of no address: only a withdrawal carries over.
+                (None, Some(other)) => (!other.0).then_some(other),
+                (Some(holder), Some(other)) => {
+                    let latest = later(holder, other);
+                    Some(if latest == other && other.0 {
+                        holder
+                    } else {
+                        latest
+                    })
+                }
+            }
+        }
+        ConsentSpeaker::Later => match (mine, theirs) {
+            (Some(a), Some(b)) => Some(later(a, b)),
+            (a, b) => a.or(b),
+        },
+    }
 }
 
 /// When the customer last bought a product, put it on the wishlist and took it off.
@@ -628,8 +681,8 @@ impl CustomerProfile {
             let same = |a: &String, b: &String| a.trim().eq_ignore_ascii_case(b.trim());
             match (self.address(channel), other.address(channel)) {
                 (Some(mine), Some(theirs)) if !same(mine, theirs) => ConsentSpeaker::Survivor,
-                (Some(_), None) => ConsentSpeaker::Survivor,
-                (None, Some(_)) => ConsentSpeaker::Merged,
+                (Some(_), None) => ConsentSpeaker::AddressOf(Side::Survivor),
+                (None, Some(_)) => ConsentSpeaker::AddressOf(Side::Merged),
                 _ => ConsentSpeaker::Later,
             }
         };
@@ -669,34 +722,30 @@ impl CustomerProfile {
             self.stated_at.entry(code).or_insert(at);
         }
         self.subscription_ends_at = self.subscription_ends_at.max(other.subscription_ends_at);
-        for (channel, granted) in other.consents {
-            let theirs_at = other.consent_at.get(&channel);
-            let mine_at = self.consent_at.get(&channel);
-            let speaker = speaker_of(channel);
-            if speaker == ConsentSpeaker::Survivor && !self.consents.contains_key(&channel) {
-                // Said of another address: the survivor's own has no consent yet.
-                continue;
-            }
-            let mine = self.consents.entry(channel).or_insert(granted);
-            // The consent follows the address kept: a word said for another address
-            // (a wrong merge of two people, or one person's second address) does not
-            // lift or withdraw it. For one address (or none), both ids are one person
-            // speaking of it: the later word counts. At the same time, or without both
-            // times (rows from before they were kept), a withdrawal wins.
-            *mine = match (speaker, mine_at, theirs_at) {
-                (ConsentSpeaker::Survivor, _, _) => *mine,
-                (ConsentSpeaker::Merged, _, _) => granted,
-                (ConsentSpeaker::Later, Some(m), Some(t)) if m > t => *mine,
-                (ConsentSpeaker::Later, Some(m), Some(t)) if t > m => granted,
-                (ConsentSpeaker::Later, _, _) => *mine && granted,
+        for channel in Channel::ALL {
+            let statement = |consents: &SmallMap<Channel, bool>, at: &SmallMap<Channel, Millis>| {
+                consents
+                    .get(&channel)
+                    .map(|granted| (*granted, at.get(&channel).copied()))
             };
-        }
-        for (channel, at) in other.consent_at {
-            if speaker_of(channel) == ConsentSpeaker::Survivor {
+            let mine = statement(&self.consents, &self.consent_at);
+            let theirs = statement(&other.consents, &other.consent_at);
+            if mine.is_none() && theirs.is_none() {
                 continue;
             }
-            let mine = self.consent_at.entry(channel).or_insert(at);
-            *mine = (*mine).max(at);
+            match merged_consent(speaker_of(channel), mine, theirs) {
+                Some((granted, at)) => {
+                    self.consents.insert(channel, granted);
+                    match at {
+                        Some(at) => self.consent_at.insert(channel, at),
+                        None => self.consent_at.remove(&channel),
+                    };
+                }
+                None => {
+                    self.consents.remove(&channel);
+                    self.consent_at.remove(&channel);
+                }
+            }
         }
         for order in other.recent_orders {
             if !self
@@ -2049,8 +2098,35 @@ mod tests {
         assert_eq!(survivor.consent_at.get(&Channel::email), Some(&50));
         assert_eq!(survivor.email.as_deref(), Some("a@example.com"));
         assert_eq!(consent(Channel::sms), Some(false));
+        assert_eq!(
+            survivor.consent_at.get(&Channel::sms),
+            Some(&10),
+            "the time of the statement that counts"
+        );
         assert_eq!(consent(Channel::push), Some(true));
         assert_eq!(consent(Channel::messenger), None);
+        assert_eq!(survivor.consent_at.get(&Channel::messenger), None);
+
+        // Said of no address, a later withdrawal carries over; a later opt-in does not.
+        let mut survivor = CustomerProfile::new("c1", 0);
+        let mut merged = CustomerProfile::new("c2", 0);
+        survivor.email = Some("a@example.com".into());
+        said(Channel::email, true, 10, &mut survivor);
+        said(Channel::email, false, 20, &mut merged);
+        survivor.phone = Some("+4915100000001".into());
+        said(Channel::sms, false, 10, &mut survivor);
+        said(Channel::sms, true, 20, &mut merged);
+        survivor.push_token = Some("token-1".into());
+        said(Channel::push, true, 5, &mut merged);
+        survivor.absorb(merged);
+        assert_eq!(
+            survivor.consents.get(&Channel::push),
+            None,
+            "no word of the token"
+        );
+        assert_eq!(survivor.consents.get(&Channel::email), Some(&false));
+        assert_eq!(survivor.consents.get(&Channel::sms), Some(&false));
+        assert_eq!(survivor.consent_at.get(&Channel::sms), Some(&10));
     }
 
     #[test]
