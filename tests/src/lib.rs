@@ -565,7 +565,17 @@ impl Pipeline {
                 .map_err(|(e, _)| e)
                 .expect("enqueue");
         }
-        producer.flush(Duration::from_secs(30)).expect("flush");
+        // A broker slowed down by a test's SIGKILLs and restarts, with another such test
+        // beside it on two cores, may take longer than one wait (a fresh-clone run once
+        // timed out here after 30 s): flushing again goes on waiting for the same acks.
+        let mut last = None;
+        for _ in 0..4 {
+            match producer.flush(Duration::from_secs(30)) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("flush: {last:?}");
     }
 
     /// Reads a topic from the beginning until `done(records)` or `timeout`; returns what
