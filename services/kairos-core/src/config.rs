@@ -1084,11 +1084,9 @@ impl Config {
             }
             let merged = doc.to_string();
             if let Err((_, _, message)) = check_durations(&merged) {
-                let too_long = |value: &str| {
-                    humantime_serde::re::humantime::parse_duration(value.trim_matches('"'))
-                        .is_ok_and(|d| d > MAX_DURATION)
-                };
-                let culprit = overrides.iter().find(|(_, value)| too_long(value));
+                let culprit = overrides
+                    .iter()
+                    .find(|(_, value)| too_long(value.trim_matches('"')));
                 return Err(ConfigError::Env {
                     var: culprit_or_all(culprit, overrides),
                     message,
@@ -1116,18 +1114,7 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
-        let fail_at = |line: Option<usize>, key: &str, message: String| match line {
-            Some(line) => ConfigError::Invalid {
-                file: self.source_file.clone(),
-                line,
-                column: 1,
-                message: format!("{key}: {message}"),
-            },
-            None => ConfigError::Semantic {
-                file: self.source_file.clone(),
-                message: format!("{key}: {message}"),
-            },
-        };
+        let fail_at = |line, key: &str, message| self.error_at(line, key, message);
         let fail = |key: &str, message: String| fail_at(find_key_line(text, key), key, message);
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
@@ -1457,13 +1444,19 @@ impl Config {
             return Ok(());
         };
         let message = format!(
-            "channels: scenarios[{i}] ({}) sends on {channel}, but there is no \
+            "scenarios[{i}] ({}) sends on {channel}, but there is no \
              [delivery.{channel}] section: its messages would go to a topic no delivery \
              worker reads (add the section, or take {channel} off the scenario)",
             s.name
         );
         let text = std::fs::read_to_string(&self.source_file).unwrap_or_default();
-        Err(match scenario_key_line(&text, i, "channels") {
+        Err(self.error_at(scenario_key_line(&text, i, "channels"), "channels", message))
+    }
+
+    /// An error about `key` of this file, at `line` when it is known.
+    fn error_at(&self, line: Option<usize>, key: &str, message: String) -> ConfigError {
+        let message = format!("{key}: {message}");
+        match line {
             Some(line) => ConfigError::Invalid {
                 file: self.source_file.clone(),
                 line,
@@ -1474,7 +1467,7 @@ impl Config {
                 file: self.source_file.clone(),
                 message,
             },
-        })
+        }
     }
 
     /// The templates directory, resolved against the configuration file's directory.
@@ -1647,6 +1640,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// milliseconds (it would wrap into the past and fire at once).
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
 
+/// Whether `value` is a duration longer than [`MAX_DURATION`].
+fn too_long(value: &str) -> bool {
+    humantime_serde::re::humantime::parse_duration(value).is_ok_and(|d| d > MAX_DURATION)
+}
+
 /// The variable to blame for an override error: the one found, or else all of them.
 fn culprit_or_all(culprit: Option<&(String, String)>, overrides: &[(String, String)]) -> String {
     match culprit {
@@ -1666,12 +1664,11 @@ fn check_durations(text: &str) -> Result<(), (usize, usize, String)> {
     let Ok(doc) = toml_edit::ImDocument::parse(text) else {
         return Ok(());
     };
-    let too_long = |key: &str, value: &toml_edit::Value| {
+    let error_of = |key: &str, value: &toml_edit::Value| {
         let toml_edit::Value::String(s) = value else {
             return None;
         };
-        let d = humantime_serde::re::humantime::parse_duration(s.value()).ok()?;
-        (d > MAX_DURATION).then(|| {
+        too_long(s.value()).then(|| {
             let (line, column) = value
                 .span()
                 .map(|span| line_col(text, span.start))
@@ -1715,7 +1712,7 @@ fn check_durations(text: &str) -> Result<(), (usize, usize, String)> {
                             values.extend(t.iter().map(|(k, v)| (join(&key, k), v)))
                         }
                         v => {
-                            if let Some(error) = too_long(&key, v) {
+                            if let Some(error) = error_of(&key, v) {
                                 return Err(error);
                             }
                         }

@@ -1498,18 +1498,15 @@ fn dead_letter(
     // as the key of the letter's changelog copy.
     let mut reason = rejection.message.clone();
     let whole = record.payload.len() + 3 * record.key.map_or(0, <[u8]>::len);
-    let mut sampled = |bytes: &'static str, of: &[u8]| -> usize {
-        if whole <= DEAD_LETTER_WHOLE_PAYLOAD || of.len() <= REFUSED_PAYLOAD_SAMPLE {
-            return of.len();
-        }
-        reason.push_str(&format!(
-            "; the {bytes}'s first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
-            of.len()
-        ));
-        REFUSED_PAYLOAD_SAMPLE
+    let (payload, record_key) = if whole > DEAD_LETTER_WHOLE_PAYLOAD {
+        let payload = sample_for_letter("payload", record.payload, &mut reason);
+        (
+            payload,
+            record.key.map(|k| sample_for_letter("key", k, &mut reason)),
+        )
+    } else {
+        (record.payload, record.key)
     };
-    let payload = &record.payload[..sampled("payload", record.payload)];
-    let record_key = record.key.map(|k| &k[..sampled("key", k)]);
     let letter = DeadLetter {
         dead_letter_id: id.clone(),
         service: service.to_string(),
@@ -2096,12 +2093,8 @@ impl OutputDeadLetters {
             "the broker refused this output to {} for good: {error}",
             entry.topic
         );
-        let payload = if too_large && entry.payload.len() > REFUSED_PAYLOAD_SAMPLE {
-            reason.push_str(&format!(
-                "; the payload's first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
-                entry.payload.len()
-            ));
-            &entry.payload[..REFUSED_PAYLOAD_SAMPLE]
+        let payload = if too_large {
+            sample_for_letter("payload", &entry.payload, &mut reason)
         } else {
             &entry.payload[..]
         };
@@ -2140,6 +2133,20 @@ impl OutputDeadLetters {
 /// Bytes of a refused output's payload its dead letter keeps when the payload was too
 /// large for the broker.
 pub const REFUSED_PAYLOAD_SAMPLE: usize = 64 * 1024;
+
+/// The first [`REFUSED_PAYLOAD_SAMPLE`] bytes of `bytes` (the `what` of a record a
+/// dead letter carries), noting in `reason` when it is cut, so that the letter fits
+/// the broker.
+pub fn sample_for_letter<'a>(what: &str, bytes: &'a [u8], reason: &mut String) -> &'a [u8] {
+    if bytes.len() <= REFUSED_PAYLOAD_SAMPLE {
+        return bytes;
+    }
+    reason.push_str(&format!(
+        "; the {what}'s first {REFUSED_PAYLOAD_SAMPLE} of {} bytes are kept",
+        bytes.len()
+    ));
+    &bytes[..REFUSED_PAYLOAD_SAMPLE]
+}
 
 /// The largest rejected input a dead letter carries whole: in base64, with the
 /// letter's fields, it stays below the broker's default limit of 1,000,000 bytes.
@@ -3819,6 +3826,24 @@ mod tests {
         }
     }
 
+    /// An engine of `processor` over a fresh state directory, its partition 0 open.
+    fn engine_on_partition_0<P: Processor>(processor: P) -> (tempfile::TempDir, Config, Engine<P>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut engine = Engine::new(processor, &config, metrics).unwrap();
+        engine.open(0).unwrap();
+        (dir, config, engine)
+    }
+
     /// Rejects every input.
     struct RejectsAll;
 
@@ -3846,19 +3871,7 @@ mod tests {
 
     #[test]
     fn the_dead_letter_of_a_huge_input_keeps_a_sample_that_fits_the_broker() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_text(
-            std::path::Path::new("test.toml"),
-            "[kafka]\npartitions = 1\n",
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
-        )
-        .unwrap();
-        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
-        let mut engine = Engine::new(RejectsAll, &config, metrics).unwrap();
-        engine.open(0).unwrap();
+        let (_dir, config, mut engine) = engine_on_partition_0(RejectsAll);
         let huge = vec![b'x'; 900_000];
         let small = b"{not json".to_vec();
         for (offset, payload) in [(0, &huge), (1, &small)] {
@@ -3898,19 +3911,7 @@ mod tests {
 
     #[test]
     fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_text(
-            std::path::Path::new("test.toml"),
-            "[kafka]\npartitions = 1\n",
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
-        )
-        .unwrap();
-        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
-        let mut engine = Engine::new(ManyTimers, &config, metrics).unwrap();
-        engine.open(0).unwrap();
+        let (_dir, _config, mut engine) = engine_on_partition_0(ManyTimers);
         let record = Record {
             topic: "in",
             partition: 0,

@@ -327,23 +327,15 @@ fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
         });
     // Postfix checks the sender at RCPT TO too, and says so in the text (with codes
     // such as 5.1.0 or 5.7.1): marking the recipient dead would suppress the base.
-    if reply
-        .to_ascii_lowercase()
-        .contains("sender address rejected")
-    {
+    let text = reply.to_ascii_lowercase();
+    if text.contains("sender address rejected") {
         return RcptRefusal::Sender;
     }
     match enhanced {
         Some("5.1.0" | "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10") => {
             RcptRefusal::DeadMailbox
         }
-        Some("5.4.1")
-            if reply
-                .to_ascii_lowercase()
-                .contains("recipient address rejected") =>
-        {
-            RcptRefusal::DeadMailbox
-        }
+        Some("5.4.1") if text.contains("recipient address rejected") => RcptRefusal::DeadMailbox,
         Some("5.1.7" | "5.1.8") => RcptRefusal::Sender,
         Some(_) => RcptRefusal::Message,
         None if matches!(code, "550" | "551" | "553") => RcptRefusal::DeadMailbox,

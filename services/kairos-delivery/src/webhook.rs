@@ -279,8 +279,9 @@ impl WebhookState {
     ) -> (String, Vec<u8>) {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let kept = &raw[..raw.len().min(kairos_core::runtime::REFUSED_PAYLOAD_SAMPLE)];
-        let id = deterministic_id(&[&self.service, "webhook", &b64.encode(raw)]);
+        let mut reason = reason.to_string();
+        let kept = kairos_core::runtime::sample_for_letter("event", raw, &mut reason);
+        let id = deterministic_id(&[&self.service, "webhook", &String::from_utf8_lossy(raw)]);
         let letter = DeadLetter {
             dead_letter_id: id.clone(),
             service: self.service.clone(),
@@ -288,7 +289,7 @@ impl WebhookState {
             source_partition: -1,
             source_offset: -1,
             reason_code: code,
-            reason: reason.to_string(),
+            reason,
             key_base64: None,
             payload_base64: b64.encode(kept),
             failed_at: now,
