@@ -563,14 +563,10 @@ fn a_sender_the_relay_refuses_marks_no_address_dead_and_gives_the_sends_up_to_th
     );
 }
 
-#[test]
-fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
-    let p = Pipeline::start(Options {
-        services: vec!["deliver-in_app"],
-        ..Options::default()
-    });
+/// A welcome message for the in-app inbox of customer `c-<send_id>` (no address).
+fn in_app_command(send_id: &str) -> Value {
     let mut cmd: Value = serde_json::from_slice(&send_command(
-        "inapp-1",
+        send_id,
         "in_app",
         "",
         "welcome",
@@ -578,6 +574,16 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     ))
     .expect("json");
     cmd["address"] = Value::Null;
+    cmd
+}
+
+#[test]
+fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-in_app"],
+        ..Options::default()
+    });
+    let cmd = in_app_command("inapp-1");
     let mut expired = cmd.clone();
     expired["send_id"] = j!("inapp-old");
     expired["valid_until"] = j!(now_millis() + 1500);
@@ -616,6 +622,113 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
         .filter(|o| o["send_id"] == "inapp-1" && o["kind"] == "delivered")
         .count();
     assert_eq!(delivered, 1, "{outcomes:?}");
+}
+
+/// The inbox is partition state: messages a worker stored (and the "seen" marks of
+/// its polls) follow their partitions to a second instance through the changelog,
+/// while both run and after the first is killed. A poll at an instance that does not
+/// own the customer's partition is answered 421; each message is reported delivered
+/// once, by whichever instance served its first poll.
+#[test]
+fn in_app_messages_follow_their_partition_to_another_instance() {
+    let mut p = Pipeline::start(Options {
+        services: vec!["deliver-in_app"],
+        env: vec![kairos_tests::short_session_timeout()],
+        ..Options::default()
+    });
+    // Customers on every partition (send_command names the customer c-<send id>).
+    let ids: Vec<String> = (0..12).map(|i| format!("move-{i}")).collect();
+    let customer = |id: &str| format!("c-{id}");
+    let partition_of = |id: &str| kairos_core::replay::partition_for(customer(id).as_bytes(), 4);
+    let partitions: BTreeSet<i32> = ids.iter().map(|id| partition_of(id)).collect();
+    assert_eq!(partitions.len(), 4, "{partitions:?}");
+    let records: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (customer(id), json(in_app_command(id))))
+        .collect();
+    p.produce("send.in_app", &records);
+    final_outcomes(&p, ids.len(), Duration::from_secs(30));
+
+    let poll = |p: &Pipeline, instance: &str, id: &str| -> (u16, String) {
+        kairos_tests::http_get(p.admin(instance), &format!("/in-app/{}", customer(id)))
+            .expect("the inbox answers")
+    };
+    let message = |body: &str, id: &str| -> Value {
+        let messages: Vec<Value> = serde_json::from_str(body).expect("a JSON list");
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert_eq!(messages[0]["send_id"], id);
+        assert!(messages[0]["seen_at"].is_i64(), "{messages:?}");
+        messages[0].clone()
+    };
+    // The first half is seen on the first instance.
+    let mut seen_at = BTreeMap::new();
+    for id in &ids[..6] {
+        let (status, body) = poll(&p, "deliver-in_app", id);
+        assert_eq!(status, 200, "{body}");
+        seen_at.insert(id.clone(), message(&body, id)["seen_at"].clone());
+    }
+
+    p.spawn_instance("deliver-in_app-b", "deliver-in_app");
+    p.wait_ready("deliver-in_app-b", Duration::from_secs(90));
+    // Once the second instance owns a partition, it serves that partition's inbox
+    // (restored from the changelog), and the first instance sends polls for it away.
+    let owned = |p: &Pipeline, instance: &str| {
+        kairos_tests::sample(&p.metrics(instance), "kairos_owned_partitions", &[])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while owned(&p, "deliver-in_app-b") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second instance owns nothing"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let moved = ids[..6]
+        .iter()
+        .find(|id| poll(&p, "deliver-in_app-b", id).0 == 200)
+        .expect("a customer seen on the first instance whose partition moved")
+        .clone();
+    let (_, body) = poll(&p, "deliver-in_app-b", &moved);
+    assert_eq!(
+        message(&body, &moved)["seen_at"],
+        seen_at[&moved],
+        "seen before the move"
+    );
+    let (status, body) = poll(&p, "deliver-in_app", &moved);
+    assert_eq!(status, 421, "{body}");
+    assert!(
+        body.contains(&format!("partition {}", partition_of(&moved))),
+        "{body}"
+    );
+
+    // The first instance dies; the second takes every partition and serves everything.
+    p.kill9("deliver-in_app");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while owned(&p, "deliver-in_app-b") < 4.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second instance did not take every partition"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for id in &ids {
+        let (status, body) = poll(&p, "deliver-in_app-b", id);
+        assert_eq!(status, 200, "{id}: {body}");
+        let m = message(&body, id);
+        if let Some(at) = seen_at.get(id) {
+            assert_eq!(&m["seen_at"], at, "{id} was seen on the first instance");
+        }
+    }
+    let outcomes = p.read_json_until("outcomes", Duration::from_secs(20), |v| {
+        v.iter().filter(|o| o["kind"] == "delivered").count() >= ids.len()
+    });
+    for id in &ids {
+        let delivered = outcomes
+            .iter()
+            .filter(|o| o["send_id"] == id.as_str() && o["kind"] == "delivered")
+            .count();
+        assert_eq!(delivered, 1, "{id}: {outcomes:?}");
+    }
 }
 
 /// An SMS worker paused (SIGSTOP) past its session while the gateway holds its call:

@@ -149,6 +149,20 @@ impl<P: Processor> Replayer<P> {
         Ok(out)
     }
 
+    /// Serves a request from the state of `key`'s partition (see
+    /// [`Processor::serve`]) and commits what it changed: the answer and the outputs.
+    pub fn serve(
+        &mut self,
+        key: &[u8],
+        request: &[u8],
+    ) -> anyhow::Result<(Vec<u8>, Vec<OutboxEntry>)> {
+        let partition = self
+            .engine
+            .state_partition(partition_for(key, self.partitions));
+        let answer = self.engine.serve(partition, request)?;
+        Ok((answer, self.commit()?))
+    }
+
     /// Moves event time to `t` everywhere (a heartbeat on every partition).
     pub fn advance_to(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let out = self.engine.advance_time(t)?;

@@ -124,6 +124,34 @@ pub trait Processor: Send + 'static {
     fn writes_ahead(&self) -> bool {
         false
     }
+
+    /// Answers a request from a partition's state (see [`run_serving`]): what it
+    /// writes and emits commits like a record's effects, before the answer goes out.
+    fn serve(&mut self, _ctx: &mut Ctx<'_>, _request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        anyhow::bail!("{} serves no requests", self.name())
+    }
+}
+
+/// A request to be served from the state of the partition `key` belongs to (the
+/// partition its records are keyed to), on the processing loop: an HTTP handler has no
+/// access to the partition stores, and what serving writes must commit and reach the
+/// changelog like any other change.
+pub struct ServeRequest {
+    pub key: Vec<u8>,
+    pub body: Vec<u8>,
+    pub reply: tokio::sync::oneshot::Sender<Served>,
+}
+
+/// How a [`ServeRequest`] went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    /// The processor's answer; its writes are committed and its outputs published.
+    Done(Vec<u8>),
+    /// This instance does not own the key's partition (another instance does, or a
+    /// rebalance is under way).
+    NotOwner(i32),
+    /// Serving failed, or its changes did not commit: nothing of it holds.
+    Failed(String),
 }
 
 /// Publishes a write-ahead record to the changelog, so that an instance the partition
@@ -962,6 +990,25 @@ impl<P: Processor> Engine<P> {
             self.changelog_topic.as_deref(),
             self.durable_outputs,
         )?)
+    }
+
+    /// Serves `request` from `partition`'s state (see [`Processor::serve`]); its
+    /// changes join the partition's batch. An error abandons the batch.
+    pub fn serve(&mut self, partition: i32, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            anyhow::bail!("partition {partition} is not owned");
+        };
+        let mut ctx = Ctx {
+            partition,
+            now: part.clock.now(),
+            store: &part.store,
+            pending: &mut part.pending,
+            metrics: &self.metrics,
+            write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
+            writes_ahead: self.processor.writes_ahead(),
+        };
+        let served = self.processor.serve(&mut ctx, request);
+        self.or_abandon(partition, served)
     }
 
     /// Commits every partition's pending batch.
@@ -2945,6 +2992,67 @@ async fn send_values_again(
     Ok((count, last))
 }
 
+/// The next request of `requests`; never, without a queue (or once it is closed).
+async fn next_request(
+    requests: &mut Option<tokio::sync::mpsc::Receiver<ServeRequest>>,
+) -> Option<ServeRequest> {
+    match requests {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves `requests` from the partitions this instance owns and holds, commits what
+/// they changed and publishes it, then answers them: an answer is only given for
+/// changes that hold.
+async fn serve_requests<P: Processor>(
+    engine: &mut Engine<P>,
+    requests: Vec<ServeRequest>,
+    partitions: i32,
+    held_state: &(dyn Fn(i32) -> bool + Sync),
+    publisher: &Publisher<'_>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut answered: Vec<(i32, tokio::sync::oneshot::Sender<Served>, Vec<u8>)> = Vec::new();
+    for request in requests {
+        let p = engine.state_partition(crate::replay::partition_for(&request.key, partitions));
+        if !engine.owns(p) || !held_state(p) {
+            let _ = request.reply.send(Served::NotOwner(p));
+            continue;
+        }
+        match engine.serve(p, &request.body) {
+            Ok(body) => answered.push((p, request.reply, body)),
+            Err(e) => {
+                tracing::warn!(partition = p, error = %format!("{e:#}"), "request not served");
+                // The failure dropped the partition's batch: the requests served from
+                // it before hold nothing either.
+                let (dropped, kept) = answered.into_iter().partition(|(q, _, _)| *q == p);
+                answered = kept;
+                let dropped: Vec<_> = dropped;
+                for (_, reply, _) in dropped {
+                    let _ = reply.send(Served::Failed(format!("{e:#}")));
+                }
+                let _ = request.reply.send(Served::Failed(format!("{e:#}")));
+            }
+        }
+    }
+    if answered.is_empty() {
+        return Ok(());
+    }
+    let out = engine.commit()?;
+    let produced = out.len();
+    let published = engine.publish(out, publisher, cancel, &[]).await?;
+    stop_if_fenced_and_held(&published, held_state)?;
+    let whole = published.acked.len() >= produced;
+    for (_, reply, body) in answered {
+        let _ = reply.send(match whole {
+            true => Served::Done(body),
+            false => Served::Failed("stopping before the broker took the changes".into()),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `processor` against Kafka until `cancel` fires, then shuts down cleanly:
 /// the current batch is finished and committed, outputs are flushed, offsets are
 /// committed to the group, and the stores are closed.
@@ -2954,6 +3062,18 @@ pub async fn run<P: Processor>(
     admin: Arc<AdminState>,
     registry: SchemaRegistry,
     cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    run_serving(config, processor, admin, registry, cancel, None).await
+}
+
+/// [`run`], also serving the `requests` between batches (see [`Processor::serve`]).
+pub async fn run_serving<P: Processor>(
+    config: &Config,
+    processor: P,
+    admin: Arc<AdminState>,
+    registry: SchemaRegistry,
+    cancel: CancellationToken,
+    mut requests: Option<tokio::sync::mpsc::Receiver<ServeRequest>>,
 ) -> anyhow::Result<()> {
     let metrics = RuntimeMetrics::new(&admin.registry);
     let name = processor.name().to_string();
@@ -3046,6 +3166,7 @@ pub async fn run<P: Processor>(
     let mut assigned_once = false;
     let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
     let mut gates = BacklogGates::default();
+    let mut waiting_requests: Vec<ServeRequest> = Vec::new();
 
     loop {
         admin.heartbeat();
@@ -3065,11 +3186,32 @@ pub async fn run<P: Processor>(
         if cancel.is_cancelled() {
             break;
         }
+        if let Some(queue) = requests.as_mut() {
+            let mut waiting = std::mem::take(&mut waiting_requests);
+            while let Ok(request) = queue.try_recv() {
+                waiting.push(request);
+            }
+            if !waiting.is_empty() {
+                serve_requests(
+                    &mut engine,
+                    waiting,
+                    config.kafka.partitions,
+                    &held_state,
+                    &publisher,
+                    &cancel,
+                )
+                .await?;
+            }
+        }
 
-        // Gather a batch.
+        // Gather a batch; a request wakes the loop to be served at its top.
         let mut batch = Vec::new();
         let first = tokio::select! {
             _ = cancel.cancelled() => None,
+            Some(request) = next_request(&mut requests) => {
+                waiting_requests.push(request);
+                None
+            }
             r = tokio::time::timeout(tick, consumer.recv()) => Some(r),
         };
         match first {

@@ -1,32 +1,44 @@
 //! In-app and on-site messages: the in_app worker's "provider" is an inbox per
-//! customer in RocksDB, which the site or app polls over HTTP on the worker's admin
-//! port:
+//! customer, which the site or app polls over HTTP on the worker's admin port:
 //!
 //! - `GET /in-app/{customer_id}` returns the customer's messages that have not expired
 //!   (valid-until in the future), newest first, and marks unseen ones seen; the first
 //!   fetch of a message reports it `delivered` on the outcomes topic;
 //! - clicks come back through the provider webhook (`POST /webhooks/events`).
 //!
-//! The inbox lives next to the worker's state; a deployment with several in_app
-//! instances routes each customer's polls to the instance that owns the customer's
-//! partition (the same hash as the send topic).
+//! The inbox is part of the worker's partition state (`n/<customer>\0<send id>`), so
+//! it commits with the send's offset and its `sent` report, goes to the changelog, and
+//! follows its partition to whichever instance owns it next. A poll is served on the
+//! processing loop of the instance that owns the customer's partition (the send
+//! topic's, keyed by customer id), and its "seen" marks and `delivered` report commit
+//! before it is answered; an instance that does not own it answers 421 Misdirected
+//! Request naming the partition, so a router can send the poll to the owner.
 
-use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
-use kairos_core::config::{topics, Config};
-use kairos_core::contracts::{Outcome, OutcomeKind, SendCommand};
-use kairos_core::encoding::encode_internal;
-use kairos_core::ids::deterministic_id;
-use kairos_core::time::{wall_now, Millis};
-use rdkafka::producer::FutureProducer;
+use axum::Router;
+use kairos_core::contracts::SendCommand;
+use kairos_core::runtime::{Ctx, ServeRequest, Served};
+use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::templates::RenderedMessage;
+
+/// Messages kept per customer at most: a new one beyond pushes the oldest out (an
+/// app shows a handful; a runaway scenario must not grow one customer's state).
+pub const INBOX_KEPT: usize = 100;
+
+/// Prefix of the ids of the timers that delete a message once it expires.
+pub const EXPIRY_TIMER_PREFIX: &str = "inbox/";
+
+/// How long a poll waits for the processing loop before it is answered 503.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One message in a customer's inbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,197 +54,312 @@ pub struct InboxMessage {
     pub seen_at: Option<Millis>,
 }
 
+/// The customer's messages: `\0` ends the id, so `c1`'s prefix does not reach `c10`.
+fn customer_prefix(customer_id: &str) -> String {
+    format!("n/{customer_id}\0")
+}
+
+fn message_key(customer_id: &str, send_id: &str) -> String {
+    format!("{}{send_id}", customer_prefix(customer_id))
+}
+
+fn expiry_timer(send_id: &str) -> String {
+    format!("{EXPIRY_TIMER_PREFIX}{send_id}")
+}
+
+/// The customer's messages, in key order.
+fn messages(ctx: &Ctx<'_>, customer_id: &str) -> anyhow::Result<Vec<(String, InboxMessage)>> {
+    ctx.scan(&customer_prefix(customer_id))
+}
+
+/// Stores a message with the timer that deletes it once it expires, and pushes the
+/// customer's oldest out beyond [`INBOX_KEPT`]. Storing the same send again changes
+/// nothing.
+pub fn store(
+    ctx: &mut Ctx<'_>,
+    cmd: &SendCommand,
+    message: &RenderedMessage,
+) -> anyhow::Result<()> {
+    let key = message_key(&cmd.customer_id, &cmd.send_id);
+    if ctx.get::<InboxMessage>(&key)?.is_some() {
+        return Ok(());
+    }
+    let m = InboxMessage {
+        send_id: cmd.send_id.clone(),
+        customer_id: cmd.customer_id.clone(),
+        scenario: cmd.scenario.clone(),
+        category: cmd.category,
+        title: message.subject.clone(),
+        text: message.body.clone(),
+        created_at: cmd.created_at,
+        valid_until: cmd.valid_until,
+        seen_at: None,
+    };
+    ctx.put(&key, &m)?;
+    ctx.schedule(&expiry_timer(&cmd.send_id), cmd.valid_until, &key)?;
+    let mut kept = messages(ctx, &cmd.customer_id)?;
+    if kept.len() > INBOX_KEPT {
+        kept.sort_by(|(ka, a), (kb, b)| (a.created_at, ka).cmp(&(b.created_at, kb)));
+        for (key, old) in &kept[..kept.len() - INBOX_KEPT] {
+            ctx.delete(key);
+            ctx.cancel(&expiry_timer(&old.send_id))?;
+        }
+    }
+    Ok(())
+}
+
+/// The customer's live messages at `now`, newest first: expired ones are deleted,
+/// unseen ones marked seen. Returns them with the ones seen for the first time.
+pub fn fetch(
+    ctx: &mut Ctx<'_>,
+    customer_id: &str,
+    now: Millis,
+) -> anyhow::Result<(Vec<InboxMessage>, Vec<InboxMessage>)> {
+    let mut live = Vec::new();
+    let mut first_seen = Vec::new();
+    for (key, mut m) in messages(ctx, customer_id)? {
+        if m.valid_until <= now {
+            ctx.delete(&key);
+            ctx.cancel(&expiry_timer(&m.send_id))?;
+            continue;
+        }
+        if m.seen_at.is_none() {
+            m.seen_at = Some(now);
+            ctx.put(&key, &m)?;
+            first_seen.push(m.clone());
+        }
+        live.push(m);
+    }
+    live.sort_by(|a, b| (b.created_at, &b.send_id).cmp(&(a.created_at, &a.send_id)));
+    Ok((live, first_seen))
+}
+
+/// A message's expiry timer fired: the message goes (its key is the payload).
+pub fn expire(ctx: &mut Ctx<'_>, timer: &kairos_core::store::DueTimer) -> anyhow::Result<()> {
+    let key: String = timer.decode()?;
+    ctx.delete(&key);
+    Ok(())
+}
+
+/// Hands polls to the worker's processing loop (see [`kairos_core::runtime::run_serving`]).
 #[derive(Clone)]
-pub struct Inbox {
-    db: Arc<rocksdb::DB>,
+pub struct InboxClient {
+    requests: mpsc::Sender<ServeRequest>,
 }
 
-fn key(customer_id: &str, send_id: &str) -> Vec<u8> {
-    let mut k = customer_prefix(customer_id);
-    k.extend_from_slice(send_id.as_bytes());
-    k
-}
-
-fn customer_prefix(customer_id: &str) -> Vec<u8> {
-    let mut k = customer_id.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
-impl Inbox {
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let mut options = rocksdb::Options::default();
-        options.create_if_missing(true);
-        let db = rocksdb::DB::open(&options, path)
-            .map_err(|e| anyhow::anyhow!("cannot open the in-app inbox {}: {e}", path.display()))?;
-        Ok(Inbox { db: Arc::new(db) })
-    }
-
-    /// Stores a message; storing the same send again changes nothing.
-    pub fn put(&self, cmd: &SendCommand, message: &RenderedMessage) -> anyhow::Result<()> {
-        let k = key(&cmd.customer_id, &cmd.send_id);
-        if self.db.get(&k)?.is_some() {
-            return Ok(());
-        }
-        let m = InboxMessage {
-            send_id: cmd.send_id.clone(),
-            customer_id: cmd.customer_id.clone(),
-            scenario: cmd.scenario.clone(),
-            category: cmd.category,
-            title: message.subject.clone(),
-            text: message.body.clone(),
-            created_at: cmd.created_at,
-            valid_until: cmd.valid_until,
-            seen_at: None,
-        };
-        self.db.put(k, serde_json::to_vec(&m)?)?;
-        Ok(())
-    }
-
-    /// The customer's live messages, newest first; expired ones are removed, unseen
-    /// ones marked seen. Returns them with the ones seen for the first time.
-    pub fn fetch(
-        &self,
-        customer_id: &str,
-        now: Millis,
-    ) -> anyhow::Result<(Vec<InboxMessage>, Vec<InboxMessage>)> {
-        let prefix = customer_prefix(customer_id);
-        let mut live = Vec::new();
-        let mut first_seen = Vec::new();
-        let mut batch = rocksdb::WriteBatch::default();
-        for item in self.db.prefix_iterator(&prefix) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let mut m: InboxMessage = serde_json::from_slice(&v)?;
-            if m.valid_until <= now {
-                batch.delete(&k);
-                continue;
-            }
-            if m.seen_at.is_none() {
-                m.seen_at = Some(now);
-                batch.put(&k, serde_json::to_vec(&m)?);
-                first_seen.push(m.clone());
-            }
-            live.push(m);
-        }
-        self.db.write(batch)?;
-        live.sort_by_key(|m| std::cmp::Reverse(m.created_at));
-        Ok((live, first_seen))
-    }
-}
-
-struct InboxState {
-    inbox: Inbox,
-    producer: FutureProducer,
-    outcomes_topic: String,
+/// A client for the routes and the queue of requests its worker serves.
+pub fn channel() -> (InboxClient, mpsc::Receiver<ServeRequest>) {
+    // Polls beyond this many waiting are answered 503 at once.
+    let (requests, queue) = mpsc::channel(1_024);
+    (InboxClient { requests }, queue)
 }
 
 /// `GET /in-app/{customer_id}`.
-pub fn router(config: &Config, inbox: Inbox) -> anyhow::Result<Router> {
-    let state = Arc::new(InboxState {
-        inbox,
-        producer: kairos_core::kafka::producer(config)?,
-        outcomes_topic: config.topic(topics::OUTCOMES),
-    });
-    Ok(Router::new()
-        .route("/in-app/{customer_id}", get(fetch))
-        .with_state(state))
+pub fn router(client: InboxClient) -> Router {
+    Router::new()
+        .route("/in-app/{customer_id}", get(poll))
+        .with_state(Arc::new(client))
 }
 
-async fn fetch(
-    State(state): State<Arc<InboxState>>,
+async fn poll(
+    State(client): State<Arc<InboxClient>>,
     UrlPath(customer_id): UrlPath<String>,
-) -> Result<Json<Vec<InboxMessage>>, (StatusCode, String)> {
-    let now = wall_now();
-    let (live, first_seen) = state
-        .inbox
-        .fetch(&customer_id, now)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    for m in &first_seen {
-        let outcome = Outcome {
-            outcome_id: deterministic_id(&[&m.send_id, OutcomeKind::delivered.as_str()]),
-            send_id: m.send_id.clone(),
-            customer_id: m.customer_id.clone(),
-            scenario: m.scenario.clone(),
-            channel: kairos_core::contracts::Channel::in_app,
-            category: m.category,
-            kind: OutcomeKind::delivered,
-            reason: None,
-            occurred_at: now,
-            address: None,
-        };
-        // Seen is already recorded; a lost report only loses a metric, so it is logged.
-        if let Err(e) = kairos_core::kafka::send(
-            &state.producer,
-            &state.outcomes_topic,
-            m.customer_id.as_bytes(),
-            &encode_internal(&outcome),
-        )
-        .await
-        {
-            tracing::warn!(error = %e, send_id = %m.send_id, "in-app delivered report not published");
-        }
+) -> Response {
+    let (reply, answer) = oneshot::channel();
+    let request = ServeRequest {
+        key: customer_id.clone().into_bytes(),
+        body: customer_id.into_bytes(),
+        reply,
+    };
+    if client.requests.try_send(request).is_err() {
+        return unavailable("the worker has too many polls waiting, or is stopping");
     }
-    Ok(Json(live))
+    match tokio::time::timeout(POLL_TIMEOUT, answer).await {
+        Ok(Ok(Served::Done(body))) => {
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Ok(Ok(Served::NotOwner(partition))) => (
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "partition {partition}, which holds this customer's inbox, is owned by another instance (or a rebalance is under way)"
+            ),
+        )
+            .into_response(),
+        Ok(Ok(Served::Failed(e))) => unavailable(&e),
+        Ok(Err(_)) => unavailable("the worker is stopping"),
+        Err(_) => unavailable("the worker did not serve the poll in time"),
+    }
+}
+
+fn unavailable(reason: &str) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, reason.to_string()).into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kairos_core::contracts::{Channel, MessageCategory};
+    use kairos_core::config::{topics, Config};
+    use kairos_core::contracts::{Channel, MessageCategory, Outcome, OutcomeKind};
+    use kairos_core::replay::Replayer;
+    use kairos_core::runtime::Processor as _;
+    use kairos_core::store::OutboxEntry;
+    use kairos_core::time::DAY;
 
-    fn command(
-        send_id: &str,
-        customer: &str,
-        created_at: Millis,
-        valid_until: Millis,
-    ) -> SendCommand {
-        SendCommand {
+    const T0: Millis = 20_000 * DAY;
+
+    fn command(send_id: &str, customer: &str, created_at: Millis, valid_until: Millis) -> Vec<u8> {
+        serde_json::to_vec(&SendCommand {
             send_id: send_id.into(),
-            trigger_id: "t".into(),
+            trigger_id: format!("t-{send_id}"),
             customer_id: customer.into(),
             scenario: "welcome".into(),
             channel: Channel::in_app,
             category: MessageCategory::trigger,
             template: "welcome".into(),
             address: None,
-            variables: "{}".into(),
-            created_at,
-            valid_until,
-            cause_occurred_at: created_at,
+            variables: r#"{"first_name":"Ann"}"#.into(),
+            created_at: T0 + created_at,
+            valid_until: T0 + valid_until,
+            cause_occurred_at: T0 + created_at,
             reasons: vec![],
-        }
+        })
+        .expect("encode")
     }
 
+    /// The in-app worker over the shipped configuration in event time, its state in
+    /// `dir`.
+    fn worker(dir: &std::path::Path) -> (Config, Replayer<crate::DeliveryProcessor>) {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let config = Config::from_text(
+            &path,
+            &text,
+            &[
+                ("KAIROS__STATE__DIR".into(), dir.display().to_string()),
+                ("KAIROS__CLOCK__MODE".into(), "event".into()),
+            ],
+        )
+        .expect("config");
+        let settings = config.delivery[&Channel::in_app].clone();
+        let registry = prometheus::Registry::new();
+        let processor =
+            crate::DeliveryProcessor::new(&config, Channel::in_app, settings, &registry)
+                .expect("processor");
+        assert_eq!(processor.name(), "deliver-in_app");
+        let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
+        (config, replayer)
+    }
+
+    fn poll(
+        replayer: &mut Replayer<crate::DeliveryProcessor>,
+        customer: &str,
+    ) -> (Vec<InboxMessage>, Vec<OutboxEntry>) {
+        let (answer, out) = replayer
+            .serve(customer.as_bytes(), customer.as_bytes())
+            .expect("serve");
+        (serde_json::from_slice(&answer).expect("a JSON list"), out)
+    }
+
+    fn ids(messages: &[InboxMessage]) -> Vec<&str> {
+        messages.iter().map(|m| m.send_id.as_str()).collect()
+    }
+
+    fn outcomes(config: &Config, out: &[OutboxEntry], kind: OutcomeKind) -> Vec<String> {
+        out.iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+            .filter(|o| o.kind == kind)
+            .map(|o| o.send_id)
+            .collect()
+    }
+
+    /// Messages are kept in the partition's state: served newest first, marked seen
+    /// (and reported delivered) once, deleted by their timer when they expire.
     #[test]
     fn messages_are_served_newest_first_seen_once_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let inbox = Inbox::open(dir.path()).unwrap();
-        let msg = RenderedMessage {
-            subject: Some("Hi".into()),
-            preheader: None,
-            body: "Welcome".into(),
-        };
-        inbox.put(&command("s1", "c1", 100, 1_000), &msg).unwrap();
-        inbox.put(&command("s2", "c1", 200, 10_000), &msg).unwrap();
-        inbox.put(&command("s2", "c1", 200, 10_000), &msg).unwrap();
-        inbox.put(&command("s3", "c10", 300, 10_000), &msg).unwrap();
-
-        let (live, first) = inbox.fetch("c1", 500).unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, mut replayer) = worker(dir.path());
+        let topic = config.send_topic(Channel::in_app);
+        let mut out = Vec::new();
+        for (key, payload) in [
+            ("c1", command("s1", "c1", 100, 1_000)),
+            ("c1", command("s2", "c1", 200, 10_000)),
+            ("c1", command("s2", "c1", 200, 10_000)),
+            ("c10", command("s3", "c10", 300, 10_000)),
+        ] {
+            out.extend(
+                replayer
+                    .push(&topic, key.as_bytes(), &payload)
+                    .expect("push"),
+            );
+        }
+        out.extend(replayer.commit().expect("commit"));
         assert_eq!(
-            live.iter().map(|m| m.send_id.as_str()).collect::<Vec<_>>(),
-            ["s2", "s1"]
+            outcomes(&config, &out, OutcomeKind::sent),
+            ["s1", "s2", "s3"]
         );
-        assert_eq!(first.len(), 2);
-        assert!(live.iter().all(|m| m.seen_at == Some(500)));
 
-        let (live, first) = inbox.fetch("c1", 2_000).unwrap();
-        assert_eq!(live.len(), 1, "s1 expired at 1000");
-        assert!(first.is_empty(), "seen messages are not reported again");
-        assert_eq!(live[0].seen_at, Some(500));
-        let (other, _) = inbox.fetch("c10", 2_000).unwrap();
-        assert_eq!(other.len(), 1, "c1's prefix does not reach into c10");
+        let (live, out) = poll(&mut replayer, "c1");
+        assert_eq!(ids(&live), ["s2", "s1"]);
+        assert_eq!(live[0].title.as_deref(), Some("Welcome, Ann!"));
+        let seen_at = live[0].seen_at;
+        assert!(seen_at.is_some() && live.iter().all(|m| m.seen_at == seen_at));
+        let mut delivered = outcomes(&config, &out, OutcomeKind::delivered);
+        delivered.sort();
+        assert_eq!(delivered, ["s1", "s2"]);
+
+        let (again, out) = poll(&mut replayer, "c1");
+        assert_eq!(again, live, "seen once");
+        assert!(outcomes(&config, &out, OutcomeKind::delivered).is_empty());
+
+        // s1's timer deletes it once it expires, with no poll.
+        replayer.advance_to(T0 + 1_000).expect("advance");
+        let stored = |replayer: &Replayer<crate::DeliveryProcessor>| {
+            let mut keys = Vec::new();
+            for p in replayer.engine.owned() {
+                let store = replayer.engine.store(p).expect("store");
+                for (key, _) in store.scan_state(b"n/").expect("scan") {
+                    keys.push(String::from_utf8_lossy(&key).into_owned());
+                }
+            }
+            keys.sort();
+            keys
+        };
+        assert_eq!(stored(&replayer), ["n/c1\0s2", "n/c10\0s3"]);
+        let (live, _) = poll(&mut replayer, "c1");
+        assert_eq!(ids(&live), ["s2"]);
+        let (other, _) = poll(&mut replayer, "c10");
+        assert_eq!(ids(&other), ["s3"], "c1's messages are not c10's");
+        assert!(poll(&mut replayer, "c2").0.is_empty());
+    }
+
+    /// A customer keeps the newest [`INBOX_KEPT`] messages; older ones go, with their
+    /// expiry timers.
+    #[test]
+    fn an_inbox_keeps_the_newest_messages() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, mut replayer) = worker(dir.path());
+        let topic = config.send_topic(Channel::in_app);
+        let count = INBOX_KEPT as Millis + 2;
+        for n in 0..count {
+            let id = format!("s{n:03}");
+            replayer
+                .push(&topic, b"c1", &command(&id, "c1", n, DAY))
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        let (live, _) = poll(&mut replayer, "c1");
+        assert_eq!(live.len(), INBOX_KEPT);
+        assert_eq!(live[0].send_id, format!("s{:03}", count - 1));
+        assert_eq!(live[INBOX_KEPT - 1].send_id, "s002");
+        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
+        let store = replayer.engine.store(partition).expect("store");
+        assert_eq!(store.scan_state(b"n/").expect("scan").len(), INBOX_KEPT);
+        assert_eq!(
+            store.timers_pending(),
+            INBOX_KEPT as i64 + 1,
+            "one expiry per message kept, and the send ids' sweep"
+        );
     }
 }

@@ -47,7 +47,6 @@ pub mod simulator;
 pub mod templates;
 pub mod webhook;
 
-use inbox::Inbox;
 use provider::{Provider, ProviderError};
 use retry::{BreakerState, CircuitBreaker};
 use templates::{RenderedMessage, TemplateSet};
@@ -133,7 +132,10 @@ pub struct DeliveryProcessor {
     outcomes_topic: String,
     dead_letter_topic: String,
     templates: TemplateSet,
+    /// None for the simulator and the in-app inbox, which call nobody.
     provider: Option<Provider>,
+    /// Messages go to the customers' inboxes (see [`inbox`]).
+    in_app: bool,
     limiter: DefaultDirectRateLimiter,
     breaker: CircuitBreaker,
     metrics: DeliveryMetrics,
@@ -143,17 +145,14 @@ pub struct DeliveryProcessor {
 }
 
 impl DeliveryProcessor {
-    /// `inbox` is the in-app inbox, for a worker whose provider is `in_app`.
     pub fn new(
         config: &Config,
         channel: Channel,
         settings: DeliveryChannelConfig,
         registry: &prometheus::Registry,
-        inbox: Option<Inbox>,
     ) -> anyhow::Result<Self> {
         let templates = load_templates(config, channel)?;
         let provider = match settings.provider {
-            ProviderKind::Simulator => None,
             ProviderKind::Smtp => {
                 let smtp = settings.smtp.as_ref().ok_or_else(|| {
                     anyhow::anyhow!(
@@ -170,9 +169,7 @@ impl DeliveryProcessor {
                 })?;
                 Some(Provider::Http(provider::HttpProvider::new(http)?))
             }
-            ProviderKind::InApp => Some(Provider::InApp(inbox.ok_or_else(|| {
-                anyhow::anyhow!("delivery.{channel}: provider in_app needs its inbox")
-            })?)),
+            ProviderKind::Simulator | ProviderKind::InApp => None,
         };
         let quota = Quota::per_second(nonzero(settings.rate_limit.per_second))
             .allow_burst(nonzero(settings.rate_limit.burst));
@@ -229,6 +226,7 @@ impl DeliveryProcessor {
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             templates,
             provider,
+            in_app: settings.provider == ProviderKind::InApp,
             limiter: RateLimiter::direct(quota),
             breaker: CircuitBreaker::new(settings.circuit_breaker.clone()),
             metrics: m,
@@ -747,15 +745,49 @@ impl Processor for DeliveryProcessor {
                 return Ok(());
             }
         };
+        if self.in_app {
+            inbox::store(ctx, cmd, &message)?;
+            self.metrics
+                .provider_requests
+                .with_label_values(&[self.channel.as_str(), self.provider_name(), "accepted"])
+                .inc();
+            self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
+            return Ok(());
+        }
         if self.provider.is_none() {
             return self.simulate(ctx, cmd);
         }
         self.deliver(ctx, &input, message)
     }
 
+    /// An in-app poll: the request is the customer id, the answer their live messages
+    /// as JSON; the first fetch of each reports it delivered.
+    fn serve(&mut self, ctx: &mut Ctx<'_>, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        anyhow::ensure!(self.in_app, "{} keeps no inbox", self.name);
+        let customer_id = std::str::from_utf8(request)
+            .map_err(|e| anyhow::anyhow!("a customer id is not UTF-8: {e}"))?;
+        let now = ctx.now();
+        let (live, first_seen) = inbox::fetch(ctx, customer_id, now)?;
+        for m in &first_seen {
+            let send = SendSummary {
+                send_id: m.send_id.clone(),
+                customer_id: m.customer_id.clone(),
+                scenario: m.scenario.clone(),
+                channel: self.channel,
+                category: m.category,
+                address: None,
+            };
+            self.emit_outcome(ctx, &send, OutcomeKind::delivered, None, now);
+        }
+        serde_json::to_vec(&live).map_err(|e| anyhow::anyhow!("cannot encode the inbox: {e}"))
+    }
+
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         if timer.timer_id == self.sends_seen.timer_id() {
             return self.sends_seen.sweep(ctx, timer);
+        }
+        if timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
+            return inbox::expire(ctx, timer);
         }
         let later: LaterOutcome = timer.decode()?;
         self.emit_outcome(ctx, &later.send, later.kind, None, timer.fire_at);
@@ -763,13 +795,18 @@ impl Processor for DeliveryProcessor {
     }
 }
 
-/// Opens the in-app inbox of `channel` if its provider is `in_app`.
-pub fn open_inbox(config: &Config, channel: Channel) -> anyhow::Result<Option<Inbox>> {
+/// The in-app inbox's client (for [`routes`]) and the queue of polls its worker
+/// serves (for [`run`]), if `channel`'s provider is `in_app`.
+pub fn inbox_channel(
+    config: &Config,
+    channel: Channel,
+) -> Option<(
+    inbox::InboxClient,
+    tokio::sync::mpsc::Receiver<kairos_core::runtime::ServeRequest>,
+)> {
     match config.delivery.get(&channel).map(|d| d.provider) {
-        Some(ProviderKind::InApp) => Ok(Some(Inbox::open(
-            &config.state.dir.join(format!("deliver-{channel}-inbox")),
-        )?)),
-        _ => Ok(None),
+        Some(ProviderKind::InApp) => Some(inbox::channel()),
+        _ => None,
     }
 }
 
@@ -778,11 +815,11 @@ pub fn routes(
     config: &Config,
     channel: Channel,
     registry: &prometheus::Registry,
-    inbox: Option<Inbox>,
+    inbox: Option<inbox::InboxClient>,
 ) -> anyhow::Result<axum::Router> {
     let mut router = webhook::router(config, channel, registry)?;
     if let Some(inbox) = inbox {
-        router = router.merge(inbox::router(config, inbox)?);
+        router = router.merge(inbox::router(inbox));
     }
     Ok(router)
 }
@@ -793,7 +830,7 @@ pub async fn run(
     channel: Channel,
     admin: Arc<AdminState>,
     cancel: tokio_util::sync::CancellationToken,
-    inbox: Option<Inbox>,
+    inbox_polls: Option<tokio::sync::mpsc::Receiver<kairos_core::runtime::ServeRequest>>,
 ) -> anyhow::Result<()> {
     let settings = config.delivery.get(&channel).cloned().ok_or_else(|| {
         anyhow::anyhow!(
@@ -802,8 +839,16 @@ pub async fn run(
             channel
         )
     })?;
-    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry, inbox)?;
-    kairos_core::runtime::run(&config, processor, admin, SchemaRegistry::new(None), cancel).await
+    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?;
+    kairos_core::runtime::run_serving(
+        &config,
+        processor,
+        admin,
+        SchemaRegistry::new(None),
+        cancel,
+        inbox_polls,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -872,7 +917,7 @@ mod tests {
         }
         let settings = config.delivery[&Channel::email].clone();
         let registry = prometheus::Registry::new();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry, None)
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
             .expect("processor");
         assert_eq!(processor.name(), "deliver-email");
         let mut replayer =
@@ -925,7 +970,7 @@ mod tests {
         let mut settings = config.delivery[&Channel::email].clone();
         settings.provider = ProviderKind::Simulator;
         let registry = prometheus::Registry::new();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry, None)
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
             .expect("processor");
         let mut replayer =
             kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");

@@ -14,7 +14,6 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::Message;
 
-use crate::inbox::Inbox;
 use crate::templates::RenderedMessage;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -45,7 +44,6 @@ pub enum ProviderError {
 pub enum Provider {
     Smtp(Box<SmtpProvider>),
     Http(HttpProvider),
-    InApp(Inbox),
 }
 
 impl Provider {
@@ -53,7 +51,6 @@ impl Provider {
         match self {
             Provider::Smtp(_) => "smtp",
             Provider::Http(_) => "http",
-            Provider::InApp(_) => "in_app",
         }
     }
 
@@ -68,10 +65,6 @@ impl Provider {
         match self {
             Provider::Smtp(p) => p.send(cmd, message, commit_point).await,
             Provider::Http(p) => p.send(cmd, message).await,
-            // A local, idempotent write: done or a (transient) disk problem.
-            Provider::InApp(inbox) => inbox
-                .put(cmd, message)
-                .map_err(|e| ProviderError::Transient(format!("inbox: {e}"))),
         }
     }
 }

@@ -75,7 +75,7 @@ pub fn run(config: &Config, channel: Channel, count: u64) -> anyhow::Result<Benc
     settings.provider = ProviderKind::Simulator;
     let settings = settings.clone();
     let registry = prometheus::Registry::new();
-    let processor = DeliveryProcessor::new(&config, channel, settings, &registry, None)?;
+    let processor = DeliveryProcessor::new(&config, channel, settings, &registry)?;
     let mut replayer = Replayer::new(processor, &config, &registry)?;
     let topic = config.send_topic(channel);
     let now = kairos_core::time::wall_now();

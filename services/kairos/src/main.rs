@@ -469,15 +469,13 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 )
             })?;
             let listen = settings.admin_listen;
-            let inbox = kairos_delivery::open_inbox(&config, channel)?;
-            let for_routes = (config.clone(), inbox.clone());
+            let (inbox, polls) = kairos_delivery::inbox_channel(&config, channel).unzip();
+            let routes_config = config.clone();
             service_with_routes(
                 config,
                 listen,
-                move |registry| {
-                    kairos_delivery::routes(&for_routes.0, channel, registry, for_routes.1)
-                },
-                move |c, a, t| async move { kairos_delivery::run(c, channel, a, t, inbox).await },
+                move |registry| kairos_delivery::routes(&routes_config, channel, registry, inbox),
+                move |c, a, t| async move { kairos_delivery::run(c, channel, a, t, polls).await },
             )
             .await
         }
