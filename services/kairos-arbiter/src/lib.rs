@@ -17,7 +17,8 @@ use compact_str::CompactString;
 use kairos_core::calendar;
 use kairos_core::contracts::{
     Channel, CustomerAction, CustomerActionKind, DeadLetterReason, DecisionOutcome, DecisionRef,
-    MessageCategory, Outcome, OutcomeKind, SendCommandRef, Trigger, DECISION_RULES,
+    ExperimentGroup, MessageCategory, Outcome, OutcomeKind, SendCommandRef, Trigger,
+    DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
@@ -2337,10 +2338,9 @@ impl ArbiterProcessor {
             scenario: &q.scenario,
             category: q.category.unwrap_or(MessageCategory::trigger),
         };
-        self.record_decision(
+        self.record_final_decision(
             ctx,
             &subject,
-            deterministic_id(&[trigger_id, "decision"]),
             (DecisionOutcome::cancelled, None, None),
             rule,
             reason,
@@ -2570,9 +2570,68 @@ impl ArbiterProcessor {
         ctx: &mut Ctx<'_>,
         t: &Subject<'_>,
         decision_id: String,
+        verdict: (DecisionOutcome, Option<Channel>, Option<String>),
+        rule: &str,
+        reason: String,
+    ) {
+        self.record_decision_in(ctx, t, decision_id, verdict, rule, reason, None);
+    }
+
+    /// Records the final decision of trigger `t` (its id `[trigger id, "decision"]`),
+    /// with the customer's experiment group if it is a marketing trigger.
+    fn record_final_decision(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: &Subject<'_>,
+        verdict: (DecisionOutcome, Option<Channel>, Option<String>),
+        rule: &str,
+        reason: String,
+    ) {
+        let group = self.experiment_group(t, verdict.0);
+        let id = deterministic_id(&[t.trigger_id, "decision"]);
+        self.record_decision_in(ctx, t, id, verdict, rule, reason, group);
+    }
+
+    /// The group a marketing trigger's final decision counts in for lift: the one the
+    /// customer was drawn into, whatever the decision (intent to treat). Counting only
+    /// the messages sent against the hold-outs would leave out the treated customers
+    /// the messages themselves stopped (a sunset after ignored messages, an
+    /// unsubscribe, a complaint, a bounce), whose control twins are still counted.
+    fn experiment_group(
+        &self,
+        t: &Subject<'_>,
+        outcome: DecisionOutcome,
+    ) -> Option<ExperimentGroup> {
+        if t.category == MessageCategory::transactional {
+            return None;
+        }
+        match outcome {
+            DecisionOutcome::sent => Some(ExperimentGroup::treatment),
+            DecisionOutcome::held_out => Some(ExperimentGroup::control),
+            DecisionOutcome::deferred | DecisionOutcome::duplicate => None,
+            DecisionOutcome::suppressed | DecisionOutcome::expired | DecisionOutcome::cancelled => {
+                let control = self.in_control_group(t.customer_id)
+                    || self
+                        .in_scenario_holdout(t.scenario, t.customer_id)
+                        .is_some();
+                Some(match control {
+                    true => ExperimentGroup::control,
+                    false => ExperimentGroup::treatment,
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_decision_in(
+        &self,
+        ctx: &mut Ctx<'_>,
+        t: &Subject<'_>,
+        decision_id: String,
         (outcome, channel, send_id): (DecisionOutcome, Option<Channel>, Option<String>),
         rule: &str,
         reason: String,
+        group: Option<ExperimentGroup>,
     ) {
         let decision = DecisionRef {
             decision_id: &decision_id,
@@ -2586,6 +2645,7 @@ impl ArbiterProcessor {
             rule,
             reason: &reason,
             decided_at: ctx.now(),
+            group,
         };
         self.decisions.inc(&[outcome.as_str(), rule]);
         ctx.emit(&self.decisions_topic, t.customer_id, &decision);
@@ -2800,14 +2860,7 @@ impl ArbiterProcessor {
                 ledger.offers.insert(offer.clone(), now);
             }
         }
-        self.record_decision(
-            ctx,
-            &subject,
-            deterministic_id(&[&t.trigger_id, "decision"]),
-            (outcome, channel, send_id),
-            rule,
-            reason,
-        );
+        self.record_final_decision(ctx, &subject, (outcome, channel, send_id), rule, reason);
         if let Some(chain) = chain {
             let end = match outcome {
                 DecisionOutcome::sent | DecisionOutcome::held_out => StepEnd::WentOut,

@@ -1473,3 +1473,76 @@ fn a_merged_customer_s_forwarding_ledger_shrinks_to_its_note_after_the_retention
     let forwarded: Vec<_> = a.actions.iter().map(|x| x.customer_id.as_str()).collect();
     assert_eq!(forwarded, ["z"], "the unsubscribe goes on to the survivor");
 }
+
+/// Lift is measured by intent to treat: the final decision of every marketing trigger
+/// names the experiment group the customer was drawn into, whatever it decided (sent
+/// or held out, unreachable, cancelled). Deferrals, transactional messages and
+/// a cascade's later steps name none: they are no trigger's final decision.
+#[test]
+fn a_marketing_trigger_s_final_decision_names_the_customer_s_group() {
+    use kairos_core::contracts::ExperimentGroup;
+    let control =
+        common::CONFIG.replace("control_group_percent = 0", "control_group_percent = 100");
+    for (config, group) in [
+        (common::CONFIG.to_string(), ExperimentGroup::treatment),
+        (control, ExperimentGroup::control),
+    ] {
+        let mut a = Arbiter::from_text(&config);
+        let day: Vec<_> = (0..4)
+            .map(|i| a.trigger(&format!("p{i}"), "weekly_promo", PROMO, T0 + i * 2 * HOUR))
+            .collect();
+        // Over the daily cap, the rest wait for the next day: no final decision yet.
+        let (waiting, decided): (Vec<_>, Vec<_>) = day
+            .iter()
+            .partition(|d| d.outcome == DecisionOutcome::deferred);
+        assert!(!waiting.is_empty() && !decided.is_empty(), "{day:#?}");
+        assert!(waiting.iter().all(|d| d.group.is_none()), "{day:#?}");
+        assert!(decided.iter().all(|d| d.group == Some(group)), "{day:#?}");
+        let mut a = Arbiter::from_text(&config);
+        let mut unreachable = a.trigger_of("nc", "welcome", TRIGGER, T0 + 9 * HOUR);
+        unreachable.contacts.consented_channels = Vec::new();
+        let d = a.push_trigger(&unreachable);
+        assert_eq!(
+            (d.outcome, d.group),
+            (DecisionOutcome::suppressed, Some(group))
+        );
+        a.purchase("buy", T0 + 10 * HOUR);
+        let mut cancelled = a.trigger_of("late", "welcome", TRIGGER, T0 + 9 * HOUR);
+        cancelled.fired_at = T0 + 11 * HOUR;
+        let d = a.push_trigger(&cancelled);
+        assert_eq!(
+            (d.outcome, d.group),
+            (DecisionOutcome::cancelled, Some(group))
+        );
+        let d = a.trigger(
+            "r1",
+            "welcome",
+            MessageCategory::transactional,
+            T0 + 12 * HOUR,
+        );
+        assert_eq!((d.outcome, d.group), (DecisionOutcome::sent, None));
+    }
+    // A deferral names none; the decision it ends in does.
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("Europe/Berlin".into());
+    let d = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    assert_eq!((d.outcome, d.group), (DecisionOutcome::deferred, None));
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let decided = a.decisions_of("w1");
+    assert_eq!(
+        (decided[1].outcome, decided[1].group),
+        (DecisionOutcome::sent, Some(ExperimentGroup::treatment))
+    );
+    // A cascade's first message counts, its next channel does not.
+    let mut a = Arbiter::new();
+    let mut t = a.trigger_of("k1", "cart_cascade", TRIGGER, T0);
+    t.contacts.consented_channels = vec![Channel::email, Channel::push];
+    assert_eq!(a.push_trigger(&t).group, Some(ExperimentGroup::treatment));
+    a.advance_to(T0 + HOUR);
+    let steps = a.decisions_of("k1");
+    assert_eq!(steps.len(), 2, "{steps:#?}");
+    assert_eq!(
+        (steps[1].outcome, steps[1].rule.as_str(), steps[1].group),
+        (DecisionOutcome::sent, "cascade", None)
+    );
+}

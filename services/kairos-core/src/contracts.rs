@@ -540,6 +540,30 @@ pub struct Decision {
     pub rule: String,
     pub reason: String,
     pub decided_at: i64,
+    /// The experiment group of the customer for this trigger, on a marketing trigger's
+    /// final decision (whatever it was): lift is measured by the group assigned, not
+    /// by the message received (intent to treat). None on the other decisions.
+    #[serde(default)]
+    pub group: Option<ExperimentGroup>,
+}
+
+/// The group a customer is in for a scenario: the global control group and the
+/// scenario's holdout are `control`, everyone else `treatment`.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "io.kairos")]
+pub enum ExperimentGroup {
+    treatment,
+    control,
+}
+
+impl ExperimentGroup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExperimentGroup::treatment => "treatment",
+            ExperimentGroup::control => "control",
+        }
+    }
 }
 
 /// A [`Decision`] that borrows its text, for the arbiter to write one without copying
@@ -558,6 +582,7 @@ pub struct DecisionRef<'a> {
     pub rule: &'a str,
     pub reason: &'a str,
     pub decided_at: i64,
+    pub group: Option<ExperimentGroup>,
 }
 
 /// A [`SendCommand`] that borrows its text (see [`DecisionRef`]): a send command copied

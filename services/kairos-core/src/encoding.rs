@@ -428,8 +428,8 @@ mod tests {
     #[test]
     fn borrowed_outputs_write_the_bytes_of_the_owned_ones() {
         use crate::contracts::{
-            Channel, Decision, DecisionOutcome, DecisionRef, MessageCategory, SendCommand,
-            SendCommandRef,
+            Channel, Decision, DecisionOutcome, DecisionRef, ExperimentGroup, MessageCategory,
+            SendCommand, SendCommandRef,
         };
         let text = "quote \" é \u{2028} 🎉";
         for present in [false, true] {
@@ -445,6 +445,7 @@ mod tests {
                 rule: "channel_choice".into(),
                 reason: text.into(),
                 decided_at: -3,
+                group: present.then_some(ExperimentGroup::control),
             };
             let borrowed = DecisionRef {
                 decision_id: &decision.decision_id,
@@ -458,6 +459,7 @@ mod tests {
                 rule: &decision.rule,
                 reason: &decision.reason,
                 decided_at: decision.decided_at,
+                group: decision.group,
             };
             assert_eq!(encode_internal(&borrowed), encode_internal(&decision));
             let send = SendCommand {

@@ -701,6 +701,7 @@ fn decision_matches_its_schema() {
         rule: "pause_after_key_action".into(),
         reason: "purchase 20 h ago, pause is 48 h".into(),
         decided_at: T0,
+        group: Some(ExperimentGroup::treatment),
     };
     let sparse = Decision {
         decision_id: "dc-tr-c-7-welcome-1".into(),
@@ -714,6 +715,7 @@ fn decision_matches_its_schema() {
         rule: "control_group".into(),
         reason: "customer is in the 10% control group".into(),
         decided_at: T0 + 1,
+        group: None,
     };
     check_contract("decision.avsc", schemas::decision(), &[full, sparse]);
 }

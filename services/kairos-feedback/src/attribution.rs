@@ -1,7 +1,10 @@
-//! Last-touch attribution of purchases to messages and held-out decisions.
+//! Last-touch attribution of purchases to the final decisions of marketing triggers.
 //!
-//! Every customer has at most one live touch: the newest "sent" (treatment) or
-//! "held_out" (control) decision. A purchase within the window after it is that
+//! Every customer has at most one live touch: the newest final decision of a marketing
+//! trigger, in the experiment group the arbiter drew the customer into (intent to
+//! treat: a treated customer whose message a sunset, an unsubscribe or a cap stopped
+//! counts in the treatment group as a held-out one counts in the control group). A
+//! purchase within the window after it is that
 //! touch's conversion; further purchases in the window add revenue but not another
 //! conversion, so conversion rates stay between 0 and 1 and compare fairly between the
 //! groups.
@@ -11,11 +14,11 @@
 //! touch takes yet waits as a [`PendingPurchases`] entry: a touch read later that is
 //! the last one before it, within the window, takes it then.
 
-use kairos_core::contracts::Channel;
+use kairos_core::contracts::{Channel, ExperimentGroup};
 use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Group {
     /// A message was sent.
     Treatment,
@@ -39,15 +42,28 @@ impl Group {
     }
 }
 
+impl From<ExperimentGroup> for Group {
+    fn from(g: ExperimentGroup) -> Self {
+        match g {
+            ExperimentGroup::treatment => Group::Treatment,
+            ExperimentGroup::control => Group::Control,
+        }
+    }
+}
+
 /// The customer's last touch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Touch {
     pub scenario: String,
-    /// The channel sent on; none for a held-out decision.
+    /// The channel sent on; none when nothing was sent.
     pub channel: Option<Channel>,
     pub at: Millis,
     /// Whether a purchase already converted this touch.
     pub converted: bool,
+    /// The customer's experiment group; absent in touches stored before groups were
+    /// (the channel tells then: a message went out to the treated only).
+    #[serde(default)]
+    pub group: Option<Group>,
 }
 
 /// What a purchase means for a touch.
@@ -61,10 +77,10 @@ pub struct Attribution {
 
 impl Touch {
     pub fn group(&self) -> Group {
-        if self.channel.is_some() {
-            Group::Treatment
-        } else {
-            Group::Control
+        match (self.group, self.channel) {
+            (Some(g), _) => g,
+            (None, Some(_)) => Group::Treatment,
+            (None, None) => Group::Control,
         }
     }
 
@@ -171,6 +187,7 @@ mod tests {
             channel,
             at: 100 * HOUR,
             converted,
+            group: None,
         }
     }
 
@@ -209,12 +226,17 @@ mod tests {
     }
 
     #[test]
-    fn groups_and_labels_follow_the_channel() {
+    fn a_touch_s_group_is_the_one_stored_or_else_follows_the_channel() {
         assert_eq!(
             touch(Some(Channel::sms), false).labels(),
             ["welcome", "sms", "treatment"]
         );
         assert_eq!(touch(None, false).labels(), ["welcome", "none", "control"]);
+        let unsent = Touch {
+            group: Some(Group::Treatment),
+            ..touch(None, false)
+        };
+        assert_eq!(unsent.labels(), ["welcome", "none", "treatment"]);
     }
 
     fn pending(ats: &[Millis]) -> PendingPurchases {

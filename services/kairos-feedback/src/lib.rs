@@ -3,8 +3,10 @@
 //! Outcomes are deduplicated by outcome id (a re-sent record counts once, so "opened"
 //! counts unique opens per send), then counted by channel, scenario, category and kind;
 //! decisions by outcome and rule. Purchases are attributed to the customer's last touch
-//! within the attribution window: a "sent" decision is a treatment touch, a "held_out"
-//! decision a control touch, so conversions with and without a message, and the
+//! within the attribution window: a marketing trigger's final decision is a touch in
+//! the experiment group the arbiter drew the customer into, whatever it decided (intent
+//! to treat: a message stopped by what earlier messages caused, a sunset or an
+//! unsubscribe, still counts as treated), so conversions of the two groups, and the
 //! incremental lift per scenario, can be compared. A purchase read before its touch
 //! (the topics are read at their own speeds) waits for it. Labels are bounded: scenario names
 //! come from the configuration, never from customer data.
@@ -278,10 +280,12 @@ impl FeedbackProcessor {
                         .with_label_values(&[&s.name, channel.as_str(), rate]);
                 }
             }
-            let control = [s.name.as_str(), "none", Group::Control.as_str()];
-            m.touches.with_label_values(&control);
-            m.conversions.with_label_values(&control);
-            m.conversion_revenue.with_label_values(&control);
+            for group in [Group::Treatment, Group::Control] {
+                let unsent = [s.name.as_str(), "none", group.as_str()];
+                m.touches.with_label_values(&unsent);
+                m.conversions.with_label_values(&unsent);
+                m.conversion_revenue.with_label_values(&unsent);
+            }
             for group in [Group::Treatment, Group::Control] {
                 m.conversion_rate
                     .with_label_values(&[&s.name, group.as_str()]);
@@ -422,24 +426,27 @@ impl FeedbackProcessor {
         if d.category == MessageCategory::transactional {
             return Ok(());
         }
-        let touch = match (d.outcome, d.channel) {
-            // A cascade's next channel is the same message again, not another touch: a
-            // held-out customer has one decision for the trigger, so counting each
-            // step would divide the treated customers' conversions by up to three.
-            (DecisionOutcome::sent, _) if d.rule == CASCADE_RULE => return Ok(()),
-            (DecisionOutcome::sent, Some(channel)) => Touch {
-                scenario,
-                channel: Some(channel),
-                at: d.decided_at,
-                converted: false,
-            },
-            (DecisionOutcome::held_out, _) => Touch {
-                scenario,
-                channel: None,
-                at: d.decided_at,
-                converted: false,
-            },
-            _ => return Ok(()),
+        // A cascade's next channel is the same message again, not another touch: a
+        // held-out customer has one decision for the trigger, so counting each step
+        // would divide the treated customers' conversions by up to three.
+        if d.rule == CASCADE_RULE {
+            return Ok(());
+        }
+        let sent_on = d.channel.filter(|_| d.outcome == DecisionOutcome::sent);
+        let group = match (d.group, d.outcome) {
+            // The arbiter names the group on each trigger's final decision.
+            (Some(g), _) => Group::from(g),
+            // Decisions of an arbiter from before groups: sent and held out only.
+            (None, DecisionOutcome::sent) if sent_on.is_some() => Group::Treatment,
+            (None, DecisionOutcome::held_out) => Group::Control,
+            (None, _) => return Ok(()),
+        };
+        let touch = Touch {
+            scenario,
+            channel: sent_on,
+            at: d.decided_at,
+            converted: false,
+            group: Some(group),
         };
         let mut touch = touch;
         let key = touch_key(&d.customer_id);
@@ -911,6 +918,7 @@ mod tests {
             rule: rule.into(),
             reason: "test".into(),
             decided_at: at,
+            group: None,
         };
         let hour = 3_600_000;
         for d in [
@@ -990,6 +998,102 @@ mod tests {
         assert_eq!(lift, Some(0.0));
     }
 
+    /// Intent to treat: every final decision of a marketing trigger is a touch in the
+    /// group the arbiter names, whatever it decided. Treated customers whose messages
+    /// a sunset or an unsubscribe stopped count as treated: with the same share buying
+    /// in both groups the lift is zero (counting only the messages sent, it would be
+    /// 1.0). Decisions with no group (a deferral, a cascade's stop) are no touch.
+    #[test]
+    fn lift_compares_the_groups_as_drawn_not_the_messages_sent() {
+        use kairos_core::contracts::ExperimentGroup;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [[scenarios]]\nname = \"promo\"\nkind = \"reactivation\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let site = config.topic(topics::SITE_EVENTS);
+        let hour = 3_600_000;
+        let decision = |customer: &str, outcome, rule: &str, group| Decision {
+            decision_id: format!("d-{customer}-{rule}"),
+            trigger_id: format!("t-{customer}"),
+            customer_id: customer.into(),
+            scenario: "promo".into(),
+            category: MessageCategory::promo,
+            outcome,
+            channel: (outcome == DecisionOutcome::sent).then_some(Channel::email),
+            send_id: (outcome == DecisionOutcome::sent).then(|| format!("s-{customer}")),
+            rule: rule.into(),
+            reason: "test".into(),
+            decided_at: hour,
+            group,
+        };
+        let treatment = Some(ExperimentGroup::treatment);
+        let control = Some(ExperimentGroup::control);
+        for d in [
+            decision("t1", DecisionOutcome::sent, "sent", treatment),
+            decision("t2", DecisionOutcome::sent, "sent", treatment),
+            decision("t3", DecisionOutcome::suppressed, "sunset", treatment),
+            decision("t4", DecisionOutcome::suppressed, "unsubscribed", treatment),
+            decision("c1", DecisionOutcome::held_out, "control_group", control),
+            decision("c2", DecisionOutcome::held_out, "control_group", control),
+            decision("c3", DecisionOutcome::held_out, "control_group", control),
+            decision("c4", DecisionOutcome::suppressed, "daily_cap", control),
+            // Not final, or not a trigger's own decision: no touch.
+            decision("t5", DecisionOutcome::deferred, "quiet_hours", None),
+            decision("t6", DecisionOutcome::suppressed, "complaint", None),
+        ] {
+            let payload = serde_json::to_vec(&d).expect("encode");
+            replayer
+                .push(&decisions, d.customer_id.as_bytes(), &payload)
+                .expect("push");
+        }
+        // One in four buys in each group: a treated one who got nothing among them.
+        for customer in ["t3", "c1", "t5", "t6"] {
+            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
+                "event_type": "purchase", "occurred_at": 2 * hour, "customer_id": customer,
+                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            replayer
+                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        let families = registry.gather();
+        let sample = |name: &str, labels: &[&str]| -> f64 {
+            families
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .filter(|m| {
+                    labels
+                        .iter()
+                        .all(|v| m.get_label().iter().any(|l| l.value() == *v))
+                })
+                .map(|m| m.get_counter().get_value())
+                .sum()
+        };
+        let touches = "kairos_attribution_touches_total";
+        assert_eq!(sample(touches, &["treatment"]), 4.0);
+        assert_eq!(sample(touches, &["treatment", "email"]), 2.0);
+        assert_eq!(sample(touches, &["treatment", "none"]), 2.0);
+        assert_eq!(sample(touches, &["control"]), 4.0);
+        let conversions = "kairos_conversions_total";
+        assert_eq!(sample(conversions, &["treatment", "none"]), 1.0);
+        assert_eq!(sample(conversions, &["control"]), 1.0);
+        let lift = families
+            .iter()
+            .find(|f| f.name() == "kairos_scenario_lift_ratio")
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| m.get_label().iter().any(|l| l.value() == "promo"))
+            })
+            .map(|m| m.get_gauge().get_value());
+        assert_eq!(lift, Some(0.0));
+    }
+
     /// With identity resolution on, purchases come resolved from `identified-events`:
     /// a card-only receipt, resolved to the customer the touch is kept under, converts
     /// it; the raw topics (keyed by any identifier) are not read.
@@ -1020,6 +1124,7 @@ mod tests {
             rule: "sent".into(),
             reason: "test".into(),
             decided_at: hour,
+            group: None,
         };
         replayer
             .push(
@@ -1143,6 +1248,7 @@ mod tests {
             rule: "sent".into(),
             reason: "test".into(),
             decided_at: at,
+            group: None,
         };
         let push_decision =
             |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str, at| {
@@ -1244,6 +1350,7 @@ mod tests {
                 },
                 reason: "test".into(),
                 decided_at: at,
+                group: None,
             };
             let payload = serde_json::to_vec(&d).expect("encode");
             replayer
