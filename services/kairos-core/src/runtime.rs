@@ -3015,6 +3015,11 @@ async fn serve_requests<P: Processor>(
 ) -> anyhow::Result<()> {
     let mut answered: Vec<(i32, tokio::sync::oneshot::Sender<Served>, Vec<u8>)> = Vec::new();
     for request in requests {
+        // Its caller gave up waiting (a timeout): serving it now would change state
+        // (an in-app poll marks messages seen) for an answer nobody reads.
+        if request.reply.is_closed() {
+            continue;
+        }
         let p = engine.state_partition(crate::replay::partition_for(&request.key, partitions));
         if !engine.owns(p) || !held_state(p) {
             let _ = request.reply.send(Served::NotOwner(p));

@@ -74,15 +74,15 @@ fn messages(ctx: &Ctx<'_>, customer_id: &str) -> anyhow::Result<Vec<(String, Inb
 
 /// Stores a message with the timer that deletes it once it expires, and pushes the
 /// customer's oldest out beyond [`INBOX_KEPT`]. Storing the same send again changes
-/// nothing.
+/// nothing. False if the message itself was the oldest, and so is not kept.
 pub fn store(
     ctx: &mut Ctx<'_>,
     cmd: &SendCommand,
     message: &RenderedMessage,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let key = message_key(&cmd.customer_id, &cmd.send_id);
     if ctx.get::<InboxMessage>(&key)?.is_some() {
-        return Ok(());
+        return Ok(true);
     }
     let m = InboxMessage {
         send_id: cmd.send_id.clone(),
@@ -98,14 +98,16 @@ pub fn store(
     ctx.put(&key, &m)?;
     ctx.schedule(&expiry_timer(&cmd.send_id), cmd.valid_until, &key)?;
     let mut kept = messages(ctx, &cmd.customer_id)?;
+    let mut stored = true;
     if kept.len() > INBOX_KEPT {
         kept.sort_by(|(ka, a), (kb, b)| (a.created_at, ka).cmp(&(b.created_at, kb)));
-        for (key, old) in &kept[..kept.len() - INBOX_KEPT] {
-            ctx.delete(key);
+        for (old_key, old) in &kept[..kept.len() - INBOX_KEPT] {
+            ctx.delete(old_key);
             ctx.cancel(&expiry_timer(&old.send_id))?;
+            stored &= *old_key != key;
         }
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// The customer's live messages at `now`, newest first: expired ones are deleted,
@@ -361,5 +363,13 @@ mod tests {
             INBOX_KEPT as i64 + 1,
             "one expiry per message kept, and the send ids' sweep"
         );
+        // One older than all of them, arriving late, is not shown: failed, not sent.
+        let mut out = replayer
+            .push(&topic, b"c1", &command("late", "c1", 0, DAY))
+            .expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        assert_eq!(outcomes(&config, &out, OutcomeKind::failed), ["late"]);
+        assert!(outcomes(&config, &out, OutcomeKind::sent).is_empty());
+        assert_eq!(poll(&mut replayer, "c1").0.len(), INBOX_KEPT);
     }
 }

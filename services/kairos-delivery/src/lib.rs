@@ -746,12 +746,23 @@ impl Processor for DeliveryProcessor {
             }
         };
         if self.in_app {
-            inbox::store(ctx, cmd, &message)?;
+            let kept = inbox::store(ctx, cmd, &message)?;
             self.metrics
                 .provider_requests
                 .with_label_values(&[self.channel.as_str(), self.provider_name(), "accepted"])
                 .inc();
-            self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
+            let (kind, reason) = match kept {
+                true => (OutcomeKind::sent, None),
+                // Older than every message the inbox keeps (it came late): never shown.
+                false => (
+                    OutcomeKind::failed,
+                    Some(format!(
+                        "inbox_full: older than the {} newest messages the customer's inbox keeps",
+                        inbox::INBOX_KEPT
+                    )),
+                ),
+            };
+            self.emit_outcome(ctx, &send, kind, reason, now);
             return Ok(());
         }
         if self.provider.is_none() {
@@ -786,7 +797,7 @@ impl Processor for DeliveryProcessor {
         if timer.timer_id == self.sends_seen.timer_id() {
             return self.sends_seen.sweep(ctx, timer);
         }
-        if timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
+        if self.in_app && timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
             return inbox::expire(ctx, timer);
         }
         let later: LaterOutcome = timer.decode()?;
