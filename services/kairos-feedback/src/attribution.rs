@@ -8,11 +8,6 @@
 //! touch's conversion; further purchases in the window add revenue but not another
 //! conversion, so conversion rates stay between 0 and 1 and compare fairly between the
 //! groups.
-//!
-//! Topics are read at their own speeds (a feedback instance catching up reads a
-//! backlog of purchases ahead of the decisions before them), so a purchase that no
-//! touch takes yet waits as a [`PendingPurchases`] entry: a touch read later that is
-//! the last one before it, within the window, takes it then.
 
 use kairos_core::contracts::{Channel, ExperimentGroup};
 use kairos_core::time::Millis;
@@ -105,62 +100,6 @@ impl Touch {
     }
 }
 
-/// Purchases of one customer that no touch took when they were read (none had been read
-/// yet, or not the one they belong to), oldest first, the newest [`PENDING_KEPT`]
-/// only: a touch read later may still take them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PendingPurchases {
-    pub purchases: Vec<PendingPurchase>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingPurchase {
-    pub at: Millis,
-    pub value: f64,
-}
-
-/// Pending purchases kept per customer at most: more than this many purchases in the
-/// deduplication window ahead of a touch is a reseller or a test account.
-pub const PENDING_KEPT: usize = 16;
-
-impl PendingPurchases {
-    /// Keeps a purchase, dropping the oldest beyond [`PENDING_KEPT`].
-    pub fn add(&mut self, purchase: PendingPurchase) {
-        let at = self.purchases.partition_point(|p| p.at <= purchase.at);
-        self.purchases.insert(at, purchase);
-        if self.purchases.len() > PENDING_KEPT {
-            self.purchases.remove(0);
-        }
-    }
-
-    /// Takes out, oldest first, the purchases within `touch`'s window. It is the last
-    /// touch before each of them: a touch between would have taken it when it was
-    /// read (a purchase after a newer touch is in that touch's window, or after this
-    /// one's).
-    pub fn take_for(&mut self, touch: &Touch, window: Millis) -> Vec<PendingPurchase> {
-        let (taken, kept) = std::mem::take(&mut self.purchases)
-            .into_iter()
-            .partition(|p| touch.attribute(p.at, window).attributed);
-        self.purchases = kept;
-        taken
-    }
-
-    /// Drops the purchases made before `from`: no touch that could take them is read
-    /// any more.
-    pub fn drop_before(&mut self, from: Millis) {
-        self.purchases.retain(|p| p.at >= from);
-    }
-
-    /// When the newest was made.
-    pub fn newest_at(&self) -> Option<Millis> {
-        self.purchases.last().map(|p| p.at)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.purchases.is_empty()
-    }
-}
-
 /// `numerator / denominator`, none while the denominator is zero.
 pub fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
     (denominator > 0).then(|| numerator as f64 / denominator as f64)
@@ -237,44 +176,6 @@ mod tests {
             ..touch(None, false)
         };
         assert_eq!(unsent.labels(), ["welcome", "none", "treatment"]);
-    }
-
-    fn pending(ats: &[Millis]) -> PendingPurchases {
-        let mut p = PendingPurchases::default();
-        for at in ats {
-            p.add(PendingPurchase {
-                at: at * HOUR,
-                value: 1.0,
-            });
-        }
-        p
-    }
-
-    fn times(purchases: &[PendingPurchase]) -> Vec<Millis> {
-        purchases.iter().map(|p| p.at / HOUR).collect()
-    }
-
-    #[test]
-    fn a_touch_takes_the_pending_purchases_it_is_the_last_touch_before() {
-        // Touch at hour 100, window 72 h.
-        let t = touch(Some(Channel::email), false);
-        let mut p = pending(&[173, 90, 100, 101, 151, 172]);
-        assert_eq!(times(&p.purchases), [90, 100, 101, 151, 172, 173]);
-        assert_eq!(times(&p.take_for(&t, 72 * HOUR)), [101, 151, 172]);
-        assert_eq!(times(&p.purchases), [90, 100, 173]);
-    }
-
-    #[test]
-    fn pending_purchases_keep_the_newest_and_drop_the_old() {
-        let mut p = pending(&(1..=(PENDING_KEPT as Millis + 3)).rev().collect::<Vec<_>>());
-        assert_eq!(p.purchases.len(), PENDING_KEPT);
-        assert_eq!(p.purchases[0].at, 4 * HOUR);
-        assert_eq!(p.newest_at(), Some((PENDING_KEPT as Millis + 3) * HOUR));
-        p.drop_before(10 * HOUR);
-        assert_eq!(p.purchases[0].at, 10 * HOUR);
-        p.drop_before(100 * HOUR);
-        assert!(p.is_empty());
-        assert_eq!(p.newest_at(), None);
     }
 
     #[test]

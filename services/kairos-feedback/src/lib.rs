@@ -7,8 +7,7 @@
 //! the experiment group the arbiter drew the customer into, whatever it decided (intent
 //! to treat: a message stopped by what earlier messages caused, a sunset or an
 //! unsubscribe, still counts as treated), so conversions of the two groups, and the
-//! incremental lift per scenario, can be compared. A purchase read before its touch
-//! (the topics are read at their own speeds) waits for it. Labels are bounded: scenario names
+//! incremental lift per scenario, can be compared. Labels are bounded: scenario names
 //! come from the configuration, never from customer data.
 
 use std::collections::{HashMap, HashSet};
@@ -31,8 +30,8 @@ use prometheus::{CounterVec, GaugeVec, IntCounterVec, Opts};
 pub mod attribution;
 pub mod expiry;
 
-use attribution::{Group, PendingPurchase, PendingPurchases, Touch};
-use expiry::{Expiry, PENDING_PREFIX, TOUCH_PREFIX};
+use attribution::{Group, Touch};
+use expiry::{TouchExpiry, SWEEP_TIMER, TOUCH_PREFIX};
 
 /// Failure reasons a label may take; anything else counts as "other".
 const FAILURE_REASONS: [&str; 7] = [
@@ -222,8 +221,7 @@ pub struct FeedbackProcessor {
     changed_outcomes: HashSet<(String, Channel)>,
     /// Ids seen, by [`RecordKind`], kept for `state.dedup_window`.
     seen: [SeenIds; 3],
-    touch_expiry: Expiry,
-    pending_expiry: Expiry,
+    touch_expiry: TouchExpiry,
 }
 
 /// The records feedback deduplicates by id.
@@ -340,11 +338,10 @@ impl FeedbackProcessor {
                 SeenIds::new("d/", "dx", config.state.dedup_window),
                 SeenIds::new("p/", "px", config.state.dedup_window),
             ],
-            touch_expiry: Expiry::touches(
+            touch_expiry: TouchExpiry::new(
                 config.feedback.attribution_window,
                 config.state.dedup_window,
             ),
-            pending_expiry: Expiry::pending_purchases(config.state.dedup_window),
         }
     }
 
@@ -448,7 +445,6 @@ impl FeedbackProcessor {
             converted: false,
             group: Some(group),
         };
-        let mut touch = touch;
         let key = touch_key(&d.customer_id);
         let last: Option<Touch> = ctx.get(&key)?;
         self.metrics
@@ -457,57 +453,12 @@ impl FeedbackProcessor {
             .inc();
         self.tally(&touch.scenario).touches[touch.group().index()] += 1;
         self.refresh_scenario_gauges(&touch.scenario);
-        // Last touch wins; an older touch arriving late does not replace a newer one,
-        // but takes the purchases read before it that were made before the newer one.
-        self.take_pending(ctx, &d.customer_id, &mut touch)?;
-        if last.is_none_or(|l| l.at <= touch.at) {
+        // Last touch wins; an older touch arriving late does not replace a newer one.
+        if last.as_ref().is_none_or(|l| l.at <= touch.at) {
             ctx.put(&key, &touch)?;
         }
         self.touch_expiry.arm(ctx, touch.at)?;
         Ok(())
-    }
-
-    /// Attributes to `touch` the customer's pending purchases it is the last touch
-    /// before.
-    fn take_pending(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        customer_id: &str,
-        touch: &mut Touch,
-    ) -> anyhow::Result<()> {
-        let key = pending_key(customer_id);
-        let Some(mut pending) = ctx.get::<PendingPurchases>(&key)? else {
-            return Ok(());
-        };
-        let taken = pending.take_for(touch, self.window);
-        if taken.is_empty() {
-            return Ok(());
-        }
-        for purchase in taken {
-            self.convert(touch, purchase.value);
-        }
-        if pending.is_empty() {
-            ctx.delete(&key);
-        } else {
-            ctx.put(&key, &pending)?;
-        }
-        Ok(())
-    }
-
-    /// Counts a purchase attributed to `touch`: its revenue, and a conversion when it
-    /// is the touch's first (marked on the touch, which the caller stores).
-    fn convert(&mut self, touch: &mut Touch, value: f64) {
-        let labels = touch.labels();
-        self.metrics
-            .conversion_revenue
-            .with_label_values(&labels)
-            .inc_by(value.max(0.0));
-        if !touch.converted {
-            self.metrics.conversions.with_label_values(&labels).inc();
-            self.tally(&touch.scenario).conversions[touch.group().index()] += 1;
-            self.refresh_scenario_gauges(&touch.scenario);
-            touch.converted = true;
-        }
     }
 
     fn on_purchase(&mut self, ctx: &mut Ctx<'_>, p: &Purchase) -> anyhow::Result<()> {
@@ -520,30 +471,27 @@ impl FeedbackProcessor {
             .with_label_values(&[p.source])
             .inc_by(p.value.max(0.0));
         let key = touch_key(&p.customer_id);
-        if let Some(mut touch) = ctx.get::<Touch>(&key)? {
-            // Also arms the sweep of a store whose touches were written before they
-            // expired.
-            self.touch_expiry.arm(ctx, touch.at)?;
-            let attribution = touch.attribute(p.occurred_at, self.window);
-            if attribution.attributed {
-                self.convert(&mut touch, p.value);
-                if attribution.first_conversion {
-                    ctx.put(&key, &touch)?;
-                }
-                return Ok(());
-            }
+        let Some(mut touch) = ctx.get::<Touch>(&key)? else {
+            return Ok(());
+        };
+        // Also arms the sweep of a store whose touches were written before they expired.
+        self.touch_expiry.arm(ctx, touch.at)?;
+        let attribution = touch.attribute(p.occurred_at, self.window);
+        if !attribution.attributed {
+            return Ok(());
         }
-        // No touch read yet takes it: the one it belongs to may still come.
-        let key = pending_key(&p.customer_id);
-        let mut pending: PendingPurchases = ctx.get(&key)?.unwrap_or_default();
-        pending.drop_before(self.pending_expiry.oldest_kept(ctx.now()));
-        pending.add(PendingPurchase {
-            at: p.occurred_at,
-            value: p.value,
-        });
-        ctx.put(&key, &pending)?;
-        self.pending_expiry
-            .arm(ctx, pending.newest_at().unwrap_or(p.occurred_at))?;
+        let labels = touch.labels();
+        self.metrics
+            .conversion_revenue
+            .with_label_values(&labels)
+            .inc_by(p.value.max(0.0));
+        if attribution.first_conversion {
+            self.metrics.conversions.with_label_values(&labels).inc();
+            self.tally(&touch.scenario).conversions[touch.group().index()] += 1;
+            self.refresh_scenario_gauges(&touch.scenario);
+            touch.converted = true;
+            ctx.put(&key, &touch)?;
+        }
         Ok(())
     }
 
@@ -646,10 +594,6 @@ fn touch_key(customer_id: &str) -> String {
     format!("{TOUCH_PREFIX}{customer_id}")
 }
 
-fn pending_key(customer_id: &str) -> String {
-    format!("{PENDING_PREFIX}{customer_id}")
-}
-
 /// The bounded label of a failure reason such as "template: missing variable name".
 fn failure_reason(reason: Option<&str>) -> &'static str {
     let head = reason
@@ -735,12 +679,9 @@ impl Processor for FeedbackProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        // The only timers are the sweeps of the touches, the pending purchases and
-        // the ids seen.
-        for expiry in [self.touch_expiry, self.pending_expiry] {
-            if timer.timer_id == expiry.timer_id() {
-                return expiry.sweep(ctx, timer);
-            }
+        // The only timers are the sweeps of the touches and of the ids seen.
+        if timer.timer_id == SWEEP_TIMER {
+            return self.touch_expiry.sweep(ctx, timer);
         }
         match self.seen.iter().find(|s| s.timer_id() == timer.timer_id) {
             Some(seen) => seen.sweep(ctx, timer),
@@ -1307,133 +1248,6 @@ mod tests {
         replayer.advance_to(t0 + 10 * DAY).expect("advance");
         replayer.commit().expect("commit");
         assert!(touches(&replayer).is_empty(), "{:?}", touches(&replayer));
-    }
-
-    /// Topics are read at their own speeds: a purchase read before the decision it
-    /// follows still converts that touch, once, and a late older touch takes the
-    /// purchases made before the newer touch read first. Pending purchases go once no
-    /// touch can take them.
-    #[test]
-    fn a_purchase_read_before_its_touch_converts_it_when_the_touch_comes() {
-        use kairos_core::time::{DAY, HOUR};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (config, registry, mut replayer) = replayer(
-            dir.path(),
-            "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\n\
-             [state]\ndedup_window = \"2days\"\n\
-             [feedback]\nattribution_window = \"1day\"\n\
-             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
-             template = \"t\"\n",
-        );
-        let decisions = config.topic(topics::DECISIONS);
-        let site = config.topic(topics::SITE_EVENTS);
-        let t0 = 1_000 * DAY;
-        let push_decision = |replayer: &mut kairos_core::replay::Replayer<_>,
-                             customer: &str,
-                             held_out: bool,
-                             at: Millis| {
-            let d = Decision {
-                decision_id: format!("d-{customer}-{at}"),
-                trigger_id: format!("t-{customer}-{at}"),
-                customer_id: customer.into(),
-                scenario: "welcome".into(),
-                category: MessageCategory::trigger,
-                outcome: match held_out {
-                    true => DecisionOutcome::held_out,
-                    false => DecisionOutcome::sent,
-                },
-                channel: (!held_out).then_some(Channel::email),
-                send_id: (!held_out).then(|| format!("s-{customer}-{at}")),
-                rule: match held_out {
-                    true => "control_group".into(),
-                    false => "sent".into(),
-                },
-                reason: "test".into(),
-                decided_at: at,
-                group: None,
-            };
-            let payload = serde_json::to_vec(&d).expect("encode");
-            replayer
-                .push(&decisions, customer.as_bytes(), &payload)
-                .expect("push");
-            replayer.commit().expect("commit");
-        };
-        let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>,
-                             customer: &str,
-                             id: &str,
-                             at: Millis| {
-            let purchase = serde_json::json!({"event_id": id, "event_type": "purchase",
-                "occurred_at": at, "customer_id": customer,
-                "order": {"order_id": id, "total": 10.0}});
-            replayer
-                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
-                .expect("push");
-            replayer.commit().expect("commit");
-        };
-        let by_group = |name: &str, group: &str| -> f64 {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric())
-                .filter(|m| m.get_label().iter().any(|l| l.value() == group))
-                .map(|m| m.get_counter().get_value())
-                .sum()
-        };
-        let pending = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>| {
-            let store = replayer.engine.store(0).expect("open partition");
-            store
-                .scan_state(PENDING_PREFIX.as_bytes())
-                .expect("scan")
-                .into_iter()
-                .map(|(key, _)| String::from_utf8_lossy(&key).into_owned())
-                .collect::<Vec<_>>()
-        };
-
-        // c1's two purchases are read before the message they followed.
-        push_purchase(&mut replayer, "c1", "p1", t0 + 2 * HOUR);
-        push_purchase(&mut replayer, "c1", "p2", t0 + 3 * HOUR);
-        assert_eq!(by_group("kairos_conversions_total", "treatment"), 0.0);
-        assert_eq!(pending(&replayer), ["q/c1"]);
-        push_decision(&mut replayer, "c1", false, t0 + HOUR);
-        assert_eq!(by_group("kairos_conversions_total", "treatment"), 1.0);
-        assert_eq!(
-            by_group("kairos_conversion_revenue_total", "treatment"),
-            20.0
-        );
-        assert!(pending(&replayer).is_empty(), "{:?}", pending(&replayer));
-        // A copy of a purchase read again takes nothing twice.
-        push_purchase(&mut replayer, "c1", "p1", t0 + 2 * HOUR);
-        assert_eq!(
-            by_group("kairos_conversion_revenue_total", "treatment"),
-            20.0
-        );
-
-        // c2: the newer (sent) touch is read first, then a purchase made before it,
-        // then the held-out decision before that purchase: the purchase is the older
-        // touch's; one made after the newer touch stays the newer one's.
-        push_decision(&mut replayer, "c2", false, t0 + 10 * HOUR);
-        push_purchase(&mut replayer, "c2", "p3", t0 + 6 * HOUR);
-        push_purchase(&mut replayer, "c2", "p4", t0 + 11 * HOUR);
-        push_decision(&mut replayer, "c2", true, t0 + 5 * HOUR);
-        assert_eq!(by_group("kairos_conversions_total", "control"), 1.0);
-        assert_eq!(by_group("kairos_conversion_revenue_total", "control"), 10.0);
-        assert_eq!(by_group("kairos_conversions_total", "treatment"), 2.0);
-
-        // c3: a purchase no touch comes for is forgotten after the deduplication
-        // window (a touch before it would be refused as too old by then).
-        // The sweep armed by c1's purchases passes at 2 days 2 hours and keeps it;
-        // its next daily pass deletes it.
-        push_purchase(&mut replayer, "c3", "p5", t0 + 12 * HOUR);
-        assert_eq!(pending(&replayer), ["q/c3"]);
-        replayer
-            .advance_to(t0 + 2 * DAY + 12 * HOUR)
-            .expect("advance");
-        replayer.commit().expect("commit");
-        assert_eq!(pending(&replayer), ["q/c3"]);
-        replayer.advance_to(t0 + 4 * DAY).expect("advance");
-        replayer.commit().expect("commit");
-        assert!(pending(&replayer).is_empty(), "{:?}", pending(&replayer));
     }
 
     #[test]
