@@ -9,10 +9,14 @@
 //! - the provider's acceptance is written to RocksDB the moment it arrives, before
 //!   anything else, so a send accepted just before a crash is reported after the
 //!   restart, not repeated. A send whose attempt a crash cut short before acceptance
-//!   goes again. What remains is the instant between the provider's acceptance and
-//!   that write; HTTP providers also get the send id as idempotency key, so even a
-//!   repeat from that instant is dropped on their side, and SMTP messages carry the
-//!   send id as Message-ID.
+//!   goes again. An SMTP send also writes a commit point just before the final ".",
+//!   replicated without waiting (see `Ctx::put_now_unawaited`): a crash that moves
+//!   the partition before the broker holds it repeats that send elsewhere. What
+//!   remains beyond that is the instant between the provider's acceptance and its
+//!   write; HTTP providers also get the send id as idempotency key, so a repeat is
+//!   dropped on their side, and SMTP messages carry the send id as Message-ID.
+//! - in-app messages are no provider call: they are kept in the customer's inbox in
+//!   the partition store (see [`inbox`]), committed with the send.
 //!
 //! Transient provider errors are retried with exponential backoff and jitter, up to
 //! `retry.max_attempts`, after which the send goes to the dead-letter topic; permanent
