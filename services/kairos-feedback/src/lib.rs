@@ -454,7 +454,15 @@ impl FeedbackProcessor {
         self.tally(&touch.scenario).touches[touch.group().index()] += 1;
         self.refresh_scenario_gauges(&touch.scenario);
         // Last touch wins; an older touch arriving late does not replace a newer one.
-        if last.as_ref().is_none_or(|l| l.at <= touch.at) {
+        // A decision that sent and held out nothing (a sunset, a pause or exclusion a
+        // purchase caused) counts as a touch but leaves a message or hold-out still in
+        // its window its purchases: it would otherwise take a purchase it followed
+        // (read first, it is after it) or the repeat purchases of the message before.
+        let message = matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out);
+        let replaces = last
+            .as_ref()
+            .is_none_or(|l| l.at <= touch.at && (message || touch.at - l.at > self.window));
+        if replaces {
             ctx.put(&key, &touch)?;
         }
         self.touch_expiry.arm(ctx, touch.at)?;
@@ -981,7 +989,12 @@ mod tests {
             decision("c1", DecisionOutcome::held_out, "control_group", control),
             decision("c2", DecisionOutcome::held_out, "control_group", control),
             decision("c3", DecisionOutcome::held_out, "control_group", control),
-            decision("c4", DecisionOutcome::suppressed, "daily_cap", control),
+            decision(
+                "c4",
+                DecisionOutcome::suppressed,
+                "no_consented_channel",
+                control,
+            ),
             // Not final, or not a trigger's own decision: no touch.
             decision("t5", DecisionOutcome::deferred, "quiet_hours", None),
             decision("t6", DecisionOutcome::suppressed, "complaint", None),
@@ -1033,6 +1046,96 @@ mod tests {
             })
             .map(|m| m.get_gauge().get_value());
         assert_eq!(lift, Some(0.0));
+    }
+
+    /// A decision that sent and held out nothing counts as a touch but leaves a
+    /// message still in its window its purchases: a cancellation the purchase caused,
+    /// read before the purchase, and a repeat purchase after it, stay the message's.
+    /// Past the message's window, it becomes the customer's touch.
+    #[test]
+    fn an_unsent_decision_leaves_a_live_message_its_purchases() {
+        use kairos_core::contracts::ExperimentGroup;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[feedback]\nattribution_window = \"1day\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let site = config.topic(topics::SITE_EVENTS);
+        let hour = 3_600_000;
+        let push_decision =
+            |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, outcome, rule: &str, at| {
+                let sent = outcome == DecisionOutcome::sent;
+                let d = Decision {
+                    decision_id: id.into(),
+                    trigger_id: format!("t-{id}"),
+                    customer_id: "m1".into(),
+                    scenario: "cart".into(),
+                    category: MessageCategory::trigger,
+                    outcome,
+                    channel: sent.then_some(Channel::email),
+                    send_id: sent.then(|| format!("s-{id}")),
+                    rule: rule.into(),
+                    reason: "test".into(),
+                    decided_at: at,
+                    group: Some(ExperimentGroup::treatment),
+                };
+                let payload = serde_json::to_vec(&d).expect("encode");
+                replayer.push(&decisions, b"m1", &payload).expect("push");
+            };
+        push_decision(
+            &mut replayer,
+            "d1",
+            DecisionOutcome::sent,
+            "channel_choice",
+            hour,
+        );
+        push_decision(
+            &mut replayer,
+            "d2",
+            DecisionOutcome::cancelled,
+            "purchase_exclusion",
+            3 * hour,
+        );
+        let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, at| {
+            let purchase = serde_json::json!({"event_id": id, "event_type": "purchase",
+                "occurred_at": at, "customer_id": "m1",
+                "order": {"order_id": id, "total": 10.0}});
+            replayer
+                .push(&site, b"m1", purchase.to_string().as_bytes())
+                .expect("push");
+            replayer.commit().expect("commit");
+        };
+        // Bought at 2 h (the cancellation at 3 h was read first) and again at 4 h.
+        push_purchase(&mut replayer, "p1", 2 * hour);
+        push_purchase(&mut replayer, "p2", 4 * hour);
+        let sample = |name: &str, channel: &str| -> f64 {
+            registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .filter(|m| m.get_label().iter().any(|l| l.value() == channel))
+                .map(|m| m.get_counter().get_value())
+                .sum()
+        };
+        assert_eq!(sample("kairos_attribution_touches_total", "email"), 1.0);
+        assert_eq!(sample("kairos_attribution_touches_total", "none"), 1.0);
+        assert_eq!(sample("kairos_conversions_total", "email"), 1.0);
+        assert_eq!(sample("kairos_conversion_revenue_total", "email"), 20.0);
+        assert_eq!(sample("kairos_conversions_total", "none"), 0.0);
+        // A sunset at 30 h comes after the message's window: its touch now.
+        push_decision(
+            &mut replayer,
+            "d3",
+            DecisionOutcome::suppressed,
+            "sunset",
+            30 * hour,
+        );
+        push_purchase(&mut replayer, "p3", 31 * hour);
+        assert_eq!(sample("kairos_conversions_total", "none"), 1.0);
     }
 
     /// With identity resolution on, purchases come resolved from `identified-events`:

@@ -302,7 +302,14 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
         group("kairos_attribution_touches_total", "treatment"),
         group("kairos_conversions_total", "control"),
         group("kairos_attribution_touches_total", "control"),
-        group("kairos_conversion_revenue_total", "treatment"),
+        // Messages sent only: a treated customer's trigger that sent nothing (channel
+        // "none") counts for lift, not as revenue via CRM.
+        group("kairos_conversion_revenue_total", "treatment")
+            - sum(
+                feedback,
+                "kairos_conversion_revenue_total",
+                &["group=\"treatment\"", "channel=\"none\""]
+            ),
         sum(feedback, "kairos_purchase_revenue_total", &[]),
     );
 }
