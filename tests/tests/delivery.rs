@@ -700,11 +700,27 @@ fn in_app_messages_follow_their_partition_to_another_instance() {
         body.contains(&format!("partition {}", partition_of(&moved))),
         "{body}"
     );
+    // Each instance lists what it owns: the moved partition is the second one's only.
+    let owned_by = |p: &Pipeline, instance: &str| -> Vec<i64> {
+        let (status, body) =
+            kairos_tests::http_get(p.admin(instance), "/partitions").expect("answers");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON");
+        v["owned"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|p| p.as_i64().expect("a partition"))
+            .collect()
+    };
+    let moved_partition = i64::from(partition_of(&moved));
+    assert!(owned_by(&p, "deliver-in_app-b").contains(&moved_partition));
+    assert!(!owned_by(&p, "deliver-in_app").contains(&moved_partition));
 
     // The first instance dies; the second takes every partition and serves everything.
     p.kill9("deliver-in_app");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while owned(&p, "deliver-in_app-b") < 4.0 {
+    while owned_by(&p, "deliver-in_app-b") != [0, 1, 2, 3] {
         assert!(
             std::time::Instant::now() < deadline,
             "the second instance did not take every partition"

@@ -1,9 +1,9 @@
-//! The admin HTTP server every service runs: /metrics, /healthz, /readyz, plus any
-//! service-specific routes.
+//! The admin HTTP server every service runs: /metrics, /healthz, /readyz, /partitions,
+//! plus any service-specific routes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -20,6 +20,8 @@ pub struct AdminState {
     pub registry: Registry,
     ready: AtomicBool,
     last_heartbeat: AtomicI64,
+    /// The state partitions this instance owns, for `/partitions`.
+    owned: Mutex<Vec<i32>>,
 }
 
 impl AdminState {
@@ -28,7 +30,20 @@ impl AdminState {
             registry,
             ready: AtomicBool::new(false),
             last_heartbeat: AtomicI64::new(wall_now()),
+            owned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The processing loop reports the partitions it owns after each rebalance.
+    pub fn set_owned(&self, mut partitions: Vec<i32>) {
+        partitions.sort_unstable();
+        if let Ok(mut owned) = self.owned.lock() {
+            *owned = partitions;
+        }
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned.lock().map(|o| o.clone()).unwrap_or_default()
     }
 
     /// Ready: partitions assigned and their state open.
@@ -77,6 +92,12 @@ async fn healthz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
+/// `{"owned": [..]}`: the state partitions this instance owns now, so a router can send
+/// a request for a key (an in-app poll) to the instance that owns its partition.
+async fn partitions(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "owned": state.owned() }))
+}
+
 async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     if state.is_ready() {
         (StatusCode::OK, "ready\n")
@@ -97,6 +118,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/livez", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/partitions", get(partitions))
         .with_state(state)
         .merge(extra);
     let listener = tokio::net::TcpListener::bind(listen)

@@ -3188,6 +3188,7 @@ pub async fn run_serving<P: Processor>(
         .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
+        admin.set_owned(engine.owned());
         if cancel.is_cancelled() {
             break;
         }
@@ -3258,6 +3259,7 @@ pub async fn run_serving<P: Processor>(
         .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
+        admin.set_owned(engine.owned());
         if cancel.is_cancelled() {
             // A backlog may have gone out only in part: no new commit may follow it
             // into the changelog (its end marker would vouch for the backlog's gaps).

@@ -12,7 +12,8 @@
 //! processing loop of the instance that owns the customer's partition (the send
 //! topic's, keyed by customer id), and its "seen" marks and `delivered` report commit
 //! before it is answered; an instance that does not own it answers 421 Misdirected
-//! Request naming the partition, so a router can send the poll to the owner.
+//! Request naming the partition, and every instance lists the partitions it owns at
+//! `GET /partitions`, so a router can send the poll to the owner.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,7 +184,7 @@ async fn poll(
         Ok(Ok(Served::NotOwner(partition))) => (
             StatusCode::MISDIRECTED_REQUEST,
             format!(
-                "partition {partition}, which holds this customer's inbox, is owned by another instance (or a rebalance is under way)"
+                "partition {partition}, which holds this customer's inbox, is owned by another instance (or a rebalance is under way); GET /partitions on each instance lists the partitions it owns"
             ),
         )
             .into_response(),
