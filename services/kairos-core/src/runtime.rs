@@ -3028,16 +3028,20 @@ async fn serve_requests<P: Processor>(
         match engine.serve(p, &request.body) {
             Ok(body) => answered.push((p, request.reply, body)),
             Err(e) => {
-                tracing::warn!(partition = p, error = %format!("{e:#}"), "request not served");
+                let error = format!("{e:#}");
+                tracing::warn!(partition = p, %error, "request not served");
                 // The failure dropped the partition's batch: the requests served from
                 // it before hold nothing either.
-                let (dropped, kept) = answered.into_iter().partition(|(q, _, _)| *q == p);
+                let (dropped, kept): (Vec<_>, Vec<_>) =
+                    answered.into_iter().partition(|(q, _, _)| *q == p);
                 answered = kept;
-                let dropped: Vec<_> = dropped;
-                for (_, reply, _) in dropped {
-                    let _ = reply.send(Served::Failed(format!("{e:#}")));
+                for reply in dropped
+                    .into_iter()
+                    .map(|(_, reply, _)| reply)
+                    .chain([request.reply])
+                {
+                    let _ = reply.send(Served::Failed(error.clone()));
                 }
-                let _ = request.reply.send(Served::Failed(format!("{e:#}")));
             }
         }
     }

@@ -138,8 +138,6 @@ pub struct DeliveryProcessor {
     templates: TemplateSet,
     /// None for the simulator and the in-app inbox, which call nobody.
     provider: Option<Provider>,
-    /// Messages go to the customers' inboxes (see [`inbox`]).
-    in_app: bool,
     limiter: DefaultDirectRateLimiter,
     breaker: CircuitBreaker,
     metrics: DeliveryMetrics,
@@ -230,7 +228,6 @@ impl DeliveryProcessor {
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             templates,
             provider,
-            in_app: settings.provider == ProviderKind::InApp,
             limiter: RateLimiter::direct(quota),
             breaker: CircuitBreaker::new(settings.circuit_breaker.clone()),
             metrics: m,
@@ -259,6 +256,11 @@ impl DeliveryProcessor {
             per_channel.with_label_values(&[labels[0]]);
         }
         Ok(processor)
+    }
+
+    /// Messages go to the customers' inboxes (see [`inbox`]).
+    fn in_app(&self) -> bool {
+        self.settings.provider == ProviderKind::InApp
     }
 
     fn provider_name(&self) -> &'static str {
@@ -749,7 +751,7 @@ impl Processor for DeliveryProcessor {
                 return Ok(());
             }
         };
-        if self.in_app {
+        if self.in_app() {
             let kept = inbox::store(ctx, cmd, &message)?;
             self.metrics
                 .provider_requests
@@ -778,7 +780,7 @@ impl Processor for DeliveryProcessor {
     /// An in-app poll: the request is the customer id, the answer their live messages
     /// as JSON; the first fetch of each reports it delivered.
     fn serve(&mut self, ctx: &mut Ctx<'_>, request: &[u8]) -> anyhow::Result<Vec<u8>> {
-        anyhow::ensure!(self.in_app, "{} keeps no inbox", self.name);
+        anyhow::ensure!(self.in_app(), "{} keeps no inbox", self.name);
         let customer_id = std::str::from_utf8(request)
             .map_err(|e| anyhow::anyhow!("a customer id is not UTF-8: {e}"))?;
         let now = ctx.now();
@@ -801,7 +803,7 @@ impl Processor for DeliveryProcessor {
         if timer.timer_id == self.sends_seen.timer_id() {
             return self.sends_seen.sweep(ctx, timer);
         }
-        if self.in_app && timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
+        if self.in_app() && timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
             return inbox::expire(ctx, timer);
         }
         let later: LaterOutcome = timer.decode()?;

@@ -793,16 +793,39 @@ mod tests {
         );
     }
 
-    /// Revenue of `source` as `registry` exposes it.
-    fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
+    /// The sum of counter `name`'s series that have each of `values` as a label value.
+    fn counter(registry: &prometheus::Registry, name: &str, values: &[&str]) -> f64 {
         registry
             .gather()
             .iter()
-            .filter(|f| f.name() == "kairos_purchase_revenue_total")
+            .filter(|f| f.name() == name)
             .flat_map(|f| f.get_metric())
-            .filter(|m| m.get_label().iter().any(|l| l.value() == source))
+            .filter(|m| {
+                values
+                    .iter()
+                    .all(|v| m.get_label().iter().any(|l| l.value() == *v))
+            })
             .map(|m| m.get_counter().get_value())
             .sum()
+    }
+
+    /// The lift gauge of `scenario`, if set.
+    fn lift(registry: &prometheus::Registry, scenario: &str) -> Option<f64> {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "kairos_scenario_lift_ratio")
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| m.get_label().iter().any(|l| l.value() == scenario))
+                    .map(|m| m.get_gauge().get_value())
+            })
+    }
+
+    /// Revenue of `source` as `registry` exposes it.
+    fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
+        counter(registry, "kairos_purchase_revenue_total", &[source])
     }
 
     /// A purchase the profile dead-letters (an amount no order has, an empty event id)
@@ -918,16 +941,7 @@ mod tests {
                 .expect("push");
         }
         replayer.commit().expect("commit");
-        let families = registry.gather();
-        let by_group = |name: &str, group: &str| -> f64 {
-            families
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric())
-                .filter(|m| m.get_label().iter().any(|l| l.value() == group))
-                .map(|m| m.get_counter().get_value())
-                .sum()
-        };
+        let by_group = |name: &str, group: &str| counter(&registry, name, &[group]);
         assert_eq!(
             by_group("kairos_attribution_touches_total", "treatment"),
             1.0
@@ -935,16 +949,7 @@ mod tests {
         assert_eq!(by_group("kairos_attribution_touches_total", "control"), 1.0);
         assert_eq!(by_group("kairos_conversions_total", "treatment"), 1.0);
         assert_eq!(by_group("kairos_conversions_total", "control"), 1.0);
-        let lift = families
-            .iter()
-            .find(|f| f.name() == "kairos_scenario_lift_ratio")
-            .and_then(|f| {
-                f.get_metric()
-                    .iter()
-                    .find(|m| m.get_label().iter().any(|l| l.value() == "cart"))
-            })
-            .map(|m| m.get_gauge().get_value());
-        assert_eq!(lift, Some(0.0));
+        assert_eq!(lift(&registry, "cart"), Some(0.0));
     }
 
     /// Intent to treat: every final decision of a marketing trigger is a touch in the
@@ -1014,20 +1019,7 @@ mod tests {
                 .expect("push");
         }
         replayer.commit().expect("commit");
-        let families = registry.gather();
-        let sample = |name: &str, labels: &[&str]| -> f64 {
-            families
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric())
-                .filter(|m| {
-                    labels
-                        .iter()
-                        .all(|v| m.get_label().iter().any(|l| l.value() == *v))
-                })
-                .map(|m| m.get_counter().get_value())
-                .sum()
-        };
+        let sample = |name: &str, values: &[&str]| counter(&registry, name, values);
         let touches = "kairos_attribution_touches_total";
         assert_eq!(sample(touches, &["treatment"]), 4.0);
         assert_eq!(sample(touches, &["treatment", "email"]), 2.0);
@@ -1036,16 +1028,7 @@ mod tests {
         let conversions = "kairos_conversions_total";
         assert_eq!(sample(conversions, &["treatment", "none"]), 1.0);
         assert_eq!(sample(conversions, &["control"]), 1.0);
-        let lift = families
-            .iter()
-            .find(|f| f.name() == "kairos_scenario_lift_ratio")
-            .and_then(|f| {
-                f.get_metric()
-                    .iter()
-                    .find(|m| m.get_label().iter().any(|l| l.value() == "promo"))
-            })
-            .map(|m| m.get_gauge().get_value());
-        assert_eq!(lift, Some(0.0));
+        assert_eq!(lift(&registry, "promo"), Some(0.0));
     }
 
     /// A decision that sent and held out nothing counts as a touch but leaves a
@@ -1111,16 +1094,7 @@ mod tests {
         // Bought at 2 h (the cancellation at 3 h was read first) and again at 4 h.
         push_purchase(&mut replayer, "p1", 2 * hour);
         push_purchase(&mut replayer, "p2", 4 * hour);
-        let sample = |name: &str, channel: &str| -> f64 {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric())
-                .filter(|m| m.get_label().iter().any(|l| l.value() == channel))
-                .map(|m| m.get_counter().get_value())
-                .sum()
-        };
+        let sample = |name: &str, channel: &str| counter(&registry, name, &[channel]);
         assert_eq!(sample("kairos_attribution_touches_total", "email"), 1.0);
         assert_eq!(sample("kairos_attribution_touches_total", "none"), 1.0);
         assert_eq!(sample("kairos_conversions_total", "email"), 1.0);
@@ -1192,15 +1166,7 @@ mod tests {
             )
             .expect("push");
         replayer.commit().expect("commit");
-        let sum = |name: &str| -> f64 {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric())
-                .map(|m| m.get_counter().get_value())
-                .sum()
-        };
+        let sum = |name: &str| counter(&registry, name, &[]);
         assert_eq!(sum("kairos_conversions_total"), 1.0);
         assert_eq!(sum("kairos_conversion_revenue_total"), 12.5);
         assert_eq!(revenue(&registry, "offline"), 12.5);
@@ -1239,16 +1205,7 @@ mod tests {
             replayer.commit().expect("commit");
         };
         // The sum of a counter's series, those with a label of value `label` only.
-        let total = |name: &str, label: Option<&str>| {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric().iter())
-                .filter(|m| label.is_none_or(|v| m.get_label().iter().any(|l| l.value() == v)))
-                .map(|m| m.get_counter().get_value())
-                .sum::<f64>()
-        };
+        let total = |name: &str, label: Option<&str>| counter(&registry, name, label.as_slice());
         let delivered = || total("kairos_message_outcomes_total", Some("delivered"));
         let before_window = || total("kairos_feedback_records_before_window_total", None);
         push("o1", t0);
@@ -1322,15 +1279,7 @@ mod tests {
             keys.sort();
             keys
         };
-        let counter_sum = |name: &str| {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == name)
-                .flat_map(|f| f.get_metric().iter())
-                .map(|m| m.get_counter().get_value())
-                .sum::<f64>()
-        };
+        let counter_sum = |name: &str| counter(&registry, name, &[]);
         push_decision(&mut replayer, "c1", t0);
         // Four days on (c2's touch moves the clock), a purchase c1 made two days after
         // its touch arrives, as late as the deduplication window allows.
