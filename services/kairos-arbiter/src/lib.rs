@@ -586,6 +586,8 @@ pub struct ArbiterProcessor {
     send_topics: BTreeMap<Channel, String>,
     decisions: metrics::CachedCounterVec,
     end_to_end: Histogram,
+    /// Outcomes of customers merged away, sent on to their survivors.
+    outcomes_forwarded: prometheus::IntCounter,
     /// Hot ledgers, written back when the batch commits.
     ledgers: StateCache<CustomerLedger>,
 }
@@ -615,6 +617,11 @@ impl ArbiterProcessor {
                 vec![
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
                 ],
+            ),
+            outcomes_forwarded: metrics::counter(
+                registry,
+                "kairos_arbiter_outcomes_forwarded_total",
+                "Outcomes of customers merged away (suppressions, deliveries, opens, clicks), sent on to their survivors' ledgers.",
             ),
             ledgers: StateCache::new(config.state.cache_entries, config.kafka.partitions)
                 .encoding_first_changes(),
@@ -1605,26 +1612,33 @@ impl ArbiterProcessor {
             _ => None,
         };
         if let Some(into) = ledger.merged_into.clone() {
-            // A suppression that arrives for a merged customer holds for the survivor.
-            if matches!(
-                o.kind,
-                OutcomeKind::unsubscribed | OutcomeKind::bounced_hard | OutcomeKind::complained
-            ) {
-                let mut forwarded = CustomerLedger::default();
-                forwarded.apply_outcome(o, address);
-                // Its time in the id: a second unsubscribe from one message (after an
-                // opt-in) shares the first one's outcome id, and must not be taken
-                // for its repeat.
-                let cause = format!("{}@{}", o.outcome_id, o.occurred_at);
-                self.send_ledger(
-                    ctx,
-                    &cause,
-                    &o.customer_id,
-                    &into,
+            // The message went to the person under the id merged away: a suppression
+            // holds for the survivor, and an open, a click or an ignored delivery
+            // counts towards its sunset, applied there as the survivor's own outcome
+            // (once, by its id).
+            let forwarded = Outcome {
+                customer_id: into.clone(),
+                address: address.or_else(|| o.address.clone()),
+                ..o.clone()
+            };
+            // Its time in the id: a second unsubscribe from one message (after an
+            // opt-in) shares the first one's outcome id, and must not be taken for its
+            // repeat.
+            let cause = format!("{}@{}", o.outcome_id, o.occurred_at);
+            let action = CustomerAction {
+                state: Some(
+                    serde_json::to_string(&forwarded).context("encode a forwarded outcome")?,
+                ),
+                merged_from: Some(o.customer_id.clone()),
+                ..CustomerAction::new(
+                    deterministic_id(&[&cause, "outcome"]),
+                    into.clone(),
+                    CustomerActionKind::outcome,
                     o.occurred_at,
-                    &forwarded,
-                )?;
-            }
+                )
+            };
+            ctx.emit(&self.actions_topic, &into, &action);
+            self.outcomes_forwarded.inc();
             return Ok(false);
         }
         let changed = ledger.apply_outcome(o, address);
@@ -1935,6 +1949,18 @@ impl ArbiterProcessor {
             }
             // Handled before a ledger is taken (see `forget`).
             CustomerActionKind::forgotten => return Ok(false),
+            CustomerActionKind::outcome => {
+                let Some(state) = &a.state else {
+                    return Ok(false);
+                };
+                let o: Outcome = serde_json::from_str(state).with_context(|| {
+                    format!(
+                        "forwarded outcome in action {} does not decode",
+                        a.action_id
+                    )
+                })?;
+                return self.apply_outcome(ctx, &o, ledger);
+            }
             CustomerActionKind::left_segment => {
                 let Some(segment) = a.segment.as_deref() else {
                     return Ok(false);
@@ -2954,13 +2980,21 @@ impl Processor for ArbiterProcessor {
             let action: CustomerAction = decode_internal(record.payload)?;
             // A merged ledger that does not decode goes to the dead-letter topic with
             // the reason, instead of failing the partition on every read.
-            if let (CustomerActionKind::merge_in, Some(state)) = (action.kind, &action.state) {
-                if let Err(e) = serde_json::from_str::<CustomerLedger>(state) {
-                    return Err(Rejection::new(
-                        DeadLetterReason::invalid_field,
-                        format!("state: the merged ledger does not decode: {e}"),
-                    ));
+            let state_error = match (action.kind, &action.state) {
+                (CustomerActionKind::merge_in, Some(state)) => {
+                    serde_json::from_str::<CustomerLedger>(state)
+                        .err()
+                        .map(|e| format!("state: the merged ledger does not decode: {e}"))
                 }
+                (CustomerActionKind::outcome, Some(state)) => {
+                    serde_json::from_str::<Outcome>(state)
+                        .err()
+                        .map(|e| format!("state: the forwarded outcome does not decode: {e}"))
+                }
+                _ => None,
+            };
+            if let Some(reason) = state_error {
+                return Err(Rejection::new(DeadLetterReason::invalid_field, reason));
             }
             Ok(ArbiterInput::Action(Box::new(action)))
         } else {

@@ -352,3 +352,57 @@ fn a_second_unsubscribe_from_a_message_of_a_merged_id_reaches_the_survivor() {
         "{d:#?}"
     );
 }
+
+/// Messages went out to an id later merged away, and their deliveries and opens come
+/// after the merge: they count for the survivor's sunset (three ignored messages stop
+/// its promo, a repeated delivery report counts once, an open starts it again), as
+/// the person's own would.
+#[test]
+fn engagement_with_messages_to_a_merged_id_counts_for_the_survivor() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 3\ndaily_cap = 10\nweekly_cap = 30");
+    for i in 0..3 {
+        let d = a.push_trigger(&email_only(&a, &format!("w{i}"), T0 + i * DAY));
+        assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    }
+    let sends = a.sends.clone();
+    let hand_on = |a: &mut Arbiter| -> Vec<CustomerAction> {
+        let actions = std::mem::take(&mut a.actions);
+        for action in &actions {
+            assert_eq!(action.customer_id, "c2", "{action:?}");
+            a.push("customer-actions", "c2", action);
+        }
+        actions
+    };
+    a.merged_into("m1", "c2", T0 + 3 * DAY);
+    hand_on(&mut a);
+    for (i, send) in (0..).zip(&sends) {
+        a.outcome(send, OutcomeKind::delivered, T0 + 3 * DAY + i * MINUTE);
+    }
+    a.outcome(&sends[2], OutcomeKind::delivered, T0 + 3 * DAY + 2 * MINUTE);
+    let forwarded = hand_on(&mut a);
+    assert_eq!(forwarded.len(), 4, "{forwarded:#?}");
+    assert!(forwarded
+        .iter()
+        .all(|f| f.kind == CustomerActionKind::outcome && f.merged_from.as_deref() == Some("c1")));
+    assert_eq!(
+        a.stored_ledger("c2").map(|l| l.ignored_in_row),
+        Some(3),
+        "the repeated report counts once"
+    );
+    let promo = |a: &mut Arbiter, id: &str, at: i64| {
+        let mut t = a.trigger_of(id, "weekly_promo", MessageCategory::promo, at);
+        t.customer_id = "c2".into();
+        t.merged_from = vec!["c1".into()];
+        a.push_trigger(&t)
+    };
+    let d = promo(&mut a, "p1", T0 + 4 * DAY);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "sunset"),
+        "{d:#?}"
+    );
+    a.outcome(&sends[2], OutcomeKind::opened, T0 + 4 * DAY + HOUR);
+    assert_eq!(hand_on(&mut a).len(), 1);
+    let d = promo(&mut a, "p2", T0 + 5 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+}

@@ -1306,7 +1306,8 @@ fn a_merge_sent_again_along_a_chain_of_merges_sends_nothing_twice() {
 }
 
 #[test]
-fn a_merged_ledger_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on() {
+fn a_merged_ledger_or_forwarded_outcome_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on(
+) {
     let mut a = Arbiter::new();
     a.merge_in("c0", "{\"sends\": 7}", T0);
     assert_eq!(a.dead_letters.len(), 1, "{:#?}", a.dead_letters);
@@ -1317,6 +1318,26 @@ fn a_merged_ledger_that_does_not_decode_is_dead_lettered_and_the_arbiter_goes_on
             .as_str()
             .is_some_and(|r| r.contains("merged ledger does not decode")),
         "{letter:#}"
+    );
+    // So does an outcome sent on from a merged customer.
+    let forwarded = kairos_core::contracts::CustomerAction {
+        state: Some("{\"kind\": \"opened\"}".into()),
+        merged_from: Some("c0".into()),
+        ..kairos_core::contracts::CustomerAction::new(
+            "fwd".into(),
+            "c1".into(),
+            kairos_core::contracts::CustomerActionKind::outcome,
+            T0,
+        )
+    };
+    a.push("customer-actions", "c1", &forwarded);
+    assert_eq!(a.dead_letters.len(), 2, "{:#?}", a.dead_letters);
+    assert!(
+        a.dead_letters[1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("forwarded outcome does not decode")),
+        "{:#}",
+        a.dead_letters[1]
     );
     let d = a.trigger("w1", "welcome", TRIGGER, T0 + MINUTE);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");

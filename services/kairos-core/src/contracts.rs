@@ -845,6 +845,10 @@ pub enum CustomerActionKind {
     /// The profile forgot this anonymous customer (`identity.anonymous_retention`
     /// without an event): what waits for them ends and their ledger goes.
     forgotten,
+    /// An outcome of a message sent to `merged_from`, merged into this customer
+    /// before the outcome came, sent on by the arbiter (keyed by this customer; the
+    /// outcome, named after this customer, is in `state`).
+    outcome,
 }
 
 impl CustomerAction {
@@ -928,6 +932,11 @@ pub enum IdentifiedRecord {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         returned: Vec<String>,
     },
+    /// Keyed by the survivor: an outcome of a message sent to a customer merged away
+    /// before the outcome came (an open or an unsubscribe of an e-mail sent to the
+    /// anonymous visitor the customer was), sent on by the profile processor with the
+    /// survivor's `customer_id` and the outcome's own id.
+    outcome(Box<Outcome>),
 }
 
 #[allow(non_camel_case_types)]

@@ -128,6 +128,8 @@ struct Metrics {
     duplicates: prometheus::IntCounter,
     /// Merged profiles a survivor stopped waiting for (see `MERGE_WAIT_LIMIT`).
     merge_waits_given_up: prometheus::IntCounter,
+    /// Outcomes of customers merged away, sent on to their survivors.
+    outcomes_forwarded: prometheus::IntCounter,
     /// Anonymous profiles forgotten after `identity.anonymous_retention`.
     anonymous_expired: prometheus::IntCounter,
     /// Customer events by source and type (receipts: offline, sale or refund).
@@ -189,6 +191,11 @@ impl ProfileProcessor {
                 prom,
                 "kairos_profile_merge_waits_given_up_total",
                 "Merged profiles that did not reach their survivor within an hour: the survivor's held triggers went out without them.",
+            ),
+            outcomes_forwarded: metrics::counter(
+                prom,
+                "kairos_profile_outcomes_forwarded_total",
+                "Delivery and engagement outcomes of customers merged away, sent on to their survivors (while identity.forward_retention keeps the forwarding record).",
             ),
             anonymous_expired: metrics::counter(
                 prom,
@@ -693,9 +700,26 @@ impl ProfileProcessor {
     }
 
     /// Outcomes only update customers the profile knows; one for an unknown customer
-    /// (state lost, a foreign producer) creates nothing.
+    /// (state lost, a foreign producer) creates nothing. One for a customer merged
+    /// away goes on to the survivor while the forwarding record lasts: the message
+    /// went out under the old id, and its open, click or unsubscribe is the person's.
     fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
+            if let (Some(survivor), Some(topic)) = (
+                ctx.get::<String>(&forward_key(&o.customer_id))?,
+                &self.identified_topic,
+            ) {
+                let forwarded = Outcome {
+                    customer_id: survivor.clone(),
+                    ..o.clone()
+                };
+                ctx.emit(
+                    topic,
+                    &survivor,
+                    &IdentifiedRecord::outcome(Box::new(forwarded)),
+                );
+                self.metrics.outcomes_forwarded.inc();
+            }
             return Ok(());
         };
         // An unsubscribe or complaint applies however often it comes (see the
@@ -2637,6 +2661,7 @@ impl Processor for ProfileProcessor {
                 IdentifiedRecord::offline(r) => ProfileInput::Receipt(r),
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
+                IdentifiedRecord::outcome(o) => ProfileInput::Outcome(o),
                 IdentifiedRecord::merge_in {
                     merge,
                     profile,

@@ -4374,6 +4374,15 @@ fn metric(h: &Harness, metric: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The value of the sample of `metric` without labels, if there is one.
+fn unlabelled_metric(h: &Harness, metric: &str) -> Option<f64> {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&h.pipeline.profile_metrics().gather())
+        .expect("metrics encode");
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[test]
 fn events_are_counted_by_source_and_type_and_transitions_by_from_and_to() {
     let t = at(T0);
@@ -4489,6 +4498,97 @@ fn a_merged_customers_forwarding_record_lasts_the_forward_retention() {
         !reaches_z(11 * DAY),
         "past it the record is gone: the late merge finds X as a new customer"
     );
+}
+
+/// Outcomes the profile sent on (`identified-events`, kind `outcome`), as (key,
+/// customer id, outcome id); the pipeline feeds them back to the profile as the
+/// survivors' partitions would read them.
+fn forwarded_outcomes(h: &Harness) -> Vec<(String, String, String)> {
+    h.on("identified-events")
+        .filter(|r| r.value["kind"] == "outcome")
+        .map(|r| {
+            let field = |name: &str| r.value["record"][name].as_str().unwrap_or("").to_string();
+            (r.key.clone(), field("customer_id"), field("outcome_id"))
+        })
+        .collect()
+}
+
+/// A message sent to the anonymous visitor a customer was: its delivery, open and
+/// unsubscribe, reported after the merge, are the survivor's, once each, while the
+/// forwarding record lasts; on through a second merge; and not after the retention.
+#[test]
+fn outcomes_of_a_merged_away_customer_reach_the_survivor() {
+    let mut h = identified_harness_with("forward_retention = \"10d\"");
+    let t = at(T0);
+    for customer in ["anon:ox", "c-ox", "c-oz"] {
+        h.identified_site(json!({"event_id": format!("ox-{customer}"),
+            "event_type": "consent_change", "occurred_at": rfc(t), "customer_id": customer,
+            "consent": {"channel": "email", "granted": true}}));
+    }
+    h.merge("m-ox", "anon:ox", "c-ox", t + HOUR);
+    h.outcome("anon:ox", "ox-s1", "delivered", t + 2 * HOUR);
+    h.outcome("anon:ox", "ox-s1", "opened", t + 3 * HOUR);
+    // A message after the open, ignored; its delivery reported twice.
+    h.outcome("anon:ox", "ox-s2", "delivered", t + 4 * HOUR);
+    h.outcome("anon:ox", "ox-s2", "delivered", t + 4 * HOUR);
+    h.commit();
+    let to = |key: &str, outcome: &str| (key.to_string(), key.to_string(), outcome.to_string());
+    assert_eq!(
+        forwarded_outcomes(&h),
+        [
+            to("c-ox", "ox-s1-delivered"),
+            to("c-ox", "ox-s1-opened"),
+            to("c-ox", "ox-s2-delivered"),
+            to("c-ox", "ox-s2-delivered"),
+        ]
+    );
+    let e_mail = kairos_core::contracts::Channel::email;
+    let survivor = h.pipeline.profile("c-ox").expect("read").expect("stored");
+    let e = survivor
+        .engagement
+        .get(&e_mail)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(e.last_opened_at, Some(t + 3 * HOUR));
+    assert_eq!(e.last_delivered_at, Some(t + 4 * HOUR));
+    assert_eq!(e.ignored_in_row, 1, "the repeated delivery counts once");
+    assert_eq!(survivor.consents.get(&e_mail).copied(), Some(true));
+    assert!(
+        h.pipeline.profile("anon:ox").expect("read").is_none(),
+        "the merged id stays merged"
+    );
+    assert_eq!(
+        unlabelled_metric(&h, "kairos_profile_outcomes_forwarded_total"),
+        Some(4.0)
+    );
+
+    // The survivor joins another customer: an unsubscribe under the first id goes on
+    // through both forwarding records.
+    h.merge("m-oz", "c-ox", "c-oz", t + 5 * HOUR);
+    h.outcome("anon:ox", "ox-s1", "unsubscribed", t + 6 * HOUR);
+    h.commit();
+    assert_eq!(
+        forwarded_outcomes(&h)[4..],
+        [
+            to("c-ox", "ox-s1-unsubscribed"),
+            to("c-oz", "ox-s1-unsubscribed")
+        ]
+    );
+    let last = h.pipeline.profile("c-oz").expect("read").expect("stored");
+    assert_eq!(last.consents.get(&e_mail).copied(), Some(false));
+    assert_eq!(
+        last.engagement.get(&e_mail).and_then(|e| e.last_opened_at),
+        Some(t + 3 * HOUR),
+        "the open came with c-ox's profile"
+    );
+
+    // Past the retention the forwarding record is gone: nothing goes on, and no
+    // profile is made for the merged id.
+    h.advance(t + 12 * DAY);
+    h.outcome("anon:ox", "ox-s3", "opened", t + 12 * DAY);
+    h.commit();
+    assert_eq!(forwarded_outcomes(&h).len(), 6);
+    assert!(h.pipeline.profile("anon:ox").expect("read").is_none());
 }
 
 #[test]
@@ -5208,12 +5308,9 @@ fn an_anonymous_profile_without_an_event_for_the_retention_is_forgotten() {
         json!({"product": product("p1", 100.0)}),
     );
     h.advance(t + 401 * DAY);
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&h.pipeline.profile_metrics().gather())
-        .expect("metrics encode");
-    assert!(
-        text.lines()
-            .any(|l| l == "kairos_profile_anonymous_profiles_expired_total 1"),
+    assert_eq!(
+        unlabelled_metric(&h, "kairos_profile_anonymous_profiles_expired_total"),
+        Some(1.0),
         "one profile forgotten"
     );
     h.commit();
