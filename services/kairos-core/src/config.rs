@@ -252,7 +252,8 @@ impl Default for ProfileConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SurvivorRule {
-    /// The customer whose first event came first (ties: the smaller id).
+    /// The customer whose earliest event read so far is the older, in event time
+    /// (ties: the smaller id).
     FirstSeen,
     /// The smaller customer id: the same survivor whatever order events arrive in.
     SmallestId,

@@ -515,31 +515,41 @@ impl IdentityProcessor {
                 );
             }
         }
-        self.seen_anonymous(ctx, &target, at)?;
+        self.seen(ctx, &target, at)?;
         Ok(target)
     }
 
-    /// Notes an event of an anonymous profile, to the day, and moves its expiry to
-    /// `anonymous_retention` after it. A day's resolution keeps this to one write of
-    /// the node and its timer per visitor and day.
-    fn seen_anonymous(&self, ctx: &mut Ctx<'_>, profile: &str, at: Millis) -> anyhow::Result<()> {
-        if self.anonymous_retention == 0 {
-            return Ok(());
-        }
+    /// Notes an event of a profile: an event older than every one before it (events
+    /// come late and out of order) moves `first_seen` back, so the `first_seen`
+    /// survivor rule compares when the customers were first seen, not which event
+    /// arrived first. An anonymous profile's last event is kept to the day, and its
+    /// expiry moved to `anonymous_retention` after it: one write of the node and its
+    /// timer per visitor and day.
+    fn seen(&self, ctx: &mut Ctx<'_>, profile: &str, at: Millis) -> anyhow::Result<()> {
         let key = node_key(profile);
         let Some(mut node) = ctx.get::<Node>(&key)? else {
             return Ok(());
         };
-        if node.known || node.merged_into.is_some() || at < node.last_seen.saturating_add(DAY) {
-            return Ok(());
+        let earlier = at < node.first_seen;
+        node.first_seen = node.first_seen.min(at);
+        let next_day = self.anonymous_retention != 0
+            && !node.known
+            && node.merged_into.is_none()
+            && at >= node.last_seen.saturating_add(DAY);
+        if next_day {
+            node.last_seen = at;
         }
-        node.last_seen = at;
-        ctx.put(&key, &node)?;
-        ctx.schedule(
-            &format!("{ANONYMOUS_EXPIRY}/{profile}"),
-            at.saturating_add(self.anonymous_retention),
-            &(),
-        )
+        if earlier || next_day {
+            ctx.put(&key, &node)?;
+        }
+        if next_day {
+            ctx.schedule(
+                &format!("{ANONYMOUS_EXPIRY}/{profile}"),
+                at.saturating_add(self.anonymous_retention),
+                &(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Forgets an anonymous profile no event came for in `anonymous_retention`: its

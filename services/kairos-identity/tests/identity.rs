@@ -247,6 +247,14 @@ impl Harness {
             .collect()
     }
 
+    /// The merges announced on `identity-changes`.
+    fn merges(&self) -> Vec<IdentityChange> {
+        self.changes()
+            .into_iter()
+            .filter(|c| c.kind == IdentityChangeKind::merged)
+            .collect()
+    }
+
     /// The customer each identified event was re-keyed to, by event id.
     fn resolved(&self, event_id: &str) -> Option<String> {
         self.of_topic("identified-events")
@@ -438,11 +446,7 @@ fn two_known_customers_merge_state_combined_unsubscribe_kept_no_duplicates_caps_
     h.advance(t0 + 3 * DAY);
 
     // The survivor is the smaller id; the merge is announced.
-    let merges: Vec<IdentityChange> = h
-        .changes()
-        .into_iter()
-        .filter(|c| c.kind == IdentityChangeKind::merged)
-        .collect();
+    let merges = h.merges();
     assert_eq!(merges.len(), 1, "{merges:?}");
     assert_eq!(merges[0].customer_id, "c-10");
     assert_eq!(merges[0].merged_from.as_deref(), Some("c-20"));
@@ -542,6 +546,54 @@ fn caps_count_the_merged_customers_sends() {
         "the merged customer's send counts against the daily cap: {:?}",
         cart[0].value
     );
+}
+
+/// With `survivor = "first_seen"` the survivor is the customer seen first in event
+/// time, whatever order the events arrive in: an older event arriving late moves the
+/// customer's first sighting back.
+#[test]
+fn the_first_seen_survivor_is_the_customer_seen_first_whatever_the_arrival_order() {
+    let survivor = |late_event: bool| {
+        let mut h = Harness::with_identity("survivor = \"first_seen\"");
+        let t0 = at(T0);
+        h.event(
+            "events.site",
+            "page_view",
+            t0 + HOUR,
+            json!({"customer_id": "c-20"}),
+        );
+        h.event(
+            "events.site",
+            "page_view",
+            t0 + 30 * MINUTE,
+            json!({"customer_id": "c-10"}),
+        );
+        if late_event {
+            h.event(
+                "events.app",
+                "page_view",
+                t0,
+                json!({"customer_id": "c-20"}),
+            );
+        }
+        for customer in ["c-10", "c-20"] {
+            h.event(
+                "events.site",
+                "profile_update",
+                t0 + 2 * HOUR,
+                json!({"customer_id": customer, "email": "ida@example.com"}),
+            );
+        }
+        let merges = h.merges();
+        assert_eq!(merges.len(), 1, "{merges:?}");
+        merges[0].customer_id.clone()
+    };
+    assert_eq!(
+        survivor(false),
+        "c-10",
+        "first seen half an hour before c-20"
+    );
+    assert_eq!(survivor(true), "c-20", "c-20's late event is the earliest");
 }
 
 #[test]
