@@ -231,7 +231,15 @@ mod tests {
 
     /// The in-app worker over the shipped configuration in event time, its state in
     /// `dir`.
-    fn worker(dir: &std::path::Path) -> (Config, Replayer<crate::DeliveryProcessor>) {
+    /// An `in_app` worker on the shipped configuration in event time, and the
+    /// registry of its metrics.
+    fn worker(
+        dir: &std::path::Path,
+    ) -> (
+        Config,
+        Replayer<crate::DeliveryProcessor>,
+        prometheus::Registry,
+    ) {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
         let text = std::fs::read_to_string(&path).expect("config file");
@@ -251,7 +259,7 @@ mod tests {
                 .expect("processor");
         assert_eq!(processor.name(), "deliver-in_app");
         let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
-        (config, replayer)
+        (config, replayer, registry)
     }
 
     fn poll(
@@ -282,7 +290,7 @@ mod tests {
     #[test]
     fn messages_are_served_newest_first_seen_once_and_expire() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, mut replayer) = worker(dir.path());
+        let (config, mut replayer, _) = worker(dir.path());
         let topic = config.send_topic(Channel::in_app);
         let mut out = Vec::new();
         for (key, payload) in [
@@ -342,7 +350,7 @@ mod tests {
     #[test]
     fn an_inbox_keeps_the_newest_messages() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, mut replayer) = worker(dir.path());
+        let (config, mut replayer, registry) = worker(dir.path());
         let topic = config.send_topic(Channel::in_app);
         let count = INBOX_KEPT as Millis + 2;
         for n in 0..count {
@@ -372,5 +380,21 @@ mod tests {
         assert_eq!(outcomes(&config, &out, OutcomeKind::failed), ["late"]);
         assert!(outcomes(&config, &out, OutcomeKind::sent).is_empty());
         assert_eq!(poll(&mut replayer, "c1").0.len(), INBOX_KEPT);
+        let requests = |result: &str| {
+            let text = prometheus::TextEncoder::new()
+                .encode_to_string(&registry.gather())
+                .expect("metrics encode");
+            let labels = format!("result=\"{result}\"");
+            text.lines()
+                .filter(|l| l.starts_with("kairos_provider_requests_total{"))
+                .filter(|l| l.contains(&labels))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        assert_eq!(
+            (requests("accepted"), requests("permanent_error")),
+            (count as f64, 1.0),
+            "the late message was not taken"
+        );
     }
 }

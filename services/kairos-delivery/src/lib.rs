@@ -753,9 +753,10 @@ impl Processor for DeliveryProcessor {
         };
         if self.in_app() {
             let kept = inbox::store(ctx, cmd, &message)?;
+            let result = if kept { "accepted" } else { "permanent_error" };
             self.metrics
                 .provider_requests
-                .with_label_values(&[self.channel.as_str(), self.provider_name(), "accepted"])
+                .with_label_values(&[self.channel.as_str(), self.provider_name(), result])
                 .inc();
             let (kind, reason) = match kept {
                 true => (OutcomeKind::sent, None),
