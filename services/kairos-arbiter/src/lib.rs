@@ -427,6 +427,11 @@ impl CustomerLedger {
         for h in other.recent_outcomes {
             remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
         }
+        // A cascade's later steps count once towards the sunset here too: their
+        // deliveries may come after the merge.
+        for h in other.cascade_followups {
+            remember(&mut self.cascade_followups, h, RECENT_OUTCOMES);
+        }
         // Whom the merged customer had absorbed is in this ledger now too: a trigger
         // of this customer naming them (after a chain of merges) need not wait.
         for id in other.absorbed {
@@ -1614,16 +1619,22 @@ impl ArbiterProcessor {
         if let Some(into) = ledger.merged_into.clone() {
             // The message went to the person under the id merged away: a suppression
             // holds for the survivor, and an open, a click or an ignored delivery
-            // counts towards its sunset, applied there as the survivor's own outcome
-            // (once, by its id).
+            // counts towards its sunset, applied there as the survivor's own outcome.
+            // A repeat of one this ledger applied before the merge, or forwarded
+            // already, goes no further (suppressions apply again, as below).
+            let suppression = matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained);
+            let h = kairos_core::ids::stable_hash(&o.outcome_id);
+            let first = remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES);
+            if !first && !suppression {
+                return Ok(false);
+            }
             let forwarded = Outcome {
                 customer_id: into.clone(),
                 address: address.or_else(|| o.address.clone()),
                 ..o.clone()
             };
             // Its time in the id: a second unsubscribe from one message (after an
-            // opt-in) shares the first one's outcome id, and must not be taken for its
-            // repeat.
+            // opt-in) has the first one's outcome id, and is a record of its own.
             let cause = format!("{}@{}", o.outcome_id, o.occurred_at);
             let action = CustomerAction {
                 state: Some(
@@ -1639,7 +1650,7 @@ impl ArbiterProcessor {
             };
             ctx.emit(&self.actions_topic, &into, &action);
             self.outcomes_forwarded.inc();
-            return Ok(false);
+            return Ok(first);
         }
         let changed = ledger.apply_outcome(o, address);
         let reaction = matches!(
@@ -3073,6 +3084,37 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cascade's later step delivered after its customer was merged away counts
+    /// once towards the survivor's sunset, as it would have before the merge.
+    #[test]
+    fn a_merge_keeps_a_cascade_s_later_steps_out_of_the_sunset_count() {
+        let followup = "s-push";
+        let merged = CustomerLedger {
+            cascade_followups: vec![kairos_core::ids::stable_hash(followup)],
+            ..CustomerLedger::default()
+        };
+        let mut survivor = CustomerLedger::default();
+        survivor.absorb(merged);
+        let delivered = Outcome {
+            outcome_id: "s-push-delivered".into(),
+            send_id: followup.into(),
+            customer_id: "c2".into(),
+            scenario: "abandoned_cart".into(),
+            channel: Channel::push,
+            category: MessageCategory::trigger,
+            kind: OutcomeKind::delivered,
+            reason: None,
+            occurred_at: 1_000,
+            address: None,
+        };
+        assert!(survivor.apply_outcome(&delivered, None));
+        assert_eq!(
+            survivor.ignored_in_row, 0,
+            "the cascade counted by its first"
+        );
+        assert_eq!(survivor.engagement[&Channel::push].ignored_in_row, 1);
+    }
 
     /// Trigger ids an earlier version remembered (without valid-until) still make a
     /// copy a duplicate, and then age out as the newest `RECENT_TRIGGERS` would.

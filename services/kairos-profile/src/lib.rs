@@ -15,8 +15,9 @@ use kairos_core::config::{
 use kairos_core::contracts::is_reserved_customer_id;
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
-    IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, Product, ProductInterest,
-    ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind, SegmentTransition, Trigger,
+    IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, OutcomeKind, Product,
+    ProductInterest, ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind,
+    SegmentTransition, Trigger,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
@@ -705,6 +706,9 @@ impl ProfileProcessor {
     /// went out under the old id, and its open, click or unsubscribe is the person's.
     fn apply_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
         let Some(mut p) = self.take(ctx, &o.customer_id)? else {
+            if !outcome_concerns_profile(o) {
+                return Ok(());
+            }
             if let (Some(survivor), Some(topic)) = (
                 ctx.get::<String>(&forward_key(&o.customer_id))?,
                 &self.identified_topic,
@@ -2365,6 +2369,23 @@ fn profile_key(customer_id: &str) -> String {
 const MERGED_FROM_KEPT: usize = 32;
 
 /// Where a customer merged into another points: to the survivor's id.
+/// Whether an outcome changes a profile, so that one for a customer merged away is
+/// worth sending on: deliveries, opens, clicks and suppressions. Not a hard bounce
+/// that names no address (a provider's webhook): the survivor would take it for its
+/// own address, which may not be the one the message went to (the arbiter, which
+/// recorded each send's address, suppresses the right one).
+fn outcome_concerns_profile(o: &Outcome) -> bool {
+    match o.kind {
+        OutcomeKind::delivered
+        | OutcomeKind::opened
+        | OutcomeKind::clicked
+        | OutcomeKind::unsubscribed
+        | OutcomeKind::complained => true,
+        OutcomeKind::bounced_hard => o.address.is_some(),
+        _ => false,
+    }
+}
+
 fn forward_key(customer_id: &str) -> String {
     ["fwd/", customer_id].concat()
 }

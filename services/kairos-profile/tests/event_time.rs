@@ -4523,6 +4523,7 @@ fn outcomes_of_a_merged_away_customer_reach_the_survivor() {
     for customer in ["anon:ox", "c-ox", "c-oz"] {
         h.identified_site(json!({"event_id": format!("ox-{customer}"),
             "event_type": "consent_change", "occurred_at": rfc(t), "customer_id": customer,
+            "email": format!("{customer}@example.com"),
             "consent": {"channel": "email", "granted": true}}));
     }
     h.merge("m-ox", "anon:ox", "c-ox", t + HOUR);
@@ -4531,6 +4532,10 @@ fn outcomes_of_a_merged_away_customer_reach_the_survivor() {
     // A message after the open, ignored; its delivery reported twice.
     h.outcome("anon:ox", "ox-s2", "delivered", t + 4 * HOUR);
     h.outcome("anon:ox", "ox-s2", "delivered", t + 4 * HOUR);
+    // Neither changes a profile that matters here: a send report, and a bounce that
+    // names no address (the survivor would take it for its own).
+    h.outcome("anon:ox", "ox-s3", "sent", t + 4 * HOUR);
+    h.outcome("anon:ox", "ox-s3", "bounced_hard", t + 4 * HOUR);
     h.commit();
     let to = |key: &str, outcome: &str| (key.to_string(), key.to_string(), outcome.to_string());
     assert_eq!(
@@ -4553,6 +4558,7 @@ fn outcomes_of_a_merged_away_customer_reach_the_survivor() {
     assert_eq!(e.last_delivered_at, Some(t + 4 * HOUR));
     assert_eq!(e.ignored_in_row, 1, "the repeated delivery counts once");
     assert_eq!(survivor.consents.get(&e_mail).copied(), Some(true));
+    assert!(survivor.bounced_addresses.is_empty());
     assert!(
         h.pipeline.profile("anon:ox").expect("read").is_none(),
         "the merged id stays merged"
@@ -4585,7 +4591,7 @@ fn outcomes_of_a_merged_away_customer_reach_the_survivor() {
     // Past the retention the forwarding record is gone: nothing goes on, and no
     // profile is made for the merged id.
     h.advance(t + 12 * DAY);
-    h.outcome("anon:ox", "ox-s3", "opened", t + 12 * DAY);
+    h.outcome("anon:ox", "ox-s4", "opened", t + 12 * DAY);
     h.commit();
     assert_eq!(forwarded_outcomes(&h).len(), 6);
     assert!(h.pipeline.profile("anon:ox").expect("read").is_none());
