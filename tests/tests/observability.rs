@@ -208,16 +208,27 @@ fn offline_purchase(event_id: &str, customer: &str, at: i64, total: f64) -> Vec<
 }
 
 fn wait_for_metric(p: &Pipeline, metric: &str, labels: &[&str], want: f64) -> String {
+    wait_for_feedback(p, |text| {
+        let got = sample(text, metric, labels);
+        (got == want)
+            .then_some(())
+            .ok_or(format!("{metric}{labels:?} is {got}, expected {want}"))
+    })
+}
+
+/// Feedback's `/metrics` once `settled` accepts it (else it says what it is waiting for),
+/// within a minute.
+fn wait_for_feedback(p: &Pipeline, settled: impl Fn(&str) -> Result<(), String>) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = p.metrics("feedback");
-        let got = sample(&text, metric, labels);
-        if got == want {
-            return text;
-        }
+        let waiting = match settled(&text) {
+            Ok(()) => return text,
+            Err(waiting) => waiting,
+        };
         assert!(
             Instant::now() < deadline,
-            "{metric}{labels:?} is {got}, expected {want}; feedback log:\n{}",
+            "{waiting}; feedback log:\n{}",
             p.log("feedback")
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -357,7 +368,34 @@ holdout_percent = 50
         &[&offline_topic],
         shop.len() as f64,
     );
-    let text = wait_for_metric(&p, "kairos_purchases_total", &[], purchases as f64);
+    wait_for_metric(&p, "kairos_purchases_total", &[], purchases as f64);
+    // A purchase waits `feedback.attribution_delay` on the clock the input moves (event
+    // time here): a heartbeat on every partition, after every purchase was read, lets
+    // the last ones through.
+    let partitions = 4;
+    let heartbeats: Vec<(String, Vec<u8>)> = (0..partitions)
+        .map(|partition| {
+            let key = (0..)
+                .map(|n| format!("heartbeat-{n}"))
+                .find(|k| kairos_core::replay::partition_for(k.as_bytes(), partitions) == partition)
+                .expect("a key for every partition");
+            let beat = json(j!({"event_id": format!("hb-{partition}"),
+                "event_type": "heartbeat", "occurred_at": T0 + 200 * HOUR}));
+            (key, beat)
+        })
+        .collect();
+    p.produce("events.site", &heartbeats);
+    let expected_revenue = revenue[0] + revenue[1];
+    let text = wait_for_feedback(&p, |text| {
+        let welcome = ["scenario=\"welcome\""];
+        let conversions_now = sample(text, "kairos_conversions_total", &welcome);
+        let revenue_now = sample(text, "kairos_conversion_revenue_total", &welcome);
+        let settled = conversions_now == (conversions[0] + conversions[1]) as f64
+            && (revenue_now - expected_revenue).abs() < 1e-9;
+        settled.then_some(()).ok_or(format!(
+            "{conversions_now} conversions, revenue {revenue_now}"
+        ))
+    });
     let metric = |name: &str, labels: &[&str]| sample(&text, name, labels);
     let groups = ["group=\"treatment\"", "group=\"control\""];
     let sizes = [treated.len() as f64, held_out.len() as f64];

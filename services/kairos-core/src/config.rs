@@ -462,6 +462,11 @@ pub struct FeedbackConfig {
     /// its conversion; the last touch before the purchase takes it.
     #[serde(with = "humantime_serde")]
     pub attribution_window: Duration,
+    /// How long a purchase waits before it is attributed, so that the decisions before
+    /// it read a little after it (each topic is read at its own speed; after an outage
+    /// a backlog of purchases can come first) are in; `0s` attributes at once.
+    #[serde(with = "humantime_serde")]
+    pub attribution_delay: Duration,
 }
 
 impl Default for FeedbackConfig {
@@ -469,6 +474,7 @@ impl Default for FeedbackConfig {
         FeedbackConfig {
             admin_listen: ([127, 0, 0, 1], 9103).into(),
             attribution_window: Duration::from_secs(72 * 3600),
+            attribution_delay: Duration::from_secs(5 * 60),
         }
     }
 }

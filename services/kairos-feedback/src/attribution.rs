@@ -1,13 +1,18 @@
 //! Last-touch attribution of purchases to the final decisions of marketing triggers.
 //!
-//! Every customer has at most one live touch: the newest final decision of a marketing
-//! trigger, in the experiment group the arbiter drew the customer into (intent to
-//! treat: a treated customer whose message a sunset, an unsubscribe or a cap stopped
-//! counts in the treatment group as a held-out one counts in the control group). A
-//! purchase within the window after it is that
-//! touch's conversion; further purchases in the window add revenue but not another
-//! conversion, so conversion rates stay between 0 and 1 and compare fairly between the
-//! groups.
+//! A touch is the final decision of a marketing trigger, in the experiment group the
+//! arbiter drew the customer into (intent to treat: a treated customer whose message a
+//! sunset, an unsubscribe or a cap stopped counts in the treatment group as a held-out
+//! one counts in the control group). A purchase belongs to the customer's last touch
+//! strictly before it (see [`live_touch`]), if it falls within the window after it:
+//! the touch's conversion; further purchases in the window add revenue but not
+//! another conversion, so conversion rates stay between 0 and 1 and compare fairly
+//! between the groups.
+//!
+//! A customer's recent touches are kept, not only the last one read: decisions and
+//! purchases come on different topics, each read at its own speed, so a decision the
+//! purchase caused (a cancellation, a post-purchase message) is often read before the
+//! purchase, and the touch before it must still be found.
 
 use kairos_core::contracts::{Channel, ExperimentGroup};
 use kairos_core::time::Millis;
@@ -59,6 +64,65 @@ pub struct Touch {
     /// (the channel tells then: a message went out to the treated only).
     #[serde(default)]
     pub group: Option<Group>,
+    /// The decision sent a message or held one out; else (a sunset, a cancellation)
+    /// it takes purchases only once no message is in its window (see
+    /// [`live_touch`]). Touches stored before this was kept were all such.
+    #[serde(default = "stored_before")]
+    pub message: bool,
+}
+
+fn stored_before() -> bool {
+    true
+}
+
+/// Touches kept per customer at most, the newest: more touches than this within an
+/// attribution window before one purchase is a customer every scenario fires for.
+pub const TOUCHES_KEPT: usize = 16;
+
+/// A customer's touches as stored: oldest first, or the one last touch versions
+/// before kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StoredTouches {
+    Touches(Vec<Touch>),
+    LastTouch(Touch),
+}
+
+impl StoredTouches {
+    pub fn into_vec(self) -> Vec<Touch> {
+        match self {
+            StoredTouches::Touches(touches) => touches,
+            StoredTouches::LastTouch(touch) => vec![touch],
+        }
+    }
+}
+
+/// Adds `touch` in time order (after touches at the same time: read later, it is the
+/// later one) and keeps the newest [`TOUCHES_KEPT`].
+pub fn add_touch(touches: &mut Vec<Touch>, touch: Touch) {
+    let at = touches.partition_point(|t| t.at <= touch.at);
+    touches.insert(at, touch);
+    if touches.len() > TOUCHES_KEPT {
+        touches.drain(..touches.len() - TOUCHES_KEPT);
+    }
+}
+
+/// The touch a purchase at `purchased_at` belongs to, if any: the last one strictly
+/// before it, except that a touch that sent and held out nothing (a sunset, a pause
+/// or an exclusion a purchase caused) leaves a message still in its window its
+/// purchases; it would otherwise take the repeat purchases of the message before it.
+pub fn live_touch(touches: &[Touch], purchased_at: Millis, window: Millis) -> Option<usize> {
+    let mut live: Option<usize> = None;
+    for (i, touch) in touches.iter().enumerate() {
+        if touch.at >= purchased_at {
+            break;
+        }
+        let replaces = live.is_none_or(|l| touch.message || touch.at - touches[l].at > window);
+        if replaces {
+            live = Some(i);
+        }
+    }
+    live
 }
 
 /// What a purchase means for a touch.
@@ -127,7 +191,86 @@ mod tests {
             at: 100 * HOUR,
             converted,
             group: None,
+            message: true,
         }
+    }
+
+    /// The touch of a purchase is the last before it, whatever order they were read
+    /// in; an unsent decision takes over only past the window of the message before.
+    #[test]
+    fn a_purchase_belongs_to_the_last_touch_before_it() {
+        let at = |hours: Millis, message: bool| Touch {
+            at: hours * HOUR,
+            message,
+            ..touch(Some(Channel::email), false)
+        };
+        let mut touches = Vec::new();
+        for t in [at(10, true), at(2, true), at(5, false), at(30, false)] {
+            add_touch(&mut touches, t);
+        }
+        let hours: Vec<Millis> = touches.iter().map(|t| t.at / HOUR).collect();
+        assert_eq!(hours, [2, 5, 10, 30]);
+        let window = 24 * HOUR;
+        let live = |t: Millis| live_touch(&touches, t * HOUR, window).map(|i| touches[i].at / HOUR);
+        assert_eq!(live(1), None, "before every touch");
+        assert_eq!(live(2), None, "at a touch's own time: its cause");
+        assert_eq!(
+            live(6),
+            Some(2),
+            "the unsent decision at 5 leaves the message its purchase"
+        );
+        assert_eq!(live(11), Some(10));
+        assert_eq!(
+            live(31),
+            Some(10),
+            "the sunset at 30 is within the message's window"
+        );
+        let mut late = touches.clone();
+        add_touch(&mut late, at(60, false));
+        assert_eq!(
+            live_touch(&late, 61 * HOUR, window).map(|i| late[i].at / HOUR),
+            Some(60),
+            "past the message's window the unsent decision is the touch"
+        );
+        for n in 0..TOUCHES_KEPT as Millis {
+            add_touch(&mut touches, at(100 + n, true));
+        }
+        assert_eq!(touches.len(), TOUCHES_KEPT);
+        assert_eq!(touches[0].at, 100 * HOUR, "the oldest go first");
+    }
+
+    /// A customer's last touch as versions before kept it still reads, as the one
+    /// touch of the list.
+    #[test]
+    fn a_last_touch_stored_before_reads_as_the_customer_s_touches() {
+        #[derive(Serialize)]
+        struct Before {
+            scenario: String,
+            channel: Option<Channel>,
+            at: Millis,
+            converted: bool,
+            group: Option<Group>,
+        }
+        let before = Before {
+            scenario: "welcome".into(),
+            channel: Some(Channel::email),
+            at: 100 * HOUR,
+            converted: true,
+            group: Some(Group::Treatment),
+        };
+        let bytes = kairos_core::encoding::encode_state(&before).expect("encode");
+        let stored: StoredTouches = kairos_core::encoding::decode_state(&bytes).expect("decode");
+        let touches = stored.into_vec();
+        assert_eq!(
+            touches,
+            [Touch {
+                group: Some(Group::Treatment),
+                ..touch(Some(Channel::email), true)
+            }]
+        );
+        let now = kairos_core::encoding::encode_state(&touches).expect("encode");
+        let again: StoredTouches = kairos_core::encoding::decode_state(&now).expect("decode");
+        assert_eq!(again.into_vec(), touches);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Touches expire: a customer's last touch (`t/<customer>`) is deleted once no purchase
-//! can be attributed to it any more.
+//! Touches expire: a customer's touches (`t/<customer>`) are deleted once no purchase
+//! can be attributed to the newest any more.
 //!
 //! A purchase is attributed when it happened at most the attribution window after the
 //! touch, and it is applied only when its own time is within `state.dedup_window` of
-//! the clock (an older one is counted apart, see [`kairos_core::dedup`]). So once the
-//! clock passes the touch's time plus both windows, nothing can reach the touch, and
-//! customers who were touched once and never again do not keep a key for ever.
+//! the clock (an older one is counted apart, see [`kairos_core::dedup`]), then waits
+//! `feedback.attribution_delay`. So once the clock passes the touch's time plus the
+//! three, nothing can reach the touch, and customers who were touched once and never
+//! again do not keep a key for ever.
 //!
 //! One sweep timer per partition walks the touches in key order, a bounded number per
 //! firing, with its cursor in the timer's payload; a finished pass waits a day before
@@ -21,7 +22,7 @@ use kairos_core::store::DueTimer;
 use kairos_core::time::{Millis, DAY};
 use serde::{Deserialize, Serialize};
 
-use crate::attribution::Touch;
+use crate::attribution::StoredTouches;
 
 /// Key prefix of the touches.
 pub const TOUCH_PREFIX: &str = "t/";
@@ -42,16 +43,18 @@ struct SweepState {
 /// When touches expire.
 #[derive(Debug, Clone, Copy)]
 pub struct TouchExpiry {
-    /// Attribution window plus deduplication window.
+    /// Attribution window, deduplication window and attribution delay.
     lifetime: Millis,
 }
 
 impl TouchExpiry {
-    pub fn new(attribution_window: Duration, dedup_window: Duration) -> Self {
+    pub fn new(attribution_window: Duration, dedup_window: Duration, delay: Duration) -> Self {
         // Converted as `SeenIds` converts the deduplication window, so the two agree.
         let millis = |d: Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
         TouchExpiry {
-            lifetime: millis(attribution_window).saturating_add(millis(dedup_window)),
+            lifetime: millis(attribution_window)
+                .saturating_add(millis(dedup_window))
+                .saturating_add(millis(delay)),
         }
     }
 
@@ -80,9 +83,11 @@ impl TouchExpiry {
         // A pass that went on from a cursor may have kept touches before it.
         let mut kept = state.after.is_some();
         for (key, value) in &keys {
-            let touch: Touch = decode_state(value)
-                .map_err(|e| anyhow::anyhow!("touch {key:?} does not decode: {e}"))?;
-            if self.expires_at(touch.at) <= now {
+            let touches = decode_state::<StoredTouches>(value)
+                .map_err(|e| anyhow::anyhow!("touches {key:?} do not decode: {e}"))?
+                .into_vec();
+            let newest = touches.iter().map(|t| t.at).max().unwrap_or(Millis::MIN);
+            if self.expires_at(newest) <= now {
                 ctx.delete(key);
             } else {
                 kept = true;

@@ -26,11 +26,12 @@ use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::store::DueTimer;
 use kairos_core::time::Millis;
 use prometheus::{CounterVec, GaugeVec, IntCounterVec, Opts};
+use serde::{Deserialize, Serialize};
 
 pub mod attribution;
 pub mod expiry;
 
-use attribution::{Group, Touch};
+use attribution::{add_touch, live_touch, Group, StoredTouches, Touch};
 use expiry::{TouchExpiry, SWEEP_TIMER, TOUCH_PREFIX};
 
 /// Failure reasons a label may take; anything else counts as "other".
@@ -81,6 +82,18 @@ pub struct Purchase {
     pub occurred_at: Millis,
     pub value: f64,
     pub source: &'static str,
+}
+
+/// Timers of purchases waiting for `feedback.attribution_delay`
+/// (`attr/<customer>\0<event id>`).
+const PENDING_PURCHASE: &str = "attr/";
+
+/// A purchase waiting to be attributed (a timer's payload).
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingPurchase {
+    customer_id: String,
+    at: Millis,
+    value: f64,
 }
 
 pub enum FeedbackInput {
@@ -206,6 +219,8 @@ pub struct FeedbackProcessor {
     /// Scenario names and channels from the configuration: the only values a label may take.
     scenarios: HashMap<String, Vec<Channel>>,
     window: Millis,
+    /// `feedback.attribution_delay`: how long a purchase waits before it is attributed.
+    delay: Millis,
     outcomes_topic: String,
     decisions_topic: String,
     offline_topic: String,
@@ -313,6 +328,8 @@ impl FeedbackProcessor {
                 .map(|s| (s.name.clone(), s.channels.clone()))
                 .collect(),
             window: config.feedback.attribution_window.as_millis() as Millis,
+            delay: Millis::try_from(config.feedback.attribution_delay.as_millis())
+                .unwrap_or(Millis::MAX),
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
@@ -341,6 +358,7 @@ impl FeedbackProcessor {
             touch_expiry: TouchExpiry::new(
                 config.feedback.attribution_window,
                 config.state.dedup_window,
+                config.feedback.attribution_delay,
             ),
         }
     }
@@ -444,29 +462,35 @@ impl FeedbackProcessor {
             at: d.decided_at,
             converted: false,
             group: Some(group),
+            message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
         };
         let key = touch_key(&d.customer_id);
-        let last: Option<Touch> = ctx.get(&key)?;
+        let mut touches = self.touches_of(ctx, &key)?;
         self.metrics
             .touches
             .with_label_values(&touch.labels())
             .inc();
         self.tally(&touch.scenario).touches[touch.group().index()] += 1;
         self.refresh_scenario_gauges(&touch.scenario);
-        // Last touch wins; an older touch arriving late does not replace a newer one.
-        // A decision that sent and held out nothing (a sunset, a pause or exclusion a
-        // purchase caused) counts as a touch but leaves a message or hold-out still in
-        // its window its purchases: it would otherwise take a purchase it followed
-        // (read first, it is after it) or the repeat purchases of the message before.
-        let message = matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out);
-        let replaces = last
-            .as_ref()
-            .is_none_or(|l| l.at <= touch.at && (message || touch.at - l.at > self.window));
-        if replaces {
-            ctx.put(&key, &touch)?;
+        let at = touch.at;
+        // Touches no purchase can reach any more go; a late one among them too.
+        let now = ctx.now();
+        add_touch(&mut touches, touch);
+        touches.retain(|t| self.touch_expiry.expires_at(t.at) > now);
+        if touches.is_empty() {
+            return Ok(());
         }
-        self.touch_expiry.arm(ctx, touch.at)?;
+        ctx.put(&key, &touches)?;
+        self.touch_expiry.arm(ctx, at)?;
         Ok(())
+    }
+
+    /// The customer's touches under `key`, oldest first (none stored: empty).
+    fn touches_of(&self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Vec<Touch>> {
+        Ok(ctx
+            .get::<StoredTouches>(key)?
+            .map(StoredTouches::into_vec)
+            .unwrap_or_default())
     }
 
     fn on_purchase(&mut self, ctx: &mut Ctx<'_>, p: &Purchase) -> anyhow::Result<()> {
@@ -478,13 +502,45 @@ impl FeedbackProcessor {
             .purchase_revenue
             .with_label_values(&[p.source])
             .inc_by(p.value.max(0.0));
-        let key = touch_key(&p.customer_id);
-        let Some(mut touch) = ctx.get::<Touch>(&key)? else {
+        if self.delay == 0 {
+            return self.attribute(ctx, &p.customer_id, p.occurred_at, p.value);
+        }
+        // The decisions before it may not be read yet: it waits for them.
+        let pending = PendingPurchase {
+            customer_id: p.customer_id.clone(),
+            at: p.occurred_at,
+            value: p.value,
+        };
+        let timer = [
+            PENDING_PURCHASE,
+            p.customer_id.as_str(),
+            "\0",
+            p.event_id.as_str(),
+        ]
+        .concat();
+        ctx.schedule(&timer, ctx.now().saturating_add(self.delay), &pending)
+    }
+
+    /// Attributes a purchase of `value` at `at` to the customer's touch before it.
+    fn attribute(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+        at: Millis,
+        value: f64,
+    ) -> anyhow::Result<()> {
+        let key = touch_key(customer_id);
+        let mut touches = self.touches_of(ctx, &key)?;
+        let Some(newest) = touches.iter().map(|t| t.at).max() else {
             return Ok(());
         };
         // Also arms the sweep of a store whose touches were written before they expired.
-        self.touch_expiry.arm(ctx, touch.at)?;
-        let attribution = touch.attribute(p.occurred_at, self.window);
+        self.touch_expiry.arm(ctx, newest)?;
+        let Some(live) = live_touch(&touches, at, self.window) else {
+            return Ok(());
+        };
+        let touch = &mut touches[live];
+        let attribution = touch.attribute(at, self.window);
         if !attribution.attributed {
             return Ok(());
         }
@@ -492,13 +548,14 @@ impl FeedbackProcessor {
         self.metrics
             .conversion_revenue
             .with_label_values(&labels)
-            .inc_by(p.value.max(0.0));
+            .inc_by(value.max(0.0));
         if attribution.first_conversion {
             self.metrics.conversions.with_label_values(&labels).inc();
-            self.tally(&touch.scenario).conversions[touch.group().index()] += 1;
-            self.refresh_scenario_gauges(&touch.scenario);
             touch.converted = true;
-            ctx.put(&key, &touch)?;
+            let (scenario, group) = (touch.scenario.clone(), touch.group());
+            ctx.put(&key, &touches)?;
+            self.tally(&scenario).conversions[group.index()] += 1;
+            self.refresh_scenario_gauges(&scenario);
         }
         Ok(())
     }
@@ -687,7 +744,12 @@ impl Processor for FeedbackProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        // The only timers are the sweeps of the touches and of the ids seen.
+        // The timers are the purchases waiting for their decisions and the sweeps of
+        // the touches and of the ids seen.
+        if timer.timer_id.starts_with(PENDING_PURCHASE) {
+            let p: PendingPurchase = timer.decode()?;
+            return self.attribute(ctx, &p.customer_id, p.at, p.value);
+        }
         if timer.timer_id == SWEEP_TIMER {
             return self.touch_expiry.sweep(ctx, timer);
         }
@@ -940,6 +1002,8 @@ mod tests {
                 .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
                 .expect("push");
         }
+        // Past `feedback.attribution_delay`, which the purchases wait.
+        replayer.advance_to(5 * hour).expect("advance");
         replayer.commit().expect("commit");
         let by_group = |name: &str, group: &str| counter(&registry, name, &[group]);
         assert_eq!(
@@ -1018,6 +1082,7 @@ mod tests {
                 .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
                 .expect("push");
         }
+        replayer.advance_to(3 * hour).expect("advance");
         replayer.commit().expect("commit");
         let sample = |name: &str, values: &[&str]| counter(&registry, name, values);
         let touches = "kairos_attribution_touches_total";
@@ -1089,6 +1154,8 @@ mod tests {
             replayer
                 .push(&site, b"m1", purchase.to_string().as_bytes())
                 .expect("push");
+            // Past `feedback.attribution_delay`, which the purchase waits.
+            replayer.advance_to(at + 2 * hour).expect("advance");
             replayer.commit().expect("commit");
         };
         // Bought at 2 h (the cancellation at 3 h was read first) and again at 4 h.
@@ -1110,6 +1177,85 @@ mod tests {
         );
         push_purchase(&mut replayer, "p3", 31 * hour);
         assert_eq!(sample("kairos_conversions_total", "none"), 1.0);
+    }
+
+    /// Decisions and purchases come on different topics, each read at its own speed:
+    /// a purchase waits `feedback.attribution_delay` for the decisions before it. One
+    /// read before the message it followed converts it when the message comes within
+    /// the delay, not after; one read after a newer message belongs to the one before
+    /// it. Purchases and their revenue count when read.
+    #[test]
+    fn a_purchase_waits_for_the_decisions_before_it() {
+        use kairos_core::contracts::ExperimentGroup;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [feedback]\nattribution_window = \"1day\"\nattribution_delay = \"10m\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\", \"push\"]\ntemplate = \"t\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let site = config.topic(topics::SITE_EVENTS);
+        let hour = 3_600_000;
+        let minute = 60_000;
+        let push_decision =
+            |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str, channel, at| {
+                let d = Decision {
+                    decision_id: format!("d-{customer}-{at}"),
+                    trigger_id: format!("t-{customer}-{at}"),
+                    customer_id: customer.into(),
+                    scenario: "cart".into(),
+                    category: MessageCategory::trigger,
+                    outcome: DecisionOutcome::sent,
+                    channel: Some(channel),
+                    send_id: Some(format!("s-{customer}-{at}")),
+                    rule: "channel_choice".into(),
+                    reason: "test".into(),
+                    decided_at: at,
+                    group: Some(ExperimentGroup::treatment),
+                };
+                let payload = serde_json::to_vec(&d).expect("encode");
+                replayer
+                    .push(&decisions, customer.as_bytes(), &payload)
+                    .expect("push");
+            };
+        let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str| {
+            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
+                "event_type": "purchase", "occurred_at": 2 * hour, "customer_id": customer,
+                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            replayer
+                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .expect("push");
+        };
+        let sum = |name: &str, values: &[&str]| counter(&registry, name, values);
+        // a1 and a2 bought at 2 h after an e-mail at 1 h; the purchases are read first.
+        push_purchase(&mut replayer, "a1");
+        push_purchase(&mut replayer, "a2");
+        // a3 got an e-mail at 1 h, bought at 2 h, and got a push 5 minutes later, read
+        // first. (Event time: the delay runs on the clock the input moves.)
+        push_decision(&mut replayer, "a3", Channel::email, hour);
+        push_decision(&mut replayer, "a3", Channel::push, 2 * hour + 5 * minute);
+        push_purchase(&mut replayer, "a3");
+        replayer.commit().expect("commit");
+        assert_eq!(sum("kairos_purchases_total", &[]), 3.0);
+        assert_eq!(sum("kairos_conversions_total", &[]), 0.0, "all three wait");
+        // a1's e-mail comes within the delay; a2's only after it.
+        push_decision(&mut replayer, "a1", Channel::email, hour);
+        replayer
+            .advance_to(2 * hour + 11 * minute)
+            .expect("advance");
+        push_decision(&mut replayer, "a2", Channel::email, hour);
+        replayer.advance_to(4 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(
+            sum("kairos_conversions_total", &["email"]),
+            2.0,
+            "a1 and a3"
+        );
+        assert_eq!(sum("kairos_conversion_revenue_total", &["email"]), 20.0);
+        assert_eq!(sum("kairos_conversions_total", &["push"]), 0.0);
+        assert_eq!(sum("kairos_attribution_touches_total", &[]), 4.0);
     }
 
     /// With identity resolution on, purchases come resolved from `identified-events`:
@@ -1165,6 +1311,7 @@ mod tests {
                 &serde_json::to_vec(&record).expect("encode"),
             )
             .expect("push");
+        replayer.advance_to(3 * hour).expect("advance");
         replayer.commit().expect("commit");
         let sum = |name: &str| counter(&registry, name, &[]);
         assert_eq!(sum("kairos_conversions_total"), 1.0);
@@ -1230,7 +1377,7 @@ mod tests {
             dir.path(),
             "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\n\
              [state]\ndedup_window = \"2days\"\n\
-             [feedback]\nattribution_window = \"3days\"\n\
+             [feedback]\nattribution_window = \"3days\"\nattribution_delay = \"0s\"\n\
              [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\nchannels = [\"email\"]\n\
              template = \"t\"\nvalid_for = \"1day\"\n",
         );
