@@ -885,6 +885,14 @@ mod tests {
             })
     }
 
+    /// A site purchase `id` of 10.0 by `customer` at `at`.
+    fn purchase(id: &str, customer: &str, at: Millis) -> Vec<u8> {
+        serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
+            "customer_id": customer, "order": {"order_id": format!("o-{id}"), "total": 10.0}})
+        .to_string()
+        .into_bytes()
+    }
+
     /// Revenue of `source` as `registry` exposes it.
     fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
         counter(registry, "kairos_purchase_revenue_total", &[source])
@@ -995,11 +1003,9 @@ mod tests {
                 .expect("push");
         }
         for customer in ["c1", "c2"] {
-            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
-                "event_type": "purchase", "occurred_at": 4 * hour, "customer_id": customer,
-                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            let purchase = purchase(&format!("p-{customer}"), customer, 4 * hour);
             replayer
-                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .push(&site, customer.as_bytes(), &purchase)
                 .expect("push");
         }
         // Past `feedback.attribution_delay`, which the purchases wait.
@@ -1075,11 +1081,9 @@ mod tests {
         }
         // One in four buys in each group: a treated one who got nothing among them.
         for customer in ["t3", "c1", "t5", "t6"] {
-            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
-                "event_type": "purchase", "occurred_at": 2 * hour, "customer_id": customer,
-                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            let purchase = purchase(&format!("p-{customer}"), customer, 2 * hour);
             replayer
-                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .push(&site, customer.as_bytes(), &purchase)
                 .expect("push");
         }
         replayer.advance_to(3 * hour).expect("advance");
@@ -1148,11 +1152,8 @@ mod tests {
             3 * hour,
         );
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, at| {
-            let purchase = serde_json::json!({"event_id": id, "event_type": "purchase",
-                "occurred_at": at, "customer_id": "m1",
-                "order": {"order_id": id, "total": 10.0}});
             replayer
-                .push(&site, b"m1", purchase.to_string().as_bytes())
+                .push(&site, b"m1", &purchase(id, "m1", at))
                 .expect("push");
             // Past `feedback.attribution_delay`, which the purchase waits.
             replayer.advance_to(at + 2 * hour).expect("advance");
@@ -1221,11 +1222,9 @@ mod tests {
                     .expect("push");
             };
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str| {
-            let purchase = serde_json::json!({"event_id": format!("p-{customer}"),
-                "event_type": "purchase", "occurred_at": 2 * hour, "customer_id": customer,
-                "order": {"order_id": format!("o-{customer}"), "total": 10.0}});
+            let purchase = purchase(&format!("p-{customer}"), customer, 2 * hour);
             replayer
-                .push(&site, customer.as_bytes(), purchase.to_string().as_bytes())
+                .push(&site, customer.as_bytes(), &purchase)
                 .expect("push");
         };
         let sum = |name: &str, values: &[&str]| counter(&registry, name, values);
@@ -1407,11 +1406,8 @@ mod tests {
                 replayer.commit().expect("commit");
             };
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, at| {
-            let purchase = serde_json::json!({"event_id": id, "event_type": "purchase",
-                "occurred_at": at, "customer_id": "c1",
-                "order": {"order_id": id, "total": 10.0}});
             replayer
-                .push(&site, b"c1", purchase.to_string().as_bytes())
+                .push(&site, b"c1", &purchase(id, "c1", at))
                 .expect("push");
             replayer.commit().expect("commit");
         };
