@@ -1169,6 +1169,13 @@ impl Config {
                 ),
             ));
         }
+        if self.feedback.attribution_delay > Duration::from_secs(24 * 3600) {
+            // Every purchase waits that long in a timer, and metrics lag by as much.
+            return Err(fail(
+                "attribution_delay",
+                "must be at most 1 day (it is how long every purchase waits)".into(),
+            ));
+        }
         if self.arbiter.control_group_percent > 100 {
             return Err(fail(
                 "control_group_percent",
@@ -1986,6 +1993,23 @@ mod tests {
         assert_eq!(
             parse(&shorter).expect("valid").state.dedup_window.as_secs(),
             3 * 86_400
+        );
+    }
+
+    #[test]
+    fn an_attribution_delay_over_a_day_is_rejected_with_line() {
+        let text = "[feedback]\nattribution_delay = \"2days\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(err.contains("attribution_delay"), "{err}");
+        let day = text.replace("2days", "1day");
+        assert_eq!(
+            parse(&day)
+                .expect("valid")
+                .feedback
+                .attribution_delay
+                .as_secs(),
+            86_400
         );
     }
 

@@ -66,7 +66,8 @@ pub struct Touch {
     pub group: Option<Group>,
     /// The decision sent a message or held one out; else (a sunset, a cancellation)
     /// it takes purchases only once no message is in its window (see
-    /// [`live_touch`]). Touches stored before this was kept were all such.
+    /// [`live_touch`]). A touch stored before this was kept counts as a message: it
+    /// was the customer's one touch.
     #[serde(default = "stored_before")]
     pub message: bool,
 }
@@ -98,12 +99,15 @@ impl StoredTouches {
 }
 
 /// Adds `touch` in time order (after touches at the same time: read later, it is the
-/// later one) and keeps the newest [`TOUCHES_KEPT`].
-pub fn add_touch(touches: &mut Vec<Touch>, touch: Touch) {
+/// later one) and keeps [`TOUCHES_KEPT`]: the oldest go, but never the touch a
+/// purchase after all of them would take (a message followed by more unsent decisions
+/// than are kept, all in its window, stays the customer's touch).
+pub fn add_touch(touches: &mut Vec<Touch>, touch: Touch, window: Millis) {
     let at = touches.partition_point(|t| t.at <= touch.at);
     touches.insert(at, touch);
-    if touches.len() > TOUCHES_KEPT {
-        touches.drain(..touches.len() - TOUCHES_KEPT);
+    while touches.len() > TOUCHES_KEPT {
+        let live = live_touch(touches, Millis::MAX, window);
+        touches.remove(if live == Some(0) { 1 } else { 0 });
     }
 }
 
@@ -205,12 +209,12 @@ mod tests {
             ..touch(Some(Channel::email), false)
         };
         let mut touches = Vec::new();
+        let window = 24 * HOUR;
         for t in [at(10, true), at(2, true), at(5, false), at(30, false)] {
-            add_touch(&mut touches, t);
+            add_touch(&mut touches, t, window);
         }
         let hours: Vec<Millis> = touches.iter().map(|t| t.at / HOUR).collect();
         assert_eq!(hours, [2, 5, 10, 30]);
-        let window = 24 * HOUR;
         let live = |t: Millis| live_touch(&touches, t * HOUR, window).map(|i| touches[i].at / HOUR);
         assert_eq!(live(1), None, "before every touch");
         assert_eq!(live(2), None, "at a touch's own time: its cause");
@@ -226,17 +230,28 @@ mod tests {
             "the sunset at 30 is within the message's window"
         );
         let mut late = touches.clone();
-        add_touch(&mut late, at(60, false));
+        add_touch(&mut late, at(60, false), window);
         assert_eq!(
             live_touch(&late, 61 * HOUR, window).map(|i| late[i].at / HOUR),
             Some(60),
             "past the message's window the unsent decision is the touch"
         );
         for n in 0..TOUCHES_KEPT as Millis {
-            add_touch(&mut touches, at(100 + n, true));
+            add_touch(&mut touches, at(100 + n, true), window);
         }
         assert_eq!(touches.len(), TOUCHES_KEPT);
         assert_eq!(touches[0].at, 100 * HOUR, "the oldest go first");
+        // A message followed by more unsent decisions than are kept, all in its
+        // window: it stays the touch of a purchase after them.
+        let mut touches = vec![at(200, true)];
+        for n in 0..TOUCHES_KEPT as Millis + 4 {
+            add_touch(&mut touches, at(201 + n / 4, false), window);
+        }
+        assert_eq!(touches.len(), TOUCHES_KEPT);
+        assert_eq!(
+            live_touch(&touches, 210 * HOUR, window).map(|i| touches[i].at / HOUR),
+            Some(200)
+        );
     }
 
     /// A customer's last touch as versions before kept it still reads, as the one

@@ -84,8 +84,7 @@ pub struct Purchase {
     pub source: &'static str,
 }
 
-/// Timers of purchases waiting for `feedback.attribution_delay`
-/// (`attr/<customer>\0<event id>`).
+/// Timers of purchases waiting for `feedback.attribution_delay` (`attr/<event id>`).
 const PENDING_PURCHASE: &str = "attr/";
 
 /// A purchase waiting to be attributed (a timer's payload).
@@ -475,7 +474,7 @@ impl FeedbackProcessor {
         let at = touch.at;
         // Touches no purchase can reach any more go; a late one among them too.
         let now = ctx.now();
-        add_touch(&mut touches, touch);
+        add_touch(&mut touches, touch, self.window);
         touches.retain(|t| self.touch_expiry.expires_at(t.at) > now);
         if touches.is_empty() {
             return Ok(());
@@ -511,13 +510,8 @@ impl FeedbackProcessor {
             at: p.occurred_at,
             value: p.value,
         };
-        let timer = [
-            PENDING_PURCHASE,
-            p.customer_id.as_str(),
-            "\0",
-            p.event_id.as_str(),
-        ]
-        .concat();
+        // The event id alone: it is counted once per partition (see `first_time`).
+        let timer = [PENDING_PURCHASE, p.event_id.as_str()].concat();
         ctx.schedule(&timer, ctx.now().saturating_add(self.delay), &pending)
     }
 
