@@ -937,6 +937,14 @@ pub enum IdentifiedRecord {
     /// anonymous visitor the customer was), sent on by the profile processor with the
     /// survivor's `customer_id` and the outcome's own id.
     outcome(Box<Outcome>),
+    /// Keyed by `into`: the attribution touches the feedback service kept for the
+    /// merged customer `from`, sent on by it so the person's later purchases still
+    /// find the messages sent before the merge (a cart reminder to the anonymous
+    /// visitor who then logs in and buys).
+    touches_in {
+        merge: CustomerMerge,
+        touches: serde_json::Value,
+    },
 }
 
 #[allow(non_camel_case_types)]

@@ -156,6 +156,24 @@ impl Touch {
         ]
     }
 
+    /// Whether `other` is this touch, converted or not (the same decision's touch
+    /// arriving again, as after a merge re-sent).
+    pub fn same_touch(&self, other: &Touch) -> bool {
+        (
+            &self.scenario,
+            self.channel,
+            self.at,
+            self.group,
+            self.message,
+        ) == (
+            &other.scenario,
+            other.channel,
+            other.at,
+            other.group,
+            other.message,
+        )
+    }
+
     /// Whether a purchase at `purchased_at` belongs to this touch.
     pub fn attribute(&self, purchased_at: Millis, window: Millis) -> Attribution {
         // Strictly after: a purchase at the touch's own time is the one that caused it

@@ -13,10 +13,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use anyhow::Context;
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
-    Channel, CustomerEvent, Decision, DecisionOutcome, EventType, IdentifiedRecord,
+    Channel, CustomerEvent, CustomerMerge, Decision, DecisionOutcome, EventType, IdentifiedRecord,
     MessageCategory, OfflineReceipt, Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
 };
 use kairos_core::dedup::{Seen, SeenIds};
@@ -99,6 +100,11 @@ pub enum FeedbackInput {
     Outcome(Box<Outcome>),
     Decision(Box<Decision>),
     Purchase(Purchase),
+    /// The identity processor merged `from` into `into` (keyed by `from`): its touches
+    /// go to the survivor.
+    MergeOut(CustomerMerge),
+    /// A merged customer's touches arrive at the survivor.
+    TouchesIn(CustomerMerge, Vec<Touch>),
     /// A customer event that is not a purchase (or one the profile processor
     /// dead-letters: feedback leaves bad input to it).
     Ignored(Option<Millis>),
@@ -484,6 +490,52 @@ impl FeedbackProcessor {
         Ok(())
     }
 
+    /// `m.from` was merged into `m.into`: its touches go there (the identified topic,
+    /// keyed by the survivor), so a purchase the person makes as the survivor still
+    /// finds the messages sent before the merge.
+    fn hand_over_touches(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
+        let (Some(topic), key) = (&self.identified_topic, touch_key(&m.from)) else {
+            return Ok(());
+        };
+        let touches = self.touches_of(ctx, &key)?;
+        if touches.is_empty() {
+            return Ok(());
+        }
+        ctx.delete(&key);
+        let record = IdentifiedRecord::touches_in {
+            merge: m.clone(),
+            touches: serde_json::to_value(&touches)
+                .context("encode a merged customer's touches")?,
+        };
+        ctx.emit(topic, &m.into, &record);
+        Ok(())
+    }
+
+    /// A merged customer's touches join the survivor's, each once (a re-sent record
+    /// after a crash adds nothing; a conversion either side recorded stays).
+    fn take_over_touches(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        m: &CustomerMerge,
+        theirs: Vec<Touch>,
+    ) -> anyhow::Result<()> {
+        let key = touch_key(&m.into);
+        let mut touches = self.touches_of(ctx, &key)?;
+        for touch in theirs {
+            match touches.iter_mut().find(|t| t.same_touch(&touch)) {
+                Some(known) => known.converted |= touch.converted,
+                None => add_touch(&mut touches, touch, self.window),
+            }
+        }
+        let now = ctx.now();
+        touches.retain(|t| self.touch_expiry.expires_at(t.at) > now);
+        let Some(newest) = touches.iter().map(|t| t.at).max() else {
+            return Ok(());
+        };
+        ctx.put(&key, &touches)?;
+        self.touch_expiry.arm(ctx, newest)
+    }
+
     /// The customer's touches under `key`, oldest first (none stored: empty).
     fn touches_of(&self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Vec<Touch>> {
         Ok(ctx
@@ -704,6 +756,16 @@ impl Processor for FeedbackProcessor {
             Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
                 IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => self.purchase_of_event(*e),
                 IdentifiedRecord::offline(r) => self.purchase_of_receipt(*r),
+                IdentifiedRecord::merge(m) => FeedbackInput::MergeOut(m),
+                IdentifiedRecord::touches_in { merge, touches } => {
+                    let touches = serde_json::from_value(touches).map_err(|e| {
+                        Rejection::new(
+                            kairos_core::contracts::DeadLetterReason::invalid_field,
+                            format!("touches: the merged customer's touches do not decode: {e}"),
+                        )
+                    })?;
+                    FeedbackInput::TouchesIn(merge, touches)
+                }
                 _ => FeedbackInput::Ignored(None),
             })
         } else if record.topic == self.offline_topic {
@@ -724,6 +786,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Outcome(o) => Some(o.occurred_at),
             FeedbackInput::Decision(d) => Some(d.decided_at),
             FeedbackInput::Purchase(p) => Some(p.occurred_at),
+            FeedbackInput::MergeOut(m) | FeedbackInput::TouchesIn(m, _) => Some(m.occurred_at),
             FeedbackInput::Ignored(at) => *at,
         }
     }
@@ -733,6 +796,8 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Outcome(o) => self.on_outcome(ctx, &o),
             FeedbackInput::Decision(d) => self.on_decision(ctx, &d),
             FeedbackInput::Purchase(p) => self.on_purchase(ctx, &p),
+            FeedbackInput::MergeOut(m) => self.hand_over_touches(ctx, &m),
+            FeedbackInput::TouchesIn(m, touches) => self.take_over_touches(ctx, &m, touches),
             FeedbackInput::Ignored(_) => Ok(()),
         }
     }
@@ -877,6 +942,37 @@ mod tests {
                     .find(|m| m.get_label().iter().any(|l| l.value() == scenario))
                     .map(|m| m.get_gauge().get_value())
             })
+    }
+
+    /// Feeds the decision that sent an e-mail of `scenario` to `customer` at `at`.
+    fn push_email_sent(
+        config: &Config,
+        replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+        customer: &str,
+        scenario: &str,
+        at: Millis,
+    ) {
+        let decision = Decision {
+            decision_id: format!("d-{customer}-{at}"),
+            trigger_id: format!("t-{customer}-{at}"),
+            customer_id: customer.into(),
+            scenario: scenario.into(),
+            category: MessageCategory::trigger,
+            outcome: DecisionOutcome::sent,
+            channel: Some(Channel::email),
+            send_id: Some(format!("s-{customer}-{at}")),
+            rule: "channel_choice".into(),
+            reason: "test".into(),
+            decided_at: at,
+            group: None,
+        };
+        replayer
+            .push(
+                &config.topic(topics::DECISIONS),
+                customer.as_bytes(),
+                &serde_json::to_vec(&decision).expect("encode"),
+            )
+            .expect("push");
     }
 
     /// A site purchase `id` of 10.0 by `customer` at `at`.
@@ -1269,27 +1365,7 @@ mod tests {
         assert!(!inputs.contains(&config.topic(topics::OFFLINE_EVENTS)));
         assert!(!inputs.contains(&config.topic(topics::SITE_EVENTS)));
         let hour = 3_600_000;
-        let decision = Decision {
-            decision_id: "d-1".into(),
-            trigger_id: "t-1".into(),
-            customer_id: "c1".into(),
-            scenario: "welcome".into(),
-            category: MessageCategory::trigger,
-            outcome: DecisionOutcome::sent,
-            channel: Some(Channel::email),
-            send_id: Some("s-1".into()),
-            rule: "sent".into(),
-            reason: "test".into(),
-            decided_at: hour,
-            group: None,
-        };
-        replayer
-            .push(
-                &config.topic(topics::DECISIONS),
-                b"c1",
-                &serde_json::to_vec(&decision).expect("encode"),
-            )
-            .expect("push");
+        push_email_sent(&config, &mut replayer, "c1", "welcome", hour);
         // The till only had the card; the identity processor named the customer.
         let receipt: OfflineReceipt = serde_json::from_value(serde_json::json!({
             "event_id": "r-1", "receipt_id": "r-1", "kind": "sale", "occurred_at": 2 * hour,
@@ -1310,6 +1386,92 @@ mod tests {
         assert_eq!(sum("kairos_conversions_total"), 1.0);
         assert_eq!(sum("kairos_conversion_revenue_total"), 12.5);
         assert_eq!(revenue(&registry, "offline"), 12.5);
+    }
+
+    /// A cart reminder goes to the anonymous visitor who left an e-mail; the visitor
+    /// logs in (merged into the customer) and buys: the purchase, resolved to the
+    /// customer, converts the reminder. The touches move once, however often the
+    /// merge's records come.
+    #[test]
+    fn touches_follow_a_merge_to_the_survivor() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let identified = config.topic(topics::IDENTIFIED_EVENTS);
+        let hour = 3_600_000;
+        push_email_sent(&config, &mut replayer, "anon:v1", "cart", hour);
+        let merge = IdentifiedRecord::merge(CustomerMerge {
+            merge_id: "m-1".into(),
+            from: "anon:v1".into(),
+            into: "c1".into(),
+            identifier: "email:v1@example.com".into(),
+            occurred_at: 2 * hour,
+        });
+        let merge = serde_json::to_vec(&merge).expect("encode");
+        let mut handed = Vec::new();
+        for _ in 0..2 {
+            let mut out = replayer
+                .push(&identified, b"anon:v1", &merge)
+                .expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            handed.extend(out.into_iter().filter(|o| o.topic == identified));
+        }
+        assert_eq!(
+            handed.len(),
+            1,
+            "the second merge record finds nothing to hand over"
+        );
+        assert_eq!(handed[0].key, b"c1");
+        for _ in 0..2 {
+            replayer
+                .push(&identified, b"c1", &handed[0].payload)
+                .expect("push");
+        }
+        let purchase = IdentifiedRecord::site(Box::new(
+            serde_json::from_slice(&purchase("p-1", "c1", 3 * hour)).expect("event"),
+        ));
+        replayer
+            .push(
+                &identified,
+                b"c1",
+                &serde_json::to_vec(&purchase).expect("encode"),
+            )
+            .expect("push");
+        replayer.advance_to(4 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(
+            counter(&registry, "kairos_conversions_total", &["email"]),
+            1.0
+        );
+        assert_eq!(
+            counter(&registry, "kairos_conversion_revenue_total", &["email"]),
+            10.0
+        );
+        let stored = |customer: &str| {
+            let key = touch_key(customer);
+            let p =
+                kairos_core::replay::partition_for(customer.as_bytes(), config.kafka.partitions);
+            let store = replayer.engine.store(p).expect("open partition");
+            store
+                .get(&Default::default(), key.as_bytes())
+                .expect("read")
+                .map(|bytes| {
+                    kairos_core::encoding::decode_state::<StoredTouches>(&bytes)
+                        .expect("touches")
+                        .into_vec()
+                })
+        };
+        assert!(
+            stored("anon:v1").is_none(),
+            "the merged id keeps no touches"
+        );
+        let survivor = stored("c1").expect("the survivor's touches");
+        assert_eq!(survivor.len(), 1, "taken over once: {survivor:?}");
+        assert!(survivor[0].converted);
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its

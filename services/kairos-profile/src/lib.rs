@@ -54,6 +54,8 @@ pub enum ProfileInput {
     MergeIn(Box<MergeIn>),
     /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
     MergeExpected(CustomerMerge),
+    /// A record of the identified topic that is another service's (feedback's touches).
+    Ignored,
 }
 
 /// A merged customer's profile and what goes with it to the survivor.
@@ -2683,6 +2685,7 @@ impl Processor for ProfileProcessor {
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
                 IdentifiedRecord::outcome(o) => ProfileInput::Outcome(o),
+                IdentifiedRecord::touches_in { .. } => ProfileInput::Ignored,
                 IdentifiedRecord::merge_in {
                     merge,
                     profile,
@@ -2754,6 +2757,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Outcome(o) => o.occurred_at,
             ProfileInput::MergeOut(m) | ProfileInput::MergeExpected(m) => m.occurred_at,
             ProfileInput::MergeIn(m) => m.merge.occurred_at,
+            ProfileInput::Ignored => return None,
         })
     }
 
@@ -2777,6 +2781,7 @@ impl Processor for ProfileProcessor {
         }
         match input {
             ProfileInput::Event(e, _) if e.event_type == EventType::heartbeat => Ok(()),
+            ProfileInput::Ignored => Ok(()),
             ProfileInput::Event(e, _) => self.apply_event(ctx, &e),
             ProfileInput::Receipt(r) => self.apply_receipt(ctx, &r),
             ProfileInput::Occasion(o) => self.apply_occasion(ctx, &o),
