@@ -85,6 +85,14 @@ pub struct Purchase {
     pub source: &'static str,
 }
 
+/// Timers that delete a merged customer's forwarding note (`~fwd/<customer>`).
+const FORWARD_EXPIRY: &str = "~fwd/";
+
+/// Where a merged customer's forwarding note is kept: the merge.
+fn forward_key(customer_id: &str) -> String {
+    ["fwd/", customer_id].concat()
+}
+
 /// Timers of purchases waiting for `feedback.attribution_delay` (`attr/<event id>`).
 const PENDING_PURCHASE: &str = "attr/";
 
@@ -226,6 +234,8 @@ pub struct FeedbackProcessor {
     window: Millis,
     /// `feedback.attribution_delay`: how long a purchase waits before it is attributed.
     delay: Millis,
+    /// `identity.forward_retention`: how long a merged customer's touches are sent on.
+    forward_retention: Millis,
     outcomes_topic: String,
     decisions_topic: String,
     offline_topic: String,
@@ -334,6 +344,8 @@ impl FeedbackProcessor {
                 .collect(),
             window: config.feedback.attribution_window.as_millis() as Millis,
             delay: Millis::try_from(config.feedback.attribution_delay.as_millis())
+                .unwrap_or(Millis::MAX),
+            forward_retention: Millis::try_from(config.identity.forward_retention.as_millis())
                 .unwrap_or(Millis::MAX),
             outcomes_topic: config.topic(topics::OUTCOMES),
             decisions_topic: config.topic(topics::DECISIONS),
@@ -469,46 +481,90 @@ impl FeedbackProcessor {
             group: Some(group),
             message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
         };
-        let key = touch_key(&d.customer_id);
-        let mut touches = self.touches_of(ctx, &key)?;
         self.metrics
             .touches
             .with_label_values(&touch.labels())
             .inc();
         self.tally(&touch.scenario).touches[touch.group().index()] += 1;
         self.refresh_scenario_gauges(&touch.scenario);
-        let at = touch.at;
+        self.keep_touches(ctx, &d.customer_id, vec![touch], false)
+    }
+
+    /// Adds `new` to `customer`'s touches (each once with `once`: touches handed over
+    /// by a merge may come again), or sends them on to the customer it was merged into
+    /// (a decision read after the merge, or touches handed over to a customer merged on
+    /// since), while the forwarding note lasts.
+    fn keep_touches(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer: &str,
+        new: Vec<Touch>,
+        once: bool,
+    ) -> anyhow::Result<()> {
+        if let Some(merge) = ctx.get::<CustomerMerge>(&forward_key(customer))? {
+            return self.send_touches(ctx, &merge, &new);
+        }
+        let key = touch_key(customer);
+        let mut touches = self.touches_of(ctx, &key)?;
+        for touch in new {
+            match touches.iter_mut().find(|t| once && t.same_touch(&touch)) {
+                Some(known) => known.converted |= touch.converted,
+                None => add_touch(&mut touches, touch, self.window),
+            }
+        }
         // Touches no purchase can reach any more go; a late one among them too.
         let now = ctx.now();
-        add_touch(&mut touches, touch, self.window);
         touches.retain(|t| self.touch_expiry.expires_at(t.at) > now);
-        if touches.is_empty() {
+        let Some(newest) = touches.iter().map(|t| t.at).max() else {
             return Ok(());
-        }
+        };
         ctx.put(&key, &touches)?;
-        self.touch_expiry.arm(ctx, at)?;
+        self.touch_expiry.arm(ctx, newest)
+    }
+
+    /// Sends `touches` of `merge.from` on to `merge.into`.
+    fn send_touches(
+        &self,
+        ctx: &mut Ctx<'_>,
+        merge: &CustomerMerge,
+        touches: &[Touch],
+    ) -> anyhow::Result<()> {
+        let Some(topic) = &self.identified_topic else {
+            return Ok(());
+        };
+        let record = IdentifiedRecord::touches_in {
+            merge: merge.clone(),
+            touches: serde_json::to_value(touches).context("encode a merged customer's touches")?,
+        };
+        ctx.emit(topic, &merge.into, &record);
         Ok(())
     }
 
     /// `m.from` was merged into `m.into`: its touches go there (the identified topic,
     /// keyed by the survivor), so a purchase the person makes as the survivor still
     /// finds the messages sent before the merge.
+    /// A forwarding note (for `identity.forward_retention`) sends on what comes for
+    /// `m.from` later: a decision read after the merge, touches of a merge into it.
     fn hand_over_touches(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
-        let (Some(topic), key) = (&self.identified_topic, touch_key(&m.from)) else {
-            return Ok(());
-        };
-        let touches = self.touches_of(ctx, &key)?;
-        if touches.is_empty() {
+        if self.identified_topic.is_none() {
             return Ok(());
         }
-        ctx.delete(&key);
-        let record = IdentifiedRecord::touches_in {
-            merge: m.clone(),
-            touches: serde_json::to_value(&touches)
-                .context("encode a merged customer's touches")?,
-        };
-        ctx.emit(topic, &m.into, &record);
-        Ok(())
+        let key = touch_key(&m.from);
+        let touches = self.touches_of(ctx, &key)?;
+        if !touches.is_empty() {
+            ctx.delete(&key);
+            self.send_touches(ctx, m, &touches)?;
+        }
+        ctx.put(&forward_key(&m.from), m)?;
+        let expires = m
+            .occurred_at
+            .max(ctx.now())
+            .saturating_add(self.forward_retention);
+        ctx.schedule(
+            &[FORWARD_EXPIRY, m.from.as_str()].concat(),
+            expires,
+            &m.from,
+        )
     }
 
     /// A merged customer's touches join the survivor's, each once (a re-sent record
@@ -519,21 +575,7 @@ impl FeedbackProcessor {
         m: &CustomerMerge,
         theirs: Vec<Touch>,
     ) -> anyhow::Result<()> {
-        let key = touch_key(&m.into);
-        let mut touches = self.touches_of(ctx, &key)?;
-        for touch in theirs {
-            match touches.iter_mut().find(|t| t.same_touch(&touch)) {
-                Some(known) => known.converted |= touch.converted,
-                None => add_touch(&mut touches, touch, self.window),
-            }
-        }
-        let now = ctx.now();
-        touches.retain(|t| self.touch_expiry.expires_at(t.at) > now);
-        let Some(newest) = touches.iter().map(|t| t.at).max() else {
-            return Ok(());
-        };
-        ctx.put(&key, &touches)?;
-        self.touch_expiry.arm(ctx, newest)
+        self.keep_touches(ctx, &m.into, theirs, true)
     }
 
     /// The customer's touches under `key`, oldest first (none stored: empty).
@@ -809,6 +851,10 @@ impl Processor for FeedbackProcessor {
             let p: PendingPurchase = timer.decode()?;
             return self.attribute(ctx, &p.customer_id, p.at, p.value);
         }
+        if let Some(customer) = timer.timer_id.strip_prefix(FORWARD_EXPIRY) {
+            ctx.delete(&forward_key(customer));
+            return Ok(());
+        }
         if timer.timer_id == SWEEP_TIMER {
             return self.touch_expiry.sweep(ctx, timer);
         }
@@ -944,14 +990,15 @@ mod tests {
             })
     }
 
-    /// Feeds the decision that sent an e-mail of `scenario` to `customer` at `at`.
+    /// Feeds the decision that sent an e-mail of `scenario` to `customer` at `at`;
+    /// returns what feedback wrote.
     fn push_email_sent(
         config: &Config,
         replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
         customer: &str,
         scenario: &str,
         at: Millis,
-    ) {
+    ) -> Vec<kairos_core::store::OutboxEntry> {
         let decision = Decision {
             decision_id: format!("d-{customer}-{at}"),
             trigger_id: format!("t-{customer}-{at}"),
@@ -972,7 +1019,7 @@ mod tests {
                 customer.as_bytes(),
                 &serde_json::to_vec(&decision).expect("encode"),
             )
-            .expect("push");
+            .expect("push")
     }
 
     /// A site purchase `id` of 10.0 by `customer` at `at`.
@@ -1391,13 +1438,15 @@ mod tests {
     /// A cart reminder goes to the anonymous visitor who left an e-mail; the visitor
     /// logs in (merged into the customer) and buys: the purchase, resolved to the
     /// customer, converts the reminder. The touches move once, however often the
-    /// merge's records come.
+    /// merge's records come; a reminder read after the merge follows them, until
+    /// `identity.forward_retention` is over.
     #[test]
     fn touches_follow_a_merge_to_the_survivor() {
+        use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
         let (config, registry, mut replayer) = replayer(
             dir.path(),
-            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\nforward_retention = \"10d\"\n\
              [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
              channels = [\"email\"]\ntemplate = \"t\"\n",
         );
@@ -1425,10 +1474,15 @@ mod tests {
             1,
             "the second merge record finds nothing to hand over"
         );
-        assert_eq!(handed[0].key, b"c1");
-        for _ in 0..2 {
+        // A second reminder to the visitor, read after the merge: sent on too.
+        let mut out = push_email_sent(&config, &mut replayer, "anon:v1", "cart", hour + hour / 2);
+        out.extend(replayer.commit().expect("commit"));
+        handed.extend(out.into_iter().filter(|o| o.topic == identified));
+        assert_eq!(handed.len(), 2);
+        for record in [&handed[0], &handed[0], &handed[1]] {
+            assert_eq!(record.key, b"c1");
             replayer
-                .push(&identified, b"c1", &handed[0].payload)
+                .push(&identified, b"c1", &record.payload)
                 .expect("push");
         }
         let purchase = IdentifiedRecord::site(Box::new(
@@ -1451,7 +1505,8 @@ mod tests {
             counter(&registry, "kairos_conversion_revenue_total", &["email"]),
             10.0
         );
-        let stored = |customer: &str| {
+        let stored = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>,
+                      customer: &str| {
             let key = touch_key(customer);
             let p =
                 kairos_core::replay::partition_for(customer.as_bytes(), config.kafka.partitions);
@@ -1466,12 +1521,26 @@ mod tests {
                 })
         };
         assert!(
-            stored("anon:v1").is_none(),
+            stored(&replayer, "anon:v1").is_none(),
             "the merged id keeps no touches"
         );
-        let survivor = stored("c1").expect("the survivor's touches");
-        assert_eq!(survivor.len(), 1, "taken over once: {survivor:?}");
-        assert!(survivor[0].converted);
+        let survivor = stored(&replayer, "c1").expect("the survivor's touches");
+        assert_eq!(survivor.len(), 2, "each taken over once: {survivor:?}");
+        assert!(
+            survivor[1].converted,
+            "the later reminder, the last before the purchase"
+        );
+        // Past `identity.forward_retention` the note is gone: a decision for the old id
+        // stays there.
+        replayer.advance_to(2 * hour + 11 * DAY).expect("advance");
+        let at = 2 * hour + 11 * DAY;
+        let mut late = push_email_sent(&config, &mut replayer, "anon:v1", "cart", at);
+        late.extend(replayer.commit().expect("commit"));
+        assert!(
+            late.iter().all(|o| o.topic != identified),
+            "nothing sent on"
+        );
+        assert_eq!(stored(&replayer, "anon:v1").map(|t| t.len()), Some(1));
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
