@@ -945,6 +945,16 @@ pub enum IdentifiedRecord {
         merge: CustomerMerge,
         touches: serde_json::Value,
     },
+    /// Keyed by `into`: a purchase of the merged customer `from` that was still
+    /// waiting to be attributed (`feedback.attribution_delay`) when the merge came,
+    /// sent on by the feedback service after the merged customer's touches; counted
+    /// already, it is only attributed there.
+    purchase_in {
+        merge: CustomerMerge,
+        event_id: String,
+        occurred_at: i64,
+        value: f64,
+    },
 }
 
 #[allow(non_camel_case_types)]

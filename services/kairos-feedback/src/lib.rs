@@ -98,8 +98,11 @@ const PENDING_PURCHASE: &str = "attr/";
 
 /// A purchase waiting to be attributed (a timer's payload).
 #[derive(Debug, Serialize, Deserialize)]
-struct PendingPurchase {
+pub struct PendingPurchase {
     customer_id: String,
+    /// Absent in timers set before purchases could follow a merge.
+    #[serde(default)]
+    event_id: String,
     at: Millis,
     value: f64,
 }
@@ -113,6 +116,9 @@ pub enum FeedbackInput {
     MergeOut(CustomerMerge),
     /// A merged customer's touches arrive at the survivor.
     TouchesIn(CustomerMerge, Vec<Touch>),
+    /// A merged customer's purchase, still waiting when the merge came, arrives at the
+    /// survivor to be attributed (counted already).
+    PurchaseIn(PendingPurchase),
     /// A customer event that is not a purchase (or one the profile processor
     /// dead-letters: feedback leaves bad input to it).
     Ignored(Option<Millis>),
@@ -601,12 +607,32 @@ impl FeedbackProcessor {
         // The decisions before it may not be read yet: it waits for them.
         let pending = PendingPurchase {
             customer_id: p.customer_id.clone(),
+            event_id: p.event_id.clone(),
             at: p.occurred_at,
             value: p.value,
         };
         // The event id alone: it is counted once per partition (see `first_time`).
         let timer = [PENDING_PURCHASE, p.event_id.as_str()].concat();
         ctx.schedule(&timer, ctx.now().saturating_add(self.delay), &pending)
+    }
+
+    /// A purchase done waiting: attributed, or sent on after the touches of its
+    /// customer if the customer was merged away meanwhile (both leave this partition
+    /// for the survivor's in that order, so the touches are there first).
+    fn attribute_pending(&mut self, ctx: &mut Ctx<'_>, p: PendingPurchase) -> anyhow::Result<()> {
+        let Some(merge) = ctx.get::<CustomerMerge>(&forward_key(&p.customer_id))? else {
+            return self.attribute(ctx, &p.customer_id, p.at, p.value);
+        };
+        if let Some(topic) = &self.identified_topic {
+            let record = IdentifiedRecord::purchase_in {
+                event_id: p.event_id,
+                occurred_at: p.at,
+                value: p.value,
+                merge: merge.clone(),
+            };
+            ctx.emit(topic, &merge.into, &record);
+        }
+        Ok(())
     }
 
     /// Attributes a purchase of `value` at `at` to the customer's touch before it.
@@ -808,6 +834,17 @@ impl Processor for FeedbackProcessor {
                     })?;
                     FeedbackInput::TouchesIn(merge, touches)
                 }
+                IdentifiedRecord::purchase_in {
+                    merge,
+                    event_id,
+                    occurred_at,
+                    value,
+                } => FeedbackInput::PurchaseIn(PendingPurchase {
+                    customer_id: merge.into,
+                    event_id,
+                    at: occurred_at,
+                    value,
+                }),
                 _ => FeedbackInput::Ignored(None),
             })
         } else if record.topic == self.offline_topic {
@@ -829,6 +866,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Decision(d) => Some(d.decided_at),
             FeedbackInput::Purchase(p) => Some(p.occurred_at),
             FeedbackInput::MergeOut(m) | FeedbackInput::TouchesIn(m, _) => Some(m.occurred_at),
+            FeedbackInput::PurchaseIn(p) => Some(p.at),
             FeedbackInput::Ignored(at) => *at,
         }
     }
@@ -840,6 +878,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Purchase(p) => self.on_purchase(ctx, &p),
             FeedbackInput::MergeOut(m) => self.hand_over_touches(ctx, &m),
             FeedbackInput::TouchesIn(m, touches) => self.take_over_touches(ctx, &m, touches),
+            FeedbackInput::PurchaseIn(p) => self.attribute_pending(ctx, p),
             FeedbackInput::Ignored(_) => Ok(()),
         }
     }
@@ -849,7 +888,7 @@ impl Processor for FeedbackProcessor {
         // the touches and of the ids seen.
         if timer.timer_id.starts_with(PENDING_PURCHASE) {
             let p: PendingPurchase = timer.decode()?;
-            return self.attribute(ctx, &p.customer_id, p.at, p.value);
+            return self.attribute_pending(ctx, p);
         }
         if let Some(customer) = timer.timer_id.strip_prefix(FORWARD_EXPIRY) {
             ctx.delete(&forward_key(customer));
@@ -1028,6 +1067,14 @@ mod tests {
             "customer_id": customer, "order": {"order_id": format!("o-{id}"), "total": 10.0}})
         .to_string()
         .into_bytes()
+    }
+
+    /// Conversions and attributed revenue on e-mail.
+    fn email_conversions(registry: &prometheus::Registry) -> (f64, f64) {
+        (
+            counter(registry, "kairos_conversions_total", &["email"]),
+            counter(registry, "kairos_conversion_revenue_total", &["email"]),
+        )
     }
 
     /// Revenue of `source` as `registry` exposes it.
@@ -1479,12 +1526,8 @@ mod tests {
         out.extend(replayer.commit().expect("commit"));
         handed.extend(out.into_iter().filter(|o| o.topic == identified));
         assert_eq!(handed.len(), 2);
-        for record in [&handed[0], &handed[0], &handed[1]] {
-            assert_eq!(record.key, b"c1");
-            replayer
-                .push(&identified, b"c1", &record.payload)
-                .expect("push");
-        }
+        // The customer's purchase is read before the touches come (they take two
+        // hops): it waits for them.
         let purchase = IdentifiedRecord::site(Box::new(
             serde_json::from_slice(&purchase("p-1", "c1", 3 * hour)).expect("event"),
         ));
@@ -1495,16 +1538,15 @@ mod tests {
                 &serde_json::to_vec(&purchase).expect("encode"),
             )
             .expect("push");
+        for record in [&handed[0], &handed[0], &handed[1]] {
+            assert_eq!(record.key, b"c1");
+            replayer
+                .push(&identified, b"c1", &record.payload)
+                .expect("push");
+        }
         replayer.advance_to(4 * hour).expect("advance");
         replayer.commit().expect("commit");
-        assert_eq!(
-            counter(&registry, "kairos_conversions_total", &["email"]),
-            1.0
-        );
-        assert_eq!(
-            counter(&registry, "kairos_conversion_revenue_total", &["email"]),
-            10.0
-        );
+        assert_eq!(email_conversions(&registry), (1.0, 10.0));
         let stored = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>,
                       customer: &str| {
             let key = touch_key(customer);
@@ -1541,6 +1583,62 @@ mod tests {
             "nothing sent on"
         );
         assert_eq!(stored(&replayer, "anon:v1").map(|t| t.len()), Some(1));
+    }
+
+    /// A guest buys after a reminder, and logs in before the purchase's
+    /// `feedback.attribution_delay` is over: the purchase, counted once, converts the
+    /// reminder at the survivor, where the reminder went with the merge.
+    #[test]
+    fn a_guest_purchase_waiting_when_the_merge_comes_converts_at_the_survivor() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let identified = config.topic(topics::IDENTIFIED_EVENTS);
+        let hour = 3_600_000;
+        push_email_sent(&config, &mut replayer, "anon:v2", "cart", hour);
+        let guest = IdentifiedRecord::site(Box::new(
+            serde_json::from_slice(&purchase("p-2", "anon:v2", 2 * hour)).expect("event"),
+        ));
+        let merge = IdentifiedRecord::merge(CustomerMerge {
+            merge_id: "m-2".into(),
+            from: "anon:v2".into(),
+            into: "c2".into(),
+            identifier: "email:v2@example.com".into(),
+            occurred_at: 2 * hour + 60_000,
+        });
+        let mut out = Vec::new();
+        for record in [guest, merge] {
+            let payload = serde_json::to_vec(&record).expect("encode");
+            out.extend(
+                replayer
+                    .push(&identified, b"anon:v2", &payload)
+                    .expect("push"),
+            );
+        }
+        out.extend(replayer.advance_to(3 * hour).expect("advance"));
+        out.extend(replayer.commit().expect("commit"));
+        let sent_on: Vec<_> = out.iter().filter(|o| o.topic == identified).collect();
+        let kinds: Vec<String> = sent_on
+            .iter()
+            .map(|o| {
+                let v: serde_json::Value = serde_json::from_slice(&o.payload).expect("json");
+                v["kind"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(kinds, ["touches_in", "purchase_in"], "the touches first");
+        for record in sent_on {
+            assert_eq!(record.key, b"c2");
+            replayer
+                .push(&identified, b"c2", &record.payload)
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        assert_eq!(counter(&registry, "kairos_purchases_total", &[]), 1.0);
+        assert_eq!(email_conversions(&registry), (1.0, 10.0));
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its

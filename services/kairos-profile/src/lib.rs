@@ -2685,7 +2685,9 @@ impl Processor for ProfileProcessor {
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
                 IdentifiedRecord::outcome(o) => ProfileInput::Outcome(o),
-                IdentifiedRecord::touches_in { .. } => ProfileInput::Ignored,
+                IdentifiedRecord::touches_in { .. } | IdentifiedRecord::purchase_in { .. } => {
+                    ProfileInput::Ignored
+                }
                 IdentifiedRecord::merge_in {
                     merge,
                     profile,
