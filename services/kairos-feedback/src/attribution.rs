@@ -70,6 +70,11 @@ pub struct Touch {
     /// was the customer's one touch.
     #[serde(default = "stored_before")]
     pub message: bool,
+    /// The decision's id, which tells two touches apart that agree in everything
+    /// else (a merge brings the merged customer's touches to the survivor's); absent
+    /// in touches stored before it was kept.
+    #[serde(default)]
+    pub decision_id: Option<String>,
 }
 
 fn stored_before() -> bool {
@@ -159,19 +164,11 @@ impl Touch {
     /// Whether `other` is this touch, converted or not (the same decision's touch
     /// arriving again, as after a merge re-sent).
     pub fn same_touch(&self, other: &Touch) -> bool {
-        (
-            &self.scenario,
-            self.channel,
-            self.at,
-            self.group,
-            self.message,
-        ) == (
-            &other.scenario,
-            other.channel,
-            other.at,
-            other.group,
-            other.message,
-        )
+        if let (Some(mine), Some(theirs)) = (&self.decision_id, &other.decision_id) {
+            return mine == theirs;
+        }
+        let key = |t: &Touch| (t.scenario.clone(), t.channel, t.at, t.group, t.message);
+        key(self) == key(other)
     }
 
     /// Whether a purchase at `purchased_at` belongs to this touch.
@@ -214,7 +211,26 @@ mod tests {
             converted,
             group: None,
             message: true,
+            decision_id: None,
         }
+    }
+
+    /// Touches with decision ids are the same only with the same id; without, when
+    /// they agree in everything but the conversion.
+    #[test]
+    fn touches_are_told_apart_by_their_decisions() {
+        let with = |id: &str| Touch {
+            decision_id: Some(id.into()),
+            ..touch(Some(Channel::email), false)
+        };
+        assert!(with("d1").same_touch(&with("d1")));
+        assert!(
+            !with("d1").same_touch(&with("d2")),
+            "two decisions at one time"
+        );
+        let email = |converted| touch(Some(Channel::email), converted);
+        assert!(email(true).same_touch(&email(false)));
+        assert!(!email(false).same_touch(&touch(None, false)));
     }
 
     /// The touch of a purchase is the last before it, whatever order they were read

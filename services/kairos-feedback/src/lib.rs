@@ -486,6 +486,7 @@ impl FeedbackProcessor {
             converted: false,
             group: Some(group),
             message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
+            decision_id: Some(d.decision_id.clone()),
         };
         self.metrics
             .touches
