@@ -470,18 +470,22 @@ impl CustomerLedger {
         }
     }
 
+    /// Remembers the outcome's id; false for one seen before, unless it is an
+    /// unsubscribe or a complaint: those apply however often they come (once more
+    /// changes nothing, and an outcome id names the send and the kind only, so a
+    /// second unsubscribe from one message, after a new opt-in, carries the first
+    /// one's id).
+    fn note_outcome(&mut self, o: &Outcome) -> bool {
+        let h = kairos_core::ids::stable_hash(&o.outcome_id);
+        let first = remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
+        first || matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained)
+    }
+
     /// Folds a delivery or engagement outcome into the suppressions and the sunset
     /// count. Returns false for an outcome already applied (an unsubscribe or a
     /// complaint is applied again, see below).
     pub fn apply_outcome(&mut self, o: &Outcome, address: Option<String>) -> bool {
-        let h = kairos_core::ids::stable_hash(&o.outcome_id);
-        let first = remember(&mut self.recent_outcomes, h, RECENT_OUTCOMES);
-        // An unsubscribe or complaint applies however often it comes: once more
-        // changes nothing, and an outcome id names the send and the kind only, so a
-        // second unsubscribe from one message, after a new opt-in, carries the first
-        // one's id.
-        let suppression = matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained);
-        if !first && !suppression {
+        if !self.note_outcome(o) {
             return false;
         }
         match o.kind {
@@ -1621,11 +1625,8 @@ impl ArbiterProcessor {
             // holds for the survivor, and an open, a click or an ignored delivery
             // counts towards its sunset, applied there as the survivor's own outcome.
             // A repeat of one this ledger applied before the merge, or forwarded
-            // already, goes no further (suppressions apply again, as below).
-            let suppression = matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained);
-            let h = kairos_core::ids::stable_hash(&o.outcome_id);
-            let first = remember(&mut ledger.recent_outcomes, h, RECENT_OUTCOMES);
-            if !first && !suppression {
+            // already, goes no further (suppressions go again, as they apply again).
+            if !ledger.note_outcome(o) {
                 return Ok(false);
             }
             let forwarded = Outcome {
@@ -1650,7 +1651,9 @@ impl ArbiterProcessor {
             };
             ctx.emit(&self.actions_topic, &into, &action);
             self.outcomes_forwarded.inc();
-            return Ok(first);
+            // Its id is noted now (a repeated suppression, rare, writes the ledger back
+            // unchanged).
+            return Ok(true);
         }
         let changed = ledger.apply_outcome(o, address);
         let reaction = matches!(

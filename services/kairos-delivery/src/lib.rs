@@ -753,15 +753,11 @@ impl Processor for DeliveryProcessor {
         };
         if self.in_app() {
             let kept = inbox::store(ctx, cmd, &message)?;
-            let result = if kept { "accepted" } else { "permanent_error" };
-            self.metrics
-                .provider_requests
-                .with_label_values(&[self.channel.as_str(), self.provider_name(), result])
-                .inc();
-            let (kind, reason) = match kept {
-                true => (OutcomeKind::sent, None),
+            let (result, kind, reason) = match kept {
+                true => ("accepted", OutcomeKind::sent, None),
                 // Older than every message the inbox keeps (it came late): never shown.
                 false => (
+                    "permanent_error",
                     OutcomeKind::failed,
                     Some(format!(
                         "inbox_full: older than the {} newest messages the customer's inbox keeps",
@@ -769,6 +765,10 @@ impl Processor for DeliveryProcessor {
                     )),
                 ),
             };
+            self.metrics
+                .provider_requests
+                .with_label_values(&[self.channel.as_str(), self.provider_name(), result])
+                .inc();
             self.emit_outcome(ctx, &send, kind, reason, now);
             return Ok(());
         }

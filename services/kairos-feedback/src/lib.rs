@@ -549,9 +549,9 @@ impl FeedbackProcessor {
 
     /// `m.from` was merged into `m.into`: its touches go there (the identified topic,
     /// keyed by the survivor), so a purchase the person makes as the survivor still
-    /// finds the messages sent before the merge.
-    /// A forwarding note (for `identity.forward_retention`) sends on what comes for
-    /// `m.from` later: a decision read after the merge, touches of a merge into it.
+    /// finds the messages sent before the merge. A forwarding note (for
+    /// `identity.forward_retention`) sends on what comes for `m.from` later: a decision
+    /// read after the merge, touches of a merge into it, a purchase still waiting.
     fn hand_over_touches(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
         if self.identified_topic.is_none() {
             return Ok(());
@@ -572,17 +572,6 @@ impl FeedbackProcessor {
             expires,
             &m.from,
         )
-    }
-
-    /// A merged customer's touches join the survivor's, each once (a re-sent record
-    /// after a crash adds nothing; a conversion either side recorded stays).
-    fn take_over_touches(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        m: &CustomerMerge,
-        theirs: Vec<Touch>,
-    ) -> anyhow::Result<()> {
-        self.keep_touches(ctx, &m.into, theirs, true)
     }
 
     /// The customer's touches under `key`, oldest first (none stored: empty).
@@ -878,7 +867,9 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Decision(d) => self.on_decision(ctx, &d),
             FeedbackInput::Purchase(p) => self.on_purchase(ctx, &p),
             FeedbackInput::MergeOut(m) => self.hand_over_touches(ctx, &m),
-            FeedbackInput::TouchesIn(m, touches) => self.take_over_touches(ctx, &m, touches),
+            // Each once: a re-sent record after a crash adds nothing, and a conversion
+            // either side recorded stays.
+            FeedbackInput::TouchesIn(m, touches) => self.keep_touches(ctx, &m.into, touches, true),
             FeedbackInput::PurchaseIn(p) => self.attribute_pending(ctx, p),
             FeedbackInput::Ignored(_) => Ok(()),
         }

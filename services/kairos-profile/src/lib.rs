@@ -54,7 +54,8 @@ pub enum ProfileInput {
     MergeIn(Box<MergeIn>),
     /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
     MergeExpected(CustomerMerge),
-    /// A record of the identified topic that is another service's (feedback's touches).
+    /// A record of the identified topic that is another service's (feedback's touches
+    /// and waiting purchases).
     Ignored,
 }
 
@@ -732,11 +733,7 @@ impl ProfileProcessor {
         // arbiter's ledger): a second unsubscribe from one message, after a new
         // opt-in, has the same id. Not a hard bounce: a webhook's names no address,
         // and repeated after the customer changed theirs it would mark the new one.
-        let suppression = matches!(
-            o.kind,
-            kairos_core::contracts::OutcomeKind::unsubscribed
-                | kairos_core::contracts::OutcomeKind::complained
-        );
+        let suppression = matches!(o.kind, OutcomeKind::unsubscribed | OutcomeKind::complained);
         if p.remember_outcome(&o.outcome_id) || suppression {
             p.apply_outcome(o);
         } else {
@@ -2876,7 +2873,7 @@ mod tests {
             scenario: "welcome".into(),
             channel: Channel::email,
             category: kairos_core::contracts::MessageCategory::trigger,
-            kind: kairos_core::contracts::OutcomeKind::bounced_hard,
+            kind: OutcomeKind::bounced_hard,
             reason: None,
             occurred_at: at,
             address: Some(address.into()),
