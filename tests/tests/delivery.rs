@@ -173,7 +173,8 @@ struct ProviderLog {
 
 /// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
 /// twice, `down-` always 503, `perm-` 400, `gone-` 410 (the number is dead) and
-/// `unknown-` 404 (as a gateway without the route answers), `slow-` takes 2 s the first time (longer
+/// `unknown-` 404 until the test sets `released` (as a gateway without the route
+/// answers, until its route is deployed), `slow-` takes 2 s the first time (longer
 /// than the worker's timeout), `hold-` answers its first request (200) only once the
 /// test sets `released`, `holdperm-` likewise but 400 (to every request); anything
 /// else 200. Keys it already handed on are
@@ -233,7 +234,7 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                     StatusCode::BAD_REQUEST
                 } else if key.starts_with("gone-") {
                     StatusCode::GONE
-                } else if key.starts_with("unknown-") {
+                } else if key.starts_with("unknown-") && !log.lock().expect("log").released {
                     StatusCode::NOT_FOUND
                 } else {
                     if key.starts_with("slow-") && attempt == 1 {
@@ -495,14 +496,85 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         ["down-1", "unknown-1"].map(String::from).into(),
         "{letters:?}"
     );
+
+    // The gateway's route is deployed, and the operator re-produces the send given up
+    // from its dead letter: it goes out once. A copy of a send that went out is
+    // skipped, and counted.
+    log.lock().expect("log").released = true;
+    let letter = letters
+        .iter()
+        .find(|l| dead_lettered_send_id(l) == "unknown-1")
+        .expect("the dead letter of unknown-1");
+    p.produce(
+        "send.sms",
+        &[
+            ("c-unknown-1", dead_lettered_payload(letter)),
+            (
+                "c-ok-1",
+                send_command(
+                    "ok-1",
+                    "sms",
+                    "+491701234567",
+                    "abandoned_cart",
+                    cart_variables(),
+                ),
+            ),
+        ],
+    );
+    let sent_again = p.read_json_until("outcomes", Duration::from_secs(30), |v| {
+        v.iter()
+            .any(|o| o["send_id"] == "unknown-1" && o["kind"] == "sent")
+    });
+    let kinds = |id: &str| {
+        sent_again
+            .iter()
+            .filter(|o| o["send_id"] == id)
+            .map(|o| o["kind"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kinds("unknown-1"), ["failed", "sent"], "{sent_again:?}");
+    let duplicates = || {
+        kairos_tests::sample(
+            &p.metrics("deliver-sms"),
+            "kairos_delivery_duplicate_sends_total",
+            &["channel=\"sms\""],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while duplicates() < 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(duplicates(), 1.0, "the copy of ok-1 is counted");
+    assert_eq!(
+        kinds("ok-1").iter().filter(|k| *k == "sent").count(),
+        1,
+        "the copy of ok-1 is not reported: {sent_again:?}"
+    );
+    let l = log.lock().expect("log");
+    assert_eq!(
+        l.requests.get("ok-1"),
+        Some(&1),
+        "the copy of ok-1 is not sent"
+    );
+    assert_eq!(
+        l.requests.get("unknown-1"),
+        Some(&4),
+        "3 refused, then 1 accepted"
+    );
+    assert_eq!(l.delivered.get("unknown-1"), Some(&1));
+}
+
+/// The command a dead letter carries, as it was on the send topic.
+fn dead_lettered_payload(letter: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(letter["payload_base64"].as_str().unwrap_or(""))
+        .expect("payload is base64")
 }
 
 /// The send id of the command a dead letter carries.
 fn dead_lettered_send_id(letter: &Value) -> String {
-    use base64::Engine as _;
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(letter["payload_base64"].as_str().unwrap_or(""))
-        .expect("payload is base64");
+    let payload = dead_lettered_payload(letter);
     let command: Value = serde_json::from_slice(&payload).expect("payload is the command");
     command["send_id"].as_str().unwrap_or("").to_string()
 }

@@ -103,6 +103,18 @@ impl SeenIds {
         Ok(Seen::First)
     }
 
+    /// Forgets `id` (both its keys), so the record counts as first seen when it comes
+    /// again: for a record whose effect did not happen after all and that may be sent
+    /// again on purpose (a send given up and dead-lettered, re-produced from there).
+    pub fn forget(&self, ctx: &mut Ctx<'_>, id: &str) -> anyhow::Result<()> {
+        let key = [self.prefix, id].concat();
+        if let Some(first_seen) = ctx.get::<Millis>(&key)? {
+            ctx.delete(&self.index_key(day_of(first_seen), id));
+            ctx.delete(&key);
+        }
+        Ok(())
+    }
+
     /// The sweep timer fired: deletes the ids whose whole day is out of the window
     /// (oldest first, at most [`SWEEP_LIMIT`]), goes on with indexing keys written
     /// before the index, and arms the timer again if anything is left.

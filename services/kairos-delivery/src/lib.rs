@@ -126,6 +126,7 @@ struct DeliveryMetrics {
     dead_letters: IntCounterVec,
     resumed: IntCounterVec,
     in_doubt: IntCounterVec,
+    duplicates: IntCounterVec,
 }
 
 pub struct DeliveryProcessor {
@@ -219,6 +220,12 @@ impl DeliveryProcessor {
                 "Sends handed over completely whose answer a crash or timeout cut off: reported sent, not repeated.",
                 &["channel"],
             ),
+            duplicates: metrics::counter_vec(
+                registry,
+                "kairos_delivery_duplicate_sends_total",
+                "Send commands skipped because their send id was handled already (a copy of the command, or one re-produced after it went out).",
+                &["channel"],
+            ),
         };
         let processor = DeliveryProcessor {
             channel,
@@ -236,7 +243,7 @@ impl DeliveryProcessor {
         };
         // Every series exists from the start, so rates and alerts see zeros, not gaps.
         let labels = [channel.as_str(), processor.provider_name()];
-        for result in ["accepted", "transient_error", "permanent_error"] {
+        for result in ["accepted", "transient_error", "permanent_error", "refused"] {
             processor
                 .metrics
                 .provider_requests
@@ -252,6 +259,7 @@ impl DeliveryProcessor {
             &processor.metrics.dead_letters,
             &processor.metrics.resumed,
             &processor.metrics.in_doubt,
+            &processor.metrics.duplicates,
         ] {
             per_channel.with_label_values(&[labels[0]]);
         }
@@ -604,6 +612,9 @@ impl DeliveryProcessor {
                 );
                 self.dead_letter(ctx, input, &reason, now);
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
+                // Nothing went out: the command re-produced from the dead-letter topic
+                // (once the provider is fixed) is sent, not skipped as a copy.
+                self.sends_seen.forget(ctx, &cmd.send_id)?;
             }
         }
         self.forget_attempt(ctx, &cmd.send_id);
@@ -725,7 +736,14 @@ impl Processor for DeliveryProcessor {
         let send = SendSummary::from(cmd);
         match self.sends_seen.check(ctx, &cmd.send_id, cmd.created_at)? {
             Seen::First => {}
-            Seen::Again => return Ok(()),
+            Seen::Again => {
+                tracing::info!(send_id = %cmd.send_id, "send id handled already; command skipped");
+                self.metrics
+                    .duplicates
+                    .with_label_values(&[self.channel.as_str()])
+                    .inc();
+                return Ok(());
+            }
             Seen::BeforeWindow => {
                 // Its id may have been taken and forgotten: never sent, whatever its
                 // valid-until says (the configuration keeps validities shorter).

@@ -133,6 +133,17 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
     if event.occurred_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
         return Err("occurred_at lies in the future".into());
     }
+    // A time in seconds reads as January 1970: an unsubscribe dated then is older than
+    // every opt-in and would change nothing.
+    if event
+        .occurred_at
+        .is_some_and(|t| t < now.saturating_sub(MAX_OUTCOME_AGE))
+    {
+        return Err(
+            "occurred_at lies more than a year in the past (times are milliseconds since the epoch, not seconds)"
+                .into(),
+        );
+    }
     Ok(Outcome {
         outcome_id: deterministic_id(&[&event.send_id, event.event.as_str()]),
         send_id: event.send_id.clone(),
@@ -150,6 +161,10 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
 
 /// How far ahead of this machine's clock a provider's timestamp may be.
 const MAX_CLOCK_SKEW: Millis = 5 * 60 * 1000;
+
+/// How long after a send a provider may still report on it (an old e-mail opened months
+/// later still counts).
+const MAX_OUTCOME_AGE: Millis = 366 * kairos_core::time::DAY;
 
 async fn receive(
     State(state): State<Arc<WebhookState>>,
@@ -351,5 +366,21 @@ mod tests {
         let err =
             outcome_of(&event(OutcomeKind::opened, Channel::sms), Channel::email, 1).unwrap_err();
         assert!(err.contains("sms"), "{err}");
+    }
+
+    #[test]
+    fn a_time_in_seconds_is_rejected_and_an_old_open_still_counts() {
+        use kairos_core::time::DAY;
+        let now = 1_767_603_600_000;
+        let at = |t| ProviderEvent {
+            occurred_at: Some(t),
+            ..event(OutcomeKind::unsubscribed, Channel::email)
+        };
+        let err = outcome_of(&at(1_767_603_600), Channel::email, now).unwrap_err();
+        assert!(err.contains("seconds"), "{err}");
+        let months_ago = now - 200 * DAY;
+        let outcome = outcome_of(&at(months_ago), Channel::email, now).expect("accepted");
+        assert_eq!(outcome.occurred_at, months_ago);
+        assert!(outcome_of(&at(now - 367 * DAY), Channel::email, now).is_err());
     }
 }
