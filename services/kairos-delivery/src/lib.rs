@@ -956,6 +956,15 @@ mod tests {
         let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
             .expect("processor");
         assert_eq!(processor.name(), "deliver-email");
+        // Every result series exists at zero from the start, so the first refusal is an
+        // increase the alert sees.
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("metrics text");
+        for result in ["accepted", "transient_error", "permanent_error", "refused"] {
+            let series = format!("provider=\"smtp\",result=\"{result}\"}} 0");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
         let mut replayer =
             kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
         // The partition's clock is a day past the send's valid-until.
