@@ -110,6 +110,9 @@ pub struct CustomerLedger {
     /// Hashes of the merged-ledger records applied (`merge_in` action ids, newest
     /// last, bounded by `MERGES_KEPT`), so one sent again is applied once.
     pub merges_applied: Vec<u64>,
+    /// The customer's time zone as the newest trigger decided named it (when that
+    /// trigger fired, the zone; none for the default): see [`CustomerLedger::settle_zone`].
+    pub zone: Option<(Millis, Option<CompactString>)>,
 }
 
 /// How a chain step's final decision ended it.
@@ -352,6 +355,22 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// A trigger is decided in the customer's newest time zone: one that waited (in the
+    /// queue, or a cascade's later step) carries the zone of when it fired, and the
+    /// customer may have moved since (a newer trigger said so). A trigger newer than
+    /// what the ledger knows notes its zone.
+    pub fn settle_zone(&mut self, t: &mut Trigger) {
+        match &self.zone {
+            Some((at, zone)) if *at > t.fired_at => {
+                t.contacts.time_zone = zone.as_ref().map(|z| z.to_string());
+            }
+            _ => {
+                let zone = t.contacts.time_zone.as_deref().map(CompactString::from);
+                self.zone = Some((t.fired_at, zone));
+            }
+        }
+    }
+
     /// Counts a send of `t` on `channel` at `now` towards the caps, the gap, the
     /// conflict window and the per-scenario caps.
     fn count_send(&mut self, now: Millis, channel: Channel, t: &Trigger) {
@@ -379,6 +398,9 @@ impl CustomerLedger {
     /// unsubscribe that an opt-in of either id came after: both ids are one person,
     /// whose latest word on a channel counts, as it does without a merge.
     pub fn absorb(&mut self, other: CustomerLedger) {
+        if other.zone.as_ref().map(|(at, _)| *at) > self.zone.as_ref().map(|(at, _)| *at) {
+            self.zone = other.zone;
+        }
         self.sends.extend(other.sends);
         self.sends.sort_by_key(|(at, _, _)| *at);
         self.scenario_sends.extend(other.scenario_sends);
@@ -2457,12 +2479,13 @@ impl ArbiterProcessor {
     fn cascade_step(
         &mut self,
         ctx: &mut Ctx<'_>,
-        t: Trigger,
+        mut t: Trigger,
         ledger: &mut CustomerLedger,
     ) -> anyhow::Result<bool> {
         let Some(mut cascade) = ledger.cascades.remove(&t.trigger_id) else {
             return Ok(false); // stopped meanwhile
         };
+        ledger.settle_zone(&mut t);
         let now = ctx.now();
         let subject = Subject::of(&t);
         // Before any cap is read: only the last 7 days count.
@@ -2760,7 +2783,7 @@ impl ArbiterProcessor {
     fn decide_with_ledger(
         &mut self,
         ctx: &mut Ctx<'_>,
-        t: Trigger,
+        mut t: Trigger,
         queued: bool,
         ledger: &mut CustomerLedger,
     ) -> anyhow::Result<()> {
@@ -2793,6 +2816,7 @@ impl ArbiterProcessor {
             // what this customer had queued.
             return self.forward_trigger(ctx, t, chain, &into);
         }
+        ledger.settle_zone(&mut t);
         let offers = offers_of(&t);
         let Verdict {
             outcome,

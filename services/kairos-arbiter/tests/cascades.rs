@@ -290,3 +290,41 @@ fn a_cascade_step_counts_only_the_last_seven_days_against_its_channel_cap() {
     a.advance_to(start + HOUR);
     assert_eq!(channels(&a), [Channel::push, Channel::email, Channel::push]);
 }
+
+#[test]
+fn a_cascade_step_keeps_the_quiet_hours_of_the_customer_s_newest_zone() {
+    let mut a = Arbiter::with_config(
+        "daily_cap = 4\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+    );
+    // 11:00 in Tokyo: the e-mail goes out.
+    a.time_zone = Some("Asia/Tokyo".into());
+    let start = common::at("2026-01-05T02:00:00Z");
+    let t = cascade_trigger(&a, "k1", start);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // The customer moved to London, where it is the middle of the night.
+    a.time_zone = Some("Europe/London".into());
+    let w = a.trigger(
+        "w1",
+        "welcome",
+        MessageCategory::trigger,
+        start + 30 * MINUTE,
+    );
+    assert_eq!(w.rule, "quiet_hours");
+    // The push step is due at 03:00 UTC, noon in Tokyo but 03:00 in London: it waits
+    // for 09:00 there.
+    let cascade = |a: &Arbiter| {
+        a.sends
+            .iter()
+            .filter(|s| s.trigger_id == "k1")
+            .map(|s| (s.channel, s.created_at))
+            .collect::<Vec<_>>()
+    };
+    a.advance_to(start + HOUR);
+    assert_eq!(cascade(&a), [(Channel::email, start)]);
+    let morning = common::at("2026-01-05T09:00:00Z");
+    a.advance_to(morning);
+    assert_eq!(
+        cascade(&a),
+        [(Channel::email, start), (Channel::push, morning)]
+    );
+}

@@ -59,6 +59,34 @@ fn quiet_hours_follow_the_customers_zone() {
 }
 
 #[test]
+fn a_waiting_message_keeps_the_quiet_hours_of_the_customer_s_newest_zone() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    // 22:00 in Tokyo: deferred to 09:00 JST = 00:00 UTC.
+    a.time_zone = Some("Asia/Tokyo".into());
+    let w1 = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T13:00:00Z"));
+    assert_eq!(
+        (w1.outcome, w1.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    // The customer moved to London; a newer trigger says so.
+    a.time_zone = Some("Europe/London".into());
+    let w2 = a.trigger("w2", "welcome", TRIGGER, at("2026-01-05T14:00:00Z"));
+    assert_eq!(w2.outcome, DecisionOutcome::sent);
+    // 00:00 UTC is midnight in London: w1 waits for 09:00 there.
+    a.advance_to(at("2026-01-06T00:00:00Z"));
+    let woke = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(
+        (woke.outcome, woke.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours"),
+        "{woke:?}"
+    );
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let last = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent);
+    assert_eq!(last.decided_at, at("2026-01-06T09:00:00Z"));
+}
+
+#[test]
 fn the_daily_cap_counts_the_customers_calendar_day() {
     let mut a = Arbiter::new();
     a.time_zone = Some("America/New_York".into());
