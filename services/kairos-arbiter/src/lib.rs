@@ -1286,17 +1286,37 @@ impl ArbiterProcessor {
         };
         // One channel per customer within the conflict window (transactional aside):
         // stay on the channel of the latest marketing message, or wait for the window.
+        // A cascade's later step may have taken a second channel within it: then the
+        // latest channel is free only once the other one's messages leave the window.
         let window = self.config.arbiter.conflict_window.as_millis() as Millis;
-        let latest = ledger
-            .sends
-            .iter()
-            .filter(|(at, _, c)| *c != MessageCategory::transactional && now - at < window)
-            .max_by_key(|(at, _, _)| *at);
+        let in_window = || {
+            ledger
+                .sends
+                .iter()
+                .filter(|(at, _, c)| *c != MessageCategory::transactional && now - at < window)
+        };
+        let latest = in_window().max_by_key(|(at, _, _)| *at);
         if let (Some((at, channel, _)), true, false) = (
             latest,
             t.category != MessageCategory::transactional,
             usable.is_empty(),
         ) {
+            let other_channel = in_window()
+                .filter(|(_, c, _)| c != channel)
+                .map(|(at, c, _)| (*at, *c))
+                .max_by_key(|(at, _)| *at);
+            if let (Some((other_at, other)), true) = (other_channel, usable.contains(channel)) {
+                return Verdict::defer(
+                    other_at + window,
+                    "channel_conflict",
+                    format!(
+                        "messages went out on {} at {other_at} and on {} at {at} (a cascade step); the next waits {:?} after the first",
+                        other.as_str(),
+                        channel.as_str(),
+                        self.config.arbiter.conflict_window
+                    ),
+                );
+            }
             if usable.contains(channel) {
                 return Verdict {
                     outcome: DecisionOutcome::sent,

@@ -328,3 +328,39 @@ fn a_cascade_step_keeps_the_quiet_hours_of_the_customer_s_newest_zone() {
         [(Channel::email, start), (Channel::push, morning)]
     );
 }
+
+#[test]
+fn after_a_cascade_step_on_another_channel_the_next_message_waits_for_the_window() {
+    let mut a = Arbiter::with_config("daily_cap = 4\nconflict_window = \"2h\"");
+    let t = cascade_trigger(&a, "k1", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.advance_to(T0 + HOUR);
+    assert_eq!(
+        channels(&a),
+        [Channel::email, Channel::push],
+        "the push step"
+    );
+    // E-mail and push within two hours, the step aside: a new message on either
+    // would make two channels in the window without a cascade. It waits until the
+    // e-mail leaves the window, then stays on push.
+    let d = a.trigger(
+        "d1",
+        "welcome",
+        MessageCategory::trigger,
+        T0 + HOUR + 10 * MINUTE,
+    );
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "channel_conflict"),
+        "{d:?}"
+    );
+    a.advance_to(T0 + 2 * HOUR - 1);
+    assert_eq!(a.decisions_of("d1").len(), 1);
+    a.advance_to(T0 + 2 * HOUR);
+    let last = *a.decisions_of("d1").last().expect("decided again");
+    assert_eq!(
+        (last.outcome, last.channel),
+        (DecisionOutcome::sent, Some(Channel::push)),
+        "{last:?}"
+    );
+}
