@@ -603,7 +603,16 @@ impl ProfileProcessor {
                             // status re-sent for an order older than the recent ones
                             // (which cannot tell it is a repeat) gives the same survey.
                             let cause = ["delivered:", order.order_id.as_str()].concat();
-                            for s in self.scenarios(ScenarioKind::PostDelivery).iter() {
+                            // A later delivery of another order, read first, holds the
+                            // survey: in time order it replaced this one's.
+                            let later_delivery = p.latest_delivery().is_some_and(|(o, at)| {
+                                o.order_id != order.order_id && at > e.occurred_at
+                            });
+                            for s in self
+                                .scenarios(ScenarioKind::PostDelivery)
+                                .iter()
+                                .filter(|_| !later_delivery)
+                            {
                                 let order_id = Some(order.order_id.as_str());
                                 let at = e.occurred_at;
                                 schedule_after(ctx, s, &p, &cause, at, None, order_id)?;

@@ -1338,6 +1338,35 @@ fn post_delivery_two_days_after_delivery() {
 }
 
 #[test]
+fn an_older_delivery_read_late_leaves_the_survey_of_the_newer_order() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("ld-buy-a", "purchase", "ld", t, order("o-a", 60.0, None));
+    h.site("ld-buy-b", "purchase", "ld", t, order("o-b", 80.0, None));
+    // B's delivery is read before A's, which came a day earlier.
+    h.site(
+        "ld-del-b",
+        "order_status",
+        "ld",
+        t + 3 * DAY,
+        order("o-b", 80.0, Some("delivered")),
+    );
+    h.site(
+        "ld-del-a",
+        "order_status",
+        "ld",
+        t + 2 * DAY,
+        order("o-a", 60.0, Some("delivered")),
+    );
+    h.advance(t + 10 * DAY);
+    // In time order B's delivery replaced A's survey before it was due.
+    let fired = h.triggers("ld", "post_delivery");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-b");
+    assert_eq!(fired[0]["fired_at"], t + 5 * DAY);
+}
+
+#[test]
 fn order_update_fires_immediately_for_configured_statuses() {
     let t = at(T0);
     let mut h = Harness::new();
