@@ -1775,14 +1775,21 @@ impl ProfileProcessor {
         // timer's), which a replay reproduces; `now` is the clock's time for an
         // event, and the boundary itself for a time-driven review.
         let cause = Cause { at, now };
-        if p.lifecycle.as_deref() != Some(stage.as_str()) {
-            let from = p.lifecycle.replace(stage.clone());
-            self.transition(ctx, p, SegmentKind::lifecycle, from, &stage, reason, cause)?;
-        }
+        // Both are updated before either transition goes out: a trigger of the one
+        // carries the other as it is now (a stage's trigger names the new RFM cell).
+        let stage_changed = p.lifecycle.as_deref() != Some(stage.as_str());
+        let old_stage = match stage_changed {
+            true => p.lifecycle.replace(stage.clone()),
+            false => None,
+        };
         let score = segments::rfm(&cfg.rfm, p, now);
         let new_segment = score.as_ref().map(|s| s.segment.clone());
         let old_segment = p.rfm.as_ref().map(|s| s.segment.clone());
         p.rfm = score;
+        if stage_changed {
+            let kind = SegmentKind::lifecycle;
+            self.transition(ctx, p, kind, old_stage, &stage, reason, cause)?;
+        }
         if new_segment != old_segment {
             // No order counts any more (all cancelled): the customer leaves RFM.
             let to = new_segment.as_deref().unwrap_or(NO_RFM_SEGMENT);

@@ -1476,6 +1476,25 @@ fn time_alone_moves_a_customer_to_at_risk() {
     assert_eq!(v["segment"], "At Risk");
 }
 
+#[test]
+fn a_stage_s_trigger_names_the_rfm_cell_of_the_same_moment() {
+    let config = format!(
+        "{CONFIG}\n[[scenarios]]\nname = \"became_regular\"\nkind = \"segment_entered\"\nsegment = \"regular\"\nchannels = [\"email\"]\ntemplate = \"vip\"\n"
+    );
+    let t = at(T0);
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site("sr-buy", "purchase", "sr", t, order("o-sr", 60.0, None));
+    // 30 days on, one review makes the customer regular and moves them out of New.
+    h.advance(t + 31 * DAY);
+    let all = h.transitions("sr");
+    let regular = find(&all, "lifecycle", "regular").unwrap_or_else(|| panic!("{all:#?}"));
+    let others = find(&all, "rfm", "Others").unwrap_or_else(|| panic!("{all:#?}"));
+    assert_eq!(regular["occurred_at"], others["occurred_at"]);
+    let fired = h.triggers("sr", "became_regular");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["segment"], "Others");
+}
+
 /// A review timer that fires late (the service was down past its boundary) is judged
 /// at its boundary: the customer passes through each segment on the way, each
 /// transition at its own time and with its own id, as in a run that kept up.
