@@ -1381,7 +1381,9 @@ impl ProfileProcessor {
             }
             ReceiptKind::refund => {
                 // A till refund names no original receipt: its own total is the amount.
-                if p.record_refund(&r.receipt_id, r.total) == Reversal::AlreadyReversed {
+                if p.record_refund(&r.receipt_id, r.total, r.occurred_at)
+                    == Reversal::AlreadyReversed
+                {
                     self.metrics.duplicates.inc();
                 } else {
                     self.cancel_post_purchase(ctx, &customer_id, None)?;

@@ -178,6 +178,11 @@ pub struct CustomerProfile {
     /// it on the wishlist, took it off), the latest few: see [`ProductMark`].
     #[serde(default)]
     pub product_marks: Vec<ProductMark>,
+    /// Till refunds the revenue could not cover when they came (the refund's time, the
+    /// part not taken), oldest first, bounded: a sale dated before one and read after
+    /// it (its receipt uploaded late) pays it off, as it would have in time order.
+    #[serde(default)]
+    pub refund_shortfalls: Vec<(Millis, f64)>,
 }
 
 /// Whose statement decides a channel's consent when two profiles merge.
@@ -784,6 +789,13 @@ impl CustomerProfile {
                 self.recent_refunds.push(refund);
             }
         }
+        self.refund_shortfalls.extend(other.refund_shortfalls);
+        self.refund_shortfalls.sort_by_key(|(at, _)| *at);
+        let excess = self
+            .refund_shortfalls
+            .len()
+            .saturating_sub(MAX_EARLY_REVERSALS);
+        self.refund_shortfalls.drain(..excess);
         let excess = self.recent_refunds.len().saturating_sub(RECENT_ORDERS);
         self.recent_refunds.drain(..excess);
         self.recent_orders.sort_by_key(|o| o.at);
@@ -1397,6 +1409,7 @@ impl CustomerProfile {
             self.offline_orders += 1;
         }
         self.revenue += total;
+        self.pay_off_refunds(at);
         self.first_purchase_at = Some(self.first_purchase_at.map_or(at, |f| f.min(at)));
         if self.last_purchase_at.is_none_or(|last| at >= last) {
             self.last_purchase_at = Some(at);
@@ -1589,8 +1602,9 @@ impl CustomerProfile {
     }
 
     /// A till refund (it names no original receipt): its own amount leaves the
-    /// revenue, once per refund receipt.
-    pub fn record_refund(&mut self, refund_receipt_id: &str, total: f64) -> Reversal {
+    /// revenue, once per refund receipt. What the revenue cannot cover waits for a
+    /// sale dated before the refund (see `refund_shortfalls`).
+    pub fn record_refund(&mut self, refund_receipt_id: &str, total: f64, at: Millis) -> Reversal {
         if self.recent_refunds.iter().any(|r| r == refund_receipt_id) {
             return Reversal::AlreadyReversed;
         }
@@ -1599,8 +1613,28 @@ impl CustomerProfile {
         }
         self.recent_refunds.push(refund_receipt_id.to_string());
         self.returns += 1;
-        self.revenue = (self.revenue - total).max(0.0);
+        let taken = total.min(self.revenue).max(0.0);
+        self.revenue -= taken;
+        if total - taken > 1e-9 {
+            if self.refund_shortfalls.len() >= MAX_EARLY_REVERSALS {
+                self.refund_shortfalls.remove(0);
+            }
+            self.refund_shortfalls.push((at, total - taken));
+        }
         Reversal::Applied { known: false }
+    }
+
+    /// A sale at `sale_at` was just counted: refunds dated after it whose amount the
+    /// revenue could not cover take it now, oldest first.
+    fn pay_off_refunds(&mut self, sale_at: Millis) {
+        for (refund_at, short) in &mut self.refund_shortfalls {
+            if *refund_at >= sale_at {
+                let paid = short.min(self.revenue).max(0.0);
+                self.revenue -= paid;
+                *short -= paid;
+            }
+        }
+        self.refund_shortfalls.retain(|(_, short)| *short > 1e-9);
     }
 
     /// Notes that the order reached `status`: whether for the first time, or None when
@@ -1770,6 +1804,7 @@ pub fn is_visit(t: EventType) -> bool {
 mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
+    use kairos_core::time::{DAY, HOUR};
 
     #[test]
     fn a_part_noted_on_an_order_with_its_parts_full_replaces_the_oldest() {
@@ -2281,11 +2316,30 @@ mod tests {
         assert_eq!((p.orders, p.revenue), (2, 30.0));
         // A till refund names no order: its own amount, once per refund receipt.
         assert_eq!(
-            p.record_refund("rf-1", 5.0),
+            p.record_refund("rf-1", 5.0, 0),
             Reversal::Applied { known: false }
         );
-        assert_eq!(p.record_refund("rf-1", 5.0), Reversal::AlreadyReversed);
+        assert_eq!(p.record_refund("rf-1", 5.0, 0), Reversal::AlreadyReversed);
         assert_eq!((p.returns, p.revenue), (2, 25.0));
+    }
+
+    #[test]
+    fn a_till_refund_read_before_its_sale_still_takes_the_sale_s_amount() {
+        let mut p = CustomerProfile::new("c1", 0);
+        // Refunded the next day at another store, whose receipt came first.
+        p.record_refund("rf-1", 100.0, DAY);
+        assert_eq!(p.revenue, 0.0);
+        // A sale after the refund is not what it refunded.
+        p.record_purchase(2 * DAY, 50.0, true, Some("sale-2".into()));
+        assert_eq!(p.revenue, 50.0);
+        p.record_purchase(0, 100.0, true, Some("sale-1".into()));
+        assert_eq!((p.orders, p.returns, p.revenue), (2, 1, 50.0));
+        assert!(p.refund_shortfalls.is_empty());
+        // Part of a refund covered when it came, the rest by a sale read later.
+        p.record_refund("rf-2", 80.0, 3 * DAY);
+        assert_eq!(p.revenue, 0.0);
+        p.record_purchase(2 * DAY + HOUR, 40.0, true, Some("sale-3".into()));
+        assert_eq!(p.revenue, 10.0);
     }
 
     #[test]
