@@ -71,6 +71,9 @@ class Sink:
         name = f"{os.getpid()}-{next(self.counter):08d}.eml"
         tmp = os.path.join(self.out_dir, "." + name)
         with open(tmp, "wb") as f:
+            # What RCPT TO named, as the first header line (the message may say
+            # otherwise in its To header).
+            f.write(("X-Envelope-To: " + ",".join(envelope.rcpt_tos) + "\r\n").encode())
             f.write(envelope.original_content or envelope.content)
             f.flush()
             os.fsync(f.fileno())

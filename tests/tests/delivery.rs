@@ -64,6 +64,16 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             "abandoned_cart",
             cart.clone(),
         ),
+        // A domain in Unicode: sent to its ASCII form, which every server takes.
+        (
+            "idn-1",
+            "anna@bücher.example",
+            "abandoned_cart",
+            cart.clone(),
+        ),
+        // A local part in Unicode needs SMTPUTF8, which this server does not offer:
+        // the message fails, and the address is not marked dead.
+        ("utf-1", "иван@example.com", "abandoned_cart", cart.clone()),
         // The template needs cart_items: no send, a failed outcome.
         (
             "tpl-1",
@@ -85,11 +95,15 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .collect();
     p.produce("send.email", &records);
 
-    let outcomes = final_outcomes(&p, 8, Duration::from_secs(60));
+    let outcomes = final_outcomes(&p, 10, Duration::from_secs(60));
     let kind = |id: &str| outcomes.get(id).map(|(k, r)| (k.as_str(), r.as_str()));
     assert_eq!(kind("ok-1").map(|k| k.0), Some("sent"), "{outcomes:?}");
     assert_eq!(kind("ok-2").map(|k| k.0), Some("sent"));
     assert_eq!(kind("temp-1").map(|k| k.0), Some("sent"));
+    assert_eq!(kind("idn-1").map(|k| k.0), Some("sent"), "{outcomes:?}");
+    let (k, reason) = kind("utf-1").expect("utf-1 outcome");
+    assert_eq!(k, "failed", "{reason}");
+    assert!(reason.contains("SMTPUTF8"), "{reason}");
     assert_eq!(kind("bounce-1").map(|k| k.0), Some("bounced_hard"));
     let (k, reason) = kind("reject-1").expect("reject outcome");
     assert_eq!(k, "failed");
@@ -110,10 +124,16 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let counts = smtp.send_id_counts();
     assert_eq!(
         counts,
-        [("drop-1", 1), ("ok-1", 1), ("ok-2", 1), ("temp-1", 1)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect::<BTreeMap<_, _>>(),
+        [
+            ("drop-1", 1),
+            ("idn-1", 1),
+            ("ok-1", 1),
+            ("ok-2", 1),
+            ("temp-1", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<BTreeMap<_, _>>(),
         "exactly the deliverable sends, once each"
     );
     let (headers, body) = smtp
@@ -131,6 +151,13 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     );
     assert_eq!(headers["message-id"], "<ok-1@kairos>");
     assert!(body.contains("Red shoes x 1"), "{body}");
+    let (idn, _) = smtp
+        .messages()
+        .into_iter()
+        .find(|(h, _)| h.get("x-kairos-send-id").map(String::as_str) == Some("idn-1"))
+        .expect("idn-1 arrived");
+    assert_eq!(idn["x-envelope-to"], "anna@xn--bcher-kva.example");
+    assert_eq!(idn["to"], "anna@xn--bcher-kva.example");
 
     // Retries: exactly the two 451s of temp-1 and drop-1's 451 and lost answer; the
     // 550s and the 554 were not retried.
@@ -149,11 +176,11 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             "kairos_provider_requests_total",
             &["result=\"permanent_error\""]
         ),
-        3.0
+        4.0
     );
     assert_eq!(
         m("kairos_provider_requests_total", &["result=\"accepted\""]),
-        4.0
+        5.0
     );
 }
 

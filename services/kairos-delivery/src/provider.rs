@@ -11,7 +11,7 @@ use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::Message;
 
 use crate::templates::RenderedMessage;
@@ -107,6 +107,7 @@ impl SmtpProvider {
             .parse()
             // An address that cannot be one is as dead as one that bounced.
             .map_err(|e| ProviderError::HardBounce(format!("invalid_address: {e}")))?;
+        let to = with_ascii_domain(to)?;
         let mut b = Message::builder()
             .from(self.from.clone())
             .to(to)
@@ -177,6 +178,11 @@ impl SmtpProvider {
         let message = self.build(cmd, m)?;
         let envelope = message.envelope().clone();
         let bytes = message.formatted();
+        let utf8_address = envelope
+            .to()
+            .iter()
+            .chain(envelope.from())
+            .any(|a| !a.user().is_ascii() || !a.domain().is_ascii());
         let mut slot = self.connection.lock().await;
         let mut conn = match slot.take() {
             Some(conn) if !conn.has_broken() => conn,
@@ -186,10 +192,26 @@ impl SmtpProvider {
                 Err(_) => return Err(ProviderError::Transient("connect timed out".into())),
             },
         };
+        // RFC 6531: a non-ASCII local part goes only to a server that offers SMTPUTF8
+        // (the domain was made ASCII already); elsewhere the message fails, and the
+        // address is not marked dead for it.
+        let mut mail_options = Vec::new();
+        if utf8_address {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                *slot = Some(conn);
+                return Err(ProviderError::Permanent(
+                    "smtputf8_unsupported: the address has a non-ASCII local part and the server does not offer SMTPUTF8".into(),
+                ));
+            }
+            mail_options.push(MailParameter::SmtpUtfEight);
+        }
+        if !bytes.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+            mail_options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
         // Which command an error answers says whose fault it is (see `classify`).
         let step = std::cell::Cell::new(SmtpStep::MailFrom);
         let conversation = async {
-            conn.command(Mail::new(envelope.from().cloned(), vec![]))
+            conn.command(Mail::new(envelope.from().cloned(), mail_options))
                 .await?;
             step.set(SmtpStep::RcptTo);
             for to in envelope.to() {
@@ -231,6 +253,20 @@ impl SmtpProvider {
             ))),
         }
     }
+}
+
+/// `mailbox` with its domain in ASCII (IDNA: `bücher.de` is `xn--bcher-kva.de`), which
+/// every server takes; only a non-ASCII local part needs the server's SMTPUTF8.
+fn with_ascii_domain(mailbox: Mailbox) -> Result<Mailbox, ProviderError> {
+    let domain = mailbox.email.domain();
+    if domain.is_ascii() {
+        return Ok(mailbox);
+    }
+    let dead = |e: String| ProviderError::HardBounce(format!("invalid_address: {e}"));
+    let ascii = idna::domain_to_ascii(domain).map_err(|e| dead(format!("{domain}: {e}")))?;
+    let email =
+        lettre::Address::new(mailbox.email.user(), ascii).map_err(|e| dead(e.to_string()))?;
+    Ok(Mailbox::new(mailbox.name, email))
 }
 
 /// What a URL may carry of an id as it is (RFC 3986's unreserved characters); the
