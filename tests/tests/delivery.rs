@@ -589,6 +589,58 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "3 refused, then 1 accepted"
     );
     assert_eq!(l.delivered.get("unknown-1"), Some(&1));
+    drop(l);
+
+    // A command decided before the customer unsubscribed, read after the worker read
+    // the unsubscribe (it waited behind a backlog): not sent.
+    let waiting = send_command(
+        "late-1",
+        "sms",
+        "+491701234567",
+        "abandoned_cart",
+        cart_variables(),
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    let unsubscribe = j!({"outcome_id": "u-late-1", "send_id": "earlier-1",
+        "customer_id": "c-late-1", "scenario": "abandoned_cart", "channel": "sms",
+        "category": "trigger", "kind": "unsubscribed", "reason": null,
+        "occurred_at": now_millis()});
+    p.produce("outcomes", &[("c-late-1", json(unsubscribe))]);
+    let in_topic = p
+        .read_json_until("outcomes", Duration::from_secs(20), |v| {
+            v.iter().any(|o| o["outcome_id"] == "u-late-1")
+        })
+        .len() as f64;
+    let outcomes_read = || {
+        let topic = format!("topic=\"{}\"", p.topic("outcomes"));
+        kairos_tests::sample(
+            &p.metrics("deliver-sms"),
+            "kairos_input_records_total",
+            &[&topic],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while outcomes_read() < in_topic && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(outcomes_read() >= in_topic, "the worker reads the outcomes");
+    p.produce("send.sms", &[("c-late-1", waiting)]);
+    let late = p.read_json_until("outcomes", Duration::from_secs(30), |v| {
+        v.iter().any(|o| o["send_id"] == "late-1")
+    });
+    let late = late
+        .iter()
+        .find(|o| o["send_id"] == "late-1")
+        .expect("an outcome of late-1");
+    assert_eq!(late["kind"], "failed", "{late}");
+    assert!(
+        late["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("consent_withdrawn"),
+        "{late}"
+    );
+    assert_eq!(log.lock().expect("log").requests.get("late-1"), None);
 }
 
 /// The command a dead letter carries, as it was on the send topic.

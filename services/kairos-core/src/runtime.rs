@@ -67,6 +67,15 @@ pub trait Processor: Send + 'static {
         None
     }
 
+    /// Whether records of input `topic` count towards [`Processor::max_batch_records`]:
+    /// a processor whose records of one topic are slow (a provider call each) reads
+    /// its other, quick ones in the same batch (up to `state.max_batch_records` in
+    /// all) rather than committing after each.
+    fn counts_towards_batch(&self, topic: &str) -> bool {
+        let _ = topic;
+        true
+    }
+
     /// Full names of the topics it emits to (for metrics that start at zero).
     fn outputs(&self) -> Vec<String> {
         Vec::new()
@@ -3153,6 +3162,15 @@ pub async fn run_serving<P: Processor>(
             hint.min(config.state.max_batch_records)
         })
         .max(1);
+    let counted_topics: Vec<String> = inputs
+        .iter()
+        .filter(|t| processor.counts_towards_batch(t))
+        .cloned()
+        .collect();
+    let counts = |m: &rdkafka::message::OwnedMessage| {
+        counted_topics.iter().any(|t| t.as_str() == m.topic()) as usize
+    };
+    let max_records = config.state.max_batch_records.max(1);
     let mut engine = Engine::new(processor, config, metrics.clone())?;
     if config.state.changelog {
         engine = engine
@@ -3229,15 +3247,21 @@ pub async fn run_serving<P: Processor>(
             Some(Err(_)) => {}
             Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(Ok(m))) => {
-                batch.push(m.detach());
+                let m = m.detach();
+                let mut counted = counts(&m);
+                batch.push(m);
                 let deadline = Instant::now() + max_wait;
-                while batch.len() < max_batch {
+                while counted < max_batch && batch.len() < max_records {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
                     }
                     match tokio::time::timeout(left, consumer.recv()).await {
-                        Ok(Ok(m)) => batch.push(m.detach()),
+                        Ok(Ok(m)) => {
+                            let m = m.detach();
+                            counted += counts(&m);
+                            batch.push(m);
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "consumer error");
                             break;

@@ -32,7 +32,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config, DeliveryChannelConfig, ProviderKind};
 use kairos_core::contracts::{
-    Channel, DeadLetter, DeadLetterReason, Outcome, OutcomeKind, SendCommand,
+    Channel, CustomerAction, CustomerActionKind, DeadLetter, DeadLetterReason, MessageCategory,
+    Outcome, OutcomeKind, SendCommand,
 };
 use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -102,6 +103,78 @@ pub struct SendInput {
     pub offset: i64,
 }
 
+/// What a delivery worker reads: send commands, and what withdraws or gives back the
+/// customer's consent after the arbiter decided (a command may wait on the send topic
+/// behind a backlog while the customer unsubscribes).
+pub enum DeliveryInput {
+    Send(Box<SendInput>),
+    Consent(ConsentSignal),
+    /// Another outcome or action, or one this version cannot read: the arbiter is
+    /// the one that dead-letters those.
+    Ignored,
+}
+
+/// A change of the customer's consent that concerns this worker's sends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsentSignal {
+    pub customer_id: String,
+    pub change: ConsentChange,
+    pub at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentChange {
+    /// Unsubscribed or opted out on this worker's channel.
+    Withdrawn,
+    /// Opted in again on this worker's channel.
+    Given,
+    /// Marked a message (on any channel) as spam: no promo.
+    Complained,
+}
+
+/// A customer's consent as this worker knows it (`cs/<customer>`): the latest
+/// withdrawal, opt-in and complaint it read, written only for customers who had one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ConsentState {
+    withdrawn_at: Option<Millis>,
+    given_at: Option<Millis>,
+    complained_at: Option<Millis>,
+}
+
+impl ConsentState {
+    /// Why a send of `category` decided at `decided_at` may not go out any more, if so.
+    /// Only what came at or after the decision counts: what came before, the arbiter
+    /// weighed (and an opt-in it saw may not have reached this worker yet). As in the
+    /// arbiter: a withdrawal at the instant of an opt-in wins, a complaint ends promo,
+    /// and an unsubscribe holds for transactional messages too.
+    fn block(
+        &self,
+        channel: Channel,
+        category: MessageCategory,
+        decided_at: Millis,
+    ) -> Option<String> {
+        if let Some(at) = self
+            .withdrawn_at
+            .filter(|w| *w >= decided_at && self.given_at.is_none_or(|g| *w >= g))
+        {
+            return Some(format!(
+                "consent_withdrawn: the customer unsubscribed from {channel} at {at}"
+            ));
+        }
+        match (category, self.complained_at.filter(|c| *c >= decided_at)) {
+            (MessageCategory::promo, Some(at)) => Some(format!(
+                "consent_withdrawn: the customer marked a message as spam at {at}: no promo"
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn consent_key(customer_id: &str) -> String {
+    ["cs/", customer_id].concat()
+}
+
 /// How the provider attempts of one send ended.
 #[derive(Debug)]
 enum Delivery {
@@ -127,6 +200,7 @@ struct DeliveryMetrics {
     resumed: IntCounterVec,
     in_doubt: IntCounterVec,
     duplicates: IntCounterVec,
+    consent_blocked: IntCounterVec,
 }
 
 pub struct DeliveryProcessor {
@@ -135,6 +209,8 @@ pub struct DeliveryProcessor {
     settings: DeliveryChannelConfig,
     send_topic: String,
     outcomes_topic: String,
+    /// Read with the outcomes for consent withdrawn or given after a decision.
+    actions_topic: String,
     dead_letter_topic: String,
     templates: TemplateSet,
     /// None for the simulator and the in-app inbox, which call nobody.
@@ -220,6 +296,12 @@ impl DeliveryProcessor {
                 "Sends handed over completely whose answer a crash or timeout cut off: reported sent, not repeated.",
                 &["channel"],
             ),
+            consent_blocked: metrics::counter_vec(
+                registry,
+                "kairos_delivery_consent_withdrawn_total",
+                "Sends not made because the customer withdrew consent (unsubscribed, opted out, complained of promo) after the decision.",
+                &["channel"],
+            ),
             duplicates: metrics::counter_vec(
                 registry,
                 "kairos_delivery_duplicate_sends_total",
@@ -232,6 +314,7 @@ impl DeliveryProcessor {
             name: format!("deliver-{}", channel.as_str()),
             send_topic: config.send_topic(channel),
             outcomes_topic: config.topic(topics::OUTCOMES),
+            actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             templates,
             provider,
@@ -260,6 +343,7 @@ impl DeliveryProcessor {
             &processor.metrics.resumed,
             &processor.metrics.in_doubt,
             &processor.metrics.duplicates,
+            &processor.metrics.consent_blocked,
         ] {
             per_channel.with_label_values(&[labels[0]]);
         }
@@ -682,8 +766,76 @@ pub fn load_templates(config: &Config, channel: Channel) -> anyhow::Result<Templ
     Ok(templates)
 }
 
+impl DeliveryProcessor {
+    /// Reads an outcome or a customer action for what it says of consent on this
+    /// worker's channel.
+    fn consent_signal(&self, record: &Record<'_>) -> DeliveryInput {
+        let from_outcome = |o: &Outcome| {
+            let change = match o.kind {
+                OutcomeKind::unsubscribed if o.channel == self.channel => ConsentChange::Withdrawn,
+                OutcomeKind::complained => ConsentChange::Complained,
+                _ => return DeliveryInput::Ignored,
+            };
+            DeliveryInput::Consent(ConsentSignal {
+                customer_id: o.customer_id.clone(),
+                change,
+                at: o.occurred_at,
+            })
+        };
+        if record.topic == self.outcomes_topic {
+            return match decode_internal::<Outcome>(record.payload) {
+                Ok(o) => from_outcome(&o),
+                Err(_) => DeliveryInput::Ignored,
+            };
+        }
+        let Ok(a) = decode_internal::<CustomerAction>(record.payload) else {
+            return DeliveryInput::Ignored;
+        };
+        let change = match a.kind {
+            // An outcome of a merged-away id, sent on to this customer by the arbiter.
+            CustomerActionKind::outcome => {
+                return match a.state.as_deref().map(serde_json::from_str::<Outcome>) {
+                    Some(Ok(o)) => from_outcome(&o),
+                    _ => DeliveryInput::Ignored,
+                };
+            }
+            _ if a.channel != Some(self.channel) => return DeliveryInput::Ignored,
+            CustomerActionKind::opt_out => ConsentChange::Withdrawn,
+            CustomerActionKind::opt_in => ConsentChange::Given,
+            _ => return DeliveryInput::Ignored,
+        };
+        DeliveryInput::Consent(ConsentSignal {
+            customer_id: a.customer_id,
+            change,
+            at: a.occurred_at,
+        })
+    }
+
+    fn apply_consent(&self, ctx: &mut Ctx<'_>, signal: &ConsentSignal) -> anyhow::Result<()> {
+        let key = consent_key(&signal.customer_id);
+        let mut state: ConsentState = ctx.get(&key)?.unwrap_or_default();
+        let at = signal.at;
+        let slot = match signal.change {
+            ConsentChange::Withdrawn => &mut state.withdrawn_at,
+            ConsentChange::Given => &mut state.given_at,
+            ConsentChange::Complained => &mut state.complained_at,
+        };
+        if slot.is_some_and(|known| known >= at) {
+            return Ok(()); // a repeat, or older than what is known
+        }
+        *slot = Some(at);
+        ctx.put(&key, &state)
+    }
+
+    /// Why the customer's consent no longer allows `cmd`, if so.
+    fn consent_block(&self, ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
+        let state: Option<ConsentState> = ctx.get(&consent_key(&cmd.customer_id))?;
+        Ok(state.and_then(|s| s.block(self.channel, cmd.category, cmd.created_at)))
+    }
+}
+
 impl Processor for DeliveryProcessor {
-    type Input = SendInput;
+    type Input = DeliveryInput;
 
     fn name(&self) -> &str {
         &self.name
@@ -695,7 +847,16 @@ impl Processor for DeliveryProcessor {
     }
 
     fn inputs(&self) -> Vec<String> {
-        vec![self.send_topic.clone()]
+        vec![
+            self.send_topic.clone(),
+            self.outcomes_topic.clone(),
+            self.actions_topic.clone(),
+        ]
+    }
+
+    /// Only sends are slow; consent records ride along in their batches.
+    fn counts_towards_batch(&self, topic: &str) -> bool {
+        topic == self.send_topic
     }
 
     fn outputs(&self) -> Vec<String> {
@@ -708,7 +869,10 @@ impl Processor for DeliveryProcessor {
         self.provider.as_ref().map(|_| 1)
     }
 
-    fn decode(&self, record: &Record<'_>) -> Result<SendInput, Rejection> {
+    fn decode(&self, record: &Record<'_>) -> Result<DeliveryInput, Rejection> {
+        if record.topic != self.send_topic {
+            return Ok(self.consent_signal(record));
+        }
         let cmd: SendCommand = decode_internal(record.payload)?;
         if cmd.channel != self.channel {
             return Err(Rejection::new(
@@ -719,18 +883,28 @@ impl Processor for DeliveryProcessor {
                 ),
             ));
         }
-        Ok(SendInput {
+        Ok(DeliveryInput::Send(Box::new(SendInput {
             command: cmd,
             topic: record.topic.to_string(),
             offset: record.offset,
-        })
+        })))
     }
 
-    fn event_time(&self, input: &SendInput) -> Option<Millis> {
-        Some(input.command.created_at)
+    /// Sends move the clock in event time; consent records, dated by whoever reported
+    /// them, do not.
+    fn event_time(&self, input: &DeliveryInput) -> Option<Millis> {
+        match input {
+            DeliveryInput::Send(s) => Some(s.command.created_at),
+            _ => None,
+        }
     }
 
-    fn process(&mut self, ctx: &mut Ctx<'_>, input: SendInput) -> anyhow::Result<()> {
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: DeliveryInput) -> anyhow::Result<()> {
+        let input = match input {
+            DeliveryInput::Send(send) => send,
+            DeliveryInput::Consent(signal) => return self.apply_consent(ctx, &signal),
+            DeliveryInput::Ignored => return Ok(()),
+        };
         let cmd = &input.command;
         let now = ctx.now();
         let send = SendSummary::from(cmd);
@@ -754,6 +928,16 @@ impl Processor for DeliveryProcessor {
         }
         // Only real providers write ahead of their calls.
         if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
+            return Ok(());
+        }
+        // The customer withdrew consent after the decision, while the command waited.
+        if let Some(reason) = self.consent_block(ctx, cmd)? {
+            tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
+            self.metrics
+                .consent_blocked
+                .with_label_values(&[self.channel.as_str()])
+                .inc();
+            self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
             return Ok(());
         }
         if cmd.valid_until < now {
@@ -892,6 +1076,20 @@ mod tests {
     use super::*;
     use kairos_core::contracts::MessageCategory;
 
+    /// The shipped configuration in event time, its state in `dir`, with `extra`
+    /// settings (`KAIROS__...` names).
+    fn test_config(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
+        let text = std::fs::read_to_string(&path).expect("config file");
+        let mut env = vec![
+            ("KAIROS__STATE__DIR".to_string(), dir.display().to_string()),
+            ("KAIROS__CLOCK__MODE".to_string(), "event".to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Config::from_text(&path, &text, &env).expect("config")
+    }
+
     /// After a crash that came between the provider's acceptance and the batch's
     /// commit, the send is reported sent when it comes again, even past its valid-until
     /// (the restart came late): it went out, and no key of its attempt stays behind.
@@ -899,27 +1097,19 @@ mod tests {
     fn a_send_accepted_before_a_crash_is_reported_sent_even_once_expired() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
-        let text = std::fs::read_to_string(&path).expect("config file");
-        let env = |k: &str, v: &str| (k.to_string(), v.to_string());
-        let config = Config::from_text(
-            &path,
-            &text,
+        let config = test_config(
+            dir.path(),
             &[
-                env("KAIROS__STATE__DIR", &dir.path().display().to_string()),
-                env("KAIROS__CLOCK__MODE", "event"),
                 // Never called: the send was accepted before the crash.
-                env("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
-                env("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-                env("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
-                env(
+                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+                (
                     "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
                     "Shop <news@shop.example>",
                 ),
             ],
-        )
-        .expect("config");
+        );
         let t0 = 20_000 * DAY;
         let cmd = SendCommand {
             send_id: "s-1".into(),
@@ -993,25 +1183,188 @@ mod tests {
     /// A send id is taken once within `state.dedup_window`; once the window has passed
     /// and the id is swept, a copy of the command (created before the window) is
     /// failed, never sent again, whatever valid-until it carries.
+    /// A send command waits on its topic (a backlog, the breaker) while the customer
+    /// withdraws consent: it is not made. What came before the decision was the
+    /// arbiter's to weigh.
+    #[test]
+    fn consent_withdrawn_after_the_decision_stops_a_waiting_send() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")],
+        );
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let t0 = 20_000 * DAY;
+        let (sends, outcomes, actions) = (
+            config.send_topic(Channel::email),
+            config.topic(topics::OUTCOMES),
+            config.topic(topics::CUSTOMER_ACTIONS),
+        );
+        let outcome = |customer: &str, channel, kind, at| Outcome {
+            outcome_id: format!("o-{customer}-{at}"),
+            send_id: format!("earlier-{customer}"),
+            customer_id: customer.into(),
+            scenario: "weekly_promo".into(),
+            channel,
+            category: MessageCategory::promo,
+            kind,
+            reason: None,
+            occurred_at: at,
+            address: None,
+        };
+        let action = |customer: &str, kind, at| CustomerAction {
+            channel: Some(Channel::email),
+            ..CustomerAction::new(format!("a-{customer}-{at}"), customer.into(), kind, at)
+        };
+        let command = |id: &str, customer: &str, category| SendCommand {
+            send_id: id.into(),
+            trigger_id: format!("t-{id}"),
+            customer_id: customer.into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category,
+            template: "welcome".into(),
+            address: Some(format!("{customer}@example.com")),
+            variables: r#"{"first_name":"Ann"}"#.into(),
+            created_at: t0,
+            valid_until: t0 + DAY,
+            cause_occurred_at: t0,
+            reasons: vec![],
+        };
+        fn json<T: Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).expect("encode")
+        }
+        let mut out = Vec::new();
+        let mut push = |topic: &str, key: &str, payload: Vec<u8>| {
+            out.extend(
+                replayer
+                    .push(topic, key.as_bytes(), &payload)
+                    .expect("push"),
+            );
+        };
+        // Unsubscribed after the decision: not sent.
+        push(
+            &outcomes,
+            "c1",
+            json(&outcome(
+                "c1",
+                Channel::email,
+                OutcomeKind::unsubscribed,
+                t0 + 10,
+            )),
+        );
+        push(
+            &sends,
+            "c1",
+            json(&command("s-1", "c1", MessageCategory::trigger)),
+        );
+        // Before it: the arbiter decided knowing it (or an opt-in this worker has not
+        // read yet): sent.
+        push(
+            &outcomes,
+            "c2",
+            json(&outcome(
+                "c2",
+                Channel::email,
+                OutcomeKind::unsubscribed,
+                t0 - 10,
+            )),
+        );
+        push(
+            &sends,
+            "c2",
+            json(&command("s-2", "c2", MessageCategory::trigger)),
+        );
+        // Opted out and in again after it: sent.
+        push(
+            &actions,
+            "c3",
+            json(&action("c3", CustomerActionKind::opt_out, t0 + 5)),
+        );
+        push(
+            &actions,
+            "c3",
+            json(&action("c3", CustomerActionKind::opt_in, t0 + 6)),
+        );
+        push(
+            &sends,
+            "c3",
+            json(&command("s-3", "c3", MessageCategory::trigger)),
+        );
+        // A complaint about a push message: no promo on any channel; other messages go.
+        push(
+            &outcomes,
+            "c4",
+            json(&outcome(
+                "c4",
+                Channel::push,
+                OutcomeKind::complained,
+                t0 + 5,
+            )),
+        );
+        push(
+            &sends,
+            "c4",
+            json(&command("s-4", "c4", MessageCategory::promo)),
+        );
+        push(
+            &sends,
+            "c4",
+            json(&command("s-5", "c4", MessageCategory::trigger)),
+        );
+        // An unsubscribe from push leaves e-mail alone.
+        push(
+            &outcomes,
+            "c5",
+            json(&outcome(
+                "c5",
+                Channel::push,
+                OutcomeKind::unsubscribed,
+                t0 + 5,
+            )),
+        );
+        push(
+            &sends,
+            "c5",
+            json(&command("s-6", "c5", MessageCategory::trigger)),
+        );
+        out.extend(replayer.commit().expect("commit"));
+        let first = |id: &str| {
+            out.iter()
+                .filter(|o| o.topic == outcomes)
+                .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+                .find(|o| o.send_id == id)
+                .map(|o| (o.kind, o.reason.unwrap_or_default()))
+                .unwrap_or_else(|| panic!("no outcome of {id}"))
+        };
+        for id in ["s-1", "s-4"] {
+            let (kind, reason) = first(id);
+            assert_eq!(kind, OutcomeKind::failed, "{id}: {reason}");
+            assert!(reason.starts_with("consent_withdrawn"), "{id}: {reason}");
+        }
+        for id in ["s-2", "s-3", "s-5", "s-6"] {
+            assert_eq!(first(id).0, OutcomeKind::sent, "{id}");
+        }
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("metrics text");
+        assert!(
+            text.contains("kairos_delivery_consent_withdrawn_total{channel=\"email\"} 2"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn a_send_id_is_taken_once_and_a_copy_older_than_the_window_is_never_sent() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
-        let text = std::fs::read_to_string(&path).expect("config file");
-        let config = Config::from_text(
-            &path,
-            &text,
-            &[
-                (
-                    "KAIROS__STATE__DIR".into(),
-                    dir.path().display().to_string(),
-                ),
-                ("KAIROS__CLOCK__MODE".into(), "event".into()),
-            ],
-        )
-        .expect("config");
+        let config = test_config(dir.path(), &[]);
         let mut settings = config.delivery[&Channel::email].clone();
         settings.provider = ProviderKind::Simulator;
         let registry = prometheus::Registry::new();
