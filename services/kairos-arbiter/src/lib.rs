@@ -398,7 +398,12 @@ impl CustomerLedger {
     /// unsubscribe that an opt-in of either id came after: both ids are one person,
     /// whose latest word on a channel counts, as it does without a merge.
     pub fn absorb(&mut self, other: CustomerLedger) {
-        if other.zone.as_ref().map(|(at, _)| *at) > self.zone.as_ref().map(|(at, _)| *at) {
+        // As the profile's merge: the survivor's zone, the merged customer's only where
+        // the survivor has none.
+        let named = |z: &Option<(Millis, Option<CompactString>)>| {
+            z.as_ref().is_some_and(|(_, zone)| zone.is_some())
+        };
+        if !named(&self.zone) && named(&other.zone) {
             self.zone = other.zone;
         }
         self.sends.extend(other.sends);
@@ -3134,6 +3139,28 @@ mod tests {
 
     /// A cascade's later step delivered after its customer was merged away counts
     /// once towards the survivor's sunset, as it would have before the merge.
+    #[test]
+    fn a_merge_keeps_the_survivor_s_time_zone_as_the_profile_does() {
+        let zone = |at: Millis, name: Option<&str>| Some((at, name.map(CompactString::from)));
+        let merged = || CustomerLedger {
+            zone: zone(20, Some("Europe/London")),
+            ..CustomerLedger::default()
+        };
+        let mut survivor = CustomerLedger {
+            zone: zone(10, Some("Asia/Tokyo")),
+            ..CustomerLedger::default()
+        };
+        survivor.absorb(merged());
+        assert_eq!(survivor.zone, zone(10, Some("Asia/Tokyo")));
+        // A survivor whose triggers named no zone takes the merged customer's.
+        let mut unnamed = CustomerLedger {
+            zone: zone(30, None),
+            ..CustomerLedger::default()
+        };
+        unnamed.absorb(merged());
+        assert_eq!(unnamed.zone, zone(20, Some("Europe/London")));
+    }
+
     #[test]
     fn a_merge_keeps_a_cascade_s_later_steps_out_of_the_sunset_count() {
         let followup = "s-push";

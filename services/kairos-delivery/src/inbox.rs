@@ -111,17 +111,19 @@ pub fn store(
     Ok(stored)
 }
 
-/// The customer's live messages at `now`, newest first: expired ones are deleted,
-/// unseen ones marked seen. Returns them with the ones seen for the first time.
+/// The customer's live messages at `now`, newest first: expired ones, and ones the
+/// customer's consent no longer allows (`withdrawn`), are deleted, unseen ones marked
+/// seen. Returns them with the ones seen for the first time.
 pub fn fetch(
     ctx: &mut Ctx<'_>,
     customer_id: &str,
     now: Millis,
+    withdrawn: impl Fn(&InboxMessage) -> bool,
 ) -> anyhow::Result<(Vec<InboxMessage>, Vec<InboxMessage>)> {
     let mut live = Vec::new();
     let mut first_seen = Vec::new();
     for (key, mut m) in messages(ctx, customer_id)? {
-        if m.valid_until <= now {
+        if m.valid_until <= now || withdrawn(&m) {
             ctx.delete(&key);
             ctx.cancel(&expiry_timer(&m.send_id))?;
             continue;
@@ -347,6 +349,77 @@ mod tests {
 
     /// A customer keeps the newest [`INBOX_KEPT`] messages; older ones go, with their
     /// expiry timers.
+    /// A message kept before the customer opted out of in-app messages, or complained
+    /// of promo, is not shown at the next poll, nor reported delivered.
+    #[test]
+    fn a_kept_message_goes_when_the_customer_withdraws_consent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, mut replayer, _) = worker(dir.path());
+        let topic = config.send_topic(Channel::in_app);
+        let promo = |id: &str, customer: &str| {
+            let mut cmd: SendCommand =
+                serde_json::from_slice(&command(id, customer, 0, DAY)).expect("decode");
+            cmd.category = MessageCategory::promo;
+            serde_json::to_vec(&cmd).expect("encode")
+        };
+        for (id, customer, payload) in [
+            ("m-1", "c1", promo("m-1", "c1")),
+            ("m-2", "c1", command("m-2", "c1", 1, DAY)),
+            ("m-3", "c2", command("m-3", "c2", 0, DAY)),
+        ] {
+            replayer
+                .push(&topic, customer.as_bytes(), &payload)
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+        }
+        // c1 complains of a promo on another channel; c2 opts out of in-app messages.
+        let complaint = Outcome {
+            outcome_id: "o-1".into(),
+            send_id: "earlier".into(),
+            customer_id: "c1".into(),
+            scenario: "weekly_promo".into(),
+            channel: Channel::email,
+            category: MessageCategory::promo,
+            kind: OutcomeKind::complained,
+            reason: None,
+            occurred_at: T0 + 2,
+            address: None,
+        };
+        let opt_out = kairos_core::contracts::CustomerAction {
+            channel: Some(Channel::in_app),
+            ..kairos_core::contracts::CustomerAction::new(
+                "a-1".into(),
+                "c2".into(),
+                kairos_core::contracts::CustomerActionKind::opt_out,
+                T0 + 2,
+            )
+        };
+        fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).expect("encode")
+        }
+        replayer
+            .push(&config.topic(topics::OUTCOMES), b"c1", &encode(&complaint))
+            .expect("push");
+        replayer
+            .push(
+                &config.topic(topics::CUSTOMER_ACTIONS),
+                b"c2",
+                &encode(&opt_out),
+            )
+            .expect("push");
+        replayer.commit().expect("commit");
+        let (c1, out) = poll(&mut replayer, "c1");
+        assert_eq!(ids(&c1), ["m-2"], "the promo goes, the other stays");
+        let delivered: Vec<Outcome> = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice(&o.payload).expect("outcome"))
+            .collect();
+        assert_eq!(delivered.len(), 1, "{delivered:?}");
+        assert_eq!(delivered[0].send_id, "m-2");
+        let (c2, _) = poll(&mut replayer, "c2");
+        assert!(c2.is_empty(), "{c2:?}");
+    }
+
     #[test]
     fn an_inbox_keeps_the_newest_messages() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -143,26 +143,21 @@ struct ConsentState {
 }
 
 impl ConsentState {
-    /// Why a send of `category` decided at `decided_at` may not go out any more, if so.
-    /// Only what came at or after the decision counts: what came before, the arbiter
-    /// weighed (and an opt-in it saw may not have reached this worker yet). As in the
-    /// arbiter: a withdrawal at the instant of an opt-in wins, a complaint ends promo,
-    /// and an unsubscribe holds for transactional messages too.
-    fn block(
-        &self,
-        channel: Channel,
-        category: MessageCategory,
-        decided_at: Millis,
-    ) -> Option<String> {
+    /// Why a send of `category` may not go out, if so. The arbiter's rules: a
+    /// withdrawal holds until a later opt-in (one at the same instant loses), for
+    /// transactional messages too, and a complaint ends promo. Whenever the withdrawal
+    /// came: the arbiter may have decided before it read one dated earlier (the
+    /// profile behind, a deferred message waking on its own timer).
+    fn block(&self, channel: Channel, category: MessageCategory) -> Option<String> {
         if let Some(at) = self
             .withdrawn_at
-            .filter(|w| *w >= decided_at && self.given_at.is_none_or(|g| *w >= g))
+            .filter(|w| self.given_at.is_none_or(|g| *w >= g))
         {
             return Some(format!(
                 "consent_withdrawn: the customer unsubscribed from {channel} at {at}"
             ));
         }
-        match (category, self.complained_at.filter(|c| *c >= decided_at)) {
+        match (category, self.complained_at) {
             (MessageCategory::promo, Some(at)) => Some(format!(
                 "consent_withdrawn: the customer marked a message as spam at {at}: no promo"
             )),
@@ -201,6 +196,7 @@ struct DeliveryMetrics {
     in_doubt: IntCounterVec,
     duplicates: IntCounterVec,
     consent_blocked: IntCounterVec,
+    consent_changes: IntCounterVec,
 }
 
 pub struct DeliveryProcessor {
@@ -302,6 +298,12 @@ impl DeliveryProcessor {
                 "Sends not made because the customer withdrew consent (unsubscribed, opted out, complained of promo) after the decision.",
                 &["channel"],
             ),
+            consent_changes: metrics::counter_vec(
+                registry,
+                "kairos_delivery_consent_changes_total",
+                "Unsubscribes, opt-outs, opt-ins and complaints the worker noted for its channel (read from outcomes and customer actions).",
+                &["channel"],
+            ),
             duplicates: metrics::counter_vec(
                 registry,
                 "kairos_delivery_duplicate_sends_total",
@@ -344,6 +346,7 @@ impl DeliveryProcessor {
             &processor.metrics.in_doubt,
             &processor.metrics.duplicates,
             &processor.metrics.consent_blocked,
+            &processor.metrics.consent_changes,
         ] {
             per_channel.with_label_values(&[labels[0]]);
         }
@@ -824,13 +827,17 @@ impl DeliveryProcessor {
             return Ok(()); // a repeat, or older than what is known
         }
         *slot = Some(at);
+        self.metrics
+            .consent_changes
+            .with_label_values(&[self.channel.as_str()])
+            .inc();
         ctx.put(&key, &state)
     }
 
     /// Why the customer's consent no longer allows `cmd`, if so.
     fn consent_block(&self, ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
         let state: Option<ConsentState> = ctx.get(&consent_key(&cmd.customer_id))?;
-        Ok(state.and_then(|s| s.block(self.channel, cmd.category, cmd.created_at)))
+        Ok(state.and_then(|s| s.block(self.channel, cmd.category)))
     }
 }
 
@@ -987,7 +994,10 @@ impl Processor for DeliveryProcessor {
         let customer_id = std::str::from_utf8(request)
             .map_err(|e| anyhow::anyhow!("a customer id is not UTF-8: {e}"))?;
         let now = ctx.now();
-        let (live, first_seen) = inbox::fetch(ctx, customer_id, now)?;
+        // A message kept before the customer withdrew consent is not shown any more.
+        let consent: ConsentState = ctx.get(&consent_key(customer_id))?.unwrap_or_default();
+        let withdrawn = |m: &inbox::InboxMessage| consent.block(self.channel, m.category).is_some();
+        let (live, first_seen) = inbox::fetch(ctx, customer_id, now, withdrawn)?;
         for m in &first_seen {
             let send = SendSummary {
                 send_id: m.send_id.clone(),
@@ -1184,10 +1194,10 @@ mod tests {
     /// and the id is swept, a copy of the command (created before the window) is
     /// failed, never sent again, whatever valid-until it carries.
     /// A send command waits on its topic (a backlog, the breaker) while the customer
-    /// withdraws consent: it is not made. What came before the decision was the
-    /// arbiter's to weigh.
+    /// withdraws consent, or the arbiter decided it before reading the withdrawal: it
+    /// is not made, unless the customer opted in again later.
     #[test]
-    fn consent_withdrawn_after_the_decision_stops_a_waiting_send() {
+    fn withdrawn_consent_stops_a_waiting_send() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
         let config = test_config(
@@ -1264,8 +1274,8 @@ mod tests {
             "c1",
             json(&command("s-1", "c1", MessageCategory::trigger)),
         );
-        // Before it: the arbiter decided knowing it (or an opt-in this worker has not
-        // read yet): sent.
+        // Before it, and read by the arbiter only after it decided (the profile
+        // behind): not sent either.
         push(
             &outcomes,
             "c2",
@@ -1343,19 +1353,19 @@ mod tests {
                 .map(|o| (o.kind, o.reason.unwrap_or_default()))
                 .unwrap_or_else(|| panic!("no outcome of {id}"))
         };
-        for id in ["s-1", "s-4"] {
+        for id in ["s-1", "s-2", "s-4"] {
             let (kind, reason) = first(id);
             assert_eq!(kind, OutcomeKind::failed, "{id}: {reason}");
             assert!(reason.starts_with("consent_withdrawn"), "{id}: {reason}");
         }
-        for id in ["s-2", "s-3", "s-5", "s-6"] {
+        for id in ["s-3", "s-5", "s-6"] {
             assert_eq!(first(id).0, OutcomeKind::sent, "{id}");
         }
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
             .expect("metrics text");
         assert!(
-            text.contains("kairos_delivery_consent_withdrawn_total{channel=\"email\"} 2"),
+            text.contains("kairos_delivery_consent_withdrawn_total{channel=\"email\"} 3"),
             "{text}"
         );
     }

@@ -1409,7 +1409,7 @@ impl CustomerProfile {
             self.offline_orders += 1;
         }
         self.revenue += total;
-        self.pay_off_refunds(at);
+        self.pay_off_refunds(at, total);
         self.first_purchase_at = Some(self.first_purchase_at.map_or(at, |f| f.min(at)));
         if self.last_purchase_at.is_none_or(|last| at >= last) {
             self.last_purchase_at = Some(at);
@@ -1624,12 +1624,15 @@ impl CustomerProfile {
         Reversal::Applied { known: false }
     }
 
-    /// A sale at `sale_at` was just counted: refunds dated after it whose amount the
-    /// revenue could not cover take it now, oldest first.
-    fn pay_off_refunds(&mut self, sale_at: Millis) {
+    /// A sale of `amount` at `sale_at` was just counted: refunds dated after it whose
+    /// amount the revenue could not cover take it now, oldest first, up to the sale's
+    /// amount (sales after the refund are no part of what it refunded).
+    fn pay_off_refunds(&mut self, sale_at: Millis, amount: f64) {
+        let mut left = amount.min(self.revenue).max(0.0);
         for (refund_at, short) in &mut self.refund_shortfalls {
             if *refund_at >= sale_at {
-                let paid = short.min(self.revenue).max(0.0);
+                let paid = short.min(left);
+                left -= paid;
                 self.revenue -= paid;
                 *short -= paid;
             }
@@ -2340,6 +2343,13 @@ mod tests {
         assert_eq!(p.revenue, 0.0);
         p.record_purchase(2 * DAY + HOUR, 40.0, true, Some("sale-3".into()));
         assert_eq!(p.revenue, 10.0);
+        // A sale before a refund pays at most its own amount: a later sale's revenue
+        // is no part of what the refund took back.
+        let mut q = CustomerProfile::new("c2", 0);
+        q.record_refund("rf-3", 100.0, DAY);
+        q.record_purchase(2 * DAY, 50.0, true, Some("sale-4".into()));
+        q.record_purchase(0, 30.0, true, Some("sale-5".into()));
+        assert_eq!(q.revenue, 50.0);
     }
 
     #[test]
