@@ -120,13 +120,17 @@ pub fn add_touch(touches: &mut Vec<Touch>, touch: Touch, window: Millis) {
 /// before it, except that a touch that sent and held out nothing (a sunset, a pause
 /// or an exclusion a purchase caused) leaves a message still in its window its
 /// purchases; it would otherwise take the repeat purchases of the message before it.
+/// After another unsent touch, it is the touch.
 pub fn live_touch(touches: &[Touch], purchased_at: Millis, window: Millis) -> Option<usize> {
     let mut live: Option<usize> = None;
     for (i, touch) in touches.iter().enumerate() {
         if touch.at >= purchased_at {
             break;
         }
-        let replaces = live.is_none_or(|l| touch.message || touch.at - touches[l].at > window);
+        // An unsent touch gives way to any later one: it holds no message's window.
+        let replaces = live.is_none_or(|l| {
+            touch.message || !touches[l].message || touch.at - touches[l].at > window
+        });
         if replaces {
             live = Some(i);
         }
@@ -270,6 +274,12 @@ mod tests {
             Some(60),
             "past the message's window the unsent decision is the touch"
         );
+        // Unsent decisions one after another: the last before the purchase.
+        let unsent = [at(40, false), at(41, false), at(50, false)];
+        let live_of =
+            |t: Millis| live_touch(&unsent, t * HOUR, window).map(|i| unsent[i].at / HOUR);
+        assert_eq!(live_of(42), Some(41));
+        assert_eq!(live_of(70), Some(50), "in the window of the last one");
         for n in 0..TOUCHES_KEPT as Millis {
             add_touch(&mut touches, at(100 + n, true), window);
         }

@@ -870,7 +870,15 @@ impl Processor for FeedbackProcessor {
             // Each once: a re-sent record after a crash adds nothing, and a conversion
             // either side recorded stays.
             FeedbackInput::TouchesIn(m, touches) => self.keep_touches(ctx, &m.into, touches, true),
-            FeedbackInput::PurchaseIn(p) => self.attribute_pending(ctx, p),
+            FeedbackInput::PurchaseIn(p) => {
+                // Once per customer it reaches: a copy re-sent after a crash comes at a
+                // new offset, and would add its revenue again.
+                let id = ["in:", p.event_id.as_str(), "@", p.customer_id.as_str()].concat();
+                if !self.first_time(ctx, RecordKind::Purchase, &id, p.at)? {
+                    return Ok(());
+                }
+                self.attribute_pending(ctx, p)
+            }
             FeedbackInput::Ignored(_) => Ok(()),
         }
     }
@@ -1622,12 +1630,16 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["touches_in", "purchase_in"], "the touches first");
+        // The purchase comes twice (re-sent after a crash, at a new offset): its
+        // revenue counts once.
+        let again = sent_on[1].payload.clone();
         for record in sent_on {
             assert_eq!(record.key, b"c2");
             replayer
                 .push(&identified, b"c2", &record.payload)
                 .expect("push");
         }
+        replayer.push(&identified, b"c2", &again).expect("push");
         replayer.commit().expect("commit");
         assert_eq!(counter(&registry, "kairos_purchases_total", &[]), 1.0);
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
