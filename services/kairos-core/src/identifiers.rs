@@ -98,11 +98,17 @@ impl Normalizer {
         }
         let value = match kind {
             IdentifierKind::email => {
-                let lower = trimmed.to_lowercase();
-                if !email_address::EmailAddress::is_valid(&lower) || !lower.contains('.') {
-                    return Err(invalid("not an e-mail address"));
+                // The address alone: a form that keeps "Ann Lee <ann@example.com>" names
+                // the same mailbox as one that keeps "ann@example.com".
+                let parsed = email_address::EmailAddress::parse_with_options(
+                    trimmed,
+                    email_address::Options::default(),
+                )
+                .map_err(|e| invalid(&format!("not an e-mail address: {e}")))?;
+                if !parsed.domain().contains('.') {
+                    return Err(invalid("not an e-mail address: no dot in the domain"));
                 }
-                lower
+                parsed.email().to_lowercase()
             }
             IdentifierKind::phone => {
                 let number = phonenumber::parse(Some(self.default_country), trimmed)
@@ -162,6 +168,13 @@ mod tests {
         assert!(n()
             .normalize(IdentifierKind::email, "ann@localhost")
             .is_err());
+        assert!(n()
+            .normalize(IdentifierKind::email, "a.b@localhost")
+            .is_err());
+        let named = n()
+            .normalize(IdentifierKind::email, "Ann Lee <Ann.Lee@Example.com>")
+            .unwrap();
+        assert_eq!(named.to_string(), "email:ann.lee@example.com");
     }
 
     #[test]

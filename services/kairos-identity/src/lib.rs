@@ -435,6 +435,9 @@ impl IdentityProcessor {
             }
         };
         self.metrics.resolved.with_label_values(&[resolution]).inc();
+        // Before any merge it causes: a late event older than its customer's first
+        // moves it back, so the `first_seen` survivor rule counts the event itself.
+        self.seen(ctx, &target, at)?;
         // Who presents the identifiers: the event's customer, else the known customer
         // its other identifiers resolved to (an e-mail and a card on a form without a
         // login still make that customer one more holder of the card).

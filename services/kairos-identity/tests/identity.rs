@@ -594,6 +594,36 @@ fn the_first_seen_survivor_is_the_customer_seen_first_whatever_the_arrival_order
         "first seen half an hour before c-20"
     );
     assert_eq!(survivor(true), "c-20", "c-20's late event is the earliest");
+    // The late event is the one that causes the merge: its own time counts.
+    let mut h = Harness::with_identity("survivor = \"first_seen\"");
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 30 * MINUTE,
+        json!({"customer_id": "c-10"}),
+    );
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + HOUR,
+        json!({"customer_id": "c-20"}),
+    );
+    h.event(
+        "events.site",
+        "profile_update",
+        t0 + 2 * HOUR,
+        json!({"customer_id": "c-10", "email": "ida@example.com"}),
+    );
+    h.event(
+        "events.app",
+        "profile_update",
+        t0,
+        json!({"customer_id": "c-20", "email": "ida@example.com"}),
+    );
+    let merges = h.merges();
+    assert_eq!(merges.len(), 1, "{merges:?}");
+    assert_eq!(merges[0].customer_id, "c-20", "{merges:?}");
 }
 
 #[test]
