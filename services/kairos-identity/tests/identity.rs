@@ -553,77 +553,57 @@ fn caps_count_the_merged_customers_sends() {
 /// customer's first sighting back.
 #[test]
 fn the_first_seen_survivor_is_the_customer_seen_first_whatever_the_arrival_order() {
-    let survivor = |late_event: bool| {
+    let t0 = at(T0);
+    // c-20 seen at T0+1h, c-10 at T0+30m; then `late` events in the order given
+    // (customer, topic, event type, time, e-mail), and the survivor of the merge.
+    let survivor = |late: &[(&str, &str, &str, i64, Option<&str>)]| {
         let mut h = Harness::with_identity("survivor = \"first_seen\"");
-        let t0 = at(T0);
-        h.event(
-            "events.site",
-            "page_view",
-            t0 + HOUR,
-            json!({"customer_id": "c-20"}),
-        );
-        h.event(
-            "events.site",
-            "page_view",
-            t0 + 30 * MINUTE,
-            json!({"customer_id": "c-10"}),
-        );
-        if late_event {
-            h.event(
-                "events.app",
-                "page_view",
-                t0,
-                json!({"customer_id": "c-20"}),
-            );
-        }
-        for customer in ["c-10", "c-20"] {
-            h.event(
-                "events.site",
-                "profile_update",
-                t0 + 2 * HOUR,
-                json!({"customer_id": customer, "email": "ida@example.com"}),
-            );
+        let seen = [
+            ("c-20", "events.site", "page_view", t0 + HOUR, None),
+            ("c-10", "events.site", "page_view", t0 + 30 * MINUTE, None),
+        ];
+        for (customer, topic, kind, time, email) in seen.iter().chain(late) {
+            let mut body = json!({"customer_id": customer});
+            if let Some(email) = email {
+                body["email"] = json!(email);
+            }
+            h.event(topic, kind, *time, body);
         }
         let merges = h.merges();
         assert_eq!(merges.len(), 1, "{merges:?}");
         merges[0].customer_id.clone()
     };
+    let email = Some("ida@example.com");
+    let updates = [
+        (
+            "c-10",
+            "events.site",
+            "profile_update",
+            t0 + 2 * HOUR,
+            email,
+        ),
+        (
+            "c-20",
+            "events.site",
+            "profile_update",
+            t0 + 2 * HOUR,
+            email,
+        ),
+    ];
     assert_eq!(
-        survivor(false),
+        survivor(&updates),
         "c-10",
         "first seen half an hour before c-20"
     );
-    assert_eq!(survivor(true), "c-20", "c-20's late event is the earliest");
+    let late_view = ("c-20", "events.app", "page_view", t0, None);
+    assert_eq!(
+        survivor(&[late_view, updates[0], updates[1]]),
+        "c-20",
+        "c-20's late event is the earliest"
+    );
     // The late event is the one that causes the merge: its own time counts.
-    let mut h = Harness::with_identity("survivor = \"first_seen\"");
-    let t0 = at(T0);
-    h.event(
-        "events.site",
-        "page_view",
-        t0 + 30 * MINUTE,
-        json!({"customer_id": "c-10"}),
-    );
-    h.event(
-        "events.site",
-        "page_view",
-        t0 + HOUR,
-        json!({"customer_id": "c-20"}),
-    );
-    h.event(
-        "events.site",
-        "profile_update",
-        t0 + 2 * HOUR,
-        json!({"customer_id": "c-10", "email": "ida@example.com"}),
-    );
-    h.event(
-        "events.app",
-        "profile_update",
-        t0,
-        json!({"customer_id": "c-20", "email": "ida@example.com"}),
-    );
-    let merges = h.merges();
-    assert_eq!(merges.len(), 1, "{merges:?}");
-    assert_eq!(merges[0].customer_id, "c-20", "{merges:?}");
+    let late_update = ("c-20", "events.app", "profile_update", t0, email);
+    assert_eq!(survivor(&[updates[0], late_update]), "c-20");
 }
 
 #[test]
