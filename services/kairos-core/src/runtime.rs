@@ -783,11 +783,15 @@ impl<P: Processor> Engine<P> {
         store.take_clean_close()?;
         let clock = Clock::new(self.mode, store.event_time()?);
         let backlog = store.outbox()?;
+        // Outputs acknowledged before a crash whose deletion the changelog lacks: the
+        // next commit sends it.
+        let mut pending = Pending::default();
+        pending.keep_acknowledged_outputs(store.acknowledged_not_replicated()?);
         self.parts.insert(
             partition,
             Part {
                 store,
-                pending: Pending::default(),
+                pending,
                 clock,
             },
         );
@@ -2730,7 +2734,6 @@ fn restore_once(
             );
             store.apply_changelog(&chunk)?;
             store.finish_restore()?;
-            store.set_changelog_end(high)?;
             let mut behind = Vec::new();
             for (key, in_tail) in written_ahead {
                 if store.raw_get(&key)? != in_tail {
@@ -2741,6 +2744,9 @@ fn restore_once(
                 // Published with the outbox when the partition opens, after the claim.
                 store.republish(&behind, changelog)?;
             }
+            // Only then: killed before it, the next start restores the tail again and
+            // finds the same keys behind.
+            store.set_changelog_end(high)?;
             stats.applied = n;
             stats.kind = RestoreKind::OwnTail;
             tracing::info!(

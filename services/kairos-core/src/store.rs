@@ -80,6 +80,15 @@ const META_CLEAN_END: &[u8] = b"m/clean_end";
 /// and kept: such a record may be in the store and not in the changelog (a crash while
 /// it was replicated), so the store is never taken to equal the changelog.
 const META_WROTE_AHEAD: &[u8] = b"m/wrote_ahead";
+/// `m/acked/<outbox key>`: an output the broker acknowledged, deleted from the outbox,
+/// whose deletion has not reached the changelog yet (it goes with the next commit).
+/// Written with the deletion, so a crash before that commit does not leave the output
+/// in the changelog for a later rebuild to publish again. Never replicated.
+const META_ACKED: &[u8] = b"m/acked/";
+
+fn acked_marker(outbox_key: &[u8]) -> Vec<u8> {
+    [META_ACKED, outbox_key].concat()
+}
 
 /// Where a factory writes [`COLUMN_FAMILY_OPTIONS`] for RocksDB to load, under its root.
 const OPTIONS_DIR: &str = "rocksdb-options";
@@ -1417,6 +1426,10 @@ impl PartitionStore {
                     records.push((topic.to_string(), e.outbox_key.clone(), replica, true));
                 }
                 for k in pending.acknowledged_outbox.drain(..) {
+                    // The tombstone is in this commit's outbox from here on.
+                    batch
+                        .delete(&acked_marker(&k))
+                        .map_err(|e| self.too_large(e))?;
                     records.push((topic.to_string(), k, Vec::new(), true));
                 }
             }
@@ -1615,9 +1628,34 @@ impl PartitionStore {
         pending: &mut Pending,
         outbox_keys: Vec<Vec<u8>>,
     ) -> StoreResult<()> {
-        self.acknowledge(&outbox_keys)?;
+        if outbox_keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for k in &outbox_keys {
+            batch.delete(k);
+            batch.put(acked_marker(k), []);
+        }
+        self.write(batch)?;
         pending.acknowledged_outbox.extend(outbox_keys);
         Ok(())
+    }
+
+    /// Outputs acknowledged and deleted whose deletion did not reach the changelog
+    /// before the store was last closed (a crash before the next commit): the first
+    /// commit after opening sends it (see [`Pending::keep_acknowledged_outputs`]).
+    pub fn acknowledged_not_replicated(&self) -> StoreResult<Vec<Vec<u8>>> {
+        let mut keys = Vec::new();
+        let mut it = self.db.raw_iterator();
+        it.seek(META_ACKED);
+        while let Some(key) = it.key().filter(|k| k.starts_with(META_ACKED)) {
+            keys.push(key[META_ACKED.len()..].to_vec());
+            it.next();
+        }
+        if let Err(e) = it.status() {
+            return Err(self.rocks(e));
+        }
+        Ok(keys)
     }
 
     /// Drops outbox records the broker acknowledged.
@@ -2540,6 +2578,44 @@ mod tests {
             .open(3)
             .unwrap();
         assert_eq!(s.timers_pending(), 0, "no timer survives on disk");
+    }
+
+    /// An output acknowledged before a crash, with no commit after it: its deletion
+    /// still reaches the changelog, with the first commit after the restart, so a later
+    /// rebuild does not publish it again.
+    #[test]
+    fn an_acknowledged_output_leaves_the_changelog_after_a_crash() {
+        let (dir, mut s) = store();
+        let mut p = Pending::default();
+        s.emit(&mut p, "out", b"k", b"payload".to_vec());
+        let written = s.commit(&mut p, Some("changelog")).unwrap();
+        let output = written
+            .iter()
+            .find(|e| !e.changelog)
+            .expect("the output")
+            .outbox_key
+            .clone();
+        s.acknowledge_outputs(&mut p, vec![output.clone()]).unwrap();
+        assert!(!s.outbox().unwrap().iter().any(|e| e.outbox_key == output));
+        drop(s); // killed before the next commit
+        let mut s = StoreFactory::new(dir.path(), 1 << 20)
+            .unwrap()
+            .open(3)
+            .unwrap();
+        assert_eq!(
+            s.acknowledged_not_replicated().unwrap(),
+            vec![output.clone()]
+        );
+        let mut p = Pending::default();
+        p.keep_acknowledged_outputs(s.acknowledged_not_replicated().unwrap());
+        let written = s.commit(&mut p, Some("changelog")).unwrap();
+        assert!(
+            written
+                .iter()
+                .any(|e| e.changelog && e.key == output && e.payload.is_empty()),
+            "the tombstone of the output goes to the changelog"
+        );
+        assert!(s.acknowledged_not_replicated().unwrap().is_empty());
     }
 
     #[test]
