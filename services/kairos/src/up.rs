@@ -219,10 +219,12 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
         .map(|c| {
             format!(
                 "{c} {}",
+                // Its send topic only: a worker also reads outcomes and customer
+                // actions, for consent withdrawn after a decision.
                 sum(
                     m.get(&format!("deliver-{c}")),
                     "kairos_input_records_total",
-                    &[]
+                    &[&format!("send.{c}\"")]
                 )
             )
         })
