@@ -560,18 +560,11 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
             .collect::<Vec<_>>()
     };
     assert_eq!(kinds("unknown-1"), ["failed", "sent"], "{sent_again:?}");
-    let duplicates = || {
-        kairos_tests::sample(
-            &p.metrics("deliver-sms"),
-            "kairos_delivery_duplicate_sends_total",
-            &["channel=\"sms\""],
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while duplicates() < 1.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(duplicates(), 1.0, "the copy of ok-1 is counted");
+    assert_eq!(
+        sms_counter_once_at_least_1(&p, "kairos_delivery_duplicate_sends_total"),
+        1.0,
+        "the copy of ok-1 is counted"
+    );
     assert_eq!(
         kinds("ok-1").iter().filter(|k| *k == "sent").count(),
         1,
@@ -606,18 +599,11 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "category": "trigger", "kind": "unsubscribed", "reason": null,
         "occurred_at": now_millis()});
     p.produce("outcomes", &[("c-late-1", json(unsubscribe))]);
-    let noted = || {
-        kairos_tests::sample(
-            &p.metrics("deliver-sms"),
-            "kairos_delivery_consent_changes_total",
-            &["channel=\"sms\""],
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while noted() < 1.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(noted(), 1.0, "the worker noted the unsubscribe");
+    assert_eq!(
+        sms_counter_once_at_least_1(&p, "kairos_delivery_consent_changes_total"),
+        1.0,
+        "the worker noted the unsubscribe"
+    );
     p.produce("send.sms", &[("c-late-1", waiting)]);
     let late = p.read_json_until("outcomes", Duration::from_secs(30), |v| {
         v.iter().any(|o| o["send_id"] == "late-1")
@@ -635,6 +621,16 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "{late}"
     );
     assert_eq!(log.lock().expect("log").requests.get("late-1"), None);
+}
+
+/// The SMS worker's `metric` for its channel, once it reached 1 (or after 20 s).
+fn sms_counter_once_at_least_1(p: &Pipeline, metric: &str) -> f64 {
+    let value = || kairos_tests::sample(&p.metrics("deliver-sms"), metric, &["channel=\"sms\""]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while value() < 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    value()
 }
 
 /// The command a dead letter carries, as it was on the send topic.
