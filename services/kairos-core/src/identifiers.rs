@@ -108,7 +108,12 @@ impl Normalizer {
                 if !parsed.domain().contains('.') {
                     return Err(invalid("not an e-mail address: no dot in the domain"));
                 }
-                parsed.email().to_lowercase()
+                // A Unicode domain in its ASCII form (IDNA), as DNS and the SMTP worker
+                // name it: "anna@bücher.de" and "anna@xn--bcher-kva.de" are one mailbox.
+                let domain = idna::domain_to_ascii(parsed.domain()).map_err(|_| {
+                    invalid("not an e-mail address: the domain is not a valid IDNA name")
+                })?;
+                format!("{}@{domain}", parsed.local_part().to_lowercase())
             }
             IdentifierKind::phone => {
                 let number = phonenumber::parse(Some(self.default_country), trimmed)
@@ -175,6 +180,15 @@ mod tests {
             .normalize(IdentifierKind::email, "Ann Lee <Ann.Lee@Example.com>")
             .unwrap();
         assert_eq!(named.to_string(), "email:ann.lee@example.com");
+        for unicode in ["anna@bücher.de", "Anna@BÜCHER.de", "anna@xn--bcher-kva.de"] {
+            let id = n().normalize(IdentifierKind::email, unicode).unwrap();
+            assert_eq!(id.value, "anna@xn--bcher-kva.de", "{unicode}");
+        }
+        // A Unicode local part stays as it is (lower-cased).
+        let local = n()
+            .normalize(IdentifierKind::email, "Иван@example.com")
+            .unwrap();
+        assert_eq!(local.value, "иван@example.com");
     }
 
     #[test]
