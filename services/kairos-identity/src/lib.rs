@@ -371,7 +371,7 @@ impl IdentityProcessor {
         };
         let mut links = Vec::with_capacity(input.identifiers.len());
         for id in &input.identifiers {
-            links.push((id, ctx.get::<Link>(&link_key(id))?));
+            links.push((id, stored_link(ctx, id)?));
         }
         if target.is_none() {
             let mut owners = Vec::new();
@@ -640,6 +640,35 @@ fn node_key(customer: &str) -> String {
     format!("n/{customer}")
 }
 
+/// The link of `id`. An e-mail with a Unicode domain was stored under that spelling
+/// before e-mails were normalized to the ASCII (IDNA) form: such a link is found there
+/// and copied to the new key, so the customer it names is not split in two.
+fn stored_link(ctx: &mut Ctx<'_>, id: &Identifier) -> anyhow::Result<Option<Link>> {
+    let key = link_key(id);
+    if let Some(link) = ctx.get::<Link>(&key)? {
+        return Ok(Some(link));
+    }
+    if id.kind != IdentifierKind::email || !id.value.contains("xn--") {
+        return Ok(None);
+    }
+    let Some((local, domain)) = id.value.rsplit_once('@') else {
+        return Ok(None);
+    };
+    let (unicode, valid) = idna::domain_to_unicode(domain);
+    if valid.is_err() || unicode == domain {
+        return Ok(None);
+    }
+    let legacy = Identifier {
+        kind: id.kind,
+        value: format!("{local}@{unicode}"),
+    };
+    let found = ctx.get::<Link>(&link_key(&legacy))?;
+    if let Some(link) = &found {
+        ctx.put(&key, link)?;
+    }
+    Ok(found)
+}
+
 fn link_key(id: &Identifier) -> String {
     link_key_str(&id.to_string())
 }
@@ -835,5 +864,75 @@ mod tests {
             let shared = format!("{name}{SHARED_IDENTIFIER_SUFFIX}");
             assert!(is_reserved_customer_id(&shared), "{shared}");
         }
+    }
+
+    #[test]
+    fn a_link_stored_under_a_unicode_domain_still_resolves_its_customer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = "[kafka]\npartitions = 1\n[identity]\nenabled = true\nmerge_on = [\"email\"]\n";
+        let mut config = kairos_core::config::Config::from_text(
+            std::path::Path::new("identity.toml"),
+            text,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        config.state.dir = dir.path().to_path_buf();
+        config.clock.mode = kairos_core::time::ClockMode::Event;
+        let config = std::sync::Arc::new(config);
+        let registry = prometheus::Registry::new();
+        let identity =
+            IdentityProcessor::new(config.clone(), SchemaRegistry::new(None), &registry).unwrap();
+        let mut replayer =
+            kairos_core::replay::Replayer::new(identity, &config, &registry).unwrap();
+        // The graph as a version that kept e-mails' Unicode domains wrote it.
+        let state_partition = replayer.engine.state_partition(0);
+        let store = replayer
+            .engine
+            .store(state_partition)
+            .expect("open partition");
+        let node = Node {
+            known: true,
+            first_seen: 1,
+            identifiers: vec!["email:anna@bücher.example".into()],
+            last_seen: 1,
+            ..Node::default()
+        };
+        let link = Link {
+            customer: "c-1".into(),
+            claimants: vec!["c-1".into()],
+            shared: false,
+        };
+        use kairos_core::encoding::encode_state;
+        store
+            .put_now(b"n/c-1", &encode_state(&node).unwrap())
+            .unwrap();
+        let legacy_key = "i/email:anna@bücher.example".as_bytes();
+        store
+            .put_now(legacy_key, &encode_state(&link).unwrap())
+            .unwrap();
+
+        let mut resolved = Vec::new();
+        for (n, email) in ["Anna@BÜCHER.example", "anna@xn--bcher-kva.example"]
+            .iter()
+            .enumerate()
+        {
+            let event = serde_json::json!({
+                "event_id": format!("e-{n}"),
+                "event_type": "page_view",
+                "occurred_at": "2026-03-02T09:00:00Z",
+                "anonymous_id": format!("cookie-{n}"),
+                "email": email,
+            });
+            let payload = serde_json::to_vec(&event).unwrap();
+            let topic = config.topic(kairos_core::config::topics::SITE_EVENTS);
+            let mut out = replayer.push(&topic, email.as_bytes(), &payload).unwrap();
+            out.extend(replayer.commit().unwrap());
+            resolved.extend(
+                out.iter()
+                    .filter(|o| o.topic.ends_with("identified-events"))
+                    .map(|o| String::from_utf8_lossy(&o.key).into_owned()),
+            );
+        }
+        assert_eq!(resolved, ["c-1", "c-1"]);
     }
 }
