@@ -422,6 +422,8 @@ impl ProfileProcessor {
         let mut purchase_changed = false;
         // Why the purchase aggregates changed, for the segment transitions.
         let mut purchase_reason = "purchase";
+        // Segments a purchase whose cancellation came first puts the customer back in.
+        let mut restored = Vec::new();
         match e.event_type {
             EventType::registration if p.registered_at.is_none() => {
                 p.registered_at = Some(e.occurred_at);
@@ -530,7 +532,11 @@ impl ProfileProcessor {
                     &e.items
                 };
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
+                let held_before = p.held_before_early_cancellation(order_id.as_deref());
                 let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
+                if applied == PurchaseApplied::CancelledBefore {
+                    restored = held_before;
+                }
                 if applied == PurchaseApplied::Counted {
                     let order = order_id.as_deref();
                     p.note_bought(bought.iter().map(String::as_str), e.occurred_at, order);
@@ -706,6 +712,7 @@ impl ProfileProcessor {
                     "first event"
                 },
                 e.occurred_at,
+                &restored,
             )?;
         }
         self.put(ctx, p)?;
@@ -1142,7 +1149,7 @@ impl ProfileProcessor {
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
         self.chains_going_on = chains_going_on;
-        let reviewed = self.review_segments(ctx, &mut p, "merge", m.occurred_at);
+        let reviewed = self.review_segments(ctx, &mut p, "merge", m.occurred_at, &[]);
         self.chains_going_on.clear();
         reviewed?;
         // After the review, so that a chain the merge's own transition started (for a
@@ -1357,8 +1364,13 @@ impl ProfileProcessor {
         match r.kind {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
+                let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
                 let applied =
                     p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
+                let restored = match applied {
+                    PurchaseApplied::CancelledBefore => held_before,
+                    _ => Vec::new(),
+                };
                 if applied == PurchaseApplied::Counted {
                     let bought = r.items.iter().map(|i| i.product_id.as_str());
                     p.note_bought(bought, r.occurred_at, Some(&r.receipt_id));
@@ -1374,7 +1386,8 @@ impl ProfileProcessor {
                             offline: true,
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
-                        self.review_segments(ctx, &mut p, "offline purchase", r.occurred_at)?;
+                        let reason = "offline purchase";
+                        self.review_segments(ctx, &mut p, reason, r.occurred_at, &restored)?;
                     }
                     PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
                 }
@@ -1387,7 +1400,7 @@ impl ProfileProcessor {
                     self.metrics.duplicates.inc();
                 } else {
                     self.cancel_post_purchase(ctx, &customer_id, None)?;
-                    self.review_segments(ctx, &mut p, "refund", r.occurred_at)?;
+                    self.review_segments(ctx, &mut p, "refund", r.occurred_at, &[])?;
                 }
             }
         }
@@ -1747,16 +1760,19 @@ impl ProfileProcessor {
     }
 
     /// Re-evaluates RFM and lifecycle, emits transitions and segment triggers, and arms
-    /// the review timer for the next time-driven change.
+    /// the review timer for the next time-driven change. Entering one of `restored`
+    /// is a return to where an early cancellation took the customer from: it is
+    /// reported, but fires no `segment_entered` scenario.
     fn review_segments(
         &mut self,
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
         reason: &str,
         at: Millis,
+        restored: &[String],
     ) -> anyhow::Result<()> {
         let now = ctx.now().max(at);
-        self.review_segments_as_of(ctx, p, reason, at, now)
+        self.review_segments_as_of(ctx, p, reason, at, now, restored)
     }
 
     /// [`Self::review_segments`] as of `now`: a time-driven review is judged at its
@@ -1770,6 +1786,7 @@ impl ProfileProcessor {
         reason: &str,
         at: Millis,
         now: Millis,
+        restored: &[String],
     ) -> anyhow::Result<()> {
         let cfg = self.config.segments.clone();
         let stage = segments::lifecycle(&cfg.lifecycle, p, now);
@@ -1790,12 +1807,22 @@ impl ProfileProcessor {
         p.rfm = score;
         if stage_changed {
             let kind = SegmentKind::lifecycle;
-            self.transition(ctx, p, kind, old_stage, &stage, reason, cause)?;
+            let entry = Entry {
+                reason,
+                cause,
+                restored,
+            };
+            self.transition(ctx, p, kind, old_stage, &stage, entry)?;
         }
         if new_segment != old_segment {
             // No order counts any more (all cancelled): the customer leaves RFM.
             let to = new_segment.as_deref().unwrap_or(NO_RFM_SEGMENT);
-            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, reason, cause)?;
+            let entry = Entry {
+                reason,
+                cause,
+                restored,
+            };
+            self.transition(ctx, p, SegmentKind::rfm, old_segment, to, entry)?;
         }
         if let Some(next) = segments::next_boundary(&cfg, p, now) {
             let armed = p.armed.get(SEGMENT_REVIEW).copied();
@@ -1819,9 +1846,13 @@ impl ProfileProcessor {
         kind: SegmentKind,
         from: Option<String>,
         to: &str,
-        reason: &str,
-        cause: Cause,
+        entry: Entry<'_>,
     ) -> anyhow::Result<()> {
+        let Entry {
+            reason,
+            cause,
+            restored,
+        } = entry;
         let kind_name = match kind {
             SegmentKind::rfm => "rfm",
             SegmentKind::lifecycle => "lifecycle",
@@ -1871,6 +1902,13 @@ impl ProfileProcessor {
         // the arbiter compares the two, and a purchase ends only a chain it follows.
         let due_at = cause.at;
         for s in segment_scenarios.iter() {
+            if s.targets_segment(to) && restored.iter().any(|r| r == to) {
+                self.metrics
+                    .skipped
+                    .with_label_values(&[&s.name, "restored"])
+                    .inc();
+                continue;
+            }
             if s.targets_segment(to) && !self.chains_going_on.contains(&s.name) {
                 let mut vars = serde_json::Map::new();
                 vars.insert("from_segment".into(), t.from_segment.clone().into());
@@ -2256,7 +2294,7 @@ impl ProfileProcessor {
             return Ok(());
         };
         p.armed.remove(SEGMENT_REVIEW);
-        let result = self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at);
+        let result = self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at, &[]);
         self.put(ctx, p)?;
         result
     }
@@ -2370,6 +2408,15 @@ impl WelcomeStarts {
 struct Cause {
     at: Millis,
     now: Millis,
+}
+
+/// Why a segment or stage was entered: the review's reason, its cause, and the
+/// segments it only restores (see [`ProfileProcessor::review_segments`]).
+#[derive(Debug, Clone, Copy)]
+struct Entry<'a> {
+    reason: &'a str,
+    cause: Cause,
+    restored: &'a [String],
 }
 
 fn ms(d: std::time::Duration) -> Millis {

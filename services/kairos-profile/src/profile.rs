@@ -348,6 +348,12 @@ pub struct EarlyReversal {
     /// What it took out of the revenue when it came.
     pub revenue_taken: f64,
     pub at: Millis,
+    /// The lifecycle stage and RFM segment the customer held before it: a cancellation
+    /// takes its order's revenue out at once, which can move the customer out of a
+    /// segment, and its purchase read afterwards puts the customer back. That return
+    /// is no new entry (in time order the customer never left), so it fires no
+    /// `segment_entered` scenario.
+    pub held_before: Vec<String>,
 }
 
 /// Early reversals kept per customer.
@@ -762,7 +768,17 @@ impl CustomerProfile {
             }
         }
         for reversal in other.early_reversals {
-            if !self.early_reversals.contains(&reversal) {
+            // The same reversal read by both: what each held before it differs.
+            let same = |r: &EarlyReversal| {
+                (&r.order_id, r.cancelled, r.amount, r.at)
+                    == (
+                        &reversal.order_id,
+                        reversal.cancelled,
+                        reversal.amount,
+                        reversal.at,
+                    )
+            };
+            if !self.early_reversals.iter().any(same) {
                 self.early_reversals.push(reversal);
             }
         }
@@ -1469,6 +1485,19 @@ impl CustomerProfile {
         self.hard_bounced.insert(channel, address);
     }
 
+    /// The stages and segments the customer held before cancellations of `order_id`
+    /// read ahead of its purchase (see [`EarlyReversal::held_before`]).
+    pub fn held_before_early_cancellation(&self, order_id: Option<&str>) -> Vec<String> {
+        let Some(order_id) = order_id else {
+            return Vec::new();
+        };
+        self.early_reversals
+            .iter()
+            .filter(|r| r.cancelled && r.order_id == order_id)
+            .flat_map(|r| r.held_before.iter().cloned())
+            .collect()
+    }
+
     pub fn record_return(
         &mut self,
         order_id: &str,
@@ -1538,12 +1567,17 @@ impl CustomerProfile {
             if self.early_reversals.len() >= MAX_EARLY_REVERSALS {
                 self.early_reversals.remove(0);
             }
+            let held_before = (self.lifecycle.iter())
+                .chain(self.rfm.as_ref().map(|r| &r.segment))
+                .cloned()
+                .collect();
             self.early_reversals.push(EarlyReversal {
                 order_id: order_id.to_string(),
                 cancelled: kind == ReversalKind::Cancellation,
                 amount: total,
                 revenue_taken: before - self.revenue,
                 at,
+                held_before,
             });
         }
         if let Some(at) = cancelled_at {

@@ -1552,6 +1552,84 @@ fn champions_get_the_vip_trigger() {
 }
 
 #[test]
+fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for i in 0..5 {
+        h.site(
+            &format!("cf-buy{i}"),
+            "purchase",
+            "cf",
+            t + i * HOUR,
+            order(&format!("o-cf-{i}"), 200.0, None),
+        );
+    }
+    assert_eq!(h.triggers("cf", "vip").len(), 1, "a Champion now");
+    // A sixth order is placed and cancelled at once; the app's cancellation is read
+    // before the site's purchase. It takes 600 out of 1,000 until the purchase shows
+    // the order is the cancelled one: Champions, out, and back.
+    let cancelled = order("o-cf-5", 600.0, Some("cancelled"));
+    h.site("cf-cancel", "order_status", "cf", t + 6 * HOUR, cancelled);
+    let out = h.transitions("cf");
+    let left = out.last().expect("a transition");
+    assert_eq!(left["from_segment"], "Champions", "{out:#?}");
+    h.site(
+        "cf-buy5",
+        "purchase",
+        "cf",
+        t + 5 * HOUR,
+        order("o-cf-5", 600.0, None),
+    );
+    let entries: Vec<Value> = h
+        .transitions("cf")
+        .into_iter()
+        .filter(|t| t["kind"] == "rfm" && t["to_segment"] == "Champions")
+        .collect();
+    assert_eq!(entries.len(), 2, "reported as it happened: {entries:#?}");
+    // In time order the customer never left: no second greeting.
+    let fired = h.triggers("cf", "vip");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let restored = metric(
+        &h,
+        "kairos_triggers_skipped_total",
+        &[r#"scenario="vip""#, r#"reason="restored""#],
+    );
+    assert_eq!(restored, 1.0);
+    let profile = h.pipeline.profile("cf").expect("read").expect("stored");
+    assert_eq!((profile.orders, profile.revenue), (5, 1000.0));
+
+    // A customer who was not a Champion before the cancellation is greeted when an
+    // order makes them one, whatever came first.
+    let mut h = Harness::new();
+    for i in 0..4 {
+        h.site(
+            &format!("cg-buy{i}"),
+            "purchase",
+            "cg",
+            t + i * HOUR,
+            order(&format!("o-cg-{i}"), 200.0, None),
+        );
+    }
+    let cancelled = order("o-cg-x", 50.0, Some("cancelled"));
+    h.site("cg-cancel", "order_status", "cg", t + 6 * HOUR, cancelled);
+    h.site(
+        "cg-buy-x",
+        "purchase",
+        "cg",
+        t + 5 * HOUR,
+        order("o-cg-x", 50.0, None),
+    );
+    h.site(
+        "cg-buy4",
+        "purchase",
+        "cg",
+        t + 7 * HOUR,
+        order("o-cg-4", 200.0, None),
+    );
+    assert_eq!(h.triggers("cg", "vip").len(), 1);
+}
+
+#[test]
 fn a_vip_entry_processed_after_a_backlog_past_the_tolerance_is_skipped_as_late() {
     let t = at(T0);
     let vip_after = |backlog: Millis| {
