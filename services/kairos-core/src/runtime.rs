@@ -1297,13 +1297,21 @@ impl<P: Processor> Engine<P> {
                 part.store.note_skipped_changelog_records(gap.others);
             }
         }
-        self.acknowledge(&published.acked)?;
         // Not after a publish cut short: a marker after its acknowledged part would make
         // that part look whole. Whoever restores the partition next writes them again.
-        let repairs = published
+        let repairs: Vec<&Gap> = published
             .gaps
             .iter()
-            .filter(|g| published.complete && !g.claimed && !g.left_out.is_empty());
+            .filter(|g| published.complete && !g.claimed && !g.left_out.is_empty())
+            .collect();
+        // Durable before the acknowledgement notes the end past the former owner's
+        // records: killed before the repair, the restart rebuilds instead.
+        for gap in &repairs {
+            if let Some(part) = self.parts.get(&gap.partition) {
+                part.store.note_repair_pending()?;
+            }
+        }
+        self.acknowledge(&published.acked)?;
         for gap in repairs {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
                 if let Err(e) = write_again(producer, &mut part.store, gap).await {
@@ -1314,6 +1322,7 @@ impl<P: Processor> Engine<P> {
                     part.store.forget_changelog_end()?;
                     return Err(e);
                 }
+                part.store.clear_repair_pending()?;
             }
         }
         for p in &fenced {

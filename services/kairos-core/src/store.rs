@@ -86,6 +86,14 @@ const META_WROTE_AHEAD: &[u8] = b"m/wrote_ahead";
 /// in the changelog for a later rebuild to publish again. Never replicated.
 const META_ACKED: &[u8] = b"m/acked/";
 
+/// Set before an acknowledgement notes a changelog end past a former owner's records,
+/// and deleted once this store's values for their keys are written again after them
+/// (`kairos_core::runtime::write_again`). Found when the store is opened (killed in
+/// between), it makes the store forget its changelog end: the restore rebuilds the
+/// partition, leaves the former owner's records out and writes the values again, so
+/// none of them is left as its key's last record for compaction to keep.
+const META_REPAIR_PENDING: &[u8] = b"m/repair_pending";
+
 fn acked_marker(outbox_key: &[u8]) -> Vec<u8> {
     [META_ACKED, outbox_key].concat()
 }
@@ -288,6 +296,13 @@ impl StoreFactory {
             unacknowledged_changelog: 0,
             clean_mark_written: false,
         };
+        if store.raw_get(META_REPAIR_PENDING)?.is_some() {
+            let mut batch = WriteBatch::default();
+            batch.delete(META_CHANGELOG_END);
+            batch.delete(META_CLEAN_END);
+            batch.delete(META_REPAIR_PENDING);
+            store.write(batch)?;
+        }
         store.opened_at_changelog_end = store.changelog_end()?;
         store.epoch = store.read_u64(META_EPOCH)?.map(|e| e as i64);
         store.claim_watch = std::cell::RefCell::new(ClaimWatch::since(store.epoch));
@@ -1780,6 +1795,21 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Notes, durably, that a former owner's records must be written over (see
+    /// [`META_REPAIR_PENDING`]) before the acknowledgement that passes them.
+    pub fn note_repair_pending(&self) -> StoreResult<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(META_REPAIR_PENDING, []);
+        self.write(batch)
+    }
+
+    /// The repair noted by [`Self::note_repair_pending`] is done.
+    pub fn clear_repair_pending(&self) -> StoreResult<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete(META_REPAIR_PENDING);
+        self.write(batch)
+    }
+
     /// Forgets how far the store has seen the changelog: its next restore reads the
     /// whole changelog partition again.
     pub fn forget_changelog_end(&self) -> StoreResult<()> {
@@ -2053,6 +2083,30 @@ mod tests {
         // Killed here: the restart must not take it for clean.
         let store = factory.open(0).unwrap();
         assert_eq!(store.take_clean_close().unwrap(), None);
+    }
+
+    #[test]
+    fn a_store_killed_before_its_repair_forgets_its_changelog_end_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = StoreFactory::new(dir.path(), 1 << 20).unwrap();
+        let mut store = factory.open(0).unwrap();
+        store.note_repair_pending().unwrap();
+        // The acknowledgement passes the former owner's records...
+        store.changelog_acknowledged(3, 9).unwrap();
+        assert_eq!(store.changelog_end().unwrap(), Some(10));
+        drop(store);
+        // ... and the process is killed before they are written over: opened again,
+        // the store rebuilds from the changelog instead of taking itself as current.
+        let mut store = factory.open(0).unwrap();
+        assert_eq!(store.changelog_end().unwrap(), None);
+        assert_eq!(store.take_clean_close().unwrap(), None);
+        // A repair that completes leaves the end alone.
+        store.note_repair_pending().unwrap();
+        store.changelog_acknowledged(3, 12).unwrap();
+        store.clear_repair_pending().unwrap();
+        drop(store);
+        let store = factory.open(0).unwrap();
+        assert_eq!(store.changelog_end().unwrap(), Some(13));
     }
 
     /// Only offsets that are neither the store's own nor read since its claim are
