@@ -16,8 +16,8 @@ use anyhow::Context as _;
 use compact_str::CompactString;
 use kairos_core::calendar;
 use kairos_core::contracts::{
-    Channel, CustomerAction, CustomerActionKind, DeadLetterReason, DecisionOutcome, DecisionRef,
-    ExperimentGroup, MessageCategory, Outcome, OutcomeKind, SendCommandRef, Trigger,
+    Channel, Contacts, CustomerAction, CustomerActionKind, DeadLetterReason, DecisionOutcome,
+    DecisionRef, ExperimentGroup, MessageCategory, Outcome, OutcomeKind, SendCommandRef, Trigger,
     DECISION_RULES,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -113,6 +113,10 @@ pub struct CustomerLedger {
     /// The customer's time zone as the newest trigger decided named it (when that
     /// trigger fired, the zone; none for the default): see [`CustomerLedger::settle_zone`].
     pub zone: Option<(Millis, Option<CompactString>)>,
+    /// The customer's contacts as the profile last said they changed (when, what),
+    /// kept only while messages fired before that wait here: see
+    /// [`CustomerLedger::settle_zone`].
+    pub contacts: Option<(Millis, Box<Contacts>)>,
 }
 
 /// How a chain step's final decision ended it.
@@ -358,8 +362,18 @@ impl CustomerLedger {
     /// A trigger is decided in the customer's newest time zone: one that waited (in the
     /// queue, or a cascade's later step) carries the zone of when it fired, and the
     /// customer may have moved since (a newer trigger said so). A trigger newer than
-    /// what the ledger knows notes its zone.
+    /// what the ledger knows notes its zone. The same goes for the addresses: one that
+    /// waited goes to those of the customer's latest change of contacts, if that came
+    /// after it fired (a new e-mail address, a bounce, a new push token).
     pub fn settle_zone(&mut self, t: &mut Trigger) {
+        match &self.contacts {
+            Some((at, contacts)) if *at > t.fired_at => t.contacts = (**contacts).clone(),
+            // Nothing that waits fired before the change: the triggers carry it.
+            Some(_) if self.queued.is_empty() && self.cascades.is_empty() => {
+                self.contacts = None;
+            }
+            _ => {}
+        }
         match &self.zone {
             Some((at, zone)) if *at > t.fired_at => {
                 t.contacts.time_zone = zone.as_ref().map(|z| z.to_string());
@@ -2060,6 +2074,26 @@ impl ArbiterProcessor {
                         let known = ledger.unsubscribed.get(&channel).copied();
                         ledger.unsubscribed.insert(channel, latest(known, at));
                     }
+                }
+            }
+            CustomerActionKind::contacts_changed => {
+                let Some(contacts) = &a.contacts else {
+                    return Ok(false);
+                };
+                // Only what waits here needs it (see `settle_zone`): the next trigger
+                // carries the change itself.
+                let waiting = !ledger.queued.is_empty() || !ledger.cascades.is_empty();
+                let newer = ledger
+                    .contacts
+                    .as_ref()
+                    .is_none_or(|(known, _)| *known < at);
+                if !waiting || !newer {
+                    return Ok(false);
+                }
+                ledger.contacts = Some((at, Box::new(contacts.clone())));
+                if ledger.zone.as_ref().is_none_or(|(noted, _)| *noted < at) {
+                    let zone = contacts.time_zone.as_deref().map(CompactString::from);
+                    ledger.zone = Some((at, zone));
                 }
             }
             CustomerActionKind::purchase => {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{at, Arbiter, T0};
-use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory};
+use kairos_core::contracts::{Channel, Contacts, DecisionOutcome, MessageCategory};
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
@@ -84,6 +84,53 @@ fn a_waiting_message_keeps_the_quiet_hours_of_the_customer_s_newest_zone() {
     let last = *a.decisions_of("w1").last().expect("decided again");
     assert_eq!(last.outcome, DecisionOutcome::sent);
     assert_eq!(last.decided_at, at("2026-01-06T09:00:00Z"));
+}
+
+#[test]
+fn a_waiting_message_goes_to_the_address_and_hours_the_customer_changed_to() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    // 22:00 in Tokyo: deferred to 09:00 JST = 00:00 UTC.
+    a.time_zone = Some("Asia/Tokyo".into());
+    let w1 = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T13:00:00Z"));
+    assert_eq!(w1.outcome, DecisionOutcome::deferred);
+    // The customer gives a new e-mail address and moves to London: no trigger says so.
+    let moved = Contacts {
+        email: Some("new@example.com".into()),
+        push_token: Some("token-1".into()),
+        time_zone: Some("Europe/London".into()),
+        consented_channels: vec![Channel::email, Channel::push],
+        ..Contacts::default()
+    };
+    a.contacts_changed("ch1", moved, at("2026-01-05T14:00:00Z"));
+    // An older statement of contacts, read after it, changes nothing.
+    let stale = Contacts {
+        email: Some("stale@example.com".into()),
+        ..Contacts::default()
+    };
+    a.contacts_changed("ch0", stale, at("2026-01-05T12:00:00Z"));
+    // 00:00 UTC is midnight in London: w1 waits for 09:00 there.
+    a.advance_to(at("2026-01-06T00:00:00Z"));
+    let woke = *a.decisions_of("w1").last().expect("decided again");
+    assert_eq!(
+        (woke.outcome, woke.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours"),
+        "{woke:?}"
+    );
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    assert_eq!(
+        a.decisions_of("w1").last().expect("decided").outcome,
+        DecisionOutcome::sent
+    );
+    let send = a.last_send();
+    assert_eq!(send.address.as_deref(), Some("new@example.com"));
+    // Nothing waits any more: the next trigger's own contacts are the newest, and the
+    // ledger keeps no copy of them.
+    a.time_zone = Some("Europe/London".into());
+    let w2 = a.trigger("w2", "welcome", TRIGGER, at("2026-01-06T18:00:00Z"));
+    assert_eq!(w2.outcome, DecisionOutcome::sent, "{w2:?}");
+    assert_eq!(a.last_send().address.as_deref(), Some("c1@example.com"));
+    let ledger = a.stored_ledger("c1").expect("ledger");
+    assert!(ledger.contacts.is_none(), "{:?}", ledger.contacts);
 }
 
 #[test]

@@ -818,6 +818,10 @@ pub struct CustomerAction {
     /// `left_segment`: the RFM segment or lifecycle stage the customer left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segment: Option<String>,
+    /// `contacts_changed`: the customer's contacts, time zone and consents as of
+    /// `occurred_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contacts: Option<Contacts>,
 }
 
 #[allow(non_camel_case_types)]
@@ -849,6 +853,10 @@ pub enum CustomerActionKind {
     /// before the outcome came, sent on by the arbiter (keyed by this customer; the
     /// outcome, named after this customer, is in `state`).
     outcome,
+    /// An address or the time zone of the customer changed (`contacts`): a message
+    /// waiting in the arbiter (a deferral, a cascade step) goes to the new address, in
+    /// the new zone's hours.
+    contacts_changed,
 }
 
 impl CustomerAction {
@@ -872,6 +880,7 @@ impl CustomerAction {
             merged_from: None,
             till_sale: false,
             segment: None,
+            contacts: None,
         }
     }
 }

@@ -411,7 +411,13 @@ impl ProfileProcessor {
         // know none: their registration was the welcome).
         let subscribed_before = p.subscribed_at.is_some();
         let opted_in_before = p.opted_in_before();
+        // Only events that state contacts can change them.
+        let contacts_before =
+            (e.email.is_some() || e.phone.is_some() || e.profile.is_some()).then(|| contacts(&p));
         p.touch(e);
+        if let Some(before) = contacts_before {
+            self.tell_contacts_changed(ctx, &p, &before, e)?;
+        }
         let first_opt_in = !opted_in_before
             && e.consent
                 .as_ref()
@@ -2681,6 +2687,45 @@ fn schedule_after(
 ) -> anyhow::Result<()> {
     let fire_at = at + ms(s.delay);
     schedule_step(ctx, s, p, cause_event_id, at, 0, fire_at, product, order_id)
+}
+
+impl ProfileProcessor {
+    /// Tells the arbiter that an address or the time zone changed: a message waiting
+    /// there (deferred by quiet hours or a cap, a cascade's next step) fired with the
+    /// old ones.
+    fn tell_contacts_changed(
+        &self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        before: &Contacts,
+        e: &CustomerEvent,
+    ) -> anyhow::Result<()> {
+        let now = contacts(p);
+        type Addresses<'a> = [Option<&'a str>; 5];
+        fn addresses(c: &Contacts) -> Addresses<'_> {
+            [
+                c.email.as_deref(),
+                c.phone.as_deref(),
+                c.push_token.as_deref(),
+                c.messenger_id.as_deref(),
+                c.time_zone.as_deref(),
+            ]
+        }
+        if addresses(&now) == addresses(before) {
+            return Ok(());
+        }
+        let action = CustomerAction {
+            contacts: Some(now),
+            ..CustomerAction::new(
+                deterministic_id(&[&e.event_id, "contacts_changed"]),
+                p.customer_id.clone(),
+                CustomerActionKind::contacts_changed,
+                e.occurred_at,
+            )
+        };
+        ctx.emit(&self.actions_topic, &p.customer_id, &action);
+        Ok(())
+    }
 }
 
 fn contacts(p: &CustomerProfile) -> Contacts {

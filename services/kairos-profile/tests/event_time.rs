@@ -978,6 +978,80 @@ fn birthday_update(birthday: &str, zone: &str) -> Value {
 /// A customer without a zone is in `arbiter.default_time_zone` for the profile too,
 /// as for the arbiter's quiet hours and days: ten in Berlin, not ten in UTC.
 #[test]
+fn a_change_of_address_or_zone_is_told_to_the_arbiter_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let update = |email: &str, zone: &str| json!({"profile": {"email": email, "time_zone": zone, "first_name": "Anna"}});
+    h.site(
+        "ca-1",
+        "profile_update",
+        "ca",
+        t,
+        update("a@example.com", "Asia/Tokyo"),
+    );
+    // The same contacts stated again, or a name alone: nothing to tell.
+    h.site(
+        "ca-2",
+        "profile_update",
+        "ca",
+        t + HOUR,
+        update("a@example.com", "Asia/Tokyo"),
+    );
+    let name = json!({"profile": {"first_name": "Ann"}});
+    h.site("ca-3", "profile_update", "ca", t + 2 * HOUR, name);
+    h.site(
+        "ca-4",
+        "profile_update",
+        "ca",
+        t + 3 * HOUR,
+        update("b@example.com", "Asia/Tokyo"),
+    );
+    h.site(
+        "ca-5",
+        "profile_update",
+        "ca",
+        t + 4 * HOUR,
+        update("b@example.com", "Europe/London"),
+    );
+    // A statement older than the latest, read late, changes nothing.
+    h.site(
+        "ca-6",
+        "profile_update",
+        "ca",
+        t + 30 * MINUTE,
+        update("old@example.com", "Asia/Tokyo"),
+    );
+    let told: Vec<(Value, Value, Value)> = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "ca" && a.value["kind"] == "contacts_changed")
+        .map(|a| {
+            let c = &a.value["contacts"];
+            (
+                a.value["occurred_at"].clone(),
+                c["email"].clone(),
+                c["time_zone"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (json!(t), json!("a@example.com"), json!("Asia/Tokyo")),
+            (
+                json!(t + 3 * HOUR),
+                json!("b@example.com"),
+                json!("Asia/Tokyo")
+            ),
+            (
+                json!(t + 4 * HOUR),
+                json!("b@example.com"),
+                json!("Europe/London")
+            ),
+        ]
+    );
+}
+
+#[test]
 fn a_birthday_without_a_time_zone_is_at_ten_in_the_default_zone() {
     let config = CONFIG.replace(
         "[arbiter]",

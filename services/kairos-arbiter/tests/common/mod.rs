@@ -320,6 +320,20 @@ impl Arbiter {
         self.push("customer-actions", "c1", &action);
     }
 
+    /// Customer c1's contacts changed at `at` (as the profile reports it).
+    pub fn contacts_changed(&mut self, id: &str, contacts: Contacts, at: i64) {
+        let action = CustomerAction {
+            contacts: Some(contacts),
+            ..CustomerAction::new(
+                id.into(),
+                "c1".into(),
+                CustomerActionKind::contacts_changed,
+                at,
+            )
+        };
+        self.push("customer-actions", "c1", &action);
+    }
+
     /// Customer c1 was merged into `into` (as the profile reports it).
     pub fn merged_into(&mut self, id: &str, into: &str, at: i64) {
         let action = CustomerAction {
