@@ -113,9 +113,9 @@ pub struct CustomerLedger {
     /// The customer's time zone as the newest trigger decided named it (when that
     /// trigger fired, the zone; none for the default): see [`CustomerLedger::settle_zone`].
     pub zone: Option<(Millis, Option<CompactString>)>,
-    /// The customer's contacts as the profile last said they changed (when, what),
-    /// kept only while messages fired before that wait here: see
-    /// [`CustomerLedger::settle_zone`].
+    /// The customer's contacts as the profile last said they changed (when the
+    /// profile learnt it, what), until a trigger fired after that is decided with
+    /// nothing else waiting: see [`CustomerLedger::settle_zone`].
     pub contacts: Option<(Millis, Box<Contacts>)>,
 }
 
@@ -420,6 +420,10 @@ impl CustomerLedger {
         if !named(&self.zone) && named(&other.zone) {
             self.zone = other.zone;
         }
+        // The contacts either noted were one id's: the merged profile has both ids'
+        // addresses, which the next trigger carries. Until then, what waits keeps the
+        // addresses it fired with rather than take the other id's.
+        self.contacts = None;
         self.sends.extend(other.sends);
         self.sends.sort_by_key(|(at, _, _)| *at);
         self.scenario_sends.extend(other.scenario_sends);
@@ -603,14 +607,13 @@ impl CustomerLedger {
             return Some("unsubscribed");
         }
         let address = address?;
-        let bounced = self
-            .hard_bounced
-            .get(&channel)
-            .is_some_and(|b| b == address)
+        // Bounces stored before e-mail domains were normalized keep the Unicode form.
+        let same = |b: &String| kairos_core::identifiers::same_address(b, address);
+        let bounced = self.hard_bounced.get(&channel).is_some_and(same)
             || self
                 .bounced
                 .get(&channel)
-                .is_some_and(|set| set.iter().any(|b| b == address));
+                .is_some_and(|set| set.iter().any(same));
         bounced.then_some("hard_bounce")
     }
 }
@@ -2080,14 +2083,14 @@ impl ArbiterProcessor {
                 let Some(contacts) = &a.contacts else {
                     return Ok(false);
                 };
-                // Only what waits here needs it (see `settle_zone`): the next trigger
-                // carries the change itself.
-                let waiting = !ledger.queued.is_empty() || !ledger.cascades.is_empty();
+                // Kept also while nothing waits: a trigger fired before the change may
+                // still be on its way (another topic, read later). The first trigger
+                // decided that fired after it drops it (see `settle_zone`).
                 let newer = ledger
                     .contacts
                     .as_ref()
                     .is_none_or(|(known, _)| *known < at);
-                if !waiting || !newer {
+                if !newer {
                     return Ok(false);
                 }
                 ledger.contacts = Some((at, Box::new(contacts.clone())));
@@ -3122,7 +3125,12 @@ impl Processor for ArbiterProcessor {
                 self.forget(ctx, &a)
             }
             ArbiterInput::Action(a) => {
-                self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, _| {
+                self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, known| {
+                    // Nothing of a customer the arbiter has no ledger of can wait here,
+                    // and their first trigger carries the contacts.
+                    if a.kind == CustomerActionKind::contacts_changed && !known {
+                        return Ok(false);
+                    }
                     this.apply_action(ctx, &a, ledger)
                 })
             }

@@ -45,6 +45,22 @@ fn a_hard_bounce_suppresses_the_address_that_bounced() {
 }
 
 #[test]
+fn a_bounce_of_an_address_in_its_unicode_spelling_bars_its_ascii_form() {
+    let mut a = Arbiter::new();
+    // Sent before e-mail domains were normalized: the Unicode spelling.
+    let mut first = a.trigger_of("t1", "welcome", MessageCategory::trigger, T0);
+    first.contacts.email = Some("anna@bücher.de".into());
+    a.push_trigger(&first);
+    let email = a.last_send();
+    assert_eq!(email.address.as_deref(), Some("anna@bücher.de"));
+    a.outcome(&email, OutcomeKind::bounced_hard, T0 + 1);
+    let mut next = a.trigger_of("t2", "welcome", MessageCategory::trigger, T0 + 2 * HOUR);
+    next.contacts.email = Some("anna@xn--bcher-kva.de".into());
+    let decided = a.push_trigger(&next);
+    assert_eq!(decided.channel, Some(Channel::push), "{decided:?}");
+}
+
+#[test]
 fn a_complaint_stops_promo_but_not_trigger_messages() {
     let mut a = Arbiter::new();
     a.trigger("t1", "welcome", MessageCategory::trigger, T0);

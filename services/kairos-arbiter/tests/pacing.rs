@@ -131,6 +131,20 @@ fn a_waiting_message_goes_to_the_address_and_hours_the_customer_changed_to() {
     assert_eq!(a.last_send().address.as_deref(), Some("c1@example.com"));
     let ledger = a.stored_ledger("c1").expect("ledger");
     assert!(ledger.contacts.is_none(), "{:?}", ledger.contacts);
+
+    // A change read before a trigger that fired ahead of it (another topic, read
+    // later): kept while nothing waits, so that trigger goes to the new address.
+    let newer = Contacts {
+        email: Some("newer@example.com".into()),
+        push_token: Some("token-1".into()),
+        time_zone: Some("Europe/London".into()),
+        consented_channels: vec![Channel::email, Channel::push],
+        ..Contacts::default()
+    };
+    a.contacts_changed("ch2", newer, at("2026-01-07T12:00:00Z"));
+    let w3 = a.trigger("w3", "welcome", TRIGGER, at("2026-01-07T11:00:00Z"));
+    assert_eq!(w3.outcome, DecisionOutcome::sent, "{w3:?}");
+    assert_eq!(a.last_send().address.as_deref(), Some("newer@example.com"));
 }
 
 #[test]

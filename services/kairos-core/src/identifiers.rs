@@ -75,6 +75,24 @@ pub fn parse_country(code: &str) -> Result<phonenumber::country::Id, String> {
         .map_err(|_| format!("{code:?} is not an ISO 3166 region code such as \"DE\""))
 }
 
+/// Whether two addresses name the same mailbox, where one of them may be stored in an
+/// earlier spelling: an e-mail's Unicode domain before addresses were normalized to
+/// the ASCII (IDNA) form. Plain string equality for ASCII addresses (the hot path).
+pub fn same_address(a: &str, b: &str) -> bool {
+    a == b || ((!a.is_ascii() || !b.is_ascii()) && ascii_email(a) == ascii_email(b))
+}
+
+/// `address` with its e-mail domain in the ASCII form and lower case, if it has one.
+fn ascii_email(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase());
+            format!("{}@{domain}", local.to_lowercase())
+        }
+        None => address.to_string(),
+    }
+}
+
 impl Normalizer {
     pub fn new(default_country: &str) -> Result<Self, String> {
         Ok(Normalizer {
@@ -110,9 +128,13 @@ impl Normalizer {
                 }
                 // A Unicode domain in its ASCII form (IDNA), as DNS and the SMTP worker
                 // name it: "anna@bücher.de" and "anna@xn--bcher-kva.de" are one mailbox.
-                let domain = idna::domain_to_ascii(parsed.domain()).map_err(|_| {
-                    invalid("not an e-mail address: the domain is not a valid IDNA name")
-                })?;
+                // A domain literal ("[192.0.2.1]") is no name.
+                let domain = match parsed.domain() {
+                    literal if literal.starts_with('[') => literal.to_string(),
+                    name => idna::domain_to_ascii(name).map_err(|_| {
+                        invalid("not an e-mail address: the domain is not a valid IDNA name")
+                    })?,
+                };
                 format!("{}@{domain}", parsed.local_part().to_lowercase())
             }
             IdentifierKind::phone => {
@@ -184,6 +206,10 @@ mod tests {
             let id = n().normalize(IdentifierKind::email, unicode).unwrap();
             assert_eq!(id.value, "anna@xn--bcher-kva.de", "{unicode}");
         }
+        assert!(same_address("anna@bücher.de", "anna@xn--bcher-kva.de"));
+        assert!(same_address("Anna@Bücher.de", "anna@xn--bcher-kva.de"));
+        assert!(!same_address("anna@bücher.de", "anna@buecher.de"));
+        assert!(!same_address("+491701234567", "+491701234568"));
         // A Unicode local part stays as it is (lower-cased).
         let local = n()
             .normalize(IdentifierKind::email, "Иван@example.com")

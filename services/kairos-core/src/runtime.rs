@@ -1297,22 +1297,23 @@ impl<P: Processor> Engine<P> {
                 part.store.note_skipped_changelog_records(gap.others);
             }
         }
-        // Not after a publish cut short: a marker after its acknowledged part would make
-        // that part look whole. Whoever restores the partition next writes them again.
         let repairs: Vec<&Gap> = published
             .gaps
             .iter()
-            .filter(|g| published.complete && !g.claimed && !g.left_out.is_empty())
+            .filter(|g| !g.claimed && !g.left_out.is_empty())
             .collect();
         // Durable before the acknowledgement notes the end past the former owner's
-        // records: killed before the repair, the restart rebuilds instead.
+        // records: killed before the repair, or with the publish cut short, the next
+        // open of the store rebuilds instead of taking it as current.
         for gap in &repairs {
             if let Some(part) = self.parts.get(&gap.partition) {
                 part.store.note_repair_pending()?;
             }
         }
         self.acknowledge(&published.acked)?;
-        for gap in repairs {
+        // Not after a publish cut short: a marker after its acknowledged part would make
+        // that part look whole. The note stays, and the rebuild writes them again.
+        for gap in repairs.into_iter().filter(|_| published.complete) {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
                 if let Err(e) = write_again(producer, &mut part.store, gap).await {
                     // The acknowledgement noted the changelog's end past the former

@@ -662,9 +662,22 @@ fn stored_link(ctx: &mut Ctx<'_>, id: &Identifier) -> anyhow::Result<Option<Link
         kind: id.kind,
         value: format!("{local}@{unicode}"),
     };
-    let found = ctx.get::<Link>(&link_key(&legacy))?;
+    let legacy_key = link_key(&legacy);
+    let found = ctx.get::<Link>(&legacy_key)?;
     if let Some(link) = &found {
+        // Moved, not copied: the owner's node lists the new spelling, so expiring or
+        // merging it reaches this key, and the old one is gone.
         ctx.put(&key, link)?;
+        ctx.delete(&legacy_key);
+        let owner = node_key(&link.customer);
+        if let Some(mut node) = ctx.get::<Node>(&owner)? {
+            let (old_name, new_name) = (legacy.to_string(), id.to_string());
+            node.identifiers.retain(|i| *i != old_name);
+            if !node.identifiers.contains(&new_name) {
+                node.identifiers.push(new_name);
+            }
+            ctx.put(&owner, &node)?;
+        }
     }
     Ok(found)
 }
@@ -934,5 +947,22 @@ mod tests {
             );
         }
         assert_eq!(resolved, ["c-1", "c-1"]);
+        let store = replayer
+            .engine
+            .store(state_partition)
+            .expect("open partition");
+        let links: Vec<String> = store
+            .scan_state(b"i/email:")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+        assert_eq!(links, ["i/email:anna@xn--bcher-kva.example"]);
+        let (_, node) = &store.scan_state(b"n/c-1").unwrap()[0];
+        let node: Node = kairos_core::encoding::decode_state(node).unwrap();
+        let emails: Vec<&String> = (node.identifiers.iter())
+            .filter(|i| i.starts_with("email:"))
+            .collect();
+        assert_eq!(emails, ["email:anna@xn--bcher-kva.example"]);
     }
 }

@@ -428,8 +428,8 @@ impl ProfileProcessor {
         let mut purchase_changed = false;
         // Why the purchase aggregates changed, for the segment transitions.
         let mut purchase_reason = "purchase";
-        // Segments a purchase whose cancellation came first puts the customer back in.
-        let mut restored = Vec::new();
+        // What an order's events read out of order mean for the segments.
+        let mut reorder = Reorder::default();
         match e.event_type {
             EventType::registration if p.registered_at.is_none() => {
                 p.registered_at = Some(e.occurred_at);
@@ -541,7 +541,7 @@ impl ProfileProcessor {
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());
                 let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
                 if applied == PurchaseApplied::CancelledBefore {
-                    restored = held_before;
+                    reorder.restored = held_before;
                 }
                 if applied == PurchaseApplied::Counted {
                     let order = order_id.as_deref();
@@ -596,6 +596,8 @@ impl ProfileProcessor {
                             let reversal =
                                 p.record_return(&order.order_id, order.total, e.occurred_at, kind);
                             if let Reversal::Applied { known } = reversal {
+                                reorder.early_cancellation =
+                                    !known && kind == ReversalKind::Cancellation;
                                 // A recent order's follow-up checks its mark in the
                                 // profile; an older one's needs a mark of its own.
                                 if known {
@@ -718,7 +720,7 @@ impl ProfileProcessor {
                     "first event"
                 },
                 e.occurred_at,
-                &restored,
+                &reorder,
             )?;
         }
         self.put(ctx, p)?;
@@ -1155,7 +1157,8 @@ impl ProfileProcessor {
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
         self.chains_going_on = chains_going_on;
-        let reviewed = self.review_segments(ctx, &mut p, "merge", m.occurred_at, &[]);
+        let reviewed =
+            self.review_segments(ctx, &mut p, "merge", m.occurred_at, &Reorder::default());
         self.chains_going_on.clear();
         reviewed?;
         // After the review, so that a chain the merge's own transition started (for a
@@ -1373,9 +1376,12 @@ impl ProfileProcessor {
                 let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
                 let applied =
                     p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
-                let restored = match applied {
-                    PurchaseApplied::CancelledBefore => held_before,
-                    _ => Vec::new(),
+                let reorder = Reorder {
+                    restored: match applied {
+                        PurchaseApplied::CancelledBefore => held_before,
+                        _ => Vec::new(),
+                    },
+                    ..Reorder::default()
                 };
                 if applied == PurchaseApplied::Counted {
                     let bought = r.items.iter().map(|i| i.product_id.as_str());
@@ -1393,7 +1399,7 @@ impl ProfileProcessor {
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
                         let reason = "offline purchase";
-                        self.review_segments(ctx, &mut p, reason, r.occurred_at, &restored)?;
+                        self.review_segments(ctx, &mut p, reason, r.occurred_at, &reorder)?;
                     }
                     PurchaseApplied::AlreadyCounted => self.metrics.duplicates.inc(),
                 }
@@ -1406,7 +1412,13 @@ impl ProfileProcessor {
                     self.metrics.duplicates.inc();
                 } else {
                     self.cancel_post_purchase(ctx, &customer_id, None)?;
-                    self.review_segments(ctx, &mut p, "refund", r.occurred_at, &[])?;
+                    self.review_segments(
+                        ctx,
+                        &mut p,
+                        "refund",
+                        r.occurred_at,
+                        &Reorder::default(),
+                    )?;
                 }
             }
         }
@@ -1766,7 +1778,7 @@ impl ProfileProcessor {
     }
 
     /// Re-evaluates RFM and lifecycle, emits transitions and segment triggers, and arms
-    /// the review timer for the next time-driven change. Entering one of `restored`
+    /// the review timer for the next time-driven change. Entering one of `reorder.restored`
     /// is a return to where an early cancellation took the customer from: it is
     /// reported, but fires no `segment_entered` scenario.
     fn review_segments(
@@ -1775,10 +1787,10 @@ impl ProfileProcessor {
         p: &mut CustomerProfile,
         reason: &str,
         at: Millis,
-        restored: &[String],
+        reorder: &Reorder,
     ) -> anyhow::Result<()> {
         let now = ctx.now().max(at);
-        self.review_segments_as_of(ctx, p, reason, at, now, restored)
+        self.review_segments_as_of(ctx, p, reason, at, now, reorder)
     }
 
     /// [`Self::review_segments`] as of `now`: a time-driven review is judged at its
@@ -1792,7 +1804,7 @@ impl ProfileProcessor {
         reason: &str,
         at: Millis,
         now: Millis,
-        restored: &[String],
+        reorder: &Reorder,
     ) -> anyhow::Result<()> {
         let cfg = self.config.segments.clone();
         let stage = segments::lifecycle(&cfg.lifecycle, p, now);
@@ -1816,7 +1828,7 @@ impl ProfileProcessor {
             let entry = Entry {
                 reason,
                 cause,
-                restored,
+                reorder,
             };
             self.transition(ctx, p, kind, old_stage, &stage, entry)?;
         }
@@ -1826,7 +1838,7 @@ impl ProfileProcessor {
             let entry = Entry {
                 reason,
                 cause,
-                restored,
+                reorder,
             };
             self.transition(ctx, p, SegmentKind::rfm, old_segment, to, entry)?;
         }
@@ -1857,7 +1869,7 @@ impl ProfileProcessor {
         let Entry {
             reason,
             cause,
-            restored,
+            reorder,
         } = entry;
         let kind_name = match kind {
             SegmentKind::rfm => "rfm",
@@ -1888,6 +1900,7 @@ impl ProfileProcessor {
         if let Some(left) = t
             .from_segment
             .as_deref()
+            .filter(|_| !reorder.early_cancellation)
             .filter(|left| segment_scenarios.iter().any(|s| s.targets_segment(left)))
         {
             let action = CustomerAction {
@@ -1908,7 +1921,7 @@ impl ProfileProcessor {
         // the arbiter compares the two, and a purchase ends only a chain it follows.
         let due_at = cause.at;
         for s in segment_scenarios.iter() {
-            if s.targets_segment(to) && restored.iter().any(|r| r == to) {
+            if s.targets_segment(to) && reorder.restored.iter().any(|r| r == to) {
                 self.metrics
                     .skipped
                     .with_label_values(&[&s.name, "restored"])
@@ -2300,7 +2313,8 @@ impl ProfileProcessor {
             return Ok(());
         };
         p.armed.remove(SEGMENT_REVIEW);
-        let result = self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at, &[]);
+        let result =
+            self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at, &Reorder::default());
         self.put(ctx, p)?;
         result
     }
@@ -2422,7 +2436,19 @@ struct Cause {
 struct Entry<'a> {
     reason: &'a str,
     cause: Cause,
-    restored: &'a [String],
+    reorder: &'a Reorder,
+}
+
+/// What an order's events read out of order mean for a segment review.
+#[derive(Debug, Default)]
+struct Reorder {
+    /// Stages and segments a purchase whose cancellation came first puts the customer
+    /// back in (see [`profile::EarlyReversal::held_before`]): no new entry.
+    restored: Vec<String>,
+    /// The review follows the cancellation of an order not known yet, whose purchase
+    /// may still come and put the customer back: leaving a segment then does not end
+    /// what the arbiter holds of its scenario (a greeting waiting for the morning).
+    early_cancellation: bool,
 }
 
 fn ms(d: std::time::Duration) -> Millis {
@@ -2720,7 +2746,9 @@ impl ProfileProcessor {
                 deterministic_id(&[&e.event_id, "contacts_changed"]),
                 p.customer_id.clone(),
                 CustomerActionKind::contacts_changed,
-                e.occurred_at,
+                // When the profile learnt it, as a trigger's `fired_at` is: the arbiter
+                // gives it to what fired before.
+                ctx.now().max(e.occurred_at),
             )
         };
         ctx.emit(&self.actions_topic, &p.customer_id, &action);

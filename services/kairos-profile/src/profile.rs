@@ -767,21 +767,10 @@ impl CustomerProfile {
                 self.recent_orders.push(order);
             }
         }
-        for reversal in other.early_reversals {
-            // The same reversal read by both: what each held before it differs.
-            let same = |r: &EarlyReversal| {
-                (&r.order_id, r.cancelled, r.amount, r.at)
-                    == (
-                        &reversal.order_id,
-                        reversal.cancelled,
-                        reversal.amount,
-                        reversal.at,
-                    )
-            };
-            if !self.early_reversals.iter().any(same) {
-                self.early_reversals.push(reversal);
-            }
-        }
+        // Every one, also the same reversal read by both ids: each took its amount out
+        // of its own revenue and counted its own return, which the merge adds up, and
+        // settling gives back each (see `settle_early_reversals`).
+        self.early_reversals.extend(other.early_reversals);
         self.orders += other.orders;
         self.offline_orders += other.offline_orders;
         self.revenue += other.revenue;
@@ -1457,13 +1446,13 @@ impl CustomerProfile {
     /// Whether `address` bounced hard on `channel` (rows from before the list hold
     /// only the latest bounce).
     pub fn is_bounced(&self, channel: Channel, address: &str) -> bool {
-        self.hard_bounced
-            .get(&channel)
-            .is_some_and(|a| a == address)
+        // Bounces stored before e-mail domains were normalized keep the Unicode form.
+        let same = |a: &String| kairos_core::identifiers::same_address(a, address);
+        self.hard_bounced.get(&channel).is_some_and(same)
             || self
                 .bounced_addresses
                 .get(&channel)
-                .is_some_and(|list| list.iter().any(|a| a == address))
+                .is_some_and(|list| list.iter().any(same))
     }
 
     /// Remembers a hard bounce of `address`, keeping the earlier bounced ones.
@@ -1842,6 +1831,50 @@ mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
     use kairos_core::time::{DAY, HOUR};
+
+    #[test]
+    fn a_bounce_stored_with_a_unicode_domain_still_bars_its_ascii_spelling() {
+        let mut p = CustomerProfile::new("c", 0);
+        p.hard_bounced
+            .insert(Channel::email, "anna@bücher.de".into());
+        p.bounced_addresses
+            .insert(Channel::sms, vec!["anna@bücher.de".into()]);
+        assert!(p.is_bounced(Channel::email, "anna@xn--bcher-kva.de"));
+        assert!(p.is_bounced(Channel::sms, "anna@xn--bcher-kva.de"));
+        assert!(!p.is_bounced(Channel::email, "anna@buecher.de"));
+    }
+
+    #[test]
+    fn a_reversal_both_ids_took_before_their_merge_is_given_back_by_each() {
+        let with_reversal = |id: &str, kind: ReversalKind, amount: f64| {
+            let mut p = CustomerProfile::new(id, 0);
+            p.record_purchase(10, 100.0, false, Some(format!("old-{id}")));
+            p.record_return("o-1", Some(amount), 20, kind);
+            p
+        };
+        // The cancellation reached both ids, each taking 80 of its 100.
+        let mut survivor = with_reversal("a", ReversalKind::Cancellation, 80.0);
+        survivor.absorb(with_reversal("b", ReversalKind::Cancellation, 80.0));
+        assert_eq!(survivor.revenue, 40.0);
+        let applied = survivor.record_purchase(15, 80.0, false, Some("o-1".into()));
+        assert_eq!(applied, PurchaseApplied::CancelledBefore);
+        assert_eq!((survivor.orders, survivor.revenue), (2, 200.0));
+        // The same with the purchase merged in as well: settled at the merge.
+        let mut survivor = with_reversal("a", ReversalKind::Cancellation, 80.0);
+        let mut other = with_reversal("b", ReversalKind::Cancellation, 80.0);
+        other.record_purchase(15, 80.0, false, Some("o-1".into()));
+        survivor.absorb(other);
+        assert_eq!((survivor.orders, survivor.revenue), (2, 200.0));
+        // A return of 30 that reached both ids: counted once, taken once.
+        let mut survivor = with_reversal("a", ReversalKind::Return, 30.0);
+        let mut other = with_reversal("b", ReversalKind::Return, 30.0);
+        other.record_purchase(15, 80.0, false, Some("o-1".into()));
+        survivor.absorb(other);
+        assert_eq!(
+            (survivor.orders, survivor.revenue, survivor.returns),
+            (3, 250.0, 1)
+        );
+    }
 
     #[test]
     fn a_part_noted_on_an_order_with_its_parts_full_replaces_the_oldest() {

@@ -1647,6 +1647,12 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
     let out = h.transitions("cf");
     let left = out.last().expect("a transition");
     assert_eq!(left["from_segment"], "Champions", "{out:#?}");
+    // The purchase may still come: the arbiter keeps a greeting it still holds.
+    let told_left = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "cf" && a.value["kind"] == "left_segment")
+        .count();
+    assert_eq!(told_left, 0);
     h.site(
         "cf-buy5",
         "purchase",
