@@ -367,7 +367,8 @@ impl CustomerLedger {
     /// after it fired (a new e-mail address, a bounce, a new push token).
     pub fn settle_zone(&mut self, t: &mut Trigger) {
         match &self.contacts {
-            Some((at, contacts)) if *at > t.fired_at => t.contacts = (**contacts).clone(),
+            // At the same instant too: the note is the newest the profile knew then.
+            Some((at, contacts)) if *at >= t.fired_at => t.contacts = (**contacts).clone(),
             // Nothing that waits fired before the change: the triggers carry it.
             Some(_) if self.queued.is_empty() && self.cascades.is_empty() => {
                 self.contacts = None;
@@ -420,10 +421,8 @@ impl CustomerLedger {
         if !named(&self.zone) && named(&other.zone) {
             self.zone = other.zone;
         }
-        // The contacts either noted were one id's: the merged profile has both ids'
-        // addresses, which the next trigger carries. Until then, what waits keeps the
-        // addresses it fired with rather than take the other id's.
-        self.contacts = None;
+        // The survivor's note stands (the merged profile keeps the survivor's addresses
+        // first); the merged customer's is of an id that is gone.
         self.sends.extend(other.sends);
         self.sends.sort_by_key(|(at, _, _)| *at);
         self.scenario_sends.extend(other.scenario_sends);
@@ -2089,12 +2088,14 @@ impl ArbiterProcessor {
                 let newer = ledger
                     .contacts
                     .as_ref()
-                    .is_none_or(|(known, _)| *known < at);
+                    // Equal: read later, so told later (one customer's actions are in
+                    // order on their partition).
+                    .is_none_or(|(known, _)| *known <= at);
                 if !newer {
                     return Ok(false);
                 }
                 ledger.contacts = Some((at, Box::new(contacts.clone())));
-                if ledger.zone.as_ref().is_none_or(|(noted, _)| *noted < at) {
+                if ledger.zone.as_ref().is_none_or(|(noted, _)| *noted <= at) {
                     let zone = contacts.time_zone.as_deref().map(CompactString::from);
                     ledger.zone = Some((at, zone));
                 }

@@ -145,6 +145,22 @@ fn a_waiting_message_goes_to_the_address_and_hours_the_customer_changed_to() {
     let w3 = a.trigger("w3", "welcome", TRIGGER, at("2026-01-07T11:00:00Z"));
     assert_eq!(w3.outcome, DecisionOutcome::sent, "{w3:?}");
     assert_eq!(a.last_send().address.as_deref(), Some("newer@example.com"));
+    // Two changes the profile learnt at the same instant: the one read last stands.
+    let newest = Contacts {
+        email: Some("newest@example.com".into()),
+        consented_channels: vec![Channel::email],
+        ..Contacts::default()
+    };
+    a.contacts_changed("ch3", newest, at("2026-01-07T12:00:00Z"));
+    let w4 = a.trigger("w4", "welcome", TRIGGER, at("2026-01-07T11:30:00Z"));
+    if w4.outcome != DecisionOutcome::sent {
+        a.advance_to(at("2026-01-08T12:00:00Z"));
+    }
+    assert_eq!(
+        a.decisions_of("w4").last().expect("decided").outcome,
+        DecisionOutcome::sent
+    );
+    assert_eq!(a.last_send().address.as_deref(), Some("newest@example.com"));
 }
 
 #[test]

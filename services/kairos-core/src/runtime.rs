@@ -1313,6 +1313,13 @@ impl<P: Processor> Engine<P> {
         self.acknowledge(&published.acked)?;
         // Not after a publish cut short: a marker after its acknowledged part would make
         // that part look whole. The note stays, and the rebuild writes them again.
+        if !published.complete {
+            for gap in &repairs {
+                if let Some(part) = self.parts.get_mut(&gap.partition) {
+                    part.store.owe_repair();
+                }
+            }
+        }
         for gap in repairs.into_iter().filter(|_| published.complete) {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
                 if let Err(e) = write_again(producer, &mut part.store, gap).await {

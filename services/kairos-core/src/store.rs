@@ -295,6 +295,7 @@ impl StoreFactory {
             claim_watch: std::cell::RefCell::new(ClaimWatch::default()),
             unacknowledged_changelog: 0,
             clean_mark_written: false,
+            repair_owed: false,
         };
         if store.raw_get(META_REPAIR_PENDING)?.is_some() {
             let mut batch = WriteBatch::default();
@@ -789,6 +790,9 @@ pub struct PartitionStore {
     /// Whether this store wrote [`META_CLEAN_END`] since its last commit of changelog
     /// records (that commit deletes it).
     clean_mark_written: bool,
+    /// A repair noted by [`Self::note_repair_pending`] was left to the next rebuild (a
+    /// publish cut short): the note stays, whatever later repairs complete.
+    repair_owed: bool,
 }
 
 impl PartitionStore {
@@ -1803,8 +1807,17 @@ impl PartitionStore {
         self.write(batch)
     }
 
-    /// The repair noted by [`Self::note_repair_pending`] is done.
+    /// A repair noted by [`Self::note_repair_pending`] is left to the next rebuild.
+    pub fn owe_repair(&mut self) {
+        self.repair_owed = true;
+    }
+
+    /// The repair noted by [`Self::note_repair_pending`] is done (unless another is
+    /// owed, see [`Self::owe_repair`]).
     pub fn clear_repair_pending(&self) -> StoreResult<()> {
+        if self.repair_owed {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
         batch.delete(META_REPAIR_PENDING);
         self.write(batch)
@@ -2105,8 +2118,17 @@ mod tests {
         store.changelog_acknowledged(3, 12).unwrap();
         store.clear_repair_pending().unwrap();
         drop(store);
-        let store = factory.open(0).unwrap();
+        let mut store = factory.open(0).unwrap();
         assert_eq!(store.changelog_end().unwrap(), Some(13));
+        // A repair left to the rebuild is not cleared by a later one that completes.
+        store.note_repair_pending().unwrap();
+        store.owe_repair();
+        store.note_repair_pending().unwrap();
+        store.changelog_acknowledged(3, 15).unwrap();
+        store.clear_repair_pending().unwrap();
+        drop(store);
+        let store = factory.open(0).unwrap();
+        assert_eq!(store.changelog_end().unwrap(), None);
     }
 
     /// Only offsets that are neither the store's own nor read since its claim are

@@ -596,8 +596,12 @@ impl ProfileProcessor {
                             let reversal =
                                 p.record_return(&order.order_id, order.total, e.occurred_at, kind);
                             if let Reversal::Applied { known } = reversal {
-                                reorder.early_cancellation =
-                                    !known && kind == ReversalKind::Cancellation;
+                                // Only while every order the profile counted is among
+                                // its recent ones: then an unknown order is one whose
+                                // purchase has not come yet, not an old one.
+                                reorder.early_cancellation = !known
+                                    && kind == ReversalKind::Cancellation
+                                    && p.holds_every_order();
                                 // A recent order's follow-up checks its mark in the
                                 // profile; an older one's needs a mark of its own.
                                 if known {
@@ -2747,8 +2751,9 @@ impl ProfileProcessor {
                 p.customer_id.clone(),
                 CustomerActionKind::contacts_changed,
                 // When the profile learnt it, as a trigger's `fired_at` is: the arbiter
-                // gives it to what fired before.
-                ctx.now().max(e.occurred_at),
+                // gives it to what fired before. Not the event's own time: an event
+                // dated ahead (a device's clock) would hold later changes back.
+                ctx.now(),
             )
         };
         ctx.emit(&self.actions_topic, &p.customer_id, &action);

@@ -767,14 +767,39 @@ impl CustomerProfile {
                 self.recent_orders.push(order);
             }
         }
-        // Every one, also the same reversal read by both ids: each took its amount out
-        // of its own revenue and counted its own return, which the merge adds up, and
-        // settling gives back each (see `settle_early_reversals`).
-        self.early_reversals.extend(other.early_reversals);
+        // The same reversal read by both ids: each took its amount out of its own
+        // revenue and counted its own return, which the merge adds up. One entry
+        // gives back both amounts, and the second return is not one.
+        let mut returns_read_twice = 0;
+        for reversal in other.early_reversals {
+            let mine = self.early_reversals.iter_mut().find(|r| {
+                (&r.order_id, r.cancelled, r.amount, r.at)
+                    == (
+                        &reversal.order_id,
+                        reversal.cancelled,
+                        reversal.amount,
+                        reversal.at,
+                    )
+            });
+            match mine {
+                Some(mine) => {
+                    mine.revenue_taken += reversal.revenue_taken;
+                    for held in reversal.held_before {
+                        if !mine.held_before.contains(&held) {
+                            mine.held_before.push(held);
+                        }
+                    }
+                    if !reversal.cancelled {
+                        returns_read_twice += 1;
+                    }
+                }
+                None => self.early_reversals.push(reversal),
+            }
+        }
         self.orders += other.orders;
         self.offline_orders += other.offline_orders;
         self.revenue += other.revenue;
-        self.returns += other.returns;
+        self.returns = (self.returns + other.returns).saturating_sub(returns_read_twice);
         self.first_purchase_at = min_some(self.first_purchase_at, other.first_purchase_at);
         if other.last_purchase_at > self.last_purchase_at {
             self.last_purchase_at = other.last_purchase_at;
@@ -1474,6 +1499,12 @@ impl CustomerProfile {
         self.hard_bounced.insert(channel, address);
     }
 
+    /// Whether every order counted is among the recent ones (fewer than the bound were
+    /// ever counted, as far as the list can tell).
+    pub fn holds_every_order(&self) -> bool {
+        self.recent_orders.len() < RECENT_ORDERS
+    }
+
     /// The stages and segments the customer held before cancellations of `order_id`
     /// read ahead of its purchase (see [`EarlyReversal::held_before`]).
     pub fn held_before_early_cancellation(&self, order_id: Option<&str>) -> Vec<String> {
@@ -1870,6 +1901,14 @@ mod tests {
         let mut other = with_reversal("b", ReversalKind::Return, 30.0);
         other.record_purchase(15, 80.0, false, Some("o-1".into()));
         survivor.absorb(other);
+        assert_eq!(
+            (survivor.orders, survivor.revenue, survivor.returns),
+            (3, 250.0, 1)
+        );
+        // The same return with the purchase after the merge.
+        let mut survivor = with_reversal("a", ReversalKind::Return, 30.0);
+        survivor.absorb(with_reversal("b", ReversalKind::Return, 30.0));
+        survivor.record_purchase(15, 80.0, false, Some("o-1".into()));
         assert_eq!(
             (survivor.orders, survivor.revenue, survivor.returns),
             (3, 250.0, 1)
