@@ -1710,6 +1710,31 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
 }
 
 #[test]
+fn an_unknown_order_cancelled_for_a_customer_of_many_orders_is_told_as_an_exit() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    // Twenty orders fill the recent ones: an unknown order may be an older one.
+    for i in 0..20 {
+        h.site(
+            &format!("cm-buy{i}"),
+            "purchase",
+            "cm",
+            t + i * MINUTE,
+            order(&format!("o-cm-{i}"), 100.0, None),
+        );
+    }
+    let cancelled = order("o-cm-old", 1900.0, Some("cancelled"));
+    h.site("cm-cancel", "order_status", "cm", t + HOUR, cancelled);
+    let left: Vec<Value> = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "cm" && a.value["kind"] == "left_segment")
+        .map(|a| a.value.clone())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["segment"], "Champions");
+}
+
+#[test]
 fn a_vip_entry_processed_after_a_backlog_past_the_tolerance_is_skipped_as_late() {
     let t = at(T0);
     let vip_after = |backlog: Millis| {
