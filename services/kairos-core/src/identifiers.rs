@@ -86,11 +86,21 @@ pub fn same_address(a: &str, b: &str) -> bool {
 fn ascii_email(address: &str) -> String {
     match address.rsplit_once('@') {
         Some((local, domain)) => {
-            let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_lowercase());
+            let domain = ascii_domain(domain).unwrap_or_else(|_| domain.to_lowercase());
             format!("{}@{domain}", local.to_lowercase())
         }
         None => address.to_string(),
     }
+}
+
+/// An e-mail domain in its ASCII (IDNA) form, lower-cased, as DNS and the SMTP worker
+/// name it: "bücher.de" is "xn--bcher-kva.de". A domain literal ("[192.0.2.1]") is no
+/// name and stays as it is.
+pub fn ascii_domain(domain: &str) -> Result<String, idna::Errors> {
+    if domain.starts_with('[') {
+        return Ok(domain.to_string());
+    }
+    idna::domain_to_ascii(domain)
 }
 
 impl Normalizer {
@@ -126,15 +136,10 @@ impl Normalizer {
                 if !parsed.domain().contains('.') {
                     return Err(invalid("not an e-mail address: no dot in the domain"));
                 }
-                // A Unicode domain in its ASCII form (IDNA), as DNS and the SMTP worker
-                // name it: "anna@bücher.de" and "anna@xn--bcher-kva.de" are one mailbox.
-                // A domain literal ("[192.0.2.1]") is no name.
-                let domain = match parsed.domain() {
-                    literal if literal.starts_with('[') => literal.to_string(),
-                    name => idna::domain_to_ascii(name).map_err(|_| {
-                        invalid("not an e-mail address: the domain is not a valid IDNA name")
-                    })?,
-                };
+                // "anna@bücher.de" and "anna@xn--bcher-kva.de" are one mailbox.
+                let domain = ascii_domain(parsed.domain()).map_err(|_| {
+                    invalid("not an e-mail address: the domain is not a valid IDNA name")
+                })?;
                 format!("{}@{domain}", parsed.local_part().to_lowercase())
             }
             IdentifierKind::phone => {

@@ -1311,17 +1311,15 @@ impl<P: Processor> Engine<P> {
             }
         }
         self.acknowledge(&published.acked)?;
-        // Not after a publish cut short: a marker after its acknowledged part would make
-        // that part look whole. The note stays, and the rebuild writes them again.
-        if !published.complete {
-            for gap in &repairs {
-                if let Some(part) = self.parts.get_mut(&gap.partition) {
-                    part.store.owe_repair();
-                }
-            }
-        }
-        for gap in repairs.into_iter().filter(|_| published.complete) {
+        for gap in repairs {
             if let Some(part) = self.parts.get_mut(&gap.partition) {
+                // Not after a publish cut short: a marker after its acknowledged part
+                // would make that part look whole. The note stays, and the rebuild
+                // writes them again.
+                if !published.complete {
+                    part.store.owe_repair();
+                    continue;
+                }
                 if let Err(e) = write_again(producer, &mut part.store, gap).await {
                     // The acknowledgement noted the changelog's end past the former
                     // owner's records: forgotten, the restart after this error rebuilds

@@ -263,7 +263,8 @@ fn with_ascii_domain(mailbox: Mailbox) -> Result<Mailbox, ProviderError> {
         return Ok(mailbox);
     }
     let dead = |e: String| ProviderError::HardBounce(format!("invalid_address: {e}"));
-    let ascii = idna::domain_to_ascii(domain).map_err(|e| dead(format!("{domain}: {e}")))?;
+    let ascii = kairos_core::identifiers::ascii_domain(domain)
+        .map_err(|e| dead(format!("{domain}: {e}")))?;
     let email =
         lettre::Address::new(mailbox.email.user(), ascii).map_err(|e| dead(e.to_string()))?;
     Ok(Mailbox::new(mailbox.name, email))

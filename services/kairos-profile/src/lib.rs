@@ -412,8 +412,8 @@ impl ProfileProcessor {
         let subscribed_before = p.subscribed_at.is_some();
         let opted_in_before = p.opted_in_before();
         // Only events that state contacts can change them.
-        let contacts_before =
-            (e.email.is_some() || e.phone.is_some() || e.profile.is_some()).then(|| contacts(&p));
+        let contacts_before = (e.email.is_some() || e.phone.is_some() || e.profile.is_some())
+            .then(|| addresses(&p).map(|a| a.map(str::to_owned)));
         p.touch(e);
         if let Some(before) = contacts_before {
             self.tell_contacts_changed(ctx, &p, &before, e)?;
@@ -2727,25 +2727,14 @@ impl ProfileProcessor {
         &self,
         ctx: &mut Ctx<'_>,
         p: &CustomerProfile,
-        before: &Contacts,
+        before: &[Option<String>; 5],
         e: &CustomerEvent,
     ) -> anyhow::Result<()> {
-        let now = contacts(p);
-        type Addresses<'a> = [Option<&'a str>; 5];
-        fn addresses(c: &Contacts) -> Addresses<'_> {
-            [
-                c.email.as_deref(),
-                c.phone.as_deref(),
-                c.push_token.as_deref(),
-                c.messenger_id.as_deref(),
-                c.time_zone.as_deref(),
-            ]
-        }
-        if addresses(&now) == addresses(before) {
+        if addresses(p) == before.each_ref().map(Option::as_deref) {
             return Ok(());
         }
         let action = CustomerAction {
-            contacts: Some(now),
+            contacts: Some(contacts(p)),
             ..CustomerAction::new(
                 deterministic_id(&[&e.event_id, "contacts_changed"]),
                 p.customer_id.clone(),
@@ -2759,6 +2748,17 @@ impl ProfileProcessor {
         ctx.emit(&self.actions_topic, &p.customer_id, &action);
         Ok(())
     }
+}
+
+/// The addresses and time zone a `contacts_changed` action reports a change of.
+fn addresses(p: &CustomerProfile) -> [Option<&str>; 5] {
+    [
+        p.email.as_deref(),
+        p.phone.as_deref(),
+        p.push_token.as_deref(),
+        p.messenger_id.as_deref(),
+        p.time_zone.as_deref(),
+    ]
 }
 
 fn contacts(p: &CustomerProfile) -> Contacts {
