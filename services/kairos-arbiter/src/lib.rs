@@ -32,7 +32,7 @@ use prometheus::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// Per-customer arbiter state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CustomerLedger {
     /// Recent sends (time, channel, category), newest last; pruned to the cap window.
@@ -274,6 +274,14 @@ const PURCHASE_CLOCK_SKEW: Millis = 10 * MINUTE;
 /// Timers that shrink a merged customer's forwarding ledger to its note
 /// (`merged-expiry/<customer>`).
 const MERGED_LEDGER_EXPIRY: &str = "merged-expiry/";
+
+/// Timers that drop a contacts note kept for a customer the arbiter had no ledger of
+/// (`contacts-expiry/<customer>`), with the ledger made for it if nothing else came.
+const CONTACTS_NOTE_EXPIRY: &str = "contacts-expiry/";
+/// How long such a note waits for a trigger fired before the change and read after
+/// it (the triggers topic behind the actions topic). One read later goes to the
+/// addresses it fired with.
+const LONE_CONTACTS_KEPT: Millis = DAY;
 
 /// Outcomes remembered per customer for deduplication.
 const RECENT_OUTCOMES: usize = 16;
@@ -1873,6 +1881,47 @@ impl ArbiterProcessor {
         Ok(())
     }
 
+    /// The wait of a contacts note kept for a customer the arbiter had no ledger of
+    /// (see `process`) is over at `now`: a note as old is dropped, and so is the
+    /// ledger if that note was all it held. A newer note waits its own time.
+    fn expire_lone_contacts(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        customer_id: &str,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        let key = ledger_key(customer_id);
+        let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
+            return Ok(());
+        };
+        match ledger.contacts {
+            Some((at, _)) if at + LONE_CONTACTS_KEPT > now => {
+                let timer = [CONTACTS_NOTE_EXPIRY, customer_id].concat();
+                ctx.schedule(&timer, at + LONE_CONTACTS_KEPT, &customer_id)?;
+                self.ledgers.restore(ctx.partition, key, ledger);
+                return Ok(());
+            }
+            Some(_) => ledger.contacts = None,
+            // A trigger decided since dropped it: the ledger is the customer's now.
+            None => {
+                self.ledgers.restore(ctx.partition, key, ledger);
+                return Ok(());
+            }
+        }
+        // The note set the zone too; a ledger with nothing else is none at all.
+        let only_zone = CustomerLedger {
+            zone: ledger.zone.clone(),
+            ..CustomerLedger::default()
+        };
+        if *ledger == only_zone {
+            self.ledgers.remove(ctx.partition, &key);
+            ctx.delete(&key);
+        } else {
+            self.ledgers.put(ctx.partition, key, ledger);
+        }
+        Ok(())
+    }
+
     /// The profile forgot an anonymous customer after the retention: what still waits
     /// for them from before is cancelled (queued messages with rule `forgotten`,
     /// cascades stopped) and the ledger is deleted, so ledgers do not pile up with
@@ -3127,10 +3176,14 @@ impl Processor for ArbiterProcessor {
             }
             ArbiterInput::Action(a) => {
                 self.with_ledger(ctx, &a.customer_id, |this, ctx, ledger, known| {
-                    // Nothing of a customer the arbiter has no ledger of can wait here,
-                    // and their first trigger carries the contacts.
+                    // Nothing waits for a customer the arbiter has no ledger of, but a
+                    // trigger fired before the change (a welcome, say) may still be on
+                    // its way: the note is kept for it a while, in a ledger made for
+                    // it, which goes again if nothing else came.
                     if a.kind == CustomerActionKind::contacts_changed && !known {
-                        return Ok(false);
+                        let timer = [CONTACTS_NOTE_EXPIRY, a.customer_id.as_str()].concat();
+                        let expires = a.occurred_at.max(ctx.now()) + LONE_CONTACTS_KEPT;
+                        ctx.schedule(&timer, expires, &a.customer_id)?;
                     }
                     this.apply_action(ctx, &a, ledger)
                 })
@@ -3142,6 +3195,9 @@ impl Processor for ArbiterProcessor {
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         if let Some(customer) = timer.timer_id.strip_prefix(MERGED_LEDGER_EXPIRY) {
             return self.shrink_forwarding_ledger(ctx, customer);
+        }
+        if let Some(customer) = timer.timer_id.strip_prefix(CONTACTS_NOTE_EXPIRY) {
+            return self.expire_lone_contacts(ctx, customer, timer.fire_at);
         }
         let t: Trigger = timer
             .decode()

@@ -164,6 +164,68 @@ fn a_waiting_message_goes_to_the_address_and_hours_the_customer_changed_to() {
 }
 
 #[test]
+fn a_change_of_address_read_before_the_first_trigger_is_kept_for_it_a_day() {
+    let fixed = || Contacts {
+        email: Some("fixed@example.com".into()),
+        push_token: Some("token-1".into()),
+        consented_channels: vec![Channel::email, Channel::push],
+        ..Contacts::default()
+    };
+    // The customer registers with a mistyped address and fixes it a minute later; the
+    // arbiter, which has no ledger of them yet, reads the change before the welcome
+    // that fired with the old address.
+    let mut a = Arbiter::new();
+    a.contacts_changed("ch1", fixed(), at("2026-01-05T12:01:00Z"));
+    assert!(a.ledger_stored("c1"), "the note is kept");
+    assert_eq!(
+        a.timer_due("c1", "contacts-expiry/c1"),
+        Some(at("2026-01-06T12:01:00Z"))
+    );
+    let w1 = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T12:00:00Z"));
+    assert_eq!(w1.outcome, DecisionOutcome::sent, "{w1:?}");
+    assert_eq!(a.last_send().address.as_deref(), Some("fixed@example.com"));
+    // The ledger is the customer's now: the note's day ending leaves it.
+    a.advance_to(at("2026-01-06T13:00:00Z"));
+    let ledger = a.stored_ledger("c1").expect("ledger stays");
+    assert_eq!(ledger.sends.len(), 1);
+
+    // Nothing else comes within the day: the ledger made for the note goes.
+    let mut b = Arbiter::new();
+    b.contacts_changed("ch1", fixed(), at("2026-01-05T12:01:00Z"));
+    // A second change within the day waits a day of its own.
+    b.contacts_changed("ch2", fixed(), at("2026-01-06T10:00:00Z"));
+    b.advance_to(at("2026-01-06T13:00:00Z"));
+    let kept = b.stored_ledger("c1").expect("the newer note still waits");
+    assert_eq!(
+        kept.contacts.map(|(at, _)| at),
+        Some(at("2026-01-06T10:00:00Z"))
+    );
+    b.advance_to(at("2026-01-07T10:00:00Z"));
+    assert!(
+        !b.ledger_stored("c1"),
+        "a ledger of nothing but the note goes"
+    );
+    assert_eq!(b.timer_due("c1", "contacts-expiry/c1"), None);
+    // A trigger that fired before the change and is read after the day goes to the
+    // address it fired with.
+    let mut late = b.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T12:00:00Z"));
+    late.valid_until = at("2026-01-12T12:00:00Z");
+    let w1 = b.push_trigger(&late);
+    assert_eq!(w1.outcome, DecisionOutcome::sent, "{w1:?}");
+    assert_eq!(b.last_send().address.as_deref(), Some("c1@example.com"));
+
+    // Something else came for the customer within the day: the ledger stays, without
+    // the note.
+    let mut c = Arbiter::new();
+    c.contacts_changed("ch1", fixed(), at("2026-01-05T12:01:00Z"));
+    c.purchase("p1", at("2026-01-05T15:00:00Z"));
+    c.advance_to(at("2026-01-06T13:00:00Z"));
+    let ledger = c.stored_ledger("c1").expect("ledger stays");
+    assert!(ledger.contacts.is_none(), "{:?}", ledger.contacts);
+    assert_eq!(ledger.last_purchase_at, Some(at("2026-01-05T15:00:00Z")));
+}
+
+#[test]
 fn the_daily_cap_counts_the_customers_calendar_day() {
     let mut a = Arbiter::new();
     a.time_zone = Some("America/New_York".into());
