@@ -689,7 +689,12 @@ impl CustomerProfile {
         // Whose word on a channel's consent counts: the one whose address the
         // survivor keeps (below, its own if it has one).
         let speaks_for = |channel: Channel| -> ConsentSpeaker {
-            let same = |a: &String, b: &String| a.trim().eq_ignore_ascii_case(b.trim());
+            // An e-mail stored before domains were normalized may be the other's
+            // address in its Unicode spelling.
+            let same = |a: &String, b: &String| {
+                let (a, b) = (a.trim(), b.trim());
+                a.eq_ignore_ascii_case(b) || kairos_core::identifiers::same_address(a, b)
+            };
             match (self.address(channel), other.address(channel)) {
                 (Some(mine), Some(theirs)) if !same(mine, theirs) => ConsentSpeaker::Survivor,
                 (Some(_), None) => ConsentSpeaker::AddressOf(Side::Survivor),
@@ -2271,6 +2276,17 @@ mod tests {
         assert_eq!(survivor.consents.get(&Channel::email), Some(&false));
         assert_eq!(survivor.consents.get(&Channel::sms), Some(&false));
         assert_eq!(survivor.consent_at.get(&Channel::sms), Some(&10));
+
+        // One mailbox, stored in its Unicode spelling by an earlier version on one
+        // side: the later word counts, as for one address.
+        let mut survivor = CustomerProfile::new("c1", 0);
+        let mut merged = CustomerProfile::new("c2", 0);
+        survivor.email = Some("anna@bücher.de".into());
+        merged.email = Some("anna@xn--bcher-kva.de".into());
+        said(Channel::email, true, 10, &mut survivor);
+        said(Channel::email, false, 20, &mut merged);
+        survivor.absorb(merged);
+        assert_eq!(survivor.consents.get(&Channel::email), Some(&false));
     }
 
     #[test]
