@@ -111,16 +111,21 @@ pub fn add_touch(touches: &mut Vec<Touch>, touch: Touch, window: Millis) {
     let at = touches.partition_point(|t| t.at <= touch.at);
     touches.insert(at, touch);
     while touches.len() > TOUCHES_KEPT {
-        let live = live_touch(touches, Millis::MAX, window);
+        // The touch of a purchase right after the newest touch.
+        let next = touches
+            .last()
+            .map_or(Millis::MAX, |t| t.at.saturating_add(1));
+        let live = live_touch(touches, next, window);
         touches.remove(if live == Some(0) { 1 } else { 0 });
     }
 }
 
 /// The touch a purchase at `purchased_at` belongs to, if any: the last one strictly
 /// before it, except that a touch that sent and held out nothing (a sunset, a pause
-/// or an exclusion a purchase caused) leaves a message still in its window its
-/// purchases; it would otherwise take the repeat purchases of the message before it.
-/// After another unsent touch, it is the touch.
+/// or an exclusion a purchase caused) leaves a message whose window the purchase is
+/// still in its purchases; it would otherwise take the repeat purchases of the
+/// message before it. After another unsent touch, or past the message's window, it
+/// is the touch.
 pub fn live_touch(touches: &[Touch], purchased_at: Millis, window: Millis) -> Option<usize> {
     let mut live: Option<usize> = None;
     for (i, touch) in touches.iter().enumerate() {
@@ -129,7 +134,9 @@ pub fn live_touch(touches: &[Touch], purchased_at: Millis, window: Millis) -> Op
         }
         // An unsent touch gives way to any later one: it holds no message's window.
         let replaces = live.is_none_or(|l| {
-            touch.message || !touches[l].message || touch.at - touches[l].at > window
+            touch.message
+                || !touches[l].message
+                || purchased_at.saturating_sub(touches[l].at) > window
         });
         if replaces {
             live = Some(i);
@@ -266,6 +273,11 @@ mod tests {
             live(31),
             Some(10),
             "the sunset at 30 is within the message's window"
+        );
+        assert_eq!(
+            live(35),
+            Some(30),
+            "a purchase past the message's window belongs to the sunset after it"
         );
         let mut late = touches.clone();
         add_touch(&mut late, at(60, false), window);
