@@ -60,6 +60,11 @@ impl AdminState {
         self.last_heartbeat.store(wall_now(), Ordering::Relaxed);
     }
 
+    /// When the processing loop last reported (wall clock, milliseconds).
+    pub fn last_heartbeat(&self) -> i64 {
+        self.last_heartbeat.load(Ordering::Relaxed)
+    }
+
     pub fn render_metrics(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
@@ -81,7 +86,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    let silent = wall_now() - state.last_heartbeat.load(Ordering::Relaxed);
+    let silent = wall_now() - state.last_heartbeat();
     if silent > STALL_MILLIS {
         (
             StatusCode::SERVICE_UNAVAILABLE,

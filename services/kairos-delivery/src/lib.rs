@@ -213,6 +213,10 @@ pub struct DeliveryProcessor {
     provider: Option<Provider>,
     limiter: DefaultDirectRateLimiter,
     breaker: CircuitBreaker,
+    /// Told the worker is alive between a send's attempts: retrying one send against a
+    /// provider that is down can take longer than `/healthz` allows a silent loop, and
+    /// a restart would not help.
+    alive: Option<Arc<AdminState>>,
     metrics: DeliveryMetrics,
     /// Send ids taken, kept for `state.dedup_window` (the key `s/<send id>` as before
     /// ids expired).
@@ -322,6 +326,7 @@ impl DeliveryProcessor {
             provider,
             limiter: RateLimiter::direct(quota),
             breaker: CircuitBreaker::new(settings.circuit_breaker.clone()),
+            alive: None,
             metrics: m,
             sends_seen: SeenIds::new("s/", "sx", config.state.dedup_window),
             settings,
@@ -432,6 +437,18 @@ impl DeliveryProcessor {
         Ok(())
     }
 
+    /// Reports to `admin`'s health check between a send's attempts too.
+    pub fn reporting_to(mut self, admin: Arc<AdminState>) -> Self {
+        self.alive = Some(admin);
+        self
+    }
+
+    fn beat(&self) {
+        if let Some(admin) = &self.alive {
+            admin.heartbeat();
+        }
+    }
+
     /// Attempts the send until it succeeds, fails for good, expires or runs out of
     /// attempts.
     async fn attempts(
@@ -458,19 +475,18 @@ impl DeliveryProcessor {
         let (now_at_start, started_all) = (now, Instant::now());
         let mut last_error = String::new();
         for attempt in 1..=max {
+            // Each attempt and each wait is bounded (the provider's timeout, the
+            // backoff's cap, the breaker's `open_for`): a beat before each keeps a
+            // retrying worker healthy, and a hung one still goes silent.
+            self.beat();
             let wait = self.breaker.wait(Instant::now());
             if !wait.is_zero() {
                 self.metrics.circuit_open.with_label_values(&labels).set(1);
                 tokio::time::sleep(wait).await;
                 self.breaker.wait(Instant::now());
+                self.beat();
             }
-            self.metrics
-                .circuit_open
-                .with_label_values(&labels)
-                .set(i64::from(matches!(
-                    self.breaker.state(),
-                    BreakerState::Open(_)
-                )));
+            self.show_breaker(&labels);
             if cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis {
                 return Delivery::Expired;
             }
@@ -516,47 +532,83 @@ impl DeliveryProcessor {
                 .provider_requests
                 .with_label_values(&[labels[0], labels[1], result_label])
                 .inc();
-            match result {
-                Ok(()) => {
-                    self.breaker.success();
-                    return Delivery::Sent;
+            // The gauge follows the breaker now, not at the next send: the failure
+            // that opens it may be the last attempt before the topic goes quiet.
+            let delivery = Self::judge(
+                &mut self.breaker,
+                cmd,
+                attempt,
+                result,
+                committed.get(),
+                &mut last_error,
+            );
+            self.show_breaker(&labels);
+            match delivery {
+                Some(delivery) => return delivery,
+                None if attempt < max => {
+                    self.metrics.retries.with_label_values(&labels).inc();
+                    let delay =
+                        retry::backoff(&self.settings.retry, attempt, &mut rand::thread_rng());
+                    tokio::time::sleep(delay).await;
                 }
-                // The provider answered: it is healthy, the message is not.
-                Err(ProviderError::HardBounce(e)) => {
-                    self.breaker.success();
-                    return Delivery::HardBounce(e);
-                }
-                Err(ProviderError::Permanent(e)) => {
-                    self.breaker.success();
-                    return Delivery::Failed(e);
-                }
-                // The whole message went out but the answer did not come back: the
-                // provider may well keep it, so it is not sent again.
-                Err(ProviderError::NoAnswer(e)) if committed.get() => {
-                    self.breaker.failure(Instant::now());
-                    return Delivery::InDoubt(e);
-                }
-                // A refusal of the worker itself counts against the breaker like an
-                // outage, so a misconfigured provider is left alone instead of
-                // failing the backlog at full speed.
-                Err(
-                    e @ (ProviderError::Transient(_)
-                    | ProviderError::NoAnswer(_)
-                    | ProviderError::Refused(_)),
-                ) => {
-                    tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "provider error");
-                    self.breaker.failure(Instant::now());
-                    last_error = e.to_string();
-                    if attempt < max {
-                        self.metrics.retries.with_label_values(&labels).inc();
-                        let delay =
-                            retry::backoff(&self.settings.retry, attempt, &mut rand::thread_rng());
-                        tokio::time::sleep(delay).await;
-                    }
-                }
+                None => {}
             }
         }
         Delivery::Exhausted(last_error)
+    }
+
+    fn show_breaker(&self, labels: &[&str; 2]) {
+        let open = matches!(self.breaker.state(), BreakerState::Open(_));
+        self.metrics
+            .circuit_open
+            .with_label_values(labels)
+            .set(i64::from(open));
+    }
+
+    /// What an attempt's `result` means for the send (None: try again) and for the
+    /// breaker; a retried error becomes `last_error`.
+    fn judge(
+        breaker: &mut CircuitBreaker,
+        cmd: &SendCommand,
+        attempt: u32,
+        result: Result<(), ProviderError>,
+        committed: bool,
+        last_error: &mut String,
+    ) -> Option<Delivery> {
+        match result {
+            Ok(()) => {
+                breaker.success();
+                Some(Delivery::Sent)
+            }
+            // The provider answered: it is healthy, the message is not.
+            Err(ProviderError::HardBounce(e)) => {
+                breaker.success();
+                Some(Delivery::HardBounce(e))
+            }
+            Err(ProviderError::Permanent(e)) => {
+                breaker.success();
+                Some(Delivery::Failed(e))
+            }
+            // The whole message went out but the answer did not come back: the
+            // provider may well keep it, so it is not sent again.
+            Err(ProviderError::NoAnswer(e)) if committed => {
+                breaker.failure(Instant::now());
+                Some(Delivery::InDoubt(e))
+            }
+            // A refusal of the worker itself counts against the breaker like an
+            // outage, so a misconfigured provider is left alone instead of
+            // failing the backlog at full speed.
+            Err(
+                e @ (ProviderError::Transient(_)
+                | ProviderError::NoAnswer(_)
+                | ProviderError::Refused(_)),
+            ) => {
+                tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "provider error");
+                breaker.failure(Instant::now());
+                *last_error = e.to_string();
+                None
+            }
+        }
     }
 
     /// A crash after the provider accepted the send, or after the whole message was
@@ -714,6 +766,16 @@ impl DeliveryProcessor {
         for prefix in ["w", "k", "a"] {
             ctx.delete(&format!("{prefix}/{send_id}"));
         }
+    }
+
+    /// A send that a crash cut short and that ends now without a call (consent
+    /// withdrawn, expired, its template broken since) drops its write-ahead records
+    /// too, or they would stay for good.
+    fn forget_cut_attempt(&self, ctx: &mut Ctx<'_>, send_id: &str) -> anyhow::Result<()> {
+        if self.provider.is_some() && ctx.get::<Millis>(&format!("w/{send_id}"))?.is_some() {
+            self.forget_attempt(ctx, send_id);
+        }
+        Ok(())
     }
 
     fn dead_letter(&self, ctx: &mut Ctx<'_>, input: &SendInput, reason: &str, now: Millis) {
@@ -945,11 +1007,11 @@ impl Processor for DeliveryProcessor {
                 .with_label_values(&[self.channel.as_str()])
                 .inc();
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
-            return Ok(());
+            return self.forget_cut_attempt(ctx, &cmd.send_id);
         }
         if cmd.valid_until < now {
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now);
-            return Ok(());
+            return self.forget_cut_attempt(ctx, &cmd.send_id);
         }
         // No "Hello, !": a template that cannot render fails the send.
         let message = match self.render(cmd) {
@@ -957,7 +1019,7 @@ impl Processor for DeliveryProcessor {
             Err(reason) => {
                 tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
-                return Ok(());
+                return self.forget_cut_attempt(ctx, &cmd.send_id);
             }
         };
         if self.in_app() {
@@ -1069,7 +1131,8 @@ pub async fn run(
             channel
         )
     })?;
-    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?;
+    let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?
+        .reporting_to(admin.clone());
     kairos_core::runtime::run_serving(
         &config,
         processor,
@@ -1188,6 +1251,166 @@ mod tests {
             .collect();
         assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
         assert_eq!(outcomes[0].kind, OutcomeKind::sent, "{outcomes:#?}");
+    }
+
+    /// A send a crash cut short before the provider accepted it, which has expired by
+    /// the restart, is failed without a call, and its write-ahead records go with it.
+    #[test]
+    fn a_cut_attempt_that_expired_meanwhile_leaves_no_records_behind() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[
+                // Never called: the send expired.
+                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+                (
+                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+                    "Shop <news@shop.example>",
+                ),
+            ],
+        );
+        let t0 = 20_000 * DAY;
+        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
+        // What the crashed worker left: the attempt and a withdrawn commit point.
+        {
+            let stores = kairos_core::store::StoreFactory::new(
+                &config.state.dir.join("deliver-email"),
+                config.state.block_cache_bytes,
+            )
+            .expect("stores");
+            let store = stores.open(partition).expect("store");
+            let at = kairos_core::encoding::encode_state(&t0).expect("encode");
+            store.put_now(b"w/s-1", &at).expect("attempt");
+            let withdrawn =
+                kairos_core::encoding::encode_state(&COMMIT_POINT_WITHDRAWN).expect("encode");
+            store.put_now(b"k/s-1", &withdrawn).expect("commit point");
+        }
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let cmd = SendCommand {
+            send_id: "s-1".into(),
+            trigger_id: "t-1".into(),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            template: "welcome".into(),
+            address: Some("c1@example.com".into()),
+            variables: r#"{"first_name":"Ann"}"#.into(),
+            created_at: t0,
+            valid_until: t0 + 1_000,
+            cause_occurred_at: t0,
+            reasons: vec![],
+        };
+        let topic = config.send_topic(Channel::email);
+        // The partition's clock is past the send's valid-until by the restart.
+        let later = SendCommand {
+            send_id: "s-0".into(),
+            created_at: t0 + DAY,
+            valid_until: t0 + DAY - 1,
+            ..cmd.clone()
+        };
+        replayer
+            .push(&topic, b"c1", &serde_json::to_vec(&later).expect("encode"))
+            .expect("push");
+        let mut out = replayer
+            .push(&topic, b"c1", &serde_json::to_vec(&cmd).expect("encode"))
+            .expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        let outcome = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+            .find(|o| o.send_id == "s-1")
+            .expect("an outcome");
+        assert_eq!(
+            (outcome.kind, outcome.reason.as_deref()),
+            (OutcomeKind::failed, Some("expired"))
+        );
+        let store = replayer.engine.store(partition).expect("store");
+        for key in ["w/s-1", "k/s-1"] {
+            let left = store
+                .get(&Default::default(), key.as_bytes())
+                .expect("read");
+            assert!(left.is_none(), "{key} stays");
+        }
+    }
+
+    /// A worker retrying a send against a provider that does not answer tells its
+    /// health check it is alive between the attempts, so `/healthz` does not report a
+    /// stall (and an orchestrator restart it in a loop) while the provider is down; the
+    /// breaker's gauge shows it open as soon as it opens.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_worker_retrying_a_send_stays_alive_for_its_health_check() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[
+                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+                // Nobody listens: every attempt fails without an answer.
+                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+                (
+                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+                    "Shop <news@shop.example>",
+                ),
+                ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "3"),
+                ("KAIROS__DELIVERY__EMAIL__RETRY__INITIAL_BACKOFF", "20ms"),
+                (
+                    "KAIROS__DELIVERY__EMAIL__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
+                    "3",
+                ),
+            ],
+        );
+        let admin = AdminState::new(prometheus::Registry::new());
+        let settings = config.delivery[&Channel::email].clone();
+        let mut processor =
+            DeliveryProcessor::new(&config, Channel::email, settings, &admin.registry)
+                .expect("processor")
+                .reporting_to(admin.clone());
+        let cmd = SendCommand {
+            send_id: "s-1".into(),
+            trigger_id: "t-1".into(),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            template: "welcome".into(),
+            address: Some("c1@example.com".into()),
+            variables: "{}".into(),
+            created_at: 0,
+            valid_until: Millis::MAX / 2,
+            cause_occurred_at: 0,
+            reasons: vec![],
+        };
+        let message = templates::RenderedMessage {
+            subject: Some("Hello".into()),
+            preheader: None,
+            body: "hi".into(),
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let before = admin.last_heartbeat();
+        let delivery = processor
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
+        assert!(
+            admin.last_heartbeat() > before,
+            "the attempts beat: {} after {before}",
+            admin.last_heartbeat()
+        );
+        // The last attempt's failure opened the breaker, and the gauge says so at once,
+        // not when the next send comes.
+        let text = admin.render_metrics();
+        let open = "kairos_provider_circuit_open{channel=\"email\",provider=\"smtp\"} 1";
+        assert!(text.contains(open), "{open} in {text}");
     }
 
     /// A send id is taken once within `state.dedup_window`; once the window has passed

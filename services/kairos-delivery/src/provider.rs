@@ -2,7 +2,7 @@
 //! messenger bots and webhooks. Each classifies failures as transient (worth a retry)
 //! or permanent (not), so the worker never retries what cannot succeed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kairos_core::config::{HttpProviderConfig, SmtpConfig, SmtpSecurity};
 use kairos_core::contracts::SendCommand;
@@ -77,8 +77,20 @@ pub struct SmtpProvider {
     from: Mailbox,
     reply_to: Option<Mailbox>,
     list_unsubscribe: Option<String>,
-    connection: tokio::sync::Mutex<Option<AsyncSmtpConnection>>,
+    /// The kept-alive connection and when it last served a message.
+    connection: tokio::sync::Mutex<Option<(AsyncSmtpConnection, Instant)>>,
+    /// A connection idle this long is asked (NOOP) whether it still stands before it
+    /// is used again: servers close idle sessions (Postfix after 300 s), and sending on
+    /// a closed one fails the message's attempt.
+    idle_check: Duration,
 }
+
+/// See [`SmtpProvider::idle_check`].
+const SMTP_IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// How long a refused conversation's QUIT may take: a server that never answers it
+/// must not hold the worker (lettre reads the reply without a timeout of its own).
+const SMTP_QUIT_WAIT: Duration = Duration::from_secs(2);
 
 impl SmtpProvider {
     pub fn new(c: &SmtpConfig) -> anyhow::Result<Self> {
@@ -96,6 +108,7 @@ impl SmtpProvider {
                 .transpose()?,
             list_unsubscribe: c.list_unsubscribe.clone(),
             connection: tokio::sync::Mutex::new(None),
+            idle_check: SMTP_IDLE_CHECK,
         })
     }
 
@@ -184,9 +197,24 @@ impl SmtpProvider {
             .chain(envelope.from())
             .any(|a| !a.user().is_ascii() || !a.domain().is_ascii());
         let mut slot = self.connection.lock().await;
-        let mut conn = match slot.take() {
-            Some(conn) if !conn.has_broken() => conn,
-            _ => match tokio::time::timeout(self.config.timeout, self.connect()).await {
+        let kept = match slot.take() {
+            Some((conn, _)) if conn.has_broken() => None,
+            Some((conn, used)) if used.elapsed() < self.idle_check => Some(conn),
+            Some((mut conn, _)) => {
+                let asked = tokio::time::timeout(self.config.timeout, conn.test_connected());
+                match asked.await {
+                    Ok(true) => Some(conn),
+                    _ => {
+                        quit(conn).await;
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut conn = match kept {
+            Some(conn) => conn,
+            None => match tokio::time::timeout(self.config.timeout, self.connect()).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => return Err(classify(e, SmtpStep::Connect)),
                 Err(_) => return Err(ProviderError::Transient("connect timed out".into())),
@@ -198,7 +226,7 @@ impl SmtpProvider {
         let mut mail_options = Vec::new();
         if utf8_address {
             if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
-                *slot = Some(conn);
+                *slot = Some((conn, Instant::now()));
                 return Err(ProviderError::Permanent(
                     "smtputf8_unsupported: the address has a non-ASCII local part and the server does not offer SMTPUTF8".into(),
                 ));
@@ -238,13 +266,13 @@ impl SmtpProvider {
         };
         match tokio::time::timeout(self.config.timeout, conversation).await {
             Ok(Ok(_)) => {
-                *slot = Some(conn);
+                *slot = Some((conn, Instant::now()));
                 Ok(())
             }
             // A refused step leaves the session in the middle of a transaction:
             // start the next send on a fresh connection.
             Ok(Err(e)) => {
-                conn.abort().await;
+                quit(conn).await;
                 Err(classify(e, step.get()))
             }
             Err(_) => Err(ProviderError::NoAnswer(format!(
@@ -253,6 +281,12 @@ impl SmtpProvider {
             ))),
         }
     }
+}
+
+/// Ends a session politely if the server answers within [`SMTP_QUIT_WAIT`], and drops
+/// it either way.
+async fn quit(mut conn: AsyncSmtpConnection) {
+    let _ = tokio::time::timeout(SMTP_QUIT_WAIT, conn.abort()).await;
 }
 
 /// `mailbox` with its domain in ASCII (IDNA: `bücher.de` is `xn--bcher-kva.de`), which
@@ -311,9 +345,12 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
             // unless the enhanced status says otherwise.
             SmtpStep::RcptTo => match rcpt_refusal(&code, &e.to_string()) {
                 RcptRefusal::DeadMailbox => ProviderError::HardBounce(e.to_string()),
-                RcptRefusal::Sender => ProviderError::Refused(e.to_string()),
+                RcptRefusal::Worker => ProviderError::Refused(e.to_string()),
                 RcptRefusal::Message => ProviderError::Permanent(e.to_string()),
             },
+            // A relay or sender-authentication refusal to the message refuses every
+            // one alike (SES's unverified sender, Gmail's 5.7.26).
+            _ if refuses_the_worker(&e.to_string()) => ProviderError::Refused(e.to_string()),
             // Any other 5xx, and any 5xx to the message itself (a 550 "refused as
             // spam" says nothing of the mailbox): this message fails.
             _ => ProviderError::Permanent(e.to_string()),
@@ -331,9 +368,10 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
 enum RcptRefusal {
     /// The mailbox does not exist or cannot: a hard bounce.
     DeadMailbox,
-    /// The sender is refused (a bad sender address, `5.1.7`/`5.1.8`): every message
-    /// would be, so it refuses the worker and marks no recipient dead.
-    Sender,
+    /// The sender or the worker is refused (a bad sender address, `5.1.7`/`5.1.8`, a
+    /// relay that does not relay for it): every message would be, so it refuses the
+    /// worker and marks no recipient dead.
+    Worker,
     /// This message fails (a policy refusal such as `5.7.1`, a full mailbox `5.2.2`).
     Message,
 }
@@ -356,21 +394,46 @@ fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
                     .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         });
     // Postfix checks the sender at RCPT TO too, and says so in the text (with codes
-    // such as 5.1.0 or 5.7.1): marking the recipient dead would suppress the base.
-    let text = reply.to_ascii_lowercase();
-    if text.contains("sender address rejected") {
-        return RcptRefusal::Sender;
+    // such as 5.1.0 or 5.7.1), and so does a relay that takes no mail from this
+    // worker: marking the recipient dead, or failing it for good, would do so to the
+    // whole base.
+    if refuses_the_worker(reply) {
+        return RcptRefusal::Worker;
     }
+    let text = reply.to_ascii_lowercase();
     match enhanced {
         Some("5.1.0" | "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10") => {
             RcptRefusal::DeadMailbox
         }
         Some("5.4.1") if text.contains("recipient address rejected") => RcptRefusal::DeadMailbox,
-        Some("5.1.7" | "5.1.8") => RcptRefusal::Sender,
+        Some("5.1.7" | "5.1.8") => RcptRefusal::Worker,
         Some(_) => RcptRefusal::Message,
         None if matches!(code, "550" | "551" | "553") => RcptRefusal::DeadMailbox,
         None => RcptRefusal::Message,
     }
+}
+
+/// Whether a permanent refusal names the worker rather than the message or the
+/// recipient: the sender refused, the relay not relaying for it (no login, an address
+/// outside its networks), or the sender's domain not authenticated. Every message
+/// would be refused alike, so the worker stops and dead-letters rather than failing
+/// the backlog for good. The codes (`5.7.0`, `5.7.1`) are shared with message
+/// policies, so the text decides.
+fn refuses_the_worker(reply: &str) -> bool {
+    const WORKER_REFUSALS: [&str; 10] = [
+        "sender address rejected",
+        "relay access denied",
+        "relaying denied",
+        "relay denied",
+        "unable to relay",
+        "relay not permitted",
+        "authentication required",
+        "email address is not verified",
+        "5.7.26",
+        "5.7.54",
+    ];
+    let text = reply.to_ascii_lowercase();
+    WORKER_REFUSALS.iter().any(|refusal| text.contains(refusal))
 }
 
 pub struct HttpProvider {
@@ -533,25 +596,181 @@ mod tests {
             (
                 "550",
                 "550 5.1.8 Access denied, bad outbound sender",
-                Sender,
+                Worker,
             ),
-            ("553", "553 5.1.7 sender address invalid", Sender),
+            ("553", "553 5.1.7 sender address invalid", Worker),
             (
                 "550",
                 "550 5.1.0 <noreply@brand.example>: Sender address rejected: User unknown",
-                Sender,
+                Worker,
             ),
             (
                 "553",
                 "553 5.7.1 <a@b.example>: Sender address rejected: not owned by user",
-                Sender,
+                Worker,
             ),
+            (
+                "554",
+                "554 5.7.1 <x@gmail.com>: Relay access denied",
+                Worker,
+            ),
+            (
+                "550",
+                "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+                Worker,
+            ),
+            ("530", "530 5.7.0 Authentication required", Worker),
             ("550", "550 no such user here", DeadMailbox),
             ("553", "553 mailbox name not allowed", DeadMailbox),
             ("554", "554 transaction failed", Message),
         ];
         for (code, reply, expected) in cases {
             assert_eq!(rcpt_refusal(code, reply), expected, "{reply}");
+        }
+    }
+
+    /// A scripted SMTP server on a local port: each session greets, answers EHLO, MAIL,
+    /// RCPT (with `rcpt_reply`), DATA and NOOP, and counts the messages it keeps. A
+    /// session closes after its first message when `close_after_message` (a server's
+    /// idle timeout, early); a QUIT is never answered when `answer_quit` is false.
+    async fn scripted_smtp(
+        rcpt_reply: &'static str,
+        close_after_message: bool,
+        answer_quit: bool,
+    ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let messages = std::sync::Arc::new(AtomicUsize::new(0));
+        let kept = messages.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    write.write_all(b"220 test ready\r\n").await.unwrap();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                        let reply = match verb.as_str() {
+                            "EHLO" | "HELO" | "MAIL" | "NOOP" => "250 ok\r\n".to_string(),
+                            "RCPT" => format!("{rcpt_reply}\r\n"),
+                            "DATA" => {
+                                write.write_all(b"354 go on\r\n").await.unwrap();
+                                while let Ok(Some(body)) = lines.next_line().await {
+                                    if body == "." {
+                                        break;
+                                    }
+                                }
+                                kept.fetch_add(1, Ordering::SeqCst);
+                                write.write_all(b"250 queued\r\n").await.unwrap();
+                                if close_after_message {
+                                    return;
+                                }
+                                continue;
+                            }
+                            "QUIT" if answer_quit => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            "QUIT" => {
+                                tokio::time::sleep(Duration::from_secs(600)).await;
+                                return;
+                            }
+                            _ => "500 what\r\n".to_string(),
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, messages)
+    }
+
+    fn smtp_provider(port: u16) -> SmtpProvider {
+        SmtpProvider::new(&SmtpConfig {
+            host: "127.0.0.1".into(),
+            port,
+            security: Default::default(),
+            username: None,
+            password: None,
+            from: "Shop <news@shop.example>".into(),
+            reply_to: None,
+            list_unsubscribe: None,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    fn email_to(address: &str) -> (SendCommand, RenderedMessage) {
+        let cmd: SendCommand = serde_json::from_value(serde_json::json!({
+            "send_id": "s1", "trigger_id": "t1", "customer_id": "c1",
+            "scenario": "welcome", "channel": "email", "category": "trigger",
+            "template": "welcome", "address": address, "variables": "{}",
+            "created_at": 0, "valid_until": 1, "cause_occurred_at": 0, "reasons": []
+        }))
+        .unwrap();
+        let message = RenderedMessage {
+            subject: Some("Hello".into()),
+            preheader: None,
+            body: "hi".into(),
+        };
+        (cmd, message)
+    }
+
+    /// A kept-alive session the server closed meanwhile is found out before the next
+    /// message and replaced, instead of failing that message's attempt.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_kept_connection_the_server_closed_is_replaced_before_it_fails_a_message() {
+        let (port, messages) = scripted_smtp("250 ok", true, true).await;
+        let mut provider = smtp_provider(port);
+        provider.idle_check = Duration::ZERO;
+        let (cmd, message) = email_to("anna@example.com");
+        for n in 1..=2 {
+            let result = provider.send(&cmd, &message, &|| {}).await;
+            assert!(result.is_ok(), "message {n}: {result:?}");
+        }
+        assert_eq!(messages.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A server that refuses a recipient and then never answers QUIT does not hold the
+    /// worker: the refusal is reported.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_server_that_never_answers_quit_does_not_hold_the_worker() {
+        let (port, _) = scripted_smtp("550 5.7.1 Message rejected as spam", false, false).await;
+        let provider = smtp_provider(port);
+        let (cmd, message) = email_to("anna@example.com");
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            provider.send(&cmd, &message, &|| {}),
+        )
+        .await
+        .expect("the send ends");
+        assert!(
+            matches!(&result, Err(ProviderError::Permanent(e)) if e.contains("spam")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn relay_and_sender_authentication_refusals_refuse_the_worker_not_the_message() {
+        for reply in [
+            "554 Message rejected: Email address is not verified. The following identities failed the check: noreply@brand.example",
+            "550 5.7.26 This mail has been blocked because the sender is unauthenticated.",
+            "550 5.7.0 Mail relay denied",
+            "553 5.7.1 <noreply@brand.example>: Sender address rejected: not owned by user",
+        ] {
+            assert!(refuses_the_worker(reply), "{reply}");
+        }
+        for reply in [
+            "554 5.7.1 Message rejected by policy",
+            "550 5.7.1 Message rejected as spam",
+            "552 5.2.2 mailbox full",
+        ] {
+            assert!(!refuses_the_worker(reply), "{reply}");
         }
     }
 
