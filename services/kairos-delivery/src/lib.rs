@@ -1163,6 +1163,40 @@ mod tests {
         Config::from_text(&path, &text, &env).expect("config")
     }
 
+    /// [`test_config`] with the e-mail worker on SMTP to a port nobody listens on.
+    fn smtp_to_nowhere(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+        let mut settings = vec![
+            ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+            ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+            ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+            (
+                "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+                "Shop <news@shop.example>",
+            ),
+        ];
+        settings.extend_from_slice(extra);
+        test_config(dir, &settings)
+    }
+
+    /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
+    fn email_command(t0: Millis, template: &str) -> SendCommand {
+        SendCommand {
+            send_id: "s-1".into(),
+            trigger_id: "t-1".into(),
+            customer_id: "c1".into(),
+            scenario: template.into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            template: template.into(),
+            address: Some("c1@example.com".into()),
+            variables: r#"{"first_name":"Ann"}"#.into(),
+            created_at: t0,
+            valid_until: t0 + 1_000,
+            cause_occurred_at: t0,
+            reasons: vec![],
+        }
+    }
+
     /// After a crash that came between the provider's acceptance and the batch's
     /// commit, the send is reported sent when it comes again, even past its valid-until
     /// (the restart came late): it went out, and no key of its attempt stays behind.
@@ -1170,36 +1204,11 @@ mod tests {
     fn a_send_accepted_before_a_crash_is_reported_sent_even_once_expired() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[
-                // Never called: the send was accepted before the crash.
-                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
-                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
-                (
-                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
-                    "Shop <news@shop.example>",
-                ),
-            ],
-        );
+        // Never called: the send was accepted before the crash.
+        let config = smtp_to_nowhere(dir.path(), &[]);
         let t0 = 20_000 * DAY;
-        let cmd = SendCommand {
-            send_id: "s-1".into(),
-            trigger_id: "t-1".into(),
-            customer_id: "c1".into(),
-            scenario: "abandoned_cart".into(),
-            channel: Channel::email,
-            category: MessageCategory::trigger,
-            template: "abandoned_cart".into(),
-            address: Some("c1@example.com".into()),
-            // The template needs cart_items: rendering it now would fail too.
-            variables: r#"{"first_name":"Ann"}"#.into(),
-            created_at: t0,
-            valid_until: t0 + 1_000,
-            cause_occurred_at: t0,
-            reasons: vec![],
-        };
+        // The template needs cart_items: rendering it now would fail too.
+        let cmd = email_command(t0, "abandoned_cart");
         let topic = config.send_topic(Channel::email);
         let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
         // What the crashed worker left: the attempt and the provider's acceptance.
@@ -1259,19 +1268,8 @@ mod tests {
     fn a_cut_attempt_that_expired_meanwhile_leaves_no_records_behind() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[
-                // Never called: the send expired.
-                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
-                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
-                (
-                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
-                    "Shop <news@shop.example>",
-                ),
-            ],
-        );
+        // Never called: the send expired.
+        let config = smtp_to_nowhere(dir.path(), &[]);
         let t0 = 20_000 * DAY;
         let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
         // What the crashed worker left: the attempt and a withdrawn commit point.
@@ -1294,21 +1292,7 @@ mod tests {
             .expect("processor");
         let mut replayer =
             kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
-        let cmd = SendCommand {
-            send_id: "s-1".into(),
-            trigger_id: "t-1".into(),
-            customer_id: "c1".into(),
-            scenario: "welcome".into(),
-            channel: Channel::email,
-            category: MessageCategory::trigger,
-            template: "welcome".into(),
-            address: Some("c1@example.com".into()),
-            variables: r#"{"first_name":"Ann"}"#.into(),
-            created_at: t0,
-            valid_until: t0 + 1_000,
-            cause_occurred_at: t0,
-            reasons: vec![],
-        };
+        let cmd = email_command(t0, "welcome");
         let topic = config.send_topic(Channel::email);
         // The partition's clock is past the send's valid-until by the restart.
         let later = SendCommand {
@@ -1350,17 +1334,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_worker_retrying_a_send_stays_alive_for_its_health_check() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
+        // Nobody listens: every attempt fails without an answer.
+        let config = smtp_to_nowhere(
             dir.path(),
             &[
-                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
-                ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-                // Nobody listens: every attempt fails without an answer.
-                ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
-                (
-                    "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
-                    "Shop <news@shop.example>",
-                ),
                 ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "3"),
                 ("KAIROS__DELIVERY__EMAIL__RETRY__INITIAL_BACKOFF", "20ms"),
                 (
@@ -1376,19 +1353,8 @@ mod tests {
                 .expect("processor")
                 .reporting_to(admin.clone());
         let cmd = SendCommand {
-            send_id: "s-1".into(),
-            trigger_id: "t-1".into(),
-            customer_id: "c1".into(),
-            scenario: "welcome".into(),
-            channel: Channel::email,
-            category: MessageCategory::trigger,
-            template: "welcome".into(),
-            address: Some("c1@example.com".into()),
-            variables: "{}".into(),
-            created_at: 0,
             valid_until: Millis::MAX / 2,
-            cause_occurred_at: 0,
-            reasons: vec![],
+            ..email_command(0, "welcome")
         };
         let message = templates::RenderedMessage {
             subject: Some("Hello".into()),
