@@ -274,6 +274,11 @@ pub struct IdentityConfig {
     /// An identifier presented by more customers than this stops linking (a family
     /// phone, a shop's test card) and is reported.
     pub max_customers_per_identifier: usize,
+    /// A customer holding this many identifiers links no more, and absorbs no
+    /// anonymous profile that would take it past them: a producer's placeholder id
+    /// (a till's "walk-in" customer with every buyer's phone) would otherwise grow one
+    /// graph entry, rewritten whole at each new identifier, until the broker refuses it.
+    pub max_identifiers_per_customer: usize,
     pub survivor: SurvivorRule,
     /// How long the profile processor keeps a merged customer's forwarding record
     /// (where a late merge into that customer goes on to), from the merge: merges
@@ -301,6 +306,7 @@ impl Default for IdentityConfig {
             default_country: "US".into(),
             merge_on: vec![IdentifierKind::email, IdentifierKind::loyalty_card],
             max_customers_per_identifier: 3,
+            max_identifiers_per_customer: 1_000,
             survivor: SurvivorRule::SmallestId,
             forward_retention: Duration::from_secs(30 * 24 * 3600),
             anonymous_retention: Duration::from_secs(400 * 24 * 3600),
@@ -1242,6 +1248,12 @@ impl Config {
             return Err(fail(
                 "max_customers_per_identifier",
                 "identity.max_customers_per_identifier: must be at least 1".into(),
+            ));
+        }
+        if self.identity.max_identifiers_per_customer == 0 {
+            return Err(fail(
+                "max_identifiers_per_customer",
+                "identity.max_identifiers_per_customer: must be at least 1".into(),
             ));
         }
         if self

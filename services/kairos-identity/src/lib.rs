@@ -96,10 +96,14 @@ struct Node {
     /// The latest event it was resolved to, to the day (0: none since it was created
     /// by a version that did not keep it); an anonymous profile expires from it.
     last_seen: Millis,
+    /// It reached `identity.max_identifiers_per_customer` and that was logged once.
+    #[serde(default)]
+    at_identifier_limit: bool,
 }
 
 struct Metrics {
     resolved: IntCounterVec,
+    at_limit: IntCounterVec,
     merges: IntCounterVec,
     shared: IntCounterVec,
     conflicts: IntCounterVec,
@@ -115,6 +119,7 @@ pub struct IdentityProcessor {
     normalizer: Normalizer,
     merge_on: Vec<IdentifierKind>,
     max_claimants: usize,
+    max_identifiers: usize,
     survivor_rule: SurvivorRule,
     /// 0: anonymous profiles are kept for good.
     anonymous_retention: Millis,
@@ -157,6 +162,12 @@ impl IdentityProcessor {
                 "Identifiers that stopped linking because too many customers presented them, by identifier kind.",
                 &["kind"],
             ),
+            at_limit: metrics::counter_vec(
+                prom,
+                "kairos_identity_identifier_limit_total",
+                "Identifiers not linked, or anonymous profiles not merged, because the customer holds identity.max_identifiers_per_customer identifiers already, by identifier kind.",
+                &["kind"],
+            ),
             conflicts: metrics::counter_vec(
                 prom,
                 "kairos_identity_conflicts_total",
@@ -178,12 +189,14 @@ impl IdentityProcessor {
         for k in IdentifierKind::ALL {
             m.shared.with_label_values(&[k.as_str()]);
             m.conflicts.with_label_values(&[k.as_str()]);
+            m.at_limit.with_label_values(&[k.as_str()]);
         }
         Ok(IdentityProcessor {
             registry,
             normalizer,
             merge_on: identity.merge_on.clone(),
             max_claimants: identity.max_customers_per_identifier,
+            max_identifiers: identity.max_identifiers_per_customer,
             survivor_rule: identity.survivor,
             anonymous_retention: Millis::try_from(identity.anonymous_retention.as_millis())
                 .unwrap_or(Millis::MAX),
@@ -213,6 +226,31 @@ impl IdentityProcessor {
             .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
         *field = Some(id.value.clone());
         Ok(Some(id))
+    }
+
+    /// Counts an identifier that `customer` (holding `node`) does not take, being at
+    /// `identity.max_identifiers_per_customer`, and logs the first such one.
+    fn refuse_past_limit(
+        &self,
+        ctx: &mut Ctx<'_>,
+        customer: &str,
+        mut node: Node,
+        id: &Identifier,
+    ) -> anyhow::Result<()> {
+        self.metrics
+            .at_limit
+            .with_label_values(&[id.kind.as_str()])
+            .inc();
+        if !node.at_identifier_limit {
+            tracing::warn!(
+                customer,
+                identifiers = node.identifiers.len(),
+                "customer holds identity.max_identifiers_per_customer identifiers: no more are linked (a placeholder customer id?)"
+            );
+            node.at_identifier_limit = true;
+            ctx.put(&node_key(customer), &node)?;
+        }
+        Ok(())
     }
 
     /// Reports a merge, a shared identifier or a conflict on `identity-changes`.
@@ -374,19 +412,24 @@ impl IdentityProcessor {
             links.push((id, stored_link(ctx, id)?));
         }
         if target.is_none() {
+            // Without a login, the event is the known customer's its trusted
+            // identifiers (`merge_on`) name, before one an untrusted identifier names:
+            // a family phone must not pick the husband when the wife's loyalty card
+            // is on the form too, or the card would then merge the two of them.
             let mut owners = Vec::new();
-            for (_, link) in &links {
+            for (id, link) in &links {
                 if let Some(l) = link.as_ref().filter(|l| !l.shared) {
                     let owner = self.canonical(ctx, &l.customer)?;
                     let known = self.node(ctx, &owner)?.known;
-                    owners.push((owner, known));
+                    owners.push((owner, known, self.merge_on.contains(&id.kind)));
                 }
             }
             target = owners
                 .iter()
-                .find(|(_, known)| *known)
+                .find(|(_, known, trusted)| *known && *trusted)
+                .or_else(|| owners.iter().find(|(_, known, _)| *known))
                 .or(owners.first())
-                .map(|(o, _)| o.clone());
+                .map(|(o, _, _)| o.clone());
         }
         let mut target = match target {
             Some(t) => t,
@@ -450,6 +493,10 @@ impl IdentityProcessor {
             // Read again: a merge earlier in this loop may have re-pointed it.
             let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {
                 let mut node = self.node(ctx, &target)?;
+                if node.identifiers.len() >= self.max_identifiers {
+                    self.refuse_past_limit(ctx, &target, node, id)?;
+                    continue;
+                }
                 node.identifiers.push(id.to_string());
                 ctx.put(&node_key(&target), &node)?;
                 let link = Link {
@@ -497,8 +544,17 @@ impl IdentityProcessor {
             if owner == target {
                 continue;
             }
-            let both_known = self.node(ctx, &owner)?.known && self.node(ctx, &target)?.known;
-            if !both_known || self.merge_on.contains(&id.kind) {
+            let (owner_node, target_node) = (self.node(ctx, &owner)?, self.node(ctx, &target)?);
+            let both_known = owner_node.known && target_node.known;
+            let held = owner_node.identifiers.len() + target_node.identifiers.len();
+            if held > self.max_identifiers && (!both_known || self.merge_on.contains(&id.kind)) {
+                // The event stays the target's; the other profile stays apart.
+                let (customer, node) = match target_node.known {
+                    true => (&target, target_node),
+                    false => (&owner, owner_node),
+                };
+                self.refuse_past_limit(ctx, customer, node, id)?;
+            } else if !both_known || self.merge_on.contains(&id.kind) {
                 target = self.merge(ctx, &owner, &target, id, at)?;
             } else if new_claimant.is_some() {
                 // Known to belong to someone else and not trusted to merge: it stays.

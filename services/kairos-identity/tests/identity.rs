@@ -792,6 +792,31 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].identifier, "phone:+4915111112222");
     assert_eq!(h.profile("c-51").orders + h.profile("c-52").orders, 0);
+
+    // The wife's loyalty card and the family phone on a form without a login: the
+    // event is hers (the card is trusted, the phone not), and nobody is merged.
+    h.receipt(
+        t0 + 3 * HOUR,
+        5.0,
+        json!({"customer_id": "c-52", "loyalty_card": "K-52"}),
+    );
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 4 * HOUR,
+        json!({"anonymous_id": "a-form", "phone": "+4915111112222", "loyalty_card": "K-52"}),
+    );
+    h.advance(t0 + 5 * HOUR);
+    let merged_known: Vec<_> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::merged)
+        .filter_map(|c| c.merged_from)
+        .filter(|m| m.starts_with("c-"))
+        .collect();
+    assert!(merged_known.is_empty(), "{merged_known:?}");
+    assert_eq!(h.profile("c-52").orders, 1);
+    assert_eq!(h.profile("c-51").orders, 0);
 }
 
 #[test]
@@ -974,4 +999,47 @@ fn an_anonymous_profile_is_forgotten_after_its_retention_without_an_event() {
         Some("c-3"),
         "a stitched cookie stays"
     );
+}
+
+#[test]
+fn a_placeholder_customer_stops_taking_identifiers_at_the_limit() {
+    // A till sends "walk-in" as the customer of every anonymous sale, with the buyer's
+    // phone: the customer takes three identifiers, then none.
+    let mut h = Harness::with_identity("max_identifiers_per_customer = 3");
+    let t0 = at(T0);
+    let phone = |n: u32| format!("+49151000000{n:02}");
+    // One buyer was seen alone before: an anonymous profile of that phone.
+    h.receipt(t0, 5.0, json!({"phone": phone(9)}));
+    for n in 1..=4 {
+        h.receipt(
+            t0 + Millis::from(n) * HOUR,
+            10.0,
+            json!({"customer_id": "walk-in", "phone": phone(n)}),
+        );
+    }
+    h.receipt(
+        t0 + 5 * HOUR,
+        10.0,
+        json!({"customer_id": "walk-in", "phone": phone(9)}),
+    );
+    // The same buyers' next receipts, by phone alone.
+    for n in [1, 2, 4, 9] {
+        h.receipt(
+            t0 + 6 * HOUR + Millis::from(n) * MINUTE,
+            1.0,
+            json!({"phone": phone(n)}),
+        );
+    }
+    h.advance(t0 + 8 * HOUR);
+    // Every receipt named the walk-in customer is its own, linked or not.
+    let walk_in = h.profile("walk-in");
+    assert_eq!(walk_in.orders, 5 + 2, "{walk_in:?}");
+    // Phones 1 to 3 were linked; phone 4 was not, and the anonymous profile of phone 9
+    // was not merged in.
+    assert_eq!(h.profile("phone:+4915100000004").orders, 1);
+    assert_eq!(h.profile("phone:+4915100000009").orders, 2);
+    assert!(h
+        .changes()
+        .iter()
+        .all(|c| c.kind != IdentityChangeKind::merged));
 }
