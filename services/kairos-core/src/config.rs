@@ -286,13 +286,12 @@ pub struct IdentityConfig {
     /// then deleted, so that merged customers leave no state for good.
     #[serde(with = "humantime_serde")]
     pub forward_retention: Duration,
-    /// How long the identity processor keeps a profile known only by anonymous
-    /// identifiers (a cookie, a device, an e-mail left without a login) after its last
-    /// event: then the profile's graph entries are deleted, so the graph does not grow
-    /// with every visitor who never comes back. A profile stitched to a customer, or
-    /// one that absorbed another, is kept. The profile processor forgets the state of
-    /// a profile it knows by such a name (`anon:`, `device:`...) after the same time
-    /// without an event, with identity resolution on or off. 0 keeps them all.
+    /// How long a profile known only by anonymous identifiers (a cookie, a device, an
+    /// e-mail left without a login) is kept after its last event or opened or clicked
+    /// message: the profile processor then forgets its state (with identity resolution
+    /// on or off) and tells the identity processor, which deletes its graph entries, so
+    /// the graph does not grow with every visitor who never comes back. A profile
+    /// stitched to a customer, or one that absorbed another, is kept. 0 keeps them all.
     #[serde(with = "humantime_serde")]
     pub anonymous_retention: Duration,
 }

@@ -25,7 +25,7 @@ use kairos_core::contracts::{
     CustomerEvent, CustomerMerge, DeadLetterReason, EventType, IdentifiedRecord, IdentityChange,
     IdentityChangeKind, OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
 };
-use kairos_core::encoding::{Rejection, SchemaRegistry};
+use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::identifiers::{Identifier, IdentifierKind, Normalizer};
 use kairos_core::ids::deterministic_id;
 use kairos_core::input::{self, Source};
@@ -36,9 +36,21 @@ use kairos_core::time::{Millis, DAY};
 use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
 
+/// What the identity processor reads.
+#[derive(Debug, Clone)]
+pub enum IdentityInput {
+    /// A raw site, app or offline event.
+    Event(Box<IdentityEvent>),
+    /// The profile processor forgot an anonymous profile after the retention
+    /// (`forgotten` in `customer-actions`): its graph entries go too.
+    Forgotten { profile: String, at: Millis },
+    /// Another customer action: not the identity processor's.
+    Ignored,
+}
+
 /// A decoded raw event with its identifiers normalized.
 #[derive(Debug, Clone)]
-pub struct IdentityInput {
+pub struct IdentityEvent {
     source: Source,
     event: RawEvent,
     /// The event's customer id, if it names one.
@@ -110,10 +122,6 @@ struct Metrics {
     expired: prometheus::IntCounter,
 }
 
-/// Timers that forget an anonymous profile (`~anonymous/<profile>`), see
-/// `IdentityConfig::anonymous_retention`.
-const ANONYMOUS_EXPIRY: &str = "~anonymous";
-
 pub struct IdentityProcessor {
     registry: SchemaRegistry,
     normalizer: Normalizer,
@@ -128,6 +136,8 @@ pub struct IdentityProcessor {
     offline_topic: String,
     identified_topic: String,
     changes_topic: String,
+    /// Read for the profile processor's `forgotten` actions.
+    actions_topic: String,
     metrics: Metrics,
 }
 
@@ -177,7 +187,7 @@ impl IdentityProcessor {
             expired: metrics::counter(
                 prom,
                 "kairos_identity_anonymous_profiles_expired_total",
-                "Anonymous profiles forgotten after identity.anonymous_retention without an event.",
+                "Anonymous profiles taken out of the graph as the profile processor forgot them (identity.anonymous_retention without an event or an opened or clicked message).",
             ),
         };
         for r in RESOLVED {
@@ -205,6 +215,7 @@ impl IdentityProcessor {
             offline_topic: config.topic(topics::OFFLINE_EVENTS),
             identified_topic: config.topic(topics::IDENTIFIED_EVENTS),
             changes_topic: config.topic(topics::IDENTITY_CHANGES),
+            actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
             metrics: m,
         })
     }
@@ -388,7 +399,7 @@ impl IdentityProcessor {
     }
 
     /// Resolves an event's identifiers to one customer, linking and merging on the way.
-    fn resolve(&self, ctx: &mut Ctx<'_>, input: &IdentityInput) -> anyhow::Result<String> {
+    fn resolve(&self, ctx: &mut Ctx<'_>, input: &IdentityEvent) -> anyhow::Result<String> {
         let at = input.event.occurred_at();
         let mut resolution = "linked";
         let mut target = match &input.customer_id {
@@ -581,9 +592,9 @@ impl IdentityProcessor {
     /// Notes an event of a profile: an event older than every one before it (events
     /// come late and out of order) moves `first_seen` back, so the `first_seen`
     /// survivor rule compares when the customers were first seen, not which event
-    /// arrived first. An anonymous profile's last event is kept to the day, and its
-    /// expiry moved to `anonymous_retention` after it: one write of the node and its
-    /// timer per visitor and day.
+    /// arrived first. An anonymous profile's last event is kept to the day (one write
+    /// of the node per visitor and day): its forgetting leaves the node alone if it
+    /// came since (see `expire_anonymous`).
     fn seen(&self, ctx: &mut Ctx<'_>, profile: &str, at: Millis) -> anyhow::Result<()> {
         let key = node_key(profile);
         let Some(mut node) = ctx.get::<Node>(&key)? else {
@@ -601,20 +612,16 @@ impl IdentityProcessor {
         if earlier || next_day {
             ctx.put(&key, &node)?;
         }
-        if next_day {
-            ctx.schedule(
-                &format!("{ANONYMOUS_EXPIRY}/{profile}"),
-                at.saturating_add(self.anonymous_retention),
-                &(),
-            )?;
-        }
         Ok(())
     }
 
-    /// Forgets an anonymous profile no event came for in `anonymous_retention`: its
-    /// node and the links that only it holds (a shared or claimed identifier keeps its
-    /// link, so what it learnt stays). One that became known, was stitched or merged
-    /// into, or was seen since (a timer of an older version), stays.
+    /// Forgets an anonymous profile the profile processor forgot at `now`, after
+    /// `anonymous_retention` without an event or an opened or clicked message (the
+    /// profile processor is the one that knows both): its node and the links that only
+    /// it holds (a shared or claimed identifier keeps its link, so what it learnt
+    /// stays). One that became known, was stitched or merged into, or had an event
+    /// within the retention before `now` (the visitor came back as it was forgotten),
+    /// stays.
     fn expire_anonymous(
         &self,
         ctx: &mut Ctx<'_>,
@@ -649,7 +656,7 @@ impl IdentityProcessor {
 
     /// The event as the profile sees it: identifiers normalized (in `decode`), the
     /// resolved customer.
-    fn identified(&self, input: IdentityInput, customer: &str) -> IdentifiedRecord {
+    fn identified(&self, input: IdentityEvent, customer: &str) -> IdentifiedRecord {
         match input.event {
             RawEvent::Event(mut e) => {
                 e.customer_id = Some(customer.to_string());
@@ -758,6 +765,7 @@ impl Processor for IdentityProcessor {
             self.site_topic.clone(),
             self.app_topic.clone(),
             self.offline_topic.clone(),
+            self.actions_topic.clone(),
         ]
     }
 
@@ -774,6 +782,25 @@ impl Processor for IdentityProcessor {
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<IdentityInput, Rejection> {
+        if record.topic == self.actions_topic {
+            // Only the kind and the customer are read: the other actions (merged
+            // ledgers among them) are the arbiter's, and a kind this version does not
+            // know is none of its business either.
+            #[derive(Deserialize)]
+            struct ActionHead {
+                kind: String,
+                customer_id: String,
+                occurred_at: Millis,
+            }
+            let head: ActionHead = decode_internal(record.payload)?;
+            return Ok(match head.kind.as_str() {
+                "forgotten" => IdentityInput::Forgotten {
+                    profile: head.customer_id,
+                    at: head.occurred_at,
+                },
+                _ => IdentityInput::Ignored,
+            });
+        }
         let mut found = Vec::new();
         let (source, customer_id, event) = if record.topic == self.offline_topic {
             let mut r = input::decode_receipt(record.payload, &self.registry)?;
@@ -814,20 +841,31 @@ impl Processor for IdentityProcessor {
                 "no identifier: customer_id, anonymous_id, device_id, email, phone or loyalty_card",
             ));
         }
-        Ok(IdentityInput {
+        Ok(IdentityInput::Event(Box::new(IdentityEvent {
             source,
             event,
             customer_id,
             identifiers: ids,
             key: record.key.unwrap_or_default().to_vec(),
-        })
+        })))
     }
 
     fn event_time(&self, input: &IdentityInput) -> Option<Millis> {
-        Some(input.event.occurred_at())
+        match input {
+            IdentityInput::Event(e) => Some(e.event.occurred_at()),
+            // The profile's clock, not the producers': the graph's time stays theirs.
+            IdentityInput::Forgotten { .. } | IdentityInput::Ignored => None,
+        }
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: IdentityInput) -> anyhow::Result<()> {
+        let input = match input {
+            IdentityInput::Event(e) => *e,
+            IdentityInput::Forgotten { profile, at } => {
+                return self.expire_anonymous(ctx, &profile, at)
+            }
+            IdentityInput::Ignored => return Ok(()),
+        };
         if matches!(&input.event, RawEvent::Event(e) if e.event_type == EventType::heartbeat)
             && input.customer_id.is_none()
             && input.identifiers.is_empty()
@@ -845,15 +883,11 @@ impl Processor for IdentityProcessor {
         Ok(())
     }
 
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        match timer
-            .timer_id
-            .strip_prefix(ANONYMOUS_EXPIRY)
-            .and_then(|rest| rest.strip_prefix('/'))
-        {
-            Some(profile) => self.expire_anonymous(ctx, profile, timer.fire_at),
-            None => Ok(()),
-        }
+    /// Only the expiry timers of earlier versions (`~anonymous/<profile>`) fire here:
+    /// they did the forgetting by events alone, and forgot subscribers who only read
+    /// their e-mails while the profile processor kept them. They end doing nothing.
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _timer: &DueTimer) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

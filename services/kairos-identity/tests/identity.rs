@@ -1043,3 +1043,64 @@ fn a_placeholder_customer_stops_taking_identifiers_at_the_limit() {
         .iter()
         .all(|c| c.kind != IdentityChangeKind::merged));
 }
+
+/// A subscriber known by an e-mail alone, who only opens the newsletter, is kept by
+/// the profile processor, and so by the identity graph: registering later with the
+/// e-mail stitches their profile (consent and history) to the new customer instead
+/// of leaving a second profile of the same mailbox.
+#[test]
+fn a_subscriber_who_only_reads_e_mails_stays_in_the_graph() {
+    let mut h = Harness::with_identity("anonymous_retention = \"30d\"");
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "page_view",
+        t0,
+        json!({"anonymous_id": "a-9", "email": "reader@example.com"}),
+    );
+    // Opens every 20 days, no other event.
+    for (n, day) in [20, 40, 60].iter().enumerate() {
+        let opened = json!({
+            "outcome_id": format!("o-{n}"), "send_id": format!("s-{n}"),
+            "customer_id": "anon:a-9", "scenario": "newsletter", "channel": "email",
+            "category": "promo", "kind": "opened", "reason": null,
+            "occurred_at": t0 + day * DAY,
+        });
+        h.feed("outcomes", "anon:a-9", opened);
+        h.advance(t0 + day * DAY);
+    }
+    // Day 61: the last event was 61 days ago, the last open a day ago.
+    h.event(
+        "events.site",
+        "registration",
+        t0 + 61 * DAY,
+        json!({"customer_id": "c-9", "email": "reader@example.com"}),
+    );
+    h.advance(t0 + 61 * DAY + HOUR);
+    let stitched: Vec<_> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::merged)
+        .filter_map(|c| c.merged_from)
+        .collect();
+    assert_eq!(stitched, ["anon:a-9"]);
+    // Forgotten by the profile processor 30 days after the last open, the profile
+    // leaves the graph then.
+    h.advance(t0 + 200 * DAY);
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 200 * DAY,
+        json!({"anonymous_id": "a-10", "email": "gone@example.com"}),
+    );
+    h.advance(t0 + 240 * DAY);
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 240 * DAY,
+        json!({"anonymous_id": "a-11", "email": "gone@example.com"}),
+    );
+    let id = format!("e-{}", h.next_event);
+    h.advance(t0 + 240 * DAY + HOUR);
+    assert_eq!(h.resolved(&id).as_deref(), Some("anon:a-11"));
+}

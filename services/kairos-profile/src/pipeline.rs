@@ -206,6 +206,10 @@ impl Pipeline {
             } else if Stage::consumes(&self.profile, &e.topic) {
                 queue.extend(self.profile.push(&e.topic, &e.key, &e.payload)?);
             }
+            // The identity processor reads what the profile forgot.
+            if let Some(upstream) = self.upstream.as_mut().filter(|u| u.consumes(&e.topic)) {
+                queue.extend(upstream.push(&e.topic, &e.key, &e.payload)?);
+            }
             for stage in &mut self.downstream {
                 if stage.consumes(&e.topic) {
                     queue.extend(stage.push(&e.topic, &e.key, &e.payload)?);
