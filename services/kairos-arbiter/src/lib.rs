@@ -1882,8 +1882,10 @@ impl ArbiterProcessor {
     }
 
     /// The wait of a contacts note kept for a customer the arbiter had no ledger of
-    /// (see `process`) is over at `now`: a note as old is dropped, and so is the
-    /// ledger if that note was all it held. A newer note waits its own time.
+    /// (see `process`) is over at `now`: a ledger that still holds nothing but the
+    /// note (and the zone it set) goes, unless a newer note came, which waits its own
+    /// time. A ledger that took anything else meanwhile is the customer's like any
+    /// other, its note kept until `settle_zone` lets it go.
     fn expire_lone_contacts(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1891,33 +1893,25 @@ impl ArbiterProcessor {
         now: Millis,
     ) -> anyhow::Result<()> {
         let key = ledger_key(customer_id);
-        let Some(mut ledger) = self.ledgers.take(ctx, &key)? else {
+        let Some(ledger) = self.ledgers.take(ctx, &key)? else {
             return Ok(());
         };
+        let only_the_note = CustomerLedger {
+            contacts: ledger.contacts.clone(),
+            zone: ledger.zone.clone(),
+            ..CustomerLedger::default()
+        };
         match ledger.contacts {
+            _ if *ledger != only_the_note => self.ledgers.restore(ctx.partition, key, ledger),
             Some((at, _)) if at + LONE_CONTACTS_KEPT > now => {
                 let timer = [CONTACTS_NOTE_EXPIRY, customer_id].concat();
                 ctx.schedule(&timer, at + LONE_CONTACTS_KEPT, &customer_id)?;
                 self.ledgers.restore(ctx.partition, key, ledger);
-                return Ok(());
             }
-            Some(_) => ledger.contacts = None,
-            // A trigger decided since dropped it: the ledger is the customer's now.
-            None => {
-                self.ledgers.restore(ctx.partition, key, ledger);
-                return Ok(());
+            _ => {
+                self.ledgers.remove(ctx.partition, &key);
+                ctx.delete(&key);
             }
-        }
-        // The note set the zone too; a ledger with nothing else is none at all.
-        let only_zone = CustomerLedger {
-            zone: ledger.zone.clone(),
-            ..CustomerLedger::default()
-        };
-        if *ledger == only_zone {
-            self.ledgers.remove(ctx.partition, &key);
-            ctx.delete(&key);
-        } else {
-            self.ledgers.put(ctx.partition, key, ledger);
         }
         Ok(())
     }

@@ -214,15 +214,22 @@ fn a_change_of_address_read_before_the_first_trigger_is_kept_for_it_a_day() {
     assert_eq!(w1.outcome, DecisionOutcome::sent, "{w1:?}");
     assert_eq!(b.last_send().address.as_deref(), Some("c1@example.com"));
 
-    // Something else came for the customer within the day: the ledger stays, without
-    // the note.
+    // Something else came for the customer within the day: the ledger is theirs like
+    // any other, and keeps the note for a trigger fired before it, however late.
     let mut c = Arbiter::new();
     c.contacts_changed("ch1", fixed(), at("2026-01-05T12:01:00Z"));
-    c.purchase("p1", at("2026-01-05T15:00:00Z"));
+    c.visit("v1", at("2026-01-05T15:00:00Z"));
     c.advance_to(at("2026-01-06T13:00:00Z"));
     let ledger = c.stored_ledger("c1").expect("ledger stays");
-    assert!(ledger.contacts.is_none(), "{:?}", ledger.contacts);
-    assert_eq!(ledger.last_purchase_at, Some(at("2026-01-05T15:00:00Z")));
+    assert_eq!(
+        ledger.contacts.map(|(at, _)| at),
+        Some(at("2026-01-05T12:01:00Z"))
+    );
+    assert_eq!(ledger.last_active_at, Some(at("2026-01-05T15:00:00Z")));
+    let mut late = c.trigger_of("w1", "welcome", TRIGGER, at("2026-01-05T12:00:00Z"));
+    late.valid_until = at("2026-01-12T12:00:00Z");
+    assert_eq!(c.push_trigger(&late).outcome, DecisionOutcome::sent);
+    assert_eq!(c.last_send().address.as_deref(), Some("fixed@example.com"));
 }
 
 #[test]

@@ -524,7 +524,11 @@ impl DeliveryProcessor {
                 .observe(started.elapsed().as_secs_f64());
             let result_label = match &result {
                 Ok(()) => "accepted",
-                Err(ProviderError::Transient(_) | ProviderError::NoAnswer(_)) => "transient_error",
+                Err(
+                    ProviderError::Transient(_)
+                    | ProviderError::NoAnswer(_)
+                    | ProviderError::InProgress(_),
+                ) => "transient_error",
                 Err(ProviderError::Refused(_)) => "refused",
                 Err(_) => "permanent_error",
             };
@@ -537,7 +541,7 @@ impl DeliveryProcessor {
             let delivery = Self::judge(
                 &mut self.breaker,
                 cmd,
-                attempt,
+                (attempt, max),
                 result,
                 committed.get(),
                 &mut last_error,
@@ -570,7 +574,7 @@ impl DeliveryProcessor {
     fn judge(
         breaker: &mut CircuitBreaker,
         cmd: &SendCommand,
-        attempt: u32,
+        (attempt, max): (u32, u32),
         result: Result<(), ProviderError>,
         committed: bool,
         last_error: &mut String,
@@ -594,6 +598,19 @@ impl DeliveryProcessor {
             Err(ProviderError::NoAnswer(e)) if committed => {
                 breaker.failure(Instant::now());
                 Some(Delivery::InDoubt(e))
+            }
+            // The gateway answered: it holds the message, whose request is still in
+            // progress. Asked again until the attempts run out, then in doubt: reported
+            // sent and not repeated, rather than failed and dead-lettered.
+            Err(ProviderError::InProgress(e)) => {
+                breaker.success();
+                if attempt == max {
+                    return Some(Delivery::InDoubt(format!(
+                        "the gateway still had the request in progress ({e})"
+                    )));
+                }
+                *last_error = e;
+                None
             }
             // A refusal of the worker itself counts against the breaker like an
             // outage, so a misconfigured provider is left alone instead of
@@ -1377,6 +1394,54 @@ mod tests {
         let text = admin.render_metrics();
         let open = "kairos_provider_circuit_open{channel=\"email\",provider=\"smtp\"} 1";
         assert!(text.contains(open), "{open} in {text}");
+    }
+
+    /// A gateway that answers every attempt with 409 (the request with this
+    /// idempotency key still in progress) holds the message: once the attempts run
+    /// out, the send is in doubt (reported sent, not repeated), not failed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_the_gateway_still_has_in_progress_is_in_doubt_not_failed() {
+        let app = axum::Router::new().route(
+            "/sms",
+            axum::routing::post(|| async { (axum::http::StatusCode::CONFLICT, "in progress") }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[
+                ("KAIROS__DELIVERY__SMS__PROVIDER", "http"),
+                ("KAIROS__DELIVERY__SMS__HTTP__URL", &url),
+                ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3"),
+                ("KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF", "10ms"),
+            ],
+        );
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::sms].clone();
+        let mut processor =
+            DeliveryProcessor::new(&config, Channel::sms, settings, &registry).expect("processor");
+        let cmd = SendCommand {
+            channel: Channel::sms,
+            address: Some("+491701234567".into()),
+            valid_until: Millis::MAX / 2,
+            ..email_command(0, "welcome")
+        };
+        let message = templates::RenderedMessage {
+            subject: None,
+            preheader: None,
+            body: "hi".into(),
+        };
+        let delivery = processor
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(
+            matches!(&delivery, Delivery::InDoubt(e) if e.contains("in progress")),
+            "{delivery:?}"
+        );
     }
 
     /// A send id is taken once within `state.dedup_window`; once the window has passed

@@ -39,6 +39,12 @@ pub enum ProviderError {
     /// payload, never failed for good nor its address marked dead.
     #[error("provider refused: {0}")]
     Refused(String),
+    /// The gateway holds a request with this idempotency key still in progress (HTTP
+    /// 409: an earlier attempt whose answer was lost). Asked again, it answers with
+    /// that request's result; still in progress at the last attempt, the message is
+    /// in doubt, not failed: the gateway has it.
+    #[error("in progress: {0}")]
+    InProgress(String),
 }
 
 pub enum Provider {
@@ -502,7 +508,8 @@ fn http_error(status: u16, detail: String) -> ProviderError {
         // 409: a request with this idempotency key is still in progress (an earlier
         // attempt whose answer was lost); asked again later, the gateway answers with
         // that request's result.
-        408 | 409 | 429 | 500..=599 => ProviderError::Transient(detail),
+        409 => ProviderError::InProgress(detail),
+        408 | 429 | 500..=599 => ProviderError::Transient(detail),
         // The recipient (token, number, chat) is gone for good: the address is dead,
         // as for an SMTP 5xx to RCPT TO.
         410 => ProviderError::HardBounce(detail),
@@ -782,6 +789,7 @@ mod tests {
             ProviderError::HardBounce(_) => "hard_bounce",
             ProviderError::Permanent(_) => "permanent",
             ProviderError::Refused(_) => "refused",
+            ProviderError::InProgress(_) => "in_progress",
         };
         assert_eq!(kind(410), "hard_bounce");
         assert_eq!(kind(404), "refused", "a missing route is no dead address");
@@ -791,7 +799,7 @@ mod tests {
         assert_eq!(kind(408), "transient");
         assert_eq!(
             kind(409),
-            "transient",
+            "in_progress",
             "the key's first request is in progress"
         );
         assert_eq!(kind(302), "refused", "a redirect is a wrong URL");

@@ -559,8 +559,11 @@ impl IdentityProcessor {
             let both_known = owner_node.known && target_node.known;
             let held = owner_node.identifiers.len() + target_node.identifiers.len();
             if held > self.max_identifiers && (!both_known || self.merge_on.contains(&id.kind)) {
-                // The event stays the target's; the other profile stays apart.
-                let (customer, node) = match target_node.known {
+                // The event stays the target's; the other profile stays apart. The one
+                // holding more identifiers is the one at the limit.
+                let target_holds_more =
+                    target_node.identifiers.len() >= owner_node.identifiers.len();
+                let (customer, node) = match target_holds_more {
                     true => (&target, target_node),
                     false => (&owner, owner_node),
                 };
@@ -866,11 +869,11 @@ impl Processor for IdentityProcessor {
             }
             IdentityInput::Ignored => return Ok(()),
         };
-        if matches!(&input.event, RawEvent::Event(e) if e.event_type == EventType::heartbeat)
-            && input.customer_id.is_none()
-            && input.identifiers.is_empty()
-        {
-            // Event time for the profile's partition the heartbeat was produced to.
+        if matches!(&input.event, RawEvent::Event(e) if e.event_type == EventType::heartbeat) {
+            // Event time for the profile's partition the heartbeat was produced to, by
+            // its key. Not resolved, whatever identifiers it carries: the profile
+            // ignores heartbeats, so a node it created or kept alive would be one the
+            // profile never forgets, and the graph would keep it for good.
             let key = String::from_utf8_lossy(&input.key).into_owned();
             let record = self.identified(input, "");
             ctx.emit(&self.identified_topic, &key, &record);

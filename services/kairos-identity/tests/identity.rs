@@ -263,6 +263,20 @@ impl Harness {
             .collect()
     }
 
+    /// Feeds a page view of cookie `anonymous_id` with `email` at `time`; returns the
+    /// profile it resolved to.
+    fn page_view_resolves_to(&mut self, anonymous_id: &str, email: &str, time: Millis) -> String {
+        self.event(
+            "events.site",
+            "page_view",
+            time,
+            json!({"anonymous_id": anonymous_id, "email": email}),
+        );
+        let id = format!("e-{}", self.next_event);
+        self.advance(time);
+        self.resolved(&id).expect("resolved")
+    }
+
     /// The customer each identified event was re-keyed to, by event id.
     fn resolved(&self, event_id: &str) -> Option<String> {
         self.of_topic("identified-events")
@@ -1079,20 +1093,49 @@ fn a_subscriber_who_only_reads_e_mails_stays_in_the_graph() {
     // Forgotten by the profile processor 30 days after the last open, the profile
     // leaves the graph then.
     h.advance(t0 + 200 * DAY);
-    h.event(
-        "events.site",
-        "page_view",
-        t0 + 200 * DAY,
-        json!({"anonymous_id": "a-10", "email": "gone@example.com"}),
-    );
+    h.page_view_resolves_to("a-10", "gone@example.com", t0 + 200 * DAY);
     h.advance(t0 + 240 * DAY);
+    let later = h.page_view_resolves_to("a-11", "gone@example.com", t0 + 240 * DAY);
+    assert_eq!(later, "anon:a-11");
+}
+
+/// A heartbeat that names a visitor moves no clock of theirs: the profile processor
+/// ignores heartbeats, so one that kept the visitor's graph entry alive would keep it
+/// past the forgetting, for good.
+#[test]
+fn a_heartbeat_naming_a_visitor_does_not_keep_them_in_the_graph() {
+    let mut h = Harness::with_identity("anonymous_retention = \"30d\"");
+    let t0 = at(T0);
+    h.page_view_resolves_to("a-5", "a5@example.com", t0);
     h.event(
         "events.site",
-        "page_view",
-        t0 + 240 * DAY,
-        json!({"anonymous_id": "a-11", "email": "gone@example.com"}),
+        "heartbeat",
+        t0 + 20 * DAY,
+        json!({"anonymous_id": "a-5"}),
     );
-    let id = format!("e-{}", h.next_event);
-    h.advance(t0 + 240 * DAY + HOUR);
-    assert_eq!(h.resolved(&id).as_deref(), Some("anon:a-11"));
+    h.advance(t0 + 31 * DAY);
+    let later = h.page_view_resolves_to("probe", "a5@example.com", t0 + 31 * DAY);
+    assert_eq!(later, "anon:probe");
+}
+
+/// A customer action fed to the pipeline reaches every stage that reads its topic:
+/// the identity processor (which reads `forgotten`) and the arbiter, which
+/// dead-letters a kind it does not know.
+#[test]
+fn a_customer_action_fed_in_reaches_the_identity_processor_and_the_arbiter() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.feed(
+        "customer-actions",
+        "c-1",
+        json!({"action_id": "x-1", "customer_id": "c-1", "kind": "no_such_kind",
+               "occurred_at": t0}),
+    );
+    let letters: Vec<Value> = h
+        .of_topic("deadletter")
+        .into_iter()
+        .map(|o| o.value.clone())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["service"], "arbiter", "{letters:?}");
 }

@@ -79,7 +79,15 @@ impl Pipeline {
         let first = if topic == self.catalog_topic || topic == self.interest_topic {
             self.catalog.push(topic, key, payload)?
         } else if let Some(upstream) = self.upstream.as_mut().filter(|u| u.consumes(topic)) {
-            upstream.push(topic, key, payload)?
+            let mut out = upstream.push(topic, key, payload)?;
+            // Every consumer of a topic reads it (customer-actions: the identity
+            // processor and the arbiter).
+            for stage in &mut self.downstream {
+                if stage.consumes(topic) {
+                    out.extend(stage.push(topic, key, payload)?);
+                }
+            }
+            out
         } else {
             self.push_to_profile(topic, key, payload, None)?
         };
