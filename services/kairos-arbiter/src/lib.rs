@@ -1903,9 +1903,9 @@ impl ArbiterProcessor {
         };
         match ledger.contacts {
             _ if *ledger != only_the_note => self.ledgers.restore(ctx.partition, key, ledger),
-            Some((at, _)) if at + LONE_CONTACTS_KEPT > now => {
+            Some((at, _)) if at.saturating_add(LONE_CONTACTS_KEPT) > now => {
                 let timer = [CONTACTS_NOTE_EXPIRY, customer_id].concat();
-                ctx.schedule(&timer, at + LONE_CONTACTS_KEPT, &customer_id)?;
+                ctx.schedule(&timer, at.saturating_add(LONE_CONTACTS_KEPT), &customer_id)?;
                 self.ledgers.restore(ctx.partition, key, ledger);
             }
             _ => {
@@ -3176,7 +3176,10 @@ impl Processor for ArbiterProcessor {
                     // it, which goes again if nothing else came.
                     if a.kind == CustomerActionKind::contacts_changed && !known {
                         let timer = [CONTACTS_NOTE_EXPIRY, a.customer_id.as_str()].concat();
-                        let expires = a.occurred_at.max(ctx.now()) + LONE_CONTACTS_KEPT;
+                        let expires = a
+                            .occurred_at
+                            .max(ctx.now())
+                            .saturating_add(LONE_CONTACTS_KEPT);
                         ctx.schedule(&timer, expires, &a.customer_id)?;
                     }
                     this.apply_action(ctx, &a, ledger)

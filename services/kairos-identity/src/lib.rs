@@ -788,16 +788,16 @@ impl Processor for IdentityProcessor {
         if record.topic == self.actions_topic {
             // Only the kind and the customer are read: the other actions (merged
             // ledgers among them) are the arbiter's, and a kind this version does not
-            // know is none of its business either.
+            // know is none of its business either. Nor is one it cannot read: the
+            // arbiter dead-letters it, once.
             #[derive(Deserialize)]
             struct ActionHead {
                 kind: String,
                 customer_id: String,
                 occurred_at: Millis,
             }
-            let head: ActionHead = decode_internal(record.payload)?;
-            return Ok(match head.kind.as_str() {
-                "forgotten" => IdentityInput::Forgotten {
+            return Ok(match decode_internal::<ActionHead>(record.payload) {
+                Ok(head) if head.kind == "forgotten" => IdentityInput::Forgotten {
                     profile: head.customer_id,
                     at: head.occurred_at,
                 },

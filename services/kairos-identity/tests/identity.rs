@@ -1138,4 +1138,9 @@ fn a_customer_action_fed_in_reaches_the_identity_processor_and_the_arbiter() {
         .collect();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["service"], "arbiter", "{letters:?}");
+    // One that is no action at all is dead-lettered once too, by the arbiter.
+    h.feed("customer-actions", "c-1", json!(["not", "an", "action"]));
+    let letters = h.of_topic("deadletter");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[1].value["service"], "arbiter", "{letters:?}");
 }
