@@ -468,6 +468,14 @@ impl DeliveryProcessor {
         let Some(provider) = &self.provider else {
             return Delivery::Failed("no provider".into());
         };
+        // Refused before any request: the breaker is neither helped nor hurt (a
+        // half-open one would otherwise close on an address that does not parse).
+        match provider.check(cmd, message) {
+            Ok(()) => {}
+            Err(ProviderError::HardBounce(e)) => return Delivery::HardBounce(e),
+            Err(ProviderError::Permanent(e)) => return Delivery::Failed(e),
+            Err(e) => return Delivery::Failed(e.to_string()),
+        }
         let labels = [self.channel.as_str(), provider.name()];
         let max = self.settings.retry.max_attempts;
         // The partition's clock at the start, advanced by the time spent retrying (so
@@ -1394,6 +1402,21 @@ mod tests {
         let text = admin.render_metrics();
         let open = "kairos_provider_circuit_open{channel=\"email\",provider=\"smtp\"} 1";
         assert!(text.contains(open), "{open} in {text}");
+        // An address that does not parse is refused before any request: it neither
+        // waits for the breaker nor closes it.
+        let unparsable = SendCommand {
+            address: Some("not an address".into()),
+            ..cmd.clone()
+        };
+        let delivery = processor
+            .attempts(&unparsable, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(matches!(delivery, Delivery::HardBounce(_)), "{delivery:?}");
+        assert!(
+            matches!(processor.breaker.state(), BreakerState::Open(_)),
+            "{:?}",
+            processor.breaker.state()
+        );
     }
 
     /// A gateway that answers every attempt with 409 (the request with this

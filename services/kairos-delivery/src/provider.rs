@@ -60,6 +60,16 @@ impl Provider {
         }
     }
 
+    /// What would stop the message before the provider is asked (an e-mail address
+    /// that does not parse, a message that cannot be built): no answer of the
+    /// provider's, so it says nothing of the provider's health.
+    pub fn check(&self, cmd: &SendCommand, message: &RenderedMessage) -> Result<(), ProviderError> {
+        match self {
+            Provider::Smtp(p) => p.build(cmd, message).map(|_| ()),
+            Provider::Http(_) => Ok(()),
+        }
+    }
+
     /// Sends one message. `commit_point` runs at the last moment the send can still
     /// be abandoned without the provider keeping it (SMTP: before the final ".").
     pub async fn send(
