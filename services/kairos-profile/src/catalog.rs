@@ -84,10 +84,21 @@ fn day_views_key(product_id: &str, day: i64) -> String {
 const DAY_VIEWS_EXPIRY: &str = "~vd";
 
 /// The id of the occasion a catalog update makes for one customer: the same for the
-/// same update and customer, whoever sends it (the join, or the profile processor
-/// sending it on to the customer a merged one became).
-pub fn occasion_id(update_event_id: &str, customer_id: &str, kind: ProductOccasionKind) -> String {
-    deterministic_id(&[update_event_id, customer_id, &format!("{kind:?}")])
+/// same update, product and customer, whoever sends it (the join, or the profile
+/// processor sending it on to the customer a merged one became). The product is part
+/// of it: a feed may give one event id to the updates of a whole run.
+pub fn occasion_id(
+    update_event_id: &str,
+    product_id: &str,
+    customer_id: &str,
+    kind: ProductOccasionKind,
+) -> String {
+    deterministic_id(&[
+        update_event_id,
+        product_id,
+        customer_id,
+        &format!("{kind:?}"),
+    ])
 }
 
 /// What a wish key holds: the customer (so a scan of `w/<product>/` can tell a wish of
@@ -281,7 +292,7 @@ impl CatalogJoin {
                     continue;
                 }
                 let occasion = ProductOccasion {
-                    occasion_id: occasion_id(&u.event_id, &customer, *kind),
+                    occasion_id: occasion_id(&u.event_id, &u.product_id, &customer, *kind),
                     customer_id: customer.clone(),
                     product_id: u.product_id.clone(),
                     product_name: product.name.clone(),
@@ -429,6 +440,21 @@ mod tests {
     use kairos_core::time::HOUR;
 
     const T0: Millis = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    /// A feed that gives one event id to a whole run's updates still makes one
+    /// occasion per product: the customer hears of each drop.
+    #[test]
+    fn occasions_of_two_products_under_one_event_id_are_two() {
+        let drop = ProductOccasionKind::price_drop;
+        assert_ne!(
+            occasion_id("run-42", "p1", "c1", drop),
+            occasion_id("run-42", "p2", "c1", drop)
+        );
+        assert_eq!(
+            occasion_id("run-42", "p1", "c1", drop),
+            occasion_id("run-42", "p1", "c1", drop)
+        );
+    }
 
     fn catalog_join(dir: &std::path::Path) -> (Config, Replayer<CatalogJoin>) {
         let config = Config::from_text(

@@ -1438,7 +1438,12 @@ impl ProfileProcessor {
             // ways counts once.
             if let Some(survivor) = ctx.get::<String>(&forward_key(&o.customer_id))? {
                 let occasion = ProductOccasion {
-                    occasion_id: catalog::occasion_id(&o.cause_event_id, &survivor, o.kind),
+                    occasion_id: catalog::occasion_id(
+                        &o.cause_event_id,
+                        &o.product_id,
+                        &survivor,
+                        o.kind,
+                    ),
                     customer_id: survivor.clone(),
                     ..o.clone()
                 };
@@ -1491,6 +1496,14 @@ impl ProfileProcessor {
             vars.insert("product_name".into(), o.product_name.clone().into());
             vars.insert("old_price".into(), old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
+            // The same news of a product is one offer: a price that goes up and down
+            // again, or stock out and in again, is not told again within the arbiter's
+            // `offer_repeat_window`, though each change is a catalog update of its own.
+            let offer = match (kind, o.new_price) {
+                (ScenarioKind::PriceDrop, Some(new)) => format!("{}@{new}", o.product_id),
+                _ => format!("{}#{kind:?}", o.product_id),
+            };
+            vars.insert("offer_id".into(), offer.into());
             // Due when the catalog changed: an occasion processed after an outage is
             // late like any other trigger, and valid for `valid_for` from the change.
             let due = o.occurred_at;

@@ -1824,6 +1824,15 @@ fn price_drop_reaches_viewers_only() {
     h.catalog("cat-3", "p1", t + 3 * HOUR, json!({"price": 76.0}));
     h.advance(t + 4 * HOUR);
     assert_eq!(h.triggers("pr1", "price_drop").len(), 1);
+
+    // Back up and down to 80 again: a new catalog update, but the same offer, which
+    // the arbiter's repeat window holds back.
+    h.catalog("cat-4", "p1", t + 5 * HOUR, json!({"price": 100.0}));
+    h.catalog("cat-5", "p1", t + 6 * HOUR, json!({"price": 80.0}));
+    let fired = h.triggers("pr1", "price_drop");
+    assert_eq!(fired.len(), 2, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["offer_id"], "p1@80");
+    assert_eq!(vars(&fired[1])["offer_id"], vars(&fired[0])["offer_id"]);
 }
 
 #[test]
@@ -1928,6 +1937,7 @@ fn back_in_stock_reaches_the_wishlister_only() {
     let fired = h.triggers("bs1", "back_in_stock");
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["product_id"], "p2");
+    assert_eq!(vars(&fired[0])["offer_id"], "p2#BackInStock");
     assert!(
         h.triggers("bs2", "back_in_stock").is_empty(),
         "viewed, not wishlisted"
