@@ -78,6 +78,36 @@ fn day_views_key(product_id: &str, day: i64) -> String {
     format!("vd/{product_id}/{:010}", day.max(0))
 }
 
+/// The key of overflow piece `piece` (1 to [`DAY_VIEW_PIECES`]) of a product's views on
+/// `day`: `vd/<product>/<day>.<piece>`.
+fn day_views_piece_key(product_id: &str, day: i64, piece: u64) -> String {
+    format!("vd/{product_id}/{:010}.{piece:03}", day.max(0))
+}
+
+/// The day a key of `vd/<product>/` names, from the rest of the key after that prefix:
+/// a fixed-width day, or a day and an overflow piece. None for another product's key
+/// (a product id with a slash can share the prefix).
+fn day_of_views_key(suffix: &str) -> Option<i64> {
+    let piece_ok = match suffix.len() {
+        10 => true,
+        14 => suffix.as_bytes()[10] == b'.' && suffix[11..].bytes().all(|b| b.is_ascii_digit()),
+        _ => false,
+    };
+    let day = suffix.get(..10)?;
+    (piece_ok && day.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| day.parse().ok())
+        .flatten()
+}
+
+/// Customers a product's views of one day keep in its first value; later viewers go to
+/// overflow pieces by customer. A value is rewritten whole at every commit that adds to
+/// it and goes whole to the changelog, whose broker refuses a record above 1 MB (about
+/// 19,000 viewers): a popular product's day would stop the join's publishing for good.
+const DAY_VIEWS_PER_VALUE: usize = 4_096;
+/// Overflow pieces per product and day: a million viewers a day still leave each piece
+/// about the first value's size.
+const DAY_VIEW_PIECES: u64 = 255;
+
 /// Timers that delete a product's views of a day once no drop can read them any more
 /// (`~vd/<product>/<day>`, payload: the key): a product viewed every day that never
 /// drops would otherwise keep a key per day for good.
@@ -160,30 +190,67 @@ impl CatalogJoin {
         }
     }
 
-    /// Adds views gathered in the batch to the stored views of `product` on `day`.
+    /// Adds views gathered in the batch to the stored views of `product` on `day`: to
+    /// the day's first value while it has room (or holds the customer already), else
+    /// to the customer's overflow piece (see [`DAY_VIEWS_PER_VALUE`]).
     fn write_day_views(
         ctx: &mut Ctx<'_>,
         product_id: &str,
         day: i64,
         views: HashMap<String, Millis>,
     ) -> anyhow::Result<()> {
-        let key = day_views_key(product_id, day);
+        let (key, mut stored) = Self::day_views(ctx, product_id, day, None)?;
+        // In customer order, so which ones fill the first value is the same on replay.
+        let mut views: Vec<(String, Millis)> = views.into_iter().collect();
+        views.sort_unstable();
+        let mut overflow: BTreeMap<u64, Vec<(String, Millis)>> = BTreeMap::new();
+        for (customer, at) in views {
+            if let Some(latest) = stored.get_mut(&customer) {
+                *latest = (*latest).max(at);
+            } else if stored.len() < DAY_VIEWS_PER_VALUE {
+                stored.insert(customer, at);
+            } else {
+                let piece = 1 + kairos_core::ids::stable_hash(&customer) % DAY_VIEW_PIECES;
+                overflow.entry(piece).or_default().push((customer, at));
+            }
+        }
+        ctx.put(&key, &stored)?;
+        for (piece, views) in overflow {
+            let (key, mut stored) = Self::day_views(ctx, product_id, day, Some(piece))?;
+            for (customer, at) in views {
+                let latest = stored.entry(customer).or_insert(at);
+                *latest = (*latest).max(at);
+            }
+            ctx.put(&key, &stored)?;
+        }
+        Ok(())
+    }
+
+    /// The key and stored views of `product_id` on `day` (its first value, or overflow
+    /// `piece`); a new one gets its expiry timer.
+    fn day_views(
+        ctx: &mut Ctx<'_>,
+        product_id: &str,
+        day: i64,
+        piece: Option<u64>,
+    ) -> anyhow::Result<(String, DayViews)> {
+        let (key, timer) = match piece {
+            None => (
+                day_views_key(product_id, day),
+                format!("{DAY_VIEWS_EXPIRY}/{product_id}/{day}"),
+            ),
+            Some(piece) => (
+                day_views_piece_key(product_id, day, piece),
+                format!("{DAY_VIEWS_EXPIRY}/{product_id}/{day}.{piece:03}"),
+            ),
+        };
         let stored = ctx.get::<DayViews>(&key)?;
         if stored.is_none() {
             // The day's last view is read by drops until VIEW_INTEREST_DAYS after it.
             let expires = (day + 1 + VIEW_INTEREST_DAYS) * DAY;
-            ctx.schedule(
-                &format!("{DAY_VIEWS_EXPIRY}/{product_id}/{day}"),
-                expires,
-                &key,
-            )?;
+            ctx.schedule(&timer, expires, &key)?;
         }
-        let mut stored = stored.unwrap_or_default();
-        for (customer, at) in views {
-            let latest = stored.entry(customer).or_insert(at);
-            *latest = (*latest).max(at);
-        }
-        ctx.put(&key, &stored)
+        Ok((key, stored.unwrap_or_default()))
     }
 
     fn apply_update(&mut self, ctx: &mut Ctx<'_>, u: &CatalogUpdate) -> anyhow::Result<()> {
@@ -254,7 +321,7 @@ impl CatalogJoin {
         for (key, views) in ctx.scan::<DayViews>(&by_day)? {
             // Fixed-width days only (a product id with a slash could share the prefix).
             let suffix = key.strip_prefix(&by_day).unwrap_or_default();
-            let Some(day) = suffix.parse::<i64>().ok().filter(|_| suffix.len() == 10) else {
+            let Some(day) = day_of_views_key(suffix) else {
                 continue;
             };
             if day < first_day {
@@ -518,6 +585,82 @@ min_drop_percent = 10.0
             .collect();
         customers.sort();
         customers
+    }
+
+    /// A product viewed by more customers in a day than one value keeps: the rest go
+    /// to overflow pieces, none of them large, every viewer hears of the drop, and the
+    /// pieces go with the day.
+    #[test]
+    fn a_popular_product_s_day_of_views_is_kept_in_bounded_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let viewers = DAY_VIEWS_PER_VALUE + 1_000;
+        let customer = |n: usize| format!("c{n:05}");
+        r.push(&catalog, b"p1", &price("p1", "u1", 100.0, T0))
+            .unwrap();
+        // Two batches: the first fills more than the first value.
+        for n in 0..viewers {
+            let at = T0 + HOUR + n as Millis;
+            r.push(&interest, b"p1", &view(&customer(n), "p1", at))
+                .unwrap();
+            if n == DAY_VIEWS_PER_VALUE + 500 {
+                r.commit().unwrap();
+            }
+        }
+        // A viewer in an overflow piece views again: the piece keeps the latest view.
+        let again = customer(viewers - 1);
+        r.push(&interest, b"p1", &view(&again, "p1", T0 + 2 * HOUR))
+            .unwrap();
+        r.commit().unwrap();
+        let day = T0.div_euclid(DAY);
+        let store = r.engine.store(0).unwrap();
+        let values: Vec<(String, DayViews)> = store
+            .scan_state(b"vd/p1/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let key = String::from_utf8(k).unwrap();
+                (
+                    key,
+                    kairos_core::encoding::decode_state::<DayViews>(&v).unwrap(),
+                )
+            })
+            .collect();
+        let first = &values
+            .iter()
+            .find(|(k, _)| *k == day_views_key("p1", day))
+            .expect("the day's first value")
+            .1;
+        assert_eq!(first.len(), DAY_VIEWS_PER_VALUE);
+        assert!(values.len() > 2, "overflow pieces: {}", values.len());
+        assert!(values.iter().all(|(_, v)| v.len() <= DAY_VIEWS_PER_VALUE));
+        let total: usize = values.iter().map(|(_, v)| v.len()).sum();
+        assert_eq!(total, viewers, "each viewer once");
+        let latest = values.iter().find_map(|(_, v)| v.get(&again)).copied();
+        assert_eq!(latest, Some(T0 + 2 * HOUR));
+        // Every viewer hears of the drop.
+        let out = r
+            .push(&catalog, b"p1", &price("p1", "u2", 80.0, T0 + 3 * HOUR))
+            .unwrap();
+        let mut out = out;
+        out.extend(r.commit().unwrap());
+        assert_eq!(told(&out, "p1").len(), viewers);
+        // Past the interest window the timers delete every piece.
+        r.advance_to(T0 + (VIEW_INTEREST_DAYS + 2) * DAY).unwrap();
+        r.commit().unwrap();
+        let store = r.engine.store(0).unwrap();
+        assert!(store.scan_state(b"vd/p1/").unwrap().is_empty());
+    }
+
+    #[test]
+    fn day_of_views_key_reads_days_and_pieces_only() {
+        assert_eq!(day_of_views_key("0000020000"), Some(20_000));
+        assert_eq!(day_of_views_key("0000020000.017"), Some(20_000));
+        assert_eq!(day_of_views_key("b/0000020000"), None);
+        assert_eq!(day_of_views_key("0000020000.x17"), None);
+        assert_eq!(day_of_views_key("0000020000/0000020001"), None);
     }
 
     #[test]
