@@ -1203,6 +1203,23 @@ mod tests {
         test_config(dir, &settings)
     }
 
+    /// Writes what a crashed e-mail worker left in c1's partition store (`key`, time
+    /// pairs), before the worker opens it; returns the partition.
+    fn left_by_crash(config: &Config, records: &[(&str, Millis)]) -> i32 {
+        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
+        let stores = kairos_core::store::StoreFactory::new(
+            &config.state.dir.join("deliver-email"),
+            config.state.block_cache_bytes,
+        )
+        .expect("stores");
+        let store = stores.open(partition).expect("store");
+        for (key, at) in records {
+            let value = kairos_core::encoding::encode_state(at).expect("encode");
+            store.put_now(key.as_bytes(), &value).expect("write");
+        }
+        partition
+    }
+
     /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
     fn email_command(t0: Millis, template: &str) -> SendCommand {
         SendCommand {
@@ -1235,19 +1252,8 @@ mod tests {
         // The template needs cart_items: rendering it now would fail too.
         let cmd = email_command(t0, "abandoned_cart");
         let topic = config.send_topic(Channel::email);
-        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
         // What the crashed worker left: the attempt and the provider's acceptance.
-        {
-            let stores = kairos_core::store::StoreFactory::new(
-                &config.state.dir.join("deliver-email"),
-                config.state.block_cache_bytes,
-            )
-            .expect("stores");
-            let store = stores.open(partition).expect("store");
-            let at = kairos_core::encoding::encode_state(&t0).expect("encode");
-            store.put_now(b"w/s-1", &at).expect("attempt");
-            store.put_now(b"a/s-1", &at).expect("acceptance");
-        }
+        left_by_crash(&config, &[("w/s-1", t0), ("a/s-1", t0)]);
         let settings = config.delivery[&Channel::email].clone();
         let registry = prometheus::Registry::new();
         let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
@@ -1296,21 +1302,8 @@ mod tests {
         // Never called: the send expired.
         let config = smtp_to_nowhere(dir.path(), &[]);
         let t0 = 20_000 * DAY;
-        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
         // What the crashed worker left: the attempt and a withdrawn commit point.
-        {
-            let stores = kairos_core::store::StoreFactory::new(
-                &config.state.dir.join("deliver-email"),
-                config.state.block_cache_bytes,
-            )
-            .expect("stores");
-            let store = stores.open(partition).expect("store");
-            let at = kairos_core::encoding::encode_state(&t0).expect("encode");
-            store.put_now(b"w/s-1", &at).expect("attempt");
-            let withdrawn =
-                kairos_core::encoding::encode_state(&COMMIT_POINT_WITHDRAWN).expect("encode");
-            store.put_now(b"k/s-1", &withdrawn).expect("commit point");
-        }
+        let partition = left_by_crash(&config, &[("w/s-1", t0), ("k/s-1", COMMIT_POINT_WITHDRAWN)]);
         let registry = prometheus::Registry::new();
         let settings = config.delivery[&Channel::email].clone();
         let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
