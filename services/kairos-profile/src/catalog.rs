@@ -22,6 +22,7 @@
 //! still read, and deleted once older than the audience window, as before.
 
 use anyhow::Context;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -141,8 +142,27 @@ enum WishEntry {
     Legacy(bool),
 }
 
-fn wish_key(i: &ProductInterest) -> String {
-    format!("w/{}/{}", i.product_id, i.customer_id)
+/// A product id as one key component: `%` and `/` escaped, so `w/<product>/` holds the
+/// wishes of that product alone and product `a` with customer `b/c` cannot share a key
+/// with product `a/b` and customer `c`. Ids with neither (nearly all) are unchanged,
+/// so their rows written before still read.
+fn product_key_part(product_id: &str) -> Cow<'_, str> {
+    if product_id.contains(['/', '%']) {
+        Cow::Owned(product_id.replace('%', "%25").replace('/', "%2F"))
+    } else {
+        Cow::Borrowed(product_id)
+    }
+}
+
+/// Where a product's wishes are: `w/<escaped product>/`.
+fn wishes_prefix(product_id: &str) -> String {
+    ["w/", &product_key_part(product_id), "/"].concat()
+}
+
+/// Where the version before [`product_key_part`] kept a product's wishes when its id
+/// holds a `/` or `%`: `w/<product>/`, shared with other products. None otherwise.
+fn legacy_wishes_prefix(product_id: &str) -> Option<String> {
+    matches!(product_key_part(product_id), Cow::Owned(_)).then(|| format!("w/{product_id}/"))
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -344,14 +364,17 @@ impl CatalogJoin {
             let customer = key.strip_prefix(&legacy_views).unwrap_or_default();
             viewed(&mut audience, customer.to_string(), viewed_at);
         }
-        let wishes = format!("w/{}/", u.product_id);
-        for (key, entry) in ctx.scan::<WishEntry>(&wishes)? {
-            let customer = key.strip_prefix(&wishes).unwrap_or_default().to_string();
-            if matches!(&entry, WishEntry::Customer(c) if *c != customer) {
-                // Another product's wish, whose id starts with this one and a slash.
-                continue;
+        let legacy_wishes = legacy_wishes_prefix(&u.product_id);
+        for wishes in std::iter::once(wishes_prefix(&u.product_id)).chain(legacy_wishes) {
+            for (key, entry) in ctx.scan::<WishEntry>(&wishes)? {
+                let customer = key.strip_prefix(&wishes).unwrap_or_default().to_string();
+                if matches!(&entry, WishEntry::Customer(c) if *c != customer) {
+                    // A legacy row of another product whose id is this one's, a slash
+                    // and more (product `a/b`'s `w/a/b/c` under `w/a/`).
+                    continue;
+                }
+                audience.entry(customer).or_default().wishlisted = true;
             }
-            audience.entry(customer).or_default().wishlisted = true;
         }
         for (customer, interest) in audience {
             for (kind, old, new) in &occasions {
@@ -395,10 +418,20 @@ impl CatalogJoin {
             }
             // Wishlists are rare: one key per customer, a blind write.
             InterestKind::wishlisted => {
-                ctx.put(&wish_key(i), &WishEntry::Customer(i.customer_id.clone()))
+                let key = [wishes_prefix(&i.product_id).as_str(), &i.customer_id].concat();
+                ctx.put(&key, &WishEntry::Customer(i.customer_id.clone()))
             }
             InterestKind::unwishlisted => {
-                ctx.delete(&wish_key(i));
+                ctx.delete(&[wishes_prefix(&i.product_id).as_str(), &i.customer_id].concat());
+                if let Some(legacy) = legacy_wishes_prefix(&i.product_id) {
+                    // The legacy key may be another product's wish: only this
+                    // customer's row of this product goes (a `true` row cannot tell).
+                    let key = [legacy.as_str(), &i.customer_id].concat();
+                    if !matches!(ctx.get::<WishEntry>(&key)?, Some(WishEntry::Customer(c)) if c != i.customer_id)
+                    {
+                        ctx.delete(&key);
+                    }
+                }
                 Ok(())
             }
         }
@@ -724,6 +757,67 @@ min_drop_percent = 10.0
             .unwrap();
         out.extend(r.commit().unwrap());
         assert_eq!(told(&out, "a"), ["d", "old"]);
+    }
+
+    /// Product `a` wished by customer `b/c` and product `a/b` wished by `c` are two
+    /// wishes: taking one back leaves the other, and each drop reaches its own. A row
+    /// of `a/b` written before the ids were escaped still counts and is taken back.
+    #[test]
+    fn wishes_whose_product_and_customer_ids_hold_slashes_keep_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
+            let mut store = factory.open(0).unwrap();
+            let mut pending = Pending::default();
+            let legacy = encode_state(&WishEntry::Customer("legacy".into())).unwrap();
+            store.put(&mut pending, b"w/a/b/legacy", legacy);
+            store.commit(&mut pending, None).unwrap();
+        }
+        let unwish = |customer: &str, product: &str| {
+            interest(customer, product, T0 + 1, InterestKind::unwishlisted)
+        };
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        r.push(&interest, b"a", &wish("b/c", "a", T0)).unwrap();
+        r.push(&interest, b"a/b", &wish("c", "a/b", T0)).unwrap();
+        r.push(&interest, b"a/b", &wish("d", "a/b", T0)).unwrap();
+        r.push(&catalog, b"a", &price("a", "u1", 100.0, T0 + HOUR))
+            .unwrap();
+        r.push(&catalog, b"a/b", &price("a/b", "v1", 100.0, T0 + HOUR))
+            .unwrap();
+        r.commit().unwrap();
+        let drops = |r: &mut Replayer<CatalogJoin>, n: i64| {
+            let at = T0 + (2 + n) * HOUR;
+            let amount = 80.0 - 20.0 * n as f64;
+            let mut out = r
+                .push(&catalog, b"a", &price("a", &format!("u{n}"), amount, at))
+                .unwrap();
+            out.extend(
+                r.push(
+                    &catalog,
+                    b"a/b",
+                    &price("a/b", &format!("v{n}"), amount, at),
+                )
+                .unwrap(),
+            );
+            out.extend(r.commit().unwrap());
+            (told(&out, "a"), told(&out, "a/b"))
+        };
+        assert_eq!(
+            drops(&mut r, 0),
+            (
+                vec!["b/c".to_string()],
+                vec!["c".into(), "d".into(), "legacy".into()]
+            )
+        );
+        r.push(&interest, b"a/b", &unwish("c", "a/b")).unwrap();
+        r.push(&interest, b"a/b", &unwish("legacy", "a/b")).unwrap();
+        r.commit().unwrap();
+        assert_eq!(
+            drops(&mut r, 1),
+            (vec!["b/c".to_string()], vec!["d".to_string()])
+        );
     }
 
     #[test]
