@@ -378,7 +378,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, e.occurred_at)));
-        if !p.remember_event(&e.event_id, e.occurred_at, ctx.now()) {
+        if !p.remember_event(&e.event_id, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());
@@ -1365,7 +1365,7 @@ impl ProfileProcessor {
         let mut p = self
             .take(ctx, &customer_id)?
             .unwrap_or_else(|| Box::new(CustomerProfile::new(&customer_id, r.occurred_at)));
-        if !p.remember_event(&r.event_id, r.occurred_at, ctx.now()) {
+        if !p.remember_event(&r.event_id, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());
@@ -1451,7 +1451,7 @@ impl ProfileProcessor {
             }
             return Ok(());
         };
-        if !p.remember_event(&o.occasion_id, o.occurred_at, ctx.now()) {
+        if !p.remember_event(&o.occasion_id, ctx.now()) {
             self.metrics.duplicates.inc();
             self.put(ctx, p)?;
             return Ok(());

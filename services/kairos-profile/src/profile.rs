@@ -546,14 +546,14 @@ fn entry_age_hours(entry: u64, at: Millis) -> i64 {
     i64::from(stamp_hour(at).wrapping_sub(entry_hour) as i16)
 }
 
-/// Adds an event id's `hash`, stamped `at`, to the customer's event ids: false if it
-/// was there already. The last `RECENT_EVENT_IDS` stay whatever their age; beyond
-/// them, those of the day before `now`, the processor's clock (up to
-/// `MAX_EVENT_IDS`). Ages are taken from the clock, not from this event, which may be
-/// late (another topic's); no stamp is later than the clock, so one that reads as
-/// later was written before stamps were packed, and counts as old.
-fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, at: Millis, now: Millis) -> bool {
-    let at = at.min(now);
+/// Adds an event id's `hash` to the customer's event ids, stamped `now` (the
+/// processor's clock): false if it was there already. The last `RECENT_EVENT_IDS` stay
+/// whatever their age; beyond them, those read in the day before `now` (up to
+/// `MAX_EVENT_IDS`). Read time, not the event's: a phone's offline queue of events
+/// two days old, sent twice, is a retry like any other. No stamp is later than the
+/// clock, so one that reads as later was written before stamps were packed, and
+/// counts as old.
+fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, now: Millis) -> bool {
     if ring.iter().any(|e| same_event_id(*e, hash)) {
         return false;
     }
@@ -567,7 +567,7 @@ fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, at: Millis, now: Mil
             recent || (0..=EVENT_DEDUP_WINDOW_HOURS).contains(&entry_age_hours(*e, now))
         });
     }
-    push_event_entry(ring, event_entry(hash, at));
+    push_event_entry(ring, event_entry(hash, now));
     true
 }
 
@@ -959,14 +959,13 @@ impl CustomerProfile {
         }
     }
 
-    /// Records the id of an event at `at`, when the processor's clock reads `now`;
-    /// false if it was seen already (a duplicate).
-    pub fn remember_event(&mut self, event_id: &str, at: Millis, now: Millis) -> bool {
+    /// Records the id of an event read when the processor's clock reads `now`; false
+    /// if it was seen already (a duplicate).
+    pub fn remember_event(&mut self, event_id: &str, now: Millis) -> bool {
         // 48-bit hashes: a false duplicate needs a collision among at most 512 ids.
         remember_event_hash(
             &mut self.recent_event_ids,
             kairos_core::ids::stable_hash(event_id),
-            at,
             now,
         )
     }
@@ -1950,36 +1949,36 @@ mod tests {
         // Each event processed as it happens, unless given a later clock.
         let mut p = CustomerProfile::new("c", 0);
         for i in 0..40 {
-            assert!(p.remember_event(&format!("e{i}"), i * MINUTE, i * MINUTE));
+            assert!(p.remember_event(&format!("e{i}"), i * MINUTE));
         }
         assert_eq!(p.recent_event_ids.len(), 40);
-        assert!(!p.remember_event("e0", 0, 40 * MINUTE), "40 events later");
+        assert!(!p.remember_event("e0", 40 * MINUTE), "40 events later");
         // A late event (another topic's, two hours older) prunes by the clock, not
         // by its own time: the day's ids stay.
-        assert!(p.remember_event("late", -2 * HOUR, 41 * MINUTE));
-        assert!(!p.remember_event("e1", MINUTE, 42 * MINUTE));
+        assert!(p.remember_event("late", 41 * MINUTE));
+        assert!(!p.remember_event("e1", 42 * MINUTE));
         // Two days on, what is older than a day goes down to the last 32.
-        assert!(p.remember_event("next", 2 * DAY, 2 * DAY));
+        assert!(p.remember_event("next", 2 * DAY));
         assert_eq!(p.recent_event_ids.len(), 32);
-        assert!(!p.remember_event("e39", 39 * MINUTE, 2 * DAY));
-        assert!(p.remember_event("e0", 0, 2 * DAY), "forgotten");
+        assert!(!p.remember_event("e39", 2 * DAY));
+        assert!(p.remember_event("e0", 2 * DAY), "forgotten");
         // An entry stored before the hour was packed (a full hash) still matches.
         p.recent_event_ids
             .push_back(kairos_core::ids::stable_hash("stored-before"));
-        assert!(!p.remember_event("stored-before", 2 * DAY, 2 * DAY));
+        assert!(!p.remember_event("stored-before", 2 * DAY));
         // An id 23 hours old is kept beyond the last 32, though its hour number is 24
         // back (00:59 on one day, 00:00 the next).
         let mut q = CustomerProfile::new("q", 0);
-        assert!(q.remember_event("edge", 59 * MINUTE, 59 * MINUTE));
+        assert!(q.remember_event("edge", 59 * MINUTE));
         for i in 0..40 {
             let at = HOUR + i * MINUTE;
-            assert!(q.remember_event(&format!("f{i}"), at, at));
+            assert!(q.remember_event(&format!("f{i}"), at));
         }
-        assert!(q.remember_event("next-day", DAY, DAY));
-        assert!(!q.remember_event("edge", 59 * MINUTE, DAY));
+        assert!(q.remember_event("next-day", DAY));
+        assert!(!q.remember_event("edge", DAY));
         // A burst is bounded.
         for i in 0..600 {
-            p.remember_event(&format!("burst{i}"), 2 * DAY + i, 2 * DAY + i);
+            p.remember_event(&format!("burst{i}"), 2 * DAY + i);
         }
         assert_eq!(p.recent_event_ids.len(), MAX_EVENT_IDS);
     }

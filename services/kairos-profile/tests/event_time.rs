@@ -5622,6 +5622,33 @@ fn a_producer_retry_after_forty_other_events_of_the_day_is_applied_once() {
     assert_eq!(vars(&fired[0])["cart_items"][0]["quantity"], 1);
 }
 
+/// A phone flushes a queue of events two days old and, its request timed out, sends
+/// it again: the retry is applied once, though those events are older than the day
+/// for which ids are kept beyond the last 32 (the day counts from when they are read).
+#[test]
+fn a_retried_offline_queue_of_events_two_days_old_is_applied_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("oq-now", "page_view", "oq", t + 2 * DAY, json!({}));
+    for _ in 0..2 {
+        for i in 0..40 {
+            let product = format!("p{i}");
+            let id = format!("oq-add-{i}");
+            h.site(
+                &id,
+                "add_to_cart",
+                "oq",
+                t + i * MINUTE,
+                add_to_cart(&product, 10.0),
+            );
+        }
+    }
+    h.commit();
+    let p = h.pipeline.profile("oq").expect("read").expect("a profile");
+    assert_eq!(p.cart.len(), 40);
+    assert!(p.cart.iter().all(|item| item.quantity == 1), "{:?}", p.cart);
+}
+
 /// The test configuration with anonymous profiles kept for good (as before the
 /// retention existed).
 fn retention_off() -> String {
