@@ -805,11 +805,13 @@ impl ProfileProcessor {
         &mut self,
         ctx: &mut Ctx<'_>,
         customer: &str,
-        now: Millis,
+        fire_at: Millis,
     ) -> anyhow::Result<()> {
         // A timer armed past due (a profile stored before the retention existed) fires
-        // at once: the forgetting happens now, and is dated so for the arbiter.
-        let now = now.max(ctx.now());
+        // at once: the forgetting happens now, and is dated so for the arbiter. Its ids
+        // come from the timer's time, which a firing again after a crash keeps (the
+        // wall clock's now does not).
+        let now = fire_at.max(ctx.now());
         let Some(mut p) = self.take(ctx, customer)? else {
             return Ok(());
         };
@@ -853,13 +855,13 @@ impl ProfileProcessor {
         for (key, _) in ctx.scan::<Trigger>(&held_prefix(customer))? {
             ctx.delete(&key);
         }
-        let id_key = format!("{customer}/expired/{now}");
+        let id_key = format!("{customer}/expired/{fire_at}");
         self.drop_wishes(ctx, customer, &p.wishlist, &id_key, now);
         self.profiles.remove(ctx.partition, &profile_key(customer));
         ctx.delete(&profile_key(customer));
         // The arbiter forgets the customer's ledger too.
         let action = CustomerAction::new(
-            deterministic_id(&[customer, "forgotten", &now.to_string()]),
+            deterministic_id(&[customer, "forgotten", &fire_at.to_string()]),
             customer.to_string(),
             CustomerActionKind::forgotten,
             now,
@@ -2056,6 +2058,20 @@ impl ProfileProcessor {
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
         let config = self.config.clone();
+        let yearly_off = config
+            .scenario(&t.scenario)
+            .filter(|s| !s.enabled && is_yearly(s.kind) && t.step == 0);
+        if let Some(s) = yearly_off {
+            // Switched off for a while (a template being fixed): next year's date is
+            // armed all the same, or the customers whose day fell in that while would
+            // never be greeted again (only a new date or zone arms one).
+            if let Some(p) = self.take(ctx, &t.customer_id)? {
+                let armed = self.schedule_yearly(ctx, s, &p, timer.fire_at.saturating_add(1));
+                self.put(ctx, p)?;
+                armed?;
+            }
+            return Ok(());
+        }
         let Some(s) = config.scenario(&t.scenario).filter(|s| s.enabled) else {
             tracing::warn!(scenario = %t.scenario, "timer for a scenario no longer configured");
             // The profile no longer takes it for armed: were the scenario enabled again,

@@ -3826,6 +3826,29 @@ fn a_scenario_switched_off_and_on_again_arms_the_customers_whose_timer_fired_mea
     assert_eq!(fired[0]["fired_at"], t + 62 * DAY);
 }
 
+/// A birthday greeting switched off for a while (a template being fixed) greets the
+/// customers whose day fell in that while again the next year, once it is back on.
+#[test]
+fn a_birthday_greeting_switched_off_over_a_customer_s_day_greets_them_the_next_year() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = Harness::new();
+    let update = birthday_update("1990-03-10", "Europe/Berlin");
+    h.site("bo-up", "profile_update", "bo", t, update);
+    let off = CONFIG.replace(
+        "template = \"birthday\"\n",
+        "template = \"birthday\"\nenabled = false\n",
+    );
+    assert_ne!(off, CONFIG);
+    h.restart_with(&off);
+    h.advance(t + 20 * DAY);
+    assert!(h.triggers("bo", "birthday").is_empty(), "switched off");
+    h.restart_with(CONFIG);
+    h.advance(t + 400 * DAY);
+    let fired = h.triggers("bo", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2027-03-10T09:00:00Z"));
+}
+
 #[test]
 fn a_removal_arriving_before_the_addition_it_undoes_leaves_no_cart_to_remind_of() {
     let t = at("2026-03-02T10:00:00Z");
