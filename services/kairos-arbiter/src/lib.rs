@@ -1017,8 +1017,13 @@ impl ArbiterProcessor {
             .config
             .scenario(&t.scenario)
             .and_then(|s| s.steps.get(t.step as usize - 1))
-            .map_or(Duration::ZERO, |s| s.delay)
-            .max(self.config.arbiter.min_gap);
+            .map_or(Duration::ZERO, |s| s.delay);
+        // The minimum gap is a marketing rule: a transactional chain (a notice, then
+        // its reminder ten minutes on) keeps only its own delays.
+        let spacing = match t.category {
+            MessageCategory::transactional => spacing,
+            _ => spacing.max(self.config.arbiter.min_gap),
+        };
         let due = sent_at + ms(spacing);
         (now < due).then(|| {
             Verdict::defer(
@@ -1786,14 +1791,15 @@ impl ArbiterProcessor {
     }
 
     /// Ends every cascade of the customer still waiting whose cause happened at or
-    /// before `caused_by` (all of them for `None`).
+    /// before `caused_by` (all of them for `None`); with `marketing_only`, the
+    /// transactional ones (an order's status) go on.
     fn stop_all_cascades(
         &self,
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
         customer_id: &str,
         why: &str,
-        caused_by: Option<Millis>,
+        (caused_by, marketing_only): (Option<Millis>, bool),
     ) -> anyhow::Result<()> {
         let cascades: Vec<(String, Cascade)> = ledger
             .cascades
@@ -1801,6 +1807,9 @@ impl ArbiterProcessor {
             .filter(|(_, c)| match (caused_by, c.cause_occurred_at) {
                 (Some(limit), Some(cause)) => cause <= limit,
                 _ => true,
+            })
+            .filter(|(_, c)| {
+                !(marketing_only && c.category == Some(MessageCategory::transactional))
             })
             .map(|(id, c)| (id.clone(), c.clone()))
             .collect();
@@ -1937,7 +1946,7 @@ impl ArbiterProcessor {
         self.cancel_queued_where(ctx, &mut ledger, a, FORGOTTEN, why.to_string(), |q| {
             q.cause_occurred_at <= at
         })?;
-        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, Some(at))?;
+        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, (Some(at), false))?;
         let slot_of_before = ledger
             .main
             .as_ref()
@@ -1991,7 +2000,7 @@ impl ArbiterProcessor {
                 // cancelling them here would lose them.
                 let handed_over = self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
                 // A cascade's first message went out; its follow-ups stop here.
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, None)?;
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, (None, false))?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
                 for (trigger_id, q) in handed_over {
@@ -2158,12 +2167,15 @@ impl ArbiterProcessor {
                 if slot_freed {
                     ledger.main = None;
                 }
-                // A conversion ends every cascade: the customer did what they were for.
-                // A till sale uploaded late does not end what was caused after it; an
-                // online purchase ends every cascade, whatever the device's clock said.
+                // A conversion ends every marketing cascade: the customer did what
+                // they were for. A transactional one (the fallback of an order's
+                // status) is a notice the customer must still get. A till sale
+                // uploaded late does not end what was caused after it; an online
+                // purchase ends every cascade, whatever the device's clock said.
                 let why = format!("the customer bought at {at}");
                 let caused_by = a.till_sale.then_some(at);
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, caused_by)?;
+                let scope = (caused_by, true);
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, scope)?;
                 let why = format!("the customer bought at {at} while it waited");
                 // An online purchase checks out the cart that caused a cart or browse
                 // reminder, also when the device's clock puts it a little before the
@@ -3073,6 +3085,17 @@ impl ArbiterProcessor {
         ledger.forget_oldest_chains();
         if end != StepEnd::Broke {
             return Ok(());
+        }
+        // The broken chain's instance held the main-scenario slot until its planned
+        // last step: nothing of it will go out now, so the triggers waiting for the
+        // slot are decided again at once.
+        if ledger
+            .main
+            .as_ref()
+            .is_some_and(|m| m.chain.as_deref() == Some(chain.as_str()))
+        {
+            ledger.main = None;
+            self.wake_main_waiters(ctx, ledger)?;
         }
         let later: Vec<(String, Queued)> = ledger
             .queued

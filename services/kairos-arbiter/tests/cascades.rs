@@ -84,6 +84,45 @@ fn a_purchase_stops_the_cascade_after_the_push() {
     assert_eq!(channels(&a), [Channel::email, Channel::push], "no SMS");
 }
 
+/// An order's status falls back from e-mail to SMS: the purchase that placed the
+/// order (read after the notice) ends the marketing cascade, not the notice's.
+#[test]
+fn a_purchase_stops_a_marketing_cascade_but_not_a_transactional_one() {
+    let order_status = r#"
+[[scenarios]]
+name = "order_status"
+kind = "order_update"
+category = "transactional"
+statuses = ["placed"]
+channels = ["email", "sms"]
+template = "order_status"
+cascade = ["1h"]
+"#;
+    let mut a = Arbiter::from_text(&format!("{}\n{order_status}", common::CONFIG));
+    let mut notice = a.trigger_of("o1", "order_status", MessageCategory::transactional, T0);
+    notice.channels = vec![Channel::email, Channel::sms];
+    notice.contacts.phone = Some("+4915112345678".into());
+    notice.contacts.consented_channels = vec![Channel::email, Channel::sms];
+    assert_eq!(a.push_trigger(&notice).channel, Some(Channel::email));
+    let cart = cascade_trigger(&a, "k9", T0 + MINUTE);
+    assert_eq!(a.push_trigger(&cart).outcome, DecisionOutcome::sent);
+    a.purchase("buy", T0 + 2 * MINUTE);
+    a.advance_to(T0 + 6 * HOUR);
+    let sent: Vec<(&str, Channel)> = a
+        .sends
+        .iter()
+        .map(|s| (s.scenario.as_str(), s.channel))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("order_status", Channel::email),
+            ("cart_cascade", Channel::email),
+            ("order_status", Channel::sms),
+        ]
+    );
+}
+
 #[test]
 fn the_cascade_skips_channels_without_consent_and_keeps_quiet_hours() {
     let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");

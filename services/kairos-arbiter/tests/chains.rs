@@ -156,6 +156,73 @@ fn a_mass_send_leaves_out_a_customer_in_a_personal_chain() {
     );
 }
 
+/// A chain broken by an expired step lets go of the customer at once, not at its
+/// planned end: a mass send after that is decided like any other.
+#[test]
+fn a_broken_chain_frees_the_main_scenario_slot() {
+    let mut a = Arbiter::from_text(&format!("{}\n{CHAINS}", common::CONFIG).replace(
+        "[arbiter]\n",
+        "[arbiter]\ndaily_cap = 5\nweekly_cap = 20\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"08:00\"\n",
+    ));
+    // Monday 09:00 UTC: the tips chain holds the customer until Wednesday 09:00.
+    assert_eq!(
+        a.push_trigger(&tips(&a, 0, T0, DAY)).outcome,
+        DecisionOutcome::sent
+    );
+    // Its second step comes in the quiet hours, valid an hour: it expires at 23:00.
+    let second = tips(&a, 1, T0 + DAY + 13 * HOUR, HOUR);
+    assert_eq!(a.push_trigger(&second).outcome, DecisionOutcome::deferred);
+    a.advance_to(T0 + DAY + 14 * HOUR + 1);
+    let f = a.finals_of("tips1");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].outcome, DecisionOutcome::expired);
+    // A flash sale at 23:30 waits for the morning and goes out.
+    let mut sale = a.trigger_of(
+        "sale",
+        "flash_sale",
+        MessageCategory::promo,
+        T0 + DAY + 14 * HOUR + 30 * 60_000,
+    );
+    sale.priority = 100;
+    let d = a.push_trigger(&sale);
+    assert_eq!(d.outcome, DecisionOutcome::deferred, "{d:#?}");
+    a.advance_to(T0 + 2 * DAY);
+    let f = a.finals_of("sale");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].outcome, DecisionOutcome::sent, "{f:#?}");
+}
+
+/// A transactional chain (an address to confirm, its reminder half an hour on) keeps
+/// its own delays: the minimum gap between messages is a marketing rule.
+#[test]
+fn a_transactional_chain_s_steps_are_not_held_to_the_minimum_gap() {
+    let verify = r#"
+[[scenarios]]
+name = "verify_email"
+kind = "welcome"
+category = "transactional"
+channels = ["email"]
+template = "verify"
+steps = [{ delay = "30m", template = "verify_reminder" }]
+"#;
+    let mut a = Arbiter::from_text(
+        &format!("{}\n{verify}", common::CONFIG)
+            .replace("[arbiter]\n", "[arbiter]\nmin_gap = \"2h\"\n"),
+    );
+    for (step, at) in [(0, T0), (1, T0 + 30 * 60_000)] {
+        let mut t = a.trigger_of(
+            &format!("v{step}"),
+            "verify_email",
+            MessageCategory::transactional,
+            at,
+        );
+        t.step = step;
+        t.cause_event_id = Some("registered".into());
+        let d = a.push_trigger(&t);
+        assert_eq!(d.outcome, DecisionOutcome::sent, "step {step}: {d:#?}");
+    }
+}
+
 #[test]
 fn a_step_suppressed_for_want_of_consent_lets_the_next_step_be_decided_on_its_own() {
     let mut a = arbiter();
