@@ -571,6 +571,47 @@ fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, now: Millis) -> bool
     true
 }
 
+/// What a merge's two profiles both counted of the orders they share.
+#[derive(Default)]
+struct CountedTwice {
+    orders: u32,
+    offline: u32,
+    revenue: f64,
+    returns: u32,
+}
+
+impl CountedTwice {
+    /// Keeps one record of an order both profiles hold in `mine`: theirs if it saw
+    /// more of the order's reversals. The other's share of the sums is noted.
+    fn keep_one(&mut self, mine: &mut OrderRecord, theirs: OrderRecord) {
+        let theirs_further = (theirs.cancelled && !mine.cancelled)
+            || (theirs.cancelled == mine.cancelled
+                && theirs.returned_amount > mine.returned_amount + 1e-9);
+        let statuses = mine.statuses | theirs.statuses;
+        let delivered_at = mine.delivered_at.max(theirs.delivered_at);
+        let shared_parts = mine
+            .returned_parts
+            .iter()
+            .filter(|part| theirs.returned_parts.contains(part))
+            .count();
+        let dropped = if theirs_further {
+            std::mem::replace(mine, theirs)
+        } else {
+            theirs
+        };
+        mine.statuses = statuses;
+        mine.delivered_at = delivered_at;
+        // A cancellation took the order out of the count and its amount out of the
+        // revenue; a return took out what it returned.
+        if !dropped.cancelled {
+            self.orders += 1;
+            self.offline += u32::from(dropped.offline);
+        }
+        self.revenue += (dropped.total - dropped.returned_amount).max(0.0);
+        self.returns += u32::try_from(shared_parts).unwrap_or(u32::MAX);
+    }
+}
+
 /// A wish added to a profile, with the oldest one the cap pushed out.
 #[derive(Debug, PartialEq)]
 pub struct WishlistAdded {
@@ -763,13 +804,18 @@ impl CustomerProfile {
                 }
             }
         }
+        // An order both ids counted (a guest checkout and the account's backend, each
+        // told of it) counts once: the copy that saw more of its reversals stays, and
+        // what the other added to the sums comes out of them below.
+        let mut counted_twice = CountedTwice::default();
         for order in other.recent_orders {
-            if !self
+            match self
                 .recent_orders
-                .iter()
-                .any(|o| o.order_id == order.order_id)
+                .iter_mut()
+                .find(|o| o.order_id == order.order_id)
             {
-                self.recent_orders.push(order);
+                None => self.recent_orders.push(order),
+                Some(mine) => counted_twice.keep_one(mine, order),
             }
         }
         // The same reversal read by both ids: each took its amount out of its own
@@ -801,10 +847,12 @@ impl CustomerProfile {
                 None => self.early_reversals.push(reversal),
             }
         }
-        self.orders += other.orders;
-        self.offline_orders += other.offline_orders;
-        self.revenue += other.revenue;
-        self.returns = (self.returns + other.returns).saturating_sub(returns_read_twice);
+        self.orders = (self.orders + other.orders).saturating_sub(counted_twice.orders);
+        self.offline_orders =
+            (self.offline_orders + other.offline_orders).saturating_sub(counted_twice.offline);
+        self.revenue = (self.revenue + other.revenue - counted_twice.revenue).max(0.0);
+        self.returns = (self.returns + other.returns)
+            .saturating_sub(returns_read_twice + counted_twice.returns);
         self.first_purchase_at = min_some(self.first_purchase_at, other.first_purchase_at);
         if other.last_purchase_at > self.last_purchase_at {
             self.last_purchase_at = other.last_purchase_at;
@@ -1877,6 +1925,55 @@ mod tests {
         assert!(p.is_bounced(Channel::email, "anna@xn--bcher-kva.de"));
         assert!(p.is_bounced(Channel::sms, "anna@xn--bcher-kva.de"));
         assert!(!p.is_bounced(Channel::email, "anna@buecher.de"));
+    }
+
+    /// A guest checkout counted order o-1 under the visitor's id, the shop's backend
+    /// under the account's: merged, it is one order, once in the revenue, and a
+    /// return either copy saw is kept.
+    #[test]
+    fn an_order_both_merged_profiles_counted_counts_once() {
+        let bought = |id: &str| {
+            let mut p = CustomerProfile::new(id, 0);
+            p.record_purchase(10, 100.0, false, Some("o-1".into()));
+            p
+        };
+        let mut account = bought("c");
+        account.record_purchase(20, 50.0, true, Some("o-2".into()));
+        account.absorb(bought("anon:k"));
+        assert_eq!(
+            (
+                account.orders,
+                account.offline_orders,
+                account.revenue,
+                account.recent_orders.len()
+            ),
+            (2, 1, 150.0, 2)
+        );
+        // The visitor's copy saw a return of 30 the account's did not.
+        let mut account = bought("c");
+        let mut visitor = bought("anon:k");
+        visitor.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
+        account.absorb(visitor);
+        assert_eq!(
+            (account.orders, account.revenue, account.returns),
+            (1, 70.0, 1)
+        );
+        // Both saw the same return: one return, taken once.
+        let mut account = bought("c");
+        let mut visitor = bought("anon:k");
+        account.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
+        visitor.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
+        account.absorb(visitor);
+        assert_eq!(
+            (account.orders, account.revenue, account.returns),
+            (1, 70.0, 1)
+        );
+        // The visitor's copy was cancelled: nothing of it counts.
+        let mut account = bought("c");
+        let mut visitor = bought("anon:k");
+        visitor.record_return("o-1", None, 30, ReversalKind::Cancellation);
+        account.absorb(visitor);
+        assert_eq!((account.orders, account.revenue), (0, 0.0));
     }
 
     #[test]
