@@ -1755,7 +1755,15 @@ impl ProfileProcessor {
         };
         let cause = format!("subscription-{ends}");
         for s in self.scenarios(ScenarioKind::SubscriptionEnding).iter() {
-            let due = ends - ms(s.delay);
+            // An end learned within the reminder's lead (a three-day plan, a sync that
+            // reports it late) is told when learned: that moment was never missed.
+            // One already past is not told at all (its moment is late).
+            let lead_start = ends - ms(s.delay);
+            let due = if cause_at < ends {
+                lead_start.max(cause_at)
+            } else {
+                lead_start
+            };
             schedule_step(ctx, s, p, &cause, cause_at, 0, due, None, None)?;
         }
         Ok(())

@@ -1307,6 +1307,25 @@ fn subscription_ending_follows_the_end_date() {
     assert_eq!(h.triggers("se", "subscription_ending").len(), 1);
 }
 
+/// A three-day plan bought with a five-day reminder: the end is learned within the
+/// reminder's lead, so it is told at once; an end stated after it passed is not.
+#[test]
+fn a_subscription_end_learned_within_the_reminder_s_lead_is_told_at_once() {
+    let t = at("2026-05-01T08:00:00Z");
+    let mut h = Harness::new();
+    let ends = t + 3 * DAY;
+    let stated = json!({"profile": {"subscription_ends_at": ends}});
+    h.site("sl-up", "profile_update", "sl", t, stated);
+    h.advance(t + MINUTE);
+    let fired = h.triggers("sl", "subscription_ending");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t);
+    let past = json!({"profile": {"subscription_ends_at": t - DAY}});
+    h.site("sp-up", "profile_update", "sp", t + 2 * MINUTE, past);
+    h.advance(t + 10 * DAY);
+    assert!(h.triggers("sp", "subscription_ending").is_empty());
+}
+
 #[test]
 fn a_cleared_subscription_end_fires_nothing_and_an_older_statement_does_not_bring_it_back() {
     let t = at("2026-05-01T08:00:00Z");
