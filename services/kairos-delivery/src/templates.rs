@@ -462,6 +462,33 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
         assert_eq!(m.body, "Hi, your cart is waiting");
     }
 
+    /// The shipped review request lists the order's items, and renders without them
+    /// (a follow-up an older order took back after a return carries none).
+    #[test]
+    fn the_review_request_names_the_items_bought_when_it_has_them() {
+        let shipped = set(
+            Channel::email,
+            &[(
+                "review_request.toml",
+                include_str!("../../../config/templates/review_request.toml"),
+            )],
+        )
+        .unwrap();
+        let items = serde_json::json!({"order_id": "o-1", "order_items": [
+            {"product_id": "p-mug", "name": "Mug", "quantity": 2, "unit_price": 12.5},
+            {"product_id": "p-kettle", "quantity": 1, "unit_price": 40.0}]});
+        let m = shipped.render("review_request", &items).unwrap();
+        assert!(m.body.contains("- Mug\n- p-kettle\n"), "{}", m.body);
+        let m = shipped
+            .render("review_request", &serde_json::json!({"order_id": "o-1"}))
+            .unwrap();
+        assert!(
+            m.body.contains("how was your order?\n\nLeave a review"),
+            "{}",
+            m.body
+        );
+    }
+
     #[test]
     fn static_text_over_a_channel_limit_is_a_load_error_naming_file_and_field() {
         let long = "x".repeat(PUSH_TEXT_MAX_CHARS + 1);

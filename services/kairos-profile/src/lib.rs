@@ -15,8 +15,8 @@ use kairos_core::config::{
 use kairos_core::contracts::is_reserved_customer_id;
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
-    IdentifiedRecord, InterestKind, OfflineReceipt, OrderStatus, Outcome, OutcomeKind, Product,
-    ProductInterest, ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind,
+    IdentifiedRecord, InterestKind, LineItem, OfflineReceipt, OrderStatus, Outcome, OutcomeKind,
+    Product, ProductInterest, ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind,
     SegmentTransition, Trigger,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -538,6 +538,7 @@ impl ProfileProcessor {
                     &e.items
                 };
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
+                let order_items = order_items_variables(items);
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());
                 let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
                 if applied == PurchaseApplied::CancelledBefore {
@@ -558,6 +559,7 @@ impl ProfileProcessor {
                             latest_before: latest,
                             order_id,
                             offline: false,
+                            order_items,
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
                         purchase_changed = true;
@@ -1402,6 +1404,7 @@ impl ProfileProcessor {
                             latest_before: latest,
                             order_id: Some(r.receipt_id.clone()),
                             offline: true,
+                            order_items: order_items_variables(&r.items),
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
                         let reason = "offline purchase";
@@ -1528,6 +1531,7 @@ impl ProfileProcessor {
             latest_before,
             order_id,
             offline,
+            order_items,
         } = purchase;
         // The arbiter drops queued messages the purchase made pointless and pauses promo.
         let action = CustomerAction {
@@ -1576,17 +1580,9 @@ impl ProfileProcessor {
             return Ok(());
         }
         for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
-            schedule_step(
-                ctx,
-                s,
-                p,
-                event_id,
-                at,
-                0,
-                at + ms(s.delay),
-                None,
-                order_id.as_deref(),
-            )?;
+            let timer = StepTimer::new(event_id, at, 0, at + ms(s.delay));
+            let (order, items) = (order_id.as_deref(), order_items.as_deref());
+            schedule_step_with(ctx, s, p, timer, None, order, items)?;
         }
         Ok(())
     }
@@ -2239,6 +2235,11 @@ impl ProfileProcessor {
                     if marked || p.order_returned(order) {
                         return Ok(());
                     }
+                    if let Some(Ok(serde_json::Value::Object(stored))) =
+                        t.variables.as_deref().map(serde_json::from_str)
+                    {
+                        vars = stored;
+                    }
                     vars.insert("order_id".into(), order.clone().into());
                 }
             }
@@ -2372,6 +2373,21 @@ struct Purchase<'a> {
     order_id: Option<String>,
     /// A till sale: uploaded late, it ends only the waits it came after.
     offline: bool,
+    /// What was bought, for the follow-up's template (see [`order_items_variables`]).
+    order_items: Option<String>,
+}
+
+/// Line items a follow-up's template gets of its order (a review request names what
+/// was bought): the first few, so a large order keeps its timer small.
+const ORDER_ITEMS_TOLD: usize = 20;
+
+/// `{"order_items": [...]}` of a purchase's items (none for an order without them).
+fn order_items_variables(items: &[LineItem]) -> Option<String> {
+    if items.is_empty() {
+        return None;
+    }
+    let told = &items[..items.len().min(ORDER_ITEMS_TOLD)];
+    Some(serde_json::json!({ "order_items": told }).to_string())
 }
 
 /// Arms `step` of the chain a scenario timer `t` belongs to, with the occasion `t`

@@ -717,6 +717,49 @@ fn post_purchase_fires_after_fourteen_days() {
     assert_eq!(vars(&fired[0])["order_id"], "o-pp1");
 }
 
+/// The follow-up (a review request) names what was bought: the checked-out cart, the
+/// order's own items, or a till receipt's.
+#[test]
+fn post_purchase_names_the_items_bought() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "pi-add",
+        "add_to_cart",
+        "pi1",
+        t,
+        add_to_cart("p-kettle", 40.0),
+    );
+    h.site(
+        "pi-buy",
+        "purchase",
+        "pi1",
+        t + MINUTE,
+        order("o-pi1", 40.0, None),
+    );
+    let mut with_items = order("o-pi2", 25.0, None);
+    with_items["items"] =
+        json!([{"product_id": "p-mug", "name": "Mug", "quantity": 2, "unit_price": 12.5}]);
+    h.site("pi-buy2", "purchase", "pi2", t, with_items);
+    h.receipt("pi-till", "sale", "pi3", t, 30.0);
+    h.advance(t + 15 * DAY);
+    let items = |customer: &str| {
+        let fired = h.triggers(customer, "post_purchase");
+        assert_eq!(fired.len(), 1, "{fired:#?}");
+        let v = vars(&fired[0]);
+        let ids: Vec<String> = (v["order_items"].as_array().expect("order_items").iter())
+            .map(|i| i["product_id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (v["order_id"].as_str().unwrap_or_default().to_string(), ids)
+    };
+    assert_eq!(items("pi1"), ("o-pi1".into(), vec!["p-kettle".to_string()]));
+    assert_eq!(items("pi2"), ("o-pi2".into(), vec!["p-mug".to_string()]));
+    assert_eq!(
+        items("pi3"),
+        ("r-pi-till".into(), vec!["p-till".to_string()])
+    );
+}
+
 #[test]
 fn post_purchase_is_cancelled_by_a_return() {
     let t = at(T0);
