@@ -405,6 +405,20 @@ pub struct CapConfig {
     pub weekly_cap: Option<u32>,
 }
 
+impl CapConfig {
+    /// The first cap set to 0, which would hold every message it covers until it
+    /// expires.
+    fn zero_field(&self) -> Option<&'static str> {
+        [
+            ("daily_cap", self.daily_cap),
+            ("weekly_cap", self.weekly_cap),
+        ]
+        .into_iter()
+        .find(|(_, cap)| *cap == Some(0))
+        .map(|(field, _)| field)
+    }
+}
+
 /// See [`ArbiterConfig::lower_priority`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1104,6 +1118,7 @@ impl Config {
                     message,
                 });
             }
+            let file_config = config;
             config = toml::from_str(&merged).map_err(|e| {
                 // Name the variable that breaks the config on its own, if one does.
                 let culprit = overrides.iter().find(|(var, value)| {
@@ -1119,10 +1134,57 @@ impl Config {
                     message: e.message().to_string(),
                 }
             })?;
+            config.source_file = path.to_path_buf();
+            if let Err(merged_error) = config.validate(&merged) {
+                return Err(Self::blame(
+                    path,
+                    text,
+                    file_config,
+                    overrides,
+                    merged_error,
+                ));
+            }
+            return Ok(config);
         }
         config.source_file = path.to_path_buf();
         config.validate(text)?;
         Ok(config)
+    }
+
+    /// Who is to blame for a configuration the overrides made invalid: the file, with
+    /// its line, if it is invalid on its own; else the override that makes it invalid
+    /// on its own (a value set in the environment has no line in the file), or all of
+    /// them.
+    fn blame(
+        path: &Path,
+        text: &str,
+        mut file_config: Config,
+        overrides: &[(String, String)],
+        merged_error: ConfigError,
+    ) -> ConfigError {
+        file_config.source_file = path.to_path_buf();
+        if let Err(file_error) = file_config.validate(text) {
+            return file_error;
+        }
+        let invalid_alone = |(var, value): &&(String, String)| {
+            let Ok(mut single) = text.parse::<toml_edit::DocumentMut>() else {
+                return false;
+            };
+            if apply_override(&mut single, var, value).is_err() {
+                return true;
+            }
+            let single = single.to_string();
+            toml::from_str::<Config>(&single).map_or(true, |c| c.validate(&single).is_err())
+        };
+        let culprit = overrides.iter().find(invalid_alone);
+        let message = match merged_error {
+            ConfigError::Invalid { message, .. } | ConfigError::Semantic { message, .. } => message,
+            other => other.to_string(),
+        };
+        ConfigError::Env {
+            var: culprit_or_all(culprit, overrides),
+            message,
+        }
     }
 
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
@@ -1172,6 +1234,13 @@ impl Config {
                     s.name,
                     humantime_serde::re::humantime::format_duration(s.valid_for)
                 ),
+            ));
+        }
+        if self.feedback.attribution_window.is_zero() {
+            // No purchase is ever within a zero window of a message.
+            return Err(fail(
+                "attribution_window",
+                "must be longer than 0 (no purchase would ever be attributed)".into(),
             ));
         }
         if self.feedback.attribution_delay > Duration::from_secs(24 * 3600) {
@@ -1288,6 +1357,26 @@ impl Config {
                 ));
             }
         }
+        let zero_caps = (a.channel_caps.iter())
+            .map(|(channel, cap)| (format!("channel_caps.{channel}"), cap))
+            .chain(
+                (a.category_caps.iter())
+                    .map(|(category, cap)| (format!("category_caps.{}", category.as_str()), cap)),
+            );
+        for (table, cap) in zero_caps {
+            if let Some(field) = cap.zero_field() {
+                let line = table_key_line(text, &table, field);
+                return Err(fail_at(
+                    line,
+                    field,
+                    format!(
+                        "arbiter.{table}.{field} = 0 would hold every such message until it \
+                         expires; leave the channel out of the scenarios' channels, or \
+                         disable them, to send none"
+                    ),
+                ));
+            }
+        }
         if a.quiet_hours().is_some_and(|(start, end)| start == end) {
             // An empty window would be read as no quiet hours at all; a whole day of
             // them would send no marketing message ever. Neither is what was meant.
@@ -1328,6 +1417,7 @@ impl Config {
             // The scenario's own line of `key`, else the first in the file.
             let line_of =
                 |key: &str| scenario_key_line(text, i, key).or_else(|| find_key_line(text, key));
+            let fail_here = |key: &str, message| fail_at(line_of(key), key, message);
             if let Some(segment) = s
                 .segment
                 .as_deref()
@@ -1380,13 +1470,13 @@ impl Config {
                 ));
             }
             if !names.insert(s.name.as_str()) {
-                return Err(fail(
+                return Err(fail_here(
                     "name",
                     format!("scenarios[{i}]: duplicate scenario name {:?}", s.name),
                 ));
             }
             if s.channels.is_empty() {
-                return Err(fail(
+                return Err(fail_here(
                     "channels",
                     format!(
                         "scenarios[{i}] ({}): at least one channel is needed",
@@ -1399,13 +1489,13 @@ impl Config {
                 ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
             ) && s.local_time_of_day().is_none()
             {
-                return Err(fail(
+                return Err(fail_here(
                     "local_time",
                     format!("scenarios[{i}] ({}): expected \"HH:MM\"", s.name),
                 ));
             }
             if s.kind == ScenarioKind::SegmentEntered && s.segment.is_none() {
-                return Err(fail(
+                return Err(fail_here(
                     "kind",
                     format!(
                         "scenarios[{i}] ({}): segment_entered needs `segment`",
@@ -1414,7 +1504,7 @@ impl Config {
                 ));
             }
             if s.mass && s.category == MessageCategory::transactional {
-                return Err(fail(
+                return Err(fail_here(
                     "mass",
                     format!(
                         "scenarios[{i}] ({}): a mass send is marketing, not transactional",
@@ -1423,15 +1513,37 @@ impl Config {
                 ));
             }
             if s.holdout_percent > 100 {
-                return Err(fail(
+                return Err(fail_here(
                     "holdout_percent",
                     format!("scenarios[{i}] ({}): must be between 0 and 100", s.name),
                 ));
             }
             if s.template.trim().is_empty() {
-                return Err(fail(
+                return Err(fail_here(
                     "template",
                     format!("scenarios[{i}] ({}): template must not be empty", s.name),
+                ));
+            }
+            if let Some(drop) = s.min_drop_percent.filter(|d| !(*d > 0.0 && *d <= 100.0)) {
+                // Past 100 (or NaN) no drop ever qualifies; at 0 or below every
+                // change of price would.
+                return Err(fail_here(
+                    "min_drop_percent",
+                    format!(
+                        "scenarios[{i}] ({}): {drop} must be above 0 and at most 100",
+                        s.name
+                    ),
+                ));
+            }
+            if let Some(field) = s.caps.as_ref().and_then(CapConfig::zero_field) {
+                return Err(fail_at(
+                    scenario_key_line(text, i, field).or_else(|| line_of("caps")),
+                    field,
+                    format!(
+                        "scenarios[{i}] ({}): caps.{field} = 0 would hold every message of \
+                         the scenario until it expires; disable it (enabled = false) instead",
+                        s.name
+                    ),
                 ));
             }
         }
@@ -1802,6 +1914,25 @@ const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
 ];
 
 /// First line where `key` is assigned, for errors found after parsing.
+/// The line of `key` in the table `[<...>.<table>]`, else the line of the table's first
+/// part written inline (`channel_caps = { sms = { daily_cap = 0 } }`).
+fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = format!(".{table}]");
+    let is_header = |l: &&str| l.trim().starts_with('[') && l.trim().ends_with(&header);
+    if let Some(start) = lines.iter().position(is_header) {
+        let own = lines
+            .iter()
+            .enumerate()
+            .skip(start + 1)
+            .take_while(|(_, l)| !l.trim_start().starts_with('['))
+            .find(|(_, l)| assigns(l, key))
+            .map(|(i, _)| i + 1);
+        return own.or(Some(start + 1));
+    }
+    find_key_line(text, table.split('.').next()?)
+}
+
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
@@ -1953,6 +2084,99 @@ mod tests {
             !err.contains("KAIROS__STATE__DIR"),
             "only the culprit: {err}"
         );
+    }
+
+    /// A value the environment sets is no line of the file: its error names the
+    /// variable. One the file sets wrongly is the file's, whatever else is set.
+    #[test]
+    fn an_invalid_value_from_the_environment_names_the_variable_not_a_line() {
+        let text = "[arbiter]\ndaily_cap = 2\n";
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let err = Config::from_text(
+            Path::new("t.toml"),
+            text,
+            &env(&[
+                ("KAIROS__STATE__DIR", "/tmp/x"),
+                ("KAIROS__ARBITER__DAILY_CAP", "0"),
+            ]),
+        )
+        .unwrap_err();
+        match &err {
+            ConfigError::Env { var, message } => {
+                assert_eq!(var, "KAIROS__ARBITER__DAILY_CAP");
+                assert!(message.contains("daily_cap"), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+        // The file's own mistake keeps its line, with an override beside it.
+        let err = Config::from_text(
+            Path::new("t.toml"),
+            "[arbiter]\ndaily_cap = 0\n",
+            &env(&[("KAIROS__STATE__DIR", "/tmp/x")]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { line: 2, .. }),
+            "{err}"
+        );
+        // An override that mends the file's value is taken.
+        let config = Config::from_text(
+            Path::new("t.toml"),
+            "[arbiter]\ndaily_cap = 0\n",
+            &env(&[("KAIROS__ARBITER__DAILY_CAP", "3")]),
+        )
+        .expect("mended by the environment");
+        assert_eq!(config.arbiter.daily_cap, 3);
+    }
+
+    /// A scenario's mistake is reported at that scenario's line, not at the first
+    /// scenario that has the key; caps of 0 anywhere, a price drop threshold outside
+    /// (0, 100] and a zero attribution window are refused at their lines.
+    #[test]
+    fn scenario_and_cap_errors_point_at_their_own_lines() {
+        let two = |second: &str| {
+            format!(
+                "[[scenarios]]\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"a\"\n\n\
+                 [[scenarios]]\nname = \"b\"\nkind = \"price_drop\"\ntemplate = \"b\"\n{second}"
+            )
+        };
+        let line_of = |text: &str| match parse(text).unwrap_err() {
+            ConfigError::Invalid { line, message, .. } => (line, message),
+            other => panic!("{other}"),
+        };
+        let (line, message) = line_of(&two("channels = []\n"));
+        assert_eq!(line, 11, "{message}");
+        let (line, message) =
+            line_of(&two("channels = [\"email\"]\nname = \"a\"\n").replace("name = \"b\"\n", ""));
+        assert_eq!(line, 11, "{message}");
+        assert!(message.contains("duplicate"), "{message}");
+        for drop in ["150.0", "0.0", "-5.0", "nan"] {
+            let text = two(&format!(
+                "channels = [\"email\"]\nmin_drop_percent = {drop}\n"
+            ));
+            let (line, message) = line_of(&text);
+            assert_eq!(line, 12, "{drop}: {message}");
+        }
+        let text = two("channels = [\"email\"]\ncaps = { weekly_cap = 0 }\n");
+        let (line, message) = line_of(&text);
+        assert_eq!(line, 12, "{message}");
+        assert!(message.contains("weekly_cap"), "{message}");
+        let (line, message) =
+            line_of("[arbiter]\ndaily_cap = 2\n\n[arbiter.channel_caps.sms]\ndaily_cap = 0\n");
+        assert_eq!(line, 5, "{message}");
+        assert!(message.contains("channel_caps.sms.daily_cap"), "{message}");
+        let (line, message) =
+            line_of("[arbiter]\ncategory_caps = { promo = { weekly_cap = 0 } }\n");
+        assert_eq!(line, 2, "{message}");
+        let (line, message) = line_of("[feedback]\nattribution_window = \"0s\"\n");
+        assert_eq!(line, 2, "{message}");
+        // At 100 a drop to nothing qualifies: allowed.
+        parse(&two("channels = [\"email\"]\nmin_drop_percent = 100.0\n")).expect("valid");
     }
 
     #[test]
