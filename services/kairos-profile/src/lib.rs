@@ -162,7 +162,8 @@ pub struct ProfileProcessor {
     /// `identity.anonymous_retention` in milliseconds; 0: anonymous profiles are kept
     /// for good.
     anonymous_retention: Millis,
-    /// The enabled scenarios of each kind, shared so events do not copy them.
+    /// The enabled scenarios of each kind (and the yearly ones switched off, which
+    /// keep their timers armed), shared so events do not copy them.
     scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)>,
     /// While a merge is applied: the enabled `segment_entered` scenarios that target a
     /// segment the merged customer was in. The merge moving the survivor into that
@@ -263,13 +264,17 @@ impl ProfileProcessor {
                 m.skipped.with_label_values(&[&s.name, "left_segment"]);
             }
         }
+        // A yearly scenario switched off is armed all the same: its timers re-arm the
+        // next year without firing (see `on_scenario_timer`), so a birthday given
+        // while it was off is greeted once it is on again.
+        let armed = |s: &&ScenarioConfig| s.enabled || is_yearly(s.kind);
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
-        for s in config.scenarios.iter().filter(|s| s.enabled) {
+        for s in config.scenarios.iter().filter(armed) {
             if !scenarios_by_kind.iter().any(|(k, _)| *k == s.kind) {
                 let of_kind: Vec<ScenarioConfig> = config
                     .scenarios
                     .iter()
-                    .filter(|o| o.enabled && o.kind == s.kind)
+                    .filter(|o| armed(o) && o.kind == s.kind)
                     .cloned()
                     .collect();
                 scenarios_by_kind.push((s.kind, of_kind.into()));
@@ -700,7 +705,7 @@ impl ProfileProcessor {
             }
         }
         if p.subscription_ends_at != subscription_before {
-            self.schedule_subscription_ending(ctx, &p, e.occurred_at)?;
+            self.schedule_subscription_ending(ctx, &p, e.occurred_at, true)?;
         }
         if profile::is_visit(e.event_type) {
             self.arm_reactivation(ctx, &mut p)?;
@@ -1151,16 +1156,14 @@ impl ProfileProcessor {
         // is armed again for the survivor.
         let now = ctx.now().max(m.occurred_at);
         if (p.birthday.clone(), p.time_zone.clone(), p.registered_at) != yearly_before {
-            for s in config
-                .scenarios
-                .iter()
-                .filter(|s| s.enabled && is_yearly(s.kind))
-            {
+            for s in config.scenarios.iter().filter(|s| is_yearly(s.kind)) {
                 self.schedule_yearly(ctx, s, &p, now)?;
             }
         }
         if p.subscription_ends_at != subscription_before {
-            self.schedule_subscription_ending(ctx, &p, m.occurred_at)?;
+            // Not told at once if its lead began before the merge: either profile may
+            // have been told already, under the other id.
+            self.schedule_subscription_ending(ctx, &p, m.occurred_at, false)?;
         }
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
         self.arm_reactivation(ctx, &mut p)?;
@@ -1745,6 +1748,7 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         p: &CustomerProfile,
         cause_at: Millis,
+        learned_now: bool,
     ) -> anyhow::Result<()> {
         let Some(ends) = p.subscription_ends_at else {
             return Ok(());
@@ -1755,7 +1759,7 @@ impl ProfileProcessor {
             // reports it late) is told when learned: that moment was never missed.
             // One already past is not told at all (its moment is late).
             let lead_start = ends - ms(s.delay);
-            let due = if cause_at < ends {
+            let due = if learned_now && cause_at < ends {
                 lead_start.max(cause_at)
             } else {
                 lead_start

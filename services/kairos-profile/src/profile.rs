@@ -578,6 +578,9 @@ struct CountedTwice {
     offline: u32,
     revenue: f64,
     returns: u32,
+    /// Times of shared orders one copy knew cancelled and the other counted as
+    /// purchases: no purchase time once merged.
+    cancelled_at: Vec<Millis>,
 }
 
 impl CountedTwice {
@@ -601,6 +604,9 @@ impl CountedTwice {
         };
         mine.statuses = statuses;
         mine.delivered_at = delivered_at;
+        if mine.cancelled && !dropped.cancelled {
+            self.cancelled_at.extend([mine.at, dropped.at]);
+        }
         // A cancellation took the order out of the count and its amount out of the
         // revenue; a return took out what it returned.
         if !dropped.cancelled {
@@ -857,6 +863,9 @@ impl CustomerProfile {
         if other.last_purchase_at > self.last_purchase_at {
             self.last_purchase_at = other.last_purchase_at;
             self.last_order_id = other.last_order_id;
+        }
+        for at in counted_twice.cancelled_at {
+            self.forget_purchase_time(at);
         }
         // Before either list is cut to its bound, so that no reversal whose order is
         // here now is dropped unsettled.
@@ -1974,6 +1983,11 @@ mod tests {
         visitor.record_return("o-1", None, 30, ReversalKind::Cancellation);
         account.absorb(visitor);
         assert_eq!((account.orders, account.revenue), (0, 0.0));
+        assert_eq!(
+            (account.last_purchase_at, account.first_purchase_at),
+            (None, None),
+            "a cancelled order bought nothing"
+        );
     }
 
     #[test]

@@ -3902,13 +3902,22 @@ fn a_birthday_greeting_switched_off_over_a_customer_s_day_greets_them_the_next_y
     );
     assert_ne!(off, CONFIG);
     h.restart_with(&off);
+    // Another customer gives a birthday while the greeting is off.
+    let update = birthday_update("1991-03-15", "Europe/Berlin");
+    h.site("bo2-up", "profile_update", "bo2", t + DAY, update);
     h.advance(t + 20 * DAY);
     assert!(h.triggers("bo", "birthday").is_empty(), "switched off");
+    assert!(h.triggers("bo2", "birthday").is_empty(), "switched off");
     h.restart_with(CONFIG);
     h.advance(t + 400 * DAY);
-    let fired = h.triggers("bo", "birthday");
-    assert_eq!(fired.len(), 1, "{fired:#?}");
-    assert_eq!(fired[0]["fired_at"], at("2027-03-10T09:00:00Z"));
+    for (customer, day) in [
+        ("bo", "2027-03-10T09:00:00Z"),
+        ("bo2", "2027-03-15T09:00:00Z"),
+    ] {
+        let fired = h.triggers(customer, "birthday");
+        assert_eq!(fired.len(), 1, "{fired:#?}");
+        assert_eq!(fired[0]["fired_at"], at(day));
+    }
 }
 
 #[test]
@@ -4247,6 +4256,26 @@ fn a_merge_keeps_the_merged_customers_review_request() {
     assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
     assert_eq!(vars(&fired[0])["order_id"], "o-2");
     assert!(h.triggers("c-2", "post_purchase").is_empty());
+}
+
+/// The merged customer was told its plan ends; a merge inside the reminder's lead
+/// does not tell the survivor again under its own id.
+#[test]
+fn a_merge_within_the_subscription_reminder_s_lead_does_not_tell_it_again() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let ends = t + 30 * DAY;
+    h.identified_site(json!({"event_id": "ms-up", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "c-2",
+        "profile": {"subscription_ends_at": ends}}));
+    h.identified_site(json!({"event_id": "ms-v", "event_type": "page_view",
+        "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
+    h.advance(ends - 5 * DAY + HOUR);
+    assert_eq!(h.triggers("c-2", "subscription_ending").len(), 1);
+    h.merge("m-se", "c-2", "c-1", ends - 2 * DAY);
+    h.advance(ends + DAY);
+    let fired = h.triggers("c-1", "subscription_ending");
+    assert!(fired.is_empty(), "{fired:#?}");
 }
 
 #[test]
