@@ -1258,10 +1258,19 @@ impl Config {
         }
         for (channel, d) in &self.delivery {
             let section = |field: &str| format!("delivery.{channel}.{field}");
+            // The key's line in `[delivery.<channel>.<sub>]`, or where `<sub>` is
+            // written inline in `[delivery.<channel>]`; `sub` empty for the latter.
+            let own = format!("delivery.{channel}");
+            let line = |sub: &str, key: &str| match sub {
+                "" => table_key_line(text, &own, key),
+                _ => table_key_line(text, &format!("{own}.{sub}"), key)
+                    .or_else(|| table_key_line(text, &own, sub)),
+            };
+            let fail = |(sub, key): (&str, &str), message| fail_at(line(sub, key), key, message);
             match d.provider {
                 ProviderKind::Smtp if d.smtp.is_none() => {
                     return Err(fail(
-                        "provider",
+                        ("", "provider"),
                         format!(
                             "{}: provider \"smtp\" needs a [{}] section",
                             section("provider"),
@@ -1271,7 +1280,7 @@ impl Config {
                 }
                 ProviderKind::Http if d.http.is_none() => {
                     return Err(fail(
-                        "provider",
+                        ("", "provider"),
                         format!(
                             "{}: provider \"http\" needs a [{}] section",
                             section("provider"),
@@ -1283,13 +1292,18 @@ impl Config {
             }
             if d.retry.max_attempts == 0 {
                 return Err(fail(
-                    "max_attempts",
+                    ("retry", "max_attempts"),
                     format!("{}: must be at least 1", section("retry.max_attempts")),
                 ));
             }
             if d.rate_limit.per_second == 0 || d.rate_limit.burst == 0 {
+                let key = if d.rate_limit.burst == 0 {
+                    "burst"
+                } else {
+                    "per_second"
+                };
                 return Err(fail(
-                    "per_second",
+                    ("rate_limit", key),
                     format!(
                         "{}: per_second and burst must be at least 1",
                         section("rate_limit")
@@ -1298,7 +1312,7 @@ impl Config {
             }
             if d.circuit_breaker.failure_threshold == 0 {
                 return Err(fail(
-                    "failure_threshold",
+                    ("circuit_breaker", "failure_threshold"),
                     format!(
                         "{}: must be at least 1",
                         section("circuit_breaker.failure_threshold")
@@ -1365,7 +1379,10 @@ impl Config {
             );
         for (table, cap) in zero_caps {
             if let Some(field) = cap.zero_field() {
-                let line = table_key_line(text, &table, field);
+                // `[arbiter.channel_caps.sms]`, or `channel_caps = { sms = ... }` inline.
+                let inline = table.split('.').next().unwrap_or_default();
+                let line = table_key_line(text, &format!("arbiter.{table}"), field)
+                    .or_else(|| table_key_line(text, "arbiter", inline));
                 return Err(fail_at(
                     line,
                     field,
@@ -1549,13 +1566,18 @@ impl Config {
         }
         let r = &self.segments.rfm;
         let ascending = |v: &[f64]| v.windows(2).all(|w| w[0] < w[1]);
-        if !ascending(&r.recency_days.map(f64::from))
-            || !ascending(&r.frequency_orders.map(f64::from))
-            || !ascending(&r.monetary)
-        {
+        let boundaries = [
+            ("recency_days", r.recency_days.map(f64::from).to_vec()),
+            (
+                "frequency_orders",
+                r.frequency_orders.map(f64::from).to_vec(),
+            ),
+            ("monetary", r.monetary.to_vec()),
+        ];
+        if let Some((key, _)) = boundaries.iter().find(|(_, v)| !ascending(v)) {
             return Err(fail(
-                "recency_days",
-                "RFM boundaries must be strictly ascending".into(),
+                key,
+                format!("segments.rfm.{key}: RFM boundaries must be strictly ascending"),
             ));
         }
         let l = &self.segments.lifecycle;
@@ -1914,23 +1936,21 @@ const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
 ];
 
 /// First line where `key` is assigned, for errors found after parsing.
-/// The line of `key` in the table `[<...>.<table>]`, else the line of the table's first
-/// part written inline (`channel_caps = { sms = { daily_cap = 0 } }`).
+/// The line of `key` in the table `[<table>]` (a dotted path, as written in its
+/// header), else the header's line; none without such a header (the table written
+/// inline in another).
 fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
-    let header = format!(".{table}]");
-    let is_header = |l: &&str| l.trim().starts_with('[') && l.trim().ends_with(&header);
-    if let Some(start) = lines.iter().position(is_header) {
-        let own = lines
-            .iter()
-            .enumerate()
-            .skip(start + 1)
-            .take_while(|(_, l)| !l.trim_start().starts_with('['))
-            .find(|(_, l)| assigns(l, key))
-            .map(|(i, _)| i + 1);
-        return own.or(Some(start + 1));
-    }
-    find_key_line(text, table.split('.').next()?)
+    let header = format!("[{table}]");
+    let start = lines.iter().position(|l| l.trim() == header)?;
+    let own = lines
+        .iter()
+        .enumerate()
+        .skip(start + 1)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| assigns(l, key))
+        .map(|(i, _)| i + 1);
+    own.or(Some(start + 1))
 }
 
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
@@ -2177,6 +2197,35 @@ mod tests {
         assert_eq!(line, 2, "{message}");
         // At 100 a drop to nothing qualifies: allowed.
         parse(&two("channels = [\"email\"]\nmin_drop_percent = 100.0\n")).expect("valid");
+    }
+
+    /// A delivery channel's mistake is reported at that channel's line, in its own
+    /// table or where the table is written inline; an RFM boundary at its own key.
+    #[test]
+    fn delivery_and_rfm_errors_point_at_the_key_at_fault() {
+        let line_of = |text: &str| match parse(text).unwrap_err() {
+            ConfigError::Invalid { line, message, .. } => (line, message),
+            other => panic!("{other}"),
+        };
+        let email =
+            "[delivery.email]\nprovider = \"simulator\"\nadmin_listen = \"127.0.0.1:0\"\n\n";
+        let sms = "[delivery.sms]\nadmin_listen = \"127.0.0.1:0\"\n";
+        let (line, message) = line_of(&format!("{email}{sms}provider = \"http\"\n"));
+        assert_eq!(line, 7, "{message}");
+        assert!(message.contains("delivery.sms.provider"), "{message}");
+        let (line, message) = line_of(&format!(
+            "{email}{sms}provider = \"simulator\"\n[delivery.sms.retry]\nmax_attempts = 0\n"
+        ));
+        assert_eq!(line, 9, "{message}");
+        let (line, message) = line_of(&format!(
+            "{email}{sms}provider = \"simulator\"\nrate_limit = {{ per_second = 5, burst = 0 }}\n"
+        ));
+        assert_eq!(line, 8, "{message}");
+        assert!(message.starts_with("burst"), "{message}");
+        let (line, message) = line_of(
+            "[segments.rfm]\nrecency_days = [30, 60, 90, 180]\nmonetary = [100.0, 50.0, 500.0, 1000.0]\n",
+        );
+        assert_eq!(line, 3, "{message}");
     }
 
     #[test]
