@@ -75,6 +75,11 @@ pub struct Touch {
     /// in touches stored before it was kept.
     #[serde(default)]
     pub decision_id: Option<String>,
+    /// The feedback process that counted this touch in its conversion-rate tally (see
+    /// `FeedbackProcessor::epoch`): only that process counts its conversion there, so
+    /// a rate stays conversions of its own touches over them after a restart.
+    #[serde(default)]
+    pub counted_by: Option<u64>,
 }
 
 fn stored_before() -> bool {
@@ -223,6 +228,7 @@ mod tests {
             group: None,
             message: true,
             decision_id: None,
+            counted_by: None,
         }
     }
 

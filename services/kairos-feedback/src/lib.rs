@@ -258,6 +258,19 @@ pub struct FeedbackProcessor {
     /// Ids seen, by [`RecordKind`], kept for `state.dedup_window`.
     seen: [SeenIds; 3],
     touch_expiry: TouchExpiry,
+    /// This process among all that ever ran: the conversion-rate tallies count since it
+    /// started, so a conversion counts there only for a touch it counted too (one
+    /// counted before a restart converting after it would take a rate past 1).
+    epoch: u64,
+}
+
+/// A number no other feedback process had: the start time in nanoseconds and the
+/// process id.
+fn process_epoch() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
 }
 
 /// The records feedback deduplicates by id.
@@ -383,6 +396,7 @@ impl FeedbackProcessor {
                 config.state.dedup_window,
                 config.feedback.attribution_delay,
             ),
+            epoch: process_epoch(),
         }
     }
 
@@ -487,6 +501,7 @@ impl FeedbackProcessor {
             group: Some(group),
             message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
             decision_id: Some(d.decision_id.clone()),
+            counted_by: Some(self.epoch),
         };
         self.metrics
             .touches
@@ -657,9 +672,12 @@ impl FeedbackProcessor {
             self.metrics.conversions.with_label_values(&labels).inc();
             touch.converted = true;
             let (scenario, group) = (touch.scenario.clone(), touch.group());
+            let counted_here = touch.counted_by == Some(self.epoch);
             ctx.put(&key, &touches)?;
-            self.tally(&scenario).conversions[group.index()] += 1;
-            self.refresh_scenario_gauges(&scenario);
+            if counted_here {
+                self.tally(&scenario).conversions[group.index()] += 1;
+                self.refresh_scenario_gauges(&scenario);
+            }
         }
         Ok(())
     }
@@ -1204,6 +1222,50 @@ mod tests {
         assert_eq!(by_group("kairos_conversions_total", "treatment"), 1.0);
         assert_eq!(by_group("kairos_conversions_total", "control"), 1.0);
         assert_eq!(lift(&registry, "cart"), Some(0.0));
+    }
+
+    /// The conversion-rate gauge of `scenario` and `group`, if set.
+    fn conversion_rate(registry: &prometheus::Registry, scenario: &str, group: &str) -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "kairos_scenario_conversion_rate")
+            .flat_map(|f| f.get_metric())
+            .find(|m| {
+                let has = |v: &str| m.get_label().iter().any(|l| l.value() == v);
+                has(scenario) && has(group)
+            })
+            .map_or(f64::NAN, |m| m.get_gauge().get_value())
+    }
+
+    /// The rate gauges count since the process started: a touch counted before a
+    /// restart that converts after it counts as a conversion, but not in the rate of
+    /// the touches counted since (it would take the rate past 1).
+    #[test]
+    fn a_touch_from_before_a_restart_stays_out_of_the_conversion_rate() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = "[clock]\nmode = \"event\"\n\
+                    [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+                    channels = [\"email\"]\ntemplate = \"t\"\n";
+        let hour = 3_600_000;
+        {
+            let (config, _registry, mut replayer) = replayer(dir.path(), text);
+            push_email_sent(&config, &mut replayer, "c1", "cart", hour);
+            replayer.commit().expect("commit");
+        }
+        let (config, registry, mut replayer) = replayer(dir.path(), text);
+        push_email_sent(&config, &mut replayer, "c2", "cart", 2 * hour);
+        let site = config.topic(topics::SITE_EVENTS);
+        for customer in ["c1", "c2"] {
+            let purchase = purchase(&format!("p-{customer}"), customer, 3 * hour);
+            replayer
+                .push(&site, customer.as_bytes(), &purchase)
+                .expect("push");
+        }
+        replayer.advance_to(4 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(email_conversions(&registry).0, 2.0, "both converted");
+        assert_eq!(conversion_rate(&registry, "cart", "treatment"), 1.0);
     }
 
     /// Intent to treat: every final decision of a marketing trigger is a touch in the
