@@ -550,8 +550,9 @@ fn entry_age_hours(entry: u64, at: Millis) -> i64 {
 /// processor's clock): false if it was there already. The last `RECENT_EVENT_IDS` stay
 /// whatever their age; beyond them, those read in the day before `now` (up to
 /// `MAX_EVENT_IDS`). Read time, not the event's: a phone's offline queue of events
-/// two days old, sent twice, is a retry like any other. No stamp is later than the
-/// clock, so one that reads as later was written before stamps were packed, and
+/// two days old, sent twice, is a retry like any other. A stamp an hour ahead is
+/// another instance's, whose clock ran a little ahead (the partition moved here), and
+/// counts as recent; one further ahead was written before stamps were packed, and
 /// counts as old.
 fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, now: Millis) -> bool {
     if ring.iter().any(|e| same_event_id(*e, hash)) {
@@ -564,7 +565,7 @@ fn remember_event_hash(ring: &mut VecDeque<u64>, hash: u64, now: Millis) -> bool
         ring.retain(|e| {
             let recent = n >= recent_from;
             n += 1;
-            recent || (0..=EVENT_DEDUP_WINDOW_HOURS).contains(&entry_age_hours(*e, now))
+            recent || (-1..=EVENT_DEDUP_WINDOW_HOURS).contains(&entry_age_hours(*e, now))
         });
     }
     push_event_entry(ring, event_entry(hash, now));
@@ -2087,6 +2088,15 @@ mod tests {
         }
         assert!(q.remember_event("next-day", DAY));
         assert!(!q.remember_event("edge", DAY));
+        // Ids stamped by an instance whose clock ran ahead into the next hour (the
+        // partition moved here) count as recent, beyond the last 32.
+        let mut r = CustomerProfile::new("r", 0);
+        let ahead = HOUR + 5 * MINUTE;
+        assert!(r.remember_event("from-ahead", ahead));
+        for i in 0..40 {
+            assert!(r.remember_event(&format!("g{i}"), HOUR - MINUTE));
+        }
+        assert!(!r.remember_event("from-ahead", HOUR - MINUTE));
         // A burst is bounded.
         for i in 0..600 {
             p.remember_event(&format!("burst{i}"), 2 * DAY + i);
