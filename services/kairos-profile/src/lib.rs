@@ -124,6 +124,23 @@ const ANONYMOUS_EXPIRY: &str = "~anonymous";
 /// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
 /// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
 const RETURN_MARK_EXPIRY: &str = "~returned";
+/// The scenarios with standing timers (see [`ProfileProcessor::standing`]) the
+/// partition's profiles were armed for, by name.
+const ARMED_FOR_KEY: &str = "~armed-for";
+/// The timer of a pass over the partition's profiles that arms scenarios with standing
+/// timers added since they were armed (payload: [`ArmingPass`]).
+const ARMING_PASS: &str = "~arming-pass";
+/// Profiles one firing of the arming pass takes: a batch stays small.
+const ARMING_PASS_PAGE: usize = 2_000;
+
+/// How far an arming pass got, and what it arms.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ArmingPass {
+    /// The last profile key armed; none at the start.
+    after: Option<String>,
+    /// The scenarios to arm, by name.
+    scenarios: Vec<String>,
+}
 
 struct Metrics {
     triggers: metrics::CachedCounterVec,
@@ -169,6 +186,13 @@ pub struct ProfileProcessor {
     /// segment the merged customer was in. The merge moving the survivor into that
     /// segment is no entry for the person, so they do not start again.
     chains_going_on: Vec<String>,
+    /// Scenarios whose timers stand for every profile with the date or visit they need,
+    /// not started by an event (birthdays, anniversaries, reactivation), by name: one
+    /// added to the configuration is armed for the profiles already stored by a pass.
+    standing: Vec<String>,
+    /// Per partition: whether this process compared `standing` with what the
+    /// partition's profiles were armed for.
+    standing_checked: Vec<bool>,
 }
 
 impl ProfileProcessor {
@@ -268,6 +292,12 @@ impl ProfileProcessor {
         // next year without firing (see `on_scenario_timer`), so a birthday given
         // while it was off is greeted once it is on again.
         let armed = |s: &&ScenarioConfig| s.enabled || is_yearly(s.kind);
+        let mut standing: Vec<String> = (config.scenarios.iter())
+            .filter(|s| armed(s) && (is_yearly(s.kind) || s.kind == ScenarioKind::Reactivation))
+            .map(|s| s.name.clone())
+            .collect();
+        standing.sort();
+        let partitions = config.kafka.partitions;
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
         for s in config.scenarios.iter().filter(armed) {
             if !scenarios_by_kind.iter().any(|(k, _)| *k == s.kind) {
@@ -304,7 +334,106 @@ impl ProfileProcessor {
             registry,
             metrics: m,
             chains_going_on: Vec::new(),
+            standing,
+            standing_checked: vec![false; usize::try_from(partitions).unwrap_or(0)],
         }
+    }
+
+    /// Compares, once per partition and process, the scenarios with standing timers
+    /// with those the partition's profiles were armed for, and starts a pass arming
+    /// the added ones (a birthday greeting added to a running shop greets the
+    /// customers it already knows; a reactivation added reaches those already lapsed).
+    /// A store that never recorded it is taken as armed for the present ones.
+    fn check_standing(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        let Some(checked) = usize::try_from(ctx.partition)
+            .ok()
+            .and_then(|i| self.standing_checked.get_mut(i))
+        else {
+            return Ok(());
+        };
+        if std::mem::replace(checked, true) {
+            return Ok(());
+        }
+        let armed_for = ctx.get::<Vec<String>>(ARMED_FOR_KEY)?;
+        if armed_for.as_ref() == Some(&self.standing) {
+            return Ok(());
+        }
+        let added: Vec<String> = match &armed_for {
+            Some(armed_for) => (self.standing.iter())
+                .filter(|s| !armed_for.contains(s))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        if !added.is_empty() {
+            // A pass still under way (stopped mid-way) goes on with the new ones too.
+            let mut pass = ctx
+                .timer_payload::<ArmingPass>(ARMING_PASS)?
+                .map(|(_, pass)| pass)
+                .unwrap_or_default();
+            for name in added {
+                if !pass.scenarios.contains(&name) {
+                    pass.scenarios.push(name);
+                }
+            }
+            tracing::info!(partition = ctx.partition, scenarios = ?pass.scenarios, "arming scenarios added to the configuration for the stored profiles");
+            ctx.schedule(ARMING_PASS, ctx.now(), &pass)?;
+        }
+        ctx.put(ARMED_FOR_KEY, &self.standing)
+    }
+
+    /// One page of an arming pass: arms its scenarios for the next profiles stored,
+    /// and fires again while some are left.
+    fn arming_pass(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        let mut pass: ArmingPass = timer
+            .decode()
+            .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+        let config = self.config.clone();
+        let scenarios: Vec<&ScenarioConfig> = (config.scenarios.iter())
+            .filter(|s| pass.scenarios.contains(&s.name))
+            .collect();
+        let keys = ctx.scan_from("c/", pass.after.as_deref(), ARMING_PASS_PAGE)?;
+        let now = ctx.now();
+        for (key, _) in &keys {
+            let customer = key.strip_prefix("c/").unwrap_or_default();
+            let Some(mut p) = self.take(ctx, customer)? else {
+                continue;
+            };
+            let armed = self.arm_standing(ctx, &scenarios, &mut p, now);
+            self.put(ctx, p)?;
+            armed?;
+        }
+        if keys.len() == ARMING_PASS_PAGE {
+            pass.after = keys.last().map(|(key, _)| key.clone());
+            ctx.schedule(ARMING_PASS, now, &pass)?;
+        }
+        Ok(())
+    }
+
+    /// Arms `scenarios` (with standing timers) for a stored profile: the next birthday
+    /// or anniversary from `now`, a reactivation from the last visit (at once for a
+    /// customer already away longer: the occasion was never missed, the scenario is new).
+    fn arm_standing(
+        &self,
+        ctx: &mut Ctx<'_>,
+        scenarios: &[&ScenarioConfig],
+        p: &mut CustomerProfile,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        for s in scenarios {
+            if is_yearly(s.kind) {
+                self.schedule_yearly(ctx, s, p, now)?;
+            } else if s.kind == ScenarioKind::Reactivation && s.enabled {
+                let Some(last_visit) = p.last_visit_at else {
+                    continue;
+                };
+                let at = (last_visit + ms(s.delay)).max(now);
+                let cause = format!("visit-{last_visit}");
+                schedule_step(ctx, s, p, &cause, last_visit, 0, at, None, None)?;
+                p.armed.insert(s.name.as_str().into(), at);
+            }
+        }
+        Ok(())
     }
 
     /// The enabled scenarios of `kind`, in configuration order.
@@ -2961,6 +3090,7 @@ impl Processor for ProfileProcessor {
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, input: ProfileInput) -> anyhow::Result<()> {
+        self.check_standing(ctx)?;
         match &input {
             ProfileInput::Event(e, source) => {
                 self.metrics
@@ -3013,7 +3143,10 @@ impl Processor for ProfileProcessor {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
+        self.check_standing(ctx)?;
+        if timer.timer_id == ARMING_PASS {
+            self.arming_pass(ctx, timer)
+        } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
             self.on_segment_review(ctx, &customer, timer.fire_at)
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{FORWARD_EXPIRY}/")) {
@@ -3045,6 +3178,13 @@ impl Processor for ProfileProcessor {
 
     fn on_partition_closed(&mut self, partition: i32) {
         self.profiles.close(partition);
+        // Whoever owns it next compares again (its store may have moved on).
+        if let Some(checked) = usize::try_from(partition)
+            .ok()
+            .and_then(|i| self.standing_checked.get_mut(i))
+        {
+            *checked = false;
+        }
     }
 }
 

@@ -3920,6 +3920,92 @@ fn a_birthday_greeting_switched_off_over_a_customer_s_day_greets_them_the_next_y
     }
 }
 
+/// A birthday greeting and a reactivation added to a running shop reach the customers
+/// it already knows: the stored profiles are armed by a pass once the new configuration
+/// runs, without waiting for each customer's next event (a lapsed one sends none).
+#[test]
+fn scenarios_added_to_a_running_shop_are_armed_for_the_customers_already_known() {
+    let t = at("2026-03-01T12:00:00Z");
+    let without = CONFIG
+        .replace(
+            "[[scenarios]]\nname = \"reactivation\"\nkind = \"reactivation\"\n",
+            "[[scenarios]]\nname = \"old_reactivation\"\nkind = \"reactivation\"\nenabled = false\n",
+        )
+        .replace(
+            "[[scenarios]]\nname = \"birthday\"\nkind = \"birthday\"\n",
+            "[[scenarios]]\nname = \"old_birthday\"\nkind = \"welcome\"\nenabled = false\n",
+        )
+        .replace("local_time = \"10:00\"\n", "");
+    assert_ne!(without, CONFIG);
+    let mut h = Harness::with(&without, ClockMode::Event);
+    let update = birthday_update("1990-06-10", "Europe/Berlin");
+    h.site("sa-up", "profile_update", "sa", t, update);
+    h.site("sa-v", "page_view", "sa", t, json!({"page_url": "/"}));
+    h.advance(t + 60 * DAY);
+    assert!(h.triggers("sa", "reactivation").is_empty());
+    h.restart_with(CONFIG);
+    // Other customers' events, one per partition at least, start the pass.
+    for n in 0..8 {
+        let customer = format!("sa-other-{n}");
+        h.site(
+            &format!("{customer}-v"),
+            "page_view",
+            &customer,
+            t + 60 * DAY,
+            json!({}),
+        );
+    }
+    h.advance(t + 120 * DAY);
+    let fired = h.triggers("sa", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 60 * DAY);
+    let fired = h.triggers("sa", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2026-06-10T08:00:00Z"));
+    // The others visited since the change: armed by their visits, once.
+    h.advance(t + 200 * DAY);
+    assert_eq!(h.triggers("sa-other-0", "reactivation").len(), 1);
+}
+
+/// The pass over stored profiles goes page by page: every profile of a partition
+/// holding more than a page is armed.
+#[test]
+fn a_scenario_added_is_armed_for_more_profiles_than_one_page_of_the_pass() {
+    let t = at("2026-03-01T12:00:00Z");
+    let without = CONFIG.replace(
+        "[[scenarios]]\nname = \"birthday\"\nkind = \"birthday\"\n",
+        "[[scenarios]]\nname = \"old_birthday\"\nkind = \"birthday\"\nenabled = false\n",
+    );
+    let mut h = Harness::with(&without, ClockMode::Event);
+    let customers = 4_500;
+    for n in 0..customers {
+        let update = birthday_update("1990-06-10", "Europe/Berlin");
+        h.site(
+            &format!("pg-{n}"),
+            "profile_update",
+            &format!("pg-{n}"),
+            t,
+            update,
+        );
+    }
+    h.restart_with(CONFIG);
+    for n in 0..8 {
+        h.site(
+            &format!("pg-x{n}"),
+            "page_view",
+            &format!("pg-x{n}"),
+            t + DAY,
+            json!({}),
+        );
+    }
+    h.advance(t + 120 * DAY);
+    let greeted = h
+        .on("triggers")
+        .filter(|o| o.value["scenario"] == "birthday")
+        .count();
+    assert_eq!(greeted, customers);
+}
+
 #[test]
 fn a_removal_arriving_before_the_addition_it_undoes_leaves_no_cart_to_remind_of() {
     let t = at("2026-03-02T10:00:00Z");
