@@ -2154,6 +2154,9 @@ impl ArbiterProcessor {
             }
             CustomerActionKind::purchase => {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
+                // A conversion is a reaction: a customer who buys is not ignoring the
+                // messages (an SMS reports no open, a mail client may block pixels).
+                ledger.ignored_in_row = 0;
                 // As for cascades: a till sale older than the chain's cause (uploaded
                 // late) leaves it running; an online purchase ends it whatever the
                 // device's clock said.

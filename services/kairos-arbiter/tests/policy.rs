@@ -159,6 +159,25 @@ fn customers_who_ignore_every_message_leave_promo_until_they_react() {
     );
 }
 
+/// A purchase is a reaction too (an SMS reports no open, a mail client may block the
+/// pixel): a customer who buys is no longer one who ignores every message.
+#[test]
+fn a_purchase_ends_the_sunset_of_ignored_messages() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 3\ndaily_cap = 10\nweekly_cap = 20");
+    for i in 0..3 {
+        let d = a.trigger(&format!("s{i}"), "weekly_promo", PROMO, T0 + i * HOUR);
+        assert_eq!(d.outcome, DecisionOutcome::sent);
+        let send = a.last_send();
+        a.outcome(&send, OutcomeKind::delivered, T0 + i * HOUR + MINUTE);
+    }
+    let sunset = a.trigger("s3", "weekly_promo", PROMO, T0 + 4 * HOUR);
+    assert_eq!(sunset.rule, "sunset");
+    a.purchase("buy", T0 + 5 * HOUR);
+    // After the pause a purchase starts, promo goes out again.
+    let back = a.trigger("s4", "weekly_promo", PROMO, T0 + 3 * DAY);
+    assert_eq!(back.outcome, DecisionOutcome::sent, "{back:#?}");
+}
+
 #[test]
 fn a_running_chain_holds_the_customer_against_lower_priorities() {
     let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
