@@ -127,19 +127,27 @@ const RETURN_MARK_EXPIRY: &str = "~returned";
 /// The scenarios with standing timers (see [`ProfileProcessor::standing`]) the
 /// partition's profiles were armed for, by name.
 const ARMED_FOR_KEY: &str = "~armed-for";
-/// The timer of a pass over the partition's profiles that arms scenarios with standing
-/// timers added since they were armed (payload: [`ArmingPass`]).
+/// Timers of passes over the partition's profiles that arm a scenario with standing
+/// timers added since they were armed (`~arming-pass/<scenario>`). The payload is a
+/// [`ScenarioTimer`] naming no configured scenario, the pass's cursor (the last
+/// profile key armed, empty at the start) as its cause: a version without passes,
+/// rolled back to, drops it with a warning instead of failing on it.
 const ARMING_PASS: &str = "~arming-pass";
-/// Profiles one firing of the arming pass takes: a batch stays small.
+/// Profiles one firing of an arming pass takes: a batch stays small.
 const ARMING_PASS_PAGE: usize = 2_000;
 
-/// How far an arming pass got, and what it arms.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct ArmingPass {
-    /// The last profile key armed; none at the start.
-    after: Option<String>,
-    /// The scenarios to arm, by name.
-    scenarios: Vec<String>,
+/// The payload of arming pass `timer_id` with `cursor`.
+fn arming_pass_payload(timer_id: &str, cursor: &str) -> ScenarioTimer {
+    ScenarioTimer {
+        scenario: timer_id.to_string(),
+        customer_id: String::new(),
+        cause_event_id: cursor.to_string(),
+        cause_occurred_at: 0,
+        step: 0,
+        product: None,
+        order_id: None,
+        variables: None,
+    }
 }
 
 struct Metrics {
@@ -292,8 +300,10 @@ impl ProfileProcessor {
         // next year without firing (see `on_scenario_timer`), so a birthday given
         // while it was off is greeted once it is on again.
         let armed = |s: &&ScenarioConfig| s.enabled || is_yearly(s.kind);
+        // Switched off or not: switching a reactivation off and on again is no new
+        // scenario (its customers are armed again by their next visit, as before).
         let mut standing: Vec<String> = (config.scenarios.iter())
-            .filter(|s| armed(s) && (is_yearly(s.kind) || s.kind == ScenarioKind::Reactivation))
+            .filter(|s| is_yearly(s.kind) || s.kind == ScenarioKind::Reactivation)
             .map(|s| s.name.clone())
             .collect();
         standing.sort();
@@ -340,10 +350,10 @@ impl ProfileProcessor {
     }
 
     /// Compares, once per partition and process, the scenarios with standing timers
-    /// with those the partition's profiles were armed for, and starts a pass arming
-    /// the added ones (a birthday greeting added to a running shop greets the
-    /// customers it already knows; a reactivation added reaches those already lapsed).
-    /// A store that never recorded it is taken as armed for the present ones.
+    /// with those the partition's profiles were armed for, and starts a pass for each
+    /// added one (a birthday greeting added to a running shop greets the customers it
+    /// already knows; a reactivation added reaches those already lapsed). A store that
+    /// never recorded them is taken as armed for the present ones.
     fn check_standing(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
         let Some(checked) = usize::try_from(ctx.partition)
             .ok()
@@ -358,82 +368,87 @@ impl ProfileProcessor {
         if armed_for.as_ref() == Some(&self.standing) {
             return Ok(());
         }
-        let added: Vec<String> = match &armed_for {
-            Some(armed_for) => (self.standing.iter())
-                .filter(|s| !armed_for.contains(s))
-                .cloned()
-                .collect(),
-            None => Vec::new(),
-        };
-        if !added.is_empty() {
-            // A pass still under way (stopped mid-way) goes on with the new ones too.
-            let mut pass = ctx
-                .timer_payload::<ArmingPass>(ARMING_PASS)?
-                .map(|(_, pass)| pass)
-                .unwrap_or_default();
-            for name in added {
-                if !pass.scenarios.contains(&name) {
-                    pass.scenarios.push(name);
-                }
+        for name in &self.standing {
+            if armed_for.as_ref().is_some_and(|a| !a.contains(name)) {
+                // From the first profile, also when a pass of it was under way: one
+                // armed twice gets the same timers.
+                let timer = [ARMING_PASS, "/", name].concat();
+                tracing::info!(partition = ctx.partition, scenario = %name, "arming a scenario added to the configuration for the stored profiles");
+                ctx.schedule(&timer, ctx.now(), &arming_pass_payload(&timer, ""))?;
             }
-            tracing::info!(partition = ctx.partition, scenarios = ?pass.scenarios, "arming scenarios added to the configuration for the stored profiles");
-            ctx.schedule(ARMING_PASS, ctx.now(), &pass)?;
         }
         ctx.put(ARMED_FOR_KEY, &self.standing)
     }
 
-    /// One page of an arming pass: arms its scenarios for the next profiles stored,
-    /// and fires again while some are left.
+    /// One page of an arming pass: arms its scenario for the next profiles stored,
+    /// and fires again while some are left. A pass of a scenario this configuration
+    /// lacks (another version's) ends: the one that has it starts it again.
     fn arming_pass(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let mut pass: ArmingPass = timer
+        let name = timer
+            .timer_id
+            .strip_prefix(ARMING_PASS)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or_default();
+        let config = self.config.clone();
+        let Some(s) = config.scenario(name) else {
+            return Ok(());
+        };
+        let pass: ScenarioTimer = timer
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
-        let config = self.config.clone();
-        let scenarios: Vec<&ScenarioConfig> = (config.scenarios.iter())
-            .filter(|s| pass.scenarios.contains(&s.name))
-            .collect();
-        let keys = ctx.scan_from("c/", pass.after.as_deref(), ARMING_PASS_PAGE)?;
+        let after = Some(pass.cause_event_id.as_str()).filter(|c| !c.is_empty());
+        let keys = ctx.scan_from("c/", after, ARMING_PASS_PAGE)?;
         let now = ctx.now();
         for (key, _) in &keys {
             let customer = key.strip_prefix("c/").unwrap_or_default();
             let Some(mut p) = self.take(ctx, customer)? else {
                 continue;
             };
-            let armed = self.arm_standing(ctx, &scenarios, &mut p, now);
-            self.put(ctx, p)?;
-            armed?;
+            match self.arm_standing(ctx, s, &mut p, now) {
+                Ok(true) => self.put(ctx, p)?,
+                // Unchanged: not written again.
+                Ok(false) => self.profiles.restore(ctx.partition, key.clone(), p),
+                Err(e) => {
+                    self.profiles.restore(ctx.partition, key.clone(), p);
+                    return Err(e);
+                }
+            }
         }
-        if keys.len() == ARMING_PASS_PAGE {
-            pass.after = keys.last().map(|(key, _)| key.clone());
-            ctx.schedule(ARMING_PASS, now, &pass)?;
+        if let (ARMING_PASS_PAGE, Some((last, _))) = (keys.len(), keys.last()) {
+            let next = arming_pass_payload(&timer.timer_id, last);
+            ctx.schedule(&timer.timer_id, now, &next)?;
         }
         Ok(())
     }
 
-    /// Arms `scenarios` (with standing timers) for a stored profile: the next birthday
-    /// or anniversary from `now`, a reactivation from the last visit (at once for a
-    /// customer already away longer: the occasion was never missed, the scenario is new).
+    /// Arms scenario `s` (one with standing timers) for a stored profile: the next
+    /// birthday or anniversary from `now`; a reactivation from the last visit, at once
+    /// for a customer already away longer (the scenario is new: its moment was never
+    /// missed), unless one is armed already. True if the profile changed.
     fn arm_standing(
         &self,
         ctx: &mut Ctx<'_>,
-        scenarios: &[&ScenarioConfig],
+        s: &ScenarioConfig,
         p: &mut CustomerProfile,
         now: Millis,
-    ) -> anyhow::Result<()> {
-        for s in scenarios {
-            if is_yearly(s.kind) {
-                self.schedule_yearly(ctx, s, p, now)?;
-            } else if s.kind == ScenarioKind::Reactivation && s.enabled {
-                let Some(last_visit) = p.last_visit_at else {
-                    continue;
-                };
-                let at = (last_visit + ms(s.delay)).max(now);
-                let cause = format!("visit-{last_visit}");
-                schedule_step(ctx, s, p, &cause, last_visit, 0, at, None, None)?;
-                p.armed.insert(s.name.as_str().into(), at);
-            }
+    ) -> anyhow::Result<bool> {
+        if is_yearly(s.kind) {
+            self.schedule_yearly(ctx, s, p, now)?;
+            return Ok(false);
         }
-        Ok(())
+        let armed = ctx.timer_fire_at(&timer_id(&s.name, &p.customer_id))?;
+        let (true, Some(last_visit), None) = (
+            s.kind == ScenarioKind::Reactivation && s.enabled,
+            p.last_visit_at,
+            armed,
+        ) else {
+            return Ok(false);
+        };
+        let at = (last_visit + ms(s.delay)).max(now);
+        let cause = format!("visit-{last_visit}");
+        schedule_step(ctx, s, p, &cause, last_visit, 0, at, None, None)?;
+        p.armed.insert(s.name.as_str().into(), at);
+        Ok(true)
     }
 
     /// The enabled scenarios of `kind`, in configuration order.
@@ -3144,7 +3159,7 @@ impl Processor for ProfileProcessor {
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         self.check_standing(ctx)?;
-        if timer.timer_id == ARMING_PASS {
+        if timer.timer_id.starts_with(&[ARMING_PASS, "/"].concat()) {
             self.arming_pass(ctx, timer)
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
