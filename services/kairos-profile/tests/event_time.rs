@@ -3967,6 +3967,56 @@ fn scenarios_added_to_a_running_shop_are_armed_for_the_customers_already_known()
     assert_eq!(h.triggers("sa-other-0", "reactivation").len(), 1);
 }
 
+/// A reactivation series taken out of the configuration and put back while its next
+/// step waits is armed by no pass over it: the step waiting stays, nothing is sent
+/// twice.
+#[test]
+fn a_reactivation_put_back_while_its_next_step_waits_is_not_armed_again() {
+    let t = at("2026-03-01T12:00:00Z");
+    let series = "\n[[scenarios]]\nname = \"re\"\nkind = \"reactivation\"\nchannels = [\"email\"]\n\
+                  template = \"re\"\ndelay = \"30d\"\nsteps = [{ delay = \"7d\", template = \"re_2\" }]\n";
+    let with = format!("{CONFIG}{series}");
+    let mut h = Harness::with(&with, ClockMode::Event);
+    h.site("rs-v", "page_view", "rs", t, json!({"page_url": "/"}));
+    h.advance(t + 31 * DAY);
+    assert_eq!(h.triggers("rs", "re").len(), 1, "the first step");
+    h.restart_with(CONFIG);
+    for n in 0..8 {
+        let customer = format!("rs-o{n}");
+        h.site(
+            &format!("{customer}-v"),
+            "page_view",
+            &customer,
+            t + 31 * DAY,
+            json!({}),
+        );
+    }
+    h.restart_with(&with);
+    for n in 0..8 {
+        let customer = format!("rs-x{n}");
+        h.site(
+            &format!("{customer}-v"),
+            "page_view",
+            &customer,
+            t + 32 * DAY,
+            json!({}),
+        );
+    }
+    h.advance(t + 40 * DAY);
+    let steps: Vec<(Value, Value)> = h
+        .triggers("rs", "re")
+        .iter()
+        .map(|t| (t["step"].clone(), t["fired_at"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (json!(0), json!(t + 30 * DAY)),
+            (json!(1), json!(t + 37 * DAY))
+        ]
+    );
+}
+
 /// The pass over stored profiles goes page by page: every profile of a partition
 /// holding more than a page is armed.
 #[test]
