@@ -3945,16 +3945,7 @@ fn scenarios_added_to_a_running_shop_are_armed_for_the_customers_already_known()
     assert!(h.triggers("sa", "reactivation").is_empty());
     h.restart_with(CONFIG);
     // Other customers' events, one per partition at least, start the pass.
-    for n in 0..8 {
-        let customer = format!("sa-other-{n}");
-        h.site(
-            &format!("{customer}-v"),
-            "page_view",
-            &customer,
-            t + 60 * DAY,
-            json!({}),
-        );
-    }
+    visit_every_partition(&mut h, "sa-other-", t + 60 * DAY);
     h.advance(t + 120 * DAY);
     let fired = h.triggers("sa", "reactivation");
     assert_eq!(fired.len(), 1, "{fired:#?}");
@@ -3965,6 +3956,21 @@ fn scenarios_added_to_a_running_shop_are_armed_for_the_customers_already_known()
     // The others visited since the change: armed by their visits, once.
     h.advance(t + 200 * DAY);
     assert_eq!(h.triggers("sa-other-0", "reactivation").len(), 1);
+}
+
+/// Visits by eight customers named `<prefix><n>` at `at`: a record on every partition,
+/// which starts the passes arming scenarios added to the configuration.
+fn visit_every_partition(h: &mut Harness, prefix: &str, at: Millis) {
+    for n in 0..8 {
+        let customer = format!("{prefix}{n}");
+        h.site(
+            &format!("{customer}-v"),
+            "page_view",
+            &customer,
+            at,
+            json!({}),
+        );
+    }
 }
 
 /// A reactivation series taken out of the configuration and put back while its next
@@ -3981,27 +3987,9 @@ fn a_reactivation_put_back_while_its_next_step_waits_is_not_armed_again() {
     h.advance(t + 31 * DAY);
     assert_eq!(h.triggers("rs", "re").len(), 1, "the first step");
     h.restart_with(CONFIG);
-    for n in 0..8 {
-        let customer = format!("rs-o{n}");
-        h.site(
-            &format!("{customer}-v"),
-            "page_view",
-            &customer,
-            t + 31 * DAY,
-            json!({}),
-        );
-    }
+    visit_every_partition(&mut h, "rs-o", t + 31 * DAY);
     h.restart_with(&with);
-    for n in 0..8 {
-        let customer = format!("rs-x{n}");
-        h.site(
-            &format!("{customer}-v"),
-            "page_view",
-            &customer,
-            t + 32 * DAY,
-            json!({}),
-        );
-    }
+    visit_every_partition(&mut h, "rs-x", t + 32 * DAY);
     h.advance(t + 40 * DAY);
     let steps: Vec<(Value, Value)> = h
         .triggers("rs", "re")
@@ -4039,15 +4027,7 @@ fn a_scenario_added_is_armed_for_more_profiles_than_one_page_of_the_pass() {
         );
     }
     h.restart_with(CONFIG);
-    for n in 0..8 {
-        h.site(
-            &format!("pg-x{n}"),
-            "page_view",
-            &format!("pg-x{n}"),
-            t + DAY,
-            json!({}),
-        );
-    }
+    visit_every_partition(&mut h, "pg-x", t + DAY);
     h.advance(t + 120 * DAY);
     let greeted = h
         .on("triggers")
