@@ -2174,7 +2174,7 @@ impl ArbiterProcessor {
                 // they were for. A transactional one (the fallback of an order's
                 // status) is a notice the customer must still get. A till sale
                 // uploaded late does not end what was caused after it; an online
-                // purchase ends every cascade, whatever the device's clock said.
+                // purchase ends them whatever the device's clock said.
                 let why = format!("the customer bought at {at}");
                 let caused_by = a.till_sale.then_some(at);
                 let scope = (caused_by, true);

@@ -127,8 +127,9 @@ fn the_same_offer_is_not_repeated_within_the_window() {
     assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
 }
 
-#[test]
-fn customers_who_ignore_every_message_leave_promo_until_they_react() {
+/// An arbiter that sunsets after 3 ignored messages, and 3 promos sent hourly from
+/// `T0` and delivered, none opened.
+fn three_promos_ignored() -> Arbiter {
     let mut a = Arbiter::with_config("sunset_after_ignored = 3\ndaily_cap = 10\nweekly_cap = 20");
     for i in 0..3 {
         let d = a.trigger(&format!("s{i}"), "weekly_promo", PROMO, T0 + i * HOUR);
@@ -138,6 +139,12 @@ fn customers_who_ignore_every_message_leave_promo_until_they_react() {
         // A redelivered outcome counts once.
         a.outcome(&send, OutcomeKind::delivered, T0 + i * HOUR + MINUTE);
     }
+    a
+}
+
+#[test]
+fn customers_who_ignore_every_message_leave_promo_until_they_react() {
+    let mut a = three_promos_ignored();
     let sunset = a.trigger("s3", "weekly_promo", PROMO, T0 + 4 * HOUR);
     assert_eq!(
         (sunset.outcome, sunset.rule.as_str()),
@@ -163,13 +170,7 @@ fn customers_who_ignore_every_message_leave_promo_until_they_react() {
 /// pixel): a customer who buys is no longer one who ignores every message.
 #[test]
 fn a_purchase_ends_the_sunset_of_ignored_messages() {
-    let mut a = Arbiter::with_config("sunset_after_ignored = 3\ndaily_cap = 10\nweekly_cap = 20");
-    for i in 0..3 {
-        let d = a.trigger(&format!("s{i}"), "weekly_promo", PROMO, T0 + i * HOUR);
-        assert_eq!(d.outcome, DecisionOutcome::sent);
-        let send = a.last_send();
-        a.outcome(&send, OutcomeKind::delivered, T0 + i * HOUR + MINUTE);
-    }
+    let mut a = three_promos_ignored();
     let sunset = a.trigger("s3", "weekly_promo", PROMO, T0 + 4 * HOUR);
     assert_eq!(sunset.rule, "sunset");
     a.purchase("buy", T0 + 5 * HOUR);

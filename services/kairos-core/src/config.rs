@@ -1119,20 +1119,9 @@ impl Config {
                 });
             }
             let file_config = config;
-            config = toml::from_str(&merged).map_err(|e| {
-                // Name the variable that breaks the config on its own, if one does.
-                let culprit = overrides.iter().find(|(var, value)| {
-                    let mut single: toml_edit::DocumentMut = match text.parse() {
-                        Ok(d) => d,
-                        Err(_) => return false,
-                    };
-                    apply_override(&mut single, var, value).is_err()
-                        || toml::from_str::<Config>(&single.to_string()).is_err()
-                });
-                ConfigError::Env {
-                    var: culprit_or_all(culprit, overrides),
-                    message: e.message().to_string(),
-                }
+            config = toml::from_str(&merged).map_err(|e| ConfigError::Env {
+                var: culprit_or_all(breaks_alone(text, overrides), overrides),
+                message: e.message().to_string(),
             })?;
             config.source_file = path.to_path_buf();
             if let Err(merged_error) = config.validate(&merged) {
@@ -1166,17 +1155,7 @@ impl Config {
         if let Err(file_error) = file_config.validate(text) {
             return file_error;
         }
-        let invalid_alone = |(var, value): &&(String, String)| {
-            let Ok(mut single) = text.parse::<toml_edit::DocumentMut>() else {
-                return false;
-            };
-            if apply_override(&mut single, var, value).is_err() {
-                return true;
-            }
-            let single = single.to_string();
-            toml::from_str::<Config>(&single).map_or(true, |c| c.validate(&single).is_err())
-        };
-        let culprit = overrides.iter().find(invalid_alone);
+        let culprit = breaks_alone(text, overrides);
         let message = match merged_error {
             ConfigError::Invalid { message, .. } | ConfigError::Semantic { message, .. } => message,
             other => other.to_string(),
@@ -1805,6 +1784,21 @@ fn too_long(value: &str) -> bool {
 }
 
 /// The variable to blame for an override error: the one found, or else all of them.
+/// The first override that makes the file `text` invalid on its own (it does not
+/// apply, the result does not read, or it fails a check).
+fn breaks_alone<'a>(text: &str, overrides: &'a [(String, String)]) -> Option<&'a (String, String)> {
+    overrides.iter().find(|(var, value)| {
+        let Ok(mut single) = text.parse::<toml_edit::DocumentMut>() else {
+            return false;
+        };
+        if apply_override(&mut single, var, value).is_err() {
+            return true;
+        }
+        let single = single.to_string();
+        toml::from_str::<Config>(&single).map_or(true, |c| c.validate(&single).is_err())
+    })
+}
+
 fn culprit_or_all(culprit: Option<&(String, String)>, overrides: &[(String, String)]) -> String {
     match culprit {
         Some((var, _)) => var.clone(),

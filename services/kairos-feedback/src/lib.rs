@@ -1033,18 +1033,24 @@ mod tests {
             .sum()
     }
 
-    /// The lift gauge of `scenario`, if set.
-    fn lift(registry: &prometheus::Registry, scenario: &str) -> Option<f64> {
+    /// Gauge `name`'s series that has each of `values` as a label value, if set.
+    fn gauge(registry: &prometheus::Registry, name: &str, values: &[&str]) -> Option<f64> {
         registry
             .gather()
             .iter()
-            .find(|f| f.name() == "kairos_scenario_lift_ratio")
-            .and_then(|f| {
-                f.get_metric()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .find(|m| {
+                values
                     .iter()
-                    .find(|m| m.get_label().iter().any(|l| l.value() == scenario))
-                    .map(|m| m.get_gauge().get_value())
+                    .all(|v| m.get_label().iter().any(|l| l.value() == *v))
             })
+            .map(|m| m.get_gauge().get_value())
+    }
+
+    /// The lift gauge of `scenario`, if set.
+    fn lift(registry: &prometheus::Registry, scenario: &str) -> Option<f64> {
+        gauge(registry, "kairos_scenario_lift_ratio", &[scenario])
     }
 
     /// Feeds the decision that sent an e-mail of `scenario` to `customer` at `at`;
@@ -1224,18 +1230,14 @@ mod tests {
         assert_eq!(lift(&registry, "cart"), Some(0.0));
     }
 
-    /// The conversion-rate gauge of `scenario` and `group`, if set.
+    /// The conversion-rate gauge of `scenario` and `group`, NaN if not set.
     fn conversion_rate(registry: &prometheus::Registry, scenario: &str, group: &str) -> f64 {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "kairos_scenario_conversion_rate")
-            .flat_map(|f| f.get_metric())
-            .find(|m| {
-                let has = |v: &str| m.get_label().iter().any(|l| l.value() == v);
-                has(scenario) && has(group)
-            })
-            .map_or(f64::NAN, |m| m.get_gauge().get_value())
+        gauge(
+            registry,
+            "kairos_scenario_conversion_rate",
+            &[scenario, group],
+        )
+        .unwrap_or(f64::NAN)
     }
 
     /// The rate gauges count since the process started: a touch counted before a

@@ -159,6 +159,11 @@ fn wishes_prefix(product_id: &str) -> String {
     ["w/", &product_key_part(product_id), "/"].concat()
 }
 
+/// The key of `i`'s customer's wish of `i`'s product.
+fn wish_key(i: &ProductInterest) -> String {
+    [wishes_prefix(&i.product_id).as_str(), &i.customer_id].concat()
+}
+
 /// Where the version before [`product_key_part`] kept a product's wishes when its id
 /// holds a `/` or `%`: `w/<product>/`, shared with other products. None otherwise.
 fn legacy_wishes_prefix(product_id: &str) -> Option<String> {
@@ -418,11 +423,10 @@ impl CatalogJoin {
             }
             // Wishlists are rare: one key per customer, a blind write.
             InterestKind::wishlisted => {
-                let key = [wishes_prefix(&i.product_id).as_str(), &i.customer_id].concat();
-                ctx.put(&key, &WishEntry::Customer(i.customer_id.clone()))
+                ctx.put(&wish_key(i), &WishEntry::Customer(i.customer_id.clone()))
             }
             InterestKind::unwishlisted => {
-                ctx.delete(&[wishes_prefix(&i.product_id).as_str(), &i.customer_id].concat());
+                ctx.delete(&wish_key(i));
                 if let Some(legacy) = legacy_wishes_prefix(&i.product_id) {
                     // The legacy key may be another product's wish: only this
                     // customer's row of this product goes (a `true` row cannot tell).
@@ -727,6 +731,18 @@ min_drop_percent = 10.0
         assert!(stored(&r, T0 + DAY));
     }
 
+    /// Writes `rows` (key, encoded value) to partition 0 of the join's store in `dir`,
+    /// as an earlier version left them.
+    fn stored_before(dir: &std::path::Path, rows: &[(String, Vec<u8>)]) {
+        let factory = StoreFactory::new(&dir.join("catalog"), 1 << 20).unwrap();
+        let mut store = factory.open(0).unwrap();
+        let mut pending = Pending::default();
+        for (key, value) in rows {
+            store.put(&mut pending, key.as_bytes(), value.clone());
+        }
+        store.commit(&mut pending, None).unwrap();
+    }
+
     fn wish(customer: &str, product: &str, at: Millis) -> Vec<u8> {
         interest(customer, product, at, InterestKind::wishlisted)
     }
@@ -737,13 +753,10 @@ min_drop_percent = 10.0
     #[test]
     fn a_product_id_with_a_slash_keeps_its_wishes_to_itself() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
-            let mut store = factory.open(0).unwrap();
-            let mut pending = Pending::default();
-            store.put(&mut pending, b"w/a/old", encode_state(&true).unwrap());
-            store.commit(&mut pending, None).unwrap();
-        }
+        stored_before(
+            dir.path(),
+            &[("w/a/old".into(), encode_state(&true).unwrap())],
+        );
         let (config, mut r) = catalog_join(dir.path());
         let interest = config.topic(topics::PRODUCT_INTEREST);
         let catalog = config.topic(topics::CATALOG);
@@ -765,14 +778,8 @@ min_drop_percent = 10.0
     #[test]
     fn wishes_whose_product_and_customer_ids_hold_slashes_keep_apart() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
-            let mut store = factory.open(0).unwrap();
-            let mut pending = Pending::default();
-            let legacy = encode_state(&WishEntry::Customer("legacy".into())).unwrap();
-            store.put(&mut pending, b"w/a/b/legacy", legacy);
-            store.commit(&mut pending, None).unwrap();
-        }
+        let legacy = encode_state(&WishEntry::Customer("legacy".into())).unwrap();
+        stored_before(dir.path(), &[("w/a/b/legacy".into(), legacy)]);
         let unwish = |customer: &str, product: &str| {
             interest(customer, product, T0 + 1, InterestKind::unwishlisted)
         };
@@ -833,16 +840,9 @@ min_drop_percent = 10.0
         let drop_at = T0 + 12 * DAY;
         let fresh_after = drop_at - VIEW_INTEREST_DAYS * DAY;
         // Views indexed one key per customer by an earlier version.
-        {
-            let factory = StoreFactory::new(&dir.path().join("catalog"), 1 << 20).unwrap();
-            let mut store = factory.open(0).unwrap();
-            let mut pending = Pending::default();
-            for (customer, at) in [("legacy-fresh", T0), ("legacy-stale", fresh_after - 1)] {
-                let key = format!("v/p1/{customer}");
-                store.put(&mut pending, key.as_bytes(), encode_state(&at).unwrap());
-            }
-            store.commit(&mut pending, None).unwrap();
-        }
+        let legacy = [("legacy-fresh", T0), ("legacy-stale", fresh_after - 1)]
+            .map(|(customer, at)| (format!("v/p1/{customer}"), encode_state(&at).unwrap()));
+        stored_before(dir.path(), &legacy);
         let (config, mut r) = catalog_join(dir.path());
         let interest = config.topic(topics::PRODUCT_INTEREST);
         let catalog = config.topic(topics::CATALOG);

@@ -136,6 +136,11 @@ const ARMING_PASS: &str = "~arming-pass";
 /// Profiles one firing of an arming pass takes: a batch stays small.
 const ARMING_PASS_PAGE: usize = 2_000;
 
+/// The scenario an arming pass's timer id names, if it is one.
+fn arming_pass_scenario(timer_id: &str) -> Option<&str> {
+    timer_id.strip_prefix(ARMING_PASS)?.strip_prefix('/')
+}
+
 /// The payload of arming pass `timer_id` with `cursor`.
 fn arming_pass_payload(timer_id: &str, cursor: &str) -> ScenarioTimer {
     ScenarioTimer {
@@ -355,10 +360,7 @@ impl ProfileProcessor {
     /// already knows; a reactivation added reaches those already lapsed). A store that
     /// never recorded them is taken as armed for the present ones.
     fn check_standing(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
-        let Some(checked) = usize::try_from(ctx.partition)
-            .ok()
-            .and_then(|i| self.standing_checked.get_mut(i))
-        else {
+        let Some(checked) = self.standing_checked_of(ctx.partition) else {
             return Ok(());
         };
         if std::mem::replace(checked, true) {
@@ -380,15 +382,21 @@ impl ProfileProcessor {
         ctx.put(ARMED_FOR_KEY, &self.standing)
     }
 
+    /// Whether this process compared the standing scenarios for `partition`.
+    fn standing_checked_of(&mut self, partition: i32) -> Option<&mut bool> {
+        let i = usize::try_from(partition).ok()?;
+        self.standing_checked.get_mut(i)
+    }
+
     /// One page of an arming pass: arms its scenario for the next profiles stored,
     /// and fires again while some are left. A pass of a scenario this configuration
     /// lacks (another version's) ends: the one that has it starts it again.
-    fn arming_pass(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
-        let name = timer
-            .timer_id
-            .strip_prefix(ARMING_PASS)
-            .and_then(|rest| rest.strip_prefix('/'))
-            .unwrap_or_default();
+    fn arming_pass(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        name: &str,
+        timer: &DueTimer,
+    ) -> anyhow::Result<()> {
         let config = self.config.clone();
         let Some(s) = config.scenario(name) else {
             return Ok(());
@@ -1300,8 +1308,13 @@ impl ProfileProcessor {
         // is armed again for the survivor.
         let now = ctx.now().max(m.occurred_at);
         if (p.birthday.clone(), p.time_zone.clone(), p.registered_at) != yearly_before {
-            for s in config.scenarios.iter().filter(|s| is_yearly(s.kind)) {
-                self.schedule_yearly(ctx, s, &p, now)?;
+            for kind in [
+                ScenarioKind::Birthday,
+                ScenarioKind::RegistrationAnniversary,
+            ] {
+                for s in self.scenarios(kind).iter() {
+                    self.schedule_yearly(ctx, s, &p, now)?;
+                }
             }
         }
         if p.subscription_ends_at != subscription_before {
@@ -3159,8 +3172,8 @@ impl Processor for ProfileProcessor {
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         self.check_standing(ctx)?;
-        if timer.timer_id.starts_with(&[ARMING_PASS, "/"].concat()) {
-            self.arming_pass(ctx, timer)
+        if let Some(scenario) = arming_pass_scenario(&timer.timer_id) {
+            self.arming_pass(ctx, scenario, timer)
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
             self.on_segment_review(ctx, &customer, timer.fire_at)
@@ -3194,10 +3207,7 @@ impl Processor for ProfileProcessor {
     fn on_partition_closed(&mut self, partition: i32) {
         self.profiles.close(partition);
         // Whoever owns it next compares again (its store may have moved on).
-        if let Some(checked) = usize::try_from(partition)
-            .ok()
-            .and_then(|i| self.standing_checked.get_mut(i))
-        {
+        if let Some(checked) = self.standing_checked_of(partition) {
             *checked = false;
         }
     }

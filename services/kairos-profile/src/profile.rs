@@ -1959,30 +1959,36 @@ mod tests {
             ),
             (2, 1, 150.0, 2)
         );
+        // Both bought o-1; `reversals` happen to the account's and the visitor's copies
+        // (true: the account's), then the visitor is merged into the account.
+        let merged = |reversals: &[(bool, Option<f64>, ReversalKind)]| {
+            let (mut account, mut visitor) = (bought("c"), bought("anon:k"));
+            for (account_s, amount, kind) in reversals {
+                let copy = if *account_s {
+                    &mut account
+                } else {
+                    &mut visitor
+                };
+                copy.record_return("o-1", *amount, 30, *kind);
+            }
+            account.absorb(visitor);
+            account
+        };
+        let returned = |amount| (false, Some(amount), ReversalKind::Return);
         // The visitor's copy saw a return of 30 the account's did not.
-        let mut account = bought("c");
-        let mut visitor = bought("anon:k");
-        visitor.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
-        account.absorb(visitor);
+        let account = merged(&[returned(30.0)]);
         assert_eq!(
             (account.orders, account.revenue, account.returns),
             (1, 70.0, 1)
         );
         // Both saw the same return: one return, taken once.
-        let mut account = bought("c");
-        let mut visitor = bought("anon:k");
-        account.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
-        visitor.record_return("o-1", Some(30.0), 30, ReversalKind::Return);
-        account.absorb(visitor);
+        let account = merged(&[(true, Some(30.0), ReversalKind::Return), returned(30.0)]);
         assert_eq!(
             (account.orders, account.revenue, account.returns),
             (1, 70.0, 1)
         );
         // The visitor's copy was cancelled: nothing of it counts.
-        let mut account = bought("c");
-        let mut visitor = bought("anon:k");
-        visitor.record_return("o-1", None, 30, ReversalKind::Cancellation);
-        account.absorb(visitor);
+        let account = merged(&[(false, None, ReversalKind::Cancellation)]);
         assert_eq!((account.orders, account.revenue), (0, 0.0));
         assert_eq!(
             (account.last_purchase_at, account.first_purchase_at),
@@ -2065,8 +2071,7 @@ mod tests {
         }
         assert_eq!(p.recent_event_ids.len(), 40);
         assert!(!p.remember_event("e0", 40 * MINUTE), "40 events later");
-        // A late event (another topic's, two hours older) prunes by the clock, not
-        // by its own time: the day's ids stay.
+        // An event read later prunes by the clock: the day's ids stay.
         assert!(p.remember_event("late", 41 * MINUTE));
         assert!(!p.remember_event("e1", 42 * MINUTE));
         // Two days on, what is older than a day goes down to the last 32.
