@@ -470,12 +470,12 @@ impl DeliveryProcessor {
         };
         // Refused before any request: the breaker is neither helped nor hurt (a
         // half-open one would otherwise close on an address that does not parse).
-        match provider.check(cmd, message) {
-            Ok(()) => {}
+        let prepared = match provider.prepare(cmd, message) {
+            Ok(prepared) => prepared,
             Err(ProviderError::HardBounce(e)) => return Delivery::HardBounce(e),
             Err(ProviderError::Permanent(e)) => return Delivery::Failed(e),
             Err(e) => return Delivery::Failed(e.to_string()),
-        }
+        };
         let labels = [self.channel.as_str(), provider.name()];
         let max = self.settings.retry.max_attempts;
         // The partition's clock at the start, advanced by the time spent retrying (so
@@ -510,7 +510,7 @@ impl DeliveryProcessor {
             let started = Instant::now();
             // Only this attempt's "." can leave the message in doubt.
             committed.set(false);
-            let result = provider.send(cmd, message, &mark).await;
+            let result = provider.send(cmd, message, &prepared, &mark).await;
             // The server answered after the "." and refused: it does not keep the
             // message, so neither a later attempt's lost answer nor a crash may take it
             // as handed over.

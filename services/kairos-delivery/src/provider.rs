@@ -60,13 +60,18 @@ impl Provider {
         }
     }
 
-    /// What would stop the message before the provider is asked (an e-mail address
-    /// that does not parse, a message that cannot be built): no answer of the
-    /// provider's, so it says nothing of the provider's health.
-    pub fn check(&self, cmd: &SendCommand, message: &RenderedMessage) -> Result<(), ProviderError> {
+    /// The message as this provider sends it, built once for every attempt; an error
+    /// stops the message before the provider is asked (an e-mail address that does
+    /// not parse, a message that cannot be built): no answer of the provider's, so it
+    /// says nothing of the provider's health.
+    pub fn prepare(
+        &self,
+        cmd: &SendCommand,
+        message: &RenderedMessage,
+    ) -> Result<Prepared, ProviderError> {
         match self {
-            Provider::Smtp(p) => p.build(cmd, message).map(|_| ()),
-            Provider::Http(_) => Ok(()),
+            Provider::Smtp(p) => p.build(cmd, message).map(|m| Prepared(Some(m))),
+            Provider::Http(_) => Ok(Prepared(None)),
         }
     }
 
@@ -76,14 +81,20 @@ impl Provider {
         &self,
         cmd: &SendCommand,
         message: &RenderedMessage,
+        prepared: &Prepared,
         commit_point: &dyn Fn(),
     ) -> Result<(), ProviderError> {
-        match self {
-            Provider::Smtp(p) => p.send(cmd, message, commit_point).await,
-            Provider::Http(p) => p.send(cmd, message).await,
+        match (self, &prepared.0) {
+            (Provider::Smtp(p), Some(built)) => p.send_built(built, commit_point).await,
+            (Provider::Smtp(p), None) => p.send(cmd, message, commit_point).await,
+            (Provider::Http(p), _) => p.send(cmd, message).await,
         }
     }
 }
+
+/// A message as [`Provider::prepare`] built it (the e-mail for SMTP; nothing for HTTP,
+/// whose request is the command itself).
+pub struct Prepared(Option<Message>);
 
 /// An SMTP client on one kept-alive connection, driven step by step so the worker
 /// learns the commit point of the conversation: SMTP servers keep a message only once
@@ -205,6 +216,15 @@ impl SmtpProvider {
         commit_point: &dyn Fn(),
     ) -> Result<(), ProviderError> {
         let message = self.build(cmd, m)?;
+        self.send_built(&message, commit_point).await
+    }
+
+    /// Sends a message built by [`SmtpProvider::build`].
+    async fn send_built(
+        &self,
+        message: &Message,
+        commit_point: &dyn Fn(),
+    ) -> Result<(), ProviderError> {
         let envelope = message.envelope().clone();
         let bytes = message.formatted();
         let utf8_address = envelope
