@@ -23,21 +23,25 @@ pub struct BenchStats {
     pub inputs: u64,
     pub outputs: u64,
     pub wall_seconds: f64,
-    /// User + system time of the process (all threads) while the inputs were processed.
-    pub cpu_seconds: f64,
+    /// User and system time of the process (all threads) while the inputs were
+    /// processed.
+    pub cpu: crate::CpuTime,
 }
 
 impl BenchStats {
     /// One line: what went in, how long it took, the rates and the peak memory.
     pub fn report(&self, inputs: &str, unit: &str, peak_rss_kib: i64) -> String {
+        let cpu_seconds = self.cpu.user + self.cpu.system;
         format!(
-            "processed {} {inputs} into {} output records in {:.2} s wall, {:.2} s CPU: {:.0} {unit}/s wall, {:.0} {unit} per CPU-second, peak RSS {} MiB",
+            "processed {} {inputs} into {} output records in {:.2} s wall, {:.2} s CPU ({:.2} user, {:.2} system): {:.0} {unit}/s wall, {:.0} {unit} per CPU-second, peak RSS {} MiB",
             self.inputs,
             self.outputs,
             self.wall_seconds,
-            self.cpu_seconds,
+            cpu_seconds,
+            self.cpu.user,
+            self.cpu.system,
             self.inputs as f64 / self.wall_seconds.max(1e-9),
-            self.inputs as f64 / self.cpu_seconds.max(1e-9),
+            self.inputs as f64 / cpu_seconds.max(1e-9),
             peak_rss_kib / 1024,
         )
     }
@@ -105,7 +109,7 @@ fn drive_records<P: kairos_core::runtime::Processor>(
     records: impl Iterator<Item = (String, Vec<u8>, Vec<u8>)>,
 ) -> anyhow::Result<BenchStats> {
     let started = Instant::now();
-    let cpu_before = crate::cpu_seconds();
+    let cpu_before = crate::cpu_time();
     let (mut inputs, mut outputs) = (0u64, 0u64);
     for (topic, key, payload) in records {
         outputs += replayer.push(&topic, &key, &payload)?.len() as u64;
@@ -116,7 +120,7 @@ fn drive_records<P: kairos_core::runtime::Processor>(
         inputs,
         outputs,
         wall_seconds: started.elapsed().as_secs_f64(),
-        cpu_seconds: crate::cpu_seconds() - cpu_before,
+        cpu: crate::cpu_time() - cpu_before,
     })
 }
 

@@ -380,13 +380,16 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             })
             .await
             .context("replay task failed")??;
-            let usage = cpu_seconds();
+            let time = cpu_time();
+            let usage = time.user + time.system;
             eprintln!(
-                "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU: {:.0} events/s wall, {:.0} events per CPU-second, peak RSS {} MiB",
+                "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU ({:.2} user, {:.2} system): {:.0} events/s wall, {:.0} events per CPU-second, peak RSS {} MiB",
                 stats.input_records,
                 stats.output_records,
                 started.elapsed().as_secs_f64(),
                 usage,
+                time.user,
+                time.system,
                 stats.input_records as f64 / started.elapsed().as_secs_f64(),
                 stats.input_records as f64 / usage.max(1e-9),
                 peak_rss_kib() / 1024,
@@ -571,14 +574,35 @@ where
     body(config, state, cancel).await
 }
 
-/// User plus system CPU time of this process so far (all threads), in seconds.
-pub(crate) fn cpu_seconds() -> f64 {
+/// User and system CPU time of this process (all threads), seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = CpuTime;
+    fn sub(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// Reported apart because on a VM the system part is mostly the kernel zeroing fresh
+/// pages, which varies several-fold between runs of the same build.
+pub(crate) fn cpu_time() -> CpuTime {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .map(|u| {
             let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-            t(u.user_time()) + t(u.system_time())
+            CpuTime {
+                user: t(u.user_time()),
+                system: t(u.system_time()),
+            }
         })
-        .unwrap_or(0.0)
+        .unwrap_or_default()
 }
 
 /// Peak resident memory of this process, KiB.
