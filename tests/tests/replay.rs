@@ -323,3 +323,44 @@ fn a_scenario_channel_without_a_delivery_worker_is_a_configuration_error() {
         );
     }
 }
+
+/// A replay numbers its input from the start of its files: over the state an earlier
+/// run left (stopped half-way, or the same file again) it would count every visit and
+/// order twice, so it refuses that state and touches nothing.
+#[test]
+fn replay_refuses_a_state_directory_an_earlier_run_left() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t0 = 1_767_603_600_000i64; // 2026-01-05T09:00:00Z
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, registration("c-s1", t0)).expect("write input");
+    let state = dir.path().join("state");
+    let replay = |output: &str| {
+        kairos(&["replay"])
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join(output))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("run kairos")
+    };
+    let first = replay("first.jsonl");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(&state).expect("state").collect();
+    assert!(!left.is_empty(), "the first run keeps its state");
+    let second = replay("second.jsonl");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--state-dir {} is not empty", state.display())),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("second.jsonl").exists(),
+        "nothing was replayed"
+    );
+}

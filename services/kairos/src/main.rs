@@ -91,7 +91,7 @@ enum Command {
         /// Advance event time to this instant (RFC 3339) at the end, firing due timers.
         #[arg(long)]
         until: Option<String>,
-        /// State directory (default: a fresh temporary one).
+        /// State directory, empty or missing (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Replay the profile (and catalog join) only, without the arbiter's decisions
@@ -105,7 +105,7 @@ enum Command {
         channel: String,
         #[arg(long, default_value_t = 200_000)]
         count: u64,
-        /// State directory (default: a fresh temporary one).
+        /// State directory, empty or missing (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -114,7 +114,7 @@ enum Command {
     BenchIdentity {
         /// Input file (JSON lines, as `kairos generate --to-file` writes).
         input: PathBuf,
-        /// State directory (default: a fresh temporary one).
+        /// State directory, empty or missing (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -127,7 +127,7 @@ enum Command {
         /// Scenario of the generated triggers (its cascade, chain and priority apply).
         #[arg(long, default_value = "abandoned_cart")]
         scenario: String,
-        /// State directory (default: a fresh temporary one).
+        /// State directory, empty or missing (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -337,7 +337,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         Command::BenchIdentity { input, state_dir } => {
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
-            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
             let stats = bench::run_identity(&cfg, &input)?;
             eprintln!("{}", stats.report("events", "events", peak_rss_kib()));
@@ -373,7 +373,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 .transpose()?;
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
-            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
             let started = std::time::Instant::now();
             let stats = tokio::task::spawn_blocking(move || {
                 replay::run(&cfg, &inputs, output, until, !no_arbiter)
@@ -405,7 +405,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 Channel::parse(&channel).with_context(|| format!("unknown channel {channel:?}"))?;
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
-            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
             let stats = bench::run(&cfg, channel, count)?;
             eprintln!(
                 "{}",
@@ -429,7 +429,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             );
             let tmp = tempfile::tempdir().context("cannot create a state directory")?;
             let mut cfg = (*config).clone();
-            cfg.state.dir = state_dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
             // Decisions in event time, from the triggers' own timestamps.
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
             let stats = bench::run_arbiter(&cfg, count, customers, &scenario)?;
@@ -572,6 +572,30 @@ where
         .await
         .context("topic check task failed")??;
     body(config, state, cancel).await
+}
+
+/// The state directory of a replay or benchmark: `chosen` if it is empty or missing,
+/// else `fallback`. A replay numbers its input from the start of its files, so over
+/// the state of an earlier run (one stopped half-way, or the same file again) it would
+/// apply every record that state already holds a second time.
+fn empty_state_dir(
+    chosen: Option<PathBuf>,
+    fallback: &tempfile::TempDir,
+) -> anyhow::Result<PathBuf> {
+    let Some(dir) = chosen else {
+        return Ok(fallback.path().to_path_buf());
+    };
+    let holds_something = match std::fs::read_dir(&dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    anyhow::ensure!(
+        !holds_something,
+        "--state-dir {} is not empty: a replay starts from empty state and would apply          again what an earlier run left there; remove it or name another directory",
+        dir.display()
+    );
+    Ok(dir)
 }
 
 /// User and system CPU time of this process (all threads), seconds.
