@@ -1229,6 +1229,22 @@ impl Config {
                 "must be at most 1 day (it is how long every purchase waits)".into(),
             ));
         }
+        // NaN passes every comparison but these: a generator on it panics or spins.
+        let generator = |key: &str| table_key_line(text, "generator", key);
+        if !(self.generator.rate.is_finite() && self.generator.rate > 0.0) {
+            return Err(fail_at(
+                generator("rate"),
+                "rate",
+                "must be a number of events per second above 0".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.generator.offline_share) {
+            return Err(fail_at(
+                generator("offline_share"),
+                "offline_share",
+                "must be a share from 0 up to (not including) 1".into(),
+            ));
+        }
         if self.arbiter.control_group_percent > 100 {
             return Err(fail(
                 "control_group_percent",
@@ -2150,7 +2166,8 @@ mod tests {
 
     /// A scenario's mistake is reported at that scenario's line, not at the first
     /// scenario that has the key; caps of 0 anywhere, a price drop threshold outside
-    /// (0, 100] and a zero attribution window are refused at their lines.
+    /// (0, 100], a zero attribution window and generator settings it cannot run on are
+    /// refused at their lines.
     #[test]
     fn scenario_and_cap_errors_point_at_their_own_lines() {
         let two = |second: &str| {
@@ -2191,6 +2208,20 @@ mod tests {
         assert_eq!(line, 2, "{message}");
         // At 100 a drop to nothing qualifies: allowed.
         parse(&two("channels = [\"email\"]\nmin_drop_percent = 100.0\n")).expect("valid");
+        // The generator would spin on an endless rate and panic on a share of NaN.
+        for (key, value) in [
+            ("rate", "0.0"),
+            ("rate", "inf"),
+            ("rate", "nan"),
+            ("offline_share", "nan"),
+            ("offline_share", "1.0"),
+            ("offline_share", "-0.1"),
+        ] {
+            let (line, message) = line_of(&format!("[generator]\nseed = 1\n{key} = {value}\n"));
+            assert_eq!(line, 3, "{key} = {value}: {message}");
+            assert!(message.contains(key), "{message}");
+        }
+        parse("[generator]\nrate = 0.5\noffline_share = 0.0\n").expect("valid");
     }
 
     /// A delivery channel's mistake is reported at that channel's line, in its own

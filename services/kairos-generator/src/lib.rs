@@ -77,12 +77,28 @@ pub struct TrafficModel {
     offline_share: f64,
     catalog: Vec<CatalogItem>,
     registered: HashSet<u64>,
+    /// Names this run in every event, order and receipt id: see [`TrafficModel::live`].
+    run: String,
     seq: u64,
 }
 
 impl TrafficModel {
+    /// The same traffic, with the same ids, for the same configuration: files for
+    /// benchmarks and tests.
     pub fn new(cfg: &GeneratorConfig) -> Self {
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        Self::seeded(cfg, cfg.seed, String::new())
+    }
+
+    /// Traffic of its own for one live run (`run` is unique per run, e.g. the start
+    /// time): a second run against the same engine would otherwise send the same event
+    /// and order ids, which the profile drops as producer retries, and the very same
+    /// sessions again.
+    pub fn live(cfg: &GeneratorConfig, run: u64) -> Self {
+        Self::seeded(cfg, cfg.seed ^ run, run.to_string())
+    }
+
+    fn seeded(cfg: &GeneratorConfig, seed: u64, run: String) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
         let prices = LogNormal::new(3.4, 0.8).unwrap_or_else(|_| unreachable_lognormal());
         let catalog = (0..500)
             .map(|i| {
@@ -101,13 +117,19 @@ impl TrafficModel {
             offline_share: cfg.offline_share.clamp(0.0, 0.95),
             catalog,
             registered: HashSet::new(),
+            run,
             seq: 0,
         }
     }
 
     fn event_id(&mut self) -> String {
         self.seq += 1;
-        deterministic_id(&["generator", &self.seq.to_string()])
+        let seq = self.seq.to_string();
+        if self.run.is_empty() {
+            deterministic_id(&["generator", &seq])
+        } else {
+            deterministic_id(&["generator", &self.run, &seq])
+        }
     }
 
     /// A customer index skewed towards a core of frequent visitors.
@@ -421,7 +443,11 @@ pub async fn run(
         Source::App => config.topic(topics::APP_EVENTS),
         Source::Offline => config.topic(topics::OFFLINE_EVENTS),
     };
-    let mut model = TrafficModel::new(&config.generator);
+    let run_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let mut model = TrafficModel::live(&config.generator, run_nanos);
     let mut sent: u64 = 0;
     let tick = Duration::from_millis(50);
     let per_tick = (rate.max(0.1) * tick.as_secs_f64()).max(0.0);
@@ -516,5 +542,37 @@ mod tests {
             mean > median,
             "spend is right-skewed: mean {mean} median {median}"
         );
+    }
+
+    /// Every event, order and receipt id of `sessions` sessions of `model`.
+    fn ids(mut model: TrafficModel, sessions: usize) -> HashSet<String> {
+        let mut ids = HashSet::new();
+        for _ in 0..sessions {
+            for e in model.session(1_000_000_000) {
+                let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+                for field in ["event_id", "receipt_id"] {
+                    ids.extend(v[field].as_str().map(str::to_string));
+                }
+                ids.extend(v["order"]["order_id"].as_str().map(str::to_string));
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn files_repeat_their_ids_and_live_runs_never_share_them() {
+        let cfg = GeneratorConfig::default();
+        let file = ids(TrafficModel::new(&cfg), 2_000);
+        assert!(file.len() > 5_000, "{}", file.len());
+        assert_eq!(
+            file,
+            ids(TrafficModel::new(&cfg), 2_000),
+            "a file is reproducible"
+        );
+        let first = ids(TrafficModel::live(&cfg, 1), 2_000);
+        let second = ids(TrafficModel::live(&cfg, 2), 2_000);
+        assert!(first.len() > 5_000 && second.len() > 5_000);
+        assert!(first.is_disjoint(&second), "a second run's ids are its own");
+        assert!(first.is_disjoint(&file));
     }
 }

@@ -142,8 +142,8 @@ enum Command {
     Feedback,
     /// Publish realistic shop traffic.
     Generate {
-        /// Events per second (default: [generator] rate).
-        #[arg(long)]
+        /// Events per second (default: [generator] rate); live runs only.
+        #[arg(long, value_parser = positive_number, conflicts_with = "to_file")]
         rate: Option<f64>,
         /// Stop after this many events.
         #[arg(long)]
@@ -155,14 +155,14 @@ enum Command {
         #[arg(long)]
         customers: Option<u64>,
         /// With --to-file: days of event time the traffic spans.
-        #[arg(long, default_value_t = 90.0)]
+        #[arg(long, default_value_t = 90.0, value_parser = positive_number, requires = "to_file")]
         span_days: f64,
     },
     /// Run the whole pipeline: broker, every service and the generator, with a live
     /// summary, until Ctrl-C.
     Up {
         /// Generated events per second.
-        #[arg(long)]
+        #[arg(long, value_parser = positive_number)]
         rate: Option<f64>,
     },
     /// Validate the config file and exit.
@@ -572,6 +572,14 @@ where
         .await
         .context("topic check task failed")??;
     body(config, state, cancel).await
+}
+
+/// A finite number above 0: a rate or span of 0, NaN or infinity would spin or panic.
+fn positive_number(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(format!("{text:?} is not a number above 0")),
+    }
 }
 
 /// The state directory of a replay or benchmark: `chosen` if it is empty or missing,
