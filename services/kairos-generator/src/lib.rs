@@ -403,15 +403,28 @@ pub fn write_file(
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
+    let written = write_events(cfg, &mut out, count, start, span_days)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(written)
+}
+
+/// `count` events as JSON lines, from `start` over `span_days` of event time.
+fn write_events(
+    cfg: &GeneratorConfig,
+    out: &mut impl std::io::Write,
+    count: u64,
+    start: Millis,
+    span_days: f64,
+) -> std::io::Result<u64> {
     let mut model = TrafficModel::new(cfg);
-    // About eight events per session.
-    let sessions = (count / 8).max(1);
-    let gap = ((span_days * kairos_core::time::DAY as f64) / sessions as f64).max(1.0);
+    let span = span_days * kairos_core::time::DAY as f64;
     let mut written = 0u64;
-    let mut n = 0u64;
     while written < count {
-        n += 1;
-        let now = start + (n as f64 * gap) as Millis;
+        // Placed by the events written so far, not by an assumed session length, so
+        // the file spans `span_days` whatever sessions hold on average.
+        let now = start + (span * (written + 1) as f64 / count as f64) as Millis;
         for e in model.session(now) {
             if written >= count {
                 break;
@@ -421,7 +434,6 @@ pub fn write_file(
             written += 1;
         }
     }
-    out.flush()?;
     Ok(written)
 }
 
@@ -542,6 +554,31 @@ mod tests {
             mean > median,
             "spend is right-skewed: mean {mean} median {median}"
         );
+    }
+
+    #[test]
+    fn a_file_spans_the_days_asked_for() {
+        let start = 1_767_225_600_000;
+        let mut out = Vec::new();
+        let written = write_events(&GeneratorConfig::default(), &mut out, 40_000, start, 90.0)
+            .expect("written");
+        assert_eq!(written, 40_000);
+        let times: Vec<i64> = out
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_slice(l).expect("json");
+                v["occurred_at"].as_i64().expect("occurred_at")
+            })
+            .collect();
+        let day = kairos_core::time::DAY as f64;
+        let last = (*times.iter().max().expect("events") - start) as f64 / day;
+        assert!(
+            (89.9..=90.01).contains(&last),
+            "the last event after {last} days"
+        );
+        let first = (*times.iter().min().expect("events") - start) as f64 / day;
+        assert!(first < 0.01, "the first event after {first} days");
     }
 
     /// Every event, order and receipt id of `sessions` sessions of `model`.
