@@ -17,6 +17,8 @@ use nix::unistd::Pid;
 struct Proc {
     name: String,
     child: Child,
+    /// Its exit was reported (once, not at every summary).
+    exit_told: bool,
 }
 
 fn spawn(exe: &PathBuf, config_path: &PathBuf, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
@@ -47,6 +49,7 @@ fn spawn(exe: &PathBuf, config_path: &PathBuf, name: &str, args: &[&str]) -> any
     Ok(Proc {
         name: name.to_string(),
         child,
+        exit_told: false,
     })
 }
 
@@ -144,9 +147,14 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        for p in services.iter_mut().chain([&mut broker]) {
+        for p in services
+            .iter_mut()
+            .chain([&mut broker, &mut generator])
+            .filter(|p| !p.exit_told)
+        {
             if let Ok(Some(status)) = p.child.try_wait() {
                 eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
+                p.exit_told = true;
             }
         }
         let mut scraped: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
@@ -200,11 +208,17 @@ fn sum(samples: Option<&Vec<(String, f64)>>, metric: &str, filters: &[&str]) -> 
         .unwrap_or(0.0)
 }
 
+/// Customer events the profile read (site, app and till): not every record it reads,
+/// which counts outcomes and occasions too.
+fn customer_events(profile: Option<&Vec<(String, f64)>>) -> f64 {
+    sum(profile, "kairos_profile_events_total", &[])
+}
+
 fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
     let profile = m.get("profile");
     let arbiter = m.get("arbiter");
     let feedback = m.get("feedback");
-    let events_in = sum(profile, "kairos_input_records_total", &[]);
+    let events_in = customer_events(profile);
     let triggers = sum(profile, "kairos_output_records_total", &["triggers\""]);
     let d = |o: &str| {
         sum(
@@ -314,4 +328,39 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
             ),
         sum(feedback, "kairos_purchase_revenue_total", &[]),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_in_counts_customer_events_not_outcomes() {
+        let profile: Vec<(String, f64)> = [
+            (
+                r#"kairos_profile_events_total{source="site",type="page_view"}"#,
+                40.0,
+            ),
+            (
+                r#"kairos_profile_events_total{source="offline",type="sale"}"#,
+                2.0,
+            ),
+            (
+                r#"kairos_input_records_total{topic="kairos.identified-events"}"#,
+                42.0,
+            ),
+            (
+                r#"kairos_input_records_total{topic="kairos.outcomes"}"#,
+                30.0,
+            ),
+            (
+                r#"kairos_input_records_total{topic="kairos.occasions"}"#,
+                5.0,
+            ),
+        ]
+        .into_iter()
+        .map(|(series, v)| (series.to_string(), v))
+        .collect();
+        assert_eq!(customer_events(Some(&profile)), 42.0);
+    }
 }
