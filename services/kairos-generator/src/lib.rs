@@ -20,7 +20,7 @@ use kairos_core::ids::deterministic_id;
 use kairos_core::time::{wall_now, Millis, SECOND};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, LogNormal};
+use rand_distr::{Distribution, LogNormal, Zipf};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Where an event goes.
@@ -70,13 +70,21 @@ const P_PURCHASE_GIVEN_CHECKOUT: f64 = 0.50;
 const P_REGISTER: f64 = 0.25;
 const P_SEARCH: f64 = 0.30;
 const P_WISHLIST: f64 = 0.04;
+/// Zipf's exponent of visits over customers (ranked by how often they come): the most
+/// frequent fifth makes about half the sessions, and the most frequent customer of
+/// 20,000 under 1% of them (of a million, about 0.2%).
+const VISIT_SKEW: f64 = 0.6;
 
 pub struct TrafficModel {
     rng: StdRng,
     customers: u64,
+    visitors: Zipf<f64>,
     offline_share: f64,
     catalog: Vec<CatalogItem>,
     registered: HashSet<u64>,
+    /// The share of recent sessions whose customer was registered: see
+    /// [`TrafficModel::receipt_probability`].
+    registered_share: f64,
     /// Names this run in every event, order and receipt id: see [`TrafficModel::live`].
     run: String,
     seq: u64,
@@ -111,12 +119,16 @@ impl TrafficModel {
                 }
             })
             .collect();
+        let customers = cfg.customers.max(1);
         TrafficModel {
             rng,
-            customers: cfg.customers.max(1),
+            customers,
+            visitors: Zipf::new(customers, VISIT_SKEW)
+                .expect("Zipf's law over at least one customer with a positive exponent"),
             offline_share: cfg.offline_share.clamp(0.0, 0.95),
             catalog,
             registered: HashSet::new(),
+            registered_share: 0.0,
             run,
             seq: 0,
         }
@@ -132,10 +144,21 @@ impl TrafficModel {
         }
     }
 
-    /// A customer index skewed towards a core of frequent visitors.
+    /// The chance that a registered customer's session is a till sale, so that till
+    /// sales are `offline_share` of all purchases: online ones come from the funnel
+    /// of the other sessions, and only registered customers (a loyalty card) have
+    /// receipts, a share of sessions that grows as the base registers.
+    fn receipt_probability(&self) -> f64 {
+        const P_ONLINE_PURCHASE: f64 =
+            P_ADD_TO_CART * P_CHECKOUT_GIVEN_CART * P_PURCHASE_GIVEN_CHECKOUT;
+        let odds = self.offline_share / (1.0 - self.offline_share);
+        (odds * P_ONLINE_PURCHASE / self.registered_share.max(0.05)).min(1.0)
+    }
+
+    /// A customer index skewed towards a core of frequent visitors: see
+    /// `VISIT_SKEW`.
     fn pick_customer(&mut self) -> u64 {
-        let u: f64 = self.rng.gen();
-        ((u * u * u) * self.customers as f64) as u64
+        (self.visitors.sample(&mut self.rng) as u64).clamp(1, self.customers) - 1
     }
 
     /// A product index skewed towards bestsellers.
@@ -209,7 +232,10 @@ impl TrafficModel {
         } else {
             Source::App
         };
-        if self.rng.gen_bool(self.offline_share * 0.1) && self.registered.contains(&customer) {
+        let registered = self.registered.contains(&customer);
+        // Over about the last thousand sessions: the share keeps growing.
+        self.registered_share += (f64::from(u8::from(registered)) - self.registered_share) / 1000.0;
+        if registered && self.rng.gen_bool(self.receipt_probability()) {
             return vec![self.receipt(customer, now)];
         }
         let session_id = self.event_id();
@@ -554,6 +580,58 @@ mod tests {
             mean > median,
             "spend is right-skewed: mean {mean} median {median}"
         );
+    }
+
+    #[test]
+    fn till_sales_are_the_configured_share_of_purchases() {
+        for share in [0.25, 0.5] {
+            let mut m = TrafficModel::new(&GeneratorConfig {
+                offline_share: share,
+                ..GeneratorConfig::default()
+            });
+            let (mut online, mut offline) = (0u32, 0u32);
+            for _ in 0..100_000 {
+                for e in m.session(1_000_000_000) {
+                    let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+                    if e.source == Source::Offline {
+                        offline += 1;
+                    } else if v["event_type"] == "purchase" {
+                        online += 1;
+                    }
+                }
+            }
+            let measured = f64::from(offline) / f64::from(online + offline);
+            assert!(
+                (share - 0.03..share + 0.03).contains(&measured),
+                "{share}: {offline} till sales of {} purchases",
+                online + offline
+            );
+        }
+    }
+
+    #[test]
+    fn visits_are_skewed_towards_frequent_customers_but_none_dominates() {
+        let mut m = TrafficModel::new(&GeneratorConfig::default());
+        let customers = GeneratorConfig::default().customers;
+        let mut visits = vec![0u32; customers as usize];
+        let draws = 200_000;
+        for _ in 0..draws {
+            visits[m.pick_customer() as usize] += 1;
+        }
+        let share = |n: u32| f64::from(n) / f64::from(draws);
+        assert!(
+            share(visits[0]) < 0.01,
+            "the most frequent: {}",
+            share(visits[0])
+        );
+        let fifth: u32 = visits[..visits.len() / 5].iter().sum();
+        assert!(
+            (0.4..0.65).contains(&share(fifth)),
+            "the first fifth: {}",
+            share(fifth)
+        );
+        let seen = visits.iter().filter(|&&n| n > 0).count();
+        assert!(seen > visits.len() / 2, "{seen} customers came at all");
     }
 
     #[test]
