@@ -54,11 +54,20 @@ fn spawn(exe: &PathBuf, config_path: &PathBuf, name: &str, args: &[&str]) -> any
 }
 
 fn stop(p: &mut Proc, grace: Duration) {
-    if let Ok(Some(_)) = p.child.try_wait() {
-        return;
+    ask_to_stop(p);
+    wait_or_kill(p, grace);
+}
+
+/// SIGTERM: the process finishes its in-flight work and exits. Sent once: a second
+/// signal makes a service exit at once, without that.
+fn ask_to_stop(p: &mut Proc) {
+    if let Ok(None) = p.child.try_wait() {
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
     }
-    let pid = Pid::from_raw(p.child.id() as i32);
-    let _ = kill(pid, Signal::SIGTERM);
+}
+
+/// Waits `grace` for the process to exit after [`ask_to_stop`], then kills it.
+fn wait_or_kill(p: &mut Proc, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = p.child.try_wait() {
@@ -170,11 +179,12 @@ pub async fn run(
 
     println!("\nstopping: generator, services, broker");
     stop(&mut generator, Duration::from_secs(10));
+    // All at once, so they wind down side by side.
     for p in services.iter_mut() {
-        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        ask_to_stop(p);
     }
     for p in services.iter_mut() {
-        stop(p, Duration::from_secs(35));
+        wait_or_kill(p, Duration::from_secs(35));
     }
     stop(&mut broker, Duration::from_secs(10));
     println!("all processes stopped");

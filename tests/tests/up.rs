@@ -1,0 +1,102 @@
+//! `kairos up` (what `make run` starts) as a process: the embedded broker, every
+//! service and the generator, then Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kairos_tests::{kairos_bin, repo_root};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Copies the directory `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// The number after `label` in a summary line ("decisions: sent 12, ...").
+fn number_after(line: &str, label: &str) -> Option<u64> {
+    let rest = &line[line.find(label)? + label.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_dir(&repo_root().join("config"), &dir.path().join("config"));
+    let mut up = Command::new(kairos_bin())
+        .current_dir(dir.path())
+        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kairos up");
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = up.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let sent = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no message sent in time:\n{}", seen.join("\n")));
+        let sent = number_after(&line, "decisions: sent ");
+        seen.push(line);
+        if let Some(n) = sent.filter(|&n| n > 0) {
+            break n;
+        }
+    };
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("Ctrl-C");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = up.try_wait().expect("poll kairos up") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = up.kill();
+            panic!("kairos up did not stop:\n{}", seen.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    seen.extend(lines.try_iter());
+    let output = seen.join("\n");
+    assert!(status.success(), "{status}:\n{output}");
+    assert!(sent > 0);
+    assert!(
+        output.contains("all processes stopped") && !output.contains("did not stop"),
+        "{output}"
+    );
+    // Each service was asked once and finished its in-flight work: a second signal
+    // makes it exit at once, without that.
+    for service in [
+        "identity",
+        "profile",
+        "catalog",
+        "arbiter",
+        "feedback",
+        "deliver-email",
+    ] {
+        let log = std::fs::read_to_string(dir.path().join(format!("var/log/{service}.log")))
+            .unwrap_or_else(|e| panic!("{service}'s log: {e}"));
+        assert!(log.contains("shutdown requested"), "{service}:\n{log}");
+        assert!(!log.contains("second signal"), "{service}:\n{log}");
+        assert!(!log.contains("ERROR"), "{service}:\n{log}");
+    }
+}
