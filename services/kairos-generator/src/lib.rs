@@ -240,12 +240,13 @@ impl TrafficModel {
         }
         let session_id = self.event_id();
         let mut events = Vec::new();
-        // Events of a session are spread over the minute before `now`.
-        let clock = std::cell::Cell::new(now - 60 * SECOND);
+        // Events of a session are 2 to 15 s apart, timed from its start here and moved
+        // below so that its last one happens at `now`.
+        let clock = std::cell::Cell::new(0);
         let mut push = |model: &mut Self, mut e: CustomerEvent| {
             e.session_id = Some(session_id.clone());
             clock.set(clock.get() + model.rng.gen_range(2..15) * SECOND);
-            e.occurred_at = clock.get().min(now);
+            e.occurred_at = clock.get();
             events.push(e);
         };
         let at = 0;
@@ -315,8 +316,13 @@ impl TrafficModel {
                 }
             }
         }
+        let shift = now - clock.get();
         events
             .into_iter()
+            .map(|mut e| {
+                e.occurred_at += shift;
+                e
+            })
             .map(|e| GeneratedEvent {
                 source,
                 key: e
@@ -632,6 +638,27 @@ mod tests {
         );
         let seen = visits.iter().filter(|&&n| n > 0).count();
         assert!(seen > visits.len() / 2, "{seen} customers came at all");
+    }
+
+    #[test]
+    fn a_session_s_events_are_apart_and_end_at_its_time() {
+        let mut m = TrafficModel::new(&GeneratorConfig::default());
+        let now = 1_000_000_000;
+        let mut long = 0;
+        for _ in 0..5_000 {
+            let times: Vec<i64> = m
+                .session(now)
+                .iter()
+                .map(|e| {
+                    let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+                    v["occurred_at"].as_i64().expect("occurred_at")
+                })
+                .collect();
+            assert_eq!(times.last(), Some(&now), "{times:?}");
+            assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+            long += usize::from(times.len() > 8);
+        }
+        assert!(long > 100, "{long} sessions of more than eight events");
     }
 
     #[test]
