@@ -561,6 +561,7 @@ impl ProfileProcessor {
             };
             ctx.emit(&self.actions_topic, &customer_id, &action);
         }
+        self.catch_up_segment_reviews(ctx, &mut p, e.occurred_at)?;
         let birthday_before = (p.birthday.clone(), p.time_zone.clone());
         let subscription_before = p.subscription_ends_at;
         let visited_before = p.last_visit_at;
@@ -1534,6 +1535,7 @@ impl ProfileProcessor {
             self.put(ctx, p)?;
             return Ok(());
         }
+        self.catch_up_segment_reviews(ctx, &mut p, r.occurred_at)?;
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         if let Some(phone) = &r.phone {
             p.phone.get_or_insert_with(|| phone.clone());
@@ -2502,6 +2504,30 @@ impl ProfileProcessor {
             let due = timer.fire_at + ms(next.delay);
             let next_step = StepTimer::new(&cause, t.cause_occurred_at, t.step + 1, due);
             schedule_timer_step(ctx, s, p, t, next_step)?;
+        }
+        Ok(())
+    }
+
+    /// Time-driven segment changes due before an event happened whose review timer
+    /// has not fired yet: with the wall clock, the backlog of an outage is read before
+    /// the timers it holds back. Judged first, each at its own boundary, so a purchase
+    /// 100 days after the last one still finds the customer dormant since day 90, as
+    /// in an uninterrupted run. (In event time due timers fire before the event.)
+    fn catch_up_segment_reviews(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+        occurred_at: Millis,
+    ) -> anyhow::Result<()> {
+        let until = occurred_at.min(ctx.now());
+        while let Some(due) = p.armed.get(SEGMENT_REVIEW).copied().filter(|&a| a <= until) {
+            p.armed.remove(SEGMENT_REVIEW);
+            // Arms the next boundary (always later than `due`) in place of the timer.
+            self.review_segments_as_of(ctx, p, "time", due, due, &Reorder::default())?;
+            if !p.armed.contains_key(SEGMENT_REVIEW) {
+                // No boundary ahead: the overdue timer must not judge again later.
+                ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", p.customer_id))?;
+            }
         }
         Ok(())
     }

@@ -334,9 +334,11 @@ impl ProductAppeal {
 
 /// A return or cancellation of an order the profile did not hold when it came: the
 /// order was counted long ago, or its purchase is still on its way (the site's and the
-/// app's topics are consumed independently). Its amount leaves the revenue at once, as
-/// for an old order; if the purchase comes after all, it is applied as already
-/// returned or cancelled, with what was taken out counted. Fields may only be appended.
+/// app's topics are consumed independently). For a customer of more orders than the
+/// profile keeps its amount leaves the revenue at once, as for an old order; for the
+/// others it cannot be an old one, and nothing is taken out. If the purchase comes
+/// after all, it is applied as already returned or cancelled, with what was taken out
+/// counted. Fields may only be appended.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EarlyReversal {
@@ -816,10 +818,8 @@ impl CustomerProfile {
         // what the other added to the sums comes out of them below.
         let mut counted_twice = CountedTwice::default();
         for order in other.recent_orders {
-            match self
-                .recent_orders
-                .iter_mut()
-                .find(|o| o.order_id == order.order_id)
+            match (self.recent_orders.iter_mut())
+                .find(|o| o.order_id == order.order_id && o.offline == order.offline)
             {
                 None => self.recent_orders.push(order),
                 Some(mine) => counted_twice.keep_one(mine, order),
@@ -992,7 +992,7 @@ impl CustomerProfile {
         let mut reversals = std::mem::take(&mut self.early_reversals);
         reversals.sort_by_key(|r| r.at);
         for r in reversals {
-            if !self.recent_orders.iter().any(|o| o.order_id == r.order_id) {
+            if self.order_named(&r.order_id).is_none() {
                 self.early_reversals.push(r);
                 continue;
             }
@@ -1007,12 +1007,8 @@ impl CustomerProfile {
                 continue;
             }
             // The status seen, so that one re-sent now applies once.
-            if let Some(order) = self
-                .recent_orders
-                .iter_mut()
-                .find(|o| o.order_id == r.order_id)
-            {
-                order.statuses |= status_bit(status);
+            if let Some(n) = self.order_named(&r.order_id) {
+                self.recent_orders[n].statuses |= status_bit(status);
             }
         }
     }
@@ -1052,8 +1048,11 @@ impl CustomerProfile {
         // topics delivered them in.
         let at = e.occurred_at;
         let stated = &mut self.stated_at;
+        // A blank value is no statement: forms send "" for a field left empty, and it
+        // must not wipe out an address or name the customer gave before (a clearing
+        // is named in `cleared`).
         let mut set = |code: u8, field: &mut Option<String>, v: Option<&String>| {
-            if let Some(v) = v {
+            if let Some(v) = v.filter(|v| !v.trim().is_empty()) {
                 if newer_statement(stated, code, at) {
                     *field = Some(v.clone());
                 }
@@ -1454,12 +1453,14 @@ impl CustomerProfile {
     ) -> PurchaseApplied {
         let mut came_first = Vec::new();
         if let Some(id) = &order_id {
-            if self.recent_orders.iter().any(|o| o.order_id == *id) {
+            // A till receipt and a web order may share a number: each is its own order.
+            if (self.recent_orders.iter()).any(|o| o.order_id == *id && o.offline == offline) {
                 return PurchaseApplied::AlreadyCounted;
             }
+            // Reversals come from order statuses, which name web orders.
             let (theirs, rest) = std::mem::take(&mut self.early_reversals)
                 .into_iter()
-                .partition(|r| r.order_id == *id);
+                .partition(|r| !offline && r.order_id == *id);
             (came_first, self.early_reversals) = (theirs, rest);
             if self.recent_orders.len() >= RECENT_ORDERS {
                 self.recent_orders.remove(0);
@@ -1588,9 +1589,8 @@ impl CustomerProfile {
         kind: ReversalKind,
     ) -> Reversal {
         let known = self
-            .recent_orders
-            .iter_mut()
-            .find(|o| o.order_id == order_id);
+            .order_named(order_id)
+            .map(|n| &mut self.recent_orders[n]);
         let (amount, known, offline, cancelled_at) = match known {
             Some(order) if order.reversed => return Reversal::AlreadyReversed,
             Some(order) => {
@@ -1629,7 +1629,15 @@ impl CustomerProfile {
                 }) {
                     return Reversal::AlreadyReversed;
                 }
-                (total.unwrap_or(0.0), false, false, None)
+                // While the profile holds every order it counted, an unknown one was
+                // never counted here (its purchase is on its way, or never comes):
+                // nothing to take out. Otherwise it may be an older one.
+                let counted = if self.holds_every_order() {
+                    0.0
+                } else {
+                    total.unwrap_or(0.0)
+                };
+                (counted, false, false, None)
             }
         };
         match kind {
@@ -1701,6 +1709,16 @@ impl CustomerProfile {
         }
     }
 
+    /// The recent order an order status or a reversal naming `order_id` is about: the
+    /// web order of that id, else a till sale of it (a till receipt and a web order
+    /// may share a number).
+    fn order_named(&self, order_id: &str) -> Option<usize> {
+        let named = |offline: bool| {
+            (self.recent_orders.iter()).position(|o| o.order_id == order_id && o.offline == offline)
+        };
+        named(false).or_else(|| named(true))
+    }
+
     /// Whether the order is known to be partly returned (and not all of it).
     pub fn partly_returned(&self, order_id: &str) -> bool {
         self.recent_orders
@@ -1759,10 +1777,8 @@ impl CustomerProfile {
     /// Notes that the order reached `status`: whether for the first time, or None when
     /// the order is not among the recent ones.
     pub fn note_status(&mut self, order_id: &str, status: OrderStatus, at: Millis) -> Option<bool> {
-        let order = self
-            .recent_orders
-            .iter_mut()
-            .find(|o| o.order_id == order_id)?;
+        let n = self.order_named(order_id)?;
+        let order = &mut self.recent_orders[n];
         let bit = status_bit(status);
         let first = order.statuses & bit == 0;
         order.statuses |= bit;
@@ -1998,10 +2014,32 @@ mod tests {
     }
 
     #[test]
+    fn a_till_receipt_and_a_web_order_of_one_number_are_two_orders() {
+        let mut p = CustomerProfile::new("c", 0);
+        let web = p.record_purchase(10, 100.0, false, Some("100234".into()));
+        let till = p.record_purchase(20, 60.0, true, Some("100234".into()));
+        assert_eq!(
+            (web, till),
+            (PurchaseApplied::Counted, PurchaseApplied::Counted)
+        );
+        assert_eq!((p.orders, p.offline_orders, p.revenue), (2, 1, 160.0));
+        // Uploaded again, the receipt is a repeat.
+        let again = p.record_purchase(20, 60.0, true, Some("100234".into()));
+        assert_eq!(again, PurchaseApplied::AlreadyCounted);
+        // An order status names the web order.
+        p.record_return("100234", None, 30, ReversalKind::Cancellation);
+        assert_eq!((p.orders, p.offline_orders, p.revenue), (1, 1, 60.0));
+    }
+
+    #[test]
     fn a_reversal_both_ids_took_before_their_merge_is_given_back_by_each() {
         let with_reversal = |id: &str, kind: ReversalKind, amount: f64| {
+            // As many orders as a profile keeps: an unknown order may be an old one,
+            // so a reversal of one takes its amount out at once.
             let mut p = CustomerProfile::new(id, 0);
-            p.record_purchase(10, 100.0, false, Some(format!("old-{id}")));
+            for n in 0..RECENT_ORDERS {
+                p.record_purchase(10, 5.0, false, Some(format!("old-{id}-{n}")));
+            }
             p.record_return("o-1", Some(amount), 20, kind);
             p
         };
@@ -2011,13 +2049,13 @@ mod tests {
         assert_eq!(survivor.revenue, 40.0);
         let applied = survivor.record_purchase(15, 80.0, false, Some("o-1".into()));
         assert_eq!(applied, PurchaseApplied::CancelledBefore);
-        assert_eq!((survivor.orders, survivor.revenue), (2, 200.0));
+        assert_eq!((survivor.orders, survivor.revenue), (40, 200.0));
         // The same with the purchase merged in as well: settled at the merge.
         let mut survivor = with_reversal("a", ReversalKind::Cancellation, 80.0);
         let mut other = with_reversal("b", ReversalKind::Cancellation, 80.0);
         other.record_purchase(15, 80.0, false, Some("o-1".into()));
         survivor.absorb(other);
-        assert_eq!((survivor.orders, survivor.revenue), (2, 200.0));
+        assert_eq!((survivor.orders, survivor.revenue), (40, 200.0));
         // A return of 30 that reached both ids: counted once, taken once.
         let mut survivor = with_reversal("a", ReversalKind::Return, 30.0);
         let mut other = with_reversal("b", ReversalKind::Return, 30.0);
@@ -2025,7 +2063,7 @@ mod tests {
         survivor.absorb(other);
         assert_eq!(
             (survivor.orders, survivor.revenue, survivor.returns),
-            (3, 250.0, 1)
+            (41, 250.0, 1)
         );
         // The same return with the purchase after the merge.
         let mut survivor = with_reversal("a", ReversalKind::Return, 30.0);
@@ -2033,7 +2071,7 @@ mod tests {
         survivor.record_purchase(15, 80.0, false, Some("o-1".into()));
         assert_eq!(
             (survivor.orders, survivor.revenue, survivor.returns),
-            (3, 250.0, 1)
+            (41, 250.0, 1)
         );
     }
 
@@ -2560,17 +2598,19 @@ mod tests {
         assert_eq!((p.orders, p.offline_orders, p.returns), (2, 0, 1));
         assert_eq!(p.revenue, 40.0);
         assert_eq!(p.average_order_value(), Some(20.0));
-        // An order older than the recent ones: the given amount, no order uncounted.
-        let old = p.record_return("o-old", Some(10.0), 0, ReversalKind::Cancellation);
-        assert_eq!(old, Reversal::Applied { known: false });
-        assert_eq!((p.orders, p.revenue), (2, 30.0));
+        // An order it does not hold, while it holds every order it counted: never
+        // counted here, so nothing comes out (an older one is taken out, tested with
+        // a full list of orders in the merge tests).
+        let unknown = p.record_return("o-other", Some(10.0), 0, ReversalKind::Cancellation);
+        assert_eq!(unknown, Reversal::Applied { known: false });
+        assert_eq!((p.orders, p.revenue), (2, 40.0));
         // A till refund names no order: its own amount, once per refund receipt.
         assert_eq!(
             p.record_refund("rf-1", 5.0, 0),
             Reversal::Applied { known: false }
         );
         assert_eq!(p.record_refund("rf-1", 5.0, 0), Reversal::AlreadyReversed);
-        assert_eq!((p.returns, p.revenue), (2, 25.0));
+        assert_eq!((p.returns, p.revenue), (2, 35.0));
     }
 
     #[test]

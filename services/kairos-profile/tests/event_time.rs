@@ -1654,6 +1654,51 @@ fn a_late_segment_review_passes_through_every_segment_on_the_way() {
     assert_eq!(at_risk["occurred_at"], last + 180 * DAY, "{all:#?}");
 }
 
+/// With the wall clock, the backlog of an outage is read before the timers it holds
+/// back: a purchase 100 days after the last one, read before the review due at 90
+/// days fired, still finds the customer dormant since then, as an uninterrupted run
+/// would, and brings them back.
+#[test]
+fn a_purchase_read_before_overdue_segment_reviews_comes_after_them() {
+    // Recent enough that the customer, back, is still regular by the wall clock.
+    let t = (kairos_core::time::wall_now() / DAY - 130) * DAY;
+    let mut h = Harness::new();
+    five_orders_of_60(&mut h, "sb", t);
+    let last = t + 4 * DAY;
+    h.advance(last + DAY);
+    h.restart_in(CONFIG, ClockMode::Wall);
+    h.site(
+        "sb-back",
+        "purchase",
+        "sb",
+        last + 100 * DAY,
+        order("o-sb-back", 60.0, None),
+    );
+    let all = h.transitions("sb");
+    let dormant = find(&all, "lifecycle", "dormant").unwrap_or_else(|| panic!("{all:#?}"));
+    assert_eq!(dormant["occurred_at"], last + 90 * DAY, "{all:#?}");
+    assert_eq!(dormant["reason"], "time");
+    let back: Vec<&Value> = all
+        .iter()
+        .filter(|x| x["from_segment"] == "dormant" && x["to_segment"] == "regular")
+        .collect();
+    assert_eq!(back.len(), 1, "{all:#?}");
+    assert_eq!(back[0]["reason"], "purchase");
+    // Stamped when the purchase was read, by the wall clock.
+    assert!(back[0]["occurred_at"].as_i64() >= Some(last + 100 * DAY));
+    // The review timer is armed for the next boundary only: nothing is judged twice.
+    h.advance(kairos_core::time::wall_now());
+    let again = h.transitions("sb");
+    assert_eq!(
+        again
+            .iter()
+            .filter(|x| x["to_segment"] == "dormant")
+            .count(),
+        1,
+        "{again:#?}"
+    );
+}
+
 #[test]
 fn champions_get_the_vip_trigger() {
     let t = at(T0);
@@ -1687,6 +1732,29 @@ fn champions_get_the_vip_trigger() {
     assert!(h.triggers("sg3", "win_back").is_empty());
 }
 
+/// Five orders that add up to exactly 500 (the fourth monetary boundary) make a
+/// Champion, though their sum in binary floating point is 499.99999999999994.
+#[test]
+fn revenue_of_exactly_a_boundary_reaches_it() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for (i, total) in [91.85, 108.74, 136.84, 54.75, 107.82]
+        .into_iter()
+        .enumerate()
+    {
+        h.site(
+            &format!("rb-buy{i}"),
+            "purchase",
+            "rb",
+            t + i as i64 * HOUR,
+            order(&format!("o-rb-{i}"), total, None),
+        );
+    }
+    let all = h.transitions("rb");
+    assert!(find(&all, "rfm", "Champions").is_some(), "{all:#?}");
+    assert_eq!(h.triggers("rb", "vip").len(), 1);
+}
+
 #[test]
 fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time() {
     let t = at(T0);
@@ -1702,19 +1770,13 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
     }
     assert_eq!(h.triggers("cf", "vip").len(), 1, "a Champion now");
     // A sixth order is placed and cancelled at once; the app's cancellation is read
-    // before the site's purchase. It takes 600 out of 1,000 until the purchase shows
-    // the order is the cancelled one: Champions, out, and back.
+    // before the site's purchase. The profile holds every order it counted, so the
+    // unknown one was never counted: nothing is taken out, and the customer, in time
+    // order a Champion throughout, never leaves.
     let cancelled = order("o-cf-5", 600.0, Some("cancelled"));
     h.site("cf-cancel", "order_status", "cf", t + 6 * HOUR, cancelled);
-    let out = h.transitions("cf");
-    let left = out.last().expect("a transition");
-    assert_eq!(left["from_segment"], "Champions", "{out:#?}");
-    // The purchase may still come: the arbiter keeps a greeting it still holds.
-    let told_left = h
-        .on("customer-actions")
-        .filter(|a| a.value["customer_id"] == "cf" && a.value["kind"] == "left_segment")
-        .count();
-    assert_eq!(told_left, 0);
+    let profile = h.pipeline.profile("cf").expect("read").expect("stored");
+    assert_eq!((profile.orders, profile.revenue), (5, 1000.0));
     h.site(
         "cf-buy5",
         "purchase",
@@ -1722,14 +1784,50 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
         t + 5 * HOUR,
         order("o-cf-5", 600.0, None),
     );
+    let all = h.transitions("cf");
+    assert!(
+        all.iter().all(|t| t["from_segment"] != "Champions"),
+        "{all:#?}"
+    );
+    assert_eq!(h.triggers("cf", "vip").len(), 1);
+    let profile = h.pipeline.profile("cf").expect("read").expect("stored");
+    assert_eq!((profile.orders, profile.revenue), (5, 1000.0));
+
+    // A customer of twenty orders (as many as a profile keeps): an unknown order may
+    // be an older one, so its cancellation takes its amount out at once, and the
+    // customer leaves the Champions until the purchase shows the order is the
+    // cancelled one. Back among them, they are not greeted a second time.
+    let mut h = Harness::new();
+    for i in 0..20 {
+        h.site(
+            &format!("cr-buy{i}"),
+            "purchase",
+            "cr",
+            t + i * MINUTE,
+            order(&format!("o-cr-{i}"), 30.0, None),
+        );
+    }
+    assert_eq!(h.triggers("cr", "vip").len(), 1, "a Champion now");
+    let cancelled = order("o-cr-x", 150.0, Some("cancelled"));
+    h.site("cr-cancel", "order_status", "cr", t + 6 * HOUR, cancelled);
+    let out = h.transitions("cr");
+    let left = out.last().expect("a transition");
+    assert_eq!(left["from_segment"], "Champions", "{out:#?}");
+    h.site(
+        "cr-buy-x",
+        "purchase",
+        "cr",
+        t + 5 * HOUR,
+        order("o-cr-x", 150.0, None),
+    );
     let entries: Vec<Value> = h
-        .transitions("cf")
+        .transitions("cr")
         .into_iter()
         .filter(|t| t["kind"] == "rfm" && t["to_segment"] == "Champions")
         .collect();
     assert_eq!(entries.len(), 2, "reported as it happened: {entries:#?}");
     // In time order the customer never left: no second greeting.
-    let fired = h.triggers("cf", "vip");
+    let fired = h.triggers("cr", "vip");
     assert_eq!(fired.len(), 1, "{fired:#?}");
     let restored = metric(
         &h,
@@ -1737,8 +1835,8 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
         &[r#"scenario="vip""#, r#"reason="restored""#],
     );
     assert_eq!(restored, 1.0);
-    let profile = h.pipeline.profile("cf").expect("read").expect("stored");
-    assert_eq!((profile.orders, profile.revenue), (5, 1000.0));
+    let profile = h.pipeline.profile("cr").expect("read").expect("stored");
+    assert_eq!((profile.orders, profile.revenue), (20, 600.0));
 
     // A customer who was not a Champion before the cancellation is greeted when an
     // order makes them one, whatever came first.
@@ -4758,6 +4856,39 @@ fn no_nps_survey_for_a_returned_or_cancelled_order() {
     assert!(h.triggers("nc", "post_delivery").is_empty());
 }
 
+/// A form's empty fields come as "": no statement, so the address and name the
+/// customer gave stay, and the event is applied, not dead-lettered.
+#[test]
+fn blank_contact_fields_wipe_nothing_out() {
+    let t = at("2026-05-01T08:00:00Z");
+    let mut h = Harness::new();
+    h.site(
+        "bl-reg",
+        "registration",
+        "bl",
+        t,
+        json!({"email": "ann@example.com", "phone": "+4915100000002",
+            "profile": {"first_name": "Ann", "time_zone": "Europe/Berlin", "birthday": "1990-04-03"}}),
+    );
+    h.site(
+        "bl-buy",
+        "purchase",
+        "bl",
+        t + HOUR,
+        json!({"email": "", "phone": " ", "order": {"order_id": "o-bl", "total": 20.0},
+            "profile": {"first_name": "", "time_zone": "", "birthday": "", "push_token": ""}}),
+    );
+    assert_eq!(h.on("deadletter").count(), 0);
+    let p = h.pipeline.profile("bl").expect("read").expect("stored");
+    assert_eq!(p.orders, 1, "the purchase was applied");
+    assert_eq!(p.email.as_deref(), Some("ann@example.com"));
+    assert_eq!(p.phone.as_deref(), Some("+4915100000002"));
+    assert_eq!(p.first_name.as_deref(), Some("Ann"));
+    assert_eq!(p.time_zone.as_deref(), Some("Europe/Berlin"));
+    assert_eq!(p.birthday.as_deref(), Some("1990-04-03"));
+    assert_eq!(p.push_token, None);
+}
+
 #[test]
 fn an_older_profile_statement_arriving_later_changes_nothing() {
     let t = at("2026-05-01T08:00:00Z");
@@ -5731,9 +5862,10 @@ fn a_merge_settles_a_reversal_either_way_once_and_before_trimming_the_lists() {
     h.merge("m-es", "c-43", "c-44", t + 4 * DAY);
     h.commit();
     let p = h.pipeline.profile("c-44").expect("read").expect("stored");
-    // One profile would hold o-44a (40) and what is left of o-43 (70), less the seven
-    // returns of orders counted long ago (35); o-43's part returned once.
-    assert!((p.revenue - 75.0).abs() < 1e-9, "revenue {}", p.revenue);
+    // One profile would hold o-44a (40) and what is left of o-43 (70); the seven
+    // returns of orders it never held take nothing (it holds every order it counted);
+    // o-43's part returned once.
+    assert!((p.revenue - 110.0).abs() < 1e-9, "revenue {}", p.revenue);
     assert_eq!((p.orders, p.returns), (2, 8));
     let order = |id: &str| recent_order(&p, id);
     assert!((order("o-43").returned_amount - 30.0).abs() < 1e-9);
