@@ -181,7 +181,9 @@ pub fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Rejection> 
             "expected a JSON object",
         ));
     }
-    serde_json::from_value(value).map_err(|e| classify_serde_error(&e.to_string()))
+    // From the bytes, not from `value`: a map keeps the last of two equal keys, and
+    // `{"total": 10, "total": 10000}` must be refused, not read as 10000.
+    serde_json::from_slice(payload).map_err(|e| classify_serde_error(&e.to_string()))
 }
 
 fn classify_serde_error(message: &str) -> Rejection {
@@ -231,6 +233,18 @@ fn decode_confluent_avro<T: DeserializeOwned>(
             format!("Avro datum (schema id {id}) does not decode: {e}{schema}"),
         )
     })?;
+    // A datum read with the wrong schema can end early and still decode: what is left
+    // over says the frame's schema id is not the one it was written with.
+    if !datum.is_empty() {
+        return Err(Rejection::new(
+            DeadLetterReason::bad_avro,
+            format!(
+                "Avro datum (schema id {id}) has {} bytes left over after it: not written \
+                 with that schema",
+                datum.len()
+            ),
+        ));
+    }
     apache_avro::from_value::<T>(&value).map_err(|e| {
         Rejection::new(
             DeadLetterReason::bad_avro,
@@ -510,6 +524,15 @@ mod tests {
             .unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::missing_field);
         assert!(r.message.contains("event_id"), "{}", r.message);
+        // Two values for one field: which is meant is unknown, so neither is taken.
+        for twice in [
+            r#"{"event_id":"1","event_type":"purchase","occurred_at":1,"customer_id":"c1","order":{"order_id":"o1","total":10.0,"total":10000.0}}"#,
+            r#"{"event_id":"1","event_type":"page_view","event_type":"purchase","occurred_at":1,"customer_id":"c1"}"#,
+        ] {
+            let r = decode_json::<CustomerEvent>(twice.as_bytes()).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{twice}");
+            assert!(r.message.contains("duplicate field"), "{}", r.message);
+        }
     }
 
     #[test]
@@ -594,6 +617,12 @@ mod tests {
         let unknown = confluent_frame(8, &bytes[5..]);
         let r = decode_input::<CustomerEvent>(&unknown, &schema, &registry).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::unknown_schema_id);
+        // Bytes after the datum: not a datum of that schema.
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[2, 4, 6]);
+        let r = decode_input::<CustomerEvent>(&longer, &schema, &registry).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::bad_avro);
+        assert!(r.message.contains("3 bytes left over"), "{}", r.message);
     }
 
     #[test]

@@ -33,7 +33,10 @@ pub fn decode_customer_event(
     payload: &[u8],
     registry: &SchemaRegistry,
 ) -> Result<CustomerEvent, Rejection> {
-    let e: CustomerEvent = decode_input(payload, schemas::customer_event(), registry)?;
+    let mut e: CustomerEvent = decode_input(payload, schemas::customer_event(), registry)?;
+    clean_key("customer_id", &mut e.customer_id)?;
+    clean_key("anonymous_id", &mut e.anonymous_id)?;
+    clean_key("device_id", &mut e.device_id)?;
     validate_event(&e)?;
     Ok(e)
 }
@@ -43,7 +46,8 @@ pub fn decode_receipt(
     payload: &[u8],
     registry: &SchemaRegistry,
 ) -> Result<OfflineReceipt, Rejection> {
-    let r: OfflineReceipt = decode_input(payload, schemas::offline_receipt(), registry)?;
+    let mut r: OfflineReceipt = decode_input(payload, schemas::offline_receipt(), registry)?;
+    clean_key("customer_id", &mut r.customer_id)?;
     if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
@@ -83,6 +87,30 @@ pub fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
         )),
         _ => Ok(()),
     }
+}
+
+/// The longest id accepted as a key (as the identity processor's normalizer).
+const MAX_KEY_BYTES: usize = 200;
+
+/// An id that keys state (a profile, a ledger), trimmed in place as the identity
+/// processor reads it: without identity resolution "c1 " would be a second customer
+/// beside "c1", with caps of its own. Control characters or more than 200 bytes are
+/// refused.
+fn clean_key(field: &str, id: &mut Option<String>) -> Result<(), Rejection> {
+    let Some(value) = id.as_mut() else {
+        return Ok(());
+    };
+    let trimmed = value.trim();
+    if trimmed.len() != value.len() {
+        *value = trimmed.to_string();
+    }
+    if value.chars().any(char::is_control) || value.len() > MAX_KEY_BYTES {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} has control characters or is longer than {MAX_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// A customer id of the form Kairos gives profiles it names itself is refused.
@@ -133,6 +161,11 @@ fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
         check_amount(&format!("items[{i}].unit_price"), Some(item.unit_price))?;
     }
     Ok(())
+}
+
+/// A text field's value, if it states one (blank is absent).
+fn stated(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.trim().is_empty())
 }
 
 /// The checks every site and app event passes before it is applied.
@@ -189,7 +222,9 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             )
         })?;
     }
-    if let Some(b) = e.profile.as_ref().and_then(|p| p.birthday.as_deref()) {
+    // Blank text fields are absent (see `CustomerProfile::touch`): a form's empty
+    // birthday or zone field does not cost the event.
+    if let Some(b) = stated(e.profile.as_ref().and_then(|p| p.birthday.as_deref())) {
         if calendar::month_day(b).is_none() {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -197,7 +232,7 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             ));
         }
     }
-    if let Some(z) = e.profile.as_ref().and_then(|p| p.time_zone.as_deref()) {
+    if let Some(z) = stated(e.profile.as_ref().and_then(|p| p.time_zone.as_deref())) {
         if z.parse::<chrono_tz::Tz>().is_err() {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -211,6 +246,28 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_key_state_are_trimmed_and_bounded() {
+        let registry = SchemaRegistry::new(None);
+        let event = |id: &str| {
+            serde_json::json!({"event_id": "e1", "event_type": "page_view", "occurred_at": 1,
+                "customer_id": id, "anonymous_id": format!(" {id}\t")})
+            .to_string()
+        };
+        let e = decode_customer_event(event("c1 ").as_bytes(), &registry).expect("valid");
+        assert_eq!(e.customer_id.as_deref(), Some("c1"));
+        assert_eq!(e.anonymous_id.as_deref(), Some("c1"));
+        let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1", "kind": "sale",
+            "store_id": "s1", "occurred_at": 1, "customer_id": "\nc2 ", "total": 10.0,
+            "currency": "EUR", "items": []});
+        let r = decode_receipt(receipt.to_string().as_bytes(), &registry).expect("valid");
+        assert_eq!(r.customer_id.as_deref(), Some("c2"));
+        for bad in ["c\u{0}1".to_string(), "c".repeat(201)] {
+            let r = decode_customer_event(event(&bad).as_bytes(), &registry).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_customer_id_of_the_form_kairos_names_profiles_is_refused() {
