@@ -183,6 +183,10 @@ pub struct CustomerProfile {
     /// it (its receipt uploaded late) pays it off, as it would have in time order.
     #[serde(default)]
     pub refund_shortfalls: Vec<(Millis, f64)>,
+    /// The latest purchase that named no order (not among `recent_orders`): when a
+    /// cancelled order was the latest purchase, the recency falls back to it too.
+    #[serde(default)]
+    pub last_unkeyed_purchase_at: Option<Millis>,
 }
 
 /// Whose statement decides a channel's consent when two profiles merge.
@@ -884,6 +888,8 @@ impl CustomerProfile {
         }
         self.refund_shortfalls.extend(other.refund_shortfalls);
         self.refund_shortfalls.sort_by_key(|(at, _)| *at);
+        self.last_unkeyed_purchase_at =
+            (self.last_unkeyed_purchase_at).max(other.last_unkeyed_purchase_at);
         let excess = self
             .refund_shortfalls
             .len()
@@ -1501,6 +1507,9 @@ impl CustomerProfile {
         if offline {
             self.offline_orders += 1;
         }
+        if order_id.is_none() {
+            self.last_unkeyed_purchase_at = self.last_unkeyed_purchase_at.max(Some(at));
+        }
         self.revenue += total;
         self.pay_off_refunds(at, total);
         self.first_purchase_at = Some(self.first_purchase_at.map_or(at, |f| f.min(at)));
@@ -1685,13 +1694,17 @@ impl CustomerProfile {
     fn forget_purchase_time(&mut self, at: Millis) {
         let counted = || self.recent_orders.iter().filter(|o| !o.cancelled);
         if self.last_purchase_at == Some(at) {
+            let unkeyed = self.last_unkeyed_purchase_at.map(|at| (at, None));
             let latest = counted()
                 .max_by_key(|o| o.at)
-                .map(|o| (o.at, o.order_id.clone()));
+                .map(|o| (o.at, Some(o.order_id.clone())))
+                .into_iter()
+                .chain(unkeyed)
+                .max_by_key(|(at, _)| *at);
             match latest {
                 Some((latest_at, order_id)) => {
                     self.last_purchase_at = Some(latest_at);
-                    self.last_order_id = Some(order_id);
+                    self.last_order_id = order_id;
                 }
                 None if self.orders == 0 => {
                     self.last_purchase_at = None;
@@ -2011,6 +2024,18 @@ mod tests {
             (None, None),
             "a cancelled order bought nothing"
         );
+    }
+
+    #[test]
+    fn a_cancelled_latest_order_leaves_the_recency_to_a_purchase_that_named_no_order() {
+        let mut p = CustomerProfile::new("c", 0);
+        p.record_purchase(0, 10.0, false, Some("o-1".into()));
+        p.record_purchase(50 * DAY, 10.0, false, None);
+        p.record_purchase(60 * DAY, 10.0, false, Some("o-3".into()));
+        p.record_return("o-3", None, 61 * DAY, ReversalKind::Cancellation);
+        assert_eq!(p.last_purchase_at, Some(50 * DAY));
+        assert_eq!(p.last_order_id, None);
+        assert_eq!(p.orders, 2);
     }
 
     #[test]
