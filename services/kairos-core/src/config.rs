@@ -1238,11 +1238,11 @@ impl Config {
                 "must be a number of events per second above 0".into(),
             ));
         }
-        if !(0.0..1.0).contains(&self.generator.offline_share) {
+        if !(0.0..=0.95).contains(&self.generator.offline_share) {
             return Err(fail_at(
                 generator("offline_share"),
                 "offline_share",
-                "must be a share from 0 up to (not including) 1".into(),
+                "must be a share from 0 to 0.95".into(),
             ));
         }
         if self.arbiter.control_group_percent > 100 {
@@ -2214,7 +2214,7 @@ mod tests {
             ("rate", "inf"),
             ("rate", "nan"),
             ("offline_share", "nan"),
-            ("offline_share", "1.0"),
+            ("offline_share", "0.96"),
             ("offline_share", "-0.1"),
         ] {
             let (line, message) = line_of(&format!("[generator]\nseed = 1\n{key} = {value}\n"));

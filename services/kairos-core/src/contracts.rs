@@ -1026,7 +1026,7 @@ pub fn is_reserved_customer_id(id: &str) -> bool {
 }
 
 /// An optional id field's value, none if absent or blank.
-fn given(field: &Option<String>) -> Option<&str> {
+pub(crate) fn given(field: &Option<String>) -> Option<&str> {
     field.as_deref().filter(|v| !v.trim().is_empty())
 }
 

@@ -60,6 +60,19 @@ pub struct InvalidIdentifier {
     pub reason: String,
 }
 
+/// The longest customer, anonymous or device id accepted.
+pub const MAX_KEY_BYTES: usize = 200;
+
+/// A customer, anonymous or device id as the key of state: trimmed, without control
+/// characters, at most [`MAX_KEY_BYTES`]; else why not.
+pub fn key_id(raw: &str) -> Result<&str, &'static str> {
+    let trimmed = raw.trim();
+    if trimmed.chars().any(char::is_control) || trimmed.len() > MAX_KEY_BYTES {
+        return Err("control characters or longer than 200 bytes");
+    }
+    Ok(trimmed)
+}
+
 /// Normalizes identifiers; phones without a country code are read as numbers of
 /// `default_country`.
 #[derive(Debug, Clone)]
@@ -168,12 +181,7 @@ impl Normalizer {
             }
             IdentifierKind::customer_id
             | IdentifierKind::device_id
-            | IdentifierKind::anonymous_id => {
-                if trimmed.chars().any(char::is_control) || trimmed.len() > 200 {
-                    return Err(invalid("control characters or longer than 200 bytes"));
-                }
-                trimmed.to_string()
-            }
+            | IdentifierKind::anonymous_id => key_id(trimmed).map_err(invalid)?.to_string(),
         };
         Ok(Identifier { kind, value })
     }

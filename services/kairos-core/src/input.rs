@@ -4,7 +4,8 @@
 
 use crate::calendar;
 use crate::contracts::{
-    is_reserved_customer_id, CustomerEvent, DeadLetterReason, EventType, LineItem, OfflineReceipt,
+    given, is_reserved_customer_id, CustomerEvent, DeadLetterReason, EventType, LineItem,
+    OfflineReceipt,
 };
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
@@ -89,26 +90,18 @@ pub fn check_amount(field: &str, amount: Option<f64>) -> Result<(), Rejection> {
     }
 }
 
-/// The longest id accepted as a key (as the identity processor's normalizer).
-const MAX_KEY_BYTES: usize = 200;
-
 /// An id that keys state (a profile, a ledger), trimmed in place as the identity
-/// processor reads it: without identity resolution "c1 " would be a second customer
-/// beside "c1", with caps of its own. Control characters or more than 200 bytes are
-/// refused.
+/// processor reads it (`identifiers::key_id`): without identity resolution "c1 "
+/// would be a second customer beside "c1", with caps of its own.
 fn clean_key(field: &str, id: &mut Option<String>) -> Result<(), Rejection> {
     let Some(value) = id.as_mut() else {
         return Ok(());
     };
-    let trimmed = value.trim();
-    if trimmed.len() != value.len() {
-        *value = trimmed.to_string();
-    }
-    if value.chars().any(char::is_control) || value.len() > MAX_KEY_BYTES {
-        return Err(Rejection::new(
-            DeadLetterReason::invalid_field,
-            format!("{field} has control characters or is longer than {MAX_KEY_BYTES} bytes"),
-        ));
+    let key = crate::identifiers::key_id(value).map_err(|why| {
+        Rejection::new(DeadLetterReason::invalid_field, format!("{field}: {why}"))
+    })?;
+    if key.len() != value.len() {
+        *value = key.to_string();
     }
     Ok(())
 }
@@ -161,11 +154,6 @@ fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
         check_amount(&format!("items[{i}].unit_price"), Some(item.unit_price))?;
     }
     Ok(())
-}
-
-/// A text field's value, if it states one (blank is absent).
-fn stated(value: Option<&str>) -> Option<&str> {
-    value.filter(|v| !v.trim().is_empty())
 }
 
 /// The checks every site and app event passes before it is applied.
@@ -224,7 +212,7 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
     }
     // Blank text fields are absent (see `CustomerProfile::touch`): a form's empty
     // birthday or zone field does not cost the event.
-    if let Some(b) = stated(e.profile.as_ref().and_then(|p| p.birthday.as_deref())) {
+    if let Some(b) = e.profile.as_ref().and_then(|p| given(&p.birthday)) {
         if calendar::month_day(b).is_none() {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -232,7 +220,7 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             ));
         }
     }
-    if let Some(z) = stated(e.profile.as_ref().and_then(|p| p.time_zone.as_deref())) {
+    if let Some(z) = e.profile.as_ref().and_then(|p| given(&p.time_zone)) {
         if z.parse::<chrono_tz::Tz>().is_err() {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,

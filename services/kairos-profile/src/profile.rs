@@ -1463,10 +1463,9 @@ impl CustomerProfile {
             if (self.recent_orders.iter()).any(|o| o.order_id == *id && o.offline == offline) {
                 return PurchaseApplied::AlreadyCounted;
             }
-            // Reversals come from order statuses, which name web orders.
             let (theirs, rest) = std::mem::take(&mut self.early_reversals)
                 .into_iter()
-                .partition(|r| !offline && r.order_id == *id);
+                .partition(|r| r.order_id == *id);
             (came_first, self.early_reversals) = (theirs, rest);
             if self.recent_orders.len() >= RECENT_ORDERS {
                 self.recent_orders.remove(0);
@@ -1574,7 +1573,10 @@ impl CustomerProfile {
     /// Whether every order counted is among the recent ones (fewer than the bound were
     /// ever counted, as far as the list can tell).
     pub fn holds_every_order(&self) -> bool {
-        self.recent_orders.len() < RECENT_ORDERS
+        // Every order counted is listed: none pushed out, none that named no order
+        // id (and none counted by a version that kept no list).
+        let listed = self.recent_orders.iter().filter(|o| !o.cancelled).count();
+        self.recent_orders.len() < RECENT_ORDERS && listed >= self.orders as usize
     }
 
     /// The stages and segments the customer held before cancellations of `order_id`
@@ -2036,6 +2038,26 @@ mod tests {
         assert_eq!(p.last_purchase_at, Some(50 * DAY));
         assert_eq!(p.last_order_id, None);
         assert_eq!(p.orders, 2);
+    }
+
+    #[test]
+    fn an_unknown_order_reversed_may_be_one_counted_but_not_listed() {
+        // A purchase that named no order is counted, not listed: an unknown order's
+        // cancellation may be it.
+        let mut p = CustomerProfile::new("c", 0);
+        p.record_purchase(0, 100.0, false, None);
+        assert!(!p.holds_every_order());
+        p.record_return("o-x", Some(30.0), 10, ReversalKind::Cancellation);
+        assert_eq!(p.revenue, 70.0);
+        // A profile stored by a version that kept no list of orders.
+        let mut p = CustomerProfile {
+            orders: 30,
+            revenue: 3000.0,
+            ..CustomerProfile::new("c", 0)
+        };
+        assert!(!p.holds_every_order());
+        p.record_return("o-old", Some(100.0), 10, ReversalKind::Cancellation);
+        assert_eq!(p.revenue, 2900.0);
     }
 
     #[test]

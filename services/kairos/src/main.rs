@@ -600,7 +600,8 @@ fn empty_state_dir(
     };
     anyhow::ensure!(
         !holds_something,
-        "--state-dir {} is not empty: a replay starts from empty state and would apply          again what an earlier run left there; remove it or name another directory",
+        "--state-dir {} is not empty: a replay starts from empty state and would apply \
+         again what an earlier run left there; remove it or name another directory",
         dir.display()
     );
     Ok(dir)
