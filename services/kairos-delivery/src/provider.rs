@@ -163,15 +163,19 @@ impl SmtpProvider {
         }
         if let Some(url) = &self.list_unsubscribe {
             let url = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
-            b = b
-                .raw_header(HeaderValue::new(
-                    HeaderName::new_from_ascii_str("List-Unsubscribe"),
-                    format!("<{url}>"),
-                ))
-                .raw_header(HeaderValue::new(
+            // One-click (RFC 8058) is a POST to an https URL; a mailto: or plain http
+            // one is a link only.
+            let one_click = url.starts_with("https://");
+            b = b.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                format!("<{url}>"),
+            ));
+            if one_click {
+                b = b.raw_header(HeaderValue::new(
                     HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
                     "List-Unsubscribe=One-Click".into(),
                 ));
+            }
         }
         if let Some(p) = &m.preheader {
             b = b.raw_header(HeaderValue::new(
@@ -179,7 +183,9 @@ impl SmtpProvider {
                 p.clone(),
             ));
         }
-        b.body(m.body.clone())
+        // A MIME part, not a bare body: without `MIME-Version` and a charset, clients
+        // read a quoted-printable "Анна" as us-ascii and show "=D0=90...".
+        b.singlepart(lettre::message::SinglePart::plain(m.body.clone()))
             .map_err(|e| ProviderError::Permanent(format!("message: {e}")))
     }
 
@@ -555,6 +561,31 @@ fn http_error(status: u16, detail: String) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_email_is_utf8_text_and_offers_one_click_unsubscribe_over_https_only() {
+        let (cmd, mut message) = email_to("anna@example.com");
+        message.body = "Здравствуйте, Анна! Ваша корзина ждёт.".into();
+        let mut provider = smtp_provider(25);
+        for (url, one_click) in [
+            ("https://shop.example/u?c={customer_id}", true),
+            (
+                "mailto:unsubscribe@shop.example?subject={customer_id}",
+                false,
+            ),
+        ] {
+            provider.list_unsubscribe = Some(url.into());
+            let built = provider.build(&cmd, &message).expect("built");
+            let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
+            assert!(text.contains("MIME-Version: 1.0"), "{text}");
+            assert!(
+                text.contains("Content-Type: text/plain; charset=utf-8"),
+                "{text}"
+            );
+            assert!(text.contains("List-Unsubscribe: <"), "{text}");
+            assert_eq!(text.contains("List-Unsubscribe-Post"), one_click, "{text}");
+        }
+    }
 
     #[test]
     fn ids_in_the_unsubscribe_url_are_percent_encoded() {

@@ -118,6 +118,7 @@ impl TemplateSet {
     pub fn load(dir: &Path, channel: Channel) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.add_filter("money", money);
         let mut fields = BTreeMap::new();
         let entries = std::fs::read_dir(dir).map_err(|e| TemplateError::Load {
             file: dir.to_path_buf(),
@@ -212,7 +213,7 @@ impl TemplateSet {
                 };
                 self.render_error(template, field, message)
             })?;
-            check_rendered_limit(self.channel, field, &rendered)
+            let rendered = fit_rendered(self.channel, field, rendered)
                 .map_err(|m| self.render_error(template, field, m))?;
             match *field {
                 "subject" | "title" => message.subject = Some(rendered),
@@ -304,6 +305,12 @@ fn limit_of(channel: Channel, field: &str) -> Option<(usize, &'static str)> {
     }
 }
 
+/// `{{ cart_value | money }}`: an amount with two decimals ("10.00", not "10.0" or
+/// "59.900000000000006" as a float prints).
+fn money(amount: f64) -> String {
+    format!("{amount:.2}")
+}
+
 fn measure(channel: Channel, text: &str) -> usize {
     if channel == Channel::sms {
         sms_segments(text)
@@ -325,18 +332,28 @@ fn check_static_limit(channel: Channel, field: &str, source: &str) -> Result<(),
     Ok(())
 }
 
-fn check_rendered_limit(channel: Channel, field: &str, text: &str) -> Result<(), String> {
+/// A rendered field as it goes out. Over its channel's display limit it is cut to fit,
+/// ending in "…": a long product name in a push title must not cost the message
+/// (phones and mail clients cut long titles themselves). SMS text is not cut: its
+/// length is its price, so it fails instead (the fixed text was checked at load).
+fn fit_rendered(channel: Channel, field: &str, text: String) -> Result<String, String> {
     if text.trim().is_empty() && matches!(field, "subject" | "text" | "body") {
         return Err("renders empty".into());
     }
     let Some((limit, unit)) = limit_of(channel, field) else {
-        return Ok(());
+        return Ok(text);
     };
-    let n = measure(channel, text);
-    if n > limit {
+    let n = measure(channel, &text);
+    if n <= limit {
+        return Ok(text);
+    }
+    if channel == Channel::sms {
         return Err(format!("renders to {n} {unit}, the limit is {limit}"));
     }
-    Ok(())
+    let mut cut: String = text.chars().take(limit - 1).collect();
+    cut.truncate(cut.trim_end().len());
+    cut.push('…');
+    Ok(cut)
 }
 
 /// SMS segments: GSM-7 text takes 160 characters in one segment and 153 per segment
@@ -490,6 +507,26 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
     }
 
     #[test]
+    fn amounts_render_with_two_decimals() {
+        let cart = include_str!("../../../config/templates/abandoned_cart.toml");
+        let drop = include_str!("../../../config/templates/price_drop.toml");
+        let shipped = set(
+            Channel::email,
+            &[("abandoned_cart.toml", cart), ("price_drop.toml", drop)],
+        )
+        .unwrap();
+        let vars = serde_json::json!({"cart_items": [{"product_id": "p1", "quantity": 1}],
+            "cart_value": 10});
+        let m = shipped.render("abandoned_cart", &vars).unwrap();
+        assert!(m.body.contains("Total: 10.00\n"), "{}", m.body);
+        let vars = serde_json::json!({"product_id": "p1", "product_name": "Mug",
+            "old_price": 59.9, "new_price": 0.1 + 0.2});
+        let m = shipped.render("price_drop", &vars).unwrap();
+        assert_eq!(m.subject.as_deref(), Some("Mug is now 0.30"));
+        assert_eq!(m.preheader.as_deref(), Some("Was 59.90"));
+    }
+
+    #[test]
     fn static_text_over_a_channel_limit_is_a_load_error_naming_file_and_field() {
         let long = "x".repeat(PUSH_TEXT_MAX_CHARS + 1);
         let err = set(
@@ -508,16 +545,30 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
     }
 
     #[test]
-    fn rendered_text_over_the_limit_fails_the_render() {
+    fn rendered_text_over_the_limit_is_cut_to_fit_except_an_sms() {
         let t = set(
             Channel::push,
-            &[("p.toml", "[push]\ntext = \"{{ name }}\"\n")],
+            &[(
+                "p.toml",
+                "[push]\ntitle = \"Still thinking about {{ name }}?\"\ntext = \"{{ name }}\"\n",
+            )],
         )
         .unwrap();
-        let err = t
-            .render("p", &serde_json::json!({"name": "y".repeat(200)}))
+        let name = "Trail running shoe, waterproof, size 42 wide, ré".repeat(4);
+        let m = t.render("p", &serde_json::json!({"name": name})).unwrap();
+        let title = m.subject.expect("title");
+        assert_eq!(title.chars().count(), PUSH_TITLE_MAX_CHARS, "{title}");
+        assert!(title.starts_with("Still thinking about Trail") && title.ends_with('…'));
+        assert_eq!(m.body.chars().count(), PUSH_TEXT_MAX_CHARS);
+        let sms = set(
+            Channel::sms,
+            &[("s.toml", "[sms]\ntext = \"{{ name }}\"\n")],
+        )
+        .unwrap();
+        let err = sms
+            .render("s", &serde_json::json!({"name": "y".repeat(500)}))
             .unwrap_err();
-        assert!(err.to_string().contains("limit is 178"), "{err}");
+        assert!(err.to_string().contains("the limit is 3"), "{err}");
     }
 
     #[test]
