@@ -482,6 +482,12 @@ impl DeliveryProcessor {
         // event-time replays do not expire on the wall clock).
         let (now_at_start, started_all) = (now, Instant::now());
         let mut last_error = String::new();
+        // Set once an attempt may have left the message with an HTTP gateway (a 409 for
+        // its idempotency key, or no answer in time): if the attempts then run out or
+        // the message expires, it is in doubt (reported sent, not repeated), not
+        // failed and dead-lettered, whose re-drive could send it again. (An SMTP
+        // conversation that got no answer before the "." left nothing behind.)
+        let mut may_be_held: Option<String> = None;
         for attempt in 1..=max {
             // Each attempt and each wait is bounded (the provider's timeout, the
             // backoff's cap, the breaker's `open_for`): a beat before each keeps a
@@ -496,7 +502,10 @@ impl DeliveryProcessor {
             }
             self.show_breaker(&labels);
             if cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis {
-                return Delivery::Expired;
+                return match may_be_held {
+                    Some(e) => Delivery::InDoubt(format!("{e}, then it expired")),
+                    None => Delivery::Expired,
+                };
             }
             self.limiter.until_ready().await;
             // Every call, not only the first, must find the partition still this
@@ -522,6 +531,15 @@ impl DeliveryProcessor {
                     | ProviderError::Refused(_))
             );
             let refused_after_dot = refused && committed.get();
+            match &result {
+                Err(ProviderError::InProgress(e)) => {
+                    may_be_held = Some(format!("the gateway had the request in progress ({e})"))
+                }
+                Err(ProviderError::NoAnswer(e)) if matches!(provider, Provider::Http(_)) => {
+                    may_be_held = Some(format!("the gateway did not answer ({e})"))
+                }
+                _ => {}
+            }
             if refused_after_dot {
                 withdraw_commit_point();
                 committed.set(false);
@@ -566,7 +584,10 @@ impl DeliveryProcessor {
                 None => {}
             }
         }
-        Delivery::Exhausted(last_error)
+        match may_be_held {
+            Some(e) => Delivery::InDoubt(format!("{e}; the attempts ran out ({last_error})")),
+            None => Delivery::Exhausted(last_error),
+        }
     }
 
     fn show_breaker(&self, labels: &[&str; 2]) {
@@ -1458,6 +1479,86 @@ mod tests {
             matches!(&delivery, Delivery::InDoubt(e) if e.contains("in progress")),
             "{delivery:?}"
         );
+    }
+
+    /// Once an attempt may have left the message with the gateway (a 409 for its
+    /// idempotency key, or no answer in time), the send ends in doubt (reported sent,
+    /// not dead-lettered for a re-drive that could send it again) whether the later
+    /// attempts fail or the message expires meanwhile; a gateway that refuses every
+    /// attempt outright still fails it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_the_gateway_may_hold_is_in_doubt_however_the_attempts_end() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        // Per case: what the gateway answers to the first attempt and the later ones,
+        // how long the message is valid, and whether the send ends in doubt.
+        let cases = [
+            (
+                "conflict, then unavailable",
+                409,
+                503,
+                Millis::MAX / 2,
+                true,
+            ),
+            ("conflict, then expired", 409, 503, 30, true),
+            ("no answer in time", 0, 0, Millis::MAX / 2, true),
+            ("unavailable throughout", 503, 503, Millis::MAX / 2, false),
+        ];
+        for (case, first, later, valid_for, in_doubt) in cases {
+            let calls = Arc::new(AtomicU32::new(0));
+            let counted = calls.clone();
+            let app = axum::Router::new().route(
+                "/sms",
+                axum::routing::post(move || {
+                    let n = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let status = if n == 0 { first } else { later };
+                        if status == 0 {
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                        let code =
+                            axum::http::StatusCode::from_u16(status.max(200)).expect("status");
+                        (code, "answer")
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = test_config(
+                dir.path(),
+                &[
+                    ("KAIROS__DELIVERY__SMS__PROVIDER", "http"),
+                    ("KAIROS__DELIVERY__SMS__HTTP__URL", &url),
+                    ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", "300ms"),
+                    ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3"),
+                    ("KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF", "50ms"),
+                ],
+            );
+            let registry = prometheus::Registry::new();
+            let settings = config.delivery[&Channel::sms].clone();
+            let mut processor = DeliveryProcessor::new(&config, Channel::sms, settings, &registry)
+                .expect("processor");
+            let cmd = SendCommand {
+                channel: Channel::sms,
+                address: Some("+491701234567".into()),
+                valid_until: valid_for,
+                ..email_command(0, "welcome")
+            };
+            let message = templates::RenderedMessage {
+                subject: None,
+                preheader: None,
+                body: "hi".into(),
+            };
+            let delivery = processor
+                .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+                .await;
+            let doubt = matches!(delivery, Delivery::InDoubt(_));
+            assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
+            assert!(calls.load(Ordering::SeqCst) >= 1, "{case}");
+        }
     }
 
     /// A send id is taken once within `state.dedup_window`; once the window has passed

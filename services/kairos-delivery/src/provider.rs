@@ -521,10 +521,14 @@ impl HttpProvider {
         if let (Some(h), Some(v)) = (&self.config.auth_header, &self.config.auth_value) {
             request = request.header(h.as_str(), v.as_str());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| ProviderError::Transient(format!("request failed: {e}")))?;
+        let response = request.send().await.map_err(|e| {
+            // Timed out after connecting: the request may have reached the gateway.
+            if e.is_timeout() && !e.is_connect() {
+                ProviderError::NoAnswer(format!("no answer in time: {e}"))
+            } else {
+                ProviderError::Transient(format!("request failed: {e}"))
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
