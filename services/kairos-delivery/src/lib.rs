@@ -1433,65 +1433,18 @@ mod tests {
         );
     }
 
-    /// A gateway that answers every attempt with 409 (the request with this
-    /// idempotency key still in progress) holds the message: once the attempts run
-    /// out, the send is in doubt (reported sent, not repeated), not failed.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_request_the_gateway_still_has_in_progress_is_in_doubt_not_failed() {
-        let app = axum::Router::new().route(
-            "/sms",
-            axum::routing::post(|| async { (axum::http::StatusCode::CONFLICT, "in progress") }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[
-                ("KAIROS__DELIVERY__SMS__PROVIDER", "http"),
-                ("KAIROS__DELIVERY__SMS__HTTP__URL", &url),
-                ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3"),
-                ("KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF", "10ms"),
-            ],
-        );
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::sms].clone();
-        let mut processor =
-            DeliveryProcessor::new(&config, Channel::sms, settings, &registry).expect("processor");
-        let cmd = SendCommand {
-            channel: Channel::sms,
-            address: Some("+491701234567".into()),
-            valid_until: Millis::MAX / 2,
-            ..email_command(0, "welcome")
-        };
-        let message = templates::RenderedMessage {
-            subject: None,
-            preheader: None,
-            body: "hi".into(),
-        };
-        let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
-            .await;
-        assert!(
-            matches!(&delivery, Delivery::InDoubt(e) if e.contains("in progress")),
-            "{delivery:?}"
-        );
-    }
-
     /// Once an attempt may have left the message with the gateway (a 409 for its
     /// idempotency key, or no answer in time), the send ends in doubt (reported sent,
     /// not dead-lettered for a re-drive that could send it again) whether the later
-    /// attempts fail or the message expires meanwhile; a gateway that refuses every
-    /// attempt outright still fails it.
+    /// attempts fail, answer 409 again, or the message expires meanwhile; a gateway
+    /// that refuses every attempt outright still fails it.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_request_the_gateway_may_hold_is_in_doubt_however_the_attempts_end() {
         use std::sync::atomic::{AtomicU32, Ordering};
         // Per case: what the gateway answers to the first attempt and the later ones,
         // how long the message is valid, and whether the send ends in doubt.
         let cases = [
+            ("conflict throughout", 409, 409, Millis::MAX / 2, true),
             (
                 "conflict, then unavailable",
                 409,
