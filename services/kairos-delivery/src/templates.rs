@@ -361,28 +361,39 @@ fn fit_rendered(channel: Channel, field: &str, text: String) -> Result<String, S
 pub fn sms_segments(text: &str) -> usize {
     const GSM7: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
     const GSM7_EXTENDED: &str = "^{}\\[~]|€\u{c}";
-    let mut units = 0usize;
-    let mut gsm = true;
-    for c in text.chars() {
+    // Units per character: GSM-7 septets (an extended character is an escape and
+    // itself), else UTF-16 code units (a character beyond the BMP is a pair).
+    let gsm_units = |c: char| {
         if GSM7.contains(c) {
-            units += 1;
+            Some(1)
         } else if GSM7_EXTENDED.contains(c) {
-            units += 2;
+            Some(2)
         } else {
-            gsm = false;
-            break;
+            None
         }
-    }
-    let (single, multi, len) = if gsm {
-        (160, 153, units)
-    } else {
-        (70, 67, text.encode_utf16().count())
     };
-    match len {
-        0 => 0,
-        n if n <= single => 1,
-        n => n.div_ceil(multi),
+    let gsm = text.chars().all(|c| gsm_units(c).is_some());
+    let units = |c: char| match gsm {
+        true => gsm_units(c).unwrap_or(1),
+        false => c.len_utf16(),
+    };
+    let (single, multi) = if gsm { (160, 153) } else { (70, 67) };
+    let total: usize = text.chars().map(units).sum();
+    if total <= single {
+        return usize::from(total > 0);
     }
+    // Split: a character's units never straddle two segments (an escape and its
+    // character, a surrogate pair), so a segment may end a unit short.
+    let (mut segments, mut used) = (1, 0);
+    for c in text.chars() {
+        let n = units(c);
+        if used + n > multi {
+            segments += 1;
+            used = 0;
+        }
+        used += n;
+    }
+    segments
 }
 
 /// `value` with every object field that is null left out, in nested objects and in
@@ -583,6 +594,21 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
         );
         assert_eq!(sms_segments(&"я".repeat(70)), 1);
         assert_eq!(sms_segments(&"я".repeat(71)), 2);
+        // 459 septets fill three segments of 153 exactly, but the escaped "€" cannot
+        // be split across the first two: four.
+        let straddling = format!("{}€{}", "a".repeat(152), "a".repeat(305));
+        assert_eq!(sms_segments(&straddling), 4);
+        assert_eq!(
+            sms_segments(&format!("{}€{}", "a".repeat(151), "a".repeat(306))),
+            3
+        );
+        // Likewise a surrogate pair in UCS-2: 66 units, then an emoji (2), then 66.
+        let pair = format!("{}😀{}", "я".repeat(66), "я".repeat(66));
+        assert_eq!(sms_segments(&pair), 3);
+        assert_eq!(
+            sms_segments(&format!("{}😀{}", "я".repeat(65), "я".repeat(67))),
+            2
+        );
     }
 
     #[test]
