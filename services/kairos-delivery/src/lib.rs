@@ -400,6 +400,13 @@ impl DeliveryProcessor {
                 .or_insert(cmd.customer_id.clone().into());
             m.insert("send_id".into(), cmd.send_id.clone().into());
             m.insert("scenario".into(), cmd.scenario.clone().into());
+            // The link of the `List-Unsubscribe` header, for the body too: a mail
+            // client that does not show the header still shows an opt-out.
+            let unsubscribe = self.settings.smtp.as_ref();
+            if let Some(url) = unsubscribe.and_then(|s| s.list_unsubscribe.as_deref()) {
+                let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
+                m.insert("unsubscribe_url".into(), url.into());
+            }
         }
         self.templates
             .render(&cmd.template, &vars)
@@ -1242,6 +1249,43 @@ mod tests {
     }
 
     /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
+    /// The shipped marketing e-mails end with the opt-out link of the provider's
+    /// `List-Unsubscribe` header, for clients that do not show the header; without one
+    /// configured they render as before.
+    #[test]
+    fn a_marketing_email_carries_the_unsubscribe_link_of_its_header() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = (
+            "KAIROS__DELIVERY__EMAIL__SMTP__LIST_UNSUBSCRIBE",
+            "https://shop.example/u?c={customer_id}&s={send_id}",
+        );
+        let config = smtp_to_nowhere(dir.path(), &[url]);
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let m = processor
+            .render(&email_command(0, "we_miss_you"))
+            .expect("rendered");
+        assert!(
+            m.body
+                .ends_with("\n\nUnsubscribe: https://shop.example/u?c=c1&s=s-1\n"),
+            "{}",
+            m.body
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = smtp_to_nowhere(dir.path(), &[]);
+        let settings = config.delivery[&Channel::email].clone();
+        let registry = prometheus::Registry::new();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let m = processor
+            .render(&email_command(0, "we_miss_you"))
+            .expect("rendered");
+        assert!(!m.body.contains("Unsubscribe"), "{}", m.body);
+        assert!(m.body.ends_with("https://shop.example/new\n"), "{}", m.body);
+    }
+
     fn email_command(t0: Millis, template: &str) -> SendCommand {
         SendCommand {
             send_id: "s-1".into(),

@@ -356,7 +356,7 @@ const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
     .remove(b'~');
 
 /// `template` with `{customer_id}` and `{send_id}` filled in, percent-encoded.
-fn unsubscribe_url(template: &str, customer_id: &str, send_id: &str) -> String {
+pub(crate) fn unsubscribe_url(template: &str, customer_id: &str, send_id: &str) -> String {
     let encode = |v: &str| percent_encoding::utf8_percent_encode(v, URL_VALUE).to_string();
     template
         .replace("{customer_id}", &encode(customer_id))
