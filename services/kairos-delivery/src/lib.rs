@@ -1248,7 +1248,6 @@ mod tests {
         partition
     }
 
-    /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
     /// The shipped marketing e-mails end with the opt-out link of the provider's
     /// `List-Unsubscribe` header, for clients that do not show the header; without one
     /// configured they render as before.
@@ -1286,6 +1285,7 @@ mod tests {
         assert!(m.body.ends_with("https://shop.example/new\n"), "{}", m.body);
     }
 
+    /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
     fn email_command(t0: Millis, template: &str) -> SendCommand {
         SendCommand {
             send_id: "s-1".into(),
