@@ -1258,8 +1258,7 @@ impl Config {
             let own = format!("delivery.{channel}");
             let line = |sub: &str, key: &str| match sub {
                 "" => table_key_line(text, &own, key),
-                _ => table_key_line(text, &format!("{own}.{sub}"), key)
-                    .or_else(|| table_key_line(text, &own, sub)),
+                _ => nested_key_line(text, &own, sub, key),
             };
             let fail = |(sub, key): (&str, &str), message| fail_at(line(sub, key), key, message);
             match d.provider {
@@ -1374,10 +1373,7 @@ impl Config {
             );
         for (table, cap) in zero_caps {
             if let Some(field) = cap.zero_field() {
-                // `[arbiter.channel_caps.sms]`, or `channel_caps = { sms = ... }` inline.
-                let inline = table.split('.').next().unwrap_or_default();
-                let line = table_key_line(text, &format!("arbiter.{table}"), field)
-                    .or_else(|| table_key_line(text, "arbiter", inline));
+                let line = nested_key_line(text, "arbiter", &table, field);
                 return Err(fail_at(
                     line,
                     field,
@@ -1800,6 +1796,14 @@ fn too_long(value: &str) -> bool {
 }
 
 /// The variable to blame for an override error: the one found, or else all of them.
+/// The line of `key` in the table `[<parent>.<sub>]`, else the line of `sub`'s first
+/// part where it is written inline in `[<parent>]` (`[arbiter.channel_caps.sms]`, or
+/// `channel_caps = { sms = { daily_cap = 0 } }`).
+fn nested_key_line(text: &str, parent: &str, sub: &str, key: &str) -> Option<usize> {
+    table_key_line(text, &format!("{parent}.{sub}"), key)
+        .or_else(|| table_key_line(text, parent, sub.split('.').next().unwrap_or_default()))
+}
+
 /// The first override that makes the file `text` invalid on its own (it does not
 /// apply, the result does not read, or it fails a check).
 fn breaks_alone<'a>(text: &str, overrides: &'a [(String, String)]) -> Option<&'a (String, String)> {

@@ -44,6 +44,16 @@ fn digest(parts: &[&str]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A number this run of this process alone has (the start time in nanoseconds, mixed
+/// with the process id): the one thing not deterministic here, for what must differ
+/// between runs (a live generator's ids, the touches a feedback process counted).
+pub fn run_nonce() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -574,7 +574,7 @@ impl DeliveryProcessor {
             let delivery = Self::judge(
                 &mut self.breaker,
                 cmd,
-                (attempt, max),
+                attempt,
                 result,
                 committed.get(),
                 &mut last_error,
@@ -610,7 +610,7 @@ impl DeliveryProcessor {
     fn judge(
         breaker: &mut CircuitBreaker,
         cmd: &SendCommand,
-        (attempt, max): (u32, u32),
+        attempt: u32,
         result: Result<(), ProviderError>,
         committed: bool,
         last_error: &mut String,
@@ -636,15 +636,10 @@ impl DeliveryProcessor {
                 Some(Delivery::InDoubt(e))
             }
             // The gateway answered: it holds the message, whose request is still in
-            // progress. Asked again until the attempts run out, then in doubt: reported
-            // sent and not repeated, rather than failed and dead-lettered.
+            // progress. Asked again; once the attempts run out, in doubt (see
+            // `may_be_held` in `attempts`).
             Err(ProviderError::InProgress(e)) => {
                 breaker.success();
-                if attempt == max {
-                    return Some(Delivery::InDoubt(format!(
-                        "the gateway still had the request in progress ({e})"
-                    )));
-                }
                 *last_error = e;
                 None
             }
@@ -1253,34 +1248,29 @@ mod tests {
     /// configured they render as before.
     #[test]
     fn a_marketing_email_carries_the_unsubscribe_link_of_its_header() {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let we_miss_you = |extra: &[(&str, &str)]| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = smtp_to_nowhere(dir.path(), extra);
+            let registry = prometheus::Registry::new();
+            let settings = config.delivery[&Channel::email].clone();
+            let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+                .expect("processor");
+            processor
+                .render(&email_command(0, "we_miss_you"))
+                .expect("rendered")
+        };
         let url = (
             "KAIROS__DELIVERY__EMAIL__SMTP__LIST_UNSUBSCRIBE",
             "https://shop.example/u?c={customer_id}&s={send_id}",
         );
-        let config = smtp_to_nowhere(dir.path(), &[url]);
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let m = processor
-            .render(&email_command(0, "we_miss_you"))
-            .expect("rendered");
+        let m = we_miss_you(&[url]);
         assert!(
             m.body
                 .ends_with("\n\nUnsubscribe: https://shop.example/u?c=c1&s=s-1\n"),
             "{}",
             m.body
         );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = smtp_to_nowhere(dir.path(), &[]);
-        let settings = config.delivery[&Channel::email].clone();
-        let registry = prometheus::Registry::new();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let m = processor
-            .render(&email_command(0, "we_miss_you"))
-            .expect("rendered");
+        let m = we_miss_you(&[]);
         assert!(!m.body.contains("Unsubscribe"), "{}", m.body);
         assert!(m.body.ends_with("https://shop.example/new\n"), "{}", m.body);
     }

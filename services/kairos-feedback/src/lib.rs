@@ -266,13 +266,6 @@ pub struct FeedbackProcessor {
 
 /// A number no other feedback process had: the start time in nanoseconds and the
 /// process id.
-fn process_epoch() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 40)
-}
-
 /// The records feedback deduplicates by id.
 #[derive(Debug, Clone, Copy)]
 enum RecordKind {
@@ -396,7 +389,7 @@ impl FeedbackProcessor {
                 config.state.dedup_window,
                 config.feedback.attribution_delay,
             ),
-            epoch: process_epoch(),
+            epoch: kairos_core::ids::run_nonce(),
         }
     }
 
@@ -1086,6 +1079,22 @@ mod tests {
     }
 
     /// A site purchase `id` of 10.0 by `customer` at `at`.
+    /// A purchase of 10 at `at` by each of `customers`, on the site topic.
+    fn push_purchases(
+        config: &Config,
+        replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+        customers: &[&str],
+        at: Millis,
+    ) {
+        let site = config.topic(topics::SITE_EVENTS);
+        for customer in customers {
+            let purchase = purchase(&format!("p-{customer}"), customer, at);
+            replayer
+                .push(&site, customer.as_bytes(), &purchase)
+                .expect("push");
+        }
+    }
+
     fn purchase(id: &str, customer: &str, at: Millis) -> Vec<u8> {
         serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
             "customer_id": customer, "order": {"order_id": format!("o-{id}"), "total": 10.0}})
@@ -1155,7 +1164,6 @@ mod tests {
              channels = [\"email\", \"push\", \"sms\"]\ntemplate = \"t\"\n",
         );
         let decisions = config.topic(topics::DECISIONS);
-        let site = config.topic(topics::SITE_EVENTS);
         let decision = |customer: &str, step: &str, outcome, channel, rule: &str, at| Decision {
             decision_id: format!("d-{customer}-{step}"),
             trigger_id: format!("t-{customer}"),
@@ -1210,12 +1218,7 @@ mod tests {
                 .push(&decisions, d.customer_id.as_bytes(), &payload)
                 .expect("push");
         }
-        for customer in ["c1", "c2"] {
-            let purchase = purchase(&format!("p-{customer}"), customer, 4 * hour);
-            replayer
-                .push(&site, customer.as_bytes(), &purchase)
-                .expect("push");
-        }
+        push_purchases(&config, &mut replayer, &["c1", "c2"], 4 * hour);
         // Past `feedback.attribution_delay`, which the purchases wait.
         replayer.advance_to(5 * hour).expect("advance");
         replayer.commit().expect("commit");
@@ -1257,13 +1260,7 @@ mod tests {
         }
         let (config, registry, mut replayer) = replayer(dir.path(), text);
         push_email_sent(&config, &mut replayer, "c2", "cart", 2 * hour);
-        let site = config.topic(topics::SITE_EVENTS);
-        for customer in ["c1", "c2"] {
-            let purchase = purchase(&format!("p-{customer}"), customer, 3 * hour);
-            replayer
-                .push(&site, customer.as_bytes(), &purchase)
-                .expect("push");
-        }
+        push_purchases(&config, &mut replayer, &["c1", "c2"], 3 * hour);
         replayer.advance_to(4 * hour).expect("advance");
         replayer.commit().expect("commit");
         assert_eq!(email_conversions(&registry).0, 2.0, "both converted");
@@ -1286,7 +1283,6 @@ mod tests {
              channels = [\"email\"]\ntemplate = \"t\"\n",
         );
         let decisions = config.topic(topics::DECISIONS);
-        let site = config.topic(topics::SITE_EVENTS);
         let hour = 3_600_000;
         let decision = |customer: &str, outcome, rule: &str, group| Decision {
             decision_id: format!("d-{customer}-{rule}"),
@@ -1328,12 +1324,7 @@ mod tests {
                 .expect("push");
         }
         // One in four buys in each group: a treated one who got nothing among them.
-        for customer in ["t3", "c1", "t5", "t6"] {
-            let purchase = purchase(&format!("p-{customer}"), customer, 2 * hour);
-            replayer
-                .push(&site, customer.as_bytes(), &purchase)
-                .expect("push");
-        }
+        push_purchases(&config, &mut replayer, &["t3", "c1", "t5", "t6"], 2 * hour);
         replayer.advance_to(3 * hour).expect("advance");
         replayer.commit().expect("commit");
         let sample = |name: &str, values: &[&str]| counter(&registry, name, values);
@@ -1445,7 +1436,6 @@ mod tests {
              channels = [\"email\", \"push\"]\ntemplate = \"t\"\n",
         );
         let decisions = config.topic(topics::DECISIONS);
-        let site = config.topic(topics::SITE_EVENTS);
         let hour = 3_600_000;
         let minute = 60_000;
         let push_decision =
@@ -1470,10 +1460,7 @@ mod tests {
                     .expect("push");
             };
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str| {
-            let purchase = purchase(&format!("p-{customer}"), customer, 2 * hour);
-            replayer
-                .push(&site, customer.as_bytes(), &purchase)
-                .expect("push");
+            push_purchases(&config, replayer, &[customer], 2 * hour)
         };
         let sum = |name: &str, values: &[&str]| counter(&registry, name, values);
         // a1 and a2 bought at 2 h after an e-mail at 1 h; the purchases are read first.

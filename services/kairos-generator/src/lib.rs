@@ -321,16 +321,15 @@ impl TrafficModel {
             .into_iter()
             .map(|mut e| {
                 e.occurred_at += shift;
-                e
-            })
-            .map(|e| GeneratedEvent {
-                source,
-                key: e
-                    .customer_id
-                    .clone()
-                    .or_else(|| e.anonymous_id.clone())
-                    .unwrap_or_default(),
-                payload: serde_json::to_vec(&e).unwrap_or_default(),
+                GeneratedEvent {
+                    source,
+                    key: e
+                        .customer_id
+                        .clone()
+                        .or_else(|| e.anonymous_id.clone())
+                        .unwrap_or_default(),
+                    payload: serde_json::to_vec(&e).unwrap_or_default(),
+                }
             })
             .collect()
     }
@@ -487,11 +486,7 @@ pub async fn run(
         Source::App => config.topic(topics::APP_EVENTS),
         Source::Offline => config.topic(topics::OFFLINE_EVENTS),
     };
-    let run_nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default();
-    let mut model = TrafficModel::live(&config.generator, run_nanos);
+    let mut model = TrafficModel::live(&config.generator, kairos_core::ids::run_nonce());
     let mut sent: u64 = 0;
     let tick = Duration::from_millis(50);
     let per_tick = (rate.max(0.1) * tick.as_secs_f64()).max(0.0);
@@ -588,6 +583,11 @@ mod tests {
         );
     }
 
+    /// A generated event's JSON.
+    fn json(payload: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(payload).expect("json")
+    }
+
     #[test]
     fn till_sales_are_the_configured_share_of_purchases() {
         for share in [0.25, 0.5] {
@@ -598,7 +598,7 @@ mod tests {
             let (mut online, mut offline) = (0u32, 0u32);
             for _ in 0..100_000 {
                 for e in m.session(1_000_000_000) {
-                    let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+                    let v = json(&e.payload);
                     if e.source == Source::Offline {
                         offline += 1;
                     } else if v["event_type"] == "purchase" {
@@ -650,8 +650,9 @@ mod tests {
                 .session(now)
                 .iter()
                 .map(|e| {
-                    let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
-                    v["occurred_at"].as_i64().expect("occurred_at")
+                    json(&e.payload)["occurred_at"]
+                        .as_i64()
+                        .expect("occurred_at")
                 })
                 .collect();
             assert_eq!(times.last(), Some(&now), "{times:?}");
@@ -671,10 +672,7 @@ mod tests {
         let times: Vec<i64> = out
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_slice(l).expect("json");
-                v["occurred_at"].as_i64().expect("occurred_at")
-            })
+            .map(|l| json(l)["occurred_at"].as_i64().expect("occurred_at"))
             .collect();
         let day = kairos_core::time::DAY as f64;
         let last = (*times.iter().max().expect("events") - start) as f64 / day;
@@ -695,7 +693,7 @@ mod tests {
         let mut ids = HashSet::new();
         for _ in 0..sessions {
             for e in model.session(1_000_000_000) {
-                let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+                let v = json(&e.payload);
                 for field in ["event_id", "receipt_id"] {
                     ids.extend(v[field].as_str().map(str::to_string));
                 }

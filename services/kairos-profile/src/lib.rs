@@ -2521,9 +2521,8 @@ impl ProfileProcessor {
     ) -> anyhow::Result<()> {
         let until = occurred_at.min(ctx.now());
         while let Some(due) = p.armed.get(SEGMENT_REVIEW).copied().filter(|&a| a <= until) {
-            p.armed.remove(SEGMENT_REVIEW);
             // Arms the next boundary (always later than `due`) in place of the timer.
-            self.review_segments_as_of(ctx, p, "time", due, due, &Reorder::default())?;
+            self.review_at_boundary(ctx, p, due)?;
             if !p.armed.contains_key(SEGMENT_REVIEW) {
                 // No boundary ahead: the overdue timer must not judge again later.
                 ctx.cancel(&format!("{SEGMENT_REVIEW}/{}", p.customer_id))?;
@@ -2541,11 +2540,21 @@ impl ProfileProcessor {
         let Some(mut p) = self.take(ctx, customer_id)? else {
             return Ok(());
         };
-        p.armed.remove(SEGMENT_REVIEW);
-        let result =
-            self.review_segments_as_of(ctx, &mut p, "time", fire_at, fire_at, &Reorder::default());
+        let result = self.review_at_boundary(ctx, &mut p, fire_at);
         self.put(ctx, p)?;
         result
+    }
+
+    /// The time-driven review due at `at` (its timer fired, or an event came after
+    /// it first), judged as of `at`; it arms the next one.
+    fn review_at_boundary(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut CustomerProfile,
+        at: Millis,
+    ) -> anyhow::Result<()> {
+        p.armed.remove(SEGMENT_REVIEW);
+        self.review_segments_as_of(ctx, p, "time", at, at, &Reorder::default())
     }
 }
 

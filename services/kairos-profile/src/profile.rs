@@ -822,11 +822,9 @@ impl CustomerProfile {
         // what the other added to the sums comes out of them below.
         let mut counted_twice = CountedTwice::default();
         for order in other.recent_orders {
-            match (self.recent_orders.iter_mut())
-                .find(|o| o.order_id == order.order_id && o.offline == order.offline)
-            {
+            match self.order_index(&order.order_id, order.offline) {
                 None => self.recent_orders.push(order),
-                Some(mine) => counted_twice.keep_one(mine, order),
+                Some(n) => counted_twice.keep_one(&mut self.recent_orders[n], order),
             }
         }
         // The same reversal read by both ids: each took its amount out of its own
@@ -1460,7 +1458,7 @@ impl CustomerProfile {
         let mut came_first = Vec::new();
         if let Some(id) = &order_id {
             // A till receipt and a web order may share a number: each is its own order.
-            if (self.recent_orders.iter()).any(|o| o.order_id == *id && o.offline == offline) {
+            if self.order_index(id, offline).is_some() {
                 return PurchaseApplied::AlreadyCounted;
             }
             let (theirs, rest) = std::mem::take(&mut self.early_reversals)
@@ -1728,10 +1726,13 @@ impl CustomerProfile {
     /// web order of that id, else a till sale of it (a till receipt and a web order
     /// may share a number).
     fn order_named(&self, order_id: &str) -> Option<usize> {
-        let named = |offline: bool| {
-            (self.recent_orders.iter()).position(|o| o.order_id == order_id && o.offline == offline)
-        };
-        named(false).or_else(|| named(true))
+        (self.order_index(order_id, false)).or_else(|| self.order_index(order_id, true))
+    }
+
+    /// The recent web order (or till sale, `offline`) `order_id`: a till receipt and a
+    /// web order may share a number, and are two orders.
+    fn order_index(&self, order_id: &str, offline: bool) -> Option<usize> {
+        (self.recent_orders.iter()).position(|o| o.order_id == order_id && o.offline == offline)
     }
 
     /// Whether the order is known to be partly returned (and not all of it).

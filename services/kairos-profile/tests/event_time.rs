@@ -1577,13 +1577,18 @@ fn purchases_move_segments() {
 
 /// Five orders of 60, a day apart from `t` (300 in all: F=4, M=3).
 fn five_orders_of_60(h: &mut Harness, customer: &str, t: Millis) {
-    for i in 0..5 {
+    orders_of(h, customer, 5, (t, DAY), 60.0);
+}
+
+/// `count` orders of `total` each by `customer`, the first at `t`, then every `gap`.
+fn orders_of(h: &mut Harness, customer: &str, count: i64, (t, gap): (Millis, Millis), total: f64) {
+    for i in 0..count {
         h.site(
             &format!("{customer}-buy{i}"),
             "purchase",
             customer,
-            t + i * DAY,
-            order(&format!("o-{customer}-{i}"), 60.0, None),
+            t + i * gap,
+            order(&format!("o-{customer}-{i}"), total, None),
         );
     }
 }
@@ -1759,15 +1764,7 @@ fn revenue_of_exactly_a_boundary_reaches_it() {
 fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time() {
     let t = at(T0);
     let mut h = Harness::new();
-    for i in 0..5 {
-        h.site(
-            &format!("cf-buy{i}"),
-            "purchase",
-            "cf",
-            t + i * HOUR,
-            order(&format!("o-cf-{i}"), 200.0, None),
-        );
-    }
+    orders_of(&mut h, "cf", 5, (t, HOUR), 200.0);
     assert_eq!(h.triggers("cf", "vip").len(), 1, "a Champion now");
     // A sixth order is placed and cancelled at once; the app's cancellation is read
     // before the site's purchase. The profile holds every order it counted, so the
@@ -1798,15 +1795,7 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
     // customer leaves the Champions until the purchase shows the order is the
     // cancelled one. Back among them, they are not greeted a second time.
     let mut h = Harness::new();
-    for i in 0..20 {
-        h.site(
-            &format!("cr-buy{i}"),
-            "purchase",
-            "cr",
-            t + i * MINUTE,
-            order(&format!("o-cr-{i}"), 30.0, None),
-        );
-    }
+    orders_of(&mut h, "cr", 20, (t, MINUTE), 30.0);
     assert_eq!(h.triggers("cr", "vip").len(), 1, "a Champion now");
     let cancelled = order("o-cr-x", 150.0, Some("cancelled"));
     h.site("cr-cancel", "order_status", "cr", t + 6 * HOUR, cancelled);
@@ -1841,15 +1830,7 @@ fn a_cancellation_read_before_its_purchase_does_not_greet_the_vip_a_second_time(
     // A customer who was not a Champion before the cancellation is greeted when an
     // order makes them one, whatever came first.
     let mut h = Harness::new();
-    for i in 0..4 {
-        h.site(
-            &format!("cg-buy{i}"),
-            "purchase",
-            "cg",
-            t + i * HOUR,
-            order(&format!("o-cg-{i}"), 200.0, None),
-        );
-    }
+    orders_of(&mut h, "cg", 4, (t, HOUR), 200.0);
     let cancelled = order("o-cg-x", 50.0, Some("cancelled"));
     h.site("cg-cancel", "order_status", "cg", t + 6 * HOUR, cancelled);
     h.site(

@@ -31,7 +31,7 @@ pub struct BenchStats {
 impl BenchStats {
     /// One line: what went in, how long it took, the rates and the peak memory.
     pub fn report(&self, inputs: &str, unit: &str, peak_rss_kib: i64) -> String {
-        let cpu_seconds = self.cpu.user + self.cpu.system;
+        let cpu_seconds = self.cpu.total();
         format!(
             "processed {} {inputs} into {} output records in {:.2} s wall, {:.2} s CPU ({:.2} user, {:.2} system): {:.0} {unit}/s wall, {:.0} {unit} per CPU-second, peak RSS {} MiB",
             self.inputs,

@@ -335,9 +335,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             .await
         }
         Command::BenchIdentity { input, state_dir } => {
-            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
-            let mut cfg = (*config).clone();
-            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
+            let (mut cfg, _state) = with_state_dir(&config, state_dir)?;
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
             let stats = bench::run_identity(&cfg, &input)?;
             eprintln!("{}", stats.report("events", "events", peak_rss_kib()));
@@ -371,9 +369,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                         .with_context(|| format!("--until {u:?} is not RFC 3339"))
                 })
                 .transpose()?;
-            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
-            let mut cfg = (*config).clone();
-            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
+            let (cfg, _state) = with_state_dir(&config, state_dir)?;
             let started = std::time::Instant::now();
             let stats = tokio::task::spawn_blocking(move || {
                 replay::run(&cfg, &inputs, output, until, !no_arbiter)
@@ -381,7 +377,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             .await
             .context("replay task failed")??;
             let time = cpu_time();
-            let usage = time.user + time.system;
+            let usage = time.total();
             eprintln!(
                 "replayed {} events into {} records in {:.2} s wall, {:.2} s CPU ({:.2} user, {:.2} system): {:.0} events/s wall, {:.0} events per CPU-second, peak RSS {} MiB",
                 stats.input_records,
@@ -403,9 +399,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         } => {
             let channel =
                 Channel::parse(&channel).with_context(|| format!("unknown channel {channel:?}"))?;
-            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
-            let mut cfg = (*config).clone();
-            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
+            let (cfg, _state) = with_state_dir(&config, state_dir)?;
             let stats = bench::run(&cfg, channel, count)?;
             eprintln!(
                 "{}",
@@ -427,9 +421,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 config.scenario(&scenario).is_some(),
                 "--scenario {scenario:?} is not a [[scenarios]] name in the config"
             );
-            let tmp = tempfile::tempdir().context("cannot create a state directory")?;
-            let mut cfg = (*config).clone();
-            cfg.state.dir = empty_state_dir(state_dir, &tmp)?;
+            let (mut cfg, _state) = with_state_dir(&config, state_dir)?;
             // Decisions in event time, from the triggers' own timestamps.
             cfg.clock.mode = kairos_core::time::ClockMode::Event;
             let stats = bench::run_arbiter(&cfg, count, customers, &scenario)?;
@@ -582,6 +574,19 @@ fn positive_number(text: &str) -> Result<f64, String> {
     }
 }
 
+/// `config` for a replay or benchmark with its state in `chosen` (empty or missing,
+/// see [`empty_state_dir`]) or in a fresh temporary directory, which lives as long as
+/// the directory returned with it.
+fn with_state_dir(
+    config: &Config,
+    chosen: Option<PathBuf>,
+) -> anyhow::Result<(Config, tempfile::TempDir)> {
+    let tmp = tempfile::tempdir().context("cannot create a state directory")?;
+    let mut cfg = config.clone();
+    cfg.state.dir = empty_state_dir(chosen, &tmp)?;
+    Ok((cfg, tmp))
+}
+
 /// The state directory of a replay or benchmark: `chosen` if it is empty or missing,
 /// else `fallback`. A replay numbers its input from the start of its files, so over
 /// the state of an earlier run (one stopped half-way, or the same file again) it would
@@ -612,6 +617,12 @@ fn empty_state_dir(
 pub(crate) struct CpuTime {
     pub user: f64,
     pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
 }
 
 impl std::ops::Sub for CpuTime {
