@@ -1070,7 +1070,7 @@ mod tests {
     fn a_blank_id_field_is_absent_and_does_not_hide_the_next_one() {
         let event = |ids: &str| -> CustomerEvent {
             serde_json::from_str(&format!(
-                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1{ids}}}"#
+                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1764950000000{ids}}}"#
             ))
             .expect("event")
         };
@@ -1087,7 +1087,7 @@ mod tests {
         assert_eq!(key(r#","customer_id":"","anonymous_id":"""#), None);
         let receipt = |ids: &str| -> OfflineReceipt {
             serde_json::from_str(&format!(
-                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","occurred_at":1,"store_id":"s1","total":1.0,"currency":"EUR","items":[]{ids}}}"#
+                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","occurred_at":1764950000000,"store_id":"s1","total":1.0,"currency":"EUR","items":[]{ids}}}"#
             ))
             .expect("receipt")
         };

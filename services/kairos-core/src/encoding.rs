@@ -516,18 +516,20 @@ mod tests {
         let r = decode_json::<CustomerEvent>(b"not json").unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::not_json);
         let r = decode_json::<CustomerEvent>(
-            br#"{"event_id":"1","event_type":"teleport","occurred_at":1}"#,
+            br#"{"event_id":"1","event_type":"teleport","occurred_at":1764950000000}"#,
         )
         .unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::unknown_event_type);
-        let r = decode_json::<CustomerEvent>(br#"{"event_type":"page_view","occurred_at":1}"#)
-            .unwrap_err();
+        let r = decode_json::<CustomerEvent>(
+            br#"{"event_type":"page_view","occurred_at":1764950000000}"#,
+        )
+        .unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::missing_field);
         assert!(r.message.contains("event_id"), "{}", r.message);
         // Two values for one field: which is meant is unknown, so neither is taken.
         for twice in [
-            r#"{"event_id":"1","event_type":"purchase","occurred_at":1,"customer_id":"c1","order":{"order_id":"o1","total":10.0,"total":10000.0}}"#,
-            r#"{"event_id":"1","event_type":"page_view","event_type":"purchase","occurred_at":1,"customer_id":"c1"}"#,
+            r#"{"event_id":"1","event_type":"purchase","occurred_at":1764950000000,"customer_id":"c1","order":{"order_id":"o1","total":10.0,"total":10000.0}}"#,
+            r#"{"event_id":"1","event_type":"page_view","event_type":"purchase","occurred_at":1764950000000,"customer_id":"c1"}"#,
         ] {
             let r = decode_json::<CustomerEvent>(twice.as_bytes()).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{twice}");
@@ -606,7 +608,7 @@ mod tests {
             .unwrap()
             .insert(7, Arc::new(schema.clone()));
         let event: CustomerEvent = decode_json(
-            br#"{"event_id":"e1","event_type":"add_to_cart","occurred_at":5,"customer_id":"c1"}"#,
+            br#"{"event_id":"e1","event_type":"add_to_cart","occurred_at":1764950000000,"customer_id":"c1"}"#,
         )
         .unwrap();
         let bytes = encode_confluent_avro(&event, &schema, 7).unwrap();
@@ -642,7 +644,7 @@ mod tests {
             .unwrap()
             .insert(10, Arc::new(writer.clone()));
         let event: CustomerEvent = decode_json(
-            br#"{"event_id":"e1","event_type":"page_view","occurred_at":5,"customer_id":"c1"}"#,
+            br#"{"event_id":"e1","event_type":"page_view","occurred_at":1764950000000,"customer_id":"c1"}"#,
         )
         .unwrap();
         let frame = |event_type: &str| {

@@ -239,7 +239,7 @@ mod tests {
     fn ids_that_key_state_are_trimmed_and_bounded() {
         let registry = SchemaRegistry::new(None);
         let event = |id: &str| {
-            serde_json::json!({"event_id": "e1", "event_type": "page_view", "occurred_at": 1,
+            serde_json::json!({"event_id": "e1", "event_type": "page_view", "occurred_at": 1_764_950_000_000_i64,
                 "customer_id": id, "anonymous_id": format!(" {id}\t")})
             .to_string()
         };
@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(e.customer_id.as_deref(), Some("c1"));
         assert_eq!(e.anonymous_id.as_deref(), Some("c1"));
         let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1", "kind": "sale",
-            "store_id": "s1", "occurred_at": 1, "customer_id": "\nc2 ", "total": 10.0,
+            "store_id": "s1", "occurred_at": 1_764_950_000_000_i64, "customer_id": "\nc2 ", "total": 10.0,
             "currency": "EUR", "items": []});
         let r = decode_receipt(receipt.to_string().as_bytes(), &registry).expect("valid");
         assert_eq!(r.customer_id.as_deref(), Some("c2"));
@@ -262,12 +262,12 @@ mod tests {
         let registry = SchemaRegistry::new(None);
         let event = |customer: &str| {
             format!(
-                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1,"customer_id":"{customer}"}}"#
+                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1764950000000,"customer_id":"{customer}"}}"#
             )
         };
         let receipt = |customer: &str| {
             format!(
-                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","store_id":"s1","occurred_at":1,"customer_id":"{customer}","total":10.0,"currency":"EUR","items":[]}}"#
+                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","store_id":"s1","occurred_at":1764950000000,"customer_id":"{customer}","total":10.0,"currency":"EUR","items":[]}}"#
             )
         };
         for id in ["c-1", "anonymous:x", "card", "a#shared-not"] {

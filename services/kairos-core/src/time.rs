@@ -70,18 +70,29 @@ pub fn wall_now() -> Millis {
         .unwrap_or(0)
 }
 
-/// The times an input may carry: from 1970-01-01 to the end of 9999. Anything outside
+/// The times an input may carry: from 2000-01-01 to the end of 9999. Anything outside
 /// is a broken clock or a bad field, and the durations added to an event's time (a
-/// 30-day wait, a year to the next birthday) stay far from `i64`'s limits.
-pub const INPUT_TIMES: std::ops::RangeInclusive<Millis> = 0..=253_402_300_799_999;
+/// 30-day wait, a year to the next birthday) stay far from `i64`'s limits. The lower
+/// bound catches the commonest producer mistake, epoch seconds where milliseconds are
+/// due: today in seconds reads as January 1970 and would be applied as history.
+pub const INPUT_TIMES: std::ops::RangeInclusive<Millis> = 946_684_800_000..=253_402_300_799_999;
 
 /// `at` if it lies in [`INPUT_TIMES`], else why not (for the dead-letter reason).
 pub fn check_input_time(at: Millis) -> Result<Millis, String> {
     if INPUT_TIMES.contains(&at) {
         Ok(at)
+    } else if at
+        .checked_mul(1000)
+        .is_some_and(|ms| INPUT_TIMES.contains(&ms))
+    {
+        Err(format!(
+            "timestamp {at} is before 2000-01-01T00:00:00Z; it looks like epoch seconds \
+             ({}), but Kairos reads epoch milliseconds or an RFC 3339 string",
+            format_millis(at * 1000)
+        ))
     } else {
         Err(format!(
-            "timestamp {at} is outside 1970-01-01T00:00:00Z..9999-12-31T23:59:59.999Z"
+            "timestamp {at} is outside 2000-01-01T00:00:00Z..9999-12-31T23:59:59.999Z"
         ))
     }
 }
@@ -146,6 +157,25 @@ mod tests {
         let b: T = serde_json::from_str(r#"{"at": "2023-11-14T22:13:20.123Z"}"#).unwrap();
         assert_eq!(b.at, 1_700_000_000_123);
         assert!(serde_json::from_str::<T>(r#"{"at": "yesterday"}"#).is_err());
+    }
+
+    #[test]
+    fn epoch_seconds_and_times_before_2000_are_refused_with_a_hint() {
+        let seconds = serde_json::from_str::<T>(r#"{"at": 1764950000}"#)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            seconds.contains("looks like epoch seconds (2025-12-05T15:53:20.000Z)"),
+            "{seconds}"
+        );
+        let before = serde_json::from_str::<T>(r#"{"at": "1999-12-31T23:59:59.999Z"}"#)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(before.contains("outside 2000-01-01T00:00:00Z"), "{before}");
+        let first: T = serde_json::from_str(r#"{"at": "2000-01-01T00:00:00Z"}"#).unwrap();
+        assert_eq!(first.at, 946_684_800_000);
     }
 
     #[test]

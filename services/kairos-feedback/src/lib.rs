@@ -936,6 +936,9 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// Where the tests' clocks start: input times before 2000 are refused.
+    const T0: Millis = 20_000 * kairos_core::time::DAY;
+
     #[test]
     fn labels_stay_bounded() {
         let config = Config::from_text(
@@ -1125,7 +1128,7 @@ mod tests {
         let offline = config.topic(topics::OFFLINE_EVENTS);
         let purchase = |id: &str, total: &str| {
             format!(
-                r#"{{"event_id":"{id}","event_type":"purchase","occurred_at":1000,"customer_id":"c1","order":{{"order_id":"{id}","total":{total}}}}}"#
+                r#"{{"event_id":"{id}","event_type":"purchase","occurred_at":{T0},"customer_id":"c1","order":{{"order_id":"{id}","total":{total}}}}}"#
             )
         };
         for line in [
@@ -1139,7 +1142,7 @@ mod tests {
         }
         let receipt = |id: &str, total: &str| {
             format!(
-                r#"{{"event_id":"{id}","receipt_id":"{id}","kind":"sale","occurred_at":1000,"customer_id":"c1","store_id":"s1","total":{total},"items":[],"currency":"EUR"}}"#
+                r#"{{"event_id":"{id}","receipt_id":"{id}","kind":"sale","occurred_at":{T0},"customer_id":"c1","store_id":"s1","total":{total},"items":[],"currency":"EUR"}}"#
             )
         };
         for line in [receipt("r-ok", "7.0"), receipt("r-huge", "1e300")] {
@@ -1186,7 +1189,7 @@ mod tests {
                 DecisionOutcome::sent,
                 Some(Channel::email),
                 "sent",
-                hour,
+                T0 + hour,
             ),
             decision(
                 "c1",
@@ -1194,7 +1197,7 @@ mod tests {
                 DecisionOutcome::sent,
                 Some(Channel::push),
                 "cascade",
-                2 * hour,
+                T0 + 2 * hour,
             ),
             decision(
                 "c1",
@@ -1202,7 +1205,7 @@ mod tests {
                 DecisionOutcome::sent,
                 Some(Channel::sms),
                 "cascade",
-                3 * hour,
+                T0 + 3 * hour,
             ),
             decision(
                 "c2",
@@ -1210,7 +1213,7 @@ mod tests {
                 DecisionOutcome::held_out,
                 None,
                 "control_group",
-                hour,
+                T0 + hour,
             ),
         ] {
             let payload = serde_json::to_vec(&d).expect("encode");
@@ -1218,9 +1221,9 @@ mod tests {
                 .push(&decisions, d.customer_id.as_bytes(), &payload)
                 .expect("push");
         }
-        push_purchases(&config, &mut replayer, &["c1", "c2"], 4 * hour);
+        push_purchases(&config, &mut replayer, &["c1", "c2"], T0 + 4 * hour);
         // Past `feedback.attribution_delay`, which the purchases wait.
-        replayer.advance_to(5 * hour).expect("advance");
+        replayer.advance_to(T0 + 5 * hour).expect("advance");
         replayer.commit().expect("commit");
         let by_group = |name: &str, group: &str| counter(&registry, name, &[group]);
         assert_eq!(
@@ -1255,13 +1258,13 @@ mod tests {
         let hour = 3_600_000;
         {
             let (config, _registry, mut replayer) = replayer(dir.path(), text);
-            push_email_sent(&config, &mut replayer, "c1", "cart", hour);
+            push_email_sent(&config, &mut replayer, "c1", "cart", T0 + hour);
             replayer.commit().expect("commit");
         }
         let (config, registry, mut replayer) = replayer(dir.path(), text);
-        push_email_sent(&config, &mut replayer, "c2", "cart", 2 * hour);
-        push_purchases(&config, &mut replayer, &["c1", "c2"], 3 * hour);
-        replayer.advance_to(4 * hour).expect("advance");
+        push_email_sent(&config, &mut replayer, "c2", "cart", T0 + 2 * hour);
+        push_purchases(&config, &mut replayer, &["c1", "c2"], T0 + 3 * hour);
+        replayer.advance_to(T0 + 4 * hour).expect("advance");
         replayer.commit().expect("commit");
         assert_eq!(email_conversions(&registry).0, 2.0, "both converted");
         assert_eq!(conversion_rate(&registry, "cart", "treatment"), 1.0);
@@ -1295,7 +1298,7 @@ mod tests {
             send_id: (outcome == DecisionOutcome::sent).then(|| format!("s-{customer}")),
             rule: rule.into(),
             reason: "test".into(),
-            decided_at: hour,
+            decided_at: T0 + hour,
             group,
         };
         let treatment = Some(ExperimentGroup::treatment);
@@ -1324,8 +1327,13 @@ mod tests {
                 .expect("push");
         }
         // One in four buys in each group: a treated one who got nothing among them.
-        push_purchases(&config, &mut replayer, &["t3", "c1", "t5", "t6"], 2 * hour);
-        replayer.advance_to(3 * hour).expect("advance");
+        push_purchases(
+            &config,
+            &mut replayer,
+            &["t3", "c1", "t5", "t6"],
+            T0 + 2 * hour,
+        );
+        replayer.advance_to(T0 + 3 * hour).expect("advance");
         replayer.commit().expect("commit");
         let sample = |name: &str, values: &[&str]| counter(&registry, name, values);
         let touches = "kairos_attribution_touches_total";
@@ -1381,14 +1389,14 @@ mod tests {
             "d1",
             DecisionOutcome::sent,
             "channel_choice",
-            hour,
+            T0 + hour,
         );
         push_decision(
             &mut replayer,
             "d2",
             DecisionOutcome::cancelled,
             "purchase_exclusion",
-            3 * hour,
+            T0 + 3 * hour,
         );
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, id: &str, at| {
             replayer
@@ -1399,8 +1407,8 @@ mod tests {
             replayer.commit().expect("commit");
         };
         // Bought at 2 h (the cancellation at 3 h was read first) and again at 4 h.
-        push_purchase(&mut replayer, "p1", 2 * hour);
-        push_purchase(&mut replayer, "p2", 4 * hour);
+        push_purchase(&mut replayer, "p1", T0 + 2 * hour);
+        push_purchase(&mut replayer, "p2", T0 + 4 * hour);
         let sample = |name: &str, channel: &str| counter(&registry, name, &[channel]);
         assert_eq!(sample("kairos_attribution_touches_total", "email"), 1.0);
         assert_eq!(sample("kairos_attribution_touches_total", "none"), 1.0);
@@ -1413,9 +1421,9 @@ mod tests {
             "d3",
             DecisionOutcome::suppressed,
             "sunset",
-            30 * hour,
+            T0 + 30 * hour,
         );
-        push_purchase(&mut replayer, "p3", 31 * hour);
+        push_purchase(&mut replayer, "p3", T0 + 31 * hour);
         assert_eq!(sample("kairos_conversions_total", "none"), 1.0);
     }
 
@@ -1460,7 +1468,7 @@ mod tests {
                     .expect("push");
             };
         let push_purchase = |replayer: &mut kairos_core::replay::Replayer<_>, customer: &str| {
-            push_purchases(&config, replayer, &[customer], 2 * hour)
+            push_purchases(&config, replayer, &[customer], T0 + 2 * hour)
         };
         let sum = |name: &str, values: &[&str]| counter(&registry, name, values);
         // a1 and a2 bought at 2 h after an e-mail at 1 h; the purchases are read first.
@@ -1468,19 +1476,24 @@ mod tests {
         push_purchase(&mut replayer, "a2");
         // a3 got an e-mail at 1 h, bought at 2 h, and got a push 5 minutes later, read
         // first. (Event time: the delay runs on the clock the input moves.)
-        push_decision(&mut replayer, "a3", Channel::email, hour);
-        push_decision(&mut replayer, "a3", Channel::push, 2 * hour + 5 * minute);
+        push_decision(&mut replayer, "a3", Channel::email, T0 + hour);
+        push_decision(
+            &mut replayer,
+            "a3",
+            Channel::push,
+            T0 + 2 * hour + 5 * minute,
+        );
         push_purchase(&mut replayer, "a3");
         replayer.commit().expect("commit");
         assert_eq!(sum("kairos_purchases_total", &[]), 3.0);
         assert_eq!(sum("kairos_conversions_total", &[]), 0.0, "all three wait");
         // a1's e-mail comes within the delay; a2's only after it.
-        push_decision(&mut replayer, "a1", Channel::email, hour);
+        push_decision(&mut replayer, "a1", Channel::email, T0 + hour);
         replayer
-            .advance_to(2 * hour + 11 * minute)
+            .advance_to(T0 + 2 * hour + 11 * minute)
             .expect("advance");
-        push_decision(&mut replayer, "a2", Channel::email, hour);
-        replayer.advance_to(4 * hour).expect("advance");
+        push_decision(&mut replayer, "a2", Channel::email, T0 + hour);
+        replayer.advance_to(T0 + 4 * hour).expect("advance");
         replayer.commit().expect("commit");
         assert_eq!(
             sum("kairos_conversions_total", &["email"]),
@@ -1510,10 +1523,10 @@ mod tests {
         assert!(!inputs.contains(&config.topic(topics::OFFLINE_EVENTS)));
         assert!(!inputs.contains(&config.topic(topics::SITE_EVENTS)));
         let hour = 3_600_000;
-        push_email_sent(&config, &mut replayer, "c1", "welcome", hour);
+        push_email_sent(&config, &mut replayer, "c1", "welcome", T0 + hour);
         // The till only had the card; the identity processor named the customer.
         let receipt: OfflineReceipt = serde_json::from_value(serde_json::json!({
-            "event_id": "r-1", "receipt_id": "r-1", "kind": "sale", "occurred_at": 2 * hour,
+            "event_id": "r-1", "receipt_id": "r-1", "kind": "sale", "occurred_at": T0 + 2 * hour,
             "store_id": "s1", "customer_id": "c1", "loyalty_card": "K1", "total": 12.5,
             "currency": "EUR", "items": []}))
         .expect("receipt");
@@ -1525,7 +1538,7 @@ mod tests {
                 &serde_json::to_vec(&record).expect("encode"),
             )
             .expect("push");
-        replayer.advance_to(3 * hour).expect("advance");
+        replayer.advance_to(T0 + 3 * hour).expect("advance");
         replayer.commit().expect("commit");
         let sum = |name: &str| counter(&registry, name, &[]);
         assert_eq!(sum("kairos_conversions_total"), 1.0);
@@ -1550,13 +1563,13 @@ mod tests {
         );
         let identified = config.topic(topics::IDENTIFIED_EVENTS);
         let hour = 3_600_000;
-        push_email_sent(&config, &mut replayer, "anon:v1", "cart", hour);
+        push_email_sent(&config, &mut replayer, "anon:v1", "cart", T0 + hour);
         let merge = IdentifiedRecord::merge(CustomerMerge {
             merge_id: "m-1".into(),
             from: "anon:v1".into(),
             into: "c1".into(),
             identifier: "email:v1@example.com".into(),
-            occurred_at: 2 * hour,
+            occurred_at: T0 + 2 * hour,
         });
         let merge = serde_json::to_vec(&merge).expect("encode");
         let mut handed = Vec::new();
@@ -1573,14 +1586,20 @@ mod tests {
             "the second merge record finds nothing to hand over"
         );
         // A second reminder to the visitor, read after the merge: sent on too.
-        let mut out = push_email_sent(&config, &mut replayer, "anon:v1", "cart", hour + hour / 2);
+        let mut out = push_email_sent(
+            &config,
+            &mut replayer,
+            "anon:v1",
+            "cart",
+            T0 + hour + hour / 2,
+        );
         out.extend(replayer.commit().expect("commit"));
         handed.extend(out.into_iter().filter(|o| o.topic == identified));
         assert_eq!(handed.len(), 2);
         // The customer's purchase is read before the touches come (they take two
         // hops): it waits for them.
         let purchase = IdentifiedRecord::site(Box::new(
-            serde_json::from_slice(&purchase("p-1", "c1", 3 * hour)).expect("event"),
+            serde_json::from_slice(&purchase("p-1", "c1", T0 + 3 * hour)).expect("event"),
         ));
         replayer
             .push(
@@ -1595,7 +1614,7 @@ mod tests {
                 .push(&identified, b"c1", &record.payload)
                 .expect("push");
         }
-        replayer.advance_to(4 * hour).expect("advance");
+        replayer.advance_to(T0 + 4 * hour).expect("advance");
         replayer.commit().expect("commit");
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
         let stored = |replayer: &kairos_core::replay::Replayer<FeedbackProcessor>,
@@ -1625,8 +1644,10 @@ mod tests {
         );
         // Past `identity.forward_retention` the note is gone: a decision for the old id
         // stays there.
-        replayer.advance_to(2 * hour + 11 * DAY).expect("advance");
-        let at = 2 * hour + 11 * DAY;
+        replayer
+            .advance_to(T0 + 2 * hour + 11 * DAY)
+            .expect("advance");
+        let at = T0 + 2 * hour + 11 * DAY;
         let mut late = push_email_sent(&config, &mut replayer, "anon:v1", "cart", at);
         late.extend(replayer.commit().expect("commit"));
         assert!(
@@ -1650,16 +1671,16 @@ mod tests {
         );
         let identified = config.topic(topics::IDENTIFIED_EVENTS);
         let hour = 3_600_000;
-        push_email_sent(&config, &mut replayer, "anon:v2", "cart", hour);
+        push_email_sent(&config, &mut replayer, "anon:v2", "cart", T0 + hour);
         let guest = IdentifiedRecord::site(Box::new(
-            serde_json::from_slice(&purchase("p-2", "anon:v2", 2 * hour)).expect("event"),
+            serde_json::from_slice(&purchase("p-2", "anon:v2", T0 + 2 * hour)).expect("event"),
         ));
         let merge = IdentifiedRecord::merge(CustomerMerge {
             merge_id: "m-2".into(),
             from: "anon:v2".into(),
             into: "c2".into(),
             identifier: "email:v2@example.com".into(),
-            occurred_at: 2 * hour + 60_000,
+            occurred_at: T0 + 2 * hour + 60_000,
         });
         let mut out = Vec::new();
         for record in [guest, merge] {
@@ -1670,7 +1691,7 @@ mod tests {
                     .expect("push"),
             );
         }
-        out.extend(replayer.advance_to(3 * hour).expect("advance"));
+        out.extend(replayer.advance_to(T0 + 3 * hour).expect("advance"));
         out.extend(replayer.commit().expect("commit"));
         let sent_on: Vec<_> = out.iter().filter(|o| o.topic == identified).collect();
         let kinds: Vec<String> = sent_on
@@ -1710,7 +1731,7 @@ mod tests {
              template = \"t\"\nvalid_for = \"1day\"\n",
         );
         let topic = config.topic(topics::OUTCOMES);
-        let t0 = 1_000 * DAY;
+        let t0 = T0;
         let mut push = |id: &str, at: Millis| {
             let outcome = Outcome {
                 outcome_id: id.into(),
@@ -1760,7 +1781,7 @@ mod tests {
         );
         let decisions = config.topic(topics::DECISIONS);
         let site = config.topic(topics::SITE_EVENTS);
-        let t0 = 1_000 * DAY;
+        let t0 = T0;
         let decision = |customer: &str, at: Millis| Decision {
             decision_id: format!("d-{customer}-{at}"),
             trigger_id: format!("t-{customer}-{at}"),

@@ -552,7 +552,7 @@ mod tests {
         let (mut sessions, mut carts, mut purchases) = (0, 0, 0);
         let mut revenue = Vec::new();
         for _ in 0..20_000 {
-            let events = m.session(1_000_000_000);
+            let events = m.session(1_764_950_000_000);
             if events.iter().any(|e| e.source == Source::Offline) {
                 continue;
             }
@@ -597,7 +597,7 @@ mod tests {
             });
             let (mut online, mut offline) = (0u32, 0u32);
             for _ in 0..100_000 {
-                for e in m.session(1_000_000_000) {
+                for e in m.session(1_764_950_000_000) {
                     let v = json(&e.payload);
                     if e.source == Source::Offline {
                         offline += 1;

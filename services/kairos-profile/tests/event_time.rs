@@ -3224,13 +3224,16 @@ fn times_outside_the_calendar_and_huge_amounts_or_quantities_are_dead_lettered()
         json!({"profile": {"subscription_ends_at": i64::MIN}}),
     );
     h.site("ex-6", "page_view", "ex", t, json!({"occurred_at": 1e300}));
+    // Epoch seconds where milliseconds are due: today read as January 1970.
+    let seconds = json!({"page_url": "/", "occurred_at": t / 1000});
+    h.site("ex-7", "page_view", "ex", t, seconds);
     let reasons: Vec<String> = h
         .on("deadletter")
         .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(reasons.len(), 6, "{reasons:#?}");
-    assert!(reasons[0].contains("outside 1970-01-01"), "{reasons:#?}");
-    assert!(reasons[1].contains("outside 1970-01-01"), "{reasons:#?}");
+    assert_eq!(reasons.len(), 7, "{reasons:#?}");
+    assert!(reasons[0].contains("outside 2000-01-01"), "{reasons:#?}");
+    assert!(reasons[1].contains("outside 2000-01-01"), "{reasons:#?}");
     assert!(
         reasons[2].contains("order.total 1e300 is above"),
         "{reasons:#?}"
@@ -3243,7 +3246,11 @@ fn times_outside_the_calendar_and_huge_amounts_or_quantities_are_dead_lettered()
         reasons[4].contains("profile.subscription_ends_at: timestamp"),
         "{reasons:#?}"
     );
-    assert!(reasons[5].contains("outside 1970-01-01"), "{reasons:#?}");
+    assert!(reasons[5].contains("outside 2000-01-01"), "{reasons:#?}");
+    assert!(
+        reasons[6].contains("looks like epoch seconds (2026-03-02T10:00:00.000Z)"),
+        "{reasons:#?}"
+    );
     assert!(h.on("customer-actions").next().is_none(), "nothing applied");
     assert!(h.on("triggers").next().is_none(), "nothing scheduled");
 
@@ -3255,7 +3262,7 @@ fn times_outside_the_calendar_and_huge_amounts_or_quantities_are_dead_lettered()
         "page_view",
         "ex",
         t,
-        json!({"page_url": "/", "occurred_at": 0}),
+        json!({"page_url": "/", "occurred_at": "2000-01-01T00:00:00Z"}),
     );
     h.site("ex-8", "page_view", "ex", t, last);
     let dead: Vec<String> = h
@@ -3263,7 +3270,7 @@ fn times_outside_the_calendar_and_huge_amounts_or_quantities_are_dead_lettered()
         .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
         .collect();
     assert!(
-        dead.iter().all(|r| !r.contains("outside 1970")),
+        dead.iter().all(|r| !r.contains("outside 2000")),
         "{dead:#?}"
     );
 }
