@@ -177,6 +177,9 @@ impl Normalizer {
                 if card.is_empty() {
                     return Err(invalid("a loyalty card needs at least one letter or digit"));
                 }
+                if card.len() > MAX_KEY_BYTES {
+                    return Err(invalid("a loyalty card longer than 200 characters"));
+                }
                 card
             }
             IdentifierKind::customer_id
@@ -268,6 +271,15 @@ mod tests {
             "AB12345678"
         );
         assert!(n.normalize(IdentifierKind::loyalty_card, "12#4").is_err());
+        let longest = "7".repeat(200);
+        assert_eq!(
+            n.normalize(IdentifierKind::loyalty_card, &longest)
+                .map(|c| c.value),
+            Ok(longest)
+        );
+        assert!(n
+            .normalize(IdentifierKind::loyalty_card, &"A".repeat(201))
+            .is_err());
         // Nothing left to identify anyone by: not one card shared by every such receipt.
         for blank in ["-", "- -", " - "] {
             let e = n

@@ -38,6 +38,11 @@ pub fn decode_customer_event(
     clean_key("customer_id", &mut e.customer_id)?;
     clean_key("anonymous_id", &mut e.anonymous_id)?;
     clean_key("device_id", &mut e.device_id)?;
+    // A card or phone keys state too (`card:`, `phone:` profiles without identity
+    // resolution, identity links with it): a card of a megabyte made records the
+    // broker refuses.
+    clean_key("loyalty_card", &mut e.loyalty_card)?;
+    clean_key("phone", &mut e.phone)?;
     validate_event(&e)?;
     Ok(e)
 }
@@ -49,6 +54,8 @@ pub fn decode_receipt(
 ) -> Result<OfflineReceipt, Rejection> {
     let mut r: OfflineReceipt = decode_input(payload, schemas::offline_receipt(), registry)?;
     clean_key("customer_id", &mut r.customer_id)?;
+    clean_key("loyalty_card", &mut r.loyalty_card)?;
+    clean_key("phone", &mut r.phone)?;
     if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
@@ -255,6 +262,23 @@ mod tests {
             let r = decode_customer_event(event(&bad).as_bytes(), &registry).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{bad:?}");
         }
+        // Cards and phones key state too: bounded on events and receipts alike.
+        let long_card = "A".repeat(201);
+        for (field, value) in [("loyalty_card", &long_card), ("phone", &"1".repeat(201))] {
+            let mut event: serde_json::Value = serde_json::from_str(&event("c3")).expect("json");
+            event[field] = value.as_str().into();
+            let r = decode_customer_event(event.to_string().as_bytes(), &registry).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{field}");
+            assert!(r.message.starts_with(field), "{}", r.message);
+            let mut receipt = receipt.clone();
+            receipt[field] = value.as_str().into();
+            let r = decode_receipt(receipt.to_string().as_bytes(), &registry).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{field}");
+        }
+        let mut carded = receipt.clone();
+        carded["loyalty_card"] = " 1234-5678 ".into();
+        let r = decode_receipt(carded.to_string().as_bytes(), &registry).expect("valid");
+        assert_eq!(r.loyalty_card.as_deref(), Some("1234-5678"));
     }
 
     #[test]

@@ -405,15 +405,7 @@ impl IdentityProcessor {
         let mut target = match &input.customer_id {
             Some(c) => {
                 resolution = "customer_id";
-                let key = node_key(&c.value);
-                if ctx.get::<Node>(&key)?.is_none() {
-                    let node = Node {
-                        known: true,
-                        first_seen: at,
-                        ..Node::default()
-                    };
-                    ctx.put(&key, &node)?;
-                }
+                begin_node(ctx, &c.value, true, at)?;
                 Some(self.canonical(ctx, &c.value)?)
             }
             None => None,
@@ -474,20 +466,14 @@ impl IdentityProcessor {
                     }
                     _ => name,
                 };
-                let key = node_key(&name);
-                if ctx.get::<Node>(&key)?.is_none() {
-                    ctx.put(
-                        &key,
-                        &Node {
-                            known: false,
-                            first_seen: at,
-                            ..Node::default()
-                        },
-                    )?;
-                }
+                begin_node(ctx, &name, false, at)?;
                 self.canonical(ctx, &name)?
             }
         };
+        // A link outlives a forgotten anonymous profile when someone else claimed
+        // it: the profile begins again now, not at time 0 (which would win every
+        // `first_seen` survivor contest). The same for a link's owner below.
+        begin_node(ctx, &target, false, at)?;
         self.metrics.resolved.with_label_values(&[resolution]).inc();
         // Before any merge it causes: a late event older than its customer's first
         // moves it back, so the `first_seen` survivor rule counts the event itself.
@@ -495,8 +481,10 @@ impl IdentityProcessor {
         // Who presents the identifiers: the event's customer, else the known customer
         // its other identifiers resolved to (an e-mail and a card on a form without a
         // login still make that customer one more holder of the card).
+        // The person, not the id they logged in with: a customer merged into another
+        // is that other one, and counting both would make two holders of one.
         let claimant = match &input.customer_id {
-            Some(c) => Some(c.value.clone()),
+            Some(c) => Some(self.canonical(ctx, &c.value)?),
             None if self.node(ctx, &target)?.known => Some(target.clone()),
             None => None,
         };
@@ -521,13 +509,28 @@ impl IdentityProcessor {
             if link.shared {
                 continue;
             }
-            let new_claimant = claimant
+            let mut new_claimant = claimant
                 .as_ref()
                 .filter(|c| !link.claimants.contains(c))
                 .cloned();
-            if let Some(c) = &new_claimant {
-                link.claimants.push(c.clone());
+            if let Some(c) = new_claimant.clone() {
+                // Holders of an identifier that never merges, noted before a merge
+                // through another one (an e-mail), may be one person now. A trusted
+                // identifier's holders stay apart: each one it merged counts, or a
+                // shop's test card would merge every customer it is scanned for.
+                if !self.merge_on.contains(&id.kind) {
+                    let mut people = Vec::with_capacity(link.claimants.len());
+                    for held in &link.claimants {
+                        people.push(self.canonical(ctx, held)?);
+                    }
+                    if people.contains(&c) {
+                        new_claimant = None;
+                    }
+                    link.claimants = people;
+                }
+                link.claimants.push(c);
                 link.claimants.sort();
+                link.claimants.dedup();
                 if link.claimants.len() > self.max_claimants {
                     // Too many people present it: it stops linking anyone.
                     link.shared = true;
@@ -555,6 +558,7 @@ impl IdentityProcessor {
             if owner == target {
                 continue;
             }
+            begin_node(ctx, &owner, false, at)?;
             let (owner_node, target_node) = (self.node(ctx, &owner)?, self.node(ctx, &target)?);
             let both_known = owner_node.known && target_node.known;
             let held = owner_node.identifiers.len() + target_node.identifiers.len();
@@ -674,6 +678,20 @@ impl IdentityProcessor {
             }
         }
     }
+}
+
+/// Stores a node for `customer` first seen at `at`, unless it has one.
+fn begin_node(ctx: &mut Ctx<'_>, customer: &str, known: bool, at: Millis) -> anyhow::Result<()> {
+    let key = node_key(customer);
+    if ctx.get::<Node>(&key)?.is_none() {
+        let node = Node {
+            known,
+            first_seen: at,
+            ..Node::default()
+        };
+        ctx.put(&key, &node)?;
+    }
+    Ok(())
 }
 
 /// Which identifier names a profile nobody is known for: the session cookie first.

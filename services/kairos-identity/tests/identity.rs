@@ -784,6 +784,71 @@ fn holders_of_an_identifier_count_when_the_event_names_no_customer() {
     assert_eq!(merged_known, ["c-72"], "{changes:?}");
 }
 
+/// Holders are people: a customer merged into another presents the phone as that
+/// other one, so two people (limit two) do not make it shared, whichever id each
+/// logged in with and whether the merge came before or after.
+#[test]
+fn a_merged_customer_and_its_survivor_are_one_holder_of_an_identifier() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    let login = |h: &mut Harness, customer: &str, t: Millis| {
+        h.event(
+            "events.site",
+            "login",
+            t,
+            json!({"customer_id": customer, "phone": "+4915111113333"}),
+        );
+    };
+    // c-82 presents the phone before it merges into c-81, and again after.
+    login(&mut h, "c-82", t0);
+    for (i, c) in ["c-81", "c-82"].iter().enumerate() {
+        h.event(
+            "events.site",
+            "registration",
+            t0 + (i as Millis + 1) * HOUR,
+            json!({"customer_id": c, "email": "one@example.com"}),
+        );
+    }
+    login(&mut h, "c-82", t0 + 3 * HOUR);
+    login(&mut h, "c-81", t0 + 4 * HOUR);
+    login(&mut h, "c-83", t0 + 5 * HOUR);
+    h.advance(t0 + 6 * HOUR);
+    let none_shared = |h: &Harness| {
+        let changes = h.changes();
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.kind != IdentityChangeKind::identifier_shared),
+            "{changes:?}"
+        );
+    };
+    assert_eq!(h.merged_away(), ["c-82"]);
+    none_shared(&h);
+    // The phone still tells c-81 and c-83 apart, as two holders do.
+    let changes = h.changes();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.kind == IdentityChangeKind::conflict
+                && c.identifier == "phone:+4915111113333"),
+        "{changes:?}"
+    );
+
+    // A trusted card c-82 presents after its merge is c-81's: c-83 is its second
+    // holder and merges through it, the card is not shared.
+    for (i, c) in ["c-82", "c-81", "c-83"].iter().enumerate() {
+        h.event(
+            "events.site",
+            "login",
+            t0 + (i as Millis + 7) * HOUR,
+            json!({"customer_id": c, "loyalty_card": "K-8"}),
+        );
+    }
+    h.advance(t0 + 10 * HOUR);
+    assert_eq!(h.merged_away(), ["c-82", "c-83"]);
+    none_shared(&h);
+}
+
 #[test]
 fn untrusted_identifiers_do_not_merge_known_customers() {
     let mut h = Harness::new();
@@ -1014,6 +1079,68 @@ fn an_anonymous_profile_is_forgotten_after_its_retention_without_an_event() {
         Some("c-3"),
         "a stitched cookie stays"
     );
+}
+
+/// A cookie's link outlives its forgotten profile when a customer at the identifier
+/// limit claimed it; the cookie's next visit begins the profile again at that visit
+/// (whether it merges at once or first takes an identifier of its own), so an
+/// anonymous profile seen before that visit survives their merge.
+#[test]
+fn a_profile_begun_again_from_a_kept_link_is_first_seen_at_its_visit() {
+    for own_visit_first in [false, true] {
+        let mut h = Harness::with_identity(
+            "anonymous_retention = \"30d\"\nsurvivor = \"first_seen\"\n\
+             max_identifiers_per_customer = 3",
+        );
+        let t0 = at(T0);
+        let view =
+            |h: &mut Harness, t: Millis, ids: Value| h.event("events.site", "page_view", t, ids);
+        view(&mut h, t0, json!({"anonymous_id": "s-1"}));
+        h.event(
+            "events.site",
+            "registration",
+            t0 + HOUR,
+            json!({"customer_id": "c-91", "email": "c91@example.com",
+                   "phone": "+4915111119191", "loyalty_card": "K-91"}),
+        );
+        // c-91 holds its three identifiers: the cookie is claimed but stays apart.
+        h.event(
+            "events.site",
+            "login",
+            t0 + 2 * HOUR,
+            json!({"customer_id": "c-91", "anonymous_id": "s-1"}),
+        );
+        h.advance(t0 + 35 * DAY);
+        view(
+            &mut h,
+            t0 + 39 * DAY,
+            json!({"anonymous_id": "r-1", "email": "shared@example.com"}),
+        );
+        if own_visit_first {
+            view(
+                &mut h,
+                t0 + 40 * DAY,
+                json!({"anonymous_id": "s-1", "email": "own@example.com"}),
+            );
+        }
+        view(
+            &mut h,
+            t0 + 41 * DAY,
+            json!({"anonymous_id": "s-1", "email": "shared@example.com"}),
+        );
+        h.advance(t0 + 42 * DAY);
+        let merges: Vec<(String, String)> = h
+            .merges()
+            .into_iter()
+            .map(|m| (m.merged_from.unwrap_or_default(), m.customer_id))
+            .collect();
+        assert_eq!(
+            merges,
+            [("anon:s-1".to_string(), "anon:r-1".to_string())],
+            "r-1 was seen first (own visit first: {own_visit_first}): {:?}",
+            h.changes()
+        );
+    }
 }
 
 #[test]
