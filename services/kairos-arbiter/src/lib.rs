@@ -250,6 +250,8 @@ const CHAIN_ORDER: &str = "chain_order";
 const IN_PERSONAL_CHAIN: &str = "in_personal_chain";
 /// The rule of a chain step whose earlier step expired or was cancelled.
 const CHAIN_BROKEN: &str = "chain_broken";
+/// The rule of a trigger whose scenario is switched off or gone from the configuration.
+const SCENARIO_OFF: &str = "scenario_off";
 /// Chain instances remembered per customer.
 const CHAINS_KEPT: usize = 32;
 /// Deferral reasons kept per queued trigger.
@@ -735,6 +737,9 @@ impl ArbiterProcessor {
                 format!("valid until {} but decided at {now}", t.valid_until),
             );
         }
+        if let Some(why) = self.switched_off(&t.scenario) {
+            return Verdict::no(DecisionOutcome::cancelled, SCENARIO_OFF, why);
+        }
         if let Some(pending) = t.merged_from.iter().find(|m| !ledger.absorbed.contains(m)) {
             // Decided without the merged customer's sends and suppressions, this could
             // break a cap or an unsubscribe: wait for its ledger (it is on its way).
@@ -1105,6 +1110,20 @@ impl ArbiterProcessor {
         let target = scenario.segment.as_deref()?;
         let left = *ledger.left_segments.get(target)?;
         (left > t.cause_occurred_at).then_some((target, left))
+    }
+
+    /// Why nothing of `scenario` goes out any more, if so: switched off (a template
+    /// being fixed) or gone from the configuration, while its triggers were on the
+    /// topic, in the queue or in a cascade. Sent anyway, they would go out with the
+    /// template being fixed, or without the scenario's purchase exclusion and holdout.
+    fn switched_off(&self, scenario: &str) -> Option<String> {
+        match self.config.scenario(scenario) {
+            Some(s) if s.enabled => None,
+            Some(_) => Some(format!(
+                "scenario {scenario} is switched off (enabled = false)"
+            )),
+            None => Some(format!("scenario {scenario} is not in the configuration")),
+        }
     }
 
     fn is_reactivation(&self, scenario: &str) -> bool {
@@ -2612,6 +2631,20 @@ impl ArbiterProcessor {
         // Before any cap is read: only the last 7 days count.
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
         ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
+        if let Some(why) = self.switched_off(&t.scenario) {
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&t.trigger_id, "cascade-stop"]),
+                (DecisionOutcome::cancelled, None, None),
+                SCENARIO_OFF,
+                format!(
+                    "cascade stopped after {} message(s): {why}",
+                    cascade.channels.len()
+                ),
+            );
+            return Ok(true);
+        }
         // A complaint about any message ends all promo, the rest of a cascade too.
         if let Some(at) = ledger
             .complained_at

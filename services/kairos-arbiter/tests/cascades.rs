@@ -403,3 +403,37 @@ fn after_a_cascade_step_on_another_channel_the_next_message_waits_for_the_window
         "{last:?}"
     );
 }
+
+/// A cascade whose scenario is switched off between its steps stops there: the next
+/// channel is not tried.
+#[test]
+fn a_cascade_switched_off_between_steps_stops() {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, "k9", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    let cascade = "name = \"cart_cascade\"\nkind = \"abandoned_cart\"\n";
+    let off = common::CONFIG
+        .replace("[arbiter]\n", "[arbiter]\ndaily_cap = 3\n")
+        .replacen(cascade, &format!("{cascade}enabled = false\n"), 1);
+    a.restart_with(&off);
+    a.advance_to(T0 + DAY);
+    assert_eq!(channels(&a), [Channel::email]);
+    let stop = a
+        .decisions_of("k9")
+        .last()
+        .copied()
+        .cloned()
+        .expect("decided");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str()),
+        (DecisionOutcome::cancelled, "scenario_off"),
+        "{stop:#?}"
+    );
+    assert!(
+        stop.reason.starts_with(
+            "cascade stopped after 1 message(s): scenario cart_cascade is switched off"
+        ),
+        "{}",
+        stop.reason
+    );
+}

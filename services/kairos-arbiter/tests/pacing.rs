@@ -522,8 +522,22 @@ fn quiet_hours_ending_in_the_skipped_dst_hour_end_when_the_clocks_jump() {
 
 #[test]
 fn triggers_released_together_are_decided_by_priority() {
-    let mut a = Arbiter::with_config(
+    let scenarios: String = [
+        ("browse_abandonment", "browse_abandonment"),
+        ("price_drop", "price_drop"),
+        ("abandoned_cart", "abandoned_cart"),
+    ]
+    .iter()
+    .map(|(name, kind)| {
+        format!(
+            "[[scenarios]]\nname = \"{name}\"\nkind = \"{kind}\"\n\
+             channels = [\"email\"]\ntemplate = \"{name}\"\n"
+        )
+    })
+    .collect();
+    let mut a = Arbiter::with_config_and_scenarios(
         "daily_cap = 2\nquiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+        &scenarios,
     );
     a.time_zone = Some("UTC".into());
     // Ids in the opposite order of the priorities, so the order of the timers' ids

@@ -628,7 +628,7 @@ fn a_trigger_waiting_for_a_merged_ledger_is_recorded_once_and_sent_when_it_arriv
 
 #[test]
 fn a_merged_ledger_that_never_comes_is_waited_for_an_hour_only() {
-    let mut a = Arbiter::new();
+    let mut a = Arbiter::with_scenarios(common::ORDER_STATUS);
     // An order confirmation of a customer whose merged ledger was lost (dead-lettered).
     let mut t = a.trigger_of("lost1", "order_status", MessageCategory::transactional, T0);
     t.valid_until = T0 + DAY;
@@ -683,7 +683,7 @@ fn the_hour_of_waiting_for_a_merged_ledger_is_counted_once_across_other_deferral
 
 #[test]
 fn a_direct_merge_stays_known_however_many_ids_the_merged_ledger_brings_along() {
-    let mut a = Arbiter::new();
+    let mut a = Arbiter::with_scenarios(common::ORDER_STATUS);
     // c0 had absorbed 80 anonymous visitors before it merged into c1.
     let brought: Vec<String> = (0..80).map(|i| format!("anon:{i}")).collect();
     a.merge_in(
@@ -1586,4 +1586,49 @@ fn a_marketing_trigger_s_final_decision_names_the_customer_s_group() {
         (steps[1].outcome, steps[1].rule.as_str(), steps[1].group),
         (DecisionOutcome::sent, "cascade", None)
     );
+}
+
+/// A scenario switched off (its template being fixed) or removed from the
+/// configuration sends nothing more: a trigger waiting in the queue and one still on
+/// the topic are cancelled, and say why.
+#[test]
+fn a_scenario_switched_off_or_removed_sends_nothing_more() {
+    let quiet = "quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
+    let on = common::CONFIG.replace("[arbiter]\n", &format!("[arbiter]\n{quiet}\n"));
+    let welcome = "name = \"welcome\"\nkind = \"welcome\"\n";
+    let off = on.replacen(welcome, &format!("{welcome}enabled = false\n"), 1);
+    let removed = on.replacen(welcome, "name = \"welcome_v2\"\nkind = \"welcome\"\n", 1);
+    assert!(off != on && removed != on);
+    let mut a = Arbiter::from_text(&on);
+    a.time_zone = Some("Europe/Berlin".into());
+    // 22:30 in Berlin: the welcome message waits for the morning.
+    let queued = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T21:30:00Z"));
+    assert_eq!(queued.outcome, DecisionOutcome::deferred);
+    a.restart_with(&off);
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    let ended = |a: &Arbiter, id: &str| {
+        let d = a
+            .decisions_of(id)
+            .last()
+            .copied()
+            .cloned()
+            .expect("decided");
+        assert_eq!(
+            (d.outcome, d.rule.as_str()),
+            (DecisionOutcome::cancelled, "scenario_off"),
+            "{d:#?}"
+        );
+        d.reason
+    };
+    assert!(ended(&a, "w1").contains("switched off (enabled = false)"));
+    a.trigger("w2", "welcome", TRIGGER, at("2026-01-06T12:00:00Z"));
+    assert!(ended(&a, "w2").contains("switched off"));
+    a.restart_with(&removed);
+    a.trigger("w3", "welcome", TRIGGER, at("2026-01-06T12:30:00Z"));
+    assert!(ended(&a, "w3").contains("welcome is not in the configuration"));
+    assert!(a.sends.is_empty(), "{:#?}", a.sends);
+    // Switched on again, its triggers go out.
+    a.restart_with(&on);
+    let sent = a.trigger("w4", "welcome", TRIGGER, at("2026-01-06T13:00:00Z"));
+    assert_eq!(sent.outcome, DecisionOutcome::sent);
 }

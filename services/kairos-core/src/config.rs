@@ -1520,6 +1520,25 @@ impl Config {
                     ),
                 ));
             }
+            // Shorter, the next channel goes out before anyone could have reacted:
+            // the same message on two channels at once.
+            if let Some((j, wait)) = s
+                .cascade
+                .iter()
+                .enumerate()
+                .find(|(_, w)| ***w < MIN_CASCADE_WAIT)
+            {
+                return Err(fail_at(
+                    line_of("cascade"),
+                    "cascade",
+                    format!(
+                        "scenarios[{i}] ({}): cascade[{j}] = {:?} is below the 1 minute a \
+                         customer needs to react before the next channel",
+                        s.name,
+                        humantime_serde::re::humantime::format_duration(**wait).to_string()
+                    ),
+                ));
+            }
             if s.holdout_percent > 100 {
                 return Err(fail_here(
                     "holdout_percent",
@@ -1790,6 +1809,9 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// milliseconds (it would wrap into the past and fire at once).
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
 
+/// The shortest wait of a cascade step.
+const MIN_CASCADE_WAIT: Duration = Duration::from_secs(60);
+
 /// Whether `value` is a duration longer than [`MAX_DURATION`].
 fn too_long(value: &str) -> bool {
     humantime_serde::re::humantime::parse_duration(value).is_ok_and(|d| d > MAX_DURATION)
@@ -2024,6 +2046,22 @@ mod tests {
         let err = parse(text).unwrap_err().to_string();
         assert!(err.starts_with("test.toml:6:"), "{err}");
         assert!(err.contains("scenarios[0].cascade[1]"), "{err}");
+        for wait in ["0s", "59s"] {
+            let text = format!(
+                "[[scenarios]]\nname = \"a\"\nkind = \"abandoned_cart\"\n\
+                 channels = [\"email\", \"push\"]\ntemplate = \"t\"\n\
+                 cascade = [\"1h\", \"{wait}\"]\n"
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml:6:"), "{err}");
+            assert!(
+                err.contains(&format!(
+                    "scenarios[0] (a): cascade[1] = \"{wait}\" is below"
+                )),
+                "{err}"
+            );
+        }
+        parse(&text.replace("9999999999d", "1m")).expect("a minute is allowed");
         parse("[arbiter]\nconflict_window = \"3650days\"\n").expect("ten years is allowed");
         let err = Config::from_text(
             Path::new("t.toml"),

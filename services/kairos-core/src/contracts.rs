@@ -479,8 +479,9 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 41] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 42] = [
     (DecisionOutcome::cancelled, "chain_broken"),
+    (DecisionOutcome::cancelled, "scenario_off"),
     (DecisionOutcome::cancelled, "forgotten"),
     (DecisionOutcome::cancelled, "left_segment"),
     (DecisionOutcome::deferred, "chain_order"),

@@ -78,7 +78,14 @@ fn options() -> Options {
         .concat(),
         cart_delay: "1h",
         services: vec![],
-        extra_config: String::new(),
+        // The scenarios of the triggers (beside the test configuration's cart): the
+        // arbiter cancels triggers of scenarios it does not know.
+        extra_config: "[[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+                       channels = [\"email\", \"push\"]\ntemplate = \"welcome\"\n\
+                       [[scenarios]]\nname = \"weekly_digest\"\nkind = \"welcome\"\n\
+                       category = \"promo\"\nchannels = [\"email\", \"push\"]\n\
+                       template = \"welcome\"\n"
+            .into(),
     }
 }
 

@@ -66,6 +66,16 @@ template = "promo"
 exit_on_purchase = false
 "#;
 
+/// A transactional order notice (a scenario the arbiter knows, or it cancels them).
+pub const ORDER_STATUS: &str = r#"
+[[scenarios]]
+name = "order_status"
+kind = "order_update"
+category = "transactional"
+channels = ["email"]
+template = "order_status"
+"#;
+
 /// A scenario for customers who entered At Risk, cascading from e-mail to push an
 /// hour later; it ends when they leave the segment.
 pub const WIN_BACK: &str = r#"
@@ -85,6 +95,30 @@ pub fn at(s: &str) -> i64 {
         .timestamp_millis()
 }
 
+/// An arbiter of the configuration `text` on the state in `dir`.
+fn open(
+    dir: &Path,
+    text: &str,
+) -> (
+    Arc<Config>,
+    prometheus::Registry,
+    Replayer<ArbiterProcessor>,
+) {
+    let state_dir = dir.display().to_string();
+    let config = Arc::new(
+        Config::from_text(
+            Path::new("test.toml"),
+            text,
+            &[("KAIROS__STATE__DIR".into(), state_dir)],
+        )
+        .expect("test config"),
+    );
+    let registry = prometheus::Registry::new();
+    let processor = ArbiterProcessor::new(config.clone(), &registry);
+    let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
+    (config, registry, replayer)
+}
+
 /// 2026-01-05T09:00:00Z, a Monday.
 pub const T0: i64 = 1_767_603_600_000;
 
@@ -92,7 +126,8 @@ pub struct Arbiter {
     /// The arbiter's metrics.
     pub registry: prometheus::Registry,
     pub time_zone: Option<String>,
-    replayer: Replayer<ArbiterProcessor>,
+    /// None only while `restart_with` swaps it (the store's lock allows one).
+    replayer: Option<Replayer<ArbiterProcessor>>,
     config: Arc<Config>,
     pub decisions: Vec<Decision>,
     pub sends: Vec<SendCommand>,
@@ -126,22 +161,11 @@ impl Arbiter {
 
     pub fn from_text(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let state_dir = dir.path().display().to_string();
-        let config = Arc::new(
-            Config::from_text(
-                Path::new("test.toml"),
-                text,
-                &[("KAIROS__STATE__DIR".into(), state_dir)],
-            )
-            .expect("test config"),
-        );
-        let registry = prometheus::Registry::new();
-        let processor = ArbiterProcessor::new(config.clone(), &registry);
-        let replayer = Replayer::new(processor, &config, &registry).expect("replayer");
+        let (config, registry, replayer) = open(dir.path(), text);
         Arbiter {
             registry,
             time_zone: None,
-            replayer,
+            replayer: Some(replayer),
             config,
             decisions: Vec::new(),
             sends: Vec::new(),
@@ -149,6 +173,18 @@ impl Arbiter {
             dead_letters: Vec::new(),
             _dir: dir,
         }
+    }
+
+    /// Stops the arbiter and starts it again on its state with the configuration
+    /// `text` (a scenario switched off or removed meanwhile).
+    pub fn restart_with(&mut self, text: &str) {
+        drop(self.replayer.take());
+        let (config, registry, replayer) = open(self._dir.path(), text);
+        (self.config, self.registry, self.replayer) = (config, registry, Some(replayer));
+    }
+
+    fn engine(&mut self) -> &mut Replayer<ArbiterProcessor> {
+        self.replayer.as_mut().expect("a running arbiter")
     }
 
     /// The merged ledger of `from` (its JSON `state`) arriving for c1, as the arbiter
@@ -172,10 +208,10 @@ impl Arbiter {
         let topic = self.config.topic(topic);
         let payload = serde_json::to_vec(value).expect("json");
         let mut out = self
-            .replayer
+            .engine()
             .push(&topic, customer.as_bytes(), &payload)
             .expect("push");
-        out.extend(self.replayer.commit().expect("commit"));
+        out.extend(self.engine().commit().expect("commit"));
         self.collect(out);
     }
 
@@ -199,6 +235,8 @@ impl Arbiter {
         let partition =
             kairos_core::replay::partition_for(customer.as_bytes(), self.config.kafka.partitions);
         self.replayer
+            .as_ref()
+            .expect("a running arbiter")
             .engine
             .store(partition)
             .expect("partition store")
@@ -206,7 +244,7 @@ impl Arbiter {
 
     /// Moves event time to `t`: deferred triggers whose time came are decided.
     pub fn advance_to(&mut self, t: i64) {
-        let out = self.replayer.advance_to(t).expect("advance");
+        let out = self.engine().advance_to(t).expect("advance");
         self.collect(out);
     }
 
