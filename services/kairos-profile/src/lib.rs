@@ -1649,7 +1649,7 @@ impl ProfileProcessor {
             _ => o.old_price,
         };
         let drop = match (old_price, o.new_price) {
-            (Some(old), Some(new)) if old > 0.0 && new < old => 100.0 * (old - new) / old,
+            (Some(old), Some(new)) => catalog::drop_percent(old, new),
             _ => 0.0,
         };
         for s in self.scenarios(kind).iter() {

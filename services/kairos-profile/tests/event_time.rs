@@ -2050,6 +2050,25 @@ fn small_price_drop_gives_nothing() {
     assert!(h.on("product-occasions").next().is_none());
 }
 
+/// A drop of exactly the scenario's minimum counts, though in floating point 1.00 to
+/// 0.90 is 9.999999999999998% (the shipped price-drop minimum is 10%).
+#[test]
+fn a_drop_of_exactly_the_minimum_counts() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("cat-1", "p4", t, json!({"price": 1.0}));
+    h.site(
+        "pr4-view",
+        "product_view",
+        "pr4",
+        t + HOUR,
+        json!({"product": product("p4", 1.0)}),
+    );
+    h.catalog("cat-2", "p4", t + 2 * HOUR, json!({"price": 0.9}));
+    h.advance(t + 3 * HOUR);
+    assert_eq!(h.triggers("pr4", "price_drop").len(), 1);
+}
+
 #[test]
 fn back_in_stock_reaches_the_wishlister_only() {
     let t = at(T0);
