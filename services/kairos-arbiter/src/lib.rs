@@ -285,8 +285,11 @@ const CONTACTS_NOTE_EXPIRY: &str = "contacts-expiry/";
 /// addresses it fired with.
 const LONE_CONTACTS_KEPT: Millis = DAY;
 
-/// Outcomes remembered per customer for deduplication.
-const RECENT_OUTCOMES: usize = 16;
+/// Outcomes remembered per customer for deduplication: providers retry a webhook for
+/// up to three days, and a customer at the default weekly cap gets six messages a
+/// week, each with a delivery, an open and a click at most (18 reports): 64 reach
+/// back three weeks and more.
+const RECENT_OUTCOMES: usize = 64;
 /// Trigger ids remembered per customer whatever their valid-until: far more than any
 /// redelivery after a crash brings back.
 const RECENT_TRIGGERS: usize = 128;

@@ -429,3 +429,22 @@ fn engagement_with_messages_to_a_merged_id_counts_for_the_survivor() {
     let d = promo(&mut a, "p2", T0 + 5 * DAY);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }
+
+/// A provider retries a webhook for days: a delivery reported again after three
+/// weeks of the customer's reports at the weekly cap counts once.
+#[test]
+fn a_delivery_reported_again_weeks_later_counts_once() {
+    let mut a = Arbiter::with_config("sunset_after_ignored = 100");
+    // Six messages a week (the default cap), each delivered, none opened.
+    for i in 0..18 {
+        let d = a.push_trigger(&email_only(&a, &format!("w{i}"), T0 + i * 28 * HOUR));
+        assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+        let send = a.last_send();
+        a.outcome(&send, OutcomeKind::delivered, T0 + i * 28 * HOUR + MINUTE);
+    }
+    let ignored = |a: &Arbiter| a.stored_ledger("c1").map(|l| l.ignored_in_row);
+    assert_eq!(ignored(&a), Some(18));
+    let first = a.sends[0].clone();
+    a.outcome(&first, OutcomeKind::delivered, T0 + MINUTE);
+    assert_eq!(ignored(&a), Some(18), "the first delivery counted once");
+}
