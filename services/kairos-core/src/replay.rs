@@ -115,6 +115,34 @@ impl<P: Processor> Replayer<P> {
         decoded: Option<P::Input>,
     ) -> anyhow::Result<Vec<OutboxEntry>> {
         let partition = partition_for(key, self.partitions);
+        self.push_at(topic, partition, key, payload, decoded)
+    }
+
+    /// [`Replayer::push`] to the partition a producer chose, whatever the key (a
+    /// heartbeat produced to each partition in turn).
+    pub fn push_to_partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
+        anyhow::ensure!(
+            (0..self.partitions).contains(&partition),
+            "partition {partition} of {topic} is not one of its {}",
+            self.partitions
+        );
+        self.push_at(topic, partition, key, payload, None)
+    }
+
+    fn push_at(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+        decoded: Option<P::Input>,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
         // Looked up by `&str` first: no allocation per record.
         if !self.offsets.contains_key(topic) {
             self.offsets.insert(topic.to_string(), HashMap::new());

@@ -57,8 +57,10 @@ pub struct IdentityEvent {
     customer_id: Option<Identifier>,
     /// Its other identifiers, strongest first.
     identifiers: Vec<Identifier>,
-    /// The record key as produced (heartbeats keep it, to reach the same partition).
+    /// The record key as produced, and the partition it was read from: a heartbeat
+    /// goes on to the profile's partition of that number (see `heartbeat_key`).
     key: Vec<u8>,
+    partition: i32,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +140,8 @@ pub struct IdentityProcessor {
     changes_topic: String,
     /// Read for the profile processor's `forgotten` actions.
     actions_topic: String,
+    /// Of every topic (co-partitioned): where a key's records go.
+    partitions: i32,
     metrics: Metrics,
 }
 
@@ -216,6 +220,7 @@ impl IdentityProcessor {
             identified_topic: config.topic(topics::IDENTIFIED_EVENTS),
             changes_topic: config.topic(topics::IDENTITY_CHANGES),
             actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
+            partitions: config.kafka.partitions,
             metrics: m,
         })
     }
@@ -680,6 +685,22 @@ impl IdentityProcessor {
     }
 }
 
+/// The key of a heartbeat read on `partition` as it goes on: its own if that leads
+/// back to the partition, else one that does. A producer beating every partition in
+/// turn sends no key (or any), and keyed by "" the heartbeats of every partition would
+/// reach one profile partition (librdkafka puts an empty key on a random one).
+fn heartbeat_key(produced: &[u8], partition: i32, partitions: i32) -> String {
+    let lands = |key: &[u8]| kairos_core::replay::partition_for(key, partitions) == partition;
+    if !produced.is_empty() && lands(produced) {
+        return String::from_utf8_lossy(produced).into_owned();
+    }
+    // About `partitions` tries; the bound only guards a partition out of range.
+    (0..100_000)
+        .map(|n| format!("~heartbeat/{n}"))
+        .find(|key| lands(key.as_bytes()))
+        .unwrap_or_else(|| String::from_utf8_lossy(produced).into_owned())
+}
+
 /// Stores a node for `customer` first seen at `at`, unless it has one.
 fn begin_node(ctx: &mut Ctx<'_>, customer: &str, known: bool, at: Millis) -> anyhow::Result<()> {
     let key = node_key(customer);
@@ -868,6 +889,7 @@ impl Processor for IdentityProcessor {
             customer_id,
             identifiers: ids,
             key: record.key.unwrap_or_default().to_vec(),
+            partition: record.partition,
         })))
     }
 
@@ -888,11 +910,12 @@ impl Processor for IdentityProcessor {
             IdentityInput::Ignored => return Ok(()),
         };
         if matches!(&input.event, RawEvent::Event(e) if e.event_type == EventType::heartbeat) {
-            // Event time for the profile's partition the heartbeat was produced to, by
-            // its key. Not resolved, whatever identifiers it carries: the profile
-            // ignores heartbeats, so a node it created or kept alive would be one the
-            // profile never forgets, and the graph would keep it for good.
-            let key = String::from_utf8_lossy(&input.key).into_owned();
+            // Event time for the profile's partition the heartbeat was produced to.
+            // Not resolved, whatever identifiers it carries: the profile ignores
+            // heartbeats, so a node it created or kept alive would be one the profile
+            // never forgets, and the graph would keep it for good.
+            // (The graph is one state partition: `ctx.partition` is always 0.)
+            let key = heartbeat_key(&input.key, input.partition, self.partitions);
             let record = self.identified(input, "");
             ctx.emit(&self.identified_topic, &key, &record);
             return Ok(());

@@ -1245,6 +1245,45 @@ fn a_heartbeat_naming_a_visitor_does_not_keep_them_in_the_graph() {
     assert_eq!(later, "anon:probe");
 }
 
+/// A producer beats every partition in turn without a key (or with any): each
+/// heartbeat goes on keyed to reach the profile's partition it was produced to, so
+/// every partition's event time moves, not only the one an empty key hashes to.
+#[test]
+fn a_heartbeat_goes_on_to_the_partition_it_was_produced_to() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::from_text(Path::new("identity-test.toml"), CONFIG, &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    config.state.dir = dir.path().to_path_buf();
+    let config = Arc::new(config);
+    let registry = prometheus::Registry::new();
+    let identity = IdentityProcessor::new(config.clone(), SchemaRegistry::new(None), &registry)
+        .expect("identity processor");
+    let mut replayer = Replayer::new(identity, &config, &registry).expect("replayer");
+    let partitions = config.kafka.partitions;
+    let identified = config.topic("identified-events");
+    for (n, key) in [&b""[..], b"c-1", b"some-key"].iter().enumerate() {
+        for partition in 0..partitions {
+            let beat = json!({"event_id": format!("hb-{n}-{partition}"),
+                "event_type": "heartbeat", "occurred_at": rfc(at(T0))});
+            let mut out = replayer
+                .push_to_partition(
+                    &config.topic("events.site"),
+                    partition,
+                    key,
+                    &serde_json::to_vec(&beat).expect("json"),
+                )
+                .expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            let keys: Vec<i32> = out
+                .iter()
+                .filter(|e| !e.changelog && e.topic == identified)
+                .map(|e| kairos_core::replay::partition_for(&e.key, partitions))
+                .collect();
+            assert_eq!(keys, [partition], "key {key:?}");
+        }
+    }
+}
+
 /// A customer action fed to the pipeline reaches every stage that reads its topic:
 /// the identity processor (which reads `forgotten`) and the arbiter, which
 /// dead-letters a kind it does not know.
