@@ -12,7 +12,8 @@
 //! A price drop or a return to stock reads only that product's index (no scan over
 //! customers) and publishes a product occasion per interested customer, keyed by
 //! customer id, back to the profile processor, which applies consent, scenarios and
-//! thresholds.
+//! thresholds. The product keeps its latest announcement of each kind, so interest
+//! from before it that arrives after it (the two topics are read apart) is told too.
 //!
 //! Views are kept per product and day rather than per product and customer: a view is
 //! about every other event, and one key per view made the catalog join's writes nearly
@@ -63,6 +64,46 @@ struct ProductState {
     /// The time of the update that set `in_stock`, likewise.
     #[serde(default)]
     stock_at: Option<Millis>,
+    /// The latest announcement of each kind: interest dated before it that arrives
+    /// after it (the profile publishes a batch's interest when it commits, and may be
+    /// behind the catalog for hours after an outage) still hears of it.
+    #[serde(default)]
+    news: Vec<News>,
+}
+
+/// A price drop or a return to stock as it was announced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct News {
+    kind: ProductOccasionKind,
+    event_id: String,
+    occurred_at: Millis,
+    old_price: Option<f64>,
+    new_price: Option<f64>,
+    product_name: Option<String>,
+}
+
+impl News {
+    /// Whether a customer's interest at `at` (a wish, else a view) makes them one the
+    /// announcement was for: shown before it, a view within the audience window.
+    fn reaches(&self, at: Millis, wished: bool) -> bool {
+        let window = self.occurred_at - VIEW_INTEREST_DAYS * DAY;
+        at < self.occurred_at
+            && (wished || (self.kind == ProductOccasionKind::price_drop && at >= window))
+    }
+
+    fn occasion_for(&self, product_id: &str, customer: &str) -> ProductOccasion {
+        ProductOccasion {
+            occasion_id: occasion_id(&self.event_id, product_id, customer, self.kind),
+            customer_id: customer.to_string(),
+            product_id: product_id.to_string(),
+            product_name: self.product_name.clone(),
+            kind: self.kind,
+            old_price: self.old_price,
+            new_price: self.new_price,
+            cause_event_id: self.event_id.clone(),
+            occurred_at: self.occurred_at,
+        }
+    }
 }
 
 /// The views of one product on one day: customer -> latest view.
@@ -202,6 +243,10 @@ pub struct CatalogJoin {
     /// Views of the current batch not written yet, per partition, by (product, day):
     /// customer -> latest view. Written at the commit (see `flush`).
     batch_views: HashMap<i32, BatchViews>,
+    /// Each product's latest announcements as stored (`ProductState::news`), per
+    /// partition, read once per product: so a view, about every other event, costs
+    /// no read to find none.
+    news: HashMap<i32, HashMap<CompactString, Vec<News>>>,
 }
 
 impl CatalogJoin {
@@ -222,6 +267,7 @@ impl CatalogJoin {
                 .fold(f64::INFINITY, f64::min),
             watches_stock: enabled(ScenarioKind::BackInStock).next().is_some(),
             batch_views: HashMap::new(),
+            news: HashMap::new(),
         }
     }
 
@@ -328,10 +374,25 @@ impl CatalogJoin {
             product.in_stock = in_stock;
             product.stock_at = Some(u.occurred_at);
         }
+        for (kind, old, new) in &occasions {
+            product.news.retain(|n| n.kind != *kind);
+            product.news.push(News {
+                kind: *kind,
+                event_id: u.event_id.clone(),
+                occurred_at: u.occurred_at,
+                old_price: *old,
+                new_price: *new,
+                product_name: product.name.clone(),
+            });
+        }
         ctx.put(&key, &product)?;
         if occasions.is_empty() {
             return Ok(());
         }
+        self.news.entry(ctx.partition).or_default().insert(
+            CompactString::from(u.product_id.as_str()),
+            product.news.clone(),
+        );
         // Only this product's audience is read.
         let fresh_after = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
         let mut audience: std::collections::BTreeMap<String, Interest> = Default::default();
@@ -387,29 +448,51 @@ impl CatalogJoin {
                 audience.entry(customer).or_default().wishlisted = true;
             }
         }
+        // This update's announcements (its kinds: a feed may give one event id to
+        // several updates of a product).
+        let announced: Vec<&News> = product
+            .news
+            .iter()
+            .filter(|n| occasions.iter().any(|(kind, _, _)| *kind == n.kind))
+            .collect();
         for (customer, interest) in audience {
-            for (kind, old, new) in &occasions {
-                if *kind == ProductOccasionKind::back_in_stock && !interest.wishlisted {
+            for news in &announced {
+                if news.kind == ProductOccasionKind::back_in_stock && !interest.wishlisted {
                     continue;
                 }
-                let occasion = ProductOccasion {
-                    occasion_id: occasion_id(&u.event_id, &u.product_id, &customer, *kind),
-                    customer_id: customer.clone(),
-                    product_id: u.product_id.clone(),
-                    product_name: product.name.clone(),
-                    kind: *kind,
-                    old_price: *old,
-                    new_price: *new,
-                    cause_event_id: u.event_id.clone(),
-                    occurred_at: u.occurred_at,
-                };
+                let occasion = news.occasion_for(&u.product_id, &customer);
                 ctx.emit(&self.occasions_topic, &customer, &occasion);
             }
         }
         Ok(())
     }
 
+    /// Tells a customer whose interest arrives after an announcement it was shown
+    /// before of that announcement, under the occasion id the announcement gave it (so
+    /// one who heard already hears once: the profile drops a repeated id).
+    fn announce_late(&mut self, ctx: &mut Ctx<'_>, i: &ProductInterest) -> anyhow::Result<()> {
+        let products = self.news.entry(ctx.partition).or_default();
+        if !products.contains_key(i.product_id.as_str()) {
+            let key = format!("p/{}", i.product_id);
+            let news = ctx
+                .get::<ProductState>(&key)?
+                .map(|p| p.news)
+                .unwrap_or_default();
+            products.insert(CompactString::from(i.product_id.as_str()), news);
+        }
+        let wished = i.kind == InterestKind::wishlisted;
+        let news = products.get(i.product_id.as_str()).into_iter().flatten();
+        for n in news.filter(|n| n.reaches(i.occurred_at, wished)) {
+            let occasion = n.occasion_for(&i.product_id, &i.customer_id);
+            ctx.emit(&self.occasions_topic, &i.customer_id, &occasion);
+        }
+        Ok(())
+    }
+
     fn apply_interest(&mut self, ctx: &mut Ctx<'_>, i: &ProductInterest) -> anyhow::Result<()> {
+        if i.kind != InterestKind::unwishlisted {
+            self.announce_late(ctx, i)?;
+        }
         match i.kind {
             // No read: a batch's views gather in memory until it commits (`flush`).
             InterestKind::viewed => {
@@ -527,6 +610,7 @@ impl Processor for CatalogJoin {
 
     fn on_partition_closed(&mut self, partition: i32) {
         self.batch_views.remove(&partition);
+        self.news.remove(&partition);
     }
 }
 
@@ -751,6 +835,68 @@ min_drop_percent = 10.0
 
     fn wish(customer: &str, product: &str, at: Millis) -> Vec<u8> {
         interest(customer, product, at, InterestKind::wishlisted)
+    }
+
+    /// The profile publishes a batch's interest when it commits, so a view or wish
+    /// from before a drop can reach the join after it: the customer is told, under
+    /// the drop's occasion id, whether the join read the drop in this run or before a
+    /// restart. Interest dated after the drop, or a view older than the audience
+    /// window, is not told; a repeat is told under the same id.
+    #[test]
+    fn interest_read_after_a_drop_it_came_before_is_told_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let drop_at = T0 + 2 * HOUR;
+        r.push(&catalog, b"p1", &price("p1", "u1", 100.0, T0))
+            .unwrap();
+        // Read before the drop (so the join holds the product's news, none yet).
+        r.push(&interest, b"p1", &view("early", "p1", T0)).unwrap();
+        r.commit().unwrap();
+        let mut out = r
+            .push(&catalog, b"p1", &price("p1", "u2", 80.0, drop_at))
+            .unwrap();
+        out.extend(r.commit().unwrap());
+        assert_eq!(told(&out, "p1"), ["early"]);
+        let late = |r: &mut Replayer<CatalogJoin>, interests: &[Vec<u8>]| {
+            let mut out = Vec::new();
+            for i in interests {
+                out.extend(r.push(&interest, b"p1", i).unwrap());
+            }
+            out.extend(r.commit().unwrap());
+            out
+        };
+        let out = late(
+            &mut r,
+            &[
+                view("before", "p1", drop_at - HOUR),
+                view("after", "p1", drop_at + HOUR),
+                view("too-old", "p1", drop_at - (VIEW_INTEREST_DAYS + 1) * DAY),
+            ],
+        );
+        assert_eq!(told(&out, "p1"), ["before"]);
+        let ids = |out: &[kairos_core::store::OutboxEntry]| -> Vec<String> {
+            out.iter()
+                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+                .map(|o| o.occasion_id)
+                .collect()
+        };
+        let kind = ProductOccasionKind::price_drop;
+        assert_eq!(ids(&out), [occasion_id("u2", "p1", "before", kind)]);
+        drop(r);
+        // After a restart the announcement is read from the product's state.
+        let (_, mut r) = catalog_join(dir.path());
+        let out = late(
+            &mut r,
+            &[
+                view("before", "p1", drop_at - HOUR),
+                wish("wisher", "p1", drop_at - (VIEW_INTEREST_DAYS + 5) * DAY),
+            ],
+        );
+        assert_eq!(told(&out, "p1"), ["before", "wisher"]);
+        assert_eq!(ids(&out)[0], occasion_id("u2", "p1", "before", kind));
     }
 
     /// Product `a/b`'s wishes share the key prefix `w/a/` with product `a`'s: its

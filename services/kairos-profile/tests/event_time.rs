@@ -2105,6 +2105,47 @@ fn back_in_stock_reaches_the_wishlister_only() {
     assert!(h.triggers("bs1", "price_drop").is_empty());
 }
 
+/// The catalog is read straight from its topic, interest only once the profile
+/// committed the event: a wish and a view from before a restock and drop that reach
+/// the join after it still bring their greetings.
+#[test]
+fn interest_from_before_a_catalog_change_that_arrives_after_it_is_greeted() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "late-cat-1",
+        "p7",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": false}),
+    );
+    h.catalog(
+        "late-cat-2",
+        "p7",
+        t + 2 * HOUR,
+        json!({"price": 80.0, "in_stock": true}),
+    );
+    h.site(
+        "late-wish",
+        "wishlist_add",
+        "lw1",
+        t + HOUR,
+        json!({"product": product("p7", 100.0)}),
+    );
+    h.site(
+        "late-view",
+        "product_view",
+        "lw2",
+        t + HOUR,
+        json!({"product": product("p7", 100.0)}),
+    );
+    h.advance(t + 3 * HOUR);
+    assert_eq!(h.triggers("lw1", "back_in_stock").len(), 1);
+    let drops = h.triggers("lw2", "price_drop");
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    assert_eq!(vars(&drops[0])["new_price"], 80.0);
+    assert!(h.triggers("lw2", "back_in_stock").is_empty(), "viewed only");
+}
+
 #[test]
 fn a_wish_the_full_wishlist_pushed_out_gets_no_more_price_drops() {
     let t = at(T0);
