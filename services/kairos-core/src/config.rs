@@ -238,12 +238,21 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProfileConfig {
     pub admin_listen: SocketAddr,
+    /// The currency revenue is counted in (ISO 4217, "EUR"). Unset: amounts count as
+    /// given, whatever currency an order names.
+    pub currency: Option<String>,
+    /// Units of `currency` per unit of another (`USD = 0.92`): orders and receipts in
+    /// it are converted when read; one in a currency neither `currency` nor here is
+    /// dead-lettered.
+    pub exchange_rates: BTreeMap<String, f64>,
 }
 
 impl Default for ProfileConfig {
     fn default() -> Self {
         ProfileConfig {
             admin_listen: ([127, 0, 0, 1], 9101).into(),
+            currency: None,
+            exchange_rates: BTreeMap::new(),
         }
     }
 }
@@ -1166,6 +1175,60 @@ impl Config {
         }
     }
 
+    /// `[profile] currency` and `exchange_rates`: ISO 4217 codes, and rates that are
+    /// numbers above 0 (up to a million, so no converted amount overflows).
+    fn validate_currencies(&self, text: &str) -> Result<(), ConfigError> {
+        let is_code = |c: &str| c.len() == 3 && c.chars().all(|c| c.is_ascii_alphabetic());
+        let p = &self.profile;
+        let fail = |line, key: &str, message: String| Err(self.error_at(line, key, message));
+        match &p.currency {
+            Some(code) if !is_code(code) => {
+                return fail(
+                    table_key_line(text, "profile", "currency"),
+                    "currency",
+                    format!("profile.currency {code:?} is no ISO 4217 code such as \"EUR\""),
+                )
+            }
+            None if !p.exchange_rates.is_empty() => {
+                let first = p.exchange_rates.keys().next().map_or("", |c| c.as_str());
+                return fail(
+                    nested_key_line(text, "profile", "exchange_rates", first),
+                    "exchange_rates",
+                    "profile.exchange_rates convert into profile.currency, which is not set".into(),
+                );
+            }
+            _ => {}
+        }
+        for (code, rate) in &p.exchange_rates {
+            let line = nested_key_line(text, "profile", "exchange_rates", code);
+            if !is_code(code)
+                || p.currency
+                    .as_ref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(code))
+            {
+                return fail(
+                    line,
+                    code,
+                    format!(
+                        "profile.exchange_rates.{code}: not an ISO 4217 code other than \
+                         profile.currency"
+                    ),
+                );
+            }
+            if !(*rate > 0.0 && *rate <= 1e6) {
+                return fail(
+                    line,
+                    code,
+                    format!(
+                        "profile.exchange_rates.{code} = {rate}: a rate is above 0 and at \
+                         most 1000000"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
         let fail_at = |line, key: &str, message| self.error_at(line, key, message);
         let fail = |key: &str, message: String| fail_at(find_key_line(text, key), key, message);
@@ -1189,6 +1252,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_currencies(text)?;
         if self.state.timers_in_memory < self.kafka.partitions as usize {
             return Err(fail(
                 "timers_in_memory",
@@ -2031,6 +2095,38 @@ mod tests {
             .unwrap()
             .check_deliverable()
             .expect("a disabled scenario sends nothing");
+    }
+
+    #[test]
+    fn currencies_are_iso_codes_with_rates_above_zero() {
+        let ok = parse("[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nUSD = 0.92\n")
+            .expect("valid");
+        assert_eq!(ok.profile.exchange_rates.get("USD"), Some(&0.92));
+        for (text, line, says) in [
+            ("[profile]\ncurrency = \"euro\"\n", 2, "no ISO 4217 code"),
+            (
+                "[profile.exchange_rates]\nUSD = 0.92\n",
+                2,
+                "profile.currency, which is not set",
+            ),
+            (
+                "[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nUSD = 0.0\n",
+                4,
+                "a rate is above 0",
+            ),
+            (
+                "[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nGBP = 1.2\neur = 1.0\n",
+                5,
+                "other than profile.currency",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("test.toml:{line}:")),
+                "{text}: {err}"
+            );
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

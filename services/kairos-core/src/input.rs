@@ -72,6 +72,84 @@ pub fn decode_receipt(
     Ok(r)
 }
 
+/// Amounts in one currency (`[profile] currency` and `exchange_rates`): an order or
+/// receipt in another currency is converted when it is read, so revenue, order values
+/// and RFM scores add like with like; one in a currency without a rate is refused.
+/// Without `currency`, amounts count as given, whatever currency they name.
+#[derive(Debug, Clone, Default)]
+pub struct Currencies {
+    base: Option<String>,
+    /// Upper-case code -> units of `base` per unit of it.
+    rates: std::collections::BTreeMap<String, f64>,
+}
+
+impl Currencies {
+    pub fn new(config: &crate::config::ProfileConfig) -> Self {
+        Currencies {
+            base: config.currency.as_ref().map(|c| c.to_ascii_uppercase()),
+            rates: (config.exchange_rates.iter())
+                .map(|(code, rate)| (code.to_ascii_uppercase(), *rate))
+                .collect(),
+        }
+    }
+
+    /// Units of the base currency per unit of `currency` (1 for the base itself, or
+    /// when none is named), or why there is none.
+    fn rate(&self, field: &str, currency: Option<&str>) -> Result<Option<f64>, Rejection> {
+        let (Some(base), Some(code)) = (&self.base, currency.map(str::trim)) else {
+            return Ok(None);
+        };
+        if code.is_empty() || code.eq_ignore_ascii_case(base) {
+            return Ok(None);
+        }
+        match self.rates.get(&code.to_ascii_uppercase()) {
+            Some(rate) => Ok(Some(*rate)),
+            None => Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!(
+                    "{field} {code:?} is neither profile.currency ({base}) nor one of \
+                     profile.exchange_rates"
+                ),
+            )),
+        }
+    }
+
+    /// Converts an order's total and line items to the base currency (a no-op for
+    /// one in it already, so a record read twice is converted once).
+    pub fn convert_event(&self, e: &mut CustomerEvent) -> Result<(), Rejection> {
+        let Some(order) = e.order.as_mut() else {
+            return Ok(());
+        };
+        let Some(rate) = self.rate("order.currency", order.currency.as_deref())? else {
+            return Ok(());
+        };
+        order.total = order.total.map(|t| in_base(t, rate));
+        order.currency = self.base.clone();
+        for item in &mut e.items {
+            item.unit_price = in_base(item.unit_price, rate);
+        }
+        Ok(())
+    }
+
+    /// Converts a receipt's total and line items to the base currency.
+    pub fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<(), Rejection> {
+        let Some(rate) = self.rate("currency", Some(&r.currency))? else {
+            return Ok(());
+        };
+        r.total = in_base(r.total, rate);
+        r.currency = self.base.clone().unwrap_or_default();
+        for item in &mut r.items {
+            item.unit_price = in_base(item.unit_price, rate);
+        }
+        Ok(())
+    }
+}
+
+/// `amount` times `rate`, to a ten-thousandth (the precision revenue is compared at).
+fn in_base(amount: f64, rate: f64) -> f64 {
+    (amount * rate * 10_000.0).round() / 10_000.0
+}
+
 /// The largest amount (a total, a price) an input may carry: no order is worth a
 /// trillion, and below it sums of amounts and quantities stay finite.
 pub const MAX_AMOUNT: f64 = 1e12;
@@ -241,6 +319,56 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orders_and_receipts_are_converted_into_the_base_currency_once() {
+        let registry = SchemaRegistry::new(None);
+        let config = crate::config::ProfileConfig {
+            currency: Some("EUR".into()),
+            exchange_rates: [("usd".to_string(), 0.9)].into(),
+            ..Default::default()
+        };
+        let currencies = Currencies::new(&config);
+        let purchase = |currency: &str| {
+            serde_json::json!({"event_id": "e1", "event_type": "purchase",
+                "occurred_at": 1_764_950_000_000_i64, "customer_id": "c1",
+                "order": {"order_id": "o1", "total": 10.0, "currency": currency},
+                "items": [{"product_id": "p1", "quantity": 2, "unit_price": 5.0}]})
+            .to_string()
+        };
+        let mut e = decode_customer_event(purchase("USD").as_bytes(), &registry).expect("valid");
+        currencies.convert_event(&mut e).expect("a rate");
+        let order = e.order.clone().expect("order");
+        assert_eq!(
+            (order.total, order.currency.as_deref()),
+            (Some(9.0), Some("EUR"))
+        );
+        assert_eq!(e.items[0].unit_price, 4.5);
+        // Read a second time (the identity processor, then the profile): once.
+        currencies.convert_event(&mut e).expect("base");
+        assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(9.0));
+        let mut e = decode_customer_event(purchase("eur").as_bytes(), &registry).expect("valid");
+        currencies.convert_event(&mut e).expect("base");
+        assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(10.0));
+        let mut e = decode_customer_event(purchase("GBP").as_bytes(), &registry).expect("valid");
+        let r = currencies.convert_event(&mut e).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::invalid_field);
+        // Without a base currency nothing is converted or refused.
+        Currencies::default()
+            .convert_event(&mut e)
+            .expect("as given");
+        assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(10.0));
+        let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1",
+            "kind": "sale", "store_id": "s1", "occurred_at": 1_764_950_000_000_i64,
+            "customer_id": "c2", "total": 20.0, "currency": "USD",
+            "items": [{"product_id": "p1", "quantity": 1, "unit_price": 20.0}]});
+        let mut r = decode_receipt(receipt.to_string().as_bytes(), &registry).expect("valid");
+        currencies.convert_receipt(&mut r).expect("a rate");
+        assert_eq!(
+            (r.total, r.currency.as_str(), r.items[0].unit_price),
+            (18.0, "EUR", 18.0)
+        );
+    }
 
     #[test]
     fn ids_that_key_state_are_trimmed_and_bounded() {

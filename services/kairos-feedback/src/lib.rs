@@ -250,6 +250,8 @@ pub struct FeedbackProcessor {
     identified_topic: Option<String>,
     event_topics: HashSet<String>,
     registry: SchemaRegistry,
+    /// Purchase values in `profile.currency`, as the profile counts them.
+    currencies: kairos_core::input::Currencies,
     metrics: FeedbackMetrics,
     tallies: HashMap<String, ScenarioTally>,
     /// Outcomes per configured scenario and channel, by kind, since the process started.
@@ -373,6 +375,7 @@ impl FeedbackProcessor {
             .into_iter()
             .collect(),
             registry,
+            currencies: kairos_core::input::Currencies::new(&config.profile),
             metrics: m,
             tallies: HashMap::new(),
             outcome_counts: HashMap::new(),
@@ -720,9 +723,12 @@ impl FeedbackProcessor {
     fn decode_purchase_event(&self, payload: &[u8]) -> FeedbackInput {
         // The profile's checks: what it dead-letters (an infinite total, an empty event
         // id) counts nowhere, revenue included.
-        let Ok(e) = kairos_core::input::decode_customer_event(payload, &self.registry) else {
+        let Ok(mut e) = kairos_core::input::decode_customer_event(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
+        if self.currencies.convert_event(&mut e).is_err() {
+            return FeedbackInput::Ignored(None);
+        }
         self.purchase_of_event(e)
     }
 
@@ -740,9 +746,12 @@ impl FeedbackProcessor {
     }
 
     fn decode_receipt(&self, payload: &[u8]) -> FeedbackInput {
-        let Ok(r) = kairos_core::input::decode_receipt(payload, &self.registry) else {
+        let Ok(mut r) = kairos_core::input::decode_receipt(payload, &self.registry) else {
             return FeedbackInput::Ignored(None);
         };
+        if self.currencies.convert_receipt(&mut r).is_err() {
+            return FeedbackInput::Ignored(None);
+        }
         self.purchase_of_receipt(r)
     }
 
@@ -1153,6 +1162,38 @@ mod tests {
         replayer.commit().expect("commit");
         assert_eq!(revenue(&registry, "online"), 10.0);
         assert_eq!(revenue(&registry, "offline"), 7.0);
+    }
+
+    /// Revenue counts in `profile.currency`, as the profile counts it: an order in
+    /// another currency converted, one in a currency without a rate (dead-lettered by
+    /// the profile) not at all.
+    #[test]
+    fn revenue_counts_in_the_profile_s_currency() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[profile]\ncurrency = \"EUR\"\n\
+             [profile.exchange_rates]\nUSD = 0.5\n",
+        );
+        let site = config.topic(topics::SITE_EVENTS);
+        let offline = config.topic(topics::OFFLINE_EVENTS);
+        for (id, total, currency) in [("u", 100.0, "USD"), ("e", 10.0, "EUR"), ("j", 1e3, "JPY")] {
+            let line = serde_json::json!({"event_id": id, "event_type": "purchase",
+                "occurred_at": T0, "customer_id": "c1",
+                "order": {"order_id": id, "total": total, "currency": currency}});
+            replayer
+                .push(&site, b"c1", line.to_string().as_bytes())
+                .expect("push");
+        }
+        let receipt = serde_json::json!({"event_id": "r", "receipt_id": "r", "kind": "sale",
+            "occurred_at": T0, "customer_id": "c1", "store_id": "s1", "total": 40.0,
+            "items": [], "currency": "USD"});
+        replayer
+            .push(&offline, b"c1", receipt.to_string().as_bytes())
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(revenue(&registry, "online"), 60.0);
+        assert_eq!(revenue(&registry, "offline"), 20.0);
     }
 
     /// A cascade's e-mail, push and SMS are one touch, as the held-out customer's one

@@ -126,6 +126,8 @@ struct Metrics {
 
 pub struct IdentityProcessor {
     registry: SchemaRegistry,
+    /// Orders and receipts into `profile.currency`, before the profile reads them.
+    currencies: input::Currencies,
     normalizer: Normalizer,
     merge_on: Vec<IdentifierKind>,
     max_claimants: usize,
@@ -207,6 +209,7 @@ impl IdentityProcessor {
         }
         Ok(IdentityProcessor {
             registry,
+            currencies: input::Currencies::new(&config.profile),
             normalizer,
             merge_on: identity.merge_on.clone(),
             max_claimants: identity.max_customers_per_identifier,
@@ -846,12 +849,14 @@ impl Processor for IdentityProcessor {
         let mut found = Vec::new();
         let (source, customer_id, event) = if record.topic == self.offline_topic {
             let mut r = input::decode_receipt(record.payload, &self.registry)?;
+            self.currencies.convert_receipt(&mut r)?;
             found.push(self.normalize(IdentifierKind::loyalty_card, &mut r.loyalty_card)?);
             found.push(self.normalize(IdentifierKind::phone, &mut r.phone)?);
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut r.customer_id)?;
             (Source::Offline, customer_id, RawEvent::Receipt(Box::new(r)))
         } else {
             let mut e = input::decode_customer_event(record.payload, &self.registry)?;
+            self.currencies.convert_event(&mut e)?;
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut e.customer_id)?;
             found.push(self.normalize(IdentifierKind::email, &mut e.email)?);
             found.push(self.normalize(IdentifierKind::phone, &mut e.phone)?);

@@ -108,9 +108,13 @@ impl Harness {
 
     /// A harness with `extra` added to the `[identity]` section.
     fn with_identity(extra: &str) -> Self {
+        Self::from_text(&CONFIG.replace("[identity]\n", &format!("[identity]\n{extra}\n")))
+    }
+
+    /// A harness of the configuration `text`.
+    fn from_text(text: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let text = CONFIG.replace("[identity]\n", &format!("[identity]\n{extra}\n"));
-        let mut config = Config::from_text(Path::new("identity-test.toml"), &text, &[])
+        let mut config = Config::from_text(Path::new("identity-test.toml"), text, &[])
             .unwrap_or_else(|e| panic!("{e}"));
         config.state.dir = dir.path().to_path_buf();
         config.clock.mode = ClockMode::Event;
@@ -897,6 +901,34 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
     assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
     assert_eq!(h.profile("c-52").orders, 1);
     assert_eq!(h.profile("c-51").orders, 0);
+}
+
+/// With identity resolution the identity processor converts orders and receipts into
+/// `profile.currency` (the profile takes identified events as they come) and
+/// dead-letters one in a currency without a rate.
+#[test]
+fn orders_are_converted_into_the_profile_s_currency_on_the_way_in() {
+    let mut h = Harness::from_text(&format!(
+        "{CONFIG}\n[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nUSD = 0.5\n"
+    ));
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "purchase",
+        t0,
+        json!({"customer_id": "c-95", "order": {"order_id": "o-1", "total": 100.0, "currency": "USD"}}),
+    );
+    h.event(
+        "events.site",
+        "purchase",
+        t0 + HOUR,
+        json!({"customer_id": "c-95", "order": {"order_id": "o-2", "total": 100.0, "currency": "CHF"}}),
+    );
+    h.receipt(t0 + 2 * HOUR, 40.0, json!({"customer_id": "c-95"}));
+    h.advance(t0 + 3 * HOUR);
+    let p = h.profile("c-95");
+    assert_eq!((p.orders, p.revenue), (2, 50.0 + 40.0));
+    assert_eq!(h.dead_letters().len(), 1);
 }
 
 #[test]

@@ -175,6 +175,9 @@ pub struct ProfileProcessor {
     /// The zone of customers without one (`arbiter.default_time_zone`).
     default_zone: chrono_tz::Tz,
     registry: SchemaRegistry,
+    /// Orders and receipts into `profile.currency` (identified ones were converted by
+    /// the identity processor).
+    currencies: input::Currencies,
     site_topic: String,
     app_topic: String,
     offline_topic: String,
@@ -345,6 +348,7 @@ impl ProfileProcessor {
                 .then(|| config.topic(topics::IDENTIFIED_EVENTS)),
             // Bounded by configuration: ~1-2 KiB per cached profile.
             profiles: StateCache::new(config.state.cache_entries, config.kafka.partitions),
+            currencies: input::Currencies::new(&config.profile),
             config,
             registry,
             metrics: m,
@@ -3117,10 +3121,9 @@ impl Processor for ProfileProcessor {
             });
         }
         if record.topic == self.offline_topic {
-            Ok(ProfileInput::Receipt(Box::new(input::decode_receipt(
-                record.payload,
-                &self.registry,
-            )?)))
+            let mut receipt = input::decode_receipt(record.payload, &self.registry)?;
+            self.currencies.convert_receipt(&mut receipt)?;
+            Ok(ProfileInput::Receipt(Box::new(receipt)))
         } else if record.topic == self.outcomes_topic {
             Ok(ProfileInput::Outcome(Box::new(decode_internal(
                 record.payload,
@@ -3135,7 +3138,8 @@ impl Processor for ProfileProcessor {
             } else {
                 input::Source::Site
             };
-            let event = input::decode_customer_event(record.payload, &self.registry)?;
+            let mut event = input::decode_customer_event(record.payload, &self.registry)?;
+            self.currencies.convert_event(&mut event)?;
             Ok(ProfileInput::Event(Box::new(event), source))
         }
     }

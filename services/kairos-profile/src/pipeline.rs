@@ -118,7 +118,8 @@ impl Pipeline {
     /// otherwise parses every line to find its topic and key, then the profile parses
     /// it again. Returns false, having done nothing, for a line this cannot take: one
     /// that might be an envelope or a receipt (it names `topic` or `receipt_id`
-    /// anywhere), one that does not name `event_type`, one that is not a valid site
+    /// anywhere), one that names a `currency` (the profile's decoding converts it),
+    /// one that does not name `event_type`, one that is not a valid site
     /// event (it goes the usual way, to be dead-lettered with its reason), or any line
     /// when a stage (identity) comes before the profile.
     pub fn push_site_event_line(
@@ -133,6 +134,7 @@ impl Pipeline {
         if self.upstream.is_some()
             || names(b"\"topic\"")
             || names(b"\"receipt_id\"")
+            || names(b"\"currency\"")
             || !names(b"\"event_type\"")
         {
             return Ok(false);

@@ -1739,6 +1739,59 @@ fn champions_get_the_vip_trigger() {
 
 /// Five orders that add up to exactly 500 (the fourth monetary boundary) make a
 /// Champion, though their sum in binary floating point is 499.99999999999994.
+/// With `profile.currency` set, orders and receipts in another currency count
+/// converted at its rate, returns too; one in a currency without a rate is
+/// dead-lettered, naming it, and counts nowhere.
+#[test]
+fn amounts_in_other_currencies_count_converted_and_unknown_ones_are_refused() {
+    let t = at(T0);
+    let text =
+        format!("{CONFIG}\n[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nUSD = 0.5\n");
+    let mut h = Harness::with(&text, ClockMode::Event);
+    let priced = |id: &str, total: f64, currency: &str, status: Option<&str>| {
+        let mut o = order(id, total, status);
+        o["order"]["currency"] = currency.into();
+        o
+    };
+    h.site(
+        "cu-1",
+        "purchase",
+        "cu",
+        t,
+        priced("o-usd", 100.0, "usd", None),
+    );
+    h.site(
+        "cu-2",
+        "purchase",
+        "cu",
+        t + HOUR,
+        priced("o-eur", 30.0, "EUR", None),
+    );
+    h.receipt("cu-3", "sale", "cu", t + 2 * HOUR, 20.0);
+    // Half of the dollar order comes back: 25 euros.
+    let back = priced("o-usd", 50.0, "USD", Some("returned"));
+    h.site("cu-4", "order_status", "cu", t + DAY, back);
+    h.site(
+        "cu-5",
+        "purchase",
+        "cu",
+        t + DAY,
+        priced("o-jpy", 1000.0, "JPY", None),
+    );
+    h.advance(t + 2 * DAY);
+    let p = h.pipeline.profile("cu").expect("read").expect("stored");
+    assert_eq!((p.orders, p.revenue), (3, 50.0 + 30.0 + 20.0 - 25.0));
+    let dead: Vec<String> = h
+        .on("deadletter")
+        .map(|d| d.value["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert!(
+        dead[0].contains("order.currency \"JPY\" is neither profile.currency (EUR)"),
+        "{dead:#?}"
+    );
+}
+
 #[test]
 fn revenue_of_exactly_a_boundary_reaches_it() {
     let t = at(T0);
@@ -2786,7 +2839,8 @@ fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
 /// `push_site_event_line`, the replay's one-parse path for bare site events, gives
 /// the same records as `push` with the topic and key the replay's router picks, and
 /// declines (doing nothing) what it must not take: an invalid event, which `push`
-/// then dead-letters, a receipt, an envelope and a catalog update.
+/// then dead-letters, a receipt, an envelope, a catalog update and an order naming
+/// its currency.
 #[test]
 fn a_site_event_line_decoded_once_gives_what_push_gives() {
     let t0 = at("2026-03-02T09:00:00Z");
@@ -2864,6 +2918,17 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
             false,
             vec![],
         ),
+        // An amount in a named currency: the profile's decoding converts it.
+        (
+            line(
+                json!({"event_id": "e-7", "event_type": "purchase", "occurred_at": rfc(t0 + 8 * MINUTE),
+                "customer_id": "c-1", "order": {"order_id": "o-7", "total": 10.0, "currency": "EUR"}}),
+            ),
+            site,
+            "c-1",
+            false,
+            vec![],
+        ),
     ];
     let mut once = Harness::new();
     let mut routed = Harness::new();
@@ -2906,9 +2971,10 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
         records(&once),
         records(&routed)
     );
-    // What each line did: the views' interest and activity, the receipt's purchase,
-    // the envelope's registration, and the reminders (the purchase ended c-1's).
-    assert_eq!(once.on("customer-actions").count(), 4);
+    // What each line did: the views' interest and activity, the receipt's and the
+    // order's purchases, the envelope's registration, and the reminders (the
+    // purchases ended c-1's).
+    assert_eq!(once.on("customer-actions").count(), 5);
     assert_eq!(once.on("product-interest").count(), 3);
     assert_eq!(once.triggers("c-1", "browse_abandonment").len(), 0);
     assert_eq!(once.triggers("anon:a-9", "browse_abandonment").len(), 1);
