@@ -343,15 +343,24 @@ impl CatalogJoin {
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
         let reference = product.reference_price.or(product.price);
+        let restocked = product.in_stock == Some(false) && in_stock == Some(true);
+        // A drop is news only for a product one can buy: one while it is out of stock
+        // waits (the reference stays) and is told when it is back.
+        let buyable = in_stock.or(product.in_stock) != Some(false);
+        let checked = price.or(product.price.filter(|_| restocked));
         let mut announced = false;
-        if let (Some(old), Some(new)) = (reference, price) {
+        if let (Some(old), Some(new), true) = (reference, checked, buyable) {
             let drop = drop_percent(old, new);
             if drop > 0.0 && drop >= self.min_drop_percent {
                 occasions.push((ProductOccasionKind::price_drop, Some(old), Some(new)));
                 announced = true;
             }
         }
-        if self.watches_stock && product.in_stock == Some(false) && in_stock == Some(true) {
+        if announced && price.is_none() {
+            // Told at the return to stock: the next drop is measured from here.
+            product.reference_price = product.price;
+        }
+        if self.watches_stock && restocked {
             occasions.push((
                 ProductOccasionKind::back_in_stock,
                 product.price,
@@ -835,6 +844,45 @@ min_drop_percent = 10.0
 
     fn wish(customer: &str, product: &str, at: Millis) -> Vec<u8> {
         interest(customer, product, at, InterestKind::wishlisted)
+    }
+
+    /// A drop while the product is out of stock is no news to a viewer who cannot buy
+    /// it: it is told, from the price before, when the product is back.
+    #[test]
+    fn a_drop_while_out_of_stock_is_told_when_the_product_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let stock = |id: &str, in_stock: bool, at: Millis| {
+            serde_json::to_vec(&serde_json::json!({"event_id": id, "product_id": "p1",
+                "in_stock": in_stock, "occurred_at": at}))
+            .unwrap()
+        };
+        let mut push = |topic: &str, record: Vec<u8>| {
+            let mut out = r.push(topic, b"p1", &record).unwrap();
+            out.extend(r.commit().unwrap());
+            out
+        };
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&interest, view("c", "p1", T0 + HOUR));
+        push(&catalog, stock("u2", false, T0 + 2 * HOUR));
+        let out = push(&catalog, price("p1", "u3", 80.0, T0 + 3 * HOUR));
+        assert!(told(&out, "p1").is_empty(), "out of stock");
+        let out = push(&catalog, stock("u4", true, T0 + 4 * HOUR));
+        assert_eq!(told(&out, "p1"), ["c"]);
+        let occasion: ProductOccasion = out
+            .iter()
+            .find(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+            .map(|e| serde_json::from_slice(&e.payload).unwrap())
+            .unwrap();
+        assert_eq!(
+            (occasion.old_price, occasion.new_price),
+            (Some(100.0), Some(80.0))
+        );
+        // Measured from the price told: a further 5% is not 10%.
+        let out = push(&catalog, price("p1", "u5", 76.0, T0 + 5 * HOUR));
+        assert!(told(&out, "p1").is_empty());
     }
 
     /// The profile publishes a batch's interest when it commits, so a view or wish
