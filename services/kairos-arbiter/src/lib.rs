@@ -93,7 +93,7 @@ pub struct CustomerLedger {
     /// once an earlier one expired or was cancelled. Bounded by `CHAINS_KEPT`.
     pub chains: SmallMap<String, ChainProgress>,
     /// Hashes of the send ids of recent cascade steps after the first (newest last,
-    /// bounded by `RECENT_OUTCOMES`): one trigger counts once towards the sunset, so
+    /// bounded by `CASCADE_FOLLOWUPS_KEPT`): one trigger counts once towards the sunset, so
     /// their deliveries are not counted again.
     pub cascade_followups: Vec<u64>,
     /// When the customer last left each segment or stage a `segment_entered` scenario
@@ -252,6 +252,25 @@ const IN_PERSONAL_CHAIN: &str = "in_personal_chain";
 const CHAIN_BROKEN: &str = "chain_broken";
 /// The rule of a trigger whose scenario is switched off or gone from the configuration.
 const SCENARIO_OFF: &str = "scenario_off";
+/// How long a trigger of a scenario the configuration does not name waits for one
+/// that does (a configuration rolled out to the profile first), and how often it looks.
+const UNKNOWN_SCENARIO_WAIT: Millis = HOUR;
+const UNKNOWN_SCENARIO_RECHECK: Millis = 5 * MINUTE;
+
+/// Why a scenario's triggers go out no more.
+enum ScenarioOff {
+    Disabled(String),
+    Unknown(String),
+}
+
+impl ScenarioOff {
+    fn why(&self) -> String {
+        match self {
+            ScenarioOff::Disabled(s) => format!("scenario {s} is switched off (enabled = false)"),
+            ScenarioOff::Unknown(s) => format!("scenario {s} is not in the configuration"),
+        }
+    }
+}
 /// Chain instances remembered per customer.
 const CHAINS_KEPT: usize = 32;
 /// Deferral reasons kept per queued trigger.
@@ -290,6 +309,8 @@ const LONE_CONTACTS_KEPT: Millis = DAY;
 /// week, each with a delivery, an open and a click at most (18 reports): 64 reach
 /// back three weeks and more.
 const RECENT_OUTCOMES: usize = 64;
+/// Send ids of recent cascade steps after the first remembered per customer.
+const CASCADE_FOLLOWUPS_KEPT: usize = 16;
 /// Trigger ids remembered per customer whatever their valid-until: far more than any
 /// redelivery after a crash brings back.
 const RECENT_TRIGGERS: usize = 128;
@@ -487,7 +508,7 @@ impl CustomerLedger {
         // A cascade's later steps count once towards the sunset here too: their
         // deliveries may come after the merge.
         for h in other.cascade_followups {
-            remember(&mut self.cascade_followups, h, RECENT_OUTCOMES);
+            remember(&mut self.cascade_followups, h, CASCADE_FOLLOWUPS_KEPT);
         }
         // Whom the merged customer had absorbed is in this ledger now too: a trigger
         // of this customer naming them (after a chain of merges) need not wait.
@@ -740,8 +761,24 @@ impl ArbiterProcessor {
                 format!("valid until {} but decided at {now}", t.valid_until),
             );
         }
-        if let Some(why) = self.switched_off(&t.scenario) {
-            return Verdict::no(DecisionOutcome::cancelled, SCENARIO_OFF, why);
+        match self.switched_off(&t.scenario) {
+            // A configuration rolled out to the profile before the arbiter: its new
+            // scenario's triggers wait for the arbiter's restart, for a while.
+            Some(off @ ScenarioOff::Unknown(_))
+                if now < t.fired_at.saturating_add(UNKNOWN_SCENARIO_WAIT) =>
+            {
+                return Verdict::defer(
+                    (now + UNKNOWN_SCENARIO_RECHECK).min(t.fired_at + UNKNOWN_SCENARIO_WAIT),
+                    SCENARIO_OFF,
+                    format!(
+                        "{}; waiting until {} for a configuration that has it",
+                        off.why(),
+                        kairos_core::time::format_millis(t.fired_at + UNKNOWN_SCENARIO_WAIT)
+                    ),
+                );
+            }
+            Some(off) => return Verdict::no(DecisionOutcome::cancelled, SCENARIO_OFF, off.why()),
+            None => {}
         }
         if let Some(pending) = t.merged_from.iter().find(|m| !ledger.absorbed.contains(m)) {
             // Decided without the merged customer's sends and suppressions, this could
@@ -866,7 +903,10 @@ impl ArbiterProcessor {
         ledger
             .sent_to
             .retain(|_, (at, _)| now - *at < BOUNCE_WINDOW);
-        if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
+        // A chain switched off or removed sends no further step: its slot is free.
+        if (ledger.main.as_ref())
+            .is_some_and(|m| m.until <= now || self.switched_off(&m.scenario).is_some())
+        {
             ledger.main = None;
         }
         if let (Some(main), true) = (&ledger.main, marketing && self.is_mass(&t.scenario)) {
@@ -1119,13 +1159,11 @@ impl ArbiterProcessor {
     /// being fixed) or gone from the configuration, while its triggers were on the
     /// topic, in the queue or in a cascade. Sent anyway, they would go out with the
     /// template being fixed, or without the scenario's purchase exclusion and holdout.
-    fn switched_off(&self, scenario: &str) -> Option<String> {
+    fn switched_off(&self, scenario: &str) -> Option<ScenarioOff> {
         match self.config.scenario(scenario) {
             Some(s) if s.enabled => None,
-            Some(_) => Some(format!(
-                "scenario {scenario} is switched off (enabled = false)"
-            )),
-            None => Some(format!("scenario {scenario} is not in the configuration")),
+            Some(_) => Some(ScenarioOff::Disabled(scenario.to_string())),
+            None => Some(ScenarioOff::Unknown(scenario.to_string())),
         }
     }
 
@@ -2634,18 +2672,8 @@ impl ArbiterProcessor {
         // Before any cap is read: only the last 7 days count.
         ledger.sends.retain(|(at, _, _)| now - at < WEEK);
         ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
-        if let Some(why) = self.switched_off(&t.scenario) {
-            self.record_decision(
-                ctx,
-                &subject,
-                deterministic_id(&[&t.trigger_id, "cascade-stop"]),
-                (DecisionOutcome::cancelled, None, None),
-                SCENARIO_OFF,
-                format!(
-                    "cascade stopped after {} message(s): {why}",
-                    cascade.channels.len()
-                ),
-            );
+        if let Some(off) = self.switched_off(&t.scenario) {
+            self.record_cascade_stop(ctx, &subject, &cascade, SCENARIO_OFF, off.why());
             return Ok(true);
         }
         // A complaint about any message ends all promo, the rest of a cascade too.
@@ -2763,7 +2791,7 @@ impl ArbiterProcessor {
         let send_id = self.emit_send(ctx, &t, next, ledger, &[], &reason)?;
         let step = cascade.channels.len();
         let h = kairos_core::ids::stable_hash(&send_id);
-        remember(&mut ledger.cascade_followups, h, RECENT_OUTCOMES);
+        remember(&mut ledger.cascade_followups, h, CASCADE_FOLLOWUPS_KEPT);
         cascade.channels.push(next);
         cascade.send_ids.push(send_id.clone());
         self.record_decision(

@@ -1590,7 +1590,9 @@ fn a_marketing_trigger_s_final_decision_names_the_customer_s_group() {
 
 /// A scenario switched off (its template being fixed) or removed from the
 /// configuration sends nothing more: a trigger waiting in the queue and one still on
-/// the topic are cancelled, and say why.
+/// the topic are cancelled, and say why. A trigger of a scenario the configuration
+/// does not name waits an hour for one that does (a configuration rolled out to the
+/// profile first), then is cancelled.
 #[test]
 fn a_scenario_switched_off_or_removed_sends_nothing_more() {
     let quiet = "quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"";
@@ -1606,13 +1608,15 @@ fn a_scenario_switched_off_or_removed_sends_nothing_more() {
     assert_eq!(queued.outcome, DecisionOutcome::deferred);
     a.restart_with(&off);
     a.advance_to(at("2026-01-06T12:00:00Z"));
-    let ended = |a: &Arbiter, id: &str| {
-        let d = a
-            .decisions_of(id)
+    let last = |a: &Arbiter, id: &str| {
+        a.decisions_of(id)
             .last()
             .copied()
             .cloned()
-            .expect("decided");
+            .expect("decided")
+    };
+    let ended = |a: &Arbiter, id: &str| {
+        let d = last(a, id);
         assert_eq!(
             (d.outcome, d.rule.as_str()),
             (DecisionOutcome::cancelled, "scenario_off"),
@@ -1624,11 +1628,49 @@ fn a_scenario_switched_off_or_removed_sends_nothing_more() {
     a.trigger("w2", "welcome", TRIGGER, at("2026-01-06T12:00:00Z"));
     assert!(ended(&a, "w2").contains("switched off"));
     a.restart_with(&removed);
-    a.trigger("w3", "welcome", TRIGGER, at("2026-01-06T12:30:00Z"));
+    let waits = a.trigger("w3", "welcome", TRIGGER, at("2026-01-06T12:30:00Z"));
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "scenario_off"),
+        "{waits:#?}"
+    );
+    a.advance_to(at("2026-01-06T13:29:00Z"));
+    assert_eq!(last(&a, "w3").outcome, DecisionOutcome::deferred);
+    a.advance_to(at("2026-01-06T13:30:00Z"));
     assert!(ended(&a, "w3").contains("welcome is not in the configuration"));
     assert!(a.sends.is_empty(), "{:#?}", a.sends);
-    // Switched on again, its triggers go out.
+    // The configuration that has it comes within the hour: the trigger goes out.
+    let waits = a.trigger("w4", "welcome", TRIGGER, at("2026-01-06T14:00:00Z"));
+    assert_eq!(waits.outcome, DecisionOutcome::deferred);
     a.restart_with(&on);
-    let sent = a.trigger("w4", "welcome", TRIGGER, at("2026-01-06T13:00:00Z"));
-    assert_eq!(sent.outcome, DecisionOutcome::sent);
+    a.advance_to(at("2026-01-06T14:10:00Z"));
+    assert_eq!(last(&a, "w4").outcome, DecisionOutcome::sent);
+    let sent: Vec<&str> = a.sends.iter().map(|s| s.trigger_id.as_str()).collect();
+    assert_eq!(sent, ["w4"]);
+}
+
+/// A chain switched off after its first step no longer holds the customer's main
+/// scenario: what waited behind it goes out.
+#[test]
+fn a_chain_switched_off_lets_go_of_the_customer() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
+    let mut first = a.trigger_of("on0", "onboarding", TRIGGER, T0);
+    first.priority = 50;
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::sent);
+    let mut low = a.trigger_of("low", "welcome", TRIGGER, T0 + HOUR);
+    low.priority = 40;
+    low.valid_until = T0 + 3 * DAY;
+    let waits = a.push_trigger(&low);
+    assert_eq!(
+        (waits.outcome, waits.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario")
+    );
+    let onboarding = "name = \"onboarding\"\nkind = \"welcome\"\n";
+    let off = common::CONFIG
+        .replace("[arbiter]\n", "[arbiter]\ndaily_cap = 5\nweekly_cap = 20\n")
+        .replacen(onboarding, &format!("{onboarding}enabled = false\n"), 1);
+    a.restart_with(&off);
+    let mut other = a.trigger_of("other", "welcome", TRIGGER, T0 + 2 * HOUR);
+    other.priority = 40;
+    assert_eq!(a.push_trigger(&other).outcome, DecisionOutcome::sent);
 }

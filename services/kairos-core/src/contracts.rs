@@ -5,8 +5,9 @@
 //! through the file schema. Enum variants are spelled exactly as the Avro symbols (and
 //! the JSON strings), hence the snake_case variant names.
 //!
-//! Money is carried as `double` in the shop's currency: Kairos measures revenue, it does
-//! not settle payments.
+//! Money is carried as `double` in the shop's currency, or in the currency an order or
+//! receipt names (converted to `profile.currency` when read, if set): Kairos measures
+//! revenue, it does not settle payments.
 #![allow(non_camel_case_types)]
 
 use std::collections::BTreeMap;
@@ -479,9 +480,10 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 42] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 43] = [
     (DecisionOutcome::cancelled, "chain_broken"),
     (DecisionOutcome::cancelled, "scenario_off"),
+    (DecisionOutcome::deferred, "scenario_off"),
     (DecisionOutcome::cancelled, "forgotten"),
     (DecisionOutcome::cancelled, "left_segment"),
     (DecisionOutcome::deferred, "chain_order"),

@@ -142,8 +142,8 @@ pub struct IdentityProcessor {
     changes_topic: String,
     /// Read for the profile processor's `forgotten` actions.
     actions_topic: String,
-    /// Of every topic (co-partitioned): where a key's records go.
-    partitions: i32,
+    /// A key that lands on each partition (by number), for heartbeats.
+    heartbeat_keys: Vec<String>,
     metrics: Metrics,
 }
 
@@ -223,7 +223,7 @@ impl IdentityProcessor {
             identified_topic: config.topic(topics::IDENTIFIED_EVENTS),
             changes_topic: config.topic(topics::IDENTITY_CHANGES),
             actions_topic: config.topic(topics::CUSTOMER_ACTIONS),
-            partitions: config.kafka.partitions,
+            heartbeat_keys: heartbeat_keys(config.kafka.partitions),
             metrics: m,
         })
     }
@@ -474,14 +474,9 @@ impl IdentityProcessor {
                     }
                     _ => name,
                 };
-                begin_node(ctx, &name, false, at)?;
                 self.canonical(ctx, &name)?
             }
         };
-        // A link outlives a forgotten anonymous profile when someone else claimed
-        // it: the profile begins again now, not at time 0 (which would win every
-        // `first_seen` survivor contest). The same for a link's owner below.
-        begin_node(ctx, &target, false, at)?;
         self.metrics.resolved.with_label_values(&[resolution]).inc();
         // Before any merge it causes: a late event older than its customer's first
         // moves it back, so the `first_seen` survivor rule counts the event itself.
@@ -490,9 +485,10 @@ impl IdentityProcessor {
         // its other identifiers resolved to (an e-mail and a card on a form without a
         // login still make that customer one more holder of the card).
         // The person, not the id they logged in with: a customer merged into another
-        // is that other one, and counting both would make two holders of one.
+        // is that other one (`target`, here), and counting both would make two
+        // holders of one.
         let claimant = match &input.customer_id {
-            Some(c) => Some(self.canonical(ctx, &c.value)?),
+            Some(_) => Some(target.clone()),
             None if self.node(ctx, &target)?.known => Some(target.clone()),
             None => None,
         };
@@ -522,21 +518,22 @@ impl IdentityProcessor {
                 .filter(|c| !link.claimants.contains(c))
                 .cloned();
             if let Some(c) = new_claimant.clone() {
-                // Holders of an identifier that never merges, noted before a merge
-                // through another one (an e-mail), may be one person now. A trusted
-                // identifier's holders stay apart: each one it merged counts, or a
-                // shop's test card would merge every customer it is scanned for.
+                // A holder noted before a merge (through another identifier) may be
+                // this one now: then nobody new presents it. An untrusted identifier's
+                // holders are kept as the people they are now; a trusted identifier's
+                // as noted, each customer it merged counting, or a shop's test card
+                // would merge every customer it is scanned for.
+                let mut people = Vec::with_capacity(link.claimants.len());
+                for held in &link.claimants {
+                    people.push(self.canonical(ctx, held)?);
+                }
+                if people.contains(&c) {
+                    new_claimant = None;
+                }
                 if !self.merge_on.contains(&id.kind) {
-                    let mut people = Vec::with_capacity(link.claimants.len());
-                    for held in &link.claimants {
-                        people.push(self.canonical(ctx, held)?);
-                    }
-                    if people.contains(&c) {
-                        new_claimant = None;
-                    }
                     link.claimants = people;
                 }
-                link.claimants.push(c);
+                link.claimants.extend(new_claimant.iter().cloned());
                 link.claimants.sort();
                 link.claimants.dedup();
                 if link.claimants.len() > self.max_claimants {
@@ -566,6 +563,7 @@ impl IdentityProcessor {
             if owner == target {
                 continue;
             }
+            // A profile begun again from a link that outlived it (see `seen`).
             begin_node(ctx, &owner, false, at)?;
             let (owner_node, target_node) = (self.node(ctx, &owner)?, self.node(ctx, &target)?);
             let both_known = owner_node.known && target_node.known;
@@ -612,8 +610,18 @@ impl IdentityProcessor {
     /// came since (see `expire_anonymous`).
     fn seen(&self, ctx: &mut Ctx<'_>, profile: &str, at: Millis) -> anyhow::Result<()> {
         let key = node_key(profile);
-        let Some(mut node) = ctx.get::<Node>(&key)? else {
-            return Ok(());
+        // None yet: a new anonymous profile, or one begun again from a link that
+        // outlived it (a claimed link stays when its profile is forgotten), first seen
+        // now, not at time 0 (which would win every `first_seen` survivor contest).
+        let (mut node, new) = match ctx.get::<Node>(&key)? {
+            Some(node) => (node, false),
+            None => (
+                Node {
+                    first_seen: at,
+                    ..Node::default()
+                },
+                true,
+            ),
         };
         let earlier = at < node.first_seen;
         node.first_seen = node.first_seen.min(at);
@@ -624,7 +632,7 @@ impl IdentityProcessor {
         if next_day {
             node.last_seen = at;
         }
-        if earlier || next_day {
+        if new || earlier || next_day {
             ctx.put(&key, &node)?;
         }
         Ok(())
@@ -669,6 +677,20 @@ impl IdentityProcessor {
         Ok(())
     }
 
+    /// The key of a heartbeat read on `partition` as it goes on: its own if that
+    /// leads back to the partition, else one that does. A producer beating every
+    /// partition in turn sends no key (or any), and keyed by "" the heartbeats of every
+    /// partition would reach one profile partition (librdkafka puts an empty key on a
+    /// random one).
+    fn heartbeat_key(&self, produced: &[u8], partition: i32) -> String {
+        let partitions = self.heartbeat_keys.len() as i32;
+        let own = kairos_core::replay::partition_for(produced, partitions) == partition;
+        match self.heartbeat_keys.get(partition as usize) {
+            Some(key) if produced.is_empty() || !own => key.clone(),
+            _ => String::from_utf8_lossy(produced).into_owned(),
+        }
+    }
+
     /// The event as the profile sees it: identifiers normalized (in `decode`), the
     /// resolved customer.
     fn identified(&self, input: IdentityEvent, customer: &str) -> IdentifiedRecord {
@@ -688,20 +710,24 @@ impl IdentityProcessor {
     }
 }
 
-/// The key of a heartbeat read on `partition` as it goes on: its own if that leads
-/// back to the partition, else one that does. A producer beating every partition in
-/// turn sends no key (or any), and keyed by "" the heartbeats of every partition would
-/// reach one profile partition (librdkafka puts an empty key on a random one).
-fn heartbeat_key(produced: &[u8], partition: i32, partitions: i32) -> String {
-    let lands = |key: &[u8]| kairos_core::replay::partition_for(key, partitions) == partition;
-    if !produced.is_empty() && lands(produced) {
-        return String::from_utf8_lossy(produced).into_owned();
+/// For each partition, a key the partitioner puts on it (`~heartbeat/<n>`, the first
+/// that does; a few tries per partition).
+fn heartbeat_keys(partitions: i32) -> Vec<String> {
+    let partitions = partitions.max(1);
+    let mut keys = vec![String::new(); partitions as usize];
+    let mut missing = keys.len();
+    for n in 0u64.. {
+        let key = format!("~heartbeat/{n}");
+        let p = kairos_core::replay::partition_for(key.as_bytes(), partitions) as usize;
+        if keys[p].is_empty() {
+            keys[p] = key;
+            missing -= 1;
+            if missing == 0 {
+                break;
+            }
+        }
     }
-    // About `partitions` tries; the bound only guards a partition out of range.
-    (0..100_000)
-        .map(|n| format!("~heartbeat/{n}"))
-        .find(|key| lands(key.as_bytes()))
-        .unwrap_or_else(|| String::from_utf8_lossy(produced).into_owned())
+    keys
 }
 
 /// Stores a node for `customer` first seen at `at`, unless it has one.
@@ -920,7 +946,7 @@ impl Processor for IdentityProcessor {
             // heartbeats, so a node it created or kept alive would be one the profile
             // never forgets, and the graph would keep it for good.
             // (The graph is one state partition: `ctx.partition` is always 0.)
-            let key = heartbeat_key(&input.key, input.partition, self.partitions);
+            let key = self.heartbeat_key(&input.key, input.partition);
             let record = self.identified(input, "");
             ctx.emit(&self.identified_topic, &key, &record);
             return Ok(());

@@ -803,8 +803,18 @@ fn a_merged_customer_and_its_survivor_are_one_holder_of_an_identifier() {
             json!({"customer_id": customer, "phone": "+4915111113333"}),
         );
     };
-    // c-82 presents the phone before it merges into c-81, and again after.
+    // c-82 presents the phone and a trusted card before it merges into c-81, and the
+    // phone again after.
     login(&mut h, "c-82", t0);
+    let card = |h: &mut Harness, customer: &str, card: &str, t: Millis| {
+        h.event(
+            "events.site",
+            "login",
+            t,
+            json!({"customer_id": customer, "loyalty_card": card}),
+        );
+    };
+    card(&mut h, "c-82", "K-7", t0 + 30 * MINUTE);
     for (i, c) in ["c-81", "c-82"].iter().enumerate() {
         h.event(
             "events.site",
@@ -841,15 +851,17 @@ fn a_merged_customer_and_its_survivor_are_one_holder_of_an_identifier() {
     // A trusted card c-82 presents after its merge is c-81's: c-83 is its second
     // holder and merges through it, the card is not shared.
     for (i, c) in ["c-82", "c-81", "c-83"].iter().enumerate() {
-        h.event(
-            "events.site",
-            "login",
-            t0 + (i as Millis + 7) * HOUR,
-            json!({"customer_id": c, "loyalty_card": "K-8"}),
-        );
+        card(&mut h, c, "K-8", t0 + (i as Millis + 7) * HOUR);
     }
     h.advance(t0 + 10 * HOUR);
     assert_eq!(h.merged_away(), ["c-82", "c-83"]);
+    none_shared(&h);
+    // So is the card c-82 presented before its merge, when c-81 presents it: c-84 is
+    // its second holder.
+    card(&mut h, "c-81", "K-7", t0 + 11 * HOUR);
+    card(&mut h, "c-84", "K-7", t0 + 12 * HOUR);
+    h.advance(t0 + 13 * HOUR);
+    assert_eq!(h.merged_away(), ["c-82", "c-83", "c-84"]);
     none_shared(&h);
 }
 

@@ -43,6 +43,10 @@ use kairos_core::store::DueTimer;
 use kairos_core::time::{Millis, DAY};
 use serde::{Deserialize, Serialize};
 
+/// Products whose announcements the join holds in memory per partition (see
+/// `CatalogJoin::news`).
+const NEWS_CACHED_PER_PARTITION: usize = 100_000;
+
 /// How long a view keeps a customer in a product's audience.
 pub const VIEW_INTEREST_DAYS: i64 = 30;
 
@@ -114,8 +118,6 @@ type DayViews = BTreeMap<String, Millis>;
 /// batch's other products.
 type BatchViews = HashMap<CompactString, HashMap<i64, HashMap<String, Millis>>>;
 
-/// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
-/// the days of a product scan in order.
 /// How many per cent `new` is below `old` (0 for no drop), to a millionth of a per
 /// cent: in floating point 1.00 to 0.90 is 9.999999999999998%, short of a 10% rule.
 pub(crate) fn drop_percent(old: f64, new: f64) -> f64 {
@@ -126,6 +128,8 @@ pub(crate) fn drop_percent(old: f64, new: f64) -> f64 {
     }
 }
 
+/// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
+/// the days of a product scan in order.
 fn day_views_key(product_id: &str, day: i64) -> String {
     format!("vd/{product_id}/{:010}", day.max(0))
 }
@@ -245,7 +249,7 @@ pub struct CatalogJoin {
     batch_views: HashMap<i32, BatchViews>,
     /// Each product's latest announcements as stored (`ProductState::news`), per
     /// partition, read once per product: so a view, about every other event, costs
-    /// no read to find none.
+    /// no read to find none. At most `NEWS_CACHED_PER_PARTITION` products each.
     news: HashMap<i32, HashMap<CompactString, Vec<News>>>,
 }
 
@@ -482,6 +486,10 @@ impl CatalogJoin {
     fn announce_late(&mut self, ctx: &mut Ctx<'_>, i: &ProductInterest) -> anyhow::Result<()> {
         let products = self.news.entry(ctx.partition).or_default();
         if !products.contains_key(i.product_id.as_str()) {
+            if products.len() >= NEWS_CACHED_PER_PARTITION {
+                // A cache: read again as needed, memory bounded whatever the catalog.
+                products.clear();
+            }
             let key = format!("p/{}", i.product_id);
             let news = ctx
                 .get::<ProductState>(&key)?

@@ -21,6 +21,8 @@ pub struct Pipeline {
     interest_topic: String,
     /// The profile's schema registry, for events decoded before they are pushed.
     schema_registry: SchemaRegistry,
+    /// The profile's currency conversion, for the same.
+    currencies: kairos_core::input::Currencies,
     /// A stage in front of the profile (identity resolution): raw events go to it.
     upstream: Option<Box<dyn Stage>>,
     /// Stages fed with the outputs of the profile (and of each other).
@@ -51,6 +53,7 @@ impl Pipeline {
             catalog_topic: config.topic(topics::CATALOG),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             schema_registry,
+            currencies: kairos_core::input::Currencies::new(&config.profile),
             upstream: None,
             downstream: Vec::new(),
             registry,
@@ -118,8 +121,7 @@ impl Pipeline {
     /// otherwise parses every line to find its topic and key, then the profile parses
     /// it again. Returns false, having done nothing, for a line this cannot take: one
     /// that might be an envelope or a receipt (it names `topic` or `receipt_id`
-    /// anywhere), one that names a `currency` (the profile's decoding converts it),
-    /// one that does not name `event_type`, one that is not a valid site
+    /// anywhere), one that does not name `event_type`, one that is not a valid site
     /// event (it goes the usual way, to be dead-lettered with its reason), or any line
     /// when a stage (identity) comes before the profile.
     pub fn push_site_event_line(
@@ -134,15 +136,19 @@ impl Pipeline {
         if self.upstream.is_some()
             || names(b"\"topic\"")
             || names(b"\"receipt_id\"")
-            || names(b"\"currency\"")
             || !names(b"\"event_type\"")
         {
             return Ok(false);
         }
-        let Ok(event) = kairos_core::input::decode_customer_event(line, &self.schema_registry)
+        let Ok(mut event) = kairos_core::input::decode_customer_event(line, &self.schema_registry)
         else {
             return Ok(false);
         };
+        // As the profile's decoding does (an unknown currency goes the usual way, to
+        // be dead-lettered).
+        if self.currencies.convert_event(&mut event).is_err() {
+            return Ok(false);
+        }
         let key = event
             .customer_id
             .as_deref()

@@ -2839,8 +2839,9 @@ fn the_first_visit_of_a_day_is_reported_to_the_arbiter() {
 /// `push_site_event_line`, the replay's one-parse path for bare site events, gives
 /// the same records as `push` with the topic and key the replay's router picks, and
 /// declines (doing nothing) what it must not take: an invalid event, which `push`
-/// then dead-letters, a receipt, an envelope, a catalog update and an order naming
-/// its currency.
+/// then dead-letters, a receipt, an envelope, a catalog update and an order in a
+/// currency without a rate; an order in another currency is converted as the profile's
+/// decoding converts it.
 #[test]
 fn a_site_event_line_decoded_once_gives_what_push_gives() {
     let t0 = at("2026-03-02T09:00:00Z");
@@ -2918,20 +2919,33 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
             false,
             vec![],
         ),
-        // An amount in a named currency: the profile's decoding converts it.
+        // An order in dollars, converted as the profile's decoding converts it; one
+        // in yen, without a rate, goes the usual way to be dead-lettered.
         (
             line(
                 json!({"event_id": "e-7", "event_type": "purchase", "occurred_at": rfc(t0 + 8 * MINUTE),
-                "customer_id": "c-1", "order": {"order_id": "o-7", "total": 10.0, "currency": "EUR"}}),
+                "customer_id": "c-3", "order": {"order_id": "o-7", "total": 10.0, "currency": "USD"}}),
             ),
             site,
-            "c-1",
+            "c-3",
+            true,
+            vec![],
+        ),
+        (
+            line(
+                json!({"event_id": "e-8", "event_type": "purchase", "occurred_at": rfc(t0 + 9 * MINUTE),
+                "customer_id": "c-3", "order": {"order_id": "o-8", "total": 10.0, "currency": "JPY"}}),
+            ),
+            site,
+            "c-3",
             false,
             vec![],
         ),
     ];
-    let mut once = Harness::new();
-    let mut routed = Harness::new();
+    let text =
+        format!("{CONFIG}\n[profile]\ncurrency = \"EUR\"\n[profile.exchange_rates]\nUSD = 0.5\n");
+    let mut once = Harness::with(&text, ClockMode::Event);
+    let mut routed = Harness::with(&text, ClockMode::Event);
     for (raw, topic, key, taken, envelope_payload) in &lines {
         let payload = if envelope_payload.is_empty() {
             raw
@@ -2971,15 +2985,25 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
         records(&once),
         records(&routed)
     );
-    // What each line did: the views' interest and activity, the receipt's and the
-    // order's purchases, the envelope's registration, and the reminders (the
-    // purchases ended c-1's).
-    assert_eq!(once.on("customer-actions").count(), 5);
+    // What each line did: the views' interest and activity, the receipt's purchase,
+    // the converted order's purchase and first visit, the envelope's registration,
+    // and the reminders (the purchase ended c-1's).
+    let actions: Vec<String> = once
+        .on("customer-actions")
+        .map(|a| format!("{} {}", a.value["customer_id"], a.value["kind"]))
+        .collect();
+    assert_eq!(actions.len(), 6, "{actions:#?}");
     assert_eq!(once.on("product-interest").count(), 3);
     assert_eq!(once.triggers("c-1", "browse_abandonment").len(), 0);
     assert_eq!(once.triggers("anon:a-9", "browse_abandonment").len(), 1);
     assert!(!once.triggers("c-2", "browse_abandonment").is_empty());
-    assert_eq!(once.on("deadletter").count(), 1, "the negative purchase");
+    assert_eq!(
+        once.on("deadletter").count(),
+        2,
+        "the negative purchase and the one in yen"
+    );
+    let c3 = once.pipeline.profile("c-3").expect("read").expect("stored");
+    assert_eq!((c3.orders, c3.revenue), (1, 5.0));
 }
 
 // Review fixes: orders undone, late purchases, activity, zones, consent, ids, bad input.
