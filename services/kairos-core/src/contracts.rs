@@ -15,6 +15,12 @@ use std::collections::BTreeMap;
 use apache_avro::AvroSchema;
 use serde::{Deserialize, Serialize};
 
+/// An amount to the ten-thousandth it is compared at: floating-point sums of prices
+/// fall a hair short of round boundaries (91.85 + 108.74 + ... is 499.99999999999994).
+pub fn round_money(amount: f64) -> f64 {
+    (amount * 10_000.0).round() / 10_000.0
+}
+
 /// Namespace of every Kairos schema.
 pub const NAMESPACE: &str = "io.kairos";
 

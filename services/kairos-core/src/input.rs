@@ -29,10 +29,12 @@ impl Source {
     }
 }
 
-/// A site or app event, decoded (JSON or Avro) and checked.
+/// A site or app event, decoded (JSON or Avro), checked, and its order's amounts in
+/// the base currency (see [`Currencies`]).
 pub fn decode_customer_event(
     payload: &[u8],
     registry: &SchemaRegistry,
+    currencies: &Currencies,
 ) -> Result<CustomerEvent, Rejection> {
     let mut e: CustomerEvent = decode_input(payload, schemas::customer_event(), registry)?;
     clean_key("customer_id", &mut e.customer_id)?;
@@ -44,13 +46,16 @@ pub fn decode_customer_event(
     clean_key("loyalty_card", &mut e.loyalty_card)?;
     clean_key("phone", &mut e.phone)?;
     validate_event(&e)?;
+    currencies.convert_event(&mut e)?;
     Ok(e)
 }
 
-/// A till receipt, decoded (JSON or Avro) and checked.
+/// A till receipt, decoded (JSON or Avro), checked, and its amounts in the base
+/// currency (see [`Currencies`]).
 pub fn decode_receipt(
     payload: &[u8],
     registry: &SchemaRegistry,
+    currencies: &Currencies,
 ) -> Result<OfflineReceipt, Rejection> {
     let mut r: OfflineReceipt = decode_input(payload, schemas::offline_receipt(), registry)?;
     clean_key("customer_id", &mut r.customer_id)?;
@@ -69,6 +74,7 @@ pub fn decode_receipt(
     // Positive for refunds too: `kind` gives the direction.
     check_amount("total", Some(r.total))?;
     check_items(&r.items)?;
+    currencies.convert_receipt(&mut r)?;
     Ok(r)
 }
 
@@ -115,8 +121,9 @@ impl Currencies {
     }
 
     /// Converts an order's total and line items to the base currency (a no-op for
-    /// one in it already, so a record read twice is converted once).
-    pub fn convert_event(&self, e: &mut CustomerEvent) -> Result<(), Rejection> {
+    /// one in it already, so a record read twice, by the identity processor and then
+    /// the profile, is converted once).
+    fn convert_event(&self, e: &mut CustomerEvent) -> Result<(), Rejection> {
         let Some(order) = e.order.as_mut() else {
             return Ok(());
         };
@@ -125,29 +132,31 @@ impl Currencies {
         };
         order.total = order.total.map(|t| in_base(t, rate));
         order.currency = self.base.clone();
-        for item in &mut e.items {
-            item.unit_price = in_base(item.unit_price, rate);
-        }
+        convert_items(&mut e.items, rate);
         Ok(())
     }
 
     /// Converts a receipt's total and line items to the base currency.
-    pub fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<(), Rejection> {
+    fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<(), Rejection> {
         let Some(rate) = self.rate("currency", Some(&r.currency))? else {
             return Ok(());
         };
         r.total = in_base(r.total, rate);
         r.currency = self.base.clone().unwrap_or_default();
-        for item in &mut r.items {
-            item.unit_price = in_base(item.unit_price, rate);
-        }
+        convert_items(&mut r.items, rate);
         Ok(())
     }
 }
 
-/// `amount` times `rate`, to a ten-thousandth (the precision revenue is compared at).
+fn convert_items(items: &mut [LineItem], rate: f64) {
+    for item in items {
+        item.unit_price = in_base(item.unit_price, rate);
+    }
+}
+
+/// `amount` times `rate`, to the precision money is compared at.
 fn in_base(amount: f64, rate: f64) -> f64 {
-    (amount * rate * 10_000.0).round() / 10_000.0
+    crate::contracts::round_money(amount * rate)
 }
 
 /// The largest amount (a total, a price) an input may carry: no order is worth a
@@ -320,6 +329,12 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
 mod tests {
     use super::*;
 
+    /// No `profile.currency`: amounts as given.
+    const NONE: Currencies = Currencies {
+        base: None,
+        rates: std::collections::BTreeMap::new(),
+    };
+
     #[test]
     fn orders_and_receipts_are_converted_into_the_base_currency_once() {
         let registry = SchemaRegistry::new(None);
@@ -336,8 +351,8 @@ mod tests {
                 "items": [{"product_id": "p1", "quantity": 2, "unit_price": 5.0}]})
             .to_string()
         };
-        let mut e = decode_customer_event(purchase("USD").as_bytes(), &registry).expect("valid");
-        currencies.convert_event(&mut e).expect("a rate");
+        let mut e = decode_customer_event(purchase("USD").as_bytes(), &registry, &currencies)
+            .expect("a rate");
         let order = e.order.clone().expect("order");
         assert_eq!(
             (order.total, order.currency.as_deref()),
@@ -347,23 +362,22 @@ mod tests {
         // Read a second time (the identity processor, then the profile): once.
         currencies.convert_event(&mut e).expect("base");
         assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(9.0));
-        let mut e = decode_customer_event(purchase("eur").as_bytes(), &registry).expect("valid");
-        currencies.convert_event(&mut e).expect("base");
+        let e = decode_customer_event(purchase("eur").as_bytes(), &registry, &currencies)
+            .expect("base");
         assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(10.0));
-        let mut e = decode_customer_event(purchase("GBP").as_bytes(), &registry).expect("valid");
-        let r = currencies.convert_event(&mut e).unwrap_err();
+        let r =
+            decode_customer_event(purchase("GBP").as_bytes(), &registry, &currencies).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::invalid_field);
         // Without a base currency nothing is converted or refused.
-        Currencies::default()
-            .convert_event(&mut e)
-            .expect("as given");
+        let e =
+            decode_customer_event(purchase("GBP").as_bytes(), &registry, &NONE).expect("as given");
         assert_eq!(e.order.as_ref().and_then(|o| o.total), Some(10.0));
         let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1",
             "kind": "sale", "store_id": "s1", "occurred_at": 1_764_950_000_000_i64,
             "customer_id": "c2", "total": 20.0, "currency": "USD",
             "items": [{"product_id": "p1", "quantity": 1, "unit_price": 20.0}]});
-        let mut r = decode_receipt(receipt.to_string().as_bytes(), &registry).expect("valid");
-        currencies.convert_receipt(&mut r).expect("a rate");
+        let r =
+            decode_receipt(receipt.to_string().as_bytes(), &registry, &currencies).expect("a rate");
         assert_eq!(
             (r.total, r.currency.as_str(), r.items[0].unit_price),
             (18.0, "EUR", 18.0)
@@ -378,16 +392,16 @@ mod tests {
                 "customer_id": id, "anonymous_id": format!(" {id}\t")})
             .to_string()
         };
-        let e = decode_customer_event(event("c1 ").as_bytes(), &registry).expect("valid");
+        let e = decode_customer_event(event("c1 ").as_bytes(), &registry, &NONE).expect("valid");
         assert_eq!(e.customer_id.as_deref(), Some("c1"));
         assert_eq!(e.anonymous_id.as_deref(), Some("c1"));
         let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1", "kind": "sale",
             "store_id": "s1", "occurred_at": 1_764_950_000_000_i64, "customer_id": "\nc2 ", "total": 10.0,
             "currency": "EUR", "items": []});
-        let r = decode_receipt(receipt.to_string().as_bytes(), &registry).expect("valid");
+        let r = decode_receipt(receipt.to_string().as_bytes(), &registry, &NONE).expect("valid");
         assert_eq!(r.customer_id.as_deref(), Some("c2"));
         for bad in ["c\u{0}1".to_string(), "c".repeat(201)] {
-            let r = decode_customer_event(event(&bad).as_bytes(), &registry).unwrap_err();
+            let r = decode_customer_event(event(&bad).as_bytes(), &registry, &NONE).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{bad:?}");
         }
         // Cards and phones key state too: bounded on events and receipts alike.
@@ -395,17 +409,18 @@ mod tests {
         for (field, value) in [("loyalty_card", &long_card), ("phone", &"1".repeat(201))] {
             let mut event: serde_json::Value = serde_json::from_str(&event("c3")).expect("json");
             event[field] = value.as_str().into();
-            let r = decode_customer_event(event.to_string().as_bytes(), &registry).unwrap_err();
+            let r =
+                decode_customer_event(event.to_string().as_bytes(), &registry, &NONE).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{field}");
             assert!(r.message.starts_with(field), "{}", r.message);
             let mut receipt = receipt.clone();
             receipt[field] = value.as_str().into();
-            let r = decode_receipt(receipt.to_string().as_bytes(), &registry).unwrap_err();
+            let r = decode_receipt(receipt.to_string().as_bytes(), &registry, &NONE).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{field}");
         }
         let mut carded = receipt.clone();
         carded["loyalty_card"] = " 1234-5678 ".into();
-        let r = decode_receipt(carded.to_string().as_bytes(), &registry).expect("valid");
+        let r = decode_receipt(carded.to_string().as_bytes(), &registry, &NONE).expect("valid");
         assert_eq!(r.loyalty_card.as_deref(), Some("1234-5678"));
     }
 
@@ -424,11 +439,11 @@ mod tests {
         };
         for id in ["c-1", "anonymous:x", "card", "a#shared-not"] {
             assert!(
-                decode_customer_event(event(id).as_bytes(), &registry).is_ok(),
+                decode_customer_event(event(id).as_bytes(), &registry, &NONE).is_ok(),
                 "{id}"
             );
             assert!(
-                decode_receipt(receipt(id).as_bytes(), &registry).is_ok(),
+                decode_receipt(receipt(id).as_bytes(), &registry, &NONE).is_ok(),
                 "{id}"
             );
         }
@@ -444,7 +459,8 @@ mod tests {
             " anon:a-7",
             "device:d1 ",
         ] {
-            let rejection = decode_customer_event(event(id).as_bytes(), &registry).expect_err(id);
+            let rejection =
+                decode_customer_event(event(id).as_bytes(), &registry, &NONE).expect_err(id);
             assert_eq!(rejection.reason, DeadLetterReason::invalid_field, "{id}");
             assert!(
                 rejection.message.contains("customer_id"),
@@ -452,7 +468,7 @@ mod tests {
                 rejection.message
             );
             assert!(
-                decode_receipt(receipt(id).as_bytes(), &registry).is_err(),
+                decode_receipt(receipt(id).as_bytes(), &registry, &NONE).is_err(),
                 "{id}"
             );
         }

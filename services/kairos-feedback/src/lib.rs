@@ -723,12 +723,11 @@ impl FeedbackProcessor {
     fn decode_purchase_event(&self, payload: &[u8]) -> FeedbackInput {
         // The profile's checks: what it dead-letters (an infinite total, an empty event
         // id) counts nowhere, revenue included.
-        let Ok(mut e) = kairos_core::input::decode_customer_event(payload, &self.registry) else {
+        let decoded =
+            kairos_core::input::decode_customer_event(payload, &self.registry, &self.currencies);
+        let Ok(e) = decoded else {
             return FeedbackInput::Ignored(None);
         };
-        if self.currencies.convert_event(&mut e).is_err() {
-            return FeedbackInput::Ignored(None);
-        }
         self.purchase_of_event(e)
     }
 
@@ -746,12 +745,10 @@ impl FeedbackProcessor {
     }
 
     fn decode_receipt(&self, payload: &[u8]) -> FeedbackInput {
-        let Ok(mut r) = kairos_core::input::decode_receipt(payload, &self.registry) else {
+        let decoded = kairos_core::input::decode_receipt(payload, &self.registry, &self.currencies);
+        let Ok(r) = decoded else {
             return FeedbackInput::Ignored(None);
         };
-        if self.currencies.convert_receipt(&mut r).is_err() {
-            return FeedbackInput::Ignored(None);
-        }
         self.purchase_of_receipt(r)
     }
 

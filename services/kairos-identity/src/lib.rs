@@ -874,15 +874,14 @@ impl Processor for IdentityProcessor {
         }
         let mut found = Vec::new();
         let (source, customer_id, event) = if record.topic == self.offline_topic {
-            let mut r = input::decode_receipt(record.payload, &self.registry)?;
-            self.currencies.convert_receipt(&mut r)?;
+            let mut r = input::decode_receipt(record.payload, &self.registry, &self.currencies)?;
             found.push(self.normalize(IdentifierKind::loyalty_card, &mut r.loyalty_card)?);
             found.push(self.normalize(IdentifierKind::phone, &mut r.phone)?);
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut r.customer_id)?;
             (Source::Offline, customer_id, RawEvent::Receipt(Box::new(r)))
         } else {
-            let mut e = input::decode_customer_event(record.payload, &self.registry)?;
-            self.currencies.convert_event(&mut e)?;
+            let mut e =
+                input::decode_customer_event(record.payload, &self.registry, &self.currencies)?;
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut e.customer_id)?;
             found.push(self.normalize(IdentifierKind::email, &mut e.email)?);
             found.push(self.normalize(IdentifierKind::phone, &mut e.phone)?);

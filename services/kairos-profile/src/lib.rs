@@ -3121,8 +3121,7 @@ impl Processor for ProfileProcessor {
             });
         }
         if record.topic == self.offline_topic {
-            let mut receipt = input::decode_receipt(record.payload, &self.registry)?;
-            self.currencies.convert_receipt(&mut receipt)?;
+            let receipt = input::decode_receipt(record.payload, &self.registry, &self.currencies)?;
             Ok(ProfileInput::Receipt(Box::new(receipt)))
         } else if record.topic == self.outcomes_topic {
             Ok(ProfileInput::Outcome(Box::new(decode_internal(
@@ -3138,8 +3137,8 @@ impl Processor for ProfileProcessor {
             } else {
                 input::Source::Site
             };
-            let mut event = input::decode_customer_event(record.payload, &self.registry)?;
-            self.currencies.convert_event(&mut event)?;
+            let event =
+                input::decode_customer_event(record.payload, &self.registry, &self.currencies)?;
             Ok(ProfileInput::Event(Box::new(event), source))
         }
     }

@@ -140,15 +140,16 @@ impl Pipeline {
         {
             return Ok(false);
         }
-        let Ok(mut event) = kairos_core::input::decode_customer_event(line, &self.schema_registry)
-        else {
+        // The profile's decoding, currencies converted; a line it refuses goes the
+        // usual way, to be dead-lettered.
+        let decoded = kairos_core::input::decode_customer_event(
+            line,
+            &self.schema_registry,
+            &self.currencies,
+        );
+        let Ok(event) = decoded else {
             return Ok(false);
         };
-        // As the profile's decoding does (an unknown currency goes the usual way, to
-        // be dead-lettered).
-        if self.currencies.convert_event(&mut event).is_err() {
-            return Ok(false);
-        }
         let key = event
             .customer_id
             .as_deref()

@@ -28,10 +28,8 @@ pub fn rfm(cfg: &RfmConfig, p: &CustomerProfile, now: Millis) -> Option<RfmScore
         .iter()
         .take_while(|&&o| p.orders >= o)
         .count() as u8;
-    // To a ten-thousandth: a sum of prices in binary floating point may fall just
-    // short of a boundary it equals (91.85 + 108.74 + 136.84 + 54.75 + 107.82 is
-    // 499.99999999999994).
-    let revenue = (p.revenue * 10_000.0).round() / 10_000.0;
+    // A sum of prices may fall just short of a boundary it equals.
+    let revenue = kairos_core::contracts::round_money(p.revenue);
     let m = 1 + cfg.monetary.iter().take_while(|&&v| revenue >= v).count() as u8;
     let within = |x: u8, range: [u8; 2]| range[0] <= x && x <= range[1];
     let segment = cfg
