@@ -533,6 +533,7 @@ impl DeliveryProcessor {
             let refused = matches!(
                 result,
                 Err(ProviderError::Transient(_)
+                    | ProviderError::Throttled(..)
                     | ProviderError::Permanent(_)
                     | ProviderError::HardBounce(_)
                     | ProviderError::Refused(_))
@@ -559,6 +560,7 @@ impl DeliveryProcessor {
                 Ok(()) => "accepted",
                 Err(
                     ProviderError::Transient(_)
+                    | ProviderError::Throttled(..)
                     | ProviderError::NoAnswer(_)
                     | ProviderError::InProgress(_),
                 ) => "transient_error",
@@ -571,6 +573,10 @@ impl DeliveryProcessor {
                 .inc();
             // The gauge follows the breaker now, not at the next send: the failure
             // that opens it may be the last attempt before the topic goes quiet.
+            let asked_to_wait = match &result {
+                Err(ProviderError::Throttled(_, wait)) => Some(*wait),
+                _ => None,
+            };
             let delivery = Self::judge(
                 &mut self.breaker,
                 cmd,
@@ -584,9 +590,9 @@ impl DeliveryProcessor {
                 Some(delivery) => return delivery,
                 None if attempt < max => {
                     self.metrics.retries.with_label_values(&labels).inc();
-                    let delay =
+                    let backoff =
                         retry::backoff(&self.settings.retry, attempt, &mut rand::thread_rng());
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(retry::after_asked(backoff, asked_to_wait)).await;
                 }
                 None => {}
             }
@@ -648,6 +654,7 @@ impl DeliveryProcessor {
             // failing the backlog at full speed.
             Err(
                 e @ (ProviderError::Transient(_)
+                | ProviderError::Throttled(..)
                 | ProviderError::NoAnswer(_)
                 | ProviderError::Refused(_)),
             ) => {
@@ -1546,6 +1553,124 @@ mod tests {
             assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
             assert!(calls.load(Ordering::SeqCst) >= 1, "{case}");
         }
+    }
+
+    /// An SMS command and its rendered text for the HTTP gateway at `url`, with its
+    /// worker (`timeout` per request, three attempts 50 ms apart at first).
+    fn sms_worker(
+        dir: &std::path::Path,
+        url: &str,
+        timeout: &str,
+    ) -> (DeliveryProcessor, SendCommand, templates::RenderedMessage) {
+        let config = test_config(
+            dir,
+            &[
+                ("KAIROS__DELIVERY__SMS__PROVIDER", "http"),
+                ("KAIROS__DELIVERY__SMS__HTTP__URL", url),
+                ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", timeout),
+                ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3"),
+                ("KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF", "50ms"),
+            ],
+        );
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::sms].clone();
+        let processor =
+            DeliveryProcessor::new(&config, Channel::sms, settings, &registry).expect("processor");
+        let cmd = SendCommand {
+            channel: Channel::sms,
+            address: Some("+491701234567".into()),
+            valid_until: Millis::MAX / 2,
+            ..email_command(0, "welcome")
+        };
+        let message = templates::RenderedMessage {
+            subject: None,
+            preheader: None,
+            body: "hi".into(),
+        };
+        (processor, cmd, message)
+    }
+
+    /// A gateway whose host takes no connection (it drops them: a firewall, a load
+    /// balancer without backends) never had the message: the send is retried and then
+    /// dead-lettered for a re-drive, not reported sent "in doubt".
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_gateway_that_takes_no_connection_never_had_the_message() {
+        // A listener whose one-place accept queue is full: the kernel drops further
+        // connection attempts, so they hang as against a silent host.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let address = socket.local_addr().expect("address");
+        let _listener = socket.listen(0).expect("listen");
+        let mut queued = Vec::new();
+        let full = (0..16).any(|_| {
+            match std::net::TcpStream::connect_timeout(
+                &address,
+                std::time::Duration::from_millis(300),
+            ) {
+                Ok(stream) => {
+                    queued.push(stream);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        assert!(full, "the accept queue never filled");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("http://{address}/sms");
+        let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "600ms");
+        let delivery = processor
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(
+            matches!(&delivery, Delivery::Exhausted(e) if e.contains("request failed")),
+            "{delivery:?}"
+        );
+    }
+
+    /// A gateway that answers 429 with `Retry-After` is asked again after that wait,
+    /// not after the (shorter) backoff, and then takes the message.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_gateway_s_retry_after_is_waited_for() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+        let seen = calls.clone();
+        let app = axum::Router::new().route(
+            "/sms",
+            axum::routing::post(move || {
+                let seen = seen.clone();
+                async move {
+                    let mut seen = seen.lock().expect("calls");
+                    seen.push(std::time::Instant::now());
+                    match seen.len() {
+                        1 => (
+                            axum::http::StatusCode::TOO_MANY_REQUESTS,
+                            [("retry-after", "1")],
+                            "slow down",
+                        ),
+                        _ => (axum::http::StatusCode::OK, [("x-any", "0")], "ok"),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "2s");
+        let delivery = processor
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
+        let calls = calls.lock().expect("calls");
+        assert_eq!(calls.len(), 2);
+        let waited = calls[1] - calls[0];
+        assert!(
+            waited >= std::time::Duration::from_millis(950),
+            "asked again after {waited:?}"
+        );
     }
 
     /// A send id is taken once within `state.dedup_window`; once the window has passed

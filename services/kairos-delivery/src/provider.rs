@@ -21,6 +21,10 @@ pub enum ProviderError {
     /// Worth retrying: a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
     #[error("transient: {0}")]
     Transient(String),
+    /// The provider asked to be left alone for a while (HTTP 429 or 503 with a
+    /// `Retry-After`): worth retrying, not before that wait.
+    #[error("throttled: {0} (asked to wait {1:?})")]
+    Throttled(String, Duration),
     /// No answer came (a timeout, a dropped connection): worth retrying, unless the
     /// whole message had already been handed over.
     #[error("no answer: {0}")]
@@ -487,7 +491,11 @@ impl HttpProvider {
     pub fn new(config: &HttpProviderConfig) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            // Below the whole request's timeout, so a connect that hangs (a host that
+            // drops packets) fails as a connect error, which means "not sent": at the
+            // same length the request's timeout fires first and reads as "no answer",
+            // as if the gateway might hold the message.
+            .connect_timeout((config.timeout / 2).min(Duration::from_secs(5)))
             // A redirect followed would turn the POST into a GET, and its 200 would
             // count a message nobody received as sent.
             .redirect(reqwest::redirect::Policy::none())
@@ -533,17 +541,43 @@ impl HttpProvider {
         if status.is_success() {
             return Ok(());
         }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let text = response.text().await.unwrap_or_default();
         let detail = format!(
             "HTTP {status}: {}",
             text.chars().take(200).collect::<String>()
         );
-        Err(http_error(status.as_u16(), detail))
+        Err(http_error(status.as_u16(), detail, retry_after))
+    }
+}
+
+/// The wait a `Retry-After` header asks for: seconds, or an HTTP date (none for a
+/// date already past or a value that is neither).
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    httpdate::parse_http_date(value)
+        .ok()
+        .and_then(|at| at.duration_since(now).ok())
+}
+
+/// What a non-success HTTP status from the gateway means for the send, with the wait
+/// its `Retry-After` header asked for.
+fn http_error(status: u16, detail: String, retry_after: Option<Duration>) -> ProviderError {
+    match (status, retry_after) {
+        (429 | 503, Some(wait)) => ProviderError::Throttled(detail, wait),
+        _ => http_status_error(status, detail),
     }
 }
 
 /// What a non-success HTTP status from the gateway means for the send.
-fn http_error(status: u16, detail: String) -> ProviderError {
+fn http_status_error(status: u16, detail: String) -> ProviderError {
     match status {
         // 409: a request with this idempotency key is still in progress (an earlier
         // attempt whose answer was lost); asked again later, the gateway answers with
@@ -847,9 +881,34 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_764_950_000);
+        assert_eq!(retry_after(" 30 ", now), Some(Duration::from_secs(30)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(120)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(120));
+        assert_eq!(retry_after(&earlier, now), None, "a date already past");
+        assert_eq!(retry_after("soon", now), None);
+        let wait = Some(Duration::from_secs(2));
+        assert!(matches!(
+            http_error(429, String::new(), wait),
+            ProviderError::Throttled(_, w) if w == Duration::from_secs(2)
+        ));
+        assert!(matches!(
+            http_error(503, String::new(), wait),
+            ProviderError::Throttled(..)
+        ));
+        assert!(matches!(
+            http_error(500, String::new(), wait),
+            ProviderError::Transient(_)
+        ));
+    }
+
+    #[test]
     fn only_410_from_the_gateway_is_a_hard_bounce_and_409_is_asked_again() {
-        let kind = |status| match http_error(status, String::new()) {
+        let kind = |status| match http_error(status, String::new(), None) {
             ProviderError::Transient(_) => "transient",
+            ProviderError::Throttled(..) => "throttled",
             ProviderError::NoAnswer(_) => "no_answer",
             ProviderError::HardBounce(_) => "hard_bounce",
             ProviderError::Permanent(_) => "permanent",

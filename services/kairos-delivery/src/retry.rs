@@ -17,6 +17,17 @@ pub fn backoff(config: &RetryConfig, retry: u32, rng: &mut impl Rng) -> Duration
     Duration::from_millis(rng.gen_range(0..=exp.min(cap).max(1)))
 }
 
+/// The longest a provider's `Retry-After` holds the next attempt: the worker sends
+/// one message at a time, so a longer wait would stall its whole backlog, which the
+/// circuit breaker and the dead-letter re-drive handle better.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
+
+/// The delay before the next attempt: the backoff, or the wait the provider asked
+/// for if longer (up to [`RETRY_AFTER_CAP`]).
+pub fn after_asked(backoff: Duration, asked: Option<Duration>) -> Duration {
+    backoff.max(asked.unwrap_or_default().min(RETRY_AFTER_CAP))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     Closed,
