@@ -79,6 +79,10 @@ const MESSAGE_RATES: [(&str, &[OutcomeKind], &[OutcomeKind]); 7] = [
 #[derive(Debug, Clone, PartialEq)]
 pub struct Purchase {
     pub event_id: String,
+    /// The order (web) or receipt (till) it is, as the profile counts it: once per
+    /// customer, whatever event ids carry it (a producer's retry under a new id, a
+    /// receipt file uploaded twice). None for a purchase without an order id.
+    pub order_key: Option<String>,
     pub customer_id: String,
     pub occurred_at: Millis,
     pub value: f64,
@@ -597,6 +601,11 @@ impl FeedbackProcessor {
         if !self.first_time(ctx, RecordKind::Purchase, &p.event_id, p.occurred_at)? {
             return Ok(());
         }
+        if let Some(order) = &p.order_key {
+            if !self.first_time(ctx, RecordKind::Purchase, order, p.occurred_at)? {
+                return Ok(());
+            }
+        }
         self.metrics.purchases.with_label_values(&[p.source]).inc();
         self.metrics
             .purchase_revenue
@@ -735,6 +744,10 @@ impl FeedbackProcessor {
         match (e.event_type, e.customer_key()) {
             (EventType::purchase, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
                 value: e.purchase_value(),
+                order_key: e
+                    .order
+                    .as_ref()
+                    .map(|o| order_key("order", &customer_id, &o.order_id)),
                 event_id: e.event_id,
                 customer_id,
                 occurred_at: e.occurred_at,
@@ -756,6 +769,7 @@ impl FeedbackProcessor {
         match (r.kind, r.customer_key()) {
             (ReceiptKind::sale, Some(customer_id)) => FeedbackInput::Purchase(Purchase {
                 value: r.total,
+                order_key: Some(order_key("receipt", &customer_id, &r.receipt_id)),
                 event_id: r.event_id,
                 customer_id,
                 occurred_at: r.occurred_at,
@@ -764,6 +778,12 @@ impl FeedbackProcessor {
             _ => FeedbackInput::Ignored(Some(r.occurred_at)),
         }
     }
+}
+
+/// The id under which an order or receipt is counted once (a web order and a till
+/// receipt may share a number: each is its own). NUL parts: no event id has one.
+fn order_key(kind: &str, customer_id: &str, id: &str) -> String {
+    [kind, "\0", customer_id, "\0", id].concat()
 }
 
 /// The arbiter's rule of a cascade's later steps (and of their stops).
@@ -1122,6 +1142,54 @@ mod tests {
     /// Revenue of `source` as `registry` exposes it.
     fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
         counter(registry, "kairos_purchase_revenue_total", &[source])
+    }
+
+    /// An order sent again under a new event id (a producer's retry) and a till
+    /// receipt uploaded twice count once, as the profile counts them: purchases,
+    /// revenue and the conversion's revenue. A web order and a receipt that share a
+    /// number are two purchases.
+    #[test]
+    fn an_order_or_receipt_sent_again_under_a_new_event_id_counts_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        push_email_sent(&config, &mut replayer, "c1", "welcome", T0);
+        let site = config.topic(topics::SITE_EVENTS);
+        let offline = config.topic(topics::OFFLINE_EVENTS);
+        let at = T0 + 3_600_000;
+        for event_id in ["e1", "e2"] {
+            let order = serde_json::json!({"event_id": event_id, "event_type": "purchase",
+                "occurred_at": at, "customer_id": "c1",
+                "order": {"order_id": "100", "total": 10.0}});
+            replayer
+                .push(&site, b"c1", order.to_string().as_bytes())
+                .expect("push");
+        }
+        for event_id in ["r1", "r2"] {
+            let receipt = serde_json::json!({"event_id": event_id, "receipt_id": "100",
+                "kind": "sale", "occurred_at": at, "customer_id": "c1", "store_id": "s1",
+                "total": 7.0, "items": [], "currency": "EUR"});
+            replayer
+                .push(&offline, b"c1", receipt.to_string().as_bytes())
+                .expect("push");
+        }
+        replayer.commit().expect("commit");
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["online"]),
+            1.0
+        );
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["offline"]),
+            1.0
+        );
+        assert_eq!(revenue(&registry, "online"), 10.0);
+        assert_eq!(revenue(&registry, "offline"), 7.0);
+        // One conversion, with the revenue of both purchases in its window.
+        assert_eq!(email_conversions(&registry), (1.0, 17.0));
     }
 
     /// A purchase the profile dead-letters (an amount no order has, an empty event id)
