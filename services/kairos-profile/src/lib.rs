@@ -1573,6 +1573,9 @@ impl ProfileProcessor {
                             order_items: order_items_variables(&r.items),
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
+                        // A customer back in a store, or seen only there, is away
+                        // again from here: armed as a visit arms it.
+                        self.arm_reactivation(ctx, &mut p)?;
                         let reason = "offline purchase";
                         self.review_segments(ctx, &mut p, reason, r.occurred_at, &reorder)?;
                     }
@@ -1937,7 +1940,8 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
     ) -> anyhow::Result<()> {
-        let Some(last_visit) = p.last_visit_at else {
+        // A purchase (a till receipt too) is activity as much as a visit.
+        let Some(last_visit) = p.last_visit_at.max(p.last_purchase_at) else {
             return Ok(());
         };
         for s in self.scenarios(ScenarioKind::Reactivation).iter() {

@@ -3132,6 +3132,26 @@ fn reactivation_waits_from_a_store_purchase_after_the_last_visit() {
         "30 days after the store purchase: {fired:#?}"
     );
     assert_eq!(fired[0]["fired_at"], t + 35 * DAY);
+
+    // Back in a store after the reactivation went out, then away again: reactivated
+    // again, 30 days after that purchase.
+    let mut h = Harness::new();
+    h.site("rb-v1", "page_view", "rb", t, json!({"page_url": "/"}));
+    h.advance(t + 31 * DAY);
+    assert_eq!(h.triggers("rb", "reactivation").len(), 1);
+    h.receipt("rb-till", "sale", "rb", t + 35 * DAY, 40.0);
+    h.advance(t + 70 * DAY);
+    let fired = h.triggers("rb", "reactivation");
+    assert_eq!(fired.len(), 2, "{fired:#?}");
+    assert_eq!(fired[1]["fired_at"], t + 65 * DAY);
+
+    // A customer seen only in a store is armed by the purchase.
+    let mut h = Harness::new();
+    h.receipt("ro-till", "sale", "ro", t, 40.0);
+    h.advance(t + 31 * DAY);
+    let fired = h.triggers("ro", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 30 * DAY);
 }
 
 #[test]
