@@ -162,6 +162,19 @@ impl SmtpProvider {
                 HeaderName::new_from_ascii_str("X-Kairos-Send-Id"),
                 cmd.send_id.clone(),
             ));
+        // What a provider webhook event must carry back besides the send id (see
+        // `webhook`): relays that echo a message's headers into their events (SES,
+        // Mailgun, Postmark) let the glue code fill them in.
+        for (name, value) in [
+            ("X-Kairos-Customer-Id", cmd.customer_id.as_str()),
+            ("X-Kairos-Scenario", cmd.scenario.as_str()),
+            ("X-Kairos-Category", cmd.category.as_str()),
+        ] {
+            b = b.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str(name),
+                value.to_string(),
+            ));
+        }
         if let Some(r) = &self.reply_to {
             b = b.reply_to(r.clone());
         }
@@ -515,6 +528,7 @@ impl HttpProvider {
             "scenario": cmd.scenario,
             "category": cmd.category,
             "title": m.subject,
+            "preheader": m.preheader,
             "text": m.body,
             "valid_until": cmd.valid_until,
         });
@@ -621,6 +635,15 @@ mod tests {
                 "{text}"
             );
             assert!(text.contains("List-Unsubscribe: <"), "{text}");
+            // What a provider's webhook event must carry back.
+            for header in [
+                "X-Kairos-Send-Id: s1",
+                "X-Kairos-Customer-Id: c1",
+                "X-Kairos-Scenario: welcome",
+                "X-Kairos-Category: trigger",
+            ] {
+                assert!(text.contains(header), "{header}: {text}");
+            }
             assert_eq!(text.contains("List-Unsubscribe-Post"), one_click, "{text}");
         }
     }
@@ -877,6 +900,49 @@ mod tests {
             "552 5.2.2 mailbox full",
         ] {
             assert!(!refuses_the_worker(reply), "{reply}");
+        }
+    }
+
+    /// The gateway gets what its message needs shown (the preheader too, for a push
+    /// or in-app preview) and what its events must carry back.
+    #[tokio::test]
+    async fn the_gateway_gets_the_preheader_and_what_its_events_carry_back() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(None::<serde_json::Value>));
+        let kept = got.clone();
+        let app = axum::Router::new().route(
+            "/push",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let kept = kept.clone();
+                async move {
+                    *kept.lock().expect("body") = Some(body);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let provider = HttpProvider::new(&HttpProviderConfig {
+            url: format!("http://{addr}/push"),
+            auth_header: None,
+            auth_value: None,
+            idempotency_header: "Idempotency-Key".into(),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let (cmd, mut message) = email_to("tok-1");
+        message.preheader = Some("3 items, 59.90 in total".into());
+        provider.send(&cmd, &message).await.expect("sent");
+        let body = got.lock().expect("body").clone().expect("a request");
+        assert_eq!(body["preheader"], "3 items, 59.90 in total");
+        assert_eq!(body["title"], "Hello");
+        for (field, value) in [
+            ("send_id", "s1"),
+            ("customer_id", "c1"),
+            ("scenario", "welcome"),
+            ("category", "trigger"),
+        ] {
+            assert_eq!(body[field], value, "{field}");
         }
     }
 
