@@ -122,7 +122,7 @@ pub struct ConsentSignal {
     pub at: Millis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsentChange {
     /// Unsubscribed or opted out on this worker's channel.
     Withdrawn,
@@ -130,16 +130,25 @@ pub enum ConsentChange {
     Given,
     /// Marked a message (on any channel) as spam: no promo.
     Complained,
+    /// An address of this worker's channel bounced hard: it is dead.
+    Bounced(String),
 }
 
+/// How many dead addresses a customer's consent record keeps per worker (the newest).
+const DEAD_ADDRESSES_KEPT: usize = 8;
+
 /// A customer's consent as this worker knows it (`cs/<customer>`): the latest
-/// withdrawal, opt-in and complaint it read, written only for customers who had one.
+/// withdrawal, opt-in and complaint it read, and the addresses that bounced hard,
+/// written only for customers who had one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 struct ConsentState {
     withdrawn_at: Option<Millis>,
     given_at: Option<Millis>,
     complained_at: Option<Millis>,
+    /// Addresses of this channel that bounced hard, with when (newest last): never
+    /// sent to again, as the arbiter never sends to them.
+    dead_addresses: Vec<(String, Millis)>,
 }
 
 impl ConsentState {
@@ -148,7 +157,22 @@ impl ConsentState {
     /// transactional messages too, and a complaint ends promo. Whenever the withdrawal
     /// came: the arbiter may have decided before it read one dated earlier (the
     /// profile behind, a deferred message waking on its own timer).
-    fn block(&self, channel: Channel, category: MessageCategory) -> Option<String> {
+    fn block(
+        &self,
+        channel: Channel,
+        category: MessageCategory,
+        address: Option<&str>,
+    ) -> Option<String> {
+        let dead = address.and_then(|address| {
+            self.dead_addresses
+                .iter()
+                .find(|(a, _)| kairos_core::identifiers::same_address(a, address))
+        });
+        if let Some((address, at)) = dead {
+            return Some(format!(
+                "invalid_address: {address} bounced hard at {at}, after the decision"
+            ));
+        }
         if let Some(at) = self
             .withdrawn_at
             .filter(|w| self.given_at.is_none_or(|g| *w >= g))
@@ -771,6 +795,16 @@ impl DeliveryProcessor {
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now)
             }
             Delivery::HardBounce(e) => {
+                // Noted at once, not only when the outcome comes back from its topic:
+                // the next send to the address may be the next record.
+                if let Some(address) = &send.address {
+                    let signal = ConsentSignal {
+                        customer_id: send.customer_id.clone(),
+                        change: ConsentChange::Bounced(address.to_string()),
+                        at: now,
+                    };
+                    self.apply_consent(ctx, &signal)?;
+                }
                 self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
             }
             Delivery::Failed(e) => {
@@ -894,6 +928,10 @@ impl DeliveryProcessor {
             let change = match o.kind {
                 OutcomeKind::unsubscribed if o.channel == self.channel => ConsentChange::Withdrawn,
                 OutcomeKind::complained => ConsentChange::Complained,
+                OutcomeKind::bounced_hard if o.channel == self.channel => match &o.address {
+                    Some(address) => ConsentChange::Bounced(address.clone()),
+                    None => return DeliveryInput::Ignored,
+                },
                 _ => return DeliveryInput::Ignored,
             };
             DeliveryInput::Consent(ConsentSignal {
@@ -935,7 +973,19 @@ impl DeliveryProcessor {
         let key = consent_key(&signal.customer_id);
         let mut state: ConsentState = ctx.get(&key)?.unwrap_or_default();
         let at = signal.at;
-        let slot = match signal.change {
+        let slot = match &signal.change {
+            ConsentChange::Bounced(address) => {
+                let known =
+                    |a: &(String, Millis)| kairos_core::identifiers::same_address(&a.0, address);
+                if state.dead_addresses.iter().any(known) {
+                    return Ok(());
+                }
+                if state.dead_addresses.len() >= DEAD_ADDRESSES_KEPT {
+                    state.dead_addresses.remove(0);
+                }
+                state.dead_addresses.push((address.clone(), at));
+                return ctx.put(&key, &state);
+            }
             ConsentChange::Withdrawn => &mut state.withdrawn_at,
             ConsentChange::Given => &mut state.given_at,
             ConsentChange::Complained => &mut state.complained_at,
@@ -954,7 +1004,7 @@ impl DeliveryProcessor {
     /// Why the customer's consent no longer allows `cmd`, if so.
     fn consent_block(&self, ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
         let state: Option<ConsentState> = ctx.get(&consent_key(&cmd.customer_id))?;
-        Ok(state.and_then(|s| s.block(self.channel, cmd.category)))
+        Ok(state.and_then(|s| s.block(self.channel, cmd.category, cmd.address.as_deref())))
     }
 }
 
@@ -1054,13 +1104,16 @@ impl Processor for DeliveryProcessor {
         if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
             return Ok(());
         }
-        // The customer withdrew consent after the decision, while the command waited.
+        // The customer withdrew consent after the decision, while the command waited,
+        // or its address bounced hard meanwhile.
         if let Some(reason) = self.consent_block(ctx, cmd)? {
             tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
-            self.metrics
-                .consent_blocked
-                .with_label_values(&[self.channel.as_str()])
-                .inc();
+            if reason.starts_with("consent_withdrawn") {
+                self.metrics
+                    .consent_blocked
+                    .with_label_values(&[self.channel.as_str()])
+                    .inc();
+            }
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
             return self.forget_cut_attempt(ctx, &cmd.send_id);
         }
@@ -1113,7 +1166,8 @@ impl Processor for DeliveryProcessor {
         let now = ctx.now();
         // A message kept before the customer withdrew consent is not shown any more.
         let consent: ConsentState = ctx.get(&consent_key(customer_id))?.unwrap_or_default();
-        let withdrawn = |m: &inbox::InboxMessage| consent.block(self.channel, m.category).is_some();
+        let withdrawn =
+            |m: &inbox::InboxMessage| consent.block(self.channel, m.category, None).is_some();
         let (live, first_seen) = inbox::fetch(ctx, customer_id, now, withdrawn)?;
         for m in &first_seen {
             let send = SendSummary {
@@ -1678,7 +1732,8 @@ mod tests {
     /// failed, never sent again, whatever valid-until it carries.
     /// A send command waits on its topic (a backlog, the breaker) while the customer
     /// withdraws consent, or the arbiter decided it before reading the withdrawal: it
-    /// is not made, unless the customer opted in again later.
+    /// is not made, unless the customer opted in again later. Nor is one to an address
+    /// that bounced hard meanwhile.
     #[test]
     fn withdrawn_consent_stops_a_waiting_send() {
         use kairos_core::time::DAY;
@@ -1827,6 +1882,38 @@ mod tests {
             "c5",
             json(&command("s-6", "c5", MessageCategory::trigger)),
         );
+        // An address that bounced hard (an earlier send's, reported by the provider)
+        // is not sent to again; the customer's new address is. A push token that
+        // bounced leaves e-mail alone.
+        let bounced = |customer: &str, channel, address: &str| Outcome {
+            address: Some(address.into()),
+            ..outcome(customer, channel, OutcomeKind::bounced_hard, t0 + 5)
+        };
+        push(
+            &outcomes,
+            "c6",
+            json(&bounced("c6", Channel::email, "c6@example.com")),
+        );
+        push(
+            &sends,
+            "c6",
+            json(&command("s-7", "c6", MessageCategory::trigger)),
+        );
+        let moved = SendCommand {
+            address: Some("c6-new@example.com".into()),
+            ..command("s-8", "c6", MessageCategory::trigger)
+        };
+        push(&sends, "c6", json(&moved));
+        push(
+            &outcomes,
+            "c7",
+            json(&bounced("c7", Channel::push, "c7@example.com")),
+        );
+        push(
+            &sends,
+            "c7",
+            json(&command("s-9", "c7", MessageCategory::trigger)),
+        );
         out.extend(replayer.commit().expect("commit"));
         let first = |id: &str| {
             out.iter()
@@ -1841,9 +1928,15 @@ mod tests {
             assert_eq!(kind, OutcomeKind::failed, "{id}: {reason}");
             assert!(reason.starts_with("consent_withdrawn"), "{id}: {reason}");
         }
-        for id in ["s-3", "s-5", "s-6"] {
+        for id in ["s-3", "s-5", "s-6", "s-8", "s-9"] {
             assert_eq!(first(id).0, OutcomeKind::sent, "{id}");
         }
+        let (kind, reason) = first("s-7");
+        assert_eq!(kind, OutcomeKind::failed, "{reason}");
+        assert!(
+            reason.starts_with("invalid_address: c6@example.com bounced hard"),
+            "{reason}"
+        );
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
             .expect("metrics text");

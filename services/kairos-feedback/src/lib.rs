@@ -43,7 +43,7 @@ const FAILURE_REASONS: [&str; 7] = [
     "retries_exhausted",
     "circuit_open",
     "invalid_address",
-    "consent",
+    "consent_withdrawn",
 ];
 
 /// Rates per scenario and channel shown directly on /metrics (process lifetime), so the
@@ -1954,6 +1954,10 @@ mod tests {
     fn failure_reasons_stay_bounded() {
         assert_eq!(failure_reason(Some("template: missing name")), "template");
         assert_eq!(failure_reason(Some("expired")), "expired");
+        assert_eq!(
+            failure_reason(Some("consent_withdrawn: the customer unsubscribed")),
+            "consent_withdrawn"
+        );
         assert_eq!(failure_reason(Some("customer 42 said no")), "other");
         assert_eq!(failure_reason(None), "other");
     }
