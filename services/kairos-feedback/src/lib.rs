@@ -225,7 +225,7 @@ impl FeedbackMetrics {
             ),
             message_rates: gauge(
                 "kairos_scenario_message_rate",
-                "Message rates since this process started, by scenario, channel and rate (delivery, open, click, click_to_open, unsubscribe, complaint, bounce).",
+                "Message rates since this process started, by scenario, channel and rate (delivery, open, click, click_to_open, unsubscribe, complaint, bounce); at most 1, as engagement with messages delivered before the process started counts without their delivery.",
                 &["scenario", "channel", "rate"],
             ),
             before_window: metrics::counter_vec(
@@ -719,7 +719,12 @@ impl FeedbackProcessor {
                 kinds.iter().map(|k| counts[outcome_index(*k)]).sum()
             };
             for (rate, numerator, denominator) in MESSAGE_RATES {
-                if let Some(value) = attribution::ratio(count(numerator), count(denominator)) {
+                // At most 1: a process started mid-campaign (a restart, partitions
+                // moved in) reads opens and clicks of messages delivered before it,
+                // whose deliveries it never counted. An open without a tracked
+                // delivery is one delivered.
+                let (numerator, denominator) = (count(numerator), count(denominator));
+                if let Some(value) = attribution::ratio(numerator.min(denominator), denominator) {
                     self.metrics
                         .message_rates
                         .with_label_values(&[&scenario, channel.as_str(), rate])
@@ -1142,6 +1147,59 @@ mod tests {
     /// Revenue of `source` as `registry` exposes it.
     fn revenue(registry: &prometheus::Registry, source: &str) -> f64 {
         counter(registry, "kairos_purchase_revenue_total", &[source])
+    }
+
+    /// The message rates since the process started: opens of messages delivered
+    /// before it (a restart, partitions moved in) never make a rate above 1.
+    #[test]
+    fn message_rates_stay_at_most_one_for_a_process_started_mid_campaign() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let outcome = |send: &str, kind: OutcomeKind, at: Millis| Outcome {
+            outcome_id: format!("o-{send}-{}", kind.as_str()),
+            send_id: send.into(),
+            customer_id: "c1".into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            kind,
+            reason: None,
+            occurred_at: at,
+            address: None,
+        };
+        let outcomes = config.topic(topics::OUTCOMES);
+        for (send, kind) in [
+            ("s1", OutcomeKind::opened),
+            ("s1", OutcomeKind::clicked),
+            ("s2", OutcomeKind::opened),
+            ("s2", OutcomeKind::clicked),
+            ("s5", OutcomeKind::opened),
+            ("s3", OutcomeKind::delivered),
+            ("s3", OutcomeKind::clicked),
+            ("s4", OutcomeKind::delivered),
+            ("s4", OutcomeKind::clicked),
+        ] {
+            let payload = serde_json::to_vec(&outcome(send, kind, T0)).expect("encode");
+            replayer.push(&outcomes, b"c1", &payload).expect("push");
+        }
+        replayer.commit().expect("commit");
+        let rate = |name: &str| {
+            gauge(
+                &registry,
+                "kairos_scenario_message_rate",
+                &["welcome", "email", name],
+            )
+        };
+        // Three opens and four clicks; two deliveries seen.
+        assert_eq!(rate("open"), Some(1.0));
+        assert_eq!(rate("click"), Some(1.0));
+        assert_eq!(rate("click_to_open"), Some(1.0));
+        assert_eq!(rate("unsubscribe"), Some(0.0));
     }
 
     /// An order sent again under a new event id (a producer's retry) and a till
