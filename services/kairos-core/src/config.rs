@@ -1529,6 +1529,50 @@ impl Config {
                     return Err(fail_at(line_of("steps"), "steps", told("steps")));
                 }
             }
+            // A key the kind never reads would be silently ignored: a marketer who
+            // writes `delay = "3d"` on a birthday expects a greeting three days early.
+            let yearly = matches!(
+                s.kind,
+                ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary
+            );
+            let unread = [
+                (
+                    "delay",
+                    yearly && !s.delay.is_zero(),
+                    ": it greets on the day, at `local_time` (a later step takes its own `delay`)",
+                ),
+                (
+                    "local_time",
+                    !yearly && s.local_time.is_some(),
+                    ", which is for birthday and registration_anniversary scenarios only",
+                ),
+                (
+                    "segment",
+                    s.kind != ScenarioKind::SegmentEntered && s.segment.is_some(),
+                    ", which is for segment_entered scenarios only",
+                ),
+                (
+                    "statuses",
+                    s.kind != ScenarioKind::OrderUpdate && !s.statuses.is_empty(),
+                    ", which is for order_update scenarios only",
+                ),
+                (
+                    "min_drop_percent",
+                    s.kind != ScenarioKind::PriceDrop && s.min_drop_percent.is_some(),
+                    ", which is for price_drop scenarios only",
+                ),
+            ];
+            if let Some((key, _, reads)) = unread.iter().find(|(_, set, _)| *set) {
+                return Err(fail_at(
+                    line_of(key),
+                    key,
+                    format!(
+                        "scenarios[{i}] ({}): a {} scenario does not read `{key}`{reads}",
+                        s.name,
+                        s.kind.as_str()
+                    ),
+                ));
+            }
             if !s.on.is_empty() && s.kind != ScenarioKind::Welcome {
                 return Err(fail_at(
                     line_of("on"),
@@ -2554,6 +2598,62 @@ mod tests {
             .to_string();
         assert!(err.starts_with("test.toml:13:"), "{err}");
         assert!(err.contains("on") && err.contains("welcome"), "{err}");
+    }
+
+    /// A key the scenario's kind never reads is refused at its line, not ignored.
+    #[test]
+    fn a_key_the_scenario_kind_does_not_read_is_refused_at_its_line() {
+        for (kind, more, key) in [
+            (
+                "birthday",
+                "local_time = \"10:00\"\ndelay = \"3d\"\n",
+                "delay",
+            ),
+            (
+                "registration_anniversary",
+                "local_time = \"10:00\"\ndelay = \"1d\"\n",
+                "delay",
+            ),
+            (
+                "reactivation",
+                "delay = \"30d\"\nlocal_time = \"10:00\"\n",
+                "local_time",
+            ),
+            ("welcome", "segment = \"Champions\"\n", "segment"),
+            (
+                "post_purchase",
+                "delay = \"7d\"\nstatuses = [\"delivered\"]\n",
+                "statuses",
+            ),
+            (
+                "back_in_stock",
+                "min_drop_percent = 10.0\n",
+                "min_drop_percent",
+            ),
+        ] {
+            let err = parse(&two_scenarios(kind, more))
+                .expect_err(kind)
+                .to_string();
+            // The key's line in the second scenario.
+            let line = 13 + more.lines().position(|l| l.starts_with(key)).expect("key");
+            assert!(
+                err.starts_with(&format!("test.toml:{line}:")),
+                "{kind}: {err}"
+            );
+            assert!(
+                err.contains(&format!("does not read `{key}`")),
+                "{kind}: {err}"
+            );
+        }
+        // Where the kind reads it, each is taken.
+        for (kind, more) in [
+            ("birthday", "local_time = \"10:00\"\n"),
+            ("order_update", "statuses = [\"delivered\"]\n"),
+            ("price_drop", "min_drop_percent = 10.0\n"),
+            ("reactivation", "delay = \"30d\"\n"),
+        ] {
+            parse(&two_scenarios(kind, more)).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
     }
 
     #[test]
