@@ -135,10 +135,30 @@ const ARMED_FOR_KEY: &str = "~armed-for";
 const ARMING_PASS: &str = "~arming-pass";
 /// Profiles one firing of an arming pass takes: a batch stays small.
 const ARMING_PASS_PAGE: usize = 2_000;
+/// When the partition's standing timers were armed for, per scenario: its timing
+/// ([`standing_timing`]). A timing changed since (a birthday's `local_time`, a
+/// reactivation's `delay`) starts a pass that moves the timers already armed.
+const ARMED_TIMING_KEY: &str = "~armed-timing";
+/// Timers of passes that move a standing scenario's armed timers to its new timing
+/// (`~rearming-pass/<scenario>`; the payload as an arming pass's).
+const REARMING_PASS: &str = "~rearming-pass";
 
-/// The scenario an arming pass's timer id names, if it is one.
-fn arming_pass_scenario(timer_id: &str) -> Option<&str> {
-    timer_id.strip_prefix(ARMING_PASS)?.strip_prefix('/')
+/// The scenario an arming pass's timer id names, if it is one, and whether the pass
+/// moves armed timers (a changed timing) rather than arming a new scenario.
+fn arming_pass_scenario(timer_id: &str) -> Option<(&str, bool)> {
+    let pass = |prefix: &str| timer_id.strip_prefix(prefix)?.strip_prefix('/');
+    pass(ARMING_PASS)
+        .map(|name| (name, false))
+        .or_else(|| pass(REARMING_PASS).map(|name| (name, true)))
+}
+
+/// What a standing scenario's timers were armed by: a yearly greeting's local time
+/// (and the zone of customers without one), a reactivation's delay.
+fn standing_timing(s: &ScenarioConfig, default_zone: &str) -> String {
+    match is_yearly(s.kind) {
+        true => format!("{}|{default_zone}", s.local_time.as_deref().unwrap_or("")),
+        false => format!("{}ms", s.delay.as_millis()),
+    }
 }
 
 /// The payload of arming pass `timer_id` with `cursor`.
@@ -206,6 +226,8 @@ pub struct ProfileProcessor {
     /// not started by an event (birthdays, anniversaries, reactivation), by name: one
     /// added to the configuration is armed for the profiles already stored by a pass.
     standing: Vec<String>,
+    /// The timing of each of `standing` (name, [`standing_timing`]), sorted.
+    standing_timing: Vec<(String, String)>,
     /// Per partition: whether this process compared `standing` with what the
     /// partition's profiles were armed for.
     standing_checked: Vec<bool>,
@@ -315,6 +337,14 @@ impl ProfileProcessor {
             .map(|s| s.name.clone())
             .collect();
         standing.sort();
+        let mut standing_timing: Vec<(String, String)> = (config.scenarios.iter())
+            .filter(|s| standing.contains(&s.name))
+            .map(|s| {
+                let timing = standing_timing(s, &config.arbiter.default_time_zone);
+                (s.name.clone(), timing)
+            })
+            .collect();
+        standing_timing.sort();
         let partitions = config.kafka.partitions;
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
         for s in config.scenarios.iter().filter(armed) {
@@ -354,6 +384,7 @@ impl ProfileProcessor {
             metrics: m,
             chains_going_on: Vec::new(),
             standing,
+            standing_timing,
             standing_checked: vec![false; usize::try_from(partitions).unwrap_or(0)],
         }
     }
@@ -371,18 +402,40 @@ impl ProfileProcessor {
             return Ok(());
         }
         let armed_for = ctx.get::<Vec<String>>(ARMED_FOR_KEY)?;
-        if armed_for.as_ref() == Some(&self.standing) {
+        // A store from before timings were kept is taken as armed for the present ones.
+        let armed_timing = ctx.get::<Vec<(String, String)>>(ARMED_TIMING_KEY)?;
+        if armed_for.as_ref() == Some(&self.standing)
+            && armed_timing
+                .as_ref()
+                .is_none_or(|t| *t == self.standing_timing)
+        {
+            if armed_timing.is_none() {
+                ctx.put(ARMED_TIMING_KEY, &self.standing_timing)?;
+            }
             return Ok(());
         }
-        for name in &self.standing {
-            if armed_for.as_ref().is_some_and(|a| !a.contains(name)) {
-                // From the first profile, also when a pass of it was under way: one
-                // armed twice gets the same timers.
-                let timer = [ARMING_PASS, "/", name].concat();
-                tracing::info!(partition = ctx.partition, scenario = %name, "arming a scenario added to the configuration for the stored profiles");
-                ctx.schedule(&timer, ctx.now(), &arming_pass_payload(&timer, ""))?;
-            }
+        for (name, timing) in &self.standing_timing {
+            let added = armed_for.as_ref().is_some_and(|a| !a.contains(name));
+            let retimed = !added
+                && armed_timing
+                    .as_ref()
+                    .is_some_and(|armed| armed.iter().any(|(n, t)| n == name && t != timing));
+            // From the first profile, also when a pass of it was under way: one armed
+            // twice gets the same timers.
+            let timer = match (added, retimed) {
+                (true, _) => {
+                    tracing::info!(partition = ctx.partition, scenario = %name, "arming a scenario added to the configuration for the stored profiles");
+                    [ARMING_PASS, "/", name].concat()
+                }
+                (false, true) => {
+                    tracing::info!(partition = ctx.partition, scenario = %name, %timing, "moving a scenario's armed timers to its changed timing");
+                    [REARMING_PASS, "/", name].concat()
+                }
+                (false, false) => continue,
+            };
+            ctx.schedule(&timer, ctx.now(), &arming_pass_payload(&timer, ""))?;
         }
+        ctx.put(ARMED_TIMING_KEY, &self.standing_timing)?;
         ctx.put(ARMED_FOR_KEY, &self.standing)
     }
 
@@ -399,6 +452,7 @@ impl ProfileProcessor {
         &mut self,
         ctx: &mut Ctx<'_>,
         name: &str,
+        moves: bool,
         timer: &DueTimer,
     ) -> anyhow::Result<()> {
         let config = self.config.clone();
@@ -416,7 +470,11 @@ impl ProfileProcessor {
             let Some(mut p) = self.take(ctx, customer)? else {
                 continue;
             };
-            match self.arm_standing(ctx, s, &mut p, now) {
+            let armed = match moves {
+                true => self.move_standing(ctx, s, &mut p, now),
+                false => self.arm_standing(ctx, s, &mut p, now),
+            };
+            match armed {
                 Ok(true) => self.put(ctx, p)?,
                 // Unchanged: not written again.
                 Ok(false) => self.profiles.restore(ctx.partition, key.clone(), p),
@@ -459,6 +517,44 @@ impl ProfileProcessor {
         let at = (last_visit + ms(s.delay)).max(now);
         let cause = format!("visit-{last_visit}");
         schedule_step(ctx, s, p, &cause, last_visit, 0, at, None, None)?;
+        p.armed.insert(s.name.as_str().into(), at);
+        Ok(true)
+    }
+
+    /// Moves scenario `s`'s timer armed for a stored profile to the scenario's changed
+    /// timing: the armed greeting to the new local time on its date (today's, later
+    /// than now by the old time and earlier by the new one, goes out within the
+    /// tolerance; a greeting sent this year already is armed for next year, which
+    /// stays);
+    /// a reactivation waiting from the last activity by the new delay, at once if
+    /// that is past. One that fired already is not armed again (its customer was
+    /// reactivated for this absence). True if the profile changed.
+    fn move_standing(
+        &self,
+        ctx: &mut Ctx<'_>,
+        s: &ScenarioConfig,
+        p: &mut CustomerProfile,
+        now: Millis,
+    ) -> anyhow::Result<bool> {
+        let armed = ctx.timer_fire_at(&timer_id(&s.name, &p.customer_id))?;
+        if is_yearly(s.kind) {
+            if let Some(armed) = armed {
+                // The armed date's moment at the new time: a day either side of it
+                // (another zone's date), never before the tolerance allows.
+                let since = (armed.saturating_sub(2 * kairos_core::time::DAY))
+                    .max(now.saturating_sub(ms(s.tolerance())));
+                self.schedule_yearly(ctx, s, p, since)?;
+            }
+            return Ok(false);
+        }
+        let (Some(armed), Some(last)) = (armed, p.last_visit_at.max(p.last_purchase_at)) else {
+            return Ok(false);
+        };
+        let at = (last + ms(s.delay)).max(now);
+        if at == armed || !s.enabled {
+            return Ok(false);
+        }
+        schedule_step(ctx, s, p, &format!("visit-{last}"), last, 0, at, None, None)?;
         p.armed.insert(s.name.as_str().into(), at);
         Ok(true)
     }
@@ -3214,8 +3310,8 @@ impl Processor for ProfileProcessor {
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         self.check_standing(ctx)?;
-        if let Some(scenario) = arming_pass_scenario(&timer.timer_id) {
-            self.arming_pass(ctx, scenario, timer)
+        if let Some((scenario, moves)) = arming_pass_scenario(&timer.timer_id) {
+            self.arming_pass(ctx, scenario, moves, timer)
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
             self.on_segment_review(ctx, &customer, timer.fire_at)

@@ -1193,6 +1193,72 @@ fn a_zone_change_that_puts_the_birthday_moment_behind_still_greets_once() {
     assert_eq!(ids.len(), 1, "one greeting a year: {ids:?}");
 }
 
+/// A greeting's `local_time` changed in a running shop moves the greetings already
+/// armed: earlier or later, each customer is greeted at the new hour, once.
+#[test]
+fn a_changed_local_time_moves_the_greetings_already_armed() {
+    for (new_time, expected) in [
+        ("08:00", "2026-06-10T06:00:00Z"),
+        ("12:00", "2026-06-10T10:00:00Z"),
+    ] {
+        let mut h = Harness::new();
+        h.site(
+            "lt-up",
+            "profile_update",
+            "lt",
+            at("2026-03-01T12:00:00Z"),
+            birthday_update("1990-06-10", "Europe/Berlin"),
+        );
+        h.advance(at("2026-03-02T00:00:00Z"));
+        h.restart_with(&CONFIG.replace(
+            "local_time = \"10:00\"",
+            &format!("local_time = \"{new_time}\""),
+        ));
+        // The partition's first record after the restart starts the pass.
+        let heartbeat = at("2026-03-02T01:00:00Z");
+        h.site("lt-hb", "heartbeat", "lt", heartbeat, json!({}));
+        h.advance(at("2026-06-12T00:00:00Z"));
+        let fired = h.triggers("lt", "birthday");
+        assert_eq!(fired.len(), 1, "{new_time}: {fired:#?}");
+        assert_eq!(fired[0]["fired_at"], at(expected), "{new_time}");
+    }
+}
+
+/// A reactivation's `delay` changed in a running shop moves the reactivations armed
+/// already; a customer reactivated already is not reactivated again for the same
+/// absence.
+#[test]
+fn a_changed_reactivation_delay_moves_the_timers_already_armed() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("rd-v", "page_view", "rd", t, json!({"page_url": "/"}));
+    h.site(
+        "rg-v",
+        "page_view",
+        "rg",
+        t - 31 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + DAY);
+    assert_eq!(h.triggers("rg", "reactivation").len(), 1, "away 31 days");
+    h.restart_with(&CONFIG.replace("delay = \"30d\"", "delay = \"20d\""));
+    // The partition's first record after the restart starts the pass (a heartbeat:
+    // no visit, which would move the timer itself).
+    for customer in ["rd", "rg"] {
+        let id = format!("{customer}-hb");
+        h.site(&id, "heartbeat", customer, t + 2 * DAY, json!({}));
+    }
+    h.advance(t + 25 * DAY);
+    let fired = h.triggers("rd", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 20 * DAY);
+    assert_eq!(
+        h.triggers("rg", "reactivation").len(),
+        1,
+        "reactivated already for this absence"
+    );
+}
+
 #[test]
 fn birthday_fires_at_ten_local_across_dst() {
     let t = at("2026-03-01T12:00:00Z");
