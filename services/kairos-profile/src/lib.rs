@@ -143,6 +143,14 @@ const ARMED_TIMING_KEY: &str = "~armed-timing";
 /// (`~rearming-pass/<scenario>`; the payload as an arming pass's).
 const REARMING_PASS: &str = "~rearming-pass";
 
+/// The segmentation rules the partition's profiles were judged by (a hash of them):
+/// rules changed since start a pass that judges every stored profile again.
+const SEGMENTED_BY_KEY: &str = "~segmented-by";
+/// The timer of that pass (the payload as an arming pass's).
+const RESEGMENT_PASS: &str = "~resegment-pass";
+/// The reason of the transitions such a pass makes.
+const RESEGMENT_REASON: &str = "segmentation rules changed";
+
 /// The scenario an arming pass's timer id names, if it is one, and whether the pass
 /// moves armed timers (a changed timing) rather than arming a new scenario.
 fn arming_pass_scenario(timer_id: &str) -> Option<(&str, bool)> {
@@ -228,6 +236,8 @@ pub struct ProfileProcessor {
     standing: Vec<String>,
     /// The timing of each of `standing` (name, [`standing_timing`]), sorted.
     standing_timing: Vec<(String, String)>,
+    /// A hash of the segmentation rules (`[segments]`), see [`SEGMENTED_BY_KEY`].
+    segmented_by: String,
     /// Per partition: whether this process compared `standing` with what the
     /// partition's profiles were armed for.
     standing_checked: Vec<bool>,
@@ -345,6 +355,7 @@ impl ProfileProcessor {
             })
             .collect();
         standing_timing.sort();
+        let segmented_by = deterministic_id(&[&format!("{:?}", config.segments)]);
         let partitions = config.kafka.partitions;
         let mut scenarios_by_kind: Vec<(ScenarioKind, Arc<[ScenarioConfig]>)> = Vec::new();
         for s in config.scenarios.iter().filter(armed) {
@@ -385,6 +396,7 @@ impl ProfileProcessor {
             chains_going_on: Vec::new(),
             standing,
             standing_timing,
+            segmented_by,
             standing_checked: vec![false; usize::try_from(partitions).unwrap_or(0)],
         }
     }
@@ -400,6 +412,20 @@ impl ProfileProcessor {
         };
         if std::mem::replace(checked, true) {
             return Ok(());
+        }
+        // Profiles judged by other segmentation rules are judged again; a store from
+        // before the rules were recorded is taken as judged by the present ones.
+        let segmented_by = ctx.get::<String>(SEGMENTED_BY_KEY)?;
+        if segmented_by.as_ref() != Some(&self.segmented_by) {
+            if segmented_by.is_some() {
+                tracing::info!(
+                    partition = ctx.partition,
+                    "judging the stored profiles by the changed segmentation rules"
+                );
+                let timer = [RESEGMENT_PASS, "/segments"].concat();
+                ctx.schedule(&timer, ctx.now(), &arming_pass_payload(&timer, ""))?;
+            }
+            ctx.put(SEGMENTED_BY_KEY, &self.segmented_by)?;
         }
         let armed_for = ctx.get::<Vec<String>>(ARMED_FOR_KEY)?;
         // A store from before timings were kept is taken as armed for the present ones.
@@ -459,6 +485,26 @@ impl ProfileProcessor {
         let Some(s) = config.scenario(name) else {
             return Ok(());
         };
+        self.profile_pass(ctx, timer, |this, ctx, p, now| match moves {
+            true => this.move_standing(ctx, s, p, now),
+            false => this.arm_standing(ctx, s, p, now),
+        })
+    }
+
+    /// One page of a pass over the partition's stored profiles (its cursor in the
+    /// timer's payload, see [`arming_pass_payload`]): `apply` to each, which says
+    /// whether it changed the profile; fires again while some are left.
+    fn profile_pass(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        timer: &DueTimer,
+        mut apply: impl FnMut(
+            &mut Self,
+            &mut Ctx<'_>,
+            &mut CustomerProfile,
+            Millis,
+        ) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
         let pass: ScenarioTimer = timer
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
@@ -470,11 +516,7 @@ impl ProfileProcessor {
             let Some(mut p) = self.take(ctx, customer)? else {
                 continue;
             };
-            let armed = match moves {
-                true => self.move_standing(ctx, s, &mut p, now),
-                false => self.arm_standing(ctx, s, &mut p, now),
-            };
-            match armed {
+            match apply(self, ctx, &mut p, now) {
                 Ok(true) => self.put(ctx, p)?,
                 // Unchanged: not written again.
                 Ok(false) => self.profiles.restore(ctx.partition, key.clone(), p),
@@ -3312,6 +3354,17 @@ impl Processor for ProfileProcessor {
         self.check_standing(ctx)?;
         if let Some((scenario, moves)) = arming_pass_scenario(&timer.timer_id) {
             self.arming_pass(ctx, scenario, moves, timer)
+        } else if timer.timer_id.starts_with(RESEGMENT_PASS) {
+            self.profile_pass(ctx, timer, |this, ctx, p, now| {
+                let judged = |p: &CustomerProfile| {
+                    let review = p.armed.get(SEGMENT_REVIEW).copied();
+                    (p.lifecycle.clone(), p.rfm.clone(), review)
+                };
+                let before = judged(p);
+                let reorder = Reorder::default();
+                this.review_segments(ctx, p, RESEGMENT_REASON, now, &reorder)?;
+                Ok(judged(p) != before)
+            })
         } else if let Some(customer) = timer.timer_id.strip_prefix(&format!("{SEGMENT_REVIEW}/")) {
             let customer = customer.to_string();
             self.on_segment_review(ctx, &customer, timer.fire_at)

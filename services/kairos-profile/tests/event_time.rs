@@ -1259,6 +1259,54 @@ fn a_changed_reactivation_delay_moves_the_timers_already_armed() {
     );
 }
 
+/// Segmentation rules changed in a running shop judge the stored profiles again: a
+/// customer churned at 365 days is dormant again when churn moves to 730 days, and
+/// churns at the new boundary, with no new event from them.
+#[test]
+fn changed_segmentation_rules_judge_the_stored_profiles_again() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("sr-buy", "purchase", "sr", t, order("o-1", 30.0, None));
+    h.advance(t + 400 * DAY);
+    let to = |h: &Harness| -> Vec<(String, String)> {
+        h.transitions("sr")
+            .iter()
+            .filter(|x| x["kind"] == "lifecycle")
+            .map(|x| {
+                let field = |f: &str| x[f].as_str().unwrap_or_default().to_string();
+                (field("to_segment"), field("reason"))
+            })
+            .collect()
+    };
+    assert_eq!(to(&h).last().map(|x| x.0.as_str()), Some("churned"));
+    let before = to(&h).len();
+    h.restart_with(&format!(
+        "{CONFIG}\n[segments.lifecycle]\nchurn_days = 730\n"
+    ));
+    h.site("sr-hb", "heartbeat", "sr", t + 401 * DAY, json!({}));
+    h.advance(t + 402 * DAY);
+    let after = to(&h);
+    assert_eq!(
+        after[before..],
+        [(
+            "dormant".to_string(),
+            "segmentation rules changed".to_string()
+        )],
+        "{after:?}"
+    );
+    h.advance(t + 731 * DAY);
+    let after = to(&h);
+    assert_eq!(
+        after.last().map(|x| x.0.as_str()),
+        Some("churned"),
+        "{after:?}"
+    );
+    assert_eq!(after.len(), before + 2, "{after:?}");
+    let churned = h.transitions("sr");
+    let last = churned.last().expect("a transition");
+    assert_eq!(last["occurred_at"], t + 730 * DAY, "{last:#?}");
+}
+
 #[test]
 fn birthday_fires_at_ten_local_across_dst() {
     let t = at("2026-03-01T12:00:00Z");
