@@ -629,6 +629,11 @@ pub struct HttpProviderConfig {
     pub idempotency_header: String,
     #[serde(default = "default_provider_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Opt-out URL template (`{customer_id}`, `{send_id}` replaced), sent in the
+    /// request as `unsubscribe_url` and given to templates: an e-mail API puts it in
+    /// the message's `List-Unsubscribe` header.
+    #[serde(default)]
+    pub list_unsubscribe: Option<String>,
 }
 
 fn default_idempotency_header() -> String {
@@ -1730,6 +1735,49 @@ impl Config {
         Err(self.error_at(scenario_key_line(&text, i, "channels"), "channels", message))
     }
 
+    /// The enabled marketing (non-transactional) scenarios that send e-mail through a
+    /// real provider with no opt-out link configured (`smtp.list_unsubscribe` or
+    /// `http.list_unsubscribe` of `[delivery.email]`): such mail breaks the bulk
+    /// senders' rules (RFC 8058 one-click unsubscribe, CAN-SPAM).
+    pub fn marketing_email_without_opt_out(&self) -> Vec<&str> {
+        let Some(email) = self.delivery.get(&Channel::email) else {
+            return Vec::new();
+        };
+        let link = match email.provider {
+            ProviderKind::Smtp => email.smtp.as_ref().map(|s| &s.list_unsubscribe),
+            ProviderKind::Http => email.http.as_ref().map(|h| &h.list_unsubscribe),
+            ProviderKind::Simulator | ProviderKind::InApp => return Vec::new(),
+        };
+        if link.is_some_and(|l| l.is_some()) {
+            return Vec::new();
+        }
+        self.scenarios
+            .iter()
+            .filter(|s| s.enabled && s.category != MessageCategory::transactional)
+            .filter(|s| s.channels.contains(&Channel::email))
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// [`Self::marketing_email_without_opt_out`] as an error (for `check-config`).
+    pub fn check_opt_out(&self) -> Result<(), ConfigError> {
+        let scenarios = self.marketing_email_without_opt_out();
+        if scenarios.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&self.source_file).unwrap_or_default();
+        let message = format!(
+            "marketing e-mail ({}) would go out without an opt-out link: set \
+             list_unsubscribe for the e-mail provider",
+            scenarios.join(", ")
+        );
+        let section = text
+            .lines()
+            .position(|l| l.trim() == "[delivery.email]")
+            .map(|i| i + 1);
+        Err(self.error_at(section, "delivery.email", message))
+    }
+
     /// An error about `key` of this file, at `line` when it is known.
     fn error_at(&self, line: Option<usize>, key: &str, message: String) -> ConfigError {
         let message = format!("{key}: {message}");
@@ -2654,6 +2702,46 @@ mod tests {
         ] {
             parse(&two_scenarios(kind, more)).unwrap_or_else(|e| panic!("{kind}: {e}"));
         }
+    }
+
+    /// Marketing e-mail through a real provider needs an opt-out link; transactional
+    /// mail and the simulator do not.
+    #[test]
+    fn marketing_email_through_a_real_provider_needs_an_opt_out_link() {
+        let with = |provider: &str, link: &str, category: &str| {
+            let text = format!(
+                "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"{provider}\"\n\
+                 [delivery.email.smtp]\nhost = \"mx\"\nfrom = \"a@b.example\"\n{link}\n\
+                 [delivery.email.http]\nurl = \"http://api\"\n{link}\n\
+                 [[scenarios]]\nname = \"news\"\nkind = \"welcome\"\n\
+                 category = \"{category}\"\nchannels = [\"email\"]\ntemplate = \"t\"\n"
+            );
+            parse(&text).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let link = "list_unsubscribe = \"https://shop.example/u?c={customer_id}\"";
+        for provider in ["smtp", "http"] {
+            let config = with(provider, "", "promo");
+            assert_eq!(
+                config.marketing_email_without_opt_out(),
+                ["news"],
+                "{provider}"
+            );
+            let err = config.check_opt_out().expect_err(provider).to_string();
+            assert!(
+                err.contains("delivery.email") && err.contains("news"),
+                "{err}"
+            );
+            assert!(
+                with(provider, link, "promo").check_opt_out().is_ok(),
+                "{provider}"
+            );
+            let receipts = with(provider, "", "transactional");
+            assert!(
+                receipts.marketing_email_without_opt_out().is_empty(),
+                "{provider}"
+            );
+        }
+        assert!(with("simulator", "", "promo").check_opt_out().is_ok());
     }
 
     #[test]

@@ -138,17 +138,31 @@ pub enum ConsentChange {
 const DEAD_ADDRESSES_KEPT: usize = 8;
 
 /// A customer's consent as this worker knows it (`cs/<customer>`): the latest
-/// withdrawal, opt-in and complaint it read, and the addresses that bounced hard,
-/// written only for customers who had one.
+/// withdrawal, opt-in and complaint it read, written only for customers who had one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 struct ConsentState {
     withdrawn_at: Option<Millis>,
     given_at: Option<Millis>,
     complained_at: Option<Millis>,
-    /// Addresses of this channel that bounced hard, with when (newest last): never
-    /// sent to again, as the arbiter never sends to them.
-    dead_addresses: Vec<(String, Millis)>,
+}
+
+/// Addresses of this worker's channel that bounced hard for a customer, with when
+/// (`cd/<customer>`, newest last): never sent to again, as the arbiter never sends to
+/// them. A key of its own, so a worker of an earlier version still reads `cs/`.
+type DeadAddresses = Vec<(String, Millis)>;
+
+fn dead_addresses_key(customer_id: &str) -> String {
+    ["cd/", customer_id].concat()
+}
+
+/// Why a send to `address` may not go out: it bounced hard already.
+fn dead_address_block(dead: &DeadAddresses, address: &str) -> Option<String> {
+    dead.iter()
+        .find(|(a, _)| kairos_core::identifiers::same_address(a, address))
+        .map(|(address, at)| {
+            format!("invalid_address: {address} bounced hard at {at}, after the decision")
+        })
 }
 
 impl ConsentState {
@@ -157,22 +171,7 @@ impl ConsentState {
     /// transactional messages too, and a complaint ends promo. Whenever the withdrawal
     /// came: the arbiter may have decided before it read one dated earlier (the
     /// profile behind, a deferred message waking on its own timer).
-    fn block(
-        &self,
-        channel: Channel,
-        category: MessageCategory,
-        address: Option<&str>,
-    ) -> Option<String> {
-        let dead = address.and_then(|address| {
-            self.dead_addresses
-                .iter()
-                .find(|(a, _)| kairos_core::identifiers::same_address(a, address))
-        });
-        if let Some((address, at)) = dead {
-            return Some(format!(
-                "invalid_address: {address} bounced hard at {at}, after the decision"
-            ));
-        }
+    fn block(&self, channel: Channel, category: MessageCategory) -> Option<String> {
         if let Some(at) = self
             .withdrawn_at
             .filter(|w| self.given_at.is_none_or(|g| *w >= g))
@@ -426,8 +425,14 @@ impl DeliveryProcessor {
             m.insert("scenario".into(), cmd.scenario.clone().into());
             // The link of the `List-Unsubscribe` header, for the body too: a mail
             // client that does not show the header still shows an opt-out.
-            let unsubscribe = self.settings.smtp.as_ref();
-            if let Some(url) = unsubscribe.and_then(|s| s.list_unsubscribe.as_deref()) {
+            let smtp = self.settings.smtp.as_ref().map(|s| &s.list_unsubscribe);
+            let http = self.settings.http.as_ref().map(|h| &h.list_unsubscribe);
+            let unsubscribe = match self.settings.provider {
+                ProviderKind::Smtp => smtp.and_then(Option::as_deref),
+                ProviderKind::Http => http.and_then(Option::as_deref),
+                _ => None,
+            };
+            if let Some(url) = unsubscribe {
                 let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
                 m.insert("unsubscribe_url".into(), url.into());
             }
@@ -970,22 +975,23 @@ impl DeliveryProcessor {
     }
 
     fn apply_consent(&self, ctx: &mut Ctx<'_>, signal: &ConsentSignal) -> anyhow::Result<()> {
+        let at = signal.at;
+        if let ConsentChange::Bounced(address) = &signal.change {
+            let key = dead_addresses_key(&signal.customer_id);
+            let mut dead: DeadAddresses = ctx.get(&key)?.unwrap_or_default();
+            if dead_address_block(&dead, address).is_some() {
+                return Ok(());
+            }
+            if dead.len() >= DEAD_ADDRESSES_KEPT {
+                dead.remove(0);
+            }
+            dead.push((address.clone(), at));
+            return ctx.put(&key, &dead);
+        }
         let key = consent_key(&signal.customer_id);
         let mut state: ConsentState = ctx.get(&key)?.unwrap_or_default();
-        let at = signal.at;
         let slot = match &signal.change {
-            ConsentChange::Bounced(address) => {
-                let known =
-                    |a: &(String, Millis)| kairos_core::identifiers::same_address(&a.0, address);
-                if state.dead_addresses.iter().any(known) {
-                    return Ok(());
-                }
-                if state.dead_addresses.len() >= DEAD_ADDRESSES_KEPT {
-                    state.dead_addresses.remove(0);
-                }
-                state.dead_addresses.push((address.clone(), at));
-                return ctx.put(&key, &state);
-            }
+            ConsentChange::Bounced(_) => return Ok(()),
             ConsentChange::Withdrawn => &mut state.withdrawn_at,
             ConsentChange::Given => &mut state.given_at,
             ConsentChange::Complained => &mut state.complained_at,
@@ -1001,10 +1007,16 @@ impl DeliveryProcessor {
         ctx.put(&key, &state)
     }
 
-    /// Why the customer's consent no longer allows `cmd`, if so.
+    /// Why the customer's consent no longer allows `cmd`, or its address is dead, if so.
     fn consent_block(&self, ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
+        if let Some(address) = &cmd.address {
+            let dead: Option<DeadAddresses> = ctx.get(&dead_addresses_key(&cmd.customer_id))?;
+            if let Some(why) = dead.and_then(|d| dead_address_block(&d, address)) {
+                return Ok(Some(why));
+            }
+        }
         let state: Option<ConsentState> = ctx.get(&consent_key(&cmd.customer_id))?;
-        Ok(state.and_then(|s| s.block(self.channel, cmd.category, cmd.address.as_deref())))
+        Ok(state.and_then(|s| s.block(self.channel, cmd.category)))
     }
 }
 
@@ -1166,8 +1178,7 @@ impl Processor for DeliveryProcessor {
         let now = ctx.now();
         // A message kept before the customer withdrew consent is not shown any more.
         let consent: ConsentState = ctx.get(&consent_key(customer_id))?.unwrap_or_default();
-        let withdrawn =
-            |m: &inbox::InboxMessage| consent.block(self.channel, m.category, None).is_some();
+        let withdrawn = |m: &inbox::InboxMessage| consent.block(self.channel, m.category).is_some();
         let (live, first_seen) = inbox::fetch(ctx, customer_id, now, withdrawn)?;
         for m in &first_seen {
             let send = SendSummary {
@@ -1240,6 +1251,11 @@ pub async fn run(
             channel
         )
     })?;
+    let no_opt_out = config.marketing_email_without_opt_out();
+    if channel == Channel::email && !no_opt_out.is_empty() {
+        // `check-config` refuses this; a worker started anyway says so loudly.
+        tracing::warn!(scenarios = %no_opt_out.join(", "), "marketing e-mail goes out without an opt-out link: set list_unsubscribe for the e-mail provider");
+    }
     let processor = DeliveryProcessor::new(&config, channel, settings, &admin.registry)?
         .reporting_to(admin.clone());
     kairos_core::runtime::run_serving(
@@ -1680,6 +1696,78 @@ mod tests {
         assert!(
             matches!(&delivery, Delivery::Exhausted(e) if e.contains("request failed")),
             "{delivery:?}"
+        );
+    }
+
+    /// A send that bounces hard marks its address dead at once: the next send to it,
+    /// already decided and waiting on the topic, is not made (the gateway is asked
+    /// once), while a send to the customer's other address is.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_hard_bounce_stops_the_next_send_to_its_address() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = calls.clone();
+        let app = axum::Router::new().route(
+            "/sms",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match body["to"].as_str() {
+                        Some("+491701234567") => (axum::http::StatusCode::GONE, "gone"),
+                        _ => (axum::http::StatusCode::OK, "ok"),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (processor, cmd, _) = sms_worker(dir.path(), &url, "2s");
+        let config = test_config(dir.path(), &[]);
+        let registry = prometheus::Registry::new();
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let topic = config.send_topic(Channel::sms);
+        let now = kairos_core::time::wall_now();
+        let send = |id: &str, address: &str| SendCommand {
+            send_id: id.into(),
+            address: Some(address.into()),
+            created_at: now,
+            valid_until: now + 3_600_000,
+            ..cmd.clone()
+        };
+        let mut out = Vec::new();
+        for command in [
+            send("s-1", "+491701234567"),
+            send("s-2", "+491701234567"),
+            send("s-3", "+491709999999"),
+        ] {
+            let payload = serde_json::to_vec(&command).expect("encode");
+            out.extend(replayer.push(&topic, b"c1", &payload).expect("push"));
+        }
+        out.extend(replayer.commit().expect("commit"));
+        let outcome = |id: &str| {
+            out.iter()
+                .filter_map(|o| serde_json::from_slice::<Outcome>(&o.payload).ok())
+                .find(|o| o.send_id == id)
+                .map(|o| (o.kind, o.reason.unwrap_or_default()))
+                .unwrap_or_else(|| panic!("no outcome of {id}"))
+        };
+        assert_eq!(outcome("s-1").0, OutcomeKind::bounced_hard);
+        let (kind, reason) = outcome("s-2");
+        assert_eq!(kind, OutcomeKind::failed, "{reason}");
+        assert!(
+            reason.starts_with("invalid_address: +491701234567"),
+            "{reason}"
+        );
+        assert_eq!(outcome("s-3").0, OutcomeKind::sent);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "s-2 never reached the gateway"
         );
     }
 

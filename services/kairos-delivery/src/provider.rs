@@ -531,6 +531,8 @@ impl HttpProvider {
             "preheader": m.preheader,
             "text": m.body,
             "valid_until": cmd.valid_until,
+            "unsubscribe_url": self.config.list_unsubscribe.as_deref()
+                .map(|url| unsubscribe_url(url, &cmd.customer_id, &cmd.send_id)),
         });
         let mut request = self
             .client
@@ -680,6 +682,7 @@ mod tests {
             auth_value: None,
             idempotency_header: "Idempotency-Key".into(),
             timeout: Duration::from_secs(5),
+            list_unsubscribe: None,
         })
         .unwrap();
         let cmd: SendCommand = serde_json::from_value(serde_json::json!({
@@ -928,6 +931,7 @@ mod tests {
             auth_value: None,
             idempotency_header: "Idempotency-Key".into(),
             timeout: Duration::from_secs(5),
+            list_unsubscribe: Some("https://shop.example/u?c={customer_id}&s={send_id}".into()),
         })
         .unwrap();
         let (cmd, mut message) = email_to("tok-1");
@@ -936,6 +940,7 @@ mod tests {
         let body = got.lock().expect("body").clone().expect("a request");
         assert_eq!(body["preheader"], "3 items, 59.90 in total");
         assert_eq!(body["title"], "Hello");
+        assert_eq!(body["unsubscribe_url"], "https://shop.example/u?c=c1&s=s1");
         for (field, value) in [
             ("send_id", "s1"),
             ("customer_id", "c1"),

@@ -18,9 +18,10 @@ pub fn backoff(config: &RetryConfig, retry: u32, rng: &mut impl Rng) -> Duration
 }
 
 /// The longest a provider's `Retry-After` holds the next attempt: the worker sends
-/// one message at a time, so a longer wait would stall its whole backlog, which the
-/// circuit breaker and the dead-letter re-drive handle better.
-pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
+/// one message at a time, so a longer wait would stall its whole backlog (which the
+/// circuit breaker and the dead-letter re-drive handle better), and the worker must
+/// stay within its health check's 60 s and the consumer's poll interval.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
 
 /// The delay before the next attempt: the backoff, or the wait the provider asked
 /// for if longer (up to [`RETRY_AFTER_CAP`]).

@@ -8,6 +8,8 @@
 //!  "occurred_at": 1767603600000}
 //! ```
 //!
+//! A `bounced_hard` event may name the dead `address`.
+//!
 //! The send id, customer, scenario and category travel to the provider with the send
 //! (custom arguments / metadata) and come back with its events. Each event becomes an
 //! outcome on the outcomes topic, keyed by customer, with the id `hash(send id, kind)`:
@@ -62,6 +64,10 @@ pub struct ProviderEvent {
     pub occurred_at: Option<Millis>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The address the message went to, as the provider reports it (a hard bounce's
+    /// dead address: the worker stops what waits for it at once).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 struct WebhookState {
@@ -129,6 +135,18 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
     if event.send_id.trim().is_empty() || event.customer_id.trim().is_empty() {
         return Err("send_id and customer_id must not be empty".into());
     }
+    let address = match event
+        .address
+        .as_deref()
+        .map(kairos_core::identifiers::key_id)
+    {
+        Some(Err(why)) => return Err(format!("address: {why}")),
+        Some(Ok("")) | None => None,
+        Some(Ok(address)) => Some(address.to_string()),
+    };
+    if address.is_some() && event.event != OutcomeKind::bounced_hard {
+        return Err("address is reported with bounced_hard events only".into());
+    }
     // A time from the future would move event-time clocks ahead.
     if event.occurred_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
         return Err("occurred_at lies in the future".into());
@@ -154,8 +172,8 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
         kind: event.event,
         reason: event.reason.clone(),
         occurred_at: event.occurred_at.unwrap_or(now),
-        // The provider's report does not say; the arbiter knows it by the send id.
-        address: None,
+        // The arbiter knows it by the send id anyway; the worker only from here.
+        address,
     })
 }
 
@@ -330,7 +348,46 @@ mod tests {
             event: kind,
             occurred_at: Some(42),
             reason: None,
+            address: None,
         }
+    }
+
+    /// A hard bounce may name its dead address (trimmed), which the outcome carries to
+    /// the worker; another kind may not, nor may a malformed one.
+    #[test]
+    fn a_hard_bounce_names_its_dead_address() {
+        let bounce = |kind, address: &str| ProviderEvent {
+            address: Some(address.into()),
+            ..event(kind, Channel::email)
+        };
+        let outcome = outcome_of(
+            &bounce(OutcomeKind::bounced_hard, " anna@example.com "),
+            Channel::email,
+            1,
+        )
+        .expect("accepted");
+        assert_eq!(outcome.address.as_deref(), Some("anna@example.com"));
+        let plain = outcome_of(
+            &event(OutcomeKind::bounced_hard, Channel::email),
+            Channel::email,
+            1,
+        )
+        .expect("accepted");
+        assert_eq!(plain.address, None);
+        let err = outcome_of(
+            &bounce(OutcomeKind::opened, "a@x.example"),
+            Channel::email,
+            1,
+        )
+        .unwrap_err();
+        assert!(err.contains("bounced_hard"), "{err}");
+        let err = outcome_of(
+            &bounce(OutcomeKind::bounced_hard, "a\u{7}@x"),
+            Channel::email,
+            1,
+        )
+        .unwrap_err();
+        assert!(err.contains("address"), "{err}");
     }
 
     #[test]

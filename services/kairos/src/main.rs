@@ -287,6 +287,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             // Templates are part of the configuration: every scenario's template must
             // exist for each channel it sends on, within the channel's limits.
             config.check_deliverable()?;
+            config.check_opt_out()?;
             for channel in config.delivery.keys() {
                 kairos_delivery::load_templates(&config, *channel)?;
             }
