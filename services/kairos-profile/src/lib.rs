@@ -551,7 +551,8 @@ impl ProfileProcessor {
         let armed = ctx.timer_fire_at(&timer_id(&s.name, &p.customer_id))?;
         let (true, Some(last_visit), None) = (
             s.kind == ScenarioKind::Reactivation && s.enabled,
-            p.last_visit_at,
+            // A purchase (a till receipt too) is activity as much as a visit.
+            p.last_visit_at.max(p.last_purchase_at),
             armed,
         ) else {
             return Ok(false);
@@ -583,13 +584,27 @@ impl ProfileProcessor {
             if let Some(armed) = armed {
                 // The armed date's moment at the new time: a day either side of it
                 // (another zone's date), never before the tolerance allows.
-                let since = (armed.saturating_sub(2 * kairos_core::time::DAY))
-                    .max(now.saturating_sub(ms(s.tolerance())));
+                let day = kairos_core::time::DAY;
+                let since =
+                    (armed.saturating_sub(2 * day)).max(now.saturating_sub(ms(s.tolerance())));
                 self.schedule_yearly(ctx, s, p, since)?;
+                // Still due today by the old time, but past by the new one beyond the
+                // tolerance: greeted now rather than skipped for a year.
+                let id = timer_id(&s.name, &p.customer_id);
+                let moved = ctx.timer_fire_at(&id)?;
+                if armed >= now && moved.is_some_and(|m| m > armed + 2 * day) {
+                    schedule_step(ctx, s, p, &s.name, now, 0, now, None, None)?;
+                }
             }
             return Ok(false);
         }
-        let (Some(armed), Some(last)) = (armed, p.last_visit_at.max(p.last_purchase_at)) else {
+        // Only a first step waiting (`armed` names it); a later step of a series
+        // shares its timer id and keeps its own time.
+        let first_step = |at: Millis| p.armed.get(s.name.as_str()) == Some(&at);
+        let (Some(armed), Some(last)) = (
+            armed.filter(|&at| first_step(at)),
+            p.last_visit_at.max(p.last_purchase_at),
+        ) else {
             return Ok(false);
         };
         let at = (last + ms(s.delay)).max(now);
@@ -1685,6 +1700,7 @@ impl ProfileProcessor {
         match r.kind {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
+                let active_before = p.last_visit_at.max(latest);
                 let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
                 let applied =
                     p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
@@ -1712,8 +1728,12 @@ impl ProfileProcessor {
                         };
                         self.after_purchase(ctx, &mut p, purchase)?;
                         // A customer back in a store, or seen only there, is away
-                        // again from here: armed as a visit arms it.
-                        self.arm_reactivation(ctx, &mut p)?;
+                        // again from here: armed as a visit arms it. (A receipt
+                        // uploaded late, older than the latest activity, changes
+                        // nothing: a series under way keeps its step.)
+                        if active_before.is_none_or(|a| r.occurred_at > a) {
+                            self.arm_reactivation(ctx, &mut p)?;
+                        }
                         let reason = "offline purchase";
                         self.review_segments(ctx, &mut p, reason, r.occurred_at, &reorder)?;
                     }
@@ -2474,8 +2494,16 @@ impl ProfileProcessor {
                     .max(p.last_purchase_at)
                     .unwrap_or(t.cause_occurred_at);
                 let due = last + ms(s.delay);
-                if due > timer.fire_at {
-                    // The customer came back since: wait from the latest visit.
+                // The customer came back since: wait from the latest visit. (A later
+                // step asks whether they came back since the series began: its own
+                // time is not the first step's delay after anything, the more so
+                // once `delay` changed.)
+                let came_back = match t.step {
+                    0 => due > timer.fire_at,
+                    _ => last > t.cause_occurred_at,
+                };
+                if came_back {
+                    let due = due.max(timer.fire_at);
                     schedule_step(
                         ctx,
                         s,

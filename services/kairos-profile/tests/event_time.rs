@@ -1222,6 +1222,30 @@ fn a_changed_local_time_moves_the_greetings_already_armed() {
         assert_eq!(fired.len(), 1, "{new_time}: {fired:#?}");
         assert_eq!(fired[0]["fired_at"], at(expected), "{new_time}");
     }
+
+    // Moved from 10:00 to 06:00 at 09:30 on the birthday, with a tolerance of an hour:
+    // not greeted yet, and the new moment 3.5 h ago; greeted then, not next year.
+    let strict = CONFIG.replace(
+        "local_time = \"10:00\"",
+        "local_time = \"10:00\"\ntolerance = \"1h\"",
+    );
+    let mut h = Harness::with(&strict, ClockMode::Event);
+    let update = birthday_update("1990-06-10", "Europe/Berlin");
+    h.site(
+        "lt-up",
+        "profile_update",
+        "lt",
+        at("2026-03-01T12:00:00Z"),
+        update,
+    );
+    h.advance(at("2026-06-10T07:00:00Z"));
+    h.restart_with(&strict.replace("local_time = \"10:00\"", "local_time = \"06:00\""));
+    let moved = at("2026-06-10T07:30:00Z");
+    h.site("lt-hb", "heartbeat", "lt", moved, json!({}));
+    h.advance(at("2026-06-12T00:00:00Z"));
+    let fired = h.triggers("lt", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], moved);
 }
 
 /// A reactivation's `delay` changed in a running shop moves the reactivations armed
@@ -1256,6 +1280,30 @@ fn a_changed_reactivation_delay_moves_the_timers_already_armed() {
         h.triggers("rg", "reactivation").len(),
         1,
         "reactivated already for this absence"
+    );
+
+    // A series whose first step went out: its second step keeps its time.
+    let steps = "template = \"reactivation\"\ndelay = \"30d\"\n\
+                 steps = [{ delay = \"7d\", template = \"re_2\" }]";
+    let series = CONFIG.replace("template = \"reactivation\"\ndelay = \"30d\"", steps);
+    assert_ne!(series, CONFIG);
+    let mut h = Harness::with(&series, ClockMode::Event);
+    h.site("rs-v", "page_view", "rs", t, json!({"page_url": "/"}));
+    h.advance(t + 31 * DAY);
+    h.restart_with(&series.replace("delay = \"30d\"", "delay = \"60d\""));
+    h.site("rs-hb", "heartbeat", "rs", t + 32 * DAY, json!({}));
+    h.advance(t + 40 * DAY);
+    let fired: Vec<(Value, Value)> = h
+        .triggers("rs", "reactivation")
+        .iter()
+        .map(|x| (x["step"].clone(), x["fired_at"].clone()))
+        .collect();
+    assert_eq!(
+        fired,
+        [
+            (json!(0), json!(t + 30 * DAY)),
+            (json!(1), json!(t + 37 * DAY))
+        ]
     );
 }
 
@@ -4311,15 +4359,19 @@ fn scenarios_added_to_a_running_shop_are_armed_for_the_customers_already_known()
     let update = birthday_update("1990-06-10", "Europe/Berlin");
     h.site("sa-up", "profile_update", "sa", t, update);
     h.site("sa-v", "page_view", "sa", t, json!({"page_url": "/"}));
+    // Seen only in a store: away as long.
+    h.receipt("ss-till", "sale", "ss", t, 40.0);
     h.advance(t + 60 * DAY);
     assert!(h.triggers("sa", "reactivation").is_empty());
     h.restart_with(CONFIG);
     // Other customers' events, one per partition at least, start the pass.
     visit_every_partition(&mut h, "sa-other-", t + 60 * DAY);
     h.advance(t + 120 * DAY);
-    let fired = h.triggers("sa", "reactivation");
-    assert_eq!(fired.len(), 1, "{fired:#?}");
-    assert_eq!(fired[0]["fired_at"], t + 60 * DAY);
+    for customer in ["sa", "ss"] {
+        let fired = h.triggers(customer, "reactivation");
+        assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
+        assert_eq!(fired[0]["fired_at"], t + 60 * DAY, "{customer}");
+    }
     let fired = h.triggers("sa", "birthday");
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(fired[0]["fired_at"], at("2026-06-10T08:00:00Z"));
@@ -4341,6 +4393,41 @@ fn visit_every_partition(h: &mut Harness, prefix: &str, at: Millis) {
             json!({}),
         );
     }
+}
+
+/// A till receipt uploaded late, older than the customer's last visit, changes
+/// nothing of a reactivation series under way: its next step keeps its time and the
+/// first is not sent again.
+#[test]
+fn a_late_receipt_leaves_a_reactivation_series_under_way_alone() {
+    let t = at("2026-03-01T12:00:00Z");
+    let series = "\n[[scenarios]]\nname = \"re\"\nkind = \"reactivation\"\nchannels = [\"email\"]\n\
+                  template = \"re\"\ndelay = \"30d\"\nsteps = [{ delay = \"7d\", template = \"re_2\" }]\n";
+    let mut h = Harness::with(&format!("{CONFIG}{series}"), ClockMode::Event);
+    h.site(
+        "lr-v",
+        "page_view",
+        "lr",
+        t + 2 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + 33 * DAY);
+    assert_eq!(h.triggers("lr", "re").len(), 1, "the first step");
+    // A receipt of T, before the visit, uploaded at T+33d.
+    h.receipt("lr-till", "sale", "lr", t, 40.0);
+    h.advance(t + 45 * DAY);
+    let steps: Vec<(Value, Value)> = h
+        .triggers("lr", "re")
+        .iter()
+        .map(|t| (t["step"].clone(), t["fired_at"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (json!(0), json!(t + 32 * DAY)),
+            (json!(1), json!(t + 39 * DAY))
+        ]
+    );
 }
 
 /// A reactivation series taken out of the configuration and put back while its next
