@@ -87,8 +87,12 @@ impl SeenIds {
         if at < now.saturating_sub(self.window) {
             return Ok(Seen::BeforeWindow);
         }
-        ctx.put(&key, &now)?;
-        ctx.put(&self.index_key(day_of(now), id), &())?;
+        // Kept from its own time when that is ahead of the clock (an event up to
+        // `clock.max_event_lead` ahead), so it is swept only once a copy of it would
+        // be before the window.
+        let kept_from = now.max(at);
+        ctx.put(&key, &kept_from)?;
+        ctx.put(&self.index_key(day_of(kept_from), id), &())?;
         let timer = self.timer_id();
         if ctx.timer_fire_at(&timer)?.is_none() {
             let (fire_at, state) = if self.legacy_indexed(ctx)? {

@@ -142,6 +142,22 @@ fn ids_count_once_within_the_window_and_are_deleted_after_it() {
     assert_eq!(feed(&mut r, &[line("e", after, after + 2)]), ["e:First"]);
 }
 
+/// A record whose own time is ahead of the clock (an event up to a day ahead) is
+/// kept until a copy of it is before the window: one arriving after its first-seen
+/// day's sweep is no new record.
+#[test]
+fn an_id_whose_own_time_is_ahead_is_kept_until_a_copy_is_before_the_window() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut r = replayer(dir.path());
+    let t0 = 200 * DAY + 3_600_000;
+    let ahead = t0 + DAY;
+    assert_eq!(feed(&mut r, &[line("f", ahead, t0)]), ["f:First"]);
+    // Day 200's ids are out of the window; the copy's own time is not.
+    let after = (201 + WINDOW_DAYS) * DAY;
+    feed(&mut r, &[line("g", after, after)]);
+    assert_eq!(feed(&mut r, &[line("f", ahead, after + 1)]), ["f:Again"]);
+}
+
 #[test]
 fn a_sweep_with_more_than_a_batch_to_delete_goes_on_in_the_next_batches() {
     let dir = tempfile::tempdir().expect("temp dir");
