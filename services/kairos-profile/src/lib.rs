@@ -2104,11 +2104,12 @@ impl ProfileProcessor {
         };
         for s in self.scenarios(ScenarioKind::Reactivation).iter() {
             // Lazy: an armed timer is left alone; when it fires it checks the latest
-            // visit and moves itself if the customer came back. (An entry before now
-            // is stale: its timer fired while the scenario was off.)
+            // visit and moves itself if the customer came back. An entry before now
+            // is when the first step last fired: activity before that (a receipt
+            // uploaded late) began the absence it was for, so nothing is armed again.
             if p.armed
                 .get(s.name.as_str())
-                .is_some_and(|armed| *armed >= ctx.now())
+                .is_some_and(|armed| *armed >= ctx.now() || *armed > last_visit)
             {
                 continue;
             }
@@ -2487,7 +2488,8 @@ impl ProfileProcessor {
                 }
             }
             ScenarioKind::Reactivation => {
-                p.armed.remove(s.name.as_str());
+                // For a later step: when the first step fired.
+                let first_fired = p.armed.remove(s.name.as_str());
                 // A purchase (a till receipt too) is activity as much as a visit.
                 let last = p
                     .last_visit_at
@@ -2495,13 +2497,18 @@ impl ProfileProcessor {
                     .unwrap_or(t.cause_occurred_at);
                 let due = last + ms(s.delay);
                 // The customer came back since: wait from the latest visit. (A later
-                // step asks whether they came back since the series began: its own
-                // time is not the first step's delay after anything, the more so
-                // once `delay` changed.)
+                // step asks whether they came back since the series' first step went
+                // out: its own time is not the first step's delay after anything, the
+                // more so once `delay` changed; activity before that step, known late,
+                // began the absence it was for.)
                 let came_back = match t.step {
                     0 => due > timer.fire_at,
-                    _ => last > t.cause_occurred_at,
+                    _ => last > first_fired.unwrap_or(t.cause_occurred_at),
                 };
+                if !came_back && t.step == 0 {
+                    // When the first step fired (see `arm_reactivation`).
+                    p.armed.insert(s.name.as_str().into(), timer.fire_at);
+                }
                 if came_back {
                     let due = due.max(timer.fire_at);
                     schedule_step(

@@ -4413,8 +4413,11 @@ fn a_late_receipt_leaves_a_reactivation_series_under_way_alone() {
     );
     h.advance(t + 33 * DAY);
     assert_eq!(h.triggers("lr", "re").len(), 1, "the first step");
-    // A receipt of T, before the visit, uploaded at T+33d.
+    // A receipt of T, before the visit, uploaded at T+33d; one of T+10d, between the
+    // visit and the first step, uploaded at T+34d: the absence the first step was
+    // for began then.
     h.receipt("lr-till", "sale", "lr", t, 40.0);
+    h.receipt("lr-till-2", "sale", "lr", t + 10 * DAY, 40.0);
     h.advance(t + 45 * DAY);
     let steps: Vec<(Value, Value)> = h
         .triggers("lr", "re")
