@@ -3316,12 +3316,6 @@ pub async fn run_serving<P: Processor>(
         )
         .await?;
         assigned_once |= applied.assigned;
-        // Records of a partition revoked while gathering were read before the
-        // revocation: the assignment that follows starts again from the committed
-        // offset, so they come again in order. Applied now, they would jump a gap: a
-        // single-state processor reads and drops records while it lacks some
-        // partitions, and its committed offset lies before them.
-        drop_revoked(&mut batch, &applied.revoked);
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
         if cancel.is_cancelled() {
@@ -3547,13 +3541,6 @@ fn owns_every_partition<C: ConsumerContext>(
 }
 
 /// What [`apply_rebalances`] did.
-/// Drops from `batch` the records of the input partitions in `revoked`.
-fn drop_revoked<M: Message>(batch: &mut Vec<M>, revoked: &[i32]) {
-    if !revoked.is_empty() {
-        batch.retain(|m| !revoked.contains(&m.partition()));
-    }
-}
-
 #[derive(Default)]
 struct AppliedRebalances {
     /// An assignment arrived.
@@ -4004,31 +3991,6 @@ fn dedup(mut v: Vec<i32>) -> Vec<i32> {
 
 #[cfg(test)]
 mod tests {
-    /// Records gathered before their partition was revoked are dropped (they come
-    /// again from the committed offset); the others stay, in order.
-    #[test]
-    fn records_of_partitions_revoked_while_gathering_are_dropped() {
-        use rdkafka::message::{OwnedMessage, Timestamp};
-        let record = |partition: i32, offset: i64| {
-            let topic = "kairos.site-events".to_string();
-            OwnedMessage::new(
-                None,
-                None,
-                topic,
-                Timestamp::NotAvailable,
-                partition,
-                offset,
-                None,
-            )
-        };
-        let mut batch = vec![record(0, 200), record(1, 50), record(0, 201), record(2, 7)];
-        super::drop_revoked(&mut batch, &[]);
-        assert_eq!(batch.len(), 4);
-        super::drop_revoked(&mut batch, &[0, 2]);
-        let left: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
-        assert_eq!(left, [(1, 50)]);
-    }
-
     use super::*;
 
     fn entry(partition: i32, key: &[u8]) -> OutboxEntry {
