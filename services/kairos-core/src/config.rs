@@ -1748,7 +1748,7 @@ impl Config {
             ProviderKind::Http => email.http.as_ref().map(|h| &h.list_unsubscribe),
             ProviderKind::Simulator | ProviderKind::InApp => return Vec::new(),
         };
-        if link.is_some_and(|l| l.is_some()) {
+        if link.is_some_and(|l| l.as_deref().is_some_and(|l| !l.trim().is_empty())) {
             return Vec::new();
         }
         self.scenarios
@@ -2735,6 +2735,8 @@ mod tests {
                 with(provider, link, "promo").check_opt_out().is_ok(),
                 "{provider}"
             );
+            let blank = with(provider, "list_unsubscribe = \" \"", "promo");
+            assert!(blank.check_opt_out().is_err(), "{provider}: a blank link");
             let receipts = with(provider, "", "transactional");
             assert!(
                 receipts.marketing_email_without_opt_out().is_empty(),

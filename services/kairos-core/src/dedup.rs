@@ -1,9 +1,10 @@
 //! Ids of records seen, kept for a window and then deleted, so that deduplication by
 //! id does not grow a processor's state (and its changelog) for ever.
 //!
-//! An id is kept under `<prefix><id>` (its value the time it was first seen), the same
-//! key as before ids expired, so stores written then still deduplicate. An index key
-//! `<index>/<day>/<id>` (the day it was first seen) lets one timer per partition sweep
+//! An id is kept under `<prefix><id>` (its value the time it is kept from: when it was
+//! first seen, or its record's own time if that is later), the same key as before ids
+//! expired, so stores written then still deduplicate. An index key
+//! `<index>/<day>/<id>` (that time's day) lets one timer per partition sweep
 //! whole days at once, oldest first: it deletes both keys once their day lies wholly
 //! before `now - window`, a bounded number per firing, and arms itself for the day after
 //! the oldest left. The deletions are ordinary state deletions, so the changelog

@@ -520,7 +520,7 @@ impl HttpProvider {
     }
 
     async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "send_id": cmd.send_id,
             "channel": cmd.channel,
             "to": cmd.address,
@@ -531,9 +531,11 @@ impl HttpProvider {
             "preheader": m.preheader,
             "text": m.body,
             "valid_until": cmd.valid_until,
-            "unsubscribe_url": self.config.list_unsubscribe.as_deref()
-                .map(|url| unsubscribe_url(url, &cmd.customer_id, &cmd.send_id)),
         });
+        // Only when configured: a gateway with a strict schema need not know the key.
+        if let Some(url) = &self.config.list_unsubscribe {
+            body["unsubscribe_url"] = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id).into();
+        }
         let mut request = self
             .client
             .post(&self.config.url)

@@ -32,6 +32,7 @@ use kairos_core::contracts::{
     Channel, DeadLetter, DeadLetterReason, MessageCategory, Outcome, OutcomeKind,
 };
 use kairos_core::encoding::encode_internal;
+use kairos_core::identifiers::{IdentifierKind, Normalizer};
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
 use kairos_core::time::{wall_now, Millis};
@@ -79,6 +80,8 @@ struct WebhookState {
     outcomes_topic: String,
     dead_letter_topic: String,
     received: IntCounterVec,
+    /// Puts a reported address in the form Kairos keeps addresses in.
+    normalizer: Normalizer,
 }
 
 /// The webhook route for the worker of `channel`.
@@ -111,6 +114,8 @@ pub fn router(
         dead_letter_topic: config.topic(topics::DEAD_LETTER),
         service: format!("deliver-{channel}"),
         received,
+        normalizer: Normalizer::new(&config.identity.default_country)
+            .map_err(|e| anyhow::anyhow!("identity.default_country: {e}"))?,
     });
     Ok(Router::new()
         .route("/webhooks/events", post(receive))
@@ -118,7 +123,12 @@ pub fn router(
 }
 
 /// Checks an event and turns it into its outcome.
-pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Result<Outcome, String> {
+pub fn outcome_of(
+    event: &ProviderEvent,
+    channel: Channel,
+    now: Millis,
+    normalizer: &Normalizer,
+) -> Result<Outcome, String> {
     if !WEBHOOK_KINDS.contains(&event.event) {
         return Err(format!(
             "event {:?} is not reported by providers (one of {})",
@@ -135,18 +145,14 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
     if event.send_id.trim().is_empty() || event.customer_id.trim().is_empty() {
         return Err("send_id and customer_id must not be empty".into());
     }
-    let address = match event
-        .address
-        .as_deref()
-        .map(kairos_core::identifiers::key_id)
-    {
-        Some(Err(why)) => return Err(format!("address: {why}")),
-        Some(Ok("")) | None => None,
-        Some(Ok(address)) => Some(address.to_string()),
+    // Read for a hard bounce only (providers name the recipient on every event), in
+    // the form Kairos keeps addresses in, so it matches the sends that wait for it.
+    let address = match (event.event, event.address.as_deref()) {
+        (OutcomeKind::bounced_hard, Some(raw)) if !raw.trim().is_empty() => {
+            Some(reported_address(channel, raw, normalizer)?)
+        }
+        _ => None,
     };
-    if address.is_some() && event.event != OutcomeKind::bounced_hard {
-        return Err("address is reported with bounced_hard events only".into());
-    }
     // A time from the future would move event-time clocks ahead.
     if event.occurred_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
         return Err("occurred_at lies in the future".into());
@@ -175,6 +181,30 @@ pub fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Resul
         // The arbiter knows it by the send id anyway; the worker only from here.
         address,
     })
+}
+
+/// A bounced address as the provider reports it, normalized as Kairos keeps the
+/// channel's addresses (an e-mail's domain in ASCII and lower case, a phone number in
+/// E.164); an identifier of the other channels as it is, trimmed.
+fn reported_address(
+    channel: Channel,
+    raw: &str,
+    normalizer: &Normalizer,
+) -> Result<String, String> {
+    let kind = match channel {
+        Channel::email => Some(IdentifierKind::email),
+        Channel::sms => Some(IdentifierKind::phone),
+        _ => None,
+    };
+    match kind {
+        Some(kind) => normalizer
+            .normalize(kind, raw)
+            .map(|id| id.value)
+            .map_err(|e| format!("address: {}", e.reason)),
+        None => kairos_core::identifiers::key_id(raw)
+            .map(str::to_string)
+            .map_err(|why| format!("address: {why}")),
+    }
 }
 
 /// How far ahead of this machine's clock a provider's timestamp may be.
@@ -224,7 +254,7 @@ async fn receive(
         let event = serde_json::from_str::<ProviderEvent>(raw.get())
             .map_err(|e| format!("not a provider event: {e}"));
         let kind = event.as_ref().map_or("unparsed", |e| e.event.as_str());
-        match event.and_then(|e| outcome_of(&e, state.channel, now)) {
+        match event.and_then(|e| outcome_of(&e, state.channel, now, &state.normalizer)) {
             Ok(o) => {
                 counts.push((o.kind.as_str(), "accepted"));
                 records.push((
@@ -338,6 +368,12 @@ pub const WEBHOOK_SOURCE: &str = "webhook:/webhooks/events";
 mod tests {
     use super::*;
 
+    /// [`super::outcome_of`] with German numbers for phones without a country code.
+    fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Result<Outcome, String> {
+        let normalizer = Normalizer::new("DE").expect("country");
+        super::outcome_of(event, channel, now, &normalizer)
+    }
+
     fn event(kind: OutcomeKind, channel: Channel) -> ProviderEvent {
         ProviderEvent {
             send_id: "s1".into(),
@@ -352,8 +388,9 @@ mod tests {
         }
     }
 
-    /// A hard bounce may name its dead address (trimmed), which the outcome carries to
-    /// the worker; another kind may not, nor may a malformed one.
+    /// A hard bounce may name its dead address, which the outcome carries to the worker
+    /// in the form Kairos keeps addresses in; another kind's is ignored, a malformed
+    /// one refused.
     #[test]
     fn a_hard_bounce_names_its_dead_address() {
         let bounce = |kind, address: &str| ProviderEvent {
@@ -367,6 +404,19 @@ mod tests {
         )
         .expect("accepted");
         assert_eq!(outcome.address.as_deref(), Some("anna@example.com"));
+        let named = outcome_of(
+            &bounce(OutcomeKind::bounced_hard, "Anna <anna@Bücher.DE>"),
+            Channel::email,
+            1,
+        )
+        .expect("accepted");
+        assert_eq!(named.address.as_deref(), Some("anna@xn--bcher-kva.de"));
+        let phone = ProviderEvent {
+            address: Some("0170 1234567".into()),
+            ..event(OutcomeKind::bounced_hard, Channel::sms)
+        };
+        let phone = outcome_of(&phone, Channel::sms, 1).expect("accepted");
+        assert_eq!(phone.address.as_deref(), Some("+491701234567"));
         let plain = outcome_of(
             &event(OutcomeKind::bounced_hard, Channel::email),
             Channel::email,
@@ -374,13 +424,14 @@ mod tests {
         )
         .expect("accepted");
         assert_eq!(plain.address, None);
-        let err = outcome_of(
+        // Providers name the recipient on every event: read for a hard bounce only.
+        let opened = outcome_of(
             &bounce(OutcomeKind::opened, "a@x.example"),
             Channel::email,
             1,
         )
-        .unwrap_err();
-        assert!(err.contains("bounced_hard"), "{err}");
+        .expect("accepted");
+        assert_eq!(opened.address, None);
         let err = outcome_of(
             &bounce(OutcomeKind::bounced_hard, "a\u{7}@x"),
             Channel::email,

@@ -566,12 +566,12 @@ impl ProfileProcessor {
 
     /// Moves scenario `s`'s timer armed for a stored profile to the scenario's changed
     /// timing: the armed greeting to the new local time on its date (today's, later
-    /// than now by the old time and earlier by the new one, goes out within the
-    /// tolerance; a greeting sent this year already is armed for next year, which
-    /// stays);
-    /// a reactivation waiting from the last activity by the new delay, at once if
-    /// that is past. One that fired already is not armed again (its customer was
-    /// reactivated for this absence). True if the profile changed.
+    /// than now by the old time and earlier by the new one, goes out at once; a
+    /// greeting sent this year already is armed for next year, which stays); a
+    /// reactivation's waiting first step to the last activity plus the new delay, at
+    /// once if that is past (a later step keeps its time, and one that fired already
+    /// is not armed again: its customer was reactivated for this absence). True if
+    /// the profile changed.
     fn move_standing(
         &self,
         ctx: &mut Ctx<'_>,
