@@ -572,6 +572,30 @@ pub struct DeliveryChannelConfig {
     pub webhook_token: Option<String>,
 }
 
+impl DeliveryChannelConfig {
+    /// The opt-out URL template of the configured provider (`smtp.list_unsubscribe` or
+    /// `http.list_unsubscribe`), if it has a non-blank one.
+    pub fn list_unsubscribe(&self) -> Option<&str> {
+        let link = match self.provider {
+            ProviderKind::Smtp => self
+                .smtp
+                .as_ref()
+                .and_then(|s| s.list_unsubscribe.as_deref()),
+            ProviderKind::Http => self
+                .http
+                .as_ref()
+                .and_then(|h| h.list_unsubscribe.as_deref()),
+            ProviderKind::Simulator | ProviderKind::InApp => None,
+        };
+        link.filter(|l| !l.trim().is_empty())
+    }
+
+    /// Whether its provider delivers for real (not the simulator or the inbox).
+    fn reaches_a_provider(&self) -> bool {
+        matches!(self.provider, ProviderKind::Smtp | ProviderKind::Http)
+    }
+}
+
 /// How to reach an SMTP server and what every message carries.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1740,15 +1764,8 @@ impl Config {
     /// `http.list_unsubscribe` of `[delivery.email]`): such mail breaks the bulk
     /// senders' rules (RFC 8058 one-click unsubscribe, CAN-SPAM).
     pub fn marketing_email_without_opt_out(&self) -> Vec<&str> {
-        let Some(email) = self.delivery.get(&Channel::email) else {
-            return Vec::new();
-        };
-        let link = match email.provider {
-            ProviderKind::Smtp => email.smtp.as_ref().map(|s| &s.list_unsubscribe),
-            ProviderKind::Http => email.http.as_ref().map(|h| &h.list_unsubscribe),
-            ProviderKind::Simulator | ProviderKind::InApp => return Vec::new(),
-        };
-        if link.is_some_and(|l| l.as_deref().is_some_and(|l| !l.trim().is_empty())) {
+        let email = self.delivery.get(&Channel::email);
+        if email.is_none_or(|e| !e.reaches_a_provider() || e.list_unsubscribe().is_some()) {
             return Vec::new();
         }
         self.scenarios

@@ -165,6 +165,35 @@ fn dead_address_block(dead: &DeadAddresses, address: &str) -> Option<String> {
         })
 }
 
+/// Why `cmd` may not go out because its address bounced hard, if so.
+fn dead_address(ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
+    let Some(address) = &cmd.address else {
+        return Ok(None);
+    };
+    let dead: Option<DeadAddresses> = ctx.get(&dead_addresses_key(&cmd.customer_id))?;
+    Ok(dead.and_then(|d| dead_address_block(&d, address)))
+}
+
+/// Records `address` of `customer_id` as bounced hard at `at` (once; the newest
+/// `DEAD_ADDRESSES_KEPT`).
+fn note_dead_address(
+    ctx: &mut Ctx<'_>,
+    customer_id: &str,
+    address: &str,
+    at: Millis,
+) -> anyhow::Result<()> {
+    let key = dead_addresses_key(customer_id);
+    let mut dead: DeadAddresses = ctx.get(&key)?.unwrap_or_default();
+    if dead_address_block(&dead, address).is_some() {
+        return Ok(());
+    }
+    if dead.len() >= DEAD_ADDRESSES_KEPT {
+        dead.remove(0);
+    }
+    dead.push((address.to_string(), at));
+    ctx.put(&key, &dead)
+}
+
 impl ConsentState {
     /// Why a send of `category` may not go out, if so. The arbiter's rules: a
     /// withdrawal holds until a later opt-in (one at the same instant loses), for
@@ -425,14 +454,7 @@ impl DeliveryProcessor {
             m.insert("scenario".into(), cmd.scenario.clone().into());
             // The link of the `List-Unsubscribe` header, for the body too: a mail
             // client that does not show the header still shows an opt-out.
-            let smtp = self.settings.smtp.as_ref().map(|s| &s.list_unsubscribe);
-            let http = self.settings.http.as_ref().map(|h| &h.list_unsubscribe);
-            let unsubscribe = match self.settings.provider {
-                ProviderKind::Smtp => smtp.and_then(Option::as_deref),
-                ProviderKind::Http => http.and_then(Option::as_deref),
-                _ => None,
-            };
-            if let Some(url) = unsubscribe {
+            if let Some(url) = self.settings.list_unsubscribe() {
                 let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
                 m.insert("unsubscribe_url".into(), url.into());
             }
@@ -803,12 +825,7 @@ impl DeliveryProcessor {
                 // Noted at once, not only when the outcome comes back from its topic:
                 // the next send to the address may be the next record.
                 if let Some(address) = &send.address {
-                    let signal = ConsentSignal {
-                        customer_id: send.customer_id.clone(),
-                        change: ConsentChange::Bounced(address.to_string()),
-                        at: now,
-                    };
-                    self.apply_consent(ctx, &signal)?;
+                    note_dead_address(ctx, &send.customer_id, address, now)?;
                 }
                 self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
             }
@@ -976,26 +993,17 @@ impl DeliveryProcessor {
 
     fn apply_consent(&self, ctx: &mut Ctx<'_>, signal: &ConsentSignal) -> anyhow::Result<()> {
         let at = signal.at;
-        if let ConsentChange::Bounced(address) = &signal.change {
-            let key = dead_addresses_key(&signal.customer_id);
-            let mut dead: DeadAddresses = ctx.get(&key)?.unwrap_or_default();
-            if dead_address_block(&dead, address).is_some() {
-                return Ok(());
+        let field: fn(&mut ConsentState) -> &mut Option<Millis> = match &signal.change {
+            ConsentChange::Bounced(address) => {
+                return note_dead_address(ctx, &signal.customer_id, address, at)
             }
-            if dead.len() >= DEAD_ADDRESSES_KEPT {
-                dead.remove(0);
-            }
-            dead.push((address.clone(), at));
-            return ctx.put(&key, &dead);
-        }
+            ConsentChange::Withdrawn => |s| &mut s.withdrawn_at,
+            ConsentChange::Given => |s| &mut s.given_at,
+            ConsentChange::Complained => |s| &mut s.complained_at,
+        };
         let key = consent_key(&signal.customer_id);
         let mut state: ConsentState = ctx.get(&key)?.unwrap_or_default();
-        let slot = match &signal.change {
-            ConsentChange::Bounced(_) => return Ok(()),
-            ConsentChange::Withdrawn => &mut state.withdrawn_at,
-            ConsentChange::Given => &mut state.given_at,
-            ConsentChange::Complained => &mut state.complained_at,
-        };
+        let slot = field(&mut state);
         if slot.is_some_and(|known| known >= at) {
             return Ok(()); // a repeat, or older than what is known
         }
@@ -1007,14 +1015,8 @@ impl DeliveryProcessor {
         ctx.put(&key, &state)
     }
 
-    /// Why the customer's consent no longer allows `cmd`, or its address is dead, if so.
+    /// Why the customer's consent no longer allows `cmd`, if so.
     fn consent_block(&self, ctx: &Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<Option<String>> {
-        if let Some(address) = &cmd.address {
-            let dead: Option<DeadAddresses> = ctx.get(&dead_addresses_key(&cmd.customer_id))?;
-            if let Some(why) = dead.and_then(|d| dead_address_block(&d, address)) {
-                return Ok(Some(why));
-            }
-        }
         let state: Option<ConsentState> = ctx.get(&consent_key(&cmd.customer_id))?;
         Ok(state.and_then(|s| s.block(self.channel, cmd.category)))
     }
@@ -1116,16 +1118,19 @@ impl Processor for DeliveryProcessor {
         if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
             return Ok(());
         }
-        // The customer withdrew consent after the decision, while the command waited,
-        // or its address bounced hard meanwhile.
-        if let Some(reason) = self.consent_block(ctx, cmd)? {
-            tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
-            if reason.starts_with("consent_withdrawn") {
+        // The address bounced hard after the decision, while the command waited, or
+        // the customer withdrew consent.
+        let blocked = match dead_address(ctx, cmd)? {
+            Some(why) => Some(why),
+            None => self.consent_block(ctx, cmd)?.inspect(|_| {
                 self.metrics
                     .consent_blocked
                     .with_label_values(&[self.channel.as_str()])
                     .inc();
-            }
+            }),
+        };
+        if let Some(reason) = blocked {
+            tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
             self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
             return self.forget_cut_attempt(ctx, &cmd.send_id);
         }

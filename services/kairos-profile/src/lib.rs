@@ -534,7 +534,7 @@ impl ProfileProcessor {
     }
 
     /// Arms scenario `s` (one with standing timers) for a stored profile: the next
-    /// birthday or anniversary from `now`; a reactivation from the last visit, at once
+    /// birthday or anniversary from `now`; a reactivation from the last activity, at once
     /// for a customer already away longer (the scenario is new: its moment was never
     /// missed), unless one is armed already. True if the profile changed.
     fn arm_standing(
@@ -549,18 +549,14 @@ impl ProfileProcessor {
             return Ok(false);
         }
         let armed = ctx.timer_fire_at(&timer_id(&s.name, &p.customer_id))?;
-        let (true, Some(last_visit), None) = (
+        let (true, Some(last), None) = (
             s.kind == ScenarioKind::Reactivation && s.enabled,
-            // A purchase (a till receipt too) is activity as much as a visit.
-            p.last_visit_at.max(p.last_purchase_at),
+            p.last_active_at(),
             armed,
         ) else {
             return Ok(false);
         };
-        let at = (last_visit + ms(s.delay)).max(now);
-        let cause = format!("visit-{last_visit}");
-        schedule_step(ctx, s, p, &cause, last_visit, 0, at, None, None)?;
-        p.armed.insert(s.name.as_str().into(), at);
+        schedule_reactivation(ctx, s, p, last, (last + ms(s.delay)).max(now))?;
         Ok(true)
     }
 
@@ -579,7 +575,8 @@ impl ProfileProcessor {
         p: &mut CustomerProfile,
         now: Millis,
     ) -> anyhow::Result<bool> {
-        let armed = ctx.timer_fire_at(&timer_id(&s.name, &p.customer_id))?;
+        let id = timer_id(&s.name, &p.customer_id);
+        let armed = ctx.timer_fire_at(&id)?;
         if is_yearly(s.kind) {
             if let Some(armed) = armed {
                 // The armed date's moment at the new time: a day either side of it
@@ -590,7 +587,6 @@ impl ProfileProcessor {
                 self.schedule_yearly(ctx, s, p, since)?;
                 // Still due today by the old time, but past by the new one beyond the
                 // tolerance: greeted now rather than skipped for a year.
-                let id = timer_id(&s.name, &p.customer_id);
                 let moved = ctx.timer_fire_at(&id)?;
                 if armed >= now && moved.is_some_and(|m| m > armed + 2 * day) {
                     schedule_step(ctx, s, p, &s.name, now, 0, now, None, None)?;
@@ -601,18 +597,15 @@ impl ProfileProcessor {
         // Only a first step waiting (`armed` names it); a later step of a series
         // shares its timer id and keeps its own time.
         let first_step = |at: Millis| p.armed.get(s.name.as_str()) == Some(&at);
-        let (Some(armed), Some(last)) = (
-            armed.filter(|&at| first_step(at)),
-            p.last_visit_at.max(p.last_purchase_at),
-        ) else {
+        let (Some(armed), Some(last)) = (armed.filter(|&at| first_step(at)), p.last_active_at())
+        else {
             return Ok(false);
         };
         let at = (last + ms(s.delay)).max(now);
         if at == armed || !s.enabled {
             return Ok(false);
         }
-        schedule_step(ctx, s, p, &format!("visit-{last}"), last, 0, at, None, None)?;
-        p.armed.insert(s.name.as_str().into(), at);
+        schedule_reactivation(ctx, s, p, last, at)?;
         Ok(true)
     }
 
@@ -1700,7 +1693,7 @@ impl ProfileProcessor {
         match r.kind {
             ReceiptKind::sale => {
                 let latest = p.last_purchase_at;
-                let active_before = p.last_visit_at.max(latest);
+                let active_before = p.last_active_at();
                 let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
                 let applied =
                     p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
@@ -2098,8 +2091,7 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         p: &mut CustomerProfile,
     ) -> anyhow::Result<()> {
-        // A purchase (a till receipt too) is activity as much as a visit.
-        let Some(last_visit) = p.last_visit_at.max(p.last_purchase_at) else {
+        let Some(last) = p.last_active_at() else {
             return Ok(());
         };
         for s in self.scenarios(ScenarioKind::Reactivation).iter() {
@@ -2109,23 +2101,11 @@ impl ProfileProcessor {
             // uploaded late) began the absence it was for, so nothing is armed again.
             if p.armed
                 .get(s.name.as_str())
-                .is_some_and(|armed| *armed >= ctx.now() || *armed > last_visit)
+                .is_some_and(|armed| *armed >= ctx.now() || *armed > last)
             {
                 continue;
             }
-            let at = last_visit + ms(s.delay);
-            schedule_step(
-                ctx,
-                s,
-                p,
-                &format!("visit-{last_visit}"),
-                last_visit,
-                0,
-                at,
-                None,
-                None,
-            )?;
-            p.armed.insert(s.name.as_str().into(), at);
+            schedule_reactivation(ctx, s, p, last, last + ms(s.delay))?;
         }
         Ok(())
     }
@@ -2490,11 +2470,7 @@ impl ProfileProcessor {
             ScenarioKind::Reactivation => {
                 // For a later step: when the first step fired.
                 let first_fired = p.armed.remove(s.name.as_str());
-                // A purchase (a till receipt too) is activity as much as a visit.
-                let last = p
-                    .last_visit_at
-                    .max(p.last_purchase_at)
-                    .unwrap_or(t.cause_occurred_at);
+                let last = p.last_active_at().unwrap_or(t.cause_occurred_at);
                 let due = last + ms(s.delay);
                 // The customer came back since: wait from the latest visit. (A later
                 // step asks whether they came back since the series' first step went
@@ -2510,19 +2486,7 @@ impl ProfileProcessor {
                     p.armed.insert(s.name.as_str().into(), timer.fire_at);
                 }
                 if came_back {
-                    let due = due.max(timer.fire_at);
-                    schedule_step(
-                        ctx,
-                        s,
-                        p,
-                        &format!("visit-{last}"),
-                        last,
-                        0,
-                        due,
-                        None,
-                        None,
-                    )?;
-                    p.armed.insert(s.name.as_str().into(), due);
+                    schedule_reactivation(ctx, s, p, last, due.max(timer.fire_at))?;
                     return Ok(());
                 }
             }
@@ -3106,6 +3070,20 @@ fn arm_wait(
         None,
     )?;
     p.armed.insert(s.name.as_str().into(), fire_at);
+    Ok(())
+}
+
+/// Arms reactivation `s`'s first step at `at` for the absence since `last` (the
+/// customer's latest activity, which names the step's cause).
+fn schedule_reactivation(
+    ctx: &mut Ctx<'_>,
+    s: &ScenarioConfig,
+    p: &mut CustomerProfile,
+    last: Millis,
+    at: Millis,
+) -> anyhow::Result<()> {
+    schedule_step(ctx, s, p, &format!("visit-{last}"), last, 0, at, None, None)?;
+    p.armed.insert(s.name.as_str().into(), at);
     Ok(())
 }
 

@@ -651,6 +651,12 @@ pub enum ReversalKind {
 }
 
 impl CustomerProfile {
+    /// The customer's latest activity, as reactivation counts it: a visit, or a
+    /// purchase (a till receipt too).
+    pub fn last_active_at(&self) -> Option<Millis> {
+        self.last_visit_at.max(self.last_purchase_at)
+    }
+
     pub fn new(customer_id: &str, at: Millis) -> Self {
         CustomerProfile {
             customer_id: customer_id.to_string(),
