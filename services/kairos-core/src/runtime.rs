@@ -11,6 +11,7 @@
 //! same deterministic ids (consumers deduplicate by id). No Kafka transactions needed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1621,6 +1622,9 @@ enum RebalanceEvent {
 /// Consumer context: records rebalances for the processing loop, lag from statistics.
 struct KairosContext {
     rebalances: Arc<Mutex<Vec<RebalanceEvent>>>,
+    /// Assignments so far: the processing loop tells by it which records of a batch
+    /// were fetched before the latest one.
+    assignments: Arc<AtomicU64>,
     metrics: RuntimeMetrics,
 }
 
@@ -1650,6 +1654,7 @@ impl ConsumerContext for KairosContext {
                         .consumer_lag
                         .with_label_values(&[e.topic(), &e.partition().to_string()]);
                 }
+                self.assignments.fetch_add(1, Ordering::AcqRel);
                 RebalanceEvent::Assign(tpl.elements().iter().map(|e| e.partition()).collect())
             }
             Rebalance::Revoke(tpl) => {
@@ -3130,8 +3135,10 @@ pub async fn run_serving<P: Processor>(
     // Reads what lies between this instance's own changelog records, if anything does.
     let gap_reader = ChangelogReader::new(config)?;
     let rebalances = Arc::new(Mutex::new(Vec::new()));
+    let assignments = Arc::new(AtomicU64::new(0));
     let context = KairosContext {
         rebalances: rebalances.clone(),
+        assignments: assignments.clone(),
         metrics: metrics.clone(),
     };
     let mut cc = kafka::client_config(config)?;
@@ -3264,6 +3271,7 @@ pub async fn run_serving<P: Processor>(
 
         // Gather a batch; a request wakes the loop to be served at its top.
         let mut batch = Vec::new();
+        let mut fetched_before = FetchedBeforeAssignment::new(&assignments);
         let first = tokio::select! {
             _ = cancel.cancelled() => None,
             Some(request) = next_request(&mut requests) => {
@@ -3277,6 +3285,7 @@ pub async fn run_serving<P: Processor>(
             Some(Err(_)) => {}
             Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(Ok(m))) => {
+                fetched_before.look(batch.len());
                 let m = m.detach();
                 let mut counted = counts(&m);
                 batch.push(m);
@@ -3288,6 +3297,9 @@ pub async fn run_serving<P: Processor>(
                     }
                     match tokio::time::timeout(left, consumer.recv()).await {
                         Ok(Ok(m)) => {
+                            // The assignment callback runs inside recv, before the
+                            // record it returns: that record is the new assignment's.
+                            fetched_before.look(batch.len());
                             let m = m.detach();
                             counted += counts(&m);
                             batch.push(m);
@@ -3300,6 +3312,20 @@ pub async fn run_serving<P: Processor>(
                     }
                 }
             }
+        }
+        // Records fetched before an assignment come again from the committed offset
+        // (eager rebalances reset every position): applied now, they would run ahead
+        // of the records before them, which then read as duplicates. A single-state
+        // processor reads and drops records while it lacks some partitions, so its
+        // committed offset can lie well before them.
+        fetched_before.look(batch.len());
+        if fetched_before.count > 0 {
+            tracing::info!(
+                service = %name,
+                records = fetched_before.count,
+                "records fetched before a new assignment set aside: they come again"
+            );
+            batch.drain(..fetched_before.count);
         }
 
         // Rebalances seen while gathering (the callback runs inside recv) take effect
@@ -3538,6 +3564,34 @@ fn owns_every_partition<C: ConsumerContext>(
     inputs
         .iter()
         .all(|topic| (0..partitions).all(|p| assignment.find_partition(topic, p).is_some()))
+}
+
+/// How many records at the head of a batch being gathered were fetched before the
+/// consumer's latest assignment.
+struct FetchedBeforeAssignment<'a> {
+    assignments: &'a AtomicU64,
+    seen: u64,
+    count: usize,
+}
+
+impl<'a> FetchedBeforeAssignment<'a> {
+    fn new(assignments: &'a AtomicU64) -> Self {
+        FetchedBeforeAssignment {
+            assignments,
+            seen: assignments.load(Ordering::Acquire),
+            count: 0,
+        }
+    }
+
+    /// Notes an assignment since the last look: the `gathered` records so far came
+    /// before it.
+    fn look(&mut self, gathered: usize) {
+        let now = self.assignments.load(Ordering::Acquire);
+        if now != self.seen {
+            self.seen = now;
+            self.count = gathered;
+        }
+    }
 }
 
 /// What [`apply_rebalances`] did.

@@ -242,14 +242,24 @@ fn identity_graph_and_resolutions_survive_sigkill() {
     );
 
     // A second instance: the graph is one partition, so neither instance applies
-    // anything while they share the input; when one stops, the other does it all.
-    let mut p = Pipeline::start_with(options(), "identity");
+    // anything while they share the input; when one goes, the other does it all.
+    // Batches are gathered for up to 15 s, so that the instance left alone gets every
+    // partition back in the middle of one: it had read and dropped what came while it
+    // shared, and what it fetched in that batch before the assignment lies past those
+    // records, which come again from the committed offset after it.
+    let gather = Duration::from_secs(15);
+    let mut opts = options();
+    opts.env.extend([
+        ("KAIROS__STATE__MAX_BATCH_WAIT".into(), "15s".into()),
+        ("KAIROS__STATE__MAX_BATCH_RECORDS".into(), "1000000".into()),
+    ]);
+    let mut p = Pipeline::start_with(opts, "identity");
     let chunks: Vec<_> = events.chunks(events.len() / CHUNKS).collect();
     produce_chunk(&p, chunks[0]);
     p.wait_caught_up("identity", &TOPICS, Duration::from_secs(120));
     p.spawn_instance("identity-b", "identity");
     let waiting = "does not own every input partition";
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut resent = 0;
     while !p.log("identity-b").contains(waiting) && !p.log("identity").contains(waiting) {
         // Records keep coming, so an instance polls and sees the shared assignment.
@@ -264,13 +274,26 @@ fn identity_graph_and_resolutions_survive_sigkill() {
         std::thread::sleep(Duration::from_millis(500));
     }
     produce_chunk(&p, &chunks[1][resent..]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Both read the rest of the chunk and drop it with their batches.
+    std::thread::sleep(gather + Duration::from_secs(3));
     let b_dir = p.state_dir("identity-b").join("identity");
-    let (status, _) = p.terminate("identity-b");
+    // A few records open the next batch; the second instance dies in it, and its
+    // session expires (6 s) before the batch is due.
+    let set_aside = |p: &Pipeline| {
+        p.log("identity")
+            .matches("records fetched before a new assignment set aside")
+            .count()
+    };
+    let set_aside_before = set_aside(&p);
+    let (opening, rest) = chunks[2].split_at(300);
+    produce_chunk(&p, opening);
+    std::thread::sleep(Duration::from_secs(1));
+    p.kill9("identity-b");
+    std::thread::sleep(gather);
     assert!(
-        status.success(),
-        "identity-b did not stop cleanly:\n{}",
-        p.log("identity-b")
+        set_aside(&p) > set_aside_before,
+        "the assignment did not come within a batch:\n{}",
+        p.log("identity")
     );
     let b_store = StoreFactory::new(&b_dir, 8 << 20)
         .expect("factory")
@@ -283,7 +306,8 @@ fn identity_graph_and_resolutions_survive_sigkill() {
         b_graph.identifiers.len()
     );
     drop(b_store);
-    for c in &chunks[2..] {
+    produce_chunk(&p, rest);
+    for c in &chunks[3..] {
         produce_chunk(&p, c);
     }
     let shared = finish(&mut p);
