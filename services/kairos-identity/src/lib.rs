@@ -272,6 +272,41 @@ impl IdentityProcessor {
         Ok(())
     }
 
+    /// Whether `owner` (a canonical customer) is one of the people who presented the
+    /// identifier of `link`.
+    fn claimed_by(&self, ctx: &mut Ctx<'_>, link: &Link, owner: &str) -> anyhow::Result<bool> {
+        for held in &link.claimants {
+            if self.canonical(ctx, held)? == owner {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves identifier `id` (its `link`) from `owner`'s profile to `target`'s, unless
+    /// `target` is at `identity.max_identifiers_per_customer`.
+    fn move_link(
+        &self,
+        ctx: &mut Ctx<'_>,
+        id: &Identifier,
+        mut link: Link,
+        owner: &str,
+        target: &str,
+    ) -> anyhow::Result<()> {
+        let mut target_node = self.node(ctx, target)?;
+        if target_node.identifiers.len() >= self.max_identifiers {
+            return self.refuse_past_limit(ctx, target, target_node, id);
+        }
+        let name = id.to_string();
+        let mut owner_node = self.node(ctx, owner)?;
+        owner_node.identifiers.retain(|i| *i != name);
+        ctx.put(&node_key(owner), &owner_node)?;
+        target_node.identifiers.push(name);
+        ctx.put(&node_key(target), &target_node)?;
+        link.customer = target.to_string();
+        ctx.put(&link_key(id), &link)
+    }
+
     /// Reports a merge, a shared identifier or a conflict on `identity-changes`.
     #[allow(clippy::too_many_arguments)]
     fn report(
@@ -422,6 +457,10 @@ impl IdentityProcessor {
         for id in &input.identifiers {
             links.push((id, stored_link(ctx, id)?));
         }
+        // The event names its person: by login, or by a trusted identifier of a
+        // known customer. Through an untrusted one (a family laptop's cookie, a
+        // family phone) it may be anyone of a household.
+        let mut named = target.is_some();
         if target.is_none() {
             // Without a login, the event is the known customer's its trusted
             // identifiers (`merge_on`) name, before one an untrusted identifier names:
@@ -435,9 +474,9 @@ impl IdentityProcessor {
                     owners.push((owner, known, self.merge_on.contains(&id.kind)));
                 }
             }
-            target = owners
-                .iter()
-                .find(|(_, known, trusted)| *known && *trusted)
+            let by_trusted = owners.iter().find(|(_, known, trusted)| *known && *trusted);
+            named = by_trusted.is_some();
+            target = by_trusted
                 .or_else(|| owners.iter().find(|(_, known, _)| *known))
                 .or(owners.first())
                 .map(|(o, _, _)| o.clone());
@@ -482,16 +521,15 @@ impl IdentityProcessor {
         // moves it back, so the `first_seen` survivor rule counts the event itself.
         self.seen(ctx, &target, at)?;
         // Who presents the identifiers: the event's customer, else the known customer
-        // its other identifiers resolved to (an e-mail and a card on a form without a
-        // login still make that customer one more holder of the card).
+        // its trusted identifiers resolved to (an e-mail and a card on a form without
+        // a login still make that customer one more holder of the card). Nobody when
+        // only an untrusted one led to them: the wife typing her e-mail on the
+        // husband's laptop does not make him its holder, or her registering with it
+        // would merge the two of them.
         // The person, not the id they logged in with: a customer merged into another
-        // is that other one (`target`, here), and counting both would make two
-        // holders of one.
-        let claimant = match &input.customer_id {
-            Some(_) => Some(target.clone()),
-            None if self.node(ctx, &target)?.known => Some(target.clone()),
-            None => None,
-        };
+        // is that other one (`target`, here, and again after each merge below), and
+        // counting both would make two holders of one.
+        let mut claimant = named.then(|| target.clone());
         for id in &input.identifiers {
             // Read again: a merge earlier in this loop may have re-pointed it.
             let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {
@@ -578,8 +616,33 @@ impl IdentityProcessor {
                     false => (&owner, owner_node),
                 };
                 self.refuse_past_limit(ctx, customer, node, id)?;
+            } else if both_known
+                && self.merge_on.contains(&id.kind)
+                && !self.claimed_by(ctx, &link, &owner)?
+            {
+                // Its owner never presented it: it came to them with an anonymous
+                // profile or through an untrusted identifier. The one presenting it
+                // takes it; nobody is merged.
+                self.move_link(ctx, id, link, &owner, &target)?;
+                self.metrics
+                    .conflicts
+                    .with_label_values(&[id.kind.as_str()])
+                    .inc();
+                self.report(
+                    ctx,
+                    deterministic_id(&["moved", &id.to_string(), &target]),
+                    IdentityChangeKind::conflict,
+                    &target,
+                    None,
+                    id,
+                    vec![owner, target.clone()],
+                    at,
+                );
             } else if !both_known || self.merge_on.contains(&id.kind) {
                 target = self.merge(ctx, &owner, &target, id, at)?;
+                if claimant.is_some() {
+                    claimant = Some(target.clone());
+                }
             } else if new_claimant.is_some() {
                 // Known to belong to someone else and not trusted to merge: it stays.
                 self.metrics

@@ -915,6 +915,122 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
     assert_eq!(h.profile("c-51").orders, 0);
 }
 
+/// An e-mail that reached a known customer only through an untrusted identifier (the
+/// family laptop's cookie) or with an anonymous profile stitched to them was never
+/// presented by them: the person who registers with it takes it, and nobody is merged.
+#[test]
+fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // The husband logs in on the laptop; the wife, not logged in, leaves her e-mail.
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-61", "anonymous_id": "laptop"}),
+    );
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "wife@example.com", t0 + HOUR),
+        "c-61"
+    );
+    // The wife types her e-mail on the tablet before anyone logged in there; then the
+    // husband logs in on it (stitching the tablet's profile to him).
+    let tablet = h.page_view_resolves_to("tablet", "wife2@example.com", t0 + 2 * HOUR);
+    assert!(!tablet.starts_with("c-"), "{tablet}");
+    h.event(
+        "events.site",
+        "login",
+        t0 + 3 * HOUR,
+        json!({"customer_id": "c-63", "anonymous_id": "tablet"}),
+    );
+    // Both wives register with their e-mails.
+    for (customer, email, hours) in [
+        ("c-62", "wife@example.com", 4),
+        ("c-64", "wife2@example.com", 5),
+    ] {
+        h.event(
+            "events.site",
+            "registration",
+            t0 + hours * HOUR,
+            json!({"customer_id": customer, "email": email}),
+        );
+    }
+    h.advance(t0 + 6 * HOUR);
+    let known_merged: Vec<_> = h
+        .merged_away()
+        .into_iter()
+        .filter(|m| m.starts_with("c-"))
+        .collect();
+    assert!(known_merged.is_empty(), "{known_merged:?}");
+    let conflicts: Vec<(String, String)> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::conflict)
+        .map(|c| (c.identifier, c.customer_id))
+        .collect();
+    assert_eq!(
+        conflicts,
+        [
+            ("email:wife@example.com".to_string(), "c-62".to_string()),
+            ("email:wife2@example.com".to_string(), "c-64".to_string()),
+        ]
+    );
+    // The e-mails are the wives' now: an anonymous visit with one goes to her.
+    assert_eq!(
+        h.page_view_resolves_to("phone-1", "wife@example.com", t0 + 7 * HOUR),
+        "c-62"
+    );
+    assert_eq!(
+        h.page_view_resolves_to("phone-2", "wife2@example.com", t0 + 8 * HOUR),
+        "c-64"
+    );
+    // The laptop is still the husband's.
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "husband@example.com", t0 + 9 * HOUR),
+        "c-61"
+    );
+
+    // A second account with an e-mail its first account registered with still merges.
+    for (customer, hours) in [("c-65", 10), ("c-66", 11)] {
+        h.event(
+            "events.site",
+            "registration",
+            t0 + hours * HOUR,
+            json!({"customer_id": customer, "email": "same@example.com"}),
+        );
+    }
+    h.advance(t0 + 12 * HOUR);
+    assert!(h.merged_away().contains(&"c-66".to_string()));
+}
+
+/// A customer merged by one identifier of an event presents its other identifiers as
+/// the survivor: one person, not a second holder of the card (limit two), as when the
+/// merge came in an earlier event.
+#[test]
+fn after_a_merge_within_an_event_its_other_identifiers_count_one_holder() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    let register = |h: &mut Harness, customer: &str, ids: Value, hours: Millis| {
+        let mut fields = ids;
+        fields["customer_id"] = json!(customer);
+        h.event("events.site", "registration", t0 + hours * HOUR, fields);
+    };
+    let both = json!({"email": "one@example.com", "loyalty_card": "K-81"});
+    register(&mut h, "c-81", both.clone(), 0);
+    // The e-mail merges c-82 into c-81; the card is then presented by c-81 again.
+    register(&mut h, "c-82", both, 1);
+    // The card's second holder: merged (the card is trusted), not shared.
+    register(&mut h, "c-83", json!({"loyalty_card": "K-81"}), 2);
+    h.advance(t0 + 3 * HOUR);
+    assert_eq!(h.merged_away(), ["c-82", "c-83"]);
+    let shared: Vec<_> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.kind == IdentityChangeKind::identifier_shared)
+        .collect();
+    assert!(shared.is_empty(), "{shared:?}");
+}
+
 /// With identity resolution the identity processor converts orders and receipts into
 /// `profile.currency` (the profile takes identified events as they come) and
 /// dead-letters one in a currency without a rate.
