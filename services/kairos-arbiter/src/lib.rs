@@ -2230,13 +2230,17 @@ impl ArbiterProcessor {
                 if slot_freed {
                     ledger.main = None;
                 }
-                // A conversion ends every marketing cascade: the customer did what
-                // they were for. A transactional one (the fallback of an order's
-                // status) is a notice the customer must still get. A till sale
-                // uploaded late does not end what was caused after it; an online
-                // purchase ends them whatever the device's clock said.
+                // A conversion ends every marketing cascade caused before it: the
+                // customer did what they were for. A transactional one (the fallback
+                // of an order's status) is a notice the customer must still get. One
+                // caused after it (a price drop read before a purchase read late) is
+                // news the purchase did not answer; an online purchase allows for
+                // the device's clock.
                 let why = format!("the customer bought at {at}");
-                let caused_by = a.till_sale.then_some(at);
+                let caused_by = Some(match a.till_sale {
+                    true => at,
+                    false => at.saturating_add(PURCHASE_CLOCK_SKEW),
+                });
                 let scope = (caused_by, true);
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, scope)?;
                 let why = format!("the customer bought at {at} while it waited");
@@ -2653,10 +2657,11 @@ impl ArbiterProcessor {
     }
 
     /// The cascade timer of `t` fired with no reaction: the next usable channel gets
-    /// the message. Cascade steps skip the conflict window and the minimum gap (they
-    /// are one message on several channels, and the cascade's wait is their gap) but
-    /// keep consent, suppressions, quiet hours, the valid-until and every cap: a step
-    /// that would break one ends the cascade. True if the ledger changed.
+    /// the message. Cascade steps keep the conflict window and the minimum gap only
+    /// against other messages (a cascade is one message on several channels, and its
+    /// wait is their gap): a step waits for them, as for quiet hours. They keep
+    /// consent, suppressions, the valid-until and every cap: a step that would break
+    /// one ends the cascade. True if the ledger changed.
     fn cascade_step(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -2749,9 +2754,16 @@ impl ArbiterProcessor {
         let quiet = (t.category != MessageCategory::transactional)
             .then(|| self.quiet_hours(now, &t))
             .flatten();
-        if let Some(v) = quiet {
-            // Wait for the morning, still without a reaction.
-            let until = v.defer_until.unwrap_or(now + HOUR);
+        // Wait for the morning, or for the gap after another message, still without
+        // a reaction.
+        let wait = match quiet {
+            Some(v) => Some(v.defer_until.unwrap_or(now + HOUR)),
+            None => (t.category != MessageCategory::transactional)
+                .then(|| self.cascade_spacing(now, next, ledger, &cascade))
+                .flatten()
+                .map(|until| self.outside_quiet_hours(until, &t)),
+        };
+        if let Some(until) = wait {
             ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             return Ok(true);
@@ -2810,6 +2822,39 @@ impl ArbiterProcessor {
             ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), check_at, &t)?;
         }
         Ok(true)
+    }
+
+    /// When a cascade's step on `next` may go out, if not at `now`: the minimum gap
+    /// and the conflict window hold against the customer's other marketing messages,
+    /// not against the cascade's own (one message on several channels).
+    fn cascade_spacing(
+        &self,
+        now: Millis,
+        next: Channel,
+        ledger: &CustomerLedger,
+        cascade: &Cascade,
+    ) -> Option<Millis> {
+        // The cascade's own: its scenario's sends at those times on its channels (an
+        // in-app step has no address to find it by).
+        let own: Vec<Millis> = (ledger.scenario_sends.iter())
+            .filter(|(_, scenario)| *scenario == cascade.scenario.as_str())
+            .map(|(at, _)| *at)
+            .collect();
+        let others = ledger.sends.iter().filter(|(at, channel, c)| {
+            *c != MessageCategory::transactional
+                && !(own.contains(at) && cascade.channels.contains(channel))
+        });
+        let gap = self.config.arbiter.min_gap.as_millis() as Millis;
+        let window = self.config.arbiter.conflict_window.as_millis() as Millis;
+        let until = others
+            .flat_map(|(at, channel, _)| {
+                let gap_ends = at + gap;
+                let window_ends = (*channel != next).then_some(at + window);
+                [Some(gap_ends), window_ends]
+            })
+            .flatten()
+            .max()?;
+        (until > now).then_some(until)
     }
 
     /// Emits a decision on the decisions topic and counts it.

@@ -200,7 +200,54 @@ fn a_till_sale_older_than_the_cascade_cause_does_not_stop_it() {
     assert_eq!(channels(&a), [Channel::email, Channel::push]);
 }
 
-/// A marketing SMS of another scenario at `at`.
+/// An online purchase read late (its topic lagging) does not answer a cascade caused
+/// well after it: the news is newer than the purchase.
+#[test]
+fn an_online_purchase_older_than_the_cascade_cause_does_not_stop_it() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k10", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.purchase("online-late", T0 - 2 * HOUR);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    assert!(a
+        .decisions_of("k10")
+        .iter()
+        .all(|d| d.outcome != DecisionOutcome::cancelled));
+}
+
+/// A cascade's step keeps the minimum gap and the conflict window against another
+/// scenario's message (not against its own e-mail): it waits for both.
+#[test]
+fn a_cascade_step_waits_for_the_gap_and_the_window_after_another_message() {
+    let mut a = Arbiter::with_config("daily_cap = 3\nmin_gap = \"30m\"");
+    let t = cascade_trigger(&a, "k11", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // Another scenario's message 55 minutes on: past the gap, it stays on e-mail.
+    let welcome = T0 + 55 * MINUTE;
+    let d = a.trigger("w1", "welcome", MessageCategory::trigger, welcome);
+    assert_eq!(
+        (d.outcome, d.channel),
+        (DecisionOutcome::sent, Some(Channel::email)),
+        "{d:?}"
+    );
+    // The push step is due at one hour; another channel 5 minutes after the welcome
+    // e-mail would break the gap and the window. It goes once the e-mail leaves the
+    // window.
+    a.advance_to(welcome + HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::email]);
+    a.advance_to(welcome + HOUR);
+    assert_eq!(
+        channels(&a),
+        [Channel::email, Channel::email, Channel::push]
+    );
+    let step = a.sends.last().expect("the push step");
+    assert_eq!(
+        (step.trigger_id.as_str(), step.created_at),
+        ("k11", welcome + HOUR)
+    );
+}
+
 #[test]
 fn a_promo_cascade_left_running_by_a_late_till_sale_keeps_the_pause_after_it() {
     let mut a = Arbiter::with_scenarios(
@@ -238,6 +285,7 @@ cascade = ["1h"]
     );
 }
 
+/// A marketing SMS of another scenario at `at`.
 fn sms_message(a: &mut Arbiter, id: &str, at: i64) {
     let mut t = cascade_trigger(a, id, at);
     t.scenario = "welcome".into();
