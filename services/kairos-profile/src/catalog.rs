@@ -580,6 +580,10 @@ impl Processor for CatalogJoin {
                 ));
             }
             kairos_core::input::check_amount("price", u.price)?;
+            let mut u = u;
+            // Feeds send 0 for "no price" or "price on request": as a price, it would
+            // be a 100% drop told to the product's whole audience.
+            u.price = u.price.filter(|p| *p > 0.0);
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
             Ok(CatalogInput::Interest(Box::new(decode_internal(
@@ -796,6 +800,27 @@ min_drop_percent = 10.0
         r.commit().unwrap();
         let store = r.engine.store(0).unwrap();
         assert!(store.scan_state(b"vd/p1/").unwrap().is_empty());
+    }
+
+    /// A price of 0 ("price on request") is no price: nobody is told of a 100% drop,
+    /// and a real drop later is measured from the price before it.
+    #[test]
+    fn a_zero_price_is_no_price_and_no_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| {
+            let mut out = r.push(topic, b"p1", &record).unwrap();
+            out.extend(r.commit().unwrap());
+            out
+        };
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&interest, view("a", "p1", T0 + HOUR));
+        let out = push(&catalog, price("p1", "u2", 0.0, T0 + 2 * HOUR));
+        assert!(told(&out, "p1").is_empty(), "told of a zero price");
+        let out = push(&catalog, price("p1", "u3", 80.0, T0 + 3 * HOUR));
+        assert_eq!(told(&out, "p1"), ["a"]);
     }
 
     #[test]
