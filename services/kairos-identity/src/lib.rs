@@ -307,6 +307,33 @@ impl IdentityProcessor {
         ctx.put(&link_key(id), &link)
     }
 
+    /// Counts and reports a `conflict` over `id` between its `owner` and `target`;
+    /// `what` tells the change ids of a link moved and one left apart.
+    fn report_conflict(
+        &self,
+        ctx: &mut Ctx<'_>,
+        what: &str,
+        id: &Identifier,
+        owner: String,
+        target: &str,
+        at: Millis,
+    ) {
+        self.metrics
+            .conflicts
+            .with_label_values(&[id.kind.as_str()])
+            .inc();
+        self.report(
+            ctx,
+            deterministic_id(&[what, &id.to_string(), target]),
+            IdentityChangeKind::conflict,
+            target,
+            None,
+            id,
+            vec![owner, target.to_string()],
+            at,
+        );
+    }
+
     /// Reports a merge, a shared identifier or a conflict on `identity-changes`.
     #[allow(clippy::too_many_arguments)]
     fn report(
@@ -624,20 +651,7 @@ impl IdentityProcessor {
                 // profile or through an untrusted identifier. The one presenting it
                 // takes it; nobody is merged.
                 self.move_link(ctx, id, link, &owner, &target)?;
-                self.metrics
-                    .conflicts
-                    .with_label_values(&[id.kind.as_str()])
-                    .inc();
-                self.report(
-                    ctx,
-                    deterministic_id(&["moved", &id.to_string(), &target]),
-                    IdentityChangeKind::conflict,
-                    &target,
-                    None,
-                    id,
-                    vec![owner, target.clone()],
-                    at,
-                );
+                self.report_conflict(ctx, "moved", id, owner, &target, at);
             } else if !both_known || self.merge_on.contains(&id.kind) {
                 target = self.merge(ctx, &owner, &target, id, at)?;
                 if claimant.is_some() {
@@ -645,20 +659,7 @@ impl IdentityProcessor {
                 }
             } else if new_claimant.is_some() {
                 // Known to belong to someone else and not trusted to merge: it stays.
-                self.metrics
-                    .conflicts
-                    .with_label_values(&[id.kind.as_str()])
-                    .inc();
-                self.report(
-                    ctx,
-                    deterministic_id(&["conflict", &id.to_string(), &target]),
-                    IdentityChangeKind::conflict,
-                    &target,
-                    None,
-                    id,
-                    vec![owner, target.clone()],
-                    at,
-                );
+                self.report_conflict(ctx, "conflict", id, owner, &target, at);
             }
         }
         self.seen(ctx, &target, at)?;
