@@ -2013,7 +2013,7 @@ impl ArbiterProcessor {
             .is_some_and(|m| m.cause_occurred_at.is_none_or(|c| c <= at));
         if slot_of_before {
             ledger.main = None;
-            self.wake_main_waiters(ctx, &mut ledger)?;
+            self.wake_main_waiters(ctx, &mut ledger, None)?;
         }
         let after = |t: Option<Millis>| t.is_some_and(|t| t > at);
         let newer = !ledger.queued.is_empty()
@@ -2260,7 +2260,7 @@ impl ArbiterProcessor {
                 })?;
                 // After the exclusions, so only what survived them is decided again.
                 if slot_freed {
-                    self.wake_main_waiters(ctx, ledger)?;
+                    self.wake_main_waiters(ctx, ledger, None)?;
                 }
             }
         }
@@ -2411,6 +2411,12 @@ impl ArbiterProcessor {
                 continue;
             }
             t.customer_id = customer_id.to_string();
+            // The survivor's time zone, as the merged profile keeps it: the merged
+            // customer's, noted by a trigger fired after the survivor's last one, would
+            // time this and the survivor's own waiting messages by another clock.
+            if let Some((_, Some(zone))) = &ledger.zone {
+                t.contacts.time_zone = Some(zone.to_string());
+            }
             // One waiting for the merged customer's main-scenario slot, which is gone,
             // is decided at once: this customer's own slot holds it again if need be.
             let wake = if q.rule.as_deref() == Some(MAIN_SCENARIO) {
@@ -2505,7 +2511,7 @@ impl ArbiterProcessor {
             .is_some_and(|m| ended(&m.scenario, m.cause_occurred_at));
         if slot_freed {
             ledger.main = None;
-            self.wake_main_waiters(ctx, ledger)?;
+            self.wake_main_waiters(ctx, ledger, None)?;
         }
         Ok(())
     }
@@ -2548,10 +2554,12 @@ impl ArbiterProcessor {
         &self,
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
+        deciding: Option<&str>,
     ) -> anyhow::Result<()> {
         let now = ctx.now();
         for (trigger_id, q) in ledger.queued.iter_mut() {
-            if q.rule.as_deref() != Some(MAIN_SCENARIO) {
+            // The one being decided (released by its timer) is not woken again.
+            if q.rule.as_deref() != Some(MAIN_SCENARIO) || deciding == Some(trigger_id.as_str()) {
                 continue;
             }
             if let Some(t) = &q.trigger {
@@ -3047,6 +3055,12 @@ impl ArbiterProcessor {
             return self.forward_trigger(ctx, t, chain, &into);
         }
         ledger.settle_zone(&mut t);
+        // A chain switched off lets go of the main-scenario slot: what waited behind
+        // it is decided again now, not at the chain's old end.
+        if (ledger.main.as_ref()).is_some_and(|m| self.switched_off(&m.scenario).is_some()) {
+            ledger.main = None;
+            self.wake_main_waiters(ctx, ledger, Some(&t.trigger_id))?;
+        }
         let offers = offers_of(&t);
         let Verdict {
             outcome,
@@ -3148,7 +3162,7 @@ impl ArbiterProcessor {
         // uses up the offer, so the other triggers of both groups fare alike.
         if matches!(outcome, DecisionOutcome::sent | DecisionOutcome::held_out) {
             if self.hold_main_scenario(now, &t, chain.as_deref(), ledger) {
-                self.wake_main_waiters(ctx, ledger)?;
+                self.wake_main_waiters(ctx, ledger, None)?;
             }
             for offer in &offers {
                 ledger.offers.insert(offer.clone(), now);
@@ -3207,7 +3221,7 @@ impl ArbiterProcessor {
             .is_some_and(|m| m.chain.as_deref() == Some(chain.as_str()))
         {
             ledger.main = None;
-            self.wake_main_waiters(ctx, ledger)?;
+            self.wake_main_waiters(ctx, ledger, None)?;
         }
         let later: Vec<(String, Queued)> = ledger
             .queued

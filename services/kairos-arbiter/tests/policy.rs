@@ -1249,6 +1249,39 @@ fn a_trigger_of_a_merged_customer_arriving_after_the_merge_is_decided_for_the_su
     assert_eq!(a.last_send().customer_id, "z");
 }
 
+/// A trigger handed over in a merge is timed by the survivor's clock (the merged
+/// profile keeps the survivor's time zone), not by the merged customer's.
+#[test]
+fn a_trigger_handed_over_in_a_merge_keeps_the_survivor_s_time_zone() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    // The survivor z's latest trigger, in London.
+    a.time_zone = Some("Europe/London".into());
+    let mut own = a.trigger_of("z1", "weekly_promo", PROMO, at("2026-01-05T10:00:00Z"));
+    own.customer_id = "z".into();
+    assert_eq!(a.push_trigger(&own).outcome, DecisionOutcome::sent);
+    // c1's trigger at 22:30 in Tokyo waits for the Tokyo morning (00:00 UTC).
+    a.time_zone = Some("Asia/Tokyo".into());
+    let queued = a.trigger("w1", "welcome", TRIGGER, at("2026-01-05T13:30:00Z"));
+    assert_eq!(
+        (queued.outcome, queued.rule.as_str()),
+        (DecisionOutcome::deferred, "quiet_hours")
+    );
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", at("2026-01-05T14:00:00Z")),
+    );
+    deliver_merge_records(&mut a);
+    a.advance_to(at("2026-01-06T12:00:00Z"));
+    // Midnight in London is the survivor's night: it goes in the London morning.
+    let send = a.last_send();
+    assert_eq!(
+        (send.trigger_id.as_str(), send.customer_id.as_str()),
+        ("w1", "z")
+    );
+    assert_eq!(send.created_at, at("2026-01-06T09:00:00Z"));
+}
+
 /// Delivers every record the arbiter emitted for other customers (merged ledgers and
 /// the triggers handed over with them), in order, and returns them.
 fn deliver_merge_records(a: &mut Arbiter) -> Vec<kairos_core::contracts::CustomerAction> {
@@ -1673,4 +1706,13 @@ fn a_chain_switched_off_lets_go_of_the_customer() {
     let mut other = a.trigger_of("other", "welcome", TRIGGER, T0 + 2 * HOUR);
     other.priority = 40;
     assert_eq!(a.push_trigger(&other).outcome, DecisionOutcome::sent);
+    // What waited for the chain is decided again as it lets go, not at the chain's
+    // old end.
+    a.advance_to(T0 + 2 * HOUR + MINUTE);
+    let finals = a.finals_of("low");
+    assert_eq!(finals.len(), 1, "{:#?}", a.decisions_of("low"));
+    assert_eq!(
+        (finals[0].outcome, finals[0].decided_at),
+        (DecisionOutcome::sent, T0 + 2 * HOUR)
+    );
 }
