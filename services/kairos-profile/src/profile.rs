@@ -1215,12 +1215,13 @@ impl CustomerProfile {
     }
 
     /// Returns true if the catalog join should hear of this view: the product was not
-    /// among the recently viewed ones, or it was last reported long enough ago that the
-    /// join's audience entry (kept [`crate::catalog::VIEW_INTEREST_DAYS`]) needs renewing.
-    /// A view older than the one held (read late from another device's topic) changes
-    /// nothing: the entry keeps the latest view and the price seen then.
+    /// among the recently viewed ones, or it was last reported on an earlier day (UTC).
+    /// The join keeps views by day for [`crate::catalog::VIEW_INTEREST_DAYS`], so it
+    /// knows the customer's last day of viewing, at the cost of one record per product
+    /// and day viewed. A view older than the one held (read late from another device's
+    /// topic) changes nothing: the entry keeps the latest view and the price seen then.
     pub fn view(&mut self, p: &Product, at: Millis) -> bool {
-        let renew_before = at - crate::catalog::VIEW_INTEREST_DAYS / 2 * kairos_core::time::DAY;
+        let day = at.div_euclid(kairos_core::time::DAY);
         let held = self
             .recently_viewed
             .iter()
@@ -1230,7 +1231,7 @@ impl CustomerProfile {
         }
         let reported = held
             .and_then(|v| v.reported_at)
-            .filter(|r| *r > renew_before);
+            .filter(|r| r.div_euclid(kairos_core::time::DAY) == day);
         if let Some(mark) = self
             .product_marks
             .iter_mut()

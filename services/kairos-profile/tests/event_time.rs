@@ -4044,6 +4044,30 @@ fn a_product_viewed_every_ten_days_stays_in_the_price_drop_audience() {
     assert_eq!(vars(&fired[0])["new_price"], 70.0);
 }
 
+/// A customer who kept viewing a product stays in its audience for 30 days after the
+/// last view, not after the first one the join heard of: each day's first view is
+/// reported, the views of one day once.
+#[test]
+fn a_product_viewed_day_after_day_stays_in_the_audience_after_the_last_view() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("vd-cat-1", "p1", t - HOUR, json!({"price": 100.0}));
+    for (n, minutes) in [0, 5, 14 * 24 * 60].into_iter().enumerate() {
+        h.site(
+            &format!("vd-view-{n}"),
+            "product_view",
+            "vd",
+            t + minutes * MINUTE,
+            json!({"product": product("p1", 100.0)}),
+        );
+    }
+    assert_eq!(h.on("product-interest").count(), 2, "one report per day");
+    // 40 days after the first view, 26 after the last.
+    h.catalog("vd-cat-2", "p1", t + 40 * DAY, json!({"price": 70.0}));
+    let fired = h.triggers("vd", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+}
+
 /// `kairos_triggers_skipped_total` of `scenario` for `reason`.
 fn skipped(h: &Harness, scenario: &str, reason: &str) -> f64 {
     let text = prometheus::TextEncoder::new()
