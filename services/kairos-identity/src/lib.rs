@@ -748,10 +748,15 @@ impl IdentityProcessor {
     /// random one).
     fn heartbeat_key(&self, produced: &[u8], partition: i32) -> String {
         let partitions = self.heartbeat_keys.len() as i32;
-        let own = kairos_core::replay::partition_for(produced, partitions) == partition;
-        match self.heartbeat_keys.get(partition as usize) {
-            Some(key) if produced.is_empty() || !own => key.clone(),
-            _ => String::from_utf8_lossy(produced).into_owned(),
+        // A key that is not UTF-8 would go on as other bytes, to another partition.
+        let own = std::str::from_utf8(produced).ok().filter(|_| {
+            !produced.is_empty()
+                && kairos_core::replay::partition_for(produced, partitions) == partition
+        });
+        match (own, self.heartbeat_keys.get(partition as usize)) {
+            (Some(own), _) => own.to_string(),
+            (None, Some(key)) => key.clone(),
+            (None, None) => String::from_utf8_lossy(produced).into_owned(),
         }
     }
 
