@@ -246,12 +246,13 @@ fn identity_graph_and_resolutions_survive_sigkill() {
     // Batches are gathered for up to 15 s, so that the instance left alone gets every
     // partition back in the middle of one: it had read and dropped what came while it
     // shared, and what it fetched in that batch before the assignment lies past those
-    // records, which come again from the committed offset after it.
+    // records, which come again from the committed offset after it, most of them in
+    // later batches (500 records each).
     let gather = Duration::from_secs(15);
     let mut opts = options();
     opts.env.extend([
         ("KAIROS__STATE__MAX_BATCH_WAIT".into(), "15s".into()),
-        ("KAIROS__STATE__MAX_BATCH_RECORDS".into(), "1000000".into()),
+        ("KAIROS__STATE__MAX_BATCH_RECORDS".into(), "500".into()),
     ]);
     let mut p = Pipeline::start_with(opts, "identity");
     let chunks: Vec<_> = events.chunks(events.len() / CHUNKS).collect();
