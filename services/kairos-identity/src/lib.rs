@@ -284,7 +284,7 @@ impl IdentityProcessor {
     }
 
     /// Moves identifier `id` (its `link`) from `owner`'s profile to `target`'s, unless
-    /// `target` is at `identity.max_identifiers_per_customer`.
+    /// `target` is at `identity.max_identifiers_per_customer`; returns whether it moved.
     fn move_link(
         &self,
         ctx: &mut Ctx<'_>,
@@ -292,10 +292,11 @@ impl IdentityProcessor {
         mut link: Link,
         owner: &str,
         target: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let mut target_node = self.node(ctx, target)?;
         if target_node.identifiers.len() >= self.max_identifiers {
-            return self.refuse_past_limit(ctx, target, target_node, id);
+            self.refuse_past_limit(ctx, target, target_node, id)?;
+            return Ok(false);
         }
         let name = id.to_string();
         let mut owner_node = self.node(ctx, owner)?;
@@ -304,7 +305,8 @@ impl IdentityProcessor {
         target_node.identifiers.push(name);
         ctx.put(&node_key(target), &target_node)?;
         link.customer = target.to_string();
-        ctx.put(&link_key(id), &link)
+        ctx.put(&link_key(id), &link)?;
+        Ok(true)
     }
 
     /// Counts and reports a `conflict` over `id` between its `owner` and `target`;
@@ -493,12 +495,18 @@ impl IdentityProcessor {
             // identifiers (`merge_on`) name, before one an untrusted identifier names:
             // a family phone must not pick the husband when the wife's loyalty card
             // is on the form too, or the card would then merge the two of them.
+            // A trusted identifier names its owner only if the owner presented it: one
+            // that came to them with a stitched profile or through an untrusted
+            // identifier (the wife's e-mail typed on the husband's laptop) is no proof
+            // of who is at the keyboard, however often it comes again.
             let mut owners = Vec::new();
             for (id, link) in &links {
                 if let Some(l) = link.as_ref().filter(|l| !l.shared) {
                     let owner = self.canonical(ctx, &l.customer)?;
                     let known = self.node(ctx, &owner)?.known;
-                    owners.push((owner, known, self.merge_on.contains(&id.kind)));
+                    let trusted =
+                        self.merge_on.contains(&id.kind) && self.claimed_by(ctx, l, &owner)?;
+                    owners.push((owner, known, trusted));
                 }
             }
             let by_trusted = owners.iter().find(|(_, known, trusted)| *known && *trusted);
@@ -650,8 +658,9 @@ impl IdentityProcessor {
                 // Its owner never presented it: it came to them with an anonymous
                 // profile or through an untrusted identifier. The one presenting it
                 // takes it; nobody is merged.
-                self.move_link(ctx, id, link, &owner, &target)?;
-                self.report_conflict(ctx, "moved", id, owner, &target, at);
+                if self.move_link(ctx, id, link, &owner, &target)? {
+                    self.report_conflict(ctx, "moved", id, owner, &target, at);
+                }
             } else if !both_known || self.merge_on.contains(&id.kind) {
                 target = self.merge(ctx, &owner, &target, id, at)?;
                 if claimant.is_some() {
@@ -704,11 +713,12 @@ impl IdentityProcessor {
 
     /// Forgets an anonymous profile the profile processor forgot at `now`, after
     /// `anonymous_retention` without an event or an opened or clicked message (the
-    /// profile processor is the one that knows both): its node and the links that only
-    /// it holds (a shared or claimed identifier keeps its link, so what it learnt
-    /// stays). One that became known, was stitched or merged into, or had an event
-    /// within the retention before `now` (the visitor came back as it was forgotten),
-    /// stays.
+    /// profile processor is the one that knows both): its node, the nodes of the
+    /// anonymous profiles it absorbed (they only forward to it; their identifiers are
+    /// its own now) and the links that only it holds (a shared or claimed identifier
+    /// keeps its link, so what it learnt stays). One that became known, was stitched
+    /// into a customer, or had an event within the retention before `now` (the visitor
+    /// came back as it was forgotten), stays.
     fn expire_anonymous(
         &self,
         ctx: &mut Ctx<'_>,
@@ -721,10 +731,12 @@ impl IdentityProcessor {
         };
         if node.known
             || node.merged_into.is_some()
-            || !node.merged_from.is_empty()
             || now < node.last_seen.saturating_add(self.anonymous_retention)
         {
             return Ok(());
+        }
+        for merged in &node.merged_from {
+            ctx.delete(&node_key(merged));
         }
         for id in &node.identifiers {
             let link_key = link_key_str(id);

@@ -933,6 +933,13 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
         h.page_view_resolves_to("laptop", "wife@example.com", t0 + HOUR),
         "c-61"
     );
+    // She comes back to it before registering, and from her own phone: the e-mail
+    // still proves nothing of him.
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "wife@example.com", t0 + HOUR + MINUTE),
+        "c-61"
+    );
+    h.page_view_resolves_to("her-phone", "wife@example.com", t0 + HOUR + 2 * MINUTE);
     // The wife types her e-mail on the tablet before anyone logged in there; then the
     // husband logs in on it (stitching the tablet's profile to him).
     let tablet = h.page_view_resolves_to("tablet", "wife2@example.com", t0 + 2 * HOUR);
@@ -1239,6 +1246,35 @@ fn an_anonymous_profile_is_forgotten_after_its_retention_without_an_event() {
         Some("c-3"),
         "a stitched cookie stays"
     );
+}
+
+/// An anonymous profile that absorbed another (a card and a phone first seen apart,
+/// then on one receipt) is forgotten with it after the retention: the phone alone
+/// then starts afresh under its own name.
+#[test]
+fn an_anonymous_profile_that_absorbed_another_is_forgotten_with_it() {
+    let mut h = Harness::with_identity("anonymous_retention = \"30d\"");
+    let t0 = at(T0);
+    let phone = "+4915199990000";
+    h.receipt(t0, 5.0, json!({"loyalty_card": "K9"}));
+    h.receipt(t0, 6.0, json!({"phone": phone}));
+    h.receipt(
+        t0 + HOUR,
+        7.0,
+        json!({"loyalty_card": "K9", "phone": phone}),
+    );
+    h.advance(t0 + 2 * HOUR);
+    assert_eq!(h.merged_away(), [format!("phone:{phone}")]);
+    assert!(h.pipeline.profile("card:K9").expect("read").is_some());
+    h.advance(t0 + HOUR + 31 * DAY);
+    assert!(
+        h.pipeline.profile("card:K9").expect("read").is_none(),
+        "the profile is forgotten"
+    );
+    h.receipt(t0 + 32 * DAY, 8.0, json!({"phone": phone}));
+    let id = format!("r-{}", h.next_event);
+    h.advance(t0 + 32 * DAY);
+    assert_eq!(h.resolved(&id), Some(format!("phone:{phone}")));
 }
 
 /// A cookie's link outlives its forgotten profile when a customer at the identifier
