@@ -2217,9 +2217,9 @@ impl ArbiterProcessor {
                 // A conversion is a reaction: a customer who buys is not ignoring the
                 // messages (an SMS reports no open, a mail client may block pixels).
                 ledger.ignored_in_row = 0;
-                // As for cascades: a till sale older than the chain's cause (uploaded
-                // late) leaves it running; an online purchase ends it whatever the
-                // device's clock said.
+                // A till sale older than the chain's cause (uploaded late) leaves it
+                // running; an online purchase ends it whatever the device's clock
+                // said (a cascade caused well after the purchase goes on, below).
                 let slot_freed = ledger.main.as_ref().is_some_and(|m| {
                     self.ends_on_purchase(&m.scenario)
                         && match (a.till_sale, m.cause_occurred_at) {
@@ -2247,10 +2247,10 @@ impl ArbiterProcessor {
                 // An online purchase checks out the cart that caused a cart or browse
                 // reminder, also when the device's clock puts it a little before the
                 // cart change; a cart changed well after it (read first, from the
-                // other topic) is a new one, whose reminder stays queued. The slot and
-                // the cascades above end whatever the clock said: what a new cart's
-                // reminder loses is only its priority and its later channels, never
-                // the message itself.
+                // other topic) is a new one, whose reminder stays queued. The slot
+                // ends whatever the clock said, and the cascades above within the same
+                // allowance: what a new cart's reminder loses is at most its priority,
+                // never the message itself.
                 let online = !a.till_sale;
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
@@ -2842,15 +2842,27 @@ impl ArbiterProcessor {
         ledger: &CustomerLedger,
         cascade: &Cascade,
     ) -> Option<Millis> {
-        // The cascade's own: its scenario's sends at those times on its channels (an
-        // in-app step has no address to find it by).
-        let own: Vec<Millis> = (ledger.scenario_sends.iter())
-            .filter(|(_, scenario)| *scenario == cascade.scenario.as_str())
+        // The cascade's own sends, by their send ids' times and channels; one without
+        // an address (in-app, webhook) is not kept by id: any send of the cascade's
+        // scenario on that channel at one of the scenario's send times is taken for it.
+        let mut own: Vec<(Millis, Channel)> = Vec::new();
+        let mut unaddressed: Vec<Channel> = Vec::new();
+        for (send_id, channel) in cascade.send_ids.iter().zip(&cascade.channels) {
+            match ledger.sent_to.get(send_id) {
+                Some((at, _)) => own.push((*at, *channel)),
+                None => unaddressed.push(*channel),
+            }
+        }
+        let scenario_times: Vec<Millis> = (ledger.scenario_sends.iter())
+            .filter(|(_, scenario)| {
+                !unaddressed.is_empty() && *scenario == cascade.scenario.as_str()
+            })
             .map(|(at, _)| *at)
             .collect();
         let others = ledger.sends.iter().filter(|(at, channel, c)| {
             *c != MessageCategory::transactional
-                && !(own.contains(at) && cascade.channels.contains(channel))
+                && !own.contains(&(*at, *channel))
+                && !(unaddressed.contains(channel) && scenario_times.contains(at))
         });
         let gap = self.config.arbiter.min_gap.as_millis() as Millis;
         let window = self.config.arbiter.conflict_window.as_millis() as Millis;

@@ -248,6 +248,29 @@ fn a_cascade_step_waits_for_the_gap_and_the_window_after_another_message() {
     );
 }
 
+/// The gap alone holds a step too (the window being short), and another trigger of
+/// the cascade's own scenario is another message.
+#[test]
+fn a_cascade_step_waits_for_the_gap_after_a_message_of_the_same_scenario() {
+    let mut a = Arbiter::with_config("daily_cap = 4\nmin_gap = \"30m\"\nconflict_window = \"1m\"");
+    let t = cascade_trigger(&a, "k12", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    // A second cart reminder 50 minutes on, past the gap.
+    let second = T0 + 50 * MINUTE;
+    let mut other = cascade_trigger(&a, "k13", second);
+    other.channels = vec![Channel::email];
+    assert_eq!(a.push_trigger(&other).channel, Some(Channel::email));
+    // The first one's push step, due at one hour, waits for the gap after it.
+    a.advance_to(second + 30 * MINUTE - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::email]);
+    a.advance_to(second + 30 * MINUTE);
+    let step = a.sends.last().expect("the push step");
+    assert_eq!(
+        (step.trigger_id.as_str(), step.channel, step.created_at),
+        ("k12", Channel::push, second + 30 * MINUTE)
+    );
+}
+
 #[test]
 fn a_promo_cascade_left_running_by_a_late_till_sale_keeps_the_pause_after_it() {
     let mut a = Arbiter::with_scenarios(
