@@ -343,7 +343,11 @@ impl CatalogJoin {
         let mut product: ProductState = ctx.get(&key)?.unwrap_or_default();
         // Per field, only what is newer than what the product holds applies.
         let newer = |set_at: Option<Millis>| set_at.is_none_or(|at| at <= u.occurred_at);
-        let price = u.price.filter(|_| newer(product.price_at));
+        let quoted = u.price.filter(|_| newer(product.price_at));
+        // Feeds send 0 for "no price" or "price on request": as a price, it would be a
+        // 100% drop told to the product's whole audience. It is no price, but the
+        // newest word on it: an older update read later changes nothing.
+        let price = quoted.filter(|p| *p > 0.0);
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
         let reference = product.reference_price.or(product.price);
@@ -374,9 +378,11 @@ impl CatalogJoin {
         if u.name.is_some() {
             product.name = u.name.clone();
         }
+        if quoted.is_some() {
+            product.price_at = Some(u.occurred_at);
+        }
         if let Some(new) = price {
             product.price = Some(new);
-            product.price_at = Some(u.occurred_at);
             // An announced drop starts a new reference; a rise raises it.
             product.reference_price = Some(match reference {
                 Some(r) if !announced => r.max(new),
@@ -434,7 +440,9 @@ impl CatalogJoin {
                 continue;
             }
             for (customer, at) in views {
-                if at >= fresh_after {
+                // A view dated after the change saw the new price (the update read
+                // late): as for interest that reaches the join late (`News::reaches`).
+                if at >= fresh_after && at < u.occurred_at {
                     viewed(&mut audience, customer, at);
                 }
             }
@@ -444,6 +452,9 @@ impl CatalogJoin {
         for (key, viewed_at) in ctx.scan::<Millis>(&legacy_views)? {
             if viewed_at < fresh_after {
                 ctx.delete(&key);
+                continue;
+            }
+            if viewed_at >= u.occurred_at {
                 continue;
             }
             let customer = key.strip_prefix(&legacy_views).unwrap_or_default();
@@ -580,10 +591,6 @@ impl Processor for CatalogJoin {
                 ));
             }
             kairos_core::input::check_amount("price", u.price)?;
-            let mut u = u;
-            // Feeds send 0 for "no price" or "price on request": as a price, it would
-            // be a 100% drop told to the product's whole audience.
-            u.price = u.price.filter(|p| *p > 0.0);
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
             Ok(CatalogInput::Interest(Box::new(decode_internal(
@@ -652,7 +659,7 @@ mod tests {
     use kairos_core::encoding::{encode_internal, encode_state};
     use kairos_core::replay::Replayer;
     use kairos_core::store::{Pending, StoreFactory};
-    use kairos_core::time::HOUR;
+    use kairos_core::time::{HOUR, MINUTE};
 
     const T0: Millis = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -720,6 +727,17 @@ min_drop_percent = 10.0
             "occurred_at": at,
         }))
         .unwrap()
+    }
+
+    /// Pushes `record` keyed by product p1 and commits: the outputs of both.
+    fn push_p1(
+        r: &mut Replayer<CatalogJoin>,
+        topic: &str,
+        record: Vec<u8>,
+    ) -> Vec<kairos_core::store::OutboxEntry> {
+        let mut out = r.push(topic, b"p1", &record).unwrap();
+        out.extend(r.commit().unwrap());
+        out
     }
 
     /// Customers told of a price drop of `product`, in order.
@@ -810,17 +828,35 @@ min_drop_percent = 10.0
         let (config, mut r) = catalog_join(dir.path());
         let interest = config.topic(topics::PRODUCT_INTEREST);
         let catalog = config.topic(topics::CATALOG);
-        let mut push = |topic: &str, record: Vec<u8>| {
-            let mut out = r.push(topic, b"p1", &record).unwrap();
-            out.extend(r.commit().unwrap());
-            out
-        };
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
         push(&catalog, price("p1", "u1", 100.0, T0));
         push(&interest, view("a", "p1", T0 + HOUR));
         let out = push(&catalog, price("p1", "u2", 0.0, T0 + 2 * HOUR));
         assert!(told(&out, "p1").is_empty(), "told of a zero price");
+        // An older update read after it changes nothing.
+        let out = push(&catalog, price("p1", "u-late", 85.0, T0 + 90 * MINUTE));
+        assert!(
+            told(&out, "p1").is_empty(),
+            "told of an update older than the 0"
+        );
         let out = push(&catalog, price("p1", "u3", 80.0, T0 + 3 * HOUR));
         assert_eq!(told(&out, "p1"), ["a"]);
+    }
+
+    /// A catalog update read after views dated after it (the feed lagging): those
+    /// viewers saw the new price and are not told; one who viewed before is.
+    #[test]
+    fn a_view_dated_after_the_drop_is_not_told_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&interest, view("before", "p1", T0 + HOUR));
+        push(&interest, view("after", "p1", T0 + 3 * HOUR));
+        let out = push(&catalog, price("p1", "u2", 80.0, T0 + 2 * HOUR));
+        assert_eq!(told(&out, "p1"), ["before"]);
     }
 
     #[test]
@@ -892,11 +928,7 @@ min_drop_percent = 10.0
                 "in_stock": in_stock, "occurred_at": at}))
             .unwrap()
         };
-        let mut push = |topic: &str, record: Vec<u8>| {
-            let mut out = r.push(topic, b"p1", &record).unwrap();
-            out.extend(r.commit().unwrap());
-            out
-        };
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
         push(&catalog, price("p1", "u1", 100.0, T0));
         push(&interest, view("c", "p1", T0 + HOUR));
         push(&catalog, stock("u2", false, T0 + 2 * HOUR));

@@ -1423,10 +1423,12 @@ impl CustomerProfile {
         }
         // The later of the view and the wish is the price last seen (a view's price
         // only while its entry is the latest view).
+        // A price of 0 ("price on request") is none, as for the catalog.
         let view_price = view
             .filter(|v| Some(v.at) == viewed_at)
-            .and_then(|v| v.price);
-        let wish_price = wish.and_then(|w| w.price);
+            .and_then(|v| v.price)
+            .filter(|p| *p > 0.0);
+        let wish_price = wish.and_then(|w| w.price).filter(|p| *p > 0.0);
         let price_seen = match (viewed_at, wished_at) {
             (Some(v), Some(w)) if w > v => wish_price.or(view_price),
             (None, _) => wish_price,
