@@ -495,26 +495,34 @@ impl IdentityProcessor {
             // identifiers (`merge_on`) name, before one an untrusted identifier names:
             // a family phone must not pick the husband when the wife's loyalty card
             // is on the form too, or the card would then merge the two of them.
-            // A trusted identifier names its owner only if the owner presented it: one
-            // that came to them with a stitched profile or through an untrusted
-            // identifier (the wife's e-mail typed on the husband's laptop) is no proof
-            // of who is at the keyboard, however often it comes again.
+            // A trusted identifier names its owner as the person at the keyboard only
+            // if the owner presented it: one that came to them with a stitched profile
+            // or through an untrusted identifier (the wife's e-mail typed on the
+            // husband's laptop) still leads to them, before an untrusted one, but
+            // proves nothing of who is there, however often it comes again.
             let mut owners = Vec::new();
             for (id, link) in &links {
                 if let Some(l) = link.as_ref().filter(|l| !l.shared) {
                     let owner = self.canonical(ctx, &l.customer)?;
                     let known = self.node(ctx, &owner)?.known;
-                    let trusted =
-                        self.merge_on.contains(&id.kind) && self.claimed_by(ctx, l, &owner)?;
-                    owners.push((owner, known, trusted));
+                    let trusted = self.merge_on.contains(&id.kind);
+                    let claimed = trusted && self.claimed_by(ctx, l, &owner)?;
+                    owners.push((owner, known, trusted, claimed));
                 }
             }
-            let by_trusted = owners.iter().find(|(_, known, trusted)| *known && *trusted);
-            named = by_trusted.is_some();
-            target = by_trusted
-                .or_else(|| owners.iter().find(|(_, known, _)| *known))
+            let by_claimed = owners
+                .iter()
+                .find(|(_, known, _, claimed)| *known && *claimed);
+            named = by_claimed.is_some();
+            target = by_claimed
+                .or_else(|| {
+                    owners
+                        .iter()
+                        .find(|(_, known, trusted, _)| *known && *trusted)
+                })
+                .or_else(|| owners.iter().find(|(_, known, _, _)| *known))
                 .or(owners.first())
-                .map(|(o, _, _)| o.clone());
+                .map(|(o, _, _, _)| o.clone());
         }
         let mut target = match target {
             Some(t) => t,
@@ -657,8 +665,9 @@ impl IdentityProcessor {
             {
                 // Its owner never presented it: it came to them with an anonymous
                 // profile or through an untrusted identifier. The one presenting it
-                // takes it; nobody is merged.
-                if self.move_link(ctx, id, link, &owner, &target)? {
+                // takes it; nobody is merged. Without a presenter (an event that names
+                // nobody) it stays.
+                if claimant.is_some() && self.move_link(ctx, id, link, &owner, &target)? {
                     self.report_conflict(ctx, "moved", id, owner, &target, at);
                 }
             } else if !both_known || self.merge_on.contains(&id.kind) {
@@ -713,12 +722,11 @@ impl IdentityProcessor {
 
     /// Forgets an anonymous profile the profile processor forgot at `now`, after
     /// `anonymous_retention` without an event or an opened or clicked message (the
-    /// profile processor is the one that knows both): its node, the nodes of the
-    /// anonymous profiles it absorbed (they only forward to it; their identifiers are
-    /// its own now) and the links that only it holds (a shared or claimed identifier
-    /// keeps its link, so what it learnt stays). One that became known, was stitched
-    /// into a customer, or had an event within the retention before `now` (the visitor
-    /// came back as it was forgotten), stays.
+    /// profile processor is the one that knows both): its node and the links that only
+    /// it holds (a shared or claimed identifier keeps its link, so what it learnt
+    /// stays). One that became known, was stitched or merged into, or had an event
+    /// within the retention before `now` (the visitor came back as it was forgotten),
+    /// stays.
     fn expire_anonymous(
         &self,
         ctx: &mut Ctx<'_>,
@@ -731,12 +739,10 @@ impl IdentityProcessor {
         };
         if node.known
             || node.merged_into.is_some()
+            || !node.merged_from.is_empty()
             || now < node.last_seen.saturating_add(self.anonymous_retention)
         {
             return Ok(());
-        }
-        for merged in &node.merged_from {
-            ctx.delete(&node_key(merged));
         }
         for id in &node.identifiers {
             let link_key = link_key_str(id);

@@ -1091,10 +1091,11 @@ impl ProfileProcessor {
         p: &mut CustomerProfile,
     ) -> anyhow::Result<()> {
         let retention = self.anonymous_retention;
-        // One that absorbed another anonymous profile goes too, with it: the identity
-        // graph forgets both nodes.
+        // One that absorbed another profile stays, as its node stays in the identity
+        // graph (it forwards the merged identifiers).
         if retention == 0
             || p.anonymous_expiry_at.is_some()
+            || !p.merged_from.is_empty()
             || !is_reserved_customer_id(&p.customer_id)
         {
             return Ok(());
@@ -1125,9 +1126,9 @@ impl ProfileProcessor {
             return Ok(());
         };
         let retention = self.anonymous_retention;
-        // Retention switched off: kept, and not armed again (see
-        // `arm_anonymous_expiry`).
-        if retention == 0 {
+        // Retention switched off, or the profile absorbed another since it was armed:
+        // kept, and not armed again (see `arm_anonymous_expiry`).
+        if retention == 0 || !p.merged_from.is_empty() {
             p.anonymous_expiry_at = None;
             self.put(ctx, p)?;
             return Ok(());

@@ -2825,14 +2825,18 @@ fn a_customer_who_viewed_the_product_after_its_price_fell_hears_no_price_drop() 
     let t = at(T0);
     let mut h = Harness::new();
     h.catalog("vs-cat", "p1", t, json!({"price": 100.0, "in_stock": true}));
-    // The view carries no price; the catalog's update is read after it.
-    h.site(
-        "vs-view",
-        "product_view",
-        "vs",
-        t + 3 * HOUR,
-        json!({"product": {"product_id": "p1"}}),
-    );
+    // Two views the same day, carrying no price; the catalog's update is read after
+    // them. The join hears of the day's first view, from before the change, and tells
+    // the profile, which knows of the later one.
+    for (id, hours) in [("vs-view-1", 1), ("vs-view-2", 3)] {
+        h.site(
+            id,
+            "product_view",
+            "vs",
+            t + hours * HOUR,
+            json!({"product": {"product_id": "p1"}}),
+        );
+    }
     h.catalog("vs-drop", "p1", t + 2 * HOUR, json!({"price": 50.0}));
     assert_eq!(h.on("product-occasions").count(), 1);
     assert!(h.triggers("vs", "price_drop").is_empty());
