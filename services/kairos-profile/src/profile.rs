@@ -1393,6 +1393,11 @@ impl CustomerProfile {
         if wishes_only && wish.is_none() {
             return ProductAppeal::NotWished;
         }
+        // Wished after the change (the catalog's update read late): in stock, or at the
+        // new price, when they wished it.
+        if wished_at.is_some_and(|w| w > changed_at) {
+            return ProductAppeal::SeenSince;
+        }
         let view = self
             .recently_viewed
             .iter()

@@ -2320,6 +2320,36 @@ fn back_in_stock_reaches_the_wishlister_only() {
     assert!(h.triggers("bs1", "price_drop").is_empty());
 }
 
+/// A wish made after the restock, the catalog's update read late: the product was in
+/// stock when they wished it, so its return is no news to them.
+#[test]
+fn a_wish_made_after_the_restock_hears_nothing_of_it() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "ws-cat-1",
+        "p2",
+        t,
+        json!({"price": 30.0, "in_stock": false}),
+    );
+    for (customer, hours) in [("ws-before", 1), ("ws-after", 3)] {
+        h.site(
+            &format!("{customer}-wish"),
+            "wishlist_add",
+            customer,
+            t + hours * HOUR,
+            json!({"product": product("p2", 30.0)}),
+        );
+    }
+    h.catalog("ws-cat-2", "p2", t + 2 * HOUR, json!({"in_stock": true}));
+    assert_eq!(h.triggers("ws-before", "back_in_stock").len(), 1);
+    assert!(h.triggers("ws-after", "back_in_stock").is_empty());
+    assert_eq!(
+        metric(&h, "kairos_triggers_skipped_total", &["seen_since"]),
+        1.0
+    );
+}
+
 /// The catalog is read straight from its topic, interest only once the profile
 /// committed the event: a wish and a view from before a restock and drop that reach
 /// the join after it still bring their greetings.
