@@ -903,10 +903,9 @@ impl ArbiterProcessor {
         ledger
             .sent_to
             .retain(|_, (at, _)| now - *at < BOUNCE_WINDOW);
-        // A chain switched off or removed sends no further step: its slot is free.
-        if (ledger.main.as_ref())
-            .is_some_and(|m| m.until <= now || self.switched_off(&m.scenario).is_some())
-        {
+        // A chain past its end holds the slot no more (one switched off or removed
+        // let go of it before the decision: see `decide_with_ledger`).
+        if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
             ledger.main = None;
         }
         if let (Some(main), true) = (&ledger.main, marketing && self.is_mass(&t.scenario)) {
@@ -2853,12 +2852,13 @@ impl ArbiterProcessor {
                 None => unaddressed.push(*channel),
             }
         }
-        let scenario_times: Vec<Millis> = (ledger.scenario_sends.iter())
-            .filter(|(_, scenario)| {
-                !unaddressed.is_empty() && *scenario == cascade.scenario.as_str()
-            })
-            .map(|(at, _)| *at)
-            .collect();
+        let scenario_times: Vec<Millis> = match unaddressed.is_empty() {
+            true => Vec::new(),
+            false => (ledger.scenario_sends.iter())
+                .filter(|(_, scenario)| *scenario == cascade.scenario.as_str())
+                .map(|(at, _)| *at)
+                .collect(),
+        };
         let others = ledger.sends.iter().filter(|(at, channel, c)| {
             *c != MessageCategory::transactional
                 && !own.contains(&(*at, *channel))

@@ -1590,11 +1590,7 @@ mod tests {
                     }
                 }),
             );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let url = format!("http://{}/sms", listener.local_addr().expect("address"));
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            let url = serve_sms_gateway(app).await;
             let dir = tempfile::tempdir().expect("temp dir");
             let config = test_config(
                 dir.path(),
@@ -1628,6 +1624,16 @@ mod tests {
             assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
             assert!(calls.load(Ordering::SeqCst) >= 1, "{case}");
         }
+    }
+
+    /// Serves `app` as an SMS gateway on a port the kernel picks; returns its URL.
+    async fn serve_sms_gateway(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
     }
 
     /// An SMS command and its rendered text for the HTTP gateway at `url`, with its
@@ -1724,11 +1730,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = serve_sms_gateway(app).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let (processor, cmd, _) = sms_worker(dir.path(), &url, "2s");
         let config = test_config(dir.path(), &[]);
@@ -1800,11 +1802,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = serve_sms_gateway(app).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "2s");
         let delivery = processor
