@@ -507,6 +507,21 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         ["invalid_field", "not_json"].into(),
         "{from_webhook:?}"
     );
+    // The webhook's dead letters count with the worker's own, by reason.
+    let metrics = p.metrics("deliver-sms");
+    let dead = |reason: &str| {
+        kairos_tests::sample(
+            &metrics,
+            "kairos_dead_letters_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(dead("not_json"), 1.0, "the body that was no JSON");
+    assert_eq!(
+        dead("invalid_field"),
+        3.0,
+        "the lone sent twice, the unparsed event"
+    );
     let given_up: BTreeSet<String> = letters
         .iter()
         .map(|l| {

@@ -18,6 +18,8 @@ use crate::time::wall_now;
 /// Shared between a service's processing loop and its admin server.
 pub struct AdminState {
     pub registry: Registry,
+    /// Dead letters by reason: the runtime's and a delivery worker's webhooks'.
+    pub dead_letters: prometheus::IntCounterVec,
     ready: AtomicBool,
     last_heartbeat: AtomicI64,
     /// The state partitions this instance owns, for `/partitions`.
@@ -27,6 +29,7 @@ pub struct AdminState {
 impl AdminState {
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(AdminState {
+            dead_letters: crate::metrics::dead_letters(&registry),
             registry,
             ready: AtomicBool::new(false),
             last_heartbeat: AtomicI64::new(wall_now()),

@@ -157,6 +157,17 @@ pub fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+/// The family counting dead letters by reason. One per process registry: the runtime
+/// and a delivery worker's webhooks both dead-letter what they cannot take.
+pub fn dead_letters(registry: &Registry) -> IntCounterVec {
+    counter_vec(
+        registry,
+        "kairos_dead_letters_total",
+        "Input records sent to the dead-letter topic, by reason (webhook events included).",
+        &["reason"],
+    )
+}
+
 /// Metrics of the stream-processing runtime shared by every processor.
 #[derive(Clone)]
 pub struct RuntimeMetrics {
@@ -179,7 +190,14 @@ pub struct RuntimeMetrics {
 }
 
 impl RuntimeMetrics {
+    /// The runtime's metrics in `registry`, with its own dead-letter family.
     pub fn new(registry: &Registry) -> Self {
+        Self::with_dead_letters(registry, dead_letters(registry))
+    }
+
+    /// The runtime's metrics, counting dead letters in a family made already (the
+    /// process's [`crate::admin::AdminState`] holds it, shared with the webhooks).
+    pub fn with_dead_letters(registry: &Registry, dead_letters: IntCounterVec) -> Self {
         RuntimeMetrics {
             input_records: cached_counter_vec(
                 registry,
@@ -199,12 +217,7 @@ impl RuntimeMetrics {
                 "Input records skipped because their effect was already applied (redelivery after a crash or rebalance).",
                 &["topic"],
             ),
-            dead_letters: counter_vec(
-                registry,
-                "kairos_dead_letters_total",
-                "Input records sent to the dead-letter topic, by reason.",
-                &["reason"],
-            ),
+            dead_letters,
             batch_duration: histogram(
                 registry,
                 "kairos_batch_duration_seconds",

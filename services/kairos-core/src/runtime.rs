@@ -3128,7 +3128,7 @@ pub async fn run_serving<P: Processor>(
     cancel: CancellationToken,
     mut requests: Option<tokio::sync::mpsc::Receiver<ServeRequest>>,
 ) -> anyhow::Result<()> {
-    let metrics = RuntimeMetrics::new(&admin.registry);
+    let metrics = RuntimeMetrics::with_dead_letters(&admin.registry, admin.dead_letters.clone());
     let name = processor.name().to_string();
     let inputs = processor.inputs();
     let producer = kafka::producer(config)?;

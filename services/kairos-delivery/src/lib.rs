@@ -1231,10 +1231,10 @@ pub fn inbox_channel(
 pub fn routes(
     config: &Config,
     channel: Channel,
-    registry: &prometheus::Registry,
+    admin: &AdminState,
     inbox: Option<inbox::InboxClient>,
 ) -> anyhow::Result<axum::Router> {
-    let mut router = webhook::router(config, channel, registry)?;
+    let mut router = webhook::router(config, channel, admin)?;
     if let Some(inbox) = inbox {
         router = router.merge(inbox::router(inbox));
     }

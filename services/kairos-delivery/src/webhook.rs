@@ -27,6 +27,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
+use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
     Channel, DeadLetter, DeadLetterReason, MessageCategory, Outcome, OutcomeKind,
@@ -80,18 +81,16 @@ struct WebhookState {
     outcomes_topic: String,
     dead_letter_topic: String,
     received: IntCounterVec,
+    /// The process's dead letters by reason (the runtime counts its own there too).
+    dead_letters: IntCounterVec,
     /// Puts a reported address in the form Kairos keeps addresses in.
     normalizer: Normalizer,
 }
 
 /// The webhook route for the worker of `channel`.
-pub fn router(
-    config: &Config,
-    channel: Channel,
-    registry: &prometheus::Registry,
-) -> anyhow::Result<Router> {
+pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::Result<Router> {
     let received = metrics::counter_vec(
-        registry,
+        &admin.registry,
         "kairos_webhook_events_total",
         "Provider webhook events, by channel, event and result: accepted, or rejected (dead-lettered; event \"unparsed\" when it names none); a request whose records the broker did not take counts once as event \"any\", result \"failed\".",
         &["channel", "event", "result"],
@@ -114,6 +113,7 @@ pub fn router(
         dead_letter_topic: config.topic(topics::DEAD_LETTER),
         service: format!("deliver-{channel}"),
         received,
+        dead_letters: admin.dead_letters.clone(),
         normalizer: Normalizer::new(&config.identity.default_country)
             .map_err(|e| anyhow::anyhow!("identity.default_country: {e}"))?,
     });
@@ -242,7 +242,10 @@ async fn receive(
             let letter = state.letter(&body, DeadLetterReason::not_json, reason, now);
             let stored = publish(&state, &[(&state.dead_letter_topic, letter)]).await;
             return match stored {
-                Ok(()) => (StatusCode::BAD_REQUEST, reason.into()),
+                Ok(()) => {
+                    count_dead_letter(&state, DeadLetterReason::not_json);
+                    (StatusCode::BAD_REQUEST, reason.into())
+                }
                 Err(answer) => answer,
             };
         }
@@ -286,6 +289,9 @@ async fn receive(
             .received
             .with_label_values(&[state.channel.as_str(), kind, result])
             .inc();
+        if result == "rejected" {
+            count_dead_letter(&state, DeadLetterReason::invalid_field);
+        }
     }
     let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
     if accepted == 0 && !rejected.is_empty() {
@@ -293,6 +299,14 @@ async fn receive(
         return (StatusCode::UNPROCESSABLE_ENTITY, answer);
     }
     (StatusCode::ACCEPTED, answer)
+}
+
+/// Counts one stored dead letter in the process's family.
+fn count_dead_letter(state: &WebhookState, reason: DeadLetterReason) {
+    state
+        .dead_letters
+        .with_label_values(&[reason.as_str()])
+        .inc();
 }
 
 /// The events of a webhook body, each as its own bytes: one JSON object, or an array

@@ -470,7 +470,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             service_with_routes(
                 config,
                 listen,
-                move |registry| kairos_delivery::routes(&routes_config, channel, registry, inbox),
+                move |admin| kairos_delivery::routes(&routes_config, channel, admin, inbox),
                 move |c, a, t| async move { kairos_delivery::run(c, channel, a, t, polls).await },
             )
             .await
@@ -542,13 +542,13 @@ async fn service_with_routes<R, F, Fut>(
     body: F,
 ) -> anyhow::Result<()>
 where
-    R: FnOnce(&prometheus::Registry) -> anyhow::Result<axum::Router>,
+    R: FnOnce(&AdminState) -> anyhow::Result<axum::Router>,
     F: FnOnce(Arc<Config>, Arc<AdminState>, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let cancel = kairos_core::shutdown_token();
     let state = AdminState::new(prometheus::Registry::new());
-    let extra = routes(&state.registry)?;
+    let extra = routes(&state)?;
     let bound = admin::serve(listen, state.clone(), extra, cancel.clone()).await?;
     if let Some(file) = &config.admin.address_file {
         admin::write_address_file(file, bound)?;
