@@ -26,7 +26,7 @@ use kairos_core::contracts::{
     IdentityChangeKind, OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
-use kairos_core::identifiers::{Identifier, IdentifierKind, Normalizer};
+use kairos_core::identifiers::{Identifier, IdentifierKind, InvalidIdentifier, Normalizer};
 use kairos_core::ids::deterministic_id;
 use kairos_core::input::{self, Source};
 use kairos_core::metrics;
@@ -122,6 +122,9 @@ struct Metrics {
     shared: IntCounterVec,
     conflicts: IntCounterVec,
     expired: prometheus::IntCounter,
+    dropped: IntCounterVec,
+    /// Identifiers dropped since the start: every power of two of them is logged.
+    dropped_so_far: std::sync::atomic::AtomicU64,
 }
 
 pub struct IdentityProcessor {
@@ -195,6 +198,13 @@ impl IdentityProcessor {
                 "kairos_identity_anonymous_profiles_expired_total",
                 "Anonymous profiles taken out of the graph as the profile processor forgot them (identity.anonymous_retention without an event or an opened or clicked message).",
             ),
+            dropped: metrics::counter_vec(
+                prom,
+                "kairos_identity_invalid_identifiers_dropped_total",
+                "Invalid e-mail addresses, phones, loyalty cards and device ids taken off an event that went on with its other identifiers, by identifier kind.",
+                &["kind"],
+            ),
+            dropped_so_far: std::sync::atomic::AtomicU64::new(0),
         };
         for r in RESOLVED {
             m.resolved.with_label_values(&[r]);
@@ -206,6 +216,7 @@ impl IdentityProcessor {
             m.shared.with_label_values(&[k.as_str()]);
             m.conflicts.with_label_values(&[k.as_str()]);
             m.at_limit.with_label_values(&[k.as_str()]);
+            m.dropped.with_label_values(&[k.as_str()]);
         }
         Ok(IdentityProcessor {
             registry,
@@ -245,6 +256,52 @@ impl IdentityProcessor {
             .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
         *field = Some(id.value.clone());
         Ok(Some(id))
+    }
+
+    /// [`Self::normalize`] for an identifier that only links (a contact, a card, a
+    /// device): an invalid one is taken off the event, which goes on without it (a
+    /// receipt whose till phone was mistyped still counts), and is kept in `dropped`.
+    fn normalize_link(
+        &self,
+        kind: IdentifierKind,
+        field: &mut Option<String>,
+        dropped: &mut Vec<InvalidIdentifier>,
+    ) -> Option<Identifier> {
+        let raw = field.as_deref().filter(|r| !r.trim().is_empty())?;
+        match self.normalizer.normalize(kind, raw) {
+            Ok(id) => {
+                *field = Some(id.value.clone());
+                Some(id)
+            }
+            Err(invalid) => {
+                *field = None;
+                dropped.push(invalid);
+                None
+            }
+        }
+    }
+
+    /// Counts and logs (the 1st, 2nd, 4th, 8th... of them) identifiers taken off an
+    /// event that went on. The value is not logged: it stays in the source record.
+    fn report_dropped(&self, record: &Record<'_>, event_id: &str, dropped: &[InvalidIdentifier]) {
+        use std::sync::atomic::Ordering;
+        for invalid in dropped {
+            let kind = invalid.kind;
+            self.metrics.dropped.with_label_values(&[kind]).inc();
+            let n = self.metrics.dropped_so_far.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped_so_far = n,
+                    topic = record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    event_id,
+                    kind,
+                    why = %invalid.reason,
+                    "an invalid identifier was taken off an event, which went on without it"
+                );
+            }
+        }
     }
 
     /// Counts an identifier that `customer` (holding `node`) does not take, being at
@@ -960,24 +1017,28 @@ impl Processor for IdentityProcessor {
             });
         }
         let mut found = Vec::new();
+        // Ids that key state reject the event when invalid; the others are dropped.
+        let mut dropped = Vec::new();
         let (source, customer_id, event) = if record.topic == self.offline_topic {
             let mut r = input::decode_receipt(record.payload, &self.registry, &self.currencies)?;
-            found.push(self.normalize(IdentifierKind::loyalty_card, &mut r.loyalty_card)?);
-            found.push(self.normalize(IdentifierKind::phone, &mut r.phone)?);
+            let d = &mut dropped;
+            found.push(self.normalize_link(IdentifierKind::loyalty_card, &mut r.loyalty_card, d));
+            found.push(self.normalize_link(IdentifierKind::phone, &mut r.phone, d));
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut r.customer_id)?;
             (Source::Offline, customer_id, RawEvent::Receipt(Box::new(r)))
         } else {
             let mut e =
                 input::decode_customer_event(record.payload, &self.registry, &self.currencies)?;
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut e.customer_id)?;
-            found.push(self.normalize(IdentifierKind::email, &mut e.email)?);
-            found.push(self.normalize(IdentifierKind::phone, &mut e.phone)?);
+            let d = &mut dropped;
+            found.push(self.normalize_link(IdentifierKind::email, &mut e.email, d));
+            found.push(self.normalize_link(IdentifierKind::phone, &mut e.phone, d));
             if let Some(p) = e.profile.as_mut() {
-                found.push(self.normalize(IdentifierKind::email, &mut p.email)?);
-                found.push(self.normalize(IdentifierKind::phone, &mut p.phone)?);
+                found.push(self.normalize_link(IdentifierKind::email, &mut p.email, d));
+                found.push(self.normalize_link(IdentifierKind::phone, &mut p.phone, d));
             }
-            found.push(self.normalize(IdentifierKind::loyalty_card, &mut e.loyalty_card)?);
-            found.push(self.normalize(IdentifierKind::device_id, &mut e.device_id)?);
+            found.push(self.normalize_link(IdentifierKind::loyalty_card, &mut e.loyalty_card, d));
+            found.push(self.normalize_link(IdentifierKind::device_id, &mut e.device_id, d));
             found.push(self.normalize(IdentifierKind::anonymous_id, &mut e.anonymous_id)?);
             let source = if record.topic == self.app_topic {
                 Source::App
@@ -995,10 +1056,20 @@ impl Processor for IdentityProcessor {
         let heartbeat =
             matches!(&event, RawEvent::Event(e) if e.event_type == EventType::heartbeat);
         if customer_id.is_none() && ids.is_empty() && !heartbeat {
+            if let Some(invalid) = dropped.first() {
+                // Its only identifier was invalid: the event names nobody.
+                return Err(Rejection::new(
+                    DeadLetterReason::invalid_field,
+                    invalid.to_string(),
+                ));
+            }
             return Err(Rejection::new(
                 DeadLetterReason::missing_field,
                 "no identifier: customer_id, anonymous_id, device_id, email, phone or loyalty_card",
             ));
+        }
+        if !dropped.is_empty() {
+            self.report_dropped(record, event.event_id(), &dropped);
         }
         Ok(IdentityInput::Event(Box::new(IdentityEvent {
             source,

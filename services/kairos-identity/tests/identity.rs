@@ -97,6 +97,8 @@ fn collect(outputs: &mut Vec<Output>) -> impl FnMut(&OutboxEntry) -> anyhow::Res
 struct Harness {
     pipeline: Pipeline,
     outputs: Vec<Output>,
+    /// The identity processor's metrics.
+    identity_metrics: prometheus::Registry,
     _dir: tempfile::TempDir,
     next_event: u32,
 }
@@ -134,6 +136,7 @@ impl Harness {
         Harness {
             pipeline,
             outputs: Vec::new(),
+            identity_metrics: registry,
             _dir: dir,
             next_event: 0,
         }
@@ -1115,15 +1118,10 @@ fn orders_are_converted_into_the_profile_s_currency_on_the_way_in() {
 }
 
 #[test]
-fn invalid_identifiers_go_to_the_dead_letter_topic_with_the_reason() {
+fn an_event_whose_only_identifier_is_invalid_goes_to_the_dead_letter_topic_with_the_reason() {
     let mut h = Harness::new();
     let t0 = at(T0);
-    h.event(
-        "events.site",
-        "login",
-        t0,
-        json!({"customer_id": "c-60", "email": "not-an-address"}),
-    );
+    h.receipt(t0, 9.0, json!({"loyalty_card": "#!"}));
     h.receipt(t0 + MINUTE, 9.0, json!({"phone": "12"}));
     h.event(
         "events.site",
@@ -1139,7 +1137,7 @@ fn invalid_identifiers_go_to_the_dead_letter_topic_with_the_reason() {
         .map(|d| format!("{} {}", d.value["reason_code"], d.value["reason"]))
         .collect();
     assert!(
-        reasons[0].contains("invalid_field") && reasons[0].contains("email"),
+        reasons[0].contains("invalid_field") && reasons[0].contains("loyalty_card"),
         "{reasons:?}"
     );
     assert!(
@@ -1147,10 +1145,68 @@ fn invalid_identifiers_go_to_the_dead_letter_topic_with_the_reason() {
         "{reasons:?}"
     );
     assert!(reasons[2].contains("missing_field"), "{reasons:?}");
-    assert_eq!(dead[0].value["source_topic"], "kairos.events.site");
+    assert_eq!(dead[0].value["source_topic"], "kairos.events.offline");
     assert!(
         h.of_topic("identified-events").is_empty(),
         "nothing invalid went on"
+    );
+}
+
+#[test]
+fn an_invalid_contact_or_card_is_taken_off_an_event_that_names_its_customer_otherwise() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    // A login with a mistyped address, a till receipt with a mistyped phone and a
+    // card of punctuation: each still counts for its customer.
+    h.event(
+        "events.site",
+        "login",
+        t0,
+        json!({"customer_id": "c-60", "email": "not-an-address",
+            "profile": {"first_name": "Ute", "phone": "call me"}}),
+    );
+    h.receipt(
+        t0 + MINUTE,
+        9.0,
+        json!({"customer_id": "c-60", "phone": "12", "loyalty_card": "#!"}),
+    );
+    h.advance(t0 + HOUR);
+    assert!(h.dead_letters().is_empty(), "{:?}", h.dead_letters());
+    let p = h.profile("c-60");
+    assert_eq!((p.orders, p.revenue), (1, 9.0), "the receipt counted");
+    assert_eq!(
+        p.first_name.as_deref(),
+        Some("Ute"),
+        "the login's profile went on"
+    );
+    assert_eq!((p.email.as_deref(), p.phone.as_deref()), (None, None));
+    let events = h.of_topic("identified-events");
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        let record = &e.value["record"];
+        assert_eq!(record["customer_id"], "c-60", "{e:?}");
+        for field in ["email", "phone", "loyalty_card"] {
+            assert!(record[field].is_null(), "{field} went on: {e:?}");
+        }
+    }
+    // Four identifiers dropped, counted by kind.
+    let dropped: Vec<(String, f64)> = h
+        .identity_metrics
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "kairos_identity_invalid_identifiers_dropped_total")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| {
+            let kind = m.get_label().first().map(|l| l.value().to_string());
+            (kind.unwrap_or_default(), m.get_counter().get_value())
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    assert_eq!(
+        dropped,
+        [("email", 1.0), ("loyalty_card", 1.0), ("phone", 2.0)]
+            .map(|(k, n)| (k.to_string(), n))
+            .to_vec()
     );
 }
 
