@@ -836,7 +836,6 @@ impl ProfileProcessor {
                 }
             }
             EventType::purchase => {
-                let total = e.purchase_value();
                 let order_id = e.order.as_ref().map(|o| o.order_id.clone());
                 let latest = p.last_purchase_at;
                 // What was bought: the event's items, else the cart it checks out.
@@ -845,6 +844,12 @@ impl ProfileProcessor {
                 } else {
                     &e.items
                 };
+                // Its value: the order's total, else the items bought.
+                let total = e
+                    .order
+                    .as_ref()
+                    .and_then(|o| o.total)
+                    .unwrap_or_else(|| LineItem::total(items));
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
                 let order_items = order_items_variables(items);
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());

@@ -761,6 +761,41 @@ fn post_purchase_names_the_items_bought() {
 }
 
 #[test]
+fn a_purchase_without_a_total_or_items_is_worth_the_cart_it_checks_out() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for (i, (product, price)) in [("p-kettle", 40.0), ("p-mug", 12.5)]
+        .into_iter()
+        .enumerate()
+    {
+        h.site(
+            &format!("wc-add{i}"),
+            "add_to_cart",
+            "wc",
+            t,
+            add_to_cart(product, price),
+        );
+    }
+    let bare = json!({"order": {"order_id": "o-wc"}});
+    h.site("wc-buy", "purchase", "wc", t + MINUTE, bare);
+    // One without a cart counts as an order worth nothing.
+    h.site(
+        "wn-buy",
+        "purchase",
+        "wn",
+        t,
+        json!({"order": {"order_id": "o-wn"}}),
+    );
+    h.advance(t + HOUR);
+    let profile = |c: &str| h.pipeline.profile(c).expect("read").expect("stored");
+    let wc = profile("wc");
+    assert_eq!((wc.orders, wc.revenue), (1, 52.5));
+    assert!(wc.cart.is_empty(), "{:?}", wc.cart);
+    let wn = profile("wn");
+    assert_eq!((wn.orders, wn.revenue), (1, 0.0));
+}
+
+#[test]
 fn post_purchase_is_cancelled_by_a_return() {
     let t = at(T0);
     let mut h = Harness::new();
