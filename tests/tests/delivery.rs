@@ -198,7 +198,8 @@ struct ProviderLog {
     released: bool,
 }
 
-/// A real HTTP server acting as an SMS gateway. By send id prefix: `s5xx-` answers 503
+/// A real HTTP server acting as an SMS gateway. By send id prefix: `gw504-` hands the
+/// message on and answers 504 (a proxy's timeout) every time, `s5xx-` answers 503
 /// twice, `down-` always 503, `perm-` 400, `gone-` 410 (the number is dead) and
 /// `unknown-` 404 until the test sets `released` (as a gateway without the route
 /// answers, until its route is deployed), `slow-` takes 2 s the first time (longer
@@ -208,6 +209,51 @@ struct ProviderLog {
 /// acknowledged without handing them on again, as real gateways do with idempotency
 /// keys.
 fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
+    serve_http_provider(None)
+}
+
+/// [`start_http_provider`] over TLS, with the certificate of `tests/support` (for
+/// 127.0.0.1 and localhost, signed by itself).
+fn start_https_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
+    let support = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("support");
+    let read = |name: &str| std::fs::read(support.join(name)).expect("test certificate");
+    let identity =
+        native_tls::Identity::from_pkcs8(&read("gateway-cert.pem"), &read("gateway-key.pem"))
+            .expect("certificate and key");
+    let acceptor = native_tls::TlsAcceptor::new(identity).expect("TLS acceptor");
+    serve_http_provider(Some(acceptor.into()))
+}
+
+/// A TCP listener whose connections are TLS sessions (handshakes that fail are dropped:
+/// a client that does not trust the certificate).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_native_tls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_native_tls::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(session) = self.tls.accept(stream).await {
+                return (session, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+fn serve_http_provider(
+    tls: Option<tokio_native_tls::TlsAcceptor>,
+) -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
     let log = Arc::new(Mutex::new(ProviderLog::default()));
@@ -257,6 +303,15 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
                         }
                     }
                     StatusCode::BAD_REQUEST
+                } else if key.starts_with("gw504-") {
+                    // A proxy in front of a slow gateway: the gateway hands the
+                    // message on, the proxy gives up waiting.
+                    log.lock()
+                        .expect("log")
+                        .delivered
+                        .entry(key.clone())
+                        .or_insert(1);
+                    StatusCode::GATEWAY_TIMEOUT
                 } else if key.starts_with("perm-") {
                     StatusCode::BAD_REQUEST
                 } else if key.starts_with("gone-") {
@@ -286,8 +341,12 @@ fn start_http_provider() -> (SocketAddr, Arc<Mutex<ProviderLog>>) {
             let app = axum::Router::new()
                 .route("/sms", axum::routing::post(handle))
                 .with_state(state);
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            axum::serve(listener, app).await.expect("serve");
+            let tcp = tokio::net::TcpListener::from_std(listener).expect("listener");
+            match tls {
+                Some(tls) => axum::serve(TlsListener { tcp, tls }, app).await,
+                None => axum::serve(tcp, app).await,
+            }
+            .expect("serve");
         });
     });
     (addr, log)
@@ -328,6 +387,63 @@ fn sms_worker_env(addr: SocketAddr, timeout: &str) -> Vec<(String, String)> {
 }
 
 #[test]
+fn an_https_gateway_gets_its_sends_only_from_a_worker_that_trusts_its_certificate() {
+    let (addr, log) = start_https_provider();
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("support/gateway-cert.pem");
+    let url = format!("https://{addr}/sms");
+    // The SMS worker trusts the gateway's certificate; the e-mail worker, on the same
+    // gateway, knows only the system's authorities.
+    let mut env = sms_worker_env(addr, "5s");
+    env.retain(|(k, _)| k != "KAIROS__DELIVERY__SMS__HTTP__URL");
+    let email = [
+        ("KAIROS__DELIVERY__SMS__HTTP__URL", url.clone()),
+        (
+            "KAIROS__DELIVERY__SMS__HTTP__CA_FILE",
+            ca.display().to_string(),
+        ),
+        ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http".into()),
+        ("KAIROS__DELIVERY__EMAIL__HTTP__URL", url),
+        (
+            "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
+            "https://shop.example/u/{customer_id}".into(),
+        ),
+        ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "1".into()),
+    ];
+    env.extend(email.map(|(k, v)| (k.to_string(), v)));
+    let p = Pipeline::start(Options {
+        services: vec!["deliver-sms", "deliver-email"],
+        env,
+        ..Options::default()
+    });
+    let command = |id: &str, channel: &str, address: &str| {
+        send_command(id, channel, address, "abandoned_cart", cart_variables())
+    };
+    p.produce(
+        "send.sms",
+        &[("c-tls-1", command("ok-tls-1", "sms", "+491701234567"))],
+    );
+    p.produce(
+        "send.email",
+        &[("c-tls-2", command("ok-tls-2", "email", "ann@example.com"))],
+    );
+    let outcomes = final_outcomes(&p, 2, Duration::from_secs(60));
+    assert_eq!(outcomes["ok-tls-1"].0, "sent", "{outcomes:?}");
+    let (kind, reason) = &outcomes["ok-tls-2"];
+    assert_eq!(kind, "failed", "{outcomes:?}");
+    assert!(
+        reason.contains("certificate"),
+        "the cause is named: {reason}"
+    );
+    let l = log.lock().expect("log");
+    assert_eq!(
+        l.delivered.keys().collect::<Vec<_>>(),
+        ["ok-tls-1"],
+        "only the trusting worker's send went through"
+    );
+    assert_eq!(l.missing_auth, 0);
+}
+
+#[test]
 fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice() {
     let (addr, log) = start_http_provider();
     let env = sms_worker_env(addr, "500ms");
@@ -345,6 +461,7 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         "down-1",
         "gone-1",
         "unknown-1",
+        "gw504-1",
     ];
     let records: Vec<(String, Vec<u8>)> = ids
         .iter()
@@ -367,6 +484,11 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     for id in ["ok-1", "ok-2", "s5xx-1", "slow-1"] {
         assert_eq!(outcomes[id].0, "sent", "{id}: {outcomes:?}");
     }
+    // Every answer a proxy's 504: the gateway may hold it, so it is in doubt, taken
+    // as sent, and not given up to the dead letters (to be sent again from there).
+    let (kind, reason) = &outcomes["gw504-1"];
+    assert_eq!(kind, "sent", "{outcomes:?}");
+    assert!(reason.starts_with("in_doubt"), "{reason}");
     assert_eq!(outcomes["perm-1"].0, "failed");
     assert!(
         outcomes["perm-1"].1.contains("400"),
@@ -413,11 +535,18 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     assert_eq!(requests("gone-1"), 1, "a 410 is not retried");
     assert_eq!(requests("unknown-1"), 3, "a 404 is retried like an outage");
     assert_eq!(requests("down-1"), 3, "max_attempts, then given up");
+    assert_eq!(
+        requests("gw504-1"),
+        3,
+        "asked again with its key, then in doubt"
+    );
     assert_eq!(l.missing_auth, 0, "every request carries the auth header");
     let handed_on: BTreeSet<&str> = l.delivered.keys().map(String::as_str).collect();
     assert_eq!(
         handed_on,
-        ["ok-1", "ok-2", "s5xx-1", "slow-1"].into_iter().collect(),
+        ["ok-1", "ok-2", "s5xx-1", "slow-1", "gw504-1"]
+            .into_iter()
+            .collect(),
         "each deliverable send handed on once"
     );
     drop(l);

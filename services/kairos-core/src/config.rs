@@ -630,6 +630,36 @@ pub enum SmtpSecurity {
     Tls,
 }
 
+/// Why `url` is no gateway a worker can post to, if it is not.
+fn check_gateway_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e}): {url:?}"))?;
+    match parsed.scheme() {
+        "http" | "https" if parsed.host_str().is_some() => Ok(()),
+        "http" | "https" => Err(format!("no host in {url:?}")),
+        other => Err(format!("scheme {other:?}: http or https")),
+    }
+}
+
+/// The certificates of a PEM file (at least one), or why not.
+pub fn read_certificates(file: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is no PEM certificate file: {e}", file.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no certificate", file.display()));
+    }
+    Ok(certificates)
+}
+
+/// Whether `host` names this machine (a local relay, where credentials stay put).
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn default_smtp_port() -> u16 {
     25
 }
@@ -658,6 +688,10 @@ pub struct HttpProviderConfig {
     /// the message's `List-Unsubscribe` header.
     #[serde(default)]
     pub list_unsubscribe: Option<String>,
+    /// PEM file of certificates trusted for an `https` gateway besides the system's
+    /// (a gateway behind a private certificate authority).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_idempotency_header() -> String {
@@ -1376,6 +1410,35 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            if let Some(http) = d.http.as_ref().filter(|_| d.provider == ProviderKind::Http) {
+                if let Err(message) = check_gateway_url(&http.url) {
+                    return Err(fail(
+                        ("http", "url"),
+                        format!("{}: {message}", section("http.url")),
+                    ));
+                }
+                if let Some(file) = &http.ca_file {
+                    if let Err(message) = read_certificates(file) {
+                        return Err(fail(
+                            ("http", "ca_file"),
+                            format!("{}: {message}", section("http.ca_file")),
+                        ));
+                    }
+                }
+            }
+            if let Some(smtp) = d.smtp.as_ref().filter(|_| d.provider == ProviderKind::Smtp) {
+                let credentials = smtp.username.is_some() || smtp.password.is_some();
+                if credentials && smtp.security == SmtpSecurity::None && !is_loopback(&smtp.host) {
+                    return Err(fail(
+                        ("smtp", "security"),
+                        format!(
+                            "{}: a username and password would cross the network in clear to {}: set security = \"starttls\" or \"tls\"",
+                            section("smtp.security"),
+                            smtp.host
+                        ),
+                    ));
+                }
             }
             if d.retry.max_attempts == 0 {
                 return Err(fail(
@@ -2498,6 +2561,53 @@ mod tests {
             "[segments.rfm]\nrecency_days = [30, 60, 90, 180]\nmonetary = [100.0, 50.0, 500.0, 1000.0]\n",
         );
         assert_eq!(line, 3, "{message}");
+    }
+
+    /// A gateway's URL, its certificate file and an SMTP login's transport are checked
+    /// when the file is read, at the key at fault.
+    #[test]
+    fn a_provider_a_worker_could_not_reach_safely_is_refused_at_its_key() {
+        let line_of = |text: &str| match parse(text).unwrap_err() {
+            ConfigError::Invalid { line, message, .. } => (line, message),
+            other => panic!("{other}"),
+        };
+        let sms = "[delivery.sms]\nprovider = \"http\"\nadmin_listen = \"127.0.0.1:0\"\n[delivery.sms.http]\n";
+        for url in ["ftp://gw.example/sms", "gw.example/sms", "https://"] {
+            let (line, message) = line_of(&format!("{sms}url = \"{url}\"\n"));
+            assert_eq!(line, 5, "{url}: {message}");
+            assert!(message.contains("delivery.sms.http.url"), "{message}");
+        }
+        let cert = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(cert.path(), "no certificate here").expect("write");
+        let missing = cert.path().with_extension("gone");
+        for file in [cert.path(), missing.as_path()] {
+            let text = format!(
+                "{sms}url = \"https://gw.example/sms\"\nca_file = \"{}\"\n",
+                file.display()
+            );
+            let (line, message) = line_of(&text);
+            assert_eq!(line, 6, "{message}");
+            assert!(message.contains("delivery.sms.http.ca_file"), "{message}");
+        }
+        let good =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/support/gateway-cert.pem");
+        let text = format!(
+            "{sms}url = \"https://gw.example/sms\"\nca_file = \"{}\"\n",
+            good.display()
+        );
+        parse(&text).expect("a PEM certificate");
+        let smtp = |host: &str, security: &str| {
+            format!(
+                "[delivery.email]\nprovider = \"smtp\"\nadmin_listen = \"127.0.0.1:0\"\n[delivery.email.smtp]\nhost = \"{host}\"\nfrom = \"a@shop.example\"\nusername = \"u\"\npassword = \"p\"\n{security}"
+            )
+        };
+        let (line, message) = line_of(&smtp("smtp.example", ""));
+        assert_eq!(line, 4, "no security key: the table's line: {message}");
+        assert!(message.contains("in clear"), "{message}");
+        let (line, _) = line_of(&smtp("smtp.example", "security = \"none\"\n"));
+        assert_eq!(line, 9);
+        parse(&smtp("smtp.example", "security = \"starttls\"\n")).expect("encrypted");
+        parse(&smtp("127.0.0.1", "")).expect("a local relay");
     }
 
     #[test]

@@ -417,9 +417,27 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
     } else if e.is_transient() {
         // A 4xx reply: the server answered and refused for now.
         ProviderError::Transient(e.to_string())
+    } else if step == SmtpStep::Connect && (e.is_tls() || e.is_client() || failed_in_tls(&e)) {
+        // The session could not be set up as configured (the relay's certificate not
+        // trusted, no STARTTLS, no login mechanism in common): every send would fail
+        // alike until the configuration or the relay changes.
+        ProviderError::Refused(with_causes(&e))
     } else {
         ProviderError::NoAnswer(e.to_string())
     }
+}
+
+/// Whether a TLS handshake failed under `e` (a plain relay spoken to in TLS, its
+/// certificate not trusted), as opposed to a connection refused or cut.
+fn failed_in_tls(e: &dyn std::error::Error) -> bool {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        if c.is::<native_tls::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// What a permanent refusal of RCPT TO says.
@@ -502,7 +520,15 @@ pub struct HttpProvider {
 
 impl HttpProvider {
     pub fn new(config: &HttpProviderConfig) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(file) = &config.ca_file {
+            let certificates = kairos_core::config::read_certificates(file)
+                .map_err(|e| anyhow::anyhow!("http.ca_file: {e}"))?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
             .timeout(config.timeout)
             // Below the whole request's timeout, so a connect that hangs (a host that
             // drops packets) fails as a connect error, which means "not sent": at the
@@ -548,11 +574,19 @@ impl HttpProvider {
             request = request.header(h.as_str(), v.as_str());
         }
         let response = request.send().await.map_err(|e| {
-            // Timed out after connecting: the request may have reached the gateway.
-            if e.is_timeout() && !e.is_connect() {
-                ProviderError::NoAnswer(format!("no answer in time: {e}"))
+            let cause = with_causes(&e);
+            if e.is_connect() {
+                // Never reached the gateway: refused, unreachable, or its certificate
+                // not trusted.
+                ProviderError::Transient(format!("request failed: {cause}"))
+            } else if e.is_timeout() {
+                // Timed out after connecting: the request may have reached the gateway.
+                ProviderError::NoAnswer(format!("no answer in time: {cause}"))
             } else {
-                ProviderError::Transient(format!("request failed: {e}"))
+                // Cut off once the request was on its way (a reset, a closed
+                // connection): the gateway may hold it. (A pooled connection the
+                // gateway had closed before the request went is retried by the client.)
+                ProviderError::NoAnswer(format!("connection lost before the answer: {cause}"))
             }
         })?;
         let status = response.status();
@@ -571,6 +605,22 @@ impl HttpProvider {
         );
         Err(http_error(status.as_u16(), detail, retry_after))
     }
+}
+
+/// An error with its causes, which hold what went wrong ("certificate verify failed"
+/// under "error sending request").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// The wait a `Retry-After` header asks for: seconds, or an HTTP date (none for a
@@ -601,6 +651,9 @@ fn http_status_error(status: u16, detail: String) -> ProviderError {
         // attempt whose answer was lost); asked again later, the gateway answers with
         // that request's result.
         409 => ProviderError::InProgress(detail),
+        // A proxy in front of the gateway answered for it (bad gateway, gateway
+        // timeout): the gateway may have taken the request all the same.
+        502 | 504 => ProviderError::NoAnswer(detail),
         408 | 429 | 500..=599 => ProviderError::Transient(detail),
         // The recipient (token, number, chat) is gone for good: the address is dead,
         // as for an SMTP 5xx to RCPT TO.
@@ -685,6 +738,7 @@ mod tests {
             idempotency_header: "Idempotency-Key".into(),
             timeout: Duration::from_secs(5),
             list_unsubscribe: None,
+            ca_file: None,
         })
         .unwrap();
         let cmd: SendCommand = serde_json::from_value(serde_json::json!({
@@ -825,12 +879,21 @@ mod tests {
     }
 
     fn smtp_provider(port: u16) -> SmtpProvider {
+        smtp_provider_with(port, SmtpSecurity::None, None)
+    }
+
+    /// [`smtp_provider`] with a transport security and a login (user and password).
+    fn smtp_provider_with(
+        port: u16,
+        security: SmtpSecurity,
+        login: Option<(&str, &str)>,
+    ) -> SmtpProvider {
         SmtpProvider::new(&SmtpConfig {
             host: "127.0.0.1".into(),
             port,
-            security: Default::default(),
-            username: None,
-            password: None,
+            security,
+            username: login.map(|(user, _)| user.to_string()),
+            password: login.map(|(_, password)| password.to_string()),
             from: "Shop <news@shop.example>".into(),
             reply_to: None,
             list_unsubscribe: None,
@@ -868,6 +931,28 @@ mod tests {
             assert!(result.is_ok(), "message {n}: {result:?}");
         }
         assert_eq!(messages.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A session that cannot be set up as configured refuses the worker (the alert on
+    /// refusals fires), instead of reading as an outage: a relay without STARTTLS, a
+    /// plain relay spoken to in TLS, a login with no mechanism in common.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_session_that_cannot_be_set_up_as_configured_refuses_the_worker() {
+        let (port, messages) = scripted_smtp("250 ok", false, true).await;
+        let (cmd, message) = email_to("anna@example.com");
+        for (security, login) in [
+            (SmtpSecurity::Starttls, None),
+            (SmtpSecurity::Tls, None),
+            (SmtpSecurity::None, Some(("shop", "secret"))),
+        ] {
+            let provider = smtp_provider_with(port, security, login);
+            let result = provider.send(&cmd, &message, &|| {}).await;
+            assert!(
+                matches!(&result, Err(ProviderError::Refused(_))),
+                "{security:?}, {login:?}: {result:?}"
+            );
+        }
+        assert_eq!(messages.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     /// A server that refuses a recipient and then never answers QUIT does not hold the
@@ -934,6 +1019,7 @@ mod tests {
             idempotency_header: "Idempotency-Key".into(),
             timeout: Duration::from_secs(5),
             list_unsubscribe: Some("https://shop.example/u?c={customer_id}&s={send_id}".into()),
+            ca_file: None,
         })
         .unwrap();
         let (cmd, mut message) = email_to("tok-1");
@@ -1002,5 +1088,12 @@ mod tests {
         assert_eq!(kind(302), "refused", "a redirect is a wrong URL");
         assert_eq!(kind(429), "transient");
         assert_eq!(kind(503), "transient");
+        assert_eq!(kind(500), "transient");
+        assert_eq!(
+            kind(502),
+            "no_answer",
+            "a proxy's answer: the gateway may have it"
+        );
+        assert_eq!(kind(504), "no_answer");
     }
 }
