@@ -67,9 +67,9 @@ pub fn decode_receipt(
             "receipt needs customer_id, loyalty_card or phone",
         ));
     }
-    check_given(format_args!("event_id"), &r.event_id)?;
+    check_id(format_args!("event_id"), &r.event_id)?;
     // Receipts are counted once per receipt id: blank ones would all be one receipt.
-    check_given(format_args!("receipt_id"), &r.receipt_id)?;
+    check_id(format_args!("receipt_id"), &r.receipt_id)?;
     check_customer_id(r.customer_id.as_deref())?;
     // Positive for refunds too: `kind` gives the direction.
     check_amount("total", Some(r.total))?;
@@ -217,11 +217,22 @@ fn check_customer_id(id: Option<&str>) -> Result<(), Rejection> {
 
 /// An id that must be given: blank is missing (blank order or receipt ids would make
 /// every such order a repeat of the first).
-fn check_given(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Rejection> {
+/// An event's, order's, receipt's or product's id: given, and no longer than an id
+/// that keys state ([`crate::identifiers::MAX_KEY_BYTES`]): ids go into state keys,
+/// timer ids and changelog records, and one the size of the event could make a record
+/// the broker refuses.
+pub fn check_id(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Rejection> {
     if value.trim().is_empty() {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
             format!("{field} is empty"),
+        ));
+    }
+    let max = crate::identifiers::MAX_KEY_BYTES;
+    if value.len() > max {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} is {} bytes long, above {max}", value.len()),
         ));
     }
     Ok(())
@@ -229,7 +240,7 @@ fn check_given(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Reject
 
 fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
     for (i, item) in items.iter().enumerate() {
-        check_given(format_args!("items[{i}].product_id"), &item.product_id)?;
+        check_id(format_args!("items[{i}].product_id"), &item.product_id)?;
         if item.quantity < 1 {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -252,12 +263,12 @@ fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
 
 /// The checks every site and app event passes before it is applied.
 pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
-    check_given(format_args!("event_id"), &e.event_id)?;
+    check_id(format_args!("event_id"), &e.event_id)?;
     if let Some(order) = &e.order {
-        check_given(format_args!("order.order_id"), &order.order_id)?;
+        check_id(format_args!("order.order_id"), &order.order_id)?;
     }
     if let Some(product) = &e.product {
-        check_given(format_args!("product.product_id"), &product.product_id)?;
+        check_id(format_args!("product.product_id"), &product.product_id)?;
     }
     if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
         return Err(Rejection::new(
@@ -422,6 +433,46 @@ mod tests {
         carded["loyalty_card"] = " 1234-5678 ".into();
         let r = decode_receipt(carded.to_string().as_bytes(), &registry, &NONE).expect("valid");
         assert_eq!(r.loyalty_card.as_deref(), Some("1234-5678"));
+    }
+
+    /// An id the size of the event would go into state keys, timer ids and changelog
+    /// records (a record the broker could refuse, holding up the service): refused.
+    #[test]
+    fn an_id_longer_than_a_state_key_is_refused() {
+        let registry = SchemaRegistry::new(None);
+        let long = "e".repeat(201);
+        let purchase = serde_json::json!({"event_id": "e1", "event_type": "purchase",
+            "occurred_at": 1_764_950_000_000_i64, "customer_id": "c1",
+            "order": {"order_id": "o1", "total": 10.0},
+            "items": [{"product_id": "p1", "quantity": 1, "unit_price": 10.0}]});
+        let receipt = serde_json::json!({"event_id": "r1", "receipt_id": "r1", "kind": "sale",
+            "store_id": "s1", "occurred_at": 1_764_950_000_000_i64, "customer_id": "c1",
+            "total": 10.0, "currency": "EUR", "items": []});
+        for pointer in ["/event_id", "/order/order_id", "/items/0/product_id"] {
+            let with = |value: &str| {
+                let mut e = purchase.clone();
+                if let Some(field) = e.pointer_mut(pointer) {
+                    *field = value.into();
+                }
+                decode_customer_event(e.to_string().as_bytes(), &registry, &NONE)
+            };
+            with(&"x".repeat(200))
+                .unwrap_or_else(|r| panic!("200 bytes are fine: {pointer}: {}", r.message));
+            let r = with(&long).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{pointer}");
+            assert!(r.message.contains("201 bytes"), "{}", r.message);
+        }
+        for field in ["event_id", "receipt_id"] {
+            let mut r = receipt.clone();
+            r[field] = long.as_str().into();
+            let rejection = decode_receipt(r.to_string().as_bytes(), &registry, &NONE).unwrap_err();
+            assert_eq!(rejection.reason, DeadLetterReason::invalid_field, "{field}");
+            assert!(
+                rejection.message.starts_with(field),
+                "{}",
+                rejection.message
+            );
+        }
     }
 
     #[test]

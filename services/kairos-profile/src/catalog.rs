@@ -32,8 +32,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use kairos_core::config::{topics, Config, ScenarioKind};
 use kairos_core::contracts::{
-    CatalogUpdate, DeadLetterReason, InterestKind, ProductInterest, ProductOccasion,
-    ProductOccasionKind,
+    CatalogUpdate, InterestKind, ProductInterest, ProductOccasion, ProductOccasionKind,
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
@@ -584,12 +583,8 @@ impl Processor for CatalogJoin {
         if record.topic == self.catalog_topic {
             let u: CatalogUpdate =
                 decode_input(record.payload, schemas::catalog_update(), &self.registry)?;
-            if u.product_id.trim().is_empty() || u.event_id.trim().is_empty() {
-                return Err(Rejection::new(
-                    DeadLetterReason::missing_field,
-                    "catalog update needs event_id and product_id",
-                ));
-            }
+            kairos_core::input::check_id(format_args!("event_id"), &u.event_id)?;
+            kairos_core::input::check_id(format_args!("product_id"), &u.product_id)?;
             kairos_core::input::check_amount("price", u.price)?;
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
