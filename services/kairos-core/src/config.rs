@@ -1311,7 +1311,8 @@ impl Config {
                 &format!("kafka.client.{key}"),
                 "Kairos sets it itself, its exactly-once commit depends on it (offsets stored \
                  only with the state they produced, eager range assignment, idempotent \
-                 producers): remove it"
+                 producers, a key's partition found by librdkafka's default partitioner): \
+                 remove it"
                     .into(),
             ));
         }
@@ -1328,12 +1329,14 @@ impl Config {
         if self.state.dedup_window < Duration::from_secs(24 * 3600) {
             return Err(fail("dedup_window", "must be at least 1 day".into()));
         }
-        if let Some(s) = self
-            .scenarios
-            .iter()
-            .find(|s| s.valid_for >= self.state.dedup_window)
+        if let Some((i, s)) = (self.scenarios.iter().enumerate())
+            .find(|(_, s)| s.valid_for >= self.state.dedup_window)
         {
-            return Err(fail(
+            // At the window when the file sets it, else at the scenario's valid_for.
+            let line = find_key_line(text, "dedup_window")
+                .or_else(|| scenario_key_line(text, i, "valid_for"));
+            return Err(fail_at(
+                line,
                 "dedup_window",
                 format!(
                     "must be longer than every scenario's valid_for (scenario {:?} is valid for {})",
@@ -1606,6 +1609,23 @@ impl Config {
                     ));
                 }
             }
+            // Every trigger would be too late or out of date the moment it fired: a
+            // silent way of sending nothing.
+            for (field, zero) in [
+                ("valid_for", s.valid_for.is_zero()),
+                ("tolerance", s.tolerance.is_some_and(|t| t.is_zero())),
+            ] {
+                if zero {
+                    return Err(fail_here(
+                        field,
+                        format!(
+                            "scenarios[{i}] ({}): {field} must be longer than 0 (no trigger \
+                             would ever go out)",
+                            s.name
+                        ),
+                    ));
+                }
+            }
             if s.kind.fires_at_once() {
                 let told = |field: &str| {
                     format!(
@@ -1853,7 +1873,7 @@ impl Config {
         );
         let section = text
             .lines()
-            .position(|l| l.trim() == "[delivery.email]")
+            .position(|l| is_header(l, "[delivery.email]"))
             .map(|i| i + 1);
         Err(self.error_at(section, "delivery.email", message))
     }
@@ -2053,7 +2073,6 @@ fn too_long(value: &str) -> bool {
     humantime_serde::re::humantime::parse_duration(value).is_ok_and(|d| d > MAX_DURATION)
 }
 
-/// The variable to blame for an override error: the one found, or else all of them.
 /// The line of `key` in the table `[<parent>.<sub>]`, else the line of `sub`'s first
 /// part where it is written inline in `[<parent>]` (`[arbiter.channel_caps.sms]`, or
 /// `channel_caps = { sms = { daily_cap = 0 } }`).
@@ -2077,6 +2096,7 @@ fn breaks_alone<'a>(text: &str, overrides: &'a [(String, String)]) -> Option<&'a
     })
 }
 
+/// The variable to blame for an override error: the one found, or else all of them.
 fn culprit_or_all(culprit: Option<&(String, String)>, overrides: &[(String, String)]) -> String {
     match culprit {
         Some((var, _)) => var.clone(),
@@ -2163,6 +2183,17 @@ fn assigns(line: &str, key: &str) -> bool {
         .is_some_and(|rest| rest.trim_start().starts_with('='))
 }
 
+/// Whether `line` is the table header `header` (as `[a.b]` or `[[a]]`), written with
+/// spaces inside its brackets or a comment after it, as TOML allows.
+fn is_header(line: &str, header: &str) -> bool {
+    let written = line.split('#').next().unwrap_or_default().trim();
+    written.starts_with('[')
+        && written
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .eq(header.chars())
+}
+
 /// The line where `key` is assigned in the `index`-th `[[scenarios]]` table (before
 /// any sub-table of it).
 fn scenario_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
@@ -2170,7 +2201,7 @@ fn scenario_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
     let (start, _) = lines
         .iter()
         .enumerate()
-        .filter(|(_, l)| l.trim() == "[[scenarios]]")
+        .filter(|(_, l)| is_header(l, "[[scenarios]]"))
         .nth(index)?;
     lines
         .iter()
@@ -2197,7 +2228,7 @@ fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
 
 /// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
 /// not override.
-const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
+const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 8] = [
     "group.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
@@ -2205,16 +2236,18 @@ const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 7] = [
     "partition.assignment.strategy",
     "group.protocol",
     "enable.idempotence",
+    // The engine finds a key's partition itself (in-app inboxes, `explain`, heartbeats)
+    // with the default's CRC32.
+    "partitioner",
 ];
 
-/// First line where `key` is assigned, for errors found after parsing.
 /// The line of `key` in the table `[<table>]` (a dotted path, as written in its
 /// header), else the header's line; none without such a header (the table written
 /// inline in another).
 fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let header = format!("[{table}]");
-    let start = lines.iter().position(|l| l.trim() == header)?;
+    let start = lines.iter().position(|l| is_header(l, &header))?;
     let own = lines
         .iter()
         .enumerate()
@@ -2225,6 +2258,7 @@ fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     own.or(Some(start + 1))
 }
 
+/// First line where `key` is assigned, for errors found after parsing.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
@@ -2636,6 +2670,40 @@ mod tests {
         );
         let cfg = parse("[kafka.client]\n\"security.protocol\" = \"ssl\"\n").unwrap();
         assert_eq!(cfg.kafka.client["security.protocol"], "ssl");
+    }
+
+    /// Scenario errors land on that scenario's line, whatever follows its header; a
+    /// scenario that could never send is refused; so is a partitioner the engine's own
+    /// look-ups of a key's partition would not follow.
+    #[test]
+    fn scenario_and_client_mistakes_are_refused_at_their_line() {
+        let line_of = |text: &str| match parse(text).unwrap_err() {
+            ConfigError::Invalid { line, message, .. } => (line, message),
+            other => panic!("{other}"),
+        };
+        let first = "[[scenarios]] # the cart\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n\n";
+        let second = "[[ scenarios ]]\nname = \"b\"\nkind = \"welcome\"\ntemplate = \"u\"\n";
+        let (line, message) = line_of(&format!("{first}{second}channels = []\n"));
+        assert_eq!(line, 11, "{message}");
+        for (key, value) in [("valid_for", "0s"), ("tolerance", "0s")] {
+            let (line, message) = line_of(&format!(
+                "{first}{second}channels = [\"email\"]\n{key} = \"{value}\"\n"
+            ));
+            assert_eq!(line, 12, "{message}");
+            assert!(
+                message.contains(key) && message.contains("longer than 0"),
+                "{message}"
+            );
+        }
+        let (line, message) = line_of(&format!(
+            "{first}{second}channels = [\"email\"]\nvalid_for = \"90d\"\n"
+        ));
+        assert_eq!(
+            line, 12,
+            "dedup_window not set: at the valid_for: {message}"
+        );
+        let (line, message) = line_of("[kafka.client]\npartitioner = \"murmur2_random\"\n");
+        assert_eq!(line, 2, "{message}");
     }
 
     #[test]
