@@ -2278,6 +2278,14 @@ mod tests {
         Config::from_text(Path::new("test.toml"), text, &[])
     }
 
+    /// The line and message of the error `text` is refused with.
+    fn line_of(text: &str) -> (usize, String) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid { line, message, .. } => (line, message),
+            other => panic!("{other}"),
+        }
+    }
+
     #[test]
     fn a_scenario_channel_needs_a_delivery_section_unless_the_scenario_is_off() {
         let scenario = |enabled: bool| {
@@ -2520,10 +2528,6 @@ mod tests {
                  [[scenarios]]\nname = \"b\"\nkind = \"price_drop\"\ntemplate = \"b\"\n{second}"
             )
         };
-        let line_of = |text: &str| match parse(text).unwrap_err() {
-            ConfigError::Invalid { line, message, .. } => (line, message),
-            other => panic!("{other}"),
-        };
         let (line, message) = line_of(&two("channels = []\n"));
         assert_eq!(line, 11, "{message}");
         let (line, message) =
@@ -2572,10 +2576,6 @@ mod tests {
     /// table or where the table is written inline; an RFM boundary at its own key.
     #[test]
     fn delivery_and_rfm_errors_point_at_the_key_at_fault() {
-        let line_of = |text: &str| match parse(text).unwrap_err() {
-            ConfigError::Invalid { line, message, .. } => (line, message),
-            other => panic!("{other}"),
-        };
         let email =
             "[delivery.email]\nprovider = \"simulator\"\nadmin_listen = \"127.0.0.1:0\"\n\n";
         let sms = "[delivery.sms]\nadmin_listen = \"127.0.0.1:0\"\n";
@@ -2601,10 +2601,6 @@ mod tests {
     /// when the file is read, at the key at fault.
     #[test]
     fn a_provider_a_worker_could_not_reach_safely_is_refused_at_its_key() {
-        let line_of = |text: &str| match parse(text).unwrap_err() {
-            ConfigError::Invalid { line, message, .. } => (line, message),
-            other => panic!("{other}"),
-        };
         let sms = "[delivery.sms]\nprovider = \"http\"\nadmin_listen = \"127.0.0.1:0\"\n[delivery.sms.http]\n";
         for url in ["ftp://gw.example/sms", "gw.example/sms", "https://"] {
             let (line, message) = line_of(&format!("{sms}url = \"{url}\"\n"));
@@ -2677,10 +2673,6 @@ mod tests {
     /// look-ups of a key's partition would not follow.
     #[test]
     fn scenario_and_client_mistakes_are_refused_at_their_line() {
-        let line_of = |text: &str| match parse(text).unwrap_err() {
-            ConfigError::Invalid { line, message, .. } => (line, message),
-            other => panic!("{other}"),
-        };
         let first = "[[scenarios]] # the cart\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n\n";
         let second = "[[ scenarios ]]\nname = \"b\"\nkind = \"welcome\"\ntemplate = \"u\"\n";
         let (line, message) = line_of(&format!("{first}{second}channels = []\n"));
