@@ -42,11 +42,7 @@ fn replay_runs_profile_and_arbiter_together() {
             .args(["--until", "2026-01-06T09:00:00Z"])
             .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0"),
     );
-    let records: Vec<Value> = std::fs::read_to_string(&output)
-        .expect("output")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("envelope"))
-        .collect();
+    let records = envelopes(&output);
     let of = |topic: &str, customer: &str| -> Vec<&Value> {
         records
             .iter()
@@ -103,6 +99,15 @@ fn kairos(args: &[&str]) -> Command {
         .args(["--config", "config/kairos.toml"])
         .args(args);
     command
+}
+
+/// The records of a replay's output file.
+fn envelopes(output: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(output)
+        .expect("output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("envelope"))
+        .collect()
 }
 
 /// Runs `command` and asserts that it succeeded.
@@ -265,6 +270,84 @@ fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() 
     ];
     want.sort();
     assert_eq!(dead, want, "{lines:?}");
+}
+
+/// Per-source exports of one period replay as the topics deliver them, in event time:
+/// a till receipt in its own file cancels the cart reminder of a site file's cart, as
+/// on Kafka. An envelope whose topic no stage reads stops the replay at its line.
+#[test]
+fn replay_merges_its_files_in_event_time_and_refuses_a_topic_no_stage_reads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t0 = 1_767_603_600_000i64; // 2026-01-05T09:00:00Z
+    let site = [
+        serde_json::from_slice::<Value>(&registration("c-m1", t0)).expect("json"),
+        json!({"event_id": "m-cart", "event_type": "add_to_cart", "occurred_at": t0 + 1_000,
+            "customer_id": "c-m1",
+            "product": {"product_id": "p42", "name": "Red shoes", "price": 59.9}}),
+        // Hours later: long past the cart reminder's delay.
+        json!({"event_id": "m-view", "event_type": "page_view", "occurred_at": t0 + 3_600_000,
+            "customer_id": "c-m1"}),
+    ];
+    let till = [
+        json!({"event_id": "m-till", "receipt_id": "R-1", "kind": "sale",
+        "store_id": "s-1", "occurred_at": t0 + 10_000, "customer_id": "c-m1",
+        "total": 59.9, "currency": "EUR",
+        "items": [{"product_id": "p42", "quantity": 1, "unit_price": 59.9}]}),
+    ];
+    let write = |name: &str, lines: &[Value]| {
+        let path = dir.path().join(name);
+        let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+        std::fs::write(&path, text.join("\n")).expect("write input");
+        path
+    };
+    let site = write("site.jsonl", &site);
+    let till = write("till.jsonl", &till);
+    let output = dir.path().join("out.jsonl");
+    run_ok(
+        kairos(&["replay"])
+            .arg(&site)
+            .arg(&till)
+            .arg("--output")
+            .arg(&output)
+            .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0"),
+    );
+    let records = envelopes(&output);
+    let scenarios: Vec<&str> = records
+        .iter()
+        .filter(|r| r["topic"] == "triggers")
+        .filter_map(|r| r["value"]["scenario"].as_str())
+        .collect();
+    assert!(scenarios.contains(&"welcome"), "{scenarios:?}");
+    assert!(
+        !scenarios.contains(&"abandoned_cart"),
+        "the receipt came before the reminder was due: {scenarios:?}"
+    );
+    let bought = records.iter().any(|r| {
+        r["topic"] == "segment-transitions"
+            && r["value"]["customer_id"] == "c-m1"
+            && r["value"]["reason"] == "offline purchase"
+    });
+    assert!(bought, "the receipt counted");
+
+    let decisions = write(
+        "fed-back.jsonl",
+        &[json!({"topic": "decisions", "key": "c-m1", "value": {"customer_id": "c-m1"}})],
+    );
+    let out = kairos(&["replay"])
+        .arg(&site)
+        .arg(&decisions)
+        .arg("--output")
+        .arg(dir.path().join("out-2.jsonl"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state-2"))
+        .output()
+        .expect("run kairos");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fed-back.jsonl:1") && stderr.contains("\"decisions\""),
+        "{stderr}"
+    );
 }
 
 /// A scenario that sends on a channel without a `[delivery.<channel>]` section would

@@ -71,6 +71,15 @@ impl Pipeline {
         self.downstream.push(stage);
     }
 
+    /// Whether some stage reads `topic` (a full topic name).
+    pub fn consumes(&self, topic: &str) -> bool {
+        topic == self.catalog_topic
+            || topic == self.interest_topic
+            || self.upstream.as_ref().is_some_and(|u| u.consumes(topic))
+            || self.profile.consumes(topic)
+            || self.downstream.iter().any(|s| s.consumes(topic))
+    }
+
     /// Feeds one record and everything it causes; `sink` sees every output.
     pub fn push(
         &mut self,

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
@@ -95,6 +95,82 @@ impl TopicNames {
     }
 }
 
+/// Feeds the lines of several files to `each` in event-time order, as the topics
+/// would deliver per-source exports of one period: each file is read in its own order,
+/// and the line that goes next is the earliest of the files' next lines (ties to the
+/// file named first). A line whose time cannot be read goes as soon as it is its
+/// file's next (it is dead-lettered with its reason anyway).
+fn merged_lines(
+    paths: &[PathBuf],
+    mut each: impl FnMut(&Path, usize, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    struct Next {
+        reader: std::io::BufReader<std::fs::File>,
+        line: Vec<u8>,
+        number: usize,
+        at: Option<i64>,
+        done: bool,
+    }
+    impl Next {
+        fn advance(&mut self, path: &Path) -> anyhow::Result<()> {
+            use std::io::BufRead;
+            self.line.clear();
+            let read = (self.reader.read_until(b'\n', &mut self.line))
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            self.done = read == 0;
+            self.number += 1;
+            while self.line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                self.line.pop();
+            }
+            self.at = line_time(&self.line);
+            Ok(())
+        }
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut next = Next {
+            reader: std::io::BufReader::with_capacity(1 << 20, file),
+            line: Vec::new(),
+            number: 0,
+            at: None,
+            done: false,
+        };
+        next.advance(path)?;
+        files.push(next);
+    }
+    loop {
+        let earliest = (files.iter().enumerate())
+            .filter(|(_, f)| !f.done)
+            .min_by_key(|(i, f)| (f.at.unwrap_or(i64::MIN), *i))
+            .map(|(i, _)| i);
+        let Some(i) = earliest else {
+            return Ok(());
+        };
+        let file = &mut files[i];
+        each(&paths[i], file.number, &file.line)?;
+        file.advance(&paths[i])?;
+    }
+}
+
+/// The event time of an input line: its `occurred_at`, or its envelope value's.
+fn line_time(line: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct At {
+        #[serde(deserialize_with = "kairos_core::time::deserialize_millis")]
+        occurred_at: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        value: At,
+    }
+    sonic_rs::from_slice::<At>(line)
+        .map(|a| a.occurred_at)
+        .or_else(|_| sonic_rs::from_slice::<Envelope>(line).map(|e| e.value.occurred_at))
+        .ok()
+}
+
 pub fn run(
     config: &Config,
     inputs: &[PathBuf],
@@ -151,35 +227,47 @@ pub fn run(
     };
     let mut topic_names = TopicNames::default();
     let site_events = config.topic(topics::SITE_EVENTS);
-    for path in inputs {
-        for_each_line(path, |_, line| {
-            if line.trim_ascii().is_empty() {
-                return Ok(());
-            }
-            if pipeline.push_site_event_line(&site_events, line, &mut sink)? {
-                stats.input_records += 1;
-                return Ok(());
-            }
-            // An unparsable line (not UTF-8, not JSON) still goes in, as a site event,
-            // so it is dead-lettered like on Kafka, with its reason.
-            match std::str::from_utf8(line)
-                .map_err(anyhow::Error::from)
-                .and_then(route_line)
-            {
-                Ok(route) => {
-                    let topic = topic_names.full(&config, &route.topic);
-                    pipeline.push(
-                        topic,
-                        route.key.as_bytes(),
-                        route.payload.as_bytes(),
-                        &mut sink,
-                    )?;
-                }
-                Err(_) => pipeline.push(&site_events, &[], line, &mut sink)?,
-            }
+    let mut each = |path: &Path, n: usize, line: &[u8]| -> anyhow::Result<()> {
+        if line.trim_ascii().is_empty() {
+            return Ok(());
+        }
+        if pipeline.push_site_event_line(&site_events, line, &mut sink)? {
             stats.input_records += 1;
-            Ok(())
-        })?;
+            return Ok(());
+        }
+        // An unparsable line (not UTF-8, not JSON) still goes in, as a site event,
+        // so it is dead-lettered like on Kafka, with its reason.
+        match std::str::from_utf8(line)
+            .map_err(anyhow::Error::from)
+            .and_then(route_line)
+        {
+            Ok(route) => {
+                let topic = topic_names.full(&config, &route.topic);
+                if !pipeline.consumes(topic) {
+                    anyhow::bail!(
+                        "{}:{n}: no stage of the replay reads topic {:?} (an envelope's topic is \
+                         named without the prefix {:?}: events.site, events.app, \
+                         events.offline, catalog, outcomes...)",
+                        path.display(),
+                        route.topic,
+                        config.kafka.topic_prefix
+                    );
+                }
+                pipeline.push(
+                    topic,
+                    route.key.as_bytes(),
+                    route.payload.as_bytes(),
+                    &mut sink,
+                )?;
+            }
+            Err(_) => pipeline.push(&site_events, &[], line, &mut sink)?,
+        }
+        stats.input_records += 1;
+        Ok(())
+    };
+    match inputs {
+        [one] => for_each_line(one, |n, line| each(one, n, line))?,
+        several => merged_lines(several, each)?,
     }
     pipeline.commit(&mut sink)?;
     if let Some(t) = until {
