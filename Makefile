@@ -9,10 +9,11 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/kairos/target
 KAIROS := $(CARGO_TARGET_DIR)/debug/kairos
 # System packages: libclang for RocksDB's bindings, Debian's RocksDB library (linked
 # instead of compiling the bundled copy, see .cargo/config.toml), OpenSSL and zlib for
-# librdkafka, promtool for the metrics checks, kcat for producing events by hand,
-# aiosmtpd as the real SMTP server the delivery tests send to.
-APT_PACKAGES := libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config prometheus kcat \
-  python3-aiosmtpd
+# librdkafka, a C toolchain for librdkafka's own build, promtool for the metrics checks,
+# kcat for producing events by hand, aiosmtpd as the real SMTP server the delivery tests
+# send to.
+APT_PACKAGES := build-essential libclang-dev librocksdb-dev libssl-dev zlib1g-dev pkg-config \
+  prometheus kcat python3-aiosmtpd
 
 .PHONY: all deps deps-pgo build release pgo run test lint fmt bench bench-delivery bench-arbiter \
   bench-identity clean
