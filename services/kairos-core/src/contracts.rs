@@ -962,6 +962,11 @@ pub enum IdentifiedRecord {
     touches_in {
         merge: CustomerMerge,
         touches: serde_json::Value,
+        /// The orders and till receipts counted for `from` within the deduplication
+        /// window, so that a copy of one read for the survivor (a till file uploaded
+        /// again once the card was registered) counts once.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        counted_orders: Vec<CountedOrder>,
     },
     /// Keyed by `into`: a purchase of the merged customer `from` that was still
     /// waiting to be attributed (`feedback.attribution_delay`) when the merge came,
@@ -973,6 +978,15 @@ pub enum IdentifiedRecord {
         occurred_at: i64,
         value: f64,
     },
+}
+
+/// An order (`kind` "order") or till receipt ("receipt") the feedback service counted
+/// for a customer, and since when it keeps it as counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CountedOrder {
+    pub kind: String,
+    pub id: String,
+    pub counted_at: i64,
 }
 
 #[allow(non_camel_case_types)]

@@ -108,6 +108,20 @@ impl SeenIds {
         Ok(Seen::First)
     }
 
+    /// The ids kept that start with `id_prefix`, with the time each is kept from.
+    pub fn kept_with_prefix(
+        &self,
+        ctx: &Ctx<'_>,
+        id_prefix: &str,
+    ) -> anyhow::Result<Vec<(String, Millis)>> {
+        let prefix = [self.prefix, id_prefix].concat();
+        Ok(ctx
+            .scan::<Millis>(&prefix)?
+            .into_iter()
+            .filter_map(|(key, at)| Some((key.strip_prefix(self.prefix)?.to_string(), at)))
+            .collect())
+    }
+
     /// Forgets `id` (both its keys), so the record counts as first seen when it comes
     /// again: for a record whose effect did not happen after all and that may be sent
     /// again on purpose (a send given up and dead-lettered, re-produced from there).

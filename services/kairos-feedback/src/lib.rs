@@ -17,8 +17,9 @@ use anyhow::Context;
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
-    Channel, CustomerEvent, CustomerMerge, Decision, DecisionOutcome, EventType, IdentifiedRecord,
-    MessageCategory, OfflineReceipt, Outcome, OutcomeKind, ReceiptKind, DECISION_RULES,
+    Channel, CountedOrder, CustomerEvent, CustomerMerge, Decision, DecisionOutcome, EventType,
+    IdentifiedRecord, MessageCategory, OfflineReceipt, Outcome, OutcomeKind, ReceiptKind,
+    DECISION_RULES,
 };
 use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -119,7 +120,7 @@ pub enum FeedbackInput {
     /// go to the survivor.
     MergeOut(CustomerMerge),
     /// A merged customer's touches arrive at the survivor.
-    TouchesIn(CustomerMerge, Vec<Touch>),
+    TouchesIn(CustomerMerge, Vec<Touch>, Vec<CountedOrder>),
     /// A merged customer's purchase, still waiting when the merge came, arrives at the
     /// survivor to be attributed (counted already).
     PurchaseIn(PendingPurchase),
@@ -524,7 +525,7 @@ impl FeedbackProcessor {
         once: bool,
     ) -> anyhow::Result<()> {
         if let Some(merge) = ctx.get::<CustomerMerge>(&forward_key(customer))? {
-            return self.send_touches(ctx, &merge, &new);
+            return self.send_touches(ctx, &merge, &new, Vec::new());
         }
         let key = touch_key(customer);
         let mut touches = self.touches_of(ctx, &key)?;
@@ -544,12 +545,13 @@ impl FeedbackProcessor {
         self.touch_expiry.arm(ctx, newest)
     }
 
-    /// Sends `touches` of `merge.from` on to `merge.into`.
+    /// Sends `touches` and `counted_orders` of `merge.from` on to `merge.into`.
     fn send_touches(
         &self,
         ctx: &mut Ctx<'_>,
         merge: &CustomerMerge,
         touches: &[Touch],
+        counted_orders: Vec<CountedOrder>,
     ) -> anyhow::Result<()> {
         let Some(topic) = &self.identified_topic else {
             return Ok(());
@@ -557,9 +559,53 @@ impl FeedbackProcessor {
         let record = IdentifiedRecord::touches_in {
             merge: merge.clone(),
             touches: serde_json::to_value(touches).context("encode a merged customer's touches")?,
+            counted_orders,
         };
         ctx.emit(topic, &merge.into, &record);
         Ok(())
+    }
+
+    /// The orders and till receipts counted for `customer` and still kept as counted.
+    fn counted_orders_of(
+        &self,
+        ctx: &Ctx<'_>,
+        customer: &str,
+    ) -> anyhow::Result<Vec<CountedOrder>> {
+        let seen = &self.seen[RecordKind::Purchase as usize];
+        let mut orders = Vec::new();
+        for kind in ORDER_KINDS {
+            let prefix = order_key(kind, customer, "");
+            for (key, counted_at) in seen.kept_with_prefix(ctx, &prefix)? {
+                if let Some(id) = key.strip_prefix(&prefix) {
+                    orders.push(CountedOrder {
+                        kind: kind.to_string(),
+                        id: id.to_string(),
+                        counted_at,
+                    });
+                }
+            }
+        }
+        Ok(orders)
+    }
+
+    /// A merged customer's touches and counted orders arrive at the survivor (or go on
+    /// to whomever it was merged into since).
+    fn take_over(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        merge: &CustomerMerge,
+        touches: Vec<Touch>,
+        counted_orders: Vec<CountedOrder>,
+    ) -> anyhow::Result<()> {
+        if let Some(onward) = ctx.get::<CustomerMerge>(&forward_key(&merge.into))? {
+            return self.send_touches(ctx, &onward, &touches, counted_orders);
+        }
+        for order in counted_orders {
+            let key = order_key(&order.kind, &merge.into, &order.id);
+            // Kept as counted from its first count; one older than the window is not.
+            self.first_time(ctx, RecordKind::Purchase, &key, order.counted_at)?;
+        }
+        self.keep_touches(ctx, &merge.into, touches, true)
     }
 
     /// `m.from` was merged into `m.into`: its touches go there (the identified topic,
@@ -573,9 +619,12 @@ impl FeedbackProcessor {
         }
         let key = touch_key(&m.from);
         let touches = self.touches_of(ctx, &key)?;
+        let counted_orders = self.counted_orders_of(ctx, &m.from)?;
         if !touches.is_empty() {
             ctx.delete(&key);
-            self.send_touches(ctx, m, &touches)?;
+        }
+        if !touches.is_empty() || !counted_orders.is_empty() {
+            self.send_touches(ctx, m, &touches, counted_orders)?;
         }
         ctx.put(&forward_key(&m.from), m)?;
         let expires = m
@@ -785,6 +834,9 @@ impl FeedbackProcessor {
     }
 }
 
+/// The kinds of [`order_key`]: web orders and till receipts.
+const ORDER_KINDS: [&str; 2] = ["order", "receipt"];
+
 /// The id under which an order or receipt is counted once (a web order and a till
 /// receipt may share a number: each is its own). NUL parts: no event id has one.
 fn order_key(kind: &str, customer_id: &str, id: &str) -> String {
@@ -857,14 +909,18 @@ impl Processor for FeedbackProcessor {
                 IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => self.purchase_of_event(*e),
                 IdentifiedRecord::offline(r) => self.purchase_of_receipt(*r),
                 IdentifiedRecord::merge(m) => FeedbackInput::MergeOut(m),
-                IdentifiedRecord::touches_in { merge, touches } => {
+                IdentifiedRecord::touches_in {
+                    merge,
+                    touches,
+                    counted_orders,
+                } => {
                     let touches = serde_json::from_value(touches).map_err(|e| {
                         Rejection::new(
                             kairos_core::contracts::DeadLetterReason::invalid_field,
                             format!("touches: the merged customer's touches do not decode: {e}"),
                         )
                     })?;
-                    FeedbackInput::TouchesIn(merge, touches)
+                    FeedbackInput::TouchesIn(merge, touches, counted_orders)
                 }
                 IdentifiedRecord::purchase_in {
                     merge,
@@ -897,7 +953,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Outcome(o) => Some(o.occurred_at),
             FeedbackInput::Decision(d) => Some(d.decided_at),
             FeedbackInput::Purchase(p) => Some(p.occurred_at),
-            FeedbackInput::MergeOut(m) | FeedbackInput::TouchesIn(m, _) => Some(m.occurred_at),
+            FeedbackInput::MergeOut(m) | FeedbackInput::TouchesIn(m, ..) => Some(m.occurred_at),
             FeedbackInput::PurchaseIn(p) => Some(p.at),
             FeedbackInput::Ignored(at) => *at,
         }
@@ -911,7 +967,9 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::MergeOut(m) => self.hand_over_touches(ctx, &m),
             // Each once: a re-sent record after a crash adds nothing, and a conversion
             // either side recorded stays.
-            FeedbackInput::TouchesIn(m, touches) => self.keep_touches(ctx, &m.into, touches, true),
+            FeedbackInput::TouchesIn(m, touches, orders) => {
+                self.take_over(ctx, &m, touches, orders)
+            }
             FeedbackInput::PurchaseIn(p) => {
                 // Once per customer it reaches: a copy re-sent after a crash comes at a
                 // new offset, and would add its revenue again.
@@ -1879,6 +1937,108 @@ mod tests {
         replayer.commit().expect("commit");
         assert_eq!(counter(&registry, "kairos_purchases_total", &[]), 1.0);
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
+    }
+
+    /// A till receipt counted for a loyalty card's profile, uploaded again once the
+    /// card was registered (the receipt now resolved to the customer), and a web order
+    /// sent again after the guest logged in, count once each: the orders counted for
+    /// the merged profile go to the survivor with its touches, and on through a second
+    /// merge.
+    #[test]
+    fn an_order_counted_before_a_merge_counts_once_when_it_comes_again_for_the_survivor() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+             [feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let identified = config.topic(topics::IDENTIFIED_EVENTS);
+        let hour = 3_600_000;
+        let receipt = |event_id: &str, customer: &str| {
+            let r = serde_json::json!({"event_id": event_id, "receipt_id": "R-1",
+                "kind": "sale", "occurred_at": T0, "customer_id": customer,
+                "store_id": "s1", "total": 10.0, "currency": "EUR", "items": []});
+            IdentifiedRecord::offline(Box::new(serde_json::from_value(r).expect("receipt")))
+        };
+        let order = |event_id: &str, customer: &str| {
+            let e = serde_json::json!({"event_id": event_id, "event_type": "purchase",
+                "occurred_at": T0, "customer_id": customer,
+                "order": {"order_id": "O-1", "total": 30.0}});
+            IdentifiedRecord::site(Box::new(serde_json::from_value(e).expect("order")))
+        };
+        let merge = |from: &str, into: &str, at| {
+            IdentifiedRecord::merge(CustomerMerge {
+                merge_id: format!("m-{from}"),
+                from: from.into(),
+                into: into.into(),
+                identifier: "email:ann@example.com".into(),
+                occurred_at: at,
+            })
+        };
+        // Pushes each (key, record), then every record they send on, each keyed by its
+        // own key, until none is left; `hold` returns what they send on instead.
+        let mut run = |records: Vec<(String, Vec<u8>)>, hold: bool| {
+            let mut queue = records;
+            let mut held = Vec::new();
+            while let Some((key, payload)) = queue.pop() {
+                let mut out = replayer
+                    .push(&identified, key.as_bytes(), &payload)
+                    .expect("push");
+                out.extend(replayer.commit().expect("commit"));
+                for o in out.into_iter().filter(|o| o.topic == identified) {
+                    let next = (String::from_utf8(o.key).expect("key"), o.payload);
+                    if hold {
+                        held.push(next);
+                    } else {
+                        queue.push(next);
+                    }
+                }
+            }
+            held
+        };
+        let one = |key: &str, record: &IdentifiedRecord| {
+            vec![(key.to_string(), serde_json::to_vec(record).expect("encode"))]
+        };
+        run(one("card:K1", &receipt("r-1", "card:K1")), false);
+        run(one("anon:v1", &order("e-1", "anon:v1")), false);
+        // The card's profile joins the guest's, whose own merge into the customer is
+        // read before the card's orders arrive: they go on to the customer.
+        let card_orders = run(
+            one("card:K1", &merge("card:K1", "anon:v1", T0 + hour)),
+            true,
+        );
+        run(
+            one("anon:v1", &merge("anon:v1", "c1", T0 + 2 * hour)),
+            false,
+        );
+        run(card_orders, false);
+        let mut push = |key: &str, record: &IdentifiedRecord| run(one(key, record), false);
+        push("c1", &receipt("r-1b", "c1"));
+        push("c1", &order("e-1b", "c1"));
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["offline"]),
+            1.0
+        );
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["online"]),
+            1.0
+        );
+        assert_eq!(
+            counter(&registry, "kairos_purchase_revenue_total", &[]),
+            40.0
+        );
+        // Another receipt number is another purchase.
+        let mut other = receipt("r-2", "c1");
+        if let IdentifiedRecord::offline(r) = &mut other {
+            r.receipt_id = "R-2".into();
+        }
+        push("c1", &other);
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["offline"]),
+            2.0
+        );
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
