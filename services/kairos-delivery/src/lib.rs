@@ -628,6 +628,10 @@ impl DeliveryProcessor {
                 Err(ProviderError::Throttled(_, wait)) => Some(*wait),
                 _ => None,
             };
+            if let Some(wait) = asked_to_wait {
+                // Also after the last attempt: the next send waits too.
+                self.breaker.hold_off(Instant::now(), wait);
+            }
             let delivery = Self::judge(
                 &mut self.breaker,
                 cmd,
@@ -1815,6 +1819,65 @@ mod tests {
         assert!(
             waited >= std::time::Duration::from_millis(950),
             "asked again after {waited:?}"
+        );
+    }
+
+    /// A gateway's `Retry-After` holds the next send too: a send whose attempts ran out
+    /// on 429s does not let the next one go before the wait asked for.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_gateway_s_retry_after_holds_the_next_send_too() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let app = axum::Router::new().route(
+            "/sms",
+            axum::routing::post(move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    let key = (headers.get("idempotency-key"))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let throttled = key == "s-a";
+                    seen.lock()
+                        .expect("calls")
+                        .push((key, std::time::Instant::now()));
+                    if throttled {
+                        (
+                            axum::http::StatusCode::TOO_MANY_REQUESTS,
+                            [("retry-after", "1")],
+                        )
+                    } else {
+                        (axum::http::StatusCode::OK, [("retry-after", "0")])
+                    }
+                }
+            }),
+        );
+        let url = serve_sms_gateway(app).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "2s");
+        let first = SendCommand {
+            send_id: "s-a".into(),
+            ..cmd.clone()
+        };
+        let delivery = processor
+            .attempts(&first, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
+        let next = SendCommand {
+            send_id: "s-b".into(),
+            ..cmd
+        };
+        let delivery = processor
+            .attempts(&next, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .await;
+        assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
+        let calls = calls.lock().expect("calls");
+        let keys: Vec<&str> = calls.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["s-a", "s-a", "s-a", "s-b"]);
+        let waited = calls[3].1 - calls[2].1;
+        assert!(
+            waited >= std::time::Duration::from_millis(950),
+            "the next send went {waited:?} after the last 429"
         );
     }
 

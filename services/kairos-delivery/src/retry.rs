@@ -43,6 +43,9 @@ pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
     failures_in_row: u32,
     state: BreakerState,
+    /// Until when the provider asked to be left alone (its `Retry-After`): every
+    /// request waits, the next send's too, whatever the state.
+    held_until: Option<Instant>,
 }
 
 impl CircuitBreaker {
@@ -51,7 +54,15 @@ impl CircuitBreaker {
             config,
             failures_in_row: 0,
             state: BreakerState::Closed,
+            held_until: None,
         }
+    }
+
+    /// The provider asked for `wait` before the next request (up to
+    /// [`RETRY_AFTER_CAP`]): no request goes before then, this send's or the next's.
+    pub fn hold_off(&mut self, now: Instant, wait: Duration) {
+        let until = now + wait.min(RETRY_AFTER_CAP);
+        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
     }
 
     pub fn state(&self) -> BreakerState {
@@ -60,6 +71,11 @@ impl CircuitBreaker {
 
     /// How long to wait before a request may go (zero when it may go now).
     pub fn wait(&mut self, now: Instant) -> Duration {
+        match self.held_until {
+            Some(until) if now < until => return until - now,
+            Some(_) => self.held_until = None,
+            None => {}
+        }
         match self.state {
             BreakerState::Open(until) if now < until => until - now,
             BreakerState::Open(_) => {
@@ -89,6 +105,26 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_provider_s_wait_holds_every_request_until_it_is_over() {
+        let mut breaker = CircuitBreaker::new(CircuitBreakerConfig {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(5),
+        });
+        let now = Instant::now();
+        breaker.hold_off(now, Duration::from_secs(2));
+        breaker.hold_off(now, Duration::from_secs(1));
+        assert_eq!(
+            breaker.wait(now),
+            Duration::from_secs(2),
+            "the longer wait holds"
+        );
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(breaker.wait(now + Duration::from_secs(3)), Duration::ZERO);
+        breaker.hold_off(now, Duration::from_secs(600));
+        assert_eq!(breaker.wait(now), RETRY_AFTER_CAP);
+    }
 
     #[test]
     fn backoff_grows_exponentially_within_the_cap() {
