@@ -2023,22 +2023,53 @@ fn apply_override(
             .parse()
             .unwrap_or_else(|_| toml_edit::Value::from(value))
     };
-    let mut table = doc.as_table_mut();
-    for segment in &path[..path.len() - 1] {
-        let entry = table
-            .entry(segment)
-            .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
-        table = match entry.as_table_mut() {
-            Some(t) => t,
-            None => {
-                return Err(ConfigError::Env {
-                    var: var.into(),
-                    message: format!("{segment} is not a table"),
-                })
-            }
+    let fail = |message: String| ConfigError::Env {
+        var: var.into(),
+        message,
+    };
+    // Walks tables, inline tables (`caps = { sms = { ... } }`) and lists of tables
+    // (`[[scenarios]]`, whose next part is the index: `SCENARIOS__0__ENABLED`).
+    let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
+    let (last, parents) = path.split_last().ok_or_else(|| fail("no key".into()))?;
+    let mut segments = parents.iter();
+    while let Some(segment) = segments.next() {
+        if table.get(segment).is_none() {
+            // In an inline table, the new table is written inline.
+            table.insert(segment, toml_edit::Item::Table(toml_edit::Table::new()));
+        }
+        let item = table
+            .get_mut(segment)
+            .ok_or_else(|| fail(format!("{segment} could not be made a table")))?;
+        let list_len = match &*item {
+            toml_edit::Item::ArrayOfTables(list) => Some(list.len()),
+            toml_edit::Item::Value(toml_edit::Value::Array(list)) => Some(list.len()),
+            _ => None,
         };
+        if let Some(len) = list_len {
+            let index = segments.next().and_then(|i| i.parse::<usize>().ok());
+            let Some(index) = index.filter(|i| *i < len) else {
+                return Err(fail(format!(
+                    "{segment} is a list of {len}: the next part must be an index from 0 to {}",
+                    len.saturating_sub(1)
+                )));
+            };
+            table = match item {
+                toml_edit::Item::ArrayOfTables(list) => list
+                    .get_mut(index)
+                    .map(|t| t as &mut dyn toml_edit::TableLike),
+                toml_edit::Item::Value(toml_edit::Value::Array(list)) => list
+                    .get_mut(index)
+                    .and_then(|v| v.as_inline_table_mut())
+                    .map(|t| t as &mut dyn toml_edit::TableLike),
+                _ => None,
+            }
+            .ok_or_else(|| fail(format!("{segment}[{index}] is not a table")))?;
+            continue;
+        }
+        table = item
+            .as_table_like_mut()
+            .ok_or_else(|| fail(format!("{segment} is not a table")))?;
     }
-    let last = &path[path.len() - 1];
     table.insert(last, toml_edit::Item::Value(parsed));
     Ok(())
 }
@@ -2447,6 +2478,41 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.kafka.partitions, 8);
         assert_eq!(cfg.kafka.bootstrap_servers, "127.0.0.1:9092");
+    }
+
+    /// Any key can be overridden: in a `[[scenarios]]` table by its index, and in a
+    /// table written inline; an index past the list names the variable.
+    #[test]
+    fn env_overrides_reach_lists_of_tables_and_inline_tables() {
+        let text = "[arbiter]\nchannel_caps = { sms = { daily_cap = 2 } }\n\n\
+            [[scenarios]]\nname = \"a\"\nkind = \"welcome\"\nchannels = [\"email\"]\ntemplate = \"t\"\n\n\
+            [[scenarios]]\nname = \"b\"\nkind = \"abandoned_cart\"\nchannels = [\"email\"]\ntemplate = \"u\"\n";
+        let with = |pairs: &[(&str, &str)]| {
+            let env: Vec<(String, String)> = (pairs.iter())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_text(Path::new("t.toml"), text, &env)
+        };
+        let cfg = with(&[
+            ("KAIROS__SCENARIOS__1__ENABLED", "false"),
+            ("KAIROS__SCENARIOS__1__DELAY", "2h"),
+            ("KAIROS__ARBITER__CHANNEL_CAPS__SMS__DAILY_CAP", "1"),
+            ("KAIROS__ARBITER__CHANNEL_CAPS__PUSH__WEEKLY_CAP", "3"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.scenarios[0].enabled);
+        assert!(!cfg.scenarios[1].enabled);
+        assert_eq!(cfg.scenarios[1].delay, Duration::from_secs(7200));
+        let caps = &cfg.arbiter.channel_caps;
+        assert_eq!(caps[&Channel::sms].daily_cap, Some(1));
+        assert_eq!(caps[&Channel::push].weekly_cap, Some(3));
+        for (var, part) in [
+            ("KAIROS__SCENARIOS__2__ENABLED", "index from 0 to 1"),
+            ("KAIROS__SCENARIOS__ENABLED", "index from 0 to 1"),
+        ] {
+            let err = with(&[(var, "false")]).unwrap_err().to_string();
+            assert!(err.contains(var) && err.contains(part), "{err}");
+        }
     }
 
     #[test]
