@@ -25,18 +25,24 @@ use rdkafka::{Offset, TopicPartitionList};
 /// partition would take too long, and the story of one customer is recent.
 const RECORDS_PER_PARTITION: i64 = 200_000;
 
+/// The latest records of one partition, as (key, payload).
+struct Latest {
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Older records lie before them (more than `RECORDS_PER_PARTITION`).
+    cut: bool,
+}
+
 /// The latest records of one partition (at most `RECORDS_PER_PARTITION`, up to the
-/// high watermark), as (key, payload).
-fn read_partition(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let (low, high) = consumer
+/// high watermark).
+fn read_partition(consumer: &BaseConsumer, topic: &str, partition: i32) -> anyhow::Result<Latest> {
+    let (oldest, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
-    let low = first_offset(low, high, RECORDS_PER_PARTITION);
-    let mut out = Vec::new();
+    let low = first_offset(oldest, high, RECORDS_PER_PARTITION);
+    let mut out = Latest {
+        records: Vec::new(),
+        cut: low > oldest,
+    };
     if high <= low {
         return Ok(out);
     }
@@ -53,7 +59,7 @@ fn read_partition(
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.with_context(|| format!("reading {topic}[{partition}]"))?;
             next = m.offset() + 1;
-            out.push((
+            out.records.push((
                 m.key().unwrap_or_default().to_vec(),
                 m.payload().unwrap_or_default().to_vec(),
             ));
@@ -81,8 +87,13 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .set("enable.auto.commit", "false")
         .create()
         .context("cannot create Kafka consumer")?;
-    let mine = |topic: &str| -> anyhow::Result<Vec<Vec<u8>>> {
-        Ok(read_partition(&consumer, &config.topic(topic), partition)?
+    // Whether older triggers or decisions may lie before the records read.
+    let mut history_cut = false;
+    let mut mine = |topic: &str| -> anyhow::Result<Vec<Vec<u8>>> {
+        let latest = read_partition(&consumer, &config.topic(topic), partition)?;
+        history_cut |= latest.cut;
+        Ok(latest
+            .records
             .into_iter()
             .filter(|(k, _)| k == customer.as_bytes())
             .map(|(_, v)| v)
@@ -105,19 +116,18 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         }
     }
     // The ledger's latest value in the changelog (an empty payload deletes it).
-    let ledger_key = format!("s/c/{customer}");
-    let ledger = read_partition(&consumer, &config.changelog_topic("arbiter"), partition)?
-        .into_iter()
-        .rev()
-        .find(|(k, _)| k == ledger_key.as_bytes())
-        .and_then(|(_, v)| kairos_core::encoding::decode_state::<CustomerLedger>(&v).ok());
-
+    let changelog = if config.state.changelog {
+        Some(read_partition(
+            &consumer,
+            &config.changelog_topic("arbiter"),
+            partition,
+        )?)
+    } else {
+        None
+    };
     let mut out = String::new();
     writeln!(out, "customer {customer} (partition {partition})")?;
-    match &ledger {
-        None => writeln!(out, "arbiter state: none")?,
-        Some(l) => out.push_str(&describe_ledger(l, kairos_core::time::wall_now())?),
-    }
+    describe_stored_ledger(&mut out, changelog.as_ref(), customer)?;
     // Triggers newest first; decisions whose trigger is no longer on the topic too.
     let mut ids: Vec<(i64, String)> = triggers
         .values()
@@ -135,6 +145,12 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         "{} triggers ({shown} latest shown), newest first:",
         ids.len()
     )?;
+    if history_cut {
+        writeln!(
+            out,
+            "(read from the latest {RECORDS_PER_PARTITION} records of each partition: older triggers and decisions lie before them)"
+        )?;
+    }
     for (_, id) in ids.into_iter().take(limit) {
         match triggers.get(&id) {
             Some(t) => writeln!(
@@ -174,6 +190,41 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         }
     }
     Ok(out)
+}
+
+/// The customer's arbiter state as the latest records of the arbiter's changelog
+/// partition hold it (`None`: no changelog is written), or why it is not shown.
+fn describe_stored_ledger(
+    out: &mut String,
+    changelog: Option<&Latest>,
+    customer: &str,
+) -> anyhow::Result<()> {
+    let ledger_key = format!("s/c/{customer}");
+    let stored = changelog.and_then(|c| {
+        c.records
+            .iter()
+            .rev()
+            .find(|(k, _)| k == ledger_key.as_bytes())
+            .map(|(_, v)| v)
+    });
+    match (changelog, stored) {
+        (None, _) => writeln!(
+            out,
+            "arbiter state: not readable here (state.changelog is off: it is only in the arbiter's RocksDB)"
+        )?,
+        // An empty value is the ledger's deletion.
+        (Some(_), Some(v)) if v.is_empty() => writeln!(out, "arbiter state: none (deleted)")?,
+        (Some(_), Some(v)) => match kairos_core::encoding::decode_state::<CustomerLedger>(v) {
+            Ok(l) => out.push_str(&describe_ledger(&l, kairos_core::time::wall_now())?),
+            Err(e) => writeln!(out, "arbiter state: stored, but does not decode: {e:#}")?,
+        },
+        (Some(c), None) if c.cut => writeln!(
+            out,
+            "arbiter state: not within the latest {RECORDS_PER_PARTITION} records of its changelog partition (a customer quiet for long is further back)"
+        )?,
+        (Some(_), None) => writeln!(out, "arbiter state: none")?,
+    }
+    Ok(())
 }
 
 /// The arbiter's view of the customer at `now`: sends in the 7 days before it, every
@@ -282,6 +333,41 @@ mod tests {
     use kairos_core::time::HOUR;
 
     const T0: Millis = 1_767_603_600_000; // 2026-01-05T09:00:00Z
+
+    /// Where no ledger is shown, the report says why: no changelog, a window that
+    /// stops short of it, a deletion, or none at all.
+    #[test]
+    fn a_ledger_not_shown_says_why() {
+        let line = |changelog: Option<&Latest>| {
+            let mut out = String::new();
+            describe_stored_ledger(&mut out, changelog, "c-1").expect("report");
+            out
+        };
+        let latest = |records: Vec<(&str, Vec<u8>)>, cut| Latest {
+            records: (records.into_iter())
+                .map(|(k, v)| (k.as_bytes().to_vec(), v))
+                .collect(),
+            cut,
+        };
+        assert!(line(None).contains("state.changelog is off"));
+        let other = || vec![("s/c/c-2", b"x".to_vec())];
+        assert!(line(Some(&latest(other(), true))).contains("not within the latest"));
+        assert_eq!(line(Some(&latest(other(), false))), "arbiter state: none\n");
+        let deleted = latest(
+            vec![("s/c/c-1", b"x".to_vec()), ("s/c/c-1", Vec::new())],
+            true,
+        );
+        assert_eq!(line(Some(&deleted)), "arbiter state: none (deleted)\n");
+        let bad = latest(vec![("s/c/c-1", vec![0xc1])], false);
+        assert!(line(Some(&bad)).contains("does not decode"));
+        let stored =
+            kairos_core::encoding::encode_state(&CustomerLedger::default()).expect("encode");
+        let shown = line(Some(&latest(vec![("s/c/c-1", stored)], true)));
+        assert!(
+            !shown.contains("none") && !shown.contains("not "),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn the_ledger_shows_recent_sends_every_bounce_and_the_queue() {
