@@ -18,8 +18,8 @@ use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::{
     Channel, CountedOrder, CustomerEvent, CustomerMerge, Decision, DecisionOutcome, EventType,
-    IdentifiedRecord, MessageCategory, OfflineReceipt, Outcome, OutcomeKind, ReceiptKind,
-    DECISION_RULES,
+    IdentifiedRecord, MessageCategory, OfflineReceipt, OrderStatus, Outcome, OutcomeKind,
+    ReceiptKind, DECISION_RULES,
 };
 use kairos_core::dedup::{Seen, SeenIds};
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
@@ -124,6 +124,9 @@ pub enum FeedbackInput {
     /// A merged customer's purchase, still waiting when the merge came, arrives at the
     /// survivor to be attributed (counted already).
     PurchaseIn(PendingPurchase),
+    /// An order cancelled (its `order_key`, the time): read before its purchase, the
+    /// purchase counts for nothing, as in the profile.
+    Cancelled(String, Millis),
     /// A customer event that is not a purchase (or one the profile processor
     /// dead-letters: feedback leaves bad input to it).
     Ignored(Option<Millis>),
@@ -807,6 +810,13 @@ impl FeedbackProcessor {
                 occurred_at: e.occurred_at,
                 source: "online",
             }),
+            (EventType::order_status, Some(customer_id)) => match &e.order {
+                Some(o) if o.status == Some(OrderStatus::cancelled) => FeedbackInput::Cancelled(
+                    order_key("order", &customer_id, &o.order_id),
+                    e.occurred_at,
+                ),
+                _ => FeedbackInput::Ignored(Some(e.occurred_at)),
+            },
             _ => FeedbackInput::Ignored(Some(e.occurred_at)),
         }
     }
@@ -955,6 +965,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Purchase(p) => Some(p.occurred_at),
             FeedbackInput::MergeOut(m) | FeedbackInput::TouchesIn(m, ..) => Some(m.occurred_at),
             FeedbackInput::PurchaseIn(p) => Some(p.at),
+            FeedbackInput::Cancelled(_, at) => Some(*at),
             FeedbackInput::Ignored(at) => *at,
         }
     }
@@ -978,6 +989,12 @@ impl Processor for FeedbackProcessor {
                     return Ok(());
                 }
                 self.attribute_pending(ctx, p)
+            }
+            FeedbackInput::Cancelled(order, at) => {
+                // Kept as counted: the purchase read after it counts for nothing. (One
+                // read before it stays counted: counters only go up.)
+                self.first_time(ctx, RecordKind::Purchase, &order, at)?;
+                Ok(())
             }
             FeedbackInput::Ignored(_) => Ok(()),
         }
@@ -1934,6 +1951,45 @@ mod tests {
                 .expect("push");
         }
         replayer.push(&identified, b"c2", &again).expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(counter(&registry, "kairos_purchases_total", &[]), 1.0);
+        assert_eq!(email_conversions(&registry), (1.0, 10.0));
+    }
+
+    /// An order whose cancellation is read first counts for nothing, as in the
+    /// profile; one cancelled after it was counted stays counted (counters only go up).
+    #[test]
+    fn an_order_cancelled_before_its_purchase_is_read_counts_for_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        push_email_sent(&config, &mut replayer, "c1", "welcome", T0);
+        let site = config.topic(topics::SITE_EVENTS);
+        let at = T0 + 3_600_000;
+        let push = |replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+                    event: serde_json::Value| {
+            replayer
+                .push(&site, b"c1", event.to_string().as_bytes())
+                .expect("push");
+        };
+        let purchase = |event_id: &str, order_id: &str| {
+            serde_json::json!({"event_id": event_id, "event_type": "purchase",
+                "occurred_at": at, "customer_id": "c1",
+                "order": {"order_id": order_id, "total": 10.0}})
+        };
+        let cancelled = |event_id: &str, order_id: &str| {
+            serde_json::json!({"event_id": event_id, "event_type": "order_status",
+                "occurred_at": at + 60_000, "customer_id": "c1",
+                "order": {"order_id": order_id, "status": "cancelled"}})
+        };
+        push(&mut replayer, cancelled("x-1", "o-1"));
+        push(&mut replayer, purchase("p-1", "o-1"));
+        push(&mut replayer, purchase("p-2", "o-2"));
+        push(&mut replayer, cancelled("x-2", "o-2"));
         replayer.commit().expect("commit");
         assert_eq!(counter(&registry, "kairos_purchases_total", &[]), 1.0);
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
