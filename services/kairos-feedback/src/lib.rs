@@ -1277,6 +1277,24 @@ mod tests {
         assert_eq!(rate("unsubscribe"), Some(0.0));
     }
 
+    /// A replayer attributing at once, with a welcome e-mail sent to `c1` at `T0`.
+    fn welcomed_c1(
+        dir: &std::path::Path,
+    ) -> (
+        Config,
+        prometheus::Registry,
+        kairos_core::replay::Replayer<FeedbackProcessor>,
+    ) {
+        let (config, registry, mut replayer) = replayer(
+            dir,
+            "[clock]\nmode = \"event\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        push_email_sent(&config, &mut replayer, "c1", "welcome", T0);
+        (config, registry, replayer)
+    }
+
     /// An order sent again under a new event id (a producer's retry) and a till
     /// receipt uploaded twice count once, as the profile counts them: purchases,
     /// revenue and the conversion's revenue. A web order and a receipt that share a
@@ -1284,13 +1302,7 @@ mod tests {
     #[test]
     fn an_order_or_receipt_sent_again_under_a_new_event_id_counts_once() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, registry, mut replayer) = replayer(
-            dir.path(),
-            "[clock]\nmode = \"event\"\n[feedback]\nattribution_delay = \"0s\"\n\
-             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
-             channels = [\"email\"]\ntemplate = \"t\"\n",
-        );
-        push_email_sent(&config, &mut replayer, "c1", "welcome", T0);
+        let (config, registry, mut replayer) = welcomed_c1(dir.path());
         let site = config.topic(topics::SITE_EVENTS);
         let offline = config.topic(topics::OFFLINE_EVENTS);
         let at = T0 + 3_600_000;
@@ -1961,13 +1973,7 @@ mod tests {
     #[test]
     fn an_order_cancelled_before_its_purchase_is_read_counts_for_nothing() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, registry, mut replayer) = replayer(
-            dir.path(),
-            "[clock]\nmode = \"event\"\n[feedback]\nattribution_delay = \"0s\"\n\
-             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
-             channels = [\"email\"]\ntemplate = \"t\"\n",
-        );
-        push_email_sent(&config, &mut replayer, "c1", "welcome", T0);
+        let (config, registry, mut replayer) = welcomed_c1(dir.path());
         let site = config.topic(topics::SITE_EVENTS);
         let at = T0 + 3_600_000;
         let push = |replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
