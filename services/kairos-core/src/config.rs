@@ -803,6 +803,9 @@ pub struct GeneratorConfig {
     /// Share of purchases made in physical stores.
     pub offline_share: f64,
     pub seed: u64,
+    /// Share of sessions followed by a change to a product on the catalog topic (a
+    /// sale, the list price back, sold out, restocked): 0 leaves the catalog alone.
+    pub catalog_change_share: f64,
 }
 
 impl Default for GeneratorConfig {
@@ -812,6 +815,7 @@ impl Default for GeneratorConfig {
             customers: 20_000,
             offline_share: 0.25,
             seed: 42,
+            catalog_change_share: 0.0,
         }
     }
 }
@@ -1373,6 +1377,13 @@ impl Config {
                 generator("offline_share"),
                 "offline_share",
                 "must be a share from 0 to 0.95".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.generator.catalog_change_share) {
+            return Err(fail_at(
+                generator("catalog_change_share"),
+                "catalog_change_share",
+                "must be a share from 0 to 1".into(),
             ));
         }
         if self.arbiter.control_group_percent > 100 {
@@ -2630,6 +2641,8 @@ mod tests {
             ("offline_share", "nan"),
             ("offline_share", "0.96"),
             ("offline_share", "-0.1"),
+            ("catalog_change_share", "nan"),
+            ("catalog_change_share", "1.5"),
         ] {
             let (line, message) = line_of(&format!("[generator]\nseed = 1\n{key} = {value}\n"));
             assert_eq!(line, 3, "{key} = {value}: {message}");

@@ -4,17 +4,19 @@
 //! (popular products viewed far more than the long tail), searches, carts (about one
 //! session in seven), checkouts and purchases (about 3% of sessions buy), with
 //! log-normally skewed prices. Some visitors register (with contacts and per-channel
-//! consent), some shop in physical stores and show a loyalty card at the till.
+//! consent), some shop in physical stores and show a loyalty card at the till. Wishes
+//! are made and some taken back; with `generator.catalog_change_share`, the shop drops
+//! and restores prices and runs out of products and restocks them (the catalog topic).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use kairos_core::config::{topics, Config, GeneratorConfig};
 use kairos_core::contracts::{
-    Channel, ConsentChange, CustomerEvent, EventType, LineItem, OfflineReceipt, Order, OrderStatus,
-    Platform, Product, ProfileUpdate, ReceiptKind,
+    CatalogUpdate, Channel, ConsentChange, CustomerEvent, EventType, LineItem, OfflineReceipt,
+    Order, OrderStatus, Platform, Product, ProfileUpdate, ReceiptKind,
 };
 use kairos_core::ids::deterministic_id;
 use kairos_core::time::{wall_now, Millis, SECOND};
@@ -23,13 +25,32 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal, Zipf};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-/// Where an event goes.
+/// Where a customer event goes.
 pub use kairos_core::input::Source;
 
-/// One generated event, ready to publish.
+/// The topic a generated record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Events(Source),
+    Catalog,
+}
+
+impl Stream {
+    /// The topic's name without the configured prefix.
+    pub fn topic(self) -> &'static str {
+        match self {
+            Stream::Events(Source::Site) => topics::SITE_EVENTS,
+            Stream::Events(Source::App) => topics::APP_EVENTS,
+            Stream::Events(Source::Offline) => topics::OFFLINE_EVENTS,
+            Stream::Catalog => topics::CATALOG,
+        }
+    }
+}
+
+/// One generated record, ready to publish.
 #[derive(Debug, Clone)]
 pub struct GeneratedEvent {
-    pub source: Source,
+    pub stream: Stream,
     pub key: String,
     pub payload: Vec<u8>,
 }
@@ -39,6 +60,9 @@ struct CatalogItem {
     name: String,
     category: &'static str,
     price: f64,
+    /// The price the shop comes back to after a sale.
+    list_price: f64,
+    in_stock: bool,
 }
 
 const CATEGORIES: [&str; 8] = [
@@ -70,6 +94,10 @@ const P_PURCHASE_GIVEN_CHECKOUT: f64 = 0.50;
 const P_REGISTER: f64 = 0.25;
 const P_SEARCH: f64 = 0.30;
 const P_WISHLIST: f64 = 0.04;
+/// The chance that a session of a customer with wishes takes one back.
+const P_UNWISH: f64 = 0.05;
+/// Wishes remembered per customer (the oldest goes), to take back.
+const WISHES_KEPT: usize = 5;
 /// Zipf's exponent of visits over customers (ranked by how often they come): the most
 /// frequent fifth makes about half the sessions, and the most frequent customer of
 /// 20,000 under 1% of them (of a million, about 0.2%).
@@ -81,7 +109,14 @@ pub struct TrafficModel {
     visitors: Zipf<f64>,
     offline_share: f64,
     catalog: Vec<CatalogItem>,
+    /// The share of sessions followed by a catalog change.
+    catalog_change_share: f64,
+    /// Whether the whole catalog went out (before the first change: a change is news
+    /// only against a price the catalog join knows).
+    catalog_published: bool,
     registered: HashSet<u64>,
+    /// Each customer's latest wishes, to take back.
+    wishes: HashMap<u64, Vec<usize>>,
     /// The share of recent sessions whose customer was registered: see
     /// [`TrafficModel::receipt_probability`].
     registered_share: f64,
@@ -111,11 +146,14 @@ impl TrafficModel {
         let catalog = (0..500)
             .map(|i| {
                 let category = CATEGORIES[i % CATEGORIES.len()];
+                let price = (prices.sample(&mut rng) * 100.0_f64).round() / 100.0 + 1.0;
                 CatalogItem {
                     id: format!("p{i:04}"),
                     name: format!("{category} #{i}"),
                     category,
-                    price: (prices.sample(&mut rng) * 100.0_f64).round() / 100.0 + 1.0,
+                    price,
+                    list_price: price,
+                    in_stock: true,
                 }
             })
             .collect();
@@ -127,7 +165,10 @@ impl TrafficModel {
                 .expect("Zipf's law over at least one customer with a positive exponent"),
             offline_share: cfg.offline_share.clamp(0.0, 0.95),
             catalog,
+            catalog_change_share: cfg.catalog_change_share.clamp(0.0, 1.0),
+            catalog_published: false,
             registered: HashSet::new(),
+            wishes: HashMap::new(),
             registered_share: 0.0,
             run,
             seq: 0,
@@ -284,6 +325,22 @@ impl TrafficModel {
             let mut e = self.base_event(EventType::wishlist_add, customer, at, platform);
             e.product = Some(self.product(viewed[0]));
             push(self, e);
+            let wishes = self.wishes.entry(customer).or_default();
+            wishes.retain(|w| *w != viewed[0]);
+            if wishes.len() == WISHES_KEPT {
+                wishes.remove(0);
+            }
+            wishes.push(viewed[0]);
+        } else if self.wishes.contains_key(&customer) && self.rng.gen_bool(P_UNWISH) {
+            let taken_back = self.wishes.get_mut(&customer).and_then(Vec::pop);
+            if self.wishes.get(&customer).is_some_and(Vec::is_empty) {
+                self.wishes.remove(&customer);
+            }
+            if let Some(i) = taken_back {
+                let mut e = self.base_event(EventType::wishlist_remove, customer, at, platform);
+                e.product = Some(self.product(i));
+                push(self, e);
+            }
         }
         if self.rng.gen_bool(P_ADD_TO_CART) {
             let in_cart: Vec<usize> = viewed
@@ -317,12 +374,12 @@ impl TrafficModel {
             }
         }
         let shift = now - clock.get();
-        events
+        let mut session: Vec<GeneratedEvent> = events
             .into_iter()
             .map(|mut e| {
                 e.occurred_at += shift;
                 GeneratedEvent {
-                    source,
+                    stream: Stream::Events(source),
                     key: e
                         .customer_id
                         .clone()
@@ -331,7 +388,73 @@ impl TrafficModel {
                     payload: serde_json::to_vec(&e).unwrap_or_default(),
                 }
             })
-            .collect()
+            .collect();
+        if self.catalog_change_share > 0.0 && !self.catalog_published {
+            // The shop's feed: every product with its price, as a shop publishes its
+            // catalog before it changes it.
+            self.catalog_published = true;
+            let feed: Vec<GeneratedEvent> = (0..self.catalog.len())
+                .map(|i| self.catalog_record(i, now, |u, c| u.price = Some(c.price)))
+                .collect();
+            session.splice(0..0, feed);
+        }
+        if self.catalog_change_share > 0.0 && self.rng.gen_bool(self.catalog_change_share) {
+            session.push(self.catalog_change(now));
+        }
+        session
+    }
+
+    /// A catalog update of product `i` at `at`, its fields set by `fill`.
+    fn catalog_record(
+        &mut self,
+        i: usize,
+        at: Millis,
+        fill: impl FnOnce(&mut CatalogUpdate, &CatalogItem),
+    ) -> GeneratedEvent {
+        let event_id = self.event_id();
+        let item = &self.catalog[i];
+        let mut update = CatalogUpdate {
+            event_id,
+            occurred_at: at,
+            product_id: item.id.clone(),
+            name: Some(item.name.clone()),
+            category: Some(item.category.to_string()),
+            price: None,
+            in_stock: None,
+        };
+        fill(&mut update, item);
+        GeneratedEvent {
+            stream: Stream::Catalog,
+            key: update.product_id.clone(),
+            payload: serde_json::to_vec(&update).unwrap_or_default(),
+        }
+    }
+
+    /// A change the shop makes to a product (bestsellers most often): a sale of 10 to
+    /// 30% off, the list price back after one, the product sold out, or back in stock.
+    fn catalog_change(&mut self, now: Millis) -> GeneratedEvent {
+        let i = self.pick_product();
+        let cut = self.rng.gen_range(0.70..0.90);
+        let sold_out = self.rng.gen_bool(0.3);
+        let item = &mut self.catalog[i];
+        let (price, in_stock) = if !item.in_stock {
+            item.in_stock = true;
+            (None, Some(true))
+        } else if sold_out {
+            item.in_stock = false;
+            (None, Some(false))
+        } else {
+            item.price = if item.price < item.list_price {
+                item.list_price
+            } else {
+                (item.list_price * cut * 100.0).round() / 100.0
+            };
+            (Some(item.price), None)
+        };
+        self.catalog_record(i, now, |u, _| {
+            u.price = price;
+            u.in_stock = in_stock;
+        })
     }
 
     fn registration(&mut self, customer: u64, at: Millis, platform: Platform) -> CustomerEvent {
@@ -409,7 +532,7 @@ impl TrafficModel {
             }
         };
         GeneratedEvent {
-            source: Source::Offline,
+            stream: Stream::Events(Source::Offline),
             key,
             payload: serde_json::to_vec(&r).unwrap_or_default(),
         }
@@ -481,11 +604,6 @@ pub async fn run(
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<u64> {
     let producer: FutureProducer = kairos_core::kafka::producer(&config)?;
-    let topic = |s: Source| match s {
-        Source::Site => config.topic(topics::SITE_EVENTS),
-        Source::App => config.topic(topics::APP_EVENTS),
-        Source::Offline => config.topic(topics::OFFLINE_EVENTS),
-    };
     let mut model = TrafficModel::live(&config.generator, kairos_core::ids::run_nonce());
     let mut sent: u64 = 0;
     let tick = Duration::from_millis(50);
@@ -518,7 +636,10 @@ pub async fn run(
             sent += 1;
             sends.push(e);
         }
-        let topics: Vec<String> = sends.iter().map(|e| topic(e.source)).collect();
+        let topics: Vec<String> = sends
+            .iter()
+            .map(|e| config.topic(e.stream.topic()))
+            .collect();
         let results = futures::future::join_all(sends.iter().zip(&topics).map(|(e, t)| {
             producer.send(
                 FutureRecord::to(t).key(&e.key).payload(&e.payload),
@@ -553,7 +674,10 @@ mod tests {
         let mut revenue = Vec::new();
         for _ in 0..20_000 {
             let events = m.session(1_764_950_000_000);
-            if events.iter().any(|e| e.source == Source::Offline) {
+            if events
+                .iter()
+                .any(|e| e.stream == Stream::Events(Source::Offline))
+            {
                 continue;
             }
             sessions += 1;
@@ -588,6 +712,87 @@ mod tests {
         serde_json::from_slice(payload).expect("json")
     }
 
+    /// With `catalog_change_share`, sessions are followed by catalog changes at about
+    /// that share: sales (10 to 30% off the list price) that views then show, the list
+    /// price back after one, sell-outs and restocks of what sold out. Customers take
+    /// back wishes they made. Without the share, the catalog stays as it is.
+    #[test]
+    fn the_shop_changes_its_catalog_and_customers_take_wishes_back() {
+        let mut m = TrafficModel::new(&GeneratorConfig {
+            catalog_change_share: 0.02,
+            ..GeneratorConfig::default()
+        });
+        let sessions = 20_000;
+        let (mut changes, mut sales, mut restocks, mut sold_out) = (0, 0, 0, HashSet::new());
+        // Every product's price (the feed's, then each change's), and those on sale.
+        let mut price: HashMap<String, f64> = HashMap::new();
+        let mut on_sale: HashMap<String, f64> = HashMap::new();
+        let (mut unwished, mut views_at_sale_price, mut feed) = (0, 0, 0);
+        for n in 0..sessions {
+            for e in m.session(1_764_950_000_000 + n * 60_000) {
+                let v = json(&e.payload);
+                if e.stream == Stream::Catalog {
+                    let product = v["product_id"].as_str().expect("product").to_string();
+                    assert_eq!(e.key, product);
+                    if n == 0 && v["price"].is_number() && !price.contains_key(&product) {
+                        feed += 1;
+                        price.insert(product, v["price"].as_f64().unwrap_or_default());
+                        continue;
+                    }
+                    changes += 1;
+                    if v["in_stock"] == false {
+                        sold_out.insert(product.clone());
+                    } else if v["in_stock"] == true {
+                        assert!(sold_out.remove(&product), "restocked what sold out");
+                        restocks += 1;
+                    } else {
+                        let p = v["price"].as_f64().expect("a price");
+                        let list = price.get(&product).copied().expect("in the feed");
+                        if p < list {
+                            sales += 1;
+                            let off = 1.0 - p / list;
+                            assert!((0.09..0.31).contains(&off), "{off} off");
+                            on_sale.insert(product, p);
+                        } else {
+                            assert!(on_sale.remove(&product).is_some(), "back from a sale");
+                        }
+                    }
+                    continue;
+                }
+                let product = v["product"]["product_id"].as_str().unwrap_or_default();
+                match v["event_type"].as_str() {
+                    Some("wishlist_remove") => unwished += 1,
+                    Some("product_view") => {
+                        let shown = v["product"]["price"].as_f64();
+                        if on_sale.get(product).is_some_and(|p| Some(*p) == shown) {
+                            views_at_sale_price += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // The feed went out first: every product with its price.
+        assert_eq!(feed, 500);
+        let share = f64::from(changes) / sessions as f64;
+        assert!(
+            (0.015..0.025).contains(&share),
+            "catalog change share {share}"
+        );
+        assert!(
+            sales > 0 && restocks > 0,
+            "sales {sales}, restocks {restocks}"
+        );
+        assert!(views_at_sale_price > 0, "views show the changed price");
+        assert!(unwished > 0, "wishes taken back");
+        let mut plain = TrafficModel::new(&GeneratorConfig::default());
+        let catalog = (0..2_000)
+            .flat_map(|_| plain.session(1_764_950_000_000))
+            .filter(|e| e.stream == Stream::Catalog)
+            .count();
+        assert_eq!(catalog, 0);
+    }
+
     #[test]
     fn till_sales_are_the_configured_share_of_purchases() {
         for share in [0.25, 0.5] {
@@ -599,7 +804,7 @@ mod tests {
             for _ in 0..100_000 {
                 for e in m.session(1_764_950_000_000) {
                     let v = json(&e.payload);
-                    if e.source == Source::Offline {
+                    if e.stream == Stream::Events(Source::Offline) {
                         offline += 1;
                     } else if v["event_type"] == "purchase" {
                         online += 1;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use kairos_core::config::GeneratorConfig;
 use kairos_core::store::StoreFactory;
-use kairos_generator::{Source, TrafficModel};
+use kairos_generator::TrafficModel;
 use kairos_tests::{resilience_env, Options, Pipeline};
 
 const EVENTS: usize = 60_000;
@@ -36,11 +36,7 @@ fn traffic() -> Vec<(&'static str, String, Vec<u8>)> {
     while out.len() < EVENTS {
         now += 20_000;
         for e in model.session(now) {
-            let topic = match e.source {
-                Source::Site => "events.site",
-                Source::App => "events.app",
-                Source::Offline => "events.offline",
-            };
+            let topic = e.stream.topic();
             let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
             if v["event_type"] == "registration" {
                 registrations += 1;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kairos_core::config::GeneratorConfig;
-use kairos_generator::{Source, TrafficModel};
+use kairos_generator::{Source, Stream, TrafficModel};
 use kairos_tests::{resilience_env, sample, Options, Pipeline};
 use nix::sys::signal::Signal;
 
@@ -52,7 +52,7 @@ fn traffic() -> Vec<(String, Vec<u8>)> {
     while out.len() < EVENTS {
         now += 20_000;
         for e in model.session(now) {
-            if e.source != Source::Offline && out.len() < EVENTS {
+            if e.stream != Stream::Events(Source::Offline) && out.len() < EVENTS {
                 out.push((e.key, e.payload));
             }
         }
