@@ -2486,9 +2486,18 @@ impl ProfileProcessor {
                     0 => due > timer.fire_at,
                     _ => last > first_fired.unwrap_or(t.cause_occurred_at),
                 };
-                if !came_back && t.step == 0 {
-                    // When the first step fired (see `arm_reactivation`).
-                    p.armed.insert(s.name.as_str().into(), timer.fire_at);
+                if !came_back {
+                    // When the first step fired (see `arm_reactivation`), kept through
+                    // the later steps and after the last: activity known late that
+                    // came before it arms nothing again.
+                    let first = if t.step == 0 {
+                        Some(timer.fire_at)
+                    } else {
+                        first_fired
+                    };
+                    if let Some(first) = first {
+                        p.armed.insert(s.name.as_str().into(), first);
+                    }
                 }
                 if came_back {
                     schedule_reactivation(ctx, s, p, last, due.max(timer.fire_at))?;

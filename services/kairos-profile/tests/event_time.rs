@@ -4512,6 +4512,17 @@ fn a_late_receipt_leaves_a_reactivation_series_under_way_alone() {
     h.receipt("lr-till", "sale", "lr", t, 40.0);
     h.receipt("lr-till-2", "sale", "lr", t + 10 * DAY, 40.0);
     h.advance(t + 45 * DAY);
+    // After the last step, a receipt of T+20d (before the first step) uploaded late,
+    // and a late page view from another device: the series is not sent again.
+    h.receipt("lr-till-3", "sale", "lr", t + 20 * DAY, 40.0);
+    h.site(
+        "lr-v2",
+        "page_view",
+        "lr",
+        t + 25 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + 80 * DAY);
     let steps: Vec<(Value, Value)> = h
         .triggers("lr", "re")
         .iter()
@@ -4524,6 +4535,20 @@ fn a_late_receipt_leaves_a_reactivation_series_under_way_alone() {
             (json!(1), json!(t + 39 * DAY))
         ]
     );
+    // A visit after the series arms it again, from that visit.
+    h.site(
+        "lr-v3",
+        "page_view",
+        "lr",
+        t + 81 * DAY,
+        json!({"page_url": "/"}),
+    );
+    h.advance(t + 120 * DAY);
+    let again: Vec<Value> = (h.triggers("lr", "re").iter())
+        .map(|t| t["fired_at"].clone())
+        .collect();
+    assert_eq!(again.len(), 4, "{again:?}");
+    assert_eq!(again[2], json!(t + 111 * DAY));
 }
 
 /// A reactivation series taken out of the configuration and put back while its next
