@@ -238,9 +238,44 @@ pub fn check_id(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Rejec
     Ok(())
 }
 
+/// The longest product name or category, and customer name, accepted: they are kept
+/// in profiles (dozens of products each) and in template variables, so one the size of
+/// the event would make a state record the broker refuses.
+pub const MAX_TEXT_BYTES: usize = 512;
+
+/// The longest push token or messenger id accepted (a web push subscription is a few
+/// hundred bytes).
+pub const MAX_TOKEN_BYTES: usize = 2048;
+
+/// A text field no longer than `max` bytes (absent is fine).
+pub fn check_text(
+    field: std::fmt::Arguments<'_>,
+    value: Option<&str>,
+    max: usize,
+) -> Result<(), Rejection> {
+    match value {
+        Some(v) if v.len() > max => Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} is {} bytes long, above {max}", v.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_items(items: &[LineItem]) -> Result<(), Rejection> {
     for (i, item) in items.iter().enumerate() {
         check_id(format_args!("items[{i}].product_id"), &item.product_id)?;
+        check_text(
+            format_args!("items[{i}].name"),
+            item.name.as_deref(),
+            MAX_TEXT_BYTES,
+        )?;
+        let category = item.category.as_deref();
+        check_text(
+            format_args!("items[{i}].category"),
+            category,
+            MAX_TEXT_BYTES,
+        )?;
         if item.quantity < 1 {
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
@@ -269,7 +304,23 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
     }
     if let Some(product) = &e.product {
         check_id(format_args!("product.product_id"), &product.product_id)?;
+        let (name, category) = (product.name.as_deref(), product.category.as_deref());
+        check_text(format_args!("product.name"), name, MAX_TEXT_BYTES)?;
+        check_text(format_args!("product.category"), category, MAX_TEXT_BYTES)?;
     }
+    if let Some(u) = &e.profile {
+        for (field, value, max) in [
+            ("first_name", &u.first_name, MAX_TEXT_BYTES),
+            ("last_name", &u.last_name, MAX_TEXT_BYTES),
+            ("email", &u.email, MAX_TEXT_BYTES),
+            ("phone", &u.phone, MAX_TEXT_BYTES),
+            ("push_token", &u.push_token, MAX_TOKEN_BYTES),
+            ("messenger_id", &u.messenger_id, MAX_TOKEN_BYTES),
+        ] {
+            check_text(format_args!("profile.{field}"), value.as_deref(), max)?;
+        }
+    }
+    check_text(format_args!("email"), e.email.as_deref(), MAX_TEXT_BYTES)?;
     if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
@@ -472,6 +523,37 @@ mod tests {
                 "{}",
                 rejection.message
             );
+        }
+    }
+
+    /// A product's name or category, a customer's name or contact, kept in profiles
+    /// and template variables, has a bound too.
+    #[test]
+    fn a_text_longer_than_a_profile_keeps_is_refused() {
+        let registry = SchemaRegistry::new(None);
+        let event = serde_json::json!({"event_id": "e1", "event_type": "add_to_cart",
+            "occurred_at": 1_764_950_000_000_i64, "customer_id": "c1",
+            "product": {"product_id": "p1", "name": "Mug", "category": "kitchen"},
+            "items": [{"product_id": "p1", "name": "Mug", "quantity": 1, "unit_price": 1.0}],
+            "profile": {"first_name": "Ann", "push_token": "t"}});
+        for (pointer, max) in [
+            ("/product/name", MAX_TEXT_BYTES),
+            ("/product/category", MAX_TEXT_BYTES),
+            ("/items/0/name", MAX_TEXT_BYTES),
+            ("/profile/first_name", MAX_TEXT_BYTES),
+            ("/profile/push_token", MAX_TOKEN_BYTES),
+        ] {
+            let with = |len: usize| {
+                let mut e = event.clone();
+                if let Some(field) = e.pointer_mut(pointer) {
+                    *field = "ä".repeat(len / 2).into();
+                }
+                decode_customer_event(e.to_string().as_bytes(), &registry, &NONE)
+            };
+            with(max).unwrap_or_else(|r| panic!("{pointer} at the bound: {}", r.message));
+            let r = with(max + 2).unwrap_err();
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{pointer}");
+            assert!(r.message.contains("bytes long"), "{}", r.message);
         }
     }
 

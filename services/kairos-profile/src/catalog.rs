@@ -585,6 +585,10 @@ impl Processor for CatalogJoin {
                 decode_input(record.payload, schemas::catalog_update(), &self.registry)?;
             kairos_core::input::check_id(format_args!("event_id"), &u.event_id)?;
             kairos_core::input::check_id(format_args!("product_id"), &u.product_id)?;
+            for (field, value) in [("name", &u.name), ("category", &u.category)] {
+                let max = kairos_core::input::MAX_TEXT_BYTES;
+                kairos_core::input::check_text(format_args!("{field}"), value.as_deref(), max)?;
+            }
             kairos_core::input::check_amount("price", u.price)?;
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
