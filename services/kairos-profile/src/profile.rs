@@ -773,14 +773,39 @@ impl CustomerProfile {
         self.first_seen_at = self.first_seen_at.min(other.first_seen_at);
         self.last_seen_at = self.last_seen_at.max(other.last_seen_at);
         self.last_visit_at = self.last_visit_at.max(other.last_visit_at);
-        self.first_name = self.first_name.take().or(other.first_name);
-        self.last_name = self.last_name.take().or(other.last_name);
-        self.email = self.email.take().or(other.email);
-        self.phone = self.phone.take().or(other.phone);
-        self.push_token = self.push_token.take().or(other.push_token);
-        self.messenger_id = self.messenger_id.take().or(other.messenger_id);
-        self.time_zone = self.time_zone.take().or(other.time_zone);
-        self.birthday = self.birthday.take().or(other.birthday);
+        // The survivor's own value stays; one it lacks comes from the other, unless the
+        // survivor cleared it after the other stated it (a number removed stays removed).
+        let (mine_at, theirs_at) = (&self.stated_at, &other.stated_at);
+        let cleared_after = |code: u8| {
+            mine_at
+                .get(&code)
+                .is_some_and(|cleared| theirs_at.get(&code).is_none_or(|t| t <= cleared))
+        };
+        let keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
+            if mine.is_none() && !cleared_after(code) {
+                *mine = theirs;
+            }
+        };
+        keep(field::FIRST_NAME, &mut self.first_name, other.first_name);
+        keep(field::LAST_NAME, &mut self.last_name, other.last_name);
+        keep(field::EMAIL, &mut self.email, other.email);
+        keep(field::PHONE, &mut self.phone, other.phone);
+        keep(field::PUSH_TOKEN, &mut self.push_token, other.push_token);
+        keep(
+            field::MESSENGER_ID,
+            &mut self.messenger_id,
+            other.messenger_id,
+        );
+        keep(field::TIME_ZONE, &mut self.time_zone, other.time_zone);
+        keep(field::BIRTHDAY, &mut self.birthday, other.birthday);
+        // A subscription's end: the later statement's (a removed end included), else
+        // the later end.
+        let code = field::SUBSCRIPTION_ENDS_AT;
+        self.subscription_ends_at = match (mine_at.get(&code), theirs_at.get(&code)) {
+            (Some(mine), Some(theirs)) if theirs > mine => other.subscription_ends_at,
+            (Some(_), _) => self.subscription_ends_at,
+            _ => self.subscription_ends_at.max(other.subscription_ends_at),
+        };
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
         // An older row's consents may hide an opt-in it never timed.
@@ -795,9 +820,9 @@ impl CustomerProfile {
             }
         }
         for (code, at) in other.stated_at {
-            self.stated_at.entry(code).or_insert(at);
+            let known = self.stated_at.entry(code).or_insert(at);
+            *known = (*known).max(at);
         }
-        self.subscription_ends_at = self.subscription_ends_at.max(other.subscription_ends_at);
         for channel in Channel::ALL {
             let statement = |consents: &SmallMap<Channel, bool>, at: &SmallMap<Channel, Millis>| {
                 consents

@@ -3790,6 +3790,61 @@ fn merge_record(id: &str, from: &str, into: &str, time: Millis) -> Value {
         "identifier": "email:ann@example.com", "occurred_at": time})
 }
 
+/// A merge brings no field back that the survivor cleared after the merged profile
+/// stated it (the number removed, the plan without an end), and takes one the merged
+/// profile stated after the survivor's clearing.
+#[test]
+fn a_merge_brings_back_nothing_the_survivor_cleared_since() {
+    let t = at("2026-05-01T08:00:00Z");
+    let ends = at("2026-06-01T00:00:00Z");
+    let mut h = identified_harness();
+    let update = |h: &mut Harness, id: &str, customer: &str, at: Millis, profile: Value| {
+        h.identified_site(json!({"event_id": id, "event_type": "profile_update",
+            "occurred_at": at, "customer_id": customer, "profile": profile}));
+    };
+    update(
+        &mut h,
+        "mc-set",
+        "sc",
+        t,
+        json!({"subscription_ends_at": ends, "phone": "+4915100000001", "first_name": "Ann"}),
+    );
+    update(
+        &mut h,
+        "mc-old",
+        "anon:sc",
+        t + HOUR,
+        json!({"subscription_ends_at": ends + DAY, "phone": "+4915100000002",
+            "last_name": "Lee"}),
+    );
+    update(
+        &mut h,
+        "mc-clear",
+        "sc",
+        t + DAY,
+        json!({"cleared": ["subscription_ends_at", "phone", "first_name"]}),
+    );
+    // Stated by the merged profile after the survivor's clearing: it counts.
+    update(
+        &mut h,
+        "mc-new",
+        "anon:sc",
+        t + 2 * DAY,
+        json!({"first_name": "Anna"}),
+    );
+    h.merge("m-sc", "anon:sc", "sc", t + 3 * DAY);
+    h.advance(ends + 2 * DAY);
+    assert!(h.triggers("sc", "subscription_ending").is_empty());
+    let p = h.pipeline.profile("sc").expect("read").expect("stored");
+    assert_eq!((p.subscription_ends_at, p.phone.as_deref()), (None, None));
+    assert_eq!(p.first_name.as_deref(), Some("Anna"));
+    assert_eq!(
+        p.last_name.as_deref(),
+        Some("Lee"),
+        "never stated by the survivor"
+    );
+}
+
 fn identified_harness() -> Harness {
     identified_harness_with("")
 }
