@@ -13,7 +13,8 @@ config="$(dirname "$0")/../../config/kairos.toml"
 rm -rf "$work"
 mkdir -p "$work"
 events="$work/events.jsonl"
-"$kairos" --config "$config" generate --to-file "$events" \
+# The benchmarks' traffic: no catalog changes (see BENCH_GENERATE in the Makefile).
+KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0 "$kairos" --config "$config" generate --to-file "$events" \
   --count 400000 --customers 40000 --span-days 90
 
 # The whole replay (identity, profile, catalog join, arbiter), as production commits.

@@ -1432,8 +1432,39 @@ impl Config {
                         format!("{}: {message}", section("http.url")),
                     ));
                 }
+                let headers = [
+                    ("auth_header", http.auth_header.as_deref(), true),
+                    ("auth_value", http.auth_value.as_deref(), false),
+                    (
+                        "idempotency_header",
+                        Some(http.idempotency_header.as_str()),
+                        true,
+                    ),
+                ];
+                for (key, value, is_name) in headers {
+                    let Some(value) = value else { continue };
+                    let valid = if is_name {
+                        reqwest::header::HeaderName::from_bytes(value.as_bytes()).is_ok()
+                    } else {
+                        reqwest::header::HeaderValue::from_str(value).is_ok()
+                    };
+                    if !valid {
+                        let what = if is_name {
+                            "header name"
+                        } else {
+                            "header value"
+                        };
+                        return Err(fail(
+                            ("http", key),
+                            format!(
+                                "{}: not a valid HTTP {what}",
+                                section(&format!("http.{key}"))
+                            ),
+                        ));
+                    }
+                }
                 if let Some(file) = &http.ca_file {
-                    if let Err(message) = read_certificates(file) {
+                    if let Err(message) = read_certificates(&self.beside_file(file)) {
                         return Err(fail(
                             ("http", "ca_file"),
                             format!("{}: {message}", section("http.ca_file")),
@@ -1908,13 +1939,19 @@ impl Config {
 
     /// The templates directory, resolved against the configuration file's directory.
     pub fn templates_dir(&self) -> PathBuf {
-        if self.templates.dir.is_absolute() {
-            return self.templates.dir.clone();
+        self.beside_file(&self.templates.dir)
+    }
+
+    /// A path the configuration gives: a relative one is read next to the
+    /// configuration file, whatever directory the process runs in.
+    pub fn beside_file(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
         }
         self.source_file
             .parent()
             .unwrap_or(Path::new("."))
-            .join(&self.templates.dir)
+            .join(path)
     }
 
     /// The full name of a topic, e.g. `topic("events.site")`.
@@ -2685,6 +2722,26 @@ mod tests {
             let (line, message) = line_of(&format!("{sms}url = \"{url}\"\n"));
             assert_eq!(line, 5, "{url}: {message}");
             assert!(message.contains("delivery.sms.http.url"), "{message}");
+        }
+        // Headers a request could not carry: refused at their line, not found out by
+        // every send.
+        let url = "url = \"https://gw.example/sms\"\n";
+        for (key, lines, at) in [
+            ("auth_header", "auth_header = \"X Api-Key\"\n", 6),
+            (
+                "auth_value",
+                "auth_header = \"A\"\nauth_value = \"a\\nb\"\n",
+                7,
+            ),
+            (
+                "idempotency_header",
+                "idempotency_header = \"Idem:key\"\n",
+                6,
+            ),
+        ] {
+            let (line, message) = line_of(&format!("{sms}{url}{lines}"));
+            assert_eq!(line, at, "{key}: {message}");
+            assert!(message.contains(&format!("http.{key}")), "{message}");
         }
         let cert = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(cert.path(), "no certificate here").expect("write");

@@ -228,6 +228,12 @@ pub fn check_id(field: std::fmt::Arguments<'_>, value: &str) -> Result<(), Rejec
             format!("{field} is empty"),
         ));
     }
+    if value.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!("{field} has control characters"),
+        ));
+    }
     let max = crate::identifiers::MAX_KEY_BYTES;
     if value.len() > max {
         return Err(Rejection::new(
@@ -512,6 +518,9 @@ mod tests {
             let r = with(&long).unwrap_err();
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{pointer}");
             assert!(r.message.contains("201 bytes"), "{}", r.message);
+            // A NUL could make one id another's key (feedback's order keys use it).
+            let r = with("order\u{0}c1\u{0}o-7").unwrap_err();
+            assert!(r.message.contains("control characters"), "{}", r.message);
         }
         for field in ["event_id", "receipt_id"] {
             let mut r = receipt.clone();

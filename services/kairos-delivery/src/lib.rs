@@ -298,7 +298,10 @@ impl DeliveryProcessor {
                         "delivery.{channel}: provider http needs [delivery.{channel}.http]"
                     )
                 })?;
-                Some(Provider::Http(provider::HttpProvider::new(http)?))
+                // A certificate file named relative to the configuration file.
+                let mut http = http.clone();
+                http.ca_file = http.ca_file.map(|f| config.beside_file(&f));
+                Some(Provider::Http(provider::HttpProvider::new(&http)?))
             }
             ProviderKind::Simulator | ProviderKind::InApp => None,
         };
@@ -551,11 +554,14 @@ impl DeliveryProcessor {
             // backoff's cap, the breaker's `open_for`): a beat before each keeps a
             // retrying worker healthy, and a hung one still goes silent.
             self.beat();
-            let wait = self.breaker.wait(Instant::now());
-            if !wait.is_zero() {
-                self.metrics.circuit_open.with_label_values(&labels).set(1);
+            // Until neither the breaker nor a provider's asked-for wait holds it.
+            loop {
+                let wait = self.breaker.wait(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+                self.show_breaker(&labels);
                 tokio::time::sleep(wait).await;
-                self.breaker.wait(Instant::now());
                 self.beat();
             }
             self.show_breaker(&labels);

@@ -575,7 +575,11 @@ impl HttpProvider {
         }
         let response = request.send().await.map_err(|e| {
             let cause = with_causes(&e);
-            if e.is_connect() {
+            if e.is_builder() {
+                // The request could not be made (a header the configuration gives is
+                // no valid header): nothing went out, and no send can.
+                ProviderError::Refused(format!("request not made: {cause}"))
+            } else if e.is_connect() {
                 // Never reached the gateway: refused, unreachable, or its certificate
                 // not trusted.
                 ProviderError::Transient(format!("request failed: {cause}"))
@@ -931,6 +935,28 @@ mod tests {
             assert!(result.is_ok(), "message {n}: {result:?}");
         }
         assert_eq!(messages.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A header the configuration gives that is no valid header: the request is never
+    /// made, so the send is not in doubt; the worker is refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_request_that_cannot_be_made_refuses_the_worker() {
+        let provider = HttpProvider::new(&HttpProviderConfig {
+            url: "http://127.0.0.1:9/sms".into(),
+            auth_header: Some("X Api-Key".into()),
+            auth_value: Some("secret".into()),
+            idempotency_header: "Idempotency-Key".into(),
+            timeout: Duration::from_secs(5),
+            list_unsubscribe: None,
+            ca_file: None,
+        })
+        .unwrap();
+        let (cmd, message) = email_to("anna@example.com");
+        let result = provider.send(&cmd, &message).await;
+        assert!(
+            matches!(&result, Err(ProviderError::Refused(e)) if e.contains("not made")),
+            "{result:?}"
+        );
     }
 
     /// A session that cannot be set up as configured refuses the worker (the alert on

@@ -71,19 +71,23 @@ impl CircuitBreaker {
 
     /// How long to wait before a request may go (zero when it may go now).
     pub fn wait(&mut self, now: Instant) -> Duration {
-        match self.held_until {
-            Some(until) if now < until => return until - now,
-            Some(_) => self.held_until = None,
-            None => {}
-        }
-        match self.state {
+        let held = match self.held_until {
+            Some(until) if now < until => until - now,
+            _ => {
+                self.held_until = None;
+                Duration::ZERO
+            }
+        };
+        let open = match self.state {
             BreakerState::Open(until) if now < until => until - now,
-            BreakerState::Open(_) => {
+            // The trial goes only once nothing else holds it.
+            BreakerState::Open(_) if held.is_zero() => {
                 self.state = BreakerState::HalfOpen;
                 Duration::ZERO
             }
             _ => Duration::ZERO,
-        }
+        };
+        held.max(open)
     }
 
     pub fn success(&mut self) {
@@ -124,6 +128,20 @@ mod tests {
         assert_eq!(breaker.wait(now + Duration::from_secs(3)), Duration::ZERO);
         breaker.hold_off(now, Duration::from_secs(600));
         assert_eq!(breaker.wait(now), RETRY_AFTER_CAP);
+        // An open breaker holds its own time too, whichever is longer.
+        let mut breaker = CircuitBreaker::new(CircuitBreakerConfig {
+            failure_threshold: 1,
+            open_for: Duration::from_secs(5),
+        });
+        breaker.failure(now);
+        breaker.hold_off(now, Duration::from_secs(1));
+        assert_eq!(breaker.wait(now), Duration::from_secs(5));
+        assert_eq!(
+            breaker.wait(now + Duration::from_secs(2)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(breaker.wait(now + Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl IdentityProcessor {
             dropped: metrics::counter_vec(
                 prom,
                 "kairos_identity_invalid_identifiers_dropped_total",
-                "Invalid e-mail addresses, phones, loyalty cards and device ids taken off an event that went on with its other identifiers, by identifier kind.",
+                "Invalid e-mail addresses, phones and loyalty cards taken off an event that went on with its other identifiers, by identifier kind.",
                 &["kind"],
             ),
             dropped_so_far: std::sync::atomic::AtomicU64::new(0),
@@ -258,8 +258,8 @@ impl IdentityProcessor {
         Ok(Some(id))
     }
 
-    /// [`Self::normalize`] for an identifier that only links (a contact, a card, a
-    /// device): an invalid one is taken off the event, which goes on without it (a
+    /// [`Self::normalize`] for an identifier that only links (a contact, a card): an
+    /// invalid one is taken off the event, which goes on without it (a
     /// receipt whose till phone was mistyped still counts), and is kept in `dropped`.
     fn normalize_link(
         &self,
@@ -1038,7 +1038,7 @@ impl Processor for IdentityProcessor {
                 found.push(self.normalize_link(IdentifierKind::phone, &mut p.phone, d));
             }
             found.push(self.normalize_link(IdentifierKind::loyalty_card, &mut e.loyalty_card, d));
-            found.push(self.normalize_link(IdentifierKind::device_id, &mut e.device_id, d));
+            found.push(self.normalize(IdentifierKind::device_id, &mut e.device_id)?);
             found.push(self.normalize(IdentifierKind::anonymous_id, &mut e.anonymous_id)?);
             let source = if record.topic == self.app_topic {
                 Source::App

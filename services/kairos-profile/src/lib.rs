@@ -844,12 +844,9 @@ impl ProfileProcessor {
                 } else {
                     &e.items
                 };
-                // Its value: the order's total, else the items bought.
-                let total = e
-                    .order
-                    .as_ref()
-                    .and_then(|o| o.total)
-                    .unwrap_or_else(|| LineItem::total(items));
+                // Its value as feedback counts it: the order's total, else its items
+                // (not the cart's prices: no currency is known for them).
+                let total = e.purchase_value();
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
                 let order_items = order_items_variables(items);
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());

@@ -781,9 +781,12 @@ impl CustomerProfile {
                 .get(&code)
                 .is_some_and(|cleared| theirs_at.get(&code).is_none_or(|t| t <= cleared))
         };
-        let keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
-            if mine.is_none() && !cleared_after(code) {
+        // The fields whose value came from the other: they take its statement's time.
+        let mut taken: Vec<u8> = Vec::new();
+        let mut keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
+            if mine.is_none() && theirs.is_some() && !cleared_after(code) {
                 *mine = theirs;
+                taken.push(code);
             }
         };
         keep(field::FIRST_NAME, &mut self.first_name, other.first_name);
@@ -801,11 +804,23 @@ impl CustomerProfile {
         // A subscription's end: the later statement's (a removed end included), else
         // the later end.
         let code = field::SUBSCRIPTION_ENDS_AT;
-        self.subscription_ends_at = match (mine_at.get(&code), theirs_at.get(&code)) {
-            (Some(mine), Some(theirs)) if theirs > mine => other.subscription_ends_at,
-            (Some(_), _) => self.subscription_ends_at,
-            _ => self.subscription_ends_at.max(other.subscription_ends_at),
+        let (mine_end, theirs_end) = (self.subscription_ends_at, other.subscription_ends_at);
+        let theirs_wins = match (mine_at.get(&code), theirs_at.get(&code)) {
+            (Some(mine), Some(theirs)) => theirs > mine,
+            (Some(_), None) => false,
+            _ => theirs_end > mine_end,
         };
+        if theirs_wins {
+            self.subscription_ends_at = theirs_end;
+            taken.push(code);
+        }
+        // Each field's statement time is that of the value kept: a later statement
+        // of the survivor's own, read late, still applies.
+        for code in taken {
+            if let Some(at) = theirs_at.get(&code) {
+                self.stated_at.insert(code, *at);
+            }
+        }
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
         // An older row's consents may hide an opt-in it never timed.
@@ -820,8 +835,7 @@ impl CustomerProfile {
             }
         }
         for (code, at) in other.stated_at {
-            let known = self.stated_at.entry(code).or_insert(at);
-            *known = (*known).max(at);
+            self.stated_at.entry(code).or_insert(at);
         }
         for channel in Channel::ALL {
             let statement = |consents: &SmallMap<Channel, bool>, at: &SmallMap<Channel, Millis>| {

@@ -761,7 +761,7 @@ fn post_purchase_names_the_items_bought() {
 }
 
 #[test]
-fn a_purchase_without_a_total_or_items_is_worth_the_cart_it_checks_out() {
+fn a_purchase_without_a_total_or_items_buys_the_cart_and_is_worth_nothing() {
     let t = at(T0);
     let mut h = Harness::new();
     for (i, (product, price)) in [("p-kettle", 40.0), ("p-mug", 12.5)]
@@ -789,8 +789,8 @@ fn a_purchase_without_a_total_or_items_is_worth_the_cart_it_checks_out() {
     h.advance(t + HOUR);
     let profile = |c: &str| h.pipeline.profile(c).expect("read").expect("stored");
     let wc = profile("wc");
-    assert_eq!((wc.orders, wc.revenue), (1, 52.5));
-    assert!(wc.cart.is_empty(), "{:?}", wc.cart);
+    assert_eq!((wc.orders, wc.revenue), (1, 0.0), "as feedback counts it");
+    assert!(wc.cart.is_empty(), "the cart was bought: {:?}", wc.cart);
     let wn = profile("wn");
     assert_eq!((wn.orders, wn.revenue), (1, 0.0));
 }
@@ -3843,6 +3843,35 @@ fn a_merge_brings_back_nothing_the_survivor_cleared_since() {
         Some("Lee"),
         "never stated by the survivor"
     );
+    // The survivor keeps its own number; its clearing, dated before the merged
+    // profile's number and read after the merge, still applies to it.
+    update(
+        &mut h,
+        "md-set",
+        "sd",
+        t,
+        json!({"phone": "+4915100000003"}),
+    );
+    update(
+        &mut h,
+        "md-other",
+        "anon:sd",
+        t + 2 * HOUR,
+        json!({"phone": "+4915100000004"}),
+    );
+    h.merge("m-sd", "anon:sd", "sd", t + 3 * HOUR);
+    let p = h.pipeline.profile("sd").expect("read").expect("stored");
+    assert_eq!(p.phone.as_deref(), Some("+4915100000003"));
+    update(
+        &mut h,
+        "md-clear",
+        "sd",
+        t + HOUR,
+        json!({"cleared": ["phone"]}),
+    );
+    h.advance(t + 4 * HOUR);
+    let p = h.pipeline.profile("sd").expect("read").expect("stored");
+    assert_eq!(p.phone, None);
 }
 
 fn identified_harness() -> Harness {
