@@ -1466,7 +1466,11 @@ impl ProfileProcessor {
                 ScenarioKind::RegistrationAnniversary,
             ] {
                 for s in self.scenarios(kind).iter() {
-                    self.schedule_yearly(ctx, s, &p, now)?;
+                    // As for a zone change in an event: a moment the merge put behind
+                    // (the merged zone's morning is over) still greets, late within
+                    // the tolerance.
+                    let since = now.saturating_sub(ms(s.tolerance()));
+                    self.schedule_yearly(ctx, s, &p, since)?;
                 }
             }
         }

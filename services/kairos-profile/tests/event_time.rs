@@ -3874,6 +3874,30 @@ fn a_merge_brings_back_nothing_the_survivor_cleared_since() {
     assert_eq!(p.phone, None);
 }
 
+/// A merge that brings a zone whose greeting moment is already past today (Tokyo's
+/// 10:00, read at 05:00Z) still greets today, late within the tolerance, as a zone
+/// change in an event does; not next year.
+#[test]
+fn a_merge_that_puts_the_birthday_moment_behind_still_greets_today() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "mb-1", "event_type": "profile_update",
+        "occurred_at": t, "customer_id": "mb", "profile": {"birthday": "1990-03-10"}}));
+    h.identified_site(json!({"event_id": "mb-2", "event_type": "profile_update",
+        "occurred_at": t, "customer_id": "anon:mb", "profile": {"time_zone": "Asia/Tokyo"}}));
+    let merged = at("2026-03-10T05:00:00Z");
+    h.advance(merged - MINUTE);
+    assert!(
+        h.triggers("mb", "birthday").is_empty(),
+        "10:00 UTC is still ahead"
+    );
+    h.merge("m-mb", "anon:mb", "mb", merged);
+    h.advance(at("2026-03-11T12:00:00Z"));
+    let fired = h.triggers("mb", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["contacts"]["time_zone"], "Asia/Tokyo");
+}
+
 fn identified_harness() -> Harness {
     identified_harness_with("")
 }
