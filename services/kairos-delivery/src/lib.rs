@@ -1128,6 +1128,19 @@ impl Processor for DeliveryProcessor {
         if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
             return Ok(());
         }
+        // An HTTP request a crash cut short may have reached the gateway (no "." tells,
+        // as in SMTP): a send that now ends without a call is in doubt, not failed.
+        let cut_http_call = matches!(self.provider, Some(Provider::Http(_)))
+            && ctx.get::<Millis>(&format!("w/{}", cmd.send_id))?.is_some();
+        let not_made = |reason: String| {
+            match cut_http_call {
+            true => (
+                OutcomeKind::sent,
+                format!("in_doubt: a crash cut a request to the gateway short, which may hold it; then {reason}; not repeated"),
+            ),
+            false => (OutcomeKind::failed, reason),
+        }
+        };
         // The address bounced hard after the decision, while the command waited, or
         // the customer withdrew consent.
         let blocked = match dead_address(ctx, cmd)? {
@@ -1139,21 +1152,32 @@ impl Processor for DeliveryProcessor {
                     .inc();
             }),
         };
-        if let Some(reason) = blocked {
-            tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
-            self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
-            return self.forget_cut_attempt(ctx, &cmd.send_id);
-        }
-        if cmd.valid_until < now {
-            self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now);
-            return self.forget_cut_attempt(ctx, &cmd.send_id);
-        }
+        let ended = match blocked {
+            Some(reason) => {
+                tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
+                Some(reason)
+            }
+            None if cmd.valid_until < now => Some("expired".to_string()),
+            None => None,
+        };
         // No "Hello, !": a template that cannot render fails the send.
-        let message = match self.render(cmd) {
+        let rendered = match ended {
+            Some(reason) => Err(reason),
+            None => self.render(cmd).inspect_err(|reason| {
+                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
+            }),
+        };
+        let message = match rendered {
             Ok(m) => m,
             Err(reason) => {
-                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
-                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
+                let (kind, reason) = not_made(reason);
+                if cut_http_call {
+                    self.metrics
+                        .in_doubt
+                        .with_label_values(&[self.channel.as_str()])
+                        .inc();
+                }
+                self.emit_outcome(ctx, &send, kind, Some(reason), now);
                 return self.forget_cut_attempt(ctx, &cmd.send_id);
             }
         };
@@ -1450,33 +1474,10 @@ mod tests {
         let config = smtp_to_nowhere(dir.path(), &[]);
         let t0 = 20_000 * DAY;
         // What the crashed worker left: the attempt and a withdrawn commit point.
-        let partition = left_by_crash(&config, &[("w/s-1", t0), ("k/s-1", COMMIT_POINT_WITHDRAWN)]);
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let mut replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
-        let cmd = email_command(t0, "welcome");
-        let topic = config.send_topic(Channel::email);
-        // The partition's clock is past the send's valid-until by the restart.
-        let later = SendCommand {
-            send_id: "s-0".into(),
-            created_at: t0 + DAY,
-            valid_until: t0 + DAY - 1,
-            ..cmd.clone()
-        };
-        replayer
-            .push(&topic, b"c1", &serde_json::to_vec(&later).expect("encode"))
-            .expect("push");
-        let mut out = replayer
-            .push(&topic, b"c1", &serde_json::to_vec(&cmd).expect("encode"))
-            .expect("push");
-        out.extend(replayer.commit().expect("commit"));
-        let outcome = out
+        let left = [("w/s-1", t0), ("k/s-1", COMMIT_POINT_WITHDRAWN)];
+        let (outcomes, replayer, partition) = restart_after_cut_attempt(&config, &left, t0);
+        let outcome = outcomes
             .iter()
-            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
-            .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
             .find(|o| o.send_id == "s-1")
             .expect("an outcome");
         assert_eq!(
@@ -1490,6 +1491,95 @@ mod tests {
                 .expect("read");
             assert!(left.is_none(), "{key} stays");
         }
+    }
+
+    /// An HTTP request a crash cut short may have reached the gateway: a send that has
+    /// expired by the restart is reported sent and in doubt, not failed (a re-drive
+    /// could send it twice), without a call, and its records go.
+    #[test]
+    fn a_cut_http_request_that_expired_meanwhile_is_in_doubt() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[
+                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http"),
+                (
+                    "KAIROS__DELIVERY__EMAIL__HTTP__URL",
+                    "http://127.0.0.1:9/mail",
+                ),
+                (
+                    "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
+                    "https://shop.example/u/{customer_id}",
+                ),
+            ],
+        );
+        let t0 = 20_000 * DAY;
+        let (outcomes, replayer, partition) =
+            restart_after_cut_attempt(&config, &[("w/s-1", t0)], t0);
+        let of = |id: &str| {
+            outcomes
+                .iter()
+                .find(|o| o.send_id == id)
+                .expect("an outcome")
+        };
+        let cut = of("s-1");
+        assert_eq!(cut.kind, OutcomeKind::sent, "{outcomes:#?}");
+        let reason = cut.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with("in_doubt") && reason.contains("expired"),
+            "{reason}"
+        );
+        // One never attempted expires as before.
+        assert_eq!(
+            (of("s-0").kind, of("s-0").reason.as_deref()),
+            (OutcomeKind::failed, Some("expired"))
+        );
+        let store = replayer.engine.store(partition).expect("store");
+        let left = store.get(&Default::default(), b"w/s-1").expect("read");
+        assert!(left.is_none(), "the attempt record stays");
+    }
+
+    /// The e-mail worker restarted over what a crash `left` (state records), fed a
+    /// send `s-0` that moves its clock a day past `t0`, then `s-1` (created at `t0`):
+    /// their outcomes, the replayer and the partition.
+    fn restart_after_cut_attempt(
+        config: &Config,
+        left: &[(&str, Millis)],
+        t0: Millis,
+    ) -> (
+        Vec<Outcome>,
+        kairos_core::replay::Replayer<DeliveryProcessor>,
+        i32,
+    ) {
+        use kairos_core::time::DAY;
+        let partition = left_by_crash(config, left);
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor =
+            DeliveryProcessor::new(config, Channel::email, settings, &registry).expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, config, &registry).expect("replayer");
+        let cmd = email_command(t0, "welcome");
+        let topic = config.send_topic(Channel::email);
+        let later = SendCommand {
+            send_id: "s-0".into(),
+            created_at: t0 + DAY,
+            valid_until: t0 + DAY - 1,
+            ..cmd.clone()
+        };
+        let mut out = Vec::new();
+        for c in [&later, &cmd] {
+            let payload = serde_json::to_vec(c).expect("encode");
+            out.extend(replayer.push(&topic, b"c1", &payload).expect("push"));
+        }
+        out.extend(replayer.commit().expect("commit"));
+        let outcomes = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+            .collect();
+        (outcomes, replayer, partition)
     }
 
     /// A worker retrying a send against a provider that does not answer tells its
