@@ -1432,34 +1432,28 @@ impl Config {
                         format!("{}: {message}", section("http.url")),
                     ));
                 }
+                fn is_name(v: &str) -> bool {
+                    reqwest::header::HeaderName::try_from(v).is_ok()
+                }
+                fn is_value(v: &str) -> bool {
+                    reqwest::header::HeaderValue::try_from(v).is_ok()
+                }
+                let name = (is_name as fn(&str) -> bool, "name");
                 let headers = [
-                    ("auth_header", http.auth_header.as_deref(), true),
-                    ("auth_value", http.auth_value.as_deref(), false),
+                    ("auth_header", http.auth_header.as_deref(), name),
                     (
-                        "idempotency_header",
-                        Some(http.idempotency_header.as_str()),
-                        true,
+                        "auth_value",
+                        http.auth_value.as_deref(),
+                        (is_value, "value"),
                     ),
+                    ("idempotency_header", Some(&*http.idempotency_header), name),
                 ];
-                for (key, value, is_name) in headers {
-                    let Some(value) = value else { continue };
-                    let valid = if is_name {
-                        reqwest::header::HeaderName::from_bytes(value.as_bytes()).is_ok()
-                    } else {
-                        reqwest::header::HeaderValue::from_str(value).is_ok()
-                    };
-                    if !valid {
-                        let what = if is_name {
-                            "header name"
-                        } else {
-                            "header value"
-                        };
+                for (key, value, (valid, what)) in headers {
+                    if !value.is_none_or(valid) {
+                        let field = section(&format!("http.{key}"));
                         return Err(fail(
                             ("http", key),
-                            format!(
-                                "{}: not a valid HTTP {what}",
-                                section(&format!("http.{key}"))
-                            ),
+                            format!("{field}: not a valid HTTP header {what}"),
                         ));
                     }
                 }

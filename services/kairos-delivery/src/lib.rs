@@ -889,12 +889,36 @@ impl DeliveryProcessor {
         }
     }
 
-    /// A send that a crash cut short and that ends now without a call (consent
-    /// withdrawn, expired, its template broken since) drops its write-ahead records
-    /// too, or they would stay for good.
-    fn forget_cut_attempt(&self, ctx: &mut Ctx<'_>, send_id: &str) -> anyhow::Result<()> {
-        if self.provider.is_some() && ctx.get::<Millis>(&format!("w/{send_id}"))?.is_some() {
-            self.forget_attempt(ctx, send_id);
+    /// A send that ends without a call (consent withdrawn, address dead, expired,
+    /// template broken): failed with `reason`. One whose attempt a crash cut short
+    /// drops its write-ahead records too, or they would stay for good; if that attempt
+    /// was an HTTP request, the gateway may hold it (no "." tells, as in SMTP): it is
+    /// sent and in doubt, not failed.
+    fn end_without_call(
+        &self,
+        ctx: &mut Ctx<'_>,
+        cmd: &SendCommand,
+        send: &SendSummary,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        let cut =
+            self.provider.is_some() && ctx.get::<Millis>(&format!("w/{}", cmd.send_id))?.is_some();
+        let (kind, reason) = if cut && matches!(self.provider, Some(Provider::Http(_))) {
+            self.metrics
+                .in_doubt
+                .with_label_values(&[self.channel.as_str()])
+                .inc();
+            let doubt = format!(
+                "in_doubt: a crash cut a request to the gateway short, which may hold it; \
+                 then {reason}; not repeated"
+            );
+            (OutcomeKind::sent, doubt)
+        } else {
+            (OutcomeKind::failed, reason)
+        };
+        self.emit_outcome(ctx, send, kind, Some(reason), ctx.now());
+        if cut {
+            self.forget_attempt(ctx, &cmd.send_id);
         }
         Ok(())
     }
@@ -1128,19 +1152,6 @@ impl Processor for DeliveryProcessor {
         if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
             return Ok(());
         }
-        // An HTTP request a crash cut short may have reached the gateway (no "." tells,
-        // as in SMTP): a send that now ends without a call is in doubt, not failed.
-        let cut_http_call = matches!(self.provider, Some(Provider::Http(_)))
-            && ctx.get::<Millis>(&format!("w/{}", cmd.send_id))?.is_some();
-        let not_made = |reason: String| {
-            match cut_http_call {
-            true => (
-                OutcomeKind::sent,
-                format!("in_doubt: a crash cut a request to the gateway short, which may hold it; then {reason}; not repeated"),
-            ),
-            false => (OutcomeKind::failed, reason),
-        }
-        };
         // The address bounced hard after the decision, while the command waited, or
         // the customer withdrew consent.
         let blocked = match dead_address(ctx, cmd)? {
@@ -1169,17 +1180,7 @@ impl Processor for DeliveryProcessor {
         };
         let message = match rendered {
             Ok(m) => m,
-            Err(reason) => {
-                let (kind, reason) = not_made(reason);
-                if cut_http_call {
-                    self.metrics
-                        .in_doubt
-                        .with_label_values(&[self.channel.as_str()])
-                        .inc();
-                }
-                self.emit_outcome(ctx, &send, kind, Some(reason), now);
-                return self.forget_cut_attempt(ctx, &cmd.send_id);
-            }
+            Err(reason) => return self.end_without_call(ctx, cmd, &send, reason),
         };
         if self.in_app() {
             let kept = inbox::store(ctx, cmd, &message)?;

@@ -240,45 +240,45 @@ impl IdentityProcessor {
     }
 
     /// Normalizes an identifier field in place (the event goes on with the normal
-    /// form) and returns it; an empty field is no identifier, an invalid one rejects
-    /// the event.
+    /// form) and returns it; an empty field is no identifier.
+    fn normalize_field(
+        &self,
+        kind: IdentifierKind,
+        field: &mut Option<String>,
+    ) -> Result<Option<Identifier>, InvalidIdentifier> {
+        let Some(raw) = field.as_deref().filter(|r| !r.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let id = self.normalizer.normalize(kind, raw)?;
+        *field = Some(id.value.clone());
+        Ok(Some(id))
+    }
+
+    /// [`Self::normalize_field`] for an id that keys state: an invalid one rejects the
+    /// event.
     fn normalize(
         &self,
         kind: IdentifierKind,
         field: &mut Option<String>,
     ) -> Result<Option<Identifier>, Rejection> {
-        let Some(raw) = field.as_deref().filter(|r| !r.trim().is_empty()) else {
-            return Ok(None);
-        };
-        let id = self
-            .normalizer
-            .normalize(kind, raw)
-            .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))?;
-        *field = Some(id.value.clone());
-        Ok(Some(id))
+        self.normalize_field(kind, field)
+            .map_err(|e| Rejection::new(DeadLetterReason::invalid_field, e.to_string()))
     }
 
-    /// [`Self::normalize`] for an identifier that only links (a contact, a card): an
-    /// invalid one is taken off the event, which goes on without it (a
-    /// receipt whose till phone was mistyped still counts), and is kept in `dropped`.
+    /// [`Self::normalize_field`] for an identifier that only links (a contact, a card):
+    /// an invalid one is taken off the event, which goes on without it (a receipt
+    /// whose till phone was mistyped still counts), and is kept in `dropped`.
     fn normalize_link(
         &self,
         kind: IdentifierKind,
         field: &mut Option<String>,
         dropped: &mut Vec<InvalidIdentifier>,
     ) -> Option<Identifier> {
-        let raw = field.as_deref().filter(|r| !r.trim().is_empty())?;
-        match self.normalizer.normalize(kind, raw) {
-            Ok(id) => {
-                *field = Some(id.value.clone());
-                Some(id)
-            }
-            Err(invalid) => {
-                *field = None;
-                dropped.push(invalid);
-                None
-            }
-        }
+        self.normalize_field(kind, field).unwrap_or_else(|invalid| {
+            *field = None;
+            dropped.push(invalid);
+            None
+        })
     }
 
     /// Counts and logs (the 1st, 2nd, 4th, 8th... of them) identifiers taken off an
