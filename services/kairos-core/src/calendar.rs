@@ -86,6 +86,13 @@ pub fn start_of_next_local_day(at: Millis, tz: Tz) -> Option<Millis> {
     to_utc(tz, next.and_hms_opt(0, 0, 0)?)
 }
 
+/// The first instant of the local year after the one `at` falls in, in `tz`.
+pub fn start_of_next_local_year(at: Millis, tz: Tz) -> Option<Millis> {
+    let local = chrono::DateTime::from_timestamp_millis(at)?.with_timezone(&tz);
+    let next = NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)?;
+    to_utc(tz, next.and_hms_opt(0, 0, 0)?)
+}
+
 /// The customer's zone, UTC when unknown or invalid.
 pub fn zone(name: Option<&str>) -> Tz {
     zone_or(name, chrono_tz::UTC)

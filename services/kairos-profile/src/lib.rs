@@ -625,6 +625,22 @@ impl ProfileProcessor {
         calendar::zone_or(p.time_zone.as_deref(), self.default_zone)
     }
 
+    /// From when a yearly date moved by a change (a zone, a birthday, a merge) is
+    /// armed again: a tolerance before `now`, so a moment the change put behind still
+    /// greets late, but not within the local year of the customer's last greeting (the
+    /// date's first step, kept in `armed` under the scenario's name). One greeting a
+    /// year is what the trigger id (`birthday-2026`) allows a customer; this keeps it
+    /// so for a person whose merged profile was greeted under its own id, and for a
+    /// zone whose moment comes later than the one greeted.
+    fn yearly_rearm_since(&self, s: &ScenarioConfig, p: &CustomerProfile, now: Millis) -> Millis {
+        let since = now.saturating_sub(ms(s.tolerance()));
+        match p.armed.get(s.name.as_str()) {
+            Some(&greeted) => calendar::start_of_next_local_year(greeted, self.zone_of(p))
+                .map_or(since, |next_year| since.max(next_year - 1)),
+            None => since,
+        }
+    }
+
     /// Arms the next birthday or registration anniversary after `after`, in the
     /// customer's zone.
     fn schedule_yearly(
@@ -998,14 +1014,13 @@ impl ProfileProcessor {
             // tolerance; a greeting sent already has the same id (one per year), which
             // the arbiter drops.
             let now = ctx.now().max(e.occurred_at);
-            let since = |s: &ScenarioConfig| now.saturating_sub(ms(s.tolerance()));
             for s in self.scenarios(ScenarioKind::Birthday).iter() {
-                self.schedule_yearly(ctx, s, &p, since(s))?;
+                self.schedule_yearly(ctx, s, &p, self.yearly_rearm_since(s, &p, now))?;
             }
             // The anniversary is a local date and time too: a new zone moves it.
             if p.time_zone != birthday_before.1 && p.registered_at.is_some() {
                 for s in self.scenarios(ScenarioKind::RegistrationAnniversary).iter() {
-                    self.schedule_yearly(ctx, s, &p, since(s))?;
+                    self.schedule_yearly(ctx, s, &p, self.yearly_rearm_since(s, &p, now))?;
                 }
             }
         }
@@ -1364,6 +1379,16 @@ impl ProfileProcessor {
         };
         let wishes_before = p.wishlist.clone();
         p.absorb(merged);
+        // When the merged customer was last greeted on a yearly date: the person was,
+        // and a re-arm below or a zone change later today must not greet again.
+        for s in self.config.scenarios.iter().filter(|s| is_yearly(s.kind)) {
+            let name = s.name.as_str();
+            if let Some(&greeted) = armed.get(name) {
+                if p.armed.get(name).is_none_or(|&mine| mine < greeted) {
+                    p.armed.insert(name.into(), greeted);
+                }
+            }
+        }
         // A wish of the survivor's that the merged customer took off later is off.
         let taken_off: Vec<Product> = wishes_before
             .into_iter()
@@ -1468,9 +1493,8 @@ impl ProfileProcessor {
                 for s in self.scenarios(kind).iter() {
                     // As for a zone change in an event: a moment the merge put behind
                     // (the merged zone's morning is over) still greets, late within
-                    // the tolerance.
-                    let since = now.saturating_sub(ms(s.tolerance()));
-                    self.schedule_yearly(ctx, s, &p, since)?;
+                    // the tolerance, unless either profile was greeted since.
+                    self.schedule_yearly(ctx, s, &p, self.yearly_rearm_since(s, &p, now))?;
                 }
             }
         }
@@ -2535,7 +2559,7 @@ impl ProfileProcessor {
                     // version that took UTC for a customer without one): this year's
                     // moment in the customer's zone may be a tolerance ago at most, as
                     // for a zone change; a greeting sent already has the same id.
-                    let since = timer.fire_at.saturating_sub(ms(s.tolerance()));
+                    let since = self.yearly_rearm_since(s, p, timer.fire_at);
                     self.schedule_yearly(ctx, s, p, since)?;
                     return Ok(());
                 }
@@ -2641,6 +2665,10 @@ impl ProfileProcessor {
         if s.kind.is_restartable_wait() {
             p.wait_step_fired_at
                 .insert(s.name.as_str().into(), timer.fire_at);
+        }
+        if emitted && is_yearly(s.kind) && t.step == 0 {
+            // Greeted: see `yearly_rearm_since`.
+            p.armed.insert(s.name.as_str().into(), timer.fire_at);
         }
         if !emitted {
             // A step skipped as late ends the chain: no welcome_2 without welcome.
@@ -3105,11 +3133,12 @@ fn schedule_reactivation(
 /// Ends the scenario's pending wait or chain: its timer never fires.
 fn stop_wait(ctx: &mut Ctx<'_>, s: &ScenarioConfig, p: &mut CustomerProfile) -> anyhow::Result<()> {
     p.waits.remove(s.name.as_str());
-    p.armed.remove(s.name.as_str());
     if is_yearly(s.kind) {
-        // Only the pending follow-up steps: next year's date stays.
+        // Only the pending follow-up steps: next year's date stays, and so does when
+        // the customer was greeted (`yearly_rearm_since`).
         ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
     } else {
+        p.armed.remove(s.name.as_str());
         ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
     }
     Ok(())

@@ -3898,6 +3898,35 @@ fn a_merge_that_puts_the_birthday_moment_behind_still_greets_today() {
     assert_eq!(fired[0]["contacts"]["time_zone"], "Asia/Tokyo");
 }
 
+/// A merge on the birthday after the merged profile was greeted does not greet the
+/// person again under the survivor's id, nor does a zone change later that day; next
+/// year the survivor is greeted.
+#[test]
+fn a_merge_after_the_birthday_greeting_does_not_greet_the_person_again() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "gb-1", "event_type": "profile_update",
+        "occurred_at": t, "customer_id": "gb2",
+        "profile": {"birthday": "1990-03-10", "time_zone": "Europe/Berlin"}}));
+    h.identified_site(json!({"event_id": "gb-2", "event_type": "profile_update",
+        "occurred_at": t, "customer_id": "gb", "profile": {"first_name": "Gabi"}}));
+    let merged = at("2026-03-10T10:00:00Z");
+    h.advance(merged - MINUTE);
+    assert_eq!(h.triggers("gb2", "birthday").len(), 1, "10:00 in Berlin");
+    h.merge("m-gb", "gb2", "gb", merged);
+    // London's 10:00 is behind at 11:00Z, within the tolerance.
+    h.identified_site(json!({"event_id": "gb-3", "event_type": "profile_update",
+        "occurred_at": merged + HOUR, "customer_id": "gb",
+        "profile": {"time_zone": "Europe/London"}}));
+    h.advance(at("2026-03-11T12:00:00Z"));
+    let today = h.triggers("gb", "birthday");
+    assert!(today.is_empty(), "greeted as gb2 today: {today:#?}");
+    h.advance(at("2027-03-11T12:00:00Z"));
+    let fired = h.triggers("gb", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2027-03-10T10:00:00Z"));
+}
+
 fn identified_harness() -> Harness {
     identified_harness_with("")
 }
