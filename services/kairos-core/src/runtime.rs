@@ -114,6 +114,10 @@ pub trait Processor: Send + 'static {
     /// anything cached for it.
     fn on_partition_closed(&mut self, _partition: i32) {}
 
+    /// Every few seconds, also without input: gauges that change with time alone (a
+    /// circuit breaker's open window ending) show it without waiting for a record.
+    fn refresh_gauges(&self) {}
+
     /// True for a processor whose state is one whole (the identity graph: any two
     /// events may link, whatever partitions they came in on). Its state lives in state
     /// partition 0 and its applied offsets are kept per input partition, so one
@@ -1497,6 +1501,7 @@ impl<P: Processor> Engine<P> {
         let size: u64 = self.parts.values().map(|p| p.store.size_bytes()).sum();
         self.metrics.timers_pending.set(timers);
         self.metrics.state_size.set(size as i64);
+        self.processor.refresh_gauges();
     }
 
     /// Direct access to a partition's committed state (for tools and tests).
@@ -4112,6 +4117,52 @@ mod tests {
         let mut engine = Engine::new(processor, &config, metrics).unwrap();
         engine.open(0).unwrap();
         (dir, config, engine)
+    }
+
+    /// Counts the runtime's calls to refresh its gauges.
+    #[derive(Default)]
+    struct GaugesWithTime {
+        refreshed: std::sync::atomic::AtomicU32,
+    }
+
+    impl Processor for GaugesWithTime {
+        type Input = ();
+        fn name(&self) -> &str {
+            "gauges-with-time"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
+            Ok(())
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, _: &mut Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn refresh_gauges(&self) {
+            self.refreshed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The runtime's periodic gauge refresh (also without input) reaches the
+    /// processor's gauges that change with time alone.
+    #[test]
+    fn the_state_gauges_refresh_refreshes_the_processor_s_gauges_too() {
+        let (_dir, _config, engine) = engine_on_partition_0(GaugesWithTime::default());
+        engine.update_gauges();
+        engine.update_gauges();
+        let refreshed = engine
+            .processor
+            .refreshed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(refreshed, 2);
     }
 
     /// Rejects every input.

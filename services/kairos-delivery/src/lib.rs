@@ -53,7 +53,7 @@ pub mod templates;
 pub mod webhook;
 
 use provider::{Provider, ProviderError};
-use retry::{BreakerState, CircuitBreaker};
+use retry::CircuitBreaker;
 use templates::{RenderedMessage, TemplateSet};
 
 /// The value of a send's commit-point record (`k/<send id>`) once the server refused
@@ -665,7 +665,7 @@ impl DeliveryProcessor {
     }
 
     fn show_breaker(&self, labels: &[&str; 2]) {
-        let open = matches!(self.breaker.state(), BreakerState::Open(_));
+        let open = self.breaker.is_open(Instant::now());
         self.metrics
             .circuit_open
             .with_label_values(labels)
@@ -1066,6 +1066,14 @@ impl Processor for DeliveryProcessor {
     /// Provider-call records go to the changelog before each call.
     fn writes_ahead(&self) -> bool {
         true
+    }
+
+    /// The breaker's gauge falls back to 0 once `open_for` is over, whether or not a
+    /// send comes to try the provider again.
+    fn refresh_gauges(&self) {
+        if let Some(provider) = &self.provider {
+            self.show_breaker(&[self.channel.as_str(), provider.name()]);
+        }
     }
 
     fn inputs(&self) -> Vec<String> {
@@ -1600,6 +1608,7 @@ mod tests {
                     "KAIROS__DELIVERY__EMAIL__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
                     "3",
                 ),
+                ("KAIROS__DELIVERY__EMAIL__CIRCUIT_BREAKER__OPEN_FOR", "2s"),
             ],
         );
         let admin = AdminState::new(prometheus::Registry::new());
@@ -1644,10 +1653,19 @@ mod tests {
             .await;
         assert!(matches!(delivery, Delivery::HardBounce(_)), "{delivery:?}");
         assert!(
-            matches!(processor.breaker.state(), BreakerState::Open(_)),
+            matches!(processor.breaker.state(), retry::BreakerState::Open(_)),
             "{:?}",
             processor.breaker.state()
         );
+        // Once `open_for` is over, the gauge says so without another send (the
+        // runtime refreshes gauges every few seconds).
+        processor.refresh_gauges();
+        assert!(admin.render_metrics().contains(open), "still open");
+        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        processor.refresh_gauges();
+        let closed = "kairos_provider_circuit_open{channel=\"email\",provider=\"smtp\"} 0";
+        let text = admin.render_metrics();
+        assert!(text.contains(closed), "{closed} in {text}");
     }
 
     /// Once an attempt may have left the message with the gateway (a 409 for its

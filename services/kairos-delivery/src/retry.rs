@@ -69,6 +69,12 @@ impl CircuitBreaker {
         self.state
     }
 
+    /// True while the breaker keeps requests away: open, and `open_for` not over (after
+    /// it, the next request is the trial).
+    pub fn is_open(&self, now: Instant) -> bool {
+        matches!(self.state, BreakerState::Open(until) if now < until)
+    }
+
     /// How long to wait before a request may go (zero when it may go now).
     pub fn wait(&mut self, now: Instant) -> Duration {
         let held = match self.held_until {
