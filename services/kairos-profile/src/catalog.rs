@@ -94,6 +94,17 @@ impl News {
             && (wished || (self.kind == ProductOccasionKind::price_drop && at >= window))
     }
 
+    /// Whether the announcement is still true of the product as it is now: not for a
+    /// product sold out since, nor for a drop whose price rose since. Interest that
+    /// reaches the join late hears only of what still holds.
+    fn still_holds(&self, price: Option<f64>, in_stock: Option<bool>) -> bool {
+        in_stock != Some(false)
+            && match (self.kind, price, self.new_price) {
+                (ProductOccasionKind::price_drop, Some(now), Some(announced)) => now <= announced,
+                _ => true,
+            }
+    }
+
     fn occasion_for(&self, product_id: &str, customer: &str) -> ProductOccasion {
         ProductOccasion {
             occasion_id: occasion_id(&self.event_id, product_id, customer, self.kind),
@@ -392,6 +403,12 @@ impl CatalogJoin {
             product.in_stock = in_stock;
             product.stock_at = Some(u.occurred_at);
         }
+        let (now_price, now_in_stock) = (product.price, product.in_stock);
+        let told = product.news.len();
+        product
+            .news
+            .retain(|n| n.still_holds(now_price, now_in_stock));
+        let withdrawn = product.news.len() < told;
         for (kind, old, new) in &occasions {
             product.news.retain(|n| n.kind != *kind);
             product.news.push(News {
@@ -404,13 +421,16 @@ impl CatalogJoin {
             });
         }
         ctx.put(&key, &product)?;
-        if occasions.is_empty() {
+        if occasions.is_empty() && !withdrawn {
             return Ok(());
         }
         self.news.entry(ctx.partition).or_default().insert(
             CompactString::from(u.product_id.as_str()),
             product.news.clone(),
         );
+        if occasions.is_empty() {
+            return Ok(());
+        }
         // Only this product's audience is read.
         let fresh_after = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
         let mut audience: std::collections::BTreeMap<String, Interest> = Default::default();

@@ -2426,6 +2426,74 @@ fn interest_from_before_a_catalog_change_that_arrives_after_it_is_greeted() {
     assert!(h.triggers("lw2", "back_in_stock").is_empty(), "viewed only");
 }
 
+/// An announcement that no longer holds is not told to interest that reaches the join
+/// late: a return to stock sold out again, a drop whose price rose since (a customer
+/// would be told of a price or a stock the shop no longer has).
+#[test]
+fn interest_arriving_late_hears_nothing_of_a_change_undone_since() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    for (id, in_stock) in [("p8", false), ("p9", true)] {
+        h.catalog(
+            &format!("undone-cat-{id}"),
+            id,
+            t,
+            json!({"name": "Kettle", "price": 100.0, "in_stock": in_stock}),
+        );
+    }
+    // p8 back in stock and cheaper, then sold out; p9 cheaper, then dearer again.
+    h.catalog(
+        "undone-8a",
+        "p8",
+        t + 2 * HOUR,
+        json!({"price": 80.0, "in_stock": true}),
+    );
+    h.catalog(
+        "undone-8b",
+        "p8",
+        t + 150 * MINUTE,
+        json!({"in_stock": false}),
+    );
+    h.catalog("undone-9a", "p9", t + 2 * HOUR, json!({"price": 80.0}));
+    h.catalog("undone-9b", "p9", t + 150 * MINUTE, json!({"price": 120.0}));
+    for (id, customer) in [("p8", "ul8"), ("p9", "ul9")] {
+        h.site(
+            &format!("undone-wish-{id}"),
+            "wishlist_add",
+            customer,
+            t + HOUR,
+            json!({"product": product(id, 100.0)}),
+        );
+        h.site(
+            &format!("undone-view-{id}"),
+            "product_view",
+            customer,
+            t + HOUR,
+            json!({"product": product(id, 100.0)}),
+        );
+    }
+    h.advance(t + 3 * HOUR);
+    for customer in ["ul8", "ul9"] {
+        for scenario in ["back_in_stock", "price_drop"] {
+            let fired = h.triggers(customer, scenario);
+            assert!(fired.is_empty(), "{customer} {scenario}: {fired:#?}");
+        }
+    }
+    // A drop that still holds is told late, as before.
+    h.catalog("undone-9c", "p9", t + 4 * HOUR, json!({"price": 90.0}));
+    h.site(
+        "undone-view-late",
+        "product_view",
+        "ul10",
+        t + 3 * HOUR,
+        json!({"product": product("p9", 120.0)}),
+    );
+    h.advance(t + 5 * HOUR);
+    let drops = h.triggers("ul10", "price_drop");
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    assert_eq!(vars(&drops[0])["new_price"], 90.0);
+}
+
 #[test]
 fn a_wish_the_full_wishlist_pushed_out_gets_no_more_price_drops() {
     let t = at(T0);
