@@ -2368,6 +2368,9 @@ pub struct RestoreStats {
     /// Records left out as written by an owner after another had claimed the
     /// partition (see [`crate::store::claim_key`]).
     pub fenced_out: u64,
+    /// Records of a commit applied before its end marker was read, because the commit
+    /// was more than a restore holds in memory (see [`SPILL_AFTER`]).
+    pub spilled: u64,
     pub kind: RestoreKind,
 }
 
@@ -2835,6 +2838,13 @@ fn restore_once(
     // epoch, so a left-out record that is a key's last would one day be all that is
     // left of it. A new owner writes the key's value again after it (see below).
     let mut fenced_keys: Vec<Vec<u8>> = Vec::new();
+    // Records waiting for their end marker are applied once there are more than
+    // `SPILL_AFTER`, with each key's value from before kept here, to be put back if the
+    // marker never comes. Compaction keeps a key's last record only, so of the
+    // markers under one key only the newest is left: everything compacted waits for
+    // it, and holding those values would hold the partition's whole state in memory.
+    // Here only keys (their earlier values are mostly none in a rebuild) are held.
+    let mut spilled: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     // A clean close ended on a whole commit, so nothing waits at its end either.
     stats.records_read += read(from, &mut |r| {
         if r.key.starts_with(CLAIM_PREFIX) {
@@ -2853,20 +2863,40 @@ fn restore_once(
         }
         let is_marker = r.in_commit && r.key == META_COMMIT_END;
         if r.write_ahead {
-            if !waiting.is_empty() {
+            if !waiting.is_empty() || !spilled.is_empty() {
                 write_ahead_after_waiting.push((r.key.clone(), r.value.clone()));
+            }
+            // Whatever becomes of the commit, this value stands after it.
+            if let Some(before) = spilled.get_mut(&r.key) {
+                before.clone_from(&r.value);
             }
             ready.push((r.key, r.value));
         } else if r.in_commit {
             waiting.push((r.key, r.value));
         } else {
+            spilled.clear();
             ready.append(&mut waiting);
             ready.append(&mut write_ahead_after_waiting);
             ready.push((r.key, r.value));
         }
         if is_marker {
+            spilled.clear();
             ready.append(&mut waiting);
             ready.append(&mut write_ahead_after_waiting);
+        } else if waiting.len() >= SPILL_AFTER {
+            // In order: what is ready, then the waiting records over their keys'
+            // values from before, then the write-ahead records that came after them.
+            store.apply_changelog(&ready)?;
+            stats.applied += ready.len() as u64;
+            ready.clear();
+            for (key, _) in &waiting {
+                if !spilled.contains_key(key) {
+                    spilled.insert(key.clone(), store.raw_get(key)?);
+                }
+            }
+            stats.spilled += waiting.len() as u64;
+            ready.append(&mut waiting);
+            ready.extend(write_ahead_after_waiting.iter().cloned());
         }
         if ready.len() >= RESTORE_CHUNK {
             store.apply_changelog(&ready)?;
@@ -2877,8 +2907,18 @@ fn restore_once(
     })?;
     store.apply_changelog(&ready)?;
     stats.applied += ready.len() as u64;
+    // A commit applied in part whose end never came: its keys' earlier values back.
+    let put_back: Vec<(Vec<u8>, Option<Vec<u8>>)> = spilled.into_iter().collect();
+    store.apply_changelog(&put_back)?;
     store.finish_restore()?;
-    let torn_keys: Vec<Vec<u8>> = waiting.into_iter().map(|(key, _)| key).collect();
+    let mut torn_keys: Vec<Vec<u8>> = put_back.into_iter().map(|(key, _)| key).collect();
+    let spilled_keys: std::collections::HashSet<Vec<u8>> = torn_keys.iter().cloned().collect();
+    torn_keys.extend(
+        waiting
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| !spilled_keys.contains(key)),
+    );
     let repair = torn == TornCommit::Undo && !(torn_keys.is_empty() && fenced_keys.is_empty());
     let end = if repair {
         before_undo();
@@ -2976,6 +3016,10 @@ fn changelog_watermarks(
 
 /// Records a restore applies in one write.
 const RESTORE_CHUNK: usize = 10_000;
+
+/// Records of one commit a restore holds in memory before it applies them ahead of
+/// the commit's end marker (keeping their keys' earlier values to put back).
+pub const SPILL_AFTER: usize = 2_000;
 
 /// Writes, after a torn commit's records (and records a restore left out as a former
 /// owner's), the values the restored store holds for their keys (a tombstone where it

@@ -14,7 +14,7 @@ use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
     check_changelog_tail, publish, publish_fenced, put_ahead, restore_partition, write_again,
     ChangelogReader, OutputDeadLetters, OwnSpan, PartitionClaimed, ProducerWriteAhead, Published,
-    RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
+    RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE, SPILL_AFTER,
 };
 use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -443,6 +443,73 @@ fn a_torn_commit_larger_than_the_first_look_back_is_found_too() {
             .expect("offset"),
         Some(0)
     );
+}
+
+/// A commit of more records than a restore holds in memory (as compaction leaves
+/// every record before the last end marker waiting for it) is applied as it is read,
+/// and all of it stands once its marker comes; one whose marker never came is taken
+/// back, each key to its value from before, and stays taken back for later restores.
+#[test]
+fn a_commit_larger_than_a_restore_holds_is_applied_whole_or_not_at_all() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (_a_dir, mut a_store) = fresh_store();
+    let first = commit(
+        &mut a_store,
+        &[("c/first", "kept"), ("c/00007", "before")],
+        0,
+        "first",
+    );
+    assert!(broker.publish(first, &never).iter().all(|o| *o >= 0));
+    let n = SPILL_AFTER + 500;
+    let keys: Vec<String> = (0..n).map(|i| format!("c/{i:05}")).collect();
+    let puts: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "whole")).collect();
+    let whole = commit(&mut a_store, &puts, 1, "second");
+    assert!(broker.publish(whole, &never).iter().all(|o| *o >= 0));
+    let (_b_dir, b_store, stats) = restored_with_stats(&broker);
+    assert!(stats.spilled >= SPILL_AFTER as u64, "{stats:?}");
+    for key in ["c/first", "c/00000", "c/00007", &keys[n - 1]] {
+        let expected = if key == "c/first" { "kept" } else { "whole" };
+        assert_eq!(value(&b_store, key).as_deref(), Some(expected), "{key}");
+    }
+    drop(b_store);
+
+    // The same keys and as many new ones again, torn before the end marker.
+    let more: Vec<String> = (n..2 * n).map(|i| format!("c/{i:05}")).collect();
+    let puts: Vec<(&str, &str)> = keys
+        .iter()
+        .chain(&more)
+        .map(|k| (k.as_str(), "torn"))
+        .collect();
+    let mut torn: Vec<OutboxEntry> = commit(&mut a_store, &puts, 2, "third")
+        .into_iter()
+        .filter(|e| e.changelog)
+        .collect();
+    torn.pop();
+    broker.send_torn(&torn);
+    let (_c_dir, c_store, stats) = restored_with_stats(&broker);
+    assert!(stats.spilled >= SPILL_AFTER as u64 * 3, "{stats:?}");
+    let state = |store: &PartitionStore| {
+        ["c/first", "c/00007", &keys[n - 1], &more[0], &more[n - 1]].map(|k| value(store, k))
+    };
+    let expected = [
+        Some("kept".to_string()),
+        Some("whole".into()),
+        Some("whole".into()),
+        None,
+        None,
+    ];
+    assert_eq!(state(&c_store), expected);
+    assert_eq!(
+        c_store
+            .applied_offset(&Pending::default(), INPUT)
+            .expect("offset"),
+        Some(1)
+    );
+    drop(c_store);
+    // The undo written after the torn records holds for the next restore too.
+    let (_d_dir, d_store) = restored(&broker);
+    assert_eq!(state(&d_store), expected);
 }
 
 #[test]
