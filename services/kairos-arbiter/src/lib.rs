@@ -234,6 +234,12 @@ const MERGE_WAIT: Millis = 60_000;
 const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
 /// The rule of a trigger held by a running chain of higher priority.
 const MAIN_SCENARIO: &str = "main_scenario";
+/// How long a chain keeps the main-scenario slot after its last step was due, for
+/// that step to come through the profile and the triggers topic: freed at the due
+/// moment itself, a trigger waiting for the slot (its timer due then too) would go out
+/// just before the chain's last step and take its channel, gap or cap. A last step
+/// that never comes (the profile ended the chain) lets the waiters go this much later.
+const LAST_STEP_GRACE: Millis = 10 * MINUTE;
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
 /// The rule of what a forgotten (anonymous, expired) customer still had waiting.
@@ -393,6 +399,20 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// When the main-scenario slot frees unless the chain's last step frees it sooner:
+    /// [`LAST_STEP_GRACE`] after that step was due, or after a step of the chain
+    /// waiting in the queue (quiet hours, a cap) wakes.
+    fn main_frees_at(&self) -> Option<Millis> {
+        let m = self.main.as_ref()?;
+        let queued_step = self
+            .queued
+            .values()
+            .filter(|q| q.scenario == m.scenario && (m.chain.is_none() || q.chain == m.chain))
+            .filter_map(|q| q.wake_at)
+            .max();
+        Some(m.until.max(queued_step.unwrap_or(m.until)) + LAST_STEP_GRACE)
+    }
+
     /// A trigger is decided in the customer's newest time zone: one that waited (in the
     /// queue, or a cascade's later step) carries the zone of when it fired, and the
     /// customer may have moved since (a newer trigger said so). A trigger newer than
@@ -905,7 +925,10 @@ impl ArbiterProcessor {
             .retain(|_, (at, _)| now - *at < BOUNCE_WINDOW);
         // A chain past its end holds the slot no more (one switched off or removed
         // let go of it before the decision: see `decide_with_ledger`).
-        if ledger.main.as_ref().is_some_and(|m| m.until <= now) {
+        if ledger
+            .main_frees_at()
+            .is_some_and(|frees_at| frees_at <= now)
+        {
             ledger.main = None;
         }
         if let (Some(main), true) = (&ledger.main, marketing && self.is_mass(&t.scenario)) {
@@ -926,8 +949,9 @@ impl ArbiterProcessor {
                     "the {} chain (priority {}) holds the customer until {}; this trigger has priority {}",
                     main.scenario, main.priority, main.until, t.priority
                 );
+                let frees_at = ledger.main_frees_at().unwrap_or(main.until);
                 return match a.lower_priority {
-                    LowerPriority::Wait => Verdict::defer(main.until, MAIN_SCENARIO, reason),
+                    LowerPriority::Wait => Verdict::defer(frees_at, MAIN_SCENARIO, reason),
                     LowerPriority::Drop => {
                         Verdict::no(DecisionOutcome::suppressed, MAIN_SCENARIO, reason)
                     }
@@ -1102,7 +1126,7 @@ impl ArbiterProcessor {
         if t.category == MessageCategory::transactional {
             return false;
         }
-        let held_until = ledger.main.as_ref().map(|m| m.until);
+        let held_until = ledger.main_frees_at();
         let remaining = self
             .config
             .scenario(&t.scenario)
@@ -1134,7 +1158,7 @@ impl ArbiterProcessor {
         {
             ledger.main = None;
         }
-        let frees_at = ledger.main.as_ref().map_or(now, |m| m.until);
+        let frees_at = ledger.main_frees_at().unwrap_or(now);
         held_until.is_some_and(|held| frees_at < held)
     }
 
@@ -3393,6 +3417,46 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The slot of a chain whose last step waits in the queue (quiet hours, a cap) is
+    /// held until that step wakes, and the grace after: a waiter woken at the same
+    /// moment would go out before it. A queued trigger of another scenario or chain
+    /// instance holds nothing.
+    #[test]
+    fn a_chain_s_last_step_waiting_in_the_queue_keeps_its_slot() {
+        let queued = |scenario: &str, chain: &str, wake_at: Millis| Queued {
+            scenario: scenario.into(),
+            chain: Some(chain.into()),
+            wake_at: Some(wake_at),
+            ..Queued::default()
+        };
+        let mut ledger = CustomerLedger {
+            main: Some(MainScenario {
+                scenario: "onboarding".into(),
+                priority: 50,
+                until: 1_000,
+                cause_occurred_at: None,
+                chain: Some("onboarding/signup".into()),
+            }),
+            ..CustomerLedger::default()
+        };
+        assert_eq!(ledger.main_frees_at(), Some(1_000 + LAST_STEP_GRACE));
+        ledger
+            .queued
+            .insert("other".into(), queued("welcome", "welcome/x", 50_000));
+        ledger.queued.insert(
+            "older".into(),
+            queued("onboarding", "onboarding/old", 60_000),
+        );
+        assert_eq!(ledger.main_frees_at(), Some(1_000 + LAST_STEP_GRACE));
+        ledger.queued.insert(
+            "last".into(),
+            queued("onboarding", "onboarding/signup", 40_000),
+        );
+        assert_eq!(ledger.main_frees_at(), Some(40_000 + LAST_STEP_GRACE));
+        ledger.main = None;
+        assert_eq!(ledger.main_frees_at(), None);
+    }
 
     /// A cascade's later step delivered after its customer was merged away counts
     /// once towards the survivor's sunset, as it would have before the merge.

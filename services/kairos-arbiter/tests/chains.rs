@@ -7,7 +7,7 @@ mod common;
 
 use common::{Arbiter, T0};
 use kairos_core::contracts::{DecisionOutcome, MessageCategory, Trigger};
-use kairos_core::time::{DAY, HOUR};
+use kairos_core::time::{DAY, HOUR, MINUTE};
 
 const CHAINS: &str = r#"
 [[scenarios]]
@@ -76,7 +76,9 @@ fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
             "{d:#?}"
         );
     }
-    // The vip chain lets go at T0 + 3 days: one tips message, not three.
+    // The vip chain's last step, due at T0 + 3 days, never comes: the chain lets go
+    // ten minutes later (see `a_chain_whose_last_step_never_comes_lets_the_waiters_go_soon_after`):
+    // one tips message, not three.
     a.advance_to(T0 + 3 * DAY + HOUR);
     let tips_sent = |a: &Arbiter| -> Vec<(String, i64)> {
         a.sends
@@ -85,15 +87,18 @@ fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
             .map(|s| (s.template.clone(), s.created_at))
             .collect()
     };
-    assert_eq!(tips_sent(&a), [("tips".to_string(), T0 + 3 * DAY)]);
+    assert_eq!(
+        tips_sent(&a),
+        [("tips".to_string(), T0 + 3 * DAY + 10 * MINUTE)]
+    );
     // Then a day apart, in order.
     a.advance_to(T0 + 8 * DAY);
     assert_eq!(
         tips_sent(&a),
         [
-            ("tips".to_string(), T0 + 3 * DAY),
-            ("tips_2".to_string(), T0 + 4 * DAY),
-            ("tips_3".to_string(), T0 + 5 * DAY),
+            ("tips".to_string(), T0 + 3 * DAY + 10 * MINUTE),
+            ("tips_2".to_string(), T0 + 4 * DAY + 10 * MINUTE),
+            ("tips_3".to_string(), T0 + 5 * DAY + 10 * MINUTE),
         ]
     );
     for step in 0..3 {

@@ -186,6 +186,8 @@ fn a_running_chain_holds_the_customer_against_lower_priorities() {
         let mut t = a.trigger_of(id, "onboarding", TRIGGER, at);
         t.step = n;
         t.priority = 50;
+        t.cause_event_id = Some("signup".into());
+        t.cause_occurred_at = T0;
         t
     };
     let t = step(&a, "on0", 0, T0);
@@ -217,9 +219,35 @@ fn a_running_chain_holds_the_customer_against_lower_priorities() {
     assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
     a.advance_to(T0 + 2 * DAY - 1);
     assert_eq!(a.decisions_of("low").len(), 1, "still held by the chain");
-    // The last step is due at T0 + 2 days: the chain lets go.
+    // The last step is due at T0 + 2 days: the waiter does not go before it (it takes
+    // a moment through the profile and the triggers topic).
     a.advance_to(T0 + 2 * DAY);
+    assert_eq!(a.decisions_of("low").len(), 1, "held for the last step");
+    let t = step(&a, "on2", 2, T0 + 2 * DAY + MINUTE);
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    // Its send frees the slot: the waiter goes at once, after it.
+    a.advance_to(T0 + 2 * DAY + MINUTE);
     let last = *a.decisions_of("low").last().expect("decided again");
+    assert_eq!(last.outcome, DecisionOutcome::sent, "{last:#?}");
+    assert_eq!(last.decided_at, T0 + 2 * DAY + MINUTE);
+}
+
+/// A chain whose last step never comes (the profile ended it) lets the waiters go a
+/// grace of ten minutes after the step was due.
+#[test]
+fn a_chain_whose_last_step_never_comes_lets_the_waiters_go_soon_after() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
+    let mut first = a.trigger_of("ln0", "onboarding", TRIGGER, T0);
+    first.priority = 50;
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::sent);
+    let mut low = a.trigger_of("ln-low", "welcome", TRIGGER, T0 + 3 * HOUR);
+    low.priority = 40;
+    low.valid_until = T0 + 3 * DAY;
+    assert_eq!(a.push_trigger(&low).outcome, DecisionOutcome::deferred);
+    a.advance_to(T0 + 2 * DAY + 10 * MINUTE - 1);
+    assert_eq!(a.decisions_of("ln-low").len(), 1, "still held");
+    a.advance_to(T0 + 2 * DAY + 10 * MINUTE);
+    let last = *a.decisions_of("ln-low").last().expect("decided again");
     assert_eq!(last.outcome, DecisionOutcome::sent, "{last:#?}");
 }
 
