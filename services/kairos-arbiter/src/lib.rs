@@ -2279,6 +2279,7 @@ impl ArbiterProcessor {
                     self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
                         || (online
                             && self.is_restartable_wait(&q.scenario)
+                            && self.ends_on_purchase(&q.scenario)
                             && q.cause_occurred_at <= at.saturating_add(PURCHASE_CLOCK_SKEW))
                 })?;
                 // After the exclusions, so only what survived them is decided again.

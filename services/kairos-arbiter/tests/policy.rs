@@ -1549,6 +1549,39 @@ fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder()
     }
 }
 
+/// A cart scenario configured to go on after a purchase (`exit_on_purchase = false`,
+/// an upsell to the cart) is not cancelled by one while it waits for the morning,
+/// whatever the device's clock.
+#[test]
+fn a_queued_cart_message_that_a_purchase_does_not_end_stays_queued() {
+    let mut a = Arbiter::with_config_and_scenarios(
+        "quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"",
+        r#"
+[[scenarios]]
+name = "cart_upsell"
+kind = "abandoned_cart"
+channels = ["email"]
+template = "upsell"
+delay = "1h"
+exit_on_purchase = false
+"#,
+    );
+    a.time_zone = Some("UTC".into());
+    let mut t = a.trigger_of(
+        "up",
+        "cart_upsell",
+        MessageCategory::trigger,
+        at("2026-01-05T22:50:00Z"),
+    );
+    t.cause_occurred_at = at("2026-01-05T21:50:00Z");
+    assert_eq!(a.push_trigger(&t).rule, "quiet_hours");
+    a.purchase("up-buy", at("2026-01-05T21:49:00Z"));
+    a.advance_to(at("2026-01-06T09:00:00Z"));
+    let finals = a.finals_of("up");
+    assert_eq!(finals.len(), 1, "{finals:#?}");
+    assert_eq!(finals[0].outcome, DecisionOutcome::sent, "{finals:#?}");
+}
+
 /// A merged customer leaves a forwarding ledger (for late triggers, bounces and
 /// unsubscribes). After the retention only the note stays: the addresses and the
 /// triggers decided go, and an unsubscribe from an old message still reaches the
