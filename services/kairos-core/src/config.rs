@@ -1392,6 +1392,22 @@ impl Config {
                 "must be between 0 and 100".into(),
             ));
         }
+        // The arbiter keeps a customer's sends for the rolling week's cap: a longer
+        // window would be held as a week without a word.
+        for (key, window) in [
+            ("min_gap", self.arbiter.min_gap),
+            ("conflict_window", self.arbiter.conflict_window),
+        ] {
+            if window > ARBITER_SENDS_KEPT {
+                return Err(fail_at(
+                    find_key_line(text, key),
+                    &format!("arbiter.{key}"),
+                    format!(
+                        "must be at most 7 days (the arbiter keeps a week of each customer's sends), not {window:?}"
+                    ),
+                ));
+            }
+        }
         for (channel, d) in &self.delivery {
             let section = |field: &str| format!("delivery.{channel}.{field}");
             // The key's line in `[delivery.<channel>.<sub>]`, or where `<sub>` is
@@ -2138,6 +2154,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// milliseconds (it would wrap into the past and fire at once).
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
 
+/// How long the arbiter keeps a customer's sends: the rolling week of the weekly cap.
+/// The minimum gap and the conflict window look back no further.
+const ARBITER_SENDS_KEPT: Duration = Duration::from_secs(7 * 86_400);
+
 /// The shortest wait of a cascade step.
 const MIN_CASCADE_WAIT: Duration = Duration::from_secs(60);
 
@@ -2417,6 +2437,19 @@ mod tests {
     }
 
     #[test]
+    fn a_minimum_gap_or_conflict_window_beyond_the_week_of_sends_kept_is_refused() {
+        for key in ["min_gap", "conflict_window"] {
+            let err = parse(&format!("[arbiter]\ndaily_cap = 2\n{key} = \"8d\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("test.toml:3:"), "{err}");
+            assert!(err.contains(&format!("arbiter.{key}")), "{err}");
+            assert!(err.contains("at most 7 days"), "{err}");
+            parse(&format!("[arbiter]\n{key} = \"7d\"\n")).expect("a week is allowed");
+        }
+    }
+
+    #[test]
     fn a_duration_beyond_ten_years_is_rejected_with_its_line() {
         let err = parse("[arbiter]\nmin_gap = \"1h\"\nconflict_window = \"20years\"\n")
             .unwrap_err()
@@ -2445,7 +2478,7 @@ mod tests {
             );
         }
         parse(&text.replace("9999999999d", "1m")).expect("a minute is allowed");
-        parse("[arbiter]\nconflict_window = \"3650days\"\n").expect("ten years is allowed");
+        parse("[arbiter]\noffer_repeat_window = \"3650days\"\n").expect("ten years is allowed");
         let err = Config::from_text(
             Path::new("t.toml"),
             "",
