@@ -1884,6 +1884,41 @@ impl ArbiterProcessor {
         why: &str,
         (caused_by, marketing_only): (Option<Millis>, bool),
     ) -> anyhow::Result<()> {
+        self.stop_cascades_but(
+            ctx,
+            ledger,
+            customer_id,
+            why,
+            (caused_by, marketing_only),
+            None,
+        )
+    }
+
+    /// [`Self::stop_all_cascades`] for a purchase at `bought`: a cascade of a message
+    /// the purchase itself causes (a post-purchase or post-delivery message, an
+    /// order's status: caused at or after it) goes on, whichever topic was read first.
+    fn stop_cascades_but(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        why: &str,
+        (caused_by, marketing_only): (Option<Millis>, bool),
+        bought: Option<Millis>,
+    ) -> anyhow::Result<()> {
+        let caused_by_purchase = |c: &Cascade| {
+            bought
+                .zip(c.cause_occurred_at)
+                .is_some_and(|(bought, cause)| cause >= bought)
+                && self.config.scenario(&c.scenario).is_some_and(|s| {
+                    matches!(
+                        s.kind,
+                        ScenarioKind::PostPurchase
+                            | ScenarioKind::PostDelivery
+                            | ScenarioKind::OrderUpdate
+                    )
+                })
+        };
         let cascades: Vec<(String, Cascade)> = ledger
             .cascades
             .iter()
@@ -1891,6 +1926,7 @@ impl ArbiterProcessor {
                 (Some(limit), Some(cause)) => cause <= limit,
                 _ => true,
             })
+            .filter(|(_, c)| !caused_by_purchase(c))
             .filter(|(_, c)| {
                 !(marketing_only && c.category == Some(MessageCategory::transactional))
             })
@@ -2265,7 +2301,7 @@ impl ArbiterProcessor {
                     false => at.saturating_add(PURCHASE_CLOCK_SKEW),
                 });
                 let scope = (caused_by, true);
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, scope)?;
+                self.stop_cascades_but(ctx, ledger, &a.customer_id, &why, scope, Some(at))?;
                 let why = format!("the customer bought at {at} while it waited");
                 // An online purchase checks out the cart that caused a cart or browse
                 // reminder, also when the device's clock puts it a little before the

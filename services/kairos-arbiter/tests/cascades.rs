@@ -200,6 +200,34 @@ fn a_till_sale_older_than_the_cascade_cause_does_not_stop_it() {
     assert_eq!(channels(&a), [Channel::email, Channel::push]);
 }
 
+/// A purchase does not stop the cascade of a message it caused itself (a thank-you
+/// after the order, read from the triggers topic before the purchase from the actions
+/// topic); a later purchase does.
+#[test]
+fn a_purchase_does_not_stop_the_cascade_of_the_message_it_caused() {
+    let thanks = r#"
+[[scenarios]]
+name = "thanks"
+kind = "post_purchase"
+channels = ["email", "push"]
+template = "thanks"
+delay = "1m"
+cascade = ["1h"]
+"#;
+    for (bought, expected) in [
+        (T0 - MINUTE, vec![Channel::email, Channel::push]),
+        (T0 + 10 * MINUTE, vec![Channel::email]),
+    ] {
+        let mut a = Arbiter::with_scenarios(thanks);
+        let mut t = a.trigger_of("th1", "thanks", MessageCategory::trigger, T0);
+        t.cause_occurred_at = T0 - MINUTE;
+        assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+        a.purchase("the-order", bought);
+        a.advance_to(T0 + 2 * HOUR);
+        assert_eq!(channels(&a), expected, "bought at {bought}");
+    }
+}
+
 /// An online purchase read late (its topic lagging) does not answer a cascade caused
 /// well after it: the news is newer than the purchase.
 #[test]
