@@ -28,6 +28,9 @@ struct Slot<T> {
     key: CompactString,
     value: Option<Box<T>>,
     dirty: bool,
+    /// Read or written since the last trim: a trim keeps it (see
+    /// [`PartitionCache::trim`]).
+    used: bool,
     /// The value as the flush will write it, encoded when it was put: see
     /// [`StateCache::put`].
     encoded: Option<Vec<u8>>,
@@ -41,6 +44,7 @@ impl<T> Slot<T> {
             key: CompactString::default(),
             value: None,
             dirty: false,
+            used: false,
             encoded: None,
         }
     }
@@ -63,6 +67,8 @@ struct PartitionCache<T> {
     /// setting, turned off after a batch that threw most such encodings away (see
     /// [`StateCache::encoding_first_changes`]).
     encode_early: bool,
+    /// Trims so far: which half of the slots a trim that must halve empties.
+    trims: usize,
 }
 
 impl<T> PartitionCache<T> {
@@ -75,6 +81,7 @@ impl<T> PartitionCache<T> {
             dirty: Vec::new(),
             repeat_puts: 0,
             encode_early,
+            trims: 0,
         }
     }
 
@@ -90,6 +97,7 @@ impl<T> PartitionCache<T> {
                 });
                 let slot = &mut self.slots[n as usize];
                 slot.in_use = true;
+                slot.used = true;
                 slot.key = key.clone();
                 self.index.insert(key, n);
                 n
@@ -97,18 +105,30 @@ impl<T> PartitionCache<T> {
         }
     }
 
-    /// Empties every other slot (all are clean): dropping about half keeps a warm
-    /// cache without tracking recency. Both passes go through memory in order, where
-    /// taking each key out of the index by a lookup would jump about a table of a
-    /// million.
-    fn trim(&mut self) {
-        self.index.retain(|_, n| *n % 2 == 0);
-        for (n, slot) in self.slots.iter_mut().enumerate().skip(1).step_by(2) {
-            if slot.in_use {
+    /// Empties the slots (all are clean) not used since the last trim, a second
+    /// chance as in the CLOCK algorithm: a value in use stays, whenever it came in, and
+    /// one that went cold goes. If more than `limit` were used, every other one of
+    /// those goes too, the other half at the next such trim. Both passes go through
+    /// memory in order, where taking each key out of the index by a lookup would jump
+    /// about a table of a million.
+    fn trim(&mut self, limit: usize) {
+        let used = self.slots.iter().filter(|s| s.in_use && s.used).count();
+        let parity = self.trims % 2;
+        self.trims += 1;
+        for (n, slot) in self.slots.iter_mut().enumerate() {
+            if !slot.in_use {
+                continue;
+            }
+            let keep = slot.used && (used <= limit || n % 2 != parity);
+            if keep {
+                slot.used = false;
+            } else {
                 *slot = Slot::free();
                 self.free.push(n as u32);
             }
         }
+        let slots = &self.slots;
+        self.index.retain(|_, n| slots[*n as usize].in_use);
     }
 }
 
@@ -152,7 +172,9 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     pub fn take(&mut self, ctx: &Ctx<'_>, key: &str) -> anyhow::Result<Option<Box<T>>> {
         if let Some(v) = self.partitions.get_mut(&ctx.partition).and_then(|c| {
             let n = *c.index.get(key)?;
-            c.slots[n as usize].value.take()
+            let slot = &mut c.slots[n as usize];
+            slot.used = true;
+            slot.value.take()
         }) {
             return Ok(Some(v));
         }
@@ -183,6 +205,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         let cache = self.cache(partition);
         let n = cache.slot_of(&key);
         let slot = &mut cache.slots[n as usize];
+        slot.used = true;
         let value = value.into();
         slot.encoded = match slot.dirty {
             false if cache.encode_early => encode_state(&*value).ok(),
@@ -236,7 +259,7 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
         cache.dirty = dirty;
         // Everything is clean now, so emptying slots loses nothing.
         if cache.index.len() > limit {
-            cache.trim();
+            cache.trim(limit);
         }
         Ok(())
     }
@@ -244,6 +267,14 @@ impl<T: Serialize + DeserializeOwned> StateCache<T> {
     /// The partition moved away (or the batch failed): forget its values.
     pub fn close(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+    }
+
+    /// Whether `key` of `partition` is cached (for tests).
+    #[cfg(test)]
+    fn holds(&self, partition: i32, key: &str) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|c| c.index.contains_key(key))
     }
 
     /// Values cached for `partition` (for tests and gauges).
@@ -505,6 +536,37 @@ mod tests {
     #[test]
     fn values_are_written_at_commit_and_read_back_after_eviction() {
         both_ways(read_back_after_eviction);
+    }
+
+    /// A trim keeps what was used since the last one, whenever it came in, and drops
+    /// what went cold: a cache whose oldest entries stayed for good would serve fewer
+    /// hits the longer it runs.
+    #[test]
+    fn a_trim_keeps_the_values_used_since_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = counter(dir.path(), 1, false);
+        let key = |k: usize| format!("key-{k}");
+        for k in 0..100 {
+            r.push("in", b"k", key(k).as_bytes()).unwrap();
+        }
+        r.commit().unwrap();
+        // All 100 were used, more than the limit of 64: half of them stay.
+        let counts = &r.engine.processor.counts;
+        let kept: Vec<usize> = (0..100).filter(|k| counts.holds(0, &key(*k))).collect();
+        assert_eq!(kept.len(), 50);
+        // Ten of those are read again, twenty new ones come: 70 over the limit.
+        for k in &kept[..10] {
+            r.push("in", b"k", format!("look:{}", key(*k)).as_bytes())
+                .unwrap();
+        }
+        for k in 100..120 {
+            r.push("in", b"k", key(k).as_bytes()).unwrap();
+        }
+        r.commit().unwrap();
+        let counts = &r.engine.processor.counts;
+        let cached: Vec<usize> = (0..120).filter(|k| counts.holds(0, &key(*k))).collect();
+        let expected: Vec<usize> = kept[..10].iter().copied().chain(100..120).collect();
+        assert_eq!(cached, expected);
     }
 
     fn read_back_after_eviction(encoding_first_changes: bool) {
