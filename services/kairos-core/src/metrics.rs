@@ -248,7 +248,7 @@ impl RuntimeMetrics {
             owned_partitions: gauge(
                 registry,
                 "kairos_owned_partitions",
-                "Input partitions this instance owns.",
+                "State partitions this instance owns (the input partitions, but one for the identity service, whose graph is one whole).",
             ),
             outbox_pending: gauge(
                 registry,
