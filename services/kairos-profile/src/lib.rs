@@ -2564,6 +2564,15 @@ impl ProfileProcessor {
                     return Ok(());
                 }
                 self.schedule_yearly(ctx, s, p, timer.fire_at)?;
+                // Greeted this local year already, under another id (a profile merged
+                // in today after its own greeting, whose date this one shared).
+                if self.yearly_rearm_since(s, p, timer.fire_at) > timer.fire_at {
+                    self.metrics
+                        .skipped
+                        .with_label_values(&[&s.name, "greeted_this_year"])
+                        .inc();
+                    return Ok(());
+                }
             }
             ScenarioKind::SubscriptionEnding => {
                 let expected = format!("subscription-{}", p.subscription_ends_at.unwrap_or(0));

@@ -3995,6 +3995,36 @@ fn a_merge_after_the_birthday_greeting_does_not_greet_the_person_again() {
     assert_eq!(fired[0]["fired_at"], at("2027-03-10T10:00:00Z"));
 }
 
+/// The same when the survivor has the same birthday in its own zone: its own greeting,
+/// due after the merged profile's, is not sent.
+#[test]
+fn a_merge_after_the_birthday_greeting_silences_the_survivor_s_own_that_day() {
+    let t = at("2026-03-01T12:00:00Z");
+    let mut h = identified_harness();
+    for (id, customer, zone) in [
+        ("gs-1", "gs2", "Europe/Berlin"),
+        ("gs-2", "gs", "Europe/London"),
+    ] {
+        h.identified_site(json!({"event_id": id, "event_type": "profile_update",
+            "occurred_at": t, "customer_id": customer,
+            "profile": {"birthday": "1990-03-10", "time_zone": zone}}));
+    }
+    h.advance(at("2026-03-10T09:30:00Z"));
+    assert_eq!(h.triggers("gs2", "birthday").len(), 1, "10:00 in Berlin");
+    h.merge("m-gs", "gs2", "gs", at("2026-03-10T09:30:00Z"));
+    h.advance(at("2026-03-11T12:00:00Z"));
+    let today = h.triggers("gs", "birthday");
+    assert!(today.is_empty(), "greeted as gs2 today: {today:#?}");
+    assert_eq!(
+        metric(&h, "kairos_triggers_skipped_total", &["greeted_this_year"]),
+        1.0
+    );
+    h.advance(at("2027-03-11T12:00:00Z"));
+    let fired = h.triggers("gs", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], at("2027-03-10T10:00:00Z"));
+}
+
 fn identified_harness() -> Harness {
     identified_harness_with("")
 }
