@@ -1158,8 +1158,13 @@ impl ArbiterProcessor {
         {
             ledger.main = None;
         }
-        let frees_at = ledger.main_frees_at().unwrap_or(now);
-        held_until.is_some_and(|held| frees_at < held)
+        match (held_until, ledger.main_frees_at()) {
+            // Freed (also by a last step that waited in the queue past the slot's
+            // end): what waited for it goes now.
+            (Some(_), None) => true,
+            (Some(held), Some(frees_at)) => frees_at < held,
+            (None, _) => false,
+        }
     }
 
     fn is_mass(&self, scenario: &str) -> bool {

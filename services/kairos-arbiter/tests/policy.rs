@@ -232,6 +232,55 @@ fn a_running_chain_holds_the_customer_against_lower_priorities() {
     assert_eq!(last.decided_at, T0 + 2 * DAY + MINUTE);
 }
 
+/// A chain's last step held in the queue past the slot's end (the daily cap) keeps the
+/// slot, and its send wakes what waited for it at once.
+#[test]
+fn a_last_step_sent_from_the_queue_wakes_the_waiters_at_once() {
+    let mut a = Arbiter::with_config("daily_cap = 2\nweekly_cap = 20");
+    a.time_zone = Some("UTC".into());
+    let step = |a: &Arbiter, n: i32, at: i64| {
+        let mut t = a.trigger_of(&format!("lq{n}"), "onboarding", TRIGGER, at);
+        t.step = n;
+        t.priority = 50;
+        t.cause_event_id = Some("signup".into());
+        t.cause_occurred_at = T0;
+        t
+    };
+    assert_eq!(
+        a.push_trigger(&step(&a, 0, T0)).outcome,
+        DecisionOutcome::sent
+    );
+    assert_eq!(
+        a.push_trigger(&step(&a, 1, T0 + DAY)).outcome,
+        DecisionOutcome::sent
+    );
+    let mut low = a.trigger_of("lq-low", "welcome", TRIGGER, T0 + DAY + HOUR);
+    low.priority = 40;
+    low.valid_until = T0 + 5 * DAY;
+    assert_eq!(a.push_trigger(&low).rule, "main_scenario");
+    // Two messages of a higher priority take the third day's cap before the last step.
+    for (id, at) in [
+        ("lq-h1", T0 + 2 * DAY - 3 * HOUR),
+        ("lq-h2", T0 + 2 * DAY - 2 * HOUR),
+    ] {
+        let mut high = a.trigger_of(id, "welcome", TRIGGER, at);
+        high.priority = 60;
+        assert_eq!(a.push_trigger(&high).outcome, DecisionOutcome::sent);
+    }
+    let last = a.push_trigger(&step(&a, 2, T0 + 2 * DAY));
+    assert_eq!(last.rule, "frequency_cap_daily", "{last:#?}");
+    // The next day begins at midnight UTC, 15 hours after T0 + 2 days.
+    let midnight = T0 + 2 * DAY + 15 * HOUR;
+    a.advance_to(midnight);
+    let sent: Vec<&str> = a.sends.iter().map(|s| s.trigger_id.as_str()).collect();
+    assert_eq!(sent[sent.len() - 2..], ["lq2", "lq-low"]);
+    let woken = *a.decisions_of("lq-low").last().expect("decided");
+    assert_eq!(
+        (woken.outcome, woken.decided_at),
+        (DecisionOutcome::sent, midnight)
+    );
+}
+
 /// A chain whose last step never comes (the profile ended it) lets the waiters go a
 /// grace of ten minutes after the step was due.
 #[test]
