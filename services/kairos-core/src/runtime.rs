@@ -2845,6 +2845,9 @@ fn restore_once(
     // it, and holding those values would hold the partition's whole state in memory.
     // Here only keys (their earlier values are mostly none in a rebuild) are held.
     let mut spilled: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    // Records of the commit under way applied ahead of its marker: counted as applied
+    // only once it comes.
+    let mut spilled_unconfirmed = 0_u64;
     // A clean close ended on a whole commit, so nothing waits at its end either.
     stats.records_read += read(from, &mut |r| {
         if r.key.starts_with(CLAIM_PREFIX) {
@@ -2875,12 +2878,14 @@ fn restore_once(
             waiting.push((r.key, r.value));
         } else {
             spilled.clear();
+            spilled_unconfirmed = 0;
             ready.append(&mut waiting);
             ready.append(&mut write_ahead_after_waiting);
             ready.push((r.key, r.value));
         }
         if is_marker {
             spilled.clear();
+            spilled_unconfirmed = 0;
             ready.append(&mut waiting);
             ready.append(&mut write_ahead_after_waiting);
         } else if waiting.len() >= SPILL_AFTER {
@@ -2895,6 +2900,7 @@ fn restore_once(
                 }
             }
             stats.spilled += waiting.len() as u64;
+            spilled_unconfirmed += waiting.len() as u64;
             ready.append(&mut waiting);
             ready.extend(write_ahead_after_waiting.iter().cloned());
         }
@@ -2908,6 +2914,7 @@ fn restore_once(
     store.apply_changelog(&ready)?;
     stats.applied += ready.len() as u64;
     // A commit applied in part whose end never came: its keys' earlier values back.
+    stats.applied = stats.applied.saturating_sub(spilled_unconfirmed);
     let put_back: Vec<(Vec<u8>, Option<Vec<u8>>)> = spilled.into_iter().collect();
     store.apply_changelog(&put_back)?;
     store.finish_restore()?;

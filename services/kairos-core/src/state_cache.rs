@@ -108,13 +108,15 @@ impl<T> PartitionCache<T> {
     /// Empties the slots (all are clean) not used since the last trim, a second
     /// chance as in the CLOCK algorithm: a value in use stays, whenever it came in, and
     /// one that went cold goes. If more than `limit` were used, every other one of
-    /// those goes too, the other half at the next such trim. Both passes go through
-    /// memory in order, where taking each key out of the index by a lookup would jump
-    /// about a table of a million.
+    /// those goes too, the other half at the next such trim. The passes over the
+    /// slots go through memory in order, and the index's looks up a bit per slot (an
+    /// eighth of a megabyte for a million), where taking each key out of the index by
+    /// a lookup, or reading its slot, would jump about memory a million times.
     fn trim(&mut self, limit: usize) {
         let used = self.slots.iter().filter(|s| s.in_use && s.used).count();
         let parity = self.trims % 2;
         self.trims += 1;
+        let mut emptied = vec![0_u64; self.slots.len().div_ceil(64)];
         for (n, slot) in self.slots.iter_mut().enumerate() {
             if !slot.in_use {
                 continue;
@@ -125,10 +127,11 @@ impl<T> PartitionCache<T> {
             } else {
                 *slot = Slot::free();
                 self.free.push(n as u32);
+                emptied[n / 64] |= 1 << (n % 64);
             }
         }
-        let slots = &self.slots;
-        self.index.retain(|_, n| slots[*n as usize].in_use);
+        self.index
+            .retain(|_, n| emptied[*n as usize / 64] & (1 << (*n % 64)) == 0);
     }
 }
 

@@ -468,6 +468,7 @@ fn a_commit_larger_than_a_restore_holds_is_applied_whole_or_not_at_all() {
     assert!(broker.publish(whole, &never).iter().all(|o| *o >= 0));
     let (_b_dir, b_store, stats) = restored_with_stats(&broker);
     assert!(stats.spilled >= SPILL_AFTER as u64, "{stats:?}");
+    let applied_whole = stats.applied;
     for key in ["c/first", "c/00000", "c/00007", &keys[n - 1]] {
         let expected = if key == "c/first" { "kept" } else { "whole" };
         assert_eq!(value(&b_store, key).as_deref(), Some(expected), "{key}");
@@ -489,6 +490,8 @@ fn a_commit_larger_than_a_restore_holds_is_applied_whole_or_not_at_all() {
     broker.send_torn(&torn);
     let (_c_dir, c_store, stats) = restored_with_stats(&broker);
     assert!(stats.spilled >= SPILL_AFTER as u64 * 3, "{stats:?}");
+    // What was put back counts as not applied.
+    assert_eq!(stats.applied, applied_whole, "{stats:?}");
     let state = |store: &PartitionStore| {
         ["c/first", "c/00007", &keys[n - 1], &more[0], &more[n - 1]].map(|k| value(store, k))
     };
