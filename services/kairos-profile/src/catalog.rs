@@ -74,6 +74,17 @@ struct ProductState {
     news: Vec<News>,
 }
 
+impl ProductState {
+    /// The announcements interest that reaches the join late is told of: none while
+    /// the product is sold out (a drop kept through it is told again once it is back).
+    fn told_late(&self) -> Vec<News> {
+        match self.in_stock {
+            Some(false) => Vec::new(),
+            _ => self.news.clone(),
+        }
+    }
+}
+
 /// A price drop or a return to stock as it was announced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct News {
@@ -94,15 +105,15 @@ impl News {
             && (wished || (self.kind == ProductOccasionKind::price_drop && at >= window))
     }
 
-    /// Whether the announcement is still true of the product as it is now: not for a
-    /// product sold out since, nor for a drop whose price rose since. Interest that
-    /// reaches the join late hears only of what still holds.
-    fn still_holds(&self, price: Option<f64>, in_stock: Option<bool>) -> bool {
-        in_stock != Some(false)
-            && match (self.kind, price, self.new_price) {
-                (ProductOccasionKind::price_drop, Some(now), Some(announced)) => now <= announced,
-                _ => true,
-            }
+    /// Whether the announcement is still true of the product's price now: not a drop
+    /// whose price rose since. Interest that reaches the join late hears only of what
+    /// still holds, and nothing while the product is sold out (see
+    /// [`ProductState::told_late`]; the next return to stock replaces the last one).
+    fn still_holds(&self, price: Option<f64>) -> bool {
+        match (self.kind, price, self.new_price) {
+            (ProductOccasionKind::price_drop, Some(now), Some(announced)) => now <= announced,
+            _ => true,
+        }
     }
 
     fn occasion_for(&self, product_id: &str, customer: &str) -> ProductOccasion {
@@ -399,15 +410,14 @@ impl CatalogJoin {
                 _ => new,
             });
         }
+        let stock_before = product.in_stock;
         if in_stock.is_some() {
             product.in_stock = in_stock;
             product.stock_at = Some(u.occurred_at);
         }
-        let (now_price, now_in_stock) = (product.price, product.in_stock);
+        let now_price = product.price;
         let told = product.news.len();
-        product
-            .news
-            .retain(|n| n.still_holds(now_price, now_in_stock));
+        product.news.retain(|n| n.still_holds(now_price));
         let withdrawn = product.news.len() < told;
         for (kind, old, new) in &occasions {
             product.news.retain(|n| n.kind != *kind);
@@ -421,12 +431,12 @@ impl CatalogJoin {
             });
         }
         ctx.put(&key, &product)?;
-        if occasions.is_empty() && !withdrawn {
+        if occasions.is_empty() && !withdrawn && product.in_stock == stock_before {
             return Ok(());
         }
         self.news.entry(ctx.partition).or_default().insert(
             CompactString::from(u.product_id.as_str()),
-            product.news.clone(),
+            product.told_late(),
         );
         if occasions.is_empty() {
             return Ok(());
@@ -523,7 +533,7 @@ impl CatalogJoin {
             let key = format!("p/{}", i.product_id);
             let news = ctx
                 .get::<ProductState>(&key)?
-                .map(|p| p.news)
+                .map(|p| p.told_late())
                 .unwrap_or_default();
             products.insert(CompactString::from(i.product_id.as_str()), news);
         }

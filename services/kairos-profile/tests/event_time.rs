@@ -2479,6 +2479,38 @@ fn interest_arriving_late_hears_nothing_of_a_change_undone_since() {
             assert!(fired.is_empty(), "{customer} {scenario}: {fired:#?}");
         }
     }
+    // A drop told while the product was in stock is not told late while it is sold
+    // out, and is again once it is back at that price.
+    h.catalog(
+        "undone-11",
+        "p11",
+        t,
+        json!({"price": 100.0, "in_stock": true}),
+    );
+    h.catalog("undone-11a", "p11", t + 2 * HOUR, json!({"price": 80.0}));
+    h.catalog(
+        "undone-11b",
+        "p11",
+        t + 150 * MINUTE,
+        json!({"in_stock": false}),
+    );
+    let late_view = |h: &mut Harness, customer: &str| {
+        h.site(
+            &format!("undone-view-{customer}"),
+            "product_view",
+            customer,
+            t + HOUR,
+            json!({"product": product("p11", 100.0)}),
+        );
+    };
+    late_view(&mut h, "ul11");
+    h.catalog("undone-11c", "p11", t + 4 * HOUR, json!({"in_stock": true}));
+    late_view(&mut h, "ul12");
+    h.advance(t + 5 * HOUR);
+    assert!(h.triggers("ul11", "price_drop").is_empty(), "sold out then");
+    let drops = h.triggers("ul12", "price_drop");
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    assert_eq!(vars(&drops[0])["new_price"], 80.0);
     // A drop that still holds is told late, as before.
     h.catalog("undone-9c", "p9", t + 4 * HOUR, json!({"price": 90.0}));
     h.site(
