@@ -327,10 +327,23 @@ impl Pipeline {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        text.lines()
+        let total = text
+            .lines()
             .find(|l| l.starts_with("total "))
-            .unwrap_or_default()
-            .to_string()
+            .unwrap_or_else(|| panic!("inspect-state {service} printed no total:\n{text}"))
+            .to_string();
+        // "total <records> <hash>": a store with nothing in it digests the same
+        // whatever went wrong, so it proves nothing.
+        let records: u64 = total
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_default();
+        assert!(
+            records > 0,
+            "inspect-state {service} found no state: {total}"
+        );
+        total
     }
 
     /// Waits until the consumer group of `service` has committed every record of

@@ -90,11 +90,15 @@ fn options() -> Options {
 }
 
 struct Run {
-    send_ids: BTreeSet<String>,
-    send_records: usize,
+    /// Each send command by its send id: every copy of one (a re-publish after a
+    /// crash) is the same record, byte for byte.
+    sends: BTreeMap<String, String>,
     /// Final decision per trigger: (decision id, outcome, channel, send id).
     finals: BTreeMap<String, (String, String, String, String)>,
     deferred: usize,
+    /// Triggers with any decision (a final one, or deferred and still queued when the
+    /// input ended: event time stops at the last trigger).
+    decided: BTreeSet<String>,
     digest: String,
 }
 
@@ -109,18 +113,22 @@ fn finish(p: &mut Pipeline) -> Run {
         !log.contains("Offset out of range"),
         "the embedded broker dropped input before it was read:\n{log}"
     );
-    let mut send_ids = BTreeSet::new();
-    let mut send_records = 0;
+    let mut sends = BTreeMap::new();
     for channel in ["email", "push"] {
         for cmd in p.read_all_json(&format!("send.{channel}")) {
-            send_records += 1;
-            send_ids.insert(cmd["send_id"].as_str().unwrap_or_default().to_string());
+            let send_id = cmd["send_id"].as_str().unwrap_or_default().to_string();
+            let record = cmd.to_string();
+            if let Some(earlier) = sends.insert(send_id.clone(), record.clone()) {
+                assert_eq!(earlier, record, "send {send_id} published in two versions");
+            }
         }
     }
     let mut finals: BTreeMap<String, (String, String, String, String)> = BTreeMap::new();
     let mut deferred = 0;
+    let mut decided = BTreeSet::new();
     for d in p.read_all_json("decisions") {
         let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+        decided.insert(text("trigger_id"));
         if text("outcome") == "deferred" {
             deferred += 1;
             continue;
@@ -147,10 +155,10 @@ fn finish(p: &mut Pipeline) -> Run {
         p.log("arbiter")
     );
     Run {
-        send_ids,
-        send_records,
+        sends,
         finals,
         deferred,
+        decided,
         digest: p.state_digest("arbiter", false, None),
     }
 }
@@ -166,11 +174,12 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
     }
     let baseline = finish(&mut p);
     assert!(
-        baseline.send_ids.len() > 5_000 && baseline.deferred > 1_000,
+        baseline.sends.len() > 5_000 && baseline.deferred > 1_000,
         "the triggers must exercise sending and the deferred queue: {} sends, {} deferrals",
-        baseline.send_ids.len(),
+        baseline.sends.len(),
         baseline.deferred
     );
+    assert_eq!(baseline.decided.len(), TRIGGERS, "every trigger is decided");
     let outcomes: BTreeSet<&str> = baseline.finals.values().map(|f| f.1.as_str()).collect();
     for expected in ["sent", "held_out", "expired", "suppressed"] {
         assert!(
@@ -188,8 +197,10 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
     }
     let crashed = finish(&mut p);
     assert!(kills >= 3);
-    let missing: Vec<_> = baseline.send_ids.difference(&crashed.send_ids).collect();
-    let extra: Vec<_> = crashed.send_ids.difference(&baseline.send_ids).collect();
+    let ids = |run: &Run| run.sends.keys().cloned().collect::<BTreeSet<String>>();
+    let (baseline_ids, crashed_ids) = (ids(&baseline), ids(&crashed));
+    let missing: Vec<_> = baseline_ids.difference(&crashed_ids).collect();
+    let extra: Vec<_> = crashed_ids.difference(&baseline_ids).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "after {kills} SIGKILLs: {} send ids missing ({:?}...), {} extra ({:?}...)",
@@ -198,13 +209,36 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
         extra.len(),
         extra.iter().take(3).collect::<Vec<_>>()
     );
+    let changed: Vec<&String> = baseline
+        .sends
+        .iter()
+        .filter(|(id, record)| crashed.sends.get(*id) != Some(*record))
+        .map(|(id, _)| id)
+        .collect();
     assert!(
-        crashed.send_records >= crashed.send_ids.len(),
-        "re-sends may repeat ids, never lose them"
+        changed.is_empty(),
+        "{} send commands differ from the uncrashed run's (address, template, reasons...): {:?}...",
+        changed.len(),
+        changed.iter().take(3).collect::<Vec<_>>()
     );
     assert_eq!(
         crashed.finals, baseline.finals,
         "every trigger has the same one final decision"
     );
+    assert_eq!(
+        crashed.decided, baseline.decided,
+        "the same triggers decided"
+    );
     assert_eq!(crashed.digest, baseline.digest, "same final state");
+    let records: usize = baseline
+        .digest
+        .split(' ')
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default();
+    assert!(
+        records >= CUSTOMERS,
+        "the digest covers every customer's ledger: {}",
+        baseline.digest
+    );
 }

@@ -1,6 +1,7 @@
 //! The e-mail worker killed with SIGKILL while it sends to a real SMTP server, restarted
 //! on its own state or replaced by an instance that restores it from the changelog.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kairos_tests::delivery::{
@@ -80,7 +81,24 @@ fn sends_every_message_once_through_kills(restart: fn(&mut Pipeline, u32) -> Str
     );
     p.wait_ready(&worker, Duration::from_secs(90));
     let outcomes = final_outcomes(&p, total, Duration::from_secs(240));
-    let not_sent: Vec<_> = outcomes.iter().filter(|(_, (k, _))| k != "sent").collect();
+    assert_eq!(outcomes.len(), total, "every send has a final outcome");
+    // Every terminal outcome published, copies re-published after a kill included:
+    // one kind per send, `sent` (a copy carries the same outcome id, which consumers
+    // drop), never a `failed` beside it.
+    p.wait_caught_up("deliver-email", &["send.email"], Duration::from_secs(120));
+    let mut kinds: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for o in p.read_all_json("outcomes") {
+        let kind = o["kind"].as_str().unwrap_or_default();
+        if ["sent", "failed", "bounced_hard"].contains(&kind) {
+            let send_id = o["send_id"].as_str().unwrap_or_default().to_string();
+            kinds.entry(send_id).or_default().insert(kind.to_string());
+        }
+    }
+    assert_eq!(kinds.len(), total);
+    let not_sent: Vec<_> = kinds
+        .iter()
+        .filter(|(_, k)| k.len() != 1 || !k.contains("sent"))
+        .collect();
     assert!(not_sent.is_empty(), "{not_sent:?}");
     let counts = smtp.send_id_counts();
     let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
