@@ -1678,20 +1678,37 @@ mod tests {
         use std::sync::atomic::{AtomicU32, Ordering};
         // Per case: what the gateway answers to the first attempt and the later ones,
         // how long the message is valid, and whether the send ends in doubt.
+        // And how many requests the gateway gets: every attempt (for the one that
+        // expires, up to the backoff's jitter: none once it expired).
         let cases = [
-            ("conflict throughout", 409, 409, Millis::MAX / 2, true),
+            (
+                "conflict throughout",
+                409,
+                409,
+                Millis::MAX / 2,
+                true,
+                3..=3,
+            ),
             (
                 "conflict, then unavailable",
                 409,
                 503,
                 Millis::MAX / 2,
                 true,
+                3..=3,
             ),
-            ("conflict, then expired", 409, 503, 30, true),
-            ("no answer in time", 0, 0, Millis::MAX / 2, true),
-            ("unavailable throughout", 503, 503, Millis::MAX / 2, false),
+            ("conflict, then expired", 409, 503, 30, true, 1..=3),
+            ("no answer in time", 0, 0, Millis::MAX / 2, true, 3..=3),
+            (
+                "unavailable throughout",
+                503,
+                503,
+                Millis::MAX / 2,
+                false,
+                3..=3,
+            ),
         ];
-        for (case, first, later, valid_for, in_doubt) in cases {
+        for (case, first, later, valid_for, in_doubt, requests) in cases {
             let calls = Arc::new(AtomicU32::new(0));
             let counted = calls.clone();
             let app = axum::Router::new().route(
@@ -1741,7 +1758,8 @@ mod tests {
                 .await;
             let doubt = matches!(delivery, Delivery::InDoubt(_));
             assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
-            assert!(calls.load(Ordering::SeqCst) >= 1, "{case}");
+            let made = calls.load(Ordering::SeqCst);
+            assert!(requests.contains(&made), "{case}: {made} requests");
         }
     }
 
