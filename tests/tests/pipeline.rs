@@ -103,6 +103,12 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // Still one reminder once the arbiter has read every trigger (the read above
+    // stops at the first).
+    p.wait_caught_up("arbiter", &["triggers"], Duration::from_secs(60));
+    let all_sends = p.read_all_json("send.email");
+    assert_eq!(sends_for(&all_sends, "c-abandon").len(), 1, "{all_sends:?}");
+
     // The decision is on record with its rule.
     let decisions = p.read_json_until("decisions", Duration::from_secs(10), |v| {
         v.iter().any(|d| d["customer_id"] == "c-abandon")
@@ -382,6 +388,11 @@ fn identity_stitches_an_anonymous_cart_to_the_customer_who_logs_in() {
         "{sends:?}"
     );
     assert!(sends_for(&sends, "c-card").is_empty(), "{sends:?}");
+    assert_eq!(
+        sends_for(&sends, "c-stitched").len(),
+        1,
+        "still one: {sends:?}"
+    );
     // The card-only receipt was c-card's purchase.
     let actions = p.read_all_json("customer-actions");
     assert!(
