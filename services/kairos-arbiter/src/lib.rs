@@ -410,7 +410,11 @@ impl CustomerLedger {
             .filter(|q| q.scenario == m.scenario && (m.chain.is_none() || q.chain == m.chain))
             .filter_map(|q| q.wake_at)
             .max();
-        Some(m.until.max(queued_step.unwrap_or(m.until)) + LAST_STEP_GRACE)
+        Some(
+            m.until
+                .max(queued_step.unwrap_or(m.until))
+                .saturating_add(LAST_STEP_GRACE),
+        )
     }
 
     /// A trigger is decided in the customer's newest time zone: one that waited (in the
