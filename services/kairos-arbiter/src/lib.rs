@@ -3291,6 +3291,20 @@ impl ArbiterProcessor {
             );
         }
         ledger.forget_oldest_chains();
+        if end == StepEnd::Unsent {
+            // The holding chain's last step, unsent (no consented channel, the
+            // sunset): nothing of the chain is left to go out, so its slot frees now.
+            let last_step = ledger
+                .main
+                .as_ref()
+                .filter(|m| m.chain.as_deref() == Some(chain.as_str()))
+                .and_then(|m| self.config.scenario(&m.scenario))
+                .is_some_and(|s| s.remaining_after(step.max(0) as usize).is_zero());
+            if last_step {
+                ledger.main = None;
+                self.wake_main_waiters(ctx, ledger, None)?;
+            }
+        }
         if end != StepEnd::Broke {
             return Ok(());
         }

@@ -281,6 +281,42 @@ fn a_last_step_sent_from_the_queue_wakes_the_waiters_at_once() {
     );
 }
 
+/// A chain's last step decided without a send (no consented channel) frees the slot
+/// at once: what waited goes then, not after the grace.
+#[test]
+fn a_last_step_that_cannot_be_sent_frees_the_slot_at_once() {
+    let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
+    let step = |a: &Arbiter, n: i32, at: i64| {
+        let mut t = a.trigger_of(&format!("lu{n}"), "onboarding", TRIGGER, at);
+        t.step = n;
+        t.priority = 50;
+        t.cause_event_id = Some("signup".into());
+        t.cause_occurred_at = T0;
+        t
+    };
+    assert_eq!(
+        a.push_trigger(&step(&a, 0, T0)).outcome,
+        DecisionOutcome::sent
+    );
+    assert_eq!(
+        a.push_trigger(&step(&a, 1, T0 + DAY)).outcome,
+        DecisionOutcome::sent
+    );
+    let mut low = a.trigger_of("lu-low", "welcome", TRIGGER, T0 + DAY + HOUR);
+    low.priority = 40;
+    low.valid_until = T0 + 5 * DAY;
+    assert_eq!(a.push_trigger(&low).rule, "main_scenario");
+    let mut last = step(&a, 2, T0 + 2 * DAY);
+    last.contacts.consented_channels.clear();
+    assert_eq!(a.push_trigger(&last).outcome, DecisionOutcome::suppressed);
+    a.advance_to(T0 + 2 * DAY);
+    let woken = *a.decisions_of("lu-low").last().expect("decided");
+    assert_eq!(
+        (woken.outcome, woken.decided_at),
+        (DecisionOutcome::sent, T0 + 2 * DAY)
+    );
+}
+
 /// A chain whose last step never comes (the profile ended it) lets the waiters go a
 /// grace of ten minutes after the step was due.
 #[test]
