@@ -641,6 +641,17 @@ impl ProfileProcessor {
         }
     }
 
+    /// The customer's birthday or registration anniversary (month and day, in the
+    /// customer's zone).
+    fn yearly_date(&self, s: &ScenarioConfig, p: &CustomerProfile) -> Option<(u32, u32)> {
+        match s.kind {
+            ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
+            _ => p
+                .registered_at
+                .and_then(|r| calendar::local_month_day(r, self.zone_of(p))),
+        }
+    }
+
     /// Arms the next birthday or registration anniversary after `after`, in the
     /// customer's zone.
     fn schedule_yearly(
@@ -1377,13 +1388,32 @@ impl ProfileProcessor {
                 .filter(|(_, at)| p.latest_delivery().is_none_or(|(_, mine)| mine < *at))
                 .map(|(o, at)| (o.order_id.clone(), at)),
         };
+        // The merged customer's yearly dates, and whether a greeting of each could
+        // reach it (a consented channel of the scenario's), before its profile goes.
+        let merged_dates: Vec<(Option<(u32, u32)>, bool)> = self
+            .config
+            .scenarios
+            .iter()
+            .filter(|s| is_yearly(s.kind))
+            .map(|s| {
+                let reachable = s
+                    .channels
+                    .iter()
+                    .any(|c| merged.consents.get(c).copied().unwrap_or(false));
+                (self.yearly_date(s, &merged), reachable)
+            })
+            .collect();
         let wishes_before = p.wishlist.clone();
         p.absorb(merged);
         // When the merged customer was last greeted on a yearly date: the person was,
-        // and a re-arm below or a zone change later today must not greet again.
-        for s in self.config.scenarios.iter().filter(|s| is_yearly(s.kind)) {
+        // and a re-arm below, the survivor's own timer or a zone change later today
+        // must not greet again. Only for the date the survivor keeps, and a greeting
+        // that could have reached the person.
+        let yearly = self.config.scenarios.iter().filter(|s| is_yearly(s.kind));
+        for (s, (date, reachable)) in yearly.zip(merged_dates) {
             let name = s.name.as_str();
-            if let Some(&greeted) = armed.get(name) {
+            let same_date = date.is_some() && date == self.yearly_date(s, &p);
+            if let Some(&greeted) = armed.get(name).filter(|_| same_date && reachable) {
                 if p.armed.get(name).is_none_or(|&mine| mine < greeted) {
                     p.armed.insert(name.into(), greeted);
                 }

@@ -4007,6 +4007,7 @@ fn a_merge_after_the_birthday_greeting_does_not_greet_the_person_again() {
     let mut h = identified_harness();
     h.identified_site(json!({"event_id": "gb-1", "event_type": "profile_update",
         "occurred_at": t, "customer_id": "gb2",
+        "consent": {"channel": "email", "granted": true},
         "profile": {"birthday": "1990-03-10", "time_zone": "Europe/Berlin"}}));
     h.identified_site(json!({"event_id": "gb-2", "event_type": "profile_update",
         "occurred_at": t, "customer_id": "gb", "profile": {"first_name": "Gabi"}}));
@@ -4028,33 +4029,64 @@ fn a_merge_after_the_birthday_greeting_does_not_greet_the_person_again() {
 }
 
 /// The same when the survivor has the same birthday in its own zone: its own greeting,
-/// due after the merged profile's, is not sent.
+/// due after the merged profile's, is not sent. Unless the merged profile's greeting
+/// could not reach the person (no consented channel): then the survivor's goes out.
 #[test]
 fn a_merge_after_the_birthday_greeting_silences_the_survivor_s_own_that_day() {
+    for reachable in [true, false] {
+        let t = at("2026-03-01T12:00:00Z");
+        let mut h = identified_harness();
+        for (id, customer, zone) in [
+            ("gs-1", "gs2", "Europe/Berlin"),
+            ("gs-2", "gs", "Europe/London"),
+        ] {
+            h.identified_site(json!({"event_id": id, "event_type": "profile_update",
+                "occurred_at": t, "customer_id": customer,
+                "consent": {"channel": "email", "granted": reachable || customer == "gs"},
+                "profile": {"birthday": "1990-03-10", "time_zone": zone}}));
+        }
+        h.advance(at("2026-03-10T09:30:00Z"));
+        assert_eq!(h.triggers("gs2", "birthday").len(), 1, "10:00 in Berlin");
+        h.merge("m-gs", "gs2", "gs", at("2026-03-10T09:30:00Z"));
+        h.advance(at("2026-03-11T12:00:00Z"));
+        let today = h.triggers("gs", "birthday");
+        let skipped = metric(&h, "kairos_triggers_skipped_total", &["greeted_this_year"]);
+        if reachable {
+            assert!(today.is_empty(), "greeted as gs2 today: {today:#?}");
+            assert_eq!(skipped, 1.0);
+        } else {
+            assert_eq!(today.len(), 1, "gs2's greeting reached no one: {today:#?}");
+            assert_eq!(skipped, 0.0);
+        }
+        h.advance(at("2027-03-11T12:00:00Z"));
+        let fired = h.triggers("gs", "birthday");
+        assert_eq!(fired.len(), if reachable { 1 } else { 2 }, "{fired:#?}");
+        assert_eq!(
+            fired.last().expect("next year")["fired_at"],
+            at("2027-03-10T10:00:00Z")
+        );
+    }
+}
+
+/// A survivor that keeps its own, other birthday is greeted on it: the merged
+/// profile's greeting was for another date.
+#[test]
+fn a_merge_after_a_greeting_on_another_date_leaves_the_survivor_s_birthday_alone() {
     let t = at("2026-03-01T12:00:00Z");
     let mut h = identified_harness();
-    for (id, customer, zone) in [
-        ("gs-1", "gs2", "Europe/Berlin"),
-        ("gs-2", "gs", "Europe/London"),
-    ] {
+    for (id, customer, birthday) in [("gd-1", "gd2", "1990-03-10"), ("gd-2", "gd", "1990-03-20")] {
         h.identified_site(json!({"event_id": id, "event_type": "profile_update",
             "occurred_at": t, "customer_id": customer,
-            "profile": {"birthday": "1990-03-10", "time_zone": zone}}));
+            "consent": {"channel": "email", "granted": true},
+            "profile": {"birthday": birthday, "time_zone": "Europe/Berlin"}}));
     }
     h.advance(at("2026-03-10T09:30:00Z"));
-    assert_eq!(h.triggers("gs2", "birthday").len(), 1, "10:00 in Berlin");
-    h.merge("m-gs", "gs2", "gs", at("2026-03-10T09:30:00Z"));
-    h.advance(at("2026-03-11T12:00:00Z"));
-    let today = h.triggers("gs", "birthday");
-    assert!(today.is_empty(), "greeted as gs2 today: {today:#?}");
-    assert_eq!(
-        metric(&h, "kairos_triggers_skipped_total", &["greeted_this_year"]),
-        1.0
-    );
-    h.advance(at("2027-03-11T12:00:00Z"));
-    let fired = h.triggers("gs", "birthday");
+    assert_eq!(h.triggers("gd2", "birthday").len(), 1);
+    h.merge("m-gd", "gd2", "gd", at("2026-03-10T09:30:00Z"));
+    h.advance(at("2026-03-21T12:00:00Z"));
+    let fired = h.triggers("gd", "birthday");
     assert_eq!(fired.len(), 1, "{fired:#?}");
-    assert_eq!(fired[0]["fired_at"], at("2027-03-10T10:00:00Z"));
+    assert_eq!(fired[0]["fired_at"], at("2026-03-20T09:00:00Z"));
 }
 
 fn identified_harness() -> Harness {
