@@ -2901,8 +2901,16 @@ fn restore_once(
             }
             stats.spilled += waiting.len() as u64;
             spilled_unconfirmed += waiting.len() as u64;
+            // Only the write-ahead records of keys this chunk wrote over.
+            let chunk_keys: std::collections::HashSet<&[u8]> =
+                waiting.iter().map(|(key, _)| key.as_slice()).collect();
+            let again: Vec<(Vec<u8>, Option<Vec<u8>>)> = write_ahead_after_waiting
+                .iter()
+                .filter(|(key, _)| chunk_keys.contains(key.as_slice()))
+                .cloned()
+                .collect();
             ready.append(&mut waiting);
-            ready.extend(write_ahead_after_waiting.iter().cloned());
+            ready.extend(again);
         }
         if ready.len() >= RESTORE_CHUNK {
             store.apply_changelog(&ready)?;

@@ -238,7 +238,7 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
         .unwrap_or_default();
     assert!(
         records >= CUSTOMERS,
-        "the digest covers every customer's ledger: {}",
+        "the digest counts at least as many records as customers: {}",
         baseline.digest
     );
 }
