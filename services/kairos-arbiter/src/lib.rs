@@ -1884,29 +1884,11 @@ impl ArbiterProcessor {
 
     /// Ends every cascade of the customer still waiting whose cause happened at or
     /// before `caused_by` (all of them for `None`); with `marketing_only`, the
-    /// transactional ones (an order's status) go on.
+    /// transactional ones (an order's status) go on. For a purchase at `bought`, a
+    /// cascade of a message the purchase itself causes (a post-purchase or
+    /// post-delivery message, an order's status: caused at or after it) goes on,
+    /// whichever topic was read first.
     fn stop_all_cascades(
-        &self,
-        ctx: &mut Ctx<'_>,
-        ledger: &mut CustomerLedger,
-        customer_id: &str,
-        why: &str,
-        (caused_by, marketing_only): (Option<Millis>, bool),
-    ) -> anyhow::Result<()> {
-        self.stop_cascades_but(
-            ctx,
-            ledger,
-            customer_id,
-            why,
-            (caused_by, marketing_only),
-            None,
-        )
-    }
-
-    /// [`Self::stop_all_cascades`] for a purchase at `bought`: a cascade of a message
-    /// the purchase itself causes (a post-purchase or post-delivery message, an
-    /// order's status: caused at or after it) goes on, whichever topic was read first.
-    fn stop_cascades_but(
         &self,
         ctx: &mut Ctx<'_>,
         ledger: &mut CustomerLedger,
@@ -2074,7 +2056,14 @@ impl ArbiterProcessor {
         self.cancel_queued_where(ctx, &mut ledger, a, FORGOTTEN, why.to_string(), |q| {
             q.cause_occurred_at <= at
         })?;
-        self.stop_all_cascades(ctx, &mut ledger, &a.customer_id, why, (Some(at), false))?;
+        self.stop_all_cascades(
+            ctx,
+            &mut ledger,
+            &a.customer_id,
+            why,
+            (Some(at), false),
+            None,
+        )?;
         let slot_of_before = ledger
             .main
             .as_ref()
@@ -2128,7 +2117,7 @@ impl ArbiterProcessor {
                 // cancelling them here would lose them.
                 let handed_over = self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
                 // A cascade's first message went out; its follow-ups stop here.
-                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, (None, false))?;
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, (None, false), None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
                 for (trigger_id, q) in handed_over {
@@ -2310,7 +2299,7 @@ impl ArbiterProcessor {
                     false => at.saturating_add(PURCHASE_CLOCK_SKEW),
                 });
                 let scope = (caused_by, true);
-                self.stop_cascades_but(ctx, ledger, &a.customer_id, &why, scope, Some(at))?;
+                self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, scope, Some(at))?;
                 let why = format!("the customer bought at {at} while it waited");
                 // An online purchase checks out the cart that caused a cart or browse
                 // reminder, also when the device's clock puts it a little before the

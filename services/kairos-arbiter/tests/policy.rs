@@ -6,7 +6,7 @@
 mod common;
 
 use common::{at, Arbiter, T0};
-use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind};
+use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
 use kairos_core::time::{DAY, HOUR, MINUTE, SECOND};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
@@ -179,17 +179,38 @@ fn a_purchase_ends_the_sunset_of_ignored_messages() {
     assert_eq!(back.outcome, DecisionOutcome::sent, "{back:#?}");
 }
 
+/// Step `n` of the onboarding chain (priority 50) that a sign-up at T0 started.
+fn onboarding_step(a: &Arbiter, id: &str, n: i32, at: i64) -> Trigger {
+    let mut t = a.trigger_of(id, "onboarding", TRIGGER, at);
+    t.step = n;
+    t.priority = 50;
+    t.cause_event_id = Some("signup".into());
+    t.cause_occurred_at = T0;
+    t
+}
+
+/// The onboarding chain's first two steps sent (`{prefix}0`, `{prefix}1`, a day
+/// apart), and a lower-priority welcome (`{prefix}-low`) waiting for its slot.
+fn chain_with_a_waiter(a: &mut Arbiter, prefix: &str) {
+    for (n, at) in [(0, T0), (1, T0 + DAY)] {
+        let t = onboarding_step(a, &format!("{prefix}{n}"), n, at);
+        assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
+    }
+    let mut low = a.trigger_of(
+        &format!("{prefix}-low"),
+        "welcome",
+        TRIGGER,
+        T0 + DAY + HOUR,
+    );
+    low.priority = 40;
+    low.valid_until = T0 + 5 * DAY;
+    assert_eq!(a.push_trigger(&low).rule, "main_scenario");
+}
+
 #[test]
 fn a_running_chain_holds_the_customer_against_lower_priorities() {
     let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
-    let step = |a: &Arbiter, id: &str, n: i32, at: i64| {
-        let mut t = a.trigger_of(id, "onboarding", TRIGGER, at);
-        t.step = n;
-        t.priority = 50;
-        t.cause_event_id = Some("signup".into());
-        t.cause_occurred_at = T0;
-        t
-    };
+    let step = onboarding_step;
     let t = step(&a, "on0", 0, T0);
     assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::sent);
     // The chain runs two more days: a lower-priority trigger waits until its end.
@@ -238,26 +259,7 @@ fn a_running_chain_holds_the_customer_against_lower_priorities() {
 fn a_last_step_sent_from_the_queue_wakes_the_waiters_at_once() {
     let mut a = Arbiter::with_config("daily_cap = 2\nweekly_cap = 20");
     a.time_zone = Some("UTC".into());
-    let step = |a: &Arbiter, n: i32, at: i64| {
-        let mut t = a.trigger_of(&format!("lq{n}"), "onboarding", TRIGGER, at);
-        t.step = n;
-        t.priority = 50;
-        t.cause_event_id = Some("signup".into());
-        t.cause_occurred_at = T0;
-        t
-    };
-    assert_eq!(
-        a.push_trigger(&step(&a, 0, T0)).outcome,
-        DecisionOutcome::sent
-    );
-    assert_eq!(
-        a.push_trigger(&step(&a, 1, T0 + DAY)).outcome,
-        DecisionOutcome::sent
-    );
-    let mut low = a.trigger_of("lq-low", "welcome", TRIGGER, T0 + DAY + HOUR);
-    low.priority = 40;
-    low.valid_until = T0 + 5 * DAY;
-    assert_eq!(a.push_trigger(&low).rule, "main_scenario");
+    chain_with_a_waiter(&mut a, "lq");
     // Two messages of a higher priority take the third day's cap before the last step.
     for (id, at) in [
         ("lq-h1", T0 + 2 * DAY - 3 * HOUR),
@@ -267,7 +269,7 @@ fn a_last_step_sent_from_the_queue_wakes_the_waiters_at_once() {
         high.priority = 60;
         assert_eq!(a.push_trigger(&high).outcome, DecisionOutcome::sent);
     }
-    let last = a.push_trigger(&step(&a, 2, T0 + 2 * DAY));
+    let last = a.push_trigger(&onboarding_step(&a, "lq2", 2, T0 + 2 * DAY));
     assert_eq!(last.rule, "frequency_cap_daily", "{last:#?}");
     // The next day begins at midnight UTC, 15 hours after T0 + 2 days.
     let midnight = T0 + 2 * DAY + 15 * HOUR;
@@ -286,27 +288,8 @@ fn a_last_step_sent_from_the_queue_wakes_the_waiters_at_once() {
 #[test]
 fn a_last_step_that_cannot_be_sent_frees_the_slot_at_once() {
     let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
-    let step = |a: &Arbiter, n: i32, at: i64| {
-        let mut t = a.trigger_of(&format!("lu{n}"), "onboarding", TRIGGER, at);
-        t.step = n;
-        t.priority = 50;
-        t.cause_event_id = Some("signup".into());
-        t.cause_occurred_at = T0;
-        t
-    };
-    assert_eq!(
-        a.push_trigger(&step(&a, 0, T0)).outcome,
-        DecisionOutcome::sent
-    );
-    assert_eq!(
-        a.push_trigger(&step(&a, 1, T0 + DAY)).outcome,
-        DecisionOutcome::sent
-    );
-    let mut low = a.trigger_of("lu-low", "welcome", TRIGGER, T0 + DAY + HOUR);
-    low.priority = 40;
-    low.valid_until = T0 + 5 * DAY;
-    assert_eq!(a.push_trigger(&low).rule, "main_scenario");
-    let mut last = step(&a, 2, T0 + 2 * DAY);
+    chain_with_a_waiter(&mut a, "lu");
+    let mut last = onboarding_step(&a, "lu2", 2, T0 + 2 * DAY);
     last.contacts.consented_channels.clear();
     assert_eq!(a.push_trigger(&last).outcome, DecisionOutcome::suppressed);
     a.advance_to(T0 + 2 * DAY);

@@ -662,12 +662,7 @@ impl ProfileProcessor {
         after: Millis,
     ) -> anyhow::Result<()> {
         let tz = self.zone_of(p);
-        let date = match s.kind {
-            ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
-            _ => p
-                .registered_at
-                .and_then(|r| calendar::local_month_day(r, tz)),
-        };
+        let date = self.yearly_date(s, p);
         let (Some((month, day)), Some(time)) = (date, s.local_time_of_day()) else {
             ctx.cancel(&timer_id(&s.name, &p.customer_id))?;
             ctx.cancel(&follow_up_timer_id(&s.name, &p.customer_id))?;
@@ -2575,12 +2570,7 @@ impl ProfileProcessor {
                     .unwrap_or(0);
                 cause = format!("{}-{year}", s.name);
                 // Still the customer's date? (birthday or zone may have changed.)
-                let date = match s.kind {
-                    ScenarioKind::Birthday => p.birthday.as_deref().and_then(calendar::month_day),
-                    _ => p
-                        .registered_at
-                        .and_then(|r| calendar::local_month_day(r, tz)),
-                };
+                let date = self.yearly_date(s, p);
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
