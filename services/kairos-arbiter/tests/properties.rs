@@ -8,7 +8,9 @@
 //! send id repeats, nothing of a scenario that ends on purchase goes out after a
 //! purchase that followed its cause, nothing of a segment's scenario goes out after
 //! the customer left the segment after its cause, no promo goes out within two days of
-//! a purchase, and every trigger ends in exactly one final decision; streams
+//! a purchase, every trigger ends in exactly one final decision, and a transactional
+//! message with a channel it may use is sent (so an arbiter that sends nothing
+//! fails); streams
 //! start in January and just before the 2026 clock changes of New York and Berlin.
 //! A stream may merge two customers (as the identity processor does): what the
 //! merged one had queued, and a trigger of it arriving after the merge, is decided
@@ -432,6 +434,30 @@ proptest! {
                 if handed_over {
                     prop_assert_eq!(&finals[0].customer_id, &customer_id(into), "{:?}", decisions);
                 }
+            }
+            // And it is not an arbiter that sends nothing: a transactional message
+            // (past caps, gaps and quiet hours) goes out whenever a channel it names
+            // has consent and no unsubscribe, and no purchase can have ended it (a
+            // merge's customers aside: their ledgers move).
+            let t = &triggers[id];
+            let merged_person = merge.is_some_and(|(from, into, _)| {
+                [customer_id(from), customer_id(into)].contains(&t.customer_id)
+            });
+            let open_channel = t.contacts.consented_channels.iter().any(|c| {
+                unsubscribed
+                    .get(&(t.customer_id.clone(), *c))
+                    .is_none_or(|u| *u > t.fired_at)
+            });
+            let bought_since = purchases
+                .get(&t.customer_id)
+                .into_iter()
+                .flatten()
+                .any(|f| f.at >= t.fired_at - DAY);
+            if t.category == MessageCategory::transactional && open_channel && !merged_person && !bought_since {
+                prop_assert_eq!(
+                    finals[0].outcome, DecisionOutcome::sent,
+                    "transactional trigger {} not sent: {:?}", id, decisions
+                );
             }
             let stops = decisions.iter().filter(|d| d.decision_id == stop).count();
             prop_assert!(stops <= 1, "trigger {} stopped twice: {:?}", id, decisions);
