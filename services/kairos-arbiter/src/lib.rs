@@ -117,6 +117,10 @@ pub struct CustomerLedger {
     /// profile learnt it, what), until a trigger fired after that is decided with
     /// nothing else waiting: see [`CustomerLedger::settle_zone`].
     pub contacts: Option<(Millis, Box<Contacts>)>,
+    /// When the latest messages counted in `ignored_in_row` were delivered (oldest
+    /// first, at most `IGNORED_KEPT`), so an open, click or purchase reported late
+    /// clears only the deliveries before it.
+    pub ignored_deliveries: Vec<Millis>,
 }
 
 /// How a chain step's final decision ended it.
@@ -315,6 +319,10 @@ const LONE_CONTACTS_KEPT: Millis = DAY;
 /// week, each with a delivery, an open and a click at most (18 reports): 64 reach
 /// back three weeks and more.
 const RECENT_OUTCOMES: usize = 64;
+/// Delivery times of the messages ignored in a row remembered per customer: beyond
+/// any sunset threshold in practice (a count above it stands until a reaction after
+/// the oldest one remembered).
+const IGNORED_KEPT: usize = 32;
 /// Send ids of recent cascade steps after the first remembered per customer.
 const CASCADE_FOLLOWUPS_KEPT: usize = 16;
 /// Trigger ids remembered per customer whatever their valid-until: far more than any
@@ -399,6 +407,31 @@ fn remember(recent: &mut Vec<u64>, h: u64, limit: usize) -> bool {
 }
 
 impl CustomerLedger {
+    /// A marketing message delivered at `at` that counts towards the sunset.
+    fn note_ignored(&mut self, at: Millis) {
+        self.ignored_in_row += 1;
+        let at_position = self.ignored_deliveries.partition_point(|d| *d <= at);
+        self.ignored_deliveries.insert(at_position, at);
+        if self.ignored_deliveries.len() > IGNORED_KEPT {
+            self.ignored_deliveries.remove(0);
+        }
+    }
+
+    /// The customer reacted at `at` (an open, a click, a purchase): the messages
+    /// delivered before it were not ignored, and those delivered after it still
+    /// count, however late the reaction is reported.
+    fn reacted_at(&mut self, at: Millis) {
+        let remembered = self.ignored_deliveries.len();
+        self.ignored_deliveries.retain(|d| *d > at);
+        let after = self.ignored_deliveries.len();
+        // Every remembered delivery came after the reaction and the list is full: the
+        // older ones counted may have too, so the count stands. Counts from versions
+        // that remembered no times are cleared, as they were.
+        if !(after == remembered && remembered == IGNORED_KEPT) {
+            self.ignored_in_row = after as u32;
+        }
+    }
+
     /// When the main-scenario slot frees unless the chain's last step frees it sooner:
     /// [`LAST_STEP_GRACE`] after that step was due, or after a step of the chain
     /// waiting in the queue (quiet hours, a cap) wakes.
@@ -520,7 +553,10 @@ impl CustomerLedger {
             let mine = self.offers.entry(offer).or_insert(at);
             *mine = (*mine).max(at);
         }
-        self.ignored_in_row = self.ignored_in_row.max(other.ignored_in_row);
+        if other.ignored_in_row > self.ignored_in_row {
+            self.ignored_in_row = other.ignored_in_row;
+            self.ignored_deliveries = other.ignored_deliveries;
+        }
         for (channel, e) in other.engagement {
             let mine = self.engagement.entry(channel).or_default();
             mine.engaged_at = mine.engaged_at.max(e.engaged_at);
@@ -603,13 +639,21 @@ impl CustomerLedger {
                 let followup = self
                     .cascade_followups
                     .contains(&kairos_core::ids::stable_hash(&o.send_id));
-                if !followup {
-                    self.ignored_in_row += 1;
+                // Not ignored if the customer reacted at or after it on another
+                // channel or by buying (reported before this delivery).
+                let reacted = self
+                    .engagement
+                    .values()
+                    .filter_map(|e| e.engaged_at)
+                    .chain(self.last_purchase_at)
+                    .any(|r| r >= o.occurred_at);
+                if !followup && !reacted {
+                    self.note_ignored(o.occurred_at);
                 }
                 self.engagement.entry(o.channel).or_default().ignored_in_row += 1;
             }
             OutcomeKind::opened | OutcomeKind::clicked => {
-                self.ignored_in_row = 0;
+                self.reacted_at(o.occurred_at);
                 let e = self.engagement.entry(o.channel).or_default();
                 e.engaged_at = Some(latest(e.engaged_at, o.occurred_at));
                 e.ignored_in_row = 0;
@@ -2273,7 +2317,7 @@ impl ArbiterProcessor {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
                 // A conversion is a reaction: a customer who buys is not ignoring the
                 // messages (an SMS reports no open, a mail client may block pixels).
-                ledger.ignored_in_row = 0;
+                ledger.reacted_at(at);
                 // A till sale older than the chain's cause (uploaded late) leaves it
                 // running; an online purchase ends it whatever the device's clock
                 // said (a cascade caused well after the purchase goes on, below).
@@ -3558,6 +3602,78 @@ mod tests {
             "the cascade counted by its first"
         );
         assert_eq!(survivor.engagement[&Channel::push].ignored_in_row, 1);
+    }
+
+    /// An open, click or purchase reported late clears only the messages delivered
+    /// before it from the sunset count; a delivery reported after a reaction later
+    /// than it (on any channel) is not counted at all.
+    #[test]
+    fn a_late_reaction_clears_only_the_deliveries_before_it() {
+        let outcome = |id: &str, channel: Channel, kind: OutcomeKind, at: Millis| Outcome {
+            outcome_id: id.into(),
+            send_id: format!("s-{id}"),
+            customer_id: "c1".into(),
+            scenario: "weekly_promo".into(),
+            channel,
+            category: MessageCategory::promo,
+            kind,
+            reason: None,
+            occurred_at: at,
+            address: None,
+        };
+        let mut ledger = CustomerLedger::default();
+        for (id, at) in [("d1", 1_000), ("d3", 3_000), ("d2", 2_000)] {
+            assert!(ledger.apply_outcome(
+                &outcome(id, Channel::email, OutcomeKind::delivered, at),
+                None
+            ));
+        }
+        assert_eq!(ledger.ignored_in_row, 3);
+        // The open of the first message, reported after the other two were delivered.
+        assert!(ledger.apply_outcome(
+            &outcome("o1", Channel::email, OutcomeKind::opened, 1_500),
+            None
+        ));
+        assert_eq!(ledger.ignored_in_row, 2, "two delivered after the open");
+        assert_eq!(ledger.ignored_deliveries, [2_000, 3_000]);
+        // A push opened at 4,000, then an e-mail delivery of 3,500 reported late.
+        assert!(ledger.apply_outcome(
+            &outcome("o2", Channel::push, OutcomeKind::opened, 4_000),
+            None
+        ));
+        assert_eq!(ledger.ignored_in_row, 0);
+        assert!(ledger.apply_outcome(
+            &outcome("d4", Channel::email, OutcomeKind::delivered, 3_500),
+            None
+        ));
+        assert_eq!(ledger.ignored_in_row, 0, "the customer reacted after it");
+        // More deliveries than remembered, and a reaction older than all of them: the
+        // count stands.
+        for n in 0..IGNORED_KEPT as i64 + 3 {
+            let id = format!("m{n}");
+            assert!(ledger.apply_outcome(
+                &outcome(&id, Channel::email, OutcomeKind::delivered, 10_000 + n),
+                None
+            ));
+        }
+        assert_eq!(ledger.ignored_in_row, IGNORED_KEPT as u32 + 3);
+        assert!(ledger.apply_outcome(
+            &outcome("o3", Channel::email, OutcomeKind::clicked, 9_000),
+            None
+        ));
+        assert_eq!(ledger.ignored_in_row, IGNORED_KEPT as u32 + 3);
+        assert!(ledger.apply_outcome(
+            &outcome("o4", Channel::email, OutcomeKind::clicked, 10_010),
+            None
+        ));
+        assert_eq!(ledger.ignored_in_row, IGNORED_KEPT as u32 + 3 - 11);
+        // A count of a version that remembered no times is cleared by any reaction.
+        let mut legacy = CustomerLedger {
+            ignored_in_row: 5,
+            ..CustomerLedger::default()
+        };
+        assert!(legacy.apply_outcome(&outcome("o5", Channel::email, OutcomeKind::opened, 1), None));
+        assert_eq!(legacy.ignored_in_row, 0);
     }
 
     /// Trigger ids an earlier version remembered (without valid-until) still make a
