@@ -520,6 +520,7 @@ impl DeliveryProcessor {
         commit_point: &dyn Fn(),
         withdraw_commit_point: &dyn Fn(),
         before_retry: &dyn Fn() -> anyhow::Result<()>,
+        resumed: bool,
     ) -> Delivery {
         let committed = std::cell::Cell::new(false);
         let mark = || {
@@ -548,13 +549,16 @@ impl DeliveryProcessor {
         // the message expires, it is in doubt (reported sent, not repeated), not
         // failed and dead-lettered, whose re-drive could send it again. (An SMTP
         // conversation that got no answer before the "." left nothing behind.)
-        let mut may_be_held: Option<String> = None;
+        // A request a crash cut short (this send is resumed) may be held already.
+        let mut may_be_held: Option<String> = (resumed && matches!(provider, Provider::Http(_)))
+            .then(|| "a crash cut an earlier request to the gateway short".to_string());
         for attempt in 1..=max {
             // Each attempt and each wait is bounded (the provider's timeout, the
             // backoff's cap, the breaker's `open_for`): a beat before each keeps a
             // retrying worker healthy, and a hung one still goes silent.
             self.beat();
             // Until neither the breaker nor a provider's asked-for wait holds it.
+            let mut waited = false;
             loop {
                 let wait = self.breaker.wait(Instant::now());
                 if wait.is_zero() {
@@ -563,22 +567,26 @@ impl DeliveryProcessor {
                 self.show_breaker(&labels);
                 tokio::time::sleep(wait).await;
                 self.beat();
+                waited = true;
             }
             self.show_breaker(&labels);
+            self.limiter.until_ready().await;
+            // Every call, not only the first, must find the partition still this
+            // instance's: a worker paused or cut off during a backoff (or while the
+            // breaker held the first call) would otherwise make a call its new owner
+            // makes too.
+            if attempt > 1 || waited {
+                if let Err(e) = before_retry() {
+                    return Delivery::Stopped(e);
+                }
+            }
+            // After every wait, the acknowledged write just above included: a call
+            // past the message's valid-until is not made.
             if cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis {
                 return match may_be_held {
                     Some(e) => Delivery::InDoubt(format!("{e}, then it expired")),
                     None => Delivery::Expired,
                 };
-            }
-            self.limiter.until_ready().await;
-            // Every call, not only the first, must find the partition still this
-            // instance's: a worker paused or cut off during a backoff would otherwise
-            // retry a send its new owner makes too.
-            if attempt > 1 {
-                if let Err(e) = before_retry() {
-                    return Delivery::Stopped(e);
-                }
             }
             let started = Instant::now();
             // Only this attempt's "." can leave the message in doubt.
@@ -776,7 +784,8 @@ impl DeliveryProcessor {
         let send = SendSummary::from(cmd);
         let committed_key = format!("k/{}", cmd.send_id);
         let attempt_key = format!("w/{}", cmd.send_id);
-        if ctx.get::<Millis>(&attempt_key)?.is_some() {
+        let resumed = ctx.get::<Millis>(&attempt_key)?.is_some();
+        if resumed {
             // An attempt was cut short before the provider accepted it: it goes again.
             self.metrics
                 .resumed
@@ -807,6 +816,7 @@ impl DeliveryProcessor {
                 &commit_point,
                 &withdraw_commit_point,
                 &before_retry,
+                resumed,
             ))
         });
         let now = ctx.now();
@@ -1549,6 +1559,65 @@ mod tests {
         assert!(left.is_none(), "the attempt record stays");
     }
 
+    /// A request a crash cut short, resumed after the restart against a gateway that
+    /// now refuses every attempt: the gateway may hold the first request (no answer
+    /// came), so the send is in doubt (reported sent), not failed and dead-lettered,
+    /// whose re-drive could send it twice.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_resumed_http_request_whose_attempts_run_out_is_in_doubt() {
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[
+                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http"),
+                (
+                    "KAIROS__DELIVERY__EMAIL__HTTP__URL",
+                    "http://127.0.0.1:9/mail",
+                ),
+                (
+                    "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
+                    "https://shop.example/u/{customer_id}",
+                ),
+                ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "2"),
+                ("KAIROS__DELIVERY__EMAIL__RETRY__INITIAL_BACKOFF", "10ms"),
+            ],
+        );
+        let t0 = 20_000 * DAY;
+        left_by_crash(&config, &[("w/s-1", t0)]);
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let cmd = SendCommand {
+            valid_until: t0 + DAY,
+            ..email_command(t0, "welcome")
+        };
+        let payload = serde_json::to_vec(&cmd).expect("encode");
+        let topic = config.send_topic(Channel::email);
+        let mut out = replayer.push(&topic, b"c1", &payload).expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        let outcomes: Vec<Outcome> = out
+            .iter()
+            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
+            .map(|o| serde_json::from_slice(&o.payload).expect("outcome"))
+            .collect();
+        assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
+        assert_eq!(outcomes[0].kind, OutcomeKind::sent, "{outcomes:#?}");
+        let reason = outcomes[0].reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with("in_doubt") && reason.contains("attempts ran out"),
+            "{reason}"
+        );
+        assert!(
+            !out.iter()
+                .any(|o| o.topic == config.topic(topics::DEAD_LETTER)),
+            "not dead-lettered"
+        );
+    }
+
     /// The e-mail worker restarted over what a crash `left` (state records), fed a
     /// send `s-0` that moves its clock a day past `t0`, then `s-1` (created at `t0`):
     /// their outcomes, the replayer and the partition.
@@ -1629,7 +1698,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = admin.last_heartbeat();
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
         assert!(
@@ -1649,7 +1718,7 @@ mod tests {
             ..cmd.clone()
         };
         let delivery = processor
-            .attempts(&unparsable, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&unparsable, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(matches!(delivery, Delivery::HardBounce(_)), "{delivery:?}");
         assert!(
@@ -1754,13 +1823,70 @@ mod tests {
                 body: "hi".into(),
             };
             let delivery = processor
-                .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+                .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
                 .await;
             let doubt = matches!(delivery, Delivery::InDoubt(_));
             assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
             let made = calls.load(Ordering::SeqCst);
             assert!(requests.contains(&made), "{case}: {made} requests");
         }
+    }
+
+    /// Every wait before a call is followed by the partition's claim check, the first
+    /// call's too (the breaker held it), and by the valid-until check, the claim
+    /// check's own wait included: a worker paused in a wait makes no call its new
+    /// owner makes, and none past the message's validity.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_call_follows_a_wait_without_the_claim_and_validity_checks() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = calls.clone();
+        let app = axum::Router::new().route(
+            "/sms",
+            axum::routing::post(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let status = if n == 0 { 503 } else { 200 };
+                    let code = axum::http::StatusCode::from_u16(status).expect("status");
+                    (code, "answer")
+                }
+            }),
+        );
+        let url = serve_sms_gateway(app).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "1s");
+
+        // The breaker holds the first call; meanwhile another instance claimed the
+        // partition.
+        processor
+            .breaker
+            .hold_off(Instant::now(), std::time::Duration::from_millis(100));
+        let claimed = || Err(anyhow::anyhow!("the partition was claimed"));
+        let delivery = processor
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &claimed, false)
+            .await;
+        assert!(matches!(delivery, Delivery::Stopped(_)), "{delivery:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "no call after the takeover"
+        );
+
+        // The first call is refused; the claim check before the second takes longer
+        // than the message stays valid.
+        let brief = SendCommand {
+            valid_until: 300,
+            ..cmd
+        };
+        let slow_claim = || {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            Ok(())
+        };
+        let delivery = processor
+            .attempts(&brief, &message, 0, &|| {}, &|| {}, &slow_claim, false)
+            .await;
+        assert!(matches!(delivery, Delivery::Expired), "{delivery:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the refused call only");
     }
 
     /// Serves `app` as an SMS gateway on a port the kernel picks; returns its URL.
@@ -1839,7 +1965,7 @@ mod tests {
         let url = format!("http://{address}/sms");
         let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "600ms");
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(
             matches!(&delivery, Delivery::Exhausted(e) if e.contains("request failed")),
@@ -1943,7 +2069,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "2s");
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
         let calls = calls.lock().expect("calls");
@@ -1993,7 +2119,7 @@ mod tests {
             ..cmd.clone()
         };
         let delivery = processor
-            .attempts(&first, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&first, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
         let next = SendCommand {
@@ -2001,7 +2127,7 @@ mod tests {
             ..cmd
         };
         let delivery = processor
-            .attempts(&next, &message, 0, &|| {}, &|| {}, &|| Ok(()))
+            .attempts(&next, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
             .await;
         assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
         let calls = calls.lock().expect("calls");
