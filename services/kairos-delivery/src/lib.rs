@@ -517,11 +517,14 @@ impl DeliveryProcessor {
         cmd: &SendCommand,
         message: &RenderedMessage,
         now: Millis,
-        commit_point: &dyn Fn(),
-        withdraw_commit_point: &dyn Fn(),
-        before_retry: &dyn Fn() -> anyhow::Result<()>,
-        resumed: bool,
+        hooks: AttemptHooks<'_>,
     ) -> Delivery {
+        let AttemptHooks {
+            commit_point,
+            withdraw_commit_point,
+            before_retry,
+            resumed,
+        } = hooks;
         let committed = std::cell::Cell::new(false);
         let mark = || {
             committed.set(true);
@@ -813,10 +816,12 @@ impl DeliveryProcessor {
                 cmd,
                 &message,
                 started_at,
-                &commit_point,
-                &withdraw_commit_point,
-                &before_retry,
-                resumed,
+                AttemptHooks {
+                    commit_point: &commit_point,
+                    withdraw_commit_point: &withdraw_commit_point,
+                    before_retry: &before_retry,
+                    resumed,
+                },
             ))
         });
         let now = ctx.now();
@@ -955,6 +960,31 @@ impl DeliveryProcessor {
             .inc();
         ctx.emit(&self.dead_letter_topic, &cmd.customer_id, &letter);
     }
+}
+
+/// What a send's attempts tell the worker's state, and what it tells them.
+#[derive(Clone, Copy)]
+struct AttemptHooks<'a> {
+    /// The whole message was handed over (an SMTP "."): recorded at once.
+    commit_point: &'a dyn Fn(),
+    /// The server refused what was handed over: the commit point no longer holds.
+    withdraw_commit_point: &'a dyn Fn(),
+    /// Before a call after a wait: an acknowledged write that fails once another
+    /// instance claimed the partition.
+    before_retry: &'a dyn Fn() -> anyhow::Result<()>,
+    /// An earlier attempt of this send was cut short by a crash.
+    resumed: bool,
+}
+
+#[cfg(test)]
+impl AttemptHooks<'static> {
+    /// Hooks that record nothing and find the partition always this instance's.
+    const NONE: Self = AttemptHooks {
+        commit_point: &|| {},
+        withdraw_commit_point: &|| {},
+        before_retry: &|| Ok(()),
+        resumed: false,
+    };
 }
 
 fn nonzero(n: u32) -> std::num::NonZeroU32 {
@@ -1698,7 +1728,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = admin.last_heartbeat();
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&cmd, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
         assert!(
@@ -1718,7 +1748,7 @@ mod tests {
             ..cmd.clone()
         };
         let delivery = processor
-            .attempts(&unparsable, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&unparsable, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(matches!(delivery, Delivery::HardBounce(_)), "{delivery:?}");
         assert!(
@@ -1823,7 +1853,7 @@ mod tests {
                 body: "hi".into(),
             };
             let delivery = processor
-                .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+                .attempts(&cmd, &message, 0, AttemptHooks::NONE)
                 .await;
             let doubt = matches!(delivery, Delivery::InDoubt(_));
             assert_eq!(doubt, in_doubt, "{case}: {delivery:?}");
@@ -1863,7 +1893,15 @@ mod tests {
             .hold_off(Instant::now(), std::time::Duration::from_millis(100));
         let claimed = || Err(anyhow::anyhow!("the partition was claimed"));
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &claimed, false)
+            .attempts(
+                &cmd,
+                &message,
+                0,
+                AttemptHooks {
+                    before_retry: &claimed,
+                    ..AttemptHooks::NONE
+                },
+            )
             .await;
         assert!(matches!(delivery, Delivery::Stopped(_)), "{delivery:?}");
         assert_eq!(
@@ -1883,7 +1921,15 @@ mod tests {
             Ok(())
         };
         let delivery = processor
-            .attempts(&brief, &message, 0, &|| {}, &|| {}, &slow_claim, false)
+            .attempts(
+                &brief,
+                &message,
+                0,
+                AttemptHooks {
+                    before_retry: &slow_claim,
+                    ..AttemptHooks::NONE
+                },
+            )
             .await;
         assert!(matches!(delivery, Delivery::Expired), "{delivery:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the refused call only");
@@ -1965,7 +2011,7 @@ mod tests {
         let url = format!("http://{address}/sms");
         let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "600ms");
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&cmd, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(
             matches!(&delivery, Delivery::Exhausted(e) if e.contains("request failed")),
@@ -2069,7 +2115,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "2s");
         let delivery = processor
-            .attempts(&cmd, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&cmd, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
         let calls = calls.lock().expect("calls");
@@ -2119,7 +2165,7 @@ mod tests {
             ..cmd.clone()
         };
         let delivery = processor
-            .attempts(&first, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&first, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(matches!(delivery, Delivery::Exhausted(_)), "{delivery:?}");
         let next = SendCommand {
@@ -2127,7 +2173,7 @@ mod tests {
             ..cmd
         };
         let delivery = processor
-            .attempts(&next, &message, 0, &|| {}, &|| {}, &|| Ok(()), false)
+            .attempts(&next, &message, 0, AttemptHooks::NONE)
             .await;
         assert!(matches!(delivery, Delivery::Sent), "{delivery:?}");
         let calls = calls.lock().expect("calls");
