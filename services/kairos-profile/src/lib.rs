@@ -746,7 +746,7 @@ impl ProfileProcessor {
             .then(|| addresses(&p).map(|a| a.map(str::to_owned)));
         p.touch(e);
         if let Some(before) = contacts_before {
-            self.tell_contacts_changed(ctx, &p, &before, e)?;
+            self.tell_contacts_changed(ctx, &p, &before, &e.event_id)?;
         }
         let first_opt_in = !opted_in_before
             && e.consent
@@ -1743,7 +1743,9 @@ impl ProfileProcessor {
         self.catch_up_segment_reviews(ctx, &mut p, r.occurred_at)?;
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         if let Some(phone) = &r.phone {
-            p.phone.get_or_insert_with(|| phone.clone());
+            let before = addresses(&p).map(|a| a.map(str::to_owned));
+            p.phone_from_receipt(phone, r.occurred_at);
+            self.tell_contacts_changed(ctx, &p, &before, &r.event_id)?;
         }
         match r.kind {
             ReceiptKind::sale => {
@@ -3209,7 +3211,7 @@ impl ProfileProcessor {
         ctx: &mut Ctx<'_>,
         p: &CustomerProfile,
         before: &[Option<String>; 5],
-        e: &CustomerEvent,
+        event_id: &str,
     ) -> anyhow::Result<()> {
         if addresses(p) == before.each_ref().map(Option::as_deref) {
             return Ok(());
@@ -3217,7 +3219,7 @@ impl ProfileProcessor {
         let action = CustomerAction {
             contacts: Some(contacts(p)),
             ..CustomerAction::new(
-                deterministic_id(&[&e.event_id, "contacts_changed"]),
+                deterministic_id(&[event_id, "contacts_changed"]),
                 p.customer_id.clone(),
                 CustomerActionKind::contacts_changed,
                 // When the profile learnt it, as a trigger's `fired_at` is: the arbiter

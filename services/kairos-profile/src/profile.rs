@@ -1143,6 +1143,18 @@ impl CustomerProfile {
         }
     }
 
+    /// A till receipt's phone number fills in a profile without one, unless the
+    /// customer stated theirs (or cleared it) after the receipt: one uploaded late
+    /// does not bring back a number the customer removed.
+    pub fn phone_from_receipt(&mut self, phone: &str, at: Millis) {
+        if self.phone.is_none()
+            && !phone.trim().is_empty()
+            && newer_statement(&mut self.stated_at, field::PHONE, at)
+        {
+            self.phone = Some(phone.to_string());
+        }
+    }
+
     /// Clears `attribute` as stated at `at`, unless a later statement of it is known.
     fn clear(&mut self, attribute: ProfileField, at: Millis) {
         let (code, slot) = match attribute {

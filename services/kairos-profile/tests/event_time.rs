@@ -1623,6 +1623,58 @@ fn a_cleared_subscription_end_fires_nothing_and_an_older_statement_does_not_brin
     assert_eq!(dead.len(), 1, "{dead:#?}");
 }
 
+/// A till receipt's phone number fills in a profile without one (and the arbiter
+/// hears of it), but one uploaded after the customer removed their number, dated
+/// before the removal, does not bring it back.
+#[test]
+fn a_late_till_receipt_does_not_bring_back_a_removed_phone_number() {
+    let t = at("2026-05-01T08:00:00Z");
+    let mut h = Harness::new();
+    let receipt = |h: &mut Harness, id: &str, customer: &str, at: Millis, phone: &str| {
+        h.feed(
+            "events.offline",
+            customer,
+            json!({
+                "event_id": id, "occurred_at": rfc(at), "receipt_id": format!("r-{id}"),
+                "kind": "sale", "store_id": "store-1", "customer_id": customer,
+                "phone": phone,
+                "items": [{"product_id": "p-till", "quantity": 1, "unit_price": 10.0}],
+                "total": 10.0, "currency": "EUR",
+            }),
+        );
+    };
+    h.site(
+        "rp-set",
+        "profile_update",
+        "rp",
+        t,
+        json!({"profile": {"phone": "+4915100000001"}}),
+    );
+    h.site(
+        "rp-clear",
+        "profile_update",
+        "rp",
+        t + DAY,
+        json!({"profile": {"cleared": ["phone"]}}),
+    );
+    receipt(&mut h, "rp-till", "rp", t + HOUR, "+4915100000003");
+    let p = h.pipeline.profile("rp").expect("read").expect("stored");
+    assert_eq!(p.phone, None);
+    let told = |h: &Harness, customer: &str| -> Vec<Value> {
+        h.on("customer-actions")
+            .filter(|o| o.value["customer_id"] == customer && o.value["kind"] == "contacts_changed")
+            .map(|o| o.value["contacts"]["phone"].clone())
+            .collect()
+    };
+    assert_eq!(told(&h, "rp"), [json!("+4915100000001"), Value::Null]);
+
+    // A customer without a number gets the receipt's, and the arbiter is told.
+    receipt(&mut h, "rn-till", "rn", t, "+4915100000004");
+    let p = h.pipeline.profile("rn").expect("read").expect("stored");
+    assert_eq!(p.phone.as_deref(), Some("+4915100000004"));
+    assert_eq!(told(&h, "rn"), [json!("+4915100000004")]);
+}
+
 #[test]
 fn subscription_ending_fires_five_days_before() {
     let t = at("2026-05-01T08:00:00Z");
