@@ -1185,7 +1185,7 @@ impl ProfileProcessor {
             ctx.cancel(&format!("{MERGE_WAIT_EXPIRY}/{customer}/{awaited}"))?;
         }
         take_return_marks(ctx, customer)?;
-        for (key, _) in ctx.scan::<Trigger>(&held_prefix(customer))? {
+        for (key, _) in held_triggers(ctx, customer)? {
             ctx.delete(&key);
         }
         let id_key = format!("{customer}/expired/{fire_at}");
@@ -1245,7 +1245,7 @@ impl ProfileProcessor {
         let returned = take_return_marks(ctx, &m.from)?;
         // Triggers held for a merge into `from` still under way go with the profile.
         let mut held = Vec::new();
-        for (key, t) in ctx.scan::<Trigger>(&held_prefix(&m.from))? {
+        for (key, t) in held_triggers(ctx, &m.from)? {
             ctx.delete(&key);
             held.push(t);
         }
@@ -1565,8 +1565,7 @@ impl ProfileProcessor {
     /// What waited for merges goes out with the survivor's contacts and consents (the
     /// merged ones' included).
     fn release_held_triggers(&self, ctx: &mut Ctx<'_>, p: &CustomerProfile) -> anyhow::Result<()> {
-        let prefix = held_prefix(&p.customer_id);
-        for (key, mut t) in ctx.scan::<Trigger>(&prefix)? {
+        for (key, mut t) in held_triggers(ctx, &p.customer_id)? {
             t.contacts = contacts(p);
             t.merged_from = p.merged_from.clone();
             ctx.delete(&key);
@@ -2014,14 +2013,14 @@ impl ProfileProcessor {
                 // The pending follow-up may belong to a later order, or the purchase
                 // may come after its return: mark this order returned; the timer
                 // checks the mark when it fires.
-                Some(order) => ctx.put(&format!("ret/{customer_id}/{order}"), &true)?,
+                Some(order) => ctx.put(&return_mark_key(customer_id, order), &true)?,
             }
         }
         if let (Some(order), Some(keep_for)) = (order_id, self.return_mark_lifetime()) {
             // Kept until every follow-up of the order has fired or been skipped as too
             // late (its purchase came before the return), not for ever.
             ctx.schedule(
-                &format!("{RETURN_MARK_EXPIRY}/{customer_id}/{order}"),
+                &return_mark_expiry(customer_id, order),
                 ctx.now().saturating_add(keep_for),
                 &(),
             )?;
@@ -2604,12 +2603,15 @@ impl ProfileProcessor {
             }
             ScenarioKind::PostPurchase => {
                 if let Some(order) = &t.order_id {
-                    let key = format!("ret/{}/{order}", p.customer_id);
+                    let legacy_key = format!("ret/{}/{order}", p.customer_id);
                     // Marks of orders the profile does not hold among its recent ones
                     // (and of every order, before it held them).
                     // Kept for every post-purchase scenario of the order: its expiry
                     // timer deletes it once none can fire any more.
-                    let marked = ctx.get::<bool>(&key)?.is_some();
+                    let marked = ctx
+                        .get::<bool>(&return_mark_key(&p.customer_id, order))?
+                        .is_some()
+                        || ctx.get::<bool>(&legacy_key)?.is_some();
                     if marked || p.order_returned(order) {
                         return Ok(());
                     }
@@ -2963,6 +2965,28 @@ fn held_prefix(customer_id: &str) -> String {
     format!("h/{customer_id}/")
 }
 
+/// The triggers held for `customer_id` (key, trigger): under its prefix, not those
+/// of a customer whose id is this one's, a slash and more (`acme/jane`'s under
+/// `h/acme/`), which sit there with a slash before their trigger id.
+fn held_triggers(ctx: &mut Ctx<'_>, customer_id: &str) -> anyhow::Result<Vec<(String, Trigger)>> {
+    let prefix = held_prefix(customer_id);
+    let mut held = ctx.scan::<Trigger>(&prefix)?;
+    held.retain(|(key, t)| key[prefix.len()..] == *t.trigger_id);
+    Ok(held)
+}
+
+/// Where a return mark of `customer`'s `order` is kept. The customer id ends at a NUL,
+/// which no id holds, so a customer's marks are not those of one whose id is theirs,
+/// a slash and more, as `ret/<customer>/<order>` keys of earlier versions could be.
+fn return_mark_key(customer: &str, order: &str) -> String {
+    format!("rt/{customer}\0{order}")
+}
+
+/// The timer that drops the return mark of `customer`'s `order`.
+fn return_mark_expiry(customer: &str, order: &str) -> String {
+    format!("{RETURN_MARK_EXPIRY}/{customer}\0{order}")
+}
+
 fn timer_id(scenario: &str, customer_id: &str) -> String {
     [scenario, "/", customer_id].concat()
 }
@@ -3060,10 +3084,18 @@ fn schedule_step_with(
 /// (or now, if later), the survivor goes on without it (see `give_up_merge_wait`).
 /// Deletes `customer`'s return marks and their expiry timers; returns the orders.
 fn take_return_marks(ctx: &mut Ctx<'_>, customer: &str) -> anyhow::Result<Vec<String>> {
-    let mark_prefix = format!("ret/{customer}/");
     let mut returned = Vec::new();
+    let mark_prefix = return_mark_key(customer, "");
     for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
         let order = key[mark_prefix.len()..].to_string();
+        ctx.delete(&key);
+        ctx.cancel(&return_mark_expiry(customer, &order))?;
+        returned.push(order);
+    }
+    // Marks of earlier versions (gone once their chains' time has passed).
+    let legacy_prefix = format!("ret/{customer}/");
+    for (key, _) in ctx.scan::<bool>(&legacy_prefix)? {
+        let order = key[legacy_prefix.len()..].to_string();
         ctx.delete(&key);
         ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{customer}/{order}"))?;
         returned.push(order);
@@ -3472,7 +3504,12 @@ impl Processor for ProfileProcessor {
             .timer_id
             .strip_prefix(&format!("{RETURN_MARK_EXPIRY}/"))
         {
-            ctx.delete(&format!("ret/{mark}"));
+            // `<customer>\0<order>`, or `<customer>/<order>` set by earlier versions.
+            if mark.contains('\0') {
+                ctx.delete(&format!("rt/{mark}"));
+            } else {
+                ctx.delete(&format!("ret/{mark}"));
+            }
             Ok(())
         } else {
             self.on_scenario_timer(ctx, timer)

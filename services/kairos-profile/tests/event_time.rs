@@ -834,26 +834,23 @@ fn a_return_mark_holds_off_a_late_purchases_follow_up_and_then_expires() {
         order("o-rm1", 80.0, None),
     );
     h.commit();
-    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
-    assert_eq!(marks, ["ret/rm/o-rm1", "ret/rm/o-rm2"]);
+    let marks = h.pipeline.profile_state_keys("rt/").expect("keys");
+    assert_eq!(marks, ["rt/rm\0o-rm1", "rt/rm\0o-rm2"]);
     // No review request for the order sent back. Its mark stays after it is read (a
     // second post-purchase scenario of the order reads it too).
     h.advance(t + 14 * DAY);
     assert!(h.triggers("rm", "post_purchase").is_empty());
     h.commit();
-    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
-    assert_eq!(marks, ["ret/rm/o-rm1", "ret/rm/o-rm2"]);
+    let marks = h.pipeline.profile_state_keys("rt/").expect("keys");
+    assert_eq!(marks, ["rt/rm\0o-rm1", "rt/rm\0o-rm2"]);
     // Both go once no follow-up of their orders could fire any more (14 days of
     // delay, a day of tolerance and a day more).
     h.advance(t + 16 * DAY - MINUTE);
     h.commit();
-    assert_eq!(
-        h.pipeline.profile_state_keys("ret/").expect("keys").len(),
-        2
-    );
+    assert_eq!(h.pipeline.profile_state_keys("rt/").expect("keys").len(), 2);
     h.advance(t + 16 * DAY);
     h.commit();
-    let marks = h.pipeline.profile_state_keys("ret/").expect("keys");
+    let marks = h.pipeline.profile_state_keys("rt/").expect("keys");
     assert!(marks.is_empty(), "{marks:?}");
 }
 
@@ -4290,6 +4287,121 @@ fn a_merged_profile_that_never_comes_holds_the_survivor_s_triggers_an_hour_only(
     assert_eq!(fired.len(), 1, "{fired:#?}");
 }
 
+/// Two customers on one partition whose ids are `acme` and `acme/` and more keep
+/// their held triggers and return marks apart: `acme`'s merge releases, carries and
+/// takes none of the other's (whose cart reminder would go out with `acme`'s
+/// contacts, and whose returned order would get its review request).
+#[test]
+fn a_customer_s_held_triggers_and_return_marks_are_not_those_of_a_longer_id() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    let partition = |id: &str| kairos_core::replay::partition_for(id.as_bytes(), 2);
+    let jane = (0..)
+        .map(|n| format!("acme/jane{n}"))
+        .find(|id| partition(id) == partition("acme"))
+        .expect("an id on acme's partition");
+    let site = |h: &mut Harness, id: &str, kind: &str, customer: &str, at: Millis, extra: Value| {
+        let mut e = json!({"event_id": id, "event_type": kind, "occurred_at": rfc(at),
+            "customer_id": customer});
+        if let (Some(obj), Value::Object(more)) = (e.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        h.identified_site(e);
+    };
+    // Jane's order came back before its purchase was read: marked returned.
+    site(
+        &mut h,
+        "j-ret",
+        "order_status",
+        &jane,
+        t,
+        order("o-1", 80.0, Some("returned")),
+    );
+    site(
+        &mut h,
+        "j-buy",
+        "purchase",
+        &jane,
+        t - DAY,
+        order("o-1", 80.0, None),
+    );
+    // Jane's cart reminder is held while a merge into her is under way.
+    site(
+        &mut h,
+        "j-add",
+        "add_to_cart",
+        &jane,
+        t,
+        json!({"product": product("p1", 10.0)}),
+    );
+    h.merge_expected(&json!({"merge_id": "m-j", "from": "c-lost", "into": jane,
+        "identifier": "email:jane@example.com", "occurred_at": t + 10 * MINUTE}));
+    h.advance(t + 65 * MINUTE);
+    assert!(h.triggers(&jane, "abandoned_cart").is_empty(), "held");
+    // `acme` merges into another customer, and another customer into `acme`.
+    site(
+        &mut h,
+        "a-view",
+        "page_view",
+        "acme",
+        t,
+        json!({"page_url": "/"}),
+    );
+    site(
+        &mut h,
+        "z-view",
+        "page_view",
+        "c-z",
+        t,
+        json!({"page_url": "/"}),
+    );
+    h.merge("m-a", "acme", "c-z", t + 66 * MINUTE);
+    site(
+        &mut h,
+        "a2-view",
+        "page_view",
+        "acme",
+        t + 67 * MINUTE,
+        json!({"page_url": "/"}),
+    );
+    h.merge_expected(&merge_record("m-y", "c-y", "acme", t + 68 * MINUTE));
+    site(
+        &mut h,
+        "y-view",
+        "page_view",
+        "c-y",
+        t,
+        json!({"page_url": "/"}),
+    );
+    h.merge("m-y", "c-y", "acme", t + 68 * MINUTE);
+    h.advance(t + 69 * MINUTE);
+    let reminders: Vec<Value> = h
+        .on("triggers")
+        .filter(|o| o.value["scenario"] == "abandoned_cart")
+        .map(|o| o.value.clone())
+        .collect();
+    assert!(reminders.is_empty(), "still held for jane: {reminders:#?}");
+    // Jane's return mark stayed hers (not carried to `c-z` with `acme`'s).
+    h.commit();
+    let marks: Vec<String> = ["rt/", "ret/"]
+        .iter()
+        .flat_map(|prefix| h.pipeline.profile_state_keys(prefix).expect("keys"))
+        .collect();
+    assert_eq!(marks, [format!("rt/{jane}\0o-1")]);
+    // Her wait ends (the merged profile never came): her reminder, to her.
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers(&jane, "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    // And no review request for her returned order.
+    h.advance(t + 20 * DAY);
+    let reviews: Vec<Value> = h
+        .on("triggers")
+        .filter(|o| o.value["scenario"] == "post_purchase")
+        .map(|o| o.value.clone())
+        .collect();
+    assert!(reviews.is_empty(), "{reviews:#?}");
+}
+
 /// X waits for Y's profile and joins Z meanwhile: Z waits for Y in X's place, an hour
 /// from then, not for good.
 #[test]
@@ -6541,8 +6653,8 @@ fn a_merge_keeps_the_mark_of_an_order_returned_before_its_purchase_came() {
     h.merge("m-rb", "c-26", "c-25", t + 2 * HOUR);
     h.commit();
     assert_eq!(
-        h.pipeline.profile_state_keys("ret/").expect("keys"),
-        ["ret/c-25/o-26"]
+        h.pipeline.profile_state_keys("rt/").expect("keys"),
+        ["rt/c-25\0o-26"]
     );
     h.advance(t + 20 * DAY);
     assert!(h.triggers("c-25", "post_purchase").is_empty());
