@@ -663,16 +663,21 @@ impl FeedbackProcessor {
             .purchase_revenue
             .with_label_values(&[p.source])
             .inc_by(p.value.max(0.0));
-        if self.delay == 0 {
-            return self.attribute(ctx, &p.customer_id, p.occurred_at, p.value);
-        }
-        // The decisions before it may not be read yet: it waits for them.
+        // Touches are dated by the arbiter's clock, the purchase by the customer's
+        // device, which may run ahead (up to `clock.max_event_lead`): a purchase did
+        // not happen after it was read, so a fast clock neither pushes it out of the
+        // window nor puts it after the message it caused.
         let pending = PendingPurchase {
             customer_id: p.customer_id.clone(),
             event_id: p.event_id.clone(),
-            at: p.occurred_at,
+            at: p.occurred_at.min(ctx.now()),
             value: p.value,
         };
+        if self.delay == 0 {
+            // As after a wait: sent on if the customer was merged away.
+            return self.attribute_pending(ctx, pending);
+        }
+        // The decisions before it may not be read yet: it waits for them.
         // The event id alone: it is counted once per partition (see `first_time`).
         let timer = [PENDING_PURCHASE, p.event_id.as_str()].concat();
         ctx.schedule(&timer, ctx.now().saturating_add(self.delay), &pending)
@@ -1117,6 +1122,29 @@ mod tests {
             "{}",
             dead[0]
         );
+    }
+
+    /// A purchase dated ahead by the customer's device clock is attributed as of when
+    /// it was read: the message 71 hours before its reading is within the 72-hour
+    /// window, though 73 hours before the time the device gave.
+    #[test]
+    fn a_purchase_dated_ahead_by_the_device_is_attributed_as_of_its_reading() {
+        use kairos_core::time::HOUR;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"wall\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let now = kairos_core::time::wall_now();
+        push_email_sent(&config, &mut replayer, "c1", "welcome", now - 71 * HOUR);
+        let site = config.topic(topics::SITE_EVENTS);
+        replayer
+            .push(&site, b"c1", &purchase("p1", "c1", now + 2 * HOUR))
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(email_conversions(&registry), (1.0, 10.0));
     }
 
     /// The sum of counter `name`'s series that have each of `values` as a label value.
