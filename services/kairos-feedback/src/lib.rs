@@ -192,7 +192,7 @@ impl FeedbackMetrics {
             touches: metrics::counter_vec(
                 registry,
                 "kairos_attribution_touches_total",
-                "Touches that can earn a conversion: sent decisions (group treatment) and held-out decisions (group control, channel none).",
+                "Touches that can earn a conversion: every final decision of a marketing trigger, by the experiment group it falls in (intent to treat: suppressed, expired and cancelled ones too, channel none unless sent).",
                 attribution_labels,
             ),
             conversions: metrics::counter_vec(
@@ -224,7 +224,7 @@ impl FeedbackMetrics {
             ),
             lift: gauge(
                 "kairos_scenario_lift_ratio",
-                "Incremental lift since this process started: treatment conversion rate / control conversion rate - 1 (0 until both groups have a conversion rate).",
+                "Incremental lift since this process started: treatment conversion rate / control conversion rate - 1 (0 until the control group has a conversion: a lift over a rate of 0 is unknown).",
                 &["scenario"],
             ),
             message_rates: gauge(
@@ -436,6 +436,14 @@ impl FeedbackProcessor {
         }
     }
 
+    /// Records an order as counted (a cancellation read before its purchase, an
+    /// order counted for a merged customer): not a record of its own, so one older
+    /// than the window is left out without counting it as a record not counted.
+    fn mark_counted(&self, ctx: &mut Ctx<'_>, id: &str, at: Millis) -> anyhow::Result<()> {
+        self.seen[RecordKind::Purchase as usize].check(ctx, id, at)?;
+        Ok(())
+    }
+
     fn on_outcome(&mut self, ctx: &mut Ctx<'_>, o: &Outcome) -> anyhow::Result<()> {
         if !self.first_time(ctx, RecordKind::Outcome, &o.outcome_id, o.occurred_at)? {
             return Ok(());
@@ -606,7 +614,7 @@ impl FeedbackProcessor {
         for order in counted_orders {
             let key = order_key(&order.kind, &merge.into, &order.id);
             // Kept as counted from its first count; one older than the window is not.
-            self.first_time(ctx, RecordKind::Purchase, &key, order.counted_at)?;
+            self.mark_counted(ctx, &key, order.counted_at)?;
         }
         self.keep_touches(ctx, &merge.into, touches, true)
     }
@@ -998,8 +1006,7 @@ impl Processor for FeedbackProcessor {
             FeedbackInput::Cancelled(order, at) => {
                 // Kept as counted: the purchase read after it counts for nothing. (One
                 // read before it stays counted: counters only go up.)
-                self.first_time(ctx, RecordKind::Purchase, &order, at)?;
-                Ok(())
+                self.mark_counted(ctx, &order, at)
             }
             FeedbackInput::Ignored(_) => Ok(()),
         }
@@ -2175,6 +2182,22 @@ mod tests {
         push("o1", t0);
         assert_eq!(delivered(), 2.0, "o2 counts, the old copy of o1 does not");
         assert_eq!(before_window(), 1.0);
+        // A cancellation older than the window is no purchase left out.
+        let cancelled = serde_json::json!({"event_id": "x1", "event_type": "order_status",
+            "occurred_at": t0, "customer_id": "c1",
+            "order": {"order_id": "o-old", "total": 10.0, "status": "cancelled"}});
+        let site = config.topic(topics::SITE_EVENTS);
+        replayer
+            .push(&site, b"c1", cancelled.to_string().as_bytes())
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(
+            total(
+                "kairos_feedback_records_before_window_total",
+                Some("purchase")
+            ),
+            0.0
+        );
     }
 
     /// A touch is kept while a purchase could still be attributed to it (a late one
