@@ -242,6 +242,18 @@ mod tests {
         Replayer<crate::DeliveryProcessor>,
         prometheus::Registry,
     ) {
+        worker_with(dir, &[])
+    }
+
+    /// [`worker`] with more settings (environment overrides).
+    fn worker_with(
+        dir: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> (
+        Config,
+        Replayer<crate::DeliveryProcessor>,
+        prometheus::Registry,
+    ) {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/kairos.toml");
         let text = std::fs::read_to_string(&path).expect("config file");
@@ -251,7 +263,10 @@ mod tests {
             &[
                 ("KAIROS__STATE__DIR".into(), dir.display().to_string()),
                 ("KAIROS__CLOCK__MODE".into(), "event".into()),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect::<Vec<_>>(),
         )
         .expect("config");
         let settings = config.delivery[&Channel::in_app].clone();
@@ -345,6 +360,30 @@ mod tests {
         let (other, _) = poll(&mut replayer, "c10");
         assert_eq!(ids(&other), ["s3"], "c1's messages are not c10's");
         assert!(poll(&mut replayer, "c2").0.is_empty());
+    }
+
+    /// A message's expiry timer still deletes it once the channel's provider no longer
+    /// keeps an inbox (changed while messages waited): the worker goes on instead of
+    /// failing every batch on a timer it cannot read.
+    #[test]
+    fn an_inbox_timer_left_after_the_provider_changed_deletes_its_message() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, mut replayer, _) = worker(dir.path());
+        let topic = config.send_topic(Channel::in_app);
+        replayer
+            .push(&topic, b"c1", &command("s1", "c1", 100, 1_000))
+            .expect("push");
+        replayer.commit().expect("commit");
+        drop(replayer);
+        let (_, mut replayer, _) = worker_with(
+            dir.path(),
+            &[("KAIROS__DELIVERY__IN_APP__PROVIDER", "simulator")],
+        );
+        replayer.advance_to(T0 + 1_000).expect("the timer fires");
+        replayer.commit().expect("commit");
+        let partition = kairos_core::replay::partition_for(b"c1", config.kafka.partitions);
+        let store = replayer.engine.store(partition).expect("store");
+        assert!(store.scan_state(b"n/").expect("scan").is_empty());
     }
 
     /// A customer keeps the newest [`INBOX_KEPT`] messages; older ones go, with their

@@ -1286,7 +1286,12 @@ impl Processor for DeliveryProcessor {
         if timer.timer_id == self.sends_seen.timer_id() {
             return self.sends_seen.sweep(ctx, timer);
         }
-        if self.in_app() && timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX) {
+        // Also once the channel's provider no longer keeps an inbox (changed while
+        // messages waited): the message goes. (A simulated outcome's timer is named
+        // after its send id, whose payload does not read as a key.)
+        if timer.timer_id.starts_with(inbox::EXPIRY_TIMER_PREFIX)
+            && (self.in_app() || timer.decode::<String>().is_ok())
+        {
             return inbox::expire(ctx, timer);
         }
         let later: LaterOutcome = timer.decode()?;
@@ -1933,6 +1938,56 @@ mod tests {
             .await;
         assert!(matches!(delivery, Delivery::Expired), "{delivery:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the refused call only");
+    }
+
+    /// A gateway that answers an error with an endless page: the worker reads the
+    /// page's start for the error, not the page until the request times out.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_error_answer_s_endless_body_is_read_only_as_far_as_the_error_needs() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/sms", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let head = "HTTP/1.1 500 Internal Server Error\r\n\
+                                Content-Type: text/plain\r\n\
+                                Transfer-Encoding: chunked\r\n\r\n";
+                    if socket.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    // One chunk of 64 bytes, again and again.
+                    let page = "gateway down ".repeat(5);
+                    let chunk = format!("40\r\n{}\r\n", &page[..64]);
+                    while socket.write_all(chunk.as_bytes()).await.is_ok() {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                });
+            }
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut processor, cmd, message) = sms_worker(dir.path(), &url, "3s");
+        let started = Instant::now();
+        let delivery = processor
+            .attempts(&cmd, &message, 0, AttemptHooks::NONE)
+            .await;
+        let Delivery::Exhausted(error) = &delivery else {
+            panic!("{delivery:?}");
+        };
+        assert!(
+            error.starts_with(
+                "transient: HTTP 500 Internal Server Error: gateway down gateway down"
+            ),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "three attempts, none waiting for the page's end"
+        );
     }
 
     /// Serves `app` as an SMS gateway on a port the kernel picks; returns its URL.

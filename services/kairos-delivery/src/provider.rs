@@ -602,13 +602,32 @@ impl HttpProvider {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        let text = response.text().await.unwrap_or_default();
+        let text = body_start(response, ERROR_BODY_READ).await;
         let detail = format!(
             "HTTP {status}: {}",
             text.chars().take(200).collect::<String>()
         );
         Err(http_error(status.as_u16(), detail, retry_after))
     }
+}
+
+/// Bytes of an error answer's body read at most: enough for what went wrong.
+const ERROR_BODY_READ: usize = 1024;
+
+/// The first `limit` bytes of `response`'s body, as text: a gateway or proxy that
+/// answers an error with a large (or endless) page is not read into memory whole.
+async fn body_start(mut response: reqwest::Response, limit: usize) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - bytes.len();
+                bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// An error with its causes, which hold what went wrong ("certificate verify failed"
