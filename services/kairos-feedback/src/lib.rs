@@ -1097,7 +1097,7 @@ mod tests {
     #[test]
     fn a_site_event_days_ahead_of_the_clock_is_dead_lettered() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, _registry, mut replayer) = replayer(dir.path(), "[clock]\nmode = \"wall\"\n");
+        let (config, registry, mut replayer) = replayer(dir.path(), "[clock]\nmode = \"wall\"\n");
         let now = kairos_core::time::wall_now();
         let purchase = |id: &str, at: Millis| {
             serde_json::json!({"event_id": id, "event_type": "purchase", "occurred_at": at,
@@ -1129,6 +1129,12 @@ mod tests {
             "{}",
             dead[0]
         );
+        // Only the near one counts as a purchase.
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["online"]),
+            1.0
+        );
+        assert_eq!(revenue(&registry, "online"), 10.0);
     }
 
     /// A purchase dated ahead by the customer's device clock is attributed as of when

@@ -399,6 +399,8 @@ fn offline_receipts_resolve_by_loyalty_card_and_by_phone_and_end_the_cart_remind
         json!({"device_id": "ios-77",
         "product": {"product_id": "p-9", "name": "Scarf", "price": 25.0}}),
     );
+    let cart = format!("e-{}", h.next_event);
+    assert_eq!(h.profile("c-2").cart.len(), 1, "the scarf is in her cart");
     // The card alone, printed differently, and the phone alone, written nationally.
     h.receipt(
         t0 + 2 * HOUR + 20 * MINUTE,
@@ -412,6 +414,9 @@ fn offline_receipts_resolve_by_loyalty_card_and_by_phone_and_end_the_cart_remind
 
     assert_eq!(h.resolved(&by_card).as_deref(), Some("c-2"));
     assert_eq!(h.resolved(&by_phone).as_deref(), Some("c-2"));
+    // The cart change reached her profile (by the device), so the reminder's absence
+    // is the card purchase's doing.
+    assert_eq!(h.resolved(&cart).as_deref(), Some("c-2"));
     let p = h.profile("c-2");
     assert_eq!(
         p.offline_orders, 3,
@@ -912,7 +917,9 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
         t0 + 4 * HOUR,
         json!({"anonymous_id": "a-form", "phone": "+4915111112222", "loyalty_card": "K-52"}),
     );
+    let form = format!("e-{}", h.next_event);
     h.advance(t0 + 5 * HOUR);
+    assert_eq!(h.resolved(&form).as_deref(), Some("c-52"));
     assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
     assert_eq!(h.profile("c-52").orders, 1);
     assert_eq!(h.profile("c-51").orders, 0);
@@ -1584,4 +1591,19 @@ fn a_customer_action_fed_in_reaches_the_identity_processor_and_the_arbiter() {
     let letters = h.of_topic("deadletter");
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(letters[1].value["service"], "arbiter", "{letters:?}");
+    // Both reached the identity processor too.
+    let read_by_identity: f64 = h
+        .identity_metrics
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "kairos_input_records_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.value() == "kairos.customer-actions")
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    assert_eq!(read_by_identity, 2.0);
 }
