@@ -221,6 +221,13 @@ fn malformed_input_goes_to_the_dead_letter_topic_and_the_pipeline_keeps_going() 
         !sends_for(v, "c-dl").is_empty()
     });
     assert_eq!(sends_for(&sends, "c-dl").len(), 1);
+    // Counted again once the profile has read every event and the arbiter every
+    // trigger: the reads above stop at the first match.
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(60));
+    p.wait_caught_up("arbiter", &["triggers"], Duration::from_secs(60));
+    assert_eq!(p.read_all_json("deadletter").len(), 3);
+    let all_sends = p.read_all_json("send.email");
+    assert_eq!(sends_for(&all_sends, "c-dl").len(), 1, "{all_sends:?}");
     let m = p.metrics("profile");
     assert_eq!(
         sample(&m, "kairos_dead_letters_total", &["reason=\"not_json\""]),
@@ -256,7 +263,11 @@ fn every_service_exposes_metrics_that_pass_promtool() {
             ("c-m", add_to_cart("c-m", t)),
         ],
     );
-    p.read_json_until("outcomes", Duration::from_secs(60), |v| v.len() >= 2);
+    let outcomes = p.read_json_until("outcomes", Duration::from_secs(60), |v| v.len() >= 2);
+    assert!(
+        outcomes.len() >= 2,
+        "the traffic went through: {outcomes:?}"
+    );
     for s in SERVICES {
         let text = p.metrics(s);
         assert!(text.contains("kairos_input_records_total"), "{s}:\n{text}");
@@ -382,6 +393,15 @@ fn identity_stitches_an_anonymous_cart_to_the_customer_who_logs_in() {
     assert_eq!(vars["cart_items"][0]["product_id"], "p42");
     // Nothing for the anonymous profile, and the card-only purchase ended c-card's.
     std::thread::sleep(Duration::from_secs(3));
+    p.wait_caught_up("profile", &["identified-events"], Duration::from_secs(60));
+    p.wait_caught_up("arbiter", &["triggers"], Duration::from_secs(60));
+    // Not even a trigger: the merge ended the anonymous profile's wait (a reminder
+    // of it would only be suppressed for want of an address).
+    let triggers = p.read_all_json("triggers");
+    assert!(
+        triggers.iter().all(|t| t["customer_id"] != "anon:cookie-1"),
+        "{triggers:?}"
+    );
     let sends = p.read_all_json("send.email");
     assert!(
         sends.iter().all(|s| s["customer_id"] != "anon:cookie-1"),
