@@ -180,8 +180,9 @@ fn replay_results_do_not_depend_on_the_batch_size() {
         .count();
     assert!(decisions.count() > 100, "the traffic reaches the arbiter");
     assert!(
-        merge_waits < 200,
-        "a merge wait is recorded once per trigger, not once per poll: {merge_waits}"
+        merge_waits > 0 && merge_waits < 200,
+        "the traffic makes the arbiter wait for merged ledgers, recorded once per \
+         trigger, not once per poll: {merge_waits}"
     );
     assert_eq!(small.len(), large.len());
     assert!(small == large, "the same records whatever the batch size");
