@@ -46,23 +46,33 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         .expect("start kairos up");
     let (lines_tx, lines) = mpsc::channel();
     let stdout = up.stdout.take().expect("stdout");
+    let stderr = up.stderr.take().expect("stderr");
+    let errors_tx = lines_tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = lines_tx.send(line);
         }
     });
+    // What `up` reports on stderr (a process that exited, or was killed at the stop)
+    // goes with the rest.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = errors_tx.send(line);
+        }
+    });
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
-    let sent = loop {
+    // Until a summary counts a message sent (the loop fails the test otherwise).
+    loop {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("no message sent in time:\n{}", seen.join("\n")));
         let sent = number_after(&line, "decisions: sent ");
         seen.push(line);
-        if let Some(n) = sent.filter(|&n| n > 0) {
-            break n;
+        if sent.is_some_and(|n| n > 0) {
+            break;
         }
-    };
+    }
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("Ctrl-C");
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
@@ -75,27 +85,38 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    seen.extend(lines.try_iter());
+    // Both readers end with the pipes.
+    let tail_deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(line) = lines.recv_timeout(tail_deadline.saturating_duration_since(Instant::now()))
+    {
+        seen.push(line);
+    }
     let output = seen.join("\n");
     assert!(status.success(), "{status}:\n{output}");
-    assert!(sent > 0);
     assert!(
-        output.contains("all processes stopped") && !output.contains("did not stop"),
+        output.contains("all processes stopped")
+            && !output.contains("did not stop")
+            && !output.contains("exited ("),
         "{output}"
     );
     // Each service was asked once and finished its in-flight work: a second signal
     // makes it exit at once, without that.
-    for service in [
-        "identity",
-        "profile",
-        "catalog",
-        "arbiter",
-        "feedback",
-        "deliver-email",
-    ] {
+    let config = std::fs::read_to_string(dir.path().join("config/kairos.toml")).expect("config");
+    let workers = ["email", "sms", "push", "in_app", "messenger"]
+        .into_iter()
+        .filter(|c| config.contains(&format!("[delivery.{c}]")))
+        .map(|c| format!("deliver-{c}"));
+    let services = ["identity", "profile", "catalog", "arbiter", "feedback"]
+        .into_iter()
+        .map(String::from)
+        .chain(workers)
+        .collect::<Vec<_>>();
+    assert!(services.len() > 6, "{services:?}");
+    for service in &services {
         let log = std::fs::read_to_string(dir.path().join(format!("var/log/{service}.log")))
             .unwrap_or_else(|e| panic!("{service}'s log: {e}"));
         assert!(log.contains("shutdown requested"), "{service}:\n{log}");
+        assert!(log.contains("stopped cleanly"), "{service}:\n{log}");
         assert!(!log.contains("second signal"), "{service}:\n{log}");
         assert!(!log.contains("ERROR"), "{service}:\n{log}");
     }

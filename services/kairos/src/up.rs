@@ -67,17 +67,66 @@ fn ask_to_stop(p: &mut Proc) {
 }
 
 /// Waits `grace` for the process to exit after [`ask_to_stop`], then kills it.
-fn wait_or_kill(p: &mut Proc, grace: Duration) {
+/// Returns whether it stopped on its own, with a success status.
+fn wait_or_kill(p: &mut Proc, grace: Duration) -> bool {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = p.child.try_wait() {
-            return;
+        if let Ok(Some(status)) = p.child.try_wait() {
+            if !status.success() {
+                eprintln!(
+                    "{} stopped with {status}; see var/log/{}.log",
+                    p.name, p.name
+                );
+            }
+            return status.success();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("{} did not stop within {grace:?}; killing it", p.name);
     let _ = p.child.kill();
     let _ = p.child.wait();
+    false
+}
+
+/// Reports (once) the processes that exited while they should be running.
+fn note_exits<'a>(procs: impl Iterator<Item = &'a mut Proc>, failed: &mut Vec<String>) {
+    for p in procs.filter(|p| !p.exit_told) {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
+            p.exit_told = true;
+            failed.push(p.name.clone());
+        }
+    }
+}
+
+/// What `kairos up` refuses to run with: it starts its own broker and clears its
+/// state directory, so a configuration naming a cluster (a production one, or
+/// `KAIROS__KAFKA__BOOTSTRAP_SERVERS` left in the shell) would send generated traffic
+/// there and wipe that deployment's state.
+pub fn preflight(config: &Config) -> anyhow::Result<()> {
+    if !config.kafka.bootstrap_servers.trim().is_empty() {
+        bail!(
+            "kafka.bootstrap_servers is set ({}): `kairos up` runs the pipeline on its own \
+             embedded broker, with generated traffic, and clears state.dir ({}) first; \
+             unset it (and KAIROS__KAFKA__BOOTSTRAP_SERVERS) to run the demo, or start \
+             the services one by one against that cluster",
+            config.kafka.bootstrap_servers,
+            config.state.dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The run's result from the processes that did not end well: those that exited
+/// before the stop, and those that had to be killed at it.
+fn outcome(failed: &[String]) -> anyhow::Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} did not run to a clean stop; see var/log/",
+        failed.join(", ")
+    )
 }
 
 pub async fn run(
@@ -85,6 +134,7 @@ pub async fn run(
     config: Arc<Config>,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
+    preflight(&config)?;
     let exe = std::env::current_exe().context("cannot find the kairos executable")?;
     // The embedded broker keeps topics in memory, so state from an earlier run would
     // point at offsets that no longer exist: start clean.
@@ -149,6 +199,8 @@ pub async fn run(
         .timeout(Duration::from_secs(2))
         .build()?;
     let started = Instant::now();
+    // Processes that exited before the stop, or had to be killed at it.
+    let mut failed: Vec<String> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
     loop {
@@ -156,16 +208,10 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        for p in services
-            .iter_mut()
-            .chain([&mut broker, &mut generator])
-            .filter(|p| !p.exit_told)
-        {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
-                p.exit_told = true;
-            }
-        }
+        note_exits(
+            services.iter_mut().chain([&mut broker, &mut generator]),
+            &mut failed,
+        );
         let mut scraped: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
         for (name, addr) in &endpoints {
             if let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await {
@@ -177,18 +223,30 @@ pub async fn run(
         print_summary(started.elapsed(), &scraped);
     }
 
+    // One that died since the last summary did not stop when asked either.
+    note_exits(
+        services.iter_mut().chain([&mut broker, &mut generator]),
+        &mut failed,
+    );
     println!("\nstopping: generator, services, broker");
-    stop(&mut generator, Duration::from_secs(10));
+    let mut stopped = |p: &mut Proc, grace: Duration| {
+        if !wait_or_kill(p, grace) && !p.exit_told {
+            failed.push(p.name.clone());
+        }
+    };
+    ask_to_stop(&mut generator);
+    stopped(&mut generator, Duration::from_secs(10));
     // All at once, so they wind down side by side.
     for p in services.iter_mut() {
         ask_to_stop(p);
     }
     for p in services.iter_mut() {
-        wait_or_kill(p, Duration::from_secs(35));
+        stopped(p, Duration::from_secs(35));
     }
-    stop(&mut broker, Duration::from_secs(10));
+    ask_to_stop(&mut broker);
+    stopped(&mut broker, Duration::from_secs(10));
     println!("all processes stopped");
-    Ok(())
+    outcome(&failed)
 }
 
 /// `(series, value)` pairs from Prometheus text.
@@ -343,6 +401,24 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configuration naming a cluster is refused before anything is started or
+    /// cleared; the run fails when a process did not stop cleanly, naming it.
+    #[test]
+    fn up_refuses_a_cluster_and_fails_when_a_process_did_not_stop_cleanly() {
+        let parse = |text: &str| {
+            Config::from_text(std::path::Path::new("t.toml"), text, &[]).expect("config")
+        };
+        let err =
+            preflight(&parse("[kafka]\nbootstrap_servers = \"prod:9092\"\n")).expect_err("refused");
+        assert!(err.to_string().contains("bootstrap_servers"), "{err}");
+        assert!(err.to_string().contains("prod:9092"), "{err}");
+        preflight(&parse("")).expect("the embedded broker's configuration");
+
+        outcome(&[]).expect("every process stopped cleanly");
+        let err = outcome(&["deliver-sms".into(), "arbiter".into()]).expect_err("failed");
+        assert!(err.to_string().contains("deliver-sms, arbiter"), "{err}");
+    }
 
     #[test]
     fn events_in_counts_customer_events_not_outcomes() {
