@@ -1386,6 +1386,43 @@ impl Config {
                 "must be a share from 0 to 1".into(),
             ));
         }
+        // Event-time bounds: 0 does not turn them off, it refuses every event later
+        // than the partition's clock (or ahead of the machine's).
+        let clock = |key: &str| table_key_line(text, "clock", key);
+        for (key, bound) in [
+            ("max_event_lead", self.clock.max_event_lead),
+            ("max_event_gap", self.clock.max_event_gap),
+        ] {
+            if bound.is_zero() {
+                return Err(fail_at(
+                    clock(key),
+                    &format!("clock.{key}"),
+                    "must be longer than 0 (0 would dead-letter nearly every event)".into(),
+                ));
+            }
+        }
+        if self.clock.max_event_gap < self.clock.max_event_lead {
+            return Err(fail_at(
+                clock("max_event_gap"),
+                "clock.max_event_gap",
+                format!(
+                    "must be at least clock.max_event_lead ({:?}): input replayed from a backlog runs ahead of the clock by more than a device does",
+                    self.clock.max_event_lead
+                ),
+            ));
+        }
+        // How often an idle service looks for due timers: 0 spins a core, and beyond
+        // a minute timers fire that late.
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.state.timer_tick) {
+            return Err(fail_at(
+                table_key_line(text, "state", "timer_tick"),
+                "state.timer_tick",
+                format!(
+                    "must be from 10ms to 1 minute, not {:?} (idle services look for due timers this often)",
+                    self.state.timer_tick
+                ),
+            ));
+        }
         if self.arbiter.control_group_percent > 100 {
             return Err(fail(
                 "control_group_percent",
@@ -1440,6 +1477,22 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            // Every call would time out, be retried and end in the dead-letter topic.
+            let timeouts = [
+                ("smtp", d.smtp.as_ref().map(|s| s.timeout)),
+                ("http", d.http.as_ref().map(|h| h.timeout)),
+            ];
+            for (sub, timeout) in timeouts {
+                if timeout.is_some_and(|t| t.is_zero()) {
+                    return Err(fail(
+                        (sub, "timeout"),
+                        format!(
+                            "{}: must be longer than 0",
+                            section(&format!("{sub}.timeout"))
+                        ),
+                    ));
+                }
             }
             if let Some(http) = d.http.as_ref().filter(|_| d.provider == ProviderKind::Http) {
                 if let Err(message) = check_gateway_url(&http.url) {
@@ -2402,6 +2455,35 @@ mod tests {
             .unwrap()
             .check_deliverable()
             .expect("a disabled scenario sends nothing");
+    }
+
+    /// Zero event-time bounds, a gap shorter than the lead, a timer tick of 0 or
+    /// beyond a minute and a provider timeout of 0 are refused at their lines.
+    #[test]
+    fn zero_clock_bounds_timer_ticks_and_provider_timeouts_are_refused_at_their_lines() {
+        for key in ["max_event_lead", "max_event_gap"] {
+            let (line, message) = line_of(&format!("[clock]\nmode = \"event\"\n{key} = \"0s\"\n"));
+            assert_eq!(line, 3, "{message}");
+            assert!(message.contains(key), "{message}");
+        }
+        let (line, message) =
+            line_of("[clock]\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n");
+        assert_eq!(line, 3, "{message}");
+        assert!(message.contains("max_event_lead"), "{message}");
+        for tick in ["0s", "2m"] {
+            let (line, message) = line_of(&format!(
+                "[state]\ndir = \"var\"\ntimer_tick = \"{tick}\"\n"
+            ));
+            assert_eq!(line, 3, "{message}");
+            assert!(message.contains("timer_tick"), "{message}");
+        }
+        parse("[state]\ntimer_tick = \"1s\"\n").expect("a second is fine");
+        let (line, message) = line_of(
+            "[delivery.sms]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"http\"\n\
+             [delivery.sms.http]\nurl = \"https://gw.example/sms\"\ntimeout = \"0s\"\n",
+        );
+        assert_eq!(line, 6, "{message}");
+        assert!(message.contains("delivery.sms.http.timeout"), "{message}");
     }
 
     #[test]
