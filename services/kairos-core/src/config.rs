@@ -2108,6 +2108,34 @@ pub mod topics {
     pub const IDENTITY_CHANGES: &str = "identity-changes";
 }
 
+/// Settings whose values are text, wherever they are: an environment override of one
+/// is taken as written, not read as TOML.
+const TEXT_KEYS: &[&str] = &[
+    "auth_header",
+    "auth_value",
+    "bootstrap_servers",
+    "control_group_salt",
+    "currency",
+    "default_country",
+    "default_segment",
+    "default_time_zone",
+    "from",
+    "group_prefix",
+    "host",
+    "idempotency_header",
+    "list_unsubscribe",
+    "local_time",
+    "password",
+    "quiet_hours_end",
+    "quiet_hours_start",
+    "reply_to",
+    "template",
+    "topic_prefix",
+    "url",
+    "username",
+    "webhook_token",
+];
+
 fn apply_override(
     doc: &mut toml_edit::DocumentMut,
     var: &str,
@@ -2124,9 +2152,13 @@ fn apply_override(
         });
     }
     // A value that parses as TOML (number, bool, array) keeps its type; anything else
-    // is a string.
-    // librdkafka properties are always strings.
-    let raw_string = path.len() == 3 && path[0] == "kafka" && path[1] == "client";
+    // is a string. librdkafka properties and the settings that are text are always
+    // taken as written: a salt `2024`, a password `12345678` or `true`, a secret
+    // that comes with quotes of its own.
+    let raw_string = (path.len() == 3 && path[0] == "kafka" && path[1] == "client")
+        || path
+            .last()
+            .is_some_and(|key| TEXT_KEYS.contains(&key.as_str()));
     let parsed: toml_edit::Value = if raw_string {
         toml_edit::Value::from(value)
     } else {
@@ -2484,6 +2516,25 @@ mod tests {
         );
         assert_eq!(line, 6, "{message}");
         assert!(message.contains("delivery.sms.http.timeout"), "{message}");
+    }
+
+    /// An override of a text setting is taken as written: digits, a word TOML reads
+    /// as a boolean and quotes stay text.
+    #[test]
+    fn an_override_of_a_text_setting_is_taken_as_written() {
+        let with = |var: &str, value: &str| {
+            Config::from_text(Path::new("t.toml"), "", &[(var.into(), value.into())])
+                .unwrap_or_else(|e| panic!("{var}={value}: {e}"))
+        };
+        let c = with("KAIROS__ARBITER__CONTROL_GROUP_SALT", "2024");
+        assert_eq!(c.arbiter.control_group_salt, "2024");
+        let c = with("KAIROS__ARBITER__CONTROL_GROUP_SALT", "'s3cr3t'");
+        assert_eq!(c.arbiter.control_group_salt, "'s3cr3t'");
+        let c = with("KAIROS__KAFKA__BOOTSTRAP_SERVERS", "true");
+        assert_eq!(c.kafka.bootstrap_servers, "true");
+        // Other settings keep their types.
+        let c = with("KAIROS__KAFKA__PARTITIONS", "8");
+        assert_eq!(c.kafka.partitions, 8);
     }
 
     #[test]
