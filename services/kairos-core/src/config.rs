@@ -1149,9 +1149,7 @@ impl Config {
             file: path.to_path_buf(),
             source,
         })?;
-        let overrides: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
+        let overrides = overrides_in(std::env::vars_os())?;
         Self::from_text(path, &text, &overrides)
     }
 
@@ -2108,6 +2106,25 @@ pub mod topics {
     pub const IDENTITY_CHANGES: &str = "identity-changes";
 }
 
+/// The `KAIROS__` variables of an environment. Others are not read, so one that is
+/// not UTF-8 (a locale's, a tool's) does not matter; one of ours that is not is named.
+fn overrides_in(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut overrides = Vec::new();
+    for (key, value) in vars {
+        let Some(key) = key.to_str().filter(|k| k.starts_with(ENV_PREFIX)) else {
+            continue;
+        };
+        let value = value.into_string().map_err(|_| ConfigError::Env {
+            var: key.to_string(),
+            message: "the value is not UTF-8".into(),
+        })?;
+        overrides.push((key.to_string(), value));
+    }
+    Ok(overrides)
+}
+
 /// Settings whose values are text, wherever they are: an environment override of one
 /// is taken as written, not read as TOML.
 const TEXT_KEYS: &[&str] = &[
@@ -2516,6 +2533,37 @@ mod tests {
         );
         assert_eq!(line, 6, "{message}");
         assert!(message.contains("delivery.sms.http.timeout"), "{message}");
+    }
+
+    /// Variables that are not UTF-8 are skipped unless they are Kairos', which are
+    /// named in the error.
+    #[test]
+    fn environment_variables_that_are_not_utf8_do_not_stop_the_load() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let not_utf8 = || OsString::from_vec(vec![0xff, 0xfe]);
+        let vars = vec![
+            (OsString::from("LANG_X"), not_utf8()),
+            (not_utf8(), OsString::from("x")),
+            (
+                OsString::from("KAIROS__KAFKA__PARTITIONS"),
+                OsString::from("8"),
+            ),
+        ];
+        let overrides = overrides_in(vars.into_iter()).expect("others are skipped");
+        assert_eq!(
+            overrides,
+            [("KAIROS__KAFKA__PARTITIONS".to_string(), "8".to_string())]
+        );
+        let ours = vec![(
+            OsString::from("KAIROS__ARBITER__CONTROL_GROUP_SALT"),
+            not_utf8(),
+        )];
+        let err = overrides_in(ours.into_iter()).unwrap_err().to_string();
+        assert!(
+            err.contains("KAIROS__ARBITER__CONTROL_GROUP_SALT") && err.contains("UTF-8"),
+            "{err}"
+        );
     }
 
     /// An override of a text setting is taken as written: digits, a word TOML reads
