@@ -1605,11 +1605,22 @@ impl Config {
             ));
         }
         let a = &self.arbiter;
-        if a.quiet_hours_start.is_some() != a.quiet_hours_end.is_some()
-            || (a.quiet_hours_start.is_some() && a.quiet_hours().is_none())
-        {
-            return Err(fail(
-                "quiet_hours_start",
+        // At the key written: the one alone, or the one that is no time of day.
+        let hh_mm = |v: &Option<String>| {
+            v.as_deref()
+                .is_some_and(|v| chrono::NaiveTime::parse_from_str(v, "%H:%M").is_ok())
+        };
+        let quiet_fault = match (&a.quiet_hours_start, &a.quiet_hours_end) {
+            (Some(_), None) => Some("quiet_hours_start"),
+            (None, Some(_)) => Some("quiet_hours_end"),
+            (start, _) if start.is_some() && !hh_mm(start) => Some("quiet_hours_start"),
+            (_, end) if end.is_some() && !hh_mm(end) => Some("quiet_hours_end"),
+            _ => None,
+        };
+        if let Some(key) = quiet_fault {
+            return Err(fail_at(
+                table_key_line(text, "arbiter", key),
+                key,
                 "arbiter.quiet_hours_start and quiet_hours_end: both or neither, as \"HH:MM\""
                     .into(),
             ));
@@ -1617,8 +1628,10 @@ impl Config {
         for (field, cap) in [("daily_cap", a.daily_cap), ("weekly_cap", a.weekly_cap)] {
             if cap == 0 {
                 // Every marketing message would wait until it expired: a silent way of
-                // sending none, which disabling the scenarios says plainly.
-                return Err(fail(
+                // sending none, which disabling the scenarios says plainly. (The
+                // arbiter's own key, not a channel's or category's cap of that name.)
+                return Err(fail_at(
+                    table_key_line(text, "arbiter", field),
                     field,
                     format!(
                         "arbiter.{field} = 0 would hold every marketing message until it \
@@ -1915,8 +1928,20 @@ impl Config {
         }
         let l = &self.segments.lifecycle;
         if !(l.new_days <= l.active_days && l.active_days < l.churn_days) {
-            return Err(fail(
-                "churn_days",
+            // The first of the pair out of order that the file writes.
+            let pair = if l.new_days > l.active_days {
+                ["new_days", "active_days"]
+            } else {
+                ["active_days", "churn_days"]
+            };
+            let lifecycle = "segments.lifecycle";
+            let key = pair
+                .into_iter()
+                .find(|k| assigned_in(text, lifecycle, k).is_some())
+                .unwrap_or(pair[0]);
+            return Err(fail_at(
+                table_key_line(text, lifecycle, key),
+                key,
                 "lifecycle needs new_days <= active_days < churn_days".into(),
             ));
         }
@@ -2372,6 +2397,20 @@ fn check_durations(text: &str) -> Result<(), (usize, usize, String)> {
 }
 
 /// Whether `line` assigns `key` (`key = ...`).
+/// The line where `key` is assigned in `[table]`, if it is (not the header's).
+fn assigned_in(text: &str, table: &str, key: &str) -> Option<usize> {
+    let header = format!("[{table}]");
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| is_header(l, &header))?;
+    lines
+        .iter()
+        .enumerate()
+        .skip(start + 1)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| assigns(l, key))
+        .map(|(i, _)| i + 1)
+}
+
 fn assigns(line: &str, key: &str) -> bool {
     line.trim_start()
         .strip_prefix(key)
@@ -2440,17 +2479,9 @@ const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 8] = [
 /// header), else the header's line; none without such a header (the table written
 /// inline in another).
 fn table_key_line(text: &str, table: &str, key: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
     let header = format!("[{table}]");
-    let start = lines.iter().position(|l| is_header(l, &header))?;
-    let own = lines
-        .iter()
-        .enumerate()
-        .skip(start + 1)
-        .take_while(|(_, l)| !l.trim_start().starts_with('['))
-        .find(|(_, l)| assigns(l, key))
-        .map(|(i, _)| i + 1);
-    own.or(Some(start + 1))
+    let start = text.lines().position(|l| is_header(l, &header))?;
+    assigned_in(text, table, key).or(Some(start + 1))
 }
 
 /// First line where `key` is assigned, for errors found after parsing.
@@ -2564,6 +2595,26 @@ mod tests {
             err.contains("KAIROS__ARBITER__CONTROL_GROUP_SALT") && err.contains("UTF-8"),
             "{err}"
         );
+    }
+
+    /// Errors of keys checked together point at the key the file writes.
+    #[test]
+    fn lifecycle_quiet_hours_and_cap_errors_point_at_the_key_written() {
+        let (line, message) = line_of("[segments.lifecycle]\nnew_days = 120\n");
+        assert_eq!(line, 2, "{message}");
+        assert!(message.starts_with("new_days"), "{message}");
+        let (line, message) = line_of("[segments.lifecycle]\nchurn_days = 10\n");
+        assert_eq!(line, 2, "{message}");
+        assert!(message.starts_with("churn_days"), "{message}");
+        let (line, message) = line_of("[arbiter]\nquiet_hours_end = \"07:00\"\n");
+        assert_eq!(line, 2, "{message}");
+        assert!(message.starts_with("quiet_hours_end"), "{message}");
+        let (line, message) =
+            line_of("[arbiter]\nquiet_hours_start = \"22:00\"\nquiet_hours_end = \"7am\"\n");
+        assert_eq!(line, 3, "{message}");
+        let (line, message) =
+            line_of("[arbiter.channel_caps.sms]\ndaily_cap = 1\n\n[arbiter]\ndaily_cap = 0\n");
+        assert_eq!(line, 5, "{message}");
     }
 
     /// An override of a text setting is taken as written: digits, a word TOML reads
