@@ -349,44 +349,9 @@ impl Pipeline {
     /// Waits until the consumer group of `service` has committed every record of
     /// `topics` (its processing is done), up to `timeout`.
     pub fn wait_caught_up(&self, service: &str, topics: &[&str], timeout: Duration) {
-        let group = format!("{}{}", self.prefix, service);
-        let consumer: BaseConsumer = self
-            .client_config()
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
         let deadline = Instant::now() + timeout;
         loop {
-            let mut behind = 0i64;
-            let mut detail = Vec::new();
-            for t in topics {
-                let topic = self.topic(t);
-                let md = consumer
-                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                    .expect("metadata");
-                let n = md.topics()[0].partitions().len() as i32;
-                let mut tpl = TopicPartitionList::new();
-                for p in 0..n {
-                    tpl.add_partition(&topic, p);
-                }
-                let committed = consumer
-                    .committed_offsets(tpl, Duration::from_secs(10))
-                    .expect("committed offsets");
-                for p in 0..n {
-                    let (_, high) = consumer
-                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                        .expect("watermarks");
-                    let done = match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                        Some(Offset::Offset(o)) => o,
-                        _ => 0,
-                    };
-                    behind += (high - done).max(0);
-                    if high > done {
-                        detail.push(format!("{topic}[{p}] committed {done} of {high}"));
-                    }
-                }
-            }
+            let (behind, detail) = self.behind(service, topics);
             if behind == 0 {
                 return;
             }
@@ -448,13 +413,58 @@ impl Pipeline {
         }
     }
 
-    /// Lets `service` run for `after`, SIGKILLs it mid-work and starts it again, waiting
-    /// until it reports ready: one crash of a crash test.
-    pub fn crash_and_restart(&mut self, service: &str, after: Duration) {
+    /// Waits `after`, SIGKILLs `service`, starts it again and waits until it is ready;
+    /// returns whether the kill came while `service` had input of `topics` it had not
+    /// committed (so it cut work short, rather than finding it idle).
+    pub fn crash_mid_work(&mut self, service: &str, after: Duration, topics: &[&str]) -> bool {
         std::thread::sleep(after);
+        let (behind, _) = self.behind(service, topics);
         self.kill9(service);
         self.spawn(service);
         self.wait_ready(service, Duration::from_secs(120));
+        behind > 0
+    }
+
+    /// How many records of `topics` lie beyond what `service`'s consumer group has
+    /// committed, with the partitions behind.
+    pub fn behind(&self, service: &str, topics: &[&str]) -> (i64, Vec<String>) {
+        let group = format!("{}{}", self.prefix, service);
+        let consumer: BaseConsumer = self
+            .client_config()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut behind = 0i64;
+        let mut detail = Vec::new();
+        for t in topics {
+            let topic = self.topic(t);
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            let n = md.topics()[0].partitions().len() as i32;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..n {
+                tpl.add_partition(&topic, p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            for p in 0..n {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                let done = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+                behind += (high - done).max(0);
+                if high > done {
+                    detail.push(format!("{topic}[{p}] committed {done} of {high}"));
+                }
+            }
+        }
+        (behind, detail)
     }
 
     /// Sends `signal` to a running service (SIGSTOP pauses it as a frozen VM or a long
