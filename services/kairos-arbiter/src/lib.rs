@@ -244,6 +244,11 @@ const MAIN_SCENARIO: &str = "main_scenario";
 /// just before the chain's last step and take its channel, gap or cap. A last step
 /// that never comes (the profile ended the chain) lets the waiters go this much later.
 const LAST_STEP_GRACE: Millis = 10 * MINUTE;
+/// A trigger waiting for another chain's slot looks again at least this often: a
+/// chain switched off in the configuration lets go of its slot only when something
+/// of its customer is decided, which for a quiet customer may be nothing before the
+/// chain's old end (a look that changes nothing records no new decision).
+const MAIN_RECHECK: Millis = HOUR;
 /// The rule of that wait.
 const MERGE_PENDING: &str = "merge_pending";
 /// The rule of what a forgotten (anonymous, expired) customer still had waiting.
@@ -999,7 +1004,9 @@ impl ArbiterProcessor {
                 );
                 let frees_at = ledger.main_frees_at().unwrap_or(main.until);
                 return match a.lower_priority {
-                    LowerPriority::Wait => Verdict::defer(frees_at, MAIN_SCENARIO, reason),
+                    LowerPriority::Wait => {
+                        Verdict::defer(frees_at.min(now + MAIN_RECHECK), MAIN_SCENARIO, reason)
+                    }
                     LowerPriority::Drop => {
                         Verdict::no(DecisionOutcome::suppressed, MAIN_SCENARIO, reason)
                     }
@@ -2652,6 +2659,22 @@ impl ArbiterProcessor {
     /// The main-scenario slot freed earlier than the triggers waiting for it were
     /// told: their wake-up moves to now, so each is decided again through every rule
     /// (and still ends in one final decision, by its own timer).
+    /// A chain switched off lets go of the main-scenario slot: what waited behind it
+    /// is decided again now, not at the chain's old end (`deciding` aside, being
+    /// decided already).
+    fn release_switched_off_main(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        deciding: Option<&str>,
+    ) -> anyhow::Result<()> {
+        if (ledger.main.as_ref()).is_some_and(|m| self.switched_off(&m.scenario).is_some()) {
+            ledger.main = None;
+            self.wake_main_waiters(ctx, ledger, deciding)?;
+        }
+        Ok(())
+    }
+
     fn wake_main_waiters(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2789,6 +2812,7 @@ impl ArbiterProcessor {
         ledger.scenario_sends.retain(|(at, _)| now - at < WEEK);
         if let Some(off) = self.switched_off(&t.scenario) {
             self.record_cascade_stop(ctx, &subject, &cascade, SCENARIO_OFF, off.why());
+            self.release_switched_off_main(ctx, ledger, None)?;
             return Ok(true);
         }
         // A complaint about any message ends all promo, the rest of a cascade too.
@@ -3170,12 +3194,7 @@ impl ArbiterProcessor {
             return self.forward_trigger(ctx, t, chain, &into);
         }
         ledger.settle_zone(&mut t);
-        // A chain switched off lets go of the main-scenario slot: what waited behind
-        // it is decided again now, not at the chain's old end.
-        if (ledger.main.as_ref()).is_some_and(|m| self.switched_off(&m.scenario).is_some()) {
-            ledger.main = None;
-            self.wake_main_waiters(ctx, ledger, Some(&t.trigger_id))?;
-        }
+        self.release_switched_off_main(ctx, ledger, Some(&t.trigger_id))?;
         let offers = offers_of(&t);
         let Verdict {
             outcome,
@@ -3202,8 +3221,15 @@ impl ArbiterProcessor {
             // that changes nothing is not a new decision (in a replay, where the
             // ledger comes with the next commit, it polled thousands of times).
             let earlier = ledger.queued.get(&t.trigger_id);
+            // So is a look at a chain's slot that finds it held as before.
+            let same_wait = |q: &Queued| {
+                q.rule.as_deref() == Some(rule)
+                    && (rule == MERGE_PENDING
+                        || q.reasons.last().map(String::as_str)
+                            == Some([rule, ": ", &reason].concat().as_str()))
+            };
             let polled_again =
-                rule == MERGE_PENDING && earlier.is_some_and(|q| q.rule.as_deref() == Some(rule));
+                matches!(rule, MERGE_PENDING | MAIN_SCENARIO) && earlier.is_some_and(same_wait);
             let mut reasons = earlier.map(|q| q.reasons.clone()).unwrap_or_default();
             if !polled_again {
                 note_reason(&mut reasons, rule, &reason);

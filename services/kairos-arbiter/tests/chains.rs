@@ -372,3 +372,39 @@ fn forgetting_keeps_a_ledger_whose_chain_moved_on_after_it() {
         "{d:#?}"
     );
 }
+
+/// A chain switched off in the configuration lets go of its customer: a trigger that
+/// waited for its slot goes out at its next look (hourly), not at the chain's old end,
+/// though nothing else of the customer is decided; the looks before found the slot
+/// held and recorded nothing new.
+#[test]
+fn a_chain_switched_off_lets_its_waiters_go_within_the_hour() {
+    let mut a = arbiter();
+    vip(&mut a);
+    let d = a.push_trigger(&tips(&a, 0, T0 + HOUR, 2 * DAY));
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::deferred, "main_scenario"),
+        "{d:#?}"
+    );
+    a.advance_to(T0 + 5 * HOUR);
+    assert_eq!(
+        a.decisions_of("tips0").len(),
+        1,
+        "looked four times, recorded once"
+    );
+    let text = format!("{}\n{CHAINS}", common::CONFIG)
+        .replace("[arbiter]\n", "[arbiter]\ndaily_cap = 5\nweekly_cap = 20\n")
+        .replace("priority = 90\n", "priority = 90\nenabled = false\n");
+    a.restart_with(&text);
+    a.advance_to(T0 + 7 * HOUR);
+    let f = a.finals_of("tips0");
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].outcome, DecisionOutcome::sent, "{f:#?}");
+    let sent = a
+        .sends
+        .iter()
+        .find(|s| s.trigger_id == "tips0")
+        .expect("sent");
+    assert_eq!(sent.created_at, T0 + 6 * HOUR);
+}
