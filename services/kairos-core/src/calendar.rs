@@ -86,11 +86,34 @@ pub fn start_of_next_local_day(at: Millis, tz: Tz) -> Option<Millis> {
     to_utc(tz, next.and_hms_opt(0, 0, 0)?)
 }
 
-/// The first instant of the local year after the one `at` falls in, in `tz`.
-pub fn start_of_next_local_year(at: Millis, tz: Tz) -> Option<Millis> {
-    let local = chrono::DateTime::from_timestamp_millis(at)?.with_timezone(&tz);
-    let next = NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)?;
-    to_utc(tz, next.and_hms_opt(0, 0, 0)?)
+/// The local year `year` begins in `tz`.
+pub fn start_of_local_year(year: i32, tz: Tz) -> Option<Millis> {
+    to_utc(
+        tz,
+        NaiveDate::from_ymd_opt(year, 1, 1)?.and_hms_opt(0, 0, 0)?,
+    )
+}
+
+/// The year of the yearly occasion on `(month, day)` that a greeting sent at `at`
+/// was for, judged in `tz`: the occasion within two days of `at`'s local date (a
+/// zone changed since the greeting moves its local date by up to two days, and a
+/// greeting late on 31 December would read as the next year), else `at`'s local
+/// year. A 29 February is the 28th in other years.
+pub fn occasion_year(at: Millis, tz: Tz, month_day: Option<(u32, u32)>) -> Option<i32> {
+    let local = local_date(at, tz)?;
+    let Some((month, day)) = month_day else {
+        return Some(local.year());
+    };
+    let occasion = |year: i32| {
+        NaiveDate::from_ymd_opt(year, month, day)
+            .or_else(|| NaiveDate::from_ymd_opt(year, month, day.saturating_sub(1)))
+    };
+    Some(
+        [local.year() - 1, local.year(), local.year() + 1]
+            .into_iter()
+            .find(|y| occasion(*y).is_some_and(|d| (local - d).num_days().abs() <= 2))
+            .unwrap_or(local.year()),
+    )
 }
 
 /// The customer's zone, UTC when unknown or invalid.
@@ -267,5 +290,41 @@ mod tests {
         );
         assert_eq!(month_day("1990-02-29"), None, "not a date");
         assert_eq!(month_day("1992-02-29"), Some((2, 29)));
+    }
+
+    /// A greeting counts for the occasion it was for, however the zone moved its
+    /// local date since.
+    #[test]
+    fn a_greeting_s_year_is_its_occasion_s() {
+        let ms = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .expect("time")
+                .timestamp_millis()
+        };
+        let zone = |n: &str| zone(Some(n));
+        // 31 December, 10:00 in New York, read in Sydney (1 January there).
+        let eve = ms("2026-12-31T15:00:00Z");
+        assert_eq!(
+            occasion_year(eve, zone("Australia/Sydney"), Some((12, 31))),
+            Some(2026)
+        );
+        // 1 January, 10:00 in Sydney, read in Honolulu (31 December there).
+        let new_year = ms("2026-12-31T23:00:00Z");
+        assert_eq!(
+            occasion_year(new_year, zone("Pacific/Honolulu"), Some((1, 1))),
+            Some(2027)
+        );
+        // 29 February greeted on the 28th of a common year.
+        let leap = ms("2027-02-28T09:00:00Z");
+        assert_eq!(occasion_year(leap, zone("UTC"), Some((2, 29))), Some(2027));
+        // No date known: the local year.
+        assert_eq!(
+            occasion_year(eve, zone("Australia/Sydney"), None),
+            Some(2027)
+        );
+        assert_eq!(
+            start_of_local_year(2027, zone("Europe/Berlin")),
+            Some(ms("2026-12-31T23:00:00Z"))
+        );
     }
 }

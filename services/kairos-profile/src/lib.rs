@@ -635,8 +635,15 @@ impl ProfileProcessor {
     fn yearly_rearm_since(&self, s: &ScenarioConfig, p: &CustomerProfile, now: Millis) -> Millis {
         let since = now.saturating_sub(ms(s.tolerance()));
         match p.armed.get(s.name.as_str()) {
-            Some(&greeted) => calendar::start_of_next_local_year(greeted, self.zone_of(p))
-                .map_or(since, |next_year| since.max(next_year - 1)),
+            // The greeted occasion's year, not the mark's local year in today's zone:
+            // one late on 31 December, judged in a zone further east since, would
+            // read as next year's and skip it.
+            Some(&greeted) => {
+                let zone = self.zone_of(p);
+                calendar::occasion_year(greeted, zone, self.yearly_date(s, p))
+                    .and_then(|year| calendar::start_of_local_year(year + 1, zone))
+                    .map_or(since, |next_year| since.max(next_year - 1))
+            }
             None => since,
         }
     }

@@ -7055,3 +7055,35 @@ fn a_merged_customer_s_wishes_leave_the_catalog_join_under_its_old_id() {
     assert_eq!(occasions_for("c-9"), 1, "the survivor took the wish over");
     assert_eq!(occasions_for("anon:a-9"), 0, "none for the old id");
 }
+
+/// A customer greeted late on 31 December who then moves east is greeted again the
+/// next 31 December: the greeting counts for the year it was for, not for the year
+/// its moment reads as in the new zone.
+#[test]
+fn a_new_year_s_eve_birthday_is_greeted_the_next_year_after_a_move_east() {
+    let mut h = Harness::new();
+    h.site(
+        "ny-1",
+        "profile_update",
+        "ny",
+        at("2026-06-01T00:00:00Z"),
+        birthday_update("1990-12-31", "America/New_York"),
+    );
+    h.advance(at("2026-12-31T15:01:00Z"));
+    assert_eq!(h.triggers("ny", "birthday").len(), 1, "10:00 in New York");
+    h.site(
+        "ny-2",
+        "profile_update",
+        "ny",
+        at("2027-06-01T00:00:00Z"),
+        json!({"profile": {"time_zone": "Australia/Sydney"}}),
+    );
+    h.advance(at("2027-12-30T23:01:00Z"));
+    let fired = h.triggers("ny", "birthday");
+    assert_eq!(fired.len(), 2, "{fired:#?}");
+    assert_eq!(
+        fired[1]["fired_at"],
+        at("2027-12-30T23:00:00Z"),
+        "10:00 in Sydney"
+    );
+}
