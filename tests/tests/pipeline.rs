@@ -108,6 +108,17 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
     p.wait_caught_up("arbiter", &["triggers"], Duration::from_secs(60));
     let all_sends = p.read_all_json("send.email");
     assert_eq!(sends_for(&all_sends, "c-abandon").len(), 1, "{all_sends:?}");
+    // The arbiter counts the send commands the broker took, as many as the topic
+    // holds (its only writer).
+    let topic = format!("topic=\"{}\"", p.topic("send.email"));
+    assert_eq!(
+        sample(
+            &p.metrics("arbiter"),
+            "kairos_output_records_total",
+            &[&topic]
+        ),
+        all_sends.len() as f64
+    );
 
     // The decision is on record with its rule.
     let decisions = p.read_json_until("decisions", Duration::from_secs(10), |v| {

@@ -208,7 +208,7 @@ impl RuntimeMetrics {
             output_records: cached_counter_vec(
                 registry,
                 "kairos_output_records_total",
-                "Records published, by output topic.",
+                "Records published (acknowledged by the broker), by output topic; changelog records aside.",
                 &["topic"],
             ),
             duplicate_records: counter_vec(

@@ -619,7 +619,6 @@ impl Ctx<'_> {
 
     /// Queues an output record (JSON); it is published after the batch commits.
     pub fn emit<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) {
-        self.metrics.output_records.inc(&[topic]);
         self.store
             .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
     }
@@ -1613,7 +1612,6 @@ fn dead_letter(
         .dead_letters
         .with_label_values(&[rejection.reason.as_str()])
         .inc();
-    metrics.output_records.inc(&[topic]);
     let key = record_key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
     part.store
         .emit(&mut part.pending, topic, &key, encode_internal(&letter));
@@ -2279,7 +2277,12 @@ async fn publish_any_order(
         let mut failed_refused = Vec::new();
         for ((entry, original), result) in todo.into_iter().zip(refused).zip(results) {
             match result {
-                Ok(offset) => acked.push((original.unwrap_or(entry), offset)),
+                Ok(offset) => {
+                    // Counted once the broker has it: a batch redone after a failed
+                    // commit queues its records again.
+                    metrics.output_records.inc(&[&entry.topic]);
+                    acked.push((original.unwrap_or(entry), offset))
+                }
                 Err(e) if original.is_none() && refused_for_good(&e) => {
                     metrics.produce_errors.inc();
                     metrics
