@@ -51,15 +51,22 @@ endif
 
 all: build
 
-# Installs those of the Debian packages $(1) that are missing.
+# Installs those of the Debian packages $(1) that are missing (removed but not
+# purged counts as missing). Waits for the apt lock a fresh VM's unattended upgrades
+# may hold; without root, needs sudo that asks no password, and says what to run if
+# there is none.
 define install_missing
 @missing=""; \
-for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+for p in $(1); do \
+  [ "$$(dpkg-query -W -f='$${Status}' $$p 2>/dev/null)" = "install ok installed" ] || missing="$$missing $$p"; \
+done; \
 if [ -n "$$missing" ]; then \
   echo "installing system packages:$$missing"; \
-  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-  $$SUDO apt-get update -qq && \
-  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+  else echo "cannot install them without root: run  sudo apt-get install$$missing" >&2; exit 1; fi; \
+  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; \
 fi
 endef
 

@@ -554,13 +554,21 @@ pub fn write_file(
     span_days: f64,
 ) -> anyhow::Result<u64> {
     use std::io::Write;
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    // Written beside it and renamed when whole: an interrupted run leaves no partial
+    // file for the next benchmark to take as its input.
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
     let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
     let written = write_events(cfg, &mut out, count, start, span_days)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .with_context(|| format!("cannot write {}", partial.display()))?;
     out.flush()
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    drop(out);
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
     Ok(written)
 }
 
