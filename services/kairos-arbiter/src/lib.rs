@@ -2659,6 +2659,23 @@ impl ArbiterProcessor {
     /// The main-scenario slot freed earlier than the triggers waiting for it were
     /// told: their wake-up moves to now, so each is decided again through every rule
     /// (and still ends in one final decision, by its own timer).
+    /// When `t`, waiting in the queue for another chain's slot, looks again, if that
+    /// chain (not switched off) still holds the slot past `now` and `t` is still
+    /// valid: see [`MAIN_RECHECK`].
+    fn slot_still_held(&self, t: &Trigger, ledger: &CustomerLedger, now: Millis) -> Option<Millis> {
+        let q = ledger.queued.get(&t.trigger_id)?;
+        let main = ledger.main.as_ref()?;
+        let waits = q.rule.as_deref() == Some(MAIN_SCENARIO)
+            && main.scenario != t.scenario
+            && t.priority <= main.priority
+            && self.switched_off(&main.scenario).is_none();
+        let frees_at = ledger.main_frees_at()?;
+        let wake = frees_at
+            .min(now.saturating_add(MAIN_RECHECK))
+            .min(t.valid_until.saturating_add(1));
+        (waits && wake > now).then_some(wake)
+    }
+
     /// A chain switched off lets go of the main-scenario slot: what waited behind it
     /// is decided again now, not at the chain's old end (`deciding` aside, being
     /// decided already).
@@ -3120,6 +3137,15 @@ impl ArbiterProcessor {
             let legacy_until = if known { ctx.now() } else { Millis::MIN };
             ledger.legacy_dedup_until.get_or_insert(legacy_until);
             let now = ctx.now();
+            if let Some(wake) = this.slot_still_held(&t, ledger, now) {
+                // A look at the slot it waits for, held as before: it waits on,
+                // undecided (the rules it passed are not weighed again each hour).
+                ctx.schedule(&["defer/", t.trigger_id.as_str()].concat(), wake, &t)?;
+                if let Some(q) = ledger.queued.get_mut(&t.trigger_id) {
+                    q.wake_at = Some(wake);
+                }
+                return Ok(true);
+            }
             let mut due = vec![t];
             for trigger_id in ledger.queued.keys() {
                 if *trigger_id == due[0].trigger_id {
