@@ -4,9 +4,16 @@
 //! (popular products viewed far more than the long tail), searches, carts (about one
 //! session in seven), checkouts and purchases (about 3% of sessions buy), with
 //! log-normally skewed prices. Some visitors register (with contacts and per-channel
-//! consent), some shop in physical stores and show a loyalty card at the till. Wishes
-//! are made and some taken back; with `generator.catalog_change_share`, the shop drops
-//! and restores prices and runs out of products and restocks them (the catalog topic).
+//! consent), some shop in physical stores and show a loyalty card at the till, and a
+//! few bring a till sale back (a refund receipt). Orders move on in the shop's back
+//! office: shipped, delivered, a few cancelled or returned. Registered customers
+//! sometimes browse logged out on another device and log in on the way, change their
+//! consents, move to another time zone or take out a plan with an end date; app
+//! sessions carry their device's id. Wishes are made and some taken back; with
+//! `generator.catalog_change_share`, the shop drops and restores prices and runs out
+//! of products and restocks them (the catalog topic).
+
+use std::collections::VecDeque;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -98,13 +105,51 @@ const P_WISHLIST: f64 = 0.04;
 const P_UNWISH: f64 = 0.05;
 /// Wishes remembered per customer (the oldest goes), to take back.
 const WISHES_KEPT: usize = 5;
+/// The chance that a turn of the traffic is the back office moving an open order on
+/// (shipped, delivered, cancelled or returned) rather than a visit, while orders are
+/// open: each order takes two or three such turns, and about 3% of visits buy.
+const P_ORDER_UPDATE: f64 = 0.08;
+/// Of orders placed, cancelled before shipping; of those delivered, returned.
+const P_CANCEL: f64 = 0.04;
+const P_RETURN: f64 = 0.06;
+/// Orders followed at once at most (the oldest is dropped beyond).
+const OPEN_ORDERS_KEPT: usize = 5_000;
+/// The chance that a till visit is a refund of an earlier till sale.
+const P_REFUND: f64 = 0.03;
+/// Till sales remembered to refund.
+const TILL_SALES_KEPT: usize = 1_000;
+/// The chance that a registered customer's visit starts logged out, on another
+/// device or a cleared browser, and logs in on the way.
+const P_LOGGED_OUT: f64 = 0.10;
+/// The chance that a registered customer's visit changes their profile: a consent
+/// given or withdrawn, a move to another time zone, a plan with an end date.
+const P_PROFILE_CHANGE: f64 = 0.03;
 /// Zipf's exponent of visits over customers (ranked by how often they come): the most
 /// frequent fifth makes about half the sessions, and the most frequent customer of
 /// 20,000 under 1% of them (of a million, about 0.2%).
 const VISIT_SKEW: f64 = 0.6;
 
+/// An order the back office has yet to move on.
+struct OpenOrder {
+    /// How the purchase named its buyer: (customer id, anonymous id).
+    buyer: (Option<String>, Option<String>),
+    order_id: String,
+    total: f64,
+    status: OrderStatus,
+}
+
+/// A till sale that may come back.
+struct TillSale {
+    receipt: OfflineReceipt,
+    key: String,
+}
+
 pub struct TrafficModel {
     rng: StdRng,
+    open_orders: VecDeque<OpenOrder>,
+    till_sales: VecDeque<TillSale>,
+    /// The cookie a registered customer's current visit goes by until it logs in.
+    logged_out_as: Option<String>,
     customers: u64,
     visitors: Zipf<f64>,
     offline_share: f64,
@@ -160,6 +205,9 @@ impl TrafficModel {
         let customers = cfg.customers.max(1);
         TrafficModel {
             rng,
+            open_orders: VecDeque::new(),
+            till_sales: VecDeque::new(),
+            logged_out_as: None,
             customers,
             visitors: Zipf::new(customers, VISIT_SKEW)
                 .expect("Zipf's law over at least one customer with a positive exponent"),
@@ -236,15 +284,24 @@ impl TrafficModel {
         at: Millis,
         p: Platform,
     ) -> CustomerEvent {
-        let known = self.registered.contains(&customer);
+        let known = self.registered.contains(&customer) && self.logged_out_as.is_none();
+        let anonymous = match &self.logged_out_as {
+            Some(cookie) => Some(cookie.clone()),
+            None => (!known).then(|| format!("anon-{customer:06}")),
+        };
         CustomerEvent {
             event_id: self.event_id(),
             event_type: t,
             occurred_at: at,
             platform: Some(p),
             customer_id: known.then(|| customer_id(customer)),
-            anonymous_id: (!known).then(|| format!("anon-{customer:06}")),
-            device_id: None,
+            anonymous_id: anonymous,
+            // The app's install id: the same for the customer's phone every visit.
+            device_id: match p {
+                Platform::web => None,
+                Platform::ios => Some(format!("ios-{customer:06}")),
+                Platform::android => Some(format!("android-{customer:06}")),
+            },
             session_id: None,
             email: None,
             phone: None,
@@ -260,8 +317,14 @@ impl TrafficModel {
         }
     }
 
-    /// One visit: a handful to a few dozen events, the last at `now`.
+    /// One visit: a handful to a few dozen events, the last at `now` (or, now and
+    /// then, the back office moving an order on, one event at `now`).
     pub fn session(&mut self, now: Millis) -> Vec<GeneratedEvent> {
+        if !self.open_orders.is_empty() && self.rng.gen_bool(P_ORDER_UPDATE) {
+            if let Some(update) = self.order_update(now) {
+                return vec![update];
+            }
+        }
         let customer = self.pick_customer();
         let platform = match self.rng.gen_range(0..10) {
             0..=5 => Platform::web,
@@ -277,8 +340,15 @@ impl TrafficModel {
         // Over about the last thousand sessions: the share keeps growing.
         self.registered_share += (f64::from(u8::from(registered)) - self.registered_share) / 1000.0;
         if registered && self.rng.gen_bool(self.receipt_probability()) {
+            if !self.till_sales.is_empty() && self.rng.gen_bool(P_REFUND) {
+                if let Some(refund) = self.refund(now) {
+                    return vec![refund];
+                }
+            }
             return vec![self.receipt(customer, now)];
         }
+        self.logged_out_as = (registered && self.rng.gen_bool(P_LOGGED_OUT))
+            .then(|| format!("anon-{customer:06}-{}", self.rng.gen_range(1..4)));
         let session_id = self.event_id();
         let mut events = Vec::new();
         // Events of a session are 2 to 15 s apart, timed from its start here and moved
@@ -306,6 +376,17 @@ impl TrafficModel {
                 "https://shop.example/{}",
                 CATEGORIES[self.rng.gen_range(0..8)]
             ));
+            push(self, e);
+        }
+        if let Some(cookie) = self.logged_out_as.take() {
+            // Logs in: the cookie's events so far are the customer's.
+            let mut e = self.base_event(EventType::login, customer, at, platform);
+            e.anonymous_id = Some(cookie);
+            e.email = Some(format!("{}@example.com", customer_id(customer)));
+            push(self, e);
+        }
+        if registered && self.rng.gen_bool(P_PROFILE_CHANGE) {
+            let e = self.profile_change(customer, at, platform, now);
             push(self, e);
         }
         if self.rng.gen_bool(P_SEARCH) {
@@ -362,13 +443,24 @@ impl TrafficModel {
                         in_cart.iter().map(|&i| self.line_item(i, 1)).collect();
                     let total = items.iter().map(|i| i.unit_price).sum::<f64>();
                     let mut e = self.base_event(EventType::purchase, customer, at, platform);
+                    let order_id = self.event_id();
+                    let total = (total * 100.0).round() / 100.0;
                     e.order = Some(Order {
-                        order_id: self.event_id(),
-                        total: Some((total * 100.0).round() / 100.0),
+                        order_id: order_id.clone(),
+                        total: Some(total),
                         currency: Some("EUR".into()),
                         status: Some(OrderStatus::placed),
                     });
                     e.items = items;
+                    if self.open_orders.len() == OPEN_ORDERS_KEPT {
+                        self.open_orders.pop_front();
+                    }
+                    self.open_orders.push_back(OpenOrder {
+                        buyer: (e.customer_id.clone(), e.anonymous_id.clone()),
+                        order_id,
+                        total,
+                        status: OrderStatus::placed,
+                    });
                     push(self, e);
                 }
             }
@@ -457,6 +549,131 @@ impl TrafficModel {
         })
     }
 
+    /// The back office moves the oldest open order on, as an `order_status` event at
+    /// `now`: placed to shipped (a few cancelled), shipped to delivered, delivered
+    /// to returned for a few; an order not done yet waits for its next turn.
+    fn order_update(&mut self, now: Millis) -> Option<GeneratedEvent> {
+        let mut order = self.open_orders.pop_front()?;
+        order.status = match order.status {
+            OrderStatus::placed if self.rng.gen_bool(P_CANCEL) => OrderStatus::cancelled,
+            OrderStatus::placed => OrderStatus::shipped,
+            OrderStatus::shipped => OrderStatus::delivered,
+            OrderStatus::delivered if self.rng.gen_bool(P_RETURN) => OrderStatus::returned,
+            // Delivered and kept: nothing more to tell.
+            _ => return None,
+        };
+        let (customer_id, anonymous_id) = order.buyer.clone();
+        let key = customer_id.clone().or_else(|| anonymous_id.clone())?;
+        let e = CustomerEvent {
+            event_id: self.event_id(),
+            event_type: EventType::order_status,
+            occurred_at: now,
+            platform: None,
+            customer_id,
+            anonymous_id,
+            device_id: None,
+            session_id: None,
+            email: None,
+            phone: None,
+            loyalty_card: None,
+            page_url: None,
+            search_query: None,
+            product: None,
+            items: Vec::new(),
+            order: Some(Order {
+                order_id: order.order_id.clone(),
+                total: Some(order.total),
+                currency: Some("EUR".into()),
+                status: Some(order.status),
+            }),
+            consent: None,
+            profile: None,
+            interaction: None,
+        };
+        if matches!(order.status, OrderStatus::shipped | OrderStatus::delivered) {
+            self.open_orders.push_back(order);
+        }
+        Some(GeneratedEvent {
+            stream: Stream::Events(Source::Site),
+            key,
+            payload: serde_json::to_vec(&e).unwrap_or_default(),
+        })
+    }
+
+    /// A refund receipt for a recent till sale, at the till that sold it: the whole
+    /// amount, or half of it (part of the basket back).
+    fn refund(&mut self, now: Millis) -> Option<GeneratedEvent> {
+        let i = self.rng.gen_range(0..self.till_sales.len());
+        let sale = self.till_sales.remove(i)?;
+        let share = if self.rng.gen_bool(0.7) { 1.0 } else { 0.5 };
+        let receipt = OfflineReceipt {
+            event_id: self.event_id(),
+            occurred_at: now,
+            receipt_id: self.event_id(),
+            kind: ReceiptKind::refund,
+            total: (sale.receipt.total * share * 100.0).round() / 100.0,
+            ..sale.receipt
+        };
+        Some(GeneratedEvent {
+            stream: Stream::Events(Source::Offline),
+            key: sale.key,
+            payload: serde_json::to_vec(&receipt).unwrap_or_default(),
+        })
+    }
+
+    /// A registered customer changes their profile: a consent given (SMS, push) or
+    /// e-mail withdrawn, a move to another time zone, or a plan that ends in one to
+    /// two months.
+    fn profile_change(
+        &mut self,
+        customer: u64,
+        at: Millis,
+        platform: Platform,
+        now: Millis,
+    ) -> CustomerEvent {
+        match self.rng.gen_range(0..10) {
+            0..=3 => {
+                let mut e = self.base_event(EventType::consent_change, customer, at, platform);
+                let channel = if platform == Platform::web {
+                    Channel::sms
+                } else {
+                    Channel::push
+                };
+                e.consent = Some(ConsentChange {
+                    channel,
+                    granted: true,
+                });
+                e
+            }
+            4..=5 => {
+                let mut e = self.base_event(EventType::consent_change, customer, at, platform);
+                e.consent = Some(ConsentChange {
+                    channel: Channel::email,
+                    granted: false,
+                });
+                e
+            }
+            6..=7 => {
+                let mut e = self.base_event(EventType::profile_update, customer, at, platform);
+                let tz = TIME_ZONES[self.rng.gen_range(0..TIME_ZONES.len())];
+                e.profile = Some(ProfileUpdate {
+                    time_zone: Some(tz.to_string()),
+                    ..Default::default()
+                });
+                e
+            }
+            _ => {
+                let mut e = self.base_event(EventType::profile_update, customer, at, platform);
+                let days = self.rng.gen_range(30..60);
+                e.profile = Some(ProfileUpdate {
+                    subscription_ends_at: Some(now + days * kairos_core::time::DAY),
+                    ..Default::default()
+                });
+                e
+            }
+        }
+    }
+
     fn registration(&mut self, customer: u64, at: Millis, platform: Platform) -> CustomerEvent {
         let mut e = self.base_event(EventType::registration, customer, at, platform);
         let tz = TIME_ZONES[self.rng.gen_range(0..TIME_ZONES.len())];
@@ -531,10 +748,18 @@ impl TrafficModel {
                 format!("0151 {customer:08}")
             }
         };
+        let payload = serde_json::to_vec(&r).unwrap_or_default();
+        if self.till_sales.len() == TILL_SALES_KEPT {
+            self.till_sales.pop_front();
+        }
+        self.till_sales.push_back(TillSale {
+            receipt: r,
+            key: key.clone(),
+        });
         GeneratedEvent {
             stream: Stream::Events(Source::Offline),
             key,
-            payload: serde_json::to_vec(&r).unwrap_or_default(),
+            payload,
         }
     }
 }
@@ -801,6 +1026,86 @@ mod tests {
         assert_eq!(catalog, 0);
     }
 
+    /// Orders move on (shipped, delivered; a few cancelled or returned), a few till
+    /// sales come back as refunds, registered customers log in from other devices,
+    /// change consents, move and take out plans, and app events carry a device id.
+    #[test]
+    fn the_back_office_and_the_customers_change_what_they_started() {
+        let mut m = TrafficModel::new(&GeneratorConfig::default());
+        let mut statuses: HashMap<String, usize> = HashMap::new();
+        let mut placed = HashSet::new();
+        let (mut refunds, mut logins, mut withdrawn, mut granted, mut moves, mut plans) =
+            (0, 0, 0, 0, 0, 0);
+        let mut app_events = (0, 0);
+        for _ in 0..100_000 {
+            for e in m.session(1_764_950_000_000) {
+                let v = json(&e.payload);
+                match v["event_type"].as_str().unwrap_or_default() {
+                    "purchase" => {
+                        placed.insert(v["order"]["order_id"].to_string());
+                    }
+                    "order_status" => {
+                        let order = v["order"]["order_id"].to_string();
+                        assert!(placed.contains(&order), "a status of an order placed: {v}");
+                        assert_eq!(
+                            e.key,
+                            v["customer_id"]
+                                .as_str()
+                                .or(v["anonymous_id"].as_str())
+                                .unwrap_or_default()
+                        );
+                        let status = v["order"]["status"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
+                        *statuses.entry(status).or_default() += 1;
+                    }
+                    "login" => {
+                        logins += 1;
+                        assert!(
+                            v["customer_id"].is_string() && v["anonymous_id"].is_string(),
+                            "{v}"
+                        );
+                    }
+                    "consent_change" if v["consent"]["granted"] == false => withdrawn += 1,
+                    "consent_change" => granted += 1,
+                    "profile_update" if v["profile"]["time_zone"].is_string() => moves += 1,
+                    "profile_update" if v["profile"]["subscription_ends_at"].is_i64() => plans += 1,
+                    _ => {}
+                }
+                if v["kind"] == "refund" {
+                    refunds += 1;
+                }
+                if matches!(v["platform"].as_str(), Some("ios" | "android")) {
+                    app_events.0 += 1;
+                    app_events.1 += usize::from(v["device_id"].is_string());
+                }
+            }
+        }
+        let count = |s: &str| statuses.get(s).copied().unwrap_or_default();
+        assert!(count("shipped") > 1_000, "{statuses:?}");
+        assert!(count("delivered") > count("shipped") / 2, "{statuses:?}");
+        assert!(
+            count("cancelled") > 0 && count("cancelled") < count("shipped") / 10,
+            "{statuses:?}"
+        );
+        assert!(
+            count("returned") > 0 && count("returned") < count("delivered") / 5,
+            "{statuses:?}"
+        );
+        assert!(refunds > 0, "refunds");
+        assert!(logins > 100, "{logins} logins");
+        assert!(
+            withdrawn > 0 && granted > withdrawn,
+            "{granted} granted, {withdrawn} withdrawn"
+        );
+        assert!(moves > 0 && plans > 0, "{moves} moves, {plans} plans");
+        assert!(
+            app_events.0 > 0 && app_events.0 == app_events.1,
+            "{app_events:?}"
+        );
+    }
+
     #[test]
     fn till_sales_are_the_configured_share_of_purchases() {
         for share in [0.25, 0.5] {
@@ -813,7 +1118,7 @@ mod tests {
                 for e in m.session(1_764_950_000_000) {
                     let v = json(&e.payload);
                     if e.stream == Stream::Events(Source::Offline) {
-                        offline += 1;
+                        offline += u32::from(v["kind"] == "sale");
                     } else if v["event_type"] == "purchase" {
                         online += 1;
                     }
