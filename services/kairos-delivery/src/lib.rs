@@ -522,7 +522,7 @@ impl DeliveryProcessor {
         let AttemptHooks {
             commit_point,
             withdraw_commit_point,
-            before_retry,
+            before_call,
             resumed,
         } = hooks;
         let committed = std::cell::Cell::new(false);
@@ -561,7 +561,6 @@ impl DeliveryProcessor {
             // retrying worker healthy, and a hung one still goes silent.
             self.beat();
             // Until neither the breaker nor a provider's asked-for wait holds it.
-            let mut waited = false;
             loop {
                 let wait = self.breaker.wait(Instant::now());
                 if wait.is_zero() {
@@ -570,18 +569,16 @@ impl DeliveryProcessor {
                 self.show_breaker(&labels);
                 tokio::time::sleep(wait).await;
                 self.beat();
-                waited = true;
             }
             self.show_breaker(&labels);
             self.limiter.until_ready().await;
-            // Every call, not only the first, must find the partition still this
-            // instance's: a worker paused or cut off during a backoff (or while the
-            // breaker held the first call) would otherwise make a call its new owner
-            // makes too.
-            if attempt > 1 || waited {
-                if let Err(e) = before_retry() {
-                    return Delivery::Stopped(e);
-                }
+            // Every call must find the partition still this instance's: a worker
+            // paused or cut off during a backoff (or while the breaker held the first
+            // call) would otherwise make a call its new owner makes too. The write
+            // that checks it is also the record that a call is under way, which a
+            // restart after a crash finds (see `deliver`).
+            if let Err(e) = before_call() {
+                return Delivery::Stopped(e);
             }
             // After every wait, the acknowledged write just above included: a call
             // past the message's valid-until is not made.
@@ -787,6 +784,8 @@ impl DeliveryProcessor {
         let send = SendSummary::from(cmd);
         let committed_key = format!("k/{}", cmd.send_id);
         let attempt_key = format!("w/{}", cmd.send_id);
+        // Written (acknowledged) just before each call: found here, a call was under
+        // way when a crash came, and the provider may have it.
         let resumed = ctx.get::<Millis>(&attempt_key)?.is_some();
         if resumed {
             // An attempt was cut short before the provider accepted it: it goes again.
@@ -795,7 +794,6 @@ impl DeliveryProcessor {
                 .with_label_values(&[self.channel.as_str()])
                 .inc();
         }
-        ctx.put_now(&attempt_key, &ctx.now())?;
         let started_at = ctx.now();
         let commit_point = || {
             // Not awaited: the "." follows at once, and a kill while the broker is
@@ -809,8 +807,9 @@ impl DeliveryProcessor {
                 tracing::error!(send_id = %cmd.send_id, error = %e, "cannot withdraw the commit point");
             }
         };
-        // The attempt record written again, acknowledged, checks the claim.
-        let before_retry = || ctx.put_now(&attempt_key, &started_at);
+        // The attempt record, written and acknowledged before each call, checks the
+        // claim.
+        let before_call = || ctx.put_now(&attempt_key, &started_at);
         let delivery = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(self.attempts(
                 cmd,
@@ -819,7 +818,7 @@ impl DeliveryProcessor {
                 AttemptHooks {
                     commit_point: &commit_point,
                     withdraw_commit_point: &withdraw_commit_point,
-                    before_retry: &before_retry,
+                    before_call: &before_call,
                     resumed,
                 },
             ))
@@ -969,9 +968,9 @@ struct AttemptHooks<'a> {
     commit_point: &'a dyn Fn(),
     /// The server refused what was handed over: the commit point no longer holds.
     withdraw_commit_point: &'a dyn Fn(),
-    /// Before a call after a wait: an acknowledged write that fails once another
-    /// instance claimed the partition.
-    before_retry: &'a dyn Fn() -> anyhow::Result<()>,
+    /// Before each call: an acknowledged write (the record that a call is under way)
+    /// that fails once another instance claimed the partition.
+    before_call: &'a dyn Fn() -> anyhow::Result<()>,
     /// An earlier attempt of this send was cut short by a crash.
     resumed: bool,
 }
@@ -982,7 +981,7 @@ impl AttemptHooks<'static> {
     const NONE: Self = AttemptHooks {
         commit_point: &|| {},
         withdraw_commit_point: &|| {},
-        before_retry: &|| Ok(()),
+        before_call: &|| Ok(()),
         resumed: false,
     };
 }
@@ -1903,7 +1902,7 @@ mod tests {
                 &message,
                 0,
                 AttemptHooks {
-                    before_retry: &claimed,
+                    before_call: &claimed,
                     ..AttemptHooks::NONE
                 },
             )
@@ -1921,8 +1920,12 @@ mod tests {
             valid_until: 300,
             ..cmd
         };
+        let claims = std::cell::Cell::new(0);
         let slow_claim = || {
-            std::thread::sleep(std::time::Duration::from_millis(400));
+            claims.set(claims.get() + 1);
+            if claims.get() > 1 {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+            }
             Ok(())
         };
         let delivery = processor
@@ -1931,7 +1934,7 @@ mod tests {
                 &message,
                 0,
                 AttemptHooks {
-                    before_retry: &slow_claim,
+                    before_call: &slow_claim,
                     ..AttemptHooks::NONE
                 },
             )
