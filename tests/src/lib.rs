@@ -418,8 +418,10 @@ impl Pipeline {
     /// committed (so it cut work short, rather than finding it idle).
     pub fn crash_mid_work(&mut self, service: &str, after: Duration, topics: &[&str]) -> bool {
         std::thread::sleep(after);
-        let (behind, _) = self.behind(service, topics);
         self.kill9(service);
+        // Measured once it is dead, so it can commit nothing more: input beyond its
+        // commits was there at the kill.
+        let (behind, _) = self.behind(service, topics);
         self.spawn(service);
         self.wait_ready(service, Duration::from_secs(120));
         behind > 0

@@ -644,13 +644,13 @@ impl CustomerLedger {
                 let followup = self
                     .cascade_followups
                     .contains(&kairos_core::ids::stable_hash(&o.send_id));
-                // Not ignored if the customer reacted at or after it on another
-                // channel or by buying (reported before this delivery).
+                // Not ignored if the customer opened or clicked at or after it on
+                // another channel (reported before this delivery). (A purchase's
+                // time is the device's, which may run ahead: not weighed here.)
                 let reacted = self
                     .engagement
                     .values()
                     .filter_map(|e| e.engaged_at)
-                    .chain(self.last_purchase_at)
                     .any(|r| r >= o.occurred_at);
                 if !followup && !reacted {
                     self.note_ignored(o.occurred_at);
@@ -2324,7 +2324,9 @@ impl ArbiterProcessor {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
                 // A conversion is a reaction: a customer who buys is not ignoring the
                 // messages (an SMS reports no open, a mail client may block pixels).
-                ledger.reacted_at(at);
+                // As of when it was read, if the device dated it later: a clock ahead
+                // must not keep the next deliveries out of the count.
+                ledger.reacted_at(at.min(ctx.now()));
                 // A till sale older than the chain's cause (uploaded late) leaves it
                 // running; an online purchase ends it whatever the device's clock
                 // said (a cascade caused well after the purchase goes on, below).
@@ -2656,9 +2658,6 @@ impl ArbiterProcessor {
         Ok(())
     }
 
-    /// The main-scenario slot freed earlier than the triggers waiting for it were
-    /// told: their wake-up moves to now, so each is decided again through every rule
-    /// (and still ends in one final decision, by its own timer).
     /// When `t`, waiting in the queue for another chain's slot, looks again, if that
     /// chain (not switched off) still holds the slot past `now` and `t` is still
     /// valid: see [`MAIN_RECHECK`].
@@ -2692,6 +2691,9 @@ impl ArbiterProcessor {
         Ok(())
     }
 
+    /// The main-scenario slot freed earlier than the triggers waiting for it were
+    /// told: their wake-up moves to now, so each is decided again through every rule
+    /// (and still ends in one final decision, by its own timer).
     fn wake_main_waiters(
         &self,
         ctx: &mut Ctx<'_>,

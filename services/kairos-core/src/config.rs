@@ -1399,7 +1399,10 @@ impl Config {
                 ));
             }
         }
-        if self.clock.max_event_gap < self.clock.max_event_lead {
+        // Only event time reads the gap (and a replay's `--until` run is event time).
+        if self.clock.mode == ClockMode::Event
+            && self.clock.max_event_gap < self.clock.max_event_lead
+        {
             return Err(fail_at(
                 clock("max_event_gap"),
                 "clock.max_event_gap",
@@ -2546,10 +2549,14 @@ mod tests {
             assert_eq!(line, 3, "{message}");
             assert!(message.contains(key), "{message}");
         }
-        let (line, message) =
-            line_of("[clock]\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n");
-        assert_eq!(line, 3, "{message}");
+        let (line, message) = line_of(
+            "[clock]\nmode = \"event\"\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n",
+        );
+        assert_eq!(line, 4, "{message}");
         assert!(message.contains("max_event_lead"), "{message}");
+        // In wall-clock mode the gap is not read.
+        parse("[clock]\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n")
+            .expect("wall-clock mode reads no gap");
         for tick in ["0s", "2m"] {
             let (line, message) = line_of(&format!(
                 "[state]\ndir = \"var\"\ntimer_tick = \"{tick}\"\n"

@@ -121,8 +121,9 @@ const MERGE_WAIT_LIMIT: Millis = kairos_core::contracts::MERGE_WAIT_LIMIT_MS;
 /// Timers that forget an anonymous profile no event came for within
 /// `identity.anonymous_retention` (`~anonymous/<customer>`).
 const ANONYMOUS_EXPIRY: &str = "~anonymous";
-/// Timers that delete a return's mark (`~returned/<customer>/<order>` for the key
-/// `ret/<customer>/<order>`) once no follow-up of the order can fire any more.
+/// Timers that delete a return's mark (`~returned/<customer>\0<order>` for the key
+/// `rt/<customer>\0<order>`; `~returned/<customer>/<order>` for `ret/...` of earlier
+/// versions) once no follow-up of the order can fire any more.
 const RETURN_MARK_EXPIRY: &str = "~returned";
 /// The scenarios with standing timers (see [`ProfileProcessor::standing`]) the
 /// partition's profiles were armed for, by name.

@@ -1145,12 +1145,11 @@ impl CustomerProfile {
 
     /// A till receipt's phone number fills in a profile without one, unless the
     /// customer stated theirs (or cleared it) after the receipt: one uploaded late
-    /// does not bring back a number the customer removed.
+    /// does not bring back a number the customer removed. It is no statement of the
+    /// customer's own (a till's clock may run ahead): any of theirs still replaces it.
     pub fn phone_from_receipt(&mut self, phone: &str, at: Millis) {
-        if self.phone.is_none()
-            && !phone.trim().is_empty()
-            && newer_statement(&mut self.stated_at, field::PHONE, at)
-        {
+        let stated_later = self.stated_at.get(&field::PHONE).is_some_and(|k| *k > at);
+        if self.phone.is_none() && !phone.trim().is_empty() && !stated_later {
             self.phone = Some(phone.to_string());
         }
     }

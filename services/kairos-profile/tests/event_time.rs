@@ -1670,6 +1670,17 @@ fn a_late_till_receipt_does_not_bring_back_a_removed_phone_number() {
     let p = h.pipeline.profile("rn").expect("read").expect("stored");
     assert_eq!(p.phone.as_deref(), Some("+4915100000004"));
     assert_eq!(told(&h, "rn"), [json!("+4915100000004")]);
+    // The receipt is no statement of the customer's (a till's clock may run ahead):
+    // one of theirs, dated before it and read after it, still replaces its number.
+    h.site(
+        "rn-up",
+        "profile_update",
+        "rn",
+        t - HOUR,
+        json!({"profile": {"phone": "+4915100000005"}}),
+    );
+    let p = h.pipeline.profile("rn").expect("read").expect("stored");
+    assert_eq!(p.phone.as_deref(), Some("+4915100000005"));
 }
 
 #[test]
