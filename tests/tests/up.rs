@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kairos_tests::{kairos_bin, repo_root};
+use kairos_tests::{free_port, kairos_bin, repo_root};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -36,6 +36,20 @@ fn number_after(line: &str, label: &str) -> Option<u64> {
 fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
     let dir = tempfile::tempdir().expect("temp dir");
     copy_dir(&repo_root().join("config"), &dir.path().join("config"));
+    // The shipped configuration's admin ports are those of a `make run` that may be
+    // going on this machine: each service gets a free one instead.
+    let config_file = dir.path().join("config/kairos.toml");
+    let shipped = std::fs::read_to_string(&config_file).expect("config");
+    let own_ports: Vec<String> = shipped
+        .lines()
+        .map(
+            |line| match line.trim_start().strip_prefix("admin_listen = ") {
+                Some(_) => format!("admin_listen = \"127.0.0.1:{}\"", free_port()),
+                None => line.to_string(),
+            },
+        )
+        .collect();
+    std::fs::write(&config_file, own_ports.join("\n") + "\n").expect("config");
     let mut up = Command::new(kairos_bin())
         .current_dir(dir.path())
         .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
