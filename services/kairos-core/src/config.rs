@@ -2399,12 +2399,17 @@ fn check_durations(text: &str) -> Result<(), (usize, usize, String)> {
     Ok(())
 }
 
-/// Whether `line` assigns `key` (`key = ...`).
 /// The line where `key` is assigned in `[table]`, if it is (not the header's).
 fn assigned_in(text: &str, table: &str, key: &str) -> Option<usize> {
     let header = format!("[{table}]");
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.iter().position(|l| is_header(l, &header))?;
+    assigned_after(&lines, start, key)
+}
+
+/// The line where `key` is assigned in the table whose header is line `start`
+/// (0-based) of `lines`, before the next header.
+fn assigned_after(lines: &[&str], start: usize, key: &str) -> Option<usize> {
     lines
         .iter()
         .enumerate()
@@ -2414,6 +2419,7 @@ fn assigned_in(text: &str, table: &str, key: &str) -> Option<usize> {
         .map(|(i, _)| i + 1)
 }
 
+/// Whether `line` assigns `key` (`key = ...`).
 fn assigns(line: &str, key: &str) -> bool {
     line.trim_start()
         .strip_prefix(key)
@@ -2440,13 +2446,7 @@ fn scenario_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
         .enumerate()
         .filter(|(_, l)| is_header(l, "[[scenarios]]"))
         .nth(index)?;
-    lines
-        .iter()
-        .enumerate()
-        .skip(start + 1)
-        .take_while(|(_, l)| !l.trim_start().starts_with('['))
-        .find(|(_, l)| assigns(l, key))
-        .map(|(i, _)| i + 1)
+    assigned_after(&lines, start, key)
 }
 
 /// The line of `key` in the RFM cell named `name` (the line naming the cell when the

@@ -290,9 +290,6 @@ impl TrafficModel {
             None => (!known).then(|| format!("anon-{customer:06}")),
         };
         CustomerEvent {
-            event_id: self.event_id(),
-            event_type: t,
-            occurred_at: at,
             platform: Some(p),
             customer_id: known.then(|| customer_id(customer)),
             anonymous_id: anonymous,
@@ -302,6 +299,20 @@ impl TrafficModel {
                 Platform::ios => Some(format!("ios-{customer:06}")),
                 Platform::android => Some(format!("android-{customer:06}")),
             },
+            ..self.blank_event(t, at)
+        }
+    }
+
+    /// An event of type `t` at `at` with a new id and nothing else set.
+    fn blank_event(&mut self, t: EventType, at: Millis) -> CustomerEvent {
+        CustomerEvent {
+            event_id: self.event_id(),
+            event_type: t,
+            occurred_at: at,
+            platform: None,
+            customer_id: None,
+            anonymous_id: None,
+            device_id: None,
             session_id: None,
             email: None,
             phone: None,
@@ -565,30 +576,15 @@ impl TrafficModel {
         let (customer_id, anonymous_id) = order.buyer.clone();
         let key = customer_id.clone().or_else(|| anonymous_id.clone())?;
         let e = CustomerEvent {
-            event_id: self.event_id(),
-            event_type: EventType::order_status,
-            occurred_at: now,
-            platform: None,
             customer_id,
             anonymous_id,
-            device_id: None,
-            session_id: None,
-            email: None,
-            phone: None,
-            loyalty_card: None,
-            page_url: None,
-            search_query: None,
-            product: None,
-            items: Vec::new(),
             order: Some(Order {
                 order_id: order.order_id.clone(),
                 total: Some(order.total),
                 currency: Some("EUR".into()),
                 status: Some(order.status),
             }),
-            consent: None,
-            profile: None,
-            interaction: None,
+            ..self.blank_event(EventType::order_status, now)
         };
         if matches!(order.status, OrderStatus::shipped | OrderStatus::delivered) {
             self.open_orders.push_back(order);
