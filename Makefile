@@ -65,7 +65,10 @@ if [ -n "$$missing" ]; then \
   if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
   elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
   else echo "cannot install them without root: run  sudo apt-get install$$missing" >&2; exit 1; fi; \
-  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+  for try in $$(seq 60); do \
+    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && break; \
+    echo "apt-get update failed (the package lists may be locked); trying again in 10 s" >&2; sleep 10; \
+  done; \
   $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; \
 fi
 endef

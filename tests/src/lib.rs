@@ -414,8 +414,9 @@ impl Pipeline {
     }
 
     /// Waits `after`, SIGKILLs `service`, starts it again and waits until it is ready;
-    /// returns whether the kill came while `service` had input of `topics` it had not
-    /// committed (so it cut work short, rather than finding it idle).
+    /// returns whether the kill came while input of `topics` lay beyond `service`'s
+    /// committed offsets (which trail its processing by up to a second: the kill came
+    /// while input flowed, not on a service idle for long).
     pub fn crash_mid_work(&mut self, service: &str, after: Duration, topics: &[&str]) -> bool {
         std::thread::sleep(after);
         self.kill9(service);

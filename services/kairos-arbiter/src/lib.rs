@@ -2664,10 +2664,16 @@ impl ArbiterProcessor {
     fn slot_still_held(&self, t: &Trigger, ledger: &CustomerLedger, now: Millis) -> Option<Millis> {
         let q = ledger.queued.get(&t.trigger_id)?;
         let main = ledger.main.as_ref()?;
+        // Anything else that may have changed its fate is weighed by a decision: its
+        // own scenario switched off, a mass send now behind a personal chain, waiting
+        // given up for dropping.
         let waits = q.rule.as_deref() == Some(MAIN_SCENARIO)
             && main.scenario != t.scenario
             && t.priority <= main.priority
-            && self.switched_off(&main.scenario).is_none();
+            && self.switched_off(&main.scenario).is_none()
+            && self.switched_off(&t.scenario).is_none()
+            && (!self.is_mass(&t.scenario) || self.is_mass(&main.scenario))
+            && self.config.arbiter.lower_priority == LowerPriority::Wait;
         let frees_at = ledger.main_frees_at()?;
         let wake = frees_at
             .min(now.saturating_add(MAIN_RECHECK))

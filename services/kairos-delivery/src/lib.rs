@@ -547,6 +547,12 @@ impl DeliveryProcessor {
         // event-time replays do not expire on the wall clock).
         let (now_at_start, started_all) = (now, Instant::now());
         let mut last_error = String::new();
+        let past_valid =
+            || cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis;
+        let expired = |may_be_held: Option<String>| match may_be_held {
+            Some(e) => Delivery::InDoubt(format!("{e}, then it expired")),
+            None => Delivery::Expired,
+        };
         // Set once an attempt may have left the message with an HTTP gateway (a 409 for
         // its idempotency key, or no answer in time): if the attempts then run out or
         // the message expires, it is in doubt (reported sent, not repeated), not
@@ -572,6 +578,10 @@ impl DeliveryProcessor {
             }
             self.show_breaker(&labels);
             self.limiter.until_ready().await;
+            // Expired in a wait: no attempt record is written for a call never made.
+            if past_valid() {
+                return expired(may_be_held);
+            }
             // Every call must find the partition still this instance's: a worker
             // paused or cut off during a backoff (or while the breaker held the first
             // call) would otherwise make a call its new owner makes too. The write
@@ -582,11 +592,8 @@ impl DeliveryProcessor {
             }
             // After every wait, the acknowledged write just above included: a call
             // past the message's valid-until is not made.
-            if cmd.valid_until < now_at_start + started_all.elapsed().as_millis() as Millis {
-                return match may_be_held {
-                    Some(e) => Delivery::InDoubt(format!("{e}, then it expired")),
-                    None => Delivery::Expired,
-                };
+            if past_valid() {
+                return expired(may_be_held);
             }
             let started = Instant::now();
             // Only this attempt's "." can leave the message in doubt.

@@ -190,7 +190,8 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
 
     let mut p = Pipeline::start_with(options(), "arbiter");
     let mut kills = 0;
-    // Kills that came while input waited uncommitted: they cut work short.
+    // Kills that came while input lay beyond the committed offsets (see
+    // `crash_mid_work`).
     let mut mid_work = 0;
     for (i, c) in chunks.iter().enumerate() {
         produce_chunk(&p, c);
@@ -206,7 +207,7 @@ fn arbiter_sends_and_decisions_survive_sigkill() {
     let crashed = finish(&mut p);
     assert!(
         mid_work >= 2,
-        "only {mid_work} of {kills} kills cut work short"
+        "only {mid_work} of {kills} kills came while input flowed"
     );
     let ids = |run: &Run| run.sends.keys().cloned().collect::<BTreeSet<String>>();
     let (baseline_ids, crashed_ids) = (ids(&baseline), ids(&crashed));

@@ -204,7 +204,8 @@ fn identity_graph_and_resolutions_survive_sigkill() {
 
     let mut p = Pipeline::start_with(options(), "identity");
     let mut kills = 0;
-    // Kills that came while input waited uncommitted: they cut work short.
+    // Kills that came while input lay beyond the committed offsets (see
+    // `crash_mid_work`).
     let mut mid_work = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
@@ -217,7 +218,7 @@ fn identity_graph_and_resolutions_survive_sigkill() {
     let crashed = finish(&mut p);
     assert!(
         mid_work >= 2,
-        "only {mid_work} of {kills} kills cut work short"
+        "only {mid_work} of {kills} kills came while input flowed"
     );
     eprintln!(
         "identified-events records: {} undisturbed, {} with {kills} SIGKILLs",

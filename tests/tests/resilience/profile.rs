@@ -141,7 +141,8 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     // SIGKILL while events flow, several times.
     let mut p = Pipeline::start_with(options(), "profile");
     let mut kills = 0;
-    // Kills that came while input waited uncommitted: they cut work short.
+    // Kills that came while input lay beyond the committed offsets (see
+    // `crash_mid_work`).
     let mut mid_work = 0;
     for (i, chunk) in events.chunks(events.len() / CHUNKS).enumerate() {
         produce_chunk(&p, chunk);
@@ -157,7 +158,7 @@ fn profile_state_and_triggers_survive_sigkill_and_rebalance() {
     let crashed = finish(&mut p, &["profile"], true);
     assert!(
         mid_work >= 2,
-        "only {mid_work} of {kills} kills cut work short"
+        "only {mid_work} of {kills} kills came while input flowed"
     );
     assert_eq!(
         crashed.trigger_ids, baseline.trigger_ids,
