@@ -1560,20 +1560,7 @@ mod tests {
     fn a_cut_http_request_that_expired_meanwhile_is_in_doubt() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[
-                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http"),
-                (
-                    "KAIROS__DELIVERY__EMAIL__HTTP__URL",
-                    "http://127.0.0.1:9/mail",
-                ),
-                (
-                    "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
-                    "https://shop.example/u/{customer_id}",
-                ),
-            ],
-        );
+        let config = http_email_to_nowhere(dir.path(), &[]);
         let t0 = 20_000 * DAY;
         let (outcomes, replayer, partition) =
             restart_after_cut_attempt(&config, &[("w/s-1", t0)], t0);
@@ -1608,18 +1595,9 @@ mod tests {
     async fn a_resumed_http_request_whose_attempts_run_out_is_in_doubt() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
+        let config = http_email_to_nowhere(
             dir.path(),
             &[
-                ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http"),
-                (
-                    "KAIROS__DELIVERY__EMAIL__HTTP__URL",
-                    "http://127.0.0.1:9/mail",
-                ),
-                (
-                    "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
-                    "https://shop.example/u/{customer_id}",
-                ),
                 ("KAIROS__DELIVERY__EMAIL__RETRY__MAX_ATTEMPTS", "2"),
                 ("KAIROS__DELIVERY__EMAIL__RETRY__INITIAL_BACKOFF", "10ms"),
             ],
@@ -1640,11 +1618,7 @@ mod tests {
         let topic = config.send_topic(Channel::email);
         let mut out = replayer.push(&topic, b"c1", &payload).expect("push");
         out.extend(replayer.commit().expect("commit"));
-        let outcomes: Vec<Outcome> = out
-            .iter()
-            .filter(|o| o.topic == config.topic(topics::OUTCOMES))
-            .map(|o| serde_json::from_slice(&o.payload).expect("outcome"))
-            .collect();
+        let outcomes = outcomes_in(&config, &out);
         assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
         assert_eq!(outcomes[0].kind, OutcomeKind::sent, "{outcomes:#?}");
         let reason = outcomes[0].reason.as_deref().unwrap_or_default();
@@ -1693,12 +1667,32 @@ mod tests {
             out.extend(replayer.push(&topic, b"c1", &payload).expect("push"));
         }
         out.extend(replayer.commit().expect("commit"));
-        let outcomes = out
-            .iter()
+        (outcomes_in(config, &out), replayer, partition)
+    }
+
+    /// The outcomes among a worker's outputs `out`.
+    fn outcomes_in(config: &Config, out: &[kairos_core::store::OutboxEntry]) -> Vec<Outcome> {
+        out.iter()
             .filter(|o| o.topic == config.topic(topics::OUTCOMES))
             .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
-            .collect();
-        (outcomes, replayer, partition)
+            .collect()
+    }
+
+    /// An e-mail worker on an HTTP gateway where nobody listens, with more settings.
+    fn http_email_to_nowhere(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+        let mut settings = vec![
+            ("KAIROS__DELIVERY__EMAIL__PROVIDER", "http"),
+            (
+                "KAIROS__DELIVERY__EMAIL__HTTP__URL",
+                "http://127.0.0.1:9/mail",
+            ),
+            (
+                "KAIROS__DELIVERY__EMAIL__HTTP__LIST_UNSUBSCRIBE",
+                "https://shop.example/u/{customer_id}",
+            ),
+        ];
+        settings.extend_from_slice(extra);
+        test_config(dir, &settings)
     }
 
     /// A worker retrying a send against a provider that does not answer tells its

@@ -1749,7 +1749,8 @@ impl ProfileProcessor {
         }
         self.catch_up_segment_reviews(ctx, &mut p, r.occurred_at)?;
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
-        if let Some(phone) = &r.phone {
+        // Only a profile without a number takes the receipt's.
+        if let Some(phone) = r.phone.as_ref().filter(|_| p.phone.is_none()) {
             let before = addresses(&p).map(|a| a.map(str::to_owned));
             p.phone_from_receipt(phone, r.occurred_at);
             self.tell_contacts_changed(ctx, &p, &before, &r.event_id)?;
@@ -3093,20 +3094,18 @@ fn schedule_step_with(
 /// Deletes `customer`'s return marks and their expiry timers; returns the orders.
 fn take_return_marks(ctx: &mut Ctx<'_>, customer: &str) -> anyhow::Result<Vec<String>> {
     let mut returned = Vec::new();
-    let mark_prefix = return_mark_key(customer, "");
-    for (key, _) in ctx.scan::<bool>(&mark_prefix)? {
-        let order = key[mark_prefix.len()..].to_string();
-        ctx.delete(&key);
-        ctx.cancel(&return_mark_expiry(customer, &order))?;
-        returned.push(order);
-    }
-    // Marks of earlier versions (gone once their chains' time has passed).
-    let legacy_prefix = format!("ret/{customer}/");
-    for (key, _) in ctx.scan::<bool>(&legacy_prefix)? {
-        let order = key[legacy_prefix.len()..].to_string();
-        ctx.delete(&key);
-        ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{customer}/{order}"))?;
-        returned.push(order);
+    // Then the marks of earlier versions (gone once their chains' time has passed).
+    // A mark's expiry timer is named after its key without the key's own prefix.
+    let prefixes = [
+        ("rt/", return_mark_key(customer, "")),
+        ("ret/", format!("ret/{customer}/")),
+    ];
+    for (kind, prefix) in prefixes {
+        for (key, _) in ctx.scan::<bool>(&prefix)? {
+            ctx.delete(&key);
+            ctx.cancel(&format!("{RETURN_MARK_EXPIRY}/{}", &key[kind.len()..]))?;
+            returned.push(key[prefix.len()..].to_string());
+        }
     }
     Ok(returned)
 }
