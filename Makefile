@@ -30,6 +30,12 @@ BENCH_BATCH ?= 100000
 # sale of a bestseller fans out to every customer who viewed it: the profile benchmark
 # measures customer events).
 BENCH_GENERATE := KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0
+# Generated traffic files are named after the generator's code and the config, so a
+# changed generator (or [generator] setting) generates them again instead of measuring
+# a file of the old traffic.
+TRAFFIC := $(shell cat services/kairos-generator/src/*.rs config/kairos.toml | sha256sum | cut -c1-12)
+BENCH_EVENTS_FILE := var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
+BENCH_IDENTITY_FILE := var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 
 # The benchmarks measure a profile-guided build (PGO=1, the default): `make pgo` builds
 # kairos instrumented, trains it with deploy/pgo/train.sh on its own smaller generated
@@ -126,13 +132,13 @@ bench-delivery: $(BENCH_BUILD)
 # before the clock starts; reports events per second and per CPU-second.
 bench-identity: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
+	test -s $(BENCH_IDENTITY_FILE) || \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
-	    --to-file var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
+	    --to-file $(BENCH_IDENTITY_FILE) \
 	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60
 	KAIROS__STATE__MAX_BATCH_RECORDS=10000 taskset -c 0 $(BENCH_KAIROS) \
 	  --config config/kairos.toml bench-identity \
-	  var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS).jsonl
+	  $(BENCH_IDENTITY_FILE)
 
 bench-arbiter: $(BENCH_BUILD)
 	KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
@@ -144,15 +150,15 @@ bench-arbiter: $(BENCH_BUILD)
 # per CPU-second and peak memory.
 bench: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl || \
+	test -s $(BENCH_EVENTS_FILE) || \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
-	    --to-file var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl \
+	    --to-file $(BENCH_EVENTS_FILE) \
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
 	rm -rf var/bench/state
 	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
 	  $(BENCH_KAIROS) --config config/kairos.toml replay --no-arbiter \
 	    --state-dir var/bench/state --output /dev/null \
-	    var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS).jsonl
+	    $(BENCH_EVENTS_FILE)
 
 clean:
 	rm -rf var

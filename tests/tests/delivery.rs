@@ -578,6 +578,18 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
     assert_eq!(status, 400);
     let (status, body) = post("[]", Some("hook-secret"));
     assert_eq!(status, 202, "an empty batch is no bad one: {body}");
+    // A batch of more events than a request may carry is refused whole and kept; a
+    // body that is no JSON and too large for one dead letter is kept in parts.
+    let too_many = format!(
+        "[{}]",
+        // One more than `MAX_EVENTS_PER_REQUEST` in the webhook.
+        vec!["{}"; 10_001].join(",")
+    );
+    let (status, body) = post(&too_many, Some("hook-secret"));
+    assert_eq!(status, 413, "{body}");
+    let large_garbage = "not json ".repeat(1_000_000 / 9);
+    let (status, _) = post(&large_garbage, Some("hook-secret"));
+    assert_eq!(status, 400);
     // A batch with a bad event: the good one counts, the bad one is dead-lettered.
     let mut delivered = opened.clone();
     delivered["event"] = j!("delivered");
@@ -621,16 +633,44 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
 
     // The sends given up are on the dead-letter topic with the command and the reason;
     // so are the webhook's rejected events (the lone "sent" twice: once alone, once in
-    // the batch; the event that did not parse; the body that was no JSON).
+    // the batch; the event that did not parse; the body that was no JSON; the batch of
+    // too many; the large body that was no JSON, in two parts).
     let webhook = "webhook:/webhooks/events";
-    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 6);
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| v.len() >= 9);
     let (from_webhook, letters): (Vec<&Value>, Vec<&Value>) =
         letters.iter().partition(|l| l["source_topic"] == webhook);
     let reasons: BTreeSet<&str> = from_webhook
         .iter()
         .map(|l| l["reason_code"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(from_webhook.len(), 4, "{from_webhook:?}");
+    assert_eq!(from_webhook.len(), 7, "{from_webhook:?}");
+    let kept = |letter: &&Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(letter["payload_base64"].as_str().unwrap_or(""))
+            .expect("base64")
+    };
+    let refused_batch = from_webhook
+        .iter()
+        .find(|l| {
+            l["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("smaller batches")
+        })
+        .expect("the batch of too many events is dead-lettered");
+    assert_eq!(kept(refused_batch), too_many.as_bytes());
+    let mut parts: Vec<&&Value> = from_webhook
+        .iter()
+        .filter(|l| l["reason"].as_str().unwrap_or("").contains(" of 2: bytes"))
+        .collect();
+    parts.sort_by_key(|l| l["reason"].as_str().unwrap_or("").contains("part 2"));
+    let joined: Vec<u8> = parts.iter().flat_map(|l| kept(l)).collect();
+    assert_eq!(
+        joined,
+        large_garbage.as_bytes(),
+        "the large body is kept whole"
+    );
     assert_eq!(
         reasons,
         ["invalid_field", "not_json"].into(),
@@ -645,11 +685,15 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
             &[&format!("reason=\"{reason}\"")],
         )
     };
-    assert_eq!(dead("not_json"), 1.0, "the body that was no JSON");
+    assert_eq!(
+        dead("not_json"),
+        3.0,
+        "the bodies that were no JSON, one in two parts"
+    );
     assert_eq!(
         dead("invalid_field"),
-        3.0,
-        "the lone sent twice, the unparsed event"
+        4.0,
+        "the lone sent twice, the unparsed event, the batch of too many"
     );
     let given_up: BTreeSet<String> = letters
         .iter()

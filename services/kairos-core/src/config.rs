@@ -1399,18 +1399,10 @@ impl Config {
                 ));
             }
         }
-        // Only event time reads the gap (and a replay's `--until` run is event time).
-        if self.clock.mode == ClockMode::Event
-            && self.clock.max_event_gap < self.clock.max_event_lead
-        {
-            return Err(fail_at(
-                clock("max_event_gap"),
-                "clock.max_event_gap",
-                format!(
-                    "must be at least clock.max_event_lead ({:?}): input replayed from a backlog runs ahead of the clock by more than a device does",
-                    self.clock.max_event_lead
-                ),
-            ));
+        // Only event time reads the gap; the commands that run in event time whatever
+        // the file says check it through `in_event_time`.
+        if self.clock.mode == ClockMode::Event {
+            self.check_event_gap(text)?;
         }
         // How often an idle service looks for due timers: 0 spins a core, and beyond
         // a minute timers fire that late.
@@ -2010,6 +2002,35 @@ impl Config {
     }
 
     /// An error about `key` of this file, at `line` when it is known.
+    /// This configuration with the clock in event time, as `kairos replay` and the
+    /// benchmarks run it whatever `clock.mode` says: its gap must then hold as if the
+    /// file had asked for event time.
+    pub fn in_event_time(&self) -> Result<Config, ConfigError> {
+        let mut config = self.clone();
+        config.clock.mode = ClockMode::Event;
+        // The line is looked up in the file as it is now; without it the error still
+        // names the file and the field.
+        let text = std::fs::read_to_string(&config.source_file).unwrap_or_default();
+        config.check_event_gap(&text)?;
+        Ok(config)
+    }
+
+    /// In event time a gap shorter than the lead would refuse input a device's clock
+    /// may send, once replayed from a backlog.
+    fn check_event_gap(&self, text: &str) -> Result<(), ConfigError> {
+        if self.clock.max_event_gap >= self.clock.max_event_lead {
+            return Ok(());
+        }
+        Err(self.error_at(
+            table_key_line(text, "clock", "max_event_gap"),
+            "clock.max_event_gap",
+            format!(
+                "must be at least clock.max_event_lead ({}) in event time (replays and benchmarks run in it): input replayed from a backlog runs ahead of the clock by more than a device does",
+                humantime_serde::re::humantime::format_duration(self.clock.max_event_lead),
+            ),
+        ))
+    }
+
     fn error_at(&self, line: Option<usize>, key: &str, message: String) -> ConfigError {
         let message = format!("{key}: {message}");
         match line {
@@ -2554,9 +2575,38 @@ mod tests {
         );
         assert_eq!(line, 4, "{message}");
         assert!(message.contains("max_event_lead"), "{message}");
-        // In wall-clock mode the gap is not read.
-        parse("[clock]\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n")
-            .expect("wall-clock mode reads no gap");
+        // In wall-clock mode the gap is not read, until a replay or a benchmark runs
+        // the file in event time.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("kairos.toml");
+        let text = "[clock]\nmax_event_lead = \"2days\"\nmax_event_gap = \"1day\"\n";
+        std::fs::write(&file, text).expect("config file written");
+        let config = Config::from_text(&file, text, &[]).expect("wall-clock mode reads no gap");
+        match config
+            .in_event_time()
+            .expect_err("event time reads the gap")
+        {
+            ConfigError::Invalid {
+                file: named,
+                line,
+                message,
+                ..
+            } => {
+                assert_eq!((named, line), (file.clone(), 3), "{message}");
+                assert!(message.contains("clock.max_event_gap"), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+        let fine = "[clock]\nmax_event_lead = \"1day\"\nmax_event_gap = \"1day\"\n";
+        let config = Config::from_text(&file, fine, &[]).expect("valid");
+        assert_eq!(
+            config
+                .in_event_time()
+                .expect("a gap as long as the lead")
+                .clock
+                .mode,
+            ClockMode::Event
+        );
         for tick in ["0s", "2m"] {
             let (line, message) = line_of(&format!(
                 "[state]\ndir = \"var\"\ntimer_tick = \"{tick}\"\n"

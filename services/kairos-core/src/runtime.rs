@@ -683,9 +683,9 @@ pub struct Engine<P: Processor> {
     factory: StoreFactory,
     parts: BTreeMap<i32, Part>,
     mode: ClockMode,
-    /// How far ahead of the machine's clock (wall-clock mode) or of its partition's
-    /// event time (event-time mode) a raw input may be.
-    max_event_lead: Millis,
+    /// How far ahead of the machine's clock (`clock.max_event_lead`) and, in event-time
+    /// mode, of its partition's event time (`clock.max_event_gap`) a raw input may be.
+    event_bounds: EventBounds,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
     /// Where committed state is replicated, so a partition can move (None in replay).
@@ -704,11 +704,10 @@ impl<P: Processor> Engine<P> {
         let factory = StoreFactory::new(&root, config.state.block_cache_bytes)?
             .with_timers_in_memory(config.timers_in_memory_per_store());
         Ok(Engine {
-            max_event_lead: match config.clock.mode {
-                ClockMode::Wall => config.clock.max_event_lead,
-                ClockMode::Event => config.clock.max_event_gap,
-            }
-            .as_millis() as Millis,
+            event_bounds: EventBounds {
+                lead: config.clock.max_event_lead.as_millis() as Millis,
+                gap: config.clock.max_event_gap.as_millis() as Millis,
+            },
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -914,13 +913,7 @@ impl<P: Processor> Engine<P> {
             .and_then(|input| {
                 if self.processor.is_raw_input(record.topic) {
                     let clock = part.clock.event_time();
-                    check_event_lead(
-                        &self.processor,
-                        self.mode,
-                        self.max_event_lead,
-                        clock,
-                        input,
-                    )
+                    check_event_lead(&self.processor, self.mode, self.event_bounds, clock, input)
                 } else {
                     Ok(input)
                 }
@@ -1509,50 +1502,79 @@ impl<P: Processor> Engine<P> {
     }
 }
 
+/// How far ahead a raw input's event time may be (see [`check_event_lead`]).
+#[derive(Debug, Clone, Copy)]
+struct EventBounds {
+    /// `clock.max_event_lead`: ahead of this machine's clock.
+    lead: Millis,
+    /// `clock.max_event_gap`: ahead of the partition's event time (event-time mode).
+    gap: Millis,
+}
+
 /// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
 /// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
 /// partition's event time (event-time mode: there the input's times move the clock,
-/// and one event dated years ahead would make every later timer late). A partition's
+/// and one event dated years ahead would make every later timer late). In event-time
+/// mode an event no further ahead of this machine's clock than a device may be is
+/// taken however long its partition was quiet: a partition behind by more than the
+/// gap would otherwise refuse all its input for good, heartbeats too. A partition's
 /// first event in event-time mode has no event time to compare with: it is held to
 /// `clock.max_event_gap` ahead of this machine's clock (history replayed is never
 /// ahead of it).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
-    max_event_lead: Millis,
+    bounds: EventBounds,
     partition_event_time: Millis,
     input: P::Input,
 ) -> Result<P::Input, Rejection> {
-    let (now, clock_name, setting) = match mode {
-        ClockMode::Wall => (wall_now(), "this machine's clock", "clock.max_event_lead"),
-        ClockMode::Event if partition_event_time <= 0 => {
-            (wall_now(), "this machine's clock", "clock.max_event_gap")
-        }
+    let Some(t) = processor.event_time(&input) else {
+        return Ok(input);
+    };
+    let wall = wall_now();
+    let (now, clock_name, setting, bound) = match mode {
+        ClockMode::Wall => (
+            wall,
+            "this machine's clock",
+            "clock.max_event_lead",
+            bounds.lead,
+        ),
+        ClockMode::Event if partition_event_time <= 0 => (
+            wall,
+            "this machine's clock",
+            "clock.max_event_gap",
+            bounds.gap,
+        ),
         ClockMode::Event => (
             partition_event_time,
             "the partition's event time",
             "clock.max_event_gap",
+            bounds.gap,
         ),
     };
+    let within_device_lead = mode == ClockMode::Event && t <= wall.saturating_add(bounds.lead);
+    if t <= now.saturating_add(bound) || within_device_lead {
+        return Ok(input);
+    }
     let duration = |ms: Millis| {
         humantime_serde::re::humantime::format_duration(std::time::Duration::from_secs(
             (ms / 1000) as u64,
         ))
     };
-    match processor.event_time(&input) {
-        Some(t) if t > now.saturating_add(max_event_lead) => Err(Rejection::new(
-            DeadLetterReason::invalid_field,
-            format!(
-                "event time {} is {} ahead of {clock_name} ({}); at most \
-                 {setting} = {} is accepted",
-                crate::time::format_millis(t),
-                duration(t - now),
-                crate::time::format_millis(now),
-                duration(max_event_lead),
-            ),
-        )),
-        _ => Ok(input),
+    let mut reason = format!(
+        "event time {} is {} ahead of {clock_name} ({}); at most {setting} = {} is accepted",
+        crate::time::format_millis(t),
+        duration(t - now),
+        crate::time::format_millis(now),
+        duration(bound),
+    );
+    if mode == ClockMode::Event && partition_event_time > 0 {
+        reason.push_str(&format!(
+            ", or up to clock.max_event_lead = {} ahead of this machine's clock",
+            duration(bounds.lead)
+        ));
     }
+    Err(Rejection::new(DeadLetterReason::invalid_field, reason))
 }
 
 fn dead_letter(

@@ -18,7 +18,10 @@
 //! retries what did not make it. An event the worker cannot take goes to the
 //! dead-letter topic with its bytes and the reason, and the answer lists it (`{"accepted":
 //! n, "rejected": [{"event": i, "reason": ...}]}`); the others count. 422 when none
-//! could be taken, 400 for a body that is no event at all.
+//! could be taken, 400 for a body that is no event at all, 413 for one of more than
+//! [`MAX_EVENTS_PER_REQUEST`] events (dead-lettered whole, in parts if it is too large
+//! for one letter) or of more than [`MAX_BODY_BYTES`] (not read). Requests are handled
+//! a few at a time, so memory stays bounded.
 
 use std::sync::Arc;
 
@@ -36,6 +39,7 @@ use kairos_core::encoding::encode_internal;
 use kairos_core::identifiers::{IdentifierKind, Normalizer};
 use kairos_core::ids::deterministic_id;
 use kairos_core::metrics;
+use kairos_core::runtime::DEAD_LETTER_WHOLE_PAYLOAD;
 use kairos_core::time::{wall_now, Millis};
 use prometheus::IntCounterVec;
 use rdkafka::producer::FutureProducer;
@@ -85,6 +89,8 @@ struct WebhookState {
     dead_letters: IntCounterVec,
     /// Puts a reported address in the form Kairos keeps addresses in.
     normalizer: Normalizer,
+    /// Turns to handle a request ([`CONCURRENT_REQUESTS`]).
+    turns: tokio::sync::Semaphore,
 }
 
 /// The webhook route for the worker of `channel`.
@@ -114,11 +120,13 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
         service: format!("deliver-{channel}"),
         received,
         dead_letters: admin.dead_letters.clone(),
+        turns: tokio::sync::Semaphore::new(CONCURRENT_REQUESTS),
         normalizer: Normalizer::new(&config.identity.default_country)
             .map_err(|e| anyhow::anyhow!("identity.default_country: {e}"))?,
     });
     Ok(Router::new()
         .route("/webhooks/events", post(receive))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state))
 }
 
@@ -146,10 +154,18 @@ pub fn outcome_of(
         return Err("send_id and customer_id must not be empty".into());
     }
     // Read for a hard bounce only (providers name the recipient on every event), in
-    // the form Kairos keeps addresses in, so it matches the sends that wait for it.
+    // the form Kairos keeps addresses in, so it matches the sends that wait for it. An
+    // address that does not read as one still leaves the bounce: the arbiter knows
+    // the send's address by its id.
     let address = match (event.event, event.address.as_deref()) {
         (OutcomeKind::bounced_hard, Some(raw)) if !raw.trim().is_empty() => {
-            Some(reported_address(channel, raw, normalizer)?)
+            match reported_address(channel, raw, normalizer) {
+                Ok(address) => Some(address),
+                Err(why) => {
+                    tracing::warn!(send_id = %event.send_id, "hard bounce without a usable {why}");
+                    None
+                }
+            }
         }
         _ => None,
     };
@@ -231,6 +247,11 @@ async fn receive(
             );
         }
     }
+    // Requests are handled a few at a time: each holds its events' records until the
+    // broker has them, so memory stays bounded however many a provider sends at once.
+    let Ok(_turn) = state.turns.acquire().await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
+    };
     let now = wall_now();
     // Each event stands alone: one the worker cannot take is dead-lettered with its
     // bytes and reason, and the others still count (a provider that drops a refused
@@ -239,20 +260,20 @@ async fn receive(
         Some(events) => events,
         None => {
             let reason = "not a provider event: expected a JSON object or an array of them";
-            let letter = state.letter(&body, DeadLetterReason::not_json, reason, now);
-            let stored = publish(&state, &[(&state.dead_letter_topic, letter)]).await;
-            return match stored {
-                Ok(()) => {
-                    count_dead_letter(&state, DeadLetterReason::not_json);
-                    (StatusCode::BAD_REQUEST, reason.into())
-                }
-                Err(answer) => answer,
-            };
+            return refuse_whole(&state, &body, DeadLetterReason::not_json, reason, now).await;
         }
     };
+    if events.len() > MAX_EVENTS_PER_REQUEST {
+        let reason = format!(
+            "{} events in one request, more than the {MAX_EVENTS_PER_REQUEST} a request may carry: send them in smaller batches",
+            events.len()
+        );
+        return refuse_whole(&state, &body, DeadLetterReason::invalid_field, &reason, now).await;
+    }
     let mut records = Vec::with_capacity(events.len());
     let mut counts = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
+    let mut dead_letters = 0;
     for (i, raw) in events.iter().enumerate() {
         let event = serde_json::from_str::<ProviderEvent>(raw.get())
             .map_err(|e| format!("not a provider event: {e}"));
@@ -268,18 +289,20 @@ async fn receive(
             Err(reason) => {
                 counts.push((kind, "rejected"));
                 // The provider's own bytes, as they came.
-                let letter = state.letter(
+                for letter in state.letters(
                     raw.get().as_bytes(),
                     DeadLetterReason::invalid_field,
                     &format!("event {i}: {reason}"),
                     now,
-                );
-                records.push((&state.dead_letter_topic, letter));
+                ) {
+                    records.push((&state.dead_letter_topic, letter));
+                    dead_letters += 1;
+                }
                 rejected.push(serde_json::json!({"event": i, "reason": reason}));
             }
         }
     }
-    let accepted = records.len() - rejected.len();
+    let accepted = records.len() - dead_letters;
     if let Err(answer) = publish(&state, &records).await {
         return answer;
     }
@@ -289,10 +312,8 @@ async fn receive(
             .received
             .with_label_values(&[state.channel.as_str(), kind, result])
             .inc();
-        if result == "rejected" {
-            count_dead_letter(&state, DeadLetterReason::invalid_field);
-        }
     }
+    count_dead_letters(&state, DeadLetterReason::invalid_field, dead_letters);
     let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
     if accepted == 0 && !rejected.is_empty() {
         // Nothing taken: the provider is told plainly (its events are dead-lettered).
@@ -301,13 +322,50 @@ async fn receive(
     (StatusCode::ACCEPTED, answer)
 }
 
-/// Counts one stored dead letter in the process's family.
-fn count_dead_letter(state: &WebhookState, reason: DeadLetterReason) {
+/// Counts stored dead letters in the process's family.
+fn count_dead_letters(state: &WebhookState, reason: DeadLetterReason, letters: usize) {
     state
         .dead_letters
         .with_label_values(&[reason.as_str()])
-        .inc();
+        .inc_by(letters as u64);
 }
+
+/// Refuses a whole request: its body goes to the dead-letter topic (in parts if it is
+/// too large for one letter), and the provider is told 400 (413 for too many events)
+/// once the broker has it.
+async fn refuse_whole(
+    state: &WebhookState,
+    body: &[u8],
+    code: DeadLetterReason,
+    reason: &str,
+    now: Millis,
+) -> (StatusCode, String) {
+    let letters: Vec<_> = state
+        .letters(body, code, reason, now)
+        .into_iter()
+        .map(|letter| (&state.dead_letter_topic, letter))
+        .collect();
+    if let Err(answer) = publish(state, &letters).await {
+        return answer;
+    }
+    count_dead_letters(state, code, letters.len());
+    let status = match code {
+        DeadLetterReason::not_json => StatusCode::BAD_REQUEST,
+        _ => StatusCode::PAYLOAD_TOO_LARGE,
+    };
+    (status, reason.into())
+}
+
+/// Events one request may carry. Providers batch a few hundred to a thousand; each
+/// event costs its outcome or dead letter in memory until the broker has it.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+
+/// The largest body the webhook reads (axum's default limit, said aloud): a larger
+/// one is answered 413 before it is read.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Requests handled at once; the others wait their turn.
+const CONCURRENT_REQUESTS: usize = 4;
 
 /// The events of a webhook body, each as its own bytes: one JSON object, or an array
 /// of them (anything in the array is an event, to be checked one by one). None for a
@@ -326,9 +384,13 @@ async fn publish(
     state: &WebhookState,
     records: &[(&String, (String, Vec<u8>))],
 ) -> Result<(), (StatusCode, String)> {
-    for (topic, (key, payload)) in records {
-        let result =
-            kairos_core::kafka::send(&state.producer, topic, key.as_bytes(), payload).await;
+    // All handed to the producer at once (in order, so a customer's stay in order),
+    // then awaited: one by one, each would wait out the producer's linger.
+    let results = futures::future::join_all(records.iter().map(|(topic, (key, payload))| {
+        kairos_core::kafka::send(&state.producer, topic, key.as_bytes(), payload)
+    }))
+    .await;
+    for (result, (topic, _)) in results.into_iter().zip(records) {
         if let Err(e) = result {
             state
                 .received
@@ -345,34 +407,70 @@ async fn publish(
 }
 
 impl WebhookState {
-    /// The dead letter of a webhook event the worker cannot take, keyed by its id: the
-    /// same bytes (a provider's retry) give the same letter.
-    fn letter(
+    /// The dead letters of bytes the worker cannot take ([`dead_letters_of`]).
+    fn letters(
         &self,
         raw: &[u8],
         code: DeadLetterReason,
         reason: &str,
         now: Millis,
-    ) -> (String, Vec<u8>) {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut reason = reason.to_string();
-        let kept = kairos_core::runtime::sample_for_letter("event", raw, &mut reason);
-        let id = deterministic_id(&[&self.service, "webhook", &String::from_utf8_lossy(raw)]);
-        let letter = DeadLetter {
-            dead_letter_id: id.clone(),
-            service: self.service.clone(),
-            source_topic: WEBHOOK_SOURCE.into(),
-            source_partition: -1,
-            source_offset: -1,
-            reason_code: code,
-            reason,
-            key_base64: None,
-            payload_base64: b64.encode(kept),
-            failed_at: now,
-        };
-        (id, encode_internal(&letter))
+    ) -> Vec<(String, Vec<u8>)> {
+        dead_letters_of(&self.service, raw, code, reason, now)
     }
+}
+
+/// The dead letters of bytes the worker cannot take, keyed by their ids: the same
+/// bytes (a provider's retry) give the same letters. Bytes too large for one
+/// letter are cut into parts, each letter saying which, so none is lost.
+pub fn dead_letters_of(
+    service: &str,
+    raw: &[u8],
+    code: DeadLetterReason,
+    reason: &str,
+    now: Millis,
+) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let whole = String::from_utf8_lossy(raw);
+    let parts: Vec<&[u8]> = if raw.is_empty() {
+        vec![raw]
+    } else {
+        raw.chunks(DEAD_LETTER_WHOLE_PAYLOAD).collect()
+    };
+    let count = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let (id, reason) = if count == 1 {
+                let id = deterministic_id(&[service, "webhook", &whole]);
+                (id, reason.to_string())
+            } else {
+                let start = i * DEAD_LETTER_WHOLE_PAYLOAD;
+                let id = deterministic_id(&[service, "webhook", &whole, &i.to_string()]);
+                let reason = format!(
+                    "{reason}; part {} of {count}: bytes {start} to {} of {}",
+                    i + 1,
+                    start + part.len(),
+                    raw.len()
+                );
+                (id, reason)
+            };
+            let letter = DeadLetter {
+                dead_letter_id: id.clone(),
+                service: service.to_string(),
+                source_topic: WEBHOOK_SOURCE.into(),
+                source_partition: -1,
+                source_offset: -1,
+                reason_code: code,
+                reason,
+                key_base64: None,
+                payload_base64: b64.encode(part),
+                failed_at: now,
+            };
+            (id, encode_internal(&letter))
+        })
+        .collect()
 }
 
 /// The `source_topic` of a dead-lettered webhook event: it came over HTTP.
@@ -446,13 +544,75 @@ mod tests {
         )
         .expect("accepted");
         assert_eq!(opened.address, None);
-        let err = outcome_of(
+        // One that does not read as an address is left out, and the bounce kept.
+        let garbled = outcome_of(
             &bounce(OutcomeKind::bounced_hard, "a\u{7}@x"),
             Channel::email,
             1,
         )
-        .unwrap_err();
-        assert!(err.contains("address"), "{err}");
+        .expect("the bounce is kept");
+        assert_eq!(
+            (garbled.kind, garbled.address),
+            (OutcomeKind::bounced_hard, None)
+        );
+    }
+
+    /// A body too large for one dead letter is kept whole across several, each saying
+    /// which part it holds; a small one is one letter, under the id it always had.
+    #[test]
+    fn a_body_too_large_for_one_dead_letter_is_kept_in_parts() {
+        use base64::Engine as _;
+        let pattern = b"[{\"x\": 1},";
+        let body: Vec<u8> = (0..DEAD_LETTER_WHOLE_PAYLOAD * 2 + 10)
+            .map(|i| pattern[i % pattern.len()])
+            .collect();
+        let decode = |letters: &[(String, Vec<u8>)]| -> Vec<DeadLetter> {
+            letters
+                .iter()
+                .map(|(_, bytes)| serde_json::from_slice(bytes).expect("a dead letter"))
+                .collect()
+        };
+        let letters = dead_letters_of("deliver-email", &body, DeadLetterReason::not_json, "bad", 7);
+        let decoded = decode(&letters);
+        assert_eq!(decoded.len(), 3);
+        let mut joined = Vec::new();
+        for (i, letter) in decoded.iter().enumerate() {
+            joined.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&letter.payload_base64)
+                    .expect("base64"),
+            );
+            assert!(
+                letter.reason.starts_with("bad; ")
+                    && letter.reason.contains(&format!("part {} of 3", i + 1)),
+                "{}",
+                letter.reason
+            );
+            assert_eq!(letter.dead_letter_id, letters[i].0);
+        }
+        assert_eq!(joined, body, "every byte is kept, in order");
+        let ids: std::collections::BTreeSet<_> = letters.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids.len(), 3, "each part has its own id");
+        let again = dead_letters_of("deliver-email", &body, DeadLetterReason::not_json, "bad", 9);
+        assert_eq!(
+            again.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            letters.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            "a retried body gives the same letters"
+        );
+        let small = dead_letters_of(
+            "deliver-email",
+            b"nope",
+            DeadLetterReason::not_json,
+            "bad",
+            7,
+        );
+        let decoded = decode(&small);
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].reason, "bad");
+        assert_eq!(
+            small[0].0,
+            deterministic_id(&["deliver-email", "webhook", "nope"])
+        );
     }
 
     #[test]

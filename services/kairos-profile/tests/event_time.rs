@@ -3913,6 +3913,39 @@ fn in_event_time_mode_an_event_far_ahead_of_the_partitions_time_is_dead_lettered
     );
 }
 
+/// A partition quiet for longer than the gap takes its next events (they are no
+/// further ahead of this machine's clock than a device may be): before, it refused all
+/// its input for good, heartbeats too.
+#[test]
+fn in_event_time_mode_a_partition_quiet_for_longer_than_the_gap_takes_its_next_events() {
+    let config = CONFIG.replace("[clock]\n", "[clock]\nmax_event_gap = \"1day\"\n");
+    let mut h = Harness::with(&config, ClockMode::Event);
+    let t0 = at(T0);
+    h.site("qg-1", "page_view", "qg", t0, json!({"page_url": "/"}));
+    let later = t0 + 3 * DAY;
+    h.site("qg-2", "add_to_cart", "qg", later, add_to_cart("p1", 10.0));
+    h.advance(later + 2 * HOUR);
+    let fired = h.triggers("qg", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], later + HOUR);
+    assert_eq!(h.on("deadletter").count(), 0);
+    // A device clock years ahead is still refused, by the gap and by the machine's clock.
+    h.site(
+        "qg-3",
+        "page_view",
+        "qg",
+        at("2999-01-01T00:00:00Z"),
+        json!({"page_url": "/"}),
+    );
+    let dead: Vec<&Output> = h.on("deadletter").collect();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("clock.max_event_gap = 1day") && reason.contains("clock.max_event_lead"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn in_event_time_mode_a_partitions_first_event_far_ahead_of_the_machines_clock_is_dead_lettered() {
     let mut h = Harness::new();

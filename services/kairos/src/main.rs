@@ -336,8 +336,7 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
             .await
         }
         Command::BenchIdentity { input, state_dir } => {
-            let (mut cfg, _state) = with_state_dir(&config, state_dir)?;
-            cfg.clock.mode = kairos_core::time::ClockMode::Event;
+            let (cfg, _state) = with_state_dir(&config.in_event_time()?, state_dir)?;
             let stats = bench::run_identity(&cfg, &input)?;
             eprintln!("{}", stats.report("events", "events", peak_rss_kib()));
             Ok(())
@@ -422,9 +421,8 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                 config.scenario(&scenario).is_some(),
                 "--scenario {scenario:?} is not a [[scenarios]] name in the config"
             );
-            let (mut cfg, _state) = with_state_dir(&config, state_dir)?;
             // Decisions in event time, from the triggers' own timestamps.
-            cfg.clock.mode = kairos_core::time::ClockMode::Event;
+            let (cfg, _state) = with_state_dir(&config.in_event_time()?, state_dir)?;
             let stats = bench::run_arbiter(&cfg, count, customers, &scenario)?;
             eprintln!(
                 "{}",

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
 use kairos_core::store::OutboxEntry;
-use kairos_core::time::ClockMode;
 use kairos_profile::pipeline::Pipeline;
 
 use crate::input_lines::for_each_line;
@@ -178,8 +177,7 @@ pub fn run(
     until: Option<i64>,
     with_arbiter: bool,
 ) -> anyhow::Result<ReplayStats> {
-    let mut config = config.clone();
-    config.clock.mode = ClockMode::Event;
+    let config = config.in_event_time()?;
     let mut pipeline = Pipeline::new(&config)?;
     if config.identity.enabled {
         let registry = prometheus::Registry::new();
