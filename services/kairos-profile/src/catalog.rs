@@ -434,10 +434,16 @@ impl CatalogJoin {
         if occasions.is_empty() && !withdrawn && product.in_stock == stock_before {
             return Ok(());
         }
-        self.news.entry(ctx.partition).or_default().insert(
-            CompactString::from(u.product_id.as_str()),
-            product.told_late(),
-        );
+        // Only a product cached already is brought up to date: one not cached is read
+        // when interest in it comes (a catalog load of a million products must not
+        // fill the cache past its bound).
+        if let Some(cached) = self
+            .news
+            .get_mut(&ctx.partition)
+            .and_then(|products| products.get_mut(u.product_id.as_str()))
+        {
+            *cached = product.told_late();
+        }
         if occasions.is_empty() {
             return Ok(());
         }
@@ -977,6 +983,36 @@ min_drop_percent = 10.0
         // Measured from the price told: a further 5% is not 10%.
         let out = push(&catalog, price("p1", "u5", 76.0, T0 + 5 * HOUR));
         assert!(told(&out, "p1").is_empty());
+    }
+
+    /// A catalog update caches nothing of a product no interest asked about (a load of
+    /// every product would fill the cache past its bound); interest read later still
+    /// hears of the drop, from the stored product.
+    #[test]
+    fn catalog_updates_cache_no_news_of_products_nobody_asked_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&catalog, price("p1", "u2", 80.0, T0 + 2 * HOUR));
+        let cached = |r: &Replayer<CatalogJoin>| {
+            r.engine
+                .processor
+                .news
+                .values()
+                .map(HashMap::len)
+                .sum::<usize>()
+        };
+        assert_eq!(cached(&r), 0, "updates cache nothing");
+        let out = push_p1(&mut r, &interest, view("c", "p1", T0 + HOUR));
+        assert_eq!(told(&out, "p1"), ["c"], "read from the stored product");
+        assert_eq!(cached(&r), 1);
+        // Once cached, a later drop keeps the cache up to date.
+        push_p1(&mut r, &catalog, price("p1", "u3", 60.0, T0 + 3 * HOUR));
+        let out = push_p1(&mut r, &interest, view("d", "p1", T0 + 2 * HOUR + 30 * MINUTE));
+        assert_eq!(told(&out, "p1"), ["d"], "told of the drop to 60");
     }
 
     /// The profile publishes a batch's interest when it commits, so a view or wish
