@@ -5,7 +5,7 @@
 use crate::calendar;
 use crate::contracts::{
     given, is_reserved_customer_id, CustomerEvent, DeadLetterReason, EventType, LineItem,
-    OfflineReceipt,
+    OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
 };
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
@@ -194,6 +194,17 @@ fn clean_key(field: &str, id: &mut Option<String>) -> Result<(), Rejection> {
     let key = crate::identifiers::key_id(value).map_err(|why| {
         Rejection::new(DeadLetterReason::invalid_field, format!("{field}: {why}"))
     })?;
+    // The identity processor names the profile of an identifier several customers
+    // share `<profile>#shared`: a cookie or card of that form would land in it.
+    if key.ends_with(SHARED_IDENTIFIER_SUFFIX) {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!(
+                "{field} {key:?} ends in {SHARED_IDENTIFIER_SUFFIX}, which Kairos keeps for \
+                 the profile of an identifier several customers share"
+            ),
+        ));
+    }
     if key.len() != value.len() {
         *value = key.to_string();
     }
@@ -612,6 +623,20 @@ mod tests {
             assert!(
                 decode_receipt(receipt(id).as_bytes(), &registry, &NONE).is_err(),
                 "{id}"
+            );
+        }
+        // Nor may a cookie, device or card end as a shared identifier's profile does.
+        for field in ["anonymous_id", "device_id", "loyalty_card"] {
+            let event = format!(
+                r#"{{"event_id":"e1","event_type":"page_view","occurred_at":1764950000000,"{field}":"K#shared"}}"#
+            );
+            let rejection =
+                decode_customer_event(event.as_bytes(), &registry, &NONE).expect_err(field);
+            assert_eq!(rejection.reason, DeadLetterReason::invalid_field);
+            assert!(
+                rejection.message.starts_with(field) && rejection.message.contains("#shared"),
+                "{}",
+                rejection.message
             );
         }
     }

@@ -1011,7 +1011,11 @@ min_drop_percent = 10.0
         assert_eq!(cached(&r), 1);
         // Once cached, a later drop keeps the cache up to date.
         push_p1(&mut r, &catalog, price("p1", "u3", 60.0, T0 + 3 * HOUR));
-        let out = push_p1(&mut r, &interest, view("d", "p1", T0 + 2 * HOUR + 30 * MINUTE));
+        let out = push_p1(
+            &mut r,
+            &interest,
+            view("d", "p1", T0 + 2 * HOUR + 30 * MINUTE),
+        );
         assert_eq!(told(&out, "p1"), ["d"], "told of the drop to 60");
     }
 
