@@ -119,6 +119,7 @@ impl TemplateSet {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_filter("money", money);
+        env.add_filter("url_part", url_part);
         let mut fields = BTreeMap::new();
         let entries = std::fs::read_dir(dir).map_err(|e| TemplateError::Load {
             file: dir.to_path_buf(),
@@ -311,6 +312,18 @@ fn money(amount: f64) -> String {
     format!("{amount:.2}")
 }
 
+/// `https://shop.example/p/{{ product_id | url_part }}`: text as one part of a URL,
+/// every character but RFC 3986's unreserved ones percent-encoded, so an id holding
+/// a space, `/`, `?` or `#` stays one path segment.
+fn url_part(text: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
+}
+
 fn measure(channel: Channel, text: &str) -> usize {
     if channel == Channel::sms {
         sms_segments(text)
@@ -396,13 +409,19 @@ pub fn sms_segments(text: &str) -> usize {
     segments
 }
 
-/// `value` with every object field that is null left out, in nested objects and in
-/// the objects of arrays too.
+/// `value` with every object field that is null or blank text left out, in nested
+/// objects and in the objects of arrays too: a catalog's empty product name is no name,
+/// and must fail or take its default rather than render " is now 0.30".
 fn without_nulls(value: &serde_json::Value) -> serde_json::Value {
+    let missing = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::String(text) => text.trim().is_empty(),
+        _ => false,
+    };
     match value {
         serde_json::Value::Object(m) => serde_json::Value::Object(
             m.iter()
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(_, v)| !missing(v))
                 .map(|(k, v)| (k.clone(), without_nulls(v)))
                 .collect(),
         ),
@@ -535,6 +554,40 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
         let m = shipped.render("price_drop", &vars).unwrap();
         assert_eq!(m.subject.as_deref(), Some("Mug is now 0.30"));
         assert_eq!(m.preheader.as_deref(), Some("Was 59.90"));
+    }
+
+    /// A blank name is no name: the default applies (a price drop of a product the
+    /// catalog names "" reads "An item you viewed is now 0.30", not " is now 0.30"), and a blank
+    /// required variable fails like a missing one.
+    #[test]
+    fn a_blank_variable_is_missing() {
+        let drop = include_str!("../../../config/templates/price_drop.toml");
+        let shipped = set(Channel::email, &[("price_drop.toml", drop)]).unwrap();
+        let vars = serde_json::json!({"product_id": "p1", "product_name": " ",
+            "old_price": 59.9, "new_price": 0.3});
+        let m = shipped.render("price_drop", &vars).unwrap();
+        assert_eq!(m.subject.as_deref(), Some("An item you viewed is now 0.30"));
+        assert!(m.body.contains("p1 dropped from 59.90"), "{}", m.body);
+        let t = set(Channel::email, &[("cart.toml", CART)]).unwrap();
+        let vars = serde_json::json!({"first_name": "", "cart_items": [], "cart_value": 1});
+        assert!(t.render("cart", &vars).is_err());
+    }
+
+    /// Ids go into the shipped links as one path segment each, whatever they hold.
+    #[test]
+    fn ids_in_links_are_percent_encoded() {
+        let stock = include_str!("../../../config/templates/back_in_stock.toml");
+        let shipped = set(Channel::email, &[("back_in_stock.toml", stock)]).unwrap();
+        let vars = serde_json::json!({"product_id": "SKU 12/RED#2", "product_name": "Mug"});
+        let m = shipped.render("back_in_stock", &vars).unwrap();
+        assert!(
+            m.body
+                .contains("https://shop.example/p/SKU%2012%2FRED%232\n"),
+            "{}",
+            m.body
+        );
+        assert_eq!(url_part("a-b.c_d~e"), "a-b.c_d~e");
+        assert_eq!(url_part("Bücher?x=1"), "B%C3%BCcher%3Fx%3D1");
     }
 
     #[test]
