@@ -675,6 +675,31 @@ struct Part {
     store: PartitionStore,
     pending: Pending,
     clock: Clock,
+    /// The batch's dead letters (by reason) and fired timers, counted once it commits:
+    /// a batch abandoned and done again must not count them twice.
+    uncounted: BatchCounts,
+}
+
+/// Counts of a batch not yet committed (see [`Part::uncounted`]).
+#[derive(Default)]
+struct BatchCounts {
+    dead_letters: Vec<DeadLetterReason>,
+    timers_fired: u64,
+}
+
+impl BatchCounts {
+    /// Adds the committed batch's counts to the metrics.
+    fn count(&mut self, metrics: &RuntimeMetrics) {
+        for reason in self.dead_letters.drain(..) {
+            metrics
+                .dead_letters
+                .with_label_values(&[reason.as_str()])
+                .inc();
+        }
+        metrics
+            .timers_fired
+            .inc_by(std::mem::take(&mut self.timers_fired));
+    }
 }
 
 /// Owns the partition stores of one process and drives a [`Processor`] over them.
@@ -796,6 +821,7 @@ impl<P: Processor> Engine<P> {
                 store,
                 pending,
                 clock,
+                uncounted: BatchCounts::default(),
             },
         );
         self.metrics.owned_partitions.set(self.parts.len() as i64);
@@ -923,7 +949,6 @@ impl<P: Processor> Engine<P> {
             Err(rejection) => {
                 let now = part.clock.now();
                 dead_letter(
-                    &self.metrics,
                     self.processor.name(),
                     &self.dead_letter_topic,
                     part,
@@ -995,11 +1020,13 @@ impl<P: Processor> Engine<P> {
             writes_ahead: self.processor.writes_ahead(),
         };
         self.processor.flush(&mut ctx)?;
-        Ok(part.store.commit_with(
+        let committed = part.store.commit_with(
             &mut part.pending,
             self.changelog_topic.as_deref(),
             self.durable_outputs,
-        )?)
+        )?;
+        part.uncounted.count(&self.metrics);
+        Ok(committed)
     }
 
     /// Serves `request` from `partition`'s state (see [`Processor::serve`]); its
@@ -1174,7 +1201,7 @@ impl<P: Processor> Engine<P> {
                     writes_ahead: self.processor.writes_ahead(),
                 };
                 self.processor.on_timer(&mut ctx, &timer)?;
-                self.metrics.timers_fired.inc();
+                part.uncounted.timers_fired += 1;
             }
             if commit {
                 out.extend(self.commit_partition(partition)?);
@@ -1487,6 +1514,12 @@ impl<P: Processor> Engine<P> {
         Ok(out)
     }
 
+    /// Committed outputs not yet acknowledged by the broker (the outbox also holds the
+    /// changelog copies of state writes and commit markers, which are no outputs).
+    pub fn pending_outputs(&self) -> anyhow::Result<usize> {
+        Ok(self.outbox()?.iter().filter(|e| !e.changelog).count())
+    }
+
     /// Refreshes the state gauges.
     pub fn update_gauges(&self) {
         let timers: i64 = self.parts.values().map(|p| p.store.timers_pending()).sum();
@@ -1578,7 +1611,6 @@ fn check_event_lead<P: Processor>(
 }
 
 fn dead_letter(
-    metrics: &RuntimeMetrics,
     service: &str,
     topic: &str,
     part: &mut Part,
@@ -1630,10 +1662,7 @@ fn dead_letter(
         message = %rejection.message,
         "record sent to the dead-letter topic"
     );
-    metrics
-        .dead_letters
-        .with_label_values(&[rejection.reason.as_str()])
-        .inc();
+    part.uncounted.dead_letters.push(rejection.reason);
     let key = record_key.map(|k| k.to_vec()).unwrap_or(id.into_bytes());
     part.store
         .emit(&mut part.pending, topic, &key, encode_internal(&letter));
@@ -2754,7 +2783,6 @@ fn restore_once(
                 all_own = false;
                 return Ok(false);
             }
-            n += 1;
             if r.write_ahead || written_ahead.contains_key(&r.key) {
                 written_ahead.insert(r.key.clone(), r.value.clone());
             }
@@ -2768,6 +2796,8 @@ fn restore_once(
             // record of the tail would then have to win over. A local value newer
             // than the tail's is written to the changelog again below.
             if !r.key.starts_with(OUTBOX) && !r.key.starts_with(CLAIM_PREFIX) && !r.write_ahead {
+                // Counted as restored: the state records applied.
+                n += 1;
                 chunk.push((r.key, r.value));
             }
             if chunk.len() >= RESTORE_CHUNK {
@@ -2873,6 +2903,9 @@ fn restore_once(
     // Records of the commit under way applied ahead of its marker: counted as applied
     // only once it comes.
     let mut spilled_unconfirmed = 0_u64;
+    // Write-ahead records applied a second time after a commit that waited (so their
+    // value wins over it): counted once.
+    let mut applied_again = 0_u64;
     // A clean close ended on a whole commit, so nothing waits at its end either.
     stats.records_read += read(from, &mut |r| {
         if r.key.starts_with(CLAIM_PREFIX) {
@@ -2905,6 +2938,7 @@ fn restore_once(
             spilled.clear();
             spilled_unconfirmed = 0;
             ready.append(&mut waiting);
+            applied_again += write_ahead_after_waiting.len() as u64;
             ready.append(&mut write_ahead_after_waiting);
             ready.push((r.key, r.value));
         }
@@ -2912,6 +2946,7 @@ fn restore_once(
             spilled.clear();
             spilled_unconfirmed = 0;
             ready.append(&mut waiting);
+            applied_again += write_ahead_after_waiting.len() as u64;
             ready.append(&mut write_ahead_after_waiting);
         } else if waiting.len() >= SPILL_AFTER {
             // In order: what is ready, then the waiting records over their keys'
@@ -2935,6 +2970,7 @@ fn restore_once(
                 .cloned()
                 .collect();
             ready.append(&mut waiting);
+            applied_again += again.len() as u64;
             ready.extend(again);
         }
         if ready.len() >= RESTORE_CHUNK {
@@ -2947,7 +2983,10 @@ fn restore_once(
     store.apply_changelog(&ready)?;
     stats.applied += ready.len() as u64;
     // A commit applied in part whose end never came: its keys' earlier values back.
-    stats.applied = stats.applied.saturating_sub(spilled_unconfirmed);
+    stats.applied = stats
+        .applied
+        .saturating_sub(spilled_unconfirmed)
+        .saturating_sub(applied_again);
     let put_back: Vec<(Vec<u8>, Option<Vec<u8>>)> = spilled.into_iter().collect();
     store.apply_changelog(&put_back)?;
     store.finish_restore()?;
@@ -3565,7 +3604,7 @@ pub async fn run_serving<P: Processor>(
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
             engine.update_gauges();
-            let pending = engine.outbox().map(|o| o.len()).unwrap_or(0);
+            let pending = engine.pending_outputs().unwrap_or(0);
             metrics.outbox_pending.set(pending as i64);
             last_gauges = Instant::now();
         }
@@ -4272,6 +4311,102 @@ mod tests {
         fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
             Ok(())
         }
+    }
+
+    /// Rejects "bad", fails on "boom", and arms a timer due at once on anything else.
+    struct RejectsOrFails;
+
+    impl Processor for RejectsOrFails {
+        type Input = Vec<u8>;
+        fn name(&self) -> &str {
+            "rejects-or-fails"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, record: &Record<'_>) -> Result<Vec<u8>, Rejection> {
+            match record.payload {
+                b"bad" => Err(Rejection::new(DeadLetterReason::not_json, "not JSON")),
+                other => Ok(other.to_vec()),
+            }
+        }
+        fn event_time(&self, _: &Vec<u8>) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, ctx: &mut Ctx<'_>, input: Vec<u8>) -> anyhow::Result<()> {
+            anyhow::ensure!(input != b"boom", "boom");
+            ctx.schedule("t", 0, &"due")
+        }
+        fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A batch abandoned after a dead letter and a fired timer, then done again,
+    /// counts each once: counts wait for the commit.
+    #[test]
+    fn a_batch_done_again_counts_its_dead_letters_and_timers_once() {
+        let (_dir, _config, mut engine) = engine_on_partition_0(RejectsOrFails);
+        let record = |offset, payload: &'static [u8]| Record {
+            topic: "in",
+            partition: 0,
+            offset,
+            key: None,
+            payload,
+        };
+        let counts = |engine: &Engine<RejectsOrFails>| {
+            (
+                engine
+                    .metrics
+                    .dead_letters
+                    .with_label_values(&["not_json"])
+                    .get(),
+                engine.metrics.timers_fired.get(),
+            )
+        };
+        engine.handle(&record(0, b"arm")).unwrap();
+        engine.commit().unwrap();
+        engine.fire_due().unwrap();
+        assert_eq!(counts(&engine), (0, 1));
+        engine.handle(&record(1, b"bad")).unwrap();
+        engine.handle(&record(2, b"arm")).unwrap();
+        engine.fire_partition(0, wall_now(), false, 1).unwrap();
+        assert!(engine.handle(&record(3, b"boom")).is_err());
+        assert_eq!(counts(&engine), (0, 1), "nothing of the abandoned batch");
+        engine.handle(&record(1, b"bad")).unwrap();
+        engine.handle(&record(2, b"arm")).unwrap();
+        engine.commit().unwrap();
+        engine.fire_due().unwrap();
+        assert_eq!(counts(&engine), (1, 2));
+    }
+
+    /// The pending-outputs gauge counts outputs, not the changelog copies of the state
+    /// writes and the commit's markers that wait in the outbox with them.
+    #[test]
+    fn pending_outputs_are_outputs_not_changelog_records() {
+        let (_dir, config, engine) = engine_on_partition_0(RejectsAll);
+        let mut engine = engine.with_changelog(config.changelog_topic("rejects-all"));
+        engine.close(0);
+        engine.open(0).unwrap();
+        // Three dead letters: three outputs, each with state writes (the applied
+        // offset) that the changelog copies.
+        for offset in 0..3 {
+            let record = Record {
+                topic: "in",
+                partition: 0,
+                offset,
+                key: None,
+                payload: b"{not json",
+            };
+            engine.handle(&record).unwrap();
+        }
+        engine.commit().unwrap();
+        let outbox = engine.outbox().unwrap();
+        assert!(
+            outbox.iter().filter(|e| e.changelog).count() > 0,
+            "{outbox:?}"
+        );
+        assert_eq!(engine.pending_outputs().unwrap(), 3);
     }
 
     #[test]

@@ -1376,6 +1376,10 @@ fn a_store_back_on_its_own_tail_keeps_a_write_ahead_value_newer_than_its_copy() 
     drop(store);
     let (store, stats) = restore_in_place(&broker, dir.path());
     assert_eq!(stats.kind, RestoreKind::OwnTail, "{stats:?}");
+    // Restored: send-0's commit (three deletions, the send, the input's offset, the
+    // end marker); not counted: the five write-ahead records (three of send-0, two of
+    // send-1), which the store holds already.
+    assert_eq!((stats.records_read, stats.applied), (11, 6), "{stats:?}");
     assert_eq!(value(&store, "k/send-1").as_deref(), Some("withdrawn"));
     assert_eq!(value(&store, "w/send-1").as_deref(), Some("at"));
     assert_eq!(value(&store, "s/send-0").as_deref(), Some("sent"));
