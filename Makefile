@@ -30,10 +30,12 @@ BENCH_BATCH ?= 100000
 # sale of a bestseller fans out to every customer who viewed it: the profile benchmark
 # measures customer events).
 BENCH_GENERATE := KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0
-# Generated traffic files are named after the generator's code and the config, so a
-# changed generator (or [generator] setting) generates them again instead of measuring
-# a file of the old traffic.
-TRAFFIC := $(shell cat services/kairos-generator/src/*.rs config/kairos.toml | sha256sum | cut -c1-12)
+# Generated traffic files are named after the generator's code, the crates it draws
+# with (Cargo.lock) and the config's [generator] section, so a changed generator
+# generates them again (the old file of that kind is removed) instead of measuring a
+# file of the old traffic.
+TRAFFIC := $(shell { cat services/kairos-generator/src/*.rs Cargo.lock; \
+  awk '/^\[/ { g = ($$0 == "[generator]") } g' config/kairos.toml; } | cksum | cut -d' ' -f1)
 BENCH_EVENTS_FILE := var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 BENCH_IDENTITY_FILE := var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 
@@ -132,10 +134,10 @@ bench-delivery: $(BENCH_BUILD)
 # before the clock starts; reports events per second and per CPU-second.
 bench-identity: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s $(BENCH_IDENTITY_FILE) || \
+	test -s $(BENCH_IDENTITY_FILE) || { rm -f var/bench/identity-*.jsonl; \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file $(BENCH_IDENTITY_FILE) \
-	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60
+	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60; }
 	KAIROS__STATE__MAX_BATCH_RECORDS=10000 taskset -c 0 $(BENCH_KAIROS) \
 	  --config config/kairos.toml bench-identity \
 	  $(BENCH_IDENTITY_FILE)
@@ -150,10 +152,10 @@ bench-arbiter: $(BENCH_BUILD)
 # per CPU-second and peak memory.
 bench: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s $(BENCH_EVENTS_FILE) || \
+	test -s $(BENCH_EVENTS_FILE) || { rm -f var/bench/events-*.jsonl; \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file $(BENCH_EVENTS_FILE) \
-	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180
+	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180; }
 	rm -rf var/bench/state
 	KAIROS__IDENTITY__ENABLED=false KAIROS__STATE__MAX_BATCH_RECORDS=$(BENCH_BATCH) KAIROS__STATE__CACHE_ENTRIES=1200000 \
 	  $(BENCH_KAIROS) --config config/kairos.toml replay --no-arbiter \

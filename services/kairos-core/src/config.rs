@@ -2001,7 +2001,6 @@ impl Config {
         Err(self.error_at(section, "delivery.email", message))
     }
 
-    /// An error about `key` of this file, at `line` when it is known.
     /// This configuration with the clock in event time, as `kairos replay` and the
     /// benchmarks run it whatever `clock.mode` says: its gap must then hold as if the
     /// file had asked for event time.
@@ -2031,6 +2030,7 @@ impl Config {
         ))
     }
 
+    /// An error about `key` of this file, at `line` when it is known.
     fn error_at(&self, line: Option<usize>, key: &str, message: String) -> ConfigError {
         let message = format!("{key}: {message}");
         match line {

@@ -193,3 +193,44 @@ pub async fn send(
         .map_err(|(e, _)| anyhow::anyhow!("publish to {topic} failed: {e}"))?;
     Ok(())
 }
+
+/// Publishes `(topic, key, payload)` records and waits for every acknowledgement. They
+/// are handed to the producer strictly in order, each once the one before it is
+/// queued (a full queue is waited out on the same record), so two records of one key
+/// reach the log in the order given; the acknowledgements are awaited together, so a
+/// batch does not wait out the producer's linger once per record.
+pub async fn send_in_order(
+    producer: &FutureProducer,
+    records: &[(&str, &[u8], &[u8])],
+) -> anyhow::Result<()> {
+    use rdkafka::error::KafkaError;
+    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (topic, key, payload) in records {
+        let mut record = FutureRecord::to(topic).key(*key).payload(*payload);
+        let queued_by = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push((topic, delivery));
+                    break;
+                }
+                Err((error, back))
+                    if error == queue_full && std::time::Instant::now() < queued_by =>
+                {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => bail!("publish to {topic} failed: {error}"),
+            }
+        }
+    }
+    for (topic, delivery) in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => bail!("publish to {topic} failed: {error}"),
+            Err(_) => bail!("publish to {topic} failed: the producer was dropped"),
+        }
+    }
+    Ok(())
+}

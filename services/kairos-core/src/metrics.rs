@@ -253,7 +253,7 @@ impl RuntimeMetrics {
             outbox_pending: gauge(
                 registry,
                 "kairos_outbox_pending_records",
-                "Committed output records not yet acknowledged by the broker.",
+                "Committed records not yet acknowledged by the broker: outputs and, for a service with a changelog, the changelog copies of its state writes and commit markers (a stuck changelog partition shows here too).",
             ),
             consumer_lag: gauge_vec(
                 registry,

@@ -711,6 +711,9 @@ pub struct Engine<P: Processor> {
     /// How far ahead of the machine's clock (`clock.max_event_lead`) and, in event-time
     /// mode, of its partition's event time (`clock.max_event_gap`) a raw input may be.
     event_bounds: EventBounds,
+    /// Event-time mode: the latest event time of any partition this engine owns or
+    /// owned, the reference for a partition quiet for longer than the gap.
+    latest_event_time: Millis,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
     /// Where committed state is replicated, so a partition can move (None in replay).
@@ -733,6 +736,7 @@ impl<P: Processor> Engine<P> {
                 lead: config.clock.max_event_lead.as_millis() as Millis,
                 gap: config.clock.max_event_gap.as_millis() as Millis,
             },
+            latest_event_time: 0,
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -810,6 +814,7 @@ impl<P: Processor> Engine<P> {
         // and a mark left from a run with one would outlive the writes that follow.
         store.take_clean_close()?;
         let clock = Clock::new(self.mode, store.event_time()?);
+        self.latest_event_time = self.latest_event_time.max(clock.event_time());
         let backlog = store.outbox()?;
         // Outputs acknowledged before a crash whose deletion the changelog lacks: the
         // next commit sends it.
@@ -938,8 +943,14 @@ impl<P: Processor> Engine<P> {
             .map_or_else(|| self.processor.decode(record), Ok)
             .and_then(|input| {
                 if self.processor.is_raw_input(record.topic) {
-                    let clock = part.clock.event_time();
-                    check_event_lead(&self.processor, self.mode, self.event_bounds, clock, input)
+                    let clocks = EventClocks {
+                        partition: part.clock.event_time(),
+                        latest: self.latest_event_time,
+                        // A live service must not stop for good; a replay stays the
+                        // same whenever it runs.
+                        live: self.durable_outputs,
+                    };
+                    check_event_lead(&self.processor, self.mode, self.event_bounds, clocks, input)
                 } else {
                     Ok(input)
                 }
@@ -975,6 +986,7 @@ impl<P: Processor> Engine<P> {
                     };
                     part.clock.observe(t);
                     part.store.set_event_time(&mut part.pending, t);
+                    self.latest_event_time = self.latest_event_time.max(t);
                 }
             }
         }
@@ -1224,6 +1236,7 @@ impl<P: Processor> Engine<P> {
                 }
             }
         }
+        self.latest_event_time = self.latest_event_time.max(t);
         out.extend(self.commit()?);
         Ok(out)
     }
@@ -1514,12 +1527,6 @@ impl<P: Processor> Engine<P> {
         Ok(out)
     }
 
-    /// Committed outputs not yet acknowledged by the broker (the outbox also holds the
-    /// changelog copies of state writes and commit markers, which are no outputs).
-    pub fn pending_outputs(&self) -> anyhow::Result<usize> {
-        Ok(self.outbox()?.iter().filter(|e| !e.changelog).count())
-    }
-
     /// Refreshes the state gauges.
     pub fn update_gauges(&self) {
         let timers: i64 = self.parts.values().map(|p| p.store.timers_pending()).sum();
@@ -1540,25 +1547,38 @@ impl<P: Processor> Engine<P> {
 struct EventBounds {
     /// `clock.max_event_lead`: ahead of this machine's clock.
     lead: Millis,
-    /// `clock.max_event_gap`: ahead of the partition's event time (event-time mode).
+    /// `clock.max_event_gap`: ahead of the latest event time (event-time mode).
     gap: Millis,
 }
 
+/// The event times a raw input is measured against in event-time mode.
+#[derive(Debug, Clone, Copy)]
+struct EventClocks {
+    /// The input's partition's (0 before its first event).
+    partition: Millis,
+    /// The latest of every partition the engine owns or owned.
+    latest: Millis,
+    /// A service reading the broker (not a replay of files).
+    live: bool,
+}
+
 /// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
-/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
-/// partition's event time (event-time mode: there the input's times move the clock,
-/// and one event dated years ahead would make every later timer late). In event-time
-/// mode an event no further ahead of this machine's clock than a device may be is
-/// taken however long its partition was quiet: a partition behind by more than the
-/// gap would otherwise refuse all its input for good, heartbeats too. A partition's
-/// first event in event-time mode has no event time to compare with: it is held to
+/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the event
+/// time (event-time mode: there the input's times move the clock, and one event dated
+/// years ahead would make every later timer late). In event-time mode the event time
+/// is the latest of any partition, so a partition quiet for longer than the gap while
+/// others went on takes its next events; a live service also takes an event no
+/// further ahead of this machine's clock than a device may be, so a whole feed quiet
+/// for longer than the gap does not refuse all its input for good (heartbeats too). A
+/// replay does not, so it gives the same result whenever it runs. A partition's first
+/// event in event-time mode has no event time to compare with: it is held to
 /// `clock.max_event_gap` ahead of this machine's clock (history replayed is never
 /// ahead of it).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
     bounds: EventBounds,
-    partition_event_time: Millis,
+    clocks: EventClocks,
     input: P::Input,
 ) -> Result<P::Input, Rejection> {
     let Some(t) = processor.event_time(&input) else {
@@ -1572,20 +1592,21 @@ fn check_event_lead<P: Processor>(
             "clock.max_event_lead",
             bounds.lead,
         ),
-        ClockMode::Event if partition_event_time <= 0 => (
+        ClockMode::Event if clocks.partition <= 0 => (
             wall,
             "this machine's clock",
             "clock.max_event_gap",
             bounds.gap,
         ),
         ClockMode::Event => (
-            partition_event_time,
-            "the partition's event time",
+            clocks.partition.max(clocks.latest),
+            "the latest event time",
             "clock.max_event_gap",
             bounds.gap,
         ),
     };
-    let within_device_lead = mode == ClockMode::Event && t <= wall.saturating_add(bounds.lead);
+    let within_device_lead =
+        mode == ClockMode::Event && clocks.live && t <= wall.saturating_add(bounds.lead);
     if t <= now.saturating_add(bound) || within_device_lead {
         return Ok(input);
     }
@@ -1601,7 +1622,7 @@ fn check_event_lead<P: Processor>(
         crate::time::format_millis(now),
         duration(bound),
     );
-    if mode == ClockMode::Event && partition_event_time > 0 {
+    if mode == ClockMode::Event && clocks.partition > 0 && clocks.live {
         reason.push_str(&format!(
             ", or up to clock.max_event_lead = {} ahead of this machine's clock",
             duration(bounds.lead)
@@ -3604,7 +3625,7 @@ pub async fn run_serving<P: Processor>(
         }
         if last_gauges.elapsed() > Duration::from_secs(2) {
             engine.update_gauges();
-            let pending = engine.pending_outputs().unwrap_or(0);
+            let pending = engine.outbox().map(|o| o.len()).unwrap_or(0);
             metrics.outbox_pending.set(pending as i64);
             last_gauges = Instant::now();
         }
@@ -4342,6 +4363,92 @@ mod tests {
         }
     }
 
+    /// Inputs are their own event times (decimal milliseconds), from a raw topic.
+    struct Dated;
+
+    impl Processor for Dated {
+        type Input = Millis;
+        fn name(&self) -> &str {
+            "dated"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn is_raw_input(&self, _: &str) -> bool {
+            true
+        }
+        fn decode(&self, record: &Record<'_>) -> Result<Millis, Rejection> {
+            std::str::from_utf8(record.payload)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| Rejection::new(DeadLetterReason::invalid_field, "no time"))
+        }
+        fn event_time(&self, t: &Millis) -> Option<Millis> {
+            Some(*t)
+        }
+        fn process(&mut self, _: &mut Ctx<'_>, _: Millis) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// In event time, a live service whose whole feed was quiet for longer than the
+    /// gap takes events no further ahead of this machine's clock than a device may be
+    /// (else it would refuse all its input for good); a replay does not, so its result
+    /// does not depend on the day it runs. Years ahead is refused by both.
+    #[test]
+    fn a_live_service_s_feed_quiet_for_longer_than_the_gap_goes_on_a_replay_s_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            "[kafka]\npartitions = 1\n[clock]\nmode = \"event\"\nmax_event_gap = \"1day\"\n",
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let dead_letters = |engine: &mut Engine<Dated>, live: bool| {
+            let t0 = wall_now() - 30 * crate::time::DAY;
+            let times = [t0, t0 + 3 * crate::time::DAY, 32_503_680_000_000];
+            let mut letters = Vec::new();
+            for (offset, t) in times.iter().enumerate() {
+                let payload = t.to_string();
+                let record = Record {
+                    topic: "in",
+                    partition: 0,
+                    offset: offset as i64,
+                    key: None,
+                    payload: payload.as_bytes(),
+                };
+                letters.extend(engine.handle(&record).unwrap());
+            }
+            letters.extend(engine.commit().unwrap());
+            let letters: Vec<DeadLetter> = letters
+                .into_iter()
+                .filter(|e| e.topic == config.topic(topics::DEAD_LETTER))
+                .map(|e| serde_json::from_slice(&e.payload).unwrap())
+                .collect();
+            assert_eq!(live, engine.durable_outputs);
+            letters.iter().map(|l| l.source_offset).collect::<Vec<_>>()
+        };
+        let metrics = || RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut live = Engine::new(Dated, &config, metrics()).unwrap();
+        live.open(0).unwrap();
+        assert_eq!(dead_letters(&mut live, true), [2], "only the year 3000");
+        drop(live);
+        let replay_dir = tempfile::tempdir().unwrap();
+        let mut config_replay = config.clone();
+        config_replay.state.dir = replay_dir.path().to_path_buf();
+        let mut replay = Engine::new(Dated, &config_replay, metrics())
+            .unwrap()
+            .for_replay();
+        replay.open(0).unwrap();
+        assert_eq!(dead_letters(&mut replay, false), [1, 2]);
+    }
+
     /// A batch abandoned after a dead letter and a fired timer, then done again,
     /// counts each once: counts wait for the commit.
     #[test]
@@ -4378,35 +4485,6 @@ mod tests {
         engine.commit().unwrap();
         engine.fire_due().unwrap();
         assert_eq!(counts(&engine), (1, 2));
-    }
-
-    /// The pending-outputs gauge counts outputs, not the changelog copies of the state
-    /// writes and the commit's markers that wait in the outbox with them.
-    #[test]
-    fn pending_outputs_are_outputs_not_changelog_records() {
-        let (_dir, config, engine) = engine_on_partition_0(RejectsAll);
-        let mut engine = engine.with_changelog(config.changelog_topic("rejects-all"));
-        engine.close(0);
-        engine.open(0).unwrap();
-        // Three dead letters: three outputs, each with state writes (the applied
-        // offset) that the changelog copies.
-        for offset in 0..3 {
-            let record = Record {
-                topic: "in",
-                partition: 0,
-                offset,
-                key: None,
-                payload: b"{not json",
-            };
-            engine.handle(&record).unwrap();
-        }
-        engine.commit().unwrap();
-        let outbox = engine.outbox().unwrap();
-        assert!(
-            outbox.iter().filter(|e| e.changelog).count() > 0,
-            "{outbox:?}"
-        );
-        assert_eq!(engine.pending_outputs().unwrap(), 3);
     }
 
     #[test]

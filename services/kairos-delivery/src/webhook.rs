@@ -127,7 +127,28 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
     Ok(Router::new()
         .route("/webhooks/events", post(receive))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            one_turn,
+        ))
         .with_state(state))
+}
+
+/// Lets a request in when a turn is free, before its body is read: each holds its
+/// body and its events' records until the broker has them, so memory stays bounded
+/// however many a provider sends at once. One that waits longer than a provider
+/// would is told to come back (503).
+async fn one_turn(
+    State(state): State<Arc<WebhookState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let turn = tokio::time::timeout(TURN_WAIT, state.turns.acquire()).await;
+    let Ok(Ok(_turn)) = turn else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy; retry later").into_response();
+    };
+    next.run(request).await
 }
 
 /// Checks an event and turns it into its outcome.
@@ -247,11 +268,6 @@ async fn receive(
             );
         }
     }
-    // Requests are handled a few at a time: each holds its events' records until the
-    // broker has them, so memory stays bounded however many a provider sends at once.
-    let Ok(_turn) = state.turns.acquire().await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
-    };
     let now = wall_now();
     // Each event stands alone: one the worker cannot take is dead-lettered with its
     // bytes and reason, and the others still count (a provider that drops a refused
@@ -273,7 +289,7 @@ async fn receive(
     let mut records = Vec::with_capacity(events.len());
     let mut counts = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
-    let mut dead_letters = 0;
+    let mut letters = 0;
     for (i, raw) in events.iter().enumerate() {
         let event = serde_json::from_str::<ProviderEvent>(raw.get())
             .map_err(|e| format!("not a provider event: {e}"));
@@ -296,13 +312,13 @@ async fn receive(
                     now,
                 ) {
                     records.push((&state.dead_letter_topic, letter));
-                    dead_letters += 1;
+                    letters += 1;
                 }
                 rejected.push(serde_json::json!({"event": i, "reason": reason}));
             }
         }
     }
-    let accepted = records.len() - dead_letters;
+    let accepted = records.len() - letters;
     if let Err(answer) = publish(&state, &records).await {
         return answer;
     }
@@ -313,7 +329,7 @@ async fn receive(
             .with_label_values(&[state.channel.as_str(), kind, result])
             .inc();
     }
-    count_dead_letters(&state, DeadLetterReason::invalid_field, dead_letters);
+    count_dead_letters(&state, DeadLetterReason::invalid_field, rejected.len());
     let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
     if accepted == 0 && !rejected.is_empty() {
         // Nothing taken: the provider is told plainly (its events are dead-lettered).
@@ -322,12 +338,13 @@ async fn receive(
     (StatusCode::ACCEPTED, answer)
 }
 
-/// Counts stored dead letters in the process's family.
-fn count_dead_letters(state: &WebhookState, reason: DeadLetterReason, letters: usize) {
+/// Counts dead-lettered inputs (a body or an event, whatever its letters' parts) in
+/// the process's family.
+fn count_dead_letters(state: &WebhookState, reason: DeadLetterReason, inputs: usize) {
     state
         .dead_letters
         .with_label_values(&[reason.as_str()])
-        .inc_by(letters as u64);
+        .inc_by(inputs as u64);
 }
 
 /// Refuses a whole request: its body goes to the dead-letter topic (in parts if it is
@@ -348,7 +365,8 @@ async fn refuse_whole(
     if let Err(answer) = publish(state, &letters).await {
         return answer;
     }
-    count_dead_letters(state, code, letters.len());
+    // One bad input, however many parts its letters take.
+    count_dead_letters(state, code, 1);
     let status = match code {
         DeadLetterReason::not_json => StatusCode::BAD_REQUEST,
         _ => StatusCode::PAYLOAD_TOO_LARGE,
@@ -364,8 +382,11 @@ pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
 /// one is answered 413 before it is read.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
-/// Requests handled at once; the others wait their turn.
+/// Requests handled at once; the others wait their turn, for up to [`TURN_WAIT`].
 const CONCURRENT_REQUESTS: usize = 4;
+
+/// How long a request waits for its turn before it is answered 503.
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The events of a webhook body, each as its own bytes: one JSON object, or an array
 /// of them (anything in the array is an event, to be checked one by one). None for a
@@ -384,24 +405,20 @@ async fn publish(
     state: &WebhookState,
     records: &[(&String, (String, Vec<u8>))],
 ) -> Result<(), (StatusCode, String)> {
-    // All handed to the producer at once (in order, so a customer's stay in order),
-    // then awaited: one by one, each would wait out the producer's linger.
-    let results = futures::future::join_all(records.iter().map(|(topic, (key, payload))| {
-        kairos_core::kafka::send(&state.producer, topic, key.as_bytes(), payload)
-    }))
-    .await;
-    for (result, (topic, _)) in results.into_iter().zip(records) {
-        if let Err(e) = result {
-            state
-                .received
-                .with_label_values(&[state.channel.as_str(), "any", "failed"])
-                .inc();
-            tracing::error!(error = %e, topic = %topic, "webhook record not published");
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "outcomes not stored; retry later".into(),
-            ));
-        }
+    let records: Vec<(&str, &[u8], &[u8])> = records
+        .iter()
+        .map(|(topic, (key, payload))| (topic.as_str(), key.as_bytes(), payload.as_slice()))
+        .collect();
+    if let Err(e) = kairos_core::kafka::send_in_order(&state.producer, &records).await {
+        state
+            .received
+            .with_label_values(&[state.channel.as_str(), "any", "failed"])
+            .inc();
+        tracing::error!(error = %e, "webhook records not published");
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outcomes not stored; retry later".into(),
+        ));
     }
     Ok(())
 }
