@@ -35,7 +35,7 @@ BENCH_GENERATE := KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0
 # generates them again (the old file of that kind is removed) instead of measuring a
 # file of the old traffic.
 TRAFFIC := $(shell { cat services/kairos-generator/src/*.rs Cargo.lock; \
-  awk '/^\[/ { g = ($$0 == "[generator]") } g' config/kairos.toml; } | cksum | cut -d' ' -f1)
+  awk '/^\[/ { g = ($$0 ~ /^\[generator\]/) } g' config/kairos.toml; } | cksum | cut -d' ' -f1)
 BENCH_EVENTS_FILE := var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 BENCH_IDENTITY_FILE := var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 

@@ -711,9 +711,6 @@ pub struct Engine<P: Processor> {
     /// How far ahead of the machine's clock (`clock.max_event_lead`) and, in event-time
     /// mode, of its partition's event time (`clock.max_event_gap`) a raw input may be.
     event_bounds: EventBounds,
-    /// Event-time mode: the latest event time of any partition this engine owns or
-    /// owned, the reference for a partition quiet for longer than the gap.
-    latest_event_time: Millis,
     dead_letter_topic: String,
     metrics: RuntimeMetrics,
     /// Where committed state is replicated, so a partition can move (None in replay).
@@ -736,7 +733,6 @@ impl<P: Processor> Engine<P> {
                 lead: config.clock.max_event_lead.as_millis() as Millis,
                 gap: config.clock.max_event_gap.as_millis() as Millis,
             },
-            latest_event_time: 0,
             dead_letter_topic: config.topic(topics::DEAD_LETTER),
             processor,
             factory,
@@ -814,7 +810,6 @@ impl<P: Processor> Engine<P> {
         // and a mark left from a run with one would outlive the writes that follow.
         store.take_clean_close()?;
         let clock = Clock::new(self.mode, store.event_time()?);
-        self.latest_event_time = self.latest_event_time.max(clock.event_time());
         let backlog = store.outbox()?;
         // Outputs acknowledged before a crash whose deletion the changelog lacks: the
         // next commit sends it.
@@ -945,7 +940,6 @@ impl<P: Processor> Engine<P> {
                 if self.processor.is_raw_input(record.topic) {
                     let clocks = EventClocks {
                         partition: part.clock.event_time(),
-                        latest: self.latest_event_time,
                         // A live service must not stop for good; a replay stays the
                         // same whenever it runs.
                         live: self.durable_outputs,
@@ -986,7 +980,6 @@ impl<P: Processor> Engine<P> {
                     };
                     part.clock.observe(t);
                     part.store.set_event_time(&mut part.pending, t);
-                    self.latest_event_time = self.latest_event_time.max(t);
                 }
             }
         }
@@ -1236,7 +1229,6 @@ impl<P: Processor> Engine<P> {
                 }
             }
         }
-        self.latest_event_time = self.latest_event_time.max(t);
         out.extend(self.commit()?);
         Ok(out)
     }
@@ -1547,7 +1539,7 @@ impl<P: Processor> Engine<P> {
 struct EventBounds {
     /// `clock.max_event_lead`: ahead of this machine's clock.
     lead: Millis,
-    /// `clock.max_event_gap`: ahead of the latest event time (event-time mode).
+    /// `clock.max_event_gap`: ahead of the partition's event time (event-time mode).
     gap: Millis,
 }
 
@@ -1556,21 +1548,20 @@ struct EventBounds {
 struct EventClocks {
     /// The input's partition's (0 before its first event).
     partition: Millis,
-    /// The latest of every partition the engine owns or owned.
-    latest: Millis,
     /// A service reading the broker (not a replay of files).
     live: bool,
 }
 
 /// Rejects a raw input whose event time is more than `clock.max_event_lead` ahead of
-/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the event
-/// time (event-time mode: there the input's times move the clock, and one event dated
-/// years ahead would make every later timer late). In event-time mode the event time
-/// is the latest of any partition, so a partition quiet for longer than the gap while
-/// others went on takes its next events; a live service also takes an event no
-/// further ahead of this machine's clock than a device may be, so a whole feed quiet
-/// for longer than the gap does not refuse all its input for good (heartbeats too). A
-/// replay does not, so it gives the same result whenever it runs. A partition's first
+/// this machine's clock (wall-clock mode) or `clock.max_event_gap` ahead of the
+/// partition's event time (event-time mode: there the input's times move the clock,
+/// and one event dated years ahead would make every later timer late). A live service
+/// in event time also takes an event no further ahead of this machine's clock than a
+/// device may be, so a partition quiet for longer than the gap does not refuse all
+/// its input for good (heartbeats too). A replay does not: its result must not depend
+/// on the day it runs past a partition's first event, nor on how its partitions'
+/// records interleave (a partition quiet in the history for longer than the gap needs
+/// a longer gap). A partition's first
 /// event in event-time mode has no event time to compare with: it is held to
 /// `clock.max_event_gap` ahead of this machine's clock (history replayed is never
 /// ahead of it).
@@ -1599,8 +1590,8 @@ fn check_event_lead<P: Processor>(
             bounds.gap,
         ),
         ClockMode::Event => (
-            clocks.partition.max(clocks.latest),
-            "the latest event time",
+            clocks.partition,
+            "the partition's event time",
             "clock.max_event_gap",
             bounds.gap,
         ),

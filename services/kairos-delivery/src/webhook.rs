@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use kairos_core::admin::AdminState;
@@ -126,7 +126,8 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
     });
     Ok(Router::new()
         .route("/webhooks/events", post(receive))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The body is read (and bounded) by `one_turn`, under its turn.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             one_turn,
@@ -134,20 +135,48 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
         .with_state(state))
 }
 
-/// Lets a request in when a turn is free, before its body is read: each holds its
-/// body and its events' records until the broker has them, so memory stays bounded
-/// however many a provider sends at once. One that waits longer than a provider
-/// would is told to come back (503).
+/// Lets a request in: its token first, then a turn, then its body, read within
+/// [`TURN_WAIT`]. Each request holds its body and its events' records until the broker
+/// has them, so memory stays bounded however many come at once; one without the token
+/// takes no turn, and a client that trickles its body cannot hold one for long. One
+/// that waits longer than a provider would for its turn is told to come back (503).
 async fn one_turn(
     State(state): State<Arc<WebhookState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if let Some(token) = &state.token {
+        let presented = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(token.as_str()) {
+            return (StatusCode::UNAUTHORIZED, "missing or wrong webhook token").into_response();
+        }
+    }
     let turn = tokio::time::timeout(TURN_WAIT, state.turns.acquire()).await;
     let Ok(Ok(_turn)) = turn else {
         return (StatusCode::SERVICE_UNAVAILABLE, "busy; retry later").into_response();
     };
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(TURN_WAIT, axum::body::to_bytes(body, MAX_BODY_BYTES));
+    let body = match read.await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            let message = format!("a body of more than {MAX_BODY_BYTES} bytes, or cut short");
+            return (StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+        }
+        Err(_) => {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                "the body took too long to come",
+            )
+                .into_response()
+        }
+    };
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
     next.run(request).await
 }
 
@@ -251,23 +280,8 @@ const MAX_CLOCK_SKEW: Millis = 5 * 60 * 1000;
 /// later still counts).
 const MAX_OUTCOME_AGE: Millis = 366 * kairos_core::time::DAY;
 
-async fn receive(
-    State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    if let Some(token) = &state.token {
-        let presented = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(token.as_str()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong webhook token".into(),
-            );
-        }
-    }
+/// Takes a request [`one_turn`] let in (token checked, body read).
+async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (StatusCode, String) {
     let now = wall_now();
     // Each event stands alone: one the worker cannot take is dead-lettered with its
     // bytes and reason, and the others still count (a provider that drops a refused
@@ -378,14 +392,15 @@ async fn refuse_whole(
 /// event costs its outcome or dead letter in memory until the broker has it.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
 
-/// The largest body the webhook reads (axum's default limit, said aloud): a larger
-/// one is answered 413 before it is read.
+/// The largest body the webhook reads: a larger one is answered 413 and not kept
+/// (no dead letter could hold it whole in fewer than four parts).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// Requests handled at once; the others wait their turn, for up to [`TURN_WAIT`].
 const CONCURRENT_REQUESTS: usize = 4;
 
-/// How long a request waits for its turn before it is answered 503.
+/// How long a request waits for its turn before it is answered 503, and how long its
+/// body may then take to come (408 after).
 const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The events of a webhook body, each as its own bytes: one JSON object, or an array
