@@ -32,7 +32,7 @@ BENCH_BATCH ?= 100000
 BENCH_GENERATE := KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0
 # Generated traffic files are named after the generator's code, the crates it draws
 # with (Cargo.lock) and the config's [generator] section, so a changed generator
-# generates them again (the old file of that kind is removed) instead of measuring a
+# generates them again (the old file of that kind and size is removed) instead of measuring a
 # file of the old traffic.
 TRAFFIC := $(shell { cat services/kairos-generator/src/*.rs Cargo.lock; \
   awk '/^\[/ { g = ($$0 ~ /^\[generator\]/) } g' config/kairos.toml; } | cksum | cut -d' ' -f1)
@@ -134,7 +134,7 @@ bench-delivery: $(BENCH_BUILD)
 # before the clock starts; reports events per second and per CPU-second.
 bench-identity: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s $(BENCH_IDENTITY_FILE) || { rm -f var/bench/identity-*.jsonl; \
+	test -s $(BENCH_IDENTITY_FILE) || { rm -f var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS)-*.jsonl; \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file $(BENCH_IDENTITY_FILE) \
 	    --count $(BENCH_IDENTITY_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 60; }
@@ -152,7 +152,7 @@ bench-arbiter: $(BENCH_BUILD)
 # per CPU-second and peak memory.
 bench: $(BENCH_BUILD)
 	mkdir -p var/bench
-	test -s $(BENCH_EVENTS_FILE) || { rm -f var/bench/events-*.jsonl; \
+	test -s $(BENCH_EVENTS_FILE) || { rm -f var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS)-*.jsonl; \
 	  $(BENCH_GENERATE) $(BENCH_KAIROS) --config config/kairos.toml generate \
 	    --to-file $(BENCH_EVENTS_FILE) \
 	    --count $(BENCH_EVENTS) --customers $(BENCH_CUSTOMERS) --span-days 180; }

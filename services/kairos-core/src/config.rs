@@ -169,13 +169,15 @@ pub struct ClockConfig {
     /// of the machine's clock goes to the dead-letter topic (a device clock set years
     /// ahead would otherwise hold a customer's "latest" times there for good).
     /// Event-time mode checks against the partition's event time instead, with
-    /// `max_event_gap`.
+    /// `max_event_gap`; a live service (not a replay) in event time still takes an
+    /// event no further than this ahead of the machine's clock, so a partition quiet
+    /// for longer than the gap does not refuse its input for good.
     #[serde(with = "humantime_serde")]
     pub max_event_lead: Duration,
     /// Event-time mode: an input record whose event time is further than this ahead of
     /// its partition's event time (of this machine's clock for the partition's first
     /// event) goes to the dead-letter topic: one event dated years ahead would move the partition's clock there and
-    /// make every later timer late. Larger than `max_event_lead`, as input replayed
+    /// make every later timer late. At least `max_event_lead`, as input replayed
     /// from history may pause for weeks on a partition.
     #[serde(with = "humantime_serde")]
     pub max_event_gap: Duration,

@@ -89,9 +89,10 @@ pub trait Processor: Send + 'static {
     fn event_time(&self, input: &Self::Input) -> Option<Millis>;
 
     /// True for a topic producers outside Kairos write (site, app and offline events),
-    /// whose event times come from their clocks: in wall-clock mode one too far ahead
-    /// of this machine's is dead-lettered (see `clock.max_event_lead`). Kairos' own
-    /// topics carry times it accepted already.
+    /// whose event times come from their clocks: one too far ahead of this machine's
+    /// clock (wall-clock mode) or of its partition's event time (event-time mode) is
+    /// dead-lettered (see [`check_event_lead`]). Kairos' own topics carry times it
+    /// accepted already.
     fn is_raw_input(&self, _topic: &str) -> bool {
         false
     }
@@ -708,7 +709,7 @@ pub struct Engine<P: Processor> {
     factory: StoreFactory,
     parts: BTreeMap<i32, Part>,
     mode: ClockMode,
-    /// How far ahead of the machine's clock (`clock.max_event_lead`) and, in event-time
+    /// How far ahead of the machine's clock (`clock.max_event_lead`) or, in event-time
     /// mode, of its partition's event time (`clock.max_event_gap`) a raw input may be.
     event_bounds: EventBounds,
     dead_letter_topic: String,
@@ -1575,16 +1576,16 @@ fn check_event_lead<P: Processor>(
     let Some(t) = processor.event_time(&input) else {
         return Ok(input);
     };
-    let wall = wall_now();
+    // Read only where needed: a replay's events past each partition's first do not.
     let (now, clock_name, setting, bound) = match mode {
         ClockMode::Wall => (
-            wall,
+            wall_now(),
             "this machine's clock",
             "clock.max_event_lead",
             bounds.lead,
         ),
         ClockMode::Event if clocks.partition <= 0 => (
-            wall,
+            wall_now(),
             "this machine's clock",
             "clock.max_event_gap",
             bounds.gap,
@@ -1596,9 +1597,10 @@ fn check_event_lead<P: Processor>(
             bounds.gap,
         ),
     };
-    let within_device_lead =
-        mode == ClockMode::Event && clocks.live && t <= wall.saturating_add(bounds.lead);
-    if t <= now.saturating_add(bound) || within_device_lead {
+    if t <= now.saturating_add(bound) {
+        return Ok(input);
+    }
+    if mode == ClockMode::Event && clocks.live && t <= wall_now().saturating_add(bounds.lead) {
         return Ok(input);
     }
     let duration = |ms: Millis| {
@@ -4385,8 +4387,8 @@ mod tests {
         }
     }
 
-    /// In event time, a live service whose whole feed was quiet for longer than the
-    /// gap takes events no further ahead of this machine's clock than a device may be
+    /// In event time, a live service's partition quiet for longer than the gap takes
+    /// events no further ahead of this machine's clock than a device may be
     /// (else it would refuse all its input for good); a replay does not, so its result
     /// does not depend on the day it runs. Years ahead is refused by both.
     #[test]

@@ -20,8 +20,10 @@
 //! n, "rejected": [{"event": i, "reason": ...}]}`); the others count. 422 when none
 //! could be taken, 400 for a body that is no event at all, 413 for one of more than
 //! [`MAX_EVENTS_PER_REQUEST`] events (dead-lettered whole, in parts if it is too large
-//! for one letter) or of more than [`MAX_BODY_BYTES`] (not read). Requests are handled
-//! a few at a time, so memory stays bounded.
+//! for one letter) or of more than [`MAX_BODY_BYTES`] (not kept). Requests are handled
+//! a few at a time, the token checked before a request waits for its turn and the body
+//! read under it, so memory stays bounded (see `one_turn`: 503 after 10 s waiting for
+//! a turn, 408 for a body that takes longer than that to come).
 
 use std::sync::Arc;
 
@@ -98,7 +100,7 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
     let received = metrics::counter_vec(
         &admin.registry,
         "kairos_webhook_events_total",
-        "Provider webhook events, by channel, event and result: accepted, or rejected (dead-lettered; event \"unparsed\" when it names none); a request whose records the broker did not take counts once as event \"any\", result \"failed\".",
+        "Provider webhook events, by channel, event and result: accepted, or rejected (dead-lettered; event \"unparsed\" when it names none); a request whose records the broker did not take counts once as event \"any\", result \"failed\"; a body over the size limit (not kept) as event \"unparsed\", result \"too_large\".",
         &["channel", "event", "result"],
     );
     for kind in WEBHOOK_KINDS {
@@ -108,6 +110,7 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
     }
     received.with_label_values(&[channel.as_str(), "unparsed", "rejected"]);
     received.with_label_values(&[channel.as_str(), "any", "failed"]);
+    received.with_label_values(&[channel.as_str(), "unparsed", "too_large"]);
     let state = Arc::new(WebhookState {
         channel,
         token: config
@@ -165,6 +168,15 @@ async fn one_turn(
     let body = match read.await {
         Ok(Ok(body)) => body,
         Ok(Err(_)) => {
+            // Nothing of it is kept: said in the log and counted, for the operator.
+            tracing::warn!(
+                channel = state.channel.as_str(),
+                "webhook body of more than {MAX_BODY_BYTES} bytes, or cut short: refused, not kept"
+            );
+            state
+                .received
+                .with_label_values(&[state.channel.as_str(), "unparsed", "too_large"])
+                .inc();
             let message = format!("a body of more than {MAX_BODY_BYTES} bytes, or cut short");
             return (StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
@@ -290,7 +302,8 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
         Some(events) => events,
         None => {
             let reason = "not a provider event: expected a JSON object or an array of them";
-            return refuse_whole(&state, &body, DeadLetterReason::not_json, reason, now).await;
+            let refusal = (StatusCode::BAD_REQUEST, DeadLetterReason::not_json);
+            return refuse_whole(&state, refusal, &body, reason, now).await;
         }
     };
     if events.len() > MAX_EVENTS_PER_REQUEST {
@@ -298,7 +311,11 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
             "{} events in one request, more than the {MAX_EVENTS_PER_REQUEST} a request may carry: send them in smaller batches",
             events.len()
         );
-        return refuse_whole(&state, &body, DeadLetterReason::invalid_field, &reason, now).await;
+        let refusal = (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            DeadLetterReason::invalid_field,
+        );
+        return refuse_whole(&state, refusal, &body, &reason, now).await;
     }
     let mut records = Vec::with_capacity(events.len());
     let mut counts = Vec::with_capacity(events.len());
@@ -361,13 +378,13 @@ fn count_dead_letters(state: &WebhookState, reason: DeadLetterReason, inputs: us
         .inc_by(inputs as u64);
 }
 
-/// Refuses a whole request: its body goes to the dead-letter topic (in parts if it is
-/// too large for one letter), and the provider is told 400 (413 for too many events)
-/// once the broker has it.
+/// Refuses a whole request with `status`: its body goes to the dead-letter topic (in
+/// parts if it is too large for one letter), and the provider is told once the broker
+/// has it.
 async fn refuse_whole(
     state: &WebhookState,
+    (status, code): (StatusCode, DeadLetterReason),
     body: &[u8],
-    code: DeadLetterReason,
     reason: &str,
     now: Millis,
 ) -> (StatusCode, String) {
@@ -381,10 +398,6 @@ async fn refuse_whole(
     }
     // One bad input, however many parts its letters take.
     count_dead_letters(state, code, 1);
-    let status = match code {
-        DeadLetterReason::not_json => StatusCode::BAD_REQUEST,
-        _ => StatusCode::PAYLOAD_TOO_LARGE,
-    };
     (status, reason.into())
 }
 
@@ -392,8 +405,8 @@ async fn refuse_whole(
 /// event costs its outcome or dead letter in memory until the broker has it.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
 
-/// The largest body the webhook reads: a larger one is answered 413 and not kept
-/// (no dead letter could hold it whole in fewer than four parts).
+/// The largest body the webhook reads: a larger one is answered 413, logged and counted,
+/// but not kept (the limit bounds each turn's memory).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// Requests handled at once; the others wait their turn, for up to [`TURN_WAIT`].
