@@ -7,8 +7,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::config::Config;
 
@@ -177,53 +178,48 @@ fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// Publishes one record and waits for the broker's acknowledgement.
-pub async fn send(
+/// Hands `record` to the producer and returns its delivery, waiting out a full queue
+/// on the same record for up to 30 s: records handed one after another, each once the
+/// one before it is queued, reach the log in that order. Also usable outside a Tokio
+/// runtime (a torn commit's undo).
+pub async fn queue_waiting(
     producer: &FutureProducer,
-    topic: &str,
-    key: &[u8],
-    payload: &[u8],
-) -> anyhow::Result<()> {
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(payload),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("publish to {topic} failed: {e}"))?;
-    Ok(())
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    let queued_by = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((error, back)) if error == queue_full && std::time::Instant::now() < queued_by => {
+                record = back;
+                let wait = Duration::from_millis(5);
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    tokio::time::sleep(wait).await;
+                } else {
+                    std::thread::sleep(wait);
+                }
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
 }
 
 /// Publishes `(topic, key, payload)` records and waits for every acknowledgement. They
-/// are handed to the producer strictly in order, each once the one before it is
-/// queued (a full queue is waited out on the same record), so two records of one key
-/// reach the log in the order given; the acknowledgements are awaited together, so a
-/// batch does not wait out the producer's linger once per record.
+/// are queued strictly in order ([`queue_waiting`]), so two records of one key reach
+/// the log in the order given; the acknowledgements are awaited together, so a batch
+/// does not wait out the producer's linger once per record.
 pub async fn send_in_order(
     producer: &FutureProducer,
     records: &[(&str, &[u8], &[u8])],
 ) -> anyhow::Result<()> {
-    use rdkafka::error::KafkaError;
-    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
     let mut deliveries = Vec::with_capacity(records.len());
     for (topic, key, payload) in records {
-        let mut record = FutureRecord::to(topic).key(*key).payload(*payload);
-        let queued_by = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push((topic, delivery));
-                    break;
-                }
-                Err((error, back))
-                    if error == queue_full && std::time::Instant::now() < queued_by =>
-                {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => bail!("publish to {topic} failed: {error}"),
-            }
-        }
+        let record = FutureRecord::to(topic).key(*key).payload(*payload);
+        let delivery = queue_waiting(producer, record)
+            .await
+            .map_err(|error| anyhow::anyhow!("publish to {topic} failed: {error}"))?;
+        deliveries.push((topic, delivery));
     }
     for (topic, delivery) in deliveries {
         match delivery.await {

@@ -1562,10 +1562,9 @@ struct EventClocks {
 /// its input for good (heartbeats too). A replay does not: its result must not depend
 /// on the day it runs past a partition's first event, nor on how its partitions'
 /// records interleave (a partition quiet in the history for longer than the gap needs
-/// a longer gap). A partition's first
-/// event in event-time mode has no event time to compare with: it is held to
-/// `clock.max_event_gap` ahead of this machine's clock (history replayed is never
-/// ahead of it).
+/// a longer gap). A partition's first event in event-time mode has no event time to
+/// compare with: it is held to `clock.max_event_gap` ahead of this machine's clock
+/// (history replayed is never ahead of it).
 fn check_event_lead<P: Processor>(
     processor: &P,
     mode: ClockMode,
@@ -2108,8 +2107,7 @@ async fn send_all(
     entries: &[OutboxEntry],
     in_commit: bool,
 ) -> Vec<Result<i64, rdkafka::error::KafkaError>> {
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-    let queue_full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+    use rdkafka::error::KafkaError;
     let mut deliveries = Vec::with_capacity(entries.len());
     let mut refused = None;
     for e in entries {
@@ -2124,31 +2122,12 @@ async fn send_all(
         } else {
             record = record.payload(&e.payload[..]);
         }
-        let queued_by = Instant::now() + Duration::from_secs(30);
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err((error, back)) if error == queue_full && Instant::now() < queued_by => {
-                    record = back;
-                    let wait = Duration::from_millis(5);
-                    // Also called outside a Tokio runtime (a torn commit's undo).
-                    if tokio::runtime::Handle::try_current().is_ok() {
-                        tokio::time::sleep(wait).await;
-                    } else {
-                        std::thread::sleep(wait);
-                    }
-                }
-                Err((error, _)) => {
-                    refused = Some(error);
-                    break;
-                }
+        match crate::kafka::queue_waiting(producer, record).await {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(error) => {
+                refused = Some(error);
+                break;
             }
-        }
-        if refused.is_some() {
-            break;
         }
     }
     let mut results: Vec<Result<i64, KafkaError>> = join_all(deliveries)

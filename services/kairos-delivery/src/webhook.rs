@@ -320,7 +320,7 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
     let mut records = Vec::with_capacity(events.len());
     let mut counts = Vec::with_capacity(events.len());
     let mut rejected = Vec::new();
-    let mut letters = 0;
+    let mut accepted = 0;
     for (i, raw) in events.iter().enumerate() {
         let event = serde_json::from_str::<ProviderEvent>(raw.get())
             .map_err(|e| format!("not a provider event: {e}"));
@@ -328,6 +328,7 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
         match event.and_then(|e| outcome_of(&e, state.channel, now, &state.normalizer)) {
             Ok(o) => {
                 counts.push((o.kind.as_str(), "accepted"));
+                accepted += 1;
                 records.push((
                     &state.outcomes_topic,
                     (o.customer_id.clone(), encode_internal(&o)),
@@ -336,20 +337,19 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
             Err(reason) => {
                 counts.push((kind, "rejected"));
                 // The provider's own bytes, as they came.
-                for letter in state.letters(
+                for letter in dead_letters_of(
+                    &state.service,
                     raw.get().as_bytes(),
                     DeadLetterReason::invalid_field,
                     &format!("event {i}: {reason}"),
                     now,
                 ) {
                     records.push((&state.dead_letter_topic, letter));
-                    letters += 1;
                 }
                 rejected.push(serde_json::json!({"event": i, "reason": reason}));
             }
         }
     }
-    let accepted = records.len() - letters;
     if let Err(answer) = publish(&state, &records).await {
         return answer;
     }
@@ -388,8 +388,7 @@ async fn refuse_whole(
     reason: &str,
     now: Millis,
 ) -> (StatusCode, String) {
-    let letters: Vec<_> = state
-        .letters(body, code, reason, now)
+    let letters: Vec<_> = dead_letters_of(&state.service, body, code, reason, now)
         .into_iter()
         .map(|letter| (&state.dead_letter_topic, letter))
         .collect();
@@ -449,19 +448,6 @@ async fn publish(
         ));
     }
     Ok(())
-}
-
-impl WebhookState {
-    /// The dead letters of bytes the worker cannot take ([`dead_letters_of`]).
-    fn letters(
-        &self,
-        raw: &[u8],
-        code: DeadLetterReason,
-        reason: &str,
-        now: Millis,
-    ) -> Vec<(String, Vec<u8>)> {
-        dead_letters_of(&self.service, raw, code, reason, now)
-    }
 }
 
 /// The dead letters of bytes the worker cannot take, keyed by their ids: the same
