@@ -1296,6 +1296,40 @@ impl Config {
         Ok(())
     }
 
+    /// `[kafka.client]` names and values librdkafka knows, checked here at their line
+    /// rather than by every service's first client; and no second broker address.
+    fn validate_kafka_client(&self, text: &str) -> Result<(), ConfigError> {
+        // A TOML key with dots is quoted.
+        let line =
+            |key: &str| find_key_line(text, &format!("\"{key}\"")).or(find_key_line(text, key));
+        let client = &self.kafka.client;
+        if let Some(key) = ["bootstrap.servers", "metadata.broker.list"]
+            .into_iter()
+            .find(|k| client.contains_key(*k))
+        {
+            // `kairos up` checks kafka.bootstrap_servers before it clears state.dir.
+            return Err(self.error_at(
+                line(key),
+                &format!("kafka.client.{key}"),
+                "the brokers are kafka.bootstrap_servers (KAIROS__KAFKA__BOOTSTRAP_SERVERS): \
+                 set them there"
+                    .into(),
+            ));
+        }
+        for (key, value) in client {
+            let mut one = rdkafka::ClientConfig::new();
+            one.set(key, value);
+            if let Err(e) = one.create_native_config() {
+                return Err(self.error_at(
+                    line(key),
+                    &format!("kafka.client.{key}"),
+                    format!("librdkafka refuses it: {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
         let fail_at = |line, key: &str, message| self.error_at(line, key, message);
         let fail = |key: &str, message: String| fail_at(find_key_line(text, key), key, message);
@@ -1320,6 +1354,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_kafka_client(text)?;
         self.validate_currencies(text)?;
         if self.state.timers_in_memory < self.kafka.partitions as usize {
             return Err(fail(
@@ -1361,6 +1396,23 @@ impl Config {
             return Err(fail(
                 "attribution_delay",
                 "must be at most 1 day (it is how long every purchase waits)".into(),
+            ));
+        }
+        if self.identity.forward_retention < Duration::from_secs(24 * 3600) {
+            // A purchase waits up to `feedback.attribution_delay` (at most a day) before
+            // it is attributed through the note: gone sooner, the conversion is lost.
+            return Err(fail(
+                "forward_retention",
+                "identity.forward_retention: must be at least 1 day (merges in flight and \
+                 purchases waiting feedback.attribution_delay are sent on through it)"
+                    .into(),
+            ));
+        }
+        if let Err(message) = check_log_level(&self.log.level) {
+            return Err(fail_at(
+                table_key_line(text, "log", "level"),
+                "level",
+                format!("log.level: {message}"),
             ));
         }
         // NaN passes every comparison but these: a generator on it panics or spins.
@@ -1472,6 +1524,53 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            // A provider's section the worker would not read: every send would go to
+            // what `provider` names (the simulator by default) and count as delivered.
+            let unread = [
+                ("smtp", d.smtp.is_some(), ProviderKind::Smtp),
+                ("http", d.http.is_some(), ProviderKind::Http),
+            ];
+            if let Some((sub, _, _)) = unread
+                .into_iter()
+                .find(|(_, written, kind)| *written && d.provider != *kind)
+            {
+                return Err(fail_at(
+                    line(sub, ""),
+                    &format!("[{}]", section(sub)),
+                    format!(
+                        "not read: provider is \"{}\"; set provider = \"{sub}\" or remove \
+                         the section",
+                        d.provider.as_str()
+                    ),
+                ));
+            }
+            let simulator = &d.simulator;
+            let rates = [
+                ("delivery_rate", simulator.delivery_rate),
+                ("hard_bounce_rate", simulator.hard_bounce_rate),
+                ("open_rate", simulator.open_rate),
+                ("click_to_open_rate", simulator.click_to_open_rate),
+                ("unsubscribe_rate", simulator.unsubscribe_rate),
+                ("complaint_rate", simulator.complaint_rate),
+            ];
+            if let Some((key, _)) = rates.iter().find(|(_, r)| !(0.0..=1.0).contains(r)) {
+                return Err(fail(
+                    ("simulator", key),
+                    format!(
+                        "{}: a fraction from 0 to 1 (0.2 for 20%)",
+                        section(&format!("simulator.{key}"))
+                    ),
+                ));
+            }
+            if simulator.engagement_delay_min > simulator.engagement_delay_max {
+                return Err(fail(
+                    ("simulator", "engagement_delay_max"),
+                    format!(
+                        "{}: shorter than engagement_delay_min",
+                        section("simulator.engagement_delay_max")
+                    ),
+                ));
             }
             // Every call would time out, be retried and end in the dead-letter topic.
             let timeouts = [
@@ -2486,6 +2585,25 @@ fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
     Some(own.map_or(named, |i| named + 1 + i) + 1)
 }
 
+/// Whether `level` is a tracing filter that logs what it names. A bare word that is no
+/// level (`warning`) reads as a target at TRACE, so every other line would be filtered
+/// out, errors included: refused.
+fn check_log_level(level: &str) -> Result<(), String> {
+    use tracing_subscriber::filter::LevelFilter;
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare && directive.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "\"{directive}\" is not a level (trace, debug, info, warn, error, off); \
+                 write target=level for one module"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("not a filter: {e}"))
+}
+
 /// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
 /// not override.
 const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 8] = [
@@ -3094,6 +3212,101 @@ mod tests {
         parse(&smtp("127.0.0.1", "")).expect("a local relay");
     }
 
+    /// A provider section `provider` does not name would leave the simulator
+    /// "delivering" every send; rates written as percentages would deliver and open
+    /// them all.
+    #[test]
+    fn an_unread_provider_section_and_simulator_rates_out_of_range_are_refused_at_their_lines() {
+        let email = "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\n";
+        let smtp = "[delivery.email.smtp]\nhost = \"smtp.example\"\nfrom = \"a@shop.example\"\n";
+        let (line, message) = line_of(&format!("{email}{smtp}"));
+        assert_eq!(line, 3, "{message}");
+        assert!(
+            message.contains("[delivery.email.smtp]: not read")
+                && message.contains("provider is \"simulator\""),
+            "{message}"
+        );
+        let http = "[delivery.email.http]\nurl = \"https://gw.example/send\"\n";
+        let (line, message) = line_of(&format!("{email}provider = \"smtp\"\n{smtp}{http}"));
+        assert_eq!(line, 7, "{message}");
+        assert!(message.contains("provider is \"smtp\""), "{message}");
+        parse(&format!("{email}provider = \"smtp\"\n{smtp}")).expect("the section read");
+        let (line, message) = line_of(&format!(
+            "{email}[delivery.email.simulator]\nopen_rate = 22.0\n"
+        ));
+        assert_eq!(line, 4, "{message}");
+        assert!(
+            message.contains("delivery.email.simulator.open_rate"),
+            "{message}"
+        );
+        let (line, message) = line_of(&format!(
+            "{email}[delivery.email.simulator]\nengagement_delay_min = \"2h\"\nengagement_delay_max = \"1h\"\n"
+        ));
+        assert_eq!(line, 5, "{message}");
+        assert!(message.contains("engagement_delay_max"), "{message}");
+        parse(&format!(
+            "{email}[delivery.email.simulator]\nopen_rate = 1.0\ncomplaint_rate = 0.0\n"
+        ))
+        .expect("fractions");
+    }
+
+    /// `warning` would be read as a target at TRACE and filter out every line.
+    #[test]
+    fn a_log_level_that_is_no_level_is_refused_at_its_line() {
+        for level in ["warning", "info,verbose", "kairos_profile=loud"] {
+            let (line, message) =
+                line_of(&format!("[log]\nformat = \"plain\"\nlevel = \"{level}\"\n"));
+            assert_eq!(line, 3, "{level}: {message}");
+            assert!(message.contains("log.level"), "{message}");
+        }
+        for level in ["warn", "INFO,kairos_profile=debug", "off"] {
+            parse(&format!("[log]\nlevel = \"{level}\"\n")).expect(level);
+        }
+    }
+
+    /// A merged customer's forwarding note must outlive a purchase's attribution wait.
+    #[test]
+    fn a_forward_retention_shorter_than_a_day_is_refused_at_its_line() {
+        let (line, message) = line_of("[identity]\nforward_retention = \"1h\"\n");
+        assert_eq!(line, 2, "{message}");
+        assert!(message.contains("identity.forward_retention"), "{message}");
+        parse("[identity]\nforward_retention = \"1day\"\n").expect("a day");
+    }
+
+    /// Names and values librdkafka does not know are refused at their line, not by
+    /// each service's first client; brokers are set in one place, the one `kairos up`
+    /// checks before it clears state.
+    #[test]
+    fn unknown_librdkafka_properties_and_a_second_broker_address_are_refused_at_their_line() {
+        for (lines, key) in [
+            ("\"security.protcol\" = \"ssl\"\n", "security.protcol"),
+            (
+                "\"security.protocol\" = \"carrier-pigeon\"\n",
+                "security.protocol",
+            ),
+            (
+                "\"bootstrap.servers\" = \"prod:9092\"\n",
+                "bootstrap.servers",
+            ),
+            (
+                "\"metadata.broker.list\" = \"prod:9092\"\n",
+                "metadata.broker.list",
+            ),
+        ] {
+            let (line, message) =
+                line_of(&format!("[kafka.client]\n\"client.id\" = \"k\"\n{lines}"));
+            assert_eq!(line, 3, "{message}");
+            assert!(
+                message.contains(&format!("kafka.client.{key}")),
+                "{message}"
+            );
+        }
+        let (_, message) = line_of("[kafka.client]\n\"bootstrap.servers\" = \"prod:9092\"\n");
+        assert!(message.contains("kafka.bootstrap_servers"), "{message}");
+        parse("[kafka.client]\n\"security.protocol\" = \"sasl_ssl\"\n\"linger.ms\" = \"20\"\n")
+            .expect("known properties");
+    }
+
     #[test]
     fn librdkafka_properties_from_env_stay_strings() {
         let cfg = Config::from_text(
@@ -3350,10 +3563,17 @@ mod tests {
     #[test]
     fn marketing_email_through_a_real_provider_needs_an_opt_out_link() {
         let with = |provider: &str, link: &str, category: &str| {
+            // Only the section the provider reads: another is refused.
+            let section = match provider {
+                "smtp" => format!(
+                    "[delivery.email.smtp]\nhost = \"mx\"\nfrom = \"a@b.example\"\n{link}\n"
+                ),
+                "http" => format!("[delivery.email.http]\nurl = \"http://api\"\n{link}\n"),
+                _ => String::new(),
+            };
             let text = format!(
                 "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"{provider}\"\n\
-                 [delivery.email.smtp]\nhost = \"mx\"\nfrom = \"a@b.example\"\n{link}\n\
-                 [delivery.email.http]\nurl = \"http://api\"\n{link}\n\
+                 {section}\
                  [[scenarios]]\nname = \"news\"\nkind = \"welcome\"\n\
                  category = \"{category}\"\nchannels = [\"email\"]\ntemplate = \"t\"\n"
             );

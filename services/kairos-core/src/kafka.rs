@@ -47,10 +47,17 @@ pub fn client_config(config: &Config) -> anyhow::Result<ClientConfig> {
 /// An idempotent producer: retries never duplicate or reorder within a partition.
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
     let mut cc = client_config(config)?;
-    cc.set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "60000");
+    cc.set("enable.idempotence", "true");
+    // Defaults `[kafka.client]` may change.
+    for (key, value) in [
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+        ("message.timeout.ms", "60000"),
+    ] {
+        if !config.kafka.client.contains_key(key) {
+            cc.set(key, value);
+        }
+    }
     cc.create().context("cannot create Kafka producer")
 }
 
