@@ -30,11 +30,12 @@ BENCH_BATCH ?= 100000
 # sale of a bestseller fans out to every customer who viewed it: the profile benchmark
 # measures customer events).
 BENCH_GENERATE := KAIROS__GENERATOR__CATALOG_CHANGE_SHARE=0
-# Generated traffic files are named after the generator's code, the crates it draws
-# with (Cargo.lock) and the config's [generator] section, so a changed generator
-# generates them again (the old file of that kind and size is removed) instead of measuring a
-# file of the old traffic.
-TRAFFIC := $(shell { cat services/kairos-generator/src/*.rs Cargo.lock; \
+# Generated traffic files are named after the generator's code, the event contracts
+# and ids it writes, the crates it draws with (Cargo.lock) and the config's
+# [generator] section, so a changed generator generates them again (the old file of
+# that kind and size is removed) instead of measuring a file of the old traffic.
+TRAFFIC := $(shell { cat services/kairos-generator/src/*.rs services/kairos-core/src/contracts.rs \
+  services/kairos-core/src/ids.rs Cargo.lock; \
   awk '/^\[/ { g = ($$0 ~ /^\[generator\]/) } g' config/kairos.toml; } | cksum | cut -d' ' -f1)
 BENCH_EVENTS_FILE := var/bench/events-$(BENCH_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl
 BENCH_IDENTITY_FILE := var/bench/identity-$(BENCH_IDENTITY_EVENTS)-$(BENCH_CUSTOMERS)-$(TRAFFIC).jsonl

@@ -87,6 +87,19 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
             break;
         }
     }
+    // A second `up` on the same files is turned away before it clears anything.
+    let second = Command::new(kairos_bin())
+        .current_dir(dir.path())
+        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second kairos up");
+    let told = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && told.contains("another `kairos up` runs"),
+        "{}: {told}",
+        second.status
+    );
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("Ctrl-C");
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {

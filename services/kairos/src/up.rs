@@ -135,6 +135,23 @@ pub async fn run(
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
     preflight(&config)?;
+    // A second `kairos up` on the same files would clear the first one's state under
+    // its running stores and truncate its logs: one at a time. The lock goes with
+    // the process, however it ends.
+    let lock_path = config.state.dir.with_extension("up-lock");
+    if let Some(parent) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another `kairos up` runs on {} (it holds {}): stop it first",
+            config.state.dir.display(),
+            lock_path.display()
+        );
+    }
     let exe = std::env::current_exe().context("cannot find the kairos executable")?;
     // The embedded broker keeps topics in memory, so state from an earlier run would
     // point at offsets that no longer exist: start clean.
