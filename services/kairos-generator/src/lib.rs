@@ -483,11 +483,9 @@ impl TrafficModel {
                 e.occurred_at += shift;
                 GeneratedEvent {
                     stream: Stream::Events(source),
-                    key: e
-                        .customer_id
-                        .clone()
-                        .or_else(|| e.anonymous_id.clone())
-                        .unwrap_or_default(),
+                    // The profile's own key: without identity resolution the
+                    // profile reads these topics as keyed.
+                    key: e.customer_key().unwrap_or_default(),
                     payload: serde_json::to_vec(&e).unwrap_or_default(),
                 }
             })
@@ -574,7 +572,9 @@ impl TrafficModel {
             _ => return None,
         };
         let (customer_id, anonymous_id) = order.buyer.clone();
-        let key = customer_id.clone().or_else(|| anonymous_id.clone())?;
+        if customer_id.is_none() && anonymous_id.is_none() {
+            return None;
+        }
         let e = CustomerEvent {
             customer_id,
             anonymous_id,
@@ -591,7 +591,7 @@ impl TrafficModel {
         }
         Some(GeneratedEvent {
             stream: Stream::Events(Source::Site),
-            key,
+            key: e.customer_key().unwrap_or_default(),
             payload: serde_json::to_vec(&e).unwrap_or_default(),
         })
     }
@@ -729,21 +729,16 @@ impl TrafficModel {
         // Most tills know the customer; some only scan the loyalty card, a few take the
         // phone number as the customer says it (the identity processor resolves both).
         let mut r = r;
-        let key = match self.rng.gen_range(0..10) {
+        match self.rng.gen_range(0..10) {
             0..=5 => {
                 r.customer_id = Some(customer_id(customer));
                 r.loyalty_card = Some(format!("LC{customer:08}"));
-                customer_id(customer)
             }
-            6..=8 => {
-                r.loyalty_card = Some(format!("LC{customer:08}"));
-                format!("LC{customer:08}")
-            }
-            _ => {
-                r.phone = Some(format!("0151 {customer:08}"));
-                format!("0151 {customer:08}")
-            }
-        };
+            6..=8 => r.loyalty_card = Some(format!("LC{customer:08}")),
+            _ => r.phone = Some(format!("0151 {customer:08}")),
+        }
+        // The profile's own key (`card:…`, `phone:…`), as for site events.
+        let key = r.customer_key().unwrap_or_default();
         let payload = serde_json::to_vec(&r).unwrap_or_default();
         if self.till_sales.len() == TILL_SALES_KEPT {
             self.till_sales.pop_front();
@@ -832,6 +827,9 @@ pub async fn run(
     limit: Option<u64>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<u64> {
+    // Else a broker that creates topics on first use would make them with its own
+    // partition count, which the services then refuse.
+    kairos_core::kafka::ensure_topics(&config).await?;
     let producer: FutureProducer = kairos_core::kafka::producer(&config)?;
     let mut model = TrafficModel::live(&config.generator, kairos_core::ids::run_nonce());
     let mut sent: u64 = 0;
@@ -1043,13 +1041,13 @@ mod tests {
                     "order_status" => {
                         let order = v["order"]["order_id"].to_string();
                         assert!(placed.contains(&order), "a status of an order placed: {v}");
-                        assert_eq!(
-                            e.key,
-                            v["customer_id"]
-                                .as_str()
-                                .or(v["anonymous_id"].as_str())
-                                .unwrap_or_default()
-                        );
+                        let keyed_by = match (v["customer_id"].as_str(), v["anonymous_id"].as_str())
+                        {
+                            (Some(c), _) => c.to_string(),
+                            (None, Some(a)) => format!("anon:{a}"),
+                            (None, None) => String::new(),
+                        };
+                        assert_eq!(e.key, keyed_by);
                         let status = v["order"]["status"]
                             .as_str()
                             .unwrap_or_default()

@@ -159,12 +159,9 @@ impl Pipeline {
         let Ok(event) = decoded else {
             return Ok(false);
         };
-        let key = event
-            .customer_id
-            .as_deref()
-            .or(event.anonymous_id.as_deref())
-            .unwrap_or_default()
-            .to_string();
+        // The profile's own key, as `route_line`'s: what comes back to it (price
+        // drops, outcomes) is keyed by it.
+        let key = event.customer_key().unwrap_or_default();
         let decoded = Some(ProfileInput::Event(
             Box::new(event),
             kairos_core::input::Source::Site,

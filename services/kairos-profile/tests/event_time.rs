@@ -2233,6 +2233,42 @@ fn a_vip_entry_processed_after_a_backlog_past_the_tolerance_is_skipped_as_late()
 
 // 12. Price drop and back in stock.
 
+/// The replay's one-parse path keys a visitor's event by the profile it goes to
+/// (`anon:<id>`), the key its price drops come back with: keyed by the bare id, the
+/// profile would sit on another partition than its occasions, which found no one.
+#[test]
+fn a_replayed_anonymous_viewer_on_another_partition_than_its_bare_id_hears_of_the_price_drop() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    // A visitor whose bare id and profile id fall on different partitions.
+    let visitor = (0..100)
+        .map(|n| format!("v-{n}"))
+        .find(|v| {
+            kairos_core::replay::partition_for(v.as_bytes(), 2)
+                != kairos_core::replay::partition_for(format!("anon:{v}").as_bytes(), 2)
+        })
+        .expect("a visitor split across the partitions");
+    h.catalog(
+        "rv-cat-1",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    let view = json!({"event_id": "rv-view", "event_type": "product_view",
+        "occurred_at": rfc(t + HOUR), "anonymous_id": visitor, "product": product("p1", 100.0)});
+    let raw = serde_json::to_vec(&view).expect("json");
+    let taken = {
+        let mut sink = Harness::sink(&mut h.outputs);
+        h.pipeline
+            .push_site_event_line("kairos.events.site", &raw, &mut sink)
+            .expect("push")
+    };
+    assert!(taken);
+    h.catalog("rv-cat-2", "p1", t + 2 * HOUR, json!({"price": 80.0}));
+    let fired = h.triggers(&format!("anon:{visitor}"), "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+}
+
 #[test]
 fn price_drop_reaches_viewers_only() {
     let t = at(T0);
@@ -3262,7 +3298,7 @@ fn a_site_event_line_decoded_once_gives_what_push_gives() {
         (
             view("e-2", json!({"anonymous_id": "a-9"}), t0 + MINUTE),
             site,
-            "a-9",
+            "anon:a-9",
             true,
             vec![],
         ),

@@ -48,6 +48,12 @@ struct Probe<'a> {
     #[serde(borrow, default)]
     anonymous_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    loyalty_card: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    phone: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     product_id: Option<Cow<'a, str>>,
     #[serde(default)]
     receipt_id: Option<serde::de::IgnoredAny>,
@@ -67,12 +73,28 @@ pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
             payload: value.as_raw_cow(),
         });
     }
+    // Events and receipts are keyed by the profile they go to (`customer_key`), as
+    // the things that come back to it (price drops, outcomes) are: keyed by the bare
+    // anonymous id, a visitor's profile would sit on another partition than its
+    // price drops.
+    fn given(id: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
+        id.filter(|id| !id.is_empty())
+    }
+    fn tagged<'a>(tag: &str, id: Option<Cow<'a, str>>) -> Option<Cow<'a, str>> {
+        given(id).map(|id| Cow::Owned([tag, &*id].concat()))
+    }
     let (topic, key) = if p.receipt_id.is_some() {
-        (topics::OFFLINE_EVENTS, p.customer_id)
+        let key = given(p.customer_id)
+            .or_else(|| tagged("card:", p.loyalty_card))
+            .or_else(|| tagged("phone:", p.phone));
+        (topics::OFFLINE_EVENTS, key)
     } else if p.event_type.is_none() && p.product_id.is_some() {
         (topics::CATALOG, p.product_id)
     } else {
-        (topics::SITE_EVENTS, p.customer_id.or(p.anonymous_id))
+        let key = given(p.customer_id)
+            .or_else(|| tagged("anon:", p.anonymous_id))
+            .or_else(|| tagged("device:", p.device_id));
+        (topics::SITE_EVENTS, key)
     };
     Ok(Route {
         topic: Cow::Borrowed(topic),
@@ -274,4 +296,45 @@ pub fn run(
     out.flush()?;
     stats.output_records = outputs;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bare events and receipts are keyed by the profile they go to, as the price
+    /// drops and outcomes that come back to it are.
+    #[test]
+    fn bare_lines_are_keyed_by_the_profile_they_go_to() {
+        let key = |line: &str| route_line(line).expect("routes").key.into_owned();
+        let site = r#"{"event_id":"e","event_type":"page_view","occurred_at":1"#;
+        assert_eq!(
+            key(&format!(
+                r#"{site},"customer_id":"c-1","anonymous_id":"a"}}"#
+            )),
+            "c-1"
+        );
+        assert_eq!(
+            key(&format!(r#"{site},"customer_id":"","anonymous_id":"a"}}"#)),
+            "anon:a"
+        );
+        assert_eq!(key(&format!(r#"{site},"device_id":"d"}}"#)), "device:d");
+        let receipt = r#"{"receipt_id":"r","event_id":"e","occurred_at":1"#;
+        assert_eq!(
+            key(&format!(r#"{receipt},"loyalty_card":"LC1","phone":"1"}}"#)),
+            "card:LC1"
+        );
+        assert_eq!(
+            key(&format!(r#"{receipt},"phone":"0151 1"}}"#)),
+            "phone:0151 1"
+        );
+        assert_eq!(
+            key(&format!(
+                r#"{receipt},"customer_id":"c-2","loyalty_card":"LC1"}}"#
+            )),
+            "c-2"
+        );
+        let envelope = r#"{"topic":"events.site","key":"k","value":{"anonymous_id":"a"}}"#;
+        assert_eq!(key(envelope), "k", "an envelope's key is taken as written");
+    }
 }
