@@ -697,12 +697,10 @@ impl CustomerProfile {
             }
             OutcomeKind::bounced_hard => {
                 // The address the send went to: a bounce reported after the customer
-                // changed it must not block the new one.
-                let bounced = o
-                    .address
-                    .clone()
-                    .or_else(|| self.address(o.channel).cloned());
-                if let Some(address) = bounced {
+                // changed it must not block the new one. Without one (a provider's
+                // report whose address did not read) the arbiter bars the send's
+                // address by its id; the profile cannot tell which it was.
+                if let Some(address) = o.address.clone() {
                     self.note_bounced(o.channel, address);
                 }
             }
@@ -2620,6 +2618,12 @@ mod tests {
             Some("new@x"),
             "the new address stays usable"
         );
+        // A bounce that does not say its address bars none of the profile's.
+        let mut p = CustomerProfile::new("c2", 0);
+        p.email = Some("new@x".into());
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::bounced_hard, 60));
+        assert_eq!(p.hard_bounced.get(&Channel::email), None);
+        assert_eq!(crate::contacts(&p).email.as_deref(), Some("new@x"));
     }
 
     #[test]
