@@ -3293,7 +3293,9 @@ impl ArbiterProcessor {
             self.record_decision(
                 ctx,
                 &subject,
-                deterministic_id(&[&t.trigger_id, "deferred", &wake.to_string()]),
+                // With the rule: a trigger woken early (a chain's slot freed) may
+                // wait until the same time for another rule, a decision of its own.
+                deterministic_id(&[&t.trigger_id, "deferred", rule, &wake.to_string()]),
                 (outcome, None, None),
                 rule,
                 format!("{reason}; decided again at {wake}"),

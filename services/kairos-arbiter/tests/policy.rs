@@ -207,6 +207,43 @@ fn chain_with_a_waiter(a: &mut Arbiter, prefix: &str) {
     assert_eq!(a.push_trigger(&low).rule, "main_scenario");
 }
 
+/// A trigger waiting for a chain's slot until the quiet hours' end, let go within
+/// them (the chain broke), waits until the same morning for another rule: two
+/// decisions, two ids, both recorded (consumers keep one record per id).
+#[test]
+fn two_deferrals_of_one_trigger_to_the_same_time_for_two_rules_are_two_decisions() {
+    let mut a = Arbiter::with_config(
+        "daily_cap = 5\nweekly_cap = 20\nquiet_hours_start = \"22:00\"\nquiet_hours_end = \"08:00\"",
+    );
+    a.time_zone = Some("UTC".into());
+    let evening = T0 + 12 * HOUR + 50 * MINUTE; // 21:50 UTC
+    let first = onboarding_step(&a, "qd0", 0, evening - DAY);
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::sent);
+    let mut low = a.trigger_of("qd-low", "welcome", TRIGGER, evening + 5 * MINUTE);
+    low.priority = 40;
+    low.valid_until = T0 + 5 * DAY;
+    let held = a.push_trigger(&low);
+    assert_eq!(held.rule, "main_scenario", "{held:#?}");
+    // The second step comes late, in the quiet hours, and expires at 23:00: the
+    // chain is broken and its slot free then, within the quiet hours.
+    let mut second = onboarding_step(&a, "qd1", 1, evening + 40 * MINUTE);
+    second.valid_until = evening + 70 * MINUTE;
+    assert_eq!(a.push_trigger(&second).outcome, DecisionOutcome::deferred);
+    a.advance_to(evening + 71 * MINUTE);
+    let decisions = a.decisions_of("qd-low");
+    let rules: Vec<&str> = decisions.iter().map(|d| d.rule.as_str()).collect();
+    assert_eq!(rules, ["main_scenario", "quiet_hours"], "{decisions:#?}");
+    let morning = (evening + 10 * HOUR + 10 * MINUTE).to_string();
+    assert!(
+        decisions.iter().all(|d| d.reason.ends_with(&morning)),
+        "both until 08:00: {decisions:#?}"
+    );
+    assert_ne!(
+        decisions[0].decision_id, decisions[1].decision_id,
+        "{decisions:#?}"
+    );
+}
+
 #[test]
 fn a_running_chain_holds_the_customer_against_lower_priorities() {
     let mut a = Arbiter::with_config("daily_cap = 5\nweekly_cap = 20");
