@@ -149,6 +149,16 @@ pub struct ChainProgress {
     /// consented channel, an unsubscribe, the sunset) does not end it: the next
     /// step is decided on its own, as the customer may be reachable by then.
     pub broken: bool,
+    /// The latest step that went out, and when, carried past steps that did not: the
+    /// next step is spaced from it. `None` in entries stored before it was kept.
+    pub last_sent: Option<(i32, Millis)>,
+}
+
+impl ChainProgress {
+    /// The latest step that went out and when: this one, or the one carried.
+    fn last_went_out(&self) -> Option<(i32, Millis)> {
+        self.sent_at.map(|at| (self.step, at)).or(self.last_sent)
+    }
 }
 
 /// The customer's engagement with one channel.
@@ -288,6 +298,11 @@ impl ScenarioOff {
 }
 /// Chain instances remembered per customer.
 const CHAINS_KEPT: usize = 32;
+/// Marketing messages waiting per customer at most: with caps of a few a day, more
+/// would never go out in their validity, and each wait-up reads the whole queue.
+const QUEUED_KEPT: usize = 100;
+/// The rule of a marketing message that would have waited behind `QUEUED_KEPT` others.
+const QUEUE_FULL: &str = "queue_full";
 /// Deferral reasons kept per queued trigger.
 const REASONS_KEPT: usize = 8;
 
@@ -1138,12 +1153,19 @@ impl ArbiterProcessor {
                 format!("step {step} of this chain is still waiting (until {wake})"),
             ));
         }
-        let (step, sent_at) = progress.and_then(|p| Some((p.step, p.sent_at?)))?;
+        // From the latest step that went out: a step between that did not (its
+        // customer unreachable then) adds its delay, so steps held back together do
+        // not go out back to back.
+        let (step, sent_at) = progress.and_then(|p| p.last_went_out())?;
         let spacing = self
             .config
             .scenario(&t.scenario)
-            .and_then(|s| s.steps.get(t.step as usize - 1))
-            .map_or(Duration::ZERO, |s| s.delay);
+            .map_or(Duration::ZERO, |s| {
+                (step + 1..=t.step)
+                    .filter_map(|k| s.steps.get(usize::try_from(k - 1).ok()?))
+                    .map(|s| s.delay)
+                    .sum()
+            });
         // The minimum gap is a marketing rule: a transactional chain (a notice, then
         // its reminder ten minutes on) keeps only its own delays.
         let spacing = match t.category {
@@ -1156,7 +1178,8 @@ impl ArbiterProcessor {
                 due,
                 "chain_spacing",
                 format!(
-                    "step {step} of this chain went out at {sent_at}; steps are {spacing:?} apart"
+                    "step {step} of this chain went out at {sent_at}; step {} is due {spacing:?} after it",
+                    t.step
                 ),
             )
         })
@@ -2916,14 +2939,34 @@ impl ArbiterProcessor {
         // Wait for the morning, or for the gap after another message, still without
         // a reaction.
         let wait = match quiet {
-            Some(v) => Some(v.defer_until.unwrap_or(now + HOUR)),
+            Some(v) => Some((v.defer_until.unwrap_or(now + HOUR), v.rule, v.reason)),
             None => (t.category != MessageCategory::transactional)
                 .then(|| self.cascade_spacing(now, next, ledger, &cascade))
                 .flatten()
-                .map(|until| self.outside_quiet_hours(until, &t)),
+                .map(|until| {
+                    let why = format!(
+                        "the minimum gap or the conflict window after the customer's \
+                         other messages holds until {until}"
+                    );
+                    (self.outside_quiet_hours(until, &t), "cascade_spacing", why)
+                }),
         };
-        if let Some(until) = wait {
+        if let Some((until, rule, why)) = wait {
             ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
+            // Recorded, so that a step going out hours after its wait can be
+            // explained.
+            let step = cascade.channels.len().to_string();
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[&t.trigger_id, "cascade-wait", &step, &until.to_string()]),
+                (DecisionOutcome::deferred, Some(next), None),
+                rule,
+                format!(
+                    "cascade step on {} waits: {why}; decided again at {until}",
+                    next.as_str()
+                ),
+            );
             ledger.cascades.insert(t.trigger_id.clone(), cascade);
             return Ok(true);
         }
@@ -3027,6 +3070,28 @@ impl ArbiterProcessor {
             .flatten()
             .max()?;
         (until > now).then_some(until)
+    }
+
+    /// `verdict`, unless it queues a new marketing message behind `QUEUED_KEPT`
+    /// others: that one is suppressed instead, with what it would have waited for.
+    fn bounded_queue(&self, t: &Trigger, ledger: &CustomerLedger, verdict: Verdict) -> Verdict {
+        let full = verdict.defer_until.is_some()
+            && t.category != MessageCategory::transactional
+            && ledger.queued.len() >= QUEUED_KEPT
+            && !ledger.queued.contains_key(&t.trigger_id);
+        if !full {
+            return verdict;
+        }
+        Verdict::no(
+            DecisionOutcome::suppressed,
+            QUEUE_FULL,
+            format!(
+                "{} messages already wait for this customer; this one would have waited: {}: {}",
+                ledger.queued.len(),
+                verdict.rule,
+                verdict.reason
+            ),
+        )
     }
 
     /// Emits a decision on the decisions topic and counts it.
@@ -3236,7 +3301,10 @@ impl ArbiterProcessor {
             rule,
             reason,
             defer_until,
-        } = self.decide(ctx, &t, ledger, chain.as_deref(), &offers);
+        } = {
+            let verdict = self.decide(ctx, &t, ledger, chain.as_deref(), &offers);
+            self.bounded_queue(&t, ledger, verdict)
+        };
         let now = ctx.now();
         let subject = Subject::of(&t);
         if let Some(until) = defer_until {
@@ -3375,6 +3443,10 @@ impl ArbiterProcessor {
             .get(&chain)
             .is_some_and(|p| p.broken && p.step < step);
         if !broken_before {
+            let last_sent = match end {
+                StepEnd::WentOut => Some((step, now)),
+                _ => ledger.chains.get(&chain).and_then(|p| p.last_went_out()),
+            };
             ledger.chains.insert(
                 chain.clone(),
                 ChainProgress {
@@ -3382,6 +3454,7 @@ impl ArbiterProcessor {
                     sent_at: (end == StepEnd::WentOut).then_some(now),
                     updated_at: now,
                     broken: end == StepEnd::Broke,
+                    last_sent,
                 },
             );
         }

@@ -274,6 +274,22 @@ fn a_cascade_step_waits_for_the_gap_and_the_window_after_another_message() {
         (step.trigger_id.as_str(), step.created_at),
         ("k11", welcome + HOUR)
     );
+    // The wait is recorded, with its rule, for `explain`.
+    let waits: Vec<_> = a
+        .decisions_of("k11")
+        .into_iter()
+        .filter(|d| d.outcome == DecisionOutcome::deferred)
+        .collect();
+    assert_eq!(waits.len(), 1, "{waits:#?}");
+    assert_eq!(
+        (
+            waits[0].rule.as_str(),
+            waits[0].channel,
+            waits[0].decided_at
+        ),
+        ("cascade_spacing", Some(Channel::push), T0 + HOUR),
+        "{waits:#?}"
+    );
 }
 
 /// The gap alone holds a step too (the window being short), and another trigger of
@@ -465,6 +481,13 @@ fn a_cascade_step_keeps_the_quiet_hours_of_the_customer_s_newest_zone() {
         cascade(&a),
         [(Channel::email, start), (Channel::push, morning)]
     );
+    let waits: Vec<_> = a
+        .decisions_of("k1")
+        .into_iter()
+        .filter(|d| d.outcome == DecisionOutcome::deferred)
+        .map(|d| (d.rule.as_str(), d.decided_at))
+        .collect();
+    assert_eq!(waits, [("quiet_hours", start + HOUR)]);
 }
 
 #[test]

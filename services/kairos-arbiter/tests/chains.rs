@@ -109,6 +109,40 @@ fn chain_steps_held_back_together_go_out_one_at_a_time_in_order() {
     }
 }
 
+/// A step between that did not go out (its customer unreachable then) does not end
+/// the chain, and the next step keeps the spacing from the last one that went out:
+/// both steps' delays, not back to back.
+#[test]
+fn a_step_held_back_behind_one_that_did_not_go_out_keeps_its_spacing() {
+    let mut a = arbiter();
+    vip(&mut a);
+    for step in 0..3 {
+        let mut t = tips(&a, step, T0 + i64::from(step) * DAY + HOUR, 10 * DAY);
+        if step == 1 {
+            t.contacts.consented_channels.clear();
+        }
+        assert_eq!(a.push_trigger(&t).rule, "main_scenario");
+    }
+    a.advance_to(T0 + 8 * DAY);
+    let tips_sent: Vec<(String, i64)> = a
+        .sends
+        .iter()
+        .filter(|s| s.scenario == "tips")
+        .map(|s| (s.template.clone(), s.created_at))
+        .collect();
+    assert_eq!(
+        tips_sent,
+        [
+            ("tips".to_string(), T0 + 3 * DAY + 10 * MINUTE),
+            ("tips_3".to_string(), T0 + 5 * DAY + 10 * MINUTE),
+        ]
+    );
+    assert_eq!(
+        a.finals_of("tips1").first().map(|d| d.outcome),
+        Some(DecisionOutcome::suppressed)
+    );
+}
+
 #[test]
 fn an_expired_step_cancels_the_later_steps_of_its_chain() {
     let mut a = arbiter();

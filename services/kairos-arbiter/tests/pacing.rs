@@ -362,6 +362,40 @@ fn a_deferred_message_expires_at_its_valid_until() {
     assert_eq!(b.sends.len(), 1, "the expired message was never sent");
 }
 
+/// A customer's queue is bounded: a marketing message that would wait behind a
+/// hundred others is suppressed, saying what it would have waited for; a
+/// transactional one still passes, and what waits is decided as before.
+#[test]
+fn a_marketing_message_behind_a_full_queue_is_suppressed_with_the_rule() {
+    let mut a = Arbiter::with_config("weekly_cap = 1");
+    assert_eq!(
+        a.trigger("f0", "welcome", TRIGGER, T0).outcome,
+        DecisionOutcome::sent
+    );
+    for n in 1..=100 {
+        let d = a.trigger(&format!("f{n}"), "welcome", TRIGGER, T0 + n * MINUTE);
+        assert_eq!(d.outcome, DecisionOutcome::deferred, "f{n}: {d:#?}");
+    }
+    let over = a.trigger("f101", "welcome", TRIGGER, T0 + 101 * MINUTE);
+    assert_eq!(
+        (over.outcome, over.rule.as_str()),
+        (DecisionOutcome::suppressed, "queue_full"),
+        "{over:#?}"
+    );
+    assert!(over.reason.contains("frequency_cap_weekly"), "{}", over.reason);
+    let receipt = a.trigger(
+        "r1",
+        "welcome",
+        MessageCategory::transactional,
+        T0 + 102 * MINUTE,
+    );
+    assert_eq!(receipt.outcome, DecisionOutcome::sent);
+    // The queue drains as its messages expire: one more may wait then.
+    a.advance_to(T0 + 3 * DAY);
+    let d = a.trigger("f102", "welcome", TRIGGER, T0 + 3 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::deferred, "{d:#?}");
+}
+
 #[test]
 fn a_channel_at_its_own_cap_gives_way_to_the_next_or_waits() {
     let mut a = Arbiter::with_config("daily_cap = 5\nchannel_caps = { email = { daily_cap = 1 } }");
