@@ -382,7 +382,11 @@ fn a_marketing_message_behind_a_full_queue_is_suppressed_with_the_rule() {
         (DecisionOutcome::suppressed, "queue_full"),
         "{over:#?}"
     );
-    assert!(over.reason.contains("frequency_cap_weekly"), "{}", over.reason);
+    assert!(
+        over.reason.contains("frequency_cap_weekly"),
+        "{}",
+        over.reason
+    );
     let receipt = a.trigger(
         "r1",
         "welcome",

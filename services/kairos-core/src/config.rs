@@ -1952,6 +1952,38 @@ impl Config {
                     ),
                 ));
             }
+            // Promo timings the arbiter's promo rules would suppress every time: a
+            // scenario that silently sends nothing.
+            let (pause, sunset) = (
+                self.arbiter.pause_after_purchase,
+                self.arbiter.sunset_inactive_after,
+            );
+            let always_suppressed = match s.kind {
+                _ if s.category != MessageCategory::promo => None,
+                ScenarioKind::PostPurchase if s.delay < pause => Some(format!(
+                    "its first message, {:?} after the purchase, falls within \
+                     arbiter.pause_after_purchase ({pause:?})",
+                    s.delay
+                )),
+                ScenarioKind::Reactivation if !sunset.is_zero() && s.delay >= sunset => {
+                    Some(format!(
+                        "{:?} without a visit is at least arbiter.sunset_inactive_after \
+                         ({sunset:?})",
+                        s.delay
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(why) = always_suppressed {
+                return Err(fail_here(
+                    "delay",
+                    format!(
+                        "scenarios[{i}] ({}): a promo whose {why}: the arbiter would \
+                         suppress every one; change the delay or the category",
+                        s.name
+                    ),
+                ));
+            }
             // Shorter, the next channel goes out before anyone could have reacted:
             // the same message on two channels at once.
             if let Some((j, wait)) = s
@@ -3363,6 +3395,34 @@ mod tests {
         );
         let (line, message) = line_of("[kafka.client]\npartitioner = \"murmur2_random\"\n");
         assert_eq!(line, 2, "{message}");
+    }
+
+    /// A promo follow-up within the pause after a purchase, or a promo reactivation
+    /// past the sunset, would be suppressed every time.
+    #[test]
+    fn promo_timings_the_arbiter_always_suppresses_are_refused_at_their_line() {
+        let scenario = |kind: &str, delay: &str| {
+            format!(
+                "[arbiter]\npause_after_purchase = \"2d\"\nsunset_inactive_after = \"90d\"\n\
+                 [[scenarios]]\nname = \"s\"\nkind = \"{kind}\"\ncategory = \"promo\"\n\
+                 channels = [\"email\"]\ntemplate = \"t\"\ndelay = \"{delay}\"\n"
+            )
+        };
+        for (kind, delay, said) in [
+            ("post_purchase", "1d", "pause_after_purchase"),
+            ("reactivation", "90d", "sunset_inactive_after"),
+        ] {
+            let (line, message) = line_of(&scenario(kind, delay));
+            assert_eq!(line, 10, "{message}");
+            assert!(message.contains(said), "{message}");
+        }
+        parse(&scenario("post_purchase", "3d")).expect("after the pause");
+        parse(&scenario("reactivation", "60d")).expect("before the sunset");
+        parse(
+            &scenario("post_purchase", "1d")
+                .replace("category = \"promo\"", "category = \"trigger\""),
+        )
+        .expect("not promo");
     }
 
     #[test]

@@ -2624,11 +2624,15 @@ impl ProfileProcessor {
                     if marked || p.order_returned(order) {
                         return Ok(());
                     }
-                    if let Some(Ok(serde_json::Value::Object(stored))) =
-                        t.variables.as_deref().map(serde_json::from_str)
-                    {
-                        vars = stored;
-                    }
+                }
+                // The purchase's items, kept with the timer, with or without an
+                // order id.
+                if let Some(Ok(serde_json::Value::Object(stored))) =
+                    t.variables.as_deref().map(serde_json::from_str)
+                {
+                    vars = stored;
+                }
+                if let Some(order) = &t.order_id {
                     vars.insert("order_id".into(), order.clone().into());
                 }
             }

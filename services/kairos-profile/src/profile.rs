@@ -2587,7 +2587,10 @@ mod tests {
         p.apply_outcome(&outcome(Channel::email, OutcomeKind::clicked, 40));
         assert_eq!(p.engagement[&Channel::email].last_clicked_at, Some(40));
 
-        p.apply_outcome(&outcome(Channel::email, OutcomeKind::bounced_hard, 50));
+        p.apply_outcome(&Outcome {
+            address: Some("c1@example.com".into()),
+            ..outcome(Channel::email, OutcomeKind::bounced_hard, 50)
+        });
         assert_eq!(
             p.hard_bounced.get(&Channel::email).map(String::as_str),
             Some("c1@example.com")
