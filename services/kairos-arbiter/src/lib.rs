@@ -1161,7 +1161,9 @@ impl ArbiterProcessor {
             .config
             .scenario(&t.scenario)
             .map_or(Duration::ZERO, |s| {
-                (step + 1..=t.step)
+                // Bounded by the scenario's steps, whatever step a trigger claims.
+                let last = t.step.min(i32::try_from(s.steps.len()).unwrap_or(i32::MAX));
+                (step + 1..=last)
                     .filter_map(|k| s.steps.get(usize::try_from(k - 1).ok()?))
                     .map(|s| s.delay)
                     .sum()
@@ -3075,10 +3077,15 @@ impl ArbiterProcessor {
     /// `verdict`, unless it queues a new marketing message behind `QUEUED_KEPT`
     /// others: that one is suppressed instead, with what it would have waited for.
     fn bounded_queue(&self, t: &Trigger, ledger: &CustomerLedger, verdict: Verdict) -> Verdict {
+        let marketing_waiting = || {
+            (ledger.queued.values())
+                .filter(|q| q.category != Some(MessageCategory::transactional))
+                .count()
+        };
         let full = verdict.defer_until.is_some()
             && t.category != MessageCategory::transactional
-            && ledger.queued.len() >= QUEUED_KEPT
-            && !ledger.queued.contains_key(&t.trigger_id);
+            && !ledger.queued.contains_key(&t.trigger_id)
+            && marketing_waiting() >= QUEUED_KEPT;
         if !full {
             return verdict;
         }
@@ -3086,8 +3093,9 @@ impl ArbiterProcessor {
             DecisionOutcome::suppressed,
             QUEUE_FULL,
             format!(
-                "{} messages already wait for this customer; this one would have waited: {}: {}",
-                ledger.queued.len(),
+                "{} marketing messages already wait for this customer; this one would have \
+                 waited: {}: {}",
+                marketing_waiting(),
                 verdict.rule,
                 verdict.reason
             ),

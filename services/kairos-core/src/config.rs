@@ -1527,13 +1527,11 @@ impl Config {
             }
             // A provider's section the worker would not read: every send would go to
             // what `provider` names (the simulator by default) and count as delivered.
-            let unread = [
-                ("smtp", d.smtp.is_some(), ProviderKind::Smtp),
-                ("http", d.http.is_some(), ProviderKind::Http),
-            ];
-            if let Some((sub, _, _)) = unread
+            // (Both real providers' sections may be kept, `provider` choosing one.)
+            let unread = [("smtp", d.smtp.is_some()), ("http", d.http.is_some())];
+            if let Some((sub, _)) = unread
                 .into_iter()
-                .find(|(_, written, kind)| *written && d.provider != *kind)
+                .find(|(_, written)| *written && !d.reaches_a_provider())
             {
                 return Err(fail_at(
                     line(sub, ""),
@@ -1958,17 +1956,20 @@ impl Config {
                 self.arbiter.pause_after_purchase,
                 self.arbiter.sunset_inactive_after,
             );
+            // The last message of a follow-up (its last step): a chain goes on past a
+            // suppressed step.
+            let last_message = s.delay + s.steps.iter().map(|step| step.delay).sum::<Duration>();
             let always_suppressed = match s.kind {
                 _ if s.category != MessageCategory::promo => None,
-                ScenarioKind::PostPurchase if s.delay < pause => Some(format!(
-                    "its first message, {:?} after the purchase, falls within \
-                     arbiter.pause_after_purchase ({pause:?})",
-                    s.delay
+                ScenarioKind::PostPurchase if last_message < pause => Some(format!(
+                    "messages, the last {last_message:?} after the purchase, fall within \
+                     arbiter.pause_after_purchase ({pause:?})"
                 )),
-                ScenarioKind::Reactivation if !sunset.is_zero() && s.delay >= sunset => {
+                // The sunset takes a customer inactive for longer than it.
+                ScenarioKind::Reactivation if !sunset.is_zero() && s.delay > sunset => {
                     Some(format!(
-                        "{:?} without a visit is at least arbiter.sunset_inactive_after \
-                         ({sunset:?})",
+                        "message, {:?} without a visit, comes past \
+                         arbiter.sunset_inactive_after ({sunset:?})",
                         s.delay
                     ))
                 }
@@ -2622,12 +2623,17 @@ fn cell_key_line(text: &str, name: &str, key: &str) -> Option<usize> {
 /// out, errors included: refused.
 fn check_log_level(level: &str) -> Result<(), String> {
     use tracing_subscriber::filter::LevelFilter;
-    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let bare = !directive.contains(['=', '[', '{']);
-        if bare && directive.parse::<LevelFilter>().is_err() {
+    let directives = || level.split(',').map(str::trim).filter(|d| !d.is_empty());
+    let bare = |d: &&str| !d.contains(['=', '[', '{']);
+    let is_level = |d: &&str| d.parse::<LevelFilter>().is_ok();
+    // With a level for everything else (`info,kairos_profile`), a bare target is one
+    // module at TRACE, as meant.
+    if !directives().any(|d| bare(&d) && is_level(&d)) {
+        if let Some(word) = directives().find(|d| bare(d) && !is_level(d)) {
             return Err(format!(
-                "\"{directive}\" is not a level (trace, debug, info, warn, error, off); \
-                 write target=level for one module"
+                "\"{word}\" is not a level (trace, debug, info, warn, error, off), and no \
+                 directive sets one for the rest: write a level, or target=level for one \
+                 module"
             ));
         }
     }
@@ -3259,10 +3265,12 @@ mod tests {
             "{message}"
         );
         let http = "[delivery.email.http]\nurl = \"https://gw.example/send\"\n";
-        let (line, message) = line_of(&format!("{email}provider = \"smtp\"\n{smtp}{http}"));
-        assert_eq!(line, 7, "{message}");
-        assert!(message.contains("provider is \"smtp\""), "{message}");
+        let (line, message) = line_of(&format!("{email}provider = \"in_app\"\n{http}"));
+        assert_eq!(line, 4, "{message}");
+        assert!(message.contains("provider is \"in_app\""), "{message}");
         parse(&format!("{email}provider = \"smtp\"\n{smtp}")).expect("the section read");
+        // Both real providers kept, `provider` choosing one.
+        parse(&format!("{email}provider = \"smtp\"\n{smtp}{http}")).expect("one of two");
         let (line, message) = line_of(&format!(
             "{email}[delivery.email.simulator]\nopen_rate = 22.0\n"
         ));
@@ -3285,13 +3293,22 @@ mod tests {
     /// `warning` would be read as a target at TRACE and filter out every line.
     #[test]
     fn a_log_level_that_is_no_level_is_refused_at_its_line() {
-        for level in ["warning", "info,verbose", "kairos_profile=loud"] {
+        for level in [
+            "warning",
+            "verbose,kairos_profile=debug",
+            "kairos_profile=loud",
+        ] {
             let (line, message) =
                 line_of(&format!("[log]\nformat = \"plain\"\nlevel = \"{level}\"\n"));
             assert_eq!(line, 3, "{level}: {message}");
             assert!(message.contains("log.level"), "{message}");
         }
-        for level in ["warn", "INFO,kairos_profile=debug", "off"] {
+        for level in [
+            "warn",
+            "INFO,kairos_profile=debug",
+            "off",
+            "info,kairos_arbiter",
+        ] {
             parse(&format!("[log]\nlevel = \"{level}\"\n")).expect(level);
         }
     }
@@ -3410,14 +3427,20 @@ mod tests {
         };
         for (kind, delay, said) in [
             ("post_purchase", "1d", "pause_after_purchase"),
-            ("reactivation", "90d", "sunset_inactive_after"),
+            ("reactivation", "91d", "sunset_inactive_after"),
         ] {
             let (line, message) = line_of(&scenario(kind, delay));
             assert_eq!(line, 10, "{message}");
             assert!(message.contains(said), "{message}");
         }
         parse(&scenario("post_purchase", "3d")).expect("after the pause");
-        parse(&scenario("reactivation", "60d")).expect("before the sunset");
+        parse(&scenario("reactivation", "90d")).expect("at the sunset, not past it");
+        // A chain whose later step comes after the pause goes on past the first.
+        parse(&scenario("post_purchase", "1d").replace(
+            "delay = \"1d\"\n",
+            "delay = \"1d\"\nsteps = [{ delay = \"2d\", template = \"t2\" }]\n",
+        ))
+        .expect("a later step after the pause");
         parse(
             &scenario("post_purchase", "1d")
                 .replace("category = \"promo\"", "category = \"trigger\""),

@@ -486,8 +486,11 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 43] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 45] = [
     (DecisionOutcome::cancelled, "chain_broken"),
+    (DecisionOutcome::suppressed, "queue_full"),
+    // A cascade step waiting for the gap or window after another message.
+    (DecisionOutcome::deferred, "cascade_spacing"),
     (DecisionOutcome::cancelled, "scenario_off"),
     (DecisionOutcome::deferred, "scenario_off"),
     (DecisionOutcome::cancelled, "forgotten"),

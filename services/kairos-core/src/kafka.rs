@@ -48,13 +48,14 @@ pub fn client_config(config: &Config) -> anyhow::Result<ClientConfig> {
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
     let mut cc = client_config(config)?;
     cc.set("enable.idempotence", "true");
-    // Defaults `[kafka.client]` may change.
-    for (key, value) in [
-        ("linger.ms", "5"),
-        ("compression.type", "lz4"),
-        ("message.timeout.ms", "60000"),
+    // Defaults `[kafka.client]` may change, by either of librdkafka's names.
+    for (key, alias, value) in [
+        ("linger.ms", "queue.buffering.max.ms", "5"),
+        ("compression.type", "compression.codec", "lz4"),
+        ("message.timeout.ms", "delivery.timeout.ms", "60000"),
     ] {
-        if !config.kafka.client.contains_key(key) {
+        let client = &config.kafka.client;
+        if !client.contains_key(key) && !client.contains_key(alias) {
             cc.set(key, value);
         }
     }

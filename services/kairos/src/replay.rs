@@ -77,8 +77,13 @@ pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
     // the things that come back to it (price drops, outcomes) are: keyed by the bare
     // anonymous id, a visitor's profile would sit on another partition than its
     // price drops.
+    // Trimmed, a blank one absent, as the profile reads ids (`key_id`).
     fn given(id: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
-        id.filter(|id| !id.is_empty())
+        match id? {
+            Cow::Borrowed(id) => Some(Cow::Borrowed(id.trim())),
+            Cow::Owned(id) => Some(Cow::Owned(id.trim().to_string())),
+        }
+        .filter(|id| !id.is_empty())
     }
     fn tagged<'a>(tag: &str, id: Option<Cow<'a, str>>) -> Option<Cow<'a, str>> {
         given(id).map(|id| Cow::Owned([tag, &*id].concat()))
@@ -323,6 +328,13 @@ mod tests {
         assert_eq!(
             key(&format!(r#"{receipt},"loyalty_card":"LC1","phone":"1"}}"#)),
             "card:LC1"
+        );
+        assert_eq!(
+            key(&format!(
+                r#"{receipt},"customer_id":" ","loyalty_card":" LC1 "}}"#
+            )),
+            "card:LC1",
+            "trimmed, a blank id absent"
         );
         assert_eq!(
             key(&format!(r#"{receipt},"phone":"0151 1"}}"#)),

@@ -138,7 +138,9 @@ pub async fn run(
     // A second `kairos up` on the same files would clear the first one's state under
     // its running stores and truncate its logs: one at a time. The lock goes with
     // the process, however it ends.
-    let lock_path = config.state.dir.with_extension("up-lock");
+    let mut lock_path = config.state.dir.clone().into_os_string();
+    lock_path.push(".up-lock");
+    let lock_path = PathBuf::from(lock_path);
     if let Some(parent) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
