@@ -1296,13 +1296,27 @@ impl Config {
         Ok(())
     }
 
-    /// `[kafka.client]` names and values librdkafka knows, checked here at their line
-    /// rather than by every service's first client; and no second broker address.
+    /// `[kafka.client]`: none of the properties the runtime sets itself, no second
+    /// broker address, and names and values librdkafka knows, checked here at their
+    /// line rather than by every service's first client.
     fn validate_kafka_client(&self, text: &str) -> Result<(), ConfigError> {
         // A TOML key with dots is quoted.
         let line =
             |key: &str| find_key_line(text, &format!("\"{key}\"")).or(find_key_line(text, key));
         let client = &self.kafka.client;
+        if let Some(key) =
+            (client.keys()).find(|k| KAFKA_PROPERTIES_KAIROS_SETS.contains(&k.as_str()))
+        {
+            return Err(self.error_at(
+                line(key),
+                &format!("kafka.client.{key}"),
+                "Kairos sets it itself, its exactly-once commit depends on it (offsets stored \
+                 only with the state they produced, eager range assignment, idempotent \
+                 producers, a key's partition found by librdkafka's default partitioner): \
+                 remove it"
+                    .into(),
+            ));
+        }
         if let Some(key) = ["bootstrap.servers", "metadata.broker.list"]
             .into_iter()
             .find(|k| client.contains_key(*k))
@@ -1335,24 +1349,6 @@ impl Config {
         let fail = |key: &str, message: String| fail_at(find_key_line(text, key), key, message);
         if self.kafka.partitions < 1 {
             return Err(fail("partitions", "must be at least 1".into()));
-        }
-        if let Some(key) = self
-            .kafka
-            .client
-            .keys()
-            .find(|k| KAFKA_PROPERTIES_KAIROS_SETS.contains(&k.as_str()))
-        {
-            // A TOML key with dots is quoted.
-            let line = find_key_line(text, &format!("\"{key}\"")).or(find_key_line(text, key));
-            return Err(fail_at(
-                line,
-                &format!("kafka.client.{key}"),
-                "Kairos sets it itself, its exactly-once commit depends on it (offsets stored \
-                 only with the state they produced, eager range assignment, idempotent \
-                 producers, a key's partition found by librdkafka's default partitioner): \
-                 remove it"
-                    .into(),
-            ));
         }
         self.validate_kafka_client(text)?;
         self.validate_currencies(text)?;
