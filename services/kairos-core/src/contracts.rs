@@ -1056,16 +1056,31 @@ pub(crate) fn given(field: &Option<String>) -> Option<&str> {
     field.as_deref().filter(|v| !v.trim().is_empty())
 }
 
+/// The key of the profile an event or receipt goes to: its customer id, else the
+/// first of its other ids given, tagged (`anon:`, `device:`; `card:`, `phone:`). Ids
+/// are trimmed, as the profile reads them, and an empty one is absent:
+/// `"customer_id": ""` must not hide the anonymous id beside it. Also what
+/// `kairos replay` keys a bare line by, from the fields alone.
+pub fn profile_key(customer_id: Option<&str>, others: [(&str, Option<&str>); 2]) -> Option<String> {
+    fn id(id: Option<&str>) -> Option<&str> {
+        id.map(str::trim).filter(|id| !id.is_empty())
+    }
+    id(customer_id).map(str::to_string).or_else(|| {
+        (others.into_iter()).find_map(|(tag, other)| id(other).map(|other| [tag, other].concat()))
+    })
+}
+
 impl CustomerEvent {
     /// The key a customer's state lives under: the customer id, or the anonymous or
-    /// device id for visitors not yet identified.
+    /// device id for visitors not yet identified ([`profile_key`]).
     pub fn customer_key(&self) -> Option<String> {
-        // An empty field is an absent one: `"customer_id": ""` must not hide the
-        // anonymous id beside it.
-        given(&self.customer_id)
-            .map(str::to_string)
-            .or_else(|| given(&self.anonymous_id).map(|a| format!("anon:{a}")))
-            .or_else(|| given(&self.device_id).map(|d| format!("device:{d}")))
+        profile_key(
+            self.customer_id.as_deref(),
+            [
+                ("anon:", self.anonymous_id.as_deref()),
+                ("device:", self.device_id.as_deref()),
+            ],
+        )
     }
 
     /// What a purchase event is worth: the order total, else the sum of its items.
@@ -1081,10 +1096,13 @@ impl OfflineReceipt {
     /// The customer a receipt belongs to: the customer id, else the loyalty card, else
     /// the phone (as given; the identity processor resolves them properly).
     pub fn customer_key(&self) -> Option<String> {
-        given(&self.customer_id)
-            .map(str::to_string)
-            .or_else(|| given(&self.loyalty_card).map(|c| format!("card:{c}")))
-            .or_else(|| given(&self.phone).map(|p| format!("phone:{p}")))
+        profile_key(
+            self.customer_id.as_deref(),
+            [
+                ("card:", self.loyalty_card.as_deref()),
+                ("phone:", self.phone.as_deref()),
+            ],
+        )
     }
 }
 

@@ -49,12 +49,12 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
     let mut cc = client_config(config)?;
     cc.set("enable.idempotence", "true");
     // Defaults `[kafka.client]` may change, by either of librdkafka's names.
+    let client = &config.kafka.client;
     for (key, alias, value) in [
         ("linger.ms", "queue.buffering.max.ms", "5"),
         ("compression.type", "compression.codec", "lz4"),
         ("message.timeout.ms", "delivery.timeout.ms", "60000"),
     ] {
-        let client = &config.kafka.client;
         if !client.contains_key(key) && !client.contains_key(alias) {
             cc.set(key, value);
         }

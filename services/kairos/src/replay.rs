@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
+use kairos_core::contracts::profile_key;
 use kairos_core::store::OutboxEntry;
 use kairos_profile::pipeline::Pipeline;
 
@@ -73,32 +74,25 @@ pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
             payload: value.as_raw_cow(),
         });
     }
-    // Events and receipts are keyed by the profile they go to (`customer_key`), as
-    // the things that come back to it (price drops, outcomes) are: keyed by the bare
-    // anonymous id, a visitor's profile would sit on another partition than its
-    // price drops.
-    // Trimmed, a blank one absent, as the profile reads ids (`key_id`).
-    fn given(id: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
-        match id? {
-            Cow::Borrowed(id) => Some(Cow::Borrowed(id.trim())),
-            Cow::Owned(id) => Some(Cow::Owned(id.trim().to_string())),
-        }
-        .filter(|id| !id.is_empty())
-    }
-    fn tagged<'a>(tag: &str, id: Option<Cow<'a, str>>) -> Option<Cow<'a, str>> {
-        given(id).map(|id| Cow::Owned([tag, &*id].concat()))
-    }
+    // Events and receipts are keyed by the profile they go to, as the things that
+    // come back to it (price drops, outcomes) are: keyed by the bare anonymous id, a
+    // visitor's profile would sit on another partition than its price drops.
+    let customer = p.customer_id.as_deref();
     let (topic, key) = if p.receipt_id.is_some() {
-        let key = given(p.customer_id)
-            .or_else(|| tagged("card:", p.loyalty_card))
-            .or_else(|| tagged("phone:", p.phone));
+        let others = [
+            ("card:", p.loyalty_card.as_deref()),
+            ("phone:", p.phone.as_deref()),
+        ];
+        let key = profile_key(customer, others).map(Cow::Owned);
         (topics::OFFLINE_EVENTS, key)
     } else if p.event_type.is_none() && p.product_id.is_some() {
         (topics::CATALOG, p.product_id)
     } else {
-        let key = given(p.customer_id)
-            .or_else(|| tagged("anon:", p.anonymous_id))
-            .or_else(|| tagged("device:", p.device_id));
+        let others = [
+            ("anon:", p.anonymous_id.as_deref()),
+            ("device:", p.device_id.as_deref()),
+        ];
+        let key = profile_key(customer, others).map(Cow::Owned);
         (topics::SITE_EVENTS, key)
     };
     Ok(Route {
