@@ -624,6 +624,12 @@ impl Ctx<'_> {
             .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
     }
 
+    /// Queues an output record already encoded (a record sent on as read).
+    pub fn emit_encoded(&mut self, topic: &str, key: &str, payload: Vec<u8>) {
+        self.store
+            .emit(self.pending, topic, key.as_bytes(), payload);
+    }
+
     /// Schedules (or moves) a persistent timer.
     pub fn schedule<T: Serialize>(
         &mut self,

@@ -36,6 +36,7 @@ use kairos_core::contracts::{
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
+use kairos_core::replay::partition_for;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::schemas;
 use kairos_core::store::DueTimer;
@@ -72,6 +73,10 @@ struct ProductState {
     /// behind the catalog for hours after an outage) still hears of it.
     #[serde(default)]
     news: Vec<News>,
+    /// The time of the update that set `name` (None in older rows), likewise: an
+    /// older update read later does not bring back the old name.
+    #[serde(default)]
+    name_at: Option<Millis>,
 }
 
 impl ProductState {
@@ -255,6 +260,15 @@ struct Interest {
 pub enum CatalogInput {
     Update(Box<CatalogUpdate>),
     Interest(Box<ProductInterest>),
+    /// A catalog update read on another partition than its product's (the shop's feed
+    /// keyed it otherwise, or a producer with another partitioner, such as Java's
+    /// murmur2, wrote it): it is sent on, as read, to the product's partition, where
+    /// the product's state and its audience are.
+    Misrouted {
+        product_id: String,
+        occurred_at: Millis,
+        payload: Vec<u8>,
+    },
 }
 
 pub struct CatalogJoin {
@@ -262,6 +276,10 @@ pub struct CatalogJoin {
     catalog_topic: String,
     interest_topic: String,
     occasions_topic: String,
+    /// `kafka.partitions`: a product's state is on the partition of its id.
+    partitions: i32,
+    /// Catalog updates sent on to their product's partition.
+    misrouted_forwarded: prometheus::IntCounter,
     /// Smallest drop any price-drop scenario asks for, in percent.
     min_drop_percent: f64,
     watches_stock: bool,
@@ -275,7 +293,7 @@ pub struct CatalogJoin {
 }
 
 impl CatalogJoin {
-    pub fn new(config: &Config, registry: SchemaRegistry) -> Self {
+    pub fn new(config: &Config, registry: SchemaRegistry, metrics: &prometheus::Registry) -> Self {
         let enabled = |k| {
             config
                 .scenarios
@@ -287,6 +305,12 @@ impl CatalogJoin {
             catalog_topic: config.topic(topics::CATALOG),
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
+            partitions: config.kafka.partitions,
+            misrouted_forwarded: kairos_core::metrics::counter(
+                metrics,
+                "kairos_catalog_updates_forwarded_total",
+                "Catalog updates read on another partition than their product id's (keyed otherwise, or by a producer with another partitioner), sent on to it.",
+            ),
             min_drop_percent: enabled(ScenarioKind::PriceDrop)
                 .map(|s| s.min_drop_percent.unwrap_or(0.0))
                 .fold(f64::INFINITY, f64::min),
@@ -396,8 +420,9 @@ impl CatalogJoin {
                 price.or(product.price),
             ));
         }
-        if u.name.is_some() {
+        if u.name.is_some() && newer(product.name_at) {
             product.name = u.name.clone();
+            product.name_at = Some(u.occurred_at);
         }
         if quoted.is_some() {
             product.price_at = Some(u.occurred_at);
@@ -626,6 +651,13 @@ impl Processor for CatalogJoin {
                 kairos_core::input::check_text(format_args!("{field}"), value.as_deref(), max)?;
             }
             kairos_core::input::check_amount("price", u.price)?;
+            if partition_for(u.product_id.as_bytes(), self.partitions) != record.partition {
+                return Ok(CatalogInput::Misrouted {
+                    occurred_at: u.occurred_at,
+                    product_id: u.product_id,
+                    payload: record.payload.to_vec(),
+                });
+            }
             Ok(CatalogInput::Update(Box::new(u)))
         } else {
             Ok(CatalogInput::Interest(Box::new(decode_internal(
@@ -638,6 +670,7 @@ impl Processor for CatalogJoin {
         Some(match input {
             CatalogInput::Update(u) => u.occurred_at,
             CatalogInput::Interest(i) => i.occurred_at,
+            CatalogInput::Misrouted { occurred_at, .. } => *occurred_at,
         })
     }
 
@@ -645,6 +678,17 @@ impl Processor for CatalogJoin {
         match input {
             CatalogInput::Update(u) => self.apply_update(ctx, &u),
             CatalogInput::Interest(i) => self.apply_interest(ctx, &i),
+            CatalogInput::Misrouted {
+                product_id,
+                payload,
+                ..
+            } => {
+                // Through the outbox, with this record's offset: sent on exactly once.
+                let topic = self.catalog_topic.clone();
+                ctx.emit_encoded(&topic, &product_id, payload);
+                self.misrouted_forwarded.inc();
+                Ok(())
+            }
         }
     }
 
@@ -684,7 +728,7 @@ pub async fn run(
     cancel: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = SchemaRegistry::new(config.schema_registry.url.clone());
-    let processor = CatalogJoin::new(&config, registry.clone());
+    let processor = CatalogJoin::new(&config, registry.clone(), &admin.registry);
     kairos_core::runtime::run(&config, processor, admin, registry, cancel).await
 }
 
@@ -714,11 +758,17 @@ mod tests {
     }
 
     fn catalog_join(dir: &std::path::Path) -> (Config, Replayer<CatalogJoin>) {
+        catalog_join_on(dir, 1)
+    }
+
+    /// The join over `partitions` partitions.
+    fn catalog_join_on(dir: &std::path::Path, partitions: i32) -> (Config, Replayer<CatalogJoin>) {
         let config = Config::from_text(
             std::path::Path::new("test.toml"),
-            r#"
+            &format!(
+                r#"
 [kafka]
-partitions = 1
+partitions = {partitions}
 [state]
 max_batch_records = 1000
 [clock]
@@ -730,12 +780,14 @@ category = "trigger"
 channels = ["email"]
 template = "price_drop"
 min_drop_percent = 10.0
-"#,
+"#
+            ),
             &[("KAIROS__STATE__DIR".into(), dir.display().to_string())],
         )
         .unwrap();
-        let join = CatalogJoin::new(&config, SchemaRegistry::new(None));
-        let replayer = Replayer::new(join, &config, &prometheus::Registry::new()).unwrap();
+        let metrics = prometheus::Registry::new();
+        let join = CatalogJoin::new(&config, SchemaRegistry::new(None), &metrics);
+        let replayer = Replayer::new(join, &config, &metrics).unwrap();
         (config, replayer)
     }
 
@@ -892,6 +944,80 @@ min_drop_percent = 10.0
         push(&interest, view("after", "p1", T0 + 3 * HOUR));
         let out = push(&catalog, price("p1", "u2", 80.0, T0 + 2 * HOUR));
         assert_eq!(told(&out, "p1"), ["before"]);
+    }
+
+    /// A catalog update keyed otherwise than by its product id (a feed keyed by SKU
+    /// row, or written by a producer with another partitioner) reaches a partition
+    /// without the product's state or audience: it is sent on, as read, to the
+    /// product's partition, and the viewer there hears of the drop.
+    #[test]
+    fn a_catalog_update_on_another_partition_than_its_product_s_is_sent_on_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join_on(dir.path(), 4);
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let wrong_key = (0..100)
+            .map(|n| format!("row-{n}"))
+            .find(|k| partition_for(k.as_bytes(), 4) != partition_for(b"p1", 4))
+            .unwrap();
+        // What the broker would deliver: the records pushed, then what they sent on.
+        let mut deliver = |key: &[u8], topic: &str, record: Vec<u8>| {
+            let mut out = r.push(topic, key, &record).unwrap();
+            out.extend(r.commit().unwrap());
+            let sent_on: Vec<_> = out
+                .iter()
+                .filter(|e| e.topic == catalog)
+                .map(|e| (e.key.clone(), e.payload.clone()))
+                .collect();
+            for (key, payload) in sent_on {
+                assert_eq!(key, b"p1", "sent on keyed by its product id");
+                assert_eq!(payload, record, "sent on as read");
+                out.extend(r.push(&catalog, &key, &payload).unwrap());
+                out.extend(r.commit().unwrap());
+            }
+            out
+        };
+        let out = deliver(wrong_key.as_bytes(), &catalog, price("p1", "u1", 100.0, T0));
+        assert_eq!(
+            out.iter().filter(|e| e.topic == catalog).count(),
+            1,
+            "the update is sent on once (not again from the product's partition)"
+        );
+        deliver(b"p1", &interest, view("a", "p1", T0 + HOUR));
+        let out = deliver(
+            wrong_key.as_bytes(),
+            &catalog,
+            price("p1", "u2", 80.0, T0 + 2 * HOUR),
+        );
+        assert_eq!(told(&out, "p1"), ["a"]);
+    }
+
+    /// The name follows the newest update too: one older, read later, leaves it.
+    #[test]
+    fn an_older_update_read_later_keeps_the_newer_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let named = |event_id: &str, name: &str, price: f64, at: Millis| {
+            serde_json::to_vec(&serde_json::json!({
+                "event_id": event_id, "product_id": "p1", "name": name,
+                "price": price, "occurred_at": at,
+            }))
+            .unwrap()
+        };
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        push(&catalog, named("u2", "Kettle Pro", 100.0, T0 + HOUR));
+        push(&catalog, named("u1", "Kettle", 100.0, T0));
+        push(&interest, view("a", "p1", T0 + 2 * HOUR));
+        let out = push(&catalog, price("p1", "u3", 80.0, T0 + 3 * HOUR));
+        let names: Vec<Option<String>> = out
+            .iter()
+            .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+            .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+            .map(|o| o.product_name)
+            .collect();
+        assert_eq!(names, [Some("Kettle Pro".to_string())]);
     }
 
     #[test]

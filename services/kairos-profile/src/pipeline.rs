@@ -43,7 +43,7 @@ impl Pipeline {
         )?;
         let catalog_registry = prometheus::Registry::new();
         let catalog = Replayer::new(
-            CatalogJoin::new(config, schema_registry.clone()),
+            CatalogJoin::new(config, schema_registry.clone(), &catalog_registry),
             config,
             &catalog_registry,
         )?;
@@ -224,7 +224,9 @@ impl Pipeline {
             if e.changelog {
                 continue;
             }
-            if e.topic == self.interest_topic {
+            // The join's interest, and catalog updates it sent on to their product's
+            // partition (read under another key), go back to it.
+            if e.topic == self.interest_topic || e.topic == self.catalog_topic {
                 queue.extend(self.catalog.push(&e.topic, &e.key, &e.payload)?);
             } else if Stage::consumes(&self.profile, &e.topic) {
                 queue.extend(self.profile.push(&e.topic, &e.key, &e.payload)?);

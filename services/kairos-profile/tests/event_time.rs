@@ -2278,6 +2278,36 @@ fn a_replayed_anonymous_viewer_on_another_partition_than_its_bare_id_hears_of_th
     assert_eq!(fired.len(), 1, "{fired:#?}");
 }
 
+/// A replayed catalog envelope keyed otherwise than by its product id reaches the join
+/// on another partition than the product's: the join sends it on to the product's
+/// partition, as on Kafka, and the viewer there hears of the drop.
+#[test]
+fn a_catalog_update_keyed_otherwise_still_tells_the_product_s_viewer() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let key = (0..100)
+        .map(|n| format!("row-{n}"))
+        .find(|k| {
+            kairos_core::replay::partition_for(k.as_bytes(), 2)
+                != kairos_core::replay::partition_for(b"p1", 2)
+        })
+        .expect("a key on the other partition");
+    let update = |event_id: &str, time: Millis, price: f64| {
+        json!({"event_id": event_id, "occurred_at": rfc(time), "product_id": "p1",
+            "name": "Kettle", "price": price, "in_stock": true})
+    };
+    h.feed("catalog", &key, update("ko-cat-1", t, 100.0));
+    h.site(
+        "ko-view",
+        "product_view",
+        "ko1",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.feed("catalog", &key, update("ko-cat-2", t + 2 * HOUR, 80.0));
+    assert_eq!(h.triggers("ko1", "price_drop").len(), 1);
+}
+
 #[test]
 fn price_drop_reaches_viewers_only() {
     let t = at(T0);
