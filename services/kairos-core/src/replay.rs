@@ -59,6 +59,11 @@ pub struct Replayer<P: Processor> {
     offsets: HashMap<String, HashMap<i32, i64>>,
     commit_every: usize,
     since_commit: usize,
+    /// The error a push, commit or advance stopped at. The engine abandoned that
+    /// batch, while the records of it already pushed are counted as read and their
+    /// outputs handed out: going on would leave them out of the state, so every later
+    /// call fails with it.
+    failed: Option<String>,
 }
 
 impl<P: Processor> Replayer<P> {
@@ -92,6 +97,7 @@ impl<P: Processor> Replayer<P> {
             offsets,
             commit_every: config.state.max_batch_records.max(1),
             since_commit: 0,
+            failed: None,
         })
     }
 
@@ -143,6 +149,41 @@ impl<P: Processor> Replayer<P> {
         payload: &[u8],
         decoded: Option<P::Input>,
     ) -> anyhow::Result<Vec<OutboxEntry>> {
+        self.refuse_after_failure()?;
+        let pushed = self.push_unchecked(topic, partition, key, payload, decoded);
+        self.note_failure(pushed)
+    }
+
+    /// Fails if an earlier call did (see `Replayer::failed`).
+    fn refuse_after_failure(&self) -> anyhow::Result<()> {
+        match &self.failed {
+            Some(e) => anyhow::bail!("the replay stopped at an earlier error: {e}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers `result`'s error, if any, for the calls after it.
+    fn note_failure<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if let Err(e) = &result {
+            self.failed = Some(format!("{e:#}"));
+        }
+        result
+    }
+
+    /// Lets a test go on after a failed call, to see what the engine itself does then.
+    #[cfg(test)]
+    pub(crate) fn carry_on_after_failure(&mut self) {
+        self.failed = None;
+    }
+
+    fn push_unchecked(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+        decoded: Option<P::Input>,
+    ) -> anyhow::Result<Vec<OutboxEntry>> {
         // Looked up by `&str` first: no allocation per record.
         if !self.offsets.contains_key(topic) {
             self.offsets.insert(topic.to_string(), HashMap::new());
@@ -163,13 +204,19 @@ impl<P: Processor> Replayer<P> {
         let mut out = self.engine.handle_decoded(&record, decoded)?;
         self.since_commit += 1;
         if self.since_commit >= self.commit_every {
-            append_outputs(&mut out, self.commit()?);
+            append_outputs(&mut out, self.commit_unchecked()?);
         }
         Ok(out)
     }
 
     /// Commits pending work and fires due timers.
     pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
+        self.refuse_after_failure()?;
+        let committed = self.commit_unchecked();
+        self.note_failure(committed)
+    }
+
+    fn commit_unchecked(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
         self.since_commit = 0;
         let mut out = self.engine.commit()?;
         append_outputs(&mut out, self.engine.fire_due()?);
@@ -187,15 +234,20 @@ impl<P: Processor> Replayer<P> {
         let partition = self
             .engine
             .state_partition(partition_for(key, self.partitions));
-        let answer = self.engine.serve(partition, request)?;
+        self.refuse_after_failure()?;
+        let answer = self.engine.serve(partition, request);
+        let answer = self.note_failure(answer)?;
         Ok((answer, self.commit()?))
     }
 
     /// Moves event time to `t` everywhere (a heartbeat on every partition).
     pub fn advance_to(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
-        let out = self.engine.advance_time(t)?;
-        self.engine.acknowledge_local(&out)?;
-        Ok(out)
+        self.refuse_after_failure()?;
+        let advanced = self.engine.advance_time(t).and_then(|out| {
+            self.engine.acknowledge_local(&out)?;
+            Ok(out)
+        });
+        self.note_failure(advanced)
     }
 }
 
@@ -355,6 +407,7 @@ mod tests {
         let mut r = Replayer::new(ArmThenFail, &config, &prometheus::Registry::new()).unwrap();
         r.push("in", b"k", b"arm").unwrap();
         assert!(r.push("in", b"k", b"fail").is_err());
+        r.carry_on_after_failure();
         let fired = |out: &[OutboxEntry]| out.iter().filter(|e| e.topic == "fired").count();
         let mut out = r.commit().unwrap();
         out.extend(r.advance_to(50).unwrap());
@@ -365,6 +418,30 @@ mod tests {
         out.extend(r.commit().unwrap());
         out.extend(r.advance_to(100).unwrap());
         assert_eq!(fired(&out), 1);
+    }
+
+    /// The failed batch's records before the failure were counted as read and their
+    /// outputs handed out, but their state is gone with the batch: a replay going on
+    /// would leave them out, so it refuses to.
+    #[test]
+    fn a_replay_goes_no_further_after_a_failed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = event_time_config(dir.path());
+        let mut r = Replayer::new(ArmThenFail, &config, &prometheus::Registry::new()).unwrap();
+        r.push("in", b"k", b"arm").unwrap();
+        let failure = r.push("in", b"k", b"fail").unwrap_err();
+        assert!(format!("{failure:#}").contains("a poisoned record"));
+        for refused in [
+            r.push("in", b"k", b"arm").map(|_| ()),
+            r.commit().map(|_| ()),
+            r.advance_to(50).map(|_| ()),
+        ] {
+            let e = format!("{:#}", refused.unwrap_err());
+            assert!(
+                e.contains("earlier error") && e.contains("a poisoned record"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

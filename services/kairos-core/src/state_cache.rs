@@ -466,6 +466,7 @@ mod tests {
         r.push("in", b"k", b"key-b").unwrap();
         assert!(r.push("in", b"k", b"fail").is_err());
         assert_eq!(r.engine.processor.counts.len(0), 0);
+        r.carry_on_after_failure();
         r.push("in", b"k", b"key-a").unwrap();
         r.commit().unwrap();
         assert_eq!(stored(&r, "key-a"), Some(2));
