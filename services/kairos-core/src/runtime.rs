@@ -1278,6 +1278,13 @@ impl<P: Processor> Engine<P> {
         cancel: &CancellationToken,
         leaving: &[i32],
     ) -> anyhow::Result<Published> {
+        // A write-ahead record sent without waiting (a provider's refusal after the
+        // message body withdrawing its commit point) goes by another producer: were it
+        // retried after this commit's changelog records, which may delete its key, a
+        // rebuild from the changelog would end with it. So it lands first.
+        for part in self.parts.values() {
+            part.store.claim_watch().settle();
+        }
         let own = self.own_spans()?;
         let Publisher {
             producer,

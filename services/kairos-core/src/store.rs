@@ -704,16 +704,17 @@ impl ClaimWatch {
         self.checked_through = Some(checked);
     }
 
-    /// Notes a write-ahead record sent without waiting (see [`Self::settle`]).
+    /// Notes a write-ahead record sent without waiting (see [`Self::settle`]). Kept
+    /// also by a store that has not claimed: its commit's changelog records, sent by
+    /// another producer, must wait for it (see `Engine::publish`).
     pub fn note_unplaced(&mut self, delivery: rdkafka::producer::DeliveryFuture) {
-        if self.checked_through.is_some() {
-            self.unplaced.push(delivery);
-        }
+        self.unplaced.push(delivery);
     }
 
-    /// Takes the offsets of the records sent without waiting. Called once a record the
-    /// same producer sent after them is acknowledged, so their delivery reports are in
-    /// (a record the broker refused lies nowhere).
+    /// Takes the offsets of the records sent without waiting, waiting for their
+    /// delivery reports (a record the broker refused lies nowhere): once a record the
+    /// same producer sent after them is acknowledged they are in, and before a commit's
+    /// changelog records are published they must be.
     pub fn settle(&mut self) {
         for delivery in std::mem::take(&mut self.unplaced) {
             if let Ok(Ok((_, offset))) = futures::executor::block_on(delivery) {
