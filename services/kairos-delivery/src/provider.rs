@@ -137,7 +137,7 @@ impl SmtpProvider {
                 .as_deref()
                 .map(|r| parse("reply_to", r))
                 .transpose()?,
-            list_unsubscribe: c.list_unsubscribe.clone(),
+            list_unsubscribe: configured_link(&c.list_unsubscribe),
             connection: tokio::sync::Mutex::new(None),
             idle_check: SMTP_IDLE_CHECK,
         })
@@ -539,10 +539,9 @@ impl HttpProvider {
             // count a message nobody received as sent.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(HttpProvider {
-            client,
-            config: config.clone(),
-        })
+        let mut config = config.clone();
+        config.list_unsubscribe = configured_link(&config.list_unsubscribe);
+        Ok(HttpProvider { client, config })
     }
 
     async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
@@ -690,9 +689,29 @@ fn http_status_error(status: u16, detail: String) -> ProviderError {
     }
 }
 
+/// An opt-out link template as configured, blank taken as none (as the templates and
+/// the start-up check take it): not a `List-Unsubscribe: <>` header or an empty URL.
+fn configured_link(link: &Option<String>) -> Option<String> {
+    link.clone().filter(|l| !l.trim().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blank `list_unsubscribe` is none: no empty header.
+    #[test]
+    fn a_blank_unsubscribe_link_writes_no_header() {
+        let (cmd, message) = email_to("anna@example.com");
+        let provider = SmtpProvider::new(&SmtpConfig {
+            list_unsubscribe: Some("  ".into()),
+            ..smtp_provider(25).config
+        })
+        .unwrap();
+        let built = provider.build(&cmd, &message).expect("built");
+        let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
+        assert!(!text.contains("List-Unsubscribe"), "{text}");
+    }
 
     #[test]
     fn an_email_is_utf8_text_and_offers_one_click_unsubscribe_over_https_only() {
