@@ -753,6 +753,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     http_request(addr, "GET", path, None, None)
 }
 
+/// GETs `path` with `Authorization: Bearer <token>`; returns the status and the body.
+pub fn http_get_with_token(addr: SocketAddr, path: &str, token: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, None, Some(token))
+}
+
 /// POSTs a JSON body, with a bearer token if given; returns the status and the body of
 /// the answer.
 pub fn http_post_json(

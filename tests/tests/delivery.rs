@@ -913,10 +913,16 @@ fn in_app_command(send_id: &str) -> Value {
     cmd
 }
 
+/// With `inbox_secret` set, only a poll with the customer's token reads the inbox.
 #[test]
 fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
+    let secret = "inbox-secret-for-the-test";
     let p = Pipeline::start(Options {
         services: vec!["deliver-in_app"],
+        env: vec![(
+            "KAIROS__DELIVERY__IN_APP__INBOX_SECRET".into(),
+            secret.into(),
+        )],
         ..Options::default()
     });
     let cmd = in_app_command("inapp-1");
@@ -931,7 +937,20 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     std::thread::sleep(Duration::from_millis(1600));
 
     let admin = p.admin("deliver-in_app");
-    let (status, body) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("inbox answers");
+    let token = |customer: &str| kairos_core::ids::inbox_token(secret, customer);
+    let poll = |customer: &str| {
+        let path = format!("/in-app/{customer}");
+        kairos_tests::http_get_with_token(admin, &path, &token(customer)).expect("inbox answers")
+    };
+    // Without a token, or with another customer's, the inbox is not read (nor marked
+    // seen: the first poll with the token below still finds the message unseen).
+    let (status, body) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("answers");
+    assert_eq!(status, 401, "{body}");
+    let path = "/in-app/c-inapp-1";
+    let (status, body) =
+        kairos_tests::http_get_with_token(admin, path, &token("c-someone-else")).expect("answers");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = poll("c-inapp-1");
     assert_eq!(status, 200, "{body}");
     let messages: Vec<Value> = serde_json::from_str(&body).expect("JSON list");
     assert_eq!(
@@ -942,10 +961,10 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     assert_eq!(messages[0]["send_id"], "inapp-1");
     assert_eq!(messages[0]["title"], "Welcome, Dana!");
     assert!(messages[0]["seen_at"].is_i64(), "marked seen when fetched");
-    let (_, again) = kairos_tests::http_get(admin, "/in-app/c-inapp-1").expect("inbox answers");
+    let (_, again) = poll("c-inapp-1");
     let again: Vec<Value> = serde_json::from_str(&again).expect("JSON list");
     assert_eq!(again[0]["seen_at"], messages[0]["seen_at"], "seen once");
-    let (_, other) = kairos_tests::http_get(admin, "/in-app/c-someone-else").expect("answers");
+    let (_, other) = poll("c-someone-else");
     assert_eq!(other, "[]");
 
     // The first fetch reports the message delivered, once.

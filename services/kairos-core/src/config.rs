@@ -572,6 +572,12 @@ pub struct DeliveryChannelConfig {
     /// without one the webhook is open (for a trusted network only).
     #[serde(default)]
     pub webhook_token: Option<String>,
+    /// In-app only: the secret under which a poll of a customer's inbox must carry its
+    /// token, `Authorization: Bearer <HMAC-SHA256 of the customer id, hex>` (see
+    /// `kairos_core::ids::inbox_token`); without one the inbox is open to whoever
+    /// reaches the port (a backend polling for the site on a trusted network).
+    #[serde(default)]
+    pub inbox_secret: Option<String>,
 }
 
 impl DeliveryChannelConfig {
@@ -652,6 +658,9 @@ pub fn read_certificates(file: &Path) -> Result<Vec<reqwest::Certificate>, Strin
     }
     Ok(certificates)
 }
+
+/// The shortest `delivery.in_app.inbox_secret` taken.
+const MIN_INBOX_SECRET_CHARS: usize = 16;
 
 /// Whether `host` names this machine (a local relay, where credentials stay put).
 fn is_loopback(host: &str) -> bool {
@@ -1539,6 +1548,28 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(secret) = &d.inbox_secret {
+                if d.provider != ProviderKind::InApp {
+                    return Err(fail(
+                        ("", "inbox_secret"),
+                        format!(
+                            "{}: not read: only the in_app provider keeps an inbox (provider is \"{}\")",
+                            section("inbox_secret"),
+                            d.provider.as_str()
+                        ),
+                    ));
+                }
+                if secret.chars().count() < MIN_INBOX_SECRET_CHARS {
+                    return Err(fail(
+                        ("", "inbox_secret"),
+                        format!(
+                            "{}: at least {MIN_INBOX_SECRET_CHARS} characters (a random string: \
+                             it is all that keeps one customer from reading another's inbox)",
+                            section("inbox_secret")
+                        ),
+                    ));
+                }
+            }
             let simulator = &d.simulator;
             let rates = [
                 ("delivery_rate", simulator.delivery_rate),
@@ -2330,6 +2361,7 @@ const TEXT_KEYS: &[&str] = &[
     "url",
     "username",
     "webhook_token",
+    "inbox_secret",
 ];
 
 fn apply_override(
@@ -3284,6 +3316,24 @@ mod tests {
             "{email}[delivery.email.simulator]\nopen_rate = 1.0\ncomplaint_rate = 0.0\n"
         ))
         .expect("fractions");
+    }
+
+    /// An inbox secret on a channel with no inbox would leave the operator believing
+    /// polls are checked; a short one is guessable.
+    #[test]
+    fn an_inbox_secret_is_for_the_in_app_provider_and_long_enough() {
+        let in_app = "[delivery.in_app]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"in_app\"\n";
+        parse(&format!("{in_app}inbox_secret = \"0123456789abcdef\"\n")).expect("16 characters");
+        let (line, message) = line_of(&format!("{in_app}inbox_secret = \"short\"\n"));
+        assert_eq!(line, 4, "{message}");
+        assert!(message.contains("at least 16 characters"), "{message}");
+        let email = "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\n";
+        let (line, message) = line_of(&format!("{email}inbox_secret = \"0123456789abcdef\"\n"));
+        assert_eq!(line, 3, "{message}");
+        assert!(
+            message.contains("only the in_app provider keeps an inbox"),
+            "{message}"
+        );
     }
 
     /// `warning` would be read as a target at TRACE and filter out every line.

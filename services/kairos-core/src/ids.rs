@@ -54,6 +54,43 @@ pub fn run_nonce() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 40)
 }
 
+/// Whether two secrets (a presented token and the configured one) are the same,
+/// compared through their SHA-256 digests: how long the comparison takes says nothing
+/// about how much of the secret a guess got right.
+pub fn same_secret(presented: &str, expected: &str) -> bool {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(presented.as_bytes()) == sha2::Sha256::digest(expected.as_bytes())
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The token the site or app presents to poll `customer_id`'s in-app inbox
+/// (`delivery.in_app.inbox_secret`): HMAC-SHA256 of the customer id under the secret,
+/// in lower-case hex. The shop's backend, which knows who is logged in, hands it to
+/// the page or app, so one customer cannot read another's inbox (the scheme of
+/// Intercom's identity verification).
+pub fn inbox_token(secret: &str, customer_id: &str) -> String {
+    use hmac::Mac as _;
+    hex::encode(inbox_mac(secret, customer_id).finalize().into_bytes())
+}
+
+/// Whether `presented` is `customer_id`'s inbox token under `secret` (compared in
+/// constant time).
+pub fn is_inbox_token(secret: &str, customer_id: &str, presented: &str) -> bool {
+    use hmac::Mac as _;
+    hex::decode(presented.trim())
+        .is_ok_and(|bytes| inbox_mac(secret, customer_id).verify_slice(&bytes).is_ok())
+}
+
+fn inbox_mac(secret: &str, customer_id: &str) -> HmacSha256 {
+    use hmac::Mac as _;
+    // HMAC takes a key of any length.
+    let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
+    mac.update(customer_id.as_bytes());
+    mac
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +127,42 @@ mod tests {
             .count();
         let share = below as f64 / n as f64;
         assert!((0.09..0.11).contains(&share), "share {share}");
+    }
+
+    /// RFC 4231, test case 2: the token is plain HMAC-SHA256, which any backend can
+    /// compute.
+    #[test]
+    fn the_inbox_token_is_hmac_sha256_in_hex() {
+        let token = inbox_token("Jefe", "what do ya want for nothing?");
+        assert_eq!(
+            token,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(is_inbox_token(
+            "Jefe",
+            "what do ya want for nothing?",
+            &token
+        ));
+        assert!(is_inbox_token(
+            "Jefe",
+            "what do ya want for nothing?",
+            &token.to_uppercase()
+        ));
+        assert!(!is_inbox_token("Jefe", "another customer", &token));
+        assert!(!is_inbox_token(
+            "other",
+            "what do ya want for nothing?",
+            &token
+        ));
+        assert!(!is_inbox_token(
+            "Jefe",
+            "what do ya want for nothing?",
+            &token[..62]
+        ));
+        assert!(!is_inbox_token(
+            "Jefe",
+            "what do ya want for nothing?",
+            "not hex"
+        ));
     }
 }

@@ -159,17 +159,37 @@ pub fn channel() -> (InboxClient, mpsc::Receiver<ServeRequest>) {
     (InboxClient { requests }, queue)
 }
 
-/// `GET /in-app/{customer_id}`.
-pub fn router(client: InboxClient) -> Router {
+/// `GET /in-app/{customer_id}`; with `secret` (`delivery.in_app.inbox_secret`), only
+/// with the customer's token (see [`kairos_core::ids::inbox_token`]).
+pub fn router(client: InboxClient, secret: Option<String>) -> Router {
     Router::new()
         .route("/in-app/{customer_id}", get(poll))
-        .with_state(Arc::new(client))
+        .with_state(Arc::new(Inbox { client, secret }))
+}
+
+struct Inbox {
+    client: InboxClient,
+    secret: Option<String>,
 }
 
 async fn poll(
-    State(client): State<Arc<InboxClient>>,
+    State(inbox): State<Arc<Inbox>>,
     UrlPath(customer_id): UrlPath<String>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
+    if let Some(secret) = &inbox.secret {
+        // Checked before the poll reaches the worker: a poll without the token marks
+        // nothing seen and reports nothing delivered.
+        let presented = crate::webhook::bearer_token(&headers);
+        if !presented.is_some_and(|t| kairos_core::ids::is_inbox_token(secret, &customer_id, t)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong inbox token for this customer",
+            )
+                .into_response();
+        }
+    }
+    let client = &inbox.client;
     let (reply, answer) = oneshot::channel();
     let request = ServeRequest {
         key: customer_id.clone().into_bytes(),

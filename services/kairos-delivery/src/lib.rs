@@ -1330,7 +1330,11 @@ pub fn routes(
 ) -> anyhow::Result<axum::Router> {
     let mut router = webhook::router(config, channel, admin)?;
     if let Some(inbox) = inbox {
-        router = router.merge(inbox::router(inbox));
+        let secret = config
+            .delivery
+            .get(&channel)
+            .and_then(|d| d.inbox_secret.clone());
+        router = router.merge(inbox::router(inbox, secret));
     }
     Ok(router)
 }

@@ -138,6 +138,20 @@ pub fn router(config: &Config, channel: Channel, admin: &AdminState) -> anyhow::
         .with_state(state))
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme's name in any
+/// case, as HTTP has it).
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Lets a request in: its token first, then a turn, then its body, read within
 /// [`TURN_WAIT`]. Each request holds its body and its events' records until the broker
 /// has them, so memory stays bounded however many come at once; one without the token
@@ -150,12 +164,8 @@ async fn one_turn(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if let Some(token) = &state.token {
-        let presented = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(token.as_str()) {
+        let presented = bearer_token(request.headers());
+        if !presented.is_some_and(|p| kairos_core::ids::same_secret(p, token)) {
             return (StatusCode::UNAUTHORIZED, "missing or wrong webhook token").into_response();
         }
     }
@@ -510,6 +520,27 @@ pub const WEBHOOK_SOURCE: &str = "webhook:/webhooks/events";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// HTTP's scheme names are case-insensitive: a provider sending `bearer` is let in.
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_scheme_s_case() {
+        let token = |value: &str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(
+                axum::http::header::AUTHORIZATION,
+                value.parse().expect("a header value"),
+            );
+            bearer_token(&headers).map(str::to_string)
+        };
+        assert_eq!(token("Bearer s3cret").as_deref(), Some("s3cret"));
+        assert_eq!(token("bearer s3cret").as_deref(), Some("s3cret"));
+        assert_eq!(token("BEARER  s3cret ").as_deref(), Some("s3cret"));
+        assert_eq!(token("Basic s3cret"), None);
+        assert_eq!(token("Bearer "), None);
+        assert_eq!(token("s3cret"), None);
+        assert!(kairos_core::ids::same_secret("s3cret", "s3cret"));
+        assert!(!kairos_core::ids::same_secret("s3cre", "s3cret"));
+    }
 
     /// [`super::outcome_of`] with German numbers for phones without a country code.
     fn outcome_of(event: &ProviderEvent, channel: Channel, now: Millis) -> Result<Outcome, String> {

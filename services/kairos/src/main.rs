@@ -190,6 +190,9 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// The token a poll of a customer's in-app inbox carries (`Authorization: Bearer
+    /// <token>`) under `delivery.in_app.inbox_secret`: what the shop's backend computes.
+    InboxToken { customer_id: String },
 }
 
 #[derive(Subcommand)]
@@ -322,6 +325,20 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
                     .await
                     .context("explain task failed")??;
             print!("{report}");
+            Ok(())
+        }
+        Command::InboxToken { customer_id } => {
+            let secret = config
+                .delivery
+                .get(&Channel::in_app)
+                .and_then(|d| d.inbox_secret.as_deref())
+                .with_context(|| {
+                    format!(
+                        "{}: no delivery.in_app.inbox_secret: the inbox takes polls without a token",
+                        config.source_file.display()
+                    )
+                })?;
+            println!("{}", kairos_core::ids::inbox_token(secret, &customer_id));
             Ok(())
         }
         Command::DevBroker => {
