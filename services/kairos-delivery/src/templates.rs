@@ -118,6 +118,9 @@ impl TemplateSet {
     pub fn load(dir: &Path, channel: Channel) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Keeps each template's source for its errors, so a failed render can quote the
+        // expression that had no value (it is only read when a render fails).
+        env.set_debug(true);
         env.add_filter("money", money);
         env.add_filter("url_part", url_part);
         let mut fields = BTreeMap::new();
@@ -200,17 +203,20 @@ impl TemplateSet {
                 .get_template(&format!("{template}/{field}"))
                 .map_err(|e| self.render_error(template, field, e.to_string()))?;
             let rendered = compiled.render(&context).map_err(|e| {
-                // Name the variables the message lacks: that is what the fix needs.
-                let mut missing: Vec<String> = compiled
-                    .undeclared_variables(false)
-                    .into_iter()
-                    .filter(|v| context.get(v).is_none())
-                    .collect();
-                missing.sort();
-                let message = if missing.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("missing variable {}: {e}", missing.join(", "))
+                // Quote the expression that failed (`item.quantity`, `first_name`): that
+                // is what the fix needs. Listing every variable the template names that
+                // the message lacks would also name optional ones (`| default`, `is
+                // defined`), and miss a field missing inside a list item.
+                let expression = e
+                    .template_source()
+                    .zip(e.range())
+                    .and_then(|(source, range)| source.get(range));
+                let message = match expression {
+                    Some(expression) if e.kind() == minijinja::ErrorKind::UndefinedError => {
+                        format!("missing variable in `{expression}`: {e}")
+                    }
+                    Some(expression) => format!("in `{expression}`: {e}"),
+                    None => e.to_string(),
                 };
                 self.render_error(template, field, message)
             })?;
@@ -486,6 +492,30 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
                 "{err}"
             );
         }
+        // The error quotes what had no value, not the optional variables beside it.
+        let err = t
+            .render(
+                "cart",
+                &serde_json::json!({"cart_items": [], "cart_value": 1}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing variable in `first_name`"), "{err}");
+        // A field missing in a list item is named as the template reads it.
+        let cart = include_str!("../../../config/templates/abandoned_cart.toml");
+        let shipped_cart = set(Channel::email, &[("abandoned_cart.toml", cart)]).unwrap();
+        let err = shipped_cart
+            .render(
+                "abandoned_cart",
+                &serde_json::json!({"cart_items": [{"product_id": "p1"}], "cart_value": 5}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quantity"), "{err}");
+        assert!(
+            !err.contains("first_name"),
+            "an optional variable named: {err}"
+        );
         // A null inside a cart item is missing too: the item's default applies.
         let shipped = set(
             Channel::email,
