@@ -1712,14 +1712,25 @@ impl ClientContext for KairosContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics
-                        .consumer_lag
-                        .with_label_values(&[topic, &p.to_string()])
-                        .set(part.consumer_lag);
-                }
+                note_lag(&self.metrics, topic, *p, part.desired, part.consumer_lag);
             }
         }
+    }
+}
+
+/// Sets the lag of one partition from librdkafka's statistics, for partitions this
+/// consumer is assigned (`desired`). librdkafka goes on reporting the last lag of a
+/// partition given up in a rebalance, frozen: counted by its new owner too, it would
+/// keep a lag alert firing. Its series goes.
+fn note_lag(metrics: &RuntimeMetrics, topic: &str, partition: i32, desired: bool, lag: i64) {
+    if partition < 0 {
+        return;
+    }
+    let labels = [topic, &partition.to_string()];
+    if !desired {
+        let _ = metrics.consumer_lag.remove_label_values(&labels);
+    } else if lag >= 0 {
+        metrics.consumer_lag.with_label_values(&labels).set(lag);
     }
 }
 
@@ -4199,6 +4210,42 @@ mod tests {
             .iter()
             .map(|e| (e.partition, String::from_utf8_lossy(&e.key).into_owned()))
             .collect()
+    }
+
+    /// A partition given up keeps its frozen lag in librdkafka's statistics: it is not
+    /// exported any more (its new owner exports it).
+    #[test]
+    fn lag_is_exported_for_assigned_partitions_only() {
+        let registry = prometheus::Registry::new();
+        let metrics = RuntimeMetrics::new(&registry);
+        let lag_of = |p: &str| {
+            metrics
+                .consumer_lag
+                .get_metric_with_label_values(&["in", p])
+                .ok()
+                .map(|g| g.get())
+        };
+        let exported = || {
+            let families = registry.gather();
+            families
+                .iter()
+                .filter(|f| f.get_name() == "kairos_consumer_lag_records")
+                .map(|f| f.get_metric().len())
+                .sum::<usize>()
+        };
+        note_lag(&metrics, "in", 0, true, 500);
+        note_lag(&metrics, "in", 1, true, 7);
+        assert_eq!(lag_of("0"), Some(500));
+        assert_eq!(exported(), 2);
+        // Partition 0 revoked: librdkafka still reports its last lag.
+        note_lag(&metrics, "in", 0, false, 500);
+        assert_eq!(exported(), 1);
+        assert_eq!(lag_of("1"), Some(7));
+        // Unknown lag (-1) leaves the value; a partition id of -1 is no partition.
+        note_lag(&metrics, "in", 1, true, -1);
+        note_lag(&metrics, "in", -1, true, 3);
+        assert_eq!(lag_of("1"), Some(7));
+        assert_eq!(exported(), 1);
     }
 
     /// Any input schedules 3,000 timers, due at once; each firing emits a record.
