@@ -63,6 +63,32 @@ impl AdminState {
         self.last_heartbeat.store(wall_now(), Ordering::Relaxed);
     }
 
+    /// Awaits `work` (a rebalance: restoring a partition from its changelog may take
+    /// minutes), beating the heart every few seconds meanwhile: a liveness probe that
+    /// restarted an instance for restoring would make it restore again from scratch.
+    /// Work that outlasts one beat leaves the instance not ready; the processing loop
+    /// says ready again when it is done.
+    pub async fn beating_while<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        self.beating_every(BEAT_WHILE_BUSY, work).await
+    }
+
+    async fn beating_every<T>(
+        &self,
+        beat: std::time::Duration,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = tokio::time::sleep(beat) => {
+                    self.heartbeat();
+                    self.set_ready(false);
+                }
+            }
+        }
+    }
+
     /// When the processing loop last reported (wall clock, milliseconds).
     pub fn last_heartbeat(&self) -> i64 {
         self.last_heartbeat.load(Ordering::Relaxed)
@@ -80,6 +106,9 @@ impl AdminState {
 
 /// How long the processing loop may be silent before /healthz reports failure.
 const STALL_MILLIS: i64 = 60_000;
+
+/// How often [`AdminState::beating_while`] beats.
+const BEAT_WHILE_BUSY: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (
@@ -152,4 +181,32 @@ pub fn write_address_file(file: &std::path::Path, addr: SocketAddr) -> anyhow::R
     std::fs::write(&partial, addr.to_string())
         .and_then(|()| std::fs::rename(&partial, file))
         .map_err(|e| anyhow::anyhow!("cannot write the admin address to {}: {e}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restore longer than a beat keeps the instance alive (not restarted
+    /// by a liveness probe) but not ready; work done within a beat changes nothing.
+    #[tokio::test]
+    async fn long_rebalance_work_beats_the_heart_and_is_not_ready() {
+        let beat = std::time::Duration::from_millis(20);
+        let admin = AdminState::new(Registry::new());
+        admin.set_ready(true);
+        admin.last_heartbeat.store(0, Ordering::Relaxed);
+        let quick = admin.beating_every(beat, async { 7 }).await;
+        assert_eq!(quick, 7);
+        assert!(admin.is_ready());
+        assert_eq!(admin.last_heartbeat(), 0);
+        let restored = admin
+            .beating_every(beat, async {
+                tokio::time::sleep(beat * 5).await;
+                "restored"
+            })
+            .await;
+        assert_eq!(restored, "restored");
+        assert!(admin.last_heartbeat() > 0, "no beat while restoring");
+        assert!(!admin.is_ready());
+    }
 }

@@ -3380,16 +3380,17 @@ pub async fn run_serving<P: Processor>(
     loop {
         admin.heartbeat();
         // Apply rebalances recorded by the consumer context.
-        let applied = apply_rebalances(
-            &mut engine,
-            &rebalances,
-            &|p| holds_input_partition(&consumer, &inputs, p),
-            config,
-            &name,
-            &publisher,
-            &cancel,
-        )
-        .await?;
+        let applied = admin
+            .beating_while(apply_rebalances(
+                &mut engine,
+                &rebalances,
+                &|p| holds_input_partition(&consumer, &inputs, p),
+                config,
+                &name,
+                &publisher,
+                &cancel,
+            ))
+            .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
@@ -3476,16 +3477,17 @@ pub async fn run_serving<P: Processor>(
         // Rebalances seen while gathering (the callback runs inside recv) take effect
         // before any record is handled: revoked partitions are not touched after their
         // revocation, newly assigned ones are opened (and restored) first.
-        let applied = apply_rebalances(
-            &mut engine,
-            &rebalances,
-            &|p| holds_input_partition(&consumer, &inputs, p),
-            config,
-            &name,
-            &publisher,
-            &cancel,
-        )
-        .await?;
+        let applied = admin
+            .beating_while(apply_rebalances(
+                &mut engine,
+                &rebalances,
+                &|p| holds_input_partition(&consumer, &inputs, p),
+                config,
+                &name,
+                &publisher,
+                &cancel,
+            ))
+            .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
