@@ -4231,7 +4231,7 @@ mod tests {
             let families = registry.gather();
             families
                 .iter()
-                .filter(|f| f.get_name() == "kairos_consumer_lag_records")
+                .filter(|f| f.name() == "kairos_consumer_lag_records")
                 .map(|f| f.get_metric().len())
                 .sum::<usize>()
         };
