@@ -87,34 +87,9 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .set("enable.auto.commit", "false")
         .create()
         .context("cannot create Kafka consumer")?;
-    // Whether older triggers or decisions may lie before the records read.
-    let mut history_cut = false;
-    let mut mine = |topic: &str| -> anyhow::Result<Vec<Vec<u8>>> {
-        let latest = read_partition(&consumer, &config.topic(topic), partition)?;
-        history_cut |= latest.cut;
-        Ok(latest
-            .records
-            .into_iter()
-            .filter(|(k, _)| k == customer.as_bytes())
-            .map(|(_, v)| v)
-            .collect())
-    };
-    let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
-    for payload in mine(topics::TRIGGERS)? {
-        if let Ok(t) = serde_json::from_slice::<Trigger>(&payload) {
-            triggers.insert(t.trigger_id.clone(), t);
-        }
-    }
-    let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
-    for payload in mine(topics::DECISIONS)? {
-        if let Ok(d) = serde_json::from_slice::<Decision>(&payload) {
-            let list = decisions.entry(d.trigger_id.clone()).or_default();
-            // A record re-sent after a crash repeats its decision id: show it once.
-            if !list.iter().any(|x| x.decision_id == d.decision_id) {
-                list.push(d);
-            }
-        }
-    }
+    let read = |topic: &str| read_partition(&consumer, &config.topic(topic), partition);
+    let triggers = read(topics::TRIGGERS)?;
+    let decisions = read(topics::DECISIONS)?;
     // The ledger's latest value in the changelog (an empty payload deletes it).
     let changelog = if config.state.changelog {
         Some(read_partition(
@@ -125,9 +100,56 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     } else {
         None
     };
+    let read = Read {
+        triggers,
+        decisions,
+        changelog,
+    };
+    report(customer, partition, &read, limit)
+}
+
+/// What `explain` read of the customer's partition of each topic.
+struct Read {
+    triggers: Latest,
+    decisions: Latest,
+    /// `None`: no changelog is written.
+    changelog: Option<Latest>,
+}
+
+/// The report of `customer` from the records `read`: at most `limit` triggers.
+fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::Result<String> {
+    let mine = |latest: &Latest| -> Vec<Vec<u8>> {
+        (latest.records.iter())
+            .filter(|(k, _)| k == customer.as_bytes())
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
+    for payload in mine(&read.triggers) {
+        if let Ok(t) = serde_json::from_slice::<Trigger>(&payload) {
+            triggers.insert(t.trigger_id.clone(), t);
+        }
+    }
+    let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
+    for payload in mine(&read.decisions) {
+        if let Ok(d) = serde_json::from_slice::<Decision>(&payload) {
+            let list = decisions.entry(d.trigger_id.clone()).or_default();
+            // A record re-sent after a crash repeats its decision id: show it once.
+            if !list.iter().any(|x| x.decision_id == d.decision_id) {
+                list.push(d);
+            }
+        }
+    }
+    // Where the decisions read begin, when older ones lie before them: a trigger fired
+    // before that may have been decided there. (Unknown: every trigger may have.)
+    let decisions_from = read.decisions.cut.then(|| {
+        (read.decisions.records.first())
+            .and_then(|(_, v)| serde_json::from_slice::<Decision>(v).ok())
+            .map_or(Millis::MAX, |d| d.decided_at)
+    });
     let mut out = String::new();
     writeln!(out, "customer {customer} (partition {partition})")?;
-    describe_stored_ledger(&mut out, changelog.as_ref(), customer)?;
+    describe_stored_ledger(&mut out, read.changelog.as_ref(), customer)?;
     // Triggers newest first; decisions whose trigger is no longer on the topic too.
     let mut ids: Vec<(i64, String)> = triggers
         .values()
@@ -145,7 +167,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         "{} triggers ({shown} latest shown), newest first:",
         ids.len()
     )?;
-    if history_cut {
+    if read.triggers.cut || read.decisions.cut {
         writeln!(
             out,
             "(read from the latest {RECORDS_PER_PARTITION} records of each partition: older triggers and decisions lie before them)"
@@ -163,11 +185,27 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
                 t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
                 time(t.valid_until)
             )?,
+            None if read.triggers.cut => writeln!(
+                out,
+                "trigger {id} (before the latest records of the triggers topic read)"
+            )?,
             None => writeln!(out, "trigger {id} (no longer on the triggers topic)")?,
         }
         let list = decisions.get(&id).map(Vec::as_slice).unwrap_or_default();
         if list.is_empty() {
-            writeln!(out, "    no decision yet")?;
+            let fired_at = triggers.get(&id).map_or(Millis::MIN, |t| t.fired_at);
+            match decisions_from {
+                Some(Millis::MAX) => writeln!(
+                    out,
+                    "    none among the latest records of the decisions topic read: any lie before them"
+                )?,
+                Some(from) if fired_at <= from => writeln!(
+                    out,
+                    "    none among the latest records of the decisions topic read (from {}): any lie before them",
+                    time(from)
+                )?,
+                _ => writeln!(out, "    no decision yet")?,
+            }
         }
         for d in list {
             let channel = d
@@ -333,6 +371,95 @@ mod tests {
     use kairos_core::time::HOUR;
 
     const T0: Millis = 1_767_603_600_000; // 2026-01-05T09:00:00Z
+
+    /// Decisions are read as the latest records of their own partition, which begin
+    /// later than the triggers read: a trigger fired before the decisions read begin
+    /// is not said to wait for a decision, nor a decision's trigger to be gone from a
+    /// topic read only in part.
+    #[test]
+    fn a_trigger_decided_before_the_decisions_read_is_not_said_to_wait() {
+        let trigger = |id: &str, fired_at: Millis| Trigger {
+            merged_from: Vec::new(),
+            trigger_id: id.into(),
+            scenario: "welcome".into(),
+            customer_id: "c-1".into(),
+            category: MessageCategory::trigger,
+            step: 0,
+            template: "welcome".into(),
+            channels: vec![Channel::email],
+            priority: 50,
+            fired_at,
+            valid_until: fired_at + DAY,
+            cause_event_id: None,
+            cause_occurred_at: fired_at,
+            contacts: kairos_core::contracts::Contacts::default(),
+            variables: "{}".into(),
+        };
+        let decision = |customer: &str, trigger: &str, decided_at: Millis| Decision {
+            decision_id: format!("{trigger}-d"),
+            trigger_id: trigger.into(),
+            customer_id: customer.into(),
+            scenario: "welcome".into(),
+            category: MessageCategory::trigger,
+            outcome: kairos_core::contracts::DecisionOutcome::sent,
+            channel: Some(Channel::email),
+            send_id: None,
+            rule: "channel_choice".into(),
+            reason: "e-mail".into(),
+            decided_at,
+            group: None,
+        };
+        let record = |key: &str, json: Vec<u8>| (key.as_bytes().to_vec(), json);
+        let read = Read {
+            triggers: Latest {
+                records: vec![
+                    record("c-1", serde_json::to_vec(&trigger("t-old", T0)).unwrap()),
+                    record(
+                        "c-1",
+                        serde_json::to_vec(&trigger("t-new", T0 + 2 * HOUR)).unwrap(),
+                    ),
+                ],
+                cut: false,
+            },
+            decisions: Latest {
+                records: vec![
+                    record(
+                        "c-2",
+                        serde_json::to_vec(&decision("c-2", "t-x", T0 + HOUR)).unwrap(),
+                    ),
+                    record(
+                        "c-1",
+                        serde_json::to_vec(&decision("c-1", "t-gone", T0 + HOUR)).unwrap(),
+                    ),
+                ],
+                cut: true,
+            },
+            changelog: None,
+        };
+        let out = report("c-1", 0, &read, 10).unwrap();
+        let after = |id: &str| {
+            let at = out.find(&format!("trigger {id}")).expect(id);
+            out[at..].lines().nth(1).unwrap_or_default().to_string()
+        };
+        assert_eq!(after("t-new"), "    no decision yet", "{out}");
+        assert!(after("t-old").contains("any lie before them"), "{out}");
+        assert!(
+            out.contains("trigger t-gone (no longer on the triggers topic)"),
+            "{out}"
+        );
+        let read = Read {
+            triggers: Latest {
+                cut: true,
+                ..read.triggers
+            },
+            ..read
+        };
+        let out = report("c-1", 0, &read, 10).unwrap();
+        assert!(
+            out.contains("trigger t-gone (before the latest records of the triggers topic read)"),
+            "{out}"
+        );
+    }
 
     /// Where no ledger is shown, the report says why: no changelog, a window that
     /// stops short of it, a deletion, or none at all.
