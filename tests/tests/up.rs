@@ -32,13 +32,13 @@ fn number_after(line: &str, label: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-#[test]
-fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    copy_dir(&repo_root().join("config"), &dir.path().join("config"));
+/// Starts `kairos up` in `dir` on a copy of the shipped configuration (each service on
+/// a free admin port), and the lines it writes (stdout and stderr).
+fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
+    copy_dir(&repo_root().join("config"), &dir.join("config"));
     // The shipped configuration's admin ports are those of a `make run` that may be
     // going on this machine: each service gets a free one instead.
-    let config_file = dir.path().join("config/kairos.toml");
+    let config_file = dir.join("config/kairos.toml");
     let shipped = std::fs::read_to_string(&config_file).expect("config");
     let own_ports: Vec<String> = shipped
         .lines()
@@ -51,7 +51,7 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         .collect();
     std::fs::write(&config_file, own_ports.join("\n") + "\n").expect("config");
     let mut up = Command::new(kairos_bin())
-        .current_dir(dir.path())
+        .current_dir(dir)
         .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -74,6 +74,13 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
             let _ = errors_tx.send(line);
         }
     });
+    (up, lines)
+}
+
+#[test]
+fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut up, lines) = start_up(dir.path());
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     // Until a summary counts a message sent (the loop fails the test otherwise).
@@ -146,5 +153,107 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         assert!(log.contains("stopped cleanly"), "{service}:\n{log}");
         assert!(!log.contains("second signal"), "{service}:\n{log}");
         assert!(!log.contains("ERROR"), "{service}:\n{log}");
+    }
+}
+
+/// Killed outright, `kairos up` leaves its services stopping on their stores: the lock
+/// on its state lasts until the last of them exits, so a second one does not clear the
+/// stores under them. (One service is held stopped meanwhile, so the check does not
+/// race its exit.)
+#[test]
+fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut up, lines) = start_up(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("services started")) {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("the services did not start:\n{}", seen.join("\n")));
+        seen.push(line);
+    }
+    let up_pid = up.id();
+    let children: Vec<i32> =
+        std::fs::read_to_string(format!("/proc/{up_pid}/task/{up_pid}/children"))
+            .expect("the children of kairos up")
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    up.kill().expect("kill kairos up");
+    let _ = up.wait();
+    // Its services got SIGTERM as it died and are stopping: one is held stopped now,
+    // so the check below does not race its exit. (Stopped before, it would have been
+    // hung up on as its process group was orphaned, and ended.)
+    let state = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let held = children
+        .iter()
+        .find_map(|&pid| {
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).ok()?;
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                match state(pid) {
+                    s if s.starts_with('T') => return Some(Pid::from_raw(pid)),
+                    s if s.is_empty() || s.starts_with('Z') => return None,
+                    _ => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            None
+        })
+        .expect("a service of the killed kairos up still stopping");
+    let mut second = Command::new(kairos_bin())
+        .current_dir(dir.path())
+        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a second kairos up");
+    // Refused at once; one that got the lock would run on: stopped, and failed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second
+        .try_wait()
+        .expect("poll the second kairos up")
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(second.id() as i32), Signal::SIGINT);
+            let _ = kill(held, Signal::SIGCONT);
+            let output = second
+                .wait_with_output()
+                .expect("the second kairos up's output");
+            panic!(
+                "a second kairos up started beside the killed one's services: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = second
+        .wait_with_output()
+        .expect("the second kairos up's output");
+    let _ = kill(held, Signal::SIGCONT);
+    let told = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && told.contains("another `kairos up` runs"),
+        "{}: {told}",
+        second.status
+    );
+    // Let go, the service stops (its parent is gone), and with the last one the lock.
+    let lock = std::fs::File::open(dir.path().join("var/state.up-lock")).expect("the lock file");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lock.try_lock().is_err() {
+        if Instant::now() > deadline {
+            for child in &children {
+                let _ = kill(Pid::from_raw(*child), Signal::SIGKILL);
+            }
+            panic!("the services of the killed kairos up still hold its lock");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

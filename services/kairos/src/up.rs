@@ -149,11 +149,19 @@ pub async fn run(
         .with_context(|| format!("cannot create {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!(
-            "another `kairos up` runs on {} (it holds {}): stop it first",
+            "another `kairos up` runs on {} (it, or a service it started, holds {}): stop it first",
             config.state.dir.display(),
             lock_path.display()
         );
     }
+    // Inherited by every process started from here, so the lock lasts until the last
+    // of them exits: killed outright, `kairos up` leaves its services stopping for
+    // a while on their stores, which a second one must not clear under them.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&lock),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .with_context(|| format!("cannot hand {} on to the services", lock_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the kairos executable")?;
     // The embedded broker keeps topics in memory, so state from an earlier run would
     // point at offsets that no longer exist: start clean.
@@ -167,11 +175,21 @@ pub async fn run(
     let mut broker = spawn(&exe, &config_path, "dev-broker", &["dev-broker"])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !config.kafka.broker_address_file.exists() {
+        if cancel.is_cancelled() {
+            stop(&mut broker, Duration::from_secs(2));
+            println!("stopped before the services started");
+            return Ok(());
+        }
         if Instant::now() > deadline || matches!(broker.child.try_wait(), Ok(Some(_))) {
             stop(&mut broker, Duration::from_secs(2));
             bail!("the embedded broker did not start; see var/log/dev-broker.log");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if cancel.is_cancelled() {
+        stop(&mut broker, Duration::from_secs(2));
+        println!("stopped before the services started");
+        return Ok(());
     }
     let bootstrap = std::fs::read_to_string(&config.kafka.broker_address_file)?;
     println!("embedded broker at {}", bootstrap.trim());
