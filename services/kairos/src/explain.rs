@@ -33,8 +33,15 @@ struct Latest {
 }
 
 /// The latest records of one partition (at most `RECORDS_PER_PARTITION`, up to the
-/// high watermark).
-fn read_partition(consumer: &BaseConsumer, topic: &str, partition: i32) -> anyhow::Result<Latest> {
+/// high watermark) whose key is `key`, and the first one read whatever its key (it
+/// tells where the records read begin). Only those are kept: a window of a busy
+/// partition, send commands in its outbox copies, would take hundreds of megabytes.
+fn read_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+) -> anyhow::Result<Latest> {
     let (oldest, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
@@ -59,10 +66,13 @@ fn read_partition(consumer: &BaseConsumer, topic: &str, partition: i32) -> anyho
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.with_context(|| format!("reading {topic}[{partition}]"))?;
             next = m.offset() + 1;
-            out.records.push((
-                m.key().unwrap_or_default().to_vec(),
-                m.payload().unwrap_or_default().to_vec(),
-            ));
+            let record_key = m.key().unwrap_or_default();
+            if record_key == key || out.records.is_empty() {
+                out.records.push((
+                    record_key.to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
+            }
         }
     }
     Ok(out)
@@ -87,7 +97,14 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .set("enable.auto.commit", "false")
         .create()
         .context("cannot create Kafka consumer")?;
-    let read = |topic: &str| read_partition(&consumer, &config.topic(topic), partition);
+    let read = |topic: &str| {
+        read_partition(
+            &consumer,
+            &config.topic(topic),
+            partition,
+            customer.as_bytes(),
+        )
+    };
     let triggers = read(topics::TRIGGERS)?;
     let decisions = read(topics::DECISIONS)?;
     // The ledger's latest value in the changelog (an empty payload deletes it).
@@ -96,6 +113,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
             &consumer,
             &config.changelog_topic("arbiter"),
             partition,
+            format!("s/c/{customer}").as_bytes(),
         )?)
     } else {
         None
