@@ -950,6 +950,7 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     let (status, body) =
         kairos_tests::http_get_with_token(admin, path, &token("c-someone-else")).expect("answers");
     assert_eq!(status, 401, "{body}");
+    let refused_until = now_millis();
     let (status, body) = poll("c-inapp-1");
     assert_eq!(status, 200, "{body}");
     let messages: Vec<Value> = serde_json::from_str(&body).expect("JSON list");
@@ -960,7 +961,12 @@ fn in_app_messages_wait_in_the_inbox_until_the_app_polls_them() {
     );
     assert_eq!(messages[0]["send_id"], "inapp-1");
     assert_eq!(messages[0]["title"], "Welcome, Dana!");
-    assert!(messages[0]["seen_at"].is_i64(), "marked seen when fetched");
+    assert!(
+        messages[0]["seen_at"]
+            .as_i64()
+            .is_some_and(|at| at >= refused_until),
+        "marked seen when fetched with the token, not before: {messages:?}"
+    );
     let (_, again) = poll("c-inapp-1");
     let again: Vec<Value> = serde_json::from_str(&again).expect("JSON list");
     assert_eq!(again[0]["seen_at"], messages[0]["seen_at"], "seen once");

@@ -32,6 +32,10 @@ fn number_after(line: &str, label: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// One `kairos up` at a time: each is a whole pipeline of a dozen processes, and the
+/// machines running the tests have two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Starts `kairos up` in `dir` on a copy of the shipped configuration (each service on
 /// a free admin port), and the lines it writes (stdout and stderr).
 fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
@@ -79,6 +83,7 @@ fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
 
 #[test]
 fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut up, lines) = start_up(dir.path());
     let mut seen = Vec::new();
@@ -162,6 +167,7 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
 /// race its exit.)
 #[test]
 fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut up, lines) = start_up(dir.path());
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -1282,8 +1282,19 @@ impl<P: Processor> Engine<P> {
         // message body withdrawing its commit point) goes by another producer: were it
         // retried after this commit's changelog records, which may delete its key, a
         // rebuild from the changelog would end with it. So it lands first.
-        for part in self.parts.values() {
-            part.store.claim_watch().settle();
+        // Awaited, not blocked on: a broker slow to answer holds no runtime thread.
+        let unplaced: Vec<(i32, Vec<rdkafka::producer::DeliveryFuture>)> = (self.parts.iter())
+            .map(|(p, part)| (*p, part.store.claim_watch().take_unplaced()))
+            .filter(|(_, deliveries)| !deliveries.is_empty())
+            .collect();
+        for (p, deliveries) in unplaced {
+            let delivered = futures::future::join_all(deliveries).await;
+            if let Some(part) = self.parts.get(&p) {
+                let mut watch = part.store.claim_watch();
+                for offset in delivered.into_iter().filter_map(|d| d.ok()?.ok()) {
+                    watch.note_own(offset.1);
+                }
+            }
         }
         let own = self.own_spans()?;
         let Publisher {
@@ -3380,17 +3391,17 @@ pub async fn run_serving<P: Processor>(
     loop {
         admin.heartbeat();
         // Apply rebalances recorded by the consumer context.
-        let applied = admin
-            .beating_while(apply_rebalances(
-                &mut engine,
-                &rebalances,
-                &|p| holds_input_partition(&consumer, &inputs, p),
-                config,
-                &name,
-                &publisher,
-                &cancel,
-            ))
-            .await?;
+        let applied = apply_rebalances(
+            &mut engine,
+            &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
+            config,
+            &name,
+            &publisher,
+            &cancel,
+            &admin,
+        )
+        .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
@@ -3477,17 +3488,17 @@ pub async fn run_serving<P: Processor>(
         // Rebalances seen while gathering (the callback runs inside recv) take effect
         // before any record is handled: revoked partitions are not touched after their
         // revocation, newly assigned ones are opened (and restored) first.
-        let applied = admin
-            .beating_while(apply_rebalances(
-                &mut engine,
-                &rebalances,
-                &|p| holds_input_partition(&consumer, &inputs, p),
-                config,
-                &name,
-                &publisher,
-                &cancel,
-            ))
-            .await?;
+        let applied = apply_rebalances(
+            &mut engine,
+            &rebalances,
+            &|p| holds_input_partition(&consumer, &inputs, p),
+            config,
+            &name,
+            &publisher,
+            &cancel,
+            &admin,
+        )
+        .await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
@@ -3805,6 +3816,7 @@ async fn apply_rebalances<P: Processor>(
     name: &str,
     publisher: &Publisher<'_>,
     cancel: &CancellationToken,
+    admin: &AdminState,
 ) -> anyhow::Result<AppliedRebalances> {
     let events: Vec<RebalanceEvent> = rebalances
         .lock()
@@ -3887,7 +3899,7 @@ async fn apply_rebalances<P: Processor>(
                 // its share of the input changes. One that writes ahead of its commits
                 // claims like the rest (see `Ctx::put_now` for how it is checked).
                 let claim = !engine.processor.single_state_partition();
-                let restored = tokio::task::spawn_blocking(move || {
+                let restoring = tokio::task::spawn_blocking(move || {
                     // Bounded like the engine's own stores: a restore opens the
                     // store, which reads its timers.
                     let factory = StoreFactory::new(&factory_root, 8 << 20)?
@@ -3901,9 +3913,13 @@ async fn apply_rebalances<P: Processor>(
                         TornCommit::Undo,
                         claim,
                     )
-                })
-                .await
-                .context("restore task failed")??;
+                });
+                // Alive while it restores, however long (the restore fails by itself
+                // when the changelog stops coming); not while a publish is stuck.
+                let restored = admin
+                    .beating_while(restoring)
+                    .await
+                    .context("restore task failed")??;
                 publisher.metrics.restored_records.inc_by(restored.applied);
                 publisher
                     .metrics

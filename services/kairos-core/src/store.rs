@@ -711,6 +711,12 @@ impl ClaimWatch {
         self.unplaced.push(delivery);
     }
 
+    /// The deliveries of the records sent without waiting, to be awaited (their
+    /// offsets then go to [`Self::note_own`]).
+    pub fn take_unplaced(&mut self) -> Vec<rdkafka::producer::DeliveryFuture> {
+        std::mem::take(&mut self.unplaced)
+    }
+
     /// Takes the offsets of the records sent without waiting, waiting for their
     /// delivery reports (a record the broker refused lies nowhere): once a record the
     /// same producer sent after them is acknowledged they are in, and before a commit's

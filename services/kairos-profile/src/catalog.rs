@@ -31,6 +31,7 @@ use compact_str::CompactString;
 use foldhash::{HashMap, HashMapExt};
 
 use kairos_core::config::{topics, Config, ScenarioKind};
+use kairos_core::contracts::DeadLetterReason;
 use kairos_core::contracts::{
     CatalogUpdate, InterestKind, ProductInterest, ProductOccasion, ProductOccasionKind,
 };
@@ -257,6 +258,15 @@ struct Interest {
     wishlisted: bool,
 }
 
+/// How many updates sent on a process remembers (see `CatalogJoin::sent_on`).
+const SENT_ON_REMEMBERED: usize = 100_000;
+
+/// A hash of a record's bytes, within this process.
+fn payload_hash(payload: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::default().hash_one(payload)
+}
+
 pub enum CatalogInput {
     Update(Box<CatalogUpdate>),
     Interest(Box<ProductInterest>),
@@ -280,6 +290,12 @@ pub struct CatalogJoin {
     partitions: i32,
     /// Catalog updates sent on to their product's partition.
     misrouted_forwarded: prometheus::IntCounter,
+    /// Hashes of the updates this process sent on lately, and how often: one sent on
+    /// twice and read on a wrong partition again is going round (the topic's partition
+    /// count is not `kafka.partitions`, changed while running) and is dead-lettered
+    /// instead of going round for ever. (Twice: the shop may send the same bytes
+    /// again.) Checked in `decode`, which takes `&self`.
+    sent_on: std::sync::Mutex<HashMap<u64, u8>>,
     /// Smallest drop any price-drop scenario asks for, in percent.
     min_drop_percent: f64,
     watches_stock: bool,
@@ -306,6 +322,7 @@ impl CatalogJoin {
             interest_topic: config.topic(topics::PRODUCT_INTEREST),
             occasions_topic: config.topic(topics::PRODUCT_OCCASIONS),
             partitions: config.kafka.partitions,
+            sent_on: std::sync::Mutex::new(HashMap::new()),
             misrouted_forwarded: kairos_core::metrics::counter(
                 metrics,
                 "kairos_catalog_updates_forwarded_total",
@@ -317,6 +334,26 @@ impl CatalogJoin {
             watches_stock: enabled(ScenarioKind::BackInStock).next().is_some(),
             batch_views: HashMap::new(),
             news: HashMap::new(),
+        }
+    }
+
+    /// How often this process sent `payload` on lately (see `CatalogJoin::sent_on`).
+    fn times_sent_on(&self, payload: &[u8]) -> u8 {
+        let hash = payload_hash(payload);
+        (self.sent_on.lock().ok())
+            .and_then(|sent| sent.get(&hash).copied())
+            .unwrap_or(0)
+    }
+
+    fn note_sent_on(&self, payload: &[u8]) {
+        let hash = payload_hash(payload);
+        if let Ok(mut sent) = self.sent_on.lock() {
+            // Bounded: a loop comes back within seconds.
+            if sent.len() >= SENT_ON_REMEMBERED {
+                sent.clear();
+            }
+            let times = sent.entry(hash).or_insert(0);
+            *times = times.saturating_add(1);
         }
     }
 
@@ -637,7 +674,7 @@ impl Processor for CatalogJoin {
     }
 
     fn outputs(&self) -> Vec<String> {
-        vec![self.occasions_topic.clone()]
+        vec![self.occasions_topic.clone(), self.catalog_topic.clone()]
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<CatalogInput, Rejection> {
@@ -651,7 +688,17 @@ impl Processor for CatalogJoin {
                 kairos_core::input::check_text(format_args!("{field}"), value.as_deref(), max)?;
             }
             kairos_core::input::check_amount("price", u.price)?;
-            if partition_for(u.product_id.as_bytes(), self.partitions) != record.partition {
+            let own = partition_for(u.product_id.as_bytes(), self.partitions);
+            if own != record.partition {
+                if self.times_sent_on(record.payload) >= 2 {
+                    return Err(Rejection::new(
+                        DeadLetterReason::invalid_field,
+                        format!(
+                            "product_id: the update of {:?} came back to partition {} after it was sent on twice to partition {own}, its product id's: the catalog topic's partition count is not kafka.partitions ({})",
+                            u.product_id, record.partition, self.partitions
+                        ),
+                    ));
+                }
                 return Ok(CatalogInput::Misrouted {
                     occurred_at: u.occurred_at,
                     product_id: u.product_id,
@@ -683,8 +730,10 @@ impl Processor for CatalogJoin {
                 payload,
                 ..
             } => {
-                // Through the outbox, with this record's offset: sent on exactly once.
+                // Through the outbox, with this record's offset (a copy published
+                // again after a crash applies as once: updates apply by their time).
                 let topic = self.catalog_topic.clone();
+                self.note_sent_on(&payload);
                 ctx.emit_encoded(&topic, &product_id, payload);
                 self.misrouted_forwarded.inc();
                 Ok(())
@@ -990,6 +1039,42 @@ min_drop_percent = 10.0
             price("p1", "u2", 80.0, T0 + 2 * HOUR),
         );
         assert_eq!(told(&out, "p1"), ["a"]);
+    }
+
+    /// An update sent on that comes back to a wrong partition (the catalog topic's
+    /// partition count changed under a running join) is dead-lettered, not sent round
+    /// again and again.
+    #[test]
+    fn an_update_sent_on_that_comes_back_misrouted_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join_on(dir.path(), 4);
+        let catalog = config.topic(topics::CATALOG);
+        let wrong = (0..4).find(|p| *p != partition_for(b"p1", 4)).unwrap();
+        let record = price("p1", "u1", 100.0, T0);
+        let mut out = r
+            .push_to_partition(&catalog, wrong, b"p1", &record)
+            .unwrap();
+        out.extend(r.commit().unwrap());
+        assert_eq!(out.iter().filter(|e| e.topic == catalog).count(), 1);
+        // Back on the wrong partition: sent on once more (the shop may send the same
+        // bytes again), then, back again, dead-lettered.
+        let mut out = r
+            .push_to_partition(&catalog, wrong, b"p1", &record)
+            .unwrap();
+        out.extend(r.commit().unwrap());
+        assert_eq!(out.iter().filter(|e| e.topic == catalog).count(), 1);
+        let mut out = r
+            .push_to_partition(&catalog, wrong, b"p1", &record)
+            .unwrap();
+        out.extend(r.commit().unwrap());
+        assert!(out.iter().all(|e| e.topic != catalog), "sent round again");
+        let letters: Vec<_> = out
+            .iter()
+            .filter(|e| e.topic == config.topic(topics::DEAD_LETTER))
+            .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+            .collect();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert!(letters[0].contains("partition count"), "{}", letters[0]);
     }
 
     /// The name follows the newest update too: one older, read later, leaves it.
