@@ -203,20 +203,34 @@ impl TemplateSet {
                 .get_template(&format!("{template}/{field}"))
                 .map_err(|e| self.render_error(template, field, e.to_string()))?;
             let rendered = compiled.render(&context).map_err(|e| {
-                // Quote the expression that failed (`item.quantity`, `first_name`): that
-                // is what the fix needs. Listing every variable the template names that
-                // the message lacks would also name optional ones (`| default`, `is
-                // defined`), and miss a field missing inside a list item.
-                let expression = e
-                    .template_source()
+                // Name what the fix needs: the variables the message lacks that the
+                // failing line uses (not optional ones elsewhere in the template, with
+                // `| default` or `is defined`), and the expression that failed
+                // (`item.quantity`, a field missing inside a list item, or the filter a
+                // missing list went through).
+                let source = e.template_source();
+                let expression = source
                     .zip(e.range())
                     .and_then(|(source, range)| source.get(range));
-                let message = match expression {
-                    Some(expression) if e.kind() == minijinja::ErrorKind::UndefinedError => {
-                        format!("missing variable in `{expression}`: {e}")
+                let line = source
+                    .zip(e.line())
+                    .and_then(|(source, n)| source.lines().nth(n.checked_sub(1)?));
+                let mut missing: Vec<String> = compiled
+                    .undeclared_variables(false)
+                    .into_iter()
+                    .filter(|v| context.get(v).is_none())
+                    .filter(|v| line.is_none_or(|line| uses_name(line, v)))
+                    .collect();
+                missing.sort();
+                let undefined = e.kind() == minijinja::ErrorKind::UndefinedError;
+                let message = match (missing.is_empty(), expression) {
+                    (false, Some(at)) => {
+                        format!("missing variable {} (at `{at}`): {e}", missing.join(", "))
                     }
-                    Some(expression) => format!("in `{expression}`: {e}"),
-                    None => e.to_string(),
+                    (false, None) => format!("missing variable {}: {e}", missing.join(", ")),
+                    (true, Some(at)) if undefined => format!("missing variable in `{at}`: {e}"),
+                    (true, Some(at)) => format!("in `{at}`: {e}"),
+                    (true, None) => e.to_string(),
                 };
                 self.render_error(template, field, message)
             })?;
@@ -438,6 +452,16 @@ fn without_nulls(value: &serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Whether template text `line` uses the name `name` (as a whole word).
+fn uses_name(line: &str, name: &str) -> bool {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    line.match_indices(name).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + name.len()..].chars().next();
+        !before.is_some_and(is_word) && !after.is_some_and(is_word)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,7 +524,18 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
             )
             .unwrap_err()
             .to_string();
-        assert!(err.contains("missing variable in `first_name`"), "{err}");
+        assert!(err.contains("missing variable first_name"), "{err}");
+        // A missing list is named, not only the filter it went through.
+        let err = t
+            .render(
+                "cart",
+                &serde_json::json!({"first_name": "Ann", "cart_value": 1}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing variable cart_items"), "{err}");
+        assert!(uses_name("{{ cart_items | length }}", "cart_items"));
+        assert!(!uses_name("{{ cart_items_count }}", "cart_items"));
         // A field missing in a list item is named as the template reads it.
         let cart = include_str!("../../../config/templates/abandoned_cart.toml");
         let shipped_cart = set(Channel::email, &[("abandoned_cart.toml", cart)]).unwrap();
