@@ -63,7 +63,7 @@ impl AdminState {
         self.last_heartbeat.store(wall_now(), Ordering::Relaxed);
     }
 
-    /// Awaits `work` (a rebalance: restoring a partition from its changelog may take
+    /// Awaits `work` (the restore of a partition from its changelog, which may take
     /// minutes), beating the heart every few seconds meanwhile: a liveness probe that
     /// restarted an instance for restoring would make it restore again from scratch.
     /// Work that outlasts one beat leaves the instance not ready; the processing loop

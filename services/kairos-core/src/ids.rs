@@ -62,6 +62,8 @@ pub fn same_secret(presented: &str, expected: &str) -> bool {
     sha2::Sha256::digest(presented.as_bytes()) == sha2::Sha256::digest(expected.as_bytes())
 }
 
+use hmac::Mac as _;
+
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// The token the site or app presents to poll `customer_id`'s in-app inbox
@@ -70,22 +72,19 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 /// the page or app, so one customer cannot read another's inbox (the scheme of
 /// Intercom's identity verification).
 pub fn inbox_token(secret: &str, customer_id: &str) -> String {
-    use hmac::Mac as _;
     hex::encode(inbox_mac(secret, customer_id).finalize().into_bytes())
 }
 
 /// Whether `presented` is `customer_id`'s inbox token under `secret` (compared in
 /// constant time).
 pub fn is_inbox_token(secret: &str, customer_id: &str, presented: &str) -> bool {
-    use hmac::Mac as _;
     hex::decode(presented.trim())
         .is_ok_and(|bytes| inbox_mac(secret, customer_id).verify_slice(&bytes).is_ok())
 }
 
 fn inbox_mac(secret: &str, customer_id: &str) -> HmacSha256 {
-    use hmac::Mac as _;
     // HMAC takes a key of any length.
-    let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(secret.as_bytes())
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
     mac.update(customer_id.as_bytes());
     mac

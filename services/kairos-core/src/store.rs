@@ -718,9 +718,8 @@ impl ClaimWatch {
     }
 
     /// Takes the offsets of the records sent without waiting, waiting for their
-    /// delivery reports (a record the broker refused lies nowhere): once a record the
-    /// same producer sent after them is acknowledged they are in, and before a commit's
-    /// changelog records are published they must be.
+    /// delivery reports (a record the broker refused lies nowhere). Called once a
+    /// record the same producer sent after them is acknowledged, so they are in.
     pub fn settle(&mut self) {
         for delivery in std::mem::take(&mut self.unplaced) {
             if let Ok(Ok((_, offset))) = futures::executor::block_on(delivery) {

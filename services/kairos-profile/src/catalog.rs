@@ -31,9 +31,9 @@ use compact_str::CompactString;
 use foldhash::{HashMap, HashMapExt};
 
 use kairos_core::config::{topics, Config, ScenarioKind};
-use kairos_core::contracts::DeadLetterReason;
 use kairos_core::contracts::{
-    CatalogUpdate, InterestKind, ProductInterest, ProductOccasion, ProductOccasionKind,
+    CatalogUpdate, DeadLetterReason, InterestKind, ProductInterest, ProductOccasion,
+    ProductOccasionKind,
 };
 use kairos_core::encoding::{decode_input, decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;

@@ -174,22 +174,20 @@ pub async fn run(
 
     let mut broker = spawn(&exe, &config_path, "dev-broker", &["dev-broker"])?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !config.kafka.broker_address_file.exists() {
+    loop {
         if cancel.is_cancelled() {
             stop(&mut broker, Duration::from_secs(2));
             println!("stopped before the services started");
             return Ok(());
+        }
+        if config.kafka.broker_address_file.exists() {
+            break;
         }
         if Instant::now() > deadline || matches!(broker.child.try_wait(), Ok(Some(_))) {
             stop(&mut broker, Duration::from_secs(2));
             bail!("the embedded broker did not start; see var/log/dev-broker.log");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if cancel.is_cancelled() {
-        stop(&mut broker, Duration::from_secs(2));
-        println!("stopped before the services started");
-        return Ok(());
     }
     let bootstrap = std::fs::read_to_string(&config.kafka.broker_address_file)?;
     println!("embedded broker at {}", bootstrap.trim());
