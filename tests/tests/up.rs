@@ -36,6 +36,15 @@ fn number_after(line: &str, label: &str) -> Option<u64> {
 /// machines running the tests have two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `kairos up` at 100 events per second in `dir`, on its `config/kairos.toml`.
+fn up_command(dir: &Path) -> Command {
+    let mut up = Command::new(kairos_bin());
+    up.current_dir(dir)
+        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
+        .stdin(Stdio::null());
+    up
+}
+
 /// Starts `kairos up` in `dir` on a copy of the shipped configuration (each service on
 /// a free admin port), and the lines it writes (stdout and stderr).
 fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
@@ -54,10 +63,7 @@ fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
         )
         .collect();
     std::fs::write(&config_file, own_ports.join("\n") + "\n").expect("config");
-    let mut up = Command::new(kairos_bin())
-        .current_dir(dir)
-        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
-        .stdin(Stdio::null())
+    let mut up = up_command(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -100,10 +106,7 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         }
     }
     // A second `up` on the same files is turned away before it clears anything.
-    let second = Command::new(kairos_bin())
-        .current_dir(dir.path())
-        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
-        .stdin(Stdio::null())
+    let second = up_command(dir.path())
         .output()
         .expect("run a second kairos up");
     let told = String::from_utf8_lossy(&second.stderr);
@@ -212,10 +215,7 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
             None
         })
         .expect("a service of the killed kairos up still stopping");
-    let mut second = Command::new(kairos_bin())
-        .current_dir(dir.path())
-        .args(["--config", "config/kairos.toml", "up", "--rate", "100"])
-        .stdin(Stdio::null())
+    let mut second = up_command(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -149,21 +149,19 @@ impl<P: Processor> Replayer<P> {
         payload: &[u8],
         decoded: Option<P::Input>,
     ) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.refuse_after_failure()?;
-        let pushed = self.push_unchecked(topic, partition, key, payload, decoded);
-        self.note_failure(pushed)
+        self.unless_failed(|r| r.push_unchecked(topic, partition, key, payload, decoded))
     }
 
-    /// Fails if an earlier call did (see `Replayer::failed`).
-    fn refuse_after_failure(&self) -> anyhow::Result<()> {
-        match &self.failed {
-            Some(e) => anyhow::bail!("the replay stopped at an earlier error: {e}"),
-            None => Ok(()),
+    /// Runs `call`, unless an earlier call failed (then fails with that error: see
+    /// `Replayer::failed`); remembers its error, if any, for the calls after it.
+    fn unless_failed<T>(
+        &mut self,
+        call: impl FnOnce(&mut Self) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        if let Some(e) = &self.failed {
+            anyhow::bail!("the replay stopped at an earlier error: {e}");
         }
-    }
-
-    /// Remembers `result`'s error, if any, for the calls after it.
-    fn note_failure<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let result = call(self);
         if let Err(e) = &result {
             self.failed = Some(format!("{e:#}"));
         }
@@ -211,9 +209,7 @@ impl<P: Processor> Replayer<P> {
 
     /// Commits pending work and fires due timers.
     pub fn commit(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.refuse_after_failure()?;
-        let committed = self.commit_unchecked();
-        self.note_failure(committed)
+        self.unless_failed(Self::commit_unchecked)
     }
 
     fn commit_unchecked(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
@@ -234,20 +230,17 @@ impl<P: Processor> Replayer<P> {
         let partition = self
             .engine
             .state_partition(partition_for(key, self.partitions));
-        self.refuse_after_failure()?;
-        let answer = self.engine.serve(partition, request);
-        let answer = self.note_failure(answer)?;
+        let answer = self.unless_failed(|r| r.engine.serve(partition, request))?;
         Ok((answer, self.commit()?))
     }
 
     /// Moves event time to `t` everywhere (a heartbeat on every partition).
     pub fn advance_to(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
-        self.refuse_after_failure()?;
-        let advanced = self.engine.advance_time(t).and_then(|out| {
-            self.engine.acknowledge_local(&out)?;
+        self.unless_failed(|r| {
+            let out = r.engine.advance_time(t)?;
+            r.engine.acknowledge_local(&out)?;
             Ok(out)
-        });
-        self.note_failure(advanced)
+        })
     }
 }
 

@@ -136,21 +136,22 @@ struct Read {
 
 /// The report of `customer` from the records `read`: at most `limit` triggers.
 fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::Result<String> {
-    let mine = |latest: &Latest| -> Vec<Vec<u8>> {
+    // The customer's records (the first one read may be another's).
+    fn of<'a>(customer: &'a str, latest: &'a Latest) -> impl Iterator<Item = &'a [u8]> {
         (latest.records.iter())
-            .filter(|(k, _)| k == customer.as_bytes())
-            .map(|(_, v)| v.clone())
-            .collect()
-    };
+            .filter(move |(k, _)| k == customer.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+    let mine = |latest| of(customer, latest);
     let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
     for payload in mine(&read.triggers) {
-        if let Ok(t) = serde_json::from_slice::<Trigger>(&payload) {
+        if let Ok(t) = serde_json::from_slice::<Trigger>(payload) {
             triggers.insert(t.trigger_id.clone(), t);
         }
     }
     let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
     for payload in mine(&read.decisions) {
-        if let Ok(d) = serde_json::from_slice::<Decision>(&payload) {
+        if let Ok(d) = serde_json::from_slice::<Decision>(payload) {
             let list = decisions.entry(d.trigger_id.clone()).or_default();
             // A record re-sent after a crash repeats its decision id: show it once.
             if !list.iter().any(|x| x.decision_id == d.decision_id) {
