@@ -578,6 +578,12 @@ pub struct DeliveryChannelConfig {
     /// reaches the port (a backend polling for the site on a trusted network).
     #[serde(default)]
     pub inbox_secret: Option<String>,
+    /// In-app only: serve the inbox without `inbox_secret` on an address other than
+    /// loopback (a backend polling it on a trusted network). Without it such a
+    /// configuration is refused: every customer's messages would be open to whoever
+    /// reaches the port.
+    #[serde(default)]
+    pub open_inbox: bool,
 }
 
 impl DeliveryChannelConfig {
@@ -1569,6 +1575,33 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if d.open_inbox && d.provider != ProviderKind::InApp {
+                return Err(fail(
+                    ("", "open_inbox"),
+                    format!(
+                        "{}: not read: only the in_app provider keeps an inbox (provider is \"{}\")",
+                        section("open_inbox"),
+                        d.provider.as_str()
+                    ),
+                ));
+            }
+            if d.provider == ProviderKind::InApp
+                && d.inbox_secret.is_none()
+                && !d.open_inbox
+                && !d.admin_listen.ip().is_loopback()
+            {
+                return Err(fail(
+                    ("", "admin_listen"),
+                    format!(
+                        "{}: {} is reachable from other machines and no inbox_secret is set, \
+                         so anyone reaching it could read and mark seen any customer's \
+                         in-app messages; set inbox_secret (polls then carry the customer's \
+                         token), or open_inbox = true for a backend on a trusted network",
+                        section("admin_listen"),
+                        d.admin_listen
+                    ),
+                ));
             }
             let simulator = &d.simulator;
             let rates = [
@@ -3334,6 +3367,34 @@ mod tests {
             message.contains("only the in_app provider keeps an inbox"),
             "{message}"
         );
+    }
+
+    /// An inbox without a secret serves any customer's messages to whoever asks: taken
+    /// on loopback, or when the operator says the network is trusted, refused otherwise.
+    #[test]
+    fn an_inbox_without_a_secret_is_refused_where_other_machines_reach_it() {
+        let in_app = |listen: &str| {
+            format!("[delivery.in_app]\nadmin_listen = \"{listen}\"\nprovider = \"in_app\"\n")
+        };
+        parse(&in_app("127.0.0.1:0")).expect("loopback");
+        parse(&in_app("[::1]:0")).expect("loopback");
+        let (line, message) = line_of(&in_app("0.0.0.0:9115"));
+        assert_eq!(line, 2, "{message}");
+        assert!(
+            message.contains("delivery.in_app.admin_listen"),
+            "{message}"
+        );
+        assert!(message.contains("set inbox_secret"), "{message}");
+        parse(&format!("{}open_inbox = true\n", in_app("0.0.0.0:9115"))).expect("trusted");
+        parse(&format!(
+            "{}inbox_secret = \"0123456789abcdef\"\n",
+            in_app("0.0.0.0:9115")
+        ))
+        .expect("with a secret");
+        let email = "[delivery.email]\nadmin_listen = \"0.0.0.0:0\"\nopen_inbox = true\n";
+        let (line, message) = line_of(email);
+        assert_eq!(line, 3, "{message}");
+        assert!(message.contains("only the in_app provider"), "{message}");
     }
 
     /// `warning` would be read as a target at TRACE and filter out every line.
