@@ -61,12 +61,39 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The ports `free_port` and `free_port_outside_ephemeral_range` handed out.
+static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// A port free now, below the kernel's ephemeral range, never handed out before in
+/// this process: for a configuration that must name its processes' ports before they
+/// bind them (`kairos up`'s). A port from the ephemeral range (what binding port 0
+/// gives) can meanwhile be taken by any outgoing connection those processes open; one
+/// below it only by a deliberate bind.
+pub fn free_port_outside_ephemeral_range() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+        .max(16_384);
+    let first = ephemeral_low - 8_192;
+    // Started from a point of this process's own, so test processes running side by
+    // side rarely try the same ports.
+    let offset = (std::process::id() % 4_096) as u16;
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    (0..8_192u16)
+        .map(|i| first + (offset + i) % 8_192)
+        .find(|port| !handed_out.contains(port) && TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .inspect(|port| {
+            handed_out.insert(*port);
+        })
+        .expect("a free port below the ephemeral range")
+}
+
 /// A port free now, never handed out before in this process (the kernel may give the
 /// same ephemeral port to two binds in a row): unique names, and the port of a test's
 /// own server. Not for the services' admin ports: a port chosen here can be taken by
 /// another socket before the service binds it, so services bind port 0 instead.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = TcpListener::bind("127.0.0.1:0")

@@ -25,7 +25,12 @@ fn sends_for<'a>(sends: &'a [Value], customer: &str) -> Vec<&'a Value> {
 
 #[test]
 fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
-    let mut p = Pipeline::start(Options::default());
+    // The reminder waits long enough for the buyer's receipt, produced just after the
+    // carts, to be read first on a loaded machine (its timer fires on the wall clock).
+    let mut p = Pipeline::start(Options {
+        cart_delay: "6s",
+        ..Options::default()
+    });
     let t = now_millis();
     p.produce(
         "events.site",
@@ -36,7 +41,7 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
             ("c-buyer", add_to_cart("c-buyer", t + 1)),
         ],
     );
-    // The buyer pays in a shop before the 2 s reminder delay is over.
+    // The buyer pays in a shop before the 6 s reminder delay is over.
     p.produce(
         "events.offline",
         &[(
@@ -321,6 +326,9 @@ fn identity_stitches_an_anonymous_cart_to_the_customer_who_logs_in() {
             ("KAIROS__IDENTITY__DEFAULT_COUNTRY".into(), "DE".into()),
         ],
         services: vec!["identity", "profile", "arbiter", "deliver-email"],
+        // Time for the card-only receipt, produced after the carts, to pass through
+        // identity and reach the profile before c-card's reminder falls due.
+        cart_delay: "6s",
         ..Options::default()
     });
     // c-card's first receipt (yesterday) names the customer and links the card.
@@ -380,7 +388,7 @@ fn identity_stitches_an_anonymous_cart_to_the_customer_who_logs_in() {
             ),
         ],
     );
-    // Before the 2 s reminder, c-card pays in a shop showing only the card.
+    // Before the 6 s reminder, c-card pays in a shop showing only the card.
     std::thread::sleep(Duration::from_millis(300));
     p.produce(
         "events.offline",

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kairos_tests::{free_port, kairos_bin, repo_root};
+use kairos_tests::{free_port_outside_ephemeral_range, kairos_bin, repo_root};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -57,7 +57,10 @@ fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
         .lines()
         .map(
             |line| match line.trim_start().strip_prefix("admin_listen = ") {
-                Some(_) => format!("admin_listen = \"127.0.0.1:{}\"", free_port()),
+                Some(_) => format!(
+                    "admin_listen = \"127.0.0.1:{}\"",
+                    free_port_outside_ephemeral_range()
+                ),
                 None => line.to_string(),
             },
         )

@@ -209,8 +209,24 @@ impl Fact {
     }
 }
 
+/// A fixed seed, or the one `PROPTEST_RNG_SEED` names (read by proptest's default).
+fn fixed_seed_unless_asked() -> proptest::test_runner::RngSeed {
+    if std::env::var_os("PROPTEST_RNG_SEED").is_some() {
+        ProptestConfig::default().rng_seed
+    } else {
+        proptest::test_runner::RngSeed::Fixed(0x6b61_6972_6f73)
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    // The same cases on every run unless PROPTEST_RNG_SEED asks for others: a gate
+    // that a fresh seed can fail would fail unrelated changes (found cases are kept in
+    // properties.proptest-regressions and run first either way).
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        rng_seed: fixed_seed_unless_asked(),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn pacing_consent_and_decision_invariants_hold(

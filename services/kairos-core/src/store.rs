@@ -2537,7 +2537,17 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+        // The same cases on every run unless PROPTEST_RNG_SEED asks for others (found
+        // cases are kept in proptest-regressions/store.txt and run first either way).
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 96,
+            rng_seed: if std::env::var_os("PROPTEST_RNG_SEED").is_some() {
+                proptest::prelude::ProptestConfig::default().rng_seed
+            } else {
+                proptest::test_runner::RngSeed::Fixed(0x6b61_6972_6f73)
+            },
+            ..proptest::prelude::ProptestConfig::default()
+        })]
 
         /// A store that holds only a few timers in memory schedules, moves, cancels,
         /// looks up and fires them exactly as a map of every timer would: the same

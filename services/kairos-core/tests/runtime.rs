@@ -109,7 +109,10 @@ fn outputs(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(500)) {
+        // The first record may take a connection and a first fetch to come; after
+        // it, half a second without one is the end of the topic.
+        let quiet = if out.is_empty() { 5_000 } else { 500 };
+        match consumer.poll(Duration::from_millis(quiet)) {
             Some(Ok(m)) => {
                 out.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned())
             }

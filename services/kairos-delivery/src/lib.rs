@@ -1826,7 +1826,9 @@ mod tests {
                     async move {
                         let status = if n == 0 { first } else { later };
                         if status == 0 {
-                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                            // Well past the timeout, so a loaded machine's slow answer
+                            // is not taken for none.
+                            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                         }
                         let code =
                             axum::http::StatusCode::from_u16(status.max(200)).expect("status");
@@ -1841,7 +1843,7 @@ mod tests {
                 &[
                     ("KAIROS__DELIVERY__SMS__PROVIDER", "http"),
                     ("KAIROS__DELIVERY__SMS__HTTP__URL", &url),
-                    ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", "300ms"),
+                    ("KAIROS__DELIVERY__SMS__HTTP__TIMEOUT", "1s"),
                     ("KAIROS__DELIVERY__SMS__RETRY__MAX_ATTEMPTS", "3"),
                     ("KAIROS__DELIVERY__SMS__RETRY__INITIAL_BACKOFF", "50ms"),
                 ],

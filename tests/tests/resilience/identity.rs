@@ -248,15 +248,17 @@ fn identity_graph_and_resolutions_survive_sigkill() {
 
     // A second instance: the graph is one partition, so neither instance applies
     // anything while they share the input; when one goes, the other does it all.
-    // Batches are gathered for up to 15 s, so that the instance left alone gets every
+    // Batches are gathered for up to 25 s, so that the instance left alone gets every
     // partition back in the middle of one: it had read and dropped what came while it
     // shared, and what it fetched in that batch before the assignment lies past those
     // records, which come again from the committed offset after it, most of them in
     // later batches (500 records each).
-    let gather = Duration::from_secs(15);
+    // (25 s: the session's expiry, 6 s, and the rebalance after it must fall within
+    // the batch on a loaded machine.)
+    let gather = Duration::from_secs(25);
     let mut opts = options();
     opts.env.extend([
-        ("KAIROS__STATE__MAX_BATCH_WAIT".into(), "15s".into()),
+        ("KAIROS__STATE__MAX_BATCH_WAIT".into(), "25s".into()),
         ("KAIROS__STATE__MAX_BATCH_RECORDS".into(), "500".into()),
     ]);
     let mut p = Pipeline::start_with(opts, "identity");
@@ -295,7 +297,10 @@ fn identity_graph_and_resolutions_survive_sigkill() {
     produce_chunk(&p, opening);
     std::thread::sleep(Duration::from_secs(1));
     p.kill9("identity-b");
-    std::thread::sleep(gather);
+    let deadline = std::time::Instant::now() + gather;
+    while set_aside(&p) == set_aside_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(
         set_aside(&p) > set_aside_before,
         "the assignment did not come within a batch:\n{}",
