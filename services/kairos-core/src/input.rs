@@ -345,17 +345,29 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
         ));
     }
     check_customer_id(e.customer_id.as_deref())?;
-    let needs_product = matches!(
+    let cart_change = matches!(
         e.event_type,
-        EventType::add_to_cart
-            | EventType::remove_from_cart
-            | EventType::wishlist_add
-            | EventType::wishlist_remove
+        EventType::add_to_cart | EventType::remove_from_cart
     );
-    if needs_product && e.product.is_none() && e.items.is_empty() {
+    if cart_change && e.product.is_none() && e.items.is_empty() {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
             format!("{} needs product or items", e.event_type.as_str()),
+        ));
+    }
+    // A view or a wish is of one product: without it the event would change nothing
+    // (no interest for price drops, no browse reminder), so it is refused, not taken.
+    let of_one_product = matches!(
+        e.event_type,
+        EventType::product_view | EventType::wishlist_add | EventType::wishlist_remove
+    );
+    if of_one_product && e.product.is_none() {
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            format!(
+                "{} needs product (items are not read for it)",
+                e.event_type.as_str()
+            ),
         ));
     }
     if e.event_type == EventType::consent_change && e.consent.is_none() {
@@ -575,6 +587,32 @@ mod tests {
             assert_eq!(r.reason, DeadLetterReason::invalid_field, "{pointer}");
             assert!(r.message.contains("bytes long"), "{}", r.message);
         }
+    }
+
+    /// A view or a wish without its product would be taken and change nothing.
+    #[test]
+    fn a_view_or_wish_without_its_product_is_refused() {
+        let registry = SchemaRegistry::new(None);
+        let event = |event_type: &str, product: &str| {
+            format!(
+                r#"{{"event_id":"e1","event_type":"{event_type}","occurred_at":1764950000000,"customer_id":"c1"{product}}}"#
+            )
+        };
+        let items = r#","items":[{"product_id":"p1","quantity":1,"unit_price":1.0}]"#;
+        let product = r#","product":{"product_id":"p1"}"#;
+        for event_type in ["product_view", "wishlist_add", "wishlist_remove"] {
+            for without in ["", items] {
+                let r =
+                    decode_customer_event(event(event_type, without).as_bytes(), &registry, &NONE)
+                        .unwrap_err();
+                assert_eq!(r.reason, DeadLetterReason::missing_field, "{event_type}");
+                assert!(r.message.contains("needs product"), "{}", r.message);
+            }
+            decode_customer_event(event(event_type, product).as_bytes(), &registry, &NONE)
+                .unwrap_or_else(|r| panic!("{event_type}: {}", r.message));
+        }
+        decode_customer_event(event("add_to_cart", items).as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("a cart change of items: {}", r.message));
     }
 
     #[test]

@@ -1956,7 +1956,19 @@ impl ProfileProcessor {
                 stop_wait(ctx, s, p)?;
             }
         }
-        if latest_before.is_some_and(|latest| latest > at) {
+        // A later purchase keeps the one follow-up, unless every later order the
+        // profile holds was returned or cancelled before this one was read (a till
+        // receipt uploaded late): this one takes it then, as the return would have
+        // given it back in time order (see `rearm_post_purchase`).
+        let later_counts = |latest: Millis| {
+            let this = order_id.as_deref();
+            let mut later =
+                (p.recent_orders.iter()).filter(|o| o.at > at && this != Some(o.order_id.as_str()));
+            // The latest purchase is not among the orders held (no order id): it counts.
+            !p.recent_orders.iter().any(|o| o.at == latest)
+                || later.any(|o| !p.order_returned(&o.order_id))
+        };
+        if latest_before.is_some_and(|latest| latest > at && later_counts(latest)) {
             return Ok(());
         }
         // Returned or cancelled before it came: no follow-up, and the pending one of
@@ -2579,12 +2591,21 @@ impl ProfileProcessor {
                     .map(|d| chrono::Datelike::year(&d.with_timezone(&tz)))
                     .unwrap_or(0);
                 cause = format!("{}-{year}", s.name);
-                // Still the customer's date? (birthday or zone may have changed.)
+                // Still the customer's date? (birthday or zone may have changed.) A
+                // greeting armed at another hour of it (moved late on purpose when
+                // `local_time` changed) is; so is the calendar's own moment, which a
+                // DST gap over midnight puts on the next day: re-armed, it would land
+                // on this very instant for ever.
                 let date = self.yearly_date(s, p);
                 let today = calendar::local_month_day(timer.fire_at, tz);
                 let same_day = date.is_some()
                     && (date == today || (date == Some((2, 29)) && today == Some((2, 28))));
-                if !same_day {
+                let occasion = date
+                    .zip(s.local_time_of_day())
+                    .and_then(|((month, day), time)| {
+                        calendar::next_yearly(month, day, time, tz, timer.fire_at - 1)
+                    });
+                if !same_day && occasion != Some(timer.fire_at) {
                     // Armed in another zone (the default zone changed, or armed by a
                     // version that took UTC for a customer without one): this year's
                     // moment in the customer's zone may be a tolerance ago at most, as
@@ -2683,7 +2704,7 @@ impl ProfileProcessor {
         // step due at the cause itself (a welcome at registration) came before it.
         if !s.kind.is_restartable_wait()
             && s.kind != ScenarioKind::Reactivation
-            && s.ends_on_purchase()
+            && s.step_ends_on_purchase(t.step as usize)
             && timer.fire_at > t.cause_occurred_at
             && p.last_purchase_at
                 .is_some_and(|bought| bought > t.cause_occurred_at)

@@ -54,6 +54,24 @@ pub struct ChannelEngagement {
     pub last_opened_at: Option<Millis>,
     pub last_clicked_at: Option<Millis>,
     pub ignored_in_row: u32,
+    /// When the messages counted in `ignored_in_row` were delivered (the latest
+    /// `IGNORED_TIMES_KEPT`, in order): an open reported late, of an earlier message,
+    /// ends the row only up to its own time.
+    #[serde(default)]
+    pub ignored_delivered_at: Vec<Millis>,
+}
+
+/// How many delivery times of ignored messages a channel's engagement keeps.
+const IGNORED_TIMES_KEPT: usize = 32;
+
+impl ChannelEngagement {
+    /// The customer opened or clicked at `at`: the messages delivered after it are
+    /// still ignored in a row, the earlier ones are not.
+    fn engaged(&mut self, at: Millis) {
+        self.ignored_delivered_at
+            .retain(|delivered| *delivered > at);
+        self.ignored_in_row = self.ignored_delivered_at.len() as u32;
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -718,15 +736,21 @@ impl CustomerProfile {
                 let engaged = e.last_opened_at.max(e.last_clicked_at);
                 if engaged.is_none_or(|engaged| engaged < at) {
                     e.ignored_in_row += 1;
+                    let times = &mut e.ignored_delivered_at;
+                    let place = times.partition_point(|delivered| *delivered <= at);
+                    times.insert(place, at);
+                    if times.len() > IGNORED_TIMES_KEPT {
+                        times.remove(0);
+                    }
                 }
             }
             OutcomeKind::opened => {
                 e.last_opened_at = Some(e.last_opened_at.map_or(at, |l| l.max(at)));
-                e.ignored_in_row = 0;
+                e.engaged(at);
             }
             OutcomeKind::clicked => {
                 e.last_clicked_at = Some(e.last_clicked_at.map_or(at, |l| l.max(at)));
-                e.ignored_in_row = 0;
+                e.engaged(at);
             }
             _ => {}
         }
@@ -1003,7 +1027,10 @@ impl CustomerProfile {
             mine.last_delivered_at = mine.last_delivered_at.max(e.last_delivered_at);
             mine.last_opened_at = mine.last_opened_at.max(e.last_opened_at);
             mine.last_clicked_at = mine.last_clicked_at.max(e.last_clicked_at);
-            mine.ignored_in_row = mine.ignored_in_row.max(e.ignored_in_row);
+            if e.ignored_in_row > mine.ignored_in_row {
+                mine.ignored_in_row = e.ignored_in_row;
+                mine.ignored_delivered_at = e.ignored_delivered_at;
+            }
         }
         for (channel, address) in other.hard_bounced {
             self.note_bounced(channel, address);
@@ -2560,6 +2587,20 @@ mod tests {
         said(Channel::email, false, 20, &mut merged);
         survivor.absorb(merged);
         assert_eq!(survivor.consents.get(&Channel::email), Some(&false));
+    }
+
+    /// An open reported late, of an earlier message, leaves the messages delivered
+    /// after it ignored, as if read in time order.
+    #[test]
+    fn an_open_reported_late_ends_the_row_only_up_to_its_time() {
+        let mut p = CustomerProfile::new("c1", 0);
+        for delivered in [10, 20, 30] {
+            p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, delivered));
+        }
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::opened, 15));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 2);
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::clicked, 35));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 0);
     }
 
     #[test]

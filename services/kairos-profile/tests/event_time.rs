@@ -668,6 +668,33 @@ fn welcome_chain_ends_on_purchase() {
     assert_eq!(fired[0]["step"], 0);
 }
 
+/// A step's own `exit_on_purchase`: the how-to step goes out to a buyer too, the
+/// series ends at the step that keeps its scenario's (a purchase ends a welcome).
+#[test]
+fn a_step_that_does_not_end_on_purchase_goes_out_and_the_next_one_ends_the_chain() {
+    let config = CONFIG.replace(
+        "    { delay = \"2d\", template = \"welcome_2\" },",
+        "    { delay = \"2d\", template = \"welcome_2\", exit_on_purchase = false },",
+    );
+    let t = at("2026-04-01T09:00:00Z");
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site("ws-reg", "registration", "ws", t, json!({}));
+    h.site(
+        "ws-buy",
+        "purchase",
+        "ws",
+        t + DAY,
+        order("o-ws", 30.0, None),
+    );
+    h.advance(t + 10 * DAY);
+    let steps: Vec<_> = h
+        .triggers("ws", "welcome")
+        .iter()
+        .map(|t| t["step"].clone())
+        .collect();
+    assert_eq!(steps, [json!(0), json!(1)]);
+}
+
 /// A guest checkout, then an account: the welcome series runs in full however the
 /// two arrive (the site's purchase processed after the app's registration).
 #[test]
@@ -989,6 +1016,51 @@ fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
         let fired = h.triggers(customer, "post_purchase");
         assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
         assert_eq!(vars(&fired[0])["order_id"], earlier);
+        assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
+    }
+}
+
+/// A later order returned before an earlier one is read (a till receipt uploaded
+/// late) leaves the follow-up to the earlier one, as in time order.
+#[test]
+fn an_earlier_order_read_after_a_later_one_s_return_gets_the_follow_up() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let returned = |h: &mut Harness, customer: &str| {
+        h.site(
+            &format!("{customer}-b"),
+            "purchase",
+            customer,
+            t + DAY,
+            order(&format!("o-{customer}-b"), 50.0, None),
+        );
+        h.site(
+            &format!("{customer}-b-return"),
+            "order_status",
+            customer,
+            t + 2 * DAY,
+            order_status(&format!("o-{customer}-b"), "returned"),
+        );
+    };
+    let earlier = |h: &mut Harness, customer: &str| {
+        let id = format!("o-{customer}-a");
+        h.site(
+            &format!("{customer}-a"),
+            "purchase",
+            customer,
+            t,
+            order(&id, 50.0, None),
+        );
+    };
+    earlier(&mut h, "tr");
+    returned(&mut h, "tr");
+    returned(&mut h, "lr");
+    earlier(&mut h, "lr");
+    h.advance(t + 20 * DAY);
+    for customer in ["tr", "lr"] {
+        let fired = h.triggers(customer, "post_purchase");
+        assert_eq!(fired.len(), 1, "{customer}: {fired:#?}");
+        assert_eq!(vars(&fired[0])["order_id"], format!("o-{customer}-a"));
         assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
     }
 }
@@ -1450,6 +1522,38 @@ fn birthday_fires_at_ten_local_across_dst() {
     // Once a year.
     assert_eq!(h.triggers("bd1", "birthday").len(), 1);
     assert_eq!(h.triggers("bd2", "birthday").len(), 1);
+}
+
+/// A greeting time a DST gap skips where the gap spans midnight (Nuuk's clocks go
+/// from 23:00 on Saturday to 00:00 on Sunday) is greeted when the clocks jump, the
+/// next local day, once; the partition's later timers still fire.
+#[test]
+fn a_greeting_time_skipped_by_a_gap_over_midnight_greets_once_and_stalls_nothing() {
+    let late = CONFIG.replace("local_time = \"10:00\"", "local_time = \"23:30\"");
+    let mut h = Harness::with(&late, ClockMode::Event);
+    let t = at("2027-03-01T12:00:00Z");
+    h.site(
+        "gm-up",
+        "profile_update",
+        "gm",
+        t,
+        birthday_update("1990-03-27", "America/Nuuk"),
+    );
+    h.site(
+        "gl-up",
+        "profile_update",
+        "gl",
+        t,
+        birthday_update("1990-04-02", "America/Nuuk"),
+    );
+    h.advance(at("2027-04-10T00:00:00Z"));
+    let fired = h.triggers("gm", "birthday");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    // 23:30 on March 27 does not exist: 00:00 on March 28 (-01) follows 22:59 (-02).
+    assert_eq!(fired[0]["fired_at"], at("2027-03-28T01:00:00Z"));
+    let later = h.triggers("gl", "birthday");
+    assert_eq!(later.len(), 1, "{later:#?}");
+    assert_eq!(later[0]["fired_at"], at("2027-04-03T00:30:00Z"));
 }
 
 #[test]
