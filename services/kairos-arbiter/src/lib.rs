@@ -905,7 +905,7 @@ impl ArbiterProcessor {
         }
         if let Some(bought) = ledger
             .last_purchase_at
-            .filter(|b| self.purchase_ends(&t.scenario, t.cause_occurred_at, *b))
+            .filter(|b| self.purchase_ends((&t.scenario, t.step), t.cause_occurred_at, *b))
         {
             return Verdict::no(
                 DecisionOutcome::cancelled,
@@ -947,9 +947,9 @@ impl ArbiterProcessor {
             }
             let inactive = ms(a.sunset_inactive_after);
             // A purchase (a till receipt too) is activity as much as a visit.
-            if let Some(active) = ledger
-                .last_active_at
-                .map(|visit| visit.max(ledger.last_purchase_at.unwrap_or(visit)))
+            // (A customer seen only in shops has purchases and no visit.)
+            if let Some(active) = (ledger.last_active_at)
+                .max(ledger.last_purchase_at)
                 .filter(|v| inactive > 0 && now - v > inactive)
             {
                 return Verdict::no(
@@ -1084,7 +1084,9 @@ impl ArbiterProcessor {
     /// Why no promo may go out now, if the customer bought within the pause.
     fn purchase_pause(&self, now: Millis, ledger: &CustomerLedger) -> Option<String> {
         let pause = &self.config.arbiter.pause_after_purchase;
-        let bought = ledger.last_purchase_at.filter(|b| now - b < ms(*pause))?;
+        // Zero turns the pause off, also for a purchase a device dated ahead of now.
+        let bought =
+            (ledger.last_purchase_at).filter(|b| !pause.is_zero() && now - b < ms(*pause))?;
         Some(format!(
             "no promo within {pause:?} of a purchase (bought at {bought})"
         ))
@@ -1281,12 +1283,15 @@ impl ArbiterProcessor {
             .is_some_and(|s| s.kind == ScenarioKind::Reactivation)
     }
 
-    /// Whether a purchase at `bought` ends a trigger of `scenario` caused at `cause`:
-    /// one at or after the cause, or strictly after it for reactivation, whose cause is
-    /// the customer's last activity, possibly that very purchase.
-    fn purchase_ends(&self, scenario: &str, cause: Millis, bought: Millis) -> bool {
-        self.ends_on_purchase(scenario)
-            && (bought > cause || (bought == cause && !self.is_reactivation(scenario)))
+    /// Whether a purchase at `bought` ends step `step` of `scenario` caused at
+    /// `cause`: one at or after the cause, or strictly after it for reactivation, whose
+    /// cause is the customer's last activity, possibly that very purchase.
+    fn purchase_ends(&self, (scenario, step): (&str, i32), cause: Millis, bought: Millis) -> bool {
+        let ends = self
+            .config
+            .scenario(scenario)
+            .is_some_and(|s| s.step_ends_on_purchase(usize::try_from(step).unwrap_or_default()));
+        ends && (bought > cause || (bought == cause && !self.is_reactivation(scenario)))
     }
 
     /// A cart or browse reminder (see `ScenarioKind::is_restartable_wait`).
@@ -1973,19 +1978,6 @@ impl ArbiterProcessor {
         (caused_by, marketing_only): (Option<Millis>, bool),
         bought: Option<Millis>,
     ) -> anyhow::Result<()> {
-        let caused_by_purchase = |c: &Cascade| {
-            bought
-                .zip(c.cause_occurred_at)
-                .is_some_and(|(bought, cause)| cause >= bought)
-                && self.config.scenario(&c.scenario).is_some_and(|s| {
-                    matches!(
-                        s.kind,
-                        ScenarioKind::PostPurchase
-                            | ScenarioKind::PostDelivery
-                            | ScenarioKind::OrderUpdate
-                    )
-                })
-        };
         let cascades: Vec<(String, Cascade)> = ledger
             .cascades
             .iter()
@@ -1993,7 +1985,7 @@ impl ArbiterProcessor {
                 (Some(limit), Some(cause)) => cause <= limit,
                 _ => true,
             })
-            .filter(|(_, c)| !caused_by_purchase(c))
+            .filter(|(_, c)| !self.caused_by_purchase(c, bought))
             .filter(|(_, c)| {
                 !(marketing_only && c.category == Some(MessageCategory::transactional))
             })
@@ -2009,6 +2001,23 @@ impl ArbiterProcessor {
             self.stop_cascade(ctx, ledger, &subject, "cascade", why.to_string())?;
         }
         Ok(())
+    }
+
+    /// Whether `c` is the cascade of a message the purchase at `bought` itself causes
+    /// (a post-purchase or post-delivery message, an order's status: caused at or
+    /// after it), which that purchase does not end.
+    fn caused_by_purchase(&self, c: &Cascade, bought: Option<Millis>) -> bool {
+        bought
+            .zip(c.cause_occurred_at)
+            .is_some_and(|(bought, cause)| cause >= bought)
+            && self.config.scenario(&c.scenario).is_some_and(|s| {
+                matches!(
+                    s.kind,
+                    ScenarioKind::PostPurchase
+                        | ScenarioKind::PostDelivery
+                        | ScenarioKind::OrderUpdate
+                )
+            })
     }
 
     /// Ends a cascade still waiting: its timer never fires, and the decision trail
@@ -2358,7 +2367,7 @@ impl ArbiterProcessor {
                 let slot_freed = ledger.main.as_ref().is_some_and(|m| {
                     self.ends_on_purchase(&m.scenario)
                         && match (a.till_sale, m.cause_occurred_at) {
-                            (true, Some(cause)) => self.purchase_ends(&m.scenario, cause, at),
+                            (true, Some(cause)) => self.purchase_ends((&m.scenario, 0), cause, at),
                             _ => true,
                         }
                 });
@@ -2388,7 +2397,7 @@ impl ArbiterProcessor {
                 // never the message itself.
                 let online = !a.till_sale;
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
-                    self.purchase_ends(&q.scenario, q.cause_occurred_at, at)
+                    self.purchase_ends((&q.scenario, q.step), q.cause_occurred_at, at)
                         || (online
                             && self.is_restartable_wait(&q.scenario)
                             && self.ends_on_purchase(&q.scenario)
@@ -2903,6 +2912,23 @@ impl ArbiterProcessor {
             );
             return Ok(true);
         }
+        // A purchase read before the cascade's first message went out (the triggers
+        // topic behind the actions topic) ends the rest as one read after it would.
+        let bought = ledger.last_purchase_at;
+        if let Some(at) = bought.filter(|at| {
+            t.category != MessageCategory::transactional
+                && cascade.cause_occurred_at.is_some_and(|cause| cause <= *at)
+                && !self.caused_by_purchase(&cascade, bought)
+        }) {
+            self.record_cascade_stop(
+                ctx,
+                &subject,
+                &cascade,
+                "cascade",
+                format!("the customer bought at {at}"),
+            );
+            return Ok(true);
+        }
         let mut rest: Vec<Channel> = t
             .channels
             .iter()
@@ -3056,9 +3082,14 @@ impl ArbiterProcessor {
                 .map(|(at, _)| *at)
                 .collect(),
         };
+        // Each own send takes out one matching entry: another message sent on the
+        // same channel in the same millisecond is still another's.
         let others = ledger.sends.iter().filter(|(at, channel, c)| {
+            if let Some(i) = own.iter().position(|o| *o == (*at, *channel)) {
+                own.swap_remove(i);
+                return false;
+            }
             *c != MessageCategory::transactional
-                && !own.contains(&(*at, *channel))
                 && !(unaddressed.contains(channel) && scenario_times.contains(at))
         });
         let gap = self.config.arbiter.min_gap.as_millis() as Millis;
@@ -3745,6 +3776,26 @@ mod tests {
             "the cascade counted by its first"
         );
         assert_eq!(survivor.engagement[&Channel::push].ignored_in_row, 1);
+    }
+
+    /// `pause_after_purchase = "0s"` turns the pause off, also after a purchase a
+    /// device dated ahead of the arbiter's clock (wall-clock mode; event time never
+    /// runs behind a purchase it has read).
+    #[test]
+    fn a_zero_pause_after_purchase_pauses_nothing() {
+        let pause = |setting: &str| {
+            let text = format!("[arbiter]\npause_after_purchase = \"{setting}\"\n");
+            let config =
+                Config::from_text(std::path::Path::new("t.toml"), &text, &[]).expect("config");
+            let arbiter = ArbiterProcessor::new(Arc::new(config), &prometheus::Registry::new());
+            let ledger = CustomerLedger {
+                last_purchase_at: Some(1_000 + 3 * HOUR),
+                ..CustomerLedger::default()
+            };
+            arbiter.purchase_pause(1_000, &ledger)
+        };
+        assert_eq!(pause("0s"), None);
+        assert!(pause("2d").is_some_and(|why| why.contains("bought at")));
     }
 
     /// An open, click or purchase reported late clears only the messages delivered

@@ -228,6 +228,67 @@ cascade = ["1h"]
     }
 }
 
+/// A purchase after a cascade's cause ends the rest of it whichever topic was read
+/// first: read before the trigger (the triggers topic lagging), it stops the cascade
+/// at its next step, with the decision a purchase read later gives.
+#[test]
+fn a_purchase_read_before_the_cascade_began_still_ends_it() {
+    let win_back = common::WIN_BACK;
+    let bought = T0 - 5 * MINUTE;
+    let mut stops = Vec::new();
+    for purchase_first in [true, false] {
+        let mut a = Arbiter::with_scenarios(win_back);
+        let mut t = a.trigger_of("wb1", "win_back", MessageCategory::trigger, T0);
+        t.cause_occurred_at = T0 - 10 * MINUTE;
+        if purchase_first {
+            a.purchase("first", bought);
+        }
+        assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+        if !purchase_first {
+            a.purchase("first", bought);
+        }
+        a.advance_to(T0 + 2 * HOUR);
+        assert_eq!(
+            channels(&a),
+            [Channel::email],
+            "purchase first: {purchase_first}"
+        );
+        let stop = a
+            .decisions_of("wb1")
+            .into_iter()
+            .find(|d| d.outcome == DecisionOutcome::cancelled)
+            .cloned()
+            .expect("the cascade's stop is on record");
+        stops.push((stop.decision_id, stop.rule, stop.reason));
+    }
+    assert_eq!(stops[0], stops[1], "the same decision either way");
+}
+
+/// Another scenario's message on the same channel in the same millisecond is not
+/// taken for the cascade's own: the next step still keeps the conflict window
+/// against it.
+#[test]
+fn a_message_sent_with_the_cascade_s_own_in_the_same_millisecond_still_counts() {
+    let mut a = Arbiter::with_config("daily_cap = 3\nmin_gap = \"0s\"\nconflict_window = \"2h\"");
+    let t = cascade_trigger(&a, "k12", T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    let d = a.trigger("w1", "welcome", MessageCategory::trigger, T0);
+    assert_eq!(
+        (d.outcome, d.channel),
+        (DecisionOutcome::sent, Some(Channel::email)),
+        "{d:#?}"
+    );
+    // The push step is due at one hour and waits until the welcome e-mail leaves the
+    // two-hour window.
+    a.advance_to(T0 + 2 * HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::email]);
+    a.advance_to(T0 + 2 * HOUR);
+    assert_eq!(
+        channels(&a),
+        [Channel::email, Channel::email, Channel::push]
+    );
+}
+
 /// An online purchase read late (its topic lagging) does not answer a cascade caused
 /// well after it: the news is newer than the purchase.
 #[test]

@@ -442,3 +442,41 @@ fn a_chain_switched_off_lets_its_waiters_go_within_the_hour() {
         .expect("sent");
     assert_eq!(sent.created_at, T0 + 6 * HOUR);
 }
+
+/// A step's own `exit_on_purchase = false` keeps it going to a buyer; a later step
+/// that keeps the scenario's (a welcome ends on a purchase) is cancelled.
+#[test]
+fn a_purchase_ends_a_chain_only_at_the_steps_that_end_on_one() {
+    let text = common::CONFIG.replace(
+        r#"steps = [{ delay = "1d", template = "onboarding_2" }, { delay = "1d", template = "onboarding_3" }]"#,
+        r#"steps = [{ delay = "1d", template = "onboarding_2", exit_on_purchase = false }, { delay = "1d", template = "onboarding_3" }]"#,
+    );
+    assert_ne!(text, common::CONFIG, "the step's setting is in");
+    let mut a = Arbiter::from_text(&text);
+    let step = |a: &Arbiter, step: i32, at: i64| {
+        let mut t = a.trigger_of(
+            &format!("ob{step}"),
+            "onboarding",
+            MessageCategory::trigger,
+            at,
+        );
+        t.step = step;
+        t.template = ["onboarding", "onboarding_2", "onboarding_3"][step as usize].into();
+        t.cause_event_id = Some("registration-1".into());
+        t.cause_occurred_at = T0;
+        t
+    };
+    let first = step(&a, 0, T0);
+    assert_eq!(a.push_trigger(&first).outcome, DecisionOutcome::sent);
+    a.purchase("buy", T0 + HOUR);
+    let second = step(&a, 1, T0 + DAY);
+    let d = a.push_trigger(&second);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    let third = step(&a, 2, T0 + 2 * DAY);
+    let d = a.push_trigger(&third);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::cancelled, "purchase_exclusion"),
+        "{d:#?}"
+    );
+}

@@ -1120,6 +1120,22 @@ fn a_trigger_over_the_weekly_cap_by_several_waits_until_the_count_falls_below_it
     assert_eq!(decided, [DecisionOutcome::deferred, DecisionOutcome::sent]);
 }
 
+/// A customer seen only in shops (receipts, no visit) is switched off for promo once
+/// the last receipt is older than the sunset, like one who visits.
+#[test]
+fn a_customer_seen_only_in_shops_is_sunset_after_the_last_receipt() {
+    let mut a = Arbiter::new();
+    a.till_sale("s1", T0);
+    let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 100 * DAY);
+    assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
+    let d = a.trigger("p2", "weekly_promo", PROMO, T0 + 200 * DAY);
+    assert_eq!(
+        (d.outcome, d.rule.as_str()),
+        (DecisionOutcome::suppressed, "sunset_inactive"),
+        "{d:#?}"
+    );
+}
+
 #[test]
 fn a_purchase_is_activity_for_the_inactivity_sunset() {
     let mut a = Arbiter::new();

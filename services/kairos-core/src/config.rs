@@ -894,6 +894,12 @@ pub struct StepConfig {
     #[serde(with = "humantime_serde")]
     pub delay: Duration,
     pub template: String,
+    /// Whether a purchase after the chain's cause ends the chain at this step (it
+    /// and every later step go out no more). Default: the scenario's
+    /// `exit_on_purchase`. A welcome series can so keep its how-to steps going for a
+    /// buyer and end before its first-order discount.
+    #[serde(default)]
+    pub exit_on_purchase: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1043,6 +1049,15 @@ impl ScenarioConfig {
             }
             _ => self.valid_for,
         })
+    }
+
+    /// Whether a purchase after the chain's cause ends the chain at step `step` (0 is
+    /// the first): the step's own `exit_on_purchase`, else the scenario's.
+    pub fn step_ends_on_purchase(&self, step: usize) -> bool {
+        step.checked_sub(1)
+            .and_then(|later| self.steps.get(later))
+            .and_then(|s| s.exit_on_purchase)
+            .unwrap_or_else(|| self.ends_on_purchase())
     }
 
     /// Template of step `step` (0 is the first).
