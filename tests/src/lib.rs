@@ -73,8 +73,12 @@ pub fn free_port_outside_ephemeral_range() -> u16 {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768)
-        .max(16_384);
+        .unwrap_or(32_768);
+    // A machine whose ephemeral range starts low has no room below it: any free port
+    // then, as `free_port` gives.
+    if ephemeral_low < 16_384 {
+        return free_port();
+    }
     let first = ephemeral_low - 8_192;
     // Started from a point of this process's own, so test processes running side by
     // side rarely try the same ports.

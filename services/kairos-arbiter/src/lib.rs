@@ -2003,20 +2003,22 @@ impl ArbiterProcessor {
         Ok(())
     }
 
-    /// Whether `c` is the cascade of a message the purchase at `bought` itself causes
-    /// (a post-purchase or post-delivery message, an order's status: caused at or
-    /// after it), which that purchase does not end.
+    /// Whether `c` is the cascade of a message the purchase at `bought` itself causes,
+    /// which that purchase does not end: a post-purchase or post-delivery message or
+    /// an order's status (caused at or after it), a segment entered by that purchase
+    /// or a reactivation counted from it (caused at it).
     fn caused_by_purchase(&self, c: &Cascade, bought: Option<Millis>) -> bool {
-        bought
-            .zip(c.cause_occurred_at)
-            .is_some_and(|(bought, cause)| cause >= bought)
-            && self.config.scenario(&c.scenario).is_some_and(|s| {
-                matches!(
-                    s.kind,
-                    ScenarioKind::PostPurchase
-                        | ScenarioKind::PostDelivery
-                        | ScenarioKind::OrderUpdate
-                )
+        let (Some(bought), Some(cause)) = (bought, c.cause_occurred_at) else {
+            return false;
+        };
+        self.config
+            .scenario(&c.scenario)
+            .is_some_and(|s| match s.kind {
+                ScenarioKind::PostPurchase
+                | ScenarioKind::PostDelivery
+                | ScenarioKind::OrderUpdate => cause >= bought,
+                ScenarioKind::SegmentEntered | ScenarioKind::Reactivation => cause == bought,
+                _ => false,
             })
     }
 
@@ -3085,12 +3087,14 @@ impl ArbiterProcessor {
         // Each own send takes out one matching entry: another message sent on the
         // same channel in the same millisecond is still another's.
         let others = ledger.sends.iter().filter(|(at, channel, c)| {
+            if *c == MessageCategory::transactional {
+                return false;
+            }
             if let Some(i) = own.iter().position(|o| *o == (*at, *channel)) {
                 own.swap_remove(i);
                 return false;
             }
-            *c != MessageCategory::transactional
-                && !(unaddressed.contains(channel) && scenario_times.contains(at))
+            !(unaddressed.contains(channel) && scenario_times.contains(at))
         });
         let gap = self.config.arbiter.min_gap.as_millis() as Millis;
         let window = self.config.arbiter.conflict_window.as_millis() as Millis;

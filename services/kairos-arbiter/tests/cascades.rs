@@ -264,6 +264,30 @@ fn a_purchase_read_before_the_cascade_began_still_ends_it() {
     assert_eq!(stops[0], stops[1], "the same decision either way");
 }
 
+/// A reactivation counted from the customer's last purchase is not ended by that
+/// purchase: its cascade walks on.
+#[test]
+fn a_reactivation_cascade_counted_from_the_last_purchase_walks_on() {
+    let mut a = Arbiter::with_scenarios(
+        r#"
+[[scenarios]]
+name = "miss_you"
+kind = "reactivation"
+channels = ["email", "push"]
+template = "miss_you"
+delay = "30d"
+cascade = ["1h"]
+"#,
+    );
+    a.purchase("last", T0);
+    let fired = T0 + 30 * DAY;
+    let mut t = a.trigger_of("mu1", "miss_you", MessageCategory::trigger, fired);
+    t.cause_occurred_at = T0;
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.advance_to(fired + 2 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+}
+
 /// Another scenario's message on the same channel in the same millisecond is not
 /// taken for the cascade's own: the next step still keeps the conflict window
 /// against it.

@@ -355,11 +355,11 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
             format!("{} needs product or items", e.event_type.as_str()),
         ));
     }
-    // A view or a wish is of one product: without it the event would change nothing
-    // (no interest for price drops, no browse reminder), so it is refused, not taken.
+    // A wish is of one product: without it the event would change nothing, so it is
+    // refused, not taken. (A product view without one is still a visit.)
     let of_one_product = matches!(
         e.event_type,
-        EventType::product_view | EventType::wishlist_add | EventType::wishlist_remove
+        EventType::wishlist_add | EventType::wishlist_remove
     );
     if of_one_product && e.product.is_none() {
         return Err(Rejection::new(
@@ -589,9 +589,10 @@ mod tests {
         }
     }
 
-    /// A view or a wish without its product would be taken and change nothing.
+    /// A wish without its product would be taken and change nothing; a view without
+    /// one is still a visit.
     #[test]
-    fn a_view_or_wish_without_its_product_is_refused() {
+    fn a_wish_without_its_product_is_refused() {
         let registry = SchemaRegistry::new(None);
         let event = |event_type: &str, product: &str| {
             format!(
@@ -600,7 +601,7 @@ mod tests {
         };
         let items = r#","items":[{"product_id":"p1","quantity":1,"unit_price":1.0}]"#;
         let product = r#","product":{"product_id":"p1"}"#;
-        for event_type in ["product_view", "wishlist_add", "wishlist_remove"] {
+        for event_type in ["wishlist_add", "wishlist_remove"] {
             for without in ["", items] {
                 let r =
                     decode_customer_event(event(event_type, without).as_bytes(), &registry, &NONE)
@@ -613,6 +614,8 @@ mod tests {
         }
         decode_customer_event(event("add_to_cart", items).as_bytes(), &registry, &NONE)
             .unwrap_or_else(|r| panic!("a cart change of items: {}", r.message));
+        decode_customer_event(event("product_view", "").as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("a view without its product: {}", r.message));
     }
 
     #[test]

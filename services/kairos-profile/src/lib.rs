@@ -1956,27 +1956,30 @@ impl ProfileProcessor {
                 stop_wait(ctx, s, p)?;
             }
         }
-        // A later purchase keeps the one follow-up, unless every later order the
-        // profile holds was returned or cancelled before this one was read (a till
-        // receipt uploaded late): this one takes it then, as the return would have
-        // given it back in time order (see `rearm_post_purchase`).
-        let later_counts = |latest: Millis| {
-            let this = order_id.as_deref();
-            let mut later =
-                (p.recent_orders.iter()).filter(|o| o.at > at && this != Some(o.order_id.as_str()));
-            // The latest purchase is not among the orders held (no order id): it counts.
-            !p.recent_orders.iter().any(|o| o.at == latest)
-                || later.any(|o| !p.order_returned(&o.order_id))
-        };
-        if latest_before.is_some_and(|latest| latest > at && later_counts(latest)) {
-            return Ok(());
-        }
         // Returned or cancelled before it came: no follow-up, and the pending one of
         // an earlier order keeps its place.
         if order_id.as_deref().is_some_and(|o| p.order_returned(o)) {
             return Ok(());
         }
+        let later_purchase = latest_before.is_some_and(|latest| latest > at);
         for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
+            // A later purchase keeps the one follow-up, unless it is pending still for
+            // a later order returned or cancelled before this one was read (a till
+            // receipt uploaded late): this one takes it then, as the return would
+            // have given it back in time order (see `rearm_post_purchase`). One that
+            // fired already is not given back.
+            if later_purchase {
+                let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
+                let given_back = pending.is_some_and(|c| {
+                    c.timer.order_id.as_deref().is_some_and(|pending_order| {
+                        order_id.as_deref() != Some(pending_order)
+                            && p.order_returned(pending_order)
+                    })
+                });
+                if !given_back {
+                    continue;
+                }
+            }
             let timer = StepTimer::new(event_id, at, 0, at + ms(s.delay));
             let (order, items) = (order_id.as_deref(), order_items.as_deref());
             schedule_step_with(ctx, s, p, timer, None, order, items)?;

@@ -68,9 +68,15 @@ impl ChannelEngagement {
     /// The customer opened or clicked at `at`: the messages delivered after it are
     /// still ignored in a row, the earlier ones are not.
     fn engaged(&mut self, at: Millis) {
+        let remembered = self.ignored_delivered_at.len();
         self.ignored_delivered_at
             .retain(|delivered| *delivered > at);
-        self.ignored_in_row = self.ignored_delivered_at.len() as u32;
+        let after = self.ignored_delivered_at.len();
+        // Every remembered delivery came after it and the list is full: older ones
+        // counted may have too, so the count stands (as the arbiter's ledger does).
+        if !(after == remembered && remembered == IGNORED_TIMES_KEPT) {
+            self.ignored_in_row = after as u32;
+        }
     }
 }
 

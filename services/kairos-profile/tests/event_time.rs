@@ -1063,6 +1063,30 @@ fn an_earlier_order_read_after_a_later_one_s_return_gets_the_follow_up() {
         assert_eq!(vars(&fired[0])["order_id"], format!("o-{customer}-a"));
         assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
     }
+
+    // The later order's follow-up went out before its return: the earlier order,
+    // read after both, gets none (in time order it lost the one follow-up for good).
+    let t = t + 30 * DAY;
+    h.site(
+        "fr-y",
+        "purchase",
+        "fr",
+        t + DAY / 2,
+        order("o-fr-y", 50.0, None),
+    );
+    h.advance(t + 14 * DAY + DAY * 6 / 10);
+    h.site(
+        "fr-y-return",
+        "order_status",
+        "fr",
+        t + 14 * DAY + DAY * 6 / 10,
+        order_status("o-fr-y", "returned"),
+    );
+    h.site("fr-a", "purchase", "fr", t, order("o-fr-a", 50.0, None));
+    h.advance(t + 20 * DAY);
+    let fired = h.triggers("fr", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-fr-y");
 }
 
 /// A delivery status re-sent under a new event id for an order the profile does not
