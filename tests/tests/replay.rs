@@ -448,3 +448,82 @@ fn replay_refuses_a_state_directory_an_earlier_run_left() {
         "nothing was replayed"
     );
 }
+
+/// An envelope of a later stage's own input (a trigger, for the arbiter) goes to that
+/// stage alone, as on Kafka: decided, not dead-lettered by the profile, which never
+/// reads that topic. A first line behind a UTF-8 byte order mark is read. An output
+/// that is one of the inputs is refused before it empties the input.
+#[test]
+fn replay_gives_a_trigger_to_the_arbiter_alone_reads_past_a_byte_order_mark_and_keeps_its_input() {
+    use kairos_core::contracts::{Channel, Contacts, MessageCategory, Trigger};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let t0 = 1_767_603_600_000i64; // 2026-01-05T09:00:00Z
+    let trigger = Trigger {
+        merged_from: Vec::new(),
+        trigger_id: "bt-1".into(),
+        scenario: "welcome".into(),
+        customer_id: "c-t1".into(),
+        category: MessageCategory::trigger,
+        step: 0,
+        template: "welcome".into(),
+        channels: vec![Channel::email],
+        priority: 50,
+        fired_at: t0 + 1_000,
+        valid_until: t0 + 86_400_000,
+        cause_event_id: Some("e-t1".into()),
+        cause_occurred_at: t0 + 1_000,
+        contacts: Contacts {
+            email: Some("t1@example.com".into()),
+            consented_channels: vec![Channel::email],
+            ..Contacts::default()
+        },
+        variables: r#"{"first_name":"Ann"}"#.into(),
+    };
+    let mut input = b"\xEF\xBB\xBF".to_vec();
+    input.extend_from_slice(&registration("c-b1", t0));
+    input.push(b'\n');
+    let envelope = json!({"topic": "triggers", "key": "c-t1", "value": trigger});
+    input.extend_from_slice(envelope.to_string().as_bytes());
+    input.push(b'\n');
+    let path = dir.path().join("backtest.jsonl");
+    std::fs::write(&path, &input).expect("write input");
+    let records: Vec<Value> = replay_sorted(
+        dir.path(),
+        &path,
+        "envelope",
+        &[("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0")],
+    )
+    .iter()
+    .map(|l| serde_json::from_str(l).expect("output line is JSON"))
+    .collect();
+    let dead: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["topic"] == "deadletter")
+        .collect();
+    assert!(dead.is_empty(), "{dead:#?}");
+    let decided: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["topic"] == "decisions" && r["value"]["trigger_id"] == "bt-1")
+        .collect();
+    assert_eq!(decided.len(), 1, "{records:#?}");
+    assert_eq!(decided[0]["value"]["outcome"], "sent", "{decided:#?}");
+    let first_seen = records.iter().any(|r| {
+        r["topic"] == "segment-transitions"
+            && r["value"]["customer_id"] == "c-b1"
+            && r["value"]["reason"] == "first event"
+    });
+    assert!(first_seen, "the line behind the byte order mark was read");
+
+    let out = kairos(&["replay"])
+        .arg(&path)
+        .arg("--output")
+        .arg(dir.path().join(".").join("backtest.jsonl"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state-same"))
+        .output()
+        .expect("run kairos");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("would be emptied"), "{stderr}");
+    assert_eq!(std::fs::read(&path).expect("input"), input, "input kept");
+}

@@ -66,6 +66,9 @@ pub struct SchemaRegistry {
     url: Option<String>,
     http: reqwest::Client,
     cache: Arc<RwLock<HashMap<u32, Arc<Schema>>>>,
+    /// Why an id has no schema (no registry configured, none under the id, one that
+    /// does not parse): what its messages' dead letters say.
+    refused: Arc<RwLock<HashMap<u32, Rejection>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,13 @@ impl SchemaRegistry {
                 .build()
                 .unwrap_or_default(),
             cache: Arc::default(),
+            refused: Arc::default(),
         }
+    }
+
+    /// Why `id` has no schema, if the registry said (or none is configured).
+    fn refusal(&self, id: u32) -> Option<Rejection> {
+        self.refused.read().ok()?.get(&id).cloned()
     }
 
     pub fn cached(&self, id: u32) -> Option<Arc<Schema>> {
@@ -105,6 +114,25 @@ impl SchemaRegistry {
         if self.cached(id).is_some() {
             return Ok(());
         }
+        let fetched = self.fetch(id).await;
+        // Kept for the dead letters; an id the registry does not know is asked again
+        // (it may be registered meanwhile), the others are settled.
+        let refusal = match &fetched {
+            Err(e @ (RegistryError::NotConfigured(_) | RegistryError::NotFound(_))) => Some(
+                Rejection::new(DeadLetterReason::unknown_schema_id, e.to_string()),
+            ),
+            Err(e @ RegistryError::BadSchema { .. }) => {
+                Some(Rejection::new(DeadLetterReason::bad_avro, e.to_string()))
+            }
+            Err(RegistryError::Http { .. }) | Ok(()) => None,
+        };
+        if let (Some(refusal), Ok(mut refused)) = (refusal, self.refused.write()) {
+            refused.insert(id, refusal);
+        }
+        fetched
+    }
+
+    async fn fetch(&self, id: u32) -> Result<(), RegistryError> {
         let url = self.url.as_ref().ok_or(RegistryError::NotConfigured(id))?;
         let resp = self
             .http
@@ -218,10 +246,12 @@ fn decode_confluent_avro<T: DeserializeOwned>(
         )
     })?;
     let writer = registry.cached(id).ok_or_else(|| {
-        Rejection::new(
-            DeadLetterReason::unknown_schema_id,
-            format!("schema id {id} is not known to the schema registry"),
-        )
+        registry.refusal(id).unwrap_or_else(|| {
+            Rejection::new(
+                DeadLetterReason::unknown_schema_id,
+                format!("schema id {id} is not known to the schema registry"),
+            )
+        })
     })?;
     let mut datum = &payload[5..];
     let value = apache_avro::from_avro_datum(&writer, &mut datum, Some(reader)).map_err(|e| {
@@ -387,6 +417,32 @@ mod tests {
     use crate::contracts::{CustomerEvent, EventType};
     use crate::schemas;
     use serde::Deserialize;
+
+    /// An Avro message read without a registry configured says so in its dead
+    /// letter, instead of blaming the registry for not knowing its id.
+    #[test]
+    fn an_avro_message_without_a_registry_configured_is_dead_lettered_saying_so() {
+        let registry = SchemaRegistry::new(None);
+        let payload = confluent_frame(7, b"\x02");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let fetched = runtime.block_on(registry.prefetch(&payload));
+        assert!(
+            matches!(fetched, Err(RegistryError::NotConfigured(7))),
+            "{fetched:?}"
+        );
+        let refused = decode_input::<CustomerEvent>(&payload, schemas::customer_event(), &registry)
+            .unwrap_err();
+        assert_eq!(refused.reason, DeadLetterReason::unknown_schema_id);
+        assert!(
+            refused
+                .message
+                .contains("no [schema_registry] url is configured"),
+            "{}",
+            refused.message
+        );
+    }
 
     #[test]
     fn internal_records_are_the_json_serde_json_writes() {

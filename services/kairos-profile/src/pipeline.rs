@@ -100,8 +100,18 @@ impl Pipeline {
                 }
             }
             out
-        } else {
+        } else if Stage::consumes(&self.profile, topic) {
             self.push_to_profile(topic, key, payload, None)?
+        } else {
+            // A later stage's own input (triggers for the arbiter): the profile
+            // never reads it on Kafka, so it must not here (it would dead-letter it).
+            let mut out = Vec::new();
+            for stage in &mut self.downstream {
+                if stage.consumes(topic) {
+                    out.extend(stage.push(topic, key, payload)?);
+                }
+            }
+            out
         };
         self.route(first, sink)
     }

@@ -34,6 +34,10 @@ pub fn for_each_line(
     path: &Path,
     mut each: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let mut each = |n: usize, line: &[u8]| match n {
+        1 => each(n, without_byte_order_mark(line)),
+        _ => each(n, line),
+    };
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let large_file = file
         .metadata()
@@ -44,6 +48,12 @@ pub fn for_each_line(
         }
     }
     buffered_lines(path, file, &mut each)
+}
+
+/// A first line without the UTF-8 byte order mark some Windows tools write: no JSON
+/// parser skips it, and the file's first event would be dead-lettered as not JSON.
+pub fn without_byte_order_mark(line: &[u8]) -> &[u8] {
+    line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line)
 }
 
 fn without_line_ending(line: &[u8]) -> &[u8] {

@@ -79,8 +79,8 @@ enum Command {
     Profile,
     /// The catalog join: price drops and back-in-stock for interested customers.
     Catalog,
-    /// Run the profile processor (and catalog join) over JSON-lines files in event
-    /// time, without Kafka; outputs as JSON lines.
+    /// Run the pipeline (identity when enabled, profile, catalog join and arbiter)
+    /// over JSON-lines files in event time, without Kafka; outputs as JSON lines.
     Replay {
         /// Input files (JSON lines).
         #[arg(required = true)]
@@ -243,10 +243,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // A service's log is its record (a file, under `kairos up`); a one-shot command
+    // answers on the terminal, once.
+    let service = matches!(
+        cli.command,
+        Command::DevBroker
+            | Command::Identity
+            | Command::Profile
+            | Command::Catalog
+            | Command::Arbiter
+            | Command::Deliver { .. }
+            | Command::Feedback
+    );
     match runtime.block_on(run(cli, Arc::new(config))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if service {
+                tracing::error!("{e:#}");
+            }
             eprintln!("kairos: {e:#}");
             std::process::ExitCode::FAILURE
         }

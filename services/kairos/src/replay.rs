@@ -35,31 +35,86 @@ pub struct Route<'a> {
     pub payload: Cow<'a, str>,
 }
 
-/// The fields that route a line; everything else is skipped without being built.
+/// The fields that route a line; everything else is skipped without being built. A
+/// field of another type than a string (a numeric product id) routes as present and
+/// keys nothing: the topic's own decoding dead-letters the line with the right reason.
 #[derive(serde::Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
     topic: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     key: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     value: Option<sonic_rs::LazyValue<'a>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     customer_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     anonymous_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     device_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     loyalty_card: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     phone: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "text")]
     product_id: Option<Cow<'a, str>>,
     #[serde(default)]
     receipt_id: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     event_type: Option<serde::de::IgnoredAny>,
+}
+
+/// A routing field's text; any other value is "" (present, keying nothing).
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_string())))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Some(Cow::Borrowed("")))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(Some(Cow::Borrowed("")))
+        }
+    }
+    d.deserialize_any(Text)
 }
 
 /// Works out the topic and key of an input line.
@@ -142,6 +197,11 @@ fn merged_lines(
             while self.line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 self.line.pop();
             }
+            if self.number == 1 {
+                let mark =
+                    self.line.len() - crate::input_lines::without_byte_order_mark(&self.line).len();
+                self.line.drain(..mark);
+            }
             self.at = line_time(&self.line);
             Ok(())
         }
@@ -172,6 +232,26 @@ fn merged_lines(
         each(&paths[i], file.number, &file.line)?;
         file.advance(&paths[i])?;
     }
+}
+
+/// Refuses an `output` that is one of the `inputs` (the same file by any path):
+/// created before the inputs are read, it would empty the input and replay nothing.
+fn refuse_an_input_as_output(output: &Path, inputs: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(()); // a new file is no input
+    };
+    for input in inputs {
+        let same =
+            std::fs::metadata(input).is_ok_and(|i| i.dev() == out.dev() && i.ino() == out.ino());
+        anyhow::ensure!(
+            !same,
+            "the output {} is the input {}: it would be emptied before it is read",
+            output.display(),
+            input.display()
+        );
+    }
+    Ok(())
 }
 
 /// The event time of an input line: its `occurred_at`, or its envelope value's.
@@ -218,6 +298,9 @@ pub fn run(
         pipeline.add_stage(Box::new(kairos_core::replay::Replayer::new(
             arbiter, &config, &registry,
         )?));
+    }
+    if let Some(p) = &output {
+        refuse_an_input_as_output(p, inputs)?;
     }
     let out: Box<dyn Write> = match &output {
         Some(p) => Box::new(
@@ -342,5 +425,25 @@ mod tests {
         );
         let envelope = r#"{"topic":"events.site","key":"k","value":{"anonymous_id":"a"}}"#;
         assert_eq!(key(envelope), "k", "an envelope's key is taken as written");
+    }
+
+    /// A routing field of another type still routes the line to its topic, whose
+    /// decoding names the field in the dead letter.
+    #[test]
+    fn a_routing_field_of_another_type_still_routes_to_its_topic() {
+        let route = |line: &str| {
+            let r = route_line(line).expect("routed");
+            (r.topic.into_owned(), r.key.into_owned())
+        };
+        let catalog = r#"{"event_id":"u1","occurred_at":1,"product_id":10042,"price":9.9}"#;
+        assert_eq!(route(catalog), (topics::CATALOG.to_string(), String::new()));
+        let site = r#"{"event_id":"e1","event_type":"page_view","occurred_at":1,"customer_id":7,"anonymous_id":"a1"}"#;
+        assert_eq!(
+            route(site),
+            (topics::SITE_EVENTS.to_string(), "anon:a1".to_string())
+        );
+        let nested =
+            r#"{"event_id":"e1","event_type":"page_view","customer_id":{"id":"c"},"phone":null}"#;
+        assert_eq!(route(nested).0, topics::SITE_EVENTS);
     }
 }
