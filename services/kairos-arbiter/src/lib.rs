@@ -2350,6 +2350,16 @@ impl ArbiterProcessor {
                 if !newer {
                     return Ok(false);
                 }
+                // An opt-in is the customer's own doing: activity for the inactivity
+                // sunset (one seen only in shops long ago who subscribes now is not
+                // switched off for it). A first note of a customer who never bought
+                // has nothing to switch off (and its ledger goes with the note).
+                let known = ledger.contacts.as_ref().map(|(_, c)| &c.consented_channels);
+                let opted_in = (contacts.consented_channels.iter())
+                    .any(|c| known.is_none_or(|known| !known.contains(c)));
+                if opted_in && (known.is_some() || ledger.last_purchase_at.is_some()) {
+                    ledger.last_active_at = Some(latest(ledger.last_active_at, at.min(ctx.now())));
+                }
                 ledger.contacts = Some((at, Box::new(contacts.clone())));
                 if ledger.zone.as_ref().is_none_or(|(noted, _)| *noted <= at) {
                     let zone = contacts.time_zone.as_deref().map(CompactString::from);

@@ -1970,6 +1970,23 @@ impl Config {
                     ),
                 ));
             }
+            // A cart, browse or reactivation wait ends on a purchase by its own rules
+            // (the cart checked out, the absence over): a step's setting would be
+            // silently ignored.
+            let own_rules = s.kind.is_restartable_wait() || s.kind == ScenarioKind::Reactivation;
+            if own_rules && s.steps.iter().any(|step| step.exit_on_purchase.is_some()) {
+                return Err(fail_at(
+                    line_of("steps"),
+                    "steps",
+                    format!(
+                        "scenarios[{i}] ({}): a step's exit_on_purchase is not read for a {} \
+                         scenario, which a purchase ends by its own rules; set the \
+                         scenario's exit_on_purchase instead",
+                        s.name,
+                        s.kind.as_str()
+                    ),
+                ));
+            }
             if !s.on.is_empty() && s.kind != ScenarioKind::Welcome {
                 return Err(fail_at(
                     line_of("on"),
@@ -3664,6 +3681,23 @@ mod tests {
             assert!(err.starts_with("test.toml:12:"), "{err}");
             assert!(err.contains("Odd") && err.contains(".r"), "{err}");
             assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    /// A step's `exit_on_purchase` is read for chains; on a wait a purchase ends by
+    /// its own rules it would be silently ignored.
+    #[test]
+    fn a_step_s_exit_on_purchase_is_refused_where_it_is_not_read() {
+        let step = "delay = \"30d\"\n\
+                    steps = [{ delay = \"1d\", template = \"t2\", exit_on_purchase = false }]\n";
+        parse(&two_scenarios("welcome", step)).expect("a welcome series reads it");
+        for kind in ["abandoned_cart", "browse_abandonment", "reactivation"] {
+            let err = parse(&two_scenarios(kind, step)).unwrap_err().to_string();
+            assert!(
+                err.contains("exit_on_purchase is not read"),
+                "{kind}: {err}"
+            );
+            assert!(err.contains("steps"), "{kind}: {err}");
         }
     }
 
