@@ -487,6 +487,11 @@ fn replay_gives_a_trigger_to_the_arbiter_alone_reads_past_a_byte_order_mark_and_
     input.push(b'\n');
     let path = dir.path().join("backtest.jsonl");
     std::fs::write(&path, &input).expect("write input");
+    // Several files are merged by event time, read line by line their own way.
+    let mut second = b"\xEF\xBB\xBF".to_vec();
+    second.extend_from_slice(&registration("c-b2", t0 + 500));
+    let second_path = dir.path().join("second.jsonl");
+    std::fs::write(&second_path, &second).expect("write input");
     let records: Vec<Value> = replay_sorted(
         dir.path(),
         &path,
@@ -513,6 +518,34 @@ fn replay_gives_a_trigger_to_the_arbiter_alone_reads_past_a_byte_order_mark_and_
             && r["value"]["reason"] == "first event"
     });
     assert!(first_seen, "the line behind the byte order mark was read");
+    let output = dir.path().join("out-merged.jsonl");
+    run_ok(
+        kairos(&["replay"])
+            .arg(&path)
+            .arg(&second_path)
+            .arg("--output")
+            .arg(&output)
+            .arg("--state-dir")
+            .arg(dir.path().join("state-merged"))
+            .env("KAIROS__ARBITER__CONTROL_GROUP_PERCENT", "0"),
+    );
+    let merged = envelopes(&output);
+    let dead: Vec<&Value> = merged
+        .iter()
+        .filter(|r| r["topic"] == "deadletter")
+        .collect();
+    assert!(dead.is_empty(), "{dead:#?}");
+    for customer in ["c-b1", "c-b2"] {
+        let seen = merged.iter().any(|r| {
+            r["topic"] == "segment-transitions"
+                && r["value"]["customer_id"] == customer
+                && r["value"]["reason"] == "first event"
+        });
+        assert!(
+            seen,
+            "{customer}: the line behind the byte order mark was read"
+        );
+    }
 
     let out = kairos(&["replay"])
         .arg(&path)

@@ -1966,9 +1966,8 @@ impl ArbiterProcessor {
     /// Ends every cascade of the customer still waiting whose cause happened at or
     /// before `caused_by` (all of them for `None`); with `marketing_only`, the
     /// transactional ones (an order's status) go on. For a purchase at `bought`, a
-    /// cascade of a message the purchase itself causes (a post-purchase or
-    /// post-delivery message, an order's status: caused at or after it) goes on,
-    /// whichever topic was read first.
+    /// cascade of a message the purchase itself causes (see `caused_by_purchase`) goes
+    /// on, whichever topic was read first.
     fn stop_all_cascades(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2309,6 +2308,12 @@ impl ArbiterProcessor {
                 })?;
             }
             CustomerActionKind::opt_in => {
+                // The customer's own doing: activity for the inactivity sunset (one
+                // seen only in shops long ago who subscribes now is not switched off
+                // for it). One never seen buying or visiting has nothing to switch off.
+                if ledger.last_purchase_at.is_some() || ledger.last_active_at.is_some() {
+                    ledger.last_active_at = Some(latest(ledger.last_active_at, at.min(ctx.now())));
+                }
                 if let Some(channel) = a.channel {
                     let opted = ledger.opted_in.get(&channel).copied();
                     ledger.opted_in.insert(channel, latest(opted, at));
@@ -2349,16 +2354,6 @@ impl ArbiterProcessor {
                     .is_none_or(|(known, _)| *known <= at);
                 if !newer {
                     return Ok(false);
-                }
-                // An opt-in is the customer's own doing: activity for the inactivity
-                // sunset (one seen only in shops long ago who subscribes now is not
-                // switched off for it). A first note of a customer who never bought
-                // has nothing to switch off (and its ledger goes with the note).
-                let known = ledger.contacts.as_ref().map(|(_, c)| &c.consented_channels);
-                let opted_in = (contacts.consented_channels.iter())
-                    .any(|c| known.is_none_or(|known| !known.contains(c)));
-                if opted_in && (known.is_some() || ledger.last_purchase_at.is_some()) {
-                    ledger.last_active_at = Some(latest(ledger.last_active_at, at.min(ctx.now())));
                 }
                 ledger.contacts = Some((at, Box::new(contacts.clone())));
                 if ledger.zone.as_ref().is_none_or(|(noted, _)| *noted <= at) {

@@ -6,9 +6,7 @@
 mod common;
 
 use common::{at, Arbiter, T0};
-use kairos_core::contracts::{
-    Channel, Contacts, DecisionOutcome, MessageCategory, OutcomeKind, Trigger,
-};
+use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
 use kairos_core::time::{DAY, HOUR, MINUTE, SECOND};
 
 const TRIGGER: MessageCategory = MessageCategory::trigger;
@@ -1144,12 +1142,7 @@ fn a_customer_seen_only_in_shops_is_sunset_after_the_last_receipt() {
 fn an_opt_in_is_activity_for_the_inactivity_sunset() {
     let mut a = Arbiter::new();
     a.till_sale("s1", T0);
-    let opted_in = Contacts {
-        email: Some("c1@example.com".into()),
-        consented_channels: vec![Channel::email],
-        ..Contacts::default()
-    };
-    a.contacts_changed("opt-in", opted_in, T0 + 199 * DAY);
+    a.opt_in("opt-in", Channel::email, T0 + 199 * DAY);
     let d = a.trigger("p1", "weekly_promo", PROMO, T0 + 200 * DAY);
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }

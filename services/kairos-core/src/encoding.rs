@@ -36,6 +36,10 @@ impl Rejection {
     }
 }
 
+/// The most schema ids whose refusal a registry keeps (the ids come from message
+/// bytes: junk must not grow the map without end).
+const REFUSALS_KEPT: usize = 1_024;
+
 /// Confluent wire-format magic byte.
 pub const CONFLUENT_MAGIC: u8 = 0;
 
@@ -67,8 +71,9 @@ pub struct SchemaRegistry {
     http: reqwest::Client,
     cache: Arc<RwLock<HashMap<u32, Arc<Schema>>>>,
     /// Why an id has no schema (no registry configured, none under the id, one that
-    /// does not parse): what its messages' dead letters say.
-    refused: Arc<RwLock<HashMap<u32, Rejection>>>,
+    /// does not parse): what its messages' dead letters say, and whether that is
+    /// settled (not asked again).
+    refused: Arc<RwLock<HashMap<u32, (Rejection, bool)>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +103,7 @@ impl SchemaRegistry {
 
     /// Why `id` has no schema, if the registry said (or none is configured).
     fn refusal(&self, id: u32) -> Option<Rejection> {
-        self.refused.read().ok()?.get(&id).cloned()
+        Some(self.refused.read().ok()?.get(&id)?.0.clone())
     }
 
     pub fn cached(&self, id: u32) -> Option<Arc<Schema>> {
@@ -114,19 +119,36 @@ impl SchemaRegistry {
         if self.cached(id).is_some() {
             return Ok(());
         }
+        // Settled: no registry configured, or a schema that does not parse (an id's
+        // schema never changes). The dead letter says why.
+        let settled = |refused: &HashMap<u32, (Rejection, bool)>| {
+            refused.get(&id).is_some_and(|(_, settled)| *settled)
+        };
+        if self.refused.read().is_ok_and(|r| settled(&r)) {
+            return Ok(());
+        }
         let fetched = self.fetch(id).await;
         // Kept for the dead letters; an id the registry does not know is asked again
-        // (it may be registered meanwhile), the others are settled.
+        // (it may be registered meanwhile). Bounded: ids come from message bytes.
         let refusal = match &fetched {
-            Err(e @ (RegistryError::NotConfigured(_) | RegistryError::NotFound(_))) => Some(
+            Err(e @ RegistryError::NotFound(_)) => Some((
                 Rejection::new(DeadLetterReason::unknown_schema_id, e.to_string()),
-            ),
-            Err(e @ RegistryError::BadSchema { .. }) => {
-                Some(Rejection::new(DeadLetterReason::bad_avro, e.to_string()))
-            }
+                false,
+            )),
+            Err(e @ RegistryError::NotConfigured(_)) => Some((
+                Rejection::new(DeadLetterReason::unknown_schema_id, e.to_string()),
+                true,
+            )),
+            Err(e @ RegistryError::BadSchema { .. }) => Some((
+                Rejection::new(DeadLetterReason::bad_avro, e.to_string()),
+                true,
+            )),
             Err(RegistryError::Http { .. }) | Ok(()) => None,
         };
         if let (Some(refusal), Ok(mut refused)) = (refusal, self.refused.write()) {
+            if refused.len() >= REFUSALS_KEPT {
+                refused.clear();
+            }
             refused.insert(id, refusal);
         }
         fetched
@@ -428,6 +450,8 @@ mod tests {
             .build()
             .expect("runtime");
         let fetched = runtime.block_on(registry.prefetch(&payload));
+        // Settled: the next message of the id does not ask again.
+        assert!(runtime.block_on(registry.prefetch(&payload)).is_ok());
         assert!(
             matches!(fetched, Err(RegistryError::NotConfigured(7))),
             "{fetched:?}"

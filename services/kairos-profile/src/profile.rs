@@ -2609,6 +2609,18 @@ mod tests {
         assert_eq!(p.engagement[&Channel::email].ignored_in_row, 0);
     }
 
+    /// A late open older than every delivery a full row remembers leaves the count:
+    /// the older ones counted may have come after it too.
+    #[test]
+    fn a_late_open_older_than_a_full_row_keeps_its_count() {
+        let mut p = CustomerProfile::new("c1", 0);
+        for delivered in 10..50 {
+            p.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, delivered));
+        }
+        p.apply_outcome(&outcome(Channel::email, OutcomeKind::opened, 5));
+        assert_eq!(p.engagement[&Channel::email].ignored_in_row, 40);
+    }
+
     #[test]
     fn a_delivery_reported_after_its_open_is_not_ignored() {
         let mut p = CustomerProfile::new("c1", 0);
