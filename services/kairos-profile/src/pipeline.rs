@@ -94,11 +94,7 @@ impl Pipeline {
             let mut out = upstream.push(topic, key, payload)?;
             // Every consumer of a topic reads it (customer-actions: the identity
             // processor and the arbiter).
-            for stage in &mut self.downstream {
-                if stage.consumes(topic) {
-                    out.extend(stage.push(topic, key, payload)?);
-                }
-            }
+            self.push_downstream(topic, key, payload, &mut out)?;
             out
         } else if Stage::consumes(&self.profile, topic) {
             self.push_to_profile(topic, key, payload, None)?
@@ -106,11 +102,7 @@ impl Pipeline {
             // A later stage's own input (triggers for the arbiter): the profile
             // never reads it on Kafka, so it must not here (it would dead-letter it).
             let mut out = Vec::new();
-            for stage in &mut self.downstream {
-                if stage.consumes(topic) {
-                    out.extend(stage.push(topic, key, payload)?);
-                }
-            }
+            self.push_downstream(topic, key, payload, &mut out)?;
             out
         };
         self.route(first, sink)
@@ -127,12 +119,25 @@ impl Pipeline {
     ) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.profile.push_decoded(topic, key, payload, decoded)?;
         // Every consumer of a topic reads it (outcomes: the profile and the arbiter).
+        self.push_downstream(topic, key, payload, &mut out)?;
+        Ok(out)
+    }
+
+    /// Feeds a record to every later stage that reads its topic, adding what they
+    /// emitted to `out`.
+    fn push_downstream(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        out: &mut Vec<OutboxEntry>,
+    ) -> anyhow::Result<()> {
         for stage in &mut self.downstream {
             if stage.consumes(topic) {
                 out.extend(stage.push(topic, key, payload)?);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Feeds a bare JSON line that `kairos replay` would route to `site_topic` (keyed
