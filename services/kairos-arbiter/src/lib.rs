@@ -121,6 +121,10 @@ pub struct CustomerLedger {
     /// first, at most `IGNORED_KEPT`), so an open, click or purchase reported late
     /// clears only the deliveries before it.
     pub ignored_deliveries: Vec<Millis>,
+    /// The customer's latest online purchase (a till sale's time is the till's; an
+    /// online one's is the device's, allowed `PURCHASE_CLOCK_SKEW`), so a purchase
+    /// read before a trigger or a cascade step ends what it would end read after them.
+    pub last_online_purchase_at: Option<Millis>,
 }
 
 /// How a chain step's final decision ended it.
@@ -565,6 +569,8 @@ impl CustomerLedger {
             (a, b) => a.or(b),
         };
         self.last_purchase_at = self.last_purchase_at.max(other.last_purchase_at);
+        self.last_online_purchase_at =
+            (self.last_online_purchase_at).max(other.last_online_purchase_at);
         self.last_active_at = self.last_active_at.max(other.last_active_at);
         for (segment, left) in other.left_segments.iter() {
             self.note_left_segment(segment, *left);
@@ -903,14 +909,17 @@ impl ArbiterProcessor {
                 ),
             );
         }
-        if let Some(bought) = ledger
-            .last_purchase_at
-            .filter(|b| self.purchase_ends((&t.scenario, t.step), t.cause_occurred_at, *b))
+        if let Some(bought) =
+            self.purchase_read_ending(ledger, (&t.scenario, t.step), t.cause_occurred_at)
         {
+            let when = match bought >= t.cause_occurred_at {
+                true => "after the trigger's cause",
+                false => "within the device clock's allowance before the trigger's cause",
+            };
             return Verdict::no(
                 DecisionOutcome::cancelled,
                 "purchase_exclusion",
-                format!("the customer bought at {bought}, after the trigger's cause"),
+                format!("the customer bought at {bought}, {when}"),
             );
         }
         // Strictly later: a visit at the cause time is the last visit that caused the
@@ -1292,6 +1301,40 @@ impl ArbiterProcessor {
             .scenario(scenario)
             .is_some_and(|s| s.step_ends_on_purchase(usize::try_from(step).unwrap_or_default()));
         ends && (bought > cause || (bought == cause && !self.is_reactivation(scenario)))
+    }
+
+    /// `purchase_ends`, and for an online purchase (`online`) also a cart or browse
+    /// reminder caused up to `PURCHASE_CLOCK_SKEW` after it: the device's clock may
+    /// put the checkout a little before the cart change it checked out.
+    fn purchase_ends_allowing_skew(
+        &self,
+        (scenario, step): (&str, i32),
+        cause: Millis,
+        (bought, online): (Millis, bool),
+    ) -> bool {
+        self.purchase_ends((scenario, step), cause, bought)
+            || (online
+                && self.is_restartable_wait(scenario)
+                && self.ends_on_purchase(scenario)
+                && cause <= bought.saturating_add(PURCHASE_CLOCK_SKEW))
+    }
+
+    /// The purchase already read that ends step `step` of `scenario` caused at
+    /// `cause` (see `purchase_ends_allowing_skew`), if one does: the same answer as
+    /// the purchase gives when it is read after the trigger.
+    fn purchase_read_ending(
+        &self,
+        ledger: &CustomerLedger,
+        (scenario, step): (&str, i32),
+        cause: Millis,
+    ) -> Option<Millis> {
+        let any = ledger.last_purchase_at.map(|b| (b, false));
+        let online = ledger.last_online_purchase_at.map(|b| (b, true));
+        [any, online]
+            .into_iter()
+            .flatten()
+            .find(|bought| self.purchase_ends_allowing_skew((scenario, step), cause, *bought))
+            .map(|(b, _)| b)
     }
 
     /// A cart or browse reminder (see `ScenarioKind::is_restartable_wait`).
@@ -2002,6 +2045,32 @@ impl ArbiterProcessor {
         Ok(())
     }
 
+    /// The purchase already read that stops cascade `c` of trigger `t` at its next
+    /// step, as `stop_all_cascades` does when the purchase is read after it began: a
+    /// marketing cascade caused at or before a purchase (up to `PURCHASE_CLOCK_SKEW`
+    /// after an online one) and not caused by it.
+    fn purchase_read_stopping(
+        &self,
+        ledger: &CustomerLedger,
+        c: &Cascade,
+        t: &Trigger,
+    ) -> Option<Millis> {
+        let cause = c.cause_occurred_at?;
+        if t.category == MessageCategory::transactional {
+            return None;
+        }
+        let any = ledger.last_purchase_at.map(|b| (b, b));
+        let online =
+            (ledger.last_online_purchase_at).map(|b| (b, b.saturating_add(PURCHASE_CLOCK_SKEW)));
+        [any, online]
+            .into_iter()
+            .flatten()
+            .find(|(bought, answers_until)| {
+                cause <= *answers_until && !self.caused_by_purchase(c, Some(*bought))
+            })
+            .map(|(bought, _)| bought)
+    }
+
     /// Whether `c` is the cascade of a message the purchase at `bought` itself causes,
     /// which that purchase does not end: a post-purchase or post-delivery message or
     /// an order's status (caused at or after it), a segment entered by that purchase
@@ -2363,6 +2432,10 @@ impl ArbiterProcessor {
             }
             CustomerActionKind::purchase => {
                 ledger.last_purchase_at = Some(latest(ledger.last_purchase_at, at));
+                if !a.till_sale {
+                    ledger.last_online_purchase_at =
+                        Some(latest(ledger.last_online_purchase_at, at));
+                }
                 // A conversion is a reaction: a customer who buys is not ignoring the
                 // messages (an SMS reports no open, a mail client may block pixels).
                 // As of when it was read, if the device dated it later: a clock ahead
@@ -2402,13 +2475,13 @@ impl ArbiterProcessor {
                 // ends whatever the clock said, and the cascades above within the same
                 // allowance: what a new cart's reminder loses is at most its priority,
                 // never the message itself.
-                let online = !a.till_sale;
+                let bought = (at, !a.till_sale);
                 self.cancel_queued_where(ctx, ledger, a, "purchase_exclusion", why, |q| {
-                    self.purchase_ends((&q.scenario, q.step), q.cause_occurred_at, at)
-                        || (online
-                            && self.is_restartable_wait(&q.scenario)
-                            && self.ends_on_purchase(&q.scenario)
-                            && q.cause_occurred_at <= at.saturating_add(PURCHASE_CLOCK_SKEW))
+                    self.purchase_ends_allowing_skew(
+                        (&q.scenario, q.step),
+                        q.cause_occurred_at,
+                        bought,
+                    )
                 })?;
                 // After the exclusions, so only what survived them is decided again.
                 if slot_freed {
@@ -2881,6 +2954,20 @@ impl ArbiterProcessor {
             self.release_switched_off_main(ctx, ledger, None)?;
             return Ok(true);
         }
+        // A purchase read before the cascade's first message went out (the triggers
+        // topic behind the actions topic) ends the rest as one read after it would:
+        // the same decision, also ahead of the complaint and the pause after the
+        // purchase, which the purchase read later does not wait for.
+        if let Some(at) = self.purchase_read_stopping(ledger, &cascade, &t) {
+            self.record_cascade_stop(
+                ctx,
+                &subject,
+                &cascade,
+                "cascade",
+                format!("the customer bought at {at}"),
+            );
+            return Ok(true);
+        }
         // A complaint about any message ends all promo, the rest of a cascade too.
         if let Some(at) = ledger
             .complained_at
@@ -2916,23 +3003,6 @@ impl ArbiterProcessor {
                     "cascade stopped after {} message(s): {pause}",
                     cascade.channels.len()
                 ),
-            );
-            return Ok(true);
-        }
-        // A purchase read before the cascade's first message went out (the triggers
-        // topic behind the actions topic) ends the rest as one read after it would.
-        let bought = ledger.last_purchase_at;
-        if let Some(at) = bought.filter(|at| {
-            t.category != MessageCategory::transactional
-                && cascade.cause_occurred_at.is_some_and(|cause| cause <= *at)
-                && !self.caused_by_purchase(&cascade, bought)
-        }) {
-            self.record_cascade_stop(
-                ctx,
-                &subject,
-                &cascade,
-                "cascade",
-                format!("the customer bought at {at}"),
             );
             return Ok(true);
         }

@@ -264,6 +264,49 @@ fn a_purchase_read_before_the_cascade_began_still_ends_it() {
     assert_eq!(stops[0], stops[1], "the same decision either way");
 }
 
+/// An online purchase dated by the device a few minutes before a cascade's cause
+/// ends it read either side of the trigger, with the same decision; a till sale at
+/// that time (the till's clock) leaves it running either way.
+#[test]
+fn a_purchase_read_first_stops_a_cascade_within_the_device_clock_s_allowance() {
+    for till in [false, true] {
+        let mut stops = Vec::new();
+        for purchase_first in [true, false] {
+            let mut a = Arbiter::with_scenarios(common::WIN_BACK);
+            let t = a.trigger_of("wb2", "win_back", MessageCategory::trigger, T0);
+            let buy = |a: &mut Arbiter| match till {
+                true => a.till_sale("early", T0 - 5 * MINUTE),
+                false => a.purchase("early", T0 - 5 * MINUTE),
+            };
+            if purchase_first {
+                buy(&mut a);
+            }
+            assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+            if !purchase_first {
+                buy(&mut a);
+            }
+            a.advance_to(T0 + 2 * HOUR);
+            let case = format!("till sale {till}, purchase first {purchase_first}");
+            let expected = match till {
+                true => vec![Channel::email, Channel::push],
+                false => vec![Channel::email],
+            };
+            assert_eq!(channels(&a), expected, "{case}");
+            let stop = a
+                .decisions_of("wb2")
+                .into_iter()
+                .find(|d| d.outcome == DecisionOutcome::cancelled)
+                .map(|d| (d.decision_id.clone(), d.rule.clone(), d.reason.clone()));
+            assert_eq!(stop.is_some(), !till, "{case}: {stop:?}");
+            stops.push(stop);
+        }
+        assert_eq!(
+            stops[0], stops[1],
+            "till sale {till}: the same decision either way"
+        );
+    }
+}
+
 /// A reactivation counted from the customer's last purchase is not ended by that
 /// purchase: its cascade walks on.
 #[test]

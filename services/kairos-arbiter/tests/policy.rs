@@ -1640,44 +1640,46 @@ fn forgetting_leaves_what_came_after_it_and_then_the_ledger() {
 
 /// An online purchase checks out the cart whatever the device's clock says: a cart
 /// reminder waiting for the morning whose cause is dated a minute after the purchase
-/// is cancelled. A till sale uploaded late, dated before the cart change, is another
-/// visit and leaves it.
+/// is cancelled, and so is one the purchase was read before (the triggers topic
+/// behind the actions topic). A till sale uploaded late, dated before the cart
+/// change, is another visit and leaves it.
 #[test]
 fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder() {
-    for (till, bought_at, expected) in [
-        (false, "2026-01-05T21:49:00Z", DecisionOutcome::cancelled),
-        (true, "2026-01-05T21:49:00Z", DecisionOutcome::sent),
-        // A cart changed half an hour after the purchase is another cart.
-        (false, "2026-01-05T21:20:00Z", DecisionOutcome::sent),
-    ] {
-        let mut a =
-            Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
-        a.time_zone = Some("UTC".into());
-        let mut t = a.trigger_of(
-            "qc",
-            "cart_cascade",
-            MessageCategory::trigger,
-            at("2026-01-05T22:50:00Z"),
-        );
-        t.cause_occurred_at = at("2026-01-05T21:50:00Z");
-        let d = a.push_trigger(&t);
-        assert_eq!(d.rule, "quiet_hours");
-        if till {
-            a.till_sale("qc-buy", at(bought_at));
-        } else {
-            a.purchase("qc-buy", at(bought_at));
+    for purchase_first in [false, true] {
+        for (till, bought_at, expected) in [
+            (false, "2026-01-05T21:49:00Z", DecisionOutcome::cancelled),
+            (true, "2026-01-05T21:49:00Z", DecisionOutcome::sent),
+            // A cart changed half an hour after the purchase is another cart.
+            (false, "2026-01-05T21:20:00Z", DecisionOutcome::sent),
+        ] {
+            let mut a =
+                Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+            a.time_zone = Some("UTC".into());
+            let mut t = a.trigger_of(
+                "qc",
+                "cart_cascade",
+                MessageCategory::trigger,
+                at("2026-01-05T22:50:00Z"),
+            );
+            t.cause_occurred_at = at("2026-01-05T21:50:00Z");
+            let mut buy = |a: &mut Arbiter| match till {
+                true => a.till_sale("qc-buy", at(bought_at)),
+                false => a.purchase("qc-buy", at(bought_at)),
+            };
+            if purchase_first {
+                buy(&mut a);
+            }
+            let d = a.push_trigger(&t);
+            if !purchase_first {
+                assert_eq!(d.rule, "quiet_hours");
+                buy(&mut a);
+            }
+            a.advance_to(at("2026-01-06T09:00:00Z"));
+            let finals = a.finals_of("qc");
+            let case = format!("purchase first {purchase_first}, till sale {till} at {bought_at}");
+            assert_eq!(finals.len(), 1, "{case}: {finals:#?}");
+            assert_eq!(finals[0].outcome, expected, "{case}: {finals:#?}");
         }
-        a.advance_to(at("2026-01-06T09:00:00Z"));
-        let finals = a.finals_of("qc");
-        assert_eq!(
-            finals.len(),
-            1,
-            "till sale {till} at {bought_at}: {finals:#?}"
-        );
-        assert_eq!(
-            finals[0].outcome, expected,
-            "till sale {till} at {bought_at}: {finals:#?}"
-        );
     }
 }
 
