@@ -22,6 +22,7 @@ use kairos_core::contracts::{
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::{deterministic_id, stable_fraction};
+use kairos_core::ignored_row;
 use kairos_core::metrics;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::small_map::SmallMap;
@@ -445,15 +446,23 @@ impl CustomerLedger {
     /// delivered before it were not ignored, and those delivered after it still
     /// count, however late the reaction is reported.
     fn reacted_at(&mut self, at: Millis) {
-        let remembered = self.ignored_deliveries.len();
-        self.ignored_deliveries.retain(|d| *d > at);
-        let after = self.ignored_deliveries.len();
-        // Every remembered delivery came after the reaction and the list is full: the
-        // older ones counted may have too, so the count stands. Counts from versions
-        // that remembered no times are cleared, as they were.
-        if !(after == remembered && remembered == IGNORED_KEPT) {
-            self.ignored_in_row = after as u32;
-        }
+        ignored_row::end_row_at(
+            &mut self.ignored_in_row,
+            &mut self.ignored_deliveries,
+            at,
+            IGNORED_KEPT,
+        );
+    }
+
+    /// The customer's latest reaction the ledger knows of: an open or click on any
+    /// channel, or a purchase.
+    fn latest_reaction(&self) -> Option<Millis> {
+        let engaged = self
+            .engagement
+            .iter()
+            .filter_map(|(_, e)| e.engaged_at)
+            .max();
+        engaged.max(self.last_purchase_at)
     }
 
     /// When the main-scenario slot frees unless the chain's last step frees it sooner:
@@ -528,6 +537,14 @@ impl CustomerLedger {
     /// unsubscribe that an opt-in of either id came after: both ids are one person,
     /// whose latest word on a channel counts, as it does without a merge.
     pub fn absorb(&mut self, other: CustomerLedger) {
+        // Both rows of ignored messages, up to the later customer's latest reaction.
+        let rows = [&*self, &other].map(|l| ignored_row::Row {
+            count: l.ignored_in_row,
+            delivered_at: &l.ignored_deliveries,
+            reacted_at: l.latest_reaction(),
+        });
+        let reacted_at = rows[0].reacted_at.max(rows[1].reacted_at);
+        let ignored = ignored_row::merge_rows(rows[0], rows[1], reacted_at, IGNORED_KEPT);
         // As the profile's merge: the survivor's zone, the merged customer's only where
         // the survivor has none.
         let named = |z: &Option<(Millis, Option<CompactString>)>| {
@@ -579,10 +596,7 @@ impl CustomerLedger {
             let mine = self.offers.entry(offer).or_insert(at);
             *mine = (*mine).max(at);
         }
-        if other.ignored_in_row > self.ignored_in_row {
-            self.ignored_in_row = other.ignored_in_row;
-            self.ignored_deliveries = other.ignored_deliveries;
-        }
+        (self.ignored_in_row, self.ignored_deliveries) = ignored;
         for (channel, e) in other.engagement {
             let mine = self.engagement.entry(channel).or_default();
             mine.engaged_at = mine.engaged_at.max(e.engaged_at);
@@ -3855,6 +3869,31 @@ mod tests {
             "the cascade counted by its first"
         );
         assert_eq!(survivor.engagement[&Channel::push].ignored_in_row, 1);
+    }
+
+    /// Two merged customers' rows of ignored messages make one: every delivery of
+    /// either after the later reaction (here the merged customer's purchase).
+    #[test]
+    fn a_merge_counts_both_rows_of_ignored_messages_after_the_later_reaction() {
+        let mut survivor = CustomerLedger {
+            ignored_in_row: 3,
+            ignored_deliveries: vec![10, 20, 30],
+            ..CustomerLedger::default()
+        };
+        let merged = CustomerLedger {
+            ignored_in_row: 2,
+            ignored_deliveries: vec![40, 50],
+            last_purchase_at: Some(25),
+            ..CustomerLedger::default()
+        };
+        survivor.absorb(merged);
+        assert_eq!(
+            (
+                survivor.ignored_in_row,
+                survivor.ignored_deliveries.as_slice()
+            ),
+            (3, [30, 40, 50].as_slice())
+        );
     }
 
     /// `pause_after_purchase = "0s"` turns the pause off, also after a purchase a

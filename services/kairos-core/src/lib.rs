@@ -15,6 +15,7 @@ pub mod dedup;
 pub mod encoding;
 pub mod identifiers;
 pub mod ids;
+pub mod ignored_row;
 pub mod input;
 pub mod kafka;
 pub mod logging;

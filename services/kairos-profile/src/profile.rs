@@ -8,6 +8,7 @@ use kairos_core::contracts::{
     Channel, CustomerEvent, EventType, LineItem, OrderStatus, Outcome, OutcomeKind, Product,
     ProfileField,
 };
+use kairos_core::ignored_row;
 use kairos_core::small_map::SmallMap;
 use kairos_core::time::Millis;
 use serde::{Deserialize, Serialize};
@@ -68,14 +69,24 @@ impl ChannelEngagement {
     /// The customer opened or clicked at `at`: the messages delivered after it are
     /// still ignored in a row, the earlier ones are not.
     fn engaged(&mut self, at: Millis) {
-        let remembered = self.ignored_delivered_at.len();
-        self.ignored_delivered_at
-            .retain(|delivered| *delivered > at);
-        let after = self.ignored_delivered_at.len();
-        // Every remembered delivery came after it and the list is full: older ones
-        // counted may have too, so the count stands (as the arbiter's ledger does).
-        if !(after == remembered && remembered == IGNORED_TIMES_KEPT) {
-            self.ignored_in_row = after as u32;
+        ignored_row::end_row_at(
+            &mut self.ignored_in_row,
+            &mut self.ignored_delivered_at,
+            at,
+            IGNORED_TIMES_KEPT,
+        );
+    }
+
+    fn engaged_at(&self) -> Option<Millis> {
+        self.last_opened_at.max(self.last_clicked_at)
+    }
+
+    /// This channel's row as one side of a merge.
+    fn ignored_row(&self) -> ignored_row::Row<'_> {
+        ignored_row::Row {
+            count: self.ignored_in_row,
+            delivered_at: &self.ignored_delivered_at,
+            reacted_at: self.engaged_at(),
         }
     }
 }
@@ -1030,13 +1041,19 @@ impl CustomerProfile {
         self.trim_product_marks();
         for (channel, e) in other.engagement {
             let mine = self.engagement.entry(channel).or_default();
+            // Both rows of ignored messages, up to the later customer's latest open
+            // or click.
+            let reacted_at = mine.engaged_at().max(e.engaged_at());
+            let ignored = ignored_row::merge_rows(
+                mine.ignored_row(),
+                e.ignored_row(),
+                reacted_at,
+                IGNORED_TIMES_KEPT,
+            );
+            (mine.ignored_in_row, mine.ignored_delivered_at) = ignored;
             mine.last_delivered_at = mine.last_delivered_at.max(e.last_delivered_at);
             mine.last_opened_at = mine.last_opened_at.max(e.last_opened_at);
             mine.last_clicked_at = mine.last_clicked_at.max(e.last_clicked_at);
-            if e.ignored_in_row > mine.ignored_in_row {
-                mine.ignored_in_row = e.ignored_in_row;
-                mine.ignored_delivered_at = e.ignored_delivered_at;
-            }
         }
         for (channel, address) in other.hard_bounced {
             self.note_bounced(channel, address);
@@ -2607,6 +2624,27 @@ mod tests {
         assert_eq!(p.engagement[&Channel::email].ignored_in_row, 2);
         p.apply_outcome(&outcome(Channel::email, OutcomeKind::clicked, 35));
         assert_eq!(p.engagement[&Channel::email].ignored_in_row, 0);
+    }
+
+    /// Two merged profiles ignored messages on one channel: the merged row is every
+    /// delivery of either after the later open, not the longer row alone.
+    #[test]
+    fn a_merge_counts_both_rows_of_ignored_messages_after_the_later_open() {
+        let mut survivor = CustomerProfile::new("c1", 0);
+        let mut merged = CustomerProfile::new("c2", 0);
+        for delivered in [10, 20, 30] {
+            survivor.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, delivered));
+        }
+        merged.apply_outcome(&outcome(Channel::email, OutcomeKind::opened, 25));
+        for delivered in [40, 50] {
+            merged.apply_outcome(&outcome(Channel::email, OutcomeKind::delivered, delivered));
+        }
+        survivor.absorb(merged);
+        let e = &survivor.engagement[&Channel::email];
+        assert_eq!(
+            (e.ignored_in_row, e.ignored_delivered_at.as_slice()),
+            (3, [30, 40, 50].as_slice())
+        );
     }
 
     /// A late open older than every delivery a full row remembers leaves the count:
