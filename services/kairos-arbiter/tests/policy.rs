@@ -1662,7 +1662,7 @@ fn an_online_purchase_dated_before_the_cart_change_cancels_the_queued_reminder()
                 at("2026-01-05T22:50:00Z"),
             );
             t.cause_occurred_at = at("2026-01-05T21:50:00Z");
-            let mut buy = |a: &mut Arbiter| match till {
+            let buy = |a: &mut Arbiter| match till {
                 true => a.till_sale("qc-buy", at(bought_at)),
                 false => a.purchase("qc-buy", at(bought_at)),
             };
