@@ -120,6 +120,18 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         reason.starts_with("template:") && reason.contains("cart_items"),
         "{reason}"
     );
+    // And the command is on the dead-letter topic, to be produced again once fixed.
+    let letters = p.read_json_until("deadletter", Duration::from_secs(20), |v| {
+        v.iter().any(|l| dead_lettered_send_id(l) == "tpl-1")
+    });
+    let letter = letters
+        .iter()
+        .find(|l| dead_lettered_send_id(l) == "tpl-1")
+        .expect("tpl-1 is dead-lettered");
+    assert!(
+        letter["reason"].as_str().unwrap_or("").starts_with("template:"),
+        "{letter}"
+    );
 
     // The repeated ok-1 is the last record of its partition and has no outcome of its
     // own: counted only once the worker has read past it, so a second hand-over shows.
@@ -700,6 +712,11 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         dead("invalid_field"),
         4.0,
         "the lone sent twice, the unparsed event, the batch of too many"
+    );
+    assert_eq!(
+        dead("processing_error"),
+        2.0,
+        "the two sends given up, counted by reason with the rest"
     );
     let given_up: BTreeSet<String> = letters
         .iter()

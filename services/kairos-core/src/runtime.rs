@@ -496,6 +496,8 @@ pub struct Ctx<'a> {
     /// The processor says it writes ahead ([`Processor::writes_ahead`]): only then
     /// are its commits' offsets noted for the claim checks of [`Ctx::put_now`].
     writes_ahead: bool,
+    /// The batch's counts, added to the metrics when it commits.
+    uncounted: &'a mut BatchCounts,
 }
 
 impl Ctx<'_> {
@@ -625,6 +627,13 @@ impl Ctx<'_> {
     }
 
     /// Queues an output record already encoded (a record sent on as read).
+    /// Emits a dead letter the processor wrote itself (an input it took but could not
+    /// carry out), counted by reason with the runtime's own once the batch commits.
+    pub fn dead_letter(&mut self, topic: &str, key: &str, letter: &DeadLetter) {
+        self.uncounted.dead_letters.push(letter.reason_code);
+        self.emit(topic, key, letter);
+    }
+
     pub fn emit_encoded(&mut self, topic: &str, key: &str, payload: Vec<u8>) {
         self.store
             .emit(self.pending, topic, key.as_bytes(), payload);
@@ -1001,6 +1010,7 @@ impl<P: Processor> Engine<P> {
             metrics: &self.metrics,
             write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
             writes_ahead: self.processor.writes_ahead(),
+            uncounted: &mut part.uncounted,
         };
         self.processor.process(&mut ctx, input)?;
         part.store
@@ -1030,6 +1040,7 @@ impl<P: Processor> Engine<P> {
             metrics: &self.metrics,
             write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
             writes_ahead: self.processor.writes_ahead(),
+            uncounted: &mut part.uncounted,
         };
         self.processor.flush(&mut ctx)?;
         let committed = part.store.commit_with(
@@ -1055,6 +1066,7 @@ impl<P: Processor> Engine<P> {
             metrics: &self.metrics,
             write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
             writes_ahead: self.processor.writes_ahead(),
+            uncounted: &mut part.uncounted,
         };
         let served = self.processor.serve(&mut ctx, request);
         self.or_abandon(partition, served)
@@ -1211,6 +1223,7 @@ impl<P: Processor> Engine<P> {
                     metrics: &self.metrics,
                     write_ahead: write_ahead_target(&self.write_ahead, &self.changelog_topic),
                     writes_ahead: self.processor.writes_ahead(),
+                    uncounted: &mut part.uncounted,
                 };
                 self.processor.on_timer(&mut ctx, &timer)?;
                 part.uncounted.timers_fired += 1;

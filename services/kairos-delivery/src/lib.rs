@@ -921,7 +921,7 @@ impl DeliveryProcessor {
         cmd: &SendCommand,
         send: &SendSummary,
         reason: String,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<OutcomeKind> {
         let cut =
             self.provider.is_some() && ctx.get::<Millis>(&format!("w/{}", cmd.send_id))?.is_some();
         let (kind, reason) = if cut && matches!(self.provider, Some(Provider::Http(_))) {
@@ -941,15 +941,24 @@ impl DeliveryProcessor {
         if cut {
             self.forget_attempt(ctx, &cmd.send_id);
         }
-        Ok(())
+        Ok(kind)
     }
 
     fn dead_letter(&self, ctx: &mut Ctx<'_>, input: &SendInput, reason: &str, now: Millis) {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let cmd = &input.command;
+        // The input's place in the id: the same command re-driven from the letter and
+        // failing again is another letter, not a copy of the first.
         let letter = DeadLetter {
-            dead_letter_id: deterministic_id(&[&self.name, &cmd.send_id, "undeliverable"]),
+            dead_letter_id: deterministic_id(&[
+                &self.name,
+                &cmd.send_id,
+                "undeliverable",
+                &input.topic,
+                &ctx.partition.to_string(),
+                &input.offset.to_string(),
+            ]),
             service: self.name.clone(),
             source_topic: input.topic.clone(),
             source_partition: ctx.partition,
@@ -964,7 +973,7 @@ impl DeliveryProcessor {
             .dead_letters
             .with_label_values(&[self.channel.as_str()])
             .inc();
-        ctx.emit(&self.dead_letter_topic, &cmd.customer_id, &letter);
+        ctx.dead_letter(&self.dead_letter_topic, &cmd.customer_id, &letter);
     }
 }
 
@@ -1225,16 +1234,23 @@ impl Processor for DeliveryProcessor {
             None if cmd.valid_until < now => Some("expired".to_string()),
             None => None,
         };
-        // No "Hello, !": a template that cannot render fails the send.
-        let rendered = match ended {
-            Some(reason) => Err(reason),
-            None => self.render(cmd).inspect_err(|reason| {
-                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
-            }),
-        };
-        let message = match rendered {
+        if let Some(reason) = ended {
+            self.end_without_call(ctx, cmd, &send, reason)?;
+            return Ok(());
+        }
+        // No "Hello, !": a template that cannot render fails the send, and the command
+        // goes to the dead-letter topic, to be produced again once the template or the
+        // variables are fixed (its send id is free again; nothing went out).
+        let message = match self.render(cmd) {
             Ok(m) => m,
-            Err(reason) => return self.end_without_call(ctx, cmd, &send, reason),
+            Err(reason) => {
+                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
+                if self.end_without_call(ctx, cmd, &send, reason.clone())? == OutcomeKind::failed {
+                    self.dead_letter(ctx, &input, &reason, now);
+                    self.sends_seen.forget(ctx, &cmd.send_id)?;
+                }
+                return Ok(());
+            }
         };
         if self.in_app() {
             let kept = inbox::store(ctx, cmd, &message)?;
@@ -2467,6 +2483,96 @@ mod tests {
         assert!(
             text.contains("kairos_delivery_consent_withdrawn_total{channel=\"email\"} 3"),
             "{text}"
+        );
+    }
+
+    /// A command whose template cannot render (a variable missing) fails the send and
+    /// goes to the dead-letter topic with the reason, counted by reason; produced
+    /// again from there with the variables fixed, it is sent, not skipped as a copy.
+    #[test]
+    fn a_send_whose_template_fails_is_dead_lettered_and_can_be_sent_again() {
+        use kairos_core::contracts::DeadLetter;
+        use kairos_core::time::DAY;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = test_config(
+            dir.path(),
+            &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")],
+        );
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let mut replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let (sends, outcomes) = (
+            config.send_topic(Channel::email),
+            config.topic(topics::OUTCOMES),
+        );
+        let dead_letters = config.topic(topics::DEAD_LETTER);
+        let t0 = 20_000 * DAY;
+        let broken = SendCommand {
+            valid_until: t0 + DAY,
+            ..email_command(t0, "abandoned_cart")
+        };
+        let mut out = Vec::new();
+        for cmd in [&broken, &broken] {
+            let payload = serde_json::to_vec(cmd).expect("encode");
+            out.extend(replayer.push(&sends, b"c1", &payload).expect("push"));
+            out.extend(replayer.commit().expect("commit"));
+        }
+        let letters: Vec<DeadLetter> = out
+            .iter()
+            .filter(|o| o.topic == dead_letters)
+            .map(|o| serde_json::from_slice(&o.payload).expect("dead letter"))
+            .collect();
+        assert_eq!(
+            letters.len(),
+            2,
+            "each copy is a letter of its own: {letters:#?}"
+        );
+        assert_ne!(letters[0].dead_letter_id, letters[1].dead_letter_id);
+        assert!(
+            letters[0].reason.starts_with("template: "),
+            "{}",
+            letters[0].reason
+        );
+        assert_eq!(letters[0].reason_code, DeadLetterReason::processing_error);
+        let outcomes_of = |out: &[kairos_core::store::OutboxEntry]| -> Vec<(OutcomeKind, String)> {
+            out.iter()
+                .filter(|o| o.topic == outcomes)
+                .map(|o| serde_json::from_slice::<Outcome>(&o.payload).expect("outcome"))
+                .filter(|o| o.send_id == "s-1")
+                .map(|o| (o.kind, o.reason.unwrap_or_default()))
+                .collect()
+        };
+        let failed = outcomes_of(&out);
+        assert!(
+            failed
+                .iter()
+                .all(|(kind, reason)| *kind == OutcomeKind::failed
+                    && reason.starts_with("template: ")),
+            "{failed:?}"
+        );
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .expect("metrics text");
+        assert!(
+            text.contains("kairos_dead_letters_total{reason=\"processing_error\"} 2"),
+            "{text}"
+        );
+        // Re-produced from the letter with the cart's items: it goes out.
+        let fixed = SendCommand {
+            variables: r#"{"first_name":"Ann","cart_items":[{"product_id":"p1","name":"Shoes","quantity":1}],"cart_value":59.9}"#.into(),
+            ..broken.clone()
+        };
+        let payload = serde_json::to_vec(&fixed).expect("encode");
+        let mut out = replayer.push(&sends, b"c1", &payload).expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        let sent = outcomes_of(&out);
+        assert_eq!(
+            sent.first().map(|(kind, _)| *kind),
+            Some(OutcomeKind::sent),
+            "{sent:?}"
         );
     }
 
