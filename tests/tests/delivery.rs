@@ -129,7 +129,10 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .find(|l| dead_lettered_send_id(l) == "tpl-1")
         .expect("tpl-1 is dead-lettered");
     assert!(
-        letter["reason"].as_str().unwrap_or("").starts_with("template:"),
+        letter["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("template:"),
         "{letter}"
     );
 

@@ -736,7 +736,7 @@ impl ProfileProcessor {
                     deterministic_id(&[&e.event_id, name]),
                     customer_id.clone(),
                     kind,
-                    e.occurred_at,
+                    profile::consent_stated_at(e, ctx.now()),
                 )
             };
             ctx.emit(&self.actions_topic, &customer_id, &action);
@@ -752,7 +752,7 @@ impl ProfileProcessor {
         // Only events that state contacts can change them.
         let contacts_before = (e.email.is_some() || e.phone.is_some() || e.profile.is_some())
             .then(|| addresses(&p).map(|a| a.map(str::to_owned)));
-        p.touch(e);
+        p.touch(e, ctx.now());
         if let Some(before) = contacts_before {
             self.tell_contacts_changed(ctx, &p, &before, &e.event_id)?;
         }

@@ -62,6 +62,14 @@ pub struct ChannelEngagement {
     pub ignored_delivered_at: Vec<Millis>,
 }
 
+/// When a consent statement of event `e` counts, on a clock at `now`: its time, or
+/// now for one a device dated ahead (within `clock.max_event_lead`). Statements are
+/// ordered by time against the providers' unsubscribes: an opt-in dated hours ahead
+/// would otherwise outrank every unsubscribe clicked before that hour, for good.
+pub fn consent_stated_at(e: &CustomerEvent, now: Millis) -> Millis {
+    e.occurred_at.min(now)
+}
+
 /// How many delivery times of ignored messages a channel's engagement keeps.
 const IGNORED_TIMES_KEPT: usize = 32;
 
@@ -1129,8 +1137,9 @@ impl CustomerProfile {
         !among_events && remember_hash(&mut self.recent_outcome_ids, h)
     }
 
-    /// Contacts, consent and recency carried by any event.
-    pub fn touch(&mut self, e: &CustomerEvent) {
+    /// Contacts, consent and recency carried by any event; `now` is the processor's
+    /// clock (see [`consent_stated_at`]).
+    pub fn touch(&mut self, e: &CustomerEvent, now: Millis) {
         self.last_seen_at = self.last_seen_at.max(e.occurred_at);
         if is_visit(e.event_type) {
             self.last_visit_at = Some(
@@ -1139,7 +1148,7 @@ impl CustomerProfile {
             );
         }
         if let Some(c) = &e.consent {
-            self.state_consent(c.channel, c.granted, e.occurred_at);
+            self.state_consent(c.channel, c.granted, consent_stated_at(e, now));
         }
         // Each field keeps the latest statement by event time, whatever order the
         // topics delivered them in.

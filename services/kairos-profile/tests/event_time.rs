@@ -3828,6 +3828,36 @@ fn a_second_unsubscribe_from_one_message_after_an_opt_in_withdraws_consent_again
     );
 }
 
+/// With the wall clock, an opt-in a device dated hours ahead counts from when it was
+/// read: an unsubscribe clicked after that still withdraws consent, in the profile
+/// and in the action the arbiter and the delivery workers order by time.
+#[test]
+fn in_wall_clock_mode_an_opt_in_dated_ahead_does_not_outrank_a_later_unsubscribe() {
+    let mut h = Harness::with(CONFIG, ClockMode::Wall);
+    let read_at = kairos_core::time::wall_now();
+    let consent = json!({"consent": {"channel": "email", "granted": true}});
+    h.site("da-1", "consent_change", "da", read_at + 3 * HOUR, consent);
+    let opt_in: Vec<Millis> = h
+        .on("customer-actions")
+        .filter(|a| a.value["customer_id"] == "da" && a.value["kind"] == "opt_in")
+        .filter_map(|a| a.value["occurred_at"].as_i64())
+        .collect();
+    assert_eq!(opt_in.len(), 1, "{opt_in:?}");
+    let stated = opt_in[0];
+    assert!(
+        (read_at..read_at + 3 * HOUR).contains(&stated),
+        "stated at {stated}, read at {read_at}"
+    );
+    h.outcome("da", "da-s1", "unsubscribed", stated + MINUTE);
+    h.commit();
+    let p = h.pipeline.profile("da").expect("read").expect("stored");
+    assert_eq!(
+        p.consents.get(&kairos_core::contracts::Channel::email),
+        Some(&false),
+        "the unsubscribe after the opt-in was read counts"
+    );
+}
+
 /// A provider's bounce webhook that names no address marks none of the profile's
 /// (the arbiter bars the send's address, which it knows by the send id): neither the
 /// old address nor, repeated after the customer changed it, the new one.
