@@ -2002,8 +2002,13 @@ pub async fn write_again(
     store.note_own_records(count, last)?;
     if start != Some(last + 1 - count as i64) {
         // Others wrote between these records too (the rest of the former owner's
-        // commit, still arriving): the next look reads from where this one began.
+        // commit, still arriving): the next look reads from where this one began, and
+        // so does a restore after a crash before that look (the end noted durably
+        // stays before those records, or the store would be taken for current).
         store.skip_changelog_to(start);
+        if let Some(start) = start {
+            store.set_changelog_end(start)?;
+        }
     }
     tracing::warn!(
         changelog = %gap.topic,
