@@ -1273,7 +1273,7 @@ fn a_former_owner_s_record_among_the_values_written_again_is_read_again_after_a_
     assert_eq!(value(&b_store, "c/3"), None);
     let compacted = broker.compacted(CHANGELOG);
     assert_eq!(
-        compacted.get(&b"s/c/3".to_vec()),
+        compacted.get(b"s/c/3".as_slice()),
         Some(&Vec::new()),
         "c/3's last record is not A's"
     );
