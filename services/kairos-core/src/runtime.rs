@@ -1339,8 +1339,12 @@ impl<P: Processor> Engine<P> {
         )
         .await?;
         for p in watched {
-            if self.claimed_since_watched(p, &published.acked, gap_reader)? {
-                published.fenced.push(p);
+            match self.gap_since_watched(p, &published.acked, gap_reader)? {
+                Some(gap) if gap.claimed => published.fenced.push(p),
+                // A former owner's records after the claim: written over below, as
+                // for a store that does not write ahead.
+                Some(gap) => published.gaps.push(gap),
+                None => {}
             }
         }
         if published.complete && !held.is_empty() {
@@ -1406,19 +1410,20 @@ impl<P: Processor> Engine<P> {
         Ok(published)
     }
 
-    /// Whether another instance claimed partition `p`, whose store wrote ahead, before
-    /// the last of its changelog records in `acked`: read only where records not known
-    /// to be the store's own lie between its claim and them (see
-    /// [`crate::store::ClaimWatch`]).
-    fn claimed_since_watched(
+    /// What lies between the claim of partition `p`, whose store wrote ahead, and the
+    /// last of its changelog records in `acked` that is not the store's own, if
+    /// anything: read only where records not known to be its own lie there (see
+    /// [`crate::store::ClaimWatch`]). A claim by another instance among them, or a
+    /// former owner's records, which a restore leaves out.
+    fn gap_since_watched(
         &self,
         p: i32,
         acked: &[(OutboxEntry, i64)],
         reader: &ChangelogReader,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Option<Gap>> {
         let (Some(part), Some(topic)) = (self.parts.get(&p), self.changelog_topic.as_deref())
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let offsets: Vec<i64> = acked
             .iter()
@@ -1426,12 +1431,17 @@ impl<P: Processor> Engine<P> {
             .map(|(_, offset)| *offset)
             .collect();
         let Some(&last) = offsets.iter().max() else {
-            return Ok(false);
+            return Ok(None);
         };
+        let mut found = None;
         claimed_before(&part.store, &offsets, last, |range, own| {
             let others = (range.end - range.start) as u64;
-            Ok(inspect_gap(reader, topic, p, own, range, others)?.claimed)
-        })
+            let gap = inspect_gap(reader, topic, p, own, range, others)?;
+            let claimed = gap.claimed;
+            found = Some(gap);
+            Ok(claimed)
+        })?;
+        Ok(found)
     }
 
     /// Lets go of partition `p`, which another instance has claimed since this one did:

@@ -10,14 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use kairos_core::config::Config;
+use kairos_core::encoding::Rejection;
 use kairos_core::metrics::RuntimeMetrics;
 use kairos_core::runtime::{
     check_changelog_tail, publish, publish_fenced, put_ahead, restore_partition, write_again,
-    ChangelogReader, Gap, OutputDeadLetters, OwnSpan, PartitionClaimed, ProducerWriteAhead,
-    Published, RestoreKind, RestoreStats, TornCommit, WriteAhead, REFUSED_PAYLOAD_SAMPLE,
-    SPILL_AFTER,
+    ChangelogReader, Ctx, Engine, Gap, OutputDeadLetters, OwnSpan, PartitionClaimed, Processor,
+    ProducerWriteAhead, Published, Publisher, Record, RestoreKind, RestoreStats, TornCommit,
+    WriteAhead, REFUSED_PAYLOAD_SAMPLE, SPILL_AFTER,
 };
-use kairos_core::store::{OutboxEntry, PartitionStore, Pending, StoreFactory};
+use kairos_core::store::{DueTimer, OutboxEntry, PartitionStore, Pending, StoreFactory};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::mocking::MockCluster;
@@ -1327,6 +1328,103 @@ fn an_owner_with_nothing_to_publish_finds_a_former_owners_records_in_its_changel
     .expect("check")
     .expect("B's claim");
     assert!(gap.claimed, "{gap:?}");
+}
+
+/// A processor that writes ahead as a delivery worker does: an input `key=value`
+/// puts the value, first through [`Ctx::put_now`] for keys starting `w/` (the record
+/// before a provider call).
+struct WritesAhead;
+
+impl Processor for WritesAhead {
+    type Input = String;
+    fn name(&self) -> &str {
+        "writes-ahead"
+    }
+    fn inputs(&self) -> Vec<String> {
+        vec![INPUT.into()]
+    }
+    fn decode(&self, r: &Record<'_>) -> Result<String, Rejection> {
+        Ok(String::from_utf8_lossy(r.payload).into_owned())
+    }
+    fn event_time(&self, _: &String) -> Option<kairos_core::time::Millis> {
+        None
+    }
+    fn writes_ahead(&self) -> bool {
+        true
+    }
+    fn process(&mut self, ctx: &mut Ctx<'_>, input: String) -> anyhow::Result<()> {
+        let (key, value) = input.split_once('=').unwrap_or((&input, ""));
+        if key.starts_with("w/") {
+            ctx.put_now(key, &value)?;
+        }
+        ctx.put(key, &value)
+    }
+    fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// A store that wrote ahead finds a former owner's records after its claim when it
+/// next publishes, and writes its values of their keys again after them, as a store
+/// that does not write ahead does: compaction keeps its values, not the former
+/// owner's.
+#[test]
+fn a_store_that_wrote_ahead_writes_its_values_again_after_a_former_owner_s_records() {
+    let broker = broker();
+    let never = CancellationToken::new();
+    let (_a_dir, mut a_store) = restored(&broker);
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(&broker, &mut a_store, entries)
+        .fenced
+        .is_empty());
+    // B restores the partition and claims it, and runs a worker over the store.
+    let b_dir = tempfile::tempdir().expect("dir");
+    let processor = WritesAhead;
+    let factory =
+        StoreFactory::new(&b_dir.path().join(processor.name()), 8 << 20).expect("factory");
+    broker.restore(&factory);
+    drop(factory);
+    let mut config = broker.config.clone();
+    config.state.dir = b_dir.path().to_path_buf();
+    let registry = prometheus::Registry::new();
+    let mut engine = Engine::new(processor, &config, RuntimeMetrics::new(&registry))
+        .expect("engine")
+        .with_changelog(CHANGELOG.into())
+        .with_write_ahead(std::sync::Arc::new(ProducerWriteAhead::new(&config)));
+    // What the restored outbox holds (A's output, whose acknowledgement A never
+    // replicated) goes out with B's first commit.
+    let mut backlog = engine.open(0).expect("open");
+    let reader = ChangelogReader::new(&config).expect("reader");
+    let publisher = Publisher {
+        producer: &broker.producer,
+        gap_reader: &reader,
+        dead_letters: &broker.dead_letters,
+        metrics: &broker.metrics,
+    };
+    let mut step = |engine: &mut Engine<WritesAhead>, offset: i64, input: &str| {
+        let record = Record {
+            topic: INPUT,
+            partition: 0,
+            offset,
+            key: Some(b"k"),
+            payload: input.as_bytes(),
+        };
+        let mut out = std::mem::take(&mut backlog);
+        out.extend(engine.handle(&record).expect("handle"));
+        out.extend(engine.commit().expect("commit"));
+        block_on(engine.publish(out, &publisher, &never, &[])).expect("publish")
+    };
+    // B's first send writes ahead: from now on its changelog offsets interleave with
+    // the write-ahead producer's, and its publishes check the claim watch instead.
+    assert!(step(&mut engine, 10, "w/send-1=at").fenced.is_empty());
+    // A, paused meanwhile, publishes late after B's claim.
+    former_owner_publishes_late(&broker, &mut a_store, 1);
+    // B's next commit makes no provider call; its publish finds A's records.
+    let published = step(&mut engine, 11, "c/9=b9");
+    assert!(published.fenced.is_empty(), "{published:?}");
+    assert_rewritten_after_the_former_owner(&broker, "a1");
+    let (_elsewhere, rebuilt) = looked_at(&broker);
+    assert_eq!(value(&rebuilt, "c/1").as_deref(), Some("a1"));
 }
 
 /// The output of [`former_owner_publishes_late`].
