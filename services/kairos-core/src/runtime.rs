@@ -626,7 +626,6 @@ impl Ctx<'_> {
             .emit(self.pending, topic, key.as_bytes(), encode_internal(value));
     }
 
-    /// Queues an output record already encoded (a record sent on as read).
     /// Emits a dead letter the processor wrote itself (an input it took but could not
     /// carry out), counted by reason with the runtime's own once the batch commits.
     pub fn dead_letter(&mut self, topic: &str, key: &str, letter: &DeadLetter) {
@@ -634,6 +633,7 @@ impl Ctx<'_> {
         self.emit(topic, key, letter);
     }
 
+    /// Queues an output record already encoded (a record sent on as read).
     pub fn emit_encoded(&mut self, topic: &str, key: &str, payload: Vec<u8>) {
         self.store
             .emit(self.pending, topic, key.as_bytes(), payload);
@@ -2007,17 +2007,21 @@ pub async fn write_again(
     gap: &Gap,
 ) -> anyhow::Result<()> {
     let start = store.next_own_changelog_offset();
+    let end_before = store.changelog_end()?;
     let waves = values_again(store, &gap.topic, gap.left_out.clone())?;
     let (count, last) = send_values_again(producer, waves).await?;
     store.note_own_records(count, last)?;
     if start != Some(last + 1 - count as i64) {
-        // Others wrote between these records too (the rest of the former owner's
-        // commit, still arriving): the next look reads from where this one began, and
-        // so does a restore after a crash before that look (the end noted durably
-        // stays before those records, or the store would be taken for current).
+        // Others may have written between these records too (the rest of the former
+        // owner's commit, still arriving; a store that writes ahead cannot tell, its
+        // offsets interleaving with the write-ahead producer's): the next look reads
+        // from where this one began, and so does a restore after a crash before that
+        // look, as the end noted durably stays before those records (or the store
+        // would be taken for current).
         store.skip_changelog_to(start);
-        if let Some(start) = start {
-            store.set_changelog_end(start)?;
+        match start.or(end_before) {
+            Some(end) => store.set_changelog_end(end)?,
+            None => store.forget_changelog_end()?,
         }
     }
     tracing::warn!(

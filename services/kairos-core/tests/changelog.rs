@@ -1239,45 +1239,54 @@ fn a_restore_that_leaves_a_former_owners_records_out_writes_its_values_again_aft
 /// A former owner's record that lands among the values an owner writes again (the
 /// rest of its commit, still arriving) is read again after a restart: the owner's
 /// changelog end stays before it, so the restore does not take the store for current
-/// and leaves the record as its key's last.
+/// and leaves the record as its key's last. Also for a store that wrote ahead, which
+/// cannot tell whether others wrote among its records.
 #[test]
 fn a_former_owner_s_record_among_the_values_written_again_is_read_again_after_a_restart() {
-    let broker = broker();
-    let never = CancellationToken::new();
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
-    let (b_dir, mut b_store) = restored(&broker);
-    former_owner_publishes_late(&broker, &mut a_store, 1);
-    // B's look at its changelog read A's records up to here (as `check_changelog_tail`
-    // does) ...
-    b_store.skip_changelog_to(Some(broker.count(CHANGELOG)));
-    let gap = Gap {
-        partition: 0,
-        topic: CHANGELOG.into(),
-        others: 3,
-        left_out: vec![b"s/c/1".to_vec(), b"s/c/2".to_vec()],
-        ..Gap::default()
-    };
-    // ... and the rest of A's late commit lands before B's values written again.
-    let rest = commit(&mut a_store, &[("c/3", "zombie")], 2, LATE);
-    assert!(broker.publish(rest, &never).iter().all(|o| *o >= 0));
-    block_on(write_again(&broker.producer, &mut b_store, &gap)).expect("write again");
-    assert_rewritten_after_the_former_owner(&broker, "a1");
-    // B is killed before it looks again. Restored in place, it reads past its own end
-    // and writes its value of c/3 (none) after A's record.
-    drop(b_store);
-    let (b_store, stats) = restore_in_place(&broker, b_dir.path());
-    assert_ne!(stats.kind, RestoreKind::Current, "{stats:?}");
-    assert_eq!(value(&b_store, "c/3"), None);
-    let compacted = broker.compacted(CHANGELOG);
-    assert_eq!(
-        compacted.get(b"s/c/3".as_slice()),
-        Some(&Vec::new()),
-        "c/3's last record is not A's"
-    );
+    for writes_ahead in [false, true] {
+        let broker = broker();
+        let never = CancellationToken::new();
+        let (_a_dir, mut a_store) = restored(&broker);
+        let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+        assert!(publish_checked(&broker, &mut a_store, entries)
+            .fenced
+            .is_empty());
+        let (b_dir, mut b_store) = restored(&broker);
+        if writes_ahead {
+            let through = ProducerWriteAhead::new(&broker.config);
+            write_ahead(&broker, &through, &b_store, ("w/send-1", "at"), true)
+                .expect("B's partition");
+        }
+        former_owner_publishes_late(&broker, &mut a_store, 1);
+        // B's look at its changelog read A's records up to here (as
+        // `check_changelog_tail` does) ...
+        b_store.skip_changelog_to(Some(broker.count(CHANGELOG)));
+        let gap = Gap {
+            partition: 0,
+            topic: CHANGELOG.into(),
+            others: 3,
+            left_out: vec![b"s/c/1".to_vec(), b"s/c/2".to_vec()],
+            ..Gap::default()
+        };
+        // ... and the rest of A's late commit lands before B's values written again.
+        let rest = commit(&mut a_store, &[("c/3", "zombie")], 2, LATE);
+        assert!(broker.publish(rest, &never).iter().all(|o| *o >= 0));
+        block_on(write_again(&broker.producer, &mut b_store, &gap)).expect("write again");
+        assert_rewritten_after_the_former_owner(&broker, "a1");
+        // B is killed before it looks again. Restored in place, it reads past its own
+        // end and writes its value of c/3 (none) after A's record.
+        drop(b_store);
+        let (b_store, stats) = restore_in_place(&broker, b_dir.path());
+        let case = format!("writes ahead {writes_ahead}: {stats:?}");
+        assert_ne!(stats.kind, RestoreKind::Current, "{case}");
+        assert_eq!(value(&b_store, "c/3"), None, "{case}");
+        let compacted = broker.compacted(CHANGELOG);
+        assert_eq!(
+            compacted.get(b"s/c/3".as_slice()),
+            Some(&Vec::new()),
+            "c/3's last record is not A's: {case}"
+        );
+    }
 }
 
 #[test]
