@@ -126,6 +126,9 @@ pub struct CustomerLedger {
     /// online one's is the device's, allowed `PURCHASE_CLOCK_SKEW`), so a purchase
     /// read before a trigger or a cascade step ends what it would end read after them.
     pub last_online_purchase_at: Option<Millis>,
+    /// The latest reaction (an open, a click, a purchase) as the row of ignored
+    /// messages was ended by it: a purchase a device dated ahead ends it when read.
+    pub last_reacted_at: Option<Millis>,
 }
 
 /// How a chain step's final decision ended it.
@@ -446,6 +449,7 @@ impl CustomerLedger {
     /// delivered before it were not ignored, and those delivered after it still
     /// count, however late the reaction is reported.
     fn reacted_at(&mut self, at: Millis) {
+        self.last_reacted_at = Some(latest(self.last_reacted_at, at));
         ignored_row::end_row_at(
             &mut self.ignored_in_row,
             &mut self.ignored_deliveries,
@@ -454,15 +458,18 @@ impl CustomerLedger {
         );
     }
 
-    /// The customer's latest reaction the ledger knows of: an open or click on any
-    /// channel, or a purchase.
+    /// The customer's latest reaction, as it ended the row of ignored messages (for a
+    /// ledger from before that was kept: the latest open or click on any channel, or
+    /// purchase).
     fn latest_reaction(&self) -> Option<Millis> {
-        let engaged = self
-            .engagement
-            .iter()
-            .filter_map(|(_, e)| e.engaged_at)
-            .max();
-        engaged.max(self.last_purchase_at)
+        self.last_reacted_at.or_else(|| {
+            let engaged = self
+                .engagement
+                .iter()
+                .filter_map(|(_, e)| e.engaged_at)
+                .max();
+            engaged.max(self.last_purchase_at)
+        })
     }
 
     /// When the main-scenario slot frees unless the chain's last step frees it sooner:
@@ -597,6 +604,7 @@ impl CustomerLedger {
             *mine = (*mine).max(at);
         }
         (self.ignored_in_row, self.ignored_deliveries) = ignored;
+        self.last_reacted_at = reacted_at;
         for (channel, e) in other.engagement {
             let mine = self.engagement.entry(channel).or_default();
             mine.engaged_at = mine.engaged_at.max(e.engaged_at);
@@ -3893,6 +3901,31 @@ mod tests {
                 survivor.ignored_deliveries.as_slice()
             ),
             (3, [30, 40, 50].as_slice())
+        );
+    }
+
+    /// A purchase a device dated ahead ended the row when it was read: a merge (or a
+    /// queued trigger handed over, which comes as a ledger to absorb) keeps the
+    /// deliveries counted after that, not only those after the purchase's own date.
+    #[test]
+    fn a_merge_ends_the_row_where_a_purchase_dated_ahead_ended_it() {
+        let mut survivor = CustomerLedger {
+            last_purchase_at: Some(100),
+            ..CustomerLedger::default()
+        };
+        // Read at 20: the row ends there.
+        survivor.reacted_at(20);
+        for delivered in [30, 40] {
+            survivor.ignored_in_row += 1;
+            survivor.ignored_deliveries.push(delivered);
+        }
+        survivor.absorb(CustomerLedger::default());
+        assert_eq!(
+            (
+                survivor.ignored_in_row,
+                survivor.ignored_deliveries.as_slice()
+            ),
+            (2, [30, 40].as_slice())
         );
     }
 
