@@ -73,6 +73,27 @@ pub fn key_id(raw: &str) -> Result<&str, &'static str> {
     Ok(trimmed)
 }
 
+/// Whether an anonymous or device id is a placeholder that SDKs and tag managers send
+/// for visitors without one ("undefined", "null", the all-zero advertising id of a
+/// device that limits tracking): shared by every such visitor, it would join
+/// strangers into one profile, their contacts and carts together.
+pub fn is_placeholder_id(value: &str) -> bool {
+    const PLACEHOLDERS: [&str; 9] = [
+        "undefined",
+        "null",
+        "nil",
+        "none",
+        "(null)",
+        "unknown",
+        "n/a",
+        "[object object]",
+        "-1",
+    ];
+    let value = value.trim();
+    PLACEHOLDERS.iter().any(|p| value.eq_ignore_ascii_case(p))
+        || (!value.is_empty() && value.chars().all(|c| c == '0' || c == '-'))
+}
+
 /// Normalizes identifiers; phones without a country code are read as numbers of
 /// `default_country`.
 #[derive(Debug, Clone)]
@@ -196,6 +217,24 @@ mod tests {
 
     fn n() -> Normalizer {
         Normalizer::new("RU").unwrap()
+    }
+
+    #[test]
+    fn placeholders_are_told_from_ids() {
+        for placeholder in [
+            "undefined",
+            " NULL ",
+            "(null)",
+            "00000000-0000-0000-0000-000000000000",
+            "0",
+            "[object Object]",
+        ] {
+            assert!(is_placeholder_id(placeholder), "{placeholder:?}");
+        }
+        for id in ["0a1b-2c", "user-0", "10", "nullable-7", "-", ""] {
+            let expected = id == "-";
+            assert_eq!(is_placeholder_id(id), expected, "{id:?}");
+        }
     }
 
     #[test]

@@ -40,6 +40,32 @@ pub fn decode_customer_event(
     clean_key("customer_id", &mut e.customer_id)?;
     clean_key("anonymous_id", &mut e.anonymous_id)?;
     clean_key("device_id", &mut e.device_id)?;
+    // A placeholder id names nobody: taken off, and an event left naming nobody else
+    // is refused with it named.
+    let placeholders: Vec<String> = [
+        ("anonymous_id", &mut e.anonymous_id),
+        ("device_id", &mut e.device_id),
+    ]
+    .into_iter()
+    .filter(|(_, id)| {
+        id.as_deref()
+            .is_some_and(crate::identifiers::is_placeholder_id)
+    })
+    .filter_map(|(field, id)| id.take().map(|v| format!("{field} {v:?}")))
+    .collect();
+    if !placeholders.is_empty()
+        && e.customer_key().is_none()
+        && e.event_type != EventType::heartbeat
+    {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!(
+                "{} is a placeholder that SDKs send for visitors without an id, not an id; \
+                 the event names no one else (customer_id, anonymous_id or device_id)",
+                placeholders.join(" and ")
+            ),
+        ));
+    }
     // A card or phone keys state too (`card:`, `phone:` profiles without identity
     // resolution, identity links with it): a card of a megabyte made records the
     // broker refuses.

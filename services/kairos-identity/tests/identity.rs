@@ -928,6 +928,44 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
 /// An e-mail that reached a known customer only through an untrusted identifier (the
 /// family laptop's cookie) or with an anonymous profile stitched to them was never
 /// presented by them: the person who registers with it takes it, and nobody is merged.
+/// A placeholder device or anonymous id (the all-zero advertising id of a device that
+/// limits tracking, "undefined" from a tag manager) joins nobody: two strangers sending
+/// it with their e-mails stay two profiles, and an event naming no one else is
+/// dead-lettered with the placeholder named.
+#[test]
+fn a_placeholder_device_id_joins_no_strangers() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    let zeros = "00000000-0000-0000-0000-000000000000";
+    for (n, email) in [(1, "a@example.com"), (2, "b@example.com")] {
+        h.event(
+            "events.site",
+            "page_view",
+            t0 + n * MINUTE,
+            json!({"device_id": zeros, "anonymous_id": format!("cookie-{n}"), "email": email}),
+        );
+    }
+    h.advance(t0 + 3 * MINUTE);
+    let (first, second) = (h.resolved("e-1"), h.resolved("e-2"));
+    assert!(first.is_some() && second.is_some(), "{first:?} {second:?}");
+    assert_ne!(first, second, "two visitors, two profiles");
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 4 * MINUTE,
+        json!({"anonymous_id": "undefined"}),
+    );
+    h.advance(t0 + 5 * MINUTE);
+    assert_eq!(h.resolved("e-3"), None);
+    let dead = h.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let reason = dead[0].value["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("anonymous_id \"undefined\" is a placeholder"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     let mut h = Harness::new();
