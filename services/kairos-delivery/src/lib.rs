@@ -1407,6 +1407,25 @@ mod tests {
         Config::from_text(&path, &text, &env).expect("config")
     }
 
+    /// The e-mail worker on the simulator over [`test_config`] in `dir`, in a replayer:
+    /// the config, the metrics registry and the replayer.
+    fn simulated_email_worker(
+        dir: &std::path::Path,
+    ) -> (
+        Config,
+        prometheus::Registry,
+        kairos_core::replay::Replayer<DeliveryProcessor>,
+    ) {
+        let config = test_config(dir, &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")]);
+        let registry = prometheus::Registry::new();
+        let settings = config.delivery[&Channel::email].clone();
+        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
+            .expect("processor");
+        let replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        (config, registry, replayer)
+    }
+
     /// [`test_config`] with the e-mail worker on SMTP to a port nobody listens on.
     fn smtp_to_nowhere(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
         let mut settings = vec![
@@ -2278,16 +2297,7 @@ mod tests {
     fn withdrawn_consent_stops_a_waiting_send() {
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")],
-        );
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let mut replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let (config, registry, mut replayer) = simulated_email_worker(dir.path());
         let t0 = 20_000 * DAY;
         let (sends, outcomes, actions) = (
             config.send_topic(Channel::email),
@@ -2494,16 +2504,7 @@ mod tests {
         use kairos_core::contracts::DeadLetter;
         use kairos_core::time::DAY;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = test_config(
-            dir.path(),
-            &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")],
-        );
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let mut replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let (config, registry, mut replayer) = simulated_email_worker(dir.path());
         let (sends, outcomes) = (
             config.send_topic(Channel::email),
             config.topic(topics::OUTCOMES),
