@@ -449,7 +449,10 @@ impl CustomerLedger {
     /// delivered before it were not ignored, and those delivered after it still
     /// count, however late the reaction is reported.
     fn reacted_at(&mut self, at: Millis) {
-        self.last_reacted_at = Some(latest(self.last_reacted_at, at));
+        // A ledger from before this field starts from its latest open or click (not its
+        // purchase, which a device may have dated ahead of when it ended the row).
+        let known = self.last_reacted_at.or_else(|| self.latest_engagement());
+        self.last_reacted_at = Some(latest(known, at));
         ignored_row::end_row_at(
             &mut self.ignored_in_row,
             &mut self.ignored_deliveries,
@@ -462,14 +465,15 @@ impl CustomerLedger {
     /// ledger from before that was kept: the latest open or click on any channel, or
     /// purchase).
     fn latest_reaction(&self) -> Option<Millis> {
-        self.last_reacted_at.or_else(|| {
-            let engaged = self
-                .engagement
-                .iter()
-                .filter_map(|(_, e)| e.engaged_at)
-                .max();
-            engaged.max(self.last_purchase_at)
-        })
+        (self.last_reacted_at).or_else(|| self.latest_engagement().max(self.last_purchase_at))
+    }
+
+    /// The latest open or click on any channel.
+    fn latest_engagement(&self) -> Option<Millis> {
+        self.engagement
+            .iter()
+            .filter_map(|(_, e)| e.engaged_at)
+            .max()
     }
 
     /// When the main-scenario slot frees unless the chain's last step frees it sooner:
@@ -3927,6 +3931,22 @@ mod tests {
             ),
             (2, [30, 40].as_slice())
         );
+    }
+
+    /// A ledger kept before its last reaction was: a reaction reported late after the
+    /// upgrade does not move the latest one back to it.
+    #[test]
+    fn a_late_reaction_keeps_the_later_one_a_ledger_knew_before() {
+        let mut ledger = CustomerLedger::default();
+        ledger.engagement.insert(
+            Channel::email,
+            ChannelEngagement {
+                engaged_at: Some(500),
+                ..ChannelEngagement::default()
+            },
+        );
+        ledger.reacted_at(100);
+        assert_eq!(ledger.latest_reaction(), Some(500));
     }
 
     /// `pause_after_purchase = "0s"` turns the pause off, also after a purchase a

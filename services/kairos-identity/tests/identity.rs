@@ -925,9 +925,6 @@ fn untrusted_identifiers_do_not_merge_known_customers() {
     assert_eq!(h.profile("c-51").orders, 0);
 }
 
-/// An e-mail that reached a known customer only through an untrusted identifier (the
-/// family laptop's cookie) or with an anonymous profile stitched to them was never
-/// presented by them: the person who registers with it takes it, and nobody is merged.
 /// A placeholder device or anonymous id (the all-zero advertising id of a device that
 /// limits tracking, "undefined" from a tag manager) joins nobody: two strangers sending
 /// it with their e-mails stay two profiles, and an event naming no one else is
@@ -966,6 +963,9 @@ fn a_placeholder_device_id_joins_no_strangers() {
     );
 }
 
+/// An e-mail that reached a known customer only through an untrusted identifier (the
+/// family laptop's cookie) or with an anonymous profile stitched to them was never
+/// presented by them: the person who registers with it takes it, and nobody is merged.
 #[test]
 fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     let mut h = Harness::new();

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use kairos_core::config::{topics, Config};
 use kairos_core::contracts::profile_key;
+use kairos_core::identifiers::is_placeholder_id;
 use kairos_core::store::OutboxEntry;
 use kairos_profile::pipeline::Pipeline;
 
@@ -143,9 +144,16 @@ pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
     } else if p.event_type.is_none() && p.product_id.is_some() {
         (topics::CATALOG, p.product_id)
     } else {
+        // As decoding takes a placeholder id off the event (the key the profile uses).
         let others = [
-            ("anon:", p.anonymous_id.as_deref()),
-            ("device:", p.device_id.as_deref()),
+            (
+                "anon:",
+                (p.anonymous_id.as_deref()).filter(|v| !is_placeholder_id(v)),
+            ),
+            (
+                "device:",
+                (p.device_id.as_deref()).filter(|v| !is_placeholder_id(v)),
+            ),
         ];
         let key = profile_key(customer, others).map(Cow::Owned);
         (topics::SITE_EVENTS, key)
@@ -401,6 +409,13 @@ mod tests {
             "anon:a"
         );
         assert_eq!(key(&format!(r#"{site},"device_id":"d"}}"#)), "device:d");
+        assert_eq!(
+            key(&format!(
+                r#"{site},"anonymous_id":"undefined","device_id":"d"}}"#
+            )),
+            "device:d",
+            "a placeholder id is no key"
+        );
         let receipt = r#"{"receipt_id":"r","event_id":"e","occurred_at":1"#;
         assert_eq!(
             key(&format!(r#"{receipt},"loyalty_card":"LC1","phone":"1"}}"#)),
