@@ -2045,7 +2045,21 @@ pub async fn check_changelog_tail(
     store: &mut PartitionStore,
     changelog: &str,
 ) -> anyhow::Result<Option<Gap>> {
-    let Some(own) = OwnSpan::of(store) else {
+    // A store that writes ahead cannot count its offsets: it looks from where its
+    // claim watch has checked.
+    let watched = store.watches_claims();
+    let span = match (OwnSpan::of(store), store.epoch) {
+        (Some(own), _) => Some(own),
+        (None, Some(epoch)) if watched => {
+            (store.claim_watch().checked_through()).map(|c| OwnSpan {
+                next: c + 1,
+                writer: store.writer.clone(),
+                epoch,
+            })
+        }
+        _ => None,
+    };
+    let Some(own) = span else {
         return Ok(None);
     };
     let (next, partition) = (own.next, store.partition);
@@ -2076,6 +2090,10 @@ pub async fn check_changelog_tail(
             store.skip_changelog_to(Some(next));
             return Err(e);
         }
+    }
+    if watched {
+        // Read, and no claim among them: the next check looks after them.
+        store.claim_watch().checked_to(high - 1);
     }
     Ok(Some(gap))
 }

@@ -738,6 +738,11 @@ impl ClaimWatch {
         (checked < offset).then_some(checked + 1..offset)
     }
 
+    /// Up to where every record is the store's own or was read (see the field).
+    pub fn checked_through(&self) -> Option<i64> {
+        self.checked_through
+    }
+
     /// Notes that the records up to `offset` were read and hold no other instance's
     /// claim.
     pub fn checked_to(&mut self, offset: i64) {

@@ -1436,6 +1436,44 @@ fn a_store_that_wrote_ahead_writes_its_values_again_after_a_former_owner_s_recor
     assert_eq!(value(&rebuilt, "c/1").as_deref(), Some("a1"));
 }
 
+/// A store that wrote ahead and has no traffic finds a former owner's records in its
+/// periodic look at the changelog, as other stores do, and writes its values again
+/// after them; the look after that reads nothing.
+#[test]
+fn a_store_that_wrote_ahead_with_nothing_to_publish_finds_a_former_owner_s_records() {
+    let broker = broker();
+    let reader = ChangelogReader::new(&broker.config).expect("reader");
+    let (_a_dir, mut a_store) = restored(&broker);
+    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(&broker, &mut a_store, entries)
+        .fenced
+        .is_empty());
+    let (_b_dir, mut b_store) = restored(&broker);
+    let through = ProducerWriteAhead::new(&broker.config);
+    write_ahead(&broker, &through, &b_store, ("w/send-1", "at"), true).expect("B's partition");
+    former_owner_publishes_late(&broker, &mut a_store, 1);
+    let look = |store: &mut PartitionStore| {
+        block_on(check_changelog_tail(
+            &reader,
+            &broker.producer,
+            store,
+            CHANGELOG,
+        ))
+        .expect("check")
+    };
+    let gap = look(&mut b_store).expect("A's records");
+    assert!(!gap.claimed && !gap.left_out.is_empty(), "{gap:?}");
+    assert_rewritten_after_the_former_owner(&broker, "a1");
+    // Its own values written again are all that follows: nothing claims, nothing is
+    // left out.
+    let next = look(&mut b_store);
+    assert!(
+        next.as_ref()
+            .is_none_or(|g| !g.claimed && g.left_out.is_empty()),
+        "{next:?}"
+    );
+}
+
 /// The output of [`former_owner_publishes_late`].
 const LATE: &str = "the former owner's late output";
 
