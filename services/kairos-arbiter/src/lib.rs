@@ -468,6 +468,15 @@ impl CustomerLedger {
         (self.last_reacted_at).or_else(|| self.latest_engagement().max(self.last_purchase_at))
     }
 
+    /// The purchases read that may end a trigger or a cascade: the latest of any kind,
+    /// and the latest online one (`true`), which the device's clock may have dated up
+    /// to `PURCHASE_CLOCK_SKEW` before what it checked out.
+    fn purchases_read(&self) -> impl Iterator<Item = (Millis, bool)> {
+        let any = self.last_purchase_at.map(|b| (b, false));
+        let online = self.last_online_purchase_at.map(|b| (b, true));
+        [any, online].into_iter().flatten()
+    }
+
     /// The latest open or click on any channel.
     fn latest_engagement(&self) -> Option<Millis> {
         self.engagement
@@ -1354,11 +1363,8 @@ impl ArbiterProcessor {
         (scenario, step): (&str, i32),
         cause: Millis,
     ) -> Option<Millis> {
-        let any = ledger.last_purchase_at.map(|b| (b, false));
-        let online = ledger.last_online_purchase_at.map(|b| (b, true));
-        [any, online]
-            .into_iter()
-            .flatten()
+        ledger
+            .purchases_read()
             .find(|bought| self.purchase_ends_allowing_skew((scenario, step), cause, *bought))
             .map(|(b, _)| b)
     }
@@ -2085,14 +2091,14 @@ impl ArbiterProcessor {
         if t.category == MessageCategory::transactional {
             return None;
         }
-        let any = ledger.last_purchase_at.map(|b| (b, b));
-        let online =
-            (ledger.last_online_purchase_at).map(|b| (b, b.saturating_add(PURCHASE_CLOCK_SKEW)));
-        [any, online]
-            .into_iter()
-            .flatten()
-            .find(|(bought, answers_until)| {
-                cause <= *answers_until && !self.caused_by_purchase(c, Some(*bought))
+        ledger
+            .purchases_read()
+            .find(|(bought, online)| {
+                let answers_until = match online {
+                    true => bought.saturating_add(PURCHASE_CLOCK_SKEW),
+                    false => *bought,
+                };
+                cause <= answers_until && !self.caused_by_purchase(c, Some(*bought))
             })
             .map(|(bought, _)| bought)
     }

@@ -1179,11 +1179,7 @@ fn an_owner_that_runs_on_after_its_partition_was_claimed_is_fenced_and_left_out(
 #[test]
 fn a_claim_that_did_not_land_at_the_end_it_restored_fences_no_one() {
     let broker = broker();
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
+    let (_a_dir, mut a_store) = owner_of_c1(&broker);
     // Another instance claims as if the changelog had ended at 0: someone (A) wrote
     // between its restore and its claim, so the claim is not valid, and it would
     // restore again before writing anything.
@@ -1216,11 +1212,7 @@ fn a_claim_that_did_not_land_at_the_end_it_restored_fences_no_one() {
 #[test]
 fn a_restore_that_leaves_a_former_owners_records_out_writes_its_values_again_after_them() {
     let broker = broker();
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
+    let (_a_dir, mut a_store) = owner_of_c1(&broker);
     // B claims the partition and writes nothing; A, paused meanwhile, publishes late.
     let (_b_dir, _b_store) = restored(&broker);
     former_owner_publishes_late(&broker, &mut a_store, 1);
@@ -1246,11 +1238,7 @@ fn a_former_owner_s_record_among_the_values_written_again_is_read_again_after_a_
     for writes_ahead in [false, true] {
         let broker = broker();
         let never = CancellationToken::new();
-        let (_a_dir, mut a_store) = restored(&broker);
-        let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-        assert!(publish_checked(&broker, &mut a_store, entries)
-            .fenced
-            .is_empty());
+        let (_a_dir, mut a_store) = owner_of_c1(&broker);
         let (b_dir, mut b_store) = restored(&broker);
         if writes_ahead {
             let through = ProducerWriteAhead::new(&broker.config);
@@ -1293,11 +1281,7 @@ fn a_former_owner_s_record_among_the_values_written_again_is_read_again_after_a_
 fn an_owner_with_nothing_to_publish_finds_a_former_owners_records_in_its_changelog() {
     let broker = broker();
     let reader = ChangelogReader::new(&broker.config).expect("reader");
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
+    let (_a_dir, mut a_store) = owner_of_c1(&broker);
     let (_b_dir, mut b_store) = restored(&broker);
     // Nothing lies after B's claim yet.
     let found = block_on(check_changelog_tail(
@@ -1381,11 +1365,7 @@ impl Processor for WritesAhead {
 fn a_store_that_wrote_ahead_writes_its_values_again_after_a_former_owner_s_records() {
     let broker = broker();
     let never = CancellationToken::new();
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
+    let (_a_dir, mut a_store) = owner_of_c1(&broker);
     // B restores the partition and claims it, and runs a worker over the store.
     let b_dir = tempfile::tempdir().expect("dir");
     let processor = WritesAhead;
@@ -1443,11 +1423,7 @@ fn a_store_that_wrote_ahead_writes_its_values_again_after_a_former_owner_s_recor
 fn a_store_that_wrote_ahead_with_nothing_to_publish_finds_a_former_owner_s_records() {
     let broker = broker();
     let reader = ChangelogReader::new(&broker.config).expect("reader");
-    let (_a_dir, mut a_store) = restored(&broker);
-    let entries = commit(&mut a_store, &[("c/1", "a1")], 0, "a's output");
-    assert!(publish_checked(&broker, &mut a_store, entries)
-        .fenced
-        .is_empty());
+    let (_a_dir, mut a_store) = owner_of_c1(&broker);
     let (_b_dir, mut b_store) = restored(&broker);
     let through = ProducerWriteAhead::new(&broker.config);
     write_ahead(&broker, &through, &b_store, ("w/send-1", "at"), true).expect("B's partition");
@@ -1472,6 +1448,16 @@ fn a_store_that_wrote_ahead_with_nothing_to_publish_finds_a_former_owner_s_recor
             .is_none_or(|g| !g.claimed && g.left_out.is_empty()),
         "{next:?}"
     );
+}
+
+/// An owner A of the partition that has published one commit, `c/1 = a1`.
+fn owner_of_c1(broker: &Broker) -> (tempfile::TempDir, PartitionStore) {
+    let (dir, mut store) = restored(broker);
+    let entries = commit(&mut store, &[("c/1", "a1")], 0, "a's output");
+    assert!(publish_checked(broker, &mut store, entries)
+        .fenced
+        .is_empty());
+    (dir, store)
 }
 
 /// The output of [`former_owner_publishes_late`].

@@ -891,11 +891,8 @@ impl DeliveryProcessor {
                     "retries_exhausted: {} attempts, last error: {e}",
                     self.settings.retry.max_attempts
                 );
-                self.dead_letter(ctx, input, &reason, now);
+                self.give_up(ctx, input, &reason, now)?;
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now);
-                // Nothing went out: the command re-produced from the dead-letter topic
-                // (once the provider is fixed) is sent, not skipped as a copy.
-                self.sends_seen.forget(ctx, &cmd.send_id)?;
             }
         }
         self.forget_attempt(ctx, &cmd.send_id);
@@ -942,6 +939,20 @@ impl DeliveryProcessor {
             self.forget_attempt(ctx, &cmd.send_id);
         }
         Ok(kind)
+    }
+
+    /// Gives a send that went nowhere up to the dead-letter topic with `reason` and
+    /// frees its send id: the command re-produced from there (once the provider or
+    /// the template is fixed) is sent, not skipped as a copy.
+    fn give_up(
+        &self,
+        ctx: &mut Ctx<'_>,
+        input: &SendInput,
+        reason: &str,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        self.dead_letter(ctx, input, reason, now);
+        self.sends_seen.forget(ctx, &input.command.send_id)
     }
 
     fn dead_letter(&self, ctx: &mut Ctx<'_>, input: &SendInput, reason: &str, now: Millis) {
@@ -1246,8 +1257,7 @@ impl Processor for DeliveryProcessor {
             Err(reason) => {
                 tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
                 if self.end_without_call(ctx, cmd, &send, reason.clone())? == OutcomeKind::failed {
-                    self.dead_letter(ctx, &input, &reason, now);
-                    self.sends_seen.forget(ctx, &cmd.send_id)?;
+                    self.give_up(ctx, &input, &reason, now)?;
                 }
                 return Ok(());
             }
