@@ -174,6 +174,10 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
 #[test]
 fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // The killed `kairos up`'s services become this process's children, not init's:
+    // their process groups then keep a parent in this session, so they are not orphaned
+    // and the held one is not hung up on (SIGHUP, then SIGCONT) as `kairos up` dies.
+    nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut up, lines) = start_up(dir.path());
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -191,11 +195,6 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect();
-    up.kill().expect("kill kairos up");
-    let _ = up.wait();
-    // Its services got SIGTERM as it died and are stopping: one is held stopped now,
-    // so the check below does not race its exit. (Stopped before, it would have been
-    // hung up on as its process group was orphaned, and ended.)
     let state = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
@@ -203,11 +202,13 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
             .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
             .unwrap_or_default()
     };
+    // One service is held stopped before `kairos up` dies: the SIGTERM its death sends
+    // waits until the service is let go.
     let held = children
         .iter()
         .find_map(|&pid| {
             kill(Pid::from_raw(pid), Signal::SIGSTOP).ok()?;
-            let deadline = Instant::now() + Duration::from_secs(1);
+            let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 match state(pid) {
                     s if s.starts_with('T') => return Some(Pid::from_raw(pid)),
@@ -217,7 +218,14 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
             }
             None
         })
-        .expect("a service of the killed kairos up still stopping");
+        .expect("a running service of kairos up to hold");
+    up.kill().expect("kill kairos up");
+    let _ = up.wait();
+    assert!(
+        state(held.as_raw()).starts_with('T'),
+        "the held service ran on as kairos up died: {}",
+        state(held.as_raw())
+    );
     let mut second = up_command(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -265,4 +273,17 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The services exit as this process's children: reaped, so none is left a zombie
+    // (and none left running).
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for child in children.iter().map(|&pid| Pid::from_raw(pid)) {
+        while let Ok(WaitStatus::StillAlive) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            if Instant::now() > deadline {
+                let _ = kill(child, Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    nix::sys::prctl::set_child_subreaper(false).expect("stop being a child subreaper");
 }
