@@ -17,8 +17,9 @@
 //! deduplicates. The answer is 202 only once the broker has the outcomes, so a provider
 //! retries what did not make it. An event the worker cannot take goes to the
 //! dead-letter topic with its bytes and the reason, and the answer lists it (`{"accepted":
-//! n, "rejected": [{"event": i, "reason": ...}]}`); the others count. 422 when none
-//! could be taken, 400 for a body that is no event at all, 413 for one of more than
+//! n, "rejected": [{"event": i, "reason": ...}]}`); the others count. Still 202 when none
+//! could be taken (a provider retries any other answer, and a rejected event stays
+//! rejected: it is kept, for a re-drive once fixed), 400 for a body that is no event at all, 413 for one of more than
 //! [`MAX_EVENTS_PER_REQUEST`] events (dead-lettered whole, in parts if it is too large
 //! for one letter) or of more than [`MAX_BODY_BYTES`] (not kept). Requests are handled
 //! a few at a time, the token checked before a request waits for its turn and the body
@@ -371,11 +372,10 @@ async fn receive(State(state): State<Arc<WebhookState>>, body: Bytes) -> (Status
             .inc();
     }
     count_dead_letters(&state, DeadLetterReason::invalid_field, rejected.len());
+    // 202 even when every event was rejected: each is kept in the dead-letter topic, and
+    // providers retry any other answer (for a day or more), which would only
+    // dead-letter the same events again.
     let answer = serde_json::json!({"accepted": accepted, "rejected": rejected}).to_string();
-    if accepted == 0 && !rejected.is_empty() {
-        // Nothing taken: the provider is told plainly (its events are dead-lettered).
-        return (StatusCode::UNPROCESSABLE_ENTITY, answer);
-    }
     (StatusCode::ACCEPTED, answer)
 }
 
