@@ -914,6 +914,20 @@ pub struct CustomerMerge {
     pub occurred_at: i64,
 }
 
+/// A trusted identifier (an e-mail, a phone) that came to customer `from` without
+/// `from` presenting it (typed on their shared laptop by someone not logged in, or
+/// brought by an anonymous profile stitched to them) was presented by `to`, whose it is
+/// now: `from`'s profile stops using it as an address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentifierMoved {
+    pub move_id: String,
+    pub from: String,
+    pub to: String,
+    /// `email:ann@example.com`, normalized.
+    pub identifier: String,
+    pub occurred_at: i64,
+}
+
 /// A record of the internal topic `identified-events`, keyed by the customer it
 /// belongs to.
 #[allow(non_camel_case_types)]
@@ -925,6 +939,8 @@ pub enum IdentifiedRecord {
     offline(Box<OfflineReceipt>),
     /// Keyed by `from`: its profile moves to `into`.
     merge(CustomerMerge),
+    /// Keyed by `from`: an identifier of `from`'s moved to `to` (see [`IdentifierMoved`]).
+    identifier_moved(IdentifierMoved),
     /// Keyed by `into`, ahead of the event that caused the merge: the survivor holds its
     /// triggers until the profile of `from` is in.
     merge_expected(CustomerMerge),

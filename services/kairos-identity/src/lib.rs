@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use kairos_core::config::{topics, Config, SurvivorRule};
 use kairos_core::contracts::{
-    CustomerEvent, CustomerMerge, DeadLetterReason, EventType, IdentifiedRecord, IdentityChange,
-    IdentityChangeKind, OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
+    CustomerEvent, CustomerMerge, DeadLetterReason, EventType, IdentifiedRecord, IdentifierMoved,
+    IdentityChange, IdentityChangeKind, OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::identifiers::{Identifier, IdentifierKind, InvalidIdentifier, Normalizer};
@@ -725,6 +725,20 @@ impl IdentityProcessor {
                 // takes it; nobody is merged. Without a presenter (an event that names
                 // nobody) it stays.
                 if claimant.is_some() && self.move_link(ctx, id, link, &owner, &target)? {
+                    // Its former owner's profile may hold it as an address (the wife's
+                    // e-mail as the husband's): told after that profile's earlier events.
+                    let moved = IdentifierMoved {
+                        move_id: deterministic_id(&["identifier_moved", &id.to_string(), &target]),
+                        from: owner.clone(),
+                        to: target.clone(),
+                        identifier: id.to_string(),
+                        occurred_at: at,
+                    };
+                    ctx.emit(
+                        &self.identified_topic,
+                        &owner,
+                        &IdentifiedRecord::identifier_moved(moved),
+                    );
                     self.report_conflict(ctx, "moved", id, owner, &target, at);
                 }
             } else if !both_known || self.merge_on.contains(&id.kind) {

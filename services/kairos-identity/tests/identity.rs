@@ -1001,6 +1001,14 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
         t0 + 3 * HOUR,
         json!({"customer_id": "c-63", "anonymous_id": "tablet"}),
     );
+    // Meanwhile the husbands' profiles took the e-mails as their addresses (nothing
+    // better is known of who was at the keyboard).
+    h.advance(t0 + 3 * HOUR + MINUTE);
+    assert_eq!(h.profile("c-61").email.as_deref(), Some("wife@example.com"));
+    assert_eq!(
+        h.profile("c-63").email.as_deref(),
+        Some("wife2@example.com")
+    );
     // Both wives register with their e-mails.
     for (customer, email, hours) in [
         ("c-62", "wife@example.com", 4),
@@ -1033,6 +1041,20 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
             ("email:wife2@example.com".to_string(), "c-64".to_string()),
         ]
     );
+    // The e-mails are the wives' now: no longer the husbands' addresses, and the
+    // arbiter is told so (a message waiting for a husband does not go to his wife).
+    for (husband, wife) in [("c-61", "c-62"), ("c-63", "c-64")] {
+        assert_eq!(h.profile(husband).email, None, "{husband}");
+        assert!(h.profile(wife).email.is_some(), "{wife}");
+        let told = h
+            .of_topic("customer-actions")
+            .into_iter()
+            .rev()
+            .find(|o| o.key == husband && o.value["kind"] == "contacts_changed")
+            .map(|o| o.value["contacts"].clone());
+        let told = told.unwrap_or_else(|| panic!("{husband}'s contacts change told"));
+        assert_eq!(told["email"], Value::Null, "{husband}: {told}");
+    }
     // The e-mails are the wives' now: an anonymous visit with one goes to her.
     assert_eq!(
         h.page_view_resolves_to("phone-1", "wife@example.com", t0 + 7 * HOUR),

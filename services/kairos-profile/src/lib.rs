@@ -15,9 +15,9 @@ use kairos_core::config::{
 use kairos_core::contracts::is_reserved_customer_id;
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, CustomerEvent, CustomerMerge, EventType,
-    IdentifiedRecord, InterestKind, LineItem, OfflineReceipt, OrderStatus, Outcome, OutcomeKind,
-    Product, ProductInterest, ProductOccasion, ProductOccasionKind, ReceiptKind, SegmentKind,
-    SegmentTransition, Trigger,
+    IdentifiedRecord, IdentifierMoved, InterestKind, LineItem, OfflineReceipt, OrderStatus,
+    Outcome, OutcomeKind, Product, ProductInterest, ProductOccasion, ProductOccasionKind,
+    ReceiptKind, SegmentKind, SegmentTransition, Trigger,
 };
 use kairos_core::encoding::{decode_internal, Rejection, SchemaRegistry};
 use kairos_core::ids::deterministic_id;
@@ -54,6 +54,8 @@ pub enum ProfileInput {
     MergeIn(Box<MergeIn>),
     /// A merge into this customer is under way (see `IdentifiedRecord::merge_expected`).
     MergeExpected(CustomerMerge),
+    /// An identifier of this customer's moved to the customer who presented it.
+    IdentifierMoved(IdentifierMoved),
     /// A record of the identified topic that is another service's (feedback's touches
     /// and waiting purchases).
     Ignored,
@@ -1081,19 +1083,13 @@ impl ProfileProcessor {
             if !outcome_concerns_profile(o) {
                 return Ok(());
             }
-            if let (Some(survivor), Some(topic)) = (
-                ctx.get::<String>(&forward_key(&o.customer_id))?,
-                &self.identified_topic,
-            ) {
-                let forwarded = Outcome {
-                    customer_id: survivor.clone(),
+            let forwarded = self.send_on_to_survivor(ctx, &o.customer_id, |survivor| {
+                IdentifiedRecord::outcome(Box::new(Outcome {
+                    customer_id: survivor.to_string(),
                     ..o.clone()
-                };
-                ctx.emit(
-                    topic,
-                    &survivor,
-                    &IdentifiedRecord::outcome(Box::new(forwarded)),
-                );
+                }))
+            })?;
+            if forwarded {
                 self.metrics.outcomes_forwarded.inc();
             }
             return Ok(());
@@ -1107,6 +1103,52 @@ impl ProfileProcessor {
             p.apply_outcome(o);
         } else {
             self.metrics.duplicates.inc();
+        }
+        self.put(ctx, p)?;
+        Ok(())
+    }
+
+    /// Sends `record` (made for the survivor) on to the customer that `merged`, merged
+    /// away, became, while its forwarding record lasts; returns whether it did.
+    fn send_on_to_survivor(
+        &self,
+        ctx: &mut Ctx<'_>,
+        merged: &str,
+        record: impl FnOnce(&str) -> IdentifiedRecord,
+    ) -> anyhow::Result<bool> {
+        let (Some(survivor), Some(topic)) = (
+            ctx.get::<String>(&forward_key(merged))?,
+            &self.identified_topic,
+        ) else {
+            return Ok(false);
+        };
+        ctx.emit(topic, &survivor, &record(&survivor));
+        Ok(true)
+    }
+
+    /// An e-mail or phone the identity processor moved from this customer to the one
+    /// who presented it stops being this customer's address, and the arbiter is told
+    /// (`contacts_changed`), so a message waiting there does not go to it either. A
+    /// customer merged away since hands the move to the survivor, which holds the
+    /// address now.
+    fn release_identifier(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        moved: &IdentifierMoved,
+    ) -> anyhow::Result<()> {
+        let Some(mut p) = self.take(ctx, &moved.from)? else {
+            self.send_on_to_survivor(ctx, &moved.from, |survivor| {
+                IdentifiedRecord::identifier_moved(IdentifierMoved {
+                    from: survivor.to_string(),
+                    ..moved.clone()
+                })
+            })?;
+            return Ok(());
+        };
+        let before = addresses(&p).map(|a| a.map(str::to_owned));
+        if p.release_identifier(&moved.identifier) {
+            tracing::info!(customer = %moved.from, identifier = %moved.identifier, holder = %moved.to, "an address moved to the customer who presented it");
+            self.tell_contacts_changed(ctx, &p, &before, &moved.move_id)?;
         }
         self.put(ctx, p)?;
         Ok(())
@@ -3374,6 +3416,7 @@ impl Processor for ProfileProcessor {
                 IdentifiedRecord::offline(r) => ProfileInput::Receipt(r),
                 IdentifiedRecord::merge(m) => ProfileInput::MergeOut(m),
                 IdentifiedRecord::merge_expected(m) => ProfileInput::MergeExpected(m),
+                IdentifiedRecord::identifier_moved(m) => ProfileInput::IdentifierMoved(m),
                 IdentifiedRecord::outcome(o) => ProfileInput::Outcome(o),
                 IdentifiedRecord::touches_in { .. } | IdentifiedRecord::purchase_in { .. } => {
                     ProfileInput::Ignored
@@ -3448,6 +3491,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Outcome(o) => o.occurred_at,
             ProfileInput::MergeOut(m) | ProfileInput::MergeExpected(m) => m.occurred_at,
             ProfileInput::MergeIn(m) => m.merge.occurred_at,
+            ProfileInput::IdentifierMoved(m) => m.occurred_at,
             ProfileInput::Ignored => return None,
         })
     }
@@ -3480,6 +3524,7 @@ impl Processor for ProfileProcessor {
             ProfileInput::Outcome(o) => self.apply_outcome(ctx, &o),
             ProfileInput::MergeOut(m) => self.merge_out(ctx, &m),
             ProfileInput::MergeIn(m) => self.merge_in(ctx, *m),
+            ProfileInput::IdentifierMoved(m) => self.release_identifier(ctx, &m),
             ProfileInput::MergeExpected(m) => {
                 if let Some(survivor) = ctx.get::<String>(&forward_key(&m.into))? {
                     // Merged away since: the customer it became waits instead.

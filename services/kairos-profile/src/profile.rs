@@ -1211,6 +1211,24 @@ impl CustomerProfile {
         }
     }
 
+    /// An identifier that came to this customer without them presenting it moved to the
+    /// customer who did (`identifier` as `email:ann@example.com`, normalized as this
+    /// profile's addresses are): the e-mail or phone it names is not this customer's
+    /// address. Returns whether it was.
+    pub fn release_identifier(&mut self, identifier: &str) -> bool {
+        let (value, address) = match identifier.split_once(':') {
+            Some(("email", value)) => (value, &mut self.email),
+            Some(("phone", value)) => (value, &mut self.phone),
+            _ => return false,
+        };
+        if address.as_deref() != Some(value) {
+            // Replaced since by an address of the customer's own.
+            return false;
+        }
+        *address = None;
+        true
+    }
+
     /// Clears `attribute` as stated at `at`, unless a later statement of it is known.
     fn clear(&mut self, attribute: ProfileField, at: Millis) {
         let (code, slot) = match attribute {
@@ -2077,6 +2095,26 @@ mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
     use kairos_core::time::{DAY, HOUR};
+
+    /// A moved identifier takes the address it names, and only that one: an address
+    /// the customer stated since stays, and a card is no address.
+    #[test]
+    fn a_moved_identifier_releases_only_the_address_it_names() {
+        let mut p = CustomerProfile::new("c-1", 0);
+        p.email = Some("wife@example.com".into());
+        p.phone = Some("+4915111112222".into());
+        assert!(!p.release_identifier("email:husband@example.com"));
+        assert!(!p.release_identifier("loyalty_card:123"));
+        assert!(!p.release_identifier("phone:+4915111113333"));
+        assert_eq!(p.email.as_deref(), Some("wife@example.com"));
+        assert_eq!(p.phone.as_deref(), Some("+4915111112222"));
+        assert!(p.release_identifier("email:wife@example.com"));
+        assert_eq!(p.email, None);
+        assert_eq!(p.phone.as_deref(), Some("+4915111112222"));
+        assert!(p.release_identifier("phone:+4915111112222"));
+        assert_eq!(p.phone, None);
+        assert!(!p.release_identifier("phone:+4915111112222"), "once");
+    }
 
     #[test]
     fn a_bounce_stored_with_a_unicode_domain_still_bars_its_ascii_spelling() {

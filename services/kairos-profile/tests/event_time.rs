@@ -4485,6 +4485,46 @@ impl Harness {
     }
 }
 
+/// An e-mail moved from a customer (to the customer who presented it) is no longer
+/// that customer's address; one merged away since hands the move to its survivor,
+/// which holds the address now.
+#[test]
+fn an_identifier_moved_from_a_customer_merged_away_is_released_by_the_survivor() {
+    let t = at(T0);
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "im-1", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "c-h",
+        "profile": {"email": "wife@example.com", "phone": "+4915100000001"}}));
+    h.identified_site(json!({"event_id": "im-2", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-s", "page_url": "/"}));
+    h.merge("im-m", "c-h", "c-s", t + HOUR);
+    let survivor = |h: &Harness| h.pipeline.profile("c-s").expect("read").expect("c-s");
+    assert_eq!(survivor(&h).email.as_deref(), Some("wife@example.com"));
+    let moved = |id: &str, identifier: &str| {
+        json!({"kind": "identifier_moved", "record": {"move_id": id, "from": "c-h",
+            "to": "c-w", "identifier": identifier, "occurred_at": t + 2 * HOUR}})
+    };
+    h.feed(
+        "identified-events",
+        "c-h",
+        moved("im-mv", "email:wife@example.com"),
+    );
+    let forwarded = h
+        .on("identified-events")
+        .find(|r| r.value["kind"] == "identifier_moved" && r.key == "c-s")
+        .map(|r| r.value.clone())
+        .expect("the move is sent on to the survivor");
+    assert_eq!(forwarded["record"]["from"], "c-s");
+    h.feed("identified-events", "c-s", forwarded);
+    let s = survivor(&h);
+    assert_eq!(s.email, None);
+    assert_eq!(
+        s.phone.as_deref(),
+        Some("+4915100000001"),
+        "not the moved identifier"
+    );
+}
+
 /// Y merged into X, then X into Z: Z's triggers name Y too. The arbiter may get Y's
 /// ledger after X's (they come from different partitions), and must wait for it
 /// before it decides for Z.
