@@ -192,6 +192,11 @@ pub struct Cascade {
     /// versions, which any purchase stops.
     #[serde(default)]
     pub cause_occurred_at: Option<Millis>,
+    /// Only while the cascade travels to the survivor of a merge (see
+    /// `hand_over_cascades`): when its next step is due and its trigger, which its timer
+    /// held.
+    #[serde(default)]
+    pub handed_over: Option<(Millis, Box<Trigger>)>,
 }
 
 /// A running chain with the customer's attention until its last step is due.
@@ -273,6 +278,49 @@ const MERGE_PENDING: &str = "merge_pending";
 const FORGOTTEN: &str = "forgotten";
 
 /// The state key of a customer's ledger.
+/// Makes trigger `t`, handed over by a customer merged into `customer_id` (queued or
+/// cascading), this customer's: named after it and timed by its zone (as the merged
+/// profile keeps it: the merged customer's, noted by a trigger fired after the
+/// survivor's last one, would time this and the survivor's own waiting messages by
+/// another clock), and remembered as decided. False, and nothing changed, if this
+/// ledger knows it already (the merge record sent again, by another path): one trigger
+/// id, one final decision, here as everywhere.
+fn adopt_handed_over(
+    ledger: &mut CustomerLedger,
+    trigger_id: &str,
+    t: &mut Trigger,
+    customer_id: &str,
+    now: Millis,
+) -> bool {
+    let h = kairos_core::ids::stable_hash(trigger_id);
+    let known = ledger.queued.contains_key(trigger_id)
+        || ledger.cascades.contains_key(trigger_id)
+        || !remember_trigger(ledger, h, t.valid_until, now);
+    if known {
+        return false;
+    }
+    t.customer_id = customer_id.to_string();
+    if let Some((_, Some(zone))) = &ledger.zone {
+        t.contacts.time_zone = Some(zone.to_string());
+    }
+    true
+}
+
+/// The trigger timer `timer` holds and when it is due; `Err` saying what is wrong with
+/// it when it is gone or does not decode. A failing store is an error of its own: no
+/// answer about the trigger.
+fn timer_trigger(
+    ctx: &Ctx<'_>,
+    timer: &str,
+) -> anyhow::Result<Result<(Millis, Box<Trigger>), String>> {
+    match ctx.timer_payload::<Trigger>(timer) {
+        Ok(Some((due, t))) => Ok(Ok((due, Box::new(t)))),
+        Ok(None) => Ok(Err("had no timer".to_string())),
+        Err(e) if e.downcast_ref::<kairos_core::store::StoreError>().is_some() => Err(e),
+        Err(e) => Ok(Err(format!("does not decode: {e:#}"))),
+    }
+}
+
 fn ledger_key(customer_id: &str) -> String {
     ["c/", customer_id].concat()
 }
@@ -2303,12 +2351,25 @@ impl ArbiterProcessor {
                 // profile does not start these again (the person had them), so
                 // cancelling them here would lose them.
                 let handed_over = self.hand_over_queue(ctx, ledger, &a.customer_id, &into)?;
-                // A cascade's first message went out; its follow-ups stop here.
+                // So do the cascades: the person the first message went to gets the
+                // next step (an order's status its SMS fallback). One whose timer is
+                // gone stops here.
+                let cascades = self.hand_over_cascades(ctx, ledger, &into)?;
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, (None, false), None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
                 for (trigger_id, q) in handed_over {
                     self.send_carrier(ctx, &a.customer_id, &into, at, trigger_id, q)?;
+                }
+                for (trigger_id, c) in cascades {
+                    let cause = deterministic_id(&[&trigger_id, "cascade"]);
+                    let mut cascades = SmallMap::default();
+                    cascades.insert(trigger_id, c);
+                    let carrier = CustomerLedger {
+                        cascades,
+                        ..CustomerLedger::default()
+                    };
+                    self.send_ledger(ctx, &cause, &a.customer_id, &into, at, &carrier)?;
                 }
                 // Only the forwarding note, the addresses (for late bounces), the
                 // triggers decided (a redelivered one is still a duplicate) and the
@@ -2361,6 +2422,7 @@ impl ArbiterProcessor {
                     return Ok(true);
                 }
                 let handed_over = std::mem::take(&mut merged.queued);
+                let cascades = std::mem::take(&mut merged.cascades);
                 ledger.absorb(merged);
                 // After the ids it brings along: the direct merge, which the
                 // profile names in this customer's triggers, is the newest.
@@ -2369,6 +2431,7 @@ impl ArbiterProcessor {
                 }
                 let from = a.merged_from.as_deref().unwrap_or("a merged customer");
                 self.take_over_queue(ctx, ledger, &a.customer_id, from, handed_over)?;
+                self.take_over_cascades(ctx, ledger, &a.customer_id, from, cascades)?;
             }
             CustomerActionKind::visit => {
                 ledger.last_active_at = Some(latest(ledger.last_active_at, at));
@@ -2573,15 +2636,7 @@ impl ArbiterProcessor {
             let timer = ["defer/", trigger_id.as_str()].concat();
             let unusable = match q.trigger.take() {
                 Some(t) => Ok(t),
-                None => match ctx.timer_payload::<Trigger>(&timer) {
-                    Ok(Some((_, t))) => Ok(Box::new(t)),
-                    Ok(None) => Err("had no timer".to_string()),
-                    // The store failing is no answer about the trigger: stop here.
-                    Err(e) if e.downcast_ref::<kairos_core::store::StoreError>().is_some() => {
-                        return Err(e)
-                    }
-                    Err(e) => Err(format!("does not decode: {e:#}")),
-                },
+                None => timer_trigger(ctx, &timer)?.map(|(_, t)| t),
             };
             let trigger = match unusable {
                 Ok(t) => t,
@@ -2599,6 +2654,88 @@ impl ArbiterProcessor {
             handed_over.push((trigger_id, q));
         }
         Ok(handed_over)
+    }
+
+    /// Takes the cascades of a customer merged into `into` out of its ledger, each with
+    /// its trigger and the time of its next step (read from its timer, which is
+    /// cancelled), for the survivor to go on with (see `take_over_cascades`). One
+    /// without a readable timer stays, for `stop_all_cascades` to stop.
+    fn hand_over_cascades(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        into: &str,
+    ) -> anyhow::Result<Vec<(String, Cascade)>> {
+        let ids: Vec<String> = ledger.cascades.iter().map(|(id, _)| id.clone()).collect();
+        let mut handed_over = Vec::with_capacity(ids.len());
+        for trigger_id in ids {
+            let timer = ["cascade/", trigger_id.as_str()].concat();
+            let (due, t) = match timer_trigger(ctx, &timer)? {
+                Ok(found) => found,
+                Err(what) => {
+                    tracing::warn!(trigger = %trigger_id, "a cascade's timer {what}; the merge stops the cascade");
+                    continue;
+                }
+            };
+            let Some(mut c) = ledger.cascades.remove(&trigger_id) else {
+                continue;
+            };
+            ctx.cancel(&timer)?;
+            self.record_decision(
+                ctx,
+                &Subject::of(&t),
+                deterministic_id(&[&trigger_id, "cascade_handed_over", into]),
+                (DecisionOutcome::deferred, None, None),
+                "merged",
+                format!(
+                    "the customer was merged into {into}, whose arbiter goes on with the cascade (next step due at {due})"
+                ),
+            );
+            c.handed_over = Some((due, t));
+            handed_over.push((trigger_id, c));
+        }
+        Ok(handed_over)
+    }
+
+    /// The cascades a merged customer's ledger brought (see `hand_over_cascades`) go on
+    /// as this customer's: each next step is due when it would have been (at once if
+    /// that passed), and decided then through every rule, against this ledger. One
+    /// this ledger knows already is left out.
+    fn take_over_cascades(
+        &self,
+        ctx: &mut Ctx<'_>,
+        ledger: &mut CustomerLedger,
+        customer_id: &str,
+        from: &str,
+        cascades: SmallMap<String, Cascade>,
+    ) -> anyhow::Result<()> {
+        let now = ctx.now();
+        for (trigger_id, mut c) in cascades {
+            let Some((due, mut t)) = c.handed_over.take() else {
+                continue;
+            };
+            if !adopt_handed_over(ledger, &trigger_id, &mut t, customer_id, now) {
+                continue;
+            }
+            let next = due.max(now);
+            ctx.schedule(
+                &["cascade/", trigger_id.as_str()].concat(),
+                next,
+                t.as_ref(),
+            )?;
+            self.record_decision(
+                ctx,
+                &Subject::of(&t),
+                deterministic_id(&[&trigger_id, "cascade_taken_over", customer_id]),
+                (DecisionOutcome::deferred, None, None),
+                "merged",
+                format!(
+                    "cascade taken over from {from}, merged into this customer; next step at {next}"
+                ),
+            );
+            ledger.cascades.insert(trigger_id, c);
+        }
+        Ok(())
     }
 
     /// Records that the merged customer's trigger `t` went to `into` to be decided.
@@ -2658,21 +2795,8 @@ impl ArbiterProcessor {
                 );
                 continue;
             };
-            // Taken over before (the merge record sent again, by another path): one
-            // trigger id, one final decision, here as everywhere.
-            let h = kairos_core::ids::stable_hash(&trigger_id);
-            let known = ledger.queued.contains_key(&trigger_id)
-                || ledger.cascades.contains_key(&trigger_id)
-                || !remember_trigger(ledger, h, t.valid_until, now);
-            if known {
+            if !adopt_handed_over(ledger, &trigger_id, &mut t, customer_id, now) {
                 continue;
-            }
-            t.customer_id = customer_id.to_string();
-            // The survivor's time zone, as the merged profile keeps it: the merged
-            // customer's, noted by a trigger fired after the survivor's last one, would
-            // time this and the survivor's own waiting messages by another clock.
-            if let Some((_, Some(zone))) = &ledger.zone {
-                t.contacts.time_zone = Some(zone.to_string());
             }
             // One waiting for the merged customer's main-scenario slot, which is gone,
             // is decided at once: this customer's own slot holds it again if need be.
@@ -3538,6 +3662,7 @@ impl ArbiterProcessor {
                         channels: vec![c],
                         send_ids: vec![id.clone()],
                         cause_occurred_at: Some(t.cause_occurred_at),
+                        handed_over: None,
                     },
                 );
                 let check_at = self.outside_quiet_hours(now + ms(wait), &t);

@@ -1,9 +1,10 @@
 //! Cascades in event time: e-mail, then push if there is no reaction within an hour,
-//! then SMS four hours later; an open, a click or a purchase stops the rest.
+//! then SMS four hours later; an open, a click or a purchase stops the rest. A merge
+//! hands a cascade on to the survivor.
 
 mod common;
 
-use common::{Arbiter, T0};
+use common::{merged_into, Arbiter, T0};
 use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
@@ -14,6 +15,28 @@ fn cascade_trigger(a: &Arbiter, id: &str, at: i64) -> Trigger {
     t.contacts.consented_channels = vec![Channel::email, Channel::push, Channel::sms];
     t.valid_until = at + DAY;
     t
+}
+
+/// An arbiter whose order notices fall back from e-mail to SMS after an hour without
+/// an open, and has sent notice `o1` by e-mail at `T0`.
+fn order_notice_sent_by_email() -> Arbiter {
+    let order_status = r#"
+[[scenarios]]
+name = "order_status"
+kind = "order_update"
+category = "transactional"
+statuses = ["placed"]
+channels = ["email", "sms"]
+template = "order_status"
+cascade = ["1h"]
+"#;
+    let mut a = Arbiter::from_text(&format!("{}\n{order_status}", common::CONFIG));
+    let mut notice = a.trigger_of("o1", "order_status", MessageCategory::transactional, T0);
+    notice.channels = vec![Channel::email, Channel::sms];
+    notice.contacts.phone = Some("+4915112345678".into());
+    notice.contacts.consented_channels = vec![Channel::email, Channel::sms];
+    assert_eq!(a.push_trigger(&notice).channel, Some(Channel::email));
+    a
 }
 
 fn channels(a: &Arbiter) -> Vec<Channel> {
@@ -88,22 +111,7 @@ fn a_purchase_stops_the_cascade_after_the_push() {
 /// order (read after the notice) ends the marketing cascade, not the notice's.
 #[test]
 fn a_purchase_stops_a_marketing_cascade_but_not_a_transactional_one() {
-    let order_status = r#"
-[[scenarios]]
-name = "order_status"
-kind = "order_update"
-category = "transactional"
-statuses = ["placed"]
-channels = ["email", "sms"]
-template = "order_status"
-cascade = ["1h"]
-"#;
-    let mut a = Arbiter::from_text(&format!("{}\n{order_status}", common::CONFIG));
-    let mut notice = a.trigger_of("o1", "order_status", MessageCategory::transactional, T0);
-    notice.channels = vec![Channel::email, Channel::sms];
-    notice.contacts.phone = Some("+4915112345678".into());
-    notice.contacts.consented_channels = vec![Channel::email, Channel::sms];
-    assert_eq!(a.push_trigger(&notice).channel, Some(Channel::email));
+    let mut a = order_notice_sent_by_email();
     let cart = cascade_trigger(&a, "k9", T0 + MINUTE);
     assert_eq!(a.push_trigger(&cart).outcome, DecisionOutcome::sent);
     a.purchase("buy", T0 + 2 * MINUTE);
@@ -121,6 +129,85 @@ cascade = ["1h"]
             ("order_status", Channel::sms),
         ]
     );
+}
+
+/// Delivers what the arbiter sent on to survivors (merged ledgers, handed-over queue
+/// entries and cascades, forwarded outcomes), `times` over (an outbox sent again
+/// after a crash).
+fn deliver_to_survivors(a: &mut Arbiter, times: usize) {
+    let records = std::mem::take(&mut a.actions);
+    for _ in 0..times {
+        for r in &records {
+            a.push("customer-actions", &r.customer_id.clone(), r);
+        }
+    }
+}
+
+/// A guest's order notice went out by e-mail; the guest registers (merged into the
+/// customer) before the hour without an open is over: the SMS fallback still goes,
+/// once, to the survivor, when it was due.
+#[test]
+fn a_merge_hands_a_cascade_on_to_the_survivor_whose_next_step_goes_when_due() {
+    let mut a = order_notice_sent_by_email();
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", T0 + 10 * MINUTE),
+    );
+    deliver_to_survivors(&mut a, 2);
+    a.advance_to(T0 + HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email], "not before it is due");
+    a.advance_to(T0 + 6 * HOUR);
+    let sent: Vec<(&str, Channel, &str)> = a
+        .sends
+        .iter()
+        .map(|s| (s.trigger_id.as_str(), s.channel, s.customer_id.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [("o1", Channel::email, "c1"), ("o1", Channel::sms, "z")]
+    );
+    assert_eq!(a.sends[1].created_at, T0 + HOUR);
+    let steps: Vec<(DecisionOutcome, &str, &str)> = a
+        .decisions_of("o1")
+        .iter()
+        .map(|d| (d.outcome, d.rule.as_str(), d.customer_id.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (DecisionOutcome::sent, "channel_choice", "c1"),
+            (DecisionOutcome::deferred, "merged", "c1"),
+            (DecisionOutcome::deferred, "merged", "z"),
+            (DecisionOutcome::sent, "cascade", "z"),
+        ]
+    );
+}
+
+/// An open of the first message, reported for the merged customer after the merge,
+/// reaches the survivor and stops the cascade it took over.
+#[test]
+fn an_open_after_a_merge_stops_the_cascade_the_survivor_took_over() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k20", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", T0 + 10 * MINUTE),
+    );
+    deliver_to_survivors(&mut a, 1);
+    a.outcome(&email, OutcomeKind::opened, T0 + 30 * MINUTE);
+    deliver_to_survivors(&mut a, 1);
+    a.advance_to(T0 + 6 * HOUR);
+    assert_eq!(channels(&a), [Channel::email], "no push, no SMS");
+    let stop = *a.decisions_of("k20").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str(), stop.customer_id.as_str()),
+        (DecisionOutcome::cancelled, "cascade", "z")
+    );
+    assert!(stop.reason.contains("opened"), "{}", stop.reason);
 }
 
 #[test]

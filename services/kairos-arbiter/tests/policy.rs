@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{at, Arbiter, T0};
+use common::{at, merged_into, Arbiter, T0};
 use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
 use kairos_core::time::{DAY, HOUR, MINUTE, SECOND};
 
@@ -1269,19 +1269,6 @@ fn a_chain_of_merges_reaches_the_survivor_when_the_absorbed_ledger_comes_first()
 }
 
 /// The merge of `from` into `into` at `at`, as the identity processor reports it.
-fn merged_into(from: &str, into: &str, at: i64) -> kairos_core::contracts::CustomerAction {
-    use kairos_core::contracts::{CustomerAction, CustomerActionKind};
-    CustomerAction {
-        merged_into: Some(into.into()),
-        ..CustomerAction::new(
-            format!("merged-{from}"),
-            from.into(),
-            CustomerActionKind::merged,
-            at,
-        )
-    }
-}
-
 #[test]
 fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
     use kairos_core::contracts::{CustomerAction, Outcome};

@@ -119,6 +119,19 @@ fn open(
     (config, registry, replayer)
 }
 
+/// `from` merged into `into` at `at`, as the profile tells the arbiter.
+pub fn merged_into(from: &str, into: &str, at: i64) -> CustomerAction {
+    CustomerAction {
+        merged_into: Some(into.into()),
+        ..CustomerAction::new(
+            format!("merged-{from}"),
+            from.into(),
+            CustomerActionKind::merged,
+            at,
+        )
+    }
+}
+
 /// 2026-01-05T09:00:00Z, a Monday.
 pub const T0: i64 = 1_767_603_600_000;
 
