@@ -277,7 +277,6 @@ const MERGE_PENDING: &str = "merge_pending";
 /// The rule of what a forgotten (anonymous, expired) customer still had waiting.
 const FORGOTTEN: &str = "forgotten";
 
-/// The state key of a customer's ledger.
 /// Makes trigger `t`, handed over by a customer merged into `customer_id` (queued or
 /// cascading), this customer's: named after it and timed by its zone (as the merged
 /// profile keeps it: the merged customer's, noted by a trigger fired after the
@@ -321,6 +320,7 @@ fn timer_trigger(
     }
 }
 
+/// The state key of a customer's ledger.
 fn ledger_key(customer_id: &str) -> String {
     ["c/", customer_id].concat()
 }
@@ -1005,24 +1005,8 @@ impl ArbiterProcessor {
                 format!("the customer bought at {bought}, {when}"),
             );
         }
-        // Strictly later: a visit at the cause time is the last visit that caused the
-        // trigger (the profile reports one per day), not a return.
-        if let Some(active) = ledger
-            .last_active_at
-            .filter(|v| *v > t.cause_occurred_at && self.is_reactivation(&t.scenario))
-        {
-            return Verdict::no(
-                DecisionOutcome::cancelled,
-                "became_active",
-                format!("the customer came back at {active}, after the trigger's cause"),
-            );
-        }
-        if let Some((segment, left)) = self.segment_left_since(ledger, t) {
-            return Verdict::no(
-                DecisionOutcome::cancelled,
-                "left_segment",
-                format!("the customer left {segment} at {left}, after the trigger's cause"),
-            );
+        if let Some((rule, why)) = self.returned_or_left_since(ledger, t) {
+            return Verdict::no(DecisionOutcome::cancelled, rule, why);
         }
         let marketing = t.category != MessageCategory::transactional;
         let a = &self.config.arbiter;
@@ -1347,6 +1331,27 @@ impl ArbiterProcessor {
 
     /// The segment a `segment_entered` trigger was for, with when the customer left
     /// it, if that was after the trigger's cause.
+    /// The rule and reason that end `t` because the customer came back (a reactivation)
+    /// or left the segment it targets after its cause, as read in `ledger`.
+    fn returned_or_left_since(
+        &self,
+        ledger: &CustomerLedger,
+        t: &Trigger,
+    ) -> Option<(&'static str, String)> {
+        // Strictly later: a visit at the cause time is the last visit that caused the
+        // trigger (the profile reports one per day), not a return.
+        if let Some(active) = ledger
+            .last_active_at
+            .filter(|v| *v > t.cause_occurred_at && self.is_reactivation(&t.scenario))
+        {
+            let why = format!("the customer came back at {active}, after the trigger's cause");
+            return Some(("became_active", why));
+        }
+        let (segment, left) = self.segment_left_since(ledger, t)?;
+        let why = format!("the customer left {segment} at {left}, after the trigger's cause");
+        Some(("left_segment", why))
+    }
+
     fn segment_left_since(&self, ledger: &CustomerLedger, t: &Trigger) -> Option<(&str, Millis)> {
         let scenario = self.config.scenario(&t.scenario)?;
         if scenario.kind != ScenarioKind::SegmentEntered {
@@ -2638,7 +2643,7 @@ impl ArbiterProcessor {
                 Some(t) => Ok(t),
                 None => timer_trigger(ctx, &timer)?.map(|(_, t)| t),
             };
-            let trigger = match unusable {
+            let mut trigger = match unusable {
                 Ok(t) => t,
                 Err(what) => {
                     let why =
@@ -2649,6 +2654,8 @@ impl ArbiterProcessor {
             };
             ctx.cancel(&timer)?;
             ledger.queued.remove(&trigger_id);
+            // As a cascade's (see `hand_over_cascades`).
+            ledger.settle_zone(&mut trigger);
             self.record_handed_over(ctx, &trigger, into);
             q.trigger = Some(trigger);
             handed_over.push((trigger_id, q));
@@ -2670,7 +2677,7 @@ impl ArbiterProcessor {
         let mut handed_over = Vec::with_capacity(ids.len());
         for trigger_id in ids {
             let timer = ["cascade/", trigger_id.as_str()].concat();
-            let (due, t) = match timer_trigger(ctx, &timer)? {
+            let (due, mut t) = match timer_trigger(ctx, &timer)? {
                 Ok(found) => found,
                 Err(what) => {
                     tracing::warn!(trigger = %trigger_id, "a cascade's timer {what}; the merge stops the cascade");
@@ -2681,6 +2688,9 @@ impl ArbiterProcessor {
                 continue;
             };
             ctx.cancel(&timer)?;
+            // With the addresses this customer's profile told of after it fired (an
+            // address released since): the survivor's ledger keeps its own note only.
+            ledger.settle_zone(&mut t);
             self.record_decision(
                 ctx,
                 &Subject::of(&t),
@@ -3122,6 +3132,13 @@ impl ArbiterProcessor {
                 "cascade",
                 format!("the customer bought at {at}"),
             );
+            return Ok(true);
+        }
+        // So does a return (a reactivation) or a segment exit read before the cascade
+        // came to this ledger: handed over in a merge, it comes behind the survivor's
+        // own actions.
+        if let Some((rule, why)) = self.returned_or_left_since(ledger, &t) {
+            self.record_cascade_stop(ctx, &subject, &cascade, rule, why);
             return Ok(true);
         }
         // A complaint about any message ends all promo, the rest of a cascade too.

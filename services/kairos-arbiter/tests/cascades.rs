@@ -5,7 +5,10 @@
 mod common;
 
 use common::{merged_into, Arbiter, T0};
-use kairos_core::contracts::{Channel, DecisionOutcome, MessageCategory, OutcomeKind, Trigger};
+use kairos_core::contracts::{
+    Channel, Contacts, CustomerAction, CustomerActionKind, DecisionOutcome, MessageCategory,
+    OutcomeKind, Trigger,
+};
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
 fn cascade_trigger(a: &Arbiter, id: &str, at: i64) -> Trigger {
@@ -133,14 +136,15 @@ fn a_purchase_stops_a_marketing_cascade_but_not_a_transactional_one() {
 
 /// Delivers what the arbiter sent on to survivors (merged ledgers, handed-over queue
 /// entries and cascades, forwarded outcomes), `times` over (an outbox sent again
-/// after a crash).
-fn deliver_to_survivors(a: &mut Arbiter, times: usize) {
+/// after a crash); returns them.
+fn deliver_to_survivors(a: &mut Arbiter, times: usize) -> Vec<CustomerAction> {
     let records = std::mem::take(&mut a.actions);
     for _ in 0..times {
         for r in &records {
             a.push("customer-actions", &r.customer_id.clone(), r);
         }
     }
+    records
 }
 
 /// A guest's order notice went out by e-mail; the guest registers (merged into the
@@ -154,7 +158,20 @@ fn a_merge_hands_a_cascade_on_to_the_survivor_whose_next_step_goes_when_due() {
         "c1",
         &merged_into("c1", "z", T0 + 10 * MINUTE),
     );
-    deliver_to_survivors(&mut a, 2);
+    let records = deliver_to_survivors(&mut a, 2);
+    // The cascade's carrier once more under another id (sent on along a chain of
+    // merges after a crash): the survivor knows the cascade.
+    let mut again = records
+        .iter()
+        .find(|r| {
+            r.state
+                .as_deref()
+                .is_some_and(|s| s.contains("handed_over"))
+        })
+        .cloned()
+        .expect("the cascade's carrier");
+    again.action_id = "forwarded-again".into();
+    a.push("customer-actions", "z", &again);
     a.advance_to(T0 + HOUR - 1);
     assert_eq!(channels(&a), [Channel::email], "not before it is due");
     a.advance_to(T0 + 6 * HOUR);
@@ -208,6 +225,72 @@ fn an_open_after_a_merge_stops_the_cascade_the_survivor_took_over() {
         (DecisionOutcome::cancelled, "cascade", "z")
     );
     assert!(stop.reason.contains("opened"), "{}", stop.reason);
+}
+
+/// The merged customer's profile told of a new address after the cascade began (an
+/// address released, a new one given): the survivor's step goes to it, not to the one
+/// the trigger carried.
+#[test]
+fn a_handed_over_cascade_goes_to_the_address_the_merged_customer_changed_to() {
+    let mut a = Arbiter::new();
+    let t = cascade_trigger(&a, "k21", T0);
+    a.push_trigger(&t);
+    let changed = Contacts {
+        push_token: Some("token-new".into()),
+        phone: t.contacts.phone.clone(),
+        consented_channels: t.contacts.consented_channels.clone(),
+        ..Contacts::default()
+    };
+    a.contacts_changed("cc1", changed, T0 + 5 * MINUTE);
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", T0 + 10 * MINUTE),
+    );
+    deliver_to_survivors(&mut a, 1);
+    a.advance_to(T0 + HOUR);
+    let push = a.last_send();
+    assert_eq!(
+        (
+            push.channel,
+            push.customer_id.as_str(),
+            push.address.as_deref()
+        ),
+        (Channel::push, "z", Some("token-new"))
+    );
+}
+
+/// The survivor read the customer's exit from the segment before the merged
+/// customer's cascade reached it (its carrier comes behind the survivor's own
+/// actions): the cascade stops at its next step, as it would have there.
+#[test]
+fn a_segment_exit_the_survivor_read_before_the_handed_over_cascade_stops_it() {
+    let mut a = Arbiter::with_scenarios(common::WIN_BACK);
+    let t = a.trigger_of("wb3", "win_back", MessageCategory::trigger, T0);
+    assert_eq!(a.push_trigger(&t).channel, Some(Channel::email));
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", T0 + 10 * MINUTE),
+    );
+    let left = CustomerAction {
+        segment: Some("At Risk".into()),
+        ..CustomerAction::new(
+            "left-z".into(),
+            "z".into(),
+            CustomerActionKind::left_segment,
+            T0 + 20 * MINUTE,
+        )
+    };
+    a.push("customer-actions", "z", &left);
+    deliver_to_survivors(&mut a, 1);
+    a.advance_to(T0 + 2 * HOUR);
+    assert_eq!(channels(&a), [Channel::email], "no push");
+    let stop = *a.decisions_of("wb3").last().expect("a stop decision");
+    assert_eq!(
+        (stop.outcome, stop.rule.as_str(), stop.customer_id.as_str()),
+        (DecisionOutcome::cancelled, "left_segment", "z")
+    );
 }
 
 #[test]

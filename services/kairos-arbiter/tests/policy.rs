@@ -1268,7 +1268,6 @@ fn a_chain_of_merges_reaches_the_survivor_when_the_absorbed_ledger_comes_first()
     a_chain_of_merges_brings_every_ledger_to_the_survivor(false);
 }
 
-/// The merge of `from` into `into` at `at`, as the identity processor reports it.
 #[test]
 fn a_trigger_queued_for_a_merged_customer_is_decided_once_for_the_survivor() {
     use kairos_core::contracts::{CustomerAction, Outcome};

@@ -230,6 +230,12 @@ pub struct CustomerProfile {
     /// cancelled order was the latest purchase, the recency falls back to it too.
     #[serde(default)]
     pub last_unkeyed_purchase_at: Option<Millis>,
+    /// Addresses moved from this customer to the customer who presented them (see
+    /// [`CustomerProfile::release_identifier`]; `email:…`), the latest few: a merged
+    /// profile still on its way (an anonymous one stitched to this customer before the
+    /// move) does not bring one back.
+    #[serde(default)]
+    pub released_addresses: Vec<String>,
 }
 
 /// Whose statement decides a channel's consent when two profiles merge.
@@ -456,6 +462,26 @@ pub mod field {
     pub const LAST_NAME: u8 = 7;
     pub const PUSH_TOKEN: u8 = 8;
     pub const MESSENGER_ID: u8 = 9;
+}
+
+/// Addresses moved away kept per customer (see `released_addresses`).
+const MAX_RELEASED_ADDRESSES: usize = 8;
+
+/// Notes `moved` among the addresses moved away, once, the latest few.
+fn note_released(released: &mut Vec<String>, moved: String) {
+    if !released.contains(&moved) {
+        if released.len() >= MAX_RELEASED_ADDRESSES {
+            released.remove(0);
+        }
+        released.push(moved);
+    }
+}
+
+/// Whether two stored addresses are one: an e-mail stored before domains were
+/// normalized may be the other's in its Unicode spelling, or in another case.
+fn same_contact(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    a.eq_ignore_ascii_case(b) || kairos_core::identifiers::same_address(a, b)
 }
 
 /// Records that `field` was stated at `at`; false (and nothing recorded) when a later
@@ -796,14 +822,10 @@ impl CustomerProfile {
         // Whose word on a channel's consent counts: the one whose address the
         // survivor keeps (below, its own if it has one).
         let speaks_for = |channel: Channel| -> ConsentSpeaker {
-            // An e-mail stored before domains were normalized may be the other's
-            // address in its Unicode spelling.
-            let same = |a: &String, b: &String| {
-                let (a, b) = (a.trim(), b.trim());
-                a.eq_ignore_ascii_case(b) || kairos_core::identifiers::same_address(a, b)
-            };
             match (self.address(channel), other.address(channel)) {
-                (Some(mine), Some(theirs)) if !same(mine, theirs) => ConsentSpeaker::Survivor,
+                (Some(mine), Some(theirs)) if !same_contact(mine, theirs) => {
+                    ConsentSpeaker::Survivor
+                }
                 (Some(_), None) => ConsentSpeaker::AddressOf(Side::Survivor),
                 (None, Some(_)) => ConsentSpeaker::AddressOf(Side::Merged),
                 _ => ConsentSpeaker::Later,
@@ -828,6 +850,12 @@ impl CustomerProfile {
                 .get(&code)
                 .is_some_and(|cleared| theirs_at.get(&code).is_none_or(|t| t <= cleared))
         };
+        // Not an address moved away from the survivor (its move read before this merge).
+        let their_email = other.email.filter(|e| !self.released("email", e));
+        let their_phone = other.phone.filter(|p| !self.released("phone", p));
+        for moved in other.released_addresses {
+            note_released(&mut self.released_addresses, moved);
+        }
         // The fields whose value came from the other: they take its statement's time.
         let mut taken: Vec<u8> = Vec::new();
         let mut keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
@@ -838,8 +866,8 @@ impl CustomerProfile {
         };
         keep(field::FIRST_NAME, &mut self.first_name, other.first_name);
         keep(field::LAST_NAME, &mut self.last_name, other.last_name);
-        keep(field::EMAIL, &mut self.email, other.email);
-        keep(field::PHONE, &mut self.phone, other.phone);
+        keep(field::EMAIL, &mut self.email, their_email);
+        keep(field::PHONE, &mut self.phone, their_phone);
         keep(field::PUSH_TOKEN, &mut self.push_token, other.push_token);
         keep(
             field::MESSENGER_ID,
@@ -1221,12 +1249,23 @@ impl CustomerProfile {
             Some(("phone", value)) => (value, &mut self.phone),
             _ => return false,
         };
-        if address.as_deref() != Some(value) {
-            // Replaced since by an address of the customer's own.
-            return false;
+        // Replaced since by an address of the customer's own, it stays.
+        let held = address.as_ref().is_some_and(|a| same_contact(a, value));
+        if held {
+            *address = None;
         }
-        *address = None;
-        true
+        note_released(&mut self.released_addresses, identifier.to_string());
+        held
+    }
+
+    /// Whether the `kind` (`email`, `phone`) address `value` moved away from this
+    /// customer (see [`CustomerProfile::release_identifier`]).
+    fn released(&self, kind: &str, value: &str) -> bool {
+        self.released_addresses.iter().any(|moved| {
+            moved
+                .split_once(':')
+                .is_some_and(|(k, address)| k == kind && same_contact(address, value))
+        })
     }
 
     /// Clears `attribute` as stated at `at`, unless a later statement of it is known.
@@ -2114,6 +2153,10 @@ mod tests {
         assert!(p.release_identifier("phone:+4915111112222"));
         assert_eq!(p.phone, None);
         assert!(!p.release_identifier("phone:+4915111112222"), "once");
+        // An e-mail stored in its Unicode spelling, before domains were normalized.
+        p.email = Some("anna@Bücher.de".into());
+        assert!(p.release_identifier("email:anna@xn--bcher-kva.de"));
+        assert_eq!(p.email, None);
     }
 
     #[test]

@@ -4525,6 +4525,32 @@ fn an_identifier_moved_from_a_customer_merged_away_is_released_by_the_survivor()
     );
 }
 
+/// The move of an e-mail can come before the merge that brings it (the tablet's
+/// anonymous profile, stitched to the husband, carries the wife's e-mail; the merged
+/// profile travels from another partition): the merge does not bring it back.
+#[test]
+fn an_address_moved_before_the_merge_that_brings_it_stays_out() {
+    let t = at(T0);
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "ib-1", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-h", "page_url": "/"}));
+    h.identified_site(json!({"event_id": "ib-2", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "anon:tablet",
+        "profile": {"email": "wife2@example.com"}}));
+    h.merge_expected(&merge_record("ib-m", "anon:tablet", "c-h", t + HOUR));
+    h.feed(
+        "identified-events",
+        "c-h",
+        json!({"kind": "identifier_moved", "record": {"move_id": "ib-mv", "from": "c-h",
+            "to": "c-w", "identifier": "email:wife2@example.com",
+            "occurred_at": t + 2 * HOUR}}),
+    );
+    h.merge("ib-m", "anon:tablet", "c-h", t + HOUR);
+    let p = h.pipeline.profile("c-h").expect("read").expect("c-h");
+    assert_eq!(p.merged_from, ["anon:tablet"]);
+    assert_eq!(p.email, None);
+}
+
 /// Y merged into X, then X into Z: Z's triggers name Y too. The arbiter may get Y's
 /// ledger after X's (they come from different partitions), and must wait for it
 /// before it decides for Z.
