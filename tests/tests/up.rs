@@ -46,8 +46,8 @@ fn up_command(dir: &Path) -> Command {
 }
 
 /// Starts `kairos up` in `dir` on a copy of the shipped configuration (each service on
-/// a free admin port), and the lines it writes (stdout and stderr).
-fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
+/// a free admin port), with `more_args`, and the lines it writes (stdout and stderr).
+fn start_up(dir: &Path, more_args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
     copy_dir(&repo_root().join("config"), &dir.join("config"));
     // The shipped configuration's admin ports are those of a `make run` that may be
     // going on this machine: each service gets a free one instead.
@@ -67,6 +67,7 @@ fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
         .collect();
     std::fs::write(&config_file, own_ports.join("\n") + "\n").expect("config");
     let mut up = up_command(dir)
+        .args(more_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -94,7 +95,7 @@ fn start_up(dir: &Path) -> (std::process::Child, mpsc::Receiver<String>) {
 fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut up, lines) = start_up(dir.path());
+    let (mut up, lines) = start_up(dir.path(), &[]);
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     // Until a summary counts a message sent (the loop fails the test otherwise).
@@ -179,7 +180,8 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
     // and the held one is not hung up on (SIGHUP, then SIGCONT) as `kairos up` dies.
     nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut up, lines) = start_up(dir.path());
+    // Its services log in the format it was given.
+    let (mut up, lines) = start_up(dir.path(), &["--log-format", "json"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.contains("services started")) {
@@ -187,6 +189,20 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|_| panic!("the services did not start:\n{}", seen.join("\n")));
         seen.push(line);
+    }
+    // Some services have logged (in JSON, checked at the end) before `kairos up` dies:
+    // one killed before it installed its logging would have left nothing to check.
+    const LOGGED: [&str; 3] = ["profile", "arbiter", "deliver-email"];
+    let logged = |service: &str| {
+        std::fs::read_to_string(dir.path().join(format!("var/log/{service}.log")))
+            .is_ok_and(|log| log.lines().count() > 1)
+    };
+    while !LOGGED.iter().all(|s| logged(s)) {
+        assert!(
+            Instant::now() < deadline,
+            "the services did not log in time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let up_pid = up.id();
     let children: Vec<i32> =
@@ -266,10 +282,20 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while lock.try_lock().is_err() {
         if Instant::now() > deadline {
+            let running: Vec<String> = children
+                .iter()
+                .map(|pid| {
+                    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .unwrap_or_default()
+                        .replace('\0', " ");
+                    format!("{pid} {} {cmdline}", state(*pid))
+                })
+                .collect();
             for child in &children {
                 let _ = kill(Pid::from_raw(*child), Signal::SIGKILL);
             }
-            panic!("the services of the killed kairos up still hold its lock");
+            let broker = std::fs::read_to_string(dir.path().join("var/log/dev-broker.log"));
+            panic!("the services of the killed kairos up still hold its lock: {running:#?}\nbroker: {broker:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -286,4 +312,14 @@ fn a_killed_up_s_services_keep_its_lock_until_they_exit() {
         }
     }
     nix::sys::prctl::set_child_subreaper(false).expect("stop being a child subreaper");
+    for service in LOGGED {
+        let log = std::fs::read_to_string(dir.path().join(format!("var/log/{service}.log")))
+            .unwrap_or_else(|e| panic!("{service}'s log: {e}"));
+        for line in log.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("{service} logged a line that is no JSON ({e}): {line}")
+            });
+            assert!(record["level"].is_string(), "{service}: {line}");
+        }
+    }
 }

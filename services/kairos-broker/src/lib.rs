@@ -43,7 +43,11 @@ pub async fn run(
     tracing::info!(%addr, file = %file.display(), "embedded broker ready");
     cancel.cancelled().await;
     let _ = std::fs::remove_file(file);
-    drop(cluster);
+    // Not destroyed: librdkafka's destroy of the mock cluster (its client handle) can
+    // wait for good after its clients were killed mid-request (a killed `kairos up`),
+    // and would keep the process, and the `kairos up` lock it holds, alive. Its topics
+    // live in memory only and go with the process.
+    std::mem::forget(cluster);
     tracing::info!("embedded broker stopped");
     Ok(())
 }

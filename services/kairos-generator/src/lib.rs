@@ -867,13 +867,18 @@ pub async fn run(
             .iter()
             .map(|e| config.topic(e.stream.topic()))
             .collect();
-        let results = futures::future::join_all(sends.iter().zip(&topics).map(|(e, t)| {
+        let delivered = futures::future::join_all(sends.iter().zip(&topics).map(|(e, t)| {
             producer.send(
                 FutureRecord::to(t).key(&e.key).payload(&e.payload),
                 Duration::from_secs(30),
             )
-        }))
-        .await;
+        }));
+        // A stop does not wait for deliveries: with the broker gone (a killed `kairos
+        // up` stops it too) each would wait out the message timeout, a minute.
+        let results = tokio::select! {
+            results = delivered => results,
+            _ = cancel.cancelled() => break,
+        };
         for r in results {
             r.map_err(|(e, _)| anyhow::anyhow!("{e}"))
                 .context("publishing generated event")?;

@@ -544,7 +544,11 @@ async fn run(cli: Cli, config: Arc<Config>) -> anyhow::Result<()> {
         }
         Command::Up { rate } => {
             config.check_deliverable()?;
-            up::run(cli.config, config, rate).await
+            let log_format = cli.log_format.map(|f| match f {
+                LogFormatArg::Json => "json",
+                LogFormatArg::Plain => "plain",
+            });
+            up::run(cli.config, config, rate, log_format).await
         }
     }
 }

@@ -21,11 +21,22 @@ struct Proc {
     exit_told: bool,
 }
 
-fn spawn(exe: &PathBuf, config_path: &PathBuf, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(exe);
-    cmd.arg("--config")
-        .arg(config_path)
-        .args(args)
+/// How `kairos up` starts its processes: this executable, on its configuration file,
+/// with the log format it was given.
+struct Launch {
+    exe: PathBuf,
+    config_path: PathBuf,
+    /// `--log-format` as `kairos up` was given it (`json` or `plain`), passed on.
+    log_format: Option<&'static str>,
+}
+
+fn spawn(launch: &Launch, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(&launch.exe);
+    cmd.arg("--config").arg(&launch.config_path);
+    if let Some(format) = launch.log_format {
+        cmd.args(["--log-format", format]);
+    }
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         // Own process group: Ctrl-C reaches only `kairos up`, which then stops the
@@ -133,6 +144,7 @@ pub async fn run(
     config_path: PathBuf,
     config: Arc<Config>,
     rate: Option<f64>,
+    log_format: Option<&'static str>,
 ) -> anyhow::Result<()> {
     preflight(&config)?;
     // A second `kairos up` on the same files would clear the first one's state under
@@ -162,7 +174,11 @@ pub async fn run(
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )
     .with_context(|| format!("cannot hand {} on to the services", lock_path.display()))?;
-    let exe = std::env::current_exe().context("cannot find the kairos executable")?;
+    let launch = Launch {
+        exe: std::env::current_exe().context("cannot find the kairos executable")?,
+        config_path,
+        log_format,
+    };
     // The embedded broker keeps topics in memory, so state from an earlier run would
     // point at offsets that no longer exist: start clean.
     if config.state.dir.exists() {
@@ -172,7 +188,7 @@ pub async fn run(
     let _ = std::fs::remove_file(&config.kafka.broker_address_file);
     let cancel = kairos_core::shutdown_token();
 
-    let mut broker = spawn(&exe, &config_path, "dev-broker", &["dev-broker"])?;
+    let mut broker = spawn(&launch, "dev-broker", &["dev-broker"])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if cancel.is_cancelled() {
@@ -195,34 +211,28 @@ pub async fn run(
     let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
     let mut services = Vec::new();
     if config.identity.enabled {
-        services.push(spawn(&exe, &config_path, "identity", &["identity"])?);
+        services.push(spawn(&launch, "identity", &["identity"])?);
         endpoints.insert("identity".into(), config.identity.admin_listen.to_string());
     }
-    services.push(spawn(&exe, &config_path, "profile", &["profile"])?);
+    services.push(spawn(&launch, "profile", &["profile"])?);
     endpoints.insert("profile".into(), config.profile.admin_listen.to_string());
-    services.push(spawn(&exe, &config_path, "catalog", &["catalog"])?);
+    services.push(spawn(&launch, "catalog", &["catalog"])?);
     endpoints.insert("catalog".into(), config.catalog.admin_listen.to_string());
-    services.push(spawn(&exe, &config_path, "arbiter", &["arbiter"])?);
+    services.push(spawn(&launch, "arbiter", &["arbiter"])?);
     endpoints.insert("arbiter".into(), config.arbiter.admin_listen.to_string());
     for (channel, settings) in &config.delivery {
         let name = format!("deliver-{channel}");
         services.push(spawn(
-            &exe,
-            &config_path,
+            &launch,
             &name,
             &["deliver", "--channel", channel.as_str()],
         )?);
         endpoints.insert(name, settings.admin_listen.to_string());
     }
-    services.push(spawn(&exe, &config_path, "feedback", &["feedback"])?);
+    services.push(spawn(&launch, "feedback", &["feedback"])?);
     endpoints.insert("feedback".into(), config.feedback.admin_listen.to_string());
     let rate_arg = rate.unwrap_or(config.generator.rate).to_string();
-    let mut generator = spawn(
-        &exe,
-        &config_path,
-        "generator",
-        &["generate", "--rate", &rate_arg],
-    )?;
+    let mut generator = spawn(&launch, "generator", &["generate", "--rate", &rate_arg])?;
 
     println!("services started; logs in var/log/, metrics at:");
     for (name, addr) in &endpoints {
