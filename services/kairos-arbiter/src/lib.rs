@@ -1329,8 +1329,6 @@ impl ArbiterProcessor {
         self.config.scenario(scenario).is_some_and(|s| s.mass)
     }
 
-    /// The segment a `segment_entered` trigger was for, with when the customer left
-    /// it, if that was after the trigger's cause.
     /// The rule and reason that end `t` because the customer came back (a reactivation)
     /// or left the segment it targets after its cause, as read in `ledger`.
     fn returned_or_left_since(
@@ -1352,6 +1350,8 @@ impl ArbiterProcessor {
         Some(("left_segment", why))
     }
 
+    /// The segment a `segment_entered` trigger was for, with when the customer left
+    /// it, if that was after the trigger's cause.
     fn segment_left_since(&self, ledger: &CustomerLedger, t: &Trigger) -> Option<(&str, Millis)> {
         let scenario = self.config.scenario(&t.scenario)?;
         if scenario.kind != ScenarioKind::SegmentEntered {
@@ -2727,6 +2727,13 @@ impl ArbiterProcessor {
             if !adopt_handed_over(ledger, &trigger_id, &mut t, customer_id, now) {
                 continue;
             }
+            // A return (a reactivation) or a segment exit this customer's ledger read
+            // before the cascade came (the carrier comes behind this customer's own
+            // actions) ends it, as it would have had the cascade been here.
+            if let Some((rule, why)) = self.returned_or_left_since(ledger, &t) {
+                self.record_cascade_stop(ctx, &Subject::of(&t), &c, rule, why);
+                continue;
+            }
             let next = due.max(now);
             ctx.schedule(
                 &["cascade/", trigger_id.as_str()].concat(),
@@ -3132,13 +3139,6 @@ impl ArbiterProcessor {
                 "cascade",
                 format!("the customer bought at {at}"),
             );
-            return Ok(true);
-        }
-        // So does a return (a reactivation) or a segment exit read before the cascade
-        // came to this ledger: handed over in a merge, it comes behind the survivor's
-        // own actions.
-        if let Some((rule, why)) = self.returned_or_left_since(ledger, &t) {
-            self.record_cascade_stop(ctx, &subject, &cascade, rule, why);
             return Ok(true);
         }
         // A complaint about any message ends all promo, the rest of a cascade too.

@@ -1146,7 +1146,7 @@ impl ProfileProcessor {
             return Ok(());
         };
         let before = addresses(&p).map(|a| a.map(str::to_owned));
-        if p.release_identifier(&moved.identifier) {
+        if p.release_identifier(&moved.identifier, &moved.to) {
             tracing::info!(customer = %moved.from, identifier = %moved.identifier, holder = %moved.to, "an address moved to the customer who presented it");
             self.tell_contacts_changed(ctx, &p, &before, &moved.move_id)?;
         }
@@ -1449,7 +1449,12 @@ impl ProfileProcessor {
             })
             .collect();
         let wishes_before = p.wishlist.clone();
+        let contacts_before = addresses(&p).map(|a| a.map(str::to_owned));
         p.absorb(merged);
+        // The arbiter's note of this customer's contacts is of before the merge: a
+        // message handed over or waiting there goes to the person's addresses now (the
+        // merged guest's phone, for an order notice's SMS fallback).
+        self.tell_contacts_changed(ctx, &p, &contacts_before, &m.merge_id)?;
         // When the merged customer was last greeted on a yearly date: the person was,
         // and a re-arm below, the survivor's own timer or a zone change later today
         // must not greet again. Only for the date the survivor keeps, and a greeting

@@ -231,11 +231,20 @@ pub struct CustomerProfile {
     #[serde(default)]
     pub last_unkeyed_purchase_at: Option<Millis>,
     /// Addresses moved from this customer to the customer who presented them (see
-    /// [`CustomerProfile::release_identifier`]; `email:…`), the latest few: a merged
-    /// profile still on its way (an anonymous one stitched to this customer before the
-    /// move) does not bring one back.
+    /// [`CustomerProfile::release_identifier`]), the latest few: a merged profile still
+    /// on its way (an anonymous one stitched to this customer before the move) does not
+    /// bring one back.
     #[serde(default)]
-    pub released_addresses: Vec<String>,
+    pub released_addresses: Vec<ReleasedAddress>,
+}
+
+/// An address moved from a customer to the customer who presented it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasedAddress {
+    /// `email:ann@example.com`, normalized.
+    pub identifier: String,
+    /// Whose it is now.
+    pub holder: String,
 }
 
 /// Whose statement decides a channel's consent when two profiles merge.
@@ -468,7 +477,7 @@ pub mod field {
 const MAX_RELEASED_ADDRESSES: usize = 8;
 
 /// Notes `moved` among the addresses moved away, once, the latest few.
-fn note_released(released: &mut Vec<String>, moved: String) {
+fn note_released(released: &mut Vec<ReleasedAddress>, moved: ReleasedAddress) {
     if !released.contains(&moved) {
         if released.len() >= MAX_RELEASED_ADDRESSES {
             released.remove(0);
@@ -812,13 +821,14 @@ impl CustomerProfile {
     /// survivor's own if it has one; for one same address, the later statement, a
     /// withdrawal winning a tie), the newer cart and the union of interests stay.
     /// Waits and segments are the processor's to re-arm and review.
-    pub fn absorb(&mut self, other: CustomerProfile) {
+    pub fn absorb(&mut self, mut other: CustomerProfile) {
         fn min_some(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
             match (a, b) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             }
         }
+        self.take_released_addresses(&mut other);
         // Whose word on a channel's consent counts: the one whose address the
         // survivor keeps (below, its own if it has one).
         let speaks_for = |channel: Channel| -> ConsentSpeaker {
@@ -850,12 +860,6 @@ impl CustomerProfile {
                 .get(&code)
                 .is_some_and(|cleared| theirs_at.get(&code).is_none_or(|t| t <= cleared))
         };
-        // Not an address moved away from the survivor (its move read before this merge).
-        let their_email = other.email.filter(|e| !self.released("email", e));
-        let their_phone = other.phone.filter(|p| !self.released("phone", p));
-        for moved in other.released_addresses {
-            note_released(&mut self.released_addresses, moved);
-        }
         // The fields whose value came from the other: they take its statement's time.
         let mut taken: Vec<u8> = Vec::new();
         let mut keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
@@ -866,8 +870,8 @@ impl CustomerProfile {
         };
         keep(field::FIRST_NAME, &mut self.first_name, other.first_name);
         keep(field::LAST_NAME, &mut self.last_name, other.last_name);
-        keep(field::EMAIL, &mut self.email, their_email);
-        keep(field::PHONE, &mut self.phone, their_phone);
+        keep(field::EMAIL, &mut self.email, other.email);
+        keep(field::PHONE, &mut self.phone, other.phone);
         keep(field::PUSH_TOKEN, &mut self.push_token, other.push_token);
         keep(
             field::MESSENGER_ID,
@@ -1243,7 +1247,7 @@ impl CustomerProfile {
     /// customer who did (`identifier` as `email:ann@example.com`, normalized as this
     /// profile's addresses are): the e-mail or phone it names is not this customer's
     /// address. Returns whether it was.
-    pub fn release_identifier(&mut self, identifier: &str) -> bool {
+    pub fn release_identifier(&mut self, identifier: &str, holder: &str) -> bool {
         let (value, address) = match identifier.split_once(':') {
             Some(("email", value)) => (value, &mut self.email),
             Some(("phone", value)) => (value, &mut self.phone),
@@ -1254,18 +1258,41 @@ impl CustomerProfile {
         if held {
             *address = None;
         }
-        note_released(&mut self.released_addresses, identifier.to_string());
+        let moved = ReleasedAddress {
+            identifier: identifier.to_string(),
+            holder: holder.to_string(),
+        };
+        note_released(&mut self.released_addresses, moved);
         held
     }
 
-    /// Whether the `kind` (`email`, `phone`) address `value` moved away from this
-    /// customer (see [`CustomerProfile::release_identifier`]).
-    fn released(&self, kind: &str, value: &str) -> bool {
-        self.released_addresses.iter().any(|moved| {
-            moved
-                .split_once(':')
-                .is_some_and(|(k, address)| k == kind && same_contact(address, value))
-        })
+    /// Before a merge: an address moved away from this customer to someone other than
+    /// the merged customer `other` (its move read before the merge that brings it back)
+    /// is taken off `other`, before consents are weighed by whose address is kept; one
+    /// moved to `other` is this customer's again (they are one now). The moves `other`
+    /// noted join this customer's, but those to this customer.
+    fn take_released_addresses(&mut self, other: &mut CustomerProfile) {
+        self.released_addresses
+            .retain(|moved| moved.holder != other.customer_id);
+        let released = |kind: &str, value: &str| {
+            self.released_addresses.iter().any(|moved| {
+                moved
+                    .identifier
+                    .split_once(':')
+                    .is_some_and(|(k, address)| k == kind && same_contact(address, value))
+            })
+        };
+        if other.email.as_deref().is_some_and(|e| released("email", e)) {
+            other.email = None;
+        }
+        if other.phone.as_deref().is_some_and(|p| released("phone", p)) {
+            other.phone = None;
+        }
+        for moved in std::mem::take(&mut other.released_addresses) {
+            if moved.holder != self.customer_id {
+                note_released(&mut self.released_addresses, moved);
+            }
+        }
     }
 
     /// Clears `attribute` as stated at `at`, unless a later statement of it is known.
@@ -2135,6 +2162,25 @@ mod tests {
     use kairos_core::encoding::{decode_state, encode_state};
     use kairos_core::time::{DAY, HOUR};
 
+    /// A merge brings back no address moved away from the survivor to someone else (its
+    /// move read first), but does bring one moved to the merged customer: they are one
+    /// person now.
+    #[test]
+    fn a_merge_brings_back_a_moved_address_only_from_the_customer_it_moved_to() {
+        let with_email = |id: &str, email: &str| {
+            let mut p = CustomerProfile::new(id, 0);
+            p.email = Some(email.into());
+            p
+        };
+        let mut husband = with_email("c-h", "wife@example.com");
+        assert!(husband.release_identifier("email:wife@example.com", "c-w"));
+        husband.absorb(with_email("anon:tablet", "wife@example.com"));
+        assert_eq!(husband.email, None, "not from the tablet's profile");
+        husband.absorb(with_email("c-w", "wife@example.com"));
+        assert_eq!(husband.email.as_deref(), Some("wife@example.com"), "from its holder");
+        assert!(husband.released_addresses.is_empty());
+    }
+
     /// A moved identifier takes the address it names, and only that one: an address
     /// the customer stated since stays, and a card is no address.
     #[test]
@@ -2142,20 +2188,20 @@ mod tests {
         let mut p = CustomerProfile::new("c-1", 0);
         p.email = Some("wife@example.com".into());
         p.phone = Some("+4915111112222".into());
-        assert!(!p.release_identifier("email:husband@example.com"));
-        assert!(!p.release_identifier("loyalty_card:123"));
-        assert!(!p.release_identifier("phone:+4915111113333"));
+        assert!(!p.release_identifier("email:husband@example.com", "c-w"));
+        assert!(!p.release_identifier("loyalty_card:123", "c-w"));
+        assert!(!p.release_identifier("phone:+4915111113333", "c-w"));
         assert_eq!(p.email.as_deref(), Some("wife@example.com"));
         assert_eq!(p.phone.as_deref(), Some("+4915111112222"));
-        assert!(p.release_identifier("email:wife@example.com"));
+        assert!(p.release_identifier("email:wife@example.com", "c-w"));
         assert_eq!(p.email, None);
         assert_eq!(p.phone.as_deref(), Some("+4915111112222"));
-        assert!(p.release_identifier("phone:+4915111112222"));
+        assert!(p.release_identifier("phone:+4915111112222", "c-w"));
         assert_eq!(p.phone, None);
-        assert!(!p.release_identifier("phone:+4915111112222"), "once");
+        assert!(!p.release_identifier("phone:+4915111112222", "c-w"), "once");
         // An e-mail stored in its Unicode spelling, before domains were normalized.
         p.email = Some("anna@Bücher.de".into());
-        assert!(p.release_identifier("email:anna@xn--bcher-kva.de"));
+        assert!(p.release_identifier("email:anna@xn--bcher-kva.de", "c-w"));
         assert_eq!(p.email, None);
     }
 

@@ -4525,6 +4525,30 @@ fn an_identifier_moved_from_a_customer_merged_away_is_released_by_the_survivor()
     );
 }
 
+/// A merge tells the arbiter the person's contacts: its note of the survivor's is of
+/// before the merge, and a message handed over or waiting there goes to the merged
+/// guest's phone too.
+#[test]
+fn a_merge_tells_the_arbiter_the_person_s_contacts() {
+    let t = at(T0);
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "mc-1", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "c-s",
+        "profile": {"email": "s@example.com"}}));
+    h.identified_site(json!({"event_id": "mc-2", "event_type": "profile_update",
+        "occurred_at": rfc(t), "customer_id": "email:guest@example.com",
+        "profile": {"phone": "+4915100000007"}}));
+    h.merge("mc-m", "email:guest@example.com", "c-s", t + HOUR);
+    let told = h
+        .on("customer-actions")
+        .filter(|r| r.key == "c-s" && r.value["kind"] == "contacts_changed")
+        .last()
+        .map(|r| r.value["contacts"].clone())
+        .expect("the survivor's contacts told");
+    assert_eq!(told["email"], "s@example.com", "{told}");
+    assert_eq!(told["phone"], "+4915100000007", "{told}");
+}
+
 /// The move of an e-mail can come before the merge that brings it (the tablet's
 /// anonymous profile, stitched to the husband, carries the wife's e-mail; the merged
 /// profile travels from another partition): the merge does not bring it back.
