@@ -2177,7 +2177,11 @@ mod tests {
         husband.absorb(with_email("anon:tablet", "wife@example.com"));
         assert_eq!(husband.email, None, "not from the tablet's profile");
         husband.absorb(with_email("c-w", "wife@example.com"));
-        assert_eq!(husband.email.as_deref(), Some("wife@example.com"), "from its holder");
+        assert_eq!(
+            husband.email.as_deref(),
+            Some("wife@example.com"),
+            "from its holder"
+        );
         assert!(husband.released_addresses.is_empty());
     }
 
