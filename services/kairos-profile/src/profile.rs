@@ -477,13 +477,13 @@ pub mod field {
 const MAX_RELEASED_ADDRESSES: usize = 8;
 
 /// Notes `moved` among the addresses moved away, once, the latest few.
+/// An address moved on again is noted with its latest holder only.
 fn note_released(released: &mut Vec<ReleasedAddress>, moved: ReleasedAddress) {
-    if !released.contains(&moved) {
-        if released.len() >= MAX_RELEASED_ADDRESSES {
-            released.remove(0);
-        }
-        released.push(moved);
+    released.retain(|known| known.identifier != moved.identifier);
+    if released.len() >= MAX_RELEASED_ADDRESSES {
+        released.remove(0);
     }
+    released.push(moved);
 }
 
 /// Whether two stored addresses are one: an e-mail stored before domains were
@@ -1248,15 +1248,18 @@ impl CustomerProfile {
     /// profile's addresses are): the e-mail or phone it names is not this customer's
     /// address. Returns whether it was.
     pub fn release_identifier(&mut self, identifier: &str, holder: &str) -> bool {
-        let (value, address) = match identifier.split_once(':') {
-            Some(("email", value)) => (value, &mut self.email),
-            Some(("phone", value)) => (value, &mut self.phone),
+        let (value, address, code) = match identifier.split_once(':') {
+            Some(("email", value)) => (value, &mut self.email, field::EMAIL),
+            Some(("phone", value)) => (value, &mut self.phone, field::PHONE),
             _ => return false,
         };
         // Replaced since by an address of the customer's own, it stays.
         let held = address.as_ref().is_some_and(|a| same_contact(a, value));
         if held {
             *address = None;
+            // Not the customer's statement: it must not count as a clearing of the
+            // field, or a merge with the address's holder would not bring it back.
+            self.stated_at.remove(&code);
         }
         let moved = ReleasedAddress {
             identifier: identifier.to_string(),
@@ -1272,8 +1275,11 @@ impl CustomerProfile {
     /// moved to `other` is this customer's again (they are one now). The moves `other`
     /// noted join this customer's, but those to this customer.
     fn take_released_addresses(&mut self, other: &mut CustomerProfile) {
+        // The merged customer is also whom it had absorbed.
+        let theirs =
+            |holder: &String| *holder == other.customer_id || other.merged_from.contains(holder);
         self.released_addresses
-            .retain(|moved| moved.holder != other.customer_id);
+            .retain(|moved| !theirs(&moved.holder));
         let released = |kind: &str, value: &str| {
             self.released_addresses.iter().any(|moved| {
                 moved
@@ -1282,11 +1288,14 @@ impl CustomerProfile {
                     .is_some_and(|(k, address)| k == kind && same_contact(address, value))
             })
         };
+        // Dropped with its statement's time, which would read as a clearing later.
         if other.email.as_deref().is_some_and(|e| released("email", e)) {
             other.email = None;
+            other.stated_at.remove(&field::EMAIL);
         }
         if other.phone.as_deref().is_some_and(|p| released("phone", p)) {
             other.phone = None;
+            other.stated_at.remove(&field::PHONE);
         }
         for moved in std::mem::take(&mut other.released_addresses) {
             if moved.holder != self.customer_id {
@@ -2170,10 +2179,17 @@ mod tests {
         let with_email = |id: &str, email: &str| {
             let mut p = CustomerProfile::new(id, 0);
             p.email = Some(email.into());
+            p.stated_at.insert(field::EMAIL, 10);
             p
         };
+        // The husband's statement (the wife typing on his laptop) is later than hers.
         let mut husband = with_email("c-h", "wife@example.com");
+        husband.stated_at.insert(field::EMAIL, 20);
+        // Moved first to another account of hers, then on to c-w: noted once.
+        assert!(husband.release_identifier("email:wife@example.com", "c-old"));
+        husband.email = Some("wife@example.com".into());
         assert!(husband.release_identifier("email:wife@example.com", "c-w"));
+        assert_eq!(husband.released_addresses.len(), 1);
         husband.absorb(with_email("anon:tablet", "wife@example.com"));
         assert_eq!(husband.email, None, "not from the tablet's profile");
         husband.absorb(with_email("c-w", "wife@example.com"));
