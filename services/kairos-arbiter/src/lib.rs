@@ -199,6 +199,12 @@ pub struct Cascade {
     pub handed_over: Option<(Millis, Box<Trigger>)>,
 }
 
+/// What a carrier ledger takes to the survivor of a merge (see `send_carrier`).
+enum Carried {
+    Queued(Queued),
+    Cascade(Cascade),
+}
+
 /// A running chain with the customer's attention until its last step is due.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -2363,18 +2369,15 @@ impl ArbiterProcessor {
                 self.stop_all_cascades(ctx, ledger, &a.customer_id, &why, (None, false), None)?;
                 ledger.main = None;
                 self.send_ledger(ctx, &a.action_id, &a.customer_id, &into, at, ledger)?;
-                for (trigger_id, q) in handed_over {
-                    self.send_carrier(ctx, &a.customer_id, &into, at, trigger_id, q)?;
-                }
-                for (trigger_id, c) in cascades {
-                    let cause = deterministic_id(&[&trigger_id, "cascade"]);
-                    let mut cascades = SmallMap::default();
-                    cascades.insert(trigger_id, c);
-                    let carrier = CustomerLedger {
-                        cascades,
-                        ..CustomerLedger::default()
-                    };
-                    self.send_ledger(ctx, &cause, &a.customer_id, &into, at, &carrier)?;
+                let carried = (handed_over.into_iter())
+                    .map(|(id, q)| (id, Carried::Queued(q)))
+                    .chain(
+                        cascades
+                            .into_iter()
+                            .map(|(id, c)| (id, Carried::Cascade(c))),
+                    );
+                for (trigger_id, carried) in carried {
+                    self.send_carrier(ctx, &a.customer_id, &into, at, trigger_id, carried)?;
                 }
                 // Only the forwarding note, the addresses (for late bounces), the
                 // triggers decided (a redelivered one is still a duplicate) and the
@@ -2767,9 +2770,9 @@ impl ArbiterProcessor {
         );
     }
 
-    /// Sends one queued trigger of customer `from` to `into` in a ledger of its own
-    /// (each its own record, so a long queue never makes one record too large), after
-    /// the merged ledger on the same topic and key, so it arrives after it.
+    /// Sends one queued or cascading trigger of customer `from` to `into` in a ledger
+    /// of its own (each its own record, so a long queue never makes one record too
+    /// large), after the merged ledger on the same topic and key, so it arrives after it.
     fn send_carrier(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2777,14 +2780,20 @@ impl ArbiterProcessor {
         into: &str,
         at: Millis,
         trigger_id: String,
-        q: Queued,
+        carried: Carried,
     ) -> anyhow::Result<()> {
-        let cause = trigger_id.clone();
-        let mut queued = SmallMap::default();
-        queued.insert(trigger_id, q);
-        let carrier = CustomerLedger {
-            queued,
-            ..CustomerLedger::default()
+        let mut carrier = CustomerLedger::default();
+        let cause = match carried {
+            Carried::Queued(q) => {
+                let cause = trigger_id.clone();
+                carrier.queued.insert(trigger_id, q);
+                cause
+            }
+            Carried::Cascade(c) => {
+                let cause = deterministic_id(&[&trigger_id, "cascade"]);
+                carrier.cascades.insert(trigger_id, c);
+                cause
+            }
         };
         self.send_ledger(ctx, &cause, from, into, at, &carrier)
     }
@@ -2865,7 +2874,7 @@ impl ArbiterProcessor {
             trigger: Some(Box::new(t)),
             merge_wait_since: None,
         };
-        self.send_carrier(ctx, &from, into, now, trigger_id, q)
+        self.send_carrier(ctx, &from, into, now, trigger_id, Carried::Queued(q))
     }
 
     /// Ends, for the scenarios `ends` names, what action `a` makes pointless if it was

@@ -753,7 +753,7 @@ impl ProfileProcessor {
         let opted_in_before = p.opted_in_before();
         // Only events that state contacts can change them.
         let contacts_before = (e.email.is_some() || e.phone.is_some() || e.profile.is_some())
-            .then(|| addresses(&p).map(|a| a.map(str::to_owned)));
+            .then(|| addresses_now(&p));
         p.touch(e, ctx.now());
         if let Some(before) = contacts_before {
             self.tell_contacts_changed(ctx, &p, &before, &e.event_id)?;
@@ -1145,7 +1145,7 @@ impl ProfileProcessor {
             })?;
             return Ok(());
         };
-        let before = addresses(&p).map(|a| a.map(str::to_owned));
+        let before = addresses_now(&p);
         if p.release_identifier(&moved.identifier, &moved.to) {
             tracing::info!(customer = %moved.from, identifier = %moved.identifier, holder = %moved.to, "an address moved to the customer who presented it");
             self.tell_contacts_changed(ctx, &p, &before, &moved.move_id)?;
@@ -1449,7 +1449,7 @@ impl ProfileProcessor {
             })
             .collect();
         let wishes_before = p.wishlist.clone();
-        let contacts_before = addresses(&p).map(|a| a.map(str::to_owned));
+        let contacts_before = addresses_now(&p);
         p.absorb(merged);
         // The arbiter's note of this customer's contacts is of before the merge: a
         // message handed over or waiting there goes to the person's addresses now (the
@@ -1798,7 +1798,7 @@ impl ProfileProcessor {
         p.last_seen_at = p.last_seen_at.max(r.occurred_at);
         // Only a profile without a number takes the receipt's.
         if let Some(phone) = r.phone.as_ref().filter(|_| p.phone.is_none()) {
-            let before = addresses(&p).map(|a| a.map(str::to_owned));
+            let before = addresses_now(&p);
             p.phone_from_receipt(phone, r.occurred_at);
             self.tell_contacts_changed(ctx, &p, &before, &r.event_id)?;
         }
@@ -3356,6 +3356,12 @@ fn addresses(p: &CustomerProfile) -> [Option<&str>; 5] {
         p.messenger_id.as_deref(),
         p.time_zone.as_deref(),
     ]
+}
+
+/// [`addresses`] as they are now, for [`ProfileProcessor::tell_contacts_changed`] to
+/// compare with after a change.
+fn addresses_now(p: &CustomerProfile) -> [Option<String>; 5] {
+    addresses(p).map(|a| a.map(str::to_owned))
 }
 
 fn contacts(p: &CustomerProfile) -> Contacts {

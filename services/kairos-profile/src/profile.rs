@@ -476,8 +476,8 @@ pub mod field {
 /// Addresses moved away kept per customer (see `released_addresses`).
 const MAX_RELEASED_ADDRESSES: usize = 8;
 
-/// Notes `moved` among the addresses moved away, once, the latest few.
-/// An address moved on again is noted with its latest holder only.
+/// Notes `moved` among the addresses moved away, the latest few; an address moved on
+/// again is noted with its latest holder only.
 fn note_released(released: &mut Vec<ReleasedAddress>, moved: ReleasedAddress) {
     released.retain(|known| known.identifier != moved.identifier);
     if released.len() >= MAX_RELEASED_ADDRESSES {
@@ -1248,25 +1248,37 @@ impl CustomerProfile {
     /// profile's addresses are): the e-mail or phone it names is not this customer's
     /// address. Returns whether it was.
     pub fn release_identifier(&mut self, identifier: &str, holder: &str) -> bool {
-        let (value, address, code) = match identifier.split_once(':') {
-            Some(("email", value)) => (value, &mut self.email, field::EMAIL),
-            Some(("phone", value)) => (value, &mut self.phone, field::PHONE),
-            _ => return false,
+        let Some((kind, value)) = identifier.split_once(':') else {
+            return false;
         };
-        // Replaced since by an address of the customer's own, it stays.
-        let held = address.as_ref().is_some_and(|a| same_contact(a, value));
-        if held {
-            *address = None;
-            // Not the customer's statement: it must not count as a clearing of the
-            // field, or a merge with the address's holder would not bring it back.
-            self.stated_at.remove(&code);
-        }
+        let Some(held) = self.drop_address(kind, |address| same_contact(address, value)) else {
+            return false;
+        };
         let moved = ReleasedAddress {
             identifier: identifier.to_string(),
             holder: holder.to_string(),
         };
         note_released(&mut self.released_addresses, moved);
         held
+    }
+
+    /// Drops the `kind` (`email`, `phone`) address if `moved` says it moved away, with
+    /// its statement's time: not the customer's statement, it must not read as a
+    /// clearing of the field later (a merge with the address's holder would not bring
+    /// it back). Whether it dropped it; `None` for a kind that is no address.
+    fn drop_address(&mut self, kind: &str, moved: impl Fn(&str) -> bool) -> Option<bool> {
+        let (address, code) = match kind {
+            "email" => (&mut self.email, field::EMAIL),
+            "phone" => (&mut self.phone, field::PHONE),
+            _ => return None,
+        };
+        // Replaced since by an address of the customer's own, it stays.
+        let dropped = address.as_deref().is_some_and(moved);
+        if dropped {
+            *address = None;
+            self.stated_at.remove(&code);
+        }
+        Some(dropped)
     }
 
     /// Before a merge: an address moved away from this customer to someone other than
@@ -1280,22 +1292,15 @@ impl CustomerProfile {
             |holder: &String| *holder == other.customer_id || other.merged_from.contains(holder);
         self.released_addresses
             .retain(|moved| !theirs(&moved.holder));
-        let released = |kind: &str, value: &str| {
-            self.released_addresses.iter().any(|moved| {
-                moved
-                    .identifier
-                    .split_once(':')
-                    .is_some_and(|(k, address)| k == kind && same_contact(address, value))
-            })
-        };
-        // Dropped with its statement's time, which would read as a clearing later.
-        if other.email.as_deref().is_some_and(|e| released("email", e)) {
-            other.email = None;
-            other.stated_at.remove(&field::EMAIL);
-        }
-        if other.phone.as_deref().is_some_and(|p| released("phone", p)) {
-            other.phone = None;
-            other.stated_at.remove(&field::PHONE);
+        for kind in ["email", "phone"] {
+            other.drop_address(kind, |address| {
+                self.released_addresses.iter().any(|moved| {
+                    moved
+                        .identifier
+                        .split_once(':')
+                        .is_some_and(|(k, released)| k == kind && same_contact(released, address))
+                })
+            });
         }
         for moved in std::mem::take(&mut other.released_addresses) {
             if moved.holder != self.customer_id {
