@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kairos_core::config::Config;
-use kairos_core::contracts::{IdentityChange, IdentityChangeKind, SendCommand, Trigger};
+use kairos_core::contracts::{Channel, IdentityChange, IdentityChangeKind, SendCommand, Trigger};
 use kairos_core::encoding::SchemaRegistry;
 use kairos_core::replay::Replayer;
 use kairos_core::store::OutboxEntry;
@@ -981,6 +981,14 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
         h.page_view_resolves_to("laptop", "wife@example.com", t0 + HOUR),
         "c-61"
     );
+    // She ticks the newsletter box there too.
+    h.event(
+        "events.site",
+        "consent_change",
+        t0 + HOUR,
+        json!({"anonymous_id": "laptop", "email": "wife@example.com",
+            "consent": {"channel": "email", "granted": true}}),
+    );
     // She comes back to it before registering, and from her own phone: the e-mail
     // still leads to him (nothing better is known) but proves nothing of him.
     assert_eq!(
@@ -997,6 +1005,12 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     assert!(!tablet.starts_with("c-"), "{tablet}");
     h.event(
         "events.site",
+        "consent_change",
+        t0 + 2 * HOUR + MINUTE,
+        json!({"anonymous_id": "tablet", "consent": {"channel": "email", "granted": true}}),
+    );
+    h.event(
+        "events.site",
         "login",
         t0 + 3 * HOUR,
         json!({"customer_id": "c-63", "anonymous_id": "tablet"}),
@@ -1009,6 +1023,10 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
         h.profile("c-63").email.as_deref(),
         Some("wife2@example.com")
     );
+    for husband in ["c-61", "c-63"] {
+        let consent = h.profile(husband).consents.get(&Channel::email).copied();
+        assert_eq!(consent, Some(true), "{husband}");
+    }
     // Both wives register with their e-mails.
     for (customer, email, hours) in [
         ("c-62", "wife@example.com", 4),
@@ -1041,10 +1059,14 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
             ("email:wife2@example.com".to_string(), "c-64".to_string()),
         ]
     );
-    // The e-mails are the wives' now: no longer the husbands' addresses, and the
-    // arbiter is told so (a message waiting for a husband does not go to his wife).
+    // The e-mails are the wives' now: no longer the husbands' addresses, nor are the
+    // opt-ins given with them the husbands' consents; the arbiter is told so (a
+    // message waiting for a husband does not go to his wife, nor a promo to the next
+    // address he states).
     for (husband, wife) in [("c-61", "c-62"), ("c-63", "c-64")] {
         assert_eq!(h.profile(husband).email, None, "{husband}");
+        let consent = h.profile(husband).consents.get(&Channel::email).copied();
+        assert_ne!(consent, Some(true), "{husband}");
         assert!(h.profile(wife).email.is_some(), "{wife}");
         let told = h
             .of_topic("customer-actions")
@@ -1054,6 +1076,7 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
             .map(|o| o.value["contacts"].clone());
         let told = told.unwrap_or_else(|| panic!("{husband}'s contacts change told"));
         assert_eq!(told["email"], Value::Null, "{husband}: {told}");
+        assert_eq!(told["consented_channels"], json!([]), "{husband}: {told}");
     }
     // The e-mails are the wives' now: an anonymous visit with one goes to her.
     assert_eq!(

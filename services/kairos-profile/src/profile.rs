@@ -236,6 +236,12 @@ pub struct CustomerProfile {
     /// bring one back.
     #[serde(default)]
     pub released_addresses: Vec<ReleasedAddress>,
+    /// Since when the e-mail (`field::EMAIL`) and phone (`field::PHONE`) have been the
+    /// address they are: the earliest statement of that address since the last change
+    /// (`stated_at` keeps the latest). A consent given since goes with the address
+    /// when it moves to its holder (see `drop_address`).
+    #[serde(default)]
+    pub address_since: SmallMap<u8, Millis>,
 }
 
 /// An address moved from a customer to the customer who presented it.
@@ -491,6 +497,11 @@ fn note_released(released: &mut Vec<ReleasedAddress>, moved: ReleasedAddress) {
 fn same_contact(a: &str, b: &str) -> bool {
     let (a, b) = (a.trim(), b.trim());
     a.eq_ignore_ascii_case(b) || kairos_core::identifiers::same_address(a, b)
+}
+
+/// Whether `code` is a field that holds an address whose moves are followed.
+fn is_address(code: u8) -> bool {
+    code == field::EMAIL || code == field::PHONE
 }
 
 /// Records that `field` was stated at `at`; false (and nothing recorded) when a later
@@ -899,6 +910,10 @@ impl CustomerProfile {
             if let Some(at) = theirs_at.get(&code) {
                 self.stated_at.insert(code, *at);
             }
+            match other.address_since.get(&code) {
+                Some(since) => self.address_since.insert(code, *since),
+                None => self.address_since.remove(&code),
+            };
         }
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
@@ -1186,13 +1201,21 @@ impl CustomerProfile {
         // topics delivered them in.
         let at = e.occurred_at;
         let stated = &mut self.stated_at;
+        let since = &mut self.address_since;
         // A blank value is no statement: forms send "" for a field left empty, and it
         // must not wipe out an address or name the customer gave before (a clearing
         // is named in `cleared`).
         let mut set = |code: u8, field: &mut Option<String>, v: Option<&String>| {
             if let Some(v) = v.filter(|v| !v.trim().is_empty()) {
-                if newer_statement(stated, code, at) {
+                let same = field.as_deref().is_some_and(|held| same_contact(held, v));
+                let newer = newer_statement(stated, code, at);
+                if newer {
                     *field = Some(v.clone());
+                }
+                if is_address(code) && (same || newer) {
+                    // Read in any order: the earliest statement of the address held.
+                    let first = since.get(&code).filter(|_| same).map_or(at, |s| at.min(*s));
+                    since.insert(code, first);
                 }
             }
         };
@@ -1266,17 +1289,31 @@ impl CustomerProfile {
     /// its statement's time: not the customer's statement, it must not read as a
     /// clearing of the field later (a merge with the address's holder would not bring
     /// it back). Whether it dropped it; `None` for a kind that is no address.
+    ///
+    /// A consent to the channel stated with the address or after it (the wife ticking
+    /// the newsletter box as she typed her e-mail on the husband's laptop) is taken as
+    /// its holder's, not this customer's: it is withdrawn as of its time, so it gives
+    /// no consent to the next address the customer states, and no earlier statement
+    /// read late brings one back. One stated before the address stays the customer's.
     fn drop_address(&mut self, kind: &str, moved: impl Fn(&str) -> bool) -> Option<bool> {
-        let (address, code) = match kind {
-            "email" => (&mut self.email, field::EMAIL),
-            "phone" => (&mut self.phone, field::PHONE),
+        let (address, code, channel) = match kind {
+            "email" => (&mut self.email, field::EMAIL, Channel::email),
+            "phone" => (&mut self.phone, field::PHONE, Channel::sms),
             _ => return None,
         };
         // Replaced since by an address of the customer's own, it stays.
         let dropped = address.as_deref().is_some_and(moved);
         if dropped {
             *address = None;
-            self.stated_at.remove(&code);
+            let stated_at = self.stated_at.remove(&code);
+            // No time (a till receipt's phone): any consent may have been said of it.
+            let held_since = (self.address_since.remove(&code))
+                .or(stated_at)
+                .unwrap_or(Millis::MIN);
+            let consent_at = self.consent_at.get(&channel).copied();
+            if consent_at.is_some_and(|at| at >= held_since) {
+                self.consents.insert(channel, false);
+            }
         }
         Some(dropped)
     }
@@ -1329,6 +1366,7 @@ impl CustomerProfile {
         };
         if newer_statement(&mut self.stated_at, code, at) {
             *slot = None;
+            self.address_since.remove(&code);
         }
     }
 
@@ -2228,6 +2266,87 @@ mod tests {
         p.email = Some("anna@Bücher.de".into());
         assert!(p.release_identifier("email:anna@xn--bcher-kva.de", "c-w"));
         assert_eq!(p.email, None);
+    }
+
+    /// A consent given with a moved address (or after it) goes with it; one the
+    /// customer gave before stays theirs.
+    #[test]
+    fn a_consent_stated_with_a_moved_address_leaves_with_it() {
+        let mut p = CustomerProfile::new("c-h", 0);
+        assert!(p.state_consent(Channel::sms, true, 5));
+        p.phone = Some("+4915111112222".into());
+        p.stated_at.insert(field::PHONE, 10);
+        // The wife's e-mail and her newsletter tick, on the husband's laptop.
+        p.email = Some("wife@example.com".into());
+        p.stated_at.insert(field::EMAIL, 20);
+        assert!(p.state_consent(Channel::email, true, 20));
+        assert!(p.release_identifier("email:wife@example.com", "c-w"));
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
+        assert!(
+            !p.state_consent(Channel::email, true, 15),
+            "an earlier opt-in read late does not bring it back"
+        );
+        assert!(p.state_consent(Channel::email, true, 30), "his own, later");
+        // His SMS consent came before the phone: the phone's move leaves it.
+        assert!(p.release_identifier("phone:+4915111112222", "c-w"));
+        assert_eq!(p.consents.get(&Channel::sms), Some(&true));
+        assert_eq!(p.consents.get(&Channel::email), Some(&true));
+    }
+
+    fn statement(email: &str, consent: Option<bool>, at: Millis) -> CustomerEvent {
+        let mut event: CustomerEvent = serde_json::from_value(serde_json::json!({
+            "event_id": format!("form-{at}"),
+            "event_type": "consent_change",
+            "occurred_at": "2000-01-01T00:00:00Z",
+            "email": email,
+            "consent": consent.map(|granted| serde_json::json!({"channel": "email", "granted": granted})),
+        }))
+        .expect("a form");
+        event.occurred_at = at;
+        event
+    }
+
+    /// The wife's opt-in came between two visits of hers that stated her e-mail on the
+    /// tablet, read out of order, and her address came to the husband with the
+    /// tablet's profile: it is hers from her first statement, so the opt-in leaves
+    /// with it.
+    #[test]
+    fn an_address_is_held_since_its_first_statement_in_any_order_and_across_a_merge() {
+        let mut tablet = CustomerProfile::new("anon:tablet", 0);
+        tablet.touch(&statement("wife@example.com", None, 30), 100);
+        tablet.touch(&statement("wife@example.com", None, 10), 100);
+        tablet.touch(&statement("wife@example.com", Some(true), 20), 100);
+        assert_eq!(tablet.address_since.get(&field::EMAIL), Some(&10));
+        assert_eq!(tablet.stated_at.get(&field::EMAIL), Some(&30));
+        let mut husband = CustomerProfile::new("c-h", 0);
+        assert!(husband.state_consent(Channel::email, true, 5));
+        husband.absorb(tablet);
+        assert_eq!(husband.email.as_deref(), Some("wife@example.com"));
+        assert_eq!(husband.address_since.get(&field::EMAIL), Some(&10));
+        assert!(husband.release_identifier("email:wife@example.com", "c-w"));
+        assert_eq!(husband.consents.get(&Channel::email), Some(&false));
+        // His own address again: held since now, not since hers.
+        husband.touch(&statement("husband@example.com", None, 40), 100);
+        husband.touch(&statement("husband@example.com", None, 45), 100);
+        assert_eq!(husband.address_since.get(&field::EMAIL), Some(&40));
+        husband.touch(&statement("work@example.com", None, 50), 100);
+        assert_eq!(husband.address_since.get(&field::EMAIL), Some(&50));
+    }
+
+    /// The tablet's profile, holding the wife's e-mail and her opt-in, merges into the
+    /// husband after the e-mail moved to her: neither the address nor the opt-in
+    /// comes with it.
+    #[test]
+    fn a_merge_takes_no_consent_given_with_an_address_that_moved_away() {
+        let mut husband = CustomerProfile::new("c-h", 0);
+        husband.release_identifier("email:wife@example.com", "c-w");
+        let mut tablet = CustomerProfile::new("anon:tablet", 0);
+        tablet.email = Some("wife@example.com".into());
+        tablet.stated_at.insert(field::EMAIL, 40);
+        assert!(tablet.state_consent(Channel::email, true, 40));
+        husband.absorb(tablet);
+        assert_eq!(husband.email, None);
+        assert_ne!(husband.consents.get(&Channel::email), Some(&true));
     }
 
     #[test]
