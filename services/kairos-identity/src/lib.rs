@@ -151,7 +151,7 @@ pub struct IdentityProcessor {
 }
 
 /// Resolution outcomes (metric label).
-const RESOLVED: [&str; 3] = ["customer_id", "linked", "new"];
+const RESOLVED: [&str; 4] = ["customer_id", "linked", "new", "another_person"];
 
 impl IdentityProcessor {
     pub fn new(
@@ -166,7 +166,7 @@ impl IdentityProcessor {
             resolved: metrics::counter_vec(
                 prom,
                 "kairos_identity_events_total",
-                "Events resolved to a customer, by how: a customer id on the event, a linked identifier, or a new profile.",
+                "Events resolved to a customer, by how: a customer id on the event, a linked identifier, a new profile, or the profile of an address someone else typed on a known customer's device (another_person).",
                 &["resolution"],
             ),
             merges: metrics::counter_vec(
@@ -581,6 +581,15 @@ impl IdentityProcessor {
                 .or(owners.first())
                 .map(|(o, _, _, _)| o.clone());
         }
+        // The known customer a device led to, passed over for someone else's address.
+        let mut passed_over = None;
+        if let Some(known) = target.clone().filter(|_| !named) {
+            if let Some(other) = self.another_persons_address(ctx, &links, &known)? {
+                resolution = "another_person";
+                passed_over = Some(known);
+                target = Some(other);
+            }
+        }
         let mut target = match target {
             Some(t) => t,
             None => {
@@ -601,19 +610,8 @@ impl IdentityProcessor {
                             .iter()
                             .min_by_key(|i| anonymous_rank(i.kind))
                     })
-                    .map(anonymous_name)
                     .ok_or_else(|| anyhow::anyhow!("event without identifiers"))?;
-                // Its anonymous profile may have been stitched to a customer since,
-                // and the identifier then found shared (else it would have linked):
-                // following that profile would hand the event to one of the people
-                // who share it, so it goes to a profile of the shared identifier.
-                let name = match ctx.get::<Node>(&node_key(&name))? {
-                    Some(node) if node.merged_into.is_some() => {
-                        format!("{name}{SHARED_IDENTIFIER_SUFFIX}")
-                    }
-                    _ => name,
-                };
-                self.canonical(ctx, &name)?
+                self.new_profile(ctx, name)?
             }
         };
         self.metrics.resolved.with_label_values(&[resolution]).inc();
@@ -698,7 +696,8 @@ impl IdentityProcessor {
                 ctx.put(&link_key(id), &link)?;
             }
             let owner = self.canonical(ctx, &link.customer)?;
-            if owner == target {
+            // The device of the known customer passed over stays theirs.
+            if owner == target || passed_over.as_ref() == Some(&owner) {
                 continue;
             }
             // A profile begun again from a link that outlived it (see `seen`).
@@ -753,6 +752,91 @@ impl IdentityProcessor {
         }
         self.seen(ctx, &target, at)?;
         Ok(target)
+    }
+
+    /// The profile of the event's `identifier`, named after it: a new one, unless its
+    /// anonymous profile was stitched to a customer since and the identifier then
+    /// found shared (else it would have linked): following that profile would hand the
+    /// event to one of the people who share it, so it goes to a profile of the shared
+    /// identifier.
+    fn new_profile(&self, ctx: &mut Ctx<'_>, identifier: &Identifier) -> anyhow::Result<String> {
+        let name = anonymous_name(identifier);
+        let name = match ctx.get::<Node>(&node_key(&name))? {
+            Some(node) if node.merged_into.is_some() => {
+                format!("{name}{SHARED_IDENTIFIER_SUFFIX}")
+            }
+            _ => name,
+        };
+        self.canonical(ctx, &name)
+    }
+
+    /// An e-mail or phone of the event nobody known holds, when the `known` customer a
+    /// device led the event to holds another one of that kind that they presented
+    /// themselves: someone else is at the keyboard (the wife typing her e-mail on the
+    /// husband's laptop, where he registered with his). Returns the profile the event
+    /// goes to instead: the anonymous one the address leads to, or a new one named
+    /// after it. Without this the address (and a consent given with it) would become
+    /// the husband's until she registers with it. One he holds, or one of a kind he
+    /// has presented none of, names nobody else: the event stays his.
+    fn another_persons_address(
+        &self,
+        ctx: &mut Ctx<'_>,
+        links: &[(&Identifier, Option<Link>)],
+        known: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let mut held_kinds: Option<Vec<IdentifierKind>> = None;
+        for (id, link) in links {
+            if !matches!(id.kind, IdentifierKind::email | IdentifierKind::phone) {
+                continue;
+            }
+            let owner = match link {
+                Some(l) if l.shared => continue,
+                Some(l) => Some(self.canonical(ctx, &l.customer)?),
+                None => None,
+            };
+            if let Some(owner) = &owner {
+                // The known customer's own, or another known customer's (not by this
+                // device: that one named its person, or stays where it is).
+                if owner == known || self.node(ctx, owner)?.known {
+                    continue;
+                }
+            }
+            // The kinds the known customer presented an address of, read once.
+            if held_kinds.is_none() {
+                let mut kinds = Vec::new();
+                let node = self.node(ctx, known)?;
+                // An anonymous profile presented nothing: only a login names someone.
+                let held = if node.known {
+                    node.identifiers
+                } else {
+                    Vec::new()
+                };
+                for held in held {
+                    let Some(kind) = IdentifierKind::ALL.into_iter().find(|k| {
+                        held.strip_prefix(k.as_str())
+                            .is_some_and(|v| v.starts_with(':'))
+                    }) else {
+                        continue;
+                    };
+                    let presented = match ctx.get::<Link>(&link_key_str(&held))? {
+                        Some(l) => self.claimed_by(ctx, &l, known)?,
+                        None => false,
+                    };
+                    if presented {
+                        kinds.push(kind);
+                    }
+                }
+                held_kinds = Some(kinds);
+            }
+            if !held_kinds.as_ref().is_some_and(|k| k.contains(&id.kind)) {
+                continue;
+            }
+            return Ok(Some(match owner {
+                Some(owner) => owner,
+                None => self.new_profile(ctx, id)?,
+            }));
+        }
+        Ok(None)
     }
 
     /// Notes an event of a profile: an event older than every one before it (events

@@ -977,6 +977,12 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
         t0,
         json!({"customer_id": "c-61", "anonymous_id": "laptop"}),
     );
+    // He gave no e-mail of his own: one typed on his laptop may be his, and leads to
+    // him (the son's first, then the wife's).
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "son@example.com", t0 + HOUR / 2),
+        "c-61"
+    );
     assert_eq!(
         h.page_view_resolves_to("laptop", "wife@example.com", t0 + HOUR),
         "c-61"
@@ -1104,6 +1110,85 @@ fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     }
     h.advance(t0 + 12 * HOUR);
     assert!(h.merged_away().contains(&"c-66".to_string()));
+}
+
+/// The wife types her e-mail (and ticks the newsletter box) on the laptop where the
+/// husband registered with his: someone else is at the keyboard. The event goes to a
+/// profile of her e-mail, not his (his address and consent stay his own), and that
+/// profile joins her account when she registers. The son's phone likewise.
+#[test]
+fn an_address_typed_on_the_device_of_a_customer_who_gave_another_is_someone_else_s() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-71", "anonymous_id": "laptop",
+            "email": "husband@example.com", "phone": "+4915111110000"}),
+    );
+    h.event(
+        "events.site",
+        "consent_change",
+        t0 + HOUR,
+        json!({"anonymous_id": "laptop", "email": "wife@example.com",
+            "consent": {"channel": "email", "granted": true}}),
+    );
+    let hers = format!("e-{}", h.next_event);
+    h.advance(t0 + HOUR);
+    let hers = h.resolved(&hers).expect("resolved");
+    assert_eq!(hers, "email:wife@example.com");
+    // The laptop alone is still his; her e-mail on it again is hers.
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "", t0 + 2 * HOUR),
+        "c-71",
+        "the device stays his"
+    );
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "wife@example.com", t0 + 3 * HOUR),
+        hers
+    );
+    let sons = {
+        h.event(
+            "events.site",
+            "page_view",
+            t0 + 3 * HOUR + MINUTE,
+            json!({"anonymous_id": "laptop", "phone": "+4915122220000"}),
+        );
+        let id = format!("e-{}", h.next_event);
+        h.advance(t0 + 3 * HOUR + MINUTE);
+        h.resolved(&id).expect("resolved")
+    };
+    assert_eq!(sons, "phone:+4915122220000");
+    let husband = h.profile("c-71");
+    assert_eq!(husband.email.as_deref(), Some("husband@example.com"));
+    assert_eq!(husband.phone.as_deref(), Some("+4915111110000"));
+    assert_eq!(husband.consents.get(&Channel::email), None);
+    let wife = h.profile(&hers);
+    assert_eq!(wife.email.as_deref(), Some("wife@example.com"));
+    assert_eq!(wife.consents.get(&Channel::email), Some(&true));
+    // She registers: her profile joins her account, nobody else is merged, and no
+    // address had to move.
+    h.event(
+        "events.site",
+        "registration",
+        t0 + 4 * HOUR,
+        json!({"customer_id": "c-72", "email": "wife@example.com"}),
+    );
+    h.advance(t0 + 5 * HOUR);
+    assert_eq!(h.merged_away(), [hers]);
+    let wife = h.profile("c-72");
+    assert_eq!(wife.email.as_deref(), Some("wife@example.com"));
+    assert_eq!(wife.consents.get(&Channel::email), Some(&true));
+    assert!(h
+        .changes()
+        .iter()
+        .all(|c| c.kind != IdentityChangeKind::conflict));
+    assert_eq!(
+        h.page_view_resolves_to("laptop", "", t0 + 6 * HOUR),
+        "c-71",
+        "the device stays his"
+    );
 }
 
 /// A card its owner never presented with a login (it came with an anonymous profile
