@@ -94,7 +94,14 @@ struct ScenarioTimer {
     /// The occasion's template variables as a JSON object (a segment trigger's from
     /// and to), for steps that fire later.
     variables: Option<String>,
+    /// A post-purchase follow-up's earlier orders whose pending follow-up this one's
+    /// took (latest first, a few) with their template variables: when this order is
+    /// returned, the one that takes the follow-up back still names what it bought.
+    given_way: Vec<(String, String)>,
 }
+
+/// Earlier orders a post-purchase follow-up remembers (see `ScenarioTimer::given_way`).
+const GIVEN_WAY_KEPT: usize = 3;
 
 /// A [`ScenarioTimer`] as written: the same fields in the same order, so the same
 /// bytes, borrowed instead of copied into a value that lives only to be encoded.
@@ -108,6 +115,7 @@ struct ScenarioTimerRef<'a> {
     product: Option<&'a Product>,
     order_id: Option<&'a str>,
     variables: Option<&'a str>,
+    given_way: &'a [(String, String)],
 }
 
 /// Timer id prefix of the segment review (time-driven segment changes).
@@ -183,6 +191,7 @@ fn arming_pass_payload(timer_id: &str, cursor: &str) -> ScenarioTimer {
         product: None,
         order_id: None,
         variables: None,
+        given_way: Vec::new(),
     }
 }
 
@@ -2027,7 +2036,23 @@ impl ProfileProcessor {
                     continue;
                 }
             }
-            let timer = StepTimer::new(event_id, at, 0, at + ms(s.delay));
+            // The pending follow-up of an earlier order gives way: remembered, with what
+            // it bought, in case this order is returned.
+            let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
+            let given_way = pending
+                .map(|c| c.timer)
+                .filter(|t| t.step == 0 && t.order_id.is_some() && t.order_id != order_id)
+                .map(|t| {
+                    let earlier = t.order_id.zip(t.variables);
+                    let mut given_way: Vec<_> = earlier.into_iter().chain(t.given_way).collect();
+                    given_way.truncate(GIVEN_WAY_KEPT);
+                    given_way
+                })
+                .unwrap_or_default();
+            let timer = StepTimer {
+                given_way: &given_way,
+                ..StepTimer::new(event_id, at, 0, at + ms(s.delay))
+            };
             let (order, items) = (order_id.as_deref(), order_items.as_deref());
             schedule_step_with(ctx, s, p, timer, None, order, items)?;
         }
@@ -2045,9 +2070,10 @@ impl ProfileProcessor {
     ) -> anyhow::Result<()> {
         for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
             let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
-            if pending.is_none_or(|c| c.timer.order_id.as_deref() != Some(reversed)) {
+            let Some(pending) = pending.filter(|c| c.timer.order_id.as_deref() == Some(reversed))
+            else {
                 continue;
-            }
+            };
             // Not one returned in part either: its follow-up would be skipped.
             let Some(order) = p
                 .recent_orders
@@ -2059,10 +2085,20 @@ impl ProfileProcessor {
             };
             let due = order.at + ms(s.delay);
             if due > ctx.now() {
-                // Its purchase event is not kept: the order names the cause.
+                // Its purchase event is not kept: the order names the cause. What it
+                // bought, if it gave way to the returned one.
                 let cause = ["order:", order.order_id.as_str()].concat();
                 let order_id = Some(order.order_id.as_str());
-                schedule_step(ctx, s, p, &cause, order.at, 0, due, None, order_id)?;
+                let mut given_way = pending.timer.given_way;
+                let items = given_way
+                    .iter()
+                    .position(|(o, _)| *o == order.order_id)
+                    .map(|n| given_way.remove(n).1);
+                let timer = StepTimer {
+                    given_way: &given_way,
+                    ..StepTimer::new(&cause, order.at, 0, due)
+                };
+                schedule_step_with(ctx, s, p, timer, None, order_id, items.as_deref())?;
             }
         }
         Ok(())
@@ -3120,6 +3156,8 @@ struct StepTimer<'a> {
     cause_occurred_at: Millis,
     step: usize,
     fire_at: Millis,
+    /// See `ScenarioTimer::given_way`.
+    given_way: &'a [(String, String)],
 }
 
 impl<'a> StepTimer<'a> {
@@ -3134,6 +3172,7 @@ impl<'a> StepTimer<'a> {
             cause_occurred_at,
             step,
             fire_at,
+            given_way: &[],
         }
     }
 }
@@ -3160,6 +3199,7 @@ fn schedule_step_with(
             product,
             order_id,
             variables,
+            given_way: timer.given_way,
         },
     )
 }
@@ -3672,9 +3712,11 @@ mod tests {
             price: Some(79.9),
         };
         let variables = Some(r#"{"to_segment":"At Risk"}"#);
-        for (product, order_id, variables) in
-            [(Some(&product), Some("o-7"), variables), (None, None, None)]
-        {
+        let earlier = vec![("o-6".to_string(), r#"{"order_items":[]}"#.to_string())];
+        for (product, order_id, variables, given_way) in [
+            (Some(&product), Some("o-7"), variables, earlier),
+            (None, None, None, Vec::new()),
+        ] {
             let borrowed = ScenarioTimerRef {
                 scenario: "post_purchase",
                 customer_id: "c-1",
@@ -3684,6 +3726,7 @@ mod tests {
                 product,
                 order_id,
                 variables,
+                given_way: &given_way,
             };
             let bytes = kairos_core::encoding::encode_state(&borrowed).unwrap();
             let owned: ScenarioTimer = kairos_core::encoding::decode_state(&bytes).unwrap();
@@ -3695,6 +3738,7 @@ mod tests {
             assert_eq!(owned.product.as_ref(), product);
             assert_eq!(owned.order_id.as_deref(), order_id);
             assert_eq!(owned.variables.as_deref(), variables);
+            assert_eq!(owned.given_way, given_way);
             assert_eq!(kairos_core::encoding::encode_state(&owned).unwrap(), bytes);
         }
     }

@@ -981,13 +981,18 @@ fn post_purchase_is_cancelled_by_a_till_refund() {
 fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
     let t = at(T0);
     let mut h = Harness::new();
-    h.site("rv-a", "purchase", "rv", t, order("o-rv-a", 50.0, None));
+    let with_item = |order_id: &str, product: &str| {
+        let mut o = order(order_id, 50.0, None);
+        o["items"] = json!([{"product_id": product, "quantity": 1, "unit_price": 50.0}]);
+        o
+    };
+    h.site("rv-a", "purchase", "rv", t, with_item("o-rv-a", "p-kettle"));
     h.site(
         "rv-b",
         "purchase",
         "rv",
         t + DAY,
-        order("o-rv-b", 50.0, None),
+        with_item("o-rv-b", "p-mug"),
     );
     h.site(
         "rv-b-cancel",
@@ -1018,6 +1023,11 @@ fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
         assert_eq!(vars(&fired[0])["order_id"], earlier);
         assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
     }
+    // The earlier order names what it bought, though the later one had taken its place.
+    let fired = h.triggers("rv", "post_purchase");
+    let items = &vars(&fired[0])["order_items"];
+    assert_eq!(items[0]["product_id"], "p-kettle", "{items}");
+    assert_eq!(items.as_array().map(Vec::len), Some(1), "{items}");
 }
 
 /// A later order returned before an earlier one is read (a till receipt uploaded
