@@ -776,67 +776,86 @@ impl IdentityProcessor {
     /// husband's laptop, where he registered with his). Returns the profile the event
     /// goes to instead: the anonymous one the address leads to, or a new one named
     /// after it. Without this the address (and a consent given with it) would become
-    /// the husband's until she registers with it. One he holds, or one of a kind he
-    /// has presented none of, names nobody else: the event stays his.
+    /// the husband's until she registers with it. An address of a kind he presented
+    /// none of, or one of his own addresses on the event (his phone with a work
+    /// e-mail), may be him: the event stays his; so it does when an identifier of it
+    /// leads to another known customer (the rules for two customers apply).
     fn another_persons_address(
         &self,
         ctx: &mut Ctx<'_>,
         links: &[(&Identifier, Option<Link>)],
         known: &str,
     ) -> anyhow::Result<Option<String>> {
-        let mut held_kinds: Option<Vec<IdentifierKind>> = None;
+        let is_address =
+            |kind: IdentifierKind| matches!(kind, IdentifierKind::email | IdentifierKind::phone);
+        if !links.iter().any(|(id, _)| is_address(id.kind)) {
+            return Ok(None);
+        }
+        // Addresses nobody known holds, with the anonymous profile each leads to.
+        let mut unheld = Vec::new();
         for (id, link) in links {
-            if !matches!(id.kind, IdentifierKind::email | IdentifierKind::phone) {
-                continue;
-            }
             let owner = match link {
                 Some(l) if l.shared => continue,
                 Some(l) => Some(self.canonical(ctx, &l.customer)?),
                 None => None,
             };
-            if let Some(owner) = &owner {
-                // The known customer's own, or another known customer's (not by this
-                // device: that one named its person, or stays where it is).
-                if owner == known || self.node(ctx, owner)?.known {
-                    continue;
-                }
-            }
-            // The kinds the known customer presented an address of, read once.
-            if held_kinds.is_none() {
-                let mut kinds = Vec::new();
-                let node = self.node(ctx, known)?;
-                // An anonymous profile presented nothing: only a login names someone.
-                let held = if node.known {
-                    node.identifiers
-                } else {
-                    Vec::new()
-                };
-                for held in held {
-                    let Some(kind) = IdentifierKind::ALL.into_iter().find(|k| {
-                        held.strip_prefix(k.as_str())
-                            .is_some_and(|v| v.starts_with(':'))
-                    }) else {
-                        continue;
-                    };
-                    let presented = match ctx.get::<Link>(&link_key_str(&held))? {
-                        Some(l) => self.claimed_by(ctx, &l, known)?,
-                        None => false,
-                    };
-                    if presented {
-                        kinds.push(kind);
+            match &owner {
+                // One of his own addresses on it (his phone, with a work e-mail at a
+                // guest checkout): it may be him.
+                Some(owner) if owner == known => {
+                    if is_address(id.kind) {
+                        return Ok(None);
                     }
                 }
-                held_kinds = Some(kinds);
+                // Another known customer it leads to (a family phone): the rules for
+                // two customers apply, not this one.
+                Some(owner) if self.node(ctx, owner)?.known => return Ok(None),
+                _ => {
+                    if is_address(id.kind) {
+                        unheld.push((*id, owner));
+                    }
+                }
             }
-            if !held_kinds.as_ref().is_some_and(|k| k.contains(&id.kind)) {
+        }
+        if unheld.is_empty() {
+            return Ok(None);
+        }
+        // The kinds of address the known customer presented himself.
+        let node = self.node(ctx, known)?;
+        if !node.known {
+            // An anonymous profile presented nothing: only a login names someone.
+            return Ok(None);
+        }
+        let mut presented = Vec::new();
+        for held in &node.identifiers {
+            let Some(kind) = [IdentifierKind::email, IdentifierKind::phone]
+                .into_iter()
+                .find(|k| {
+                    held.strip_prefix(k.as_str())
+                        .is_some_and(|v| v.starts_with(':'))
+                })
+            else {
+                continue;
+            };
+            if presented.contains(&kind) || !unheld.iter().any(|(id, _)| id.kind == kind) {
                 continue;
             }
-            return Ok(Some(match owner {
-                Some(owner) => owner,
-                None => self.new_profile(ctx, id)?,
-            }));
+            if let Some(l) = ctx.get::<Link>(&link_key_str(held))? {
+                if self.claimed_by(ctx, &l, known)? {
+                    presented.push(kind);
+                }
+            }
         }
-        Ok(None)
+        let Some((id, owner)) = unheld
+            .into_iter()
+            .find(|(id, _)| presented.contains(&id.kind))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(match owner {
+            Some(owner) => owner,
+            None => self.new_profile(ctx, id)?,
+        }))
     }
 
     /// Notes an event of a profile: an event older than every one before it (events

@@ -1167,6 +1167,35 @@ fn an_address_typed_on_the_device_of_a_customer_who_gave_another_is_someone_else
     let wife = h.profile(&hers);
     assert_eq!(wife.email.as_deref(), Some("wife@example.com"));
     assert_eq!(wife.consents.get(&Channel::email), Some(&true));
+    // He himself, logged out, at a guest checkout with his own phone and a work
+    // e-mail: his phone on it, the event stays his.
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 3 * HOUR + 2 * MINUTE,
+        json!({"anonymous_id": "laptop", "phone": "+4915111110000", "email": "work@example.com"}),
+    );
+    let his = format!("e-{}", h.next_event);
+    // The grandmother's app (she registered on it, with her e-mail) and the laptop's
+    // cookie, with a new e-mail: two known customers in the event, the rules for two
+    // customers apply (her device names her first), and nobody is merged into either.
+    h.event(
+        "events.app",
+        "registration",
+        t0 + 3 * HOUR + 3 * MINUTE,
+        json!({"customer_id": "c-73", "device_id": "gran-phone", "email": "gran@example.com"}),
+    );
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 3 * HOUR + 4 * MINUTE,
+        json!({"anonymous_id": "laptop", "device_id": "gran-phone", "email": "new@example.com"}),
+    );
+    let grandmothers = format!("e-{}", h.next_event);
+    h.advance(t0 + 3 * HOUR + 5 * MINUTE);
+    assert_eq!(h.resolved(&his).as_deref(), Some("c-71"));
+    assert_eq!(h.resolved(&grandmothers).as_deref(), Some("c-73"));
+    assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
     // She registers: her profile joins her account, nobody else is merged, and no
     // address had to move.
     h.event(

@@ -499,6 +499,17 @@ fn same_contact(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b) || kairos_core::identifiers::same_address(a, b)
 }
 
+/// What becomes of a consent given with an address that moved away (see
+/// `CustomerProfile::drop_address`).
+enum ConsentWithAddress {
+    /// On the profile that had the address: withdrawn as of its time, so that no
+    /// earlier statement read late takes its place.
+    Withdrawn,
+    /// On a profile merging in: no statement of the survivor's at all, so it does not
+    /// outweigh the survivor's own.
+    Forgotten,
+}
+
 /// Whether `code` is a field that holds an address whose moves are followed.
 fn is_address(code: u8) -> bool {
     code == field::EMAIL || code == field::PHONE
@@ -871,6 +882,27 @@ impl CustomerProfile {
                 .get(&code)
                 .is_some_and(|cleared| theirs_at.get(&code).is_none_or(|t| t <= cleared))
         };
+        // The same address on both sides: held since the earlier of the two.
+        let held_since = |p: &CustomerProfile, code: u8| {
+            (p.address_since.get(&code))
+                .or(p.stated_at.get(&code))
+                .copied()
+        };
+        let mut same_held = Vec::new();
+        for (code, mine, theirs) in [
+            (field::EMAIL, &self.email, &other.email),
+            (field::PHONE, &self.phone, &other.phone),
+        ] {
+            if let (Some(mine), Some(theirs)) = (mine, theirs) {
+                if same_contact(mine, theirs) {
+                    let earliest = held_since(self, code)
+                        .into_iter()
+                        .chain(held_since(&other, code))
+                        .min();
+                    same_held.extend(earliest.map(|at| (code, at)));
+                }
+            }
+        }
         // The fields whose value came from the other: they take its statement's time.
         let mut taken: Vec<u8> = Vec::new();
         let mut keep = |code: u8, mine: &mut Option<String>, theirs: Option<String>| {
@@ -915,6 +947,7 @@ impl CustomerProfile {
                 None => self.address_since.remove(&code),
             };
         }
+        self.address_since.extend(same_held);
         self.registered_at = min_some(self.registered_at, other.registered_at);
         self.subscribed_at = min_some(self.subscribed_at, other.subscribed_at);
         // An older row's consents may hide an opt-in it never timed.
@@ -1200,6 +1233,9 @@ impl CustomerProfile {
         // Each field keeps the latest statement by event time, whatever order the
         // topics delivered them in.
         let at = e.occurred_at;
+        // On the consents' clock: a device dated ahead must not date the address after
+        // the opt-in given with it.
+        let since_at = consent_stated_at(e, now);
         let stated = &mut self.stated_at;
         let since = &mut self.address_since;
         // A blank value is no statement: forms send "" for a field left empty, and it
@@ -1214,7 +1250,8 @@ impl CustomerProfile {
                 }
                 if is_address(code) && (same || newer) {
                     // Read in any order: the earliest statement of the address held.
-                    let first = since.get(&code).filter(|_| same).map_or(at, |s| at.min(*s));
+                    let first =
+                        (since.get(&code).filter(|_| same)).map_or(since_at, |s| since_at.min(*s));
                     since.insert(code, first);
                 }
             }
@@ -1274,7 +1311,8 @@ impl CustomerProfile {
         let Some((kind, value)) = identifier.split_once(':') else {
             return false;
         };
-        let Some(held) = self.drop_address(kind, |address| same_contact(address, value)) else {
+        let moved = |address: &str| same_contact(address, value);
+        let Some(held) = self.drop_address(kind, moved, ConsentWithAddress::Withdrawn) else {
             return false;
         };
         let moved = ReleasedAddress {
@@ -1295,7 +1333,12 @@ impl CustomerProfile {
     /// its holder's, not this customer's: it is withdrawn as of its time, so it gives
     /// no consent to the next address the customer states, and no earlier statement
     /// read late brings one back. One stated before the address stays the customer's.
-    fn drop_address(&mut self, kind: &str, moved: impl Fn(&str) -> bool) -> Option<bool> {
+    fn drop_address(
+        &mut self,
+        kind: &str,
+        moved: impl Fn(&str) -> bool,
+        consent: ConsentWithAddress,
+    ) -> Option<bool> {
         let (address, code, channel) = match kind {
             "email" => (&mut self.email, field::EMAIL, Channel::email),
             "phone" => (&mut self.phone, field::PHONE, Channel::sms),
@@ -1312,7 +1355,15 @@ impl CustomerProfile {
                 .unwrap_or(Millis::MIN);
             let consent_at = self.consent_at.get(&channel).copied();
             if consent_at.is_some_and(|at| at >= held_since) {
-                self.consents.insert(channel, false);
+                match consent {
+                    ConsentWithAddress::Withdrawn => {
+                        self.consents.insert(channel, false);
+                    }
+                    ConsentWithAddress::Forgotten => {
+                        self.consents.remove(&channel);
+                        self.consent_at.remove(&channel);
+                    }
+                }
             }
         }
         Some(dropped)
@@ -1330,14 +1381,15 @@ impl CustomerProfile {
         self.released_addresses
             .retain(|moved| !theirs(&moved.holder));
         for kind in ["email", "phone"] {
-            other.drop_address(kind, |address| {
+            let moved = |address: &str| {
                 self.released_addresses.iter().any(|moved| {
                     moved
                         .identifier
                         .split_once(':')
                         .is_some_and(|(k, released)| k == kind && same_contact(released, address))
                 })
-            });
+            };
+            other.drop_address(kind, moved, ConsentWithAddress::Forgotten);
         }
         for moved in std::mem::take(&mut other.released_addresses) {
             if moved.holder != self.customer_id {
@@ -2340,13 +2392,43 @@ mod tests {
     fn a_merge_takes_no_consent_given_with_an_address_that_moved_away() {
         let mut husband = CustomerProfile::new("c-h", 0);
         husband.release_identifier("email:wife@example.com", "c-w");
+        // His own word, said of no address: hers, later, must not outweigh it.
+        assert!(husband.state_consent(Channel::email, true, 30));
         let mut tablet = CustomerProfile::new("anon:tablet", 0);
         tablet.email = Some("wife@example.com".into());
         tablet.stated_at.insert(field::EMAIL, 40);
         assert!(tablet.state_consent(Channel::email, true, 40));
         husband.absorb(tablet);
         assert_eq!(husband.email, None);
-        assert_ne!(husband.consents.get(&Channel::email), Some(&true));
+        assert_eq!(husband.consents.get(&Channel::email), Some(&true));
+        assert_eq!(husband.consent_at.get(&Channel::email), Some(&30));
+    }
+
+    /// Her address on both profiles of a merge, his since later: held since her first
+    /// statement, on the tablet, so her opt-in there leaves with it.
+    #[test]
+    fn the_same_address_on_both_sides_of_a_merge_is_held_since_the_earlier() {
+        let mut tablet = CustomerProfile::new("anon:tablet", 0);
+        tablet.touch(&statement("wife@example.com", None, 10), 100);
+        tablet.touch(&statement("wife@example.com", Some(true), 20), 100);
+        let mut husband = CustomerProfile::new("c-h", 0);
+        husband.touch(&statement("wife@example.com", None, 30), 100);
+        husband.absorb(tablet);
+        assert_eq!(husband.address_since.get(&field::EMAIL), Some(&10));
+        assert!(husband.release_identifier("email:wife@example.com", "c-w"));
+        assert_eq!(husband.consents.get(&Channel::email), Some(&false));
+    }
+
+    /// A device dated ahead of the processor's clock: the address is held since the
+    /// time its opt-in counts from, so the opt-in still leaves with it.
+    #[test]
+    fn an_address_from_a_device_dated_ahead_is_held_since_the_clock_s_time() {
+        let mut p = CustomerProfile::new("c-h", 0);
+        p.touch(&statement("wife@example.com", Some(true), 500), 100);
+        assert_eq!(p.consent_at.get(&Channel::email), Some(&100));
+        assert_eq!(p.address_since.get(&field::EMAIL), Some(&100));
+        assert!(p.release_identifier("email:wife@example.com", "c-w"));
+        assert_eq!(p.consents.get(&Channel::email), Some(&false));
     }
 
     #[test]
