@@ -794,17 +794,21 @@ impl IdentityProcessor {
         // Addresses nobody known holds, with the anonymous profile each leads to.
         let mut unheld = Vec::new();
         for (id, link) in links {
-            let owner = match link {
+            let (owner, link) = match link {
                 Some(l) if l.shared => continue,
-                Some(l) => Some(self.canonical(ctx, &l.customer)?),
-                None => None,
+                Some(l) => (Some(self.canonical(ctx, &l.customer)?), Some(l)),
+                None => (None, None),
             };
             match &owner {
-                // One of his own addresses on it (his phone, with a work e-mail at a
-                // guest checkout): it may be him.
+                // One of the addresses he presented himself on it (his phone, with a
+                // work e-mail at a guest checkout): it may be him. One that only came
+                // to him (the wife's e-mail, typed on the laptop before he registered
+                // there) says nothing of who is typing.
                 Some(owner) if owner == known => {
-                    if is_address(id.kind) {
-                        return Ok(None);
+                    if let Some(l) = link.filter(|_| is_address(id.kind)) {
+                        if self.claimed_by(ctx, l, known)? {
+                            return Ok(None);
+                        }
                     }
                 }
                 // Another known customer it leads to (a family phone): the rules for

@@ -1196,6 +1196,28 @@ fn an_address_typed_on_the_device_of_a_customer_who_gave_another_is_someone_else
     assert_eq!(h.resolved(&his).as_deref(), Some("c-71"));
     assert_eq!(h.resolved(&grandmothers).as_deref(), Some("c-73"));
     assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
+    // Her other e-mail came to him with the tablet he logged in on after she typed
+    // it there: not one he presented. With it and her phone on the laptop, the phone
+    // is someone else's all the same.
+    h.page_view_resolves_to("tablet-2", "wife3@example.com", t0 + 3 * HOUR + 6 * MINUTE);
+    h.event(
+        "events.site",
+        "login",
+        t0 + 3 * HOUR + 7 * MINUTE,
+        json!({"customer_id": "c-71", "anonymous_id": "tablet-2"}),
+    );
+    h.event(
+        "events.site",
+        "page_view",
+        t0 + 3 * HOUR + 8 * MINUTE,
+        json!({"anonymous_id": "laptop", "email": "wife3@example.com", "phone": "+4915144440000"}),
+    );
+    let her_phone = format!("e-{}", h.next_event);
+    h.advance(t0 + 3 * HOUR + 9 * MINUTE);
+    assert_eq!(
+        h.resolved(&her_phone).as_deref(),
+        Some("phone:+4915144440000")
+    );
     // She registers: her profile joins her account, nobody else is merged, and no
     // address had to move.
     h.event(
@@ -1205,7 +1227,7 @@ fn an_address_typed_on_the_device_of_a_customer_who_gave_another_is_someone_else
         json!({"customer_id": "c-72", "email": "wife@example.com"}),
     );
     h.advance(t0 + 5 * HOUR);
-    assert_eq!(h.merged_away(), [hers]);
+    assert_eq!(h.merged_away(), ["anon:tablet-2".to_string(), hers]);
     let wife = h.profile("c-72");
     assert_eq!(wife.email.as_deref(), Some("wife@example.com"));
     assert_eq!(wife.consents.get(&Channel::email), Some(&true));

@@ -1690,12 +1690,15 @@ impl ProfileProcessor {
             return Ok(());
         };
         let t = &carried.timer;
-        let step = StepTimer::new(
-            &t.cause_event_id,
-            t.cause_occurred_at,
-            t.step,
-            carried.fire_at,
-        );
+        let step = StepTimer {
+            given_way: &t.given_way,
+            ..StepTimer::new(
+                &t.cause_event_id,
+                t.cause_occurred_at,
+                t.step,
+                carried.fire_at,
+            )
+        };
         schedule_timer_step(ctx, s, p, t, step)
     }
 
@@ -2024,9 +2027,9 @@ impl ProfileProcessor {
             // receipt uploaded late): this one takes it then, as the return would
             // have given it back in time order (see `rearm_post_purchase`). One that
             // fired already is not given back.
+            let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
             if later_purchase {
-                let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
-                let given_back = pending.is_some_and(|c| {
+                let given_back = pending.as_ref().is_some_and(|c| {
                     c.timer.order_id.as_deref().is_some_and(|pending_order| {
                         order_id.as_deref() != Some(pending_order)
                             && p.order_returned(pending_order)
@@ -2037,18 +2040,20 @@ impl ProfileProcessor {
                 }
             }
             // The pending follow-up of an earlier order gives way: remembered, with what
-            // it bought, in case this order is returned.
-            let pending = carried_step(ctx, &timer_id(&s.name, &p.customer_id))?;
-            let given_way = pending
-                .map(|c| c.timer)
-                .filter(|t| t.step == 0 && t.order_id.is_some() && t.order_id != order_id)
-                .map(|t| {
-                    let earlier = t.order_id.zip(t.variables);
-                    let mut given_way: Vec<_> = earlier.into_iter().chain(t.given_way).collect();
+            // it bought, in case this order is returned (with those it took the place
+            // of; none returned).
+            let given_way = match pending.map(|c| c.timer).filter(|t| t.step == 0) {
+                Some(t) => {
+                    let other = t.order_id.filter(|o| Some(o) != order_id.as_ref());
+                    let earlier = other.zip(t.variables);
+                    let mut given_way: Vec<_> = (earlier.into_iter().chain(t.given_way))
+                        .filter(|(o, _)| !p.order_returned(o))
+                        .collect();
                     given_way.truncate(GIVEN_WAY_KEPT);
                     given_way
-                })
-                .unwrap_or_default();
+                }
+                None => Vec::new(),
+            };
             let timer = StepTimer {
                 given_way: &given_way,
                 ..StepTimer::new(event_id, at, 0, at + ms(s.delay))

@@ -345,6 +345,23 @@ fn order(order_id: &str, total: f64, status: Option<&str>) -> Value {
     }
 }
 
+/// An order of 50 with one item of `product`, as a purchase event's fields.
+fn order_of_one(order_id: &str, product: &str) -> Value {
+    let mut o = order(order_id, 50.0, None);
+    o["items"] = json!([{"product_id": product, "quantity": 1, "unit_price": 50.0}]);
+    o
+}
+
+/// The customer's one post-purchase follow-up is for `order_id` and names `product`.
+fn follow_up_names(h: &Harness, customer: &str, order_id: &str, product: &str) {
+    let fired = h.triggers(customer, "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    let v = vars(&fired[0]);
+    assert_eq!(v["order_id"], order_id);
+    assert_eq!(v["order_items"][0]["product_id"], product, "{v}");
+    assert_eq!(v["order_items"].as_array().map(Vec::len), Some(1), "{v}");
+}
+
 const T0: &str = "2026-03-02T10:00:00Z";
 
 // 1. Abandoned cart.
@@ -981,18 +998,19 @@ fn post_purchase_is_cancelled_by_a_till_refund() {
 fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
     let t = at(T0);
     let mut h = Harness::new();
-    let with_item = |order_id: &str, product: &str| {
-        let mut o = order(order_id, 50.0, None);
-        o["items"] = json!([{"product_id": product, "quantity": 1, "unit_price": 50.0}]);
-        o
-    };
-    h.site("rv-a", "purchase", "rv", t, with_item("o-rv-a", "p-kettle"));
+    h.site(
+        "rv-a",
+        "purchase",
+        "rv",
+        t,
+        order_of_one("o-rv-a", "p-kettle"),
+    );
     h.site(
         "rv-b",
         "purchase",
         "rv",
         t + DAY,
-        with_item("o-rv-b", "p-mug"),
+        order_of_one("o-rv-b", "p-mug"),
     );
     h.site(
         "rv-b-cancel",
@@ -1024,10 +1042,70 @@ fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
         assert_eq!(fired[0]["fired_at"], t + 14 * DAY);
     }
     // The earlier order names what it bought, though the later one had taken its place.
-    let fired = h.triggers("rv", "post_purchase");
-    let items = &vars(&fired[0])["order_items"];
-    assert_eq!(items[0]["product_id"], "p-kettle", "{items}");
-    assert_eq!(items.as_array().map(Vec::len), Some(1), "{items}");
+    follow_up_names(&h, "rv", "o-rv-a", "p-kettle");
+}
+
+/// Orders returned while later ones held the follow-up take none of the few places
+/// of the orders remembered: after five orders and four cancellations, the first
+/// order gets the follow-up with its items.
+#[test]
+fn returned_orders_keep_no_place_among_those_a_follow_up_remembers() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    let buy = |h: &mut Harness, n: i64, product: &str| {
+        let o = order_of_one(&format!("o-rp-{n}"), product);
+        h.site(&format!("rp-{n}"), "purchase", "rp", t + n * HOUR, o);
+    };
+    let cancel = |h: &mut Harness, n: i64, hours: i64| {
+        let status = order_status(&format!("o-rp-{n}"), "cancelled");
+        h.site(
+            &format!("rp-{n}-cancel"),
+            "order_status",
+            "rp",
+            t + hours * HOUR,
+            status,
+        );
+    };
+    for (n, product) in [(1, "p-kettle"), (2, "p-b"), (3, "p-c"), (4, "p-d")] {
+        buy(&mut h, n, product);
+    }
+    cancel(&mut h, 2, 5);
+    buy(&mut h, 6, "p-e");
+    for (n, hours) in [(6, 7), (4, 8), (3, 9)] {
+        cancel(&mut h, n, hours);
+    }
+    h.advance(t + 20 * DAY);
+    follow_up_names(&h, "rp", "o-rp-1", "p-kettle");
+}
+
+/// Between the order that takes the follow-up back and the one returned, a purchase
+/// that named no order (it takes the follow-up too, but is no order to give it back
+/// to): the earlier order's items are still remembered.
+#[test]
+fn an_order_takes_its_follow_up_back_with_its_items_past_a_purchase_without_an_order() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site(
+        "nb-a",
+        "purchase",
+        "nb",
+        t,
+        order_of_one("o-nb-a", "p-kettle"),
+    );
+    let without_order =
+        json!({"items": [{"product_id": "p-cup", "quantity": 1, "unit_price": 9.0}]});
+    h.site("nb-b", "purchase", "nb", t + DAY, without_order);
+    let c = order_of_one("o-nb-c", "p-mug");
+    h.site("nb-c", "purchase", "nb", t + 2 * DAY, c);
+    h.site(
+        "nb-c-cancel",
+        "order_status",
+        "nb",
+        t + 3 * DAY,
+        order_status("o-nb-c", "cancelled"),
+    );
+    h.advance(t + 20 * DAY);
+    follow_up_names(&h, "nb", "o-nb-a", "p-kettle");
 }
 
 /// A later order returned before an earlier one is read (a till receipt uploaded
@@ -6982,6 +7060,36 @@ fn a_merge_carries_a_post_purchase_chain_on_at_its_next_step() {
     let fired = h.triggers("c-21", "post_purchase");
     assert_eq!(fired[0]["template"], "care");
     assert_eq!(vars(&fired[0])["order_id"], "o-22");
+}
+
+/// The merged customer's later order held the follow-up; cancelled after the merge,
+/// it gives the follow-up back to the earlier order, which still names its items.
+#[test]
+fn a_follow_up_carried_by_a_merge_still_remembers_the_order_it_took_the_place_of() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    for (n, product) in [(0, "p-kettle"), (1, "p-mug")] {
+        h.identified_site(
+            json!({"event_id": format!("gw-buy-{n}"), "event_type": "purchase",
+            "occurred_at": rfc(t + n * DAY), "customer_id": "c-42",
+            "order": {"order_id": format!("o-gw-{n}"), "total": 50.0},
+            "items": [{"product_id": product, "quantity": 1, "unit_price": 50.0}]}),
+        );
+    }
+    h.identified_site(json!({"event_id": "gw-v", "event_type": "page_view",
+        "occurred_at": rfc(t + DAY), "customer_id": "c-41", "page_url": "/"}));
+    h.merge("m-gw", "c-42", "c-41", t + DAY + HOUR);
+    h.advance(t + DAY + 2 * HOUR);
+    order_event(
+        &mut h,
+        "gw-cancel",
+        "order_status",
+        "c-41",
+        t + 2 * DAY,
+        json!({"order_id": "o-gw-1", "status": "cancelled"}),
+    );
+    h.advance(t + 20 * DAY);
+    follow_up_names(&h, "c-41", "o-gw-0", "p-kettle");
 }
 
 #[test]
