@@ -777,7 +777,7 @@ impl IdentityProcessor {
     /// goes to instead: the anonymous one the address leads to, or a new one named
     /// after it. Without this the address (and a consent given with it) would become
     /// the husband's until she registers with it. An address of a kind he presented
-    /// none of, or one of his own addresses on the event (his phone with a work
+    /// none of, or an address he presented himself on the event (his phone with a work
     /// e-mail), may be him: the event stays his; so it does when an identifier of it
     /// leads to another known customer (the rules for two customers apply).
     fn another_persons_address(

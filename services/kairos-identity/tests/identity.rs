@@ -1218,7 +1218,8 @@ fn an_address_typed_on_the_device_of_a_customer_who_gave_another_is_someone_else
         h.resolved(&her_phone).as_deref(),
         Some("phone:+4915144440000")
     );
-    // She registers: her profile joins her account, nobody else is merged, and no
+    // She registers: her profile joins her account (the tablet's joined his), nobody
+    // known is merged, and no
     // address had to move.
     h.event(
         "events.site",

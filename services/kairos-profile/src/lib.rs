@@ -141,8 +141,9 @@ const ARMED_FOR_KEY: &str = "~armed-for";
 /// Timers of passes over the partition's profiles that arm a scenario with standing
 /// timers added since they were armed (`~arming-pass/<scenario>`). The payload is a
 /// [`ScenarioTimer`] naming no configured scenario, the pass's cursor (the last
-/// profile key armed, empty at the start) as its cause: a version without passes,
-/// rolled back to, drops it with a warning instead of failing on it.
+/// profile key armed, empty at the start) as its cause. (A version without passes
+/// dropped it with a warning; scenario timers have a field appended since, which an
+/// earlier version refuses: roll forward only, see the README.)
 const ARMING_PASS: &str = "~arming-pass";
 /// Profiles one firing of an arming pass takes: a batch stays small.
 const ARMING_PASS_PAGE: usize = 2_000;
