@@ -1243,7 +1243,8 @@ impl CustomerProfile {
         // is named in `cleared`).
         let mut set = |code: u8, field: &mut Option<String>, v: Option<&String>| {
             if let Some(v) = v.filter(|v| !v.trim().is_empty()) {
-                let same = field.as_deref().is_some_and(|held| same_contact(held, v));
+                let same =
+                    is_address(code) && field.as_deref().is_some_and(|held| same_contact(held, v));
                 let newer = newer_statement(stated, code, at);
                 if newer {
                     *field = Some(v.clone());
