@@ -150,6 +150,10 @@ pub struct IdentityProcessor {
     metrics: Metrics,
 }
 
+/// The identifiers that are addresses a profile sends to (see
+/// `another_persons_address`).
+const ADDRESS_KINDS: [IdentifierKind; 2] = [IdentifierKind::email, IdentifierKind::phone];
+
 /// Resolution outcomes (metric label).
 const RESOLVED: [&str; 4] = ["customer_id", "linked", "new", "another_person"];
 
@@ -786,8 +790,7 @@ impl IdentityProcessor {
         links: &[(&Identifier, Option<Link>)],
         known: &str,
     ) -> anyhow::Result<Option<String>> {
-        let is_address =
-            |kind: IdentifierKind| matches!(kind, IdentifierKind::email | IdentifierKind::phone);
+        let is_address = |kind: IdentifierKind| ADDRESS_KINDS.contains(&kind);
         if !links.iter().any(|(id, _)| is_address(id.kind)) {
             return Ok(None);
         }
@@ -832,13 +835,10 @@ impl IdentityProcessor {
         }
         let mut presented = Vec::new();
         for held in &node.identifiers {
-            let Some(kind) = [IdentifierKind::email, IdentifierKind::phone]
-                .into_iter()
-                .find(|k| {
-                    held.strip_prefix(k.as_str())
-                        .is_some_and(|v| v.starts_with(':'))
-                })
-            else {
+            let Some(kind) = ADDRESS_KINDS.into_iter().find(|k| {
+                held.strip_prefix(k.as_str())
+                    .is_some_and(|v| v.starts_with(':'))
+            }) else {
                 continue;
             };
             if presented.contains(&kind) || !unheld.iter().any(|(id, _)| id.kind == kind) {
