@@ -105,6 +105,12 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     assert_eq!(k, "failed", "{reason}");
     assert!(reason.contains("SMTPUTF8"), "{reason}");
     assert_eq!(kind("bounce-1").map(|k| k.0), Some("bounced_hard"));
+    // Counted among the sends too, which the bounce rate is over.
+    let of_bounce: Vec<String> = (p.read_all_json("outcomes").iter())
+        .filter(|o| o["send_id"] == "bounce-1")
+        .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(of_bounce, ["sent", "bounced_hard"]);
     let (k, reason) = kind("reject-1").expect("reject outcome");
     assert_eq!(k, "failed");
     assert!(reason.starts_with("permanent:"), "{reason}");

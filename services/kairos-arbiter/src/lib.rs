@@ -522,6 +522,20 @@ impl CustomerLedger {
         (self.last_reacted_at).or_else(|| self.latest_engagement().max(self.last_purchase_at))
     }
 
+    /// The customer's latest activity for the inactivity sunset: a visit, a purchase
+    /// (a till receipt too: one seen only in shops has no visit) or an opt-in (one seen
+    /// only in shops long ago who subscribes now is not switched off for it). An
+    /// opt-in alone, from one never seen buying or visiting, has nothing to switch off.
+    fn last_activity(&self) -> Option<Millis> {
+        let seen = self.last_active_at.max(self.last_purchase_at)?;
+        Some(
+            self.opted_in
+                .iter()
+                .map(|(_, at)| *at)
+                .fold(seen, Millis::max),
+        )
+    }
+
     /// The purchases read that may end a trigger or a cascade: the latest of any kind,
     /// and the latest online one (`true`), which the device's clock may have dated up
     /// to `PURCHASE_CLOCK_SKEW` before what it checked out.
@@ -1028,17 +1042,15 @@ impl ArbiterProcessor {
                 return Verdict::no(DecisionOutcome::suppressed, "pause_after_purchase", reason);
             }
             let inactive = ms(a.sunset_inactive_after);
-            // A purchase (a till receipt too) is activity as much as a visit.
-            // (A customer seen only in shops has purchases and no visit.)
-            if let Some(active) = (ledger.last_active_at)
-                .max(ledger.last_purchase_at)
+            if let Some(active) = ledger
+                .last_activity()
                 .filter(|v| inactive > 0 && now - v > inactive)
             {
                 return Verdict::no(
                     DecisionOutcome::suppressed,
                     "sunset_inactive",
                     format!(
-                        "no visit or purchase since {active}, longer than {:?}",
+                        "no visit, purchase or opt-in since {active}, longer than {:?}",
                         a.sunset_inactive_after
                     ),
                 );
@@ -2325,6 +2337,7 @@ impl ArbiterProcessor {
             || ledger.chains.iter().any(|(_, c)| c.updated_at > at)
             || after(ledger.sends.last().map(|(t, ..)| *t))
             || after(ledger.last_active_at)
+            || ledger.opted_in.iter().any(|(_, t)| *t > at)
             || after(ledger.last_purchase_at);
         if newer {
             self.ledgers.put(ctx.partition, key, ledger);
@@ -2480,12 +2493,9 @@ impl ArbiterProcessor {
                 })?;
             }
             CustomerActionKind::opt_in => {
-                // The customer's own doing: activity for the inactivity sunset (one
-                // seen only in shops long ago who subscribes now is not switched off
-                // for it). One never seen buying or visiting has nothing to switch off.
-                if ledger.last_purchase_at.is_some() || ledger.last_active_at.is_some() {
-                    ledger.last_active_at = Some(latest(ledger.last_active_at, at.min(ctx.now())));
-                }
+                // Activity for the inactivity sunset through `opted_in` (see
+                // `CustomerLedger::last_activity`), not a return: reactivation ends
+                // with a visit or a purchase only, as the profile counts them.
                 if let Some(channel) = a.channel {
                     let opted = ledger.opted_in.get(&channel).copied();
                     ledger.opted_in.insert(channel, latest(opted, at));

@@ -1147,6 +1147,33 @@ fn an_opt_in_is_activity_for_the_inactivity_sunset() {
     assert_eq!(d.outcome, DecisionOutcome::sent, "{d:#?}");
 }
 
+/// An opt-in keeps the customer out of the sunset, but it is no return: the
+/// reactivation that waited for the morning, and one read after the opt-in, go out.
+#[test]
+fn an_opt_in_ends_no_reactivation_message() {
+    let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");
+    a.time_zone = Some("UTC".into());
+    a.visit("v1", T0);
+    let night = at("2026-02-05T03:00:00Z");
+    let mut t = a.trigger_of("cb1", "come_back", PROMO, night);
+    t.cause_occurred_at = T0;
+    assert_eq!(a.push_trigger(&t).outcome, DecisionOutcome::deferred);
+    a.opt_in("sms", Channel::sms, night + 5 * HOUR);
+    assert_eq!(
+        a.decisions_of("cb1").len(),
+        1,
+        "{:#?}",
+        a.decisions_of("cb1")
+    );
+    a.advance_to(at("2026-02-05T09:00:00Z"));
+    let woke = *a.decisions_of("cb1").last().expect("decided again");
+    assert_eq!(woke.outcome, DecisionOutcome::sent, "{woke:#?}");
+    let mut t = a.trigger_of("cb2", "come_back", PROMO, at("2026-02-07T10:00:00Z"));
+    t.cause_occurred_at = T0;
+    let late = a.push_trigger(&t);
+    assert_eq!(late.outcome, DecisionOutcome::sent, "{late:#?}");
+}
+
 #[test]
 fn a_purchase_is_activity_for_the_inactivity_sunset() {
     let mut a = Arbiter::new();

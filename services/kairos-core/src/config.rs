@@ -584,6 +584,12 @@ pub struct DeliveryChannelConfig {
     /// reaches the port.
     #[serde(default)]
     pub open_inbox: bool,
+    /// Take provider webhook events without `webhook_token` on an address other than
+    /// loopback (providers posting from a trusted network). Without it such a
+    /// configuration is refused: anyone reaching the port could post forged hard
+    /// bounces, unsubscribes and complaints, which suppress customers for good.
+    #[serde(default)]
+    pub open_webhook: bool,
 }
 
 impl DeliveryChannelConfig {
@@ -1613,6 +1619,20 @@ impl Config {
                          so anyone reaching it could read and mark seen any customer's \
                          in-app messages; set inbox_secret (polls then carry the customer's \
                          token), or open_inbox = true for a backend on a trusted network",
+                        section("admin_listen"),
+                        d.admin_listen
+                    ),
+                ));
+            }
+            if d.webhook_token.is_none() && !d.open_webhook && !d.admin_listen.ip().is_loopback() {
+                return Err(fail(
+                    ("", "admin_listen"),
+                    format!(
+                        "{}: {} is reachable from other machines and no webhook_token is \
+                         set, so anyone reaching it could post forged outcomes (hard \
+                         bounces, unsubscribes and complaints suppress a customer for \
+                         good); set webhook_token (providers send it as a bearer token), \
+                         or open_webhook = true for providers on a trusted network",
                         section("admin_listen"),
                         d.admin_listen
                     ),
@@ -3417,9 +3437,15 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("set inbox_secret"), "{message}");
-        parse(&format!("{}open_inbox = true\n", in_app("0.0.0.0:9115"))).expect("trusted");
+        // (The webhook on the same port needs its token.)
+        let webhook = "webhook_token = \"t\"\n";
         parse(&format!(
-            "{}inbox_secret = \"0123456789abcdef\"\n",
+            "{}open_inbox = true\n{webhook}",
+            in_app("0.0.0.0:9115")
+        ))
+        .expect("trusted");
+        parse(&format!(
+            "{}inbox_secret = \"0123456789abcdef\"\n{webhook}",
             in_app("0.0.0.0:9115")
         ))
         .expect("with a secret");
@@ -3427,6 +3453,21 @@ mod tests {
         let (line, message) = line_of(email);
         assert_eq!(line, 3, "{message}");
         assert!(message.contains("only the in_app provider"), "{message}");
+    }
+
+    /// A webhook without a token takes outcomes from whoever posts them: taken on
+    /// loopback, or when the operator says the providers' network is trusted, refused
+    /// otherwise.
+    #[test]
+    fn a_webhook_without_a_token_is_refused_where_other_machines_reach_it() {
+        let email = |listen: &str| format!("[delivery.email]\nadmin_listen = \"{listen}\"\n");
+        parse(&email("127.0.0.1:9111")).expect("loopback");
+        let (line, message) = line_of(&email("0.0.0.0:9111"));
+        assert_eq!(line, 2, "{message}");
+        assert!(message.contains("delivery.email.admin_listen"), "{message}");
+        assert!(message.contains("set webhook_token"), "{message}");
+        parse(&format!("{}webhook_token = \"t\"\n", email("0.0.0.0:9111"))).expect("token");
+        parse(&format!("{}open_webhook = true\n", email("10.0.0.5:9111"))).expect("trusted");
     }
 
     /// `warning` would be read as a target at TRACE and filter out every line.

@@ -858,6 +858,9 @@ impl DeliveryProcessor {
                 if let Some(address) = &send.address {
                     note_dead_address(ctx, &send.customer_id, address, now)?;
                 }
+                // Sent as ESPs count sends, bounces included: a bounce at the provider's
+                // door is one of the messages the bounce and delivery rates are over.
+                self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
                 self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
             }
             Delivery::Failed(e) => {
@@ -2175,14 +2178,23 @@ mod tests {
             out.extend(replayer.push(&topic, b"c1", &payload).expect("push"));
         }
         out.extend(replayer.commit().expect("commit"));
-        let outcome = |id: &str| {
+        let outcomes = |id: &str| -> Vec<(OutcomeKind, String)> {
             out.iter()
                 .filter_map(|o| serde_json::from_slice::<Outcome>(&o.payload).ok())
-                .find(|o| o.send_id == id)
+                .filter(|o| o.send_id == id)
                 .map(|o| (o.kind, o.reason.unwrap_or_default()))
+                .collect()
+        };
+        let outcome = |id: &str| {
+            let all = outcomes(id);
+            all.last()
+                .cloned()
                 .unwrap_or_else(|| panic!("no outcome of {id}"))
         };
-        assert_eq!(outcome("s-1").0, OutcomeKind::bounced_hard);
+        // The dead number was sent (the bounce and delivery rates are over sends) and
+        // bounced.
+        let kinds: Vec<OutcomeKind> = outcomes("s-1").into_iter().map(|o| o.0).collect();
+        assert_eq!(kinds, [OutcomeKind::sent, OutcomeKind::bounced_hard]);
         let (kind, reason) = outcome("s-2");
         assert_eq!(kind, OutcomeKind::failed, "{reason}");
         assert!(

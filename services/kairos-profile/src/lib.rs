@@ -801,13 +801,27 @@ impl ProfileProcessor {
             EventType::add_to_cart | EventType::remove_from_cart
                 if !p.bought_since(e.occurred_at) =>
             {
+                let cart_changed_before = p.cart_updated_at;
                 p.update_cart(e);
                 for s in self.scenarios(ScenarioKind::AbandonedCart).iter() {
                     if p.cart.is_empty() {
                         stop_wait(ctx, s, &mut p)?;
-                    } else {
-                        // Every cart change restarts the wait.
-                        restart_wait(ctx, s, &mut p, e, None)?;
+                        continue;
+                    }
+                    // Every cart change restarts the wait. One older than a change
+                    // read before it that emptied the cart (and stopped the wait) runs
+                    // it from that later change, as in time order.
+                    let emptied_later = cart_changed_before
+                        .filter(|c| *c > e.occurred_at && !p.waits.contains_key(s.name.as_str()));
+                    match emptied_later {
+                        Some(later) => {
+                            let e = CustomerEvent {
+                                occurred_at: later,
+                                ..e.clone()
+                            };
+                            restart_wait(ctx, s, &mut p, &e, None)?;
+                        }
+                        None => restart_wait(ctx, s, &mut p, e, None)?,
                     }
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
@@ -985,6 +999,17 @@ impl ProfileProcessor {
                                 .iter()
                                 .filter(|_| !later_delivery)
                             {
+                                // So does one whose survey is pending although the
+                                // profile does not know it delivered (its status was
+                                // read before its purchase).
+                                let pending = carried_step(ctx, &timer_id(&s.name, &customer_id))?;
+                                let later_pending = pending.is_some_and(|c| {
+                                    c.timer.cause_occurred_at > e.occurred_at
+                                        && c.timer.order_id.as_deref() != Some(&order.order_id)
+                                });
+                                if later_pending {
+                                    continue;
+                                }
                                 let order_id = Some(order.order_id.as_str());
                                 let at = e.occurred_at;
                                 schedule_after(ctx, s, &p, &cause, at, None, order_id)?;
@@ -2291,7 +2316,17 @@ impl ProfileProcessor {
         at: Millis,
         reorder: &Reorder,
     ) -> anyhow::Result<()> {
-        let now = ctx.now().max(at);
+        // An event dated before a review still due (the backlog of an outage, read
+        // before the timers it holds back) is judged as of its own time, as in an
+        // uninterrupted run: the review then judges its boundary, with reason "time".
+        let overdue_after = p
+            .armed
+            .get(SEGMENT_REVIEW)
+            .is_some_and(|due| *due > at && *due <= ctx.now());
+        let now = match overdue_after {
+            true => at,
+            false => ctx.now().max(at),
+        };
         self.review_segments_as_of(ctx, p, reason, at, now, reorder)
     }
 
@@ -2399,9 +2434,10 @@ impl ProfileProcessor {
         // What a scenario for the segment left still has queued or cascading in the
         // arbiter (held by quiet hours or a cap) is no longer for this customer.
         let segment_scenarios = self.scenarios(ScenarioKind::SegmentEntered);
-        if let Some(left) = t
-            .from_segment
-            .as_deref()
+        // A customer without RFM (every order cancelled) who buys again leaves "none".
+        let no_rfm = (kind == SegmentKind::rfm).then_some(NO_RFM_SEGMENT);
+        if let Some(left) = (t.from_segment.as_deref())
+            .or(no_rfm)
             .filter(|_| !reorder.early_cancellation)
             .filter(|left| segment_scenarios.iter().any(|s| s.targets_segment(left)))
         {
@@ -2776,7 +2812,7 @@ impl ProfileProcessor {
                     .or(s.segment.as_deref());
                 if let Some(entered) = entered {
                     let still_there = p.lifecycle.as_deref() == Some(entered)
-                        || p.rfm.as_ref().is_some_and(|r| r.segment == entered);
+                        || p.rfm.as_ref().map_or(NO_RFM_SEGMENT, |r| &r.segment) == entered;
                     if !still_there {
                         self.metrics
                             .skipped

@@ -1984,6 +1984,26 @@ fn an_older_delivery_read_late_leaves_the_survey_of_the_newer_order() {
     assert_eq!(fired[0]["fired_at"], t + 5 * DAY);
 }
 
+/// As above, with B's delivery read even before B's purchase: the profile does not
+/// know B was delivered, but its survey is pending, and A's older delivery leaves it.
+#[test]
+fn an_older_delivery_read_late_leaves_the_survey_of_an_order_delivered_before_its_purchase_was_read(
+) {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.site("lp-buy-a", "purchase", "lp", t, order("o-a", 60.0, None));
+    let delivered_b = order("o-b", 80.0, Some("delivered"));
+    h.site("lp-del-b", "order_status", "lp", t + 3 * DAY, delivered_b);
+    h.site("lp-buy-b", "purchase", "lp", t, order("o-b", 80.0, None));
+    let delivered_a = order("o-a", 60.0, Some("delivered"));
+    h.site("lp-del-a", "order_status", "lp", t + 2 * DAY, delivered_a);
+    h.advance(t + 10 * DAY);
+    let fired = h.triggers("lp", "post_delivery");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-b");
+    assert_eq!(fired[0]["fired_at"], t + 5 * DAY);
+}
+
 #[test]
 fn order_update_fires_immediately_for_configured_statuses() {
     let t = at(T0);
@@ -2184,6 +2204,31 @@ fn a_purchase_read_before_overdue_segment_reviews_comes_after_them() {
         1,
         "{again:#?}"
     );
+}
+
+/// With the wall clock, a return dated the day before the customer's dormant
+/// boundary, read in the backlog of an outage past it, is judged as of its own day:
+/// the customer still becomes dormant at the boundary, for time, as in an
+/// uninterrupted run, not for the return.
+#[test]
+fn an_event_dated_before_an_overdue_segment_review_leaves_the_boundary_to_it() {
+    let t = (kairos_core::time::wall_now() / DAY - 130) * DAY;
+    let mut h = Harness::new();
+    five_orders_of_60(&mut h, "sr", t);
+    let last = t + 4 * DAY;
+    h.advance(last + DAY);
+    h.restart_in(CONFIG, ClockMode::Wall);
+    let returned = order_status("o-sr-0", "returned");
+    h.site("sr-ret", "order_status", "sr", last + 89 * DAY, returned);
+    h.advance(kairos_core::time::wall_now());
+    let all = h.transitions("sr");
+    let dormant: Vec<&Value> = all
+        .iter()
+        .filter(|x| x["to_segment"] == "dormant")
+        .collect();
+    assert_eq!(dormant.len(), 1, "{all:#?}");
+    assert_eq!(dormant[0]["reason"], "time", "{all:#?}");
+    assert_eq!(dormant[0]["occurred_at"], last + 90 * DAY, "{all:#?}");
 }
 
 #[test]
@@ -5251,6 +5296,30 @@ fn an_older_cart_change_arriving_late_keeps_the_newer_wait() {
     assert_eq!(items.as_array().map(Vec::len), Some(2), "{items}");
 }
 
+/// In time order the cart's last change is the removal of 10:20, and the reminder is
+/// due an hour after it. Read first, that removal empties the cart; the app's add of
+/// 10:10, read late, fills it again: the wait still runs from 10:20.
+#[test]
+fn an_older_add_read_after_a_later_removal_emptied_the_cart_waits_from_the_removal() {
+    let t = at("2026-03-02T10:00:00Z");
+    let mut h = Harness::new();
+    h.site("le-a", "add_to_cart", "le", t, add_to_cart("p1", 10.0));
+    let removal = json!({"product": product("p1", 10.0)});
+    h.site("le-rm", "remove_from_cart", "le", t + 20 * MINUTE, removal);
+    h.feed(
+        "events.app",
+        "le",
+        json!({"event_id": "le-app", "event_type": "add_to_cart", "occurred_at": rfc(t + 10 * MINUTE),
+            "customer_id": "le", "product": product("p2", 20.0)}),
+    );
+    h.advance(t + 3 * HOUR);
+    let fired = h.triggers("le", "abandoned_cart");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t + 80 * MINUTE, "an hour after 10:20");
+    let items = vars(&fired[0])["cart_items"].clone();
+    assert_eq!(items.as_array().map(Vec::len), Some(1), "{items}");
+}
+
 /// A cart change dated before the reminder went out, arriving after it (the app's
 /// topic lagging), would have restarted the wait before the reminder in time order:
 /// it sends no second reminder. A change after the reminder starts a new wait.
@@ -5822,6 +5891,45 @@ fn a_customer_whose_only_order_was_cancelled_is_a_prospect() {
     let p = h.pipeline.profile("cn").expect("read").expect("stored");
     assert_eq!((p.orders, p.rfm), (0, None));
     assert_eq!(p.lifecycle.as_deref(), Some("prospect"));
+}
+
+/// A delayed scenario for customers left without RFM ("none": every order
+/// cancelled) fires while they stay there, and not once they bought again, which the
+/// arbiter hears as leaving "none".
+#[test]
+fn a_delayed_trigger_for_customers_without_rfm_fires_until_they_buy_again() {
+    let config = format!(
+        "{CONFIG}\n[[scenarios]]\nname = \"all_cancelled\"\nkind = \"segment_entered\"\nsegment = \"none\"\ndelay = \"1d\"\nchannels = [\"email\"]\ntemplate = \"vip\"\n"
+    );
+    let t = at(T0);
+    let mut h = Harness::with(&config, ClockMode::Event);
+    for c in ["nx", "ny"] {
+        h.site(
+            &format!("{c}-buy"),
+            "purchase",
+            c,
+            t,
+            order(&format!("o-{c}"), 50.0, None),
+        );
+        let status = order_status(&format!("o-{c}"), "cancelled");
+        h.site(&format!("{c}-cancel"), "order_status", c, t + HOUR, status);
+    }
+    // ny buys again before the day is out.
+    let again = order("o-ny-2", 20.0, None);
+    h.site("ny-again", "purchase", "ny", t + 5 * HOUR, again);
+    h.advance(t + 3 * DAY);
+    assert_eq!(steps(&h, "nx", "all_cancelled"), [(0, t + HOUR + DAY)]);
+    assert!(h.triggers("ny", "all_cancelled").is_empty());
+    let left: Vec<&Value> = h
+        .on("customer-actions")
+        .filter(|a| a.value["kind"] == "left_segment" && a.value["customer_id"] == "ny")
+        .map(|a| &a.value)
+        .collect();
+    // A first purchase leaves "none" too (as the transitions' metric counts it), then
+    // the one that counts again.
+    assert_eq!(left.len(), 2, "{left:#?}");
+    assert_eq!(left[1]["occurred_at"], json!(t + 5 * HOUR), "{left:#?}");
+    assert!(left.iter().all(|a| a["segment"] == "none"), "{left:#?}");
 }
 
 #[test]
