@@ -150,6 +150,8 @@ pub fn cart_variables() -> Value {
 
 /// The latest outcome kind (and reason) per send id, once `want` send ids have a final
 /// one (sent, failed or bounced hard).
+/// (A hard bounce at the provider's door is reported `sent`, then `bounced_hard`: a
+/// caller expecting one waits for the bounce first.)
 pub fn final_outcomes(
     p: &Pipeline,
     want: usize,

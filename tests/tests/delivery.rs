@@ -71,6 +71,13 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             "abandoned_cart",
             cart.clone(),
         ),
+        // No address at all: dead as a bounced one, though no server was asked.
+        (
+            "dead-1",
+            "anna@@example.com",
+            "abandoned_cart",
+            cart.clone(),
+        ),
         // A local part in Unicode needs SMTPUTF8, which this server does not offer:
         // the message fails, and the address is not marked dead.
         ("utf-1", "иван@example.com", "abandoned_cart", cart.clone()),
@@ -95,7 +102,14 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .collect();
     p.produce("send.email", &records);
 
-    let outcomes = final_outcomes(&p, 10, Duration::from_secs(60));
+    // A bounce at the door is reported sent, then bounced: both, before reading the
+    // final ones.
+    let bounced = |v: &[Value]| {
+        v.iter()
+            .any(|o| o["send_id"] == "bounce-1" && o["kind"] == "bounced_hard")
+    };
+    p.read_json_until("outcomes", Duration::from_secs(60), bounced);
+    let outcomes = final_outcomes(&p, 11, Duration::from_secs(60));
     let kind = |id: &str| outcomes.get(id).map(|(k, r)| (k.as_str(), r.as_str()));
     assert_eq!(kind("ok-1").map(|k| k.0), Some("sent"), "{outcomes:?}");
     assert_eq!(kind("ok-2").map(|k| k.0), Some("sent"));
@@ -111,6 +125,14 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(of_bounce, ["sent", "bounced_hard"]);
+    // The address that does not parse is dead, but no message was sent to it.
+    let (k, reason) = kind("dead-1").expect("dead-1 outcome");
+    assert_eq!(k, "bounced_hard", "{reason}");
+    assert!(reason.starts_with("invalid_address"), "{reason}");
+    let all = p.read_all_json("outcomes");
+    assert!(!all
+        .iter()
+        .any(|o| o["send_id"] == "dead-1" && o["kind"] == "sent"));
     let (k, reason) = kind("reject-1").expect("reject outcome");
     assert_eq!(k, "failed");
     assert!(reason.starts_with("permanent:"), "{reason}");
@@ -507,6 +529,12 @@ fn http_provider_retries_5xx_and_timeouts_drops_nothing_and_sends_nothing_twice(
         .collect();
     p.produce("send.sms", &records);
 
+    // The dead number is reported sent, then bounced: both, before reading the final
+    // outcomes.
+    p.read_json_until("outcomes", Duration::from_secs(60), |v| {
+        v.iter()
+            .any(|o| o["send_id"] == "gone-1" && o["kind"] == "bounced_hard")
+    });
     let outcomes = final_outcomes(&p, ids.len(), Duration::from_secs(60));
     for id in ["ok-1", "ok-2", "s5xx-1", "slow-1"] {
         assert_eq!(outcomes[id].0, "sent", "{id}: {outcomes:?}");

@@ -226,7 +226,10 @@ fn consent_key(customer_id: &str) -> String {
 #[derive(Debug)]
 enum Delivery {
     Sent,
+    /// The provider refused the address (a dead mailbox at `RCPT TO`, a 410).
     HardBounce(String),
+    /// An address no provider is asked about (it does not parse): dead, never sent.
+    DeadAddress(String),
     Failed(String),
     Expired,
     /// The message was handed over completely, but no answer came back.
@@ -446,6 +449,23 @@ impl DeliveryProcessor {
         ctx.emit(&topic, &send.customer_id, &outcome);
     }
 
+    /// Reports a hard bounce of the send's address, noted at once, not only when the
+    /// outcome comes back from its topic: the next send to the address may be the
+    /// next record.
+    fn report_dead_address(
+        &self,
+        ctx: &mut Ctx<'_>,
+        send: &SendSummary,
+        reason: String,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        if let Some(address) = &send.address {
+            note_dead_address(ctx, &send.customer_id, address, now)?;
+        }
+        self.emit_outcome(ctx, send, OutcomeKind::bounced_hard, Some(reason), now);
+        Ok(())
+    }
+
     /// The template's variables with what every template may use besides.
     fn render(&self, cmd: &SendCommand) -> Result<RenderedMessage, String> {
         let mut vars: serde_json::Value = serde_json::from_str(&cmd.variables)
@@ -537,7 +557,7 @@ impl DeliveryProcessor {
         // half-open one would otherwise close on an address that does not parse).
         let prepared = match provider.prepare(cmd, message) {
             Ok(prepared) => prepared,
-            Err(ProviderError::HardBounce(e)) => return Delivery::HardBounce(e),
+            Err(ProviderError::HardBounce(e)) => return Delivery::DeadAddress(e),
             Err(ProviderError::Permanent(e)) => return Delivery::Failed(e),
             Err(e) => return Delivery::Failed(e.to_string()),
         };
@@ -853,16 +873,13 @@ impl DeliveryProcessor {
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now)
             }
             Delivery::HardBounce(e) => {
-                // Noted at once, not only when the outcome comes back from its topic:
-                // the next send to the address may be the next record.
-                if let Some(address) = &send.address {
-                    note_dead_address(ctx, &send.customer_id, address, now)?;
-                }
                 // Sent as ESPs count sends, bounces included: a bounce at the provider's
                 // door is one of the messages the bounce and delivery rates are over.
                 self.emit_outcome(ctx, &send, OutcomeKind::sent, None, now);
-                self.emit_outcome(ctx, &send, OutcomeKind::bounced_hard, Some(e), now)
+                self.report_dead_address(ctx, &send, e, now)?
             }
+            // An address that does not parse reached no provider: not sent.
+            Delivery::DeadAddress(e) => self.report_dead_address(ctx, &send, e, now)?,
             Delivery::Failed(e) => {
                 let reason = if e.starts_with("invalid_address") {
                     e
@@ -1807,7 +1824,7 @@ mod tests {
         let delivery = processor
             .attempts(&unparsable, &message, 0, AttemptHooks::NONE)
             .await;
-        assert!(matches!(delivery, Delivery::HardBounce(_)), "{delivery:?}");
+        assert!(matches!(delivery, Delivery::DeadAddress(_)), "{delivery:?}");
         assert!(
             matches!(processor.breaker.state(), retry::BreakerState::Open(_)),
             "{:?}",

@@ -2319,10 +2319,15 @@ impl ProfileProcessor {
         // An event dated before a review still due (the backlog of an outage, read
         // before the timers it holds back) is judged as of its own time, as in an
         // uninterrupted run: the review then judges its boundary, with reason "time".
+        // Not one dated before a boundary already judged: that would run the
+        // segments back.
         let overdue_after = p
             .armed
             .get(SEGMENT_REVIEW)
-            .is_some_and(|due| *due > at && *due <= ctx.now());
+            .filter(|due| **due > at && **due <= ctx.now())
+            .is_some_and(|due| {
+                segments::next_boundary(&self.config.segments, p, at).is_some_and(|b| b >= *due)
+            });
         let now = match overdue_after {
             true => at,
             false => ctx.now().max(at),

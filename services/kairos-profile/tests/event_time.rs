@@ -2231,6 +2231,42 @@ fn an_event_dated_before_an_overdue_segment_review_leaves_the_boundary_to_it() {
     assert_eq!(dormant[0]["occurred_at"], last + 90 * DAY, "{all:#?}");
 }
 
+/// As above, with a cancellation dated before a boundary already judged (day 30,
+/// judged on time): judged when read, as before, not as of its own day, which would
+/// run the segments back and judge day 30 again under the same transition ids.
+#[test]
+fn an_event_dated_before_a_boundary_already_judged_is_judged_when_read() {
+    let t = (kairos_core::time::wall_now() / DAY - 95) * DAY;
+    let mut h = Harness::new();
+    // Two orders: Others. With the first cancelled, as of day 20, the customer would
+    // be New again.
+    orders_of(&mut h, "sj", 2, (t, HOUR), 60.0);
+    let last = t + HOUR;
+    h.advance(last + 31 * DAY);
+    let judged = h.transitions("sj").len();
+    h.restart_in(CONFIG, ClockMode::Wall);
+    let cancelled = order_status("o-sj-0", "cancelled");
+    h.site(
+        "sj-cancel",
+        "order_status",
+        "sj",
+        last + 20 * DAY,
+        cancelled,
+    );
+    h.advance(kairos_core::time::wall_now());
+    let all = h.transitions("sj");
+    let ids: std::collections::BTreeSet<&str> = all
+        .iter()
+        .filter_map(|x| x["transition_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), all.len(), "{all:#?}");
+    let after: Vec<&Value> = all[judged..].iter().map(|x| &x["occurred_at"]).collect();
+    assert!(
+        after.iter().all(|at| at.as_i64() >= Some(last + 90 * DAY)),
+        "{all:#?}"
+    );
+}
+
 #[test]
 fn champions_get_the_vip_trigger() {
     let t = at(T0);
