@@ -71,7 +71,8 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
             "abandoned_cart",
             cart.clone(),
         ),
-        // No address at all: dead as a bounced one, though no server was asked.
+        // An address that does not parse: dead as a bounced one, though no server
+        // was asked.
         (
             "dead-1",
             "anna@@example.com",

@@ -2319,8 +2319,8 @@ impl ProfileProcessor {
         // An event dated before a review still due (the backlog of an outage, read
         // before the timers it holds back) is judged as of its own time, as in an
         // uninterrupted run: the review then judges its boundary, with reason "time".
-        // Not one dated before a boundary already judged: that would run the
-        // segments back.
+        // Only when the profile, the event applied, has no boundary between the two:
+        // one dated before a boundary already judged would run the segments back.
         let overdue_after = p
             .armed
             .get(SEGMENT_REVIEW)
