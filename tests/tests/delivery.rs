@@ -121,7 +121,8 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     assert!(reason.contains("SMTPUTF8"), "{reason}");
     assert_eq!(kind("bounce-1").map(|k| k.0), Some("bounced_hard"));
     // Counted among the sends too, which the bounce rate is over.
-    let of_bounce: Vec<String> = (p.read_all_json("outcomes").iter())
+    let all = p.read_all_json("outcomes");
+    let of_bounce: Vec<String> = (all.iter())
         .filter(|o| o["send_id"] == "bounce-1")
         .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
         .collect();
@@ -130,7 +131,6 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let (k, reason) = kind("dead-1").expect("dead-1 outcome");
     assert_eq!(k, "bounced_hard", "{reason}");
     assert!(reason.starts_with("invalid_address"), "{reason}");
-    let all = p.read_all_json("outcomes");
     assert!(!all
         .iter()
         .any(|o| o["send_id"] == "dead-1" && o["kind"] == "sent"));

@@ -2439,7 +2439,8 @@ impl ProfileProcessor {
         // What a scenario for the segment left still has queued or cascading in the
         // arbiter (held by quiet hours or a cap) is no longer for this customer.
         let segment_scenarios = self.scenarios(ScenarioKind::SegmentEntered);
-        // A customer without RFM (every order cancelled) who buys again leaves "none".
+        // A customer without RFM (before a first purchase, or with every order
+        // cancelled) who buys leaves "none".
         let no_rfm = (kind == SegmentKind::rfm).then_some(NO_RFM_SEGMENT);
         if let Some(left) = (t.from_segment.as_deref())
             .or(no_rfm)
