@@ -1607,36 +1607,39 @@ impl Config {
                     ),
                 ));
             }
-            if d.provider == ProviderKind::InApp
-                && d.inbox_secret.is_none()
-                && !d.open_inbox
-                && !d.admin_listen.ip().is_loopback()
-            {
-                return Err(fail(
-                    ("", "admin_listen"),
-                    format!(
-                        "{}: {} is reachable from other machines and no inbox_secret is set, \
-                         so anyone reaching it could read and mark seen any customer's \
-                         in-app messages; set inbox_secret (polls then carry the customer's \
-                         token), or open_inbox = true for a backend on a trusted network",
-                        section("admin_listen"),
-                        d.admin_listen
-                    ),
-                ));
-            }
-            if d.webhook_token.is_none() && !d.open_webhook && !d.admin_listen.ip().is_loopback() {
-                return Err(fail(
-                    ("", "admin_listen"),
-                    format!(
-                        "{}: {} is reachable from other machines and no webhook_token is \
-                         set, so anyone reaching it could post forged outcomes (hard \
-                         bounces, unsubscribes and complaints suppress a customer for \
-                         good); set webhook_token (providers send it as a bearer token), \
-                         or open_webhook = true for providers on a trusted network",
-                        section("admin_listen"),
-                        d.admin_listen
-                    ),
-                ));
+            // What the admin port serves without its secret, to whoever reaches it: taken
+            // on loopback, or when the operator says the network is trusted.
+            let open_to_others = [
+                (
+                    d.provider == ProviderKind::InApp && d.inbox_secret.is_none() && !d.open_inbox,
+                    "inbox_secret",
+                    "read and mark seen any customer's in-app messages",
+                    "polls then carry the customer's token",
+                    "open_inbox = true for a backend on a trusted network",
+                ),
+                (
+                    d.webhook_token.is_none() && !d.open_webhook,
+                    "webhook_token",
+                    "post forged outcomes (hard bounces, unsubscribes and complaints \
+                     suppress a customer for good)",
+                    "providers send it as a bearer token",
+                    "open_webhook = true for providers on a trusted network",
+                ),
+            ];
+            let reachable = !d.admin_listen.ip().is_loopback();
+            for (open, secret, harm, with_it, trusted) in open_to_others {
+                if open && reachable {
+                    return Err(fail(
+                        ("", "admin_listen"),
+                        format!(
+                            "{}: {} is reachable from other machines and no {secret} is \
+                             set, so anyone reaching it could {harm}; set {secret} \
+                             ({with_it}), or {trusted}",
+                            section("admin_listen"),
+                            d.admin_listen
+                        ),
+                    ));
+                }
             }
             let simulator = &d.simulator;
             let rates = [

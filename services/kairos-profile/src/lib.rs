@@ -813,16 +813,8 @@ impl ProfileProcessor {
                     // it from that later change, as in time order.
                     let emptied_later = cart_changed_before
                         .filter(|c| *c > e.occurred_at && !p.waits.contains_key(s.name.as_str()));
-                    match emptied_later {
-                        Some(later) => {
-                            let e = CustomerEvent {
-                                occurred_at: later,
-                                ..e.clone()
-                            };
-                            restart_wait(ctx, s, &mut p, &e, None)?;
-                        }
-                        None => restart_wait(ctx, s, &mut p, e, None)?,
-                    }
+                    let since = emptied_later.unwrap_or(e.occurred_at);
+                    restart_wait(ctx, s, &mut p, (&e.event_id, since), None)?;
                 }
                 for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
                     // A cart change after the browsing ends it. One older than the
@@ -855,7 +847,13 @@ impl ProfileProcessor {
                     // `fire_scenario`).
                     if !p.bought_since(e.occurred_at) {
                         for s in self.scenarios(ScenarioKind::BrowseAbandonment).iter() {
-                            restart_wait(ctx, s, &mut p, e, Some(product.clone()))?;
+                            restart_wait(
+                                ctx,
+                                s,
+                                &mut p,
+                                (&e.event_id, e.occurred_at),
+                                Some(product.clone()),
+                            )?;
                         }
                     }
                 }
@@ -3286,14 +3284,14 @@ fn schedule_merge_wait(
     )
 }
 
-/// Restarts a restartable wait (see [`profile::Wait`]) from the event `e`. Only the
-/// profile changes unless the armed timer would fire too late: a view every few seconds
-/// costs no timer write.
+/// Restarts a restartable wait (see [`profile::Wait`]) from its cause, an event's id
+/// and the time the wait runs from. Only the profile changes unless the armed timer
+/// would fire too late: a view every few seconds costs no timer write.
 fn restart_wait(
     ctx: &mut Ctx<'_>,
     s: &ScenarioConfig,
     p: &mut CustomerProfile,
-    e: &CustomerEvent,
+    (cause_event_id, since): (&str, Millis),
     product: Option<Product>,
 ) -> anyhow::Result<()> {
     // An older event arriving late (another device's topic) does not move the wait
@@ -3301,19 +3299,19 @@ fn restart_wait(
     // from before the wait's last step went out (see `wait_step_fired_at`).
     if p.waits
         .get(s.name.as_str())
-        .is_some_and(|w| w.cause_occurred_at > e.occurred_at)
+        .is_some_and(|w| w.cause_occurred_at > since)
         || p.wait_step_fired_at
             .get(s.name.as_str())
-            .is_some_and(|fired| *fired > e.occurred_at)
+            .is_some_and(|fired| *fired > since)
     {
         return Ok(());
     }
     let wait = profile::Wait {
-        cause_event_id: e.event_id.clone(),
-        cause_occurred_at: e.occurred_at,
+        cause_event_id: cause_event_id.to_string(),
+        cause_occurred_at: since,
         product,
     };
-    let due = e.occurred_at + ms(s.delay);
+    let due = since + ms(s.delay);
     // An entry not after now is stale (its timer fired while the scenario was off).
     if p.armed
         .get(s.name.as_str())
