@@ -27,12 +27,25 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// The longest reason a rejection keeps. Reasons quote what was wrong (serde's
+/// "invalid type: string ..."), and a field of half a megabyte quoted whole made a
+/// dead letter, and its changelog copy, larger than the broker takes: refused and
+/// retried for ever, with every later publish of the service waiting behind it.
+pub const MAX_REASON_BYTES: usize = 1024;
+
 impl Rejection {
     pub fn new(reason: DeadLetterReason, message: impl Into<String>) -> Self {
-        Rejection {
-            reason,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_REASON_BYTES {
+            let whole = message.len();
+            let mut cut = MAX_REASON_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(&format!("... ({whole} bytes, cut)"));
         }
+        Rejection { reason, message }
     }
 }
 

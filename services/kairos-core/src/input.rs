@@ -5,7 +5,7 @@
 use crate::calendar;
 use crate::contracts::{
     given, is_reserved_customer_id, CustomerEvent, DeadLetterReason, EventType, LineItem,
-    OfflineReceipt, SHARED_IDENTIFIER_SUFFIX,
+    OfflineReceipt, OrderStatus, SHARED_IDENTIFIER_SUFFIX,
 };
 use crate::encoding::{decode_input, Rejection, SchemaRegistry};
 use crate::schemas;
@@ -30,19 +30,51 @@ impl Source {
 }
 
 /// A site or app event, decoded (JSON or Avro), checked, and its order's amounts in
-/// the base currency (see [`Currencies`]).
+/// the base currency (see [`Currencies`]): without identity resolution, so it must name
+/// its profile by `customer_id`, `anonymous_id` or `device_id`.
 pub fn decode_customer_event(
     payload: &[u8],
     registry: &SchemaRegistry,
     currencies: &Currencies,
 ) -> Result<CustomerEvent, Rejection> {
+    decode_event(payload, registry, currencies, Naming::ProfileKey)
+}
+
+/// A site or app event as [`decode_customer_event`] reads it, for the identity
+/// processor: an e-mail, phone or loyalty card alone names a customer there (a
+/// newsletter form's opt-in has nothing else).
+pub fn decode_identifiable_event(
+    payload: &[u8],
+    registry: &SchemaRegistry,
+    currencies: &Currencies,
+) -> Result<CustomerEvent, Rejection> {
+    decode_event(payload, registry, currencies, Naming::AnyIdentifier)
+}
+
+/// What an event must name someone by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    /// A profile key: `customer_id`, `anonymous_id` or `device_id`.
+    ProfileKey,
+    /// A profile key, an e-mail, a phone or a loyalty card (identity resolution).
+    AnyIdentifier,
+}
+
+fn decode_event(
+    payload: &[u8],
+    registry: &SchemaRegistry,
+    currencies: &Currencies,
+    naming: Naming,
+) -> Result<CustomerEvent, Rejection> {
     let mut e: CustomerEvent = decode_input(payload, schemas::customer_event(), registry)?;
     clean_key("customer_id", &mut e.customer_id)?;
     clean_key("anonymous_id", &mut e.anonymous_id)?;
     clean_key("device_id", &mut e.device_id)?;
-    // A placeholder id names nobody: taken off, and an event left naming nobody else
-    // is refused with it named.
+    // A placeholder id names nobody: taken off (a shop's SDK sends customer_id "0" or
+    // "undefined" for every guest, who would all be one customer), and an event left
+    // naming nobody else is refused with it named.
     let placeholders: Vec<String> = [
+        ("customer_id", &mut e.customer_id),
         ("anonymous_id", &mut e.anonymous_id),
         ("device_id", &mut e.device_id),
     ]
@@ -53,27 +85,56 @@ pub fn decode_customer_event(
     })
     .filter_map(|(field, id)| id.take().map(|v| format!("{field} {v:?}")))
     .collect();
-    if !placeholders.is_empty()
-        && e.customer_key().is_none()
-        && e.event_type != EventType::heartbeat
-    {
-        return Err(Rejection::new(
-            DeadLetterReason::invalid_field,
-            format!(
-                "{} is a placeholder that SDKs send for visitors without an id, not an id; \
-                 the event names no one else (customer_id, anonymous_id or device_id)",
-                placeholders.join(" and ")
-            ),
-        ));
-    }
     // A card or phone keys state too (`card:`, `phone:` profiles without identity
     // resolution, identity links with it): a card of a megabyte made records the
     // broker refuses.
     clean_key("loyalty_card", &mut e.loyalty_card)?;
     clean_key("phone", &mut e.phone)?;
+    let named =
+        e.customer_key().is_some() || (naming == Naming::AnyIdentifier && names_a_contact(&e));
+    if !named && e.event_type != EventType::heartbeat {
+        let wanted = match naming {
+            Naming::ProfileKey => "customer_id, anonymous_id or device_id",
+            Naming::AnyIdentifier => {
+                "customer_id, anonymous_id, device_id, email, phone or loyalty_card"
+            }
+        };
+        if !placeholders.is_empty() {
+            return Err(Rejection::new(
+                DeadLetterReason::invalid_field,
+                format!(
+                    "{} is a placeholder that SDKs send for visitors without an id, not an \
+                     id; the event names no one else ({wanted})",
+                    placeholders.join(" and ")
+                ),
+            ));
+        }
+        return Err(Rejection::new(
+            DeadLetterReason::missing_field,
+            format!("{wanted} is required"),
+        ));
+    }
     validate_event(&e)?;
     currencies.convert_event(&mut e)?;
+    // Again in the base currency: a rate can carry an amount past the bound.
+    check_amount("order.total", e.order.as_ref().and_then(|o| o.total))?;
+    check_items(&e.items)?;
     Ok(e)
+}
+
+/// Whether an event gives an e-mail, phone or loyalty card (blank ones are absent).
+fn names_a_contact(e: &CustomerEvent) -> bool {
+    let profile = e.profile.as_ref();
+    [
+        e.email.as_deref(),
+        e.phone.as_deref(),
+        e.loyalty_card.as_deref(),
+        profile.and_then(|p| p.email.as_deref()),
+        profile.and_then(|p| p.phone.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|v| !v.trim().is_empty())
 }
 
 /// A till receipt, decoded (JSON or Avro), checked, and its amounts in the base
@@ -87,10 +148,24 @@ pub fn decode_receipt(
     clean_key("customer_id", &mut r.customer_id)?;
     clean_key("loyalty_card", &mut r.loyalty_card)?;
     clean_key("phone", &mut r.phone)?;
+    // A till's "0" or "unknown" for a walk-in names nobody, as on the site.
+    let placeholder = (r.customer_id.as_deref())
+        .filter(|id| crate::identifiers::is_placeholder_id(id))
+        .map(|id| format!("customer_id {id:?} is a placeholder, not an id; "));
+    if placeholder.is_some() {
+        r.customer_id = None;
+    }
     if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
         return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "receipt needs customer_id, loyalty_card or phone",
+            if placeholder.is_some() {
+                DeadLetterReason::invalid_field
+            } else {
+                DeadLetterReason::missing_field
+            },
+            format!(
+                "{}receipt needs customer_id, loyalty_card or phone",
+                placeholder.unwrap_or_default()
+            ),
         ));
     }
     check_id(format_args!("event_id"), &r.event_id)?;
@@ -101,6 +176,9 @@ pub fn decode_receipt(
     check_amount("total", Some(r.total))?;
     check_items(&r.items)?;
     currencies.convert_receipt(&mut r)?;
+    // Again in the base currency: a rate can carry an amount past the bound.
+    check_amount("total", Some(r.total))?;
+    check_items(&r.items)?;
     Ok(r)
 }
 
@@ -164,6 +242,14 @@ impl Currencies {
 
     /// Converts a receipt's total and line items to the base currency.
     fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<(), Rejection> {
+        // The schema makes a receipt's currency required: a blank one is not the
+        // base currency by default, where amounts are converted.
+        if self.base.is_some() && r.currency.trim().is_empty() {
+            return Err(Rejection::new(
+                DeadLetterReason::missing_field,
+                "currency is empty (profile.currency is set, so receipts must name theirs)",
+            ));
+        }
         let Some(rate) = self.rate("currency", Some(&r.currency))? else {
             return Ok(());
         };
@@ -364,12 +450,6 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
         }
     }
     check_text(format_args!("email"), e.email.as_deref(), MAX_TEXT_BYTES)?;
-    if e.event_type != EventType::heartbeat && e.customer_key().is_none() {
-        return Err(Rejection::new(
-            DeadLetterReason::missing_field,
-            "customer_id, anonymous_id or device_id is required",
-        ));
-    }
     check_customer_id(e.customer_id.as_deref())?;
     let cart_change = matches!(
         e.event_type,
@@ -400,6 +480,22 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
         return Err(Rejection::new(
             DeadLetterReason::missing_field,
             "consent_change needs consent",
+        ));
+    }
+    // A purchase places an order; a cancellation or return of one is an order_status
+    // event, and read as a purchase it would count its amount as revenue.
+    let purchase_status = (e.event_type == EventType::purchase)
+        .then(|| e.order.as_ref().and_then(|o| o.status))
+        .flatten()
+        .filter(|s| *s != OrderStatus::placed);
+    if let Some(status) = purchase_status {
+        return Err(Rejection::new(
+            DeadLetterReason::invalid_field,
+            format!(
+                "purchase with order.status {}: only placed (or none) is a purchase; \
+                 send an order_status event for the change",
+                status.as_str()
+            ),
         ));
     }
     if e.event_type == EventType::order_status
@@ -445,6 +541,7 @@ pub fn validate_event(e: &CustomerEvent) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoding::MAX_REASON_BYTES;
 
     /// No `profile.currency`: amounts as given.
     const NONE: Currencies = Currencies {
@@ -642,6 +739,142 @@ mod tests {
             .unwrap_or_else(|r| panic!("a cart change of items: {}", r.message));
         decode_customer_event(event("product_view", "").as_bytes(), &registry, &NONE)
             .unwrap_or_else(|r| panic!("a view without its product: {}", r.message));
+    }
+
+    #[test]
+    fn a_reason_quoting_a_huge_field_is_cut_to_fit_a_dead_letter() {
+        let registry = SchemaRegistry::new(None);
+        let huge = "A".repeat(450_000);
+        let event = format!(
+            r#"{{"event_id":"e1","event_type":"page_view","customer_id":"c1","occurred_at":"{huge}"}}"#
+        );
+        let r = decode_customer_event(event.as_bytes(), &registry, &NONE).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::invalid_field);
+        assert!(
+            r.message.len() <= MAX_REASON_BYTES + 40,
+            "{}",
+            r.message.len()
+        );
+        assert!(r.message.ends_with("bytes, cut)"), "{}", &r.message[1000..]);
+        // Cut on a character boundary: a reason of multi-byte characters stays text.
+        let r = Rejection::new(DeadLetterReason::invalid_field, "é".repeat(2_000));
+        assert!(r.message.starts_with(&"é".repeat(512)), "{}", r.message);
+        assert!(r.message.contains("4000 bytes, cut"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_purchase_that_is_not_placed_is_refused() {
+        let registry = SchemaRegistry::new(None);
+        let purchase = |status: &str| {
+            format!(
+                r#"{{"event_id":"e1","event_type":"purchase","occurred_at":1764950000000,"customer_id":"c1","order":{{"order_id":"o1","total":100.0{status}}}}}"#
+            )
+        };
+        for status in ["", r#","status":"placed""#] {
+            decode_customer_event(purchase(status).as_bytes(), &registry, &NONE)
+                .unwrap_or_else(|r| panic!("{status}: {}", r.message));
+        }
+        for status in ["cancelled", "returned", "shipped", "delivered"] {
+            let with = format!(r#","status":"{status}""#);
+            let r = decode_customer_event(purchase(&with).as_bytes(), &registry, &NONE)
+                .expect_err(status);
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{status}");
+            assert!(r.message.contains(status), "{}", r.message);
+        }
+    }
+
+    #[test]
+    fn a_placeholder_customer_id_names_nobody() {
+        let registry = SchemaRegistry::new(None);
+        let event = |ids: &str| {
+            format!(
+                r#"{{"event_id":"e1","event_type":"add_to_cart","occurred_at":1764950000000,{ids},"product":{{"product_id":"p1"}}}}"#
+            )
+        };
+        // Magento's guest, a JavaScript SDK's logged-out visitor: the cookie keys it.
+        for guest in ["0", "undefined", "null", "-1"] {
+            let ids = format!(r#""customer_id":"{guest}","anonymous_id":"a-1""#);
+            let e = decode_customer_event(event(&ids).as_bytes(), &registry, &NONE)
+                .unwrap_or_else(|r| panic!("{guest}: {}", r.message));
+            assert_eq!(e.customer_id, None, "{guest}");
+            assert_eq!(e.customer_key().as_deref(), Some("anon:a-1"), "{guest}");
+            let alone = format!(r#""customer_id":"{guest}""#);
+            let r =
+                decode_customer_event(event(&alone).as_bytes(), &registry, &NONE).expect_err(guest);
+            assert_eq!(r.reason, DeadLetterReason::invalid_field, "{guest}");
+            assert!(r.message.contains("placeholder"), "{}", r.message);
+        }
+        let receipt = |ids: &str| {
+            format!(
+                r#"{{"event_id":"r1","receipt_id":"r1","kind":"sale","store_id":"s1","occurred_at":1764950000000,{ids},"total":10.0,"currency":"EUR","items":[]}}"#
+            )
+        };
+        let r = decode_receipt(
+            receipt(r#""customer_id":"0","phone":"+4915100000001""#).as_bytes(),
+            &registry,
+            &NONE,
+        )
+        .unwrap_or_else(|r| panic!("{}", r.message));
+        assert_eq!(r.customer_id, None);
+        assert_eq!(r.customer_key().as_deref(), Some("phone:+4915100000001"));
+        let r = decode_receipt(
+            receipt(r#""customer_id":"unknown""#).as_bytes(),
+            &registry,
+            &NONE,
+        )
+        .expect_err("a walk-in");
+        assert_eq!(r.reason, DeadLetterReason::invalid_field);
+        assert!(r.message.contains("placeholder"), "{}", r.message);
+    }
+
+    #[test]
+    fn identity_resolution_takes_an_event_named_by_a_contact_alone() {
+        let registry = SchemaRegistry::new(None);
+        let optin = r#"{"event_id":"e1","event_type":"consent_change","occurred_at":1764950000000,"email":"ann@example.com","consent":{"channel":"email","granted":true}}"#;
+        let r = decode_customer_event(optin.as_bytes(), &registry, &NONE).expect_err("no key");
+        assert_eq!(r.reason, DeadLetterReason::missing_field);
+        let e = decode_identifiable_event(optin.as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("{}", r.message));
+        assert_eq!(e.email.as_deref(), Some("ann@example.com"));
+        // A profile update's phone names someone too; a blank e-mail does not.
+        let update = r#"{"event_id":"e2","event_type":"profile_update","occurred_at":1764950000000,"profile":{"phone":"+4915100000001"}}"#;
+        decode_identifiable_event(update.as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("{}", r.message));
+        let blank =
+            r#"{"event_id":"e3","event_type":"page_view","occurred_at":1764950000000,"email":" "}"#;
+        let r = decode_identifiable_event(blank.as_bytes(), &registry, &NONE).expect_err("blank");
+        assert_eq!(r.reason, DeadLetterReason::missing_field);
+        assert!(r.message.contains("loyalty_card"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_receipt_amount_is_checked_in_the_base_currency_and_its_currency_named() {
+        let registry = SchemaRegistry::new(None);
+        let config = crate::config::ProfileConfig {
+            currency: Some("EUR".into()),
+            exchange_rates: [("idr".to_string(), 10.0)].into(),
+            ..Default::default()
+        };
+        let currencies = Currencies::new(&config);
+        let receipt = |total: f64, currency: &str| {
+            serde_json::json!({"event_id": "r1", "receipt_id": "r1", "kind": "sale",
+                "store_id": "s1", "occurred_at": 1_764_950_000_000_i64, "customer_id": "c1",
+                "total": total, "currency": currency, "items": []})
+            .to_string()
+        };
+        decode_receipt(receipt(5e10, "IDR").as_bytes(), &registry, &currencies)
+            .unwrap_or_else(|r| panic!("{}", r.message));
+        let r = decode_receipt(receipt(5e11, "IDR").as_bytes(), &registry, &currencies)
+            .expect_err("5e12 in euros");
+        assert_eq!(r.reason, DeadLetterReason::invalid_field);
+        assert!(r.message.contains("largest amount"), "{}", r.message);
+        let r = decode_receipt(receipt(10.0, " ").as_bytes(), &registry, &currencies)
+            .expect_err("blank currency");
+        assert_eq!(r.reason, DeadLetterReason::missing_field);
+        assert!(r.message.starts_with("currency is empty"), "{}", r.message);
+        // Without a base currency amounts count as given, whatever they name.
+        decode_receipt(receipt(10.0, "").as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("{}", r.message));
     }
 
     #[test]

@@ -1690,8 +1690,10 @@ fn dead_letter(
     // it goes, the whole stays at its source offset.
     // The key counts three times: in the letter, as the letter's own key, and again
     // as the key of the letter's changelog copy.
+    // The reason (at most `MAX_REASON_BYTES` and a note) counts as escaped JSON at
+    // its worst, six bytes a character.
     let mut reason = rejection.message.clone();
-    let whole = record.payload.len() + 3 * record.key.map_or(0, <[u8]>::len);
+    let whole = record.payload.len() + 3 * record.key.map_or(0, <[u8]>::len) + 6 * reason.len();
     let (payload, record_key) = if whole > DEAD_LETTER_WHOLE_PAYLOAD {
         let payload = sample_for_letter("payload", record.payload, &mut reason);
         (

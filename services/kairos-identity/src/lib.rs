@@ -1149,7 +1149,7 @@ impl Processor for IdentityProcessor {
             (Source::Offline, customer_id, RawEvent::Receipt(Box::new(r)))
         } else {
             let mut e =
-                input::decode_customer_event(record.payload, &self.registry, &self.currencies)?;
+                input::decode_identifiable_event(record.payload, &self.registry, &self.currencies)?;
             let customer_id = self.normalize(IdentifierKind::customer_id, &mut e.customer_id)?;
             let d = &mut dropped;
             found.push(self.normalize_link(IdentifierKind::email, &mut e.email, d));

@@ -1665,6 +1665,24 @@ fn a_placeholder_customer_stops_taking_identifiers_at_the_limit() {
     assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
 }
 
+/// A newsletter form's opt-in names its subscriber by the e-mail alone: with identity
+/// resolution that is a customer (the e-mail's own profile), not an event naming nobody.
+#[test]
+fn an_opt_in_named_by_its_e_mail_alone_is_kept() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "consent_change",
+        t0,
+        json!({"email": "ann@example.com", "consent": {"channel": "email", "granted": true}}),
+    );
+    h.advance(t0 + HOUR);
+    assert!(h.dead_letters().is_empty(), "{:?}", h.dead_letters());
+    let p = h.profile("email:ann@example.com");
+    assert_eq!(p.consents.get(&Channel::email), Some(&true), "{p:?}");
+}
+
 /// A subscriber known by an e-mail alone, who only opens the newsletter, is kept by
 /// the profile processor, and so by the identity graph: registering later with the
 /// e-mail stitches their profile (consent and history) to the new customer instead
