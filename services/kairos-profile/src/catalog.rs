@@ -106,9 +106,12 @@ impl News {
     /// Whether a customer's interest at `at` (a wish, else a view) makes them one the
     /// announcement was for: shown before it, a view within the audience window.
     fn reaches(&self, at: Millis, wished: bool) -> bool {
-        let window = self.occurred_at - VIEW_INTEREST_DAYS * DAY;
+        // Whole days, as the audience's views are kept (see `apply_update`).
+        let first_day = (self.occurred_at - VIEW_INTEREST_DAYS * DAY).div_euclid(DAY);
         at < self.occurred_at
-            && (wished || (self.kind == ProductOccasionKind::price_drop && at >= window))
+            && (wished
+                || (self.kind == ProductOccasionKind::price_drop
+                    && at.div_euclid(DAY) >= first_day))
     }
 
     /// Whether the announcement is still true of the product's price now: not a drop
@@ -539,7 +542,10 @@ impl CatalogJoin {
             for (customer, at) in views {
                 // A view dated after the change saw the new price (the update read
                 // late): as for interest that reaches the join late (`News::reaches`).
-                if at >= fresh_after && at < u.occurred_at {
+                // The whole first day of the window counts: its entry holds the day's
+                // first view, and a later one that day may be within the window (the
+                // profile knows the last one, and skips a customer outside it).
+                if at < u.occurred_at {
                     viewed(&mut audience, customer, at);
                 }
             }

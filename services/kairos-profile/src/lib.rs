@@ -103,6 +103,10 @@ struct ScenarioTimer {
 /// Earlier orders a post-purchase follow-up remembers (see `ScenarioTimer::given_way`).
 const GIVEN_WAY_KEPT: usize = 3;
 
+/// The skip reason of a price drop smaller, from the price the customer saw, than the
+/// scenario's `min_drop_percent`.
+const BELOW_MIN_DROP: &str = "below_min_drop";
+
 /// A [`ScenarioTimer`] as written: the same fields in the same order, so the same
 /// bytes, borrowed instead of copied into a value that lives only to be encoded.
 #[derive(Serialize)]
@@ -347,6 +351,9 @@ impl ProfileProcessor {
             }
             if s.kind == ScenarioKind::SegmentEntered {
                 m.skipped.with_label_values(&[&s.name, "left_segment"]);
+            }
+            if s.kind == ScenarioKind::PriceDrop {
+                m.skipped.with_label_values(&[&s.name, BELOW_MIN_DROP]);
             }
         }
         // A yearly scenario switched off is armed all the same: its timers re-arm the
@@ -1962,6 +1969,12 @@ impl ProfileProcessor {
             if kind == ScenarioKind::PriceDrop
                 && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0))
             {
+                // Counted, so "why was she not told?" has an answer: the drop from
+                // the price she saw is smaller than the scenario's.
+                self.metrics
+                    .skipped
+                    .with_label_values(&[&s.name, BELOW_MIN_DROP])
+                    .inc();
                 continue;
             }
             let mut vars = serde_json::Map::new();

@@ -380,12 +380,21 @@ pub enum ProductAppeal {
     SeenSince,
     /// Not on the wishlist (a return to stock is for wishes only).
     NotWished,
+    /// Not wished, and last viewed before the audience window
+    /// ([`crate::catalog::VIEW_INTEREST_DAYS`] before the change): the join keeps views
+    /// by day, so it reaches the window's first day whole.
+    ViewedLongAgo,
 }
 
 impl ProductAppeal {
     /// Every label [`Self::skip_reason`] gives.
-    pub const SKIP_REASONS: [&'static str; 4] =
-        ["already_bought", "unwished", "seen_since", "not_wished"];
+    pub const SKIP_REASONS: [&'static str; 5] = [
+        "already_bought",
+        "unwished",
+        "seen_since",
+        "not_wished",
+        "viewed_long_ago",
+    ];
 
     /// The label of the skip it causes (`kairos_triggers_skipped_total`); `Wanted`
     /// causes none and is never counted.
@@ -396,6 +405,7 @@ impl ProductAppeal {
             ProductAppeal::Unwished => "unwished",
             ProductAppeal::SeenSince => "seen_since",
             ProductAppeal::NotWished => "not_wished",
+            ProductAppeal::ViewedLongAgo => "viewed_long_ago",
         }
     }
 }
@@ -1714,10 +1724,13 @@ impl CustomerProfile {
                 return ProductAppeal::Unwished;
             }
         }
-        // A purchase before a later view or wish leaves them wanting it (another one).
-        let interest_since = viewed_at.max(wished_at);
         // The join's window, when the start of the interest is not known.
         let window_start = changed_at - crate::catalog::VIEW_INTEREST_DAYS * kairos_core::time::DAY;
+        if !wishes_only && wish.is_none() && viewed_at.is_some_and(|v| v < window_start) {
+            return ProductAppeal::ViewedLongAgo;
+        }
+        // A purchase before a later view or wish leaves them wanting it (another one).
+        let interest_since = viewed_at.max(wished_at);
         let bought_at = mark.and_then(|m| m.bought_at);
         if bought_at.is_some_and(|b| b >= interest_since.unwrap_or(window_start)) {
             return ProductAppeal::Bought;

@@ -5178,6 +5178,38 @@ fn a_price_drop_processed_days_after_the_update_is_late() {
     assert_eq!(fired[0]["valid_until"], t + 12 * DAY - 2 * HOUR + DAY);
 }
 
+/// The audience window runs 30 days from the last view: the join keeps a day's first
+/// view, so it takes the window's first day whole, and the profile, which knows the
+/// last view, tells who viewed within it and skips who did not.
+#[test]
+fn the_audience_window_runs_from_the_last_view_of_a_day() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("fd-0", "p9", t - HOUR, json!({"price": 100.0}));
+    for (customer, views) in [("fd", vec![t, t + 10 * HOUR]), ("fo", vec![t])] {
+        for (i, seen) in views.into_iter().enumerate() {
+            h.site(
+                &format!("{customer}-view-{i}"),
+                "product_view",
+                customer,
+                seen,
+                json!({"product": product("p9", 100.0)}),
+            );
+        }
+    }
+    // 30 days and 2 hours after the first views, 29 days and 16 hours after fd's last.
+    h.catalog(
+        "fd-3",
+        "p9",
+        t + 30 * DAY + 2 * HOUR,
+        json!({"price": 70.0}),
+    );
+    h.advance(t + 30 * DAY + 3 * HOUR);
+    assert_eq!(h.triggers("fd", "price_drop").len(), 1);
+    assert!(h.triggers("fo", "price_drop").is_empty());
+    assert_eq!(skipped(&h, "price_drop", "viewed_long_ago"), 1.0);
+}
+
 #[test]
 fn a_drop_to_more_than_the_customer_saw_is_no_price_drop() {
     let t = at(T0);
@@ -5196,6 +5228,8 @@ fn a_drop_to_more_than_the_customer_saw_is_no_price_drop() {
     h.advance(t + 4 * HOUR);
     let fired = h.triggers("ps", "price_drop");
     assert!(fired.is_empty(), "{fired:#?}");
+    // Counted, so the silence can be explained.
+    assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
 }
 
 #[test]
