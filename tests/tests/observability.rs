@@ -413,6 +413,13 @@ holdout_percent = 50
             "conversions of {}",
             groups[g]
         );
+        // One touch per customer: the scenario's conversions are the same ones.
+        assert_eq!(
+            metric("kairos_scenario_conversions_total", &labels),
+            conversions[g] as f64,
+            "scenario conversions of {}",
+            groups[g]
+        );
         assert_close(
             metric("kairos_conversion_revenue_total", &labels),
             revenue[g],

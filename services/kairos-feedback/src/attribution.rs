@@ -80,6 +80,10 @@ pub struct Touch {
     /// a rate stays conversions of its own touches over them after a restart.
     #[serde(default)]
     pub counted_by: Option<u64>,
+    /// Whether a purchase within the window after it was counted for the scenario's
+    /// conversion rate and lift (see [`Touch::lift_conversion`]), last touch or not.
+    #[serde(default)]
+    pub lift_converted: bool,
 }
 
 fn stored_before() -> bool {
@@ -187,6 +191,19 @@ impl Touch {
         key(self) == key(other)
     }
 
+    /// Whether a purchase at `purchased_at` converts this touch for its scenario's
+    /// conversion rate and lift, for the first time: any purchase within the window
+    /// after it, whatever touched the customer since. Last touch would take the
+    /// conversion from a scenario whose message caused a later one (a cart e-mail's
+    /// click, then a browse-abandonment message): the treated customers' later
+    /// touches, which the held-out ones never get, would make the scenario look worse
+    /// than holding out (as Braze counts a conversion for every campaign whose window
+    /// it falls in). A touch converted last-touch was counted so then.
+    pub fn lift_conversion(&self, purchased_at: Millis, window: Millis) -> bool {
+        let within = purchased_at > self.at && purchased_at - self.at <= window;
+        within && !self.lift_converted && !self.converted
+    }
+
     /// Whether a purchase at `purchased_at` belongs to this touch.
     pub fn attribute(&self, purchased_at: Millis, window: Millis) -> Attribution {
         // Strictly after: a purchase at the touch's own time is the one that caused it
@@ -229,6 +246,7 @@ mod tests {
             message: true,
             decision_id: None,
             counted_by: None,
+            lift_converted: false,
         }
     }
 

@@ -146,6 +146,7 @@ struct FeedbackMetrics {
     decisions: IntCounterVec,
     touches: IntCounterVec,
     conversions: IntCounterVec,
+    scenario_conversions: IntCounterVec,
     conversion_revenue: CounterVec,
     purchases: IntCounterVec,
     purchase_revenue: CounterVec,
@@ -200,6 +201,12 @@ impl FeedbackMetrics {
                 "kairos_conversions_total",
                 "Touches followed by a purchase within the attribution window (last touch), at most one per touch.",
                 attribution_labels,
+            ),
+            scenario_conversions: metrics::counter_vec(
+                registry,
+                "kairos_scenario_conversions_total",
+                "Touches followed by a purchase within the attribution window, whatever touched the customer since (one per touch): the numerator of the scenario's conversion rate and lift.",
+                &["scenario", "group"],
             ),
             conversion_revenue: float_counter(
                 "kairos_conversion_revenue_total",
@@ -338,6 +345,8 @@ impl FeedbackProcessor {
             }
             for group in [Group::Treatment, Group::Control] {
                 m.conversion_rate
+                    .with_label_values(&[&s.name, group.as_str()]);
+                m.scenario_conversions
                     .with_label_values(&[&s.name, group.as_str()]);
             }
             m.lift.with_label_values(&[&s.name]);
@@ -514,6 +523,7 @@ impl FeedbackProcessor {
             message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
             decision_id: Some(d.decision_id.clone()),
             counted_by: Some(self.epoch),
+            lift_converted: false,
         };
         self.metrics
             .touches
@@ -542,7 +552,10 @@ impl FeedbackProcessor {
         let mut touches = self.touches_of(ctx, &key)?;
         for touch in new {
             match touches.iter_mut().find(|t| once && t.same_touch(&touch)) {
-                Some(known) => known.converted |= touch.converted,
+                Some(known) => {
+                    known.converted |= touch.converted;
+                    known.lift_converted |= touch.lift_converted;
+                }
                 None => add_touch(&mut touches, touch, self.window),
             }
         }
@@ -725,29 +738,43 @@ impl FeedbackProcessor {
         };
         // Also arms the sweep of a store whose touches were written before they expired.
         self.touch_expiry.arm(ctx, newest)?;
-        let Some(live) = live_touch(&touches, at, self.window) else {
-            return Ok(());
-        };
-        let touch = &mut touches[live];
-        let attribution = touch.attribute(at, self.window);
-        if !attribution.attributed {
-            return Ok(());
-        }
-        let labels = touch.labels();
-        self.metrics
-            .conversion_revenue
-            .with_label_values(&labels)
-            .inc_by(value.max(0.0));
-        if attribution.first_conversion {
-            self.metrics.conversions.with_label_values(&labels).inc();
-            touch.converted = true;
+        // Every touch whose window it falls in converts for its scenario's rate and
+        // lift, once; the revenue goes to the last touch alone.
+        let mut changed = false;
+        for touch in touches.iter_mut() {
+            if !touch.lift_conversion(at, self.window) {
+                continue;
+            }
+            touch.lift_converted = true;
+            changed = true;
             let (scenario, group) = (touch.scenario.clone(), touch.group());
-            let counted_here = touch.counted_by == Some(self.epoch);
-            ctx.put(&key, &touches)?;
-            if counted_here {
+            self.metrics
+                .scenario_conversions
+                .with_label_values(&[&scenario, group.as_str()])
+                .inc();
+            if touch.counted_by == Some(self.epoch) {
                 self.tally(&scenario).conversions[group.index()] += 1;
                 self.refresh_scenario_gauges(&scenario);
             }
+        }
+        if let Some(live) = live_touch(&touches, at, self.window) {
+            let touch = &mut touches[live];
+            let attribution = touch.attribute(at, self.window);
+            if attribution.attributed {
+                let labels = touch.labels();
+                self.metrics
+                    .conversion_revenue
+                    .with_label_values(&labels)
+                    .inc_by(value.max(0.0));
+                if attribution.first_conversion {
+                    self.metrics.conversions.with_label_values(&labels).inc();
+                    touch.converted = true;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            ctx.put(&key, &touches)?;
         }
         Ok(())
     }
@@ -1637,6 +1664,91 @@ mod tests {
         assert_eq!(sample(conversions, &["treatment", "none"]), 1.0);
         assert_eq!(sample(conversions, &["control"]), 1.0);
         assert_eq!(lift(&registry, "promo"), Some(0.0));
+    }
+
+    /// A message's own effect, a later message only the treated customer gets (a cart
+    /// e-mail's click, then a browse-abandonment e-mail), takes the last-touch
+    /// conversion and revenue; for the cart scenario's rate and lift the purchase still
+    /// converts its touch, as it converts the held-out customer's. Last touch alone
+    /// gave the cart a treatment rate of 0 against a control rate of 1: a lift of -1.
+    #[test]
+    fn a_later_message_the_treated_get_takes_no_conversion_from_the_lift() {
+        use kairos_core::contracts::ExperimentGroup;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n\
+             [[scenarios]]\nname = \"browse\"\nkind = \"browse_abandonment\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n",
+        );
+        let decisions = config.topic(topics::DECISIONS);
+        let hour = 3_600_000;
+        let decision = |customer: &str, scenario: &str, at: Millis, sent: bool| Decision {
+            decision_id: format!("d-{customer}-{scenario}"),
+            trigger_id: format!("t-{customer}-{scenario}"),
+            customer_id: customer.into(),
+            scenario: scenario.into(),
+            category: MessageCategory::trigger,
+            outcome: if sent {
+                DecisionOutcome::sent
+            } else {
+                DecisionOutcome::held_out
+            },
+            channel: sent.then_some(Channel::email),
+            send_id: sent.then(|| format!("s-{customer}-{scenario}")),
+            rule: if sent { "sent" } else { "scenario_holdout" }.into(),
+            reason: "test".into(),
+            decided_at: at,
+            group: Some(if sent {
+                ExperimentGroup::treatment
+            } else {
+                ExperimentGroup::control
+            }),
+        };
+        for d in [
+            decision("ct", "cart", T0, true),
+            decision("ct", "browse", T0 + 2 * hour, true),
+            decision("cc", "cart", T0, false),
+        ] {
+            let payload = serde_json::to_vec(&d).expect("encode");
+            replayer
+                .push(&decisions, d.customer_id.as_bytes(), &payload)
+                .expect("push");
+        }
+        push_purchases(&config, &mut replayer, &["ct", "cc"], T0 + 3 * hour);
+        replayer.advance_to(T0 + 4 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        let scenario_conversions = |scenario: &str, group: &str| {
+            counter(
+                &registry,
+                "kairos_scenario_conversions_total",
+                &[scenario, group],
+            )
+        };
+        assert_eq!(scenario_conversions("cart", "treatment"), 1.0);
+        assert_eq!(scenario_conversions("cart", "control"), 1.0);
+        assert_eq!(scenario_conversions("browse", "treatment"), 1.0);
+        assert_eq!(lift(&registry, "cart"), Some(0.0));
+        // The revenue and the channel's conversion stay the last touch's.
+        let last_touch = |scenario: &str| {
+            counter(
+                &registry,
+                "kairos_conversion_revenue_total",
+                &[scenario, "email"],
+            )
+        };
+        assert_eq!((last_touch("browse"), last_touch("cart")), (10.0, 0.0));
+        // A second purchase in the window converts nothing again.
+        let site = config.topic(topics::SITE_EVENTS);
+        replayer
+            .push(&site, b"ct", &purchase("again", "ct", T0 + 5 * hour))
+            .expect("push");
+        replayer.advance_to(T0 + 6 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(scenario_conversions("cart", "treatment"), 1.0);
+        assert_eq!(last_touch("browse"), 20.0);
     }
 
     /// A decision that sent and held out nothing counts as a touch but leaves a

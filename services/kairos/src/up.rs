@@ -391,7 +391,7 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
     let group = |metric: &str, g: &str| sum(feedback, metric, &[&format!("group=\"{g}\"")]);
     let conversion_rate = |g: &str| {
         rate(
-            group("kairos_conversions_total", g),
+            group("kairos_scenario_conversions_total", g),
             group("kairos_attribution_touches_total", g),
         )
     };
@@ -426,10 +426,10 @@ fn print_summary(elapsed: Duration, m: &BTreeMap<String, Vec<(String, f64)>>) {
         "n/a (no control conversions yet)".to_string()
     };
     println!(
-        "        conversions (last touch): treatment {:.0} of {:.0} touches ({treated:.1}%), control {:.0} of {:.0} ({control:.1}%), lift {lift} | revenue via CRM {:.0} of {:.0}",
-        group("kairos_conversions_total", "treatment"),
+        "        conversions: treatment {:.0} of {:.0} touches ({treated:.1}%), control {:.0} of {:.0} ({control:.1}%), lift {lift} | revenue via CRM (last touch) {:.0} of {:.0}",
+        group("kairos_scenario_conversions_total", "treatment"),
         group("kairos_attribution_touches_total", "treatment"),
-        group("kairos_conversions_total", "control"),
+        group("kairos_scenario_conversions_total", "control"),
         group("kairos_attribution_touches_total", "control"),
         // Messages sent only: a treated customer's trigger that sent nothing (channel
         // "none") counts for lift, not as revenue via CRM.
