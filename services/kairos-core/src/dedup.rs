@@ -108,6 +108,11 @@ impl SeenIds {
         Ok(Seen::First)
     }
 
+    /// Whether `id` is kept (seen within the window).
+    pub fn contains(&self, ctx: &Ctx<'_>, id: &str) -> anyhow::Result<bool> {
+        Ok(ctx.get::<Millis>(&[self.prefix, id].concat())?.is_some())
+    }
+
     /// The ids kept that start with `id_prefix`, with the time each is kept from.
     pub fn kept_with_prefix(
         &self,

@@ -84,6 +84,23 @@ pub struct Touch {
     /// conversion rate and lift (see [`Touch::lift_conversion`]), last touch or not.
     #[serde(default)]
     pub lift_converted: bool,
+    /// The trigger the touch decided, which a cascade's later steps name; absent in
+    /// touches stored before it was kept.
+    #[serde(default)]
+    pub trigger_id: Option<String>,
+    /// The messages the touch sent, oldest first: its first, then a cascade's later
+    /// steps. Empty for a touch that sent nothing, and for one stored before they were
+    /// kept (its `channel` stands then).
+    #[serde(default)]
+    pub steps: Vec<SentStep>,
+}
+
+/// A message a touch sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentStep {
+    pub send_id: String,
+    pub channel: Channel,
+    pub at: Millis,
 }
 
 fn stored_before() -> bool {
@@ -181,6 +198,27 @@ impl Touch {
         ]
     }
 
+    /// The channel of the last message the touch sent before `purchased_at` that
+    /// reached the customer (`unreached` tells a send that failed or bounced hard):
+    /// a cascade's SMS that followed the e-mail earns the purchase after it, and a
+    /// touch whose every message failed earns as one that sent nothing. A touch
+    /// stored before its messages were kept: the channel it sent on.
+    pub fn reached_channel(
+        &self,
+        purchased_at: Millis,
+        mut unreached: impl FnMut(&str) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Option<Channel>> {
+        if self.steps.is_empty() {
+            return Ok(self.channel);
+        }
+        for step in self.steps.iter().rev() {
+            if step.at < purchased_at && !unreached(&step.send_id)? {
+                return Ok(Some(step.channel));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether `other` is this touch, converted or not (the same decision's touch
     /// arriving again, as after a merge re-sent).
     pub fn same_touch(&self, other: &Touch) -> bool {
@@ -247,6 +285,8 @@ mod tests {
             decision_id: None,
             counted_by: None,
             lift_converted: false,
+            trigger_id: None,
+            steps: Vec::new(),
         }
     }
 

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub mod attribution;
 pub mod expiry;
 
-use attribution::{add_touch, live_touch, Group, StoredTouches, Touch};
+use attribution::{add_touch, live_touch, Group, SentStep, StoredTouches, Touch};
 use expiry::{TouchExpiry, SWEEP_TIMER, TOUCH_PREFIX};
 
 /// Failure reasons a label may take; anything else counts as "other".
@@ -274,6 +274,10 @@ pub struct FeedbackProcessor {
     changed_outcomes: HashSet<(String, Channel)>,
     /// Ids seen, by [`RecordKind`], kept for `state.dedup_window`.
     seen: [SeenIds; 3],
+    /// Sends that failed or bounced hard: they reached nobody, and earn no revenue
+    /// for their channel (see [`Touch::reached_channel`]). Kept for the dedup window,
+    /// and at least as long as a purchase can come for them.
+    unreached: SeenIds,
     touch_expiry: TouchExpiry,
     /// This process among all that ever ran: the conversion-rate tallies count since it
     /// started, so a conversion counts there only for a touch it counted too (one
@@ -404,6 +408,12 @@ impl FeedbackProcessor {
                 SeenIds::new("d/", "dx", config.state.dedup_window),
                 SeenIds::new("p/", "px", config.state.dedup_window),
             ],
+            unreached: SeenIds::new(
+                "nr/",
+                "nrx",
+                (config.state.dedup_window)
+                    .max(config.feedback.attribution_window + config.feedback.attribution_delay),
+            ),
             touch_expiry: TouchExpiry::new(
                 config.feedback.attribution_window,
                 config.state.dedup_window,
@@ -477,6 +487,11 @@ impl FeedbackProcessor {
                 .with_label_values(&[o.channel.as_str(), failure_reason(o.reason.as_deref())])
                 .inc();
         }
+        // Whenever it is read, before or after its decision: the purchase is
+        // attributed later, and asks then.
+        if matches!(o.kind, OutcomeKind::failed | OutcomeKind::bounced_hard) {
+            self.unreached.check(ctx, &o.send_id, o.occurred_at)?;
+        }
         Ok(())
     }
 
@@ -502,10 +517,22 @@ impl FeedbackProcessor {
         // A cascade's next channel is the same message again, not another touch: a
         // held-out customer has one decision for the trigger, so counting each step
         // would divide the treated customers' conversions by up to three.
-        if d.rule == CASCADE_RULE {
-            return Ok(());
-        }
         let sent_on = d.channel.filter(|_| d.outcome == DecisionOutcome::sent);
+        let step = match (sent_on, &d.send_id) {
+            (Some(channel), Some(send_id)) => Some(SentStep {
+                send_id: send_id.clone(),
+                channel,
+                at: d.decided_at,
+            }),
+            _ => None,
+        };
+        if d.rule == CASCADE_RULE {
+            // Its channel earns what the customer buys after it (see `attribute`).
+            return match step {
+                Some(step) => self.add_cascade_step(ctx, d, step),
+                None => Ok(()),
+            };
+        }
         let group = match (d.group, d.outcome) {
             // The arbiter names the group on each trigger's final decision.
             (Some(g), _) => Group::from(g),
@@ -524,6 +551,8 @@ impl FeedbackProcessor {
             decision_id: Some(d.decision_id.clone()),
             counted_by: Some(self.epoch),
             lift_converted: false,
+            trigger_id: Some(d.trigger_id.clone()),
+            steps: step.into_iter().collect(),
         };
         self.metrics
             .touches
@@ -532,6 +561,31 @@ impl FeedbackProcessor {
         self.tally(&touch.scenario).touches[touch.group().index()] += 1;
         self.refresh_scenario_gauges(&touch.scenario);
         self.keep_touches(ctx, &d.customer_id, vec![touch], false)
+    }
+
+    /// Adds a cascade's later message to the touch of its trigger, if the customer's
+    /// touches hold it (the trigger's first decision comes before its steps, on the
+    /// same partition of the same topic).
+    fn add_cascade_step(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        d: &Decision,
+        step: SentStep,
+    ) -> anyhow::Result<()> {
+        let key = touch_key(&d.customer_id);
+        let mut touches = self.touches_of(ctx, &key)?;
+        let Some(touch) = touches
+            .iter_mut()
+            .find(|t| t.trigger_id.as_deref() == Some(d.trigger_id.as_str()))
+        else {
+            return Ok(());
+        };
+        if touch.steps.iter().any(|s| s.send_id == step.send_id) {
+            return Ok(());
+        }
+        let at = touch.steps.partition_point(|s| s.at <= step.at);
+        touch.steps.insert(at, step);
+        ctx.put(&key, &touches)
     }
 
     /// Adds `new` to `customer`'s touches (each once with `once`: touches handed over
@@ -758,10 +812,17 @@ impl FeedbackProcessor {
             }
         }
         if let Some(live) = live_touch(&touches, at, self.window) {
+            let unreached = &self.unreached;
+            let reached =
+                touches[live].reached_channel(at, |send_id| unreached.contains(ctx, send_id))?;
             let touch = &mut touches[live];
             let attribution = touch.attribute(at, self.window);
             if attribution.attributed {
-                let labels = touch.labels();
+                let labels = [
+                    touch.scenario.as_str(),
+                    reached.map_or("none", |c| c.as_str()),
+                    touch.group().as_str(),
+                ];
                 self.metrics
                     .conversion_revenue
                     .with_label_values(&labels)
@@ -1052,6 +1113,9 @@ impl Processor for FeedbackProcessor {
         }
         if timer.timer_id == SWEEP_TIMER {
             return self.touch_expiry.sweep(ctx, timer);
+        }
+        if timer.timer_id == self.unreached.timer_id() {
+            return self.unreached.sweep(ctx, timer);
         }
         match self.seen.iter().find(|s| s.timer_id() == timer.timer_id) {
             Some(seen) => seen.sweep(ctx, timer),
@@ -1553,6 +1617,118 @@ mod tests {
         assert_eq!(by_group("kairos_conversions_total", "treatment"), 1.0);
         assert_eq!(by_group("kairos_conversions_total", "control"), 1.0);
         assert_eq!(lift(&registry, "cart"), Some(0.0));
+        // One touch, but the SMS before the purchase earns it.
+        let revenue = |channel: &str| {
+            counter(
+                &registry,
+                "kairos_conversion_revenue_total",
+                &["cart", channel],
+            )
+        };
+        assert_eq!((revenue("email"), revenue("sms")), (0.0, 10.0));
+    }
+
+    /// Revenue and the channel's conversion go to the last message of the touch that
+    /// reached the customer before the purchase: not to a cascade step that failed,
+    /// nor to a message that bounced hard or failed, whose touch earns as one that
+    /// sent nothing (channel none). The failure may be read before or after its
+    /// decision. The touch stays treated for the lift.
+    #[test]
+    fn revenue_goes_to_the_last_message_that_reached_the_customer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n\
+             [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+             channels = [\"email\", \"push\"]\ntemplate = \"t\"\n",
+        );
+        let hour = 3_600_000;
+        let decisions = config.topic(topics::DECISIONS);
+        let outcomes = config.topic(topics::OUTCOMES);
+        let decision = |customer: &str, step: &str, channel, rule: &str, at| Decision {
+            decision_id: format!("d-{customer}-{step}"),
+            trigger_id: format!("t-{customer}"),
+            customer_id: customer.into(),
+            scenario: "cart".into(),
+            category: MessageCategory::trigger,
+            outcome: DecisionOutcome::sent,
+            channel: Some(channel),
+            send_id: Some(format!("s-{customer}-{step}")),
+            rule: rule.into(),
+            reason: "test".into(),
+            decided_at: at,
+            group: Some(kairos_core::contracts::ExperimentGroup::treatment),
+        };
+        let failure = |customer: &str, step: &str, channel, kind: OutcomeKind| Outcome {
+            outcome_id: format!("o-{customer}-{step}-{}", kind.as_str()),
+            send_id: format!("s-{customer}-{step}"),
+            customer_id: customer.into(),
+            scenario: "cart".into(),
+            channel,
+            category: MessageCategory::trigger,
+            kind,
+            reason: Some("test".into()),
+            occurred_at: T0 + 2 * hour,
+            address: None,
+        };
+        let push_decision = |r: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+                             d: Decision| {
+            let payload = serde_json::to_vec(&d).expect("encode");
+            r.push(&decisions, d.customer_id.as_bytes(), &payload)
+                .expect("push");
+        };
+        let push_outcome = |r: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+                            o: Outcome| {
+            let payload = serde_json::to_vec(&o).expect("encode");
+            r.push(&outcomes, o.customer_id.as_bytes(), &payload)
+                .expect("push");
+        };
+        // a: e-mail, then a push that failed (read after its decision).
+        push_decision(
+            &mut replayer,
+            decision("a", "0", Channel::email, "sent", T0),
+        );
+        push_decision(
+            &mut replayer,
+            decision("a", "1", Channel::push, "cascade", T0 + hour),
+        );
+        push_outcome(
+            &mut replayer,
+            failure("a", "1", Channel::push, OutcomeKind::failed),
+        );
+        // b: an e-mail that bounced hard, the bounce read before the decision.
+        push_outcome(
+            &mut replayer,
+            failure("b", "0", Channel::email, OutcomeKind::bounced_hard),
+        );
+        push_decision(
+            &mut replayer,
+            decision("b", "0", Channel::email, "sent", T0),
+        );
+        push_purchases(&config, &mut replayer, &["a", "b"], T0 + 3 * hour);
+        replayer.advance_to(T0 + 4 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        let earned = |channel: &str, group: &str| {
+            (
+                counter(&registry, "kairos_conversions_total", &[channel, group]),
+                counter(
+                    &registry,
+                    "kairos_conversion_revenue_total",
+                    &[channel, group],
+                ),
+            )
+        };
+        assert_eq!(earned("email", "treatment"), (1.0, 10.0), "a's e-mail");
+        assert_eq!(earned("push", "treatment"), (0.0, 0.0), "a's failed push");
+        assert_eq!(earned("none", "treatment"), (1.0, 10.0), "b's bounce");
+        assert_eq!(
+            counter(
+                &registry,
+                "kairos_scenario_conversions_total",
+                &["cart", "treatment"]
+            ),
+            2.0
+        );
     }
 
     /// The conversion-rate gauge of `scenario` and `group`, NaN if not set.
