@@ -78,9 +78,65 @@ struct ProductState {
     /// older update read later does not bring back the old name.
     #[serde(default)]
     name_at: Option<Millis>,
+    /// The prices of the audience window by day, oldest first, and the last day
+    /// before it (whose closing price held at the window's start): a drop is measured
+    /// from the window's highest price (see [`ProductState::window_high`]). Empty in
+    /// older rows (`reference_price` stands in).
+    #[serde(default)]
+    price_days: Vec<PriceDay>,
+}
+
+/// A day (UTC) of a product's prices: its highest, and the price it closed at.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct PriceDay {
+    day: i64,
+    high: f64,
+    close: f64,
 }
 
 impl ProductState {
+    /// The highest price in effect in the audience window before `at`: the price
+    /// any viewer in it can have seen at most, so a drop from it smaller than the
+    /// scenarios' is news to no one, and one at least as big may be news to some (the
+    /// profile measures each customer from the price they saw, or were last told).
+    fn window_high(&self, at: Millis) -> Option<f64> {
+        if self.price_days.is_empty() {
+            // A row from before the days were kept.
+            return self.reference_price.or(self.price);
+        }
+        let first_day = (at - VIEW_INTEREST_DAYS * DAY).div_euclid(DAY);
+        let in_window = self.price_days.iter().filter(|d| d.day >= first_day);
+        // The price that held when the window began.
+        let carried = (self.price_days.iter().rev())
+            .find(|d| d.day < first_day)
+            .map(|d| d.close);
+        (in_window.map(|d| d.high))
+            .chain(carried)
+            .chain(self.price)
+            .reduce(f64::max)
+    }
+
+    /// Records `price` as set at `at` (updates apply in time order), keeping the days
+    /// of the window and the one before it.
+    fn record_price(&mut self, price: f64, at: Millis) {
+        let day = at.div_euclid(DAY);
+        match self.price_days.last_mut() {
+            Some(last) if last.day >= day => {
+                last.high = last.high.max(price);
+                last.close = price;
+            }
+            _ => self.price_days.push(PriceDay {
+                day,
+                high: price,
+                close: price,
+            }),
+        }
+        let first_day = day - VIEW_INTEREST_DAYS;
+        while self.price_days.get(1).is_some_and(|d| d.day < first_day) {
+            self.price_days.remove(0);
+        }
+    }
+
     /// The announcements interest that reaches the join late is told of: none while
     /// the product is sold out (a drop kept through it is told again once it is back).
     fn told_late(&self) -> Vec<News> {
@@ -435,23 +491,27 @@ impl CatalogJoin {
         let price = quoted.filter(|p| *p > 0.0);
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
-        let reference = product.reference_price.or(product.price);
+        // Measured from the window's highest price, not from the last announcement:
+        // a customer who viewed it at an in-between price (100, 92 viewed, 89 told
+        // from 100, then 82) hears of 82, 11% below what they saw; one told of 89
+        // already is skipped by the profile, which keeps what it told them.
+        let reference = product.window_high(u.occurred_at);
         let restocked = product.in_stock == Some(false) && in_stock == Some(true);
         // A drop is news only for a product one can buy: one while it is out of stock
-        // waits (the reference stays) and is told when it is back.
+        // waits and is told when it is back (unless that price was told already).
         let buyable = in_stock.or(product.in_stock) != Some(false);
-        let checked = price.or(product.price.filter(|_| restocked));
-        let mut announced = false;
+        let lowered = price.filter(|new| product.price.is_none_or(|before| *new < before));
+        let held_back = product.price.filter(|now| {
+            restocked
+                && !(product.news.iter())
+                    .any(|n| n.kind == ProductOccasionKind::price_drop && n.new_price == Some(*now))
+        });
+        let checked = lowered.or(held_back.filter(|_| price.is_none()));
         if let (Some(old), Some(new), true) = (reference, checked, buyable) {
             let drop = drop_percent(old, new);
             if drop > 0.0 && drop >= self.min_drop_percent {
                 occasions.push((ProductOccasionKind::price_drop, Some(old), Some(new)));
-                announced = true;
             }
-        }
-        if announced && price.is_none() {
-            // Told at the return to stock: the next drop is measured from here.
-            product.reference_price = product.price;
         }
         if self.watches_stock && restocked {
             occasions.push((
@@ -468,12 +528,14 @@ impl CatalogJoin {
             product.price_at = Some(u.occurred_at);
         }
         if let Some(new) = price {
+            if product.price_days.is_empty() {
+                // A row from before the days were kept: its reference held until now.
+                if let Some(before) = reference {
+                    product.record_price(before, u.occurred_at);
+                }
+            }
             product.price = Some(new);
-            // An announced drop starts a new reference; a rise raises it.
-            product.reference_price = Some(match reference {
-                Some(r) if !announced => r.max(new),
-                _ => new,
-            });
+            product.record_price(new, u.occurred_at);
         }
         let stock_before = product.in_stock;
         if in_stock.is_some() {
@@ -1197,9 +1259,16 @@ min_drop_percent = 10.0
             (occasion.old_price, occasion.new_price),
             (Some(100.0), Some(80.0))
         );
-        // Measured from the price told: a further 5% is not 10%.
+        // 24% below the window's highest price: news to whoever saw 100 and was not
+        // told of 80 since (the profile, which told c of 80, measures 5% and skips).
         let out = push(&catalog, price("p1", "u5", 76.0, T0 + 5 * HOUR));
-        assert!(told(&out, "p1").is_empty());
+        assert_eq!(told(&out, "p1"), ["c"]);
+        // A rise is no drop, and a step down to 92 is 8% below the window's highest
+        // price (100): news to no one.
+        let out = push(&catalog, price("p1", "u6", 95.0, T0 + 6 * HOUR));
+        assert!(told(&out, "p1").is_empty(), "a rise");
+        let out = push(&catalog, price("p1", "u7", 92.0, T0 + 7 * HOUR));
+        assert!(told(&out, "p1").is_empty(), "8% below the window's 100");
     }
 
     /// A catalog update caches nothing of a product no interest asked about (a load of
@@ -1375,6 +1444,33 @@ min_drop_percent = 10.0
         assert_eq!(
             drops(&mut r, 1),
             (vec!["b/c".to_string()], vec!["d".to_string()])
+        );
+    }
+
+    /// A product keeps the prices of the window's days and the day before it, however
+    /// long its feed runs; the window's highest price counts the one carried into it.
+    #[test]
+    fn a_product_keeps_its_prices_for_the_window_only() {
+        let mut product = ProductState::default();
+        for day in 0..100 {
+            let price = 200.0 - day as f64;
+            product.record_price(price, T0 + day * DAY + HOUR);
+            product.record_price(price + 0.5, T0 + day * DAY + 2 * HOUR);
+            product.price = Some(price + 0.5);
+        }
+        assert!(product.price_days.len() <= VIEW_INTEREST_DAYS as usize + 2);
+        // At day 100: the window starts on day 70, when the price was 130 and 130.5;
+        // day 69 closed at 131.5, which held at the window's start.
+        assert_eq!(product.window_high(T0 + 100 * DAY), Some(131.5));
+        let flat = ProductState {
+            price: Some(50.0),
+            reference_price: Some(60.0),
+            ..ProductState::default()
+        };
+        assert_eq!(
+            flat.window_high(T0),
+            Some(60.0),
+            "a row from before the days"
         );
     }
 

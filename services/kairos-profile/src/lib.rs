@@ -1965,6 +1965,7 @@ impl ProfileProcessor {
             (Some(old), Some(new)) => catalog::drop_percent(old, new),
             _ => 0.0,
         };
+        let mut told = false;
         for s in self.scenarios(kind).iter() {
             if kind == ScenarioKind::PriceDrop
                 && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0))
@@ -1993,7 +1994,10 @@ impl ProfileProcessor {
             // Due when the catalog changed: an occasion processed after an outage is
             // late like any other trigger, and valid for `valid_for` from the change.
             let due = o.occurred_at;
-            self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
+            told |= self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
+        }
+        if let (true, ScenarioKind::PriceDrop, Some(new)) = (told, kind, o.new_price) {
+            p.note_told_price(&o.product_id, new, o.occurred_at);
         }
         self.put(ctx, p)?;
         Ok(())

@@ -334,6 +334,12 @@ pub struct ProductMark {
     /// The latest view of the product once it has a mark: a view after a purchase or
     /// a removal wants it again, also when it has left the latest twenty views.
     pub viewed_at: Option<Millis>,
+    /// The price of the latest price drop the customer was sent a trigger for, and
+    /// the time of its catalog change: a later drop is measured from it, unless they
+    /// saw the product since (the catalog join announces every drop that may be news
+    /// to someone, so without it each further step down would tell them again).
+    pub told_price: Option<f64>,
+    pub told_at: Option<Millis>,
 }
 
 impl ProductMark {
@@ -342,6 +348,7 @@ impl ProductMark {
             .max(self.wished_at)
             .max(self.unwished_at)
             .max(self.viewed_at)
+            .max(self.told_at)
     }
 
     /// A wish taken off later than it was (last) made.
@@ -358,6 +365,10 @@ impl ProductMark {
         self.wished_at = self.wished_at.max(other.wished_at);
         self.unwished_at = self.unwished_at.max(other.unwished_at);
         self.viewed_at = self.viewed_at.max(other.viewed_at);
+        if other.told_at > self.told_at {
+            self.told_at = other.told_at;
+            self.told_price = other.told_price;
+        }
     }
 }
 
@@ -1748,7 +1759,25 @@ impl CustomerProfile {
             (None, _) => wish_price,
             _ => view_price.or(wish_price),
         };
+        // A drop told since they last saw the product is the price they know.
+        let told = mark.and_then(|m| m.told_at.zip(m.told_price));
+        let price_seen = match told {
+            Some((at, price)) if interest_since.is_none_or(|seen| at >= seen) => Some(price),
+            _ => price_seen,
+        };
         ProductAppeal::Wanted { price_seen }
+    }
+
+    /// Notes that the customer was sent a trigger for a drop of `product_id` to
+    /// `price` at `at` (the catalog change's time); an older one read later changes
+    /// nothing.
+    pub fn note_told_price(&mut self, product_id: &str, price: f64, at: Millis) {
+        let mark = self.product_mark(product_id);
+        if mark.told_at.is_none_or(|told| told <= at) {
+            mark.told_at = Some(at);
+            mark.told_price = Some(price);
+        }
+        self.trim_product_marks();
     }
 
     /// Sets `channel`'s consent as stated at `at`, unless a later statement is known
