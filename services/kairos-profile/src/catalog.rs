@@ -170,6 +170,16 @@ impl News {
                     && at.div_euclid(DAY) >= first_day))
     }
 
+    /// Whether this is a drop announced by the same update as a return to stock
+    /// among `news`: a wisher, who hears of the return, hears of the new price in it
+    /// (its `old_price` is the drop's), not in a second message.
+    fn told_with_return(&self, news: &[&News]) -> bool {
+        self.kind == ProductOccasionKind::price_drop
+            && news.iter().any(|n| {
+                n.kind == ProductOccasionKind::back_in_stock && n.event_id == self.event_id
+            })
+    }
+
     /// Whether the announcement is still true of the product's price now: not a drop
     /// whose price rose since. Interest that reaches the join late hears only of what
     /// still holds, and nothing while the product is sold out (see
@@ -514,9 +524,12 @@ impl CatalogJoin {
             }
         }
         if self.watches_stock && restocked {
+            // A drop told with the return carries its price from before: a wisher
+            // hears of both in the one message (see `News::told_with_return`).
+            let dropped_from = occasions.first().and_then(|(_, old, _)| *old);
             occasions.push((
                 ProductOccasionKind::back_in_stock,
-                product.price,
+                dropped_from.or(product.price),
                 price.or(product.price),
             ));
         }
@@ -649,6 +662,9 @@ impl CatalogJoin {
                 if news.kind == ProductOccasionKind::back_in_stock && !interest.wishlisted {
                     continue;
                 }
+                if interest.wishlisted && news.told_with_return(&announced) {
+                    continue;
+                }
                 let occasion = news.occasion_for(&u.product_id, &customer);
                 ctx.emit(&self.occasions_topic, &customer, &occasion);
             }
@@ -674,8 +690,13 @@ impl CatalogJoin {
             products.insert(CompactString::from(i.product_id.as_str()), news);
         }
         let wished = i.kind == InterestKind::wishlisted;
-        let news = products.get(i.product_id.as_str()).into_iter().flatten();
-        for n in news.filter(|n| n.reaches(i.occurred_at, wished)) {
+        let reached: Vec<&News> = (products.get(i.product_id.as_str()).into_iter().flatten())
+            .filter(|n| n.reaches(i.occurred_at, wished))
+            .collect();
+        for n in reached
+            .iter()
+            .filter(|n| !(wished && n.told_with_return(&reached)))
+        {
             let occasion = n.occasion_for(&i.product_id, &i.customer_id);
             ctx.emit(&self.occasions_topic, &i.customer_id, &occasion);
         }

@@ -1996,7 +1996,8 @@ impl ProfileProcessor {
             let due = o.occurred_at;
             told |= self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
         }
-        if let (true, ScenarioKind::PriceDrop, Some(new)) = (told, kind, o.new_price) {
+        // A return to stock tells its price too.
+        if let (true, Some(new)) = (told, o.new_price) {
             p.note_told_price(&o.product_id, new, o.occurred_at);
         }
         self.put(ctx, p)?;

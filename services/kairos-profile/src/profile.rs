@@ -334,7 +334,8 @@ pub struct ProductMark {
     /// The latest view of the product once it has a mark: a view after a purchase or
     /// a removal wants it again, also when it has left the latest twenty views.
     pub viewed_at: Option<Millis>,
-    /// The price of the latest price drop the customer was sent a trigger for, and
+    /// The price of the latest price drop (or return to stock) the customer was sent a
+    /// trigger for, and
     /// the time of its catalog change: a later drop is measured from it, unless they
     /// saw the product since (the catalog join announces every drop that may be news
     /// to someone, so without it each further step down would tell them again).

@@ -2818,6 +2818,52 @@ fn a_drop_of_exactly_the_minimum_counts() {
     assert_eq!(h.triggers("pr4", "price_drop").len(), 1);
 }
 
+/// A drop held while the product was sold out and told with its return: the wisher
+/// hears of both in the return's message (was 100, now 80), not in two; a viewer
+/// hears of the drop.
+#[test]
+fn a_wisher_hears_of_a_return_at_a_lower_price_once() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog("rl-0", "p3", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "rl-wish",
+        "wishlist_add",
+        "rl-w",
+        t + HOUR,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.site(
+        "rl-view",
+        "product_view",
+        "rl-v",
+        t + HOUR,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.catalog("rl-1", "p3", t + 2 * HOUR, json!({"in_stock": false}));
+    h.catalog("rl-2", "p3", t + 3 * HOUR, json!({"price": 80.0}));
+    h.catalog("rl-3", "p3", t + 4 * HOUR, json!({"in_stock": true}));
+    // A wish made before, read after the return (the app's topic behind).
+    h.site(
+        "rl-late-wish",
+        "wishlist_add",
+        "rl-late",
+        t + HOUR,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.advance(t + 5 * HOUR);
+    for wisher in ["rl-w", "rl-late"] {
+        assert!(h.triggers(wisher, "price_drop").is_empty(), "{wisher}");
+        let back = h.triggers(wisher, "back_in_stock");
+        assert_eq!(back.len(), 1, "{wisher}: {back:#?}");
+        let v = vars(&back[0]);
+        let prices = (v["old_price"].clone(), v["new_price"].clone());
+        assert_eq!(prices, (json!(100.0), json!(80.0)), "{wisher}");
+    }
+    assert_eq!(h.triggers("rl-v", "price_drop").len(), 1);
+    assert!(h.triggers("rl-v", "back_in_stock").is_empty());
+}
+
 #[test]
 fn back_in_stock_reaches_the_wishlister_only() {
     let t = at(T0);
