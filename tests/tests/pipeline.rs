@@ -145,6 +145,15 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
         "explain failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Run with another partition count than the topics', it says so instead of
+    // reading the wrong partition.
+    let elsewhere = p.run_kairos(
+        &["explain", "c-abandon"],
+        &[("KAIROS__KAFKA__PARTITIONS", "7")],
+    );
+    let refusal = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(!elsewhere.status.success(), "{refusal}");
+    assert!(refusal.contains("partitions = 7"), "{refusal}");
     let trigger_line = format!(
         "trigger {}: abandoned_cart step 0",
         d["trigger_id"].as_str().unwrap()

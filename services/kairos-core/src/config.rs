@@ -1388,6 +1388,41 @@ impl Config {
         }
         self.validate_kafka_client(text)?;
         self.validate_currencies(text)?;
+        if let Some(url) = &self.schema_registry.url {
+            // A URL reqwest cannot use fails every request, which reads as a registry
+            // that is down: the first Avro record would stall its services for good.
+            if let Err(message) = check_gateway_url(url) {
+                return Err(fail_at(
+                    table_key_line(text, "schema_registry", "url"),
+                    "url",
+                    format!("schema_registry.url: {message}"),
+                ));
+            }
+        }
+        // Two services on one port: the second cannot start (`kairos up` starts all).
+        let mut listens: Vec<(String, SocketAddr)> = vec![
+            ("profile.admin_listen".into(), self.profile.admin_listen),
+            ("identity.admin_listen".into(), self.identity.admin_listen),
+            ("catalog.admin_listen".into(), self.catalog.admin_listen),
+            ("arbiter.admin_listen".into(), self.arbiter.admin_listen),
+            ("feedback.admin_listen".into(), self.feedback.admin_listen),
+        ];
+        for (channel, d) in &self.delivery {
+            listens.push((format!("delivery.{channel}.admin_listen"), d.admin_listen));
+        }
+        for (i, (field, addr)) in listens.iter().enumerate() {
+            let taken = listens[..i]
+                .iter()
+                .find(|(_, other)| addr.port() != 0 && other.port() == addr.port());
+            if let Some((first, _)) = taken {
+                let (table, _) = field.rsplit_once('.').unwrap_or_default();
+                return Err(fail_at(
+                    table_key_line(text, table, "admin_listen"),
+                    "admin_listen",
+                    format!("{field} {addr} takes the port of {first}: each service needs its own"),
+                ));
+            }
+        }
         if self.state.timers_in_memory < self.kafka.partitions as usize {
             return Err(fail(
                 "timers_in_memory",
@@ -1889,9 +1924,13 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.scenarios.iter().enumerate() {
-            // The scenario's own line of `key`, else the first in the file.
-            let line_of =
-                |key: &str| scenario_key_line(text, i, key).or_else(|| find_key_line(text, key));
+            // The scenario's own line of `key`, else its header (a key it leaves out
+            // must not point at another scenario's), else the first in the file.
+            let line_of = |key: &str| {
+                scenario_key_line(text, i, key)
+                    .or_else(|| scenario_header_line(text, i))
+                    .or_else(|| find_key_line(text, key))
+            };
             let fail_here = |key: &str, message| fail_at(line_of(key), key, message);
             if let Some(segment) = s
                 .segment
@@ -2119,11 +2158,47 @@ impl Config {
                     ),
                 ));
             }
+            // The arbiter sends a step only within the trigger's valid-until: one due
+            // later than `valid_for` after the first message could never go out.
+            let mut due = Duration::ZERO;
+            for (j, wait) in s.cascade.iter().enumerate() {
+                due += **wait;
+                if due >= s.valid_for {
+                    return Err(fail_at(
+                        line_of("cascade"),
+                        "cascade",
+                        format!(
+                            "scenarios[{i}] ({}): cascade[{j}] would go out {} after the \
+                             first message, not within valid_for ({}): it never could",
+                            s.name,
+                            humantime_serde::re::humantime::format_duration(due),
+                            humantime_serde::re::humantime::format_duration(s.valid_for)
+                        ),
+                    ));
+                }
+            }
             if s.holdout_percent > 100 {
                 return Err(fail_here(
                     "holdout_percent",
                     format!("scenarios[{i}] ({}): must be between 0 and 100", s.name),
                 ));
+            }
+            // Transactional messages pass caps and holdouts: set, they would be ignored.
+            if s.category == MessageCategory::transactional {
+                let ignored = [
+                    ("holdout_percent", s.holdout_percent > 0),
+                    ("caps", s.caps.is_some()),
+                ];
+                if let Some((key, _)) = ignored.into_iter().find(|(_, set)| *set) {
+                    return Err(fail_here(
+                        key,
+                        format!(
+                            "scenarios[{i}] ({}): a transactional message is never capped \
+                             or held out, so {key} would be ignored",
+                            s.name
+                        ),
+                    ));
+                }
             }
             if s.template.trim().is_empty() {
                 return Err(fail_here(
@@ -2718,6 +2793,14 @@ fn scenario_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
         .filter(|(_, l)| is_header(l, "[[scenarios]]"))
         .nth(index)?;
     assigned_after(&lines, start, key)
+}
+
+/// The line (1-based) of the `index`-th `[[scenarios]]` header.
+fn scenario_header_line(text: &str, index: usize) -> Option<usize> {
+    (text.lines().enumerate())
+        .filter(|(_, l)| is_header(l, "[[scenarios]]"))
+        .nth(index)
+        .map(|(start, _)| start + 1)
 }
 
 /// The line of `key` in the RFM cell named `name` (the line naming the cell when the
@@ -3471,6 +3554,87 @@ mod tests {
         assert!(message.contains("set webhook_token"), "{message}");
         parse(&format!("{}webhook_token = \"t\"\n", email("0.0.0.0:9111"))).expect("token");
         parse(&format!("{}open_webhook = true\n", email("10.0.0.5:9111"))).expect("trusted");
+    }
+
+    /// A registry URL without a scheme fails every request, which reads as a registry
+    /// that is down: refused when the file is read.
+    #[test]
+    fn a_schema_registry_url_that_is_no_url_is_refused_at_its_line() {
+        for url in [
+            "schema-registry:8081",
+            "localhost",
+            "http://a:8081,http://b:8081",
+        ] {
+            let (line, message) = line_of(&format!("[schema_registry]\nurl = \"{url}\"\n"));
+            assert_eq!(line, 2, "{url}: {message}");
+            assert!(message.contains("schema_registry.url"), "{message}");
+        }
+        parse("[schema_registry]\nurl = \"http://schema-registry:8081\"\n").expect("a URL");
+    }
+
+    #[test]
+    fn two_services_on_one_admin_port_are_refused() {
+        let text = "[arbiter]\nadmin_listen = \"127.0.0.1:9200\"\n\
+                    [delivery.email]\nadmin_listen = \"127.0.0.1:9200\"\n";
+        let (line, message) = line_of(text);
+        assert_eq!(line, 4, "{message}");
+        assert!(
+            message.contains("delivery.email.admin_listen") && message.contains("arbiter"),
+            "{message}"
+        );
+        // Port 0: the kernel picks one each.
+        parse("[arbiter]\nadmin_listen = \"127.0.0.1:0\"\n[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\n")
+            .expect("port 0");
+    }
+
+    /// A key the scenario leaves out is blamed on the scenario, not on the first
+    /// scenario that sets it.
+    #[test]
+    fn an_error_about_a_key_a_scenario_leaves_out_points_at_that_scenario() {
+        let text = "[[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+                    channels = [\"email\"]\ntemplate = \"t\"\ndelay = \"1h\"\n\n\
+                    [[scenarios]]\nname = \"thanks\"\nkind = \"post_purchase\"\n\
+                    category = \"promo\"\nchannels = [\"email\"]\ntemplate = \"t\"\n";
+        let (line, message) = line_of(text);
+        assert_eq!(line, 8, "{message}");
+        assert!(message.contains("thanks"), "{message}");
+    }
+
+    #[test]
+    fn a_cascade_step_past_valid_for_is_refused() {
+        let scenario = |valid_for: &str| {
+            format!(
+                "[[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+                 channels = [\"email\", \"push\", \"sms\"]\ntemplate = \"t\"\n\
+                 valid_for = \"{valid_for}\"\ncascade = [\"1h\", \"4h\"]\n"
+            )
+        };
+        let (line, message) = line_of(&scenario("4h"));
+        assert_eq!(line, 7, "{message}");
+        assert!(message.contains("cascade[1]"), "{message}");
+        parse(&scenario("6h")).expect("within valid_for");
+    }
+
+    #[test]
+    fn caps_or_holdouts_on_a_transactional_scenario_are_refused() {
+        let scenario = |extra: &str| {
+            format!(
+                "[[scenarios]]\nname = \"shipped\"\nkind = \"order_update\"\n\
+                 category = \"transactional\"\nchannels = [\"email\"]\ntemplate = \"t\"\n{extra}"
+            )
+        };
+        for (extra, key) in [
+            ("holdout_percent = 10\n", "holdout_percent"),
+            ("caps = { daily_cap = 1 }\n", "caps"),
+        ] {
+            let (line, message) = line_of(&scenario(extra));
+            assert_eq!(line, 7, "{message}");
+            assert!(
+                message.contains(key) && message.contains("transactional"),
+                "{message}"
+            );
+        }
+        parse(&scenario("")).expect("plain");
     }
 
     /// `warning` would be read as a target at TRACE and filter out every line.

@@ -26,7 +26,7 @@
 //! growing memory.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kairos_core::admin::AdminState;
@@ -530,6 +530,12 @@ impl DeliveryProcessor {
         }
     }
 
+    /// Waits `total` (a backoff, an open breaker) with heartbeats (see
+    /// [`wait_beating`]).
+    async fn wait_beating(&self, total: Duration) {
+        wait_beating(total, || self.beat()).await;
+    }
+
     /// Attempts the send until it succeeds, fails for good, expires or runs out of
     /// attempts.
     async fn attempts(
@@ -593,8 +599,7 @@ impl DeliveryProcessor {
                     break;
                 }
                 self.show_breaker(&labels);
-                tokio::time::sleep(wait).await;
-                self.beat();
+                self.wait_beating(wait).await;
             }
             self.show_breaker(&labels);
             self.limiter.until_ready().await;
@@ -688,7 +693,8 @@ impl DeliveryProcessor {
                     self.metrics.retries.with_label_values(&labels).inc();
                     let backoff =
                         retry::backoff(&self.settings.retry, attempt, &mut rand::thread_rng());
-                    tokio::time::sleep(retry::after_asked(backoff, asked_to_wait)).await;
+                    self.wait_beating(retry::after_asked(backoff, asked_to_wait))
+                        .await;
                 }
                 None => {}
             }
@@ -1418,6 +1424,22 @@ pub async fn run(
     .await
 }
 
+/// Waits `total`, calling `beat` at least every 10 s and at the end: a breaker open
+/// for two minutes is a worker waiting out its provider, not a hung one for the
+/// health check (silent for 60 s).
+async fn wait_beating(total: Duration, beat: impl Fn()) {
+    const SLICE: Duration = Duration::from_secs(10);
+    let until = tokio::time::Instant::now() + total;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(SLICE)).await;
+        beat();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1486,6 +1508,20 @@ mod tests {
             store.put_now(key.as_bytes(), &value).expect("write");
         }
         partition
+    }
+
+    /// A long wait beats every 10 s, so the health check sees a worker waiting out
+    /// its provider, not a hung one.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_wait_keeps_beating() {
+        let beats = std::cell::RefCell::new(Vec::new());
+        let start = tokio::time::Instant::now();
+        wait_beating(Duration::from_secs(25), || {
+            beats.borrow_mut().push(start.elapsed().as_secs())
+        })
+        .await;
+        assert_eq!(*beats.borrow(), [10, 20, 25]);
+        assert_eq!(start.elapsed(), Duration::from_secs(25));
     }
 
     /// The shipped marketing e-mails end with the opt-out link of the provider's

@@ -1,11 +1,14 @@
-//! Last-touch attribution of purchases to the final decisions of marketing triggers.
+//! Attribution of purchases to the final decisions of marketing triggers.
 //!
 //! A touch is the final decision of a marketing trigger, in the experiment group the
 //! arbiter drew the customer into (intent to treat: a treated customer whose message a
 //! sunset, an unsubscribe or a cap stopped counts in the treatment group as a held-out
-//! one counts in the control group). A purchase belongs to the customer's last touch
-//! strictly before it (see [`live_touch`]), if it falls within the window after it:
-//! the touch's conversion; further purchases in the window add revenue but not
+//! one counts in the control group). A purchase converts, once, every touch whose
+//! window it falls in, for the scenario's conversion rate and lift (see
+//! [`Touch::lift_conversion`]); its revenue belongs to the customer's last touch
+//! strictly before it (see [`live_touch`]), if it falls within the window after it,
+//! on the channel of the touch's last message that reached the customer (see
+//! [`Touch::reached_channel`]). Further purchases in the window add revenue but not
 //! another conversion, so conversion rates stay between 0 and 1 and compare fairly
 //! between the groups.
 //!

@@ -2,8 +2,9 @@
 //!
 //! Outcomes are deduplicated by outcome id (a re-sent record counts once, so "opened"
 //! counts unique opens per send), then counted by channel, scenario, category and kind;
-//! decisions by outcome and rule. Purchases are attributed to the customer's last touch
-//! within the attribution window: a marketing trigger's final decision is a touch in
+//! decisions by outcome and rule. Purchases convert the customer's touches within the
+//! attribution window (every one for its scenario's rate and lift, the last one for
+//! the revenue; see `attribution`): a marketing trigger's final decision is a touch in
 //! the experiment group the arbiter drew the customer into, whatever it decided (intent
 //! to treat: a message stopped by what earlier messages caused, a sunset or an
 //! unsubscribe, still counts as treated), so conversions of the two groups, and the

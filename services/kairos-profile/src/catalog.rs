@@ -3,8 +3,9 @@
 //! The profile processor publishes each customer's interest in a product (viewed,
 //! wishlisted) to `product-interest`, keyed by product id and co-partitioned with
 //! `catalog`. This processor keeps, per product, its last price and stock, the highest
-//! price since the last announced drop (what a drop is measured against), and an index
-//! of interested customers under the product:
+//! price since the last announced drop and the prices of the 30-day audience window
+//! (what a drop is measured against), and an index of interested customers under the
+//! product:
 //! - `vd/<product>/<day>`: who viewed the product that day (customer -> latest view),
 //!   deleted on a timer once past the interest window;
 //! - `w/<product>/<customer>`: who wishlisted it.
@@ -58,7 +59,8 @@ struct ProductState {
     price: Option<f64>,
     in_stock: Option<bool>,
     /// The highest price since the last announced drop (None in older rows: the last
-    /// price): small steps down add up to a drop worth announcing.
+    /// price), at most the window's highest: small steps down add up to a drop worth
+    /// announcing.
     #[serde(default)]
     reference_price: Option<f64>,
     /// The time of the update that set `price` (None in older rows): an older one
@@ -80,10 +82,15 @@ struct ProductState {
     name_at: Option<Millis>,
     /// The prices of the audience window by day, oldest first, and the last day
     /// before it (whose closing price held at the window's start): a drop is measured
-    /// from the window's highest price (see [`ProductState::window_high`]). Empty in
-    /// older rows (`reference_price` stands in).
+    /// from the window's highest price too (see [`ProductState::window_high`]). Empty
+    /// in older rows (`reference_price` stands in).
     #[serde(default)]
     price_days: Vec<PriceDay>,
+    /// The price and time of the last announced drop.
+    #[serde(default)]
+    announced_price: Option<f64>,
+    #[serde(default)]
+    announced_at: Option<Millis>,
 }
 
 /// A day (UTC) of a product's prices: its highest, and the price it closed at.
@@ -501,26 +508,38 @@ impl CatalogJoin {
         let price = quoted.filter(|p| *p > 0.0);
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
-        // Measured from the window's highest price, not from the last announcement:
-        // a customer who viewed it at an in-between price (100, 92 viewed, 89 told
-        // from 100, then 82) hears of 82, 11% below what they saw; one told of 89
-        // already is skipped by the profile, which keeps what it told them.
-        let reference = product.window_high(u.occurred_at);
+        let window_high = product.window_high(u.occurred_at);
+        // The highest price since the last announced drop (within the window): steps
+        // down add up to a drop worth announcing.
+        let since_announced = match (product.reference_price.or(product.price), window_high) {
+            (Some(reference), Some(high)) => Some(reference.min(high)),
+            (reference, high) => reference.or(high),
+        };
         let restocked = product.in_stock == Some(false) && in_stock == Some(true);
         // A drop is news only for a product one can buy: one while it is out of stock
-        // waits and is told when it is back (unless that price was told already).
+        // waits and is told when it is back (a full row repeating the price too).
         let buyable = in_stock.or(product.in_stock) != Some(false);
-        let lowered = price.filter(|new| product.price.is_none_or(|before| *new < before));
-        let held_back = product.price.filter(|now| {
-            restocked
-                && !(product.news.iter())
-                    .any(|n| n.kind == ProductOccasionKind::price_drop && n.new_price == Some(*now))
-        });
-        let checked = lowered.or(held_back.filter(|_| price.is_none()));
-        if let (Some(old), Some(new), true) = (reference, checked, buyable) {
-            let drop = drop_percent(old, new);
-            if drop > 0.0 && drop >= self.min_drop_percent {
-                occasions.push((ProductOccasionKind::price_drop, Some(old), Some(new)));
+        let checked = match restocked {
+            true => price.or(product.price),
+            false => price.filter(|new| product.price.is_none_or(|before| *new < before)),
+        };
+        let window_start = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
+        let last_announced = (product.announced_price)
+            .zip(product.announced_at)
+            .filter(|(_, at)| *at >= window_start)
+            .map(|(price, _)| price);
+        if let (Some(new), true) = (checked, buyable) {
+            let min = self.min_drop_percent;
+            let worth = |from: Option<f64>| from.is_some_and(|old| drop_percent(old, new) >= min);
+            // Also measured from the window's highest price: a customer who viewed it at
+            // an in-between price (100, 92 viewed, 89 told from 100, then 82) hears of
+            // 82, 11% below what they saw; the profile skips one told of 89 already.
+            // Only a step of half the threshold below the last announcement reads the
+            // audience again: a repricer's cents up and down read it not at all.
+            let stepped = last_announced.is_none_or(|told| drop_percent(told, new) >= min / 2.0);
+            let drop = window_high.map_or(0.0, |high| drop_percent(high, new));
+            if drop > 0.0 && (worth(since_announced) || (worth(window_high) && stepped)) {
+                occasions.push((ProductOccasionKind::price_drop, window_high, Some(new)));
             }
         }
         if self.watches_stock && restocked {
@@ -540,15 +559,31 @@ impl CatalogJoin {
         if quoted.is_some() {
             product.price_at = Some(u.occurred_at);
         }
+        let announced = occasions
+            .iter()
+            .find(|(kind, _, _)| *kind == ProductOccasionKind::price_drop)
+            .and_then(|(_, _, new)| *new);
+        if let Some(new) = announced {
+            product.announced_price = Some(new);
+            product.announced_at = Some(u.occurred_at);
+        }
         if let Some(new) = price {
             if product.price_days.is_empty() {
                 // A row from before the days were kept: its reference held until now.
-                if let Some(before) = reference {
+                if let Some(before) = window_high {
                     product.record_price(before, u.occurred_at);
                 }
             }
             product.price = Some(new);
             product.record_price(new, u.occurred_at);
+            // An announced drop starts a new reference; a rise raises it.
+            product.reference_price = Some(match since_announced {
+                Some(r) if announced.is_none() => r.max(new),
+                _ => new,
+            });
+        } else if let Some(told) = announced {
+            // Told at the return to stock: the next drop is measured from here.
+            product.reference_price = Some(told);
         }
         let stock_before = product.in_stock;
         if in_stock.is_some() {
@@ -1248,6 +1283,40 @@ min_drop_percent = 10.0
 
     fn wish(customer: &str, product: &str, at: Millis) -> Vec<u8> {
         interest(customer, product, at, InterestKind::wishlisted)
+    }
+
+    /// A feed of full rows repeats the price with the stock: the drop held while sold
+    /// out is told at the return all the same. A repricer's cents up and down, and a
+    /// step much smaller than the threshold below the last announcement, read the
+    /// audience not again.
+    #[test]
+    fn a_full_row_return_tells_the_held_drop_and_price_flaps_tell_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let row = |id: &str, price: f64, in_stock: bool, at: Millis| {
+            serde_json::to_vec(&serde_json::json!({"event_id": id, "product_id": "p1",
+                "price": price, "in_stock": in_stock, "occurred_at": at}))
+            .unwrap()
+        };
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        push(&catalog, row("f1", 100.0, true, T0));
+        push(&interest, view("c", "p1", T0 + HOUR));
+        assert!(told(&push(&catalog, row("f2", 80.0, false, T0 + 2 * HOUR)), "p1").is_empty());
+        assert_eq!(
+            told(&push(&catalog, row("f3", 80.0, true, T0 + 3 * HOUR)), "p1"),
+            ["c"]
+        );
+        for (i, price) in [80.5, 80.0, 80.5, 80.0, 79.0].into_iter().enumerate() {
+            let id = format!("flap-{i}");
+            let at = T0 + (4 + i as Millis) * HOUR;
+            let out = push(&catalog, row(&id, price, true, at));
+            assert!(told(&out, "p1").is_empty(), "{price}");
+        }
+        // 10% below the window's 100 and 6% below the 80 told: read again.
+        let out = push(&catalog, row("f9", 75.0, true, T0 + 10 * HOUR));
+        assert_eq!(told(&out, "p1"), ["c"]);
     }
 
     /// A drop while the product is out of stock is no news to a viewer who cannot buy

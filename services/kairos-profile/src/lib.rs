@@ -1941,35 +1941,40 @@ impl ProfileProcessor {
             ProductOccasionKind::back_in_stock => ScenarioKind::BackInStock,
         };
         let wishes_only = kind == ScenarioKind::BackInStock;
-        let price_seen = match p.product_appeal(&o.product_id, wishes_only, o.occurred_at) {
-            ProductAppeal::Wanted { price_seen } => price_seen,
-            appeal => {
-                let reason = appeal.skip_reason();
-                for s in self.scenarios(kind).iter() {
-                    self.metrics
-                        .skipped
-                        .with_label_values(&[&s.name, reason])
-                        .inc();
+        let (price_seen, told_before) =
+            match p.product_appeal(&o.product_id, wishes_only, o.occurred_at) {
+                ProductAppeal::Wanted { price_seen, told } => (price_seen, told),
+                appeal => {
+                    let reason = appeal.skip_reason();
+                    for s in self.scenarios(kind).iter() {
+                        self.metrics
+                            .skipped
+                            .with_label_values(&[&s.name, reason])
+                            .inc();
+                    }
+                    self.put(ctx, p)?;
+                    return Ok(());
                 }
-                self.put(ctx, p)?;
-                return Ok(());
-            }
-        };
-        // A drop is one to the customer only below the price they saw (the catalog
-        // compares with its own earlier price, which they may never have seen).
-        let old_price = match kind {
-            ScenarioKind::PriceDrop => price_seen.or(o.old_price),
-            _ => o.old_price,
-        };
-        let drop = match (old_price, o.new_price) {
-            (Some(old), Some(new)) => catalog::drop_percent(old, new),
-            _ => 0.0,
-        };
-        let mut told = false;
+            };
+        // The highest threshold of the scenarios that tell the customer this time.
+        let mut told_up_to: Option<f64> = None;
         for s in self.scenarios(kind).iter() {
-            if kind == ScenarioKind::PriceDrop
-                && (drop <= 0.0 || drop < s.min_drop_percent.unwrap_or(0.0))
-            {
+            let min_drop = s.min_drop_percent.unwrap_or(0.0);
+            // A drop is one to the customer only below the price they saw (the catalog
+            // compares with its own prices, which they may not have seen), or the
+            // drop they were told of since, by a scenario of this threshold or a
+            // higher one: a "big sale" of 30% still measures from what they saw
+            // after a 10% drop was told.
+            let told = told_before.filter(|t| min_drop <= t.up_to_percent);
+            let old_price = match kind {
+                ScenarioKind::PriceDrop => (told.map(|t| t.price)).or(price_seen).or(o.old_price),
+                _ => o.old_price,
+            };
+            let drop = match (old_price, o.new_price) {
+                (Some(old), Some(new)) => catalog::drop_percent(old, new),
+                _ => 0.0,
+            };
+            if kind == ScenarioKind::PriceDrop && (drop <= 0.0 || drop < min_drop) {
                 // Counted, so "why was she not told?" has an answer: the drop from
                 // the price she saw is smaller than the scenario's.
                 self.metrics
@@ -1994,11 +1999,12 @@ impl ProfileProcessor {
             // Due when the catalog changed: an occasion processed after an outage is
             // late like any other trigger, and valid for `valid_for` from the change.
             let due = o.occurred_at;
-            told |= self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars);
+            if self.emit_trigger(ctx, s, &p, 0, &o.occasion_id, o.occurred_at, due, vars) {
+                told_up_to = Some(told_up_to.map_or(min_drop, |up_to| up_to.max(min_drop)));
+            }
         }
-        // A return to stock tells its price too.
-        if let (true, Some(new)) = (told, o.new_price) {
-            p.note_told_price(&o.product_id, new, o.occurred_at);
+        if let (Some(up_to), ScenarioKind::PriceDrop, Some(new)) = (told_up_to, kind, o.new_price) {
+            p.note_told_price(&o.product_id, new, o.occurred_at, up_to);
         }
         self.put(ctx, p)?;
         Ok(())

@@ -334,13 +334,23 @@ pub struct ProductMark {
     /// The latest view of the product once it has a mark: a view after a purchase or
     /// a removal wants it again, also when it has left the latest twenty views.
     pub viewed_at: Option<Millis>,
-    /// The price of the latest price drop (or return to stock) the customer was sent a
-    /// trigger for, and
+    /// The price of the latest price drop the customer was sent a trigger for, and
     /// the time of its catalog change: a later drop is measured from it, unless they
     /// saw the product since (the catalog join announces every drop that may be news
     /// to someone, so without it each further step down would tell them again).
     pub told_price: Option<f64>,
     pub told_at: Option<Millis>,
+    /// The highest `min_drop_percent` of the scenarios that told it: one with a
+    /// higher threshold measures from the price the customer saw, not from it.
+    pub told_up_to_percent: Option<f64>,
+}
+
+/// A price drop the customer was told of since they last saw the product (see
+/// [`ProductMark::told_price`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Told {
+    pub price: f64,
+    pub up_to_percent: f64,
 }
 
 impl ProductMark {
@@ -369,6 +379,7 @@ impl ProductMark {
         if other.told_at > self.told_at {
             self.told_at = other.told_at;
             self.told_price = other.told_price;
+            self.told_up_to_percent = other.told_up_to_percent;
         }
     }
 }
@@ -382,8 +393,12 @@ const PRODUCT_MARKS: usize = 32;
 /// customer, from what the profile knows of them and the product.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ProductAppeal {
-    /// Still wanted; the price they last saw on it, if known.
-    Wanted { price_seen: Option<f64> },
+    /// Still wanted; the price they last saw on it, if known, and the drop they were
+    /// told of since, if any.
+    Wanted {
+        price_seen: Option<f64>,
+        told: Option<Told>,
+    },
     /// Bought since they last showed interest.
     Bought,
     /// Taken off the wishlist, and not viewed since.
@@ -1613,9 +1628,14 @@ impl CustomerProfile {
         if excess == 0 {
             return;
         }
+        // A mark that only holds a drop told leaves before one of a purchase or a
+        // removal, which keeps a drop from a customer who bought or took it off.
         loose.sort_by_key(|i| {
             let m = &self.product_marks[*i];
-            (m.unwished_at.is_some(), m.latest())
+            let holds_more = (m.bought_at.or(m.wished_at).or(m.unwished_at))
+                .or(m.viewed_at)
+                .is_some();
+            (holds_more, m.unwished_at.is_some(), m.latest())
         });
         let mut leaving = loose[..excess].to_vec();
         leaving.sort_unstable();
@@ -1760,23 +1780,26 @@ impl CustomerProfile {
             (None, _) => wish_price,
             _ => view_price.or(wish_price),
         };
-        // A drop told since they last saw the product is the price they know.
-        let told = mark.and_then(|m| m.told_at.zip(m.told_price));
-        let price_seen = match told {
-            Some((at, price)) if interest_since.is_none_or(|seen| at >= seen) => Some(price),
-            _ => price_seen,
-        };
-        ProductAppeal::Wanted { price_seen }
+        // A drop told since they last saw the product is a price they know.
+        let told = mark
+            .and_then(|m| Some((m.told_at?, m.told_price?, m.told_up_to_percent)))
+            .filter(|(at, _, _)| interest_since.is_none_or(|seen| *at >= seen))
+            .map(|(_, price, up_to)| Told {
+                price,
+                up_to_percent: up_to.unwrap_or(0.0),
+            });
+        ProductAppeal::Wanted { price_seen, told }
     }
 
     /// Notes that the customer was sent a trigger for a drop of `product_id` to
     /// `price` at `at` (the catalog change's time); an older one read later changes
     /// nothing.
-    pub fn note_told_price(&mut self, product_id: &str, price: f64, at: Millis) {
+    pub fn note_told_price(&mut self, product_id: &str, price: f64, at: Millis, up_to: f64) {
         let mark = self.product_mark(product_id);
         if mark.told_at.is_none_or(|told| told <= at) {
             mark.told_at = Some(at);
             mark.told_price = Some(price);
+            mark.told_up_to_percent = Some(up_to);
         }
         self.trim_product_marks();
     }
@@ -2309,6 +2332,23 @@ mod tests {
     use super::*;
     use kairos_core::encoding::{decode_state, encode_state};
     use kairos_core::time::{DAY, HOUR};
+
+    /// Drops told of products only viewed leave the bounded marks before a purchase's:
+    /// a sale's forty drops do not make the profile forget what the customer bought.
+    #[test]
+    fn drops_told_leave_the_marks_before_a_purchase() {
+        let mut p = CustomerProfile::new("c", 0);
+        p.note_bought(["bought"], HOUR, Some("o1"));
+        for i in 0..40 {
+            let product = format!("told-{i}");
+            p.note_told_price(&product, 10.0, 2 * HOUR + i, 10.0);
+        }
+        assert_eq!(p.product_marks.len(), PRODUCT_MARKS);
+        assert_eq!(
+            p.product_appeal("bought", false, 3 * HOUR),
+            ProductAppeal::Bought
+        );
+    }
 
     /// A merge brings back no address moved away from the survivor to someone else (its
     /// move read first), but does bring one moved to the merged customer: they are one

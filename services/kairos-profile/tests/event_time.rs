@@ -2818,6 +2818,42 @@ fn a_drop_of_exactly_the_minimum_counts() {
     assert_eq!(h.triggers("pr4", "price_drop").len(), 1);
 }
 
+/// A drop told by a 10% scenario leaves a 30% "big sale" measuring from the price the
+/// customer saw: 100, 85 (told by the first), 68 (32% below 100, 20% below 85): the
+/// big sale tells them, the 10% scenario too (20% below what it told).
+#[test]
+fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
+    let t = at(T0);
+    let config = CONFIG.replace(
+        "[[scenarios]]\nname = \"back_in_stock\"",
+        "[[scenarios]]\nname = \"big_sale\"\nkind = \"price_drop\"\nchannels = [\"email\"]\n\
+         template = \"big_sale\"\nmin_drop_percent = 30\n\n\
+         [[scenarios]]\nname = \"back_in_stock\"",
+    );
+    assert_ne!(config, CONFIG);
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.catalog("bs-0", "p6", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "bs-view",
+        "product_view",
+        "bs",
+        t + HOUR,
+        json!({"product": product("p6", 100.0)}),
+    );
+    h.catalog("bs-1", "p6", t + 2 * HOUR, json!({"price": 85.0}));
+    h.advance(t + 3 * HOUR);
+    assert_eq!(h.triggers("bs", "price_drop").len(), 1);
+    assert!(h.triggers("bs", "big_sale").is_empty(), "15%");
+    h.catalog("bs-2", "p6", t + 4 * HOUR, json!({"price": 68.0}));
+    h.advance(t + 5 * HOUR);
+    let big = h.triggers("bs", "big_sale");
+    assert_eq!(big.len(), 1, "{big:#?}");
+    assert_eq!(vars(&big[0])["old_price"], json!(100.0));
+    let drops = h.triggers("bs", "price_drop");
+    assert_eq!(drops.len(), 2, "{drops:#?}");
+    assert_eq!(vars(&drops[1])["old_price"], json!(85.0));
+}
+
 /// A drop held while the product was sold out and told with its return: the wisher
 /// hears of both in the return's message (was 100, now 80), not in two; a viewer
 /// hears of the drop.

@@ -97,6 +97,25 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .set("enable.auto.commit", "false")
         .create()
         .context("cannot create Kafka consumer")?;
+    // The customer's partition is the topic's, not this file's: run from another
+    // checkout, a different count would read another customer's partition and find
+    // nothing.
+    let triggers_topic = config.topic(topics::TRIGGERS);
+    let metadata = consumer
+        .fetch_metadata(Some(&triggers_topic), Duration::from_secs(10))
+        .context("cannot fetch the triggers topic's metadata")?;
+    let found = (metadata.topics().iter())
+        .find(|t| t.name() == triggers_topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .filter(|n| *n > 0);
+    if let Some(n) = found.filter(|n| *n != config.kafka.partitions) {
+        anyhow::bail!(
+            "topic {triggers_topic} has {n} partitions but [kafka] partitions = {}: the \
+             customer's records are on another partition than this configuration says; \
+             run with the services' configuration (or KAIROS__KAFKA__PARTITIONS={n})",
+            config.kafka.partitions
+        );
+    }
     let read = |topic: &str| {
         read_partition(
             &consumer,

@@ -133,7 +133,8 @@ pub fn route_line(line: &str) -> anyhow::Result<Route<'_>> {
     // Events and receipts are keyed by the profile they go to, as the things that
     // come back to it (price drops, outcomes) are: keyed by the bare anonymous id, a
     // visitor's profile would sit on another partition than its price drops.
-    let customer = p.customer_id.as_deref();
+    // As decoding takes a placeholder id off the event or receipt (a guest's "0").
+    let customer = (p.customer_id.as_deref()).filter(|v| !is_placeholder_id(v));
     let (topic, key) = if p.receipt_id.is_some() {
         let others = [
             ("card:", p.loyalty_card.as_deref()),
@@ -416,6 +417,11 @@ mod tests {
             "device:d",
             "a placeholder id is no key"
         );
+        assert_eq!(
+            key(&format!(r#"{site},"customer_id":"0","anonymous_id":"a"}}"#)),
+            "anon:a",
+            "a guest's placeholder customer id is no key"
+        );
         let receipt = r#"{"receipt_id":"r","event_id":"e","occurred_at":1"#;
         assert_eq!(
             key(&format!(r#"{receipt},"loyalty_card":"LC1","phone":"1"}}"#)),
@@ -431,6 +437,13 @@ mod tests {
         assert_eq!(
             key(&format!(r#"{receipt},"phone":"0151 1"}}"#)),
             "phone:0151 1"
+        );
+        assert_eq!(
+            key(&format!(
+                r#"{receipt},"customer_id":"unknown","phone":"0151 1"}}"#
+            )),
+            "phone:0151 1",
+            "a walk-in's placeholder customer id is no key"
         );
         assert_eq!(
             key(&format!(
