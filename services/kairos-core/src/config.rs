@@ -1399,7 +1399,9 @@ impl Config {
                 ));
             }
         }
-        // Two services on one port: the second cannot start (`kairos up` starts all).
+        // Two services of one file on one address: run on one host (`kairos up`
+        // starts them all), the second cannot start. Other addresses, or other hosts
+        // for services run apart, may share a port.
         let mut listens: Vec<(String, SocketAddr)> = vec![
             ("profile.admin_listen".into(), self.profile.admin_listen),
             ("identity.admin_listen".into(), self.identity.admin_listen),
@@ -1411,9 +1413,13 @@ impl Config {
             listens.push((format!("delivery.{channel}.admin_listen"), d.admin_listen));
         }
         for (i, (field, addr)) in listens.iter().enumerate() {
-            let taken = listens[..i]
-                .iter()
-                .find(|(_, other)| addr.port() != 0 && other.port() == addr.port());
+            let clash = |other: &SocketAddr| {
+                other.port() == addr.port()
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            };
+            let taken = (listens[..i].iter()).find(|(_, other)| addr.port() != 0 && clash(other));
             if let Some((first, _)) = taken {
                 let (table, _) = field.rsplit_once('.').unwrap_or_default();
                 return Err(fail_at(
@@ -2158,12 +2164,12 @@ impl Config {
                     ),
                 ));
             }
-            // The arbiter sends a step only within the trigger's valid-until: one due
+            // The arbiter sends a step only up to the trigger's valid-until: one due
             // later than `valid_for` after the first message could never go out.
             let mut due = Duration::ZERO;
             for (j, wait) in s.cascade.iter().enumerate() {
                 due += **wait;
-                if due >= s.valid_for {
+                if due > s.valid_for {
                     return Err(fail_at(
                         line_of("cascade"),
                         "cascade",
@@ -3582,9 +3588,15 @@ mod tests {
             message.contains("delivery.email.admin_listen") && message.contains("arbiter"),
             "{message}"
         );
-        // Port 0: the kernel picks one each.
+        // Port 0: the kernel picks one each; other addresses may share a port.
         parse("[arbiter]\nadmin_listen = \"127.0.0.1:0\"\n[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\n")
             .expect("port 0");
+        parse("[arbiter]\nadmin_listen = \"127.0.0.1:9200\"\n[delivery.email]\nadmin_listen = \"127.0.0.2:9200\"\n")
+            .expect("two addresses");
+        let (line, _) = line_of(
+            "[arbiter]\nadmin_listen = \"0.0.0.0:9200\"\n[delivery.email]\nadmin_listen = \"127.0.0.1:9200\"\nwebhook_token = \"t\"\n",
+        );
+        assert_eq!(line, 4, "every address holds the port");
     }
 
     /// A key the scenario leaves out is blamed on the scenario, not on the first
@@ -3613,6 +3625,7 @@ mod tests {
         assert_eq!(line, 7, "{message}");
         assert!(message.contains("cascade[1]"), "{message}");
         parse(&scenario("6h")).expect("within valid_for");
+        parse(&scenario("5h")).expect("due at valid_for, which it may go out at");
     }
 
     #[test]

@@ -36,16 +36,22 @@ pub const MAX_REASON_BYTES: usize = 1024;
 impl Rejection {
     pub fn new(reason: DeadLetterReason, message: impl Into<String>) -> Self {
         let mut message = message.into();
-        if message.len() > MAX_REASON_BYTES {
-            let whole = message.len();
-            let mut cut = MAX_REASON_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str(&format!("... ({whole} bytes, cut)"));
-        }
+        cut_reason(&mut message);
         Rejection { reason, message }
+    }
+}
+
+/// Cuts a dead letter's reason to [`MAX_REASON_BYTES`] on a character boundary, noting
+/// how long it was: every dead letter's reason goes through it.
+pub fn cut_reason(message: &mut String) {
+    if message.len() > MAX_REASON_BYTES {
+        let whole = message.len();
+        let mut cut = MAX_REASON_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(&format!("... ({whole} bytes, cut)"));
     }
 }
 

@@ -531,9 +531,9 @@ impl DeliveryProcessor {
     }
 
     /// Waits `total` (a backoff, an open breaker) with heartbeats (see
-    /// [`wait_beating`]).
+    /// [`sleep_beating`]).
     async fn wait_beating(&self, total: Duration) {
-        wait_beating(total, || self.beat()).await;
+        sleep_beating(total, || self.beat()).await;
     }
 
     /// Attempts the send until it succeeds, fails for good, expires or runs out of
@@ -1001,7 +1001,11 @@ impl DeliveryProcessor {
             source_partition: ctx.partition,
             source_offset: input.offset,
             reason_code: DeadLetterReason::processing_error,
-            reason: reason.to_string(),
+            reason: {
+                let mut reason = reason.to_string();
+                kairos_core::encoding::cut_reason(&mut reason);
+                reason
+            },
             key_base64: Some(b64.encode(cmd.customer_id.as_bytes())),
             payload_base64: b64.encode(serde_json::to_vec(cmd).unwrap_or_default()),
             failed_at: now,
@@ -1427,7 +1431,7 @@ pub async fn run(
 /// Waits `total`, calling `beat` at least every 10 s and at the end: a breaker open
 /// for two minutes is a worker waiting out its provider, not a hung one for the
 /// health check (silent for 60 s).
-async fn wait_beating(total: Duration, beat: impl Fn()) {
+async fn sleep_beating(total: Duration, beat: impl Fn()) {
     const SLICE: Duration = Duration::from_secs(10);
     let until = tokio::time::Instant::now() + total;
     loop {
@@ -1516,7 +1520,7 @@ mod tests {
     async fn a_long_wait_keeps_beating() {
         let beats = std::cell::RefCell::new(Vec::new());
         let start = tokio::time::Instant::now();
-        wait_beating(Duration::from_secs(25), || {
+        sleep_beating(Duration::from_secs(25), || {
             beats.borrow_mut().push(start.elapsed().as_secs())
         })
         .await;

@@ -479,6 +479,9 @@ pub fn dead_letters_of(
         raw.chunks(DEAD_LETTER_WHOLE_PAYLOAD).collect()
     };
     let count = parts.len();
+    // serde's message quotes the field it could not read, whole.
+    let mut reason = reason.to_string();
+    kairos_core::encoding::cut_reason(&mut reason);
     parts
         .into_iter()
         .enumerate()
@@ -675,6 +678,27 @@ mod tests {
             small[0].0,
             deterministic_id(&["deliver-email", "webhook", "nope"])
         );
+        // A reason quoting a huge field (serde's "invalid type: string ...") is cut, so
+        // each letter stays within what the broker takes.
+        let quoted = format!(
+            "not a provider event: invalid type: string {:?}",
+            "x".repeat(500_000)
+        );
+        let letters = dead_letters_of(
+            "deliver-email",
+            &body,
+            DeadLetterReason::not_json,
+            &quoted,
+            7,
+        );
+        for letter in decode(&letters) {
+            assert!(letter.reason.len() < 2 * 1024, "{}", letter.reason.len());
+            assert!(
+                letter.reason.contains("bytes, cut"),
+                "{}",
+                &letter.reason[..80]
+            );
+        }
     }
 
     #[test]

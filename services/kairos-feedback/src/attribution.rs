@@ -54,7 +54,7 @@ impl From<ExperimentGroup> for Group {
     }
 }
 
-/// The customer's last touch.
+/// A touch of the customer's (see the module's documentation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Touch {
     pub scenario: String,
@@ -241,15 +241,19 @@ impl Touch {
     /// than holding out (as Braze counts a conversion for every campaign whose window
     /// it falls in). A touch converted last-touch was counted so then.
     pub fn lift_conversion(&self, purchased_at: Millis, window: Millis) -> bool {
-        let within = purchased_at > self.at && purchased_at - self.at <= window;
-        within && !self.lift_converted && !self.converted
+        self.in_window(purchased_at, window) && !self.lift_converted && !self.converted
+    }
+
+    /// Whether a purchase at `purchased_at` falls in the window after the touch:
+    /// strictly after it (a purchase at the touch's own time is the one that caused
+    /// it, a segment entered by buying, not its conversion), at most `window` later.
+    fn in_window(&self, purchased_at: Millis, window: Millis) -> bool {
+        purchased_at > self.at && purchased_at - self.at <= window
     }
 
     /// Whether a purchase at `purchased_at` belongs to this touch.
     pub fn attribute(&self, purchased_at: Millis, window: Millis) -> Attribution {
-        // Strictly after: a purchase at the touch's own time is the one that caused it
-        // (a segment entered by buying), not its conversion.
-        let attributed = purchased_at > self.at && purchased_at - self.at <= window;
+        let attributed = self.in_window(purchased_at, window);
         Attribution {
             attributed,
             first_conversion: attributed && !self.converted,

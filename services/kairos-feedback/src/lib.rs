@@ -528,7 +528,8 @@ impl FeedbackProcessor {
             _ => None,
         };
         if d.rule == CASCADE_RULE {
-            // Its channel earns what the customer buys after it (see `attribute`).
+            // Its channel earns what the customer buys after it (see
+            // `Touch::reached_channel`).
             return match step {
                 Some(step) => self.add_cascade_step(ctx, d, step),
                 None => Ok(()),

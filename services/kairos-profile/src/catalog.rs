@@ -59,8 +59,8 @@ struct ProductState {
     price: Option<f64>,
     in_stock: Option<bool>,
     /// The highest price since the last announced drop (None in older rows: the last
-    /// price), at most the window's highest: small steps down add up to a drop worth
-    /// announcing.
+    /// price), read as at most the window's highest: small steps down add up to a
+    /// drop worth announcing.
     #[serde(default)]
     reference_price: Option<f64>,
     /// The time of the update that set `price` (None in older rows): an older one
@@ -91,7 +91,16 @@ struct ProductState {
     announced_price: Option<f64>,
     #[serde(default)]
     announced_at: Option<Millis>,
+    /// The latest prices replaced within the window, each with when it was replaced
+    /// (at most [`REPLACED_PRICES_KEPT`], oldest first): prices customers may have
+    /// seen that a day's highest and closing price do not show (92 between 100 and 89
+    /// on one day).
+    #[serde(default)]
+    replaced_prices: Vec<(f64, Millis)>,
 }
+
+/// Replaced prices a product keeps (see `ProductState::replaced_prices`).
+const REPLACED_PRICES_KEPT: usize = 32;
 
 /// A day (UTC) of a product's prices: its highest, and the price it closed at.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -107,20 +116,45 @@ impl ProductState {
     /// scenarios' is news to no one, and one at least as big may be news to some (the
     /// profile measures each customer from the price they saw, or were last told).
     fn window_high(&self, at: Millis) -> Option<f64> {
+        self.window_prices(at).into_iter().reduce(f64::max)
+    }
+
+    /// Prices in effect in the audience window before `at`, as kept: each day's
+    /// highest and closing price, the price that held when the window began, and the
+    /// current one (a row from before the days were kept: its reference and price).
+    fn window_prices(&self, at: Millis) -> Vec<f64> {
         if self.price_days.is_empty() {
-            // A row from before the days were kept.
-            return self.reference_price.or(self.price);
+            return self.reference_price.into_iter().chain(self.price).collect();
         }
-        let first_day = (at - VIEW_INTEREST_DAYS * DAY).div_euclid(DAY);
+        let first_day = audience_first_day(at);
         let in_window = self.price_days.iter().filter(|d| d.day >= first_day);
-        // The price that held when the window began.
         let carried = (self.price_days.iter().rev())
             .find(|d| d.day < first_day)
             .map(|d| d.close);
-        (in_window.map(|d| d.high))
+        let replaced = (self.replaced_prices.iter())
+            .filter(|(_, until)| until.div_euclid(DAY) >= first_day)
+            .map(|(price, _)| *price);
+        (in_window.flat_map(|d| [d.high, d.close]))
             .chain(carried)
+            .chain(replaced)
             .chain(self.price)
-            .reduce(f64::max)
+            .collect()
+    }
+
+    /// Notes that the price held until `at` was replaced by another.
+    fn note_replaced(&mut self, at: Millis) {
+        let Some(held) = self.price else {
+            return;
+        };
+        self.replaced_prices.push((held, at));
+        let first_day = audience_first_day(at);
+        self.replaced_prices
+            .retain(|(_, until)| until.div_euclid(DAY) >= first_day);
+        let excess = self
+            .replaced_prices
+            .len()
+            .saturating_sub(REPLACED_PRICES_KEPT);
+        self.replaced_prices.drain(..excess);
     }
 
     /// Records `price` as set at `at` (updates apply in time order), keeping the days
@@ -170,7 +204,7 @@ impl News {
     /// announcement was for: shown before it, a view within the audience window.
     fn reaches(&self, at: Millis, wished: bool) -> bool {
         // Whole days, as the audience's views are kept (see `apply_update`).
-        let first_day = (self.occurred_at - VIEW_INTEREST_DAYS * DAY).div_euclid(DAY);
+        let first_day = audience_first_day(self.occurred_at);
         at < self.occurred_at
             && (wished
                 || (self.kind == ProductOccasionKind::price_drop
@@ -183,7 +217,9 @@ impl News {
     fn told_with_return(&self, news: &[&News]) -> bool {
         self.kind == ProductOccasionKind::price_drop
             && news.iter().any(|n| {
-                n.kind == ProductOccasionKind::back_in_stock && n.event_id == self.event_id
+                n.kind == ProductOccasionKind::back_in_stock
+                    && n.event_id == self.event_id
+                    && n.occurred_at == self.occurred_at
             })
     }
 
@@ -195,6 +231,16 @@ impl News {
         match (self.kind, price, self.new_price) {
             (ProductOccasionKind::price_drop, Some(now), Some(announced)) => now <= announced,
             _ => true,
+        }
+    }
+
+    /// A return to stock told with a drop (was 100, now 80) whose price rose since is
+    /// told late at the price now, without the drop.
+    fn follow_price(&mut self, price: Option<f64>) {
+        let risen = matches!((price, self.new_price), (Some(now), Some(told)) if now > told);
+        if self.kind == ProductOccasionKind::back_in_stock && risen {
+            self.old_price = None;
+            self.new_price = price;
         }
     }
 
@@ -229,6 +275,12 @@ pub(crate) fn drop_percent(old: f64, new: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The first day (UTC, days since the epoch) of the audience window of a change at
+/// `at`: views are kept by day, so the window takes its first day whole.
+fn audience_first_day(at: Millis) -> i64 {
+    (at - VIEW_INTEREST_DAYS * DAY).div_euclid(DAY)
 }
 
 /// The key of a product's views on `day` (days since the epoch, UTC), fixed-width so
@@ -372,8 +424,8 @@ pub struct CatalogJoin {
     /// instead of going round for ever. (Twice: the shop may send the same bytes
     /// again.) Checked in `decode`, which takes `&self`.
     sent_on: std::sync::Mutex<HashMap<u64, u8>>,
-    /// Smallest drop any price-drop scenario asks for, in percent.
-    min_drop_percent: f64,
+    /// The drops the price-drop scenarios ask for, in percent, smallest first.
+    drop_thresholds: Vec<f64>,
     watches_stock: bool,
     /// Views of the current batch not written yet, per partition, by (product, day):
     /// customer -> latest view. Written at the commit (see `flush`).
@@ -404,9 +456,14 @@ impl CatalogJoin {
                 "kairos_catalog_updates_forwarded_total",
                 "Catalog updates read on another partition than their product id's (keyed otherwise, or by a producer with another partitioner), sent on to it.",
             ),
-            min_drop_percent: enabled(ScenarioKind::PriceDrop)
-                .map(|s| s.min_drop_percent.unwrap_or(0.0))
-                .fold(f64::INFINITY, f64::min),
+            drop_thresholds: {
+                let mut thresholds: Vec<f64> = enabled(ScenarioKind::PriceDrop)
+                    .map(|s| s.min_drop_percent.unwrap_or(0.0))
+                    .collect();
+                thresholds.sort_by(f64::total_cmp);
+                thresholds.dedup();
+                thresholds
+            },
             watches_stock: enabled(ScenarioKind::BackInStock).next().is_some(),
             batch_views: HashMap::new(),
             news: HashMap::new(),
@@ -523,22 +580,34 @@ impl CatalogJoin {
             true => price.or(product.price),
             false => price.filter(|new| product.price.is_none_or(|before| *new < before)),
         };
-        let window_start = u.occurred_at - VIEW_INTEREST_DAYS * DAY;
+        let first_day = audience_first_day(u.occurred_at);
         let last_announced = (product.announced_price)
             .zip(product.announced_at)
-            .filter(|(_, at)| *at >= window_start)
+            .filter(|(_, at)| at.div_euclid(DAY) >= first_day)
             .map(|(price, _)| price);
         if let (Some(new), true) = (checked, buyable) {
-            let min = self.min_drop_percent;
-            let worth = |from: Option<f64>| from.is_some_and(|old| drop_percent(old, new) >= min);
-            // Also measured from the window's highest price: a customer who viewed it at
-            // an in-between price (100, 92 viewed, 89 told from 100, then 82) hears of
-            // 82, 11% below what they saw; the profile skips one told of 89 already.
-            // Only a step of half the threshold below the last announcement reads the
-            // audience again: a repricer's cents up and down read it not at all.
-            let stepped = last_announced.is_none_or(|told| drop_percent(told, new) >= min / 2.0);
+            let thresholds = &self.drop_thresholds;
+            let min = thresholds.first().copied().unwrap_or(f64::INFINITY);
+            let since = since_announced.map_or(0.0, |old| drop_percent(old, new));
+            // Also news: a price some viewer may have seen in the window (each day's
+            // highest and closing price, the latest prices replaced) that this one is a
+            // scenario's threshold below
+            // and the last announcement was not. A customer who viewed it at an
+            // in-between price (100, 92 viewed, 89 told from 100, then 82) hears of 82,
+            // 11% below what they saw, as a 30% scenario hears of 70 after 72 was told
+            // from 100; a repricer's cents up and down cross no threshold, and read the
+            // product's audience not again. The profile measures each customer.
+            let crossed = || {
+                let seen = product.window_prices(u.occurred_at);
+                seen.into_iter().chain(since_announced).any(|old| {
+                    thresholds.iter().any(|t| {
+                        drop_percent(old, new) >= *t
+                            && last_announced.is_none_or(|told| drop_percent(old, told) < *t)
+                    })
+                })
+            };
             let drop = window_high.map_or(0.0, |high| drop_percent(high, new));
-            if drop > 0.0 && (worth(since_announced) || (worth(window_high) && stepped)) {
+            if drop > 0.0 && (since >= min || crossed()) {
                 occasions.push((ProductOccasionKind::price_drop, window_high, Some(new)));
             }
         }
@@ -569,10 +638,14 @@ impl CatalogJoin {
         }
         if let Some(new) = price {
             if product.price_days.is_empty() {
-                // A row from before the days were kept: its reference held until now.
-                if let Some(before) = window_high {
+                // A row from before the days were kept: its price held until now (not
+                // its reference, which may be months old).
+                if let Some(before) = product.price {
                     product.record_price(before, u.occurred_at);
                 }
+            }
+            if product.price.is_some_and(|held| held != new) {
+                product.note_replaced(u.occurred_at);
             }
             product.price = Some(new);
             product.record_price(new, u.occurred_at);
@@ -593,6 +666,9 @@ impl CatalogJoin {
         let now_price = product.price;
         let told = product.news.len();
         product.news.retain(|n| n.still_holds(now_price));
+        for n in product.news.iter_mut() {
+            n.follow_price(now_price);
+        }
         let withdrawn = product.news.len() < told;
         for (kind, old, new) in &occasions {
             product.news.retain(|n| n.kind != *kind);
@@ -638,7 +714,6 @@ impl CatalogJoin {
             Self::write_day_views(ctx, &u.product_id, day, views)?;
         }
         let by_day = format!("vd/{}/", u.product_id);
-        let first_day = fresh_after.div_euclid(DAY);
         for (key, views) in ctx.scan::<DayViews>(&by_day)? {
             // Fixed-width days only (a product id with a slash could share the prefix).
             let suffix = key.strip_prefix(&by_day).unwrap_or_default();
@@ -1314,9 +1389,37 @@ min_drop_percent = 10.0
             let out = push(&catalog, row(&id, price, true, at));
             assert!(told(&out, "p1").is_empty(), "{price}");
         }
-        // 10% below the window's 100 and 6% below the 80 told: read again.
+        // 25% below the window's 100, but whoever saw 100 was told of 80, and 75 is
+        // 10% below no price in the window that 80 was not: news to no one.
         let out = push(&catalog, row("f9", 75.0, true, T0 + 10 * HOUR));
+        assert!(told(&out, "p1").is_empty(), "75");
+        // 10% below the 80 the window held since: read again.
+        let out = push(&catalog, row("f10", 72.0, true, T0 + 11 * HOUR));
         assert_eq!(told(&out, "p1"), ["c"]);
+    }
+
+    /// A viewer at an in-between price never announced (95, after 100) is in the
+    /// audience of the drop that is 10% below what they saw (85.5), though it is less
+    /// than 10% below the drop announced since (89, told from 100).
+    #[test]
+    fn a_drop_below_an_in_between_price_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        push(&catalog, price("p1", "m0", 100.0, T0));
+        push(&interest, view("early", "p1", T0 + HOUR));
+        assert!(told(
+            &push(&catalog, price("p1", "m1", 95.0, T0 + 2 * HOUR)),
+            "p1"
+        )
+        .is_empty());
+        push(&interest, view("v", "p1", T0 + 3 * HOUR));
+        let out = push(&catalog, price("p1", "m2", 89.0, T0 + 4 * HOUR));
+        assert_eq!(told(&out, "p1"), ["early", "v"]);
+        let out = push(&catalog, price("p1", "m3", 85.5, T0 + 5 * HOUR));
+        assert_eq!(told(&out, "p1"), ["early", "v"], "10% below the 95 v saw");
     }
 
     /// A drop while the product is out of stock is no news to a viewer who cannot buy
@@ -1349,10 +1452,10 @@ min_drop_percent = 10.0
             (occasion.old_price, occasion.new_price),
             (Some(100.0), Some(80.0))
         );
-        // 24% below the window's highest price: news to whoever saw 100 and was not
-        // told of 80 since (the profile, which told c of 80, measures 5% and skips).
+        // 24% below the window's highest price, but whoever saw 100 was told of 80,
+        // and 76 is 5% below it: news to no one.
         let out = push(&catalog, price("p1", "u5", 76.0, T0 + 5 * HOUR));
-        assert_eq!(told(&out, "p1"), ["c"]);
+        assert!(told(&out, "p1").is_empty(), "76");
         // A rise is no drop, and a step down to 92 is 8% below the window's highest
         // price (100): news to no one.
         let out = push(&catalog, price("p1", "u6", 95.0, T0 + 6 * HOUR));

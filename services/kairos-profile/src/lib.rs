@@ -2003,7 +2003,21 @@ impl ProfileProcessor {
                 told_up_to = Some(told_up_to.map_or(min_drop, |up_to| up_to.max(min_drop)));
             }
         }
-        if let (Some(up_to), ScenarioKind::PriceDrop, Some(new)) = (told_up_to, kind, o.new_price) {
+        // A return to stock told with a drop (was 100, now 80) told the drop, as the
+        // price-drop scenarios would have: measured from it by each of them.
+        let told_drop = match kind {
+            ScenarioKind::PriceDrop => told_up_to,
+            _ => told_up_to
+                .filter(
+                    |_| matches!((o.old_price, o.new_price), (Some(old), Some(new)) if new < old),
+                )
+                .map(|_| {
+                    (self.scenarios(ScenarioKind::PriceDrop).iter())
+                        .map(|s| s.min_drop_percent.unwrap_or(0.0))
+                        .fold(0.0, f64::max)
+                }),
+        };
+        if let (Some(up_to), Some(new)) = (told_drop, o.new_price) {
             p.note_told_price(&o.product_id, new, o.occurred_at, up_to);
         }
         self.put(ctx, p)?;

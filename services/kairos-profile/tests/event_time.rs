@@ -2643,13 +2643,15 @@ fn price_drop_reaches_viewers_only() {
         "did not view p1"
     );
 
-    // 5% below the price told is below the threshold.
+    // 5% below the 80 told, and 10% below no price that 80 was not: news to no one
+    // (the join does not read the audience for it).
     h.catalog("cat-3", "p1", t + 3 * HOUR, json!({"price": 76.0}));
     h.advance(t + 4 * HOUR);
     assert_eq!(h.triggers("pr1", "price_drop").len(), 1);
-    assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
+    assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 0.0);
 
-    // Back up and down to 80 again: told of 80, and not seen since, nothing new (the
+    // Back up and down to 80 again: announced (a viewer of 100 since would want it),
+    // but pr1 was told of 80 and has not seen the product since: nothing new (the
     // same offer, which the arbiter's repeat window would hold back too).
     h.catalog("cat-4", "p1", t + 5 * HOUR, json!({"price": 100.0}));
     h.catalog("cat-5", "p1", t + 6 * HOUR, json!({"price": 80.0}));
@@ -2657,7 +2659,7 @@ fn price_drop_reaches_viewers_only() {
     let fired = h.triggers("pr1", "price_drop");
     assert_eq!(fired.len(), 1, "{fired:#?}");
     assert_eq!(vars(&fired[0])["offer_id"], "p1@80");
-    assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 2.0);
+    assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
 }
 
 /// The price a wish without one is measured from is the window's highest (30 days),
@@ -2854,6 +2856,43 @@ fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
     assert_eq!(vars(&drops[1])["old_price"], json!(85.0));
 }
 
+/// A 30% scenario hears of 70 (30% below the 100 the customer saw) though the 10% one
+/// told 72 just before (28% below 100): the join announces a price that crosses a
+/// threshold the last announcement did not.
+#[test]
+fn a_higher_threshold_crossed_after_a_lower_one_told_is_announced() {
+    let t = at(T0);
+    let config = CONFIG.replace(
+        "[[scenarios]]\nname = \"back_in_stock\"",
+        "[[scenarios]]\nname = \"big_sale\"\nkind = \"price_drop\"\nchannels = [\"email\"]\n\
+         template = \"big_sale\"\nmin_drop_percent = 30\n\n\
+         [[scenarios]]\nname = \"back_in_stock\"",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.catalog("ht-0", "p6", t, json!({"price": 100.0, "in_stock": true}));
+    h.site(
+        "ht-view",
+        "product_view",
+        "ht",
+        t + HOUR,
+        json!({"product": product("p6", 100.0)}),
+    );
+    for (i, price) in [85.0, 72.0, 70.0].into_iter().enumerate() {
+        let i = i as Millis;
+        h.catalog(
+            &format!("ht-{}", i + 1),
+            "p6",
+            t + (2 + i) * HOUR,
+            json!({"price": price}),
+        );
+    }
+    h.advance(t + 6 * HOUR);
+    assert_eq!(h.triggers("ht", "price_drop").len(), 2, "85 and 72");
+    let big = h.triggers("ht", "big_sale");
+    assert_eq!(big.len(), 1, "{big:#?}");
+    assert_eq!(vars(&big[0])["new_price"], json!(70.0));
+}
+
 /// A drop held while the product was sold out and told with its return: the wisher
 /// hears of both in the return's message (was 100, now 80), not in two; a viewer
 /// hears of the drop.
@@ -2898,6 +2937,27 @@ fn a_wisher_hears_of_a_return_at_a_lower_price_once() {
     }
     assert_eq!(h.triggers("rl-v", "price_drop").len(), 1);
     assert!(h.triggers("rl-v", "back_in_stock").is_empty());
+    // The return told the wisher of 80: a drop to 72 is measured from it.
+    h.catalog("rl-4", "p3", t + 6 * HOUR, json!({"price": 72.0}));
+    h.advance(t + 7 * HOUR);
+    let drops = h.triggers("rl-w", "price_drop");
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    assert_eq!(vars(&drops[0])["old_price"], json!(80.0));
+    // Once the price rose, a wish read late hears of the return at the price now.
+    h.catalog("rl-5", "p3", t + 8 * HOUR, json!({"price": 90.0}));
+    h.site(
+        "rl-later-wish",
+        "wishlist_add",
+        "rl-later",
+        t + 2 * HOUR + 30 * MINUTE,
+        json!({"product": product("p3", 100.0)}),
+    );
+    h.advance(t + 9 * HOUR);
+    let back = h.triggers("rl-later", "back_in_stock");
+    assert_eq!(back.len(), 1, "{back:#?}");
+    let v = vars(&back[0]);
+    let prices = (v["old_price"].clone(), v["new_price"].clone());
+    assert_eq!(prices, (json!(null), json!(90.0)));
 }
 
 #[test]
