@@ -2820,12 +2820,8 @@ fn a_drop_of_exactly_the_minimum_counts() {
     assert_eq!(h.triggers("pr4", "price_drop").len(), 1);
 }
 
-/// A drop told by a 10% scenario leaves a 30% "big sale" measuring from the price the
-/// customer saw: 100, 85 (told by the first), 68 (32% below 100, 20% below 85): the
-/// big sale tells them, the 10% scenario too (20% below what it told).
-#[test]
-fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
-    let t = at(T0);
+/// The test configuration with a second price-drop scenario, "big_sale", at 30%.
+fn with_big_sale() -> Harness {
     let config = CONFIG.replace(
         "[[scenarios]]\nname = \"back_in_stock\"",
         "[[scenarios]]\nname = \"big_sale\"\nkind = \"price_drop\"\nchannels = [\"email\"]\n\
@@ -2833,7 +2829,16 @@ fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
          [[scenarios]]\nname = \"back_in_stock\"",
     );
     assert_ne!(config, CONFIG);
-    let mut h = Harness::with(&config, ClockMode::Event);
+    Harness::with(&config, ClockMode::Event)
+}
+
+/// A drop told by a 10% scenario leaves a 30% "big sale" measuring from the price the
+/// customer saw: 100, 85 (told by the first), 68 (32% below 100, 20% below 85): the
+/// big sale tells them, the 10% scenario too (20% below what it told).
+#[test]
+fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
+    let t = at(T0);
+    let mut h = with_big_sale();
     h.catalog("bs-0", "p6", t, json!({"price": 100.0, "in_stock": true}));
     h.site(
         "bs-view",
@@ -2862,13 +2867,7 @@ fn a_drop_told_by_a_lower_threshold_leaves_a_higher_one_its_own_measure() {
 #[test]
 fn a_higher_threshold_crossed_after_a_lower_one_told_is_announced() {
     let t = at(T0);
-    let config = CONFIG.replace(
-        "[[scenarios]]\nname = \"back_in_stock\"",
-        "[[scenarios]]\nname = \"big_sale\"\nkind = \"price_drop\"\nchannels = [\"email\"]\n\
-         template = \"big_sale\"\nmin_drop_percent = 30\n\n\
-         [[scenarios]]\nname = \"back_in_stock\"",
-    );
-    let mut h = Harness::with(&config, ClockMode::Event);
+    let mut h = with_big_sale();
     h.catalog("ht-0", "p6", t, json!({"price": 100.0, "in_stock": true}));
     h.site(
         "ht-view",
