@@ -79,11 +79,7 @@ fn decode_event(
         ("device_id", &mut e.device_id),
     ]
     .into_iter()
-    .filter(|(_, id)| {
-        id.as_deref()
-            .is_some_and(crate::identifiers::is_placeholder_id)
-    })
-    .filter_map(|(field, id)| id.take().map(|v| format!("{field} {v:?}")))
+    .filter_map(|(field, id)| take_placeholder(field, id))
     .collect();
     // A card or phone keys state too (`card:`, `phone:` profiles without identity
     // resolution, identity links with it): a card of a megabyte made records the
@@ -115,11 +111,25 @@ fn decode_event(
         ));
     }
     validate_event(&e)?;
-    currencies.convert_event(&mut e)?;
-    // Again in the base currency: a rate can carry an amount past the bound.
-    check_amount("order.total", e.order.as_ref().and_then(|o| o.total))?;
-    check_items(&e.items)?;
+    // Again in the base currency, if converted: a rate can carry an amount past the
+    // bound.
+    if currencies.convert_event(&mut e)? {
+        check_amount("order.total", e.order.as_ref().and_then(|o| o.total))?;
+        check_items(&e.items)?;
+    }
     Ok(e)
+}
+
+/// Takes a placeholder id (see [`crate::identifiers::is_placeholder_id`]) off `id`,
+/// returning it named by `field` for the reason of a refusal.
+fn take_placeholder(field: &str, id: &mut Option<String>) -> Option<String> {
+    let placeholder = id
+        .as_deref()
+        .is_some_and(crate::identifiers::is_placeholder_id);
+    placeholder
+        .then(|| id.take())
+        .flatten()
+        .map(|v| format!("{field} {v:?}"))
 }
 
 /// Whether an event gives an e-mail, phone or loyalty card (blank ones are absent).
@@ -149,12 +159,8 @@ pub fn decode_receipt(
     clean_key("loyalty_card", &mut r.loyalty_card)?;
     clean_key("phone", &mut r.phone)?;
     // A till's "0" or "unknown" for a walk-in names nobody, as on the site.
-    let placeholder = (r.customer_id.as_deref())
-        .filter(|id| crate::identifiers::is_placeholder_id(id))
-        .map(|id| format!("customer_id {id:?} is a placeholder, not an id; "));
-    if placeholder.is_some() {
-        r.customer_id = None;
-    }
+    let placeholder = take_placeholder("customer_id", &mut r.customer_id)
+        .map(|named| format!("{named} is a placeholder, not an id; "));
     if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
         return Err(Rejection::new(
             if placeholder.is_some() {
@@ -175,10 +181,12 @@ pub fn decode_receipt(
     // Positive for refunds too: `kind` gives the direction.
     check_amount("total", Some(r.total))?;
     check_items(&r.items)?;
-    currencies.convert_receipt(&mut r)?;
-    // Again in the base currency: a rate can carry an amount past the bound.
-    check_amount("total", Some(r.total))?;
-    check_items(&r.items)?;
+    // Again in the base currency, if converted: a rate can carry an amount past the
+    // bound.
+    if currencies.convert_receipt(&mut r)? {
+        check_amount("total", Some(r.total))?;
+        check_items(&r.items)?;
+    }
     Ok(r)
 }
 
@@ -226,22 +234,23 @@ impl Currencies {
 
     /// Converts an order's total and line items to the base currency (a no-op for
     /// one in it already, so a record read twice, by the identity processor and then
-    /// the profile, is converted once).
-    fn convert_event(&self, e: &mut CustomerEvent) -> Result<(), Rejection> {
+    /// the profile, is converted once). Returns whether it converted anything.
+    fn convert_event(&self, e: &mut CustomerEvent) -> Result<bool, Rejection> {
         let Some(order) = e.order.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(rate) = self.rate("order.currency", order.currency.as_deref())? else {
-            return Ok(());
+            return Ok(false);
         };
         order.total = order.total.map(|t| in_base(t, rate));
         order.currency = self.base.clone();
         convert_items(&mut e.items, rate);
-        Ok(())
+        Ok(true)
     }
 
-    /// Converts a receipt's total and line items to the base currency.
-    fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<(), Rejection> {
+    /// Converts a receipt's total and line items to the base currency; whether it
+    /// converted anything.
+    fn convert_receipt(&self, r: &mut OfflineReceipt) -> Result<bool, Rejection> {
         // The schema makes a receipt's currency required: a blank one is not the
         // base currency by default, where amounts are converted.
         if self.base.is_some() && r.currency.trim().is_empty() {
@@ -251,12 +260,12 @@ impl Currencies {
             ));
         }
         let Some(rate) = self.rate("currency", Some(&r.currency))? else {
-            return Ok(());
+            return Ok(false);
         };
         r.total = in_base(r.total, rate);
         r.currency = self.base.clone().unwrap_or_default();
         convert_items(&mut r.items, rate);
-        Ok(())
+        Ok(true)
     }
 }
 

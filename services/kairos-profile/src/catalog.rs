@@ -82,7 +82,7 @@ struct ProductState {
     name_at: Option<Millis>,
     /// The prices of the audience window by day, oldest first, and the last day
     /// before it (whose closing price held at the window's start): a drop is measured
-    /// from the window's highest price too (see [`ProductState::window_high`]). Empty
+    /// from the window's highest price too (see [`ProductState::window_prices`]). Empty
     /// in older rows (`reference_price` stands in).
     #[serde(default)]
     price_days: Vec<PriceDay>,
@@ -111,17 +111,13 @@ struct PriceDay {
 }
 
 impl ProductState {
-    /// The highest price in effect in the audience window before `at`: the price
-    /// any viewer in it can have seen at most, so a drop from it smaller than the
-    /// scenarios' is news to no one, and one at least as big may be news to some (the
-    /// profile measures each customer from the price they saw, or were last told).
-    fn window_high(&self, at: Millis) -> Option<f64> {
-        self.window_prices(at).into_iter().reduce(f64::max)
-    }
-
     /// Prices in effect in the audience window before `at`, as kept: each day's
-    /// highest and closing price, the price that held when the window began, and the
-    /// current one (a row from before the days were kept: its reference and price).
+    /// highest and closing price, the price that held when the window began, the
+    /// latest prices replaced, and the current one (a row from before the days were
+    /// kept: its reference and price). Their highest is the most any viewer in the
+    /// window can have seen, so a drop from it smaller than the scenarios' is news to
+    /// no one, and one at least as big may be news to some (the profile measures each
+    /// customer from the price they saw, or were last told).
     fn window_prices(&self, at: Millis) -> Vec<f64> {
         if self.price_days.is_empty() {
             return self.reference_price.into_iter().chain(self.price).collect();
@@ -565,7 +561,9 @@ impl CatalogJoin {
         let price = quoted.filter(|p| *p > 0.0);
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
-        let window_high = product.window_high(u.occurred_at);
+        // Read once: the window's highest price, and the prices a drop may cross.
+        let seen = product.window_prices(u.occurred_at);
+        let window_high = seen.iter().copied().reduce(f64::max);
         // The highest price since the last announced drop (within the window): steps
         // down add up to a drop worth announcing.
         let since_announced = match (product.reference_price.or(product.price), window_high) {
@@ -591,15 +589,14 @@ impl CatalogJoin {
             let since = since_announced.map_or(0.0, |old| drop_percent(old, new));
             // Also news: a price some viewer may have seen in the window (each day's
             // highest and closing price, the latest prices replaced) that this one is a
-            // scenario's threshold below
-            // and the last announcement was not. A customer who viewed it at an
+            // scenario's threshold below and the last announcement was not. A customer
+            // who viewed it at an
             // in-between price (100, 92 viewed, 89 told from 100, then 82) hears of 82,
             // 11% below what they saw, as a 30% scenario hears of 70 after 72 was told
             // from 100; a repricer's cents up and down cross no threshold, and read the
             // product's audience not again. The profile measures each customer.
             let crossed = || {
-                let seen = product.window_prices(u.occurred_at);
-                seen.into_iter().chain(since_announced).any(|old| {
+                seen.iter().copied().chain(since_announced).any(|old| {
                     thresholds.iter().any(|t| {
                         drop_percent(old, new) >= *t
                             && last_announced.is_none_or(|told| drop_percent(old, told) < *t)
@@ -1654,17 +1651,14 @@ min_drop_percent = 10.0
         assert!(product.price_days.len() <= VIEW_INTEREST_DAYS as usize + 2);
         // At day 100: the window starts on day 70, when the price was 130 and 130.5;
         // day 69 closed at 131.5, which held at the window's start.
-        assert_eq!(product.window_high(T0 + 100 * DAY), Some(131.5));
+        let high = |p: &ProductState, at| p.window_prices(at).into_iter().reduce(f64::max);
+        assert_eq!(high(&product, T0 + 100 * DAY), Some(131.5));
         let flat = ProductState {
             price: Some(50.0),
             reference_price: Some(60.0),
             ..ProductState::default()
         };
-        assert_eq!(
-            flat.window_high(T0),
-            Some(60.0),
-            "a row from before the days"
-        );
+        assert_eq!(high(&flat, T0), Some(60.0), "a row from before the days");
     }
 
     #[test]
