@@ -168,6 +168,97 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
     }
 }
 
+/// The pid of the child of `up` started with the argument `service`.
+fn child_running(up: &std::process::Child, service: &str) -> Option<i32> {
+    let up_pid = up.id();
+    std::fs::read_to_string(format!("/proc/{up_pid}/task/{up_pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|pid: &i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split('\0').any(|arg| arg == service))
+        })
+}
+
+/// Waits for a line that `is_it`, keeping every line read in `seen`.
+fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    within: Duration,
+    what: &str,
+    is_it: impl Fn(&str) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("{what} did not come in time:\n{}", seen.join("\n")));
+        let found = is_it(&line);
+        seen.push(line);
+        if found {
+            return;
+        }
+    }
+}
+
+/// A service that dies (here the arbiter, killed with SIGKILL) is started again by
+/// `kairos up` and carries on from its store; the run reports it and fails at the end.
+#[test]
+fn kairos_up_starts_a_killed_service_again() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut up, lines) = start_up(dir.path(), &[]);
+    let mut seen = Vec::new();
+    wait_for_line(
+        &lines,
+        &mut seen,
+        Duration::from_secs(180),
+        "a message sent",
+        |l| number_after(l, "decisions: sent ").is_some_and(|n| n > 0),
+    );
+    let arbiter = child_running(&up, "arbiter").expect("the arbiter of kairos up");
+    kill(Pid::from_raw(arbiter), Signal::SIGKILL).expect("kill the arbiter");
+    wait_for_line(
+        &lines,
+        &mut seen,
+        Duration::from_secs(30),
+        "the restart",
+        |l| l.contains("arbiter started again (restart 1)"),
+    );
+    let restarted = child_running(&up, "arbiter").expect("the arbiter started again");
+    assert_ne!(restarted, arbiter);
+    // The summary reads the new arbiter's counters, which begin at zero: a message
+    // sent is one it decided.
+    wait_for_line(
+        &lines,
+        &mut seen,
+        Duration::from_secs(150),
+        "a message sent by the arbiter started again",
+        |l| number_after(l, "decisions: sent ").is_some_and(|n| n > 0),
+    );
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("Ctrl-C");
+    let status = up.wait().expect("kairos up's exit");
+    let tail_deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(line) = lines.recv_timeout(tail_deadline.saturating_duration_since(Instant::now()))
+    {
+        seen.push(line);
+    }
+    let output = seen.join("\n");
+    assert!(!status.success(), "a run with a crash passed:\n{output}");
+    assert!(
+        output.contains("arbiter exited (signal: 9")
+            && output.contains("arbiter did not run to a clean stop")
+            && !output.contains("did not stop within"),
+        "{output}"
+    );
+    // Its log keeps both runs: the killed one's start, and the new one's clean stop.
+    let log = std::fs::read_to_string(dir.path().join("var/log/arbiter.log")).expect("log");
+    assert_eq!(log.matches("processing started").count(), 2, "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 /// Killed outright, `kairos up` leaves its services stopping on their stores: the lock
 /// on its state lasts until the last of them exits, so a second one does not clear the
 /// stores under them. (One service is held stopped meanwhile, so the check does not

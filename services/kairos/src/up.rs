@@ -16,10 +16,26 @@ use nix::unistd::Pid;
 
 struct Proc {
     name: String,
+    /// Its command line after `--config` and `--log-format`, to start it again.
+    args: Vec<String>,
     child: Child,
     /// Its exit was reported (once, not at every summary).
     exit_told: bool,
+    /// When it was last started.
+    started: Instant,
+    /// Times it was started again after it exited on its own.
+    restarts: u32,
+    /// When it exited on its own, when it is to be started again.
+    restart_at: Option<Instant>,
 }
+
+/// The first wait before a service that exited on its own is started again; doubled
+/// at each exit in a row, up to [`RESTART_DELAY_MAX`] (as a supervisor backs off a
+/// crash loop).
+const RESTART_DELAY_FIRST: Duration = Duration::from_secs(1);
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+/// A service that ran this long before it exited starts again after the first wait.
+const RESTART_DELAY_RESET: Duration = Duration::from_secs(60);
 
 /// How `kairos up` starts its processes: this executable, on its configuration file,
 /// with the log format it was given.
@@ -31,6 +47,22 @@ struct Launch {
 }
 
 fn spawn(launch: &Launch, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let child = start(launch, name, &args, false)?;
+    Ok(Proc {
+        name: name.to_string(),
+        args,
+        child,
+        exit_told: false,
+        started: Instant::now(),
+        restarts: 0,
+        restart_at: None,
+    })
+}
+
+/// Starts the process `name`, its stderr to `var/log/<name>.log` (appended to when
+/// `again`, so the log of the run that ended stays).
+fn start(launch: &Launch, name: &str, args: &[String], again: bool) -> anyhow::Result<Child> {
     let mut cmd = Command::new(&launch.exe);
     cmd.arg("--config").arg(&launch.config_path);
     if let Some(format) = launch.log_format {
@@ -44,7 +76,14 @@ fn spawn(launch: &Launch, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
         .process_group(0);
     let log_dir = PathBuf::from("var/log");
     std::fs::create_dir_all(&log_dir)?;
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    let log_path = log_dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(again)
+        .truncate(!again)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
     cmd.stderr(log);
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child
     // if `kairos up` dies without stopping it, so no process is left behind.
@@ -54,14 +93,7 @@ fn spawn(launch: &Launch, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
                 .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        exit_told: false,
-    })
+    cmd.spawn().with_context(|| format!("cannot start {name}"))
 }
 
 fn stop(p: &mut Proc, grace: Duration) {
@@ -106,6 +138,59 @@ fn note_exits<'a>(procs: impl Iterator<Item = &'a mut Proc>, failed: &mut Vec<St
             eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
             p.exit_told = true;
             failed.push(p.name.clone());
+        }
+    }
+}
+
+/// Starts again the services that exited while they should be running, after a wait
+/// that doubles while they keep exiting: their state is in their stores and their
+/// place in the topics in their committed offsets, so one killed or crashed carries on
+/// where it stopped, with the ids it would have given (each exit is reported, and the
+/// run fails at its end). A service that cannot be started again is left stopped.
+fn restart_exited(launch: &Launch, procs: &mut [Proc], failed: &mut Vec<String>) {
+    let now = Instant::now();
+    for p in procs.iter_mut().filter(|p| !p.exit_told) {
+        match p.restart_at {
+            None => {
+                let Ok(Some(status)) = p.child.try_wait() else {
+                    continue;
+                };
+                let delay = if now.duration_since(p.started) >= RESTART_DELAY_RESET {
+                    RESTART_DELAY_FIRST
+                } else {
+                    RESTART_DELAY_FIRST
+                        .saturating_mul(1 << p.restarts.min(5))
+                        .min(RESTART_DELAY_MAX)
+                };
+                eprintln!(
+                    "{} exited ({status}); see var/log/{}.log; starting it again in {}s",
+                    p.name,
+                    p.name,
+                    delay.as_secs()
+                );
+                if !failed.contains(&p.name) {
+                    failed.push(p.name.clone());
+                }
+                p.restart_at = Some(now + delay);
+            }
+            Some(at) if at <= now => match start(launch, &p.name, &p.args, true) {
+                Ok(child) => {
+                    p.child = child;
+                    p.started = now;
+                    p.restarts += 1;
+                    p.restart_at = None;
+                    eprintln!("{} started again (restart {})", p.name, p.restarts);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "{} could not be started again ({e:#}): left stopped",
+                        p.name
+                    );
+                    p.exit_told = true;
+                    p.restart_at = None;
+                }
+            },
+            Some(_) => {}
         }
     }
 }
@@ -246,17 +331,28 @@ pub async fn run(
     let started = Instant::now();
     // Processes that exited before the stop, or had to be killed at it.
     let mut failed: Vec<String> = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    // Exits are looked at every second, the summary printed every fifth.
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        note_exits(
-            services.iter_mut().chain([&mut broker, &mut generator]),
-            &mut failed,
-        );
+        ticks += 1;
+        // The broker keeps its topics in memory: one started again would have none of
+        // what the services committed, so its exit ends the run.
+        note_exits(std::iter::once(&mut broker), &mut failed);
+        if broker.exit_told {
+            eprintln!("the embedded broker is gone: stopping everything");
+            break;
+        }
+        restart_exited(&launch, &mut services, &mut failed);
+        restart_exited(&launch, std::slice::from_mut(&mut generator), &mut failed);
+        if !ticks.is_multiple_of(5) {
+            continue;
+        }
         let mut scraped: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
         for (name, addr) in &endpoints {
             if let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await {
@@ -268,14 +364,20 @@ pub async fn run(
         print_summary(started.elapsed(), &scraped);
     }
 
-    // One that died since the last summary did not stop when asked either.
+    // One that died since the last look did not stop when asked either; one waiting
+    // to be started again stays stopped.
+    for p in services.iter_mut().chain([&mut broker, &mut generator]) {
+        if p.restart_at.take().is_some() {
+            p.exit_told = true;
+        }
+    }
     note_exits(
         services.iter_mut().chain([&mut broker, &mut generator]),
         &mut failed,
     );
     println!("\nstopping: generator, services, broker");
     let mut stopped = |p: &mut Proc, grace: Duration| {
-        if !wait_or_kill(p, grace) && !p.exit_told {
+        if !wait_or_kill(p, grace) && !p.exit_told && !failed.contains(&p.name) {
             failed.push(p.name.clone());
         }
     };
