@@ -453,3 +453,73 @@ holdout_percent = 50
         sizes[1]
     );
 }
+
+/// Input the broker deletes before a stopped service read it (here the embedded
+/// broker's 5 MiB per partition, as retention would on a cluster) is not skipped in
+/// silence: the service, started again, reads on from the earliest record left, counts
+/// the reset for the topic and logs the loss as an error.
+#[test]
+fn input_deleted_before_it_was_read_is_counted_and_logged_as_lost() {
+    let mut p = Pipeline::start(Options {
+        services: vec!["profile"],
+        ..Options::default()
+    });
+    let site = p.topic("events.site");
+    let t = kairos_tests::now_millis();
+    let first: Vec<(&str, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                "c-lost",
+                json(
+                    j!({"event_id": format!("lost-{i}"), "event_type": "page_view",
+                         "occurred_at": t + i, "customer_id": "c-lost"}),
+                ),
+            )
+        })
+        .collect();
+    p.produce("events.site", &first);
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(60));
+    let counted = |p: &Pipeline| {
+        sample(
+            &p.metrics("profile"),
+            "kairos_input_offset_resets_total",
+            &[&format!("topic=\"{site}\"")],
+        )
+    };
+    assert_eq!(counted(&p), 0.0);
+    let (status, _) = p.terminate("profile");
+    assert!(status.success(), "{status}");
+    // Six MiB more into the same partition while the profile is stopped: the broker
+    // drops the oldest batches, the ones after its committed offset among them.
+    let padding = "x".repeat(1000);
+    let more: Vec<(&str, Vec<u8>)> = (0..6_300)
+        .map(|i| {
+            (
+                "c-lost",
+                json(
+                    j!({"event_id": format!("more-{i}"), "event_type": "page_view",
+                         "occurred_at": t + 10 + i, "customer_id": "c-lost",
+                         "page_url": format!("https://shop.example/{padding}")}),
+                ),
+            )
+        })
+        .collect();
+    p.produce("events.site", &more);
+    p.spawn("profile");
+    p.wait_ready("profile", Duration::from_secs(60));
+    p.wait_caught_up("profile", &["events.site"], Duration::from_secs(120));
+    assert_eq!(counted(&p), 1.0, "{}", p.log("profile"));
+    let log = p.log("profile");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("input lost") && l.contains(&site)),
+        "{log}"
+    );
+    // What was left was read: the reset went on from the earliest record, not the end.
+    let read = sample(
+        &p.metrics("profile"),
+        "kairos_input_records_total",
+        &[&format!("topic=\"{site}\"")],
+    );
+    assert!(read > 1_000.0 && read < 6_300.0, "{read}");
+}

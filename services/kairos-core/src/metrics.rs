@@ -183,6 +183,7 @@ pub struct RuntimeMetrics {
     pub owned_partitions: IntGauge,
     pub outbox_pending: IntGauge,
     pub consumer_lag: IntGaugeVec,
+    pub input_offset_resets: IntCounterVec,
     pub produce_errors: IntCounter,
     pub restored_records: IntCounter,
     pub partition_restores: IntCounterVec,
@@ -260,6 +261,14 @@ impl RuntimeMetrics {
                 "kairos_consumer_lag_records",
                 "Records between the committed position and the end of the partition.",
                 &["topic", "partition"],
+            ),
+            input_offset_resets: counter_vec(
+                registry,
+                "kairos_input_offset_resets_total",
+                "Times the next input record to read was no longer on the broker (deleted by \
+                 retention before it was read) and reading went on from the earliest one it \
+                 holds: the records between were never processed.",
+                &["topic"],
             ),
             produce_errors: counter(
                 registry,

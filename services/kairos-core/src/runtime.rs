@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use futures::future::join_all;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -1745,11 +1746,81 @@ struct KairosContext {
 }
 
 impl ClientContext for KairosContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if let Some(topic) = input_lost_topic(level, facility, message) {
+            self.metrics
+                .input_offset_resets
+                .with_label_values(&[topic])
+                .inc();
+            tracing::error!(
+                topic,
+                detail = message,
+                "input lost: the broker deleted records of this partition before they were \
+                 read (retention shorter than the time the service was down or behind); \
+                 reading goes on from the earliest record it holds"
+            );
+            return;
+        }
+        log_librdkafka(level, facility, message);
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (p, part) in &t.partitions {
                 note_lag(&self.metrics, topic, *p, part.desired, part.consumer_lag);
             }
+        }
+    }
+}
+
+/// The topic of a librdkafka log line that tells of a consumer position reset because
+/// the broker no longer holds the offset to read (`auto.offset.reset` applied after an
+/// out-of-range fetch). librdkafka reports it only as a warning in its log, as
+/// "<topic> [<partition>]: offset reset (at offset ...) to ...: ...": resets without an
+/// error (a group's first read) are debug lines. The line may begin with the thread
+/// that logged it.
+fn input_lost_topic<'a>(
+    level: RDKafkaLogLevel,
+    facility: &str,
+    message: &'a str,
+) -> Option<&'a str> {
+    let warned = matches!(
+        level,
+        RDKafkaLogLevel::Warning
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Emerg
+    );
+    if !warned || facility != "OFFSET" || !message.contains("]: offset reset (") {
+        return None;
+    }
+    // After the thread that logged it: "[thrd:main]: ".
+    let message = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ")?.1,
+        None => message,
+    };
+    message.split_once(" [").map(|(topic, _)| topic)
+}
+
+/// librdkafka's log line through `tracing`, at its level (what rdkafka's default does
+/// through the `log` crate).
+fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
     }
 }
@@ -3364,6 +3435,10 @@ pub async fn run_serving<P: Processor>(
     for (k, v) in &config.kafka.client {
         cc.set(k, v);
     }
+    // librdkafka tells of input deleted before it was read only in a warning (see
+    // `input_lost_topic`): counted whatever level the service logs at (rdkafka would
+    // take librdkafka's level from it).
+    cc.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: StreamConsumer<KairosContext> = cc
         .create_with_context(context)
         .context("cannot create Kafka consumer")?;
@@ -3381,6 +3456,7 @@ pub async fn run_serving<P: Processor>(
     for t in &inputs {
         metrics.input_records.touch(&[t]);
         metrics.duplicate_records.with_label_values(&[t]);
+        metrics.input_offset_resets.with_label_values(&[t]);
     }
     for r in crate::contracts::DeadLetterReason::ALL {
         metrics.dead_letters.with_label_values(&[r.as_str()]);
@@ -4273,6 +4349,37 @@ mod tests {
             writer: Arc::from("w"),
             epoch: None,
         }
+    }
+
+    /// librdkafka's warning of a reset after an out-of-range fetch names the input
+    /// lost; a group's first read (a debug line) and other warnings do not.
+    #[test]
+    fn an_offset_reset_after_an_out_of_range_fetch_names_the_topic_lost() {
+        let reset = "[thrd:main]: kairos.events.site [0]: offset reset (at offset 5 (leader \
+                     epoch 0), broker 1) to cached BEGINNING offset offset 2610 (leader epoch \
+                     -1): fetch failed due to requested offset not available on the broker: \
+                     Broker: Offset out of range";
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", reset),
+            Some("kairos.events.site")
+        );
+        let unthreaded = reset.trim_start_matches("[thrd:main]: ");
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", unthreaded),
+            Some("kairos.events.site")
+        );
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Debug, "OFFSET", reset),
+            None
+        );
+        assert_eq!(
+            input_lost_topic(
+                RDKafkaLogLevel::Warning,
+                "FAIL",
+                "localhost:9092/1: Disconnected (after 1ms in state UP)"
+            ),
+            None
+        );
     }
 
     fn keys(wave: &Wave) -> Vec<(i32, String)> {

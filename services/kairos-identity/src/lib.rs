@@ -109,6 +109,7 @@ struct Node {
     identifiers: Vec<String>,
     /// The latest event it was resolved to, to the day (0: none since it was created
     /// by a version that did not keep it); an anonymous profile expires from it.
+    #[serde(default)]
     last_seen: Millis,
     /// It reached `identity.max_identifiers_per_customer` and that was logged once.
     #[serde(default)]
@@ -1320,6 +1321,27 @@ mod tests {
             let shared = format!("{name}{SHARED_IDENTIFIER_SUFFIX}");
             assert!(is_reserved_customer_id(&shared), "{shared}");
         }
+    }
+
+    /// A node stored by a version before `last_seen` (five fields) still reads, as
+    /// one not seen since it was created.
+    #[test]
+    fn a_node_stored_before_it_kept_its_last_visit_still_reads() {
+        let older = (
+            true,
+            1_700_000_000_000_i64,
+            None::<String>,
+            vec!["anon:a-1".to_string()],
+            vec!["email:a@example.com".to_string()],
+        );
+        let bytes = kairos_core::encoding::encode_state(&older).expect("encode");
+        let node: Node = kairos_core::encoding::decode_state(&bytes).expect("an older node reads");
+        assert!(node.known);
+        assert_eq!(node.first_seen, 1_700_000_000_000);
+        assert_eq!(node.merged_from, ["anon:a-1"]);
+        assert_eq!(node.identifiers, ["email:a@example.com"]);
+        assert_eq!(node.last_seen, 0);
+        assert!(!node.at_identifier_limit);
     }
 
     #[test]
