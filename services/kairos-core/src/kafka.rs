@@ -101,6 +101,14 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
                     config.kafka.partitions,
                     TopicReplication::Fixed(config.kafka.replication_factor),
                 );
+                // With three copies or more, a write is acknowledged once two have it
+                // (the producer asks for all in-sync copies): one broker's lost disk
+                // then loses nothing acknowledged.
+                let topic = if config.kafka.replication_factor >= 3 {
+                    topic.set("min.insync.replicas", "2")
+                } else {
+                    topic
+                };
                 // Changelogs keep the latest value per key, not a retention window,
                 // and not before `CHANGELOG_MIN_COMPACTION_LAG` has passed.
                 if t.ends_with("-changelog") {

@@ -2339,7 +2339,7 @@ async fn publish_in_order(
             }
         }
         let Some(failed) = first_failed else { break };
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || producer_failed_for_good(producer).is_some() {
             // What was sent after the failure may be out of order: not acknowledged.
             offsets[failed..].fill(-1);
             break;
@@ -2437,6 +2437,18 @@ pub fn sample_for_letter<'a>(what: &str, bytes: &'a [u8], reason: &mut String) -
 /// letter's fields, it stays below the broker's default limit of 1,000,000 bytes.
 pub const DEAD_LETTER_WHOLE_PAYLOAD: usize = 700_000;
 
+/// The fatal error of an idempotent producer (the broker lost records it had
+/// acknowledged, or a sequence gap it cannot close), if it has one: from then on it
+/// refuses every record, so retrying is in vain. What it did not publish stays in the
+/// outbox, for a new producer (the service stops; started again, it has one).
+pub fn producer_failed_for_good(producer: &FutureProducer) -> Option<String> {
+    use rdkafka::producer::Producer;
+    producer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| format!("{code}: {reason}"))
+}
+
 /// Whether the broker will refuse the record whatever the retries: too large, invalid,
 /// or a topic this service may not write. Anything else (a broker away, a leader
 /// moving, a full queue) passes.
@@ -2508,7 +2520,7 @@ async fn publish_any_order(
         refused = failed_refused;
         todo = failed;
         if !todo.is_empty() {
-            if cancel.is_cancelled() {
+            if cancel.is_cancelled() || producer_failed_for_good(producer).is_some() {
                 break;
             }
             tokio::time::sleep(backoff).await;
@@ -3518,6 +3530,11 @@ pub async fn run_serving<P: Processor>(
 
     loop {
         admin.heartbeat();
+        if let Some(error) = producer_failed_for_good(&producer) {
+            // Committed state and its unpublished outbox are safe in the store; a
+            // restart publishes them with a new producer.
+            anyhow::bail!("the Kafka producer failed for good ({error}): stopping so that a restart gives this service a new one");
+        }
         // Apply rebalances recorded by the consumer context.
         let applied = apply_rebalances(
             &mut engine,
@@ -4902,6 +4919,51 @@ mod tests {
         )
         .unwrap();
         assert!(high() > torn_end + 1, "the undo follows");
+    }
+
+    /// A producer that failed for good (as an idempotent one does when the broker
+    /// lost records it acknowledged) refuses every record: publishing gives up at once
+    /// instead of retrying for ever, and the records stay unacknowledged (in the
+    /// outbox, for the service started again).
+    #[test]
+    fn a_producer_failed_for_good_is_not_retried_for_ever() {
+        use rdkafka::producer::Producer;
+        let (_cluster, _dir, config) = changelog_on_a_mock_cluster();
+        let producer = kafka::producer(&config).unwrap();
+        assert_eq!(producer_failed_for_good(&producer), None);
+        let reason = std::ffi::CString::new("sequence gap").unwrap();
+        // SAFETY: the producer's own handle, alive for the call; librdkafka copies the
+        // reason.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            err,
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        let told = producer_failed_for_good(&producer).expect("a fatal error");
+        assert!(told.contains("sequence gap"), "{told}");
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let dead_letters = OutputDeadLetters::new(&config, "test");
+        let cancel = CancellationToken::new();
+        let mut output = entry(0, b"k");
+        output.changelog = false;
+        // A commit's changelog records and output, and an output alone.
+        for entries in [vec![entry(0, b"c/1"), output.clone()], vec![output]] {
+            let published = block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    publish(&producer, entries, &dead_letters, &metrics, &cancel),
+                )
+                .await
+            })
+            .expect("publishing gave up");
+            assert!(published.is_empty(), "{published:?}");
+        }
     }
 
     /// A new owner killed between its claim and the undo of a torn commit restores
