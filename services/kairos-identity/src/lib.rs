@@ -721,13 +721,16 @@ impl IdentityProcessor {
                 };
                 self.refuse_past_limit(ctx, customer, node, id)?;
             } else if both_known
-                && self.merge_on.contains(&id.kind)
+                && (self.merge_on.contains(&id.kind) || ADDRESS_KINDS.contains(&id.kind))
                 && !self.claimed_by(ctx, &link, &owner)?
             {
                 // Its owner never presented it: it came to them with an anonymous
                 // profile or through an untrusted identifier. The one presenting it
                 // takes it; nobody is merged. Without a presenter (an event that names
-                // nobody) it stays.
+                // nobody) it stays. So does an e-mail or phone not trusted to merge
+                // (the wife's phone typed on the husband's laptop): it is hers once she
+                // presents it, or his messages would go to her number on her consent
+                // and her purchases made with it to his profile.
                 if claimant.is_some() && self.move_link(ctx, id, link, &owner, &target)? {
                     // Its former owner's profile may hold it as an address (the wife's
                     // e-mail as the husband's): told after that profile's earlier events.

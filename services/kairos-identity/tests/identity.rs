@@ -967,6 +967,49 @@ fn a_placeholder_device_id_joins_no_strangers() {
 /// An e-mail that reached a known customer only through an untrusted identifier (the
 /// family laptop's cookie) or with an anonymous profile stitched to them was never
 /// presented by them: the person who registers with it takes it, and nobody is merged.
+/// A phone (not trusted to merge by default) typed on the husband's laptop, with an
+/// SMS opt-in, is his until the wife presents it: then it is hers, his profile loses
+/// it and the opt-in given with it, and a receipt with the phone alone is hers.
+#[test]
+fn a_phone_picked_up_through_a_family_device_goes_to_whoever_presents_it() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.site",
+        "registration",
+        t0,
+        json!({"customer_id": "c-71", "anonymous_id": "laptop-7"}),
+    );
+    h.event(
+        "events.site",
+        "consent_change",
+        t0 + HOUR,
+        json!({"anonymous_id": "laptop-7", "phone": "+49 151 7000 0071",
+            "consent": {"channel": "sms", "granted": true}}),
+    );
+    h.advance(t0 + HOUR + MINUTE);
+    let husband = h.profile("c-71");
+    assert_eq!(husband.phone.as_deref(), Some("+4915170000071"));
+    assert_eq!(husband.consents.get(&Channel::sms).copied(), Some(true));
+    h.event(
+        "events.site",
+        "registration",
+        t0 + 2 * HOUR,
+        json!({"customer_id": "c-72", "phone": "0151 70000071"}),
+    );
+    h.receipt(t0 + 3 * HOUR, 19.0, json!({"phone": "+4915170000071"}));
+    let by_phone = format!("r-{}", h.next_event);
+    h.advance(t0 + 4 * HOUR);
+    assert_eq!(h.resolved(&by_phone).as_deref(), Some("c-72"));
+    let husband = h.profile("c-71");
+    assert_eq!(husband.phone, None);
+    assert_ne!(husband.consents.get(&Channel::sms).copied(), Some(true));
+    assert_eq!(h.profile("c-72").phone.as_deref(), Some("+4915170000071"));
+    assert_eq!(h.profile("c-72").offline_orders, 1);
+    let merged: Vec<_> = h.merged_away();
+    assert!(merged.iter().all(|m| !m.starts_with("c-")), "{merged:?}");
+}
+
 #[test]
 fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     let mut h = Harness::new();
