@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -138,7 +138,92 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "CreateTopics request failed"),
         }
     }
-    check_partitions(config, &topics)
+    check_partitions(config, &topics)?;
+    check_changelog_settings(config, &topics).await
+}
+
+/// Checks that the changelog topics on a cluster are compacted, never deleted by age,
+/// and compacted no sooner than [`CHANGELOG_MIN_COMPACTION_LAG`]: the settings Kairos
+/// creates them with, which topics made by hand or by a broker's auto-creation may
+/// lack. A changelog holds each key's state for as long as it is not written again, so
+/// a retention would delete the state of every customer quiet for that long from the
+/// next rebuild (a rebalance, a lost disk), silently. Settings the cluster does not
+/// tell (no right to read them) are left unchecked, with a warning; the embedded
+/// broker (found through its address file, or named as the address it wrote) is not
+/// asked.
+async fn check_changelog_settings(config: &Config, topics: &[String]) -> anyhow::Result<()> {
+    let changelogs: Vec<&String> = topics
+        .iter()
+        .filter(|t| t.ends_with("-changelog"))
+        .collect();
+    let bootstrap = config.kafka.bootstrap_servers.trim();
+    // The embedded broker answers no settings (the request would time out).
+    let embedded = bootstrap.is_empty()
+        || std::fs::read_to_string(&config.kafka.broker_address_file)
+            .is_ok_and(|address| address.trim() == bootstrap);
+    if embedded || changelogs.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(config)?
+        .create()
+        .context("cannot create Kafka admin client")?;
+    let resources: Vec<ResourceSpecifier> = changelogs
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = match admin.describe_configs(resources.iter(), &opts).await {
+        Ok(results) => results,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the changelog topics' settings; not checked");
+            return Ok(());
+        }
+    };
+    let mut problems = Vec::new();
+    for (topic, result) in changelogs.iter().zip(results) {
+        match result {
+            Ok(resource) => {
+                let setting = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+                problems.extend(changelog_settings_problem(topic, setting));
+            }
+            Err(code) => {
+                tracing::warn!(%topic, error = %code, "cannot read the changelog topic's settings; not checked")
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} (set them with kafka-configs --alter --entity-type topics)",
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// What is wrong with a changelog topic's settings (`setting` reads one), if anything:
+/// see [`check_changelog_settings`].
+fn changelog_settings_problem(
+    topic: &str,
+    setting: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let policy = setting("cleanup.policy").unwrap_or_default();
+    let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
+    if !policies.contains(&"compact") || policies.contains(&"delete") {
+        return Some(format!(
+            "changelog topic {topic} has cleanup.policy={policy}: it must be compact \
+             alone, or state not written for the retention is lost from the next rebuild"
+        ));
+    }
+    let lag = setting("min.compaction.lag.ms").unwrap_or_default();
+    let needed = CHANGELOG_MIN_COMPACTION_LAG.as_millis();
+    if lag.trim().parse::<u128>().map_or(true, |ms| ms < needed) {
+        return Some(format!(
+            "changelog topic {topic} has min.compaction.lag.ms={lag}: at least {needed} is \
+             needed, so that a commit torn by a crash can be undone and a store closed \
+             cleanly can catch up from where it closed"
+        ));
+    }
+    None
 }
 
 fn missing_topics(config: &Config, topics: &[String]) -> anyhow::Result<Vec<String>> {
@@ -245,4 +330,36 @@ pub async fn send_in_order(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A changelog kept by age, not compacted, or compacted sooner than a day is named
+    /// with what is wrong; the settings Kairos creates pass.
+    #[test]
+    fn changelog_settings_that_lose_state_are_named() {
+        let day = CHANGELOG_MIN_COMPACTION_LAG.as_millis().to_string();
+        let judge = |policy: Option<&str>, lag: Option<&str>| {
+            changelog_settings_problem("p-changelog", |name| match name {
+                "cleanup.policy" => policy.map(String::from),
+                "min.compaction.lag.ms" => lag.map(String::from),
+                _ => None,
+            })
+        };
+        assert_eq!(judge(Some("compact"), Some(&day)), None);
+        assert_eq!(judge(Some(" compact "), Some("172800000")), None);
+        for policy in [Some("delete"), Some("compact,delete"), None] {
+            let told = judge(policy, Some(&day)).expect("refused");
+            assert!(
+                told.contains("p-changelog") && told.contains("cleanup.policy"),
+                "{told}"
+            );
+        }
+        for lag in [Some("0"), Some("3600000"), None, Some("soon")] {
+            let told = judge(Some("compact"), lag).expect("refused");
+            assert!(told.contains("min.compaction.lag.ms"), "{told}");
+        }
+    }
 }
