@@ -161,7 +161,7 @@ async fn check_changelog_settings(config: &Config, topics: &[String]) -> anyhow:
     let embedded = bootstrap.is_empty()
         || std::fs::read_to_string(&config.kafka.broker_address_file)
             .is_ok_and(|address| address.trim() == bootstrap);
-    if embedded || changelogs.is_empty() {
+    if embedded || changelogs.is_empty() || !config.state.changelog {
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = client_config(config)?
@@ -184,7 +184,13 @@ async fn check_changelog_settings(config: &Config, topics: &[String]) -> anyhow:
         match result {
             Ok(resource) => {
                 let setting = |name: &str| resource.get(name).and_then(|e| e.value.clone());
-                problems.extend(changelog_settings_problem(topic, setting));
+                match changelog_settings_problem(topic, setting) {
+                    Some(SettingsProblem::Wrong(problem)) => problems.push(problem),
+                    Some(SettingsProblem::Untold(name)) => {
+                        tracing::warn!(%topic, setting = name, "the broker does not tell the changelog topic's setting; not checked")
+                    }
+                    None => {}
+                }
             }
             Err(code) => {
                 tracing::warn!(%topic, error = %code, "cannot read the changelog topic's settings; not checked")
@@ -200,28 +206,44 @@ async fn check_changelog_settings(config: &Config, topics: &[String]) -> anyhow:
     Ok(())
 }
 
+/// What [`changelog_settings_problem`] found.
+#[derive(Debug, PartialEq)]
+enum SettingsProblem {
+    /// A setting that loses state, described.
+    Wrong(String),
+    /// A setting the broker did not tell.
+    Untold(&'static str),
+}
+
 /// What is wrong with a changelog topic's settings (`setting` reads one), if anything:
-/// see [`check_changelog_settings`].
+/// see [`check_changelog_settings`]. Deletion by age alongside compaction is fine
+/// when the retention is infinite (`retention.ms = -1`).
 fn changelog_settings_problem(
     topic: &str,
     setting: impl Fn(&str) -> Option<String>,
-) -> Option<String> {
-    let policy = setting("cleanup.policy").unwrap_or_default();
+) -> Option<SettingsProblem> {
+    let Some(policy) = setting("cleanup.policy") else {
+        return Some(SettingsProblem::Untold("cleanup.policy"));
+    };
     let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
-    if !policies.contains(&"compact") || policies.contains(&"delete") {
-        return Some(format!(
+    let kept_for_ever = setting("retention.ms").is_some_and(|ms| ms.trim() == "-1");
+    if !policies.contains(&"compact") || (policies.contains(&"delete") && !kept_for_ever) {
+        return Some(SettingsProblem::Wrong(format!(
             "changelog topic {topic} has cleanup.policy={policy}: it must be compact \
-             alone, or state not written for the retention is lost from the next rebuild"
-        ));
+             (deletion too only with retention.ms=-1), or state not written for the \
+             retention is lost from the next rebuild"
+        )));
     }
-    let lag = setting("min.compaction.lag.ms").unwrap_or_default();
+    let Some(lag) = setting("min.compaction.lag.ms") else {
+        return Some(SettingsProblem::Untold("min.compaction.lag.ms"));
+    };
     let needed = CHANGELOG_MIN_COMPACTION_LAG.as_millis();
     if lag.trim().parse::<u128>().map_or(true, |ms| ms < needed) {
-        return Some(format!(
+        return Some(SettingsProblem::Wrong(format!(
             "changelog topic {topic} has min.compaction.lag.ms={lag}: at least {needed} is \
              needed, so that a commit torn by a crash can be undone and a store closed \
              cleanly can catch up from where it closed"
-        ));
+        )));
     }
     None
 }
@@ -341,25 +363,44 @@ mod tests {
     #[test]
     fn changelog_settings_that_lose_state_are_named() {
         let day = CHANGELOG_MIN_COMPACTION_LAG.as_millis().to_string();
-        let judge = |policy: Option<&str>, lag: Option<&str>| {
+        let judge = |policy: Option<&str>, lag: Option<&str>, retention: Option<&str>| {
             changelog_settings_problem("p-changelog", |name| match name {
                 "cleanup.policy" => policy.map(String::from),
                 "min.compaction.lag.ms" => lag.map(String::from),
+                "retention.ms" => retention.map(String::from),
                 _ => None,
             })
         };
-        assert_eq!(judge(Some("compact"), Some(&day)), None);
-        assert_eq!(judge(Some(" compact "), Some("172800000")), None);
-        for policy in [Some("delete"), Some("compact,delete"), None] {
-            let told = judge(policy, Some(&day)).expect("refused");
+        let wrong = |verdict: Option<SettingsProblem>| match verdict {
+            Some(SettingsProblem::Wrong(told)) => told,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(judge(Some("compact"), Some(&day), None), None);
+        assert_eq!(judge(Some(" compact "), Some("172800000"), None), None);
+        assert_eq!(judge(Some("compact,delete"), Some(&day), Some("-1")), None);
+        for (policy, retention) in [
+            ("delete", Some("-1")),
+            ("compact,delete", Some("604800000")),
+            ("compact,delete", None),
+        ] {
+            let told = wrong(judge(Some(policy), Some(&day), retention));
             assert!(
                 told.contains("p-changelog") && told.contains("cleanup.policy"),
                 "{told}"
             );
         }
-        for lag in [Some("0"), Some("3600000"), None, Some("soon")] {
-            let told = judge(Some("compact"), lag).expect("refused");
+        for lag in ["0", "3600000", "soon"] {
+            let told = wrong(judge(Some("compact"), Some(lag), None));
             assert!(told.contains("min.compaction.lag.ms"), "{told}");
         }
+        // Not told: warned about, not refused.
+        assert_eq!(
+            judge(None, Some(&day), None),
+            Some(SettingsProblem::Untold("cleanup.policy"))
+        );
+        assert_eq!(
+            judge(Some("compact"), None, None),
+            Some(SettingsProblem::Untold("min.compaction.lag.ms"))
+        );
     }
 }

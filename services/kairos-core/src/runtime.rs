@@ -1792,7 +1792,13 @@ fn input_lost_topic<'a>(
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Emerg
     );
-    if !warned || facility != "OFFSET" || !message.contains("]: offset reset (") {
+    // Not every reset is a loss: one after a failed offset lookup (no right to read
+    // the topic) or a log truncation is not "offset not available".
+    if !warned
+        || facility != "OFFSET"
+        || !message.contains("]: offset reset (at offset ")
+        || !message.contains("requested offset not available")
+    {
         return None;
     }
     // After the thread that logged it: "[thrd:main]: ".
@@ -1800,7 +1806,28 @@ fn input_lost_topic<'a>(
         Some(rest) => rest.split_once("]: ")?.1,
         None => message,
     };
-    message.split_once(" [").map(|(topic, _)| topic)
+    let (topic, rest) = message.split_once(" [")?;
+    // Reading on from an offset at or below the one asked for (a topic made again, an
+    // offset past its end) reads records again: nothing skipped. A reset whose new
+    // offset librdkafka has yet to ask for counts.
+    let (asked, to) = rest.split_once("(at offset ")?.1.split_once(") to ")?;
+    let asked = leading_number(asked);
+    let to = to.split(':').next().unwrap_or_default();
+    let to = to
+        .rsplit_once("offset ")
+        .and_then(|(_, after)| leading_number(after));
+    match (asked, to) {
+        (Some(asked), Some(to)) if to <= asked => None,
+        _ => Some(topic),
+    }
+}
+
+/// The decimal number `text` begins with, if it does.
+fn leading_number(text: &str) -> Option<i64> {
+    let end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    text[..end].parse().ok()
 }
 
 /// librdkafka's log line through `tracing`, at its level (what rdkafka's default does
@@ -3448,9 +3475,11 @@ pub async fn run_serving<P: Processor>(
         cc.set(k, v);
     }
     // librdkafka tells of input deleted before it was read only in a warning (see
-    // `input_lost_topic`): counted whatever level the service logs at (rdkafka would
-    // take librdkafka's level from it).
-    cc.set_log_level(RDKafkaLogLevel::Warning);
+    // `input_lost_topic`): counted whatever level the service logs at (rdkafka takes
+    // librdkafka's level from it); a more verbose one (debugging) stays.
+    if (cc.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
+        cc.set_log_level(RDKafkaLogLevel::Warning);
+    }
     let consumer: StreamConsumer<KairosContext> = cc
         .create_with_context(context)
         .context("cannot create Kafka consumer")?;
@@ -3527,13 +3556,17 @@ pub async fn run_serving<P: Processor>(
     let mut last_incomplete_warning = Instant::now() - Duration::from_secs(60);
     let mut gates = BacklogGates::default();
     let mut waiting_requests: Vec<ServeRequest> = Vec::new();
+    let mut failed_producer = None;
 
     loop {
         admin.heartbeat();
         if let Some(error) = producer_failed_for_good(&producer) {
             // Committed state and its unpublished outbox are safe in the store; a
-            // restart publishes them with a new producer.
-            anyhow::bail!("the Kafka producer failed for good ({error}): stopping so that a restart gives this service a new one");
+            // restart publishes them with a new producer. Stopped as for a signal (the
+            // partitions closed, the group left), with the error.
+            tracing::error!(%error, "the Kafka producer failed for good; stopping");
+            failed_producer = Some(error);
+            break;
         }
         // Apply rebalances recorded by the consumer context.
         let applied = apply_rebalances(
@@ -3810,6 +3843,12 @@ pub async fn run_serving<P: Processor>(
     }
     consumer.unsubscribe();
     engine.close_all();
+    if let Some(error) = failed_producer {
+        anyhow::bail!(
+            "the Kafka producer failed for good ({error}): stopped so that a restart gives \
+             this service a new one"
+        );
+    }
     tracing::info!(service = %name, "stopped cleanly");
     Ok(())
 }
@@ -4384,6 +4423,33 @@ mod tests {
         assert_eq!(
             input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", unthreaded),
             Some("kairos.events.site")
+        );
+        // The new offset still to be asked for: counted.
+        let to_be_asked = "[thrd:main]: kairos.events.site [1]: offset reset (at offset 7 \
+                           (leader epoch -1), broker 1) to offset BEGINNING (leader epoch \
+                           -1): fetch failed due to requested offset not available on the \
+                           broker: Broker: Offset out of range";
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", to_be_asked),
+            Some("kairos.events.site")
+        );
+        // Back to an earlier offset (past the end of a topic made again): read again,
+        // nothing lost.
+        let replayed = "[thrd:main]: kairos.events.site [1]: offset reset (at offset 900 \
+                        (leader epoch -1), broker 1) to cached BEGINNING offset offset 0 \
+                        (leader epoch -1): fetch failed due to requested offset not \
+                        available on the broker: Broker: Offset out of range";
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", replayed),
+            None
+        );
+        // A failed lookup (no right to read the topic) is no loss.
+        let refused = "[thrd:main]: kairos.events.site [1]: offset reset (at offset \
+                       INVALID, broker 1) to offset BEGINNING: failed to query logical \
+                       offset: Broker: Topic authorization failed";
+        assert_eq!(
+            input_lost_topic(RDKafkaLogLevel::Warning, "OFFSET", refused),
+            None
         );
         assert_eq!(
             input_lost_topic(RDKafkaLogLevel::Debug, "OFFSET", reset),

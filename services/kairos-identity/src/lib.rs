@@ -155,6 +155,9 @@ pub struct IdentityProcessor {
 /// `another_persons_address`).
 const ADDRESS_KINDS: [IdentifierKind; 2] = [IdentifierKind::email, IdentifierKind::phone];
 
+/// Identifiers of a browser or an app install rather than of a person.
+const DEVICE_KINDS: [IdentifierKind; 2] = [IdentifierKind::device_id, IdentifierKind::anonymous_id];
+
 /// Resolution outcomes (metric label).
 const RESOLVED: [&str; 4] = ["customer_id", "linked", "new", "another_person"];
 
@@ -636,15 +639,23 @@ impl IdentityProcessor {
         for id in &input.identifiers {
             // Read again: a merge earlier in this loop may have re-pointed it.
             let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {
-                let mut node = self.node(ctx, &target)?;
+                // A new cookie or device id of an event passed over from the device's
+                // known customer names the device, not the person typing: it stays
+                // with him. Linked to her profile, the next event of the device
+                // without her address (a screen view) would join her profile to his.
+                let holder = match &passed_over {
+                    Some(known) if DEVICE_KINDS.contains(&id.kind) => known.clone(),
+                    _ => target.clone(),
+                };
+                let mut node = self.node(ctx, &holder)?;
                 if node.identifiers.len() >= self.max_identifiers {
-                    self.refuse_past_limit(ctx, &target, node, id)?;
+                    self.refuse_past_limit(ctx, &holder, node, id)?;
                     continue;
                 }
                 node.identifiers.push(id.to_string());
-                ctx.put(&node_key(&target), &node)?;
+                ctx.put(&node_key(&holder), &node)?;
                 let link = Link {
-                    customer: target.clone(),
+                    customer: holder,
                     claimants: claimant.iter().cloned().collect(),
                     shared: false,
                 };

@@ -964,9 +964,6 @@ fn a_placeholder_device_id_joins_no_strangers() {
     );
 }
 
-/// An e-mail that reached a known customer only through an untrusted identifier (the
-/// family laptop's cookie) or with an anonymous profile stitched to them was never
-/// presented by them: the person who registers with it takes it, and nobody is merged.
 /// A phone (not trusted to merge by default) typed on the husband's laptop, with an
 /// SMS opt-in, is his until the wife presents it: then it is hers, his profile loses
 /// it and the opt-in given with it, and a receipt with the phone alone is hers.
@@ -1010,6 +1007,52 @@ fn a_phone_picked_up_through_a_family_device_goes_to_whoever_presents_it() {
     assert!(merged.iter().all(|m| !m.starts_with("c-")), "{merged:?}");
 }
 
+/// On the family tablet the husband registered on (its device id his), the app's new
+/// cookie after his logout comes with the wife's e-mail: her event goes to her, and the
+/// cookie stays the device's, so the tablet's next app open (without her e-mail)
+/// does not join her profile to his.
+#[test]
+fn a_new_cookie_with_someone_elses_address_stays_with_the_device() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    h.event(
+        "events.app",
+        "registration",
+        t0,
+        json!({"customer_id": "c-81", "device_id": "tablet-8", "anonymous_id": "a-1",
+            "email": "husband8@example.com"}),
+    );
+    let hers = h.resolves_to(
+        "events.app",
+        "consent_change",
+        t0 + HOUR,
+        json!({"device_id": "tablet-8", "anonymous_id": "a-2", "email": "wife8@example.com",
+            "consent": {"channel": "email", "granted": true}}),
+    );
+    assert_ne!(hers, "c-81");
+    let view = h.resolves_to(
+        "events.app",
+        "app_open",
+        t0 + 2 * HOUR,
+        json!({"device_id": "tablet-8", "anonymous_id": "a-2"}),
+    );
+    assert_eq!(view, "c-81");
+    h.advance(t0 + 3 * HOUR);
+    assert!(h.merged_away().is_empty(), "{:?}", h.merged_away());
+    assert_eq!(
+        h.profile("c-81").email.as_deref(),
+        Some("husband8@example.com")
+    );
+    // Her address still leads to her own profile, with her opt-in.
+    assert_eq!(
+        h.page_view_resolves_to("her-phone-8", "wife8@example.com", t0 + 4 * HOUR),
+        hers
+    );
+}
+
+/// An e-mail that reached a known customer only through an untrusted identifier (the
+/// family laptop's cookie) or with an anonymous profile stitched to them was never
+/// presented by them: the person who registers with it takes it, and nobody is merged.
 #[test]
 fn a_trusted_identifier_picked_up_through_a_family_device_merges_nobody() {
     let mut h = Harness::new();

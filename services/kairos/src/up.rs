@@ -25,6 +25,9 @@ struct Proc {
     started: Instant,
     /// Times it was started again after it exited on its own.
     restarts: u32,
+    /// Exits in a row, each soon after its start: the wait before the next start
+    /// doubles with them.
+    quick_exits: u32,
     /// When it exited on its own, when it is to be started again.
     restart_at: Option<Instant>,
 }
@@ -56,6 +59,7 @@ fn spawn(launch: &Launch, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
         exit_told: false,
         started: Instant::now(),
         restarts: 0,
+        quick_exits: 0,
         restart_at: None,
     })
 }
@@ -137,7 +141,9 @@ fn note_exits<'a>(procs: impl Iterator<Item = &'a mut Proc>, failed: &mut Vec<St
         if let Ok(Some(status)) = p.child.try_wait() {
             eprintln!("{} exited ({status}); see var/log/{}.log", p.name, p.name);
             p.exit_told = true;
-            failed.push(p.name.clone());
+            if !failed.contains(&p.name) {
+                failed.push(p.name.clone());
+            }
         }
     }
 }
@@ -155,13 +161,13 @@ fn restart_exited(launch: &Launch, procs: &mut [Proc], failed: &mut Vec<String>)
                 let Ok(Some(status)) = p.child.try_wait() else {
                     continue;
                 };
-                let delay = if now.duration_since(p.started) >= RESTART_DELAY_RESET {
-                    RESTART_DELAY_FIRST
-                } else {
-                    RESTART_DELAY_FIRST
-                        .saturating_mul(1 << p.restarts.min(5))
-                        .min(RESTART_DELAY_MAX)
-                };
+                if now.duration_since(p.started) >= RESTART_DELAY_RESET {
+                    p.quick_exits = 0;
+                }
+                let delay = RESTART_DELAY_FIRST
+                    .saturating_mul(1 << p.quick_exits.min(5))
+                    .min(RESTART_DELAY_MAX);
+                p.quick_exits += 1;
                 eprintln!(
                     "{} exited ({status}); see var/log/{}.log; starting it again in {}s",
                     p.name,
@@ -337,6 +343,9 @@ pub async fn run(
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
+            // A stop asked for wins over a tick ready at the same time: nothing is
+            // started again as everything stops.
+            biased;
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
@@ -377,7 +386,11 @@ pub async fn run(
     );
     println!("\nstopping: generator, services, broker");
     let mut stopped = |p: &mut Proc, grace: Duration| {
-        if !wait_or_kill(p, grace) && !p.exit_told && !failed.contains(&p.name) {
+        // Gone before the stop: told already.
+        if p.exit_told {
+            return;
+        }
+        if !wait_or_kill(p, grace) && !failed.contains(&p.name) {
             failed.push(p.name.clone());
         }
     };
