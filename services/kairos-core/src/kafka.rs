@@ -216,8 +216,8 @@ enum SettingsProblem {
 }
 
 /// What is wrong with a changelog topic's settings (`setting` reads one), if anything:
-/// see [`check_changelog_settings`]. Deletion by age alongside compaction is fine
-/// when the retention is infinite (`retention.ms = -1`).
+/// see [`check_changelog_settings`]. Deletion alongside compaction is fine when the
+/// retention is infinite (`retention.ms` and `retention.bytes` both -1).
 fn changelog_settings_problem(
     topic: &str,
     setting: impl Fn(&str) -> Option<String>,
@@ -226,12 +226,13 @@ fn changelog_settings_problem(
         return Some(SettingsProblem::Untold("cleanup.policy"));
     };
     let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
-    let kept_for_ever = setting("retention.ms").is_some_and(|ms| ms.trim() == "-1");
+    let kept_for_ever = setting("retention.ms").is_some_and(|ms| ms.trim() == "-1")
+        && setting("retention.bytes").is_some_and(|bytes| bytes.trim() == "-1");
     if !policies.contains(&"compact") || (policies.contains(&"delete") && !kept_for_ever) {
         return Some(SettingsProblem::Wrong(format!(
             "changelog topic {topic} has cleanup.policy={policy}: it must be compact \
-             (deletion too only with retention.ms=-1), or state not written for the \
-             retention is lost from the next rebuild"
+             (deletion too only with retention.ms=-1 and retention.bytes=-1), or state \
+             not written for the retention is lost from the next rebuild"
         )));
     }
     let Some(lag) = setting("min.compaction.lag.ms") else {
@@ -368,6 +369,7 @@ mod tests {
                 "cleanup.policy" => policy.map(String::from),
                 "min.compaction.lag.ms" => lag.map(String::from),
                 "retention.ms" => retention.map(String::from),
+                "retention.bytes" => Some("-1".to_string()),
                 _ => None,
             })
         };
@@ -393,6 +395,18 @@ mod tests {
             let told = wrong(judge(Some("compact"), Some(lag), None));
             assert!(told.contains("min.compaction.lag.ms"), "{told}");
         }
+        // Kept for ever by age but not by size: segments still go.
+        let by_size = changelog_settings_problem("p-changelog", |name| match name {
+            "cleanup.policy" => Some("compact,delete".to_string()),
+            "min.compaction.lag.ms" => Some(day.clone()),
+            "retention.ms" => Some("-1".to_string()),
+            "retention.bytes" => Some("1073741824".to_string()),
+            _ => None,
+        });
+        assert!(
+            matches!(by_size, Some(SettingsProblem::Wrong(_))),
+            "{by_size:?}"
+        );
         // Not told: warned about, not refused.
         assert_eq!(
             judge(None, Some(&day), None),

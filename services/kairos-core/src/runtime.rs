@@ -1809,7 +1809,9 @@ fn input_lost_topic<'a>(
     let (topic, rest) = message.split_once(" [")?;
     // Reading on from an offset at or below the one asked for (a topic made again, an
     // offset past its end) reads records again: nothing skipped. A reset whose new
-    // offset librdkafka has yet to ask for counts.
+    // offset librdkafka has yet to ask for counts: so, on a cluster (whose answer to
+    // the failed fetch does not tell where the log starts), does every out-of-range
+    // reset, a topic made again included (an incident too).
     let (asked, to) = rest.split_once("(at offset ")?.1.split_once(") to ")?;
     let asked = leading_number(asked);
     let to = to.split(':').next().unwrap_or_default();

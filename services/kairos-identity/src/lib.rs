@@ -591,9 +591,21 @@ impl IdentityProcessor {
         }
         // The known customer a device led to, passed over for someone else's address.
         let mut passed_over = None;
+        // Whether a device or cookie of the event is that customer's: then the event's
+        // new ones are the same device's (see the linking below).
+        let mut device_passed_over = false;
         if let Some(known) = target.clone().filter(|_| !named) {
             if let Some(other) = self.another_persons_address(ctx, &links, &known)? {
                 resolution = "another_person";
+                for (id, link) in &links {
+                    if let Some(l) = link.as_ref().filter(|l| !l.shared) {
+                        if DEVICE_KINDS.contains(&id.kind)
+                            && self.canonical(ctx, &l.customer)? == known
+                        {
+                            device_passed_over = true;
+                        }
+                    }
+                }
                 passed_over = Some(known);
                 target = Some(other);
             }
@@ -639,12 +651,16 @@ impl IdentityProcessor {
         for id in &input.identifiers {
             // Read again: a merge earlier in this loop may have re-pointed it.
             let Some(mut link) = ctx.get::<Link>(&link_key(id))? else {
-                // A new cookie or device id of an event passed over from the device's
-                // known customer names the device, not the person typing: it stays
-                // with him. Linked to her profile, the next event of the device
-                // without her address (a screen view) would join her profile to his.
+                // A new cookie or device id of an event passed over from the known
+                // customer of the event's device names that device, not the person
+                // typing: it stays with him. Linked to her profile, the next event of
+                // the device without her address (an app open) would join her profile
+                // to his. Passed over for another reason (her phone, typed on his
+                // laptop once, on her own device), the new one is hers.
                 let holder = match &passed_over {
-                    Some(known) if DEVICE_KINDS.contains(&id.kind) => known.clone(),
+                    Some(known) if device_passed_over && DEVICE_KINDS.contains(&id.kind) => {
+                        known.clone()
+                    }
                     _ => target.clone(),
                 };
                 let mut node = self.node(ctx, &holder)?;

@@ -1048,6 +1048,38 @@ fn a_new_cookie_with_someone_elses_address_stays_with_the_device() {
         h.page_view_resolves_to("her-phone-8", "wife8@example.com", t0 + 4 * HOUR),
         hers
     );
+
+    // Passed over for another reason (her phone, typed once on another husband's
+    // laptop, now with her e-mail on her own phone's new cookie): the cookie is hers.
+    h.event(
+        "events.site",
+        "registration",
+        t0 + 5 * HOUR,
+        json!({"customer_id": "c-91", "anonymous_id": "laptop-9",
+            "email": "husband9@example.com"}),
+    );
+    h.event(
+        "events.site",
+        "consent_change",
+        t0 + 6 * HOUR,
+        json!({"anonymous_id": "laptop-9", "phone": "+49 151 7000 0091",
+            "consent": {"channel": "sms", "granted": true}}),
+    );
+    let hers = h.resolves_to(
+        "events.site",
+        "page_view",
+        t0 + 7 * HOUR,
+        json!({"anonymous_id": "her-phone-9", "phone": "+49 151 7000 0091",
+            "email": "wife9@example.com"}),
+    );
+    assert_ne!(hers, "c-91");
+    let view = h.resolves_to(
+        "events.site",
+        "page_view",
+        t0 + 8 * HOUR,
+        json!({"anonymous_id": "her-phone-9"}),
+    );
+    assert_eq!(view, hers);
 }
 
 /// An e-mail that reached a known customer only through an untrusted identifier (the
