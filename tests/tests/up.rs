@@ -97,18 +97,12 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut up, lines) = start_up(dir.path(), &[]);
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    // Until a summary counts a message sent (the loop fails the test otherwise).
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no message sent in time:\n{}", seen.join("\n")));
-        let sent = number_after(&line, "decisions: sent ");
-        seen.push(line);
-        if sent.is_some_and(|n| n > 0) {
-            break;
-        }
-    }
+    wait_for_a_send(
+        &lines,
+        &mut seen,
+        Duration::from_secs(180),
+        "a message sent",
+    );
     // A second `up` on the same files is turned away before it clears anything.
     let second = up_command(dir.path())
         .output()
@@ -131,12 +125,7 @@ fn kairos_up_sends_messages_and_stops_every_service_gracefully() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // Both readers end with the pipes.
-    let tail_deadline = Instant::now() + Duration::from_secs(5);
-    while let Ok(line) = lines.recv_timeout(tail_deadline.saturating_duration_since(Instant::now()))
-    {
-        seen.push(line);
-    }
+    read_to_the_end(&lines, &mut seen);
     let output = seen.join("\n");
     assert!(status.success(), "{status}:\n{output}");
     assert!(
@@ -181,6 +170,27 @@ fn child_running(up: &std::process::Child, service: &str) -> Option<i32> {
         })
 }
 
+/// The lines `kairos up` writes after it exited, into `seen` (both readers end with
+/// the pipes).
+fn read_to_the_end(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        seen.push(line);
+    }
+}
+
+/// Waits for a summary that counts a message sent (`what`, in the failure).
+fn wait_for_a_send(
+    lines: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    within: Duration,
+    what: &str,
+) {
+    wait_for_line(lines, seen, within, what, |l| {
+        number_after(l, "decisions: sent ").is_some_and(|n| n > 0)
+    });
+}
+
 /// Waits for a line that `is_it`, keeping every line read in `seen`.
 fn wait_for_line(
     lines: &mpsc::Receiver<String>,
@@ -210,12 +220,11 @@ fn kairos_up_starts_a_killed_service_again() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut up, lines) = start_up(dir.path(), &[]);
     let mut seen = Vec::new();
-    wait_for_line(
+    wait_for_a_send(
         &lines,
         &mut seen,
         Duration::from_secs(180),
         "a message sent",
-        |l| number_after(l, "decisions: sent ").is_some_and(|n| n > 0),
     );
     let arbiter = child_running(&up, "arbiter").expect("the arbiter of kairos up");
     kill(Pid::from_raw(arbiter), Signal::SIGKILL).expect("kill the arbiter");
@@ -230,20 +239,15 @@ fn kairos_up_starts_a_killed_service_again() {
     assert_ne!(restarted, arbiter);
     // The summary reads the new arbiter's counters, which begin at zero: a message
     // sent is one it decided.
-    wait_for_line(
+    wait_for_a_send(
         &lines,
         &mut seen,
         Duration::from_secs(150),
         "a message sent by the arbiter started again",
-        |l| number_after(l, "decisions: sent ").is_some_and(|n| n > 0),
     );
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("Ctrl-C");
     let status = up.wait().expect("kairos up's exit");
-    let tail_deadline = Instant::now() + Duration::from_secs(5);
-    while let Ok(line) = lines.recv_timeout(tail_deadline.saturating_duration_since(Instant::now()))
-    {
-        seen.push(line);
-    }
+    read_to_the_end(&lines, &mut seen);
     let output = seen.join("\n");
     assert!(!status.success(), "a run with a crash passed:\n{output}");
     assert!(

@@ -35,15 +35,16 @@ pub const MAX_REASON_BYTES: usize = 1024;
 
 impl Rejection {
     pub fn new(reason: DeadLetterReason, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        cut_reason(&mut message);
-        Rejection { reason, message }
+        Rejection {
+            reason,
+            message: cut_reason(message.into()),
+        }
     }
 }
 
 /// Cuts a dead letter's reason to [`MAX_REASON_BYTES`] on a character boundary, noting
 /// how long it was: every dead letter's reason goes through it.
-pub fn cut_reason(message: &mut String) {
+pub fn cut_reason(mut message: String) -> String {
     if message.len() > MAX_REASON_BYTES {
         let whole = message.len();
         let mut cut = MAX_REASON_BYTES;
@@ -53,6 +54,7 @@ pub fn cut_reason(message: &mut String) {
         message.truncate(cut);
         message.push_str(&format!("... ({whole} bytes, cut)"));
     }
+    message
 }
 
 /// The most schema ids whose refusal a registry keeps (the ids come from message

@@ -258,13 +258,20 @@ fn missing_topics(config: &Config, topics: &[String]) -> anyhow::Result<Vec<Stri
         .context("cannot fetch cluster metadata")?;
     Ok(topics
         .iter()
-        .filter(|t| {
-            !metadata.topics().iter().any(|m| {
-                m.name() == t.as_str() && m.error().is_none() && !m.partitions().is_empty()
-            })
-        })
+        .filter(|t| partition_count(&metadata, t).is_none())
         .cloned()
         .collect())
+}
+
+/// The partitions of `topic` in `metadata`; `None` if the broker does not have it
+/// (or has it without partitions, as while it is being created).
+pub fn partition_count(metadata: &rdkafka::metadata::Metadata, topic: &str) -> Option<i32> {
+    metadata
+        .topics()
+        .iter()
+        .find(|m| m.name() == topic && m.error().is_none())
+        .map(|m| m.partitions().len() as i32)
+        .filter(|n| *n > 0)
 }
 
 fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {
@@ -278,9 +285,8 @@ fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {
             .context("cannot fetch cluster metadata")?;
         let mut missing = Vec::new();
         for t in topics {
-            match metadata.topics().iter().find(|m| m.name() == t) {
-                Some(m) if m.error().is_none() && !m.partitions().is_empty() => {
-                    let n = m.partitions().len() as i32;
+            match partition_count(&metadata, t) {
+                Some(n) => {
                     if n != config.kafka.partitions {
                         bail!(
                             "topic {t} has {n} partitions but [kafka] partitions = {}; \
@@ -289,7 +295,7 @@ fn check_partitions(config: &Config, topics: &[String]) -> anyhow::Result<()> {
                         );
                     }
                 }
-                _ => missing.push(t.clone()),
+                None => missing.push(t.clone()),
             }
         }
         if missing.is_empty() {

@@ -1761,7 +1761,7 @@ impl ClientContext for KairosContext {
             );
             return;
         }
-        log_librdkafka(level, facility, message);
+        rdkafka::client::DefaultClientContext.log(level, facility, message);
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -1784,14 +1784,7 @@ fn input_lost_topic<'a>(
     facility: &str,
     message: &'a str,
 ) -> Option<&'a str> {
-    let warned = matches!(
-        level,
-        RDKafkaLogLevel::Warning
-            | RDKafkaLogLevel::Error
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Emerg
-    );
+    let warned = (level as i32) <= (RDKafkaLogLevel::Warning as i32);
     // Not every reset is a loss: one after a failed offset lookup (no right to read
     // the topic) or a log truncation is not "offset not available".
     if !warned
@@ -1830,28 +1823,6 @@ fn leading_number(text: &str) -> Option<i64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     text[..end].parse().ok()
-}
-
-/// librdkafka's log line through `tracing`, at its level (what rdkafka's default does
-/// through the `log` crate).
-fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Warning => {
-            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Debug => {
-            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-    }
 }
 
 /// Sets the lag of one partition from librdkafka's statistics, for partitions this

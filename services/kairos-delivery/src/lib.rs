@@ -1001,11 +1001,7 @@ impl DeliveryProcessor {
             source_partition: ctx.partition,
             source_offset: input.offset,
             reason_code: DeadLetterReason::processing_error,
-            reason: {
-                let mut reason = reason.to_string();
-                kairos_core::encoding::cut_reason(&mut reason);
-                reason
-            },
+            reason: kairos_core::encoding::cut_reason(reason.to_string()),
             key_base64: Some(b64.encode(cmd.customer_id.as_bytes())),
             payload_base64: b64.encode(serde_json::to_vec(cmd).unwrap_or_default()),
             failed_at: now,

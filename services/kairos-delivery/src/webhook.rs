@@ -480,8 +480,7 @@ pub fn dead_letters_of(
     };
     let count = parts.len();
     // serde's message quotes the field it could not read, whole.
-    let mut reason = reason.to_string();
-    kairos_core::encoding::cut_reason(&mut reason);
+    let reason = kairos_core::encoding::cut_reason(reason.to_string());
     parts
         .into_iter()
         .enumerate()

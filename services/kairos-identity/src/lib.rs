@@ -603,6 +603,7 @@ impl IdentityProcessor {
                             && self.canonical(ctx, &l.customer)? == known
                         {
                             device_passed_over = true;
+                            break;
                         }
                     }
                 }

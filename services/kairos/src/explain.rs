@@ -104,10 +104,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     let metadata = consumer
         .fetch_metadata(Some(&triggers_topic), Duration::from_secs(10))
         .context("cannot fetch the triggers topic's metadata")?;
-    let found = (metadata.topics().iter())
-        .find(|t| t.name() == triggers_topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .filter(|n| *n > 0);
+    let found = kairos_core::kafka::partition_count(&metadata, &triggers_topic);
     if let Some(n) = found.filter(|n| *n != config.kafka.partitions) {
         anyhow::bail!(
             "topic {triggers_topic} has {n} partitions but [kafka] partitions = {}: the \
