@@ -106,11 +106,12 @@ const PENDING_PURCHASE: &str = "attr/";
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PendingPurchase {
     customer_id: String,
-    /// Absent in timers set before purchases could follow a merge.
-    #[serde(default)]
-    event_id: String,
     at: Millis,
     value: f64,
+    /// Absent in timers set before purchases could follow a merge (last: stored
+    /// positionally, see `encode_state`).
+    #[serde(default)]
+    event_id: String,
 }
 
 pub enum FeedbackInput {
@@ -1162,6 +1163,19 @@ mod tests {
         let f = FeedbackProcessor::new(&config, SchemaRegistry::new(None), &registry);
         assert_eq!(f.scenario_label("welcome"), "welcome");
         assert_eq!(f.scenario_label("customer-42-special"), "other");
+    }
+
+    #[test]
+    fn a_purchase_waiting_since_before_it_kept_its_event_id_still_reads() {
+        // The timer payload as written before `event_id`: customer, time, value.
+        let older = ("c-1".to_string(), T0, 42.5_f64);
+        let bytes = kairos_core::encoding::encode_state(&older).expect("encode");
+        let p: PendingPurchase =
+            kairos_core::encoding::decode_state(&bytes).expect("an older timer reads");
+        assert_eq!(p.customer_id, "c-1");
+        assert_eq!(p.at, T0);
+        assert_eq!(p.value, 42.5);
+        assert_eq!(p.event_id, "");
     }
 
     /// Feedback over `config_text`, its state in `dir`, fed by a replayer.
