@@ -218,12 +218,18 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         ),
         4.0
     );
+    // The 554, the 550 after the "." and the SMTPUTF8 refusal; the 550 at RCPT is
+    // the address's fault, counted apart (the provider error share leaves it out).
     assert_eq!(
         m(
             "kairos_provider_requests_total",
             &["result=\"permanent_error\""]
         ),
-        4.0
+        3.0
+    );
+    assert_eq!(
+        m("kairos_provider_requests_total", &["result=\"bounced\""]),
+        1.0
     );
     assert_eq!(
         m("kairos_provider_requests_total", &["result=\"accepted\""]),

@@ -22,6 +22,10 @@ pub struct AdminState {
     pub dead_letters: prometheus::IntCounterVec,
     ready: AtomicBool,
     last_heartbeat: AtomicI64,
+    /// `last_heartbeat` for Prometheus, set at each scrape: a loop stuck in a retry
+    /// (a broker refusing its records, an unreachable schema registry) stops every
+    /// other gauge it would update, its lag included.
+    heartbeat_seconds: prometheus::Gauge,
     /// The state partitions this instance owns, for `/partitions`.
     owned: Mutex<Vec<i32>>,
 }
@@ -30,6 +34,11 @@ impl AdminState {
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(AdminState {
             dead_letters: crate::metrics::dead_letters(&registry),
+            heartbeat_seconds: crate::metrics::gauge_f64(
+                &registry,
+                "kairos_processing_loop_heartbeat_timestamp_seconds",
+                "When the processing loop last went round (Unix time; a restore beats every 5 s): one that stopped is stuck in a retry or hung.",
+            ),
             registry,
             ready: AtomicBool::new(false),
             last_heartbeat: AtomicI64::new(wall_now()),
@@ -95,6 +104,8 @@ impl AdminState {
     }
 
     pub fn render_metrics(&self) -> String {
+        self.heartbeat_seconds
+            .set(self.last_heartbeat() as f64 / 1000.0);
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
@@ -208,5 +219,27 @@ mod tests {
         assert_eq!(restored, "restored");
         assert!(admin.last_heartbeat() > 0, "no beat while restoring");
         assert!(!admin.is_ready());
+    }
+
+    /// The scrape tells when the loop last went round, not when the metric was made.
+    #[test]
+    fn metrics_tell_when_the_processing_loop_last_went_round() {
+        let admin = AdminState::new(Registry::new());
+        admin
+            .last_heartbeat
+            .store(1_700_000_000_500, Ordering::Relaxed);
+        let text = admin.render_metrics();
+        assert!(
+            text.contains("kairos_processing_loop_heartbeat_timestamp_seconds 1700000000.5\n"),
+            "{text}"
+        );
+        admin.heartbeat();
+        let later = admin.render_metrics();
+        let beat: f64 = later
+            .lines()
+            .find_map(|l| l.strip_prefix("kairos_processing_loop_heartbeat_timestamp_seconds "))
+            .and_then(|v| v.parse().ok())
+            .expect("the heartbeat sample");
+        assert!(beat * 1000.0 >= (wall_now() - 60_000) as f64, "{beat}");
     }
 }

@@ -1904,6 +1904,7 @@ pub async fn publish(
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
+    let _pending = PendingRecords::count(metrics, entries.len());
     let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
     let mut acked = Vec::new();
     let mut complete = true;
@@ -1921,6 +1922,31 @@ pub async fn publish(
     }
     acked.retain(|(_, offset)| *offset >= 0);
     acked
+}
+
+/// Counts a publish's records in `kairos_outbox_pending_records` while it lasts: a
+/// broker that takes nothing keeps the publish retrying, and the gauge (otherwise
+/// set between publishes) then shows what waits.
+struct PendingRecords<'a> {
+    gauge: &'a prometheus::IntGauge,
+    records: i64,
+}
+
+impl<'a> PendingRecords<'a> {
+    fn count(metrics: &'a RuntimeMetrics, records: usize) -> Self {
+        let records = records as i64;
+        metrics.outbox_pending.add(records);
+        PendingRecords {
+            gauge: &metrics.outbox_pending,
+            records,
+        }
+    }
+}
+
+impl Drop for PendingRecords<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.records);
+    }
 }
 
 /// Where a service publishes, and what reads what lies between its own changelog
@@ -1986,6 +2012,7 @@ pub async fn publish_fenced(
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Published> {
+    let _pending = PendingRecords::count(metrics, entries.len());
     let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
     let mut published = Published::default();
     let mut complete = true;
@@ -2324,7 +2351,14 @@ async fn publish_in_order(
         let mut first_failed = None;
         for (i, result) in results.into_iter().enumerate() {
             match result {
-                Ok(offset) => offsets[from + i] = offset,
+                Ok(offset) => {
+                    offsets[from + i] = offset;
+                    metrics.changelog_records.inc();
+                }
+                // Never tried: one before it could not be queued (counted).
+                Err(rdkafka::error::KafkaError::Canceled) => {
+                    first_failed.get_or_insert(from + i);
+                }
                 Err(e) => {
                     metrics.produce_errors.inc();
                     if refused_for_good(&e) {
@@ -3722,9 +3756,11 @@ pub async fn run_serving<P: Processor>(
         if !batch.is_empty() {
             let elapsed = started.elapsed().as_secs_f64();
             metrics.batch_duration.observe(elapsed);
-            metrics
-                .record_processing
-                .observe(elapsed / batch.len() as f64);
+            // Once per record: the quantiles are of records, not of batches.
+            let per_record = elapsed / batch.len() as f64;
+            for _ in 0..batch.len() {
+                metrics.record_processing.observe(per_record);
+            }
         }
         let produced = out.len();
         let published = engine.publish(out, &publisher, &cancel, &[]).await?;
@@ -5003,6 +5039,48 @@ mod tests {
             .expect("publishing gave up");
             assert!(published.is_empty(), "{published:?}");
         }
+    }
+
+    /// What a publish waits on shows in the outbox gauge while it retries, and goes
+    /// when it ends; records acknowledged count as changelog records; one never tried
+    /// (after a refused one) is no failed attempt.
+    #[test]
+    fn a_publish_retrying_shows_what_waits_and_counts_only_attempts() {
+        let (_cluster, _dir, config) = changelog_on_a_mock_cluster();
+        let producer = kafka::producer(&config).unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let dead_letters = OutputDeadLetters::new(&config, "test");
+        let cancel = CancellationToken::new();
+        let sent = block_on(publish(
+            &producer,
+            vec![entry(0, b"a"), entry(0, b"b")],
+            &dead_letters,
+            &metrics,
+            &cancel,
+        ));
+        assert_eq!(sent.len(), 2);
+        assert_eq!(metrics.changelog_records.get(), 2);
+        assert_eq!(metrics.outbox_pending.get(), 0);
+        // Partition 5 does not exist: the broker never takes the first record, and
+        // the one after it is never tried.
+        let stuck = vec![entry(5, b"c"), entry(5, b"d")];
+        std::thread::scope(|s| {
+            let publishing =
+                s.spawn(|| block_on(publish(&producer, stuck, &dead_letters, &metrics, &cancel)));
+            std::thread::sleep(Duration::from_millis(1500));
+            let waiting = metrics.outbox_pending.get();
+            cancel.cancel();
+            assert_eq!(waiting, 2, "waiting while it retries");
+            let sent = publishing.join().unwrap();
+            assert!(sent.is_empty(), "{sent:?}");
+        });
+        assert_eq!(metrics.outbox_pending.get(), 0);
+        assert_eq!(metrics.changelog_records.get(), 2);
+        // One round (cancelled already): one failed attempt, not two.
+        let before = metrics.produce_errors.get();
+        let again = vec![entry(5, b"c"), entry(5, b"d")];
+        assert!(block_on(publish(&producer, again, &dead_letters, &metrics, &cancel)).is_empty());
+        assert_eq!(metrics.produce_errors.get(), before + 1);
     }
 
     /// A new owner killed between its claim and the undo of a torn commit restores

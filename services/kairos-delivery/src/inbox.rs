@@ -524,7 +524,7 @@ mod tests {
                 .sum::<f64>()
         };
         assert_eq!(
-            (requests("accepted"), requests("permanent_error")),
+            (requests("accepted"), requests("inbox_full")),
             (count as f64, 1.0),
             "the late message was not taken"
         );

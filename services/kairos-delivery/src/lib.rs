@@ -241,6 +241,16 @@ enum Delivery {
     Stopped(anyhow::Error),
 }
 
+/// The results of `kairos_provider_requests_total` every worker has from the start
+/// (an in-app worker also has `inbox_full`).
+const PROVIDER_RESULTS: [&str; 5] = [
+    "accepted",
+    "transient_error",
+    "permanent_error",
+    "refused",
+    "bounced",
+];
+
 struct DeliveryMetrics {
     provider_requests: IntCounterVec,
     provider_latency: HistogramVec,
@@ -314,7 +324,7 @@ impl DeliveryProcessor {
             provider_requests: metrics::counter_vec(
                 registry,
                 "kairos_provider_requests_total",
-                "Requests to the delivery provider, by channel, provider and result.",
+                "Requests to the delivery provider, by channel, provider and result: accepted, transient_error (retried), permanent_error (the request will never succeed), refused (the provider refuses the worker: credentials, sender, route), bounced (the address does not exist), inbox_full (in-app: older than every message the inbox keeps).",
                 &["channel", "provider", "result"],
             ),
             provider_latency: metrics::histogram_vec(
@@ -391,7 +401,8 @@ impl DeliveryProcessor {
         };
         // Every series exists from the start, so rates and alerts see zeros, not gaps.
         let labels = [channel.as_str(), processor.provider_name()];
-        for result in ["accepted", "transient_error", "permanent_error", "refused"] {
+        let in_app_results = processor.in_app().then_some("inbox_full");
+        for result in PROVIDER_RESULTS.into_iter().chain(in_app_results) {
             processor
                 .metrics
                 .provider_requests
@@ -662,6 +673,8 @@ impl DeliveryProcessor {
                     | ProviderError::InProgress(_),
                 ) => "transient_error",
                 Err(ProviderError::Refused(_)) => "refused",
+                // The address's fault, not the provider's: the bounce rate's business.
+                Err(ProviderError::HardBounce(_)) => "bounced",
                 Err(_) => "permanent_error",
             };
             self.metrics
@@ -1294,7 +1307,7 @@ impl Processor for DeliveryProcessor {
                 true => ("accepted", OutcomeKind::sent, None),
                 // Older than every message the inbox keeps (it came late): never shown.
                 false => (
-                    "permanent_error",
+                    "inbox_full",
                     OutcomeKind::failed,
                     Some(format!(
                         "inbox_full: older than the {} newest messages the customer's inbox keeps",
@@ -1600,7 +1613,7 @@ mod tests {
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
             .expect("metrics text");
-        for result in ["accepted", "transient_error", "permanent_error", "refused"] {
+        for result in PROVIDER_RESULTS {
             let series = format!("provider=\"smtp\",result=\"{result}\"}} 0");
             assert!(text.contains(&series), "{series} in {text}");
         }
