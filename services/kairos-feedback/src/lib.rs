@@ -104,6 +104,7 @@ const PENDING_PURCHASE: &str = "attr/";
 
 /// A purchase waiting to be attributed (a timer's payload).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(from = "StoredPendingPurchase")]
 pub struct PendingPurchase {
     customer_id: String,
     at: Millis,
@@ -112,6 +113,50 @@ pub struct PendingPurchase {
     /// positionally, see `encode_state`).
     #[serde(default)]
     event_id: String,
+}
+
+/// A [`PendingPurchase`] as any version stored it: positionally before `event_id`, with
+/// it last (this version) or second (the versions that put it there: a feedback service
+/// upgraded with such timers waiting would fail on them for ever, the timer firing
+/// again after every failed batch), or with field names (before positional state).
+/// Tuples, as an untagged struct variant reads only from a map.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredPendingPurchase {
+    EventIdLast(String, Millis, f64, String),
+    NoEventId(String, Millis, f64),
+    EventIdSecond(String, String, Millis, f64),
+    Named {
+        customer_id: String,
+        at: Millis,
+        value: f64,
+        #[serde(default)]
+        event_id: String,
+    },
+}
+
+impl From<StoredPendingPurchase> for PendingPurchase {
+    fn from(stored: StoredPendingPurchase) -> Self {
+        let (customer_id, at, value, event_id) = match stored {
+            StoredPendingPurchase::EventIdLast(customer_id, at, value, event_id)
+            | StoredPendingPurchase::EventIdSecond(customer_id, event_id, at, value)
+            | StoredPendingPurchase::Named {
+                customer_id,
+                at,
+                value,
+                event_id,
+            } => (customer_id, at, value, event_id),
+            StoredPendingPurchase::NoEventId(customer_id, at, value) => {
+                (customer_id, at, value, String::new())
+            }
+        };
+        PendingPurchase {
+            customer_id,
+            at,
+            value,
+            event_id,
+        }
+    }
 }
 
 pub enum FeedbackInput {
@@ -1166,7 +1211,7 @@ mod tests {
     }
 
     #[test]
-    fn a_purchase_waiting_since_before_it_kept_its_event_id_still_reads() {
+    fn a_purchase_waiting_from_any_earlier_version_still_reads() {
         // The timer payload as written before `event_id`: customer, time, value.
         let older = ("c-1".to_string(), T0, 42.5_f64);
         let bytes = kairos_core::encoding::encode_state(&older).expect("encode");
@@ -1176,6 +1221,37 @@ mod tests {
         assert_eq!(p.at, T0);
         assert_eq!(p.value, 42.5);
         assert_eq!(p.event_id, "");
+        // As the versions that put the event id second wrote it.
+        let second = ("c-2".to_string(), "e-9".to_string(), T0 + 1, 7.0_f64);
+        let bytes = kairos_core::encoding::encode_state(&second).expect("encode");
+        let p: PendingPurchase = kairos_core::encoding::decode_state(&bytes).expect("it reads");
+        assert_eq!(
+            (p.customer_id.as_str(), p.event_id.as_str()),
+            ("c-2", "e-9")
+        );
+        assert_eq!((p.at, p.value), (T0 + 1, 7.0));
+        // And as this version writes it.
+        let now = PendingPurchase {
+            customer_id: "c-3".into(),
+            at: T0 + 2,
+            value: 1.5,
+            event_id: "e-3".into(),
+        };
+        let bytes = kairos_core::encoding::encode_state(&now).expect("encode");
+        let p: PendingPurchase = kairos_core::encoding::decode_state(&bytes).expect("it reads");
+        assert_eq!(
+            (p.customer_id.as_str(), p.event_id.as_str()),
+            ("c-3", "e-3")
+        );
+        assert_eq!((p.at, p.value), (T0 + 2, 1.5));
+        // With field names, as state was written before it was positional.
+        let mut named = vec![0xC1];
+        rmp_serde::encode::write_named(&mut named, &now).expect("encode");
+        let p: PendingPurchase = kairos_core::encoding::decode_state(&named).expect("it reads");
+        assert_eq!(
+            (p.customer_id.as_str(), p.event_id.as_str()),
+            ("c-3", "e-3")
+        );
     }
 
     /// Feedback over `config_text`, its state in `dir`, fed by a replayer.
