@@ -911,13 +911,14 @@ impl ProfileProcessor {
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
                 let order_items = order_items_variables(items);
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());
-                let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
+                let bought_at = profile::purchased_at(e.occurred_at, ctx.now());
+                let applied = p.record_purchase(bought_at, total, false, order_id.clone());
                 if applied == PurchaseApplied::CancelledBefore {
                     reorder.restored = held_before;
                 }
                 if applied == PurchaseApplied::Counted {
                     let order = order_id.as_deref();
-                    p.note_bought(bought.iter().map(String::as_str), e.occurred_at, order);
+                    p.note_bought(bought.iter().map(String::as_str), bought_at, order);
                 }
                 match applied {
                     // A purchase whose cancellation came first ends what a checkout
@@ -926,7 +927,7 @@ impl ProfileProcessor {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         let purchase = Purchase {
                             event_id: &e.event_id,
-                            at: e.occurred_at,
+                            at: bought_at,
                             latest_before: latest,
                             order_id,
                             offline: false,
@@ -1850,8 +1851,9 @@ impl ProfileProcessor {
                 let latest = p.last_purchase_at;
                 let active_before = p.last_active_at();
                 let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
+                let bought_at = profile::purchased_at(r.occurred_at, ctx.now());
                 let applied =
-                    p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
+                    p.record_purchase(bought_at, r.total, true, Some(r.receipt_id.clone()));
                 let reorder = Reorder {
                     restored: match applied {
                         PurchaseApplied::CancelledBefore => held_before,
@@ -1861,14 +1863,14 @@ impl ProfileProcessor {
                 };
                 if applied == PurchaseApplied::Counted {
                     let bought = r.items.iter().map(|i| i.product_id.as_str());
-                    p.note_bought(bought, r.occurred_at, Some(&r.receipt_id));
+                    p.note_bought(bought, bought_at, Some(&r.receipt_id));
                 }
                 match applied {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         // An offline purchase ends the online cart reminder too.
                         let purchase = Purchase {
                             event_id: &r.event_id,
-                            at: r.occurred_at,
+                            at: bought_at,
                             latest_before: latest,
                             order_id: Some(r.receipt_id.clone()),
                             offline: true,
@@ -2150,23 +2152,23 @@ impl ProfileProcessor {
             else {
                 continue;
             };
+            // Armed when due already too: it fires at once, and goes out if within its
+            // tolerance or is counted late, as every overdue step is.
             let due = order.at + ms(s.delay);
-            if due > ctx.now() {
-                // Its purchase event is not kept: the order names the cause. What it
-                // bought, if it gave way to the returned one.
-                let cause = ["order:", order.order_id.as_str()].concat();
-                let order_id = Some(order.order_id.as_str());
-                let mut given_way = pending.timer.given_way;
-                let items = given_way
-                    .iter()
-                    .position(|(o, _)| *o == order.order_id)
-                    .map(|n| given_way.remove(n).1);
-                let timer = StepTimer {
-                    given_way: &given_way,
-                    ..StepTimer::new(&cause, order.at, 0, due)
-                };
-                schedule_step_with(ctx, s, p, timer, None, order_id, items.as_deref())?;
-            }
+            // Its purchase event is not kept: the order names the cause. What it
+            // bought, if it gave way to the returned one.
+            let cause = ["order:", order.order_id.as_str()].concat();
+            let order_id = Some(order.order_id.as_str());
+            let mut given_way = pending.timer.given_way;
+            let items = given_way
+                .iter()
+                .position(|(o, _)| *o == order.order_id)
+                .map(|n| given_way.remove(n).1);
+            let timer = StepTimer {
+                given_way: &given_way,
+                ..StepTimer::new(&cause, order.at, 0, due)
+            };
+            schedule_step_with(ctx, s, p, timer, None, order_id, items.as_deref())?;
         }
         Ok(())
     }

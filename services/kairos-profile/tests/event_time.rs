@@ -1045,6 +1045,54 @@ fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
     follow_up_names(&h, "rv", "o-rv-a", "p-kettle");
 }
 
+/// A later order cancelled after the earlier one's follow-up was due gives it back
+/// still: sent within the scenario's tolerance, counted late past it.
+#[test]
+fn a_follow_up_given_back_after_it_was_due_goes_out_within_its_tolerance() {
+    let config = CONFIG.replace(
+        "template = \"post_purchase\"\ndelay = \"14d\"",
+        "template = \"post_purchase\"\ndelay = \"14d\"\ntolerance = \"7d\"",
+    );
+    assert_ne!(config, CONFIG);
+    let t = at(T0);
+    // Each alone: one customer's events move the other's event time.
+    let run = |cancelled_on: i64| {
+        let mut h = Harness::with(&config, ClockMode::Event);
+        h.site("gb-a", "purchase", "gb", t, order("o-gb-a", 50.0, None));
+        h.site(
+            "gb-b",
+            "purchase",
+            "gb",
+            t + 10 * DAY,
+            order("o-gb-b", 20.0, None),
+        );
+        h.site(
+            "gb-b-cancel",
+            "order_status",
+            "gb",
+            t + cancelled_on * DAY,
+            order_status("o-gb-b", "cancelled"),
+        );
+        h.advance(t + 40 * DAY);
+        h
+    };
+    let h = run(16);
+    let fired = h.triggers("gb", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-gb-a");
+    assert_eq!(fired[0]["fired_at"], t + 16 * DAY);
+    // Cancelled on day 22: 8 days past the earlier one's due day, before the
+    // later one's own (day 24).
+    let h = run(22);
+    assert!(h.triggers("gb", "post_purchase").is_empty());
+    let late = metric(
+        &h,
+        "kairos_triggers_skipped_total",
+        &[r#"scenario="post_purchase""#, r#"reason="late""#],
+    );
+    assert_eq!(late, 1.0, "the one given back 8 days late");
+}
+
 /// Orders returned while later ones held the follow-up take none of the few places
 /// of the orders remembered: after five orders and four cancellations, the first
 /// order gets the follow-up with its items.
@@ -4233,6 +4281,41 @@ fn in_wall_clock_mode_an_opt_in_dated_ahead_does_not_outrank_a_later_unsubscribe
         Some(&false),
         "the unsubscribe after the opt-in was read counts"
     );
+}
+
+/// With the wall clock, a guest checkout a phone dated hours ahead counts from when it
+/// was read: the registration read after it still starts the welcome series, and the
+/// cart filled after it is kept (both compare with the last purchase).
+#[test]
+fn in_wall_clock_mode_a_purchase_dated_ahead_counts_from_when_it_was_read() {
+    let mut h = Harness::with(CONFIG, ClockMode::Wall);
+    let read_at = kairos_core::time::wall_now();
+    h.site(
+        "fa-buy",
+        "purchase",
+        "fa",
+        read_at + 3 * HOUR,
+        order("o-fa", 30.0, None),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let registered = kairos_core::time::wall_now();
+    h.site("fa-reg", "registration", "fa", registered, json!({}));
+    h.site(
+        "fa-cart",
+        "add_to_cart",
+        "fa",
+        registered,
+        add_to_cart("p-fa", 12.0),
+    );
+    h.commit();
+    let p = h.pipeline.profile("fa").expect("read").expect("stored");
+    let bought = p.last_purchase_at.expect("a purchase");
+    assert!(
+        (read_at..registered).contains(&bought),
+        "bought at {bought}, read from {read_at}, registered at {registered}"
+    );
+    assert_eq!(h.triggers("fa", "welcome").len(), 1, "the series starts");
+    assert_eq!(p.cart.len(), 1, "the cart after the purchase is kept");
 }
 
 /// A provider's bounce webhook that names no address marks none of the profile's
