@@ -352,6 +352,14 @@ impl ProfileProcessor {
             if s.kind == ScenarioKind::SegmentEntered {
                 m.skipped.with_label_values(&[&s.name, "left_segment"]);
             }
+            let waits_ended: &[&str] = match s.kind {
+                ScenarioKind::AbandonedCart => &[SKIP_BOUGHT, SKIP_CART_EMPTIED],
+                ScenarioKind::BrowseAbandonment => &[SKIP_BOUGHT, SKIP_CARTED],
+                _ => &[],
+            };
+            for reason in waits_ended {
+                m.skipped.with_label_values(&[&s.name, *reason]);
+            }
             if s.kind == ScenarioKind::PriceDrop {
                 m.skipped.with_label_values(&[&s.name, BELOW_MIN_DROP]);
             }
@@ -2131,6 +2139,19 @@ impl ProfileProcessor {
     /// `reversed` (an order the profile holds) was returned or cancelled: if the
     /// pending follow-up is its own, the latest order that still counts takes it back
     /// (a later order took the one follow-up from it), when its time is still ahead.
+    /// How long after a cart's last change its reminders may still go out: the
+    /// longest abandoned-cart chain with its tolerance (0 without one).
+    fn cart_reminder_reach(&self) -> Millis {
+        self.scenarios(ScenarioKind::AbandonedCart)
+            .iter()
+            .map(|s| {
+                let steps: Millis = s.steps.iter().map(|step| ms(step.delay)).sum();
+                ms(s.delay) + steps + ms(s.tolerance())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     fn rearm_post_purchase(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2696,17 +2717,40 @@ impl ProfileProcessor {
         let mut cause = t.cause_event_id.clone();
         match s.kind {
             ScenarioKind::AbandonedCart => {
-                if p.cart.is_empty() || p.bought_since(t.cause_occurred_at) {
+                let ended = match () {
+                    _ if p.bought_since(t.cause_occurred_at) => Some(SKIP_BOUGHT),
+                    _ if p.cart.is_empty() => Some(SKIP_CART_EMPTIED),
+                    _ => None,
+                };
+                if let Some(reason) = ended {
+                    self.metrics
+                        .skipped
+                        .with_label_values(&[&s.name, reason])
+                        .inc();
                     return Ok(());
                 }
             }
             ScenarioKind::BrowseAbandonment => {
                 // A cart change after the view, or a cart that held something when
-                // the customer viewed: with no change since, the cart now is the cart
-                // then.
-                let carted = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at)
-                    || !p.cart.is_empty();
-                if carted || p.bought_since(t.cause_occurred_at) {
+                // the customer viewed (with no change since, the cart now is the cart
+                // then) and whose reminder was still to come or go out: the cart
+                // reminder speaks for the visit. A cart left long before, its
+                // reminder's moment past, does not silence every browse for good.
+                let cart_reach = self.cart_reminder_reach();
+                let changed_since = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at);
+                let cart_in_reach = !p.cart.is_empty()
+                    && p.cart_updated_at
+                        .is_some_and(|c| c.saturating_add(cart_reach) >= t.cause_occurred_at);
+                let ended = match () {
+                    _ if p.bought_since(t.cause_occurred_at) => Some(SKIP_BOUGHT),
+                    _ if changed_since || cart_in_reach => Some(SKIP_CARTED),
+                    _ => None,
+                };
+                if let Some(reason) = ended {
+                    self.metrics
+                        .skipped
+                        .with_label_values(&[&s.name, reason])
+                        .inc();
                     return Ok(());
                 }
                 if let Some(product) = &t.product {
@@ -3130,6 +3174,12 @@ struct Reorder {
     /// what the arbiter holds of its scenario (a greeting waiting for the morning).
     early_cancellation: bool,
 }
+
+/// Why a cart or browse wait that fired sent nothing: a purchase since its cause, the
+/// cart emptied, a cart the cart reminder speaks for.
+const SKIP_BOUGHT: &str = "bought";
+const SKIP_CART_EMPTIED: &str = "cart_emptied";
+const SKIP_CARTED: &str = "carted";
 
 fn ms(d: std::time::Duration) -> Millis {
     d.as_millis() as Millis

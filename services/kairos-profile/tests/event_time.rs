@@ -615,6 +615,51 @@ fn browse_abandonment_not_after_add_to_cart() {
     assert_eq!(h.triggers("ba2", "abandoned_cart").len(), 1);
 }
 
+/// A cart left long ago, its reminder gone out, does not silence browse abandonment
+/// for good; a cart whose reminder is still to come does, counted as such.
+#[test]
+fn browse_abandonment_goes_out_past_a_cart_whose_reminder_is_long_past() {
+    let t0 = at(T0);
+    let mut h = Harness::new();
+    for customer in ["old", "new"] {
+        h.site(
+            &format!("{customer}-add"),
+            "add_to_cart",
+            customer,
+            t0,
+            add_to_cart("p1", 20.0),
+        );
+    }
+    h.advance(t0 + 2 * HOUR);
+    assert_eq!(h.triggers("old", "abandoned_cart").len(), 1);
+    // The cart reminder reaches 1 h + its 12 h tolerance after the cart's change.
+    h.site(
+        "new-view",
+        "product_view",
+        "new",
+        t0 + 3 * HOUR,
+        json!({"product": product("p8", 40.0)}),
+    );
+    h.site(
+        "old-view",
+        "product_view",
+        "old",
+        t0 + 60 * DAY,
+        json!({"product": product("p8", 40.0)}),
+    );
+    h.advance(t0 + 61 * DAY);
+    let fired = h.triggers("old", "browse_abandonment");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(fired[0]["fired_at"], t0 + 60 * DAY + 2 * HOUR);
+    assert!(h.triggers("new", "browse_abandonment").is_empty());
+    let carted = metric(
+        &h,
+        "kairos_triggers_skipped_total",
+        &[r#"scenario="browse_abandonment""#, r#"reason="carted""#],
+    );
+    assert_eq!(carted, 1.0);
+}
+
 // 4. Welcome chain.
 
 #[test]
