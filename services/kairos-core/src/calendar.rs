@@ -67,6 +67,20 @@ fn end_of_gap(tz: Tz, skipped: NaiveDateTime) -> Option<Millis> {
     Some(after)
 }
 
+/// `days` local calendar days after the day `at` falls on in `tz`, at `hour:minute`
+/// local time there (a time the clocks skip: the instant they jump over it; one that
+/// exists twice: the first). A week after a 10:00 greeting is 10:00 again across a
+/// change to or from summer time, not 09:00 or 11:00.
+pub fn local_days_later(
+    at: Millis,
+    tz: Tz,
+    days: u64,
+    (hour, minute): (u32, u32),
+) -> Option<Millis> {
+    let date = local_date(at, tz)?.checked_add_days(chrono::Days::new(days))?;
+    to_utc(tz, date.and_hms_opt(hour, minute, 0)?)
+}
+
 /// Parses `YYYY-MM-DD` into (month, day).
 pub fn month_day(date: &str) -> Option<(u32, u32)> {
     let d = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;

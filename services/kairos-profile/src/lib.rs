@@ -2139,6 +2139,30 @@ impl ProfileProcessor {
     /// `reversed` (an order the profile holds) was returned or cancelled: if the
     /// pending follow-up is its own, the latest order that still counts takes it back
     /// (a later order took the one follow-up from it), when its time is still ahead.
+    /// When the step `delay` after a step that fired at `fired_at` is due: for a
+    /// birthday or anniversary, whole days later at the scenario's local time in the
+    /// customer's zone (a week after a 10:00 greeting is 10:00, across a change of
+    /// summer time); for the rest, `delay` later.
+    fn next_step_due(
+        &self,
+        s: &ScenarioConfig,
+        p: &CustomerProfile,
+        fired_at: Millis,
+        delay: std::time::Duration,
+    ) -> Millis {
+        let whole_days = delay
+            .as_secs()
+            .is_multiple_of(86_400)
+            .then_some(delay.as_secs() / 86_400);
+        match (is_yearly(s.kind), whole_days, s.local_time_of_day()) {
+            (true, Some(days), Some(time)) => {
+                calendar::local_days_later(fired_at, self.zone_of(p), days, time)
+                    .unwrap_or(fired_at + ms(delay))
+            }
+            _ => fired_at + ms(delay),
+        }
+    }
+
     /// How long after a cart's last change its reminders may still go out: the
     /// longest abandoned-cart chain with its tolerance (0 without one).
     fn cart_reminder_reach(&self) -> Millis {
@@ -2972,7 +2996,7 @@ impl ProfileProcessor {
                 }
             }
         } else if let Some(next) = s.steps.get(t.step) {
-            let due = timer.fire_at + ms(next.delay);
+            let due = self.next_step_due(s, p, timer.fire_at, next.delay);
             let next_step = StepTimer::new(&cause, t.cause_occurred_at, t.step + 1, due);
             schedule_timer_step(ctx, s, p, t, next_step)?;
         }

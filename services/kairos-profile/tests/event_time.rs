@@ -6209,6 +6209,32 @@ fn a_birthday_follow_up_step_fires_and_next_years_birthday_too() {
     assert_eq!(fired[2]["cause_event_id"], "birthday-2027");
 }
 
+/// A birthday's follow-up a week later goes out at the greeting's local hour across
+/// the change to summer time (10:00 CET, then 10:00 CEST), not an hour later.
+#[test]
+fn a_birthday_follow_up_keeps_the_local_hour_across_a_change_of_summer_time() {
+    let config = CONFIG.replace(
+        "template = \"birthday\"\n",
+        "template = \"birthday\"\nsteps = [{ delay = \"7d\", template = \"birthday_2\" }]\n",
+    );
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site(
+        "bd-up",
+        "profile_update",
+        "bd",
+        at("2027-03-01T12:00:00Z"),
+        birthday_update("1990-03-25", "Europe/Berlin"),
+    );
+    h.advance(at("2027-04-10T00:00:00Z"));
+    assert_eq!(
+        steps(&h, "bd", "birthday"),
+        [
+            (0, at("2027-03-25T09:00:00Z")),
+            (1, at("2027-04-01T08:00:00Z")),
+        ]
+    );
+}
+
 #[test]
 fn an_order_status_sent_again_sends_one_message() {
     let t = at(T0);
