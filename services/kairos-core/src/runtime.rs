@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use futures::future::join_all;
-use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -3466,27 +3466,7 @@ pub async fn run_serving<P: Processor>(
         assignments: assignments.clone(),
         metrics: metrics.clone(),
     };
-    let mut cc = kafka::client_config(config)?;
-    cc.set("group.id", format!("{}{}", config.kafka.group_prefix, name))
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "1000")
-        .set("auto.offset.reset", "earliest")
-        // Range assignment gives one member the same partition number of every
-        // co-partitioned input topic.
-        .set("partition.assignment.strategy", "range")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in &config.kafka.client {
-        cc.set(k, v);
-    }
-    // librdkafka tells of input deleted before it was read only in a warning (see
-    // `input_lost_topic`): counted whatever level the service logs at (rdkafka takes
-    // librdkafka's level from it); a more verbose one (debugging) stays.
-    if (cc.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
-        cc.set_log_level(RDKafkaLogLevel::Warning);
-    }
+    let cc = group_consumer_config(config, &name)?;
     let consumer: StreamConsumer<KairosContext> = cc
         .create_with_context(context)
         .context("cannot create Kafka consumer")?;
@@ -4138,6 +4118,45 @@ async fn apply_rebalances<P: Processor>(
     let published = engine.publish(backlog, publisher, cancel, &[]).await?;
     stop_if_fenced_and_held(&published, still_assigned)?;
     Ok(applied)
+}
+
+/// How long the processing loop may go without polling its consumer before librdkafka
+/// leaves the group (`max.poll.interval.ms`). The loop does not poll while it restores
+/// newly assigned partitions from their changelogs, which for a large store can take
+/// longer than librdkafka's 5 minutes: leaving then would hand the partitions to
+/// another instance that restores them from scratch in turn, and may be put out the
+/// same way. A loop that is stuck rather than restoring fails `/healthz` after a minute
+/// and `KairosProcessingStalled`; `kafka.client` may set another value.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(30 * 60);
+
+/// The settings of a service's group consumer (`kafka.client` set on top).
+fn group_consumer_config(config: &Config, name: &str) -> anyhow::Result<ClientConfig> {
+    let mut cc = kafka::client_config(config)?;
+    cc.set("group.id", format!("{}{}", config.kafka.group_prefix, name))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        // Range assignment gives one member the same partition number of every
+        // co-partitioned input topic.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set(
+            "max.poll.interval.ms",
+            MAX_POLL_INTERVAL.as_millis().to_string(),
+        )
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka.client {
+        cc.set(k, v);
+    }
+    // librdkafka tells of input deleted before it was read only in a warning (see
+    // `input_lost_topic`): counted whatever level the service logs at (rdkafka takes
+    // librdkafka's level from it); a more verbose one (debugging) stays.
+    if (cc.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
+        cc.set_log_level(RDKafkaLogLevel::Warning);
+    }
+    Ok(cc)
 }
 
 /// Holds back the timers of a newly assigned partition until the consumer has read
@@ -5039,6 +5058,25 @@ mod tests {
             .expect("publishing gave up");
             assert!(published.is_empty(), "{published:?}");
         }
+    }
+
+    /// A restore longer than librdkafka's default 5 minutes without a poll does not put
+    /// the instance out of its group; `kafka.client` still decides.
+    #[test]
+    fn the_group_consumer_waits_out_a_long_restore_unless_told_otherwise() {
+        let kafka = "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n";
+        let config = Config::from_text(std::path::Path::new("t.toml"), kafka, &[]).unwrap();
+        let cc = group_consumer_config(&config, "profile").unwrap();
+        assert_eq!(cc.get("max.poll.interval.ms"), Some("1800000"));
+        assert_eq!(cc.get("group.id"), Some("kairos-profile"));
+        let told = Config::from_text(
+            std::path::Path::new("t.toml"),
+            &format!("{kafka}[kafka.client]\n\"max.poll.interval.ms\" = \"600000\"\n"),
+            &[],
+        )
+        .unwrap();
+        let cc = group_consumer_config(&told, "profile").unwrap();
+        assert_eq!(cc.get("max.poll.interval.ms"), Some("600000"));
     }
 
     /// What a publish waits on shows in the outbox gauge while it retries, and goes
