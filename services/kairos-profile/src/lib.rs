@@ -355,6 +355,7 @@ impl ProfileProcessor {
             let waits_ended: &[&str] = match s.kind {
                 ScenarioKind::AbandonedCart => &[SKIP_BOUGHT, SKIP_CART_EMPTIED],
                 ScenarioKind::BrowseAbandonment => &[SKIP_BOUGHT, SKIP_CARTED],
+                ScenarioKind::PostPurchase => &[SKIP_REFUNDED],
                 _ => &[],
             };
             for reason in waits_ended {
@@ -1905,7 +1906,7 @@ impl ProfileProcessor {
                 {
                     self.metrics.duplicates.inc();
                 } else {
-                    self.cancel_post_purchase(ctx, &customer_id, None)?;
+                    self.end_follow_ups_a_refund_covers(ctx, &p, r.total)?;
                     self.review_segments(
                         ctx,
                         &mut p,
@@ -2136,9 +2137,6 @@ impl ProfileProcessor {
         Ok(())
     }
 
-    /// `reversed` (an order the profile holds) was returned or cancelled: if the
-    /// pending follow-up is its own, the latest order that still counts takes it back
-    /// (a later order took the one follow-up from it), when its time is still ahead.
     /// When the step `delay` after a step that fired at `fired_at` is due: for a
     /// birthday or anniversary, whole days later at the scenario's local time in the
     /// customer's zone (a week after a 10:00 greeting is 10:00, across a change of
@@ -2176,6 +2174,11 @@ impl ProfileProcessor {
             .unwrap_or(0)
     }
 
+    /// `reversed` (an order the profile holds) was returned or cancelled: if the
+    /// pending follow-up is its own, the latest order that still counts takes it back
+    /// when it gave way to it (its follow-up was not due yet when the reversed order
+    /// was bought: one that went out before is not sent again). Due already, it fires
+    /// at once: sent within its tolerance, else counted late.
     fn rearm_post_purchase(
         &self,
         ctx: &mut Ctx<'_>,
@@ -2197,9 +2200,12 @@ impl ProfileProcessor {
             else {
                 continue;
             };
-            // Armed when due already too: it fires at once, and goes out if within its
-            // tolerance or is counted late, as every overdue step is.
             let due = order.at + ms(s.delay);
+            let gave_way = due > pending.timer.cause_occurred_at
+                || (pending.timer.given_way.iter()).any(|(o, _)| *o == order.order_id);
+            if !gave_way {
+                continue;
+            }
             // Its purchase event is not kept: the order names the cause. What it
             // bought, if it gave way to the returned one.
             let cause = ["order:", order.order_id.as_str()].concat();
@@ -2245,6 +2251,35 @@ impl ProfileProcessor {
                 ctx.now().saturating_add(keep_for),
                 &(),
             )?;
+        }
+        Ok(())
+    }
+
+    /// A till refund names no original receipt: it ends a pending follow-up whose order
+    /// it could be the refund of, one worth at most twice the refund (a €5 refund at a
+    /// store is no return of the €500 order whose review request waits), or of an order
+    /// the profile no longer knows; counted as `refunded`.
+    fn end_follow_ups_a_refund_covers(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &CustomerProfile,
+        refunded: f64,
+    ) -> anyhow::Result<()> {
+        for s in self.scenarios(ScenarioKind::PostPurchase).iter() {
+            let id = timer_id(&s.name, &p.customer_id);
+            let Some(pending) = carried_step(ctx, &id)? else {
+                continue;
+            };
+            let order_total = (pending.timer.order_id.as_deref())
+                .and_then(|o| p.recent_orders.iter().find(|r| r.order_id == o))
+                .map(|o| o.total);
+            if order_total.is_none_or(|total| 2.0 * refunded.abs() >= total) {
+                ctx.cancel(&id)?;
+                self.metrics
+                    .skipped
+                    .with_label_values(&[&s.name, SKIP_REFUNDED])
+                    .inc();
+            }
         }
         Ok(())
     }
@@ -2757,9 +2792,10 @@ impl ProfileProcessor {
             ScenarioKind::BrowseAbandonment => {
                 // A cart change after the view, or a cart that held something when
                 // the customer viewed (with no change since, the cart now is the cart
-                // then) and whose reminder was still to come or go out: the cart
-                // reminder speaks for the visit. A cart left long before, its
-                // reminder's moment past, does not silence every browse for good.
+                // then) changed within the cart chain's reach before it (its reminders
+                // due or sent lately, within their tolerance): the cart reminder
+                // speaks for the visit. A cart left long before does not silence every
+                // browse for good.
                 let cart_reach = self.cart_reminder_reach();
                 let changed_since = p.cart_updated_at.is_some_and(|c| c >= t.cause_occurred_at);
                 let cart_in_reach = !p.cart.is_empty()
@@ -3204,6 +3240,8 @@ struct Reorder {
 const SKIP_BOUGHT: &str = "bought";
 const SKIP_CART_EMPTIED: &str = "cart_emptied";
 const SKIP_CARTED: &str = "carted";
+/// A follow-up ended by a till refund that could be its order's.
+const SKIP_REFUNDED: &str = "refunded";
 
 fn ms(d: std::time::Duration) -> Millis {
     d.as_millis() as Millis

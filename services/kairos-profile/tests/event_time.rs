@@ -616,7 +616,8 @@ fn browse_abandonment_not_after_add_to_cart() {
 }
 
 /// A cart left long ago, its reminder gone out, does not silence browse abandonment
-/// for good; a cart whose reminder is still to come does, counted as such.
+/// for good; a cart changed within the cart chain's reach (1 h and its 12 h tolerance)
+/// before the view does, counted as such.
 #[test]
 fn browse_abandonment_goes_out_past_a_cart_whose_reminder_is_long_past() {
     let t0 = at(T0);
@@ -1030,8 +1031,24 @@ fn post_purchase_is_cancelled_by_a_till_refund() {
     let mut h = Harness::new();
     h.site("pp3-buy", "purchase", "pp3", t, order("o-pp3", 80.0, None));
     h.receipt("pp3-refund", "refund", "pp3", t + 3 * DAY, 80.0);
+    // Half the order back may be it, in part.
+    h.site("pp4-buy", "purchase", "pp4", t, order("o-pp4", 80.0, None));
+    h.receipt("pp4-refund", "refund", "pp4", t + 3 * DAY, 40.0);
+    // A small refund at a store is no return of a large order.
+    h.site("pp5-buy", "purchase", "pp5", t, order("o-pp5", 500.0, None));
+    h.receipt("pp5-refund", "refund", "pp5", t + 3 * DAY, 5.0);
     h.advance(t + 20 * DAY);
     assert!(h.triggers("pp3", "post_purchase").is_empty());
+    assert!(h.triggers("pp4", "post_purchase").is_empty());
+    let kept = h.triggers("pp5", "post_purchase");
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    assert_eq!(vars(&kept[0])["order_id"], "o-pp5");
+    let refunded = metric(
+        &h,
+        "kairos_triggers_skipped_total",
+        &[r#"scenario="post_purchase""#, r#"reason="refunded""#],
+    );
+    assert_eq!(refunded, 2.0);
 }
 
 // 6. Reactivation.
@@ -1090,15 +1107,21 @@ fn a_reversed_later_order_gives_the_follow_up_back_to_the_earlier_one() {
     follow_up_names(&h, "rv", "o-rv-a", "p-kettle");
 }
 
-/// A later order cancelled after the earlier one's follow-up was due gives it back
-/// still: sent within the scenario's tolerance, counted late past it.
-#[test]
-fn a_follow_up_given_back_after_it_was_due_goes_out_within_its_tolerance() {
+/// The test configuration with a week's tolerance for the post-purchase follow-up.
+fn with_review_tolerance_of_a_week() -> String {
     let config = CONFIG.replace(
         "template = \"post_purchase\"\ndelay = \"14d\"",
         "template = \"post_purchase\"\ndelay = \"14d\"\ntolerance = \"7d\"",
     );
     assert_ne!(config, CONFIG);
+    config
+}
+
+/// A later order cancelled after the earlier one's follow-up was due gives it back
+/// still: sent within the scenario's tolerance, counted late past it.
+#[test]
+fn a_follow_up_given_back_after_it_was_due_goes_out_within_its_tolerance() {
+    let config = with_review_tolerance_of_a_week();
     let t = at(T0);
     // Each alone: one customer's events move the other's event time.
     let run = |cancelled_on: i64| {
@@ -1136,6 +1159,37 @@ fn a_follow_up_given_back_after_it_was_due_goes_out_within_its_tolerance() {
         &[r#"scenario="post_purchase""#, r#"reason="late""#],
     );
     assert_eq!(late, 1.0, "the one given back 8 days late");
+}
+
+/// An order whose follow-up went out before a later order was bought does not get it
+/// again when the later one is cancelled.
+#[test]
+fn a_follow_up_sent_before_a_later_order_is_not_sent_again_when_that_one_is_cancelled() {
+    // A week's tolerance: given back two days after it was due, it would go out again.
+    let config = with_review_tolerance_of_a_week();
+    let t = at(T0);
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.site("sa-a", "purchase", "sa", t, order("o-sa-a", 50.0, None));
+    h.advance(t + 15 * DAY);
+    assert_eq!(h.triggers("sa", "post_purchase").len(), 1);
+    h.site(
+        "sa-b",
+        "purchase",
+        "sa",
+        t + 16 * DAY,
+        order("o-sa-b", 20.0, None),
+    );
+    h.site(
+        "sa-b-cancel",
+        "order_status",
+        "sa",
+        t + 16 * DAY + HOUR,
+        order_status("o-sa-b", "cancelled"),
+    );
+    h.advance(t + 40 * DAY);
+    let fired = h.triggers("sa", "post_purchase");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["order_id"], "o-sa-a");
 }
 
 /// Orders returned while later ones held the follow-up take none of the few places
