@@ -578,6 +578,11 @@ pub struct DeliveryChannelConfig {
     /// reaches the port (a backend polling for the site on a trusted network).
     #[serde(default)]
     pub inbox_secret: Option<String>,
+    /// The secret under which `{token}` in `list_unsubscribe` is filled in (see
+    /// `kairos_core::ids::unsubscribe_token`), so the shop's unsubscribe endpoint can
+    /// tell a link Kairos sent from one made up for someone else's customer id.
+    #[serde(default)]
+    pub unsubscribe_secret: Option<String>,
     /// In-app only: serve the inbox without `inbox_secret` on an address other than
     /// loopback (a backend polling it on a trusted network). Without it such a
     /// configuration is refused: every customer's messages would be open to whoever
@@ -1638,6 +1643,40 @@ impl Config {
                     ));
                 }
             }
+            let link_takes_token = d.list_unsubscribe().is_some_and(|l| l.contains("{token}"));
+            match (&d.unsubscribe_secret, link_takes_token) {
+                (None, true) => {
+                    return Err(fail(
+                        ("", "unsubscribe_secret"),
+                        format!(
+                            "{}: missing: list_unsubscribe uses {{token}}, which is made \
+                             under this secret",
+                            section("unsubscribe_secret")
+                        ),
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(fail(
+                        ("", "unsubscribe_secret"),
+                        format!(
+                            "{}: not used: the provider's list_unsubscribe has no {{token}} \
+                             for the unsubscribe endpoint to check",
+                            section("unsubscribe_secret")
+                        ),
+                    ));
+                }
+                (Some(secret), true) if secret.chars().count() < MIN_INBOX_SECRET_CHARS => {
+                    return Err(fail(
+                        ("", "unsubscribe_secret"),
+                        format!(
+                            "{}: at least {MIN_INBOX_SECRET_CHARS} characters (a random string: \
+                             it is all that keeps anyone from unsubscribing other customers)",
+                            section("unsubscribe_secret")
+                        ),
+                    ));
+                }
+                _ => {}
+            }
             if d.open_inbox && d.provider != ProviderKind::InApp {
                 return Err(fail(
                     ("", "open_inbox"),
@@ -2301,7 +2340,13 @@ impl Config {
     /// senders' rules (RFC 8058 one-click unsubscribe, CAN-SPAM).
     pub fn marketing_email_without_opt_out(&self) -> Vec<&str> {
         let email = self.delivery.get(&Channel::email);
-        if email.is_none_or(|e| !e.reaches_a_provider() || e.list_unsubscribe().is_some()) {
+        // Over https only: the one-click unsubscribe (RFC 8058) that Gmail and Yahoo ask
+        // of bulk senders is a POST to an https URL; a mailto or http link gives none.
+        let one_click = |e: &DeliveryChannelConfig| {
+            e.list_unsubscribe()
+                .is_some_and(|l| l.trim().starts_with("https://"))
+        };
+        if email.is_none_or(|e| !e.reaches_a_provider() || one_click(e)) {
             return Vec::new();
         }
         self.scenarios
@@ -2320,8 +2365,8 @@ impl Config {
         }
         let text = std::fs::read_to_string(&self.source_file).unwrap_or_default();
         let message = format!(
-            "marketing e-mail ({}) would go out without an opt-out link: set \
-             list_unsubscribe for the e-mail provider",
+            "marketing e-mail ({}) would go out without a one-click opt-out link: set \
+             list_unsubscribe of the e-mail provider to an https:// URL",
             scenarios.join(", ")
         );
         let section = text
@@ -2531,6 +2576,7 @@ const TEXT_KEYS: &[&str] = &[
     "username",
     "webhook_token",
     "inbox_secret",
+    "unsubscribe_secret",
 ];
 
 fn apply_override(
@@ -4058,6 +4104,13 @@ mod tests {
             );
             let blank = with(provider, "list_unsubscribe = \" \"", "promo");
             assert!(blank.check_opt_out().is_err(), "{provider}: a blank link");
+            for no_one_click in ["mailto:unsub@shop.example", "http://shop.example/u"] {
+                let link = format!("list_unsubscribe = \"{no_one_click}\"");
+                let err = (with(provider, &link, "promo").check_opt_out())
+                    .expect_err(no_one_click)
+                    .to_string();
+                assert!(err.contains("https://"), "{err}");
+            }
             let receipts = with(provider, "", "transactional");
             assert!(
                 receipts.marketing_email_without_opt_out().is_empty(),
@@ -4065,6 +4118,42 @@ mod tests {
             );
         }
         assert!(with("simulator", "", "promo").check_opt_out().is_ok());
+    }
+
+    /// `{token}` in the unsubscribe link needs the secret it is made under, and a
+    /// secret needs a link that carries it; a short one is refused.
+    #[test]
+    fn an_unsubscribe_token_and_its_secret_come_together() {
+        let config = |link: &str, secret: Option<&str>| {
+            let secret =
+                secret.map_or(String::new(), |s| format!("unsubscribe_secret = \"{s}\"\n"));
+            Config::from_text(
+                Path::new("u.toml"),
+                &format!(
+                    "[delivery.email]\nadmin_listen = \"127.0.0.1:0\"\nprovider = \"smtp\"\n\
+                     {secret}[delivery.email.smtp]\nhost = \"mail\"\nfrom = \"shop@example.com\"\n\
+                     list_unsubscribe = \"{link}\"\n"
+                ),
+                &[],
+            )
+        };
+        let with_token = "https://shop.example/u?c={customer_id}&t={token}";
+        let plain = "https://shop.example/u?c={customer_id}";
+        let long = "0123456789abcdef-secret";
+        config(with_token, Some(long)).unwrap_or_else(|e| panic!("{e}"));
+        config(plain, None).unwrap_or_else(|e| panic!("{e}"));
+        for (link, secret, says) in [
+            (with_token, None, "missing"),
+            (plain, Some(long), "not used"),
+            (with_token, Some("short"), "at least 16"),
+        ] {
+            let err = config(link, secret).expect_err(says).to_string();
+            assert!(
+                err.contains("unsubscribe_secret") && err.contains(says),
+                "{err}"
+            );
+            assert!(err.contains("u.toml"), "{err}");
+        }
     }
 
     #[test]

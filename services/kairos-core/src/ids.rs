@@ -83,10 +83,29 @@ pub fn is_inbox_token(secret: &str, customer_id: &str, presented: &str) -> bool 
 }
 
 fn inbox_mac(secret: &str, customer_id: &str) -> HmacSha256 {
+    mac_of(secret, &[customer_id])
+}
+
+/// The token an unsubscribe link carries (`{token}` in `list_unsubscribe`, under
+/// `delivery.<channel>.unsubscribe_secret`): HMAC-SHA256 of the customer id, a line
+/// feed and the send id under the secret, in lower-case hex. The shop's unsubscribe
+/// endpoint computes it again and takes the request only when it matches: without it,
+/// anyone who reads one message's link could unsubscribe every customer by their ids.
+pub fn unsubscribe_token(secret: &str, customer_id: &str, send_id: &str) -> String {
+    hex::encode(
+        mac_of(secret, &[customer_id, "\n", send_id])
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+fn mac_of(secret: &str, parts: &[&str]) -> HmacSha256 {
     // HMAC takes a key of any length.
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
-    mac.update(customer_id.as_bytes());
+    for part in parts {
+        mac.update(part.as_bytes());
+    }
     mac
 }
 

@@ -303,7 +303,9 @@ impl DeliveryProcessor {
                         "delivery.{channel}: provider smtp needs [delivery.{channel}.smtp]"
                     )
                 })?;
-                Some(Provider::Smtp(Box::new(provider::SmtpProvider::new(smtp)?)))
+                let smtp = provider::SmtpProvider::new(smtp)?
+                    .with_unsubscribe_secret(settings.unsubscribe_secret.clone());
+                Some(Provider::Smtp(Box::new(smtp)))
             }
             ProviderKind::Http => {
                 let http = settings.http.as_ref().ok_or_else(|| {
@@ -314,7 +316,9 @@ impl DeliveryProcessor {
                 // A certificate file named relative to the configuration file.
                 let mut http = http.clone();
                 http.ca_file = http.ca_file.map(|f| config.beside_file(&f));
-                Some(Provider::Http(provider::HttpProvider::new(&http)?))
+                let http = provider::HttpProvider::new(&http)?
+                    .with_unsubscribe_secret(settings.unsubscribe_secret.clone());
+                Some(Provider::Http(http))
             }
             ProviderKind::Simulator | ProviderKind::InApp => None,
         };
@@ -489,7 +493,8 @@ impl DeliveryProcessor {
             // The link of the `List-Unsubscribe` header, for the body too: a mail
             // client that does not show the header still shows an opt-out.
             if let Some(url) = self.settings.list_unsubscribe() {
-                let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
+                let secret = self.settings.unsubscribe_secret.as_deref();
+                let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret);
                 m.insert("unsubscribe_url".into(), url.into());
             }
         }
@@ -641,6 +646,7 @@ impl DeliveryProcessor {
             let refused = matches!(
                 result,
                 Err(ProviderError::Transient(_)
+                    | ProviderError::RecipientDeferred(_)
                     | ProviderError::Throttled(..)
                     | ProviderError::Permanent(_)
                     | ProviderError::HardBounce(_)
@@ -668,6 +674,7 @@ impl DeliveryProcessor {
                 Ok(()) => "accepted",
                 Err(
                     ProviderError::Transient(_)
+                    | ProviderError::RecipientDeferred(_)
                     | ProviderError::Throttled(..)
                     | ProviderError::NoAnswer(_)
                     | ProviderError::InProgress(_),
@@ -762,6 +769,15 @@ impl DeliveryProcessor {
             Err(ProviderError::InProgress(e)) => {
                 breaker.success();
                 *last_error = e;
+                None
+            }
+            // The server answered and puts off this recipient only: tried again, the
+            // provider taken as up (a few greylisted addresses in a row must not hold
+            // back every other customer's message).
+            Err(e @ ProviderError::RecipientDeferred(_)) => {
+                tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "recipient deferred");
+                breaker.success();
+                *last_error = e.to_string();
                 None
             }
             // A refusal of the worker itself counts against the breaker like an
@@ -1457,6 +1473,43 @@ async fn sleep_beating(total: Duration, beat: impl Fn()) {
 mod tests {
     use super::*;
     use kairos_core::contracts::MessageCategory;
+
+    /// Recipients a server puts off (greylisting) are tried again without opening the
+    /// breaker; as many outages in a row do open it.
+    #[test]
+    fn deferred_recipients_do_not_open_the_breaker_an_outage_does() {
+        let cmd: SendCommand = serde_json::from_value(serde_json::json!({
+            "send_id": "s1", "trigger_id": "t1", "customer_id": "c1",
+            "scenario": "welcome", "channel": "email", "category": "trigger",
+            "template": "welcome", "address": "a@example.com", "variables": "{}",
+            "created_at": 0, "valid_until": 1, "cause_occurred_at": 0, "reasons": []
+        }))
+        .expect("command");
+        let config = kairos_core::config::CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(60),
+        };
+        let outcome = |error: fn(String) -> ProviderError| {
+            let mut breaker = CircuitBreaker::new(config.clone());
+            let mut last_error = String::new();
+            for attempt in 1..=5 {
+                let result = Err(error("450 4.2.0 greylisted".into()));
+                let judged = DeliveryProcessor::judge(
+                    &mut breaker,
+                    &cmd,
+                    attempt,
+                    result,
+                    false,
+                    &mut last_error,
+                );
+                assert!(judged.is_none(), "tried again");
+            }
+            assert!(last_error.contains("greylisted"), "{last_error}");
+            breaker.is_open(Instant::now())
+        };
+        assert!(!outcome(ProviderError::RecipientDeferred));
+        assert!(outcome(ProviderError::Transient));
+    }
 
     /// The shipped configuration in event time, its state in `dir`, with `extra`
     /// settings (`KAIROS__...` names).

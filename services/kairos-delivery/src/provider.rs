@@ -21,6 +21,11 @@ pub enum ProviderError {
     /// Worth retrying: a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
     #[error("transient: {0}")]
     Transient(String),
+    /// A 4xx to RCPT TO: the server is up and puts off this one recipient (greylisting,
+    /// a full mailbox, an address it is still verifying). Retried, but no sign of an
+    /// outage: it must not open the breaker for every other customer's message.
+    #[error("recipient deferred: {0}")]
+    RecipientDeferred(String),
     /// The provider asked to be left alone for a while (HTTP 429 or 503 with a
     /// `Retry-After`): worth retrying, not before that wait.
     #[error("throttled: {0} (asked to wait {1:?})")]
@@ -108,6 +113,8 @@ pub struct SmtpProvider {
     from: Mailbox,
     reply_to: Option<Mailbox>,
     list_unsubscribe: Option<String>,
+    /// What `{token}` in the link is made under (`unsubscribe_secret`).
+    unsubscribe_secret: Option<String>,
     /// The kept-alive connection and when it last served a message.
     connection: tokio::sync::Mutex<Option<(AsyncSmtpConnection, Instant)>>,
     /// A connection idle this long is asked (NOOP) whether it still stands before it
@@ -138,9 +145,16 @@ impl SmtpProvider {
                 .map(|r| parse("reply_to", r))
                 .transpose()?,
             list_unsubscribe: configured_link(&c.list_unsubscribe),
+            unsubscribe_secret: None,
             connection: tokio::sync::Mutex::new(None),
             idle_check: SMTP_IDLE_CHECK,
         })
+    }
+
+    /// `{token}` in the unsubscribe link made under `secret`.
+    pub fn with_unsubscribe_secret(mut self, secret: Option<String>) -> Self {
+        self.unsubscribe_secret = secret;
+        self
     }
 
     fn build(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<Message, ProviderError> {
@@ -179,7 +193,8 @@ impl SmtpProvider {
             b = b.reply_to(r.clone());
         }
         if let Some(url) = &self.list_unsubscribe {
-            let url = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id);
+            let secret = self.unsubscribe_secret.as_deref();
+            let url = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret);
             // One-click (RFC 8058) is a POST to an https URL; a mailto: or plain http
             // one is a link only.
             let one_click = url.starts_with("https://");
@@ -373,11 +388,23 @@ const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
     .remove(b'~');
 
 /// `template` with `{customer_id}` and `{send_id}` filled in, percent-encoded.
-pub(crate) fn unsubscribe_url(template: &str, customer_id: &str, send_id: &str) -> String {
+pub(crate) fn unsubscribe_url(
+    template: &str,
+    customer_id: &str,
+    send_id: &str,
+    secret: Option<&str>,
+) -> String {
     let encode = |v: &str| percent_encoding::utf8_percent_encode(v, URL_VALUE).to_string();
-    template
+    let url = template
         .replace("{customer_id}", &encode(customer_id))
-        .replace("{send_id}", &encode(send_id))
+        .replace("{send_id}", &encode(send_id));
+    match secret {
+        Some(secret) => url.replace(
+            "{token}",
+            &kairos_core::ids::unsubscribe_token(secret, customer_id, send_id),
+        ),
+        None => url,
+    }
 }
 
 /// The step of an SMTP conversation an answer belongs to.
@@ -414,6 +441,8 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
             // spam" says nothing of the mailbox): this message fails.
             _ => ProviderError::Permanent(e.to_string()),
         }
+    } else if e.is_transient() && step == SmtpStep::RcptTo {
+        ProviderError::RecipientDeferred(e.to_string())
     } else if e.is_transient() {
         // A 4xx reply: the server answered and refused for now.
         ProviderError::Transient(e.to_string())
@@ -516,6 +545,8 @@ fn refuses_the_worker(reply: &str) -> bool {
 pub struct HttpProvider {
     client: reqwest::Client,
     config: HttpProviderConfig,
+    /// What `{token}` in the unsubscribe link is made under (`unsubscribe_secret`).
+    unsubscribe_secret: Option<String>,
 }
 
 impl HttpProvider {
@@ -541,7 +572,17 @@ impl HttpProvider {
             .build()?;
         let mut config = config.clone();
         config.list_unsubscribe = configured_link(&config.list_unsubscribe);
-        Ok(HttpProvider { client, config })
+        Ok(HttpProvider {
+            client,
+            config,
+            unsubscribe_secret: None,
+        })
+    }
+
+    /// `{token}` in the unsubscribe link made under `secret`.
+    pub fn with_unsubscribe_secret(mut self, secret: Option<String>) -> Self {
+        self.unsubscribe_secret = secret;
+        self
     }
 
     async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
@@ -559,7 +600,9 @@ impl HttpProvider {
         });
         // Only when configured: a gateway with a strict schema need not know the key.
         if let Some(url) = &self.config.list_unsubscribe {
-            body["unsubscribe_url"] = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id).into();
+            let secret = self.unsubscribe_secret.as_deref();
+            body["unsubscribe_url"] =
+                unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret).into();
         }
         let mut request = self
             .client
@@ -573,6 +616,9 @@ impl HttpProvider {
             request = request.header(h.as_str(), v.as_str());
         }
         let response = request.send().await.map_err(|e| {
+            // Without the URL: a gateway's key in its query string would otherwise go
+            // into the outcome's reason, the dead letter and the log.
+            let e = e.without_url();
             let cause = with_causes(&e);
             if e.is_builder() {
                 // The request could not be made (a header the configuration gives is
@@ -747,34 +793,59 @@ mod tests {
         }
     }
 
+    /// With `unsubscribe_secret`, the link carries the token of its customer and send,
+    /// which a link made up for another customer cannot have.
+    #[test]
+    fn the_unsubscribe_link_carries_a_token_only_the_secret_makes() {
+        let (cmd, message) = email_to("anna@example.com");
+        let secret = "0123456789abcdef-secret";
+        let provider = SmtpProvider::new(&SmtpConfig {
+            list_unsubscribe: Some("https://shop.example/u?c={customer_id}&t={token}".into()),
+            ..smtp_provider(25).config
+        })
+        .unwrap()
+        .with_unsubscribe_secret(Some(secret.into()));
+        let built = provider.build(&cmd, &message).expect("built");
+        let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
+        let token = kairos_core::ids::unsubscribe_token(secret, "c1", "s1");
+        assert_eq!(token.len(), 64);
+        assert!(
+            text.contains(&format!(
+                "List-Unsubscribe: <https://shop.example/u?c=c1&t={token}>"
+            )),
+            "{text}"
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token(secret, "c2", "s1")
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token(secret, "c1", "s2")
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token("another secret!!", "c1", "s1")
+        );
+    }
+
     #[test]
     fn ids_in_the_unsubscribe_url_are_percent_encoded() {
         let template = "https://shop.example/unsubscribe?c={customer_id}&s={send_id}";
         assert_eq!(
-            unsubscribe_url(template, "c-1_a.b~", "s-1"),
+            unsubscribe_url(template, "c-1_a.b~", "s-1", None),
             "https://shop.example/unsubscribe?c=c-1_a.b~&s=s-1"
         );
         assert_eq!(
-            unsubscribe_url(template, "a>, <mailto:x@evil>&x=1#f", "s 1"),
+            unsubscribe_url(template, "a>, <mailto:x@evil>&x=1#f", "s 1", None),
             "https://shop.example/unsubscribe?c=a%3E%2C%20%3Cmailto%3Ax%40evil%3E%26x%3D1%23f&s=s%201"
         );
     }
 
-    /// A gateway URL that redirects is refused, not followed: the POST would become a
-    /// GET, and the target's 200 would report a message sent that nobody received.
-    #[tokio::test]
-    async fn a_redirect_from_the_gateway_is_not_followed() {
-        let app = axum::Router::new()
-            .route(
-                "/sms",
-                axum::routing::post(|| async { axum::response::Redirect::to("/elsewhere") }),
-            )
-            .route("/elsewhere", axum::routing::any(|| async { "ok" }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+    /// What the gateway at `url` makes of an SMS.
+    async fn sms_to_gateway(url: &str) -> Result<(), ProviderError> {
         let provider = HttpProvider::new(&HttpProviderConfig {
-            url: format!("http://{addr}/sms"),
+            url: url.into(),
             auth_header: None,
             auth_value: None,
             idempotency_header: "Idempotency-Key".into(),
@@ -795,11 +866,43 @@ mod tests {
             preheader: None,
             body: "hi".into(),
         };
-        let result = provider.send(&cmd, &message).await;
+        provider.send(&cmd, &message).await
+    }
+
+    /// A gateway URL that redirects is refused, not followed: the POST would become a
+    /// GET, and the target's 200 would report a message sent that nobody received.
+    #[tokio::test]
+    async fn a_redirect_from_the_gateway_is_not_followed() {
+        let app = axum::Router::new()
+            .route(
+                "/sms",
+                axum::routing::post(|| async { axum::response::Redirect::to("/elsewhere") }),
+            )
+            .route("/elsewhere", axum::routing::any(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let result = sms_to_gateway(&format!("http://{addr}/sms")).await;
         assert!(
             matches!(&result, Err(ProviderError::Refused(e)) if e.contains("303")),
             "{result:?}"
         );
+    }
+
+    /// A gateway's key in its URL's query string stays out of the error a failed call
+    /// reports (it becomes the outcome's reason and the dead letter's).
+    #[tokio::test]
+    async fn a_failed_call_does_not_tell_the_gateway_s_key() {
+        // A port nobody listens on: the connection is refused.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let result = sms_to_gateway(&format!("http://{addr}/sms?apiKey=s3cr3t-key")).await;
+        let Err(ProviderError::Transient(reason)) = &result else {
+            panic!("a refused connection is transient: {result:?}");
+        };
+        assert!(!reason.contains("s3cr3t-key"), "{reason}");
     }
 
     #[test]
@@ -857,6 +960,21 @@ mod tests {
         for (code, reply, expected) in cases {
             assert_eq!(rcpt_refusal(code, reply), expected, "{reply}");
         }
+    }
+
+    /// A 4xx to RCPT TO puts off the recipient, not the server.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_temporary_refusal_of_the_recipient_is_a_deferral() {
+        let (port, kept) =
+            scripted_smtp("450 4.2.0 greylisted, try again later", false, true).await;
+        let provider = smtp_provider(port);
+        let (cmd, message) = email_to("anna@example.com");
+        let result = provider.send(&cmd, &message, &|| {}).await;
+        assert!(
+            matches!(&result, Err(ProviderError::RecipientDeferred(e)) if e.contains("greylisted")),
+            "{result:?}"
+        );
+        assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     /// A scripted SMTP server on a local port: each session greets, answers EHLO, MAIL,
@@ -1137,6 +1255,7 @@ mod tests {
             ProviderError::Permanent(_) => "permanent",
             ProviderError::Refused(_) => "refused",
             ProviderError::InProgress(_) => "in_progress",
+            ProviderError::RecipientDeferred(_) => "recipient_deferred",
         };
         assert_eq!(kind(410), "hard_bounce");
         assert_eq!(kind(404), "refused", "a missing route is no dead address");
