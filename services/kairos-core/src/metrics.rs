@@ -157,10 +157,10 @@ pub fn histogram_vec(
     )
 }
 
-/// Buckets from 1 µs to 0.15 s, for the time one record takes (a few µs in a healthy
-/// service; a slow provider call or a stalled store reaches milliseconds).
+/// Buckets from 1 µs to 36 s, for the time one record takes (a few µs in a healthy
+/// service; a delivery worker's provider call with its retries takes seconds).
 pub fn per_record_buckets() -> Vec<f64> {
-    prometheus::exponential_buckets(1e-6, 2.5, 14).expect("valid buckets")
+    prometheus::exponential_buckets(1e-6, 2.5, 20).expect("valid buckets")
 }
 
 /// Latency buckets from 0.5 ms to 2 minutes.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use futures::future::join_all;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -1317,6 +1317,10 @@ impl<P: Processor> Engine<P> {
             dead_letters,
             metrics,
         } = *to;
+        // What waits on the broker while this publish retries (a broker refusing
+        // records keeps it here; the loop's periodic look at the outbox waits too).
+        let waiting = out.len();
+        metrics.outbox_pending.set(waiting as i64);
         // The outputs of stores that wrote ahead wait until their changelog records
         // are checked through the claim watch (their offsets interleave with the
         // write-ahead producer's, so `publish_fenced` cannot count them).
@@ -1408,6 +1412,10 @@ impl<P: Processor> Engine<P> {
             self.let_go_claimed(*p, leaving.contains(p), unacknowledged);
         }
         published.fenced = fenced;
+        // Left in the outbox: what the broker did not take (a partition let go takes
+        // its outputs along).
+        let left = waiting.saturating_sub(published.acked.len() + lost.len());
+        metrics.outbox_pending.set(left as i64);
         Ok(published)
     }
 
@@ -1904,7 +1912,6 @@ pub async fn publish(
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> Vec<(OutboxEntry, i64)> {
-    let _pending = PendingRecords::count(metrics, entries.len());
     let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
     let mut acked = Vec::new();
     let mut complete = true;
@@ -1922,31 +1929,6 @@ pub async fn publish(
     }
     acked.retain(|(_, offset)| *offset >= 0);
     acked
-}
-
-/// Counts a publish's records in `kairos_outbox_pending_records` while it lasts: a
-/// broker that takes nothing keeps the publish retrying, and the gauge (otherwise
-/// set between publishes) then shows what waits.
-struct PendingRecords<'a> {
-    gauge: &'a prometheus::IntGauge,
-    records: i64,
-}
-
-impl<'a> PendingRecords<'a> {
-    fn count(metrics: &'a RuntimeMetrics, records: usize) -> Self {
-        let records = records as i64;
-        metrics.outbox_pending.add(records);
-        PendingRecords {
-            gauge: &metrics.outbox_pending,
-            records,
-        }
-    }
-}
-
-impl Drop for PendingRecords<'_> {
-    fn drop(&mut self) {
-        self.gauge.sub(self.records);
-    }
 }
 
 /// Where a service publishes, and what reads what lies between its own changelog
@@ -2012,7 +1994,6 @@ pub async fn publish_fenced(
     metrics: &RuntimeMetrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Published> {
-    let _pending = PendingRecords::count(metrics, entries.len());
     let (changelog, outputs): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.changelog);
     let mut published = Published::default();
     let mut complete = true;
@@ -3466,7 +3447,27 @@ pub async fn run_serving<P: Processor>(
         assignments: assignments.clone(),
         metrics: metrics.clone(),
     };
-    let cc = group_consumer_config(config, &name)?;
+    let mut cc = kafka::client_config(config)?;
+    cc.set("group.id", format!("{}{}", config.kafka.group_prefix, name))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        // Range assignment gives one member the same partition number of every
+        // co-partitioned input topic.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka.client {
+        cc.set(k, v);
+    }
+    // librdkafka tells of input deleted before it was read only in a warning (see
+    // `input_lost_topic`): counted whatever level the service logs at (rdkafka takes
+    // librdkafka's level from it); a more verbose one (debugging) stays.
+    if (cc.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
+        cc.set_log_level(RDKafkaLogLevel::Warning);
+    }
     let consumer: StreamConsumer<KairosContext> = cc
         .create_with_context(context)
         .context("cannot create Kafka consumer")?;
@@ -4118,45 +4119,6 @@ async fn apply_rebalances<P: Processor>(
     let published = engine.publish(backlog, publisher, cancel, &[]).await?;
     stop_if_fenced_and_held(&published, still_assigned)?;
     Ok(applied)
-}
-
-/// How long the processing loop may go without polling its consumer before librdkafka
-/// leaves the group (`max.poll.interval.ms`). The loop does not poll while it restores
-/// newly assigned partitions from their changelogs, which for a large store can take
-/// longer than librdkafka's 5 minutes: leaving then would hand the partitions to
-/// another instance that restores them from scratch in turn, and may be put out the
-/// same way. A loop that is stuck rather than restoring fails `/healthz` after a minute
-/// and `KairosProcessingStalled`; `kafka.client` may set another value.
-pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(30 * 60);
-
-/// The settings of a service's group consumer (`kafka.client` set on top).
-fn group_consumer_config(config: &Config, name: &str) -> anyhow::Result<ClientConfig> {
-    let mut cc = kafka::client_config(config)?;
-    cc.set("group.id", format!("{}{}", config.kafka.group_prefix, name))
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "1000")
-        .set("auto.offset.reset", "earliest")
-        // Range assignment gives one member the same partition number of every
-        // co-partitioned input topic.
-        .set("partition.assignment.strategy", "range")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set(
-            "max.poll.interval.ms",
-            MAX_POLL_INTERVAL.as_millis().to_string(),
-        )
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in &config.kafka.client {
-        cc.set(k, v);
-    }
-    // librdkafka tells of input deleted before it was read only in a warning (see
-    // `input_lost_topic`): counted whatever level the service logs at (rdkafka takes
-    // librdkafka's level from it); a more verbose one (debugging) stays.
-    if (cc.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
-        cc.set_log_level(RDKafkaLogLevel::Warning);
-    }
-    Ok(cc)
 }
 
 /// Holds back the timers of a newly assigned partition until the consumer has read
@@ -5060,30 +5022,10 @@ mod tests {
         }
     }
 
-    /// A restore longer than librdkafka's default 5 minutes without a poll does not put
-    /// the instance out of its group; `kafka.client` still decides.
+    /// Records acknowledged count as changelog records; one never tried (after a
+    /// refused one) is no failed attempt.
     #[test]
-    fn the_group_consumer_waits_out_a_long_restore_unless_told_otherwise() {
-        let kafka = "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n";
-        let config = Config::from_text(std::path::Path::new("t.toml"), kafka, &[]).unwrap();
-        let cc = group_consumer_config(&config, "profile").unwrap();
-        assert_eq!(cc.get("max.poll.interval.ms"), Some("1800000"));
-        assert_eq!(cc.get("group.id"), Some("kairos-profile"));
-        let told = Config::from_text(
-            std::path::Path::new("t.toml"),
-            &format!("{kafka}[kafka.client]\n\"max.poll.interval.ms\" = \"600000\"\n"),
-            &[],
-        )
-        .unwrap();
-        let cc = group_consumer_config(&told, "profile").unwrap();
-        assert_eq!(cc.get("max.poll.interval.ms"), Some("600000"));
-    }
-
-    /// What a publish waits on shows in the outbox gauge while it retries, and goes
-    /// when it ends; records acknowledged count as changelog records; one never tried
-    /// (after a refused one) is no failed attempt.
-    #[test]
-    fn a_publish_retrying_shows_what_waits_and_counts_only_attempts() {
+    fn a_publish_counts_changelog_records_and_only_attempts() {
         let (_cluster, _dir, config) = changelog_on_a_mock_cluster();
         let producer = kafka::producer(&config).unwrap();
         let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
@@ -5098,27 +5040,107 @@ mod tests {
         ));
         assert_eq!(sent.len(), 2);
         assert_eq!(metrics.changelog_records.get(), 2);
-        assert_eq!(metrics.outbox_pending.get(), 0);
+        cancel.cancel();
         // Partition 5 does not exist: the broker never takes the first record, and
-        // the one after it is never tried.
+        // the one after it is never tried. One round (cancelled already): one failed
+        // attempt, not two.
         let stuck = vec![entry(5, b"c"), entry(5, b"d")];
+        assert!(block_on(publish(&producer, stuck, &dead_letters, &metrics, &cancel)).is_empty());
+        assert_eq!(metrics.produce_errors.get(), 1);
+        assert_eq!(metrics.changelog_records.get(), 2);
+    }
+
+    /// Emits one output per input, to topic "out".
+    struct EmitsOne;
+
+    impl Processor for EmitsOne {
+        type Input = ();
+        fn name(&self) -> &str {
+            "emits-one"
+        }
+        fn inputs(&self) -> Vec<String> {
+            vec!["in".into()]
+        }
+        fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
+            Ok(())
+        }
+        fn event_time(&self, _: &()) -> Option<Millis> {
+            None
+        }
+        fn process(&mut self, ctx: &mut Ctx<'_>, _: ()) -> anyhow::Result<()> {
+            ctx.emit("out", "k", &"v");
+            Ok(())
+        }
+        fn on_timer(&mut self, _: &mut Ctx<'_>, _: &DueTimer) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// While the broker takes nothing, the outbox gauge shows the commit's outputs
+    /// waiting (the publish retries, and the loop's look at the outbox waits with it);
+    /// once it takes them, nothing.
+    #[test]
+    fn the_outbox_gauge_shows_what_a_stuck_publish_waits_on() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("out", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_text(
+            std::path::Path::new("test.toml"),
+            &format!(
+                "[kafka]\npartitions = 1\nbootstrap_servers = \"{}\"\n\
+                 [kafka.client]\n\"message.timeout.ms\" = \"1000\"\n",
+                cluster.bootstrap_servers()
+            ),
+            &[(
+                "KAIROS__STATE__DIR".into(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap();
+        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
+        let mut engine = Engine::new(EmitsOne, &config, metrics.clone()).unwrap();
+        engine.open(0).unwrap();
+        let producer = kafka::producer(&config).unwrap();
+        let gap_reader = ChangelogReader::new(&config).unwrap();
+        let dead_letters = OutputDeadLetters::new(&config, "test");
+        let publisher = Publisher {
+            producer: &producer,
+            gap_reader: &gap_reader,
+            dead_letters: &dead_letters,
+            metrics: &metrics,
+        };
+        let commit = |engine: &mut Engine<EmitsOne>, offset: i64| {
+            let record = Record {
+                topic: "in",
+                partition: 0,
+                offset,
+                key: Some(b"k"),
+                payload: b"{}",
+            };
+            let mut out = engine.handle(&record).unwrap();
+            out.extend(engine.commit().unwrap());
+            out
+        };
+        let out = commit(&mut engine, 0);
+        let cancel = CancellationToken::new();
+        let published = block_on(engine.publish(out, &publisher, &cancel, &[])).unwrap();
+        assert_eq!(published.acked.len(), 1);
+        assert_eq!(metrics.outbox_pending.get(), 0);
+        cluster.broker_down(1).unwrap();
+        let out = commit(&mut engine, 1);
+        let stopping = CancellationToken::new();
         std::thread::scope(|s| {
-            let publishing =
-                s.spawn(|| block_on(publish(&producer, stuck, &dead_letters, &metrics, &cancel)));
+            let publishing = s.spawn(|| {
+                let published = block_on(engine.publish(out, &publisher, &stopping, &[])).unwrap();
+                published.acked.len()
+            });
             std::thread::sleep(Duration::from_millis(1500));
             let waiting = metrics.outbox_pending.get();
-            cancel.cancel();
-            assert_eq!(waiting, 2, "waiting while it retries");
-            let sent = publishing.join().unwrap();
-            assert!(sent.is_empty(), "{sent:?}");
+            stopping.cancel();
+            assert_eq!(waiting, 1, "waiting while it retries");
+            assert_eq!(publishing.join().unwrap(), 0);
         });
-        assert_eq!(metrics.outbox_pending.get(), 0);
-        assert_eq!(metrics.changelog_records.get(), 2);
-        // One round (cancelled already): one failed attempt, not two.
-        let before = metrics.produce_errors.get();
-        let again = vec![entry(5, b"c"), entry(5, b"d")];
-        assert!(block_on(publish(&producer, again, &dead_letters, &metrics, &cancel)).is_empty());
-        assert_eq!(metrics.produce_errors.get(), before + 1);
+        assert_eq!(metrics.outbox_pending.get(), 1, "still in the outbox");
     }
 
     /// A new owner killed between its claim and the undo of a torn commit restores
