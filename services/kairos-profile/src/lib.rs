@@ -920,14 +920,13 @@ impl ProfileProcessor {
                 let bought: Vec<String> = items.iter().map(|i| i.product_id.clone()).collect();
                 let order_items = order_items_variables(items);
                 let held_before = p.held_before_early_cancellation(order_id.as_deref());
-                let bought_at = profile::purchased_at(e.occurred_at, ctx.now());
-                let applied = p.record_purchase(bought_at, total, false, order_id.clone());
+                let applied = p.record_purchase(e.occurred_at, total, false, order_id.clone());
                 if applied == PurchaseApplied::CancelledBefore {
                     reorder.restored = held_before;
                 }
                 if applied == PurchaseApplied::Counted {
                     let order = order_id.as_deref();
-                    p.note_bought(bought.iter().map(String::as_str), bought_at, order);
+                    p.note_bought(bought.iter().map(String::as_str), e.occurred_at, order);
                 }
                 match applied {
                     // A purchase whose cancellation came first ends what a checkout
@@ -936,7 +935,7 @@ impl ProfileProcessor {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         let purchase = Purchase {
                             event_id: &e.event_id,
-                            at: bought_at,
+                            at: e.occurred_at,
                             latest_before: latest,
                             order_id,
                             offline: false,
@@ -1860,9 +1859,8 @@ impl ProfileProcessor {
                 let latest = p.last_purchase_at;
                 let active_before = p.last_active_at();
                 let held_before = p.held_before_early_cancellation(Some(&r.receipt_id));
-                let bought_at = profile::purchased_at(r.occurred_at, ctx.now());
                 let applied =
-                    p.record_purchase(bought_at, r.total, true, Some(r.receipt_id.clone()));
+                    p.record_purchase(r.occurred_at, r.total, true, Some(r.receipt_id.clone()));
                 let reorder = Reorder {
                     restored: match applied {
                         PurchaseApplied::CancelledBefore => held_before,
@@ -1872,14 +1870,14 @@ impl ProfileProcessor {
                 };
                 if applied == PurchaseApplied::Counted {
                     let bought = r.items.iter().map(|i| i.product_id.as_str());
-                    p.note_bought(bought, bought_at, Some(&r.receipt_id));
+                    p.note_bought(bought, r.occurred_at, Some(&r.receipt_id));
                 }
                 match applied {
                     PurchaseApplied::Counted | PurchaseApplied::CancelledBefore => {
                         // An offline purchase ends the online cart reminder too.
                         let purchase = Purchase {
                             event_id: &r.event_id,
-                            at: bought_at,
+                            at: r.occurred_at,
                             latest_before: latest,
                             order_id: Some(r.receipt_id.clone()),
                             offline: true,
@@ -3762,6 +3760,18 @@ impl Processor for ProfileProcessor {
                     .events
                     .inc(&[input::Source::Offline.as_str(), kind]);
             }
+            _ => {}
+        }
+        // An event a device dated ahead (within `clock.max_event_lead`) happened when
+        // it was read, at the latest: dated hours ahead, a purchase would end the
+        // welcome series of a registration read after it and stop cart and browsing
+        // waits until that hour, and a registration would outlast the purchase after
+        // it. (In event time the clock has moved to the event's time already.)
+        let mut input = input;
+        let now = ctx.now();
+        match &mut input {
+            ProfileInput::Event(e, _) => e.occurred_at = e.occurred_at.min(now),
+            ProfileInput::Receipt(r) => r.occurred_at = r.occurred_at.min(now),
             _ => {}
         }
         match input {

@@ -70,14 +70,6 @@ pub fn consent_stated_at(e: &CustomerEvent, now: Millis) -> Millis {
     e.occurred_at.min(now)
 }
 
-/// When a purchase counts as made: when it happened, or when it was read for one a
-/// device dated ahead (within `clock.max_event_lead`, as for consent). Dated hours
-/// ahead, it would end the welcome series of a registration read after it and stop
-/// cart and browsing waits until that hour (each compares with the last purchase).
-pub fn purchased_at(occurred_at: Millis, now: Millis) -> Millis {
-    occurred_at.min(now)
-}
-
 /// How many delivery times of ignored messages a channel's engagement keeps.
 const IGNORED_TIMES_KEPT: usize = 32;
 

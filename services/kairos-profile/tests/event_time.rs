@@ -4384,7 +4384,8 @@ fn in_wall_clock_mode_an_opt_in_dated_ahead_does_not_outrank_a_later_unsubscribe
 
 /// With the wall clock, a guest checkout a phone dated hours ahead counts from when it
 /// was read: the registration read after it still starts the welcome series, and the
-/// cart filled after it is kept (both compare with the last purchase).
+/// cart filled after it is kept (both compare with the last purchase); a registration
+/// dated ahead counts from when it was read too.
 #[test]
 fn in_wall_clock_mode_a_purchase_dated_ahead_counts_from_when_it_was_read() {
     let mut h = Harness::with(CONFIG, ClockMode::Wall);
@@ -4415,6 +4416,21 @@ fn in_wall_clock_mode_a_purchase_dated_ahead_counts_from_when_it_was_read() {
     );
     assert_eq!(h.triggers("fa", "welcome").len(), 1, "the series starts");
     assert_eq!(p.cart.len(), 1, "the cart after the purchase is kept");
+    let read_at = kairos_core::time::wall_now();
+    h.site(
+        "fb-reg",
+        "registration",
+        "fb",
+        read_at + 3 * HOUR,
+        json!({}),
+    );
+    h.commit();
+    let p = h.pipeline.profile("fb").expect("read").expect("stored");
+    let registered = p.registered_at.expect("registered");
+    assert!(
+        (read_at..read_at + HOUR).contains(&registered),
+        "registered at {registered}, read at {read_at}"
+    );
 }
 
 /// A provider's bounce webhook that names no address marks none of the profile's
