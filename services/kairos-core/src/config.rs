@@ -1053,6 +1053,13 @@ impl ScenarioConfig {
         ))
     }
 
+    /// From the cause to the last step's moment, with that step's tolerance: how long
+    /// after its cause the chain may still send.
+    pub fn chain_reach(&self) -> Duration {
+        let steps: Duration = self.steps.iter().map(|step| step.delay).sum();
+        self.delay + steps + self.tolerance()
+    }
+
     pub fn tolerance(&self) -> Duration {
         self.tolerance.unwrap_or(match self.kind {
             ScenarioKind::Birthday | ScenarioKind::RegistrationAnniversary => {
@@ -1644,38 +1651,29 @@ impl Config {
                 }
             }
             let link_takes_token = d.list_unsubscribe().is_some_and(|l| l.contains("{token}"));
-            match (&d.unsubscribe_secret, link_takes_token) {
-                (None, true) => {
-                    return Err(fail(
-                        ("", "unsubscribe_secret"),
-                        format!(
-                            "{}: missing: list_unsubscribe uses {{token}}, which is made \
-                             under this secret",
-                            section("unsubscribe_secret")
-                        ),
-                    ));
-                }
-                (Some(_), false) => {
-                    return Err(fail(
-                        ("", "unsubscribe_secret"),
-                        format!(
-                            "{}: not used: the provider's list_unsubscribe has no {{token}} \
-                             for the unsubscribe endpoint to check",
-                            section("unsubscribe_secret")
-                        ),
-                    ));
-                }
+            let unsubscribe_problem = match (&d.unsubscribe_secret, link_takes_token) {
+                (None, true) => Some(
+                    "missing: list_unsubscribe uses {token}, which is made under this secret"
+                        .to_string(),
+                ),
+                (Some(_), false) => Some(
+                    "not used: the provider's list_unsubscribe has no {token} for the \
+                     unsubscribe endpoint to check"
+                        .to_string(),
+                ),
                 (Some(secret), true) if secret.chars().count() < MIN_INBOX_SECRET_CHARS => {
-                    return Err(fail(
-                        ("", "unsubscribe_secret"),
-                        format!(
-                            "{}: at least {MIN_INBOX_SECRET_CHARS} characters (a random string: \
-                             it is all that keeps anyone from unsubscribing other customers)",
-                            section("unsubscribe_secret")
-                        ),
-                    ));
+                    Some(format!(
+                        "at least {MIN_INBOX_SECRET_CHARS} characters (a random string: it is \
+                         all that keeps anyone from unsubscribing other customers)"
+                    ))
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some(problem) = unsubscribe_problem {
+                return Err(fail(
+                    ("", "unsubscribe_secret"),
+                    format!("{}: {problem}", section("unsubscribe_secret")),
+                ));
             }
             if d.open_inbox && d.provider != ProviderKind::InApp {
                 return Err(fail(

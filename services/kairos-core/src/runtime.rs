@@ -4529,10 +4529,18 @@ mod tests {
 
     /// An engine of `processor` over a fresh state directory, its partition 0 open.
     fn engine_on_partition_0<P: Processor>(processor: P) -> (tempfile::TempDir, Config, Engine<P>) {
+        engine_on_partition_0_with(processor, "")
+    }
+
+    /// [`engine_on_partition_0`] with `kafka` settings added to `[kafka]`.
+    fn engine_on_partition_0_with<P: Processor>(
+        processor: P,
+        kafka: &str,
+    ) -> (tempfile::TempDir, Config, Engine<P>) {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::from_text(
             std::path::Path::new("test.toml"),
-            "[kafka]\npartitions = 1\n",
+            &format!("[kafka]\npartitions = 1\n{kafka}"),
             &[(
                 "KAIROS__STATE__DIR".into(),
                 dir.path().display().to_string(),
@@ -5083,23 +5091,12 @@ mod tests {
     fn the_outbox_gauge_shows_what_a_stuck_publish_waits_on() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("out", 1, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_text(
-            std::path::Path::new("test.toml"),
-            &format!(
-                "[kafka]\npartitions = 1\nbootstrap_servers = \"{}\"\n\
-                 [kafka.client]\n\"message.timeout.ms\" = \"1000\"\n",
-                cluster.bootstrap_servers()
-            ),
-            &[(
-                "KAIROS__STATE__DIR".into(),
-                dir.path().display().to_string(),
-            )],
-        )
-        .unwrap();
-        let metrics = RuntimeMetrics::new(&prometheus::Registry::new());
-        let mut engine = Engine::new(EmitsOne, &config, metrics.clone()).unwrap();
-        engine.open(0).unwrap();
+        let kafka = format!(
+            "bootstrap_servers = \"{}\"\n[kafka.client]\n\"message.timeout.ms\" = \"1000\"\n",
+            cluster.bootstrap_servers()
+        );
+        let (_dir, config, mut engine) = engine_on_partition_0_with(EmitsOne, &kafka);
+        let metrics = engine.metrics.clone();
         let producer = kafka::producer(&config).unwrap();
         let gap_reader = ChangelogReader::new(&config).unwrap();
         let dead_letters = OutputDeadLetters::new(&config, "test");

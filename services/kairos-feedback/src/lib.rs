@@ -110,8 +110,7 @@ pub struct PendingPurchase {
     at: Millis,
     value: f64,
     /// Absent in timers set before purchases could follow a merge (last: stored
-    /// positionally, see `encode_state`).
-    #[serde(default)]
+    /// positionally, see `encode_state`; read through `StoredPendingPurchase`).
     event_id: String,
 }
 
@@ -1212,24 +1211,18 @@ mod tests {
 
     #[test]
     fn a_purchase_waiting_from_any_earlier_version_still_reads() {
+        /// The purchase a timer payload written as `stored` reads as: its fields.
+        fn read(stored: &impl Serialize) -> (String, String, Millis, f64) {
+            let bytes = kairos_core::encoding::encode_state(stored).expect("encode");
+            let p: PendingPurchase = kairos_core::encoding::decode_state(&bytes).expect("it reads");
+            (p.customer_id, p.event_id, p.at, p.value)
+        }
         // The timer payload as written before `event_id`: customer, time, value.
         let older = ("c-1".to_string(), T0, 42.5_f64);
-        let bytes = kairos_core::encoding::encode_state(&older).expect("encode");
-        let p: PendingPurchase =
-            kairos_core::encoding::decode_state(&bytes).expect("an older timer reads");
-        assert_eq!(p.customer_id, "c-1");
-        assert_eq!(p.at, T0);
-        assert_eq!(p.value, 42.5);
-        assert_eq!(p.event_id, "");
+        assert_eq!(read(&older), ("c-1".into(), String::new(), T0, 42.5));
         // As the versions that put the event id second wrote it.
         let second = ("c-2".to_string(), "e-9".to_string(), T0 + 1, 7.0_f64);
-        let bytes = kairos_core::encoding::encode_state(&second).expect("encode");
-        let p: PendingPurchase = kairos_core::encoding::decode_state(&bytes).expect("it reads");
-        assert_eq!(
-            (p.customer_id.as_str(), p.event_id.as_str()),
-            ("c-2", "e-9")
-        );
-        assert_eq!((p.at, p.value), (T0 + 1, 7.0));
+        assert_eq!(read(&second), ("c-2".into(), "e-9".into(), T0 + 1, 7.0));
         // And as this version writes it.
         let now = PendingPurchase {
             customer_id: "c-3".into(),
@@ -1237,13 +1230,7 @@ mod tests {
             value: 1.5,
             event_id: "e-3".into(),
         };
-        let bytes = kairos_core::encoding::encode_state(&now).expect("encode");
-        let p: PendingPurchase = kairos_core::encoding::decode_state(&bytes).expect("it reads");
-        assert_eq!(
-            (p.customer_id.as_str(), p.event_id.as_str()),
-            ("c-3", "e-3")
-        );
-        assert_eq!((p.at, p.value), (T0 + 2, 1.5));
+        assert_eq!(read(&now), ("c-3".into(), "e-3".into(), T0 + 2, 1.5));
         // With field names, as state was written before it was positional.
         let mut named = vec![0xC1];
         rmp_serde::encode::write_named(&mut named, &now).expect("encode");

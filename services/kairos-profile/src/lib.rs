@@ -215,6 +215,13 @@ struct Metrics {
     events: metrics::CachedCounterVec,
 }
 
+impl Metrics {
+    /// Counts a trigger of `scenario` not sent, and why.
+    fn skip(&self, scenario: &str, reason: &str) {
+        self.skipped.with_label_values(&[scenario, reason]).inc();
+    }
+}
+
 pub struct ProfileProcessor {
     config: Arc<Config>,
     /// The zone of customers without one (`arbiter.default_time_zone`).
@@ -1956,10 +1963,7 @@ impl ProfileProcessor {
                 appeal => {
                     let reason = appeal.skip_reason();
                     for s in self.scenarios(kind).iter() {
-                        self.metrics
-                            .skipped
-                            .with_label_values(&[&s.name, reason])
-                            .inc();
+                        self.metrics.skip(&s.name, reason);
                     }
                     self.put(ctx, p)?;
                     return Ok(());
@@ -1986,10 +1990,7 @@ impl ProfileProcessor {
             if kind == ScenarioKind::PriceDrop && (drop <= 0.0 || drop < min_drop) {
                 // Counted, so "why was she not told?" has an answer: the drop from
                 // the price she saw is smaller than the scenario's.
-                self.metrics
-                    .skipped
-                    .with_label_values(&[&s.name, BELOW_MIN_DROP])
-                    .inc();
+                self.metrics.skip(&s.name, BELOW_MIN_DROP);
                 continue;
             }
             let mut vars = serde_json::Map::new();
@@ -2164,10 +2165,7 @@ impl ProfileProcessor {
     fn cart_reminder_reach(&self) -> Millis {
         self.scenarios(ScenarioKind::AbandonedCart)
             .iter()
-            .map(|s| {
-                let steps: Millis = s.steps.iter().map(|step| ms(step.delay)).sum();
-                ms(s.delay) + steps + ms(s.tolerance())
-            })
+            .map(|s| ms(s.chain_reach()))
             .max()
             .unwrap_or(0)
     }
@@ -2273,10 +2271,7 @@ impl ProfileProcessor {
                 .map(|o| o.total);
             if order_total.is_none_or(|total| 2.0 * refunded.abs() >= total) {
                 ctx.cancel(&id)?;
-                self.metrics
-                    .skipped
-                    .with_label_values(&[&s.name, SKIP_REFUNDED])
-                    .inc();
+                self.metrics.skip(&s.name, SKIP_REFUNDED);
             }
         }
         Ok(())
@@ -2288,14 +2283,7 @@ impl ProfileProcessor {
     fn return_mark_lifetime(&self) -> Option<Millis> {
         self.scenarios(ScenarioKind::PostPurchase)
             .iter()
-            .map(|s| {
-                let chain = s.delay
-                    + s.steps
-                        .iter()
-                        .map(|step| step.delay)
-                        .sum::<std::time::Duration>();
-                ms(chain + s.tolerance()) + kairos_core::time::DAY
-            })
+            .map(|s| ms(s.chain_reach()) + kairos_core::time::DAY)
             .max()
     }
 
@@ -2582,10 +2570,7 @@ impl ProfileProcessor {
         let due_at = cause.at;
         for s in segment_scenarios.iter() {
             if s.targets_segment(to) && reorder.restored.iter().any(|r| r == to) {
-                self.metrics
-                    .skipped
-                    .with_label_values(&[&s.name, "restored"])
-                    .inc();
+                self.metrics.skip(&s.name, "restored");
                 continue;
             }
             if s.targets_segment(to) && !self.chains_going_on.contains(&s.name) {
@@ -2652,10 +2637,7 @@ impl ProfileProcessor {
     ) -> bool {
         let now = ctx.now().max(due_at);
         if now - due_at > ms(s.tolerance()) {
-            self.metrics
-                .skipped
-                .with_label_values(&[&s.name, "late"])
-                .inc();
+            self.metrics.skip(&s.name, "late");
             tracing::debug!(scenario = %s.name, customer = %p.customer_id, late_ms = now - due_at, "trigger skipped: too late");
             return false;
         }
@@ -2774,16 +2756,12 @@ impl ProfileProcessor {
         let mut cause = t.cause_event_id.clone();
         match s.kind {
             ScenarioKind::AbandonedCart => {
-                let ended = match () {
-                    _ if p.bought_since(t.cause_occurred_at) => Some(SKIP_BOUGHT),
-                    _ if p.cart.is_empty() => Some(SKIP_CART_EMPTIED),
-                    _ => None,
-                };
-                if let Some(reason) = ended {
-                    self.metrics
-                        .skipped
-                        .with_label_values(&[&s.name, reason])
-                        .inc();
+                if p.bought_since(t.cause_occurred_at) {
+                    self.metrics.skip(&s.name, SKIP_BOUGHT);
+                    return Ok(());
+                }
+                if p.cart.is_empty() {
+                    self.metrics.skip(&s.name, SKIP_CART_EMPTIED);
                     return Ok(());
                 }
             }
@@ -2799,16 +2777,12 @@ impl ProfileProcessor {
                 let cart_in_reach = !p.cart.is_empty()
                     && p.cart_updated_at
                         .is_some_and(|c| c.saturating_add(cart_reach) >= t.cause_occurred_at);
-                let ended = match () {
-                    _ if p.bought_since(t.cause_occurred_at) => Some(SKIP_BOUGHT),
-                    _ if changed_since || cart_in_reach => Some(SKIP_CARTED),
-                    _ => None,
-                };
-                if let Some(reason) = ended {
-                    self.metrics
-                        .skipped
-                        .with_label_values(&[&s.name, reason])
-                        .inc();
+                if p.bought_since(t.cause_occurred_at) {
+                    self.metrics.skip(&s.name, SKIP_BOUGHT);
+                    return Ok(());
+                }
+                if changed_since || cart_in_reach {
+                    self.metrics.skip(&s.name, SKIP_CARTED);
                     return Ok(());
                 }
                 if let Some(product) = &t.product {
@@ -2892,10 +2866,7 @@ impl ProfileProcessor {
                 // Greeted this local year already, under another id (a profile merged
                 // in today after its own greeting, whose date this one shared).
                 if self.yearly_rearm_since(s, p, timer.fire_at) > timer.fire_at {
-                    self.metrics
-                        .skipped
-                        .with_label_values(&[&s.name, "greeted_this_year"])
-                        .inc();
+                    self.metrics.skip(&s.name, "greeted_this_year");
                     return Ok(());
                 }
             }
@@ -2960,10 +2931,7 @@ impl ProfileProcessor {
                     let still_there = p.lifecycle.as_deref() == Some(entered)
                         || p.rfm.as_ref().map_or(NO_RFM_SEGMENT, |r| &r.segment) == entered;
                     if !still_there {
-                        self.metrics
-                            .skipped
-                            .with_label_values(&[&s.name, "left_segment"])
-                            .inc();
+                        self.metrics.skip(&s.name, "left_segment");
                         return Ok(());
                     }
                 }
@@ -3743,7 +3711,7 @@ impl Processor for ProfileProcessor {
         })
     }
 
-    fn process(&mut self, ctx: &mut Ctx<'_>, input: ProfileInput) -> anyhow::Result<()> {
+    fn process(&mut self, ctx: &mut Ctx<'_>, mut input: ProfileInput) -> anyhow::Result<()> {
         self.check_standing(ctx)?;
         match &input {
             ProfileInput::Event(e, source) => {
@@ -3767,7 +3735,6 @@ impl Processor for ProfileProcessor {
         // welcome series of a registration read after it and stop cart and browsing
         // waits until that hour, and a registration would outlast the purchase after
         // it. (In event time the clock has moved to the event's time already.)
-        let mut input = input;
         let now = ctx.now();
         match &mut input {
             ProfileInput::Event(e, _) => e.occurred_at = e.occurred_at.min(now),
