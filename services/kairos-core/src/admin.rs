@@ -37,7 +37,7 @@ impl AdminState {
             heartbeat_seconds: crate::metrics::gauge_f64(
                 &registry,
                 "kairos_processing_loop_heartbeat_timestamp_seconds",
-                "When the processing loop last went round (Unix time; a restore beats every 5 s): one that stopped is stuck in a retry or hung.",
+                "When the processing loop last went round (Unix time; a restore beats every second): one that stopped is stuck in a retry or hung.",
             ),
             registry,
             ready: AtomicBool::new(false),
@@ -73,18 +73,24 @@ impl AdminState {
     }
 
     /// Awaits `work` (the restore of a partition from its changelog, which may take
-    /// minutes), beating the heart every few seconds meanwhile: a liveness probe that
-    /// restarted an instance for restoring would make it restore again from scratch.
-    /// Work that outlasts one beat leaves the instance not ready; the processing loop
-    /// says ready again when it is done.
-    pub async fn beating_while<T>(&self, work: impl std::future::Future<Output = T>) -> T {
-        self.beating_every(BEAT_WHILE_BUSY, work).await
+    /// minutes), beating the heart and calling `each_beat` every second meanwhile: a
+    /// liveness probe that restarted an instance for restoring would make it restore
+    /// again from scratch, and the Kafka consumer must be polled (see
+    /// `runtime::KeepInGroup`). Work that outlasts one beat leaves the instance not
+    /// ready; the processing loop says ready again when it is done.
+    pub async fn beating_while<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+        each_beat: impl FnMut(),
+    ) -> T {
+        self.beating_every(BEAT_WHILE_BUSY, work, each_beat).await
     }
 
     async fn beating_every<T>(
         &self,
         beat: std::time::Duration,
         work: impl std::future::Future<Output = T>,
+        mut each_beat: impl FnMut(),
     ) -> T {
         let mut work = std::pin::pin!(work);
         loop {
@@ -93,6 +99,7 @@ impl AdminState {
                 _ = tokio::time::sleep(beat) => {
                     self.heartbeat();
                     self.set_ready(false);
+                    each_beat();
                 }
             }
         }
@@ -118,8 +125,9 @@ impl AdminState {
 /// How long the processing loop may be silent before /healthz reports failure.
 const STALL_MILLIS: i64 = 60_000;
 
-/// How often [`AdminState::beating_while`] beats.
-const BEAT_WHILE_BUSY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often [`AdminState::beating_while`] beats: well within the consumer's
+/// `max.poll.interval.ms`, which may be set as low as its session timeout.
+const BEAT_WHILE_BUSY: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (
@@ -206,19 +214,27 @@ mod tests {
         let admin = AdminState::new(Registry::new());
         admin.set_ready(true);
         admin.last_heartbeat.store(0, Ordering::Relaxed);
-        let quick = admin.beating_every(beat, async { 7 }).await;
+        let mut beats = 0;
+        let quick = admin.beating_every(beat, async { 7 }, || beats += 1).await;
         assert_eq!(quick, 7);
         assert!(admin.is_ready());
         assert_eq!(admin.last_heartbeat(), 0);
+        assert_eq!(beats, 0);
         let restored = admin
-            .beating_every(beat, async {
-                tokio::time::sleep(beat * 5).await;
-                "restored"
-            })
+            .beating_every(
+                beat,
+                async {
+                    tokio::time::sleep(beat * 10).await;
+                    "restored"
+                },
+                || beats += 1,
+            )
             .await;
         assert_eq!(restored, "restored");
         assert!(admin.last_heartbeat() > 0, "no beat while restoring");
         assert!(!admin.is_ready());
+        // About 10; a loaded machine's timers may run late.
+        assert!(beats >= 2, "the action ran at {beats} beats of about 10");
     }
 
     /// The scrape tells when the loop last went round, not when the metric was made.

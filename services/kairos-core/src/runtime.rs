@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use futures::future::join_all;
+use futures::FutureExt as _;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -3545,6 +3546,22 @@ pub async fn run_serving<P: Processor>(
     let mut gates = BacklogGates::default();
     let mut waiting_requests: Vec<ServeRequest> = Vec::new();
     let mut failed_producer = None;
+    let member = GroupMember {
+        consumer: &consumer,
+        inputs: &inputs,
+        assignments: &assignments,
+    };
+    let rebalancing = Rebalancing {
+        member: &member,
+        config,
+        name: &name,
+        publisher: &publisher,
+        cancel: &cancel,
+        admin: &admin,
+    };
+    // Records handed out while partitions restored at the top of the loop: the head
+    // of the next batch.
+    let mut carried = Vec::new();
 
     loop {
         admin.heartbeat();
@@ -3557,20 +3574,11 @@ pub async fn run_serving<P: Processor>(
             break;
         }
         // Apply rebalances recorded by the consumer context.
-        let applied = apply_rebalances(
-            &mut engine,
-            &rebalances,
-            &|p| holds_input_partition(&consumer, &inputs, p),
-            config,
-            &name,
-            &publisher,
-            &cancel,
-            &admin,
-        )
-        .await?;
+        let applied = apply_rebalances(&mut engine, &rebalances, &rebalancing).await?;
         assigned_once |= applied.assigned;
         gates.follow(&engine, &consumer, &inputs, &applied);
         admin.set_owned(engine.owned());
+        carried.extend(applied.kept);
         if cancel.is_cancelled() {
             break;
         }
@@ -3593,25 +3601,31 @@ pub async fn run_serving<P: Processor>(
         }
 
         // Gather a batch; a request wakes the loop to be served at its top.
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut carried);
         let mut fetched_before = FetchedBeforeAssignment::new(&assignments);
-        let first = tokio::select! {
-            _ = cancel.cancelled() => None,
-            Some(request) = next_request(&mut requests) => {
-                waiting_requests.push(request);
-                None
-            }
-            r = tokio::time::timeout(tick, consumer.recv()) => Some(r),
+        let mut counted: usize = batch.iter().map(counts).sum();
+        let first = match batch.is_empty() {
+            false => Some(Ok(Ok(None))),
+            true => tokio::select! {
+                _ = cancel.cancelled() => None,
+                Some(request) = next_request(&mut requests) => {
+                    waiting_requests.push(request);
+                    None
+                }
+                r = tokio::time::timeout(tick, consumer.recv()) => Some(r.map(|r| r.map(Some))),
+            },
         };
         match first {
             None => {}
             Some(Err(_)) => {}
             Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(Ok(m))) => {
-                fetched_before.look(batch.len());
-                let m = m.detach();
-                let mut counted = counts(&m);
-                batch.push(m);
+                if let Some(m) = m {
+                    fetched_before.look(batch.len());
+                    let m = m.detach();
+                    counted += counts(&m);
+                    batch.push(m);
+                }
                 let deadline = Instant::now() + max_wait;
                 while counted < max_batch && batch.len() < max_records {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -3636,11 +3650,19 @@ pub async fn run_serving<P: Processor>(
                 }
             }
         }
-        // Records fetched before an assignment come again from the committed offset
-        // (eager rebalances reset every position): applied now, they would run ahead
-        // of the records before them, which then read as duplicates. A single-state
-        // processor reads and drops records while it lacks some partitions, so its
-        // committed offset can lie well before them.
+        // Rebalances seen while gathering (the callback runs inside recv) take effect
+        // before any record is handled: revoked partitions are not touched after their
+        // revocation, newly assigned ones are opened (and restored) first.
+        let applied = apply_rebalances(&mut engine, &rebalances, &rebalancing).await?;
+        assigned_once |= applied.assigned;
+        gates.follow(&engine, &consumer, &inputs, &applied);
+        admin.set_owned(engine.owned());
+        // Records fetched before an assignment (while gathering, or while a restore
+        // polled) come again from the committed offset (eager rebalances reset every
+        // position): applied now, they would run ahead of the records before them,
+        // which then read as duplicates. A single-state processor reads and drops
+        // records while it lacks some partitions, so its committed offset can lie
+        // well before them. Records a restore was handed come after the gathered ones.
         fetched_before.look(batch.len());
         if fetched_before.count > 0 {
             tracing::info!(
@@ -3650,24 +3672,7 @@ pub async fn run_serving<P: Processor>(
             );
             batch.drain(..fetched_before.count);
         }
-
-        // Rebalances seen while gathering (the callback runs inside recv) take effect
-        // before any record is handled: revoked partitions are not touched after their
-        // revocation, newly assigned ones are opened (and restored) first.
-        let applied = apply_rebalances(
-            &mut engine,
-            &rebalances,
-            &|p| holds_input_partition(&consumer, &inputs, p),
-            config,
-            &name,
-            &publisher,
-            &cancel,
-            &admin,
-        )
-        .await?;
-        assigned_once |= applied.assigned;
-        gates.follow(&engine, &consumer, &inputs, &applied);
-        admin.set_owned(engine.owned());
+        batch.extend(applied.kept);
         if cancel.is_cancelled() {
             // A backlog may have gone out only in part: no new commit may follow it
             // into the changelog (its end marker would vouch for the backlog's gaps).
@@ -3935,6 +3940,9 @@ struct AppliedRebalances {
     revoked: Vec<i32>,
     /// Input partitions assigned and still held once their state was open.
     opened: Vec<i32>,
+    /// Records the consumer handed out while partitions restored, next in line for
+    /// the batch (see [`KeepInGroup`]).
+    kept: Vec<rdkafka::message::OwnedMessage>,
 }
 
 /// The net effect of rebalance events drained together.
@@ -3977,33 +3985,71 @@ fn net_rebalance(events: Vec<RebalanceEvent>) -> NetRebalance {
 }
 
 /// Opens (restoring from the changelog when needed) newly assigned partitions and
-/// closes revoked ones, by the net effect of the events recorded since the last call.
-/// `still_assigned` tells whether the consumer holds an input partition now: one lost
-/// before its restore is not restored, one lost during it is closed again without
-/// publishing its backlog.
-#[allow(clippy::too_many_arguments)]
+/// closes revoked ones, by the net effect of the events recorded since the last call,
+/// and again for those recorded meanwhile (a restore polls the consumer, whose
+/// rebalances then take effect before any record is handled). `member` tells whether
+/// the consumer holds an input partition now: one lost before its restore is not
+/// restored, one lost during it is closed again without publishing its backlog.
 async fn apply_rebalances<P: Processor>(
     engine: &mut Engine<P>,
     rebalances: &Mutex<Vec<RebalanceEvent>>,
-    still_assigned: &(dyn Fn(i32) -> bool + Sync),
-    config: &Config,
-    name: &str,
-    publisher: &Publisher<'_>,
-    cancel: &CancellationToken,
-    admin: &AdminState,
+    with: &Rebalancing<'_>,
 ) -> anyhow::Result<AppliedRebalances> {
-    let events: Vec<RebalanceEvent> = rebalances
-        .lock()
-        .map(|mut q| std::mem::take(&mut *q))
-        .unwrap_or_default();
-    if events.is_empty() {
-        return Ok(AppliedRebalances::default());
+    let mut keep_in_group = KeepInGroup::new(with.member);
+    let mut applied = AppliedRebalances::default();
+    // A shutdown during a restore restores no more (the caller stops next).
+    while !with.cancel.is_cancelled() {
+        let events: Vec<RebalanceEvent> = rebalances
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        if events.is_empty() {
+            break;
+        }
+        let round =
+            apply_net_rebalance(engine, net_rebalance(events), with, &mut keep_in_group).await?;
+        applied.assigned |= round.assigned;
+        for p in &round.revoked {
+            applied.opened.retain(|o| o != p);
+        }
+        applied.revoked.extend(round.revoked);
+        applied.opened.extend(round.opened);
     }
-    let net = net_rebalance(events);
+    applied.kept = keep_in_group.finish();
+    Ok(applied)
+}
+
+/// What [`apply_rebalances`] works with, besides the engine.
+#[derive(Clone, Copy)]
+struct Rebalancing<'a> {
+    member: &'a GroupMember<'a>,
+    config: &'a Config,
+    name: &'a str,
+    publisher: &'a Publisher<'a>,
+    cancel: &'a CancellationToken,
+    admin: &'a AdminState,
+}
+
+/// One round of [`apply_rebalances`]: the events drained together.
+async fn apply_net_rebalance<P: Processor>(
+    engine: &mut Engine<P>,
+    net: NetRebalance,
+    with: &Rebalancing<'_>,
+    keep_in_group: &mut KeepInGroup<'_>,
+) -> anyhow::Result<AppliedRebalances> {
+    let Rebalancing {
+        member,
+        config,
+        name,
+        publisher,
+        cancel,
+        admin,
+    } = *with;
+    let still_assigned = |p: i32| member.holds(p);
     let mut applied = AppliedRebalances {
         assigned: net.any_assignment,
         revoked: net.revoked.clone(),
-        opened: Vec::new(),
+        ..AppliedRebalances::default()
     };
     let revoked_state = dedup(
         net.revoked
@@ -4047,8 +4093,10 @@ async fn apply_rebalances<P: Processor>(
     }
     // One changelog reader for every partition this rebalance restores.
     let mut reader: Option<Arc<ChangelogReader>> = None;
+    // State partitions opened (or already open) here, with their input partitions.
+    let mut opened_here = Vec::new();
     for (p, inputs) in by_state {
-        let held = || inputs.iter().copied().any(still_assigned);
+        let held = || inputs.iter().copied().any(&still_assigned);
         if !held() {
             tracing::info!(
                 service = name,
@@ -4088,10 +4136,11 @@ async fn apply_rebalances<P: Processor>(
                         claim,
                     )
                 });
-                // Alive while it restores, however long (the restore fails by itself
-                // when the changelog stops coming); not while a publish is stuck.
+                // Alive and in the group while it restores, however long (the
+                // restore fails by itself when the changelog stops coming); not while
+                // a publish is stuck.
                 let restored = admin
-                    .beating_while(restoring)
+                    .beating_while(restoring, || keep_in_group.poll())
                     .await
                     .context("restore task failed")??;
                 publisher.metrics.restored_records.inc_by(restored.applied);
@@ -4114,11 +4163,142 @@ async fn apply_rebalances<P: Processor>(
             }
             backlog.extend(opened);
         }
-        applied.opened.extend(inputs);
+        applied.opened.extend(inputs.iter().copied());
+        opened_here.push((p, inputs));
+    }
+    // A restore polls the consumer: a partition opened before another one's restore
+    // may have been lost during it, and its backlog is the new owner's to publish.
+    for (p, inputs) in opened_here {
+        if !inputs.iter().copied().any(&still_assigned) {
+            tracing::info!(
+                service = name,
+                partition = p,
+                "partition lost while another was restored"
+            );
+            engine.close(p);
+            backlog.retain(|e| e.partition != p);
+            applied.opened.retain(|i| !inputs.contains(i));
+        }
     }
     let published = engine.publish(backlog, publisher, cancel, &[]).await?;
-    stop_if_fenced_and_held(&published, still_assigned)?;
+    stop_if_fenced_and_held(&published, &still_assigned)?;
     Ok(applied)
+}
+
+/// The group consumer of a service, and what it was subscribed for.
+struct GroupMember<'a> {
+    consumer: &'a StreamConsumer<KairosContext>,
+    inputs: &'a [String],
+    /// Assignments so far (see [`KairosContext`]).
+    assignments: &'a AtomicU64,
+}
+
+impl GroupMember<'_> {
+    /// Whether the consumer holds input partition `p` of any input topic.
+    fn holds(&self, p: i32) -> bool {
+        holds_input_partition(self.consumer, self.inputs, p)
+    }
+}
+
+/// Keeps the consumer in its group while partitions restore. librdkafka leaves the
+/// group when the application has not polled for `max.poll.interval.ms` (5 minutes by
+/// default), and a restore of a large partition takes longer: the group would
+/// rebalance without this instance, hand its partitions to others to restore, and
+/// rebalance again when it polls. So a restore polls every beat, with every assigned
+/// partition paused first: a pause drops what was fetched, and fetching resumes after
+/// the last record handed to the application, so no record is skipped. A record
+/// handed out anyway (only if pausing failed) is kept for the batch, in order, unless
+/// an assignment followed it (eager rebalances reset positions: it comes again).
+struct KeepInGroup<'a> {
+    member: &'a GroupMember<'a>,
+    /// Every partition paused, resumed at the end (a pause outlives a revocation).
+    paused: rdkafka::TopicPartitionList,
+    kept: Vec<rdkafka::message::OwnedMessage>,
+    fetched_before: FetchedBeforeAssignment<'a>,
+}
+
+/// Consumer events served per beat of a restore, at most.
+const POLLS_PER_BEAT: usize = 64;
+
+/// Records kept while restoring, at most: past it (pausing keeps failing while records
+/// keep coming) a restore stops polling rather than hold the input in memory.
+const MAX_KEPT: usize = 10_000;
+
+impl<'a> KeepInGroup<'a> {
+    fn new(member: &'a GroupMember<'a>) -> Self {
+        KeepInGroup {
+            member,
+            paused: rdkafka::TopicPartitionList::new(),
+            kept: Vec::new(),
+            fetched_before: FetchedBeforeAssignment::new(member.assignments),
+        }
+    }
+
+    /// Pauses what the consumer holds now and polls it without waiting.
+    fn poll(&mut self) {
+        if self.kept.len() >= MAX_KEPT {
+            return;
+        }
+        let consumer = self.member.consumer;
+        if let Ok(assignment) = consumer.assignment() {
+            // A partition paused before stays paused, revoked and assigned again too.
+            let mut new = rdkafka::TopicPartitionList::new();
+            for e in assignment.elements() {
+                if self
+                    .paused
+                    .find_partition(e.topic(), e.partition())
+                    .is_none()
+                {
+                    new.add_partition(e.topic(), e.partition());
+                }
+            }
+            if new.count() > 0 {
+                match consumer.pause(&new) {
+                    Ok(()) => {
+                        for e in new.elements() {
+                            self.paused.add_partition(e.topic(), e.partition());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot pause the input while restoring")
+                    }
+                }
+            }
+        }
+        for _ in 0..POLLS_PER_BEAT {
+            // Nothing waiting, or an event handled (a rebalance: recorded for
+            // `apply_rebalances`, and its partitions paused before the next poll).
+            let Some(polled) = consumer.recv().now_or_never() else {
+                break;
+            };
+            match polled {
+                Ok(m) => {
+                    self.fetched_before.look(self.kept.len());
+                    self.kept.push(m.detach());
+                }
+                Err(e) => tracing::warn!(error = %e, "consumer error"),
+            }
+        }
+    }
+
+    /// Resumes every partition paused (see `Drop`); returns the records kept.
+    fn finish(mut self) -> Vec<rdkafka::message::OwnedMessage> {
+        self.fetched_before.look(self.kept.len());
+        let mut kept = std::mem::take(&mut self.kept);
+        kept.drain(..self.fetched_before.count.min(kept.len()));
+        kept
+    }
+}
+
+impl Drop for KeepInGroup<'_> {
+    /// Also on an error's way out: a partition left paused would never be read again.
+    fn drop(&mut self) {
+        if self.paused.count() > 0 {
+            if let Err(e) = self.member.consumer.resume(&self.paused) {
+                tracing::warn!(error = %e, "cannot resume the input after restoring");
+            }
+        }
+    }
 }
 
 /// Holds back the timers of a newly assigned partition until the consumer has read

@@ -133,13 +133,28 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 /// Runs the processor until `done` holds (checked every 200 ms) or 30 s pass.
 fn run_until(config: &Config, done: impl Fn() -> bool) {
+    run_until_with(
+        config,
+        &prometheus::Registry::new(),
+        Duration::from_secs(30),
+        done,
+    );
+}
+
+/// [`run_until`] with the service's metrics in `registry`, for at most `limit`.
+fn run_until_with(
+    config: &Config,
+    registry: &prometheus::Registry,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     let cancel = CancellationToken::new();
-    let admin: Arc<AdminState> = AdminState::new(prometheus::Registry::new());
+    let admin: Arc<AdminState> = AdminState::new(registry.clone());
     let service = {
         let (config, cancel) = (config.clone(), cancel.clone());
         runtime.spawn(async move {
@@ -147,7 +162,7 @@ fn run_until(config: &Config, done: impl Fn() -> bool) {
                 .await
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
     while !done() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -156,6 +171,17 @@ fn run_until(config: &Config, done: impl Fn() -> bool) {
         .block_on(service)
         .expect("service task")
         .expect("service");
+}
+
+/// The sum of a counter's series in `registry`.
+fn counter_total(registry: &prometheus::Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value())
+        .sum()
 }
 
 fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
@@ -276,5 +302,77 @@ fn a_processor_that_writes_ahead_without_saying_so_fails_loudly() {
     assert!(
         format!("{error:#}").contains("must say so (`writes_ahead`)"),
         "{error:#}"
+    );
+}
+
+/// librdkafka puts a consumer out of its group when the application has not polled
+/// for `max.poll.interval.ms`: a restore longer than that (a large partition, a slow
+/// broker) would hand the partition to the group again, and restore it once more when
+/// the instance came back. The restore polls with the input paused: one restore, and
+/// the record waiting behind it is processed once it is done.
+#[test]
+fn a_restore_longer_than_the_poll_interval_keeps_the_instance_in_its_group() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = config(&cluster, dir.path());
+    for (key, value) in [
+        ("session.timeout.ms", "6000"),
+        ("max.poll.interval.ms", "6000"),
+    ] {
+        config.kafka.client.insert(key.into(), value.into());
+    }
+    produce(&config, &["arm"]);
+    run_until(&config, || {
+        outputs(&config).iter().any(|o| o.contains("armed"))
+    });
+    // The state is lost: the next start restores it from the changelog, and every
+    // answer of the broker takes 0.6 s, which makes the restore (some twenty round
+    // trips) outlast the poll interval.
+    std::fs::remove_dir_all(dir.path().join("gate")).expect("remove the state");
+    produce(&config, &["cancel"]);
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(600))
+        .expect("slow broker");
+    let registry = prometheus::Registry::new();
+    let restores = || counter_total(&registry, "kairos_partition_restores_total");
+    // The assignment makes the partition's lag series.
+    let assigned = || {
+        registry
+            .gather()
+            .iter()
+            .any(|f| f.name() == "kairos_consumer_lag_records" && !f.get_metric().is_empty())
+    };
+    let (mut assigned_at, mut restore_took) = (None, None);
+    let cancelled = std::cell::Cell::new(false);
+    run_until_with(&config, &registry, Duration::from_secs(90), || {
+        if assigned_at.is_none() && assigned() {
+            assigned_at = Some(Instant::now());
+        }
+        if restore_took.is_none() && restores() >= 1.0 {
+            restore_took = assigned_at.map(|at| at.elapsed());
+            cluster
+                .broker_round_trip_time(1, Duration::ZERO)
+                .expect("fast broker");
+        }
+        // Read only once the broker is quick again; the record behind the restore is
+        // done after it, and a second restore would come before it.
+        restore_took.is_some() && {
+            cancelled.set(outputs(&config).iter().any(|o| o.contains("cancelled")));
+            cancelled.get()
+        }
+    });
+    let restore_took = restore_took.expect("the partition was never assigned and restored");
+    assert!(
+        cancelled.get(),
+        "the record behind the restore was not processed"
+    );
+    assert!(
+        restore_took > Duration::from_secs(7),
+        "the restore took {restore_took:?}, within the poll interval: the test proves nothing"
+    );
+    assert_eq!(
+        restores(),
+        1.0,
+        "the partition was restored again: the instance left its group while restoring"
     );
 }
