@@ -275,7 +275,8 @@ fn replay_reads_crlf_and_unterminated_lines_and_dead_letters_what_is_not_json() 
 
 /// Per-source exports of one period replay as the topics deliver them, in event time:
 /// a till receipt in its own file cancels the cart reminder of a site file's cart, as
-/// on Kafka. An envelope whose topic no stage reads stops the replay at its line.
+/// on Kafka. An envelope whose topic no stage reads stops the replay at its line, and
+/// leaves no output.
 #[test]
 fn replay_merges_its_files_in_event_time_and_refuses_a_topic_no_stage_reads() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -349,6 +350,13 @@ fn replay_merges_its_files_in_event_time_and_refuses_a_topic_no_stage_reads() {
         stderr.contains("fed-back.jsonl:1") && stderr.contains("\"decisions\""),
         "{stderr}"
     );
+    // Written beside the output and renamed when whole: a failed run leaves no
+    // output that looks finished, a finished one no leftover.
+    assert!(
+        !dir.path().join("out-2.jsonl").exists(),
+        "a failed replay left an output"
+    );
+    assert!(!dir.path().join("out.jsonl.partial").exists());
 }
 
 /// A scenario that sends on a channel without a `[delivery.<channel>]` section would

@@ -263,21 +263,36 @@ fn refuse_an_input_as_output(output: &Path, inputs: &[PathBuf]) -> anyhow::Resul
     Ok(())
 }
 
-/// The event time of an input line: its `occurred_at`, or its envelope value's.
+/// The event time of an input line: its `occurred_at` (a trigger's `fired_at`), or its
+/// envelope value's.
 fn line_time(line: &[u8]) -> Option<i64> {
     #[derive(serde::Deserialize)]
     struct At {
-        #[serde(deserialize_with = "kairos_core::time::deserialize_millis")]
-        occurred_at: i64,
+        #[serde(default, deserialize_with = "optional_millis")]
+        occurred_at: Option<i64>,
+        #[serde(default, deserialize_with = "optional_millis")]
+        fired_at: Option<i64>,
+    }
+    impl At {
+        fn time(&self) -> Option<i64> {
+            self.occurred_at.or(self.fired_at)
+        }
+    }
+    fn optional_millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        kairos_core::time::deserialize_millis(d).map(Some)
     }
     #[derive(serde::Deserialize)]
     struct Envelope {
         value: At,
     }
     sonic_rs::from_slice::<At>(line)
-        .map(|a| a.occurred_at)
-        .or_else(|_| sonic_rs::from_slice::<Envelope>(line).map(|e| e.value.occurred_at))
         .ok()
+        .and_then(|a| a.time())
+        .or_else(|| {
+            sonic_rs::from_slice::<Envelope>(line)
+                .ok()
+                .and_then(|e| e.value.time())
+        })
 }
 
 pub fn run(
@@ -311,7 +326,14 @@ pub fn run(
     if let Some(p) = &output {
         refuse_an_input_as_output(p, inputs)?;
     }
-    let out: Box<dyn Write> = match &output {
+    // Written beside the output and renamed when whole: a failed or interrupted run
+    // leaves no truncated result that looks like a finished one.
+    let partial = output.as_ref().map(|p| {
+        let mut partial = p.as_os_str().to_owned();
+        partial.push(".partial");
+        PathBuf::from(partial)
+    });
+    let out: Box<dyn Write> = match &partial {
         Some(p) => Box::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         ),
@@ -383,8 +405,24 @@ pub fn run(
     pipeline.commit(&mut sink)?;
     if let Some(t) = until {
         pipeline.advance_to(t, &mut sink)?;
+        // What a stage was handed after its own move (an arbiter's action to itself)
+        // is committed too, and the timers it set that fall due by `t` fire.
+        pipeline.commit(&mut sink)?;
     }
-    out.flush()?;
+    let writing = || {
+        partial.as_ref().map_or_else(
+            || "standard output".to_string(),
+            |p| p.display().to_string(),
+        )
+    };
+    out.flush()
+        .with_context(|| format!("cannot write {}", writing()))?;
+    drop(out);
+    if let (Some(partial), Some(output)) = (&partial, &output) {
+        std::fs::rename(partial, output).with_context(|| {
+            format!("cannot rename {} to {}", partial.display(), output.display())
+        })?;
+    }
     stats.output_records = outputs;
     Ok(stats)
 }
@@ -392,6 +430,40 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files are merged by their lines' times, a trigger's `fired_at` among them
+    /// (without it, every trigger went ahead of every event); a line with no time
+    /// goes as soon as it is its file's next.
+    #[test]
+    fn several_files_are_merged_by_every_line_s_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let triggers = dir.path().join("triggers.jsonl");
+        let events = dir.path().join("events.jsonl");
+        std::fs::write(
+            &triggers,
+            "{\"topic\":\"triggers\",\"key\":\"c\",\"value\":{\"fired_at\":\"2026-01-05T09:00:02Z\"}}\n\
+             not json\n\
+             {\"topic\":\"triggers\",\"key\":\"c\",\"value\":{\"fired_at\":\"2026-01-05T09:00:04Z\"}}\n",
+        )
+        .expect("write");
+        std::fs::write(
+            &events,
+            "{\"occurred_at\":\"2026-01-05T09:00:01Z\"}\n{\"occurred_at\":\"2026-01-05T09:00:03Z\"}\n{\"occurred_at\":\"2026-01-05T09:00:05Z\"}\n",
+        )
+        .expect("write");
+        let mut order = Vec::new();
+        merged_lines(&[triggers.clone(), events.clone()], |path, n, _| {
+            order.push((path == triggers.as_path(), n));
+            Ok(())
+        })
+        .expect("merge");
+        let (t, e) = (true, false);
+        assert_eq!(
+            order,
+            [(e, 1), (t, 1), (t, 2), (e, 2), (t, 3), (e, 3)],
+            "(from the triggers file, line)"
+        );
+    }
 
     /// Bare events and receipts are keyed by the profile they go to, as the price
     /// drops and outcomes that come back to it are.
