@@ -58,13 +58,28 @@ fn read_partition(
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut next = low;
+    // librdkafka recovers from most errors by itself (a connection dropped, a leader
+    // moved): the last one is told only if the read times out.
+    let mut last_error = None;
     while next < high {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "reading {topic}[{partition}] timed out at offset {next} of {high}"
-        );
+        if Instant::now() >= deadline {
+            let _ = consumer.unassign();
+            let why = last_error.map_or(String::new(), |e| format!(" (last error: {e})"));
+            anyhow::bail!("reading {topic}[{partition}] timed out at offset {next} of {high}{why}");
+        }
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.with_context(|| format!("reading {topic}[{partition}]"))?;
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            // A record of the partition read before (fetched before the assignment
+            // changed) is not this one's.
+            if m.topic() != topic || m.partition() != partition {
+                continue;
+            }
             next = m.offset() + 1;
             let record_key = m.key().unwrap_or_default();
             if record_key == key || out.records.is_empty() {
@@ -75,6 +90,7 @@ fn read_partition(
             }
         }
     }
+    consumer.unassign()?;
     Ok(out)
 }
 
@@ -95,6 +111,9 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     let consumer: BaseConsumer = kairos_core::kafka::client_config(config)?
         .set("group.id", format!("kairos-explain-{}", std::process::id()))
         .set("enable.auto.commit", "false")
+        // Records trimmed by retention between the watermarks and the fetch: read on
+        // from the oldest left, not from the end.
+        .set("auto.offset.reset", "earliest")
         .create()
         .context("cannot create Kafka consumer")?;
     // The customer's partition is the topic's, not this file's: run from another
@@ -134,13 +153,36 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     } else {
         None
     };
+    // The triggers of customers merged into this one stay on their own partitions,
+    // while the arbiter decides what it took over of them as this customer's: read
+    // there too, for the latest few the ledger lists as absorbed.
+    let absorbed_ids: Vec<String> = (changelog.as_ref())
+        .and_then(|c| stored_ledger(c, customer))
+        .filter(|v| !v.is_empty())
+        .and_then(|v| kairos_core::encoding::decode_state::<CustomerLedger>(v).ok())
+        .map(|l| l.absorbed.into_iter().rev().take(ABSORBED_READ).collect())
+        .unwrap_or_default();
+    let mut absorbed = Vec::new();
+    for id in absorbed_ids {
+        let latest = read_partition(
+            &consumer,
+            &config.topic(topics::TRIGGERS),
+            partition_for(id.as_bytes(), config.kafka.partitions),
+            id.as_bytes(),
+        )?;
+        absorbed.push((id, latest));
+    }
     let read = Read {
         triggers,
         decisions,
         changelog,
+        absorbed,
     };
     report(customer, partition, &read, limit)
 }
+
+/// Customers merged into the one explained whose triggers are read, at most.
+const ABSORBED_READ: usize = 4;
 
 /// What `explain` read of the customer's partition of each topic.
 struct Read {
@@ -148,6 +190,8 @@ struct Read {
     decisions: Latest,
     /// `None`: no changelog is written.
     changelog: Option<Latest>,
+    /// The triggers of customers merged into this one, by their ids.
+    absorbed: Vec<(String, Latest)>,
 }
 
 /// The report of `customer` from the records `read`: at most `limit` triggers.
@@ -172,6 +216,18 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
             // A record re-sent after a crash repeats its decision id: show it once.
             if !list.iter().any(|x| x.decision_id == d.decision_id) {
                 list.push(d);
+            }
+        }
+    }
+    // A merged customer's trigger this one's decisions are about, by where it came from.
+    let mut taken_over: BTreeMap<String, &str> = BTreeMap::new();
+    for (from, latest) in &read.absorbed {
+        for payload in of(from, latest) {
+            if let Ok(t) = serde_json::from_slice::<Trigger>(payload) {
+                if decisions.contains_key(&t.trigger_id) && !triggers.contains_key(&t.trigger_id) {
+                    taken_over.insert(t.trigger_id.clone(), from);
+                    triggers.insert(t.trigger_id.clone(), t);
+                }
             }
         }
     }
@@ -212,13 +268,17 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
         match triggers.get(&id) {
             Some(t) => writeln!(
                 out,
-                "{} trigger {id}: {} step {} ({:?}), channels {:?}, valid until {}",
+                "{} trigger {id}: {} step {} ({:?}), channels {:?}, valid until {}{}",
                 time(t.fired_at),
                 t.scenario,
                 t.step,
                 t.category,
                 t.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-                time(t.valid_until)
+                time(t.valid_until),
+                taken_over
+                    .get(&id)
+                    .map(|from| format!(", taken over from merged customer {from}"))
+                    .unwrap_or_default()
             )?,
             None if read.triggers.cut => writeln!(
                 out,
@@ -265,6 +325,15 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
     Ok(out)
 }
 
+/// The latest value of `customer`'s ledger among the changelog records read (empty:
+/// deleted).
+fn stored_ledger<'a>(changelog: &'a Latest, customer: &str) -> Option<&'a [u8]> {
+    let ledger_key = format!("s/c/{customer}");
+    (changelog.records.iter().rev())
+        .find(|(k, _)| k == ledger_key.as_bytes())
+        .map(|(_, v)| v.as_slice())
+}
+
 /// The customer's arbiter state as the latest records of the arbiter's changelog
 /// partition hold it (`None`: no changelog is written), or why it is not shown.
 fn describe_stored_ledger(
@@ -272,21 +341,14 @@ fn describe_stored_ledger(
     changelog: Option<&Latest>,
     customer: &str,
 ) -> anyhow::Result<()> {
-    let ledger_key = format!("s/c/{customer}");
-    let stored = changelog.and_then(|c| {
-        c.records
-            .iter()
-            .rev()
-            .find(|(k, _)| k == ledger_key.as_bytes())
-            .map(|(_, v)| v)
-    });
+    let stored = changelog.and_then(|c| stored_ledger(c, customer));
     match (changelog, stored) {
         (None, _) => writeln!(
             out,
             "arbiter state: not readable here (state.changelog is off: it is only in the arbiter's RocksDB)"
         )?,
         // An empty value is the ledger's deletion.
-        (Some(_), Some(v)) if v.is_empty() => writeln!(out, "arbiter state: none (deleted)")?,
+        (Some(_), Some([])) => writeln!(out, "arbiter state: none (deleted)")?,
         (Some(_), Some(v)) => match kairos_core::encoding::decode_state::<CustomerLedger>(v) {
             Ok(l) => out.push_str(&describe_ledger(&l, kairos_core::time::wall_now())?),
             Err(e) => writeln!(out, "arbiter state: stored, but does not decode: {e:#}")?,
@@ -470,6 +532,7 @@ mod tests {
                 cut: true,
             },
             changelog: None,
+            absorbed: Vec::new(),
         };
         let out = report("c-1", 0, &read, 10).unwrap();
         let after = |id: &str| {
@@ -492,6 +555,31 @@ mod tests {
         let out = report("c-1", 0, &read, 10).unwrap();
         assert!(
             out.contains("trigger t-gone (before the latest records of the triggers topic read)"),
+            "{out}"
+        );
+        // Customer c-9 merged into c-1: its trigger t-gone, decided as c-1's, is on
+        // c-9's partition.
+        let read = Read {
+            absorbed: vec![(
+                "c-9".into(),
+                Latest {
+                    records: vec![record(
+                        "c-9",
+                        serde_json::to_vec(&Trigger {
+                            customer_id: "c-9".into(),
+                            ..trigger("t-gone", T0 + HOUR / 2)
+                        })
+                        .unwrap(),
+                    )],
+                    cut: false,
+                },
+            )],
+            ..read
+        };
+        let out = report("c-1", 0, &read, 10).unwrap();
+        assert!(
+            out.contains("trigger t-gone: welcome step 0")
+                && out.contains("taken over from merged customer c-9"),
             "{out}"
         );
     }

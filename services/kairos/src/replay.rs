@@ -420,7 +420,11 @@ pub fn run(
     drop(out);
     if let (Some(partial), Some(output)) = (&partial, &output) {
         std::fs::rename(partial, output).with_context(|| {
-            format!("cannot rename {} to {}", partial.display(), output.display())
+            format!(
+                "cannot rename {} to {}",
+                partial.display(),
+                output.display()
+            )
         })?;
     }
     stats.output_records = outputs;
