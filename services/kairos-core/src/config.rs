@@ -942,7 +942,8 @@ pub struct ScenarioConfig {
     /// Segment or lifecycle stage name, for `segment_entered`.
     #[serde(default)]
     pub segment: Option<String>,
-    /// Minimum price drop for `price_drop`, in percent.
+    /// Minimum price drop for `price_drop`, in percent (see
+    /// [`ScenarioConfig::min_drop`]).
     #[serde(default)]
     pub min_drop_percent: Option<f64>,
     /// Order statuses that fire `order_update` (default: all).
@@ -1051,6 +1052,13 @@ impl ScenarioConfig {
                 | ScenarioKind::Welcome
                 | ScenarioKind::Reactivation
         ))
+    }
+
+    /// The smallest price drop, in percent, a `price_drop` scenario tells of:
+    /// `min_drop_percent`, [`DEFAULT_MIN_DROP_PERCENT`] when not set (a repricer's
+    /// cent a day would otherwise tell the whole audience every day).
+    pub fn min_drop(&self) -> f64 {
+        self.min_drop_percent.unwrap_or(DEFAULT_MIN_DROP_PERCENT)
     }
 
     /// From the cause to the last step's moment, with that step's tolerance: how long
@@ -2893,6 +2901,9 @@ fn check_log_level(level: &str) -> Result<(), String> {
 
 /// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
 /// not override.
+/// A `price_drop` scenario's `min_drop_percent` when not set.
+pub const DEFAULT_MIN_DROP_PERCENT: f64 = 5.0;
+
 const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 8] = [
     "group.id",
     "enable.auto.commit",

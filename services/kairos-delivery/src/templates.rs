@@ -621,6 +621,39 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
         assert_eq!(m.preheader.as_deref(), Some("Was 59.90"));
     }
 
+    /// A return to stock at a lower price tells the drop (the wisher hears of it only
+    /// there); at the same price, or with no price, it tells the return alone.
+    #[test]
+    fn back_in_stock_at_a_lower_price_tells_the_drop() {
+        let stock = include_str!("../../../config/templates/back_in_stock.toml");
+        for channel in [Channel::email, Channel::sms, Channel::push] {
+            let shipped = set(channel, &[("back_in_stock.toml", stock)]).unwrap();
+            let text = |vars: serde_json::Value| {
+                let m = shipped.render("back_in_stock", &vars).unwrap();
+                format!("{} {}", m.subject.unwrap_or_default(), m.body)
+            };
+            let dropped = text(
+                serde_json::json!({"product_id": "p1", "product_name": "Mug",
+                "old_price": 100, "new_price": 80}),
+            );
+            assert!(
+                dropped.contains("80.00") && dropped.contains("100.00"),
+                "{channel:?}: {dropped}"
+            );
+            for vars in [
+                serde_json::json!({"product_id": "p1", "product_name": "Mug",
+                    "old_price": 80, "new_price": 80}),
+                serde_json::json!({"product_id": "p1", "product_name": "Mug"}),
+            ] {
+                let same = text(vars);
+                assert!(
+                    same.contains("back in stock") && !same.contains("80.00"),
+                    "{channel:?}: {same}"
+                );
+            }
+        }
+    }
+
     /// A blank name is no name: the default applies (a price drop of a product the
     /// catalog names "" reads "An item you viewed is now 0.30", not " is now 0.30"), and a blank
     /// required variable fails like a missing one.

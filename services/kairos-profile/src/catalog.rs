@@ -454,7 +454,7 @@ impl CatalogJoin {
             ),
             drop_thresholds: {
                 let mut thresholds: Vec<f64> = enabled(ScenarioKind::PriceDrop)
-                    .map(|s| s.min_drop_percent.unwrap_or(0.0))
+                    .map(|s| s.min_drop())
                     .collect();
                 thresholds.sort_by(f64::total_cmp);
                 thresholds.dedup();

@@ -1972,7 +1972,7 @@ impl ProfileProcessor {
         // The highest threshold of the scenarios that tell the customer this time.
         let mut told_up_to: Option<f64> = None;
         for s in self.scenarios(kind).iter() {
-            let min_drop = s.min_drop_percent.unwrap_or(0.0);
+            let min_drop = s.min_drop();
             // A drop is one to the customer only below the price they saw (the catalog
             // compares with its own prices, which they may not have seen), or the
             // drop they were told of since, by a scenario of this threshold or a
@@ -2023,7 +2023,7 @@ impl ProfileProcessor {
                 )
                 .map(|_| {
                     (self.scenarios(ScenarioKind::PriceDrop).iter())
-                        .map(|s| s.min_drop_percent.unwrap_or(0.0))
+                        .map(|s| s.min_drop())
                         .fold(0.0, f64::max)
                 }),
         };

@@ -2809,6 +2809,41 @@ fn price_drop_reaches_viewers_only() {
     assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
 }
 
+/// A price-drop scenario that sets no `min_drop_percent` tells of drops of at least
+/// the default (5%): a repricer's cent, or 2%, is no news to anyone.
+#[test]
+fn a_price_drop_without_its_own_threshold_tells_drops_of_the_default_and_more() {
+    let config = CONFIG.replace(
+        "template = \"price_drop\"\nmin_drop_percent = 10\n",
+        "template = \"price_drop\"\n",
+    );
+    assert_ne!(config, CONFIG);
+    let t = at(T0);
+    let mut h = Harness::with(&config, ClockMode::Event);
+    h.catalog(
+        "dd-0",
+        "p1",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": true}),
+    );
+    h.site(
+        "dd-view",
+        "product_view",
+        "dd1",
+        t + HOUR,
+        json!({"product": product("p1", 100.0)}),
+    );
+    h.catalog("dd-1", "p1", t + 2 * HOUR, json!({"price": 99.99}));
+    h.catalog("dd-2", "p1", t + 3 * HOUR, json!({"price": 98.0}));
+    h.advance(t + 4 * HOUR);
+    assert!(h.triggers("dd1", "price_drop").is_empty());
+    h.catalog("dd-3", "p1", t + 5 * HOUR, json!({"price": 94.0}));
+    h.advance(t + 6 * HOUR);
+    let fired = h.triggers("dd1", "price_drop");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+    assert_eq!(vars(&fired[0])["new_price"], 94.0);
+}
+
 /// The price a wish without one is measured from is the window's highest (30 days),
 /// not one of months ago: 100, then 95 for two months, is no 11% drop at 89.
 #[test]
