@@ -231,13 +231,15 @@ impl News {
     }
 
     /// A return to stock told with a drop (was 100, now 80) whose price rose since is
-    /// told late at the price now, without the drop.
-    fn follow_price(&mut self, price: Option<f64>) {
+    /// told late at the price now, without the drop. True if it changed.
+    fn follow_price(&mut self, price: Option<f64>) -> bool {
         let risen = matches!((price, self.new_price), (Some(now), Some(told)) if now > told);
-        if self.kind == ProductOccasionKind::back_in_stock && risen {
+        let follows = self.kind == ProductOccasionKind::back_in_stock && risen;
+        if follows {
             self.old_price = None;
             self.new_price = price;
         }
+        follows
     }
 
     fn occasion_for(&self, product_id: &str, customer: &str) -> ProductOccasion {
@@ -663,10 +665,13 @@ impl CatalogJoin {
         let now_price = product.price;
         let told = product.news.len();
         product.news.retain(|n| n.still_holds(now_price));
+        let mut followed = false;
         for n in product.news.iter_mut() {
-            n.follow_price(now_price);
+            followed |= n.follow_price(now_price);
         }
-        let withdrawn = product.news.len() < told;
+        // News withdrawn or changed: the cached copy, which late interest is told
+        // from, must say the same as the stored one (a restart reads that).
+        let withdrawn = product.news.len() < told || followed;
         for (kind, old, new) in &occasions {
             product.news.retain(|n| n.kind != *kind);
             product.news.push(News {

@@ -3248,6 +3248,44 @@ fn interest_from_before_a_catalog_change_that_arrives_after_it_is_greeted() {
     assert!(h.triggers("lw2", "back_in_stock").is_empty(), "viewed only");
 }
 
+/// A return to stock whose price rose since is told late at the price now, also from
+/// the join's cache of the product (which a wish before the change loaded): what a
+/// restart would read from the store.
+#[test]
+fn interest_arriving_late_hears_a_return_to_stock_at_the_price_now() {
+    let t = at(T0);
+    let mut h = Harness::new();
+    h.catalog(
+        "risen-cat",
+        "p20",
+        t,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": false}),
+    );
+    let wish = |h: &mut Harness, customer: &str| {
+        h.site(
+            &format!("{customer}-wish"),
+            "wishlist_add",
+            customer,
+            t + HOUR,
+            json!({"product": product("p20", 100.0)}),
+        );
+    };
+    wish(&mut h, "rs-early");
+    h.catalog("risen-back", "p20", t + 2 * HOUR, json!({"in_stock": true}));
+    let told = h.triggers("rs-early", "back_in_stock");
+    assert_eq!(told.len(), 1, "{told:#?}");
+    assert_eq!(vars(&told[0])["new_price"], 100.0);
+    // Dearer since: nothing withdrawn, the announcement follows the price.
+    h.catalog("risen-up", "p20", t + 150 * MINUTE, json!({"price": 110.0}));
+    wish(&mut h, "rs-late");
+    h.advance(t + 3 * HOUR);
+    let late = h.triggers("rs-late", "back_in_stock");
+    assert_eq!(late.len(), 1, "{late:#?}");
+    let v = vars(&late[0]);
+    assert_eq!(v["new_price"], 110.0, "{v}");
+    assert!(v["old_price"].is_null(), "{v}");
+}
+
 /// An announcement that no longer holds is not told to interest that reaches the join
 /// late: a return to stock sold out again, a drop whose price rose since (a customer
 /// would be told of a price or a stock the shop no longer has).
