@@ -346,21 +346,27 @@ pub fn run(
     };
     let prefix = config.kafka.topic_prefix.clone();
     let mut outputs = 0u64;
+    let writing = partial.as_ref().map_or_else(
+        || "standard output".to_string(),
+        |p| p.display().to_string(),
+    );
     let mut sink = |e: &OutboxEntry| -> anyhow::Result<()> {
         outputs += 1;
         // The payload is already JSON: frame it without parsing it again.
-        out.write_all(b"{\"topic\":")?;
-        serde_json::to_writer(&mut out, e.topic.strip_prefix(&prefix).unwrap_or(&e.topic))?;
-        out.write_all(b",\"key\":")?;
-        serde_json::to_writer(&mut out, &String::from_utf8_lossy(&e.key))?;
-        out.write_all(b",\"value\":")?;
-        out.write_all(&e.payload)?;
-        out.write_all(b"}\n")?;
-        Ok(())
+        let mut write = || -> std::io::Result<()> {
+            out.write_all(b"{\"topic\":")?;
+            serde_json::to_writer(&mut out, e.topic.strip_prefix(&prefix).unwrap_or(&e.topic))?;
+            out.write_all(b",\"key\":")?;
+            serde_json::to_writer(&mut out, &String::from_utf8_lossy(&e.key))?;
+            out.write_all(b",\"value\":")?;
+            out.write_all(&e.payload)?;
+            out.write_all(b"}\n")
+        };
+        write().with_context(|| format!("cannot write {writing}"))
     };
     let mut topic_names = TopicNames::default();
     let site_events = config.topic(topics::SITE_EVENTS);
-    let mut each = |path: &Path, n: usize, line: &[u8]| -> anyhow::Result<()> {
+    let mut each_line = |line: &[u8]| -> anyhow::Result<()> {
         if line.trim_ascii().is_empty() {
             return Ok(());
         }
@@ -378,10 +384,9 @@ pub fn run(
                 let topic = topic_names.full(&config, &route.topic);
                 if !pipeline.consumes(topic) {
                     anyhow::bail!(
-                        "{}:{n}: no stage of the replay reads topic {:?} (an envelope's topic is \
+                        "no stage of the replay reads topic {:?} (an envelope's topic is \
                          named without the prefix {:?}: events.site, events.app, \
                          events.offline, catalog, outcomes...)",
-                        path.display(),
                         route.topic,
                         config.kafka.topic_prefix
                     );
@@ -398,6 +403,11 @@ pub fn run(
         stats.input_records += 1;
         Ok(())
     };
+    // Whatever stops the replay (a line no stage reads, a processor's error, a full
+    // disk) names the input line it stopped at.
+    let mut each = |path: &Path, n: usize, line: &[u8]| {
+        each_line(line).with_context(|| format!("{}:{n}", path.display()))
+    };
     match inputs {
         [one] => for_each_line(one, |n, line| each(one, n, line))?,
         several => merged_lines(several, each)?,
@@ -409,14 +419,8 @@ pub fn run(
         // is committed too, and the timers it set that fall due by `t` fire.
         pipeline.commit(&mut sink)?;
     }
-    let writing = || {
-        partial.as_ref().map_or_else(
-            || "standard output".to_string(),
-            |p| p.display().to_string(),
-        )
-    };
     out.flush()
-        .with_context(|| format!("cannot write {}", writing()))?;
+        .with_context(|| format!("cannot write {writing}"))?;
     drop(out);
     if let (Some(partial), Some(output)) = (&partial, &output) {
         std::fs::rename(partial, output).with_context(|| {
