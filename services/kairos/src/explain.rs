@@ -203,20 +203,29 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
             .map(|(_, v)| v.as_slice())
     }
     let mine = |latest| of(customer, latest);
+    // Records of the customer this version cannot read (a newer one wrote them): told,
+    // so that a decision missing from the report is not taken for none made.
+    let mut unreadable: Vec<(&str, serde_json::Error)> = Vec::new();
     let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
     for payload in mine(&read.triggers) {
-        if let Ok(t) = serde_json::from_slice::<Trigger>(payload) {
-            triggers.insert(t.trigger_id.clone(), t);
+        match serde_json::from_slice::<Trigger>(payload) {
+            Ok(t) => {
+                triggers.insert(t.trigger_id.clone(), t);
+            }
+            Err(e) => unreadable.push(("trigger", e)),
         }
     }
     let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
     for payload in mine(&read.decisions) {
-        if let Ok(d) = serde_json::from_slice::<Decision>(payload) {
-            let list = decisions.entry(d.trigger_id.clone()).or_default();
-            // A record re-sent after a crash repeats its decision id: show it once.
-            if !list.iter().any(|x| x.decision_id == d.decision_id) {
-                list.push(d);
+        match serde_json::from_slice::<Decision>(payload) {
+            Ok(d) => {
+                let list = decisions.entry(d.trigger_id.clone()).or_default();
+                // A record re-sent after a crash repeats its decision id: show it once.
+                if !list.iter().any(|x| x.decision_id == d.decision_id) {
+                    list.push(d);
+                }
             }
+            Err(e) => unreadable.push(("decision", e)),
         }
     }
     // A merged customer's trigger this one's decisions are about, by where it came from.
@@ -240,6 +249,13 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
     });
     let mut out = String::new();
     writeln!(out, "customer {customer} (partition {partition})")?;
+    if let Some((what, first)) = unreadable.first() {
+        writeln!(
+            out,
+            "{} of the customer's records do not decode and are not shown (the first, a {what}: {first}): a newer version wrote them?",
+            unreadable.len()
+        )?;
+    }
     describe_stored_ledger(&mut out, read.changelog.as_ref(), customer)?;
     // Triggers newest first; decisions whose trigger is no longer on the topic too.
     let mut ids: Vec<(i64, String)> = triggers
@@ -535,6 +551,7 @@ mod tests {
             absorbed: Vec::new(),
         };
         let out = report("c-1", 0, &read, 10).unwrap();
+        assert!(!out.contains("do not decode"), "{out}");
         let after = |id: &str| {
             let at = out.find(&format!("trigger {id}")).expect(id);
             out[at..].lines().nth(1).unwrap_or_default().to_string()
@@ -580,6 +597,18 @@ mod tests {
         assert!(
             out.contains("trigger t-gone: welcome step 0")
                 && out.contains("taken over from merged customer c-9"),
+            "{out}"
+        );
+        // A decision of a newer version's making is told of, not left out in silence.
+        let mut decisions = read.decisions;
+        decisions.records.push(record(
+            "c-1",
+            br#"{"decision_id":"d-new","outcome":"teleported"}"#.to_vec(),
+        ));
+        let read = Read { decisions, ..read };
+        let out = report("c-1", 0, &read, 10).unwrap();
+        assert!(
+            out.contains("1 of the customer's records do not decode and are not shown (the first, a decision:"),
             "{out}"
         );
     }
