@@ -193,6 +193,7 @@ pub fn run_identity(config: &Config, input: &std::path::Path) -> anyhow::Result<
     // Read and routed before the clock starts: the benchmark is the processor.
     let mut records = Vec::new();
     let mut topic_names = crate::replay::TopicNames::default();
+    crate::input_lines::refuse_compressed(input)?;
     crate::input_lines::for_each_line(input, |n, line| {
         let route = std::str::from_utf8(line)
             .map_err(anyhow::Error::from)

@@ -50,6 +50,40 @@ pub fn for_each_line(
     buffered_lines(path, file, &mut each)
 }
 
+/// Refuses a compressed file (gzip, zstd, bzip2, xz: history exports often are), whose
+/// bytes would split into random "lines", each dead-lettered as not JSON, the run
+/// reported as a success. A pipe is not looked at (what is read of it would be gone).
+pub fn refuse_compressed(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    // Looked at before it is opened: opening a pipe waits for its writer.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let mut head = [0u8; 6];
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let n = file
+        .read(&mut head)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let head = &head[..n];
+    let format = [
+        (&b"\x1f\x8b"[..], "gzip", "zcat"),
+        (&b"\x28\xb5\x2f\xfd"[..], "zstd", "zstdcat"),
+        (&b"BZh"[..], "bzip2", "bzcat"),
+        (&b"\xfd7zXZ\x00"[..], "xz", "xzcat"),
+    ]
+    .into_iter()
+    .find(|(magic, _, _)| head.starts_with(magic));
+    if let Some((_, name, tool)) = format {
+        anyhow::bail!(
+            "{} is {name}-compressed: give it decompressed (`{tool} {} > events.jsonl`, or \
+             a named pipe)",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// A first line without the UTF-8 byte order mark some Windows tools write: no JSON
 /// parser skips it, and the file's first event would be dead-lettered as not JSON.
 pub fn without_byte_order_mark(line: &[u8]) -> &[u8] {
@@ -237,6 +271,28 @@ impl LineSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gzip or zstd file is refused by name, with the way out; JSON lines pass.
+    #[test]
+    fn compressed_input_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            path
+        };
+        let gz = write("events.jsonl.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00");
+        let error = refuse_compressed(&gz).expect_err("gzip").to_string();
+        assert!(
+            error.contains("events.jsonl.gz is gzip-compressed") && error.contains("zcat"),
+            "{error}"
+        );
+        let zst = write("events.jsonl.zst", b"\x28\xb5\x2f\xfd\x04\x00");
+        assert!(refuse_compressed(&zst).is_err());
+        for plain in [&b"{\"event_id\":\"e1\"}\n"[..], b"", b"\xEF\xBB\xBF{}"] {
+            refuse_compressed(&write("plain.jsonl", plain)).expect("JSON lines pass");
+        }
+    }
 
     fn lines_of(path: &Path) -> Vec<(usize, Vec<u8>)> {
         let mut lines = Vec::new();

@@ -323,6 +323,9 @@ pub fn run(
             arbiter, &config, &registry,
         )?));
     }
+    for input in inputs {
+        crate::input_lines::refuse_compressed(input)?;
+    }
     if let Some(p) = &output {
         refuse_an_input_as_output(p, inputs)?;
     }
