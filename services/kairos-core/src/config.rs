@@ -247,6 +247,10 @@ pub struct ProfileConfig {
     /// it are converted when read; one in a currency neither `currency` nor here is
     /// dead-lettered.
     pub exchange_rates: BTreeMap<String, f64>,
+    /// Customers the catalog join tells of a price drop or a return to stock per
+    /// commit, at most: a larger audience (a bestseller's) is kept in chunks and told
+    /// over the next commits, so one update does not put millions of records in one.
+    pub audience_per_commit: usize,
 }
 
 impl Default for ProfileConfig {
@@ -255,6 +259,7 @@ impl Default for ProfileConfig {
             admin_listen: ([127, 0, 0, 1], 9101).into(),
             currency: None,
             exchange_rates: BTreeMap::new(),
+            audience_per_commit: 20_000,
         }
     }
 }
@@ -1858,6 +1863,12 @@ impl Config {
             return Err(fail(
                 "default_country",
                 format!("identity.default_country: {message}"),
+            ));
+        }
+        if self.profile.audience_per_commit == 0 {
+            return Err(fail(
+                "audience_per_commit",
+                "profile.audience_per_commit: must be at least 1".into(),
             ));
         }
         if self.identity.max_customers_per_identifier == 0 {
@@ -3735,6 +3746,15 @@ mod tests {
         assert_eq!(line, 2, "{message}");
         assert!(message.contains("identity.forward_retention"), "{message}");
         parse("[identity]\nforward_retention = \"1day\"\n").expect("a day");
+    }
+
+    /// A catalog join that may tell no one per commit would never tell anyone.
+    #[test]
+    fn an_audience_per_commit_of_zero_is_refused_at_its_line() {
+        let (line, message) = line_of("[profile]\ncurrency = \"EUR\"\naudience_per_commit = 0\n");
+        assert_eq!(line, 3, "{message}");
+        assert!(message.contains("profile.audience_per_commit"), "{message}");
+        parse("[profile]\naudience_per_commit = 1\n").expect("one");
     }
 
     /// Names and values librdkafka does not know are refused at their line, not by

@@ -322,6 +322,26 @@ const DAY_VIEW_PIECES: u64 = 255;
 /// drops would otherwise keep a key per day for good.
 const DAY_VIEWS_EXPIRY: &str = "~vd";
 
+/// Timers that tell an announcement's audience past `profile.audience_per_commit`, a
+/// chunk at a time (`~fo/<job>`, payload: the job's key, `fo/<job>`; its chunks are
+/// `fo/<job>/<n>`): the audience is taken when the update is read, in the same commit,
+/// and told over the commits after it.
+const FAN_OUT: &str = "~fo";
+
+/// An announcement whose audience is told in chunks.
+#[derive(Debug, Serialize, Deserialize)]
+struct FanOut {
+    product_id: String,
+    /// The announcements of the update, as made.
+    news: Vec<News>,
+    chunks: u32,
+    /// The next chunk to tell.
+    next: u32,
+}
+
+/// One customer of an announcement's audience, and whether they wished the product.
+type Listener = (String, bool);
+
 /// The id of the occasion a catalog update makes for one customer: the same for the
 /// same update, product and customer, whoever sends it (the join, or the profile
 /// processor sending it on to the customer a merged one became). The product is part
@@ -432,6 +452,10 @@ pub struct CatalogJoin {
     /// partition, read once per product: so a view, about every other event, costs
     /// no read to find none. At most `NEWS_CACHED_PER_PARTITION` products each.
     news: HashMap<i32, HashMap<CompactString, Vec<News>>>,
+    /// `profile.audience_per_commit`.
+    audience_per_commit: usize,
+    /// Customers told of an announcement since the partition's last commit.
+    told_since_commit: HashMap<i32, usize>,
 }
 
 impl CatalogJoin {
@@ -465,7 +489,106 @@ impl CatalogJoin {
             watches_stock: enabled(ScenarioKind::BackInStock).next().is_some(),
             batch_views: HashMap::new(),
             news: HashMap::new(),
+            audience_per_commit: config.profile.audience_per_commit.max(1),
+            told_since_commit: HashMap::new(),
         }
+    }
+
+    /// Tells `customer` of the `announced` news that reach them.
+    fn tell(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        product_id: &str,
+        (customer, wishlisted): &Listener,
+        announced: &[&News],
+    ) {
+        for news in announced {
+            if news.kind == ProductOccasionKind::back_in_stock && !wishlisted {
+                continue;
+            }
+            if *wishlisted && news.told_with_return(announced) {
+                continue;
+            }
+            let occasion = news.occasion_for(product_id, customer);
+            ctx.emit(&self.occasions_topic, customer, &occasion);
+        }
+        *self.told_since_commit.entry(ctx.partition).or_default() += 1;
+    }
+
+    /// How many more customers this commit tells.
+    fn audience_left(&self, partition: i32) -> usize {
+        let told = self.told_since_commit.get(&partition).copied().unwrap_or(0);
+        self.audience_per_commit.saturating_sub(told)
+    }
+
+    /// Tells the `audience` of the `announced` news of `product_id` made by the update
+    /// `event_id`: at once, if this commit has room for it, else in chunks over the
+    /// next commits (see [`FAN_OUT`]).
+    fn tell_audience(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        product_id: &str,
+        event_id: &str,
+        audience: Vec<Listener>,
+        announced: &[&News],
+    ) -> anyhow::Result<()> {
+        if audience.len() <= self.audience_left(ctx.partition) {
+            for listener in &audience {
+                self.tell(ctx, product_id, listener, announced);
+            }
+            return Ok(());
+        }
+        let kinds: Vec<String> = announced.iter().map(|n| format!("{:?}", n.kind)).collect();
+        let job = deterministic_id(&[product_id, event_id, &kinds.join(",")]);
+        let job_key = format!("fo/{job}");
+        let chunks = audience.chunks(self.audience_per_commit);
+        let count = chunks.len();
+        for (n, chunk) in chunks.enumerate() {
+            ctx.put(&format!("{job_key}/{n:08}"), &chunk)?;
+        }
+        let fan_out = FanOut {
+            product_id: product_id.to_string(),
+            news: announced.iter().map(|n| (*n).clone()).collect(),
+            chunks: u32::try_from(count).context("an audience of over 4 billion chunks")?,
+            next: 0,
+        };
+        ctx.put(&job_key, &fan_out)?;
+        ctx.schedule(&format!("{FAN_OUT}/{job}"), ctx.now(), &job_key)?;
+        tracing::info!(
+            product = product_id,
+            customers = audience.len(),
+            chunks = count,
+            "an announcement's audience is told in chunks"
+        );
+        Ok(())
+    }
+
+    /// Tells the next chunk of a fan-out's audience and arms the one after it a
+    /// millisecond later: a firing takes the timers due at its start, so on the wall
+    /// clock the next chunk goes out in the next firing, after this one's commit (in
+    /// event time, once the clock passes it: a replay's `--until` tells them all).
+    fn tell_next_chunk(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        let job_key: String = timer
+            .decode()
+            .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
+        let Some(mut job) = ctx.get::<FanOut>(&job_key)? else {
+            return Ok(());
+        };
+        let chunk_key = format!("{job_key}/{:08}", job.next);
+        let chunk: Vec<Listener> = ctx.get(&chunk_key)?.unwrap_or_default();
+        let announced: Vec<&News> = job.news.iter().collect();
+        for listener in &chunk {
+            self.tell(ctx, &job.product_id, listener, &announced);
+        }
+        ctx.delete(&chunk_key);
+        job.next += 1;
+        if job.next < job.chunks {
+            ctx.put(&job_key, &job)?;
+            ctx.schedule(&timer.timer_id, ctx.now() + 1, &job_key)?;
+        } else {
+            ctx.delete(&job_key);
+        }
+        Ok(())
     }
 
     /// How often this process sent `payload` on lately (see `CatalogJoin::sent_on`).
@@ -769,19 +892,16 @@ impl CatalogJoin {
             .iter()
             .filter(|n| occasions.iter().any(|(kind, _, _)| *kind == n.kind))
             .collect();
-        for (customer, interest) in audience {
-            for news in &announced {
-                if news.kind == ProductOccasionKind::back_in_stock && !interest.wishlisted {
-                    continue;
-                }
-                if interest.wishlisted && news.told_with_return(&announced) {
-                    continue;
-                }
-                let occasion = news.occasion_for(&u.product_id, &customer);
-                ctx.emit(&self.occasions_topic, &customer, &occasion);
-            }
-        }
-        Ok(())
+        // Only those the announcements reach: a viewer of a return to stock alone
+        // hears nothing.
+        let wishers_only = announced
+            .iter()
+            .all(|n| n.kind == ProductOccasionKind::back_in_stock);
+        let audience: Vec<Listener> = (audience.into_iter())
+            .filter(|(_, interest)| interest.wishlisted || !wishers_only)
+            .map(|(customer, interest)| (customer, interest.wishlisted))
+            .collect();
+        self.tell_audience(ctx, &u.product_id, &u.event_id, audience, &announced)
     }
 
     /// Tells a customer whose interest arrives after an announcement it was shown
@@ -943,6 +1063,9 @@ impl Processor for CatalogJoin {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
+        if timer.timer_id.starts_with(&format!("{FAN_OUT}/")) {
+            return self.tell_next_chunk(ctx, timer);
+        }
         if timer.timer_id.starts_with(&format!("{DAY_VIEWS_EXPIRY}/")) {
             let key: String = timer
                 .decode()
@@ -955,6 +1078,7 @@ impl Processor for CatalogJoin {
     }
 
     fn flush(&mut self, ctx: &mut Ctx<'_>) -> anyhow::Result<()> {
+        self.told_since_commit.remove(&ctx.partition);
         if let Some(batch) = self.batch_views.get_mut(&ctx.partition) {
             for (product_id, days) in batch.drain() {
                 for (day, views) in days {
@@ -966,6 +1090,7 @@ impl Processor for CatalogJoin {
     }
 
     fn on_partition_closed(&mut self, partition: i32) {
+        self.told_since_commit.remove(&partition);
         self.batch_views.remove(&partition);
         self.news.remove(&partition);
     }

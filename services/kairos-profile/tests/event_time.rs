@@ -2809,6 +2809,86 @@ fn price_drop_reaches_viewers_only() {
     assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
 }
 
+/// An audience larger than `profile.audience_per_commit` is told in chunks, one per
+/// commit, over the firings after the update (in event time, as the clock moves on):
+/// every viewer and wisher once, with the ids an undivided telling gives them.
+#[test]
+fn a_large_audience_is_told_in_chunks_with_the_same_ids() {
+    let t = at(T0);
+    let run = |per_commit: usize| {
+        let config = CONFIG.replace(
+            "[arbiter]\n",
+            &format!("[profile]\naudience_per_commit = {per_commit}\n\n[arbiter]\n"),
+        );
+        assert_ne!(config, CONFIG);
+        let mut h = Harness::with(&config, ClockMode::Event);
+        h.catalog(
+            "fo-0",
+            "p30",
+            t,
+            json!({"name": "Kettle", "price": 100.0, "in_stock": false}),
+        );
+        let customers: Vec<String> = (0..9).map(|n| format!("fo-{n}")).collect();
+        for (n, customer) in customers.iter().enumerate() {
+            let kind = if n < 2 {
+                "wishlist_add"
+            } else {
+                "product_view"
+            };
+            h.site(
+                &format!("{customer}-{kind}"),
+                kind,
+                customer,
+                t + HOUR,
+                json!({"product": product("p30", 100.0)}),
+            );
+        }
+        // Cheaper and back: viewers hear of the drop, wishers of the return with it.
+        h.catalog(
+            "fo-1",
+            "p30",
+            t + 2 * HOUR,
+            json!({"price": 80.0, "in_stock": true}),
+        );
+        let told_at_once: usize = customers
+            .iter()
+            .map(|c| h.triggers(c, "price_drop").len() + h.triggers(c, "back_in_stock").len())
+            .sum();
+        h.advance(t + 3 * HOUR);
+        let ids: Vec<(String, String, Value)> = customers
+            .iter()
+            .flat_map(|c| {
+                let mut told = h.triggers(c, "price_drop");
+                told.extend(h.triggers(c, "back_in_stock"));
+                assert_eq!(told.len(), 1, "{c}: {told:#?}");
+                told.into_iter().map(|t| {
+                    (
+                        c.clone(),
+                        t["scenario"].to_string(),
+                        t["trigger_id"].clone(),
+                    )
+                })
+            })
+            .collect();
+        (told_at_once, ids)
+    };
+    let (at_once, undivided) = run(100);
+    assert_eq!(at_once, 9);
+    assert_eq!(
+        undivided
+            .iter()
+            .filter(|(_, s, _)| s.contains("back_in_stock"))
+            .count(),
+        2
+    );
+    let (at_once, chunked) = run(4);
+    assert_eq!(
+        at_once, 4,
+        "the first chunk alone goes with the update's commit"
+    );
+    assert_eq!(chunked, undivided);
+}
+
 /// A price-drop scenario that sets no `min_drop_percent` tells of drops of at least
 /// the default (5%): a repricer's cent, or 2%, is no news to anyone.
 #[test]
