@@ -2910,11 +2910,11 @@ fn check_log_level(level: &str) -> Result<(), String> {
         .map_err(|e| format!("not a filter: {e}"))
 }
 
-/// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
-/// not override.
 /// A `price_drop` scenario's `min_drop_percent` when not set.
 pub const DEFAULT_MIN_DROP_PERCENT: f64 = 5.0;
 
+/// librdkafka properties the runtime sets and relies on, which `[kafka.client]` may
+/// not override.
 const KAFKA_PROPERTIES_KAIROS_SETS: [&str; 8] = [
     "group.id",
     "enable.auto.commit",

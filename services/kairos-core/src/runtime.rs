@@ -3997,8 +3997,7 @@ async fn apply_rebalances<P: Processor>(
 ) -> anyhow::Result<AppliedRebalances> {
     let mut keep_in_group = KeepInGroup::new(with.member);
     let mut applied = AppliedRebalances::default();
-    // A shutdown during a restore restores no more (the caller stops next).
-    while !with.cancel.is_cancelled() {
+    loop {
         let events: Vec<RebalanceEvent> = rebalances
             .lock()
             .map(|mut q| std::mem::take(&mut *q))
@@ -4096,6 +4095,11 @@ async fn apply_net_rebalance<P: Processor>(
     // State partitions opened (or already open) here, with their input partitions.
     let mut opened_here = Vec::new();
     for (p, inputs) in by_state {
+        if cancel.is_cancelled() {
+            // Shutting down: nothing more is restored (revocations still take effect
+            // above, so the shutdown's publish leaves the partitions let go alone).
+            break;
+        }
         let held = || inputs.iter().copied().any(&still_assigned);
         if !held() {
             tracing::info!(

@@ -42,7 +42,7 @@ use kairos_core::replay::partition_for;
 use kairos_core::runtime::{Ctx, Processor, Record};
 use kairos_core::schemas;
 use kairos_core::store::DueTimer;
-use kairos_core::time::{Millis, DAY};
+use kairos_core::time::{ClockMode, Millis, DAY};
 use serde::{Deserialize, Serialize};
 
 /// Products whose announcements the join holds in memory per partition (see
@@ -322,17 +322,19 @@ const DAY_VIEW_PIECES: u64 = 255;
 /// drops would otherwise keep a key per day for good.
 const DAY_VIEWS_EXPIRY: &str = "~vd";
 
-/// Timers that tell an announcement's audience past `profile.audience_per_commit`, a
-/// chunk at a time (`~fo/<job>`, payload: the job's key, `fo/<job>`; its chunks are
-/// `fo/<job>/<n>`): the audience is taken when the update is read, in the same commit,
-/// and told over the commits after it.
+/// Timers that tell an announcement's audience past `profile.audience_per_commit`, on
+/// the wall clock, over the commits after the update's (`~fo/<job>`, payload: the
+/// job's key, `fo/<job>`; its chunks are `fo/<job>/<n>`): the audience is taken when
+/// the update is read, and stored in chunks in the same commit. A version without
+/// them, rolled back to, leaves the rest of an audience untold and its keys stored.
 const FAN_OUT: &str = "~fo";
 
 /// An announcement whose audience is told in chunks.
 #[derive(Debug, Serialize, Deserialize)]
 struct FanOut {
     product_id: String,
-    /// The announcements of the update, as made.
+    /// The announcements of the update, as made: each chunk tells those of them that
+    /// still hold, as the product's state has them then.
     news: Vec<News>,
     chunks: u32,
     /// The next chunk to tell.
@@ -341,6 +343,18 @@ struct FanOut {
 
 /// One customer of an announcement's audience, and whether they wished the product.
 type Listener = (String, bool);
+
+/// From one chunk of a fan-out to the next: past the firing that told one (a firing
+/// takes the timers due at its start), so the next goes with a later commit.
+const FAN_OUT_PAUSE: Millis = 1_000;
+
+/// Customers of a fan-out stored under one key: a customer id is at most 200 bytes, so
+/// a chunk stays well within a changelog record's 1 MB.
+const STORED_CHUNK: usize = 2_000;
+
+fn chunk_key(job_key: &str, n: usize) -> String {
+    format!("{job_key}/{n:08}")
+}
 
 /// The id of the occasion a catalog update makes for one customer: the same for the
 /// same update, product and customer, whoever sends it (the join, or the profile
@@ -454,6 +468,8 @@ pub struct CatalogJoin {
     news: HashMap<i32, HashMap<CompactString, Vec<News>>>,
     /// `profile.audience_per_commit`.
     audience_per_commit: usize,
+    /// On the wall clock, a large audience is told in chunks over several commits.
+    chunked: bool,
     /// Customers told of an announcement since the partition's last commit.
     told_since_commit: HashMap<i32, usize>,
 }
@@ -490,6 +506,7 @@ impl CatalogJoin {
             batch_views: HashMap::new(),
             news: HashMap::new(),
             audience_per_commit: config.profile.audience_per_commit.max(1),
+            chunked: config.clock.mode == ClockMode::Wall,
             told_since_commit: HashMap::new(),
         }
     }
@@ -522,29 +539,34 @@ impl CatalogJoin {
     }
 
     /// Tells the `audience` of the `announced` news of `product_id` made by the update
-    /// `event_id`: at once, if this commit has room for it, else in chunks over the
-    /// next commits (see [`FAN_OUT`]).
+    /// `event_id` at `at`: at once, if this commit has room for it (and always in
+    /// event time, whose results must not depend on where commits fall), else in
+    /// chunks over the next commits (see [`FAN_OUT`]).
     fn tell_audience(
         &mut self,
         ctx: &mut Ctx<'_>,
         product_id: &str,
-        event_id: &str,
+        (event_id, at): (&str, Millis),
         audience: Vec<Listener>,
         announced: &[&News],
     ) -> anyhow::Result<()> {
-        if audience.len() <= self.audience_left(ctx.partition) {
+        if !self.chunked || audience.len() <= self.audience_left(ctx.partition) {
             for listener in &audience {
                 self.tell(ctx, product_id, listener, announced);
             }
             return Ok(());
         }
         let kinds: Vec<String> = announced.iter().map(|n| format!("{:?}", n.kind)).collect();
-        let job = deterministic_id(&[product_id, event_id, &kinds.join(",")]);
+        let job = deterministic_id(&[product_id, event_id, &at.to_string(), &kinds.join(",")]);
         let job_key = format!("fo/{job}");
-        let chunks = audience.chunks(self.audience_per_commit);
+        if ctx.get::<FanOut>(&job_key)?.is_some() {
+            // The same update read again (a feed's repeat): its telling is under way.
+            return Ok(());
+        }
+        let chunks = audience.chunks(STORED_CHUNK.min(self.audience_per_commit));
         let count = chunks.len();
         for (n, chunk) in chunks.enumerate() {
-            ctx.put(&format!("{job_key}/{n:08}"), &chunk)?;
+            ctx.put(&chunk_key(&job_key, n), &chunk)?;
         }
         let fan_out = FanOut {
             product_id: product_id.to_string(),
@@ -557,16 +579,15 @@ impl CatalogJoin {
         tracing::info!(
             product = product_id,
             customers = audience.len(),
-            chunks = count,
-            "an announcement's audience is told in chunks"
+            "an announcement's audience is told in chunks over the next commits"
         );
         Ok(())
     }
 
-    /// Tells the next chunk of a fan-out's audience and arms the one after it a
-    /// millisecond later: a firing takes the timers due at its start, so on the wall
-    /// clock the next chunk goes out in the next firing, after this one's commit (in
-    /// event time, once the clock passes it: a replay's `--until` tells them all).
+    /// Tells a fan-out's next chunks, as many as this commit has room for (one at
+    /// least, if it told no one yet), of the announcements that still hold, at the
+    /// price now (as late interest is told: sold out again since, or a drop whose price
+    /// rose back, tells the rest nothing); arms the rest [`FAN_OUT_PAUSE`] later.
     fn tell_next_chunk(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         let job_key: String = timer
             .decode()
@@ -574,18 +595,35 @@ impl CatalogJoin {
         let Some(mut job) = ctx.get::<FanOut>(&job_key)? else {
             return Ok(());
         };
-        let chunk_key = format!("{job_key}/{:08}", job.next);
-        let chunk: Vec<Listener> = ctx.get(&chunk_key)?.unwrap_or_default();
-        let announced: Vec<&News> = job.news.iter().collect();
-        for listener in &chunk {
-            self.tell(ctx, &job.product_id, listener, &announced);
+        let holding: Vec<News> = (ctx.get::<ProductState>(&format!("p/{}", job.product_id))?)
+            .map(|p| p.told_late())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| {
+                (job.news.iter()).any(|made| made.kind == n.kind && made.event_id == n.event_id)
+            })
+            .collect();
+        let announced: Vec<&News> = holding.iter().collect();
+        while job.next < job.chunks && !announced.is_empty() {
+            let key = chunk_key(&job_key, job.next as usize);
+            let chunk: Vec<Listener> = ctx.get(&key)?.unwrap_or_default();
+            let left = self.audience_left(ctx.partition);
+            if left < self.audience_per_commit && chunk.len() > left {
+                break;
+            }
+            for listener in &chunk {
+                self.tell(ctx, &job.product_id, listener, &announced);
+            }
+            ctx.delete(&key);
+            job.next += 1;
         }
-        ctx.delete(&chunk_key);
-        job.next += 1;
-        if job.next < job.chunks {
+        if job.next < job.chunks && !announced.is_empty() {
             ctx.put(&job_key, &job)?;
-            ctx.schedule(&timer.timer_id, ctx.now() + 1, &job_key)?;
+            ctx.schedule(&timer.timer_id, ctx.now() + FAN_OUT_PAUSE, &job_key)?;
         } else {
+            for n in job.next..job.chunks {
+                ctx.delete(&chunk_key(&job_key, n as usize));
+            }
             ctx.delete(&job_key);
         }
         Ok(())
@@ -735,11 +773,12 @@ impl CatalogJoin {
         }
         if self.watches_stock && restocked {
             // A drop told with the return carries its price from before: a wisher
-            // hears of both in the one message (see `News::told_with_return`).
+            // hears of both in the one message (see `News::told_with_return`). A
+            // return without one carries no old price (the message tells no drop).
             let dropped_from = occasions.first().and_then(|(_, old, _)| *old);
             occasions.push((
                 ProductOccasionKind::back_in_stock,
-                dropped_from.or(product.price),
+                dropped_from,
                 price.or(product.price),
             ));
         }
@@ -901,7 +940,13 @@ impl CatalogJoin {
             .filter(|(_, interest)| interest.wishlisted || !wishers_only)
             .map(|(customer, interest)| (customer, interest.wishlisted))
             .collect();
-        self.tell_audience(ctx, &u.product_id, &u.event_id, audience, &announced)
+        self.tell_audience(
+            ctx,
+            &u.product_id,
+            (&u.event_id, u.occurred_at),
+            audience,
+            &announced,
+        )
     }
 
     /// Tells a customer whose interest arrives after an announcement it was shown

@@ -2809,71 +2809,75 @@ fn price_drop_reaches_viewers_only() {
     assert_eq!(skipped(&h, "price_drop", "below_min_drop"), 1.0);
 }
 
-/// An audience larger than `profile.audience_per_commit` is told in chunks, one per
-/// commit, over the firings after the update (in event time, as the clock moves on):
-/// every viewer and wisher once, with the ids an undivided telling gives them.
+/// The catalog join with `audience_per_commit` on `mode`'s clock, nine customers (two
+/// wishers, seven viewers) interested in p30, and p30 back in stock and cheaper (the
+/// viewers hear of the drop, the wishers of the return with it); `now` is the wall
+/// clock's time, or the event time the test goes by.
+fn fan_out_harness(per_commit: usize, mode: ClockMode, now: Millis) -> (Harness, Vec<String>) {
+    let config = CONFIG.replace(
+        "[arbiter]\n",
+        &format!("[profile]\naudience_per_commit = {per_commit}\n\n[arbiter]\n"),
+    );
+    assert_ne!(config, CONFIG);
+    let mut h = Harness::with(&config, mode);
+    h.catalog(
+        "fo-0",
+        "p30",
+        now - 3 * HOUR,
+        json!({"name": "Kettle", "price": 100.0, "in_stock": false}),
+    );
+    let customers: Vec<String> = (0..9).map(|n| format!("fo-{n}")).collect();
+    for (n, customer) in customers.iter().enumerate() {
+        let kind = if n < 2 {
+            "wishlist_add"
+        } else {
+            "product_view"
+        };
+        h.site(
+            &format!("{customer}-{kind}"),
+            kind,
+            customer,
+            now - 2 * HOUR,
+            json!({"product": product("p30", 100.0)}),
+        );
+    }
+    h.catalog(
+        "fo-1",
+        "p30",
+        now - HOUR,
+        json!({"price": 80.0, "in_stock": true}),
+    );
+    (h, customers)
+}
+
+/// The announcements each customer was told: (customer, scenario, trigger id).
+fn told(h: &Harness, customers: &[String]) -> Vec<(String, String, String)> {
+    customers
+        .iter()
+        .flat_map(|c| {
+            let mut told = h.triggers(c, "price_drop");
+            told.extend(h.triggers(c, "back_in_stock"));
+            told.into_iter().map(|t| {
+                (
+                    c.clone(),
+                    t["scenario"].to_string(),
+                    t["trigger_id"].to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// On the wall clock, an audience larger than `profile.audience_per_commit` is told in
+/// chunks, one per commit after the update's, each customer once, with the ids an
+/// undivided telling gives; in event time (replays, backtests) it is told at once,
+/// whatever the setting, so results do not depend on where commits fall.
 #[test]
 fn a_large_audience_is_told_in_chunks_with_the_same_ids() {
-    let t = at(T0);
-    let run = |per_commit: usize| {
-        let config = CONFIG.replace(
-            "[arbiter]\n",
-            &format!("[profile]\naudience_per_commit = {per_commit}\n\n[arbiter]\n"),
-        );
-        assert_ne!(config, CONFIG);
-        let mut h = Harness::with(&config, ClockMode::Event);
-        h.catalog(
-            "fo-0",
-            "p30",
-            t,
-            json!({"name": "Kettle", "price": 100.0, "in_stock": false}),
-        );
-        let customers: Vec<String> = (0..9).map(|n| format!("fo-{n}")).collect();
-        for (n, customer) in customers.iter().enumerate() {
-            let kind = if n < 2 {
-                "wishlist_add"
-            } else {
-                "product_view"
-            };
-            h.site(
-                &format!("{customer}-{kind}"),
-                kind,
-                customer,
-                t + HOUR,
-                json!({"product": product("p30", 100.0)}),
-            );
-        }
-        // Cheaper and back: viewers hear of the drop, wishers of the return with it.
-        h.catalog(
-            "fo-1",
-            "p30",
-            t + 2 * HOUR,
-            json!({"price": 80.0, "in_stock": true}),
-        );
-        let told_at_once: usize = customers
-            .iter()
-            .map(|c| h.triggers(c, "price_drop").len() + h.triggers(c, "back_in_stock").len())
-            .sum();
-        h.advance(t + 3 * HOUR);
-        let ids: Vec<(String, String, Value)> = customers
-            .iter()
-            .flat_map(|c| {
-                let mut told = h.triggers(c, "price_drop");
-                told.extend(h.triggers(c, "back_in_stock"));
-                assert_eq!(told.len(), 1, "{c}: {told:#?}");
-                told.into_iter().map(|t| {
-                    (
-                        c.clone(),
-                        t["scenario"].to_string(),
-                        t["trigger_id"].clone(),
-                    )
-                })
-            })
-            .collect();
-        (told_at_once, ids)
-    };
-    let (at_once, undivided) = run(100);
-    assert_eq!(at_once, 9);
+    let now = kairos_core::time::wall_now();
+    let (h, customers) = fan_out_harness(100, ClockMode::Wall, now);
+    let undivided = told(&h, &customers);
+    assert_eq!(undivided.len(), 9, "{undivided:#?}");
     assert_eq!(
         undivided
             .iter()
@@ -2881,12 +2885,39 @@ fn a_large_audience_is_told_in_chunks_with_the_same_ids() {
             .count(),
         2
     );
-    let (at_once, chunked) = run(4);
-    assert_eq!(
-        at_once, 4,
-        "the first chunk alone goes with the update's commit"
-    );
+    let (mut h, customers) = fan_out_harness(4, ClockMode::Wall, now);
+    let mut sizes = vec![told(&h, &customers).len()];
+    for _ in 0..3 {
+        // A chunk's successor is due a second after it was told.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        h.commit();
+        sizes.push(told(&h, &customers).len());
+    }
+    assert_eq!(sizes, [4, 8, 9, 9], "told after each commit");
+    let mut chunked = told(&h, &customers);
+    chunked.sort();
+    let mut undivided = undivided;
+    undivided.sort();
     assert_eq!(chunked, undivided);
+
+    let t = at(T0);
+    let (h, customers) = fan_out_harness(4, ClockMode::Event, t);
+    assert_eq!(told(&h, &customers).len(), 9, "event time tells at once");
+}
+
+/// The rest of an audience told in chunks hears nothing of a return to stock (and the
+/// drop with it) that no longer holds: sold out again before their chunk came.
+#[test]
+fn the_rest_of_an_audience_hears_nothing_of_news_withdrawn_since() {
+    let now = kairos_core::time::wall_now();
+    let (mut h, customers) = fan_out_harness(4, ClockMode::Wall, now);
+    assert_eq!(told(&h, &customers).len(), 4);
+    h.catalog("fo-2", "p30", now - HOUR / 2, json!({"in_stock": false}));
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        h.commit();
+    }
+    assert_eq!(told(&h, &customers).len(), 4, "{:#?}", told(&h, &customers));
 }
 
 /// A price-drop scenario that sets no `min_drop_percent` tells of drops of at least

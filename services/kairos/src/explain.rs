@@ -163,14 +163,18 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         .map(|l| l.absorbed.into_iter().rev().take(ABSORBED_READ).collect())
         .unwrap_or_default();
     let mut absorbed = Vec::new();
+    let mut unread_absorbed = Vec::new();
     for id in absorbed_ids {
-        let latest = read_partition(
+        // The report stands without them: a failed read is told, not fatal.
+        match read_partition(
             &consumer,
             &config.topic(topics::TRIGGERS),
             partition_for(id.as_bytes(), config.kafka.partitions),
             id.as_bytes(),
-        )?;
-        absorbed.push((id, latest));
+        ) {
+            Ok(latest) => absorbed.push((id, latest)),
+            Err(e) => unread_absorbed.push(format!("{id} ({e:#})")),
+        }
     }
     let read = Read {
         triggers,
@@ -178,7 +182,15 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
         changelog,
         absorbed,
     };
-    report(customer, partition, &read, limit)
+    let mut out = report(customer, partition, &read, limit)?;
+    if !unread_absorbed.is_empty() {
+        writeln!(
+            out,
+            "triggers of merged customers not read: {}",
+            unread_absorbed.join("; ")
+        )?;
+    }
+    Ok(out)
 }
 
 /// Customers merged into the one explained whose triggers are read, at most.

@@ -326,9 +326,6 @@ pub fn run(
     for input in inputs {
         crate::input_lines::refuse_compressed(input)?;
     }
-    if let Some(p) = &output {
-        refuse_an_input_as_output(p, inputs)?;
-    }
     // Written beside the output and renamed when whole: a failed or interrupted run
     // leaves no truncated result that looks like a finished one.
     let partial = output.as_ref().map(|p| {
@@ -336,7 +333,38 @@ pub fn run(
         partial.push(".partial");
         PathBuf::from(partial)
     });
-    let out: Box<dyn Write> = match &partial {
+    for p in output.iter().chain(&partial) {
+        refuse_an_input_as_output(p, inputs)?;
+    }
+    let result = replay_into(&config, pipeline, inputs, partial.as_deref(), until);
+    match (&result, &partial, &output) {
+        (Ok(_), Some(partial), Some(output)) => {
+            std::fs::rename(partial, output).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    partial.display(),
+                    output.display()
+                )
+            })?
+        }
+        (Err(_), Some(partial), _) => {
+            let _ = std::fs::remove_file(partial);
+        }
+        _ => {}
+    }
+    result
+}
+
+/// Replays `inputs` through `pipeline`, writing its outputs to `partial` (standard
+/// output if `None`).
+fn replay_into(
+    config: &Config,
+    mut pipeline: Pipeline,
+    inputs: &[PathBuf],
+    partial: Option<&Path>,
+    until: Option<i64>,
+) -> anyhow::Result<ReplayStats> {
+    let out: Box<dyn Write> = match partial {
         Some(p) => Box::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         ),
@@ -349,7 +377,7 @@ pub fn run(
     };
     let prefix = config.kafka.topic_prefix.clone();
     let mut outputs = 0u64;
-    let writing = partial.as_ref().map_or_else(
+    let writing = partial.map_or_else(
         || "standard output".to_string(),
         |p| p.display().to_string(),
     );
@@ -384,7 +412,7 @@ pub fn run(
             .and_then(route_line)
         {
             Ok(route) => {
-                let topic = topic_names.full(&config, &route.topic);
+                let topic = topic_names.full(config, &route.topic);
                 if !pipeline.consumes(topic) {
                     anyhow::bail!(
                         "no stage of the replay reads topic {:?} (an envelope's topic is \
@@ -425,15 +453,6 @@ pub fn run(
     out.flush()
         .with_context(|| format!("cannot write {writing}"))?;
     drop(out);
-    if let (Some(partial), Some(output)) = (&partial, &output) {
-        std::fs::rename(partial, output).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                partial.display(),
-                output.display()
-            )
-        })?;
-    }
     stats.output_records = outputs;
     Ok(stats)
 }
