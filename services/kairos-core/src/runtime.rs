@@ -3604,49 +3604,48 @@ pub async fn run_serving<P: Processor>(
         let mut batch = std::mem::take(&mut carried);
         let mut fetched_before = FetchedBeforeAssignment::new(&assignments);
         let mut counted: usize = batch.iter().map(counts).sum();
-        let first = match batch.is_empty() {
-            false => Some(Ok(Ok(None))),
-            true => tokio::select! {
+        // Records carried from a restore start the batch; else it waits for a first.
+        if batch.is_empty() {
+            let first = tokio::select! {
                 _ = cancel.cancelled() => None,
                 Some(request) = next_request(&mut requests) => {
                     waiting_requests.push(request);
                     None
                 }
-                r = tokio::time::timeout(tick, consumer.recv()) => Some(r.map(|r| r.map(Some))),
-            },
-        };
-        match first {
-            None => {}
-            Some(Err(_)) => {}
-            Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
-            Some(Ok(Ok(m))) => {
-                if let Some(m) = m {
+                r = tokio::time::timeout(tick, consumer.recv()) => Some(r),
+            };
+            match first {
+                None | Some(Err(_)) => {}
+                Some(Ok(Err(e))) => tracing::warn!(error = %e, "consumer error"),
+                Some(Ok(Ok(m))) => {
                     fetched_before.look(batch.len());
                     let m = m.detach();
                     counted += counts(&m);
                     batch.push(m);
                 }
-                let deadline = Instant::now() + max_wait;
-                while counted < max_batch && batch.len() < max_records {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
+            }
+        }
+        if !batch.is_empty() {
+            let deadline = Instant::now() + max_wait;
+            while counted < max_batch && batch.len() < max_records {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, consumer.recv()).await {
+                    Ok(Ok(m)) => {
+                        // The assignment callback runs inside recv, before the
+                        // record it returns: that record is the new assignment's.
+                        fetched_before.look(batch.len());
+                        let m = m.detach();
+                        counted += counts(&m);
+                        batch.push(m);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
                         break;
                     }
-                    match tokio::time::timeout(left, consumer.recv()).await {
-                        Ok(Ok(m)) => {
-                            // The assignment callback runs inside recv, before the
-                            // record it returns: that record is the new assignment's.
-                            fetched_before.look(batch.len());
-                            let m = m.detach();
-                            counted += counts(&m);
-                            batch.push(m);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "consumer error");
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+                    Err(_) => break,
                 }
             }
         }
@@ -4154,30 +4153,19 @@ async fn apply_net_rebalance<P: Processor>(
                     .with_label_values(&[restored.kind.as_str()])
                     .inc();
             }
-            let opened = engine.open(p)?;
-            if !held() {
-                // Its backlog is the new owner's to publish now.
-                tracing::info!(
-                    service = name,
-                    partition = p,
-                    "partition lost while it was restored"
-                );
-                engine.close(p);
-                continue;
-            }
-            backlog.extend(opened);
+            backlog.extend(engine.open(p)?);
         }
         applied.opened.extend(inputs.iter().copied());
         opened_here.push((p, inputs));
     }
-    // A restore polls the consumer: a partition opened before another one's restore
-    // may have been lost during it, and its backlog is the new owner's to publish.
+    // A restore polls the consumer: a partition may have been lost during its own
+    // restore or another's, and its backlog is the new owner's to publish.
     for (p, inputs) in opened_here {
         if !inputs.iter().copied().any(&still_assigned) {
             tracing::info!(
                 service = name,
                 partition = p,
-                "partition lost while another was restored"
+                "partition lost while restoring"
             );
             engine.close(p);
             backlog.retain(|e| e.partition != p);
@@ -4289,7 +4277,7 @@ impl<'a> KeepInGroup<'a> {
     fn finish(mut self) -> Vec<rdkafka::message::OwnedMessage> {
         self.fetched_before.look(self.kept.len());
         let mut kept = std::mem::take(&mut self.kept);
-        kept.drain(..self.fetched_before.count.min(kept.len()));
+        kept.drain(..self.fetched_before.count);
         kept
     }
 }

@@ -2766,6 +2766,10 @@ impl ProfileProcessor {
                 }
             }
             ScenarioKind::BrowseAbandonment => {
+                if p.bought_since(t.cause_occurred_at) {
+                    self.metrics.skip(&s.name, SKIP_BOUGHT);
+                    return Ok(());
+                }
                 // A cart change after the view, or a cart that held something when
                 // the customer viewed (with no change since, the cart now is the cart
                 // then) changed within the cart chain's reach before it (its reminders
@@ -2777,10 +2781,6 @@ impl ProfileProcessor {
                 let cart_in_reach = !p.cart.is_empty()
                     && p.cart_updated_at
                         .is_some_and(|c| c.saturating_add(cart_reach) >= t.cause_occurred_at);
-                if p.bought_since(t.cause_occurred_at) {
-                    self.metrics.skip(&s.name, SKIP_BOUGHT);
-                    return Ok(());
-                }
                 if changed_since || cart_in_reach {
                     self.metrics.skip(&s.name, SKIP_CARTED);
                     return Ok(());
