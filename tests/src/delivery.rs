@@ -182,7 +182,8 @@ pub fn final_outcomes(
 }
 
 /// The e-mail worker against the SMTP server on `smtp_port`: headers, a 5 s timeout,
-/// four attempts with short backoffs, and a breaker that opens only after 50 failures.
+/// four attempts with short backoffs, a deferred recipient tried again after 1 s and
+/// then 2 s, and a breaker that opens only after 50 failures.
 pub fn email_worker_env(smtp_port: u16) -> Vec<(String, String)> {
     [
         ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp".to_string()),
@@ -215,6 +216,16 @@ pub fn email_worker_env(smtp_port: u16) -> Vec<(String, String)> {
         (
             "KAIROS__DELIVERY__EMAIL__CIRCUIT_BREAKER__FAILURE_THRESHOLD",
             "50".into(),
+        ),
+        // A recipient's server that puts a send off is asked again in seconds, not
+        // the minutes greylisting wants.
+        (
+            "KAIROS__DELIVERY__EMAIL__RETRY__DEFERRAL_BACKOFF",
+            "1s".into(),
+        ),
+        (
+            "KAIROS__DELIVERY__EMAIL__RETRY__DEFERRAL_MAX_BACKOFF",
+            "2s".into(),
         ),
     ]
     .into_iter()

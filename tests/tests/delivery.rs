@@ -27,7 +27,8 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let mut commands = vec![
         ("ok-1", "anna@example.com", "abandoned_cart", cart.clone()),
         ("ok-2", "ben@example.com", "abandoned_cart", cart.clone()),
-        // 451 twice, then accepted: two retries.
+        // 451 to RCPT TO twice (a greylisting server), then accepted: set aside twice,
+        // for 1 s and then 2 s, not retried at once.
         (
             "temp-1",
             "tempfail1@example.com",
@@ -206,11 +207,27 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     assert_eq!(idn["x-envelope-to"], "anna@xn--bcher-kva.example");
     assert_eq!(idn["to"], "anna@xn--bcher-kva.example");
 
-    // Retries: exactly the two 451s of temp-1 and drop-1's 451 and lost answer; the
-    // 550s and the 554 were not retried.
+    // temp-1 went out once its server took it, the two waits it was set aside for
+    // after it was first tried (its command was created just before).
+    let temp_sent = all
+        .iter()
+        .find(|o| o["send_id"] == "temp-1" && o["kind"] == "sent")
+        .expect("temp-1 sent");
+    let temp_created = records
+        .iter()
+        .find(|(key, _)| key == "c-temp-1")
+        .and_then(|(_, payload)| serde_json::from_slice::<Value>(payload).ok())
+        .and_then(|command| command["created_at"].as_i64())
+        .expect("temp-1's command");
+    let waited = temp_sent["occurred_at"].as_i64().unwrap_or_default() - temp_created;
+    assert!(waited >= 3_000, "sent {waited} ms after its command");
+
+    // Retries at once: exactly drop-1's 451 and lost answer; temp-1's two 451s to RCPT
+    // TO set it aside instead; the 550s and the 554 were not retried.
     let metrics = p.metrics("deliver-email");
     let m = |name: &str, labels: &[&str]| kairos_tests::sample(&metrics, name, labels);
-    assert_eq!(m("kairos_provider_retries_total", &[]), 4.0);
+    assert_eq!(m("kairos_provider_retries_total", &[]), 2.0);
+    assert_eq!(m("kairos_delivery_deferred_total", &[]), 2.0);
     assert_eq!(
         m(
             "kairos_provider_requests_total",

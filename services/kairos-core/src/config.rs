@@ -741,6 +741,14 @@ pub struct RetryConfig {
     pub initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// The wait after a recipient's server put a send off (a 4xx to `RCPT TO`:
+    /// greylisting, a full mailbox), which asks for minutes, not the backoff's
+    /// seconds: the send is set aside on a timer and tried again then, the wait
+    /// doubling up to `deferral_max_backoff`, until its valid-until.
+    #[serde(with = "humantime_serde")]
+    pub deferral_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub deferral_max_backoff: Duration,
 }
 
 impl Default for RetryConfig {
@@ -749,6 +757,8 @@ impl Default for RetryConfig {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            deferral_backoff: Duration::from_secs(5 * 60),
+            deferral_max_backoff: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -1833,6 +1843,23 @@ impl Config {
                 return Err(fail(
                     ("retry", "max_attempts"),
                     format!("{}: must be at least 1", section("retry.max_attempts")),
+                ));
+            }
+            // Below a second, a greylisting server would be asked again at once.
+            if d.retry.deferral_backoff < Duration::from_secs(1) {
+                return Err(fail(
+                    ("retry", "deferral_backoff"),
+                    format!("{}: must be at least 1s", section("retry.deferral_backoff")),
+                ));
+            }
+            if d.retry.deferral_max_backoff < d.retry.deferral_backoff {
+                return Err(fail(
+                    ("retry", "deferral_max_backoff"),
+                    format!(
+                        "{}: must be at least deferral_backoff ({:?})",
+                        section("retry.deferral_max_backoff"),
+                        d.retry.deferral_backoff
+                    ),
                 ));
             }
             if d.rate_limit.per_second == 0 || d.rate_limit.burst == 0 {
@@ -3447,6 +3474,19 @@ mod tests {
             "{email}{sms}provider = \"simulator\"\n[delivery.sms.retry]\nmax_attempts = 0\n"
         ));
         assert_eq!(line, 9, "{message}");
+        let (line, message) = line_of(&format!(
+            "{email}{sms}provider = \"simulator\"\n[delivery.sms.retry]\ndeferral_backoff = \"10s\"\ndeferral_max_backoff = \"5s\"\n"
+        ));
+        assert_eq!(line, 10, "{message}");
+        assert!(message.contains("deferral_max_backoff"), "{message}");
+        let (line, message) = line_of(&format!(
+            "{email}{sms}provider = \"simulator\"\n[delivery.sms.retry]\ndeferral_backoff = \"0s\"\n"
+        ));
+        assert_eq!(line, 9, "{message}");
+        assert!(
+            message.contains("deferral_backoff: must be at least 1s"),
+            "{message}"
+        );
         let (line, message) = line_of(&format!(
             "{email}{sms}provider = \"simulator\"\nrate_limit = {{ per_second = 5, burst = 0 }}\n"
         ));

@@ -70,6 +70,13 @@ pub trait Processor: Send + 'static {
         None
     }
 
+    /// Timers fired between two commits (a round of firing), if fewer than
+    /// [`TIMERS_PER_ROUND`]: a processor whose timers are slow (a provider call each)
+    /// fires one a round, so each one's outputs commit and go out as it finishes.
+    fn max_timers_per_round(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether records of input `topic` count towards [`Processor::max_batch_records`]:
     /// a processor whose records of one topic are slow (a provider call each) reads
     /// its other, quick ones in the same batch (up to `state.max_batch_records` in
@@ -689,6 +696,15 @@ const MAX_FIRING_ROUNDS: usize = 10_000;
 /// a flood of due timers does not pile up its outputs in memory.
 const FIRING_ROUNDS_PER_PUBLISH: usize = 8;
 
+/// Timers a round of firing takes at most (see [`Processor::max_timers_per_round`]).
+pub const TIMERS_PER_ROUND: usize = 512;
+
+/// How long the processing loop fires due timers before it polls its consumer again
+/// (the rest fire on its next turn): a flood of slow timers (provider calls) must not
+/// keep it from the group beyond `max.poll.interval.ms`, nor from the records queued
+/// behind them.
+const FIRING_TIME_PER_TURN: Duration = Duration::from_secs(10);
+
 struct Part {
     store: PartitionStore,
     pending: Pending,
@@ -1165,8 +1181,8 @@ impl<P: Processor> Engine<P> {
     /// merged with the batch's pending writes, so no commit is needed first; with
     /// `commit`, each round of firing is committed and its records returned for
     /// publishing (without, nothing is returned: the batch commits later).
-    /// At most `max_rounds` rounds of up to 512 timers; returns whether due timers
-    /// are left after them.
+    /// At most `max_rounds` rounds of up to [`TIMERS_PER_ROUND`] timers (or the
+    /// processor's fewer); returns whether due timers are left after them.
     fn fire_partition(
         &mut self,
         partition: i32,
@@ -1175,6 +1191,8 @@ impl<P: Processor> Engine<P> {
         max_rounds: usize,
     ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
+        let per_round = (self.processor.max_timers_per_round())
+            .map_or(TIMERS_PER_ROUND, |n| n.clamp(1, TIMERS_PER_ROUND));
         for round in 0..=max_rounds {
             let Some(part) = self.parts.get_mut(&partition) else {
                 break;
@@ -1194,7 +1212,7 @@ impl<P: Processor> Engine<P> {
             // in order of time then id whatever the round's size or the timers held
             // in memory.
             let mut fired = 0;
-            while fired < 512 {
+            while fired < per_round {
                 let Some((fire_at, timer_id)) = part.store.next_due(&part.pending, now)? else {
                     break;
                 };
@@ -3774,6 +3792,7 @@ pub async fn run_serving<P: Processor>(
         gates.check_positions(&consumer);
         gates.retry_unknown(&engine, &consumer, &inputs);
         // Published in bounded chunks; as many rounds in all as one call used to do.
+        let firing_since = Instant::now();
         for _ in 0..MAX_FIRING_ROUNDS / FIRING_ROUNDS_PER_PUBLISH {
             let (fired, more) =
                 engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
@@ -3785,7 +3804,7 @@ pub async fn run_serving<P: Processor>(
                     break;
                 }
             }
-            if !more || cancel.is_cancelled() {
+            if !more || cancel.is_cancelled() || firing_since.elapsed() > FIRING_TIME_PER_TURN {
                 break;
             }
             admin.heartbeat();
@@ -4671,7 +4690,8 @@ mod tests {
     }
 
     /// Any input schedules 3,000 timers, due at once; each firing emits a record.
-    struct ManyTimers;
+    /// Schedules 3,000 timers due at once; fires them (at most `.0` a round).
+    struct ManyTimers(Option<usize>);
 
     impl Processor for ManyTimers {
         type Input = ();
@@ -4680,6 +4700,9 @@ mod tests {
         }
         fn inputs(&self) -> Vec<String> {
             vec!["in".into()]
+        }
+        fn max_timers_per_round(&self) -> Option<usize> {
+            self.0
         }
         fn decode(&self, _: &Record<'_>) -> Result<(), Rejection> {
             Ok(())
@@ -4989,9 +5012,12 @@ mod tests {
         assert_eq!(letter.reason, "not JSON");
     }
 
-    #[test]
-    fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
-        let (_dir, _config, mut engine) = engine_on_partition_0(ManyTimers);
+    /// An engine of [`ManyTimers`] (`per_round`) whose 3,000 timers are due, and the
+    /// record that set them.
+    fn many_due_timers(
+        per_round: Option<usize>,
+    ) -> (tempfile::TempDir, Engine<ManyTimers>, Record<'static>) {
+        let (dir, _config, mut engine) = engine_on_partition_0(ManyTimers(per_round));
         let record = Record {
             topic: "in",
             partition: 0,
@@ -5001,7 +5027,16 @@ mod tests {
         };
         engine.handle(&record).unwrap();
         engine.commit().unwrap();
-        let fired = |out: &[OutboxEntry]| out.iter().filter(|e| e.topic == "fired").count();
+        (dir, engine, record)
+    }
+
+    fn fired(out: &[OutboxEntry]) -> usize {
+        out.iter().filter(|e| e.topic == "fired").count()
+    }
+
+    #[test]
+    fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
+        let (_dir, mut engine, record) = many_due_timers(None);
         let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
         assert_eq!((fired(&out), more), (1_024, true));
         let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
@@ -5018,6 +5053,17 @@ mod tests {
         engine.commit().unwrap();
         let (out, more) = engine.fire_due_where(|p| p != 0, 2).unwrap();
         assert_eq!((fired(&out), more), (0, false));
+    }
+
+    /// A processor whose timers are slow fires as few a round as it asks, each
+    /// round committed (its outputs returned) before the next.
+    #[test]
+    fn a_processor_fires_as_few_timers_a_round_as_it_asks() {
+        let (_dir, mut engine, _) = many_due_timers(Some(1));
+        let (out, more) = engine.fire_due_where(|_| true, 3).unwrap();
+        assert_eq!((fired(&out), more), (3, true));
+        let (out, more) = engine.fire_due_where(|_| true, 5_000).unwrap();
+        assert_eq!((fired(&out), more), (2_997, false));
     }
 
     #[test]

@@ -28,6 +28,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kairos_core::admin::AdminState;
 use kairos_core::config::{topics, Config, DeliveryChannelConfig, ProviderKind};
@@ -50,6 +52,8 @@ pub mod provider;
 pub mod retry;
 pub mod simulator;
 pub mod templates;
+#[cfg(test)]
+mod test_smtp;
 pub mod webhook;
 
 use provider::{Provider, ProviderError};
@@ -93,6 +97,42 @@ impl From<&SendCommand> for SendSummary {
             category: c.category,
             address: c.address.clone(),
         }
+    }
+}
+
+/// The prefix of the timer that tries a deferred send again (see [`DeferredSend`]).
+/// Send ids are hex; the simulator's timers are `<send id>/<outcome>`.
+const DEFERRED_TIMER_PREFIX: &str = "~deferred/";
+
+/// How often, and with what answer, the recipient's server put a send off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Deferral {
+    times: u32,
+    last_reply: String,
+}
+
+/// A send the recipient's server put off (greylisting, a full mailbox: a 4xx to
+/// `RCPT TO`), set aside as the payload of the timer that tries it again
+/// (`~deferred/<send id>`), so the worker goes on with other customers' sends
+/// meanwhile; a consent withdrawn or an address bounced in between is read before the
+/// next try. Its send id stays taken: a copy of the command is skipped.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeferredSend {
+    /// The command as JSON (the contract's own encoding, whatever fields it gains).
+    command: String,
+    topic: String,
+    offset: i64,
+    deferral: Deferral,
+}
+
+/// The reason of a send that expired, after `earlier` deferrals if any.
+fn expired_reason(earlier: Option<&Deferral>) -> String {
+    match earlier {
+        None => "expired".to_string(),
+        Some(d) => format!(
+            "expired: the recipient's server put it off {} times, last: {}",
+            d.times, d.last_reply
+        ),
     }
 }
 
@@ -236,6 +276,9 @@ enum Delivery {
     InDoubt(String),
     /// Every attempt failed transiently.
     Exhausted(String),
+    /// The recipient's server put the message off (an answer to `RCPT TO`, before
+    /// anything was handed over): tried again in minutes, not retried now.
+    Deferred(String),
     /// No retry: the partition was claimed by another instance, or the attempt record
     /// could not be written.
     Stopped(anyhow::Error),
@@ -262,6 +305,7 @@ struct DeliveryMetrics {
     duplicates: IntCounterVec,
     consent_blocked: IntCounterVec,
     consent_changes: IntCounterVec,
+    deferred: IntCounterVec,
 }
 
 pub struct DeliveryProcessor {
@@ -380,6 +424,12 @@ impl DeliveryProcessor {
                 "Unsubscribes, opt-outs, opt-ins and complaints the worker noted for its channel (read from outcomes and customer actions).",
                 &["channel"],
             ),
+            deferred: metrics::counter_vec(
+                registry,
+                "kairos_delivery_deferred_total",
+                "Sends the recipient's server put off (a 4xx to RCPT TO: greylisting, a full mailbox), set aside and tried again after retry.deferral_backoff.",
+                &["channel"],
+            ),
             duplicates: metrics::counter_vec(
                 registry,
                 "kairos_delivery_duplicate_sends_total",
@@ -425,6 +475,7 @@ impl DeliveryProcessor {
             &processor.metrics.duplicates,
             &processor.metrics.consent_blocked,
             &processor.metrics.consent_changes,
+            &processor.metrics.deferred,
         ] {
             per_channel.with_label_values(&[labels[0]]);
         }
@@ -771,14 +822,14 @@ impl DeliveryProcessor {
                 *last_error = e;
                 None
             }
-            // The server answered and puts off this recipient only: tried again, the
-            // provider taken as up (a few greylisted addresses in a row must not hold
-            // back every other customer's message).
+            // The server answered and puts off this recipient only: set aside and
+            // tried again in minutes (greylisting asks for that much), the provider
+            // taken as up (a few greylisted addresses in a row must not hold back
+            // every other customer's message).
             Err(e @ ProviderError::RecipientDeferred(_)) => {
-                tracing::warn!(send_id = %cmd.send_id, attempt, error = %e, "recipient deferred");
+                tracing::info!(send_id = %cmd.send_id, attempt, error = %e, "recipient deferred");
                 breaker.success();
-                *last_error = e.to_string();
-                None
+                Some(Delivery::Deferred(e.to_string()))
             }
             // A refusal of the worker itself counts against the breaker like an
             // outage, so a misconfigured provider is left alone instead of
@@ -841,6 +892,7 @@ impl DeliveryProcessor {
         ctx: &mut Ctx<'_>,
         input: &SendInput,
         message: RenderedMessage,
+        earlier: Option<&Deferral>,
     ) -> anyhow::Result<()> {
         let cmd = &input.command;
         let send = SendSummary::from(cmd);
@@ -924,8 +976,12 @@ impl DeliveryProcessor {
                 self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now)
             }
             Delivery::Expired => {
-                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some("expired".into()), now)
+                let reason = expired_reason(earlier);
+                self.emit_outcome(ctx, &send, OutcomeKind::failed, Some(reason), now)
             }
+            // Nothing was handed over: its write-ahead records go as for a finished
+            // send, and the next try writes its own.
+            Delivery::Deferred(reply) => self.defer(ctx, input, earlier, reply, now)?,
             Delivery::InDoubt(e) => {
                 self.metrics
                     .in_doubt
@@ -952,6 +1008,61 @@ impl DeliveryProcessor {
         }
         self.forget_attempt(ctx, &cmd.send_id);
         Ok(())
+    }
+
+    /// Sets a send the recipient's server put off aside (see [`DeferredSend`]) until
+    /// the next try, at its valid-until at the latest; one whose valid-until has come
+    /// fails as expired.
+    fn defer(
+        &self,
+        ctx: &mut Ctx<'_>,
+        input: &SendInput,
+        earlier: Option<&Deferral>,
+        reply: String,
+        now: Millis,
+    ) -> anyhow::Result<()> {
+        let cmd = &input.command;
+        let deferral = Deferral {
+            times: earlier.map_or(0, |d| d.times) + 1,
+            last_reply: reply,
+        };
+        self.metrics
+            .deferred
+            .with_label_values(&[self.channel.as_str()])
+            .inc();
+        let wait = retry::deferral_wait(&self.settings.retry, deferral.times).as_millis();
+        let retry_at = now
+            .saturating_add(Millis::try_from(wait).unwrap_or(Millis::MAX))
+            .min(cmd.valid_until);
+        if retry_at <= now {
+            let reason = expired_reason(Some(&deferral));
+            self.emit_outcome(
+                ctx,
+                &SendSummary::from(cmd),
+                OutcomeKind::failed,
+                Some(reason),
+                now,
+            );
+            return Ok(());
+        }
+        tracing::info!(
+            send_id = %cmd.send_id,
+            times = deferral.times,
+            retry_at,
+            reply = %deferral.last_reply,
+            "the recipient's server put the send off; set aside"
+        );
+        let set_aside = DeferredSend {
+            command: serde_json::to_string(cmd).context("cannot keep the deferred command")?,
+            topic: input.topic.clone(),
+            offset: input.offset,
+            deferral,
+        };
+        ctx.schedule(
+            &[DEFERRED_TIMER_PREFIX, &cmd.send_id].concat(),
+            retry_at,
+            &set_aside,
+        )
     }
 
     /// Drops the write-ahead records of a finished send in the batch that records it
@@ -1220,6 +1331,12 @@ impl Processor for DeliveryProcessor {
         self.provider.as_ref().map(|_| 1)
     }
 
+    /// A deferred send's timer makes a provider call: one a round, each committed and
+    /// published as it finishes.
+    fn max_timers_per_round(&self) -> Option<usize> {
+        self.provider.as_ref().map(|_| 1)
+    }
+
     fn decode(&self, record: &Record<'_>) -> Result<DeliveryInput, Rejection> {
         if record.topic != self.send_topic {
             return Ok(self.consent_signal(record));
@@ -1277,71 +1394,7 @@ impl Processor for DeliveryProcessor {
                 return Ok(());
             }
         }
-        // Only real providers write ahead of their calls.
-        if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
-            return Ok(());
-        }
-        // The address bounced hard after the decision, while the command waited, or
-        // the customer withdrew consent.
-        let blocked = match dead_address(ctx, cmd)? {
-            Some(why) => Some(why),
-            None => self.consent_block(ctx, cmd)?.inspect(|_| {
-                self.metrics
-                    .consent_blocked
-                    .with_label_values(&[self.channel.as_str()])
-                    .inc();
-            }),
-        };
-        let ended = match blocked {
-            Some(reason) => {
-                tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
-                Some(reason)
-            }
-            None if cmd.valid_until < now => Some("expired".to_string()),
-            None => None,
-        };
-        if let Some(reason) = ended {
-            self.end_without_call(ctx, cmd, &send, reason)?;
-            return Ok(());
-        }
-        // No "Hello, !": a template that cannot render fails the send, and the command
-        // goes to the dead-letter topic, to be produced again once the template or the
-        // variables are fixed (its send id is free again; nothing went out).
-        let message = match self.render(cmd) {
-            Ok(m) => m,
-            Err(reason) => {
-                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
-                if self.end_without_call(ctx, cmd, &send, reason.clone())? == OutcomeKind::failed {
-                    self.give_up(ctx, &input, &reason, now)?;
-                }
-                return Ok(());
-            }
-        };
-        if self.in_app() {
-            let kept = inbox::store(ctx, cmd, &message)?;
-            let (result, kind, reason) = match kept {
-                true => ("accepted", OutcomeKind::sent, None),
-                // Older than every message the inbox keeps (it came late): never shown.
-                false => (
-                    "inbox_full",
-                    OutcomeKind::failed,
-                    Some(format!(
-                        "inbox_full: older than the {} newest messages the customer's inbox keeps",
-                        inbox::INBOX_KEPT
-                    )),
-                ),
-            };
-            self.metrics
-                .provider_requests
-                .with_label_values(&[self.channel.as_str(), self.provider_name(), result])
-                .inc();
-            self.emit_outcome(ctx, &send, kind, reason, now);
-            return Ok(());
-        }
-        if self.provider.is_none() {
-            return self.simulate(ctx, cmd);
-        }
-        self.deliver(ctx, &input, message)
+        self.send(ctx, &input, None)
     }
 
     /// An in-app poll: the request is the customer id, the answer their live messages
@@ -1373,6 +1426,17 @@ impl Processor for DeliveryProcessor {
         if timer.timer_id == self.sends_seen.timer_id() {
             return self.sends_seen.sweep(ctx, timer);
         }
+        if timer.timer_id.starts_with(DEFERRED_TIMER_PREFIX) {
+            let set_aside: DeferredSend = timer.decode()?;
+            let command = serde_json::from_str(&set_aside.command)
+                .with_context(|| format!("deferred send {}", timer.timer_id))?;
+            let input = SendInput {
+                command,
+                topic: set_aside.topic,
+                offset: set_aside.offset,
+            };
+            return self.send(ctx, &input, Some(&set_aside.deferral));
+        }
         // Also once the channel's provider no longer keeps an inbox (changed while
         // messages waited): the message goes. (A simulated outcome's timer is named
         // after its send id, whose payload does not read as a key.)
@@ -1384,6 +1448,86 @@ impl Processor for DeliveryProcessor {
         let later: LaterOutcome = timer.decode()?;
         self.emit_outcome(ctx, &later.send, later.kind, None, timer.fire_at);
         Ok(())
+    }
+}
+
+impl DeliveryProcessor {
+    /// Makes a send whose id was taken now (`earlier` deferrals if it was set aside):
+    /// unless its consent, address or validity stopped it meanwhile.
+    fn send(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        input: &SendInput,
+        earlier: Option<&Deferral>,
+    ) -> anyhow::Result<()> {
+        let cmd = &input.command;
+        let now = ctx.now();
+        let send = SendSummary::from(cmd);
+        // Only real providers write ahead of their calls.
+        if self.provider.is_some() && self.finish_handed_over_before_crash(ctx, cmd)? {
+            return Ok(());
+        }
+        // The address bounced hard after the decision, while the command waited, or
+        // the customer withdrew consent.
+        let blocked = match dead_address(ctx, cmd)? {
+            Some(why) => Some(why),
+            None => self.consent_block(ctx, cmd)?.inspect(|_| {
+                self.metrics
+                    .consent_blocked
+                    .with_label_values(&[self.channel.as_str()])
+                    .inc();
+            }),
+        };
+        let ended = match blocked {
+            Some(reason) => {
+                tracing::info!(send_id = %cmd.send_id, %reason, "send not made");
+                Some(reason)
+            }
+            None if cmd.valid_until < now => Some(expired_reason(earlier)),
+            None => None,
+        };
+        if let Some(reason) = ended {
+            self.end_without_call(ctx, cmd, &send, reason)?;
+            return Ok(());
+        }
+        // No "Hello, !": a template that cannot render fails the send, and the command
+        // goes to the dead-letter topic, to be produced again once the template or the
+        // variables are fixed (its send id is free again; nothing went out).
+        let message = match self.render(cmd) {
+            Ok(m) => m,
+            Err(reason) => {
+                tracing::warn!(send_id = %cmd.send_id, %reason, "template failed");
+                if self.end_without_call(ctx, cmd, &send, reason.clone())? == OutcomeKind::failed {
+                    self.give_up(ctx, input, &reason, now)?;
+                }
+                return Ok(());
+            }
+        };
+        if self.in_app() {
+            let kept = inbox::store(ctx, cmd, &message)?;
+            let (result, kind, reason) = match kept {
+                true => ("accepted", OutcomeKind::sent, None),
+                // Older than every message the inbox keeps (it came late): never shown.
+                false => (
+                    "inbox_full",
+                    OutcomeKind::failed,
+                    Some(format!(
+                        "inbox_full: older than the {} newest messages the customer's inbox keeps",
+                        inbox::INBOX_KEPT
+                    )),
+                ),
+            };
+            self.metrics
+                .provider_requests
+                .with_label_values(&[self.channel.as_str(), self.provider_name(), result])
+                .inc();
+            self.emit_outcome(ctx, &send, kind, reason, now);
+            return Ok(());
+        }
+        if self.provider.is_none() {
+            return self.simulate(ctx, cmd);
+        }
+        self.deliver(ctx, input, message, earlier)
     }
 }
 
@@ -1474,8 +1618,9 @@ mod tests {
     use super::*;
     use kairos_core::contracts::MessageCategory;
 
-    /// Recipients a server puts off (greylisting) are tried again without opening the
-    /// breaker; as many outages in a row do open it.
+    /// Recipients a server puts off (greylisting) are set aside for a later try
+    /// without opening the breaker; as many outages in a row are retried now and do
+    /// open it.
     #[test]
     fn deferred_recipients_do_not_open_the_breaker_an_outage_does() {
         let cmd: SendCommand = serde_json::from_value(serde_json::json!({
@@ -1492,6 +1637,7 @@ mod tests {
         let outcome = |error: fn(String) -> ProviderError| {
             let mut breaker = CircuitBreaker::new(config.clone());
             let mut last_error = String::new();
+            let mut deferred = 0;
             for attempt in 1..=5 {
                 let result = Err(error("450 4.2.0 greylisted".into()));
                 let judged = DeliveryProcessor::judge(
@@ -1502,13 +1648,19 @@ mod tests {
                     false,
                     &mut last_error,
                 );
-                assert!(judged.is_none(), "tried again");
+                match judged {
+                    None => assert!(last_error.contains("greylisted"), "{last_error}"),
+                    Some(Delivery::Deferred(reply)) => {
+                        assert!(reply.contains("greylisted"), "{reply}");
+                        deferred += 1;
+                    }
+                    Some(other) => panic!("{other:?}"),
+                }
             }
-            assert!(last_error.contains("greylisted"), "{last_error}");
-            breaker.is_open(Instant::now())
+            (deferred, breaker.is_open(Instant::now()))
         };
-        assert!(!outcome(ProviderError::RecipientDeferred));
-        assert!(outcome(ProviderError::Transient));
+        assert_eq!(outcome(ProviderError::RecipientDeferred), (5, false));
+        assert_eq!(outcome(ProviderError::Transient), (0, true));
     }
 
     /// The shipped configuration in event time, its state in `dir`, with `extra`
@@ -2814,5 +2966,186 @@ mod tests {
         assert_eq!(later.send.send_id, "s1");
         assert_eq!(later.send.address, None);
         assert_eq!(later.kind, OutcomeKind::delivered);
+    }
+
+    /// The e-mail worker in event time on SMTP at `port` on this machine, with `extra`
+    /// settings: the config, the metrics registry and the replayer.
+    fn smtp_worker_at(
+        dir: &std::path::Path,
+        port: u16,
+        extra: &[(&str, &str)],
+    ) -> (
+        Config,
+        prometheus::Registry,
+        kairos_core::replay::Replayer<DeliveryProcessor>,
+    ) {
+        let port = port.to_string();
+        let mut settings = vec![
+            ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
+            ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
+            ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", port.as_str()),
+            (
+                "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
+                "Shop <news@shop.example>",
+            ),
+        ];
+        settings.extend_from_slice(extra);
+        let config = test_config(dir, &settings);
+        let registry = prometheus::Registry::new();
+        let processor = DeliveryProcessor::new(
+            &config,
+            Channel::email,
+            config.delivery[&Channel::email].clone(),
+            &registry,
+        )
+        .expect("processor");
+        let replayer =
+            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        (config, registry, replayer)
+    }
+
+    /// `kairos_delivery_deferred_total` of the e-mail worker.
+    fn deferrals(registry: &prometheus::Registry) -> u64 {
+        let families = registry.gather();
+        let family = families
+            .iter()
+            .find(|f| f.name() == "kairos_delivery_deferred_total")
+            .expect("the deferral counter");
+        family.get_metric()[0].get_counter().get_value() as u64
+    }
+
+    const GREYLISTED: &str = "450 4.7.1 greylisted, try again in 5 minutes";
+
+    /// A greylisting server refuses a recipient's first tries for minutes: the send is
+    /// set aside (no outcome, no retry within seconds) and tried again after 5 and
+    /// then 10 more minutes, when the server takes it. A copy of the command that
+    /// comes meanwhile is skipped.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_greylisted_send_is_set_aside_and_tried_again_minutes_later() {
+        use kairos_core::time::{DAY, MINUTE};
+        let (port, kept) = test_smtp::scripted_smtp_by_rcpt(
+            |n| if n < 2 { GREYLISTED } else { "250 ok" },
+            false,
+            true,
+        )
+        .await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = smtp_worker_at(dir.path(), port, &[]);
+        let t0 = 20_000 * DAY;
+        let cmd = SendCommand {
+            valid_until: t0 + DAY,
+            ..email_command(t0, "welcome")
+        };
+        let payload = serde_json::to_vec(&cmd).expect("encode");
+        let topic = config.send_topic(Channel::email);
+        let mut out = replayer.push(&topic, b"c1", &payload).expect("push");
+        out.extend(replayer.commit().expect("commit"));
+        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        assert_eq!(deferrals(&registry), 1);
+        // The copy is skipped; nothing is due before five minutes.
+        out = replayer.push(&topic, b"c1", &payload).expect("push");
+        out.extend(replayer.advance_to(t0 + 5 * MINUTE - 1).expect("advance"));
+        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        out = replayer.advance_to(t0 + 5 * MINUTE).expect("advance");
+        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        assert_eq!(deferrals(&registry), 2, "greylisted again");
+        out = replayer.advance_to(t0 + 15 * MINUTE - 1).expect("advance");
+        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        out = replayer.advance_to(t0 + 15 * MINUTE).expect("advance");
+        let outcomes = outcomes_in(&config, &out);
+        assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
+        assert_eq!(
+            (outcomes[0].kind, outcomes[0].reason.as_deref()),
+            (OutcomeKind::sent, None)
+        );
+        assert_eq!(outcomes[0].occurred_at, t0 + 15 * MINUTE);
+        assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(deferrals(&registry), 2);
+        // Nothing of it is left to fire.
+        out = replayer.advance_to(t0 + DAY).expect("advance");
+        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A send set aside is not made once the customer unsubscribed meanwhile (no
+    /// server is asked); one the server keeps putting off fails as expired at its
+    /// valid-until, tried one last time then, with the server's last answer.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_send_set_aside_ends_at_an_unsubscribe_or_its_valid_until() {
+        use kairos_core::time::{DAY, MINUTE};
+        let rcpts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = rcpts.clone();
+        let (port, kept) = test_smtp::scripted_smtp_by_rcpt(
+            move |n| {
+                counted.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+                GREYLISTED
+            },
+            false,
+            true,
+        )
+        .await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, _registry, mut replayer) = smtp_worker_at(dir.path(), port, &[]);
+        let t0 = 20_000 * DAY;
+        let topic = config.send_topic(Channel::email);
+        let unsubscribing = SendCommand {
+            valid_until: t0 + DAY,
+            ..email_command(t0, "welcome")
+        };
+        let expiring = SendCommand {
+            send_id: "s-2".into(),
+            customer_id: "c2".into(),
+            address: Some("c2@example.com".into()),
+            valid_until: t0 + 20 * MINUTE,
+            ..email_command(t0, "welcome")
+        };
+        let mut out = Vec::new();
+        for cmd in [&unsubscribing, &expiring] {
+            let payload = serde_json::to_vec(cmd).expect("encode");
+            let key = cmd.customer_id.as_bytes();
+            out.extend(replayer.push(&topic, key, &payload).expect("push"));
+        }
+        let unsubscribed = Outcome {
+            outcome_id: "o-1".into(),
+            send_id: "earlier".into(),
+            customer_id: "c1".into(),
+            scenario: "weekly_promo".into(),
+            channel: Channel::email,
+            category: MessageCategory::promo,
+            kind: OutcomeKind::unsubscribed,
+            reason: None,
+            occurred_at: t0 + MINUTE,
+            address: None,
+        };
+        let payload = serde_json::to_vec(&unsubscribed).expect("encode");
+        let outcomes_topic = config.topic(topics::OUTCOMES);
+        out.extend(
+            replayer
+                .push(&outcomes_topic, b"c1", &payload)
+                .expect("push"),
+        );
+        for t in [5, 15, 19, 20] {
+            out.extend(replayer.advance_to(t0 + t * MINUTE).expect("advance"));
+        }
+        let outcomes = outcomes_in(&config, &out);
+        assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
+        let of = |id: &str| outcomes.iter().find(|o| o.send_id == id).expect(id);
+        let stopped = of("s-1");
+        assert_eq!(stopped.kind, OutcomeKind::failed);
+        assert_eq!(stopped.occurred_at, t0 + 5 * MINUTE);
+        let reason = stopped.reason.as_deref().unwrap_or_default();
+        assert!(reason.starts_with("consent_withdrawn"), "{reason}");
+        let expired = of("s-2");
+        assert_eq!(expired.kind, OutcomeKind::failed);
+        assert_eq!(expired.occurred_at, t0 + 20 * MINUTE);
+        let reason = expired.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with("expired: the recipient's server put it off 4 times, last: ")
+                && reason.contains("4.7.1 greylisted"),
+            "{reason}"
+        );
+        // s-1 once; s-2 at 0, 5, 15 and 20 minutes.
+        assert_eq!(rcpts.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

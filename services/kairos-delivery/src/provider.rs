@@ -744,6 +744,7 @@ fn configured_link(link: &Option<String>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_smtp::scripted_smtp;
 
     /// A blank `list_unsubscribe` is none: no empty header.
     #[test]
@@ -975,67 +976,6 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 0);
-    }
-
-    /// A scripted SMTP server on a local port: each session greets, answers EHLO, MAIL,
-    /// RCPT (with `rcpt_reply`), DATA and NOOP, and counts the messages it keeps. A
-    /// session closes after its first message when `close_after_message` (a server's
-    /// idle timeout, early); a QUIT is never answered when `answer_quit` is false.
-    async fn scripted_smtp(
-        rcpt_reply: &'static str,
-        close_after_message: bool,
-        answer_quit: bool,
-    ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let messages = std::sync::Arc::new(AtomicUsize::new(0));
-        let kept = messages.clone();
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let (read, mut write) = socket.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    write.write_all(b"220 test ready\r\n").await.unwrap();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
-                        let reply = match verb.as_str() {
-                            "EHLO" | "HELO" | "MAIL" | "NOOP" => "250 ok\r\n".to_string(),
-                            "RCPT" => format!("{rcpt_reply}\r\n"),
-                            "DATA" => {
-                                write.write_all(b"354 go on\r\n").await.unwrap();
-                                while let Ok(Some(body)) = lines.next_line().await {
-                                    if body == "." {
-                                        break;
-                                    }
-                                }
-                                kept.fetch_add(1, Ordering::SeqCst);
-                                write.write_all(b"250 queued\r\n").await.unwrap();
-                                if close_after_message {
-                                    return;
-                                }
-                                continue;
-                            }
-                            "QUIT" if answer_quit => {
-                                let _ = write.write_all(b"221 bye\r\n").await;
-                                return;
-                            }
-                            "QUIT" => {
-                                tokio::time::sleep(Duration::from_secs(600)).await;
-                                return;
-                            }
-                            _ => "500 what\r\n".to_string(),
-                        };
-                        if write.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (port, messages)
     }
 
     fn smtp_provider(port: u16) -> SmtpProvider {

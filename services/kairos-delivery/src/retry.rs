@@ -17,6 +17,17 @@ pub fn backoff(config: &RetryConfig, retry: u32, rng: &mut impl Rng) -> Duration
     Duration::from_millis(rng.gen_range(0..=exp.min(cap).max(1)))
 }
 
+/// How long a send waits after the recipient's server put it off for the
+/// `deferrals`-th time (1 = the first): `deferral_backoff`, doubling each time up to
+/// `deferral_max_backoff`. No jitter: the token bucket spreads the sends due together,
+/// and event-time replays give the same times every run.
+pub fn deferral_wait(config: &RetryConfig, deferrals: u32) -> Duration {
+    let doubled = config
+        .deferral_backoff
+        .saturating_mul(1u32 << deferrals.saturating_sub(1).min(20));
+    doubled.min(config.deferral_max_backoff)
+}
+
 /// The longest a provider's `Retry-After` holds the next attempt: the worker sends
 /// one message at a time, so a longer wait would stall its whole backlog (which the
 /// circuit breaker and the dead-letter re-drive handle better), and the worker must
@@ -117,6 +128,15 @@ mod tests {
     use rand::SeedableRng;
 
     #[test]
+    fn a_deferred_send_waits_minutes_doubling_up_to_the_cap() {
+        let config = RetryConfig::default();
+        let minutes = |n| deferral_wait(&config, n).as_secs() / 60;
+        let waits: Vec<u64> = (1..=6).map(minutes).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(minutes(u32::MAX), 60, "no overflow");
+    }
+
+    #[test]
     fn a_provider_s_wait_holds_every_request_until_it_is_over() {
         let mut breaker = CircuitBreaker::new(CircuitBreakerConfig {
             failure_threshold: 5,
@@ -156,6 +176,7 @@ mod tests {
             max_attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(1000),
+            ..RetryConfig::default()
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for retry in 1..10 {
