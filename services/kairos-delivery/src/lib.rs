@@ -347,8 +347,7 @@ impl DeliveryProcessor {
                         "delivery.{channel}: provider smtp needs [delivery.{channel}.smtp]"
                     )
                 })?;
-                let smtp = provider::SmtpProvider::new(smtp)?
-                    .with_unsubscribe_secret(settings.unsubscribe_secret.clone());
+                let smtp = provider::SmtpProvider::new(smtp)?;
                 Some(Provider::Smtp(Box::new(smtp)))
             }
             ProviderKind::Http => {
@@ -360,8 +359,7 @@ impl DeliveryProcessor {
                 // A certificate file named relative to the configuration file.
                 let mut http = http.clone();
                 http.ca_file = http.ca_file.map(|f| config.beside_file(&f));
-                let http = provider::HttpProvider::new(&http)?
-                    .with_unsubscribe_secret(settings.unsubscribe_secret.clone());
+                let http = provider::HttpProvider::new(&http)?;
                 Some(Provider::Http(http))
             }
             ProviderKind::Simulator | ProviderKind::InApp => None,
@@ -532,10 +530,15 @@ impl DeliveryProcessor {
         Ok(())
     }
 
-    /// The template's variables with what every template may use besides.
+    /// The send's message: its template over its variables and what every template
+    /// may use besides, with the send's opt-out link.
     fn render(&self, cmd: &SendCommand) -> Result<RenderedMessage, String> {
         let mut vars: serde_json::Value = serde_json::from_str(&cmd.variables)
             .map_err(|e| format!("template: variables are not JSON: {e}"))?;
+        let unsubscribe_url = self.settings.list_unsubscribe().map(|url| {
+            let secret = self.settings.unsubscribe_secret.as_deref();
+            provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret)
+        });
         if let Some(m) = vars.as_object_mut() {
             m.entry("customer_id")
                 .or_insert(cmd.customer_id.clone().into());
@@ -543,15 +546,18 @@ impl DeliveryProcessor {
             m.insert("scenario".into(), cmd.scenario.clone().into());
             // The link of the `List-Unsubscribe` header, for the body too: a mail
             // client that does not show the header still shows an opt-out.
-            if let Some(url) = self.settings.list_unsubscribe() {
-                let secret = self.settings.unsubscribe_secret.as_deref();
-                let url = provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret);
-                m.insert("unsubscribe_url".into(), url.into());
+            if let Some(url) = &unsubscribe_url {
+                m.insert("unsubscribe_url".into(), url.as_str().into());
             }
         }
-        self.templates
+        let message = self
+            .templates
             .render(&cmd.template, &vars)
-            .map_err(|e| format!("template: {e}"))
+            .map_err(|e| format!("template: {e}"))?;
+        Ok(RenderedMessage {
+            unsubscribe_url,
+            ..message
+        })
     }
 
     fn simulate(&self, ctx: &mut Ctx<'_>, cmd: &SendCommand) -> anyhow::Result<()> {
@@ -1769,9 +1775,39 @@ mod tests {
             "{}",
             m.body
         );
-        let m = we_miss_you(&[]);
-        assert!(!m.body.contains("Unsubscribe"), "{}", m.body);
-        assert!(m.body.ends_with("https://shop.example/new\n"), "{}", m.body);
+        assert_eq!(
+            m.unsubscribe_url.as_deref(),
+            Some("https://shop.example/u?c=c1&s=s-1"),
+            "the header's link"
+        );
+        // With a token: the body's link and the header's are the one made under the
+        // secret.
+        let secret = "0123456789abcdef-secret";
+        let m = we_miss_you(&[
+            (
+                "KAIROS__DELIVERY__EMAIL__SMTP__LIST_UNSUBSCRIBE",
+                "https://shop.example/u?c={customer_id}&t={token}",
+            ),
+            ("KAIROS__DELIVERY__EMAIL__UNSUBSCRIBE_SECRET", secret),
+        ]);
+        let token = kairos_core::ids::unsubscribe_token(secret, "c1", "s-1");
+        let link = format!("https://shop.example/u?c=c1&t={token}");
+        assert_eq!(m.unsubscribe_url.as_deref(), Some(link.as_str()));
+        assert!(
+            m.body.ends_with(&format!("\n\nUnsubscribe: {link}\n")),
+            "{}",
+            m.body
+        );
+        // None configured, or a blank one: no link at all (no empty header).
+        for blank in [
+            &[][..],
+            &[("KAIROS__DELIVERY__EMAIL__SMTP__LIST_UNSUBSCRIBE", "  ")],
+        ] {
+            let m = we_miss_you(blank);
+            assert!(!m.body.contains("Unsubscribe"), "{}", m.body);
+            assert!(m.body.ends_with("https://shop.example/new\n"), "{}", m.body);
+            assert_eq!(m.unsubscribe_url, None);
+        }
     }
 
     /// An e-mail of `template` to c1 (first name Ann), made at `t0`, valid for a second.
@@ -2052,6 +2088,7 @@ mod tests {
             subject: Some("Hello".into()),
             preheader: None,
             body: "hi".into(),
+            unsubscribe_url: None,
         };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let before = admin.last_heartbeat();
@@ -2181,6 +2218,7 @@ mod tests {
                 subject: None,
                 preheader: None,
                 body: "hi".into(),
+                unsubscribe_url: None,
             };
             let delivery = processor
                 .attempts(&cmd, &message, 0, AttemptHooks::NONE)
@@ -2360,6 +2398,7 @@ mod tests {
             subject: None,
             preheader: None,
             body: "hi".into(),
+            unsubscribe_url: None,
         };
         (processor, cmd, message)
     }

@@ -112,9 +112,6 @@ pub struct SmtpProvider {
     config: SmtpConfig,
     from: Mailbox,
     reply_to: Option<Mailbox>,
-    list_unsubscribe: Option<String>,
-    /// What `{token}` in the link is made under (`unsubscribe_secret`).
-    unsubscribe_secret: Option<String>,
     /// The kept-alive connection and when it last served a message.
     connection: tokio::sync::Mutex<Option<(AsyncSmtpConnection, Instant)>>,
     /// A connection idle this long is asked (NOOP) whether it still stands before it
@@ -144,17 +141,9 @@ impl SmtpProvider {
                 .as_deref()
                 .map(|r| parse("reply_to", r))
                 .transpose()?,
-            list_unsubscribe: configured_link(&c.list_unsubscribe),
-            unsubscribe_secret: None,
             connection: tokio::sync::Mutex::new(None),
             idle_check: SMTP_IDLE_CHECK,
         })
-    }
-
-    /// `{token}` in the unsubscribe link made under `secret`.
-    pub fn with_unsubscribe_secret(mut self, secret: Option<String>) -> Self {
-        self.unsubscribe_secret = secret;
-        self
     }
 
     fn build(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<Message, ProviderError> {
@@ -192,9 +181,7 @@ impl SmtpProvider {
         if let Some(r) = &self.reply_to {
             b = b.reply_to(r.clone());
         }
-        if let Some(url) = &self.list_unsubscribe {
-            let secret = self.unsubscribe_secret.as_deref();
-            let url = unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret);
+        if let Some(url) = &m.unsubscribe_url {
             // One-click (RFC 8058) is a POST to an https URL; a mailto: or plain http
             // one is a link only.
             let one_click = url.starts_with("https://");
@@ -545,8 +532,6 @@ fn refuses_the_worker(reply: &str) -> bool {
 pub struct HttpProvider {
     client: reqwest::Client,
     config: HttpProviderConfig,
-    /// What `{token}` in the unsubscribe link is made under (`unsubscribe_secret`).
-    unsubscribe_secret: Option<String>,
 }
 
 impl HttpProvider {
@@ -570,19 +555,10 @@ impl HttpProvider {
             // count a message nobody received as sent.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let mut config = config.clone();
-        config.list_unsubscribe = configured_link(&config.list_unsubscribe);
         Ok(HttpProvider {
             client,
-            config,
-            unsubscribe_secret: None,
+            config: config.clone(),
         })
-    }
-
-    /// `{token}` in the unsubscribe link made under `secret`.
-    pub fn with_unsubscribe_secret(mut self, secret: Option<String>) -> Self {
-        self.unsubscribe_secret = secret;
-        self
     }
 
     async fn send(&self, cmd: &SendCommand, m: &RenderedMessage) -> Result<(), ProviderError> {
@@ -599,10 +575,8 @@ impl HttpProvider {
             "valid_until": cmd.valid_until,
         });
         // Only when configured: a gateway with a strict schema need not know the key.
-        if let Some(url) = &self.config.list_unsubscribe {
-            let secret = self.unsubscribe_secret.as_deref();
-            body["unsubscribe_url"] =
-                unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret).into();
+        if let Some(url) = &m.unsubscribe_url {
+            body["unsubscribe_url"] = url.as_str().into();
         }
         let mut request = self
             .client
@@ -735,44 +709,26 @@ fn http_status_error(status: u16, detail: String) -> ProviderError {
     }
 }
 
-/// An opt-out link template as configured, blank taken as none (as the templates and
-/// the start-up check take it): not a `List-Unsubscribe: <>` header or an empty URL.
-fn configured_link(link: &Option<String>) -> Option<String> {
-    link.clone().filter(|l| !l.trim().is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_smtp::scripted_smtp;
 
-    /// A blank `list_unsubscribe` is none: no empty header.
-    #[test]
-    fn a_blank_unsubscribe_link_writes_no_header() {
-        let (cmd, message) = email_to("anna@example.com");
-        let provider = SmtpProvider::new(&SmtpConfig {
-            list_unsubscribe: Some("  ".into()),
-            ..smtp_provider(25).config
-        })
-        .unwrap();
-        let built = provider.build(&cmd, &message).expect("built");
-        let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
-        assert!(!text.contains("List-Unsubscribe"), "{text}");
-    }
-
+    /// The message's opt-out link in `List-Unsubscribe`, one-click over https; none
+    /// without one.
     #[test]
     fn an_email_is_utf8_text_and_offers_one_click_unsubscribe_over_https_only() {
         let (cmd, mut message) = email_to("anna@example.com");
         message.body = "Здравствуйте, Анна! Ваша корзина ждёт.".into();
-        let mut provider = smtp_provider(25);
+        let provider = smtp_provider(25);
+        let built = provider.build(&cmd, &message).expect("built");
+        let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
+        assert!(!text.contains("List-Unsubscribe"), "{text}");
         for (url, one_click) in [
-            ("https://shop.example/u?c={customer_id}", true),
-            (
-                "mailto:unsubscribe@shop.example?subject={customer_id}",
-                false,
-            ),
+            ("https://shop.example/u?c=c1", true),
+            ("mailto:unsubscribe@shop.example?subject=c1", false),
         ] {
-            provider.list_unsubscribe = Some(url.into());
+            message.unsubscribe_url = Some(url.into());
             let built = provider.build(&cmd, &message).expect("built");
             let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
             assert!(text.contains("MIME-Version: 1.0"), "{text}");
@@ -780,7 +736,10 @@ mod tests {
                 text.contains("Content-Type: text/plain; charset=utf-8"),
                 "{text}"
             );
-            assert!(text.contains("List-Unsubscribe: <"), "{text}");
+            assert!(
+                text.contains(&format!("List-Unsubscribe: <{url}>")),
+                "{text}"
+            );
             // What a provider's webhook event must carry back.
             for header in [
                 "X-Kairos-Send-Id: s1",
@@ -794,27 +753,17 @@ mod tests {
         }
     }
 
-    /// With `unsubscribe_secret`, the link carries the token of its customer and send,
-    /// which a link made up for another customer cannot have.
+    /// With a secret, the link carries the token of its customer and send, which a
+    /// link made up for another customer cannot have.
     #[test]
     fn the_unsubscribe_link_carries_a_token_only_the_secret_makes() {
-        let (cmd, message) = email_to("anna@example.com");
         let secret = "0123456789abcdef-secret";
-        let provider = SmtpProvider::new(&SmtpConfig {
-            list_unsubscribe: Some("https://shop.example/u?c={customer_id}&t={token}".into()),
-            ..smtp_provider(25).config
-        })
-        .unwrap()
-        .with_unsubscribe_secret(Some(secret.into()));
-        let built = provider.build(&cmd, &message).expect("built");
-        let text = String::from_utf8(built.formatted()).expect("ascii on the wire");
+        let template = "https://shop.example/u?c={customer_id}&t={token}";
         let token = kairos_core::ids::unsubscribe_token(secret, "c1", "s1");
         assert_eq!(token.len(), 64);
-        assert!(
-            text.contains(&format!(
-                "List-Unsubscribe: <https://shop.example/u?c=c1&t={token}>"
-            )),
-            "{text}"
+        assert_eq!(
+            unsubscribe_url(template, "c1", "s1", Some(secret)),
+            format!("https://shop.example/u?c=c1&t={token}")
         );
         assert_ne!(
             token,
@@ -866,6 +815,7 @@ mod tests {
             subject: None,
             preheader: None,
             body: "hi".into(),
+            unsubscribe_url: None,
         };
         provider.send(&cmd, &message).await
     }
@@ -1014,6 +964,7 @@ mod tests {
             subject: Some("Hello".into()),
             preheader: None,
             body: "hi".into(),
+            unsubscribe_url: None,
         };
         (cmd, message)
     }
@@ -1140,12 +1091,13 @@ mod tests {
             auth_value: None,
             idempotency_header: "Idempotency-Key".into(),
             timeout: Duration::from_secs(5),
-            list_unsubscribe: Some("https://shop.example/u?c={customer_id}&s={send_id}".into()),
+            list_unsubscribe: None,
             ca_file: None,
         })
         .unwrap();
         let (cmd, mut message) = email_to("tok-1");
         message.preheader = Some("3 items, 59.90 in total".into());
+        message.unsubscribe_url = Some("https://shop.example/u?c=c1&s=s1".into());
         provider.send(&cmd, &message).await.expect("sent");
         let body = got.lock().expect("body").clone().expect("a request");
         assert_eq!(body["preheader"], "3 items, 59.90 in total");

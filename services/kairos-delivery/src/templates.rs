@@ -60,6 +60,10 @@ pub struct RenderedMessage {
     pub preheader: Option<String>,
     /// E-mail body or the text of SMS, push and messenger messages.
     pub body: String,
+    /// This send's opt-out link (the channel's `list_unsubscribe` with its ids and
+    /// token filled in), for the provider's `List-Unsubscribe` header or request: made
+    /// once by the worker, which the template's `unsubscribe_url` shows too.
+    pub unsubscribe_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
