@@ -2,7 +2,7 @@
 every accepted message as a file and misbehaves on request, by recipient:
 
 - bounce*@...   -> 550 5.1.1 (the address does not exist: a hard bounce)
-- tempfail*@... -> 451 4.3.0 for the first TEMPFAILS attempts, then accepted
+- tempfail*@... -> 450 4.7.1 (greylisted) for the first TEMPFAILS attempts, then accepted
 - reject*@...   -> 554 5.7.1 at DATA (a permanent policy rejection)
 - slow*@...     -> answers DATA after SLOW_SECONDS
 - spam*@...     -> 550 5.7.1 at DATA (the message refused, not the mailbox)
@@ -47,7 +47,7 @@ class Sink:
             n = self.attempts.get(address, 0)
             self.attempts[address] = n + 1
             if n < self.tempfails:
-                return "451 4.3.0 Try again later"
+                return "450 4.7.1 Greylisted, try again later"
         if local.startswith("datadrop"):
             n = self.attempts.get(address, 0)
             self.attempts[address] = n + 1

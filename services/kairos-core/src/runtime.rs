@@ -700,10 +700,19 @@ const FIRING_ROUNDS_PER_PUBLISH: usize = 8;
 pub const TIMERS_PER_ROUND: usize = 512;
 
 /// How long the processing loop fires due timers before it polls its consumer again
-/// (the rest fire on its next turn): a flood of slow timers (provider calls) must not
-/// keep it from the group beyond `max.poll.interval.ms`, nor from the records queued
-/// behind them.
+/// (the rest fire on its next turn, which does not wait for a record): a flood of due
+/// timers must not keep it from the group beyond `max.poll.interval.ms`, nor from the
+/// records queued behind them. A processor with slow timers (see
+/// [`Processor::max_timers_per_round`]) fires one round a turn.
 const FIRING_TIME_PER_TURN: Duration = Duration::from_secs(10);
+
+/// What a call of [`Engine::fire_partition`] did: its committed rounds' outputs, the
+/// timers it fired and whether due timers are left.
+struct Fired {
+    out: Vec<OutboxEntry>,
+    timers: usize,
+    left: bool,
+}
 
 struct Part {
     store: PartitionStore,
@@ -1007,7 +1016,7 @@ impl<P: Processor> Engine<P> {
                     // in real time.
                     let due = part.store.next_timer(&part.pending)?;
                     if due.is_some_and(|d| d <= t) {
-                        self.fire_partition(state_partition, t, false, MAX_FIRING_ROUNDS)?;
+                        self.fire_partition(state_partition, t, false, MAX_FIRING_ROUNDS, None)?;
                     }
                     let Some(part) = self.parts.get_mut(&state_partition) else {
                         return Ok(());
@@ -1040,7 +1049,7 @@ impl<P: Processor> Engine<P> {
             let clock = part.clock.event_time();
             let due = part.store.next_timer(&part.pending)?;
             if due.is_some_and(|d| d <= clock) {
-                self.fire_partition(state_partition, clock, false, MAX_FIRING_ROUNDS)?;
+                self.fire_partition(state_partition, clock, false, MAX_FIRING_ROUNDS, None)?;
             }
         }
         Ok(())
@@ -1149,30 +1158,51 @@ impl<P: Processor> Engine<P> {
 
     /// Fires due timers of every partition (committing as it goes).
     pub fn fire_due(&mut self) -> anyhow::Result<Vec<OutboxEntry>> {
-        Ok(self.fire_due_where(|_| true, MAX_FIRING_ROUNDS)?.0)
+        Ok(self.fire_due_where(|_| true, MAX_FIRING_ROUNDS, None)?.0)
     }
 
     /// [`Engine::fire_due`] for the partitions `ready` accepts (the others' timers
     /// wait for the input backlog found at their assignment, see [`BacklogGates`]),
     /// at most `max_rounds` committed rounds of firing per partition, so the outputs
-    /// to publish stay bounded. Returns them, and whether due timers are left: the
-    /// caller publishes, then calls again.
+    /// to publish stay bounded. Past `deadline`, no further round starts once one
+    /// fired a timer; the partitions whose timers are the most overdue go first, so
+    /// a call cut short by it starves none. Returns the outputs, and whether due
+    /// timers are left: the caller publishes, then calls again.
     pub fn fire_due_where(
         &mut self,
         ready: impl Fn(i32) -> bool,
         max_rounds: usize,
+        deadline: Option<Instant>,
     ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
         let mut out = Vec::new();
         let mut more = false;
+        let mut timers = 0;
+        let mut due = Vec::new();
         for p in self.owned().into_iter().filter(|p| ready(*p)) {
+            let part = &self.parts[&p];
+            let next = part
+                .store
+                .next_timer(&part.pending)
+                .map_err(anyhow::Error::from);
+            if let Some(at) = self.or_abandon(p, next)? {
+                due.push((at, p));
+            }
+        }
+        due.sort_unstable();
+        for (_, p) in due {
+            if timers > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                more = true;
+                break;
+            }
             let now = match self.mode {
                 ClockMode::Wall => wall_now(),
                 ClockMode::Event => self.parts[&p].clock.event_time(),
             };
-            let fired = self.fire_partition(p, now, true, max_rounds);
-            let (fired, left) = self.or_abandon(p, fired)?;
-            out.extend(fired);
-            more |= left;
+            let fired = self.fire_partition(p, now, true, max_rounds, deadline);
+            let fired = self.or_abandon(p, fired)?;
+            out.extend(fired.out);
+            timers += fired.timers;
+            more |= fired.left;
         }
         Ok((out, more))
     }
@@ -1181,18 +1211,23 @@ impl<P: Processor> Engine<P> {
     /// merged with the batch's pending writes, so no commit is needed first; with
     /// `commit`, each round of firing is committed and its records returned for
     /// publishing (without, nothing is returned: the batch commits later).
-    /// At most `max_rounds` rounds of up to [`TIMERS_PER_ROUND`] timers (or the
-    /// processor's fewer); returns whether due timers are left after them.
+    /// At most `max_rounds` rounds of up to [`TIMERS_PER_ROUND`] timers (committed
+    /// ones: the processor's fewer), none after the first once past `deadline`.
     fn fire_partition(
         &mut self,
         partition: i32,
         now: Millis,
         commit: bool,
         max_rounds: usize,
-    ) -> anyhow::Result<(Vec<OutboxEntry>, bool)> {
+        deadline: Option<Instant>,
+    ) -> anyhow::Result<Fired> {
         let mut out = Vec::new();
-        let per_round = (self.processor.max_timers_per_round())
-            .map_or(TIMERS_PER_ROUND, |n| n.clamp(1, TIMERS_PER_ROUND));
+        let mut timers = 0;
+        // Slow timers keep the loop from its consumer only between commits.
+        let per_round = match self.processor.max_timers_per_round() {
+            Some(n) if commit => n.clamp(1, TIMERS_PER_ROUND),
+            _ => TIMERS_PER_ROUND,
+        };
         for round in 0..=max_rounds {
             let Some(part) = self.parts.get_mut(&partition) else {
                 break;
@@ -1204,8 +1239,13 @@ impl<P: Processor> Engine<P> {
             {
                 break;
             }
-            if round == max_rounds {
-                return Ok((out, true));
+            let past_deadline = round > 0 && deadline.is_some_and(|d| Instant::now() >= d);
+            if round == max_rounds || past_deadline {
+                return Ok(Fired {
+                    out,
+                    timers,
+                    left: true,
+                });
             }
             // Always the earliest due timer next, read afresh each time: one a
             // handler just set, due before the others, fires first, so timers fire
@@ -1248,11 +1288,16 @@ impl<P: Processor> Engine<P> {
                 self.processor.on_timer(&mut ctx, &timer)?;
                 part.uncounted.timers_fired += 1;
             }
+            timers += fired;
             if commit {
                 out.extend(self.commit_partition(partition)?);
             }
         }
-        Ok((out, false))
+        Ok(Fired {
+            out,
+            timers,
+            left: false,
+        })
     }
 
     /// Event-time mode: moves every partition's clock to `t` (a heartbeat), firing
@@ -1260,8 +1305,8 @@ impl<P: Processor> Engine<P> {
     pub fn advance_time(&mut self, t: Millis) -> anyhow::Result<Vec<OutboxEntry>> {
         let mut out = self.commit()?;
         for p in self.owned() {
-            let fired = self.fire_partition(p, t, true, MAX_FIRING_ROUNDS);
-            out.extend(self.or_abandon(p, fired)?.0);
+            let fired = self.fire_partition(p, t, true, MAX_FIRING_ROUNDS, None);
+            out.extend(self.or_abandon(p, fired)?.out);
             if let Some(part) = self.parts.get_mut(&p) {
                 if t > part.clock.event_time() {
                     part.clock.observe(t);
@@ -3580,6 +3625,8 @@ pub async fn run_serving<P: Processor>(
     // Records handed out while partitions restored at the top of the loop: the head
     // of the next batch.
     let mut carried = Vec::new();
+    // Due timers the last turn left to fire: the next does not wait for a record.
+    let mut timers_left = false;
 
     loop {
         admin.heartbeat();
@@ -3630,7 +3677,10 @@ pub async fn run_serving<P: Processor>(
                     waiting_requests.push(request);
                     None
                 }
-                r = tokio::time::timeout(tick, consumer.recv()) => Some(r),
+                r = tokio::time::timeout(
+                    if timers_left { Duration::ZERO } else { tick },
+                    consumer.recv(),
+                ) => Some(r),
             };
             match first {
                 None | Some(Err(_)) => {}
@@ -3791,11 +3841,21 @@ pub async fn run_serving<P: Processor>(
         }
         gates.check_positions(&consumer);
         gates.retry_unknown(&engine, &consumer, &inputs);
-        // Published in bounded chunks; as many rounds in all as one call used to do.
-        let firing_since = Instant::now();
+        // Published in bounded chunks, for at most a turn's time (slow timers, a
+        // provider call each: one, then the records waiting, in turn).
+        let turn = match engine.processor.max_timers_per_round() {
+            Some(_) => Duration::ZERO,
+            None => FIRING_TIME_PER_TURN,
+        };
+        let deadline = Instant::now() + turn;
+        timers_left = false;
         for _ in 0..MAX_FIRING_ROUNDS / FIRING_ROUNDS_PER_PUBLISH {
-            let (fired, more) =
-                engine.fire_due_where(|p| !gates.holds(p), FIRING_ROUNDS_PER_PUBLISH)?;
+            let (fired, more) = engine.fire_due_where(
+                |p| !gates.holds(p),
+                FIRING_ROUNDS_PER_PUBLISH,
+                Some(deadline),
+            )?;
+            timers_left = more;
             let produced = fired.len();
             if produced > 0 {
                 let published = engine.publish(fired, &publisher, &cancel, &[]).await?;
@@ -3804,7 +3864,7 @@ pub async fn run_serving<P: Processor>(
                     break;
                 }
             }
-            if !more || cancel.is_cancelled() || firing_since.elapsed() > FIRING_TIME_PER_TURN {
+            if !more || cancel.is_cancelled() || Instant::now() >= deadline {
                 break;
             }
             admin.heartbeat();
@@ -4962,7 +5022,9 @@ mod tests {
         assert_eq!(counts(&engine), (0, 1));
         engine.handle(&record(1, b"bad")).unwrap();
         engine.handle(&record(2, b"arm")).unwrap();
-        engine.fire_partition(0, wall_now(), false, 1).unwrap();
+        engine
+            .fire_partition(0, wall_now(), false, 1, None)
+            .unwrap();
         assert!(engine.handle(&record(3, b"boom")).is_err());
         assert_eq!(counts(&engine), (0, 1), "nothing of the abandoned batch");
         engine.handle(&record(1, b"bad")).unwrap();
@@ -5037,11 +5099,11 @@ mod tests {
     #[test]
     fn due_timers_fire_in_bounded_chunks_and_all_of_them_in_the_end() {
         let (_dir, mut engine, record) = many_due_timers(None);
-        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        let (out, more) = engine.fire_due_where(|_| true, 2, None).unwrap();
         assert_eq!((fired(&out), more), (1_024, true));
-        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        let (out, more) = engine.fire_due_where(|_| true, 2, None).unwrap();
         assert_eq!((fired(&out), more), (1_024, true));
-        let (out, more) = engine.fire_due_where(|_| true, 2).unwrap();
+        let (out, more) = engine.fire_due_where(|_| true, 2, None).unwrap();
         assert_eq!((fired(&out), more), (952, false));
         // A partition held back fires nothing.
         engine
@@ -5051,7 +5113,7 @@ mod tests {
             })
             .unwrap();
         engine.commit().unwrap();
-        let (out, more) = engine.fire_due_where(|p| p != 0, 2).unwrap();
+        let (out, more) = engine.fire_due_where(|p| p != 0, 2, None).unwrap();
         assert_eq!((fired(&out), more), (0, false));
     }
 
@@ -5060,10 +5122,14 @@ mod tests {
     #[test]
     fn a_processor_fires_as_few_timers_a_round_as_it_asks() {
         let (_dir, mut engine, _) = many_due_timers(Some(1));
-        let (out, more) = engine.fire_due_where(|_| true, 3).unwrap();
+        let (out, more) = engine.fire_due_where(|_| true, 3, None).unwrap();
         assert_eq!((fired(&out), more), (3, true));
-        let (out, more) = engine.fire_due_where(|_| true, 5_000).unwrap();
-        assert_eq!((fired(&out), more), (2_997, false));
+        // Past the deadline, one round and no more.
+        let past = Some(Instant::now());
+        let (out, more) = engine.fire_due_where(|_| true, 5_000, past).unwrap();
+        assert_eq!((fired(&out), more), (1, true));
+        let (out, more) = engine.fire_due_where(|_| true, 5_000, None).unwrap();
+        assert_eq!((fired(&out), more), (2_996, false));
     }
 
     #[test]

@@ -104,6 +104,11 @@ impl From<&SendCommand> for SendSummary {
 /// Send ids are hex; the simulator's timers are `<send id>/<outcome>`.
 const DEFERRED_TIMER_PREFIX: &str = "~deferred/";
 
+/// How long before its valid-until a deferred send is tried for the last time: a try
+/// due at the valid-until itself would find it expired (the wall clock has moved on
+/// when the timer fires, and while the try waits for the rate limit).
+const LAST_TRY_BEFORE_EXPIRY: Millis = kairos_core::time::MINUTE;
+
 /// How often, and with what answer, the recipient's server put a send off.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Deferral {
@@ -1017,8 +1022,8 @@ impl DeliveryProcessor {
     }
 
     /// Sets a send the recipient's server put off aside (see [`DeferredSend`]) until
-    /// the next try, at its valid-until at the latest; one whose valid-until has come
-    /// fails as expired.
+    /// the next try, [`LAST_TRY_BEFORE_EXPIRY`] before its valid-until at the latest;
+    /// one that has no try left fails as expired.
     fn defer(
         &self,
         ctx: &mut Ctx<'_>,
@@ -1039,7 +1044,7 @@ impl DeliveryProcessor {
         let wait = retry::deferral_wait(&self.settings.retry, deferral.times).as_millis();
         let retry_at = now
             .saturating_add(Millis::try_from(wait).unwrap_or(Millis::MAX))
-            .min(cmd.valid_until);
+            .min(cmd.valid_until - LAST_TRY_BEFORE_EXPIRY);
         if retry_at <= now {
             let reason = expired_reason(Some(&deferral));
             self.emit_outcome(
@@ -3107,8 +3112,9 @@ mod tests {
     }
 
     /// A send set aside is not made once the customer unsubscribed meanwhile (no
-    /// server is asked); one the server keeps putting off fails as expired at its
-    /// valid-until, tried one last time then, with the server's last answer.
+    /// server is asked); one the server keeps putting off is tried one last time a
+    /// minute before its valid-until, then fails as expired with the server's last
+    /// answer.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_send_set_aside_ends_at_an_unsubscribe_or_its_valid_until() {
         use kairos_core::time::{DAY, MINUTE};
@@ -3176,14 +3182,14 @@ mod tests {
         assert!(reason.starts_with("consent_withdrawn"), "{reason}");
         let expired = of("s-2");
         assert_eq!(expired.kind, OutcomeKind::failed);
-        assert_eq!(expired.occurred_at, t0 + 20 * MINUTE);
+        assert_eq!(expired.occurred_at, t0 + 19 * MINUTE);
         let reason = expired.reason.as_deref().unwrap_or_default();
         assert!(
             reason.starts_with("expired: the recipient's server put it off 4 times, last: ")
                 && reason.contains("4.7.1 greylisted"),
             "{reason}"
         );
-        // s-1 once; s-2 at 0, 5, 15 and 20 minutes.
+        // s-1 once; s-2 at 0, 5, 15 and 19 minutes.
         assert_eq!(rcpts.load(std::sync::atomic::Ordering::SeqCst), 5);
         assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 0);
     }

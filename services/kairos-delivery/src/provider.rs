@@ -394,6 +394,30 @@ pub(crate) fn unsubscribe_url(
     }
 }
 
+/// The enhanced status code (RFC 3463, `4.7.1`) in a server's reply, if it gives one.
+fn enhanced_status(reply: &str) -> Option<&str> {
+    reply
+        .split(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '(' | ')'))
+        .find(|token| {
+            let parts: Vec<&str> = token.split('.').collect();
+            parts.len() == 3
+                && matches!(parts[0], "4" | "5")
+                && parts[1..]
+                    .iter()
+                    .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
+/// Whether a 4xx to `RCPT TO` puts off this recipient (greylisting, `4.7.x`; a full
+/// mailbox, `4.2.2`), to be tried again in minutes, rather than tell of the server's
+/// own trouble (421 closing, `4.3.x` system, `4.4.x` network), which a relay often
+/// answers at any step and which is retried at once and counts against the breaker.
+fn puts_off_the_recipient(code: &str, reply: &str) -> bool {
+    let server_trouble = code == "421"
+        || enhanced_status(reply).is_some_and(|s| s.starts_with("4.3.") || s.starts_with("4.4."));
+    !server_trouble
+}
+
 /// The step of an SMTP conversation an answer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SmtpStep {
@@ -428,7 +452,13 @@ fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError 
             // spam" says nothing of the mailbox): this message fails.
             _ => ProviderError::Permanent(e.to_string()),
         }
-    } else if e.is_transient() && step == SmtpStep::RcptTo {
+    } else if e.is_transient()
+        && step == SmtpStep::RcptTo
+        && puts_off_the_recipient(
+            &e.status().map(|c| c.to_string()).unwrap_or_default(),
+            &e.to_string(),
+        )
+    {
         ProviderError::RecipientDeferred(e.to_string())
     } else if e.is_transient() {
         // A 4xx reply: the server answered and refused for now.
@@ -476,16 +506,7 @@ enum RcptRefusal {
 /// `5.1.7` and `5.1.8` name the sender, as does any "Sender address rejected" text.
 /// Without a code, 550, 551 and 553 are a dead mailbox.
 fn rcpt_refusal(code: &str, reply: &str) -> RcptRefusal {
-    let enhanced = reply
-        .split(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '(' | ')'))
-        .find(|token| {
-            let parts: Vec<&str> = token.split('.').collect();
-            parts.len() == 3
-                && matches!(parts[0], "4" | "5")
-                && parts[1..]
-                    .iter()
-                    .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        });
+    let enhanced = enhanced_status(reply);
     // Postfix checks the sender at RCPT TO too, and says so in the text (with codes
     // such as 5.1.0 or 5.7.1), and so does a relay that takes no mail from this
     // worker: marking the recipient dead, or failing it for good, would do so to the
@@ -926,6 +947,29 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(kept.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// A 4xx to RCPT TO that tells of the server's own trouble is no deferral of the
+    /// recipient: retried at once, counted against the breaker.
+    #[test]
+    fn a_server_in_trouble_at_rcpt_is_no_recipient_deferral() {
+        let cases = [
+            ("450", "450 4.2.0 greylisted, try again later", true),
+            ("451", "451 4.7.1 Please try again later", true),
+            ("452", "452 4.2.2 Mailbox full", true),
+            ("450", "450 Requested mail action not taken", true),
+            (
+                "421",
+                "421 4.7.0 Try again later, closing connection",
+                false,
+            ),
+            ("451", "451 4.3.0 Local error in processing", false),
+            ("452", "452 4.3.1 Insufficient system storage", false),
+            ("451", "451 4.4.3 Directory server failure", false),
+        ];
+        for (code, reply, deferral) in cases {
+            assert_eq!(puts_off_the_recipient(code, reply), deferral, "{reply}");
+        }
     }
 
     fn smtp_provider(port: u16) -> SmtpProvider {
