@@ -798,6 +798,11 @@ pub struct ProductOccasion {
     pub new_price: Option<f64>,
     pub cause_event_id: String,
     pub occurred_at: i64,
+    /// With a drop: the lowest price of the 30 days before it (the prior price the
+    /// EU's Omnibus directive has a price reduction state). Absent in occasions of
+    /// earlier versions.
+    #[serde(default)]
+    pub lowest_price: Option<f64>,
 }
 
 /// What a customer did that ends or pauses messaging (internal topic

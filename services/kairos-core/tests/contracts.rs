@@ -595,6 +595,7 @@ fn product_occasion_matches_its_schema() {
         new_price: Some(79.5),
         cause_event_id: "cat-0001".into(),
         occurred_at: T0,
+        lowest_price: Some(74.5),
     };
     let sparse = ProductOccasion {
         occasion_id: "po-cat-0002-c-7".into(),
@@ -606,6 +607,7 @@ fn product_occasion_matches_its_schema() {
         new_price: None,
         cause_event_id: "cat-0002".into(),
         occurred_at: T0 + 1,
+        lowest_price: None,
     };
     check_contract(
         "product_occasion.avsc",

@@ -623,6 +623,32 @@ text = "{{ first_name | default('Hi') }}, your cart is waiting"
         let m = shipped.render("price_drop", &vars).unwrap();
         assert_eq!(m.subject.as_deref(), Some("Mug is now 0.30"));
         assert_eq!(m.preheader.as_deref(), Some("Was 59.90"));
+        assert!(!m.body.contains("Lowest"), "{}", m.body);
+    }
+
+    /// A drop states the lowest price of the 30 days before it (the EU's Omnibus
+    /// directive), in the e-mail of a price drop and of a return to stock at a lower
+    /// price; a return without a drop states none.
+    #[test]
+    fn a_drop_states_the_lowest_price_of_the_30_days_before_it() {
+        let drop = include_str!("../../../config/templates/price_drop.toml");
+        let stock = include_str!("../../../config/templates/back_in_stock.toml");
+        let shipped = set(
+            Channel::email,
+            &[("price_drop.toml", drop), ("back_in_stock.toml", stock)],
+        )
+        .unwrap();
+        let lowest = "\nLowest price in the 30 days before: 75.00\n";
+        let vars = serde_json::json!({"product_id": "p1", "old_price": 100,
+            "new_price": 80, "lowest_price": 75});
+        for template in ["price_drop", "back_in_stock"] {
+            let m = shipped.render(template, &vars).unwrap();
+            assert!(m.body.contains(lowest), "{template}: {}", m.body);
+        }
+        let vars = serde_json::json!({"product_id": "p1", "old_price": null,
+            "new_price": 80, "lowest_price": 75});
+        let m = shipped.render("back_in_stock", &vars).unwrap();
+        assert!(!m.body.contains("Lowest"), "{}", m.body);
     }
 
     /// A return to stock at a lower price tells the drop (the wisher hears of it only

@@ -193,6 +193,10 @@ struct News {
     old_price: Option<f64>,
     new_price: Option<f64>,
     product_name: Option<String>,
+    /// With a drop: the lowest price of the 30 days before it (see
+    /// [`ProductOccasion::lowest_price`]). None in rows of earlier versions.
+    #[serde(default)]
+    lowest_price: Option<f64>,
 }
 
 impl News {
@@ -237,6 +241,7 @@ impl News {
         let follows = self.kind == ProductOccasionKind::back_in_stock && risen;
         if follows {
             self.old_price = None;
+            self.lowest_price = None;
             self.new_price = price;
         }
         follows
@@ -253,6 +258,7 @@ impl News {
             new_price: self.new_price,
             cause_event_id: self.event_id.clone(),
             occurred_at: self.occurred_at,
+            lowest_price: self.lowest_price,
         }
     }
 }
@@ -727,6 +733,9 @@ impl CatalogJoin {
         // Read once: the window's highest price, and the prices a drop may cross.
         let seen = product.window_prices(u.occurred_at);
         let window_high = seen.iter().copied().reduce(f64::max);
+        // Every price in effect in the window is among them (a day's highest is one
+        // of its prices; its others were replaced, or closed it).
+        let window_low = seen.iter().copied().reduce(f64::min);
         // The highest price since the last announced drop (within the window): steps
         // down add up to a drop worth announcing.
         let since_announced = match (product.reference_price.or(product.price), window_high) {
@@ -843,6 +852,8 @@ impl CatalogJoin {
                 old_price: *old,
                 new_price: *new,
                 product_name: product.name.clone(),
+                // Only a drop states a prior price (a return told with one does).
+                lowest_price: old.and(window_low),
             });
         }
         ctx.put(&key, &product)?;
@@ -1634,6 +1645,36 @@ min_drop_percent = 10.0
         assert!(told(&out, "p1").is_empty(), "a rise");
         let out = push(&catalog, price("p1", "u7", 92.0, T0 + 7 * HOUR));
         assert!(told(&out, "p1").is_empty(), "8% below the window's 100");
+    }
+
+    /// A drop states the lowest price in effect in the 30 days before it (the prior
+    /// price of the EU's Omnibus directive): a sale at 80 a few days before a drop
+    /// from 100 to 90 is it, and no longer once it left the window.
+    #[test]
+    fn a_drop_states_the_lowest_price_of_the_30_days_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        let stated = |out: &[kairos_core::store::OutboxEntry]| -> Vec<_> {
+            (out.iter())
+                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+                .map(|o| (o.old_price, o.new_price, o.lowest_price))
+                .collect()
+        };
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&interest, view("c", "p1", T0 + HOUR));
+        let out = push(&catalog, price("p1", "u2", 80.0, T0 + DAY));
+        assert_eq!(stated(&out), [(Some(100.0), Some(80.0), Some(100.0))]);
+        push(&catalog, price("p1", "u3", 100.0, T0 + 2 * DAY));
+        let out = push(&catalog, price("p1", "u4", 90.0, T0 + 5 * DAY));
+        assert_eq!(stated(&out), [(Some(100.0), Some(90.0), Some(80.0))]);
+        // Forty days on, 90 has held for the whole window.
+        push(&interest, view("c", "p1", T0 + 39 * DAY));
+        let out = push(&catalog, price("p1", "u5", 81.0, T0 + 40 * DAY));
+        assert_eq!(stated(&out), [(Some(90.0), Some(81.0), Some(90.0))]);
     }
 
     /// A catalog update caches nothing of a product no interest asked about (a load of

@@ -1998,6 +1998,8 @@ impl ProfileProcessor {
             vars.insert("product_name".into(), o.product_name.clone().into());
             vars.insert("old_price".into(), old_price.into());
             vars.insert("new_price".into(), o.new_price.into());
+            // The prior price an announced reduction states in the EU (Omnibus).
+            vars.insert("lowest_price".into(), o.lowest_price.into());
             // The same news of a product is one offer: a price that goes up and down
             // again, or stock out and in again, is not told again within the arbiter's
             // `offer_repeat_window`, though each change is a catalog update of its own.

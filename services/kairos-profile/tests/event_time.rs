@@ -2784,6 +2784,10 @@ fn price_drop_reaches_viewers_only() {
     assert_eq!(v["product_name"], "Kettle");
     assert_eq!(v["old_price"], 100.0);
     assert_eq!(v["new_price"], 80.0);
+    assert_eq!(
+        v["lowest_price"], 100.0,
+        "the 30 days' lowest before the drop"
+    );
     assert_eq!(fired[0]["fired_at"], t + 2 * HOUR);
     assert!(
         h.triggers("pr2", "price_drop").is_empty(),
