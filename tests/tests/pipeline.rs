@@ -163,6 +163,21 @@ fn abandoned_cart_becomes_an_email_send_with_outcomes_and_metrics() {
         report.contains(&format!("sent on email send {send_id} by channel_choice: ")),
         "{report}"
     );
+    // Under the decision, what became of the send: the worker's and provider's outcomes.
+    let after_send = report
+        .split_once(&format!("send {send_id} by"))
+        .map(|(_, rest)| rest.lines().skip(1).take(2).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(
+        after_send.len() == 2
+            && after_send[0]
+                .trim_start()
+                .ends_with(" sent to c-abandon@example.com")
+            && after_send[1]
+                .trim_start()
+                .ends_with(" delivered to c-abandon@example.com"),
+        "{report}"
+    );
     assert!(
         report.contains("sends in the last 7 days {\"email\": 1}"),
         "{report}"

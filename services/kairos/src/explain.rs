@@ -1,11 +1,12 @@
 //! `kairos explain <customer-id>`: a customer's recent triggers and every decision the
-//! arbiter took on them, with rule and reason, and the arbiter's current view of the
+//! arbiter took on them, with rule and reason, what became of each send (the delivery
+//! worker's and the provider's outcomes), and the arbiter's current view of the
 //! customer (suppressions, queue, recent sends).
 //!
 //! Everything comes from Kafka, so it works from any machine that reaches the broker:
-//! the triggers and decisions topics (the customer's partition only, as every
-//! per-customer topic is keyed by customer id) and the arbiter's changelog (the latest
-//! value of the customer's ledger).
+//! the triggers, decisions and outcomes topics (the customer's partition only, as
+//! every per-customer topic is keyed by customer id) and the arbiter's changelog (the
+//! latest value of the customer's ledger).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kairos_arbiter::CustomerLedger;
 use kairos_core::config::{topics, Config};
-use kairos_core::contracts::{Decision, Trigger};
+use kairos_core::contracts::{Decision, Outcome, Trigger};
 use kairos_core::replay::partition_for;
 use kairos_core::time::{Millis, DAY};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -142,6 +143,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     };
     let triggers = read(topics::TRIGGERS)?;
     let decisions = read(topics::DECISIONS)?;
+    let outcomes = read(topics::OUTCOMES)?;
     // The ledger's latest value in the changelog (an empty payload deletes it).
     let changelog = if config.state.changelog {
         Some(read_partition(
@@ -179,6 +181,7 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     let read = Read {
         triggers,
         decisions,
+        outcomes,
         changelog,
         absorbed,
     };
@@ -200,6 +203,8 @@ const ABSORBED_READ: usize = 4;
 struct Read {
     triggers: Latest,
     decisions: Latest,
+    /// What became of the sends: the delivery workers' and providers' outcomes.
+    outcomes: Latest,
     /// `None`: no changelog is written.
     changelog: Option<Latest>,
     /// The triggers of customers merged into this one, by their ids.
@@ -217,7 +222,7 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
     let mine = |latest| of(customer, latest);
     // Records of the customer this version cannot read (a newer one wrote them): told,
     // so that a decision missing from the report is not taken for none made.
-    let mut unreadable: Vec<(&str, serde_json::Error)> = Vec::new();
+    let mut unreadable: Vec<(&'static str, serde_json::Error)> = Vec::new();
     let mut triggers: BTreeMap<String, Trigger> = BTreeMap::new();
     for payload in mine(&read.triggers) {
         match serde_json::from_slice::<Trigger>(payload) {
@@ -227,19 +232,28 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
             Err(e) => unreadable.push(("trigger", e)),
         }
     }
-    let mut decisions: BTreeMap<String, Vec<Decision>> = BTreeMap::new();
-    for payload in mine(&read.decisions) {
-        match serde_json::from_slice::<Decision>(payload) {
-            Ok(d) => {
-                let list = decisions.entry(d.trigger_id.clone()).or_default();
-                // A record re-sent after a crash repeats its decision id: show it once.
-                if !list.iter().any(|x| x.decision_id == d.decision_id) {
-                    list.push(d);
-                }
-            }
-            Err(e) => unreadable.push(("decision", e)),
-        }
+    let decisions: BTreeMap<String, Vec<Decision>> = grouped(
+        mine(&read.decisions),
+        "decision",
+        |d: &Decision| (d.trigger_id.clone(), d.decision_id.clone()),
+        &mut unreadable,
+    );
+    // The outcomes of each send, in the order they happened.
+    let mut outcomes: BTreeMap<String, Vec<Outcome>> = grouped(
+        mine(&read.outcomes),
+        "outcome",
+        |o: &Outcome| (o.send_id.clone(), o.outcome_id.clone()),
+        &mut unreadable,
+    );
+    for list in outcomes.values_mut() {
+        list.sort_by_key(|o| o.occurred_at);
     }
+    // Where the outcomes read begin, when older ones lie before them.
+    let outcomes_from = read.outcomes.cut.then(|| {
+        (read.outcomes.records.first())
+            .and_then(|(_, v)| serde_json::from_slice::<Outcome>(v).ok())
+            .map_or(Millis::MAX, |o| o.occurred_at)
+    });
     // A merged customer's trigger this one's decisions are about, by where it came from.
     let mut taken_over: BTreeMap<String, &str> = BTreeMap::new();
     for (from, latest) in &read.absorbed {
@@ -348,9 +362,76 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
                 d.rule,
                 d.reason
             )?;
+            if let Some(send_id) = &d.send_id {
+                describe_send(&mut out, outcomes.get(send_id), outcomes_from, d.decided_at)?;
+            }
         }
     }
     Ok(out)
+}
+
+/// Records decoded as `T`, grouped by the first of `ids` (the trigger of a decision, the
+/// send of an outcome) in the order read, each once by the second (a record re-sent
+/// after a crash repeats its id); one that does not decode is noted in `unreadable`
+/// as `what`.
+fn grouped<'a, T: serde::de::DeserializeOwned>(
+    payloads: impl Iterator<Item = &'a [u8]>,
+    what: &'static str,
+    ids: impl Fn(&T) -> (String, String),
+    unreadable: &mut Vec<(&'static str, serde_json::Error)>,
+) -> BTreeMap<String, Vec<T>> {
+    let mut groups: BTreeMap<String, Vec<(String, T)>> = BTreeMap::new();
+    for payload in payloads {
+        match serde_json::from_slice::<T>(payload) {
+            Ok(record) => {
+                let (group, id) = ids(&record);
+                let list = groups.entry(group).or_default();
+                if !list.iter().any(|(seen, _)| *seen == id) {
+                    list.push((id, record));
+                }
+            }
+            Err(e) => unreadable.push((what, e)),
+        }
+    }
+    (groups.into_iter())
+        .map(|(group, list)| (group, list.into_iter().map(|(_, r)| r).collect()))
+        .collect()
+}
+
+/// What became of a send decided at `decided_at`: its `outcomes` in order, or why none
+/// is shown (`outcomes_from`: where the outcomes read begin, when older ones lie before
+/// them).
+fn describe_send(
+    out: &mut String,
+    outcomes: Option<&Vec<Outcome>>,
+    outcomes_from: Option<Millis>,
+    decided_at: Millis,
+) -> anyhow::Result<()> {
+    match outcomes {
+        Some(list) => {
+            for o in list {
+                let reason = o.reason.as_ref().map(|r| format!(": {r}"));
+                let address = o.address.as_ref().map(|a| format!(" to {a}"));
+                writeln!(
+                    out,
+                    "        {} {}{}{}",
+                    time(o.occurred_at),
+                    o.kind.as_str(),
+                    address.unwrap_or_default(),
+                    reason.unwrap_or_default()
+                )?;
+            }
+        }
+        None if outcomes_from.is_some_and(|from| decided_at <= from) => writeln!(
+            out,
+            "        no outcome among the latest records of the outcomes topic read: any lie before them"
+        )?,
+        None => writeln!(
+            out,
+            "        no outcome yet (on its way to the delivery worker, or set aside there: a recipient's server put it off)"
+        )?,
+    }
+    Ok(())
 }
 
 /// The latest value of `customer`'s ledger among the changelog records read (empty:
@@ -497,13 +578,9 @@ mod tests {
 
     const T0: Millis = 1_767_603_600_000; // 2026-01-05T09:00:00Z
 
-    /// Decisions are read as the latest records of their own partition, which begin
-    /// later than the triggers read: a trigger fired before the decisions read begin
-    /// is not said to wait for a decision, nor a decision's trigger to be gone from a
-    /// topic read only in part.
-    #[test]
-    fn a_trigger_decided_before_the_decisions_read_is_not_said_to_wait() {
-        let trigger = |id: &str, fired_at: Millis| Trigger {
+    /// A welcome trigger `id` of c-1, fired at `fired_at`.
+    fn trigger(id: &str, fired_at: Millis) -> Trigger {
+        Trigger {
             merged_from: Vec::new(),
             trigger_id: id.into(),
             scenario: "welcome".into(),
@@ -519,8 +596,12 @@ mod tests {
             cause_occurred_at: fired_at,
             contacts: kairos_core::contracts::Contacts::default(),
             variables: "{}".into(),
-        };
-        let decision = |customer: &str, trigger: &str, decided_at: Millis| Decision {
+        }
+    }
+
+    /// A decision to send `trigger` of `customer` by e-mail, at `decided_at`.
+    fn decision(customer: &str, trigger: &str, decided_at: Millis) -> Decision {
+        Decision {
             decision_id: format!("{trigger}-d"),
             trigger_id: trigger.into(),
             customer_id: customer.into(),
@@ -533,8 +614,156 @@ mod tests {
             reason: "e-mail".into(),
             decided_at,
             group: None,
+        }
+    }
+
+    fn record(key: &str, json: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        (key.as_bytes().to_vec(), json)
+    }
+
+    fn latest<T: serde::Serialize>(records: &[(&str, T)], cut: bool) -> Latest {
+        Latest {
+            records: (records.iter())
+                .map(|(key, v)| record(key, serde_json::to_vec(v).expect("encode")))
+                .collect(),
+            cut,
+        }
+    }
+
+    /// Under each decision to send, what became of the send: its outcomes in the
+    /// order they happened (a repeat shown once, another customer's left out, a
+    /// reason shown), or why none is shown.
+    #[test]
+    fn what_became_of_each_send_is_shown_under_its_decision() {
+        use kairos_core::contracts::OutcomeKind;
+        let outcome = |send: &str, customer: &str, kind, at, reason: Option<&str>| Outcome {
+            outcome_id: format!("{send}-{}", OutcomeKind::as_str(kind)),
+            send_id: send.into(),
+            customer_id: customer.into(),
+            scenario: "welcome".into(),
+            channel: Channel::email,
+            category: MessageCategory::trigger,
+            kind,
+            reason: reason.map(str::to_string),
+            occurred_at: at,
+            address: Some(format!("{customer}@example.com")),
         };
-        let record = |key: &str, json: Vec<u8>| (key.as_bytes().to_vec(), json);
+        let sent = |trigger: &str, at: Millis| Decision {
+            send_id: Some(format!("s-{trigger}")),
+            ..decision("c-1", trigger, at)
+        };
+        let minute = 60_000;
+        let read = |outcomes_cut| Read {
+            triggers: latest(
+                &[
+                    ("c-1", trigger("t1", T0)),
+                    ("c-1", trigger("t2", T0 + HOUR)),
+                    ("c-1", trigger("t3", T0 + 2 * HOUR)),
+                ],
+                false,
+            ),
+            decisions: latest(
+                &[
+                    ("c-1", sent("t1", T0)),
+                    ("c-1", sent("t2", T0 + HOUR)),
+                    ("c-1", sent("t3", T0 + 2 * HOUR)),
+                ],
+                false,
+            ),
+            outcomes: latest(
+                &[
+                    (
+                        "c-1",
+                        outcome("s-t1", "c-1", OutcomeKind::opened, T0 + 9 * minute, None),
+                    ),
+                    (
+                        "c-1",
+                        outcome("s-t1", "c-1", OutcomeKind::sent, T0 + minute, None),
+                    ),
+                    (
+                        "c-1",
+                        outcome("s-t1", "c-1", OutcomeKind::sent, T0 + minute, None),
+                    ),
+                    (
+                        "c-2",
+                        outcome("s-t1", "c-2", OutcomeKind::clicked, T0 + minute, None),
+                    ),
+                    (
+                        "c-1",
+                        outcome(
+                            "s-t2",
+                            "c-1",
+                            OutcomeKind::failed,
+                            T0 + HOUR + minute,
+                            Some("consent_withdrawn: unsubscribed"),
+                        ),
+                    ),
+                ],
+                outcomes_cut,
+            ),
+            changelog: None,
+            absorbed: Vec::new(),
+        };
+        let out = report("c-1", 0, &read(false), 10).unwrap();
+        let under = |id: &str| {
+            let at = out.find(&format!("trigger {id}")).expect(id);
+            out[at..]
+                .lines()
+                .skip(2)
+                .take_while(|l| l.starts_with("        "))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            under("t1"),
+            [
+                "        2026-01-05T09:01:00Z sent to c-1@example.com",
+                "        2026-01-05T09:09:00Z opened to c-1@example.com",
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            under("t2"),
+            ["        2026-01-05T10:01:00Z failed to c-1@example.com: consent_withdrawn: unsubscribed"],
+            "{out}"
+        );
+        assert_eq!(under("t3"), ["        no outcome yet (on its way to the delivery worker, or set aside there: a recipient's server put it off)"], "{out}");
+        // The outcomes read begin half an hour after t1's decision (with another
+        // customer's): t1's may lie before them; t3's is not there yet.
+        let mut cut = read(true);
+        cut.outcomes = latest(
+            &[(
+                "c-2",
+                outcome("s-x", "c-2", OutcomeKind::sent, T0 + 30 * minute, None),
+            )],
+            true,
+        );
+        let out = report("c-1", 0, &cut, 10).unwrap();
+        let at = out.find("trigger t1").expect("t1");
+        assert!(
+            out[at..]
+                .lines()
+                .nth(2)
+                .unwrap_or_default()
+                .contains("any lie before them"),
+            "{out}"
+        );
+        let at = out.find("trigger t3").expect("t3");
+        assert!(
+            out[at..]
+                .lines()
+                .nth(2)
+                .unwrap_or_default()
+                .contains("no outcome yet"),
+            "{out}"
+        );
+    }
+
+    /// Decisions are read as the latest records of their own partition, which begin
+    /// later than the triggers read: a trigger fired before the decisions read begin
+    /// is not said to wait for a decision, nor a decision's trigger to be gone from a
+    /// topic read only in part.
+    #[test]
+    fn a_trigger_decided_before_the_decisions_read_is_not_said_to_wait() {
         let read = Read {
             triggers: Latest {
                 records: vec![
@@ -558,6 +787,10 @@ mod tests {
                     ),
                 ],
                 cut: true,
+            },
+            outcomes: Latest {
+                records: Vec::new(),
+                cut: false,
             },
             changelog: None,
             absorbed: Vec::new(),
