@@ -70,22 +70,23 @@ fn decode_event(
     clean_key("customer_id", &mut e.customer_id)?;
     clean_key("anonymous_id", &mut e.anonymous_id)?;
     clean_key("device_id", &mut e.device_id)?;
-    // A placeholder id names nobody: taken off (a shop's SDK sends customer_id "0" or
-    // "undefined" for every guest, who would all be one customer), and an event left
-    // naming nobody else is refused with it named.
-    let placeholders: Vec<String> = [
-        ("customer_id", &mut e.customer_id),
-        ("anonymous_id", &mut e.anonymous_id),
-        ("device_id", &mut e.device_id),
-    ]
-    .into_iter()
-    .filter_map(|(field, id)| take_placeholder(field, id))
-    .collect();
     // A card or phone keys state too (`card:`, `phone:` profiles without identity
     // resolution, identity links with it): a card of a megabyte made records the
     // broker refuses.
     clean_key("loyalty_card", &mut e.loyalty_card)?;
     clean_key("phone", &mut e.phone)?;
+    // A placeholder id names nobody: taken off (a shop's SDK sends customer_id "0" or
+    // "undefined" for every guest, a till card "0" for every walk-in, who would all be
+    // one customer), and an event left naming nobody else is refused with it named.
+    let placeholders: Vec<String> = [
+        ("customer_id", &mut e.customer_id),
+        ("anonymous_id", &mut e.anonymous_id),
+        ("device_id", &mut e.device_id),
+        ("loyalty_card", &mut e.loyalty_card),
+    ]
+    .into_iter()
+    .filter_map(|(field, id)| take_placeholder(field, id))
+    .collect();
     let named =
         e.customer_key().is_some() || (naming == Naming::AnyIdentifier && names_a_contact(&e));
     if !named && e.event_type != EventType::heartbeat {
@@ -158,9 +159,21 @@ pub fn decode_receipt(
     clean_key("customer_id", &mut r.customer_id)?;
     clean_key("loyalty_card", &mut r.loyalty_card)?;
     clean_key("phone", &mut r.phone)?;
-    // A till's "0" or "unknown" for a walk-in names nobody, as on the site.
-    let placeholder = take_placeholder("customer_id", &mut r.customer_id)
-        .map(|named| format!("{named} is a placeholder, not an id; "));
+    // A till's "0" or "unknown" for a walk-in names nobody, as on the site, as
+    // customer id or card.
+    let placeholders: Vec<String> = [
+        ("customer_id", &mut r.customer_id),
+        ("loyalty_card", &mut r.loyalty_card),
+    ]
+    .into_iter()
+    .filter_map(|(field, id)| take_placeholder(field, id))
+    .collect();
+    let placeholder = (!placeholders.is_empty()).then(|| {
+        format!(
+            "{} is a placeholder, not an id; ",
+            placeholders.join(" and ")
+        )
+    });
     if r.customer_key().is_none() && r.phone.as_deref().is_none_or(|p| p.trim().is_empty()) {
         return Err(Rejection::new(
             if placeholder.is_some() {
@@ -834,6 +847,36 @@ mod tests {
         .expect_err("a walk-in");
         assert_eq!(r.reason, DeadLetterReason::invalid_field);
         assert!(r.message.contains("placeholder"), "{}", r.message);
+        // A till's walk-in card "0" names nobody either: taken off a receipt with a
+        // phone, refused on one without.
+        let r = decode_receipt(
+            receipt(r#""loyalty_card":"0000","phone":"+4915100000001""#).as_bytes(),
+            &registry,
+            &NONE,
+        )
+        .unwrap_or_else(|r| panic!("{}", r.message));
+        assert_eq!(r.loyalty_card, None);
+        assert_eq!(r.customer_key().as_deref(), Some("phone:+4915100000001"));
+        let r = decode_receipt(
+            receipt(r#""loyalty_card":"0""#).as_bytes(),
+            &registry,
+            &NONE,
+        )
+        .expect_err("a walk-in's card");
+        assert_eq!(r.reason, DeadLetterReason::invalid_field);
+        assert!(
+            r.message.starts_with("loyalty_card \"0\" is a placeholder"),
+            "{}",
+            r.message
+        );
+        let ids = r#""loyalty_card":"none","anonymous_id":"a-1""#;
+        let e = decode_customer_event(event(ids).as_bytes(), &registry, &NONE)
+            .unwrap_or_else(|r| panic!("{}", r.message));
+        assert_eq!(e.loyalty_card, None);
+        let r =
+            decode_identifiable_event(event(r#""loyalty_card":"-1""#).as_bytes(), &registry, &NONE)
+                .expect_err("a card placeholder alone");
+        assert!(r.message.contains("loyalty_card \"-1\""), "{}", r.message);
     }
 
     #[test]

@@ -808,7 +808,8 @@ impl IdentityProcessor {
 
     /// An e-mail or phone of the event nobody known holds, when the `known` customer a
     /// device led the event to holds another one of that kind that they presented
-    /// themselves: someone else is at the keyboard (the wife typing her e-mail on the
+    /// themselves (an anonymous profile: any other one of that kind): someone else is
+    /// at the keyboard (the wife typing her e-mail on the
     /// husband's laptop, where he registered with his). Returns the profile the event
     /// goes to instead: the anonymous one the address leads to, or a new one named
     /// after it. Without this the address (and a consent given with it) would become
@@ -859,12 +860,13 @@ impl IdentityProcessor {
         if unheld.is_empty() {
             return Ok(None);
         }
-        // The kinds of address the known customer presented himself.
+        // The kinds of address the known customer presented himself. An anonymous
+        // profile presented nothing (only a login names someone), but an address of a
+        // kind it holds is the first person's to give one on its device: another one
+        // is someone else's (a kiosk's sign-up form, a tablet in the family, the
+        // shop's own phone typed at a till), or every visitor's address and consent
+        // would pile up in it, for the first of them to take in by logging in.
         let node = self.node(ctx, known)?;
-        if !node.known {
-            // An anonymous profile presented nothing: only a login names someone.
-            return Ok(None);
-        }
         let mut presented = Vec::new();
         for held in &node.identifiers {
             let Some(kind) = ADDRESS_KINDS.into_iter().find(|k| {
@@ -874,6 +876,10 @@ impl IdentityProcessor {
                 continue;
             };
             if presented.contains(&kind) || !unheld.iter().any(|(id, _)| id.kind == kind) {
+                continue;
+            }
+            if !node.known {
+                presented.push(kind);
                 continue;
             }
             if let Some(l) = ctx.get::<Link>(&link_key_str(held))? {

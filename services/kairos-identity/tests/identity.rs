@@ -964,6 +964,51 @@ fn a_placeholder_device_id_joins_no_strangers() {
     );
 }
 
+/// A shop's kiosk (one device) where visitors sign up for the newsletter one after
+/// another: each visitor's e-mail and opt-in are their own profile's, not piled up in
+/// the first visitor's anonymous one, which the first to register would take in with
+/// every other visitor's address and consent. The first visitor typing her own
+/// address again stays hers.
+#[test]
+fn visitors_signing_up_at_one_kiosk_are_apart() {
+    let mut h = Harness::new();
+    let t0 = at(T0);
+    let sign_up = |n: i64| {
+        json!({"device_id": "kiosk-1", "email": format!("visitor{n}@example.com"),
+            "consent": {"channel": "email", "granted": true}})
+    };
+    let first = h.resolves_to("events.app", "consent_change", t0, sign_up(1));
+    let mut others = Vec::new();
+    for n in 2..=4 {
+        others.push(h.resolves_to("events.app", "consent_change", t0 + n * MINUTE, sign_up(n)));
+    }
+    for (n, other) in (2..).zip(&others) {
+        assert_ne!(other, &first, "visitor {n}");
+        assert_eq!(other, &format!("email:visitor{n}@example.com"));
+    }
+    assert_eq!(
+        h.resolves_to("events.app", "page_view", t0 + 10 * MINUTE, sign_up(1)),
+        first,
+        "her own address again"
+    );
+    // The first visitor registers: she takes in her own profile, no one else's.
+    h.event(
+        "events.site",
+        "registration",
+        t0 + HOUR,
+        json!({"customer_id": "c-1", "email": "visitor1@example.com"}),
+    );
+    h.advance(t0 + 2 * HOUR);
+    assert_eq!(h.merged_away(), std::slice::from_ref(&first));
+    let hers = h.profile("c-1");
+    assert_eq!(hers.email.as_deref(), Some("visitor1@example.com"));
+    for other in &others {
+        let theirs = h.profile(other);
+        assert_eq!(theirs.consents.get(&Channel::email), Some(&true), "{other}");
+        assert!(theirs.email.is_some_and(|e| e != "visitor1@example.com"));
+    }
+}
+
 /// A phone (not trusted to merge by default) typed on the husband's laptop, with an
 /// SMS opt-in, is his until the wife presents it: then it is hers, his profile loses
 /// it and the opt-in given with it, and a receipt with the phone alone is hers.
