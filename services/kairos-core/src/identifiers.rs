@@ -91,7 +91,7 @@ pub fn is_placeholder_id(value: &str) -> bool {
     ];
     let value = value.trim();
     PLACEHOLDERS.iter().any(|p| value.eq_ignore_ascii_case(p))
-        || (!value.is_empty() && value.chars().all(|c| c == '0' || c == '-'))
+        || (!value.is_empty() && (value.chars()).all(|c| c == '0' || c == '-' || c.is_whitespace()))
 }
 
 /// Normalizes identifiers; phones without a country code are read as numbers of
@@ -227,11 +227,12 @@ mod tests {
             "(null)",
             "00000000-0000-0000-0000-000000000000",
             "0",
+            "0000 0000",
             "[object Object]",
         ] {
             assert!(is_placeholder_id(placeholder), "{placeholder:?}");
         }
-        for id in ["0a1b-2c", "user-0", "10", "nullable-7", "-", ""] {
+        for id in ["0a1b-2c", "user-0", "10", "0 1", "nullable-7", "-", ""] {
             let expected = id == "-";
             assert_eq!(is_placeholder_id(id), expected, "{id:?}");
         }

@@ -78,15 +78,19 @@ fn decode_event(
     // A placeholder id names nobody: taken off (a shop's SDK sends customer_id "0" or
     // "undefined" for every guest, a till card "0" for every walk-in, who would all be
     // one customer), and an event left naming nobody else is refused with it named.
-    let placeholders: Vec<String> = [
+    let mut placeholders: Vec<String> = [
         ("customer_id", &mut e.customer_id),
         ("anonymous_id", &mut e.anonymous_id),
         ("device_id", &mut e.device_id),
-        ("loyalty_card", &mut e.loyalty_card),
     ]
     .into_iter()
     .filter_map(|(field, id)| take_placeholder(field, id))
     .collect();
+    // A card names someone only to identity resolution: told only there.
+    let card = take_placeholder("loyalty_card", &mut e.loyalty_card);
+    if naming == Naming::AnyIdentifier {
+        placeholders.extend(card);
+    }
     let named =
         e.customer_key().is_some() || (naming == Naming::AnyIdentifier && names_a_contact(&e));
     if !named && e.event_type != EventType::heartbeat {
@@ -100,8 +104,8 @@ fn decode_event(
             return Err(Rejection::new(
                 DeadLetterReason::invalid_field,
                 format!(
-                    "{} is a placeholder that SDKs send for visitors without an id, not an \
-                     id; the event names no one else ({wanted})",
+                    "{} is a placeholder that SDKs and tills send for visitors without \
+                     one, not an id; the event names no one else ({wanted})",
                     placeholders.join(" and ")
                 ),
             ));
@@ -869,6 +873,11 @@ mod tests {
             "{}",
             r.message
         );
+        // Under the profile's own naming a card names no one anyway: not the
+        // placeholder's fault.
+        let r = decode_customer_event(event(r#""loyalty_card":"0""#).as_bytes(), &registry, &NONE)
+            .expect_err("a card alone");
+        assert_eq!(r.reason, DeadLetterReason::missing_field, "{}", r.message);
         let ids = r#""loyalty_card":"none","anonymous_id":"a-1""#;
         let e = decode_customer_event(event(ids).as_bytes(), &registry, &NONE)
             .unwrap_or_else(|r| panic!("{}", r.message));

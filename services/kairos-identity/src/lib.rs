@@ -158,6 +158,12 @@ const ADDRESS_KINDS: [IdentifierKind; 2] = [IdentifierKind::email, IdentifierKin
 /// Identifiers of a browser or an app install rather than of a person.
 const DEVICE_KINDS: [IdentifierKind; 2] = [IdentifierKind::device_id, IdentifierKind::anonymous_id];
 
+/// Whether a profile holds an e-mail address.
+fn holds_email(node: &Node) -> bool {
+    let prefix = [IdentifierKind::email.as_str(), ":"].concat();
+    node.identifiers.iter().any(|i| i.starts_with(&prefix))
+}
+
 /// Resolution outcomes (metric label).
 const RESOLVED: [&str; 4] = ["customer_id", "linked", "new", "another_person"];
 
@@ -776,6 +782,18 @@ impl IdentityProcessor {
                     );
                     self.report_conflict(ctx, "moved", id, owner, &target, at);
                 }
+            } else if DEVICE_KINDS.contains(&id.kind)
+                && !owner_node.known
+                && !target_node.known
+                && holds_email(&owner_node)
+                && holds_email(&target_node)
+            {
+                // Two anonymous profiles that each gave an e-mail, met on one device:
+                // two people at a kiosk or a family tablet (one of them back with an
+                // address linked already), not one person's two visits. The device
+                // stays with its profile; merged, the first to register would take in
+                // the other's address and consent.
+                continue;
             } else if !both_known || self.merge_on.contains(&id.kind) {
                 target = self.merge(ctx, &owner, &target, id, at)?;
                 if claimant.is_some() {
@@ -827,6 +845,7 @@ impl IdentityProcessor {
         if !links.iter().any(|(id, _)| is_address(id.kind)) {
             return Ok(None);
         }
+        let node = self.node(ctx, known)?;
         // Addresses nobody known holds, with the anonymous profile each leads to.
         let mut unheld = Vec::new();
         for (id, link) in links {
@@ -842,7 +861,10 @@ impl IdentityProcessor {
                 // there) says nothing of who is typing.
                 Some(owner) if owner == known => {
                     if let Some(l) = link.filter(|_| is_address(id.kind)) {
-                        if self.claimed_by(ctx, l, known)? {
+                        // An anonymous profile presented nothing: any address of its
+                        // own on the event is as good (a guest checkout with the
+                        // e-mail it holds and a new phone).
+                        if !node.known || self.claimed_by(ctx, l, known)? {
                             return Ok(None);
                         }
                     }
@@ -861,12 +883,11 @@ impl IdentityProcessor {
             return Ok(None);
         }
         // The kinds of address the known customer presented himself. An anonymous
-        // profile presented nothing (only a login names someone), but an address of a
-        // kind it holds is the first person's to give one on its device: another one
-        // is someone else's (a kiosk's sign-up form, a tablet in the family, the
-        // shop's own phone typed at a till), or every visitor's address and consent
-        // would pile up in it, for the first of them to take in by logging in.
-        let node = self.node(ctx, known)?;
+        // profile presented nothing (only a login names someone), but an e-mail it
+        // holds is the first person's to give one on its device: another one is
+        // someone else's (a kiosk's sign-up form, a tablet in the family), or every
+        // visitor's address and consent would pile up in it, for the first of them to
+        // take in by logging in. (Not a phone: one person's landline and mobile.)
         let mut presented = Vec::new();
         for held in &node.identifiers {
             let Some(kind) = ADDRESS_KINDS.into_iter().find(|k| {
@@ -879,7 +900,9 @@ impl IdentityProcessor {
                 continue;
             }
             if !node.known {
-                presented.push(kind);
+                if kind == IdentifierKind::email {
+                    presented.push(kind);
+                }
                 continue;
             }
             if let Some(l) = ctx.get::<Link>(&link_key_str(held))? {

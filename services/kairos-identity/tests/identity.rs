@@ -991,6 +991,47 @@ fn visitors_signing_up_at_one_kiosk_are_apart() {
         first,
         "her own address again"
     );
+    // Visitor 2 back at the kiosk: his own profile, and the kiosk's is not merged
+    // into it.
+    assert_eq!(
+        h.resolves_to("events.app", "page_view", t0 + 20 * MINUTE, sign_up(2)),
+        others[0]
+    );
+    // Someone at home with one e-mail, then a second phone at a guest checkout with
+    // it: one person, one profile (a phone is no sign of someone else).
+    let home = h.resolves_to(
+        "events.site",
+        "page_view",
+        t0 + 30 * MINUTE,
+        json!({"anonymous_id": "home-5", "email": "home5@example.com", "phone": "+4915155550001"}),
+    );
+    let checkout = h.resolves_to(
+        "events.site",
+        "page_view",
+        t0 + 31 * MINUTE,
+        json!({"anonymous_id": "home-5", "email": "home5@example.com", "phone": "+4915155550002"}),
+    );
+    assert_eq!(checkout, home);
+    // Its own e-mail with a second one (a profile update's): still one person.
+    assert_eq!(
+        h.resolves_to(
+            "events.site",
+            "profile_update",
+            t0 + 31 * MINUTE + 30_000,
+            json!({"anonymous_id": "home-5", "email": "home5@example.com",
+                "profile": {"email": "home5.work@example.com"}}),
+        ),
+        home
+    );
+    assert_eq!(
+        h.resolves_to(
+            "events.site",
+            "page_view",
+            t0 + 32 * MINUTE,
+            json!({"anonymous_id": "home-5", "phone": "+4915155550003"}),
+        ),
+        home
+    );
     // The first visitor registers: she takes in her own profile, no one else's.
     h.event(
         "events.site",
@@ -1762,10 +1803,12 @@ fn a_profile_begun_again_from_a_kept_link_is_first_seen_at_its_visit() {
             json!({"anonymous_id": "r-1", "email": "shared@example.com"}),
         );
         if own_visit_first {
+            // A phone of its own (with an e-mail of its own, the two anonymous
+            // profiles would be two people met on one device, and stay apart).
             view(
                 &mut h,
                 t0 + 40 * DAY,
-                json!({"anonymous_id": "s-1", "email": "own@example.com"}),
+                json!({"anonymous_id": "s-1", "phone": "+4915100004040"}),
             );
         }
         view(
