@@ -97,17 +97,25 @@ struct ProductState {
     /// on one day).
     #[serde(default)]
     replaced_prices: Vec<(f64, Millis)>,
+    /// The lowest price of the 30 days before `price` took effect (None in older
+    /// rows): the prior price a drop to it states when it is told later (a cut while
+    /// sold out, told at the return).
+    #[serde(default)]
+    low_before_price: Option<f64>,
 }
 
 /// Replaced prices a product keeps (see `ProductState::replaced_prices`).
 const REPLACED_PRICES_KEPT: usize = 32;
 
-/// A day (UTC) of a product's prices: its highest, and the price it closed at.
+/// A day (UTC) of a product's prices: its highest, the price it closed at, and its
+/// lowest (None in older rows).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct PriceDay {
     day: i64,
     high: f64,
     close: f64,
+    #[serde(default)]
+    low: Option<f64>,
 }
 
 impl ProductState {
@@ -137,6 +145,18 @@ impl ProductState {
             .collect()
     }
 
+    /// The lowest price in effect in the audience window before `at`: of the prices
+    /// [`ProductState::window_prices`] gives, and each day's lowest.
+    fn window_low(&self, at: Millis, window_prices: &[f64]) -> Option<f64> {
+        let first_day = audience_first_day(at);
+        let day_lows = (self.price_days.iter())
+            .filter(|d| d.day >= first_day)
+            .filter_map(|d| d.low);
+        (window_prices.iter().copied())
+            .chain(day_lows)
+            .reduce(f64::min)
+    }
+
     /// Notes that the price held until `at` was replaced by another.
     fn note_replaced(&mut self, at: Millis) {
         let Some(held) = self.price else {
@@ -160,12 +180,14 @@ impl ProductState {
         match self.price_days.last_mut() {
             Some(last) if last.day >= day => {
                 last.high = last.high.max(price);
+                last.low = Some(last.low.unwrap_or(last.close).min(price));
                 last.close = price;
             }
             _ => self.price_days.push(PriceDay {
                 day,
                 high: price,
                 close: price,
+                low: Some(price),
             }),
         }
         let first_day = day - VIEW_INTEREST_DAYS;
@@ -733,9 +755,7 @@ impl CatalogJoin {
         // Read once: the window's highest price, and the prices a drop may cross.
         let seen = product.window_prices(u.occurred_at);
         let window_high = seen.iter().copied().reduce(f64::max);
-        // Every price in effect in the window is among them (a day's highest is one
-        // of its prices; its others were replaced, or closed it).
-        let window_low = seen.iter().copied().reduce(f64::min);
+        let window_low = product.window_low(u.occurred_at, &seen);
         // The highest price since the last announced drop (within the window): steps
         // down add up to a drop worth announcing.
         let since_announced = match (product.reference_price.or(product.price), window_high) {
@@ -749,6 +769,13 @@ impl CatalogJoin {
         let checked = match restocked {
             true => price.or(product.price),
             false => price.filter(|new| product.price.is_none_or(|before| *new < before)),
+        };
+        // The lowest price of the 30 days before the price a drop would tell took
+        // effect: this update's, or (a cut while sold out, told at the return) the one
+        // held, set by an earlier update.
+        let prior_low = match checked {
+            Some(new) if product.price == Some(new) => product.low_before_price,
+            _ => window_low,
         };
         let first_day = audience_first_day(u.occurred_at);
         let last_announced = (product.announced_price)
@@ -817,6 +844,9 @@ impl CatalogJoin {
             if product.price.is_some_and(|held| held != new) {
                 product.note_replaced(u.occurred_at);
             }
+            if product.price != Some(new) {
+                product.low_before_price = window_low;
+            }
             product.price = Some(new);
             product.record_price(new, u.occurred_at);
             // An announced drop starts a new reference; a rise raises it.
@@ -853,7 +883,7 @@ impl CatalogJoin {
                 new_price: *new,
                 product_name: product.name.clone(),
                 // Only a drop states a prior price (a return told with one does).
-                lowest_price: old.and(window_low),
+                lowest_price: old.and(prior_low),
             });
         }
         ctx.put(&key, &product)?;
@@ -1237,6 +1267,15 @@ min_drop_percent = 10.0
         interest(customer, product, at, InterestKind::viewed)
     }
 
+    /// A catalog update of p1's stock alone.
+    fn stock(event_id: &str, in_stock: bool, at: Millis) -> Vec<u8> {
+        serde_json::to_vec(
+            &serde_json::json!({"event_id": event_id, "product_id": "p1",
+            "in_stock": in_stock, "occurred_at": at}),
+        )
+        .unwrap()
+    }
+
     fn price(product: &str, event_id: &str, price: f64, at: Millis) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "event_id": event_id,
@@ -1613,11 +1652,6 @@ min_drop_percent = 10.0
         let (config, mut r) = catalog_join(dir.path());
         let interest = config.topic(topics::PRODUCT_INTEREST);
         let catalog = config.topic(topics::CATALOG);
-        let stock = |id: &str, in_stock: bool, at: Millis| {
-            serde_json::to_vec(&serde_json::json!({"event_id": id, "product_id": "p1",
-                "in_stock": in_stock, "occurred_at": at}))
-            .unwrap()
-        };
         let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
         push(&catalog, price("p1", "u1", 100.0, T0));
         push(&interest, view("c", "p1", T0 + HOUR));
@@ -1675,6 +1709,43 @@ min_drop_percent = 10.0
         push(&interest, view("c", "p1", T0 + 39 * DAY));
         let out = push(&catalog, price("p1", "u5", 81.0, T0 + 40 * DAY));
         assert_eq!(stated(&out), [(Some(90.0), Some(81.0), Some(90.0))]);
+    }
+
+    /// A cut while sold out is told at the return, stating the lowest price of the
+    /// 30 days before the cut, not the cut price itself; a day's lowest price counts
+    /// though more prices were replaced since than the product keeps.
+    #[test]
+    fn the_prior_price_is_the_lowest_before_the_cut_whenever_it_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut r) = catalog_join(dir.path());
+        let interest = config.topic(topics::PRODUCT_INTEREST);
+        let catalog = config.topic(topics::CATALOG);
+        let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
+        let lowest = |out: &[kairos_core::store::OutboxEntry]| -> Vec<Option<f64>> {
+            (out.iter())
+                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
+                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+                .map(|o| o.lowest_price)
+                .collect()
+        };
+        push(&catalog, price("p1", "u1", 100.0, T0));
+        push(&interest, view("c", "p1", T0 + HOUR));
+        push(&catalog, stock("u2", false, T0 + DAY));
+        push(&catalog, price("p1", "u3", 80.0, T0 + 2 * DAY));
+        let out = push(&catalog, stock("u4", true, T0 + 3 * DAY));
+        assert_eq!(lowest(&out), [Some(100.0)]);
+        // An hour at 60 on day 4, then 40 prices of 100 and more replaced since.
+        push(&catalog, price("p1", "u5", 60.0, T0 + 4 * DAY));
+        for i in 0..40 {
+            let at = T0 + 4 * DAY + (i + 1) * HOUR / 2;
+            push(
+                &catalog,
+                price("p1", &format!("r{i}"), 100.0 + (i % 2) as f64, at),
+            );
+        }
+        push(&interest, view("c", "p1", T0 + 6 * DAY));
+        let out = push(&catalog, price("p1", "u6", 85.0, T0 + 7 * DAY));
+        assert_eq!(lowest(&out), [Some(60.0)]);
     }
 
     /// A catalog update caches nothing of a product no interest asked about (a load of
