@@ -31,6 +31,9 @@ struct Latest {
     records: Vec<(Vec<u8>, Vec<u8>)>,
     /// Older records lie before them (more than `RECORDS_PER_PARTITION`).
     cut: bool,
+    /// When the first record read was produced (its Kafka timestamp): what was
+    /// produced before lies before the records read.
+    first_at: Option<Millis>,
 }
 
 /// The latest records of one partition (at most `RECORDS_PER_PARTITION`, up to the
@@ -50,6 +53,7 @@ fn read_partition(
     let mut out = Latest {
         records: Vec::new(),
         cut: low > oldest,
+        first_at: None,
     };
     if high <= low {
         return Ok(out);
@@ -83,6 +87,9 @@ fn read_partition(
             }
             next = m.offset() + 1;
             let record_key = m.key().unwrap_or_default();
+            if out.records.is_empty() {
+                out.first_at = m.timestamp().to_millis();
+            }
             if record_key == key || out.records.is_empty() {
                 out.records.push((
                     record_key.to_vec(),
@@ -143,7 +150,8 @@ pub fn explain(config: &Config, customer: &str, limit: usize) -> anyhow::Result<
     };
     let triggers = read(topics::TRIGGERS)?;
     let decisions = read(topics::DECISIONS)?;
-    let outcomes = read(topics::OUTCOMES)?;
+    // The report stands without them: a failed read is told, not fatal.
+    let outcomes = read(topics::OUTCOMES).map_err(|e| format!("{e:#}"));
     // The ledger's latest value in the changelog (an empty payload deletes it).
     let changelog = if config.state.changelog {
         Some(read_partition(
@@ -203,8 +211,9 @@ const ABSORBED_READ: usize = 4;
 struct Read {
     triggers: Latest,
     decisions: Latest,
-    /// What became of the sends: the delivery workers' and providers' outcomes.
-    outcomes: Latest,
+    /// What became of the sends: the delivery workers' and providers' outcomes, or
+    /// why they were not read.
+    outcomes: Result<Latest, String>,
     /// `None`: no changelog is written.
     changelog: Option<Latest>,
     /// The triggers of customers merged into this one, by their ids.
@@ -239,8 +248,14 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
         &mut unreadable,
     );
     // The outcomes of each send, in the order they happened.
+    let no_outcomes = Latest {
+        records: Vec::new(),
+        cut: false,
+        first_at: None,
+    };
+    let outcomes_read = read.outcomes.as_ref().unwrap_or(&no_outcomes);
     let mut outcomes: BTreeMap<String, Vec<Outcome>> = grouped(
-        mine(&read.outcomes),
+        mine(outcomes_read),
         "outcome",
         |o: &Outcome| (o.send_id.clone(), o.outcome_id.clone()),
         &mut unreadable,
@@ -248,12 +263,11 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
     for list in outcomes.values_mut() {
         list.sort_by_key(|o| o.occurred_at);
     }
-    // Where the outcomes read begin, when older ones lie before them.
-    let outcomes_from = read.outcomes.cut.then(|| {
-        (read.outcomes.records.first())
-            .and_then(|(_, v)| serde_json::from_slice::<Outcome>(v).ok())
-            .map_or(Millis::MAX, |o| o.occurred_at)
-    });
+    // When the outcomes read begin, if older ones lie before them: by when they were
+    // produced (a provider's report of an open may come late, dated when it was).
+    let outcomes_from = outcomes_read
+        .cut
+        .then(|| outcomes_read.first_at.unwrap_or(Millis::MAX));
     // A merged customer's trigger this one's decisions are about, by where it came from.
     let mut taken_over: BTreeMap<String, &str> = BTreeMap::new();
     for (from, latest) in &read.absorbed {
@@ -283,6 +297,12 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
         )?;
     }
     describe_stored_ledger(&mut out, read.changelog.as_ref(), customer)?;
+    if let Err(e) = &read.outcomes {
+        writeln!(
+            out,
+            "what became of the sends is not shown: the outcomes topic was not read ({e})"
+        )?;
+    }
     // Triggers newest first; decisions whose trigger is no longer on the topic too.
     let mut ids: Vec<(i64, String)> = triggers
         .values()
@@ -362,7 +382,7 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
                 d.rule,
                 d.reason
             )?;
-            if let Some(send_id) = &d.send_id {
+            if let (Some(send_id), Ok(_)) = (&d.send_id, &read.outcomes) {
                 describe_send(&mut out, outcomes.get(send_id), outcomes_from, d.decided_at)?;
             }
         }
@@ -407,8 +427,15 @@ fn describe_send(
     outcomes_from: Option<Millis>,
     decided_at: Millis,
 ) -> anyhow::Result<()> {
+    let before_read = outcomes_from.is_some_and(|from| decided_at <= from);
     match outcomes {
         Some(list) => {
+            if before_read {
+                writeln!(
+                    out,
+                    "        (earlier ones may lie before the latest records of the outcomes topic read)"
+                )?;
+            }
             for o in list {
                 let reason = o.reason.as_ref().map(|r| format!(": {r}"));
                 let address = o.address.as_ref().map(|a| format!(" to {a}"));
@@ -422,7 +449,7 @@ fn describe_send(
                 )?;
             }
         }
-        None if outcomes_from.is_some_and(|from| decided_at <= from) => writeln!(
+        None if before_read => writeln!(
             out,
             "        no outcome among the latest records of the outcomes topic read: any lie before them"
         )?,
@@ -621,12 +648,19 @@ mod tests {
         (key.as_bytes().to_vec(), json)
     }
 
-    fn latest<T: serde::Serialize>(records: &[(&str, T)], cut: bool) -> Latest {
+    /// Records of (key, value), older ones before them if `cut`, the first produced
+    /// at `first_at`.
+    fn latest<T: serde::Serialize>(
+        records: &[(&str, T)],
+        cut: bool,
+        first_at: Option<Millis>,
+    ) -> Latest {
         Latest {
             records: (records.iter())
                 .map(|(key, v)| record(key, serde_json::to_vec(v).expect("encode")))
                 .collect(),
             cut,
+            first_at,
         }
     }
 
@@ -653,7 +687,7 @@ mod tests {
             ..decision("c-1", trigger, at)
         };
         let minute = 60_000;
-        let read = |outcomes_cut| Read {
+        let read = || Read {
             triggers: latest(
                 &[
                     ("c-1", trigger("t1", T0)),
@@ -661,6 +695,7 @@ mod tests {
                     ("c-1", trigger("t3", T0 + 2 * HOUR)),
                 ],
                 false,
+                None,
             ),
             decisions: latest(
                 &[
@@ -669,8 +704,9 @@ mod tests {
                     ("c-1", sent("t3", T0 + 2 * HOUR)),
                 ],
                 false,
+                None,
             ),
-            outcomes: latest(
+            outcomes: Ok(latest(
                 &[
                     (
                         "c-1",
@@ -699,12 +735,13 @@ mod tests {
                         ),
                     ),
                 ],
-                outcomes_cut,
-            ),
+                false,
+                None,
+            )),
             changelog: None,
             absorbed: Vec::new(),
         };
-        let out = report("c-1", 0, &read(false), 10).unwrap();
+        let out = report("c-1", 0, &read(), 10).unwrap();
         let under = |id: &str| {
             let at = out.find(&format!("trigger {id}")).expect(id);
             out[at..]
@@ -727,35 +764,62 @@ mod tests {
             "{out}"
         );
         assert_eq!(under("t3"), ["        no outcome yet (on its way to the delivery worker, or set aside there: a recipient's server put it off)"], "{out}");
-        // The outcomes read begin half an hour after t1's decision (with another
-        // customer's): t1's may lie before them; t3's is not there yet.
-        let mut cut = read(true);
-        cut.outcomes = latest(
+        // The outcomes read begin with one produced half an hour after t1's decision
+        // (another customer's, dated earlier): t1's may lie before them, whole or in
+        // part; t3's is not there yet.
+        let mut cut = read();
+        cut.outcomes = Ok(latest(
+            &[
+                (
+                    "c-2",
+                    outcome("s-x", "c-2", OutcomeKind::opened, T0 + minute, None),
+                ),
+                (
+                    "c-1",
+                    outcome(
+                        "s-t2",
+                        "c-1",
+                        OutcomeKind::opened,
+                        T0 + HOUR + 5 * minute,
+                        None,
+                    ),
+                ),
+            ],
+            true,
+            Some(T0 + 30 * minute),
+        ));
+        let second_line = |out: &str, id: &str| {
+            let at = out.find(&format!("trigger {id}")).expect(id);
+            out[at..].lines().nth(2).unwrap_or_default().to_string()
+        };
+        let out = report("c-1", 0, &cut, 10).unwrap();
+        assert!(
+            second_line(&out, "t1").contains("any lie before them"),
+            "{out}"
+        );
+        assert!(second_line(&out, "t2").contains("opened"), "{out}");
+        assert!(second_line(&out, "t3").contains("no outcome yet"), "{out}");
+        cut.outcomes = Ok(latest(
             &[(
-                "c-2",
-                outcome("s-x", "c-2", OutcomeKind::sent, T0 + 30 * minute, None),
+                "c-1",
+                outcome("s-t1", "c-1", OutcomeKind::opened, T0 + 9 * minute, None),
             )],
             true,
-        );
+            Some(T0 + 10 * minute),
+        ));
         let out = report("c-1", 0, &cut, 10).unwrap();
-        let at = out.find("trigger t1").expect("t1");
         assert!(
-            out[at..]
-                .lines()
-                .nth(2)
-                .unwrap_or_default()
-                .contains("any lie before them"),
+            second_line(&out, "t1").contains("earlier ones may lie before"),
             "{out}"
         );
-        let at = out.find("trigger t3").expect("t3");
+        // Not read at all: said once, and nothing claimed of any send.
+        cut.outcomes = Err("timed out".into());
+        let out = report("c-1", 0, &cut, 10).unwrap();
         assert!(
-            out[at..]
-                .lines()
-                .nth(2)
-                .unwrap_or_default()
-                .contains("no outcome yet"),
+            out.contains("what became of the sends is not shown: the outcomes topic was not read (timed out)"),
             "{out}"
         );
+        assert!(!out.contains("no outcome yet"), "{out}");
     }
 
     /// Decisions are read as the latest records of their own partition, which begin
@@ -774,6 +838,7 @@ mod tests {
                     ),
                 ],
                 cut: false,
+                first_at: None,
             },
             decisions: Latest {
                 records: vec![
@@ -787,11 +852,13 @@ mod tests {
                     ),
                 ],
                 cut: true,
+                first_at: None,
             },
-            outcomes: Latest {
+            outcomes: Ok(Latest {
                 records: Vec::new(),
                 cut: false,
-            },
+                first_at: None,
+            }),
             changelog: None,
             absorbed: Vec::new(),
         };
@@ -834,6 +901,7 @@ mod tests {
                         .unwrap(),
                     )],
                     cut: false,
+                    first_at: None,
                 },
             )],
             ..read
@@ -872,6 +940,7 @@ mod tests {
                 .map(|(k, v)| (k.as_bytes().to_vec(), v))
                 .collect(),
             cut,
+            first_at: None,
         };
         assert!(line(None).contains("state.changelog is off"));
         let other = || vec![("s/c/c-2", b"x".to_vec())];
