@@ -27,7 +27,7 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let mut commands = vec![
         ("ok-1", "anna@example.com", "abandoned_cart", cart.clone()),
         ("ok-2", "ben@example.com", "abandoned_cart", cart.clone()),
-        // 451 to RCPT TO twice (a greylisting server), then accepted: set aside twice,
+        // 450 to RCPT TO twice (a greylisting server), then accepted: set aside twice,
         // for 1 s and then 2 s, not retried at once.
         (
             "temp-1",
@@ -222,7 +222,7 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
     let waited = temp_sent["occurred_at"].as_i64().unwrap_or_default() - temp_created;
     assert!(waited >= 3_000, "sent {waited} ms after its command");
 
-    // Retries at once: exactly drop-1's 451 and lost answer; temp-1's two 451s to RCPT
+    // Retries at once: exactly drop-1's 451 and lost answer; temp-1's two 450s to RCPT
     // TO set it aside instead; the 550s and the 554 were not retried.
     let metrics = p.metrics("deliver-email");
     let m = |name: &str, labels: &[&str]| kairos_tests::sample(&metrics, name, labels);

@@ -78,14 +78,11 @@ fn decode_event(
     // A placeholder id names nobody: taken off (a shop's SDK sends customer_id "0" or
     // "undefined" for every guest, a till card "0" for every walk-in, who would all be
     // one customer), and an event left naming nobody else is refused with it named.
-    let mut placeholders: Vec<String> = [
+    let mut placeholders = take_placeholders([
         ("customer_id", &mut e.customer_id),
         ("anonymous_id", &mut e.anonymous_id),
         ("device_id", &mut e.device_id),
-    ]
-    .into_iter()
-    .filter_map(|(field, id)| take_placeholder(field, id))
-    .collect();
+    ]);
     // A card names someone only to identity resolution: told only there.
     let card = take_placeholder("loyalty_card", &mut e.loyalty_card);
     if naming == Naming::AnyIdentifier {
@@ -123,6 +120,14 @@ fn decode_event(
         check_items(&e.items)?;
     }
     Ok(e)
+}
+
+/// Takes placeholder ids off each of `ids` (field name, value), returning those taken,
+/// each named by its field (see [`take_placeholder`]).
+fn take_placeholders<const N: usize>(ids: [(&str, &mut Option<String>); N]) -> Vec<String> {
+    (ids.into_iter())
+        .filter_map(|(field, id)| take_placeholder(field, id))
+        .collect()
 }
 
 /// Takes a placeholder id (see [`crate::identifiers::is_placeholder_id`]) off `id`,
@@ -165,13 +170,10 @@ pub fn decode_receipt(
     clean_key("phone", &mut r.phone)?;
     // A till's "0" or "unknown" for a walk-in names nobody, as on the site, as
     // customer id or card.
-    let placeholders: Vec<String> = [
+    let placeholders = take_placeholders([
         ("customer_id", &mut r.customer_id),
         ("loyalty_card", &mut r.loyalty_card),
-    ]
-    .into_iter()
-    .filter_map(|(field, id)| take_placeholder(field, id))
-    .collect();
+    ]);
     let placeholder = (!placeholders.is_empty()).then(|| {
         format!(
             "{} is a placeholder, not an id; ",

@@ -72,7 +72,10 @@ pub trait Processor: Send + 'static {
 
     /// Timers fired between two commits (a round of firing), if fewer than
     /// [`TIMERS_PER_ROUND`]: a processor whose timers are slow (a provider call each)
-    /// fires one a round, so each one's outputs commit and go out as it finishes.
+    /// fires one a round, so each one's outputs commit and go out as it finishes. Any
+    /// `Some` also marks its timers as slow to the processing loop, which then fires
+    /// one round a turn before it takes the records waiting (see
+    /// [`FIRING_TIME_PER_TURN`]).
     fn max_timers_per_round(&self) -> Option<usize> {
         None
     }
@@ -4749,8 +4752,8 @@ mod tests {
         assert_eq!(exported(), 1);
     }
 
-    /// Any input schedules 3,000 timers, due at once; each firing emits a record.
-    /// Schedules 3,000 timers due at once; fires them (at most `.0` a round).
+    /// Any input schedules 3,000 timers, due at once; each firing emits a record (at
+    /// most `.0` a round).
     struct ManyTimers(Option<usize>);
 
     impl Processor for ManyTimers {

@@ -130,6 +130,36 @@ struct DeferredSend {
     deferral: Deferral,
 }
 
+/// What a URL may carry of an id as it is (RFC 3986's unreserved characters); the
+/// rest is percent-encoded, so an id with "&", "#" or ">" neither changes the link
+/// nor ends the header's "<...>".
+const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The opt-out link `template` of one send: `{customer_id}` and `{send_id}` filled in,
+/// percent-encoded, and `{token}` made under `secret`.
+fn unsubscribe_url(
+    template: &str,
+    customer_id: &str,
+    send_id: &str,
+    secret: Option<&str>,
+) -> String {
+    let encode = |v: &str| percent_encoding::utf8_percent_encode(v, URL_VALUE).to_string();
+    let url = template
+        .replace("{customer_id}", &encode(customer_id))
+        .replace("{send_id}", &encode(send_id));
+    match secret {
+        Some(secret) => url.replace(
+            "{token}",
+            &kairos_core::ids::unsubscribe_token(secret, customer_id, send_id),
+        ),
+        None => url,
+    }
+}
+
 /// The reason of a send that expired, after `earlier` deferrals if any.
 fn expired_reason(earlier: Option<&Deferral>) -> String {
     match earlier {
@@ -542,7 +572,7 @@ impl DeliveryProcessor {
             .map_err(|e| format!("template: variables are not JSON: {e}"))?;
         let unsubscribe_url = self.settings.list_unsubscribe().map(|url| {
             let secret = self.settings.unsubscribe_secret.as_deref();
-            provider::unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret)
+            unsubscribe_url(url, &cmd.customer_id, &cmd.send_id, secret)
         });
         if let Some(m) = vars.as_object_mut() {
             m.entry("customer_id")
@@ -992,7 +1022,7 @@ impl DeliveryProcessor {
             }
             // Nothing was handed over: its write-ahead records go as for a finished
             // send, and the next try writes its own.
-            Delivery::Deferred(reply) => self.defer(ctx, input, earlier, reply, now)?,
+            Delivery::Deferred(reply) => self.defer(ctx, input, &send, earlier, reply, now)?,
             Delivery::InDoubt(e) => {
                 self.metrics
                     .in_doubt
@@ -1028,6 +1058,7 @@ impl DeliveryProcessor {
         &self,
         ctx: &mut Ctx<'_>,
         input: &SendInput,
+        send: &SendSummary,
         earlier: Option<&Deferral>,
         reply: String,
         now: Millis,
@@ -1047,13 +1078,7 @@ impl DeliveryProcessor {
             .min(cmd.valid_until - LAST_TRY_BEFORE_EXPIRY);
         if retry_at <= now {
             let reason = expired_reason(Some(&deferral));
-            self.emit_outcome(
-                ctx,
-                &SendSummary::from(cmd),
-                OutcomeKind::failed,
-                Some(reason),
-                now,
-            );
+            self.emit_outcome(ctx, send, OutcomeKind::failed, Some(reason), now);
             return Ok(());
         }
         tracing::info!(
@@ -1709,10 +1734,16 @@ mod tests {
 
     /// [`test_config`] with the e-mail worker on SMTP to a port nobody listens on.
     fn smtp_to_nowhere(dir: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+        smtp_on(dir, 1, extra)
+    }
+
+    /// [`test_config`] with the e-mail worker on SMTP at `port` on this machine.
+    fn smtp_on(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Config {
+        let port = port.to_string();
         let mut settings = vec![
             ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
             ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-            ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", "1"),
+            ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", port.as_str()),
             (
                 "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
                 "Shop <news@shop.example>",
@@ -3012,29 +3043,56 @@ mod tests {
         assert_eq!(later.kind, OutcomeKind::delivered);
     }
 
-    /// The e-mail worker in event time on SMTP at `port` on this machine, with `extra`
-    /// settings: the config, the metrics registry and the replayer.
+    /// With a secret, the link carries the token of its customer and send, which a
+    /// link made up for another customer cannot have.
+    #[test]
+    fn the_unsubscribe_link_carries_a_token_only_the_secret_makes() {
+        let secret = "0123456789abcdef-secret";
+        let template = "https://shop.example/u?c={customer_id}&t={token}";
+        let token = kairos_core::ids::unsubscribe_token(secret, "c1", "s1");
+        assert_eq!(token.len(), 64);
+        assert_eq!(
+            unsubscribe_url(template, "c1", "s1", Some(secret)),
+            format!("https://shop.example/u?c=c1&t={token}")
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token(secret, "c2", "s1")
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token(secret, "c1", "s2")
+        );
+        assert_ne!(
+            token,
+            kairos_core::ids::unsubscribe_token("another secret!!", "c1", "s1")
+        );
+    }
+
+    #[test]
+    fn ids_in_the_unsubscribe_url_are_percent_encoded() {
+        let template = "https://shop.example/unsubscribe?c={customer_id}&s={send_id}";
+        assert_eq!(
+            unsubscribe_url(template, "c-1_a.b~", "s-1", None),
+            "https://shop.example/unsubscribe?c=c-1_a.b~&s=s-1"
+        );
+        assert_eq!(
+            unsubscribe_url(template, "a>, <mailto:x@evil>&x=1#f", "s 1", None),
+            "https://shop.example/unsubscribe?c=a%3E%2C%20%3Cmailto%3Ax%40evil%3E%26x%3D1%23f&s=s%201"
+        );
+    }
+
+    /// The e-mail worker in event time on SMTP at `port` on this machine: the config,
+    /// the metrics registry and the replayer.
     fn smtp_worker_at(
         dir: &std::path::Path,
         port: u16,
-        extra: &[(&str, &str)],
     ) -> (
         Config,
         prometheus::Registry,
         kairos_core::replay::Replayer<DeliveryProcessor>,
     ) {
-        let port = port.to_string();
-        let mut settings = vec![
-            ("KAIROS__DELIVERY__EMAIL__PROVIDER", "smtp"),
-            ("KAIROS__DELIVERY__EMAIL__SMTP__HOST", "127.0.0.1"),
-            ("KAIROS__DELIVERY__EMAIL__SMTP__PORT", port.as_str()),
-            (
-                "KAIROS__DELIVERY__EMAIL__SMTP__FROM",
-                "Shop <news@shop.example>",
-            ),
-        ];
-        settings.extend_from_slice(extra);
-        let config = test_config(dir, &settings);
+        let config = smtp_on(dir, port, &[]);
         let registry = prometheus::Registry::new();
         let processor = DeliveryProcessor::new(
             &config,
@@ -3074,7 +3132,7 @@ mod tests {
         )
         .await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, registry, mut replayer) = smtp_worker_at(dir.path(), port, &[]);
+        let (config, registry, mut replayer) = smtp_worker_at(dir.path(), port);
         let t0 = 20_000 * DAY;
         let cmd = SendCommand {
             valid_until: t0 + DAY,
@@ -3130,7 +3188,7 @@ mod tests {
         )
         .await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let (config, _registry, mut replayer) = smtp_worker_at(dir.path(), port, &[]);
+        let (config, _registry, mut replayer) = smtp_worker_at(dir.path(), port);
         let t0 = 20_000 * DAY;
         let topic = config.send_topic(Channel::email);
         let unsubscribing = SendCommand {

@@ -21,9 +21,11 @@ pub enum ProviderError {
     /// Worth retrying: a 4xx SMTP reply, HTTP 408/429/5xx, a refused connection.
     #[error("transient: {0}")]
     Transient(String),
-    /// A 4xx to RCPT TO: the server is up and puts off this one recipient (greylisting,
-    /// a full mailbox, an address it is still verifying). Retried, but no sign of an
-    /// outage: it must not open the breaker for every other customer's message.
+    /// A 4xx to RCPT TO that puts off this one recipient (greylisting, a full mailbox,
+    /// an address the server is still verifying; not a 421 or a `4.3.x`/`4.4.x` code,
+    /// the server's own trouble: see `puts_off_the_recipient`). The worker sets the
+    /// send aside and tries again in minutes; no sign of an outage: it must not open
+    /// the breaker for every other customer's message.
     #[error("recipient deferred: {0}")]
     RecipientDeferred(String),
     /// The provider asked to be left alone for a while (HTTP 429 or 503 with a
@@ -365,35 +367,6 @@ fn with_ascii_domain(mailbox: Mailbox) -> Result<Mailbox, ProviderError> {
     Ok(Mailbox::new(mailbox.name, email))
 }
 
-/// What a URL may carry of an id as it is (RFC 3986's unreserved characters); the
-/// rest is percent-encoded, so an id with "&", "#" or ">" neither changes the link
-/// nor ends the header's "<...>".
-const URL_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// `template` with `{customer_id}` and `{send_id}` filled in, percent-encoded.
-pub(crate) fn unsubscribe_url(
-    template: &str,
-    customer_id: &str,
-    send_id: &str,
-    secret: Option<&str>,
-) -> String {
-    let encode = |v: &str| percent_encoding::utf8_percent_encode(v, URL_VALUE).to_string();
-    let url = template
-        .replace("{customer_id}", &encode(customer_id))
-        .replace("{send_id}", &encode(send_id));
-    match secret {
-        Some(secret) => url.replace(
-            "{token}",
-            &kairos_core::ids::unsubscribe_token(secret, customer_id, send_id),
-        ),
-        None => url,
-    }
-}
-
 /// The enhanced status code (RFC 3463, `4.7.1`) in a server's reply, if it gives one.
 fn enhanced_status(reply: &str) -> Option<&str> {
     reply
@@ -432,44 +405,40 @@ enum SmtpStep {
 }
 
 fn classify(e: lettre::transport::smtp::Error, step: SmtpStep) -> ProviderError {
+    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+    let reply = e.to_string();
     if e.is_permanent() {
-        let code = e.status().map(|c| c.to_string()).unwrap_or_default();
         match step {
             // A refused login or sender refuses every message alike: marking each
             // recipient dead would suppress the whole base for a configuration error.
-            SmtpStep::Connect | SmtpStep::MailFrom => ProviderError::Refused(e.to_string()),
+            SmtpStep::Connect | SmtpStep::MailFrom => ProviderError::Refused(reply),
             // 550/551/553 to RCPT TO: the mailbox is unavailable or unknown: dead,
             // unless the enhanced status says otherwise.
-            SmtpStep::RcptTo => match rcpt_refusal(&code, &e.to_string()) {
-                RcptRefusal::DeadMailbox => ProviderError::HardBounce(e.to_string()),
-                RcptRefusal::Worker => ProviderError::Refused(e.to_string()),
-                RcptRefusal::Message => ProviderError::Permanent(e.to_string()),
+            SmtpStep::RcptTo => match rcpt_refusal(&code, &reply) {
+                RcptRefusal::DeadMailbox => ProviderError::HardBounce(reply),
+                RcptRefusal::Worker => ProviderError::Refused(reply),
+                RcptRefusal::Message => ProviderError::Permanent(reply),
             },
             // A relay or sender-authentication refusal to the message refuses every
             // one alike (SES's unverified sender, Gmail's 5.7.26).
-            _ if refuses_the_worker(&e.to_string()) => ProviderError::Refused(e.to_string()),
+            _ if refuses_the_worker(&reply) => ProviderError::Refused(reply),
             // Any other 5xx, and any 5xx to the message itself (a 550 "refused as
             // spam" says nothing of the mailbox): this message fails.
-            _ => ProviderError::Permanent(e.to_string()),
+            _ => ProviderError::Permanent(reply),
         }
-    } else if e.is_transient()
-        && step == SmtpStep::RcptTo
-        && puts_off_the_recipient(
-            &e.status().map(|c| c.to_string()).unwrap_or_default(),
-            &e.to_string(),
-        )
+    } else if e.is_transient() && step == SmtpStep::RcptTo && puts_off_the_recipient(&code, &reply)
     {
-        ProviderError::RecipientDeferred(e.to_string())
+        ProviderError::RecipientDeferred(reply)
     } else if e.is_transient() {
         // A 4xx reply: the server answered and refused for now.
-        ProviderError::Transient(e.to_string())
+        ProviderError::Transient(reply)
     } else if step == SmtpStep::Connect && (e.is_tls() || e.is_client() || failed_in_tls(&e)) {
         // The session could not be set up as configured (the relay's certificate not
         // trusted, no STARTTLS, no login mechanism in common): every send would fail
         // alike until the configuration or the relay changes.
         ProviderError::Refused(with_causes(&e))
     } else {
-        ProviderError::NoAnswer(e.to_string())
+        ProviderError::NoAnswer(reply)
     }
 }
 
@@ -772,45 +741,6 @@ mod tests {
             }
             assert_eq!(text.contains("List-Unsubscribe-Post"), one_click, "{text}");
         }
-    }
-
-    /// With a secret, the link carries the token of its customer and send, which a
-    /// link made up for another customer cannot have.
-    #[test]
-    fn the_unsubscribe_link_carries_a_token_only_the_secret_makes() {
-        let secret = "0123456789abcdef-secret";
-        let template = "https://shop.example/u?c={customer_id}&t={token}";
-        let token = kairos_core::ids::unsubscribe_token(secret, "c1", "s1");
-        assert_eq!(token.len(), 64);
-        assert_eq!(
-            unsubscribe_url(template, "c1", "s1", Some(secret)),
-            format!("https://shop.example/u?c=c1&t={token}")
-        );
-        assert_ne!(
-            token,
-            kairos_core::ids::unsubscribe_token(secret, "c2", "s1")
-        );
-        assert_ne!(
-            token,
-            kairos_core::ids::unsubscribe_token(secret, "c1", "s2")
-        );
-        assert_ne!(
-            token,
-            kairos_core::ids::unsubscribe_token("another secret!!", "c1", "s1")
-        );
-    }
-
-    #[test]
-    fn ids_in_the_unsubscribe_url_are_percent_encoded() {
-        let template = "https://shop.example/unsubscribe?c={customer_id}&s={send_id}";
-        assert_eq!(
-            unsubscribe_url(template, "c-1_a.b~", "s-1", None),
-            "https://shop.example/unsubscribe?c=c-1_a.b~&s=s-1"
-        );
-        assert_eq!(
-            unsubscribe_url(template, "a>, <mailto:x@evil>&x=1#f", "s 1", None),
-            "https://shop.example/unsubscribe?c=a%3E%2C%20%3Cmailto%3Ax%40evil%3E%26x%3D1%23f&s=s%201"
-        );
     }
 
     /// What the gateway at `url` makes of an SMS.

@@ -158,10 +158,17 @@ const ADDRESS_KINDS: [IdentifierKind; 2] = [IdentifierKind::email, IdentifierKin
 /// Identifiers of a browser or an app install rather than of a person.
 const DEVICE_KINDS: [IdentifierKind; 2] = [IdentifierKind::device_id, IdentifierKind::anonymous_id];
 
+/// The kind of address (e-mail or phone) a profile's identifier `held` is, if one.
+fn held_address_kind(held: &str) -> Option<IdentifierKind> {
+    ADDRESS_KINDS.into_iter().find(|k| {
+        held.strip_prefix(k.as_str())
+            .is_some_and(|v| v.starts_with(':'))
+    })
+}
+
 /// Whether a profile holds an e-mail address.
 fn holds_email(node: &Node) -> bool {
-    let prefix = [IdentifierKind::email.as_str(), ":"].concat();
-    node.identifiers.iter().any(|i| i.starts_with(&prefix))
+    (node.identifiers.iter()).any(|i| held_address_kind(i) == Some(IdentifierKind::email))
 }
 
 /// Resolution outcomes (metric label).
@@ -595,25 +602,26 @@ impl IdentityProcessor {
                 .or(owners.first())
                 .map(|(o, _, _, _)| o.clone());
         }
-        // The known customer a device led to, passed over for someone else's address.
+        // The profile a device led to (a known customer's, or an anonymous one), passed
+        // over for someone else's address.
         let mut passed_over = None;
-        // Whether a device or cookie of the event is that customer's: then the event's
+        // Whether a device or cookie of the event is that profile's: then the event's
         // new ones are the same device's (see the linking below).
         let mut device_passed_over = false;
-        if let Some(known) = target.clone().filter(|_| !named) {
-            if let Some(other) = self.another_persons_address(ctx, &links, &known)? {
+        if let Some(led_to) = target.clone().filter(|_| !named) {
+            if let Some(other) = self.another_persons_address(ctx, &links, &led_to)? {
                 resolution = "another_person";
                 for (id, link) in &links {
                     if let Some(l) = link.as_ref().filter(|l| !l.shared) {
                         if DEVICE_KINDS.contains(&id.kind)
-                            && self.canonical(ctx, &l.customer)? == known
+                            && self.canonical(ctx, &l.customer)? == led_to
                         {
                             device_passed_over = true;
                             break;
                         }
                     }
                 }
-                passed_over = Some(known);
+                passed_over = Some(led_to);
                 target = Some(other);
             }
         }
@@ -824,11 +832,12 @@ impl IdentityProcessor {
         self.canonical(ctx, &name)
     }
 
-    /// An e-mail or phone of the event nobody known holds, when the `known` customer a
-    /// device led the event to holds another one of that kind that they presented
-    /// themselves (an anonymous profile: any other one of that kind): someone else is
-    /// at the keyboard (the wife typing her e-mail on the
-    /// husband's laptop, where he registered with his). Returns the profile the event
+    /// An e-mail or phone of the event nobody known holds, when the profile a device
+    /// led the event to (`led_to`) holds another one of that kind: a known customer
+    /// one they presented themselves, an anonymous profile another e-mail, and none of
+    /// the event's own addresses. Someone else is at the keyboard (the wife typing her
+    /// e-mail on the husband's laptop, where he registered with his; a visitor at a
+    /// kiosk where another signed up before). Returns the profile the event
     /// goes to instead: the anonymous one the address leads to, or a new one named
     /// after it. Without this the address (and a consent given with it) would become
     /// the husband's until she registers with it. An address of a kind he presented
@@ -839,13 +848,13 @@ impl IdentityProcessor {
         &self,
         ctx: &mut Ctx<'_>,
         links: &[(&Identifier, Option<Link>)],
-        known: &str,
+        led_to: &str,
     ) -> anyhow::Result<Option<String>> {
         let is_address = |kind: IdentifierKind| ADDRESS_KINDS.contains(&kind);
         if !links.iter().any(|(id, _)| is_address(id.kind)) {
             return Ok(None);
         }
-        let node = self.node(ctx, known)?;
+        let node = self.node(ctx, led_to)?;
         // Addresses nobody known holds, with the anonymous profile each leads to.
         let mut unheld = Vec::new();
         for (id, link) in links {
@@ -859,12 +868,12 @@ impl IdentityProcessor {
                 // work e-mail at a guest checkout): it may be him. One that only came
                 // to him (the wife's e-mail, typed on the laptop before he registered
                 // there) says nothing of who is typing.
-                Some(owner) if owner == known => {
+                Some(owner) if owner == led_to => {
                     if let Some(l) = link.filter(|_| is_address(id.kind)) {
                         // An anonymous profile presented nothing: any address of its
                         // own on the event is as good (a guest checkout with the
                         // e-mail it holds and a new phone).
-                        if !node.known || self.claimed_by(ctx, l, known)? {
+                        if !node.known || self.claimed_by(ctx, l, led_to)? {
                             return Ok(None);
                         }
                     }
@@ -889,25 +898,22 @@ impl IdentityProcessor {
         // visitor's address and consent would pile up in it, for the first of them to
         // take in by logging in. (Not a phone: one person's landline and mobile.)
         let mut presented = Vec::new();
-        for held in &node.identifiers {
-            let Some(kind) = ADDRESS_KINDS.into_iter().find(|k| {
-                held.strip_prefix(k.as_str())
-                    .is_some_and(|v| v.starts_with(':'))
-            }) else {
-                continue;
-            };
-            if presented.contains(&kind) || !unheld.iter().any(|(id, _)| id.kind == kind) {
-                continue;
+        if !node.known {
+            if holds_email(&node) {
+                presented.push(IdentifierKind::email);
             }
-            if !node.known {
-                if kind == IdentifierKind::email {
-                    presented.push(kind);
+        } else {
+            for held in &node.identifiers {
+                let Some(kind) = held_address_kind(held) else {
+                    continue;
+                };
+                if presented.contains(&kind) || !unheld.iter().any(|(id, _)| id.kind == kind) {
+                    continue;
                 }
-                continue;
-            }
-            if let Some(l) = ctx.get::<Link>(&link_key_str(held))? {
-                if self.claimed_by(ctx, &l, known)? {
-                    presented.push(kind);
+                if let Some(l) = ctx.get::<Link>(&link_key_str(held))? {
+                    if self.claimed_by(ctx, &l, led_to)? {
+                        presented.push(kind);
+                    }
                 }
             }
         }

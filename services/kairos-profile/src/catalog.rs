@@ -752,7 +752,8 @@ impl CatalogJoin {
         let price = quoted.filter(|p| *p > 0.0);
         let in_stock = u.in_stock.filter(|_| newer(product.stock_at));
         let mut occasions = Vec::new();
-        // Read once: the window's highest price, and the prices a drop may cross.
+        // Read once: the window's highest and lowest price, and the prices a drop may
+        // cross.
         let seen = product.window_prices(u.occurred_at);
         let window_high = seen.iter().copied().reduce(f64::max);
         let window_low = product.window_low(u.occurred_at, &seen);
@@ -1298,11 +1299,17 @@ min_drop_percent = 10.0
     }
 
     /// Customers told of a price drop of `product`, in order.
-    fn told(outputs: &[kairos_core::store::OutboxEntry], product: &str) -> Vec<String> {
-        let mut customers: Vec<String> = outputs
-            .iter()
+    /// The product occasions among a join's `outputs`.
+    fn occasions(outputs: &[kairos_core::store::OutboxEntry]) -> Vec<ProductOccasion> {
+        (outputs.iter())
             .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
             .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+            .collect()
+    }
+
+    fn told(outputs: &[kairos_core::store::OutboxEntry], product: &str) -> Vec<String> {
+        let mut customers: Vec<String> = occasions(outputs)
+            .into_iter()
             .filter(|o| o.product_id == product && o.kind == ProductOccasionKind::price_drop)
             .map(|o| o.customer_id)
             .collect();
@@ -1692,9 +1699,7 @@ min_drop_percent = 10.0
         let catalog = config.topic(topics::CATALOG);
         let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
         let stated = |out: &[kairos_core::store::OutboxEntry]| -> Vec<_> {
-            (out.iter())
-                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
-                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+            (occasions(out).into_iter())
                 .map(|o| (o.old_price, o.new_price, o.lowest_price))
                 .collect()
         };
@@ -1722,9 +1727,7 @@ min_drop_percent = 10.0
         let catalog = config.topic(topics::CATALOG);
         let mut push = |topic: &str, record: Vec<u8>| push_p1(&mut r, topic, record);
         let lowest = |out: &[kairos_core::store::OutboxEntry]| -> Vec<Option<f64>> {
-            (out.iter())
-                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
-                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+            (occasions(out).into_iter())
                 .map(|o| o.lowest_price)
                 .collect()
         };

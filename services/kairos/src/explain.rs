@@ -27,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 const RECORDS_PER_PARTITION: i64 = 200_000;
 
 /// The latest records of one partition, as (key, payload).
+#[derive(Default)]
 struct Latest {
     records: Vec<(Vec<u8>, Vec<u8>)>,
     /// Older records lie before them (more than `RECORDS_PER_PARTITION`).
@@ -51,9 +52,8 @@ fn read_partition(
         .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
     let low = first_offset(oldest, high, RECORDS_PER_PARTITION);
     let mut out = Latest {
-        records: Vec::new(),
         cut: low > oldest,
-        first_at: None,
+        ..Latest::default()
     };
     if high <= low {
         return Ok(out);
@@ -248,11 +248,7 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
         &mut unreadable,
     );
     // The outcomes of each send, in the order they happened.
-    let no_outcomes = Latest {
-        records: Vec::new(),
-        cut: false,
-        first_at: None,
-    };
+    let no_outcomes = Latest::default();
     let outcomes_read = read.outcomes.as_ref().unwrap_or(&no_outcomes);
     let mut outcomes: BTreeMap<String, Vec<Outcome>> = grouped(
         mine(outcomes_read),
@@ -383,7 +379,8 @@ fn report(customer: &str, partition: i32, read: &Read, limit: usize) -> anyhow::
                 d.reason
             )?;
             if let (Some(send_id), Ok(_)) = (&d.send_id, &read.outcomes) {
-                describe_send(&mut out, outcomes.get(send_id), outcomes_from, d.decided_at)?;
+                let of_send = outcomes.get(send_id).map(Vec::as_slice);
+                describe_send(&mut out, of_send, outcomes_from, d.decided_at)?;
             }
         }
     }
@@ -423,7 +420,7 @@ fn grouped<'a, T: serde::de::DeserializeOwned>(
 /// them).
 fn describe_send(
     out: &mut String,
-    outcomes: Option<&Vec<Outcome>>,
+    outcomes: Option<&[Outcome]>,
     outcomes_from: Option<Millis>,
     decided_at: Millis,
 ) -> anyhow::Result<()> {
@@ -854,11 +851,7 @@ mod tests {
                 cut: true,
                 first_at: None,
             },
-            outcomes: Ok(Latest {
-                records: Vec::new(),
-                cut: false,
-                first_at: None,
-            }),
+            outcomes: Ok(Latest::default()),
             changelog: None,
             absorbed: Vec::new(),
         };
