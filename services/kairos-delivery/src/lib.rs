@@ -1723,13 +1723,24 @@ mod tests {
         kairos_core::replay::Replayer<DeliveryProcessor>,
     ) {
         let config = test_config(dir, &[("KAIROS__DELIVERY__EMAIL__PROVIDER", "simulator")]);
+        let (registry, replayer) = email_worker(&config);
+        (config, registry, replayer)
+    }
+
+    /// The e-mail worker of `config` in a replayer, with its metrics registry.
+    fn email_worker(
+        config: &Config,
+    ) -> (
+        prometheus::Registry,
+        kairos_core::replay::Replayer<DeliveryProcessor>,
+    ) {
         let registry = prometheus::Registry::new();
         let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
+        let processor =
+            DeliveryProcessor::new(config, Channel::email, settings, &registry).expect("processor");
         let replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
-        (config, registry, replayer)
+            kairos_core::replay::Replayer::new(processor, config, &registry).expect("replayer");
+        (registry, replayer)
     }
 
     /// [`test_config`] with the e-mail worker on SMTP to a port nobody listens on.
@@ -1999,12 +2010,7 @@ mod tests {
         );
         let t0 = 20_000 * DAY;
         left_by_crash(&config, &[("w/s-1", t0)]);
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor = DeliveryProcessor::new(&config, Channel::email, settings, &registry)
-            .expect("processor");
-        let mut replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let (_registry, mut replayer) = email_worker(&config);
         let cmd = SendCommand {
             valid_until: t0 + DAY,
             ..email_command(t0, "welcome")
@@ -2042,12 +2048,7 @@ mod tests {
     ) {
         use kairos_core::time::DAY;
         let partition = left_by_crash(config, left);
-        let registry = prometheus::Registry::new();
-        let settings = config.delivery[&Channel::email].clone();
-        let processor =
-            DeliveryProcessor::new(config, Channel::email, settings, &registry).expect("processor");
-        let mut replayer =
-            kairos_core::replay::Replayer::new(processor, config, &registry).expect("replayer");
+        let (_registry, mut replayer) = email_worker(config);
         let cmd = email_command(t0, "welcome");
         let topic = config.send_topic(Channel::email);
         let later = SendCommand {
@@ -3093,16 +3094,7 @@ mod tests {
         kairos_core::replay::Replayer<DeliveryProcessor>,
     ) {
         let config = smtp_on(dir, port, &[]);
-        let registry = prometheus::Registry::new();
-        let processor = DeliveryProcessor::new(
-            &config,
-            Channel::email,
-            config.delivery[&Channel::email].clone(),
-            &registry,
-        )
-        .expect("processor");
-        let replayer =
-            kairos_core::replay::Replayer::new(processor, &config, &registry).expect("replayer");
+        let (registry, replayer) = email_worker(&config);
         (config, registry, replayer)
     }
 
