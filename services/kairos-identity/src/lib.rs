@@ -854,7 +854,6 @@ impl IdentityProcessor {
         if !links.iter().any(|(id, _)| is_address(id.kind)) {
             return Ok(None);
         }
-        let node = self.node(ctx, led_to)?;
         // Addresses nobody known holds, with the anonymous profile each leads to.
         let mut unheld = Vec::new();
         for (id, link) in links {
@@ -873,7 +872,7 @@ impl IdentityProcessor {
                         // An anonymous profile presented nothing: any address of its
                         // own on the event is as good (a guest checkout with the
                         // e-mail it holds and a new phone).
-                        if !node.known || self.claimed_by(ctx, l, led_to)? {
+                        if self.claimed_by(ctx, l, led_to)? || !self.node(ctx, led_to)?.known {
                             return Ok(None);
                         }
                     }
@@ -897,6 +896,7 @@ impl IdentityProcessor {
         // someone else's (a kiosk's sign-up form, a tablet in the family), or every
         // visitor's address and consent would pile up in it, for the first of them to
         // take in by logging in. (Not a phone: one person's landline and mobile.)
+        let node = self.node(ctx, led_to)?;
         let mut presented = Vec::new();
         if !node.known {
             if holds_email(&node) {
