@@ -128,6 +128,12 @@ fn smtp_sends_once_retries_transient_errors_and_never_retries_permanent_ones() {
         .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(of_bounce, ["sent", "bounced_hard"]);
+    // Each time the greylisting server put it off is told (what a cascade waits on).
+    let of_greylisted: Vec<&str> = (all.iter())
+        .filter(|o| o["send_id"] == "temp-1")
+        .map(|o| o["kind"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(of_greylisted, ["deferred", "deferred", "sent"]);
     // The address that does not parse is dead, but no message was sent to it.
     let (k, reason) = kind("dead-1").expect("dead-1 outcome");
     assert_eq!(k, "bounced_hard", "{reason}");

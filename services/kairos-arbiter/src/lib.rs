@@ -197,6 +197,10 @@ pub struct Cascade {
     /// held.
     #[serde(default)]
     pub handed_over: Option<(Millis, Box<Trigger>)>,
+    /// The recipient's server put the latest message off (greylisting) and it has not
+    /// left yet: the wait for a reaction starts when it does.
+    #[serde(default)]
+    pub latest_put_off: bool,
 }
 
 /// What a carrier ledger takes to the survivor of a merge (see `send_carrier`).
@@ -1911,6 +1915,19 @@ fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
     )
 }
 
+/// Whether an outcome tells when a cascade's message left, or that it never will.
+fn outcome_concerns_cascade(kind: OutcomeKind) -> bool {
+    matches!(
+        kind,
+        OutcomeKind::deferred
+            | OutcomeKind::sent
+            | OutcomeKind::delivered
+            | OutcomeKind::failed
+            | OutcomeKind::bounced_hard
+            | OutcomeKind::bounced_soft
+    )
+}
+
 /// Why promo is suppressed after a spam complaint at `at`.
 fn complaint_reason(at: Millis) -> String {
     format!("the customer marked a message as spam at {at}: no promo")
@@ -2715,6 +2732,9 @@ impl ArbiterProcessor {
                 ),
             );
             c.handed_over = Some((due, t));
+            // The survivor hears nothing of when a message put off here leaves (its
+            // `sent` stays with this id): its next step goes at its time.
+            c.latest_put_off = false;
             handed_over.push((trigger_id, c));
         }
         Ok(handed_over)
@@ -3120,6 +3140,62 @@ impl ArbiterProcessor {
         self.config.scenario(scenario)?.cascade_wait(sent)
     }
 
+    /// Follows the latest message of a cascade to the customer: one the recipient's
+    /// server put off has not reached them, so the wait for a reaction starts when it
+    /// leaves (a 5-minute greylisting doubling up to an hour would otherwise let the
+    /// push go out before the e-mail arrives); one that failed or bounced got no
+    /// reaction and never will, so the next channel is tried at once. True if the
+    /// ledger changed.
+    fn follow_cascade_message(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        o: &Outcome,
+        ledger: &mut CustomerLedger,
+    ) -> anyhow::Result<bool> {
+        if ledger.merged_into.is_some() {
+            return Ok(false); // its cascades went to the survivor
+        }
+        let Some((trigger_id, cascade)) = ledger
+            .cascades
+            .iter_mut()
+            .find(|(_, c)| c.handed_over.is_none() && c.send_ids.last() == Some(&o.send_id))
+        else {
+            return Ok(false);
+        };
+        let timer = ["cascade/", trigger_id.as_str()].concat();
+        let now = ctx.now();
+        match o.kind {
+            OutcomeKind::deferred => {
+                let changed = !cascade.latest_put_off;
+                cascade.latest_put_off = true;
+                Ok(changed)
+            }
+            OutcomeKind::sent | OutcomeKind::delivered => {
+                if !cascade.latest_put_off {
+                    return Ok(false);
+                }
+                cascade.latest_put_off = false;
+                let wait = self.cascade_wait(&cascade.scenario, cascade.channels.len());
+                // None: the last message of the cascade, nothing left to check for.
+                if let (Some(wait), Some((_, t))) = (wait, ctx.timer_payload::<Trigger>(&timer)?) {
+                    let check_at = self.outside_quiet_hours(o.occurred_at + ms(wait), &t);
+                    ctx.schedule(&timer, check_at, &t)?;
+                }
+                Ok(true)
+            }
+            _ => {
+                let changed = std::mem::take(&mut cascade.latest_put_off);
+                match ctx.timer_payload::<Trigger>(&timer)? {
+                    Some((at, t)) if at > now => {
+                        ctx.schedule(&timer, now, &t)?;
+                        Ok(true)
+                    }
+                    _ => Ok(changed),
+                }
+            }
+        }
+    }
+
     /// The cascade timer of `t` fired with no reaction: the next usable channel gets
     /// the message. Cascade steps keep the conflict window and the minimum gap only
     /// against other messages (a cascade is one message on several channels, and its
@@ -3196,6 +3272,36 @@ impl ArbiterProcessor {
                     cascade.channels.len()
                 ),
             );
+            return Ok(true);
+        }
+        if cascade.latest_put_off && now <= t.valid_until {
+            // Its latest message has not reached the customer (see
+            // `follow_cascade_message`): looked at again a wait later, unless it leaves
+            // or fails before.
+            let waited = cascade.channels.len();
+            let wait = self.cascade_wait(&t.scenario, waited).map_or(HOUR, ms);
+            let until = self
+                .outside_quiet_hours(now + wait, &t)
+                .min(t.valid_until + 1);
+            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
+            let last = cascade.channels.last().map_or("", |c| c.as_str());
+            self.record_decision(
+                ctx,
+                &subject,
+                deterministic_id(&[
+                    &t.trigger_id,
+                    "cascade-wait",
+                    &waited.to_string(),
+                    &until.to_string(),
+                ]),
+                (DecisionOutcome::deferred, None, None),
+                "cascade",
+                format!(
+                    "cascade step waits: the recipient's server put the message on {last} \
+                     off and it has not left yet; decided again at {until}"
+                ),
+            );
+            ledger.cascades.insert(t.trigger_id.clone(), cascade);
             return Ok(true);
         }
         let mut rest: Vec<Channel> = t
@@ -3699,6 +3805,7 @@ impl ArbiterProcessor {
                         send_ids: vec![id.clone()],
                         cause_occurred_at: Some(t.cause_occurred_at),
                         handed_over: None,
+                        latest_put_off: false,
                     },
                 );
                 let check_at = self.outside_quiet_hours(now + ms(wait), &t);
@@ -3883,9 +3990,25 @@ impl Processor for ArbiterProcessor {
     fn process(&mut self, ctx: &mut Ctx<'_>, input: ArbiterInput) -> anyhow::Result<()> {
         match input {
             ArbiterInput::Trigger(t) => self.decide_trigger(ctx, *t, false),
-            ArbiterInput::Outcome(o) if outcome_concerns_ledger(o.kind) => {
-                self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger, _| {
-                    this.apply_outcome(ctx, &o, ledger)
+            ArbiterInput::Outcome(o)
+                if outcome_concerns_ledger(o.kind) || outcome_concerns_cascade(o.kind) =>
+            {
+                self.with_ledger(ctx, &o.customer_id, |this, ctx, ledger, known| {
+                    // A report on an old message of a customer forgotten since makes no
+                    // ledger, which no `forgotten` would take away again; a suppression
+                    // does, as it must hold.
+                    let suppresses = matches!(
+                        o.kind,
+                        OutcomeKind::unsubscribed
+                            | OutcomeKind::complained
+                            | OutcomeKind::bounced_hard
+                    );
+                    if !known && !suppresses {
+                        return Ok(false);
+                    }
+                    let applied =
+                        outcome_concerns_ledger(o.kind) && this.apply_outcome(ctx, &o, ledger)?;
+                    Ok(this.follow_cascade_message(ctx, &o, ledger)? || applied)
                 })
             }
             ArbiterInput::Outcome(_) => Ok(()),

@@ -201,6 +201,29 @@ fn a_merge_hands_a_cascade_on_to_the_survivor_whose_next_step_goes_when_due() {
     );
 }
 
+/// The e-mail was put off by its server before the merge: the survivor, who hears
+/// nothing of when it leaves, sends the SMS fallback when it was due.
+#[test]
+fn a_cascade_handed_over_while_its_message_was_put_off_goes_on_when_due() {
+    let mut a = order_notice_sent_by_email();
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::deferred, T0 + MINUTE);
+    a.push(
+        "customer-actions",
+        "c1",
+        &merged_into("c1", "z", T0 + 10 * MINUTE),
+    );
+    deliver_to_survivors(&mut a, 2);
+    a.advance_to(T0 + 6 * HOUR);
+    let sent: Vec<(Channel, &str, i64)> = (a.sends.iter())
+        .map(|s| (s.channel, s.customer_id.as_str(), s.created_at))
+        .collect();
+    assert_eq!(
+        sent,
+        [(Channel::email, "c1", T0), (Channel::sms, "z", T0 + HOUR)]
+    );
+}
+
 /// An open of the first message, reported for the merged customer after the merge,
 /// reaches the survivor and stops the cascade it took over.
 #[test]
@@ -856,4 +879,68 @@ fn a_cascade_switched_off_between_steps_stops() {
         "{}",
         stop.reason
     );
+}
+
+/// A greylisting server puts the e-mail off for over an hour: the push waits for the
+/// e-mail to reach the customer, then gives them the cascade's hour to open it.
+#[test]
+fn a_cascade_step_waits_for_a_message_the_recipient_s_server_put_off() {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, "k-grey", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::deferred, T0 + MINUTE);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email], "the e-mail has not left");
+    let wait = *a.decisions_of("k-grey").last().expect("the step's wait");
+    assert_eq!(
+        (wait.outcome, wait.rule.as_str(), wait.channel),
+        (DecisionOutcome::deferred, "cascade", None)
+    );
+    assert!(
+        wait.reason.contains("put the message on email off")
+            && wait
+                .reason
+                .ends_with(&format!("decided again at {}", T0 + 2 * HOUR)),
+        "{}",
+        wait.reason
+    );
+    // Sent at last 75 minutes on (5 + 10 + 20 + 40): an hour from then to open it.
+    let left_at = T0 + 75 * MINUTE;
+    a.outcome(&email, OutcomeKind::sent, left_at);
+    a.advance_to(left_at + HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email]);
+    a.advance_to(left_at + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    // A message that went out as sent is not held: the SMS comes 4 hours on.
+    let push = a.last_send();
+    a.outcome(&push, OutcomeKind::sent, left_at + HOUR);
+    a.advance_to(left_at + 5 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+}
+
+/// A cascade's message that failed (its server put it off to its end, or it could not
+/// be sent) got no reaction and never will: the next channel is tried at once. A
+/// failure of an earlier message of the cascade moves nothing.
+#[test]
+fn a_failed_cascade_message_passes_to_the_next_channel_at_once() {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, "k-fail", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::deferred, T0 + MINUTE);
+    a.outcome(&email, OutcomeKind::failed, T0 + 20 * MINUTE);
+    a.advance_to(T0 + 20 * MINUTE);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    let step = *a.decisions_of("k-fail").last().expect("the push");
+    assert_eq!(
+        (step.outcome, step.channel),
+        (DecisionOutcome::sent, Some(Channel::push))
+    );
+    // The e-mail's late bounce is not the push's: the SMS waits its 4 hours.
+    a.outcome(&email, OutcomeKind::bounced_soft, T0 + 30 * MINUTE);
+    a.advance_to(T0 + 20 * MINUTE + 4 * HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.advance_to(T0 + 20 * MINUTE + 4 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
 }

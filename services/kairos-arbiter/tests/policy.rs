@@ -1634,6 +1634,36 @@ fn a_forgotten_customer_s_waiting_message_is_cancelled_and_the_ledger_goes() {
     assert_eq!(a.decisions_of("fg1").len(), 2, "its wake-up went too");
 }
 
+/// A delivery, open or click of a message read after the customer was forgotten makes
+/// no ledger (no `forgotten` would come to take it away); an unsubscribe from it does,
+/// and holds.
+#[test]
+fn a_report_on_a_forgotten_customer_s_old_message_makes_no_ledger_but_a_suppression_does() {
+    let mut a = Arbiter::new();
+    let sent = a.trigger("fo1", "welcome", TRIGGER, T0);
+    assert_eq!(sent.outcome, DecisionOutcome::sent);
+    let email = a.last_send();
+    a.forgotten("fo-x", T0 + HOUR);
+    assert!(!a.ledger_stored("c1"));
+    for (kind, at) in [
+        (OutcomeKind::delivered, T0 + 2 * HOUR),
+        (OutcomeKind::opened, T0 + 3 * HOUR),
+        (OutcomeKind::clicked, T0 + 3 * HOUR),
+        (OutcomeKind::sent, T0 + 3 * HOUR),
+    ] {
+        a.outcome(&email, kind, at);
+        assert!(!a.ledger_stored("c1"), "{kind:?}");
+    }
+    a.outcome(&email, OutcomeKind::unsubscribed, T0 + 4 * HOUR);
+    assert!(a.ledger_stored("c1"));
+    let later = a.trigger("fo2", "welcome", TRIGGER, T0 + 5 * HOUR);
+    assert_eq!(
+        (later.outcome, later.channel),
+        (DecisionOutcome::sent, Some(Channel::push)),
+        "the e-mail unsubscribe holds: {later:#?}"
+    );
+}
+
 #[test]
 fn forgetting_leaves_what_came_after_it_and_then_the_ledger() {
     let mut a = Arbiter::with_config("quiet_hours_start = \"21:00\"\nquiet_hours_end = \"09:00\"");

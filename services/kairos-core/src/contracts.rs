@@ -486,7 +486,7 @@ impl DecisionOutcome {
 
 /// Every (outcome, rule) pair the arbiter decides by: the bounded values of the `rule`
 /// label, and the series metrics start at zero.
-pub const DECISION_RULES: [(DecisionOutcome, &str); 45] = [
+pub const DECISION_RULES: [(DecisionOutcome, &str); 46] = [
     (DecisionOutcome::cancelled, "chain_broken"),
     (DecisionOutcome::suppressed, "queue_full"),
     // A cascade step waiting for the gap or window after another message.
@@ -515,6 +515,8 @@ pub const DECISION_RULES: [(DecisionOutcome, &str); 45] = [
     (DecisionOutcome::deferred, "scenario_cap"),
     (DecisionOutcome::sent, "cascade"),
     (DecisionOutcome::cancelled, "cascade"),
+    // A cascade step waiting for the message before it, put off by its server.
+    (DecisionOutcome::deferred, "cascade"),
     (DecisionOutcome::deferred, "main_scenario"),
     (DecisionOutcome::suppressed, "main_scenario"),
     (DecisionOutcome::sent, "channel_choice"),
@@ -647,10 +649,14 @@ pub enum OutcomeKind {
     clicked,
     unsubscribed,
     complained,
+    /// The recipient's server put the message off (greylisting, a full mailbox): it is
+    /// tried again later, and a `sent` (or `delivered`) or `failed` follows. Last, as
+    /// symbols are only ever appended.
+    deferred,
 }
 
 impl OutcomeKind {
-    pub const ALL: [OutcomeKind; 9] = [
+    pub const ALL: [OutcomeKind; 10] = [
         OutcomeKind::sent,
         OutcomeKind::delivered,
         OutcomeKind::failed,
@@ -660,6 +666,7 @@ impl OutcomeKind {
         OutcomeKind::clicked,
         OutcomeKind::unsubscribed,
         OutcomeKind::complained,
+        OutcomeKind::deferred,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -673,6 +680,7 @@ impl OutcomeKind {
             OutcomeKind::clicked => "clicked",
             OutcomeKind::unsubscribed => "unsubscribed",
             OutcomeKind::complained => "complained",
+            OutcomeKind::deferred => "deferred",
         }
     }
 }

@@ -532,8 +532,23 @@ impl DeliveryProcessor {
         reason: Option<String>,
         at: Millis,
     ) {
+        let outcome_id = deterministic_id(&[&send.send_id, kind.as_str()]);
+        self.emit_outcome_with_id(ctx, send, outcome_id, kind, reason, at);
+    }
+
+    /// As [`Self::emit_outcome`], for an outcome a send may have several of (each
+    /// time the recipient's server puts it off).
+    fn emit_outcome_with_id(
+        &self,
+        ctx: &mut Ctx<'_>,
+        send: &SendSummary,
+        outcome_id: String,
+        kind: OutcomeKind,
+        reason: Option<String>,
+        at: Millis,
+    ) {
         let outcome = Outcome {
-            outcome_id: deterministic_id(&[&send.send_id, kind.as_str()]),
+            outcome_id,
             send_id: send.send_id.clone(),
             customer_id: send.customer_id.clone(),
             scenario: send.scenario.clone(),
@@ -1087,6 +1102,20 @@ impl DeliveryProcessor {
             retry_at,
             reply = %deferral.last_reply,
             "the recipient's server put the send off; set aside"
+        );
+        // Told, so that the arbiter holds the next step of a cascade until the
+        // message has left (and explain shows why it has not yet).
+        let times = deferral.times.to_string();
+        self.emit_outcome_with_id(
+            ctx,
+            send,
+            deterministic_id(&[&cmd.send_id, OutcomeKind::deferred.as_str(), &times]),
+            OutcomeKind::deferred,
+            Some(format!(
+                "the recipient's server put it off ({times}): {}; tried again at {retry_at}",
+                deferral.last_reply
+            )),
+            now,
         );
         let set_aside = DeferredSend {
             command: serde_json::to_string(cmd).context("cannot keep the deferred command")?,
@@ -3132,16 +3161,32 @@ mod tests {
         };
         let payload = serde_json::to_vec(&cmd).expect("encode");
         let topic = config.send_topic(Channel::email);
+        // Each time it is put off is told, with the server's answer and the next try.
+        let told_deferred = |out: &[kairos_core::store::OutboxEntry], times: u32, next: Millis| {
+            let outcomes = outcomes_in(&config, out);
+            assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
+            let o = &outcomes[0];
+            assert_eq!((o.kind, o.send_id.as_str()), (OutcomeKind::deferred, "s-1"));
+            let reason = o.reason.as_deref().unwrap_or_default();
+            assert!(
+                reason.starts_with(&format!("the recipient's server put it off ({times}): "))
+                    && reason.contains("4.7.1 greylisted")
+                    && reason.ends_with(&format!("tried again at {next}")),
+                "{reason}"
+            );
+            o.outcome_id.clone()
+        };
         let mut out = replayer.push(&topic, b"c1", &payload).expect("push");
         out.extend(replayer.commit().expect("commit"));
-        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        let first = told_deferred(&out, 1, t0 + 5 * MINUTE);
         assert_eq!(deferrals(&registry), 1);
         // The copy is skipped; nothing is due before five minutes.
         out = replayer.push(&topic, b"c1", &payload).expect("push");
         out.extend(replayer.advance_to(t0 + 5 * MINUTE - 1).expect("advance"));
         assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
         out = replayer.advance_to(t0 + 5 * MINUTE).expect("advance");
-        assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
+        let second = told_deferred(&out, 2, t0 + 15 * MINUTE);
+        assert_ne!(first, second, "each one a record of its own");
         assert_eq!(deferrals(&registry), 2, "greylisted again");
         out = replayer.advance_to(t0 + 15 * MINUTE - 1).expect("advance");
         assert!(outcomes_in(&config, &out).is_empty(), "{out:?}");
@@ -3222,7 +3267,12 @@ mod tests {
         for t in [5, 15, 19, 20] {
             out.extend(replayer.advance_to(t0 + t * MINUTE).expect("advance"));
         }
-        let outcomes = outcomes_in(&config, &out);
+        let (put_off, outcomes): (Vec<Outcome>, Vec<Outcome>) = outcomes_in(&config, &out)
+            .into_iter()
+            .partition(|o| o.kind == OutcomeKind::deferred);
+        let times_put_off = |id: &str| put_off.iter().filter(|o| o.send_id == id).count();
+        // s-1 at 0; s-2 at 0, 5 and 15 minutes (at 19 it has no try left: failed).
+        assert_eq!((times_put_off("s-1"), times_put_off("s-2")), (1, 3));
         assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
         let of = |id: &str| outcomes.iter().find(|o| o.send_id == id).expect(id);
         let stopped = of("s-1");

@@ -50,8 +50,9 @@ use serde::Deserialize;
 
 /// What providers report through the webhook: never "sent" or "failed", which only the
 /// worker itself knows.
-pub const WEBHOOK_KINDS: [OutcomeKind; 7] = [
+pub const WEBHOOK_KINDS: [OutcomeKind; 8] = [
     OutcomeKind::delivered,
+    OutcomeKind::deferred,
     OutcomeKind::bounced_hard,
     OutcomeKind::bounced_soft,
     OutcomeKind::opened,
