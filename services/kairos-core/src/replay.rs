@@ -197,6 +197,7 @@ impl<P: Processor> Replayer<P> {
             offset: *offset,
             key: Some(key),
             payload,
+            written_at: None,
         };
         *offset += 1;
         let mut out = self.engine.handle_decoded(&record, decoded)?;

@@ -53,6 +53,9 @@ pub struct Record<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
+    /// When the record was written to its topic (the broker's timestamp), where there
+    /// is one (not in replays): unlike the processing clock, the same on every read.
+    pub written_at: Option<Millis>,
 }
 
 /// A stateful stream processor.
@@ -2226,9 +2229,6 @@ pub async fn check_changelog_tail(
     if gap.claimed {
         return Ok(Some(gap));
     }
-    if !gap.applied {
-        store.note_skipped_changelog_records(gap.others);
-    }
     store.skip_changelog_to(Some(high));
     if !gap.left_out.is_empty() {
         if let Err(e) = write_again(producer, store, &gap).await {
@@ -2238,6 +2238,11 @@ pub async fn check_changelog_tail(
             store.skip_changelog_to(Some(next));
             return Err(e);
         }
+    }
+    // Counted once the gap is done with: a gap looked at again after a failed write
+    // would count its records twice, and the store could never be marked clean.
+    if !gap.applied {
+        store.note_skipped_changelog_records(gap.others);
     }
     if watched {
         // Read, and no claim among them: the next check looks after them.
@@ -3377,6 +3382,10 @@ fn values_again(
     changelog: &str,
     mut keys: Vec<Vec<u8>>,
 ) -> anyhow::Result<[Vec<OutboxEntry>; 2]> {
+    // A former owner's left-out commit brings its end marker's key: written among the
+    // records, it would end the commit of whatever waits before them for a restore
+    // that finds this write cut short after its first wave. Only the last wave ends it.
+    keys.retain(|key| key.as_slice() != META_COMMIT_END);
     keys.sort();
     keys.dedup();
     let mut records = Vec::with_capacity(keys.len());
@@ -3802,6 +3811,7 @@ pub async fn run_serving<P: Processor>(
                 offset: m.offset(),
                 key: m.key(),
                 payload,
+                written_at: m.timestamp().to_millis(),
             };
             out.extend(engine.handle(&record)?);
             if engine.owns(engine.state_partition(m.partition())) {
@@ -4790,6 +4800,28 @@ mod tests {
         engine_on_partition_0_with(processor, "")
     }
 
+    /// Values written again (an undo, a former owner's left-out records) carry the
+    /// end marker in their last wave only, even when the keys given hold its key: a
+    /// marker among the first wave's records would end, for a later restore, the torn
+    /// commit waiting before them if the write were cut short after that wave.
+    #[test]
+    fn values_written_again_end_their_commit_in_the_last_wave_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = crate::store::StoreFactory::new(dir.path(), 1 << 20).unwrap();
+        let store = factory.open(0).unwrap();
+        let keys = vec![
+            b"s/b".to_vec(),
+            META_COMMIT_END.to_vec(),
+            b"i/timer".to_vec(),
+            b"s/b".to_vec(),
+        ];
+        let [records, last] = values_again(&store, "changelog", keys).unwrap();
+        let written: Vec<&[u8]> = records.iter().map(|r| r.key.as_slice()).collect();
+        assert_eq!(written, [b"i/timer".as_slice(), b"s/b".as_slice()]);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].key, META_COMMIT_END);
+    }
+
     /// [`engine_on_partition_0`] with `kafka` settings added to `[kafka]`.
     fn engine_on_partition_0_with<P: Processor>(
         processor: P,
@@ -4970,6 +5002,7 @@ mod tests {
                     offset: offset as i64,
                     key: None,
                     payload: payload.as_bytes(),
+                    written_at: None,
                 };
                 letters.extend(engine.handle(&record).unwrap());
             }
@@ -5008,6 +5041,7 @@ mod tests {
             offset,
             key: None,
             payload,
+            written_at: None,
         };
         let counts = |engine: &Engine<RejectsOrFails>| {
             (
@@ -5049,6 +5083,7 @@ mod tests {
                 offset,
                 key: None,
                 payload,
+                written_at: None,
             };
             engine.handle(&record).unwrap();
         }
@@ -5089,6 +5124,7 @@ mod tests {
             offset: 0,
             key: None,
             payload: b"",
+            written_at: None,
         };
         engine.handle(&record).unwrap();
         engine.commit().unwrap();
@@ -5400,6 +5436,7 @@ mod tests {
                 offset,
                 key: Some(b"k"),
                 payload: b"{}",
+                written_at: None,
             };
             let mut out = engine.handle(&record).unwrap();
             out.extend(engine.commit().unwrap());

@@ -1397,6 +1397,7 @@ fn a_store_that_wrote_ahead_writes_its_values_again_after_a_former_owner_s_recor
             offset,
             key: Some(b"k"),
             payload: input.as_bytes(),
+            written_at: None,
         };
         let mut out = std::mem::take(&mut backlog);
         out.extend(engine.handle(&record).expect("handle"));

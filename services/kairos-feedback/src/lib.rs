@@ -89,6 +89,8 @@ pub struct Purchase {
     pub occurred_at: Millis,
     pub value: f64,
     pub source: &'static str,
+    /// When its record was written to its topic, if known (see `on_purchase`).
+    pub written_at: Option<Millis>,
 }
 
 /// Timers that delete a merged customer's forwarding note (`~fwd/<customer>`).
@@ -787,12 +789,14 @@ impl FeedbackProcessor {
             .inc_by(p.value.max(0.0));
         // Touches are dated by the arbiter's clock, the purchase by the customer's
         // device, which may run ahead (up to `clock.max_event_lead`): a purchase did
-        // not happen after it was read, so a fast clock neither pushes it out of the
-        // window nor puts it after the message it caused.
+        // not happen after its record was written, so a fast clock neither pushes it
+        // out of the window nor puts it after the message it caused. The record's
+        // time, not this reading's: read late (a backlog, a restart), the purchase
+        // would otherwise convert the message it caused itself.
         let pending = PendingPurchase {
             customer_id: p.customer_id.clone(),
             event_id: p.event_id.clone(),
-            at: p.occurred_at.min(ctx.now()),
+            at: p.occurred_at.min(p.written_at.unwrap_or(ctx.now())),
             value: p.value,
         };
         if self.delay == 0 {
@@ -957,6 +961,7 @@ impl FeedbackProcessor {
                 customer_id,
                 occurred_at: e.occurred_at,
                 source: "online",
+                written_at: None,
             }),
             (EventType::order_status, Some(customer_id)) => match &e.order {
                 Some(o) if o.status == Some(OrderStatus::cancelled) => FeedbackInput::Cancelled(
@@ -966,6 +971,54 @@ impl FeedbackProcessor {
                 _ => FeedbackInput::Ignored(Some(e.occurred_at)),
             },
             _ => FeedbackInput::Ignored(Some(e.occurred_at)),
+        }
+    }
+
+    fn decode_input(&self, record: &Record<'_>) -> Result<FeedbackInput, Rejection> {
+        if record.topic == self.outcomes_topic {
+            Ok(FeedbackInput::Outcome(Box::new(decode_internal(
+                record.payload,
+            )?)))
+        } else if record.topic == self.decisions_topic {
+            Ok(FeedbackInput::Decision(Box::new(decode_internal(
+                record.payload,
+            )?)))
+        } else if Some(record.topic) == self.identified_topic.as_deref() {
+            // Checked and normalized by the identity processor already.
+            Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
+                IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => self.purchase_of_event(*e),
+                IdentifiedRecord::offline(r) => self.purchase_of_receipt(*r),
+                IdentifiedRecord::merge(m) => FeedbackInput::MergeOut(m),
+                IdentifiedRecord::touches_in {
+                    merge,
+                    touches,
+                    counted_orders,
+                } => {
+                    let touches = serde_json::from_value(touches).map_err(|e| {
+                        Rejection::new(
+                            kairos_core::contracts::DeadLetterReason::invalid_field,
+                            format!("touches: the merged customer's touches do not decode: {e}"),
+                        )
+                    })?;
+                    FeedbackInput::TouchesIn(merge, touches, counted_orders)
+                }
+                IdentifiedRecord::purchase_in {
+                    merge,
+                    event_id,
+                    occurred_at,
+                    value,
+                } => FeedbackInput::PurchaseIn(PendingPurchase {
+                    customer_id: merge.into,
+                    event_id,
+                    at: occurred_at,
+                    value,
+                }),
+                _ => FeedbackInput::Ignored(None),
+            })
+        } else if record.topic == self.offline_topic {
+            Ok(self.decode_receipt(record.payload))
+        } else {
+            Ok(self.decode_purchase_event(record.payload))
         }
     }
 
@@ -986,6 +1039,7 @@ impl FeedbackProcessor {
                 customer_id,
                 occurred_at: r.occurred_at,
                 source: "offline",
+                written_at: None,
             }),
             _ => FeedbackInput::Ignored(Some(r.occurred_at)),
         }
@@ -1053,51 +1107,11 @@ impl Processor for FeedbackProcessor {
     }
 
     fn decode(&self, record: &Record<'_>) -> Result<FeedbackInput, Rejection> {
-        if record.topic == self.outcomes_topic {
-            Ok(FeedbackInput::Outcome(Box::new(decode_internal(
-                record.payload,
-            )?)))
-        } else if record.topic == self.decisions_topic {
-            Ok(FeedbackInput::Decision(Box::new(decode_internal(
-                record.payload,
-            )?)))
-        } else if Some(record.topic) == self.identified_topic.as_deref() {
-            // Checked and normalized by the identity processor already.
-            Ok(match decode_internal::<IdentifiedRecord>(record.payload)? {
-                IdentifiedRecord::site(e) | IdentifiedRecord::app(e) => self.purchase_of_event(*e),
-                IdentifiedRecord::offline(r) => self.purchase_of_receipt(*r),
-                IdentifiedRecord::merge(m) => FeedbackInput::MergeOut(m),
-                IdentifiedRecord::touches_in {
-                    merge,
-                    touches,
-                    counted_orders,
-                } => {
-                    let touches = serde_json::from_value(touches).map_err(|e| {
-                        Rejection::new(
-                            kairos_core::contracts::DeadLetterReason::invalid_field,
-                            format!("touches: the merged customer's touches do not decode: {e}"),
-                        )
-                    })?;
-                    FeedbackInput::TouchesIn(merge, touches, counted_orders)
-                }
-                IdentifiedRecord::purchase_in {
-                    merge,
-                    event_id,
-                    occurred_at,
-                    value,
-                } => FeedbackInput::PurchaseIn(PendingPurchase {
-                    customer_id: merge.into,
-                    event_id,
-                    at: occurred_at,
-                    value,
-                }),
-                _ => FeedbackInput::Ignored(None),
-            })
-        } else if record.topic == self.offline_topic {
-            Ok(self.decode_receipt(record.payload))
-        } else {
-            Ok(self.decode_purchase_event(record.payload))
+        let mut input = self.decode_input(record)?;
+        if let FeedbackInput::Purchase(p) = &mut input {
+            p.written_at = record.written_at;
         }
+        Ok(input)
     }
 
     /// The site, app and offline events it reads for conversions: one too far ahead
@@ -1328,6 +1342,49 @@ mod tests {
             .expect("push");
         replayer.commit().expect("commit");
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
+    }
+
+    /// The purchase that caused a message (a Champions welcome) is not its conversion
+    /// however late feedback reads it: it is dated by when its record was written, not
+    /// by the reading, when the device's clock runs ahead.
+    #[test]
+    fn a_purchase_read_late_does_not_convert_the_message_it_caused() {
+        use kairos_core::time::{MINUTE, SECOND};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = "[clock]\nmode = \"wall\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n";
+        let (config, registry, mut replayer) = replayer(dir.path(), text);
+        let decoder = FeedbackProcessor::new(
+            &config,
+            SchemaRegistry::new(None),
+            &prometheus::Registry::new(),
+        );
+        let now = kairos_core::time::wall_now();
+        // Written half a minute ago; the message it caused was decided just after.
+        let written_at = now - 31 * SECOND;
+        push_email_sent(&config, &mut replayer, "c1", "welcome", now - 30 * SECOND);
+        let site = config.topic(topics::SITE_EVENTS);
+        let payload = purchase("p1", "c1", now + 2 * MINUTE);
+        let record = Record {
+            topic: &site,
+            partition: 0,
+            offset: 0,
+            key: Some(b"c1"),
+            payload: &payload,
+            written_at: Some(written_at),
+        };
+        let decoded = decoder.decode(&record).expect("decodes");
+        let FeedbackInput::Purchase(p) = &decoded else {
+            panic!("not a purchase");
+        };
+        assert_eq!(p.written_at, Some(written_at));
+        replayer
+            .push_decoded(&site, b"c1", &payload, Some(decoded))
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(revenue(&registry, "online"), 10.0, "counted as revenue");
+        assert_eq!(email_conversions(&registry), (0.0, 0.0));
     }
 
     /// The sum of counter `name`'s series that have each of `values` as a label value.
