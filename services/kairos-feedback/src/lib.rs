@@ -777,10 +777,13 @@ impl FeedbackProcessor {
         if !self.first_time(ctx, RecordKind::Purchase, &p.event_id, p.occurred_at)? {
             return Ok(());
         }
-        if let Some(order) = &p.order_key {
-            if !self.first_time(ctx, RecordKind::Purchase, order, p.occurred_at)? {
-                return Ok(());
-            }
+        // One without an order id is counted once per customer by its event id, a key
+        // that goes with the customer's counted orders to the survivor of a merge: the
+        // app's retry of it, read there, adds nothing.
+        let order = (p.order_key.clone())
+            .unwrap_or_else(|| order_key(EVENT_ORDER_KIND, &p.customer_id, &p.event_id));
+        if !self.first_time(ctx, RecordKind::Purchase, &order, p.occurred_at)? {
+            return Ok(());
         }
         self.metrics.purchases.with_label_values(&[p.source]).inc();
         self.metrics
@@ -1046,8 +1049,12 @@ impl FeedbackProcessor {
     }
 }
 
-/// The kinds of [`order_key`]: web orders and till receipts.
-const ORDER_KINDS: [&str; 2] = ["order", "receipt"];
+/// The kinds of [`order_key`]: web orders, till receipts, and purchases without an
+/// order id (by event id).
+const ORDER_KINDS: [&str; 3] = ["order", "receipt", EVENT_ORDER_KIND];
+
+/// The [`order_key`] kind of a purchase without an order id.
+const EVENT_ORDER_KIND: &str = "event";
 
 /// The id under which an order or receipt is counted once (a web order and a till
 /// receipt may share a number: each is its own). NUL parts: no event id has one.
@@ -2566,6 +2573,62 @@ mod tests {
             counter(&registry, "kairos_purchases_total", &["offline"]),
             2.0
         );
+    }
+
+    /// A purchase without an order id, counted for a guest merged since into a
+    /// customer on another partition, counts nothing when the app sends it again
+    /// (the same event id), now read as the customer's.
+    #[test]
+    fn a_purchase_without_an_order_sent_again_after_a_merge_counts_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (config, registry, mut replayer) = replayer(
+            dir.path(),
+            "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+             [feedback]\nattribution_delay = \"0s\"\n",
+        );
+        let (guest, customer) = ("anon:v2", "c1");
+        let partitions = config.kafka.partitions;
+        assert_ne!(
+            kairos_core::replay::partition_for(guest.as_bytes(), partitions),
+            kairos_core::replay::partition_for(customer.as_bytes(), partitions),
+            "the test needs them apart"
+        );
+        let identified = config.topic(topics::IDENTIFIED_EVENTS);
+        let purchase = |customer: &str| {
+            let e = serde_json::json!({"event_id": "e-9", "event_type": "purchase",
+                "occurred_at": T0, "customer_id": customer,
+                "items": [{"product_id": "p-1", "unit_price": 25.0}]});
+            IdentifiedRecord::app(Box::new(serde_json::from_value(e).expect("purchase")))
+        };
+        let merge = IdentifiedRecord::merge(CustomerMerge {
+            merge_id: "m-v2".into(),
+            from: guest.into(),
+            into: customer.into(),
+            identifier: "email:bo@example.com".into(),
+            occurred_at: T0 + 60_000,
+        });
+        let mut queue = vec![
+            (customer.to_string(), purchase(customer)),
+            (guest.to_string(), merge),
+            (guest.to_string(), purchase(guest)),
+        ];
+        while let Some((key, record)) = queue.pop() {
+            let payload = serde_json::to_vec(&record).expect("encode");
+            let mut out = replayer
+                .push(&identified, key.as_bytes(), &payload)
+                .expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            // What it sends on (the guest's counted orders) is read before the rest.
+            for o in out.into_iter().filter(|o| o.topic == identified) {
+                let sent_on = serde_json::from_slice(&o.payload).expect("identified");
+                queue.push((String::from_utf8(o.key).expect("key"), sent_on));
+            }
+        }
+        assert_eq!(
+            counter(&registry, "kairos_purchases_total", &["online"]),
+            1.0
+        );
+        assert_eq!(revenue(&registry, "online"), 25.0);
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
