@@ -201,6 +201,10 @@ pub struct Cascade {
     /// left yet: the wait for a reaction starts when it does.
     #[serde(default)]
     pub latest_put_off: bool,
+    /// The latest message left (or failed): a report of its deferral read after that
+    /// holds nothing.
+    #[serde(default)]
+    pub latest_settled: bool,
 }
 
 /// What a carrier ledger takes to the survivor of a merge (see `send_carrier`).
@@ -1924,7 +1928,6 @@ fn outcome_concerns_cascade(kind: OutcomeKind) -> bool {
             | OutcomeKind::delivered
             | OutcomeKind::failed
             | OutcomeKind::bounced_hard
-            | OutcomeKind::bounced_soft
     )
 }
 
@@ -3143,7 +3146,7 @@ impl ArbiterProcessor {
     /// Follows the latest message of a cascade to the customer: one the recipient's
     /// server put off has not reached them, so the wait for a reaction starts when it
     /// leaves (a 5-minute greylisting doubling up to an hour would otherwise let the
-    /// push go out before the e-mail arrives); one that failed or bounced got no
+    /// push go out before the e-mail arrives); one that failed or bounced hard got no
     /// reaction and never will, so the next channel is tried at once. True if the
     /// ledger changed.
     fn follow_cascade_message(
@@ -3164,15 +3167,17 @@ impl ArbiterProcessor {
         };
         let timer = ["cascade/", trigger_id.as_str()].concat();
         let now = ctx.now();
+        let settled_before = cascade.latest_settled;
+        cascade.latest_settled |= o.kind != OutcomeKind::deferred;
         match o.kind {
             OutcomeKind::deferred => {
-                let changed = !cascade.latest_put_off;
-                cascade.latest_put_off = true;
+                let changed = !cascade.latest_put_off && !settled_before;
+                cascade.latest_put_off |= changed;
                 Ok(changed)
             }
             OutcomeKind::sent | OutcomeKind::delivered => {
                 if !cascade.latest_put_off {
-                    return Ok(false);
+                    return Ok(!settled_before);
                 }
                 cascade.latest_put_off = false;
                 let wait = self.cascade_wait(&cascade.scenario, cascade.channels.len());
@@ -3183,14 +3188,15 @@ impl ArbiterProcessor {
                 }
                 Ok(true)
             }
+            // Failed or bounced hard (a soft bounce may still be delivered).
             _ => {
-                let changed = std::mem::take(&mut cascade.latest_put_off);
+                cascade.latest_put_off = false;
                 match ctx.timer_payload::<Trigger>(&timer)? {
                     Some((at, t)) if at > now => {
                         ctx.schedule(&timer, now, &t)?;
                         Ok(true)
                     }
-                    _ => Ok(changed),
+                    _ => Ok(!settled_before),
                 }
             }
         }
@@ -3411,6 +3417,7 @@ impl ArbiterProcessor {
         remember(&mut ledger.cascade_followups, h, CASCADE_FOLLOWUPS_KEPT);
         cascade.channels.push(next);
         cascade.send_ids.push(send_id.clone());
+        cascade.latest_settled = false;
         self.record_decision(
             ctx,
             &subject,
@@ -3806,6 +3813,7 @@ impl ArbiterProcessor {
                         cause_occurred_at: Some(t.cause_occurred_at),
                         handed_over: None,
                         latest_put_off: false,
+                        latest_settled: false,
                     },
                 );
                 let check_at = self.outside_quiet_hours(now + ms(wait), &t);

@@ -944,3 +944,46 @@ fn a_failed_cascade_message_passes_to_the_next_channel_at_once() {
     a.advance_to(T0 + 20 * MINUTE + 4 * HOUR);
     assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
 }
+
+/// Outcomes come in any order: a deferral of the latest message read after it was
+/// delivered holds nothing; a soft bounce, which may still be delivered, moves nothing.
+#[test]
+fn a_deferral_read_after_delivery_holds_nothing_and_a_soft_bounce_moves_nothing() {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, "k-late", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
+    a.outcome(&email, OutcomeKind::deferred, T0 + 2 * MINUTE);
+    a.advance_to(T0 + HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    let push = a.last_send();
+    a.outcome(&push, OutcomeKind::bounced_soft, T0 + HOUR + MINUTE);
+    a.advance_to(T0 + 5 * HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.advance_to(T0 + 5 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+}
+
+/// Each step's message is followed anew: the e-mail delivered, the push put off holds
+/// the SMS until the push has left, four hours from then.
+#[test]
+fn a_later_step_put_off_holds_the_step_after_it() {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, "k-second", T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
+    a.advance_to(T0 + HOUR);
+    let push = a.last_send();
+    assert_eq!(push.channel, Channel::push);
+    a.outcome(&push, OutcomeKind::deferred, T0 + HOUR + MINUTE);
+    a.advance_to(T0 + 5 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push], "held");
+    let left_at = T0 + 5 * HOUR + 30 * MINUTE;
+    a.outcome(&push, OutcomeKind::sent, left_at);
+    a.advance_to(left_at + 4 * HOUR - 1);
+    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    a.advance_to(left_at + 4 * HOUR);
+    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+}

@@ -53,8 +53,9 @@ pub struct Record<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
-    /// When the record was written to its topic (the broker's timestamp), where there
-    /// is one (not in replays): unlike the processing clock, the same on every read.
+    /// The record's Kafka timestamp, where there is one (not in replays): when its
+    /// producer wrote it (or the broker appended it), the same on every read, unlike
+    /// the processing clock. A producer may set it to anything: check before trusting.
     pub written_at: Option<Millis>,
 }
 

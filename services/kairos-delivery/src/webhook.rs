@@ -48,11 +48,11 @@ use prometheus::IntCounterVec;
 use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 
-/// What providers report through the webhook: never "sent" or "failed", which only the
-/// worker itself knows.
-pub const WEBHOOK_KINDS: [OutcomeKind; 8] = [
+/// What providers report through the webhook: never "sent", "failed" or "deferred",
+/// which only the worker itself knows (a provider's deferral, reported in any order
+/// and with no end the worker sees, would hold a cascade to its valid-until).
+pub const WEBHOOK_KINDS: [OutcomeKind; 7] = [
     OutcomeKind::delivered,
-    OutcomeKind::deferred,
     OutcomeKind::bounced_hard,
     OutcomeKind::bounced_soft,
     OutcomeKind::opened,

@@ -331,6 +331,8 @@ pub struct FeedbackProcessor {
     /// started, so a conversion counts there only for a touch it counted too (one
     /// counted before a restart converting after it would take a rate past 1).
     epoch: u64,
+    /// How far ahead of the truth a device may date an event (`clock.max_event_lead`).
+    max_event_lead: Millis,
 }
 
 /// A number no other feedback process had: the start time in nanoseconds and the
@@ -468,6 +470,8 @@ impl FeedbackProcessor {
                 config.feedback.attribution_delay,
             ),
             epoch: kairos_core::ids::run_nonce(),
+            max_event_lead: Millis::try_from(config.clock.max_event_lead.as_millis())
+                .unwrap_or(Millis::MAX),
         }
     }
 
@@ -792,14 +796,22 @@ impl FeedbackProcessor {
             .inc_by(p.value.max(0.0));
         // Touches are dated by the arbiter's clock, the purchase by the customer's
         // device, which may run ahead (up to `clock.max_event_lead`): a purchase did
-        // not happen after its record was written, so a fast clock neither pushes it
-        // out of the window nor puts it after the message it caused. The record's
-        // time, not this reading's: read late (a backlog, a restart), the purchase
-        // would otherwise convert the message it caused itself.
+        // not happen after it was read, nor after its record was written, so a fast
+        // clock neither pushes it out of the window nor puts it after the message it
+        // caused (read late, after a backlog or a restart, it would otherwise convert
+        // the message it caused itself). The record's time is its producer's: one
+        // earlier than the device could be behind the truth (a time in seconds, a
+        // producer that dates records by something else) is not taken.
+        let written = p
+            .written_at
+            .filter(|w| *w >= p.occurred_at.saturating_sub(self.max_event_lead));
         let pending = PendingPurchase {
             customer_id: p.customer_id.clone(),
             event_id: p.event_id.clone(),
-            at: p.occurred_at.min(p.written_at.unwrap_or(ctx.now())),
+            at: p
+                .occurred_at
+                .min(ctx.now())
+                .min(written.unwrap_or(Millis::MAX)),
             value: p.value,
         };
         if self.delay == 0 {
@@ -1392,6 +1404,37 @@ mod tests {
         replayer.commit().expect("commit");
         assert_eq!(revenue(&registry, "online"), 10.0, "counted as revenue");
         assert_eq!(email_conversions(&registry), (0.0, 0.0));
+    }
+
+    /// A record time its producer set in seconds (January 1970) is not taken: the
+    /// purchase, read at once, still converts the message before it.
+    #[test]
+    fn a_record_time_earlier_than_the_device_could_be_behind_is_not_taken() {
+        use kairos_core::time::MINUTE;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = "[clock]\nmode = \"wall\"\n[feedback]\nattribution_delay = \"0s\"\n\
+             [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+             channels = [\"email\"]\ntemplate = \"t\"\n";
+        let (config, registry, mut replayer) = replayer(dir.path(), text);
+        let now = kairos_core::time::wall_now();
+        push_email_sent(&config, &mut replayer, "c1", "welcome", now - 60 * MINUTE);
+        let site = config.topic(topics::SITE_EVENTS);
+        let bought_at = now - 10 * MINUTE;
+        let decoded = FeedbackInput::Purchase(Purchase {
+            event_id: "p1".into(),
+            order_key: None,
+            customer_id: "c1".into(),
+            occurred_at: bought_at,
+            value: 10.0,
+            source: "online",
+            written_at: Some(bought_at / 1000),
+        });
+        let payload = purchase("p1", "c1", bought_at);
+        replayer
+            .push_decoded(&site, b"c1", &payload, Some(decoded))
+            .expect("push");
+        replayer.commit().expect("commit");
+        assert_eq!(email_conversions(&registry), (1.0, 10.0));
     }
 
     /// The sum of counter `name`'s series that have each of `values` as a label value.
