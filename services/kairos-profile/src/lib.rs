@@ -1015,10 +1015,14 @@ impl ProfileProcessor {
                             let later_delivery = p.latest_delivery().is_some_and(|(o, at)| {
                                 o.order_id != order.order_id && at > e.occurred_at
                             });
+                            // One cancelled or returned (a carrier reporting it anyway)
+                            // gets no survey, and the pending one of another order
+                            // keeps its place, as for follow-ups.
+                            let reversed = p.order_returned(&order.order_id);
                             for s in self
                                 .scenarios(ScenarioKind::PostDelivery)
                                 .iter()
-                                .filter(|_| !later_delivery)
+                                .filter(|_| !later_delivery && !reversed)
                             {
                                 // So does one whose survey is pending although the
                                 // profile does not know it delivered (its status was
@@ -1425,6 +1429,9 @@ impl ProfileProcessor {
             self.put(ctx, p)?;
             return Ok(());
         }
+        // As for an event: the survivor's reviews due before the merge (read in the
+        // backlog of an outage, before their timers) are judged first, for time.
+        self.catch_up_segment_reviews(ctx, &mut p, m.occurred_at)?;
         let waits = merged.waits.clone();
         let armed = merged.armed.clone();
         let merged_earlier = merged.merged_from.clone();
@@ -2376,6 +2383,12 @@ impl ProfileProcessor {
             // reports it late) is told when learned: that moment was never missed.
             // One already past is not told at all (its moment is late).
             let lead_start = ends - ms(s.delay);
+            if !learned_now && lead_start <= cause_at {
+                // Brought by a merge within the lead: the merged id was told (or its
+                // moment passed), so it is not told again under this one, however
+                // little late it would be.
+                continue;
+            }
             let due = if learned_now && cause_at < ends {
                 lead_start.max(cause_at)
             } else {

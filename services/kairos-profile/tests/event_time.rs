@@ -2353,6 +2353,47 @@ fn a_purchase_read_before_overdue_segment_reviews_comes_after_them() {
     );
 }
 
+/// As above for a merge into the customer read in the backlog: the review due before
+/// it is judged first, for time, at its boundary, not for the merge when read.
+#[test]
+fn a_merge_read_before_an_overdue_segment_review_comes_after_it() {
+    let t = (kairos_core::time::wall_now() / DAY - 130) * DAY;
+    let last = t + 4 * DAY;
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n[clock]");
+    // Five orders by the customer, a guest's visit, then an outage.
+    let before_the_outage = || {
+        let mut h = identified_harness();
+        for i in 0..5 {
+            h.identified_site(json!({"event_id": format!("smg-buy{i}"),
+                "event_type": "purchase", "occurred_at": rfc(t + i * DAY),
+                "customer_id": "smg",
+                "order": {"order_id": format!("o-smg-{i}"), "total": 60.0}}));
+        }
+        h.identified_site(json!({"event_id": "smg-guest", "event_type": "page_view",
+            "occurred_at": rfc(last), "customer_id": "smg-guest", "page_url": "/"}));
+        h.advance(last + DAY);
+        h.restart_in(&config, ClockMode::Wall);
+        h
+    };
+    // The guest's profile on its way to the customer (from a twin run).
+    let mut twin = before_the_outage();
+    twin.merge_out(&merge_record("m-smg", "smg-guest", "smg", last + 100 * DAY));
+    let (key, merge_in) = (twin.on("identified-events"))
+        .find(|r| r.value["kind"] == "merge_in")
+        .map(|r| (r.key.clone(), r.value.clone()))
+        .expect("the merged profile");
+    // Read first after the restart, before the customer's overdue review fired.
+    let mut h = before_the_outage();
+    h.feed("identified-events", &key, merge_in);
+    let all = h.transitions("smg");
+    let dormant: Vec<&Value> = (all.iter())
+        .filter(|x| x["to_segment"] == "dormant")
+        .collect();
+    assert_eq!(dormant.len(), 1, "{all:#?}");
+    assert_eq!(dormant[0]["reason"], "time", "{all:#?}");
+    assert_eq!(dormant[0]["occurred_at"], last + 90 * DAY, "{all:#?}");
+}
+
 /// With the wall clock, a return dated the day before the customer's dormant
 /// boundary, read in the backlog of an outage past it, is judged as of its own day:
 /// the customer still becomes dormant at the boundary, for time, as in an
@@ -6664,23 +6705,92 @@ fn a_merge_keeps_the_merged_customers_review_request() {
 }
 
 /// The merged customer was told its plan ends; a merge inside the reminder's lead
-/// does not tell the survivor again under its own id.
+/// does not tell the survivor again under its own id, also one within the reminder's
+/// tolerance of the lead's start (which would pass as merely late).
 #[test]
 fn a_merge_within_the_subscription_reminder_s_lead_does_not_tell_it_again() {
-    let mut h = identified_harness();
     let t = at(T0);
     let ends = t + 30 * DAY;
-    h.identified_site(json!({"event_id": "ms-up", "event_type": "profile_update",
-        "occurred_at": rfc(t), "customer_id": "c-2",
-        "profile": {"subscription_ends_at": ends}}));
-    h.identified_site(json!({"event_id": "ms-v", "event_type": "page_view",
-        "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
-    h.advance(ends - 5 * DAY + HOUR);
-    assert_eq!(h.triggers("c-2", "subscription_ending").len(), 1);
-    h.merge("m-se", "c-2", "c-1", ends - 2 * DAY);
-    h.advance(ends + DAY);
-    let fired = h.triggers("c-1", "subscription_ending");
-    assert!(fired.is_empty(), "{fired:#?}");
+    for merged_at in [ends - 2 * DAY, ends - 5 * DAY + 2 * HOUR] {
+        let mut h = identified_harness();
+        h.identified_site(json!({"event_id": "ms-up", "event_type": "profile_update",
+            "occurred_at": rfc(t), "customer_id": "c-2",
+            "profile": {"subscription_ends_at": ends}}));
+        h.identified_site(json!({"event_id": "ms-v", "event_type": "page_view",
+            "occurred_at": rfc(t + HOUR), "customer_id": "c-1", "page_url": "/"}));
+        h.advance(ends - 5 * DAY + HOUR);
+        assert_eq!(h.triggers("c-2", "subscription_ending").len(), 1);
+        h.merge("m-se", "c-2", "c-1", merged_at);
+        h.advance(ends + DAY);
+        let fired = h.triggers("c-1", "subscription_ending");
+        assert!(fired.is_empty(), "merged at {merged_at}: {fired:#?}");
+    }
+}
+
+/// A carrier's "delivered" for an order cancelled before it (read first or not) gives
+/// no survey and leaves the pending survey of the order delivered before it.
+#[test]
+fn a_delivery_reported_for_a_cancelled_order_keeps_the_other_order_s_survey() {
+    let t = at(T0);
+    for cancellation_first in [true, false] {
+        let mut h = Harness::new();
+        let site = |h: &mut Harness, id: &str, at: i64, order: Value| {
+            let event_type = match order.get("status") {
+                Some(_) => "order_status",
+                None => "purchase",
+            };
+            h.site(id, event_type, "c-nd", at, json!({ "order": order }));
+        };
+        site(
+            &mut h,
+            "nd-buy-1",
+            t,
+            json!({"order_id": "o-1", "total": 40.0}),
+        );
+        site(
+            &mut h,
+            "nd-del-1",
+            t + 3 * DAY,
+            json!({"order_id": "o-1", "status": "delivered"}),
+        );
+        if !cancellation_first {
+            site(
+                &mut h,
+                "nd-buy-2",
+                t + DAY,
+                json!({"order_id": "o-2", "total": 60.0}),
+            );
+        }
+        site(
+            &mut h,
+            "nd-cancel-2",
+            t + 2 * DAY,
+            json!({"order_id": "o-2", "status": "cancelled"}),
+        );
+        if cancellation_first {
+            site(
+                &mut h,
+                "nd-buy-2",
+                t + DAY,
+                json!({"order_id": "o-2", "total": 60.0}),
+            );
+        }
+        site(
+            &mut h,
+            "nd-del-2",
+            t + 4 * DAY,
+            json!({"order_id": "o-2", "status": "delivered"}),
+        );
+        h.advance(t + 10 * DAY);
+        let fired = h.triggers("c-nd", "post_delivery");
+        assert_eq!(
+            fired.len(),
+            1,
+            "cancellation first: {cancellation_first}: {fired:#?}"
+        );
+        assert_eq!(vars(&fired[0])["order_id"], "o-1");
+        assert_eq!(fired[0]["fired_at"], t + 5 * DAY);
+    }
 }
 
 #[test]
