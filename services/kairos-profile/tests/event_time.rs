@@ -6734,53 +6734,41 @@ fn a_delivery_reported_for_a_cancelled_order_keeps_the_other_order_s_survey() {
     let t = at(T0);
     for cancellation_first in [true, false] {
         let mut h = Harness::new();
-        let site = |h: &mut Harness, id: &str, at: i64, order: Value| {
+        let buy_2 = (
+            "nd-buy-2",
+            t + DAY,
+            json!({"order_id": "o-2", "total": 60.0}),
+        );
+        let cancel_2 = (
+            "nd-cancel-2",
+            t + 2 * DAY,
+            json!({"order_id": "o-2", "status": "cancelled"}),
+        );
+        let (first, second) = match cancellation_first {
+            true => (cancel_2, buy_2),
+            false => (buy_2, cancel_2),
+        };
+        for (id, at, order) in [
+            ("nd-buy-1", t, json!({"order_id": "o-1", "total": 40.0})),
+            (
+                "nd-del-1",
+                t + 3 * DAY,
+                json!({"order_id": "o-1", "status": "delivered"}),
+            ),
+            first,
+            second,
+            (
+                "nd-del-2",
+                t + 4 * DAY,
+                json!({"order_id": "o-2", "status": "delivered"}),
+            ),
+        ] {
             let event_type = match order.get("status") {
                 Some(_) => "order_status",
                 None => "purchase",
             };
             h.site(id, event_type, "c-nd", at, json!({ "order": order }));
-        };
-        site(
-            &mut h,
-            "nd-buy-1",
-            t,
-            json!({"order_id": "o-1", "total": 40.0}),
-        );
-        site(
-            &mut h,
-            "nd-del-1",
-            t + 3 * DAY,
-            json!({"order_id": "o-1", "status": "delivered"}),
-        );
-        if !cancellation_first {
-            site(
-                &mut h,
-                "nd-buy-2",
-                t + DAY,
-                json!({"order_id": "o-2", "total": 60.0}),
-            );
         }
-        site(
-            &mut h,
-            "nd-cancel-2",
-            t + 2 * DAY,
-            json!({"order_id": "o-2", "status": "cancelled"}),
-        );
-        if cancellation_first {
-            site(
-                &mut h,
-                "nd-buy-2",
-                t + DAY,
-                json!({"order_id": "o-2", "total": 60.0}),
-            );
-        }
-        site(
-            &mut h,
-            "nd-del-2",
-            t + 4 * DAY,
-            json!({"order_id": "o-2", "status": "delivered"}),
-        );
         h.advance(t + 10 * DAY);
         let fired = h.triggers("c-nd", "post_delivery");
         assert_eq!(
