@@ -1647,6 +1647,18 @@ impl ProfileProcessor {
             self.schedule_subscription_ending(ctx, &p, m.occurred_at, false)?;
         }
         self.rearm_merged_chains(ctx, m, &p, chains, now)?;
+        // A reactivation the merged customer got for its absence (its mark: when it
+        // fired) is not sent again for the same absence under this id; this
+        // profile's own mark stays if later, or if it is a timer still to fire.
+        for s in self.scenarios(ScenarioKind::Reactivation).iter() {
+            let name = s.name.as_str();
+            let Some(fired) = armed.get(name).copied().filter(|f| *f < now) else {
+                continue;
+            };
+            if p.armed.get(name).is_none_or(|mine| *mine < fired) {
+                p.armed.insert(name.into(), fired);
+            }
+        }
         self.arm_reactivation(ctx, &mut p)?;
         self.chains_going_on = chains_going_on;
         let reviewed =

@@ -6781,6 +6781,27 @@ fn a_delivery_reported_for_a_cancelled_order_keeps_the_other_order_s_survey() {
     }
 }
 
+/// The merged customer got its reactivation for an absence; merged within the
+/// reminder's tolerance into a customer with no visit of its own, the survivor is not
+/// told of the same absence again under its id. Back and away again, it is.
+#[test]
+fn a_merge_after_a_reactivation_went_out_does_not_send_it_again() {
+    let mut h = identified_harness();
+    let t = at(T0);
+    h.identified_site(json!({"event_id": "mr-v", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-r2", "page_url": "/"}));
+    h.advance(t + 30 * DAY);
+    assert_eq!(h.triggers("c-r2", "reactivation").len(), 1);
+    h.merge("m-r", "c-r2", "c-r1", t + 30 * DAY + HOUR);
+    h.advance(t + 32 * DAY);
+    let fired = h.triggers("c-r1", "reactivation");
+    assert!(fired.is_empty(), "{fired:#?}");
+    h.identified_site(json!({"event_id": "mr-back", "event_type": "page_view",
+        "occurred_at": rfc(t + 40 * DAY), "customer_id": "c-r1", "page_url": "/"}));
+    h.advance(t + 70 * DAY);
+    assert_eq!(h.triggers("c-r1", "reactivation").len(), 1);
+}
+
 #[test]
 fn a_merge_keeps_the_merged_customers_welcome_series() {
     let mut h = identified_harness();
