@@ -78,9 +78,10 @@ pub struct Touch {
     /// in touches stored before it was kept.
     #[serde(default)]
     pub decision_id: Option<String>,
-    /// The feedback process that counted this touch in its conversion-rate tally (see
-    /// `FeedbackProcessor::epoch`): only that process counts its conversion there, so
-    /// a rate stays conversions of its own touches over them after a restart.
+    /// Written by earlier versions (the process that counted the touch in its
+    /// conversion-rate tally, a number drawn at its start); no longer written or read:
+    /// state must not depend on which process wrote it (see
+    /// `FeedbackProcessor::tally_since`). Kept so that stored touches still decode.
     #[serde(default)]
     pub counted_by: Option<u64>,
     /// Whether a purchase within the window after it was counted for the scenario's

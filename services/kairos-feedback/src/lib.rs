@@ -327,10 +327,12 @@ pub struct FeedbackProcessor {
     /// and at least as long as a purchase can come for them.
     unreached: SeenIds,
     touch_expiry: TouchExpiry,
-    /// This process among all that ever ran: the conversion-rate tallies count since it
-    /// started, so a conversion counts there only for a touch it counted too (one
-    /// counted before a restart converting after it would take a rate past 1).
-    epoch: u64,
+    /// The conversion-rate tallies count the touches decided at or after this time,
+    /// the first touch this process counted (set then), and the conversions of those
+    /// only: one counted before a restart converting after it would take the rate
+    /// past one. Kept in memory, not with the touches, so that state stays the same
+    /// whether the process was restarted or not.
+    tally_since: Option<Millis>,
     /// How far ahead of the truth a device may date an event (`clock.max_event_lead`).
     max_event_lead: Millis,
 }
@@ -469,7 +471,7 @@ impl FeedbackProcessor {
                 config.state.dedup_window,
                 config.feedback.attribution_delay,
             ),
-            epoch: kairos_core::ids::run_nonce(),
+            tally_since: None,
             max_event_lead: Millis::try_from(config.clock.max_event_lead.as_millis())
                 .unwrap_or(Millis::MAX),
         }
@@ -602,7 +604,7 @@ impl FeedbackProcessor {
             group: Some(group),
             message: matches!(d.outcome, DecisionOutcome::sent | DecisionOutcome::held_out),
             decision_id: Some(d.decision_id.clone()),
-            counted_by: Some(self.epoch),
+            counted_by: None,
             lift_converted: false,
             trigger_id: Some(d.trigger_id.clone()),
             steps: step.into_iter().collect(),
@@ -611,8 +613,11 @@ impl FeedbackProcessor {
             .touches
             .with_label_values(&touch.labels())
             .inc();
-        self.tally(&touch.scenario).touches[touch.group().index()] += 1;
-        self.refresh_scenario_gauges(&touch.scenario);
+        let since = *self.tally_since.get_or_insert(touch.at);
+        if touch.at >= since {
+            self.tally(&touch.scenario).touches[touch.group().index()] += 1;
+            self.refresh_scenario_gauges(&touch.scenario);
+        }
         self.keep_touches(ctx, &d.customer_id, vec![touch], false)
     }
 
@@ -872,7 +877,7 @@ impl FeedbackProcessor {
                 .scenario_conversions
                 .with_label_values(&[&scenario, group.as_str()])
                 .inc();
-            if touch.counted_by == Some(self.epoch) {
+            if self.tally_since.is_some_and(|since| touch.at >= since) {
                 self.tally(&scenario).conversions[group.index()] += 1;
                 self.refresh_scenario_gauges(&scenario);
             }
@@ -1944,10 +1949,13 @@ mod tests {
         }
         let (config, registry, mut replayer) = replayer(dir.path(), text);
         push_email_sent(&config, &mut replayer, "c2", "cart", T0 + 2 * hour);
-        push_purchases(&config, &mut replayer, &["c1", "c2"], T0 + 3 * hour);
+        // Decided before the first touch this process counted, read after it: out of
+        // its rate too, touch and conversion alike.
+        push_email_sent(&config, &mut replayer, "c3", "cart", T0 + 90 * 60_000);
+        push_purchases(&config, &mut replayer, &["c1", "c2", "c3"], T0 + 3 * hour);
         replayer.advance_to(T0 + 4 * hour).expect("advance");
         replayer.commit().expect("commit");
-        assert_eq!(email_conversions(&registry).0, 2.0, "both converted");
+        assert_eq!(email_conversions(&registry).0, 3.0, "all converted");
         assert_eq!(conversion_rate(&registry, "cart", "treatment"), 1.0);
     }
 
@@ -2672,6 +2680,43 @@ mod tests {
             1.0
         );
         assert_eq!(revenue(&registry, "online"), 25.0);
+    }
+
+    /// What feedback keeps and sends on of a touch does not depend on the process that
+    /// counted it: two runs hand the same touches to the survivor of a merge, byte for
+    /// byte (a number drawn per process was kept with each touch).
+    #[test]
+    fn touches_handed_over_are_the_same_in_every_run() {
+        let handed_over = || {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (config, _registry, mut replayer) = replayer(
+                dir.path(),
+                "[clock]\nmode = \"event\"\n[identity]\nenabled = true\n\
+                 [[scenarios]]\nname = \"welcome\"\nkind = \"welcome\"\n\
+                 channels = [\"email\"]\ntemplate = \"t\"\n",
+            );
+            push_email_sent(&config, &mut replayer, "anon:v3", "welcome", T0);
+            let merge = IdentifiedRecord::merge(CustomerMerge {
+                merge_id: "m-v3".into(),
+                from: "anon:v3".into(),
+                into: "c1".into(),
+                identifier: "email:cy@example.com".into(),
+                occurred_at: T0 + 60_000,
+            });
+            let identified = config.topic(topics::IDENTIFIED_EVENTS);
+            let payload = serde_json::to_vec(&merge).expect("encode");
+            let mut out = replayer
+                .push(&identified, b"anon:v3", &payload)
+                .expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            let sent_on: Vec<Vec<u8>> = (out.into_iter())
+                .filter(|o| o.topic == identified)
+                .map(|o| o.payload)
+                .collect();
+            assert_eq!(sent_on.len(), 1, "the touches, once");
+            sent_on
+        };
+        assert_eq!(handed_over(), handed_over());
     }
 
     /// An outcome counts once however often it comes within `state.dedup_window`; its
