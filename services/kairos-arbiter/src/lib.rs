@@ -205,6 +205,10 @@ pub struct Cascade {
     /// holds nothing.
     #[serde(default)]
     pub latest_settled: bool,
+    /// The latest message failed or bounced hard: the next step goes at once, and
+    /// says so.
+    #[serde(default)]
+    pub latest_failed: bool,
 }
 
 /// What a carrier ledger takes to the survivor of a merge (see `send_carrier`).
@@ -1905,8 +1909,8 @@ fn channel_check(
 }
 
 /// The later of an optional time and `at`.
-/// Outcomes the ledger keeps (suppressions and engagement); the rest (sent, failed,
-/// soft bounces...) are not worth reading a ledger for.
+/// Outcomes the ledger keeps (suppressions and engagement); of the rest, those that
+/// tell of a cascade's latest message are read for it (see `outcome_concerns_cascade`).
 fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
     matches!(
         kind,
@@ -3150,7 +3154,7 @@ impl ArbiterProcessor {
     /// reaction and never will, so the next channel is tried at once. True if the
     /// ledger changed.
     fn follow_cascade_message(
-        &mut self,
+        &self,
         ctx: &mut Ctx<'_>,
         o: &Outcome,
         ledger: &mut CustomerLedger,
@@ -3188,9 +3192,9 @@ impl ArbiterProcessor {
                 }
                 Ok(true)
             }
-            // Failed or bounced hard (a soft bounce may still be delivered).
-            _ => {
+            OutcomeKind::failed | OutcomeKind::bounced_hard => {
                 cascade.latest_put_off = false;
+                cascade.latest_failed = true;
                 match ctx.timer_payload::<Trigger>(&timer)? {
                     Some((at, t)) if at > now => {
                         ctx.schedule(&timer, now, &t)?;
@@ -3199,6 +3203,8 @@ impl ArbiterProcessor {
                     _ => Ok(!settled_before),
                 }
             }
+            // Not of a cascade's message (see `outcome_concerns_cascade`).
+            _ => Ok(false),
         }
     }
 
@@ -3294,9 +3300,10 @@ impl ArbiterProcessor {
             self.record_decision(
                 ctx,
                 &subject,
+                // Its own tag: a wait for the quiet hours may end at the same time.
                 deterministic_id(&[
                     &t.trigger_id,
-                    "cascade-wait",
+                    "cascade-hold",
                     &waited.to_string(),
                     &until.to_string(),
                 ]),
@@ -3400,17 +3407,21 @@ impl ArbiterProcessor {
                 return Ok(true);
             }
         }
-        let reason = format!(
-            "cascade: no reaction to the message on {} within {:?}",
-            cascade
-                .channels
-                .iter()
-                .map(|c| c.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            self.cascade_wait(&t.scenario, cascade.channels.len().max(1))
-                .unwrap_or_default()
-        );
+        let sent_on = (cascade.channels.iter())
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let reason = match cascade.latest_failed {
+            true => format!(
+                "cascade: the message on {} failed or bounced",
+                cascade.channels.last().map_or("", |c| c.as_str())
+            ),
+            false => format!(
+                "cascade: no reaction to the message on {sent_on} within {:?}",
+                self.cascade_wait(&t.scenario, cascade.channels.len().max(1))
+                    .unwrap_or_default()
+            ),
+        };
         let send_id = self.emit_send(ctx, &t, next, ledger, &[], &reason)?;
         let step = cascade.channels.len();
         let h = kairos_core::ids::stable_hash(&send_id);
@@ -3418,6 +3429,7 @@ impl ArbiterProcessor {
         cascade.channels.push(next);
         cascade.send_ids.push(send_id.clone());
         cascade.latest_settled = false;
+        cascade.latest_failed = false;
         self.record_decision(
             ctx,
             &subject,
@@ -3814,6 +3826,7 @@ impl ArbiterProcessor {
                         handed_over: None,
                         latest_put_off: false,
                         latest_settled: false,
+                        latest_failed: false,
                     },
                 );
                 let check_at = self.outside_quiet_hours(now + ms(wait), &t);
@@ -4016,7 +4029,9 @@ impl Processor for ArbiterProcessor {
                     }
                     let applied =
                         outcome_concerns_ledger(o.kind) && this.apply_outcome(ctx, &o, ledger)?;
-                    Ok(this.follow_cascade_message(ctx, &o, ledger)? || applied)
+                    let followed = outcome_concerns_cascade(o.kind)
+                        && this.follow_cascade_message(ctx, &o, ledger)?;
+                    Ok(followed || applied)
                 })
             }
             ArbiterInput::Outcome(_) => Ok(()),

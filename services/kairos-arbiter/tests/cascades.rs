@@ -937,8 +937,12 @@ fn a_failed_cascade_message_passes_to_the_next_channel_at_once() {
         (step.outcome, step.channel),
         (DecisionOutcome::sent, Some(Channel::push))
     );
+    assert_eq!(
+        step.reason,
+        "cascade: the message on email failed or bounced"
+    );
     // The e-mail's late bounce is not the push's: the SMS waits its 4 hours.
-    a.outcome(&email, OutcomeKind::bounced_soft, T0 + 30 * MINUTE);
+    a.outcome(&email, OutcomeKind::bounced_hard, T0 + 30 * MINUTE);
     a.advance_to(T0 + 20 * MINUTE + 4 * HOUR - 1);
     assert_eq!(channels(&a), [Channel::email, Channel::push]);
     a.advance_to(T0 + 20 * MINUTE + 4 * HOUR);

@@ -327,18 +327,18 @@ pub struct FeedbackProcessor {
     /// and at least as long as a purchase can come for them.
     unreached: SeenIds,
     touch_expiry: TouchExpiry,
-    /// The conversion-rate tallies count the touches decided at or after this time,
-    /// the first touch this process counted (set then), and the conversions of those
-    /// only: one counted before a restart converting after it would take the rate
-    /// past one. Kept in memory, not with the touches, so that state stays the same
-    /// whether the process was restarted or not.
-    tally_since: Option<Millis>,
+    /// Per partition: the conversion-rate tallies count the touches decided at or
+    /// after the first one this process counted there (set then, forgotten when the
+    /// partition leaves), and the conversions of those only, so that a touch counted
+    /// before a restart or by another instance, converting here, stays out of both.
+    /// Kept in memory, not with the touches, so that state stays the same whether the
+    /// process was restarted or not. (A touch handed over by a merge may still convert
+    /// here uncounted: the rate is capped at 1.)
+    tally_since: HashMap<i32, Millis>,
     /// How far ahead of the truth a device may date an event (`clock.max_event_lead`).
     max_event_lead: Millis,
 }
 
-/// A number no other feedback process had: the start time in nanoseconds and the
-/// process id.
 /// The records feedback deduplicates by id.
 #[derive(Debug, Clone, Copy)]
 enum RecordKind {
@@ -471,7 +471,7 @@ impl FeedbackProcessor {
                 config.state.dedup_window,
                 config.feedback.attribution_delay,
             ),
-            tally_since: None,
+            tally_since: HashMap::new(),
             max_event_lead: Millis::try_from(config.clock.max_event_lead.as_millis())
                 .unwrap_or(Millis::MAX),
         }
@@ -613,7 +613,7 @@ impl FeedbackProcessor {
             .touches
             .with_label_values(&touch.labels())
             .inc();
-        let since = *self.tally_since.get_or_insert(touch.at);
+        let since = *self.tally_since.entry(ctx.partition).or_insert(touch.at);
         if touch.at >= since {
             self.tally(&touch.scenario).touches[touch.group().index()] += 1;
             self.refresh_scenario_gauges(&touch.scenario);
@@ -805,8 +805,9 @@ impl FeedbackProcessor {
         // clock neither pushes it out of the window nor puts it after the message it
         // caused (read late, after a backlog or a restart, it would otherwise convert
         // the message it caused itself). The record's time is its producer's: one
-        // earlier than the device could be behind the truth (a time in seconds, a
-        // producer that dates records by something else) is not taken.
+        // more than `clock.max_event_lead` before the device's time (a time in
+        // seconds, a producer that dates records by something else) is not taken, as
+        // no device runs that far ahead.
         let written = p
             .written_at
             .filter(|w| *w >= p.occurred_at.saturating_sub(self.max_event_lead));
@@ -877,7 +878,8 @@ impl FeedbackProcessor {
                 .scenario_conversions
                 .with_label_values(&[&scenario, group.as_str()])
                 .inc();
-            if self.tally_since.is_some_and(|since| touch.at >= since) {
+            let since = self.tally_since.get(&ctx.partition);
+            if since.is_some_and(|since| touch.at >= *since) {
                 self.tally(&scenario).conversions[group.index()] += 1;
                 self.refresh_scenario_gauges(&scenario);
             }
@@ -921,7 +923,7 @@ impl FeedbackProcessor {
         };
         let rates = [Group::Treatment, Group::Control].map(|g| {
             let i = g.index();
-            let rate = attribution::ratio(t.conversions[i], t.touches[i]);
+            let rate = attribution::ratio(t.conversions[i].min(t.touches[i]), t.touches[i]);
             self.metrics
                 .conversion_rate
                 .with_label_values(&[scenario, g.as_str()])
@@ -1185,6 +1187,11 @@ impl Processor for FeedbackProcessor {
         }
     }
 
+    fn on_partition_closed(&mut self, partition: i32) {
+        // Back later, its touches may have been counted by another instance meanwhile.
+        self.tally_since.remove(&partition);
+    }
+
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: &DueTimer) -> anyhow::Result<()> {
         // The timers are the purchases waiting for their decisions and the sweeps of
         // the touches and of the ids seen.
@@ -1414,7 +1421,7 @@ mod tests {
     /// A record time its producer set in seconds (January 1970) is not taken: the
     /// purchase, read at once, still converts the message before it.
     #[test]
-    fn a_record_time_earlier_than_the_device_could_be_behind_is_not_taken() {
+    fn a_record_time_further_back_than_max_event_lead_is_not_taken() {
         use kairos_core::time::MINUTE;
         let dir = tempfile::tempdir().expect("temp dir");
         let text = "[clock]\nmode = \"wall\"\n[feedback]\nattribution_delay = \"0s\"\n\
@@ -1957,6 +1964,45 @@ mod tests {
         replayer.commit().expect("commit");
         assert_eq!(email_conversions(&registry).0, 3.0, "all converted");
         assert_eq!(conversion_rate(&registry, "cart", "treatment"), 1.0);
+    }
+
+    /// The rate's start is kept per partition: after a restart whose first touch comes
+    /// from a partition behind the others, a touch another partition counted before the
+    /// restart, converting after it, stays out of the rate.
+    #[test]
+    fn the_rate_s_start_after_a_restart_is_each_partition_s_own() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = "[clock]\nmode = \"event\"\n\
+                    [[scenarios]]\nname = \"cart\"\nkind = \"abandoned_cart\"\n\
+                    channels = [\"email\"]\ntemplate = \"t\"\n";
+        let hour = 3_600_000;
+        let (ahead, behind) = ("c1", "c2");
+        let quiet;
+        {
+            let (config, _registry, mut replayer) = replayer(dir.path(), text);
+            let partition =
+                |c: &str| kairos_core::replay::partition_for(c.as_bytes(), config.kafka.partitions);
+            assert_ne!(
+                partition(ahead),
+                partition(behind),
+                "the test needs them apart"
+            );
+            quiet = (3..100)
+                .map(|i| format!("c{i}"))
+                .find(|c| partition(c) == partition(behind))
+                .expect("a customer on the partition behind");
+            push_email_sent(&config, &mut replayer, ahead, "cart", T0 + 3 * hour);
+            replayer.commit().expect("commit");
+        }
+        let (config, registry, mut replayer) = replayer(dir.path(), text);
+        // The first touches after the restart, from a partition behind.
+        push_email_sent(&config, &mut replayer, behind, "cart", T0 + hour);
+        push_email_sent(&config, &mut replayer, &quiet, "cart", T0 + hour);
+        push_purchases(&config, &mut replayer, &[ahead, behind], T0 + 4 * hour);
+        replayer.advance_to(T0 + 5 * hour).expect("advance");
+        replayer.commit().expect("commit");
+        assert_eq!(email_conversions(&registry).0, 2.0, "both converted");
+        assert_eq!(conversion_rate(&registry, "cart", "treatment"), 0.5);
     }
 
     /// Intent to treat: every final decision of a marketing trigger is a touch in the

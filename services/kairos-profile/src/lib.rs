@@ -1319,9 +1319,17 @@ impl ProfileProcessor {
     fn merge_out(&mut self, ctx: &mut Ctx<'_>, m: &CustomerMerge) -> anyhow::Result<()> {
         let mut steps = Vec::new();
         let p = match self.take(ctx, &m.from)? {
-            Some(p) => {
+            Some(mut p) => {
                 for s in &self.config.scenarios {
                     let main = timer_id(&s.name, &m.from);
+                    // A reactivation's mark is when its first step fired, or, while
+                    // that step waits, when it is due: only a fired one goes to the
+                    // survivor (which sends nothing again for that absence).
+                    if s.kind == ScenarioKind::Reactivation
+                        && carried_step(ctx, &main)?.is_some_and(|c| c.timer.step == 0)
+                    {
+                        p.armed.remove(s.name.as_str());
+                    }
                     // Chains the survivor's profile cannot rebuild go with the merge
                     // (see `rearm_merged_chains` for those it can); a cart or browse
                     // wait's timer says which step is next.

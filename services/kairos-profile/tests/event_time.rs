@@ -6802,6 +6802,27 @@ fn a_merge_after_a_reactivation_went_out_does_not_send_it_again() {
     assert_eq!(h.triggers("c-r1", "reactivation").len(), 1);
 }
 
+/// A reactivation still waiting when its customer is merged (its moment passed during
+/// an outage, the merge read first after it) goes out for the survivor, late within its
+/// tolerance, rather than being taken for one sent.
+#[test]
+fn a_merge_before_a_due_reactivation_fired_still_sends_it() {
+    let now = kairos_core::time::wall_now();
+    // Away 30 days two hours ago: the reactivation was due then.
+    let t = now - 30 * DAY - 2 * HOUR;
+    let config = CONFIG.replace("[clock]", "[identity]\nenabled = true\n[clock]");
+    let mut h = identified_harness();
+    h.identified_site(json!({"event_id": "mp-v", "event_type": "page_view",
+        "occurred_at": rfc(t), "customer_id": "c-p2", "page_url": "/"}));
+    h.advance(t + DAY);
+    h.restart_in(&config, ClockMode::Wall);
+    h.merge("m-p", "c-p2", "c-p1", now - HOUR);
+    h.advance(kairos_core::time::wall_now());
+    assert!(h.triggers("c-p2", "reactivation").is_empty());
+    let fired = h.triggers("c-p1", "reactivation");
+    assert_eq!(fired.len(), 1, "{fired:#?}");
+}
+
 #[test]
 fn a_merge_keeps_the_merged_customers_welcome_series() {
     let mut h = identified_harness();
