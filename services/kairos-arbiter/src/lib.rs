@@ -1908,7 +1908,6 @@ fn channel_check(
     }
 }
 
-/// The later of an optional time and `at`.
 /// Outcomes the ledger keeps (suppressions and engagement); of the rest, those that
 /// tell of a cascade's latest message are read for it (see `outcome_concerns_cascade`).
 fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
@@ -1940,6 +1939,7 @@ fn complaint_reason(at: Millis) -> String {
     format!("the customer marked a message as spam at {at}: no promo")
 }
 
+/// The later of an optional time and `at`.
 fn latest(known: Option<Millis>, at: Millis) -> Millis {
     known.map_or(at, |k| k.max(at))
 }
