@@ -1908,6 +1908,14 @@ fn channel_check(
     }
 }
 
+/// The timer of a cascade's next step (its payload: the trigger).
+fn cascade_timer(trigger_id: &str) -> String {
+    [CASCADE_TIMER_PREFIX, trigger_id].concat()
+}
+
+/// The prefix of [`cascade_timer`]s.
+const CASCADE_TIMER_PREFIX: &str = "cascade/";
+
 /// Outcomes the ledger keeps (suppressions and engagement); of the rest, those that
 /// tell of a cascade's latest message are read for it (see `outcome_concerns_cascade`).
 fn outcome_concerns_ledger(kind: OutcomeKind) -> bool {
@@ -2230,7 +2238,7 @@ impl ArbiterProcessor {
         let Some(c) = ledger.cascades.remove(subject.trigger_id) else {
             return Ok(());
         };
-        ctx.cancel(&["cascade/", subject.trigger_id].concat())?;
+        ctx.cancel(&cascade_timer(subject.trigger_id))?;
         self.record_cascade_stop(ctx, subject, &c, rule, why);
         Ok(())
     }
@@ -2713,7 +2721,7 @@ impl ArbiterProcessor {
         let ids: Vec<String> = ledger.cascades.iter().map(|(id, _)| id.clone()).collect();
         let mut handed_over = Vec::with_capacity(ids.len());
         for trigger_id in ids {
-            let timer = ["cascade/", trigger_id.as_str()].concat();
+            let timer = cascade_timer(&trigger_id);
             let (due, mut t) = match timer_trigger(ctx, &timer)? {
                 Ok(found) => found,
                 Err(what) => {
@@ -2775,11 +2783,7 @@ impl ArbiterProcessor {
                 continue;
             }
             let next = due.max(now);
-            ctx.schedule(
-                &["cascade/", trigger_id.as_str()].concat(),
-                next,
-                t.as_ref(),
-            )?;
+            ctx.schedule(&cascade_timer(&trigger_id), next, t.as_ref())?;
             self.record_decision(
                 ctx,
                 &Subject::of(&t),
@@ -3169,7 +3173,7 @@ impl ArbiterProcessor {
         else {
             return Ok(false);
         };
-        let timer = ["cascade/", trigger_id.as_str()].concat();
+        let timer = cascade_timer(trigger_id);
         let now = ctx.now();
         let settled_before = cascade.latest_settled;
         cascade.latest_settled |= o.kind != OutcomeKind::deferred;
@@ -3295,7 +3299,7 @@ impl ArbiterProcessor {
             let until = self
                 .outside_quiet_hours(now + wait, &t)
                 .min(t.valid_until + 1);
-            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
+            ctx.schedule(&cascade_timer(&t.trigger_id), until, &t)?;
             let last = cascade.channels.last().map_or("", |c| c.as_str());
             self.record_decision(
                 ctx,
@@ -3368,7 +3372,7 @@ impl ArbiterProcessor {
                 }),
         };
         if let Some((until, rule, why)) = wait {
-            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), until, &t)?;
+            ctx.schedule(&cascade_timer(&t.trigger_id), until, &t)?;
             // Recorded, so that a step going out hours after its wait can be
             // explained.
             let step = cascade.channels.len().to_string();
@@ -3443,7 +3447,7 @@ impl ArbiterProcessor {
             // The next step could not go out in the quiet hours: a reaction until
             // their end still stops it.
             let check_at = self.outside_quiet_hours(now + ms(wait), &t);
-            ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), check_at, &t)?;
+            ctx.schedule(&cascade_timer(&t.trigger_id), check_at, &t)?;
         }
         Ok(true)
     }
@@ -3830,7 +3834,7 @@ impl ArbiterProcessor {
                     },
                 );
                 let check_at = self.outside_quiet_hours(now + ms(wait), &t);
-                ctx.schedule(&["cascade/", t.trigger_id.as_str()].concat(), check_at, &t)?;
+                ctx.schedule(&cascade_timer(&t.trigger_id), check_at, &t)?;
             }
             send_id = Some(id);
             // The pipeline's latency, not the scenario's: a send held back on purpose
@@ -4069,7 +4073,7 @@ impl Processor for ArbiterProcessor {
         let t: Trigger = timer
             .decode()
             .with_context(|| format!("timer {} payload does not decode", timer.timer_id))?;
-        if timer.timer_id.starts_with("cascade/") {
+        if timer.timer_id.starts_with(CASCADE_TIMER_PREFIX) {
             let customer_id = t.customer_id.clone();
             self.with_ledger(ctx, &customer_id, |this, ctx, ledger, _| {
                 this.cascade_step(ctx, t, ledger)

@@ -7,7 +7,7 @@ mod common;
 use common::{merged_into, Arbiter, T0};
 use kairos_core::contracts::{
     Channel, Contacts, CustomerAction, CustomerActionKind, DecisionOutcome, MessageCategory,
-    OutcomeKind, Trigger,
+    OutcomeKind, SendCommand, Trigger,
 };
 use kairos_core::time::{DAY, HOUR, MINUTE};
 
@@ -881,14 +881,32 @@ fn a_cascade_switched_off_between_steps_stops() {
     );
 }
 
+/// An arbiter allowing three messages a day that has sent cascade `id`'s e-mail at
+/// `T0`, and that e-mail.
+fn emailed_cascade(id: &str) -> (Arbiter, SendCommand) {
+    let mut a = Arbiter::with_config("daily_cap = 3");
+    let t = cascade_trigger(&a, id, T0);
+    a.push_trigger(&t);
+    let email = a.last_send();
+    (a, email)
+}
+
+/// Asserts that the cascade's next message, on `next`, goes out at `at`, not before.
+fn next_step_goes_at(a: &mut Arbiter, at: i64, next: Channel) {
+    let before = channels(a);
+    a.advance_to(at - 1);
+    assert_eq!(channels(a), before, "not before {at}");
+    a.advance_to(at);
+    let mut expected = before;
+    expected.push(next);
+    assert_eq!(channels(a), expected);
+}
+
 /// A greylisting server puts the e-mail off for over an hour: the push waits for the
 /// e-mail to reach the customer, then gives them the cascade's hour to open it.
 #[test]
 fn a_cascade_step_waits_for_a_message_the_recipient_s_server_put_off() {
-    let mut a = Arbiter::with_config("daily_cap = 3");
-    let t = cascade_trigger(&a, "k-grey", T0);
-    a.push_trigger(&t);
-    let email = a.last_send();
+    let (mut a, email) = emailed_cascade("k-grey");
     a.outcome(&email, OutcomeKind::deferred, T0 + MINUTE);
     a.advance_to(T0 + HOUR);
     assert_eq!(channels(&a), [Channel::email], "the e-mail has not left");
@@ -908,10 +926,7 @@ fn a_cascade_step_waits_for_a_message_the_recipient_s_server_put_off() {
     // Sent at last 75 minutes on (5 + 10 + 20 + 40): an hour from then to open it.
     let left_at = T0 + 75 * MINUTE;
     a.outcome(&email, OutcomeKind::sent, left_at);
-    a.advance_to(left_at + HOUR - 1);
-    assert_eq!(channels(&a), [Channel::email]);
-    a.advance_to(left_at + HOUR);
-    assert_eq!(channels(&a), [Channel::email, Channel::push]);
+    next_step_goes_at(&mut a, left_at + HOUR, Channel::push);
     // A message that went out as sent is not held: the SMS comes 4 hours on.
     let push = a.last_send();
     a.outcome(&push, OutcomeKind::sent, left_at + HOUR);
@@ -924,10 +939,7 @@ fn a_cascade_step_waits_for_a_message_the_recipient_s_server_put_off() {
 /// failure of an earlier message of the cascade moves nothing.
 #[test]
 fn a_failed_cascade_message_passes_to_the_next_channel_at_once() {
-    let mut a = Arbiter::with_config("daily_cap = 3");
-    let t = cascade_trigger(&a, "k-fail", T0);
-    a.push_trigger(&t);
-    let email = a.last_send();
+    let (mut a, email) = emailed_cascade("k-fail");
     a.outcome(&email, OutcomeKind::deferred, T0 + MINUTE);
     a.outcome(&email, OutcomeKind::failed, T0 + 20 * MINUTE);
     a.advance_to(T0 + 20 * MINUTE);
@@ -943,40 +955,28 @@ fn a_failed_cascade_message_passes_to_the_next_channel_at_once() {
     );
     // The e-mail's late bounce is not the push's: the SMS waits its 4 hours.
     a.outcome(&email, OutcomeKind::bounced_hard, T0 + 30 * MINUTE);
-    a.advance_to(T0 + 20 * MINUTE + 4 * HOUR - 1);
-    assert_eq!(channels(&a), [Channel::email, Channel::push]);
-    a.advance_to(T0 + 20 * MINUTE + 4 * HOUR);
-    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+    next_step_goes_at(&mut a, T0 + 20 * MINUTE + 4 * HOUR, Channel::sms);
 }
 
 /// Outcomes come in any order: a deferral of the latest message read after it was
 /// delivered holds nothing; a soft bounce, which may still be delivered, moves nothing.
 #[test]
 fn a_deferral_read_after_delivery_holds_nothing_and_a_soft_bounce_moves_nothing() {
-    let mut a = Arbiter::with_config("daily_cap = 3");
-    let t = cascade_trigger(&a, "k-late", T0);
-    a.push_trigger(&t);
-    let email = a.last_send();
+    let (mut a, email) = emailed_cascade("k-late");
     a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
     a.outcome(&email, OutcomeKind::deferred, T0 + 2 * MINUTE);
     a.advance_to(T0 + HOUR);
     assert_eq!(channels(&a), [Channel::email, Channel::push]);
     let push = a.last_send();
     a.outcome(&push, OutcomeKind::bounced_soft, T0 + HOUR + MINUTE);
-    a.advance_to(T0 + 5 * HOUR - 1);
-    assert_eq!(channels(&a), [Channel::email, Channel::push]);
-    a.advance_to(T0 + 5 * HOUR);
-    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+    next_step_goes_at(&mut a, T0 + 5 * HOUR, Channel::sms);
 }
 
 /// Each step's message is followed anew: the e-mail delivered, the push put off holds
 /// the SMS until the push has left, four hours from then.
 #[test]
 fn a_later_step_put_off_holds_the_step_after_it() {
-    let mut a = Arbiter::with_config("daily_cap = 3");
-    let t = cascade_trigger(&a, "k-second", T0);
-    a.push_trigger(&t);
-    let email = a.last_send();
+    let (mut a, email) = emailed_cascade("k-second");
     a.outcome(&email, OutcomeKind::delivered, T0 + MINUTE);
     a.advance_to(T0 + HOUR);
     let push = a.last_send();
@@ -986,8 +986,5 @@ fn a_later_step_put_off_holds_the_step_after_it() {
     assert_eq!(channels(&a), [Channel::email, Channel::push], "held");
     let left_at = T0 + 5 * HOUR + 30 * MINUTE;
     a.outcome(&push, OutcomeKind::sent, left_at);
-    a.advance_to(left_at + 4 * HOUR - 1);
-    assert_eq!(channels(&a), [Channel::email, Channel::push]);
-    a.advance_to(left_at + 4 * HOUR);
-    assert_eq!(channels(&a), [Channel::email, Channel::push, Channel::sms]);
+    next_step_goes_at(&mut a, left_at + 4 * HOUR, Channel::sms);
 }

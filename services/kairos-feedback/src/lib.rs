@@ -1449,6 +1449,34 @@ mod tests {
         assert_eq!(email_conversions(&registry), (1.0, 10.0));
     }
 
+    /// Pushes each (key, record) of `records` to the identified topic, the last first,
+    /// committing each, then every record feedback sends on there, each keyed by its
+    /// own key, until none is left; with `hold`, returns what it sends on instead.
+    fn push_identified(
+        replayer: &mut kairos_core::replay::Replayer<FeedbackProcessor>,
+        identified: &str,
+        records: Vec<(String, Vec<u8>)>,
+        hold: bool,
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut queue = records;
+        let mut held = Vec::new();
+        while let Some((key, payload)) = queue.pop() {
+            let mut out = replayer
+                .push(identified, key.as_bytes(), &payload)
+                .expect("push");
+            out.extend(replayer.commit().expect("commit"));
+            for o in out.into_iter().filter(|o| o.topic == identified) {
+                let next = (String::from_utf8(o.key).expect("key"), o.payload);
+                if hold {
+                    held.push(next);
+                } else {
+                    queue.push(next);
+                }
+            }
+        }
+        held
+    }
+
     /// The sum of counter `name`'s series that have each of `values` as a label value.
     fn counter(registry: &prometheus::Registry, name: &str, values: &[&str]) -> f64 {
         registry
@@ -2611,23 +2639,7 @@ mod tests {
         // Pushes each (key, record), then every record they send on, each keyed by its
         // own key, until none is left; `hold` returns what they send on instead.
         let mut run = |records: Vec<(String, Vec<u8>)>, hold: bool| {
-            let mut queue = records;
-            let mut held = Vec::new();
-            while let Some((key, payload)) = queue.pop() {
-                let mut out = replayer
-                    .push(&identified, key.as_bytes(), &payload)
-                    .expect("push");
-                out.extend(replayer.commit().expect("commit"));
-                for o in out.into_iter().filter(|o| o.topic == identified) {
-                    let next = (String::from_utf8(o.key).expect("key"), o.payload);
-                    if hold {
-                        held.push(next);
-                    } else {
-                        queue.push(next);
-                    }
-                }
-            }
-            held
+            push_identified(&mut replayer, &identified, records, hold)
         };
         let one = |key: &str, record: &IdentifiedRecord| {
             vec![(key.to_string(), serde_json::to_vec(record).expect("encode"))]
@@ -2704,23 +2716,14 @@ mod tests {
             identifier: "email:bo@example.com".into(),
             occurred_at: T0 + 60_000,
         });
-        let mut queue = vec![
-            (customer.to_string(), purchase(customer)),
-            (guest.to_string(), merge),
-            (guest.to_string(), purchase(guest)),
-        ];
-        while let Some((key, record)) = queue.pop() {
-            let payload = serde_json::to_vec(&record).expect("encode");
-            let mut out = replayer
-                .push(&identified, key.as_bytes(), &payload)
-                .expect("push");
-            out.extend(replayer.commit().expect("commit"));
-            // What it sends on (the guest's counted orders) is read before the rest.
-            for o in out.into_iter().filter(|o| o.topic == identified) {
-                let sent_on = serde_json::from_slice(&o.payload).expect("identified");
-                queue.push((String::from_utf8(o.key).expect("key"), sent_on));
-            }
-        }
+        // Last first; what it sends on (the guest's counted orders) before the rest.
+        let records = [
+            (customer, purchase(customer)),
+            (guest, merge),
+            (guest, purchase(guest)),
+        ]
+        .map(|(key, r)| (key.to_string(), serde_json::to_vec(&r).expect("encode")));
+        push_identified(&mut replayer, &identified, records.to_vec(), false);
         assert_eq!(
             counter(&registry, "kairos_purchases_total", &["online"]),
             1.0

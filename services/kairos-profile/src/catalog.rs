@@ -842,10 +842,9 @@ impl CatalogJoin {
                     product.record_price(before, u.occurred_at);
                 }
             }
-            if product.price.is_some_and(|held| held != new) {
-                product.note_replaced(u.occurred_at);
-            }
             if product.price != Some(new) {
+                // (Nothing to note of a product without a price yet.)
+                product.note_replaced(u.occurred_at);
                 product.low_before_price = window_low;
             }
             product.price = Some(new);
@@ -1298,7 +1297,6 @@ min_drop_percent = 10.0
         out
     }
 
-    /// Customers told of a price drop of `product`, in order.
     /// The product occasions among a join's `outputs`.
     fn occasions(outputs: &[kairos_core::store::OutboxEntry]) -> Vec<ProductOccasion> {
         (outputs.iter())
@@ -1307,6 +1305,7 @@ min_drop_percent = 10.0
             .collect()
     }
 
+    /// Customers told of a price drop of `product`, in order.
     fn told(outputs: &[kairos_core::store::OutboxEntry], product: &str) -> Vec<String> {
         let mut customers: Vec<String> = occasions(outputs)
             .into_iter()
@@ -1524,10 +1523,7 @@ min_drop_percent = 10.0
         push(&catalog, named("u1", "Kettle", 100.0, T0));
         push(&interest, view("a", "p1", T0 + 2 * HOUR));
         let out = push(&catalog, price("p1", "u3", 80.0, T0 + 3 * HOUR));
-        let names: Vec<Option<String>> = out
-            .iter()
-            .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
-            .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
+        let names: Vec<Option<String>> = (occasions(&out).into_iter())
             .map(|o| o.product_name)
             .collect();
         assert_eq!(names, [Some("Kettle Pro".to_string())]);
@@ -1667,11 +1663,7 @@ min_drop_percent = 10.0
         assert!(told(&out, "p1").is_empty(), "out of stock");
         let out = push(&catalog, stock("u4", true, T0 + 4 * HOUR));
         assert_eq!(told(&out, "p1"), ["c"]);
-        let occasion: ProductOccasion = out
-            .iter()
-            .find(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
-            .map(|e| serde_json::from_slice(&e.payload).unwrap())
-            .unwrap();
+        let occasion = occasions(&out).into_iter().next().unwrap();
         assert_eq!(
             (occasion.old_price, occasion.new_price),
             (Some(100.0), Some(80.0))
@@ -1825,11 +1817,7 @@ min_drop_percent = 10.0
         );
         assert_eq!(told(&out, "p1"), ["before"]);
         let ids = |out: &[kairos_core::store::OutboxEntry]| -> Vec<String> {
-            out.iter()
-                .filter(|e| e.topic.ends_with(topics::PRODUCT_OCCASIONS))
-                .map(|e| serde_json::from_slice::<ProductOccasion>(&e.payload).unwrap())
-                .map(|o| o.occasion_id)
-                .collect()
+            occasions(out).into_iter().map(|o| o.occasion_id).collect()
         };
         let kind = ProductOccasionKind::price_drop;
         assert_eq!(ids(&out), [occasion_id("u2", "p1", "before", kind)]);

@@ -826,31 +826,22 @@ mod tests {
     #[test]
     fn a_trigger_decided_before_the_decisions_read_is_not_said_to_wait() {
         let read = Read {
-            triggers: Latest {
-                records: vec![
-                    record("c-1", serde_json::to_vec(&trigger("t-old", T0)).unwrap()),
-                    record(
-                        "c-1",
-                        serde_json::to_vec(&trigger("t-new", T0 + 2 * HOUR)).unwrap(),
-                    ),
+            triggers: latest(
+                &[
+                    ("c-1", trigger("t-old", T0)),
+                    ("c-1", trigger("t-new", T0 + 2 * HOUR)),
                 ],
-                cut: false,
-                first_at: None,
-            },
-            decisions: Latest {
-                records: vec![
-                    record(
-                        "c-2",
-                        serde_json::to_vec(&decision("c-2", "t-x", T0 + HOUR)).unwrap(),
-                    ),
-                    record(
-                        "c-1",
-                        serde_json::to_vec(&decision("c-1", "t-gone", T0 + HOUR)).unwrap(),
-                    ),
+                false,
+                None,
+            ),
+            decisions: latest(
+                &[
+                    ("c-2", decision("c-2", "t-x", T0 + HOUR)),
+                    ("c-1", decision("c-1", "t-gone", T0 + HOUR)),
                 ],
-                cut: true,
-                first_at: None,
-            },
+                true,
+                None,
+            ),
             outcomes: Ok(Latest::default()),
             changelog: None,
             absorbed: Vec::new(),
@@ -884,18 +875,17 @@ mod tests {
         let read = Read {
             absorbed: vec![(
                 "c-9".into(),
-                Latest {
-                    records: vec![record(
+                latest(
+                    &[(
                         "c-9",
-                        serde_json::to_vec(&Trigger {
+                        Trigger {
                             customer_id: "c-9".into(),
                             ..trigger("t-gone", T0 + HOUR / 2)
-                        })
-                        .unwrap(),
+                        },
                     )],
-                    cut: false,
-                    first_at: None,
-                },
+                    false,
+                    None,
+                ),
             )],
             ..read
         };
